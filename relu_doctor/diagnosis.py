@@ -1,0 +1,370 @@
+"""Findings computed from statistics: dead, dormant, saturated, too sparse, vanishing or
+exploding gradients, non-finite values. Each finding carries the numbers behind it and the
+suggested remedy, in the vocabulary of the material relu_doctor grew from.
+
+Pure functions over sum matrices read back to the host at logging time; no model, no hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.stats import ROW, derive_units
+
+__all__ = [
+    "SEVERITIES",
+    "DiagnosisConfig",
+    "Finding",
+    "diagnose",
+    "site_metrics",
+]
+
+SEVERITIES = ("info", "warning", "critical")
+_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+
+
+@dataclass(frozen=True)
+class DiagnosisConfig:
+    """Thresholds of the diagnosis. Defaults follow DESIGN.md and the ReDo paper.
+
+    Attributes:
+        tau: dormant threshold on the ReDo score, in (0, 1).
+        dead_warning: fraction of a site's units dead over the window that makes a warning
+            (any dead unit at all is reported as info).
+        dead_critical: fraction that makes it critical.
+        sparsity_max: site sparsity at or above which the layer is "too sparse".
+        saturation_warning: fraction of a capped site's elements at the cap for a warning.
+        vanishing_ratio: gradient RMS nearest the input over that nearest the output below
+            which gradients are "vanishing".
+        exploding_ratio: the same ratio above which they are "exploding".
+        spike_factor: a parameter-gradient norm this many times the median of its history
+            is an exploding-gradient spike.
+    """
+
+    tau: float = 0.1
+    dead_warning: float = 0.1
+    dead_critical: float = 0.5
+    sparsity_max: float = 0.95
+    saturation_warning: float = 0.25
+    vanishing_ratio: float = 1e-3
+    exploding_ratio: float = 1e3
+    spike_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        _open_unit("tau", self.tau)
+        for name in ("dead_warning", "dead_critical", "sparsity_max", "saturation_warning"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 < v <= 1.0):
+                raise ReluDoctorError(f"{name}: expected a fraction in (0, 1], got {v!r}.")
+        if self.dead_warning > self.dead_critical:
+            raise ReluDoctorError(
+                f"dead_warning ({self.dead_warning}) must not exceed dead_critical "
+                f"({self.dead_critical})."
+            )
+        for name in ("vanishing_ratio", "exploding_ratio", "spike_factor"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ReluDoctorError(f"{name}: expected a positive finite number, got {v!r}.")
+
+
+def _open_unit(name: str, v: object) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
+        raise ReluDoctorError(
+            f"{name}: expected a number strictly between 0 and 1 (the ReDo paper uses 0.1 "
+            f"or 0.025), got {v!r}."
+        )
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosed problem at one site (or ``"model"`` for model-wide findings).
+
+    Attributes:
+        kind: ``dead``, ``lifetime_dead``, ``dormant``, ``saturated``, ``too_sparse``,
+            ``vanishing_gradient``, ``exploding_gradient`` or ``nonfinite``.
+        site: the site name.
+        severity: ``info``, ``warning`` or ``critical``.
+        message: one sentence with the key number.
+        evidence: the numbers behind it (fractions, counts, unit indices).
+        remedy: the suggested remedy.
+        step: the step at which this diagnosis was made.
+        began: the first step at which this finding was seen, continuously since.
+    """
+
+    kind: str
+    site: str
+    severity: str
+    message: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    remedy: str = ""
+    step: int = 0
+    began: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.site}: {self.message} Remedy: {self.remedy}"
+
+
+def _units_list(mask: torch.Tensor, limit: int = 64) -> list[int]:
+    return [int(i) for i in torch.nonzero(mask).flatten()[:limit]]
+
+
+def site_metrics(
+    window: torch.Tensor, lifetime: torch.Tensor, tau: float
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Site-level metrics of one site over a window, plus its per-unit derived metrics.
+
+    Args:
+        window: ``(len(FIELDS), units)`` sums over the window.
+        lifetime: the same over everything since monitoring began (window included).
+        tau: dormant threshold.
+
+    Returns:
+        ``(row, units)``: a flat dict of site metrics and :func:`derive_units` of the window.
+    """
+    u = derive_units(window, tau)
+    life = lifetime.detach().to("cpu", torch.float64)
+    w = window.detach().to("cpu", torch.float64)
+    units = w.shape[1]
+    seen = int(u["seen"].sum())
+    n = float(w[ROW["elements"]].sum())
+    active = float(w[ROW["active"]].sum())
+    gel = float(w[ROW["grad_elements"]].sum())
+    gin = float(w[ROW["grad_in_elements"]].sum())
+    life_dead = (life[ROW["elements"]] > 0) & (life[ROW["active"]] == 0)
+    nan = float("nan")
+    row = {
+        "units": units,
+        "units_seen": seen,
+        "elements": n,
+        "dead": int(u["dead"].sum()),
+        "dead_fraction": float(u["dead"].sum()) / seen if seen else nan,
+        "lifetime_dead": int(life_dead.sum()),
+        "lifetime_dead_fraction": float(life_dead.sum()) / units if units else nan,
+        "dormant": int(u["dormant"].sum()),
+        "dormant_fraction": float(u["dormant"].sum()) / seen if seen else nan,
+        "sparsity": 1.0 - active / n if n else nan,
+        "activation_rate": active / n if n else nan,
+        "mean_abs": float(w[ROW["sum_abs"]].sum()) / n if n else nan,
+        "rms": math.sqrt(float(w[ROW["sum_sq"]].sum()) / n) if n else nan,
+        "saturated_fraction": float(w[ROW["saturated"]].sum()) / n if n else nan,
+        "fully_saturated": int(u["fully_saturated"].sum()),
+        "grad_rms": math.sqrt(float(w[ROW["grad_sq"]].sum()) / gel) if gel else nan,
+        "grad_zero_fraction": float(w[ROW["grad_zero"]].sum()) / gin if gin else nan,
+        "nonfinite": int(w[ROW["nonfinite"]].sum()),
+        "grad_nonfinite": int(w[ROW["grad_nonfinite"]].sum()),
+    }
+    return row, u
+
+
+def _severity(frac: float, warn: float, crit: float) -> str:
+    if frac >= crit:
+        return "critical"
+    if frac >= warn:
+        return "warning"
+    return "info"
+
+
+def diagnose(
+    sites: Sequence[Mapping[str, Any]],
+    units: Mapping[str, Mapping[str, torch.Tensor]],
+    config: DiagnosisConfig,
+    *,
+    step: int = 0,
+    param_grad_norms: Sequence[float] = (),
+) -> list[Finding]:
+    """Findings for one window.
+
+    Args:
+        sites: site rows (from :func:`site_metrics`) each with ``site``, ``family``,
+            ``leaky``, ``cap`` and ``order`` keys added.
+        units: per-unit derived metrics by site name.
+        config: thresholds.
+        step: the step the diagnosis is made at.
+        param_grad_norms: history of the total parameter-gradient norm, oldest first.
+
+    Returns:
+        Findings, most severe first.
+    """
+    out: list[Finding] = []
+    for row in sites:
+        name = str(row["site"])
+        u = units[name]
+        fam = str(row["family"])
+        leaky = bool(row.get("leaky"))
+        seen = int(row["units_seen"])
+        if not seen:
+            continue
+        if row["nonfinite"] or row["grad_nonfinite"]:
+            out.append(
+                Finding(
+                    "nonfinite", name, "critical",
+                    f"NaN/Inf seen: {row['nonfinite']} unit-steps in activations, "
+                    f"{row['grad_nonfinite']} in gradients.",
+                    {"nonfinite": row["nonfinite"], "grad_nonfinite": row["grad_nonfinite"],
+                     "units": _units_list(u["nonfinite"] > 0)},
+                    "Lower the learning rate and clip gradients (AdaptiveGradClip); check the "
+                    "inputs and the loss for NaN; with fp16, prefer bf16 or keep a GradScaler.",
+                    step,
+                )
+            )
+        if row["dead"]:
+            frac = float(row["dead_fraction"])
+            what = "stuck in the negative regime" if leaky else "dead (never active)"
+            remedy = (
+                "Lower the learning rate (step or exponential decay) and recycle the units "
+                "(DormantReset); check the normalisation before this activation."
+                if leaky
+                else "Swap ReLU for LeakyReLU (alpha 0.01 to 0.3; LeakyReluSwap) or PReLU to "
+                "learn the slope; lower the learning rate (step or exponential decay); check "
+                "the initialisation and bias of the layer that feeds it."
+            )
+            out.append(
+                Finding(
+                    "dead", name,
+                    _severity(frac, config.dead_warning, config.dead_critical),
+                    f"{row['dead']} of {seen} units ({frac:.1%}) {what} over the window "
+                    f"({fam}).",
+                    {"dead": row["dead"], "units": seen, "dead_fraction": frac,
+                     "dead_units": _units_list(u["dead"]), "family": fam, "leaky": leaky},
+                    remedy, step,
+                )
+            )
+        if row["lifetime_dead"]:
+            frac = float(row["lifetime_dead_fraction"])
+            out.append(
+                Finding(
+                    "lifetime_dead", name,
+                    _severity(frac, config.dead_warning, config.dead_critical),
+                    f"{row['lifetime_dead']} of {row['units']} units ({frac:.1%}) never active "
+                    "since monitoring began.",
+                    {"lifetime_dead": row["lifetime_dead"], "lifetime_dead_fraction": frac},
+                    "Units that never fired are wasted capacity: recycle them (DormantReset) or "
+                    "swap to LeakyReLU (LeakyReluSwap).",
+                    step,
+                )
+            )
+        dormant_only = u["dormant"] & ~u["dead"]
+        n_dormant = int(dormant_only.sum())
+        if n_dormant:
+            frac = n_dormant / seen
+            out.append(
+                Finding(
+                    "dormant", name,
+                    _severity(frac, config.dead_warning, config.dead_critical),
+                    f"{n_dormant} of {seen} units ({frac:.1%}) dormant (ReDo score <= "
+                    f"{config.tau}) but not dead.",
+                    {"dormant": n_dormant, "dormant_fraction": frac, "tau": config.tau,
+                     "dormant_units": _units_list(dormant_only)},
+                    "Recycle dormant units (ReDo, Sokar et al. 2023: DormantReset): "
+                    "re-initialise their incoming weights and zero their outgoing weights.",
+                    step,
+                )
+            )
+        cap = row.get("cap")
+        if cap is not None and row["elements"]:
+            sat = float(row["saturated_fraction"])
+            full = int(row["fully_saturated"])
+            if full or sat >= config.saturation_warning:
+                out.append(
+                    Finding(
+                        "saturated", name, "warning" if full else "info",
+                        f"{sat:.1%} of outputs at the cap {cap:g}; {full} units saturated on "
+                        "every input (as dead as a dead ReLU).",
+                        {"saturated_fraction": sat, "fully_saturated": full, "cap": cap,
+                         "saturated_units": _units_list(u["fully_saturated"])},
+                        "Lower the learning rate or normalise the input of this activation "
+                        "(BatchNorm before it); plain ReLU removes the cap.",
+                        step,
+                    )
+                )
+        sp = float(row["sparsity"])
+        if sp >= config.sparsity_max:
+            out.append(
+                Finding(
+                    "too_sparse", name, "warning",
+                    f"sparsity {sp:.1%}: almost no output is active.",
+                    {"sparsity": sp, "threshold": config.sparsity_max},
+                    "Some sparsity is ReLU's benefit; this much starves the next layer. "
+                    "Use LeakyReLU or ELU for smoother negative outputs, lower the learning "
+                    "rate, or add BatchNorm before the activation.",
+                    step,
+                )
+            )
+    out.extend(_gradient_findings(sites, config, step, param_grad_norms))
+    out.sort(key=lambda f: (-_RANK[f.severity], f.kind, f.site))
+    return out
+
+
+def _gradient_findings(
+    sites: Sequence[Mapping[str, Any]],
+    config: DiagnosisConfig,
+    step: int,
+    param_grad_norms: Sequence[float],
+) -> list[Finding]:
+    out: list[Finding] = []
+    flow = [
+        (int(r["order"]), str(r["site"]), float(r["grad_rms"]))
+        for r in sites
+        if math.isfinite(float(r["grad_rms"]))
+    ]
+    flow.sort()
+    if len(flow) >= 2:
+        first, last = flow[0], flow[-1]
+        ev = {"input_side": first[1], "input_grad_rms": first[2],
+              "output_side": last[1], "output_grad_rms": last[2]}
+        if last[2] > 0:
+            ratio = first[2] / last[2]
+            ev["ratio"] = ratio
+            if ratio < config.vanishing_ratio:
+                out.append(
+                    Finding(
+                        "vanishing_gradient", "model", "warning",
+                        f"gradient RMS falls {1 / max(ratio, 1e-300):.3g}x from "
+                        f"{last[1]} to {first[1]}.",
+                        ev,
+                        "ReLU keeps a constant gradient for active units, so vanishing points "
+                        "at dead units or depth: add residual connections or BatchNorm, use He "
+                        "initialisation, or SELU for self-normalising deep networks.",
+                        step,
+                    )
+                )
+            elif ratio > config.exploding_ratio:
+                out.append(
+                    Finding(
+                        "exploding_gradient", "model", "critical",
+                        f"gradient RMS grows {ratio:.3g}x from {last[1]} to {first[1]}.",
+                        ev,
+                        "Clip gradients (AdaptiveGradClip) and lower the learning rate with a "
+                        "schedule (LRRescue, step or exponential decay); watch loss and "
+                        "gradient magnitudes.",
+                        step,
+                    )
+                )
+    hist = [h for h in param_grad_norms if math.isfinite(h)]
+    if len(hist) >= 4:
+        prev = sorted(hist[:-1])
+        median = prev[len(prev) // 2]
+        latest = hist[-1]
+        if median > 0 and latest > config.spike_factor * median:
+            out.append(
+                Finding(
+                    "exploding_gradient", "model", "critical",
+                    f"parameter-gradient norm {latest:.3g} is {latest / median:.3g}x its "
+                    "median so far.",
+                    {"grad_norm": latest, "median": median, "factor": latest / median},
+                    "Clip gradients (AdaptiveGradClip) and lower the learning rate "
+                    "(LRRescue, step or exponential decay); consider early stopping if the "
+                    "loss diverges.",
+                    step,
+                )
+            )
+    return out

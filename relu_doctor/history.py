@@ -1,0 +1,227 @@
+"""The run record: tidy pandas tables, and save/load of a run directory.
+
+A run directory (DESIGN.md) is written as training goes; every file is either replaced
+atomically (written under a temporary name, then renamed) or appended one whole line at a
+time, so a run killed at any moment still yields a report of everything it logged:
+
+=====================  =================================================================
+``meta.json``          format version, versions, sites, configuration (replaced)
+``history/``           one Parquet part per log step: one row per (step, site)
+``units/``             one Parquet part per log step: one row per (step, site, unit)
+``layers/``            one Parquet part per log step: one row per (step, layer)
+``events.jsonl``       findings and interventions, one JSON object a line (appended)
+``tensorboard/``       event files (written by the reports / callbacks layer)
+=====================  =================================================================
+
+Parquet parts are the appendable equivalent of one ``history.parquet``: readers concatenate
+them. Imports only stats and diagnosis: reports read a run directory on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from relu_doctor.diagnosis import Finding
+from relu_doctor.errors import RunDirError
+
+__all__ = ["FORMAT_VERSION", "Run", "RunWriter", "load_run"]
+
+FORMAT_VERSION = 1
+_TABLES = ("history", "units", "layers")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: NaN/Inf become None, tensors and numpy scalars become numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):
+            return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+class RunWriter:
+    """Writes a run directory incrementally. Create it on rank zero only.
+
+    Args:
+        path: the directory (created if missing). An existing run directory of this format
+            is appended to (a resumed run); a non-empty foreign directory is refused.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run_dir: {str(self.path)!r} exists and is not a directory.")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if not (self.path / "meta.json").is_file():
+                names = sorted(p.name for p in self.path.iterdir())[:5]
+                raise RunDirError(
+                    f"run_dir: {str(self.path)!r} is not empty and is not a relu_doctor run "
+                    f"directory (it holds {names}); pass a new or empty directory."
+                )
+        self.path.mkdir(parents=True, exist_ok=True)
+        for t in _TABLES:
+            (self.path / t).mkdir(exist_ok=True)
+
+    def write_meta(self, meta: Mapping[str, Any]) -> None:
+        """Replace ``meta.json`` atomically (``format_version`` is added)."""
+        data = {"format_version": FORMAT_VERSION, **_clean(meta)}
+        _atomic_write_bytes(self.path / "meta.json", json.dumps(data, indent=2).encode())
+
+    def append_table(self, table: str, step: int, frame: pd.DataFrame) -> None:
+        """Write one Parquet part of ``table`` for ``step`` atomically."""
+        if table not in _TABLES:
+            raise ValueError(f"table must be one of {_TABLES}, got {table!r}")
+        if frame.empty:
+            return
+        import io
+
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        _atomic_write_bytes(self.path / table / f"part-{step:012d}.parquet", buf.getvalue())
+
+    def append_events(self, events: Iterable[Mapping[str, Any]]) -> None:
+        """Append events to ``events.jsonl``, one whole line each, flushed to disk."""
+        lines = "".join(json.dumps(_clean(e)) + "\n" for e in events)
+        if not lines:
+            return
+        with open(self.path / "events.jsonl", "a", encoding="utf-8") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@dataclass
+class Run:
+    """A run record loaded from a run directory (or built in memory).
+
+    Attributes:
+        meta: the contents of ``meta.json``.
+        history: one row per (step, site): site-level metrics.
+        units: one row per (step, site, unit): activation rate, mean |h|, dormant score...
+        layers: one row per (step, layer): parameter-gradient norm, update-to-weight ratio.
+        events: findings and interventions, in order.
+        path: where it was loaded from (None when built in memory).
+    """
+
+    meta: dict[str, Any]
+    history: pd.DataFrame
+    units: pd.DataFrame
+    layers: pd.DataFrame
+    events: list[dict[str, Any]] = field(default_factory=list)
+    path: Path | None = None
+
+    @property
+    def sites(self) -> list[dict[str, Any]]:
+        """Site descriptions from ``meta.json``, in depth order."""
+        return sorted(self.meta.get("sites", []), key=lambda s: s.get("order", 0))
+
+    @property
+    def last_step(self) -> int | None:
+        return None if self.history.empty else int(self.history["step"].max())
+
+    def findings(self) -> list[Finding]:
+        """Findings of the last logged step."""
+        rows = [e for e in self.events if e.get("type") == "finding"]
+        if not rows:
+            return []
+        last = max(int(e["step"]) for e in rows)
+        keys = Finding.__dataclass_fields__.keys()
+        return [Finding(**{k: e[k] for k in keys if k in e}) for e in rows if e["step"] == last]
+
+    def interventions(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("type") == "intervention"]
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    parts = sorted(path.glob("part-*.parquet")) if path.is_dir() else []
+    frames = []
+    for p in parts:
+        try:
+            frames.append(pd.read_parquet(p))
+        except Exception:  # a part cut short by a crash: keep the rest
+            continue
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Load a run directory written by :class:`RunWriter`.
+
+    Raises:
+        RunDirError: the path is missing, not a directory, empty, foreign, or written by an
+            unsupported format version; the message says which.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise RunDirError(f"run directory {str(p)!r} does not exist.")
+    if not p.is_dir():
+        raise RunDirError(f"run directory {str(p)!r} is not a directory.")
+    meta_path = p / "meta.json"
+    if not meta_path.is_file():
+        what = "is empty" if not any(p.iterdir()) else "has no meta.json"
+        raise RunDirError(
+            f"{str(p)!r} {what}: it is not a relu_doctor run directory. Pass the directory "
+            "given as run_dir= to watch()/ReluDoctor, or made by doc.save()."
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunDirError(f"{str(meta_path)!r} cannot be read as JSON: {e}.") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise RunDirError(
+            f"{str(p)!r} was written in run-directory format {version!r}; this relu_doctor "
+            f"reads format {FORMAT_VERSION}. Re-make the report with the relu_doctor version "
+            f"that wrote it ({meta.get('versions', {}).get('relu_doctor', 'unknown')})."
+        )
+    events: list[dict[str, Any]] = []
+    ev_path = p / "events.jsonl"
+    if ev_path.is_file():
+        for line in ev_path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+    return Run(
+        meta=meta,
+        history=_read_table(p / "history"),
+        units=_read_table(p / "units"),
+        layers=_read_table(p / "layers"),
+        events=events,
+        path=p,
+    )

@@ -1,0 +1,541 @@
+"""Attaching and detaching hooks: sites, call counting, inplace-safe gradient taps.
+
+A :class:`Probe` finds the ReLU-family modules of a model, registers a forward hook on each,
+and records one :class:`Site` per call of a module within one forward pass (a module reused k
+times gives sites ``path#0`` ... ``path#k-1``; their statistics are never mixed).
+
+Gradient taps are registered inside the forward hook on the output's autograd node
+(``out.grad_fn.register_hook``). The node hook receives both dL/d(output) and dL/d(input),
+and unlike ``register_full_backward_hook`` it works with ``inplace=True`` activations
+(pytorch#61519): nothing is wrapped and no tensor is kept.
+
+Forward-pass boundaries are found by counting nesting depth with pre/post hooks on the
+activation modules and their ancestors: the call that takes the depth from 0 to 1 starts a
+new pass and resets the per-module call counters. This works whatever module the user's
+code calls (a LightningModule's ``training_step`` calling ``self.net(x)``, a DDP wrapper).
+Calls made by the autograd engine (activation-checkpoint recomputation) are skipped, so
+recomputed forwards are never counted twice.
+
+Hooks never write: they read ``detach()``-ed outputs, keep no tensor, and return None.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.families import Family, family_of
+from relu_doctor.stats import SiteStats, forward_rows, grad_rows, resolve_unit_dim
+
+__all__ = ["OptimizerTap", "Probe", "Site", "in_backward"]
+
+
+def in_backward() -> bool:
+    """True while the autograd engine is running a backward pass on this thread."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass(eq=False)
+class Site:
+    """One place where an activation runs in the forward pass.
+
+    Attributes:
+        module_path: dotted path of the module (``""`` for the root).
+        call_index: which call of that module within one forward pass (0-based).
+        family: the activation family.
+        kind: ``"module"`` or ``"functional"``.
+        op: the functional op name for functional sites (``"relu"``), else None.
+        unit_dim: the dim holding units (non-negative), ``unit_rule`` says why.
+        units: number of units.
+        order: order of first execution among all sites (0 = nearest the input).
+        stats: the on-device accumulators.
+    """
+
+    module_path: str
+    call_index: int
+    family: Family
+    kind: str
+    unit_dim: int
+    unit_rule: str
+    units: int
+    order: int
+    stats: SiteStats
+    shape: tuple[int, ...] = ()
+    op: str | None = None
+    cap: float | None = None
+    name: str = ""
+    reused: bool = field(default=False)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data description (for meta.json and reports)."""
+        return {
+            "name": self.name,
+            "module_path": self.module_path,
+            "call_index": self.call_index,
+            "kind": self.kind,
+            "op": self.op,
+            "family": self.family.name,
+            "leaky": self.family.leaky,
+            "cap": self.cap,
+            "unit_dim": self.unit_dim,
+            "unit_rule": self.unit_rule,
+            "units": self.units,
+            "shape": list(self.shape),
+            "order": self.order,
+        }
+
+
+def _module_label(path: str) -> str:
+    return path if path else "(root)"
+
+
+class Probe:
+    """Hooks on a model's ReLU-family activations, recording into per-site accumulators.
+
+    Most users reach this through :func:`relu_doctor.watch`; use it directly to build your
+    own loop around the raw accumulators.
+
+    Args:
+        model: the model to watch.
+        include: glob patterns (fnmatch) of module paths to watch; None watches all.
+        exclude: glob patterns of module paths to leave out.
+        unit_dims: ``{pattern: dim}`` overriding the unit dim for matching sites.
+        gradients: also collect gradient statistics through autograd node hooks.
+        grad_scale: returns the current AMP loss scale (a tensor or float) or None; the
+            gradient statistics are divided by it, so they are those of the true gradients.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+        >>> probe = Probe(net).attach()
+        >>> _ = net(torch.randn(2, 3))
+        >>> [s.name for s in probe.sites()]
+        ['1']
+        >>> probe.detach()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        unit_dims: Mapping[str, int] | None = None,
+        gradients: bool = True,
+        grad_scale: Callable[[], torch.Tensor | float | None] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ReluDoctorError(
+                f"model: expected a torch.nn.Module, got {type(model).__name__}."
+            )
+        self.model = model
+        self.include = _patterns("include", include)
+        self.exclude = _patterns("exclude", exclude)
+        self.unit_dims = dict(unit_dims or {})
+        for pat, dim in self.unit_dims.items():
+            if not isinstance(pat, str) or isinstance(dim, bool) or not isinstance(dim, int):
+                raise ReluDoctorError(
+                    "unit_dims: expected {pattern: int dim}, e.g. {'encoder.*': 1}; "
+                    f"got {pat!r}: {dim!r}."
+                )
+        self.gradients = gradients
+        self.grad_scale = grad_scale
+        self.collecting = True
+        self._handles: list[RemovableHandle] = []
+        self._sites: dict[tuple[str, str, int], Site] = {}
+        self._targets: dict[nn.Module, tuple[str, Family]] = {}
+        self._calls: dict[Any, int] = {}
+        self._depth = 0
+        self._attached = False
+        self._listeners: list[Callable[[], None]] = []
+        self._pending: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ selection
+    def _selected(self, path: str) -> bool:
+        label = _module_label(path)
+        if self.include and not any(fnmatch.fnmatchcase(label, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(label, p) for p in self.exclude)
+
+    def targets(self) -> dict[nn.Module, tuple[str, Family]]:
+        """The activation modules this probe watches: ``{module: (path, family)}``."""
+        found: dict[nn.Module, tuple[str, Family]] = {}
+        for path, mod in self.model.named_modules(remove_duplicate=True):
+            fam = family_of(mod)
+            if fam is not None and self._selected(path):
+                found[mod] = (path, fam)
+        return found
+
+    def _check_patterns(self) -> None:
+        paths = [_module_label(p) for p, _ in self.model.named_modules()]
+        for arg, pats in (("include", self.include), ("exclude", self.exclude)):
+            for p in pats:
+                if not any(fnmatch.fnmatchcase(x, p) for x in paths):
+                    acts = [
+                        _module_label(path)
+                        for path, m in self.model.named_modules()
+                        if family_of(m) is not None
+                    ]
+                    raise ReluDoctorError(
+                        f"{arg}: pattern {p!r} matches no module of the model. "
+                        f"Patterns are fnmatch globs over module paths; the activation modules "
+                        f"are {acts[:20]}{' ...' if len(acts) > 20 else ''}."
+                    )
+
+    # ------------------------------------------------------------------ attach / detach
+    def attach(self) -> Probe:
+        """Register the hooks. Raises :class:`ReluDoctorError` if there is nothing to watch."""
+        if self._attached:
+            return self
+        self._check_patterns()
+        self._targets = self.targets()
+        if not self._targets:
+            what = "after include/exclude" if (self.include or self.exclude) else "in the model"
+            raise ReluDoctorError(
+                f"model: no ReLU-family activation module found {what} "
+                f"({type(self.model).__name__}). relu_doctor watches nn.ReLU, ReLU6, LeakyReLU, "
+                "PReLU, RReLU, ELU, CELU, SELU, GELU, SiLU and Hardtanh modules; register your "
+                "own class with relu_doctor.register_family(...)."
+            )
+        try:
+            for mod in self._boundary_modules():
+                self._handles.append(mod.register_forward_pre_hook(self._enter))
+            for mod, (path, fam) in self._targets.items():
+                self._handles.append(mod.register_forward_hook(self._make_hook(path, fam)))
+            for mod in self._boundary_modules():
+                self._handles.append(mod.register_forward_hook(self._exit, always_call=True))
+        except BaseException:
+            self.detach()
+            raise
+        self._attached = True
+        return self
+
+    def _boundary_modules(self) -> list[nn.Module]:
+        """Activation modules and all their ancestors (where a forward pass can start)."""
+        keep: set[str] = set()
+        for path, _fam in self._targets.values():
+            parts = path.split(".") if path else []
+            for i in range(len(parts) + 1):
+                keep.add(".".join(parts[:i]))
+        return [m for p, m in self.model.named_modules() if p in keep]
+
+    def detach(self) -> None:
+        """Remove every hook (idempotent). The model is left exactly as it was."""
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+        self._attached = False
+        self._depth = 0
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def __enter__(self) -> Probe:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ hooks
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if in_backward():
+            return
+        if self._depth == 0:
+            self._calls.clear()
+        self._depth += 1
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if in_backward():
+            return
+        self._depth = max(0, self._depth - 1)
+
+    def next_call_index(self, key: Any) -> int:
+        """The call index of ``key`` within the current forward pass (and count it)."""
+        idx = self._calls.get(key, 0)
+        self._calls[key] = idx + 1
+        return idx
+
+    def _make_hook(self, path: str, fam: Family) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self.collecting or in_backward():
+                return
+            idx = self.next_call_index(module)
+            self.record(output, path=path, call_index=idx, family=fam, module=module)
+
+        return hook
+
+    def record(
+        self,
+        output: Any,
+        *,
+        path: str,
+        call_index: int,
+        family: Family,
+        module: nn.Module | None = None,
+        kind: str = "module",
+        op: str | None = None,
+    ) -> None:
+        """Record one activation call: forward statistics now, a gradient tap for later.
+
+        Used by module hooks and by functional capture alike.
+        """
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return
+        if output.dim() == 0:
+            return
+        site = self._site(output, path, call_index, family, module, kind, op)
+        out = output.detach()
+        site.stats.add_forward(
+            forward_rows(out, site.unit_dim, nonnegative=family.nonnegative, cap=site.cap)
+        )
+        if self.gradients and output.requires_grad and output.grad_fn is not None:
+            output.grad_fn.register_hook(self._make_grad_hook(site))
+
+    def _make_grad_hook(self, site: Site) -> Callable[..., None]:
+        def grad_hook(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
+            g = grad_outputs[0] if grad_outputs else None
+            if g is None:
+                return
+            gi = grad_inputs[0] if grad_inputs else None
+            if not isinstance(gi, torch.Tensor):
+                gi = None
+            scale = self.grad_scale() if self.grad_scale is not None else None
+            inv = None if scale is None else 1.0 / scale
+            site.stats.add_grad(grad_rows(g.detach(), gi, site.unit_dim, inv))
+
+        return grad_hook
+
+    def _site(
+        self,
+        output: torch.Tensor,
+        path: str,
+        call_index: int,
+        family: Family,
+        module: nn.Module | None,
+        kind: str,
+        op: str | None,
+    ) -> Site:
+        key = (kind + ":" + (op or ""), path, call_index)
+        site = self._sites.get(key)
+        shape = tuple(output.shape)
+        if site is not None:
+            if len(shape) <= site.unit_dim or shape[site.unit_dim] != site.units:
+                raise ReluDoctorError(
+                    f"site {site.name!r}: its output had {site.units} units along dim "
+                    f"{site.unit_dim} and now has shape {shape}. Set unit_dims="
+                    f"{{{site.module_path!r}: DIM}} to a dim whose size does not change."
+                )
+            return site
+        override = None
+        for pat, dim in self.unit_dims.items():
+            if fnmatch.fnmatchcase(_module_label(path), pat):
+                override = dim
+        try:
+            unit_dim, rule = resolve_unit_dim(shape, override)
+        except ValueError as e:
+            raise ReluDoctorError(f"unit_dims for {_module_label(path)!r}: {e}.") from None
+        site = Site(
+            module_path=path,
+            call_index=call_index,
+            family=family,
+            kind=kind,
+            op=op,
+            unit_dim=unit_dim,
+            unit_rule=rule,
+            units=shape[unit_dim],
+            order=len(self._sites),
+            stats=SiteStats(shape[unit_dim], output.device),
+            shape=shape,
+            cap=family.cap_of(module),
+        )
+        self._sites[key] = site
+        pending = self._pending.pop(_key_str(key), None)
+        if pending is not None:
+            site.stats.load_state_dict(pending)
+        self._rename()
+        for fn in self._listeners:
+            fn()
+        return site
+
+    def _rename(self) -> None:
+        reused: dict[tuple[str, str], int] = {}
+        for (kind, path, idx) in self._sites:
+            reused[(kind, path)] = max(reused.get((kind, path), 0), idx)
+        for (kind, path, idx), site in self._sites.items():
+            label = _module_label(path)
+            if site.kind == "functional":
+                site.name = f"{label}:{site.op}#{idx}"
+                site.reused = True
+            elif reused[(kind, path)] > 0:
+                site.name = f"{label}#{idx}"
+                site.reused = True
+            else:
+                site.name = label
+                site.reused = False
+
+    # ------------------------------------------------------------------ access
+    def on_new_site(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` whenever a new site is discovered."""
+        self._listeners.append(fn)
+
+    def sites(self) -> list[Site]:
+        """Sites seen so far, in order of first execution."""
+        return sorted(self._sites.values(), key=lambda s: s.order)
+
+    def site(self, name: str) -> Site:
+        """The site called ``name``; raises with the list of known names."""
+        for s in self._sites.values():
+            if s.name == name:
+                return s
+        raise ReluDoctorError(
+            f"site: no site named {name!r}; known sites: {[s.name for s in self.sites()]}."
+        )
+
+    def site_state(self) -> dict[str, Any]:
+        """Accumulator state of every site, keyed by stable site keys (for checkpoints)."""
+        state = {_key_str(k): s.stats.state_dict() for k, s in self._sites.items()}
+        return {**self._pending, **state}
+
+    def load_site_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`site_state`. Sites not yet seen are restored when they first run."""
+        for key, site in self._sites.items():
+            if _key_str(key) in state:
+                site.stats.load_state_dict(state[_key_str(key)])
+        known = {_key_str(k) for k in self._sites}
+        self._pending = {k: v for k, v in state.items() if k not in known}
+
+
+def _key_str(key: tuple[str, str, int]) -> str:
+    return "|".join(map(str, key))
+
+
+def _patterns(arg: str, value: Iterable[str] | str | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    out = list(value)
+    for p in out:
+        if not isinstance(p, str) or not p:
+            raise ReluDoctorError(
+                f"{arg}: expected glob patterns of module paths (non-empty strings), got {p!r}."
+            )
+    return out
+
+
+class OptimizerTap:
+    """Per-layer parameter statistics read in optimizer step hooks.
+
+    A pre-step hook adds each layer's squared gradient norm to an on-device accumulator (the
+    optimizer sees gradients after AMP unscaling: ``GradScaler.step`` and Lightning's
+    precision plugins unscale first). On logging steps it also keeps a transient copy of the
+    parameters, so a post-step hook can measure the update-to-weight ratio
+    ``||W_after - W_before|| / ||W_after||``; the copy is freed in that hook.
+
+    Args:
+        model: the model whose parameters are grouped into layers (the module owning them).
+        optimizers: the optimizers to hook.
+        is_log_step: returns True when the step now being taken will be logged.
+        collecting: returns True when the step now being taken collects statistics.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer],
+        *,
+        is_log_step: Callable[[], bool],
+        collecting: Callable[[], bool],
+    ) -> None:
+        for i, opt in enumerate(optimizers):
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise ReluDoctorError(
+                    f"optimizer: expected torch.optim.Optimizer instances, got "
+                    f"{type(opt).__name__} at position {i}."
+                )
+        self.optimizers = list(optimizers)
+        self.is_log_step = is_log_step
+        self.collecting = collecting
+        owner: dict[int, str] = {}
+        for path, mod in model.named_modules():
+            for p in mod.parameters(recurse=False):
+                owner.setdefault(id(p), path or "(root)")
+        self.layers: list[str] = sorted(set(owner.values()), key=list(owner.values()).index)
+        index = {name: i for i, name in enumerate(self.layers)}
+        self._layer_of = {pid: index[name] for pid, name in owner.items()}
+        self.grad_sq: torch.Tensor | None = None
+        self.steps = 0
+        self.update_ratio: torch.Tensor | None = None
+        self._before: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._handles: list[RemovableHandle] = []
+        self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def attach(self) -> OptimizerTap:
+        for opt in self.optimizers:
+            self._handles.append(opt.register_step_pre_hook(self._pre))
+            self._handles.append(opt.register_step_post_hook(self._post))
+        return self
+
+    def detach(self) -> None:
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+        self._before = None
+
+    def _params(self, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+        return [p for g in opt.param_groups for p in g["params"] if id(p) in self._layer_of]
+
+    def _index(self, params: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        key = tuple(self._layer_of[id(p)] for p in params)
+        idx = self._idx_cache.get(key)
+        if idx is None or idx.device != device:
+            idx = torch.tensor(key, dtype=torch.long, device=device)
+            self._idx_cache[key] = idx
+        return idx
+
+    def _pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self.collecting():
+            return
+        params = [p for p in self._params(opt) if p.grad is not None]
+        if not params:
+            return
+        device = params[0].grad.device  # type: ignore[union-attr]
+        if self.grad_sq is None:
+            self.grad_sq = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        norms = torch._foreach_norm([p.grad for p in params])  # type: ignore[misc]
+        sq = torch.stack([n.to(device, torch.float64) for n in norms]).square()
+        self.grad_sq.index_add_(0, self._index(params, device), sq)
+        self.steps += 1
+        if self.is_log_step():
+            self._before = [(p, p.detach().clone()) for p in self._params(opt)]
+
+    def _post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        before, self._before = self._before, None
+        if not before:
+            return
+        params = [p for p, _ in before]
+        device = params[0].device
+        delta = torch._foreach_norm([p.detach() - old for p, old in before])
+        weight = torch._foreach_norm([p.detach() for p in params])
+        idx = self._index(params, device)
+        d = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        w = torch.zeros_like(d)
+        d.index_add_(0, idx, torch.stack([x.to(torch.float64) for x in delta]).square())
+        w.index_add_(0, idx, torch.stack([x.to(torch.float64) for x in weight]).square())
+        self.update_ratio = (d.sqrt() / w.sqrt().clamp(min=1e-30))
+
+    def read_and_reset(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
+        """``(grad_sq per layer, steps, update_ratio per layer)``, then start a new window."""
+        out = (self.grad_sq, self.steps, self.update_ratio)
+        self.grad_sq = None if self.grad_sq is None else torch.zeros_like(self.grad_sq)
+        self.steps = 0
+        self.update_ratio = None
+        return out

@@ -1,0 +1,348 @@
+"""On-device accumulators: per-unit counts and sums, windows, cross-process reduction.
+
+Pure tensor maths; imports nothing else of relu_doctor. The rule (torchmetrics-style) is to
+store sums and counts only and to derive rates and means at read time, so that windows add
+up, checkpoints resume exactly, and sums across processes equal one process seeing all data.
+
+A site's state is one float64 matrix of shape ``(len(FIELDS), units)``: one row per field.
+float64 counts are exact up to 2**53. Per step, a hook reduces the activation to a small
+float32 matrix of per-unit rows (:func:`forward_rows`, :func:`grad_rows`) and adds it to the
+window in one in-place op; nothing is read back to the host until logging time.
+
+Fields:
+
+=================  ====================================================================
+``elements``       elements seen per unit (positions x samples), finite steps only
+``active``         elements with output > 0
+``sum``            sum of h
+``sum_abs``        sum of |h|
+``sum_sq``         sum of h**2
+``saturated``      elements at the family's upper cap (0 for members without a cap)
+``nonfinite``      steps in which this unit's output held a NaN or Inf (those steps are
+                   left out of every other forward field)
+``grad_elements``  elements of dL/d(output) seen per unit, finite steps only
+``grad_sq``        sum of (dL/d(output))**2, unscaled when an AMP scale is given
+``grad_in_elements`` elements of dL/d(input) seen (0 where the input needs no gradient)
+``grad_zero``      exactly-zero entries of dL/d(input)
+``grad_nonfinite`` steps in which this unit's gradient held a NaN or Inf
+=================  ====================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FIELDS",
+    "FORWARD_FIELDS",
+    "GRAD_FIELDS",
+    "SiteStats",
+    "derive_units",
+    "forward_rows",
+    "grad_rows",
+    "reduce_sum",
+    "resolve_unit_dim",
+    "unit_view",
+]
+
+FORWARD_FIELDS: tuple[str, ...] = (
+    "elements",
+    "active",
+    "sum",
+    "sum_abs",
+    "sum_sq",
+    "saturated",
+    "nonfinite",
+)
+GRAD_FIELDS: tuple[str, ...] = (
+    "grad_elements",
+    "grad_sq",
+    "grad_in_elements",
+    "grad_zero",
+    "grad_nonfinite",
+)
+FIELDS: tuple[str, ...] = FORWARD_FIELDS + GRAD_FIELDS
+ROW: dict[str, int] = {name: i for i, name in enumerate(FIELDS)}
+_N_FWD = len(FORWARD_FIELDS)
+
+_EXACT_F32 = 2**24  # float32 holds every integer up to this exactly
+
+
+def resolve_unit_dim(shape: Sequence[int], override: int | None = None) -> tuple[int, str]:
+    """Which dim of an activation of ``shape`` holds the units, and the rule that chose it.
+
+    The rule (DESIGN.md): dim 1 of a conv-style ``(N, C, ...)`` output (4-D and up), the last
+    dim of a 3-D ``(N, L, F)`` sequence output, the only feature dim of ``(N, F)``, dim 0 of an
+    unbatched ``(F,)`` vector. A 3-D Conv1d output ``(N, C, L)`` therefore needs an override.
+
+    Args:
+        shape: the activation's shape.
+        override: a dim chosen by the user (negative counts from the end).
+
+    Returns:
+        ``(dim, rule)`` with ``dim`` non-negative and ``rule`` a short description.
+    """
+    nd = len(shape)
+    if nd == 0:
+        raise ValueError("a 0-dim activation has no unit dimension")
+    if override is not None:
+        if not -nd <= override < nd:
+            raise ValueError(
+                f"unit dim {override} is out of range for an activation of shape {tuple(shape)}"
+            )
+        return override % nd, f"override (dim {override % nd})"
+    if nd == 1:
+        return 0, "features (unbatched vector)"
+    if nd == 2:
+        return 1, "features (N, F)"
+    if nd == 3:
+        return 2, "features, last dim (N, L, F)"
+    return 1, "channels, dim 1 (N, C, ...)"
+
+
+def unit_view(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """View ``x`` as ``(A, U)`` (units last) or ``(A, U, B)`` so per-unit sums are cheap.
+
+    Reductions then run over contiguous memory: dim -1 first (positions), then dim 0.
+    """
+    shape = x.shape
+    units = shape[unit_dim]
+    if unit_dim == x.dim() - 1:
+        return x.reshape(-1, units)
+    before = math.prod(shape[:unit_dim])
+    after = math.prod(shape[unit_dim + 1 :])
+    return x.reshape(before, units, after)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _sum_units(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-unit sum of a :func:`unit_view`; exact for counts (float64 across rows)."""
+    if v.dim() == 3:
+        v = v.sum(-1, dtype=dtype)
+        return v.sum(0, dtype=torch.float64)
+    if v.shape[0] < _EXACT_F32:
+        return v.sum(0, dtype=dtype)
+    return v.sum(0, dtype=torch.float64)
+
+
+def _sum_sq_units(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # vector_norm is a fused single pass; far cheaper here than (v * v).sum().
+    if v.dim() == 3:
+        n = torch.linalg.vector_norm(v, 2, dim=-1, dtype=dtype)
+        return (n * n).sum(0, dtype=torch.float64)
+    n = torch.linalg.vector_norm(v, 2, dim=0, dtype=dtype)
+    return n * n
+
+
+def forward_rows(
+    out: torch.Tensor,
+    unit_dim: int,
+    *,
+    nonnegative: bool,
+    cap: float | None,
+) -> torch.Tensor:
+    """Per-unit forward statistics of one activation output, as rows of ``FORWARD_FIELDS``.
+
+    Args:
+        out: the activation's output (detached); any float dtype.
+        unit_dim: the non-negative dim that holds the units.
+        nonnegative: the family never outputs negatives (enables ``|h| = h`` and counting
+            actives as ``sign(h)``).
+        cap: upper saturation value, or None.
+
+    Returns:
+        A ``(len(FORWARD_FIELDS), units)`` float tensor on ``out``'s device. Units whose
+        output held NaN/Inf this step have every row zero except ``nonfinite`` (= 1).
+    """
+    dtype = _acc_dtype(out)
+    v = unit_view(out, unit_dim)
+    units = v.shape[1]
+    per_unit = out.numel() // units if units else 0
+    s = _sum_units(v, dtype)
+    if nonnegative:
+        active = _sum_units(v.sign(), dtype)
+        s_abs = s
+    else:
+        active = _sum_units(v.clamp(min=0).sign(), dtype)
+        s_abs = _sum_units(v.abs(), dtype)
+    s_sq = _sum_sq_units(v, dtype)
+    if cap is not None:
+        # Output never exceeds the cap, so sign(cap - h) is 1 below it and 0 at it.
+        below = _sum_units(torch.sign(v.neg().add_(cap)), dtype)
+        saturated = below.neg().add_(per_unit)
+    else:
+        saturated = torch.zeros_like(s)
+    bad = ~torch.isfinite(s)
+    if not nonnegative:
+        bad |= ~torch.isfinite(s_abs)
+    elements = torch.full_like(s, float(per_unit))
+    rows = torch.stack([elements, active, s, s_abs, s_sq, saturated, torch.zeros_like(s)])
+    rows = torch.where(bad.unsqueeze(0), 0.0, rows)
+    rows[-1] = bad.to(rows.dtype)
+    return rows
+
+
+def grad_rows(
+    grad_out: torch.Tensor,
+    grad_in: torch.Tensor | None,
+    unit_dim: int,
+    inv_scale: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Per-unit gradient statistics, as rows of ``GRAD_FIELDS``.
+
+    Args:
+        grad_out: dL/d(output) of the activation.
+        grad_in: dL/d(input), or None when the input needs no gradient.
+        unit_dim: the non-negative dim that holds the units.
+        inv_scale: 1 / AMP loss scale (a device tensor is fine: no host sync), so that the
+            recorded squares are those of the unscaled gradient.
+
+    Returns:
+        A ``(len(GRAD_FIELDS), units)`` float tensor on the gradient's device.
+    """
+    dtype = _acc_dtype(grad_out)
+    g = unit_view(grad_out, unit_dim)
+    units = g.shape[1]
+    per_unit = grad_out.numel() // units if units else 0
+    sq = _sum_sq_units(g, dtype)
+    if inv_scale is not None:
+        sq = sq * (inv_scale * inv_scale)
+    if grad_in is not None and grad_in.shape == grad_out.shape:
+        gi = unit_view(grad_in, unit_dim)
+        nonzero = _sum_units(torch.sign(gi).abs_(), dtype)
+        zero = nonzero.neg().add_(per_unit)
+        in_elements = torch.full_like(sq, float(per_unit))
+    else:
+        zero = torch.zeros_like(sq)
+        in_elements = zero
+    bad = ~torch.isfinite(sq)
+    elements = torch.full_like(sq, float(per_unit))
+    rows = torch.stack([elements, sq, in_elements, zero, torch.zeros_like(sq)])
+    rows = torch.where(bad.unsqueeze(0), 0.0, rows)
+    rows[-1] = bad.to(rows.dtype)
+    return rows
+
+
+class SiteStats:
+    """The accumulators of one site: a current window and the closed-window lifetime total.
+
+    Each is a float64 ``(len(FIELDS), units)`` tensor on the model's device. ``window`` holds
+    the steps since the last :meth:`close_window`; ``lifetime`` all closed windows, so the
+    lifetime total at any moment is ``lifetime + window``.
+
+    Example:
+        >>> st = SiteStats(4, torch.device("cpu"))
+        >>> st.add_forward(forward_rows(torch.relu(torch.randn(8, 4)), 1, nonnegative=True, cap=None))
+        >>> st.window[ROW["elements"]].tolist()
+        [8.0, 8.0, 8.0, 8.0]
+    """
+
+    __slots__ = ("lifetime", "units", "window")
+
+    def __init__(self, units: int, device: torch.device | str) -> None:
+        self.units = units
+        self.window = torch.zeros(len(FIELDS), units, dtype=torch.float64, device=device)
+        self.lifetime = torch.zeros_like(self.window)
+
+    def add_forward(self, rows: torch.Tensor) -> None:
+        """Add :func:`forward_rows` output to the window (in place, on device)."""
+        self.window[:_N_FWD].add_(rows)
+
+    def add_grad(self, rows: torch.Tensor) -> None:
+        """Add :func:`grad_rows` output to the window (in place, on device)."""
+        self.window[_N_FWD:].add_(rows)
+
+    def close_window(self) -> None:
+        """Fold the window into the lifetime total and start a new, empty window."""
+        self.lifetime.add_(self.window)
+        self.window.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointable state (tensors are cloned)."""
+        return {
+            "units": self.units,
+            "window": self.window.detach().clone(),
+            "lifetime": self.lifetime.detach().clone(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; the unit count must match."""
+        if int(state["units"]) != self.units:
+            raise ValueError(
+                f"checkpoint has {state['units']} units for this site, the model has {self.units}"
+            )
+        self.window.copy_(state["window"])
+        self.lifetime.copy_(state["lifetime"])
+
+
+def reduce_sum(
+    tensors: Sequence[torch.Tensor], all_reduce: Callable[[torch.Tensor], torch.Tensor]
+) -> list[torch.Tensor]:
+    """Sum ``tensors`` across processes with one collective call.
+
+    Args:
+        tensors: tensors on one device.
+        all_reduce: sums a flat tensor across processes and returns the result (for example
+            ``lambda t: trainer.strategy.reduce(t, reduce_op="sum")``).
+
+    Returns:
+        The reduced tensors, same shapes, in order.
+    """
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = all_reduce(flat)
+    out, i = [], 0
+    for t in tensors:
+        n = t.numel()
+        out.append(flat[i : i + n].reshape(t.shape))
+        i += n
+    return out
+
+
+def derive_units(matrix: torch.Tensor, tau: float) -> dict[str, torch.Tensor]:
+    """Per-unit derived metrics from a ``(len(FIELDS), units)`` sum matrix (read time).
+
+    Returns float64 CPU tensors (NaN where a unit saw no elements):
+    ``activation_rate``, ``mean``, ``mean_abs``, ``rms``, ``saturation_rate``,
+    ``dormant_score`` (ReDo: mean|h_i| / mean_k mean|h_k|), ``grad_rms`` (root mean
+    square of dL/d(output) per element), ``grad_zero_rate``, and boolean ``seen``,
+    ``dead`` (seen and never active), ``dormant`` (score <= tau), ``fully_saturated``.
+    """
+    m = matrix.detach().to("cpu", torch.float64)
+    r = {name: m[i] for name, i in ROW.items()}
+    n = r["elements"]
+    seen = n > 0
+    nan = torch.full_like(n, float("nan"))
+
+    def ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(b > 0, a / b.clamp(min=1), nan)
+
+    mean_abs = ratio(r["sum_abs"], n)
+    seen_abs = mean_abs[seen]
+    avg = seen_abs.mean() if seen_abs.numel() else torch.tensor(float("nan"), dtype=torch.float64)
+    score = torch.where(seen, mean_abs / avg, nan) if bool(avg > 0) else torch.where(seen, 0.0, nan)
+    active = r["active"]
+    return {
+        "seen": seen,
+        "activation_rate": ratio(active, n),
+        "mean": ratio(r["sum"], n),
+        "mean_abs": mean_abs,
+        "rms": ratio(r["sum_sq"], n).sqrt(),
+        "saturation_rate": ratio(r["saturated"], n),
+        "dormant_score": score,
+        "dead": seen & (active == 0),
+        "dormant": seen & (score <= tau),
+        "fully_saturated": seen & (r["saturated"] == n),
+        "grad_rms": ratio(r["grad_sq"], r["grad_elements"]).sqrt(),
+        "grad_zero_rate": ratio(r["grad_zero"], r["grad_in_elements"]),
+        "nonfinite": r["nonfinite"],
+        "grad_nonfinite": r["grad_nonfinite"],
+    }
