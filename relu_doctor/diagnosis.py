@@ -201,8 +201,8 @@ def diagnose(
         fam = str(row["family"])
         leaky = bool(row.get("leaky"))
         seen = int(row["units_seen"])
-        if not seen:
-            continue
+        # Before the `seen` check: a site whose every output was NaN/Inf saw no finite
+        # element, and that is exactly when this finding matters most.
         if row["nonfinite"] or row["grad_nonfinite"]:
             out.append(
                 Finding(
@@ -216,6 +216,8 @@ def diagnose(
                     step,
                 )
             )
+        if not seen:
+            continue
         if row["dead"]:
             frac = float(row["dead_fraction"])
             what = "stuck in the negative regime" if leaky else "dead (never active)"

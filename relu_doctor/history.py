@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,23 +33,28 @@ import pandas as pd
 from relu_doctor.diagnosis import Finding
 from relu_doctor.errors import RunDirError
 
-__all__ = ["FORMAT_VERSION", "Run", "RunWriter", "load_run"]
+__all__ = ["FORMAT_VERSION", "Run", "RunWriter", "load_run", "merge_interventions"]
 
 FORMAT_VERSION = 1
 _TABLES = ("history", "units", "layers")
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a fresh temporary name beside ``path``, fsync, then rename.
+
+    The temporary file is opened like any new file (mode 0666 less the umask), so a run
+    directory or report stays readable by whoever it is shared with.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -83,13 +88,16 @@ class RunWriter:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"run_dir: {str(self.path)!r} exists and is not a directory.")
-        if self.path.is_dir() and any(self.path.iterdir()):
-            if not (self.path / "meta.json").is_file():
-                names = sorted(p.name for p in self.path.iterdir())[:5]
-                raise RunDirError(
-                    f"run_dir: {str(self.path)!r} is not empty and is not a relu_doctor run "
-                    f"directory (it holds {names}); pass a new or empty directory."
-                )
+        if (
+            self.path.is_dir()
+            and any(self.path.iterdir())
+            and not (self.path / "meta.json").is_file()
+        ):
+            names = sorted(p.name for p in self.path.iterdir())[:5]
+            raise RunDirError(
+                f"run_dir: {str(self.path)!r} is not empty and is not a relu_doctor run "
+                f"directory (it holds {names}); pass a new or empty directory."
+            )
         self.path.mkdir(parents=True, exist_ok=True)
         for t in _TABLES:
             (self.path / t).mkdir(exist_ok=True)
@@ -161,7 +169,34 @@ class Run:
         return [Finding(**{k: e[k] for k in keys if k in e}) for e in rows if e["step"] == last]
 
     def interventions(self) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("type") == "intervention"]
+        """Interventions in order, each completed by its ``intervention_result``."""
+        return merge_interventions(self.events)
+
+
+def merge_interventions(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Interventions with their ``after`` metrics filled in from the matching
+    ``intervention_result`` events (matched on ``id`` / ``ref``), in order.
+
+    Example:
+        >>> merge_interventions([
+        ...     {"type": "intervention", "id": "a", "after": None},
+        ...     {"type": "intervention_result", "ref": "a", "after": {"dead_fraction": 0.1}}])
+        [{'type': 'intervention', 'id': 'a', 'after': {'dead_fraction': 0.1}}]
+    """
+    out: list[dict[str, Any]] = []
+    by_id: dict[Any, dict[str, Any]] = {}
+    for e in events:
+        if e.get("type") == "intervention":
+            d = dict(e)
+            out.append(d)
+            if d.get("id") is not None:
+                by_id[d["id"]] = d
+        elif e.get("type") == "intervention_result" and e.get("ref") in by_id:
+            target = by_id[e["ref"]]
+            target["after"] = e.get("after")
+            if "after_step" in e or "step" in e:
+                target["after_step"] = e.get("after_step", e.get("step"))
+    return out
 
 
 def _read_table(path: Path) -> pd.DataFrame:

@@ -16,12 +16,18 @@ code calls (a LightningModule's ``training_step`` calling ``self.net(x)``, a DDP
 Calls made by the autograd engine (activation-checkpoint recomputation) are skipped, so
 recomputed forwards are never counted twice.
 
+Under ``torch.compile`` the hooks are traced into the graph (no graph break, so
+``fullgraph=True`` works): a site is found or made in plain Python at trace time
+(``_compiled_site``) and its forward statistics are computed by the compiled graph. Compiled
+passes get no gradient tap (see :meth:`Probe.record`); the user is warned once.
+
 Hooks never write: they read ``detach()``-ed outputs, keep no tensor, and return None.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +44,12 @@ __all__ = ["OptimizerTap", "Probe", "Site", "in_backward"]
 
 
 def in_backward() -> bool:
-    """True while the autograd engine is running a backward pass on this thread."""
+    """True while the autograd engine is running a backward pass on this thread.
+
+    False while ``torch.compile`` traces a forward (the engine never runs inside a trace).
+    """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -110,6 +121,8 @@ class Probe:
         gradients: also collect gradient statistics through autograd node hooks.
         grad_scale: returns the current AMP loss scale (a tensor or float) or None; the
             gradient statistics are divided by it, so they are those of the true gradients.
+        require_modules: raise in :meth:`attach` when the model has no activation module
+            to hook. False when functional capture may find the only sites.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -130,6 +143,7 @@ class Probe:
         unit_dims: Mapping[str, int] | None = None,
         gradients: bool = True,
         grad_scale: Callable[[], torch.Tensor | float | None] | None = None,
+        require_modules: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ReluDoctorError(
@@ -147,12 +161,17 @@ class Probe:
                 )
         self.gradients = gradients
         self.grad_scale = grad_scale
+        self.require_modules = require_modules
         self.collecting = True
+        self._compiled_slots = _CompiledSlots()
+        self._warned_compiled = False
         self._handles: list[RemovableHandle] = []
         self._sites: dict[tuple[str, str, int], Site] = {}
         self._targets: dict[nn.Module, tuple[str, Family]] = {}
         self._calls: dict[Any, int] = {}
         self._depth = 0
+        self._bw_calls: dict[Any, int] = {}  # calls recomputed during backward (checkpoints)
+        self._bw_depth = 0
         self._attached = False
         self._listeners: list[Callable[[], None]] = []
         self._pending: dict[str, Any] = {}
@@ -196,13 +215,14 @@ class Probe:
             return self
         self._check_patterns()
         self._targets = self.targets()
-        if not self._targets:
+        if not self._targets and self.require_modules:
             what = "after include/exclude" if (self.include or self.exclude) else "in the model"
             raise ReluDoctorError(
                 f"model: no ReLU-family activation module found {what} "
                 f"({type(self.model).__name__}). relu_doctor watches nn.ReLU, ReLU6, LeakyReLU, "
                 "PReLU, RReLU, ELU, CELU, SELU, GELU, SiLU and Hardtanh modules; register your "
-                "own class with relu_doctor.register_family(...)."
+                "own class with relu_doctor.register_family(...). If the model's forward calls "
+                "F.relu (or another functional activation) only, pass functional=True."
             )
         try:
             for mod in self._boundary_modules():
@@ -233,6 +253,21 @@ class Probe:
             h.remove()
         self._attached = False
         self._depth = 0
+        self._bw_depth = 0
+
+    def refresh(self) -> None:
+        """Re-register the hooks on the model's current activation modules.
+
+        Hooks live on module objects, so a module put in place after :meth:`attach` (a remedy
+        swapping ReLU for LeakyReLU) is not watched until this is called. Sites and their
+        statistics are kept: they are keyed by module path and call index, and a site whose
+        module changed family takes the new family at its next call. Call it between forward
+        passes; a no-op while detached.
+        """
+        if not self._attached:
+            return
+        self.detach()
+        self.attach()
 
     @property
     def attached(self) -> bool:
@@ -247,6 +282,11 @@ class Probe:
     # ------------------------------------------------------------------ hooks
     def _enter(self, module: nn.Module, args: Any) -> None:
         if in_backward():
+            # A segment recomputed by activation checkpointing: its calls are counted apart,
+            # from 0 at the segment's outermost watched module (see _tap_recomputed).
+            if self._bw_depth == 0:
+                self._bw_calls.clear()
+            self._bw_depth += 1
             return
         if self._depth == 0:
             self._calls.clear()
@@ -254,8 +294,13 @@ class Probe:
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
         if in_backward():
+            self._bw_depth = max(0, self._bw_depth - 1)
             return
         self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            # Empty between passes, so torch.compile sees the same state at every pass start
+            # (a guard on these counters would otherwise recompile after the first pass).
+            self._calls.clear()
 
     def next_call_index(self, key: Any) -> int:
         """The call index of ``key`` within the current forward pass (and count it)."""
@@ -265,12 +310,36 @@ class Probe:
 
     def _make_hook(self, path: str, fam: Family) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not self.collecting or in_backward():
+            if not self.collecting:
+                return
+            if in_backward():
+                self._tap_recomputed(output, path, module)
                 return
             idx = self.next_call_index(module)
             self.record(output, path=path, call_index=idx, family=fam, module=module)
 
         return hook
+
+    def _tap_recomputed(self, output: Any, path: str, module: nn.Module) -> None:
+        """A call recomputed during backward by activation checkpointing.
+
+        Its forward statistics were taken in the original forward and are not counted again.
+        Reentrant checkpointing ran that forward without autograd, so no gradient tap exists
+        and this recomputed graph is the one backpropagated: tap it here. (Non-reentrant
+        checkpointing never backpropagates the recomputed graph, so this tap never fires and
+        the original forward's tap counts the gradient once.)
+        """
+        idx = self._bw_calls.get(module, 0)
+        self._bw_calls[module] = idx + 1
+        site = self._sites.get(("module:", path, idx))
+        if (
+            site is not None
+            and self.gradients
+            and isinstance(output, torch.Tensor)
+            and output.requires_grad
+            and output.grad_fn is not None
+        ):
+            output.grad_fn.register_hook(self._make_grad_hook(site))
 
     def record(
         self,
@@ -291,13 +360,38 @@ class Probe:
             return
         if output.dim() == 0:
             return
-        site = self._site(output, path, call_index, family, module, kind, op)
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            # torch.compile is tracing this hook: the site is found or made in plain Python
+            # at trace time and the statistics below become part of the compiled graph.
+            slot = _compiled_site(
+                self, tuple(output.shape), output.device, path, call_index, family, kind, op,
+                module is not None, _cap_args(module),
+            )
+            site = getattr(self._compiled_slots, slot)
+        else:
+            site = self._site(output, path, call_index, family, module, kind, op)
         out = output.detach()
         site.stats.add_forward(
             forward_rows(out, site.unit_dim, nonnegative=family.nonnegative, cap=site.cap)
         )
-        if self.gradients and output.requires_grad and output.grad_fn is not None:
+        # Compiled forwards get no gradient tap: no autograd node exists while tracing, and a
+        # Tensor.register_hook traced by Dynamo (torch 2.13) drops the later attribute writes
+        # of objects already written in the same graph (this probe's call counters).
+        if self.gradients and not compiling and output.requires_grad and output.grad_fn is not None:
             output.grad_fn.register_hook(self._make_grad_hook(site))
+
+    def _warn_compiled(self) -> None:
+        if self._warned_compiled or not self.gradients:
+            return
+        self._warned_compiled = True
+        warnings.warn(
+            "relu_doctor: torch.compile is tracing the activation hooks of "
+            f"{type(self.model).__name__}. Forward statistics are computed inside the compiled "
+            "graph; gradient statistics (grad_rms, grad_zero_rate) are collected in eager "
+            "mode only and are missing for compiled forward passes.",
+            stacklevel=2,
+        )
 
     def _make_grad_hook(self, site: Site) -> Callable[..., None]:
         def grad_hook(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
@@ -333,6 +427,11 @@ class Probe:
                     f"{site.unit_dim} and now has shape {shape}. Set unit_dims="
                     f"{{{site.module_path!r}: DIM}} to a dim whose size does not change."
                 )
+            if site.family is not family:  # the module was replaced (see refresh())
+                site.family = family
+                site.cap = family.cap_of(module)
+                for fn in self._listeners:
+                    fn()
             return site
         override = None
         for pat, dim in self.unit_dims.items():
@@ -357,10 +456,10 @@ class Probe:
             cap=family.cap_of(module),
         )
         self._sites[key] = site
+        self._rename()
         pending = self._pending.pop(_key_str(key), None)
         if pending is not None:
-            site.stats.load_state_dict(pending)
-        self._rename()
+            _restore(site, pending)
         for fn in self._listeners:
             fn()
         return site
@@ -408,9 +507,68 @@ class Probe:
         """Restore :meth:`site_state`. Sites not yet seen are restored when they first run."""
         for key, site in self._sites.items():
             if _key_str(key) in state:
-                site.stats.load_state_dict(state[_key_str(key)])
+                _restore(site, state[_key_str(key)])
         known = {_key_str(k) for k in self._sites}
         self._pending = {k: v for k, v in state.items() if k not in known}
+
+
+class _CompiledSlots:
+    """Sites made while torch.compile traces, one attribute each (see ``_compiled_site``)."""
+
+
+def _cap_args(module: nn.Module | None) -> tuple[float, float] | None:
+    """The bounds of a Hardtanh-like module (what ``Family.cap`` reads), as constants."""
+    if module is None or not hasattr(module, "max_val"):
+        return None
+    return (float(getattr(module, "min_val", -1.0)), float(getattr(module, "max_val")))  # noqa: B009
+
+
+def _compiled_site(
+    probe: Probe,
+    shape: tuple[int, ...],
+    device: torch.device,
+    path: str,
+    call_index: int,
+    family: Family,
+    kind: str,
+    op: str | None,
+    has_module: bool,
+    cap_args: tuple[float, float] | None,
+) -> str:
+    """Find or make a site while torch.compile traces; returns the slot attribute name.
+
+    Marked ``assume_constant_result`` below: Dynamo runs it in plain Python at trace time
+    (so real accumulators are made once, with a graph of any size and ``fullgraph=True``)
+    and bakes the returned name into the graph, which then reads the site through
+    ``probe._compiled_slots.<name>``.
+    """
+    module: nn.Module | None = None
+    if has_module:
+        if kind == "module":
+            module = probe.model.get_submodule(path)
+        elif cap_args is not None:
+            module = nn.Hardtanh(*cap_args)
+    stand_in = torch.empty((), device=device).expand(shape)  # shape and device, no memory
+    site = probe._site(stand_in, path, call_index, family, module, kind, op)
+    slot = f"site{site.order}"
+    setattr(probe._compiled_slots, slot, site)
+    probe._warn_compiled()
+    return slot
+
+
+# torch._dynamo.assume_constant_result, without importing torch._dynamo here.
+_compiled_site._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _restore(site: Site, state: Mapping[str, Any]) -> None:
+    """Load a site's checkpointed accumulators; a unit-count mismatch is a library error."""
+    try:
+        site.stats.load_state_dict(state)
+    except ValueError as e:
+        raise ReluDoctorError(
+            f"site {site.name!r}: {e}. The checkpoint was made on a model of another shape; "
+            "load it into the model it was saved from."
+        ) from None
 
 
 def _key_str(key: tuple[str, str, int]) -> str:
@@ -445,6 +603,10 @@ class OptimizerTap:
         optimizers: the optimizers to hook.
         is_log_step: returns True when the step now being taken will be logged.
         collecting: returns True when the step now being taken collects statistics.
+        pre_hook: read the gradients in the optimizer's step pre-hook. Pass False when the
+            backward runs inside ``optimizer.step(closure)`` (Lightning, LBFGS): the pre-hook
+            then fires before the closure, on stale gradients; call :meth:`before_step` after
+            the closure instead.
     """
 
     def __init__(
@@ -454,6 +616,7 @@ class OptimizerTap:
         *,
         is_log_step: Callable[[], bool],
         collecting: Callable[[], bool],
+        pre_hook: bool = True,
     ) -> None:
         for i, opt in enumerate(optimizers):
             if not isinstance(opt, torch.optim.Optimizer):
@@ -464,6 +627,7 @@ class OptimizerTap:
         self.optimizers = list(optimizers)
         self.is_log_step = is_log_step
         self.collecting = collecting
+        self.pre_hook = pre_hook
         owner: dict[int, str] = {}
         for path, mod in model.named_modules():
             for p in mod.parameters(recurse=False):
@@ -480,9 +644,16 @@ class OptimizerTap:
 
     def attach(self) -> OptimizerTap:
         for opt in self.optimizers:
-            self._handles.append(opt.register_step_pre_hook(self._pre))
+            if self.pre_hook:
+                self._handles.append(opt.register_step_pre_hook(self._pre))
             self._handles.append(opt.register_step_post_hook(self._post))
         return self
+
+    def before_step(self, opt: torch.optim.Optimizer) -> None:
+        """Read ``opt``'s gradients now: after the backward (and AMP unscaling), before the
+        parameters change. For use with ``pre_hook=False``; ignored while detached."""
+        if self._handles and any(opt is o for o in self.optimizers):
+            self._pre(opt, (), {})
 
     def detach(self) -> None:
         handles, self._handles = self._handles, []
@@ -511,7 +682,10 @@ class OptimizerTap:
         if self.grad_sq is None:
             self.grad_sq = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         norms = torch._foreach_norm([p.grad for p in params])  # type: ignore[misc]
-        sq = torch.stack([n.to(device, torch.float64) for n in norms]).square()
+        if all(n.device == device for n in norms):  # one op, not one conversion per tensor
+            sq = torch.stack(norms).to(torch.float64).square()
+        else:
+            sq = torch.stack([n.to(device, torch.float64) for n in norms]).square()
         self.grad_sq.index_add_(0, self._index(params, device), sq)
         self.steps += 1
         if self.is_log_step():

@@ -125,7 +125,9 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 def _sum_units(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Per-unit sum of a :func:`unit_view`; exact for counts (float64 across rows)."""
     if v.dim() == 3:
-        v = v.sum(-1, dtype=dtype)
+        # More than 2**24 positions per (sample, unit), e.g. a 4097x4097 map: float32 would
+        # round the per-position counts.
+        v = v.sum(-1, dtype=dtype if v.shape[-1] < _EXACT_F32 else torch.float64)
         return v.sum(0, dtype=torch.float64)
     if v.shape[0] < _EXACT_F32:
         return v.sum(0, dtype=dtype)
@@ -139,6 +141,132 @@ def _sum_sq_units(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return (n * n).sum(0, dtype=torch.float64)
     n = torch.linalg.vector_norm(v, 2, dim=0, dtype=dtype)
     return n * n
+
+
+# ---------------------------------------------------------------------------- hot path
+# Measured (benchmarks/overhead.py, CPU): a statistic costs the passes it makes over the
+# activation plus ~5-25 us per op dispatched. So each statistic is one pass, counts use the
+# packed count below, and the rows are assembled in a handful of ops.
+
+# Below this many elements a tensor sits in cache and op count dominates: count with
+# sign().sum() (2 ops) rather than the packed count (~7 ops).
+_PACKED_MIN = 1 << 17
+_LANE_MAX = 255  # a byte lane of an int64 sum holds a count up to 255 without carry
+
+
+def _lane_chunk(words: int) -> int:
+    """The largest divisor of ``words`` that is at most ``_LANE_MAX`` (0: too little packing)."""
+    if words <= _LANE_MAX:
+        return words
+    for c in range(_LANE_MAX, 15, -1):
+        if words % c == 0:
+            return c
+    return 0
+
+
+def _packed_count(b: torch.Tensor) -> torch.Tensor | None:
+    """Exact per-unit count of True in a bool unit view ``(A, U)`` or ``(A, U, B)``, or None
+    where the packing does not apply (then count another way).
+
+    The bool bytes are read as int64 words, 8 elements per word, and words are summed; each
+    byte lane of the sum counts its own element position exactly while it stays <= 255, so
+    at most 255 words go into one sum. Then the byte lanes are summed per unit. One pass over
+    1 byte per element, where ``(x > 0).sum()`` runs a slow bool-to-int64 reduction and
+    ``x.sign().sum()`` writes and reads a float per element (about 2x slower on CPU).
+    """
+    if not b.is_contiguous() or b.numel() == 0:
+        return None
+    A, U = b.shape[0], b.shape[1]
+    row = b.numel() // A
+    if b.dim() == 2 or (A >= 32 and row % 8 == 0):
+        # Sum words down the rows (a vectorised outer-dim reduction), 255 rows at a time.
+        if row % 8:
+            return None
+        w = b.view(A, row).view(torch.int64)
+        chunk = _lane_chunk(A)
+        if chunk:  # A = k * chunk rows: one op
+            s = w.view(A // chunk, chunk, -1).sum(1)
+        else:
+            q, r = divmod(A, _LANE_MAX)
+            s = torch.cat(
+                [
+                    w[: q * _LANE_MAX].view(q, _LANE_MAX, -1).sum(1),
+                    w[q * _LANE_MAX :].sum(0, keepdim=True),
+                ]
+            )
+    else:
+        # Few rows: sum words along each unit's positions, up to 255 words at a time.
+        B = b.shape[2]
+        chunk = _lane_chunk(B // 8) if B % 8 == 0 else 0
+        if not chunk:
+            return None
+        s = b.view(torch.int64).view(A, U, -1, chunk).sum(-1)
+    return s.view(torch.uint8).view(-1, U, s.numel() * 8 // (s.shape[0] * U)).sum((0, 2))
+
+
+def _count(
+    v: torch.Tensor, mask: Callable[[], torch.Tensor], fallback: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """Exact per-unit count of ``mask()`` over a large unit view: the packed count, or
+    ``fallback()`` (the same as 0/1 values) summed where the packing does not apply."""
+    c = _packed_count(mask())
+    if c is not None:
+        return c
+    x = fallback()
+    if x.dim() == 3:
+        pdt = torch.float32 if x.shape[-1] < _EXACT_F32 else torch.float64
+        return x.sum(-1, dtype=pdt).sum(0, dtype=torch.float64)
+    return x.sum(0, dtype=torch.float64)
+
+
+def _sq_units_2d(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # vector_norm along dim 0 of a row-major (A, U) view takes a strided slow path (25x a
+    # sum here); square-then-sum uses the fast outer-dim reduction.
+    if v.dtype != dtype:
+        v = v.to(dtype)
+    return v.square().sum(0, dtype=dtype if v.shape[0] < _EXACT_F32 else torch.float64)
+
+
+def _rows_view(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A unit view as ``(A, U * B)`` in ``dtype``: rows first, for an outer-dim reduction."""
+    if v.dtype != dtype:
+        v = v.to(dtype)
+    return v.reshape(v.shape[0], math.prod(v.shape[1:]))
+
+
+def _stacked_sum(cols: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    """Per-unit sums of same-shape ``(A, U * B)`` columns of unit view ``v``, as ``(k, U)``.
+
+    Rows first (a vectorised outer-dim reduction; counts stay exact: A < 2**24 rows of 0/1),
+    then the B positions of each unit in float64. A short last dim (4x4 maps) reduced
+    first is several times slower on CPU.
+    """
+    x = torch.stack(cols)
+    A = x.shape[1]
+    x = x.sum(1, dtype=x.dtype if A < _EXACT_F32 else torch.float64)
+    if v.dim() == 3:
+        return x.view(len(cols), v.shape[1], v.shape[2]).sum(-1, dtype=torch.float64)
+    return x.to(torch.float64)
+
+
+def _finish(body: torch.Tensor, finite_row: int, per_unit: int, zero_rows: int = 0) -> torch.Tensor:
+    """Rows ``[elements, *body, 0 x zero_rows, nonfinite]``.
+
+    Units whose ``body[finite_row]`` is NaN/Inf get every row zero except nonfinite = 1.
+    Arithmetic only: masked_fill/where cost about 5x a multiply per call on small tensors,
+    and this runs once per hook call.
+    """
+    f = body[finite_row : finite_row + 1]
+    bad = (f - f).nan_to_num_(1.0)  # x - x: 0 when finite, NaN otherwise
+    good = torch.rsub(bad, 1.0)
+    # NaN * 0 is NaN, so clear NaN after masking; an Inf in a finite unit (an overflowing
+    # sum of squares) is kept.
+    body = (body * good).nan_to_num_(0.0, posinf=math.inf, neginf=-math.inf)
+    parts = [good * float(per_unit), body]
+    if zero_rows:
+        parts.append(bad.new_zeros(zero_rows, bad.shape[1]))
+    parts.append(bad)
+    return torch.cat(parts)
 
 
 def forward_rows(
@@ -165,28 +293,42 @@ def forward_rows(
     v = unit_view(out, unit_dim)
     units = v.shape[1]
     per_unit = out.numel() // units if units else 0
-    s = _sum_units(v, dtype)
-    if nonnegative:
-        active = _sum_units(v.sign(), dtype)
-        s_abs = s
+    if v.numel() < _PACKED_MIN or torch.compiler.is_compiling():
+        # Small (and under torch.compile, which fuses it): op count dominates, so every
+        # statistic goes through one stacked reduction.
+        w = _rows_view(v, dtype)
+        if nonnegative:
+            cols = [w.sign(), w, w, w * w]
+        else:
+            cols = [w.clamp(min=0).sign(), w, w.abs(), w * w]
+        if cap is not None:
+            cols.append(w.ge(cap).to(w.dtype))
+        body = _stacked_sum(cols, v)
     else:
-        active = _sum_units(v.clamp(min=0).sign(), dtype)
-        s_abs = _sum_units(v.abs(), dtype)
-    s_sq = _sum_sq_units(v, dtype)
-    if cap is not None:
-        # Output never exceeds the cap, so sign(cap - h) is 1 below it and 0 at it.
-        below = _sum_units(torch.sign(v.neg().add_(cap)), dtype)
-        saturated = below.neg().add_(per_unit)
-    else:
-        saturated = torch.zeros_like(s)
-    bad = ~torch.isfinite(s)
-    if not nonnegative:
-        bad |= ~torch.isfinite(s_abs)
-    elements = torch.full_like(s, float(per_unit))
-    rows = torch.stack([elements, active, s, s_abs, s_sq, saturated, torch.zeros_like(s)])
-    rows = torch.where(bad.unsqueeze(0), 0.0, rows)
-    rows[-1] = bad.to(rows.dtype)
-    return rows
+        # Large: one pass per statistic (here an op costs its memory traffic).
+        if nonnegative:  # h > 0 <=> h != 0 when h >= 0
+            active = _count(v, v.bool, v.sign)
+        else:
+            active = _count(v, lambda: v.gt(0), lambda: v.clamp(min=0).sign())
+        rows = [active.unsqueeze(0)]
+        if v.dim() == 3:
+            # Positions (dim -1, contiguous) into (A, U) partials, then every partial over
+            # dim 0 in one float64 reduction.
+            pdt = dtype if v.shape[-1] < _EXACT_F32 else torch.float64
+            n = torch.linalg.vector_norm(v, 2, dim=-1, dtype=pdt)
+            s = v.sum(-1, dtype=pdt)
+            s_abs = s if nonnegative else v.abs().sum(-1, dtype=pdt)
+            rows.append(torch.stack([s, s_abs, n * n]).sum(1, dtype=torch.float64))
+        else:
+            rdt = dtype if v.shape[0] < _EXACT_F32 else torch.float64
+            s = v.sum(0, dtype=rdt)
+            s_abs = s if nonnegative else v.abs().sum(0, dtype=rdt)
+            rows.append(torch.stack([s, s_abs, _sq_units_2d(v, dtype)]))
+        if cap is not None:  # the output never exceeds the cap: saturated <=> h >= cap
+            rows.append(_count(v, lambda: v.ge(cap), lambda: v.ge(cap)).unsqueeze(0))
+        body = torch.cat(rows)
+    # body rows: active, sum, sum_abs, sum_sq[, saturated]; finiteness from sum_abs.
+    return _finish(body, 2, per_unit, zero_rows=1 if cap is None else 0)
 
 
 def grad_rows(
@@ -211,23 +353,33 @@ def grad_rows(
     g = unit_view(grad_out, unit_dim)
     units = g.shape[1]
     per_unit = grad_out.numel() // units if units else 0
-    sq = _sum_sq_units(g, dtype)
-    if inv_scale is not None:
-        sq = sq * (inv_scale * inv_scale)
+    gi = None
     if grad_in is not None and grad_in.shape == grad_out.shape:
         gi = unit_view(grad_in, unit_dim)
-        nonzero = _sum_units(torch.sign(gi).abs_(), dtype)
-        zero = nonzero.neg().add_(per_unit)
-        in_elements = torch.full_like(sq, float(per_unit))
+    if g.numel() < _PACKED_MIN or torch.compiler.is_compiling():
+        w = _rows_view(g, dtype)
+        cols = [w * w] if gi is None else [w * w, _rows_view(gi, dtype).sign().abs_()]
+        body = _stacked_sum(cols, g)
     else:
-        zero = torch.zeros_like(sq)
-        in_elements = zero
-    bad = ~torch.isfinite(sq)
+        if g.dim() == 3:
+            pdt = dtype if g.shape[-1] < _EXACT_F32 else torch.float64
+            n = torch.linalg.vector_norm(g, 2, dim=-1, dtype=pdt)
+            sq = (n * n).sum(0, dtype=torch.float64)
+        else:
+            sq = _sq_units_2d(g, dtype)
+        if gi is None:
+            body = sq.unsqueeze(0)
+        else:
+            nonzero = _count(gi, gi.bool, lambda: torch.sign(gi).abs_())  # type: ignore[union-attr]
+            body = torch.stack([sq, nonzero.to(sq.dtype)])
+    # body rows: grad_sq[, entries of dL/d(input) that are not zero]
+    sq = body[:1]
+    if inv_scale is not None:
+        sq = sq * (inv_scale * inv_scale)
+    if gi is None:
+        return _finish(sq, 0, per_unit, zero_rows=2)
     elements = torch.full_like(sq, float(per_unit))
-    rows = torch.stack([elements, sq, in_elements, zero, torch.zeros_like(sq)])
-    rows = torch.where(bad.unsqueeze(0), 0.0, rows)
-    rows[-1] = bad.to(rows.dtype)
-    return rows
+    return _finish(torch.cat([sq, elements, elements - body[1:]]), 0, per_unit)
 
 
 class SiteStats:

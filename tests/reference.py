@@ -75,10 +75,15 @@ def _replay(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     if isinstance(m, nn.RReLU):  # deterministic replay impossible: use its eval slope
         raise NotImplementedError("RReLU gradients are random in training mode")
-    clone = copy.deepcopy(m)
+    # A shallow copy (parameters shared; only the gradient w.r.t. x is asked for), run by
+    # .forward, not __call__: a copy keeps the module's hooks (this Recorder's and any
+    # relu_doctor probe's), and running them here would record the replay as a new call and
+    # recurse through the gradient hook without end. (A deepcopy would also copy, through
+    # the hooks' bound methods, the whole probe and model on every replay.)
+    clone = copy.copy(m)
     if hasattr(clone, "inplace"):
         clone.inplace = False
-    return clone(x)
+    return clone.forward(x)
 
 
 def units_last(t: torch.Tensor, unit_dim: int) -> np.ndarray:
@@ -108,3 +113,126 @@ def grad_reference(grads: list[torch.Tensor], grad_inputs: list[torch.Tensor], u
         "grad_sq": (g**2).sum(0),
         "grad_zero": (gi == 0).sum(0).astype(np.float64),
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers added for the foundation test suite: turn a Recorder's captures into the
+# expected per-site matrices and derived metrics (still numpy, still by the definitions).
+
+
+class GradOutRecorder(Recorder):
+    """A :class:`Recorder` that keeps dL/d(output) but never replays the activation.
+
+    For RReLU, whose training-mode slopes are random and cannot be replayed: its slopes are
+    strictly positive, so dL/d(input) is zero exactly where dL/d(output) or the input is.
+    ``grad_inputs`` then holds ``g * (x != 0)``, which has the same zero pattern.
+    """
+
+    def _post(self, path, mod):
+        def post(m, args, out):
+            idx = self._count[path]
+            self._count[path] += 1
+            cap = self.calls[(path, idx)]
+            inp = self._pending
+            cap.inputs.append(inp)
+            cap.outputs.append(out.detach().clone())
+            if out.requires_grad:
+                def on_grad(g, cap=cap, inp=inp):
+                    cap.grads.append(g.detach().clone())
+                    cap.grad_inputs.append(g.detach() * (inp != 0))
+                out.register_hook(on_grad)
+        return post
+
+
+def site_names(recorder: Recorder) -> dict[tuple[str, int], str]:
+    """The site name DESIGN.md gives each recorded ``(path, call_index)``: the module path
+    when a module runs once per forward, ``path#k`` when it runs several times."""
+    calls_per_path: dict[str, int] = defaultdict(int)
+    for path, idx in recorder.calls:
+        calls_per_path[path] = max(calls_per_path[path], idx + 1)
+    names = {}
+    for path, idx in recorder.calls:
+        label = path or "(root)"
+        names[(path, idx)] = f"{label}#{idx}" if calls_per_path[path] > 1 else label
+    return names
+
+
+def expected_stats(
+    capture: Capture,
+    unit_dim: int,
+    *,
+    cap: float | None = None,
+    steps: list[int] | None = None,
+    gradients: bool = True,
+) -> dict[str, np.ndarray]:
+    """Every raw field of one site, summed over the chosen steps (all when ``steps`` is None).
+
+    ``steps`` indexes the capture lists, so it assumes one forward (and one backward) per
+    step, which is how the tests drive their models.
+    """
+    pick = (lambda xs: xs) if steps is None else (lambda xs: [xs[i] for i in steps])
+    out = forward_reference(pick(capture.outputs), unit_dim, cap)
+    if gradients and capture.grads:
+        out.update(grad_reference(pick(capture.grads), pick(capture.grad_inputs), unit_dim))
+        out["grad_in_elements"] = out["grad_elements"].copy()
+    return out
+
+
+def derived_metrics(stats: dict[str, np.ndarray], tau: float = 0.1) -> dict[str, np.ndarray | float]:
+    """Per-unit and site-level derived metrics from :func:`expected_stats`, by DESIGN.md."""
+    n = stats["elements"]
+    mean_abs = stats["sum_abs"] / n
+    score = mean_abs / mean_abs.mean() if mean_abs.mean() > 0 else np.zeros_like(mean_abs)
+    out: dict[str, np.ndarray | float] = {
+        "activation_rate": stats["active"] / n,
+        "mean_abs": mean_abs,
+        "dormant_score": score,
+        "dead": stats["active"] == 0,
+        "dormant": score <= tau,
+        "sparsity": 1.0 - stats["active"].sum() / n.sum(),
+        "site_activation_rate": stats["active"].sum() / n.sum(),
+        "site_mean_abs": stats["sum_abs"].sum() / n.sum(),
+        "saturation_rate": stats["saturated"] / n,
+        "site_saturated_fraction": stats["saturated"].sum() / n.sum(),
+        "site_rms": float(np.sqrt(stats["sum_sq"].sum() / n.sum())),
+    }
+    if "grad_elements" in stats:
+        out["grad_zero_rate"] = stats["grad_zero"] / stats["grad_in_elements"]
+        out["grad_zero_fraction"] = stats["grad_zero"].sum() / stats["grad_in_elements"].sum()
+        out["grad_rms"] = np.sqrt(stats["grad_sq"] / stats["grad_elements"])
+        out["site_grad_rms"] = float(np.sqrt(stats["grad_sq"].sum() / stats["grad_elements"].sum()))
+    return out
+
+
+COUNT_FIELDS = ("elements", "active", "saturated", "grad_elements", "grad_in_elements", "grad_zero")
+
+
+def assert_stats_match(
+    actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], where: str, rtol: float = 1e-5
+) -> None:
+    """Counts must be equal exactly; float sums within ``rtol`` of their scale (relu_doctor
+    sums each step in float32, the reference in float64). ``where`` names the comparison in
+    the failure message."""
+    for name, want in expected.items():
+        got = np.asarray(actual[name], dtype=np.float64)
+        if name in COUNT_FIELDS:
+            np.testing.assert_array_equal(got, want, err_msg=f"{where}: {name}")
+        else:
+            # The scale of a signed sum is the sum of magnitudes (cancellation).
+            scale = expected["sum_abs"] if name == "sum" else np.abs(want)
+            bad = np.abs(got - want) > rtol * scale + 1e-12
+            assert not bad.any(), (
+                f"{where}: {name} differs at units {np.flatnonzero(bad)[:10].tolist()}: "
+                f"got {got[bad][:5]}, reference {want[bad][:5]}"
+            )
+
+
+def expected_unit_dim(ndim: int) -> int:
+    """DESIGN.md's unit rule: features of (F,) and (N, F), the last dim of (N, L, F),
+    channels (dim 1) of (N, C, ...)."""
+    return {1: 0, 2: 1, 3: 2}.get(ndim, 1)
+
+
+def expected_cap(module: nn.Module) -> float | None:
+    """The upper saturation value of a capped activation (ReLU6 is a Hardtanh(0, 6))."""
+    return float(module.max_val) if isinstance(module, nn.Hardtanh) else None

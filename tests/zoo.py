@@ -7,6 +7,9 @@ ReLU6, BatchNorm before ReLU, (N, L, F) sequence outputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -160,3 +163,129 @@ def family_model(name: str, d: int = 6, hidden: int = 16) -> nn.Sequential:
     import copy
 
     return nn.Sequential(nn.Linear(d, hidden), copy.deepcopy(FAMILY_MODULES[name]), nn.Linear(hidden, 2))
+
+
+# ---------------------------------------------------------------------------------------
+# Cases for the foundation tests: a model factory and a batch factory, and a training loop.
+
+@dataclass(frozen=True)
+class Case:
+    """A model and the input it takes. ``batch(n)`` draws a fresh batch of ``n`` samples."""
+
+    name: str
+    model: Callable[[], nn.Module]
+    batch: Callable[[int], torch.Tensor]
+
+
+def _family_input(n: int) -> torch.Tensor:
+    # Wide enough that capped members (ReLU6, Hardtanh) saturate on part of the batch.
+    return 8.0 * torch.randn(n, 6)
+
+
+ARCH_CASES: dict[str, Case] = {
+    c.name: c
+    for c in (
+        Case("mlp", mlp, lambda n: torch.randn(n, 10)),
+        Case("small_cnn", SmallCNN, lambda n: torch.randn(n, 3, 8, 8)),
+        Case("resnetish", ResNetish, lambda n: torch.randn(n, 3, 8, 8)),
+        Case("bottleneck", Bottleneck, lambda n: torch.randn(n, 16, 6, 6)),
+        Case("sequence", SequenceModel, lambda n: torch.randn(n, 7, 12)),
+        Case("inverted_residual", InvertedResidual, lambda n: 3.0 * torch.randn(n, 8, 5, 5)),
+    )
+}
+FAMILY_CASES: dict[str, Case] = {
+    name: Case(name, lambda name=name: family_model(name), _family_input)
+    for name in FAMILY_MODULES
+}
+CASES: dict[str, Case] = {**ARCH_CASES, **{f"family_{k}": v for k, v in FAMILY_CASES.items()}}
+
+
+def train(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    *,
+    doc: object | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> list[torch.Tensor]:
+    """One forward, backward and (optional) optimizer step per batch; ``doc.step()`` after
+    each when a Doctor is given. Returns the detached outputs."""
+    outs = []
+    for x in batches:
+        out = model(x)
+        out.float().square().mean().backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad()
+        if doc is not None:
+            doc.step()  # type: ignore[attr-defined]
+        outs.append(out.detach())
+    return outs
+
+
+# ---------------------------------------------------------------------- added for issue 7
+
+
+def dense_block(c_in: int = 8, growth: int = 4, layers: int = 2) -> nn.Sequential:
+    """DenseNet block: DenseLayers in a Sequential (functional sites ``0:relu#0`` ...)."""
+    return nn.Sequential(*[DenseLayer(c_in + i * growth, growth) for i in range(layers)])
+
+
+DenseBlock = dense_block
+
+
+class _FunctionalReLUBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(x))
+
+
+class MixedActivations(nn.Module):
+    """An nn.ReLU module, F.relu and Tensor.relu in one forward, and a child calling F.relu.
+
+    Sites: ``act`` (module), ``(root):relu#0`` (F.relu), ``(root):relu#1`` (Tensor.relu),
+    ``block:relu#0`` (F.relu inside the child).
+    """
+
+    def __init__(self, d: int = 6, hidden: int = 12) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, hidden)
+        self.block = _FunctionalReLUBlock(hidden)
+        self.out = nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        h = F.relu(self.fc2(h))
+        h = self.fc3(h).relu()
+        return self.out(self.block(h))
+
+
+class CheckpointedNet(nn.Module):
+    """A stem, two checkpointed blocks (BasicBlock with a reused ReLU, DenseLayer with F.relu)
+    and a head; ``checkpoint`` is None (plain), ``"reentrant"`` or ``"non_reentrant"``."""
+
+    def __init__(self, c: int = 8, checkpoint: str | None = None) -> None:
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU())
+        self.block = BasicBlock(c)
+        self.dense = DenseLayer(c, 4)
+        self.head = nn.Linear(c + 4, 2)
+
+    def _run(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint is None:
+            return mod(x)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(mod, x, use_reentrant=self.checkpoint == "reentrant")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self._run(self.block, x)
+        x = self._run(self.dense, x)
+        return self.head(x.mean((2, 3)))

@@ -1,0 +1,365 @@
+"""Functional-call capture: ``F.relu`` and friends called inside a module's ``forward``.
+
+Real models do not all hold one activation module per place: DenseNet-style blocks call
+``F.relu`` in ``forward``, ``nn.TransformerEncoderLayer`` applies ``F.relu`` by default,
+code writes ``x.relu()``. :class:`FunctionalCapture` sees these calls through a
+:class:`torch.overrides.TorchFunctionMode` that is entered when a forward pass of the model
+starts (the outermost module call) and left when it ends, and records each call with
+:meth:`~relu_doctor.probes.Probe.record`, exactly as the module hooks do: forward statistics
+now, a gradient tap on the output's autograd node for later.
+
+A call is named after the innermost module running when it is made, so forward
+pre/post hooks keep a module stack: ``F.relu`` called twice in
+``features.denselayer1.forward`` gives the sites ``features.denselayer1:relu#0`` and
+``features.denselayer1:relu#1``. Calls made while a ReLU-family module runs (``nn.ReLU``'s own
+``forward`` calls ``F.relu``) are left to the module hooks, so nothing is counted twice.
+Calls outside every module of the model are not captured.
+
+Cost: the mode sends every torch call made while it is on through Python, so it is on only
+while the innermost running module is one whose own ``forward`` may call an activation (a
+class of the user's, a transformer layer); it is off inside ``nn.Sequential``, ``nn.Conv2d``,
+``nn.ReLU`` and the other ``torch.nn`` built-ins, which are not even hooked unless they hold
+such a module. On steps that collect nothing the mode is never entered.
+
+Activation checkpointing: calls recomputed during backward add no forward statistics; with
+reentrant checkpointing, whose first forward ran without autograd, the recomputed call is
+where the gradient tap goes (as the probe does for module sites).
+
+Captured ops: every functional op of a registered family (``Family.functionals``:
+``F.relu``, ``F.relu_``, ``torch.relu``, ``torch.relu_``, ``F.relu6``, ``F.leaky_relu``,
+``F.leaky_relu_``, ``F.prelu``, ``F.rrelu``, ``F.elu``, ``F.celu``, ``F.selu``, ``F.gelu``,
+``F.silu``, ``F.hardtanh``, ...) and the tensor methods ``Tensor.relu``, ``Tensor.relu_``
+and ``Tensor.prelu``. The inplace and out-of-place forms of one op share one name
+(``relu``), so their call indices count together. Not captured: ``clamp``/``clamp_min``/
+``torch.maximum`` written as an activation, and activations applied outside every module of
+the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from relu_doctor.families import FAMILIES, Family, family_of
+from relu_doctor.probes import Probe, in_backward
+
+__all__ = ["FunctionalCapture", "functional_ops"]
+
+# Tensor methods that are ReLU-family activations (no Family lists methods).
+_METHODS: dict[Callable[..., Any], str] = {
+    torch.Tensor.relu: "relu",
+    torch.Tensor.relu_: "relu",
+    torch.Tensor.prelu: "prelu",
+}
+
+
+def _op_name(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__name__", None) or repr(fn)
+    return name[:-1] if name.endswith("_") else name
+
+
+def functional_ops() -> dict[Callable[..., Any], tuple[Family, str]]:
+    """Every captured callable, mapped to ``(family, op name)``.
+
+    Built from the registered families at call time, so a family registered with
+    :func:`~relu_doctor.families.register_family` (``functionals=...``) is captured too.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> fam, op = functional_ops()[F.relu_]
+        >>> fam.name, op
+        ('relu', 'relu')
+    """
+    ops: dict[Callable[..., Any], tuple[Family, str]] = {}
+    for fam in FAMILIES.values():
+        for fn in fam.functionals:
+            ops[fn] = (fam, _op_name(fn))
+    for fn, op in _METHODS.items():
+        for fam in FAMILIES.values():
+            if any(_op_name(f) == op for f in fam.functionals):
+                ops.setdefault(fn, (fam, op))
+                break
+    return ops
+
+
+def _may_call_functional(module: nn.Module) -> bool:
+    """Whether ``module.forward`` may call a functional activation itself."""
+    where = type(module).__module__
+    return not where.startswith("torch.nn.modules.") or where == "torch.nn.modules.transformer"
+
+
+# A module on the stack: (its path, whether its own forward may call an activation).
+_Entry = tuple[str, bool]
+
+
+class _Mode(TorchFunctionMode):
+    """Forwards every torch call; reports the ReLU-family ones to the capture."""
+
+    def __init__(self, capture: FunctionalCapture) -> None:
+        super().__init__()
+        self.capture = capture
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        out = func(*args, **kwargs)
+        spec = self.capture._ops.get(func)
+        if spec is not None:
+            self.capture._on_call(spec, args, kwargs, out)
+        return out
+
+
+class FunctionalCapture:
+    """Captures functional ReLU-family calls made inside a model's modules.
+
+    Created by :class:`~relu_doctor.doctor.Doctor` unless ``functional=False``; use it
+    directly next to a :class:`~relu_doctor.probes.Probe` of your own.
+
+    Args:
+        probe: the probe that owns the sites (its model, selection, unit dims, gradient
+            settings and ``collecting`` flag apply to functional sites too).
+
+    Example:
+        >>> import torch, torch.nn as nn, torch.nn.functional as F
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(3, 4)
+        ...     def forward(self, x):
+        ...         return F.relu(self.fc(x))
+        >>> net = Net()
+        >>> probe = Probe(net, require_modules=False).attach()
+        >>> cap = FunctionalCapture(probe).attach()
+        >>> _ = net(torch.randn(2, 3))
+        >>> [s.name for s in probe.sites()]
+        ['(root):relu#0']
+        >>> cap.detach(); probe.detach()
+    """
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+        self._ops = functional_ops()
+        self._mode = _Mode(self)
+        self._attached = False
+        # module -> (its stack entry, its two hook handles)
+        self._hooked: dict[nn.Module, tuple[_Entry, tuple[RemovableHandle, ...]]] = {}
+        self._targets_seen: object = None
+        # Innermost last; one stack for forward passes, one for backward recomputation.
+        self._stack: list[_Entry] = []
+        self._bw_stack: list[_Entry] = []
+        self._mode_on = False
+        self._calls: dict[tuple[str, str], int] = {}
+        self._bw_calls: dict[tuple[str, str], int] = {}
+        self._selected: dict[str, bool] = {}
+        self._checked_empty = False
+
+    # ------------------------------------------------------------------ attach / detach
+    def attach(self) -> FunctionalCapture:
+        """Register the pre/post forward hooks (idempotent)."""
+        if self._attached:
+            return self
+        self._ops = functional_ops()
+        self._attached = True
+        try:
+            self._sync()
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def _sync(self) -> None:
+        """Hook the modules of the model now, unhook those no longer in it.
+
+        Hooked: the ReLU-family modules, every module whose ``forward`` may call a functional
+        activation (any class not built into ``torch.nn``, and the transformer layers), and
+        all their ancestors. A built-in leaf such as ``nn.Conv2d`` never calls ``F.relu``, so
+        leaving it off the stack names no call differently and saves two hooks per call.
+
+        Runs at attach and again when the probe re-attached (``Probe.refresh()`` after a
+        remedy swapped an activation module): a new ``nn.LeakyReLU`` must be on the stack, or
+        the ``F.leaky_relu`` inside it would count as a call of its parent.
+        """
+        named = list(self.probe.model.named_modules())
+        # include/exclude apply to the path of the module making the call (decided here, not
+        # per call: a cache filled during a pass would make torch.compile recompile).
+        self._selected = {path: self.probe._selected(path) for path, _ in named}
+        keep = {""}
+        for path, mod in named:
+            if _may_call_functional(mod) or family_of(mod) is not None:
+                parts = path.split(".") if path else []
+                keep.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+        current: dict[nn.Module, _Entry] = {}
+        for path, mod in named:
+            if path in keep:
+                is_act = family_of(mod) is not None
+                current[mod] = (path, not is_act and _may_call_functional(mod))
+        # After Probe.refresh() the probe's hooks come after ours: re-register ours on the
+        # activation modules, so the mode is still off while the probe's hooks run.
+        refreshed = bool(self._hooked) and self._targets_seen is not self.probe._targets
+        for mod in [
+            m
+            for m, (entry, _h) in self._hooked.items()
+            if current.get(m) != entry or (refreshed and family_of(m) is not None)
+        ]:
+            for h in self._hooked.pop(mod)[1]:
+                h.remove()
+        for mod, entry in current.items():
+            if mod not in self._hooked:
+                handles = (
+                    mod.register_forward_pre_hook(self._make_pre(entry)),
+                    mod.register_forward_hook(self._post, always_call=True),
+                )
+                self._hooked[mod] = (entry, handles)
+        self._targets_seen = self.probe._targets
+
+    def detach(self) -> None:
+        """Remove every hook and leave the mode if a pass was interrupted (idempotent)."""
+        hooked, self._hooked = self._hooked, {}
+        for _entry, handles in hooked.values():
+            for h in handles:
+                h.remove()
+        self._attached = False
+        self._stack.clear()
+        self._bw_stack.clear()
+        self._set_mode(False)
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def __enter__(self) -> FunctionalCapture:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ module stack
+    def _set_mode(self, on: bool) -> None:
+        """Push or pop the mode. It is only popped from the top of the mode stack: a mode
+        the user entered inside a forward keeps ours on until it is left (calls are still
+        attributed right; they only cost a Python round trip)."""
+        if on == self._mode_on:
+            return
+        if on:
+            self._mode.__enter__()
+            self._mode_on = True
+        elif torch.compiler.is_compiling() or (
+            torch._C._len_torch_function_stack() > 0
+            and torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
+            is self._mode
+        ):
+            self._mode.__exit__(None, None, None)
+            self._mode_on = False
+
+    def _want_mode(self, stack: list[_Entry]) -> bool:
+        if not stack:
+            return False
+        # Under torch.compile the mode stays on for the whole pass: Dynamo traces it, and the
+        # compiled graph pays nothing for it.
+        return stack[-1][1] or torch.compiler.is_compiling()
+
+    def _make_pre(self, entry: _Entry) -> Callable[[nn.Module, Any], None]:
+        def pre(module: nn.Module, args: Any) -> None:
+            bw = in_backward()
+            stack = self._bw_stack if bw else self._stack
+            if not stack:
+                if not self.probe.collecting:
+                    return
+                if not bw and self.probe._targets is not self._targets_seen:
+                    self._sync()  # the probe re-attached: modules may have been swapped
+                (self._bw_calls if bw else self._calls).clear()
+            stack.append(entry)
+            self._set_mode(self._want_mode(stack))
+
+        return pre
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        bw = in_backward()
+        stack = self._bw_stack if bw else self._stack
+        if not stack:
+            return
+        stack.pop()
+        other = self._stack if bw else self._bw_stack
+        self._set_mode(self._want_mode(stack) if stack else self._want_mode(other))
+        if stack:
+            return
+        # Counters are empty between passes: torch.compile sees one state at every start.
+        (self._bw_calls if bw else self._calls).clear()
+        if not bw and not self._checked_empty and not torch.compiler.is_compiling():
+            self._check_empty()
+
+    def _check_empty(self) -> None:
+        self._checked_empty = True
+        if not self.probe.sites() and not torch.compiler.is_compiling():
+            import warnings
+
+            warnings.warn(
+                f"relu_doctor: a forward pass of {type(self.probe.model).__name__} ran no "
+                "ReLU-family activation (no module and no functional call such as F.relu); "
+                "there is nothing to monitor.",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ capture
+    def _on_call(
+        self, spec: tuple[Family, str], args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
+        bw = in_backward()
+        stack = self._bw_stack if bw else self._stack
+        if not stack or not self.probe.collecting:
+            return
+        path, calls_functional = stack[-1]
+        if not calls_functional:  # e.g. nn.ReLU.forward calling F.relu: its hook records it
+            return
+        if not self._selected.get(path, False):
+            return
+        fam, op = spec
+        key = (path, op)
+        calls = self._bw_calls if bw else self._calls
+        idx = calls.get(key, 0)
+        calls[key] = idx + 1
+        if bw:
+            self._tap_recomputed(out, path, op, idx)
+            return
+        module = self._hardtanh_of(args, kwargs) if fam.name == "hardtanh" else None
+        self.probe.record(
+            out, path=path, call_index=idx, family=fam, module=module, kind="functional", op=op
+        )
+
+    def _tap_recomputed(self, out: Any, path: str, op: str, idx: int) -> None:
+        """A call recomputed during backward by activation checkpointing.
+
+        Its forward statistics were taken in the original forward. Reentrant checkpointing
+        ran that forward without autograd, so the recomputed graph is the one backpropagated:
+        tap its gradient here. Non-reentrant checkpointing never backpropagates the
+        recomputed graph, so this tap never fires and the original tap counts once.
+        """
+        site = self.probe._sites.get(("functional:" + op, path, idx))
+        if (
+            site is not None
+            and self.probe.gradients
+            and isinstance(out, torch.Tensor)
+            and out.requires_grad
+            and out.grad_fn is not None
+        ):
+            out.grad_fn.register_hook(self.probe._make_grad_hook(site))
+
+    @staticmethod
+    def _hardtanh_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Hardtanh:
+        """A Hardtanh module with the call's bounds (the site's cap is read from it). Made
+        per call, not cached: a cache filled during a pass would make torch.compile
+        recompile; functional hardtanh is rare enough for this to cost nothing that counts."""
+        lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+        hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+        return nn.Hardtanh(float(lo), float(hi))

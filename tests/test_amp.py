@@ -1,0 +1,141 @@
+"""Mixed precision: statistics accumulate in float32/float64 whatever the activation dtype,
+agree with the float32 run, and fp16 overflow is counted (nonfinite), never a crash."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import relu_doctor
+from tests import zoo
+from tests.reference import Recorder, expected_stats, site_names
+from tests.reference_functional import assert_matches, site_fields
+
+
+def _steps(net: nn.Module, xs: list[torch.Tensor], dtype: torch.dtype | None) -> None:
+    for x in xs:
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = net(x)
+        out.float().pow(2).mean().backward()
+
+
+def _watched(net: nn.Module, xs: list[torch.Tensor], dtype: torch.dtype | None, **kw) -> relu_doctor.Doctor:
+    with relu_doctor.watch(net, log_every_n_steps=100, **kw) as doc:
+        _steps(net, xs, dtype)
+    return doc
+
+
+def test_bf16_autocast_accumulates_exactly() -> None:
+    # Big enough that a bf16 sum would be visibly wrong (bf16 holds 8 significant bits: a
+    # running sum stops growing past 256 ones); the site must equal a float64 count of the
+    # very bf16 activations the model produced.
+    torch.manual_seed(0)
+    net = zoo.SmallCNN()
+    xs = [torch.randn(32, 3, 8, 8) for _ in range(2)]
+    twin = copy.deepcopy(net)
+    rec = Recorder(twin)
+    _steps(twin, xs, torch.bfloat16)
+    rec.remove()
+    assert rec.calls[("features.2", 0)].outputs[0].dtype == torch.bfloat16
+    doc = _watched(net, xs, torch.bfloat16)
+    for s in doc.sites:
+        assert s.stats.window.dtype == torch.float64
+    for (path, idx), name in site_names(rec).items():
+        site = doc.probe.site(name)
+        assert_matches(site, expected_stats(rec.calls[(path, idx)], site.unit_dim), rtol=1e-4)
+        assert site_fields(site)["elements"][0] == 2 * 32 * (64 if path == "features.2" else 16)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["modules", "functional"])
+def test_bf16_statistics_match_float32(functional) -> None:
+    torch.manual_seed(0)
+    net = zoo.MixedActivations() if functional else zoo.SmallCNN()
+    shape = (64, 6) if functional else (16, 3, 8, 8)
+    xs = [torch.randn(shape) for _ in range(2)]
+    runs = {}
+    for dtype in (None, torch.bfloat16):
+        doc = _watched(copy.deepcopy(net), xs, dtype, functional=functional)
+        runs[dtype] = {s.name: site_fields(s) for s in doc.sites}
+    f32, bf16 = runs[None], runs[torch.bfloat16]
+    assert f32.keys() == bf16.keys() and len(f32) >= 2
+    for name in f32:
+        a, b = f32[name], bf16[name]
+        assert (a["elements"] == b["elements"]).all()
+        assert (a["grad_elements"] == b["grad_elements"]).all()
+        # Rounding moves a few values across 0 and the sums by ~2^-8 relative.
+        np.testing.assert_allclose(b["active"], a["active"], rtol=0.05, atol=2, err_msg=name)
+        for f in ("sum", "sum_abs", "sum_sq"):
+            np.testing.assert_allclose(b[f], a[f], rtol=0.05, atol=0.05 * a[f].max(), err_msg=f"{name} {f}")
+        np.testing.assert_allclose(b["grad_sq"], a["grad_sq"], rtol=0.1, atol=0.1 * a["grad_sq"].max(), err_msg=name)
+        assert b["nonfinite"].sum() == 0 and b["grad_nonfinite"].sum() == 0
+
+
+def test_fp16_overflow_is_counted_not_a_crash() -> None:
+    torch.manual_seed(0)
+    net = zoo.mlp(d_in=4, hidden=8)
+    with torch.no_grad():
+        net[0].weight[:4].mul_(1e4)  # units 0-3 overflow fp16 (max 65504) on large inputs
+    x = torch.randn(16, 4) * 10
+    with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = net(x)
+        assert not torch.isfinite(out).all()
+        out.float().sum().backward()  # gradients turn NaN through the overflowed units
+        rec = doc.step()
+    assert rec is not None
+    first = rec.site("1")
+    assert first["nonfinite"] >= 1
+    units = rec.units[rec.units["site"] == "1"]
+    per_unit = site_fields(doc.probe.site("1"), "lifetime")
+    bad = per_unit["nonfinite"] > 0
+    assert bad[:4].any() and not bad[4:].any()  # only the overflowed units are flagged
+    # Their other statistics leave the step out; the finite units are counted as usual.
+    assert (per_unit["elements"][bad] == 0).all() and (per_unit["elements"][~bad] == 16).all()
+    assert np.isfinite(units["activation_rate"].to_numpy()[~bad]).all()
+    assert any(f.kind == "nonfinite" for f in rec.findings)
+
+
+def test_fp16_model_in_half_precision() -> None:
+    # The whole model in float16 (no autocast): rows are reduced in float32, stored in float64.
+    torch.manual_seed(0)
+    net = zoo.mlp(d_in=4, hidden=8).half()
+    xs = [torch.randn(300, 4).half() for _ in range(2)]
+    twin = copy.deepcopy(net)
+    rec = Recorder(twin)
+    for x in xs:
+        twin(x).float().pow(2).mean().backward()
+    rec.remove()
+    with relu_doctor.watch(net) as doc:
+        for x in xs:
+            net(x).float().pow(2).mean().backward()
+    for (path, idx), name in site_names(rec).items():
+        site = doc.probe.site(name)
+        assert_matches(site, expected_stats(rec.calls[(path, idx)], site.unit_dim), rtol=1e-3)
+
+
+def test_grad_scaler_scale_is_divided_out() -> None:
+    torch.manual_seed(0)
+    net = zoo.mlp()
+    xs = [torch.randn(32, 10) for _ in range(2)]
+    results = []
+    for scale in (None, 2.0**12):
+        model = copy.deepcopy(net)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+        with relu_doctor.watch(model, grad_scaler=scaler, log_every_n_steps=100) as doc:
+            for x in xs:
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = model(x).float().pow(2).mean()
+                (scaler.scale(loss) if scaler else loss).backward()
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                opt.zero_grad()
+                doc.step()
+        results.append({s.name: site_fields(s)["grad_sq"] for s in doc.sites})
+    for name in results[0]:
+        np.testing.assert_allclose(results[1][name], results[0][name], rtol=1e-2, atol=1e-9)

@@ -1,0 +1,164 @@
+"""torch.compile: a model compiled after ``watch`` still trains and gives the forward statistics
+of eager mode; gradient statistics are eager-only and the user is told so, once.
+
+Most tests use the ``aot_eager`` backend (Dynamo + AOTAutograd, where hooks are traced and
+graphs are cut; no code generation, so they stay fast); one runs the default inductor backend.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import relu_doctor
+from tests import zoo
+from tests.reference_functional import site_fields
+
+FORWARD = ("elements", "active", "sum", "sum_abs", "sum_sq", "saturated", "nonfinite")
+GRAD = ("grad_elements", "grad_sq", "grad_in_elements", "grad_zero", "grad_nonfinite")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _train(model, forward, xs, *, steps_eager: int = 0, **watch):
+    """SGD steps: the first ``steps_eager`` through ``model``, the rest through ``forward``."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    with relu_doctor.watch(model, log_every_n_steps=1000, **watch) as doc:
+        for i, x in enumerate(xs):
+            opt.zero_grad()
+            loss = (model if i < steps_eager else forward)(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            doc.step()
+            losses.append(loss.item())
+    return doc, losses
+
+
+def _assert_forward_equal(a: relu_doctor.Doctor, b: relu_doctor.Doctor, rtol: float = 1e-4) -> None:
+    assert [s.name for s in a.sites] == [s.name for s in b.sites]
+    for sa, sb in zip(a.sites, b.sites, strict=True):
+        fa, fb = site_fields(sa), site_fields(sb)
+        np.testing.assert_array_equal(fb["elements"], fa["elements"], err_msg=sa.name)
+        np.testing.assert_allclose(fb["active"], fa["active"], atol=1, err_msg=sa.name)
+        for f in ("sum", "sum_abs", "sum_sq"):
+            np.testing.assert_allclose(fb[f], fa[f], rtol=rtol, atol=rtol * fa[f].max(), err_msg=f"{sa.name} {f}")
+
+
+def _inputs(n: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 3, 6, 6, generator=g) for _ in range(n)]
+
+
+def test_compiled_model_trains_with_eager_forward_statistics() -> None:
+    torch.manual_seed(0)
+    net = zoo.CheckpointedNet()  # stem ReLU, BasicBlock reusing an inplace ReLU, F.relu
+    twin = copy.deepcopy(net)
+    xs = _inputs()
+    eager, eager_losses = _train(twin, twin, xs, functional=True)
+    compiled = torch.compile(net, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        doc, losses = _train(net, compiled, xs, functional=True)
+    ours = [w for w in caught if "relu_doctor" in str(w.message)]
+    assert len(ours) == 1 and "gradient statistics" in str(ours[0].message)
+    assert losses[-1] < losses[0]
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-4)
+    _assert_forward_equal(eager, doc)
+    assert [s.name for s in doc.sites] == ["stem.1", "block.relu#0", "block.relu#1", "dense:relu#0", "dense:relu#1"]
+    for s in doc.sites:  # compiled passes carry no gradient tap (eager mode only)
+        assert site_fields(s)["grad_elements"].sum() == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_fullgraph_after_an_eager_step() -> None:
+    torch.manual_seed(0)
+    net = zoo.CheckpointedNet()
+    twin = copy.deepcopy(net)
+    xs = _inputs()
+    eager, _ = _train(twin, twin, xs, functional=True)
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)  # a graph break would raise
+    with pytest.warns(UserWarning, match="gradient statistics"):
+        doc, _ = _train(net, compiled, xs, steps_eager=1, functional=True)
+    _assert_forward_equal(eager, doc)
+    # Gradients: the eager step only, exactly as the eager run's first step.
+    for s, e in zip(doc.sites, eager.sites, strict=True):
+        assert site_fields(s)["grad_elements"].tolist() == (site_fields(e)["grad_elements"] / 3).tolist()
+
+
+def test_fullgraph_first_call_compiled_modules_only() -> None:
+    torch.manual_seed(0)
+    net = zoo.BasicBlock()
+    twin = copy.deepcopy(net)
+    xs = [torch.randn(2, 8, 5, 5) for _ in range(2)]
+    eager, _ = _train(twin, twin, xs)
+    with pytest.warns(UserWarning, match="gradient statistics"):
+        doc, _ = _train(net, torch.compile(net, backend="aot_eager", fullgraph=True), xs)
+    _assert_forward_equal(eager, doc)
+
+
+def test_every_n_steps_under_compile() -> None:
+    torch.manual_seed(0)
+    net = zoo.mlp()
+    xs = [torch.randn(8, 10) for _ in range(4)]
+    with pytest.warns(UserWarning):
+        doc, _ = _train(net, torch.compile(net, backend="aot_eager"), xs, every_n_steps=2)
+    # Steps 0 and 2 collect; the collecting flag is guarded, so 1 and 3 run a graph without stats.
+    assert [site_fields(s)["elements"][0] for s in doc.sites] == [16.0, 16.0]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_detach_stops_compiled_collection() -> None:
+    torch.manual_seed(0)
+    net = zoo.mlp()
+    compiled = torch.compile(net, backend="aot_eager")
+    x = torch.randn(4, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        doc = relu_doctor.watch(net)
+        compiled(x)
+    before = [site_fields(s)["elements"].copy() for s in doc.sites]
+    doc.detach()
+    compiled(x)  # hooks are guarded: Dynamo recompiles without them
+    assert [site_fields(s)["elements"].tolist() for s in doc.sites] == [b.tolist() for b in before]
+
+
+@pytest.mark.slow
+def test_inductor_backend() -> None:
+    torch.manual_seed(0)
+    net = zoo.MixedActivations()
+    twin = copy.deepcopy(net)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(16, 6, generator=g) for _ in range(3)]
+    eager, eager_losses = _train(twin, twin, xs, functional=True)
+    with pytest.warns(UserWarning, match="gradient statistics"):
+        doc, losses = _train(net, torch.compile(net), xs, functional=True)
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-4)
+    _assert_forward_equal(eager, doc)
+    assert [s.name for s in doc.sites] == ["act", "(root):relu#0", "(root):relu#1", "block:relu#0"]
+
+
+def test_compiled_inference_scan() -> None:
+    # scan() in eval mode, no gradients: nothing to warn about, same numbers as eager.
+    torch.manual_seed(0)
+    net = nn.Sequential(zoo.DenseLayer(), nn.Flatten())
+    data = [torch.randn(4, 8, 4, 4) for _ in range(2)]
+    eager = relu_doctor.scan(copy.deepcopy(net), data, functional=True)
+    compiled = torch.compile(net, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = relu_doctor.scan(net, data, functional=True, forward=lambda m, b: compiled(b))
+    assert list(res.sites["site"]) == list(eager.sites["site"]) == ["0:relu#0", "0:relu#1"]
+    np.testing.assert_allclose(res.units["activation_rate"], eager.units["activation_rate"], atol=1e-6)

@@ -1,0 +1,273 @@
+"""Derived metrics and findings: every rate, score and flag in ``doc.to_pandas()``,
+``doc.units(site)`` and the logged records against values computed from the reference, and
+each kind of finding raised exactly when the reference numbers say it should be."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+from relu_doctor.diagnosis import DiagnosisConfig, diagnose, site_metrics
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.stats import FIELDS, ROW, derive_units
+from tests import reference as ref
+from tests import zoo
+
+SITE_COLUMNS = {  # to_pandas() column -> reference key
+    "activation_rate": "site_activation_rate",
+    "sparsity": "sparsity",
+    "mean_abs": "site_mean_abs",
+    "rms": "site_rms",
+    "saturated_fraction": "site_saturated_fraction",
+    "grad_zero_fraction": "grad_zero_fraction",
+    "grad_rms": "site_grad_rms",
+}
+UNIT_COLUMNS = ("activation_rate", "mean_abs", "dormant_score", "saturation_rate", "grad_rms",
+                "grad_zero_rate")
+
+
+def expected_metrics(run, key, steps, tau=0.1):
+    capture = run.recorder.calls[key]
+    unit_dim = ref.expected_unit_dim(capture.outputs[0].dim())
+    cap = ref.expected_cap(run.model.get_submodule(key[0]))
+    return ref.derived_metrics(ref.expected_stats(capture, unit_dim, cap=cap, steps=steps), tau)
+
+
+def check_tables(sites, units, run, steps, tau, where):
+    """``sites``: one row per site; ``units``: (site, unit) rows; both over ``steps``."""
+    sites = sites.set_index("site")
+    for key in run.recorder.calls:
+        name = run.site_of(key).name
+        want = expected_metrics(run, key, steps, tau)
+        row = sites.loc[name]
+        for column, ref_key in SITE_COLUMNS.items():
+            assert row[column] == pytest.approx(want[ref_key], rel=1e-5, abs=1e-9), (where, name, column)
+        assert row["dead"] == want["dead"].sum() and row["dormant"] == want["dormant"].sum()
+        table = units[units["site"] == name].sort_values("unit")
+        assert table["unit"].tolist() == list(range(len(want["dead"])))
+        for column in UNIT_COLUMNS:
+            np.testing.assert_allclose(table[column].to_numpy(dtype=float), want[column],
+                                       rtol=1e-5, atol=1e-9, err_msg=f"{where} {name} {column}")
+        np.testing.assert_array_equal(table["dead"].to_numpy(), want["dead"])
+        np.testing.assert_array_equal(table["dormant"].to_numpy(), want["dormant"])
+
+
+@pytest.mark.parametrize(
+    "name", ["mlp", "small_cnn", "resnetish", "sequence", "inverted_residual", "family_relu6",
+             "family_hardtanh", "family_gelu", "family_prelu"],
+)
+def test_derived_metrics_match_the_reference(run_watched, name):
+    tau = 0.3  # high enough that some units are dormant
+    run = run_watched(zoo.CASES[name], steps=5, log_every_n_steps=3, tau=tau)
+    doc = run.doc
+    # The logged window (steps 0-2), as recorded ...
+    record = doc.records[-1]
+    check_tables(pd.DataFrame(record.sites), record.units, run, [0, 1, 2], tau,
+                 "logged")
+    # ... and the open window (steps 3-4), as to_pandas() and units() read it now.
+    units = pd.concat([doc.units(s.name) for s in doc.probe.sites()])
+    check_tables(doc.to_pandas(), units, run, [3, 4], tau, "current")
+
+
+# ---------------------------------------------------------------------- planted conditions
+
+
+def findings_by(record):
+    return {(f.kind, f.site): f for f in record.findings}
+
+
+def planted_mlp(kill: list[int] | None = None, shrink: list[int] | None = None) -> nn.Module:
+    """zoo.mlp with units of the first activation killed (bias -1e3) or shrunk to a thousandth
+    of their activity (still active, but dormant)."""
+    model = zoo.mlp()
+    with torch.no_grad():
+        if kill:
+            model[0].bias[kill] = -1e3
+        if shrink:
+            model[0].weight[shrink] *= 1e-3
+            model[0].bias[shrink] = 1e-3
+    return model
+
+
+def test_dormant_units_are_exactly_those_with_a_low_score(run_watched):
+    shrink = [4, 11, 20]
+    run = run_watched(zoo.ARCH_CASES["mlp"], model=planted_mlp(kill=[7], shrink=shrink),
+                      batch_size=32, steps=2, log_every_n_steps=2)
+    want = expected_metrics(run, ("1", 0), [0, 1])
+    dormant_only = np.flatnonzero(want["dormant"] & ~want["dead"]).tolist()
+    assert dormant_only == shrink  # the reference agrees the plant worked, and nothing else
+    finding = findings_by(run.doc.records[-1])[("dormant", "1")]
+    assert finding.evidence["dormant_units"] == shrink
+    assert finding.evidence["tau"] == 0.1
+    dead = findings_by(run.doc.records[-1])[("dead", "1")]
+    assert dead.evidence["dead_units"] == [7]  # dead units are reported as dead, not dormant
+
+
+@pytest.mark.parametrize("family", ["relu6", "hardtanh"])
+def test_units_saturated_on_every_input_are_reported(run_watched, family):
+    model = zoo.family_model(family)
+    with torch.no_grad():
+        model[0].bias[[1, 3]] = 1e3
+    case = zoo.FAMILY_CASES[family]
+    run = run_watched(case, model=model, steps=2, log_every_n_steps=2, batch_size=16)
+    want = expected_metrics(run, ("1", 0), [0, 1])
+    full = np.flatnonzero(want["saturation_rate"] == 1).tolist()
+    assert full == [1, 3]
+    finding = findings_by(run.doc.records[-1])[("saturated", "1")]
+    assert finding.evidence["saturated_units"] == full
+    assert finding.evidence["cap"] == ref.expected_cap(model[1])
+    assert finding.severity == "warning"
+    assert finding.evidence["saturated_fraction"] == pytest.approx(want["site_saturated_fraction"])
+
+
+@pytest.mark.parametrize("n_dead", [1, 8, 20])
+def test_dead_severity_follows_the_configured_fractions(run_watched, n_dead):
+    config = DiagnosisConfig()
+    run = run_watched(zoo.ARCH_CASES["mlp"], model=planted_mlp(kill=list(range(n_dead))),
+                      batch_size=32, steps=2, log_every_n_steps=2)
+    want = expected_metrics(run, ("1", 0), [0, 1])
+    frac = want["dead"].sum() / want["dead"].size
+    assert want["dead"].sum() == n_dead
+    expected = ("critical" if frac >= config.dead_critical
+                else "warning" if frac >= config.dead_warning else "info")
+    finding = findings_by(run.doc.records[-1])[("dead", "1")]
+    assert finding.severity == expected
+    assert finding.evidence["dead_fraction"] == pytest.approx(frac)
+
+
+@pytest.mark.parametrize("n_dead", [0, 31])
+def test_too_sparse_exactly_when_sparsity_reaches_the_threshold(run_watched, n_dead):
+    run = run_watched(zoo.ARCH_CASES["mlp"], model=planted_mlp(kill=list(range(n_dead))),
+                      batch_size=32, steps=2, log_every_n_steps=2)
+    found = findings_by(run.doc.records[-1])
+    flagged = 0
+    for key in run.recorder.calls:
+        sparsity = expected_metrics(run, key, [0, 1])["sparsity"]
+        site = run.site_of(key).name
+        assert (("too_sparse", site) in found) == (sparsity >= DiagnosisConfig().sparsity_max)
+        flagged += ("too_sparse", site) in found
+    assert flagged == (n_dead > 0)
+
+
+def test_leaky_units_stuck_negative_are_reported_with_their_family(run_watched):
+    model = zoo.family_model("leaky_relu")
+    with torch.no_grad():
+        model[0].bias[[2, 9]] = -1e3
+    run = run_watched(zoo.FAMILY_CASES["leaky_relu"], model=model, steps=2, log_every_n_steps=2)
+    finding = findings_by(run.doc.records[-1])[("dead", "1")]
+    assert finding.evidence["dead_units"] == [2, 9]
+    assert finding.evidence["family"] == "leaky_relu" and finding.evidence["leaky"] is True
+    assert "negative regime" in finding.message
+    # Stuck negative is not "no gradient": the gradient still reaches those units.
+    assert (run.doc.units("1").loc[[2, 9], "grad_rms"] > 0).all()
+
+
+def test_a_finding_keeps_the_step_it_began(run_watched):
+    run = run_watched(zoo.ARCH_CASES["mlp"], model=planted_mlp(kill=[5]), steps=3,
+                      log_every_n_steps=1)
+    began = [findings_by(r)[("dead", "1")].began for r in run.doc.records]
+    assert began == [1, 1, 1]
+    assert [r.step for r in run.doc.records] == [1, 2, 3]
+    new = [[f for f in r.new_findings if (f.kind, f.site) == ("dead", "1")] for r in run.doc.records]
+    assert [len(n) for n in new] == [1, 0, 0]
+
+
+def test_vanishing_gradient_across_depth_on_a_real_model(run_watched):
+    model = zoo.mlp()
+    with torch.no_grad():
+        model[2].weight *= 1e-4  # gradients reaching the first activation shrink 10^4-fold
+    run = run_watched(zoo.ARCH_CASES["mlp"], model=model, steps=2, log_every_n_steps=2, lr=None)
+    first = expected_metrics(run, ("1", 0), [0, 1])["site_grad_rms"]
+    last = expected_metrics(run, ("3", 0), [0, 1])["site_grad_rms"]
+    assert first / last < DiagnosisConfig().vanishing_ratio
+    finding = findings_by(run.doc.records[-1])[("vanishing_gradient", "model")]
+    assert finding.evidence["ratio"] == pytest.approx(first / last, rel=1e-5)
+    assert (finding.evidence["input_side"], finding.evidence["output_side"]) == ("1", "3")
+
+
+# ---------------------------------------------------------------------- pure functions
+
+
+def synthetic(grad_rms: float, units: int = 4) -> torch.Tensor:
+    m = torch.zeros(len(FIELDS), units, dtype=torch.float64)
+    m[ROW["elements"]] = 10
+    m[ROW["active"]] = 5
+    m[ROW["sum"]] = m[ROW["sum_abs"]] = 3
+    m[ROW["sum_sq"]] = 2
+    m[ROW["grad_elements"]] = m[ROW["grad_in_elements"]] = 10
+    m[ROW["grad_sq"]] = 10 * grad_rms**2
+    return m
+
+
+def rows_for(grad_rms: list[float]):
+    rows, units = [], {}
+    for order, g in enumerate(grad_rms):
+        m = synthetic(g)
+        row, u = site_metrics(m, m, 0.1)
+        rows.append({"site": f"s{order}", "family": "relu", "leaky": False, "cap": None,
+                     "order": order, **row})
+        units[f"s{order}"] = u
+    return rows, units
+
+
+@pytest.mark.parametrize(("first", "kind"), [(1e-6, "vanishing_gradient"), (1e5, "exploding_gradient"),
+                                             (0.5, None)])
+def test_gradient_flow_findings_follow_the_ratio(first, kind):
+    rows, units = rows_for([first, 1.0, 1.0])
+    assert rows[0]["grad_rms"] == pytest.approx(first)
+    found = {f.kind for f in diagnose(rows, units, DiagnosisConfig())}
+    assert found & {"vanishing_gradient", "exploding_gradient"} == ({kind} if kind else set())
+
+
+def test_a_parameter_gradient_spike_is_an_exploding_gradient():
+    rows, units = rows_for([1.0, 1.0])
+    config = DiagnosisConfig()
+    calm = diagnose(rows, units, config, param_grad_norms=[1.0, 1.1, 0.9, 1.0])
+    spike = diagnose(rows, units, config, param_grad_norms=[1.0, 1.1, 0.9, 1.0 * config.spike_factor * 1.5])
+    assert "exploding_gradient" not in {f.kind for f in calm}
+    assert "exploding_gradient" in {f.kind for f in spike}
+
+
+def test_findings_are_sorted_most_severe_first(run_watched):
+    run = run_watched(zoo.ARCH_CASES["mlp"], model=planted_mlp(kill=list(range(31))), steps=2,
+                      log_every_n_steps=2)
+    ranks = {"info": 0, "warning": 1, "critical": 2}
+    severities = [ranks[f.severity] for f in run.doc.records[-1].findings]
+    assert severities == sorted(severities, reverse=True) and len(set(severities)) > 1
+
+
+def test_unseen_units_are_nan_not_dead():
+    m = synthetic(1.0)
+    m[:, 2] = 0  # unit 2 never seen
+    u = derive_units(m, 0.1)
+    assert u["seen"].tolist() == [True, True, False, True]
+    assert not bool(u["dead"][2]) and not bool(u["dormant"][2])
+    assert math.isnan(float(u["activation_rate"][2])) and math.isnan(float(u["dormant_score"][2]))
+    assert u["dormant_score"][[0, 1, 3]].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_score_equal_to_tau_is_dormant():
+    """DESIGN.md: dormant when score <= tau. mean|h| of (0.25, 1.25, 1.25, 1.25) averages
+    exactly 1, so unit 0 scores exactly 0.25."""
+    m = synthetic(1.0)
+    m[ROW["sum_abs"]] = torch.tensor([0.25, 1.25, 1.25, 1.25], dtype=torch.float64) * 10
+    u = derive_units(m, 0.25)
+    assert u["dormant_score"].tolist() == [0.25, 1.25, 1.25, 1.25]
+    assert u["dormant"].tolist() == [True, False, False, False]
+    assert derive_units(m, 0.2499)["dormant"].tolist() == [False] * 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [({"tau": 1.0}, "tau"), ({"tau": 0}, "tau"), ({"dead_warning": 0.6}, "dead_warning"),
+     ({"sparsity_max": 0.0}, "sparsity_max"), ({"vanishing_ratio": -1.0}, "vanishing_ratio"),
+     ({"spike_factor": math.inf}, "spike_factor")],
+)
+def test_config_validation_names_the_field(kwargs, argument):
+    with pytest.raises(ReluDoctorError, match=rf"^{argument}"):
+        DiagnosisConfig(**kwargs)

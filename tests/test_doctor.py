@@ -1,0 +1,457 @@
+"""The standalone API end to end: units made dead on purpose are reported exactly, ``scan``
+agrees and leaves the model untouched, ``every_n_steps`` picks the right steps, checkpoints
+resume counts exactly, NaN is counted rather than fatal, bad arguments get clear messages,
+and the persistent state stays O(units) with no activation kept."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import types
+import weakref
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import relu_doctor
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.stats import FIELDS, ROW
+from tests import reference as ref
+from tests import zoo
+
+
+def raw(site, which: str = "total") -> dict[str, np.ndarray]:
+    st = site.stats
+    m = {"window": st.window, "lifetime": st.lifetime, "total": st.window + st.lifetime}[which]
+    return {name: m[ROW[name]].numpy() for name in FIELDS}
+
+
+# ---------------------------------------------------------------------- dead on purpose
+
+# case -> {site: (the bias feeding it, units to kill)}. A bias of -1e3 keeps the
+# pre-activation negative whatever the input; no gradient reaches it, so it stays dead.
+PLANTS = {
+    "mlp": {"1": ("0.bias", [3, 7, 19]), "3": ("2.bias", [0, 5])},
+    "small_cnn": {"features.2": ("features.1.bias", [2, 5]),
+                  "features.6": ("features.5.bias", [1, 10, 11])},
+    "sequence": {"act": ("proj.bias", [4, 9])},
+    "resnetish": {"stem.2": ("stem.1.bias", [0, 6]),
+                  "layer1.0.relu#0": ("layer1.0.bn1.bias", [3]),
+                  "layer1.1.relu#1": ("layer1.1.bn2.bias", [2])},
+}
+
+
+def plant_dead_units(model: nn.Module, name: str) -> dict[str, list[int]]:
+    """Kill the planted units of ``PLANTS[name]``; returns the dead units every site should
+    report (an empty list for sites with none)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for param, units in PLANTS[name].values():
+            params[param][units] = -1e3
+    return {site: units for site, (_, units) in PLANTS[name].items()}
+
+
+def reference_dead(run) -> dict[str, list[int]]:
+    """Dead units per site over the whole run, by the reference (never active)."""
+    out = {}
+    for key, capture in run.recorder.calls.items():
+        stats = ref.expected_stats(capture, ref.expected_unit_dim(capture.outputs[0].dim()))
+        out[ref.site_names(run.recorder)[key]] = np.flatnonzero(stats["active"] == 0).tolist()
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(PLANTS))
+def test_units_made_dead_on_purpose_are_reported_exactly(run_watched, name):
+    case = zoo.ARCH_CASES[name]
+    model = case.model()
+    planted = plant_dead_units(model, name)
+    run = run_watched(case, model=model, steps=4, batch_size=32, log_every_n_steps=4)
+    dead = reference_dead(run)
+    assert {site: units for site, units in dead.items() if units} == planted
+
+    record = run.doc.records[-1]
+    findings = {(f.kind, f.site): f for f in record.findings}
+    for site, units in dead.items():
+        table = record.units[record.units["site"] == site]
+        assert table.loc[table["dead"], "unit"].tolist() == units
+        assert table.loc[table["lifetime_dead"], "unit"].tolist() == units
+        assert run.doc.units(site).query("dead")["unit"].tolist() == units
+        row = record.site(site)
+        assert (row["dead"], row["lifetime_dead"]) == (len(units), len(units))
+        if site in planted:
+            assert findings[("dead", site)].evidence["dead_units"] == units
+            assert findings[("lifetime_dead", site)].evidence["lifetime_dead"] == len(units)
+        else:
+            assert ("dead", site) not in findings and ("lifetime_dead", site) not in findings
+
+
+@pytest.mark.parametrize("name", sorted(PLANTS))
+def test_scan_agrees_and_leaves_the_model_as_it_was(name):
+    case = zoo.ARCH_CASES[name]
+    model = case.model()
+    planted = plant_dead_units(model, name)
+    model.train()
+    next(iter(model.children())).eval()  # mixed flags must come back as they were
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = copy.deepcopy(model)
+    grads = [p.grad.clone() for p in model.parameters()]
+    flags = {path: m.training for path, m in model.named_modules()}
+    loader = [(case.batch(16), torch.zeros(16)) for _ in range(4)]
+
+    result = relu_doctor.scan(model, loader)
+
+    assert {path: m.training for path, m in model.named_modules()} == flags
+    for (n, a), (_, b), g in zip(before.named_parameters(), model.named_parameters(), grads,
+                                 strict=True):
+        assert torch.equal(a, b) and torch.equal(b.grad, g) and b.requires_grad, n
+    for (n, a), (_, b) in zip(before.named_buffers(), model.named_buffers(), strict=True):
+        assert torch.equal(a, b), n  # BatchNorm running statistics untouched
+
+    # The reference, on the same data in eval mode without gradients.
+    recorder = ref.Recorder(before)
+    before.eval()
+    with torch.no_grad():
+        for x, _ in loader:
+            before(x)
+    recorder.remove()
+    names = ref.site_names(recorder)
+    assert set(result.dead_units) == set(names.values())
+    # Exactly the planted units, where eval mode changes nothing; with BatchNorm, eval mode
+    # (running statistics of an untrained model) may silence more: still every planted one.
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    for site, units in result.dead_units.items():
+        want = set(planted.get(site, []))
+        assert want <= set(units) if has_bn else want == set(units), site
+    for key, capture in recorder.calls.items():
+        site = names[key]
+        stats = ref.expected_stats(capture, ref.expected_unit_dim(capture.outputs[0].dim()))
+        assert result.dead_units[site] == np.flatnonzero(stats["active"] == 0).tolist()
+        rates = result.units[result.units["site"] == site]["activation_rate"].to_numpy()
+        np.testing.assert_allclose(rates, stats["active"] / stats["elements"], rtol=0, atol=1e-12)
+        row = result.sites.set_index("site").loc[site]
+        assert (row["batches"], row["samples"]) == (4, 64)
+
+
+def test_scan_takes_tensors_dicts_and_stops_at_max_batches():
+    model = zoo.mlp()
+    res = relu_doctor.scan(model, [torch.randn(4, 10) for _ in range(5)], max_batches=2)
+    assert set(res.sites["batches"]) == {2}
+    res = relu_doctor.scan(
+        model, [{"x": torch.randn(4, 10)}], forward=lambda m, batch: m(batch["x"])
+    )
+    assert set(res.sites["batches"]) == {1} and list(res.sites["site"]) == ["1", "3"]
+    assert str(res).count("dead") == 2  # one printed line per site
+
+
+# ---------------------------------------------------------------------- every_n_steps
+
+
+@pytest.mark.parametrize(("every", "log_every", "steps"), [(3, 100, 7), (3, 4, 8), (2, 3, 7)])
+def test_every_n_steps_collects_exactly_the_chosen_steps(run_watched, every, log_every, steps):
+    run = run_watched(zoo.ARCH_CASES["resnetish"], steps=steps, every_n_steps=every,
+                      log_every_n_steps=log_every, optimizer=True)
+    collected = [s for s in range(steps) if s % every == 0]
+    last_log = steps // log_every * log_every
+    spans = {
+        "lifetime": [s for s in collected if s < last_log],
+        "window": [s for s in collected if s >= last_log],
+    }
+    for key, capture in run.recorder.calls.items():
+        site = run.site_of(key)
+        for which, chosen in spans.items():
+            if not chosen:
+                assert not getattr(site.stats, which).any(), f"{site.name} {which} is not empty"
+                continue
+            expected = ref.expected_stats(capture, 1, steps=chosen)
+            ref.assert_stats_match(raw(site, which), expected, f"{site.name} {which} {chosen}")
+    assert run.doc.window_steps == len(spans["window"])
+    if spans["window"]:
+        assert set(run.doc.to_pandas()["window_steps"]) == {len(spans["window"])}
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip_continues_counts_exactly():
+    case = zoo.ARCH_CASES["resnetish"]
+    batches = [case.batch(6) for _ in range(7)]
+    model = case.model()
+    recorder = ref.Recorder(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    doc = relu_doctor.watch(model, log_every_n_steps=2, optimizer=opt)
+    zoo.train(model, batches[:3], doc=doc, optimizer=opt)  # logged at 2; step 3 open
+
+    buf = io.BytesIO()
+    torch.save({"doctor": doc.state_dict(), "model": model.state_dict(),
+                "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    checkpoint = torch.load(buf, weights_only=True)  # what a Lightning checkpoint allows
+
+    resumed = case.model()
+    resumed.load_state_dict(checkpoint["model"])
+    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
+    opt2.load_state_dict(checkpoint["opt"])
+    doc2 = relu_doctor.watch(resumed, log_every_n_steps=2, optimizer=opt2)
+    doc2.load_state_dict(checkpoint["doctor"])  # before any forward: every site is pending
+    assert doc2.probe.sites() == []
+
+    zoo.train(model, batches[3:], doc=doc, optimizer=opt)
+    zoo.train(resumed, batches[3:], doc=doc2, optimizer=opt2)
+    doc.detach(), doc2.detach(), recorder.remove()
+
+    assert doc2.global_step == doc.global_step == 7
+    assert [r.step for r in doc2.records] == [r.step for r in doc.records if r.step > 3]
+    assert {s.name for s in doc2.probe.sites()} == {s.name for s in doc.probe.sites()}
+    for site in doc.probe.sites():
+        other = doc2.probe.site(site.name)
+        assert torch.equal(site.stats.window, other.stats.window), site.name
+        assert torch.equal(site.stats.lifetime, other.stats.lifetime), site.name
+    for key, capture in recorder.calls.items():  # and both equal the reference
+        site = doc2.probe.site(ref.site_names(recorder)[key])
+        ref.assert_stats_match(raw(site, "lifetime"), ref.expected_stats(capture, 1, steps=list(range(6))), site.name)
+        ref.assert_stats_match(raw(site, "window"), ref.expected_stats(capture, 1, steps=[6]), site.name)
+    last, last2 = doc.records[-1], doc2.records[-1]
+    assert [(f.kind, f.site, f.began) for f in last.findings] == [
+        (f.kind, f.site, f.began) for f in last2.findings
+    ]
+
+
+def test_state_of_a_site_seen_after_loading_is_restored_on_its_first_call():
+    model = zoo.mlp()
+    with relu_doctor.watch(model) as doc:
+        model(torch.randn(4, 10))
+    state = doc.state_dict()
+    fresh = relu_doctor.watch(zoo.mlp(), include=["1"])  # site "3" is not watched here ...
+    fresh.load_state_dict(state)
+    assert "module:|3|0" in fresh.state_dict()["sites"]  # ... yet its state is carried on
+    fresh.detach()
+
+
+# ---------------------------------------------------------------------- NaN / Inf
+
+
+class Scale(nn.Module):
+    """Elementwise learnable scale: a NaN in one input feature stays in one unit."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_activations_are_counted_and_reported(run_watched, bad):
+    case = zoo.Case("scaled", lambda: nn.Sequential(Scale(6), nn.ReLU(), nn.Linear(6, 2)),
+                    lambda n: torch.randn(n, 6))
+    batches = [case.batch(5) for _ in range(4)]
+    batches[1][0, 2] = bad  # unit 2 of step 1 only
+    run = run_watched(case, batches=batches, lr=None, log_every_n_steps=100)
+    site = run.doc.probe.site("1")
+    got = raw(site, "window")
+    capture = run.recorder.calls[("1", 0)]
+    np.testing.assert_array_equal(got["nonfinite"], np.eye(6)[2])
+    np.testing.assert_array_equal(got["grad_nonfinite"], np.ones(6))
+    # Step 1 is left out of unit 2's forward sums only. Its loss is non-finite, so every
+    # unit's gradient that step is, and step 1 is left out of all gradient sums.
+    finite_steps = [0, 2, 3]
+    every_step = ref.expected_stats(capture, 1, gradients=False)
+    finite = ref.expected_stats(capture, 1, steps=finite_steps)
+    unit2 = np.arange(6) == 2
+    forward = {name: np.where(unit2, finite[name], every_step[name]) for name in every_step}
+    ref.assert_stats_match(got, forward, "forward sums")
+    grads = {name: finite[name] for name in finite if name.startswith("grad")}
+    ref.assert_stats_match(got, grads, "gradient sums")
+
+    finding = next(f for f in run.doc.findings() if f.kind == "nonfinite")
+    assert finding.site == "1" and finding.severity == "critical"
+    assert finding.evidence["units"] == [2]
+    row = run.doc.to_pandas().set_index("site").loc["1"]
+    assert (row["nonfinite"], row["grad_nonfinite"]) == (1, 6)
+
+
+def test_a_site_that_is_nan_on_every_step_is_still_reported():
+    """Every output NaN: no finite element was seen at all, and this must still be a
+    finding (and a row), not an empty report."""
+    model = zoo.mlp()
+    with relu_doctor.watch(model, log_every_n_steps=2) as doc:
+        for _ in range(2):
+            x = torch.randn(4, 10)
+            x[0, 0] = float("nan")
+            model(x).sum().backward()
+            current = doc.findings()
+            record = doc.step()
+    for findings in (current, record.findings):
+        assert {f.site for f in findings if f.kind == "nonfinite"} == {"1", "3"}
+    assert set(doc.to_pandas()["site"]) == {"1", "3"}
+
+
+# ---------------------------------------------------------------------- bad arguments
+
+
+def test_a_model_without_relu_family_layers_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    for call in (lambda: relu_doctor.watch(model),
+                 lambda: relu_doctor.scan(model, [torch.randn(2, 3)])):
+        with pytest.raises(ReluDoctorError, match=r"model: no ReLU-family activation") as info:
+            call()
+        assert "(Sequential)" in str(info.value) and "register_family" in str(info.value)
+
+
+@pytest.mark.parametrize("arg", ["include", "exclude"])
+def test_unknown_site_patterns_name_the_argument_and_the_choices(arg):
+    with pytest.raises(ReluDoctorError, match=rf"{arg}: pattern 'layer9\*' matches no module") as info:
+        relu_doctor.watch(zoo.mlp(), **{arg: ["layer9*"]})
+    assert "['1', '3']" in str(info.value)  # the activation modules to choose from
+
+
+@pytest.mark.parametrize("arg", ["every_n_steps", "log_every_n_steps"])
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "2", None])
+def test_step_intervals_must_be_positive_integers(arg, value):
+    with pytest.raises(ReluDoctorError, match=rf"^{arg}: expected a positive integer") as info:
+        relu_doctor.watch(zoo.mlp(), **{arg: value})
+    assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.1, True, float("nan"), "0.1"])
+def test_tau_must_lie_strictly_between_0_and_1(value):
+    with pytest.raises(ReluDoctorError, match=r"^tau: expected a number strictly between 0 and 1") as info:
+        relu_doctor.watch(zoo.mlp(), tau=value)
+    assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"optimizer": "adam"}, r"optimizer: expected torch.optim.Optimizer"),
+        ({"unit_dims": {"1": "last"}}, r"unit_dims: expected \{pattern: int dim\}"),
+        ({"unit_dims": {"1": 5}}, r"unit_dims for '1'"),
+        ({"grad_scaler": 1.0}, r"grad_scaler: expected a torch.amp.GradScaler"),
+    ],
+)
+def test_other_bad_arguments_name_themselves(kwargs, pattern):
+    model = zoo.mlp()
+    with pytest.raises(ReluDoctorError, match=pattern), relu_doctor.watch(model, **kwargs):
+        model(torch.randn(2, 10))
+
+
+def test_bad_scan_arguments_and_empty_data():
+    model = zoo.mlp()
+    with pytest.raises(ReluDoctorError, match=r"max_batches: expected a positive integer"):
+        relu_doctor.scan(model, [torch.randn(2, 10)], max_batches=0)
+    with pytest.raises(ReluDoctorError, match=r"allowed: \['exclude', 'functional', 'include', 'unit_dims'\]"):
+        relu_doctor.scan(model, [torch.randn(2, 10)], tau=0.2)
+    with pytest.raises(ReluDoctorError, match=r"dataloader: yielded no batch"):
+        relu_doctor.scan(model, [])
+
+
+def test_unknown_site_name_lists_the_known_sites(run_watched):
+    run = run_watched(zoo.ARCH_CASES["mlp"], steps=1)
+    with pytest.raises(ReluDoctorError, match=r"no site named 'relu'; known sites: \['1', '3'\]"):
+        run.doc.units("relu")
+
+
+def test_library_errors_share_one_base_class():
+    assert issubclass(relu_doctor.RunDirError, ReluDoctorError)
+    assert issubclass(ReluDoctorError, Exception)
+    with pytest.raises(ReluDoctorError, match=r"model: expected a torch.nn.Module, got function"):
+        relu_doctor.watch(lambda x: x)
+
+
+# ---------------------------------------------------------------------- memory
+
+
+def reachable_tensors(root: object) -> dict[int, torch.Tensor]:
+    """Tensors reachable from ``root`` without passing through a module, an optimizer or a
+    Python module (what the watcher itself holds, not the model it watches)."""
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found[id(obj)] = obj
+        elif isinstance(obj, (nn.Module, torch.optim.Optimizer, types.ModuleType, type)):
+            continue
+        elif isinstance(obj, types.FunctionType):
+            stack.extend(c.cell_contents for c in obj.__closure__ or () if c.cell_contents is not None)
+        else:
+            stack.extend(gc.get_referents(obj))
+    return found
+
+
+def watched_state(batch_size: int):
+    case = zoo.ARCH_CASES["small_cnn"]
+    model = case.model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with relu_doctor.watch(model, log_every_n_steps=2, optimizer=opt) as doc:
+        zoo.train(model, [case.batch(batch_size) for _ in range(3)], doc=doc, optimizer=opt)
+        gc.collect()
+        tensors = reachable_tensors(doc)
+    return doc, tensors
+
+
+def test_persistent_state_is_o_units_whatever_the_batch_size():
+    small_doc, small = watched_state(2)
+    big_doc, big = watched_state(64)
+    for doc, tensors in ((small_doc, small), (big_doc, big)):
+        ids = set(tensors)
+        for s in doc.probe.sites():  # the traversal does find the accumulators
+            assert id(s.stats.window) in ids and id(s.stats.lifetime) in ids
+    units = sum(s.units for s in big_doc.probe.sites())
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    assert nbytes(small) == nbytes(big)
+    per_unit = 2 * len(FIELDS) * 8  # window + lifetime, float64
+    accumulators = per_unit * units
+    assert accumulators <= nbytes(big) <= accumulators + 64 * 8 * len(big_doc.tap.layers)
+    assert not any(64 in t.shape for t in big.values()), "a batch-sized tensor was kept"
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnetish", "mlp"])
+def test_no_activation_or_gradient_outlives_its_step(name):
+    case = zoo.ARCH_CASES[name]
+    model = case.model()
+    refs: list[weakref.ref] = []
+
+    def grab(module, args, out):
+        refs.append(weakref.ref(out))
+        out.register_hook(lambda g: refs.append(weakref.ref(g)))
+
+    acts = [m for m in model.modules() if relu_doctor.family_of(m) is not None]
+    with relu_doctor.watch(model, log_every_n_steps=2) as doc:
+        handles = [m.register_forward_hook(grab) for m in acts]
+        for _ in range(2):
+            out = model(case.batch(4))
+            out.square().mean().backward()
+            doc.step()
+            del out
+        for h in handles:
+            h.remove()
+        gc.collect()
+        assert len(refs) == 2 * 2 * len(doc.probe.sites())  # outputs and gradients
+        assert all(r() is None for r in refs), "an activation or gradient was kept alive"
+
+
+@pytest.mark.parametrize("seen", [True, False], ids=["site seen", "site pending"])
+def test_a_checkpoint_from_another_width_is_a_clear_error(seen):
+    source = zoo.mlp(hidden=32)
+    with relu_doctor.watch(source) as doc:
+        source(torch.randn(2, 10))
+    target = zoo.mlp(hidden=16)
+    with relu_doctor.watch(target) as doc2:
+        if seen:
+            target(torch.randn(2, 10))
+        with pytest.raises(ReluDoctorError, match=r"site '1'.*32 units.*16"):
+            doc2.load_state_dict(doc.state_dict())
+            target(torch.randn(2, 10))

@@ -1,0 +1,340 @@
+"""Functional capture: F.relu and friends called inside a module's forward.
+
+Every statistic is checked against tests/reference_functional.py, which patches the op with a
+recording wrapper (no TorchFunctionMode, no module hooks) and counts in float64 numpy.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import relu_doctor
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.functional import FunctionalCapture, functional_ops
+from relu_doctor.probes import Probe
+from tests import zoo
+from tests.reference import expected_stats
+from tests.reference_functional import assert_matches, reference_calls, site_fields
+
+
+def _train(model: nn.Module, xs: list[torch.Tensor], doc: relu_doctor.Doctor | None = None) -> None:
+    for x in xs:
+        model(x).float().pow(2).mean().backward()
+        if doc is not None:
+            doc.step()
+
+
+def _names(doc: relu_doctor.Doctor) -> list[str]:
+    return [s.name for s in doc.sites]
+
+
+# ---------------------------------------------------------------------- one net per op
+
+
+OWNERS = {"F": F, "torch": torch, "Tensor": torch.Tensor}
+
+
+class FnNet(nn.Module):
+    """Linear -> <op looked up on ``owner`` at call time> -> Linear."""
+
+    def __init__(self, owner: object, name: str, kwargs: dict | None = None) -> None:
+        super().__init__()
+        self.owner_name = next(k for k, v in OWNERS.items() if v is owner)
+        self.name, self.kwargs = name, kwargs or {}
+        self.fc1 = nn.Linear(6, 12)
+        self.fc2 = nn.Linear(12, 2)
+        if name == "prelu":
+            self.slope = nn.Parameter(torch.full((12,), 0.2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        fn = getattr(OWNERS[self.owner_name], self.name)
+        h = fn(h, self.slope) if self.name == "prelu" else fn(h, **self.kwargs)
+        return self.fc2(h)
+
+
+OPS = [
+    # (owner, name, kwargs, family, op, cap)
+    (F, "relu", {}, "relu", "relu", None),
+    (F, "relu", {"inplace": True}, "relu", "relu", None),
+    (F, "relu_", {}, "relu", "relu", None),
+    (torch, "relu", {}, "relu", "relu", None),
+    (torch, "relu_", {}, "relu", "relu", None),
+    (torch.Tensor, "relu", {}, "relu", "relu", None),
+    (torch.Tensor, "relu_", {}, "relu", "relu", None),
+    (F, "leaky_relu", {"negative_slope": 0.1}, "leaky_relu", "leaky_relu", None),
+    (F, "gelu", {}, "gelu", "gelu", None),
+    (F, "silu", {}, "silu", "silu", None),
+    (F, "elu", {}, "elu", "elu", None),
+    (F, "celu", {}, "celu", "celu", None),
+    (F, "selu", {}, "selu", "selu", None),
+    (F, "relu6", {}, "relu6", "relu6", 6.0),
+    (F, "hardtanh", {"min_val": -0.5, "max_val": 0.5}, "hardtanh", "hardtanh", 0.5),
+    (F, "rrelu", {"training": False}, "rrelu", "rrelu", None),
+    (F, "prelu", {}, "prelu", "prelu", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("owner", "name", "kwargs", "family", "op", "cap"),
+    OPS,
+    ids=[f"{getattr(o, '__name__', 'F')}.{n}{'-inplace' if k.get('inplace') else ''}" for o, n, k, *_ in OPS],
+)
+def test_each_op_matches_reference(owner, name, kwargs, family, op, cap) -> None:
+    torch.manual_seed(0)
+    net = FnNet(owner, name, kwargs)
+    with torch.no_grad():
+        net.fc1.weight.mul_(8.0)  # reach the relu6 and hardtanh caps
+    xs = [torch.randn(16, 6) for _ in range(2)]
+    ref = reference_calls(net, [(owner, name, op)], lambda m: _train(m, xs))
+    with relu_doctor.watch(net, functional=True, log_every_n_steps=100) as doc:
+        _train(net, xs)
+    assert _names(doc) == [f"(root):{op}#0"]
+    site = doc.sites[0]
+    assert (site.kind, site.op, site.family.name, site.cap) == ("functional", op, family, cap)
+    assert_matches(site, expected_stats(ref[("", op, 0)], 1, cap=cap))
+    if cap is not None:
+        assert site_fields(site)["saturated"].sum() > 0
+
+
+def test_every_family_functional_is_captured() -> None:
+    ops = functional_ops()
+    from relu_doctor.families import FAMILIES
+
+    for fam in FAMILIES.values():
+        for fn in fam.functionals:
+            assert ops[fn][0] is fam
+    assert ops[torch.Tensor.relu][1] == "relu" and ops[torch.Tensor.relu_][1] == "relu"
+
+
+# ---------------------------------------------------------------------- zoo: DenseNet
+
+
+def test_dense_layer_sites_match_reference() -> None:
+    torch.manual_seed(0)
+    net = zoo.DenseLayer()
+    xs = [torch.randn(4, 8, 6, 6) for _ in range(3)]
+    ref = reference_calls(net, [(F, "relu", "relu")], lambda m: _train(m, xs))
+    with relu_doctor.watch(net, functional=True, log_every_n_steps=100) as doc:
+        _train(net, xs)
+    assert _names(doc) == ["(root):relu#0", "(root):relu#1"]
+    units = [doc.probe.site(n).units for n in _names(doc)]
+    assert units == [8, 16]
+    for i, name in enumerate(_names(doc)):
+        assert_matches(doc.probe.site(name), expected_stats(ref[("", "relu", i)], 1))
+
+
+def test_nested_paths_name_the_innermost_module() -> None:
+    torch.manual_seed(0)
+    net = zoo.DenseBlock()
+    xs = [torch.randn(2, 8, 5, 5) for _ in range(2)]
+    ref = reference_calls(net, [(F, "relu", "relu")], lambda m: _train(m, xs))
+    with relu_doctor.watch(net, functional=True) as doc:
+        _train(net, xs)
+    assert _names(doc) == ["0:relu#0", "0:relu#1", "1:relu#0", "1:relu#1"]
+    for (path, op, idx), cap in ref.items():
+        assert_matches(doc.probe.site(f"{path}:{op}#{idx}"), expected_stats(cap, 1))
+
+
+# ---------------------------------------------------------------------- no double counting
+
+
+def test_module_activation_is_not_counted_twice() -> None:
+    torch.manual_seed(0)
+    net = zoo.MixedActivations()
+    xs = [torch.randn(8, 6) for _ in range(2)]
+    ref = reference_calls(
+        net, [(F, "relu", "relu"), (torch.Tensor, "relu", "relu")], lambda m: _train(m, xs), skip=(nn.ReLU,)
+    )
+    with relu_doctor.watch(net, functional=True) as doc:
+        _train(net, xs)
+    # nn.ReLU.forward calls F.relu: recorded once, as the module site "act".
+    assert _names(doc) == ["act", "(root):relu#0", "(root):relu#1", "block:relu#0"]
+    assert site_fields(doc.probe.site("act"))["elements"].tolist() == [16.0] * 12
+    for (path, op, idx), cap in ref.items():
+        assert_matches(doc.probe.site(f"{path or '(root)'}:{op}#{idx}"), expected_stats(cap, 1))
+
+
+def test_functional_capture_is_on_by_default() -> None:
+    torch.manual_seed(0)
+    net = zoo.MixedActivations()
+    with relu_doctor.watch(net) as doc:
+        _train(net, [torch.randn(4, 6)])
+    assert _names(doc) == ["act", "(root):relu#0", "(root):relu#1", "block:relu#0"]
+    with relu_doctor.watch(net, functional=False) as doc:
+        _train(net, [torch.randn(4, 6)])
+    assert _names(doc) == ["act"]
+
+
+def test_inplace_and_out_of_place_functional_give_the_same_numbers() -> None:
+    xs = [torch.randn(16, 6) for _ in range(2)]
+    got = []
+    for kwargs in ({}, {"inplace": True}):
+        torch.manual_seed(0)
+        net = FnNet(F, "relu", kwargs)
+        with relu_doctor.watch(net, functional=True) as doc:
+            _train(net, xs)
+        got.append(site_fields(doc.sites[0]))
+    for name in got[0]:
+        torch.testing.assert_close(torch.from_numpy(got[0][name]), torch.from_numpy(got[1][name]))
+
+
+# ---------------------------------------------------------------------- selection and errors
+
+
+def test_include_exclude_apply_to_functional_sites() -> None:
+    net = zoo.DenseBlock()
+    with relu_doctor.watch(net, functional=True, include=["1"]) as doc:
+        _train(net, [torch.randn(2, 8, 5, 5)])
+    assert _names(doc) == ["1:relu#0", "1:relu#1"]
+    with relu_doctor.watch(net, functional=True, exclude=["1"]) as doc:
+        _train(net, [torch.randn(2, 8, 5, 5)])
+    assert _names(doc) == ["0:relu#0", "0:relu#1"]
+
+
+def test_functional_only_model_needs_functional_true() -> None:
+    # By default a model must hold a ReLU-family module (a model with none is usually a
+    # mistake); functional=True says the activations are all functional.
+    net = zoo.DenseLayer()
+    for kwargs in ({}, {"functional": False}):
+        with pytest.raises(ReluDoctorError, match="pass functional=True"):
+            relu_doctor.watch(net, **kwargs)
+    with relu_doctor.watch(net, functional=True) as doc:
+        net(torch.randn(2, 8, 4, 4))
+    assert len(doc.sites) == 2
+
+
+def test_model_without_any_activation_warns_once() -> None:
+    net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    with relu_doctor.watch(net, functional=True) as doc:
+        with pytest.warns(UserWarning, match="ran no ReLU-family activation"):
+            net(torch.randn(2, 3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            net(torch.randn(2, 3))
+    assert doc.sites == []
+
+
+def test_calls_outside_the_model_are_not_captured() -> None:
+    net = zoo.DenseLayer()
+    with relu_doctor.watch(net, functional=True) as doc:
+        y = F.relu(net(torch.randn(2, 8, 4, 4)))  # after the model returned
+        F.relu(y)
+    assert _names(doc) == ["(root):relu#0", "(root):relu#1"]
+
+
+def test_hardtanh_cap_comes_from_the_call() -> None:
+    class Net(nn.Module):
+        def forward(self, x):
+            return F.hardtanh(x, -2.0, 2.0) + F.hardtanh(x)
+
+    with relu_doctor.watch(Net(), functional=True) as doc:
+        doc.model(torch.linspace(-3, 3, 24).reshape(4, 6))
+    assert [(s.name, s.cap) for s in doc.sites] == [("(root):hardtanh#0", 2.0), ("(root):hardtanh#1", 1.0)]
+
+
+# ---------------------------------------------------------------------- lifecycle
+
+
+def test_detach_leaves_the_model_as_it_was() -> None:
+    torch.manual_seed(0)
+    net = zoo.MixedActivations()
+    x = torch.randn(4, 6)
+    before = net(x)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in net.modules())
+    doc = relu_doctor.watch(net, functional=True)
+    assert torch._C._len_torch_function_stack() == 0  # the mode is entered per forward only
+    net(x)
+    doc.detach()
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in net.modules()) == hooks
+    assert torch.equal(net(x), before)
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_exception_in_forward_leaves_no_mode_behind() -> None:
+    class Boom(nn.Module):
+        def forward(self, x):
+            F.relu(x)
+            raise RuntimeError("boom")
+
+    net = nn.Sequential(nn.Linear(3, 3), Boom())
+    with relu_doctor.watch(net, functional=True) as doc:
+        with pytest.raises(RuntimeError, match="boom"):
+            net(torch.randn(2, 3))
+        assert torch._C._len_torch_function_stack() == 0
+        with pytest.raises(RuntimeError, match="boom"):
+            net(torch.randn(2, 3))
+    assert _names(doc) == ["1:relu#0"]  # a new pass restarted the call count
+    assert site_fields(doc.sites[0])["elements"].tolist() == [4.0] * 3
+
+
+def test_non_collecting_steps_do_not_enter_the_mode() -> None:
+    net = zoo.DenseLayer()
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x):
+            seen.append(torch._C._len_torch_function_stack())
+            return x
+
+    net.spy = Spy()
+    orig = net.forward
+    net.forward = lambda x: orig(net.spy(x))
+    with relu_doctor.watch(net, functional=True, every_n_steps=2) as doc:
+        _train(net, [torch.randn(2, 8, 4, 4) for _ in range(4)], doc)
+    assert seen == [1, 0, 1, 0]
+    assert site_fields(doc.sites[0])["elements"].tolist() == [2 * 2 * 16.0] * 8
+
+
+def test_swapped_module_after_refresh_is_not_counted_as_functional() -> None:
+    torch.manual_seed(0)
+    net = zoo.MixedActivations()
+    with relu_doctor.watch(net, functional=True) as doc:
+        _train(net, [torch.randn(4, 6)])
+        net.act = nn.LeakyReLU(0.01)
+        doc.probe.refresh()
+        _train(net, [torch.randn(4, 6)])
+    assert "act" in _names(doc) and not any(n.startswith("act:") or n == "(root):leaky_relu#0" for n in _names(doc))
+    assert doc.probe.site("act").family.name == "leaky_relu"
+
+
+def test_scan_with_functional_capture() -> None:
+    net = zoo.DenseLayer()
+    res = relu_doctor.scan(net, [torch.randn(4, 8, 4, 4) for _ in range(2)], functional=True)
+    assert list(res.sites["site"]) == ["(root):relu#0", "(root):relu#1"]
+
+
+def test_probe_and_capture_used_directly() -> None:
+    net = zoo.DenseLayer()
+    probe = Probe(net, require_modules=False).attach()
+    with FunctionalCapture(probe) as cap:
+        assert cap.attached
+        net(torch.randn(2, 8, 4, 4))
+    assert not cap.attached
+    probe.detach()
+    assert [s.name for s in probe.sites()] == ["(root):relu#0", "(root):relu#1"]
+
+
+def test_mode_is_off_inside_builtin_modules(monkeypatch) -> None:
+    # The cost of the mode is one Python round trip per torch call made while it is on: it
+    # must be off inside nn.Sequential / nn.Conv2d / nn.ReLU, on only for the root's own code.
+    from relu_doctor import functional as fmod
+
+    seen: list[str] = []
+    orig = fmod._Mode.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append(getattr(func, "__name__", str(func)))
+        return orig(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(fmod._Mode, "__torch_function__", spy)
+    net = zoo.SmallCNN()  # root forward: self.features (Sequential), torch.flatten, self.head
+    with relu_doctor.watch(net) as doc:
+        net(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert sorted(seen) == ["flatten", "linear"]  # head is not hooked: its F.linear is the root's
+    assert _names(doc) == ["features.2", "features.6"]
