@@ -1,0 +1,174 @@
+"""``AdaptiveGradClip``: AutoClip or AGC gradient clipping inside ``Trainer.fit``.
+
+A thin adapter around :class:`relu_doctor.remedies.AutoClip` / :class:`~relu_doctor.remedies.AGC`.
+Clipping runs in ``on_before_optimizer_step``: Lightning calls it after the backward and after
+AMP unscaling, before the optimizer step. Under DDP the gradients are already averaged
+across processes there, so every rank clips the same way.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from relu_doctor.callbacks._remedy import RemedyCallback
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.remedies import AGC, AutoClip
+
+__all__ = ["AdaptiveGradClip"]
+
+MODES = ("autoclip", "agc")
+
+
+class AdaptiveGradClip(RemedyCallback):
+    """Adaptive gradient clipping: AutoClip (the gradient norm clipped to a percentile of its
+    own history) or AGC (unit-wise, relative to the weight norm).
+
+    No host synchronisation per step: the norm history, threshold and clip counts stay on
+    the device and are read at the :class:`~relu_doctor.callbacks.ReluDoctor` monitor's
+    logging intervals. There the threshold, the number clipped and the fraction go to the
+    Trainer's loggers (``relu_doctor/clip/threshold``, ``relu_doctor/clip/clipped``,
+    ``relu_doctor/clip/fraction``; one suffix ``_<i>`` per optimizer beyond the first), and
+    an interval that clipped anything is an ``intervention`` event. The norm history
+    round-trips through checkpoints.
+
+    Args:
+        mode: ``"autoclip"`` or ``"agc"``.
+        percentile: AutoClip's percentile of the norm history, in (0, 100].
+        history: AutoClip's history length (a ring buffer on the device).
+        warmup_steps: AutoClip steps that only record their norm.
+        clipping: AGC's ratio lambda (e.g. 0.01 to 0.16).
+        eps: AGC's floor of the weight norm.
+        exclude: glob patterns of parameter names (``named_parameters`` of the
+            LightningModule) left unclipped; AGC's paper leaves the final classifier alone,
+            e.g. ``exclude="head.*"``.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[ReluDoctor(), AdaptiveGradClip("autoclip", percentile=10)])
+    """
+
+    remedy_name = "adaptive_grad_clip"
+
+    def __init__(
+        self,
+        mode: str = "autoclip",
+        *,
+        percentile: float = 10.0,
+        history: int = 1000,
+        warmup_steps: int = 0,
+        clipping: float = 0.01,
+        eps: float = 1e-3,
+        exclude: Sequence[str] | str | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ReluDoctorError(
+                f"mode: expected one of {list(MODES)}, got {mode!r}. 'autoclip' clips the "
+                "global norm to a percentile of its history; 'agc' clips unit-wise."
+            )
+        self.mode = mode
+        self.percentile = percentile
+        self.history = history
+        self.warmup_steps = warmup_steps
+        self.clipping = clipping
+        self.eps = eps
+        pats = [exclude] if isinstance(exclude, str) else list(exclude or [])
+        if not all(isinstance(p, str) and p for p in pats):
+            raise ReluDoctorError(
+                f"exclude: expected glob patterns of parameter names, got {exclude!r}."
+            )
+        self.exclude = pats
+        self._make()  # validate the arguments now
+        self.clippers: dict[int, AutoClip | AGC] = {}
+        self._params: dict[int, list[torch.Tensor]] = {}
+        self._pending: dict[str, Any] | None = None
+
+    def _make(self) -> AutoClip | AGC:
+        if self.mode == "autoclip":
+            return AutoClip(self.percentile, history=self.history, warmup_steps=self.warmup_steps)
+        return AGC(self.clipping, eps=self.eps)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode)
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer = trainer
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        self._params = {}
+        for i, opt in enumerate(self._optimizers(trainer)):
+            self.clippers.setdefault(i, self._make())
+            params = [p for g in opt.param_groups for p in g["params"]]
+            self._params[i] = [
+                p
+                for p in params
+                if not any(fnmatch.fnmatchcase(names.get(id(p), ""), pat) for pat in self.exclude)
+            ]
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self._load(state)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        doctor = self._doctor(trainer)
+        for clipper in self.clippers.values():
+            clipper.bind(doctor)
+        doctor.add_listener(self._on_record)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        opts = self._optimizers(trainer)
+        for i, opt in enumerate(opts):
+            if opt is optimizer:
+                clipper = self.clippers.get(i)
+                if clipper is not None:
+                    clipper.clip_(self._params.get(i, []))
+                return
+
+    def _on_record(self, record: Any) -> None:
+        trainer = self._trainer
+        if trainer is None:
+            return
+        metrics: dict[str, float] = {}
+        for i, clipper in self.clippers.items():
+            stats = getattr(clipper, "last", None)
+            if not stats:
+                continue
+            sfx = "" if i == 0 else f"_{i}"
+            if stats["threshold"] is not None:
+                metrics[f"relu_doctor/clip/threshold{sfx}"] = float(stats["threshold"])
+            metrics[f"relu_doctor/clip/clipped{sfx}"] = float(stats["clipped"])
+            metrics[f"relu_doctor/clip/fraction{sfx}"] = float(stats["clip_fraction"])
+        self._log(trainer, metrics, record.step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if not self.clippers:
+            return dict(self._pending or {})
+        return {
+            "mode": self.mode,
+            "clippers": {i: c.state_dict() for i, c in self.clippers.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if state_dict.get("mode") != self.mode:
+            raise ReluDoctorError(
+                f"checkpoint: AdaptiveGradClip state is for mode {state_dict.get('mode')!r}, "
+                f"this callback runs {self.mode!r}."
+            )
+        if self.clippers:
+            self._load(state_dict)
+        else:
+            self._pending = dict(state_dict)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        for i, st in state.get("clippers", {}).items():
+            self.clippers.setdefault(int(i), self._make()).load_state_dict(st)

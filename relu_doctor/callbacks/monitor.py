@@ -1,0 +1,538 @@
+"""The Lightning monitor callback: a thin adapter from Trainer hooks to :class:`~relu_doctor.Doctor`.
+
+All statistics, windows, diagnosis and the run directory live in the framework-free
+:class:`~relu_doctor.Doctor`; this module only decides *when* (which Trainer hooks attach,
+mark steps, read gradients, log) and *where* the results go (the Trainer's loggers,
+rank-zero warnings).
+
+Hook map:
+
+==============================  ===============================================================
+``on_fit_start``                build the Doctor on the LightningModule (optimizers, AMP scaler,
+                                DDP reduction, run directory), restore checkpointed state, attach
+``on_before_optimizer_step``    read parameter gradients (after AMP unscaling, before the
+                                update). Lightning runs the backward inside
+                                ``optimizer.step(closure)``, so the optimizer's own pre-hook
+                                would see the previous step's gradients; with an fp16
+                                GradScaler the closure runs first and the pre-hook (which
+                                fires only for steps the scaler takes) is used instead
+``on_train_batch_end``          mark one step per optimizer step (so ``accumulate_grad_batches=k``
+                                gives one step per k batches); log at each interval
+``on_validation_start/end``     pause training statistics; optionally collect the validation
+                                stream with a second Doctor
+``on_train_end``                log the last, partial window
+``on_fit_end``, ``teardown``,   detach every hook (also when training fails or is interrupted)
+``on_exception``
+==============================  ===============================================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from relu_doctor.diagnosis import SEVERITIES, DiagnosisConfig, Finding
+from relu_doctor.doctor import Doctor, LogRecord
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.reports import tensorboard as tb
+
+__all__ = ["ReluDoctor", "ReluDoctorWarning"]
+
+_STATE_VERSION = 1
+
+
+class ReluDoctorWarning(UserWarning):
+    """A finding reported during training (filter it with ``warnings.filterwarnings``)."""
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ReluDoctorError(f"{name}: expected a positive integer (>= 1), got {value!r}.")
+    return value
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ReluDoctorError(f"{name}: expected True or False, got {value!r}.")
+    return value
+
+
+def _patterns(name: str, value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) and p for p in items):
+        raise ReluDoctorError(
+            f"{name}: expected a glob pattern of module paths or a list of them "
+            f"(e.g. ['encoder.*']), got {value!r}."
+        )
+    return tuple(items)
+
+
+class ReluDoctor(Callback):
+    """Watch a LightningModule's ReLU-family activations during ``Trainer.fit``.
+
+    Statistics are collected on the device by hooks and read once per logging interval;
+    each interval's site metrics go to every logger of the Trainer (with a
+    ``TensorBoardLogger``: scalars under ``relu_doctor/<metric>/<site>``, per-unit
+    activation-rate histograms, a custom-scalars layout with every site of a metric in one
+    chart, findings and interventions as text; with any other logger the scalars through
+    ``log_metrics``). Nothing goes to the progress bar. Findings are raised once per
+    (kind, site) as a rank-zero :class:`ReluDoctorWarning` with the suggested remedy. The
+    run directory (``relu-doctor report RUN_DIR``) is written as training goes, by rank zero.
+
+    Under DDP every rank collects its own batches; counts and sums are summed across ranks at
+    logging time only, so the logged values equal those of one process seeing all the data.
+
+    Args:
+        log_every_n_steps: optimizer steps per logging interval (the window for "dead").
+        every_n_steps: collect statistics on every n-th optimizer step only.
+        tau: dormant threshold on the ReDo score, in (0, 1).
+        include: glob patterns of module paths to watch (paths inside the LightningModule,
+            e.g. ``"net.*"``); default every ReLU-family module.
+        exclude: glob patterns of module paths to leave out.
+        run_dir: the run directory; default ``<trainer.log_dir>/relu_doctor`` (next to the
+            logger's own files), or ``<default_root_dir>/relu_doctor_logs`` without a logger.
+        gradients: collect gradient statistics (dL/d(output), zero dL/d(input)).
+        monitor_validation: also collect validation batches, as a separate stream: scalars
+            under ``relu_doctor_val/<metric>/<site>``, a run directory in
+            ``<run_dir>/validation``, one window per validation run.
+        unit_dims: ``{pattern: dim}`` overriding which dim holds the units.
+        functional: capture functional activations (``F.relu`` inside a forward) too. None
+            (default): on, as in :func:`relu_doctor.watch`; True: also allow models whose
+            activations are all functional; False: modules only.
+        config: diagnosis thresholds (``tau`` above wins over ``config.tau``).
+        metrics: site metrics logged as scalars; default
+            :data:`relu_doctor.reports.tensorboard.DEFAULT_METRICS`.
+        histograms: write per-unit activation-rate histograms to TensorBoard.
+        warn: lowest finding severity raised as a warning (``"info"``, ``"warning"``,
+            ``"critical"``), or None for no warnings.
+        log_on_train_end: when training ends, close and log the last, partial window, so a
+            run shorter than ``log_every_n_steps`` is still recorded.
+
+    Attributes:
+        doctor: the training :class:`~relu_doctor.Doctor` (None before the first fit). Remedy
+            callbacks get each :class:`~relu_doctor.LogRecord` through
+            ``doctor.add_listener(fn)`` and record what they do with
+            ``doctor.record_event({...})``. It is created in this callback's
+            ``on_fit_start``: look it up from ``on_train_start`` on.
+        val_doctor: the validation-stream Doctor (``monitor_validation=True``), else None.
+
+    Example::
+
+        from relu_doctor.callbacks import ReluDoctor
+
+        trainer = L.Trainer(callbacks=[ReluDoctor(log_every_n_steps=50, run_dir="runs/exp1")])
+        trainer.fit(model)
+        print(trainer.callbacks[0].doctor.findings())
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int = 50,
+        every_n_steps: int = 1,
+        tau: float = 0.1,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        gradients: bool = True,
+        monitor_validation: bool = False,
+        *,
+        unit_dims: Mapping[str, int] | None = None,
+        functional: bool | None = None,
+        config: DiagnosisConfig | None = None,
+        metrics: Sequence[str] | None = None,
+        histograms: bool = True,
+        warn: str | None = "warning",
+        log_on_train_end: bool = True,
+    ) -> None:
+        super().__init__()
+        self.log_every_n_steps = _positive_int("log_every_n_steps", log_every_n_steps)
+        self.every_n_steps = _positive_int("every_n_steps", every_n_steps)
+        if config is not None and not isinstance(config, DiagnosisConfig):
+            raise ReluDoctorError(
+                f"config: expected a relu_doctor.DiagnosisConfig, got {type(config).__name__}."
+            )
+        base = config or DiagnosisConfig()
+        # Validates tau (a number strictly between 0 and 1) with the library's own message.
+        self.config = DiagnosisConfig(**{**base.__dict__, "tau": tau})
+        self.tau = float(tau)
+        self.include = _patterns("include", include)
+        self.exclude = _patterns("exclude", exclude)
+        if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
+            raise ReluDoctorError(
+                f"run_dir: expected a path (str or os.PathLike) or None, got {run_dir!r}."
+            )
+        self.run_dir = run_dir
+        self.gradients = _flag("gradients", gradients)
+        self.monitor_validation = _flag("monitor_validation", monitor_validation)
+        if unit_dims is not None and not isinstance(unit_dims, Mapping):
+            raise ReluDoctorError(
+                f"unit_dims: expected {{pattern: dim}}, e.g. {{'encoder.*': 1}}, got {unit_dims!r}."
+            )
+        self.unit_dims = dict(unit_dims) if unit_dims is not None else None
+        self.functional = None if functional is None else _flag("functional", functional)
+        chosen = tuple(tb.DEFAULT_METRICS if metrics is None else metrics)
+        if isinstance(metrics, str):
+            chosen = (metrics,)
+        unknown = [m for m in chosen if m not in tb.SITE_METRICS]
+        if unknown or not chosen:
+            raise ReluDoctorError(
+                f"metrics: unknown site metric(s) {unknown or chosen!r}; choose from "
+                f"{list(tb.SITE_METRICS)}."
+            )
+        self.metrics = chosen
+        self.histograms = _flag("histograms", histograms)
+        if warn is not None and warn not in SEVERITIES:
+            raise ReluDoctorError(
+                f"warn: expected one of {list(SEVERITIES)} or None (no warnings), got {warn!r}."
+            )
+        self.warn = warn
+        self.log_on_train_end = _flag("log_on_train_end", log_on_train_end)
+
+        self.doctor: Doctor | None = None
+        self.val_doctor: Doctor | None = None
+        self._trainer: pl.Trainer | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._reads_grads_in_hook = True
+        self._last_global_step = -1
+        self._paused = False
+        self._val_active = False
+        self._val_batches = 0
+        self._warned: set[tuple[str, str, str]] = set()
+        self._own_writer: Any = None
+        self._used_writers: dict[int, Any] = {}  # id -> writer that got our layout
+        self._resolved_run_dir: Path | None = None
+
+    # ------------------------------------------------------------------ checkpoint identity
+    @property
+    def state_key(self) -> str:
+        """Tells instances apart by what they watch (patterns), not by how they report."""
+        return self._generate_state_key(include=self.include, exclude=self.exclude)
+
+    # ------------------------------------------------------------------ fit lifecycle
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer = trainer
+        self._detach_all()
+        world = trainer.world_size
+        all_reduce = (
+            (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
+        )
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        # Lightning runs the backward inside optimizer.step(closure) unless a GradScaler
+        # drives the step (fp16): then the optimizer's pre-hook sees the unscaled gradients
+        # of the steps actually taken. Otherwise read them in on_before_optimizer_step.
+        self._reads_grads_in_hook = scaler is None
+        if self.run_dir is not None:
+            run_dir = Path(self.run_dir)
+        elif trainer.loggers:
+            log_dir = trainer.log_dir  # a broadcast: every rank must ask
+            run_dir = Path(log_dir or trainer.default_root_dir) / "relu_doctor"
+        else:
+            # Not "<root>/relu_doctor": run from a source checkout, that is the package.
+            run_dir = Path(trainer.default_root_dir) / "relu_doctor_logs"
+        self._resolved_run_dir = run_dir
+        writer = trainer.is_global_zero
+        optimizers = [o for o in trainer.optimizers if isinstance(o, torch.optim.Optimizer)]
+
+        state = self._pending_state
+        if state is None and self.doctor is not None and self.doctor.model is pl_module:
+            # A second fit of the same module continues where the first stopped.
+            state = {"doctor": self.doctor.state_dict(), "val_doctor": None}
+            if self.val_doctor is not None:
+                state["val_doctor"] = self.val_doctor.state_dict()
+        self._pending_state = None
+        if state and world > 1 and trainer.global_rank != 0:
+            state = _zero_windows(state)  # rank 0 carries the (already summed) windows
+
+        common: dict[str, Any] = {
+            "tau": self.tau,
+            "include": self.include,
+            "exclude": self.exclude,
+            "unit_dims": self.unit_dims,
+            "config": self.config,
+            "all_reduce": all_reduce,
+            "world_size": world,
+            "is_writer": writer,
+            "functional": self.functional,
+        }
+        doctor = Doctor(
+            pl_module,
+            log_every_n_steps=self.log_every_n_steps,
+            every_n_steps=self.every_n_steps,
+            gradients=self.gradients,
+            optimizer=optimizers or None,
+            grad_scaler=scaler,
+            run_dir=run_dir,
+            optimizer_pre_hook=not self._reads_grads_in_hook,
+            **common,
+        )
+        if state and state.get("doctor"):
+            doctor.load_state_dict(state["doctor"])
+        doctor.add_listener(self._on_record)
+        doctor.add_event_listener(self._on_event)
+        self.doctor = doctor
+        self.val_doctor = None
+        if self.monitor_validation:
+            val = Doctor(
+                pl_module,
+                log_every_n_steps=2**62,  # closed explicitly at the end of each validation
+                gradients=False,
+                run_dir=run_dir / "validation",
+                **common,
+            )
+            if state and state.get("val_doctor"):
+                val.load_state_dict(state["val_doctor"])
+            val.add_listener(self._on_val_record)
+            self.val_doctor = val
+        doctor.attach()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_global_step = trainer.global_step
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if self.doctor is not None and self._reads_grads_in_hook:
+            self.doctor.before_optimizer_step(optimizer)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        # One step per optimizer step: with gradient accumulation the global step moves once
+        # every k batches. Python ints only: no host synchronisation between logging steps.
+        if self.doctor is None or trainer.global_step == self._last_global_step:
+            return
+        self._last_global_step = trainer.global_step
+        self.doctor.step()  # logs through the listeners when an interval closes
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        doc = self.doctor
+        if self.log_on_train_end and doc is not None and doc.window_steps > 0:
+            doc.log()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._finish()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._finish()
+
+    def _detach_all(self) -> None:
+        for doc in (self.doctor, self.val_doctor):
+            if doc is not None:
+                doc.detach()
+        self._paused = False
+        self._val_active = False
+
+    def _finish(self) -> None:
+        self._detach_all()
+        for w in self._used_writers.values():
+            w.flush()
+        self._used_writers = {}
+        if self._own_writer is not None:
+            self._own_writer.close()
+            self._own_writer = None
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        doc = self.doctor
+        if doc is None or not doc.probe.attached:
+            return
+        doc.detach()  # statistics come from training steps only
+        self._paused = True
+        if self.val_doctor is not None and not trainer.sanity_checking:
+            self.val_doctor.attach()
+            self._val_active = True
+            self._val_batches = 0
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._val_active:
+            self._val_batches += 1
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        val = self.val_doctor
+        if self._val_active and val is not None and self.doctor is not None:
+            self._val_active = False
+            # One window per validation run, logged at the training step it ran at.
+            val.global_step = self.doctor.global_step
+            val.window_steps = self._val_batches
+            val.log()
+            val.detach()
+        if self._paused and self.doctor is not None:
+            self._paused = False
+            self.doctor.attach()
+
+    # ------------------------------------------------------------------ output
+    def _writers(self, trainer: pl.Trainer) -> list[Any]:
+        """TensorBoard writers (rank zero): every TensorBoardLogger's experiment, or else
+        our own writer in ``<run_dir>/tensorboard`` so the run directory is complete."""
+        tbs = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if tbs:
+            writers = [lg.experiment for lg in tbs]
+        else:
+            if self._own_writer is None and self._resolved_run_dir is not None:
+                self._own_writer = tb.open_writer(self._resolved_run_dir / "tensorboard")
+            writers = [self._own_writer] if self._own_writer is not None else []
+        for w in writers:
+            if id(w) not in self._used_writers:  # first use: the custom-scalars layout
+                tb.write_layout(w, self._layout())
+                self._used_writers[id(w)] = w
+        return writers
+
+    def _layout(self) -> dict[str, Any]:
+        prefixes = {tb.PREFIX: tb.PREFIX}
+        if self.monitor_validation:
+            prefixes[tb.VAL_PREFIX] = f"{tb.PREFIX} (validation)"
+        return tb.custom_scalars_layout(self.metrics, prefixes=prefixes)
+
+    def _publish(self, record: LogRecord, prefix: str) -> None:
+        trainer = self._trainer
+        if trainer is None:
+            return
+        self._warn(record, prefix)
+        if not trainer.is_global_zero:
+            return
+        findings = [f.to_dict() for f in record.findings]
+        for w in self._writers(trainer):
+            tb.write_record(
+                w,
+                record.step,
+                sites=record.sites,
+                units=record.units,
+                layers=record.layers,
+                findings=findings,
+                metrics=self.metrics,
+                prefix=prefix,
+                histograms=self.histograms,
+            )
+            w.flush()
+        others = [lg for lg in trainer.loggers if not isinstance(lg, TensorBoardLogger)]
+        if others:
+            metrics = tb.scalars(record.sites, record.layers, metrics=self.metrics, prefix=prefix)
+            for lg in others:
+                lg.log_metrics(metrics, step=record.step)
+
+    def _warn(self, record: LogRecord, prefix: str) -> None:
+        if self.warn is None:
+            return
+        floor = SEVERITIES.index(self.warn)
+        stream = "validation " if prefix == tb.VAL_PREFIX else ""
+        for f in record.findings:
+            key = (prefix, f.kind, f.site)
+            if key in self._warned or SEVERITIES.index(f.severity) < floor:
+                continue
+            self._warned.add(key)
+            rank_zero_warn(_warning_text(f, stream), category=ReluDoctorWarning)
+
+    def _on_record(self, record: LogRecord) -> None:
+        self._publish(record, tb.PREFIX)
+
+    def _on_val_record(self, record: LogRecord) -> None:
+        self._publish(record, tb.VAL_PREFIX)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        trainer = self._trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        for w in self._writers(trainer):
+            tb.write_events(w, [event])
+            w.flush()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Counts and windows of every site, step counters, finding onsets (both streams).
+
+        Under DDP each rank's open window is summed across ranks here (call it on every rank,
+        as ``Trainer.save_checkpoint`` does); on resume rank zero carries the sums.
+        """
+        if self.doctor is None:
+            return dict(self._pending_state) if self._pending_state else {}
+        state: dict[str, Any] = {
+            "version": _STATE_VERSION,
+            "doctor": self.doctor.state_dict(),
+            "val_doctor": self.val_doctor.state_dict() if self.val_doctor is not None else None,
+        }
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            _sum_windows(state, lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; applied when the next fit starts."""
+        if not state_dict:
+            return
+        version = state_dict.get("version")
+        if version != _STATE_VERSION:
+            raise ReluDoctorError(
+                f"checkpoint: ReluDoctor state version {version!r} is not supported (expected "
+                f"{_STATE_VERSION}); resume with the relu_doctor version that wrote it."
+            )
+        self._pending_state = dict(state_dict)
+
+
+def _warning_text(f: Finding, stream: str) -> str:
+    return (
+        f"relu_doctor: {stream}{f.kind} at {f.site} (step {f.step}, {f.severity}): "
+        f"{f.message} Remedy: {f.remedy}"
+    )
+
+
+def _windows(state: Mapping[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    out: list[tuple[dict[str, Any], str]] = []
+    for key in ("doctor", "val_doctor"):
+        doc = state.get(key)
+        if doc:
+            sites = doc.get("sites", {})
+            out.extend((sites, name) for name in sorted(sites))
+    return out
+
+
+def _sum_windows(state: dict[str, Any], all_reduce: Any) -> None:
+    entries = _windows(state)
+    if not entries:
+        return
+    flat = torch.cat([sites[name]["window"].reshape(-1) for sites, name in entries])
+    flat = all_reduce(flat)
+    off = 0
+    for sites, name in entries:
+        w = sites[name]["window"]
+        sites[name] = {**sites[name], "window": flat[off : off + w.numel()].reshape(w.shape)}
+        off += w.numel()
+
+
+def _zero_windows(state: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in state.items()}
+    for key in ("doctor", "val_doctor"):
+        doc = out.get(key)
+        if doc:
+            doc["sites"] = {
+                name: {**s, "window": torch.zeros_like(s["window"])}
+                for name, s in doc.get("sites", {}).items()
+            }
+    return out

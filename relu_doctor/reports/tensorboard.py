@@ -1,0 +1,348 @@
+"""TensorBoard output: scalars, per-unit histograms, a custom-scalars layout, findings as text.
+
+Presentation only. Every function takes plain host data (site rows as dicts, per-unit and
+per-layer tables as pandas DataFrames, findings and events as dicts) and a writer with the
+``torch.utils.tensorboard.SummaryWriter`` methods (``tensorboardX`` and the ``experiment`` of
+Lightning's ``TensorBoardLogger`` qualify). It never touches a model, a hook or a device
+tensor, so a run directory copied to another machine can be turned into TensorBoard logs
+there (:func:`write_run`).
+
+Tags:
+
+=====================================  ==============================================
+``<prefix>/<metric>/<site>``           site metrics (``relu_doctor/dead_fraction/net.1``)
+``<prefix>/<metric>/<layer>``          per-layer ``grad_norm`` and ``update_ratio``
+``<prefix>/unit_activation_rate/<site>``  histogram of the per-unit activation rates
+``<prefix>/findings``                  the findings of each logging step (Markdown)
+``<prefix>/events``                    interventions and other recorded events (Markdown)
+=====================================  ==============================================
+
+``prefix`` is ``relu_doctor`` for training statistics and ``relu_doctor_val`` for the
+validation stream of the Lightning callback.
+
+Example:
+    >>> scalars([{"site": "net.1", "dead_fraction": 0.25, "sparsity": 0.5}],
+    ...         metrics=("dead_fraction", "sparsity"))
+    {'relu_doctor/dead_fraction/net.1': 0.25, 'relu_doctor/sparsity/net.1': 0.5}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from relu_doctor.history import Run
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "LAYER_METRICS",
+    "PREFIX",
+    "SITE_METRICS",
+    "VAL_PREFIX",
+    "SummaryWriterLike",
+    "custom_scalars_layout",
+    "events_markdown",
+    "findings_markdown",
+    "open_writer",
+    "scalars",
+    "tag",
+    "write_events",
+    "write_layout",
+    "write_record",
+    "write_run",
+]
+
+PREFIX = "relu_doctor"
+VAL_PREFIX = "relu_doctor_val"
+
+#: Every numeric site-level metric of a record (the columns of ``history``).
+SITE_METRICS: tuple[str, ...] = (
+    "units",
+    "units_seen",
+    "elements",
+    "dead",
+    "dead_fraction",
+    "lifetime_dead",
+    "lifetime_dead_fraction",
+    "dormant",
+    "dormant_fraction",
+    "sparsity",
+    "activation_rate",
+    "mean_abs",
+    "rms",
+    "saturated_fraction",
+    "fully_saturated",
+    "grad_rms",
+    "grad_zero_fraction",
+    "nonfinite",
+    "grad_nonfinite",
+)
+
+#: The site metrics logged as scalars unless told otherwise.
+DEFAULT_METRICS: tuple[str, ...] = (
+    "dead_fraction",
+    "lifetime_dead_fraction",
+    "dormant_fraction",
+    "sparsity",
+    "mean_abs",
+    "saturated_fraction",
+    "grad_rms",
+    "grad_zero_fraction",
+)
+
+#: Per-layer metrics (parameter gradients), logged with every record that has them.
+LAYER_METRICS: tuple[str, ...] = ("grad_norm", "update_ratio")
+
+# Meaningful only for sites with an upper cap (ReLU6, Hardtanh); 0 elsewhere.
+_CAPPED_ONLY = frozenset({"saturated_fraction", "fully_saturated"})
+_HIST = "unit_activation_rate"
+_HIST_BINS = np.linspace(0.0, 1.0, 21)
+
+
+class SummaryWriterLike(Protocol):
+    """The part of ``SummaryWriter`` this module uses."""
+
+    def add_scalar(self, tag: str, scalar_value: Any, global_step: int | None = None) -> Any: ...
+
+    def add_histogram(
+        self, tag: str, values: Any, global_step: int | None = None, bins: Any = ...
+    ) -> Any: ...
+
+    def add_text(self, tag: str, text_string: str, global_step: int | None = None) -> Any: ...
+
+    def add_custom_scalars(self, layout: dict[str, Any]) -> Any: ...
+
+    def flush(self) -> Any: ...
+
+
+def tag(metric: str, name: str, prefix: str = PREFIX) -> str:
+    """The scalar tag of ``metric`` at site (or layer) ``name``: ``prefix/metric/name``."""
+    return f"{prefix}/{metric}/{name}"
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        v = float(value)
+        return None if math.isnan(v) else v
+    return None
+
+
+def scalars(
+    sites: Sequence[Mapping[str, Any]],
+    layers: pd.DataFrame | None = None,
+    *,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    prefix: str = PREFIX,
+) -> dict[str, float]:
+    """Flat ``{tag: value}`` of the site metrics (and per-layer metrics) of one record.
+
+    NaN values (a metric with nothing to measure: no gradient seen, no element seen) are left
+    out, as are saturation metrics of sites without a cap.
+
+    Args:
+        sites: one dict per site with a ``site`` key and the metrics.
+        layers: one row per layer (``layer``, ``grad_norm``, ``update_ratio``), or None.
+        metrics: which site metrics to include.
+        prefix: the first part of every tag.
+    """
+    out: dict[str, float] = {}
+    for row in sites:
+        name = str(row["site"])
+        capped = _number(row.get("cap")) is not None  # None (or NaN read from Parquet)
+        for m in metrics:
+            if m in _CAPPED_ONLY and not capped and "cap" in row:
+                continue
+            v = _number(row.get(m))
+            if v is not None:
+                out[tag(m, name, prefix)] = v
+    if layers is not None and not layers.empty and "layer" in layers:
+        for rec in layers.to_dict("records"):
+            for m in LAYER_METRICS:
+                v = _number(rec.get(m))
+                if v is not None:
+                    out[tag(m, str(rec["layer"]), prefix)] = v
+    return out
+
+
+def custom_scalars_layout(
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    *,
+    prefixes: Mapping[str, str] | None = None,
+    layer_metrics: Sequence[str] = LAYER_METRICS,
+) -> dict[str, dict[str, list[Any]]]:
+    """A custom-scalars layout: one chart per metric holding every site (or layer).
+
+    Args:
+        metrics: site metrics to chart.
+        prefixes: ``{tag prefix: category title}``; default ``{"relu_doctor": "relu_doctor"}``.
+        layer_metrics: per-layer metrics to chart.
+
+    Returns:
+        The layout for ``SummaryWriter.add_custom_scalars``.
+    """
+    prefixes = dict(prefixes or {PREFIX: PREFIX})
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for prefix, title in prefixes.items():
+        charts: dict[str, list[Any]] = {}
+        for m in (*metrics, *layer_metrics):
+            charts[m] = ["Multiline", [f"^{re.escape(prefix)}/{re.escape(m)}/"]]
+        layout[title] = charts
+    return layout
+
+
+def _cell(v: Any) -> str:
+    s = json.dumps(v, default=str) if isinstance(v, (Mapping, list, tuple)) else str(v)
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def findings_markdown(findings: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of findings (dicts with ``severity``, ``kind``, ``site``,
+    ``message``, ``remedy``), or a line saying there is none."""
+    if not findings:
+        return "No findings."
+    lines = ["| severity | kind | site | finding | remedy |", "|---|---|---|---|---|"]
+    for f in findings:
+        lines.append(
+            "| "
+            + " | ".join(
+                _cell(f.get(k, "")) for k in ("severity", "kind", "site", "message", "remedy")
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def events_markdown(events: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown lines describing events (interventions): type, site, what was done."""
+    lines = []
+    for ev in events:
+        head = " ".join(
+            str(ev[k]) for k in ("type", "action", "kind", "site") if ev.get(k) not in (None, "")
+        )
+        rest = {k: v for k, v in ev.items() if k not in ("type", "action", "kind", "site", "step")}
+        lines.append(f"- step {ev.get('step', '?')}: **{_cell(head or 'event')}** {_cell(rest)}")
+    return "\n".join(lines)
+
+
+def write_record(
+    writer: SummaryWriterLike,
+    step: int,
+    *,
+    sites: Sequence[Mapping[str, Any]],
+    units: pd.DataFrame | None = None,
+    layers: pd.DataFrame | None = None,
+    findings: Sequence[Mapping[str, Any]] = (),
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    prefix: str = PREFIX,
+    histograms: bool = True,
+) -> None:
+    """Write one logging step: scalars, per-unit activation-rate histograms, findings text.
+
+    Args:
+        writer: a ``SummaryWriter`` (or anything with its methods).
+        step: the global step.
+        sites: one dict per site (``site`` and metrics).
+        units: one row per (site, unit) with ``site`` and ``activation_rate``, or None.
+        layers: one row per layer, or None.
+        findings: the findings of this step as dicts; written as a Markdown table.
+        metrics: site metrics to write as scalars.
+        prefix: the first part of every tag.
+        histograms: write the per-unit histograms.
+    """
+    for t, v in scalars(sites, layers, metrics=metrics, prefix=prefix).items():
+        writer.add_scalar(t, v, step)
+    if histograms and units is not None and not units.empty and "activation_rate" in units:
+        for site, part in units.groupby("site", sort=False):
+            rates = part["activation_rate"].to_numpy(dtype=np.float64)
+            rates = rates[np.isfinite(rates)]
+            if rates.size:
+                writer.add_histogram(tag(_HIST, str(site), prefix), rates, step, bins=_HIST_BINS)
+    writer.add_text(f"{prefix}/findings", findings_markdown(findings), step)
+
+
+def write_layout(writer: SummaryWriterLike, layout: dict[str, Any]) -> None:
+    """Write a custom-scalars layout (see :func:`custom_scalars_layout`)."""
+    writer.add_custom_scalars(layout)
+
+
+def write_events(
+    writer: SummaryWriterLike, events: Iterable[Mapping[str, Any]], prefix: str = PREFIX
+) -> None:
+    """Write events (interventions), one text entry per step that has any."""
+    by_step: dict[int, list[Mapping[str, Any]]] = {}
+    for ev in events:
+        by_step.setdefault(int(ev.get("step", 0)), []).append(ev)
+    for step, evs in sorted(by_step.items()):
+        writer.add_text(f"{prefix}/events", events_markdown(evs), step)
+
+
+def open_writer(log_dir: str | os.PathLike[str]) -> SummaryWriterLike:
+    """A ``torch.utils.tensorboard.SummaryWriter`` writing to ``log_dir``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def write_run(
+    run: Run,
+    log_dir: str | os.PathLike[str] | None = None,
+    *,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    histograms: bool = True,
+) -> Path:
+    """Write a whole run record as TensorBoard event files.
+
+    Args:
+        run: a run record (:func:`relu_doctor.load_run`).
+        log_dir: where to write; default ``<run.path>/tensorboard``.
+        metrics: site metrics to write as scalars.
+        histograms: write per-unit histograms.
+
+    Returns:
+        The directory written.
+    """
+    if log_dir is None:
+        if run.path is None:
+            raise ValueError("log_dir: required for a run record built in memory (no path).")
+        log_dir = run.path / "tensorboard"
+    writer = open_writer(log_dir)
+    try:
+        write_layout(writer, custom_scalars_layout(metrics))
+        findings: dict[int, list[Mapping[str, Any]]] = {}
+        others = []
+        for ev in run.events:
+            if ev.get("type") == "finding":
+                findings.setdefault(int(ev["step"]), []).append(ev)
+            else:
+                others.append(ev)
+        hist = run.history
+        steps = sorted(int(s) for s in hist["step"].unique()) if not hist.empty else []
+        for step in steps:
+            write_record(
+                writer,
+                step,
+                sites=hist[hist["step"] == step].to_dict("records"),
+                units=run.units[run.units["step"] == step] if not run.units.empty else None,
+                layers=run.layers[run.layers["step"] == step] if not run.layers.empty else None,
+                findings=findings.get(step, []),
+                metrics=metrics,
+                histograms=histograms,
+            )
+        write_events(writer, others)
+        writer.flush()
+    finally:
+        close = getattr(writer, "close", None)
+        if close is not None:
+            close()
+    return Path(log_dir)

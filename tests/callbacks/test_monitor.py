@@ -1,0 +1,624 @@
+"""The Lightning monitor callback, driven by a real Trainer on tiny models (CPU)."""
+
+from __future__ import annotations
+
+import math
+import re
+import signal
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, TensorDataset
+
+import relu_doctor
+from relu_doctor.callbacks import ReluDoctor, ReluDoctorWarning
+from relu_doctor.diagnosis import site_metrics
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.reports import tensorboard as tb
+from relu_doctor.stats import FIELDS
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*does not have many workers.*",
+    "ignore:.*is smaller than the logging interval.*",
+    "ignore:.*LeafSpec.*",
+)
+
+SITES = ["net.1", "net.3"]
+LAYERS = ["net.0", "net.2", "net.4"]
+
+
+class TinyNet(L.LightningModule):
+    """Linear-ReLU-Linear-ReLU-Linear; ``dead`` units of ``net.1`` never fire."""
+
+    def __init__(self, d_in: int = 8, hidden: int = 16, lr: float = 0.1, dead: int = 0,
+                 fail_at: int | None = None, interrupt_at: int | None = None) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, 1),
+        )
+        if dead:
+            with torch.no_grad():
+                self.net[0].bias[:dead] = -100.0
+        self.lr = lr
+        self.fail_at = fail_at
+        self.interrupt_at = interrupt_at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def training_step(self, batch, batch_idx):
+        if self.fail_at is not None and self.global_step == self.fail_at:
+            raise RuntimeError("boom")
+        if self.interrupt_at is not None and self.global_step == self.interrupt_at:
+            raise KeyboardInterrupt
+        return self.loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def make_model(seed: int = 0, **kw) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet(**kw)
+
+
+def dataset(n: int = 48, d_in: int = 8, seed: int = 1) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g)
+    y = torch.randn(n, 1, generator=g)
+    return TensorDataset(x, y)
+
+
+def loader(n: int = 48, batch_size: int = 8, seed: int = 1) -> DataLoader:
+    return DataLoader(dataset(n, seed=seed), batch_size=batch_size, shuffle=False)
+
+
+def trainer(root: Path, callbacks: list, **kw) -> L.Trainer:
+    args = dict(
+        accelerator="cpu", devices=1, max_epochs=100, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root, num_sanity_val_steps=0,
+    )
+    args.update(kw)
+    return L.Trainer(callbacks=callbacks, **args)
+
+
+def standalone(model: TinyNet, dl: DataLoader, steps: int, accumulate: int = 1, **kw):
+    """The same training with relu_doctor.watch on a plain loop."""
+    opt = torch.optim.SGD(model.parameters(), lr=model.lr)
+    batches = [b for _ in range(steps * accumulate // len(dl) + 1) for b in dl]
+    with relu_doctor.watch(model, optimizer=opt, **kw) as doc:
+        for i in range(steps * accumulate):
+            loss = model.loss(batches[i])
+            (loss / accumulate if accumulate > 1 else loss).backward()
+            if (i + 1) % accumulate == 0:
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+    return doc
+
+
+def no_hooks_left(model: nn.Module, optimizers=()) -> bool:
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
+            return False
+    for opt in optimizers:
+        if opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks:
+            return False
+    return True
+
+
+def expected_scalars(history: pd.DataFrame, layers: pd.DataFrame, metrics=tb.DEFAULT_METRICS,
+                     prefix: str = "relu_doctor") -> dict[str, dict[int, float]]:
+    """Tag -> {step: value}, built from a standalone run's tables (written out by hand)."""
+    out: dict[str, dict[int, float]] = {}
+    for row in history.to_dict("records"):
+        for m in metrics:
+            if m in ("saturated_fraction", "fully_saturated") and row["cap"] is None:
+                continue
+            v = float(row[m])
+            if not math.isnan(v):
+                out.setdefault(f"{prefix}/{m}/{row['site']}", {})[int(row["step"])] = v
+    for row in layers.to_dict("records"):
+        for m in ("grad_norm", "update_ratio"):
+            v = float(row[m])
+            if not math.isnan(v):
+                out.setdefault(f"{prefix}/{m}/{row['layer']}", {})[int(row["step"])] = v
+    return out
+
+
+def read_events(log_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def numeric_close(a: pd.DataFrame, b: pd.DataFrame, rel: float = 1e-9) -> None:
+    a = a.reset_index(drop=True)
+    b = b.reset_index(drop=True)
+    assert list(a["site"]) == list(b["site"])
+    assert list(a["step"]) == list(b["step"])
+    for col in tb.SITE_METRICS:
+        for x, y in zip(a[col], b[col], strict=True):
+            if isinstance(x, float) and math.isnan(x):
+                assert math.isnan(y), col
+            else:
+                assert y == pytest.approx(x, rel=rel, abs=1e-12), col
+
+
+# ---------------------------------------------------------------------------- TensorBoard
+
+
+def test_tensorboard_matches_standalone(tmp_path):
+    steps, every = 6, 3
+    cb = ReluDoctor(log_every_n_steps=every)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer(tmp_path, [cb], max_steps=steps, logger=logger).fit(make_model(), loader())
+    ref = standalone(make_model(), loader(), steps, log_every_n_steps=every)
+
+    # The callback's own record equals the standalone API on the same data and seed.
+    numeric_close(ref.history(), cb.doctor.history())
+
+    ea = read_events(Path(logger.log_dir))
+    tags = ea.Tags()
+    want = expected_scalars(ref.history(), pd.concat([r.layers for r in ref.records]))
+    ours = {t for t in tags["scalars"] if t.startswith("relu_doctor/")}
+    assert ours == set(want)
+    assert {f"relu_doctor/grad_norm/{layer}" for layer in LAYERS} <= ours
+    for t, by_step in want.items():
+        got = {e.step: e.value for e in ea.Scalars(t)}
+        assert set(got) == set(by_step) == {3, 6}
+        for step, v in by_step.items():
+            assert got[step] == pytest.approx(v, rel=1e-6, abs=1e-7), (t, step)
+
+    # Histograms of per-unit activation rates: one per site and log step.
+    units = pd.concat([r.units for r in ref.records])
+    for site in SITES:
+        hist = ea.Histograms(f"relu_doctor/unit_activation_rate/{site}")
+        assert [h.step for h in hist] == [3, 6]
+        for h in hist:
+            u = units[(units["site"] == site) & (units["step"] == h.step)]
+            assert h.histogram_value.num == len(u) == 16
+            assert h.histogram_value.sum == pytest.approx(u["activation_rate"].sum(), rel=1e-6)
+
+    # Findings as text at every log step.
+    texts = ea.Tensors("relu_doctor/findings/text_summary")
+    assert [t.step for t in texts] == [3, 6]
+
+    # Custom scalars: one chart per metric whose regex holds every site of that metric.
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    raw = ea.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    layout = layout_pb2.Layout.FromString(raw)
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    for metric in ("dead_fraction", "sparsity", "grad_rms", "grad_norm"):
+        (pattern,) = charts[metric]
+        matched = {t for t in ours if re.search(pattern, t)}
+        assert matched == {t for t in ours if t.split("/")[1] == metric} and len(matched) >= 2
+
+    # Nothing on the progress bar or in the LightningModule's logged metrics.
+    assert not any("relu_doctor" in k for k in cb._trainer.progress_bar_metrics)
+    assert not any("relu_doctor" in k for k in cb._trainer.callback_metrics)
+    # The run directory is next to the logger's files and loads.
+    run = relu_doctor.load_run(Path(logger.log_dir) / "relu_doctor")
+    assert sorted(run.history["step"].unique()) == [3, 6]
+    assert not (Path(logger.log_dir) / "relu_doctor" / "tensorboard").exists()
+    assert no_hooks_left(cb.doctor.model)
+
+
+def test_csv_logger_gets_scalars_and_run_dir_gets_tensorboard(tmp_path):
+    cb = ReluDoctor(log_every_n_steps=2, metrics=["dead_fraction", "sparsity"], run_dir=tmp_path / "run")
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    trainer(tmp_path, [cb], max_steps=4, logger=logger).fit(make_model(), loader())
+    df = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
+    hist = cb.doctor.history()
+    cols = {c for c in df.columns if c.startswith("relu_doctor/")}
+    assert cols == {f"relu_doctor/{m}/{s}" for m in ("dead_fraction", "sparsity") for s in SITES} | {
+        f"relu_doctor/{m}/{layer}" for m in ("grad_norm", "update_ratio") for layer in LAYERS
+    }
+    for row in hist.to_dict("records"):
+        got = df.loc[df["step"] == row["step"], f"relu_doctor/sparsity/{row['site']}"].dropna()
+        assert got.iloc[0] == pytest.approx(row["sparsity"], rel=1e-9)
+    assert sorted(df["step"].unique()) == [2, 4]
+    # Without a TensorBoardLogger the run directory holds its own event files.
+    ea = read_events(tmp_path / "run" / "tensorboard")
+    assert "relu_doctor/sparsity/net.1" in ea.Tags()["scalars"]
+    run = relu_doctor.load_run(tmp_path / "run")
+    assert sorted(run.history["step"].unique()) == [2, 4]
+
+
+def test_default_run_dir_without_logger(tmp_path):
+    cb = ReluDoctor(log_every_n_steps=2)
+    trainer(tmp_path, [cb], max_steps=2).fit(make_model(), loader())
+    run = relu_doctor.load_run(tmp_path / "relu_doctor_logs")
+    assert list(run.history["site"]) == SITES
+
+
+# ---------------------------------------------------------------------------- steps
+
+
+def test_gradient_accumulation_one_step_per_optimizer_step(tmp_path):
+    cb = ReluDoctor(log_every_n_steps=2)
+    grads = GradRecorder()
+    trainer(tmp_path, [cb, grads], max_steps=4, accumulate_grad_batches=2).fit(
+        make_model(), loader(n=64)
+    )
+    hist = cb.doctor.history()
+    assert cb.doctor.global_step == 4
+    assert sorted(hist["step"].unique()) == [2, 4]
+    # Each window: 2 optimizer steps x 2 batches x 8 samples per unit.
+    assert (hist["elements"] == 2 * 2 * 8 * 16).all() and (hist["window_steps"] == 2).all()
+    ref = standalone(make_model(), loader(n=64), 4, accumulate=2, log_every_n_steps=2)
+    numeric_close(ref.history(), hist, rel=1e-6)
+    check_layer_norms(cb.doctor, grads)
+
+
+class GradRecorder(L.Callback):
+    """Reference: each layer's squared gradient norm when the optimizer is about to step."""
+
+    def __init__(self) -> None:
+        self.sq: list[dict[str, float]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        per: dict[str, float] = {}
+        for name, p in pl_module.named_parameters():
+            if p.grad is not None:
+                layer = name.rsplit(".", 1)[0]
+                per[layer] = per.get(layer, 0.0) + float(p.grad.double().square().sum())
+        self.sq.append(per)
+
+
+def check_layer_norms(doctor, grads: GradRecorder) -> None:
+    every = doctor.log_every_n_steps
+    for rec in doctor.records:
+        window = grads.sq[rec.step - every : rec.step]
+        for row in rec.layers.to_dict("records"):
+            want = math.sqrt(sum(w[row["layer"]] for w in window) / len(window))
+            assert row["grad_norm"] == pytest.approx(want, rel=1e-5), row
+
+
+def test_bf16_mixed_precision(tmp_path):
+    cb = ReluDoctor(log_every_n_steps=2)
+    grads = GradRecorder()
+    trainer(tmp_path, [cb, grads], max_steps=4, precision="bf16-mixed").fit(make_model(), loader())
+    hist = cb.doctor.history()
+    assert sorted(hist["step"].unique()) == [2, 4]
+    for col in ("sparsity", "mean_abs", "grad_rms", "grad_zero_fraction"):
+        assert hist[col].map(math.isfinite).all(), col
+    assert (hist["nonfinite"] == 0).all() and (hist["grad_nonfinite"] == 0).all()
+    # Parameter-gradient norms are those the optimizer steps with (fresh, not the last step's).
+    check_layer_norms(cb.doctor, grads)
+    # Close to full precision (bf16 keeps ~3 significant digits).
+    ref = standalone(make_model(), loader(), 4, log_every_n_steps=2)
+    for a, b in zip(ref.history()["sparsity"], hist["sparsity"], strict=True):
+        assert abs(a - b) < 0.05
+
+
+def test_fp16_mixed_with_grad_scaler(tmp_path):
+    """fp16 AMP on CPU through an explicit plugin (Trainer(precision="16-mixed") on CPU falls
+    back to bf16): the scaler drives the step, so parameter gradients are read in the
+    optimizer's pre-hook (after unscale_), and activation gradients are divided by the scale."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    cb = ReluDoctor(log_every_n_steps=2)
+    grads = GradRecorder()
+    trainer(tmp_path, [cb, grads], max_steps=4,
+            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(make_model(), loader())
+    assert cb.doctor.grad_scaler is scaler
+    check_layer_norms(cb.doctor, grads)
+    ref = standalone(make_model(), loader(), 4, log_every_n_steps=2).history()
+    got = cb.doctor.history()
+    # Unscaled: the fp32 run's gradient RMS, not 2**10 times it.
+    for a, b in zip(ref["grad_rms"], got["grad_rms"], strict=True):
+        assert b == pytest.approx(a, rel=2e-3)
+
+
+def test_every_n_steps(tmp_path):
+    cb = ReluDoctor(log_every_n_steps=4, every_n_steps=2)
+    trainer(tmp_path, [cb], max_steps=4).fit(make_model(), loader())
+    hist = cb.doctor.history()
+    assert (hist["window_steps"] == 2).all() and (hist["elements"] == 2 * 8 * 16).all()
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_resume_continues_counts_and_windows(tmp_path):
+    # 3 identical batches per epoch: Lightning's resume at an epoch end replays batch order
+    # differently (it runs one more batch of the finished epoch), so make order irrelevant.
+    x, y = dataset(8).tensors
+    dl = DataLoader(TensorDataset(x.repeat(3, 1), y.repeat(3, 1)), batch_size=8)
+    full = ReluDoctor(log_every_n_steps=4)
+    trainer(tmp_path / "full", [full], max_steps=12).fit(make_model(), dl)
+
+    first = ReluDoctor(log_every_n_steps=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    trainer(tmp_path / "a", [first, ckpt], max_steps=6, enable_checkpointing=True).fit(
+        make_model(), dl
+    )
+    path = tmp_path / "ckpt" / "epoch=1-step=6.ckpt"
+    saved = torch.load(path, weights_only=False)["callbacks"][first.state_key]
+    assert saved["doctor"]["global_step"] == 6 and saved["doctor"]["window_steps"] == 2
+
+    second = ReluDoctor(log_every_n_steps=4)
+    trainer(tmp_path / "b", [second], max_steps=12).fit(make_model(seed=5), dl, ckpt_path=path)
+    assert second.doctor.global_step == 12
+    resumed = second.doctor.history()
+    assert sorted(resumed["step"].unique()) == [8, 12]
+    # The window open at the checkpoint continues: step 8 covers steps 5-8 as in one run.
+    assert (resumed.loc[resumed["step"] == 8, "window_steps"] == 4).all()
+    continuous = full.doctor.history()
+    numeric_close(continuous[continuous["step"] >= 8], resumed, rel=1e-9)
+    # Lifetime accumulators continue too.
+    for s_full, s_res in zip(full.doctor.sites, second.doctor.sites, strict=True):
+        assert torch.equal(s_full.stats.lifetime, s_res.stats.lifetime)
+
+
+def test_state_round_trip_and_state_key(tmp_path):
+    cb = ReluDoctor(log_every_n_steps=4)
+    trainer(tmp_path, [cb], max_steps=5).fit(make_model(), loader())
+    state = cb.state_dict()
+    other = ReluDoctor(log_every_n_steps=10)
+    other.load_state_dict(state)
+    again = other.state_dict()
+    assert again["doctor"]["global_step"] == state["doctor"]["global_step"] == 5
+    for key, site in state["doctor"]["sites"].items():
+        assert torch.equal(again["doctor"]["sites"][key]["lifetime"], site["lifetime"])
+        assert torch.equal(again["doctor"]["sites"][key]["window"], site["window"])
+    assert ReluDoctor().state_key == ReluDoctor(log_every_n_steps=7).state_key
+    assert ReluDoctor(include="net.1").state_key != ReluDoctor(include="net.3").state_key
+    assert ReluDoctor().state_dict() == {}
+    with pytest.raises(ReluDoctorError, match="version"):
+        ReluDoctor().load_state_dict({"version": 99})
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def test_validation_is_excluded_by_default(tmp_path):
+    plain = ReluDoctor(log_every_n_steps=3)
+    trainer(tmp_path / "a", [plain], max_steps=6).fit(make_model(), loader())
+    with_val = ReluDoctor(log_every_n_steps=3)
+    trainer(tmp_path / "b", [with_val], max_steps=6, val_check_interval=2,
+            num_sanity_val_steps=2, limit_val_batches=2).fit(make_model(), loader(), loader(seed=9))
+    numeric_close(plain.doctor.history(), with_val.doctor.history())
+    assert with_val.val_doctor is None
+
+
+def test_validation_stream(tmp_path):
+    cb = ReluDoctor(log_every_n_steps=3, monitor_validation=True, run_dir=tmp_path / "run")
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    trainer(tmp_path, [cb], max_steps=6, val_check_interval=3, limit_val_batches=2,
+            num_sanity_val_steps=1, logger=logger).fit(make_model(), loader(), loader(seed=9))
+    val = cb.val_doctor.history()
+    assert sorted(val["step"].unique()) == [3, 6]  # one window per validation run
+    assert (val["elements"] == 2 * 8 * 16).all()  # 2 batches of 8: the sanity check left out
+    assert val["grad_rms"].isna().all()
+    # Validation statistics are those of a scan of the same batches with the same weights.
+    df = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
+    assert "relu_doctor_val/sparsity/net.1" in df.columns
+    assert "relu_doctor/sparsity/net.1" in df.columns
+    assert relu_doctor.load_run(tmp_path / "run" / "validation").history["step"].tolist() == [3, 3, 6, 6]
+    # The training stream is untouched by validation.
+    plain = ReluDoctor(log_every_n_steps=3)
+    trainer(tmp_path / "p", [plain], max_steps=6).fit(make_model(), loader())
+    numeric_close(plain.doctor.history(), cb.doctor.history())
+    # Last validation equals a scan of the same batches with the final weights.
+    model = cb.doctor.model
+    res = relu_doctor.scan(model, loader(seed=9), max_batches=2)
+    last = val[val["step"] == 6]
+    for row in res.sites.to_dict("records"):
+        got = last[last["site"] == row["site"]].iloc[0]
+        assert got["sparsity"] == pytest.approx(row["sparsity"], rel=1e-9)
+
+
+# ---------------------------------------------------------------------------- findings, events
+
+
+def test_findings_warn_once_per_kind_and_site(tmp_path):
+    cb = ReluDoctor(log_every_n_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [cb], max_steps=6).fit(make_model(dead=8), loader())
+    ours = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    dead = [m for m in ours if m.startswith("relu_doctor: dead at net.1 ")]
+    assert len(dead) == 1, ours
+    assert "Remedy:" in dead[0] and "LeakyReLU" in dead[0]
+    assert len(ours) == len(set(m.split(" (step")[0] for m in ours))
+    assert len(cb.doctor.records) == 3  # found at every log, warned once
+
+
+class FakeRemedy(L.Callback):
+    """What a remedy callback does: listen to records, record an intervention."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_train_start(self, trainer, pl_module):
+        mon = next(c for c in trainer.callbacks if isinstance(c, ReluDoctor))
+        mon.doctor.add_listener(self.on_record)
+        self.doctor = mon.doctor
+
+    def on_record(self, record):
+        self.seen.append(record.step)
+        if len(self.seen) == 1:
+            self.doctor.record_event({"type": "intervention", "action": "swap", "site": "net.1"})
+
+
+def test_listeners_and_events_reach_tensorboard_and_run_dir(tmp_path):
+    remedy = FakeRemedy()
+    cb = ReluDoctor(log_every_n_steps=2, run_dir=tmp_path / "run")
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer(tmp_path, [remedy, cb], max_steps=4, logger=logger).fit(make_model(), loader())
+    assert remedy.seen == [2, 4]
+    run = relu_doctor.load_run(tmp_path / "run")
+    assert run.interventions() == [
+        {"step": 2, "type": "intervention", "action": "swap", "site": "net.1"}
+    ]
+    ea = read_events(Path(logger.log_dir))
+    (text,) = ea.Tensors("relu_doctor/events/text_summary")
+    assert text.step == 2 and b"swap" in text.tensor_proto.string_val[0]
+
+
+# ---------------------------------------------------------------------------- detaching
+
+
+def test_exception_mid_fit_leaves_no_hook(tmp_path):
+    cb = ReluDoctor(log_every_n_steps=2)
+    model = make_model(fail_at=3)
+    tr = trainer(tmp_path, [cb], max_steps=6)
+    with pytest.raises(RuntimeError, match="boom"):
+        tr.fit(model, loader())
+    assert not cb.doctor.probe.attached
+    assert no_hooks_left(model, tr.optimizers)
+    # What was logged before the failure is on disk.
+    assert relu_doctor.load_run(tmp_path / "relu_doctor_logs").history["step"].max() == 2
+
+
+def test_interrupt_mid_fit_leaves_no_hook(tmp_path):
+    cb = ReluDoctor(log_every_n_steps=2)
+    model = make_model(interrupt_at=3)
+    tr = trainer(tmp_path, [cb], max_steps=6)
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful shutdown
+            tr.fit(model, loader())
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert no_hooks_left(model, tr.optimizers)
+
+
+def test_fit_end_detaches_and_doctor_stays_readable(tmp_path):
+    model = make_model()
+    cb = ReluDoctor(log_every_n_steps=2)
+    assert cb.doctor is None
+    tr = trainer(tmp_path, [cb], max_steps=3)
+    tr.fit(model, loader())
+    assert no_hooks_left(model, tr.optimizers)
+    assert cb.doctor is not None and not cb.doctor.probe.attached
+    # The last, partial window (step 3) was logged when training ended.
+    assert sorted(cb.doctor.history()["step"].unique()) == [2, 3]
+    assert all(f.step == 3 for f in cb.doctor.findings())
+
+
+def test_no_relu_is_a_clear_error(tmp_path):
+    class NoRelu(TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 1))
+
+    with pytest.raises(ReluDoctorError, match="no ReLU-family activation"):
+        trainer(tmp_path, [ReluDoctor()], max_steps=1).fit(NoRelu(), loader())
+
+
+# ---------------------------------------------------------------------------- host syncs
+
+
+class _CountSyncs(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            dst = args[0].device if func is torch.ops.aten.copy_.default else (kwargs or {}).get("device")
+            if src.device.type != "cpu" and dst is not None and torch.device(dst).type == "cpu":
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class SyncCounter(L.Callback):
+    """Counts host syncs from batch start to batch end (training_step, backward, optimizer
+    step and the callbacks' hooks), keyed by global step."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.mode = _CountSyncs()
+        self.mode.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.mode.__exit__(None, None, None)
+        self.counts[trainer.global_step] = self.mode.count
+
+
+def test_no_host_sync_on_non_logging_steps(tmp_path):
+    counter = SyncCounter()
+    # ReluDoctor before the counter: its on_train_batch_end (step marking) is counted.
+    trainer(tmp_path, [ReluDoctor(log_every_n_steps=4), counter], max_steps=8).fit(
+        make_model(), loader(n=64)
+    )
+    assert set(counter.counts) == set(range(1, 9))
+    non_logging = {s: n for s, n in counter.counts.items() if s % 4}
+    assert non_logging == dict.fromkeys(non_logging, 0)
+    assert counter.counts[4] > 0 and counter.counts[8] > 0  # the reads happen at log steps
+
+
+# ---------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"log_every_n_steps": 0}, "log_every_n_steps"),
+        ({"every_n_steps": 1.5}, "every_n_steps"),
+        ({"tau": 1.5}, "tau"),
+        ({"include": [3]}, "include"),
+        ({"exclude": ""}, "exclude"),
+        ({"run_dir": 5}, "run_dir"),
+        ({"gradients": "yes"}, "gradients"),
+        ({"monitor_validation": 1}, "monitor_validation"),
+        ({"metrics": ["dead_fraction", "nope"]}, "metrics.*nope.*sparsity"),
+        ({"warn": "loud"}, "warn.*critical"),
+        ({"config": {"tau": 0.2}}, "config"),
+    ],
+)
+def test_arguments_are_validated(kwargs, match):
+    with pytest.raises(ReluDoctorError, match=match):
+        ReluDoctor(**kwargs)
+
+
+def test_bad_include_pattern_names_the_modules(tmp_path):
+    with pytest.raises(ReluDoctorError, match=r"include.*'nope\*'.*net\.1"):
+        trainer(tmp_path, [ReluDoctor(include="nope*")], max_steps=1).fit(make_model(), loader())
+
+
+def test_site_metrics_list_matches_the_diagnosis():
+    row, _ = site_metrics(torch.ones(len(FIELDS), 3, dtype=torch.float64),
+                          torch.ones(len(FIELDS), 3, dtype=torch.float64), 0.1)
+    assert set(tb.SITE_METRICS) == set(row)
+
+
+def test_write_run_from_a_run_directory(tmp_path):
+    cb = ReluDoctor(log_every_n_steps=2, run_dir=tmp_path / "run")
+    trainer(tmp_path, [cb], max_steps=4, logger=CSVLogger(tmp_path)).fit(make_model(), loader())
+    out = tb.write_run(relu_doctor.load_run(tmp_path / "run"), tmp_path / "tb2")
+    ea = read_events(out)
+    got = [(e.step, e.value) for e in ea.Scalars("relu_doctor/sparsity/net.3")]
+    hist = cb.doctor.history()
+    want = hist[hist["site"] == "net.3"][["step", "sparsity"]].itertuples(index=False)
+    assert [(s, pytest.approx(v, rel=1e-6)) for s, v in want] == got
