@@ -1,0 +1,341 @@
+"""The embedded demo: ReLU units dying under a too-high learning rate, untreated and treated.
+
+The task needs no download: inputs are Gaussian, labels come from a fixed random "teacher"
+network (8 classes), and the student is a 4-layer ReLU MLP trained with Adam at a learning
+rate 50 times too high. Within a few hundred steps most units of its deeper layers
+stop firing for good. The same seed is trained twice:
+
+* **untreated**: relu_doctor only watches, diagnoses and records;
+* **treated**: the remedies of :mod:`relu_doctor.remedies` act on the diagnosis as it comes:
+  LeakyReLU swap of dying sites, AutoClip gradient clipping, learning-rate rescue on a
+  surge of dead units, and ReDo recycling of dormant units.
+
+Each run writes a run directory (with TensorBoard event files under ``tensorboard/``) and an
+HTML report; :func:`run_demo` returns where everything is and the numbers to compare.
+
+Example:
+    >>> from relu_doctor.demo import run_demo
+    >>> result = run_demo("relu_doctor_demo", quick=True)     # doctest: +SKIP
+    >>> result.runs["untreated"].report                        # doctest: +SKIP
+    PosixPath('relu_doctor_demo/untreated/report.html')
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from relu_doctor.doctor import LogRecord, watch
+from relu_doctor.errors import ReluDoctorError
+
+__all__ = ["DemoConfig", "DemoResult", "RunResult", "make_model", "make_task", "run_demo", "train"]
+
+MARKER = ".relu_doctor_demo"
+RUN_NAMES = ("untreated", "treated")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes and hyper-parameters of the demo.
+
+    Attributes:
+        steps: optimizer steps per run.
+        log_every: steps per logging interval.
+        lr: Adam's learning rate (too high on purpose; about 1e-3 trains this task cleanly).
+        width: hidden units per layer.
+        depth: hidden layers (each Linear -> ReLU).
+        batch: batch size.
+        dim: input dimension.
+        classes: number of classes.
+        train_size: training samples.
+        test_size: held-out samples for accuracy.
+        seed: seed of the data, the initialisation and the batches (same for both runs).
+    """
+
+    steps: int = 600
+    log_every: int = 20
+    lr: float = 0.05
+    width: int = 128
+    depth: int = 3
+    batch: int = 128
+    dim: int = 32
+    classes: int = 8
+    train_size: int = 8192
+    test_size: int = 2048
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        """A smaller, faster variant (tests, a first look)."""
+        base = {"steps": 200, "log_every": 10, "width": 96, "train_size": 4096, "test_size": 1024}
+        return cls(**{**base, **overrides})
+
+
+@dataclass
+class RunResult:
+    """One demo run: where it wrote, and its final numbers."""
+
+    name: str
+    run_dir: Path
+    report: Path
+    tensorboard: Path
+    dead_units: int = 0
+    units: int = 0
+    lifetime_dead: int = 0
+    accuracy: float = float("nan")
+    loss: float = float("nan")
+    interventions: int = 0
+    seconds: float = 0.0
+    findings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DemoResult:
+    """Both runs of the demo."""
+
+    out: Path
+    config: DemoConfig
+    runs: dict[str, RunResult]
+    seconds: float
+    treated_available: bool = True
+
+
+# ---------------------------------------------------------------------- task and model
+
+
+def make_task(cfg: DemoConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gaussian inputs labelled by a fixed random teacher network: ``(x, y, x_test, y_test)``."""
+    g = torch.Generator().manual_seed(1000 + cfg.seed)
+    hidden = 64
+    w1 = torch.randn(cfg.dim, hidden, generator=g) / math.sqrt(cfg.dim)
+    b1 = 0.5 * torch.randn(hidden, generator=g)
+    w2 = torch.randn(hidden, cfg.classes, generator=g) / math.sqrt(hidden)
+    x = torch.randn(cfg.train_size + cfg.test_size, cfg.dim, generator=g)
+    y = (torch.tanh(x @ w1 + b1) @ w2).argmax(1)
+    n = cfg.train_size
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+def make_model(cfg: DemoConfig) -> nn.Sequential:
+    """The student: ``fc1 -> relu1 -> ... -> fc{depth} -> relu{depth} -> head``."""
+    torch.manual_seed(cfg.seed)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    d = cfg.dim
+    for i in range(1, cfg.depth + 1):
+        layers[f"fc{i}"] = nn.Linear(d, cfg.width)
+        layers[f"relu{i}"] = nn.ReLU()
+        d = cfg.width
+    layers["head"] = nn.Linear(d, cfg.classes)
+    return nn.Sequential(layers)
+
+
+# ---------------------------------------------------------------------- training
+
+
+def _treatments(model: nn.Module, opt: torch.optim.Optimizer, doc: Any) -> list[Any]:
+    """Attach the remedies of relu_doctor.remedies to one run; return them."""
+    from relu_doctor.remedies import ActivationSwapper, AutoClip, DormantRecycler, LRRescuer
+
+    clip = AutoClip(percentile=10.0, warmup_steps=20)
+    clip.attach(opt)
+    rescue = LRRescuer(opt, factor=0.5, cooldown=3, dead_jump=0.15, min_lr=1e-4)
+    swap = ActivationSwapper(model, threshold=0.2, patience=1, slope=0.05)
+    recycle = DormantRecycler(model, optimizers=opt, every=2, max_fraction=0.25, seed=0)
+    for r in (clip, rescue, swap, recycle):
+        r.bind(doc)
+    return [clip, rescue, swap, recycle]
+
+
+def _open_writer(log_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: the rest of the demo still runs
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def _record_to_tensorboard(writer: Any, record: LogRecord) -> None:
+    from relu_doctor.reports import tensorboard as tb
+
+    tb.write_record(
+        writer,
+        record.step,
+        sites=record.sites,
+        units=record.units,
+        layers=record.layers,
+        findings=[f.to_dict() for f in record.findings],
+    )
+
+
+def train(
+    name: str,
+    run_dir: Path,
+    cfg: DemoConfig,
+    *,
+    treated: bool,
+    progress: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Train the demo student once, watched by relu_doctor; write its run directory,
+    TensorBoard logs (``run_dir/tensorboard``) and report (``run_dir/report.html``)."""
+    from relu_doctor.reports.html import write_report
+
+    t0 = time.perf_counter()
+    x, y, xt, yt = make_task(cfg)
+    model = make_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    batches = torch.Generator().manual_seed(2000 + cfg.seed)
+    tb_dir = run_dir / "tensorboard"
+    writer = None
+    result = RunResult(name, run_dir, run_dir / "report.html", tb_dir)
+    every = max(cfg.log_every, cfg.steps // 5)
+    next_print = every
+    loss = torch.zeros(())
+    with watch(model, log_every_n_steps=cfg.log_every, optimizer=opt, run_dir=run_dir) as doc:
+        writer = _open_writer(tb_dir)
+        if writer is not None:
+            from relu_doctor.reports import tensorboard as tb
+
+            tb.write_layout(writer, tb.custom_scalars_layout())
+            doc.add_listener(lambda rec: _record_to_tensorboard(writer, rec))
+        remedies = _treatments(model, opt, doc) if treated else []
+        for step in range(1, cfg.steps + 1):
+            idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=batches)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            record = doc.step()
+            if record is not None:
+                acc = _accuracy(model, xt, yt)
+                dead = sum(int(r["dead"]) for r in record.sites)
+                units = sum(int(r["units"]) for r in record.sites)
+                if writer is not None:
+                    writer.add_scalar("demo/loss", float(loss.detach()), step)
+                    writer.add_scalar("demo/test_accuracy", acc, step)
+                    writer.add_scalar("demo/lr", opt.param_groups[0]["lr"], step)
+                if progress is not None and (step >= next_print or step == cfg.steps):
+                    next_print += every
+                    progress(
+                        f"[{name:>9}] step {step:>4}/{cfg.steps}  loss {float(loss.detach()):.3f}  "
+                        f"test acc {acc:.1%}  dead units {dead}/{units} ({dead / units:.0%})"
+                    )
+        if doc.global_step % cfg.log_every:
+            doc.log()  # close the last, partial window
+        for r in remedies:
+            if hasattr(r, "detach"):
+                r.detach()
+        last = doc.records[-1]
+        run = doc.to_run()
+    if writer is not None:
+        from relu_doctor.reports import tensorboard as tb
+
+        tb.write_events(writer, run.interventions())
+        writer.flush()
+        writer.close()
+    result.accuracy = _accuracy(model, xt, yt)
+    result.loss = float(loss.detach())
+    result.dead_units = sum(int(r["dead"]) for r in last.sites)
+    result.units = sum(int(r["units"]) for r in last.sites)
+    result.lifetime_dead = sum(int(r["lifetime_dead"]) for r in last.sites)
+    result.findings = [str(f) for f in last.findings if f.severity != "info"]
+    result.interventions = len(run.interventions())
+    write_report(run_dir, result.report)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    was = model.training
+    model.eval()
+    try:
+        return float((model(x).argmax(1) == y).float().mean())
+    finally:
+        model.train(was)
+
+
+# ---------------------------------------------------------------------- the whole demo
+
+
+def prepare_out(out: str | os.PathLike[str]) -> Path:
+    """Create ``out``, or clear a previous demo's output there. A non-empty directory that
+    the demo did not make is refused (nothing is deleted)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ReluDoctorError(f"--out: {str(path)!r} exists and is not a directory.")
+    if path.is_dir() and any(path.iterdir()) and not (path / MARKER).is_file():
+        raise ReluDoctorError(
+            f"--out: {str(path)!r} is not empty and was not made by the demo; pass a new or "
+            "empty directory."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    for n in RUN_NAMES:
+        if (path / n).is_dir():
+            shutil.rmtree(path / n)
+    (path / MARKER).write_text("made by `relu-doctor demo`; it may clear this directory\n")
+    return path
+
+
+def _remedies_available() -> bool:
+    try:
+        from relu_doctor import remedies
+
+        return all(
+            hasattr(remedies, n) for n in ("ActivationSwapper", "AutoClip", "DormantRecycler", "LRRescuer")
+        )
+    except ImportError:
+        return False
+
+
+def run_demo(
+    out: str | os.PathLike[str] = "relu_doctor_demo",
+    *,
+    steps: int | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    lr: float | None = None,
+    stream: TextIO | None = None,
+) -> DemoResult:
+    """Train the demo untreated and treated; write run directories, TensorBoard logs and
+    HTML reports under ``out``.
+
+    Args:
+        out: output directory (created; a previous demo output there is replaced).
+        steps: optimizer steps per run (default 600, or 200 with ``quick``).
+        quick: smaller data and model, fewer steps.
+        seed: seed shared by both runs.
+        lr: Adam's learning rate (default 0.05: too high on purpose).
+        stream: where progress lines go (default stderr); None-like ``False`` silences.
+    """
+    overrides: dict[str, Any] = {"seed": seed}
+    if steps is not None:
+        overrides["steps"] = steps
+    if lr is not None:
+        overrides["lr"] = lr
+    cfg = DemoConfig.quick(**overrides) if quick else DemoConfig(**overrides)
+    if cfg.steps < cfg.log_every:
+        raise ReluDoctorError(f"--steps: expected at least {cfg.log_every} (one logging interval), got {cfg.steps}.")
+    path = prepare_out(out)
+    sink = sys.stderr if stream is None else stream
+
+    def progress(line: str) -> None:
+        print(line, file=sink, flush=True)
+
+    t0 = time.perf_counter()
+    runs = {"untreated": train("untreated", path / "untreated", cfg, treated=False, progress=progress)}
+    available = _remedies_available()
+    if available:
+        runs["treated"] = train("treated", path / "treated", cfg, treated=True, progress=progress)
+    return DemoResult(path, cfg, runs, time.perf_counter() - t0, available)

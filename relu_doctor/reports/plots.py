@@ -1,0 +1,378 @@
+"""Figures of a run record (seaborn on matplotlib), as PNG data URIs for the HTML report.
+
+Presentation only: every function takes host-side tables of a
+:class:`~relu_doctor.history.Run` (``history``, ``units``, ``layers``) and returns a
+``matplotlib.figure.Figure`` (or None when there is nothing to draw). Figures are built
+without ``pyplot``, so nothing here touches global matplotlib state or needs a display, and
+the report can be made on a headless machine or inside a notebook without side effects.
+
+Names that come from the user's model (site and layer names) are escaped for matplotlib's
+mathtext (a ``$`` would otherwise start a formula) and shortened in the middle when long; the
+PNG holds only pixels, so nothing in a figure can run in a browser.
+
+Example:
+    >>> import pandas as pd
+    >>> h = pd.DataFrame({"step": [10, 20], "site": ["fc.1", "fc.1"], "order": [0, 0],
+    ...                   "dead_fraction": [0.0, 0.5], "sparsity": [0.4, 0.7]})
+    >>> fig = dead_fraction_figure(h)
+    >>> figure_to_data_uri(fig).startswith("data:image/png;base64,")
+    True
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+__all__ = [
+    "HeatmapData",
+    "activity_heatmap_figure",
+    "activity_matrix",
+    "dead_fraction_figure",
+    "figure_to_data_uri",
+    "gradient_flow_figure",
+    "mpl_label",
+    "pick_sites",
+]
+
+#: Most sites drawn as separate lines in one chart; the rest are named in the caption.
+MAX_LINES = 12
+#: Rows of a heatmap before units are aggregated into bins of similar activity.
+MAX_ROWS = 64
+#: Columns (logging steps) of a heatmap before steps are aggregated into bins.
+MAX_COLS = 60
+_DPI = 110
+
+
+def _rc() -> Any:  # matplotlib's stubs type rc keys as literals
+    rc: dict[str, Any] = {}
+    rc.update(sns.axes_style("whitegrid"))
+    rc.update(sns.plotting_context("notebook", font_scale=0.85))
+    rc.update({"figure.facecolor": "white", "savefig.facecolor": "white"})
+    return rc
+
+
+def mpl_label(name: str, width: int = 36) -> str:
+    """A user-controlled name made safe for matplotlib text: ``$`` escaped (no mathtext),
+    newlines flattened, and shortened in the middle beyond ``width`` characters.
+
+    >>> mpl_label("a$b")
+    'a\\\\$b'
+    >>> mpl_label("encoder.layers.10.mlp.act", width=12)
+    'encod…lp.act'
+    """
+    s = " ".join(str(name).split()) or "(root)"
+    if len(s) > width:
+        keep = width - 1
+        s = s[: keep // 2 + keep % 2] + "…" + s[len(s) - keep // 2 :]
+    return s.replace("$", r"\$")
+
+
+def _labels(names: Iterable[str], width: int = 36) -> dict[str, str]:
+    """Unique matplotlib-safe labels for names (shortening may make two alike)."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for n in names:
+        label = mpl_label(n, width)
+        k = 2
+        base = label
+        while label in used:
+            label = f"{base} ({k})"
+            k += 1
+        used.add(label)
+        out[n] = label
+    return out
+
+
+def figure_to_data_uri(fig: Figure, dpi: int = _DPI) -> str:
+    """Render ``fig`` to PNG and return it as a ``data:image/png;base64,...`` URI."""
+    buf = io.BytesIO()
+    with matplotlib.rc_context(_rc()):
+        fig.savefig(buf, format="png", dpi=dpi)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _site_order(history: pd.DataFrame) -> list[str]:
+    if "order" in history:
+        firsts = history.groupby("site", sort=False)["order"].min()
+        return [str(s) for s in firsts.sort_values(kind="stable").index]
+    return [str(s) for s in pd.unique(history["site"])]
+
+
+def pick_sites(
+    history: pd.DataFrame, metric: str = "dead_fraction", limit: int = MAX_LINES
+) -> tuple[list[str], list[str]]:
+    """The ``limit`` sites with the largest peak ``metric`` (ties: depth order), then the
+    rest; both in depth order."""
+    order = _site_order(history)
+    if len(order) <= limit:
+        return order, []
+    peak = history.groupby("site")[metric].max().fillna(-1.0)
+    rank = sorted(order, key=lambda s: (-float(peak.get(s, -1.0)), order.index(s)))
+    keep = set(rank[:limit])
+    return [s for s in order if s in keep], [s for s in order if s not in keep]
+
+
+def dead_fraction_figure(
+    history: pd.DataFrame,
+    interventions: Sequence[Mapping[str, Any]] = (),
+    *,
+    max_lines: int = MAX_LINES,
+) -> Figure | None:
+    """Dead fraction (over each logging window) and sparsity per site, against step.
+
+    Args:
+        history: one row per (step, site) with ``dead_fraction`` and ``sparsity``.
+        interventions: events drawn as dashed vertical lines at their step.
+        max_lines: most sites drawn; the sites with the highest peak dead fraction win.
+
+    Returns:
+        The figure, or None when ``history`` is empty. :func:`pick_sites` tells which sites
+        were left out.
+    """
+    if history.empty or "dead_fraction" not in history:
+        return None
+    shown, _omitted = pick_sites(history, "dead_fraction", max_lines)
+    labels = _labels(shown)
+    df = history[history["site"].astype(str).isin(shown)].copy()
+    df["site_label"] = df["site"].astype(str).map(labels)
+    hue_order = [labels[s] for s in shown]
+    n_steps = df["step"].nunique()
+    metrics = [("dead_fraction", "dead fraction (per window)")]
+    if "sparsity" in df:
+        metrics.append(("sparsity", "sparsity (fraction not active)"))
+    with matplotlib.rc_context(_rc()):
+        fig = Figure(figsize=(11, 3.6), layout="constrained")
+        axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+        palette = sns.color_palette("tab10" if len(shown) <= 10 else "husl", len(shown))
+        for i, (ax, (col, title)) in enumerate(zip(axes, metrics, strict=True)):
+            sns.lineplot(
+                data=df, x="step", y=col, hue="site_label", hue_order=hue_order,
+                palette=palette, marker="o" if n_steps <= 40 else None, markersize=4,
+                linewidth=1.6, ax=ax, legend=(i == len(metrics) - 1),
+            )
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_title(title)
+            ax.set_ylabel("")
+            for ev in interventions:
+                step = ev.get("step")
+                if isinstance(step, (int, float)) and math.isfinite(step):
+                    ax.axvline(float(step), color="0.35", linestyle="--", linewidth=1)
+        if len(shown) > 0 and axes[-1].get_legend() is not None:
+            sns.move_legend(
+                axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0), title="site", frameon=False
+            )
+    return fig
+
+
+@dataclass
+class HeatmapData:
+    """A site's (unit x step) activation-rate matrix, sorted and aggregated for drawing.
+
+    Attributes:
+        matrix: ``(rows, cols)`` activation rates; NaN where a unit was not seen.
+        steps: the step labelling each column (the last step of a bin).
+        row_labels: unit indices (one unit per row) or 1-based rank ranges (binned rows).
+        units_per_row: how many units each row aggregates (1: not aggregated).
+        steps_per_col: how many logging steps each column aggregates.
+        units: number of units of the site.
+        dead_last: units with activation rate 0 at the last logged step.
+    """
+
+    matrix: np.ndarray
+    steps: list[int]
+    row_labels: list[str]
+    units_per_row: int
+    steps_per_col: int
+    units: int
+    dead_last: int
+
+
+def _nanmean(a: np.ndarray, axis: int) -> np.ndarray:
+    """``np.nanmean`` without the 'mean of empty slice' warning (all-NaN stays NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, axis=axis)
+
+
+def _bin_mean(a: np.ndarray, limit: int, axis: int) -> tuple[np.ndarray, list[np.ndarray], int]:
+    """Average consecutive slices along ``axis`` in chunks of equal size (the last may be
+    smaller) so that at most ``limit`` remain. Returns the means, the index groups and the
+    chunk size."""
+    n = a.shape[axis]
+    per = math.ceil(n / limit)
+    idx = [np.arange(i, min(i + per, n)) for i in range(0, n, per)]
+    parts = [_nanmean(np.take(a, i, axis=axis), axis=axis) for i in idx]
+    return np.stack(parts, axis=axis), idx, per
+
+
+def activity_matrix(
+    units: pd.DataFrame,
+    site: str,
+    *,
+    max_rows: int = MAX_ROWS,
+    max_cols: int = MAX_COLS,
+    value: str = "activation_rate",
+) -> HeatmapData | None:
+    """The (unit x step) matrix of ``value`` for one site, ready to draw legibly.
+
+    Units are sorted by their mean activation rate over the run (least active first, so dead
+    units form one block at the top). Beyond ``max_rows`` units, consecutive sorted units
+    are averaged into ``max_rows`` bins; beyond ``max_cols`` logging steps, consecutive steps
+    are averaged too. Nothing is ever drawn at less than one text line per row.
+    """
+    part = units[units["site"].astype(str) == str(site)]
+    if part.empty or value not in part:
+        return None
+    wide = part.pivot_table(index="unit", columns="step", values=value, aggfunc="mean", dropna=False)
+    wide = wide.sort_index(axis=1)
+    m = wide.to_numpy(dtype=np.float64)
+    steps = [int(s) for s in wide.columns]
+    unit_ids = [int(u) for u in wide.index]
+    last = m[:, -1]
+    dead_last = int(np.sum(last == 0.0))
+    mean = _nanmean(m, axis=1)
+    mean = np.where(np.isnan(mean), -1.0, mean)  # never-seen units first
+    order = np.lexsort((np.asarray(unit_ids), mean))
+    m = m[order]
+    ids = [unit_ids[i] for i in order]
+    n = m.shape[0]
+    if n > max_rows:
+        m, groups, per_row = _bin_mean(m, max_rows, axis=0)
+        row_labels = [f"{g[0] + 1}-{g[-1] + 1}" for g in groups]
+    else:
+        row_labels = [str(u) for u in ids]
+        per_row = 1
+    per_col = 1
+    if m.shape[1] > max_cols:
+        m, col_groups, per_col = _bin_mean(m, max_cols, axis=1)
+        steps = [steps[g[-1]] for g in col_groups]
+    return HeatmapData(m, steps, row_labels, per_row, per_col, n, dead_last)
+
+
+def activity_heatmap_figure(data: HeatmapData, site: str, family: str = "") -> Figure:
+    """Draw :func:`activity_matrix` output: rows are units (or bins of units ranked by
+    activity), columns logging steps, colour the activation rate (0 = dead)."""
+    rows, cols = data.matrix.shape
+    height = min(5.2, max(2.2, 1.3 + 0.085 * rows))
+    with matplotlib.rc_context(_rc()):
+        fig = Figure(figsize=(6.2, height), layout="constrained")
+        ax = fig.subplots()
+        frame = pd.DataFrame(data.matrix, index=data.row_labels, columns=data.steps)
+        sns.heatmap(
+            frame, ax=ax, vmin=0.0, vmax=1.0, cmap="rocket",
+            cbar_kws={"label": "activation rate", "shrink": 0.9},
+            xticklabels=max(1, math.ceil(cols / 12)), yticklabels=max(1, math.ceil(rows / 24)),
+        )
+        ax.tick_params(axis="y", labelsize=7, rotation=0)
+        ax.tick_params(axis="x", labelsize=7, rotation=0)
+        ax.set_xlabel("step")
+        if data.units_per_row > 1:
+            ax.set_ylabel(f"unit rank by activity\n(each row: {data.units_per_row} units)")
+        else:
+            ax.set_ylabel("unit (least active first)")
+        fam = f" ({mpl_label(family, 16)})" if family else ""
+        ax.set_title(
+            f"{mpl_label(site, 40)}{fam}: {data.units} units, {data.dead_last} dead at last step",
+            fontsize=9,
+        )
+    return fig
+
+
+def gradient_flow_figure(
+    history: pd.DataFrame, layers: pd.DataFrame | None = None, *, max_steps: int = 4
+) -> Figure | None:
+    """Gradient flow across depth: RMS of dL/d(activation output) by site in depth order,
+    and (when recorded) the parameter-gradient norm by layer, for up to ``max_steps``
+    logging steps spread over the run.
+
+    Returns None when no gradient statistic was recorded.
+    """
+    if history.empty or "grad_rms" not in history:
+        return None
+    g = history[np.isfinite(history["grad_rms"].astype(float))]
+    g = g[g["grad_rms"].astype(float) > 0]
+    has_layers = (
+        layers is not None
+        and not layers.empty
+        and "grad_norm" in layers
+        and bool((layers["grad_norm"].astype(float) > 0).any())
+    )
+    if g.empty and not has_layers:
+        return None
+    all_steps = sorted(int(s) for s in history["step"].unique())
+    pick = sorted({all_steps[round(i * (len(all_steps) - 1) / max(max_steps - 1, 1))]
+                   for i in range(min(max_steps, len(all_steps)))})
+    panels = (0 if g.empty else 1) + (1 if has_layers else 0)
+    with matplotlib.rc_context(_rc()):
+        fig = Figure(figsize=(11, 3.9), layout="constrained")
+        axes = list(fig.subplots(1, panels, squeeze=False)[0])
+        palette = dict(zip(pick, sns.color_palette("crest", len(pick)), strict=True))
+        if not g.empty:
+            ax = axes.pop(0)
+            order = _site_order(history)
+            labels = _labels(order, 24)
+            pos = {s: i for i, s in enumerate(order)}
+            for step in pick:
+                part = g[g["step"] == step].copy()
+                part["x"] = part["site"].astype(str).map(pos)
+                part = part.sort_values("x")
+                ax.plot(part["x"], part["grad_rms"].astype(float), marker="o", markersize=4,
+                        color=palette[step], label=f"step {step}")
+            _depth_axis(ax, [labels[s] for s in order])
+            _value_scale(ax, g["grad_rms"].astype(float))
+            ax.set_title("activation-gradient RMS by site (input → output)")
+            ax.legend(frameon=False, fontsize=8)
+        if has_layers and layers is not None:
+            ax = axes.pop(0)
+            lay = layers[layers["grad_norm"].astype(float) > 0]
+            names = [str(n) for n in pd.unique(layers["layer"])]
+            labels = _labels(names, 24)
+            pos = {s: i for i, s in enumerate(names)}
+            lsteps = sorted(int(s) for s in lay["step"].unique())
+            lpick = [s for s in pick if s in lsteps] or lsteps[-1:]
+            lpal = dict(zip(lpick, sns.color_palette("flare", len(lpick)), strict=True))
+            for step in lpick:
+                part = lay[lay["step"] == step].copy()
+                part["x"] = part["layer"].astype(str).map(pos)
+                part = part.sort_values("x")
+                ax.plot(part["x"], part["grad_norm"].astype(float), marker="s", markersize=4,
+                        color=lpal[step], label=f"step {step}")
+            _depth_axis(ax, [labels[s] for s in names])
+            _value_scale(ax, lay["grad_norm"].astype(float))
+            ax.set_title("parameter-gradient norm by layer")
+            ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
+def _depth_axis(ax: Any, labels: list[str]) -> None:
+    n = len(labels)
+    every = max(1, math.ceil(n / 30))
+    ticks = list(range(0, n, every))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([labels[i] for i in ticks], rotation=45 if n > 4 else 0,
+                       ha="right" if n > 4 else "center", fontsize=7)
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.set_xlabel("")
+
+
+def _value_scale(ax: Any, values: pd.Series) -> None:
+    """Log scale when the values span more than a decade and a half, else linear with
+    scientific notation (a log axis over a narrow range shows a clutter of minor labels)."""
+    v = values[np.isfinite(values) & (values > 0)]
+    if len(v) and float(v.max()) / float(v.min()) > 30:
+        ax.set_yscale("log")
+    else:
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useMathText=True)
+        ax.set_ylim(bottom=0)

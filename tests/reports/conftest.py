@@ -1,0 +1,97 @@
+"""Run directories the report tests share: a model with chosen units killed on purpose, and
+one whose module name and run-directory name carry HTML."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import relu_doctor
+from relu_doctor.history import Run
+from relu_doctor.reports.html import write_report
+
+#: Units killed by a large negative bias: no input makes them fire, and no gradient reaches
+#: their bias, so they stay dead for the whole run.
+KILLED = {"act1": [2, 5, 11], "act2": [0, 7]}
+XSS_SITE = "<script>alert(1)</script>"
+XSS_DIR = "run <img src=x onerror=alert(2)>"
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    report: Path
+    history: pd.DataFrame  # doc.history(): what was logged during training
+    in_memory: Run  # doc.to_run()
+    findings: list[relu_doctor.Finding]
+
+
+def dead_unit_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        OrderedDict(
+            fc1=nn.Linear(8, 16), act1=nn.ReLU(),
+            fc2=nn.Linear(16, 16), act2=nn.ReLU(),
+            head=nn.Linear(16, 3),
+        )
+    )
+    with torch.no_grad():
+        net.fc1.bias[KILLED["act1"]] = -1e3
+        net.fc2.bias[KILLED["act2"]] = -1e3
+    return net
+
+
+def train(
+    net: nn.Module, run_dir: Path, steps: int = 12, log_every: int = 3, report: bool = True
+) -> TrainedRun:
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    with relu_doctor.watch(net, log_every_n_steps=log_every, optimizer=opt, run_dir=run_dir) as doc:
+        for _ in range(steps):
+            x = torch.randn(32, 8, generator=g)
+            y = torch.randint(0, 3, (32,), generator=g)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            doc.step()
+    path = write_report(run_dir, run_dir / "report.html") if report else run_dir / "report.html"
+    return TrainedRun(run_dir, path, doc.history(), doc.to_run(), doc.findings())
+
+
+@pytest.fixture(scope="session")
+def dead_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """A 2-site MLP with the units of :data:`KILLED` dead, trained 12 steps, logged every 3."""
+    return train(dead_unit_model(), tmp_path_factory.mktemp("reports") / "dead-run")
+
+
+@pytest.fixture(scope="session")
+def xss_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """A model with a site named ``<script>alert(1)</script>`` (one unit killed so that it
+    shows up in the findings, the table and the figures), in a directory whose name holds
+    an ``<img onerror>``."""
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("fc", nn.Linear(4, 6))
+    net.add_module(XSS_SITE, nn.ReLU())
+    net.add_module("a$b$_{x}&\"'", nn.ReLU())  # mathtext and quote characters
+    net.add_module("head", nn.Linear(6, 2))
+    with torch.no_grad():
+        net.fc.bias[1] = -1e3
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    run_dir = tmp_path_factory.mktemp("xss") / XSS_DIR
+    with relu_doctor.watch(net, log_every_n_steps=2, optimizer=opt, run_dir=run_dir) as doc:
+        for _ in range(4):
+            F.mse_loss(net(torch.randn(16, 4)), torch.randn(16, 2)).backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    report = write_report(run_dir)
+    return TrainedRun(run_dir, report, doc.history(), doc.to_run(), doc.findings())

@@ -1,0 +1,115 @@
+"""The report in real headless Chromium (Debian's ``chromium`` driven by Playwright).
+
+Loads the file from a ``file://`` URL and checks: no console error, no page error, no failed
+request, every image decodes, the findings section names the units killed in the model, and a
+module named ``<script>alert(1)</script>`` runs nothing. A full-page screenshot is kept at
+``test-artifacts/report.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.reports.conftest import KILLED, XSS_SITE, TrainedRun
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("RELU_DOCTOR_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+        pytest.skip(f"no Chromium at {CHROMIUM} (scripts/test installs Debian's chromium)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class Page:
+    """A page with every console message, page error, failed request and dialog recorded."""
+
+    def __init__(self, browser: Any, width: int = 1366, height: int = 768) -> None:
+        self.page = browser.new_page(viewport={"width": width, "height": height})
+        self.console: list[tuple[str, str]] = []
+        self.errors: list[str] = []
+        self.failed: list[str] = []
+        self.requests: list[str] = []
+        self.dialogs: list[str] = []
+        self.page.on("console", lambda m: self.console.append((m.type, m.text)))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("requestfailed", lambda r: self.failed.append(r.url))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.on("dialog", self._dialog)
+
+    def _dialog(self, d: Any) -> None:
+        self.dialogs.append(d.message)
+        d.dismiss()
+
+    def open(self, path: Path) -> Any:
+        self.page.goto(path.resolve().as_uri(), wait_until="load")
+        self.page.wait_for_timeout(300)  # let late errors or dialogs surface
+        return self.page
+
+
+def test_report_loads_cleanly_and_names_dead_units(browser: Any, dead_run: TrainedRun) -> None:
+    p = Page(browser)
+    page = p.open(dead_run.report)
+    assert [m for m in p.console if m[0] in ("error", "warning")] == []
+    assert p.errors == [] and p.failed == []
+    assert all(u.startswith(("file://", "data:")) for u in p.requests), p.requests
+    images = page.evaluate(
+        "Array.from(document.images).map(i => ({w: i.naturalWidth, h: i.naturalHeight, "
+        "done: i.complete, alt: i.alt}))"
+    )
+    assert len(images) >= 4
+    for img in images:
+        assert img["done"] and img["w"] > 0 and img["h"] > 0, img
+    findings = page.locator("#rd-findings")
+    for site, units in KILLED.items():
+        card = findings.locator("article.rd-finding", has=page.locator(f"code.rd-site:text-is('{site}')")).filter(
+            has_text="dead units"
+        ).first
+        listed = card.locator(".rd-unit-list").inner_text()
+        assert set(units) <= {int(u) for u in listed.split(",")}, (site, listed)
+    # the verdict is the first thing on screen
+    box = page.locator("#rd-verdict").bounding_box()
+    assert box is not None and box["y"] < 768
+    # no horizontal scrolling on a laptop-sized window
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1366
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+    p.page.close()
+
+
+def test_module_name_with_html_is_escaped_and_runs_nothing(browser: Any, xss_run: TrainedRun) -> None:
+    p = Page(browser)
+    page = p.open(xss_run.report)
+    assert p.dialogs == []
+    assert p.errors == [] and p.failed == []
+    assert [m for m in p.console if m[0] == "error"] == []
+    # the name is shown as text, in the findings and in the table
+    assert page.locator(f"#rd-sites code:text-is('{XSS_SITE}')").count() == 1
+    assert page.locator(f"#rd-findings code.rd-site:text-is('{XSS_SITE}')").count() >= 1
+    # no element came from it: the only script is the inert JSON block, no stray <img>
+    scripts = page.evaluate("Array.from(document.scripts).map(s => s.type)")
+    assert scripts == ["application/json"]
+    assert page.evaluate("Array.from(document.images).every(i => i.src.startsWith('data:image/png'))")
+    data = page.evaluate("JSON.parse(document.getElementById('relu-doctor-data').textContent)")
+    assert XSS_SITE in [s["site"] for s in data["sites"]]
+    p.page.close()

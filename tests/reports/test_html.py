@@ -1,0 +1,275 @@
+"""The HTML report without a browser: content, numbers, escaping, robustness."""
+
+from __future__ import annotations
+
+import html as htmllib
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import relu_doctor
+from relu_doctor.errors import RunDirError
+from relu_doctor.history import Run, RunWriter, load_run
+from relu_doctor.reports import plots
+from relu_doctor.reports.html import (
+    Report,
+    fmt_num,
+    fmt_pct,
+    render_report,
+    report_context,
+    write_report,
+)
+from relu_doctor.reports.text import summary
+from tests.reports.conftest import KILLED, XSS_DIR, XSS_SITE, TrainedRun
+
+
+def data_island(page: str) -> dict:
+    m = re.search(r'<script type="application/json" id="relu-doctor-data">(.*?)</script>', page, re.S)
+    assert m is not None
+    return json.loads(m.group(1))
+
+
+def section(page: str, anchor: str) -> str:
+    start = page.index(f'<section id="{anchor}">')
+    return page[start : page.index("</section>", start)]
+
+
+def test_report_is_one_self_contained_file(dead_run: TrainedRun) -> None:
+    page = dead_run.report.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    # no external URL: every src/href is a data URI or a fragment
+    for attr in re.findall(r'(?:src|href)="([^"]*)"', page):
+        assert attr.startswith(("data:", "#")), attr
+    assert "http://" not in page and "https://" not in page
+    assert "Content-Security-Policy" in page
+    assert page.count("<img ") >= 4  # dead over time, two heatmaps, gradient flow
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == page.count("<img ")
+
+
+def test_verdict_comes_first_then_findings_naming_dead_units(dead_run: TrainedRun) -> None:
+    page = dead_run.report.read_text(encoding="utf-8")
+    order = [page.index(f'id="{a}"') for a in (
+        "rd-verdict", "rd-findings", "rd-sites", "rd-dead", "rd-heatmaps", "rd-gradients",
+        "rd-interventions", "rd-environment")]
+    assert order == sorted(order)
+    verdict = page[page.index('id="rd-verdict"') : page.index('id="rd-findings"')]
+    assert "problem" in verdict and "act1" in verdict
+    findings = section(page, "rd-findings")
+    for site, units in KILLED.items():
+        m = re.search(
+            rf'dead units</span>\s*<span class="rd-at">at</span> <code class="rd-site">{site}</code>'
+            r'.*?<span class="rd-unit-list">([^<]*)</span>',
+            findings, re.S,
+        )
+        assert m is not None, site
+        named = [int(u) for u in m.group(1).split(",")]
+        assert set(units) <= set(named)
+    assert "Recommended:" in findings and "LeakyReLU" in findings
+
+
+def test_numbers_match_what_was_logged_during_training(dead_run: TrainedRun) -> None:
+    """The report made from the run directory afterwards shows what training logged."""
+    logged = dead_run.history
+    last = logged[logged["step"] == logged["step"].max()].set_index("site")
+    page = dead_run.report.read_text(encoding="utf-8")
+    data = data_island(page)
+    assert data["steps"] == sorted(int(s) for s in logged["step"].unique())
+    assert data["last_step"] == int(logged["step"].max())
+    cols = ("units", "dead", "dead_fraction", "lifetime_dead", "dormant", "dormant_fraction",
+            "sparsity", "grad_rms", "grad_zero_fraction")
+    assert [s["site"] for s in data["sites"]] == list(last.index)
+    for s in data["sites"]:
+        for c in cols:
+            want = float(last.loc[s["site"], c])
+            assert s[c] == pytest.approx(want, rel=1e-12, abs=0.0), (s["site"], c)
+    # the table cells are those numbers, formatted
+    table = section(page, "rd-sites")
+    for site, row in last.iterrows():
+        m = re.search(rf"<code>{site}</code>.*?</tr>", table, re.S)
+        assert m is not None
+        cells = re.findall(r'<td class="rd-n">([^<]*)</td>', m.group(0))
+        assert cells == [
+            str(int(row["units"])), str(int(row["dead"])), fmt_pct(row["dead_fraction"]),
+            str(int(row["lifetime_dead"])), str(int(row["dormant"])), fmt_pct(row["sparsity"]),
+            fmt_num(row["grad_rms"]), fmt_pct(row["grad_zero_fraction"]),
+        ]
+    # and the same report context comes from the directory and from memory
+    from_disk = report_context(load_run(dead_run.run_dir))["data"]
+    in_memory = report_context(dead_run.in_memory)["data"]
+    assert from_disk == in_memory
+
+
+def test_heatmap_data_from_directory_matches_memory(dead_run: TrainedRun) -> None:
+    disk = load_run(dead_run.run_dir)
+    for site in KILLED:
+        a = plots.activity_matrix(disk.units, site)
+        b = plots.activity_matrix(dead_run.in_memory.units, site)
+        assert a is not None and b is not None
+        np.testing.assert_array_equal(a.matrix, b.matrix)
+        # killed units sort first and are dead at every logged step
+        assert a.row_labels[: len(KILLED[site])] == [str(u) for u in sorted(KILLED[site])]
+        assert (a.matrix[: len(KILLED[site])] == 0).all()
+        assert a.dead_last >= len(KILLED[site])
+
+
+def test_user_strings_are_escaped(xss_run: TrainedRun) -> None:
+    page = xss_run.report.read_text(encoding="utf-8")
+    assert XSS_SITE not in page
+    assert "<img src=x" not in page
+    assert htmllib.escape(XSS_SITE, quote=False) in page
+    assert htmllib.escape(XSS_DIR, quote=False) in page
+    # the only script element is the JSON data block, whose text escapes '<'
+    assert page.count("<script") == 1
+    data = data_island(page)
+    assert XSS_SITE in [s["site"] for s in data["sites"]]
+    assert '"\\u003cscript\\u003e' in page
+    # $ in a name does not start matplotlib mathtext (the figures rendered)
+    assert "a$b$_{x}&amp;" in page
+
+
+def test_thousands_of_units_are_aggregated_legibly() -> None:
+    rng = np.random.default_rng(0)
+    n_units, steps = 5000, np.arange(10, 1010, 10)
+    rate = rng.uniform(0.2, 0.8, size=n_units)
+    rate[:1200] = 0.0  # dead
+    units = pd.DataFrame({
+        "step": np.repeat(steps, n_units),
+        "site": "wide",
+        "unit": np.tile(np.arange(n_units), len(steps)),
+        "activation_rate": np.tile(rate, len(steps)),
+    })
+    data = plots.activity_matrix(units, "wide")
+    assert data is not None
+    assert data.matrix.shape[0] <= plots.MAX_ROWS and data.matrix.shape[1] <= plots.MAX_COLS
+    assert data.units_per_row == math.ceil(n_units / plots.MAX_ROWS)
+    assert data.dead_last == 1200
+    full_dead_rows = 1200 // data.units_per_row
+    assert (data.matrix[:full_dead_rows] == 0).all()  # the dead block stays one block
+    assert data.matrix[full_dead_rows + 1 :].min() > 0
+    fig = plots.activity_heatmap_figure(data, "wide", "relu")
+    w, h = fig.get_size_inches()
+    assert w <= 7 and h <= 6  # a bounded image, not one pixel row per unit
+
+
+def test_small_layers_keep_one_row_per_unit() -> None:
+    units = pd.DataFrame({"step": [1, 1, 1, 2, 2, 2], "site": "s", "unit": [0, 1, 2] * 2,
+                          "activation_rate": [0.5, 0.0, 0.9, 0.4, 0.0, 1.0]})
+    data = plots.activity_matrix(units, "s")
+    assert data is not None and data.units_per_row == 1
+    assert data.row_labels == ["1", "0", "2"]  # least active first
+
+
+def _writer_run(tmp_path: Path, events: list[dict]) -> Path:
+    run_dir = tmp_path / "run"
+    w = RunWriter(run_dir)
+    w.write_meta({"model": "Net", "sites": [{"name": "s", "family": "relu", "units": 2, "order": 0}]})
+    for step in (10, 20):
+        w.append_table("history", step, pd.DataFrame([{
+            "step": step, "site": "s", "family": "relu", "order": 0, "units": 2, "units_seen": 2,
+            "dead": 1, "dead_fraction": 0.5, "lifetime_dead": 1, "dormant": 1,
+            "dormant_fraction": 0.5, "sparsity": 0.7, "grad_rms": 0.01,
+            "grad_zero_fraction": 0.7}]))
+        w.append_table("units", step, pd.DataFrame({
+            "step": step, "site": "s", "unit": [0, 1], "activation_rate": [0.0, 0.6]}))
+    w.append_events(events)
+    return run_dir
+
+
+def test_interventions_timeline_joins_results(tmp_path: Path) -> None:
+    events = [
+        {"type": "intervention", "id": "swap:10:s:1", "remedy": "leaky_relu_swap", "site": "s",
+         "step": 10, "what": "replaced ReLU at s with LeakyReLU(negative_slope=0.01)",
+         "before": {"dead_fraction": 0.5}, "after": None},
+        {"type": "intervention_result", "ref": "swap:10:s:1", "site": "s", "step": 20,
+         "after": {"dead_fraction": 0.0}},
+        {"type": "intervention", "id": "clip:10", "remedy": "adaptive_grad_clip", "site": "model",
+         "step": 10, "what": "clipped on 3 of 10 steps", "before": {"grad_norm": 2.0}},
+        {"type": "intervention", "id": "clip:20", "remedy": "adaptive_grad_clip", "site": "model",
+         "step": 20, "what": "clipped on 1 of 10 steps", "before": {"grad_norm": 1.0}},
+    ]
+    run_dir = _writer_run(tmp_path, events)
+    page = render_report(load_run(run_dir))
+    timeline = section(page, "rd-interventions")
+    assert "3 interventions" in timeline
+    assert "replaced ReLU at s with LeakyReLU" in timeline
+    assert "dead 50.0% &rarr; 0.0%" in timeline
+    assert "acted at 2 logging intervals, steps 10–20" in timeline  # clipping summarised
+
+
+def test_run_killed_before_first_log_reports_nothing_logged(tmp_path: Path) -> None:
+    w = RunWriter(tmp_path / "r")
+    w.write_meta({"model": "Net", "sites": []})
+    page = render_report(load_run(tmp_path / "r"))
+    assert "Nothing logged yet" in page
+    assert summary(load_run(tmp_path / "r")) == "Net: Nothing logged yet"
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "foreign", "old-format"])
+def test_unusable_directories_raise_a_clear_error(tmp_path: Path, kind: str) -> None:
+    d = tmp_path / "d"
+    if kind != "missing":
+        d.mkdir()
+    if kind == "foreign":
+        (d / "notes.txt").write_text("hello")
+    if kind == "old-format":
+        (d / "meta.json").write_text(json.dumps({"format_version": 0}))
+    with pytest.raises(RunDirError) as e:
+        write_report(d, tmp_path / "out.html")
+    assert "\n" not in str(e.value)
+    assert str(d) in str(e.value)
+    assert not (tmp_path / "out.html").exists()
+
+
+def test_notebook_repr_is_a_scoped_fragment(dead_run: TrainedRun) -> None:
+    report = Report(dead_run.run_dir)
+    frag = report._repr_html_()
+    assert "<html" not in frag and "<body" not in frag
+    assert 'class="rd"' in frag
+    # every style rule is scoped under .rd, so the notebook's own styles are untouched
+    css = frag[frag.index("<style>") + 7 : frag.index("</style>")]
+    css = re.sub(r"/\*.*?\*/", "", css, flags=re.S)
+    for selector_group in re.findall(r"([^{}]+)\{", css):
+        for selector in selector_group.split(","):
+            assert selector.strip().startswith(".rd"), selector
+    out = report.save(dead_run.run_dir.parent / "saved.html")
+    assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_in_memory_run_needs_an_output_path(dead_run: TrainedRun) -> None:
+    with pytest.raises(ValueError, match="out_path"):
+        write_report(dead_run.in_memory)
+
+
+def test_text_summary(dead_run: TrainedRun) -> None:
+    text = summary(load_run(dead_run.run_dir))
+    first = text.splitlines()[0]
+    assert "problem" in first
+    assert "act1" in text and "act2" in text
+    assert "dead units: 2, 5, 11" in text
+
+
+def test_healthy_run(tmp_path: Path) -> None:
+    import torch
+    import torch.nn as nn
+
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    with relu_doctor.watch(net, log_every_n_steps=2, run_dir=tmp_path / "h") as doc:
+        for _ in range(2):
+            net(torch.randn(256, 4)).sum().backward()
+            doc.step()
+    assert not [f for f in doc.findings() if f.severity != "info"]
+    page = render_report(load_run(tmp_path / "h"))
+    assert "rd-verdict-healthy" in page
+
+
+def test_site_without_rows_is_listed(tmp_path: Path) -> None:
+    run = Run(meta={"model": "Net", "sites": [{"name": "late", "family": "relu", "units": 4}]},
+              history=pd.DataFrame(), units=pd.DataFrame(), layers=pd.DataFrame())
+    ctx = report_context(run)
+    assert [s["site"] for s in ctx["sites"]] == ["late"]
+    assert ctx["verdict"]["status"] == "empty"

@@ -1,0 +1,98 @@
+"""``relu-doctor demo --quick`` end to end (a subprocess, as a user runs it), and the demo's
+handling of its output directory."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relu_doctor.cli import main
+from relu_doctor.demo import MARKER, DemoConfig, make_model, make_task, prepare_out
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.history import load_run
+
+SCRIPT = Path(sys.executable).with_name("relu-doctor")
+
+
+def _data(report: Path) -> dict:
+    m = re.search(r'id="relu-doctor-data">(.*?)</script>', report.read_text(encoding="utf-8"), re.S)
+    assert m is not None
+    return json.loads(m.group(1))
+
+
+@pytest.mark.slow
+def test_quick_demo_kills_units_untreated_and_treats_them(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "relu_doctor.cli"]
+    r = subprocess.run([*cmd, "demo", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # progress on stderr, where everything is on stdout
+    assert "[untreated] step" in r.stderr and "[  treated] step" in r.stderr
+    assert f"tensorboard --logdir {out}" in r.stdout
+    for name in ("untreated", "treated"):
+        run_dir = out / name
+        assert str(run_dir / "report.html") in r.stdout
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        run = load_run(run_dir)
+        assert run.last_step == DemoConfig.quick().steps
+    untreated, treated = load_run(out / "untreated"), load_run(out / "treated")
+    dead = {
+        name: run.history[run.history["step"] == run.last_step]["dead"].sum()
+        / run.history[run.history["step"] == run.last_step]["units"].sum()
+        for name, run in (("untreated", untreated), ("treated", treated))
+    }
+    assert dead["untreated"] > 0.3  # the learning rate really kills units
+    assert dead["treated"] < dead["untreated"] / 2  # and the remedies keep most alive
+    assert not untreated.interventions()
+    remedies = {e["remedy"] for e in treated.interventions()}
+    assert {"leaky_relu_swap", "dormant_reset"} <= remedies
+    assert _data(out / "untreated" / "report.html")["verdict"] == "critical"
+    assert _data(out / "treated" / "report.html")["interventions"] == len(treated.interventions())
+
+
+def test_demo_refuses_a_foreign_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "thesis.tex").write_text("precious")
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not made by the demo" in err
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_demo_replaces_its_own_previous_output(tmp_path: Path) -> None:
+    out = prepare_out(tmp_path / "d")
+    (out / "untreated").mkdir()
+    (out / "untreated" / "meta.json").write_text("{}")
+    (out / "keep.txt").write_text("user file next to the runs")
+    prepare_out(out)
+    assert not (out / "untreated").exists()
+    assert (out / MARKER).is_file() and (out / "keep.txt").is_file()
+    with pytest.raises(ReluDoctorError, match="not a directory"):
+        prepare_out(out / "keep.txt")
+
+
+def test_task_and_model_are_deterministic() -> None:
+    cfg = DemoConfig.quick()
+    a, b = make_task(cfg), make_task(cfg)
+    for x, y in zip(a, b, strict=True):
+        assert (x == y).all()
+    assert a[0].shape == (cfg.train_size, cfg.dim) and int(a[1].max()) < cfg.classes
+    # every class is present: the task is not degenerate
+    assert len(set(a[1].tolist())) == cfg.classes
+    m1, m2 = make_model(cfg), make_model(cfg)
+    assert all((p == q).all() for p, q in zip(m1.parameters(), m2.parameters(), strict=True))
+    assert [n for n, _ in m1.named_children()] == ["fc1", "relu1", "fc2", "relu2", "fc3", "relu3", "head"]
+
+
+def test_demo_with_fewer_steps_than_one_interval_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--steps", "5", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--steps" in err
+    assert not (tmp_path / "d").exists()  # refused before anything was written
