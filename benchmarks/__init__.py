@@ -1,0 +1,1 @@
+"""Benchmarks of relu_doctor (not part of the installed package)."""

@@ -1,0 +1,98 @@
+"""Smoke test of the overhead benchmark (benchmarks/overhead.py) in its quick mode.
+
+It checks the harness, never the timings: every configuration runs, all configurations
+follow the same trajectory (same seed, same data; hooks only read), relu_doctor's counts
+are exact and equal to the hand-written baseline's, and missing peers are reported as
+"not installed" instead of failing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from benchmarks import overhead
+from relu_doctor.stats import FIELDS
+
+pytestmark = pytest.mark.benchmark
+
+CORE_KEYS = ("plain", "rd_every", f"rd_{overhead.EVERY_N}", "naive")
+
+
+@pytest.fixture(scope="module")
+def results() -> list[overhead.ModelResult]:
+    return overhead.run_benchmark(("cnn", "mlp", "resnet"), quick=True, rounds=1, peers=False)
+
+
+def test_every_core_configuration_is_timed(results: list[overhead.ModelResult]) -> None:
+    assert [r.spec.key for r in results] == ["cnn", "mlp", "resnet"]
+    for r in results:
+        for key in CORE_KEYS:
+            t = r.core[key]
+            assert t.ok, (r.spec.key, key, t.status)
+            assert len(t.blocks) == 1 and len(t.blocks[0]) == overhead.EVERY_N
+            assert all(x > 0 for x in t.blocks[0])
+            assert t.ms_step() > 0
+        q = r.ratio("rd_every")
+        assert q is not None and q[0] <= q[1] <= q[2]
+        assert r.log_step_s is not None and r.log_step_s > 0
+
+
+def test_harness_checks_pass(results: list[overhead.ModelResult]) -> None:
+    for r in results:
+        assert set(r.checks) >= {
+            "same_trajectory[rd_every]",
+            f"same_trajectory[rd_{overhead.EVERY_N}]",
+            "same_trajectory[naive]",
+            "exact_counts[rd_every]",
+            f"exact_counts[rd_{overhead.EVERY_N}]",
+            "naive_active==relu_doctor",
+            "naive_grad_sq~relu_doctor",
+        }
+        assert all(r.checks.values()), (r.spec.key, r.checks)
+
+
+def test_persistent_state_is_per_unit(results: list[overhead.ModelResult]) -> None:
+    for r in results:
+        nbytes, units = r.core["rd_every"].state_bytes  # type: ignore[misc]
+        assert units > 0
+        assert nbytes / units == 2 * len(FIELDS) * 8  # window + lifetime, float64 per field
+        _, naive_units = r.core["naive"].state_bytes  # type: ignore[misc]
+        if r.spec.key != "resnet":  # the baseline mixes the calls of a reused module
+            assert naive_units == units
+
+
+def test_report_has_one_table_with_every_model(results: list[overhead.ModelResult]) -> None:
+    text = overhead.format_report(results, torch.device("cpu"))
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("configuration"))
+    assert "CNN" in header and "MLP" in header and "ResNet" in header
+    for label in ("relu_doctor, every step", "naive hooks", "Cockpit", "wandb.watch"):
+        assert any(line.startswith(label) for line in lines), label
+    assert "harness checks: all passed" in text
+
+
+def test_missing_peers_are_reported_not_installed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *a: object, **k: object) -> object:
+        if name.split(".")[0] in {"cockpit", "backpack", "wandb"}:
+            return None
+        return real(name, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(overhead.importlib.util, "find_spec", find_spec)
+    rc = overhead.main(["--quick", "--models", "mlp", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    cockpit = next(line for line in out.splitlines() if line.startswith("Cockpit"))
+    wandb = next(line for line in out.splitlines() if line.startswith("wandb.watch"))
+    assert "not installed" in cockpit and "not installed" in wandb
+
+
+def test_unknown_model_is_a_clear_error() -> None:
+    with pytest.raises(SystemExit, match="--models"):
+        overhead.run_benchmark(("vgg",), quick=True)
