@@ -53,6 +53,7 @@ NEVER = 10**12  # log_every_n_steps while timing: logging steps are measured apa
 EVERY_N = 16
 POOL = 8  # distinct batches, cycled in the same order by every configuration
 PEER_STEPS = 4  # steps per block for the peers' phase: they cost many times a step
+PEER_BLOCK_S = 2.0  # a peer's block ends after this long (Cockpit takes ~30 s a step on the MLP)
 BUDGET = {"every": 1.03, "every16": 1.005}  # DESIGN.md, CNN and MLP on CPU
 
 
@@ -219,19 +220,21 @@ class Runner:
 
 
 class DoctorRunner(Runner):
-    def __init__(self, *a: Any, every_n: int = 1, **kw: Any) -> None:
+    def __init__(self, *a: Any, every_n: int = 1, layers: bool = True, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.every_n = every_n
-        self.key = "rd_every" if every_n == 1 else f"rd_{every_n}"
+        self.layers = layers  # per-layer gradient norms (the optimizer tap) too
+        self.key = ("rd_every" if every_n == 1 else f"rd_{every_n}") + ("" if layers else "_act")
         self.label = (
             "relu_doctor, every step" if every_n == 1 else f"relu_doctor, every {every_n}th step"
-        )
+        ) + ("" if layers else ", activation sites only")
 
     def attach(self) -> None:
         import relu_doctor
 
         self.doc = relu_doctor.watch(
-            self.model, optimizer=self.opt, every_n_steps=self.every_n, log_every_n_steps=NEVER
+            self.model, optimizer=self.opt if self.layers else None,
+            every_n_steps=self.every_n, log_every_n_steps=NEVER,
         )
 
     def after_step(self, loss: torch.Tensor) -> None:
@@ -360,32 +363,40 @@ CORE: list[tuple[type[Runner], dict[str, Any]]] = [
     (Runner, {}),
     (DoctorRunner, {"every_n": 1}),
     (DoctorRunner, {"every_n": EVERY_N}),
+    (DoctorRunner, {"every_n": 1, "layers": False}),
     (NaiveRunner, {}),
 ]
 PEERS: list[tuple[type[Runner], dict[str, Any]]] = [(CockpitRunner, {}), (WandbRunner, {})]
-ROW_ORDER = ["plain", "rd_every", f"rd_{EVERY_N}", "naive", "cockpit", "wandb"]
+ROW_ORDER = ["plain", "rd_every", f"rd_{EVERY_N}", "rd_every_act", "naive", "cockpit", "wandb"]
 
 
 # ---------------------------------------------------------------------------- timing
 
 
 def _time_block(
-    runner: Runner, steps: int, device: torch.device, clock: str = "wall"
+    runner: Runner, steps: int, device: torch.device, clock: str = "wall",
+    max_s: float | None = None,
 ) -> tuple[list[float], int]:
-    """Seconds per step of ``steps`` consecutive steps, and the peak device memory.
+    """Seconds per step of up to ``steps`` consecutive steps, and the peak device memory.
 
     ``clock="cpu"`` (CPU only) counts the process's CPU time instead of wall time: on a
-    machine shared with other work it measures the work done, not the waiting.
+    machine shared with other work it measures the work done, not the waiting. ``max_s``
+    ends the block early (after at least one step) once it has run that long.
     """
+    start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
         ev[0].record()
+        done = 0
         for k in range(steps):
             runner.train_step()
             ev[k + 1].record()
+            done += 1
+            if max_s is not None and time.perf_counter() - start > max_s:
+                break
         torch.cuda.synchronize(device)
-        times = [ev[k].elapsed_time(ev[k + 1]) / 1e3 for k in range(steps)]
+        times = [ev[k].elapsed_time(ev[k + 1]) / 1e3 for k in range(done)]
         return times, torch.cuda.max_memory_allocated(device)
     times = []
     now_fn = time.process_time if clock == "cpu" else time.perf_counter
@@ -395,6 +406,8 @@ def _time_block(
         now = now_fn()
         times.append(now - prev)
         prev = now
+        if max_s is not None and time.perf_counter() - start > max_s:
+            break
     return times, 0
 
 
@@ -437,7 +450,7 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
 def _measure(
     runners: list[Runner], timings: dict[str, Timing], *, rounds: int, warmup: int,
     steps: int, device: torch.device, rng: random.Random, progress: Callable[[str], None],
-    clock: str = "wall",
+    clock: str = "wall", max_block_s: float | None = None,
 ) -> None:
     for rnd in range(warmup + rounds):
         order = list(runners)
@@ -448,7 +461,9 @@ def _measure(
                 continue
             gc.collect()
             try:
-                times, peak = _time_block(r, steps, device, clock)
+                # plain always runs whole blocks; a slow peer stops early
+                cap = None if r.key == "plain" else max_block_s
+                times, peak = _time_block(r, steps, device, clock, cap)
             except Exception as e:  # a peer that cannot handle this model
                 t.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 t.blocks.clear()
@@ -482,13 +497,13 @@ def _checks(runners: dict[str, Runner], device: torch.device) -> dict[str, bool]
         return out
     plain = runners["plain"]
     ref = [p.detach() for p in plain.model.parameters()]
-    for key in ("rd_every", f"rd_{EVERY_N}", "naive"):
+    for key in ("rd_every", f"rd_{EVERY_N}", "rd_every_act", "naive"):
         if key in runners:
             params = [p.detach() for p in runners[key].model.parameters()]
             out[f"same_trajectory[{key}]"] = runners[key].steps == plain.steps and all(
                 torch.equal(a, b) for a, b in zip(ref, params, strict=True)
             )
-    for key in ("rd_every", f"rd_{EVERY_N}"):
+    for key in ("rd_every", f"rd_{EVERY_N}", "rd_every_act"):
         r = runners.get(key)
         if not isinstance(r, DoctorRunner):
             continue
@@ -586,7 +601,8 @@ def run_model(
         progress(f"{spec.key}: " + ", ".join(r.key for r in runners))
         try:
             _measure(runners, timings, rounds=n_rounds, warmup=warmup, steps=n_steps,
-                     device=device, rng=rng, progress=progress, clock=clock)
+                     device=device, rng=rng, progress=progress, clock=clock,
+                     max_block_s=None if phase is CORE else PEER_BLOCK_S)
             for r in runners:
                 timings[r.key].state_bytes = r.state_bytes()
             if phase is CORE:
@@ -621,6 +637,7 @@ def format_table(results: list[ModelResult], device: torch.device) -> str:
     labels = {
         "plain": "plain (ms/step)", "rd_every": "relu_doctor, every step",
         f"rd_{EVERY_N}": f"relu_doctor, every {EVERY_N}th step",
+        "rd_every_act": "  every step, activation sites only",
         "naive": "naive hooks ((out>0).sum + grad hook)",
         "cockpit": "Cockpit 'economy'", "wandb": "wandb.watch(log='all', log_freq=1)",
     }
@@ -666,7 +683,8 @@ def format_report(
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
            f", {threads or torch.get_num_threads()} threads, {clock} clock")
         + f", {rounds} rounds x {steps} steps (+1 warm-up round)"
-        + (f"; peers {peer_rounds} rounds x {peer_steps} steps" if peer_rounds else "; no peer installed"),
+        + (f"; peers {peer_rounds} rounds x {peer_steps} steps (a peer's block stops after "
+           f"{PEER_BLOCK_S:g} s)" if peer_rounds else "; no peer installed"),
         "ratio = median over rounds of (block time / plain's block time in the same round) "
         "[interquartile range]; plain in ms per step (block means, median over rounds)",
         "",
@@ -706,7 +724,7 @@ def format_report(
 
 def run_benchmark(
     models: Sequence[str] = ("cnn", "mlp", "resnet"), *, quick: bool = False,
-    steps: int = EVERY_N, rounds: int = 12, peer_rounds: int = 3, peers: bool = True,
+    steps: int = EVERY_N, rounds: int = 10, peer_rounds: int = 2, peers: bool = True,
     peer_steps: int | None = None,
     device: str | torch.device | None = None, threads: int | None = None,
     progress: Callable[[str], None] = lambda s: None, clock: str = "wall",
@@ -744,8 +762,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None,
                    help=f"steps per configuration per round (default {EVERY_N}; keep a multiple of "
                    f"{EVERY_N} so each block holds one collecting step of the every-{EVERY_N}th run)")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 12; quick 2)")
-    p.add_argument("--peer-rounds", type=int, default=None, help="timed rounds of the peers (default 3)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10; quick 2)")
+    p.add_argument("--peer-rounds", type=int, default=None, help="timed rounds of the peers (default 2)")
     p.add_argument("--no-peers", action="store_true", help="skip Cockpit and wandb")
     p.add_argument("--quick", action="store_true", help="tiny models, few steps: checks the harness")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -758,8 +776,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the raw timings here")
     args = p.parse_args(argv)
     args.steps = args.steps or EVERY_N
-    args.rounds = args.rounds or (2 if args.quick else 12)
-    args.peer_rounds = args.peer_rounds or (1 if args.quick else 3)
+    args.rounds = args.rounds or (2 if args.quick else 10)
+    args.peer_rounds = args.peer_rounds or (1 if args.quick else 2)
     t0 = time.perf_counter()
     results = run_benchmark(
         args.models, quick=args.quick, steps=args.steps, rounds=args.rounds,

@@ -122,27 +122,6 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _sum_units(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per-unit sum of a :func:`unit_view`; exact for counts (float64 across rows)."""
-    if v.dim() == 3:
-        # More than 2**24 positions per (sample, unit), e.g. a 4097x4097 map: float32 would
-        # round the per-position counts.
-        v = v.sum(-1, dtype=dtype if v.shape[-1] < _EXACT_F32 else torch.float64)
-        return v.sum(0, dtype=torch.float64)
-    if v.shape[0] < _EXACT_F32:
-        return v.sum(0, dtype=dtype)
-    return v.sum(0, dtype=torch.float64)
-
-
-def _sum_sq_units(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # vector_norm is a fused single pass; far cheaper here than (v * v).sum().
-    if v.dim() == 3:
-        n = torch.linalg.vector_norm(v, 2, dim=-1, dtype=dtype)
-        return (n * n).sum(0, dtype=torch.float64)
-    n = torch.linalg.vector_norm(v, 2, dim=0, dtype=dtype)
-    return n * n
-
-
 # ---------------------------------------------------------------------------- hot path
 # Measured (benchmarks/overhead.py, CPU): a statistic costs the passes it makes over the
 # activation plus ~5-25 us per op dispatched. So each statistic is one pass, counts use the
@@ -164,9 +143,9 @@ def _lane_chunk(words: int) -> int:
     return 0
 
 
-def _packed_count(b: torch.Tensor) -> torch.Tensor | None:
-    """Exact per-unit count of True in a bool unit view ``(A, U)`` or ``(A, U, B)``, or None
-    where the packing does not apply (then count another way).
+def _packed_count(b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """Exact per-unit count of True in a bool unit view ``(A, U)`` or ``(A, U, B)``, as
+    ``dtype``, or None where the packing does not apply (then count another way).
 
     The bool bytes are read as int64 words, 8 elements per word, and words are summed; each
     byte lane of the sum counts its own element position exactly while it stays <= 255, so
@@ -187,7 +166,7 @@ def _packed_count(b: torch.Tensor) -> torch.Tensor | None:
         if chunk:  # A = k * chunk rows: one op
             s = w.view(A // chunk, chunk, -1).sum(1)
         else:
-            q, r = divmod(A, _LANE_MAX)
+            q = A // _LANE_MAX
             s = torch.cat(
                 [
                     w[: q * _LANE_MAX].view(q, _LANE_MAX, -1).sum(1),
@@ -201,30 +180,51 @@ def _packed_count(b: torch.Tensor) -> torch.Tensor | None:
         if not chunk:
             return None
         s = b.view(torch.int64).view(A, U, -1, chunk).sum(-1)
-    return s.view(torch.uint8).view(-1, U, s.numel() * 8 // (s.shape[0] * U)).sum((0, 2))
+    lanes = s.view(torch.uint8).view(-1, U, s.numel() * 8 // (s.shape[0] * U))
+    return lanes.sum((0, 2), dtype=dtype)
 
 
 def _count(
     v: torch.Tensor, mask: Callable[[], torch.Tensor], fallback: Callable[[], torch.Tensor]
 ) -> torch.Tensor:
-    """Exact per-unit count of ``mask()`` over a large unit view: the packed count, or
-    ``fallback()`` (the same as 0/1 values) summed where the packing does not apply."""
-    c = _packed_count(mask())
-    if c is not None:
-        return c
-    x = fallback()
-    if x.dim() == 3:
-        pdt = torch.float32 if x.shape[-1] < _EXACT_F32 else torch.float64
-        return x.sum(-1, dtype=pdt).sum(0, dtype=torch.float64)
-    return x.sum(0, dtype=torch.float64)
+    """Exact per-unit count of ``mask()`` over unit view ``v``: the packed count on a large
+    view, else ``fallback()`` (the same as 0/1 floats) summed per unit."""
+    if v.numel() >= _PACKED_MIN:
+        dtype = torch.float32 if v.numel() // max(v.shape[1], 1) < _EXACT_F32 else torch.float64
+        c = _packed_count(mask(), dtype)
+        if c is not None:
+            return c
+    return _unit_sum(v, fallback())
 
 
-def _sq_units_2d(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # vector_norm along dim 0 of a row-major (A, U) view takes a strided slow path (25x a
-    # sum here); square-then-sum uses the fast outer-dim reduction.
-    if v.dtype != dtype:
-        v = v.to(dtype)
-    return v.square().sum(0, dtype=dtype if v.shape[0] < _EXACT_F32 else torch.float64)
+# Positions per unit from which reducing along them (dim -1, contiguous) beats reducing down
+# the rows; below it (4x4, 8x8 maps) the inner reduction runs over rows too short to vectorise.
+_INNER_MIN = 64
+
+
+def _unit_sum(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-unit sum of ``x`` (a float tensor shaped like unit view ``v``), float64 where the
+    float32 sum could round a count."""
+    if v.dim() == 3 and v.shape[2] >= _INNER_MIN:
+        inner = x.dtype if v.shape[2] < _EXACT_F32 else torch.float64
+        return x.sum(-1, dtype=inner).sum(0, dtype=torch.float64)
+    # Down the rows first: a vectorised outer-dim reduction over A, then the B positions.
+    A = v.shape[0]
+    x = x.reshape(A, x.numel() // A if A else math.prod(x.shape[1:]))
+    if v.dim() == 3:
+        return x.sum(0).view(v.shape[1], v.shape[2]).sum(-1, dtype=torch.float64)
+    # (A, U): the unit's elements are its A rows; float32 holds exact counts below 2**24.
+    return x.sum(0, dtype=x.dtype if A < _EXACT_F32 else torch.float64)
+
+
+def _sum_sq(v: torch.Tensor) -> torch.Tensor:
+    """Per-unit sum of squares of float unit view ``v`` (dtype as :func:`_unit_sum`)."""
+    if v.dim() == 3 and v.shape[2] >= _INNER_MIN:
+        # vector_norm along contiguous positions is one fused pass (no squared temporary).
+        n = torch.linalg.vector_norm(v, 2, dim=-1)
+        return (n * n).sum(0, dtype=torch.float64)
+    # vector_norm down the rows takes a strided slow path (25x a sum): square, then sum.
+    return _unit_sum(v, v * v)
 
 
 def _rows_view(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -249,24 +249,31 @@ def _stacked_sum(cols: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float64)
 
 
-def _finish(body: torch.Tensor, finite_row: int, per_unit: int, zero_rows: int = 0) -> torch.Tensor:
-    """Rows ``[elements, *body, 0 x zero_rows, nonfinite]``.
+_BAD_COLUMNS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
-    Units whose ``body[finite_row]`` is NaN/Inf get every row zero except nonfinite = 1.
-    Arithmetic only: masked_fill/where cost about 5x a multiply per call on small tensors,
-    and this runs once per hook call.
+
+def _bad_column(n: int, like: torch.Tensor) -> torch.Tensor:
+    """``(n, 1)``: zeros, then 1 in the last row (the rows of a unit whose step was not finite)."""
+    if torch.compiler.is_compiling():  # no module-level cache inside a traced graph
+        return (torch.arange(n, device=like.device) == n - 1).to(like.dtype).unsqueeze(1)
+    key = (n, like.dtype, like.device)
+    col = _BAD_COLUMNS.get(key)
+    if col is None:
+        col = torch.zeros(n, 1, dtype=like.dtype, device=like.device)
+        col[-1] = 1.0
+        _BAD_COLUMNS[key] = col
+    return col
+
+
+def _finish(rows: list[torch.Tensor], finite: torch.Tensor) -> torch.Tensor:
+    """Stack ``rows`` (each ``(k, U)``) and a last ``nonfinite`` row, keeping only finite units.
+
+    A unit whose ``finite`` is False gets every row 0 and ``nonfinite`` 1; a finite unit keeps
+    its rows (an Inf from an overflowing sum of squares included) and ``nonfinite`` 0. One
+    ``cat`` and one ``where``: this runs once per hook call, where op count is the cost.
     """
-    f = body[finite_row : finite_row + 1]
-    bad = (f - f).nan_to_num_(1.0)  # x - x: 0 when finite, NaN otherwise
-    good = torch.rsub(bad, 1.0)
-    # NaN * 0 is NaN, so clear NaN after masking; an Inf in a finite unit (an overflowing
-    # sum of squares) is kept.
-    body = (body * good).nan_to_num_(0.0, posinf=math.inf, neginf=-math.inf)
-    parts = [good * float(per_unit), body]
-    if zero_rows:
-        parts.append(bad.new_zeros(zero_rows, bad.shape[1]))
-    parts.append(bad)
-    return torch.cat(parts)
+    body = torch.cat([*rows, finite.new_zeros(1, finite.shape[0], dtype=rows[1].dtype)])
+    return torch.where(finite, body, _bad_column(body.shape[0], body))
 
 
 def forward_rows(
@@ -293,9 +300,8 @@ def forward_rows(
     v = unit_view(out, unit_dim)
     units = v.shape[1]
     per_unit = out.numel() // units if units else 0
-    if v.numel() < _PACKED_MIN or torch.compiler.is_compiling():
-        # Small (and under torch.compile, which fuses it): op count dominates, so every
-        # statistic goes through one stacked reduction.
+    if torch.compiler.is_compiling():
+        # Inductor fuses the stacked columns into one reduction kernel.
         w = _rows_view(v, dtype)
         if nonnegative:
             cols = [w.sign(), w, w, w * w]
@@ -305,30 +311,23 @@ def forward_rows(
             cols.append(w.ge(cap).to(w.dtype))
         body = _stacked_sum(cols, v)
     else:
-        # Large: one pass per statistic (here an op costs its memory traffic).
+        # Eager: one pass per statistic and few ops (each op costs its memory traffic plus
+        # a fixed dispatch cost of several microseconds).
+        w = v if v.dtype == dtype else v.to(dtype)
         if nonnegative:  # h > 0 <=> h != 0 when h >= 0
-            active = _count(v, v.bool, v.sign)
+            active = _count(v, v.bool, w.sign)
         else:
-            active = _count(v, lambda: v.gt(0), lambda: v.clamp(min=0).sign())
-        rows = [active.unsqueeze(0)]
-        if v.dim() == 3:
-            # Positions (dim -1, contiguous) into (A, U) partials, then every partial over
-            # dim 0 in one float64 reduction.
-            pdt = dtype if v.shape[-1] < _EXACT_F32 else torch.float64
-            n = torch.linalg.vector_norm(v, 2, dim=-1, dtype=pdt)
-            s = v.sum(-1, dtype=pdt)
-            s_abs = s if nonnegative else v.abs().sum(-1, dtype=pdt)
-            rows.append(torch.stack([s, s_abs, n * n]).sum(1, dtype=torch.float64))
-        else:
-            rdt = dtype if v.shape[0] < _EXACT_F32 else torch.float64
-            s = v.sum(0, dtype=rdt)
-            s_abs = s if nonnegative else v.abs().sum(0, dtype=rdt)
-            rows.append(torch.stack([s, s_abs, _sq_units_2d(v, dtype)]))
+            active = _count(v, lambda: v.gt(0), lambda: w.gt(0).to(dtype))
+        s = _unit_sum(w, w)
+        rows = [active, s, s if nonnegative else _unit_sum(w, w.abs()), _sum_sq(w)]
         if cap is not None:  # the output never exceeds the cap: saturated <=> h >= cap
-            rows.append(_count(v, lambda: v.ge(cap), lambda: v.ge(cap)).unsqueeze(0))
-        body = torch.cat(rows)
-    # body rows: active, sum, sum_abs, sum_sq[, saturated]; finiteness from sum_abs.
-    return _finish(body, 2, per_unit, zero_rows=1 if cap is None else 0)
+            rows.append(_count(v, lambda: v.ge(cap), lambda: w.ge(cap).to(dtype)))
+        body = torch.stack(rows)
+    # body rows: active, sum, sum_abs, sum_sq[, saturated]; finite where sum |h| is.
+    rows = [body.new_full((1, units), float(per_unit)), body]
+    if cap is None:
+        rows.append(body.new_zeros(1, units))
+    return _finish(rows, body[2].isfinite())
 
 
 def grad_rows(
@@ -356,30 +355,26 @@ def grad_rows(
     gi = None
     if grad_in is not None and grad_in.shape == grad_out.shape:
         gi = unit_view(grad_in, unit_dim)
-    if g.numel() < _PACKED_MIN or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         w = _rows_view(g, dtype)
         cols = [w * w] if gi is None else [w * w, _rows_view(gi, dtype).sign().abs_()]
         body = _stacked_sum(cols, g)
     else:
-        if g.dim() == 3:
-            pdt = dtype if g.shape[-1] < _EXACT_F32 else torch.float64
-            n = torch.linalg.vector_norm(g, 2, dim=-1, dtype=pdt)
-            sq = (n * n).sum(0, dtype=torch.float64)
-        else:
-            sq = _sq_units_2d(g, dtype)
+        sq = _sum_sq(g if g.dtype == dtype else g.to(dtype))
         if gi is None:
             body = sq.unsqueeze(0)
         else:
-            nonzero = _count(gi, gi.bool, lambda: torch.sign(gi).abs_())  # type: ignore[union-attr]
-            body = torch.stack([sq, nonzero.to(sq.dtype)])
+            nonzero = _count(gi, gi.bool, lambda: gi.ne(0).to(dtype))
+            body = torch.stack([sq, nonzero])
     # body rows: grad_sq[, entries of dL/d(input) that are not zero]
     sq = body[:1]
+    finite = body[0].isfinite()
     if inv_scale is not None:
         sq = sq * (inv_scale * inv_scale)
+    elements = sq.new_full((1, units), float(per_unit))
     if gi is None:
-        return _finish(sq, 0, per_unit, zero_rows=2)
-    elements = torch.full_like(sq, float(per_unit))
-    return _finish(torch.cat([sq, elements, elements - body[1:]]), 0, per_unit)
+        return _finish([elements, sq, sq.new_zeros(2, units)], finite)
+    return _finish([elements, sq, elements, torch.rsub(body[1:], float(per_unit))], finite)
 
 
 class SiteStats:

@@ -18,7 +18,7 @@ from relu_doctor.stats import FIELDS
 
 pytestmark = pytest.mark.benchmark
 
-CORE_KEYS = ("plain", "rd_every", f"rd_{overhead.EVERY_N}", "naive")
+CORE_KEYS = ("plain", "rd_every", f"rd_{overhead.EVERY_N}", "rd_every_act", "naive")
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,7 @@ def test_harness_checks_pass(results: list[overhead.ModelResult]) -> None:
             "same_trajectory[naive]",
             "exact_counts[rd_every]",
             f"exact_counts[rd_{overhead.EVERY_N}]",
+            "exact_counts[rd_every_act]",
             "naive_active==relu_doctor",
             "naive_grad_sq~relu_doctor",
         }
