@@ -219,6 +219,14 @@ class Runner:
         pass
 
 
+class ControlRunner(Runner):
+    """A second, identical plain run: its ratio to plain is the harness's noise floor (two
+    copies of one model can differ by several percent through memory placement alone)."""
+
+    key = "control"
+    label = "plain, second copy (A/A control)"
+
+
 class DoctorRunner(Runner):
     def __init__(self, *a: Any, every_n: int = 1, layers: bool = True, **kw: Any) -> None:
         super().__init__(*a, **kw)
@@ -361,13 +369,14 @@ class WandbRunner(Runner):
 
 CORE: list[tuple[type[Runner], dict[str, Any]]] = [
     (Runner, {}),
+    (ControlRunner, {}),
     (DoctorRunner, {"every_n": 1}),
     (DoctorRunner, {"every_n": EVERY_N}),
     (DoctorRunner, {"every_n": 1, "layers": False}),
     (NaiveRunner, {}),
 ]
 PEERS: list[tuple[type[Runner], dict[str, Any]]] = [(CockpitRunner, {}), (WandbRunner, {})]
-ROW_ORDER = ["plain", "rd_every", f"rd_{EVERY_N}", "rd_every_act", "naive", "cockpit", "wandb"]
+ROW_ORDER = ["plain", "control", "rd_every", f"rd_{EVERY_N}", "rd_every_act", "naive", "cockpit", "wandb"]
 
 
 # ---------------------------------------------------------------------------- timing
@@ -497,7 +506,7 @@ def _checks(runners: dict[str, Runner], device: torch.device) -> dict[str, bool]
         return out
     plain = runners["plain"]
     ref = [p.detach() for p in plain.model.parameters()]
-    for key in ("rd_every", f"rd_{EVERY_N}", "rd_every_act", "naive"):
+    for key in ("control", "rd_every", f"rd_{EVERY_N}", "rd_every_act", "naive"):
         if key in runners:
             params = [p.detach() for p in runners[key].model.parameters()]
             out[f"same_trajectory[{key}]"] = runners[key].steps == plain.steps and all(
@@ -635,7 +644,8 @@ def _cell(res: ModelResult, key: str) -> str:
 
 def format_table(results: list[ModelResult], device: torch.device) -> str:
     labels = {
-        "plain": "plain (ms/step)", "rd_every": "relu_doctor, every step",
+        "plain": "plain (ms/step)", "control": "plain, second copy (A/A control)",
+        "rd_every": "relu_doctor, every step",
         f"rd_{EVERY_N}": f"relu_doctor, every {EVERY_N}th step",
         "rd_every_act": "  every step, activation sites only",
         "naive": "naive hooks ((out>0).sum + grad hook)",
@@ -713,6 +723,9 @@ def format_report(
                 q = r.ratio(key)
                 if q is not None:
                     verdicts.append(f"{key} {q[1]:.3f}x vs {limit}x: {'ok' if q[1] <= limit else 'OVER'}")
+            control = r.ratio("control")
+            if control is not None:
+                verdicts.append(f"A/A control {control[1]:.3f}x (the noise floor of these ratios)")
             out.append(f"{name} budget: " + "; ".join(verdicts))
         for t in [*r.core.values(), *r.peers.values()]:
             if t.status.startswith("failed"):
@@ -724,7 +737,7 @@ def format_report(
 
 def run_benchmark(
     models: Sequence[str] = ("cnn", "mlp", "resnet"), *, quick: bool = False,
-    steps: int = EVERY_N, rounds: int = 10, peer_rounds: int = 2, peers: bool = True,
+    steps: int = EVERY_N, rounds: int = 8, peer_rounds: int = 2, peers: bool = True,
     peer_steps: int | None = None,
     device: str | torch.device | None = None, threads: int | None = None,
     progress: Callable[[str], None] = lambda s: None, clock: str = "wall",
@@ -762,7 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None,
                    help=f"steps per configuration per round (default {EVERY_N}; keep a multiple of "
                    f"{EVERY_N} so each block holds one collecting step of the every-{EVERY_N}th run)")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10; quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 8; quick 2)")
     p.add_argument("--peer-rounds", type=int, default=None, help="timed rounds of the peers (default 2)")
     p.add_argument("--no-peers", action="store_true", help="skip Cockpit and wandb")
     p.add_argument("--quick", action="store_true", help="tiny models, few steps: checks the harness")
@@ -776,7 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the raw timings here")
     args = p.parse_args(argv)
     args.steps = args.steps or EVERY_N
-    args.rounds = args.rounds or (2 if args.quick else 10)
+    args.rounds = args.rounds or (2 if args.quick else 8)
     args.peer_rounds = args.peer_rounds or (1 if args.quick else 2)
     t0 = time.perf_counter()
     results = run_benchmark(

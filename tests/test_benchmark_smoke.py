@@ -18,7 +18,7 @@ from relu_doctor.stats import FIELDS
 
 pytestmark = pytest.mark.benchmark
 
-CORE_KEYS = ("plain", "rd_every", f"rd_{overhead.EVERY_N}", "rd_every_act", "naive")
+CORE_KEYS = ("plain", "control", "rd_every", f"rd_{overhead.EVERY_N}", "rd_every_act", "naive")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,7 @@ def test_harness_checks_pass(results: list[overhead.ModelResult]) -> None:
             "same_trajectory[rd_every]",
             f"same_trajectory[rd_{overhead.EVERY_N}]",
             "same_trajectory[naive]",
+            "same_trajectory[control]",
             "exact_counts[rd_every]",
             f"exact_counts[rd_{overhead.EVERY_N}]",
             "exact_counts[rd_every_act]",
