@@ -98,3 +98,15 @@ def test_missing_peers_are_reported_not_installed(
 def test_unknown_model_is_a_clear_error() -> None:
     with pytest.raises(SystemExit, match="--models"):
         overhead.run_benchmark(("vgg",), quick=True)
+
+
+def test_floor_script_times_every_site_shape() -> None:
+    from benchmarks import floor
+
+    rows = floor.measure(reps=1)
+    assert [(r["model"], r["shape"]) for r in rows] == [(m, s) for m, s, _ in floor.SITES]
+    for r in rows:
+        assert r["floor"] == pytest.approx(r["sum"] + r["sum sq"] + r["count"])
+        assert all(r[k] > 0 for k in ("relu_", "forward_rows", "grad_rows"))
+    text = floor.format_rows(rows)
+    assert all(f"  {m}: " in text for m in ("CNN", "MLP", "ResNet"))
