@@ -71,7 +71,7 @@ def measure(reps: int = 30) -> list[dict[str, object]]:
             "sum sq": _time(lambda y: _sum_sq(view(y)), src, reps, flush),
             "count": _time(lambda y: _count(view(y), view(y).bool, view(y).sign), src, reps, flush),
             "forward_rows": _time(lambda y: forward_rows(y, 1, nonnegative=True, cap=None), src, reps, flush),
-            "grad_rows": _time(lambda g: grad_rows(g, gi, 1), grad, reps, flush),
+            "grad_rows": _time(lambda g, gi=gi: grad_rows(g, gi, 1), grad, reps, flush),
         }
         t["floor"] = t["sum"] + t["sum sq"] + t["count"]
         rows.append({"model": model, "shape": shape, "calls": calls, **t})
