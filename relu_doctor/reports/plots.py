@@ -320,40 +320,36 @@ def gradient_flow_figure(
         axes = list(fig.subplots(1, panels, squeeze=False)[0])
         palette = dict(zip(pick, sns.color_palette("crest", len(pick)), strict=True))
         if not g.empty:
-            ax = axes.pop(0)
-            order = _site_order(history)
-            labels = _labels(order, 24)
-            pos = {s: i for i, s in enumerate(order)}
-            for step in pick:
-                part = g[g["step"] == step].copy()
-                part["x"] = part["site"].astype(str).map(pos)
-                part = part.sort_values("x")
-                ax.plot(part["x"], part["grad_rms"].astype(float), marker="o", markersize=4,
-                        color=palette[step], label=f"step {step}")
-            _depth_axis(ax, [labels[s] for s in order])
-            _value_scale(ax, g["grad_rms"].astype(float))
-            ax.set_title("activation-gradient RMS by site (input → output)")
-            ax.legend(frameon=False, fontsize=8)
+            _by_depth(axes.pop(0), g, "site", "grad_rms", _site_order(history), palette, "o",
+                      "activation-gradient RMS by site (input → output)")
         if has_layers and layers is not None:
-            ax = axes.pop(0)
             lay = layers[layers["grad_norm"].astype(float) > 0]
             names = [str(n) for n in pd.unique(layers["layer"])]
-            labels = _labels(names, 24)
-            pos = {s: i for i, s in enumerate(names)}
             lsteps = sorted(int(s) for s in lay["step"].unique())
             lpick = [s for s in pick if s in lsteps] or lsteps[-1:]
             lpal = dict(zip(lpick, sns.color_palette("flare", len(lpick)), strict=True))
-            for step in lpick:
-                part = lay[lay["step"] == step].copy()
-                part["x"] = part["layer"].astype(str).map(pos)
-                part = part.sort_values("x")
-                ax.plot(part["x"], part["grad_norm"].astype(float), marker="s", markersize=4,
-                        color=lpal[step], label=f"step {step}")
-            _depth_axis(ax, [labels[s] for s in names])
-            _value_scale(ax, lay["grad_norm"].astype(float))
-            ax.set_title("parameter-gradient norm by layer")
-            ax.legend(frameon=False, fontsize=8)
+            _by_depth(axes.pop(0), lay, "layer", "grad_norm", names, lpal, "s",
+                      "parameter-gradient norm by layer")
     return fig
+
+
+def _by_depth(
+    ax: Any, frame: pd.DataFrame, where: str, value: str, order: list[str],
+    palette: dict[int, Any], marker: str, title: str,
+) -> None:
+    """One line per step in ``palette``: ``value`` at each place of ``order`` (column ``where``)."""
+    labels = _labels(order, 24)
+    pos = {s: i for i, s in enumerate(order)}
+    for step, color in palette.items():
+        part = frame[frame["step"] == step].copy()
+        part["x"] = part[where].astype(str).map(pos)
+        part = part.sort_values("x")
+        ax.plot(part["x"], part[value].astype(float), marker=marker, markersize=4,
+                color=color, label=f"step {step}")
+    _depth_axis(ax, [labels[s] for s in order])
+    _value_scale(ax, frame[value].astype(float))
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=8)
 
 
 def _depth_axis(ax: Any, labels: list[str]) -> None:
