@@ -1,0 +1,151 @@
+"""Writes ``tests/golden/golden.json``: the numbers of two fixed-seed runs, for the golden test.
+
+The fixture was made once, from the code before the redesign (issue 11), and is compared by
+``tests/test_golden.py`` with what the current code writes. Re-make it only when a change is
+meant to change the numbers, and say so in the commit::
+
+    .venv/bin/python -m tests.golden.make_golden
+
+Two runs: the embedded demo (``--quick``, untreated and treated, so every remedy's
+interventions are in it) and a plain loop with a reused module, a functional call, the
+optimizer tap and the plain-loop remedies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import relu_doctor
+
+HERE = Path(__file__).parent
+GOLDEN = HERE / "golden.json"
+# Site-level, per-unit and per-layer columns compared (those present before the redesign).
+HISTORY = [
+    "step", "site", "family", "order", "window_steps", "units", "units_seen", "elements",
+    "dead", "dead_fraction", "lifetime_dead", "lifetime_dead_fraction", "dormant",
+    "dormant_fraction", "sparsity", "activation_rate", "mean_abs", "rms",
+    "saturated_fraction", "fully_saturated", "grad_rms", "grad_zero_fraction", "nonfinite",
+    "grad_nonfinite",
+]
+UNITS = [
+    "step", "site", "unit", "activation_rate", "mean_abs", "dormant_score", "saturation_rate",
+    "grad_rms", "grad_zero_rate", "dead", "dormant", "lifetime_dead",
+]
+LAYERS = ["step", "layer", "grad_norm", "update_ratio"]
+INTERVENTION = ["remedy", "site", "step", "what", "before", "after"]
+
+
+def _plain(value: Any) -> Any:
+    """JSON-exact plain data: NaN as the string 'nan', numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _table(frame: Any, columns: list[str]) -> list[list[Any]]:
+    if frame.empty:
+        return []
+    return [_plain(list(row)) for row in frame[columns].itertuples(index=False)]
+
+
+def canonical(run_dir: Path) -> dict[str, Any]:
+    """The numbers of one run directory, as plain data."""
+    run = relu_doctor.load_run(run_dir)
+    findings = sorted(
+        (f.kind, f.site, f.severity, f.step, f.began, _plain(f.evidence)) for f in run.findings()
+    )
+    interventions = [
+        {k: _plain(e.get(k)) for k in INTERVENTION} for e in run.interventions()
+    ]
+    return {
+        "history": _table(run.history, HISTORY),
+        "units": _table(run.units, UNITS),
+        "layers": _table(run.layers, LAYERS),
+        "findings": [list(_plain(list(f))) for f in findings],
+        "interventions": interventions,
+    }
+
+
+class PlainNet(nn.Module):
+    """A reused ReLU module, a functional call and a LeakyReLU, as real code has them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.fc3 = nn.Linear(32, 24)
+        self.fc4 = nn.Linear(24, 4)
+        self.act = nn.ReLU()
+        self.leaky = nn.LeakyReLU(0.05)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        h = self.act(self.fc2(h))
+        h = F.relu(self.fc3(h))
+        return self.fc4(self.leaky(h))
+
+
+def plain_loop(run_dir: Path) -> list[list[Any]]:
+    """A plain loop at too high a learning rate; returns the findings of every log."""
+    from relu_doctor.remedies import DormantRecycler, LRRescuer
+
+    torch.manual_seed(7)
+    g = torch.Generator().manual_seed(70)
+    x = torch.randn(1024, 12, generator=g)
+    y = (x[:, :6].sum(1) > 0).long() + 2 * (x[:, 6] > 0).long()
+    model = PlainNet()
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)
+    per_log: list[list[Any]] = []
+    with relu_doctor.watch(model, log_every_n_steps=10, optimizer=opt, run_dir=run_dir) as doc:
+        LRRescuer(opt, factor=0.5, cooldown=2).bind(doc)
+        DormantRecycler(model, optimizers=opt, every=3, max_fraction=0.25, seed=0).bind(doc)
+        doc.add_listener(
+            lambda rec: per_log.append(
+                [rec.step, sorted([f.kind, f.site, f.severity] for f in rec.findings)]
+            )
+        )
+        for _ in range(60):
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            doc.step()
+    return per_log
+
+
+def make() -> dict[str, Any]:
+    """Both runs, canonical."""
+    from relu_doctor.demo import run_demo
+
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_demo(Path(tmp) / "demo", quick=True, seed=0, stream=open(  # noqa: SIM115
+            "/dev/null", "w"))
+        for name in ("untreated", "treated"):
+            out[f"demo/{name}"] = canonical(res.out / name)
+        per_log = plain_loop(Path(tmp) / "plain")
+        out["plain"] = {**canonical(Path(tmp) / "plain"), "per_log_findings": per_log}
+    return out
+
+
+if __name__ == "__main__":
+    data = make()
+    GOLDEN.write_text(json.dumps(data, indent=None, separators=(",", ":")) + "\n")
+    print(f"wrote {GOLDEN} ({GOLDEN.stat().st_size} bytes)", file=sys.stderr)
