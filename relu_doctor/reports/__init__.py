@@ -1,18 +1,27 @@
-"""Presentation: TensorBoard, plots and the HTML report. Reads run records only: it never
-touches a model, a hook or a device tensor."""
+"""Presentation: TensorBoard, plots, the HTML report and the terminal summary. Reads run
+records only (through :mod:`relu_doctor.history`): it never touches a model, a hook or a
+device tensor.
+
+``context`` turns a run into the report as plain data; ``html``, ``text`` and ``plots`` read
+that; ``report`` (the notebook object) puts them together; ``tensorboard`` writes event files.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from relu_doctor.reports.html import Report, render_report, write_report
+    from relu_doctor.reports.context import ReportContext, build_context
+    from relu_doctor.reports.html import render_report, write_report
+    from relu_doctor.reports.report import Report
     from relu_doctor.reports.text import summary
 
-__all__ = ["Report", "render_report", "summary", "write_report"]
+__all__ = ["Report", "ReportContext", "build_context", "render_report", "summary", "write_report"]
 
 _LAZY = {
-    "Report": "relu_doctor.reports.html",
+    "Report": "relu_doctor.reports.report",
+    "ReportContext": "relu_doctor.reports.context",
+    "build_context": "relu_doctor.reports.context",
     "render_report": "relu_doctor.reports.html",
     "write_report": "relu_doctor.reports.html",
     "summary": "relu_doctor.reports.text",

@@ -1,7 +1,7 @@
-"""Figures of a run record (seaborn on matplotlib), as PNG data URIs for the HTML report.
+"""Figures of a run (seaborn on matplotlib), as PNG data URIs for the HTML report.
 
-Presentation only: every function takes host-side tables of a
-:class:`~relu_doctor.history.Run` (``history``, ``units``, ``layers``) and returns a
+Presentation only: every function takes host-side tables of the report context
+(:class:`relu_doctor.reports.context.Series`: ``history``, ``units``, ``layers``) and returns a
 ``matplotlib.figure.Figure`` (or None when there is nothing to draw). Figures are built
 without ``pyplot``, so nothing here touches global matplotlib state or needs a display, and
 the report can be made on a headless machine or inside a notebook without side effects.
@@ -25,7 +25,7 @@ import base64
 import io
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +126,7 @@ def pick_sites(
 
 def dead_fraction_figure(
     history: pd.DataFrame,
-    interventions: Sequence[Mapping[str, Any]] = (),
+    marks: Sequence[int] = (),
     *,
     max_lines: int = MAX_LINES,
 ) -> Figure | None:
@@ -134,7 +134,7 @@ def dead_fraction_figure(
 
     Args:
         history: one row per (step, site) with ``dead_fraction`` and ``sparsity``.
-        interventions: events drawn as dashed vertical lines at their step.
+        marks: steps drawn as dashed vertical lines (interventions).
         max_lines: most sites drawn; the sites with the highest peak dead fraction win.
 
     Returns:
@@ -165,10 +165,8 @@ def dead_fraction_figure(
             ax.set_ylim(-0.03, 1.03)
             ax.set_title(title)
             ax.set_ylabel("")
-            for ev in interventions:
-                step = ev.get("step")
-                if isinstance(step, (int, float)) and math.isfinite(step):
-                    ax.axvline(float(step), color="0.35", linestyle="--", linewidth=1)
+            for step in marks:
+                ax.axvline(float(step), color="0.35", linestyle="--", linewidth=1)
         if len(shown) > 0 and axes[-1].get_legend() is not None:
             sns.move_legend(
                 axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0), title="site", frameon=False
@@ -203,7 +201,8 @@ def _nanmean(a: np.ndarray, axis: int) -> np.ndarray:
     """``np.nanmean`` without the 'mean of empty slice' warning (all-NaN stays NaN)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(a, axis=axis)
+        out: np.ndarray = np.nanmean(a, axis=axis)
+    return out
 
 
 def _bin_mean(a: np.ndarray, limit: int, axis: int) -> tuple[np.ndarray, list[np.ndarray], int]:

@@ -1,6 +1,7 @@
-"""A short plain-text summary of a run record, for a terminal.
+"""A short plain-text summary of a run, for a terminal, read from the report context.
 
-Uses the same numbers as the HTML report (:func:`relu_doctor.reports.html.report_context`).
+The same numbers as the HTML report: both read
+:class:`~relu_doctor.reports.context.ReportContext`.
 
 Example:
     >>> import pandas as pd
@@ -12,9 +13,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 from relu_doctor.history import Run
+from relu_doctor.reports.context import ReportContext, build_context
 
 __all__ = ["summary"]
 
@@ -23,40 +23,36 @@ def _clip(s: str, width: int) -> str:
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
-def summary(run: Run, *, max_sites: int = 20, max_findings: int = 5) -> str:
+def summary(run: Run | ReportContext, *, max_sites: int = 20, max_findings: int = 5) -> str:
     """Verdict, the most severe findings and a per-site table, as plain text.
 
     Args:
-        run: a run record.
+        run: a run record, or its report context (built once, shared with the HTML).
         max_sites: most rows of the per-site table (the rest are counted).
         max_findings: most findings listed.
     """
-    from relu_doctor.reports.html import report_context
-
-    ctx: dict[str, Any] = report_context(run)
-    v = ctx["verdict"]
-    model = ctx["model"] or "model"
-    lines = [f"{model}: {v['headline']}"]
-    if ctx["last_step"] is None:
+    ctx = run if isinstance(run, ReportContext) else build_context(run)
+    lines = [f"{ctx.model or 'model'}: {ctx.verdict.headline}"]
+    if ctx.last_step is None:
         return "\n".join(lines)
-    keys = ", ".join(f"{k} {val}" for k, val in ctx["key_numbers"])
-    lines.append(f"  {keys}")
-    serious = [f for f in ctx["findings"] if f["severity"] != "info"] or ctx["findings"]
+    lines.append("  " + ", ".join(f"{k} {v}" for k, v in ctx.key_numbers))
+    serious = [f for f in ctx.findings if f.severity != "info"] or ctx.findings
     for f in serious[:max_findings]:
-        units = f" [{f['unit_label']}: {_clip(f['units_text'], 60)}]" if f["units_named"] else ""
-        lines.append(f"  [{f['severity']}] {f['site']}: {f['message']}{units}")
+        units = f" [{f.unit_label}: {_clip(f.units_text, 60)}]" if f.units_named else ""
+        lines.append(f"  [{f.severity}] {f.site}: {f.message}{units}")
     if len(serious) > max_findings:
         lines.append(f"  ... and {len(serious) - max_findings} more findings (see the report)")
-    rows = ctx["sites"]
+    rows = ctx.sites
     if rows:
-        width = min(36, max(4, *(len(r["site"]) for r in rows)))
-        head = f"  {'site':<{width}} {'family':<10} {'units':>6} {'dead':>6} {'dormant':>7} {'sparsity':>8} {'grad RMS':>9}"
-        lines.append(head)
+        width = min(36, max(4, *(len(r.site) for r in rows)))
+        lines.append(
+            f"  {'site':<{width}} {'family':<10} {'units':>6} {'dead':>6} {'dormant':>7} "
+            f"{'sparsity':>8} {'grad RMS':>9}"
+        )
         for r in rows[:max_sites]:
             lines.append(
-                f"  {_clip(r['site'], width):<{width}} {_clip(r['family'], 10):<10} "
-                f"{r['units']:>6} {r['dead']:>6} {r['dormant']:>7} {r['sparsity']:>8} "
-                f"{r['grad_rms']:>9}"
+                f"  {_clip(r.site, width):<{width}} {_clip(r.family, 10):<10} "
+                f"{r.units:>6} {r.dead:>6} {r.dormant:>7} {r.sparsity:>8} {r.grad_rms:>9}"
             )
         if len(rows) > max_sites:
             lines.append(f"  ... {len(rows) - max_sites} more sites")

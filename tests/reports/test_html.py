@@ -16,14 +16,9 @@ import relu_doctor
 from relu_doctor.errors import RunDirError
 from relu_doctor.history import Run, RunWriter, load_run
 from relu_doctor.reports import plots
-from relu_doctor.reports.html import (
-    Report,
-    fmt_num,
-    fmt_pct,
-    render_report,
-    report_context,
-    write_report,
-)
+from relu_doctor.reports.context import build_context, fmt_num, fmt_pct
+from relu_doctor.reports.html import render_report, write_report
+from relu_doctor.reports.report import Report
 from relu_doctor.reports.text import summary
 from tests.reports.conftest import KILLED, XSS_DIR, XSS_SITE, TrainedRun
 
@@ -99,8 +94,8 @@ def test_numbers_match_what_was_logged_during_training(dead_run: TrainedRun) -> 
             fmt_num(row["grad_rms"]), fmt_pct(row["grad_zero_fraction"]),
         ]
     # and the same report context comes from the directory and from memory
-    from_disk = report_context(load_run(dead_run.run_dir))["data"]
-    in_memory = report_context(dead_run.in_memory)["data"]
+    from_disk = build_context(load_run(dead_run.run_dir)).data
+    in_memory = build_context(dead_run.in_memory).data
     assert from_disk == in_memory
 
 
@@ -270,6 +265,6 @@ def test_healthy_run(tmp_path: Path) -> None:
 def test_site_without_rows_is_listed(tmp_path: Path) -> None:
     run = Run(meta={"model": "Net", "sites": [{"name": "late", "family": "relu", "units": 4}]},
               history=pd.DataFrame(), units=pd.DataFrame(), layers=pd.DataFrame())
-    ctx = report_context(run)
-    assert [s["site"] for s in ctx["sites"]] == ["late"]
-    assert ctx["verdict"]["status"] == "empty"
+    ctx = build_context(run)
+    assert [s.site for s in ctx.sites] == ["late"]
+    assert ctx.verdict.status == "empty"

@@ -1,0 +1,130 @@
+"""The report context: built from a run record alone, findings from ``run.findings()`` (not
+rebuilt from events), and the reports' imports running one way."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pandas as pd
+
+import relu_doctor
+from relu_doctor.history import Run, load_run
+from relu_doctor.reports.context import (
+    CONTINUOUS_REMEDIES,
+    build_context,
+    fmt_int,
+    fmt_num,
+    fmt_pct,
+)
+from relu_doctor.reports.text import summary
+from tests.reports.conftest import KILLED, TrainedRun
+
+REPORTS = Path(relu_doctor.__file__).parent / "reports"
+
+
+def _relu_doctor_imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n == "relu_doctor" or n.startswith("relu_doctor.")}
+    return out
+
+
+def test_reports_import_the_run_record_only() -> None:
+    """reports/ reads history (and the value types it holds), never a model, hook or probe;
+    html and text do not import each other."""
+    allowed = {"relu_doctor.history", "relu_doctor.events", "relu_doctor.diagnosis",
+               "relu_doctor._validate", "relu_doctor.errors"}
+    files = sorted(REPORTS.glob("*.py"))
+    assert {p.stem for p in files} >= {"context", "html", "text", "plots", "tensorboard"}
+    for p in files:
+        imports = _relu_doctor_imports(p)
+        foreign = {m for m in imports if m not in allowed and not m.startswith("relu_doctor.reports")}
+        assert not foreign, (p.name, foreign)
+    assert "relu_doctor.reports.text" not in _relu_doctor_imports(REPORTS / "html.py")
+    assert "relu_doctor.reports.html" not in _relu_doctor_imports(REPORTS / "text.py")
+
+
+def test_findings_are_the_last_steps_exactly(dead_run: TrainedRun) -> None:
+    """Findings persist across logs (the killed units stay dead), so events.jsonl holds
+    them only where they began: the report must still show every one of the last step."""
+    run = load_run(dead_run.run_dir)
+    ctx = build_context(run)
+    want = sorted((f.kind, f.site, f.severity, f.message) for f in dead_run.findings)
+    assert want, "the killed units make findings"
+    assert sorted((f.kind, f.site, f.severity, f.message) for f in ctx.findings) == want
+    assert ctx.findings_step == run.last_step and not ctx.findings_stale
+    # the findings are not all re-written at the last step (which would hide the bug)
+    last_events = [e for e in run.finding_events() if e.step == run.last_step]
+    assert len(last_events) < len(want)
+    # most severe first
+    ranks = [("info", "warning", "critical").index(f.severity) for f in ctx.findings]
+    assert ranks == sorted(ranks, reverse=True)
+
+
+def test_site_rows_and_key_numbers_are_the_last_logged_numbers(dead_run: TrainedRun) -> None:
+    run = load_run(dead_run.run_dir)
+    ctx = build_context(run)
+    last = run.history[run.history["step"] == run.last_step].set_index("site")
+    assert [r.site for r in ctx.sites] == [s["name"] for s in run.site_info] == list(KILLED)
+    for r in ctx.sites:
+        h = last.loc[r.site]
+        assert r.raw["dead"] == int(h["dead"]) and r.dead == str(int(h["dead"]))
+        assert r.dead_pct == fmt_pct(h["dead_fraction"])
+        assert r.severity == "critical" or r.severity == "warning"
+        assert r.logged and r.family == "relu"
+    keys = dict(ctx.key_numbers)
+    assert keys["units"] == str(int(last["units"].sum()))
+    assert keys["dead now"].startswith(f"{int(last['dead'].sum())} (")
+    assert keys["steps logged"] == "3–12 (4 logs)"
+    # the series the figures read are the run's own tables
+    assert ctx.series.history is run.history and ctx.series.units is run.units
+    assert ctx.series.heatmap_sites == list(KILLED)
+
+
+def test_interventions_and_timeline(tmp_path: Path) -> None:
+    events = [
+        {"type": "intervention", "id": "a", "remedy": "leaky_relu_swap", "site": "s", "step": 10,
+         "what": "swapped", "before": {"dead_fraction": 0.5}, "after": None},
+        {"type": "intervention_result", "ref": "a", "remedy": "leaky_relu_swap", "site": "s",
+         "step": 20, "after": {"dead_fraction": 0.25}},
+        *[{"type": "intervention", "id": f"c{i}", "remedy": "adaptive_grad_clip",
+           "site": "model", "step": 10 * i, "what": f"clip {i}", "before": {"grad_norm": 1.0}}
+          for i in (1, 2, 3)],
+    ]
+    hist = pd.DataFrame([{"step": 10 * i, "site": "s", "units": 4, "dead": 1,
+                          "dead_fraction": 0.25} for i in (1, 2, 3)])
+    run = Run(meta={"sites": [{"name": "s", "units": 4}]}, history=hist, units=pd.DataFrame(),
+              layers=pd.DataFrame(), events=events)
+    ctx = build_context(run)
+    assert [(e.remedy, e.step) for e in ctx.interventions] == [
+        ("leaky_relu_swap", 10), ("adaptive_grad_clip", 10), ("adaptive_grad_clip", 20),
+        ("adaptive_grad_clip", 30)]
+    swap = ctx.interventions[0]
+    assert swap.changes == [("dead", "50.0%", "25.0%")] and swap.after_step == 20
+    assert ctx.remedy_counts == [("adaptive_grad_clip", 3), ("leaky_relu_swap", 1)]
+    assert "adaptive_grad_clip" in CONTINUOUS_REMEDIES
+    assert [(r.remedy, r.count, r.step, r.last_step) for r in ctx.timeline] == [
+        ("leaky_relu_swap", 1, 10, 10), ("adaptive_grad_clip", 3, 10, 30)]
+    assert ctx.series.marks == [10]  # clipping is not drawn over the time chart
+    assert ctx.data["interventions"] == 4
+
+
+def test_text_summary_reads_the_same_context(dead_run: TrainedRun) -> None:
+    run = load_run(dead_run.run_dir)
+    ctx = build_context(run)
+    assert summary(ctx) == summary(run)
+    assert ctx.verdict.headline in summary(ctx).splitlines()[0]
+
+
+def test_formatting() -> None:
+    assert fmt_pct(0.125) == "12.5%" and fmt_pct(float("nan")) == "—" and fmt_pct(None) == "—"
+    assert fmt_num(3) == "3" and fmt_num(2.0) == "2" and fmt_num(0.012345) == "0.0123"
+    assert fmt_num(True) == "yes" and fmt_num(float("inf")) == "—"
+    assert fmt_int(4.0) == "4" and fmt_int(None) == "—"
