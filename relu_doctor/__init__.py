@@ -10,28 +10,59 @@ through hooks on ReLU-family activations, with statistics kept on the model's de
     ...     _ = doc.step()
     >>> doc.findings() is not None
     True
+
+The names below are imported on first use (PEP 562), so ``import relu_doctor`` and the
+``relu-doctor`` command's ``--help`` and ``--version`` do not import torch or pandas.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from relu_doctor.diagnosis import DiagnosisConfig, Finding
-from relu_doctor.doctor import Doctor, LogRecord, ScanResult, scan, watch
-from relu_doctor.errors import ReluDoctorError, RunDirError
-from relu_doctor.families import Family, family_of, register_family
-from relu_doctor.history import Run, load_run
+from relu_doctor._version import __version__
+
+if TYPE_CHECKING:
+    from relu_doctor.diagnosis import DiagnosisConfig, Finding
+    from relu_doctor.doctor import Doctor, watch
+    from relu_doctor.errors import ReluDoctorError, RunDirError
+    from relu_doctor.families import Family, family_of, register_family
+    from relu_doctor.history import IntervalRecord, LogRecord, Run, load_run
+    from relu_doctor.scan import ScanResult, scan
+    from relu_doctor.sites import SiteKey
+
+# public name -> the module that defines it
+_WHERE = {
+    "DiagnosisConfig": "diagnosis",
+    "Finding": "diagnosis",
+    "Doctor": "doctor",
+    "watch": "doctor",
+    "ReluDoctorError": "errors",
+    "RunDirError": "errors",
+    "Family": "families",
+    "family_of": "families",
+    "register_family": "families",
+    "IntervalRecord": "history",
+    "LogRecord": "history",
+    "Run": "history",
+    "load_run": "history",
+    "ScanResult": "scan",
+    "scan": "scan",
+    "SiteKey": "sites",
+}
 
 __all__ = [
     "DiagnosisConfig",
     "Doctor",
     "Family",
     "Finding",
+    "IntervalRecord",
     "LogRecord",
     "ReluDoctorError",
     "Run",
     "RunDirError",
     "ScanResult",
+    "SiteKey",
     "__version__",
     "family_of",
     "load_run",
@@ -39,3 +70,17 @@ __all__ = [
     "scan",
     "watch",
 ]
+assert sorted(_WHERE) == sorted(n for n in __all__ if n != "__version__")
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'relu_doctor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"relu_doctor.{where}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

@@ -2,7 +2,8 @@
 exploding gradients, non-finite values. Each finding carries the numbers behind it and the
 suggested remedy, in the vocabulary of the material relu_doctor grew from.
 
-Pure functions over sum matrices read back to the host at logging time; no model, no hooks.
+Pure functions over the metrics of :mod:`relu_doctor.metrics` (computed once, read here);
+no model, no hooks, no sums re-derived.
 """
 
 from __future__ import annotations
@@ -14,19 +15,24 @@ from typing import Any
 
 import torch
 
+from relu_doctor._validate import number_in, positive_finite
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.stats import ROW, derive_units
 
 __all__ = [
     "SEVERITIES",
     "DiagnosisConfig",
     "Finding",
     "diagnose",
-    "site_metrics",
+    "severity_rank",
 ]
 
 SEVERITIES = ("info", "warning", "critical")
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
+
+
+def severity_rank(severity: str) -> int:
+    """The order of severities (info 0 < warning 1 < critical 2); -1 for an unknown one."""
+    return _RANK.get(severity, -1)
 
 
 @dataclass(frozen=True)
@@ -57,28 +63,23 @@ class DiagnosisConfig:
     spike_factor: float = 10.0
 
     def __post_init__(self) -> None:
-        _open_unit("tau", self.tau)
+        check_tau("tau", self.tau)
         for name in ("dead_warning", "dead_critical", "sparsity_max", "saturation_warning"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0.0 < v <= 1.0):
-                raise ReluDoctorError(f"{name}: expected a fraction in (0, 1], got {v!r}.")
+            number_in(name, getattr(self, name), 0.0, 1.0)
         if self.dead_warning > self.dead_critical:
             raise ReluDoctorError(
                 f"dead_warning ({self.dead_warning}) must not exceed dead_critical "
                 f"({self.dead_critical})."
             )
         for name in ("vanishing_ratio", "exploding_ratio", "spike_factor"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-                raise ReluDoctorError(f"{name}: expected a positive finite number, got {v!r}.")
+            positive_finite(name, getattr(self, name))
 
 
-def _open_unit(name: str, v: object) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
-        raise ReluDoctorError(
-            f"{name}: expected a number strictly between 0 and 1 (the ReDo paper uses 0.1 "
-            f"or 0.025), got {v!r}."
-        )
+def check_tau(name: str, value: object) -> float:
+    """The dormant threshold: a number strictly between 0 and 1."""
+    return number_in(
+        name, value, 0.0, 1.0, high_open=True, hint=" (the ReDo paper uses 0.1 or 0.025)"
+    )
 
 
 @dataclass(frozen=True)
@@ -117,54 +118,6 @@ def _units_list(mask: torch.Tensor, limit: int = 64) -> list[int]:
     return [int(i) for i in torch.nonzero(mask).flatten()[:limit]]
 
 
-def site_metrics(
-    window: torch.Tensor, lifetime: torch.Tensor, tau: float
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Site-level metrics of one site over a window, plus its per-unit derived metrics.
-
-    Args:
-        window: ``(len(FIELDS), units)`` sums over the window.
-        lifetime: the same over everything since monitoring began (window included).
-        tau: dormant threshold.
-
-    Returns:
-        ``(row, units)``: a flat dict of site metrics and :func:`derive_units` of the window.
-    """
-    u = derive_units(window, tau)
-    life = lifetime.detach().to("cpu", torch.float64)
-    w = window.detach().to("cpu", torch.float64)
-    units = w.shape[1]
-    seen = int(u["seen"].sum())
-    n = float(w[ROW["elements"]].sum())
-    active = float(w[ROW["active"]].sum())
-    gel = float(w[ROW["grad_elements"]].sum())
-    gin = float(w[ROW["grad_in_elements"]].sum())
-    life_dead = (life[ROW["elements"]] > 0) & (life[ROW["active"]] == 0)
-    nan = float("nan")
-    row = {
-        "units": units,
-        "units_seen": seen,
-        "elements": n,
-        "dead": int(u["dead"].sum()),
-        "dead_fraction": float(u["dead"].sum()) / seen if seen else nan,
-        "lifetime_dead": int(life_dead.sum()),
-        "lifetime_dead_fraction": float(life_dead.sum()) / units if units else nan,
-        "dormant": int(u["dormant"].sum()),
-        "dormant_fraction": float(u["dormant"].sum()) / seen if seen else nan,
-        "sparsity": 1.0 - active / n if n else nan,
-        "activation_rate": active / n if n else nan,
-        "mean_abs": float(w[ROW["sum_abs"]].sum()) / n if n else nan,
-        "rms": math.sqrt(float(w[ROW["sum_sq"]].sum()) / n) if n else nan,
-        "saturated_fraction": float(w[ROW["saturated"]].sum()) / n if n else nan,
-        "fully_saturated": int(u["fully_saturated"].sum()),
-        "grad_rms": math.sqrt(float(w[ROW["grad_sq"]].sum()) / gel) if gel else nan,
-        "grad_zero_fraction": float(w[ROW["grad_zero"]].sum()) / gin if gin else nan,
-        "nonfinite": int(w[ROW["nonfinite"]].sum()),
-        "grad_nonfinite": int(w[ROW["grad_nonfinite"]].sum()),
-    }
-    return row, u
-
-
 def _severity(frac: float, warn: float, crit: float) -> str:
     if frac >= crit:
         return "critical"
@@ -184,9 +137,9 @@ def diagnose(
     """Findings for one window.
 
     Args:
-        sites: site rows (from :func:`site_metrics`) each with ``site``, ``family``,
-            ``leaky``, ``cap`` and ``order`` keys added.
-        units: per-unit derived metrics by site name.
+        sites: site rows (:func:`relu_doctor.metrics.site_metrics`) each with ``site``,
+            ``family``, ``leaky``, ``cap`` and ``order`` keys added.
+        units: per-unit metrics (:func:`relu_doctor.metrics.unit_metrics`) by site name.
         config: thresholds.
         step: the step the diagnosis is made at.
         param_grad_norms: history of the total parameter-gradient norm, oldest first.
@@ -302,7 +255,7 @@ def diagnose(
                 )
             )
     out.extend(_gradient_findings(sites, config, step, param_grad_norms))
-    out.sort(key=lambda f: (-_RANK[f.severity], f.kind, f.site))
+    out.sort(key=lambda f: (-severity_rank(f.severity), f.kind, f.site))
     return out
 
 

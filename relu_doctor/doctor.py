@@ -1,20 +1,21 @@
-"""The standalone API: :func:`watch` a model in any PyTorch loop, :func:`scan` a dataset.
+"""The standalone API: :func:`watch` a model in any PyTorch loop.
 
-:class:`Doctor` wires a :class:`~relu_doctor.probes.Probe` (hooks), the on-device
-accumulators, the diagnosis and the run record together. Per step it only marks the step
-boundary; at each logging interval it reads every accumulator back in one transfer (the one
-host synchronisation), optionally sums them across processes, diagnoses, records, writes the
-run directory and tells its listeners (the Lightning callback, remedies).
+:class:`Doctor` wires the parts together and holds no maths of its own. Per step it only
+marks the step boundary; at each logging interval the data goes one way: the probe's
+on-device sums (:mod:`~relu_doctor.stats`) are summed across processes and read back in one
+transfer (the one host synchronisation), turned into metrics (:mod:`~relu_doctor.metrics`),
+diagnosed (:mod:`~relu_doctor.diagnosis`), recorded and written
+(:mod:`~relu_doctor.history`), and handed to its listeners (the Lightning callback,
+remedies).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,56 +23,33 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from relu_doctor.diagnosis import DiagnosisConfig, Finding, diagnose, site_metrics
+from relu_doctor._validate import optimizers as optimizers_arg
+from relu_doctor._validate import positive_int
+from relu_doctor._version import __version__
+from relu_doctor.diagnosis import DiagnosisConfig, Finding, check_tau, diagnose
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.history import Run, RunWriter
-from relu_doctor.probes import OptimizerTap, Probe, Site
-from relu_doctor.stats import ROW, reduce_sum
+from relu_doctor.events import Event, FindingEvent
+from relu_doctor.history import (
+    FORMAT_VERSION,
+    FindingTracker,
+    IntervalRecord,
+    LogRecord,
+    Run,
+    RunWriter,
+    event_dict,
+)
+from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, site_metrics, unit_metrics
+from relu_doctor.optimizer_tap import OptimizerTap
+from relu_doctor.probes import Probe
+from relu_doctor.sites import Site, SiteKey
+from relu_doctor.stats import ROW, read_back, reduce_sum
 
-__all__ = ["Doctor", "LogRecord", "ScanResult", "scan", "watch"]
+__all__ = ["Doctor", "IntervalRecord", "LogRecord", "watch"]
 
-Listener = Callable[["LogRecord"], None]
-
-
-@dataclass
-class LogRecord:
-    """What one logging interval saw (host-side data only).
-
-    Attributes:
-        step: the step count at which it was logged.
-        sites: one dict per site: ``site``, ``family``, ``order`` and the metrics of
-            :func:`~relu_doctor.diagnosis.site_metrics`.
-        units: one row per (site, unit).
-        layers: one row per parameterised layer: ``grad_norm``, ``update_ratio``.
-        findings: the diagnosis, most severe first.
-        new_findings: findings that were not present at the previous log.
-    """
-
-    step: int
-    sites: list[dict[str, Any]]
-    units: pd.DataFrame
-    layers: pd.DataFrame
-    findings: list[Finding]
-    new_findings: list[Finding] = field(default_factory=list)
-
-    def site(self, name: str) -> dict[str, Any]:
-        for row in self.sites:
-            if row["site"] == name:
-                return row
-        raise ReluDoctorError(
-            f"site: no site named {name!r} in this record; known: {[r['site'] for r in self.sites]}."
-        )
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ReluDoctorError(f"{name}: expected a positive integer (>= 1), got {value!r}.")
-    return value
+Listener = Callable[[IntervalRecord], None]
 
 
 def _versions() -> dict[str, str]:
-    from relu_doctor import __version__
-
     return {
         "relu_doctor": __version__,
         "torch": torch.__version__,
@@ -88,7 +66,9 @@ class Doctor:
         model: the model.
         log_every_n_steps: steps per logging interval (the default window for "dead").
         every_n_steps: collect statistics on every n-th step only (1 = every step).
-        tau: dormant threshold on the ReDo score, in (0, 1).
+        tau: dormant threshold on the ReDo score, in (0, 1): a shortcut for
+            ``config=DiagnosisConfig(tau=...)`` (default 0.1). Giving both ``tau`` and a
+            ``config`` whose ``tau`` differs is an error.
         include: glob patterns of module paths to watch (default: every activation).
         exclude: glob patterns of module paths to leave out.
         unit_dims: ``{pattern: dim}`` overriding which dim holds the units.
@@ -98,7 +78,7 @@ class Doctor:
         grad_scaler: a ``torch.amp.GradScaler`` whose scale is divided out of the gradient
             statistics (fp16 AMP); not needed for bf16.
         run_dir: write a run directory here as training goes.
-        config: diagnosis thresholds (``tau`` above wins over ``config.tau``).
+        config: diagnosis thresholds, ``tau`` included.
         all_reduce: sums a flat tensor across processes (DDP); None for one process.
         world_size: number of processes whose gradients are averaged (DDP). Each process's
             dL/d(output) is divided by it, so gradient statistics are those of the objective
@@ -123,7 +103,7 @@ class Doctor:
         *,
         log_every_n_steps: int = 50,
         every_n_steps: int = 1,
-        tau: float = 0.1,
+        tau: float | None = None,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         unit_dims: Mapping[str, int] | None = None,
@@ -138,16 +118,15 @@ class Doctor:
         functional: bool | None = None,
         optimizer_pre_hook: bool = True,
     ) -> None:
-        self.log_every_n_steps = _positive_int("log_every_n_steps", log_every_n_steps)
-        self.every_n_steps = _positive_int("every_n_steps", every_n_steps)
-        base = config or DiagnosisConfig()
-        self.config = DiagnosisConfig(**{**base.__dict__, "tau": tau}) if tau != base.tau else base
+        self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
+        self.every_n_steps = positive_int("every_n_steps", every_n_steps)
+        self.config = diagnosis_config(tau, config)
         if grad_scaler is not None and not hasattr(grad_scaler, "is_enabled"):
             raise ReluDoctorError(
                 f"grad_scaler: expected a torch.amp.GradScaler, got {type(grad_scaler).__name__}."
             )
         self.grad_scaler = grad_scaler
-        self.world_size = _positive_int("world_size", world_size)
+        self.world_size = positive_int("world_size", world_size)
         self.probe = Probe(
             model,
             include=include,
@@ -161,9 +140,7 @@ class Doctor:
         )
         self.model = model
         self.functional = functional is not False
-        opts: list[torch.optim.Optimizer] = []
-        if optimizer is not None:
-            opts = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]  # type: ignore[list-item]
+        opts: list[torch.optim.Optimizer] = optimizers_arg("optimizer", optimizer)
         self.tap: OptimizerTap | None = (
             OptimizerTap(
                 model,
@@ -181,9 +158,9 @@ class Doctor:
         self._writer: RunWriter | None = None
         self.global_step = 0
         self.window_steps = 0
-        self._records: list[LogRecord] = []
+        self._records: list[IntervalRecord] = []
         self._events: list[dict[str, Any]] = []
-        self._began: dict[tuple[str, str], int] = {}
+        self._tracker = FindingTracker()
         self._grad_norm_history: list[float] = []
         self._listeners: list[Listener] = []
         self._event_listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -244,10 +221,10 @@ class Doctor:
             return self.world_size if scale is None else scale * self.world_size
         return scale
 
-    def step(self) -> LogRecord | None:
+    def step(self) -> IntervalRecord | None:
         """Mark the end of one training step (one optimizer step).
 
-        Returns the :class:`LogRecord` when this step closed a logging interval, else None.
+        Returns the :class:`~relu_doctor.history.IntervalRecord` when this step closed a logging interval, else None.
         No host synchronisation happens unless it logs.
         """
         if self.probe.collecting:
@@ -277,151 +254,120 @@ class Doctor:
     def _mark_meta_dirty(self) -> None:
         self._meta_dirty = True
 
-    def _read(self, close: bool) -> LogRecord | None:
+    def reduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``tensors`` summed across processes in one collective call (``all_reduce``); the
+        same tensors where there is one process. The one cross-process sum of the library."""
+        if self.all_reduce is None:
+            return list(tensors)
+        return reduce_sum(tensors, self.all_reduce)
+
+    def _read(self, close: bool) -> tuple[IntervalRecord, list[FindingEvent]] | None:
+        """Sum, read back, derive, diagnose: the record of the open window (closing it when
+        ``close``)."""
         sites = self.probe.sites()
         if not sites:
             return None
         windows = [s.stats.window for s in sites]
-        layer_sq, layer_steps, ratio = (
+        grad_sq, layer_steps, ratio = (
             self.tap.read_and_reset() if (close and self.tap is not None) else (None, 0, None)
         )
-        extra = [] if layer_sq is None else [layer_sq]
-        world_t: torch.Tensor | None = None
+        extra = [] if grad_sq is None else [grad_sq]
+        world = 1
         if self.all_reduce is not None:
             ones = torch.ones(1, dtype=torch.float64, device=windows[0].device)
-            reduced = reduce_sum(windows + extra + [ones], self.all_reduce)
+            reduced = self.reduce_sum(windows + extra + [ones])
             windows, extra = reduced[: len(sites)], reduced[len(sites) : -1]
-            world_t = reduced[-1]
-        # One device-to-host transfer for everything.
-        flat = torch.cat(
-            [w.reshape(-1) for w in windows]
-            + [s.stats.lifetime.reshape(-1) for s in sites]
-            + [e.reshape(-1).to(torch.float64) for e in extra]
-            + ([ratio.reshape(-1)] if ratio is not None else [])
-        ).cpu()
+            world = round(float(reduced[-1]))
+        host = read_back(
+            windows
+            + [s.stats.lifetime for s in sites]
+            + extra
+            + ([ratio] if ratio is not None and extra else [])
+        )
         if close:
             for s, w in zip(sites, windows, strict=True):
-                s.stats.lifetime.add_(w)
-                s.stats.window.zero_()
-        off = 0
-        host_windows, host_life = [], []
-        for w in windows:
-            host_windows.append(flat[off : off + w.numel()].reshape(w.shape))
-            off += w.numel()
-        for s in sites:
-            n = s.stats.lifetime.numel()
-            host_life.append(flat[off : off + n].reshape(s.stats.lifetime.shape))
-            off += n
+                s.stats.close_window(w)
+        n = len(sites)
+        host_windows, host_life = host[:n], host[n : 2 * n]
         layer_rows: list[dict[str, Any]] = []
-        if extra:
-            n_layers = extra[0].numel()
-            sq = flat[off : off + n_layers]
-            off += n_layers
-            steps = max(layer_steps, 1)
-            world = 1 if world_t is None else round(float(world_t))
-            rat = flat[off : off + n_layers] if ratio is not None else None
-            for i, name in enumerate(self.tap.layers):  # type: ignore[union-attr]
-                layer_rows.append(
-                    {
-                        "step": self.global_step,
-                        "layer": name,
-                        "grad_norm": math.sqrt(float(sq[i]) / (steps * world)),
-                        "update_ratio": float(rat[i]) if rat is not None else float("nan"),
-                    }
-                )
-            total = math.sqrt(sum(r["grad_norm"] ** 2 for r in layer_rows))
+        if extra and self.tap is not None:
+            rows, total = layer_metrics(
+                self.tap.layers, host[2 * n], layer_steps, world,
+                host[2 * n + 1] if ratio is not None else None,
+            )
+            layer_rows = [{"step": self.global_step, **r} for r in rows]
             if close:
                 self._grad_norm_history.append(total)
-        rows: list[dict[str, Any]] = []
+        site_rows: list[dict[str, Any]] = []
         unit_frames: list[pd.DataFrame] = []
         units: dict[str, dict[str, torch.Tensor]] = {}
         for s, w, life in zip(sites, host_windows, host_life, strict=True):
-            life_total = life + w  # lifetime was read before this window was folded in
-            row, u = site_metrics(w, life_total, self.config.tau)
-            row = {
-                "step": self.global_step,
-                "site": s.name,
-                "family": s.family.name,
-                "leaky": s.family.leaky,
-                "cap": s.cap,
-                "order": s.order,
-                "window_steps": self.window_steps,
-                **row,
-            }
-            rows.append(row)
+            u = unit_metrics(w, life + w, self.config.tau)  # lifetime read before the fold
+            site_rows.append(
+                {
+                    "step": self.global_step,
+                    "site": s.name,
+                    "family": s.family.name,
+                    "leaky": s.family.leaky,
+                    "cap": s.cap,
+                    "order": s.order,
+                    "window_steps": self.window_steps,
+                    **site_metrics(w, u),
+                }
+            )
             units[s.name] = u
-            life_dead = (life_total[ROW["elements"]] > 0) & (life_total[ROW["active"]] == 0)
             unit_frames.append(
                 pd.DataFrame(
                     {
                         "step": self.global_step,
                         "site": s.name,
                         "unit": range(s.units),
-                        "activation_rate": u["activation_rate"].numpy(),
-                        "mean_abs": u["mean_abs"].numpy(),
-                        "dormant_score": u["dormant_score"].numpy(),
-                        "saturation_rate": u["saturation_rate"].numpy(),
-                        "grad_rms": u["grad_rms"].numpy(),
-                        "grad_zero_rate": u["grad_zero_rate"].numpy(),
-                        "dead": u["dead"].numpy(),
-                        "dormant": u["dormant"].numpy(),
-                        "lifetime_dead": life_dead.numpy(),
+                        **{c: u[c].numpy() for c in UNIT_COLUMNS},
                     }
                 )
             )
         findings = diagnose(
-            rows, units, self.config, step=self.global_step,
+            site_rows, units, self.config, step=self.global_step,
             param_grad_norms=self._grad_norm_history,
         )
-        findings, new = self._track(findings, commit=close)
-        return LogRecord(
+        findings, new, events = self._tracker.update(findings, self.global_step, commit=close)
+        record = IntervalRecord(
             step=self.global_step,
-            sites=rows,
-            units=pd.concat(unit_frames, ignore_index=True),
-            layers=pd.DataFrame(layer_rows),
+            site_rows=site_rows,
+            unit_table=pd.concat(unit_frames, ignore_index=True),
+            layer_table=pd.DataFrame(layer_rows),
             findings=findings,
             new_findings=new,
+            keys={s.name: s.key for s in sites},
         )
+        return record, events
 
-    def _track(self, findings: list[Finding], commit: bool) -> tuple[list[Finding], list[Finding]]:
-        began = dict(self._began)
-        now: dict[tuple[str, str], int] = {}
-        out, new = [], []
-        for f in findings:
-            key = (f.kind, f.site)
-            start = began.get(key, f.step)
-            now[key] = start
-            g = Finding(f.kind, f.site, f.severity, f.message, f.evidence, f.remedy, f.step, start)
-            out.append(g)
-            if key not in began:
-                new.append(g)
-        if commit:
-            self._began = now
-        return out, new
-
-    def log(self) -> LogRecord | None:
+    def log(self) -> IntervalRecord | None:
         """Close the current window now: read, diagnose, record, write, notify listeners."""
-        record = self._read(close=True)
+        read = self._read(close=True)
         self.window_steps = 0
-        if record is None:
+        if read is None:
             return None
+        record, finding_events = read
         self._records.append(record)
-        events = [{"type": "finding", **f.to_dict()} for f in record.findings]
+        events = [e.to_dict() for e in finding_events]
         self._events.extend(events)
         if self._writer is not None:
             if self._meta_dirty:
                 self._write_meta()
-            self._writer.append_table("history", record.step, pd.DataFrame(record.sites))
-            self._writer.append_table("units", record.step, record.units)
-            self._writer.append_table("layers", record.step, record.layers)
+            self._writer.append_table("history", record.step, pd.DataFrame(record.site_rows))
+            self._writer.append_table("units", record.step, record.unit_table)
+            self._writer.append_table("layers", record.step, record.layer_table)
+            self._writer.write_findings(record.findings)
             self._writer.append_events(events)
         for fn in self._listeners:
             fn(record)
         return record
 
-    def record_event(self, event: Mapping[str, Any]) -> None:
-        """Record an event (an intervention) in memory and in the run directory."""
-        ev = {"step": self.global_step, **event}
+    def record_event(self, event: Event | Mapping[str, Any]) -> None:
+        """Record an event (an :class:`~relu_doctor.events.Intervention` or its result) in
+        memory and in the run directory, and tell the event listeners (its dict form)."""
+        ev = {"step": self.global_step, **event_dict(event)}
         self._events.append(ev)
         if self._writer is not None:
             self._writer.append_events([ev])
@@ -446,7 +392,7 @@ class Doctor:
             self._writer.write_meta(self._meta())
             self._meta_dirty = False
 
-    def current(self) -> LogRecord | None:
+    def current(self) -> IntervalRecord | None:
         """The current window's record without closing it, or the last logged one when the
         current window is empty. Reads device tensors (a host sync): call it off the hot path."""
         sites = self.probe.sites()
@@ -454,7 +400,8 @@ class Doctor:
         # site whose every output was NaN has elements == 0 yet must be reported).
         seen_rows = [ROW["elements"], ROW["nonfinite"], ROW["grad_nonfinite"]]
         if sites and any(bool(s.stats.window[seen_rows].sum() > 0) for s in sites):
-            return self._read(close=False)
+            read = self._read(close=False)
+            return None if read is None else read[0]
         return self._records[-1] if self._records else None
 
     def findings(self) -> list[Finding]:
@@ -467,28 +414,39 @@ class Doctor:
         rec = self.current()
         if rec is None:
             return pd.DataFrame(columns=["step", "site", "family"])
-        return pd.DataFrame(rec.sites)
+        return pd.DataFrame(rec.site_rows)
 
-    def units(self, site: str) -> pd.DataFrame:
+    def unit_table(self, site: str) -> pd.DataFrame:
         """One row per unit of ``site``: activation rate, mean |h|, dormant score, dead...
+        (see :meth:`current`).
 
         The frame's ``attrs`` hold the unit dim and the rule that chose it.
         """
         s = self.probe.site(site)
         rec = self.current()
-        assert rec is not None
-        df = rec.units[rec.units["site"] == site].reset_index(drop=True)
+        if rec is None:
+            raise ReluDoctorError(
+                f"site: {site!r} has no statistics yet: run a forward pass (and call step()) "
+                "before reading its units."
+            )
+        df = rec.unit_table[rec.unit_table["site"] == site].reset_index(drop=True)
         df.attrs.update({"unit_dim": s.unit_dim, "unit_rule": s.unit_rule, "family": s.family.name})
         return df
+
+    units = unit_table  # the name before 0.2
+
+    def site_key(self, name: str) -> SiteKey:
+        """The :class:`~relu_doctor.sites.SiteKey` of the site whose display name is ``name``."""
+        return self.probe.site(name).key
 
     def history(self) -> pd.DataFrame:
         """Every logged (step, site) row so far."""
         if not self._records:
             return pd.DataFrame()
-        return pd.DataFrame([r for rec in self._records for r in rec.sites])
+        return pd.DataFrame([r for rec in self._records for r in rec.site_rows])
 
     @property
-    def records(self) -> list[LogRecord]:
+    def records(self) -> list[IntervalRecord]:
         return list(self._records)
 
     @property
@@ -500,16 +458,21 @@ class Doctor:
         records = list(self._records)
         events = list(self._events)
         if not records:
-            cur = self.current()
-            if cur is not None:
-                records = [cur]
-                events += [{"type": "finding", **f.to_dict()} for f in cur.findings]
+            read = self._read(close=False) if self.probe.sites() else None
+            if read is not None:
+                records = [read[0]]
+                events += [e.to_dict() for e in read[1]]
+
+        def cat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+            return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
         return Run(
-            meta={"format_version": 1, **self._meta()},
-            history=pd.DataFrame([r for rec in records for r in rec.sites]),
-            units=pd.concat([r.units for r in records], ignore_index=True) if records else pd.DataFrame(),
-            layers=pd.concat([r.layers for r in records], ignore_index=True) if records else pd.DataFrame(),
+            meta={"format_version": FORMAT_VERSION, **self._meta()},
+            history=pd.DataFrame([r for rec in records for r in rec.site_rows]),
+            units=cat([r.unit_table for r in records]),
+            layers=cat([r.layer_table for r in records]),
             events=events,
+            last_findings=list(records[-1].findings) if records else [],
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -517,12 +480,10 @@ class Doctor:
         run = self.to_run()
         writer = RunWriter(path)
         writer.write_meta({k: v for k, v in run.meta.items() if k != "format_version"})
-        for step, part in run.history.groupby("step") if not run.history.empty else []:
-            writer.append_table("history", int(step), part)
-        for step, part in run.units.groupby("step") if not run.units.empty else []:
-            writer.append_table("units", int(step), part)
-        for step, part in run.layers.groupby("step") if not run.layers.empty else []:
-            writer.append_table("layers", int(step), part)
+        for name, frame in (("history", run.history), ("units", run.units), ("layers", run.layers)):
+            for step, part in frame.groupby("step") if not frame.empty else []:
+                writer.append_table(name, int(step), part)
+        writer.write_findings(run.findings())
         ev_path = Path(path) / "events.jsonl"
         if ev_path.exists():
             ev_path.unlink()
@@ -531,12 +492,12 @@ class Doctor:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Counts and windows of every site, step counters and finding onsets."""
+        """Counts and windows of every site, step counters and open findings."""
         return {
             "global_step": self.global_step,
             "window_steps": self.window_steps,
             "sites": self.probe.site_state(),
-            "began": [[k[0], k[1], v] for k, v in self._began.items()],
+            "findings_open": self._tracker.state_dict(),
             "grad_norm_history": list(self._grad_norm_history),
         }
 
@@ -544,7 +505,7 @@ class Doctor:
         """Restore from :meth:`state_dict`. Sites not yet seen are restored on first call."""
         self.global_step = int(state["global_step"])
         self.window_steps = int(state["window_steps"])
-        self._began = {(k, s): int(v) for k, s, v in state.get("began", [])}
+        self._tracker.load_state_dict(state.get("findings_open", state.get("began", [])))
         self._grad_norm_history = [float(x) for x in state.get("grad_norm_history", [])]
         self.probe.load_site_state(state.get("sites", {}))
         self.probe.collecting = self._collecting()
@@ -554,6 +515,24 @@ class Doctor:
             f"Doctor(sites={len(self.probe.sites())}, step={self.global_step}, "
             f"attached={self.probe.attached})"
         )
+
+
+def diagnosis_config(tau: object, config: DiagnosisConfig | None) -> DiagnosisConfig:
+    """The one way tau is set: ``config`` (default thresholds when None), with ``tau`` as a
+    shortcut for its ``tau``; both given with different values is an error."""
+    if config is not None and not isinstance(config, DiagnosisConfig):
+        raise ReluDoctorError(
+            f"config: expected a relu_doctor.DiagnosisConfig, got {type(config).__name__}."
+        )
+    if tau is None:
+        return config or DiagnosisConfig()
+    t = check_tau("tau", tau)
+    if config is not None and config.tau != t:
+        raise ReluDoctorError(
+            f"tau: {t} conflicts with config.tau = {config.tau}; set it in one place "
+            "(DiagnosisConfig(tau=...) or tau=...)."
+        )
+    return replace(config or DiagnosisConfig(), tau=t)
 
 
 def watch(model: nn.Module, **kwargs: Any) -> Doctor:
@@ -573,150 +552,4 @@ def watch(model: nn.Module, **kwargs: Any) -> Doctor:
     """
     return Doctor(model, **kwargs).attach()
 
-
-# ---------------------------------------------------------------------- scan
-
-
-@dataclass
-class ScanResult:
-    """Which units never fire on a dataset.
-
-    Attributes:
-        sites: one row per site (``site``, ``family``, ``units``, ``dead``,
-            ``dead_fraction``, ``sparsity``, ``batches``, ``samples``).
-        units: one row per (site, unit): ``activation_rate``, ``mean_abs``, ``dead``.
-        dead_units: dead unit indices by site.
-    """
-
-    sites: pd.DataFrame
-    units: pd.DataFrame
-    dead_units: dict[str, list[int]]
-
-    def __str__(self) -> str:
-        lines = []
-        for row in self.sites.itertuples():
-            lines.append(
-                f"{row.site:30s} {row.family:10s} {row.dead:5d}/{row.units:<5d} dead "
-                f"({row.dead_fraction:.1%}), sparsity {row.sparsity:.1%}"
-            )
-        return "\n".join(lines)
-
-
-def _first_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, (list, tuple)) and batch:
-        return model(batch[0])
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    raise ReluDoctorError(
-        f"dataloader: cannot feed a batch of type {type(batch).__name__} to the model; yield "
-        "tensors, (input, target) tuples or keyword dicts, or pass forward=lambda model, "
-        "batch: ...."
-    )
-
-
-def scan(
-    model: nn.Module,
-    dataloader: Iterable[Any],
-    *,
-    max_batches: int | None = None,
-    forward: Callable[[nn.Module, Any], Any] | None = None,
-    progress: bool = False,
-    **kwargs: Any,
-) -> ScanResult:
-    """One pass over a dataset in eval mode, without gradients: which units never fire.
-
-    The model's training flags (every submodule's), parameters and buffers are left as they
-    were: eval mode means BatchNorm running statistics are not updated.
-
-    Args:
-        model: the model.
-        dataloader: an iterable of batches (tensors, ``(input, target)`` tuples or dicts).
-        max_batches: stop after this many batches.
-        forward: ``forward(model, batch)`` when batches need custom handling.
-        progress: print progress to stderr.
-        **kwargs: ``include``, ``exclude``, ``unit_dims``, ``functional`` as for :func:`watch`.
-
-    Returns:
-        A :class:`ScanResult`.
-
-    Example:
-        >>> import torch, torch.nn as nn, relu_doctor
-        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
-        >>> res = relu_doctor.scan(net, [torch.randn(32, 4) for _ in range(3)])
-        >>> list(res.sites.columns)[:3]
-        ['site', 'family', 'units']
-    """
-    if max_batches is not None:
-        _positive_int("max_batches", max_batches)
-    allowed = {"include", "exclude", "unit_dims", "functional"}
-    unknown = set(kwargs) - allowed
-    if unknown:
-        raise ReluDoctorError(
-            f"scan() got unexpected arguments {sorted(unknown)}; allowed: {sorted(allowed)}."
-        )
-    fwd = forward or _default_forward
-    modes = {m: m.training for m in model.modules()}
-    device = _first_device(model)
-    doc = Doctor(model, gradients=False, log_every_n_steps=1, **kwargs)
-    batches = samples = 0
-    try:
-        model.eval()
-        with doc, torch.no_grad():
-            for batch in dataloader:
-                if max_batches is not None and batches >= max_batches:
-                    break
-                b = _to_device(batch, device)
-                fwd(model, b)
-                batches += 1
-                first = b if isinstance(b, torch.Tensor) else (b[0] if isinstance(b, (list, tuple)) and b else None)
-                samples += int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 0
-                if progress and batches % 10 == 0:
-                    print(f"relu-doctor scan: {batches} batches", file=sys.stderr)
-            rec = doc.current()
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    if batches == 0:
-        raise ReluDoctorError("dataloader: yielded no batch; scan needs at least one.")
-    if rec is None:
-        raise ReluDoctorError(
-            "model: no ReLU-family activation ran during the scan (is the activation used "
-            "functionally? pass functional=True)."
-        )
-    site_rows, dead = [], {}
-    for row in rec.sites:
-        u = rec.units[rec.units["site"] == row["site"]]
-        dead[row["site"]] = [int(i) for i in u.loc[u["dead"], "unit"]]
-        site_rows.append(
-            {
-                "site": row["site"],
-                "family": row["family"],
-                "units": row["units"],
-                "dead": row["dead"],
-                "dead_fraction": row["dead_fraction"],
-                "sparsity": row["sparsity"],
-                "batches": batches,
-                "samples": samples,
-            }
-        )
-    units = rec.units[["site", "unit", "activation_rate", "mean_abs", "dead"]].reset_index(drop=True)
-    return ScanResult(pd.DataFrame(site_rows), units, dead)
 

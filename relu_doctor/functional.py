@@ -47,6 +47,7 @@ from torch.utils.hooks import RemovableHandle
 
 from relu_doctor.families import FAMILIES, Family, family_of
 from relu_doctor.probes import Probe, in_backward
+from relu_doctor.sites import SiteKey
 
 __all__ = ["FunctionalCapture", "functional_ops"]
 
@@ -154,7 +155,7 @@ class FunctionalCapture:
         self._attached = False
         # module -> (its stack entry, its two hook handles)
         self._hooked: dict[nn.Module, tuple[_Entry, tuple[RemovableHandle, ...]]] = {}
-        self._targets_seen: object = None
+        self._generation_seen = -1  # the probe's attach generation our hooks match
         # Innermost last; one stack for forward passes, one for backward recomputation.
         self._stack: list[_Entry] = []
         self._bw_stack: list[_Entry] = []
@@ -193,7 +194,7 @@ class FunctionalCapture:
         named = list(self.probe.model.named_modules())
         # include/exclude apply to the path of the module making the call (decided here, not
         # per call: a cache filled during a pass would make torch.compile recompile).
-        self._selected = {path: self.probe._selected(path) for path, _ in named}
+        self._selected = {path: self.probe.selected(path) for path, _ in named}
         keep = {""}
         for path, mod in named:
             if _may_call_functional(mod) or family_of(mod) is not None:
@@ -206,7 +207,7 @@ class FunctionalCapture:
                 current[mod] = (path, not is_act and _may_call_functional(mod))
         # After Probe.refresh() the probe's hooks come after ours: re-register ours on the
         # activation modules, so the mode is still off while the probe's hooks run.
-        refreshed = bool(self._hooked) and self._targets_seen is not self.probe._targets
+        refreshed = bool(self._hooked) and self._generation_seen != self.probe.generation
         for mod in [
             m
             for m, (entry, _h) in self._hooked.items()
@@ -221,7 +222,7 @@ class FunctionalCapture:
                     mod.register_forward_hook(self._post, always_call=True),
                 )
                 self._hooked[mod] = (entry, handles)
-        self._targets_seen = self.probe._targets
+        self._generation_seen = self.probe.generation
 
     def detach(self) -> None:
         """Remove every hook and leave the mode if a pass was interrupted (idempotent)."""
@@ -252,14 +253,14 @@ class FunctionalCapture:
         if on == self._mode_on:
             return
         if on:
-            self._mode.__enter__()
+            self._mode.__enter__()  # type: ignore[no-untyped-call]
             self._mode_on = True
         elif torch.compiler.is_compiling() or (
             torch._C._len_torch_function_stack() > 0
             and torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
             is self._mode
         ):
-            self._mode.__exit__(None, None, None)
+            self._mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
             self._mode_on = False
 
     def _want_mode(self, stack: list[_Entry]) -> bool:
@@ -276,7 +277,7 @@ class FunctionalCapture:
             if not stack:
                 if not self.probe.collecting:
                     return
-                if not bw and self.probe._targets is not self._targets_seen:
+                if not bw and self.probe.generation != self._generation_seen:
                     self._sync()  # the probe re-attached: modules may have been swapped
                 (self._bw_calls if bw else self._calls).clear()
             stack.append(entry)
@@ -329,31 +330,11 @@ class FunctionalCapture:
         calls = self._bw_calls if bw else self._calls
         idx = calls.get(key, 0)
         calls[key] = idx + 1
-        if bw:
-            self._tap_recomputed(out, path, op, idx)
+        if bw:  # recomputed by activation checkpointing: see Probe.tap_recomputed
+            self.probe.tap_recomputed(out, SiteKey(path, idx, op))
             return
         module = self._hardtanh_of(args, kwargs) if fam.name == "hardtanh" else None
-        self.probe.record(
-            out, path=path, call_index=idx, family=fam, module=module, kind="functional", op=op
-        )
-
-    def _tap_recomputed(self, out: Any, path: str, op: str, idx: int) -> None:
-        """A call recomputed during backward by activation checkpointing.
-
-        Its forward statistics were taken in the original forward. Reentrant checkpointing
-        ran that forward without autograd, so the recomputed graph is the one backpropagated:
-        tap its gradient here. Non-reentrant checkpointing never backpropagates the
-        recomputed graph, so this tap never fires and the original tap counts once.
-        """
-        site = self.probe._sites.get(("functional:" + op, path, idx))
-        if (
-            site is not None
-            and self.probe.gradients
-            and isinstance(out, torch.Tensor)
-            and out.requires_grad
-            and out.grad_fn is not None
-        ):
-            out.grad_fn.register_hook(self.probe._make_grad_hook(site))
+        self.probe.record(out, path=path, call_index=idx, family=fam, module=module, op=op)
 
     @staticmethod
     def _hardtanh_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Hardtanh:

@@ -1,4 +1,6 @@
-"""The run record: tidy pandas tables, and save/load of a run directory.
+"""The run record: what each logging interval saw (:class:`IntervalRecord`), which findings
+began, changed or ended (:class:`FindingTracker`), and the run directory's writer and reader
+(:class:`RunWriter`, :func:`load_run`, :class:`Run`).
 
 A run directory (DESIGN.md) is written as training goes; every file is either replaced
 atomically (written under a temporary name, then renamed) or appended one whole line at a
@@ -6,15 +8,17 @@ time, so a run killed at any moment still yields a report of everything it logge
 
 =====================  =================================================================
 ``meta.json``          format version, versions, sites, configuration (replaced)
+``findings.json``      the findings of the last logged step, exact (replaced)
 ``history/``           one Parquet part per log step: one row per (step, site)
 ``units/``             one Parquet part per log step: one row per (step, site, unit)
 ``layers/``            one Parquet part per log step: one row per (step, layer)
-``events.jsonl``       findings and interventions, one JSON object a line (appended)
+``events.jsonl``       findings when they begin, change severity or end, interventions and
+                       their results: one JSON object a line (appended)
 ``tensorboard/``       event files (written by the reports / callbacks layer)
 =====================  =================================================================
 
 Parquet parts are the appendable equivalent of one ``history.parquet``: readers concatenate
-them. Imports only stats and diagnosis: reports read a run directory on any machine.
+them. Imports no model, hook or device code: reports read a run directory on any machine.
 """
 
 from __future__ import annotations
@@ -24,18 +28,137 @@ import math
 import os
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from relu_doctor.diagnosis import Finding
-from relu_doctor.errors import RunDirError
+from relu_doctor.errors import ReluDoctorError, RunDirError
+from relu_doctor.events import (
+    Event,
+    FindingEvent,
+    Intervention,
+    InterventionResult,
+    event_from_dict,
+)
+from relu_doctor.sites import SiteKey
 
-__all__ = ["FORMAT_VERSION", "Run", "RunWriter", "load_run", "merge_interventions"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Event",
+    "FindingEvent",
+    "FindingTracker",
+    "IntervalRecord",
+    "Intervention",
+    "InterventionResult",
+    "LogRecord",
+    "Run",
+    "RunWriter",
+    "load_run",
+    "merge_interventions",
+]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # 1: findings re-written every interval, no findings.json
+
+
+@dataclass
+class IntervalRecord:
+    """What one logging interval saw (host-side data only).
+
+    Attributes:
+        step: the step count at which it was logged.
+        site_rows: one dict per site: ``site`` (display name), ``family``, ``leaky``,
+            ``cap``, ``order``, ``window_steps`` and the metrics of
+            :func:`relu_doctor.metrics.site_metrics`.
+        unit_table: one row per (site, unit).
+        layer_table: one row per parameterised layer: ``grad_norm``, ``update_ratio``.
+        findings: the diagnosis, most severe first.
+        new_findings: findings that were not present at the previous log.
+        keys: the :class:`~relu_doctor.sites.SiteKey` of each site, by display name.
+    """
+
+    step: int
+    site_rows: list[dict[str, Any]]
+    unit_table: pd.DataFrame
+    layer_table: pd.DataFrame
+    findings: list[Finding]
+    new_findings: list[Finding] = field(default_factory=list)
+    keys: dict[str, SiteKey] = field(default_factory=dict)
+
+    def site_row(self, name: str) -> dict[str, Any] | None:
+        """The row of the site called ``name``, or None."""
+        for row in self.site_rows:
+            if row["site"] == name:
+                return row
+        return None
+
+    def key(self, name: str) -> SiteKey:
+        """The key of the site called ``name``."""
+        try:
+            return self.keys[name]
+        except KeyError:
+            raise ReluDoctorError(
+                f"site: no site named {name!r} in this record; known: {sorted(self.keys)}."
+            ) from None
+
+
+LogRecord = IntervalRecord  # the name before 0.2; kept as an alias
+
+
+class FindingTracker:
+    """Which findings began, changed severity or ended between logging steps.
+
+    A finding is identified by ``(kind, site)``; its ``began`` step is the first step of
+    the unbroken run of logs it has been present in.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, str], Finding] = {}
+
+    def update(
+        self, findings: list[Finding], step: int, *, commit: bool = True
+    ) -> tuple[list[Finding], list[Finding], list[FindingEvent]]:
+        """``(findings with began set, new findings, events)`` for the findings of ``step``.
+
+        With ``commit=False`` (a look at the open window) nothing is remembered.
+        """
+        out: list[Finding] = []
+        new: list[Finding] = []
+        events: list[FindingEvent] = []
+        now: dict[tuple[str, str], Finding] = {}
+        for f in findings:
+            key = (f.kind, f.site)
+            prev = self._open.get(key)
+            g = replace(f, began=prev.began if prev is not None else f.step)
+            now[key] = g
+            out.append(g)
+            if prev is None:
+                new.append(g)
+                events.append(FindingEvent("began", g, f.step))
+            elif prev.severity != g.severity:
+                events.append(FindingEvent("changed", g, f.step))
+        for key, prev in self._open.items():
+            if key not in now:
+                events.append(FindingEvent("ended", prev, step))
+        if commit:
+            self._open = now
+        return out, new, events
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [f.to_dict() for f in self._open.values()]
+
+    def load_state_dict(self, state: Any) -> None:
+        self._open = {}
+        for item in state or []:
+            if isinstance(item, Mapping):
+                f = Finding(**{k: item[k] for k in Finding.__dataclass_fields__ if k in item})
+            else:  # [kind, site, began]: checkpoints written before 0.2
+                kind, site, began = item
+                f = Finding(str(kind), str(site), "", "", step=int(began), began=int(began))
+            self._open[(f.kind, f.site)] = f
 _TABLES = ("history", "units", "layers")
 
 
@@ -74,6 +197,13 @@ def _clean(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+def event_dict(event: Event | Mapping[str, Any]) -> dict[str, Any]:
+    """The plain-data (JSON) form of an event."""
+    if isinstance(event, (FindingEvent, Intervention, InterventionResult)):
+        return event.to_dict()
+    return dict(event)
 
 
 class RunWriter:
@@ -119,9 +249,14 @@ class RunWriter:
         frame.to_parquet(buf, index=False)
         _atomic_write_bytes(self.path / table / f"part-{step:012d}.parquet", buf.getvalue())
 
-    def append_events(self, events: Iterable[Mapping[str, Any]]) -> None:
+    def write_findings(self, findings: Iterable[Finding]) -> None:
+        """Replace ``findings.json`` (the findings of the last logged step) atomically."""
+        data = [_clean(f.to_dict()) for f in findings]
+        _atomic_write_bytes(self.path / "findings.json", json.dumps(data, indent=1).encode())
+
+    def append_events(self, events: Iterable[Event | Mapping[str, Any]]) -> None:
         """Append events to ``events.jsonl``, one whole line each, flushed to disk."""
-        lines = "".join(json.dumps(_clean(e)) + "\n" for e in events)
+        lines = "".join(json.dumps(_clean(event_dict(e))) + "\n" for e in events)
         if not lines:
             return
         with open(self.path / "events.jsonl", "a", encoding="utf-8") as f:
@@ -139,8 +274,10 @@ class Run:
         history: one row per (step, site): site-level metrics.
         units: one row per (step, site, unit): activation rate, mean |h|, dormant score...
         layers: one row per (step, layer): parameter-gradient norm, update-to-weight ratio.
-        events: findings and interventions, in order.
+        events: finding transitions and interventions, in order (their JSON form).
         path: where it was loaded from (None when built in memory).
+        last_findings: the findings of the last logged step (``findings.json``); None for
+            a format-1 directory, whose events hold them.
     """
 
     meta: dict[str, Any]
@@ -149,10 +286,12 @@ class Run:
     layers: pd.DataFrame
     events: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None
+    last_findings: list[Finding] | None = None
 
     @property
-    def sites(self) -> list[dict[str, Any]]:
-        """Site descriptions from ``meta.json``, in depth order."""
+    def site_info(self) -> list[dict[str, Any]]:
+        """Site descriptions from ``meta.json`` (name, key fields, family, unit dim and rule,
+        units), in depth order."""
         return sorted(self.meta.get("sites", []), key=lambda s: s.get("order", 0))
 
     @property
@@ -160,17 +299,33 @@ class Run:
         return None if self.history.empty else int(self.history["step"].max())
 
     def findings(self) -> list[Finding]:
-        """Findings of the last logged step."""
+        """Findings of the last logged step, most severe first."""
+        if self.last_findings is not None:
+            return list(self.last_findings)
+        # Format 1 wrote every finding at every log: those of the last step are the set.
         rows = [e for e in self.events if e.get("type") == "finding"]
         if not rows:
             return []
         last = max(int(e["step"]) for e in rows)
-        keys = Finding.__dataclass_fields__.keys()
-        return [Finding(**{k: e[k] for k in keys if k in e}) for e in rows if e["step"] == last]
+        return [_finding(e) for e in rows if e["step"] == last]
+
+    def finding_events(self) -> list[FindingEvent]:
+        """Findings as they began, changed severity and ended, in order."""
+        out = []
+        for e in self.events:
+            if e.get("type") == "finding":
+                ev = event_from_dict(e)
+                if isinstance(ev, FindingEvent):
+                    out.append(ev)
+        return out
 
     def interventions(self) -> list[dict[str, Any]]:
         """Interventions in order, each completed by its ``intervention_result``."""
         return merge_interventions(self.events)
+
+
+def _finding(data: Mapping[str, Any]) -> Finding:
+    return Finding(**{k: data[k] for k in Finding.__dataclass_fields__ if k in data})
 
 
 def merge_interventions(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -236,10 +391,10 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     except (OSError, json.JSONDecodeError) as e:
         raise RunDirError(f"{str(meta_path)!r} cannot be read as JSON: {e}.") from None
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in _READABLE_VERSIONS:
         raise RunDirError(
             f"{str(p)!r} was written in run-directory format {version!r}; this relu_doctor "
-            f"reads format {FORMAT_VERSION}. Re-make the report with the relu_doctor version "
+            f"reads formats {list(_READABLE_VERSIONS)}. Re-make the report with the relu_doctor version "
             f"that wrote it ({meta.get('versions', {}).get('relu_doctor', 'unknown')})."
         )
     events: list[dict[str, Any]] = []
@@ -252,6 +407,15 @@ def load_run(path: str | os.PathLike[str]) -> Run:
                 events.append(json.loads(line))
             except json.JSONDecodeError:  # a line cut short by a crash
                 continue
+    last_findings: list[Finding] | None = None
+    f_path = p / "findings.json"
+    if f_path.is_file():
+        try:
+            last_findings = [_finding(d) for d in json.loads(f_path.read_text(encoding="utf-8"))]
+        except (OSError, ValueError, TypeError) as e:
+            raise RunDirError(f"{str(f_path)!r} cannot be read: {e}.") from None
+    elif version == FORMAT_VERSION:
+        last_findings = []  # nothing logged yet
     return Run(
         meta=meta,
         history=_read_table(p / "history"),
@@ -259,4 +423,5 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         layers=_read_table(p / "layers"),
         events=events,
         path=p,
+        last_findings=last_findings,
     )

@@ -28,19 +28,20 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from relu_doctor._validate import glob_patterns, matches
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.families import Family, family_of
+from relu_doctor.sites import Site, SiteKey, display_names, module_label
 from relu_doctor.stats import SiteStats, forward_rows, grad_rows, resolve_unit_dim
 
-__all__ = ["OptimizerTap", "Probe", "Site", "in_backward"]
+__all__ = ["Probe", "Site", "in_backward"]
 
 
 def in_backward() -> bool:
@@ -51,60 +52,6 @@ def in_backward() -> bool:
     if torch.compiler.is_compiling():
         return False
     return torch._C._current_graph_task_id() != -1
-
-
-@dataclass(eq=False)
-class Site:
-    """One place where an activation runs in the forward pass.
-
-    Attributes:
-        module_path: dotted path of the module (``""`` for the root).
-        call_index: which call of that module within one forward pass (0-based).
-        family: the activation family.
-        kind: ``"module"`` or ``"functional"``.
-        op: the functional op name for functional sites (``"relu"``), else None.
-        unit_dim: the dim holding units (non-negative), ``unit_rule`` says why.
-        units: number of units.
-        order: order of first execution among all sites (0 = nearest the input).
-        stats: the on-device accumulators.
-    """
-
-    module_path: str
-    call_index: int
-    family: Family
-    kind: str
-    unit_dim: int
-    unit_rule: str
-    units: int
-    order: int
-    stats: SiteStats
-    shape: tuple[int, ...] = ()
-    op: str | None = None
-    cap: float | None = None
-    name: str = ""
-    reused: bool = field(default=False)
-
-    def describe(self) -> dict[str, Any]:
-        """Plain-data description (for meta.json and reports)."""
-        return {
-            "name": self.name,
-            "module_path": self.module_path,
-            "call_index": self.call_index,
-            "kind": self.kind,
-            "op": self.op,
-            "family": self.family.name,
-            "leaky": self.family.leaky,
-            "cap": self.cap,
-            "unit_dim": self.unit_dim,
-            "unit_rule": self.unit_rule,
-            "units": self.units,
-            "shape": list(self.shape),
-            "order": self.order,
-        }
-
-
-def _module_label(path: str) -> str:
-    return path if path else "(root)"
 
 
 class Probe:
@@ -150,8 +97,8 @@ class Probe:
                 f"model: expected a torch.nn.Module, got {type(model).__name__}."
             )
         self.model = model
-        self.include = _patterns("include", include)
-        self.exclude = _patterns("exclude", exclude)
+        self.include = glob_patterns("include", include)
+        self.exclude = glob_patterns("exclude", exclude)
         self.unit_dims = dict(unit_dims or {})
         for pat, dim in self.unit_dims.items():
             if not isinstance(pat, str) or isinstance(dim, bool) or not isinstance(dim, int):
@@ -166,7 +113,8 @@ class Probe:
         self._compiled_slots = _CompiledSlots()
         self._warned_compiled = False
         self._handles: list[RemovableHandle] = []
-        self._sites: dict[tuple[str, str, int], Site] = {}
+        self._sites: dict[SiteKey, Site] = {}
+        self._names: dict[str, Site] = {}
         self._targets: dict[nn.Module, tuple[str, Family]] = {}
         self._calls: dict[Any, int] = {}
         self._depth = 0
@@ -175,30 +123,30 @@ class Probe:
         self._attached = False
         self._listeners: list[Callable[[], None]] = []
         self._pending: dict[str, Any] = {}
+        #: bumped at every attach: a module swapped in by a remedy is hooked from then on
+        self.generation = 0
 
     # ------------------------------------------------------------------ selection
-    def _selected(self, path: str) -> bool:
-        label = _module_label(path)
-        if self.include and not any(fnmatch.fnmatchcase(label, p) for p in self.include):
-            return False
-        return not any(fnmatch.fnmatchcase(label, p) for p in self.exclude)
+    def selected(self, path: str) -> bool:
+        """Whether the module at ``path`` is watched (``include``/``exclude`` patterns)."""
+        return matches(module_label(path), self.include, self.exclude)
 
     def targets(self) -> dict[nn.Module, tuple[str, Family]]:
         """The activation modules this probe watches: ``{module: (path, family)}``."""
         found: dict[nn.Module, tuple[str, Family]] = {}
         for path, mod in self.model.named_modules(remove_duplicate=True):
             fam = family_of(mod)
-            if fam is not None and self._selected(path):
+            if fam is not None and self.selected(path):
                 found[mod] = (path, fam)
         return found
 
     def _check_patterns(self) -> None:
-        paths = [_module_label(p) for p, _ in self.model.named_modules()]
+        paths = [module_label(p) for p, _ in self.model.named_modules()]
         for arg, pats in (("include", self.include), ("exclude", self.exclude)):
             for p in pats:
                 if not any(fnmatch.fnmatchcase(x, p) for x in paths):
                     acts = [
-                        _module_label(path)
+                        module_label(path)
                         for path, m in self.model.named_modules()
                         if family_of(m) is not None
                     ]
@@ -235,6 +183,7 @@ class Probe:
             self.detach()
             raise
         self._attached = True
+        self.generation += 1
         return self
 
     def _boundary_modules(self) -> list[nn.Module]:
@@ -313,15 +262,18 @@ class Probe:
             if not self.collecting:
                 return
             if in_backward():
-                self._tap_recomputed(output, path, module)
+                idx = self._bw_calls.get(module, 0)
+                self._bw_calls[module] = idx + 1
+                self.tap_recomputed(output, SiteKey(path, idx))
                 return
             idx = self.next_call_index(module)
             self.record(output, path=path, call_index=idx, family=fam, module=module)
 
         return hook
 
-    def _tap_recomputed(self, output: Any, path: str, module: nn.Module) -> None:
-        """A call recomputed during backward by activation checkpointing.
+    def tap_recomputed(self, output: Any, key: SiteKey) -> None:
+        """A call recomputed during backward by activation checkpointing (module hooks and
+        functional capture alike).
 
         Its forward statistics were taken in the original forward and are not counted again.
         Reentrant checkpointing ran that forward without autograd, so no gradient tap exists
@@ -329,12 +281,13 @@ class Probe:
         checkpointing never backpropagates the recomputed graph, so this tap never fires and
         the original forward's tap counts the gradient once.)
         """
-        idx = self._bw_calls.get(module, 0)
-        self._bw_calls[module] = idx + 1
-        site = self._sites.get(("module:", path, idx))
+        site = self._sites.get(key)
+        if site is not None:
+            self._tap_gradient(output, site)
+
+    def _tap_gradient(self, output: Any, site: Site) -> None:
         if (
-            site is not None
-            and self.gradients
+            self.gradients
             and isinstance(output, torch.Tensor)
             and output.requires_grad
             and output.grad_fn is not None
@@ -349,12 +302,13 @@ class Probe:
         call_index: int,
         family: Family,
         module: nn.Module | None = None,
-        kind: str = "module",
         op: str | None = None,
     ) -> None:
         """Record one activation call: forward statistics now, a gradient tap for later.
 
-        Used by module hooks and by functional capture alike.
+        Used by module hooks and by functional capture alike: a module's call has
+        ``op=None``, a functional call the op's name (``"relu"``), ``path`` then being the
+        module whose ``forward`` made the call.
         """
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return
@@ -365,12 +319,12 @@ class Probe:
             # torch.compile is tracing this hook: the site is found or made in plain Python
             # at trace time and the statistics below become part of the compiled graph.
             slot = _compiled_site(
-                self, tuple(output.shape), output.device, path, call_index, family, kind, op,
+                self, tuple(output.shape), output.device, path, call_index, family, op,
                 module is not None, _cap_args(module),
             )
             site = getattr(self._compiled_slots, slot)
         else:
-            site = self._site(output, path, call_index, family, module, kind, op)
+            site = self._site(output, SiteKey(path, call_index, op), family, module)
         out = output.detach()
         site.stats.add_forward(
             forward_rows(out, site.unit_dim, nonnegative=family.nonnegative, cap=site.cap)
@@ -378,8 +332,8 @@ class Probe:
         # Compiled forwards get no gradient tap: no autograd node exists while tracing, and a
         # Tensor.register_hook traced by Dynamo (torch 2.13) drops the later attribute writes
         # of objects already written in the same graph (this probe's call counters).
-        if self.gradients and not compiling and output.requires_grad and output.grad_fn is not None:
-            output.grad_fn.register_hook(self._make_grad_hook(site))
+        if not compiling:
+            self._tap_gradient(output, site)
 
     def _warn_compiled(self) -> None:
         if self._warned_compiled or not self.gradients:
@@ -408,16 +362,8 @@ class Probe:
         return grad_hook
 
     def _site(
-        self,
-        output: torch.Tensor,
-        path: str,
-        call_index: int,
-        family: Family,
-        module: nn.Module | None,
-        kind: str,
-        op: str | None,
+        self, output: torch.Tensor, key: SiteKey, family: Family, module: nn.Module | None
     ) -> Site:
-        key = (kind + ":" + (op or ""), path, call_index)
         site = self._sites.get(key)
         shape = tuple(output.shape)
         if site is not None:
@@ -433,20 +379,18 @@ class Probe:
                 for fn in self._listeners:
                     fn()
             return site
+        label = module_label(key.module_path)
         override = None
         for pat, dim in self.unit_dims.items():
-            if fnmatch.fnmatchcase(_module_label(path), pat):
+            if fnmatch.fnmatchcase(label, pat):
                 override = dim
         try:
             unit_dim, rule = resolve_unit_dim(shape, override)
         except ValueError as e:
-            raise ReluDoctorError(f"unit_dims for {_module_label(path)!r}: {e}.") from None
+            raise ReluDoctorError(f"unit_dims for {label!r}: {e}.") from None
         site = Site(
-            module_path=path,
-            call_index=call_index,
+            key=key,
             family=family,
-            kind=kind,
-            op=op,
             unit_dim=unit_dim,
             unit_rule=rule,
             units=shape[unit_dim],
@@ -457,7 +401,7 @@ class Probe:
         )
         self._sites[key] = site
         self._rename()
-        pending = self._pending.pop(_key_str(key), None)
+        pending = self._pending.pop(key.token(), None)
         if pending is not None:
             _restore(site, pending)
         for fn in self._listeners:
@@ -465,20 +409,11 @@ class Probe:
         return site
 
     def _rename(self) -> None:
-        reused: dict[tuple[str, str], int] = {}
-        for (kind, path, idx) in self._sites:
-            reused[(kind, path)] = max(reused.get((kind, path), 0), idx)
-        for (kind, path, idx), site in self._sites.items():
-            label = _module_label(path)
-            if site.kind == "functional":
-                site.name = f"{label}:{site.op}#{idx}"
-                site.reused = True
-            elif reused[(kind, path)] > 0:
-                site.name = f"{label}#{idx}"
-                site.reused = True
-            else:
-                site.name = label
-                site.reused = False
+        names = display_names(self._sites)
+        for key, site in self._sites.items():
+            site.name = names[key]
+            site.reused = site.name != module_label(key.module_path)
+        self._names = {s.name: s for s in self._sites.values()}
 
     # ------------------------------------------------------------------ access
     def on_new_site(self, fn: Callable[[], None]) -> None:
@@ -490,25 +425,29 @@ class Probe:
         return sorted(self._sites.values(), key=lambda s: s.order)
 
     def site(self, name: str) -> Site:
-        """The site called ``name``; raises with the list of known names."""
-        for s in self._sites.values():
-            if s.name == name:
-                return s
-        raise ReluDoctorError(
-            f"site: no site named {name!r}; known sites: {[s.name for s in self.sites()]}."
-        )
+        """The site whose display name is ``name``; raises with the list of known names."""
+        site = self._names.get(name)
+        if site is None:
+            raise ReluDoctorError(
+                f"site: no site named {name!r}; known sites: {[s.name for s in self.sites()]}."
+            )
+        return site
+
+    def site_by_key(self, key: SiteKey) -> Site | None:
+        """The site of ``key``, or None when that call has not run yet."""
+        return self._sites.get(key)
 
     def site_state(self) -> dict[str, Any]:
-        """Accumulator state of every site, keyed by stable site keys (for checkpoints)."""
-        state = {_key_str(k): s.stats.state_dict() for k, s in self._sites.items()}
+        """Accumulator state of every site, keyed by :meth:`SiteKey.token` (checkpoints)."""
+        state = {k.token(): s.stats.state_dict() for k, s in self._sites.items()}
         return {**self._pending, **state}
 
     def load_site_state(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`site_state`. Sites not yet seen are restored when they first run."""
         for key, site in self._sites.items():
-            if _key_str(key) in state:
-                _restore(site, state[_key_str(key)])
-        known = {_key_str(k) for k in self._sites}
+            if key.token() in state:
+                _restore(site, state[key.token()])
+        known = {k.token() for k in self._sites}
         self._pending = {k: v for k, v in state.items() if k not in known}
 
 
@@ -530,7 +469,6 @@ def _compiled_site(
     path: str,
     call_index: int,
     family: Family,
-    kind: str,
     op: str | None,
     has_module: bool,
     cap_args: tuple[float, float] | None,
@@ -544,12 +482,12 @@ def _compiled_site(
     """
     module: nn.Module | None = None
     if has_module:
-        if kind == "module":
+        if op is None:
             module = probe.model.get_submodule(path)
         elif cap_args is not None:
             module = nn.Hardtanh(*cap_args)
     stand_in = torch.empty((), device=device).expand(shape)  # shape and device, no memory
-    site = probe._site(stand_in, path, call_index, family, module, kind, op)
+    site = probe._site(stand_in, SiteKey(path, call_index, op), family, module)
     slot = f"site{site.order}"
     setattr(probe._compiled_slots, slot, site)
     probe._warn_compiled()
@@ -569,147 +507,3 @@ def _restore(site: Site, state: Mapping[str, Any]) -> None:
             f"site {site.name!r}: {e}. The checkpoint was made on a model of another shape; "
             "load it into the model it was saved from."
         ) from None
-
-
-def _key_str(key: tuple[str, str, int]) -> str:
-    return "|".join(map(str, key))
-
-
-def _patterns(arg: str, value: Iterable[str] | str | None) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    out = list(value)
-    for p in out:
-        if not isinstance(p, str) or not p:
-            raise ReluDoctorError(
-                f"{arg}: expected glob patterns of module paths (non-empty strings), got {p!r}."
-            )
-    return out
-
-
-class OptimizerTap:
-    """Per-layer parameter statistics read in optimizer step hooks.
-
-    A pre-step hook adds each layer's squared gradient norm to an on-device accumulator (the
-    optimizer sees gradients after AMP unscaling: ``GradScaler.step`` and Lightning's
-    precision plugins unscale first). On logging steps it also keeps a transient copy of the
-    parameters, so a post-step hook can measure the update-to-weight ratio
-    ``||W_after - W_before|| / ||W_after||``; the copy is freed in that hook.
-
-    Args:
-        model: the model whose parameters are grouped into layers (the module owning them).
-        optimizers: the optimizers to hook.
-        is_log_step: returns True when the step now being taken will be logged.
-        collecting: returns True when the step now being taken collects statistics.
-        pre_hook: read the gradients in the optimizer's step pre-hook. Pass False when the
-            backward runs inside ``optimizer.step(closure)`` (Lightning, LBFGS): the pre-hook
-            then fires before the closure, on stale gradients; call :meth:`before_step` after
-            the closure instead.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizers: Sequence[torch.optim.Optimizer],
-        *,
-        is_log_step: Callable[[], bool],
-        collecting: Callable[[], bool],
-        pre_hook: bool = True,
-    ) -> None:
-        for i, opt in enumerate(optimizers):
-            if not isinstance(opt, torch.optim.Optimizer):
-                raise ReluDoctorError(
-                    f"optimizer: expected torch.optim.Optimizer instances, got "
-                    f"{type(opt).__name__} at position {i}."
-                )
-        self.optimizers = list(optimizers)
-        self.is_log_step = is_log_step
-        self.collecting = collecting
-        self.pre_hook = pre_hook
-        owner: dict[int, str] = {}
-        for path, mod in model.named_modules():
-            for p in mod.parameters(recurse=False):
-                owner.setdefault(id(p), path or "(root)")
-        self.layers: list[str] = sorted(set(owner.values()), key=list(owner.values()).index)
-        index = {name: i for i, name in enumerate(self.layers)}
-        self._layer_of = {pid: index[name] for pid, name in owner.items()}
-        self.grad_sq: torch.Tensor | None = None
-        self.steps = 0
-        self.update_ratio: torch.Tensor | None = None
-        self._before: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._handles: list[RemovableHandle] = []
-        self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def attach(self) -> OptimizerTap:
-        for opt in self.optimizers:
-            if self.pre_hook:
-                self._handles.append(opt.register_step_pre_hook(self._pre))
-            self._handles.append(opt.register_step_post_hook(self._post))
-        return self
-
-    def before_step(self, opt: torch.optim.Optimizer) -> None:
-        """Read ``opt``'s gradients now: after the backward (and AMP unscaling), before the
-        parameters change. For use with ``pre_hook=False``; ignored while detached."""
-        if self._handles and any(opt is o for o in self.optimizers):
-            self._pre(opt, (), {})
-
-    def detach(self) -> None:
-        handles, self._handles = self._handles, []
-        for h in handles:
-            h.remove()
-        self._before = None
-
-    def _params(self, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-        return [p for g in opt.param_groups for p in g["params"] if id(p) in self._layer_of]
-
-    def _index(self, params: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-        key = tuple(self._layer_of[id(p)] for p in params)
-        idx = self._idx_cache.get(key)
-        if idx is None or idx.device != device:
-            idx = torch.tensor(key, dtype=torch.long, device=device)
-            self._idx_cache[key] = idx
-        return idx
-
-    def _pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self.collecting():
-            return
-        params = [p for p in self._params(opt) if p.grad is not None]
-        if not params:
-            return
-        device = params[0].grad.device  # type: ignore[union-attr]
-        if self.grad_sq is None:
-            self.grad_sq = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
-        norms = torch._foreach_norm([p.grad for p in params])  # type: ignore[misc]
-        if all(n.device == device for n in norms):  # one op, not one conversion per tensor
-            sq = torch.stack(norms).to(torch.float64).square()
-        else:
-            sq = torch.stack([n.to(device, torch.float64) for n in norms]).square()
-        self.grad_sq.index_add_(0, self._index(params, device), sq)
-        self.steps += 1
-        if self.is_log_step():
-            self._before = [(p, p.detach().clone()) for p in self._params(opt)]
-
-    def _post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        before, self._before = self._before, None
-        if not before:
-            return
-        params = [p for p, _ in before]
-        device = params[0].device
-        delta = torch._foreach_norm([p.detach() - old for p, old in before])
-        weight = torch._foreach_norm([p.detach() for p in params])
-        idx = self._index(params, device)
-        d = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
-        w = torch.zeros_like(d)
-        d.index_add_(0, idx, torch.stack([x.to(torch.float64) for x in delta]).square())
-        w.index_add_(0, idx, torch.stack([x.to(torch.float64) for x in weight]).square())
-        self.update_ratio = (d.sqrt() / w.sqrt().clamp(min=1e-30))
-
-    def read_and_reset(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
-        """``(grad_sq per layer, steps, update_ratio per layer)``, then start a new window."""
-        out = (self.grad_sq, self.steps, self.update_ratio)
-        self.grad_sq = None if self.grad_sq is None else torch.zeros_like(self.grad_sq)
-        self.steps = 0
-        self.update_ratio = None
-        return out

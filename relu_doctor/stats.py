@@ -1,7 +1,8 @@
 """On-device accumulators: per-unit counts and sums, windows, cross-process reduction.
 
-Pure tensor maths; imports nothing else of relu_doctor. The rule (torchmetrics-style) is to
-store sums and counts only and to derive rates and means at read time, so that windows add
+Pure tensor maths; imports nothing else of relu_doctor. Accumulation only: what the sums
+mean is :mod:`relu_doctor.metrics`' business. The rule (torchmetrics-style) is to store sums
+and counts only and to derive rates and means at read time, so that windows add
 up, checkpoints resume exactly, and sums across processes equal one process seeing all data.
 
 A site's state is one float64 matrix of shape ``(len(FIELDS), units)``: one row per field.
@@ -41,9 +42,9 @@ __all__ = [
     "FORWARD_FIELDS",
     "GRAD_FIELDS",
     "SiteStats",
-    "derive_units",
     "forward_rows",
     "grad_rows",
+    "read_back",
     "reduce_sum",
     "resolve_unit_dim",
     "unit_view",
@@ -221,7 +222,7 @@ def _sum_sq(v: torch.Tensor) -> torch.Tensor:
     """Per-unit sum of squares of float unit view ``v`` (dtype as :func:`_unit_sum`)."""
     if v.dim() == 3 and v.shape[2] >= _INNER_MIN:
         # vector_norm along contiguous positions is one fused pass (no squared temporary).
-        n = torch.linalg.vector_norm(v, 2, dim=-1)
+        n: torch.Tensor = torch.linalg.vector_norm(v, 2, dim=-1)
         return (n * n).sum(0, dtype=torch.float64)
     # vector_norm down the rows takes a strided slow path (25x a sum): square, then sum.
     return _unit_sum(v, v * v)
@@ -406,9 +407,15 @@ class SiteStats:
         """Add :func:`grad_rows` output to the window (in place, on device)."""
         self.window[_N_FWD:].add_(rows)
 
-    def close_window(self) -> None:
-        """Fold the window into the lifetime total and start a new, empty window."""
-        self.lifetime.add_(self.window)
+    def close_window(self, total: torch.Tensor | None = None) -> None:
+        """Fold the window into the lifetime total and start a new, empty window.
+
+        Args:
+            total: the window summed across processes (:func:`reduce_sum`), folded in
+                instead of this process's own window so that every process keeps the same
+                lifetime total.
+        """
+        self.lifetime.add_(self.window if total is None else total)
         self.window.zero_()
 
     def state_dict(self) -> dict[str, Any]:
@@ -427,6 +434,20 @@ class SiteStats:
             )
         self.window.copy_(state["window"])
         self.lifetime.copy_(state["lifetime"])
+
+
+def read_back(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Copy ``tensors`` to the host as float64 in one device-to-host transfer (the one host
+    synchronisation of a logging step) and return them with their shapes."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).cpu()
+    out, i = [], 0
+    for t in tensors:
+        n = t.numel()
+        out.append(flat[i : i + n].reshape(t.shape))
+        i += n
+    return out
 
 
 def reduce_sum(
@@ -452,44 +473,3 @@ def reduce_sum(
         out.append(flat[i : i + n].reshape(t.shape))
         i += n
     return out
-
-
-def derive_units(matrix: torch.Tensor, tau: float) -> dict[str, torch.Tensor]:
-    """Per-unit derived metrics from a ``(len(FIELDS), units)`` sum matrix (read time).
-
-    Returns float64 CPU tensors (NaN where a unit saw no elements):
-    ``activation_rate``, ``mean``, ``mean_abs``, ``rms``, ``saturation_rate``,
-    ``dormant_score`` (ReDo: mean|h_i| / mean_k mean|h_k|), ``grad_rms`` (root mean
-    square of dL/d(output) per element), ``grad_zero_rate``, and boolean ``seen``,
-    ``dead`` (seen and never active), ``dormant`` (score <= tau), ``fully_saturated``.
-    """
-    m = matrix.detach().to("cpu", torch.float64)
-    r = {name: m[i] for name, i in ROW.items()}
-    n = r["elements"]
-    seen = n > 0
-    nan = torch.full_like(n, float("nan"))
-
-    def ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.where(b > 0, a / b.clamp(min=1), nan)
-
-    mean_abs = ratio(r["sum_abs"], n)
-    seen_abs = mean_abs[seen]
-    avg = seen_abs.mean() if seen_abs.numel() else torch.tensor(float("nan"), dtype=torch.float64)
-    score = torch.where(seen, mean_abs / avg, nan) if bool(avg > 0) else torch.where(seen, 0.0, nan)
-    active = r["active"]
-    return {
-        "seen": seen,
-        "activation_rate": ratio(active, n),
-        "mean": ratio(r["sum"], n),
-        "mean_abs": mean_abs,
-        "rms": ratio(r["sum_sq"], n).sqrt(),
-        "saturation_rate": ratio(r["saturated"], n),
-        "dormant_score": score,
-        "dead": seen & (active == 0),
-        "dormant": seen & (score <= tau),
-        "fully_saturated": seen & (r["saturated"] == n),
-        "grad_rms": ratio(r["grad_sq"], r["grad_elements"]).sqrt(),
-        "grad_zero_rate": ratio(r["grad_zero"], r["grad_in_elements"]),
-        "nonfinite": r["nonfinite"],
-        "grad_nonfinite": r["grad_nonfinite"],
-    }

@@ -87,9 +87,9 @@ def test_fp16_overflow_is_counted_not_a_crash() -> None:
         out.float().sum().backward()  # gradients turn NaN through the overflowed units
         rec = doc.step()
     assert rec is not None
-    first = rec.site("1")
+    first = rec.site_row("1")
     assert first["nonfinite"] >= 1
-    units = rec.units[rec.units["site"] == "1"]
+    units = rec.unit_table[rec.unit_table["site"] == "1"]
     per_unit = site_fields(doc.probe.site("1"), "lifetime")
     bad = per_unit["nonfinite"] > 0
     assert bad[:4].any() and not bad[4:].any()  # only the overflowed units are flagged

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from relu_doctor.diagnosis import DiagnosisConfig, diagnose, site_metrics
+from relu_doctor.diagnosis import DiagnosisConfig, diagnose
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.stats import FIELDS, ROW, derive_units
+from relu_doctor.metrics import site_metrics, unit_metrics
+from relu_doctor.stats import FIELDS, ROW
 from tests import reference as ref
 from tests import zoo
 
@@ -67,7 +68,7 @@ def test_derived_metrics_match_the_reference(run_watched, name):
     doc = run.doc
     # The logged window (steps 0-2), as recorded ...
     record = doc.records[-1]
-    check_tables(pd.DataFrame(record.sites), record.units, run, [0, 1, 2], tau,
+    check_tables(pd.DataFrame(record.site_rows), record.unit_table, run, [0, 1, 2], tau,
                  "logged")
     # ... and the open window (steps 3-4), as to_pandas() and units() read it now.
     units = pd.concat([doc.units(s.name) for s in doc.probe.sites()])
@@ -208,7 +209,8 @@ def rows_for(grad_rms: list[float]):
     rows, units = [], {}
     for order, g in enumerate(grad_rms):
         m = synthetic(g)
-        row, u = site_metrics(m, m, 0.1)
+        u = unit_metrics(m, m, 0.1)
+        row = site_metrics(m, u)
         rows.append({"site": f"s{order}", "family": "relu", "leaky": False, "cap": None,
                      "order": order, **row})
         units[f"s{order}"] = u
@@ -239,27 +241,6 @@ def test_findings_are_sorted_most_severe_first(run_watched):
     ranks = {"info": 0, "warning": 1, "critical": 2}
     severities = [ranks[f.severity] for f in run.doc.records[-1].findings]
     assert severities == sorted(severities, reverse=True) and len(set(severities)) > 1
-
-
-def test_unseen_units_are_nan_not_dead():
-    m = synthetic(1.0)
-    m[:, 2] = 0  # unit 2 never seen
-    u = derive_units(m, 0.1)
-    assert u["seen"].tolist() == [True, True, False, True]
-    assert not bool(u["dead"][2]) and not bool(u["dormant"][2])
-    assert math.isnan(float(u["activation_rate"][2])) and math.isnan(float(u["dormant_score"][2]))
-    assert u["dormant_score"][[0, 1, 3]].tolist() == [1.0, 1.0, 1.0]
-
-
-def test_a_score_equal_to_tau_is_dormant():
-    """DESIGN.md: dormant when score <= tau. mean|h| of (0.25, 1.25, 1.25, 1.25) averages
-    exactly 1, so unit 0 scores exactly 0.25."""
-    m = synthetic(1.0)
-    m[ROW["sum_abs"]] = torch.tensor([0.25, 1.25, 1.25, 1.25], dtype=torch.float64) * 10
-    u = derive_units(m, 0.25)
-    assert u["dormant_score"].tolist() == [0.25, 1.25, 1.25, 1.25]
-    assert u["dormant"].tolist() == [True, False, False, False]
-    assert derive_units(m, 0.2499)["dormant"].tolist() == [False] * 4
 
 
 @pytest.mark.parametrize(

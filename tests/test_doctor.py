@@ -18,6 +18,7 @@ import torch.nn as nn
 
 import relu_doctor
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.sites import SiteKey
 from relu_doctor.stats import FIELDS, ROW
 from tests import reference as ref
 from tests import zoo
@@ -75,11 +76,11 @@ def test_units_made_dead_on_purpose_are_reported_exactly(run_watched, name):
     record = run.doc.records[-1]
     findings = {(f.kind, f.site): f for f in record.findings}
     for site, units in dead.items():
-        table = record.units[record.units["site"] == site]
+        table = record.unit_table[record.unit_table["site"] == site]
         assert table.loc[table["dead"], "unit"].tolist() == units
         assert table.loc[table["lifetime_dead"], "unit"].tolist() == units
         assert run.doc.units(site).query("dead")["unit"].tolist() == units
-        row = record.site(site)
+        row = record.site_row(site)
         assert (row["dead"], row["lifetime_dead"]) == (len(units), len(units))
         if site in planted:
             assert findings[("dead", site)].evidence["dead_units"] == units
@@ -227,7 +228,7 @@ def test_state_of_a_site_seen_after_loading_is_restored_on_its_first_call():
     state = doc.state_dict()
     fresh = relu_doctor.watch(zoo.mlp(), include=["1"])  # site "3" is not watched here ...
     fresh.load_state_dict(state)
-    assert "module:|3|0" in fresh.state_dict()["sites"]  # ... yet its state is carried on
+    assert SiteKey("3").token() in fresh.state_dict()["sites"]  # ... yet its state is carried on
     fresh.detach()
 
 
@@ -320,7 +321,7 @@ def test_step_intervals_must_be_positive_integers(arg, value):
 
 @pytest.mark.parametrize("value", [0, 1, 1.5, -0.1, True, float("nan"), "0.1"])
 def test_tau_must_lie_strictly_between_0_and_1(value):
-    with pytest.raises(ReluDoctorError, match=r"^tau: expected a number strictly between 0 and 1") as info:
+    with pytest.raises(ReluDoctorError, match=r"^tau: expected a number in \(0, 1\)") as info:
         relu_doctor.watch(zoo.mlp(), tau=value)
     assert repr(value) in str(info.value)
 

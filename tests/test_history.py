@@ -52,20 +52,39 @@ def test_run_directory_is_written_incrementally_and_reads_back(tmp_path):
 
     run = load_run(run_dir)
     assert_same_table(run.history, doc.history())
-    assert_same_table(run.units, pd.concat([r.units for r in doc.records]))
-    assert_same_table(run.layers, pd.concat([r.layers for r in doc.records]))
+    assert_same_table(run.units, pd.concat([r.unit_table for r in doc.records]))
+    assert_same_table(run.layers, pd.concat([r.layer_table for r in doc.records]))
     assert sorted(run.history["step"].unique()) == [2, 4, 6]
-    assert [s["name"] for s in run.sites] == [s.name for s in doc.probe.sites()]
-    assert run.sites == [json.loads(json.dumps(s.describe())) for s in doc.probe.sites()]
+    assert [s["name"] for s in run.site_info] == [s.name for s in doc.probe.sites()]
+    assert run.site_info == [json.loads(json.dumps(s.describe())) for s in doc.probe.sites()]
     assert run.meta["config"]["log_every_n_steps"] == 2
     assert run.last_step == 6
-    findings = [e for e in run.events if e["type"] == "finding"]
-    assert len(findings) == sum(len(r.findings) for r in doc.records)
-    assert [(f.kind, f.site) for f in run.findings()] == [
-        (f.kind, f.site) for f in doc.records[-1].findings
+    # Findings are written when they begin, change severity or end, never re-written.
+    events = [(e.status, e.step, e.finding.kind, e.finding.site, e.finding.severity)
+              for e in run.finding_events()]
+    assert events == transitions(doc.records)
+    assert len(events) < sum(len(r.findings) for r in doc.records)
+    assert [f.to_dict() for f in run.findings()] == [
+        json.loads(json.dumps(f.to_dict())) for f in doc.records[-1].findings
     ]
     assert ("dead", "stem.2") in {(f.kind, f.site) for f in run.findings()}
     assert not list(run_dir.rglob("*.tmp")), "temporary files left behind"
+
+
+def transitions(records):
+    """Reference: ``(status, step, kind, site, severity)`` of every finding that began,
+    changed severity or ended, from the findings of each logged record."""
+    out, before = [], {}
+    for rec in records:
+        now = {(f.kind, f.site): f for f in rec.findings}
+        for key, f in now.items():
+            if key not in before:
+                out.append(("began", rec.step, *key, f.severity))
+            elif before[key].severity != f.severity:
+                out.append(("changed", rec.step, *key, f.severity))
+        out += [("ended", rec.step, *key, f.severity) for key, f in before.items() if key not in now]
+        before = now
+    return sorted(out, key=lambda t: (t[1], t[0] != "ended"))
 
 
 def test_save_writes_a_loadable_run(tmp_path):
@@ -74,8 +93,8 @@ def test_save_writes_a_loadable_run(tmp_path):
         zoo.train(model, [torch.randn(8, 10) for _ in range(4)], doc=doc)
     run = load_run(doc.save(tmp_path / "saved"))
     assert_same_table(run.history, doc.history())
-    assert_same_table(run.units, pd.concat([r.units for r in doc.records]))
-    assert len(run.events) == sum(len(r.findings) for r in doc.records)
+    assert_same_table(run.units, pd.concat([r.unit_table for r in doc.records]))
+    assert len(run.events) == len(transitions(doc.records))
     # Saving again over it replaces the events rather than doubling them.
     run2 = load_run(doc.save(tmp_path / "saved"))
     assert len(run2.events) == len(run.events)
@@ -114,7 +133,7 @@ def test_load_run_errors(tmp_path):
         "empty": (tmp_path / "empty", r"is empty: it is not a relu_doctor run directory"),
         "foreign": (tmp_path / "foreign", r"has no meta.json: it is not a relu_doctor run"),
         "bad json": (tmp_path / "badjson", r"cannot be read as JSON"),
-        "future version": (tmp_path / "future", r"format 99; this relu_doctor reads format 1"),
+        "future version": (tmp_path / "future", r"format 99; this relu_doctor reads formats \[1, 2\]"),
         "no version": (tmp_path / "noversion", r"format None"),
     }
     (tmp_path / "file.txt").write_text("x")

@@ -276,5 +276,5 @@ def test_an_activation_on_an_input_without_gradient_has_forward_statistics_only(
     total = raw(site.stats.lifetime)
     ref.assert_stats_match(total, ref.expected_stats(run.recorder.calls[("0", 0)], 1), "forward")
     assert not any(total[name].any() for name in GRAD_FIELDS)
-    row = run.doc.records[-1].site("0")
+    row = run.doc.records[-1].site_row("0")
     assert np.isnan(row["grad_rms"]) and np.isnan(row["grad_zero_fraction"])

@@ -1,0 +1,133 @@
+"""Argument checks shared by every entry point (a leaf: imports only errors).
+
+Each check returns the value it accepted (converted where that is the point) and raises
+:class:`~relu_doctor.errors.ReluDoctorError` naming the argument, what was expected and what
+came. Also the one definition of "a finite number" every module uses.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from relu_doctor.errors import ReluDoctorError
+
+__all__ = [
+    "finite_or_none",
+    "glob_patterns",
+    "is_finite_number",
+    "matches",
+    "nonnegative",
+    "number_in",
+    "optimizers",
+    "positive_finite",
+    "positive_int",
+]
+
+
+def is_finite_number(value: object) -> bool:
+    """True for an int or float (not a bool) that is neither NaN nor infinite."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``float(value)`` when that is a finite number (tensors and numpy scalars included),
+    else None."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def positive_int(name: str, value: object, minimum: int = 1) -> int:
+    """An integer ``>= minimum`` (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer (>= 1)" if minimum == 1 else f"an integer >= {minimum}"
+        raise ReluDoctorError(f"{name}: expected {what}, got {value!r}.")
+    return value
+
+
+def number_in(
+    name: str,
+    value: object,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = True,
+    high_open: bool = False,
+    hint: str = "",
+) -> float:
+    """A number in the interval from ``low`` to ``high``; ``low_open``/``high_open`` say
+    whether each end is excluded. ``hint`` is added to the message."""
+    ok = is_finite_number(value)
+    if ok:
+        f = float(value)  # type: ignore[arg-type]
+        ok = (f > low if low_open else f >= low) and (f < high if high_open else f <= high)
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ReluDoctorError(
+            f"{name}: expected a number in {lo}{low:g}, {high:g}{hi}{hint}, got {value!r}."
+        )
+    return float(value)  # type: ignore[arg-type]
+
+
+def nonnegative(name: str, value: object) -> float:
+    """A finite number ``>= 0``."""
+    if not is_finite_number(value) or float(value) < 0:  # type: ignore[arg-type]
+        raise ReluDoctorError(f"{name}: expected a finite number >= 0, got {value!r}.")
+    return float(value)  # type: ignore[arg-type]
+
+
+def positive_finite(name: str, value: object) -> float:
+    """A finite number ``> 0``."""
+    if not is_finite_number(value) or float(value) <= 0:  # type: ignore[arg-type]
+        raise ReluDoctorError(f"{name}: expected a positive finite number, got {value!r}.")
+    return float(value)  # type: ignore[arg-type]
+
+
+def glob_patterns(name: str, value: Iterable[str] | str | None) -> list[str]:
+    """fnmatch patterns of module paths or site names: a string or a sequence of non-empty
+    strings (None: no patterns)."""
+    if value is None:
+        return []
+    out: list[Any] = [value] if isinstance(value, str) else list(value)
+    for p in out:
+        if not isinstance(p, str) or not p:
+            raise ReluDoctorError(
+                f"{name}: expected glob patterns (non-empty strings such as 'layer1.*'), "
+                f"got {p!r}."
+            )
+    return out
+
+
+def matches(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
+    """Whether ``name`` is selected: it matches an ``include`` pattern (or there are none)
+    and no ``exclude`` pattern."""
+    inc = list(include)
+    if inc and not any(fnmatch.fnmatchcase(name, p) for p in inc):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def optimizers(name: str, value: Any) -> list[Any]:
+    """None, one ``torch.optim.Optimizer`` or a list/tuple of them, as a list."""
+    import torch  # local: this module is a leaf that the CLI may import without torch
+
+    if value is None:
+        return []
+    opts = list(value) if isinstance(value, (list, tuple)) else [value]
+    for i, o in enumerate(opts):
+        if not isinstance(o, torch.optim.Optimizer):
+            raise ReluDoctorError(
+                f"{name}: expected torch.optim.Optimizer instances, got {type(o).__name__} "
+                f"at position {i}."
+            )
+    return opts

@@ -1,0 +1,141 @@
+"""The run's events as typed values: a finding that began, changed severity or ended; an
+intervention a remedy made; the measured result of an intervention.
+
+A leaf above :mod:`~relu_doctor.diagnosis` (for :class:`~relu_doctor.diagnosis.Finding`):
+remedies build interventions without importing the run record, and
+:mod:`~relu_doctor.history` writes and reads all three. On disk each event is one JSON
+object a line in ``events.jsonl``, with a ``type`` key; :func:`event_from_dict` reads one
+back and says what is wrong with a line that is not an event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from relu_doctor.diagnosis import Finding
+
+__all__ = [
+    "Event",
+    "FindingEvent",
+    "Intervention",
+    "InterventionResult",
+    "event_from_dict",
+]
+
+FindingStatus = Literal["began", "changed", "ended"]
+
+
+@dataclass(frozen=True)
+class FindingEvent:
+    """A finding that began, changed severity, or ended at ``step``.
+
+    Attributes:
+        status: ``began``, ``changed`` (severity) or ``ended``.
+        finding: the finding as diagnosed at ``step`` (for ``ended``: as last seen).
+        step: the logging step.
+    """
+
+    status: FindingStatus
+    finding: Finding
+    step: int
+
+    type: Literal["finding"] = "finding"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "status": self.status, **self.finding.to_dict(),
+                "step": self.step}
+
+
+@dataclass
+class Intervention:
+    """One change a remedy made to the model, the optimizer or the gradients.
+
+    Attributes:
+        remedy: the remedy's name (``leaky_relu_swap``, ``dormant_reset``...).
+        site: the site's display name, or ``"model"`` for model-wide changes.
+        step: the step at which it was made.
+        what: one sentence saying what changed.
+        before: the metrics it targets, measured over the window that led to it.
+        after: the same over the next window (filled in from an
+            :class:`InterventionResult`).
+        id: unique within the run; results refer to it.
+        details: remedy-specific data (clip statistics, recycled units, shared sites...).
+    """
+
+    remedy: str
+    site: str
+    step: int
+    what: str
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    id: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    type: Literal["intervention"] = "intervention"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["type"] = self.type
+        return out
+
+
+@dataclass(frozen=True)
+class InterventionResult:
+    """The metrics after an intervention, measured at the next logging interval."""
+
+    ref: str
+    remedy: str
+    site: str
+    step: int
+    after: dict[str, Any] | None
+
+    type: Literal["intervention_result"] = "intervention_result"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Event = FindingEvent | Intervention | InterventionResult
+
+
+def _finding(data: Mapping[str, Any]) -> Finding:
+    names = {f.name for f in fields(Finding)}
+    return Finding(**{k: data[k] for k in names if k in data})
+
+
+def event_from_dict(data: object) -> Event:
+    """Read one event back from its JSON form.
+
+    Raises:
+        ValueError: ``data`` is not an event of a known type, or a field has the wrong type;
+            the message says which.
+    """
+    if not isinstance(data, Mapping):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    kind = data.get("type")
+    step = data.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"'step' must be an integer, got {step!r}")
+    try:
+        if kind == "finding":
+            status = data.get("status", "began")
+            if status not in ("began", "changed", "ended"):
+                raise ValueError(f"unknown finding status {status!r}")
+            return FindingEvent(status, _finding(data), step)
+        if kind == "intervention":
+            names = {f.name for f in fields(Intervention)} - {"type"}
+            known = {k: data[k] for k in names if k in data}
+            extra = {k: v for k, v in data.items() if k not in names and k != "type"}
+            iv = Intervention(**known)
+            iv.details = {**iv.details, **extra}
+            return iv
+        if kind == "intervention_result":
+            return InterventionResult(
+                str(data["ref"]), str(data.get("remedy", "")), str(data.get("site", "")), step,
+                data.get("after"),
+            )
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"a {kind} event is missing or mistypes a field: {e}") from None
+    raise ValueError(f"unknown event type {kind!r}")

@@ -1,0 +1,168 @@
+"""Read-time maths: what the accumulated sums mean, computed once.
+
+:mod:`relu_doctor.stats` keeps per-unit sums and counts on the device; at a logging step they
+are read back to the host, and this module turns them into rates, means and the per-unit
+verdicts every later layer reads (diagnosis, the run record, remedies, reports): activation
+rate, mean |h|, ReDo dormant score, dead, dormant, lifetime dead, saturation, gradient RMS.
+Pure functions over host float64 tensors; nothing here touches a model or a device.
+
+Definitions (DESIGN.md): **dead** over a window = seen and never active; **lifetime dead** =
+seen since monitoring began and never active; **dormant** (ReDo) = score <= tau with
+score_i = mean|h_i| / mean_k mean|h_k| over the units seen in the window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from relu_doctor.stats import ROW
+
+__all__ = ["UNIT_COLUMNS", "layer_metrics", "site_metrics", "unit_metrics"]
+
+# Per-unit metrics written to the run record's unit table, in order.
+UNIT_COLUMNS: tuple[str, ...] = (
+    "activation_rate",
+    "mean_abs",
+    "dormant_score",
+    "saturation_rate",
+    "grad_rms",
+    "grad_zero_rate",
+    "dead",
+    "dormant",
+    "lifetime_dead",
+)
+
+
+def unit_metrics(window: torch.Tensor, lifetime: torch.Tensor, tau: float) -> dict[str, torch.Tensor]:
+    """Per-unit metrics of one site.
+
+    Args:
+        window: ``(len(FIELDS), units)`` sums over the window.
+        lifetime: the same since monitoring began, the window included.
+        tau: dormant threshold on the ReDo score.
+
+    Returns:
+        float64 CPU tensors (NaN where a unit saw no elements): ``activation_rate``,
+        ``mean``, ``mean_abs``, ``rms``, ``saturation_rate``, ``dormant_score``,
+        ``grad_rms`` (root mean square of dL/d(output) per element), ``grad_zero_rate``,
+        ``nonfinite``, ``grad_nonfinite``; boolean ``seen``, ``dead`` (seen and never
+        active), ``dormant`` (score <= tau), ``fully_saturated``, ``lifetime_dead``.
+    """
+    m = window.detach().to("cpu", torch.float64)
+    r = {name: m[i] for name, i in ROW.items()}
+    n = r["elements"]
+    seen = n > 0
+    nan = torch.full_like(n, float("nan"))
+
+    def ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(b > 0, a / b.clamp(min=1), nan)
+
+    mean_abs = ratio(r["sum_abs"], n)
+    seen_abs = mean_abs[seen]
+    avg = seen_abs.mean() if seen_abs.numel() else torch.tensor(float("nan"), dtype=torch.float64)
+    score = torch.where(seen, mean_abs / avg, nan) if bool(avg > 0) else torch.where(seen, 0.0, nan)
+    active = r["active"]
+    life = lifetime.detach().to("cpu", torch.float64)
+    return {
+        "seen": seen,
+        "activation_rate": ratio(active, n),
+        "mean": ratio(r["sum"], n),
+        "mean_abs": mean_abs,
+        "rms": ratio(r["sum_sq"], n).sqrt(),
+        "saturation_rate": ratio(r["saturated"], n),
+        "dormant_score": score,
+        "dead": seen & (active == 0),
+        "dormant": seen & (score <= tau),
+        "fully_saturated": seen & (r["saturated"] == n),
+        "lifetime_dead": (life[ROW["elements"]] > 0) & (life[ROW["active"]] == 0),
+        "grad_rms": ratio(r["grad_sq"], r["grad_elements"]).sqrt(),
+        "grad_zero_rate": ratio(r["grad_zero"], r["grad_in_elements"]),
+        "nonfinite": r["nonfinite"],
+        "grad_nonfinite": r["grad_nonfinite"],
+    }
+
+
+def site_metrics(window: torch.Tensor, units: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Site-level metrics of one site over a window.
+
+    Args:
+        window: ``(len(FIELDS), units)`` sums over the window.
+        units: :func:`unit_metrics` of the same site.
+
+    Returns:
+        A flat dict: ``units``, ``units_seen``, ``elements``, ``dead``, ``dead_fraction``,
+        ``lifetime_dead``, ``lifetime_dead_fraction``, ``dormant``, ``dormant_fraction``,
+        ``sparsity``, ``activation_rate``, ``mean_abs``, ``rms``, ``saturated_fraction``,
+        ``fully_saturated``, ``grad_rms``, ``grad_zero_fraction``, ``nonfinite``,
+        ``grad_nonfinite`` (NaN where nothing was seen).
+    """
+    w = window.detach().to("cpu", torch.float64)
+    n_units = w.shape[1]
+    seen = int(units["seen"].sum())
+    n = float(w[ROW["elements"]].sum())
+    active = float(w[ROW["active"]].sum())
+    gel = float(w[ROW["grad_elements"]].sum())
+    gin = float(w[ROW["grad_in_elements"]].sum())
+    life_dead = units["lifetime_dead"]
+    nan = float("nan")
+    return {
+        "units": n_units,
+        "units_seen": seen,
+        "elements": n,
+        "dead": int(units["dead"].sum()),
+        "dead_fraction": float(units["dead"].sum()) / seen if seen else nan,
+        "lifetime_dead": int(life_dead.sum()),
+        "lifetime_dead_fraction": float(life_dead.sum()) / n_units if n_units else nan,
+        "dormant": int(units["dormant"].sum()),
+        "dormant_fraction": float(units["dormant"].sum()) / seen if seen else nan,
+        "sparsity": 1.0 - active / n if n else nan,
+        "activation_rate": active / n if n else nan,
+        "mean_abs": float(w[ROW["sum_abs"]].sum()) / n if n else nan,
+        "rms": math.sqrt(float(w[ROW["sum_sq"]].sum()) / n) if n else nan,
+        "saturated_fraction": float(w[ROW["saturated"]].sum()) / n if n else nan,
+        "fully_saturated": int(units["fully_saturated"].sum()),
+        "grad_rms": math.sqrt(float(w[ROW["grad_sq"]].sum()) / gel) if gel else nan,
+        "grad_zero_fraction": float(w[ROW["grad_zero"]].sum()) / gin if gin else nan,
+        "nonfinite": int(w[ROW["nonfinite"]].sum()),
+        "grad_nonfinite": int(w[ROW["grad_nonfinite"]].sum()),
+    }
+
+
+def layer_metrics(
+    names: Sequence[str],
+    grad_sq: torch.Tensor,
+    steps: int,
+    world: int,
+    update_ratio: torch.Tensor | None,
+) -> tuple[list[dict[str, Any]], float]:
+    """Per-layer gradient norms and update ratios of one window, and the total norm.
+
+    Args:
+        names: the layers, in the order of ``grad_sq``.
+        grad_sq: squared gradient norm per layer summed over the window's steps (and
+            processes).
+        steps: optimizer steps summed into ``grad_sq`` on one process.
+        world: number of processes summed into ``grad_sq``.
+        update_ratio: ``||W_after - W_before|| / ||W_after||`` per layer at the last step,
+            or None.
+
+    Returns:
+        ``(rows, total)``: one ``{"layer", "grad_norm", "update_ratio"}`` dict per layer
+        (the RMS over steps of the gradient norm) and the norm over all layers.
+    """
+    g = grad_sq.detach().to("cpu", torch.float64)
+    denom = max(steps, 1) * world
+    norms = [math.sqrt(float(g[i]) / denom) for i in range(len(names))]
+    rows: list[dict[str, Any]] = [
+        {
+            "layer": name,
+            "grad_norm": norm,
+            "update_ratio": float(update_ratio[i]) if update_ratio is not None else float("nan"),
+        }
+        for i, (name, norm) in enumerate(zip(names, norms, strict=True))
+    ]
+    return rows, math.sqrt(sum(n**2 for n in norms))

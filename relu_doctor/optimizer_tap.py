@@ -1,0 +1,141 @@
+"""Per-layer parameter statistics read in optimizer step hooks: gradient norms (summed over
+the window's steps, on the device) and update-to-weight ratios at logging steps.
+
+Gradients are read when the optimizer is about to step: after the backward, after DDP's
+all-reduce and after AMP unscaling (``GradScaler.step`` and Lightning's precision plugins
+unscale first), and right under gradient accumulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+from relu_doctor._validate import optimizers as optimizers_arg
+from relu_doctor.sites import module_label
+
+__all__ = ["OptimizerTap"]
+
+
+class OptimizerTap:
+    """Per-layer parameter statistics read in optimizer step hooks.
+
+    A pre-step hook adds each layer's squared gradient norm to an on-device accumulator (the
+    optimizer sees gradients after AMP unscaling: ``GradScaler.step`` and Lightning's
+    precision plugins unscale first). On logging steps it also keeps a transient copy of the
+    parameters, so a post-step hook can measure the update-to-weight ratio
+    ``||W_after - W_before|| / ||W_after||``; the copy is freed in that hook.
+
+    Args:
+        model: the model whose parameters are grouped into layers (the module owning them).
+        optimizers: the optimizers to hook.
+        is_log_step: returns True when the step now being taken will be logged.
+        collecting: returns True when the step now being taken collects statistics.
+        pre_hook: read the gradients in the optimizer's step pre-hook. Pass False when the
+            backward runs inside ``optimizer.step(closure)`` (Lightning, LBFGS): the pre-hook
+            then fires before the closure, on stale gradients; call :meth:`before_step` after
+            the closure instead.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer],
+        *,
+        is_log_step: Callable[[], bool],
+        collecting: Callable[[], bool],
+        pre_hook: bool = True,
+    ) -> None:
+        self.optimizers: list[torch.optim.Optimizer] = optimizers_arg("optimizer", list(optimizers))
+        self.is_log_step = is_log_step
+        self.collecting = collecting
+        self.pre_hook = pre_hook
+        owner: dict[int, str] = {}
+        for path, mod in model.named_modules():
+            for p in mod.parameters(recurse=False):
+                owner.setdefault(id(p), module_label(path))
+        self.layers: list[str] = sorted(set(owner.values()), key=list(owner.values()).index)
+        index = {name: i for i, name in enumerate(self.layers)}
+        self._layer_of = {pid: index[name] for pid, name in owner.items()}
+        self.grad_sq: torch.Tensor | None = None
+        self.steps = 0
+        self.update_ratio: torch.Tensor | None = None
+        self._before: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._handles: list[RemovableHandle] = []
+        self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def attach(self) -> OptimizerTap:
+        for opt in self.optimizers:
+            if self.pre_hook:
+                self._handles.append(opt.register_step_pre_hook(self._pre))
+            self._handles.append(opt.register_step_post_hook(self._post))
+        return self
+
+    def before_step(self, opt: torch.optim.Optimizer) -> None:
+        """Read ``opt``'s gradients now: after the backward (and AMP unscaling), before the
+        parameters change. For use with ``pre_hook=False``; ignored while detached."""
+        if self._handles and any(opt is o for o in self.optimizers):
+            self._pre(opt, (), {})
+
+    def detach(self) -> None:
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+        self._before = None
+
+    def _params(self, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+        return [p for g in opt.param_groups for p in g["params"] if id(p) in self._layer_of]
+
+    def _index(self, params: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        key = tuple(self._layer_of[id(p)] for p in params)
+        idx = self._idx_cache.get(key)
+        if idx is None or idx.device != device:
+            idx = torch.tensor(key, dtype=torch.long, device=device)
+            self._idx_cache[key] = idx
+        return idx
+
+    def _pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self.collecting():
+            return
+        params = [p for p in self._params(opt) if p.grad is not None]
+        if not params:
+            return
+        device = params[0].grad.device  # type: ignore[union-attr]
+        if self.grad_sq is None:
+            self.grad_sq = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        norms = torch._foreach_norm([p.grad for p in params])  # type: ignore[misc]
+        if all(n.device == device for n in norms):  # one op, not one conversion per tensor
+            sq = torch.stack(norms).to(torch.float64).square()
+        else:
+            sq = torch.stack([n.to(device, torch.float64) for n in norms]).square()
+        self.grad_sq.index_add_(0, self._index(params, device), sq)
+        self.steps += 1
+        if self.is_log_step():
+            self._before = [(p, p.detach().clone()) for p in self._params(opt)]
+
+    def _post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        before, self._before = self._before, None
+        if not before:
+            return
+        params = [p for p, _ in before]
+        device = params[0].device
+        delta = torch._foreach_norm([p.detach() - old for p, old in before])
+        weight = torch._foreach_norm([p.detach() for p in params])
+        idx = self._index(params, device)
+        d = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        w = torch.zeros_like(d)
+        d.index_add_(0, idx, torch.stack([x.to(torch.float64) for x in delta]).square())
+        w.index_add_(0, idx, torch.stack([x.to(torch.float64) for x in weight]).square())
+        self.update_ratio = (d.sqrt() / w.sqrt().clamp(min=1e-30))
+
+    def read_and_reset(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
+        """``(grad_sq per layer, steps, update_ratio per layer)``, then start a new window."""
+        out = (self.grad_sq, self.steps, self.update_ratio)
+        self.grad_sq = None if self.grad_sq is None else torch.zeros_like(self.grad_sq)
+        self.steps = 0
+        self.update_ratio = None
+        return out

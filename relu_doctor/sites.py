@@ -1,0 +1,157 @@
+"""Site identity: :class:`SiteKey` (which call of which module, or which functional op) and
+:class:`Site` (what was found there: family, unit dim and the rule that chose it, units).
+
+A site's identity travels as a :class:`SiteKey` value from the hooks to the remedies and the
+run directory. Display names (``layer1.0.relu#1``, ``features.dense1:relu#0``) are made from
+keys by :func:`display_names` for people and file columns; nothing parses a name back into a
+key, so a module called ``enc:act`` or ``a#1`` is as good as any other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from relu_doctor.families import Family
+from relu_doctor.stats import SiteStats
+
+__all__ = ["ROOT_LABEL", "Site", "SiteKey", "display_names", "module_label"]
+
+ROOT_LABEL = "(root)"
+
+
+def module_label(path: str) -> str:
+    """A module path as shown to people: the root module (``""``) is ``(root)``."""
+    return path if path else ROOT_LABEL
+
+
+@dataclass(frozen=True, order=True)
+class SiteKey:
+    """Which activation call a site is.
+
+    Attributes:
+        module_path: dotted path of the activation module, or of the module whose
+            ``forward`` made the functional call (``""`` for the root module).
+        call_index: which call (of that module, or of that op inside that module) within one
+            forward pass, from 0.
+        op: the functional op's name (``"relu"``, ``"gelu"``...) for a functional call, None
+            for a call of an activation module.
+
+    Example:
+        >>> SiteKey("layer1.0.relu", 1).functional
+        False
+        >>> SiteKey.from_token(SiteKey("enc:act", 0, "relu").token())
+        SiteKey(module_path='enc:act', call_index=0, op='relu')
+    """
+
+    module_path: str
+    call_index: int = 0
+    op: str | None = None
+
+    @property
+    def functional(self) -> bool:
+        """Whether this is a functional call (``F.relu`` inside a ``forward``)."""
+        return self.op is not None
+
+    @property
+    def kind(self) -> str:
+        """``"functional"`` or ``"module"``."""
+        return "functional" if self.functional else "module"
+
+    def name(self, reused: bool) -> str:
+        """The display name: ``path`` for a module called once per pass, ``path#k`` for one
+        called several times (``reused``), ``path:op#k`` for a functional call."""
+        label = module_label(self.module_path)
+        if self.op is not None:
+            return f"{label}:{self.op}#{self.call_index}"
+        return f"{label}#{self.call_index}" if reused else label
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"module_path": self.module_path, "call_index": self.call_index, "op": self.op}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SiteKey:
+        op = data.get("op")
+        return cls(str(data["module_path"]), int(data.get("call_index", 0)),
+                   None if op is None else str(op))
+
+    def token(self) -> str:
+        """A string that stands for this key (checkpoint dict keys); a JSON array, so it can
+        be read back exactly with :meth:`from_token` whatever characters the path holds."""
+        return json.dumps([self.module_path, self.call_index, self.op])
+
+    @classmethod
+    def from_token(cls, token: str) -> SiteKey:
+        path, idx, op = json.loads(token)
+        return cls(str(path), int(idx), None if op is None else str(op))
+
+
+def display_names(keys: Iterable[SiteKey]) -> dict[SiteKey, str]:
+    """Display names of all the sites of one model: a module seen at more than one call
+    index is ``path#k`` at every index (so names do not change meaning as calls appear)."""
+    keys = list(keys)
+    reused: set[str] = {k.module_path for k in keys if k.op is None and k.call_index > 0}
+    return {k: k.name(k.module_path in reused) for k in keys}
+
+
+@dataclass(eq=False)
+class Site:
+    """One place where an activation runs in the forward pass, and its accumulators.
+
+    Attributes:
+        key: the site's identity.
+        family: the activation family.
+        unit_dim: the dim holding units (non-negative); ``unit_rule`` says why.
+        units: number of units.
+        order: order of first execution among all sites (0 = nearest the input).
+        stats: the on-device accumulators.
+        shape: the output shape first seen.
+        cap: the upper saturation value (ReLU6, Hardtanh), else None.
+        name: the display name (kept current by the probe as sites appear).
+    """
+
+    key: SiteKey
+    family: Family
+    unit_dim: int
+    unit_rule: str
+    units: int
+    order: int
+    stats: SiteStats
+    shape: tuple[int, ...] = ()
+    cap: float | None = None
+    name: str = ""
+    reused: bool = field(default=False)
+
+    @property
+    def module_path(self) -> str:
+        return self.key.module_path
+
+    @property
+    def call_index(self) -> int:
+        return self.key.call_index
+
+    @property
+    def op(self) -> str | None:
+        return self.key.op
+
+    @property
+    def kind(self) -> str:
+        return self.key.kind
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data description (for meta.json and reports)."""
+        return {
+            "name": self.name,
+            **self.key.to_dict(),
+            "kind": self.kind,
+            "family": self.family.name,
+            "leaky": self.family.leaky,
+            "cap": self.cap,
+            "unit_dim": self.unit_dim,
+            "unit_rule": self.unit_rule,
+            "units": self.units,
+            "shape": list(self.shape),
+            "order": self.order,
+        }
