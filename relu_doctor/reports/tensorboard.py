@@ -13,8 +13,9 @@ Tags:
 ``<prefix>/<metric>/<site>``           site metrics (``relu_doctor/dead_fraction/net.1``)
 ``<prefix>/<metric>/<layer>``          per-layer ``grad_norm`` and ``update_ratio``
 ``<prefix>/unit_activation_rate/<site>``  histogram of the per-unit activation rates
-``<prefix>/findings``                  the findings of each logging step (Markdown)
-``<prefix>/events``                    interventions and other recorded events (Markdown)
+``<prefix>/findings``                  the findings of a logging step (Markdown)
+``<prefix>/finding_events``            findings that began, changed severity or ended
+``<prefix>/events``                    interventions (Markdown)
 =====================================  ==============================================
 
 ``prefix`` is ``relu_doctor`` for training statistics and ``relu_doctor_val`` for the
@@ -40,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
+    from relu_doctor.events import FindingEvent
     from relu_doctor.history import Run
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "SummaryWriterLike",
     "custom_scalars_layout",
     "events_markdown",
+    "finding_events_markdown",
     "findings_markdown",
     "open_writer",
     "scalars",
@@ -223,15 +226,29 @@ def findings_markdown(findings: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def finding_events_markdown(events: Sequence[FindingEvent]) -> str:
+    """A Markdown table of findings that began, changed severity or ended."""
+    lines = ["| status | severity | kind | site | finding |", "|---|---|---|---|---|"]
+    for e in events:
+        f = e.finding
+        lines.append(
+            "| " + " | ".join(_cell(v) for v in (e.status, f.severity, f.kind, f.site, f.message))
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def events_markdown(events: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown lines describing events (interventions): type, site, what was done."""
+    """Markdown lines describing interventions (as ``Run.interventions()`` gives them):
+    remedy, site, what was done, the metrics before and after."""
     lines = []
     for ev in events:
-        head = " ".join(
-            str(ev[k]) for k in ("type", "action", "kind", "site") if ev.get(k) not in (None, "")
-        )
-        rest = {k: v for k, v in ev.items() if k not in ("type", "action", "kind", "site", "step")}
-        lines.append(f"- step {ev.get('step', '?')}: **{_cell(head or 'event')}** {_cell(rest)}")
+        head = " at ".join(str(ev[k]) for k in ("remedy", "site") if ev.get(k) not in (None, ""))
+        line = f"- step {ev.get('step', '?')}: **{_cell(head or 'intervention')}** {_cell(ev.get('what', ''))}"
+        for k in ("before", "after"):
+            if isinstance(ev.get(k), Mapping):
+                line += f"; {k}: {_cell(ev[k])}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -242,7 +259,7 @@ def write_record(
     sites: Sequence[Mapping[str, Any]],
     units: pd.DataFrame | None = None,
     layers: pd.DataFrame | None = None,
-    findings: Sequence[Mapping[str, Any]] = (),
+    findings: Sequence[Mapping[str, Any]] | None = (),
     metrics: Sequence[str] = DEFAULT_METRICS,
     prefix: str = PREFIX,
     histograms: bool = True,
@@ -255,7 +272,8 @@ def write_record(
         sites: one dict per site (``site`` and metrics).
         units: one row per (site, unit) with ``site`` and ``activation_rate``, or None.
         layers: one row per layer, or None.
-        findings: the findings of this step as dicts; written as a Markdown table.
+        findings: the findings of this step as dicts, written as a Markdown table; None
+            writes no findings text.
         metrics: site metrics to write as scalars.
         prefix: the first part of every tag.
         histograms: write the per-unit histograms.
@@ -268,7 +286,8 @@ def write_record(
             rates = rates[np.isfinite(rates)]
             if rates.size:
                 writer.add_histogram(tag(_HIST, str(site), prefix), rates, step, bins=_HIST_BINS)
-    writer.add_text(f"{prefix}/findings", findings_markdown(findings), step)
+    if findings is not None:
+        writer.add_text(f"{prefix}/findings", findings_markdown(findings), step)
 
 
 def write_layout(writer: SummaryWriterLike, layout: dict[str, Any]) -> None:
@@ -279,7 +298,7 @@ def write_layout(writer: SummaryWriterLike, layout: dict[str, Any]) -> None:
 def write_events(
     writer: SummaryWriterLike, events: Iterable[Mapping[str, Any]], prefix: str = PREFIX
 ) -> None:
-    """Write events (interventions), one text entry per step that has any."""
+    """Write interventions (``Run.interventions()``), one text entry per step that has any."""
     by_step: dict[int, list[Mapping[str, Any]]] = {}
     for ev in events:
         by_step.setdefault(int(ev.get("step", 0)), []).append(ev)
@@ -319,13 +338,6 @@ def write_run(
     writer = open_writer(log_dir)
     try:
         write_layout(writer, custom_scalars_layout(metrics))
-        findings: dict[int, list[Mapping[str, Any]]] = {}
-        others = []
-        for ev in run.events:
-            if ev.get("type") == "finding":
-                findings.setdefault(int(ev["step"]), []).append(ev)
-            else:
-                others.append(ev)
         hist = run.history
         steps = sorted(int(s) for s in hist["step"].unique()) if not hist.empty else []
         for step in steps:
@@ -335,11 +347,19 @@ def write_run(
                 sites=hist[hist["step"] == step].to_dict("records"),
                 units=run.units[run.units["step"] == step] if not run.units.empty else None,
                 layers=run.layers[run.layers["step"] == step] if not run.layers.empty else None,
-                findings=findings.get(step, []),
+                findings=None,
                 metrics=metrics,
                 histograms=histograms,
             )
-        write_events(writer, others)
+        if steps:  # the findings are known exactly at the last step only
+            writer.add_text(f"{PREFIX}/findings",
+                            findings_markdown([f.to_dict() for f in run.findings()]), steps[-1])
+        by_step: dict[int, list[FindingEvent]] = {}
+        for fe in run.finding_events():
+            by_step.setdefault(fe.step, []).append(fe)
+        for step, evs in sorted(by_step.items()):
+            writer.add_text(f"{PREFIX}/finding_events", finding_events_markdown(evs), step)
+        write_events(writer, run.interventions())
         writer.flush()
     finally:
         close = getattr(writer, "close", None)

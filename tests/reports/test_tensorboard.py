@@ -1,0 +1,181 @@
+"""TensorBoard output, read back with tensorboard's own ``EventAccumulator`` and checked
+against the run's numbers: scalar tags and values, per-unit histograms, the custom-scalars
+layout, findings (the last step's, and the timeline of began/changed/ended) and
+interventions as text."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from relu_doctor.history import Run, load_run
+from relu_doctor.reports import tensorboard as tb
+from tests.reports.conftest import KILLED, TrainedRun
+
+pytest.importorskip("tensorboard")
+
+
+def accumulate(log_dir: Path) -> Any:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def texts(ea: Any, tag: str) -> dict[int, str]:
+    from tensorboard.util import tensor_util
+
+    out = {}
+    for ev in ea.Tensors(f"{tag}/text_summary"):
+        value = tensor_util.make_ndarray(ev.tensor_proto)
+        out[ev.step] = value.item().decode("utf-8") if value.ndim == 0 else value[0].decode()
+    return out
+
+
+@pytest.fixture(scope="module")
+def written(dead_run: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Any]:
+    run = load_run(dead_run.run_dir)
+    log_dir = tb.write_run(run, tmp_path_factory.mktemp("tb") / "events")
+    return run, accumulate(log_dir)
+
+
+def test_site_scalars_are_the_history(written: tuple[Run, Any]) -> None:
+    run, ea = written
+    tags = set(ea.Tags()["scalars"])
+    for site in KILLED:
+        rows = run.history[run.history["site"] == site].sort_values("step")
+        for metric in tb.DEFAULT_METRICS:
+            t = tb.tag(metric, site)
+            want = rows[metric].astype(float).to_numpy()
+            if metric in ("saturated_fraction",):  # a ReLU has no cap: not logged
+                assert t not in tags
+                continue
+            if np.isnan(want).all():
+                assert t not in tags, t
+                continue
+            events = ea.Scalars(t)
+            assert [e.step for e in events] == rows["step"].tolist()
+            # TensorBoard stores float32
+            np.testing.assert_allclose([e.value for e in events], want, rtol=1e-6, atol=0)
+    assert tb.tag("dead_fraction", "act1") == "relu_doctor/dead_fraction/act1"
+
+
+def test_layer_scalars_are_the_layer_table(written: tuple[Run, Any]) -> None:
+    run, ea = written
+    assert not run.layers.empty
+    for layer, rows in run.layers.groupby("layer"):
+        rows = rows.sort_values("step")
+        for metric in tb.LAYER_METRICS:
+            events = ea.Scalars(tb.tag(metric, str(layer)))
+            assert [e.step for e in events] == rows["step"].tolist()
+            np.testing.assert_allclose([e.value for e in events],
+                                       rows[metric].astype(float), rtol=1e-6)
+
+
+def test_histograms_hold_every_units_activation_rate(written: tuple[Run, Any]) -> None:
+    run, ea = written
+    for site in KILLED:
+        events = ea.Histograms(f"relu_doctor/unit_activation_rate/{site}")
+        units = run.units[run.units["site"] == site]
+        assert [e.step for e in events] == sorted(units["step"].unique())
+        for e in events:
+            rates = units[units["step"] == e.step]["activation_rate"].to_numpy(float)
+            h = e.histogram_value
+            assert h.num == len(rates) == 16
+            assert h.sum == pytest.approx(rates.sum(), rel=1e-9)
+            assert h.min == rates.min() == 0.0  # the killed units
+            assert h.max == pytest.approx(rates.max())
+            assert sum(h.bucket) == len(rates)
+
+
+def test_custom_scalars_layout_charts_every_site_of_a_metric(written: tuple[Run, Any]) -> None:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    _, ea = written
+    (config,) = ea.Tensors("custom_scalars__config__")  # written once
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(config.tensor_proto.string_val[0])
+    (category,) = layout.category
+    assert category.title == "relu_doctor"
+    charts = {c.title: list(c.multiline.tag) for c in category.chart}
+    assert list(charts) == [*tb.DEFAULT_METRICS, *tb.LAYER_METRICS]
+    assert charts["dead_fraction"] == ["^relu_doctor/dead_fraction/"]
+    # the regex takes in every site's scalar of that metric, and nothing else
+    import re
+
+    scalars = ea.Tags()["scalars"]
+    matched = [t for t in scalars if re.match(charts["dead_fraction"][0], t)]
+    assert sorted(matched) == sorted(tb.tag("dead_fraction", s) for s in KILLED)
+
+
+def test_findings_text_is_the_last_steps_findings(written: tuple[Run, Any]) -> None:
+    run, ea = written
+    found = texts(ea, "relu_doctor/findings")
+    assert list(found) == [run.last_step]
+    table = found[run.last_step]
+    findings = run.findings()
+    assert findings
+    assert table.count("\n") == len(findings) + 1  # header, rule, one row each
+    for f in findings:
+        assert f"| {f.severity} | {f.kind} | {f.site} |" in table
+
+
+def test_finding_events_text_is_the_timeline(written: tuple[Run, Any]) -> None:
+    run, ea = written
+    timeline = texts(ea, "relu_doctor/finding_events")
+    events = run.finding_events()
+    assert events
+    assert sorted(timeline) == sorted({e.step for e in events})
+    for e in events:
+        assert f"| {e.status} | {e.finding.severity} | {e.finding.kind} | {e.finding.site} |" in timeline[e.step]
+
+
+def test_interventions_as_text(tmp_path: Path) -> None:
+    events = [
+        {"type": "intervention", "id": "a", "remedy": "leaky_relu_swap", "site": "s", "step": 10,
+         "what": "replaced ReLU at s", "before": {"dead_fraction": 0.5}, "after": None},
+        {"type": "intervention_result", "ref": "a", "remedy": "leaky_relu_swap", "site": "s",
+         "step": 20, "after": {"dead_fraction": 0.25}},
+        {"type": "intervention", "id": "b", "remedy": "lr_rescue", "site": "model", "step": 20,
+         "what": "scaled the learning rate by 0.5", "before": None, "after": None},
+    ]
+    hist = pd.DataFrame([{"step": s, "site": "s", "dead_fraction": 0.5} for s in (10, 20)])
+    run = Run(meta={}, history=hist, units=pd.DataFrame(), layers=pd.DataFrame(), events=events)
+    ea = accumulate(tb.write_run(run, tmp_path / "tb"))
+    got = texts(ea, "relu_doctor/events")
+    assert sorted(got) == [10, 20]
+    assert "**leaky_relu_swap at s** replaced ReLU at s" in got[10]
+    assert '"dead_fraction": 0.25' in got[10]  # the result was merged in
+    assert "**lr_rescue at model** scaled the learning rate by 0.5" in got[20]
+    assert texts(ea, "relu_doctor/findings") == {20: "No findings."}
+
+
+def test_scalars_leave_out_nan_and_uncapped_saturation() -> None:
+    rows = [
+        {"site": "a", "cap": None, "dead_fraction": 0.25, "grad_rms": float("nan"),
+         "saturated_fraction": 0.0},
+        {"site": "b", "cap": 6.0, "dead_fraction": 0.0, "saturated_fraction": 0.5},
+    ]
+    layers = pd.DataFrame([{"layer": "fc", "grad_norm": 2.0, "update_ratio": float("nan")}])
+    out = tb.scalars(rows, layers, metrics=("dead_fraction", "grad_rms", "saturated_fraction"))
+    assert out == {
+        "relu_doctor/dead_fraction/a": 0.25,
+        "relu_doctor/dead_fraction/b": 0.0,
+        "relu_doctor/saturated_fraction/b": 0.5,
+        "relu_doctor/grad_norm/fc": 2.0,
+    }
+    val = tb.scalars(rows, metrics=("dead_fraction",), prefix=tb.VAL_PREFIX)
+    assert list(val) == ["relu_doctor_val/dead_fraction/a", "relu_doctor_val/dead_fraction/b"]
+    assert not any(math.isnan(v) for v in out.values())
+
+
+def test_write_run_of_an_in_memory_run_needs_a_log_dir() -> None:
+    run = Run(meta={}, history=pd.DataFrame(), units=pd.DataFrame(), layers=pd.DataFrame())
+    with pytest.raises(ValueError, match="log_dir"):
+        tb.write_run(run)
