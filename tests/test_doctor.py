@@ -456,3 +456,67 @@ def test_a_checkpoint_from_another_width_is_a_clear_error(seen):
         with pytest.raises(ReluDoctorError, match=r"site '1'.*32 units.*16"):
             doc2.load_state_dict(doc.state_dict())
             target(torch.randn(2, 10))
+
+
+# ---------------------------------------------------------------------- regressions (issue 11)
+
+
+def test_tau_from_a_config_is_used_not_replaced_by_the_default(run_watched):
+    """watch(config=DiagnosisConfig(tau=0.25)) once silently used tau 0.1."""
+    config = relu_doctor.DiagnosisConfig(tau=0.25)
+    run = run_watched(zoo.CASES["mlp"], steps=3, log_every_n_steps=3, config=config)
+    assert run.doc.config.tau == 0.25
+    units = run.doc.records[-1].unit_table
+    # dormant is exactly score <= 0.25 (and some unit lies between 0.1 and 0.25 here, so the
+    # old default would have given another answer)
+    np.testing.assert_array_equal(units["dormant"], units["dormant_score"] <= 0.25)
+    assert ((units["dormant_score"] > 0.1) & (units["dormant_score"] <= 0.25)).any()
+
+
+def test_tau_is_set_in_one_place():
+    model = zoo.mlp()
+    assert relu_doctor.watch(model, tau=0.3).detach() is None
+    doc = relu_doctor.Doctor(model, tau=0.3)
+    assert doc.config.tau == 0.3
+    same = relu_doctor.Doctor(model, tau=0.3, config=relu_doctor.DiagnosisConfig(tau=0.3))
+    assert same.config.tau == 0.3
+    with pytest.raises(ReluDoctorError, match=r"tau: 0.2 conflicts with config.tau = 0.3"):
+        relu_doctor.Doctor(model, tau=0.2, config=relu_doctor.DiagnosisConfig(tau=0.3))
+    with pytest.raises(ReluDoctorError, match=r"config: expected a relu_doctor.DiagnosisConfig"):
+        relu_doctor.Doctor(model, config={"tau": 0.3})  # type: ignore[arg-type]
+
+
+def test_unit_table_before_any_statistics_is_a_library_error():
+    """Doctor.units() once failed with a bare AssertionError."""
+    model = zoo.mlp()
+    with relu_doctor.watch(model) as doc:
+        model(torch.randn(4, 10))
+        doc.step()
+        for s in doc.sites:
+            s.stats.window.zero_()  # a site known, its window empty, nothing logged yet
+        with pytest.raises(ReluDoctorError, match=r"site: '1' has no statistics yet"):
+            doc.unit_table("1")
+        with pytest.raises(ReluDoctorError, match=r"no site named 'nope'"):
+            doc.units("nope")
+
+
+@pytest.mark.parametrize("name", ["enc:act", "a#1", "(root)", "x:relu#0"])
+def test_module_names_that_look_like_site_names_are_ordinary(name):
+    """Site identity is a SiteKey, never a parsed name: a module called 'enc:act' is a
+    module site with that path, and its key round-trips through checkpoints."""
+    net = torch.nn.Sequential()
+    net.add_module("fc", torch.nn.Linear(4, 6))
+    net.add_module(name, torch.nn.ReLU())
+    with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+        net(torch.randn(8, 4)).sum().backward()
+        record = doc.step()
+    assert record is not None and [r["site"] for r in record.site_rows] == [name]
+    key = record.key(name)
+    assert key == SiteKey(name, 0, None) == doc.site_key(name) and not key.functional
+    assert doc.probe.site_by_key(key) is doc.probe.site(name)
+    state = doc.state_dict()
+    fresh = relu_doctor.watch(net)
+    fresh.load_state_dict(state)
+    net(torch.randn(8, 4))
+    assert fresh.probe.site_by_key(key).stats.lifetime.equal(doc.probe.site(name).stats.lifetime)
+    fresh.detach()
