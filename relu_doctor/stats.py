@@ -436,18 +436,26 @@ class SiteStats:
         self.lifetime.copy_(state["lifetime"])
 
 
-def read_back(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Copy ``tensors`` to the host as float64 in one device-to-host transfer (the one host
-    synchronisation of a logging step) and return them with their shapes."""
+def _through_flat(
+    tensors: Sequence[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]
+) -> list[torch.Tensor]:
+    """Concatenate ``tensors`` flat, apply ``fn`` once, and split the result back into
+    tensors of the same shapes, in order."""
     if not tensors:
         return []
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).cpu()
+    flat = fn(torch.cat([t.reshape(-1) for t in tensors]))
     out, i = [], 0
     for t in tensors:
         n = t.numel()
         out.append(flat[i : i + n].reshape(t.shape))
         i += n
     return out
+
+
+def read_back(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Copy ``tensors`` to the host as float64 in one device-to-host transfer (the one host
+    synchronisation of a logging step) and return them with their shapes."""
+    return _through_flat([t.to(torch.float64) for t in tensors], lambda flat: flat.cpu())
 
 
 def reduce_sum(
@@ -463,13 +471,4 @@ def reduce_sum(
     Returns:
         The reduced tensors, same shapes, in order.
     """
-    if not tensors:
-        return []
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    flat = all_reduce(flat)
-    out, i = [], 0
-    for t in tensors:
-        n = t.numel()
-        out.append(flat[i : i + n].reshape(t.shape))
-        i += n
-    return out
+    return _through_flat(tensors, all_reduce)
