@@ -5,7 +5,8 @@ TensorBoard logs, run directories and HTML reports; ``relu-doctor report RUN_DIR
 run directory into a self-contained HTML report and prints a short summary.
 
 Bad arguments and unusable paths end with one line on stderr and exit status 2; a
-successful command exits 0.
+successful command exits 0. ``--help`` and ``--version`` import neither torch nor pandas:
+everything heavy is imported inside the command that needs it.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from relu_doctor import __version__
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor._version import __version__
 
 __all__ = ["main"]
 
@@ -30,26 +30,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         message = " ".join(message.split())
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,18 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", metavar="DIR", default="relu_doctor_demo",
                       help="output directory (default: ./relu_doctor_demo); a previous demo "
                       "output there is replaced, any other non-empty directory is refused")
-    demo.add_argument("--steps", metavar="N", type=_positive_int, default=None,
+    demo.add_argument("--steps", metavar="N", type=int, default=None,
                       help="optimizer steps per run (default: 600; 200 with --quick)")
     demo.add_argument("--quick", action="store_true",
                       help="smaller data and model, fewer steps (a first look in seconds)")
     demo.add_argument("--seed", metavar="N", type=int, default=0,
                       help="seed shared by both runs (default: 0)")
-    demo.add_argument("--lr", metavar="LR", type=_positive_float, default=None,
+    demo.add_argument("--lr", metavar="LR", type=float, default=None,
                       help="Adam's learning rate (default: 0.05, too high on purpose; 0.001 "
                       "trains this task without dead units)")
-    demo.add_argument("--threads", metavar="N", type=_positive_int, default=1,
+    demo.add_argument("--threads", metavar="N", type=int, default=1,
                       help="CPU threads for PyTorch (default: 1, fastest for this small model)")
-    demo.set_defaults(func=_cmd_demo)
+    demo.set_defaults(func=_cmd_demo, check=_check_demo, parser=demo)
 
     report = sub.add_parser(
         "report",
@@ -102,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the HTML file to write (default: RUN_DIR/report.html)")
     report.add_argument("-q", "--quiet", action="store_true",
                         help="print only the path of the report")
-    report.set_defaults(func=_cmd_report)
+    report.set_defaults(func=_cmd_report, check=None, parser=report)
     return parser
 
 
@@ -118,10 +98,21 @@ def _run_dirs_inside(path: Path) -> list[str]:
         return []
 
 
+def _check_demo(args: argparse.Namespace) -> None:
+    """The demo's numeric options, checked by the one copy of the checks (``_validate``)."""
+    from relu_doctor._validate import positive_finite, positive_int
+
+    if args.steps is not None:
+        positive_int("--steps", args.steps)
+    if args.lr is not None:
+        positive_finite("--lr", args.lr)
+    positive_int("--threads", args.threads)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
+    from relu_doctor.errors import ReluDoctorError
     from relu_doctor.history import load_run
-    from relu_doctor.reports.html import write_report
-    from relu_doctor.reports.text import summary
+    from relu_doctor.reports.report import Report
 
     prog = "relu-doctor report"
     run_dir = Path(args.run_dir)
@@ -134,14 +125,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output is not None else run_dir / "report.html"
     if out.is_dir():
         out = out / "report.html"
+    report = Report(run)
     try:
-        path = write_report(run, out)
+        path = report.save(out)
     except OSError as e:
         return _fail(prog, f"cannot write the report to {str(out)!r}: {e.strerror or e}.")
     if args.quiet:
         print(path)
         return 0
-    print(summary(run))
+    print(report.summary())
     print(f"Report: {path}")
     return 0
 
@@ -152,6 +144,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from relu_doctor.demo import run_demo
+    from relu_doctor.errors import ReluDoctorError
 
     prog = "relu-doctor demo"
     torch.set_num_threads(args.threads)
@@ -178,8 +171,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"  {'':<{width}}  " + "  ".join(f"{n:>12}" for n in names))
     for label, vals in rows:
         print(f"  {label:<{width}}  " + "  ".join(f"{v:>12}" for v in vals))
-    if not result.treated_available:
-        print("\n  (treated run skipped: relu_doctor.remedies is not available in this install)")
     print()
     pad = max(len(n) for n in runs)
     print("Reports (self-contained HTML, open offline):")
@@ -205,6 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.error("a command is required: demo or report")
+    check: Any = args.check
+    if check is not None:
+        from relu_doctor.errors import ReluDoctorError
+
+        try:
+            check(args)
+        except ReluDoctorError as e:
+            args.parser.error(str(e))
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -1,5 +1,6 @@
-"""The ``relu-doctor`` command: exit codes and one-line errors (through the installed console
-script, in a subprocess), the report command, and a run killed with SIGKILL mid-training."""
+"""The ``relu-doctor`` command. Everything runs in-process (``cli.main([...])``) except what
+checks the console script itself: ``--version`` and ``--help`` through the installed script,
+without importing torch or pandas, and a training process killed with SIGKILL."""
 
 from __future__ import annotations
 
@@ -15,16 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from relu_doctor import __version__
+from relu_doctor._version import __version__
 from relu_doctor.cli import main
 from relu_doctor.history import load_run
 
 SCRIPT = Path(sys.executable).with_name("relu-doctor")
-
-
-def relu_doctor(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "relu_doctor.cli"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
+HEAVY = ("torch", "pandas", "numpy", "matplotlib", "jinja2")
 
 
 def one_line_error(text: str) -> str:
@@ -42,27 +39,45 @@ def data_island(path: Path) -> dict:
     return json.loads(m.group(1))
 
 
-# ---------------------------------------------------------------------- subprocess
+# ---------------------------------------------------------------------- the console script
 
 
-def test_version_and_help_through_the_console_script() -> None:
-    r = relu_doctor("--version")
-    assert r.returncode == 0 and r.stdout.strip() == f"relu-doctor {__version__}"
-    r = relu_doctor("--help")
-    assert r.returncode == 0 and "demo" in r.stdout and "report" in r.stdout
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_console_script_version_and_help_import_no_torch(flag: str) -> None:
+    """The installed script answers --version and --help without importing torch or pandas
+    (``-X importtime`` lists every module the interpreter imported)."""
+    assert SCRIPT.exists(), f"console script not installed at {SCRIPT} (pip install -e .)"
+    r = subprocess.run([sys.executable, "-X", "importtime", str(SCRIPT), flag],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    if flag == "--version":
+        assert r.stdout.strip() == f"relu-doctor {__version__}"
+    else:
+        assert "demo" in r.stdout and "report" in r.stdout
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "relu_doctor.cli" in imported  # the listing is real
+    assert not {m for m in imported if m.split(".")[0] in HEAVY}
 
 
-def test_bad_argument_exits_2_with_one_line() -> None:
-    r = relu_doctor("demo", "--steps", "many")
-    assert r.returncode == 2
-    line = one_line_error(r.stderr)
-    assert "--steps" in line and "'many'" in line
-
-
-def test_report_of_a_missing_directory_exits_2(tmp_path: Path) -> None:
-    r = relu_doctor("report", str(tmp_path / "nope"))
-    assert r.returncode == 2
-    assert "does not exist" in one_line_error(r.stderr)
+def test_main_version_leaves_torch_unimported() -> None:
+    """The same through ``cli.main`` in a fresh interpreter, checked on ``sys.modules``."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from relu_doctor.cli import main
+        try:
+            main(["--version"])
+        except SystemExit as e:
+            assert e.code == 0, e.code
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in sys.argv[1:])
+        assert not heavy, heavy
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code, *HEAVY], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
 def _train_script(run_dir: Path) -> str:
@@ -82,7 +97,9 @@ def _train_script(run_dir: Path) -> str:
     )
 
 
-def test_run_killed_with_sigkill_still_gives_a_report(tmp_path: Path) -> None:
+def test_run_killed_with_sigkill_still_gives_a_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-c", _train_script(run_dir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -96,9 +113,8 @@ def test_run_killed_with_sigkill_still_gives_a_report(tmp_path: Path) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    r = relu_doctor("report", str(run_dir))
-    assert r.returncode == 0, r.stderr
-    assert "Report:" in r.stdout
+    assert main(["report", str(run_dir)]) == 0
+    assert "Report:" in capsys.readouterr().out
     parts = sorted(int(p.stem.split("-")[1]) for p in (run_dir / "history").glob("part-*.parquet"))
     data = data_island(run_dir / "report.html")
     assert data["steps"] == parts  # every logged step, and no other
@@ -109,19 +125,35 @@ def test_run_killed_with_sigkill_still_gives_a_report(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- in process
 
 
-@pytest.mark.parametrize("argv, needle", [
-    ([], "a command is required"),
-    (["bogus"], "invalid choice"),
-    (["report"], "RUN_DIR"),
-    (["demo", "--steps", "0"], "--steps"),
-    (["demo", "--lr", "-1"], "--lr"),
-    (["demo", "--frobnicate"], "unrecognized arguments"),
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"relu-doctor {__version__}"
+
+
+@pytest.mark.parametrize("argv, needles", [
+    ([], ["a command is required"]),
+    (["bogus"], ["invalid choice"]),
+    (["report"], ["RUN_DIR"]),
+    (["demo", "--steps", "many"], ["--steps: invalid int value: 'many'"]),
+    # the checks of relu_doctor._validate, naming the option and the value
+    (["demo", "--steps", "0"], ["--steps: expected", ">= 1", "got 0"]),
+    (["demo", "--threads", "-2"], ["--threads: expected", ">= 1", "got -2"]),
+    (["demo", "--lr", "-1"], ["--lr: expected a positive", "got -1.0"]),
+    (["demo", "--lr", "nan"], ["--lr: expected a positive", "got nan"]),
+    (["demo", "--frobnicate"], ["unrecognized arguments"]),
 ])
-def test_argument_errors(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_argument_errors(
+    argv: list[str], needles: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
-    assert needle in one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
+    assert line.startswith("relu-doctor")
+    for needle in needles:
+        assert needle in line
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["report"]])
@@ -130,6 +162,11 @@ def test_help_on_every_command(command: list[str], capsys: pytest.CaptureFixture
         main([*command, "--help"])
     assert e.value.code == 0
     assert "usage: relu-doctor" in capsys.readouterr().out
+
+
+def test_report_of_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in one_line_error(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("kind", ["empty", "foreign", "file", "old-format"])
