@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -31,14 +32,15 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from relu_doctor.doctor import LogRecord, watch
+from relu_doctor.doctor import watch
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.history import IntervalRecord
 
 __all__ = ["DemoConfig", "DemoResult", "RunResult", "make_model", "make_task", "run_demo", "train"]
 
@@ -109,7 +111,6 @@ class DemoResult:
     config: DemoConfig
     runs: dict[str, RunResult]
     seconds: float
-    treated_available: bool = True
 
 
 # ---------------------------------------------------------------------- task and model
@@ -158,25 +159,21 @@ def _treatments(model: nn.Module, opt: torch.optim.Optimizer, doc: Any) -> list[
     return [clip, rescue, swap, recycle]
 
 
-def _open_writer(log_dir: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard not installed: the rest of the demo still runs
-        return None
-    return SummaryWriter(log_dir=str(log_dir))
-
-
-def _record_to_tensorboard(writer: Any, record: LogRecord) -> None:
+def _record_to_tensorboard(writer: Any, record: IntervalRecord) -> None:
     from relu_doctor.reports import tensorboard as tb
 
     tb.write_record(
         writer,
         record.step,
-        sites=record.sites,
-        units=record.units,
-        layers=record.layers,
+        sites=record.site_rows,
+        units=record.unit_table,
+        layers=record.layer_table,
         findings=[f.to_dict() for f in record.findings],
     )
+
+
+def _totals(record: IntervalRecord, key: str) -> int:
+    return sum(int(r[key]) for r in record.site_rows)
 
 
 def train(
@@ -189,6 +186,7 @@ def train(
 ) -> RunResult:
     """Train the demo student once, watched by relu_doctor; write its run directory,
     TensorBoard logs (``run_dir/tensorboard``) and report (``run_dir/report.html``)."""
+    from relu_doctor.reports import tensorboard as tb
     from relu_doctor.reports.html import write_report
 
     t0 = time.perf_counter()
@@ -197,34 +195,30 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     batches = torch.Generator().manual_seed(2000 + cfg.seed)
     tb_dir = run_dir / "tensorboard"
-    writer = None
     result = RunResult(name, run_dir, run_dir / "report.html", tb_dir)
     every = max(cfg.log_every, cfg.steps // 5)
     next_print = every
     loss = torch.zeros(())
+    last: IntervalRecord | None = None
     with watch(model, log_every_n_steps=cfg.log_every, optimizer=opt, run_dir=run_dir) as doc:
-        writer = _open_writer(tb_dir)
-        if writer is not None:
-            from relu_doctor.reports import tensorboard as tb
-
-            tb.write_layout(writer, tb.custom_scalars_layout())
-            doc.add_listener(lambda rec: _record_to_tensorboard(writer, rec))
+        writer = tb.open_writer(tb_dir)
+        tb.write_layout(writer, tb.custom_scalars_layout())
+        doc.add_listener(lambda rec: _record_to_tensorboard(writer, rec))
         remedies = _treatments(model, opt, doc) if treated else []
         for step in range(1, cfg.steps + 1):
             idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=batches)
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch
             opt.step()
             record = doc.step()
             if record is not None:
+                last = record
                 acc = _accuracy(model, xt, yt)
-                dead = sum(int(r["dead"]) for r in record.sites)
-                units = sum(int(r["units"]) for r in record.sites)
-                if writer is not None:
-                    writer.add_scalar("demo/loss", float(loss.detach()), step)
-                    writer.add_scalar("demo/test_accuracy", acc, step)
-                    writer.add_scalar("demo/lr", opt.param_groups[0]["lr"], step)
+                dead, units = _totals(record, "dead"), _totals(record, "units")
+                writer.add_scalar("demo/loss", float(loss.detach()), step)
+                writer.add_scalar("demo/test_accuracy", acc, step)
+                writer.add_scalar("demo/lr", opt.param_groups[0]["lr"], step)
                 if progress is not None and (step >= next_print or step == cfg.steps):
                     next_print += every
                     progress(
@@ -232,23 +226,23 @@ def train(
                         f"test acc {acc:.1%}  dead units {dead}/{units} ({dead / units:.0%})"
                     )
         if doc.global_step % cfg.log_every:
-            doc.log()  # close the last, partial window
+            last = doc.log() or last  # close the last, partial window
         for r in remedies:
             if hasattr(r, "detach"):
                 r.detach()
-        last = doc.records[-1]
         run = doc.to_run()
-    if writer is not None:
-        from relu_doctor.reports import tensorboard as tb
-
-        tb.write_events(writer, run.interventions())
-        writer.flush()
-        writer.close()
+    tb.write_events(writer, run.interventions())
+    writer.flush()
+    getattr(writer, "close", lambda: None)()
+    if last is None:
+        raise ReluDoctorError(
+            f"steps: expected at least {cfg.log_every} (one logging interval), got {cfg.steps}."
+        )
     result.accuracy = _accuracy(model, xt, yt)
     result.loss = float(loss.detach())
-    result.dead_units = sum(int(r["dead"]) for r in last.sites)
-    result.units = sum(int(r["units"]) for r in last.sites)
-    result.lifetime_dead = sum(int(r["lifetime_dead"]) for r in last.sites)
+    result.dead_units = _totals(last, "dead")
+    result.units = _totals(last, "units")
+    result.lifetime_dead = _totals(last, "lifetime_dead")
     result.findings = [str(f) for f in last.findings if f.severity != "info"]
     result.interventions = len(run.interventions())
     write_report(run_dir, result.report)
@@ -288,17 +282,6 @@ def prepare_out(out: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _remedies_available() -> bool:
-    try:
-        from relu_doctor import remedies
-
-        return all(
-            hasattr(remedies, n) for n in ("ActivationSwapper", "AutoClip", "DormantRecycler", "LRRescuer")
-        )
-    except ImportError:
-        return False
-
-
 def run_demo(
     out: str | os.PathLike[str] = "relu_doctor_demo",
     *,
@@ -306,7 +289,7 @@ def run_demo(
     quick: bool = False,
     seed: int = 0,
     lr: float | None = None,
-    stream: TextIO | None = None,
+    stream: TextIO | Literal[False] | None = None,
 ) -> DemoResult:
     """Train the demo untreated and treated; write run directories, TensorBoard logs and
     HTML reports under ``out``.
@@ -317,7 +300,8 @@ def run_demo(
         quick: smaller data and model, fewer steps.
         seed: seed shared by both runs.
         lr: Adam's learning rate (default 0.05: too high on purpose).
-        stream: where progress lines go (default stderr); None-like ``False`` silences.
+        stream: where progress lines go: a text stream, None for stderr, ``False`` for
+            nowhere.
     """
     overrides: dict[str, Any] = {"seed": seed}
     if steps is not None:
@@ -329,13 +313,10 @@ def run_demo(
         raise ReluDoctorError(f"--steps: expected at least {cfg.log_every} (one logging interval), got {cfg.steps}.")
     path = prepare_out(out)
     sink = sys.stderr if stream is None else stream
-
-    def progress(line: str) -> None:
-        print(line, file=sink, flush=True)
-
+    progress = None if sink is False else functools.partial(print, file=sink, flush=True)
     t0 = time.perf_counter()
-    runs = {"untreated": train("untreated", path / "untreated", cfg, treated=False, progress=progress)}
-    available = _remedies_available()
-    if available:
-        runs["treated"] = train("treated", path / "treated", cfg, treated=True, progress=progress)
-    return DemoResult(path, cfg, runs, time.perf_counter() - t0, available)
+    runs = {
+        name: train(name, path / name, cfg, treated=name == "treated", progress=progress)
+        for name in RUN_NAMES
+    }
+    return DemoResult(path, cfg, runs, time.perf_counter() - t0)

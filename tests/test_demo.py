@@ -1,8 +1,9 @@
-"""``relu-doctor demo --quick`` end to end (a subprocess, as a user runs it), and the demo's
-handling of its output directory."""
+"""``relu-doctor demo --quick`` end to end (a subprocess, as a user runs it), the demo's
+handling of its output directory, and where its progress lines go."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from relu_doctor.cli import main
-from relu_doctor.demo import MARKER, DemoConfig, make_model, make_task, prepare_out
+from relu_doctor.demo import MARKER, DemoConfig, make_model, make_task, prepare_out, run_demo
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.history import load_run
 
@@ -96,3 +97,28 @@ def test_demo_with_fewer_steps_than_one_interval_is_refused(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--steps" in err
     assert not (tmp_path / "d").exists()  # refused before anything was written
+
+
+def test_stream_false_silences_the_demo(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Regression: ``run_demo(stream=False)`` crashed (it printed to ``False``) though its
+    docstring says False silences it."""
+    res = run_demo(tmp_path / "d", quick=True, steps=10, stream=False)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert list(res.runs) == ["untreated", "treated"]  # the remedies are always there
+    for r in res.runs.values():
+        assert r.report.is_file() and load_run(r.run_dir).last_step == 10
+        assert 0 <= r.dead_units <= r.units == 3 * DemoConfig.quick().width
+    assert not hasattr(res, "treated_available")
+
+
+def test_progress_goes_to_the_given_stream(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    sink = io.StringIO()
+    res = run_demo(tmp_path / "d", quick=True, steps=10, stream=sink)
+    lines = sink.getvalue().splitlines()
+    assert [line.split("]")[0] for line in lines] == ["[untreated", "[  treated"]
+    assert all("step   10/10" in line for line in lines)
+    last = load_run(res.runs["untreated"].run_dir)
+    final = last.history[last.history["step"] == 10]
+    assert f"dead units {int(final['dead'].sum())}/{int(final['units'].sum())}" in lines[0]
+    assert capfd.readouterr().err == ""  # not also on stderr
