@@ -1,0 +1,344 @@
+"""The remedy protocol: decide from an interval record, act, record what was done.
+
+A remedy controller (:class:`Remedy`) is a :class:`~relu_doctor.doctor.Doctor` listener:
+:meth:`Remedy.bind` registers it, and every logging interval then calls it with the
+interval's record. It decides from that record only (records are built from statistics
+summed across processes, so every rank takes the same decision), acts on the model, the
+optimizer or the gradients, and records each change as a typed
+:class:`~relu_doctor.events.Intervention` with the metrics it targets before the change. The
+interventions waiting for their metrics after (measured at the next interval) are owned here,
+by the :class:`Remedy` base, and completed as
+:class:`~relu_doctor.events.InterventionResult` events; nothing else keeps them.
+
+A site is identified by its :class:`~relu_doctor.sites.SiteKey`, never by parsing its display
+name: from a record (``record.key(name)``) or from the bound Doctor (``doctor.site_key``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import torch
+import torch.nn as nn
+
+from relu_doctor._validate import finite_or_none, optimizers
+from relu_doctor.diagnosis import Finding
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.events import Intervention, InterventionResult
+from relu_doctor.families import family_of
+from relu_doctor.probes import Probe
+from relu_doctor.sites import SiteKey, module_label
+
+__all__ = [
+    "SNAPSHOT_KEYS",
+    "DoctorLike",
+    "Pending",
+    "RecordLike",
+    "Remedy",
+    "model_snapshot",
+    "site_snapshot",
+]
+
+#: The site metrics an intervention records before and after.
+SNAPSHOT_KEYS = (
+    "dead_fraction",
+    "lifetime_dead_fraction",
+    "dormant_fraction",
+    "sparsity",
+    "activation_rate",
+    "mean_abs",
+    "grad_rms",
+)
+
+#: The site of a model-wide intervention (clipping, learning rate).
+MODEL = "model"
+
+
+class RecordLike(Protocol):
+    """What the remedies read from an interval record
+    (:class:`relu_doctor.history.IntervalRecord`)."""
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def site_rows(self) -> list[dict[str, Any]]: ...
+
+    @property
+    def unit_table(self) -> Any: ...  # pandas.DataFrame, one row per (site, unit)
+
+    @property
+    def layer_table(self) -> Any: ...  # pandas.DataFrame, one row per parameterised layer
+
+    @property
+    def findings(self) -> list[Finding]: ...
+
+    def site_row(self, name: str) -> dict[str, Any] | None: ...
+
+    def key(self, name: str) -> SiteKey: ...
+
+
+class DoctorLike(Protocol):
+    """What :meth:`Remedy.bind` needs from a :class:`relu_doctor.doctor.Doctor`."""
+
+    @property
+    def probe(self) -> Probe: ...
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    def add_listener(self, fn: Callable[[Any], Any]) -> None: ...
+
+    def record_event(self, event: Intervention | InterventionResult) -> None: ...
+
+    def site_key(self, name: str) -> SiteKey: ...
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def site_snapshot(row: Mapping[str, Any]) -> dict[str, float | None]:
+    """The metrics an intervention records for one site row (None where not measured).
+
+    Example:
+        >>> site_snapshot({"dead_fraction": 0.5, "sparsity": float("nan")})["sparsity"] is None
+        True
+    """
+    return {k: finite_or_none(row.get(k)) for k in SNAPSHOT_KEYS}
+
+
+def model_snapshot(record: RecordLike) -> dict[str, Any]:
+    """Model-wide metrics of one record: unit-weighted dead and dormant fractions over all
+    sites, the total parameter-gradient norm (when an optimizer is tapped) and whether an
+    exploding-gradient finding is present."""
+    rows = record.site_rows
+    seen = sum(int(r.get("units_seen") or 0) for r in rows)
+    dead = sum(int(r.get("dead") or 0) for r in rows)
+    dormant = sum(int(r.get("dormant") or 0) for r in rows)
+    grad_norm = None
+    layers = record.layer_table
+    if layers is not None and len(layers) and "grad_norm" in layers:
+        vals = [float(v) for v in layers["grad_norm"]]
+        grad_norm = finite_or_none(math.sqrt(sum(v * v for v in vals))) if vals else None
+    return {
+        "dead_fraction": dead / seen if seen else None,
+        "dormant_fraction": dormant / seen if seen else None,
+        "grad_norm": grad_norm,
+        "exploding_gradient": any(f.kind == "exploding_gradient" for f in record.findings),
+    }
+
+
+# ---------------------------------------------------------------------- shared argument checks
+
+
+def check_model(value: object) -> nn.Module:
+    """The ``model`` argument of a remedy: a ``torch.nn.Module``."""
+    if not isinstance(value, nn.Module):
+        raise ReluDoctorError(f"model: expected a torch.nn.Module, got {type(value).__name__}.")
+    return value
+
+
+def one_optimizer(name: str, value: object) -> torch.optim.Optimizer:
+    """Exactly one ``torch.optim.Optimizer``."""
+    if value is None or isinstance(value, (list, tuple)):
+        raise ReluDoctorError(
+            f"{name}: expected a torch.optim.Optimizer, got {type(value).__name__}."
+        )
+    opt: torch.optim.Optimizer = optimizers(name, value)[0]
+    return opt
+
+
+def get_module(model: nn.Module, path: str, arg: str) -> nn.Module:
+    """The module at ``path`` (``""``: the model), or an error naming ``arg`` that lists the
+    model's activation modules."""
+    if path == "":
+        return model
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        acts = [module_label(p) for p, m in model.named_modules() if family_of(m) is not None]
+        raise ReluDoctorError(
+            f"{arg}: the model has no module at {path!r}; its activation modules are "
+            f"{acts[:20]}{' ...' if len(acts) > 20 else ''}."
+        ) from None
+
+
+def site_key_of(site: object, arg: str = "site") -> SiteKey:
+    """A :class:`~relu_doctor.sites.SiteKey` given as itself or, without a Doctor to ask, as
+    a module path exactly as written (never parsed: ``"enc:act"`` and ``"a#1"`` are module
+    names)."""
+    if isinstance(site, SiteKey):
+        return site
+    if not isinstance(site, str):
+        raise ReluDoctorError(
+            f"{arg}: expected a site name, a module path or a SiteKey, got {type(site).__name__}."
+        )
+    return SiteKey(site)
+
+
+def key_label(key: SiteKey) -> str:
+    """A display name for a key when no probe names it (a call index above 0 means the
+    module is reused)."""
+    return key.name(key.call_index > 0)
+
+
+# ---------------------------------------------------------------------- the protocol
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An intervention waiting for its metrics after: its event ``id`` and ``site``."""
+
+    id: str
+    site: str
+
+
+R = TypeVar("R", bound="Remedy")
+
+
+class Remedy:
+    """Base of the remedy controllers: decide from interval records, act, record events.
+
+    :meth:`bind` makes the controller a listener of a Doctor; from then on each logging
+    interval calls it with the record. It returns (and, when bound, records through
+    ``doctor.record_event``) the :class:`~relu_doctor.events.InterventionResult` events
+    completing earlier interventions first, then the new
+    :class:`~relu_doctor.events.Intervention` events. Actions called directly (a manual
+    ``swap``) are recorded too.
+
+    The interventions awaiting their after-metrics are this class's state (:attr:`pending`),
+    checkpointed by :meth:`state_dict`; a callback wrapping a remedy keeps no copy.
+
+    Subclasses set :attr:`name`, implement :meth:`decide` and extend :meth:`state_dict` /
+    :meth:`load_state_dict`.
+    """
+
+    #: the remedy's name in events (``leaky_relu_swap``, ``dormant_reset``...)
+    name: ClassVar[str] = "remedy"
+
+    def __init__(self) -> None:
+        self.doctor: DoctorLike | None = None
+        #: how to warn (a Lightning callback passes ``rank_zero_warn``)
+        self.warn: Callable[[str], Any] = _warn
+        self._pending: list[Pending] = []
+        self._n_events = 0
+        self._in_call = False
+
+    @property
+    def pending(self) -> tuple[Pending, ...]:
+        """The interventions whose metrics after are still to be measured."""
+        return tuple(self._pending)
+
+    def bind(self: R, doctor: DoctorLike) -> R:
+        """Listen to ``doctor``'s interval records and record events through it (idempotent)."""
+        if self.doctor is doctor:
+            return self
+        self.doctor = doctor
+        doctor.add_listener(self)
+        self._on_bind(doctor)
+        return self
+
+    def _on_bind(self, doctor: DoctorLike) -> None:
+        """Hook for subclasses (take the probe, refresh hooks...)."""
+
+    def __call__(self, record: RecordLike) -> list[Intervention | InterventionResult]:
+        events: list[Intervention | InterventionResult] = list(self._results(record))
+        self._in_call = True
+        try:
+            events += self.decide(record)
+        finally:
+            self._in_call = False
+        if self.doctor is not None:
+            for e in events:
+                self.doctor.record_event(e)
+        return events
+
+    def decide(self, record: RecordLike) -> list[Intervention]:
+        """Act on one record; return the new interventions."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ sites
+    def resolve_site(self, site: str | SiteKey, arg: str = "site") -> tuple[SiteKey, str]:
+        """``(key, display name)`` of ``site``: a SiteKey; or a str, which is a site name of
+        the bound Doctor when it knows one by that name and otherwise a module path exactly
+        as written."""
+        if isinstance(site, str) and self.doctor is not None:
+            try:
+                return self.doctor.site_key(site), site
+            except ReluDoctorError:
+                pass  # not a site name: a module path
+        key = site_key_of(site, arg)
+        if isinstance(site, str):
+            return key, module_label(site)
+        return key, self.site_name(key)
+
+    def site_name(self, key: SiteKey) -> str:
+        """The display name of ``key``: the bound probe's, else one made from the key."""
+        if self.doctor is not None:
+            found = self.doctor.probe.site_by_key(key)
+            if found is not None and found.name:
+                return found.name
+        return key_label(key)
+
+    # ------------------------------------------------------------------ events
+    def _intervention(
+        self,
+        *,
+        site: str,
+        step: int,
+        what: str,
+        before: Mapping[str, Any] | None,
+        id_suffix: str = "",
+        measure_after: bool = True,
+        **details: Any,
+    ) -> Intervention:
+        """A new intervention; with ``measure_after`` its metrics after are awaited."""
+        self._n_events += 1
+        ev = Intervention(
+            remedy=self.name,
+            site=site,
+            step=int(step),
+            what=what,
+            before=dict(before) if before is not None else None,
+            after=None,
+            id=f"{self.name}:{step}:{site}:{self._n_events}{id_suffix}",
+            details=details,
+        )
+        if measure_after:
+            self._pending.append(Pending(ev.id, site))
+        return ev
+
+    def _record(self, event: Intervention) -> Intervention:
+        """Record an intervention made by a direct call (from :meth:`decide`, the events go
+        out with the call's return value instead)."""
+        if self.doctor is not None and not self._in_call:
+            self.doctor.record_event(event)
+        return event
+
+    def _results(self, record: RecordLike) -> list[InterventionResult]:
+        pending, self._pending = self._pending, []
+        out = []
+        for p in pending:
+            if p.site == MODEL:
+                after: dict[str, Any] | None = model_snapshot(record)
+            else:
+                row = record.site_row(p.site)
+                after = site_snapshot(row) if row is not None else None
+            out.append(InterventionResult(p.id, self.name, p.site, int(record.step), after))
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "pending": [{"id": p.id, "site": p.site} for p in self._pending],
+            "n_events": self._n_events,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._pending = [Pending(str(p["id"]), str(p["site"])) for p in state.get("pending", [])]
+        self._n_events = int(state.get("n_events", 0))

@@ -1,0 +1,295 @@
+"""Adaptive gradient clipping: AutoClip (a percentile of the gradient-norm history) and AGC
+(unit-wise, relative to the weight norm).
+
+Both keep their state on the gradients' device and never synchronise with the host between
+logging intervals: the clip counts and the threshold are read once per interval
+(:meth:`read`), where an interval that clipped anything becomes a model-wide intervention.
+Call :meth:`clip_` after AMP unscaling and before the optimizer step, or :meth:`attach` the
+clipper to the optimizer as a step pre-hook (``GradScaler.step`` unscales first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from relu_doctor._validate import (
+    finite_or_none,
+    nonnegative,
+    number_in,
+    positive_finite,
+    positive_int,
+)
+from relu_doctor.events import Intervention
+from relu_doctor.remedies.base import MODEL, RecordLike, Remedy, model_snapshot, one_optimizer
+
+__all__ = ["AGC", "AutoClip"]
+
+
+def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+class _Clipper(Remedy):
+    """Shared parts of the clippers: an on-device window of counts, read at log time."""
+
+    name = "adaptive_grad_clip"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clipped: torch.Tensor | None = None  # clipped steps (AutoClip) or units (AGC)
+        self._total = 0  # steps (AutoClip) or units (AGC) seen in the window, host-side
+        self._steps = 0
+        self._threshold: torch.Tensor | None = None
+        self._handles: list[Any] = []
+        self.last: dict[str, Any] = {}  # the numbers of the last closed window
+
+    def attach(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        params: Iterable[torch.Tensor] | None = None,
+    ) -> _Clipper:
+        """Clip in a step pre-hook of ``optimizer`` (GradScaler.step unscales before the
+        optimizer's step runs, so clipping sees true gradients). ``params`` defaults to every
+        parameter of the optimizer. Remove with :meth:`detach`."""
+        one_optimizer("optimizer", optimizer)
+        chosen = list(params) if params is not None else None
+
+        def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            ps = (
+                chosen if chosen is not None else [p for g in opt.param_groups for p in g["params"]]
+            )
+            self.clip_(ps)
+
+        self._handles.append(optimizer.register_step_pre_hook(pre))
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks :meth:`attach` registered (idempotent)."""
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+
+    def clip_(self, params: Iterable[torch.Tensor]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _count(self, mask: torch.Tensor) -> None:
+        c = mask.sum(dtype=torch.int64) if mask.dim() else mask.to(torch.int64)
+        if self._clipped is None or self._clipped.device != c.device:
+            self._clipped = torch.zeros((), dtype=torch.int64, device=c.device)
+        self._clipped.add_(c)
+
+    def read(self) -> dict[str, Any]:
+        """This window's numbers (one host sync), then start a new window."""
+        vals = [self._clipped, self._threshold]
+        host = [None if v is None else float(v.detach().cpu()) for v in vals]
+        clipped = int(host[0] or 0)
+        out = {
+            "threshold": finite_or_none(host[1]),
+            "clipped": clipped,
+            "total": self._total,
+            "steps": self._steps,
+            "clip_fraction": clipped / self._total if self._total else 0.0,
+        }
+        if self._clipped is not None:
+            self._clipped.zero_()
+        self._total = 0
+        self._steps = 0
+        return out
+
+    def decide(self, record: RecordLike) -> list[Intervention]:
+        stats = self.read()
+        self.last = stats
+        if not stats["clipped"]:
+            return []
+        return [
+            self._intervention(
+                site=MODEL,
+                step=record.step,
+                what=self._describe(stats),
+                before=model_snapshot(record),
+                clip=stats,
+            )
+        ]
+
+    def _describe(self, stats: Mapping[str, Any]) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class AutoClip(_Clipper):
+    """AutoClip (Seetharaman et al. 2020): clip the total gradient norm to the ``percentile``-th
+    percentile of the norms seen so far.
+
+    The history is a ring buffer of the last ``history`` total norms on the gradients'
+    device; the threshold is ``torch.nanquantile`` over it (non-finite norms, e.g. fp16
+    overflow steps, are stored as NaN and ignored). No host synchronisation per step; the
+    clip count and the threshold are read at logging time (:meth:`read`).
+
+    Call :meth:`clip_` after ``scaler.unscale_(optimizer)`` and before ``optimizer.step()``,
+    or :meth:`attach` it to the optimizer as a step pre-hook.
+
+    Args:
+        percentile: in (0, 100]; the paper's best values are around 10.
+        history: how many past norms the percentile is taken over.
+        warmup_steps: steps that only record their norm, without clipping.
+
+    Example:
+        >>> net = torch.nn.Linear(3, 1)
+        >>> clip = AutoClip(percentile=10)
+        >>> net(torch.randn(4, 3)).sum().backward()
+        >>> clip.clip_(net.parameters())
+        >>> clip.read()["steps"]
+        1
+    """
+
+    def __init__(
+        self, percentile: float = 10.0, *, history: int = 1000, warmup_steps: int = 0
+    ) -> None:
+        super().__init__()
+        self.percentile = number_in(
+            "percentile", percentile, 0.0, 100.0, hint=" (AutoClip's paper uses 10)"
+        )
+        self.history = positive_int("history", history)
+        self.warmup_steps = positive_int("warmup_steps", warmup_steps, minimum=0)
+        self._buf: torch.Tensor | None = None
+        self._pos = 0
+        self._seen = 0
+        self._last_norm: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def clip_(self, params: Iterable[torch.Tensor]) -> None:
+        """Record this step's total gradient norm and clip to the percentile (in place)."""
+        grads = _grads(params)
+        if not grads:
+            return
+        device = grads[0].device
+        norms = torch._foreach_norm(grads)
+        total = torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
+        if self._buf is None:
+            self._buf = torch.full((self.history,), float("nan"), device=device)
+        elif self._buf.device != device:  # restored from a checkpoint on the CPU
+            self._buf = self._buf.to(device)
+        self._buf[self._pos].copy_(torch.where(torch.isfinite(total), total, float("nan")))
+        self._pos = (self._pos + 1) % self.history
+        self._seen += 1
+        self._steps += 1
+        self._total += 1
+        self._last_norm = total
+        threshold = torch.nanquantile(self._buf, self.percentile / 100.0)
+        self._threshold = threshold
+        if self._seen <= self.warmup_steps:
+            return
+        over = total > threshold  # False for NaN threshold or NaN norm
+        coef = torch.where(over, threshold / (total + 1e-6), 1.0)
+        torch._foreach_mul_(grads, coef)
+        self._count(over)
+
+    def _describe(self, stats: Mapping[str, Any]) -> str:
+        thr = stats["threshold"]
+        return (
+            f"AutoClip (p{self.percentile:g}) clipped the gradient norm on {stats['clipped']} of "
+            f"{stats['steps']} steps; threshold now {thr:.4g}"
+            if thr is not None
+            else f"AutoClip clipped {stats['clipped']} of {stats['steps']} steps"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "percentile": self.percentile,
+            "history_size": self.history,
+            "history": None if self._buf is None else self._buf.detach().cpu().clone(),
+            "pos": self._pos,
+            "seen": self._seen,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        buf = state.get("history")
+        if buf is not None:
+            buf = torch.as_tensor(buf, dtype=torch.float32)
+            if buf.numel() != self.history:
+                keep = buf[~torch.isnan(buf)][-self.history :]
+                new = torch.full((self.history,), float("nan"))
+                new[: keep.numel()] = keep
+                buf = new
+                self._pos = keep.numel() % self.history
+            else:
+                self._pos = int(state.get("pos", 0))
+            device = self._buf.device if self._buf is not None else torch.device("cpu")
+            self._buf = buf.to(device)
+        self._seen = int(state.get("seen", 0))
+
+    @property
+    def norm_history(self) -> torch.Tensor:
+        """The recorded norms, oldest first (NaN-free; a host copy)."""
+        if self._buf is None:
+            return torch.empty(0)
+        b = torch.roll(self._buf.detach().cpu(), -self._pos)
+        return b[~torch.isnan(b)]
+
+
+def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    dims = None if x.dim() <= 1 else tuple(range(1, x.dim()))
+    norm: torch.Tensor = torch.linalg.vector_norm(
+        x, dim=dims, keepdim=dims is not None, dtype=torch.float32
+    )
+    return norm
+
+
+class AGC(_Clipper):
+    """Adaptive gradient clipping (Brock et al. 2021, NFNets): unit-wise, each output unit's
+    gradient norm is clipped to ``clipping`` times that unit's weight norm (at least ``eps``).
+
+    Units are rows (dim 0) of weights with two or more dims; vectors (biases, norms' scales)
+    count as one unit. The paper leaves the final classifier layer unclipped: pass only the
+    parameters you want clipped. No host synchronisation per step.
+
+    Args:
+        clipping: the ratio lambda, e.g. 0.01 to 0.16 (smaller for larger batches).
+        eps: floor of the weight norm, so zero-initialised units still move.
+
+    Example:
+        >>> net = torch.nn.Linear(3, 2)
+        >>> agc = AGC(clipping=0.01)
+        >>> (net(torch.randn(4, 3)) * 1e3).sum().backward()
+        >>> agc.clip_(net.parameters())
+        >>> agc.read()["clipped"] > 0
+        True
+    """
+
+    def __init__(self, clipping: float = 0.01, *, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.clipping = positive_finite("clipping", clipping)
+        self.eps = nonnegative("eps", eps)
+        self._threshold = torch.tensor(self.clipping)
+
+    @torch.no_grad()
+    def clip_(self, params: Iterable[torch.Tensor]) -> None:
+        """Clip every parameter's gradient unit-wise (in place)."""
+        ps = [p for p in params if p.grad is not None]
+        if not ps:
+            return
+        self._steps += 1
+        for p in ps:
+            g = p.grad
+            assert g is not None
+            max_norm = _unitwise_norm(p.detach()).clamp(min=self.eps).mul_(self.clipping)
+            gnorm = _unitwise_norm(g)
+            over = gnorm > max_norm
+            scale = torch.where(over, max_norm / gnorm.clamp(min=1e-6), 1.0)
+            g.mul_(scale.to(g.dtype))
+            self._count(over)
+            self._total += over.numel()
+
+    def _describe(self, stats: Mapping[str, Any]) -> str:
+        return (
+            f"AGC (lambda {self.clipping:g}) clipped {stats['clipped']} of {stats['total']} "
+            f"unit-gradients over {stats['steps']} steps ({stats['clip_fraction']:.1%})"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "clipping": self.clipping}

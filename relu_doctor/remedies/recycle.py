@@ -1,0 +1,356 @@
+"""Recycle dormant units (ReDo, Sokar et al. 2023): fresh incoming weights, zero outgoing
+weights, optimizer state of exactly those slices reset.
+
+:func:`recycle_units` does the surgery on the layers :func:`~relu_doctor.remedies.unit_links.
+find_unit_links` found; :class:`DormantRecycler` does it, every ``every`` logging intervals,
+for the units a record marks dormant. Re-initialisation draws from a CPU generator seeded by
+(seed, step, site), so every device and every rank draws the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from relu_doctor._validate import glob_patterns, matches, number_in, positive_int
+from relu_doctor._validate import optimizers as check_optimizers
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.events import Intervention
+from relu_doctor.remedies._optim_state import SliceFn, reset_state_slices
+from relu_doctor.remedies.base import RecordLike, Remedy, check_model, site_snapshot
+from relu_doctor.remedies.unit_links import UnitLinks, find_unit_links
+from relu_doctor.sites import SiteKey
+
+__all__ = ["DormantRecycler", "recycle_units"]
+
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    t = getattr(module, name, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def _zero_rows(idx: torch.Tensor) -> SliceFn:
+    def fn(t: torch.Tensor) -> None:
+        t.index_fill_(0, idx.to(t.device), 0)
+
+    return fn
+
+
+def _zero_inputs(m: nn.Module, idx: torch.Tensor, span: int) -> SliceFn:
+    if isinstance(m, nn.Linear):
+        cols = (idx[:, None] * span + torch.arange(span)[None, :]).reshape(-1)
+
+        def lin(t: torch.Tensor) -> None:
+            t.index_fill_(1, cols.to(t.device), 0)
+
+        return lin
+    groups = int(getattr(m, "groups", 1))
+    if groups == 1:
+
+        def conv(t: torch.Tensor) -> None:
+            t.index_fill_(1, idx.to(t.device), 0)
+
+        return conv
+    in_pg = m.in_channels // groups  # type: ignore[operator]
+    out_pg = m.out_channels // groups  # type: ignore[operator]
+    parts = []
+    for g in range(groups):
+        local = idx[(idx // in_pg) == g] % in_pg
+        if local.numel():
+            parts.append((g, local))
+
+    def grouped(t: torch.Tensor) -> None:
+        for g, local in parts:
+            t[g * out_pg : (g + 1) * out_pg].index_fill_(1, local.to(t.device), 0)
+
+    return grouped
+
+
+def recycle_units(
+    links: UnitLinks,
+    *,
+    units: Sequence[int] | torch.Tensor,
+    optimizers: Optimizers = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Any]:
+    """Recycle ``units`` of a site (ReDo): re-initialise their incoming weights, zero their
+    outgoing weights, reset the optimizer state of exactly those slices.
+
+    * the producer's rows (weight and bias) get fresh values from the layer's default
+      initialisation (Kaiming-uniform with ``a=sqrt(5)``, bias ``U(+-1/sqrt(fan_in))``),
+      drawn from ``generator`` on the CPU (so every device and every rank draws the same);
+    * a BatchNorm between producer and activation gets weight 1, bias 0, running mean 0 and
+      running variance 1 for those units;
+    * each consumer's input columns of those units are zeroed (``span`` columns per unit
+      after a conv-to-linear flatten; grouped convs handled);
+    * in every optimizer, each state tensor shaped like one of those parameters (Adam/AdamW
+      ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; SGD ``momentum_buffer``...) is zeroed
+      on exactly those slices. Scalars such as Adam's ``step`` are left alone.
+
+    Everything else stays bit-identical.
+
+    Returns:
+        What changed: ``units``, ``producer``, ``norm``, ``consumers``, ``optimizer_state``
+        (the state keys reset).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> out = recycle_units(find_unit_links(net, site="1"), units=[0, 2])
+        >>> net[2].weight[0, [0, 2]].tolist()
+        [0.0, 0.0]
+    """
+    idx = torch.as_tensor(
+        list(units) if not isinstance(units, torch.Tensor) else units, dtype=torch.long
+    ).flatten()
+    idx = torch.unique(idx)
+    if idx.numel() == 0:
+        return {
+            "units": [],
+            "producer": links.producer_path,
+            "norm": links.norm_path,
+            "consumers": [c.path for c in links.consumers],
+            "optimizer_state": [],
+        }
+    if int(idx.min()) < 0 or int(idx.max()) >= links.units:
+        raise ReluDoctorError(
+            f"units: indices must be in [0, {links.units}) for site {links.site!r}, got {idx.tolist()[:10]}."
+        )
+    opts = check_optimizers("optimizers", optimizers)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    prod = links.producer
+    targets: list[tuple[torch.Tensor, SliceFn]] = []
+    with torch.no_grad():
+        w = _tensor(prod, "weight")
+        assert w is not None
+        fresh = torch.empty((idx.numel(), *w.shape[1:]), dtype=torch.float32)
+        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
+        w.index_copy_(0, idx.to(w.device), fresh.to(w.device, w.dtype))
+        targets.append((w, _zero_rows(idx)))
+        b = _tensor(prod, "bias")
+        if b is not None:
+            fan_in = w[0].numel()
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            fb = torch.empty(idx.numel(), dtype=torch.float32).uniform_(
+                -bound, bound, generator=gen
+            )
+            b.index_copy_(0, idx.to(b.device), fb.to(b.device, b.dtype))
+            targets.append((b, _zero_rows(idx)))
+        norm = links.norm
+        if norm is not None:
+            for name, value, is_param in (
+                ("weight", 1.0, True),
+                ("bias", 0.0, True),
+                ("running_mean", 0.0, False),
+                ("running_var", 1.0, False),
+            ):
+                t = _tensor(norm, name)
+                if t is not None:
+                    t.index_fill_(0, idx.to(t.device), value)
+                    if is_param:
+                        targets.append((t, _zero_rows(idx)))
+        for c in links.consumers:
+            fn = _zero_inputs(c.module, idx, c.span)
+            cw = _tensor(c.module, "weight")
+            assert cw is not None
+            fn(cw)
+            targets.append((cw, fn))
+        state_keys = reset_state_slices(opts, targets)
+    return {
+        "units": idx.tolist(),
+        "producer": links.producer_path,
+        "norm": links.norm_path,
+        "consumers": [c.path for c in links.consumers],
+        "optimizer_state": state_keys,
+    }
+
+
+class DormantRecycler(Remedy):
+    """Recycle dormant units (ReDo, Sokar et al. 2023) every ``every`` logging intervals.
+
+    The units are those the record marks dormant (ReDo score <= the doctor's tau, which
+    includes dead units), or those with ``dormant_score <= tau`` when ``tau`` is given.
+
+    Args:
+        model: the model (site paths are relative to it).
+        optimizers: optimizer(s) whose state slices are reset.
+        tau: own dormant threshold in (0, 1), or None to use the record's ``dormant`` flag.
+        every: act on every n-th logging interval.
+        max_fraction: recycle at most this fraction of a site's units at once (the most
+            dormant first).
+        include: glob patterns of site names to treat (default: all).
+        exclude: glob patterns of site names to leave alone.
+        on_unlinkable: ``"warn"`` (skip the site, once) or ``"raise"`` when a site's producer
+            or consumers cannot be found.
+        seed: base seed of the re-initialisation (combined with step and site), >= 0.
+
+    Attributes:
+        recycled: ``{site name: units recycled so far}``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> rec = DormantRecycler(net)
+        >>> rec.recycle("1", units=[1], step=0).details["units"]
+        [1]
+    """
+
+    name = "dormant_reset"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizers: Optimizers = None,
+        tau: float | None = None,
+        every: int = 1,
+        max_fraction: float = 1.0,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        on_unlinkable: str = "warn",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model = check_model(model)
+        self.optimizers = check_optimizers("optimizers", optimizers)
+        self.tau = (
+            None
+            if tau is None
+            else number_in("tau", tau, 0.0, 1.0, high_open=True, hint=" (ReDo uses 0.1 or 0.025)")
+        )
+        self.every = positive_int("every", every)
+        self.max_fraction = number_in("max_fraction", max_fraction, 0.0, 1.0)
+        self.include = glob_patterns("include", include)
+        self.exclude = glob_patterns("exclude", exclude)
+        if on_unlinkable not in ("warn", "raise"):
+            raise ReluDoctorError(
+                f"on_unlinkable: expected 'warn' or 'raise', got {on_unlinkable!r}."
+            )
+        self.on_unlinkable = on_unlinkable
+        self.seed = positive_int("seed", seed, minimum=0)
+        self.intervals = 0
+        self.recycled: dict[str, int] = {}
+        self._links: dict[SiteKey, UnitLinks] = {}
+        self._unlinkable: dict[str, str] = {}
+        self._graphs: dict[int, Any] = {}
+
+    def links(self, site: str | SiteKey) -> UnitLinks:
+        """The (cached) :class:`~relu_doctor.remedies.unit_links.UnitLinks` of ``site`` (a
+        SiteKey, a site name of the bound Doctor, or a module path exactly as registered)."""
+        return self._links_of(*self.resolve_site(site))
+
+    def _links_of(self, key: SiteKey, name: str) -> UnitLinks:
+        if key not in self._links:
+            self._links[key] = find_unit_links(self.model, site=key, cache=self._graphs, name=name)
+        return self._links[key]
+
+    def _generator(self, site: str, step: int) -> torch.Generator:
+        s = (self.seed * 1_000_003 + zlib.crc32(f"{site}@{step}".encode())) % (2**63)
+        return torch.Generator().manual_seed(s)
+
+    def recycle(
+        self,
+        site: str | SiteKey,
+        *,
+        units: Sequence[int],
+        step: int = 0,
+        before: Mapping[str, Any] | None = None,
+    ) -> Intervention:
+        """Recycle ``units`` of ``site`` (a SiteKey, a site name of the bound Doctor, or a
+        module path exactly as registered) now; return the intervention."""
+        key, name = self.resolve_site(site)
+        return self._recycle(key, name, units, step=step, before=before)
+
+    def _recycle(
+        self,
+        key: SiteKey,
+        site: str,
+        units: Sequence[int],
+        *,
+        step: int,
+        before: Mapping[str, Any] | None,
+    ) -> Intervention:
+        links = self._links_of(key, site)
+        what = recycle_units(
+            links, units=units, optimizers=self.optimizers, generator=self._generator(site, step)
+        )
+        self.recycled[site] = self.recycled.get(site, 0) + len(what["units"])
+        desc = (
+            f"recycled {len(what['units'])} of {links.units} units: re-initialised their "
+            f"incoming weights in {what['producer']}"
+            + (f" (and reset {what['norm']})" if what["norm"] else "")
+            + f", zeroed their outgoing weights in {', '.join(what['consumers'])}"
+            + (
+                f", reset optimizer state {', '.join(what['optimizer_state'])} of those slices"
+                if what["optimizer_state"]
+                else ""
+            )
+        )
+        return self._record(
+            self._intervention(
+                site=site,
+                step=step,
+                what=desc,
+                before=before,
+                units=what["units"],
+                links=links.describe(),
+                optimizer_state=what["optimizer_state"],
+            )
+        )
+
+    def decide(self, record: RecordLike) -> list[Intervention]:
+        self.intervals += 1
+        if self.intervals % self.every:
+            return []
+        units = record.unit_table
+        if units is None or not len(units):
+            return []
+        events = []
+        for row in record.site_rows:
+            site = str(row["site"])
+            if site in self._unlinkable or not matches(site, self.include, self.exclude):
+                continue
+            u = units[units["site"] == site]
+            if self.tau is None:
+                mask = u["dormant"].astype(bool)
+            else:
+                mask = (u["dormant_score"] <= self.tau) | u["dead"].astype(bool)
+            chosen = u[mask.to_numpy()]
+            if not len(chosen):
+                continue
+            limit = max(1, math.floor(self.max_fraction * int(row["units"])))
+            chosen = chosen.sort_values(
+                ["dormant_score", "unit"], na_position="first", kind="stable"
+            ).head(limit)
+            idx = sorted(int(i) for i in chosen["unit"])
+            try:
+                events.append(
+                    self._recycle(
+                        record.key(site), site, idx, step=record.step, before=site_snapshot(row)
+                    )
+                )
+            except ReluDoctorError as e:
+                if self.on_unlinkable == "raise":
+                    raise
+                self._unlinkable[site] = str(e)
+                self.warn(f"DormantReset: leaving site {site!r} alone: {e}")
+        return events
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "intervals": self.intervals,
+            "recycled": dict(self.recycled),
+            "unlinkable": dict(self._unlinkable),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.intervals = int(state.get("intervals", 0))
+        self.recycled = {str(k): int(v) for k, v in state.get("recycled", {}).items()}
+        self._unlinkable = {str(k): str(v) for k, v in state.get("unlinkable", {}).items()}

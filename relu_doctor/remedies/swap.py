@@ -1,0 +1,570 @@
+"""Swap activation: replace a dying site's ReLU module by LeakyReLU or PReLU, undoably.
+
+:func:`swap_activation` / :func:`restore_activation` do the surgery (outputs for positive
+inputs unchanged; a module registered under several paths is replaced everywhere; PReLU's
+slopes get their own param group in the optimizer and its schedulers);
+:class:`ActivationSwapper` decides when: a site whose dead fraction stays above a threshold
+for ``patience`` logging intervals.
+
+Example (a plain loop):
+
+    >>> import torch, torch.nn as nn, relu_doctor
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    >>> with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+    ...     swapper = ActivationSwapper(net, threshold=0.5, patience=2).bind(doc)
+    ...     net(torch.randn(16, 4)).sum().backward()
+    ...     _ = doc.step()
+    >>> swapper.swaps
+    {}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from relu_doctor._validate import (
+    finite_or_none,
+    glob_patterns,
+    matches,
+    number_in,
+    positive_int,
+)
+from relu_doctor._validate import optimizers as check_optimizers
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.events import Intervention
+from relu_doctor.families import family_of
+from relu_doctor.probes import Probe
+from relu_doctor.remedies._optim_state import add_param_group, remove_param_group
+from relu_doctor.remedies.base import (
+    DoctorLike,
+    RecordLike,
+    Remedy,
+    check_model,
+    get_module,
+    site_key_of,
+    site_snapshot,
+)
+from relu_doctor.sites import SiteKey, module_label
+
+__all__ = ["SWAP_KINDS", "ActivationSwapper", "SwapRecord", "restore_activation", "swap_activation"]
+
+SWAP_KINDS = ("leaky_relu", "prelu")
+
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
+
+
+@dataclass
+class SwapRecord:
+    """One activation swap (what :func:`restore_activation` needs to undo it).
+
+    Attributes:
+        path: the module path given to :func:`swap_activation`.
+        paths: every path the module object was registered under (all replaced).
+        old: the original module.
+        new: the replacement.
+        kind: ``"leaky_relu"`` or ``"prelu"``.
+        slope: LeakyReLU's negative slope, or PReLU's initial slope.
+        num_parameters: PReLU's number of slopes (1, or one per unit).
+        param_groups: ``(optimizer, group)`` pairs added for PReLU's weight.
+    """
+
+    path: str
+    paths: list[str]
+    old: nn.Module
+    new: nn.Module
+    kind: str
+    slope: float
+    num_parameters: int = 1
+    param_groups: list[tuple[torch.optim.Optimizer, dict[str, Any]]] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "paths": list(self.paths),
+            "kind": self.kind,
+            "slope": self.slope,
+            "num_parameters": self.num_parameters,
+            "from": type(self.old).__name__,
+            "inplace": bool(getattr(self.old, "inplace", False)),
+        }
+
+
+def _check_kind(kind: object, hint: str = "") -> str:
+    if kind not in SWAP_KINDS:
+        raise ReluDoctorError(f"kind: expected one of {list(SWAP_KINDS)}, got {kind!r}.{hint}")
+    return str(kind)
+
+
+def _check_swappable(module: nn.Module, path: str) -> None:
+    fam = family_of(module)
+    label = module_label(path)
+    if fam is None:
+        raise ReluDoctorError(
+            f"path: module {label!r} is a {type(module).__name__}, not a ReLU-family "
+            "activation; pass the path of a ReLU module."
+        )
+    if fam.leaky:
+        raise ReluDoctorError(
+            f"path: module {label!r} is already a leaky activation ({fam.name}); its "
+            "negative regime passes gradient. Recycle its stuck units instead (DormantReset)."
+        )
+    if fam.cap_of(module) is not None or not fam.nonnegative:
+        raise ReluDoctorError(
+            f"path: module {label!r} is a {type(module).__name__} ({fam.name}) whose "
+            "positive outputs differ from LeakyReLU's (a cap, or negative outputs): only plain "
+            "ReLU modules can be swapped without changing outputs for positive inputs."
+        )
+
+
+def _module_path(site: str | SiteKey, arg: str) -> str:
+    """The module path of a site that names an activation module (not a functional call)."""
+    key = site_key_of(site, arg)
+    if key.op is not None:
+        raise ReluDoctorError(
+            f"{arg}: {key.name(True)!r} is a functional call ({key.op}) inside "
+            f"{module_label(key.module_path)!r}; only activation modules can be swapped. "
+            "Replace the call with an nn.ReLU module, or exclude this site."
+        )
+    return key.module_path
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, new)
+
+
+def _paths_of(model: nn.Module, module: nn.Module) -> list[str]:
+    return [p for p, m in model.named_modules(remove_duplicate=False) if m is module and p]
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for t in model.parameters():
+        return t.device, t.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def swap_activation(
+    model: nn.Module,
+    *,
+    path: str | SiteKey,
+    kind: str = "leaky_relu",
+    slope: float = 0.01,
+    num_parameters: int = 1,
+    optimizer: Optimizers = None,
+    schedulers: Sequence[Any] = (),
+    new: nn.Module | None = None,
+) -> SwapRecord:
+    """Replace the ReLU module at ``path`` by a LeakyReLU or PReLU.
+
+    Outputs for positive inputs are unchanged. A module object registered under several
+    paths (or called several times per forward) is replaced everywhere it appears; the
+    record lists every path. For PReLU, the new slopes go to the optimizer(s) as a new param
+    group (hyperparameters copied from group 0, no weight decay), and the schedulers attached
+    to that optimizer are extended to the new group.
+
+    Hooks live on module objects: after a swap, call ``probe.refresh()`` (``doctor.probe``)
+    so that relu_doctor watches the new module. :class:`ActivationSwapper` does this.
+
+    Args:
+        model: the model (``path`` is relative to it).
+        path: module path of a plain ReLU, exactly as registered (``"enc:act"`` is a module
+            name), or the :class:`~relu_doctor.sites.SiteKey` of one of its sites.
+        kind: ``"leaky_relu"`` or ``"prelu"``.
+        slope: the negative slope (PReLU's initial value), in (0, 1].
+        num_parameters: PReLU slopes: 1, or the number of channels on dim 1.
+        optimizer: optimizer(s) that train the model (PReLU only).
+        schedulers: LR schedulers of those optimizers (PReLU only).
+        new: use this module instead of building one (it must match ``kind``).
+
+    Returns:
+        A :class:`SwapRecord` for :func:`restore_activation`.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+        >>> rec = swap_activation(net, path="1", slope=0.1)
+        >>> net[1]
+        LeakyReLU(negative_slope=0.1)
+        >>> restore_activation(net, record=rec); net[1]
+        ReLU()
+    """
+    _check_kind(kind)
+    number_in("slope", slope, 0.0, 1.0)
+    positive_int("num_parameters", num_parameters)
+    where = _module_path(path, "path")
+    old = get_module(model, where, "path")
+    _check_swappable(old, where)
+    opts = check_optimizers("optimizer", optimizer)
+    if new is None:
+        if kind == "leaky_relu":
+            new = nn.LeakyReLU(slope, inplace=bool(getattr(old, "inplace", False)))
+        else:
+            device, dtype = _device_dtype(model)
+            new = nn.PReLU(num_parameters, init=slope).to(device=device, dtype=dtype)
+    expected = nn.LeakyReLU if kind == "leaky_relu" else nn.PReLU
+    if not isinstance(new, expected):
+        raise ReluDoctorError(
+            f"new: expected an nn.{expected.__name__} for kind={kind!r}, got {new!r}."
+        )
+    paths = _paths_of(model, old) or [where]
+    for p in paths:
+        _set_module(model, p, new)
+    groups = []
+    params = list(new.parameters())
+    if params:
+        for opt in opts:
+            groups.append((opt, add_param_group(opt, params, schedulers=schedulers)))
+    return SwapRecord(where, paths, old, new, kind, float(slope), num_parameters, groups)
+
+
+def restore_activation(
+    model: nn.Module, *, record: SwapRecord, schedulers: Sequence[Any] = ()
+) -> None:
+    """Undo :func:`swap_activation`: put the original module back at every path, and remove
+    the PReLU param group from the optimizer (and its schedulers) again."""
+    for p in record.paths:
+        current = get_module(model, p, "record")
+        if current is not record.new:
+            raise ReluDoctorError(
+                f"record: the module at {module_label(p)!r} is a {type(current).__name__}, not "
+                "the swapped-in module: it was replaced since; restore in reverse order."
+            )
+    for p in record.paths:
+        _set_module(model, p, record.old)
+    for opt, group in record.param_groups:
+        remove_param_group(opt, group, schedulers=schedulers)
+    record.param_groups = []
+
+
+class ActivationSwapper(Remedy):
+    """Swap ReLU for LeakyReLU (or PReLU) where a site stays dead.
+
+    A site is swapped when its dead fraction (units never active over the logging window)
+    exceeds ``threshold`` for ``patience`` consecutive logging intervals. Swaps are undoable
+    (:meth:`restore`) and round-trip through :meth:`state_dict`.
+
+    Args:
+        model: the model (the module paths of the sites are relative to it).
+        kind: ``"leaky_relu"`` or ``"prelu"``.
+        slope: the negative slope (PReLU's initial value).
+        per_unit: PReLU only: one slope per unit (needs the units on dim 1) instead of one.
+        threshold: dead fraction above which a site counts as dying, in [0, 1).
+        patience: consecutive logging intervals above the threshold before swapping.
+        include: glob patterns of site names to treat (default: all).
+        exclude: glob patterns of site names to leave alone.
+        optimizer: optimizer(s) that receive PReLU's slopes.
+        schedulers: their LR schedulers (extended to the new param group).
+        probe: the probe whose hooks follow the swaps (taken from the doctor on :meth:`bind`).
+
+    Attributes:
+        swaps: ``{module path: SwapRecord}`` of the swaps in place.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+        >>> sw = ActivationSwapper(net)
+        >>> sw.swap("1").what
+        'replaced ReLU at 1 with LeakyReLU(negative_slope=0.01)'
+        >>> _ = sw.restore(); net[1]
+        ReLU()
+    """
+
+    name = "leaky_relu_swap"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        kind: str = "leaky_relu",
+        slope: float = 0.01,
+        per_unit: bool = False,
+        threshold: float = 0.5,
+        patience: int = 2,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        optimizer: Optimizers = None,
+        schedulers: Sequence[Any] = (),
+        probe: Probe | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = check_model(model)
+        self.kind = _check_kind(kind, " 'leaky_relu' uses a fixed slope; 'prelu' learns it.")
+        self.slope = number_in("slope", slope, 0.0, 1.0)
+        self.per_unit = bool(per_unit)
+        self.threshold = number_in(
+            "threshold", threshold, 0.0, 1.0, low_open=False, high_open=True,
+            hint=" (a dead fraction, e.g. 0.5)",
+        )
+        self.patience = positive_int("patience", patience)
+        self.include = glob_patterns("include", include)
+        self.exclude = glob_patterns("exclude", exclude)
+        self.optimizers = check_optimizers("optimizer", optimizer)
+        self.schedulers = list(schedulers)
+        self.probe = probe
+        self.swaps: dict[str, SwapRecord] = {}
+        self.streaks: dict[str, int] = {}
+        self._skipped: set[str] = set()
+
+    def _on_bind(self, doctor: DoctorLike) -> None:
+        self.probe = doctor.probe
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-register the probe's hooks on the current modules (after swaps or restores)."""
+        if self.probe is not None:
+            self.probe.refresh()
+
+    # ------------------------------------------------------------------ actions
+    def _module_sites(self, path: str) -> list[Any]:
+        if self.probe is None:
+            return []
+        return [s for s in self.probe.sites() if s.key.op is None and s.key.module_path == path]
+
+    def _sites_of(self, path: str) -> list[str]:
+        return [s.name for s in self._module_sites(path)] or [module_label(path)]
+
+    def _site_units(self, path: str) -> int | None:
+        for s in self._module_sites(path):
+            if s.unit_dim != 1:
+                raise ReluDoctorError(
+                    f"per_unit: site {s.name!r} holds its units on dim {s.unit_dim}, but "
+                    "PReLU's per-channel slopes act on dim 1; use per_unit=False."
+                )
+            return int(s.units)
+        return None
+
+    def swap(
+        self,
+        site: str | SiteKey,
+        *,
+        step: int = 0,
+        before: Mapping[str, Any] | None = None,
+        reason: str = "requested",
+    ) -> Intervention:
+        """Swap the module of ``site`` now; return the intervention.
+
+        ``site`` is a SiteKey, a site name of the bound Doctor, or a module path exactly as
+        registered (``"enc:act"``, ``"a#1"``).
+        """
+        key, name = self.resolve_site(site)
+        return self._swap(key, name, step=step, before=before, reason=reason)
+
+    def _swap(
+        self,
+        key: SiteKey,
+        name: str,
+        *,
+        step: int,
+        before: Mapping[str, Any] | None,
+        reason: str,
+    ) -> Intervention:
+        path = _module_path(key, "site")
+        if path in self.swaps:
+            raise ReluDoctorError(
+                f"site: {name!r} was already swapped at this path ({module_label(path)!r})."
+            )
+        n = 1
+        if self.kind == "prelu" and self.per_unit:
+            n = self._site_units(path) or 1
+        rec = swap_activation(
+            self.model,
+            path=key,
+            kind=self.kind,
+            slope=self.slope,
+            num_parameters=n,
+            optimizer=self.optimizers,
+            schedulers=self.schedulers,
+        )
+        self.swaps[path] = rec
+        self.refresh()
+        sites = sorted({s for p in rec.paths for s in self._sites_of(p)})
+        where = ", ".join(map(module_label, rec.paths))
+        what = f"replaced {type(rec.old).__name__} at {where} with {rec.new!r}"
+        if len(sites) > 1:
+            what += (
+                f"; the module is shared by {len(sites)} sites ({', '.join(sites)}): all changed"
+            )
+        if rec.param_groups:
+            n_slopes = sum(p.numel() for p in rec.new.parameters())
+            what += f"; {n_slopes} slope parameter(s) added to the optimizer"
+        return self._record(
+            self._intervention(
+                site=name if name in sites else sites[0],
+                step=step,
+                what=what,
+                before=before,
+                sites=sites,
+                shared=len(sites) > 1,
+                reason=reason,
+                swap=rec.describe(),
+            )
+        )
+
+    def restore(
+        self, site: str | SiteKey | None = None, *, step: int = 0
+    ) -> list[Intervention]:
+        """Undo the swap of ``site`` (a SiteKey, site name or module path), or of every swap;
+        return the interventions."""
+        if site is None:
+            paths = list(reversed(self.swaps))
+        else:
+            key, name = self.resolve_site(site)
+            if key.module_path not in self.swaps or key.op is not None:
+                raise ReluDoctorError(
+                    f"site: {name!r} was not swapped; swapped paths: {list(self.swaps)}."
+                )
+            paths = [key.module_path]
+        events = []
+        for path in paths:
+            rec = self.swaps.pop(path)
+            restore_activation(self.model, record=rec, schedulers=self.schedulers)
+            where = ", ".join(map(module_label, rec.paths))
+            events.append(
+                self._intervention(
+                    site=module_label(path),
+                    step=step,
+                    what=f"restored {type(rec.old).__name__} at {where}",
+                    before=None,
+                    id_suffix=":restore",
+                    measure_after=False,
+                    undo=True,
+                )
+            )
+        self.refresh()
+        for e in events:
+            self._record(e)
+        return events
+
+    def decide(self, record: RecordLike) -> list[Intervention]:
+        events = []
+        swapped = {p for rec in self.swaps.values() for p in rec.paths}
+        for row in record.site_rows:
+            site = str(row["site"])
+            key = record.key(site)
+            if (
+                (key.op is None and key.module_path in swapped)
+                or site in self._skipped
+                or row.get("leaky")
+            ):
+                self.streaks.pop(site, None)
+                continue
+            if not matches(site, self.include, self.exclude):
+                continue
+            frac = finite_or_none(row.get("dead_fraction"))
+            if frac is not None and frac > self.threshold:
+                self.streaks[site] = self.streaks.get(site, 0) + 1
+            else:
+                self.streaks[site] = 0
+            if self.streaks[site] < self.patience:
+                continue
+            try:
+                ev = self._swap(
+                    key,
+                    site,
+                    step=record.step,
+                    before=site_snapshot(row),
+                    reason=f"dead_fraction > {self.threshold:g} for {self.streaks[site]} "
+                    "consecutive logging intervals",
+                )
+            except ReluDoctorError as e:
+                self._skipped.add(site)
+                self.warn(f"LeakyReluSwap: leaving site {site!r} alone: {e}")
+                continue
+            for s in ev.details["sites"]:
+                self.streaks.pop(s, None)
+            swapped.update(self.swaps[key.module_path].paths)
+            events.append(ev)
+        return events
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "swaps": [rec.describe() for rec in self.swaps.values()],
+            "streaks": dict(self.streaks),
+            "skipped": sorted(self._skipped),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` and re-apply its swaps to the model.
+
+        Load this before the model's own state dict when PReLU was used (its slopes are
+        model parameters); with an optimizer given, the PReLU param groups are re-added so
+        the optimizer's state dict loads too.
+        """
+        super().load_state_dict(state)
+        self.streaks = {str(k): int(v) for k, v in state.get("streaks", {}).items()}
+        self._skipped = set(state.get("skipped", []))
+        for desc in state.get("swaps", []):
+            self.reapply(desc)
+        self.refresh()
+
+    def reapply(self, desc: Mapping[str, Any]) -> SwapRecord | None:
+        """Re-apply one swap described by :meth:`SwapRecord.describe` (on resume). A module
+        already of the swapped kind at that path is adopted as is."""
+        path = str(desc["path"])
+        if path in self.swaps:
+            return self.swaps[path]
+        current = get_module(self.model, path, "state_dict")
+        kind = str(desc["kind"])
+        expected = nn.LeakyReLU if kind == "leaky_relu" else nn.PReLU
+        if isinstance(current, expected):
+            old = nn.ReLU(inplace=bool(desc.get("inplace", False)))
+            rec = SwapRecord(
+                path,
+                _paths_of(self.model, current) or [path],
+                old,
+                current,
+                kind,
+                float(desc["slope"]),
+                int(desc.get("num_parameters", 1)),
+            )
+            self.swaps[path] = rec
+            return rec
+        rec = swap_activation(
+            self.model,
+            path=path,
+            kind=kind,
+            slope=float(desc["slope"]),
+            num_parameters=int(desc.get("num_parameters", 1)),
+            optimizer=self.optimizers,
+            schedulers=self.schedulers,
+        )
+        self.swaps[path] = rec
+        return rec
+
+    def add_param_groups(
+        self, optimizers: Sequence[torch.optim.Optimizer], *, schedulers: Sequence[Any] = ()
+    ) -> None:
+        """Give the PReLU slopes of every swap their own param group in ``optimizers``.
+
+        For optimizers made after the swaps were re-applied (on resume): then their state
+        dicts, saved with that extra group, load. Slopes an optimizer already holds in another
+        group (built from ``model.parameters()`` after the swap) are moved out of it.
+        """
+        self.optimizers = check_optimizers("optimizers", list(optimizers))
+        self.schedulers = list(schedulers)
+        for rec in self.swaps.values():
+            params = list(rec.new.parameters())
+            if not params:
+                continue
+            ids = {id(p) for p in params}
+            for opt in self.optimizers:
+                own = [
+                    g
+                    for g in opt.param_groups
+                    if g["params"] and {id(q) for q in g["params"]} <= ids
+                ]
+                if own:
+                    if all(o is not opt for o, _ in rec.param_groups):
+                        rec.param_groups.append((opt, own[0]))
+                    continue
+                for g in opt.param_groups:
+                    g["params"] = [q for q in g["params"] if id(q) not in ids]
+                rec.param_groups.append(
+                    (opt, add_param_group(opt, params, schedulers=self.schedulers))
+                )
