@@ -289,3 +289,52 @@ class CheckpointedNet(nn.Module):
         x = self._run(self.block, x)
         x = self._run(self.dense, x)
         return self.head(x.mean((2, 3)))
+
+
+# ---------------------------------------------------------------------- added for issue 11 (remedies)
+
+
+class FxNet(nn.Module):
+    """Not a Sequential: conv + BN + module ReLU, pooling, a view-flatten, a functional ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(24, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(self.act(self.bn(self.conv(x))))
+        h = h.view(h.size(0), -1)
+        return self.out(F.dropout(F.relu(self.fc(h)), 0.0, self.training))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        if h.sum() > 0:
+            h = h * 2
+        return self.fc2(h)
+
+
+def odd_name_net(name: str, d_in: int = 4, hidden: int = 8, d_out: int = 2) -> nn.Sequential:
+    """``fc`` -> an nn.ReLU registered as ``name`` -> a child ``<name>_blk`` calling F.relu ->
+    ``out``. For names holding the characters site display names use (``enc:act``, ``a#1``):
+    sites ``<name>`` and ``<name>_blk:relu#0``."""
+    net = nn.Sequential()
+    net.add_module("fc", nn.Linear(d_in, hidden))
+    net.add_module(name, nn.ReLU())
+    net.add_module(f"{name}_blk", _FunctionalReLUBlock(hidden))
+    net.add_module("out", nn.Linear(hidden, d_out))
+    return net

@@ -1,0 +1,243 @@
+"""The remedy protocol (relu_doctor.remedies.base): pending interventions owned by the base
+and completed one interval later, snapshots against hand-computed numbers, site resolution
+without parsing names, and the package's shape (public names, import direction, sizes)."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+import relu_doctor
+import relu_doctor.remedies as remedies
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.events import Intervention, InterventionResult
+from relu_doctor.history import merge_interventions
+from relu_doctor.remedies import Remedy, model_snapshot, site_snapshot
+from relu_doctor.remedies.base import RecordLike
+from relu_doctor.sites import SiteKey
+from tests.remedies.helpers import EXPLODING, events_of, rec, site_row
+from tests.zoo import BasicBlock
+
+PACKAGE = Path(remedies.__file__).parent
+
+PUBLIC = [  # the names relu_doctor.remedies exported before the split (less merge_interventions)
+    "AGC",
+    "ActivationSwapper",
+    "AutoClip",
+    "Consumer",
+    "DormantRecycler",
+    "LRRescuer",
+    "Remedy",
+    "SwapRecord",
+    "UnitLinks",
+    "find_unit_links",
+    "model_snapshot",
+    "recycle_units",
+    "restore_activation",
+    "scale_lr",
+    "site_snapshot",
+    "swap_activation",
+]
+
+
+class Marker(Remedy):
+    """Intervenes at every site whose dead fraction is above 0.5, and on the model when the
+    record has an exploding-gradient finding."""
+
+    name = "marker"
+
+    def decide(self, record: RecordLike) -> list[Intervention]:
+        out = [
+            self._intervention(site=r["site"], step=record.step, what="marked",
+                               before=site_snapshot(r), note=1)
+            for r in record.site_rows
+            if r["dead_fraction"] > 0.5
+        ]
+        if any(f.kind == "exploding_gradient" for f in record.findings):
+            out.append(self._intervention(site="model", step=record.step, what="model",
+                                          before=model_snapshot(record)))
+        return out
+
+    def mark(self, site: str, step: int) -> Intervention:
+        return self._record(self._intervention(site=site, step=step, what="by hand", before=None))
+
+
+# ======================================================================= package shape
+
+
+def test_public_names_are_those_of_before_the_split():
+    assert sorted(remedies.__all__) == sorted(PUBLIC)
+    for name in PUBLIC:
+        assert getattr(remedies, name) is not None
+    assert not hasattr(remedies, "merge_interventions")
+
+
+def _imports(path: Path) -> set[str]:
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.glob("*.py")), ids=lambda p: p.name)
+def test_each_module_is_one_small_idea_importing_the_right_way(path):
+    lines = path.read_text().splitlines()
+    assert len(lines) <= 600, f"{path.name}: {len(lines)} lines"
+    doc = ast.get_docstring(ast.parse(path.read_text()))
+    assert doc and len(doc.split()) >= 8, f"{path.name}: no docstring saying its idea"
+    bad = {
+        m for m in _imports(path)
+        if m == "relu_doctor"
+        or m.startswith(("relu_doctor.history", "relu_doctor.reports", "relu_doctor.callbacks",
+                         "relu_doctor.doctor", "lightning"))
+    }
+    assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+# ======================================================================= snapshots
+
+
+def test_site_snapshot_keeps_the_metrics_and_drops_non_finite():
+    row = {**site_row("a", 0.3), "lifetime_dead_fraction": float("nan"), "extra": 1}
+    snap = site_snapshot(row)
+    assert list(snap) == [
+        "dead_fraction", "lifetime_dead_fraction", "dormant_fraction", "sparsity",
+        "activation_rate", "mean_abs", "grad_rms",
+    ]
+    assert snap["dead_fraction"] == 0.3 and snap["lifetime_dead_fraction"] is None
+    assert snap["dormant_fraction"] is None and snap["grad_rms"] == 0.1
+
+
+def test_model_snapshot_weights_by_units_and_sums_layer_norms():
+    rows = [
+        {**site_row("a", 0.5, units=10), "dormant": 6},
+        {**site_row("b", 0.25, units=30), "dormant": 3},
+    ]
+    record = rec(5, rows, findings=[EXPLODING])
+    record.layer_table = pd.DataFrame({"layer": ["x", "y"], "grad_norm": [3.0, 4.0]})
+    snap = model_snapshot(record)
+    assert snap == {
+        "dead_fraction": (5 + 8) / 40,  # round(0.25 * 30) = 8
+        "dormant_fraction": 9 / 40,
+        "grad_norm": 5.0,
+        "exploding_gradient": True,
+    }
+    empty = model_snapshot(rec(5, []))
+    assert empty == {"dead_fraction": None, "dormant_fraction": None, "grad_norm": None,
+                     "exploding_gradient": False}
+    record.layer_table = pd.DataFrame({"layer": ["x"], "grad_norm": [math.inf]})
+    assert model_snapshot(record)["grad_norm"] is None
+
+
+# ======================================================================= the protocol
+
+
+def test_the_base_owns_pending_interventions_until_their_results():
+    m = Marker()
+    first = m(rec(10, [site_row("a", 0.9), site_row("b", 0.1)], findings=[EXPLODING]))
+    assert [(type(e).__name__, e.site) for e in first] == [
+        ("Intervention", "a"), ("Intervention", "model"),
+    ]
+    a = first[0]
+    assert a.remedy == "marker" and a.id == "marker:10:a:1" and a.details == {"note": 1}
+    assert a.before["dead_fraction"] == 0.9 and a.after is None
+    assert [(p.id, p.site) for p in m.pending] == [("marker:10:a:1", "a"),
+                                                    ("marker:10:model:2", "model")]
+    second = m(rec(20, [site_row("a", 0.2)]))
+    assert all(isinstance(e, InterventionResult) for e in second)
+    assert [(e.ref, e.site, e.step, e.remedy) for e in second] == [
+        ("marker:10:a:1", "a", 20, "marker"), ("marker:10:model:2", "model", 20, "marker"),
+    ]
+    assert second[0].after == site_snapshot(site_row("a", 0.2))
+    assert second[1].after == model_snapshot(rec(20, [site_row("a", 0.2)]))
+    assert not m.pending
+    # A site missing from the next record: measured as None, not lost.
+    m(rec(30, [site_row("c", 0.9)]))
+    (res,) = m(rec(40, []))
+    assert res.site == "c" and res.after is None
+
+
+def test_pending_interventions_survive_a_checkpoint():
+    m = Marker()
+    m(rec(10, [site_row("a", 0.9)]))
+    state = m.state_dict()
+    assert state == {"pending": [{"id": "marker:10:a:1", "site": "a"}], "n_events": 1}
+    fresh = Marker()
+    fresh.load_state_dict(state)
+    (res, new) = fresh(rec(20, [site_row("a", 0.8)]))
+    assert res.ref == "marker:10:a:1" and res.after["dead_fraction"] == 0.8
+    assert new.id == "marker:20:a:2"  # ids continue, never reused
+
+
+def test_bound_remedies_record_every_event_once():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        net[0].bias[:6] = -100.0
+    with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+        seen = events_of(doc)
+        m = Marker()
+        assert m.bind(doc) is m and m.bind(doc) is m  # idempotent: one listener
+        net(torch.randn(8, 4)).sum().backward()
+        doc.step()
+        by_hand = m.mark("1", step=1)
+        net(torch.randn(8, 4)).sum().backward()
+        doc.step()
+    kinds = [(e["type"], e["site"], e["step"]) for e in seen]
+    assert kinds == [
+        ("intervention", "1", 1),  # from decide: recorded by __call__
+        ("intervention", "1", 1),  # by hand: recorded by _record
+        ("intervention_result", "1", 2),
+        ("intervention_result", "1", 2),
+        ("intervention", "1", 2),
+    ]
+    assert seen[1]["id"] == by_hand.id and seen[1]["what"] == "by hand"
+    assert seen[0]["details"] == {"note": 1}
+
+
+def test_sites_resolve_to_keys_without_parsing_names():
+    block = BasicBlock(4)
+    m = Marker()
+    # Unbound: a str is a module path, exactly as written.
+    assert m.resolve_site("relu#1") == (SiteKey("relu#1"), "relu#1")
+    assert m.resolve_site("") == (SiteKey(""), "(root)")
+    assert m.resolve_site(SiteKey("relu", 1)) == (SiteKey("relu", 1), "relu#1")
+    assert m.resolve_site(SiteKey("blk", 0, "gelu")) == (SiteKey("blk", 0, "gelu"), "blk:gelu#0")
+    with pytest.raises(ReluDoctorError, match="site: expected a site name"):
+        m.resolve_site(3)  # type: ignore[arg-type]
+    with relu_doctor.watch(block, log_every_n_steps=1) as doc:
+        block(torch.randn(2, 4, 5, 5))
+        m.bind(doc)
+        # Bound: a site name is looked up, a module path that is no site name stays one.
+        assert m.resolve_site("relu#1") == (SiteKey("relu", 1), "relu#1")
+        assert m.resolve_site("relu") == (SiteKey("relu"), "relu")
+        assert m.resolve_site(SiteKey("relu", 0)) == (SiteKey("relu", 0), "relu#0")
+
+
+def test_merge_interventions_fills_after():
+    """(History's merge, which remedies no longer re-export; kept from the old test file.)"""
+    events: list[dict[str, Any]] = [
+        {"type": "finding", "kind": "dead"},
+        {"type": "intervention", "id": "x", "after": None, "step": 5},
+        {"type": "intervention_result", "ref": "x", "after": {"dead_fraction": 0.0}, "step": 10},
+    ]
+    merged = merge_interventions(events)
+    assert merged == [
+        {
+            "type": "intervention",
+            "id": "x",
+            "after": {"dead_fraction": 0.0},
+            "step": 5,
+            "after_step": 10,
+        }
+    ]

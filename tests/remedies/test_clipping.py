@@ -1,0 +1,219 @@
+"""Adaptive gradient clipping (relu_doctor.remedies.clipping): AutoClip and AGC against
+independent references, no host sync per step, checkpoints, and gradient explosions
+contained against the same seed untreated."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import relu_doctor
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.remedies import AGC, AutoClip
+from tests.remedies.helpers import (
+    SyncCounter,
+    dead_fraction,
+    events_of,
+    hidden,
+    mlp,
+    regression,
+)
+from tests.zoo import odd_name_net
+
+
+def test_autoclip_matches_a_numpy_reference():
+    torch.manual_seed(0)
+    params = [torch.zeros(5, 3, requires_grad=True), torch.zeros(4, requires_grad=True)]
+    clip = AutoClip(percentile=25, history=5)
+    norms: list[float] = []
+    clipped = 0
+    for step in range(12):
+        scale = 10.0 if step in (6, 9) else 1.0
+        grads = [torch.randn(p.shape) * scale for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        total = float(np.float32(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))))
+        norms.append(total)
+        thr = float(np.quantile(np.array(norms[-5:], dtype=np.float32), 0.25))
+        coef = thr / (total + 1e-6) if total > thr else 1.0
+        clipped += total > thr
+        clip.clip_(params)
+        for p, g in zip(params, grads, strict=True):
+            torch.testing.assert_close(p.grad, g * coef, rtol=1e-5, atol=1e-6)
+    stats = clip.read()
+    assert stats["clipped"] == clipped and stats["steps"] == 12
+    assert stats["threshold"] == pytest.approx(
+        float(np.quantile(np.float32(norms[-5:]), 0.25)), rel=1e-5
+    )
+    assert clip.read()["clipped"] == 0  # a new window
+    torch.testing.assert_close(clip.norm_history, torch.tensor(norms[-5:], dtype=torch.float32))
+
+
+def test_agc_matches_a_reference():
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    gw, gb = torch.randn(6, 4), torch.randn(6) * 10
+    gw[0] *= 100
+    w.grad, b.grad = gw.clone(), gb.clone()
+    agc = AGC(clipping=0.1, eps=1e-3)
+    agc.clip_([w, b])
+    wn = w.detach().norm(dim=1, keepdim=True).clamp(min=1e-3) * 0.1
+    gn = gw.norm(dim=1, keepdim=True)
+    expected = torch.where(gn > wn, gw * wn / gn, gw)
+    torch.testing.assert_close(w.grad, expected)
+    bn = b.detach().norm().clamp(min=1e-3) * 0.1
+    torch.testing.assert_close(b.grad, gb * bn / gb.norm() if gb.norm() > bn else gb)
+    stats = agc.read()
+    assert stats["clipped"] == int((gn > wn).sum()) + int(gb.norm() > bn)
+    assert stats["total"] == 7
+
+
+def test_clippers_never_sync_with_the_host_per_step():
+    net = mlp(8, 16, 2)
+    x = torch.randn(16, 8)
+    clips = [AutoClip(10, history=8), AGC(0.05)]
+    for _ in range(2):  # warm up lazily created buffers
+        net(x).sum().backward()
+        for c in clips:
+            c.clip_(net.parameters())
+    with SyncCounter() as counter:
+        for _ in range(5):
+            net.zero_grad()
+            net(x).sum().backward()
+            for c in clips:
+                c.clip_(net.parameters())
+    assert counter.n == 0
+
+
+def test_autoclip_as_optimizer_hook_sees_unscaled_gradients():
+    torch.manual_seed(0)
+    net = mlp(8, 16, 2)
+    x = torch.randn(16, 8)
+    ref = mlp(8, 16, 2)
+    ref.load_state_dict(net.state_dict())
+    ref(x).pow(2).mean().backward()
+    true_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    clip = AutoClip(50).attach(opt)
+    scaler.scale(net(x).pow(2).mean()).backward()
+    scaler.step(opt)  # unscales, then steps: the hook runs in between
+    scaler.update()
+    clip.detach()
+    torch.testing.assert_close(clip.norm_history[-1], true_norm.float(), rtol=1e-5, atol=0)
+
+
+def test_attach_takes_only_the_chosen_params_and_detach_removes_the_hook():
+    net = mlp(8, 16, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    clip = AGC(1e-6).attach(opt, params=list(net[4].parameters()))
+    net(torch.randn(4, 8)).sum().backward()
+    g0 = net[0].weight.grad.clone()
+    opt.step()
+    assert torch.equal(net[0].weight.grad, g0)  # not chosen: untouched
+    assert clip.read()["total"] == 2 + 1  # head weight rows (2) and its bias (one unit)
+    clip.detach()
+    clip.detach()  # idempotent
+    opt.step()
+    assert clip.read()["steps"] == 0
+
+
+def test_autoclip_state_round_trip_keeps_history():
+    clip = AutoClip(10, history=4)
+    p = torch.zeros(3, requires_grad=True)
+    for k in range(6):
+        p.grad = torch.full((3,), float(k + 1))
+        clip.clip_([p])
+    state = clip.state_dict()
+    other = AutoClip(10, history=4)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.norm_history, clip.norm_history)
+    p.grad = torch.full((3,), 100.0)
+    clip.clip_([p])
+    g1 = p.grad.clone()
+    p.grad = torch.full((3,), 100.0)
+    other.clip_([p])
+    assert torch.equal(p.grad, g1)
+
+
+def test_clipping_arguments_are_validated():
+    with pytest.raises(ReluDoctorError, match="percentile"):
+        AutoClip(0)
+    with pytest.raises(ReluDoctorError, match="history"):
+        AutoClip(10, history=0)
+    with pytest.raises(ReluDoctorError, match="clipping"):
+        AGC(-1.0)
+    with pytest.raises(ReluDoctorError, match="eps"):
+        AGC(0.01, eps=float("nan"))
+    with pytest.raises(ReluDoctorError, match="optimizer"):
+        AutoClip(10).attach("sgd")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["enc:act", "a#1"])
+def test_clipping_records_model_wide_events_whatever_the_module_names(name):
+    torch.manual_seed(0)
+    net = odd_name_net(name)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with relu_doctor.watch(net, log_every_n_steps=2) as doc:
+        seen = events_of(doc)
+        clip = AutoClip(10, history=8).bind(doc)
+        clip.attach(opt)
+        for k in range(4):
+            opt.zero_grad()
+            (net(torch.randn(16, 4)) * (1.0 if k % 2 else 100.0)).sum().backward()
+            opt.step()
+            doc.step()
+    ivs = [e for e in seen if e["type"] == "intervention"]
+    assert ivs and all(e["site"] == "model" and e["remedy"] == "adaptive_grad_clip" for e in ivs)
+    assert all(e["details"]["clip"]["clipped"] > 0 for e in ivs)
+    results = [e for e in seen if e["type"] == "intervention_result"]
+    assert [r["ref"] for r in results] == [e["id"] for e in ivs[: len(results)]]
+    assert all(r["after"]["dead_fraction"] is not None for r in results)
+
+
+@pytest.mark.parametrize("clipper", ["autoclip", "agc"])
+def test_clipping_contains_gradient_explosions(clipper):
+    """Every 30th batch has targets x30: the spikes blow the untreated net up."""
+    x, y = regression(1)
+    xt, yt = regression(2)
+
+    def run(treat: bool) -> tuple[float, float, int]:
+        torch.manual_seed(0)
+        net = mlp(d_out=1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        clip = (AutoClip(10) if clipper == "autoclip" else AGC(0.05)) if treat else None
+        with relu_doctor.watch(net, log_every_n_steps=10) as doc:
+            seen = events_of(doc)
+            if clip is not None:
+                clip.bind(doc)
+            for step in range(300):
+                i = torch.randint(0, len(x), (32,))
+                target = y[i] * (30.0 if step % 30 == 29 else 1.0)
+                opt.zero_grad()
+                F.mse_loss(net(x[i]), target).backward()
+                if clip is not None:
+                    clip.clip_(net.parameters())
+                opt.step()
+                doc.step()
+        clipped = sum(
+            e["details"]["clip"]["clipped"]
+            for e in seen
+            if e.get("remedy") == "adaptive_grad_clip" and e["type"] == "intervention"
+        )
+        with torch.no_grad():
+            loss = float(F.mse_loss(net(xt), yt))
+        return dead_fraction(hidden(net, xt)[1]), loss, clipped
+
+    dead_u, loss_u, _ = run(False)
+    dead_t, loss_t, clipped = run(True)
+    print(
+        f"{clipper}: dead fraction {dead_u:.3f} -> {dead_t:.3f}, loss {loss_u:.3f} -> {loss_t:.3f}"
+    )
+    assert clipped > 0
+    assert dead_u > 0.5 and dead_t < 0.1, (dead_u, dead_t)
+    assert loss_t < 0.5 and not loss_u < 1.0, (loss_u, loss_t)  # NaN counts as not < 1

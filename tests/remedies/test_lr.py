@@ -1,0 +1,208 @@
+"""Learning-rate rescue (relu_doctor.remedies.lr): scale_lr continued by every kind of
+scheduler, the rescuer's triggers, cooldown and checkpoints, and an LR that kills units
+stopped, against the same seed untreated."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import relu_doctor
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.remedies import LRRescuer, scale_lr
+from tests.remedies.helpers import (
+    EXPLODING,
+    dead_fraction,
+    events_of,
+    half_dead,
+    hidden,
+    mlp,
+    rec,
+    regression,
+    site_row,
+)
+from tests.zoo import odd_name_net
+
+SCHEDULERS = {
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1.0 / (1 + e)),
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5),
+    "MultiStepLR": lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [4, 7], gamma=0.3),
+    "ExponentialLR": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6),
+    "CosineWarmRestarts": lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=4),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(
+        o, max_lr=1.0, total_steps=20, cycle_momentum=False
+    ),
+    "CyclicLR": lambda o: torch.optim.lr_scheduler.CyclicLR(
+        o, base_lr=0.01, max_lr=0.1, step_size_up=3, cycle_momentum=False
+    ),
+    "LinearLR": lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.2, total_iters=5),
+    "SequentialLR": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o,
+        [
+            torch.optim.lr_scheduler.LinearLR(o, 0.5, total_iters=3),
+            torch.optim.lr_scheduler.ExponentialLR(o, 0.8),
+        ],
+        milestones=[3],
+    ),
+    "ChainedScheduler": lambda o: torch.optim.lr_scheduler.ChainedScheduler(
+        [
+            torch.optim.lr_scheduler.ConstantLR(o, 0.5, total_iters=2),
+            torch.optim.lr_scheduler.ExponentialLR(o, 0.9),
+        ]
+    ),
+    "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=1),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_scale_lr_survives_the_scheduler(name):
+    """After a rescue at step 4, every later lr is factor x the unrescued schedule."""
+    runs = []
+    for rescue in (False, True):
+        w = nn.Parameter(torch.zeros(2))
+        opt = torch.optim.SGD(
+            [{"params": [w]}, {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.3}],
+            lr=0.1,
+            momentum=0.9,
+        )
+        sched = SCHEDULERS[name](opt)
+        lrs = []
+        for step in range(12):
+            if rescue and step == 4:
+                changes = scale_lr(opt, factor=0.25, schedulers=[sched])
+                assert [c["factor"] for c in changes] == [0.25, 0.25]
+            opt.step()
+            if name == "ReduceLROnPlateau":
+                sched.step(1.0)
+            else:
+                sched.step()
+            lrs.append([g["lr"] for g in opt.param_groups])
+        runs.append(np.array(lrs))
+    plain, rescued = runs
+    np.testing.assert_allclose(rescued[:4], plain[:4])
+    np.testing.assert_allclose(rescued[4:], 0.25 * plain[4:], rtol=1e-9)
+
+
+def test_scale_lr_floor_and_errors():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+    changes = scale_lr(opt, factor=0.1, min_lr=5e-4, schedulers=[sched])
+    assert changes[0]["lr_after"] == 5e-4 and changes[0]["factor"] == 0.5
+    assert sched.base_lrs == [5e-4]
+    assert scale_lr(opt, factor=0.1, min_lr=5e-4)[0]["factor"] == 1.0  # at the floor: unchanged
+    with pytest.raises(ReluDoctorError, match="factor"):
+        scale_lr(opt, factor=1.5)
+    with pytest.raises(ReluDoctorError, match="optimizer"):
+        scale_lr("sgd", factor=0.5)  # type: ignore[arg-type]
+    with pytest.raises(ReluDoctorError, match="optimizer"):
+        scale_lr([opt], factor=0.5)  # type: ignore[arg-type]
+    with pytest.raises(ReluDoctorError, match="min_lr"):
+        scale_lr(opt, factor=0.5, min_lr=-1.0)
+
+
+def test_rescuer_arguments_are_validated():
+    with pytest.raises(ReluDoctorError, match="factor"):
+        LRRescuer(factor=1.0)
+    with pytest.raises(ReluDoctorError, match="dead_jump"):
+        LRRescuer(dead_jump=0.0)
+    with pytest.raises(ReluDoctorError, match="cooldown"):
+        LRRescuer(cooldown=-1)
+    with pytest.raises(ReluDoctorError, match="triggers"):
+        LRRescuer(triggers=["loss"])
+    with pytest.raises(ReluDoctorError, match="optimizer"):
+        LRRescuer().rescue()
+
+
+def test_rescuer_triggers_cooldown_and_state():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.8)
+    r = LRRescuer(opt, factor=0.5, cooldown=2, min_lr=0.09)
+    quiet = [site_row("a", 0.0)]
+    assert r(rec(10, quiet)) == []
+    ev = r(rec(20, quiet, findings=[EXPLODING]))
+    assert len(ev) == 1 and ev[0].details["trigger"] == "exploding_gradient"
+    assert opt.param_groups[0]["lr"] == 0.4 and "0.8 -> 0.4" in ev[0].what
+    assert ev[0].before["exploding_gradient"] is True
+    # Two intervals of cooldown: the explosion persists, nothing happens.
+    out = r(rec(30, quiet, findings=[EXPLODING]))
+    assert [e.type for e in out] == ["intervention_result"] and out[0].ref == ev[0].id
+    state = r.state_dict()
+    r2 = LRRescuer(opt, factor=0.5, cooldown=2, min_lr=0.09)
+    r2.load_state_dict(state)
+    for rr in (r, r2):
+        assert rr(rec(40, quiet, findings=[EXPLODING])) == []
+    assert opt.param_groups[0]["lr"] == 0.4
+    # A surge of dead units (0 -> 0.5) fires after the cooldown.
+    ev = r(rec(50, [site_row("a", 0.5)]))
+    assert ev[0].details["trigger"] == "dead_surge" and ev[0].details["evidence"]["site"] == "a"
+    assert opt.param_groups[0]["lr"] == 0.2
+    r(rec(60, quiet)), r(rec(70, quiet))
+    ev = r(rec(80, quiet, findings=[EXPLODING]))
+    assert opt.param_groups[0]["lr"] == 0.1 and len(ev) == 1
+    r(rec(90, quiet)), r(rec(100, quiet))
+    ev = r(rec(110, quiet, findings=[EXPLODING]))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.09) and "floor" in ev[0].what
+    r(rec(120, quiet)), r(rec(130, quiet))
+    assert r(rec(140, quiet, findings=[EXPLODING])) == []  # at the floor: no event
+    assert not r.pending  # and nothing awaits a result
+
+
+@pytest.mark.parametrize("name", ["enc:act", "a#1"])
+def test_rescue_on_a_surge_at_a_site_whose_name_looks_like_a_site(name):
+    torch.manual_seed(0)
+    net = odd_name_net(name)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(32, 4)
+    with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+        seen = events_of(doc)
+        LRRescuer(opt, factor=0.5, dead_jump=0.3).bind(doc)
+        net(x).sum().backward()
+        doc.step()  # healthy
+        half_dead(net)
+        net(x).sum().backward()
+        doc.step()  # half the units of `name` die at once
+    (iv,) = [e for e in seen if e["type"] == "intervention"]
+    assert iv["details"]["trigger"] == "dead_surge"
+    assert iv["details"]["evidence"]["site"] == name
+    assert iv["details"]["evidence"]["dead_fraction"] == 0.5
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_lr_rescue_stops_an_lr_that_kills_units():
+    """lr 0.2 with momentum (after a warmup) kills most units; the rescue cuts it on the first
+    surge of dead units and the warmup schedule keeps the cut."""
+    x, y = regression(1)
+    xt, yt = regression(2)
+
+    def run(treat: bool) -> tuple[float, float, float, list[dict]]:
+        torch.manual_seed(0)
+        net = mlp(d_out=1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: min(1.0, (e + 1) / 50))
+        with relu_doctor.watch(net, log_every_n_steps=10, optimizer=opt) as doc:
+            seen = events_of(doc)
+            if treat:
+                LRRescuer(opt, schedulers=[sched], factor=0.3, cooldown=1).bind(doc)
+            for _ in range(300):
+                i = torch.randint(0, len(x), (32,))
+                opt.zero_grad()
+                F.mse_loss(net(x[i]), y[i]).backward()
+                opt.step()
+                sched.step()
+                doc.step()
+        with torch.no_grad():
+            loss = float(F.mse_loss(net(xt), yt))
+        evs = [e for e in seen if e.get("type") == "intervention"]
+        return dead_fraction(hidden(net, xt)[1]), loss, opt.param_groups[0]["lr"], evs
+
+    dead_u, loss_u, lr_u, _ = run(False)
+    dead_t, loss_t, lr_t, events = run(True)
+    print(f"dead fraction {dead_u:.3f} -> {dead_t:.3f}, loss {loss_u:.3f} -> {loss_t:.3f}")
+    assert events and events[0]["details"]["trigger"] == "dead_surge"
+    assert lr_u == pytest.approx(0.2) and lr_t == pytest.approx(0.2 * 0.3 ** len(events))
+    assert dead_u > 0.8 and dead_t < dead_u - 0.2, (dead_u, dead_t)
+    assert loss_t < loss_u / 2, (loss_u, loss_t)

@@ -1,0 +1,340 @@
+"""Recycling dormant units (relu_doctor.remedies.recycle): surgery checked element by
+element (weights, BatchNorm, optimizer moments of exactly the recycled slices), the policy
+with a real Doctor, module names that look like site names, and ReDo against the same seed
+untreated."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import relu_doctor
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.remedies import DormantRecycler, find_unit_links, recycle_units
+from relu_doctor.sites import SiteKey
+from tests.remedies.helpers import (
+    classification,
+    dormant_fraction,
+    events_of,
+    half_dead,
+    hidden,
+    mlp,
+    rec,
+    site_row,
+)
+from tests.zoo import InvertedResidual, SmallCNN, odd_name_net
+
+
+def _snapshot(net: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in net.named_buffers()}
+    by_id = {id(p): n for n, p in net.named_parameters()}
+    state = {
+        by_id[id(p)]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+        for p, s in opt.state.items()
+    }
+    return params, buffers, state
+
+
+def _train(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, steps: int = 3) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+
+
+def _expected_rows(
+    gen_seed: int, n: int, weight: torch.Tensor, bias: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(gen_seed)
+    rows = torch.empty((n, *weight.shape[1:]))
+    nn.init.kaiming_uniform_(rows, a=math.sqrt(5), generator=g)
+    if not bias:
+        return rows, None
+    bound = 1 / math.sqrt(weight[0].numel())
+    return rows, torch.empty(n).uniform_(-bound, bound, generator=g)
+
+
+def _check_slices(
+    name: str,
+    new: torch.Tensor,
+    old: torch.Tensor,
+    dim: int,
+    cols: list[int],
+    value: torch.Tensor | float | None,
+) -> None:
+    """Along ``dim``: entries in ``cols`` equal ``value`` (None: just changed), every other
+    entry bit-identical."""
+    keep = [i for i in range(new.shape[dim]) if i not in cols]
+    assert torch.equal(
+        new.index_select(dim, torch.tensor(keep)), old.index_select(dim, torch.tensor(keep))
+    ), name
+    got = new.index_select(dim, torch.tensor(cols))
+    if value is None:
+        assert not torch.equal(got, old.index_select(dim, torch.tensor(cols))), name
+    elif isinstance(value, torch.Tensor):
+        assert torch.equal(got, value), name
+    else:
+        assert torch.equal(got, torch.full_like(got, value)), name
+
+
+def test_recycle_mlp_with_adam_slices_exactly():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, amsgrad=True)
+    _train(net, opt, torch.randn(16, 6))
+    p0, _, s0 = _snapshot(net, opt)
+    units = [1, 5]
+    what = recycle_units(
+        find_unit_links(net, site="3"),
+        units=units,
+        optimizers=opt,
+        generator=torch.Generator().manual_seed(7),
+    )
+    assert what["optimizer_state"] == ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+    p1, _, s1 = _snapshot(net, opt)
+    rows, bias = _expected_rows(7, 2, p0["2.weight"], bias=True)
+    _check_slices("2.weight", p1["2.weight"], p0["2.weight"], 0, units, rows)
+    _check_slices("2.bias", p1["2.bias"], p0["2.bias"], 0, units, bias)
+    _check_slices("4.weight", p1["4.weight"], p0["4.weight"], 1, units, 0.0)
+    for n in ("0.weight", "0.bias", "4.bias"):
+        assert torch.equal(p1[n], p0[n]), n
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        _check_slices("2.weight " + key, s1["2.weight"][key], s0["2.weight"][key], 0, units, 0.0)
+        _check_slices("2.bias " + key, s1["2.bias"][key], s0["2.bias"][key], 0, units, 0.0)
+        _check_slices("4.weight " + key, s1["4.weight"][key], s0["4.weight"][key], 1, units, 0.0)
+        for n in ("0.weight", "0.bias", "4.bias"):
+            assert torch.equal(s1[n][key], s0[n][key]), n
+    assert all(torch.equal(s1[n]["step"], s0[n]["step"]) for n in s0)  # steps untouched
+
+
+def test_recycle_cnn_through_batchnorm_and_flatten_with_sgd_momentum():
+    torch.manual_seed(0)
+    net = SmallCNN(4)  # features.6 has 8 channels of 4x4 -> head reads 128 features
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9)
+    _train(net, opt, torch.randn(4, 3, 8, 8))
+    p0, b0, s0 = _snapshot(net, opt)
+    units = [0, 5]
+    recycle_units(
+        find_unit_links(net, site="features.6"),
+        units=units,
+        optimizers=opt,
+        generator=torch.Generator().manual_seed(3),
+    )
+    p1, b1, s1 = _snapshot(net, opt)
+    rows, bias = _expected_rows(3, 2, p0["features.4.weight"], bias=True)
+    _check_slices("conv w", p1["features.4.weight"], p0["features.4.weight"], 0, units, rows)
+    _check_slices("conv b", p1["features.4.bias"], p0["features.4.bias"], 0, units, bias)
+    _check_slices("bn w", p1["features.5.weight"], p0["features.5.weight"], 0, units, 1.0)
+    _check_slices("bn b", p1["features.5.bias"], p0["features.5.bias"], 0, units, 0.0)
+    _check_slices(
+        "bn mean", b1["features.5.running_mean"], b0["features.5.running_mean"], 0, units, 0.0
+    )
+    _check_slices(
+        "bn var", b1["features.5.running_var"], b0["features.5.running_var"], 0, units, 1.0
+    )
+    cols = [c * 16 + j for c in units for j in range(16)]
+    _check_slices("head w", p1["head.weight"], p0["head.weight"], 1, cols, 0.0)
+    assert torch.equal(b1["features.5.num_batches_tracked"], b0["features.5.num_batches_tracked"])
+    for n in ("features.0.weight", "features.0.bias", "features.1.weight", "head.bias"):
+        assert torch.equal(p1[n], p0[n]), n
+    m = "momentum_buffer"
+    _check_slices(
+        "conv w mom", s1["features.4.weight"][m], s0["features.4.weight"][m], 0, units, 0.0
+    )
+    _check_slices("bn w mom", s1["features.5.weight"][m], s0["features.5.weight"][m], 0, units, 0.0)
+    _check_slices("head mom", s1["head.weight"][m], s0["head.weight"][m], 1, cols, 0.0)
+    for n in ("features.0.weight", "features.1.bias", "head.bias"):
+        assert torch.equal(s1[n][m], s0[n][m]), n
+
+
+def test_recycle_into_a_depthwise_conv():
+    torch.manual_seed(0)
+    net = InvertedResidual(4, expand=2)  # block.2 (8 channels) feeds depthwise block.3
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    _train(net, opt, torch.randn(2, 4, 5, 5))
+    p0, _, s0 = _snapshot(net, opt)
+    recycle_units(find_unit_links(net, site="block.2"), units=[3], optimizers=opt)
+    p1, _, s1 = _snapshot(net, opt)
+    _check_slices("dw", p1["block.3.weight"], p0["block.3.weight"], 0, [3], 0.0)
+    _check_slices(
+        "dw m", s1["block.3.weight"]["exp_avg"], s0["block.3.weight"]["exp_avg"], 0, [3], 0.0
+    )
+    _check_slices("expand", p1["block.0.weight"], p0["block.0.weight"], 0, [3], None)
+
+
+def test_recycle_rejects_bad_units():
+    links = find_unit_links(mlp(), site="1")
+    with pytest.raises(ReluDoctorError, match=r"units: indices must be in \[0, 64\)"):
+        recycle_units(links, units=[64])
+
+
+def test_recycle_nothing_changes_nothing():
+    net = mlp()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    what = recycle_units(find_unit_links(net, site="1"), units=[])
+    assert what == {
+        "units": [],
+        "producer": "0",
+        "norm": None,
+        "consumers": ["2"],
+        "optimizer_state": [],
+    }
+    assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+
+
+def test_recycler_arguments_are_validated():
+    net = mlp()
+    with pytest.raises(ReluDoctorError, match="tau"):
+        DormantRecycler(net, tau=1.0)
+    with pytest.raises(ReluDoctorError, match="every"):
+        DormantRecycler(net, every=0)
+    with pytest.raises(ReluDoctorError, match="max_fraction"):
+        DormantRecycler(net, max_fraction=0.0)
+    with pytest.raises(ReluDoctorError, match="on_unlinkable"):
+        DormantRecycler(net, on_unlinkable="ignore")
+    with pytest.raises(ReluDoctorError, match="seed"):
+        DormantRecycler(net, seed=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ReluDoctorError, match="optimizers"):
+        DormantRecycler(net, optimizers=["adam"])  # type: ignore[list-item]
+    with pytest.raises(ReluDoctorError, match="include"):
+        DormantRecycler(net, include=[""])
+
+
+def _units(site: str, scores: list[float], dead: list[bool], tau: float = 0.1) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "site": site,
+            "unit": range(len(scores)),
+            "dormant_score": scores,
+            "dead": dead,
+            "dormant": [s <= tau or d for s, d in zip(scores, dead, strict=True)],
+        }
+    )
+
+
+def test_recycler_picks_the_most_dormant_units_up_to_max_fraction_every_n_intervals():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2))
+    r = DormantRecycler(net, every=2, max_fraction=0.5, seed=3)
+    units = _units("1", [0.05, 1.0, 0.0, 0.09, 2.0, 0.01], [False, False, True, False, False, False])
+    rows = [site_row("1", 1 / 6, units=6)]
+    assert r(rec(10, rows, units=units)) == []  # interval 1 of every 2
+    w0 = net[0].weight.detach().clone()
+    (ev,) = r(rec(20, rows, units=units))
+    # Dormant: 0 (0.05), 2 (dead), 3 (0.09), 5 (0.01); at most 3 of 6, most dormant first.
+    assert ev.details["units"] == [0, 2, 5] and ev.site == "1" and ev.step == 20
+    assert ev.before["dead_fraction"] == pytest.approx(1 / 6)
+    # Seeded by (seed, step, site): the rows are the generator's draws.
+    g = torch.Generator().manual_seed((3 * 1_000_003 + zlib.crc32(b"1@20")) % 2**63)
+    rows_ = torch.empty(3, 3)
+    nn.init.kaiming_uniform_(rows_, a=math.sqrt(5), generator=g)
+    assert torch.equal(net[0].weight[[0, 2, 5]], rows_)
+    assert torch.equal(net[0].weight[[1, 3, 4]], w0[[1, 3, 4]])
+    assert r.recycled == {"1": 3}
+    # Own tau: score <= tau, or dead.
+    mine = DormantRecycler(nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2)), tau=0.06)
+    (ev,) = mine(rec(10, rows, units=units))
+    assert ev.details["units"] == [0, 2, 5]
+
+
+def test_recycler_state_round_trips():
+    net = mlp()
+    r = DormantRecycler(net, every=2)
+    units = _units("1", [0.0] + [1.0] * 63, [True] + [False] * 63)
+    rows = [site_row("1", 1 / 64, units=64)]
+    r(rec(10, rows, units=units))
+    r(rec(20, rows, units=units))
+    r2 = DormantRecycler(net, every=2)
+    r2.load_state_dict(r.state_dict())
+    assert (r2.intervals, r2.recycled, r2.pending) == (2, {"1": 1}, r.pending)
+    assert r2(rec(30, rows, units=units))[0].ref == r.pending[0].id
+
+
+def test_unlinkable_sites_are_skipped_with_one_warning_or_raise():
+    from tests.zoo import BasicBlock
+
+    block = BasicBlock(4)
+    units = _units("relu#1", [0.0, 1.0, 1.0, 1.0], [True, False, False, False])
+    rows = [site_row("relu#1", 0.25, units=4)]
+    keys = {"relu#1": SiteKey("relu", 1)}
+    r = DormantRecycler(block)
+    with pytest.warns(UserWarning, match="leaving site 'relu#1' alone.*input comes from"):
+        assert r(rec(10, rows, units=units, keys=keys)) == []
+    assert r(rec(20, rows, units=units, keys=keys)) == []  # no second warning, no event
+    with pytest.raises(ReluDoctorError, match="site 'relu#1'"):
+        DormantRecycler(block, on_unlinkable="raise")(rec(10, rows, units=units, keys=keys))
+
+
+@pytest.mark.parametrize("name", ["enc:act", "a#1"])
+def test_recycle_a_site_whose_name_looks_like_a_site(name):
+    torch.manual_seed(0)
+    net = half_dead(odd_name_net(name))
+    out_w = net.get_submodule(f"{name}_blk.fc").weight
+    # Unbound: the str is the module path.
+    ev = DormantRecycler(net).recycle(name, units=[1])
+    assert ev.site == name and ev.details["links"]["producer"] == "fc"
+    assert torch.equal(out_w[:, 1], torch.zeros(8))
+    # Bound: from the record's key, the dead units 0-3 (re-killed here) are recycled.
+    half_dead(net)
+    x = torch.randn(32, 4)
+    with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+        seen = events_of(doc)
+        r = DormantRecycler(net, include=[name], seed=1).bind(doc)
+        net(x).sum().backward()
+        doc.step()
+        ivs = [e for e in seen if e["type"] == "intervention"]
+        assert [(e["site"], e["details"]["units"]) for e in ivs] == [(name, [0, 1, 2, 3])]
+        assert torch.equal(out_w[:, :4], torch.zeros(8, 4))
+        assert net.fc.bias[:4].abs().max() < 1  # fresh, no longer -100
+        assert r.links(name).site == name
+        net(x).sum().backward()
+        doc.step()
+        (res,) = [e for e in seen if e["type"] == "intervention_result"]
+        assert res["site"] == name and res["after"]["dead_fraction"] < 0.5
+        # The functional site inside "<name>_blk", by its name.
+        blk = r.recycle(f"{name}_blk:relu#0", units=[0], step=2)
+        assert blk.details["links"]["consumers"] == [{"path": "out", "span": 1}]
+
+
+# ======================================================================= pathology, treated vs not
+
+
+def test_dormant_reset_recycles_dormant_units():
+    """An Adam lr burst leaves most second-layer units dormant; ReDo recycles them."""
+    x, y = classification(1)
+    xt, yt = classification(2)
+
+    def run(treat: bool) -> tuple[float, float, int]:
+        torch.manual_seed(0)
+        net = mlp()
+        opt = torch.optim.Adam(net.parameters(), lr=0.2)
+        with relu_doctor.watch(net, log_every_n_steps=10) as doc:
+            seen = events_of(doc)
+            if treat:
+                DormantRecycler(net, optimizers=opt).bind(doc)
+            for step in range(300):
+                if step == 5:
+                    opt.param_groups[0]["lr"] = 0.01
+                i = torch.randint(0, len(x), (64,))
+                opt.zero_grad()
+                F.cross_entropy(net(x[i]), y[i]).backward()
+                opt.step()
+                doc.step()
+        n = sum(len(e["details"]["units"]) for e in seen if e.get("type") == "intervention")
+        with torch.no_grad():
+            loss = float(F.cross_entropy(net(xt), yt))
+        return dormant_fraction(hidden(net, xt)[1]), loss, n
+
+    dorm_u, loss_u, _ = run(False)
+    dorm_t, loss_t, recycled = run(True)
+    print(f"dormant fraction {dorm_u:.3f} -> {dorm_t:.3f}, loss {loss_u:.3f} -> {loss_t:.3f}")
+    assert recycled > 0
+    assert dorm_u > 0.5 and dorm_t < 0.1, (dorm_u, dorm_t)
+    assert loss_t < loss_u, (loss_u, loss_t)

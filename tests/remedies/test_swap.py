@@ -1,0 +1,293 @@
+"""Activation swap (relu_doctor.remedies.swap): surgery checked element by element, the
+policy on hand-made records, a pathology treated against the same seed untreated, and
+module names that look like site names (``enc:act``, ``a#1``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import relu_doctor
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.remedies import ActivationSwapper, restore_activation, swap_activation
+from relu_doctor.sites import SiteKey
+from tests.remedies.helpers import (
+    classification,
+    dead_fraction,
+    events_of,
+    half_dead,
+    hidden,
+    mlp,
+    rec,
+    site_row,
+)
+from tests.zoo import BasicBlock, odd_name_net
+
+ODD_NAMES = ["enc:act", "a#1"]
+
+
+def test_swap_keeps_positive_outputs_and_restores():
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(inplace=True), nn.Linear(16, 2))
+    x = torch.randn(64, 4)
+    with torch.no_grad():
+        pre = net[0](x)
+        before = net(x)
+    rec_ = swap_activation(net, path="1", slope=0.2)
+    assert isinstance(net[1], nn.LeakyReLU) and net[1].inplace and net[1].negative_slope == 0.2
+    with torch.no_grad():
+        act = net[1](pre.clone())
+    assert torch.equal(act[pre > 0], pre[pre > 0])  # positive inputs: unchanged
+    torch.testing.assert_close(act[pre <= 0], 0.2 * pre[pre <= 0])
+    restore_activation(net, record=rec_)
+    assert type(net[1]) is nn.ReLU
+    with torch.no_grad():
+        assert torch.equal(net(x), before)
+
+
+def test_swap_shared_module_changes_every_site_and_probe_follows():
+    torch.manual_seed(0)
+    block = BasicBlock(4)
+    x = torch.randn(8, 4, 6, 6)
+    with relu_doctor.watch(block, log_every_n_steps=1, functional=True) as doc:
+        seen = events_of(doc)
+        block(x).sum().backward()
+        doc.step()
+        sw = ActivationSwapper(block).bind(doc)
+        ev = sw.swap("relu#1", step=1)
+        assert ev.details["shared"] and ev.details["sites"] == ["relu#0", "relu#1"]
+        assert ev.site == "relu#1" and "shared by 2 sites" in ev.what
+        # A swap called by hand is recorded too.
+        assert [e["id"] for e in seen if e["type"] == "intervention"] == [ev.id]
+        assert isinstance(block.relu, nn.LeakyReLU)
+        block(x).sum().backward()
+        record = doc.step()
+        # The probe watches the new module: both sites still recorded, now leaky (and the
+        # F.leaky_relu inside LeakyReLU.forward is not mistaken for a functional site).
+        assert [r["site"] for r in record.site_rows] == ["relu#0", "relu#1"]
+        assert [r["family"] for r in record.site_rows] == ["leaky_relu", "leaky_relu"]
+        assert all(r["window_steps"] == 1 and r["elements"] > 0 for r in record.site_rows)
+        # The follow-up event carries the metrics measured after the swap.
+        result = [e for e in seen if e["type"] == "intervention_result"]
+        assert (
+            result and result[0]["ref"] == ev.id and result[0]["after"]["sparsity"] is not None
+        )
+        assert not sw.pending
+        sw.restore()
+        assert type(block.relu) is nn.ReLU
+        block(x).sum().backward()
+        record = doc.step()
+        assert [r["family"] for r in record.site_rows] == ["relu", "relu"]
+
+
+def test_swap_by_site_key_and_by_module_path_of_a_reused_module():
+    block = BasicBlock(4)
+    ev = ActivationSwapper(block).swap(SiteKey("relu", 1))
+    assert isinstance(block.relu, nn.LeakyReLU) and ev.details["swap"]["paths"] == ["relu"]
+    other = BasicBlock(4)
+    sw = ActivationSwapper(other)
+    sw.swap("relu")  # unbound: a module path
+    assert list(sw.swaps) == ["relu"]
+    sw.restore(SiteKey("relu", 1))
+    assert type(other.relu) is nn.ReLU and not sw.swaps
+
+
+def test_swap_replaces_a_module_registered_under_two_paths():
+    act = nn.ReLU()
+    net = nn.Sequential(nn.Linear(3, 3), act, nn.Linear(3, 3), act)
+    rec_ = swap_activation(net, path="1")
+    assert rec_.paths == ["1", "3"] and net[1] is net[3] and isinstance(net[3], nn.LeakyReLU)
+    restore_activation(net, record=rec_)
+    assert net[1] is act and net[3] is act
+
+
+def test_prelu_swap_trains_its_slopes_and_undo_removes_them():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.9**e)
+    rec_ = swap_activation(
+        net, path="1", kind="prelu", slope=0.25, num_parameters=6, optimizer=opt,
+        schedulers=[sched],
+    )
+    slopes = net[1].weight
+    assert isinstance(net[1], nn.PReLU) and slopes.shape == (6,)
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["params"] == [slopes]
+    assert opt.param_groups[1]["weight_decay"] == 0.0 and len(sched.base_lrs) == 2
+    x = torch.randn(32, 4)
+    w0 = slopes.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+        sched.step()  # the extended scheduler steps both groups
+    assert not torch.equal(slopes.detach(), w0)  # the slopes train
+    assert opt.param_groups[1]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+    restore_activation(net, record=rec_, schedulers=[sched])
+    assert type(net[1]) is nn.ReLU and len(opt.param_groups) == 1 and slopes not in opt.state
+    assert len(sched.base_lrs) == 1
+    sched.step()
+
+
+@pytest.mark.parametrize(
+    ("module", "match"),
+    [
+        (nn.LeakyReLU(), "already a leaky"),
+        (nn.ReLU6(), "cap"),
+        (nn.Linear(2, 2), "not a ReLU-family"),
+    ],
+)
+def test_swap_refuses_what_it_cannot_swap(module, match):
+    net = nn.Sequential(nn.Linear(2, 2), module)
+    with pytest.raises(ReluDoctorError, match=match):
+        swap_activation(net, path="1")
+
+
+def test_swap_argument_errors_name_the_argument():
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with pytest.raises(ReluDoctorError, match="kind: expected one of"):
+        swap_activation(net, path="1", kind="elu")
+    with pytest.raises(ReluDoctorError, match="slope"):
+        swap_activation(net, path="1", slope=0.0)
+    with pytest.raises(ReluDoctorError, match=r"path: the model has no module at 'nope'.*\['1'\]"):
+        swap_activation(net, path="nope")
+    with pytest.raises(ReluDoctorError, match="patience"):
+        ActivationSwapper(net, patience=0)
+    with pytest.raises(ReluDoctorError, match="functional call"):
+        ActivationSwapper(net).swap(SiteKey("", 0, "relu"))
+    with pytest.raises(ReluDoctorError, match="threshold"):
+        ActivationSwapper(net, threshold=1.0)
+    with pytest.raises(ReluDoctorError, match=r"model: expected a torch\.nn\.Module"):
+        ActivationSwapper("net")  # type: ignore[arg-type]
+    with pytest.raises(ReluDoctorError, match="path: expected a site name"):
+        swap_activation(net, path=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        swap_activation(net, "1")  # type: ignore[misc]  # keyword-only after the model
+
+
+def test_swapper_waits_for_patience_and_skips_leaky_sites():
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
+    sw = ActivationSwapper(net, threshold=0.5, patience=2, exclude="3")
+    assert sw(rec(10, [site_row("1", 0.8), site_row("3", 0.9)])) == []
+    assert sw(rec(20, [site_row("1", 0.2), site_row("3", 0.9)])) == []  # streak broken
+    assert sw(rec(30, [site_row("1", 0.6), site_row("3", 0.9)])) == []
+    events = sw(rec(40, [site_row("1", 0.7), site_row("3", 0.9)]))
+    assert [e.site for e in events] == ["1"] and isinstance(net[1], nn.LeakyReLU)
+    assert events[0].before["dead_fraction"] == 0.7 and events[0].step == 40
+    assert type(net[3]) is nn.ReLU  # excluded
+    after = sw(rec(50, [site_row("1", 0.9, leaky=True), site_row("3", 0.9)]))
+    assert [e.type for e in after] == ["intervention_result"]
+    assert after[0].after["dead_fraction"] == 0.9
+
+
+def test_swapper_leaves_a_functional_site_alone_with_a_warning():
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU())
+    sw = ActivationSwapper(net, threshold=0.5, patience=1)
+    fn = SiteKey("", 0, "relu")
+    rows = [site_row("(root):relu#0", 0.9)]
+    with pytest.warns(UserWarning, match="leaving site '\\(root\\):relu#0' alone.*functional"):
+        assert sw(rec(10, rows, keys={"(root):relu#0": fn})) == []
+    assert sw(rec(20, rows, keys={"(root):relu#0": fn})) == []  # skipped from now on
+    assert type(net[1]) is nn.ReLU
+
+
+def test_swapper_state_round_trips_prelu_into_a_fresh_model():
+    torch.manual_seed(0)
+    net = mlp(4, 6, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    sw = ActivationSwapper(net, kind="prelu", per_unit=False, optimizer=opt)
+    sw.swap("3", step=5)
+    net(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    ckpt = {"swapper": sw.state_dict(), "model": net.state_dict(), "opt": opt.state_dict()}
+
+    torch.manual_seed(1)
+    fresh = mlp(4, 6, 1)
+    opt2 = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    sw2 = ActivationSwapper(fresh, kind="prelu", optimizer=opt2)
+    sw2.load_state_dict(ckpt["swapper"])  # first: the swaps make the model's keys match
+    fresh.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    assert isinstance(fresh[3], nn.PReLU) and type(fresh[1]) is nn.ReLU
+    assert list(sw2.swaps) == ["3"]
+    assert sw2.pending == sw.pending and len(sw2.pending) == 1
+    x = torch.randn(5, 4)
+    assert torch.equal(fresh(x), net(x))
+
+
+# ======================================================================= names that look like sites
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_swap_and_restore_a_module_whose_name_looks_like_a_site(name):
+    net = odd_name_net(name)
+    rec_ = swap_activation(net, path=name)
+    assert isinstance(net.get_submodule(name), nn.LeakyReLU) and rec_.paths == [name]
+    restore_activation(net, record=rec_)
+    sw = ActivationSwapper(net)
+    assert sw.swap(name).site == name  # unbound: the module path, as written
+    sw.restore(name)
+    assert type(net.get_submodule(name)) is nn.ReLU
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_swapper_treats_a_dead_site_whose_name_looks_like_a_site(name):
+    torch.manual_seed(0)
+    net = half_dead(odd_name_net(name))
+    x = torch.randn(32, 4)
+    with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+        seen = events_of(doc)
+        sw = ActivationSwapper(net, threshold=0.3, patience=1, include=name).bind(doc)
+        net(x).sum().backward()
+        doc.step()
+        assert list(sw.swaps) == [name] and isinstance(net.get_submodule(name), nn.LeakyReLU)
+        ivs = [e for e in seen if e["type"] == "intervention"]
+        assert [(e["site"], e["details"]["sites"]) for e in ivs] == [(name, [name])]
+        assert ivs[0]["before"]["dead_fraction"] == 0.5
+        net(x).sum().backward()
+        doc.step()
+        assert [e["site"] for e in seen if e["type"] == "intervention_result"] == [name]
+        (ev,) = sw.restore(name, step=2)  # bound: the site's name
+        assert ev.site == name and ev.details["undo"] is True
+    assert type(net.get_submodule(name)) is nn.ReLU
+
+
+# ======================================================================= pathology, treated vs not
+
+
+def test_leaky_swap_revives_units_an_lr_burst_killed():
+    """SGD at lr 6 for five steps kills most units of the second layer; with LeakyReluSwap
+    the dead site gets gradient again and its units come back."""
+    x, y = classification(1)
+    xt, yt = classification(2)
+
+    def run(treat: bool) -> tuple[float, float, list[str]]:
+        torch.manual_seed(0)
+        net = mlp()
+        opt = torch.optim.SGD(net.parameters(), lr=6.0)
+        with relu_doctor.watch(net, log_every_n_steps=10) as doc:
+            sw = (
+                ActivationSwapper(net, threshold=0.3, patience=2, slope=0.3).bind(doc)
+                if treat
+                else None
+            )
+            for step in range(250):
+                if step == 5:
+                    opt.param_groups[0]["lr"] = 0.3
+                i = torch.randint(0, len(x), (64,))
+                opt.zero_grad()
+                F.cross_entropy(net(x[i]), y[i]).backward()
+                opt.step()
+                doc.step()
+        with torch.no_grad():
+            loss = float(F.cross_entropy(net(xt), yt))
+        return dead_fraction(hidden(net, xt)[1]), loss, list(sw.swaps) if sw else []
+
+    dead_u, loss_u, _ = run(False)
+    dead_t, loss_t, swapped = run(True)
+    print(f"dead fraction {dead_u:.3f} -> {dead_t:.3f}, loss {loss_u:.3f} -> {loss_t:.3f}")
+    assert swapped and "3" in swapped
+    assert dead_u > 0.4  # the pathology, untreated
+    assert dead_t < dead_u - 0.3, (dead_u, dead_t)
+    assert loss_t < loss_u, (loss_u, loss_t)
