@@ -137,18 +137,30 @@ def _describe_node(node: Any, root: nn.Module) -> str:
     return f"{node.op} {node.target!s}"
 
 
+def _owner(node: torch.fx.Node) -> str:
+    """Path (relative to the traced module) of the module whose ``forward`` made ``node``'s
+    call: the innermost entry of fx's ``nn_module_stack`` (empty: the traced module's own)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    inner = list(stack.values())[-1]
+    return str(inner[0] if isinstance(inner, tuple) else inner)
+
+
 def _act_nodes(
     graph: torch.fx.Graph, root: nn.Module, rel: str, op: str | None
 ) -> list[torch.fx.Node]:
+    """The calls of the activation in the traced graph of ``root``, in execution order: of
+    the module at ``rel``, or (``op`` given) of the functional ``op`` inside the ``forward``
+    of the module at ``rel`` (``""``: ``root``'s own)."""
     if op is None:
         return [n for n in graph.nodes if n.op == "call_module" and n.target == rel]
     out = []
     for n in graph.nodes:
-        stack = n.meta.get("nn_module_stack") or {}
-        if stack:
-            continue  # inside a child module: not this module's own call
+        if n.op not in ("call_function", "call_method") or _owner(n) != rel:
+            continue  # another module's call
         name = getattr(n.target, "__name__", "") if n.op == "call_function" else str(n.target)
-        if n.op in ("call_function", "call_method") and name.rstrip("_") == op:
+        if name.rstrip("_") == op:
             out.append(n)
     return out
 
