@@ -46,7 +46,6 @@ from relu_doctor.callbacks import (
     LRRescue,
     ReluDoctor,
 )
-from relu_doctor.remedies import merge_interventions
 
 
 class Classifier(L.LightningModule):
@@ -142,9 +141,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     for name in ("untreated", "treated"):
         model, _monitor = train(args.out / name, treated=name == "treated", steps=args.steps)
         results[name] = evaluate(model, held_out)
-        results[name]["interventions"] = merge_interventions(
-            relu_doctor.load_run(args.out / name / "relu_doctor").events
-        )
+        # Each intervention with its metrics after, from the run directory.
+        results[name]["interventions"] = relu_doctor.load_run(
+            args.out / name / "relu_doctor"
+        ).interventions()
 
     print(f"Same seed, {args.steps} steps, held-out data:\n")
     print(f"{'':22s}{'untreated':>12s}{'treated':>12s}")
