@@ -1,37 +1,124 @@
-"""What the remedy callbacks share: finding the monitor, the optimizers and schedulers.
+"""The remedy-callback base: how a framework-free remedy controller is wired into a Trainer.
 
-The remedy callbacks are adapters: the decisions and the surgery live in
-:mod:`relu_doctor.remedies`; a callback builds one framework-free controller, binds it to the
-:class:`~relu_doctor.callbacks.ReluDoctor` monitor's Doctor when training starts (the Doctor is
-created in the monitor's ``on_fit_start``), and round-trips its state through checkpoints.
+The remedy controllers of :mod:`relu_doctor.remedies` decide and act; a remedy callback only
+adapts them. :class:`RemedyCallback` holds everything the four remedy callbacks share:
+
+- building the controller(s) when the Trainer can give what they need (the model at
+  ``setup``, the optimizers at ``on_fit_start``), with warnings sent through
+  ``rank_zero_warn``;
+- the checkpoint state: ``state_dict``/``load_state_dict`` go to the controller, and a state
+  that arrives before the controller exists (Lightning restores callbacks before the
+  optimizers are made) is kept *pending* here, in one place, and applied when the controller
+  is built;
+- binding to the :class:`~relu_doctor.callbacks.ReluDoctor` monitor's Doctor at
+  ``on_train_start`` (the Doctor is made in the monitor's ``on_fit_start``), with the
+  Trainer's optimizers and LR schedulers;
+- scalars to the Trainer's loggers from rank zero.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.remedies import Remedy
 
 __all__ = ["RemedyCallback"]
 
+R = TypeVar("R", bound=Remedy)
+Q = TypeVar("Q", bound=Remedy)
 
-class RemedyCallback(Callback):
-    """Base of the remedy callbacks (not public)."""
 
-    remedy_name = "remedy"
+class RemedyCallback(Callback, Generic[R]):
+    """Base of the remedy callbacks (not public).
+
+    A subclass builds its controller with :meth:`_install` (from ``__init__`` when it needs
+    nothing of the Trainer, else from the hook that has what it needs) and may override:
+
+    - :meth:`_bind`: what the controller gets at ``on_train_start`` (the Trainer's
+      optimizers and schedulers), before ``bind(doctor)``;
+    - :meth:`_check_state`: refuse a checkpoint state that is not for this callback;
+    - :meth:`_controllers`, :meth:`_save`, :meth:`_restore`: for a callback that runs more
+      than one controller (one clipper per optimizer).
+    """
 
     def __init__(self) -> None:
         super().__init__()
+        self.remedy: R | None = None
+        self._pending_state: dict[str, Any] | None = None
         self._trainer: pl.Trainer | None = None
+        self._bound: Doctor | None = None
+
+    # ------------------------------------------------------------------ controllers
+    def _install(self, remedy: R) -> R:
+        """Make ``remedy`` this callback's controller and apply a checkpoint state that came
+        before it."""
+        self.remedy = self._adopt(remedy)
+        self._apply_pending()
+        return remedy
+
+    @staticmethod
+    def _adopt(remedy: Q) -> Q:
+        """A controller as the callbacks run it: warnings from rank zero only."""
+        remedy.warn = rank_zero_warn
+        return remedy
+
+    def _apply_pending(self) -> None:
+        if self._pending_state is not None and self._controllers():
+            state, self._pending_state = self._pending_state, None
+            self._restore(state)
+
+    def _controllers(self) -> list[Remedy]:
+        """The controllers built so far."""
+        return [] if self.remedy is None else [self.remedy]
+
+    def _save(self) -> dict[str, Any]:
+        assert self.remedy is not None
+        return self.remedy.state_dict()
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        assert self.remedy is not None
+        self.remedy.load_state_dict(state)
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise :class:`~relu_doctor.errors.ReluDoctorError` for a state of another kind."""
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if not self._controllers():
+            return dict(self._pending_state or {})
+        return self._save()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self._check_state(state_dict)
+        self._pending_state = dict(state_dict)
+        self._apply_pending()
 
     # ------------------------------------------------------------------ wiring
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer = trainer
+        doctor = self._doctor(trainer)
+        self._bound = doctor
+        self._bind(trainer, doctor)
+
+    def _bind(self, trainer: pl.Trainer, doctor: Doctor) -> None:
+        """Give the controllers what they need of the Trainer, then bind them to ``doctor``
+        (subclasses add their optimizers and schedulers, then call this)."""
+        for remedy in self._controllers():
+            remedy.bind(doctor)
+
     def _doctor(self, trainer: pl.Trainer) -> Doctor:
-        from relu_doctor.callbacks.monitor import ReluDoctor
+        """The training Doctor of the Trainer's ReluDoctor monitor."""
+        from relu_doctor.callbacks.monitor import ReluDoctor  # monitor does not import us
 
         monitors = [c for c in trainer.callbacks if isinstance(c, ReluDoctor)]  # type: ignore[attr-defined]
         me = type(self).__name__
@@ -47,6 +134,10 @@ class RemedyCallback(Callback):
                 "on_fit_start); remedies work inside Trainer.fit."
             )
         return doctor
+
+    def _step(self) -> int:
+        """The monitor's step (optimizer steps), 0 before training started."""
+        return self._bound.global_step if self._bound is not None else 0
 
     @staticmethod
     def _optimizers(trainer: pl.Trainer) -> list[torch.optim.Optimizer]:

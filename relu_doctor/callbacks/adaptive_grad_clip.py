@@ -8,23 +8,24 @@ across processes there, so every rank clips the same way.
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
+from relu_doctor._validate import glob_patterns, matches
 from relu_doctor.callbacks._remedy import RemedyCallback
+from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.remedies import AGC, AutoClip
+from relu_doctor.remedies import AGC, AutoClip, Remedy
 
 __all__ = ["AdaptiveGradClip"]
 
 MODES = ("autoclip", "agc")
 
 
-class AdaptiveGradClip(RemedyCallback):
+class AdaptiveGradClip(RemedyCallback[AutoClip | AGC]):
     """Adaptive gradient clipping: AutoClip (the gradient norm clipped to a percentile of its
     own history) or AGC (unit-wise, relative to the weight norm).
 
@@ -52,8 +53,6 @@ class AdaptiveGradClip(RemedyCallback):
         trainer = L.Trainer(callbacks=[ReluDoctor(), AdaptiveGradClip("autoclip", percentile=10)])
     """
 
-    remedy_name = "adaptive_grad_clip"
-
     def __init__(
         self,
         mode: str = "autoclip",
@@ -77,16 +76,10 @@ class AdaptiveGradClip(RemedyCallback):
         self.warmup_steps = warmup_steps
         self.clipping = clipping
         self.eps = eps
-        pats = [exclude] if isinstance(exclude, str) else list(exclude or [])
-        if not all(isinstance(p, str) and p for p in pats):
-            raise ReluDoctorError(
-                f"exclude: expected glob patterns of parameter names, got {exclude!r}."
-            )
-        self.exclude = pats
-        self._make()  # validate the arguments now
+        self.exclude = glob_patterns("exclude", exclude)
+        self._make()  # the remedy validates the arguments, now
         self.clippers: dict[int, AutoClip | AGC] = {}
         self._params: dict[int, list[torch.Tensor]] = {}
-        self._pending: dict[str, Any] | None = None
 
     def _make(self) -> AutoClip | AGC:
         if self.mode == "autoclip":
@@ -97,34 +90,53 @@ class AdaptiveGradClip(RemedyCallback):
     def state_key(self) -> str:
         return self._generate_state_key(mode=self.mode)
 
+    # ------------------------------------------------------------------ controllers
+    # One clipper per optimizer (its own norm history): made when the optimizers are.
+    def _controllers(self) -> list[Remedy]:
+        return list(self.clippers.values())
+
+    def _save(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "clippers": {i: c.state_dict() for i, c in self.clippers.items()},
+        }
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        for i, st in state.get("clippers", {}).items():
+            self._clipper(int(i)).load_state_dict(st)
+
+    def _clipper(self, i: int) -> AutoClip | AGC:
+        """The clipper of the ``i``-th optimizer (made on first use)."""
+        if i not in self.clippers:
+            self.clippers[i] = self._adopt(self._make())
+        return self.clippers[i]
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        if state.get("mode") != self.mode:
+            raise ReluDoctorError(
+                f"checkpoint: AdaptiveGradClip state is for mode {state.get('mode')!r}, "
+                f"this callback runs {self.mode!r}."
+            )
+
     # ------------------------------------------------------------------ lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._params = {}
         for i, opt in enumerate(self._optimizers(trainer)):
-            self.clippers.setdefault(i, self._make())
+            self._clipper(i)
             params = [p for g in opt.param_groups for p in g["params"]]
-            self._params[i] = [
-                p
-                for p in params
-                if not any(fnmatch.fnmatchcase(names.get(id(p), ""), pat) for pat in self.exclude)
-            ]
-        if self._pending is not None:
-            state, self._pending = self._pending, None
-            self._load(state)
+            self._params[i] = [p for p in params if matches(names.get(id(p), ""), (), self.exclude)]
+        self._apply_pending()
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        doctor = self._doctor(trainer)
-        for clipper in self.clippers.values():
-            clipper.bind(doctor)
-        doctor.add_listener(self._on_record)
+    def _bind(self, trainer: pl.Trainer, doctor: Doctor) -> None:
+        super()._bind(trainer, doctor)
+        doctor.add_listener(self._on_record)  # after the clippers: reads what they closed
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        opts = self._optimizers(trainer)
-        for i, opt in enumerate(opts):
+        for i, opt in enumerate(self._optimizers(trainer)):
             if opt is optimizer:
                 clipper = self.clippers.get(i)
                 if clipper is not None:
@@ -137,7 +149,7 @@ class AdaptiveGradClip(RemedyCallback):
             return
         metrics: dict[str, float] = {}
         for i, clipper in self.clippers.items():
-            stats = getattr(clipper, "last", None)
+            stats = clipper.last
             if not stats:
                 continue
             sfx = "" if i == 0 else f"_{i}"
@@ -146,29 +158,3 @@ class AdaptiveGradClip(RemedyCallback):
             metrics[f"relu_doctor/clip/clipped{sfx}"] = float(stats["clipped"])
             metrics[f"relu_doctor/clip/fraction{sfx}"] = float(stats["clip_fraction"])
         self._log(trainer, metrics, record.step)
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        if not self.clippers:
-            return dict(self._pending or {})
-        return {
-            "mode": self.mode,
-            "clippers": {i: c.state_dict() for i, c in self.clippers.items()},
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        if state_dict.get("mode") != self.mode:
-            raise ReluDoctorError(
-                f"checkpoint: AdaptiveGradClip state is for mode {state_dict.get('mode')!r}, "
-                f"this callback runs {self.mode!r}."
-            )
-        if self.clippers:
-            self._load(state_dict)
-        else:
-            self._pending = dict(state_dict)
-
-    def _load(self, state: dict[str, Any]) -> None:
-        for i, st in state.get("clippers", {}).items():
-            self.clippers.setdefault(int(i), self._make()).load_state_dict(st)

@@ -1,24 +1,26 @@
 """``DormantReset``: recycle dormant units (ReDo, Sokar et al. 2023) during training.
 
-A thin adapter around :class:`relu_doctor.remedies.DormantRecycler`.
+A thin adapter around :class:`relu_doctor.remedies.DormantRecycler`: built on the
+LightningModule at ``setup``, bound to the ReluDoctor monitor's Doctor (with the Trainer's
+optimizers, whose state slices it resets) at ``on_train_start``, checkpointed through the
+base's ``state_dict``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import lightning.pytorch as pl
 import torch.nn as nn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from relu_doctor.callbacks._remedy import RemedyCallback
+from relu_doctor.doctor import Doctor
 from relu_doctor.remedies import DormantRecycler
 
 __all__ = ["DormantReset"]
 
 
-class DormantReset(RemedyCallback):
+class DormantReset(RemedyCallback[DormantRecycler]):
     """Every ``every`` logging intervals, recycle the units the
     :class:`~relu_doctor.callbacks.ReluDoctor` monitor found dormant (ReDo score <= tau, dead
     units included): re-initialise their incoming weights (the Linear/Conv feeding the
@@ -42,66 +44,62 @@ class DormantReset(RemedyCallback):
         on_unlinkable: ``"warn"`` or ``"raise"``.
         seed: base seed of the re-initialisation.
 
+    Attributes:
+        recycler: the :class:`~relu_doctor.remedies.DormantRecycler` (after ``setup``).
+
     Example::
 
         trainer = L.Trainer(callbacks=[ReluDoctor(tau=0.1), DormantReset(every=4)])
     """
 
-    remedy_name = "dormant_reset"
-
     def __init__(
         self,
         tau: float | None = None,
+        *,
         every: int = 1,
         max_fraction: float = 1.0,
-        *,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         on_unlinkable: str = "warn",
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self._kwargs: dict[str, Any] = dict(
-            tau=tau,
-            every=every,
-            max_fraction=max_fraction,
-            include=include,
-            exclude=exclude,
-            on_unlinkable=on_unlinkable,
-            seed=seed,
+        self.tau = tau
+        self.every = every
+        self.max_fraction = max_fraction
+        self.include = include
+        self.exclude = exclude
+        self.on_unlinkable = on_unlinkable
+        self.seed = seed
+        self._make(nn.Identity())  # the remedy validates the arguments, now
+
+    def _make(self, model: nn.Module) -> DormantRecycler:
+        return DormantRecycler(
+            model,
+            tau=self.tau,
+            every=self.every,
+            max_fraction=self.max_fraction,
+            include=self.include,
+            exclude=self.exclude,
+            on_unlinkable=self.on_unlinkable,
+            seed=self.seed,
         )
-        DormantRecycler(nn.Identity(), **self._kwargs)  # validate the arguments now
-        self.recycler: DormantRecycler | None = None
-        self._pending: dict[str, Any] | None = None
 
     @property
     def state_key(self) -> str:
-        k = self._kwargs
-        return self._generate_state_key(include=k["include"], exclude=k["exclude"])
+        return self._generate_state_key(include=self.include, exclude=self.exclude)
+
+    @property
+    def recycler(self) -> DormantRecycler | None:
+        """The :class:`~relu_doctor.remedies.DormantRecycler` (after ``setup``)."""
+        return self.remedy
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
-        if self.recycler is None or self.recycler.model is not pl_module:
-            self.recycler = DormantRecycler(pl_module, **self._kwargs)
-            self.recycler.warn = rank_zero_warn
-        if self._pending is not None:
-            state, self._pending = self._pending, None
-            self.recycler.load_state_dict(state)
+        if self.remedy is None or self.remedy.model is not pl_module:
+            self._install(self._make(pl_module))
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.recycler is not None
-        self.recycler.optimizers = self._optimizers(trainer)
-        self.recycler.bind(self._doctor(trainer))
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.recycler is None:
-            return dict(self._pending or {})
-        return self.recycler.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        if self.recycler is None:
-            self._pending = dict(state_dict)
-        else:
-            self.recycler.load_state_dict(state_dict)
+    def _bind(self, trainer: pl.Trainer, doctor: Doctor) -> None:
+        if self.remedy is not None:
+            self.remedy.optimizers = self._optimizers(trainer)
+        super()._bind(trainer, doctor)

@@ -6,10 +6,12 @@ A thin adapter around :class:`relu_doctor.remedies.ActivationSwapper`.
 ``setup``                       build the swapper on the LightningModule; for PReLU, get ready
                                 to recreate checkpointed PReLU modules before the model's
                                 weights are loaded
-``load_state_dict``             re-apply the checkpoint's swaps to the model
+``load_state_dict``             re-apply the checkpoint's swaps to the model (the base keeps a
+                                state that comes before ``setup`` until the swapper exists)
 ``on_fit_start``                PReLU: give re-applied slopes to the new optimizers (before
                                 their checkpointed state is loaded)
-``on_train_start``              listen to the ReluDoctor monitor's log records
+``on_train_start``              bind the swapper to the ReluDoctor monitor's Doctor, with the
+                                Trainer's optimizers and schedulers
 ==============================  ===============================================================
 """
 
@@ -20,17 +22,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch.nn as nn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from relu_doctor.callbacks._remedy import RemedyCallback
+from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.events import Intervention
 from relu_doctor.families import family_of
 from relu_doctor.remedies import ActivationSwapper, swap_activation
 
 __all__ = ["LeakyReluSwap"]
 
 
-class LeakyReluSwap(RemedyCallback):
+class LeakyReluSwap(RemedyCallback[ActivationSwapper]):
     """Replace the ReLU of a site whose dead fraction stays above ``threshold`` for
     ``patience`` consecutive logging intervals by LeakyReLU (or PReLU).
 
@@ -60,31 +63,18 @@ class LeakyReluSwap(RemedyCallback):
                                        LeakyReluSwap(threshold=0.5, patience=3, slope=0.1)])
     """
 
-    remedy_name = "leaky_relu_swap"
-
     def __init__(
         self,
         threshold: float = 0.5,
+        *,
         patience: int = 2,
         slope: float = 0.01,
         kind: str = "leaky_relu",
-        *,
         per_unit: bool = False,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
     ) -> None:
         super().__init__()
-        # Validate now (with the library's messages) on a throwaway module.
-        ActivationSwapper(
-            nn.Identity(),
-            kind=kind,
-            slope=slope,
-            per_unit=per_unit,
-            threshold=threshold,
-            patience=patience,
-            include=include,
-            exclude=exclude,
-        )
         self.threshold = threshold
         self.patience = patience
         self.slope = slope
@@ -92,13 +82,29 @@ class LeakyReluSwap(RemedyCallback):
         self.per_unit = per_unit
         self.include = include
         self.exclude = exclude
-        self.swapper: ActivationSwapper | None = None
-        self._pending: dict[str, Any] | None = None
+        self._make(nn.Identity())  # the remedy validates the arguments, now
         self._hook: Any = None
+
+    def _make(self, model: nn.Module) -> ActivationSwapper:
+        return ActivationSwapper(
+            model,
+            kind=self.kind,
+            slope=self.slope,
+            per_unit=self.per_unit,
+            threshold=self.threshold,
+            patience=self.patience,
+            include=self.include,
+            exclude=self.exclude,
+        )
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(kind=self.kind, include=self.include, exclude=self.exclude)
+
+    @property
+    def swapper(self) -> ActivationSwapper | None:
+        """The :class:`~relu_doctor.remedies.ActivationSwapper` (after ``setup``)."""
+        return self.remedy
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -108,23 +114,12 @@ class LeakyReluSwap(RemedyCallback):
                 "kind: 'prelu' creates parameters during training, which a DDP-wrapped model "
                 "does not synchronise; use kind='leaky_relu' with more than one process."
             )
-        if self.swapper is None or self.swapper.model is not pl_module:
-            self.swapper = ActivationSwapper(
-                pl_module,
-                kind=self.kind,
-                slope=self.slope,
-                per_unit=self.per_unit,
-                threshold=self.threshold,
-                patience=self.patience,
-                include=self.include,
-                exclude=self.exclude,
-            )
-        self.swapper.warn = rank_zero_warn
-        if self._pending is not None:
-            state, self._pending = self._pending, None
-            self.swapper.load_state_dict(state)
+        if self.remedy is None or self.remedy.model is not pl_module:
+            self._install(self._make(pl_module))
         if self.kind == "prelu" and self._hook is None:
-            self._hook = pl_module.register_load_state_dict_pre_hook(self._recreate_prelu)
+            self._hook = pl_module.register_load_state_dict_pre_hook(  # type: ignore[no-untyped-call]
+                self._recreate_prelu
+            )
 
     def _recreate_prelu(
         self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any
@@ -137,48 +132,37 @@ class LeakyReluSwap(RemedyCallback):
                 continue
             if isinstance(m, nn.ReLU):
                 n = int(state_dict[key].numel())
-                swap_activation(module, path, kind="prelu", slope=self.slope, num_parameters=n)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        if self.swapper is None:
-            self._pending = dict(state_dict)
-        else:
-            self.swapper.load_state_dict(state_dict)
+                swap_activation(module, path=path, kind="prelu", slope=self.slope, num_parameters=n)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        if self.swapper is not None and self.kind == "prelu":
-            self.swapper.add_param_groups(self._optimizers(trainer), self._schedulers(trainer))
+        self._remove_hook()
+        if self.remedy is not None and self.kind == "prelu":
+            self.remedy.add_param_groups(
+                self._optimizers(trainer), schedulers=self._schedulers(trainer)
+            )
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.swapper is not None
-        self.swapper.optimizers = self._optimizers(trainer)
-        self.swapper.schedulers = self._schedulers(trainer)
-        self.swapper.bind(self._doctor(trainer))
+    def _bind(self, trainer: pl.Trainer, doctor: Doctor) -> None:
+        if self.remedy is not None:
+            self.remedy.optimizers = self._optimizers(trainer)
+            self.remedy.schedulers = self._schedulers(trainer)
+        super()._bind(trainer, doctor)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hook()
+
+    def _remove_hook(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
 
     # ------------------------------------------------------------------ API
-    def restore(self, site: str | None = None) -> list[dict[str, Any]]:
-        """Undo the swap of ``site`` (or every swap); the events are recorded."""
-        if self.swapper is None:
+    def restore(self, site: str | None = None) -> list[Intervention]:
+        """Undo the swap of ``site`` (or every swap); the interventions are recorded."""
+        if self.remedy is None:
             return []
-        step = self.swapper.doctor.global_step if self.swapper.doctor is not None else 0  # type: ignore[attr-defined]
-        return self.swapper.restore(site, step=step)
+        return self.remedy.restore(site, step=self._step())
 
     @property
     def swaps(self) -> dict[str, Any]:
         """``{module path: SwapRecord}`` of the swaps in place."""
-        return dict(self.swapper.swaps) if self.swapper is not None else {}
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.swapper is None:
-            return dict(self._pending or {})
-        return self.swapper.state_dict()
+        return dict(self.remedy.swaps) if self.remedy is not None else {}

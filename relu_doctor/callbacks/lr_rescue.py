@@ -8,17 +8,17 @@ schedules continue, reduced.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import lightning.pytorch as pl
 
 from relu_doctor.callbacks._remedy import RemedyCallback
+from relu_doctor.doctor import Doctor
 from relu_doctor.remedies import LRRescuer
 
 __all__ = ["LRRescue"]
 
 
-class LRRescue(RemedyCallback):
+class LRRescue(RemedyCallback[LRRescuer]):
     """Multiply every param group's learning rate by ``factor`` when the
     :class:`~relu_doctor.callbacks.ReluDoctor` monitor reports an exploding gradient or a
     site's dead fraction jumps by ``dead_jump`` or more between two logging intervals.
@@ -39,39 +39,46 @@ class LRRescue(RemedyCallback):
             surge, in (0, 1].
         triggers: any of ``"exploding_gradient"``, ``"dead_surge"``, ``"nonfinite"``.
 
+    Attributes:
+        rescuer: the :class:`~relu_doctor.remedies.LRRescuer`.
+
     Example::
 
         trainer = L.Trainer(callbacks=[ReluDoctor(), LRRescue(factor=0.5, cooldown=2)])
     """
 
-    remedy_name = "lr_rescue"
-
     def __init__(
         self,
         factor: float = 0.5,
+        *,
         min_lr: float = 1e-6,
         cooldown: int = 2,
         dead_jump: float = 0.2,
         triggers: Sequence[str] = ("exploding_gradient", "dead_surge"),
     ) -> None:
         super().__init__()
-        self.rescuer = LRRescuer(
-            factor=factor, min_lr=min_lr, cooldown=cooldown, dead_jump=dead_jump, triggers=triggers
+        # Needs nothing of the Trainer until on_train_start: built (and validated) now.
+        self._install(
+            LRRescuer(
+                factor=factor,
+                min_lr=min_lr,
+                cooldown=cooldown,
+                dead_jump=dead_jump,
+                triggers=triggers,
+            )
         )
+
+    @property
+    def rescuer(self) -> LRRescuer:
+        """The :class:`~relu_doctor.remedies.LRRescuer`."""
+        assert self.remedy is not None
+        return self.remedy
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(triggers=self.rescuer.triggers)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trainer = trainer
+    def _bind(self, trainer: pl.Trainer, doctor: Doctor) -> None:
         self.rescuer.optimizers = self._optimizers(trainer)
         self.rescuer.schedulers = self._schedulers(trainer)
-        self.rescuer.bind(self._doctor(trainer))
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.rescuer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
-            self.rescuer.load_state_dict(state_dict)
+        super()._bind(trainer, doctor)
