@@ -37,11 +37,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
+from relu_doctor._validate import glob_patterns, positive_int
 from relu_doctor.diagnosis import SEVERITIES, DiagnosisConfig, Finding
-from relu_doctor.doctor import Doctor, LogRecord
+from relu_doctor.doctor import Doctor, diagnosis_config
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.history import IntervalRecord
 from relu_doctor.reports import tensorboard as tb
 
 __all__ = ["ReluDoctor", "ReluDoctorWarning"]
@@ -53,28 +55,15 @@ class ReluDoctorWarning(UserWarning):
     """A finding reported during training (filter it with ``warnings.filterwarnings``)."""
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ReluDoctorError(f"{name}: expected a positive integer (>= 1), got {value!r}.")
-    return value
-
-
 def _flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ReluDoctorError(f"{name}: expected True or False, got {value!r}.")
     return value
 
 
-def _patterns(name: str, value: object) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) and p for p in items):
-        raise ReluDoctorError(
-            f"{name}: expected a glob pattern of module paths or a list of them "
-            f"(e.g. ['encoder.*']), got {value!r}."
-        )
-    return tuple(items)
+def _patterns(name: str, value: Sequence[str] | str | None) -> tuple[str, ...] | None:
+    """Glob patterns as an immutable tuple (they are part of the state key), None for none."""
+    return tuple(glob_patterns(name, value)) or None
 
 
 class ReluDoctor(Callback):
@@ -95,7 +84,8 @@ class ReluDoctor(Callback):
     Args:
         log_every_n_steps: optimizer steps per logging interval (the window for "dead").
         every_n_steps: collect statistics on every n-th optimizer step only.
-        tau: dormant threshold on the ReDo score, in (0, 1).
+        tau: dormant threshold on the ReDo score, in (0, 1): a shortcut for
+            ``config=DiagnosisConfig(tau=...)`` (default 0.1, DiagnosisConfig's).
         include: glob patterns of module paths to watch (paths inside the LightningModule,
             e.g. ``"net.*"``); default every ReLU-family module.
         exclude: glob patterns of module paths to leave out.
@@ -109,7 +99,8 @@ class ReluDoctor(Callback):
         functional: capture functional activations (``F.relu`` inside a forward) too. None
             (default): on, as in :func:`relu_doctor.watch`; True: also allow models whose
             activations are all functional; False: modules only.
-        config: diagnosis thresholds (``tau`` above wins over ``config.tau``).
+        config: diagnosis thresholds, ``tau`` included. Passing ``tau`` as well is an error
+            unless the two agree.
         metrics: site metrics logged as scalars; default
             :data:`relu_doctor.reports.tensorboard.DEFAULT_METRICS`.
         histograms: write per-unit activation-rate histograms to TensorBoard.
@@ -120,10 +111,11 @@ class ReluDoctor(Callback):
 
     Attributes:
         doctor: the training :class:`~relu_doctor.Doctor` (None before the first fit). Remedy
-            callbacks get each :class:`~relu_doctor.LogRecord` through
+            callbacks get each :class:`~relu_doctor.history.IntervalRecord` through
             ``doctor.add_listener(fn)`` and record what they do with
-            ``doctor.record_event({...})``. It is created in this callback's
+            ``doctor.record_event(...)``. It is created in this callback's
             ``on_fit_start``: look it up from ``on_train_start`` on.
+        config: the :class:`~relu_doctor.DiagnosisConfig` in use (``tau`` included).
         val_doctor: the validation-stream Doctor (``monitor_validation=True``), else None.
 
     Example::
@@ -138,14 +130,14 @@ class ReluDoctor(Callback):
     def __init__(
         self,
         log_every_n_steps: int = 50,
+        *,
         every_n_steps: int = 1,
-        tau: float = 0.1,
+        tau: float | None = None,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         run_dir: str | os.PathLike[str] | None = None,
         gradients: bool = True,
         monitor_validation: bool = False,
-        *,
         unit_dims: Mapping[str, int] | None = None,
         functional: bool | None = None,
         config: DiagnosisConfig | None = None,
@@ -155,16 +147,9 @@ class ReluDoctor(Callback):
         log_on_train_end: bool = True,
     ) -> None:
         super().__init__()
-        self.log_every_n_steps = _positive_int("log_every_n_steps", log_every_n_steps)
-        self.every_n_steps = _positive_int("every_n_steps", every_n_steps)
-        if config is not None and not isinstance(config, DiagnosisConfig):
-            raise ReluDoctorError(
-                f"config: expected a relu_doctor.DiagnosisConfig, got {type(config).__name__}."
-            )
-        base = config or DiagnosisConfig()
-        # Validates tau (a number strictly between 0 and 1) with the library's own message.
-        self.config = DiagnosisConfig(**{**base.__dict__, "tau": tau})
-        self.tau = float(tau)
+        self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
+        self.every_n_steps = positive_int("every_n_steps", every_n_steps)
+        self.config = diagnosis_config(tau, config)
         self.include = _patterns("include", include)
         self.exclude = _patterns("exclude", exclude)
         if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
@@ -212,6 +197,11 @@ class ReluDoctor(Callback):
         self._used_writers: dict[int, Any] = {}  # id -> writer that got our layout
         self._resolved_run_dir: Path | None = None
 
+    @property
+    def tau(self) -> float:
+        """The dormant threshold in use (``config.tau``)."""
+        return self.config.tau
+
     # ------------------------------------------------------------------ checkpoint identity
     @property
     def state_key(self) -> str:
@@ -254,7 +244,6 @@ class ReluDoctor(Callback):
             state = _zero_windows(state)  # rank 0 carries the (already summed) windows
 
         common: dict[str, Any] = {
-            "tau": self.tau,
             "include": self.include,
             "exclude": self.exclude,
             "unit_dims": self.unit_dims,
@@ -411,7 +400,7 @@ class ReluDoctor(Callback):
             prefixes[tb.VAL_PREFIX] = f"{tb.PREFIX} (validation)"
         return tb.custom_scalars_layout(self.metrics, prefixes=prefixes)
 
-    def _publish(self, record: LogRecord, prefix: str) -> None:
+    def _publish(self, record: IntervalRecord, prefix: str) -> None:
         trainer = self._trainer
         if trainer is None:
             return
@@ -423,9 +412,9 @@ class ReluDoctor(Callback):
             tb.write_record(
                 w,
                 record.step,
-                sites=record.sites,
-                units=record.units,
-                layers=record.layers,
+                sites=record.site_rows,
+                units=record.unit_table,
+                layers=record.layer_table,
                 findings=findings,
                 metrics=self.metrics,
                 prefix=prefix,
@@ -434,11 +423,13 @@ class ReluDoctor(Callback):
             w.flush()
         others = [lg for lg in trainer.loggers if not isinstance(lg, TensorBoardLogger)]
         if others:
-            metrics = tb.scalars(record.sites, record.layers, metrics=self.metrics, prefix=prefix)
+            metrics = tb.scalars(
+                record.site_rows, record.layer_table, metrics=self.metrics, prefix=prefix
+            )
             for lg in others:
                 lg.log_metrics(metrics, step=record.step)
 
-    def _warn(self, record: LogRecord, prefix: str) -> None:
+    def _warn(self, record: IntervalRecord, prefix: str) -> None:
         if self.warn is None:
             return
         floor = SEVERITIES.index(self.warn)
@@ -450,10 +441,10 @@ class ReluDoctor(Callback):
             self._warned.add(key)
             rank_zero_warn(_warning_text(f, stream), category=ReluDoctorWarning)
 
-    def _on_record(self, record: LogRecord) -> None:
+    def _on_record(self, record: IntervalRecord) -> None:
         self._publish(record, tb.PREFIX)
 
-    def _on_val_record(self, record: LogRecord) -> None:
+    def _on_val_record(self, record: IntervalRecord) -> None:
         self._publish(record, tb.VAL_PREFIX)
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -478,9 +469,7 @@ class ReluDoctor(Callback):
             "doctor": self.doctor.state_dict(),
             "val_doctor": self.val_doctor.state_dict() if self.val_doctor is not None else None,
         }
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
-            _sum_windows(state, lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+        _sum_windows(state, self.doctor)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -513,17 +502,15 @@ def _windows(state: Mapping[str, Any]) -> list[tuple[dict[str, Any], str]]:
     return out
 
 
-def _sum_windows(state: dict[str, Any], all_reduce: Any) -> None:
+def _sum_windows(state: dict[str, Any], doctor: Doctor) -> None:
+    """Replace the open windows of both streams by their sums across processes, with the
+    Doctor's own reduction (one collective; the windows unchanged in one process)."""
     entries = _windows(state)
     if not entries:
         return
-    flat = torch.cat([sites[name]["window"].reshape(-1) for sites, name in entries])
-    flat = all_reduce(flat)
-    off = 0
-    for sites, name in entries:
-        w = sites[name]["window"]
-        sites[name] = {**sites[name], "window": flat[off : off + w.numel()].reshape(w.shape)}
-        off += w.numel()
+    summed = doctor.reduce_sum([sites[name]["window"] for sites, name in entries])
+    for (sites, name), window in zip(entries, summed, strict=True):
+        sites[name] = {**sites[name], "window": window}
 
 
 def _zero_windows(state: dict[str, Any]) -> dict[str, Any]:

@@ -21,8 +21,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import relu_doctor
 from relu_doctor.callbacks import ReluDoctor, ReluDoctorWarning
-from relu_doctor.diagnosis import site_metrics
+from relu_doctor.diagnosis import DiagnosisConfig
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.events import Intervention
+from relu_doctor.metrics import site_metrics, unit_metrics
 from relu_doctor.reports import tensorboard as tb
 from relu_doctor.stats import FIELDS
 
@@ -180,7 +182,7 @@ def test_tensorboard_matches_standalone(tmp_path):
 
     ea = read_events(Path(logger.log_dir))
     tags = ea.Tags()
-    want = expected_scalars(ref.history(), pd.concat([r.layers for r in ref.records]))
+    want = expected_scalars(ref.history(), pd.concat([r.layer_table for r in ref.records]))
     ours = {t for t in tags["scalars"] if t.startswith("relu_doctor/")}
     assert ours == set(want)
     assert {f"relu_doctor/grad_norm/{layer}" for layer in LAYERS} <= ours
@@ -191,7 +193,7 @@ def test_tensorboard_matches_standalone(tmp_path):
             assert got[step] == pytest.approx(v, rel=1e-6, abs=1e-7), (t, step)
 
     # Histograms of per-unit activation rates: one per site and log step.
-    units = pd.concat([r.units for r in ref.records])
+    units = pd.concat([r.unit_table for r in ref.records])
     for site in SITES:
         hist = ea.Histograms(f"relu_doctor/unit_activation_rate/{site}")
         assert [h.step for h in hist] == [3, 6]
@@ -291,7 +293,7 @@ def check_layer_norms(doctor, grads: GradRecorder) -> None:
     every = doctor.log_every_n_steps
     for rec in doctor.records:
         window = grads.sq[rec.step - every : rec.step]
-        for row in rec.layers.to_dict("records"):
+        for row in rec.layer_table.to_dict("records"):
             want = math.sqrt(sum(w[row["layer"]] for w in window) / len(window))
             assert row["grad_norm"] == pytest.approx(want, rel=1e-5), row
 
@@ -448,6 +450,9 @@ def test_findings_warn_once_per_kind_and_site(tmp_path):
     assert len(cb.doctor.records) == 3  # found at every log, warned once
 
 
+SWAP = Intervention(remedy="fake_swap", site="net.1", step=2, what="swapped net.1", id="f:1")
+
+
 class FakeRemedy(L.Callback):
     """What a remedy callback does: listen to records, record an intervention."""
 
@@ -462,7 +467,7 @@ class FakeRemedy(L.Callback):
     def on_record(self, record):
         self.seen.append(record.step)
         if len(self.seen) == 1:
-            self.doctor.record_event({"type": "intervention", "action": "swap", "site": "net.1"})
+            self.doctor.record_event(SWAP)
 
 
 def test_listeners_and_events_reach_tensorboard_and_run_dir(tmp_path):
@@ -472,9 +477,7 @@ def test_listeners_and_events_reach_tensorboard_and_run_dir(tmp_path):
     trainer(tmp_path, [remedy, cb], max_steps=4, logger=logger).fit(make_model(), loader())
     assert remedy.seen == [2, 4]
     run = relu_doctor.load_run(tmp_path / "run")
-    assert run.interventions() == [
-        {"step": 2, "type": "intervention", "action": "swap", "site": "net.1"}
-    ]
+    assert run.interventions() == [SWAP.to_dict()]
     ea = read_events(Path(logger.log_dir))
     (text,) = ea.Tensors("relu_doctor/events/text_summary")
     assert text.step == 2 and b"swap" in text.tensor_proto.string_val[0]
@@ -595,11 +598,46 @@ def test_no_host_sync_on_non_logging_steps(tmp_path):
         ({"metrics": ["dead_fraction", "nope"]}, "metrics.*nope.*sparsity"),
         ({"warn": "loud"}, "warn.*critical"),
         ({"config": {"tau": 0.2}}, "config"),
+        ({"tau": 0.2, "config": DiagnosisConfig()}, r"tau: 0\.2 conflicts with config\.tau = 0\.1"),
     ],
 )
 def test_arguments_are_validated(kwargs, match):
     with pytest.raises(ReluDoctorError, match=match):
         ReluDoctor(**kwargs)
+
+
+class Records(L.Callback):
+    """Keeps the monitor's interval records (a listener, as a remedy would be)."""
+
+    def __init__(self) -> None:
+        self.records: list = []
+
+    def on_train_start(self, trainer, pl_module):
+        mon = next(c for c in trainer.callbacks if isinstance(c, ReluDoctor))
+        mon.doctor.add_listener(self.records.append)
+
+
+def test_config_tau_is_used_and_tau_is_its_shortcut(tmp_path):
+    """Regression: ReluDoctor(config=DiagnosisConfig(tau=0.25)) diagnosed with tau 0.1 (the
+    default of a ``tau`` argument silently won over the config)."""
+    cb = ReluDoctor(log_every_n_steps=2, config=DiagnosisConfig(tau=0.25))
+    assert cb.tau == cb.config.tau == 0.25
+    seen = Records()
+    trainer(tmp_path, [cb, seen], max_steps=2).fit(make_model(hidden=64), loader())
+    assert cb.doctor.config.tau == 0.25
+    (rec,) = seen.records
+    units = rec.unit_table
+    at = {t: int((units["dormant_score"] <= t).sum()) for t in (0.1, 0.25)}
+    assert at[0.25] > at[0.1]  # the data tells the two thresholds apart
+    assert sum(int(r["dormant"]) for r in rec.site_rows) == at[0.25]
+    assert {"dormant", "net.1"} <= {k for f in rec.findings for k in (f.kind, f.site)}
+    # tau= is a shortcut for config=DiagnosisConfig(tau=...); both at once must agree.
+    assert ReluDoctor(tau=0.25).config == DiagnosisConfig(tau=0.25)
+    assert ReluDoctor().config == DiagnosisConfig()
+    cfg = DiagnosisConfig(tau=0.25, dead_warning=0.2)
+    assert ReluDoctor(tau=0.25, config=cfg).config == cfg
+    with pytest.raises(ReluDoctorError, match=r"tau: 0\.3 conflicts with config\.tau = 0\.25"):
+        ReluDoctor(tau=0.3, config=cfg)
 
 
 def test_bad_include_pattern_names_the_modules(tmp_path):
@@ -608,8 +646,8 @@ def test_bad_include_pattern_names_the_modules(tmp_path):
 
 
 def test_site_metrics_list_matches_the_diagnosis():
-    row, _ = site_metrics(torch.ones(len(FIELDS), 3, dtype=torch.float64),
-                          torch.ones(len(FIELDS), 3, dtype=torch.float64), 0.1)
+    ones = torch.ones(len(FIELDS), 3, dtype=torch.float64)
+    row = site_metrics(ones, unit_metrics(ones, ones, 0.1))
     assert set(tb.SITE_METRICS) == set(row)
 
 
