@@ -1,0 +1,77 @@
+"""AdaptiveGradClip in a real Trainer on CPU: spikes contained, the threshold logged,
+argument checks, and the norm history round-tripping through a checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+from lightning.pytorch.loggers import CSVLogger
+
+from relu_doctor.callbacks import AdaptiveGradClip, ReluDoctor
+from relu_doctor.errors import ReluDoctorError
+from tests.callbacks.remedy_models import FILTERS, interventions, loader, make, resume, trainer
+
+pytestmark = pytest.mark.filterwarnings(*FILTERS)
+
+
+def test_adaptive_grad_clip_contains_spikes_and_logs_threshold(tmp_path):
+    """Every 10th batch has targets x50: untreated, the spikes kill most units of net.3."""
+
+    def run(clip: bool) -> tuple[float, ReluDoctor, AdaptiveGradClip | None]:
+        model = make(spike_every=10, spike=50.0, lr=0.05, hidden=32)
+        mon = ReluDoctor(log_every_n_steps=10)
+        cb = AdaptiveGradClip("autoclip", percentile=10) if clip else None
+        root = tmp_path / str(clip)
+        trainer(
+            root,
+            [mon] + ([cb] if cb else []),
+            max_steps=120,
+            logger=CSVLogger(root, name="csv", version=0),
+        ).fit(model, loader())
+        return (
+            float(mon.doctor.history().query("site == 'net.3'")["dead_fraction"].iloc[-1]),
+            mon,
+            cb,
+        )
+
+    dead_u, _, _ = run(False)
+    dead_t, mon, cb = run(True)
+    print(f"dead fraction of net.3 at the last log: {dead_u:.3f} -> {dead_t:.3f}")
+    assert not dead_u < 0.5 and dead_t < 0.1, (dead_u, dead_t)  # NaN: diverged, counts
+    evs = interventions(mon)
+    assert evs and all(
+        e["remedy"] == "adaptive_grad_clip" and e["details"]["clip"]["clipped"] > 0
+        for e in evs
+    )
+    csv = (tmp_path / "True" / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "relu_doctor/clip/threshold" in csv and "relu_doctor/clip/fraction" in csv
+    assert len(cb.clippers[0].norm_history) == 120
+
+
+def test_arguments_are_validated():
+    with pytest.raises(ReluDoctorError, match="mode: expected one of"):
+        AdaptiveGradClip("norm")
+    with pytest.raises(ReluDoctorError, match="percentile"):
+        AdaptiveGradClip(percentile=200)
+    with pytest.raises(ReluDoctorError, match="clipping"):
+        AdaptiveGradClip("agc", clipping=-1.0)
+    with pytest.raises(ReluDoctorError, match="exclude"):
+        AdaptiveGradClip(exclude=["head.*", ""])
+    with pytest.raises(TypeError):
+        AdaptiveGradClip("autoclip", 10.0)  # type: ignore[misc]  # keyword-only after the first
+
+
+def test_norm_history_round_trips_through_a_checkpoint(tmp_path):
+    def cbs():
+        return [ReluDoctor(log_every_n_steps=4), AdaptiveGradClip("autoclip", history=50)]
+
+    first, saved, second, probe = resume(tmp_path, cbs, steps=8, resume_steps=9)
+    assert len(first[1].clippers[0].norm_history) == 8
+    assert probe.remedies["AdaptiveGradClip"] == saved["AdaptiveGradClip"]
+    assert len(second[1].clippers[0].norm_history) == 9  # 8 restored + the step after resume
+    # Restored before the optimizers exist, the state waits in the callback, as it came.
+    waiting = AdaptiveGradClip("autoclip", history=50)
+    waiting.load_state_dict(first[1].state_dict())
+    assert not waiting.clippers and waiting.state_dict().keys() == {"mode", "clippers"}
+    # A state of the other mode is refused, naming both.
+    with pytest.raises(ReluDoctorError, match=r"'autoclip'.*'agc'"):
+        AdaptiveGradClip("agc").load_state_dict(first[1].state_dict())

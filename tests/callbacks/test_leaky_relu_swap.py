@@ -1,0 +1,100 @@
+"""LeakyReluSwap in a real Trainer on CPU: the swap and its before/after event, argument
+checks, and checkpoint resume (LeakyReLU and PReLU with its slopes and optimizer state)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import relu_doctor
+from relu_doctor.callbacks import LeakyReluSwap, ReluDoctor
+from relu_doctor.errors import ReluDoctorError
+from tests.callbacks.remedy_models import (
+    FILTERS,
+    AtTrainStart,
+    interventions,
+    loader,
+    make,
+    resume,
+    trainer,
+)
+
+pytestmark = pytest.mark.filterwarnings(*FILTERS)
+
+
+def test_leaky_relu_swap_in_a_trainer_records_before_and_after(tmp_path):
+    model = make(dead=10)
+    mon = ReluDoctor(log_every_n_steps=4, run_dir=tmp_path / "run")
+    swap = LeakyReluSwap(threshold=0.5, patience=2, slope=0.1)
+    trainer(tmp_path, [mon, swap], max_steps=16).fit(model, loader())
+    assert isinstance(model.net[1], nn.LeakyReLU) and model.net[1].negative_slope == 0.1
+    assert type(model.net[3]) is nn.ReLU
+    assert list(swap.swaps) == ["net.1"]
+    events = mon.doctor.to_run().interventions()
+    assert len(events) == 1
+    ev = events[0]
+    assert (ev["remedy"], ev["site"], ev["step"]) == ("leaky_relu_swap", "net.1", 8)  # 2nd log
+    assert ev["before"]["dead_fraction"] == pytest.approx(10 / 16)
+    assert ev["after_step"] == 12 and ev["after"]["grad_rms"] > 0
+    # The run directory has both halves; after the swap gradient flows through net.1's
+    # dead units (ReLU passed none: 10 of 16 units dead gave >= 10/16 zero entries).
+    run = relu_doctor.load_run(tmp_path / "run")
+    assert run.interventions()[0]["after"] == ev["after"]
+    hist = run.history[run.history["site"] == "net.1"].set_index("step")
+    assert hist.loc[8, "grad_zero_fraction"] >= 10 / 16 and hist.loc[8, "family"] == "relu"
+    assert hist.loc[12, "grad_zero_fraction"] < 0.05 and hist.loc[12, "family"] == "leaky_relu"
+
+
+def test_arguments_are_validated():
+    with pytest.raises(ReluDoctorError, match="kind: expected one of"):
+        LeakyReluSwap(kind="elu")
+    with pytest.raises(ReluDoctorError, match="threshold"):
+        LeakyReluSwap(threshold=1.0)
+    with pytest.raises(ReluDoctorError, match="patience"):
+        LeakyReluSwap(patience=0)
+    with pytest.raises(TypeError):
+        LeakyReluSwap(0.5, 2)  # type: ignore[misc]  # keyword-only after the first
+
+
+def test_swaps_round_trip_through_a_checkpoint(tmp_path):
+    def cbs():
+        return [ReluDoctor(log_every_n_steps=4), LeakyReluSwap(threshold=0.5, patience=1)]
+
+    first, saved, second, probe = resume(tmp_path, cbs, steps=8, resume_steps=12, dead=10)
+    assert list(first[1].swaps) == ["net.1"]
+    # The fresh model has the swap when training restarts, and the same remedy state.
+    assert probe.modules["1"] == "LeakyReLU" and probe.modules["3"] == "ReLU"
+    assert probe.remedies["LeakyReluSwap"] == saved["LeakyReluSwap"]
+    assert list(second[1].swaps) == ["net.1"]
+    assert interventions(second[0], "leaky_relu_swap") == []  # not swapped a second time
+
+
+def test_prelu_swap_resumes_with_its_slopes_and_optimizer_state(tmp_path):
+    first = [
+        ReluDoctor(log_every_n_steps=4),
+        LeakyReluSwap(threshold=0.5, patience=1, kind="prelu", slope=0.25),
+    ]
+    model = make(dead=10, opt="adam", lr=0.01, sched=True)
+    t1 = trainer(tmp_path / "a", first, max_steps=12)
+    t1.fit(model, loader())
+    assert isinstance(model.net[1], nn.PReLU)
+    assert model.net[1].weight.item() != 0.25  # trained
+    assert len(t1.optimizers[0].param_groups) == 2
+    ckpt = tmp_path / "a.ckpt"
+    t1.save_checkpoint(ckpt)
+
+    probe = AtTrainStart()
+    model2 = make(seed=3, opt="adam", lr=0.01, sched=True)
+    second = [
+        ReluDoctor(log_every_n_steps=4),
+        LeakyReluSwap(threshold=0.5, patience=1, kind="prelu", slope=0.25),
+    ]
+    t2 = trainer(tmp_path / "b", [*second, probe], max_steps=16)
+    t2.fit(model2, loader(), ckpt_path=ckpt)
+    assert probe.modules["1"] == "PReLU" and probe.groups == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(probe.state[k], v), k
+    opt2 = t2.optimizers[0]
+    assert len(opt2.state[model2.net[1].weight]) > 0  # Adam moments of the slopes restored
+    assert model2.net[1].weight.item() != probe.state["net.1.weight"].item()  # and it trains on
