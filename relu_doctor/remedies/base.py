@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -36,6 +36,7 @@ from relu_doctor.sites import SiteKey, module_label
 __all__ = [
     "SNAPSHOT_KEYS",
     "DoctorLike",
+    "Optimizers",
     "Pending",
     "RecordLike",
     "Remedy",
@@ -56,6 +57,9 @@ SNAPSHOT_KEYS = (
 
 #: The site of a model-wide intervention (clipping, learning rate).
 MODEL = "model"
+
+#: What an ``optimizer(s)`` argument takes: one optimizer, several, or none.
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
 
 
 class RecordLike(Protocol):

@@ -157,7 +157,6 @@ class AutoClip(_Clipper):
         self._buf: torch.Tensor | None = None
         self._pos = 0
         self._seen = 0
-        self._last_norm: torch.Tensor | None = None
 
     @torch.no_grad()
     def clip_(self, params: Iterable[torch.Tensor]) -> None:
@@ -177,7 +176,6 @@ class AutoClip(_Clipper):
         self._seen += 1
         self._steps += 1
         self._total += 1
-        self._last_norm = total
         threshold = torch.nanquantile(self._buf, self.percentile / 100.0)
         self._threshold = threshold
         if self._seen <= self.warmup_steps:

@@ -18,7 +18,14 @@ from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
 from relu_doctor.remedies._optim_state import flat_schedulers
-from relu_doctor.remedies.base import MODEL, RecordLike, Remedy, model_snapshot, one_optimizer
+from relu_doctor.remedies.base import (
+    MODEL,
+    Optimizers,
+    RecordLike,
+    Remedy,
+    model_snapshot,
+    one_optimizer,
+)
 
 __all__ = ["LRRescuer", "scale_lr"]
 
@@ -130,7 +137,7 @@ class LRRescuer(Remedy):
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        optimizer: Optimizers = None,
         *,
         schedulers: Sequence[Any] = (),
         factor: float = 0.5,

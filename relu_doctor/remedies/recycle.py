@@ -22,13 +22,17 @@ from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
 from relu_doctor.remedies._optim_state import SliceFn, reset_state_slices
-from relu_doctor.remedies.base import RecordLike, Remedy, check_model, site_snapshot
+from relu_doctor.remedies.base import (
+    Optimizers,
+    RecordLike,
+    Remedy,
+    check_model,
+    site_snapshot,
+)
 from relu_doctor.remedies.unit_links import UnitLinks, find_unit_links
 from relu_doctor.sites import SiteKey
 
 __all__ = ["DormantRecycler", "recycle_units"]
-
-Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
 
 
 def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:

@@ -42,6 +42,7 @@ from relu_doctor.probes import Probe
 from relu_doctor.remedies._optim_state import add_param_group, remove_param_group
 from relu_doctor.remedies.base import (
     DoctorLike,
+    Optimizers,
     RecordLike,
     Remedy,
     check_model,
@@ -54,8 +55,6 @@ from relu_doctor.sites import SiteKey, module_label
 __all__ = ["SWAP_KINDS", "ActivationSwapper", "SwapRecord", "restore_activation", "swap_activation"]
 
 SWAP_KINDS = ("leaky_relu", "prelu")
-
-Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
 
 
 @dataclass
