@@ -13,6 +13,7 @@ from relu_doctor.errors import ReluDoctorError
 from tests.callbacks.remedy_models import (
     FILTERS,
     AtTrainStart,
+    Net,
     interventions,
     loader,
     make,
@@ -98,3 +99,26 @@ def test_prelu_swap_resumes_with_its_slopes_and_optimizer_state(tmp_path):
     opt2 = t2.optimizers[0]
     assert len(opt2.state[model2.net[1].weight]) > 0  # Adam moments of the slopes restored
     assert model2.net[1].weight.item() != probe.state["net.1.weight"].item()  # and it trains on
+
+
+@pytest.mark.parametrize("name", ["enc:act", "a#1"])
+def test_a_module_named_like_a_site_is_swapped(tmp_path, name):
+    """Site names are made from keys, never parsed back: ':' and '#' in a module's own name
+    are ordinary characters."""
+
+    class Odd(Net):
+        def __init__(self):
+            super().__init__(dead=10)
+            self.net = nn.Sequential(self.net[0])
+            self.net.add_module(name, nn.ReLU())
+            self.net.add_module("out", nn.Linear(16, 1))
+
+    torch.manual_seed(0)
+    model = Odd()  # 10 of the 16 units before the odd-named ReLU start dead
+    mon = ReluDoctor(log_every_n_steps=4)
+    swap = LeakyReluSwap(threshold=0.5, patience=1, slope=0.1)
+    trainer(tmp_path, [mon, swap], max_steps=8).fit(model, loader())
+    assert isinstance(getattr(model.net, name), nn.LeakyReLU)
+    assert list(swap.swaps) == [f"net.{name}"]
+    (ev,) = interventions(mon, "leaky_relu_swap")
+    assert ev["site"] == f"net.{name}" and ev["step"] == 4
