@@ -56,6 +56,7 @@ __all__ = [
     "LogRecord",
     "Run",
     "RunWriter",
+    "atomic_write_bytes",
     "load_run",
     "merge_interventions",
 ]
@@ -162,7 +163,7 @@ class FindingTracker:
 _TABLES = ("history", "units", "layers")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a fresh temporary name beside ``path``, fsync, then rename.
 
     The temporary file is opened like any new file (mode 0666 less the umask), so a run
@@ -235,7 +236,7 @@ class RunWriter:
     def write_meta(self, meta: Mapping[str, Any]) -> None:
         """Replace ``meta.json`` atomically (``format_version`` is added)."""
         data = {"format_version": FORMAT_VERSION, **_clean(meta)}
-        _atomic_write_bytes(self.path / "meta.json", json.dumps(data, indent=2).encode())
+        atomic_write_bytes(self.path / "meta.json", json.dumps(data, indent=2).encode())
 
     def append_table(self, table: str, step: int, frame: pd.DataFrame) -> None:
         """Write one Parquet part of ``table`` for ``step`` atomically."""
@@ -247,12 +248,12 @@ class RunWriter:
 
         buf = io.BytesIO()
         frame.to_parquet(buf, index=False)
-        _atomic_write_bytes(self.path / table / f"part-{step:012d}.parquet", buf.getvalue())
+        atomic_write_bytes(self.path / table / f"part-{step:012d}.parquet", buf.getvalue())
 
     def write_findings(self, findings: Iterable[Finding]) -> None:
         """Replace ``findings.json`` (the findings of the last logged step) atomically."""
         data = [_clean(f.to_dict()) for f in findings]
-        _atomic_write_bytes(self.path / "findings.json", json.dumps(data, indent=1).encode())
+        atomic_write_bytes(self.path / "findings.json", json.dumps(data, indent=1).encode())
 
     def append_events(self, events: Iterable[Event | Mapping[str, Any]]) -> None:
         """Append events to ``events.jsonl``, one whole line each, flushed to disk."""

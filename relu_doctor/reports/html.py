@@ -29,7 +29,7 @@ from typing import Any
 import jinja2
 import markupsafe
 
-from relu_doctor.history import Run, _atomic_write_bytes, load_run
+from relu_doctor.history import Run, atomic_write_bytes, load_run
 from relu_doctor.reports.context import ReportContext, build_context
 
 __all__ = ["render_context", "render_report", "write_report"]
@@ -139,6 +139,6 @@ def write_report(
             raise ValueError("out_path: required for a run record built in memory (no path).")
         out_path = run.path / "report.html"
     out = Path(out_path)
-    _atomic_write_bytes(out, render_report(run).encode("utf-8"))
+    atomic_write_bytes(out, render_report(run).encode("utf-8"))
     return out
 

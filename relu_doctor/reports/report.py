@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from relu_doctor.history import Run, _atomic_write_bytes, load_run
+from relu_doctor.history import Run, atomic_write_bytes, load_run
 from relu_doctor.reports.context import ReportContext, build_context
 from relu_doctor.reports.html import render_context
 from relu_doctor.reports.text import summary
@@ -57,7 +57,7 @@ class Report:
                 raise ValueError("path: required for a run record built in memory (no path).")
             path = self.run.path / "report.html"
         out = Path(path)
-        _atomic_write_bytes(out, self.html().encode("utf-8"))
+        atomic_write_bytes(out, self.html().encode("utf-8"))
         return out
 
     def summary(self) -> str:
