@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,7 +22,9 @@ __all__ = [
     "SEVERITIES",
     "DiagnosisConfig",
     "Finding",
+    "check_tau",
     "diagnose",
+    "diagnosis_config",
     "severity_rank",
 ]
 
@@ -80,6 +82,25 @@ def check_tau(name: str, value: object) -> float:
     return number_in(
         name, value, 0.0, 1.0, high_open=True, hint=" (the ReDo paper uses 0.1 or 0.025)"
     )
+
+
+def diagnosis_config(tau: object, config: DiagnosisConfig | None) -> DiagnosisConfig:
+    """The one way tau is set: ``config`` (default thresholds when None), with ``tau`` as a
+    shortcut for its ``tau``; both given with different values is an error."""
+    if config is not None and not isinstance(config, DiagnosisConfig):
+        raise ReluDoctorError(
+            f"config: expected a relu_doctor.DiagnosisConfig, got {type(config).__name__}."
+        )
+    if tau is None:
+        return config or DiagnosisConfig()
+    t = check_tau("tau", tau)
+    if config is not None and config.tau != t:
+        raise ReluDoctorError(
+            f"tau: {t} conflicts with config.tau = {config.tau}; set it in one place "
+            "(DiagnosisConfig(tau=...) or tau=...)."
+        )
+    return replace(config or DiagnosisConfig(), tau=t)
+
 
 
 @dataclass(frozen=True)

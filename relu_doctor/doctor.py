@@ -15,7 +15,6 @@ import os
 import platform
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch.nn as nn
 from relu_doctor._validate import optimizers as optimizers_arg
 from relu_doctor._validate import positive_int
 from relu_doctor._version import __version__
-from relu_doctor.diagnosis import DiagnosisConfig, Finding, check_tau, diagnose
+from relu_doctor.diagnosis import DiagnosisConfig, Finding, diagnose, diagnosis_config
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Event, FindingEvent
 from relu_doctor.history import (
@@ -491,23 +490,44 @@ class Doctor:
         return Path(path)
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """Counts and windows of every site, step counters and open findings."""
+    def state_dict(self, *, reduce: bool = False) -> dict[str, Any]:
+        """Counts and windows of every site, step counters and open findings.
+
+        Args:
+            reduce: sum every site's open window across processes (one collective through
+                ``all_reduce``; every process must call it, as Lightning's
+                ``save_checkpoint`` does), so that one process's state carries all of it.
+                Lifetimes are already the same on every process.
+        """
+        sites = self.probe.site_state()
+        if reduce and self.all_reduce is not None:
+            tokens = sorted(sites)  # the same order on every process
+            summed = self.reduce_sum([sites[t]["window"] for t in tokens])
+            sites = {**sites, **{t: {**sites[t], "window": w} for t, w in zip(tokens, summed, strict=True)}}
         return {
             "global_step": self.global_step,
             "window_steps": self.window_steps,
-            "sites": self.probe.site_state(),
+            "sites": sites,
             "findings_open": self._tracker.state_dict(),
             "grad_norm_history": list(self._grad_norm_history),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict`. Sites not yet seen are restored on first call."""
+    def load_state_dict(self, state: Mapping[str, Any], *, windows: bool = True) -> None:
+        """Restore from :meth:`state_dict`. Sites not yet seen are restored on first call.
+
+        Args:
+            state: from :meth:`state_dict`.
+            windows: restore the open windows too. Pass False on every process but one when
+                the state was saved with ``reduce=True`` (that one carries the sums).
+        """
         self.global_step = int(state["global_step"])
         self.window_steps = int(state["window_steps"])
         self._tracker.load_state_dict(state.get("findings_open", state.get("began", [])))
         self._grad_norm_history = [float(x) for x in state.get("grad_norm_history", [])]
-        self.probe.load_site_state(state.get("sites", {}))
+        sites: Mapping[str, Any] = state.get("sites", {})
+        if not windows:
+            sites = {t: {**s, "window": torch.zeros_like(s["window"])} for t, s in sites.items()}
+        self.probe.load_site_state(sites)
         self.probe.collecting = self._collecting()
 
     def __repr__(self) -> str:
@@ -515,24 +535,6 @@ class Doctor:
             f"Doctor(sites={len(self.probe.sites())}, step={self.global_step}, "
             f"attached={self.probe.attached})"
         )
-
-
-def diagnosis_config(tau: object, config: DiagnosisConfig | None) -> DiagnosisConfig:
-    """The one way tau is set: ``config`` (default thresholds when None), with ``tau`` as a
-    shortcut for its ``tau``; both given with different values is an error."""
-    if config is not None and not isinstance(config, DiagnosisConfig):
-        raise ReluDoctorError(
-            f"config: expected a relu_doctor.DiagnosisConfig, got {type(config).__name__}."
-        )
-    if tau is None:
-        return config or DiagnosisConfig()
-    t = check_tau("tau", tau)
-    if config is not None and config.tau != t:
-        raise ReluDoctorError(
-            f"tau: {t} conflicts with config.tau = {config.tau}; set it in one place "
-            "(DiagnosisConfig(tau=...) or tau=...)."
-        )
-    return replace(config or DiagnosisConfig(), tau=t)
 
 
 def watch(model: nn.Module, **kwargs: Any) -> Doctor:

@@ -520,3 +520,33 @@ def test_module_names_that_look_like_site_names_are_ordinary(name):
     net(torch.randn(8, 4))
     assert fresh.probe.site_by_key(key).stats.lifetime.equal(doc.probe.site(name).stats.lifetime)
     fresh.detach()
+
+
+def test_state_dict_reduce_sums_open_windows_once_and_windows_false_starts_them_empty():
+    """The one cross-process sum: reduce=True sums every site's open window through
+    all_reduce (here two identical processes: x2); loading with windows=False keeps the
+    lifetime and counters but starts the window at zero."""
+    model = zoo.mlp()
+    calls = []
+
+    def all_reduce(t):
+        calls.append(t.numel())
+        return t * 2
+
+    with relu_doctor.watch(model, all_reduce=all_reduce, log_every_n_steps=100) as doc:
+        model(torch.randn(4, 10))
+        doc.step()
+        plain = doc.state_dict()
+        summed = doc.state_dict(reduce=True)
+    assert len(calls) == 1  # one collective for every site
+    for token, site in plain["sites"].items():
+        assert torch.equal(summed["sites"][token]["window"], site["window"] * 2)
+        assert torch.equal(summed["sites"][token]["lifetime"], site["lifetime"])
+    other = relu_doctor.watch(zoo.mlp())
+    other.load_state_dict(summed, windows=False)
+    restored = other.state_dict()["sites"]  # sites not yet seen: carried as loaded
+    for token in plain["sites"]:
+        assert not restored[token]["window"].any()
+        assert torch.equal(restored[token]["lifetime"], plain["sites"][token]["lifetime"])
+    assert other.global_step == doc.global_step
+    other.detach()

@@ -40,8 +40,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from relu_doctor._validate import glob_patterns, positive_int
-from relu_doctor.diagnosis import SEVERITIES, DiagnosisConfig, Finding
-from relu_doctor.doctor import Doctor, diagnosis_config
+from relu_doctor.diagnosis import SEVERITIES, DiagnosisConfig, Finding, diagnosis_config
+from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.history import IntervalRecord
 from relu_doctor.reports import tensorboard as tb
@@ -240,8 +240,8 @@ class ReluDoctor(Callback):
             if self.val_doctor is not None:
                 state["val_doctor"] = self.val_doctor.state_dict()
         self._pending_state = None
-        if state and world > 1 and trainer.global_rank != 0:
-            state = _zero_windows(state)  # rank 0 carries the (already summed) windows
+        # Saved with reduce=True: rank 0 carries the windows summed over every rank.
+        windows = world == 1 or trainer.global_rank == 0
 
         common: dict[str, Any] = {
             "include": self.include,
@@ -265,7 +265,7 @@ class ReluDoctor(Callback):
             **common,
         )
         if state and state.get("doctor"):
-            doctor.load_state_dict(state["doctor"])
+            doctor.load_state_dict(state["doctor"], windows=windows)
         doctor.add_listener(self._on_record)
         doctor.add_event_listener(self._on_event)
         self.doctor = doctor
@@ -279,7 +279,7 @@ class ReluDoctor(Callback):
                 **common,
             )
             if state and state.get("val_doctor"):
-                val.load_state_dict(state["val_doctor"])
+                val.load_state_dict(state["val_doctor"], windows=windows)
             val.add_listener(self._on_val_record)
             self.val_doctor = val
         doctor.attach()
@@ -466,10 +466,11 @@ class ReluDoctor(Callback):
             return dict(self._pending_state) if self._pending_state else {}
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
-            "doctor": self.doctor.state_dict(),
-            "val_doctor": self.val_doctor.state_dict() if self.val_doctor is not None else None,
+            "doctor": self.doctor.state_dict(reduce=True),
+            "val_doctor": (
+                self.val_doctor.state_dict(reduce=True) if self.val_doctor is not None else None
+            ),
         }
-        _sum_windows(state, self.doctor)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -490,36 +491,3 @@ def _warning_text(f: Finding, stream: str) -> str:
         f"relu_doctor: {stream}{f.kind} at {f.site} (step {f.step}, {f.severity}): "
         f"{f.message} Remedy: {f.remedy}"
     )
-
-
-def _windows(state: Mapping[str, Any]) -> list[tuple[dict[str, Any], str]]:
-    out: list[tuple[dict[str, Any], str]] = []
-    for key in ("doctor", "val_doctor"):
-        doc = state.get(key)
-        if doc:
-            sites = doc.get("sites", {})
-            out.extend((sites, name) for name in sorted(sites))
-    return out
-
-
-def _sum_windows(state: dict[str, Any], doctor: Doctor) -> None:
-    """Replace the open windows of both streams by their sums across processes, with the
-    Doctor's own reduction (one collective; the windows unchanged in one process)."""
-    entries = _windows(state)
-    if not entries:
-        return
-    summed = doctor.reduce_sum([sites[name]["window"] for sites, name in entries])
-    for (sites, name), window in zip(entries, summed, strict=True):
-        sites[name] = {**sites[name], "window": window}
-
-
-def _zero_windows(state: dict[str, Any]) -> dict[str, Any]:
-    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in state.items()}
-    for key in ("doctor", "val_doctor"):
-        doc = out.get(key)
-        if doc:
-            doc["sites"] = {
-                name: {**s, "window": torch.zeros_like(s["window"])}
-                for name, s in doc.get("sites", {}).items()
-            }
-    return out
