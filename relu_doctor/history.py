@@ -266,7 +266,7 @@ class RunWriter:
             os.fsync(f.fileno())
 
 
-@dataclass
+@dataclass(repr=False)
 class Run:
     """A run record loaded from a run directory (or built in memory).
 
@@ -288,6 +288,15 @@ class Run:
     events: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None
     last_findings: list[Finding] | None = None
+
+    def __repr__(self) -> str:
+        where = f"{str(self.path)!r}" if self.path is not None else "in memory"
+        return (
+            f"Run({where}, sites={len(self.site_info)}, steps logged="
+            f"{self.history['step'].nunique() if not self.history.empty else 0}, "
+            f"last step={self.last_step}, findings={len(self.findings())}, "
+            f"events={len(self.events)})"
+        )
 
     @property
     def site_info(self) -> list[dict[str, Any]]:

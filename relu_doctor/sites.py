@@ -89,11 +89,27 @@ class SiteKey:
 
 
 def display_names(keys: Iterable[SiteKey]) -> dict[SiteKey, str]:
-    """Display names of all the sites of one model: a module seen at more than one call
-    index is ``path#k`` at every index (so names do not change meaning as calls appear)."""
+    """Display names of all the sites of one model, in the order the keys are given (the
+    order sites were first seen).
+
+    A module seen at more than one call index is ``path#k`` at every index (so names do not
+    change meaning as calls appear). Names are unique: where two keys would show the same
+    name (a module registered as ``"x:relu#0"`` beside the first ``F.relu`` call of module
+    ``x``), the later one gets ``~2`` (``~3``...) appended.
+    """
     keys = list(keys)
     reused: set[str] = {k.module_path for k in keys if k.op is None and k.call_index > 0}
-    return {k: k.name(k.module_path in reused) for k in keys}
+    out: dict[SiteKey, str] = {}
+    taken: set[str] = set()
+    for k in keys:
+        name = base = k.name(k.module_path in reused)
+        n = 1
+        while name in taken:
+            n += 1
+            name = f"{base}~{n}"
+        taken.add(name)
+        out[k] = name
+    return out
 
 
 @dataclass(eq=False)

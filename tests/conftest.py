@@ -3,9 +3,13 @@ under :func:`relu_doctor.watch` and the independent reference recorder side by s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+# Keras 3 runs on PyTorch here; set before anything imports keras.
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import pytest
 import torch

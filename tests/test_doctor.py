@@ -550,3 +550,25 @@ def test_state_dict_reduce_sums_open_windows_once_and_windows_false_starts_them_
         assert torch.equal(restored[token]["lifetime"], plain["sites"][token]["lifetime"])
     assert other.global_step == doc.global_step
     other.detach()
+
+
+def test_two_sites_never_share_a_display_name():
+    """A module registered as 'x:relu#0' beside the first F.relu call of module 'x': two
+    sites, two names, each unit table its own."""
+
+    class X(torch.nn.Module):
+        def forward(self, h):
+            return torch.nn.functional.relu(h)
+
+    net = torch.nn.Module()
+    net.x = X()
+    net.add_module("x:relu#0", torch.nn.ReLU())
+    net.forward = lambda inp: getattr(net, "x:relu#0")(net.x(inp)[:, :4])  # type: ignore[method-assign]
+    with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+        net(torch.randn(5, 8))
+        record = doc.step()
+    names = [r["site"] for r in record.site_rows]
+    assert names == ["x:relu#0", "x:relu#0~2"]
+    assert record.key("x:relu#0") == SiteKey("x", 0, "relu")
+    assert record.key("x:relu#0~2") == SiteKey("x:relu#0", 0, None)
+    assert len(doc.unit_table("x:relu#0")) == 8 and len(doc.unit_table("x:relu#0~2")) == 4
