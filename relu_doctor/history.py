@@ -79,6 +79,10 @@ class IntervalRecord:
         findings: the diagnosis, most severe first.
         new_findings: findings that were not present at the previous log.
         keys: the :class:`~relu_doctor.sites.SiteKey` of each site, by display name.
+        metrics: training metrics of the interval by name (``loss``: the mean of the values
+            passed to ``Doctor.step(loss=...)``; ``lr``: the learning rate at the logging
+            step; whatever was given to ``Doctor.log_metrics``), for the run's ``metrics``
+            table.
     """
 
     step: int
@@ -88,6 +92,7 @@ class IntervalRecord:
     findings: list[Finding]
     new_findings: list[Finding] = field(default_factory=list)
     keys: dict[str, SiteKey] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def site_row(self, name: str) -> dict[str, Any] | None:
         """The row of the site called ``name``, or None."""
