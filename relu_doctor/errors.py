@@ -1,8 +1,8 @@
-"""The library's one exception type (a leaf module: imports nothing of ours)."""
+"""The library's exception and warning types (a leaf module: imports nothing of ours)."""
 
 from __future__ import annotations
 
-__all__ = ["ReluDoctorError"]
+__all__ = ["ReluDoctorError", "ReluDoctorWarning", "RunDirError"]
 
 
 class ReluDoctorError(Exception):
@@ -12,3 +12,9 @@ class ReluDoctorError(Exception):
 
 class RunDirError(ReluDoctorError):
     """A run directory is missing, empty, foreign, or from an unsupported format version."""
+
+
+class ReluDoctorWarning(UserWarning):
+    """A finding reported during training, or a problem relu_doctor stepped aside from (a
+    run directory it could not write, a damaged file it skipped). Filter it with
+    ``warnings.filterwarnings``."""

@@ -42,17 +42,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from relu_doctor._validate import glob_patterns, positive_int
 from relu_doctor.diagnosis import SEVERITIES, DiagnosisConfig, Finding, diagnosis_config
 from relu_doctor.doctor import Doctor
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.history import IntervalRecord
 from relu_doctor.reports import tensorboard as tb
 
 __all__ = ["ReluDoctor", "ReluDoctorWarning"]
 
 _STATE_VERSION = 1
-
-
-class ReluDoctorWarning(UserWarning):
-    """A finding reported during training (filter it with ``warnings.filterwarnings``)."""
 
 
 def _flag(name: str, value: object) -> bool:
