@@ -1,0 +1,166 @@
+"""What the Keras and Hugging Face adapters share: importing the framework with a clear
+message, findings as warnings once per (stream, kind, site), and the model-wide numbers
+handed to the framework's own logs.
+
+Framework-free: nothing here imports keras or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+from relu_doctor._validate import finite_or_none
+from relu_doctor.diagnosis import SEVERITIES, Finding
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
+from relu_doctor.history import IntervalRecord
+from relu_doctor.reports import tensorboard as tb
+
+__all__ = [
+    "FindingWarner",
+    "check_metrics",
+    "check_run_dir",
+    "check_warn",
+    "flag",
+    "record_scalars",
+    "remedy_options",
+    "require",
+    "summary_scalars",
+]
+
+
+def require(package: str, *, what: str, install: str) -> ModuleType:
+    """Import ``package`` or raise a :class:`ReluDoctorError` that names it and how to get it."""
+    try:
+        return importlib.import_module(package)
+    except ImportError as e:
+        raise ReluDoctorError(
+            f"{what} needs the {package!r} package, which is not installed ({e}); "
+            f"install it with `pip install {install}`."
+        ) from None
+
+
+def flag(name: str, value: object) -> bool:
+    """A True/False argument."""
+    if not isinstance(value, bool):
+        raise ReluDoctorError(f"{name}: expected True or False, got {value!r}.")
+    return value
+
+
+def check_run_dir(value: object) -> str | os.PathLike[str] | None:
+    """A ``run_dir`` argument: a path or None."""
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ReluDoctorError(
+            f"run_dir: expected a path (str or os.PathLike) or None, got {value!r}."
+        )
+    return value
+
+
+def check_metrics(metrics: Sequence[str] | str | None) -> tuple[str, ...]:
+    """The site metrics logged as scalars (default :data:`~relu_doctor.reports.tensorboard.
+    DEFAULT_METRICS`)."""
+    chosen = tuple(tb.DEFAULT_METRICS if metrics is None else metrics)
+    if isinstance(metrics, str):
+        chosen = (metrics,)
+    unknown = [m for m in chosen if m not in tb.SITE_METRICS]
+    if unknown or not chosen:
+        raise ReluDoctorError(
+            f"metrics: unknown site metric(s) {unknown or chosen!r}; choose from "
+            f"{list(tb.SITE_METRICS)}."
+        )
+    return chosen
+
+
+def check_warn(warn: object) -> str | None:
+    """The lowest finding severity raised as a warning, or None."""
+    if warn is not None and warn not in SEVERITIES:
+        raise ReluDoctorError(
+            f"warn: expected one of {list(SEVERITIES)} or None (no warnings), got {warn!r}."
+        )
+    return None if warn is None else str(warn)
+
+
+def remedy_options(name: str, value: object) -> dict[str, Any] | None:
+    """A remedy switch: False/None (off), True (defaults) or a dict of its keyword arguments."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise ReluDoctorError(
+        f"{name}: expected True, False or a dict of the remedy's keyword arguments, got {value!r}."
+    )
+
+
+class FindingWarner:
+    """Raises each finding once per (stream, kind, site) as a
+    :class:`~relu_doctor.errors.ReluDoctorWarning` carrying the remedy.
+
+    Args:
+        level: lowest severity warned about, or None for none.
+        emit: how to warn (default ``warnings.warn``; a multi-process trainer passes a
+            rank-zero version).
+    """
+
+    def __init__(self, level: str | None, emit: Callable[[str], Any] | None = None) -> None:
+        self.level = level
+        self.emit = emit or (lambda text: warnings.warn(text, ReluDoctorWarning, stacklevel=3))
+        self._warned: set[tuple[str, str, str]] = set()
+
+    def __call__(self, record: IntervalRecord, stream: str = "") -> None:
+        if self.level is None:
+            return
+        floor = SEVERITIES.index(self.level)
+        for f in record.findings:
+            key = (stream, f.kind, f.site)
+            if key in self._warned or SEVERITIES.index(f.severity) < floor:
+                continue
+            self._warned.add(key)
+            self.emit(warning_text(f, stream))
+
+
+def warning_text(f: Finding, stream: str = "") -> str:
+    """One finding in one line, with its remedy."""
+    where = f"{stream} " if stream else ""
+    return (
+        f"relu_doctor: {where}{f.kind} at {f.site} (step {f.step}, {f.severity}): "
+        f"{f.message} Remedy: {f.remedy}"
+    )
+
+
+def summary_scalars(record: IntervalRecord, prefix: str = tb.PREFIX) -> dict[str, float]:
+    """Model-wide numbers of one record, unit-weighted over its sites: ``<prefix>/dead_fraction``,
+    ``<prefix>/dormant_fraction``, ``<prefix>/lifetime_dead_fraction`` (finite ones only)."""
+    rows = record.site_rows
+    seen = sum(int(r.get("units_seen") or 0) for r in rows)
+    out: dict[str, float] = {}
+    if not seen:
+        return out
+    for name, col in (
+        ("dead_fraction", "dead"),
+        ("dormant_fraction", "dormant"),
+        ("lifetime_dead_fraction", "lifetime_dead"),
+    ):
+        total = sum(int(r.get(col) or 0) for r in rows)
+        value = finite_or_none(total / seen)
+        if value is not None and math.isfinite(value):
+            out[f"{prefix}/{name}"] = value
+    return out
+
+
+def record_scalars(
+    record: IntervalRecord, metrics: Sequence[str], prefix: str = tb.PREFIX
+) -> dict[str, float]:
+    """Every scalar of one record under TensorBoard's tags: the model-wide numbers, each
+    site's ``metrics`` and the per-layer gradient norms (the tags the Lightning monitor and
+    the run directory's ``tensorboard/`` use)."""
+    return {
+        **summary_scalars(record, prefix),
+        **tb.scalars(record.site_rows, record.layer_table, metrics=metrics, prefix=prefix),
+    }

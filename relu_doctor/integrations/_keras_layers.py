@@ -1,0 +1,162 @@
+"""Keras layers as relu_doctor sites: which layers run a ReLU-family activation, what their
+sites are called, which dim holds their units, and recording their outputs.
+
+Keras 3 on the torch backend runs every layer through ``torch.nn.Module.__call__``, but a
+layer's sublayers are not registered as torch submodules, and an activation given as
+``activation="relu"`` is a plain function, not a module. So the sites are found from the
+Keras model's own layer tree and recorded by a torch forward hook on each layer, through the
+probe's public :meth:`~relu_doctor.probes.Probe.record` under a
+:class:`~relu_doctor.sites.SiteKey` built from the layer's name:
+
+* a layer whose output is its ``activation`` applied last (``Dense``, ``EinsumDense``, the
+  convolutions) is a site when that activation is ReLU-family (``activation="relu"``,
+  ``keras.activations.relu``...);
+* an activation layer (``Activation``, ``ReLU``, ``LeakyReLU``, ``ELU``, ``PReLU``) is a site
+  by its own name.
+
+Names are the layer's ``name``, prefixed by the nested models holding it
+(``sequential/dense_1``). Units: a Dense's ``units`` (the last dim), a convolution's
+``filters`` where its ``data_format`` puts them (the last dim for ``channels_last``, dim 1
+for ``channels_first``); an activation layer's units are on the channel axis of Keras'
+``image_data_format()``.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+
+from relu_doctor.families import FAMILIES, Family
+
+__all__ = ["KerasSite", "activation_family", "find_sites", "walk_layers"]
+
+#: Keras activation function names -> relu_doctor family names.
+_ACTIVATIONS = {
+    "relu": "relu",
+    "relu6": "relu6",
+    "leaky_relu": "leaky_relu",
+    "elu": "elu",
+    "selu": "selu",
+    "celu": "celu",
+    "gelu": "gelu",
+    "silu": "silu",
+    "swish": "silu",
+    "hard_tanh": "hardtanh",
+}
+
+#: Layers whose output is ``activation(...)`` applied last.
+_ACTIVATED = tuple(
+    getattr(keras.layers, n)
+    for n in (
+        "Dense",
+        "EinsumDense",
+        "Conv1D",
+        "Conv2D",
+        "Conv3D",
+        "Conv1DTranspose",
+        "Conv2DTranspose",
+        "Conv3DTranspose",
+        "DepthwiseConv1D",
+        "DepthwiseConv2D",
+        "SeparableConv1D",
+        "SeparableConv2D",
+    )
+    if hasattr(keras.layers, n)
+)
+_CONVS = tuple(t for t in _ACTIVATED if t.__name__ not in ("Dense", "EinsumDense"))
+
+
+def activation_family(fn: Any) -> Family | None:
+    """The family of a Keras activation function (``keras.activations.relu`` ...), else None."""
+    if fn is None:
+        return None
+    name = getattr(fn, "__name__", None)
+    fam = _ACTIVATIONS.get(str(name)) if name is not None else None
+    return FAMILIES.get(fam) if fam is not None else None
+
+
+def _layer_family(layer: Any) -> Family | None:
+    """The family of an activation layer, else None."""
+    L = keras.layers
+    if isinstance(layer, L.ReLU):
+        slope = float(getattr(layer, "negative_slope", 0.0) or 0.0)
+        cap = getattr(layer, "max_value", None)
+        if slope > 0:
+            return FAMILIES.get("leaky_relu")
+        if cap is not None and float(cap) == 6.0:
+            return FAMILIES.get("relu6")
+        return FAMILIES.get("relu")
+    if isinstance(layer, L.LeakyReLU):
+        return FAMILIES.get("leaky_relu")
+    if isinstance(layer, L.PReLU):
+        return FAMILIES.get("prelu")
+    if isinstance(layer, L.ELU):
+        return FAMILIES.get("elu")
+    if isinstance(layer, L.Activation):
+        return activation_family(getattr(layer, "activation", None))
+    return None
+
+
+@dataclass
+class KerasSite:
+    """One Keras layer watched as a site.
+
+    Attributes:
+        layer: the Keras layer.
+        path: the site's module path (the layer's name, nested models first, ``/`` between).
+        unit_dim: the dim holding the units (negative: from the end).
+        by_activation: True when the site is the layer's ``activation`` attribute (Dense,
+            Conv); False for an activation layer.
+    """
+
+    layer: Any
+    path: str
+    unit_dim: int
+    by_activation: bool
+
+    def family(self) -> Family | None:
+        """The family the layer runs now (a swap changes it)."""
+        if self.by_activation:
+            return activation_family(getattr(self.layer, "activation", None))
+        return _layer_family(self.layer)
+
+    @property
+    def pattern(self) -> str:
+        """A glob pattern matching exactly this site's path (for ``unit_dims``)."""
+        return glob.escape(self.path)
+
+
+def walk_layers(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(path, layer)`` for every layer of ``model``, nested models' layers included."""
+    for layer in getattr(model, "layers", []):
+        path = f"{prefix}{layer.name}"
+        yield path, layer
+        if hasattr(layer, "layers") and isinstance(layer, keras.Model):
+            yield from walk_layers(layer, prefix=f"{path}/")
+
+
+def _unit_dim(layer: Any) -> int:
+    if isinstance(layer, _CONVS):
+        return 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else -1
+    if isinstance(layer, _ACTIVATED):
+        return -1
+    return 1 if keras.config.image_data_format() == "channels_first" else -1
+
+
+def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
+    """The ReLU-family sites of a built Keras model, in layer order (``selected(path)``
+    applies include/exclude)."""
+    out = []
+    for path, layer in walk_layers(model):
+        by_act = isinstance(layer, _ACTIVATED)
+        fam = (
+            activation_family(getattr(layer, "activation", None)) if by_act else _layer_family(layer)
+        )
+        if fam is None or not selected(path):
+            continue
+        out.append(KerasSite(layer, path, _unit_dim(layer), by_act))
+    return out

@@ -1,0 +1,292 @@
+"""The remedies in Keras terms: swap a layer's ReLU for LeakyReLU (its ``activation``, or a
+``ReLU`` layer's ``negative_slope``), rescue the learning rate through the Keras optimizer's
+``learning_rate`` (a float or a schedule), and AutoClip on the torch gradients inside the
+Keras optimizer's ``apply``.
+
+Each is a :class:`~relu_doctor.remedies.base.Remedy`: bound to the Doctor, it decides from
+the interval records and records every change as an
+:class:`~relu_doctor.events.Intervention`, exactly as the Lightning remedy callbacks do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+
+from relu_doctor._validate import nonnegative, number_in, positive_int
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.events import Intervention
+from relu_doctor.integrations._keras_layers import KerasSite
+from relu_doctor.remedies.base import MODEL, RecordLike, Remedy, model_snapshot, site_snapshot
+from relu_doctor.remedies.clipping import AutoClip
+from relu_doctor.remedies.lr import LRRescuer
+
+__all__ = ["KerasActivationSwap", "KerasAutoClip", "KerasLRRescue", "ScaledSchedule"]
+
+
+def _leaky(slope: float) -> Any:
+    def leaky_relu(x: Any) -> Any:
+        return keras.activations.leaky_relu(x, negative_slope=slope)
+
+    return leaky_relu
+
+
+@dataclass
+class _Swap:
+    site: KerasSite
+    attr: str
+    old: Any
+
+
+class KerasActivationSwap(Remedy):
+    """Swap a dying Keras layer's ReLU for LeakyReLU (undoable with :meth:`restore`).
+
+    A site is swapped when its dead fraction exceeds ``threshold`` for ``patience``
+    consecutive logging intervals. A Dense/Conv layer gets ``activation`` = LeakyReLU with
+    ``slope``; a ``ReLU`` layer gets ``negative_slope = slope``. Outputs for positive inputs
+    are unchanged.
+
+    Args:
+        sites: the watched Keras sites, by path.
+        slope: the negative slope, in (0, 1].
+        threshold: dead fraction above which a site is dying, in [0, 1).
+        patience: consecutive intervals above the threshold before swapping.
+    """
+
+    name = "leaky_relu_swap"
+
+    def __init__(
+        self,
+        sites: Mapping[str, KerasSite],
+        *,
+        slope: float = 0.01,
+        threshold: float = 0.5,
+        patience: int = 2,
+    ) -> None:
+        super().__init__()
+        self.sites = dict(sites)
+        self.slope = number_in("slope", slope, 0.0, 1.0)
+        self.threshold = number_in(
+            "threshold", threshold, 0.0, 1.0, low_open=False, high_open=True
+        )
+        self.patience = positive_int("patience", patience)
+        self.swaps: dict[str, _Swap] = {}
+        self.streaks: dict[str, int] = {}
+
+    def swap(self, path: str, *, step: int = 0, before: Mapping[str, Any] | None = None,
+             reason: str = "requested") -> Intervention:
+        """Swap the layer of the site at ``path`` now; return the intervention."""
+        site = self.sites.get(path)
+        if site is None:
+            raise ReluDoctorError(f"site: no Keras site {path!r}; known: {sorted(self.sites)}.")
+        if path in self.swaps:
+            raise ReluDoctorError(f"site: {path!r} was already swapped.")
+        fam = site.family()
+        if fam is None or fam.name != "relu":
+            raise ReluDoctorError(
+                f"site: {path!r} runs {fam.name if fam else 'no ReLU-family activation'}; only "
+                "plain ReLU is swapped for LeakyReLU (outputs for positive inputs unchanged)."
+            )
+        layer = site.layer
+        if site.by_activation:
+            rec = _Swap(site, "activation", layer.activation)
+            layer.activation = _leaky(self.slope)
+        elif isinstance(layer, keras.layers.ReLU):
+            rec = _Swap(site, "negative_slope", layer.negative_slope)
+            layer.negative_slope = self.slope
+        else:
+            raise ReluDoctorError(
+                f"site: {path!r} is a {type(layer).__name__} layer; replace it with "
+                "keras.layers.LeakyReLU in the model instead."
+            )
+        self.swaps[path] = rec
+        what = (
+            f"replaced ReLU of Keras layer {path} ({type(layer).__name__}.{rec.attr}) with "
+            f"LeakyReLU(negative_slope={self.slope:g}) ({reason})"
+        )
+        return self._record(
+            self._intervention(site=path, step=step, what=what, before=before,
+                               kind="leaky_relu", slope=self.slope, attr=rec.attr)
+        )
+
+    def restore(self) -> list[str]:
+        """Undo every swap; return the paths restored."""
+        done = []
+        for path, rec in list(self.swaps.items()):
+            setattr(rec.site.layer, rec.attr, rec.old)
+            del self.swaps[path]
+            done.append(path)
+        return done
+
+    def decide(self, record: RecordLike) -> list[Intervention]:
+        events = []
+        for row in record.site_rows:
+            path = record.key(str(row["site"])).module_path
+            frac = row.get("dead_fraction")
+            site = self.sites.get(path)
+            if site is None or path in self.swaps or frac is None or not frac == frac:
+                continue
+            fam = site.family()
+            if fam is None or fam.name != "relu":
+                continue
+            streak = self.streaks.get(path, 0) + 1 if frac > self.threshold else 0
+            self.streaks[path] = streak
+            if streak >= self.patience:
+                events.append(
+                    self.swap(path, step=record.step, before=site_snapshot(row),
+                              reason=f"dead fraction {frac:.2f} > {self.threshold:g} for "
+                              f"{streak} intervals")
+                )
+        return events
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "streaks": dict(self.streaks),
+                "swapped": sorted(self.swaps)}
+
+
+@keras.saving.register_keras_serializable(package="relu_doctor")
+class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):  # type: ignore[misc]
+    """A learning-rate schedule times a constant factor (what :class:`KerasLRRescue` puts in
+    place of a schedule, so the schedule goes on, reduced)."""
+
+    def __init__(self, schedule: Any, factor: float) -> None:
+        self.schedule = schedule
+        self.factor = float(factor)
+
+    def __call__(self, step: Any) -> Any:
+        return self.schedule(step) * self.factor
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "schedule": keras.optimizers.schedules.serialize(self.schedule),
+            "factor": self.factor,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ScaledSchedule:
+        return cls(keras.optimizers.schedules.deserialize(config["schedule"]), config["factor"])
+
+
+def _lr_value(optimizer: Any) -> float:
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+class KerasLRRescue(Remedy):
+    """Scale a Keras optimizer's learning rate down on an exploding-gradient finding or a
+    surge of dead units (the triggers of :class:`~relu_doctor.remedies.LRRescuer`), with a
+    cooldown. A float learning rate is set through ``optimizer.learning_rate``; a
+    ``LearningRateSchedule`` is replaced by the same schedule times the factor
+    (:class:`ScaledSchedule`), so it goes on, reduced.
+    """
+
+    name = "lr_rescue"
+
+    def __init__(
+        self,
+        optimizer: Any,
+        *,
+        factor: float = 0.5,
+        min_lr: float = 1e-6,
+        cooldown: int = 2,
+        dead_jump: float = 0.2,
+        triggers: Sequence[str] = ("exploding_gradient", "dead_surge"),
+    ) -> None:
+        super().__init__()
+        self.optimizer = optimizer
+        self._reasons = LRRescuer(None, factor=factor, min_lr=min_lr, cooldown=cooldown,
+                                  dead_jump=dead_jump, triggers=triggers)
+        self.factor = self._reasons.factor
+        self.min_lr = nonnegative("min_lr", min_lr)
+        self.cooldown = self._reasons.cooldown
+        self.cooldown_left = 0
+        self.rescues = 0
+
+    def rescue(self, *, step: int = 0, reason: str = "requested",
+               before: Mapping[str, Any] | None = None,
+               evidence: Mapping[str, Any] | None = None) -> Intervention | None:
+        """Scale the learning rate now; None when it is already at the floor."""
+        opt = self.optimizer
+        old = _lr_value(opt)
+        new = max(old * self.factor, self.min_lr)
+        if not old > 0 or new >= old:
+            return None
+        f = new / old
+        cfg = opt.get_config().get("learning_rate")
+        if isinstance(cfg, Mapping):  # a schedule
+            sched = keras.optimizers.schedules.deserialize(cfg)
+            if isinstance(sched, ScaledSchedule):
+                sched = ScaledSchedule(sched.schedule, sched.factor * f)
+            else:
+                sched = ScaledSchedule(sched, f)
+            opt.learning_rate = sched
+            how = f"schedule {type(sched.schedule).__name__} x {sched.factor:.4g}"
+        else:
+            opt.learning_rate = new
+            how = "learning_rate"
+        self.rescues += 1
+        what = f"scaled the Keras learning rate by {f:.4g} ({reason}): {old:.4g} -> {new:.4g} ({how})"
+        return self._record(
+            self._intervention(site=MODEL, step=step, what=what, before=before, trigger=reason,
+                               evidence=dict(evidence or {}),
+                               changes=[{"lr_before": old, "lr_after": new, "factor": f}])
+        )
+
+    def decide(self, record: RecordLike) -> list[Intervention]:
+        found = self._reasons.reason(record)
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            return []
+        if found is None:
+            return []
+        trigger, evidence = found
+        ev = self.rescue(step=record.step, reason=trigger, before=model_snapshot(record),
+                         evidence=evidence)
+        if ev is None:
+            return []
+        self.cooldown_left = self.cooldown
+        return [ev]
+
+
+class KerasAutoClip:
+    """AutoClip on the torch gradients of a Keras model, applied inside the Keras optimizer's
+    ``apply`` (after the backward, before the update); :meth:`detach` puts ``apply`` back.
+
+    Refuses an optimizer that already clips (``clipnorm``, ``global_clipnorm``,
+    ``clipvalue``): AutoClip takes the place of a fixed threshold.
+    """
+
+    def __init__(self, model: Any, optimizer: Any, clip: AutoClip) -> None:
+        for attr in ("clipnorm", "global_clipnorm", "clipvalue"):
+            if getattr(optimizer, attr, None):
+                raise ReluDoctorError(
+                    f"autoclip: the Keras optimizer already clips ({attr}="
+                    f"{getattr(optimizer, attr)!r}); AutoClip takes the place of a fixed "
+                    f"threshold: build the optimizer without {attr}, or pass autoclip=False."
+                )
+        self.model = model
+        self.optimizer = optimizer
+        self.clip = clip
+        self._attached = False
+
+    def attach(self) -> KerasAutoClip:
+        if self._attached:
+            return self
+        original = self.optimizer.apply
+        params = [v.value for v in self.model.trainable_variables]
+        clip = self.clip
+
+        def apply(grads: Any, trainable_variables: Any = None) -> Any:
+            clip.clip_(params)
+            return original(grads, trainable_variables)
+
+        self.optimizer.apply = apply
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        if self._attached:
+            vars(self.optimizer).pop("apply", None)
+            self._attached = False

@@ -1,0 +1,304 @@
+"""Keras 3 (torch backend): ``ReluDoctorCallback`` makes relu_doctor one line in ``model.fit``.
+
+A thin adapter: statistics, windows, diagnosis, the run directory and its TensorBoard files
+live in :class:`~relu_doctor.Doctor`; this module decides *when* (which Keras callback
+events attach, mark steps, pause, log) and *what* the sites are (Keras layers, see
+:mod:`relu_doctor.integrations._keras_layers`).
+
+==========================  ===================================================================
+``on_train_begin``          check the model is built, find the sites, build the Doctor (run
+                            directory), hook the layers, bind the remedies
+``on_train_batch_end``      one step per optimizer step (``gradient_accumulation_steps``
+                            respected); an interval that closes is logged and warned about
+``on_test_begin/end``       validation passes run with the model in eval mode and gradients
+                            off: left out of the training stream, or collected as the
+                            evaluation stream (``monitor_validation=True``)
+``on_epoch_end``            model-wide numbers into Keras' ``logs`` (``relu_doctor/dead_fraction``
+                            ...) for ``History``, ``TensorBoard`` and ``EarlyStopping``
+``on_train_end``            log the last, partial window; write the report when asked; unhook
+==========================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from relu_doctor.integrations._common import (
+    FindingWarner,
+    check_metrics,
+    check_run_dir,
+    check_warn,
+    flag,
+    remedy_options,
+    require,
+    summary_scalars,
+)
+
+keras = require("keras", what="relu_doctor.integrations.keras", install="'keras>=3'")
+
+import torch  # noqa: E402
+
+from relu_doctor._validate import glob_patterns, matches, positive_int  # noqa: E402
+from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config  # noqa: E402
+from relu_doctor.doctor import Doctor  # noqa: E402
+from relu_doctor.errors import ReluDoctorError  # noqa: E402
+from relu_doctor.history import IntervalRecord  # noqa: E402
+from relu_doctor.integrations._keras_layers import KerasSite, find_sites  # noqa: E402
+from relu_doctor.integrations._keras_remedies import (  # noqa: E402
+    KerasActivationSwap,
+    KerasAutoClip,
+    KerasLRRescue,
+)
+from relu_doctor.remedies.clipping import AutoClip  # noqa: E402
+
+__all__ = ["ReluDoctorCallback"]
+
+
+def _check_backend() -> None:
+    backend = keras.backend.backend()
+    if backend != "torch":
+        raise ReluDoctorError(
+            f"keras backend: relu_doctor watches Keras 3 on the torch backend, but Keras runs "
+            f"on {backend!r}; set the environment variable KERAS_BACKEND=torch before "
+            "importing keras."
+        )
+
+
+class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
+    """Watch a Keras model's ReLU-family activations during ``model.fit``.
+
+    Sites are Keras layers (``dense_1``, ``conv2d``, ``inner/dense``; an activation layer by
+    its own name); units are a layer's ``units``/``filters``. Each logging interval goes to
+    the run directory (with ``tensorboard/``), findings are raised once per (kind, site) as
+    :class:`~relu_doctor.errors.ReluDoctorWarning`, and the model-wide dead, dormant and
+    lifetime-dead fractions go into the epoch's ``logs`` (``relu_doctor/dead_fraction``...).
+
+    Args:
+        log_every_n_steps: optimizer steps per logging interval (the window for "dead").
+        every_n_steps: collect statistics on every n-th optimizer step only.
+        tau: dormant threshold on the ReDo score (default 0.1).
+        include: glob patterns of site paths to watch (default: every site).
+        exclude: glob patterns of site paths to leave out.
+        run_dir: the run directory (default ``./relu_doctor_logs/<model name>``; a directory
+            holding a run is refused unless ``resume=True``).
+        resume: continue the run already in ``run_dir``.
+        gradients: collect gradient statistics (dL/d(output), zero dL/d(input)).
+        monitor_validation: also collect validation passes, as the evaluation stream
+            (``<run_dir>/validation``).
+        config: diagnosis thresholds.
+        metrics: site metrics logged as TensorBoard scalars.
+        warn: lowest finding severity raised as a warning, or None.
+        report: write ``<run_dir>/report.html`` when ``fit`` ends.
+        leaky_relu_swap: swap dying ReLUs for LeakyReLU: True, or a dict of
+            :class:`~relu_doctor.integrations._keras_remedies.KerasActivationSwap` arguments
+            (``slope``, ``threshold``, ``patience``).
+        lr_rescue: scale the optimizer's learning rate down on exploding gradients or a
+            dying surge: True, or a dict (``factor``, ``min_lr``, ``cooldown``, ``dead_jump``).
+        autoclip: AutoClip the gradients in the optimizer: True, or a dict of
+            :class:`~relu_doctor.remedies.AutoClip` arguments (``percentile``...).
+
+    Attributes:
+        doctor: the :class:`~relu_doctor.Doctor` (None before the first fit).
+        sites: the watched :class:`~relu_doctor.integrations._keras_layers.KerasSite` by path.
+        remedies: the remedies in use, by name.
+
+    Example::
+
+        from relu_doctor.integrations.keras import ReluDoctorCallback
+
+        model.fit(x, y, epochs=5, callbacks=[ReluDoctorCallback(run_dir="runs/keras")])
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int = 50,
+        *,
+        every_n_steps: int = 1,
+        tau: float | None = None,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        gradients: bool = True,
+        monitor_validation: bool = False,
+        config: DiagnosisConfig | None = None,
+        metrics: Sequence[str] | None = None,
+        warn: str | None = "warning",
+        report: bool = False,
+        leaky_relu_swap: bool | Mapping[str, Any] = False,
+        lr_rescue: bool | Mapping[str, Any] = False,
+        autoclip: bool | Mapping[str, Any] = False,
+    ) -> None:
+        _check_backend()
+        super().__init__()
+        self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
+        self.every_n_steps = positive_int("every_n_steps", every_n_steps)
+        self.config = diagnosis_config(tau, config)
+        self.include = glob_patterns("include", include)
+        self.exclude = glob_patterns("exclude", exclude)
+        self.run_dir = check_run_dir(run_dir)
+        self.resume = flag("resume", resume)
+        self.gradients = flag("gradients", gradients)
+        self.monitor_validation = flag("monitor_validation", monitor_validation)
+        self.metrics = check_metrics(metrics)
+        self.warner = FindingWarner(check_warn(warn))
+        self.report = flag("report", report)
+        self._swap_opts = remedy_options("leaky_relu_swap", leaky_relu_swap)
+        self._lr_opts = remedy_options("lr_rescue", lr_rescue)
+        self._clip_opts = remedy_options("autoclip", autoclip)
+        self.doctor: Doctor | None = None
+        self.sites: dict[str, KerasSite] = {}
+        self.remedies: dict[str, Any] = {}
+        self._handles: list[Any] = []
+        self._calls: dict[int, int] = {}
+        self._clipper: KerasAutoClip | None = None
+        self._batches = 0
+        self._accumulate = 1
+        self._last: IntervalRecord | None = None
+        self._val_doc: Doctor | None = None
+
+    # ------------------------------------------------------------------ fit lifecycle
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        model = self.model
+        if not getattr(model, "built", False):
+            raise ReluDoctorError(
+                f"model: the Keras model {model.name!r} is not built, so its layers have no "
+                "weights or shapes yet; give it an input shape (keras.Input(...) first, or "
+                "model.build(input_shape)) before fit."
+            )
+        self._detach()
+        self.sites = {
+            s.path: s
+            for s in find_sites(model, lambda p: matches(p, self.include, self.exclude))
+        }
+        if not self.sites:
+            raise ReluDoctorError(
+                f"model: no layer of {model.name!r} runs a ReLU-family activation"
+                f"{' after include/exclude' if (self.include or self.exclude) else ''}; "
+                "relu_doctor watches Dense/Conv layers with activation='relu' (relu6, "
+                "leaky_relu, elu, selu, gelu, silu) and ReLU/LeakyReLU/ELU/PReLU/Activation layers."
+            )
+        run_dir = Path(self.run_dir) if self.run_dir is not None else Path(
+            "relu_doctor_logs", model.name
+        )
+        state = self.doctor.state_dict() if self.doctor is not None else None
+        doc = Doctor(
+            model,
+            log_every_n_steps=self.log_every_n_steps,
+            every_n_steps=self.every_n_steps,
+            gradients=self.gradients,
+            unit_dims={s.pattern: s.unit_dim for s in self.sites.values()},
+            config=self.config,
+            run_dir=run_dir,
+            resume=self.resume or state is not None,
+            functional=False,  # the layers are hooked here; F.relu inside them is theirs
+            eval_stream="validation" if self.monitor_validation else False,
+        )
+        if state is not None:  # a second fit continues the first
+            doc.load_state_dict(state)
+        self.doctor = doc
+        self._val_doc = doc.eval
+        doc.add_listener(self._on_record)
+        doc.attach()
+        self._hook(model)
+        self._bind_remedies(model, doc)
+        opt = getattr(model, "optimizer", None)
+        self._accumulate = int(getattr(opt, "gradient_accumulation_steps", None) or 1)
+        self._batches = 0
+
+    def _hook(self, model: Any) -> None:
+        probes = [d.probe for d in (self.doctor, self._val_doc) if d is not None]
+
+        def begin(module: Any, args: Any) -> None:
+            self._calls.clear()
+            for p in probes:
+                p.begin_pass()
+
+        def end(module: Any, args: Any, output: Any) -> None:
+            for p in probes:
+                p.end_pass()
+
+        self._handles.append(model.register_forward_pre_hook(begin))
+        self._handles.append(model.register_forward_hook(end, always_call=True))
+        for site in self.sites.values():
+            self._handles.append(site.layer.register_forward_hook(self._make_hook(site, probes)))
+
+    def _make_hook(self, site: KerasSite, probes: list[Any]) -> Any:
+        key = id(site.layer)
+
+        def hook(layer: Any, args: Any, output: Any) -> None:
+            if not isinstance(output, torch.Tensor) or output.device.type == "meta":
+                return  # Keras' symbolic shape inference
+            on = [p for p in probes if p.recording]
+            if not on:
+                return
+            fam = site.family()
+            if fam is None:
+                return
+            idx = self._calls.get(key, 0)
+            self._calls[key] = idx + 1
+            for p in on:
+                p.record(output, path=site.path, call_index=idx, family=fam)
+
+        return hook
+
+    def _bind_remedies(self, model: Any, doc: Doctor) -> None:
+        self.remedies = {}
+        opt = getattr(model, "optimizer", None)
+        if self._swap_opts is not None:
+            self.remedies["leaky_relu_swap"] = KerasActivationSwap(
+                self.sites, **self._swap_opts
+            ).bind(doc)
+        if self._lr_opts is not None:
+            if opt is None:
+                raise ReluDoctorError("lr_rescue: the model has no optimizer; compile it first.")
+            self.remedies["lr_rescue"] = KerasLRRescue(opt, **self._lr_opts).bind(doc)
+        if self._clip_opts is not None:
+            if opt is None:
+                raise ReluDoctorError("autoclip: the model has no optimizer; compile it first.")
+            clip = AutoClip(**self._clip_opts)
+            self._clipper = KerasAutoClip(model, opt, clip).attach()
+            self.remedies["autoclip"] = clip.bind(doc)
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.doctor is None:
+            return
+        self._batches += 1
+        if self._batches % self._accumulate == 0:  # one step per optimizer step
+            self.doctor.step()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is not None and self._last is not None:
+            logs.update(summary_scalars(self._last))
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        doc = self.doctor
+        if doc is None:
+            return
+        try:
+            if doc.window_steps > 0:
+                doc.log()
+        finally:
+            self._detach()
+        if self.report and doc.run_dir is not None:
+            from relu_doctor.reports import write_report
+
+            write_report(doc.run_dir, doc.run_dir / "report.html")
+
+    def _detach(self) -> None:
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+        if self._clipper is not None:
+            self._clipper.detach()
+            self._clipper = None
+        if self.doctor is not None:
+            self.doctor.detach()
+
+    # ------------------------------------------------------------------ output
+    def _on_record(self, record: IntervalRecord) -> None:
+        self._last = record
+        self.warner(record)
