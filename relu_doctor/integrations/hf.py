@@ -1,0 +1,348 @@
+"""Hugging Face ``transformers.Trainer``: ``ReluDoctorCallback`` makes relu_doctor one line.
+
+A thin adapter from Trainer events to :class:`~relu_doctor.Doctor`, which holds the
+statistics, windows, diagnosis, run directory and TensorBoard files.
+
+========================  =====================================================================
+``on_train_begin``        build the Doctor on the unwrapped model and the Trainer's optimizer
+                          (``<output_dir>/relu_doctor``; restored from the checkpoint being
+                          resumed), bind the remedies, attach
+``on_step_end``           one step per optimizer step (after ``gradient_accumulation_steps``
+                          micro-batches); a closed interval asks the Trainer to log now
+``on_log``                the interval's scalars (``relu_doctor/<metric>/<site>`` and the
+                          model-wide fractions) join the Trainer's ``logs``, so every
+                          ``report_to`` backend gets them; after an evaluation, the
+                          evaluation stream's (``relu_doctor_val/...``)
+``on_save``               the Doctor's and the remedies' state into the checkpoint directory
+``on_train_end``          log the last, partial window; detach
+========================  =====================================================================
+
+``evaluate``/``predict`` passes run with the model in eval mode and gradients off: the
+Doctor leaves them out of the training stream, or collects them as the evaluation stream
+(``eval_stream=True``). Under DDP (``accelerate``), counts are summed across processes at
+logging time only; rank zero writes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from relu_doctor.integrations._common import (
+    FindingWarner,
+    check_metrics,
+    check_run_dir,
+    check_warn,
+    flag,
+    record_scalars,
+    remedy_options,
+    require,
+)
+
+transformers = require("transformers", what="relu_doctor.integrations.hf", install="transformers")
+
+import torch  # noqa: E402
+from transformers.trainer_callback import CallbackHandler, TrainerCallback  # noqa: E402
+
+from relu_doctor._validate import positive_int  # noqa: E402
+from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config  # noqa: E402
+from relu_doctor.doctor import Doctor  # noqa: E402
+from relu_doctor.errors import ReluDoctorError  # noqa: E402
+from relu_doctor.history import IntervalRecord  # noqa: E402
+from relu_doctor.remedies import (  # noqa: E402
+    ActivationSwapper,
+    AutoClip,
+    DormantRecycler,
+    LRRescuer,
+)
+from relu_doctor.reports import tensorboard as tb  # noqa: E402
+
+__all__ = ["STATE_FILE", "ReluDoctorCallback"]
+
+#: The file holding relu_doctor's state in each checkpoint directory.
+STATE_FILE = "relu_doctor.pt"
+_STATE_VERSION = 1
+
+
+def _inner(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's ``AcceleratedOptimizer`` wrapper."""
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(t)
+    return t
+
+
+class ReluDoctorCallback(TrainerCallback):  # type: ignore[misc]
+    """Watch a ``transformers`` model's ReLU-family activations during ``Trainer.train``.
+
+    Args:
+        log_every_n_steps: optimizer steps per logging interval; None: the Trainer's
+            ``logging_steps``.
+        every_n_steps: collect statistics on every n-th optimizer step only.
+        tau: dormant threshold on the ReDo score (default 0.1).
+        include: glob patterns of module paths to watch.
+        exclude: glob patterns of module paths to leave out.
+        unit_dims: ``{pattern: dim}`` overriding which dim holds the units.
+        functional: capture functional activations too (HF's GELU classes call ``F.gelu``).
+        run_dir: the run directory; default ``<args.output_dir>/relu_doctor``.
+        gradients: collect gradient statistics.
+        eval_stream: collect ``evaluate``/``predict`` passes as the evaluation stream
+            (``<run_dir>/eval``, scalars ``relu_doctor_val/...``) instead of leaving them out.
+        config: diagnosis thresholds.
+        metrics: site metrics handed to the Trainer's ``logs``.
+        warn: lowest finding severity raised as a warning (main process), or None.
+        leaky_relu_swap: swap dying ``nn.ReLU`` modules for LeakyReLU: True, or a dict of
+            :class:`~relu_doctor.remedies.ActivationSwapper` arguments.
+        dormant_reset: ReDo recycling of dormant units: True, or a dict of
+            :class:`~relu_doctor.remedies.DormantRecycler` arguments.
+        lr_rescue: scale the learning rate down through the Trainer's optimizer and
+            scheduler: True, or a dict of :class:`~relu_doctor.remedies.LRRescuer` arguments.
+        autoclip: AutoClip in place of ``max_grad_norm`` (set ``max_grad_norm=0``): True, or
+            a dict of :class:`~relu_doctor.remedies.AutoClip` arguments.
+
+    Attributes:
+        doctor: the :class:`~relu_doctor.Doctor` (None before training starts).
+        remedies: the remedies in use, by name.
+
+    Example::
+
+        from relu_doctor.integrations.hf import ReluDoctorCallback
+
+        trainer = Trainer(model=model, args=args, train_dataset=ds,
+                          callbacks=[ReluDoctorCallback()])
+        trainer.train()
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        *,
+        every_n_steps: int = 1,
+        tau: float | None = None,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        unit_dims: Mapping[str, int] | None = None,
+        functional: bool | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        gradients: bool = True,
+        eval_stream: bool = False,
+        config: DiagnosisConfig | None = None,
+        metrics: Sequence[str] | None = None,
+        warn: str | None = "warning",
+        leaky_relu_swap: bool | Mapping[str, Any] = False,
+        dormant_reset: bool | Mapping[str, Any] = False,
+        lr_rescue: bool | Mapping[str, Any] = False,
+        autoclip: bool | Mapping[str, Any] = False,
+    ) -> None:
+        self.log_every_n_steps = (
+            None if log_every_n_steps is None
+            else positive_int("log_every_n_steps", log_every_n_steps)
+        )
+        self.every_n_steps = positive_int("every_n_steps", every_n_steps)
+        self.config = diagnosis_config(tau, config)
+        self.include = include
+        self.exclude = exclude
+        self.unit_dims = dict(unit_dims) if unit_dims is not None else None
+        self.functional = functional
+        self.run_dir = check_run_dir(run_dir)
+        self.gradients = flag("gradients", gradients)
+        self.eval_stream = flag("eval_stream", eval_stream)
+        self.metrics = check_metrics(metrics)
+        self.warn = check_warn(warn)
+        self._opts = {
+            name: remedy_options(name, value)
+            for name, value in (
+                ("leaky_relu_swap", leaky_relu_swap),
+                ("dormant_reset", dormant_reset),
+                ("lr_rescue", lr_rescue),
+                ("autoclip", autoclip),
+            )
+        }
+        self.doctor: Doctor | None = None
+        self.remedies: dict[str, Any] = {}
+        self._pending: dict[str, float] = {}
+        self._warner = FindingWarner(None)
+        self._clip: AutoClip | None = None
+
+    # ------------------------------------------------------------------ train lifecycle
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
+        if model is None:
+            raise ReluDoctorError("model: the Trainer passed no model to ReluDoctorCallback.")
+        if optimizer is None:
+            raise ReluDoctorError(
+                "optimizer: the Trainer has no optimizer yet; ReluDoctorCallback attaches in "
+                "on_train_begin, once Trainer.train() created it (do not call its events "
+                "yourself before training)."
+            )
+        clip_opts = self._opts["autoclip"]
+        if clip_opts is not None and args.max_grad_norm:
+            raise ReluDoctorError(
+                f"autoclip: the Trainer clips the gradient norm itself (max_grad_norm="
+                f"{args.max_grad_norm}) before relu_doctor sees the gradients; AutoClip takes "
+                "its place: pass TrainingArguments(max_grad_norm=0), or autoclip=False."
+            )
+        self._detach()
+        opt = _inner(optimizer)
+        self._move_first()
+        world = int(getattr(args, "world_size", 1) or 1)
+        is_zero = bool(state.is_world_process_zero)
+        run_dir = Path(self.run_dir) if self.run_dir is not None else Path(
+            args.output_dir, "relu_doctor"
+        )
+        saved = self._checkpoint_state(args, state)
+        every = self.log_every_n_steps or (
+            int(args.logging_steps) if args.logging_steps >= 1 else 50
+        )
+        doc = Doctor(
+            model,
+            log_every_n_steps=max(1, int(every)),
+            every_n_steps=self.every_n_steps,
+            include=self.include,
+            exclude=self.exclude,
+            unit_dims=self.unit_dims,
+            gradients=self.gradients,
+            optimizer=opt,
+            run_dir=run_dir,
+            config=self.config,
+            all_reduce=_all_reduce if world > 1 else None,
+            world_size=world,
+            is_writer=is_zero,
+            functional=self.functional,
+            resume=saved is not None,
+            eval_stream=self.eval_stream,
+        )
+        if saved is not None:
+            doc.load_state_dict(saved["doctor"], windows=is_zero or world == 1)
+        self._warner = FindingWarner(self.warn if is_zero else None)
+        doc.add_listener(self._on_record)
+        self.doctor = doc
+        self._bind_remedies(model, opt, lr_scheduler, doc, saved)
+        doc.attach()
+
+    def _move_first(self) -> None:
+        """Put this callback right after the Trainer's flow callback in its handler, so that
+        our ``on_log`` adds the scalars before the ``report_to`` callbacks write ``logs``.
+
+        The handler is the caller of this event (transformers passes no handle to it)."""
+        frame = inspect.currentframe()
+        handler = None
+        while frame is not None and handler is None:
+            cand = frame.f_locals.get("self")
+            if isinstance(cand, CallbackHandler):
+                handler = cand
+            frame = frame.f_back
+        del frame
+        if handler is None or self not in handler.callbacks:
+            return
+        handler.callbacks.remove(self)
+        handler.callbacks.insert(1 if handler.callbacks else 0, self)
+
+    def _bind_remedies(self, model: Any, opt: torch.optim.Optimizer, sched: Any, doc: Doctor,
+                       saved: Mapping[str, Any] | None) -> None:
+        scheds = [sched] if isinstance(sched, torch.optim.lr_scheduler.LRScheduler) else []
+        o = self._opts
+        rem: dict[str, Any] = {}
+        if o["leaky_relu_swap"] is not None:
+            rem["leaky_relu_swap"] = ActivationSwapper(
+                model, optimizer=opt, schedulers=scheds, **o["leaky_relu_swap"]
+            )
+        if o["dormant_reset"] is not None:
+            rem["dormant_reset"] = DormantRecycler(model, optimizers=opt, **o["dormant_reset"])
+        if o["lr_rescue"] is not None:
+            rem["lr_rescue"] = LRRescuer(opt, schedulers=scheds, **o["lr_rescue"])
+        if o["autoclip"] is not None:
+            self._clip = AutoClip(**o["autoclip"]).attach(opt)  # type: ignore[assignment]
+            rem["autoclip"] = self._clip
+        states = (saved or {}).get("remedies", {})
+        for name, r in rem.items():
+            if name in states:
+                r.load_state_dict(states[name])
+            r.bind(doc)
+        self.remedies = rem
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.doctor is None:
+            return None
+        record = self.doctor.step()  # called once per optimizer step by the Trainer
+        if record is not None:
+            control.should_log = True  # the Trainer logs at this step: on_log adds ours
+        return control
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        doc = self.doctor
+        if logs is None or doc is None:
+            return
+        if doc.eval is not None and any(str(k).startswith("eval_") for k in logs):
+            rec = doc.log_eval()  # one evaluation-stream window per evaluation
+            if rec is not None:
+                self._warner(rec, "evaluation")
+                logs.update(record_scalars(rec, self.metrics, tb.VAL_PREFIX))
+        if self._pending:
+            logs.update(self._pending)
+            self._pending = {}
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        doc = self.doctor
+        if doc is None:
+            return
+        try:
+            if doc.window_steps > 0:
+                doc.log()
+        finally:
+            self._detach()
+
+    def _detach(self) -> None:
+        if self._clip is not None:
+            self._clip.detach()
+            self._clip = None
+        if self.doctor is not None:
+            self.doctor.detach()
+
+    def _on_record(self, record: IntervalRecord) -> None:
+        self._warner(record)
+        self._pending.update(record_scalars(record, self.metrics))
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The Doctor's state (open windows summed across processes: call it on every
+        process) and the remedies'."""
+        if self.doctor is None:
+            return {}
+        return {
+            "version": _STATE_VERSION,
+            "doctor": self.doctor.state_dict(reduce=True),
+            "remedies": {name: r.state_dict() for name, r in self.remedies.items()},
+        }
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.doctor is None:
+            return
+        sd = self.state_dict()
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir, f"checkpoint-{state.global_step}")
+            if folder.is_dir():
+                torch.save(sd, folder / STATE_FILE)
+
+    def _checkpoint_state(self, args: Any, state: Any) -> dict[str, Any] | None:
+        """The state saved with the checkpoint this training resumes from (global step > 0),
+        or None for a fresh start."""
+        if not state.global_step:
+            return None
+        path = Path(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+        if not path.is_file():
+            return None
+        sd: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+        if sd.get("version") != _STATE_VERSION:
+            raise ReluDoctorError(
+                f"checkpoint: {str(path)!r} holds relu_doctor state version "
+                f"{sd.get('version')!r}, expected {_STATE_VERSION}."
+            )
+        return sd
