@@ -39,7 +39,7 @@ from relu_doctor._validate import glob_patterns, matches
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.families import Family, family_of
 from relu_doctor.sites import Site, SiteKey, display_names, module_label
-from relu_doctor.stats import SiteStats, forward_rows, grad_rows, resolve_unit_dim
+from relu_doctor.stats import SiteStats, resolve_unit_dim
 
 __all__ = ["Probe", "Site", "in_backward"]
 
@@ -326,8 +326,8 @@ class Probe:
         else:
             site = self._site(output, SiteKey(path, call_index, op), family, module)
         out = output.detach()
-        site.stats.add_forward(
-            forward_rows(out, site.unit_dim, nonnegative=family.nonnegative, cap=site.cap)
+        site.stats.record_forward(
+            out, site.unit_dim, nonnegative=family.nonnegative, cap=site.cap
         )
         # Compiled forwards get no gradient tap: no autograd node exists while tracing, and a
         # Tensor.register_hook traced by Dynamo (torch 2.13) drops the later attribute writes
@@ -357,7 +357,7 @@ class Probe:
                 gi = None
             scale = self.grad_scale() if self.grad_scale is not None else None
             inv = None if scale is None else 1.0 / scale
-            site.stats.add_grad(grad_rows(g.detach(), gi, site.unit_dim, inv))
+            site.stats.record_grad(g.detach(), gi, site.unit_dim, inv)
 
         return grad_hook
 

@@ -1,14 +1,17 @@
 """On-device accumulators: per-unit counts and sums, windows, cross-process reduction.
 
-Pure tensor maths; imports nothing else of relu_doctor. Accumulation only: what the sums
+Pure tensor maths; imports nothing else of relu_doctor but the fused kernels
+(:mod:`relu_doctor._kernels`). Accumulation only: what the sums
 mean is :mod:`relu_doctor.metrics`' business. The rule (torchmetrics-style) is to store sums
 and counts only and to derive rates and means at read time, so that windows add
 up, checkpoints resume exactly, and sums across processes equal one process seeing all data.
 
 A site's state is one float64 matrix of shape ``(len(FIELDS), units)``: one row per field.
 float64 counts are exact up to 2**53. Per step, a hook reduces the activation to a small
-float32 matrix of per-unit rows (:func:`forward_rows`, :func:`grad_rows`) and adds it to the
-window in one in-place op; nothing is read back to the host until logging time.
+float32 matrix of per-unit rows (:func:`forward_rows`, :func:`grad_rows`: the eager reference
+path) and adds it to the window in one in-place op; on the CPU one fused kernel does both in a
+single read of the activation (:meth:`SiteStats.record_forward`, :meth:`SiteStats.record_grad`),
+with the eager path as the fallback. Nothing is read back to the host until logging time.
 
 Fields:
 
@@ -36,6 +39,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+
+from relu_doctor import _kernels
 
 __all__ = [
     "FIELDS",
@@ -406,6 +411,32 @@ class SiteStats:
     def add_grad(self, rows: torch.Tensor) -> None:
         """Add :func:`grad_rows` output to the window (in place, on device)."""
         self.window[_N_FWD:].add_(rows)
+
+    def record_forward(
+        self, out: torch.Tensor, unit_dim: int, *, nonnegative: bool, cap: float | None
+    ) -> None:
+        """Add the forward statistics of activation output ``out`` to the window: the fused
+        kernel where it applies (one pass, no dispatched op), else :func:`forward_rows`."""
+        if torch.compiler.is_compiling() or not _kernels.forward_into(
+            self.window, out, unit_dim, cap=cap
+        ):
+            self.add_forward(forward_rows(out, unit_dim, nonnegative=nonnegative, cap=cap))
+
+    def record_grad(
+        self,
+        grad_out: torch.Tensor,
+        grad_in: torch.Tensor | None,
+        unit_dim: int,
+        inv_scale: torch.Tensor | float | None = None,
+    ) -> None:
+        """Add the gradient statistics to the window (arguments as :func:`grad_rows`): the
+        fused kernel where it applies, else :func:`grad_rows`."""
+        if grad_in is not None and grad_in.shape != grad_out.shape:
+            grad_in = None
+        if torch.compiler.is_compiling() or not _kernels.grad_into(
+            self.window, grad_out, grad_in, unit_dim, inv_scale, _N_FWD
+        ):
+            self.add_grad(grad_rows(grad_out, grad_in, unit_dim, inv_scale))
 
     def close_window(self, total: torch.Tensor | None = None) -> None:
         """Fold the window into the lifetime total and start a new, empty window.

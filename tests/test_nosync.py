@@ -10,6 +10,9 @@ seeing nothing):
   second detector counts calls of those ``torch.Tensor`` methods (and ``__bool__``,
   ``__float__``, ``__int__``, ``__repr__``, ``__format__``) directly.
 
+Every statistics path is covered: the fused CPU kernel (relu_doctor._kernels) and the eager
+path it falls back to (the ``stats_path`` parameter).
+
 Each non-logging step does everything a training step does: forward, backward, an
 optimizer step with ``optimizer=`` passed to ``watch`` (its step hooks run), ``doc.step()``.
 """
@@ -23,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import relu_doctor
+from relu_doctor import _kernels
 from tests import zoo
 
 aten = torch.ops.aten
@@ -31,6 +35,18 @@ DATA_DEPENDENT = {aten.nonzero.default, aten.masked_select.default, aten.unique_
                   aten._unique2.default}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LOG_EVERY = 5
+
+
+@pytest.fixture(params=["fused", "eager"])
+def stats_path(request):
+    """Run the test on the fused kernel, then on the eager path."""
+    if request.param == "eager":
+        with _kernels.disabled():
+            yield request.param
+        return
+    if not _kernels.available():
+        pytest.skip("no C compiler: the fused kernel is not built")
+    yield request.param
 
 
 def _device_of(x):
@@ -89,7 +105,7 @@ def one_step(model, opt, doc, x):
 @pytest.mark.parametrize("options", WATCH_OPTIONS.values(), ids=WATCH_OPTIONS.keys())
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["small_cnn", "resnetish", "sequence"])
-def test_no_sync_ops_on_non_logging_steps(device, options, tmp_path, name):
+def test_no_sync_ops_on_non_logging_steps(device, options, tmp_path, name, stats_path):
     model, opt, doc, batches = setup(device, options, tmp_path, name)
     with doc:
         for step, x in enumerate(batches, start=1):
@@ -125,7 +141,7 @@ def host_reads(monkeypatch):
 
 @pytest.mark.parametrize("options", WATCH_OPTIONS.values(), ids=WATCH_OPTIONS.keys())
 @pytest.mark.parametrize("device", DEVICES)
-def test_no_host_reads_on_non_logging_steps(device, options, tmp_path, host_reads):
+def test_no_host_reads_on_non_logging_steps(device, options, tmp_path, host_reads, stats_path):
     model, opt, doc, batches = setup(device, options, tmp_path)
     with doc:
         for step, x in enumerate(batches, start=1):

@@ -1,0 +1,239 @@
+"""The CPU fused-statistics kernel: build at first use, cache, load, call.
+
+``fused_stats.c`` is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/
+``clang``) into ``~/.cache/relu_doctor/kernels`` (``$RELU_DOCTOR_CACHE`` overrides) under a
+name hashed from the source, the flags, the compiler and the machine, so a build is reused
+across processes and never run on another CPU. It needs no torch headers and no ninja: it
+compiles in under a second. It links the OpenMP runtime torch already loaded (same soname),
+so the process keeps one thread pool; the kernel uses ``torch.get_num_threads()`` threads.
+
+The kernel reads raw memory: it is called only on plain CPU tensors (no subclass, no fake
+tensor, never while torch.compile traces) of float32/float64/float16/bfloat16 whose memory
+can be read as ``(A, U, B)`` with the units in the middle (contiguous, or units-last such as
+channels-last); anything else is copied to that layout first or left to the eager path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "disabled", "forward_into", "grad_into"]
+
+_SOURCE = Path(__file__).with_name("fused_stats.c")
+_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
+    ["-O3", "-ffp-contract=off", "-fopenmp"],
+    ["-O3", "-ffp-contract=off"],  # no OpenMP (e.g. Apple clang): one thread
+)
+
+_lib: ctypes.CDLL | None = None
+_state = "unloaded"  # unloaded | ready | failed
+_lock = threading.Lock()
+_off = 0  # > 0 inside disabled()
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("RELU_DOCTOR_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "relu_doctor" / "kernels"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc and shutil.which(cc):
+        return cc
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the machine and its CPU flags."""
+    flags = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    return platform.machine() + flags
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or reuse the cached build of) the kernel and load it; raises on failure."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
+    source = _SOURCE.read_bytes()
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(
+            source + repr((flags, cc, _cpu_id(), platform.system())).encode()
+        ).hexdigest()[:16]
+        out = _cache_dir() / f"fused_stats_{key}.so"
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so")
+            os.close(fd)
+            cmd = [cc, *flags, "-shared", "-fPIC", "-o", tmp, str(_SOURCE), "-lm"]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                os.unlink(tmp)
+                errors.append(f"{' '.join(cmd)}: {res.stderr.strip()[-300:]}")
+                continue
+            os.replace(tmp, out)  # atomic: a concurrent build writes the same file
+        lib = ctypes.CDLL(str(out))
+        i64, ptr, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
+        lib.rd_forward.argtypes = [ptr, cint, i64, i64, i64, ptr, i64, cint, dbl, cint]
+        lib.rd_forward.restype = cint
+        lib.rd_grad.argtypes = [ptr, ptr, cint, i64, i64, i64, ptr, i64, dbl, cint]
+        lib.rd_grad.restype = cint
+        return lib
+    raise RuntimeError("the build failed: " + " | ".join(errors))
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _state
+    with _lock:
+        if _state == "unloaded":
+            if os.environ.get("RELU_DOCTOR_FUSED", "1") == "0":
+                _state = "failed"
+                return None
+            try:
+                _lib = _build()
+                _state = "ready"
+            except Exception as e:  # any failure means: use the eager path
+                _state = "failed"
+                warnings.warn(
+                    f"relu_doctor: the fused CPU statistics kernel is unavailable ({e}); "
+                    "statistics are computed by the eager path (slower, same numbers).",
+                    stacklevel=3,
+                )
+    return _lib
+
+
+def available() -> bool:
+    """Whether the CPU kernel is (or can be) loaded; builds it if needed."""
+    return _off == 0 and _load() is not None
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Use the eager path inside this block (the reference path, for tests and golden runs)."""
+    global _off
+    _off += 1
+    try:
+        yield
+    finally:
+        _off -= 1
+
+
+def _usable(x: torch.Tensor) -> bool:
+    return (
+        type(x) is torch.Tensor
+        and x.device.type == "cpu"
+        and x.dtype in _DTYPES
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _layout(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int, int, int]:
+    """``(t, A, U, B)``: a tensor holding ``x``'s values whose memory reads as ``(A, U, B)``."""
+    units = x.shape[unit_dim]
+    if not x.is_contiguous():
+        y = x.movedim(unit_dim, -1)  # channels-last and other units-last layouts: no copy
+        if y.is_contiguous():
+            return y, x.numel() // units, units, 1
+        x = x.contiguous()
+    before = math.prod(x.shape[:unit_dim])
+    return x, before, units, x.numel() // (before * units)
+
+
+def forward_into(
+    window: torch.Tensor, out: torch.Tensor, unit_dim: int, *, cap: float | None
+) -> bool:
+    """Add the forward fields of ``out`` to rows 0-6 of ``window`` in one pass.
+
+    Returns False (nothing done) where the fused path does not apply; then the caller runs
+    the eager path.
+    """
+    if _off or not _usable(out) or out.numel() == 0:
+        return False
+    lib = _lib if _state == "ready" else _load()
+    if lib is None:
+        return False
+    t, a, u, b = _layout(out, unit_dim)
+    rc = lib.rd_forward(
+        t.data_ptr(), _DTYPES[t.dtype], a, u, b, window.data_ptr(), 0,
+        cap is not None, 0.0 if cap is None else float(cap), torch.get_num_threads(),
+    )
+    return int(rc) == 0
+
+
+def _scalar(x: torch.Tensor | float | None) -> float | None:
+    """The value of a CPU scalar tensor without a dispatched op (no ``item()``)."""
+    if x is None or isinstance(x, (int, float)):
+        return x
+    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.numel() != 1:
+        return None
+    x = x.detach()
+    if x.dtype == torch.float64:
+        return ctypes.c_double.from_address(x.data_ptr()).value
+    if x.dtype == torch.float32:
+        return ctypes.c_float.from_address(x.data_ptr()).value
+    return None
+
+
+def grad_into(
+    window: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_in: torch.Tensor | None,
+    unit_dim: int,
+    inv_scale: torch.Tensor | float | None,
+    row0: int,
+) -> bool:
+    """Add the gradient fields to rows ``row0``.. ``row0 + 4`` of ``window`` in one pass.
+
+    ``grad_in`` is dL/d(input) or None; ``inv_scale`` is 1 / the AMP loss scale. Returns
+    False where the fused path does not apply.
+    """
+    if _off or not _usable(grad_out) or grad_out.numel() == 0:
+        return False
+    inv = 1.0 if inv_scale is None else _scalar(inv_scale)
+    if inv is None:
+        return False
+    lib = _lib if _state == "ready" else _load()
+    if lib is None:
+        return False
+    g, a, u, b = _layout(grad_out, unit_dim)
+    gi_ptr = None
+    if grad_in is not None:
+        if grad_in.dtype != grad_out.dtype or not _usable(grad_in):
+            return False
+        gi, *dims = _layout(grad_in, unit_dim)
+        if dims != [a, u, b]:  # the two are laid out differently: read both as contiguous
+            g, a, u, b = _layout(grad_out.contiguous(), unit_dim)
+            gi = grad_in.contiguous()
+        gi_ptr = gi.data_ptr()
+    rc = lib.rd_grad(
+        g.data_ptr(), gi_ptr, _DTYPES[g.dtype], a, u, b, window.data_ptr(), row0,
+        float(inv) * float(inv), torch.get_num_threads(),
+    )
+    return int(rc) == 0

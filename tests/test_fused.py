@@ -1,0 +1,162 @@
+"""The fused CPU kernel against the eager reference path (relu_doctor._kernels).
+
+Counts (elements, active, saturated, nonfinite and their gradient twins) must be equal
+exactly; sums agree to float rounding (the two paths sum in different orders). Covered:
+shapes from an unbatched vector to 5-D, float32/float64/float16/bfloat16, contiguous,
+channels-last, transposed, sliced and expanded layouts, units holding NaN/Inf, capped and
+leaky families, gradients with and without dL/d(input) and with an AMP scale, thread counts,
+and the fallback when no compiler is found.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from relu_doctor import _kernels
+from relu_doctor._kernels import cpu
+from relu_doctor.stats import FIELDS, ROW, SiteStats
+
+pytestmark = pytest.mark.skipif(not _kernels.available(), reason="no C compiler: eager path only")
+
+COUNTS = ["elements", "active", "saturated", "nonfinite", "grad_elements", "grad_in_elements",
+          "grad_zero", "grad_nonfinite"]
+SUMS = ["sum", "sum_abs", "sum_sq", "grad_sq"]
+SHAPES = [(7,), (9, 5), (300, 70), (4, 6, 7), (2, 3, 5, 5), (16, 24, 20, 20), (3, 4, 5, 2, 2),
+          (2, 5, 3, 3000)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _unit_dim(shape: tuple[int, ...]) -> int:
+    return {1: 0, 2: 1, 3: 2}.get(len(shape), 1)
+
+
+def _both(x, g, gi, unit_dim, *, nonnegative, cap, inv=None):
+    """(fused window, eager window) after one forward and one gradient record."""
+    units = x.shape[unit_dim]
+    fused, eager = SiteStats(units, "cpu"), SiteStats(units, "cpu")
+    assert _kernels.forward_into(fused.window, x, unit_dim, cap=cap)
+    assert _kernels.grad_into(fused.window, g, gi, unit_dim, inv, len(FIELDS) - 5)
+    with _kernels.disabled():
+        eager.record_forward(x, unit_dim, nonnegative=nonnegative, cap=cap)
+        eager.record_grad(g, gi, unit_dim, inv)
+    return fused.window, eager.window
+
+
+def _check(fused, eager, dtype):
+    for name in COUNTS:
+        assert torch.equal(fused[ROW[name]], eager[ROW[name]]), name
+    rtol = 1e-9 if dtype == torch.float64 else 1e-4
+    for name in SUMS:
+        torch.testing.assert_close(fused[ROW[name]], eager[ROW[name]], rtol=rtol, atol=1e-6)
+
+
+def _data(shape, dtype, *, leaky=False, cap=None):
+    x = torch.randn(shape) * 3
+    x = torch.where(x > 0, x, 0.1 * x) if leaky else torch.relu(x)
+    if cap is not None:
+        x = x.clamp(max=cap)
+    if len(shape) > 1:  # a dead unit
+        x.select(_unit_dim(shape), 0).zero_()
+    g = torch.randn(shape)
+    gi = torch.where(x > 0, g, torch.zeros_like(g))
+    return x.to(dtype), g.to(dtype), gi.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_counts_equal_eager_over_shapes_and_dtypes(shape, dtype):
+    x, g, gi = _data(shape, dtype)
+    _check(*_both(x, g, gi, _unit_dim(shape), nonnegative=True, cap=None), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_leaky_and_capped_families(dtype):
+    x, g, gi = _data((8, 12, 6, 6), dtype, leaky=True)
+    _check(*_both(x, g, gi, 1, nonnegative=False, cap=None), dtype)
+    x, g, gi = _data((8, 12, 6, 6), dtype, cap=6.0)
+    fused, eager = _both(x, g, gi, 1, nonnegative=True, cap=6.0)
+    assert fused[ROW["saturated"]].sum() > 0  # the cap is hit, so the count is tested
+    _check(fused, eager, dtype)
+
+
+LAYOUTS = {
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "transposed": lambda t: t.transpose(0, 2).contiguous().transpose(0, 2),
+    "sliced": lambda t: torch.cat([t, t], 3)[..., ::2],
+    "expanded": lambda t: t[:1].expand_as(t),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUTS.keys())
+def test_layouts(layout, dtype):
+    x, g, gi = (LAYOUTS[layout](t) for t in _data((6, 10, 9, 9), dtype))
+    _check(*_both(x, g, gi, 1, nonnegative=True, cap=None), dtype)
+    # gradient and input gradient in different layouts
+    gi2 = gi.contiguous()
+    _check(*_both(x, g, gi2, 1, nonnegative=True, cap=None), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nonfinite_units(dtype):
+    x, g, gi = _data((4, 8, 5, 5), dtype)
+    x[1, 2, 3, 3] = float("nan")
+    x[0, 5, 0, 0] = float("inf")
+    g[2, 3, 1, 1] = float("-inf")
+    g[3, 6, 0, 4] = float("nan")
+    fused, eager = _both(x, g, gi, 1, nonnegative=True, cap=None)
+    assert fused[ROW["nonfinite"]].tolist() == [0, 0, 1, 0, 0, 1, 0, 0]
+    assert fused[ROW["grad_nonfinite"]].tolist() == [0, 0, 0, 1, 0, 0, 1, 0]
+    _check(fused, eager, dtype)
+
+
+def test_gradient_without_input_gradient_and_with_a_scale():
+    x, g, _ = _data((5, 16, 4, 4), torch.float32)
+    for inv in (None, 0.25, torch.tensor(0.25), torch.tensor(0.25, dtype=torch.float64)):
+        _check(*_both(x, g, None, 1, nonnegative=True, cap=None, inv=inv), torch.float32)
+
+
+def test_same_result_with_any_thread_count():
+    x, g, gi = _data((64, 32, 16, 16), torch.float32)
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out.append(_both(x, g, gi, 1, nonnegative=True, cap=None)[0])
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(out[0], o) for o in out[1:])
+
+
+def test_accumulates_into_the_window():
+    x, g, gi = _data((10, 6), torch.float32)
+    st = SiteStats(6, "cpu")
+    for _ in range(3):
+        st.record_forward(x, 1, nonnegative=True, cap=None)
+        st.record_grad(g, gi, 1)
+    assert st.window[ROW["elements"]].tolist() == [30.0] * 6
+    assert st.window[ROW["grad_in_elements"]].tolist() == [30.0] * 6
+    expect = 3 * (x > 0).sum(0).double()
+    assert torch.equal(st.window[ROW["active"]], expect)
+
+
+def test_falls_back_to_eager_with_one_warning_when_no_compiler(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "_state", "unloaded")
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    monkeypatch.setenv("RELU_DOCTOR_CACHE", str(tmp_path))
+    x, g, gi = _data((10, 6), torch.float32)
+    st = SiteStats(6, "cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            st.record_forward(x, 1, nonnegative=True, cap=None)
+            st.record_grad(g, gi, 1)
+    msgs = [str(w.message) for w in caught if "fused CPU statistics" in str(w.message)]
+    assert len(msgs) == 1 and "no C compiler" in msgs[0]
+    assert not _kernels.available()
+    assert torch.equal(st.window[ROW["active"]], 3 * (x > 0).sum(0).double())
