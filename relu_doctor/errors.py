@@ -16,5 +16,5 @@ class RunDirError(ReluDoctorError):
 
 class ReluDoctorWarning(UserWarning):
     """A finding reported during training, or a problem relu_doctor stepped aside from (a
-    run directory it could not write, a damaged file it skipped). Filter it with
-    ``warnings.filterwarnings``."""
+    run directory it could not write, a damaged file it skipped, a hook that failed and stopped
+    monitoring its site). Filter it with ``warnings.filterwarnings``."""

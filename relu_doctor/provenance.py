@@ -1,0 +1,387 @@
+"""Which layer made a tensor, and where that layer put its features (units from the producer).
+
+An activation's units are the features of the layer that made its input: a Linear's output
+features (the last dim, whatever the rank: ``(N, F)``, ``(N, L, F)``, ``(N, H, W, F)``), a
+convolution's channels (dim 1 in PyTorch; wherever a later permute moved them, as Keras'
+channels-last ``Conv2D`` and ConvNeXt's ``(N, H, W, C)`` MLP do). The shape of the activation
+alone cannot say this: ``(N, C, L)`` from a Conv1d and ``(N, L, F)`` from a Linear look alike.
+
+:class:`ProvenanceTracker` follows the tensors of one forward pass through a
+:class:`~torch.overrides.TorchFunctionMode` and gives each an :class:`Origin` (the producer,
+the dim holding its features, how many): producers are ``F.linear``, a ``matmul`` with a
+weight (a parameter, or a permute/cast of one), ``F.conv*``, ``F.embedding``; norms, dropout,
+elementwise ops (an add of a same-shape residual, a scalar mul, the activations themselves),
+pooling and slicing keep the feature axis; ``permute``/``transpose``/``movedim`` move it;
+``reshape``/``view``/``flatten``/``squeeze``/``unsqueeze`` keep it where the axis stays whole;
+``torch.cat`` along the feature axis makes a new one (DenseNet). A norm with no producer
+before it (BatchNorm on the input) is the producer itself.
+
+Cost: the mode sends every torch call through Python, so the probe starts it only for passes
+where some site is still unresolved (the first recorded pass, or the pass after a site first
+appeared untracked), from the pass's start to its end; once every site is resolved ordinary
+steps run none of this (no hook, no mode). Never under ``torch.compile`` or during backward. Best effort: an op it does not understand leaves its
+output without an origin (the probe then falls back to the shape rule); it never raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["Origin", "ProvenanceTracker"]
+
+_CONV = {
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "conv_tbc",
+}
+_MATMUL = {"matmul", "mm", "__matmul__", "addmm", "bmm", "baddbmm"}
+_NORM_CHANNELS = {"batch_norm", "instance_norm", "group_norm"}
+_NORM_LAST = {"layer_norm", "rms_norm"}
+_RESHAPE = {
+    "reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
+    "ravel", "_unsafe_view", "squeeze_", "unsqueeze_",
+}
+_TRANSPOSE = {"transpose", "swapaxes", "swapdims", "transpose_"}
+_MOVEDIM = {"movedim", "moveaxis"}
+_CAT = {"cat", "concat", "concatenate"}
+# Ops that mix or regroup axes: their output keeps no input's feature axis.
+_MIXING = _MATMUL | {
+    "einsum", "tensordot", "kron", "outer", "pixel_shuffle", "pixel_unshuffle", "unfold",
+    "fold", "scaled_dot_product_attention", "stack", "bilinear", "multi_head_attention_forward",
+}
+# Ops that make a weight-like tensor from a weight (Keras permutes and casts its kernels).
+_WEIGHT_VIEWS = (
+    {"permute", "contiguous", "to", "float", "half", "bfloat16", "double", "type", "t",
+     "detach", "clone", "_cast_Float"}
+    | _RESHAPE | _TRANSPOSE
+)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a tensor's features are, and which layer made them.
+
+    Attributes:
+        dim: the (non-negative) dim holding the features.
+        producer: the layer that made them (``"Linear `fc1`"``, ``"Conv2d `features.0`"``).
+        kind: ``"features"`` (Linear-like: the last dim where made) or ``"channels"``.
+        moved: True when a permute/transpose moved the axis after it was made.
+    """
+
+    dim: int
+    producer: str
+    kind: str
+    moved: bool = False
+
+    def rule(self, ndim: int) -> str:
+        """The rule in words, e.g. ``"Linear `fc1` -> last dim"``."""
+        where = "last dim" if self.dim == ndim - 1 and ndim > 1 else f"dim {self.dim}"
+        if self.moved:
+            where = f"{self.kind} moved to {where}"
+        return f"{self.producer} -> {where}"
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, tracker: ProvenanceTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name and name != "__get__":
+            # Best effort: an op it cannot follow leaves its output without an origin.
+            with contextlib.suppress(Exception):
+                self.tracker._see(name, args, kwargs, out)
+        return out
+
+
+def _remove_mode(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off the torch-function mode stack wherever it is (modes entered above
+    it, such as functional capture's, stay on in their order)."""
+    above: list[Any] = []
+    while torch._C._len_torch_function_stack() > 0:
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            break
+        above.append(top)
+    for m in reversed(above):
+        torch._C._push_on_torch_function_stack(m)
+
+
+class ProvenanceTracker:
+    """Follows one forward pass's tensors to the layers that made them (see module docs).
+
+    The probe calls :meth:`start` and :meth:`stop` at the boundaries of the passes it wants
+    tracked and reads :meth:`origin` of an activation's output when it makes a site.
+
+    Args:
+        model: the watched model (its parameters and buffers name the producers).
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Sequential(nn.Conv1d(2, 5, 3), nn.ReLU())
+        >>> tracker = ProvenanceTracker(net)
+        >>> tracker.start()
+        >>> out = net(torch.randn(4, 2, 9))
+        >>> tracker.origin(out).rule(out.dim())
+        'Conv1d `0` -> dim 1'
+        >>> tracker.stop()
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._mode = _Mode(self)
+        self._active = False
+        self._origins: dict[int, tuple[weakref.ref[torch.Tensor], Origin]] = {}
+        self._weights: dict[int, tuple[Any, str, str | None]] = {}  # id -> (ref, label, class)
+
+    # ------------------------------------------------------------------ passes
+    @property
+    def tracking(self) -> bool:
+        """Whether the current forward pass is being tracked."""
+        return self._active
+
+    def start(self) -> None:
+        """A forward pass starts: follow its tensors (enter the mode). Called by the probe at
+        the pass start, before functional capture enters its own mode, so that functional
+        capture sees each activation's output after this mode gave it its origin."""
+        if self._active or torch.compiler.is_compiling():
+            return
+        self._weights = self._weight_labels()
+        self._origins.clear()
+        self._mode.__enter__()  # type: ignore[no-untyped-call]
+        self._active = True
+
+    def stop(self) -> None:
+        """The pass ended (or was abandoned): leave the mode, forget the pass's tensors."""
+        if self._active:
+            _remove_mode(self._mode)
+            self._active = False
+        self._origins.clear()
+        self._weights = {}
+
+    def _weight_labels(self) -> dict[int, tuple[Any, str, str | None]]:
+        """``id(parameter or buffer) -> (ref, module path or key, module class or None)``."""
+        out: dict[int, tuple[Any, str, str | None]] = {}
+        for path, mod in self.model.named_modules():
+            holder = isinstance(mod, (nn.ParameterDict, nn.ParameterList))
+            tensors: Iterable[tuple[str, Any]] = list(mod.named_parameters(recurse=False)) + list(
+                mod.named_buffers(recurse=False)
+            )
+            for pname, t in tensors:
+                if t is None or id(t) in out:
+                    continue
+                if holder:  # Keras keeps its variables in a ParameterDict keyed by layer path
+                    out[id(t)] = (weakref.ref(t), pname, None)
+                else:
+                    out[id(t)] = (weakref.ref(t), path or "(root)", type(mod).__name__)
+        return out
+
+    # ------------------------------------------------------------------ lookup
+    def origin(self, t: Any) -> Origin | None:
+        """The origin of ``t`` in the pass being tracked, or None."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        got = self._origins.get(id(t))
+        if got is None or got[0]() is not t:
+            return None
+        return got[1]
+
+    def _set(self, t: Any, origin: Origin | None) -> None:
+        if origin is not None and isinstance(t, torch.Tensor) and 0 <= origin.dim < t.dim():
+            self._origins[id(t)] = (weakref.ref(t), origin)
+
+    def _weight(self, t: Any) -> tuple[str, str | None] | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        got = self._weights.get(id(t))
+        if got is None or got[0]() is not t:
+            return None
+        return got[1], got[2]
+
+    def _producer(self, op: str, weight: Any, default: str) -> str:
+        w = self._weight(weight)
+        if w is None:
+            return f"{default} (F.{op})" if default else f"F.{op}"
+        label, cls = w
+        if cls is None:
+            return f"{op} with weight `{label}`"
+        return f"{cls} `{label}`"
+
+    # ------------------------------------------------------------------ rules
+    def _see(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        first = args[0] if args else kwargs.get("input")
+        if name in _WEIGHT_VIEWS and isinstance(out, torch.Tensor):
+            w = self._weight(first)
+            if w is not None:
+                self._weights[id(out)] = (weakref.ref(out), w[0], w[1])
+                return
+        if not isinstance(out, (torch.Tensor, tuple, list)):
+            return
+        if name == "linear":
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(out, torch.Tensor):
+                self._set(out, Origin(out.dim() - 1, self._producer(name, weight, "Linear"), "features"))
+            return
+        if name in _MATMUL:
+            weight = args[2] if name in ("addmm", "baddbmm") and len(args) > 2 else (
+                args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
+            )
+            if isinstance(out, torch.Tensor) and self._weight(weight) is not None:
+                self._set(out, Origin(out.dim() - 1, self._producer(name, weight, ""), "features"))
+            return
+        if name in _CONV:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(out, torch.Tensor) and isinstance(weight, torch.Tensor):
+                spatial = weight.dim() - 2
+                dim = 1 if out.dim() == spatial + 2 else 0
+                cls = f"Conv{spatial}d" if "transpose" not in name else f"ConvTranspose{spatial}d"
+                self._set(out, Origin(dim, self._producer(name, weight, cls), "channels"))
+            return
+        if name == "embedding":
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(out, torch.Tensor):
+                self._set(out, Origin(out.dim() - 1, self._producer(name, weight, "Embedding"), "features"))
+            return
+        if name in _NORM_CHANNELS or name in _NORM_LAST:
+            if isinstance(out, torch.Tensor):
+                kept = self.origin(first)
+                if kept is not None and isinstance(first, torch.Tensor) and first.shape == out.shape:
+                    self._set(out, kept)
+                else:
+                    owner = next((a for a in list(args[1:]) + list(kwargs.values())
+                                  if self._weight(a) is not None), None)
+                    dim = out.dim() - 1 if name in _NORM_LAST else min(1, out.dim() - 1)
+                    kind = "features" if name in _NORM_LAST else "channels"
+                    self._set(out, Origin(dim, self._producer(name, owner, ""), kind))
+            return
+        if name in _CAT:
+            self._see_cat(args, kwargs, out)
+            return
+        if name in _MIXING:
+            return
+        src = self.origin(first)
+        if isinstance(out, torch.Tensor) and src is not None and isinstance(first, torch.Tensor):
+            moved = _moved_dim(name, args, kwargs, first, out, src.dim)
+            if moved is not _NOT_LAYOUT:
+                if moved is not None:
+                    permuted = moved != src.dim and name not in _RESHAPE
+                    self._set(out, replace(src, dim=moved, moved=src.moved or permuted))
+                return
+        self._see_elementwise(args, kwargs, out)
+
+    def _see_cat(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        tensors = args[0] if args else kwargs.get("tensors", ())
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+        if not isinstance(out, torch.Tensor) or not isinstance(dim, int) or out.dim() == 0:
+            return
+        dim %= out.dim()
+        known = [o for o in (self.origin(t) for t in tensors) if o is not None]
+        if not known or any(o.dim != known[0].dim for o in known):
+            return
+        if known[0].dim != dim:
+            self._set(out, known[0])
+            return
+        producers = sorted({o.producer for o in known})
+        what = producers[0] if len(producers) == 1 else f"{producers[0]} and {len(producers) - 1} more"
+        self._set(out, Origin(dim, f"torch.cat along dim {dim} of {what}", known[0].kind))
+
+    def _see_elementwise(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Any other op: an output keeps the feature axis of an input of its rank (the first
+        of the same shape, else the first of the same rank): activations, norms, dropout,
+        residual adds, scalar maths, casts, pooling, padding, slicing, chunks."""
+        inputs = [a for a in _flat(args) + _flat(list(kwargs.values())) if self.origin(a) is not None]
+        if not inputs:
+            return
+        for o in (out if isinstance(out, (tuple, list)) else (out,)):
+            if not isinstance(o, torch.Tensor) or self.origin(o) is not None:
+                continue
+            same = [a for a in inputs if a.dim() == o.dim()]
+            if not same:
+                continue
+            exact = [a for a in same if a.shape == o.shape]
+            self._set(o, self.origin((exact or same)[0]))
+
+
+_NOT_LAYOUT: Any = object()
+
+
+def _flat(xs: Sequence[Any]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for x in xs:
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            out.extend(t for t in x if isinstance(t, torch.Tensor))
+    return out
+
+
+def _ints(xs: Sequence[Any]) -> list[int]:
+    if len(xs) == 1 and isinstance(xs[0], (list, tuple, torch.Size)):
+        xs = xs[0]
+    return [int(x) for x in xs]
+
+
+def _moved_dim(
+    name: str, args: tuple[Any, ...], kwargs: dict[str, Any], x: torch.Tensor,
+    out: torch.Tensor, dim: int,
+) -> Any:
+    """Where a layout op put feature dim ``dim`` of ``x``: a dim of ``out``, None when the
+    axis did not survive whole, or ``_NOT_LAYOUT`` when ``name`` is not a layout op."""
+    nd = x.dim()
+    if name == "permute":
+        dims = [d % nd for d in _ints(args[1:] or (kwargs.get("dims", ()),))]
+        return dims.index(dim) if dim in dims else None
+    if name in _TRANSPOSE or name == "t":
+        if name == "t":
+            a, b = (0, 1) if nd == 2 else (0, 0)
+        else:
+            a = int(args[1] if len(args) > 1 else kwargs["dim0"]) % nd
+            b = int(args[2] if len(args) > 2 else kwargs["dim1"]) % nd
+        return b if dim == a else a if dim == b else dim
+    if name in _MOVEDIM:
+        src: Any = args[1] if len(args) > 1 else kwargs["source"]
+        dst: Any = args[2] if len(args) > 2 else kwargs["destination"]
+        srcs = [int(s) % nd for s in (src if isinstance(src, (list, tuple)) else [src])]
+        dsts = [int(d) % nd for d in (dst if isinstance(dst, (list, tuple)) else [dst])]
+        order: list[int | None] = [None] * nd
+        for s, d in zip(srcs, dsts, strict=True):
+            order[d] = s
+        rest = iter(i for i in range(nd) if i not in srcs)
+        full = [o if o is not None else next(rest) for o in order]
+        return full.index(dim)
+    if name in _RESHAPE:
+        return _reshaped_dim(tuple(x.shape), tuple(out.shape), dim)
+    return _NOT_LAYOUT
+
+
+def _reshaped_dim(old: tuple[int, ...], new: tuple[int, ...], dim: int) -> int | None:
+    """The dim of ``new`` that holds axis ``dim`` of ``old`` whole (same size, same number
+    of elements before it), or None when the reshape split or merged it."""
+    before = 1
+    for s in old[:dim]:
+        before *= s
+    acc = 1
+    for k, s in enumerate(new):
+        if acc == before and s == old[dim]:
+            return k
+        acc *= s
+        if acc > before and before > 0:
+            return None
+    return None
