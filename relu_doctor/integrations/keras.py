@@ -270,6 +270,13 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if self._batches % self._accumulate == 0:  # one step per optimizer step
             self.doctor.step()
 
+    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+        doc = self.doctor
+        if doc is not None and doc.eval is not None and doc.probe.attached:
+            rec = doc.log_eval()  # one evaluation-stream window per validation run
+            if rec is not None:
+                self.warner(rec, "validation")
+
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is not None and self._last is not None:
             logs.update(summary_scalars(self._last))

@@ -1,0 +1,232 @@
+"""The Keras 3 callback on real ``model.fit`` runs (torch backend), checked against plain torch
+hooks on the same layers counted in numpy (tests/integrations/brute.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+keras = pytest.importorskip("keras")
+
+import relu_doctor  # noqa: E402
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning  # noqa: E402
+from relu_doctor.integrations.keras import ReluDoctorCallback  # noqa: E402
+from tests.integrations.brute import Outputs, windows  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::relu_doctor.errors.ReluDoctorWarning")
+
+
+def _data(n: int = 64, d: int = 12, classes: int = 3, seed: int = 0) -> tuple[Any, Any]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, classes, n), classes)
+    return x, y
+
+
+def _mlp(lr: float = 0.01) -> Any:
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.layers.Dense(6, activation="relu", name="d_in")], name="inner")
+    model = keras.Sequential(
+        [
+            keras.Input((12,)),
+            keras.layers.Dense(10, activation=keras.activations.relu, name="hidden"),
+            inner,
+            keras.layers.ReLU(name="act"),
+            keras.layers.Dense(3, activation="softmax", name="out"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="categorical_crossentropy")
+    return model
+
+
+def _layers(model: Any) -> dict[str, Any]:
+    return {"hidden": model.get_layer("hidden"), "inner/d_in": model.get_layer("inner").get_layer("d_in"),
+            "act": model.get_layer("act")}
+
+
+def test_sites_are_keras_layers_and_numbers_equal_the_reference(tmp_path: Path) -> None:
+    model = _mlp()
+    x, y = _data()
+    layers = _layers(model)
+    ref = Outputs(layers, {k: -1 for k in layers}, keep=lambda: torch.is_grad_enabled())
+    val = Outputs(layers, {k: -1 for k in layers}, keep=lambda: not torch.is_grad_enabled())
+    cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / "run", monitor_validation=True)
+    hist = model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb],
+                     validation_data=_data(24, seed=1))
+    ref.remove()
+    val.remove()
+    doc = cb.doctor
+    assert doc is not None
+    assert [s.name for s in doc.sites] == ["hidden", "inner/d_in", "act"]
+    assert [s.units for s in doc.sites] == [10, 6, 6]
+    assert len(ref.passes) == 8  # 4 batches x 2 epochs; validation passes are not training
+    expected = windows(ref.passes, 2)
+    h = doc.history()
+    assert sorted(h["step"].unique()) == [2, 4, 6, 8]
+    for i, step in enumerate([2, 4, 6, 8]):
+        for site, want in expected[i].items():
+            row = h[(h["step"] == step) & (h["site"] == site)].iloc[0]
+            assert row["elements"] == want["elements"]  # training rows only
+            assert row["dead"] == want["dead"]
+            assert row["activation_rate"] == pytest.approx(want["activation_rate"], rel=1e-9)
+            assert row["mean_abs"] == pytest.approx(want["mean_abs"], rel=1e-5)
+    # The evaluation stream holds exactly the validation passes (24 rows per epoch, 2 epochs).
+    ev = relu_doctor.load_run(tmp_path / "run" / "validation").history
+    assert int(ev[ev["site"] == "hidden"]["elements"].sum()) == sum(
+        p["hidden"].size for p in val.passes
+    )
+    # Keras' own logs see the model-wide numbers.
+    assert "relu_doctor/dead_fraction" in hist.history
+    assert len(hist.history["relu_doctor/dead_fraction"]) == 2
+
+
+def test_conv_channels_last_units_are_filters(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(4, (3, 3), activation="relu", name="conv"),
+            keras.layers.MaxPooling2D((2, 2)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(5, activation="relu", name="fc"),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 2, 32), 2)
+    layers = {"conv": model.get_layer("conv"), "fc": model.get_layer("fc")}
+    ref = Outputs(layers, {"conv": -1, "fc": -1}, keep=lambda: torch.is_grad_enabled())
+    cb = ReluDoctorCallback(log_every_n_steps=4, run_dir=tmp_path / "run")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    ref.remove()
+    assert cb.doctor is not None
+    conv = cb.doctor.probe.site("conv")
+    assert (conv.units, conv.unit_dim) == (4, 3)  # channels_last: the filters are the last dim
+    want = windows(ref.passes, 4)[0]
+    h = cb.doctor.history()
+    for site in ("conv", "fc"):
+        row = h[h["site"] == site].iloc[-1]
+        assert row["dead"] == want[site]["dead"]
+        assert row["activation_rate"] == pytest.approx(want[site]["activation_rate"], rel=1e-9)
+
+
+def test_partial_window_flushed_and_report_written(tmp_path: Path) -> None:
+    model = _mlp()
+    x, y = _data(48)
+    cb = ReluDoctorCallback(log_every_n_steps=50, run_dir=tmp_path / "run", report=True)
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    assert cb.doctor is not None
+    h = cb.doctor.history()
+    assert set(h["step"]) == {3} and set(h["window_steps"]) == {3}
+    assert (tmp_path / "run" / "report.html").is_file()
+    tb_files = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert tb_files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {f"relu_doctor/dead_fraction/{s}" for s in ("hidden", "inner/d_in", "act")} <= tags
+    # After fit every hook is gone: a later predict changes nothing.
+    before = cb.doctor.global_step
+    model.predict(x, verbose=0)
+    assert cb.doctor.global_step == before
+
+
+def test_leaky_relu_swap_changes_the_activation_and_records_it(tmp_path: Path) -> None:
+    model = _mlp(lr=0.5)  # far too high: units die
+    x, y = _data(64)
+    cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / "run",
+                            leaky_relu_swap={"threshold": 0.0, "patience": 1, "slope": 0.1})
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb])
+    swap = cb.remedies["leaky_relu_swap"]
+    assert swap.swaps, "nothing died at lr=0.5"
+    events = [e for e in relu_doctor.load_run(tmp_path / "run").events
+              if e.get("remedy") == "leaky_relu_swap" and e.get("type") == "intervention"]
+    assert sorted(e["site"] for e in events) == sorted(swap.swaps)
+    probe = keras.ops.convert_to_tensor(np.array([[-2.0, 3.0]], dtype="float32"))
+    for path in swap.swaps:
+        layer = cb.sites[path].layer
+        if path == "act":
+            assert layer.negative_slope == pytest.approx(0.1)
+            out = layer(probe)
+        else:
+            out = layer.activation(probe)
+        assert keras.ops.convert_to_numpy(out)[0].tolist() == pytest.approx([-0.2, 3.0])
+        assert cb.doctor is not None
+        assert cb.doctor.probe.site(path).family.name == "leaky_relu"
+    swap.restore()
+    assert model.get_layer("hidden").activation is keras.activations.relu
+
+
+def test_lr_rescue_scales_a_float_and_a_schedule() -> None:
+    from relu_doctor.integrations._keras_remedies import KerasLRRescue, ScaledSchedule
+
+    opt = keras.optimizers.Adam(0.1)
+    ev = KerasLRRescue(opt, factor=0.5).rescue(step=3, reason="manual")
+    assert ev is not None and ev.details["changes"][0]["lr_after"] == pytest.approx(0.05)
+    assert float(keras.ops.convert_to_numpy(opt.learning_rate)) == pytest.approx(0.05)
+    sched = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.5)
+    opt2 = keras.optimizers.SGD(sched)
+    opt2.iterations.assign(2)
+    KerasLRRescue(opt2, factor=0.5).rescue(step=1)
+    assert float(keras.ops.convert_to_numpy(opt2.learning_rate)) == pytest.approx(0.1 * 0.25 * 0.5)
+    cfg = opt2.get_config()["learning_rate"]
+    assert isinstance(keras.optimizers.schedules.deserialize(cfg), ScaledSchedule)
+
+
+def test_autoclip_clips_inside_the_keras_optimizer(tmp_path: Path) -> None:
+    model = _mlp(lr=0.05)
+    x, y = _data(64)
+    cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / "run", autoclip={"percentile": 10})
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    clip = cb.remedies["autoclip"]
+    assert clip.norm_history.numel() == 8  # one norm per optimizer step
+    events = [e for e in relu_doctor.load_run(tmp_path / "run").events
+              if e.get("remedy") == "adaptive_grad_clip" and e.get("type") == "intervention"]
+    assert events and all(e["details"]["clip"]["clipped"] > 0 for e in events)
+    assert "apply" not in vars(model.optimizer)  # unhooked at the end of fit
+
+
+def test_bad_input_gets_one_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = keras.Sequential([keras.layers.Dense(4, activation="relu")])  # no input shape
+    cb = ReluDoctorCallback(run_dir=tmp_path / "a")
+    cb.set_model(model)
+    with pytest.raises(ReluDoctorError, match="not built"):
+        cb.on_train_begin()
+    model = _mlp()
+    model.compile(optimizer=keras.optimizers.Adam(0.01, clipnorm=1.0), loss="categorical_crossentropy")
+    x, y = _data(16)
+    with pytest.raises(ReluDoctorError, match="clipnorm"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[ReluDoctorCallback(run_dir=tmp_path / "b", autoclip=True)])
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ReluDoctorError, match="KERAS_BACKEND=torch"):
+        ReluDoctorCallback()
+
+
+def test_findings_are_warnings(tmp_path: Path) -> None:
+    model = _mlp(lr=0.5)
+    x, y = _data(64)
+    with pytest.warns(ReluDoctorWarning, match="relu_doctor: dead at"):
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0,
+                  callbacks=[ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / "r")])
+
+
+def test_the_package_imports_without_keras_or_transformers() -> None:
+    code = (
+        "import sys; import relu_doctor, relu_doctor.integrations, relu_doctor.remedies; "
+        "assert 'keras' not in sys.modules and 'transformers' not in sys.modules, "
+        "[m for m in sys.modules if m.startswith(('keras', 'transformers'))]; "
+        "sys.modules['keras'] = None\n"
+        "try:\n import relu_doctor.integrations.keras\nexcept Exception as e:\n print(type(e).__name__, e)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "ReluDoctorError" in out.stdout and "'keras'" in out.stdout
