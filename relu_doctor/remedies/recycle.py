@@ -29,7 +29,7 @@ from relu_doctor.remedies.base import (
     check_model,
     site_snapshot,
 )
-from relu_doctor.remedies.unit_links import UnitLinks, find_unit_links
+from relu_doctor.remedies.unit_links import LinkCache, UnitLinks
 from relu_doctor.sites import SiteKey
 
 __all__ = ["DormantRecycler", "recycle_units"]
@@ -47,26 +47,26 @@ def _zero_rows(idx: torch.Tensor) -> SliceFn:
     return fn
 
 
-def _zero_inputs(m: nn.Module, idx: torch.Tensor, span: int) -> SliceFn:
-    if isinstance(m, nn.Linear):
-        cols = (idx[:, None] * span + torch.arange(span)[None, :]).reshape(-1)
+def _zero_inputs(m: nn.Module, weight: torch.Tensor, cols: torch.Tensor) -> SliceFn:
+    """Zero the input columns (Linear) or channels (conv, grouped or not) ``cols``."""
+    if isinstance(m, nn.Linear) or weight.dim() == 2:
 
         def lin(t: torch.Tensor) -> None:
             t.index_fill_(1, cols.to(t.device), 0)
 
         return lin
     groups = int(getattr(m, "groups", 1))
+    in_pg = int(weight.shape[1])
     if groups == 1:
 
         def conv(t: torch.Tensor) -> None:
-            t.index_fill_(1, idx.to(t.device), 0)
+            t.index_fill_(1, cols.to(t.device), 0)
 
         return conv
-    in_pg = m.in_channels // groups  # type: ignore[operator]
-    out_pg = m.out_channels // groups  # type: ignore[operator]
+    out_pg = int(weight.shape[0]) // groups
     parts = []
     for g in range(groups):
-        local = idx[(idx // in_pg) == g] % in_pg
+        local = cols[(cols // in_pg) == g] % in_pg
         if local.numel():
             parts.append((g, local))
 
@@ -75,6 +75,26 @@ def _zero_inputs(m: nn.Module, idx: torch.Tensor, span: int) -> SliceFn:
             t[g * out_pg : (g + 1) * out_pg].index_fill_(1, local.to(t.device), 0)
 
     return grouped
+
+
+def _cut_norm(norm: nn.Module, ch: torch.Tensor, targets: list[tuple[torch.Tensor, SliceFn]]) -> None:
+    """A per-channel norm reading the units: scale 0, and the shift it gave a dead unit (0 in)
+    kept, in training mode (batch statistics: its bias) as in eval mode (running ones)."""
+    w, b = _tensor(norm, "weight"), _tensor(norm, "bias")
+    rm, rv = _tensor(norm, "running_mean"), _tensor(norm, "running_var")
+    assert w is not None
+    dev = ch.to(w.device)
+    if b is not None and rm is not None and rv is not None and not norm.training:
+        eps = float(getattr(norm, "eps", 1e-5))
+        shift = rm[dev] * w[dev] / torch.sqrt(rv[dev] + eps)
+        b.index_copy_(0, dev, b[dev] - shift.to(b.dtype))
+    w.index_fill_(0, dev, 0.0)
+    targets.append((w, _zero_rows(ch)))
+    if b is not None:
+        targets.append((b, _zero_rows(ch)))
+    for t, value in ((rm, 0.0), (rv, 1.0)):
+        if t is not None:
+            t.index_fill_(0, dev, value)
 
 
 def recycle_units(
@@ -131,7 +151,7 @@ def recycle_units(
     prod = links.producer
     targets: list[tuple[torch.Tensor, SliceFn]] = []
     with torch.no_grad():
-        w = _tensor(prod, "weight")
+        w = _tensor(prod, links.producer_param)
         assert w is not None
         fresh = torch.empty((idx.numel(), *w.shape[1:]), dtype=torch.float32)
         nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
@@ -146,23 +166,27 @@ def recycle_units(
             )
             b.index_copy_(0, idx.to(b.device), fb.to(b.device, b.dtype))
             targets.append((b, _zero_rows(idx)))
-        norm = links.norm
-        if norm is not None:
+        for nr in links.norms:
+            ch = torch.nonzero(torch.isin(nr.channels, idx)).flatten()
             for name, value, is_param in (
                 ("weight", 1.0, True),
                 ("bias", 0.0, True),
                 ("running_mean", 0.0, False),
                 ("running_var", 1.0, False),
             ):
-                t = _tensor(norm, name)
+                t = _tensor(nr.module, name)
                 if t is not None:
-                    t.index_fill_(0, idx.to(t.device), value)
+                    t.index_fill_(0, ch.to(t.device), value)
                     if is_param:
-                        targets.append((t, _zero_rows(idx)))
+                        targets.append((t, _zero_rows(ch)))
         for c in links.consumers:
-            fn = _zero_inputs(c.module, idx, c.span)
-            cw = _tensor(c.module, "weight")
+            cols = c.columns(idx)
+            if c.kind == "norm":
+                _cut_norm(c.module, cols, targets)
+                continue
+            cw = _tensor(c.module, c.param)
             assert cw is not None
+            fn = _zero_inputs(c.module, cw, cols)
             fn(cw)
             targets.append((cw, fn))
         state_keys = reset_state_slices(opts, targets)
@@ -193,13 +217,17 @@ class DormantRecycler(Remedy):
         on_unlinkable: ``"warn"`` (skip the site, once) or ``"raise"`` when a site's producer
             or consumers cannot be found.
         seed: base seed of the re-initialisation (combined with step and site), >= 0.
+        example_inputs: input(s) of one forward pass (a tensor or a tuple of arguments) to
+            read the producers and consumers from. By default the arguments of the model's
+            latest call are kept (a reference, first two samples when batched) until the
+            links are first needed, then one extra pass without gradients runs on them.
 
     Attributes:
         recycled: ``{site name: units recycled so far}``.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
-        >>> rec = DormantRecycler(net)
+        >>> rec = DormantRecycler(net, example_inputs=torch.randn(3, 2))
         >>> rec.recycle("1", units=[1], step=0).details["units"]
         [1]
     """
@@ -218,6 +246,7 @@ class DormantRecycler(Remedy):
         exclude: Sequence[str] | str | None = None,
         on_unlinkable: str = "warn",
         seed: int = 0,
+        example_inputs: Any = None,
     ) -> None:
         super().__init__()
         self.model = check_model(model)
@@ -239,9 +268,8 @@ class DormantRecycler(Remedy):
         self.seed = positive_int("seed", seed, minimum=0)
         self.intervals = 0
         self.recycled: dict[str, int] = {}
-        self._links: dict[SiteKey, UnitLinks] = {}
         self._unlinkable: dict[str, str] = {}
-        self._graphs: dict[int, Any] = {}
+        self._finder = LinkCache(self.model, example_inputs=example_inputs)
 
     def links(self, site: str | SiteKey) -> UnitLinks:
         """The (cached) :class:`~relu_doctor.remedies.unit_links.UnitLinks` of ``site`` (a
@@ -249,9 +277,7 @@ class DormantRecycler(Remedy):
         return self._links_of(*self.resolve_site(site))
 
     def _links_of(self, key: SiteKey, name: str) -> UnitLinks:
-        if key not in self._links:
-            self._links[key] = find_unit_links(self.model, site=key, cache=self._graphs, name=name)
-        return self._links[key]
+        return self._finder.links(key, name, doctor=self.doctor)
 
     def _generator(self, site: str, step: int) -> torch.Generator:
         s = (self.seed * 1_000_003 + zlib.crc32(f"{site}@{step}".encode())) % (2**63)

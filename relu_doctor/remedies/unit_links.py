@@ -1,88 +1,122 @@
-"""Unit links: which layer produces a site's units and which layers consume them.
+"""Unit links: which layer produces a site's units and which layers consume them, read from
+the dataflow of one forward pass.
 
-Recycling a unit (ReDo) re-initialises its incoming weights and zeroes its outgoing ones, so
-it needs both ends: the Linear/ConvNd producing the units (through an optional BatchNorm) and
-the Linear/ConvNd layers reading them (through dropout, pooling, spatial means,
-post-activation BatchNorm and a conv-to-linear flatten, which gives each unit ``span``
-consecutive inputs). :func:`find_unit_links` reads them from a torch.fx graph of the module
-holding the activation, or of an enclosing module when the flow leaves it; ``nn.Sequential``
-containers that fx cannot trace are read in order. The site is a
-:class:`~relu_doctor.sites.SiteKey`, so any module name works (``enc:act``, ``a#1``).
+Recycling a unit (ReDo) re-initialises its incoming weights and cuts its outgoing ones, so
+it needs both ends, found in a :class:`~relu_doctor.remedies.dataflow.Dataflow`:
+
+* the **producer**: the Linear/ConvNd whose output features are the site's units, reached
+  backwards from the activation's input through dropout, reshapes/permutes and per-channel
+  norms (BatchNorm, GroupNorm with one channel per group; reset with the units). Its output
+  must go nowhere but to the activation, or a fresh unit would change that other path;
+* the **consumers**: every path from the activation's output is followed forwards, each
+  tensor's elements labelled with the unit they carry, through what keeps a dead unit's zeros
+  zero and its units apart: dropout, pooling, spatial means, reshape/flatten/permute/
+  transpose, slicing, channel concatenation (a unit maps to a slice of the consumer's
+  inputs), products with other tensors (a gate, a layer scale). Each path must end in a
+  Linear/ConvNd input (those columns are zeroed) or an affine per-channel norm (that
+  channel's scale is zeroed and its shift kept, so it still outputs what a dead unit gave).
+
+Refused, with the blocking path named: a sum with another branch (a residual or skip
+connection: the unit's new value would pass through it), a norm that mixes units (LayerNorm,
+GroupNorm), the model's output reached directly, any other op, and layers shared with
+another input. The site is a :class:`~relu_doctor.sites.SiteKey`, so any module name works.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies.base import get_module, key_label, site_key_of
+from relu_doctor.remedies.dataflow import (
+    Dataflow,
+    InputTap,
+    Node,
+    Param,
+    Value,
+    record_dataflow,
+    record_latest,
+)
 from relu_doctor.sites import SiteKey, module_label
 
-__all__ = ["Consumer", "UnitLinks", "find_unit_links"]
+__all__ = ["Consumer", "LinkCache", "NormReset", "UnitLinks", "find_unit_links"]
 
-_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_PASS_MODULES = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.Identity,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-)
-_PASS_FUNCTIONS = {
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.dropout3d,
-    F.alpha_dropout,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.avg_pool3d,
-    F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
-    F.adaptive_max_pool3d,
-}
-_PASS_METHODS = {"contiguous", "clone", "detach"}
-_SHAPE_METHODS = {"size", "dim", "numel"}
-_REDUCE = {"mean", "sum", "amax"}
+_PRODUCERS = {"linear", "conv1d", "conv2d", "conv3d"}
+_MOVE = {
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "contiguous",
+    "clone", "unsqueeze", "squeeze", "expand", "cat", "concat", "concatenate", "stack",
+    "__getitem__", "chunk", "split", "tensor_split", "unbind", "narrow", "movedim", "moveaxis",
+    "swapaxes", "swapdims", "pad", "view_as", "reshape_as", "expand_as", "select", "flip",
+    "roll", "repeat", "tile",
+}  # fmt: skip
+_CASTS = {"to", "type", "float", "half", "double", "bfloat16", "cuda", "cpu", "type_as", "detach"}
+_DROPOUT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout"}
+# f(0) == 0 elementwise, one input: a dead unit's zeros stay zeros.
+_ZERO_UNARY = _DROPOUT | {
+    "relu", "relu6", "leaky_relu", "prelu", "rrelu", "gelu", "silu", "mish", "hardswish",
+    "elu", "celu", "selu", "hardtanh", "tanh", "softsign", "neg", "__neg__", "abs", "square",
+}  # fmt: skip
+_MUL = {"mul", "__mul__", "__rmul__", "__imul__", "multiply"}
+_DIV = {"div", "__truediv__", "__itruediv__", "true_divide", "divide"}
+_SUM = {"add", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "__isub__"}
+_REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "nanmean", "nansum"}
+_POOL = re.compile(r"^(adaptive_)?(max|avg|lp)_pool([123])d$")
+_NORMS = {"batch_norm", "group_norm", "layer_norm", "instance_norm", "rms_norm"}
 
 
 @dataclass
 class Consumer:
-    """A layer that reads a site's output: ``span`` input features per unit (H*W after a
-    conv-to-linear flatten, else 1)."""
+    """A layer reading a site's units.
+
+    Attributes:
+        path, module: the layer (a Linear/ConvNd, or an affine per-channel norm: ``kind``).
+        span: input features per unit (H*W after a conv-to-linear flatten, else 1).
+        offset: index of the first input feature fed by the site (a concatenation's offset).
+        inputs: per input feature (Linear) or channel (conv, norm): the unit it carries,
+            -1 for none.
+        kind: ``"weight"`` (zero the inputs' columns) or ``"norm"`` (zero the channels' scale,
+            keep the shift a dead unit gave).
+        param: the attribute name of the weight read (``"weight"``).
+    """
 
     path: str
     module: nn.Module
     span: int = 1
+    offset: int = 0
+    inputs: torch.Tensor | None = None
+    kind: str = "weight"
+    param: str = "weight"
+
+    def columns(self, units: torch.Tensor) -> torch.Tensor:
+        """The input features (channels) carrying ``units``."""
+        if self.inputs is None:
+            cols = units[:, None] * self.span + torch.arange(self.span)[None, :]
+            return (cols.reshape(-1) + self.offset).sort().values
+        return torch.nonzero(torch.isin(self.inputs, units)).flatten()
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "span": self.span}
+        if self.offset:
+            out["offset"] = self.offset
+        if self.kind != "weight":
+            out["kind"] = self.kind
+        return out
+
+
+@dataclass
+class NormReset:
+    """A per-channel norm between producer and activation: its ``channels`` (per channel,
+    the unit it normalises, -1 for none) are reset with the units."""
+
+    path: str
+    module: nn.Module
+    channels: torch.Tensor
 
 
 @dataclass
@@ -91,10 +125,12 @@ class UnitLinks:
 
     Attributes:
         site: the site name.
-        units: number of units.
-        producer_path, producer: the Linear/Conv whose output units feed the activation.
-        norm_path, norm: the BatchNorm between them, or None.
+        units: number of units (the producer's output features).
+        producer_path, producer: the Linear/Conv whose output features are the units.
+        norm_path, norm: the first norm between them, or None (``norms`` lists all).
         consumers: the layers reading the activation's output.
+        norms: every per-channel norm between producer and activation.
+        producer_param: the attribute name of the producer's weight.
     """
 
     site: str
@@ -104,6 +140,8 @@ class UnitLinks:
     norm_path: str | None
     norm: nn.Module | None
     consumers: list[Consumer]
+    norms: list[NormReset] = field(default_factory=list)
+    producer_param: str = "weight"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -111,329 +149,454 @@ class UnitLinks:
             "units": self.units,
             "producer": self.producer_path,
             "norm": self.norm_path,
-            "consumers": [{"path": c.path, "span": c.span} for c in self.consumers],
+            "consumers": [c.describe() for c in self.consumers],
         }
 
 
-class _Escape(Exception):
-    """The flow leaves the traced module: try its parent."""
+class _Refuse(Exception):
+    pass
 
 
-def _first_arg(node: torch.fx.Node) -> Any:
-    if node.args:
-        return node.args[0]
-    return next(iter(node.kwargs.values()), None)
+# ---------------------------------------------------------------------- the site in the flow
 
 
-def _describe_node(node: Any, root: nn.Module) -> str:
-    if not isinstance(node, torch.fx.Node):
-        return repr(node)
-    if node.op == "call_module":
-        return f"{type(root.get_submodule(str(node.target))).__name__} {node.target!r}"
-    if node.op == "call_function":
-        return f"function {getattr(node.target, '__name__', node.target)!s}"
-    if node.op == "call_method":
-        return f"method .{node.target}()"
-    return f"{node.op} {node.target!s}"
-
-
-def _owner(node: torch.fx.Node) -> str:
-    """Path (relative to the traced module) of the module whose ``forward`` made ``node``'s
-    call: the innermost entry of fx's ``nn_module_stack`` (empty: the traced module's own)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    inner = list(stack.values())[-1]
-    return str(inner[0] if isinstance(inner, tuple) else inner)
-
-
-def _act_nodes(
-    graph: torch.fx.Graph, root: nn.Module, rel: str, op: str | None
-) -> list[torch.fx.Node]:
-    """The calls of the activation in the traced graph of ``root``, in execution order: of
-    the module at ``rel``, or (``op`` given) of the functional ``op`` inside the ``forward``
-    of the module at ``rel`` (``""``: ``root``'s own)."""
-    if op is None:
-        return [n for n in graph.nodes if n.op == "call_module" and n.target == rel]
-    out = []
-    for n in graph.nodes:
-        if n.op not in ("call_function", "call_method") or _owner(n) != rel:
-            continue  # another module's call
-        name = getattr(n.target, "__name__", "") if n.op == "call_function" else str(n.target)
-        if name.rstrip("_") == op:
-            out.append(n)
-    return out
-
-
-def _analyse(
-    graph: torch.fx.Graph, root: nn.Module, rel: str, call_index: int, op: str | None, site: str
-) -> tuple[str, nn.Module, str | None, nn.Module | None, list[Consumer], int]:
-    nodes = _act_nodes(graph, root, rel, op)
-    if len(nodes) <= call_index:
-        raise _Escape(
-            f"{type(root).__name__}: call {call_index} of {rel or op!r} not found in its graph"
+def _site_values(flow: Dataflow, model: nn.Module, key: SiteKey) -> tuple[Value, Node | None]:
+    """The site's input value and, for a functional call, its node."""
+    if key.op is None:
+        mod = get_module(model, key.module_path, "site")
+        calls = flow.module_calls.get(mod, [])
+        if len(calls) <= key.call_index or not calls[key.call_index].inputs:
+            raise _Refuse(
+                f"the recorded forward pass called {module_label(key.module_path)!r} "
+                f"{len(calls)} time(s), not {key.call_index + 1}"
+            )
+        return calls[key.call_index].inputs[0], None
+    nodes = flow.functional.get((key.module_path, key.op), [])
+    if len(nodes) <= key.call_index or not nodes[key.call_index].inputs:
+        raise _Refuse(
+            f"the recorded forward pass made {len(nodes)} {key.op} call(s) in "
+            f"{module_label(key.module_path)}.forward, not {key.call_index + 1}"
         )
-    node = nodes[call_index]
-    # ---------------------------------------------------------------- producer side
-    x = _first_arg(node)
-    norm_path: str | None = None
-    norm: nn.Module | None = None
+    node = nodes[key.call_index]
+    return node.inputs[0], node
+
+
+def _weight(node: Node) -> Param | None:
+    w = node.arg(1, "weight")
+    return w if isinstance(w, Param) else None
+
+
+def _norm_weight(node: Node) -> Any:
+    i = {"batch_norm": 3, "group_norm": 2, "instance_norm": 3, "layer_norm": 2}.get(node.name, 2)
+    return node.arg(i, "weight")
+
+
+def _norm_owner(node: Node) -> Param | None:
+    for a in (_norm_weight(node), node.arg(1, "running_mean")):
+        if isinstance(a, Param):
+            return a
+    return None
+
+
+def _per_channel(node: Node, shape: tuple[int, ...]) -> bool:
+    if node.name in ("batch_norm", "instance_norm"):
+        return True
+    if node.name == "group_norm":
+        return len(shape) > 1 and node.arg(1, "num_groups") == shape[1]
+    return False
+
+
+def _mixing_norm(node: Node) -> str:
+    what = {"layer_norm": "LayerNorm", "group_norm": "GroupNorm", "rms_norm": "RMSNorm"}
+    return f"{what.get(node.name, node.name)} ({node.describe()}) normalises the units together"
+
+
+# ---------------------------------------------------------------------- labels
+
+
+def _labels_for(flow_labels: dict[Value, torch.Tensor], x: Any) -> Any:
+    if isinstance(x, Value):
+        got = flow_labels.get(x)
+        if got is not None:
+            return got
+        if x.data is not None:
+            return x.data.cpu()
+        return torch.zeros(x.shape)
+    if isinstance(x, Param):
+        return torch.zeros(tuple(x.tensor.shape))
+    if isinstance(x, (list, tuple)) and not isinstance(x, torch.Size):
+        return type(x)(_labels_for(flow_labels, y) for y in x)
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    return x
+
+
+def _replay(node: Node, labels: dict[Value, torch.Tensor]) -> list[torch.Tensor]:
+    args = tuple(_labels_for(labels, a) for a in node.args)
+    kwargs = {k: _labels_for(labels, v) for k, v in node.kwargs.items()}
+    out = node.func(*args, **kwargs)
+    outs = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+    if len(outs) != len(node.outputs) or any(
+        tuple(t.shape) != v.shape for t, v in zip(outs, node.outputs, strict=False)
+    ):
+        raise _Refuse(f"cannot follow the units through {node.describe()}")
+    return outs
+
+
+def _channel_map(lab: torch.Tensor, dim: int, what: str) -> torch.Tensor:
+    """Per index of ``dim``: the unit it carries (-1: none), or refuse when mixed."""
+    moved = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
+    first = moved[:, :1]
+    if not torch.equal(moved, first.expand_as(moved)):
+        raise _Refuse(f"{what} reads the units mixed with other values on one input")
+    return first.flatten().long() - 1
+
+
+def _broadcast(lab: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.broadcast_to(lab, shape).clone()
+
+
+def _reduce(node: Node, lab: torch.Tensor) -> torch.Tensor:
+    dim = node.arg(1, "dim", node.kwargs.get("axis"))
+    keep = bool(node.arg(2, "keepdim", False))
+    if isinstance(dim, Value | Param | str):
+        raise _Refuse(f"cannot follow the units through {node.describe()}")
+    if dim is None:
+        hi, lo = lab.amax(), lab.amin()
+    else:
+        hi, lo = lab.amax(dim=dim, keepdim=keep), lab.amin(dim=dim, keepdim=keep)
+    if not torch.equal(hi, lo):
+        raise _Refuse(f"{node.describe()} sums the units with each other or with other values")
+    return hi
+
+
+def _pool(node: Node, lab: torch.Tensor, k: int) -> torch.Tensor:
+    dims = tuple(range(lab.dim() - k, lab.dim()))
+    hi, lo = lab.amax(dim=dims, keepdim=True), lab.amin(dim=dims, keepdim=True)
+    if not torch.equal(hi, lo):
+        raise _Refuse(f"{node.describe()} pools the units with other values")
+    return _broadcast(hi, node.outputs[0].shape)
+
+
+# ---------------------------------------------------------------------- the walk
+
+
+def _producer(start: Value) -> tuple[Node, list[Node]]:
+    """Backwards from the site's input: the producing Linear/Conv call and the calls between."""
+    chain: list[Node] = []
+    v = start
     while True:
-        if not isinstance(x, torch.fx.Node):
-            raise ReluDoctorError(
-                f"site {site!r}: its input is not a tensor computed in the model ({x!r})."
+        n = v.node
+        if n is None:
+            raise _Refuse("its input is an input of the model, not the output of a layer")
+        if n.name in _PRODUCERS and _weight(n) is not None and n.outputs[0] is v:
+            return n, chain[::-1]
+        if n.name in _NORMS and not _per_channel(n, v.shape):
+            raise _Refuse(f"its input passes a {_mixing_norm(n)}: a fresh unit would shift the others")
+        passes = (
+            n.name in _MOVE | _CASTS | _DROPOUT or (n.name in _NORMS and _per_channel(n, v.shape))
+        )
+        tracked = [i for i in n.inputs if i.data is None]
+        if not passes or len(tracked) != 1:
+            kind = "a sum" if n.name in _SUM else n.describe()
+            raise _Refuse(
+                f"its input comes from {kind} ({n.describe()}), not from a Linear or Conv layer "
+                "(through dropout, reshapes or a per-channel norm); recycling needs the one "
+                "layer that produces the units"
             )
-        if x.op == "placeholder":
-            raise _Escape(f"{type(root).__name__}: the input comes from outside")
-        if x.op == "call_module":
-            m = root.get_submodule(str(x.target))
-            if isinstance(m, _NORMS) and norm is None:
-                norm_path, norm = str(x.target), m
-                x = _first_arg(x)
-                continue
-            if isinstance(m, nn.Identity):
-                x = _first_arg(x)
-                continue
-            if isinstance(m, _PRODUCERS):
-                producer_path, producer = str(x.target), m
-                break
-        raise ReluDoctorError(
-            f"site {site!r}: its input comes from {_describe_node(x, root)}, not from a Linear or "
-            "Conv layer (optionally through one BatchNorm); recycling needs the layer that "
-            "produces the units. Exclude this site."
-        )
-    units = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
-    if norm is not None and getattr(norm, "num_features", units) != units:
-        raise ReluDoctorError(
-            f"site {site!r}: {norm_path} has {norm.num_features} features, {producer_path} {units} outputs."
-        )
-    conv = not isinstance(producer, nn.Linear)
-    ndim = (producer.weight.dim()) if conv else None  # N, C + spatial dims
-    # ---------------------------------------------------------------- consumer side
+        chain.append(n)
+        v = tracked[0]
+
+
+def _walk(
+    flow: Dataflow, prod: Node, chain: list[Node], site_in: Value
+) -> tuple[list[NormReset], list[Consumer]]:
+    p_out = prod.outputs[0]
+    w = _weight(prod)
+    assert w is not None
+    units = int(w.tensor.shape[0])
+    if prod.name == "linear":
+        fdim = len(p_out.shape) - 1
+    else:
+        fdim = 1 if len(p_out.shape) == w.tensor.dim() else 0
+    shape = [1] * len(p_out.shape)
+    shape[fdim] = units
+    labels: dict[Value, torch.Tensor] = {
+        p_out: _broadcast(torch.arange(1, units + 1, dtype=torch.float32).reshape(shape), p_out.shape)
+    }
+    # --- producer side: a single path, nothing else may read it
+    norms: list[NormReset] = []
+    on_chain = [p_out] + [n.outputs[0] for n in chain]
+    for v, nxt in zip(on_chain, [*chain, None], strict=True):
+        others = [u for u in v.users if u is not nxt] if nxt is not None else []
+        if nxt is None:
+            others = v.users[1:] if len(v.users) > 1 else []
+        if others:
+            raise _Refuse(
+                f"the output of {prod.describe()} also goes to {others[0].describe()}, not only "
+                "to this activation: a fresh unit would change that path too"
+            )
+    for n in chain:
+        lab = labels[n.inputs[0]]
+        if n.name in _NORMS:
+            owner = _norm_owner(n)
+            if owner is not None:
+                norms.append(NormReset(owner.path, owner.module, _channel_map(lab, 1, n.describe())))
+        elif n.name in _MOVE:
+            lab = _replay(n, labels)[0]
+        labels[n.outputs[0]] = lab
+    # --- consumer side: every path, in execution order
     consumers: list[Consumer] = []
-    frontier: list[tuple[torch.fx.Node, bool]] = [(node, False)]
-    seen: set[torch.fx.Node] = set()
-    while frontier:
-        cur, flat = frontier.pop()
-        for u in list(cur.users):
-            if u in seen:
-                continue
-            seen.add(u)
-            if u.op == "output":
-                raise _Escape(f"{type(root).__name__}: the output leaves it")
-            through_first = _first_arg(u) is cur
-            if u.op == "call_module":
-                m = root.get_submodule(str(u.target))
-                if isinstance(m, _PRODUCERS) and through_first:
-                    span = _consumer_span(m, units, flat, conv, site, str(u.target))
-                    consumers.append(Consumer(str(u.target), m, span))
-                    continue
-                if (
-                    isinstance(m, nn.Flatten)
-                    and through_first
-                    and conv
-                    and not flat
-                    and m.start_dim == 1
-                ):
-                    frontier.append((u, True))
-                    continue
-                elementwise = isinstance(m, (nn.Dropout, nn.Identity, nn.AlphaDropout))
-                if isinstance(m, _PASS_MODULES) and through_first and (not flat or elementwise):
-                    frontier.append((u, flat))
-                    continue
-            elif u.op == "call_function":
-                if u.target in _PASS_FUNCTIONS and through_first:
-                    frontier.append((u, flat))
-                    continue
-                if u.target is torch.flatten and through_first and conv and not flat:
-                    start = u.args[1] if len(u.args) > 1 else u.kwargs.get("start_dim", 0)
-                    if start == 1:
-                        frontier.append((u, True))
-                        continue
-                reduce = u.target in (torch.mean, torch.sum, torch.amax)
-                if (
-                    reduce
-                    and through_first
-                    and conv
-                    and not flat
-                    and _reduces_spatial_only(u, ndim)
-                ):
-                    frontier.append((u, False))
-                    continue
-                if u.target is getattr:
-                    continue  # x.shape
-            elif u.op == "call_method" and through_first:
-                name = str(u.target)
-                if name in _SHAPE_METHODS:
-                    continue
-                if name in _PASS_METHODS:
-                    frontier.append((u, flat))
-                    continue
-                if name == "flatten" and conv and not flat:
-                    start = u.args[1] if len(u.args) > 1 else u.kwargs.get("start_dim", 0)
-                    if start == 1:
-                        frontier.append((u, True))
-                        continue
-                if name in ("view", "reshape") and conv and not flat and len(u.args) == 3:
-                    frontier.append((u, True))
-                    continue
-                if name in _REDUCE and conv and not flat and _reduces_spatial_only(u, ndim):
-                    frontier.append((u, False))
-                    continue
-            raise ReluDoctorError(
-                f"site {site!r}: its output goes to {_describe_node(u, root)}, which mixes units "
-                "or is not a Linear/Conv layer (recycling zeroes the outgoing weights of the "
-                "recycled units and follows only pooling, dropout and flattening to them). "
-                "Exclude this site."
-            )
+    route: dict[Value, str] = {site_in: ""}
+    first = site_in.users[0].index if site_in.users else len(flow.nodes)
+    for n in flow.nodes[first:]:
+        tracked = [v for v in n.inputs if v in labels]
+        if not tracked:
+            continue
+        via = route.get(tracked[0], "")
+        here = f"{via} -> {n.name}" if via else n.name
+        try:
+            outs = _consume(n, tracked, labels, consumers)
+        except _Refuse as e:
+            raise _Refuse(f"{e} (path: {here})") from None
+        for v, lab in zip(n.outputs, outs, strict=False):
+            labels[v] = lab
+            route[v] = here
+            if v.output and bool((lab > 0).any()):
+                raise _Refuse(
+                    f"its units reach the model's output through {here} without passing a "
+                    "parameterised layer whose inputs could be zeroed"
+                )
+    if site_in.output:
+        raise _Refuse("its units are the model's output")
     if not consumers:
-        raise _Escape(f"{type(root).__name__}: no consumer found")
-    return producer_path, producer, norm_path, norm, consumers, units
+        raise _Refuse("its units reach no Linear, Conv or norm layer")
+    return norms, consumers
 
 
-def _reduces_spatial_only(node: torch.fx.Node, ndim: int | None) -> bool:
-    arg: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if arg is None or ndim is None:
-        return False
-    dims: tuple[Any, ...] = (arg,) if isinstance(arg, int) else tuple(arg)
-    if not all(isinstance(d, int) for d in dims):
-        return False
-    norm = {int(d) % ndim for d in dims}
-    return 0 not in norm and 1 not in norm
-
-
-def _consumer_span(m: nn.Module, units: int, flat: bool, conv: bool, site: str, path: str) -> int:
-    if isinstance(m, nn.Linear):
-        if conv and not flat:
-            raise ReluDoctorError(
-                f"site {site!r}: Linear {path!r} reads a conv output without flattening it; "
-                "cannot tell which inputs belong to which unit."
-            )
-        if m.in_features % units:
-            raise ReluDoctorError(
-                f"site {site!r}: Linear {path!r} has {m.in_features} inputs, not a multiple of "
-                f"the site's {units} units."
-            )
-        return m.in_features // units
-    if flat or not conv:
-        raise ReluDoctorError(
-            f"site {site!r}: conv {path!r} reads a {'flattened tensor' if flat else 'Linear output'}; "
-            "cannot tell which input channels belong to which unit."
+def _consume(
+    n: Node, tracked: list[Value], labels: dict[Value, torch.Tensor], consumers: list[Consumer]
+) -> list[torch.Tensor]:
+    """One call reading units: a cut (recorded in ``consumers``; returns nothing) or the labels
+    of its outputs."""
+    name = n.name
+    x = n.args[0] if n.args else None
+    if name in _PRODUCERS:
+        w = _weight(n)
+        if w is None or tracked != [x]:
+            raise _Refuse(f"{n.describe()} reads the units with a computed weight")
+        dim = -1 if name == "linear" else (1 if len(x.shape) == w.tensor.dim() else 0)
+        lab = labels[x]
+        m = _channel_map(lab, dim, n.describe())
+        consumers.append(_consumer(w, m, "weight"))
+        return []
+    if name in _NORMS:
+        if not _per_channel(n, x.shape if isinstance(x, Value) else ()):
+            raise _Refuse(f"its units pass a {_mixing_norm(n)}")
+        owner = _norm_weight(n)
+        if not isinstance(owner, Param) or tracked != [x]:
+            raise _Refuse(f"{n.describe()} has no learned scale to zero")
+        m = _channel_map(labels[x], 1, n.describe())
+        consumers.append(_consumer(owner, m, "norm"))
+        return []
+    if name in _SUM:
+        raise _Refuse(
+            f"its units also reach {n.describe()}, a sum with another branch (a residual or "
+            "skip connection): a recycled unit's new value would pass through it unweighted"
         )
-    if m.in_channels != units:
-        raise ReluDoctorError(
-            f"site {site!r}: conv {path!r} has {m.in_channels} input channels, the site "
-            f"{units} units."
+    if name in _MOVE:
+        return _replay(n, labels)
+    if name in _CASTS:
+        return [labels[x]] if isinstance(x, Value) else []
+    out_shape = n.outputs[0].shape if n.outputs else ()
+    if name in _ZERO_UNARY and tracked == [x]:
+        return [_broadcast(labels[x], out_shape)]
+    if name in _MUL or (name in _DIV and tracked == [x]):
+        a, b = (labels.get(v) if isinstance(v, Value) else None for v in (n.arg(0, "input"), n.arg(1, "other")))
+        la = _broadcast(a, out_shape) if a is not None else torch.zeros(out_shape)
+        lb = _broadcast(b, out_shape) if b is not None else torch.zeros(out_shape)
+        if bool(((la > 0) & (lb > 0) & (la != lb)).any()):
+            raise _Refuse(f"{n.describe()} multiplies two units together")
+        return [torch.maximum(la, lb)]
+    if name in _REDUCE and tracked == [x]:
+        return [_reduce(n, labels[x])]
+    pool = _POOL.match(name)
+    if pool and tracked == [x]:
+        return [_pool(n, labels[x], int(pool.group(3)))]
+    raise _Refuse(
+        f"its units reach {n.describe()}, which is not a Linear, Conv or per-channel norm and "
+        "may mix them or change their zeros (recycling zeroes the recycled units' outgoing "
+        "weights and follows dropout, pooling, means, reshapes, concatenation and products to them)"
+    )
+
+
+def _consumer(w: Param, m: torch.Tensor, kind: str) -> Consumer:
+    fed = torch.nonzero(m >= 0).flatten()
+    offset = int(fed.min()) if fed.numel() else 0
+    counts = torch.bincount(m[fed]) if fed.numel() else torch.zeros(1, dtype=torch.long)
+    span = int(counts.max()) if counts.numel() else 1
+    return Consumer(w.path, w.module, span, offset, m, kind, w.name)
+
+
+def _check_shared(flow: Dataflow, prod: Node, consumers: list[Consumer], norms: list[NormReset]) -> None:
+    w = _weight(prod)
+    assert w is not None
+    n_uses = len(flow.uses_of(w.tensor))
+    if n_uses > 1:
+        raise _Refuse(
+            f"{type(w.module).__name__} {w.path!r} is called {n_uses} times per pass; "
+            "re-initialising its rows would change its other outputs too"
         )
-    return 1
+    seen: dict[int, list[Consumer]] = {}
+    for c in consumers:
+        seen.setdefault(id(getattr(c.module, c.param)), []).append(c)
+    for group in seen.values():
+        c = group[0]
+        uses = len(flow.uses_of(getattr(c.module, c.param)))
+        if uses > len(group):
+            raise _Refuse(
+                f"{type(c.module).__name__} {c.path!r} is also called on other inputs; zeroing "
+                "its input columns would change those outputs"
+            )
 
 
-def _sequential_graph(seq: nn.Sequential) -> torch.fx.Graph:
-    g = torch.fx.Graph()
-    x: Any = g.placeholder("x")
-    for name, _ in seq.named_children():
-        x = g.call_module(name, (x,))
-    g.output(x)
-    return g
-
-
-def _trace(module: nn.Module, cache: dict[int, Any] | None) -> torch.fx.Graph:
-    key = id(module)
-    if cache is not None and key in cache:
-        mod, cached = cache[key]
-        if mod is module:
-            if isinstance(cached, BaseException):
-                raise cached
-            found: torch.fx.Graph = cached
-            return found
-    try:
-        graph = torch.fx.Tracer().trace(module)
-    except Exception as e:  # any tracing failure: data-dependent control flow, etc.
-        if isinstance(module, nn.Sequential):
-            graph = _sequential_graph(module)
-        else:
-            err = RuntimeError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            if cache is not None:
-                cache[key] = (module, err)
-            raise err from None
-    if cache is not None:
-        cache[key] = (module, graph)
-    return graph
+# ---------------------------------------------------------------------- the API
 
 
 def find_unit_links(
     model: nn.Module,
     *,
     site: str | SiteKey,
-    cache: dict[int, Any] | None = None,
+    example_inputs: Any = None,
+    dataflow: Dataflow | None = None,
     name: str | None = None,
 ) -> UnitLinks:
     """Find the layer producing ``site``'s units and the layers consuming them.
 
-    Works on ``nn.Sequential`` models and on any model torch.fx can trace: starting from the
-    module that holds the activation, each enclosing module is traced in turn until one shows
-    both ends. The producer is a Linear or ConvNd, optionally followed by one BatchNorm; the
-    path to the consumers (Linear or ConvNd) may pass through dropout, pooling, spatial means,
-    post-activation BatchNorm and a conv-to-linear flatten.
+    Read from what one forward pass did (:func:`~relu_doctor.remedies.dataflow.
+    record_dataflow`), so any architecture works: residual blocks, concatenation, norm-act
+    modules, transformer MLPs, functional activations.
 
     Args:
         model: the model (site paths are relative to it).
         site: the site's :class:`~relu_doctor.sites.SiteKey` (``doctor.site_key(name)``,
             ``record.key(name)``), or the module path of an activation module called once,
             exactly as registered (``"features.2"``, ``"enc:act"``).
-        cache: a dict to keep traced graphs in between calls.
+        example_inputs: input(s) for one forward pass (a tensor or a tuple of arguments),
+            when no ``dataflow`` is given.
+        dataflow: a recorded pass of ``model`` to reuse across sites.
         name: the site's display name, for messages and :attr:`UnitLinks.site` (default:
             made from the key).
 
     Raises:
-        ReluDoctorError: naming the site, when no producer/consumer can be found (a
-            residual sum feeds or reads it, the model cannot be traced, ...).
+        ReluDoctorError: naming the site and the blocking path, when recycling its units
+            could change the model's output (a skip connection, a non-parameterised
+            consumer, a norm mixing units...), or neither input nor dataflow is given.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
-        >>> find_unit_links(net, site="1").describe()["producer"]
-        '0'
-        >>> find_unit_links(net, site=SiteKey("1")).consumers[0].path
-        '2'
+        >>> links = find_unit_links(net, site="1", example_inputs=torch.randn(3, 2))
+        >>> links.producer_path, links.consumers[0].path
+        ('0', '2')
     """
     key = site_key_of(site)
     label = name if name is not None else (
         module_label(site) if isinstance(site, str) else key_label(key)
     )
-    path, call_index, op = key.module_path, key.call_index, key.op
-    get_module(model, path, "site")
-    parts = path.split(".") if path else []
-    if op is None:
-        if not parts:
+    get_module(model, key.module_path, "site")
+    if key.op is None and not key.module_path:
+        raise ReluDoctorError(f"site {label!r}: the model itself is the activation; nothing feeds it.")
+    if dataflow is None:
+        if example_inputs is None:
             raise ReluDoctorError(
-                f"site {label!r}: the model itself is the activation; nothing feeds it."
+                "example_inputs: expected the input(s) of one forward pass (a tensor or a tuple) "
+                "to read the site's producer and consumers from, or a recorded dataflow=; got "
+                "neither."
             )
-        start = len(parts) - 1
-    else:
-        start = len(parts)
-    reasons: list[str] = []
-    for depth in range(start, -1, -1):
-        anc_path = ".".join(parts[:depth])
-        anc = model.get_submodule(anc_path) if anc_path else model
-        rel = ".".join(parts[depth:])
         try:
-            graph = _trace(anc, cache)
-        except RuntimeError as e:
-            reasons.append(
-                f"{module_label(anc_path)} ({type(anc).__name__}) cannot be traced by torch.fx: {e}"
-            )
-            continue
-        try:
-            pp, prod, np_, norm, cons, units = _analyse(graph, anc, rel, call_index, op, label)
-        except _Escape as e:
-            reasons.append(str(e))
-            continue
-        pre = f"{anc_path}." if anc_path else ""
-        for c in cons:
-            c.path = pre + c.path
-        return UnitLinks(label, units, pre + pp, prod, (pre + np_) if np_ else None, norm, cons)
-    raise ReluDoctorError(
-        f"site {label!r}: cannot find the layers that produce and consume its units "
-        f"({'; '.join(reasons)}). Recycling needs an nn.Sequential or a torch.fx-traceable "
-        "model; exclude this site or make the enclosing module traceable."
+            dataflow = record_dataflow(model, example_inputs)
+        except Exception as e:
+            raise ReluDoctorError(
+                f"site {label!r}: the forward pass on example_inputs failed "
+                f"({type(e).__name__}: {e})."
+            ) from None
+    try:
+        site_in, _ = _site_values(dataflow, model, key)
+        prod, chain = _producer(site_in)
+        norms, consumers = _walk(dataflow, prod, chain, site_in)
+        _check_shared(dataflow, prod, consumers, norms)
+    except _Refuse as e:
+        raise ReluDoctorError(f"site {label!r}: {e}. Exclude this site.") from None
+    w = _weight(prod)
+    assert w is not None
+    first = norms[0] if norms else None
+    return UnitLinks(
+        label,
+        int(w.tensor.shape[0]),
+        w.path,
+        w.module,
+        first.path if first else None,
+        first.module if first else None,
+        consumers,
+        norms,
+        w.name,
     )
+
+
+class LinkCache:
+    """The unit links of a model's sites, from one pass recorded when first needed.
+
+    Until then it keeps a reference to the arguments of the model's latest call
+    (:class:`~relu_doctor.remedies.dataflow.InputTap`); the first :meth:`links` records one
+    extra pass without gradients on them (two samples when batched), with the bound Doctor
+    paused, and drops the reference. What remedies that need producers and consumers
+    (:class:`~relu_doctor.remedies.recycle.DormantRecycler`) hold.
+
+    Args:
+        model: the model.
+        example_inputs: input(s) to record the pass on instead (a tensor or a tuple).
+    """
+
+    def __init__(self, model: nn.Module, *, example_inputs: Any = None) -> None:
+        self.model = model
+        self._links: dict[SiteKey, UnitLinks] = {}
+        self._flow: Dataflow | None = None
+        self._error: str | None = None
+        self._tap: InputTap | None = None
+        self._example: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None = None
+        if example_inputs is not None:
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            self._example = (model, args, {})
+        else:
+            self._tap = InputTap(model)
+
+    def dataflow(self, name: str, doctor: Any = None) -> Dataflow:
+        """The recorded pass (recorded on the first call)."""
+        if self._flow is None and self._error is None:
+            example = self._example or (self._tap.latest() if self._tap is not None else None)
+            if example is None:
+                raise ReluDoctorError(
+                    f"site {name!r}: no forward pass of the model seen yet to read its "
+                    "producer and consumers from; run one, or pass example_inputs=."
+                )
+            paused = getattr(doctor, "paused", None)
+            with paused() if callable(paused) else contextlib.nullcontext():
+                self._flow, self._error = record_latest(self.model, *example)
+            self.close()
+        if self._flow is None:
+            raise ReluDoctorError(f"site {name!r}: {self._error}")
+        return self._flow
+
+    def links(self, key: SiteKey, name: str, *, doctor: Any = None) -> UnitLinks:
+        """The (cached) links of the site ``key`` (display name ``name``)."""
+        if key not in self._links:
+            flow = self.dataflow(name, doctor)
+            self._links[key] = find_unit_links(self.model, site=key, dataflow=flow, name=name)
+        return self._links[key]
+
+    def close(self) -> None:
+        """Stop keeping the model's latest inputs."""
+        if self._tap is not None:
+            self._tap.close()
+            self._tap = None
+        self._example = None

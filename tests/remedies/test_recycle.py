@@ -92,7 +92,7 @@ def test_recycle_mlp_with_adam_slices_exactly():
     p0, _, s0 = _snapshot(net, opt)
     units = [1, 5]
     what = recycle_units(
-        find_unit_links(net, site="3"),
+        find_unit_links(net, site="3", example_inputs=torch.randn(2, 6)),
         units=units,
         optimizers=opt,
         generator=torch.Generator().manual_seed(7),
@@ -122,7 +122,7 @@ def test_recycle_cnn_through_batchnorm_and_flatten_with_sgd_momentum():
     p0, b0, s0 = _snapshot(net, opt)
     units = [0, 5]
     recycle_units(
-        find_unit_links(net, site="features.6"),
+        find_unit_links(net, site="features.6", example_inputs=torch.randn(2, 3, 8, 8)),
         units=units,
         optimizers=opt,
         generator=torch.Generator().manual_seed(3),
@@ -160,7 +160,8 @@ def test_recycle_into_a_depthwise_conv():
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
     _train(net, opt, torch.randn(2, 4, 5, 5))
     p0, _, s0 = _snapshot(net, opt)
-    recycle_units(find_unit_links(net, site="block.2"), units=[3], optimizers=opt)
+    links = find_unit_links(net, site="block.2", example_inputs=torch.randn(2, 4, 5, 5))
+    recycle_units(links, units=[3], optimizers=opt)
     p1, _, s1 = _snapshot(net, opt)
     _check_slices("dw", p1["block.3.weight"], p0["block.3.weight"], 0, [3], 0.0)
     _check_slices(
@@ -170,7 +171,7 @@ def test_recycle_into_a_depthwise_conv():
 
 
 def test_recycle_rejects_bad_units():
-    links = find_unit_links(mlp(), site="1")
+    links = find_unit_links(mlp(), site="1", example_inputs=torch.randn(2, 8))
     with pytest.raises(ReluDoctorError, match=r"units: indices must be in \[0, 64\)"):
         recycle_units(links, units=[64])
 
@@ -178,7 +179,7 @@ def test_recycle_rejects_bad_units():
 def test_recycle_nothing_changes_nothing():
     net = mlp()
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    what = recycle_units(find_unit_links(net, site="1"), units=[])
+    what = recycle_units(find_unit_links(net, site="1", example_inputs=torch.randn(2, 8)), units=[])
     assert what == {
         "units": [],
         "producer": "0",
@@ -223,6 +224,7 @@ def test_recycler_picks_the_most_dormant_units_up_to_max_fraction_every_n_interv
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2))
     r = DormantRecycler(net, every=2, max_fraction=0.5, seed=3)
+    net(torch.randn(5, 3))  # a forward pass shows the producer and consumers
     units = _units("1", [0.05, 1.0, 0.0, 0.09, 2.0, 0.01], [False, False, True, False, False, False])
     rows = [site_row("1", 1 / 6, units=6)]
     assert r(rec(10, rows, units=units)) == []  # interval 1 of every 2
@@ -239,14 +241,15 @@ def test_recycler_picks_the_most_dormant_units_up_to_max_fraction_every_n_interv
     assert torch.equal(net[0].weight[[1, 3, 4]], w0[[1, 3, 4]])
     assert r.recycled == {"1": 3}
     # Own tau: score <= tau, or dead.
-    mine = DormantRecycler(nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2)), tau=0.06)
+    net2 = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2))
+    mine = DormantRecycler(net2, tau=0.06, example_inputs=torch.randn(2, 3))
     (ev,) = mine(rec(10, rows, units=units))
     assert ev.details["units"] == [0, 2, 5]
 
 
 def test_recycler_state_round_trips():
     net = mlp()
-    r = DormantRecycler(net, every=2)
+    r = DormantRecycler(net, every=2, example_inputs=torch.randn(2, 8))
     units = _units("1", [0.0] + [1.0] * 63, [True] + [False] * 63)
     rows = [site_row("1", 1 / 64, units=64)]
     r(rec(10, rows, units=units))
@@ -265,11 +268,14 @@ def test_unlinkable_sites_are_skipped_with_one_warning_or_raise():
     rows = [site_row("relu#1", 0.25, units=4)]
     keys = {"relu#1": SiteKey("relu", 1)}
     r = DormantRecycler(block)
-    with pytest.warns(UserWarning, match="leaving site 'relu#1' alone.*input comes from"):
+    block(torch.randn(2, 4, 5, 5))
+    with pytest.warns(UserWarning, match="leaving site 'relu#1' alone.*input comes from a sum"):
         assert r(rec(10, rows, units=units, keys=keys)) == []
     assert r(rec(20, rows, units=units, keys=keys)) == []  # no second warning, no event
     with pytest.raises(ReluDoctorError, match="site 'relu#1'"):
-        DormantRecycler(block, on_unlinkable="raise")(rec(10, rows, units=units, keys=keys))
+        DormantRecycler(block, on_unlinkable="raise", example_inputs=torch.randn(2, 4, 5, 5))(
+            rec(10, rows, units=units, keys=keys)
+        )
 
 
 @pytest.mark.parametrize("name", ["enc:act", "a#1"])
@@ -278,7 +284,7 @@ def test_recycle_a_site_whose_name_looks_like_a_site(name):
     net = half_dead(odd_name_net(name))
     out_w = net.get_submodule(f"{name}_blk.fc").weight
     # Unbound: the str is the module path.
-    ev = DormantRecycler(net).recycle(name, units=[1])
+    ev = DormantRecycler(net, example_inputs=torch.randn(2, 4)).recycle(name, units=[1])
     assert ev.site == name and ev.details["links"]["producer"] == "fc"
     assert torch.equal(out_w[:, 1], torch.zeros(8))
     # Bound: from the record's key, the dead units 0-3 (re-killed here) are recycled.
