@@ -246,6 +246,7 @@ class ReluDoctorCallback(TrainerCallback):  # type: ignore[misc]
 
     def _bind_remedies(self, model: Any, opt: torch.optim.Optimizer, sched: Any, doc: Doctor,
                        saved: Mapping[str, Any] | None) -> None:
+        sched = getattr(sched, "scheduler", sched)  # accelerate's AcceleratedScheduler
         scheds = [sched] if isinstance(sched, torch.optim.lr_scheduler.LRScheduler) else []
         o = self._opts
         rem: dict[str, Any] = {}
@@ -256,7 +257,11 @@ class ReluDoctorCallback(TrainerCallback):  # type: ignore[misc]
         if o["dormant_reset"] is not None:
             rem["dormant_reset"] = DormantRecycler(model, optimizers=opt, **o["dormant_reset"])
         if o["lr_rescue"] is not None:
-            rem["lr_rescue"] = LRRescuer(opt, schedulers=scheds, **o["lr_rescue"])
+            # The scheduler steps the optimizer it was made for (accelerate's wrapper, whose
+            # param groups are the inner optimizer's): scale that one, so it keeps the cut.
+            owner = getattr(sched, "optimizer", None)
+            lr_opt = owner if isinstance(owner, torch.optim.Optimizer) else opt
+            rem["lr_rescue"] = LRRescuer(lr_opt, schedulers=scheds, **o["lr_rescue"])
         if o["autoclip"] is not None:
             self._clip = AutoClip(**o["autoclip"]).attach(opt)  # type: ignore[assignment]
             rem["autoclip"] = self._clip

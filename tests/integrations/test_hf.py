@@ -1,0 +1,187 @@
+"""The Hugging Face callback on real ``transformers.Trainer`` runs (tiny BERT from a config,
+random weights, CPU), checked against plain torch hooks counted in numpy."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import relu_doctor  # noqa: E402
+from relu_doctor.errors import ReluDoctorError  # noqa: E402
+from relu_doctor.integrations.hf import STATE_FILE, ReluDoctorCallback  # noqa: E402
+from tests.integrations.brute import Outputs, windows  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::relu_doctor.errors.ReluDoctorWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+SITES = [f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(2)]
+
+
+def _model(seed: int = 0, dead_bias: float | None = None) -> Any:
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, hidden_act="relu", max_position_embeddings=32, num_labels=2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.BertForSequenceClassification(cfg)
+    if dead_bias is not None:  # every unit of layer 0's MLP starts (and stays) dead
+        with torch.no_grad():
+            model.bert.encoder.layer[0].intermediate.dense.bias.fill_(dead_bias)
+    return model
+
+
+def _data(n: int = 64, length: int = 12) -> list[dict[str, Any]]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (n, length), generator=g)
+    return [
+        {"input_ids": ids[i], "attention_mask": torch.ones(length, dtype=torch.long),
+         "labels": int(ids[i, 0] % 2)}
+        for i in range(n)
+    ]
+
+
+def _args(out: Path, **kw: Any) -> Any:
+    base = dict(
+        output_dir=str(out), max_steps=6, per_device_train_batch_size=8, logging_steps=2,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        per_device_eval_batch_size=16,
+    )
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+class _Logs(transformers.TrainerCallback):  # type: ignore[misc]
+    """Keeps every ``logs`` dict the Trainer hands to the callbacks after ours."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict[str, Any]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        self.logs.append({"step": state.global_step, **(logs or {})})
+
+
+def test_logged_numbers_equal_the_reference_with_accumulation_and_eval(tmp_path: Path) -> None:
+    model = _model()
+    acts = {s: model.get_submodule(s) for s in SITES}
+    ref = Outputs(acts, {s: -1 for s in SITES},
+                  keep=lambda: torch.is_grad_enabled() and model.training)
+    cb = ReluDoctorCallback(eval_stream=True)
+    seen = _Logs()
+    args = _args(tmp_path, gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=3)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_data(),
+                                   eval_dataset=_data(32), callbacks=[cb, seen])
+    trainer.train()
+    ref.remove()
+    assert len(ref.passes) == 12  # 6 optimizer steps x 2 micro-batches; eval passes left out
+    expected = windows(ref.passes, 4)  # logging_steps=2 optimizer steps = 4 micro-batches
+    logged = [entry for entry in seen.logs if f"relu_doctor/dead_fraction/{SITES[0]}" in entry]
+    assert [e["step"] for e in logged] == [2, 4, 6]
+    assert cb.doctor is not None
+    h = cb.doctor.history()
+    for i, entry in enumerate(logged):
+        for site in SITES:
+            want = expected[i][site]
+            assert entry[f"relu_doctor/dead_fraction/{site}"] == pytest.approx(want["dead_fraction"])
+            assert entry[f"relu_doctor/mean_abs/{site}"] == pytest.approx(want["mean_abs"], rel=1e-5)
+            row = h[(h["step"] == entry["step"]) & (h["site"] == site)].iloc[0]
+            assert row["elements"] == want["elements"]
+            assert row["activation_rate"] == pytest.approx(want["activation_rate"], rel=1e-9)
+    # Evaluation: its own stream, one window per evaluate() run, in the logs beside eval_loss.
+    evals = [e for e in seen.logs if "eval_loss" in e]
+    assert len(evals) == 2
+    assert all(f"relu_doctor_val/sparsity/{SITES[0]}" in e for e in evals)
+    run_dir = tmp_path / "relu_doctor"
+    ev = relu_doctor.load_run(run_dir / "eval").history
+    assert int(ev[ev["site"] == SITES[0]]["elements"].sum()) == 2 * 32 * 12 * 32
+    # The run directory and its TensorBoard tags are those of the Lightning monitor.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert {f"relu_doctor/dead_fraction/{s}" for s in SITES} <= set(ea.Tags()["scalars"])
+
+
+def _train(out: Path, resume: str | bool | None = None, **kw: Any) -> ReluDoctorCallback:
+    cb = ReluDoctorCallback(log_every_n_steps=4)
+    args = _args(out, save_strategy="steps", save_steps=3, **kw)
+    trainer = transformers.Trainer(model=_model(), args=args, train_dataset=_data(),
+                                   callbacks=[cb])
+    trainer.train(resume_from_checkpoint=resume)
+    return cb
+
+
+def test_checkpoint_and_resume_continue_the_counts_exactly(tmp_path: Path) -> None:
+    full = _train(tmp_path / "full", max_steps=8)
+    assert (tmp_path / "full" / "checkpoint-3" / STATE_FILE).is_file()
+    # A second run is stopped after the checkpoint at step 3 and resumed from it.
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", part / "checkpoint-3")
+    resumed = _train(part, resume=str(part / "checkpoint-3"), max_steps=8)
+    assert full.doctor is not None and resumed.doctor is not None
+    assert resumed.doctor.global_step == full.doctor.global_step == 8
+    a, b = full.doctor.history(), resumed.doctor.history()
+    cols = ["dead", "lifetime_dead", "elements", "activation_rate", "window_steps"]
+    # Step 4's window straddles the checkpoint: its first 3 steps came from the checkpoint.
+    for step in (4, 8):
+        ra = a[a["step"] == step].sort_values("site")[cols].reset_index(drop=True)
+        rb = b[b["step"] == step].sort_values("site")[cols].reset_index(drop=True)
+        assert ra.equals(rb), (step, ra, rb)
+    sa, sb = full.doctor.state_dict(), resumed.doctor.state_dict()
+    for token, site in sa["sites"].items():
+        assert torch.equal(site["lifetime"], sb["sites"][token]["lifetime"])
+
+
+def test_remedies_change_what_they_say_and_record_it(tmp_path: Path) -> None:
+    model = _model(dead_bias=-50.0)
+    opt_lr = 1e-3
+    cb = ReluDoctorCallback(
+        log_every_n_steps=2,
+        leaky_relu_swap={"threshold": 0.5, "patience": 1, "include": [SITES[0]]},
+        lr_rescue={"factor": 0.5, "cooldown": 10},
+        autoclip={"percentile": 10},
+        dormant_reset={"include": [SITES[1]], "tau": 0.9, "on_unlinkable": "raise"},
+    )
+    args = _args(tmp_path, learning_rate=opt_lr, max_grad_norm=0.0, lr_scheduler_type="constant")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_data(), callbacks=[cb])
+    trainer.train()
+    act0 = model.get_submodule(SITES[0])
+    assert isinstance(act0, torch.nn.LeakyReLU)
+    # LR rescue: the surge of dead units at the first interval halved the learning rate,
+    # and the Trainer's (constant) scheduler kept the cut.
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(opt_lr * 0.5)
+    events = [e for e in relu_doctor.load_run(tmp_path / "relu_doctor").events
+              if e.get("type") == "intervention"]
+    by = {e["remedy"] for e in events}
+    assert {"leaky_relu_swap", "lr_rescue", "adaptive_grad_clip", "dormant_reset"} <= by
+    swap = next(e for e in events if e["remedy"] == "leaky_relu_swap")
+    assert swap["site"] == SITES[0]
+    assert cb.remedies["autoclip"].norm_history.numel() == 6
+    # ReDo on the HF MLP: producer and consumer found from the model's own dataflow.
+    redo = next(e for e in events if e["remedy"] == "dormant_reset")
+    assert redo["site"] == SITES[1] and redo["details"]["units"]
+    assert "bert.encoder.layer.1.intermediate.dense" in redo["what"]
+    assert "bert.encoder.layer.1.output.dense" in redo["what"]
+
+
+def test_bad_input_gets_one_clear_message(tmp_path: Path) -> None:
+    args = _args(tmp_path)  # max_grad_norm=1.0 by default
+    trainer = transformers.Trainer(model=_model(), args=args, train_dataset=_data(),
+                                   callbacks=[ReluDoctorCallback(autoclip=True)])
+    with pytest.raises(ReluDoctorError, match="max_grad_norm"):
+        trainer.train()
+    cb = ReluDoctorCallback()
+    with pytest.raises(ReluDoctorError, match="no optimizer yet"):
+        cb.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(),
+                          model=_model(), optimizer=None)
