@@ -31,18 +31,21 @@ import pandas as pd
 
 from relu_doctor._validate import finite_or_none
 from relu_doctor.diagnosis import Finding, severity_rank
-from relu_doctor.history import Run
+from relu_doctor.history import Run, load_run
 
 __all__ = [
     "CONTINUOUS_REMEDIES",
     "MAX_HEATMAPS",
     "MAX_OPEN_FINDINGS",
+    "VOCABULARY",
+    "EvalView",
     "FindingView",
     "InterventionView",
     "ReportContext",
     "Series",
     "SiteRow",
     "Verdict",
+    "as_run",
     "build_context",
     "fmt_int",
     "fmt_num",
@@ -57,6 +60,14 @@ MAX_OPEN_FINDINGS = 12
 #: site, not drawn over the time chart.
 CONTINUOUS_REMEDIES = frozenset({"adaptive_grad_clip"})
 
+#: The report's words (tiles, findings, tables): **dead** = no activation in the logging
+#: window; **never active** = no activation since monitoring began; **dormant** = active,
+#: but with a ReDo score at or below tau (dead units are not counted as dormant).
+VOCABULARY: tuple[tuple[str, str], ...] = (
+    ("dead", "no activation on any sample in the logging window"),
+    ("never active", "no activation since monitoring began"),
+    ("dormant", "active, but with a ReDo score (mean |h| over the layer's mean) at or below tau"),
+)
 _KIND_LABELS = {
     "dead": "dead units",
     "lifetime_dead": "never active",
@@ -79,14 +90,44 @@ _SITE_METRICS = (
 #: snapshots of the remedies), with their labels.
 _CHANGE_KEYS: tuple[tuple[str, str], ...] = (
     ("dead_fraction", "dead"),
-    ("lifetime_dead_fraction", "lifetime dead"),
-    ("dormant_fraction", "dormant"),
+    ("lifetime_dead_fraction", "never active"),
+    ("dormant_fraction", "dead or dormant"),  # the record's dormant counts dead units too
+    ("clip_fraction", "steps clipped"),
+    ("lr", "learning rate"),
     ("sparsity", "sparsity"),
     ("activation_rate", "activation rate"),
     ("mean_abs", "mean |h|"),
     ("grad_rms", "gradient RMS"),
     ("grad_norm", "parameter-gradient norm"),
 )
+
+
+# ---------------------------------------------------------------------- input
+
+
+def as_run(value: object, name: str = "run") -> Run:
+    """``value`` as a run record: a :class:`~relu_doctor.history.Run` as it is, a path (str
+    or os.PathLike) loaded with :func:`~relu_doctor.history.load_run`; anything else (a
+    model, a Doctor) is a clear error naming ``name``."""
+    import os
+
+    from relu_doctor.errors import ReluDoctorError
+    from relu_doctor.history import load_run
+
+    if isinstance(value, Run):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return load_run(value)
+    hint = ""
+    if hasattr(value, "to_run"):
+        hint = " (for a Doctor, pass doc.to_run())"
+    elif hasattr(value, "parameters") and hasattr(value, "forward"):
+        hint = (" (a report is made from what was recorded, not from the model: pass the "
+                "run_dir given to watch(), or doc.to_run())")
+    raise ReluDoctorError(
+        f"{name}: expected a run record (relu_doctor.load_run(...), doc.to_run()) or the path "
+        f"of a run directory, got {type(value).__name__}{hint}."
+    )
 
 
 # ---------------------------------------------------------------------- formatting
@@ -170,6 +211,12 @@ class FindingView:
     units_named: list[int]
     units_text: str
     evidence: list[tuple[str, str]]
+    #: the id of the element that shows this site (its heatmap, else its table row)
+    anchor: str = ""
+    #: findings at the same site that this one explains, as ``(label, message)``
+    merged: list[tuple[str, str]] = field(default_factory=list)
+    #: what was already done at this site (or to the whole model), one line each
+    done: list[str] = field(default_factory=list)
 
 
 def _finding_view(f: Finding) -> FindingView:
@@ -197,6 +244,102 @@ def _finding_view(f: Finding) -> FindingView:
     )
 
 
+# Findings explained by another at the same site: (explained kind, explaining kind). Dead
+# units are never active in the window, so they make the layer sparse; units never active
+# since the start are dead in the window too.
+_EXPLAINED_BY = (("too_sparse", "dead"), ("lifetime_dead", "dead"))
+_MODEL_WIDE = "model"
+_SWAP = "leaky_relu_swap"
+_RECYCLERS = ("dormant_reset", "continual_backprop")
+_LR = "lr_rescue"
+_CLIP = "adaptive_grad_clip"
+
+
+def _merge(findings: list[FindingView]) -> list[FindingView]:
+    """Fold each finding that another at the same site explains into that one."""
+    by_key = {(f.kind, f.site): f for f in findings}
+    folded: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    gone: set[tuple[str, str]] = set()
+    for f in findings:
+        for kind, by in _EXPLAINED_BY:
+            if f.kind == kind and (by, f.site) in by_key and (by, f.site) not in gone:
+                folded.setdefault((by, f.site), []).append((f.kind_label, f.message))
+                gone.add((f.kind, f.site))
+                break
+    return [
+        replace(f, merged=f.merged + folded.get((f.kind, f.site), []))
+        for f in findings
+        if (f.kind, f.site) not in gone
+    ]
+
+
+def _done_lines(done: Sequence[InterventionView]) -> list[str]:
+    lines = []
+    for e in done:
+        when = f"step {e.step}" if e.count <= 1 else f"steps {e.step}–{e.last_step}"
+        change = "; ".join(f"{k} {b} → {a}" for k, b, a in e.changes[:1])
+        verdict = f", {e.verdict}" if e.verdict else ""
+        lines.append(f"{e.remedy} at {when}{': ' + change if change else ''}{verdict}")
+    return lines
+
+
+def _recommend(f: FindingView, leaky: bool, done: Sequence[InterventionView]) -> str:
+    """The finding's remedy, rewritten for what this site already is and what was already
+    done to it: no LeakyReLU for a leaky site, no second try of a remedy that did not help."""
+    tried = {e.remedy for e in done}
+    failed = {e.remedy for e in done if e.verdict == "did not help"}
+    if f.kind not in ("dead", "lifetime_dead", "too_sparse", "dormant"):
+        if f.kind == "exploding_gradient" and {_CLIP, _LR} & tried:
+            return ("Clipping and a lower learning rate were already applied (see Interventions): "
+                    "lower the learning rate further or add normalisation; consider stopping "
+                    "early if the loss diverges.")
+        return f.remedy
+    if not leaky and not tried:
+        return f.remedy  # diagnosis's own words fit a first treatment
+    steps = []
+    if not leaky and _SWAP not in tried:
+        steps.append("swap ReLU for LeakyReLU (alpha 0.01 to 0.3; LeakyReluSwap) or PReLU")
+    if _LR not in tried:
+        steps.append("lower the learning rate (step or exponential decay; LRRescue)")
+    else:
+        steps.append("lower the learning rate further or warm it up more slowly (it was "
+                     "already lowered once)")
+    recycled = set(_RECYCLERS) & tried
+    if not recycled:
+        steps.append("recycle the units (DormantReset)")
+    elif recycled & failed:
+        steps.append("stop recycling here (the recycled units went quiet again)")
+    steps.append("add normalisation (BatchNorm or LayerNorm) before this activation, and check "
+                 "the initialisation and bias of the layer that feeds it")
+    already = "This site is already leaky, so a LeakyReLU swap is not the answer. " if leaky else ""
+    if tried:
+        already += "Already tried here: " + ", ".join(sorted(tried)) + ". "
+    return already + "Next: " + "; ".join(steps) + "."
+
+
+def _treat_findings(
+    findings: list[FindingView],
+    sites: Sequence[SiteRow],
+    interventions: Sequence[InterventionView],
+    anchors: Mapping[str, str],
+) -> list[FindingView]:
+    """Findings merged, linked to their site's figure, with the remedy adjusted to what was
+    already done (families from meta.json, interventions from the events)."""
+    leaky = {r.site: r.leaky for r in sites}
+    out = []
+    for f in _merge(findings):
+        done = [e for e in interventions if e.site == f.site
+                or (e.site == _MODEL_WIDE and f.site != _MODEL_WIDE)]
+        if f.site == _MODEL_WIDE:
+            done = [e for e in interventions if e.site == _MODEL_WIDE]
+        own = None
+        anchor = anchors.get(f.site, "rd-gradients" if f.site == _MODEL_WIDE else "rd-sites")
+        del own
+        out.append(replace(f, anchor=anchor, done=_done_lines(done),
+                           remedy=_recommend(f, leaky.get(f.site, False), done)))
+    return out
+
+
 @dataclass(frozen=True)
 class SiteRow:
     """One row of the per-site table at the last logged step: formatted cells, and the
@@ -218,6 +361,17 @@ class SiteRow:
     grad_rms: str
     grad_zero: str
     raw: dict[str, Any]
+    anchor: str = ""
+
+
+def _dormant_not_dead(units: pd.DataFrame, step: int | None) -> dict[str, int]:
+    """Per site, the units the run record marks dormant and not dead at ``step`` (the
+    record's ``dormant`` flag counts dead units too; the report's "dormant" does not)."""
+    if units.empty or step is None or not {"dormant", "dead", "site", "step"} <= set(units):
+        return {}
+    u = units[units["step"] == step]
+    mask = u["dormant"].astype(bool) & ~u["dead"].astype(bool)
+    return {str(k): int(v) for k, v in mask.groupby(u["site"].astype(str)).sum().items()}
 
 
 def _site_rows(run: Run, last: pd.DataFrame, findings: Sequence[FindingView]) -> list[SiteRow]:
@@ -229,11 +383,18 @@ def _site_rows(run: Run, last: pd.DataFrame, findings: Sequence[FindingView]) ->
     by_name = {str(r["site"]): r for r in last.to_dict("records")} if not last.empty else {}
     described = {str(s.get("name")): s for s in run.site_info}
     names = list(described) + [n for n in by_name if n not in described]  # not yet in meta
+    step = int(last["step"].max()) if not last.empty and "step" in last else None
+    quiet = _dormant_not_dead(run.units, step)
     rows = []
-    for name in names:
+    for i, name in enumerate(names):
         meta = described.get(name, {})
         h = by_name.get(name, {})
         raw = {k: h.get(k) for k in _SITE_METRICS}
+        if name in quiet:
+            raw["dormant"] = quiet[name]
+        elif raw["dormant"] is not None and not bool(h.get("leaky", meta.get("leaky", False))):
+            # no unit rows: for a plain ReLU every dead unit has score 0, hence is dormant
+            raw["dormant"] = int(raw["dormant"]) - int(raw["dead"] or 0)
         if raw["units"] is None:
             raw["units"] = meta.get("units")
         unit_dim = meta.get("unit_dim")
@@ -255,6 +416,7 @@ def _site_rows(run: Run, last: pd.DataFrame, findings: Sequence[FindingView]) ->
                 grad_rms=fmt_num(raw["grad_rms"]),
                 grad_zero=fmt_pct(raw["grad_zero_fraction"]),
                 raw=_json_safe(raw),
+                anchor=f"rd-site-{i}",
             )
         )
     return rows
@@ -313,29 +475,71 @@ class InterventionView:
     changes: list[tuple[str, str, str]]
     count: int = 1
     last_step: int = 0
+    #: the metric it was judged on, and how that went (``helped``, ``did not help``)
+    target: str = ""
+    verdict: str = ""
+    #: the number drawn on the charts' intervention lines (0: not drawn)
+    number: int = 0
+    #: the raw first and last snapshots (a summarised row's before/after span)
+    before_raw: dict[str, Any] = field(default_factory=dict)
+    after_raw: dict[str, Any] = field(default_factory=dict)
+
+
+#: The metric a remedy's intervention is judged on when its events do not say (older runs).
+_DEFAULT_TARGETS = {
+    "adaptive_grad_clip": "clip_fraction",
+    "lr_rescue": "dead_fraction",
+    "leaky_relu_swap": "dead_fraction",
+    "dormant_reset": "dormant_fraction",
+    "continual_backprop": "dormant_fraction",
+}
+#: Rows of before -> after shown per intervention: its target first.
+_MAX_CHANGES = 3
+
+
+def _clip_details(ev: Mapping[str, Any]) -> dict[str, Any]:
+    details = ev.get("details")
+    clip = details.get("clip") if isinstance(details, Mapping) else None
+    return dict(clip) if isinstance(clip, Mapping) else {}
+
+
+def _changes(before: Mapping[str, Any], after: Mapping[str, Any], target: str,
+             measured: bool) -> list[tuple[str, str, str]]:
+    """``(label, before, after)`` formatted: the target metric first, then the others."""
+    keys = [(k, lbl) for k, lbl in _CHANGE_KEYS if k == target]
+    keys += [(k, lbl) for k, lbl in _CHANGE_KEYS if k != target]
+    out = []
+    for key, label in keys:
+        if key in before or key in after:
+            fmt = fmt_pct if "fraction" in key else fmt_num
+            out.append((label, fmt(before.get(key)),
+                        fmt(after.get(key)) if measured else "not yet measured"))
+    return out[:_MAX_CHANGES]
 
 
 def _intervention_view(ev: Mapping[str, Any]) -> InterventionView:
     b_raw, a_raw = ev.get("before"), ev.get("after")
-    before: Mapping[str, Any] = b_raw if isinstance(b_raw, Mapping) else {}
-    after: Mapping[str, Any] = a_raw if isinstance(a_raw, Mapping) else {}
-    changes = []
-    for key, label in _CHANGE_KEYS:
-        if key in before or key in after:
-            fmt = fmt_pct if "fraction" in key else fmt_num
-            changes.append(
-                (label, fmt(before.get(key)), fmt(after.get(key)) if after else "not yet measured")
-            )
+    before: dict[str, Any] = dict(b_raw) if isinstance(b_raw, Mapping) else {}
+    after: dict[str, Any] = dict(a_raw) if isinstance(a_raw, Mapping) else {}
+    clip = _clip_details(ev)
+    if "clip_fraction" in clip:  # the clipper's own number: the share of steps it clipped
+        before["clip_fraction"] = clip["clip_fraction"]
+    remedy = str(ev.get("remedy") or "intervention")
+    target = str(ev.get("target") or _DEFAULT_TARGETS.get(remedy, ""))
     after_step = ev.get("after_step")
     step = int(ev.get("step", 0))
     return InterventionView(
         step=step,
         after_step=int(after_step) if isinstance(after_step, int) else None,
         site=str(ev.get("site") or ""),
-        remedy=str(ev.get("remedy") or "intervention"),
+        remedy=remedy,
         what=str(ev.get("what") or ""),
-        changes=changes,
+        changes=_changes(before, after, target, bool(after)),
         last_step=step,
+        target=target,
+        verdict=str(ev.get("verdict") or ""),
+        before_raw=before,
+        after_raw=after,
     )
 
 
@@ -355,11 +559,13 @@ def _timeline(interventions: Sequence[InterventionView]) -> list[InterventionVie
         g.count += 1
         g.last_step = e.step
         g.what = e.what
+        g.after_raw = e.before_raw  # the span: first interval's numbers -> last interval's
     for g in rows:
         if g.count > 1:
-            g.changes = []
+            g.changes = _changes(g.before_raw, g.after_raw, "clip_fraction", True)
             g.what = (f"acted at {g.count} logging intervals, steps {g.step}–{g.last_step}; "
                       f"last: {g.what}")
+            g.verdict = ""
     return rows
 
 
@@ -375,8 +581,9 @@ class Series:
         families: the family of each site, by name.
         heatmap_sites: the sites whose per-unit heatmap is drawn, in depth order.
         heatmaps_omitted: how many sites with unit rows were left out of the heatmaps.
-        marks: the steps of the interventions drawn over the time chart (not the continuous
-            ones).
+        marks: the steps of the interventions drawn over the time charts (not the continuous
+            ones), one line per step, labelled with its number (1, 2, ...).
+        metrics: the training metrics, long format (``step``, ``name``, ``value``).
     """
 
     history: pd.DataFrame
@@ -386,6 +593,9 @@ class Series:
     heatmap_sites: list[str]
     heatmaps_omitted: int
     marks: list[int]
+    metrics: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: per drawn site, the unit indices its findings name (drawn one row each)
+    named_units: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _heatmap_sites(run: Run, findings: Sequence[FindingView]) -> tuple[list[str], int]:
@@ -425,6 +635,17 @@ def _environment(run: Run) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
     return env, config
 
 
+def _metrics_table(run: Run) -> pd.DataFrame:
+    """The run's training metrics (``step``, ``name``, ``value``): empty for a run that
+    logged none (or was written before they were recorded)."""
+    table = getattr(run, "metrics", None)
+    if not isinstance(table, pd.DataFrame) or table.empty:
+        return pd.DataFrame(columns=["step", "name", "value"])
+    if not {"step", "name", "value"} <= set(table):
+        return pd.DataFrame(columns=["step", "name", "value"])
+    return table
+
+
 # ---------------------------------------------------------------------- the whole
 
 
@@ -450,6 +671,8 @@ class ReportContext:
     findings_step: int | None
     findings_stale: str
     sites: list[SiteRow]
+    anchors: dict[str, str]
+    vocabulary: list[tuple[str, str]]
     interventions: list[InterventionView]
     remedy_counts: list[tuple[str, int]]
     timeline: list[InterventionView]
@@ -457,6 +680,37 @@ class ReportContext:
     configuration: list[tuple[str, str]]
     series: Series
     data: dict[str, Any]
+    evaluation: EvalView | None = None
+
+
+@dataclass(frozen=True)
+class EvalView:
+    """The evaluation stream (``watch(..., eval_stream=True)``, the Lightning callback's
+    ``monitor_validation``): passes in eval mode or without gradients, kept out of the
+    training statistics and recorded in a run directory of their own (``<run>/<name>``,
+    named by the training run's ``meta.json``). ``note`` says why it could not be read."""
+
+    name: str
+    steps: list[int]
+    last_step: int | None
+    passes: int | None
+    sites: list[SiteRow]
+    note: str = ""
+
+
+def _evaluation(run: Run) -> EvalView | None:
+    name = run.meta.get("eval_stream")
+    if not isinstance(name, str) or not name or run.path is None:
+        return None
+    try:
+        ev = load_run(run.path / name)
+    except Exception as e:  # missing or damaged: say so in the section, never fail the report
+        return EvalView(name, [], None, None, [], note=f"{type(e).__name__}: {e}")
+    hist = ev.history
+    steps = sorted(int(s) for s in hist["step"].unique()) if not hist.empty else []
+    last = hist[hist["step"] == steps[-1]] if steps else pd.DataFrame()
+    passes = int(last["window_steps"].iloc[0]) if "window_steps" in last and len(last) else None
+    return EvalView(name, steps, steps[-1] if steps else None, passes, _site_rows(ev, last, []))
 
 
 def build_context(run: Run) -> ReportContext:
@@ -474,6 +728,19 @@ def build_context(run: Run) -> ReportContext:
     findings_step = max((f.step for f in findings), default=last_step)
     sites = _site_rows(run, last, findings)
     interventions = [_intervention_view(e) for e in run.interventions()]
+    line_steps = sorted({e.step for e in interventions if e.remedy not in CONTINUOUS_REMEDIES})
+    numbers = {step: i + 1 for i, step in enumerate(line_steps)}
+    for e in interventions:
+        e.number = numbers.get(e.step, 0) if e.remedy not in CONTINUOUS_REMEDIES else 0
+    heatmaps, omitted = _heatmap_sites(run, findings)
+    anchors = {r.site: (f"rd-fig-{r.anchor[len('rd-site-'):]}" if r.site in heatmaps else r.anchor)
+               for r in sites}
+    findings = _treat_findings(findings, sites, interventions, anchors)
+    named: dict[str, list[int]] = {}
+    for f in findings:
+        if f.site in heatmaps:
+            named.setdefault(f.site, [])
+            named[f.site] += [u for u in f.units_named if u not in named[f.site]]
     remedy_counts: dict[str, int] = {}
     for e in interventions:
         remedy_counts[e.remedy] = remedy_counts.get(e.remedy, 0) + 1
@@ -495,7 +762,6 @@ def build_context(run: Run) -> ReportContext:
     stale = ""
     if findings_step is not None and last_step is not None and findings_step < last_step:
         stale = f"Findings are from step {findings_step}; the run logged up to step {last_step}."
-    heatmaps, omitted = _heatmap_sites(run, findings)
     series = Series(
         history=hist,
         units=run.units,
@@ -503,7 +769,9 @@ def build_context(run: Run) -> ReportContext:
         families={str(s.get("name")): str(s.get("family", "")) for s in run.site_info},
         heatmap_sites=heatmaps,
         heatmaps_omitted=omitted,
-        marks=[e.step for e in interventions if e.remedy not in CONTINUOUS_REMEDIES],
+        marks=line_steps,
+        metrics=_metrics_table(run),
+        named_units=named,
     )
     model = run.meta.get("model")
     config = run.meta.get("config") or {}
@@ -522,6 +790,7 @@ def build_context(run: Run) -> ReportContext:
             for f in findings
         ],
         "interventions": len(interventions),
+        "metrics": sorted(str(n) for n in pd.unique(series.metrics["name"])),
     }
     return ReportContext(
         title=f"relu_doctor report: {model or 'model'}",
@@ -539,6 +808,8 @@ def build_context(run: Run) -> ReportContext:
         findings_step=findings_step,
         findings_stale=stale,
         sites=sites,
+        anchors=anchors,
+        vocabulary=list(VOCABULARY),
         interventions=interventions,
         remedy_counts=sorted(remedy_counts.items()),
         timeline=_timeline(interventions),
@@ -546,4 +817,5 @@ def build_context(run: Run) -> ReportContext:
         configuration=configuration,
         series=series,
         data=_json_safe(data),
+        evaluation=_evaluation(run),
     )

@@ -29,8 +29,8 @@ from typing import Any
 import jinja2
 import markupsafe
 
-from relu_doctor.history import Run, atomic_write_bytes, load_run
-from relu_doctor.reports.context import ReportContext, build_context
+from relu_doctor.history import Run, atomic_write_bytes
+from relu_doctor.reports.context import ReportContext, as_run, build_context
 
 __all__ = ["render_context", "render_report", "write_report"]
 
@@ -43,7 +43,10 @@ def _figures(ctx: ReportContext) -> dict[str, Any]:
 
     series = ctx.series
     out: dict[str, Any] = {"dead": None, "dead_omitted": [], "heatmaps": [], "heatmaps_omitted": 0,
-                           "gradients": None}
+                           "gradients": None, "training": None}
+    fig = plots.training_curve_figure(series.metrics, series.marks)
+    if fig is not None:
+        out["training"] = plots.figure_to_data_uri(fig)
     if series.history.empty:
         return out
     fig = plots.dead_fraction_figure(series.history, series.marks)
@@ -51,17 +54,19 @@ def _figures(ctx: ReportContext) -> dict[str, Any]:
         out["dead"] = plots.figure_to_data_uri(fig)
         out["dead_omitted"] = plots.pick_sites(series.history)[1]
     for name in series.heatmap_sites:
-        data = plots.activity_matrix(series.units, name)
+        data = plots.activity_matrix(series.units, name, named=series.named_units.get(name, ()))
         if data is None:
             continue
         caption = f"{data.units} units"
         if data.units_per_row > 1:
-            caption += f", ranked by mean activation rate, {data.units_per_row} units per row"
+            caption += (", the units the findings name one row each, the others ranked by "
+                        f"mean activation rate, up to {data.units_per_row} units per row")
         if data.steps_per_col > 1:
             caption += f", {data.steps_per_col} logging steps per column"
         out["heatmaps"].append(
             {
                 "site": name,
+                "anchor": ctx.anchors.get(name, ""),
                 "uri": plots.figure_to_data_uri(
                     plots.activity_heatmap_figure(data, name, series.families.get(name, ""))
                 ),
@@ -131,9 +136,10 @@ def write_report(
 
     Raises:
         RunDirError: the run directory is missing, empty, foreign or of another format.
+        ReluDoctorError: ``run_or_path`` is neither a run record nor a path (a model, say).
         ValueError: no ``out_path`` for a run built in memory.
     """
-    run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
+    run = as_run(run_or_path, "run_or_path")
     if out_path is None:
         if run.path is None:
             raise ValueError("out_path: required for a run record built in memory (no path).")

@@ -44,6 +44,7 @@ __all__ = [
     "gradient_flow_figure",
     "mpl_label",
     "pick_sites",
+    "training_curve_figure",
 ]
 
 #: Most sites drawn as separate lines in one chart; the rest are named in the caption.
@@ -53,12 +54,15 @@ MAX_ROWS = 64
 #: Columns (logging steps) of a heatmap before steps are aggregated into bins.
 MAX_COLS = 60
 _DPI = 110
+#: Figure width in inches: at _DPI a figure is drawn at about its natural size in a
+#: page 800 px wide, so its text stays legible there.
+_WIDTH = 7.4
 
 
 def _rc() -> Any:  # matplotlib's stubs type rc keys as literals
     rc: dict[str, Any] = {}
     rc.update(sns.axes_style("whitegrid"))
-    rc.update(sns.plotting_context("notebook", font_scale=0.85))
+    rc.update(sns.plotting_context("notebook", font_scale=0.8))
     rc.update({"figure.facecolor": "white", "savefig.facecolor": "white"})
     return rc
 
@@ -124,6 +128,62 @@ def pick_sites(
     return [s for s in order if s in keep], [s for s in order if s not in keep]
 
 
+def _draw_marks(ax: Any, marks: Sequence[int], *, label: bool = True) -> None:
+    """Interventions as dashed vertical lines, numbered 1, 2, ... at the top (the numbers of
+    the report's interventions table)."""
+    for i, step in enumerate(marks, start=1):
+        ax.axvline(float(step), color="0.3", linestyle="--", linewidth=1, zorder=1)
+        if label:
+            ax.annotate(str(i), xy=(float(step), 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=8, fontweight="bold", color="0.2")
+
+
+def training_curve_figure(metrics: pd.DataFrame, marks: Sequence[int] = ()) -> Figure | None:
+    """The training curve: one panel per training metric (``loss`` first, learning rates
+    together on a log scale), against step, with the interventions numbered.
+
+    Args:
+        metrics: long format, columns ``step``, ``name``, ``value``.
+        marks: steps of the interventions (dashed, numbered lines).
+
+    Returns:
+        The figure, or None when no metric was recorded.
+    """
+    if metrics.empty or not {"step", "name", "value"} <= set(metrics):
+        return None
+    m = metrics[np.isfinite(metrics["value"].astype(float))]
+    names = [str(n) for n in pd.unique(m["name"])]
+    lrs = [n for n in names if n == "lr" or n.startswith("lr/")]
+    others = sorted((n for n in names if n not in lrs), key=lambda n: (n != "loss", n))
+    panels: list[tuple[str, list[str]]] = [(n, [n]) for n in others[:5]]
+    if lrs:
+        panels.append(("learning rate", lrs))
+    if not panels:
+        return None
+    cols = 1 if len(panels) == 1 else 2
+    rows = math.ceil(len(panels) / cols)
+    with matplotlib.rc_context(_rc()):
+        fig = Figure(figsize=(_WIDTH, 2.5 * rows + 0.2), layout="constrained")
+        axes = fig.subplots(rows, cols, squeeze=False).ravel()
+        for ax, (title, series) in zip(axes, panels, strict=False):
+            for n in series:
+                part = m[m["name"] == n].sort_values("step")
+                ax.plot(part["step"], part["value"].astype(float), marker="o" if len(part) <= 40 else None,
+                        markersize=3, linewidth=1.6, label=mpl_label(n, 20))
+            if title == "learning rate":
+                ax.set_yscale("log")
+                if len(series) > 1:
+                    ax.legend(frameon=False, fontsize=7)
+            ax.set_title(mpl_label(title, 40), pad=16)
+            ax.set_xlabel("step")
+            ax.set_ylabel(mpl_label(title, 24))
+            _draw_marks(ax, marks)
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+    return fig
+
+
 def dead_fraction_figure(
     history: pd.DataFrame,
     marks: Sequence[int] = (),
@@ -149,11 +209,11 @@ def dead_fraction_figure(
     df["site_label"] = df["site"].astype(str).map(labels)
     hue_order = [labels[s] for s in shown]
     n_steps = df["step"].nunique()
-    metrics = [("dead_fraction", "dead fraction (per window)")]
+    metrics = [("dead_fraction", "dead (no activation in the window)")]
     if "sparsity" in df:
-        metrics.append(("sparsity", "sparsity (fraction not active)"))
+        metrics.append(("sparsity", "sparsity (outputs not active)"))
     with matplotlib.rc_context(_rc()):
-        fig = Figure(figsize=(11, 3.6), layout="constrained")
+        fig = Figure(figsize=(_WIDTH, 3.9), layout="constrained")
         axes = fig.subplots(1, len(metrics), squeeze=False)[0]
         palette = sns.color_palette("tab10" if len(shown) <= 10 else "husl", len(shown))
         for i, (ax, (col, title)) in enumerate(zip(axes, metrics, strict=True)):
@@ -163,14 +223,15 @@ def dead_fraction_figure(
                 linewidth=1.6, ax=ax, legend=(i == len(metrics) - 1),
             )
             ax.set_ylim(-0.03, 1.03)
-            ax.set_title(title)
-            ax.set_ylabel("")
-            for step in marks:
-                ax.axvline(float(step), color="0.35", linestyle="--", linewidth=1)
+            ax.set_title(title, pad=16)
+            ax.set_ylabel("fraction of units" if col == "dead_fraction" else "fraction of outputs")
+            _draw_marks(ax, marks)
         if len(shown) > 0 and axes[-1].get_legend() is not None:
-            sns.move_legend(
-                axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0), title="site", frameon=False
-            )
+            leg = axes[-1].get_legend()
+            handles, texts = list(leg.legend_handles), [t.get_text() for t in leg.get_texts()]
+            leg.remove()
+            fig.legend(handles, texts, loc="outside lower center", ncol=min(len(shown), 4),
+                       frameon=False, title="site", fontsize=8)
     return fig
 
 
@@ -223,13 +284,16 @@ def activity_matrix(
     max_rows: int = MAX_ROWS,
     max_cols: int = MAX_COLS,
     value: str = "activation_rate",
+    named: Sequence[int] = (),
 ) -> HeatmapData | None:
     """The (unit x step) matrix of ``value`` for one site, ready to draw legibly.
 
     Units are sorted by their mean activation rate over the run (least active first, so dead
-    units form one block at the top). Beyond ``max_rows`` units, consecutive sorted units
-    are averaged into ``max_rows`` bins; beyond ``max_cols`` logging steps, consecutive steps
-    are averaged too. Nothing is ever drawn at less than one text line per row.
+    units form one block at the top). Beyond ``max_rows`` units, the ``named`` units (those
+    a finding lists) keep one row each, labelled with their index, and the other sorted
+    units are averaged into the remaining rows; beyond ``max_cols`` logging steps,
+    consecutive steps are averaged too. Nothing is ever drawn at less than one text line per
+    row.
     """
     part = units[units["site"].astype(str) == str(site)]
     if part.empty or value not in part:
@@ -248,8 +312,14 @@ def activity_matrix(
     ids = [unit_ids[i] for i in order]
     n = m.shape[0]
     if n > max_rows:
-        m, groups, per_row = _bin_mean(m, max_rows, axis=0)
-        row_labels = [f"{g[0] + 1}-{g[-1] + 1}" for g in groups]
+        keep = [i for i, u in enumerate(ids) if u in set(named)][: max_rows // 2]
+        rest = [i for i in range(n) if i not in set(keep)]
+        binned, groups, per_row = _bin_mean(m[rest], max_rows - len(keep), axis=0)
+        m = np.concatenate([m[keep], binned], axis=0) if keep else binned
+        row_labels = [f"unit {ids[i]}" for i in keep] + [
+            f"#{len(keep) + g[0] + 1}–{len(keep) + g[-1] + 1}" if len(g) > 1
+            else f"unit {ids[rest[g[0]]]}" for g in groups
+        ]
     else:
         row_labels = [str(u) for u in ids]
         per_row = 1
@@ -264,23 +334,23 @@ def activity_heatmap_figure(data: HeatmapData, site: str, family: str = "") -> F
     """Draw :func:`activity_matrix` output: rows are units (or bins of units ranked by
     activity), columns logging steps, colour the activation rate (0 = dead)."""
     rows, cols = data.matrix.shape
-    height = min(5.2, max(2.2, 1.3 + 0.085 * rows))
+    height = min(5.6, max(2.2, 1.3 + 0.085 * rows))
     with matplotlib.rc_context(_rc()):
-        fig = Figure(figsize=(6.2, height), layout="constrained")
+        fig = Figure(figsize=(_WIDTH * 0.75, height), layout="constrained")
         ax = fig.subplots()
         frame = pd.DataFrame(data.matrix, index=data.row_labels, columns=data.steps)
         sns.heatmap(
             frame, ax=ax, vmin=0.0, vmax=1.0, cmap="rocket",
             cbar_kws={"label": "activation rate", "shrink": 0.9},
-            xticklabels=max(1, math.ceil(cols / 12)), yticklabels=max(1, math.ceil(rows / 24)),
+            xticklabels=max(1, math.ceil(cols / 8)), yticklabels=max(1, math.ceil(rows / 40)),
         )
-        ax.tick_params(axis="y", labelsize=7, rotation=0)
+        ax.tick_params(axis="y", labelsize=6 if rows > 24 else 7, rotation=0)
         ax.tick_params(axis="x", labelsize=7, rotation=0)
         ax.set_xlabel("step")
         if data.units_per_row > 1:
-            ax.set_ylabel(f"unit rank by activity\n(each row: {data.units_per_row} units)")
+            ax.set_ylabel("units the findings name, then\nbins by activity rank (least first)")
         else:
-            ax.set_ylabel("unit (least active first)")
+            ax.set_ylabel("unit index (least active first)")
         fam = f" ({mpl_label(family, 16)})" if family else ""
         ax.set_title(
             f"{mpl_label(site, 40)}{fam}: {data.units} units, {data.dead_last} dead at last step",
@@ -315,12 +385,12 @@ def gradient_flow_figure(
                    for i in range(min(max_steps, len(all_steps)))})
     panels = (0 if g.empty else 1) + (1 if has_layers else 0)
     with matplotlib.rc_context(_rc()):
-        fig = Figure(figsize=(11, 3.9), layout="constrained")
+        fig = Figure(figsize=(_WIDTH, 3.8), layout="constrained")
         axes = list(fig.subplots(1, panels, squeeze=False)[0])
         palette = dict(zip(pick, sns.color_palette("crest", len(pick)), strict=True))
         if not g.empty:
             _by_depth(axes.pop(0), g, "site", "grad_rms", _site_order(history), palette, "o",
-                      "activation-gradient RMS by site (input → output)")
+                      "activation gradient by site", "RMS of dL/dh (log scale)")
         if has_layers and layers is not None:
             lay = layers[layers["grad_norm"].astype(float) > 0]
             names = [str(n) for n in pd.unique(layers["layer"])]
@@ -328,13 +398,13 @@ def gradient_flow_figure(
             lpick = [s for s in pick if s in lsteps] or lsteps[-1:]
             lpal = dict(zip(lpick, sns.color_palette("flare", len(lpick)), strict=True))
             _by_depth(axes.pop(0), lay, "layer", "grad_norm", names, lpal, "s",
-                      "parameter-gradient norm by layer")
+                      "parameter gradient by layer", "gradient norm (log scale)")
     return fig
 
 
 def _by_depth(
     ax: Any, frame: pd.DataFrame, where: str, value: str, order: list[str],
-    palette: dict[int, Any], marker: str, title: str,
+    palette: dict[int, Any], marker: str, title: str, ylabel: str,
 ) -> None:
     """One line per step in ``palette``: ``value`` at each place of ``order`` (column ``where``)."""
     labels = _labels(order, 24)
@@ -346,9 +416,11 @@ def _by_depth(
         ax.plot(part["x"], part[value].astype(float), marker=marker, markersize=4,
                 color=color, label=f"step {step}")
     _depth_axis(ax, [labels[s] for s in order])
-    _value_scale(ax, frame[value].astype(float))
+    ax.set_yscale("log")  # one rule for every run, so two reports compare at a glance
     ax.set_title(title)
-    ax.legend(frameon=False, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel("input side → output side")
+    ax.legend(frameon=False, fontsize=7)
 
 
 def _depth_axis(ax: Any, labels: list[str]) -> None:
@@ -359,15 +431,3 @@ def _depth_axis(ax: Any, labels: list[str]) -> None:
     ax.set_xticklabels([labels[i] for i in ticks], rotation=45 if n > 4 else 0,
                        ha="right" if n > 4 else "center", fontsize=7)
     ax.set_xlim(-0.5, n - 0.5)
-    ax.set_xlabel("")
-
-
-def _value_scale(ax: Any, values: pd.Series) -> None:
-    """Log scale when the values span more than a decade and a half, else linear with
-    scientific notation (a log axis over a narrow range shows a clutter of minor labels)."""
-    v = values[np.isfinite(values) & (values > 0)]
-    if len(v) and float(v.max()) / float(v.min()) > 30:
-        ax.set_yscale("log")
-    else:
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useMathText=True)
-        ax.set_ylim(bottom=0)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from relu_doctor.history import Run, atomic_write_bytes, load_run
-from relu_doctor.reports.context import ReportContext, build_context
+from relu_doctor.history import Run, atomic_write_bytes
+from relu_doctor.reports.context import ReportContext, as_run, build_context
 from relu_doctor.reports.html import render_context
 from relu_doctor.reports.text import summary
 
@@ -27,7 +27,7 @@ class Report:
     """
 
     def __init__(self, run: Run | str | os.PathLike[str]) -> None:
-        self.run = run if isinstance(run, Run) else load_run(run)
+        self.run = as_run(run)
         self._context: ReportContext | None = None
         self._html: str | None = None
         self._fragment: str | None = None

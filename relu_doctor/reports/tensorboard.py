@@ -15,8 +15,13 @@ Tags:
 ``<prefix>/unit_activation_rate/<site>``  histogram of the per-unit activation rates
 ``<prefix>/findings``                  the findings of a logging step (Markdown)
 ``<prefix>/finding_events``            findings that began, changed severity or ended
-``<prefix>/events``                    interventions (Markdown)
+``<prefix>/events``                    interventions (a Markdown table)
+``<prefix>/definitions``               what dead, never active and dormant mean
+``train/<name>``                       training metrics of the interval (loss, lr...)
 =====================================  ==============================================
+
+:class:`RunTensorBoard` is the Doctor's listener that writes ``<run_dir>/tensorboard`` for a
+plain ``watch(model, run_dir=...)`` loop.
 
 ``prefix`` is ``relu_doctor`` for training statistics and ``relu_doctor_val`` for the
 validation stream of the Lightning callback.
@@ -50,14 +55,17 @@ __all__ = [
     "PREFIX",
     "SITE_METRICS",
     "VAL_PREFIX",
+    "RunTensorBoard",
     "SummaryWriterLike",
     "custom_scalars_layout",
     "events_markdown",
     "finding_events_markdown",
     "findings_markdown",
+    "has_cap",
     "open_writer",
     "scalars",
     "tag",
+    "training_scalars",
     "write_events",
     "write_layout",
     "write_record",
@@ -107,6 +115,18 @@ LAYER_METRICS: tuple[str, ...] = ("grad_norm", "update_ratio")
 
 # Meaningful only for sites with an upper cap (ReLU6, Hardtanh); 0 elsewhere.
 _CAPPED_ONLY = frozenset({"saturated_fraction", "fully_saturated"})
+#: Tag prefix of the training metrics (``Doctor.step(loss=...)``, learning rates, ...).
+TRAIN_PREFIX = "train"
+#: The words of the report, written once beside the charts.
+DEFINITIONS = (
+    "| word | scalar | meaning |\n|---|---|---|\n"
+    "| dead | `dead_fraction` | no activation on any sample in the logging window |\n"
+    "| never active | `lifetime_dead_fraction` | no activation since monitoring began |\n"
+    "| dormant | `dormant_fraction` | ReDo score (mean \\|h\\| over the layer's mean) at or "
+    "below tau; this scalar counts dead units too (ReDo recycles both), the report's "
+    "*dormant* only the units that are still active |\n"
+    "| sparsity | `sparsity` | fraction of outputs not active |"
+)
 _HIST = "unit_activation_rate"
 _HIST_BINS = np.linspace(0.0, 1.0, 21)
 
@@ -183,6 +203,7 @@ def custom_scalars_layout(
     *,
     prefixes: Mapping[str, str] | None = None,
     layer_metrics: Sequence[str] = LAYER_METRICS,
+    capped: bool = True,
 ) -> dict[str, dict[str, list[Any]]]:
     """A custom-scalars layout: one chart per metric holding every site (or layer).
 
@@ -190,6 +211,8 @@ def custom_scalars_layout(
         metrics: site metrics to chart.
         prefixes: ``{tag prefix: category title}``; default ``{"relu_doctor": "relu_doctor"}``.
         layer_metrics: per-layer metrics to chart.
+        capped: whether any site has an upper cap (ReLU6, Hardtanh); without one the
+            saturation charts would stay empty and are left out.
 
     Returns:
         The layout for ``SummaryWriter.add_custom_scalars``.
@@ -199,6 +222,8 @@ def custom_scalars_layout(
     for prefix, title in prefixes.items():
         charts: dict[str, list[Any]] = {}
         for m in (*metrics, *layer_metrics):
+            if m in _CAPPED_ONLY and not capped:
+                continue
             charts[m] = ["Multiline", [f"^{re.escape(prefix)}/{re.escape(m)}/"]]
         layout[title] = charts
     return layout
@@ -238,18 +263,55 @@ def finding_events_markdown(events: Sequence[FindingEvent]) -> str:
     return "\n".join(lines)
 
 
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _change(ev: Mapping[str, Any]) -> str:
+    """``metric before -> after`` for the metric an intervention is judged on (its
+    ``target``), else for each metric it recorded both before and after."""
+    before = ev.get("before") if isinstance(ev.get("before"), Mapping) else {}
+    after = ev.get("after") if isinstance(ev.get("after"), Mapping) else {}
+    assert isinstance(before, Mapping) and isinstance(after, Mapping)
+    target = ev.get("target")
+    keys = [target] if isinstance(target, str) and (target in before or target in after) else [
+        k for k in before if k in after or not after
+    ]
+    parts = []
+    for k in keys:
+        b = _short(before[k]) if k in before else "?"
+        a = _short(after[k]) if k in after else "not yet measured"
+        parts.append(f"{k} {b} → {a}")
+    verdict = ev.get("verdict")
+    text = "; ".join(parts)
+    return f"{text} ({verdict})" if isinstance(verdict, str) and verdict else text
+
+
 def events_markdown(events: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown lines describing interventions (as ``Run.interventions()`` gives them):
-    remedy, site, what was done, the metrics before and after."""
-    lines = []
+    """A Markdown table of interventions (as ``Run.interventions()`` gives them, or as
+    recorded: an ``intervention_result`` gives a row of its own): step, remedy, site, what
+    was done, the judged metric before and after."""
+    lines = ["| step | remedy | site | what | before → after |", "|---|---|---|---|---|"]
     for ev in events:
-        head = " at ".join(str(ev[k]) for k in ("remedy", "site") if ev.get(k) not in (None, ""))
-        line = f"- step {ev.get('step', '?')}: **{_cell(head or 'intervention')}** {_cell(ev.get('what', ''))}"
-        for k in ("before", "after"):
-            if isinstance(ev.get(k), Mapping):
-                line += f"; {k}: {_cell(ev[k])}"
-        lines.append(line)
+        what = ev.get("what", "")
+        if ev.get("type") == "intervention_result":
+            what = f"measured one interval after ({ev.get('ref', '')})"
+        cells = (ev.get("step", "?"), ev.get("remedy", "intervention"), ev.get("site", ""),
+                 what, _change(ev))
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def training_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """``{train/<name>: value}`` of an interval's training metrics (NaN left out)."""
+    out = {}
+    for name, value in metrics.items():
+        v = _number(value)
+        if v is not None:
+            out[f"{TRAIN_PREFIX}/{name}"] = v
+    return out
 
 
 def write_record(
@@ -263,6 +325,7 @@ def write_record(
     metrics: Sequence[str] = DEFAULT_METRICS,
     prefix: str = PREFIX,
     histograms: bool = True,
+    training: Mapping[str, Any] | None = None,
 ) -> None:
     """Write one logging step: scalars, per-unit activation-rate histograms, findings text.
 
@@ -277,8 +340,12 @@ def write_record(
         metrics: site metrics to write as scalars.
         prefix: the first part of every tag.
         histograms: write the per-unit histograms.
+        training: the interval's training metrics (``IntervalRecord.metrics``), written as
+            ``train/<name>``.
     """
     for t, v in scalars(sites, layers, metrics=metrics, prefix=prefix).items():
+        writer.add_scalar(t, v, step)
+    for t, v in training_scalars(training or {}).items():
         writer.add_scalar(t, v, step)
     if histograms and units is not None and not units.empty and "activation_rate" in units:
         for site, part in units.groupby("site", sort=False):
@@ -291,8 +358,15 @@ def write_record(
 
 
 def write_layout(writer: SummaryWriterLike, layout: dict[str, Any]) -> None:
-    """Write a custom-scalars layout (see :func:`custom_scalars_layout`)."""
+    """Write a custom-scalars layout (see :func:`custom_scalars_layout`) and the
+    definitions of the words the charts use."""
     writer.add_custom_scalars(layout)
+    writer.add_text(f"{PREFIX}/definitions", DEFINITIONS, 0)
+
+
+def has_cap(sites: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether any site row has an upper cap (ReLU6, Hardtanh)."""
+    return any(_number(r.get("cap")) is not None for r in sites)
 
 
 def write_events(
@@ -337,9 +411,15 @@ def write_run(
         log_dir = run.path / "tensorboard"
     writer = open_writer(log_dir)
     try:
-        write_layout(writer, custom_scalars_layout(metrics))
         hist = run.history
+        write_layout(writer, custom_scalars_layout(
+            metrics, capped=hist.empty or "cap" not in hist or has_cap(hist.to_dict("records"))))
         steps = sorted(int(s) for s in hist["step"].unique()) if not hist.empty else []
+        training: dict[int, dict[str, float]] = {}
+        table = getattr(run, "metrics", None)
+        if isinstance(table, pd.DataFrame) and not table.empty:
+            for row in table.to_dict("records"):
+                training.setdefault(int(row["step"]), {})[str(row["name"])] = row["value"]
         for step in steps:
             write_record(
                 writer,
@@ -350,6 +430,7 @@ def write_run(
                 findings=None,
                 metrics=metrics,
                 histograms=histograms,
+                training=training.get(step),
             )
         if steps:  # the findings are known exactly at the last step only
             writer.add_text(f"{PREFIX}/findings",
@@ -366,3 +447,70 @@ def write_run(
         if close is not None:
             close()
     return Path(log_dir)
+
+
+class RunTensorBoard:
+    """The TensorBoard event files of a ``watch(model, run_dir=...)`` loop: a Doctor
+    listener (:meth:`write_record`) and event listener (:meth:`write_event`) writing to
+    ``log_dir``. The writer opens on the first record; a failure warns once and the writer
+    steps aside (training goes on).
+
+    Args:
+        log_dir: where the event files go (``<run_dir>/tensorboard``).
+        metrics: site metrics written as scalars.
+    """
+
+    def __init__(
+        self, log_dir: str | os.PathLike[str], *, metrics: Sequence[str] = DEFAULT_METRICS
+    ) -> None:
+        self.log_dir = Path(log_dir)
+        self.metrics = tuple(metrics)
+        self._writer: SummaryWriterLike | None = None
+        self._failed = False
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        if self._failed:
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # never stop the training for a log file
+            self._failed = True
+            import warnings
+
+            warnings.warn(
+                f"relu_doctor: TensorBoard logs in {str(self.log_dir)!r} stopped: "
+                f"{type(e).__name__}: {e}. The run directory is still written.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def write_record(self, record: Any) -> None:
+        """Write one :class:`~relu_doctor.history.IntervalRecord`."""
+        self._guard(self._write_record, record)
+
+    def _write_record(self, record: Any) -> None:
+        if self._writer is None:
+            self._writer = open_writer(self.log_dir)
+            write_layout(self._writer, custom_scalars_layout(
+                self.metrics, capped=has_cap(record.site_rows)))
+        write_record(
+            self._writer, record.step, sites=record.site_rows, units=record.unit_table,
+            layers=record.layer_table, findings=[f.to_dict() for f in record.findings],
+            metrics=self.metrics, training=getattr(record, "metrics", None),
+        )
+        self._writer.flush()
+
+    def write_event(self, event: Mapping[str, Any]) -> None:
+        """Write an intervention (or its result) as a row of the interventions table."""
+        if event.get("type") in ("intervention", "intervention_result"):
+            self._guard(self._write_event, event)
+
+    def _write_event(self, event: Mapping[str, Any]) -> None:
+        if self._writer is None:
+            self._writer = open_writer(self.log_dir)
+        write_events(self._writer, [event])
+
+    def flush(self) -> None:
+        """Flush what was written (the Doctor calls it when it detaches)."""
+        if self._writer is not None:
+            self._guard(self._writer.flush)

@@ -13,28 +13,42 @@ Example:
 
 from __future__ import annotations
 
+import os
+
 from relu_doctor.history import Run
-from relu_doctor.reports.context import ReportContext, build_context
+from relu_doctor.reports.context import ReportContext, as_run, build_context
 
 __all__ = ["summary"]
+
+
+def _plain(line: str) -> str:
+    """``line`` with terminal control characters (escape sequences from a copied run
+    directory's names) replaced by ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in line)
 
 
 def _clip(s: str, width: int) -> str:
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
-def summary(run: Run | ReportContext, *, max_sites: int = 20, max_findings: int = 5) -> str:
+def summary(
+    run: Run | ReportContext | str | os.PathLike[str],
+    *,
+    max_sites: int = 20,
+    max_findings: int = 5,
+) -> str:
     """Verdict, the most severe findings and a per-site table, as plain text.
 
     Args:
-        run: a run record, or its report context (built once, shared with the HTML).
+        run: a run record, its report context (built once, shared with the HTML), or the
+            path of a run directory.
         max_sites: most rows of the per-site table (the rest are counted).
         max_findings: most findings listed.
     """
-    ctx = run if isinstance(run, ReportContext) else build_context(run)
+    ctx = run if isinstance(run, ReportContext) else build_context(as_run(run))
     lines = [f"{ctx.model or 'model'}: {ctx.verdict.headline}"]
     if ctx.last_step is None:
-        return "\n".join(lines)
+        return "\n".join(_plain(line) for line in lines)
     lines.append("  " + ", ".join(f"{k} {v}" for k, v in ctx.key_numbers))
     serious = [f for f in ctx.findings if f.severity != "info"] or ctx.findings
     for f in serious[:max_findings]:
@@ -56,4 +70,4 @@ def summary(run: Run | ReportContext, *, max_sites: int = 20, max_findings: int 
             )
         if len(rows) > max_sites:
             lines.append(f"  ... {len(rows) - max_sites} more sites")
-    return "\n".join(lines)
+    return "\n".join(_plain(line) for line in lines)

@@ -78,6 +78,12 @@ def test_numbers_match_what_was_logged_during_training(dead_run: TrainedRun) -> 
     cols = ("units", "dead", "dead_fraction", "lifetime_dead", "dormant", "dormant_fraction",
             "sparsity", "grad_rms", "grad_zero_fraction")
     assert [s["site"] for s in data["sites"]] == list(last.index)
+    # "dormant" in the report: flagged dormant by the per-unit verdicts logged in training,
+    # and not dead (the record's site-level count includes dead units)
+    units = dead_run.in_memory.units
+    u = units[units["step"] == logged["step"].max()]
+    quiet = (u["dormant"].astype(bool) & ~u["dead"].astype(bool)).groupby(u["site"]).sum()
+    last = last.assign(dormant=[int(quiet[s]) for s in last.index])
     for s in data["sites"]:
         for c in cols:
             want = float(last.loc[s["site"], c])
@@ -192,7 +198,7 @@ def test_interventions_timeline_joins_results(tmp_path: Path) -> None:
     timeline = section(page, "rd-interventions")
     assert "3 interventions" in timeline
     assert "replaced ReLU at s with LeakyReLU" in timeline
-    assert "dead 50.0% &rarr; 0.0%" in timeline
+    assert "<strong>dead</strong> 50.0% &rarr; 0.0%" in timeline  # its target, first
     assert "acted at 2 logging intervals, steps 10–20" in timeline  # clipping summarised
 
 
@@ -236,8 +242,10 @@ def test_notebook_repr_is_a_scoped_fragment(dead_run: TrainedRun) -> None:
 
 
 def test_in_memory_run_needs_an_output_path(dead_run: TrainedRun) -> None:
+    run = load_run(dead_run.run_dir)
+    run.path = None  # as built in memory
     with pytest.raises(ValueError, match="out_path"):
-        write_report(dead_run.in_memory)
+        write_report(run)
 
 
 def test_text_summary(dead_run: TrainedRun) -> None:
