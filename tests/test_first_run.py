@@ -1,0 +1,172 @@
+"""A newcomer's first run: the demo's printed commands work as printed in a new shell, from
+any working directory, and what a newcomer tries by mistake ends in a clear error (or, for a
+``watch`` block that never called ``step()``, a warning), never a traceback or silence."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import relu_doctor
+from relu_doctor.errors import ReluDoctorError, RunDirError
+from relu_doctor.reports import Report, summary, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def one_step(doc: relu_doctor.Doctor, model: nn.Module) -> None:
+    model(torch.randn(16, 4)).sum().backward()
+    doc.step()
+
+
+# ---------------------------------------------------------------------- clear errors
+
+
+def test_run_dir_that_is_not_a_path() -> None:
+    with pytest.raises(ReluDoctorError, match=r"run_dir: expected a path .* got 123"):
+        relu_doctor.watch(net(), run_dir=123)
+
+
+def test_unwritable_run_dir(tmp_path: Path) -> None:
+    if os.geteuid() == 0:  # root writes anywhere a mode allows: use a place nobody may write
+        target = Path("/sys/relu_doctor_test/run")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "run"
+    model = net()
+    with pytest.raises(RunDirError, match=r"run_dir: cannot write to .*relu_doctor_test|run_dir: cannot write to .*locked"):
+        relu_doctor.watch(model, run_dir=target)
+    assert not any(m._forward_hooks for m in model.modules())  # nothing left attached
+
+
+def test_scan_of_none_is_a_clear_error() -> None:
+    with pytest.raises(ReluDoctorError, match=r"dataloader: expected an iterable .* got NoneType"):
+        relu_doctor.scan(net(), None)  # type: ignore[arg-type]
+
+
+def test_scan_of_a_bare_tensor_is_one_batch() -> None:
+    x = torch.randn(4, 4)
+    res = relu_doctor.scan(net(), x)  # type: ignore[arg-type]
+    assert res.site_table["samples"].tolist() == [4]  # not 4 batches of one row, not 32
+    assert res.site_table["batches"].tolist() == [1]
+    same = relu_doctor.scan(net(), [x])
+    assert res.unit_table.equals(same.unit_table)
+
+
+def test_write_report_of_a_model_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ReluDoctorError, match=r"run_or_path: expected a run record .*got Sequential.*not from the model"):
+        write_report(net(), tmp_path / "r.html")  # type: ignore[arg-type]
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_summary_takes_a_path_and_says_when_it_is_not_a_run(tmp_path: Path) -> None:
+    model = net()
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=tmp_path / "run") as doc:
+        one_step(doc, model)
+    text = summary(str(tmp_path / "run"))
+    assert text == summary(relu_doctor.load_run(tmp_path / "run")) == Report(tmp_path / "run").summary()
+    with pytest.raises(RunDirError, match="does not exist"):
+        summary(str(tmp_path / "nowhere"))
+    with pytest.raises(ReluDoctorError, match=r"run: expected a run record .* got Doctor .*doc.to_run"):
+        summary(doc)  # type: ignore[arg-type]
+
+
+def test_step_after_the_with_block_is_a_clear_error() -> None:
+    model = net()
+    with relu_doctor.watch(model) as doc:
+        one_step(doc, model)
+    with pytest.raises(ReluDoctorError, match=r"step: called after the .*block ended"):
+        doc.step()
+
+
+def test_watch_block_without_step_warns_at_exit() -> None:
+    model = net()
+    with pytest.warns(UserWarning, match=r"without a call to doc.step\(\), so nothing was logged"):
+        with relu_doctor.watch(model):
+            model(torch.randn(2, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a block that stepped says nothing
+        with relu_doctor.watch(model) as doc:
+            one_step(doc, model)
+
+
+# ---------------------------------------------------------------------- the demo's commands
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _fresh_shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``command`` in a new login-less shell: no venv on PATH, nothing inherited."""
+    env = {"HOME": os.environ.get("HOME", "/tmp"), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_demo_commands_work_as_printed_from_another_directory(tmp_path: Path) -> None:
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    demo = _fresh_shell(f"{shlex.quote(str(ROOT / 'scripts' / 'demo'))} --quick --steps 20 "
+                        "--out out", start)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    out = demo.stdout
+    assert (start / "out" / "treated" / "report.html").is_file()  # under the caller's directory
+    # every path printed is absolute
+    paths = re.findall(r"(?m)^\s+(?:untreated|treated)\s+(\S+)$", out)
+    assert len(paths) == 4 and all(Path(p).is_absolute() and Path(p).exists() for p in paths)
+    lines = [ln.strip() for ln in out.splitlines()]
+    report_cmd = next(ln for ln in lines if " report " in ln and "relu-doctor" in ln)
+    tb_cmd = next(ln for ln in lines if "tensorboard" in ln and "--logdir" in ln)
+    activate = next(ln for ln in lines if ln.startswith("source "))
+
+    done = _fresh_shell(report_cmd, elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert "Report: " in done.stdout
+    done = _fresh_shell(f"{activate} && relu-doctor --version", elsewhere)
+    assert done.returncode == 0 and done.stdout.startswith("relu-doctor "), done.stderr
+
+    port = _free_port()
+    proc = subprocess.Popen(["bash", "-c", f"exec {tb_cmd} --host 127.0.0.1 --port {port}"],
+                            cwd=elsewhere, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        runs: list[str] = []
+        for _ in range(60):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=2) as r:
+                    runs = __import__("json").loads(r.read())
+                if runs:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        # the runs are named after the runs, not after the tensorboard/ folder
+        assert sorted(r.split("/")[0] for r in runs) == ["treated", "untreated"], runs
+        assert not any("tensorboard" in r for r in runs)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
