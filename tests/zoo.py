@@ -338,3 +338,170 @@ def odd_name_net(name: str, d_in: int = 4, hidden: int = 8, d_out: int = 2) -> n
     net.add_module(f"{name}_blk", _FunctionalReLUBlock(hidden))
     net.add_module("out", nn.Linear(hidden, d_out))
     return net
+
+
+# ---------------------------------------------------------------------- added for issue 12 (ReDo on any architecture)
+
+
+class DenseNetish(nn.Module):
+    """torchvision DenseNet's traits: a stem, dense layers concatenating their features
+    (``torch.cat`` in a child's forward), a transition (BN -> ReLU -> conv -> avg pool) and
+    the final BN -> ReLU -> pool -> classifier; the activations are modules (``relu0``,
+    ``*.relu1``, ``*.relu2``, ``transition.relu``, ``relu5``)."""
+
+    def __init__(self, c: int = 8, growth: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.norm0 = nn.BatchNorm2d(c)
+        self.relu0 = nn.ReLU(inplace=True)
+        self.pool0 = nn.MaxPool2d(2)
+        self.block = nn.ModuleList([_TVDenseLayer(c + i * growth, growth) for i in range(2)])
+        width = c + 2 * growth
+        self.transition = nn.Sequential()
+        self.transition.add_module("norm", nn.BatchNorm2d(width))
+        self.transition.add_module("relu", nn.ReLU(inplace=True))
+        self.transition.add_module("conv", nn.Conv2d(width, width // 2, 1, bias=False))
+        self.transition.add_module("pool", nn.AvgPool2d(2))
+        self.norm5 = nn.BatchNorm2d(width // 2)
+        self.relu5 = nn.ReLU(inplace=True)
+        self.classifier = nn.Linear(width // 2, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [self.pool0(self.relu0(self.norm0(self.conv0(x))))]
+        for layer in self.block:
+            feats.append(layer(feats))
+        x = self.transition(torch.cat(feats, 1))
+        x = F.adaptive_avg_pool2d(self.relu5(self.norm5(x)), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+class _TVDenseLayer(nn.Module):
+    def __init__(self, c_in: int, growth: int) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(c_in)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(c_in, 2 * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(2 * growth)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(feats, 1)
+        return self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's norm-act module: a BatchNorm2d subclass whose forward calls ``F.batch_norm``
+    with its own parameters, then its ``drop`` and ``act`` children."""
+
+    def __init__(self, c: int, act: bool = True) -> None:
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act: nn.Module = nn.ReLU(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training, self.momentum if self.momentum is not None else 0.0, self.eps,
+        )
+        return self.act(self.drop(x))
+
+
+class RegNetBlock(nn.Module):
+    """timm RegNetX's bottleneck: 1x1 conv -> BNAct -> 3x3 group conv -> BNAct -> 1x1 conv ->
+    BN (no act), plus a downsample or identity shortcut, then a ReLU after the sum."""
+
+    def __init__(self, c_in: int = 8, c_out: int = 8, group_width: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False))
+        self.conv1.add_module("bn", BatchNormAct2d(c_out))
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(c_out, c_out, 3, padding=1, groups=c_out // group_width, bias=False)
+        )
+        self.conv2.add_module("bn", BatchNormAct2d(c_out))
+        self.conv3 = nn.Sequential(nn.Conv2d(c_out, c_out, 1, bias=False))
+        self.conv3.add_module("bn", BatchNormAct2d(c_out, act=False))
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+            if c_in != c_out
+            else None
+        )
+        self.act3 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.act3(self.conv3(self.conv2(self.conv1(x))) + shortcut)
+
+
+class RegNetish(nn.Module):
+    """A stem (conv + BNAct), a block with a downsample shortcut, one with an identity
+    shortcut, a pooled linear head."""
+
+    def __init__(self, c: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False))
+        self.stem.add_module("bn", BatchNormAct2d(c))
+        self.s1 = nn.Sequential(RegNetBlock(c, 2 * c), RegNetBlock(2 * c, 2 * c))
+        self.head = nn.Linear(2 * c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.s1(self.stem(x)).mean((2, 3)))
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt: depthwise 7x7 conv, permute to channels-last, LayerNorm, Linear -> GELU ->
+    Linear, layer scale, permute back, residual."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pwconv1 = nn.Linear(c, 4 * c)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dwconv(x).permute(0, 2, 3, 1)
+        h = self.gamma * self.pwconv2(self.act(self.pwconv1(self.norm(h))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+class TransformerMLP(nn.Module):
+    """A transformer layer's MLP (no Keras, no HF): LayerNorm(x + fc2(dropout(act(fc1(x)))))
+    on (N, L, D), with an activation given as a module class or a function."""
+
+    def __init__(self, d: int = 8, hidden: int = 16, act: Callable[..., torch.Tensor] | type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.act = act() if isinstance(act, type) else None
+        self.fn = None if isinstance(act, type) else act
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(hidden, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h = self.act(h) if self.act is not None else self.fn(h)  # type: ignore[misc]
+        return self.norm(x + self.fc2(self.drop(h)))
+
+
+class NormAfterAct(nn.Module):
+    """Traits recycling must refuse: an activation read through LayerNorm, one read by a
+    GroupNorm mixing channels, one feeding the output directly, and one whose producer's
+    output also goes elsewhere."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, d)
+        self.act1 = nn.ReLU()
+        self.ln = nn.LayerNorm(d)
+        self.fc2 = nn.Linear(d, d)
+        self.act2 = nn.ReLU()
+        self.fc3 = nn.Linear(d, d)
+        self.act3 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(self.ln(self.act1(self.fc1(x))))
+        p = self.fc3(h)
+        return self.act3(p) + p.mean() + self.act2(h)

@@ -22,21 +22,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from relu_doctor.families import family_of
 from relu_doctor.functional import functional_ops
 
 __all__ = [
     "Dataflow",
-    "InputTap",
     "ModuleCall",
     "Node",
     "Param",
     "Value",
     "op_name",
     "record_dataflow",
-    "record_latest",
 ]
 
 
@@ -115,6 +113,8 @@ class ModuleCall:
     call_index: int
     inputs: list[Value]
     outputs: list[Value] = field(default_factory=list)
+    start: int = 0  # index of the first call made inside it
+    end: int = 0  # index after the last one
 
 
 def op_name(func: Callable[..., Any]) -> str:
@@ -171,6 +171,7 @@ class _Recorder(TorchFunctionMode):
             ):
                 self.params.setdefault(id(t), Param(path, name, mod, t))
         self.stack: list[tuple[nn.Module, str]] = []
+        self.open: list[ModuleCall] = []
         self.calls: dict[tuple[str, str], int] = {}
         self.ops = functional_ops()
 
@@ -185,7 +186,14 @@ class _Recorder(TorchFunctionMode):
         return v
 
     def _new(self, t: torch.Tensor, node: Node | None) -> Value:
-        exact = t.dtype in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+        exact = t.dtype in (
+            torch.bool,
+            torch.uint8,
+            torch.int8,
+            torch.int16,
+            torch.int32,
+            torch.int64,
+        )
         v = Value(node, tuple(t.shape), data=t if exact else None)
         self.keep.append(t)
         self.version[id(t)] = v
@@ -230,16 +238,19 @@ class _Recorder(TorchFunctionMode):
         path = self.flow.paths.get(module, "?")
         calls = self.flow.module_calls.setdefault(module, [])
         ins = [self.value_of(t) for t in _flat(args, kwargs) if isinstance(t, torch.Tensor)]
-        calls.append(ModuleCall(path, module, len(calls), [v for v in ins if isinstance(v, Value)]))
+        vals = [v for v in ins if isinstance(v, Value)]
+        calls.append(ModuleCall(path, module, len(calls), vals, start=len(self.flow.nodes)))
+        self.open.append(calls[-1])
         self.stack.append((module, path))
 
     def post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self.stack and self.stack[-1][0] is module:
             self.stack.pop()
-        calls = self.flow.module_calls.get(module)
-        if calls:
+        if self.open and self.open[-1].module is module:
+            call = self.open.pop()
             outs = [self.value_of(t) for t in _flat(output, None) if isinstance(t, torch.Tensor)]
-            calls[-1].outputs = [v for v in outs if isinstance(v, Value)]
+            call.outputs = [v for v in outs if isinstance(v, Value)]
+            call.end = len(self.flow.nodes)
 
 
 @contextlib.contextmanager
@@ -247,7 +258,7 @@ def _restored(model: nn.Module) -> Iterator[None]:
     """Put the model's buffers and the RNG states back as they were."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cpu = torch.random.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
     try:
         yield
     finally:
@@ -307,66 +318,3 @@ def record_dataflow(
     rec.keep.clear()
     rec.version.clear()
     return rec.flow
-
-
-def _shrink(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
-    """The first two samples of batched inputs (every tensor's dim 0 the same, above 2)."""
-    leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-    sizes = {t.shape[0] if t.dim() else -1 for t in leaves}
-    if len(sizes) != 1 or next(iter(sizes)) <= 2:
-        return None
-    return tree_map(lambda t: t[:2] if isinstance(t, torch.Tensor) else t, (args, kwargs))
-
-
-def record_latest(
-    model: nn.Module, call: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[Dataflow | None, str | None]:
-    """Record one pass of ``call`` (the model or the submodule its caller calls), on two
-    samples when the inputs are batched; or why it failed."""
-    small = _shrink(args, kwargs)
-    tries = ([small] if small is not None else []) + [(args, kwargs)]
-    err: Exception | None = None
-    for a, k in tries:
-        try:
-            return record_dataflow(model, a, kwargs=k, call=call), None
-        except Exception as e:  # the user's forward on our inputs: anything
-            err = e
-    return None, f"the forward pass that finds producers and consumers failed ({type(err).__name__}: {err})"
-
-
-class InputTap:
-    """Keeps a reference to the arguments of the model's latest outermost call (the model,
-    or the submodule a wrapper such as a LightningModule calls), until they are needed.
-
-    Pre/post hooks on every module until the first call shows which module is outermost,
-    then one pre-hook on that module alone."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.depth = 0
-        self.args: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None = None
-        self.handles = []
-        for m in model.modules():
-            self.handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
-            self.handles.append(m.register_forward_hook(self._post, always_call=True))
-        self.pruned = False
-
-    def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        if self.depth == 0 and (not self.pruned or (self.args and module is self.args[0])):
-            self.args = (module, tuple(args), dict(kwargs))
-        if not self.pruned:
-            self.depth += 1
-
-    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.depth = max(0, self.depth - 1)
-        if self.depth == 0 and not self.pruned and self.args is not None:
-            self.close()
-            self.pruned = True
-            self.handles = [self.args[0].register_forward_pre_hook(self._pre, with_kwargs=True)]
-
-    def latest(self) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None:
-        return self.args
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []

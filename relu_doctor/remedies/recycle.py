@@ -21,6 +21,7 @@ from relu_doctor._validate import glob_patterns, matches, number_in, positive_in
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
+from relu_doctor.remedies._link_cache import LinkCache
 from relu_doctor.remedies._optim_state import SliceFn, reset_state_slices
 from relu_doctor.remedies.base import (
     Optimizers,
@@ -29,7 +30,7 @@ from relu_doctor.remedies.base import (
     check_model,
     site_snapshot,
 )
-from relu_doctor.remedies.unit_links import LinkCache, UnitLinks
+from relu_doctor.remedies.unit_links import UnitLinks
 from relu_doctor.sites import SiteKey
 
 __all__ = ["DormantRecycler", "recycle_units"]
@@ -77,7 +78,9 @@ def _zero_inputs(m: nn.Module, weight: torch.Tensor, cols: torch.Tensor) -> Slic
     return grouped
 
 
-def _cut_norm(norm: nn.Module, ch: torch.Tensor, targets: list[tuple[torch.Tensor, SliceFn]]) -> None:
+def _cut_norm(
+    norm: nn.Module, ch: torch.Tensor, targets: list[tuple[torch.Tensor, SliceFn]]
+) -> None:
     """A per-channel norm reading the units: scale 0, and the shift it gave a dead unit (0 in)
     kept, in training mode (batch statistics: its bias) as in eval mode (running ones)."""
     w, b = _tensor(norm, "weight"), _tensor(norm, "bias")

@@ -24,28 +24,19 @@ another input. The site is a :class:`~relu_doctor.sites.SiteKey`, so any module 
 
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies.base import get_module, key_label, site_key_of
-from relu_doctor.remedies.dataflow import (
-    Dataflow,
-    InputTap,
-    Node,
-    Param,
-    Value,
-    record_dataflow,
-    record_latest,
-)
+from relu_doctor.remedies.dataflow import Dataflow, Node, Param, Value, record_dataflow
 from relu_doctor.sites import SiteKey, module_label
 
-__all__ = ["Consumer", "LinkCache", "NormReset", "UnitLinks", "find_unit_links"]
+__all__ = ["Consumer", "NormReset", "UnitLinks", "find_unit_links"]
 
 _PRODUCERS = {"linear", "conv1d", "conv2d", "conv3d"}
 _MOVE = {
@@ -161,7 +152,7 @@ class _Refuse(Exception):
 
 
 def _site_values(flow: Dataflow, model: nn.Module, key: SiteKey) -> tuple[Value, Node | None]:
-    """The site's input value and, for a functional call, its node."""
+    """The site's input value and the first call the site made on it."""
     if key.op is None:
         mod = get_module(model, key.module_path, "site")
         calls = flow.module_calls.get(mod, [])
@@ -170,7 +161,9 @@ def _site_values(flow: Dataflow, model: nn.Module, key: SiteKey) -> tuple[Value,
                 f"the recorded forward pass called {module_label(key.module_path)!r} "
                 f"{len(calls)} time(s), not {key.call_index + 1}"
             )
-        return calls[key.call_index].inputs[0], None
+        call = calls[key.call_index]
+        inner = [n for n in call.inputs[0].users if call.start <= n.index < call.end]
+        return call.inputs[0], inner[0] if inner else None
     nodes = flow.functional.get((key.module_path, key.op), [])
     if len(nodes) <= key.call_index or not nodes[key.call_index].inputs:
         raise _Refuse(
@@ -235,7 +228,9 @@ def _replay(node: Node, labels: dict[Value, torch.Tensor]) -> list[torch.Tensor]
     args = tuple(_labels_for(labels, a) for a in node.args)
     kwargs = {k: _labels_for(labels, v) for k, v in node.kwargs.items()}
     out = node.func(*args, **kwargs)
-    outs = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+    outs = (
+        [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+    )
     if len(outs) != len(node.outputs) or any(
         tuple(t.shape) != v.shape for t, v in zip(outs, node.outputs, strict=False)
     ):
@@ -292,16 +287,20 @@ def _producer(start: Value) -> tuple[Node, list[Node]]:
         if n.name in _PRODUCERS and _weight(n) is not None and n.outputs[0] is v:
             return n, chain[::-1]
         if n.name in _NORMS and not _per_channel(n, v.shape):
-            raise _Refuse(f"its input passes a {_mixing_norm(n)}: a fresh unit would shift the others")
+            raise _Refuse(
+                f"its input passes a {_mixing_norm(n)}: a fresh unit would shift the others"
+            )
         passes = (
-            n.name in _MOVE | _CASTS | _DROPOUT or (n.name in _NORMS and _per_channel(n, v.shape))
+            n.name in _MOVE | _CASTS | _DROPOUT
+            or bool(_POOL.match(n.name))
+            or (n.name in _NORMS and _per_channel(n, v.shape))
         )
         tracked = [i for i in n.inputs if i.data is None]
         if not passes or len(tracked) != 1:
-            kind = "a sum" if n.name in _SUM else n.describe()
+            kind = f"a sum ({n.describe()})" if n.name in _SUM else n.describe()
             raise _Refuse(
-                f"its input comes from {kind} ({n.describe()}), not from a Linear or Conv layer "
-                "(through dropout, reshapes or a per-channel norm); recycling needs the one "
+                f"its input comes from {kind}, not from a Linear or Conv layer (through "
+                "dropout, pooling, reshapes or a per-channel norm); recycling needs the one "
                 "layer that produces the units"
             )
         chain.append(n)
@@ -309,7 +308,7 @@ def _producer(start: Value) -> tuple[Node, list[Node]]:
 
 
 def _walk(
-    flow: Dataflow, prod: Node, chain: list[Node], site_in: Value
+    flow: Dataflow, prod: Node, chain: list[Node], site_in: Value, site: Node | None
 ) -> tuple[list[NormReset], list[Consumer]]:
     p_out = prod.outputs[0]
     w = _weight(prod)
@@ -322,15 +321,15 @@ def _walk(
     shape = [1] * len(p_out.shape)
     shape[fdim] = units
     labels: dict[Value, torch.Tensor] = {
-        p_out: _broadcast(torch.arange(1, units + 1, dtype=torch.float32).reshape(shape), p_out.shape)
+        p_out: _broadcast(
+            torch.arange(1, units + 1, dtype=torch.float32).reshape(shape), p_out.shape
+        )
     }
     # --- producer side: a single path, nothing else may read it
     norms: list[NormReset] = []
     on_chain = [p_out] + [n.outputs[0] for n in chain]
-    for v, nxt in zip(on_chain, [*chain, None], strict=True):
-        others = [u for u in v.users if u is not nxt] if nxt is not None else []
-        if nxt is None:
-            others = v.users[1:] if len(v.users) > 1 else []
+    for v, nxt in zip(on_chain, [*chain, site], strict=True):
+        others = [u for u in v.users if u is not nxt]
         if others:
             raise _Refuse(
                 f"the output of {prod.describe()} also goes to {others[0].describe()}, not only "
@@ -341,14 +340,18 @@ def _walk(
         if n.name in _NORMS:
             owner = _norm_owner(n)
             if owner is not None:
-                norms.append(NormReset(owner.path, owner.module, _channel_map(lab, 1, n.describe())))
+                norms.append(
+                    NormReset(owner.path, owner.module, _channel_map(lab, 1, n.describe()))
+                )
         elif n.name in _MOVE:
             lab = _replay(n, labels)[0]
+        elif _POOL.match(n.name):
+            lab = _pool(n, lab, int(_POOL.match(n.name).group(3)))  # type: ignore[union-attr]
         labels[n.outputs[0]] = lab
     # --- consumer side: every path, in execution order
     consumers: list[Consumer] = []
     route: dict[Value, str] = {site_in: ""}
-    first = site_in.users[0].index if site_in.users else len(flow.nodes)
+    first = site.index if site is not None else len(flow.nodes)
     for n in flow.nodes[first:]:
         tracked = [v for v in n.inputs if v in labels]
         if not tracked:
@@ -380,23 +383,25 @@ def _consume(
     """One call reading units: a cut (recorded in ``consumers``; returns nothing) or the labels
     of its outputs."""
     name = n.name
-    x = n.args[0] if n.args else None
+    first = n.args[0] if n.args else n.kwargs.get("input")
+    x: Value | None = first if isinstance(first, Value) else None
+    lx = labels.get(x) if x is not None else None
+    alone = lx is not None and len(tracked) == 1  # reads the units as its input only
     if name in _PRODUCERS:
         w = _weight(n)
-        if w is None or tracked != [x]:
+        if w is None or x is None or lx is None or not alone:
             raise _Refuse(f"{n.describe()} reads the units with a computed weight")
         dim = -1 if name == "linear" else (1 if len(x.shape) == w.tensor.dim() else 0)
-        lab = labels[x]
-        m = _channel_map(lab, dim, n.describe())
+        m = _channel_map(lx, dim, n.describe())
         consumers.append(_consumer(w, m, "weight"))
         return []
     if name in _NORMS:
-        if not _per_channel(n, x.shape if isinstance(x, Value) else ()):
+        if not _per_channel(n, x.shape if x is not None else ()):
             raise _Refuse(f"its units pass a {_mixing_norm(n)}")
         owner = _norm_weight(n)
-        if not isinstance(owner, Param) or tracked != [x]:
+        if not isinstance(owner, Param) or lx is None or not alone:
             raise _Refuse(f"{n.describe()} has no learned scale to zero")
-        m = _channel_map(labels[x], 1, n.describe())
+        m = _channel_map(lx, 1, n.describe())
         consumers.append(_consumer(owner, m, "norm"))
         return []
     if name in _SUM:
@@ -407,22 +412,25 @@ def _consume(
     if name in _MOVE:
         return _replay(n, labels)
     if name in _CASTS:
-        return [labels[x]] if isinstance(x, Value) else []
+        return [lx] if lx is not None else []
     out_shape = n.outputs[0].shape if n.outputs else ()
-    if name in _ZERO_UNARY and tracked == [x]:
-        return [_broadcast(labels[x], out_shape)]
-    if name in _MUL or (name in _DIV and tracked == [x]):
-        a, b = (labels.get(v) if isinstance(v, Value) else None for v in (n.arg(0, "input"), n.arg(1, "other")))
+    if name in _ZERO_UNARY and lx is not None and alone:
+        return [_broadcast(lx, out_shape)]
+    if name in _MUL or (name in _DIV and alone):
+        a, b = (
+            labels.get(v) if isinstance(v, Value) else None
+            for v in (n.arg(0, "input"), n.arg(1, "other"))
+        )
         la = _broadcast(a, out_shape) if a is not None else torch.zeros(out_shape)
         lb = _broadcast(b, out_shape) if b is not None else torch.zeros(out_shape)
         if bool(((la > 0) & (lb > 0) & (la != lb)).any()):
             raise _Refuse(f"{n.describe()} multiplies two units together")
         return [torch.maximum(la, lb)]
-    if name in _REDUCE and tracked == [x]:
-        return [_reduce(n, labels[x])]
+    if name in _REDUCE and lx is not None and alone:
+        return [_reduce(n, lx)]
     pool = _POOL.match(name)
-    if pool and tracked == [x]:
-        return [_pool(n, labels[x], int(pool.group(3)))]
+    if pool and lx is not None and alone:
+        return [_pool(n, lx, int(pool.group(3)))]
     raise _Refuse(
         f"its units reach {n.describe()}, which is not a Linear, Conv or per-channel norm and "
         "may mix them or change their zeros (recycling zeroes the recycled units' outgoing "
@@ -438,7 +446,9 @@ def _consumer(w: Param, m: torch.Tensor, kind: str) -> Consumer:
     return Consumer(w.path, w.module, span, offset, m, kind, w.name)
 
 
-def _check_shared(flow: Dataflow, prod: Node, consumers: list[Consumer], norms: list[NormReset]) -> None:
+def _check_shared(
+    flow: Dataflow, prod: Node, consumers: list[Consumer], norms: list[NormReset]
+) -> None:
     w = _weight(prod)
     assert w is not None
     n_uses = len(flow.uses_of(w.tensor))
@@ -500,12 +510,16 @@ def find_unit_links(
         ('0', '2')
     """
     key = site_key_of(site)
-    label = name if name is not None else (
-        module_label(site) if isinstance(site, str) else key_label(key)
+    label = (
+        name
+        if name is not None
+        else (module_label(site) if isinstance(site, str) else key_label(key))
     )
     get_module(model, key.module_path, "site")
     if key.op is None and not key.module_path:
-        raise ReluDoctorError(f"site {label!r}: the model itself is the activation; nothing feeds it.")
+        raise ReluDoctorError(
+            f"site {label!r}: the model itself is the activation; nothing feeds it."
+        )
     if dataflow is None:
         if example_inputs is None:
             raise ReluDoctorError(
@@ -521,9 +535,9 @@ def find_unit_links(
                 f"({type(e).__name__}: {e})."
             ) from None
     try:
-        site_in, _ = _site_values(dataflow, model, key)
+        site_in, site_node = _site_values(dataflow, model, key)
         prod, chain = _producer(site_in)
-        norms, consumers = _walk(dataflow, prod, chain, site_in)
+        norms, consumers = _walk(dataflow, prod, chain, site_in, site_node)
         _check_shared(dataflow, prod, consumers, norms)
     except _Refuse as e:
         raise ReluDoctorError(f"site {label!r}: {e}. Exclude this site.") from None
@@ -543,60 +557,15 @@ def find_unit_links(
     )
 
 
-class LinkCache:
-    """The unit links of a model's sites, from one pass recorded when first needed.
+if TYPE_CHECKING:
+    from relu_doctor.remedies._link_cache import LinkCache as LinkCache
 
-    Until then it keeps a reference to the arguments of the model's latest call
-    (:class:`~relu_doctor.remedies.dataflow.InputTap`); the first :meth:`links` records one
-    extra pass without gradients on them (two samples when batched), with the bound Doctor
-    paused, and drops the reference. What remedies that need producers and consumers
-    (:class:`~relu_doctor.remedies.recycle.DormantRecycler`) hold.
 
-    Args:
-        model: the model.
-        example_inputs: input(s) to record the pass on instead (a tensor or a tuple).
-    """
+def __getattr__(name: str) -> Any:
+    """``LinkCache`` lives in :mod:`~relu_doctor.remedies._link_cache` (it imports this
+    module); importing it from here still works."""
+    if name == "LinkCache":
+        from relu_doctor.remedies._link_cache import LinkCache
 
-    def __init__(self, model: nn.Module, *, example_inputs: Any = None) -> None:
-        self.model = model
-        self._links: dict[SiteKey, UnitLinks] = {}
-        self._flow: Dataflow | None = None
-        self._error: str | None = None
-        self._tap: InputTap | None = None
-        self._example: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None = None
-        if example_inputs is not None:
-            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-            self._example = (model, args, {})
-        else:
-            self._tap = InputTap(model)
-
-    def dataflow(self, name: str, doctor: Any = None) -> Dataflow:
-        """The recorded pass (recorded on the first call)."""
-        if self._flow is None and self._error is None:
-            example = self._example or (self._tap.latest() if self._tap is not None else None)
-            if example is None:
-                raise ReluDoctorError(
-                    f"site {name!r}: no forward pass of the model seen yet to read its "
-                    "producer and consumers from; run one, or pass example_inputs=."
-                )
-            paused = getattr(doctor, "paused", None)
-            with paused() if callable(paused) else contextlib.nullcontext():
-                self._flow, self._error = record_latest(self.model, *example)
-            self.close()
-        if self._flow is None:
-            raise ReluDoctorError(f"site {name!r}: {self._error}")
-        return self._flow
-
-    def links(self, key: SiteKey, name: str, *, doctor: Any = None) -> UnitLinks:
-        """The (cached) links of the site ``key`` (display name ``name``)."""
-        if key not in self._links:
-            flow = self.dataflow(name, doctor)
-            self._links[key] = find_unit_links(self.model, site=key, dataflow=flow, name=name)
-        return self._links[key]
-
-    def close(self) -> None:
-        """Stop keeping the model's latest inputs."""
-        if self._tap is not None:
-            self._tap.close()
-            self._tap = None
-        self._example = None
+        return LinkCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

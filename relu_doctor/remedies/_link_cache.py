@@ -1,0 +1,153 @@
+"""When and on what the forward pass behind the unit links is recorded.
+
+A remedy that needs producers and consumers (:class:`~relu_doctor.remedies.recycle.
+DormantRecycler`) holds a :class:`LinkCache`: until links are first needed it keeps a
+reference to the arguments of the model's latest call (:class:`InputTap`); then it records
+one extra pass without gradients on them (:func:`~relu_doctor.remedies.dataflow.
+record_dataflow`, on two samples when batched, the bound Doctor paused), drops the reference,
+and serves every site's :class:`~relu_doctor.remedies.unit_links.UnitLinks` from that pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.remedies.dataflow import Dataflow, record_dataflow
+from relu_doctor.remedies.unit_links import UnitLinks, find_unit_links
+from relu_doctor.sites import SiteKey
+
+__all__ = ["InputTap", "LinkCache", "record_latest"]
+
+
+def _shrink(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
+    """The first two samples of batched inputs (every tensor's dim 0 the same, above 2)."""
+    leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    sizes = {t.shape[0] if t.dim() else -1 for t in leaves}
+    if len(sizes) != 1 or next(iter(sizes)) <= 2:
+        return None
+    small: tuple[Any, Any] = tree_map(
+        lambda t: t[:2] if isinstance(t, torch.Tensor) else t, (args, kwargs)
+    )
+    return small
+
+
+def record_latest(
+    model: nn.Module, call: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Dataflow | None, str | None]:
+    """Record one pass of ``call`` (the model or the submodule its caller calls), on two
+    samples when the inputs are batched; or why it failed."""
+    small = _shrink(args, kwargs)
+    tries = ([small] if small is not None else []) + [(args, kwargs)]
+    err: Exception | None = None
+    for a, k in tries:
+        try:
+            return record_dataflow(model, a, kwargs=k, call=call), None
+        except Exception as e:  # the user's forward on our inputs: anything
+            err = e
+    return (
+        None,
+        f"the forward pass that finds producers and consumers failed ({type(err).__name__}: {err})",
+    )
+
+
+class InputTap:
+    """Keeps a reference to the arguments of the model's latest outermost call (the model,
+    or the submodule a wrapper such as a LightningModule calls), until they are needed.
+
+    Pre/post hooks on every module until the first call shows which module is outermost,
+    then one pre-hook on that module alone."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.depth = 0
+        self.args: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None = None
+        self.handles = []
+        for m in model.modules():
+            self.handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self.handles.append(m.register_forward_hook(self._post, always_call=True))
+        self.pruned = False
+
+    def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self.depth == 0 and (not self.pruned or (self.args and module is self.args[0])):
+            self.args = (module, tuple(args), dict(kwargs))
+        if not self.pruned:
+            self.depth += 1
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.depth = max(0, self.depth - 1)
+        if self.depth == 0 and not self.pruned and self.args is not None:
+            self.close()
+            self.pruned = True
+            self.handles = [self.args[0].register_forward_pre_hook(self._pre, with_kwargs=True)]
+
+    def latest(self) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None:
+        return self.args
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class LinkCache:
+    """The unit links of a model's sites, from one pass recorded when first needed.
+
+    Until then it keeps a reference to the arguments of the model's latest call
+    (:class:`~relu_doctor.remedies.dataflow.InputTap`); the first :meth:`links` records one
+    extra pass without gradients on them (two samples when batched), with the bound Doctor
+    paused, and drops the reference. What remedies that need producers and consumers
+    (:class:`~relu_doctor.remedies.recycle.DormantRecycler`) hold.
+
+    Args:
+        model: the model.
+        example_inputs: input(s) to record the pass on instead (a tensor or a tuple).
+    """
+
+    def __init__(self, model: nn.Module, *, example_inputs: Any = None) -> None:
+        self.model = model
+        self._links: dict[SiteKey, UnitLinks] = {}
+        self._flow: Dataflow | None = None
+        self._error: str | None = None
+        self._tap: InputTap | None = None
+        self._example: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None = None
+        if example_inputs is not None:
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            self._example = (model, args, {})
+        else:
+            self._tap = InputTap(model)
+
+    def dataflow(self, name: str, doctor: Any = None) -> Dataflow:
+        """The recorded pass (recorded on the first call)."""
+        if self._flow is None and self._error is None:
+            example = self._example or (self._tap.latest() if self._tap is not None else None)
+            if example is None:
+                raise ReluDoctorError(
+                    f"site {name!r}: no forward pass of the model seen yet to read its "
+                    "producer and consumers from; run one, or pass example_inputs=."
+                )
+            paused = getattr(doctor, "paused", None)
+            with paused() if callable(paused) else contextlib.nullcontext():
+                self._flow, self._error = record_latest(self.model, *example)
+            self.close()
+        if self._flow is None:
+            raise ReluDoctorError(f"site {name!r}: {self._error}")
+        return self._flow
+
+    def links(self, key: SiteKey, name: str, *, doctor: Any = None) -> UnitLinks:
+        """The (cached) links of the site ``key`` (display name ``name``)."""
+        if key not in self._links:
+            flow = self.dataflow(name, doctor)
+            self._links[key] = find_unit_links(self.model, site=key, dataflow=flow, name=name)
+        return self._links[key]
+
+    def close(self) -> None:
+        """Stop keeping the model's latest inputs."""
+        if self._tap is not None:
+            self._tap.close()
+            self._tap = None
+        self._example = None

@@ -1,0 +1,253 @@
+"""ReDo on real architectures: every site of the zoo models and of Hugging Face classes (tiny
+configs, random weights) is either recycled with the model's output unchanged at that moment
+(dead units recycled, the output compared before/after on a fixed batch, in eval and in
+training mode), or refused with the path that blocks it named."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.families import family_of
+from relu_doctor.remedies import find_unit_links, recycle_units
+from relu_doctor.remedies.dataflow import Dataflow, record_dataflow
+from relu_doctor.remedies.unit_links import UnitLinks
+from relu_doctor.sites import SiteKey
+from tests import zoo
+
+KILL = -30.0  # a pre-activation every family here maps to (about) zero
+
+
+def sites_of(flow: Dataflow) -> list[SiteKey]:
+    """Every activation call of the pass (module calls and functional calls), independently
+    of the probe: from the recorded module calls and functional calls."""
+    keys = [
+        SiteKey(flow.paths[m], i)
+        for m, calls in flow.module_calls.items()
+        if family_of(m) is not None
+        for i in range(len(calls))
+    ]
+    keys += [SiteKey(owner, i, op) for (owner, op), ns in flow.functional.items() for i in range(len(ns))]
+    return keys
+
+
+def _kill(links: UnitLinks, units: list[int]) -> None:
+    """Make ``units`` dead: producer rows 0; the last per-channel norm (or the producer's
+    bias) outputs KILL for them whatever the batch."""
+    idx = torch.tensor(units)
+    with torch.no_grad():
+        w = getattr(links.producer, links.producer_param)
+        w[idx] = 0
+        b = getattr(links.producer, "bias", None)
+        if links.norms:
+            for nr in links.norms:
+                ch = torch.nonzero(torch.isin(nr.channels, idx)).flatten()
+                nr.module.weight[ch] = 0
+                nr.module.bias[ch] = KILL if nr is links.norms[-1] else 0.0
+            if b is not None:
+                b[idx] = 0
+        else:
+            assert b is not None, links.producer_path
+            b[idx] = KILL
+
+
+def _output(model: nn.Module, x: object) -> torch.Tensor:
+    torch.manual_seed(1)  # the same dropout masks before and after
+    with torch.no_grad():
+        out = model(*x) if isinstance(x, tuple) else model(x)
+    if not isinstance(out, torch.Tensor):
+        out = out.last_hidden_state
+    return out
+
+
+def check_invariant(model: nn.Module, x: object, key: SiteKey, flow: Dataflow) -> UnitLinks:
+    """Recycle dead units of ``key`` on copies in eval and training mode: outputs unchanged,
+    the producer's rows fresh, optimizer moments zeroed where parameters changed."""
+    links = find_unit_links(model, site=key, dataflow=flow)
+    units = [0, min(2, links.units - 1)]
+    for train in (False, True):
+        m = copy.deepcopy(model).train(train)
+        ml = find_unit_links(m, site=key, dataflow=record_dataflow(m, x))
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        with torch.enable_grad():
+            out = m(*x) if isinstance(x, tuple) else m(x)
+            out = out if isinstance(out, torch.Tensor) else out.last_hidden_state
+            out.float().pow(2).mean().backward()
+        opt.step()
+        _kill(ml, units)
+        before_p = {n: p.detach().clone() for n, p in m.named_parameters()}
+        before_s = {n: opt.state[p]["exp_avg"].clone() for n, p in m.named_parameters() if p in opt.state}
+        y0 = _output(m, x)
+        recycle_units(ml, units=units, optimizers=opt, generator=torch.Generator().manual_seed(5))
+        y1 = _output(m, x)
+        assert torch.allclose(y0, y1, atol=1e-5, rtol=1e-4), (key, train, (y0 - y1).abs().max())
+        w = getattr(ml.producer, ml.producer_param)
+        assert w[units].abs().sum() > 0, key  # fresh rows, not the zeros of the kill
+        for n, p in m.named_parameters():
+            if n not in before_s:
+                continue
+            changed = p.detach() != before_p[n]
+            s = opt.state[p]["exp_avg"]
+            assert bool((s[changed] == 0).all()), (key, n)  # moments reset where it changed
+            same = s == before_s[n]
+            assert bool((same | (s == 0)).all()), (key, n)  # elsewhere only zeroed, if at all
+    return links
+
+
+def survey(model: nn.Module, x: object) -> tuple[dict[str, UnitLinks], dict[str, str]]:
+    """Every site: recycled with the invariant checked, or refused (the message)."""
+    flow = record_dataflow(model, x)
+    done: dict[str, UnitLinks] = {}
+    refused: dict[str, str] = {}
+    for key in sites_of(flow):
+        name = key.name(True)
+        try:
+            links = find_unit_links(model, site=key, dataflow=flow)
+        except ReluDoctorError as e:
+            refused[name] = str(e)
+            continue
+        done[name] = check_invariant(model, x, key, flow)
+        assert links.describe() == done[name].describe()
+    return done, refused
+
+
+def test_resnet_blocks_recycle_the_inner_relu_and_refuse_the_sums():
+    torch.manual_seed(0)
+    done, refused = survey(zoo.ResNetish(), torch.randn(3, 3, 6, 6))
+    assert sorted(done) == ["layer1.0.relu#0", "layer1.1.relu#0"]
+    assert done["layer1.0.relu#0"].describe()["consumers"] == [{"path": "layer1.0.conv2", "span": 1}]
+    # The stem's units also go straight into the first block's identity shortcut.
+    assert "its units also reach add in layer1.0.forward, a sum with another branch" in refused[
+        "stem.2#0"
+    ]
+    assert "path: relu -> add" in refused["stem.2#0"]
+    assert "its input comes from a sum (add in layer1.0.forward)" in refused["layer1.0.relu#1"]
+    done, refused = survey(zoo.Bottleneck(), torch.randn(2, 16, 4, 4))
+    assert sorted(done) == ["relu#0", "relu#1"] and sorted(refused) == ["relu#2"]
+
+
+def test_densenet_concatenation_maps_units_to_slices_of_every_reader():
+    torch.manual_seed(0)
+    done, refused = survey(zoo.DenseNetish(), torch.randn(3, 3, 8, 8))
+    assert sorted(done) == ["block.0.relu2#0", "block.1.relu2#0", "relu0#0", "relu5#0"]
+    # relu0 -> pool0 -> concatenated at offset 0 into every dense layer and the transition,
+    # each through its BatchNorm: those channels' scale is cut.
+    assert done["relu0#0"].describe()["consumers"] == [
+        {"path": "block.0.norm1", "span": 1, "kind": "norm"},
+        {"path": "block.1.norm1", "span": 1, "kind": "norm"},
+        {"path": "transition.norm", "span": 1, "kind": "norm"},
+    ]
+    # a dense layer's new features sit after the earlier ones: an offset into each reader.
+    second = find_unit_links(zoo.DenseNetish(), site="block.1.relu2", example_inputs=torch.randn(2, 3, 8, 8))
+    assert second.consumers[0].path == "block.1.conv2"
+    for name in ("block.1.relu1#0", "transition.relu#0"):
+        assert "its input comes from cat in " in refused[name]
+    # the first dense layer concatenates one tensor: its input is relu0's output.
+    assert "its input comes from relu in relu0.forward" in refused["block.0.relu1#0"]
+    # conv -> avg pool -> BN -> ReLU: pooling keeps the producer's channels apart.
+    assert done["relu5#0"].producer_path == "transition.conv"
+
+
+def test_concat_offsets_in_the_consumers():
+    torch.manual_seed(0)
+    net = zoo.DenseNetish()
+    links = find_unit_links(net, site="block.0.relu2", example_inputs=torch.randn(2, 3, 8, 8))
+    # block.0.conv2's 4 output channels are produced units of another site; here: relu2 of
+    # block 0 feeds conv2 directly.
+    assert [c.path for c in links.consumers] == ["block.0.conv2"]
+    flow = record_dataflow(net, torch.randn(2, 3, 8, 8))
+    (c0, c1, ct) = find_unit_links(net, site="relu0", dataflow=flow).consumers
+    assert (c0.offset, c1.offset, ct.offset) == (0, 0, 0)
+    assert c1.inputs is not None and c1.inputs.tolist()[:8] == list(range(8))
+    assert c1.inputs.tolist()[8:] == [-1] * 4  # block 0's new features: not this site's
+
+
+def test_timm_norm_act_and_regnet_group_conv():
+    torch.manual_seed(0)
+    done, refused = survey(zoo.RegNetish(), torch.randn(3, 3, 8, 8))
+    assert sorted(done) == [
+        "s1.0.conv1.bn.act#0", "s1.0.conv2.bn.act#0", "s1.1.conv1.bn.act#0", "s1.1.conv2.bn.act#0",
+        "stem.bn.act#0",
+    ]  # fmt: skip
+    links = done["s1.0.conv1.bn.act#0"]
+    assert (links.producer_path, links.norm_path) == ("s1.0.conv1.0", "s1.0.conv1.bn")
+    assert [c.path for c in links.consumers] == ["s1.0.conv2.0", "s1.0.downsample.0"] or [
+        c.path for c in links.consumers
+    ] == ["s1.0.conv2.0"]
+    assert sorted(refused) == ["s1.0.act3#0", "s1.1.act3#0"]
+    assert "sum" in refused["s1.1.act3#0"]
+
+
+def test_convnext_block_permute_linear_and_layer_scale():
+    torch.manual_seed(0)
+    done, refused = survey(zoo.ConvNeXtBlock(), torch.randn(2, 8, 5, 5))
+    assert sorted(done) == ["act#0"] and not refused
+    assert done["act#0"].describe()["consumers"] == [{"path": "pwconv2", "span": 1}]
+    assert done["act#0"].units == 32
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.GELU, F.silu], ids=["relu", "gelu", "F.silu"])
+def test_transformer_mlp(act):
+    torch.manual_seed(0)
+    done, refused = survey(zoo.TransformerMLP(act=act), torch.randn(2, 5, 8))
+    assert len(done) == 1 and not refused
+    (links,) = done.values()
+    assert (links.producer_path, [c.path for c in links.consumers]) == ("fc1", ["fc2"])
+
+
+def test_refusals_name_the_blocking_path():
+    torch.manual_seed(0)
+    done, refused = survey(zoo.NormAfterAct(), torch.randn(4, 6))
+    assert not done
+    assert "LayerNorm (layer_norm in ln.forward) normalises the units together" in refused["act1#0"]
+    assert "the output of linear of Linear 'fc3' also goes to" in refused["act3#0"]
+    assert "the output of linear of Linear 'fc2' also goes to linear of Linear 'fc3'" in refused[
+        "act2#0"
+    ]
+
+
+# ---------------------------------------------------------------------- Hugging Face classes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hidden_act", ["relu", "gelu"])
+def test_bert_mlp_sites_are_all_recycled(hidden_act):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=24, max_position_embeddings=16, hidden_act=hidden_act,
+    )  # fmt: skip
+    model = transformers.BertModel(cfg)
+    ids = torch.randint(0, 50, (2, 7))
+    done, refused = survey(model, ids)
+    assert len(done) == 2 and not refused, refused
+    for i in range(2):
+        (links,) = [v for k, v in done.items() if k.startswith(f"encoder.layer.{i}.")]
+        assert links.producer_path == f"encoder.layer.{i}.intermediate.dense"
+        assert [c.path for c in links.consumers] == [f"encoder.layer.{i}.output.dense"]
+        assert links.units == 24
+
+
+@pytest.mark.slow
+def test_opt_mlp_sites_are_all_recycled():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, ffn_dim=24, num_attention_heads=2,
+        max_position_embeddings=16, word_embed_proj_dim=16,
+    )  # fmt: skip
+    model = transformers.OPTModel(cfg)
+    done, refused = survey(model, torch.randint(0, 50, (2, 7)))
+    assert len(done) == 2 and not refused, refused
+    for i in range(2):
+        (links,) = [v for k, v in done.items() if k.startswith(f"decoder.layers.{i}.")]
+        assert (links.producer_path, [c.path for c in links.consumers]) == (
+            f"decoder.layers.{i}.fc1",
+            [f"decoder.layers.{i}.fc2"],
+        )
