@@ -310,6 +310,8 @@ class Doctor:
                     "leaky": s.family.leaky,
                     "cap": s.cap,
                     "order": s.order,
+                    "unit_dim": s.unit_dim,
+                    "unit_rule": s.unit_rule,
                     "window_steps": self.window_steps,
                     **site_metrics(w, u),
                 }

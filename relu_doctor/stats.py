@@ -79,11 +79,15 @@ _EXACT_F32 = 2**24  # float32 holds every integer up to this exactly
 
 
 def resolve_unit_dim(shape: Sequence[int], override: int | None = None) -> tuple[int, str]:
-    """Which dim of an activation of ``shape`` holds the units, and the rule that chose it.
+    """Which dim of an activation of ``shape`` holds the units by its shape alone (the
+    fallback where no producing layer is known; see :mod:`relu_doctor.provenance`), and the
+    rule that chose it.
 
-    The rule (DESIGN.md): dim 1 of a conv-style ``(N, C, ...)`` output (4-D and up), the last
-    dim of a 3-D ``(N, L, F)`` sequence output, the only feature dim of ``(N, F)``, dim 0 of an
-    unbatched ``(F,)`` vector. A 3-D Conv1d output ``(N, C, L)`` therefore needs an override.
+    The shape rule (DESIGN.md): dim 1 of a conv-style ``(N, C, ...)`` output (4-D and up),
+    the last dim of a 3-D ``(N, L, F)`` sequence output, the only feature dim of ``(N, F)``,
+    dim 0 of an unbatched ``(F,)`` vector. It cannot tell a Conv1d's ``(N, C, L)`` from a
+    Linear's ``(N, L, F)``, nor a channels-last ``(N, H, W, C)`` from ``(N, C, H, W)``: the
+    producing layer decides those.
 
     Args:
         shape: the activation's shape.
@@ -100,14 +104,14 @@ def resolve_unit_dim(shape: Sequence[int], override: int | None = None) -> tuple
             raise ValueError(
                 f"unit dim {override} is out of range for an activation of shape {tuple(shape)}"
             )
-        return override % nd, f"override (dim {override % nd})"
+        return override % nd, f"unit_dims override -> dim {override % nd}"
     if nd == 1:
-        return 0, "features (unbatched vector)"
+        return 0, "shape rule (F,) -> dim 0"
     if nd == 2:
-        return 1, "features (N, F)"
+        return 1, "shape rule (N, F) -> dim 1"
     if nd == 3:
-        return 2, "features, last dim (N, L, F)"
-    return 1, "channels, dim 1 (N, C, ...)"
+        return 2, "shape rule (N, L, F) -> last dim"
+    return 1, "shape rule (N, C, ...) -> dim 1"
 
 
 def unit_view(x: torch.Tensor, unit_dim: int) -> torch.Tensor:

@@ -340,6 +340,162 @@ def odd_name_net(name: str, d_in: int = 4, hidden: int = 8, d_out: int = 2) -> n
     return net
 
 
+# ---------------------------------------------------------------------- added for issue 12 (units)
+# torchvision and timm do not install beside the CPU torch here: these reproduce the traits of
+# their models that decide where an activation's units are. ``UNIT_CASES`` lists, for each,
+# the activation modules' expected unit dim and count, taken from the layer that feeds them.
+
+
+class UnitsConvNeXtBlock(nn.Module):
+    """torchvision/timm ConvNeXt block: depthwise conv, permute to (N, H, W, C), LayerNorm,
+    Linear -> GELU -> Linear on channels-last, permute back, residual. Units: 4C on dim 3."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pwconv1 = nn.Linear(c, 4 * c)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dwconv(x).permute(0, 2, 3, 1)
+        h = self.pwconv2(self.act(self.pwconv1(self.norm(h))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+class UnitsSwinMlp(nn.Module):
+    """Swin's MLP on (N, H, W, C) windows (timm ``Mlp``): fc1 -> GELU -> dropout -> fc2."""
+
+    def __init__(self, c: int = 8, hidden: int = 20) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+        self.fc1 = nn.Linear(c, hidden)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(0.0)
+        self.fc2 = nn.Linear(hidden, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, H, W, C)
+        return x + self.fc2(self.drop(self.act(self.fc1(self.norm(x)))))
+
+
+class UnitsDenseNet(nn.Module):
+    """DenseNet: a stem, then DenseLayers whose input is the channel concatenation of all
+    earlier outputs (BN -> F.relu on a ``torch.cat``)."""
+
+    def __init__(self, c: int = 6, growth: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.block = dense_block(c, growth, layers=2)
+        self.head = nn.Linear(c + 2 * growth, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+class UnitsBatchNormAct2d(nn.BatchNorm2d):
+    """timm's norm-act module: a BatchNorm2d subclass whose forward also applies the
+    activation (an nn.ReLU child), after an (identity) dropout."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training, self.momentum, self.eps,
+        )
+        return self.act(self.drop(x))
+
+
+class UnitsRegNetBlock(nn.Module):
+    """RegNetX bottleneck (timm): 1x1 conv -> BN-act -> 3x3 group conv -> BN-act -> 1x1 conv
+    -> BN, plus the shortcut, then a functional ReLU."""
+
+    def __init__(self, c: int = 8, width: int = 12, groups: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, width, 1, bias=False)
+        self.bn1 = UnitsBatchNormAct2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=False)
+        self.bn2 = UnitsBatchNormAct2d(width)
+        self.conv3 = nn.Conv2d(width, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn3(self.conv3(self.bn2(self.conv2(self.bn1(self.conv1(x))))))
+        return F.relu(h + x)
+
+
+class UnitsConv1dNet(nn.Module):
+    """Wav2Vec2-style feature encoder: Conv1d (N, C, L) -> GroupNorm -> GELU, then Conv1d ->
+    ReLU. The shape rule would take L (the last dim of a 3-D output) for the units."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv1d(1, c, 5, stride=2)
+        self.norm0 = nn.GroupNorm(c, c)
+        self.act0 = nn.GELU()
+        self.conv1 = nn.Conv1d(c, 2 * c, 3, stride=2)
+        self.act1 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, L)
+        return self.act1(self.conv1(self.act0(self.norm0(self.conv0(x[:, None])))))
+
+
+@dataclass(frozen=True)
+class UnitCase:
+    """A model, two batch makers of different spatial/sequence size, and the sites expected:
+    ``{(module path, call index, op or None): (unit dim, units, producer path)}``."""
+
+    name: str
+    model: Callable[[], nn.Module]
+    batches: tuple[Callable[[int], torch.Tensor], ...]
+    sites: dict[tuple[str, int, str | None], tuple[int, int, str]]
+
+
+UNIT_CASES: dict[str, UnitCase] = {
+    c.name: c
+    for c in (
+        UnitCase(
+            "convnext_block", lambda: nn.Sequential(UnitsConvNeXtBlock(8), UnitsConvNeXtBlock(8)),
+            (lambda n: torch.randn(n, 8, 6, 6), lambda n: torch.randn(n, 8, 9, 7)),
+            {("0.act", 0, None): (3, 32, "0.pwconv1"), ("1.act", 0, None): (3, 32, "1.pwconv1")},
+        ),
+        UnitCase(
+            "swin_mlp", lambda: UnitsSwinMlp(8, 20),
+            (lambda n: torch.randn(n, 4, 4, 8), lambda n: torch.randn(n, 2, 6, 8)),
+            {("act", 0, None): (3, 20, "fc1")},
+        ),
+        UnitCase(
+            "densenet", UnitsDenseNet,
+            (lambda n: torch.randn(n, 3, 6, 6), lambda n: torch.randn(n, 3, 5, 8)),
+            {
+                ("block.0", 0, "relu"): (1, 6, "Conv2d `stem`"),
+                ("block.0", 1, "relu"): (1, 16, "block.0.conv1"),
+                ("block.1", 0, "relu"): (1, 10, "torch.cat along dim 1"),
+                ("block.1", 1, "relu"): (1, 16, "block.1.conv1"),
+            },
+        ),
+        UnitCase(
+            "regnet_block", lambda: UnitsRegNetBlock(8, 12, 3),
+            (lambda n: torch.randn(n, 8, 5, 5), lambda n: torch.randn(n, 8, 3, 7)),
+            {
+                ("bn1.act", 0, None): (1, 12, "conv1"),
+                ("bn2.act", 0, None): (1, 12, "conv2"),
+                ("", 0, "relu"): (1, 8, "conv3"),
+            },
+        ),
+        UnitCase(
+            "conv1d", UnitsConv1dNet,
+            (lambda n: torch.randn(n, 40), lambda n: torch.randn(n, 57)),
+            {("act0", 0, None): (1, 6, "conv0"), ("act1", 0, None): (1, 12, "conv1")},
+        ),
+    )
+}
+
+
 # ---------------------------------------------------------------------- added for issue 12 (ReDo on any architecture)
 
 

@@ -1,0 +1,163 @@
+"""Real model classes, built from tiny configs with random weights (no download), watched
+with default arguments (issue 12): every site is found, its units are the features of the
+layer that feeds it, and every statistic equals the brute-force reference taken along that
+dim, through a change of sequence length, image size or audio length.
+
+The reference (:class:`tests.reference.Recorder`) hooks the models' activation modules
+(Hugging Face's ``GELUActivation``/``SiLUActivation`` call ``F.gelu``/``F.silu`` in their
+``forward``, which relu_doctor sees as functional calls named after that module; ``relu``
+configs give an ``nn.ReLU`` module). The expected unit dim and count come from the config:
+``intermediate_size`` on the last dim of a Linear's output, ``conv_dim`` on dim 1 of a Conv1d's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import relu_doctor
+from relu_doctor.errors import ReluDoctorWarning
+from relu_doctor.stats import FIELDS
+from tests import reference as ref
+
+transformers = pytest.importorskip("transformers")
+
+
+@dataclass(frozen=True)
+class HFCase:
+    """``make()`` builds the model; ``inputs`` are the batches (two sizes); ``act`` is the
+    suffix of the activation modules' paths, ``producer`` that of the layer feeding each, and
+    ``dim``/``units`` the units those layers make."""
+
+    make: Callable[[], nn.Module]
+    inputs: Callable[[], list[torch.Tensor]]
+    act: str
+    producer: str
+    dim: int
+    units: int
+
+
+def _ids(*lengths: int) -> Callable[[], list[torch.Tensor]]:
+    return lambda: [torch.randint(0, 40, (2, n)) for n in lengths]
+
+
+def _bert(act: str) -> nn.Module:
+    cfg = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=24, hidden_act=act, max_position_embeddings=32,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return transformers.BertModel(cfg, add_pooling_layer=False)
+
+
+def _vit() -> nn.Module:
+    cfg = transformers.ViTConfig(
+        image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=20,
+    )
+    return transformers.ViTModel(cfg, add_pooling_layer=False)
+
+
+def _convnext() -> nn.Module:
+    cfg = transformers.ConvNextConfig(
+        num_channels=3, num_stages=2, hidden_sizes=[8, 12], depths=[1, 1], patch_size=2,
+    )
+    return transformers.ConvNextModel(cfg)
+
+
+def _llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=28, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+    )
+    return transformers.LlamaModel(cfg)
+
+
+def _wav2vec2_encoder() -> nn.Module:
+    cfg = transformers.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        conv_dim=(10, 10), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, feat_extract_norm="group",
+    )
+    return transformers.Wav2Vec2Model(cfg).feature_extractor
+
+
+def _opt() -> nn.Module:
+    cfg = transformers.OPTConfig(
+        vocab_size=40, hidden_size=16, ffn_dim=20, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=32, word_embed_proj_dim=16, dropout=0.0,
+    )
+    return transformers.OPTModel(cfg)
+
+
+CASES: dict[str, HFCase] = {
+    "bert_gelu": HFCase(lambda: _bert("gelu"), _ids(7, 11), "intermediate.intermediate_act_fn",
+                        "intermediate.dense", 2, 24),
+    "bert_relu": HFCase(lambda: _bert("relu"), _ids(7, 11), "intermediate.intermediate_act_fn",
+                        "intermediate.dense", 2, 24),
+    "vit": HFCase(_vit, lambda: [torch.randn(2, 3, 16, 16), torch.randn(3, 3, 16, 16)],
+                  "activation_fn", "fc1", 2, 20),
+    "convnext": HFCase(_convnext, lambda: [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 24, 20)],
+                       "act", "pwconv1", 3, -4),  # units: 4 x the stage's hidden size
+    "llama_silu": HFCase(_llama, _ids(6, 9), "mlp.act_fn", "mlp.gate_proj", 2, 28),
+    "wav2vec2_feature_encoder": HFCase(
+        _wav2vec2_encoder, lambda: [torch.randn(2, 400), torch.randn(2, 530)], "activation",
+        "conv", 1, 10,
+    ),
+    "opt": HFCase(_opt, _ids(7, 5), "activation_fn", "fc1", 1, 20),  # (N*L, F) rows
+}
+
+
+def _loss(out: Any) -> torch.Tensor:
+    t = out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+    return t.float().square().mean()
+
+
+def _total(site: Any) -> dict[str, np.ndarray]:
+    m = (site.stats.window + site.stats.lifetime).to(torch.float64).numpy()
+    return {name: m[i] for i, name in enumerate(FIELDS)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_real_models_units_and_counts(name: str) -> None:
+    case = CASES[name]
+    model = case.make().train()
+    xs = case.inputs()
+    acts = {p: m for p, m in model.named_modules() if p.endswith(case.act)}
+    assert acts, f"no module ends with {case.act!r}"
+    recorder = ref.Recorder(model, types=tuple({type(m) for m in acts.values()}))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ReluDoctorWarning)
+            # every_n_steps=1: the default samples steps by measured cost; exact counts
+            # need every step. Everything else is the default.
+            with relu_doctor.watch(model, every_n_steps=1, log_every_n_steps=2) as doc:
+                for x in xs:
+                    _loss(model(x)).backward()
+                    opt.step()
+                    opt.zero_grad()
+                    doc.step()
+    finally:
+        recorder.remove()
+    sites = {(s.module_path, s.call_index): s for s in doc.sites}
+    assert set(sites) == set(recorder.calls) == {(p, 0) for p in acts}
+    for (path, idx), capture in recorder.calls.items():
+        site = sites[(path, idx)]
+        producer = path[: -len(case.act)] + case.producer
+        units = case.units
+        if units < 0:  # a multiple of the producer's input features (ConvNeXt's 4x MLP)
+            units = -units * model.get_submodule(producer).in_features
+        assert len(capture.outputs) == len(xs)
+        assert {o.shape[case.dim] for o in capture.outputs} == {units}
+        assert (site.unit_dim, site.units) == (case.dim, units), site.unit_rule
+        assert f"`{producer}`" in site.unit_rule, site.unit_rule
+        ref.assert_stats_match(_total(site), ref.expected_stats(capture, case.dim), site.name, rtol=1e-4)
