@@ -100,9 +100,11 @@ def test_step_after_the_with_block_is_a_clear_error() -> None:
 
 def test_watch_block_without_step_warns_at_exit() -> None:
     model = net()
-    with pytest.warns(UserWarning, match=r"without a call to doc.step\(\), so nothing was logged"):
-        with relu_doctor.watch(model):
-            model(torch.randn(2, 4))
+    with (
+        pytest.warns(UserWarning, match=r"without a call to doc.step\(\), so nothing was logged"),
+        relu_doctor.watch(model),
+    ):
+        model(torch.randn(2, 4))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a block that stepped says nothing
         with relu_doctor.watch(model) as doc:

@@ -313,7 +313,7 @@ def _recommend(f: FindingView, leaky: bool, done: Sequence[InterventionView]) ->
                  "the initialisation and bias of the layer that feeds it")
     already = "This site is already leaky, so a LeakyReLU swap is not the answer. " if leaky else ""
     if tried:
-        already += "Already tried here: " + ", ".join(sorted(tried)) + ". "
+        already += "Already tried: " + ", ".join(sorted(tried)) + ". "
     return already + "Next: " + "; ".join(steps) + "."
 
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import relu_doctor
+from relu_doctor.events import Intervention, InterventionResult
 from relu_doctor.history import Run
 from relu_doctor.reports.html import write_report
 
@@ -49,19 +50,39 @@ def dead_unit_model() -> nn.Sequential:
 
 
 def train(
-    net: nn.Module, run_dir: Path, steps: int = 12, log_every: int = 3, report: bool = True
+    net: nn.Module, run_dir: Path, steps: int = 12, log_every: int = 3, report: bool = True,
+    lower_lr_at: int | None = None,
 ) -> TrainedRun:
+    """Train ``steps`` SGD steps, passing the loss to ``doc.step``; with ``lower_lr_at``,
+    halve the learning rate after that step and record it as an intervention (as a remedy
+    does), with its result one interval later."""
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(1)
+    pending = None
     with relu_doctor.watch(net, log_every_n_steps=log_every, optimizer=opt, run_dir=run_dir) as doc:
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             x = torch.randn(32, 8, generator=g)
             y = torch.randint(0, 3, (32,), generator=g)
             loss = F.cross_entropy(net(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            doc.step()
+            record = doc.step(loss=loss)
+            if record is not None and pending is not None:
+                row = record.site_row("act1")
+                assert row is not None
+                doc.record_event(InterventionResult(pending.id, pending.remedy, "model",
+                                                    record.step, {"dead_fraction": row["dead_fraction"]}))
+                pending = None
+            if step == lower_lr_at and record is not None:
+                row = record.site_row("act1")
+                assert row is not None
+                for group in opt.param_groups:
+                    group["lr"] *= 0.5
+                pending = Intervention("lr_rescue", "model", step, "scaled the learning rate by 0.5",
+                                       before={"dead_fraction": row["dead_fraction"]},
+                                       id=f"lr_rescue:{step}")
+                doc.record_event(pending)
     path = write_report(run_dir, run_dir / "report.html") if report else run_dir / "report.html"
     return TrainedRun(run_dir, path, doc.history(), doc.to_run(), doc.findings())
 
@@ -70,6 +91,14 @@ def train(
 def dead_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     """A 2-site MLP with the units of :data:`KILLED` dead, trained 12 steps, logged every 3."""
     return train(dead_unit_model(), tmp_path_factory.mktemp("reports") / "dead-run")
+
+
+@pytest.fixture(scope="session")
+def treated_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """:func:`dead_run`'s model trained 24 steps with its loss logged and the learning rate
+    halved at step 12 (an intervention, judged one interval later)."""
+    return train(dead_unit_model(), tmp_path_factory.mktemp("reports") / "treated-run",
+                 steps=24, lower_lr_at=12)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,10 @@
 
 Loads the file from a ``file://`` URL and checks: no console error, no page error, no failed
 request, every image decodes, the findings section names the units killed in the model, and a
-module named ``<script>alert(1)</script>`` runs nothing. A full-page screenshot is kept at
-``test-artifacts/report.png``.
+module named ``<script>alert(1)</script>`` runs nothing. At 800 px wide: the training curve and
+the interventions are shown, every finding's link lands on its site's figure, nothing scrolls
+sideways. Full-page screenshots are kept at ``test-artifacts/report.png`` and
+``test-artifacts/report-800px.png``.
 """
 
 from __future__ import annotations
@@ -112,4 +114,47 @@ def test_module_name_with_html_is_escaped_and_runs_nothing(browser: Any, xss_run
     assert page.evaluate("Array.from(document.images).every(i => i.src.startsWith('data:image/png'))")
     data = page.evaluate("JSON.parse(document.getElementById('relu-doctor-data').textContent)")
     assert XSS_SITE in [s["site"] for s in data["sites"]]
+    p.page.close()
+
+
+def test_at_800px_curve_interventions_and_finding_links(browser: Any, treated_run: TrainedRun) -> None:
+    p = Page(browser, width=800, height=900)
+    page = p.open(treated_run.report)
+    assert p.errors == [] and p.failed == []
+    assert [m for m in p.console if m[0] in ("error", "warning")] == []
+    # the training curve: a decoded figure, not the "nothing recorded" note
+    curve = page.locator("#rd-training img")
+    assert curve.count() == 1
+    assert page.evaluate("(() => { const i = document.querySelector('#rd-training img'); "
+                         "return i.complete && i.naturalWidth > 0; })()")
+    data = page.evaluate("JSON.parse(document.getElementById('relu-doctor-data').textContent)")
+    assert data["metrics"] == ["loss", "lr"]
+    # the intervention: its row, numbered like its line on the charts, judged on its target
+    rows = page.locator("#rd-interventions tbody tr")
+    assert rows.count() == 1
+    cells = [c.strip() for c in rows.first.locator("td").all_inner_texts()]
+    assert cells[:4] == ["1", "12", "lr_rescue", "model"]
+    assert "dead" in cells[5] and "→" in cells[5] and "not yet measured" not in cells[5]
+    # every finding links to its site's figure, and following the link shows it
+    cards = page.locator("#rd-findings article.rd-finding")
+    assert cards.count() >= len(KILLED)
+    for i in range(cards.count()):
+        card = cards.nth(i)
+        site = card.locator("code.rd-site").first.inner_text()
+        link = card.locator("a.rd-link")
+        href = link.get_attribute("href")
+        assert href is not None and href.startswith("#"), (site, href)
+        target = page.locator(href)
+        assert target.count() == 1, (site, href)
+        if site in KILLED:  # a drawn site: the link lands on its heatmap
+            assert target.evaluate("e => e.tagName") == "FIGURE"
+            assert target.locator("figcaption code").first.inner_text() == site
+        link.click()
+        page.wait_for_timeout(100)
+        box = target.bounding_box()
+        assert box is not None and -1 <= box["y"] < 900, (site, box)  # scrolled to it
+    assert page.evaluate("document.documentElement.scrollWidth") <= 800
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(ARTIFACTS / "report-800px.png"), full_page=True)
     p.page.close()

@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 import relu_doctor
 from relu_doctor.history import Run, load_run
@@ -135,3 +136,74 @@ def test_formatting() -> None:
     assert fmt_num(3) == "3" and fmt_num(2.0) == "2" and fmt_num(0.012345) == "0.0123"
     assert fmt_num(True) == "yes" and fmt_num(float("inf")) == "—"
     assert fmt_int(4.0) == "4" and fmt_int(None) == "—"
+
+
+def test_training_metrics_are_the_window_means_of_what_was_passed(tmp_path: Path) -> None:
+    """doc.step(loss=...) and doc.log_metrics: the record holds each window's mean (checked
+    against the plain Python mean of the values), the learning rate at the logging step, and
+    the report's series is that table."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    losses, accs = [], []
+    with relu_doctor.watch(net, log_every_n_steps=3, optimizer=opt, run_dir=tmp_path / "r") as doc:
+        for i in range(6):
+            loss = F.mse_loss(net(torch.randn(16, 4)), torch.randn(16, 1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            accs.append(i / 10)
+            doc.log_metrics({"acc": i / 10})
+            doc.step(loss=loss)
+            if i == 2:
+                opt.param_groups[0]["lr"] = 0.05
+    table = build_context(load_run(tmp_path / "r")).series.metrics
+    got = {(int(r.step), r.name): r.value for r in table.itertuples()}
+    for step, sl in ((3, slice(0, 3)), (6, slice(3, 6))):
+        assert got[(step, "loss")] == pytest.approx(sum(losses[sl]) / 3, rel=1e-6)
+        assert got[(step, "acc")] == pytest.approx(sum(accs[sl]) / 3, rel=1e-12)
+    assert got[(3, "lr")] == 0.1 and got[(6, "lr")] == 0.05
+    assert [r.metrics for r in doc.records][-1]["lr"] == 0.05
+
+
+def _run_with(findings: list[relu_doctor.Finding], family: str, events: list[dict]) -> Run:
+    hist = pd.DataFrame([{"step": 10, "site": "s", "units": 4, "dead": 2, "dead_fraction": 0.5,
+                          "family": family, "leaky": family != "relu"}])
+    from relu_doctor.history import Run as _Run
+
+    return _Run(meta={"sites": [{"name": "s", "units": 4, "family": family,
+                                 "leaky": family != "relu"}]},
+                history=hist, units=pd.DataFrame(), layers=pd.DataFrame(), events=events,
+                last_findings=findings)
+
+
+def test_findings_merge_and_remedies_follow_what_was_done() -> None:
+    from relu_doctor.diagnosis import Finding
+
+    dead = Finding("dead", "s", "warning", "2 of 4 units dead", {"dead_units": [1, 3]},
+                   "Swap ReLU for LeakyReLU (LeakyReluSwap)", step=10)
+    sparse = Finding("too_sparse", "s", "warning", "sparsity 97%", {}, "Use LeakyReLU", step=10)
+    # a plain ReLU site, nothing done yet: the diagnosis's own remedy, too_sparse folded in
+    ctx = build_context(_run_with([dead, sparse], "relu", []))
+    assert [(f.kind, f.site) for f in ctx.findings] == [("dead", "s")]
+    (f,) = ctx.findings
+    assert f.merged == [("too sparse", "sparsity 97%")]
+    assert f.remedy == dead.remedy and f.done == []
+    assert ctx.verdict.headline.startswith("1 problem")
+    assert f.anchor == "rd-site-0"  # no heatmap drawn (no unit rows): its table row
+    # already LeakyReLU, and the learning rate was lowered: the next steps instead
+    events = [{"type": "intervention", "id": "a", "remedy": "lr_rescue", "site": "model",
+               "step": 5, "what": "scaled the learning rate by 0.5",
+               "before": {"dead_fraction": 0.6}, "after": None},
+              {"type": "intervention_result", "ref": "a", "remedy": "lr_rescue", "site": "model",
+               "step": 10, "after": {"dead_fraction": 0.5}, "target": "dead_fraction",
+               "verdict": "helped"}]
+    (g,) = build_context(_run_with([dead, sparse], "leaky_relu", events)).findings
+    assert "LeakyReLU (alpha" not in g.remedy and "already leaky" in g.remedy
+    assert "lower the learning rate further" in g.remedy
+    assert g.done == ["lr_rescue at step 5: dead 60.0% → 50.0%, helped"]

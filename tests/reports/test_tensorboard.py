@@ -183,3 +183,29 @@ def test_write_run_of_an_in_memory_run_needs_a_log_dir() -> None:
     run = Run(meta={}, history=pd.DataFrame(), units=pd.DataFrame(), layers=pd.DataFrame())
     with pytest.raises(ValueError, match="log_dir"):
         tb.write_run(run)
+
+
+def test_plain_watch_with_run_dir_writes_tensorboard(treated_run: TrainedRun) -> None:
+    """watch(run_dir=...) writes <run_dir>/tensorboard as it goes: the same scalars as the
+    run record, the training metrics, the interventions table, no saturation chart."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    run = load_run(treated_run.run_dir)
+    ea = accumulate(treated_run.run_dir / "tensorboard")
+    rows = run.history[run.history["site"] == "act1"].sort_values("step")
+    events = ea.Scalars(tb.tag("dead_fraction", "act1"))
+    assert [e.step for e in events] == rows["step"].tolist()
+    np.testing.assert_allclose([e.value for e in events], rows["dead_fraction"], rtol=1e-6)
+    metrics = run.metrics
+    loss = metrics[metrics["name"] == "loss"].sort_values("step")
+    got = ea.Scalars("train/loss")
+    assert [e.step for e in got] == loss["step"].tolist()
+    np.testing.assert_allclose([e.value for e in got], loss["value"], rtol=1e-6)
+    assert [e.value for e in ea.Scalars("train/lr")][-1] == pytest.approx(0.005)
+    table = "\n".join(texts(ea, "relu_doctor/events").values())
+    assert "| 12 | lr_rescue | model | scaled the learning rate by 0.5 |" in table
+    (config,) = ea.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    titles = {c.title for cat in layout.category for c in cat.chart}
+    assert "dead_fraction" in titles and "saturated_fraction" not in titles
+    assert "never active" in texts(ea, "relu_doctor/definitions")[0]
