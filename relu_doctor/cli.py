@@ -172,22 +172,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for label, vals in rows:
         print(f"  {label:<{width}}  " + "  ".join(f"{v:>12}" for v in vals))
     print()
-    pad = max(len(n) for n in runs)
-    print("Reports (self-contained HTML, open offline):")
-    for n, r in runs.items():
-        print(f"  {n:<{pad}}  {r.report}")
-    print("Run directories (TensorBoard event files under tensorboard/):")
-    for n, r in runs.items():
-        print(f"  {n:<{pad}}  {r.run_dir}")
-    print()
-    print("Open a report in a browser, e.g.:")
-    first = next(iter(runs.values()))
-    print(f"  xdg-open {first.report}    # macOS: open {first.report}")
-    print("See the runs side by side in TensorBoard:")
-    print(f"  tensorboard --logdir {result.out}")
-    print("Re-make a report from a run directory:")
-    print(f"  relu-doctor report {first.run_dir}")
+    for line in _where_lines(result.out, runs):
+        print(line)
     return 0
+
+
+def _command(name: str) -> str:
+    """How to run ``name`` from a new shell: this environment's own copy by absolute path
+    (a virtual environment need not be activated), else the bare name."""
+    import shlex
+    import shutil
+
+    here = Path(sys.executable).parent / name
+    if here.is_file():
+        return shlex.quote(str(here.absolute()))
+    found = shutil.which(name)
+    return shlex.quote(found) if found else name
+
+
+def _where_lines(out: Path, runs: Any) -> list[str]:
+    """Where the demo wrote, and commands that work as printed in a new shell, from any
+    working directory (absolute paths, quoted)."""
+    import shlex
+
+    pad = max(len(n) for n in runs)
+    q = shlex.quote
+    lines = [f"Everything is under {out.resolve()}", "Reports (self-contained HTML, open offline):"]
+    lines += [f"  {n:<{pad}}  {Path(r.report).resolve()}" for n, r in runs.items()]
+    lines += ["Run directories:"]
+    lines += [f"  {n:<{pad}}  {Path(r.run_dir).resolve()}" for n, r in runs.items()]
+    first = next(iter(runs.values()))
+    report = q(str(Path(first.report).resolve()))
+    spec = ",".join(f"{n}:{Path(r.run_dir).resolve() / 'tensorboard'}" for n, r in runs.items())
+    lines += [
+        "",
+        "Open a report in a browser:",
+        f"  xdg-open {report}    # macOS: open {report}",
+        "See the runs side by side in TensorBoard (runs named " + " and ".join(runs) + "):",
+        f"  {_command('tensorboard')} --logdir_spec {q(spec)}",
+        "Re-make a report from a run directory:",
+        f"  {_command('relu-doctor')} report {q(str(Path(first.run_dir).resolve()))}",
+    ]
+    venv = Path(sys.prefix)
+    if venv != Path(sys.base_prefix):
+        lines += [
+            "Or activate the environment to use the short names:",
+            f"  source {q(str(venv / 'bin' / 'activate'))}",
+        ]
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

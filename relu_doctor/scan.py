@@ -101,7 +101,8 @@ def scan(
 
     Args:
         model: the model.
-        dataloader: an iterable of batches (tensors, ``(input, target)`` tuples or dicts).
+        dataloader: an iterable of batches (tensors, ``(input, target)`` tuples or dicts),
+            or one tensor, taken as a single batch.
         max_batches: stop after this many batches.
         forward: ``forward(model, batch)`` when batches need custom handling.
         progress: print progress to stderr.
@@ -119,6 +120,17 @@ def scan(
     """
     if max_batches is not None:
         positive_int("max_batches", max_batches)
+    if not isinstance(model, nn.Module):
+        raise ReluDoctorError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")
+    if isinstance(dataloader, torch.Tensor):
+        dataloader = [dataloader]  # a bare tensor is one batch, not a batch per row
+    elif dataloader is None or isinstance(dataloader, (str, bytes)) or not isinstance(
+        dataloader, Iterable
+    ):
+        raise ReluDoctorError(
+            f"dataloader: expected an iterable of batches (a DataLoader, a list of tensors) "
+            f"or one batch tensor, got {type(dataloader).__name__}."
+        )
     allowed = {"include", "exclude", "unit_dims", "functional"}
     unknown = set(kwargs) - allowed
     if unknown:
