@@ -305,6 +305,8 @@ class ActivationSwapper(Remedy):
         self.schedulers = list(schedulers)
         self.probe = probe
         self.swaps: dict[str, SwapRecord] = {}
+        # module path -> (the site the swap's intervention named, every site it changed)
+        self._named: dict[str, tuple[str, list[str]]] = {}
         self.streaks: dict[str, int] = {}
         self._skipped: set[str] = set()
 
@@ -390,9 +392,11 @@ class ActivationSwapper(Remedy):
         if rec.param_groups:
             n_slopes = sum(p.numel() for p in rec.new.parameters())
             what += f"; {n_slopes} slope parameter(s) added to the optimizer"
+        site = name if name in sites else sites[0]
+        self._named[path] = (site, sites)
         return self._record(
             self._intervention(
-                site=name if name in sites else sites[0],
+                site=site,
                 step=step,
                 what=what,
                 before=before,
@@ -404,10 +408,16 @@ class ActivationSwapper(Remedy):
         )
 
     def restore(
-        self, site: str | SiteKey | None = None, *, step: int = 0
+        self, site: str | SiteKey | None = None, *, step: int | None = None
     ) -> list[Intervention]:
         """Undo the swap of ``site`` (a SiteKey, site name or module path), or of every swap;
-        return the interventions."""
+        return the interventions.
+
+        Each names the site(s) its swap named, at ``step`` (default: the bound Doctor's
+        current step, else 0).
+        """
+        if step is None:
+            step = int(getattr(self.doctor, "global_step", 0) or 0)
         if site is None:
             paths = list(reversed(self.swaps))
         else:
@@ -420,23 +430,31 @@ class ActivationSwapper(Remedy):
         events = []
         for path in paths:
             rec = self.swaps.pop(path)
+            named, sites = self._named.pop(path, None) or self._names_now(rec)
             restore_activation(self.model, record=rec, schedulers=self.schedulers)
             where = ", ".join(map(module_label, rec.paths))
             events.append(
                 self._intervention(
-                    site=module_label(path),
+                    site=named,
                     step=step,
                     what=f"restored {type(rec.old).__name__} at {where}",
                     before=None,
                     id_suffix=":restore",
                     measure_after=False,
                     undo=True,
+                    sites=sites,
+                    shared=len(sites) > 1,
                 )
             )
         self.refresh()
         for e in events:
             self._record(e)
         return events
+
+    def _names_now(self, rec: SwapRecord) -> tuple[str, list[str]]:
+        """The site names of a swap made before a checkpoint (its names were not saved)."""
+        sites = sorted({s for p in rec.paths for s in self._sites_of(p)})
+        return sites[0], sites
 
     def decide(self, record: RecordLike) -> list[Intervention]:
         events = []
@@ -484,6 +502,7 @@ class ActivationSwapper(Remedy):
         return {
             **super().state_dict(),
             "swaps": [rec.describe() for rec in self.swaps.values()],
+            "swap_sites": {p: [n, list(ss)] for p, (n, ss) in self._named.items()},
             "streaks": dict(self.streaks),
             "skipped": sorted(self._skipped),
         }
@@ -498,6 +517,10 @@ class ActivationSwapper(Remedy):
         super().load_state_dict(state)
         self.streaks = {str(k): int(v) for k, v in state.get("streaks", {}).items()}
         self._skipped = set(state.get("skipped", []))
+        self._named = {
+            str(p): (str(v[0]), [str(x) for x in v[1]])
+            for p, v in state.get("swap_sites", {}).items()
+        }
         for desc in state.get("swaps", []):
             self.reapply(desc)
         self.refresh()

@@ -291,3 +291,32 @@ def test_leaky_swap_revives_units_an_lr_burst_killed():
     assert dead_u > 0.4  # the pathology, untreated
     assert dead_t < dead_u - 0.3, (dead_u, dead_t)
     assert loss_t < loss_u, (loss_u, loss_t)
+
+
+def test_restore_names_the_swaps_sites_at_the_doctors_step():
+    """Regression: restore() recorded step 0 and site ``relu`` where the swap of the shared
+    module was recorded as ``relu#0`` (and ``relu#1``) at the doctor's step."""
+    block = BasicBlock(4)
+    x = torch.randn(2, 4, 5, 5)
+    with relu_doctor.watch(block, log_every_n_steps=1) as doc:
+        seen = events_of(doc)
+        sw = ActivationSwapper(block).bind(doc)
+        for _ in range(3):
+            block(x).sum().backward()
+            doc.step()
+        swap = sw.swap("relu#0", step=doc.global_step)
+        block(x).sum().backward()
+        doc.step()
+        (undo,) = sw.restore("relu#0")
+    assert (swap.site, swap.details["sites"]) == ("relu#0", ["relu#0", "relu#1"])
+    assert (undo.site, undo.details["sites"], undo.step) == ("relu#0", ["relu#0", "relu#1"], 4)
+    assert undo.step == doc.global_step != 0
+    recorded = [e for e in seen if e["type"] == "intervention"]
+    assert [(e["site"], e["step"]) for e in recorded] == [("relu#0", 3), ("relu#0", 4)]
+    # round trip: a swap restored after a checkpoint still names its sites
+    sw2 = ActivationSwapper(BasicBlock(4))
+    sw2.swap("relu")
+    state = sw2.state_dict()
+    sw3 = ActivationSwapper(BasicBlock(4))
+    sw3.load_state_dict(state)
+    assert [e.site for e in sw3.restore(step=7)] == ["relu"]
