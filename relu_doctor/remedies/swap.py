@@ -430,7 +430,7 @@ class ActivationSwapper(Remedy):
         events = []
         for path in paths:
             rec = self.swaps.pop(path)
-            named, sites = self._named.pop(path, None) or self._names_now(rec)
+            named, sites = self._named.pop(path) if path in self._named else self._names_now(rec)
             restore_activation(self.model, record=rec, schedulers=self.schedulers)
             where = ", ".join(map(module_label, rec.paths))
             events.append(
