@@ -251,3 +251,51 @@ def test_opt_mlp_sites_are_all_recycled():
             f"decoder.layers.{i}.fc1",
             [f"decoder.layers.{i}.fc2"],
         )
+
+
+class _MBConvSE(nn.Module):
+    """EfficientNet's MBConv: expand 1x1 -> BN -> SiLU -> depthwise -> BN -> SiLU ->
+    squeeze-excite (mean -> conv -> SiLU -> conv -> sigmoid gate) -> project 1x1 -> BN."""
+
+    def __init__(self, c: int = 4, e: int = 8, s: int = 2) -> None:
+        super().__init__()
+        self.conv_pw = nn.Conv2d(c, e, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(e)
+        self.act1 = nn.SiLU()
+        self.conv_dw = nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False)
+        self.bn2 = nn.BatchNorm2d(e)
+        self.act2 = nn.SiLU()
+        self.conv_reduce = nn.Conv2d(e, s, 1)
+        self.act_se = nn.SiLU()
+        self.conv_expand = nn.Conv2d(s, e, 1)
+        self.conv_pwl = nn.Conv2d(e, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act2(self.bn2(self.conv_dw(self.act1(self.bn1(self.conv_pw(x))))))
+        gate = self.conv_expand(self.act_se(self.conv_reduce(h.mean((2, 3), keepdim=True))))
+        return x + self.bn3(self.conv_pwl(h * gate.sigmoid()))
+
+
+class _Tied(nn.Module):
+    """One Linear applied twice: zeroing its columns for one input changes the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+        self.shared = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(self.act(self.fc1(x))) + self.shared(x)
+
+
+def test_mbconv_with_squeeze_excite_and_weight_tying():
+    torch.manual_seed(0)
+    done, refused = survey(_MBConvSE(), torch.randn(3, 4, 5, 5))
+    assert sorted(done) == ["act1#0", "act2#0", "act_se#0"] and not refused
+    # act2 is read by the squeeze (a spatial mean -> conv_reduce) and by the gated product.
+    assert [c.path for c in done["act2#0"].consumers] == ["conv_reduce", "conv_pwl"]
+    assert [c.path for c in done["act1#0"].consumers] == ["conv_dw"]
+    done, refused = survey(_Tied(), torch.randn(2, 4))
+    assert not done and "Linear 'shared' is also called on other inputs" in refused["act#0"]
