@@ -541,6 +541,13 @@ def find_unit_links(
         _check_shared(dataflow, prod, consumers, norms)
     except _Refuse as e:
         raise ReluDoctorError(f"site {label!r}: {e}. Exclude this site.") from None
+    except ReluDoctorError:
+        raise
+    except Exception as e:  # an op we cannot follow in a way not foreseen: refuse, never crash
+        raise ReluDoctorError(
+            f"site {label!r}: could not follow its units through the recorded pass "
+            f"({type(e).__name__}: {e}). Exclude this site."
+        ) from None
     w = _weight(prod)
     assert w is not None
     first = norms[0] if norms else None

@@ -344,3 +344,23 @@ def test_dormant_reset_recycles_dormant_units():
     assert recycled > 0
     assert dorm_u > 0.5 and dorm_t < 0.1, (dorm_u, dorm_t)
     assert loss_t < loss_u, (loss_u, loss_t)
+
+
+def test_a_failing_link_pass_warns_once_and_training_goes_on(monkeypatch):
+    """Do no harm: the extra pass that finds producers and consumers fails (here: forced)."""
+    import relu_doctor.remedies._link_cache as link_cache
+
+    def boom(*a, **k):
+        raise RuntimeError("forced")
+
+    monkeypatch.setattr(link_cache, "record_dataflow", boom)
+    torch.manual_seed(0)
+    net = half_dead(odd_name_net("act"))
+    x = torch.randn(16, 4)
+    with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+        r = DormantRecycler(net, include=["act"]).bind(doc)
+        with pytest.warns(UserWarning, match=r"leaving site 'act' alone.*RuntimeError: forced"):
+            for _ in range(3):
+                net(x).sum().backward()
+                doc.step()
+    assert r.recycled == {} and doc.global_step == 3
