@@ -136,6 +136,56 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck: 1x1, 3x3, 1x1 convolutions, one inplace ReLU called 3 times."""
+
+    def __init__(self, c_in: int, width: int, stride: int) -> None:
+        super().__init__()
+        c_out = 4 * width
+        self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+class SmallResNet50(nn.Module):
+    """ResNet-50's shape (stem, stages of 3/4/6/3 Bottlenecks: 49 ReLU calls) at small width."""
+
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width * 2, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width * 2)
+        self.relu = nn.ReLU(inplace=True)
+        blocks: list[nn.Module] = []
+        c = width * 2
+        for i, (n, mult) in enumerate(zip((3, 4, 6, 3), (1, 2, 4, 8), strict=True)):
+            for j in range(n):
+                blocks.append(Bottleneck(c, width * mult, 2 if (j == 0 and i > 0) else 1))
+                c = 4 * width * mult
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     key: str
@@ -154,6 +204,10 @@ def model_specs(quick: bool = False) -> dict[str, ModelSpec]:
             "cnn": ModelSpec("cnn", "CNN (tiny)", lambda: BenchCNN((4, 8, 8)), (3, 16, 16), 8, budgeted=True),
             "mlp": ModelSpec("mlp", "MLP (tiny)", lambda: bench_mlp(784, 32), (784,), 16, budgeted=True),
             "resnet": ModelSpec("resnet", "ResNet (tiny)", lambda: SmallResNet(4), (3, 16, 16), 4),
+            "resnet50": ModelSpec("resnet50", "ResNet-50 (tiny)", lambda: SmallResNet50(2),
+                                  (3, 16, 16), 4),
+            "mlp256": ModelSpec("mlp256", "256-site MLP (tiny)", lambda: bench_mlp(16, 8, 256),
+                                (16,), 8),
         }
     return {
         "cnn": ModelSpec(
@@ -167,6 +221,14 @@ def model_specs(quick: bool = False) -> dict[str, ModelSpec]:
         "resnet": ModelSpec(
             "resnet", "ResNet-18 shape, widths 16-128, 32x32, batch 32",
             lambda: SmallResNet(16), (3, 32, 32), 32,
+        ),
+        "resnet50": ModelSpec(
+            "resnet50", "ResNet-50 shape (49 ReLU calls), widths 8-64 (x4 out), 32x32, batch 16",
+            lambda: SmallResNet50(8), (3, 32, 32), 16,
+        ),
+        "mlp256": ModelSpec(
+            "mlp256", "deep MLP, 256 ReLU sites of 128 units, batch 128",
+            lambda: bench_mlp(128, 128, 256), (128,), 128,
         ),
     }
 
@@ -228,10 +290,15 @@ class ControlRunner(Runner):
 
 
 class DoctorRunner(Runner):
-    def __init__(self, *a: Any, every_n: int = 1, layers: bool = True, **kw: Any) -> None:
+    def __init__(
+        self, *a: Any, every_n: int | None = 1, layers: bool = True, **kw: Any
+    ) -> None:
         super().__init__(*a, **kw)
-        self.every_n = every_n
+        self.every_n = every_n  # None: the default, overhead_budget=0.03
         self.layers = layers  # per-layer gradient norms (the optimizer tap) too
+        if every_n is None:
+            self.key, self.label = "rd_default", "relu_doctor, default settings (budget 3%)"
+            return
         self.key = ("rd_every" if every_n == 1 else f"rd_{every_n}") + ("" if layers else "_act")
         self.label = (
             "relu_doctor, every step" if every_n == 1 else f"relu_doctor, every {every_n}th step"
@@ -240,9 +307,13 @@ class DoctorRunner(Runner):
     def attach(self) -> None:
         import relu_doctor
 
+        rate: dict[str, Any] = (
+            {"overhead_budget": 0.03} if self.every_n is None
+            else {"every_n_steps": self.every_n, "overhead_budget": None}
+        )
         self.doc = relu_doctor.watch(
             self.model, optimizer=self.opt if self.layers else None,
-            every_n_steps=self.every_n, log_every_n_steps=NEVER,
+            log_every_n_steps=NEVER, **rate,
         )
 
     def after_step(self, loss: torch.Tensor) -> None:
@@ -373,10 +444,12 @@ CORE: list[tuple[type[Runner], dict[str, Any]]] = [
     (DoctorRunner, {"every_n": 1}),
     (DoctorRunner, {"every_n": EVERY_N}),
     (DoctorRunner, {"every_n": 1, "layers": False}),
+    (DoctorRunner, {"every_n": None}),
     (NaiveRunner, {}),
 ]
 PEERS: list[tuple[type[Runner], dict[str, Any]]] = [(CockpitRunner, {}), (WandbRunner, {})]
-ROW_ORDER = ["plain", "control", "rd_every", f"rd_{EVERY_N}", "rd_every_act", "naive", "cockpit", "wandb"]
+ROW_ORDER = ["plain", "control", "rd_default", "rd_every", f"rd_{EVERY_N}", "rd_every_act", "naive",
+             "cockpit", "wandb"]
 
 
 # ---------------------------------------------------------------------------- timing
@@ -506,17 +579,19 @@ def _checks(runners: dict[str, Runner], device: torch.device) -> dict[str, bool]
         return out
     plain = runners["plain"]
     ref = [p.detach() for p in plain.model.parameters()]
-    for key in ("control", "rd_every", f"rd_{EVERY_N}", "rd_every_act", "naive"):
+    for key in ("control", "rd_default", "rd_every", f"rd_{EVERY_N}", "rd_every_act", "naive"):
         if key in runners:
             params = [p.detach() for p in runners[key].model.parameters()]
             out[f"same_trajectory[{key}]"] = runners[key].steps == plain.steps and all(
                 torch.equal(a, b) for a, b in zip(ref, params, strict=True)
             )
-    for key in ("rd_every", f"rd_{EVERY_N}", "rd_every_act"):
+    for key in ("rd_default", "rd_every", f"rd_{EVERY_N}", "rd_every_act"):
         r = runners.get(key)
         if not isinstance(r, DoctorRunner):
             continue
-        collected = math.ceil(r.steps / r.every_n)
+        collected = (
+            r.doc.window_steps if r.every_n is None else math.ceil(r.steps / r.every_n)
+        )
         good = bool(r.doc.sites) and r.doc.global_step == r.steps
         for s in r.doc.sites:
             w = (s.stats.window + s.stats.lifetime).cpu()
@@ -645,6 +720,7 @@ def _cell(res: ModelResult, key: str) -> str:
 def format_table(results: list[ModelResult], device: torch.device) -> str:
     labels = {
         "plain": "plain (ms/step)", "control": "plain, second copy (A/A control)",
+        "rd_default": "relu_doctor, default settings (budget 3%)",
         "rd_every": "relu_doctor, every step",
         f"rd_{EVERY_N}": f"relu_doctor, every {EVERY_N}th step",
         "rd_every_act": "  every step, activation sites only",
@@ -771,7 +847,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["cnn", "mlp", "resnet"],
-                   help="subset of: cnn mlp resnet")
+                   help="subset of: cnn mlp resnet resnet50 mlp256")
     p.add_argument("--steps", type=int, default=None,
                    help=f"steps per configuration per round (default {EVERY_N}; keep a multiple of "
                    f"{EVERY_N} so each block holds one collecting step of the every-{EVERY_N}th run)")

@@ -16,7 +16,7 @@ import platform
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -40,8 +40,9 @@ from relu_doctor.history import (
 from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, site_metrics, unit_metrics
 from relu_doctor.optimizer_tap import OptimizerTap
 from relu_doctor.probes import Probe
+from relu_doctor.sampling import Sampler
 from relu_doctor.sites import Site, SiteKey
-from relu_doctor.stats import ROW, read_back, reduce_sum
+from relu_doctor.stats import ROW, read_back, reduce_sum, stats_seconds
 
 __all__ = ["Doctor", "IntervalRecord", "LogRecord", "watch"]
 
@@ -64,7 +65,14 @@ class Doctor:
     Args:
         model: the model.
         log_every_n_steps: steps per logging interval (the default window for "dead").
-        every_n_steps: collect statistics on every n-th step only (1 = every step).
+        every_n_steps: collect statistics on every n-th step only (1 = every step), a fixed
+            rate; ``"auto"`` (the default): the rate ``overhead_budget`` chooses.
+        overhead_budget: the largest fraction of a training step the statistics may cost
+            (``relu_doctor.sampling.DEFAULT_BUDGET`` = 0.03 is the intended default):
+            relu_doctor times itself on the host clock and collects every n-th step with n
+            chosen to stay under it (see :mod:`relu_doctor.sampling`); None (for now the
+            default) collects every step. Each record states ``steps_collected`` out of
+            ``steps_run``.
         tau: dormant threshold on the ReDo score, in (0, 1): a shortcut for
             ``config=DiagnosisConfig(tau=...)`` (default 0.1). Giving both ``tau`` and a
             ``config`` whose ``tau`` differs is an error.
@@ -101,7 +109,8 @@ class Doctor:
         model: nn.Module,
         *,
         log_every_n_steps: int = 50,
-        every_n_steps: int = 1,
+        every_n_steps: int | Literal["auto"] = "auto",
+        overhead_budget: float | None = None,
         tau: float | None = None,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
@@ -118,7 +127,17 @@ class Doctor:
         optimizer_pre_hook: bool = True,
     ) -> None:
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
-        self.every_n_steps = positive_int("every_n_steps", every_n_steps)
+        self.sampler = Sampler(
+            every_n_steps=(
+                None if every_n_steps == "auto" else positive_int("every_n_steps", every_n_steps)
+            ),
+            overhead_budget=overhead_budget,
+            max_every=self.log_every_n_steps,
+        )
+        self.every_n_steps = self.sampler.every_n_steps or 1
+        self.overhead_budget = self.sampler.overhead_budget
+        self.steps_run = 0  # steps in the open window, collecting or not
+        self._clock_mark = stats_seconds()
         self.config = diagnosis_config(tau, config)
         if grad_scaler is not None and not hasattr(grad_scaler, "is_enabled"):
             raise ReluDoctorError(
@@ -205,8 +224,14 @@ class Doctor:
         self.detach()
 
     # ------------------------------------------------------------------ per step
+    def _stats_clock(self) -> float:
+        """Seconds spent in statistics calls since the last call (host clock, no sync)."""
+        now = stats_seconds()
+        spent, self._clock_mark = now - self._clock_mark, now
+        return spent
+
     def _collecting(self) -> bool:
-        return self.global_step % self.every_n_steps == 0
+        return self.sampler.collect(self.global_step)
 
     def _next_is_log_step(self) -> bool:
         return (self.global_step + 1) % self.log_every_n_steps == 0
@@ -228,6 +253,8 @@ class Doctor:
         """
         if self.probe.collecting:
             self.window_steps += 1
+        self.sampler.done(collected=self.probe.collecting, hook_s=self._stats_clock())
+        self.steps_run += 1
         self.global_step += 1
         record = None
         if self.global_step % self.log_every_n_steps == 0:
@@ -313,6 +340,8 @@ class Doctor:
                     "unit_dim": s.unit_dim,
                     "unit_rule": s.unit_rule,
                     "window_steps": self.window_steps,
+                    "steps_collected": self.window_steps,
+                    "steps_run": self.steps_run,
                     **site_metrics(w, u),
                 }
             )
@@ -347,6 +376,7 @@ class Doctor:
         """Close the current window now: read, diagnose, record, write, notify listeners."""
         read = self._read(close=True)
         self.window_steps = 0
+        self.steps_run = 0
         if read is None:
             return None
         record, finding_events = read
@@ -384,6 +414,7 @@ class Doctor:
             "config": {
                 "log_every_n_steps": self.log_every_n_steps,
                 "every_n_steps": self.every_n_steps,
+                "overhead_budget": self.overhead_budget,
                 **self.config.__dict__,
             },
         }

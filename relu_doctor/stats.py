@@ -35,6 +35,7 @@ Fields:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -52,6 +53,7 @@ __all__ = [
     "read_back",
     "reduce_sum",
     "resolve_unit_dim",
+    "stats_seconds",
     "unit_view",
 ]
 
@@ -387,6 +389,15 @@ def grad_rows(
     return _finish([elements, sq, elements, torch.rsub(body[1:], float(per_unit))], finite)
 
 
+_clock = [0.0]  # seconds spent in SiteStats.record_forward / record_grad, process-wide
+
+
+def stats_seconds() -> float:
+    """Seconds (host clock) that every site's statistics calls took so far in this process:
+    the measurement behind the overhead budget (:mod:`relu_doctor.sampling`)."""
+    return _clock[0]
+
+
 class SiteStats:
     """The accumulators of one site: a current window and the closed-window lifetime total.
 
@@ -421,10 +432,13 @@ class SiteStats:
     ) -> None:
         """Add the forward statistics of activation output ``out`` to the window: the fused
         kernel where it applies (one pass, no dispatched op), else :func:`forward_rows`."""
-        if torch.compiler.is_compiling() or not _kernels.forward_into(
-            self.window, out, unit_dim, cap=cap
-        ):
+        if torch.compiler.is_compiling():  # part of a compiled graph: nothing to time
             self.add_forward(forward_rows(out, unit_dim, nonnegative=nonnegative, cap=cap))
+            return
+        t0 = time.perf_counter()
+        if not _kernels.forward_into(self.window, out, unit_dim, cap=cap):
+            self.add_forward(forward_rows(out, unit_dim, nonnegative=nonnegative, cap=cap))
+        _clock[0] += time.perf_counter() - t0
 
     def record_grad(
         self,
@@ -437,10 +451,12 @@ class SiteStats:
         fused kernel where it applies, else :func:`grad_rows`."""
         if grad_in is not None and grad_in.shape != grad_out.shape:
             grad_in = None
+        t0 = time.perf_counter()
         if torch.compiler.is_compiling() or not _kernels.grad_into(
             self.window, grad_out, grad_in, unit_dim, inv_scale, _N_FWD
         ):
             self.add_grad(grad_rows(grad_out, grad_in, unit_dim, inv_scale))
+        _clock[0] += time.perf_counter() - t0
 
     def close_window(self, total: torch.Tensor | None = None) -> None:
         """Fold the window into the lifetime total and start a new, empty window.
