@@ -138,7 +138,7 @@ def test_demo_commands_work_as_printed_from_another_directory(tmp_path: Path) ->
     out = demo.stdout
     assert (start / "out" / "treated" / "report.html").is_file()  # under the caller's directory
     # every path printed is absolute
-    paths = re.findall(r"(?m)^\s+(?:untreated|treated)\s+(\S+)$", out)
+    paths = re.findall(r"(?m)^\s+(?:untreated|treated)\s+(/\S*)$", out)
     assert len(paths) == 4 and all(Path(p).is_absolute() and Path(p).exists() for p in paths)
     lines = [ln.strip() for ln in out.splitlines()]
     report_cmd = next(ln for ln in lines if " report " in ln and "relu-doctor" in ln)
