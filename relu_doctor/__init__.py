@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from relu_doctor.errors import ReluDoctorError, RunDirError
     from relu_doctor.families import Family, family_of, register_family
     from relu_doctor.history import IntervalRecord, LogRecord, Run, load_run
+    from relu_doctor.init_check import check_init
     from relu_doctor.scan import ScanResult, scan
     from relu_doctor.sites import SiteKey
 
@@ -46,6 +47,7 @@ _WHERE = {
     "LogRecord": "history",
     "Run": "history",
     "load_run": "history",
+    "check_init": "init_check",
     "ScanResult": "scan",
     "scan": "scan",
     "SiteKey": "sites",
@@ -64,6 +66,7 @@ __all__ = [
     "ScanResult",
     "SiteKey",
     "__version__",
+    "check_init",
     "family_of",
     "load_run",
     "register_family",

@@ -6,9 +6,13 @@ rate 50 times too high. Within a few hundred steps most units of its deeper laye
 stop firing for good. The same seed is trained twice:
 
 * **untreated**: relu_doctor only watches, diagnoses and records;
-* **treated**: the remedies of :mod:`relu_doctor.remedies` act on the diagnosis as it comes:
-  LeakyReLU swap of dying sites, AutoClip gradient clipping, learning-rate rescue on a
-  surge of dead units, and ReDo recycling of dormant units.
+* **treated**: the default :class:`~relu_doctor.remedies.TreatmentPlan` acts on the diagnosis
+  as it comes, one change at a time and gentlest first: AutoClip gradient clipping, then a
+  lower learning rate, then ReDo recycling of dead units, then a LeakyReLU swap; each change
+  is judged one interval later on the metric that called for it.
+
+:func:`compare_seeds` trains both runs over several seeds and prints the final accuracy and
+dead units as mean and spread (``python -m relu_doctor.demo --seeds 3``).
 
 Each run writes a run directory (with TensorBoard event files under ``tensorboard/``) and an
 HTML report; :func:`run_demo` returns where everything is and the numbers to compare.
@@ -26,6 +30,7 @@ import functools
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from collections import OrderedDict
@@ -42,7 +47,16 @@ from relu_doctor.doctor import watch
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.history import IntervalRecord
 
-__all__ = ["DemoConfig", "DemoResult", "RunResult", "make_model", "make_task", "run_demo", "train"]
+__all__ = [
+    "DemoConfig",
+    "DemoResult",
+    "RunResult",
+    "compare_seeds",
+    "make_model",
+    "make_task",
+    "run_demo",
+    "train",
+]
 
 MARKER = ".relu_doctor_demo"
 RUN_NAMES = ("untreated", "treated")
@@ -146,17 +160,10 @@ def make_model(cfg: DemoConfig) -> nn.Sequential:
 
 
 def _treatments(model: nn.Module, opt: torch.optim.Optimizer, doc: Any) -> list[Any]:
-    """Attach the remedies of relu_doctor.remedies to one run; return them."""
-    from relu_doctor.remedies import ActivationSwapper, AutoClip, DormantRecycler, LRRescuer
+    """Bind the default treatment plan (relu_doctor.remedies.TreatmentPlan) to one run."""
+    from relu_doctor.remedies import TreatmentPlan
 
-    clip = AutoClip(percentile=10.0, warmup_steps=20)
-    clip.attach(opt)
-    rescue = LRRescuer(opt, factor=0.5, cooldown=3, dead_jump=0.15, min_lr=1e-4)
-    swap = ActivationSwapper(model, threshold=0.2, patience=1, slope=0.05)
-    recycle = DormantRecycler(model, optimizers=opt, every=2, max_fraction=0.25, seed=0)
-    for r in (clip, rescue, swap, recycle):
-        r.bind(doc)
-    return [clip, rescue, swap, recycle]
+    return [TreatmentPlan(model, optimizer=opt).bind(doc)]
 
 
 def _record_to_tensorboard(writer: Any, record: IntervalRecord) -> None:
@@ -183,9 +190,11 @@ def train(
     *,
     treated: bool,
     progress: Callable[[str], None] | None = None,
+    report: bool = True,
 ) -> RunResult:
     """Train the demo student once, watched by relu_doctor; write its run directory,
-    TensorBoard logs (``run_dir/tensorboard``) and report (``run_dir/report.html``)."""
+    TensorBoard logs (``run_dir/tensorboard``) and, with ``report``, its HTML report
+    (``run_dir/report.html``)."""
     from relu_doctor.reports import tensorboard as tb
     from relu_doctor.reports.html import write_report
 
@@ -211,7 +220,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch
             opt.step()
-            record = doc.step()
+            record = doc.step(loss=loss.detach())
             if record is not None:
                 last = record
                 acc = _accuracy(model, xt, yt)
@@ -245,7 +254,8 @@ def train(
     result.lifetime_dead = _totals(last, "lifetime_dead")
     result.findings = [str(f) for f in last.findings if f.severity != "info"]
     result.interventions = len(run.interventions())
-    write_report(run_dir, result.report)
+    if report:
+        write_report(run_dir, result.report)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -320,3 +330,54 @@ def run_demo(
         for name in RUN_NAMES
     }
     return DemoResult(path, cfg, runs, time.perf_counter() - t0)
+
+
+def compare_seeds(
+    out: str | os.PathLike[str],
+    *,
+    seeds: int = 3,
+    quick: bool = True,
+    stream: TextIO | Literal[False] | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """Train the demo untreated and treated for seeds ``0 .. seeds-1`` (run directories under
+    ``out``, no HTML reports); print and return the final test accuracy and dead-unit
+    fraction of each run: ``{"untreated"|"treated": {"accuracy": [...], "dead": [...]}}``."""
+    path = prepare_out(out)
+    sink = sys.stderr if stream is None else stream
+    table: dict[str, dict[str, list[float]]] = {
+        n: {"accuracy": [], "dead": []} for n in RUN_NAMES
+    }
+    for seed in range(seeds):
+        cfg = DemoConfig.quick(seed=seed) if quick else DemoConfig(seed=seed)
+        for name in RUN_NAMES:
+            run_dir = path / f"{name}-seed{seed}"
+            if run_dir.is_dir():
+                shutil.rmtree(run_dir)
+            r = train(name, run_dir, cfg, treated=name == "treated", report=False)
+            table[name]["accuracy"].append(r.accuracy)
+            table[name]["dead"].append(r.dead_units / r.units if r.units else math.nan)
+    if sink is not False:
+        for name, cols in table.items():
+            acc, dead = cols["accuracy"], cols["dead"]
+            print(
+                f"{name:>9}: accuracy {statistics.fmean(acc):.1%} +- {_spread(acc):.1%}, "
+                f"dead units {statistics.fmean(dead):.1%} +- {_spread(dead):.1%} "
+                f"({seeds} seeds)",
+                file=sink, flush=True,
+            )
+    return table
+
+
+def _spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+if __name__ == "__main__":  # python -m relu_doctor.demo --seeds 3 [--full] [--out DIR]
+    import argparse
+
+    ap = argparse.ArgumentParser(description="The demo over several seeds: mean and spread.")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--full", action="store_true", help="the full-size demo (default: quick)")
+    ap.add_argument("--out", default="relu_doctor_demo_seeds")
+    ns = ap.parse_args()
+    compare_seeds(ns.out, seeds=ns.seeds, quick=not ns.full, stream=sys.stdout)

@@ -25,6 +25,7 @@ __all__ = [
     "check_tau",
     "diagnose",
     "diagnosis_config",
+    "run_health",
     "severity_rank",
 ]
 
@@ -53,6 +54,9 @@ class DiagnosisConfig:
         exploding_ratio: the same ratio above which they are "exploding".
         spike_factor: a parameter-gradient norm this many times the median of its history
             is an exploding-gradient spike.
+        growth_factor: a site whose activation RMS is this many times its first logged RMS,
+            or the shallowest site's RMS, has ReLU's missing upper bound showing
+            (``activation_growth``).
     """
 
     tau: float = 0.1
@@ -63,6 +67,7 @@ class DiagnosisConfig:
     vanishing_ratio: float = 1e-3
     exploding_ratio: float = 1e3
     spike_factor: float = 10.0
+    growth_factor: float = 100.0
 
     def __post_init__(self) -> None:
         check_tau("tau", self.tau)
@@ -73,7 +78,7 @@ class DiagnosisConfig:
                 f"dead_warning ({self.dead_warning}) must not exceed dead_critical "
                 f"({self.dead_critical})."
             )
-        for name in ("vanishing_ratio", "exploding_ratio", "spike_factor"):
+        for name in ("vanishing_ratio", "exploding_ratio", "spike_factor", "growth_factor"):
             positive_finite(name, getattr(self, name))
 
 
@@ -154,6 +159,7 @@ def diagnose(
     *,
     step: int = 0,
     param_grad_norms: Sequence[float] = (),
+    first_rms: Mapping[str, float] | None = None,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -164,6 +170,7 @@ def diagnose(
         config: thresholds.
         step: the step the diagnosis is made at.
         param_grad_norms: history of the total parameter-gradient norm, oldest first.
+        first_rms: each site's activation RMS at its first log (growth over time).
 
     Returns:
         Findings, most severe first.
@@ -276,6 +283,7 @@ def diagnose(
                 )
             )
     out.extend(_gradient_findings(sites, config, step, param_grad_norms))
+    out.extend(_growth_findings(sites, config, step, first_rms or {}))
     out.sort(key=lambda f: (-severity_rank(f.severity), f.kind, f.site))
     return out
 
@@ -343,4 +351,83 @@ def _gradient_findings(
                     step,
                 )
             )
+    return out
+
+
+_GROWTH_REMEDY = (
+    "ReLU has no upper bound: normalise before the activation (BatchNorm or LayerNorm), use a "
+    "capped variant such as ReLU6, or lower the learning rate (LRRescue, step or exponential "
+    "decay)."
+)
+
+
+def _growth_findings(
+    sites: Sequence[Mapping[str, Any]],
+    config: DiagnosisConfig,
+    step: int,
+    first_rms: Mapping[str, float],
+) -> list[Finding]:
+    """ReLU's missing upper bound: activation RMS grown ``growth_factor`` times over time (a
+    site against its first log) or across depth (the deepest site against the shallowest)."""
+    out: list[Finding] = []
+    rms = {
+        str(r["site"]): (int(r["order"]), float(r["rms"]))
+        for r in sites
+        if r.get("cap") is None and math.isfinite(float(r.get("rms", math.nan)))
+    }
+    for name, (_, now) in rms.items():
+        first = first_rms.get(name)
+        if first is not None and first > 0 and now >= config.growth_factor * first:
+            out.append(
+                Finding(
+                    "activation_growth", name, "warning",
+                    f"activation RMS grew {now / first:.3g}x since the first log "
+                    f"({first:.3g} -> {now:.3g}).",
+                    {"rms": now, "first_rms": first, "factor": now / first, "over": "time"},
+                    _GROWTH_REMEDY, step,
+                )
+            )
+    by_depth = sorted(rms.values())
+    if len(by_depth) >= 2:
+        (_, shallow), (_, deep) = by_depth[0], by_depth[-1]
+        if shallow > 0 and deep >= config.growth_factor * shallow:
+            name = max(rms, key=lambda k: rms[k][0])
+            out.append(
+                Finding(
+                    "activation_growth", name, "warning",
+                    f"activation RMS grows {deep / shallow:.3g}x from the shallowest site to "
+                    f"this one ({shallow:.3g} -> {deep:.3g}).",
+                    {"rms": deep, "shallow_rms": shallow, "factor": deep / shallow,
+                     "over": "depth"},
+                    _GROWTH_REMEDY, step,
+                )
+            )
+    return out
+
+
+def run_health(sites: Sequence[Mapping[str, Any]], findings: Sequence[Finding]) -> dict[str, float]:
+    """Run-level numbers for early stopping and checkpointing (higher ``health`` is better):
+    unit-weighted ``dead_fraction``, ``dormant_fraction`` (dead included) and
+    ``lifetime_dead_fraction`` over all sites, and ``health`` = the share of units alive
+    (not dead in the window), 0 when a non-finite value was seen.
+
+    Example:
+        >>> run_health([{"units": 4, "units_seen": 4, "dead": 1, "dormant": 2,
+        ...              "lifetime_dead": 0}], [])["health"]
+        0.75
+    """
+    seen = sum(int(r.get("units_seen") or 0) for r in sites)
+    units = sum(int(r.get("units") or 0) for r in sites)
+    if not seen:
+        nan = math.nan
+        return {"dead_fraction": nan, "dormant_fraction": nan, "lifetime_dead_fraction": nan,
+                "health": 0.0 if any(f.kind == "nonfinite" for f in findings) else nan}
+    dead = sum(int(r.get("dead") or 0) for r in sites) / seen
+    out = {
+        "dead_fraction": dead,
+        "dormant_fraction": sum(int(r.get("dormant") or 0) for r in sites) / seen,
+        "lifetime_dead_fraction": sum(int(r.get("lifetime_dead") or 0) for r in sites)
+        / max(units, 1),
+        "health": 0.0 if any(f.kind == "nonfinite" for f in findings) else 1.0 - dead,
+    }
     return out

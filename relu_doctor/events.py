@@ -83,13 +83,23 @@ class Intervention:
 
 @dataclass(frozen=True)
 class InterventionResult:
-    """The metrics after an intervention, measured at the next logging interval."""
+    """The metrics after an intervention, measured at the next logging interval.
+
+    Attributes:
+        target: the metric the intervention was judged on (None: not judged).
+        verdict: ``"helped"``, ``"did not help"`` or ``"unknown"`` on ``target``.
+        efficacy: for changes to units (recycling), the share of them still dead and still
+            dormant: ``{"units", "still_dead", "still_dormant"}``.
+    """
 
     ref: str
     remedy: str
     site: str
     step: int
     after: dict[str, Any] | None
+    target: str | None = None
+    verdict: str | None = None
+    efficacy: dict[str, Any] | None = None
 
     type: Literal["intervention_result"] = "intervention_result"
 
@@ -134,7 +144,8 @@ def event_from_dict(data: object) -> Event:
         if kind == "intervention_result":
             return InterventionResult(
                 str(data["ref"]), str(data.get("remedy", "")), str(data.get("site", "")), step,
-                data.get("after"),
+                data.get("after"), target=data.get("target"), verdict=data.get("verdict"),
+                efficacy=data.get("efficacy"),
             )
     except (KeyError, TypeError) as e:
         raise ValueError(f"a {kind} event is missing or mistypes a field: {e}") from None

@@ -546,21 +546,14 @@ class _TVDenseLayer(nn.Module):
         return self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))
 
 
-class BatchNormAct2d(nn.BatchNorm2d):
-    """timm's norm-act module: a BatchNorm2d subclass whose forward calls ``F.batch_norm``
-    with its own parameters, then its ``drop`` and ``act`` children."""
+class BatchNormAct2d(UnitsBatchNormAct2d):
+    """timm's norm-act module (:class:`UnitsBatchNormAct2d`), with ``act=False`` for the
+    norm-only use after a block's last conv."""
 
     def __init__(self, c: int, act: bool = True) -> None:
         super().__init__(c)
-        self.drop = nn.Identity()
-        self.act: nn.Module = nn.ReLU(inplace=True) if act else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias,
-            self.training, self.momentum if self.momentum is not None else 0.0, self.eps,
-        )
-        return self.act(self.drop(x))
+        if not act:
+            self.act = nn.Identity()  # type: ignore[assignment]
 
 
 class RegNetBlock(nn.Module):
@@ -604,17 +597,12 @@ class RegNetish(nn.Module):
         return self.head(self.s1(self.stem(x)).mean((2, 3)))
 
 
-class ConvNeXtBlock(nn.Module):
-    """ConvNeXt: depthwise 7x7 conv, permute to channels-last, LayerNorm, Linear -> GELU ->
-    Linear, layer scale, permute back, residual."""
+class ConvNeXtBlock(UnitsConvNeXtBlock):
+    """:class:`UnitsConvNeXtBlock` with ConvNeXt's layer scale (``gamma * x``) before the
+    permute back: a product the recycled units pass on the way to nothing (pwconv2 is first)."""
 
     def __init__(self, c: int = 8) -> None:
-        super().__init__()
-        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
-        self.norm = nn.LayerNorm(c)
-        self.pwconv1 = nn.Linear(c, 4 * c)
-        self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(4 * c, c)
+        super().__init__(c)
         self.gamma = nn.Parameter(torch.full((c,), 0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from relu_doctor.callbacks.dormant_reset import DormantReset
 from relu_doctor.callbacks.leaky_relu_swap import LeakyReluSwap
 from relu_doctor.callbacks.lr_rescue import LRRescue
 from relu_doctor.callbacks.monitor import ReluDoctor, ReluDoctorWarning
+from relu_doctor.callbacks.treatment import ReluDoctorTreatment
 
 __all__ = [
     "AdaptiveGradClip",
@@ -13,5 +14,6 @@ __all__ = [
     "LRRescue",
     "LeakyReluSwap",
     "ReluDoctor",
+    "ReluDoctorTreatment",
     "ReluDoctorWarning",
 ]

@@ -40,7 +40,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from relu_doctor._validate import glob_patterns, positive_int
-from relu_doctor.diagnosis import SEVERITIES, DiagnosisConfig, Finding, diagnosis_config
+from relu_doctor.diagnosis import SEVERITIES, DiagnosisConfig, Finding, diagnosis_config, run_health
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.history import IntervalRecord
@@ -437,6 +437,14 @@ class ReluDoctor(Callback):
             self._warned.add(key)
             rank_zero_warn(_warning_text(f, stream), category=ReluDoctorWarning)
 
+        trainer = self._trainer
+        if trainer is not None:
+            # where EarlyStopping and ModelCheckpoint look: monitor="relu_doctor/health"
+            # (higher is better) or "relu_doctor/dead_fraction"; the same on every rank
+            health = run_health(record.site_rows, record.findings)
+            trainer.callback_metrics.update(
+                {f"{tb.PREFIX}/{k}": torch.tensor(v) for k, v in health.items()}
+            )
     def _on_record(self, record: IntervalRecord) -> None:
         self._publish(record, tb.PREFIX)
 

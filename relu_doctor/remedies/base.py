@@ -42,6 +42,7 @@ __all__ = [
     "Remedy",
     "model_snapshot",
     "site_snapshot",
+    "verdict",
 ]
 
 #: The site metrics an intervention records before and after.
@@ -57,6 +58,35 @@ SNAPSHOT_KEYS = (
 
 #: The site of a model-wide intervention (clipping, learning rate).
 MODEL = "model"
+
+#: The metric each remedy's intervention is judged on, unless the caller names one (a
+#: treatment plan names the metric that triggered it).
+TARGETS = {
+    "adaptive_grad_clip": "grad_norm",
+    "lr_rescue": "dead_fraction",
+    "leaky_relu_swap": "dead_fraction",
+    "dormant_reset": "dormant_fraction",
+    "continual_backprop": "dormant_fraction",
+}
+
+HELPED, NOT_HELPED, UNKNOWN = "helped", "did not help", "unknown"
+
+
+def verdict(
+    before: float | None, after: float | None, *, min_gain: float = 0.0, tolerance: float = 0.0
+) -> str:
+    """Whether a change helped its target metric (lower is better): ``"helped"`` when
+    ``after <= before * (1 - min_gain) + tolerance``, ``"did not help"`` otherwise, and
+    ``"unknown"`` when either value is missing.
+
+    Example:
+        >>> verdict(0.5, 0.2, min_gain=0.25), verdict(0.5, 0.45, min_gain=0.25)
+        ('helped', 'did not help')
+    """
+    if before is None or after is None:
+        return UNKNOWN
+    return HELPED if after <= before * (1.0 - min_gain) + tolerance else NOT_HELPED
+
 
 #: What an ``optimizer(s)`` argument takes: one optimizer, several, or none.
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
@@ -196,10 +226,22 @@ def key_label(key: SiteKey) -> str:
 
 @dataclass(frozen=True)
 class Pending:
-    """An intervention waiting for its metrics after: its event ``id`` and ``site``."""
+    """An intervention waiting for its metrics after: its event ``id`` and ``site``; the
+    ``target`` metric it is judged on with its value ``before`` and the gain that counts as
+    help (``min_gain``, ``tolerance``: see :func:`verdict`); the ``units`` it changed (their
+    share still dormant one interval later is the change's efficacy)."""
 
     id: str
     site: str
+    target: str | None = None
+    before: float | None = None
+    min_gain: float = 0.0
+    tolerance: float = 0.0
+    units: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "site": self.site, "target": self.target, "before": self.before,
+                "min_gain": self.min_gain, "tolerance": self.tolerance, "units": list(self.units)}
 
 
 R = TypeVar("R", bound="Remedy")
@@ -232,18 +274,24 @@ class Remedy:
         self._pending: list[Pending] = []
         self._n_events = 0
         self._in_call = False
+        #: what the next intervention is judged on (a plan sets it before acting): metric
+        #: name, ``min_gain`` and ``tolerance`` of :func:`verdict`
+        self.judge: tuple[str | None, float, float] = (TARGETS.get(self.name), 0.0, 0.0)
 
     @property
     def pending(self) -> tuple[Pending, ...]:
         """The interventions whose metrics after are still to be measured."""
         return tuple(self._pending)
 
-    def bind(self: R, doctor: DoctorLike) -> R:
-        """Listen to ``doctor``'s interval records and record events through it (idempotent)."""
+    def bind(self: R, doctor: DoctorLike, *, listen: bool = True) -> R:
+        """Listen to ``doctor``'s interval records and record events through it (idempotent).
+        With ``listen=False`` only record through it: a
+        :class:`~relu_doctor.remedies.plan.TreatmentPlan` decides when this remedy acts."""
         if self.doctor is doctor:
             return self
         self.doctor = doctor
-        doctor.add_listener(self)
+        if listen:
+            doctor.add_listener(self)
         self._on_bind(doctor)
         return self
 
@@ -301,7 +349,8 @@ class Remedy:
         measure_after: bool = True,
         **details: Any,
     ) -> Intervention:
-        """A new intervention; with ``measure_after`` its metrics after are awaited."""
+        """A new intervention; with ``measure_after`` its metrics after are awaited (and
+        judged on :attr:`judge`'s metric)."""
         self._n_events += 1
         ev = Intervention(
             remedy=self.name,
@@ -314,8 +363,41 @@ class Remedy:
             details=details,
         )
         if measure_after:
-            self._pending.append(Pending(ev.id, site))
+            target, gain, tol = self.judge
+            units = details.get("units")
+            self._pending.append(
+                Pending(
+                    ev.id, site, target,
+                    finite_or_none((before or {}).get(target)) if target else None,
+                    gain, tol,
+                    tuple(int(u) for u in units) if isinstance(units, list) else (),
+                )
+            )
         return ev
+
+    def note(
+        self,
+        *,
+        site: str,
+        step: int,
+        what: str,
+        before: Mapping[str, Any] | None,
+        measure_after: bool = True,
+        **details: Any,
+    ) -> Intervention:
+        """Record a change made on this remedy's behalf (a plan switching a clipper on, say)
+        as this remedy's intervention, judged one interval later like the others."""
+        return self._record(self._intervention(site=site, step=step, what=what, before=before,
+                                               measure_after=measure_after, **details))
+
+    def collect(self, record: RecordLike) -> list[InterventionResult]:
+        """Complete the pending interventions from ``record`` (their metrics after, verdict
+        and efficacy); record them through the bound Doctor when not listening."""
+        out = self._results(record)
+        if self.doctor is not None:
+            for e in out:
+                self.doctor.record_event(e)
+        return out
 
     def _record(self, event: Intervention) -> Intervention:
         """Record an intervention made by a direct call (from :meth:`decide`, the events go
@@ -333,16 +415,56 @@ class Remedy:
             else:
                 row = record.site_row(p.site)
                 after = site_snapshot(row) if row is not None else None
-            out.append(InterventionResult(p.id, self.name, p.site, int(record.step), after))
+            value = finite_or_none((after or {}).get(p.target)) if p.target else None
+            before, target = p.before, p.target
+            efficacy = _efficacy(record, p.site, p.units) if p.units else None
+            if efficacy is not None and p.target == "dormant_fraction":
+                # a change to some units is judged on those units: were they all dormant
+                # before, what share still is
+                before, value, target = 1.0, efficacy["still_dormant"], "changed_units_dormant"
+            out.append(
+                InterventionResult(
+                    p.id, self.name, p.site, int(record.step), after,
+                    target=target,
+                    verdict=verdict(before, value, min_gain=p.min_gain, tolerance=p.tolerance)
+                    if target else None,
+                    efficacy=efficacy,
+                )
+            )
         return out
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
-            "pending": [{"id": p.id, "site": p.site} for p in self._pending],
+            "pending": [p.to_dict() for p in self._pending],
             "n_events": self._n_events,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._pending = [Pending(str(p["id"]), str(p["site"])) for p in state.get("pending", [])]
+        self._pending = [
+            Pending(
+                str(p["id"]), str(p["site"]), p.get("target"), finite_or_none(p.get("before")),
+                float(p.get("min_gain", 0.0)), float(p.get("tolerance", 0.0)),
+                tuple(int(u) for u in p.get("units", ())),
+            )
+            for p in state.get("pending", [])
+        ]
         self._n_events = int(state.get("n_events", 0))
+
+
+def _efficacy(record: RecordLike, site: str, units: Sequence[int]) -> dict[str, Any] | None:
+    """Of the ``units`` changed at ``site``, the share still dead and still dormant (dead
+    included) in ``record``: how well a recycling took."""
+    table = record.unit_table
+    if table is None or not len(table) or not units:
+        return None
+    u = table[table["site"] == site]
+    chosen = u[u["unit"].isin(list(units))]
+    if not len(chosen):
+        return None
+    n = len(chosen)
+    return {
+        "units": n,
+        "still_dead": float(chosen["dead"].astype(bool).sum()) / n,
+        "still_dormant": float(chosen["dormant"].astype(bool).sum()) / n,
+    }

@@ -299,3 +299,21 @@ def test_mbconv_with_squeeze_excite_and_weight_tying():
     assert [c.path for c in done["act1#0"].consumers] == ["conv_dw"]
     done, refused = survey(_Tied(), torch.randn(2, 4))
     assert not done and "Linear 'shared' is also called on other inputs" in refused["act#0"]
+
+
+def test_the_unit_zoo_of_issue_12():
+    """The reproductions the unit-dim work added: Swin MLP, DenseNet (functional F.relu on a
+    concatenation), timm RegNet block (functional ReLU after the sum), Conv1d + GroupNorm."""
+    torch.manual_seed(0)
+    done, refused = survey(zoo.UnitsSwinMlp(), torch.randn(2, 3, 3, 8))
+    assert sorted(done) == ["act#0"] and not refused
+    done, refused = survey(zoo.UnitsDenseNet(), torch.randn(2, 3, 6, 6))
+    assert sorted(done) == ["block.0:relu#1", "block.1:relu#1"]
+    assert "the output of conv2d of Conv2d 'stem' also goes to cat" in refused["block.0:relu#0"]
+    assert "its input comes from cat in block.0.forward" in refused["block.1:relu#0"]
+    done, refused = survey(zoo.UnitsRegNetBlock(), torch.randn(2, 8, 5, 5))
+    assert sorted(done) == ["bn1.act#0", "bn2.act#0"]
+    assert "its input comes from a sum (add in (root).forward)" in refused["(root):relu#0"]
+    done, refused = survey(zoo.UnitsConv1dNet(), torch.randn(2, 40))
+    assert sorted(done) == ["act0#0"] and done["act0#0"].norm_path == "norm0"
+    assert "its units reach the model's output through relu without" in refused["act1#0"]

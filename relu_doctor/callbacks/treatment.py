@@ -1,0 +1,115 @@
+"""``ReluDoctorTreatment``: the treatment plan in a Trainer, and the init check at fit start.
+
+A thin adapter around :class:`relu_doctor.remedies.TreatmentPlan` (which decides, in order,
+which remedy acts where): built at ``on_train_start`` with the LightningModule and the
+Trainer's optimizers and LR schedulers, bound to the :class:`~relu_doctor.callbacks.ReluDoctor`
+monitor's Doctor, checkpointed through the base's ``state_dict``. With
+``stop_when_hopeless`` a hopeless run stops the Trainer (``trainer.should_stop``). The first
+training batch is checked with :func:`relu_doctor.check_init` before the first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+
+from relu_doctor.callbacks._remedy import RemedyCallback
+from relu_doctor.doctor import Doctor
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
+from relu_doctor.init_check import InitReport, check_init
+from relu_doctor.remedies import DEFAULT_STEPS, PlanStep, TreatmentPlan
+
+__all__ = ["ReluDoctorTreatment"]
+
+
+class ReluDoctorTreatment(RemedyCallback[TreatmentPlan]):
+    """Treat the run with a :class:`~relu_doctor.remedies.TreatmentPlan`: gentlest first
+    (clipping, the learning rate, then ReDo recycling and the LeakyReLU swap), one change per
+    site per cooldown, each judged on its target metric, none repeated where it did not help.
+
+    Args:
+        steps: the plan's ordered steps (default
+            :data:`~relu_doctor.remedies.plan.DEFAULT_STEPS`).
+        cooldown: logging intervals a site is left alone after a change.
+        stop_when_hopeless: stop the Trainer when the run is hopeless (most units dead since
+            monitoring began, or non-finite values) after the plan's steps had their chance;
+            a ``stop`` intervention records the evidence.
+        check_init: run :func:`relu_doctor.check_init` on the first training batch (its
+            first element when the batch is a tuple or list) and warn about what it finds.
+        seed: seed of the re-initialisations.
+
+    Attributes:
+        plan: the :class:`~relu_doctor.remedies.TreatmentPlan` (after ``on_train_start``).
+        init_report: what the init check found (None before the first batch, or when the
+            batch was not a model input).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[ReluDoctor(), ReluDoctorTreatment(),
+                                       EarlyStopping(monitor="relu_doctor/health", mode="max")])
+    """
+
+    def __init__(
+        self,
+        *,
+        steps: Sequence[PlanStep] = DEFAULT_STEPS,
+        cooldown: int = 2,
+        stop_when_hopeless: bool = False,
+        check_init: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.options: dict[str, Any] = {
+            "steps": tuple(steps), "cooldown": cooldown,
+            "stop_when_hopeless": stop_when_hopeless, "seed": seed,
+        }
+        self.check_init = bool(check_init)
+        self.init_report: InitReport | None = None
+        import torch.nn as nn
+
+        TreatmentPlan(nn.Identity(), **self.options)  # validates the arguments, now
+
+    @property
+    def plan(self) -> TreatmentPlan | None:
+        """The :class:`~relu_doctor.remedies.TreatmentPlan` (after ``on_train_start``)."""
+        return self.remedy
+
+    def _bind(self, trainer: pl.Trainer, doctor: Doctor) -> None:
+        if self.remedy is None or self.remedy.model is not trainer.lightning_module:
+            self._install(
+                TreatmentPlan(
+                    trainer.lightning_module, optimizer=self._optimizers(trainer) or None,
+                    schedulers=self._schedulers(trainer), **self.options,
+                )
+            )
+        super()._bind(trainer, doctor)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.check_init and self.init_report is None and trainer.global_step == 0:
+            x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+            try:
+                self.init_report = check_init(pl_module, x)
+            except (ReluDoctorError, TypeError, RuntimeError, ValueError) as e:
+                self.check_init = False  # not a model input: leave it
+                rank_zero_warn(f"ReluDoctorTreatment: init check skipped ({e}).",
+                               category=ReluDoctorWarning)
+                return
+            for f in self.init_report.findings:
+                if f.severity != "info":
+                    rank_zero_warn(f"init check: {f}", category=ReluDoctorWarning)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.remedy is not None and self.remedy.should_stop:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.remedy is not None:
+            self.remedy.detach()

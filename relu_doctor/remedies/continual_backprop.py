@@ -1,0 +1,229 @@
+"""Continual Backprop (Dohare et al., Nature 2024): keep recycling the least useful mature
+units, a small share at a time, so that a network stays plastic on a changing task.
+
+Each unit's *contribution utility* is a running average of its mean ``|h|`` times the
+magnitude of its outgoing weights (the sum of ``|w|`` over the consumer layers' columns of
+that unit). Units younger than ``maturity`` steps are protected; among the mature ones, a
+``replacement_rate`` per step accumulates into whole units, and that many of the lowest
+utility are recycled with ReDo's surgery (:func:`~relu_doctor.remedies.recycle.recycle_units`:
+fresh incoming weights, zero outgoing weights, the optimizer state of those slices reset),
+their utility and age set to 0.
+
+The running average is updated once per logging interval from the interval's per-unit mean
+``|h|`` (``unit_table["mean_abs"]``), with the per-step decay ``decay`` raised to the number of
+steps in the interval, so it matches the paper's per-step average for a steady unit.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from relu_doctor._validate import glob_patterns, matches, number_in, positive_int
+from relu_doctor._validate import optimizers as check_optimizers
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.events import Intervention
+from relu_doctor.remedies.base import Optimizers, RecordLike, Remedy, check_model, site_snapshot
+from relu_doctor.remedies.recycle import recycle_units
+from relu_doctor.remedies.unit_links import LinkCache, UnitLinks
+
+__all__ = ["ContinualBackprop", "outgoing_magnitude"]
+
+
+def outgoing_magnitude(links: UnitLinks) -> torch.Tensor:
+    """Per unit of a site, the sum of ``|w|`` over every consumer weight that reads it
+    (``span`` columns per unit after a flatten; grouped convolutions per group), on the CPU
+    in float64.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> from relu_doctor.remedies import find_unit_links
+        >>> mag = outgoing_magnitude(find_unit_links(net, site="1", example_inputs=torch.randn(2, 2)))
+        >>> bool(torch.allclose(mag, net[2].weight.detach().abs().sum(0).double()))
+        True
+    """
+    total = torch.zeros(links.units, dtype=torch.float64)
+    for c in links.consumers:
+        w = getattr(c.module, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            continue
+        a = w.detach().abs().double().cpu()
+        if isinstance(c.module, nn.Linear):
+            total += a.sum(0).reshape(links.units, c.span).sum(1)
+            continue
+        groups = int(getattr(c.module, "groups", 1))
+        per_in = a.sum(dim=[d for d in range(a.dim()) if d != 1])  # (in_channels / groups,)
+        if groups == 1:
+            total += per_in
+            continue
+        out_pg = a.shape[0] // groups
+        for g in range(groups):
+            rows = a[g * out_pg : (g + 1) * out_pg]
+            total[g * a.shape[1] : (g + 1) * a.shape[1]] += rows.sum(
+                dim=[d for d in range(a.dim()) if d != 1]
+            )
+    return total
+
+
+class ContinualBackprop(Remedy):
+    """Continual Backprop: recycle the lowest-utility mature units at a steady rate.
+
+    Args:
+        model: the model.
+        optimizers: optimizer(s) whose state slices are reset for recycled units.
+        replacement_rate: units replaced per mature unit per step (the paper: 1e-4 to 1e-5
+            per step; larger for short runs).
+        maturity: steps a unit must have lived since its last replacement to be eligible.
+        decay: per-step decay of the running utility average (the paper: 0.99).
+        include: glob patterns of site names to treat (default: all).
+        exclude: glob patterns of site names to leave alone.
+        seed: base seed of the re-initialisation (combined with step and site).
+        example_inputs: input(s) of one forward pass to find each site's producer and
+            consumers from (default: the model's latest training call).
+
+    Attributes:
+        utility: ``{site: per-unit running contribution utility}`` (CPU float64).
+        age: ``{site: per-unit steps since the last replacement}``.
+        replaced: ``{site: units replaced so far}``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> cbp = ContinualBackprop(net, replacement_rate=0.01, maturity=10)
+        >>> cbp.replacement_rate
+        0.01
+    """
+
+    name = "continual_backprop"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizers: Optimizers = None,
+        replacement_rate: float = 1e-4,
+        maturity: int = 100,
+        decay: float = 0.99,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        seed: int = 0,
+        example_inputs: Any = None,
+    ) -> None:
+        super().__init__()
+        self.model = check_model(model)
+        self.optimizers = check_optimizers("optimizers", optimizers)
+        self.replacement_rate = number_in(
+            "replacement_rate", replacement_rate, 0.0, 1.0, hint=" (the paper uses 1e-4)"
+        )
+        self.maturity = positive_int("maturity", maturity, minimum=0)
+        self.decay = number_in("decay", decay, 0.0, 1.0, low_open=False, high_open=True)
+        self.include = glob_patterns("include", include)
+        self.exclude = glob_patterns("exclude", exclude)
+        self.seed = positive_int("seed", seed, minimum=0)
+        self.utility: dict[str, torch.Tensor] = {}
+        self.age: dict[str, torch.Tensor] = {}
+        self.replaced: dict[str, int] = {}
+        self._owed: dict[str, float] = {}  # fractional replacements carried over
+        self._last_step: dict[str, int] = {}
+        self._finder = LinkCache(self.model, example_inputs=example_inputs)
+        self._links_failed: set[str] = set()
+
+    def _links_of(self, record: RecordLike, site: str) -> UnitLinks:
+        return self._finder.links(record.key(site), site, doctor=self.doctor)
+
+    def update(self, record: RecordLike, site: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Fold ``record``'s interval into ``site``'s utilities and ages; return
+        ``(utility, age, steps in the interval)``."""
+        links = self._links_of(record, site)
+        units = record.unit_table
+        u = units[units["site"] == site].sort_values("unit")
+        mean_abs = torch.tensor(u["mean_abs"].to_numpy(dtype="float64", copy=True))
+        mean_abs = torch.nan_to_num(mean_abs, nan=0.0)
+        steps = max(0, int(record.step) - self._last_step.get(site, 0))
+        self._last_step[site] = int(record.step)
+        contribution = mean_abs * outgoing_magnitude(links)
+        keep = self.decay**steps
+        util = self.utility.get(site, torch.zeros(links.units, dtype=torch.float64))
+        self.utility[site] = keep * util + (1.0 - keep) * contribution
+        self.age[site] = self.age.get(site, torch.zeros(links.units, dtype=torch.long)) + steps
+        return self.utility[site], self.age[site], steps
+
+    def choose(self, site: str, steps: int) -> list[int]:
+        """The units of ``site`` to replace now: the accumulated share of the mature ones,
+        lowest utility first (ties: lower index)."""
+        mature = torch.nonzero(self.age[site] >= self.maturity).flatten()
+        owed = self._owed.get(site, 0.0) + self.replacement_rate * int(mature.numel()) * steps
+        n = min(math.floor(owed), int(mature.numel()))
+        self._owed[site] = owed - n
+        if n <= 0:
+            return []
+        util = self.utility[site][mature]
+        order = sorted(range(len(mature)), key=lambda i: (float(util[i]), int(mature[i])))
+        return sorted(int(mature[i]) for i in order[:n])
+
+    def _generator(self, site: str, step: int) -> torch.Generator:
+        s = (self.seed * 1_000_003 + zlib.crc32(f"cbp:{site}@{step}".encode())) % (2**63)
+        return torch.Generator().manual_seed(s)
+
+    def decide(self, record: RecordLike) -> list[Intervention]:
+        units = record.unit_table
+        if units is None or not len(units):
+            return []
+        events = []
+        for row in record.site_rows:
+            site = str(row["site"])
+            if not matches(site, self.include, self.exclude) or site in self._links_failed:
+                continue
+            try:
+                _, _, steps = self.update(record, site)
+                idx = self.choose(site, steps)
+                if not idx:
+                    continue
+                links = self._links_of(record, site)
+                what = recycle_units(links, units=idx, optimizers=self.optimizers,
+                                     generator=self._generator(site, record.step))
+            except ReluDoctorError as e:
+                self._links_failed.add(site)
+                self.warn(f"ContinualBackprop: leaving site {site!r} alone: {e}")
+                continue
+            self.utility[site][idx] = 0.0
+            self.age[site][idx] = 0
+            self.replaced[site] = self.replaced.get(site, 0) + len(idx)
+            events.append(
+                self._intervention(
+                    site=site, step=record.step, before=site_snapshot(row),
+                    what=f"continual backprop replaced {len(idx)} of {links.units} mature "
+                    f"units with the lowest contribution utility in {what['producer']}",
+                    units=what["units"], links=links.describe(),
+                    optimizer_state=what["optimizer_state"],
+                )
+            )
+        return events
+
+    def treat(self, record: RecordLike) -> list[Intervention]:
+        """:meth:`decide` and record the interventions now (a plan calling it)."""
+        return [self._record(e) for e in self.decide(record)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "utility": {k: v.clone() for k, v in self.utility.items()},
+            "age": {k: v.clone() for k, v in self.age.items()},
+            "replaced": dict(self.replaced),
+            "owed": dict(self._owed),
+            "last_step": dict(self._last_step),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.utility = {str(k): torch.as_tensor(v, dtype=torch.float64)
+                        for k, v in state.get("utility", {}).items()}
+        self.age = {str(k): torch.as_tensor(v, dtype=torch.long)
+                    for k, v in state.get("age", {}).items()}
+        self.replaced = {str(k): int(v) for k, v in state.get("replaced", {}).items()}
+        self._owed = {str(k): float(v) for k, v in state.get("owed", {}).items()}
+        self._last_step = {str(k): int(v) for k, v in state.get("last_step", {}).items()}

@@ -1,0 +1,532 @@
+"""The treatment plan: one object decides which remedy acts, where and when.
+
+Remedies bound one by one all act on the same symptom at once (five changes at one step,
+and no way to tell which helped). A :class:`TreatmentPlan` runs them in order instead:
+
+* **gentlest first**: its steps are tried in the order given (default: gradient clipping,
+  then the learning rate, then surgery: ReDo recycling, which leaves the model's output
+  unchanged at the moment it acts, then the LeakyReLU swap, which changes the architecture);
+* **one change per site per cooldown**: after a change at a site (``"model"`` for clipping
+  and the learning rate) that site is left alone for ``cooldown`` logging intervals; a
+  model-wide change also holds back surgery everywhere for as long, so its effect is seen
+  alone;
+* **judged on its own target**: each change is measured one interval later on the metric
+  that called for it (the result event carries ``target`` and ``verdict``); a step that did
+  not help is not repeated at that site (a clipper that did not help is switched off);
+* **do no harm**: every trigger is a clear symptom (a dead-unit surge, an exploding or
+  non-finite gradient, a site past a dead or dormant threshold), so a healthy run sees no
+  change at all;
+* **hopeless runs** (opt-in): when most units are dead since monitoring began, or values
+  are non-finite, after the plan's steps had their chance, :attr:`TreatmentPlan.should_stop`
+  turns true and a ``stop`` event records the evidence.
+
+Example (a plain loop):
+
+    >>> import torch, torch.nn as nn, relu_doctor
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    >>> opt = torch.optim.Adam(net.parameters())
+    >>> with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+    ...     plan = TreatmentPlan(net, optimizer=opt).bind(doc)
+    ...     net(torch.randn(16, 4)).sum().backward(); opt.step()
+    ...     _ = doc.step()
+    >>> [s.remedy for s in plan.steps]
+    ['clip', 'lr', 'recycle', 'swap']
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch.nn as nn
+
+from relu_doctor._validate import finite_or_none, nonnegative, number_in, positive_int
+from relu_doctor._validate import optimizers as check_optimizers
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.events import Intervention
+from relu_doctor.remedies.base import (
+    MODEL,
+    NOT_HELPED,
+    DoctorLike,
+    Optimizers,
+    RecordLike,
+    Remedy,
+    check_model,
+    model_snapshot,
+    site_snapshot,
+)
+from relu_doctor.sites import SiteKey
+
+__all__ = ["DEFAULT_STEPS", "PLAN_REMEDIES", "PlanStep", "TreatmentPlan"]
+
+#: The remedies a plan step can name, and whether they act on the model or on one site.
+PLAN_REMEDIES = {
+    "clip": MODEL,
+    "lr": MODEL,
+    "swap": "site",
+    "recycle": "site",
+    "continual_backprop": "site",
+}
+
+#: Never clip (AutoClip records gradient norms only, so its percentile is ready when needed).
+_NEVER = 10**15
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    """One step of a :class:`TreatmentPlan`.
+
+    Attributes:
+        remedy: ``"clip"`` (AutoClip), ``"lr"`` (halve the learning rate), ``"swap"``
+            (ReLU -> LeakyReLU), ``"recycle"`` (ReDo) or ``"continual_backprop"``.
+        min_gain: the relative fall of the target metric, one interval later, that counts
+            as help (0: "no worse").
+        tolerance: absolute slack added to that test (noise of a fraction).
+        options: keyword arguments of the remedy (``percentile`` for clip; ``factor`` and
+            ``min_lr`` for lr; ``slope`` and ``threshold`` (a site's dead fraction) for swap;
+            ``threshold`` (a site's dead fraction) and ``max_fraction`` for recycle; those of
+            :class:`~relu_doctor.remedies.continual_backprop.ContinualBackprop`).
+    """
+
+    remedy: str
+    min_gain: float = 0.0
+    tolerance: float = 0.0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.remedy not in PLAN_REMEDIES:
+            raise ReluDoctorError(
+                f"remedy: expected one of {list(PLAN_REMEDIES)}, got {self.remedy!r}."
+            )
+        number_in("min_gain", self.min_gain, 0.0, 1.0, low_open=False, high_open=True)
+        nonnegative("tolerance", self.tolerance)
+
+
+#: Gentlest first: clipping and the learning rate before surgery.
+DEFAULT_STEPS = (
+    PlanStep("clip", tolerance=0.02),
+    PlanStep("lr", tolerance=0.1),
+    PlanStep("recycle", min_gain=0.25, options={"threshold": 0.3, "max_fraction": 0.25}),
+    PlanStep("swap", min_gain=0.25, options={"threshold": 0.3, "slope": 0.05}),
+)
+
+
+class _View:
+    """A record restricted to some sites (what a remedy may act on this interval)."""
+
+    def __init__(self, record: RecordLike, sites: set[str]) -> None:
+        self._r = record
+        self._sites = sites
+
+    @property
+    def step(self) -> int:
+        return self._r.step
+
+    @property
+    def site_rows(self) -> list[dict[str, Any]]:
+        return [r for r in self._r.site_rows if str(r["site"]) in self._sites]
+
+    @property
+    def unit_table(self) -> Any:
+        t = self._r.unit_table
+        return t if t is None or not len(t) else t[t["site"].isin(list(self._sites))]
+
+    @property
+    def layer_table(self) -> Any:
+        return self._r.layer_table
+
+    @property
+    def findings(self) -> list[Any]:
+        return [f for f in self._r.findings if f.site in self._sites or f.site == MODEL]
+
+    def site_row(self, name: str) -> dict[str, Any] | None:
+        return self._r.site_row(name) if name in self._sites else None
+
+    def key(self, name: str) -> SiteKey:
+        return self._r.key(name)
+
+
+class TreatmentPlan(Remedy):
+    """Coordinate the remedies: gentlest first, one change per site per cooldown, each
+    judged on its target metric, none repeated where it did not help.
+
+    Bind it to a Doctor (``plan.bind(doc)``) instead of binding remedies one by one. Read
+    what it did in the run's interventions (each with ``target``, ``verdict`` and, for
+    recycling, ``efficacy``) or in :meth:`describe`.
+
+    Args:
+        model: the model.
+        optimizer: the optimizer(s) (clipping, the learning rate, optimizer-state resets).
+        schedulers: their LR schedulers (kept in step with a learning-rate cut).
+        steps: the ordered steps (default :data:`DEFAULT_STEPS`).
+        cooldown: logging intervals a site is left alone after a change (>= 1).
+        dead_jump: a rise of a site's dead fraction by this much between two intervals is
+            a surge (a model-wide trigger).
+        patience: logging intervals in a row a site must be past a surgery step's threshold
+            before that step acts (so a model-wide step can act first).
+        stop_when_hopeless: let :attr:`should_stop` turn true on a hopeless run.
+        hopeless_fraction: the share of units dead since monitoring began that is hopeless.
+        seed: seed of the re-initialisations.
+
+    Attributes:
+        should_stop: True once the run was found hopeless (only with
+            ``stop_when_hopeless``); a plain loop breaks on it, the Lightning callback
+            stops the Trainer.
+        failed: ``(step remedy, site)`` pairs that did not help (not repeated).
+    """
+
+    name = "treatment_plan"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: Optimizers = None,
+        schedulers: Sequence[Any] = (),
+        steps: Sequence[PlanStep] = DEFAULT_STEPS,
+        cooldown: int = 2,
+        dead_jump: float = 0.2,
+        patience: int = 2,
+        stop_when_hopeless: bool = False,
+        hopeless_fraction: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model = check_model(model)
+        self.optimizers = check_optimizers("optimizer", optimizer)
+        self.schedulers = list(schedulers)
+        self.steps = tuple(steps)
+        bad = [s for s in self.steps if not isinstance(s, PlanStep)]
+        names = [s.remedy for s in self.steps if isinstance(s, PlanStep)]
+        if bad or not self.steps or len(set(names)) != len(names):
+            raise ReluDoctorError(
+                "steps: expected a non-empty sequence of PlanStep, each remedy once, got "
+                f"{list(steps)!r}."
+            )
+        self.cooldown = positive_int("cooldown", cooldown)
+        self.dead_jump = number_in("dead_jump", dead_jump, 0.0, 1.0)
+        self.patience = positive_int("patience", patience)
+        self.stop_when_hopeless = bool(stop_when_hopeless)
+        self.hopeless_fraction = number_in("hopeless_fraction", hopeless_fraction, 0.0, 1.0)
+        self.seed = positive_int("seed", seed, minimum=0)
+        self.should_stop = False
+        self.failed: set[tuple[str, str]] = set()
+        self.interval = 0
+        self._last_change: dict[str, int] = {}  # site -> interval of its last change
+        self._prev_dead: dict[str, float] = {}
+        self._prev_model_dead: float | None = None
+        self._streak: dict[tuple[str, str], int] = {}  # (step remedy, site) -> intervals past
+        self._ledger: dict[str, tuple[str, str]] = {}  # event id -> (step remedy, site)
+        self._remedies: dict[str, Remedy] = {}
+        for s in self.steps:
+            self._remedies[s.remedy] = self._make(s)
+
+    # ------------------------------------------------------------------ remedies
+    def _make(self, step: PlanStep) -> Remedy:
+        from relu_doctor.remedies.clipping import AutoClip
+        from relu_doctor.remedies.continual_backprop import ContinualBackprop
+        from relu_doctor.remedies.lr import LRRescuer
+        from relu_doctor.remedies.recycle import DormantRecycler
+        from relu_doctor.remedies.swap import ActivationSwapper
+
+        o = dict(step.options)
+        try:
+            if step.remedy == "clip":
+                return AutoClip(percentile=float(o.get("percentile", 10.0)), warmup_steps=_NEVER)
+            if step.remedy == "lr":
+                return LRRescuer(
+                    self.optimizers or None, schedulers=self.schedulers,
+                    factor=float(o.get("factor", 0.5)), min_lr=float(o.get("min_lr", 1e-5)),
+                    cooldown=0,
+                )
+            if step.remedy == "swap":
+                return ActivationSwapper(
+                    self.model, slope=float(o.get("slope", 0.05)), patience=1,
+                    threshold=float(o.get("threshold", 0.2)),
+                    optimizer=self.optimizers or None, schedulers=self.schedulers,
+                )
+            if step.remedy == "recycle":
+                return DormantRecycler(
+                    self.model, optimizers=self.optimizers or None,
+                    max_fraction=float(o.get("max_fraction", 0.25)), seed=self.seed,
+                )
+            return ContinualBackprop(
+                self.model, optimizers=self.optimizers or None, seed=self.seed,
+                **{k: v for k, v in o.items() if k != "threshold"},
+            )
+        except TypeError as e:
+            raise ReluDoctorError(f"steps: options of {step.remedy!r}: {e}") from None
+
+    def remedy(self, name: str) -> Remedy:
+        """The controller running step ``name`` (``"clip"``, ``"lr"``...)."""
+        try:
+            return self._remedies[name]
+        except KeyError:
+            raise ReluDoctorError(
+                f"name: this plan has no step {name!r}; its steps are {list(self._remedies)}."
+            ) from None
+
+    def _on_bind(self, doctor: DoctorLike) -> None:
+        from relu_doctor.remedies.clipping import AutoClip
+
+        for r in self._remedies.values():
+            r.warn = self.warn
+            r.bind(doctor, listen=False)
+            if isinstance(r, AutoClip) and self.optimizers:
+                r.attach(self.optimizers[0])
+
+    def detach(self) -> None:
+        """Remove the clipper's optimizer hook (idempotent)."""
+        from relu_doctor.remedies.clipping import AutoClip
+
+        for r in self._remedies.values():
+            if isinstance(r, AutoClip):
+                r.detach()
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The plan as data: its steps in order, with their scope and what counts as help."""
+        return [
+            {"remedy": s.remedy, "scope": PLAN_REMEDIES[s.remedy], "min_gain": s.min_gain,
+             "tolerance": s.tolerance, "options": dict(s.options)}
+            for s in self.steps
+        ]
+
+    # ------------------------------------------------------------------ the decision
+    def _cooling(self, site: str) -> bool:
+        last = self._last_change.get(site)
+        return last is not None and self.interval - last < self.cooldown
+
+    def _surge(self, record: RecordLike) -> dict[str, Any] | None:
+        surge: dict[str, Any] | None = None
+        for row in record.site_rows:
+            frac = finite_or_none(row.get("dead_fraction"))
+            if frac is None:
+                continue
+            site = str(row["site"])
+            prev = self._prev_dead.get(site, 0.0)
+            if frac - prev >= self.dead_jump and (surge is None or frac - prev > surge["jump"]):
+                surge = {"site": site, "dead_fraction_before": prev, "dead_fraction": frac,
+                         "jump": frac - prev}
+            self._prev_dead[site] = frac
+        return surge
+
+    def _model_trigger(self, record: RecordLike) -> tuple[str, str, dict[str, Any]] | None:
+        """(reason, target metric, evidence) of a model-wide symptom, or None."""
+        surge = self._surge(record)
+        for kind in ("nonfinite", "exploding_gradient"):
+            for f in record.findings:
+                if f.kind == kind:
+                    return kind, "grad_norm", {"finding": f.message, "site": f.site}
+        if surge is not None:
+            return "dead_surge", "dead_fraction", surge
+        now = model_snapshot(record)["dead_fraction"]
+        prev, self._prev_model_dead = self._prev_model_dead, now
+        if now is not None and prev is not None and now >= 0.1 and now - prev >= 0.02:
+            # still dying: the tutorials' first remedy is a lower learning rate
+            return "dying", "dead_fraction", {"dead_fraction_before": prev, "dead_fraction": now}
+        return None
+
+    def _judge(self, remedy: Remedy, step: PlanStep, target: str | None) -> None:
+        remedy.judge = (target, step.min_gain, step.tolerance)
+
+    def _collect(self, record: RecordLike) -> None:
+        from relu_doctor.remedies.clipping import AutoClip
+
+        for remedy in self._remedies.values():
+            if isinstance(remedy, AutoClip):
+                remedy.last = remedy.read()
+            for res in remedy.collect(record):
+                where = self._ledger.pop(res.ref, None)
+                if where is None or res.verdict != NOT_HELPED:
+                    continue
+                self.failed.add(where)
+                if isinstance(remedy, AutoClip) and remedy.warmup_steps != _NEVER:
+                    remedy.warmup_steps = _NEVER
+                    remedy.note(
+                        site=MODEL, step=record.step, before=None, measure_after=False,
+                        what=f"switched AutoClip off again: it did not help ({res.target})",
+                    )
+
+    def _model_step(self, record: RecordLike) -> Intervention | None:
+        from relu_doctor.remedies.clipping import AutoClip
+        from relu_doctor.remedies.lr import LRRescuer
+
+        trigger = self._model_trigger(record)
+        if trigger is None or self._cooling(MODEL):
+            return None
+        reason, target, evidence = trigger
+        before = model_snapshot(record)
+        for step in self.steps:
+            if PLAN_REMEDIES[step.remedy] != MODEL or (step.remedy, MODEL) in self.failed:
+                continue
+            remedy = self._remedies[step.remedy]
+            self._judge(remedy, step, target)
+            if isinstance(remedy, AutoClip):
+                if remedy.warmup_steps != _NEVER or not remedy._handles:
+                    continue  # already on, or no optimizer to clip for
+                remedy.warmup_steps = 0
+                ev = remedy.note(
+                    site=MODEL, step=record.step, before=before, trigger=reason,
+                    evidence=evidence,
+                    what=f"switched AutoClip (p{remedy.percentile:g}) on: {reason}",
+                )
+            elif isinstance(remedy, LRRescuer):
+                if not remedy.optimizers or all(
+                    float(g["lr"]) <= remedy.min_lr for o in remedy.optimizers
+                    for g in o.param_groups
+                ):
+                    continue
+                ev = remedy.rescue(step=record.step, reason=reason, evidence=evidence,
+                                   before=before)
+            else:  # pragma: no cover - PLAN_REMEDIES lists the model-wide ones
+                continue
+            self._ledger[ev.id] = (step.remedy, MODEL)
+            self._last_change[MODEL] = self.interval
+            return ev
+        return None
+
+    def _site_steps(self, record: RecordLike) -> list[Intervention]:
+        from relu_doctor.remedies.continual_backprop import ContinualBackprop
+        from relu_doctor.remedies.recycle import DormantRecycler
+        from relu_doctor.remedies.swap import ActivationSwapper
+
+        if self._cooling(MODEL):
+            return []  # a model-wide change is being judged: no surgery meanwhile
+        events: list[Intervention] = []
+        units = record.unit_table
+        for row in record.site_rows:
+            site = str(row["site"])
+            if self._cooling(site):
+                continue
+            for step in self.steps:
+                if PLAN_REMEDIES[step.remedy] == MODEL or (step.remedy, site) in self.failed:
+                    continue
+                remedy = self._remedies[step.remedy]
+                threshold = float(step.options.get("threshold", 0.1))
+                ev: Intervention | None = None
+                try:
+                    if isinstance(remedy, ActivationSwapper):
+                        dead = finite_or_none(row.get("dead_fraction"))
+                        if not self._persists(step, site, not row.get("leaky")
+                                              and dead is not None and dead >= threshold):
+                            continue
+                        self._judge(remedy, step, "dead_fraction")
+                        ev = remedy.swap(site, step=record.step, before=site_snapshot(row),
+                                         reason=f"dead fraction {dead:.0%} >= {threshold:g}")
+                    elif isinstance(remedy, DormantRecycler):
+                        dead = finite_or_none(row.get("dead_fraction"))
+                        if units is None or not self._persists(
+                            step, site, dead is not None and dead >= threshold
+                        ):
+                            continue
+                        idx = _most_dormant(units, site, remedy.max_fraction, int(row["units"]))
+                        if not idx:
+                            continue
+                        self._judge(remedy, step, "dormant_fraction")
+                        ev = remedy.recycle(site, units=idx, step=record.step,
+                                            before=site_snapshot(row))
+                    elif isinstance(remedy, ContinualBackprop):
+                        self._judge(remedy, step, "dormant_fraction")
+                        found = remedy.treat(_View(record, {site}))
+                        ev = found[0] if found else None
+                except ReluDoctorError as e:
+                    self.failed.add((step.remedy, site))
+                    self.warn(f"TreatmentPlan: {step.remedy} cannot treat site {site!r}: {e}")
+                    continue
+                if ev is None:
+                    continue
+                self._ledger[ev.id] = (step.remedy, site)
+                self._last_change[site] = self.interval
+                events.append(ev)
+                break
+        return events
+
+    def _persists(self, step: PlanStep, site: str, past: bool) -> bool:
+        """Count the intervals in a row ``site`` is past ``step``'s threshold; True once
+        that reaches :attr:`patience`."""
+        key = (step.remedy, site)
+        self._streak[key] = self._streak.get(key, 0) + 1 if past else 0
+        return self._streak[key] >= self.patience
+
+    def _hopeless(self, record: RecordLike) -> dict[str, Any] | None:
+        rows = record.site_rows
+        units = sum(int(r.get("units") or 0) for r in rows)
+        life = sum(int(r.get("lifetime_dead") or 0) for r in rows)
+        nonfinite = [f.message for f in record.findings if f.kind == "nonfinite"]
+        frac = life / units if units else 0.0
+        if frac < self.hopeless_fraction and not nonfinite:
+            return None
+        # the plan's steps had their chance: something was tried, and judged
+        if not self._last_change or self._cooling(MODEL) or self._ledger:
+            return None
+        return {"lifetime_dead_fraction": frac, "nonfinite": nonfinite,
+                "tried": sorted({s for s, _ in self._ledger.values()} | {s for s, _ in self.failed}),
+                "failed": sorted(f"{s}@{site}" for s, site in self.failed)}
+
+    def decide(self, record: RecordLike) -> list[Intervention]:
+        self.interval += 1
+        self._collect(record)
+        out: list[Intervention] = []
+        if self.stop_when_hopeless and not self.should_stop:
+            evidence = self._hopeless(record)
+            if evidence is not None:
+                self.should_stop = True
+                out.append(
+                    self._intervention(
+                        site=MODEL, step=record.step, before=model_snapshot(record),
+                        measure_after=False, action="stop", evidence=evidence,
+                        what="stopped training: the run is hopeless ("
+                        + (f"{evidence['lifetime_dead_fraction']:.0%} of units never active"
+                           if not evidence["nonfinite"] else "non-finite values")
+                        + ") after the plan's remedies had their chance",
+                    )
+                )
+                return out
+        self._model_step(record)
+        self._site_steps(record)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "interval": self.interval,
+            "failed": sorted([list(f) for f in self.failed]),
+            "last_change": dict(self._last_change),
+            "prev_dead": dict(self._prev_dead),
+            "ledger": {k: list(v) for k, v in self._ledger.items()},
+            "should_stop": self.should_stop,
+            "remedies": {k: r.state_dict() for k, r in self._remedies.items()},
+            "clip_on": {k: r.warmup_steps != _NEVER for k, r in self._remedies.items()
+                        if hasattr(r, "warmup_steps")},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.interval = int(state.get("interval", 0))
+        self.failed = {(str(a), str(b)) for a, b in state.get("failed", [])}
+        self._last_change = {str(k): int(v) for k, v in state.get("last_change", {}).items()}
+        self._prev_dead = {str(k): float(v) for k, v in state.get("prev_dead", {}).items()}
+        self._ledger = {str(k): (str(v[0]), str(v[1])) for k, v in state.get("ledger", {}).items()}
+        self.should_stop = bool(state.get("should_stop", False))
+        for k, s in state.get("remedies", {}).items():
+            if k in self._remedies:
+                self._remedies[k].load_state_dict(s)
+        for k, on in state.get("clip_on", {}).items():
+            r = self._remedies.get(k)
+            if r is not None and hasattr(r, "warmup_steps"):
+                r.warmup_steps = 0 if on else _NEVER
+
+
+def _most_dormant(units: pd.DataFrame, site: str, max_fraction: float, n: int) -> list[int]:
+    """The dormant units of ``site`` (dead first, then by ReDo score), at most
+    ``max_fraction`` of its ``n`` units."""
+    u = units[(units["site"] == site) & units["dormant"].astype(bool)]
+    if not len(u):
+        return []
+    limit = max(1, math.floor(max_fraction * n))
+    u = u.sort_values(["dormant_score", "unit"], na_position="first", kind="stable").head(limit)
+    return sorted(int(i) for i in u["unit"])

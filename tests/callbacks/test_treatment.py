@@ -1,0 +1,78 @@
+"""ReluDoctorTreatment in a real Trainer on CPU: the plan treats born-dead units, the
+monitor's run-level numbers reach trainer.callback_metrics (EarlyStopping can watch them),
+the init check runs on the first batch, a hopeless run stops the Trainer."""
+
+from __future__ import annotations
+
+import pytest
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+
+from relu_doctor.callbacks import ReluDoctor, ReluDoctorTreatment
+from relu_doctor.diagnosis import run_health
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.remedies import PlanStep
+from tests.callbacks.remedy_models import FILTERS, interventions, loader, make, trainer
+
+pytestmark = pytest.mark.filterwarnings(*FILTERS, "ignore:.*init check.*")
+
+
+class Last(Callback):
+    """Keeps the Doctor's last record and the callback metrics seen right after it."""
+
+    def __init__(self, mon: ReluDoctor) -> None:
+        self.mon = mon
+        self.seen: list[tuple[dict, dict]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        recs = self.mon.doctor.records if self.mon.doctor is not None else []
+        if recs and recs[-1].step == trainer.global_step:
+            self.seen.append((run_health(recs[-1].site_rows, recs[-1].findings),
+                              {k: float(v) for k, v in trainer.callback_metrics.items()}))
+
+
+def test_plan_treats_born_dead_units_and_publishes_metrics(tmp_path):
+    model = make(dead=8, lr=0.05, opt="adam")
+    mon = ReluDoctor(log_every_n_steps=5)
+    treat = ReluDoctorTreatment(cooldown=1)
+    last = Last(mon)
+    t = trainer(tmp_path, [mon, treat, last], max_steps=40)
+    t.fit(model, loader())
+    assert treat.plan is not None and treat.init_report is not None
+    # the init check saw the 8 units whose bias is -5 as born dead
+    row = next(s for s in treat.init_report.sites if s["site"] == "net.1")
+    assert row["born_dead"] >= 8
+    evs = interventions(mon)
+    assert any(e["remedy"] == "dormant_reset" for e in evs)
+    assert all("verdict" in e for e in evs if e.get("after") is not None and e["site"] != "model")
+    assert last.seen
+    for health, metrics in last.seen:
+        for k, v in health.items():
+            assert metrics[f"relu_doctor/{k}"] == pytest.approx(v, nan_ok=True)
+
+
+def test_early_stopping_on_a_diagnosis_metric(tmp_path):
+    model = make(dead=0, lr=0.05)
+    mon = ReluDoctor(log_every_n_steps=2)
+    stop = EarlyStopping(monitor="relu_doctor/health", mode="max", patience=0,
+                         check_on_train_epoch_end=True, stopping_threshold=0.0)
+    t = trainer(tmp_path, [mon, stop], max_epochs=3)
+    t.fit(model, loader())
+    # health >= 0 reaches the threshold at the first epoch end: EarlyStopping read it
+    assert t.current_epoch == 1 and "relu_doctor/health" in t.callback_metrics
+
+
+def test_hopeless_run_stops_the_trainer(tmp_path):
+    model = make(dead=16, lr=1e-4)  # every unit of net.1 born dead, and a tiny lr
+    mon = ReluDoctor(log_every_n_steps=2)
+    treat = ReluDoctorTreatment(stop_when_hopeless=True, cooldown=1, steps=[PlanStep("lr")])
+    t = trainer(tmp_path, [mon, treat], max_steps=200)
+    t.fit(model, loader())
+    assert treat.plan is not None and treat.plan.should_stop
+    assert t.global_step < 200
+    stops = [e for e in interventions(mon) if e["details"].get("action") == "stop"]
+    assert len(stops) == 1
+
+
+def test_arguments_are_validated():
+    with pytest.raises(ReluDoctorError, match="cooldown"):
+        ReluDoctorTreatment(cooldown=0)

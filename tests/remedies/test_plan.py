@@ -1,0 +1,173 @@
+"""TreatmentPlan: gentlest first, one change per site per cooldown, each change judged on its
+target, a change that did not help never repeated there, nothing done on a healthy run, and
+the opt-in stop of a hopeless run."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import relu_doctor
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.remedies import DEFAULT_STEPS, PlanStep, TreatmentPlan
+from relu_doctor.remedies.base import verdict
+from tests.remedies.helpers import classification, mlp
+
+
+def _train(net: nn.Module, opt: torch.optim.Optimizer, steps: int, *, plan_kw: dict | None = None,
+           seed: int = 0, log: int = 5) -> tuple[list[dict], TreatmentPlan | None, float]:
+    x, y = classification(seed)
+    g = torch.Generator().manual_seed(seed)
+    with relu_doctor.watch(net, log_every_n_steps=log, optimizer=opt) as doc:
+        plan = TreatmentPlan(net, optimizer=opt, **(plan_kw or {})).bind(doc) if plan_kw is not None else None
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            doc.step()
+            if plan is not None and plan.should_stop:
+                break
+        if plan is not None:
+            plan.detach()
+        run = doc.to_run()
+    return run.interventions(), plan, float(loss.detach())
+
+
+def test_verdict_rule() -> None:
+    assert verdict(0.4, 0.4) == "helped"  # no worse, min_gain 0
+    assert verdict(0.4, 0.41, tolerance=0.02) == "helped"
+    assert verdict(0.4, 0.45) == "did not help"
+    assert verdict(0.4, 0.29, min_gain=0.25) == "helped"
+    assert verdict(0.4, 0.31, min_gain=0.25) == "did not help"
+    assert verdict(None, 0.1) == "unknown"
+
+
+def test_healthy_run_is_left_alone() -> None:
+    torch.manual_seed(0)
+    a, b = mlp(), mlp()
+    b.load_state_dict(a.state_dict())
+    _ivs_a, _, loss_a = _train(a, torch.optim.Adam(a.parameters(), lr=1e-3), 60, plan_kw=None)
+    ivs_b, plan, loss_b = _train(b, torch.optim.Adam(b.parameters(), lr=1e-3), 60, plan_kw={})
+    assert ivs_b == [] and plan is not None and not plan.failed
+    # the clipper only records norms: the trajectories are bit-identical
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert loss_a == loss_b
+
+
+def test_sick_run_one_change_per_site_per_cooldown_and_no_repeat() -> None:
+    torch.manual_seed(0)
+    net = mlp()
+    opt = torch.optim.Adam(net.parameters(), lr=0.08)
+    ivs, plan, _ = _train(net, opt, 150, plan_kw={"cooldown": 2})
+    assert plan is not None and ivs
+    changes = [e for e in ivs if not str(e["what"]).startswith("switched AutoClip off")]
+    # at most one change per site per cooldown (cooldown 2 intervals = 10 steps)
+    by_site: dict[str, list[int]] = {}
+    for e in changes:
+        by_site.setdefault(e["site"], []).append(int(e["step"]))
+    for site, steps in by_site.items():
+        assert all(b - a >= 10 for a, b in itertools.pairwise(steps)), (site, steps)
+    # surgery never in the cooldown of a model-wide change
+    model_steps = by_site.get("model", [])
+    for e in changes:
+        if e["site"] != "model":
+            assert all(not (0 <= int(e["step"]) - m < 10) for m in model_steps), e
+    # every change judged on its target; none repeated at a site after it did not help
+    judged = [e for e in changes if "verdict" in e]
+    assert judged and all(e["target"] for e in judged)
+    failed_at: dict[tuple[str, str], int] = {}
+    for e in changes:
+        k = (e["remedy"], e["site"])
+        assert k not in failed_at, f"{k} repeated after it did not help at step {failed_at.get(k)}"
+        if e.get("verdict") == "did not help":
+            failed_at[k] = int(e["step"])
+    # the verdict is the rule applied to the recorded before/after
+    for e in judged:
+        t = e["target"]
+        if t == "changed_units_dormant":
+            assert e["efficacy"]["units"] == len(e["details"]["units"])
+            continue
+        step = {"adaptive_grad_clip": "clip", "lr_rescue": "lr", "leaky_relu_swap": "swap"}[e["remedy"]]
+        spec = next(s for s in DEFAULT_STEPS if s.remedy == step)
+        assert e["verdict"] == verdict(e["before"][t], e["after"][t], min_gain=spec.min_gain,
+                                       tolerance=spec.tolerance)
+
+
+def test_gentlest_first_in_order_of_the_steps() -> None:
+    torch.manual_seed(0)
+    net = mlp()
+    opt = torch.optim.Adam(net.parameters(), lr=0.08)
+    ivs, _, _ = _train(net, opt, 60, plan_kw={})
+    first_model = [e for e in ivs if e["site"] == "model"]
+    if first_model:  # the clipper comes before the learning rate
+        assert first_model[0]["remedy"] == "adaptive_grad_clip"
+
+
+def test_recycling_efficacy_matches_the_unit_table() -> None:
+    torch.manual_seed(0)
+    net = mlp()
+    opt = torch.optim.Adam(net.parameters(), lr=0.08)
+    x, y = classification(0)
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    recs = {}
+    with relu_doctor.watch(net, log_every_n_steps=5, optimizer=opt) as doc:
+        TreatmentPlan(net, optimizer=opt, steps=[PlanStep("recycle", min_gain=0.25)]).bind(doc)
+        doc.add_listener(lambda r: recs.__setitem__(r.step, r))
+        for _ in range(100):
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            doc.step()
+        for e in doc.to_run().interventions():
+            if "efficacy" not in e:
+                continue
+            after = recs[e["after_step"]].unit_table
+            u = after[(after["site"] == e["site"]) & after["unit"].isin(e["details"]["units"])]
+            assert e["efficacy"]["still_dormant"] == pytest.approx(u["dormant"].mean())
+            assert e["efficacy"]["still_dead"] == pytest.approx(u["dead"].mean())
+            checked += 1
+    assert checked
+
+
+def test_hopeless_run_stops_with_evidence() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        net[0].bias.fill_(-50.0)  # born dead, and nothing in the plan can revive it
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    ivs, plan, _ = _train(net, opt, 200, plan_kw={"stop_when_hopeless": True,
+                                                  "steps": [PlanStep("lr")]})
+    assert plan is not None and plan.should_stop
+    stop = [e for e in ivs if e["details"].get("action") == "stop"]
+    assert len(stop) == 1 and stop[0]["details"]["evidence"]["lifetime_dead_fraction"] >= 0.5
+
+
+def test_plan_arguments_are_checked() -> None:
+    net = mlp()
+    with pytest.raises(ReluDoctorError, match="steps"):
+        TreatmentPlan(net, steps=[])
+    with pytest.raises(ReluDoctorError, match="remedy"):
+        PlanStep("surgery")
+    with pytest.raises(ReluDoctorError, match="cooldown"):
+        TreatmentPlan(net, cooldown=0)
+    assert [s["remedy"] for s in TreatmentPlan(net).describe()] == ["clip", "lr", "recycle", "swap"]
+
+
+def test_state_dict_round_trip() -> None:
+    net = mlp()
+    plan = TreatmentPlan(net)
+    plan.failed.add(("swap", "1"))
+    plan.interval = 7
+    other = TreatmentPlan(net)
+    other.load_state_dict(plan.state_dict())
+    assert other.failed == {("swap", "1")} and other.interval == 7
