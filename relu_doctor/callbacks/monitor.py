@@ -447,6 +447,14 @@ class ReluDoctor(Callback):
             )
     def _on_record(self, record: IntervalRecord) -> None:
         self._publish(record, tb.PREFIX)
+        trainer = self._trainer
+        if trainer is not None:
+            # where EarlyStopping and ModelCheckpoint look: monitor="relu_doctor/health"
+            # (higher is better) or "relu_doctor/dead_fraction"; the same on every rank
+            health = run_health(record.site_rows, record.findings)
+            trainer.callback_metrics.update(
+                {f"{tb.PREFIX}/{k}": torch.tensor(v) for k, v in health.items()}
+            )
 
     def _on_val_record(self, record: IntervalRecord) -> None:
         self._publish(record, tb.VAL_PREFIX)

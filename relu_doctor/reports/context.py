@@ -274,12 +274,27 @@ def _merge(findings: list[FindingView]) -> list[FindingView]:
 
 
 def _done_lines(done: Sequence[InterventionView]) -> list[str]:
-    lines = []
+    """One line per remedy: the one intervention with its judged change, or how many, when,
+    and how they went."""
+    by_remedy: dict[str, list[InterventionView]] = {}
     for e in done:
-        when = f"step {e.step}" if e.count <= 1 else f"steps {e.step}–{e.last_step}"
-        change = "; ".join(f"{k} {b} → {a}" for k, b, a in e.changes[:1])
-        verdict = f", {e.verdict}" if e.verdict else ""
-        lines.append(f"{e.remedy} at {when}{': ' + change if change else ''}{verdict}")
+        by_remedy.setdefault(e.remedy, []).append(e)
+    lines = []
+    for remedy, evs in by_remedy.items():
+        if len(evs) == 1 and evs[0].count <= 1:
+            e = evs[0]
+            change = "; ".join(f"{k} {b} → {a}" for k, b, a in e.changes[:1])
+            verdict = f", {e.verdict}" if e.verdict else ""
+            lines.append(f"{remedy} at step {e.step}{': ' + change if change else ''}{verdict}")
+            continue
+        n = sum(max(e.count, 1) for e in evs)
+        first, last = evs[0].step, max(e.last_step for e in evs)
+        verdicts: dict[str, int] = {}
+        for e in evs:
+            if e.verdict:
+                verdicts[e.verdict] = verdicts.get(e.verdict, 0) + 1
+        how = ", ".join(f"{k} {v}" for k, v in verdicts.items())
+        lines.append(f"{remedy} ×{n} at steps {first}–{last}{' (' + how + ')' if how else ''}")
     return lines
 
 
@@ -506,7 +521,8 @@ def _clip_details(ev: Mapping[str, Any]) -> dict[str, Any]:
 def _changes(before: Mapping[str, Any], after: Mapping[str, Any], target: str,
              measured: bool) -> list[tuple[str, str, str]]:
     """``(label, before, after)`` formatted: the target metric first, then the others."""
-    keys = [(k, lbl) for k, lbl in _CHANGE_KEYS if k == target]
+    labels = dict(_CHANGE_KEYS)
+    keys = [(target, labels.get(target, target.replace("_", " ")))] if target else []
     keys += [(k, lbl) for k, lbl in _CHANGE_KEYS if k != target]
     out = []
     for key, label in keys:
