@@ -307,9 +307,6 @@ class Run:
     def site_info(self) -> list[dict[str, Any]]:
         """Site descriptions from ``meta.json`` (name, key fields, family, unit dim and rule,
         units), in depth order."""
-            for k in ("target", "verdict", "efficacy"):  # how it went (treatment plans)
-                if e.get(k) is not None:
-                    target[k] = e[k]
         return sorted(self.meta.get("sites", []), key=lambda s: s.get("order", 0))
 
     @property
