@@ -7,12 +7,10 @@ Framework-free: nothing here imports keras or transformers.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from types import ModuleType
 from typing import Any
 
 from relu_doctor._validate import finite_or_none
@@ -27,22 +25,20 @@ __all__ = [
     "check_run_dir",
     "check_warn",
     "flag",
+    "missing",
     "record_scalars",
     "remedy_options",
-    "require",
     "summary_scalars",
 ]
 
 
-def require(package: str, *, what: str, install: str) -> ModuleType:
-    """Import ``package`` or raise a :class:`ReluDoctorError` that names it and how to get it."""
-    try:
-        return importlib.import_module(package)
-    except ImportError as e:
-        raise ReluDoctorError(
-            f"{what} needs the {package!r} package, which is not installed ({e}); "
-            f"install it with `pip install {install}`."
-        ) from None
+def missing(package: str, error: ImportError, *, what: str, install: str) -> ReluDoctorError:
+    """The error for an adapter whose framework ``package`` cannot be imported: it names the
+    package and how to install it."""
+    return ReluDoctorError(
+        f"{what} needs the {package!r} package, which is not installed ({error}); "
+        f"install it with `pip install {install}`."
+    )
 
 
 def flag(name: str, value: object) -> bool:

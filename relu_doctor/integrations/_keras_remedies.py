@@ -10,6 +10,7 @@ the interval records and records every change as an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,7 +128,7 @@ class KerasActivationSwap(Remedy):
             path = record.key(str(row["site"])).module_path
             frac = row.get("dead_fraction")
             site = self.sites.get(path)
-            if site is None or path in self.swaps or frac is None or not frac == frac:
+            if site is None or path in self.swaps or frac is None or math.isnan(frac):
                 continue
             fam = site.family()
             if fam is None or fam.name != "relu":

@@ -37,28 +37,32 @@ from relu_doctor.integrations._common import (
     check_run_dir,
     check_warn,
     flag,
+    missing,
     record_scalars,
     remedy_options,
-    require,
 )
 
-transformers = require("transformers", what="relu_doctor.integrations.hf", install="transformers")
+try:
+    from transformers.trainer_callback import CallbackHandler, TrainerCallback
+except ImportError as e:
+    raise missing(
+        "transformers", e, what="relu_doctor.integrations.hf", install="transformers"
+    ) from None
 
-import torch  # noqa: E402
-from transformers.trainer_callback import CallbackHandler, TrainerCallback  # noqa: E402
+import torch
 
-from relu_doctor._validate import positive_int  # noqa: E402
-from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config  # noqa: E402
-from relu_doctor.doctor import Doctor  # noqa: E402
-from relu_doctor.errors import ReluDoctorError  # noqa: E402
-from relu_doctor.history import IntervalRecord  # noqa: E402
-from relu_doctor.remedies import (  # noqa: E402
+from relu_doctor._validate import positive_int
+from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
+from relu_doctor.doctor import Doctor
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.history import IntervalRecord
+from relu_doctor.remedies import (
     ActivationSwapper,
     AutoClip,
     DormantRecycler,
     LRRescuer,
 )
-from relu_doctor.reports import tensorboard as tb  # noqa: E402
+from relu_doctor.reports import tensorboard as tb
 
 __all__ = ["STATE_FILE", "ReluDoctorCallback"]
 
@@ -78,7 +82,7 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class ReluDoctorCallback(TrainerCallback):  # type: ignore[misc]
+class ReluDoctorCallback(TrainerCallback):
     """Watch a ``transformers`` model's ReLU-family activations during ``Trainer.train``.
 
     Args:

@@ -32,27 +32,30 @@ from relu_doctor.integrations._common import (
     check_run_dir,
     check_warn,
     flag,
+    missing,
     remedy_options,
-    require,
     summary_scalars,
 )
 
-keras = require("keras", what="relu_doctor.integrations.keras", install="'keras>=3'")
+try:
+    import keras
+except ImportError as e:
+    raise missing("keras", e, what="relu_doctor.integrations.keras", install="'keras>=3'") from None
 
-import torch  # noqa: E402
+import torch
 
-from relu_doctor._validate import glob_patterns, matches, positive_int  # noqa: E402
-from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config  # noqa: E402
-from relu_doctor.doctor import Doctor  # noqa: E402
-from relu_doctor.errors import ReluDoctorError  # noqa: E402
-from relu_doctor.history import IntervalRecord  # noqa: E402
-from relu_doctor.integrations._keras_layers import KerasSite, find_sites  # noqa: E402
-from relu_doctor.integrations._keras_remedies import (  # noqa: E402
+from relu_doctor._validate import glob_patterns, matches, positive_int
+from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
+from relu_doctor.doctor import Doctor
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.history import IntervalRecord
+from relu_doctor.integrations._keras_layers import KerasSite, find_sites
+from relu_doctor.integrations._keras_remedies import (
     KerasActivationSwap,
     KerasAutoClip,
     KerasLRRescue,
 )
-from relu_doctor.remedies.clipping import AutoClip  # noqa: E402
+from relu_doctor.remedies.clipping import AutoClip
 
 __all__ = ["ReluDoctorCallback"]
 
