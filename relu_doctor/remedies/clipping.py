@@ -73,7 +73,10 @@ class _Clipper(Remedy):
         for h in handles:
             h.remove()
 
-    def clip_(self, params: Iterable[torch.Tensor]) -> None:  # pragma: no cover - abstract
+    def clip_(self, params: Iterable[torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+        """Clip the gradients of ``params`` in place; return their total norm before clipping
+        (a 0-dim tensor on their device, like ``torch.nn.utils.clip_grad_norm_``; no host
+        synchronisation)."""
         raise NotImplementedError
 
     def _count(self, mask: torch.Tensor) -> None:
@@ -140,7 +143,7 @@ class AutoClip(_Clipper):
         >>> net = torch.nn.Linear(3, 1)
         >>> clip = AutoClip(percentile=10)
         >>> net(torch.randn(4, 3)).sum().backward()
-        >>> clip.clip_(net.parameters())
+        >>> total = clip.clip_(net.parameters())  # the norm before clipping, like torch's
         >>> clip.read()["steps"]
         1
     """
@@ -159,14 +162,21 @@ class AutoClip(_Clipper):
         self._seen = 0
 
     @torch.no_grad()
-    def clip_(self, params: Iterable[torch.Tensor]) -> None:
-        """Record this step's total gradient norm and clip to the percentile (in place)."""
+    def clip_(self, params: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Record this step's total gradient norm and clip to the percentile (in place).
+
+        Returns:
+            The total gradient norm before clipping (0-dim float32 tensor on the gradients'
+            device; no host synchronisation), as ``torch.nn.utils.clip_grad_norm_`` does.
+        """
         grads = _grads(params)
         if not grads:
-            return
+            return torch.tensor(0.0)
         device = grads[0].device
         norms = torch._foreach_norm(grads)
-        total = torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
+        total: torch.Tensor = torch.linalg.vector_norm(
+            torch.stack([n.to(device, torch.float32) for n in norms])
+        )
         if self._buf is None:
             self._buf = torch.full((self.history,), float("nan"), device=device)
         elif self._buf.device != device:  # restored from a checkpoint on the CPU
@@ -179,11 +189,12 @@ class AutoClip(_Clipper):
         threshold = torch.nanquantile(self._buf, self.percentile / 100.0)
         self._threshold = threshold
         if self._seen <= self.warmup_steps:
-            return
+            return total
         over = total > threshold  # False for NaN threshold or NaN norm
         coef = torch.where(over, threshold / (total + 1e-6), 1.0)
         torch._foreach_mul_(grads, coef)
         self._count(over)
+        return total
 
     def _describe(self, stats: Mapping[str, Any]) -> str:
         thr = stats["threshold"]
@@ -254,7 +265,7 @@ class AGC(_Clipper):
         >>> net = torch.nn.Linear(3, 2)
         >>> agc = AGC(clipping=0.01)
         >>> (net(torch.randn(4, 3)) * 1e3).sum().backward()
-        >>> agc.clip_(net.parameters())
+        >>> total = agc.clip_(net.parameters())
         >>> agc.read()["clipped"] > 0
         True
     """
@@ -266,11 +277,21 @@ class AGC(_Clipper):
         self._threshold = torch.tensor(self.clipping)
 
     @torch.no_grad()
-    def clip_(self, params: Iterable[torch.Tensor]) -> None:
-        """Clip every parameter's gradient unit-wise (in place)."""
+    def clip_(self, params: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Clip every parameter's gradient unit-wise (in place).
+
+        Returns:
+            The total gradient norm before clipping (0-dim float32 tensor on the gradients'
+            device; no host synchronisation), as ``torch.nn.utils.clip_grad_norm_`` does.
+        """
         ps = [p for p in params if p.grad is not None]
         if not ps:
-            return
+            return torch.tensor(0.0)
+        grads = [p.grad for p in ps if p.grad is not None]
+        device = grads[0].device
+        total: torch.Tensor = torch.linalg.vector_norm(
+            torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(grads)])
+        )
         self._steps += 1
         for p in ps:
             g = p.grad
@@ -282,6 +303,7 @@ class AGC(_Clipper):
             g.mul_(scale.to(g.dtype))
             self._count(over)
             self._total += over.numel()
+        return total
 
     def _describe(self, stats: Mapping[str, Any]) -> str:
         return (

@@ -129,7 +129,9 @@ def recycle_units(
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
-        >>> out = recycle_units(find_unit_links(net, site="1"), units=[0, 2])
+        >>> from relu_doctor.remedies import find_unit_links
+        >>> links = find_unit_links(net, site="1", example_inputs=torch.randn(3, 2))
+        >>> out = recycle_units(links, units=[0, 2])
         >>> net[2].weight[0, [0, 2]].tolist()
         [0.0, 0.0]
     """

@@ -41,7 +41,8 @@ def test_autoclip_matches_a_numpy_reference():
         thr = float(np.quantile(np.array(norms[-5:], dtype=np.float32), 0.25))
         coef = thr / (total + 1e-6) if total > thr else 1.0
         clipped += total > thr
-        clip.clip_(params)
+        got = clip.clip_(params)
+        torch.testing.assert_close(got, torch.tensor(total), rtol=1e-5, atol=1e-6)  # before
         for p, g in zip(params, grads, strict=True):
             torch.testing.assert_close(p.grad, g * coef, rtol=1e-5, atol=1e-6)
     stats = clip.read()
@@ -61,7 +62,10 @@ def test_agc_matches_a_reference():
     gw[0] *= 100
     w.grad, b.grad = gw.clone(), gb.clone()
     agc = AGC(clipping=0.1, eps=1e-3)
-    agc.clip_([w, b])
+    total = agc.clip_([w, b])
+    # the total norm before clipping, as torch.nn.utils.clip_grad_norm_ returns it
+    torch.testing.assert_close(total, torch.cat([gw.flatten(), gb]).norm())
+    assert total.dim() == 0
     wn = w.detach().norm(dim=1, keepdim=True).clamp(min=1e-3) * 0.1
     gn = gw.norm(dim=1, keepdim=True)
     expected = torch.where(gn > wn, gw * wn / gn, gw)
@@ -86,7 +90,8 @@ def test_clippers_never_sync_with_the_host_per_step():
             net.zero_grad()
             net(x).sum().backward()
             for c in clips:
-                c.clip_(net.parameters())
+                norm = c.clip_(net.parameters())
+                assert isinstance(norm, torch.Tensor)  # a tensor, not a float: no sync
     assert counter.n == 0
 
 
