@@ -247,6 +247,7 @@ class HeatmapData:
         steps_per_col: how many logging steps each column aggregates.
         units: number of units of the site.
         dead_last: units with activation rate 0 at the last logged step.
+        named_rows: how many rows at the top hold one named unit each (wide layers).
     """
 
     matrix: np.ndarray
@@ -256,6 +257,7 @@ class HeatmapData:
     steps_per_col: int
     units: int
     dead_last: int
+    named_rows: int = 0
 
 
 def _nanmean(a: np.ndarray, axis: int) -> np.ndarray:
@@ -311,6 +313,7 @@ def activity_matrix(
     m = m[order]
     ids = [unit_ids[i] for i in order]
     n = m.shape[0]
+    keep: list[int] = []
     if n > max_rows:
         keep = [i for i, u in enumerate(ids) if u in set(named)][: max_rows // 2]
         rest = [i for i in range(n) if i not in set(keep)]
@@ -327,14 +330,17 @@ def activity_matrix(
     if m.shape[1] > max_cols:
         m, col_groups, per_col = _bin_mean(m, max_cols, axis=1)
         steps = [steps[g[-1]] for g in col_groups]
-    return HeatmapData(m, steps, row_labels, per_row, per_col, n, dead_last)
+    named_rows = len(keep) if per_row > 1 else 0
+    return HeatmapData(m, steps, row_labels, per_row, per_col, n, dead_last, named_rows)
 
 
 def activity_heatmap_figure(data: HeatmapData, site: str, family: str = "") -> Figure:
     """Draw :func:`activity_matrix` output: rows are units (or bins of units ranked by
     activity), columns logging steps, colour the activation rate (0 = dead)."""
     rows, cols = data.matrix.shape
-    height = min(5.6, max(2.2, 1.3 + 0.085 * rows))
+    # a row per named unit must stay a readable text line: such figures grow taller
+    per_line, cap = (0.125, 9.5) if data.named_rows > 16 else (0.085, 5.6)
+    height = min(cap, max(2.2, 1.3 + per_line * rows))
     with matplotlib.rc_context(_rc()):
         fig = Figure(figsize=(_WIDTH * 0.75, height), layout="constrained")
         ax = fig.subplots()
@@ -344,7 +350,12 @@ def activity_heatmap_figure(data: HeatmapData, site: str, family: str = "") -> F
             cbar_kws={"label": "activation rate", "shrink": 0.9},
             xticklabels=max(1, math.ceil(cols / 8)), yticklabels=max(1, math.ceil(rows / 40)),
         )
-        ax.tick_params(axis="y", labelsize=6 if rows > 24 else 7, rotation=0)
+        if data.named_rows:  # every named unit labelled; the bins as space allows
+            every = max(1, math.ceil((rows - data.named_rows) / 12))
+            ticks = list(range(data.named_rows)) + list(range(data.named_rows, rows, every))
+            ax.set_yticks([t + 0.5 for t in ticks])
+            ax.set_yticklabels([data.row_labels[t] for t in ticks])
+        ax.tick_params(axis="y", labelsize=6.5 if rows > 24 else 7, rotation=0)
         ax.tick_params(axis="x", labelsize=7, rotation=0)
         ax.set_xlabel("step")
         if data.units_per_row > 1:
