@@ -15,6 +15,7 @@ from typing import Any
 
 from relu_doctor._validate import finite_or_none
 from relu_doctor.diagnosis import SEVERITIES, Finding
+from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.history import IntervalRecord
 from relu_doctor.reports import tensorboard as tb
@@ -25,11 +26,22 @@ __all__ = [
     "check_run_dir",
     "check_warn",
     "flag",
+    "flush_and_detach",
     "missing",
     "record_scalars",
     "remedy_options",
     "summary_scalars",
 ]
+
+
+def flush_and_detach(doctor: Doctor, detach: Callable[[], None]) -> None:
+    """At the end of training: log the last, partial window (if it holds any step), then
+    ``detach()`` whatever happens."""
+    try:
+        if doctor.window_steps > 0:
+            doctor.log()
+    finally:
+        detach()
 
 
 def missing(package: str, error: ImportError, *, what: str, install: str) -> ReluDoctorError:

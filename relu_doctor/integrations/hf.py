@@ -37,6 +37,7 @@ from relu_doctor.integrations._common import (
     check_run_dir,
     check_warn,
     flag,
+    flush_and_detach,
     missing,
     record_scalars,
     remedy_options,
@@ -302,11 +303,7 @@ class ReluDoctorCallback(TrainerCallback):
         doc = self.doctor
         if doc is None:
             return
-        try:
-            if doc.window_steps > 0:
-                doc.log()
-        finally:
-            self._detach()
+        flush_and_detach(doc, self._detach)
 
     def _detach(self) -> None:
         if self._clip is not None:

@@ -32,6 +32,7 @@ from relu_doctor.integrations._common import (
     check_run_dir,
     check_warn,
     flag,
+    flush_and_detach,
     missing,
     remedy_options,
     summary_scalars,
@@ -288,11 +289,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         doc = self.doctor
         if doc is None:
             return
-        try:
-            if doc.window_steps > 0:
-                doc.log()
-        finally:
-            self._detach()
+        flush_and_detach(doc, self._detach)
         if self.report and doc.run_dir is not None:
             from relu_doctor.reports import write_report
 
