@@ -11,10 +11,11 @@ remedies).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,10 +95,20 @@ class Doctor:
         is_writer: whether this process writes files (rank zero).
         functional: also capture functional activations called inside the model's modules
             (``F.relu``, ``torch.relu_``, ``x.relu()``, ``F.gelu`` ... in a ``forward``;
-            sites ``<module path>:relu#k``). None (the default): on, and a model without any
-            ReLU-family module is still an error at attach; True: on, and the model may use
-            functional activations only; False: modules only. It costs about 0.1 ms per
-            collecting step on the benchmark models (well under 1%).
+            sites ``<module path>:relu#k``). None or True (the default): on; False: modules
+            only. A model that runs no ReLU-family activation at all is a
+            :class:`~relu_doctor.ReluDoctorError` at the first :meth:`step` after a forward
+            pass showed it. It costs about 0.1 ms per collecting step on the benchmark models
+            (well under 1%).
+        eval_stream: also collect the forward passes that are not training (the model in
+            eval mode, or gradients disabled) as a separate evaluation stream: ``doc.eval``,
+            a :class:`Doctor` of its own (its window is closed at each training log, or by
+            :meth:`log_eval`), written to ``<run_dir>/eval``. A string names the stream's
+            subdirectory instead (the Lightning callback's is ``"validation"``). By default
+            (False) those passes are left out.
+        stream: which forward passes this Doctor records: ``"train"`` (default; the root
+            model in training mode with gradients enabled), ``"eval"`` (the others) or
+            ``"all"`` (what :func:`~relu_doctor.scan` uses).
         optimizer_pre_hook: read parameter gradients in the optimizer's step pre-hook. Pass
             False when the backward runs inside ``optimizer.step(closure)`` (Lightning's
             automatic optimisation, LBFGS), and call :meth:`before_optimizer_step` once the
@@ -125,6 +136,8 @@ class Doctor:
         is_writer: bool = True,
         functional: bool | None = None,
         optimizer_pre_hook: bool = True,
+        eval_stream: bool | str = False,
+        stream: str = "train",
     ) -> None:
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
         self.sampler = Sampler(
@@ -154,10 +167,24 @@ class Doctor:
             grad_scale=(
                 self._current_scale if (grad_scaler is not None or self.world_size > 1) else None
             ),
-            require_modules=functional is not True,
+            require_modules=False,  # no activation at all: an error at the first step()
+            stream=stream,
         )
         self.model = model
         self.functional = functional is not False
+        self._has_sites = False
+        self.eval: Doctor | None = None
+        self._eval_name: str | None = _eval_name(eval_stream)
+        self._eval_passes = 0  # eval passes already logged
+        if self._eval_name is not None:
+            self.eval = Doctor(
+                model, log_every_n_steps=log_every_n_steps, every_n_steps=1,  # every eval pass
+                include=include, exclude=exclude,
+                unit_dims=unit_dims, gradients=False, config=self.config,
+                run_dir=None if run_dir is None else Path(run_dir) / self._eval_name,
+                all_reduce=all_reduce, world_size=world_size, is_writer=is_writer,
+                functional=functional, stream="eval",
+            )
         opts: list[torch.optim.Optimizer] = optimizers_arg("optimizer", optimizer)
         self.tap: OptimizerTap | None = (
             OptimizerTap(
@@ -202,6 +229,8 @@ class Doctor:
             if self.is_writer and self.run_dir is not None and self._writer is None:
                 self._writer = RunWriter(self.run_dir)
                 self._write_meta()
+            if self.eval is not None:
+                self.eval.attach()
         except BaseException:
             self.detach()
             raise
@@ -216,11 +245,15 @@ class Doctor:
         if self.tap is not None:
             self.tap.detach()
         self.probe.detach()
+        if self.eval is not None:
+            self.eval.detach()
 
     def __enter__(self) -> Doctor:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
+        if self.eval is not None and self.probe.attached:
+            self.log_eval()  # the last evaluation window
         self.detach()
 
     # ------------------------------------------------------------------ per step
@@ -251,6 +284,10 @@ class Doctor:
         Returns the :class:`~relu_doctor.history.IntervalRecord` when this step closed a logging interval, else None.
         No host synchronisation happens unless it logs.
         """
+        if not self._has_sites:
+            missing = self.missing_activations()
+            if missing is not None:
+                raise ReluDoctorError(missing)
         if self.probe.collecting:
             self.window_steps += 1
         self.sampler.done(collected=self.probe.collecting, hook_s=self._stats_clock())
@@ -393,7 +430,55 @@ class Doctor:
             self._writer.append_events(events)
         for fn in self._listeners:
             fn(record)
+        if self.eval is not None and self.eval.probe.passes > self._eval_passes:
+            self.log_eval()  # the evaluation window closes with the training one
         return record
+
+    def log_eval(self) -> IntervalRecord | None:
+        """Close the evaluation stream's window now (``eval_stream``), logged at this
+        training step; its ``window_steps`` is the number of evaluation passes it holds.
+        None without an evaluation stream or when the window is empty."""
+        ev = self.eval
+        if ev is None or ev.probe.passes == self._eval_passes:
+            return None
+        ev.global_step = self.global_step
+        ev.window_steps = ev.steps_run = ev.probe.passes - self._eval_passes
+        self._eval_passes = ev.probe.passes
+        return ev.log()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[Doctor]:
+        """Leave out every forward pass run inside the block, from both streams.
+
+        Evaluation passes (eval mode, no grad) are left out of the training stream without
+        it; use this for anything else (a probe pass, a metric computed in training mode).
+
+        Example:
+            >>> import torch, torch.nn as nn, relu_doctor
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+            >>> with relu_doctor.watch(net) as doc:
+            ...     with doc.paused():
+            ...         _ = net(torch.randn(2, 4))
+            >>> doc.sites
+            []
+        """
+        probes = [self.probe] + ([self.eval.probe] if self.eval is not None else [])
+        before = [p.paused for p in probes]
+        for p in probes:
+            p.paused = True
+        try:
+            yield self
+        finally:
+            for p, was in zip(probes, before, strict=True):
+                p.paused = was
+
+    def missing_activations(self) -> str | None:
+        """Why there is nothing to watch, once a recorded forward pass ran no ReLU-family
+        activation (or the model can show none); None otherwise. Python only (no sync)."""
+        if self._has_sites or self.probe.sites():
+            self._has_sites = True
+            return None
+        return self.probe.missing_activations(functional=self.functional)
 
     def record_event(self, event: Event | Mapping[str, Any]) -> None:
         """Record an event (an :class:`~relu_doctor.events.Intervention` or its result) in
@@ -411,6 +496,8 @@ class Doctor:
             "model": type(self.model).__name__,
             "device": str(next(iter(self.model.parameters()), torch.empty(0)).device),
             "sites": [s.describe() for s in self.probe.sites()],
+            "stream": self.probe.stream,
+            "eval_stream": self._eval_name,
             "config": {
                 "log_every_n_steps": self.log_every_n_steps,
                 "every_n_steps": self.every_n_steps,
@@ -543,6 +630,7 @@ class Doctor:
             "sites": sites,
             "findings_open": self._tracker.state_dict(),
             "grad_norm_history": list(self._grad_norm_history),
+            "eval": None if self.eval is None else self.eval.state_dict(reduce=reduce),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], *, windows: bool = True) -> None:
@@ -562,12 +650,28 @@ class Doctor:
             sites = {t: {**s, "window": torch.zeros_like(s["window"])} for t, s in sites.items()}
         self.probe.load_site_state(sites)
         self.probe.collecting = self._collecting()
+        if self.eval is not None and state.get("eval"):
+            self.eval.load_state_dict(state["eval"], windows=windows)
 
     def __repr__(self) -> str:
         return (
             f"Doctor(sites={len(self.probe.sites())}, step={self.global_step}, "
             f"attached={self.probe.attached})"
         )
+
+
+def _eval_name(eval_stream: object) -> str | None:
+    """The evaluation stream's subdirectory name (``eval_stream``), None for no stream."""
+    if eval_stream is False:
+        return None
+    if eval_stream is True:
+        return "eval"
+    if isinstance(eval_stream, str) and eval_stream and Path(eval_stream).name == eval_stream:
+        return eval_stream
+    raise ReluDoctorError(
+        "eval_stream: expected True, False or a subdirectory name such as 'validation', "
+        f"got {eval_stream!r}."
+    )
 
 
 def watch(model: nn.Module, **kwargs: Any) -> Doctor:

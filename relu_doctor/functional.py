@@ -15,6 +15,17 @@ pre/post hooks keep a module stack: ``F.relu`` called twice in
 ``forward`` calls ``F.relu``) are left to the module hooks, so nothing is counted twice.
 Calls outside every module of the model are not captured.
 
+A call made inside a module that is not part of the model but is called from its forward (a
+frozen teacher held in a plain attribute or a closure) is named after the outermost such
+module, by class and instance order within the pass: ``Teacher#0:relu#0``. It is found by
+walking the Python frames up from the call to the model's module (only for captured calls,
+about a microsecond each; not under ``torch.compile``, where the call is named after the
+model's module).
+
+Passes: whether a pass is captured is decided at its start by the probe
+(:meth:`~relu_doctor.probes.Probe.begin_pass`: its stream, ``collecting``, ``paused``); a pass
+left out never enters the mode.
+
 Cost: the mode sends every torch call made while it is on through Python, so it is on only
 while the innermost running module is one whose own ``forward`` may call an activation (a
 class of the user's, a transformer layer); it is off inside ``nn.Sequential``, ``nn.Conv2d``,
@@ -37,7 +48,9 @@ the model.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import torch
@@ -96,6 +109,9 @@ def _may_call_functional(module: nn.Module) -> bool:
 
 # A module on the stack: (its path, whether its own forward may call an activation).
 _Entry = tuple[str, bool]
+
+# The frame of a module call (nn.Module.__call__ runs it); its ``self`` is the module.
+_CALL_IMPL_CODE = nn.Module._call_impl.__code__
 
 
 class _Mode(TorchFunctionMode):
@@ -163,7 +179,9 @@ class FunctionalCapture:
         self._calls: dict[tuple[str, str], int] = {}
         self._bw_calls: dict[tuple[str, str], int] = {}
         self._selected: dict[str, bool] = {}
-        self._checked_empty = False
+        self._members: set[nn.Module] = set()  # the model's modules (foreign = not in it)
+        self._foreign: dict[nn.Module, str] = {}  # foreign module -> its label, this pass
+        self._foreign_count: dict[str, int] = {}
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> FunctionalCapture:
@@ -192,6 +210,7 @@ class FunctionalCapture:
         the ``F.leaky_relu`` inside it would count as a call of its parent.
         """
         named = list(self.probe.model.named_modules())
+        self._members = {m for _p, m in named}
         # include/exclude apply to the path of the module making the call (decided here, not
         # per call: a cache filled during a pass would make torch.compile recompile).
         self._selected = {path: self.probe.selected(path) for path, _ in named}
@@ -275,11 +294,20 @@ class FunctionalCapture:
             bw = in_backward()
             stack = self._bw_stack if bw else self._stack
             if not stack:
-                if not self.probe.collecting:
-                    return
-                if not bw and self.probe.generation != self._generation_seen:
-                    self._sync()  # the probe re-attached: modules may have been swapped
-                (self._bw_calls if bw else self._calls).clear()
+                if bw:
+                    if not self.probe.collecting or self.probe.stream == "eval":
+                        return
+                    self._bw_calls.clear()
+                else:
+                    if not self.probe.begin_pass():  # left out: the mode stays off
+                        return
+                    if self.probe.generation != self._generation_seen:
+                        self._sync()  # the probe re-hooked: modules may have been swapped
+                        if module not in self._hooked:
+                            return  # no _post will come for it
+                    self._calls.clear()
+                    self._foreign.clear()
+                    self._foreign_count.clear()
             stack.append(entry)
             self._set_mode(self._want_mode(stack))
 
@@ -289,6 +317,8 @@ class FunctionalCapture:
         bw = in_backward()
         stack = self._bw_stack if bw else self._stack
         if not stack:
+            if not bw:
+                self.probe.end_pass()
             return
         stack.pop()
         other = self._stack if bw else self._bw_stack
@@ -297,20 +327,9 @@ class FunctionalCapture:
             return
         # Counters are empty between passes: torch.compile sees one state at every start.
         (self._bw_calls if bw else self._calls).clear()
-        if not bw and not self._checked_empty and not torch.compiler.is_compiling():
-            self._check_empty()
-
-    def _check_empty(self) -> None:
-        self._checked_empty = True
-        if not self.probe.sites() and not torch.compiler.is_compiling():
-            import warnings
-
-            warnings.warn(
-                f"relu_doctor: a forward pass of {type(self.probe.model).__name__} ran no "
-                "ReLU-family activation (no module and no functional call such as F.relu); "
-                "there is nothing to monitor.",
-                stacklevel=3,
-            )
+        if not bw:
+            self._foreign.clear()
+            self.probe.end_pass()
 
     # ------------------------------------------------------------------ capture
     def _on_call(
@@ -325,6 +344,8 @@ class FunctionalCapture:
             return
         if not self._selected.get(path, False):
             return
+        if not bw and not torch.compiler.is_compiling():
+            path = self._foreign_label() or path
         fam, op = spec
         key = (path, op)
         calls = self._bw_calls if bw else self._calls
@@ -335,6 +356,32 @@ class FunctionalCapture:
             return
         module = self._hardtanh_of(args, kwargs) if fam.name == "hardtanh" else None
         self.probe.record(out, path=path, call_index=idx, family=fam, module=module, op=op)
+
+    def _foreign_label(self) -> str | None:
+        """The label of the outermost module outside the model running between this call
+        and the model's innermost running module (``Teacher#0``), or None when there is
+        none: Python frames are walked up to the first call of a module of the model."""
+        frame: FrameType | None = sys._getframe(1)
+        outer: nn.Module | None = None
+        while frame is not None:
+            if frame.f_code is _CALL_IMPL_CODE:
+                mod = frame.f_locals.get("self")
+                if mod in self._members:
+                    break
+                if isinstance(mod, nn.Module):
+                    outer = mod
+            frame = frame.f_back
+        else:
+            return None  # not inside the model after all: keep the stack's attribution
+        if outer is None:
+            return None
+        label = self._foreign.get(outer)
+        if label is None:
+            cls = type(outer).__name__
+            k = self._foreign_count.get(cls, 0)
+            self._foreign_count[cls] = k + 1
+            label = self._foreign[outer] = f"{cls}#{k}"
+        return label
 
     @staticmethod
     def _hardtanh_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Hardtanh:

@@ -16,6 +16,17 @@ code calls (a LightningModule's ``training_step`` calling ``self.net(x)``, a DDP
 Calls made by the autograd engine (activation-checkpoint recomputation) are skipped, so
 recomputed forwards are never counted twice.
 
+Streams: whether a pass is recorded is decided once, when it starts (:meth:`Probe.begin_pass`,
+called by the probe's own hooks and by functional capture): a probe of the ``"train"`` stream
+(the default) takes the passes that run with the root model in training mode and gradients
+enabled, one of the ``"eval"`` stream the others (``model.eval()``, ``torch.no_grad()``,
+``torch.inference_mode()``), one of ``"all"`` every pass. ``paused`` leaves out every pass.
+The decision reads two Python flags: no host synchronisation.
+
+A module put into the watched model while it is watched (a remedy's swap, a ``setattr``) is
+seen through torch's global module-registration hook: the probe is marked dirty and re-hooks
+the model at the next pass start, so the new module is watched without a ``refresh()``.
+
 Under ``torch.compile`` the hooks are traced into the graph (no graph break, so
 ``fullgraph=True`` works): a site is found or made in plain Python at trace time
 (``_compiled_site``) and its forward statistics are computed by the compiled graph. Compiled
@@ -33,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.module import register_module_module_registration_hook
 from torch.utils.hooks import RemovableHandle
 
 from relu_doctor._validate import glob_patterns, matches
@@ -41,7 +53,10 @@ from relu_doctor.families import Family, family_of
 from relu_doctor.sites import Site, SiteKey, display_names, module_label
 from relu_doctor.stats import SiteStats, resolve_unit_dim
 
-__all__ = ["Probe", "Site", "in_backward"]
+__all__ = ["STREAMS", "Probe", "Site", "in_backward"]
+
+#: The forward passes a probe can record (see :meth:`Probe.takes_pass`).
+STREAMS = ("train", "eval", "all")
 
 
 def in_backward() -> bool:
@@ -70,6 +85,8 @@ class Probe:
             gradient statistics are divided by it, so they are those of the true gradients.
         require_modules: raise in :meth:`attach` when the model has no activation module
             to hook. False when functional capture may find the only sites.
+        stream: which forward passes are recorded: ``"train"`` (root model in training mode
+            and gradients enabled), ``"eval"`` (the others) or ``"all"``.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -91,7 +108,10 @@ class Probe:
         gradients: bool = True,
         grad_scale: Callable[[], torch.Tensor | float | None] | None = None,
         require_modules: bool = True,
+        stream: str = "train",
     ) -> None:
+        if stream not in STREAMS:
+            raise ReluDoctorError(f"stream: expected one of {list(STREAMS)}, got {stream!r}.")
         if not isinstance(model, nn.Module):
             raise ReluDoctorError(
                 f"model: expected a torch.nn.Module, got {type(model).__name__}."
@@ -109,7 +129,18 @@ class Probe:
         self.gradients = gradients
         self.grad_scale = grad_scale
         self.require_modules = require_modules
+        self.stream = stream
+        #: this step collects (set by the Doctor from ``every_n_steps``)
         self.collecting = True
+        #: leave every pass out (``Doctor.paused()``)
+        self.paused = False
+        #: forward passes recorded so far (counted at their start; Python int, no sync)
+        self.passes = 0
+        self._pass_open = False  # a pass has begun and not ended
+        self._pass_on = False  # ... and it is recorded
+        self._dirty = False  # a module was registered into the model since the last hooking
+        self._members: set[nn.Module] = set()
+        self._registration: RemovableHandle | None = None
         self._compiled_slots = _CompiledSlots()
         self._warned_compiled = False
         self._handles: list[RemovableHandle] = []
@@ -173,18 +204,43 @@ class Probe:
                 "F.relu (or another functional activation) only, pass functional=True."
             )
         try:
-            for mod in self._boundary_modules():
-                self._handles.append(mod.register_forward_pre_hook(self._enter))
-            for mod, (path, fam) in self._targets.items():
-                self._handles.append(mod.register_forward_hook(self._make_hook(path, fam)))
-            for mod in self._boundary_modules():
-                self._handles.append(mod.register_forward_hook(self._exit, always_call=True))
+            self._hook_modules()
+            self._registration = register_module_module_registration_hook(self._on_register)
         except BaseException:
             self.detach()
             raise
         self._attached = True
-        self.generation += 1
         return self
+
+    def _hook_modules(self) -> None:
+        boundary = self._boundary_modules()
+        for mod in boundary:
+            self._handles.append(mod.register_forward_pre_hook(self._enter))
+        for mod, (path, fam) in self._targets.items():
+            self._handles.append(mod.register_forward_hook(self._make_hook(path, fam)))
+        for mod in boundary:
+            self._handles.append(mod.register_forward_hook(self._exit, always_call=True))
+        self._members = set(self.model.modules())
+        self._dirty = False
+        self.generation += 1
+
+    def _on_register(self, module: nn.Module, name: str, submodule: Any) -> None:
+        # torch's global hook: called for every module of the process, so only a set lookup.
+        if module in self._members:
+            self._dirty = True
+
+    def refresh_if_changed(self) -> bool:
+        """Re-hook the model if a module was registered into it since it was last hooked
+        (a remedy's swap, a ``setattr``); returns whether it did. Called at each pass start;
+        a no-op inside a pass, while tracing, or while detached."""
+        if not (self._dirty and self._attached) or self._depth or torch.compiler.is_compiling():
+            return False
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._targets = self.targets()
+        self._hook_modules()
+        return True
 
     def _boundary_modules(self) -> list[nn.Module]:
         """Activation modules and all their ancestors (where a forward pass can start)."""
@@ -200,9 +256,13 @@ class Probe:
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+        if self._registration is not None:
+            self._registration.remove()
+            self._registration = None
         self._attached = False
         self._depth = 0
         self._bw_depth = 0
+        self._pass_open = False
 
     def refresh(self) -> None:
         """Re-register the hooks on the model's current activation modules.
@@ -228,6 +288,69 @@ class Probe:
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
+    # ------------------------------------------------------------------ passes
+    def is_training_pass(self) -> bool:
+        """Whether a pass starting now is a training pass: the root model in training mode
+        and gradients enabled (two Python flags, no host synchronisation)."""
+        return self.model.training and torch.is_grad_enabled()
+
+    def takes_pass(self) -> bool:
+        """Whether a forward pass starting now belongs to this probe's stream (and the
+        probe is collecting and not paused)."""
+        if not self.collecting or self.paused:
+            return False
+        if self.stream == "all":
+            return True
+        return self.is_training_pass() == (self.stream == "train")
+
+    def begin_pass(self) -> bool:
+        """Mark a forward pass's start (idempotent within a pass: the probe's hooks and
+        functional capture both call it) and return whether it is recorded.
+
+        A model changed since it was hooked is re-hooked first (:meth:`refresh_if_changed`).
+        """
+        if self._pass_open:
+            return self._pass_on
+        self.refresh_if_changed()
+        self._pass_open = True
+        self._pass_on = on = self.takes_pass()
+        if on and not torch.compiler.is_compiling():  # a guarded int would recompile
+            self.passes += 1
+        return on
+
+    def end_pass(self) -> None:
+        """Mark a forward pass's end (idempotent)."""
+        self._pass_open = False
+
+    def missing_activations(self, *, functional: bool) -> str | None:
+        """The message to give when a recorded forward pass ran no watched activation
+        (none seen, or nothing the probe could ever see), else None. Python only.
+
+        Args:
+            functional: whether functional calls (``F.relu``...) are captured too.
+        """
+        if self._sites or (self.passes == 0 and (functional or self._targets)):
+            return None
+        what = " after include/exclude" if (self.include or self.exclude) else ""
+        cause = (
+            "functional=False leaves functional calls (F.relu, F.gelu ...) out: drop it to "
+            "capture them"
+            if not functional
+            else "it watches nn.ReLU, ReLU6, LeakyReLU, PReLU, RReLU, ELU, CELU, SELU, GELU, "
+            "SiLU and Hardtanh modules and their functional forms (F.relu, torch.relu, "
+            "x.relu(), F.gelu ...); register another activation with "
+            "relu_doctor.register_family(...)"
+        )
+        return (
+            f"model: a forward pass of {type(self.model).__name__} ran no ReLU-family "
+            f"activation{what}, so relu_doctor has nothing to watch; {cause}."
+        )
+
+    @property
+    def recording(self) -> bool:
+        """Whether the pass running now is recorded (see :meth:`begin_pass`)."""
+        return self._pass_on
+
     # ------------------------------------------------------------------ hooks
     def _enter(self, module: nn.Module, args: Any) -> None:
         if in_backward():
@@ -239,7 +362,14 @@ class Probe:
             return
         if self._depth == 0:
             self._calls.clear()
+            gen = self.generation
+            self.begin_pass()
+            if self.generation != gen and module not in self._members_hooked():
+                return  # re-hooked: this module is no boundary now, no _exit will come
         self._depth += 1
+
+    def _members_hooked(self) -> set[nn.Module]:
+        return set(self._boundary_modules())
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
         if in_backward():
@@ -250,6 +380,7 @@ class Probe:
             # Empty between passes, so torch.compile sees the same state at every pass start
             # (a guard on these counters would otherwise recompile after the first pass).
             self._calls.clear()
+            self.end_pass()
 
     def next_call_index(self, key: Any) -> int:
         """The call index of ``key`` within the current forward pass (and count it)."""
@@ -259,12 +390,14 @@ class Probe:
 
     def _make_hook(self, path: str, fam: Family) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not self.collecting:
-                return
             if in_backward():
+                if not self.collecting or self.stream == "eval":
+                    return
                 idx = self._bw_calls.get(module, 0)
                 self._bw_calls[module] = idx + 1
                 self.tap_recomputed(output, SiteKey(path, idx))
+                return
+            if not self._pass_on:
                 return
             idx = self.next_call_index(module)
             self.record(output, path=path, call_index=idx, family=fam, module=module)

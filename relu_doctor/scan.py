@@ -140,7 +140,8 @@ def scan(
     fwd = forward or _default_forward
     modes = {m: m.training for m in model.modules()}
     device = _first_device(model)
-    doc = Doctor(model, gradients=False, log_every_n_steps=1, **kwargs)
+    # stream="all": the scan's own passes run in eval mode without gradients.
+    doc = Doctor(model, gradients=False, log_every_n_steps=1, stream="all", **kwargs)
     batches = samples = 0
     try:
         model.eval()
@@ -163,8 +164,8 @@ def scan(
         raise ReluDoctorError("dataloader: yielded no batch; scan needs at least one.")
     if rec is None:
         raise ReluDoctorError(
-            "model: no ReLU-family activation ran during the scan (is the activation used "
-            "functionally? pass functional=True)."
+            doc.missing_activations()
+            or "model: no ReLU-family activation ran during the scan."
         )
     site_rows, dead = [], {}
     for row in rec.site_rows:

@@ -138,10 +138,12 @@ def test_transformer_in_an_encoder_eval_mode() -> None:
     x = torch.randn(2, 4, 16)
     with torch.no_grad():
         plain = enc(x)
-        with relu_doctor.watch(enc, functional=True, gradients=False) as doc:
+        with relu_doctor.watch(enc, eval_stream=True, gradients=False) as doc:
             watched = enc(x)
     torch.testing.assert_close(watched, plain, rtol=1e-5, atol=1e-5)
-    assert [s.name for s in doc.sites] == ["layers.0:relu#0", "layers.1:relu#0"]
+    # An eval pass: out of the training stream, in the evaluation stream.
+    assert doc.sites == []
+    assert [s.name for s in doc.eval.sites] == ["layers.0:relu#0", "layers.1:relu#0"]
 
 
 # ---------------------------------------------------------------------- reuse and inplace

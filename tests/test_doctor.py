@@ -295,13 +295,27 @@ def test_a_site_that_is_nan_on_every_step_is_still_reported():
 # ---------------------------------------------------------------------- bad arguments
 
 
-def test_a_model_without_relu_family_layers_is_a_clear_error():
+def test_a_model_without_relu_family_layers_is_a_clear_error_at_the_first_step():
+    # Not at attach and not inside the forward: once a forward pass showed it, at step().
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
-    for call in (lambda: relu_doctor.watch(model),
-                 lambda: relu_doctor.scan(model, [torch.randn(2, 3)])):
-        with pytest.raises(ReluDoctorError, match=r"model: no ReLU-family activation") as info:
-            call()
-        assert "(Sequential)" in str(info.value) and "register_family" in str(info.value)
+    with relu_doctor.watch(model) as doc:
+        model(torch.randn(2, 3))  # the user's forward runs untouched
+        with pytest.raises(ReluDoctorError, match=r"model: a forward pass of Sequential ran "
+                           r"no ReLU-family activation") as info:
+            doc.step()
+    assert "register_family" in str(info.value)
+    with pytest.raises(ReluDoctorError, match=r"model: a forward pass of Sequential ran no"):
+        relu_doctor.scan(model, [torch.randn(2, 3)])
+    # Before any forward pass there is nothing to say; eval passes say nothing either.
+    with relu_doctor.watch(model) as doc:
+        doc.step()
+        with torch.no_grad():
+            model(torch.randn(2, 3))
+        doc.step()
+    # functional=False on a model without activation modules: nothing could ever be seen.
+    with (relu_doctor.watch(model, functional=False) as doc,
+          pytest.raises(ReluDoctorError, match="functional=False leaves functional calls")):
+        doc.step()
 
 
 @pytest.mark.parametrize("arg", ["include", "exclude"])

@@ -197,26 +197,28 @@ def test_include_exclude_apply_to_functional_sites() -> None:
     assert _names(doc) == ["0:relu#0", "0:relu#1"]
 
 
-def test_functional_only_model_needs_functional_true() -> None:
-    # By default a model must hold a ReLU-family module (a model with none is usually a
-    # mistake); functional=True says the activations are all functional.
+def test_functional_only_model_is_watched_by_default() -> None:
+    # No flag: a model whose activations are all functional is watched like any other;
+    # functional=True is the same as the default, functional=False opts out.
     net = zoo.DenseLayer()
-    for kwargs in ({}, {"functional": False}):
-        with pytest.raises(ReluDoctorError, match="pass functional=True"):
-            relu_doctor.watch(net, **kwargs)
-    with relu_doctor.watch(net, functional=True) as doc:
+    for kwargs in ({}, {"functional": True}):
+        with relu_doctor.watch(net, **kwargs) as doc:
+            _train(net, [torch.randn(2, 8, 4, 4)], doc)
+        assert _names(doc) == ["(root):relu#0", "(root):relu#1"]
+    with relu_doctor.watch(net, functional=False) as doc:  # attach is fine ...
         net(torch.randn(2, 8, 4, 4))
-    assert len(doc.sites) == 2
+        with pytest.raises(ReluDoctorError, match="functional=False leaves functional calls"):
+            doc.step()  # ... the first step says why nothing is watched
 
 
-def test_model_without_any_activation_warns_once() -> None:
+def test_model_without_any_activation_is_an_error_at_the_first_step_only() -> None:
     net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
-    with relu_doctor.watch(net, functional=True) as doc:
-        with pytest.warns(UserWarning, match="ran no ReLU-family activation"):
-            net(torch.randn(2, 3))
+    with relu_doctor.watch(net) as doc:
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
+            warnings.simplefilter("error")  # nothing inside the forward, not even a warning
             net(torch.randn(2, 3))
+        with pytest.raises(ReluDoctorError, match="ran no ReLU-family activation"):
+            doc.step()
     assert doc.sites == []
 
 
@@ -338,3 +340,76 @@ def test_mode_is_off_inside_builtin_modules(monkeypatch) -> None:
         net(torch.randn(2, 3, 8, 8)).sum().backward()
     assert sorted(seen) == ["flatten", "linear"]  # head is not hooked: its F.linear is the root's
     assert _names(doc) == ["features.2", "features.6"]
+
+
+# ---------------------------------------------------------------------- real models, no flag
+
+
+class MnistNet(nn.Module):
+    """The PyTorch examples' MNIST ``Net`` (F.relu only, no activation module), smaller."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, 1)
+        self.conv2 = nn.Conv2d(4, 8, 3, 1)
+        self.dropout1 = nn.Dropout(0.0)  # off: the reference runs on a copy, same outputs
+        self.fc1 = nn.Linear(8 * 5 * 5, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = torch.flatten(self.dropout1(x), 1)
+        x = F.relu(self.fc1(x))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+@pytest.mark.parametrize(
+    ("make", "x", "patch"),
+    [
+        (MnistNet, torch.randn(3, 1, 14, 14), (F, "relu", "relu")),
+        ("lightning_demo", torch.randn(3, 32), (torch, "relu", "relu")),
+    ],
+    ids=["mnist_net", "lightning_demo_model"],
+)
+def test_functional_only_examples_are_watched_by_default(make, x, patch) -> None:
+    if make == "lightning_demo":
+        from lightning.pytorch.demos.boring_classes import DemoModel
+
+        make = DemoModel
+    torch.manual_seed(0)
+    net = make()
+    xs = [x, x + 1]
+    ref = reference_calls(net, [patch], lambda m: _train(m, xs))
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=100) as doc:  # no flag
+        _train(net, xs, doc)
+        assert len(doc.sites) == len(ref)
+        for (path, op, idx), capture in ref.items():
+            site = doc.probe.site_by_key(relu_doctor.SiteKey(path, idx, op))
+            assert site is not None
+            assert_matches(site, expected_stats(capture, site.unit_dim))
+
+
+def test_transformer_and_bert_are_watched_by_default() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    tr = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                        dim_feedforward=12, dropout=0.0, batch_first=True)
+    src, tgt = torch.randn(2, 5, 8), torch.randn(2, 3, 8)
+    with relu_doctor.watch(tr, every_n_steps=1) as doc:
+        tr(src, tgt).sum().backward()
+        doc.step()
+        rows = {s.name: site_fields(s)["elements"].sum() for s in doc.sites}
+    assert rows == {"encoder.layers.0:relu#0": 2 * 5 * 12, "decoder.layers.0:relu#0": 2 * 3 * 12}
+
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=12, hidden_act="gelu")
+    bert = transformers.BertModel(cfg)
+    ids = torch.randint(0, 50, (2, 6))
+    with relu_doctor.watch(bert, every_n_steps=1) as doc:
+        bert(input_ids=ids).last_hidden_state.sum().backward()
+        doc.step()
+        rows = {s.name: site_fields(s)["elements"].sum() for s in doc.sites}
+    assert rows == {f"encoder.layer.{i}.intermediate.intermediate_act_fn:gelu#0": 2 * 6 * 12
+                    for i in range(2)}

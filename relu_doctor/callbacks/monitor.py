@@ -18,8 +18,11 @@ Hook map:
                                 fires only for steps the scaler takes) is used instead
 ``on_train_batch_end``          mark one step per optimizer step (so ``accumulate_grad_batches=k``
                                 gives one step per k batches); log at each interval
-``on_validation_start/end``     pause training statistics; optionally collect the validation
-                                stream with a second Doctor
+``on_validation_start/end``     nothing to pause: validation runs in eval mode without
+                                gradients, which the probe leaves out of the training stream
+                                (the Doctor's stream gating); with ``monitor_validation`` the
+                                Doctor's evaluation stream collects it and is closed at
+                                ``on_validation_end``; the sanity check runs ``paused()``
 ``on_train_end``                log the last, partial window
 ``on_fit_end``, ``teardown``,   detach every hook (also when training fails or is interrupted)
 ``on_exception``
@@ -93,8 +96,9 @@ class ReluDoctor(Callback):
             ``<run_dir>/validation``, one window per validation run.
         unit_dims: ``{pattern: dim}`` overriding which dim holds the units.
         functional: capture functional activations (``F.relu`` inside a forward) too. None
-            (default): on, as in :func:`relu_doctor.watch`; True: also allow models whose
-            activations are all functional; False: modules only.
+            or True (default): on, as in :func:`relu_doctor.watch`; False: modules only. A
+            model that runs no ReLU-family activation gets one rank-zero warning at the
+            first training step and the callback steps aside (training goes on).
         config: diagnosis thresholds, ``tau`` included. Passing ``tau`` as well is an error
             unless the two agree.
         metrics: site metrics logged as scalars; default
@@ -185,9 +189,8 @@ class ReluDoctor(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._reads_grads_in_hook = True
         self._last_global_step = -1
-        self._paused = False
-        self._val_active = False
-        self._val_batches = 0
+        self._pause: Any = None  # the Doctor's paused() context, entered for a sanity check
+        self._aside = False  # the model runs no activation: warned once, stepped aside
         self._warned: set[tuple[str, str, str]] = set()
         self._own_writer: Any = None
         self._used_writers: dict[int, Any] = {}  # id -> writer that got our layout
@@ -233,8 +236,6 @@ class ReluDoctor(Callback):
         if state is None and self.doctor is not None and self.doctor.model is pl_module:
             # A second fit of the same module continues where the first stopped.
             state = {"doctor": self.doctor.state_dict(), "val_doctor": None}
-            if self.val_doctor is not None:
-                state["val_doctor"] = self.val_doctor.state_dict()
         self._pending_state = None
         # Saved with reduce=True: rank 0 carries the windows summed over every rank.
         windows = world == 1 or trainer.global_rank == 0
@@ -258,6 +259,8 @@ class ReluDoctor(Callback):
             grad_scaler=scaler,
             run_dir=run_dir,
             optimizer_pre_hook=not self._reads_grads_in_hook,
+            # validation passes (eval mode, no grad) as the Doctor's evaluation stream
+            eval_stream="validation" if self.monitor_validation else False,
             **common,
         )
         if state and state.get("doctor"):
@@ -265,19 +268,12 @@ class ReluDoctor(Callback):
         doctor.add_listener(self._on_record)
         doctor.add_event_listener(self._on_event)
         self.doctor = doctor
-        self.val_doctor = None
-        if self.monitor_validation:
-            val = Doctor(
-                pl_module,
-                log_every_n_steps=2**62,  # closed explicitly at the end of each validation
-                gradients=False,
-                run_dir=run_dir / "validation",
-                **common,
-            )
-            if state and state.get("val_doctor"):
-                val.load_state_dict(state["val_doctor"], windows=windows)
-            val.add_listener(self._on_val_record)
-            self.val_doctor = val
+        self.val_doctor = doctor.eval
+        if self.val_doctor is not None:
+            if state and state.get("val_doctor"):  # written before the stream was the Doctor's
+                self.val_doctor.load_state_dict(state["val_doctor"], windows=windows)
+            self.val_doctor.add_listener(self._on_val_record)
+        self._aside = False
         doctor.attach()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -299,14 +295,21 @@ class ReluDoctor(Callback):
     ) -> None:
         # One step per optimizer step: with gradient accumulation the global step moves once
         # every k batches. Python ints only: no host synchronisation between logging steps.
-        if self.doctor is None or trainer.global_step == self._last_global_step:
+        if self.doctor is None or self._aside or trainer.global_step == self._last_global_step:
             return
         self._last_global_step = trainer.global_step
+        missing = self.doctor.missing_activations()
+        if missing is not None:  # warn once and step aside: training goes on
+            self._aside = True
+            self._detach_all()
+            rank_zero_warn(f"relu_doctor: {missing} The ReluDoctor callback steps aside.",
+                           category=ReluDoctorWarning)
+            return
         self.doctor.step()  # logs through the listeners when an interval closes
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         doc = self.doctor
-        if self.log_on_train_end and doc is not None and doc.window_steps > 0:
+        if self.log_on_train_end and doc is not None and not self._aside and doc.window_steps > 0:
             doc.log()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -321,11 +324,14 @@ class ReluDoctor(Callback):
         self._finish()
 
     def _detach_all(self) -> None:
-        for doc in (self.doctor, self.val_doctor):
-            if doc is not None:
-                doc.detach()
-        self._paused = False
-        self._val_active = False
+        self._resume()
+        if self.doctor is not None:
+            self.doctor.detach()  # its evaluation stream too
+
+    def _resume(self) -> None:
+        pause, self._pause = self._pause, None
+        if pause is not None:
+            pause.__exit__(None, None, None)
 
     def _finish(self) -> None:
         self._detach_all()
@@ -338,40 +344,16 @@ class ReluDoctor(Callback):
 
     # ------------------------------------------------------------------ validation
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        doc = self.doctor
-        if doc is None or not doc.probe.attached:
-            return
-        doc.detach()  # statistics come from training steps only
-        self._paused = True
-        if self.val_doctor is not None and not trainer.sanity_checking:
-            self.val_doctor.attach()
-            self._val_active = True
-            self._val_batches = 0
-
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self._val_active:
-            self._val_batches += 1
+        # Validation runs in eval mode without gradients: the probe leaves it out of the
+        # training stream by itself. The sanity check is left out of every stream.
+        if self.doctor is not None and trainer.sanity_checking and self._pause is None:
+            self._pause = self.doctor.paused()
+            self._pause.__enter__()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        val = self.val_doctor
-        if self._val_active and val is not None and self.doctor is not None:
-            self._val_active = False
-            # One window per validation run, logged at the training step it ran at.
-            val.global_step = self.doctor.global_step
-            val.window_steps = self._val_batches
-            val.log()
-            val.detach()
-        if self._paused and self.doctor is not None:
-            self._paused = False
-            self.doctor.attach()
+        self._resume()
+        if self.doctor is not None and not trainer.sanity_checking and not self._aside:
+            self.doctor.log_eval()  # one window per validation run, at its training step
 
     # ------------------------------------------------------------------ output
     def _writers(self, trainer: pl.Trainer) -> list[Any]:
@@ -479,9 +461,7 @@ class ReluDoctor(Callback):
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "doctor": self.doctor.state_dict(reduce=True),
-            "val_doctor": (
-                self.val_doctor.state_dict(reduce=True) if self.val_doctor is not None else None
-            ),
+            "val_doctor": None,  # the evaluation stream is inside the Doctor's state
         }
         return state
 

@@ -524,14 +524,40 @@ def test_fit_end_detaches_and_doctor_stays_readable(tmp_path):
     assert all(f.step == 3 for f in cb.doctor.findings())
 
 
-def test_no_relu_is_a_clear_error(tmp_path):
+def test_no_relu_warns_once_and_steps_aside(tmp_path):
     class NoRelu(TinyNet):
         def __init__(self):
             super().__init__()
             self.net = nn.Sequential(nn.Linear(8, 1))
 
-    with pytest.raises(ReluDoctorError, match="no ReLU-family activation"):
-        trainer(tmp_path, [ReluDoctor()], max_steps=1).fit(NoRelu(), loader())
+    cb = ReluDoctor(log_every_n_steps=2)
+    model = NoRelu()
+    with pytest.warns(ReluDoctorWarning, match="ran no ReLU-family activation") as seen:
+        tr = trainer(tmp_path, [cb], max_steps=4)
+        tr.fit(model, loader())
+    assert sum("no ReLU-family" in str(w.message) for w in seen) == 1
+    assert tr.global_step == 4  # training went on
+    assert not cb.doctor.probe.attached and cb.doctor.history().empty
+
+
+def test_functional_only_module_is_watched_without_a_flag(tmp_path):
+    class Functional(TinyNet):  # as Lightning's DemoModel: F.relu in forward, no nn.ReLU
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 1))
+
+        def forward(self, x):
+            return self.net[1](F.relu(self.net[0](x)))
+
+    cb = ReluDoctor(log_every_n_steps=2)
+    torch.manual_seed(0)
+    model = Functional()
+    trainer(tmp_path, [cb], max_steps=4).fit(model, loader())
+    hist = cb.doctor.history()
+    assert sorted(hist["site"].unique()) == ["(root):relu#0"]
+    # 2 logs, each of 2 steps of 8 samples through 16 units.
+    assert hist["step"].tolist() == [2, 4]
+    assert (hist["units"] == 16).all() and (hist["elements"] == 2 * 8 * 16).all()
 
 
 # ---------------------------------------------------------------------------- host syncs

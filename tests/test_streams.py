@@ -1,0 +1,282 @@
+"""Which forward passes the statistics describe: the training stream, evaluation kept apart,
+``paused()``, the evaluation stream; and who a call is attributed to (a module outside the
+model, a module swapped in while watched).
+
+Every count is checked against a brute-force reference computed here from the batches the
+test drove (numpy, float64), on the passes of the stream in question only.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules import module as torch_module
+
+import relu_doctor
+from relu_doctor.remedies import swap_activation
+from tests.reference_functional import site_fields
+
+D_IN, HIDDEN = 4, 6
+
+
+def _net() -> nn.Sequential:
+    """Linear-ReLU-Linear whose hidden unit 0 is ``x[:, 0]``: dead on training data (where
+    ``x[:, 0] < 0``), firing on evaluation data (where it is > 0)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
+    with torch.no_grad():
+        net[0].weight[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+        net[0].bias[0] = 0.0
+    return net
+
+
+def _batch(seed: int, sign: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, D_IN, generator=g)
+    x[:, 0] = sign * (x[:, 0].abs() + 0.1)
+    return x
+
+
+TRAIN = [_batch(i, -1.0) for i in range(4)]
+EVAL = [_batch(100 + i, +1.0) for i in range(3)]
+
+
+def _reference(net: nn.Sequential, batches: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    """Per-unit counts of the hidden ReLU over ``batches``, the slow obvious way."""
+    with torch.no_grad():
+        h = np.concatenate(
+            [torch.relu(net[0](x)).double().numpy() for x in batches], axis=0
+        )
+    return {"elements": np.full(HIDDEN, h.shape[0], dtype=float),
+            "active": (h > 0).sum(0).astype(float), "sum": h.sum(0)}
+
+
+def _train_step(net: nn.Module, x: torch.Tensor, doc: relu_doctor.Doctor) -> None:
+    net.train()
+    net(x).pow(2).mean().backward()
+    doc.step()
+
+
+def _assert_counts(site, want: dict[str, np.ndarray]) -> None:
+    got = site_fields(site)
+    np.testing.assert_array_equal(got["elements"], want["elements"])
+    np.testing.assert_array_equal(got["active"], want["active"])
+    np.testing.assert_allclose(got["sum"], want["sum"], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- training stream
+
+
+def test_unit_dead_on_training_data_is_dead_though_it_fires_on_validation():
+    net = _net()  # no optimizer: the weights stay fixed, so the reference is exact
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=100) as doc:
+        for i, x in enumerate(TRAIN):
+            _train_step(net, x, doc)
+            if i % 2:  # validation inside the loop, as users write it
+                net.eval()
+                with torch.no_grad():
+                    for v in EVAL:
+                        net(v)
+        units = doc.unit_table("1")
+        _assert_counts(doc.probe.site("1"), _reference(net, TRAIN))
+    want_dead = _reference(net, TRAIN)["active"] == 0
+    assert want_dead[0] and _reference(net, EVAL)["active"][0] > 0  # the premise
+    np.testing.assert_array_equal(units["dead"].to_numpy(), want_dead)
+    assert doc.eval is None
+
+
+@pytest.mark.parametrize("how", ["no_grad", "eval", "inference_mode", "paused"])
+def test_passes_that_are_not_training_are_left_out(how):
+    net = _net()
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=100) as doc:
+        for x in TRAIN:
+            _train_step(net, x, doc)
+            for v in EVAL:
+                if how == "no_grad":
+                    with torch.no_grad():
+                        net(v)
+                elif how == "inference_mode":
+                    with torch.inference_mode():
+                        net(v)
+                elif how == "eval":  # eval mode, gradients on: still not training
+                    net.eval()
+                    net(v).sum().backward()
+                else:  # a training-mode pass the user keeps out by hand
+                    with doc.paused():
+                        net(v).sum().backward()
+        _assert_counts(doc.probe.site("1"), _reference(net, TRAIN))
+        assert doc.probe.passes == len(TRAIN)
+        assert not doc.probe.paused
+
+
+def test_functional_sites_follow_the_same_gating():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = _net()[0]
+
+        def forward(self, x):
+            return F.relu(self.fc(x))
+
+    net = Net()
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=100) as doc:
+        for x in TRAIN:
+            _train_step(net, x, doc)
+            with torch.no_grad():
+                net(EVAL[0])
+            with doc.paused():
+                net(EVAL[1])
+        site = doc.probe.site("(root):relu#0")
+        got = site_fields(site)
+    with torch.no_grad():
+        h = np.concatenate([F.relu(net.fc(x)).double().numpy() for x in TRAIN])
+    np.testing.assert_array_equal(got["active"], (h > 0).sum(0))
+    np.testing.assert_array_equal(got["elements"], np.full(HIDDEN, h.shape[0]))
+
+
+# ---------------------------------------------------------------------------- eval stream
+
+
+def test_eval_stream_counts_exactly_the_evaluation_rows(tmp_path):
+    net = _net()
+    run_dir = tmp_path / "run"
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=2, eval_stream=True, run_dir=run_dir) as doc:
+        for i, x in enumerate(TRAIN):
+            _train_step(net, x, doc)
+            if i == 0:  # evaluation between steps 1 and 2: closed with the step-2 log
+                net.eval()
+                with torch.no_grad():
+                    for v in EVAL:
+                        net(v)
+                    with doc.paused():  # paused leaves out both streams
+                        net(TRAIN[0])
+        train_site = doc.probe.site("1")
+        net.eval()
+        with torch.no_grad():
+            net(EVAL[0])  # a second evaluation, closed explicitly
+        rec = doc.log_eval()
+    assert rec is not None and rec.step == len(TRAIN)
+    ev = doc.eval.history()
+    assert ev["step"].tolist() == [2, 4] and ev["window_steps"].tolist() == [3, 1]
+    first = ev[ev["step"] == 2].iloc[0]
+    want = _reference(net, EVAL)
+    assert first["elements"] == want["elements"].sum()
+    assert first["sparsity"] == pytest.approx(1 - want["active"].sum() / want["elements"].sum())
+    assert first["dead"] == int((want["active"] == 0).sum())
+    # The eval stream's lifetime holds exactly the four eval passes; training holds TRAIN.
+    life = site_fields(doc.eval.probe.site("1"), "lifetime")
+    both = _reference(net, EVAL + EVAL[:1])
+    np.testing.assert_array_equal(life["active"], both["active"])
+    np.testing.assert_array_equal(life["elements"], both["elements"])
+    train_life = site_fields(train_site, "lifetime")
+    np.testing.assert_array_equal(train_life["active"], _reference(net, TRAIN)["active"])
+    # Its own run directory, named in the training run's meta.json.
+    assert json.loads((run_dir / "meta.json").read_text())["eval_stream"] == "eval"
+    loaded = relu_doctor.load_run(run_dir / "eval")
+    assert loaded.history["step"].tolist() == [2, 4]
+    assert json.loads((run_dir / "eval" / "meta.json").read_text())["stream"] == "eval"
+
+
+def test_eval_stream_survives_a_checkpoint():
+    net = _net()
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=100, eval_stream=True) as doc:
+        _train_step(net, TRAIN[0], doc)
+        with torch.no_grad():
+            net(EVAL[0])
+        state = doc.state_dict()
+    other = relu_doctor.watch(_net(), every_n_steps=1, eval_stream=True)
+    other.load_state_dict(state)
+    with torch.no_grad():
+        other.model(EVAL[1])
+    _assert_counts(other.eval.probe.site("1"), _reference(net, EVAL[:2]))
+    other.detach()
+
+
+def test_eval_stream_argument_is_checked():
+    with pytest.raises(relu_doctor.ReluDoctorError, match="eval_stream: expected True, False"):
+        relu_doctor.watch(_net(), eval_stream="a/b")
+
+
+# ---------------------------------------------------------------------------- attribution
+
+
+class Teacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D_IN, 3)
+
+    def forward(self, x):
+        return F.relu(self.fc(x))
+
+
+class Student(nn.Module):
+    def __init__(self, teacher: Teacher):
+        super().__init__()
+        self.fc = nn.Linear(D_IN, 1)
+        self._teacher = [teacher]  # a frozen teacher held outside the module tree
+
+    def forward(self, x):
+        with torch.no_grad():
+            t = self._teacher[0](x)
+        return F.relu(self.fc(x)) + t.sum(1, keepdim=True)
+
+
+def test_a_call_inside_a_module_outside_the_model_is_named_after_it():
+    torch.manual_seed(0)
+    teacher = Teacher()
+    net = Student(teacher)
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=100) as doc:
+        for x in TRAIN:
+            _train_step(net, x, doc)
+        names = [s.name for s in doc.sites]
+        got = site_fields(doc.probe.site("Teacher#0:relu#0"))
+    assert names == ["Teacher#0:relu#0", "(root):relu#0"]
+    with torch.no_grad():
+        h = np.concatenate([F.relu(teacher.fc(x)).double().numpy() for x in TRAIN])
+    np.testing.assert_array_equal(got["active"], (h > 0).sum(0))
+
+
+def test_a_module_swapped_in_while_watched_is_picked_up_without_refresh():
+    hooks_before = len(torch_module._global_module_registration_hooks)
+    net = _net()
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=100) as doc:
+        _train_step(net, TRAIN[0], doc)
+        swap_activation(net, path="1", slope=0.1)  # no doc.probe.refresh()
+        _train_step(net, TRAIN[1], doc)
+        net[1] = nn.ELU()  # a plain setattr, too
+        _train_step(net, TRAIN[2], doc)
+        assert len(torch_module._global_module_registration_hooks) == hooks_before + 1
+        assert [s.name for s in doc.sites] == ["1"]  # never "(root):leaky_relu#0"
+        assert doc.sites[0].family.name == "elu"
+        assert site_fields(doc.sites[0])["elements"][0] == 3 * 5
+    assert len(torch_module._global_module_registration_hooks) == hooks_before
+
+
+def test_report_has_an_evaluation_section(tmp_path):
+    from relu_doctor.reports.context import build_context
+    from relu_doctor.reports.html import render_context
+
+    net = _net()
+    run_dir = tmp_path / "run"
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=2, eval_stream=True, run_dir=run_dir) as doc:
+        for x in TRAIN[:2]:
+            _train_step(net, x, doc)
+            with torch.no_grad():
+                net(EVAL[0])
+    ctx = build_context(relu_doctor.load_run(run_dir))
+    ev = ctx.evaluation
+    # The step-2 training log closed the window of step 1's evaluation; the one after it
+    # was closed when the block ended (also at step 2): one pass each.
+    assert ev is not None and ev.name == "eval" and ev.steps == [2] and ev.passes == 1
+    want = _reference(net, [EVAL[0]])
+    row = {r.site: r for r in ev.sites}["1"]
+    assert row.raw["dead"] == int((want["active"] == 0).sum())
+    assert 'id="rd-eval"' in render_context(ctx)
+    # A run without an evaluation stream has no such section.
+    plain = relu_doctor.load_run(run_dir / "eval")
+    assert build_context(plain).evaluation is None
