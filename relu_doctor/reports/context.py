@@ -7,8 +7,10 @@ row per site, the interventions (``run.interventions()``), the tables the figure
 from, and the environment. :mod:`~relu_doctor.reports.html`, :mod:`~relu_doctor.reports.text`
 and :mod:`~relu_doctor.reports.plots` read it; none of them reads the run itself again.
 
-Numbers are formatted here too (:func:`fmt_pct`, :func:`fmt_num`), so that the HTML table
-and the terminal summary print the same cell for the same number.
+The parts live beside it: :mod:`~relu_doctor.reports.findings` (findings merged, remedies
+that follow what was done), :mod:`~relu_doctor.reports.interventions` (each judged on its
+own target) and :mod:`~relu_doctor.reports.formatting` (one cell for one number, in the HTML
+and the terminal alike).
 
 Example:
     >>> import pandas as pd
@@ -29,9 +31,30 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from relu_doctor._validate import finite_or_none
-from relu_doctor.diagnosis import Finding, severity_rank
+from relu_doctor.diagnosis import severity_rank
 from relu_doctor.history import Run, load_run
+from relu_doctor.reports.findings import (
+    MODEL_WIDE,
+    VOCABULARY,
+    FindingView,
+    done_lines,
+    finding_view,
+    merge,
+    recommend,
+)
+from relu_doctor.reports.formatting import (
+    fmt_int,
+    fmt_num,
+    fmt_pct,
+    fmt_value,
+    json_safe,
+)
+from relu_doctor.reports.interventions import (
+    CONTINUOUS_REMEDIES,
+    InterventionView,
+    intervention_view,
+    timeline,
+)
 
 __all__ = [
     "CONTINUOUS_REMEDIES",
@@ -56,52 +79,11 @@ __all__ = [
 MAX_HEATMAPS = 12
 #: Findings shown before the rest are folded away.
 MAX_OPEN_FINDINGS = 12
-#: Remedies that act on every step (gradient clipping): summarised in one timeline row per
-#: site, not drawn over the time chart.
-CONTINUOUS_REMEDIES = frozenset({"adaptive_grad_clip"})
-
-#: The report's words (tiles, findings, tables): **dead** = no activation in the logging
-#: window; **never active** = no activation since monitoring began; **dormant** = active,
-#: but with a ReDo score at or below tau (dead units are not counted as dormant).
-VOCABULARY: tuple[tuple[str, str], ...] = (
-    ("dead", "no activation on any sample in the logging window"),
-    ("never active", "no activation since monitoring began"),
-    ("dormant", "active, but with a ReDo score (mean |h| over the layer's mean) at or below tau"),
-)
-_KIND_LABELS = {
-    "dead": "dead units",
-    "lifetime_dead": "never active",
-    "dormant": "dormant units",
-    "saturated": "saturated units",
-    "too_sparse": "too sparse",
-    "vanishing_gradient": "vanishing gradient",
-    "exploding_gradient": "exploding gradient",
-    "nonfinite": "NaN / Inf",
-}
-# The evidence keys under which diagnosis lists unit indices (at most _UNIT_LIST_LIMIT).
-_UNIT_LISTS = ("dead_units", "dormant_units", "saturated_units", "units")
-_UNIT_LIST_LIMIT = 64
 # Site metrics of the per-site table, as logged in the run's history.
 _SITE_METRICS = (
     "units", "dead", "dead_fraction", "lifetime_dead", "dormant", "dormant_fraction",
     "sparsity", "grad_rms", "grad_zero_fraction", "saturated_fraction", "nonfinite",
 )
-#: Metrics an intervention's before/after snapshots carry (site snapshots and model-wide
-#: snapshots of the remedies), with their labels.
-_CHANGE_KEYS: tuple[tuple[str, str], ...] = (
-    ("dead_fraction", "dead"),
-    ("lifetime_dead_fraction", "never active"),
-    ("dormant_fraction", "dead or dormant"),  # the record's dormant counts dead units too
-    ("clip_fraction", "steps clipped"),
-    ("lr", "learning rate"),
-    ("sparsity", "sparsity"),
-    ("activation_rate", "activation rate"),
-    ("mean_abs", "mean |h|"),
-    ("grad_rms", "gradient RMS"),
-    ("grad_norm", "parameter-gradient norm"),
-)
-
-
 # ---------------------------------------------------------------------- input
 
 
@@ -112,7 +94,6 @@ def as_run(value: object, name: str = "run") -> Run:
     import os
 
     from relu_doctor.errors import ReluDoctorError
-    from relu_doctor.history import load_run
 
     if isinstance(value, Run):
         return value
@@ -130,208 +111,6 @@ def as_run(value: object, name: str = "run") -> Run:
     )
 
 
-# ---------------------------------------------------------------------- formatting
-
-
-def fmt_pct(v: Any) -> str:
-    """``0.125`` -> ``'12.5%'``; missing or NaN -> ``'—'``."""
-    f = None if isinstance(v, bool) else finite_or_none(v)
-    return "—" if f is None else f"{f:.1%}"
-
-
-def fmt_num(v: Any) -> str:
-    """Three significant digits; integers as integers; missing or NaN -> ``'—'``."""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    f = finite_or_none(v)
-    if f is None:
-        return "—"
-    if f == int(f) and abs(f) < 1e15:
-        return str(int(f))
-    return f"{f:.3g}"
-
-
-def fmt_int(v: Any) -> str:
-    """An integer count; missing or NaN -> ``'—'``."""
-    f = None if isinstance(v, bool) else finite_or_none(v)
-    return "—" if f is None else str(int(f))
-
-
-def _fmt_value(key: str, v: Any) -> str:
-    if isinstance(v, (list, tuple)):
-        if key in _UNIT_LISTS and all(isinstance(x, (int, float)) for x in v):
-            text = ", ".join(str(int(x)) for x in v)
-            return text + (f" … (first {len(v)} listed)" if len(v) >= _UNIT_LIST_LIMIT else "")
-        return ", ".join(_fmt_value("", x) for x in v)
-    if isinstance(v, Mapping):
-        return ", ".join(f"{k} {_fmt_value(str(k), x)}" for k, x in v.items())
-    if isinstance(v, str):
-        return v
-    if key.endswith("fraction") or key in ("sparsity", "threshold"):
-        return fmt_pct(v)
-    return fmt_num(v)
-
-
-def _json_safe(v: Any) -> Any:
-    """Plain JSON data for the report's data island: NaN/Inf as null, numpy as Python."""
-    if isinstance(v, Mapping):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return finite_or_none(v)
-    if v is None or isinstance(v, (int, str)):
-        return v
-    return str(v)
-
-
-# ---------------------------------------------------------------------- the parts
-
-
-@dataclass(frozen=True)
-class FindingView:
-    """One finding as the report shows it: the finding's fields, the unit indices it names
-    and the rest of its evidence as ``(label, formatted value)`` pairs."""
-
-    kind: str
-    kind_label: str
-    site: str
-    severity: str
-    message: str
-    remedy: str
-    step: int
-    began: int
-    unit_label: str
-    units_named: list[int]
-    units_text: str
-    evidence: list[tuple[str, str]]
-    #: the id of the element that shows this site (its heatmap, else its table row)
-    anchor: str = ""
-    #: findings at the same site that this one explains, as ``(label, message)``
-    merged: list[tuple[str, str]] = field(default_factory=list)
-    #: what was already done at this site (or to the whole model), one line each
-    done: list[str] = field(default_factory=list)
-
-
-def _finding_view(f: Finding) -> FindingView:
-    ev = dict(f.evidence)
-    unit_key = next((k for k in _UNIT_LISTS if isinstance(ev.get(k), list) and ev[k]), None)
-    units_named = [int(x) for x in ev[unit_key]] if unit_key else []
-    evidence = [
-        (k.replace("_", " "), _fmt_value(k, v))
-        for k, v in ev.items()
-        if k != unit_key and k not in ("family", "leaky")
-    ]
-    return FindingView(
-        kind=f.kind,
-        kind_label=_KIND_LABELS.get(f.kind, f.kind.replace("_", " ")),
-        site=f.site,
-        severity=f.severity,
-        message=f.message,
-        remedy=f.remedy,
-        step=f.step,
-        began=f.began,
-        unit_label=(unit_key or "").replace("_", " "),
-        units_named=units_named,
-        units_text=_fmt_value(unit_key, units_named) if unit_key else "",
-        evidence=evidence,
-    )
-
-
-# Findings explained by another at the same site: (explained kind, explaining kind). Dead
-# units are never active in the window, so they make the layer sparse; units never active
-# since the start are dead in the window too.
-_EXPLAINED_BY = (("too_sparse", "dead"), ("lifetime_dead", "dead"))
-_MODEL_WIDE = "model"
-_SWAP = "leaky_relu_swap"
-_RECYCLERS = ("dormant_reset", "continual_backprop")
-_LR = "lr_rescue"
-_CLIP = "adaptive_grad_clip"
-
-
-def _merge(findings: list[FindingView]) -> list[FindingView]:
-    """Fold each finding that another at the same site explains into that one."""
-    by_key = {(f.kind, f.site): f for f in findings}
-    folded: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    gone: set[tuple[str, str]] = set()
-    for f in findings:
-        for kind, by in _EXPLAINED_BY:
-            if f.kind == kind and (by, f.site) in by_key and (by, f.site) not in gone:
-                folded.setdefault((by, f.site), []).append((f.kind_label, f.message))
-                gone.add((f.kind, f.site))
-                break
-    return [
-        replace(f, merged=f.merged + folded.get((f.kind, f.site), []))
-        for f in findings
-        if (f.kind, f.site) not in gone
-    ]
-
-
-def _done_lines(done: Sequence[InterventionView]) -> list[str]:
-    """One line per remedy: the one intervention with its judged change, or how many, when,
-    and how they went."""
-    by_remedy: dict[str, list[InterventionView]] = {}
-    for e in done:
-        by_remedy.setdefault(e.remedy, []).append(e)
-    lines = []
-    for remedy, evs in by_remedy.items():
-        if len(evs) == 1 and evs[0].count <= 1:
-            e = evs[0]
-            change = "; ".join(f"{k} {b} → {a}" for k, b, a in e.changes[:1])
-            verdict = f", {e.verdict}" if e.verdict else ""
-            lines.append(f"{remedy} at step {e.step}{': ' + change if change else ''}{verdict}")
-            continue
-        n = sum(max(e.count, 1) for e in evs)
-        first, last = evs[0].step, max(e.last_step for e in evs)
-        verdicts: dict[str, int] = {}
-        for e in evs:
-            if e.verdict:
-                verdicts[e.verdict] = verdicts.get(e.verdict, 0) + 1
-        how = ", ".join(f"{k} {v}" for k, v in verdicts.items())
-        lines.append(f"{remedy} ×{n} at steps {first}–{last}{' (' + how + ')' if how else ''}")
-    return lines
-
-
-def _recommend(f: FindingView, leaky: bool, done: Sequence[InterventionView]) -> str:
-    """The finding's remedy, rewritten for what this site already is and what was already
-    done to it: no LeakyReLU for a leaky site, no second try of a remedy that did not help."""
-    tried = {e.remedy for e in done}
-    failed = {e.remedy for e in done if e.verdict == "did not help"}
-    if f.kind not in ("dead", "lifetime_dead", "too_sparse", "dormant"):
-        if f.kind == "exploding_gradient" and {_CLIP, _LR} & tried:
-            return ("Clipping and a lower learning rate were already applied (see Interventions): "
-                    "lower the learning rate further or add normalisation; consider stopping "
-                    "early if the loss diverges.")
-        return f.remedy
-    if not leaky and not tried:
-        return f.remedy  # diagnosis's own words fit a first treatment
-    steps = []
-    if not leaky and _SWAP not in tried:
-        steps.append("swap ReLU for LeakyReLU (alpha 0.01 to 0.3; LeakyReluSwap) or PReLU")
-    if _LR not in tried:
-        steps.append("lower the learning rate (step or exponential decay; LRRescue)")
-    else:
-        steps.append("lower the learning rate further or warm it up more slowly (it was "
-                     "already lowered once)")
-    recycled = set(_RECYCLERS) & tried
-    if not recycled:
-        steps.append("recycle the units (DormantReset)")
-    elif recycled & failed:
-        steps.append("stop recycling here (the recycled units went quiet again)")
-    steps.append("add normalisation (BatchNorm or LayerNorm) before this activation, and check "
-                 "the initialisation and bias of the layer that feeds it")
-    already = "This site is already leaky, so a LeakyReLU swap is not the answer. " if leaky else ""
-    if tried:
-        already += "Already tried: " + ", ".join(sorted(tried)) + ". "
-    return already + "Next: " + "; ".join(steps) + "."
-
-
 def _treat_findings(
     findings: list[FindingView],
     sites: Sequence[SiteRow],
@@ -342,16 +121,16 @@ def _treat_findings(
     already done (families from meta.json, interventions from the events)."""
     leaky = {r.site: r.leaky for r in sites}
     out = []
-    for f in _merge(findings):
+    for f in merge(findings):
         done = [e for e in interventions if e.site == f.site
-                or (e.site == _MODEL_WIDE and f.site != _MODEL_WIDE)]
-        if f.site == _MODEL_WIDE:
-            done = [e for e in interventions if e.site == _MODEL_WIDE]
+                or (e.site == MODEL_WIDE and f.site != MODEL_WIDE)]
+        if f.site == MODEL_WIDE:
+            done = [e for e in interventions if e.site == MODEL_WIDE]
         own = None
-        anchor = anchors.get(f.site, "rd-gradients" if f.site == _MODEL_WIDE else "rd-sites")
+        anchor = anchors.get(f.site, "rd-gradients" if f.site == MODEL_WIDE else "rd-sites")
         del own
-        out.append(replace(f, anchor=anchor, done=_done_lines(done),
-                           remedy=_recommend(f, leaky.get(f.site, False), done)))
+        out.append(replace(f, anchor=anchor, done=done_lines(done),
+                           remedy=recommend(f, leaky.get(f.site, False), done)))
     return out
 
 
@@ -430,7 +209,7 @@ def _site_rows(run: Run, last: pd.DataFrame, findings: Sequence[FindingView]) ->
                 sparsity=fmt_pct(raw["sparsity"]),
                 grad_rms=fmt_num(raw["grad_rms"]),
                 grad_zero=fmt_pct(raw["grad_zero_fraction"]),
-                raw=_json_safe(raw),
+                raw=json_safe(raw),
                 anchor=f"rd-site-{i}",
             )
         )
@@ -474,115 +253,6 @@ def _verdict(findings: Sequence[FindingView], last_step: int | None, step: int |
         f"At step {step}. The most severe:",
         list(serious[:3]),
     )
-
-
-@dataclass
-class InterventionView:
-    """One intervention as the timeline shows it. ``changes`` holds ``(metric, before,
-    after)`` formatted; ``count`` > 1 for a continuous remedy's summarised row, which spans
-    ``step`` to ``last_step``."""
-
-    step: int
-    after_step: int | None
-    site: str
-    remedy: str
-    what: str
-    changes: list[tuple[str, str, str]]
-    count: int = 1
-    last_step: int = 0
-    #: the metric it was judged on, and how that went (``helped``, ``did not help``)
-    target: str = ""
-    verdict: str = ""
-    #: the number drawn on the charts' intervention lines (0: not drawn)
-    number: int = 0
-    #: the raw first and last snapshots (a summarised row's before/after span)
-    before_raw: dict[str, Any] = field(default_factory=dict)
-    after_raw: dict[str, Any] = field(default_factory=dict)
-
-
-#: The metric a remedy's intervention is judged on when its events do not say (older runs).
-_DEFAULT_TARGETS = {
-    "adaptive_grad_clip": "clip_fraction",
-    "lr_rescue": "dead_fraction",
-    "leaky_relu_swap": "dead_fraction",
-    "dormant_reset": "dormant_fraction",
-    "continual_backprop": "dormant_fraction",
-}
-#: Rows of before -> after shown per intervention: its target first.
-_MAX_CHANGES = 3
-
-
-def _clip_details(ev: Mapping[str, Any]) -> dict[str, Any]:
-    details = ev.get("details")
-    clip = details.get("clip") if isinstance(details, Mapping) else None
-    return dict(clip) if isinstance(clip, Mapping) else {}
-
-
-def _changes(before: Mapping[str, Any], after: Mapping[str, Any], target: str,
-             measured: bool) -> list[tuple[str, str, str]]:
-    """``(label, before, after)`` formatted: the target metric first, then the others."""
-    labels = dict(_CHANGE_KEYS)
-    keys = [(target, labels.get(target, target.replace("_", " ")))] if target else []
-    keys += [(k, lbl) for k, lbl in _CHANGE_KEYS if k != target]
-    out = []
-    for key, label in keys:
-        if key in before or key in after:
-            fmt = fmt_pct if "fraction" in key else fmt_num
-            out.append((label, fmt(before.get(key)),
-                        fmt(after.get(key)) if measured else "not yet measured"))
-    return out[:_MAX_CHANGES]
-
-
-def _intervention_view(ev: Mapping[str, Any]) -> InterventionView:
-    b_raw, a_raw = ev.get("before"), ev.get("after")
-    before: dict[str, Any] = dict(b_raw) if isinstance(b_raw, Mapping) else {}
-    after: dict[str, Any] = dict(a_raw) if isinstance(a_raw, Mapping) else {}
-    clip = _clip_details(ev)
-    if "clip_fraction" in clip:  # the clipper's own number: the share of steps it clipped
-        before["clip_fraction"] = clip["clip_fraction"]
-    remedy = str(ev.get("remedy") or "intervention")
-    target = str(ev.get("target") or _DEFAULT_TARGETS.get(remedy, ""))
-    after_step = ev.get("after_step")
-    step = int(ev.get("step", 0))
-    return InterventionView(
-        step=step,
-        after_step=int(after_step) if isinstance(after_step, int) else None,
-        site=str(ev.get("site") or ""),
-        remedy=remedy,
-        what=str(ev.get("what") or ""),
-        changes=_changes(before, after, target, bool(after)),
-        last_step=step,
-        target=target,
-        verdict=str(ev.get("verdict") or ""),
-        before_raw=before,
-        after_raw=after,
-    )
-
-
-def _timeline(interventions: Sequence[InterventionView]) -> list[InterventionView]:
-    """Timeline rows: every discrete intervention, plus one row per (continuous remedy,
-    site) summarising its repeated events (first step, last step, count, last message)."""
-    rows: list[InterventionView] = []
-    groups: dict[tuple[str, str], InterventionView] = {}
-    for e in interventions:
-        if e.remedy not in CONTINUOUS_REMEDIES:
-            rows.append(replace(e))
-            continue
-        g = groups.get((e.remedy, e.site))
-        if g is None:
-            g = groups[(e.remedy, e.site)] = replace(e, count=0)
-            rows.append(g)
-        g.count += 1
-        g.last_step = e.step
-        g.what = e.what
-        g.after_raw = e.before_raw  # the span: first interval's numbers -> last interval's
-    for g in rows:
-        if g.count > 1:
-            g.changes = _changes(g.before_raw, g.after_raw, "clip_fraction", True)
-            g.what = (f"acted at {g.count} logging intervals, steps {g.step}–{g.last_step}; "
-                      f"last: {g.what}")
-            g.verdict = ""
-    return rows
 
 
 @dataclass(frozen=True)
@@ -645,7 +315,7 @@ def _environment(run: Run) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
     env.append(("run directory", str(run.path) if run.path is not None else "(in memory)"))
     env.append(("run-directory format", str(meta.get("format_version", "?"))))
     config = [
-        (str(k).replace("_", " "), v if isinstance(v, str) else _fmt_value(str(k), v))
+        (str(k).replace("_", " "), v if isinstance(v, str) else fmt_value(str(k), v))
         for k, v in (meta.get("config") or {}).items()
     ]
     return env, config
@@ -739,11 +409,11 @@ def build_context(run: Run) -> ReportContext:
     steps = sorted(int(s) for s in hist["step"].unique()) if not hist.empty else []
     last_step = steps[-1] if steps else None
     last = hist[hist["step"] == last_step] if last_step is not None else pd.DataFrame()
-    findings = [_finding_view(f) for f in run.findings()]
+    findings = [finding_view(f) for f in run.findings()]
     findings.sort(key=lambda f: (-severity_rank(f.severity), f.kind, f.site))
     findings_step = max((f.step for f in findings), default=last_step)
     sites = _site_rows(run, last, findings)
-    interventions = [_intervention_view(e) for e in run.interventions()]
+    interventions = [intervention_view(e) for e in run.interventions()]
     line_steps = sorted({e.step for e in interventions if e.remedy not in CONTINUOUS_REMEDIES})
     numbers = {step: i + 1 for i, step in enumerate(line_steps)}
     for e in interventions:
@@ -828,10 +498,10 @@ def build_context(run: Run) -> ReportContext:
         vocabulary=list(VOCABULARY),
         interventions=interventions,
         remedy_counts=sorted(remedy_counts.items()),
-        timeline=_timeline(interventions),
+        timeline=timeline(interventions),
         environment=env,
         configuration=configuration,
         series=series,
-        data=_json_safe(data),
+        data=json_safe(data),
         evaluation=_evaluation(run),
     )

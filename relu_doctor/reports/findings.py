@@ -1,0 +1,180 @@
+"""Findings as the report shows them: the unit indices they name, folded together where one
+explains another at the same site, and remedies rewritten from what the run already is and
+already did (the site's family, the interventions made), so the report names the next step.
+
+Example:
+    >>> from relu_doctor.diagnosis import Finding
+    >>> v = finding_view(Finding("dead", "fc.1", "warning", "2 of 8 units dead",
+    ...                          {"dead_units": [1, 5]}, "Swap ReLU for LeakyReLU"))
+    >>> v.kind_label, v.units_text
+    ('dead units', '1, 5')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from relu_doctor.diagnosis import Finding
+from relu_doctor.reports.formatting import UNIT_LISTS, fmt_value
+from relu_doctor.reports.interventions import InterventionView
+
+__all__ = ["MODEL_WIDE", "VOCABULARY", "FindingView", "done_lines", "finding_view", "merge",
+           "recommend"]
+
+#: The report's words (tiles, findings, tables): **dead** = no activation in the logging
+#: window; **never active** = no activation since monitoring began; **dormant** = active,
+#: but with a ReDo score at or below tau (dead units are not counted as dormant).
+VOCABULARY: tuple[tuple[str, str], ...] = (
+    ("dead", "no activation on any sample in the logging window"),
+    ("never active", "no activation since monitoring began"),
+    ("dormant", "active, but with a ReDo score (mean |h| over the layer's mean) at or below tau"),
+)
+_KIND_LABELS = {
+    "dead": "dead units",
+    "lifetime_dead": "never active",
+    "dormant": "dormant units",
+    "saturated": "saturated units",
+    "too_sparse": "too sparse",
+    "vanishing_gradient": "vanishing gradient",
+    "exploding_gradient": "exploding gradient",
+    "nonfinite": "NaN / Inf",
+}
+
+
+@dataclass(frozen=True)
+class FindingView:
+    """One finding as the report shows it: the finding's fields, the unit indices it names
+    and the rest of its evidence as ``(label, formatted value)`` pairs."""
+
+    kind: str
+    kind_label: str
+    site: str
+    severity: str
+    message: str
+    remedy: str
+    step: int
+    began: int
+    unit_label: str
+    units_named: list[int]
+    units_text: str
+    evidence: list[tuple[str, str]]
+    #: the id of the element that shows this site (its heatmap, else its table row)
+    anchor: str = ""
+    #: findings at the same site that this one explains, as ``(label, message)``
+    merged: list[tuple[str, str]] = field(default_factory=list)
+    #: what was already done at this site (or to the whole model), one line each
+    done: list[str] = field(default_factory=list)
+
+
+def finding_view(f: Finding) -> FindingView:
+    ev = dict(f.evidence)
+    unit_key = next((k for k in UNIT_LISTS if isinstance(ev.get(k), list) and ev[k]), None)
+    units_named = [int(x) for x in ev[unit_key]] if unit_key else []
+    evidence = [
+        (k.replace("_", " "), fmt_value(k, v))
+        for k, v in ev.items()
+        if k != unit_key and k not in ("family", "leaky")
+    ]
+    return FindingView(
+        kind=f.kind,
+        kind_label=_KIND_LABELS.get(f.kind, f.kind.replace("_", " ")),
+        site=f.site,
+        severity=f.severity,
+        message=f.message,
+        remedy=f.remedy,
+        step=f.step,
+        began=f.began,
+        unit_label=(unit_key or "").replace("_", " "),
+        units_named=units_named,
+        units_text=fmt_value(unit_key, units_named) if unit_key else "",
+        evidence=evidence,
+    )
+
+
+# Findings explained by another at the same site: (explained kind, explaining kind). Dead
+# units are never active in the window, so they make the layer sparse; units never active
+# since the start are dead in the window too.
+_EXPLAINED_BY = (("too_sparse", "dead"), ("lifetime_dead", "dead"))
+MODEL_WIDE = "model"
+_SWAP = "leaky_relu_swap"
+_RECYCLERS = ("dormant_reset", "continual_backprop")
+_LR = "lr_rescue"
+_CLIP = "adaptive_grad_clip"
+
+
+def merge(findings: list[FindingView]) -> list[FindingView]:
+    """Fold each finding that another at the same site explains into that one."""
+    by_key = {(f.kind, f.site): f for f in findings}
+    folded: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    gone: set[tuple[str, str]] = set()
+    for f in findings:
+        for kind, by in _EXPLAINED_BY:
+            if f.kind == kind and (by, f.site) in by_key and (by, f.site) not in gone:
+                folded.setdefault((by, f.site), []).append((f.kind_label, f.message))
+                gone.add((f.kind, f.site))
+                break
+    return [
+        replace(f, merged=f.merged + folded.get((f.kind, f.site), []))
+        for f in findings
+        if (f.kind, f.site) not in gone
+    ]
+
+
+def done_lines(done: Sequence[InterventionView]) -> list[str]:
+    """One line per remedy: the one intervention with its judged change, or how many, when,
+    and how they went."""
+    by_remedy: dict[str, list[InterventionView]] = {}
+    for e in done:
+        by_remedy.setdefault(e.remedy, []).append(e)
+    lines = []
+    for remedy, evs in by_remedy.items():
+        if len(evs) == 1 and evs[0].count <= 1:
+            e = evs[0]
+            change = "; ".join(f"{k} {b} → {a}" for k, b, a in e.changes[:1])
+            verdict = f", {e.verdict}" if e.verdict else ""
+            lines.append(f"{remedy} at step {e.step}{': ' + change if change else ''}{verdict}")
+            continue
+        n = sum(max(e.count, 1) for e in evs)
+        first, last = evs[0].step, max(e.last_step for e in evs)
+        verdicts: dict[str, int] = {}
+        for e in evs:
+            if e.verdict:
+                verdicts[e.verdict] = verdicts.get(e.verdict, 0) + 1
+        how = ", ".join(f"{k} {v}" for k, v in verdicts.items())
+        lines.append(f"{remedy} ×{n} at steps {first}–{last}{' (' + how + ')' if how else ''}")
+    return lines
+
+
+def recommend(f: FindingView, leaky: bool, done: Sequence[InterventionView]) -> str:
+    """The finding's remedy, rewritten for what this site already is and what was already
+    done to it: no LeakyReLU for a leaky site, no second try of a remedy that did not help."""
+    tried = {e.remedy for e in done}
+    failed = {e.remedy for e in done if e.verdict == "did not help"}
+    if f.kind not in ("dead", "lifetime_dead", "too_sparse", "dormant"):
+        if f.kind == "exploding_gradient" and {_CLIP, _LR} & tried:
+            return ("Clipping and a lower learning rate were already applied (see Interventions): "
+                    "lower the learning rate further or add normalisation; consider stopping "
+                    "early if the loss diverges.")
+        return f.remedy
+    if not leaky and not tried:
+        return f.remedy  # diagnosis's own words fit a first treatment
+    steps = []
+    if not leaky and _SWAP not in tried:
+        steps.append("swap ReLU for LeakyReLU (alpha 0.01 to 0.3; LeakyReluSwap) or PReLU")
+    if _LR not in tried:
+        steps.append("lower the learning rate (step or exponential decay; LRRescue)")
+    else:
+        steps.append("lower the learning rate further or warm it up more slowly (it was "
+                     "already lowered once)")
+    recycled = set(_RECYCLERS) & tried
+    if not recycled:
+        steps.append("recycle the units (DormantReset)")
+    elif recycled & failed:
+        steps.append("stop recycling here (the recycled units went quiet again)")
+    steps.append("add normalisation (BatchNorm or LayerNorm) before this activation, and check "
+                 "the initialisation and bias of the layer that feeds it")
+    already = "This site is already leaky, so a LeakyReLU swap is not the answer. " if leaky else ""
+    if tried:
+        already += "Already tried: " + ", ".join(sorted(tried)) + ". "
+    return already + "Next: " + "; ".join(steps) + "."

@@ -1,0 +1,143 @@
+"""Interventions as the report shows them: each judged on its own target metric (its before ->
+after first), repeated clipping summarised in one row, numbered like their lines on the charts.
+
+Reads the dict form of ``Run.interventions()`` only; names remedies by their event names (the
+report never imports :mod:`relu_doctor.remedies`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from relu_doctor.reports.formatting import fmt_num, fmt_pct
+
+__all__ = ["CONTINUOUS_REMEDIES", "InterventionView", "intervention_view", "timeline"]
+
+#: Remedies that act on every step (gradient clipping): summarised in one timeline row per
+#: site, not drawn over the time chart.
+CONTINUOUS_REMEDIES = frozenset({"adaptive_grad_clip"})
+#: Metrics an intervention's before/after snapshots carry (site snapshots and model-wide
+#: snapshots of the remedies), with their labels.
+_CHANGE_KEYS: tuple[tuple[str, str], ...] = (
+    ("dead_fraction", "dead"),
+    ("lifetime_dead_fraction", "never active"),
+    ("dormant_fraction", "dead or dormant"),  # the record's dormant counts dead units too
+    ("clip_fraction", "steps clipped"),
+    ("lr", "learning rate"),
+    ("sparsity", "sparsity"),
+    ("activation_rate", "activation rate"),
+    ("mean_abs", "mean |h|"),
+    ("grad_rms", "gradient RMS"),
+    ("grad_norm", "parameter-gradient norm"),
+)
+
+
+@dataclass
+class InterventionView:
+    """One intervention as the timeline shows it. ``changes`` holds ``(metric, before,
+    after)`` formatted; ``count`` > 1 for a continuous remedy's summarised row, which spans
+    ``step`` to ``last_step``."""
+
+    step: int
+    after_step: int | None
+    site: str
+    remedy: str
+    what: str
+    changes: list[tuple[str, str, str]]
+    count: int = 1
+    last_step: int = 0
+    #: the metric it was judged on, and how that went (``helped``, ``did not help``)
+    target: str = ""
+    verdict: str = ""
+    #: the number drawn on the charts' intervention lines (0: not drawn)
+    number: int = 0
+    #: the raw first and last snapshots (a summarised row's before/after span)
+    before_raw: dict[str, Any] = field(default_factory=dict)
+    after_raw: dict[str, Any] = field(default_factory=dict)
+
+
+#: The metric a remedy's intervention is judged on when its events do not say (older runs).
+_DEFAULT_TARGETS = {
+    "adaptive_grad_clip": "clip_fraction",
+    "lr_rescue": "dead_fraction",
+    "leaky_relu_swap": "dead_fraction",
+    "dormant_reset": "dormant_fraction",
+    "continual_backprop": "dormant_fraction",
+}
+#: Rows of before -> after shown per intervention: its target first.
+_MAX_CHANGES = 3
+
+
+def _clip_details(ev: Mapping[str, Any]) -> dict[str, Any]:
+    details = ev.get("details")
+    clip = details.get("clip") if isinstance(details, Mapping) else None
+    return dict(clip) if isinstance(clip, Mapping) else {}
+
+
+def _changes(before: Mapping[str, Any], after: Mapping[str, Any], target: str,
+             measured: bool) -> list[tuple[str, str, str]]:
+    """``(label, before, after)`` formatted: the target metric first, then the others."""
+    labels = dict(_CHANGE_KEYS)
+    keys = [(target, labels.get(target, target.replace("_", " ")))] if target else []
+    keys += [(k, lbl) for k, lbl in _CHANGE_KEYS if k != target]
+    out = []
+    for key, label in keys:
+        if key in before or key in after:
+            fmt = fmt_pct if "fraction" in key else fmt_num
+            out.append((label, fmt(before.get(key)),
+                        fmt(after.get(key)) if measured else "not yet measured"))
+    return out[:_MAX_CHANGES]
+
+
+def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
+    b_raw, a_raw = ev.get("before"), ev.get("after")
+    before: dict[str, Any] = dict(b_raw) if isinstance(b_raw, Mapping) else {}
+    after: dict[str, Any] = dict(a_raw) if isinstance(a_raw, Mapping) else {}
+    clip = _clip_details(ev)
+    if "clip_fraction" in clip:  # the clipper's own number: the share of steps it clipped
+        before["clip_fraction"] = clip["clip_fraction"]
+    remedy = str(ev.get("remedy") or "intervention")
+    target = str(ev.get("target") or _DEFAULT_TARGETS.get(remedy, ""))
+    after_step = ev.get("after_step")
+    step = int(ev.get("step", 0))
+    return InterventionView(
+        step=step,
+        after_step=int(after_step) if isinstance(after_step, int) else None,
+        site=str(ev.get("site") or ""),
+        remedy=remedy,
+        what=str(ev.get("what") or ""),
+        changes=_changes(before, after, target, bool(after)),
+        last_step=step,
+        target=target,
+        verdict=str(ev.get("verdict") or ""),
+        before_raw=before,
+        after_raw=after,
+    )
+
+
+def timeline(interventions: Sequence[InterventionView]) -> list[InterventionView]:
+    """Timeline rows: every discrete intervention, plus one row per (continuous remedy,
+    site) summarising its repeated events (first step, last step, count, last message)."""
+    rows: list[InterventionView] = []
+    groups: dict[tuple[str, str], InterventionView] = {}
+    for e in interventions:
+        if e.remedy not in CONTINUOUS_REMEDIES:
+            rows.append(replace(e))
+            continue
+        g = groups.get((e.remedy, e.site))
+        if g is None:
+            g = groups[(e.remedy, e.site)] = replace(e, count=0)
+            rows.append(g)
+        g.count += 1
+        g.last_step = e.step
+        g.what = e.what
+        g.after_raw = e.before_raw  # the span: first interval's numbers -> last interval's
+    for g in rows:
+        if g.count > 1:
+            g.changes = _changes(g.before_raw, g.after_raw, "clip_fraction", True)
+            g.what = (f"acted at {g.count} logging intervals, steps {g.step}–{g.last_step}; "
+                      f"last: {g.what}")
+            g.verdict = ""
+    return rows
