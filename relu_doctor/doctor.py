@@ -12,6 +12,7 @@ remedies).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import sys
@@ -207,6 +208,7 @@ class Doctor:
         self._events: list[dict[str, Any]] = []
         self._tracker = FindingTracker()
         self._grad_norm_history: list[float] = []
+        self._first_rms: dict[str, float] = {}  # each site's activation RMS at its first log
         self._listeners: list[Listener] = []
         self._event_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._capture: Any = None
@@ -395,8 +397,13 @@ class Doctor:
             )
         findings = diagnose(
             site_rows, units, self.config, step=self.global_step,
-            param_grad_norms=self._grad_norm_history,
+            param_grad_norms=self._grad_norm_history, first_rms=self._first_rms,
         )
+        if close:
+            for r in site_rows:
+                rms = float(r.get("rms", math.nan))
+                if math.isfinite(rms) and rms > 0:
+                    self._first_rms.setdefault(str(r["site"]), rms)
         findings, new, events = self._tracker.update(findings, self.global_step, commit=close)
         record = IntervalRecord(
             step=self.global_step,

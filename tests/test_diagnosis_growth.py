@@ -16,7 +16,7 @@ from relu_doctor.diagnosis import DiagnosisConfig, Finding, run_health
 
 def _watch(net: nn.Module, xs: list[torch.Tensor], *, growth: float = 100.0) -> list:
     records = []
-    with relu_doctor.watch(net, log_every_n_steps=1,
+    with relu_doctor.watch(net, log_every_n_steps=1, every_n_steps=1,
                            config=DiagnosisConfig(growth_factor=growth)) as doc:
         doc.add_listener(records.append)
         for x in xs:

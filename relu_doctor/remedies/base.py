@@ -240,8 +240,13 @@ class Pending:
     units: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "site": self.site, "target": self.target, "before": self.before,
-                "min_gain": self.min_gain, "tolerance": self.tolerance, "units": list(self.units)}
+        out: dict[str, Any] = {"id": self.id, "site": self.site}
+        if self.target is not None:
+            out.update(target=self.target, before=self.before, min_gain=self.min_gain,
+                       tolerance=self.tolerance)
+        if self.units:
+            out["units"] = list(self.units)
+        return out
 
 
 R = TypeVar("R", bound="Remedy")

@@ -219,7 +219,10 @@ def test_tensorboard_matches_standalone(tmp_path):
 
     # Nothing on the progress bar or in the LightningModule's logged metrics.
     assert not any("relu_doctor" in k for k in cb._trainer.progress_bar_metrics)
-    assert not any("relu_doctor" in k for k in cb._trainer.callback_metrics)
+    # only the run-level numbers EarlyStopping/ModelCheckpoint may watch (issue 15)
+    assert {k for k in cb._trainer.callback_metrics if "relu_doctor" in k} == {
+        "relu_doctor/dead_fraction", "relu_doctor/dormant_fraction",
+        "relu_doctor/lifetime_dead_fraction", "relu_doctor/health"}
     # The run directory is next to the logger's files and loads.
     run = relu_doctor.load_run(Path(logger.log_dir) / "relu_doctor")
     assert sorted(run.history["step"].unique()) == [3, 6]

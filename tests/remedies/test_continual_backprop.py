@@ -31,7 +31,7 @@ def test_replaces_the_lowest_utility_units_like_the_reference() -> None:
     w1, w2 = net[0].weight.detach().clone(), net[2].weight.detach().clone()
     with torch.no_grad():
         expected = _contribution(net, x)
-    with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+    with relu_doctor.watch(net, log_every_n_steps=1, every_n_steps=1) as doc:
         cbp = ContinualBackprop(net, replacement_rate=0.25, maturity=0, decay=0.0).bind(doc)
         net(x).sum().backward()
         doc.step()
@@ -55,7 +55,7 @@ def test_running_average_and_maturity() -> None:
     g = torch.Generator().manual_seed(2)
     xs = [torch.randn(16, 4, generator=g) for _ in range(3)]
     decay = 0.5
-    with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+    with relu_doctor.watch(net, log_every_n_steps=1, every_n_steps=1) as doc:
         cbp = ContinualBackprop(net, replacement_rate=0.1, maturity=3, decay=decay).bind(doc)
         ref = torch.zeros(8, dtype=torch.float64)
         for i, x in enumerate(xs):
