@@ -207,3 +207,32 @@ def test_findings_merge_and_remedies_follow_what_was_done() -> None:
     assert "LeakyReLU (alpha" not in g.remedy and "already leaky" in g.remedy
     assert "lower the learning rate further" in g.remedy
     assert g.done == ["lr_rescue at step 5: dead 60.0% → 50.0%, helped"]
+
+
+def test_lightning_monitor_records_callback_metrics_and_learning_rate(tmp_path: Path) -> None:
+    """The ReluDoctor callback reads what the LightningModule logs (trainer.callback_metrics)
+    and the optimizer's learning rate at each logging step: the report's training curve."""
+    import torch
+
+    from relu_doctor.callbacks import ReluDoctor
+    from tests.callbacks.test_monitor import TinyNet, loader, trainer
+
+    class Logged(TinyNet):
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            loss = self.loss(batch)
+            self.log("train_loss", loss)
+            self.seen.append((self.global_step + 1, float(loss.detach())))
+            return loss
+
+    torch.manual_seed(0)
+    model = Logged(lr=0.05)
+    model.seen = []
+    cb = ReluDoctor(log_every_n_steps=3, run_dir=tmp_path / "run")
+    trainer(tmp_path, [cb], max_steps=6).fit(model, loader())
+    table = build_context(load_run(tmp_path / "run")).series.metrics
+    got = {(int(r.step), r.name): r.value for r in table.itertuples()}
+    assert sorted({n for _, n in got}) == ["lr", "train_loss"]  # no relu_doctor/ keys
+    seen = dict(model.seen)
+    for step in (3, 6):  # callback_metrics hold the last logged value at that step
+        assert got[(step, "train_loss")] == pytest.approx(seen[step], rel=1e-6)
+        assert got[(step, "lr")] == 0.05
