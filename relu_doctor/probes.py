@@ -33,11 +33,24 @@ Under ``torch.compile`` the hooks are traced into the graph (no graph break, so
 passes get no gradient tap (see :meth:`Probe.record`); the user is warned once.
 
 Hooks never write: they read ``detach()``-ed outputs, keep no tensor, and return None.
+They never raise into the user's forward or backward either: a failure in a hook (an
+unexpected shape or dtype, a bug of ours) warns once (:class:`ReluDoctorWarning`) naming the
+site and the cause, and that site is no longer monitored; a site whose unit count changes
+(a module reused on another width) is warned about once and those calls are left out. Meta,
+fake and traced tensors (Keras' symbolic build, ``FakeTensorMode``, ``torch.export``) are
+not recorded, so a site's accumulators are made on the device of its first real tensor.
+
+Units: a site's units are the features of the layer that made its input, found by
+:class:`~relu_doctor.provenance.ProvenanceTracker` in the pass where the site first runs. The
+tracker runs only in passes where some site is unresolved (the first recorded pass; a site
+first seen in an untracked pass is counted from the next pass, which is tracked); where no
+producer is found the shape rule of :func:`~relu_doctor.stats.resolve_unit_dim` decides.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -48,8 +61,9 @@ from torch.nn.modules.module import register_module_module_registration_hook
 from torch.utils.hooks import RemovableHandle
 
 from relu_doctor._validate import glob_patterns, matches
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.families import Family, family_of
+from relu_doctor.provenance import ProvenanceTracker
 from relu_doctor.sites import Site, SiteKey, display_names, module_label
 from relu_doctor.stats import SiteStats, resolve_unit_dim
 
@@ -156,6 +170,13 @@ class Probe:
         self._pending: dict[str, Any] = {}
         #: bumped at every attach: a module swapped in by a remedy is hooked from then on
         self.generation = 0
+        self._provenance = ProvenanceTracker(model)
+        self._want_provenance = True  # track the next recorded pass (some site unresolved)
+        self._tracked_passes = 0
+        self._unresolved: dict[SiteKey, int] = {}  # first seen untracked -> tracked passes since
+        self._shape_rule: set[SiteKey] = set()  # given up on finding the producer
+        self._failed: set[SiteKey] = set()  # a hook failed: no longer monitored
+        self._warned_units: set[SiteKey] = set()
 
     # ------------------------------------------------------------------ selection
     def selected(self, path: str) -> bool:
@@ -263,6 +284,7 @@ class Probe:
         self._depth = 0
         self._bw_depth = 0
         self._pass_open = False
+        self._provenance.stop()  # detached mid-pass: leave no mode behind
 
     def refresh(self) -> None:
         """Re-register the hooks on the model's current activation modules.
@@ -316,11 +338,19 @@ class Probe:
         self._pass_on = on = self.takes_pass()
         if on and not torch.compiler.is_compiling():  # a guarded int would recompile
             self.passes += 1
+            if self._want_provenance:
+                self._provenance.start()  # before functional capture enters its mode
         return on
 
     def end_pass(self) -> None:
         """Mark a forward pass's end (idempotent)."""
         self._pass_open = False
+        if not torch.compiler.is_compiling() and self._provenance.tracking:
+            self._provenance.stop()
+            # A pass that died half-way (called from an always_call hook while the exception
+            # is handled) may not have run every site: track the next one too.
+            died = sys.exc_info()[0] is not None
+            self._want_provenance = died or not self._provenance_done()
 
     def missing_activations(self, *, functional: bool) -> str | None:
         """The message to give when a recorded forward pass ran no watched activation
@@ -395,7 +425,12 @@ class Probe:
                     return
                 idx = self._bw_calls.get(module, 0)
                 self._bw_calls[module] = idx + 1
-                self.tap_recomputed(output, SiteKey(path, idx))
+                key = SiteKey(path, idx)
+                if key not in self._failed:
+                    try:
+                        self.tap_recomputed(output, key)
+                    except Exception as e:
+                        self._fail(key, "recomputed forward", e)
                 return
             if not self._pass_on:
                 return
@@ -447,26 +482,56 @@ class Probe:
             return
         if output.dim() == 0:
             return
-        compiling = torch.compiler.is_compiling()
-        if compiling:
+        if torch.compiler.is_compiling():
+            if torch.compiler.is_exporting():
+                return  # torch.export traces the model: nothing real to count
             # torch.compile is tracing this hook: the site is found or made in plain Python
             # at trace time and the statistics below become part of the compiled graph.
             slot = _compiled_site(
                 self, tuple(output.shape), output.device, path, call_index, family, op,
                 module is not None, _cap_args(module),
             )
+            if not slot:
+                return
             site = getattr(self._compiled_slots, slot)
-        else:
-            site = self._site(output, SiteKey(path, call_index, op), family, module)
-        out = output.detach()
-        site.stats.record_forward(
-            out, site.unit_dim, nonnegative=family.nonnegative, cap=site.cap
-        )
-        # Compiled forwards get no gradient tap: no autograd node exists while tracing, and a
-        # Tensor.register_hook traced by Dynamo (torch 2.13) drops the later attribute writes
-        # of objects already written in the same graph (this probe's call counters).
-        if not compiling:
+            site.stats.record_forward(
+                output.detach(), site.unit_dim, nonnegative=family.nonnegative, cap=site.cap
+            )
+            # Compiled forwards get no gradient tap: no autograd node exists while tracing,
+            # and a Tensor.register_hook traced by Dynamo (torch 2.13) drops the later
+            # attribute writes of objects already written in the same graph (this probe's
+            # call counters).
+            return
+        if not _real(output):
+            return
+        key = SiteKey(path, call_index, op)
+        if key in self._failed:
+            return
+        try:
+            site = self._site(output, key, family, module)
+            if site is None:
+                return
+            site.stats.record_forward(
+                output.detach(), site.unit_dim, nonnegative=family.nonnegative, cap=site.cap
+            )
             self._tap_gradient(output, site)
+        except Exception as e:  # never raise into the user's forward
+            self._fail(key, "forward", e)
+
+    def _fail(self, key: SiteKey, where: str, exc: BaseException) -> None:
+        """Stop monitoring ``key`` after its hook failed, and say so once."""
+        if key in self._failed:
+            return
+        self._failed.add(key)
+        site = self._sites.get(key)
+        name = site.name if site is not None else key.name(key.call_index > 0)
+        warnings.warn(
+            f"relu_doctor: stopped monitoring site {name!r}: its {where} hook failed "
+            f"({type(exc).__name__}: {exc}). Training goes on; the other sites are still "
+            "monitored.",
+            ReluDoctorWarning,
+            stacklevel=3,
+        )
 
     def _warn_compiled(self) -> None:
         if self._warned_compiled or not self.gradients:
@@ -481,7 +546,7 @@ class Probe:
         )
 
     def _make_grad_hook(self, site: Site) -> Callable[..., None]:
-        def grad_hook(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
+        def add_grad(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
             g = grad_outputs[0] if grad_outputs else None
             if g is None:
                 return
@@ -492,20 +557,36 @@ class Probe:
             inv = None if scale is None else 1.0 / scale
             site.stats.record_grad(g.detach(), gi, site.unit_dim, inv)
 
+        def grad_hook(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
+            if site.key in self._failed:
+                return
+            try:
+                add_grad(grad_inputs, grad_outputs)
+            except Exception as e:  # never raise into the user's backward
+                self._fail(site.key, "backward", e)
+
         return grad_hook
 
     def _site(
-        self, output: torch.Tensor, key: SiteKey, family: Family, module: nn.Module | None
-    ) -> Site:
+        self,
+        output: torch.Tensor,
+        key: SiteKey,
+        family: Family,
+        module: nn.Module | None,
+        *,
+        traced: bool = False,
+    ) -> Site | None:
+        """The site of ``key``, made at its first call; None when this call is not counted
+        (its unit count changed, or its producer is to be found in the next pass).
+
+        ``traced``: called while torch.compile traces (no producer tracking: shape rule).
+        """
         site = self._sites.get(key)
         shape = tuple(output.shape)
         if site is not None:
             if len(shape) <= site.unit_dim or shape[site.unit_dim] != site.units:
-                raise ReluDoctorError(
-                    f"site {site.name!r}: its output had {site.units} units along dim "
-                    f"{site.unit_dim} and now has shape {shape}. Set unit_dims="
-                    f"{{{site.module_path!r}: DIM}} to a dim whose size does not change."
-                )
+                self._warn_units(site, shape)
+                return None
             if site.family is not family:  # the module was replaced (see refresh())
                 site.family = family
                 site.cap = family.cap_of(module)
@@ -517,10 +598,22 @@ class Probe:
         for pat, dim in self.unit_dims.items():
             if fnmatch.fnmatchcase(label, pat):
                 override = dim
+        follow = override is None and not traced and key not in self._shape_rule
+        if follow and not self._provenance.tracking:
+            # First seen in an untracked pass: its producer is found in the next pass.
+            self._unresolved.setdefault(key, 0)
+            self._want_provenance = True
+            return None
         try:
             unit_dim, rule = resolve_unit_dim(shape, override)
         except ValueError as e:
             raise ReluDoctorError(f"unit_dims for {label!r}: {e}.") from None
+        origin = self._provenance.origin(output) if follow else None
+        if origin is not None:
+            unit_dim, rule = origin.dim, origin.rule(len(shape))
+        elif follow:
+            rule += " (no producing layer found)"
+        self._unresolved.pop(key, None)
         site = Site(
             key=key,
             family=family,
@@ -540,6 +633,31 @@ class Probe:
         for fn in self._listeners:
             fn()
         return site
+
+    def _warn_units(self, site: Site, shape: tuple[int, ...]) -> None:
+        if site.key in self._warned_units:
+            return
+        self._warned_units.add(site.key)
+        warnings.warn(
+            f"relu_doctor: site {site.name!r} had {site.units} units along dim {site.unit_dim} "
+            f"({site.unit_rule}) and now runs on shape {shape}; calls with another unit count "
+            "are left out (is the module reused on another width?). Set "
+            f"unit_dims={{{module_label(site.module_path)!r}: DIM}} to choose the unit dim.",
+            ReluDoctorWarning,
+            stacklevel=4,
+        )
+
+    def _provenance_done(self) -> bool:
+        """After a tracked pass: whether every site has its producer (tracking can stop).
+        A site not seen again in 3 tracked passes takes the shape rule; a model that showed
+        no site in 8 tracked passes (nothing to watch, or only symbolic passes) stops too."""
+        self._tracked_passes += 1
+        for key in list(self._unresolved):
+            self._unresolved[key] += 1
+            if self._unresolved[key] >= 3:
+                del self._unresolved[key]
+                self._shape_rule.add(key)
+        return not self._unresolved and (bool(self._sites) or self._tracked_passes >= 8)
 
     def _rename(self) -> None:
         names = display_names(self._sites)
@@ -620,11 +738,26 @@ def _compiled_site(
         elif cap_args is not None:
             module = nn.Hardtanh(*cap_args)
     stand_in = torch.empty((), device=device).expand(shape)  # shape and device, no memory
-    site = probe._site(stand_in, SiteKey(path, call_index, op), family, module)
+    site = probe._site(stand_in, SiteKey(path, call_index, op), family, module, traced=True)
+    if site is None:
+        return ""  # a call of another unit count: left out (the probe warned)
     slot = f"site{site.order}"
     setattr(probe._compiled_slots, slot, site)
     probe._warn_compiled()
     return slot
+
+
+def _real(t: torch.Tensor) -> bool:
+    """False for meta, fake and traced tensors (Keras' symbolic build, FakeTensorMode,
+    torch.export's non-strict tracing, torch.jit.trace): nothing real to count. About 1 us
+    for a plain tensor (the full fake-tensor test costs 5 us: only for subclasses)."""
+    if t.is_meta or torch._C._get_tracing_state() is not None:
+        return False
+    if type(t) is torch.Tensor:
+        return not torch._is_functional_tensor(t)
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
 
 
 # torch._dynamo.assume_constant_result, without importing torch._dynamo here.

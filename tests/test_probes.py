@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from torch.nn.modules import module as module_module
 from torch.utils.checkpoint import checkpoint
 
 import relu_doctor
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.stats import FIELDS
 from tests import reference as ref
 from tests import zoo
@@ -261,12 +262,124 @@ def test_default_unit_rule_is_recorded_with_the_results(run_watched):
     assert units.attrs["unit_dim"] == 2 and "last dim" in units.attrs["unit_rule"]
 
 
-def test_a_unit_dim_whose_size_changes_is_a_clear_error():
+def test_a_unit_dim_whose_size_changes_warns_once_and_training_goes_on():
+    """unit_dims pointing at the sequence dim: a second length is another unit count. Never
+    an exception in the forward: one warning, those calls left out, the others counted."""
     model = zoo.SequenceModel()
-    with relu_doctor.watch(model, unit_dims={"act": 1}):
-        model(torch.randn(2, 5, 12))
-        with pytest.raises(ReluDoctorError, match="unit_dims"):
-            model(torch.randn(2, 6, 12))
+    xs = [torch.randn(2, 5, 12), torch.randn(2, 6, 12), torch.randn(2, 6, 12), torch.randn(2, 5, 12)]
+    rec = ref.Recorder(model)
+    with (
+        pytest.warns(ReluDoctorWarning, match=r"site 'act' had 5 units along dim 1.*\(2, 6, 24\)") as got,
+        relu_doctor.watch(model, unit_dims={"act": 1}, every_n_steps=1) as doc,
+    ):
+        zoo.train(model, xs, doc=doc)
+    rec.remove()
+    assert sum(issubclass(w.category, ReluDoctorWarning) for w in got) == 1
+    site = doc.probe.site("act")
+    total = (site.stats.window + site.stats.lifetime).numpy()
+    ref.assert_stats_match(
+        {name: total[i] for i, name in enumerate(FIELDS)},
+        ref.expected_stats(rec.calls[("act", 0)], 1, steps=[0, 3]),
+        "act",
+    )
+
+
+def test_an_image_size_change_is_normal():
+    model = zoo.ResNetish()  # global pooling before the head: any image size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReluDoctorWarning)
+        with relu_doctor.watch(model, every_n_steps=1, log_every_n_steps=100) as doc:
+            for size in (8, 12, 8):
+                model(torch.randn(2, 3, size, size)).sum().backward()
+                doc.step()
+    assert [s.units for s in doc.sites] == [8] * 5
+    for site in doc.sites:
+        assert site.stats.window[0].tolist() == [2.0 * (64 + 144 + 64)] * 8
+
+
+# ---------------------------------------------------------------------- never raise
+
+
+def _failing(monkeypatch, name):
+    """Make ``SiteStats.<name>`` (what a hook calls to add its statistics) raise for the site
+    of 8 units only."""
+    from relu_doctor.stats import SiteStats
+
+    real = getattr(SiteStats, name)
+
+    def flaky(self, *args, **kwargs):
+        if self.units == 8:
+            raise RuntimeError("injected failure")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SiteStats, name, flaky)
+
+
+@pytest.mark.parametrize("where", ["record_forward", "record_grad"])
+def test_a_failing_hook_warns_once_and_training_goes_on(monkeypatch, where):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 1))
+    plain = copy.deepcopy(model)
+    _failing(monkeypatch, where)
+    xs = [torch.randn(3, 4) for _ in range(3)]
+    rec = ref.Recorder(model)
+    with (
+        pytest.warns(ReluDoctorWarning, match=r"stopped monitoring site '1'.*injected failure") as got,
+        relu_doctor.watch(model, every_n_steps=1) as doc,
+    ):
+        outs = zoo.train(model, xs, doc=doc, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    rec.remove()
+    assert sum(issubclass(w.category, ReluDoctorWarning) for w in got) == 1
+    # Training went on, unchanged: the same outputs as an unwatched copy.
+    ref_outs = zoo.train(plain, xs, optimizer=torch.optim.SGD(plain.parameters(), lr=0.1))
+    for a, b in zip(outs, ref_outs, strict=True):
+        assert torch.equal(a, b)
+    # The other site is still monitored, exactly.
+    site = doc.probe.site("3")
+    total = (site.stats.window + site.stats.lifetime).numpy()
+    ref.assert_stats_match(
+        {name: total[i] for i, name in enumerate(FIELDS)},
+        ref.expected_stats(rec.calls[("3", 0)], 1),
+        "3",
+    )
+
+
+def test_a_failing_functional_hook_warns_once(monkeypatch):
+    from tests.zoo import _FunctionalReLUBlock
+
+    model = nn.Sequential(_FunctionalReLUBlock(8), nn.Linear(8, 1))
+    _failing(monkeypatch, "record_forward")
+    with (
+        pytest.warns(ReluDoctorWarning, match=r"stopped monitoring site '0:relu#0'") as got,
+        relu_doctor.watch(model, every_n_steps=1) as doc,
+    ):
+        zoo.train(model, [torch.randn(3, 8) for _ in range(3)], doc=doc)
+    assert sum(issubclass(w.category, ReluDoctorWarning) for w in got) == 1
+
+
+def test_meta_and_fake_tensors_are_ignored_and_accumulators_follow_the_real_device():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = zoo.mlp()
+    with relu_doctor.watch(model, every_n_steps=1) as doc:
+        model.to("meta")  # Keras builds on the meta device first
+        model(torch.randn(2, 10, device="meta"))
+        assert doc.sites == []
+        model.load_state_dict(zoo.mlp().state_dict(), assign=True)  # back to real weights
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model(torch.randn(2, 10))
+        assert doc.sites == []
+        zoo.train(model, [torch.randn(2, 10)], doc=doc)
+    assert [s.stats.window.device.type for s in doc.sites] == ["cpu", "cpu"]
+    assert doc.sites[0].stats.window[0].tolist() == [2.0] * 32
+
+
+def test_torch_export_while_watched_records_nothing():
+    model = zoo.mlp()
+    with relu_doctor.watch(model, every_n_steps=1) as doc:
+        torch.export.export(model, (torch.randn(2, 10),))
+        assert doc.sites == []
+        zoo.train(model, [torch.randn(2, 10)], doc=doc)
+    assert doc.sites[0].stats.window[0].tolist() == [2.0] * 32
 
 
 # ---------------------------------------------------------------------- checkpointing

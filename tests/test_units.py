@@ -1,0 +1,374 @@
+"""Units are the producing layer's features (issue 12), on the zoo's reproductions of
+torchvision/timm traits and on Keras 3 models, with default arguments.
+
+Each site's unit dim and count are declared from the architecture (the Linear's
+``out_features``, the convolution's channels, wherever a permute put them) and every
+statistic is checked against the brute-force reference taken along that dim, over steps of
+two input sizes. The reference captures activations independently: module hooks
+(:class:`tests.reference.Recorder`), patched functional ops on a twin model
+(:mod:`tests.reference_functional`), or here a wrapper around ``torch.nn.functional.relu``
+for Keras' torch-backend ``relu``, as Keras layers are not torch submodules.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import relu_doctor
+from relu_doctor.errors import ReluDoctorWarning
+from relu_doctor.provenance import ProvenanceTracker
+from relu_doctor.stats import FIELDS
+from tests import reference as ref
+from tests import zoo
+from tests.reference_functional import reference_calls
+
+
+def _train(model: nn.Module, batches: list[torch.Tensor], doc: Any = None) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for x in batches:
+        out = model(x)
+        out.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if doc is not None:
+            doc.step()
+
+
+def _total(site: Any) -> dict[str, np.ndarray]:
+    m = (site.stats.window + site.stats.lifetime).to(torch.float64).numpy()
+    return {name: m[i] for i, name in enumerate(FIELDS)}
+
+
+def _watch_strictly(model: nn.Module, run: Callable[[Any], None], **kwargs: Any) -> Any:
+    """Watch with default arguments but ``every_n_steps=1`` (the default samples steps by
+    their measured cost: exact counts need every step); any relu_doctor warning fails."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReluDoctorWarning)
+        with relu_doctor.watch(model, log_every_n_steps=3, every_n_steps=1, **kwargs) as doc:
+            run(doc)
+    return doc
+
+
+@pytest.mark.parametrize("name", list(zoo.UNIT_CASES))
+def test_units_are_the_producers_features_on_the_zoo(name: str) -> None:
+    case = zoo.UNIT_CASES[name]
+    model = case.model()
+    batches = [make(4) for make in case.batches for _ in range(2)]  # two sizes, two steps each
+    ops = sorted({op for (_p, _i, op) in case.sites if op is not None})
+    twin = reference_calls(model, [(F, op, op) for op in ops], lambda m: _train(m, batches))
+    recorder = ref.Recorder(model)
+    try:
+        doc = _watch_strictly(model, lambda doc: _train(model, batches, doc))
+    finally:
+        recorder.remove()
+    sites = {(s.module_path, s.call_index, s.op): s for s in doc.sites}
+    assert set(sites) == set(case.sites)
+    for key, (dim, units, producer) in case.sites.items():
+        site = sites[key]
+        path, idx, op = key
+        capture = recorder.calls[(path, idx)] if op is None else twin[(path, op, idx)]
+        assert len(capture.outputs) == len(batches)
+        assert {o.shape[dim] for o in capture.outputs} == {units}  # the declaration holds
+        assert (site.unit_dim, site.units) == (dim, units), site.unit_rule
+        assert producer in site.unit_rule, site.unit_rule
+        ref.assert_stats_match(_total(site), ref.expected_stats(capture, dim), site.name)
+
+
+def test_the_rule_is_in_to_pandas_meta_and_the_report(tmp_path: Any) -> None:
+    case = zoo.UNIT_CASES["convnext_block"]
+    model = case.model()
+    with relu_doctor.watch(model, run_dir=tmp_path / "run", log_every_n_steps=1, every_n_steps=1) as doc:
+        _train(model, [case.batches[0](2)], doc)
+    frame = doc.to_pandas().set_index("site")
+    assert frame.loc["0.act", "unit_dim"] == 3
+    assert frame.loc["0.act", "unit_rule"] == "Linear `0.pwconv1` -> last dim"
+    run = relu_doctor.load_run(tmp_path / "run")
+    described = {s["name"]: s for s in run.site_info}
+    assert (described["1.act"]["unit_dim"], described["1.act"]["unit_rule"]) == (
+        3, "Linear `1.pwconv1` -> last dim"
+    )
+    from relu_doctor.reports.context import build_context
+
+    rows = {r.site: r for r in build_context(run).sites}
+    assert rows["0.act"].unit_rule == "Linear `0.pwconv1` -> last dim"
+
+
+def test_unit_dims_still_overrides_the_producer() -> None:
+    model = zoo.UnitsSwinMlp()
+    doc = _watch_strictly(
+        model, lambda doc: _train(model, [torch.randn(2, 4, 5, 8)], doc), unit_dims={"act": 1}
+    )
+    (site,) = doc.sites
+    assert (site.unit_dim, site.units) == (1, 4) and "override" in site.unit_rule
+
+
+def test_no_producer_falls_back_to_the_shape_rule() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(3, 2, 1))  # the activation runs on the input
+    doc = _watch_strictly(model, lambda doc: _train(model, [torch.randn(2, 3, 5, 5)], doc))
+    (site,) = doc.sites
+    assert (site.unit_dim, site.units) == (1, 3)
+    assert site.unit_rule.startswith("shape rule") and "no producing layer" in site.unit_rule
+
+
+# ---------------------------------------------------------------------- cost
+
+
+def test_tracking_runs_in_the_first_pass_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    starts = []
+    real = ProvenanceTracker.start
+    monkeypatch.setattr(ProvenanceTracker, "start", lambda self: (starts.append(1), real(self)))
+    model = zoo.UnitsConvNeXtBlock()
+    tracking = []
+
+    class Spy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tracking.append(doc.probe._provenance.tracking)
+            return x
+
+    model.norm = nn.Sequential(Spy(), model.norm)
+    with relu_doctor.watch(model) as doc:
+        _train(model, [torch.randn(2, 8, 5, 5) for _ in range(4)], doc)
+    assert len(starts) == 1
+    assert tracking == [True, False, False, False]
+
+
+class _LateBranch(nn.Module):
+    """A Conv1d branch that runs from the third pass on (a site that appears late)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.conv = nn.Conv1d(6, 10, 3)
+        self.act = nn.ReLU()
+        self.late = nn.ReLU()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, L, 6)
+        self.calls += 1
+        h = self.act(self.fc(x))
+        if self.calls >= 3:
+            return self.late(self.conv(h.transpose(1, 2))).mean() + h.mean()
+        return h.mean()
+
+
+def test_a_site_that_appears_late_is_resolved_in_the_next_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    starts = []
+    real = ProvenanceTracker.start
+    monkeypatch.setattr(ProvenanceTracker, "start", lambda self: (starts.append(1), real(self)))
+    model = _LateBranch()
+    batches = [torch.randn(3, 7, 6) for _ in range(6)]
+    recorder = ref.Recorder(model)
+    try:
+        with relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1) as doc:
+            for x in batches:
+                model(x).backward()
+                doc.step()
+    finally:
+        recorder.remove()
+    assert len(starts) == 2  # the first pass, and the one after "late" first ran
+    site = doc.probe.site("late")
+    assert (site.unit_dim, site.units) == (1, 10) and "Conv1d `conv`" in site.unit_rule
+    capture = recorder.calls[("late", 0)]
+    # First seen untracked in pass 3: counted from pass 4 on.
+    expected = ref.expected_stats(capture, 1, steps=[1, 2, 3])
+    ref.assert_stats_match(_total(site), expected, "late")
+
+
+# ---------------------------------------------------------------------- Keras 3
+
+
+class _KerasReluRecorder:
+    """Wraps Keras' torch-backend ``relu`` (which calls ``F.relu``): the input and
+    output of every call, dL/d(output) by ``register_hook``, dL/d(input) by replaying
+    ``torch.relu`` on the stored input. Calls are keyed by their index within a pass."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, ref.Capture] = {}
+        self.count = 0
+        self._real: Callable[..., torch.Tensor] = F.relu
+
+    def new_pass(self) -> None:
+        self.count = 0
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        inp = x.detach().clone()
+        out = self._real(x, *args, **kwargs)
+        cap = self.calls.setdefault(self.count, ref.Capture())
+        self.count += 1
+        cap.inputs.append(inp)
+        cap.outputs.append(out.detach().clone())
+        if out.requires_grad:
+            def on_grad(g: torch.Tensor, cap: ref.Capture = cap, inp: torch.Tensor = inp) -> None:
+                cap.grads.append(g.detach().clone())
+                xi = inp.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    (gi,) = torch.autograd.grad(torch.relu(xi), xi, g)
+                cap.grad_inputs.append(gi.detach().clone())
+
+            out.register_hook(on_grad)
+        return out
+
+
+def _keras_dense() -> Any:
+    import keras
+
+    return keras.Sequential([
+        keras.Input((10,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(12, activation="relu"),
+        keras.layers.Dense(3),
+    ])
+
+
+def _keras_convnet() -> Any:
+    import keras
+
+    return keras.Sequential([
+        keras.Input((None, None, 2)),
+        keras.layers.Conv2D(5, 3, activation="relu"),
+        keras.layers.Conv2D(7, 3, activation="relu", padding="same"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(3),
+    ])
+
+
+@pytest.mark.parametrize(
+    ("make", "batches", "expected"),
+    [
+        (_keras_dense, [(4, 10), (4, 10), (6, 10)],
+         [(1, 16, "matmul with weight `sequential/dense/kernel` -> last dim"),
+          (1, 12, "matmul with weight `sequential/dense_1/kernel` -> last dim")]),
+        (_keras_convnet, [(3, 8, 8, 2), (3, 8, 8, 2), (2, 10, 6, 2)],
+         [(3, 5, "conv2d with weight `sequential/conv2d/kernel` -> channels moved to last dim"),
+          (3, 7, "conv2d with weight `sequential/conv2d_1/kernel` -> channels moved to last dim")]),
+    ],
+    ids=["dense", "conv2d_channels_last"],
+)
+def test_keras_units_are_the_layers_features(make: Any, batches: Any, expected: Any) -> None:
+    import keras
+
+    keras.utils.clear_session()  # layer names (dense, dense_1 ...) from zero
+    model = make()
+    xs = [torch.randn(*shape) for shape in batches]
+    rec = _KerasReluRecorder()
+
+    def run(doc: Any) -> None:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for x in xs:
+            rec.new_pass()
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+
+    from keras.src.backend.torch import nn as keras_nn
+
+    rec._real = keras_nn.relu  # Keras' relu, which calls F.relu (captured as such)
+    with mock.patch.object(keras_nn, "relu", rec):
+        doc = _watch_strictly(model, run)
+    assert len(doc.sites) == len(expected)
+    for i, (site, (dim, units, rule)) in enumerate(zip(doc.sites, expected, strict=True)):
+        assert (site.unit_dim, site.units, site.unit_rule) == (dim, units, rule)
+        ref.assert_stats_match(_total(site), ref.expected_stats(rec.calls[i], dim), site.name)
+
+
+def test_keras_fit_with_validation_trains_watched_from_the_start() -> None:
+    """Keras builds on the meta device first (symbolic shapes) and then fits: the meta pass
+    is ignored, the accumulators are made on the real tensors' device, and the validation
+    rows are not in the training window."""
+    import keras
+
+    keras.utils.clear_session()
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(4, 3, activation="relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(6, activation="relu"),
+        keras.layers.Dense(2),
+    ])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.random.default_rng(0).standard_normal((64, 8, 8, 1)).astype("float32")
+    y = np.random.default_rng(1).standard_normal((64, 2)).astype("float32")
+    with relu_doctor.watch(model, every_n_steps=1, log_every_n_steps=100) as doc:
+        model.fit(x, y, batch_size=16, epochs=1, validation_data=(x[:16], y[:16]), verbose=0)
+    conv, dense = doc.sites
+    assert (conv.unit_dim, conv.units, dense.unit_dim, dense.units) == (3, 4, 1, 6)
+    assert conv.stats.window.device.type == dense.stats.window.device.type == "cpu"
+    assert _total(conv)["elements"].tolist() == [64.0 * 6 * 6] * 4  # training rows only
+    assert _total(dense)["elements"].tolist() == [64.0] * 6
+
+
+# ---------------------------------------------------------------------- provenance rules
+
+
+class _Ops(nn.Module):
+    """A Linear (8 -> 6 features) or a Conv2d (3 -> 6 channels), then ``ops``."""
+
+    def __init__(self, ops: Callable[[torch.Tensor], torch.Tensor], conv: bool) -> None:
+        super().__init__()
+        self.layer = nn.Conv2d(3, 6, 1) if conv else nn.Linear(8, 6)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops(self.layer(x))
+
+
+@pytest.mark.parametrize(
+    ("conv", "ops", "dim"),
+    [
+        (False, lambda h: h.permute(0, 3, 1, 2), 1),  # (N, H, W, F) -> (N, F, H, W)
+        (False, lambda h: h.transpose(1, 3).contiguous(), 1),
+        (False, lambda h: torch.movedim(h, -1, 1), 1),
+        (False, lambda h: h.flatten(1, 2), 2),  # (N, H*W, F): the feature axis stays whole
+        (False, lambda h: h.reshape(2, 20, 6)[:, 3:], 2),  # slicing keeps it too
+        (False, lambda h: h.reshape(2, 4, 5, 2, 3), None),  # the features split: lost
+        (False, lambda h: F.dropout(h * 2.0 + 1.0, 0.1), 3),
+        (False, lambda h: torch.einsum("nhwf->nfhw", h), None),  # einsum: not followed
+        (False, lambda h: h.chunk(2, dim=-1)[0], 3),
+        (True, lambda h: h.permute(0, 2, 3, 1), 3),  # channels-last, as Keras' Conv2D
+        (True, lambda h: F.max_pool2d(F.batch_norm(h, None, None, training=True), 2), 1),
+        (True, lambda h: torch.cat([h, h], 2), 1),  # along H: channels unchanged
+        (True, lambda h: h.unsqueeze(1).squeeze(1), 1),
+    ],
+)
+def test_provenance_follows_layout_ops(conv: bool, ops: Any, dim: int | None) -> None:
+    model = _Ops(ops, conv)
+    x = torch.randn(2, 3, 4, 5) if conv else torch.randn(2, 4, 5, 8)
+    tracker = ProvenanceTracker(model)
+    tracker.start()
+    try:
+        out = model(x)
+        origin = tracker.origin(out)
+    finally:
+        tracker.stop()
+    assert torch._C._len_torch_function_stack() == 0
+    if dim is None:
+        assert origin is None
+        return
+    assert origin is not None and origin.dim == dim
+    assert out.shape[dim] == 6 or out.shape[dim] == 3  # all features, or a chunk of them
+    assert origin.producer == ("Conv2d `layer`" if conv else "Linear `layer`")
+
+
+def test_detaching_mid_pass_leaves_no_mode_behind() -> None:
+    model = zoo.UnitsSwinMlp()
+    doc = relu_doctor.watch(model)
+
+    def stop(module: nn.Module, args: Any) -> None:
+        doc.detach()
+
+    handle = model.fc2.register_forward_pre_hook(stop)
+    model(torch.randn(2, 3, 3, 8))
+    handle.remove()
+    assert torch._C._len_torch_function_stack() == 0
