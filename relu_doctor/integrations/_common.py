@@ -30,18 +30,40 @@ __all__ = [
     "missing",
     "record_scalars",
     "remedy_options",
+    "safe_step",
     "summary_scalars",
 ]
 
 
+def safe_step(doctor: Doctor, step_aside: Callable[[], None]) -> IntervalRecord | None:
+    """``doctor.step()``; an error there (nothing to watch, a failing remedy) is one
+    :class:`~relu_doctor.errors.ReluDoctorWarning` and ``step_aside()``: the user's training
+    goes on without relu_doctor."""
+    try:
+        return doctor.step()
+    except Exception as e:
+        warnings.warn(
+            f"relu_doctor: {e} The relu_doctor callback steps aside; training goes on.",
+            ReluDoctorWarning,
+            stacklevel=3,
+        )
+        step_aside()
+        return None
+
+
 def flush_and_detach(doctor: Doctor, detach: Callable[[], None]) -> None:
     """At the end of training: log the last, partial window (if it holds any step), then
-    ``detach()`` whatever happens."""
+    ``detach()`` and close the run directory (its lock released, so a next run can resume it)
+    whatever happens."""
     try:
         if doctor.window_steps > 0:
             doctor.log()
+    except Exception as e:  # the end of training is the user's: warn, never raise
+        warnings.warn(f"relu_doctor: the last window was not logged: {e}", ReluDoctorWarning,
+                      stacklevel=3)
     finally:
         detach()
+        doctor.close()
 
 
 def missing(package: str, error: ImportError, *, what: str, install: str) -> ReluDoctorError:

@@ -41,6 +41,7 @@ from relu_doctor.integrations._common import (
     missing,
     record_scalars,
     remedy_options,
+    safe_step,
 )
 
 try:
@@ -174,6 +175,7 @@ class ReluDoctorCallback(TrainerCallback):
         self._pending: dict[str, float] = {}
         self._warner = FindingWarner(None)
         self._clip: AutoClip | None = None
+        self._stopped = False
 
     # ------------------------------------------------------------------ train lifecycle
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
@@ -194,6 +196,7 @@ class ReluDoctorCallback(TrainerCallback):
                 "its place: pass TrainingArguments(max_grad_norm=0), or autoclip=False."
             )
         self._detach()
+        self._stopped = False
         opt = _inner(optimizer)
         self._move_first()
         world = int(getattr(args, "world_size", 1) or 1)
@@ -278,9 +281,10 @@ class ReluDoctorCallback(TrainerCallback):
         self.remedies = rem
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self.doctor is None:
+        if self.doctor is None or self._stopped:
             return None
-        record = self.doctor.step()  # called once per optimizer step by the Trainer
+        # Called once per optimizer step by the Trainer.
+        record = safe_step(self.doctor, self._step_aside)
         if record is not None:
             control.should_log = True  # the Trainer logs at this step: on_log adds ours
         return control
@@ -304,6 +308,10 @@ class ReluDoctorCallback(TrainerCallback):
         if doc is None:
             return
         flush_and_detach(doc, self._detach)
+
+    def _step_aside(self) -> None:
+        self._detach()
+        self._stopped = True
 
     def _detach(self) -> None:
         if self._clip is not None:

@@ -22,6 +22,7 @@ events attach, mark steps, pause, log) and *what* the sites are (Keras layers, s
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from relu_doctor.integrations._common import (
     flush_and_detach,
     missing,
     remedy_options,
+    safe_step,
     summary_scalars,
 )
 
@@ -48,7 +50,7 @@ import torch
 from relu_doctor._validate import glob_patterns, matches, positive_int
 from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
 from relu_doctor.doctor import Doctor
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.history import IntervalRecord
 from relu_doctor.integrations._keras_layers import KerasSite, find_sites
 from relu_doctor.integrations._keras_remedies import (
@@ -158,6 +160,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self.remedies: dict[str, Any] = {}
         self._handles: list[Any] = []
         self._calls: dict[int, int] = {}
+        self._failed: set[str] = set()
+        self._stopped = False
         self._clipper: KerasAutoClip | None = None
         self._batches = 0
         self._accumulate = 1
@@ -174,6 +178,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 "model.build(input_shape)) before fit."
             )
         self._detach()
+        self._stopped = False
+        self._failed = set()
         self.sites = {
             s.path: s
             for s in find_sites(model, lambda p: matches(p, self.include, self.exclude))
@@ -244,8 +250,19 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 return
             idx = self._calls.get(key, 0)
             self._calls[key] = idx + 1
-            for p in on:
-                p.record(output, path=site.path, call_index=idx, family=fam)
+            if site.path in self._failed:
+                return
+            try:
+                for p in on:
+                    p.record(output, path=site.path, call_index=idx, family=fam)
+            except Exception as e:  # never into the user's forward: warn once, step aside
+                self._failed.add(site.path)
+                warnings.warn(
+                    f"relu_doctor: stopped watching Keras layer {site.path!r} "
+                    f"({type(e).__name__}: {e}); training goes on.",
+                    ReluDoctorWarning,
+                    stacklevel=2,
+                )
 
         return hook
 
@@ -268,11 +285,15 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             self.remedies["autoclip"] = clip.bind(doc)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if self.doctor is None:
+        if self.doctor is None or self._stopped:
             return
         self._batches += 1
         if self._batches % self._accumulate == 0:  # one step per optimizer step
-            self.doctor.step()
+            safe_step(self.doctor, self._step_aside)
+
+    def _step_aside(self) -> None:
+        self._detach()
+        self._stopped = True
 
     def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
         doc = self.doctor

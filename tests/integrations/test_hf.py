@@ -185,3 +185,35 @@ def test_bad_input_gets_one_clear_message(tmp_path: Path) -> None:
     with pytest.raises(ReluDoctorError, match="no optimizer yet"):
         cb.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(),
                           model=_model(), optimizer=None)
+
+
+class _Step(transformers.TrainerCallback):  # type: ignore[misc]
+    """A hand-written loop hook: the standalone ``watch`` stepped at each optimizer step."""
+
+    def __init__(self, doc: Any) -> None:
+        self.doc = doc
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.doc.step()
+
+
+def test_callback_numbers_equal_the_standalone_watch(tmp_path: Path) -> None:
+    cb = ReluDoctorCallback(log_every_n_steps=2)
+    args = _args(tmp_path / "cb", gradient_accumulation_steps=2, eval_strategy="steps",
+                 eval_steps=3)
+    transformers.Trainer(model=_model(), args=args, train_dataset=_data(),
+                         eval_dataset=_data(32), callbacks=[cb]).train()
+    model = _model()
+    args = _args(tmp_path / "watch", gradient_accumulation_steps=2, eval_strategy="steps",
+                 eval_steps=3)
+    with relu_doctor.watch(model, log_every_n_steps=2) as doc:
+        transformers.Trainer(model=model, args=args, train_dataset=_data(),
+                             eval_dataset=_data(32), callbacks=[_Step(doc)]).train()
+    assert cb.doctor is not None
+    cols = ["step", "site", "elements", "dead", "activation_rate", "mean_abs", "grad_rms"]
+    a = cb.doctor.history().sort_values(["step", "site"])[cols].reset_index(drop=True)
+    b = doc.history().sort_values(["step", "site"])[cols].reset_index(drop=True)
+    assert len(a) == len(b) == 6
+    assert list(a["site"]) == list(b["site"])
+    for c in cols[2:]:
+        assert a[c].to_numpy() == pytest.approx(b[c].to_numpy(), rel=1e-6), c

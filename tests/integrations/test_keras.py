@@ -230,3 +230,60 @@ def test_the_package_imports_without_keras_or_transformers() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "ReluDoctorError" in out.stdout and "'keras'" in out.stdout
+
+
+def test_callback_numbers_equal_the_standalone_watch(tmp_path: Path) -> None:
+    """Same seed and data: the callback's sites (named after layers) hold the numbers of the
+    standalone ``watch`` (which names them after the calling Keras class), site by site."""
+    x, y = _data()
+    model = _mlp()
+    cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / "cb")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb],
+              validation_data=_data(24, seed=1))
+
+    model = _mlp()
+    with relu_doctor.watch(model, log_every_n_steps=2) as doc:
+
+        class Step(keras.callbacks.Callback):  # type: ignore[misc]
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                doc.step()
+
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[Step()],
+                  validation_data=_data(24, seed=1))
+    assert cb.doctor is not None
+    cols = ["step", "units", "elements", "dead", "activation_rate", "mean_abs", "grad_rms",
+            "dormant"]
+    a = cb.doctor.history().sort_values(["step", "order"])[cols].reset_index(drop=True)
+    b = doc.history().sort_values(["step", "order"])[cols].reset_index(drop=True)
+    assert len(a) == len(b) == 6
+    for c in cols:
+        assert a[c].to_numpy() == pytest.approx(b[c].to_numpy(), rel=1e-6), c
+
+
+def test_a_second_fit_continues_the_counts(tmp_path: Path) -> None:
+    model = _mlp()
+    x, y = _data(32)
+    cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / "run")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    assert cb.doctor is not None and cb.doctor.global_step == 4
+    run = relu_doctor.load_run(tmp_path / "run")
+    assert sorted(run.history["step"].unique()) == [2, 4]
+
+
+def test_a_failing_record_warns_once_and_training_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _mlp()
+    x, y = _data(32)
+    cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / "run")
+    from relu_doctor.probes import Probe
+
+    def broken(self: Any, output: Any, **kw: Any) -> None:
+        raise RuntimeError("forced")
+
+    monkeypatch.setattr(Probe, "record", broken)
+    with pytest.warns(ReluDoctorWarning) as caught:
+        hist = model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    assert len(hist.history["loss"]) == 1  # training went on
+    texts = [str(w.message) for w in caught]
+    assert sum("stopped watching Keras layer 'hidden'" in t for t in texts) == 1
+    assert any("steps aside" in t for t in texts)  # nothing left to watch: it stepped aside
