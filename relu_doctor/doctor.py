@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -39,7 +40,7 @@ from relu_doctor.history import (
     RunWriter,
     event_dict,
 )
-from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, site_metrics, unit_metrics
+from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, stacked_metrics
 from relu_doctor.optimizer_tap import OptimizerTap
 from relu_doctor.probes import Probe
 from relu_doctor.sampling import Sampler
@@ -364,10 +365,14 @@ class Doctor:
             if close:
                 self._grad_norm_history.append(total)
         site_rows: list[dict[str, Any]] = []
-        unit_frames: list[pd.DataFrame] = []
         units: dict[str, dict[str, torch.Tensor]] = {}
-        for s, w, life in zip(sites, host_windows, host_life, strict=True):
-            u = unit_metrics(w, life + w, self.config.tau)  # lifetime read before the fold
+        # Every site at once: one tensor op per metric, not a loop of them per site.
+        unit_list, metric_rows = stacked_metrics(
+            host_windows,
+            [life + w for life, w in zip(host_life, host_windows, strict=True)],  # before the fold
+            self.config.tau,
+        )
+        for s, u, sm in zip(sites, unit_list, metric_rows, strict=True):
             site_rows.append(
                 {
                     "step": self.global_step,
@@ -381,20 +386,20 @@ class Doctor:
                     "window_steps": self.window_steps,
                     "steps_collected": self.window_steps,
                     "steps_run": self.steps_run,
-                    **site_metrics(w, u),
+                    **sm,
                 }
             )
             units[s.name] = u
-            unit_frames.append(
-                pd.DataFrame(
-                    {
-                        "step": self.global_step,
-                        "site": s.name,
-                        "unit": range(s.units),
-                        **{c: u[c].numpy() for c in UNIT_COLUMNS},
-                    }
-                )
-            )
+        unit_table = pd.DataFrame(
+            {
+                "step": self.global_step,
+                "site": np.repeat(
+                    np.array([s.name for s in sites], dtype=object), [s.units for s in sites]
+                ),
+                "unit": np.concatenate([np.arange(s.units) for s in sites]),
+                **{c: torch.cat([u[c] for u in unit_list]).numpy() for c in UNIT_COLUMNS},
+            }
+        )
         findings = diagnose(
             site_rows, units, self.config, step=self.global_step,
             param_grad_norms=self._grad_norm_history, first_rms=self._first_rms,
@@ -408,7 +413,7 @@ class Doctor:
         record = IntervalRecord(
             step=self.global_step,
             site_rows=site_rows,
-            unit_table=pd.concat(unit_frames, ignore_index=True),
+            unit_table=unit_table,
             layer_table=pd.DataFrame(layer_rows),
             findings=findings,
             new_findings=new,

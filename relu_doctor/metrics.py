@@ -21,7 +21,7 @@ import torch
 
 from relu_doctor.stats import ROW
 
-__all__ = ["UNIT_COLUMNS", "layer_metrics", "site_metrics", "unit_metrics"]
+__all__ = ["UNIT_COLUMNS", "layer_metrics", "site_metrics", "stacked_metrics", "unit_metrics"]
 
 # Per-unit metrics written to the run record's unit table, in order.
 UNIT_COLUMNS: tuple[str, ...] = (
@@ -166,3 +166,104 @@ def layer_metrics(
         for i, (name, norm) in enumerate(zip(names, norms, strict=True))
     ]
     return rows, math.sqrt(sum(n**2 for n in norms))
+
+
+def stacked_metrics(
+    windows: Sequence[torch.Tensor], lifetimes: Sequence[torch.Tensor], tau: float
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, Any]]]:
+    """:func:`unit_metrics` and :func:`site_metrics` of many sites at once.
+
+    The sites' units are laid side by side in one ``(len(FIELDS), total units)`` matrix, so
+    each metric is one tensor op over every site (a logging step of a 256-site model does
+    not loop over sites in tensor code), and per-site sums are one ``index_add``. The
+    results equal the per-site functions' (sums may be regrouped: float64 rounding only).
+
+    Args:
+        windows: each site's ``(len(FIELDS), units)`` window sums (host float64).
+        lifetimes: each site's lifetime sums, the window included.
+        tau: dormant threshold on the ReDo score.
+
+    Returns:
+        ``(units, sites)``: per site, the dict :func:`unit_metrics` returns (views into
+        shared tensors) and the dict :func:`site_metrics` returns.
+    """
+    if not windows:
+        return [], []
+    sizes = [int(w.shape[1]) for w in windows]
+    k = len(sizes)
+    m = torch.cat([w.detach().to("cpu", torch.float64) for w in windows], 1)
+    life = torch.cat([t.detach().to("cpu", torch.float64) for t in lifetimes], 1)
+    seg = torch.repeat_interleave(torch.arange(k), torch.tensor(sizes, dtype=torch.long))
+    r = {name: m[i] for name, i in ROW.items()}
+    n = r["elements"]
+    seen = n > 0
+    nan = torch.full_like(n, float("nan"))
+
+    def ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(b > 0, a / b.clamp(min=1), nan)
+
+    def per_site(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*x.shape[:-1], k, dtype=torch.float64).index_add_(-1, seg, x.double())
+
+    mean_abs = ratio(r["sum_abs"], n)
+    seen_count = per_site(seen)
+    avg = per_site(torch.where(seen, mean_abs, 0.0)) / seen_count  # NaN where none seen
+    avg_u = avg[seg]
+    score = torch.where(avg_u > 0, torch.where(seen, mean_abs / avg_u, nan), torch.where(seen, 0.0, nan))
+    active = r["active"]
+    u: dict[str, torch.Tensor] = {
+        "seen": seen,
+        "activation_rate": ratio(active, n),
+        "mean": ratio(r["sum"], n),
+        "mean_abs": mean_abs,
+        "rms": ratio(r["sum_sq"], n).sqrt(),
+        "saturation_rate": ratio(r["saturated"], n),
+        "dormant_score": score,
+        "dead": seen & (active == 0),
+        "dormant": seen & (score <= tau),
+        "fully_saturated": seen & (r["saturated"] == n),
+        "lifetime_dead": (life[ROW["elements"]] > 0) & (life[ROW["active"]] == 0),
+        "grad_rms": ratio(r["grad_sq"], r["grad_elements"]).sqrt(),
+        "grad_zero_rate": ratio(r["grad_zero"], r["grad_in_elements"]),
+        "nonfinite": r["nonfinite"],
+        "grad_nonfinite": r["grad_nonfinite"],
+    }
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+    units = [{name: t[a:b] for name, t in u.items()} for a, b in bounds]
+    sums = per_site(m).T.tolist()  # (k, len(FIELDS)): one read of every per-site sum
+    flags = ("dead", "dormant", "fully_saturated", "lifetime_dead")
+    counts = per_site(torch.stack([u[f] for f in flags])).T.tolist()
+    seen_list = seen_count.tolist()
+    rows: list[dict[str, Any]] = []
+    nanf = float("nan")
+    for i in range(k):
+        w = sums[i]
+        dead, dormant, full, life_dead = counts[i]
+        n_units, sn = sizes[i], int(seen_list[i])
+        el, act = w[ROW["elements"]], w[ROW["active"]]
+        gel, gin = w[ROW["grad_elements"]], w[ROW["grad_in_elements"]]
+        rows.append(
+            {
+                "units": n_units,
+                "units_seen": sn,
+                "elements": el,
+                "dead": int(dead),
+                "dead_fraction": dead / sn if sn else nanf,
+                "lifetime_dead": int(life_dead),
+                "lifetime_dead_fraction": life_dead / n_units if n_units else nanf,
+                "dormant": int(dormant),
+                "dormant_fraction": dormant / sn if sn else nanf,
+                "sparsity": 1.0 - act / el if el else nanf,
+                "activation_rate": act / el if el else nanf,
+                "mean_abs": w[ROW["sum_abs"]] / el if el else nanf,
+                "rms": math.sqrt(w[ROW["sum_sq"]] / el) if el else nanf,
+                "saturated_fraction": w[ROW["saturated"]] / el if el else nanf,
+                "fully_saturated": int(full),
+                "grad_rms": math.sqrt(w[ROW["grad_sq"]] / gel) if gel else nanf,
+                "grad_zero_fraction": w[ROW["grad_zero"]] / gin if gin else nanf,
+                "nonfinite": int(w[ROW["nonfinite"]]),
+                "grad_nonfinite": int(w[ROW["grad_nonfinite"]]),
+            }
+        )
+    return units, rows

@@ -185,3 +185,80 @@ def test_large_activations_in_every_layout_match_numpy(data, name):
     g_expected["grad_in_elements"] = g_expected["grad_elements"].copy()
     check(g_rows[:-1], GRAD_FIELDS[:-1], g_expected, x.dtype, f"grad {layout} {tuple(x.shape)}",
           RTOL_LARGE)
+
+
+# ---------------------------------------------------------------- the fused CPU kernel
+def _fused_window(out, unit_dim, cap, grad=None, grad_in=None, scale=None):
+    """A site window filled by the fused kernel only (never the eager fallback)."""
+    from relu_doctor import _kernels
+    from relu_doctor.stats import SiteStats
+
+    st_ = SiteStats(out.shape[unit_dim], "cpu")
+    assert _kernels.forward_into(st_.window, out, unit_dim, cap=cap)
+    if grad is not None:
+        assert _kernels.grad_into(st_.window, grad, grad_in, unit_dim, scale, len(FORWARD_FIELDS))
+    return st_.window
+
+
+@PROPERTY
+@given(data=activations(), name=st.sampled_from(sorted(ACTIVATIONS)), channels_last=st.booleans())
+def test_fused_kernel_matches_numpy(data, name, channels_last):
+    """The fused kernel against the same numpy definitions: counts exactly, sums to float32
+    precision, in a contiguous or a channels-last layout."""
+    from relu_doctor import _kernels
+
+    if not _kernels.available():
+        return
+    x, unit_dim, gen = data
+    act, _nonnegative, cap = ACTIVATIONS[name]
+    out = act(x)
+    if channels_last and out.dim() == 4:
+        out = out.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(x.dtype)
+    gi = torch.where(out > 0, g, torch.zeros_like(g))
+    w = _fused_window(out, unit_dim, cap, g, gi, 0.5)
+    where = f"fused {name} {tuple(x.shape)} dim {unit_dim}"
+    check(w[: len(FORWARD_FIELDS) - 1], FORWARD_FIELDS[:-1],
+          ref.forward_reference([out], unit_dim, cap), x.dtype, where)
+    expected = ref.grad_reference([g * 0.5], [gi], unit_dim)
+    expected["grad_in_elements"] = expected["grad_elements"].copy()
+    grad = w[len(FORWARD_FIELDS) : -1]
+    check(grad, GRAD_FIELDS[:-1], expected, x.dtype, where)
+    assert not w[len(FORWARD_FIELDS) - 1].any() and not w[-1].any()
+
+
+# ---------------------------------------------------------------- metrics over stacked sites
+@PROPERTY
+@given(sizes=st.lists(st.integers(0, 6), min_size=1, max_size=6), seed=st.integers(0, 2**31 - 1),
+       tau=st.sampled_from([0.0, 0.1, 0.5]))
+def test_stacked_metrics_equal_the_per_site_functions(sizes, seed, tau):
+    """metrics.stacked_metrics (every site at once) gives what unit_metrics and site_metrics
+    give site by site: unseen units, dead units, sites with no units included."""
+    import math
+
+    from relu_doctor.metrics import site_metrics, stacked_metrics, unit_metrics
+    from relu_doctor.stats import FIELDS, ROW
+
+    gen = torch.Generator().manual_seed(seed)
+    windows, lifetimes = [], []
+    for u in sizes:
+        w = torch.rand(len(FIELDS), u, generator=gen, dtype=torch.float64) * 50
+        w[ROW["elements"]] = torch.randint(0, 3, (u,), generator=gen).double() * 8
+        dead = torch.rand(u, generator=gen) < 0.4
+        w[ROW["active"]] = torch.where(dead, 0.0, w[ROW["elements"]] / 2)
+        w[ROW["saturated"]] = torch.where(dead, w[ROW["elements"]], 0.0)
+        windows.append(w)
+        lifetimes.append(w + torch.rand(len(FIELDS), u, generator=gen, dtype=torch.float64))
+    units, rows = stacked_metrics(windows, lifetimes, tau)
+    for w, life, u2, r2 in zip(windows, lifetimes, units, rows, strict=True):
+        u1 = unit_metrics(w, life, tau)
+        assert sorted(u1) == sorted(u2)
+        for k, v in u1.items():
+            assert v.dtype == u2[k].dtype and v.shape == u2[k].shape, k
+            torch.testing.assert_close(v, u2[k], rtol=1e-12, atol=0, equal_nan=True, msg=k)
+        r1 = site_metrics(w, u1)
+        assert sorted(r1) == sorted(r2)
+        for k, v in r1.items():
+            assert type(v) is type(r2[k]) or isinstance(v, float), k
+            assert v == r2[k] or (math.isnan(v) and math.isnan(r2[k])) or math.isclose(
+                v, r2[k], rel_tol=1e-12), (k, v, r2[k])
