@@ -91,6 +91,23 @@ class Consumer:
             return (cols.reshape(-1) + self.offset).sort().values
         return torch.nonzero(torch.isin(self.inputs, units)).flatten()
 
+    def per_unit(self, values: torch.Tensor, units: int) -> torch.Tensor:
+        """Sum ``values`` (one per input feature/channel of this consumer) per unit: e.g. a
+        unit's outgoing weight magnitude, whatever the flatten span or concat offset."""
+        m = self.unit_of_inputs(values.shape[0])
+        keep = m >= 0
+        out = torch.zeros(units, dtype=values.dtype, device=values.device)
+        return out.index_add_(0, m[keep].to(values.device), values[keep.to(values.device)])
+
+    def unit_of_inputs(self, n: int) -> torch.Tensor:
+        """Per input feature/channel (``n`` of them): the unit it carries, -1 for none."""
+        if self.inputs is not None:
+            return self.inputs
+        m = torch.full((n,), -1, dtype=torch.long)
+        idx = torch.arange(n - self.offset)
+        m[self.offset :] = idx // self.span
+        return m
+
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": self.path, "span": self.span}
         if self.offset:

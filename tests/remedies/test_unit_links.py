@@ -125,3 +125,24 @@ def test_a_functional_call_inside_a_child_is_told_from_the_parents_own_calls():
     child = find_unit_links(net, site=SiteKey("block", 0, "relu"), dataflow=flow)
     assert (child.producer_path, [c.path for c in child.consumers]) == ("block.fc", ["out"])
     assert child.site == "block:relu#0"
+
+
+def test_per_unit_sums_a_consumers_inputs_by_unit():
+    """What a remedy reading outgoing weights needs: per unit, whatever span or offset."""
+    from tests.zoo import DenseNetish
+
+    net = DenseNetish()
+    flow = record_dataflow(net, torch.randn(2, 3, 8, 8))
+    links = find_unit_links(net, site="block.0.relu2", dataflow=flow)
+    (conv2,) = links.consumers
+    w = conv2.module.weight.detach()
+    got = conv2.per_unit(w.abs().sum((0, 2, 3)), links.units)
+    torch.testing.assert_close(got, w.abs().sum((0, 2, 3)))  # channel i is unit i
+    head = find_unit_links(SmallCNN(4), site="features.6", example_inputs=torch.randn(2, 3, 8, 8))
+    (lin,) = head.consumers
+    cols = torch.arange(lin.module.in_features, dtype=torch.float32)
+    expected = cols.reshape(head.units, 16).sum(1)  # 16 columns per channel after flatten
+    torch.testing.assert_close(lin.per_unit(cols, head.units), expected)
+    # relu0's units reach the transition's BatchNorm: channels 0-7 of 16
+    t = find_unit_links(net, site="relu0", dataflow=flow).consumers[-1]
+    assert t.path == "transition.norm" and t.unit_of_inputs(16).tolist() == [*range(8)] + [-1] * 8
