@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -287,3 +288,25 @@ def test_a_failing_record_warns_once_and_training_goes_on(tmp_path: Path, monkey
     texts = [str(w.message) for w in caught]
     assert sum("stopped watching Keras layer 'hidden'" in t for t in texts) == 1
     assert any("steps aside" in t for t in texts)  # nothing left to watch: it stepped aside
+
+
+@pytest.mark.slow
+def test_jit_compile_gives_the_eager_forward_statistics(tmp_path: Path) -> None:
+    """``jit_compile=True`` (torch.compile of the train step): the hooks are traced into the
+    graph; forward statistics equal eager ones, gradient statistics are missing (NaN), as
+    for torch.compile in plain PyTorch."""
+    out = {}
+    for jit in (False, True):
+        model = _mlp()
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="categorical_crossentropy",
+                      jit_compile=jit)
+        x, y = _data()
+        cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / str(jit))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+        assert cb.doctor is not None
+        out[jit] = cb.doctor.history().sort_values(["step", "order"]).reset_index(drop=True)
+    for c in ("elements", "dead", "activation_rate", "mean_abs"):
+        assert out[True][c].to_numpy() == pytest.approx(out[False][c].to_numpy(), rel=1e-6), c
+    assert out[True]["grad_rms"].isna().all() and out[False]["grad_rms"].notna().all()
