@@ -40,6 +40,7 @@ __all__ = [
     "Pending",
     "RecordLike",
     "Remedy",
+    "dead_surge",
     "model_snapshot",
     "site_snapshot",
     "verdict",
@@ -165,6 +166,32 @@ def model_snapshot(record: RecordLike) -> dict[str, Any]:
         "grad_norm": grad_norm,
         "exploding_gradient": any(f.kind == "exploding_gradient" for f in record.findings),
     }
+
+
+def dead_surge(
+    record: RecordLike, prev: dict[str, float], jump: float
+) -> dict[str, Any] | None:
+    """The site whose dead fraction rose the most, by at least ``jump``, since ``prev`` (its
+    value at the previous interval, 0 for a site not seen), as evidence; None without one.
+    Updates ``prev`` with this record's dead fractions.
+
+    Example:
+        >>> class R: site_rows = [{"site": "a", "dead_fraction": 0.5}]
+        >>> dead_surge(R(), {}, 0.2)["jump"]
+        0.5
+    """
+    surge: dict[str, Any] | None = None
+    for row in record.site_rows:
+        frac = finite_or_none(row.get("dead_fraction"))
+        if frac is None:
+            continue
+        site = str(row["site"])
+        before = prev.get(site, 0.0)
+        if frac - before >= jump and (surge is None or frac - before > surge["jump"]):
+            surge = {"site": site, "dead_fraction_before": before, "dead_fraction": frac,
+                     "jump": frac - before}
+        prev[site] = frac
+    return surge
 
 
 # ---------------------------------------------------------------------- shared argument checks

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from relu_doctor._validate import finite_or_none, nonnegative, number_in, positive_int
+from relu_doctor._validate import nonnegative, number_in, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
@@ -23,6 +23,7 @@ from relu_doctor.remedies.base import (
     Optimizers,
     RecordLike,
     Remedy,
+    dead_surge,
     model_snapshot,
     one_optimizer,
 )
@@ -178,21 +179,7 @@ class LRRescuer(Remedy):
                 if f.kind == "nonfinite":
                     found = ("nonfinite", {"site": f.site, "finding": f.message})
                     break
-        surge: dict[str, Any] | None = None
-        for row in record.site_rows:
-            frac = finite_or_none(row.get("dead_fraction"))
-            if frac is None:
-                continue
-            site = str(row["site"])
-            prev = self.prev_dead.get(site, 0.0)
-            if frac - prev >= self.dead_jump and (surge is None or frac - prev > surge["jump"]):
-                surge = {
-                    "site": site,
-                    "dead_fraction_before": prev,
-                    "dead_fraction": frac,
-                    "jump": frac - prev,
-                }
-            self.prev_dead[site] = frac
+        surge = dead_surge(record, self.prev_dead, self.dead_jump)
         if found is None and surge is not None and "dead_surge" in self.triggers:
             found = ("dead_surge", surge)
         return found

@@ -55,6 +55,7 @@ from relu_doctor.remedies.base import (
     RecordLike,
     Remedy,
     check_model,
+    dead_surge,
     model_snapshot,
     site_snapshot,
 )
@@ -299,23 +300,9 @@ class TreatmentPlan(Remedy):
         last = self._last_change.get(site)
         return last is not None and self.interval - last < self.cooldown
 
-    def _surge(self, record: RecordLike) -> dict[str, Any] | None:
-        surge: dict[str, Any] | None = None
-        for row in record.site_rows:
-            frac = finite_or_none(row.get("dead_fraction"))
-            if frac is None:
-                continue
-            site = str(row["site"])
-            prev = self._prev_dead.get(site, 0.0)
-            if frac - prev >= self.dead_jump and (surge is None or frac - prev > surge["jump"]):
-                surge = {"site": site, "dead_fraction_before": prev, "dead_fraction": frac,
-                         "jump": frac - prev}
-            self._prev_dead[site] = frac
-        return surge
-
     def _model_trigger(self, record: RecordLike) -> tuple[str, str, dict[str, Any]] | None:
         """(reason, target metric, evidence) of a model-wide symptom, or None."""
-        surge = self._surge(record)
+        surge = dead_surge(record, self._prev_dead, self.dead_jump)
         for kind in ("nonfinite", "exploding_gradient"):
             for f in record.findings:
                 if f.kind == kind:
