@@ -321,6 +321,27 @@ def _environment(run: Run) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
     return env, config
 
 
+_LR_REMEDIES = frozenset({"lr_rescue"})
+
+
+def _learning_rates(interventions: Sequence[InterventionView], metrics: pd.DataFrame) -> None:
+    """A learning-rate change's own before -> after: the ``lr`` the run recorded at its step
+    (read before the change) and at the next logging step."""
+    lr = metrics[metrics["name"] == "lr"] if not metrics.empty else metrics
+    if lr.empty:
+        return
+    by_step = {int(r.step): float(r.value) for r in lr.itertuples()}
+    steps = sorted(by_step)
+    for e in interventions:
+        if e.remedy not in _LR_REMEDIES or e.step not in by_step:
+            continue
+        later = [t for t in steps if t > e.step]
+        after = fmt_num(by_step[later[0]]) if later else "not yet measured"
+        # after the judged target (first, in bold), before the other numbers
+        e.changes.insert(1 if e.target and e.changes else 0,
+                         ("learning rate", fmt_num(by_step[e.step]), after))
+
+
 def _metrics_table(run: Run) -> pd.DataFrame:
     """The run's training metrics (``step``, ``name``, ``value``): empty for a run that
     logged none (or was written before they were recorded)."""
@@ -414,10 +435,12 @@ def build_context(run: Run) -> ReportContext:
     findings_step = max((f.step for f in findings), default=last_step)
     sites = _site_rows(run, last, findings)
     interventions = [intervention_view(e) for e in run.interventions()]
-    line_steps = sorted({e.step for e in interventions if e.remedy not in CONTINUOUS_REMEDIES})
+    metrics = _metrics_table(run)
+    _learning_rates(interventions, metrics)
+    line_steps = sorted({e.step for e in interventions if not e.continuous})
     numbers = {step: i + 1 for i, step in enumerate(line_steps)}
     for e in interventions:
-        e.number = numbers.get(e.step, 0) if e.remedy not in CONTINUOUS_REMEDIES else 0
+        e.number = numbers.get(e.step, 0) if not e.continuous else 0
     heatmaps, omitted = _heatmap_sites(run, findings)
     anchors = {r.site: (f"rd-fig-{r.anchor[len('rd-site-'):]}" if r.site in heatmaps else r.anchor)
                for r in sites}
@@ -456,7 +479,7 @@ def build_context(run: Run) -> ReportContext:
         heatmap_sites=heatmaps,
         heatmaps_omitted=omitted,
         marks=line_steps,
-        metrics=_metrics_table(run),
+        metrics=metrics,
         named_units=named,
     )
     model = run.meta.get("model")

@@ -56,6 +56,8 @@ class InterventionView:
     #: the raw first and last snapshots (a summarised row's before/after span)
     before_raw: dict[str, Any] = field(default_factory=dict)
     after_raw: dict[str, Any] = field(default_factory=dict)
+    #: a clipper's per-interval report (clip statistics), not a one-off change: summarised
+    continuous: bool = False
 
 
 #: The metric a remedy's intervention is judged on when its events do not say (older runs).
@@ -114,6 +116,7 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
         verdict=str(ev.get("verdict") or ""),
         before_raw=before,
         after_raw=after,
+        continuous=remedy in CONTINUOUS_REMEDIES and bool(clip),
     )
 
 
@@ -123,7 +126,7 @@ def timeline(interventions: Sequence[InterventionView]) -> list[InterventionView
     rows: list[InterventionView] = []
     groups: dict[tuple[str, str], InterventionView] = {}
     for e in interventions:
-        if e.remedy not in CONTINUOUS_REMEDIES:
+        if not e.continuous:
             rows.append(replace(e))
             continue
         g = groups.get((e.remedy, e.site))

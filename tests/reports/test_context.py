@@ -103,7 +103,8 @@ def test_interventions_and_timeline(tmp_path: Path) -> None:
         {"type": "intervention_result", "ref": "a", "remedy": "leaky_relu_swap", "site": "s",
          "step": 20, "after": {"dead_fraction": 0.25}},
         *[{"type": "intervention", "id": f"c{i}", "remedy": "adaptive_grad_clip",
-           "site": "model", "step": 10 * i, "what": f"clip {i}", "before": {"grad_norm": 1.0}}
+           "site": "model", "step": 10 * i, "what": f"clip {i}", "before": {"grad_norm": 1.0},
+           "details": {"clip": {"clip_fraction": i / 10}}}
           for i in (1, 2, 3)],
     ]
     hist = pd.DataFrame([{"step": 10 * i, "site": "s", "units": 4, "dead": 1,
@@ -236,3 +237,12 @@ def test_lightning_monitor_records_callback_metrics_and_learning_rate(tmp_path: 
     for step in (3, 6):  # callback_metrics hold the last logged value at that step
         assert got[(step, "train_loss")] == pytest.approx(seen[step], rel=1e-6)
         assert got[(step, "lr")] == 0.05
+
+
+def test_a_learning_rate_change_shows_the_recorded_learning_rate(treated_run: TrainedRun) -> None:
+    run = load_run(treated_run.run_dir)
+    (lr,) = build_context(run).interventions
+    lrs = run.metrics[run.metrics["name"] == "lr"].set_index("step")["value"]
+    assert ("learning rate", fmt_num(lrs[12]), fmt_num(lrs[15])) in lr.changes
+    assert (lrs[12], lrs[15]) == (0.01, 0.005)
+    assert lr.number == 1 and not lr.continuous

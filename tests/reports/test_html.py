@@ -189,9 +189,11 @@ def test_interventions_timeline_joins_results(tmp_path: Path) -> None:
         {"type": "intervention_result", "ref": "swap:10:s:1", "site": "s", "step": 20,
          "after": {"dead_fraction": 0.0}},
         {"type": "intervention", "id": "clip:10", "remedy": "adaptive_grad_clip", "site": "model",
-         "step": 10, "what": "clipped on 3 of 10 steps", "before": {"grad_norm": 2.0}},
+         "step": 10, "what": "clipped on 3 of 10 steps", "before": {"grad_norm": 2.0},
+         "details": {"clip": {"clip_fraction": 0.3}}},
         {"type": "intervention", "id": "clip:20", "remedy": "adaptive_grad_clip", "site": "model",
-         "step": 20, "what": "clipped on 1 of 10 steps", "before": {"grad_norm": 1.0}},
+         "step": 20, "what": "clipped on 1 of 10 steps", "before": {"grad_norm": 1.0},
+         "details": {"clip": {"clip_fraction": 0.1}}},
     ]
     run_dir = _writer_run(tmp_path, events)
     page = render_report(load_run(run_dir))
@@ -200,6 +202,7 @@ def test_interventions_timeline_joins_results(tmp_path: Path) -> None:
     assert "replaced ReLU at s with LeakyReLU" in timeline
     assert "<strong>dead</strong> 50.0% &rarr; 0.0%" in timeline  # its target, first
     assert "acted at 2 logging intervals, steps 10–20" in timeline  # clipping summarised
+    assert "<strong>steps clipped</strong> 30.0% &rarr; 10.0%" in timeline  # first -> last
 
 
 def test_run_killed_before_first_log_reports_nothing_logged(tmp_path: Path) -> None:
