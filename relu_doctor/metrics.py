@@ -14,7 +14,7 @@ score_i = mean|h_i| / mean_k mean|h_k| over the units seen in the window.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -52,21 +52,39 @@ def unit_metrics(window: torch.Tensor, lifetime: torch.Tensor, tau: float) -> di
         ``nonfinite``, ``grad_nonfinite``; boolean ``seen``, ``dead`` (seen and never
         active), ``dormant`` (score <= tau), ``fully_saturated``, ``lifetime_dead``.
     """
-    m = window.detach().to("cpu", torch.float64)
+
+    def score_of(mean_abs: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        nan = torch.full_like(mean_abs, float("nan"))
+        seen_abs = mean_abs[seen]
+        avg = seen_abs.mean() if seen_abs.numel() else torch.tensor(float("nan"), dtype=torch.float64)
+        return torch.where(seen, mean_abs / avg, nan) if bool(avg > 0) else torch.where(seen, 0.0, nan)
+
+    return _units(
+        window.detach().to("cpu", torch.float64), lifetime.detach().to("cpu", torch.float64),
+        tau, score_of,
+    )
+
+
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / b`` where ``b > 0``, else NaN."""
+    return torch.where(b > 0, a / b.clamp(min=1), torch.full_like(b, float("nan")))
+
+
+def _units(
+    m: torch.Tensor,
+    life: torch.Tensor,
+    tau: float,
+    score_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The :func:`unit_metrics` dict of host float64 sums ``m`` (window) and ``life``
+    (lifetime); ``score_of(mean_abs, seen)`` gives the ReDo score (it averages per site)."""
     r = {name: m[i] for name, i in ROW.items()}
     n = r["elements"]
     seen = n > 0
-    nan = torch.full_like(n, float("nan"))
-
-    def ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.where(b > 0, a / b.clamp(min=1), nan)
-
+    ratio = _ratio
     mean_abs = ratio(r["sum_abs"], n)
-    seen_abs = mean_abs[seen]
-    avg = seen_abs.mean() if seen_abs.numel() else torch.tensor(float("nan"), dtype=torch.float64)
-    score = torch.where(seen, mean_abs / avg, nan) if bool(avg > 0) else torch.where(seen, 0.0, nan)
+    score = score_of(mean_abs, seen)
     active = r["active"]
-    life = lifetime.detach().to("cpu", torch.float64)
     return {
         "seen": seen,
         "activation_rate": ratio(active, n),
@@ -194,40 +212,18 @@ def stacked_metrics(
     m = torch.cat([w.detach().to("cpu", torch.float64) for w in windows], 1)
     life = torch.cat([t.detach().to("cpu", torch.float64) for t in lifetimes], 1)
     seg = torch.repeat_interleave(torch.arange(k), torch.tensor(sizes, dtype=torch.long))
-    r = {name: m[i] for name, i in ROW.items()}
-    n = r["elements"]
-    seen = n > 0
-    nan = torch.full_like(n, float("nan"))
-
-    def ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.where(b > 0, a / b.clamp(min=1), nan)
 
     def per_site(x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(*x.shape[:-1], k, dtype=torch.float64).index_add_(-1, seg, x.double())
 
-    mean_abs = ratio(r["sum_abs"], n)
-    seen_count = per_site(seen)
-    avg = per_site(torch.where(seen, mean_abs, 0.0)) / seen_count  # NaN where none seen
-    avg_u = avg[seg]
-    score = torch.where(avg_u > 0, torch.where(seen, mean_abs / avg_u, nan), torch.where(seen, 0.0, nan))
-    active = r["active"]
-    u: dict[str, torch.Tensor] = {
-        "seen": seen,
-        "activation_rate": ratio(active, n),
-        "mean": ratio(r["sum"], n),
-        "mean_abs": mean_abs,
-        "rms": ratio(r["sum_sq"], n).sqrt(),
-        "saturation_rate": ratio(r["saturated"], n),
-        "dormant_score": score,
-        "dead": seen & (active == 0),
-        "dormant": seen & (score <= tau),
-        "fully_saturated": seen & (r["saturated"] == n),
-        "lifetime_dead": (life[ROW["elements"]] > 0) & (life[ROW["active"]] == 0),
-        "grad_rms": ratio(r["grad_sq"], r["grad_elements"]).sqrt(),
-        "grad_zero_rate": ratio(r["grad_zero"], r["grad_in_elements"]),
-        "nonfinite": r["nonfinite"],
-        "grad_nonfinite": r["grad_nonfinite"],
-    }
+    seen_count = per_site(m[ROW["elements"]] > 0)
+
+    def score_of(mean_abs: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        nan = torch.full_like(mean_abs, float("nan"))
+        avg = (per_site(torch.where(seen, mean_abs, 0.0)) / seen_count)[seg]  # NaN: none seen
+        return torch.where(avg > 0, torch.where(seen, mean_abs / avg, nan), torch.where(seen, 0.0, nan))
+
+    u = _units(m, life, tau, score_of)
     ends = torch.tensor(sizes).cumsum(0).tolist()
     bounds = list(zip([0, *ends[:-1]], ends, strict=True))
     units = [{name: t[a:b] for name, t in u.items()} for a, b in bounds]
