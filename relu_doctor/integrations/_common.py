@@ -11,6 +11,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from relu_doctor._validate import finite_or_none
@@ -27,12 +28,23 @@ __all__ = [
     "check_warn",
     "flag",
     "flush_and_detach",
+    "fresh_dir",
     "missing",
     "record_scalars",
     "remedy_options",
     "safe_step",
     "summary_scalars",
 ]
+
+
+def fresh_dir(base: Path) -> Path:
+    """``base`` when it does not exist or is empty, else the first free ``base_1``,
+    ``base_2``... (a default run directory never collides with an earlier run)."""
+    path, n = base, 0
+    while path.exists() and (not path.is_dir() or any(path.iterdir())):
+        n += 1
+        path = base.with_name(f"{base.name}_{n}")
+    return path
 
 
 def safe_step(doctor: Doctor, step_aside: Callable[[], None]) -> IntervalRecord | None:

@@ -38,6 +38,7 @@ from relu_doctor.integrations._common import (
     check_warn,
     flag,
     flush_and_detach,
+    fresh_dir,
     missing,
     record_scalars,
     remedy_options,
@@ -96,7 +97,8 @@ class ReluDoctorCallback(TrainerCallback):
         exclude: glob patterns of module paths to leave out.
         unit_dims: ``{pattern: dim}`` overriding which dim holds the units.
         functional: capture functional activations too (HF's GELU classes call ``F.gelu``).
-        run_dir: the run directory; default ``<args.output_dir>/relu_doctor``.
+        run_dir: the run directory; default ``<args.output_dir>/relu_doctor`` (``_1``,
+            ``_2``... when that holds an earlier run; a resumed run goes on in its own).
         gradients: collect gradient statistics.
         eval_stream: collect ``evaluate``/``predict`` passes as the evaluation stream
             (``<run_dir>/eval``, scalars ``relu_doctor_val/...``) instead of leaving them out.
@@ -175,6 +177,7 @@ class ReluDoctorCallback(TrainerCallback):
         self._pending: dict[str, float] = {}
         self._warner = FindingWarner(None)
         self._clip: AutoClip | None = None
+        self._output_dir = "."
         self._stopped = False
 
     # ------------------------------------------------------------------ train lifecycle
@@ -197,14 +200,20 @@ class ReluDoctorCallback(TrainerCallback):
             )
         self._detach()
         self._stopped = False
+        self._output_dir = str(args.output_dir)
         opt = _inner(optimizer)
         self._move_first()
         world = int(getattr(args, "world_size", 1) or 1)
         is_zero = bool(state.is_world_process_zero)
-        run_dir = Path(self.run_dir) if self.run_dir is not None else Path(
-            args.output_dir, "relu_doctor"
-        )
         saved = self._checkpoint_state(args, state)
+        if self.run_dir is not None:
+            run_dir = Path(self.run_dir)
+        elif saved is not None and saved.get("run_dir"):
+            # Resumed: the run directory goes on (one inside output_dir is saved relative to
+            # it, so a checkpoint copied to another output_dir continues there).
+            run_dir = Path(args.output_dir, saved["run_dir"])
+        else:
+            run_dir = fresh_dir(Path(args.output_dir, "relu_doctor"))
         every = self.log_every_n_steps or (
             int(args.logging_steps) if args.logging_steps >= 1 else 50
         )
@@ -334,7 +343,17 @@ class ReluDoctorCallback(TrainerCallback):
             "version": _STATE_VERSION,
             "doctor": self.doctor.state_dict(reduce=True),
             "remedies": {name: r.state_dict() for name, r in self.remedies.items()},
+            "run_dir": self._saved_run_dir(),
         }
+
+    def _saved_run_dir(self) -> str | None:
+        doc = self.doctor
+        if doc is None or doc.run_dir is None:
+            return None
+        try:
+            return str(doc.run_dir.resolve().relative_to(Path(self._output_dir).resolve()))
+        except ValueError:
+            return str(doc.run_dir.resolve())
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.doctor is None:

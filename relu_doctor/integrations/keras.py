@@ -34,6 +34,7 @@ from relu_doctor.integrations._common import (
     check_warn,
     flag,
     flush_and_detach,
+    fresh_dir,
     missing,
     remedy_options,
     safe_step,
@@ -88,8 +89,9 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         tau: dormant threshold on the ReDo score (default 0.1).
         include: glob patterns of site paths to watch (default: every site).
         exclude: glob patterns of site paths to leave out.
-        run_dir: the run directory (default ``./relu_doctor_logs/<model name>``; a directory
-            holding a run is refused unless ``resume=True``).
+        run_dir: the run directory; a directory holding a run is refused unless
+            ``resume=True``. Default ``./relu_doctor_logs/<model name>`` (``_1``, ``_2``...
+            when that holds an earlier run).
         resume: continue the run already in ``run_dir``.
         gradients: collect gradient statistics (dL/d(output), zero dL/d(input)).
         monitor_validation: also collect validation passes, as the evaluation stream
@@ -191,10 +193,13 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 "relu_doctor watches Dense/Conv layers with activation='relu' (relu6, "
                 "leaky_relu, elu, selu, gelu, silu) and ReLU/LeakyReLU/ELU/PReLU/Activation layers."
             )
-        run_dir = Path(self.run_dir) if self.run_dir is not None else Path(
-            "relu_doctor_logs", model.name
-        )
         state = self.doctor.state_dict() if self.doctor is not None else None
+        if self.run_dir is not None:
+            run_dir = Path(self.run_dir)
+        elif self.doctor is not None and self.doctor.run_dir is not None:
+            run_dir = self.doctor.run_dir  # a second fit continues the first's directory
+        else:
+            run_dir = fresh_dir(Path("relu_doctor_logs", model.name))
         doc = Doctor(
             model,
             log_every_n_steps=self.log_every_n_steps,

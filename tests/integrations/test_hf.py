@@ -138,6 +138,9 @@ def test_checkpoint_and_resume_continue_the_counts_exactly(tmp_path: Path) -> No
         ra = a[a["step"] == step].sort_values("site")[cols].reset_index(drop=True)
         rb = b[b["step"] == step].sort_values("site")[cols].reset_index(drop=True)
         assert ra.equals(rb), (step, ra, rb)
+    # The resumed run's directory is its own output_dir's, and holds what it logged.
+    assert resumed.doctor.run_dir == part / "relu_doctor"
+    assert sorted(relu_doctor.load_run(part / "relu_doctor").history["step"].unique()) == [4, 8]
     sa, sb = full.doctor.state_dict(), resumed.doctor.state_dict()
     for token, site in sa["sites"].items():
         assert torch.equal(site["lifetime"], sb["sites"][token]["lifetime"])

@@ -330,3 +330,14 @@ def test_mixed_bfloat16_counts_equal_float32(tmp_path: Path) -> None:
     # bf16 rounds the activations: rates agree to the rounding of the few values near zero.
     assert b["activation_rate"].to_numpy() == pytest.approx(a["activation_rate"].to_numpy(), abs=0.02)
     assert b["grad_rms"].to_numpy() == pytest.approx(a["grad_rms"].to_numpy(), rel=0.05)
+
+
+def test_default_run_directories_never_collide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    model = _mlp()
+    x, y = _data(32)
+    for _ in range(2):  # two callbacks, one model: two runs side by side
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[ReluDoctorCallback()])
+    name = model.name
+    assert (tmp_path / "relu_doctor_logs" / name / "meta.json").is_file()
+    assert (tmp_path / "relu_doctor_logs" / f"{name}_1" / "meta.json").is_file()
