@@ -19,7 +19,7 @@ from relu_doctor.diagnosis import Finding
 from relu_doctor.reports.formatting import UNIT_LISTS, fmt_value
 from relu_doctor.reports.interventions import InterventionView
 
-__all__ = ["MODEL_WIDE", "VOCABULARY", "FindingView", "done_lines", "finding_view", "merge",
+__all__ = ["MODEL_WIDE", "VOCABULARY", "FindingView", "done_lines", "finding_view", "kind_label", "merge",
            "recommend"]
 
 #: The report's words (tiles, findings, tables): **dead** = no activation in the logging
@@ -67,6 +67,11 @@ class FindingView:
     done: list[str] = field(default_factory=list)
 
 
+def kind_label(kind: str) -> str:
+    """The report's name for a finding kind (``lifetime_dead`` -> ``never active``)."""
+    return _KIND_LABELS.get(kind, kind.replace("_", " "))
+
+
 def finding_view(f: Finding) -> FindingView:
     ev = dict(f.evidence)
     unit_key = next((k for k in UNIT_LISTS if isinstance(ev.get(k), list) and ev[k]), None)
@@ -78,7 +83,7 @@ def finding_view(f: Finding) -> FindingView:
     ]
     return FindingView(
         kind=f.kind,
-        kind_label=_KIND_LABELS.get(f.kind, f.kind.replace("_", " ")),
+        kind_label=kind_label(f.kind),
         site=f.site,
         severity=f.severity,
         message=f.message,

@@ -239,27 +239,25 @@ def findings_markdown(findings: Sequence[Mapping[str, Any]]) -> str:
     ``message``, ``remedy``), or a line saying there is none."""
     if not findings:
         return "No findings."
+    from relu_doctor.reports.findings import kind_label
+
     lines = ["| severity | kind | site | finding | remedy |", "|---|---|---|---|---|"]
     for f in findings:
-        lines.append(
-            "| "
-            + " | ".join(
-                _cell(f.get(k, "")) for k in ("severity", "kind", "site", "message", "remedy")
-            )
-            + " |"
-        )
+        cells = (f.get("severity", ""), kind_label(str(f.get("kind", ""))), f.get("site", ""),
+                 f.get("message", ""), f.get("remedy", ""))
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
 def finding_events_markdown(events: Sequence[FindingEvent]) -> str:
     """A Markdown table of findings that began, changed severity or ended."""
+    from relu_doctor.reports.findings import kind_label
+
     lines = ["| status | severity | kind | site | finding |", "|---|---|---|---|---|"]
     for e in events:
         f = e.finding
-        lines.append(
-            "| " + " | ".join(_cell(v) for v in (e.status, f.severity, f.kind, f.site, f.message))
-            + " |"
-        )
+        cells = (e.status, f.severity, kind_label(f.kind), f.site, f.message)
+        lines.append("| " + " | ".join(_cell(v) for v in cells) + " |")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from relu_doctor.history import Run, load_run
 from relu_doctor.reports import tensorboard as tb
+from relu_doctor.reports.findings import kind_label
 from tests.reports.conftest import KILLED, TrainedRun
 
 pytest.importorskip("tensorboard")
@@ -125,7 +126,7 @@ def test_findings_text_is_the_last_steps_findings(written: tuple[Run, Any]) -> N
     assert findings
     assert table.count("\n") == len(findings) + 1  # header, rule, one row each
     for f in findings:
-        assert f"| {f.severity} | {f.kind} | {f.site} |" in table
+        assert f"| {f.severity} | {kind_label(f.kind)} | {f.site} |" in table
 
 
 def test_finding_events_text_is_the_timeline(written: tuple[Run, Any]) -> None:
@@ -135,7 +136,9 @@ def test_finding_events_text_is_the_timeline(written: tuple[Run, Any]) -> None:
     assert events
     assert sorted(timeline) == sorted({e.step for e in events})
     for e in events:
-        assert f"| {e.status} | {e.finding.severity} | {e.finding.kind} | {e.finding.site} |" in timeline[e.step]
+        assert (f"| {e.status} | {e.finding.severity} | {kind_label(e.finding.kind)} | "
+                f"{e.finding.site} |") in timeline[e.step]
+    assert kind_label("lifetime_dead") == "never active"  # the report's word
 
 
 def test_interventions_as_text(tmp_path: Path) -> None:
