@@ -103,8 +103,11 @@ def test_a_registered_class_is_watched_and_counted(registry, run_watched):
     def model():
         return nn.Sequential(nn.Linear(6, 8), Squareplus(), nn.Linear(8, 2))
 
-    with pytest.raises(ReluDoctorError, match="no ReLU-family"):
-        relu_doctor.watch(model())
+    unknown = model()
+    with relu_doctor.watch(unknown) as doc:  # not an error at attach: at the first step
+        unknown(torch.randn(2, 6))
+        with pytest.raises(ReluDoctorError, match="no ReLU-family"):
+            doc.step()
     fam = register_family("squareplus", Squareplus, leaky=True)
     assert family_of(Squareplus()) is fam
     case = zoo.Case("squareplus", model, lambda n: 3 * torch.randn(n, 6))
