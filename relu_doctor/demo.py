@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import shutil
@@ -115,6 +116,7 @@ class RunResult:
     interventions: int = 0
     seconds: float = 0.0
     findings: list[str] = field(default_factory=list)
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -220,12 +222,13 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch
             opt.step()
-            record = doc.step(loss=loss.detach())
+            record = doc.step()
             if record is not None:
                 last = record
                 acc = _accuracy(model, xt, yt)
                 dead, units = _totals(record, "dead"), _totals(record, "units")
-                writer.add_scalar("demo/loss", float(loss.detach()), step)
+                result.loss_curve.append((step, float(loss.detach())))
+                writer.add_scalar("demo/loss", result.loss_curve[-1][1], step)
                 writer.add_scalar("demo/test_accuracy", acc, step)
                 writer.add_scalar("demo/lr", opt.param_groups[0]["lr"], step)
                 if progress is not None and (step >= next_print or step == cfg.steps):
@@ -341,11 +344,12 @@ def compare_seeds(
 ) -> dict[str, dict[str, list[float]]]:
     """Train the demo untreated and treated for seeds ``0 .. seeds-1`` (run directories under
     ``out``, no HTML reports); print and return the final test accuracy and dead-unit
-    fraction of each run: ``{"untreated"|"treated": {"accuracy": [...], "dead": [...]}}``."""
+    fraction of each run, and its largest loss rise between two logging steps (a ratio):
+    ``{"untreated"|"treated": {"accuracy": [...], "dead": [...], "loss_jump": [...]}}``."""
     path = prepare_out(out)
     sink = sys.stderr if stream is None else stream
     table: dict[str, dict[str, list[float]]] = {
-        n: {"accuracy": [], "dead": []} for n in RUN_NAMES
+        n: {"accuracy": [], "dead": [], "loss_jump": []} for n in RUN_NAMES
     }
     for seed in range(seeds):
         cfg = DemoConfig.quick(seed=seed) if quick else DemoConfig(seed=seed)
@@ -356,6 +360,11 @@ def compare_seeds(
             r = train(name, run_dir, cfg, treated=name == "treated", report=False)
             table[name]["accuracy"].append(r.accuracy)
             table[name]["dead"].append(r.dead_units / r.units if r.units else math.nan)
+            curve = [v for _, v in r.loss_curve]
+            table[name]["loss_jump"].append(
+                max((b / a for a, b in itertools.pairwise(curve) if a > 0),
+                    default=math.nan)
+            )
     if sink is not False:
         for name, cols in table.items():
             acc, dead = cols["accuracy"], cols["dead"]

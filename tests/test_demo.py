@@ -154,7 +154,5 @@ def test_treated_beats_untreated_over_three_seeds(tmp_path: Path) -> None:
     for seed in range(3):  # on every seed, not only on average
         assert acc_t[seed] > acc_u[seed] + 0.02, (seed, acc_u, acc_t)
         assert dead_t[seed] < dead_u[seed] / 2, (seed, dead_u, dead_t)
-    for seed in range(3):  # no loss jump: no interval's mean loss rises by more than half
-        m = load_run(tmp_path / "seeds" / f"treated-seed{seed}").metrics
-        loss = m[m["name"] == "loss"].sort_values("step")["value"].tolist()
-        assert loss and all(b < 1.5 * a for a, b in itertools.pairwise(loss)), loss
+    # no loss jump: the logged loss never rises by half between two logging steps
+    assert all(j < 1.5 for j in table["treated"]["loss_jump"]), table["treated"]["loss_jump"]
