@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(prog: str, message: str) -> int:
-    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    print(f"{prog}: error: {_printable(' '.join(str(message).split()))}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -110,11 +110,36 @@ def _check_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    import warnings
+
+    prog = "relu-doctor report"
+    # Every warning (a damaged part or line skipped) is one line on stderr, never silence;
+    # anything unexpected in a damaged run directory is one line and exit status 2, never a
+    # traceback.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            status = _report(args, prog)
+        except Exception as e:  # a run directory damaged in a way no check foresaw
+            status = _fail(prog, f"cannot make the report of {args.run_dir!r}: "
+                           f"{type(e).__name__}: {e}")
+    for w in caught:
+        if not issubclass(w.category, DeprecationWarning):
+            text = " ".join(str(w.message).removeprefix("relu_doctor: ").split())
+            print(f"{prog}: warning: {_printable(text)}", file=sys.stderr)
+    return status
+
+
+def _printable(text: str) -> str:
+    """``text`` without terminal control characters (a run directory is untrusted input)."""
+    return "".join(c if c.isprintable() or c == "\n" else "?" for c in text)
+
+
+def _report(args: argparse.Namespace, prog: str) -> int:
     from relu_doctor.errors import ReluDoctorError
     from relu_doctor.history import load_run
     from relu_doctor.reports.report import Report
 
-    prog = "relu-doctor report"
     run_dir = Path(args.run_dir)
     try:
         run = load_run(run_dir)
@@ -133,7 +158,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.quiet:
         print(path)
         return 0
-    print(report.summary())
+    print(_printable(report.summary()))
+    if run.unwritten:
+        spans = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in run.unwritten)
+        print(f"Not in the run directory (writing failed): steps {spans}")
     print(f"Report: {path}")
     return 0
 

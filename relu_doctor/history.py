@@ -1,41 +1,23 @@
 """The run record: what each logging interval saw (:class:`IntervalRecord`), which findings
-began, changed or ended (:class:`FindingTracker`), and the run directory's writer and reader
-(:class:`RunWriter`, :func:`load_run`, :class:`Run`).
+began, changed or ended (:class:`FindingTracker`), and a run as plain data (:class:`Run`).
 
-A run directory (DESIGN.md) is written as training goes; every file is either replaced
-atomically (written under a temporary name, then renamed) or appended one whole line at a
-time, so a run killed at any moment still yields a report of everything it logged:
-
-=====================  =================================================================
-``meta.json``          format version, versions, sites, configuration (replaced)
-``findings.json``      the findings of the last logged step, exact (replaced)
-``history/``           one Parquet part per log step: one row per (step, site)
-``units/``             one Parquet part per log step: one row per (step, site, unit)
-``layers/``            one Parquet part per log step: one row per (step, layer)
-``events.jsonl``       findings when they begin, change severity or end, interventions and
-                       their results: one JSON object a line (appended)
-``tensorboard/``       event files (written by the reports / callbacks layer)
-=====================  =================================================================
-
-Parquet parts are the appendable equivalent of one ``history.parquet``: readers concatenate
-them. Imports no model, hook or device code: reports read a run directory on any machine.
+The run directory's writer and reader (``RunWriter``, ``load_run``) live in
+:mod:`relu_doctor.rundir` and are importable from here too. Imports no model, hook or
+device code: reports read a run record on any machine.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from relu_doctor.diagnosis import Finding
-from relu_doctor.errors import ReluDoctorError, RunDirError
+from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import (
     Event,
     FindingEvent,
@@ -45,8 +27,12 @@ from relu_doctor.events import (
 )
 from relu_doctor.sites import SiteKey
 
+if TYPE_CHECKING:  # importable from here at run time through __getattr__ (no import cycle)
+    from relu_doctor.rundir import RunWriter, atomic_write_bytes, load_run, read_table
+
 __all__ = [
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "Event",
     "FindingEvent",
     "FindingTracker",
@@ -57,12 +43,17 @@ __all__ = [
     "Run",
     "RunWriter",
     "atomic_write_bytes",
+    "clean_json",
+    "event_dict",
+    "finding_from_dict",
     "load_run",
     "merge_interventions",
+    "read_table",
 ]
 
-FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)  # 1: findings re-written every interval, no findings.json
+FORMAT_VERSION = 3
+# 1: findings re-written every interval, no findings.json; 2: one Parquet part per log
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass
@@ -165,34 +156,14 @@ class FindingTracker:
                 kind, site, began = item
                 f = Finding(str(kind), str(site), "", "", step=int(began), began=int(began))
             self._open[(f.kind, f.site)] = f
-_TABLES = ("history", "units", "layers")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a fresh temporary name beside ``path``, fsync, then rename.
-
-    The temporary file is opened like any new file (mode 0666 less the umask), so a run
-    directory or report stays readable by whoever it is shared with.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _clean(value: Any) -> Any:
+def clean_json(value: Any) -> Any:
     """JSON-safe copy: NaN/Inf become None, tensors and numpy scalars become numbers."""
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): clean_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [clean_json(v) for v in value]
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         try:
             value = value.item()
@@ -212,65 +183,6 @@ def event_dict(event: Event | Mapping[str, Any]) -> dict[str, Any]:
     return dict(event)
 
 
-class RunWriter:
-    """Writes a run directory incrementally. Create it on rank zero only.
-
-    Args:
-        path: the directory (created if missing). An existing run directory of this format
-            is appended to (a resumed run); a non-empty foreign directory is refused.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"run_dir: {str(self.path)!r} exists and is not a directory.")
-        if (
-            self.path.is_dir()
-            and any(self.path.iterdir())
-            and not (self.path / "meta.json").is_file()
-        ):
-            names = sorted(p.name for p in self.path.iterdir())[:5]
-            raise RunDirError(
-                f"run_dir: {str(self.path)!r} is not empty and is not a relu_doctor run "
-                f"directory (it holds {names}); pass a new or empty directory."
-            )
-        self.path.mkdir(parents=True, exist_ok=True)
-        for t in _TABLES:
-            (self.path / t).mkdir(exist_ok=True)
-
-    def write_meta(self, meta: Mapping[str, Any]) -> None:
-        """Replace ``meta.json`` atomically (``format_version`` is added)."""
-        data = {"format_version": FORMAT_VERSION, **_clean(meta)}
-        atomic_write_bytes(self.path / "meta.json", json.dumps(data, indent=2).encode())
-
-    def append_table(self, table: str, step: int, frame: pd.DataFrame) -> None:
-        """Write one Parquet part of ``table`` for ``step`` atomically."""
-        if table not in _TABLES:
-            raise ValueError(f"table must be one of {_TABLES}, got {table!r}")
-        if frame.empty:
-            return
-        import io
-
-        buf = io.BytesIO()
-        frame.to_parquet(buf, index=False)
-        atomic_write_bytes(self.path / table / f"part-{step:012d}.parquet", buf.getvalue())
-
-    def write_findings(self, findings: Iterable[Finding]) -> None:
-        """Replace ``findings.json`` (the findings of the last logged step) atomically."""
-        data = [_clean(f.to_dict()) for f in findings]
-        atomic_write_bytes(self.path / "findings.json", json.dumps(data, indent=1).encode())
-
-    def append_events(self, events: Iterable[Event | Mapping[str, Any]]) -> None:
-        """Append events to ``events.jsonl``, one whole line each, flushed to disk."""
-        lines = "".join(json.dumps(_clean(event_dict(e))) + "\n" for e in events)
-        if not lines:
-            return
-        with open(self.path / "events.jsonl", "a", encoding="utf-8") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
-
-
 @dataclass(repr=False)
 class Run:
     """A run record loaded from a run directory (or built in memory).
@@ -284,6 +196,9 @@ class Run:
         path: where it was loaded from (None when built in memory).
         last_findings: the findings of the last logged step (``findings.json``); None for
             a format-1 directory, whose events hold them.
+        tables: other tables by name (``metrics``: step, name, value).
+        problems: what could not be read back (damaged files or lines, skipped with a
+            warning).
     """
 
     meta: dict[str, Any]
@@ -293,6 +208,8 @@ class Run:
     events: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None
     last_findings: list[Finding] | None = None
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         where = f"{str(self.path)!r}" if self.path is not None else "in memory"
@@ -310,6 +227,23 @@ class Run:
         return sorted(self.meta.get("sites", []), key=lambda s: s.get("order", 0))
 
     @property
+    def metrics(self) -> pd.DataFrame:
+        """The long-format ``metrics`` table (step, name, value); empty when absent."""
+        frame = self.tables.get("metrics")
+        if frame is None or frame.empty:
+            return pd.DataFrame({"step": pd.Series(dtype="int64"), "name": pd.Series(dtype=str),
+                                 "value": pd.Series(dtype="float64")})
+        return frame
+
+    @property
+    def unwritten(self) -> list[list[int]]:
+        """``[first, last]`` step ranges whose records did not reach the run directory (a
+        write failed: disk full, permissions, a removed directory)."""
+        ranges = self.meta.get("unwritten", [])
+        return [list(r) for r in ranges if isinstance(r, list) and len(r) == 2] if isinstance(
+            ranges, list) else []
+
+    @property
     def last_step(self) -> int | None:
         return None if self.history.empty else int(self.history["step"].max())
 
@@ -322,7 +256,7 @@ class Run:
         if not rows:
             return []
         last = max(int(e["step"]) for e in rows)
-        return [_finding(e) for e in rows if e["step"] == last]
+        return [finding_from_dict(e) for e in rows if e["step"] == last]
 
     def finding_events(self) -> list[FindingEvent]:
         """Findings as they began, changed severity and ended, in order."""
@@ -339,7 +273,16 @@ class Run:
         return merge_interventions(self.events)
 
 
-def _finding(data: Mapping[str, Any]) -> Finding:
+def finding_from_dict(data: Mapping[str, Any]) -> Finding:
+    """A :class:`~relu_doctor.diagnosis.Finding` from its JSON form.
+
+    Raises:
+        TypeError: ``data`` is not an object with string ``kind``, ``site`` and ``severity``.
+    """
+    if not isinstance(data, Mapping) or not all(
+        isinstance(data.get(k), str) for k in ("kind", "site", "severity")
+    ):
+        raise TypeError(f"a finding must be an object with kind, site and severity, got {data!r:.80}")
     return Finding(**{k: data[k] for k in Finding.__dataclass_fields__ if k in data})
 
 
@@ -372,74 +315,11 @@ def merge_interventions(events: Iterable[Mapping[str, Any]]) -> list[dict[str, A
     return out
 
 
-def _read_table(path: Path) -> pd.DataFrame:
-    parts = sorted(path.glob("part-*.parquet")) if path.is_dir() else []
-    frames = []
-    for p in parts:
-        try:
-            frames.append(pd.read_parquet(p))
-        except Exception:  # a part cut short by a crash: keep the rest
-            continue
-    if not frames:
-        return pd.DataFrame()
-    return pd.concat(frames, ignore_index=True)
+def __getattr__(name: str) -> Any:
+    """The run directory's writer and reader live in :mod:`relu_doctor.rundir`; they are
+    still importable from here."""
+    if name in ("RunWriter", "load_run", "read_table", "atomic_write_bytes"):
+        from relu_doctor import rundir
 
-
-def load_run(path: str | os.PathLike[str]) -> Run:
-    """Load a run directory written by :class:`RunWriter`.
-
-    Raises:
-        RunDirError: the path is missing, not a directory, empty, foreign, or written by an
-            unsupported format version; the message says which.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise RunDirError(f"run directory {str(p)!r} does not exist.")
-    if not p.is_dir():
-        raise RunDirError(f"run directory {str(p)!r} is not a directory.")
-    meta_path = p / "meta.json"
-    if not meta_path.is_file():
-        what = "is empty" if not any(p.iterdir()) else "has no meta.json"
-        raise RunDirError(
-            f"{str(p)!r} {what}: it is not a relu_doctor run directory. Pass the directory "
-            "given as run_dir= to watch()/ReluDoctor, or made by doc.save()."
-        )
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunDirError(f"{str(meta_path)!r} cannot be read as JSON: {e}.") from None
-    version = meta.get("format_version")
-    if version not in _READABLE_VERSIONS:
-        raise RunDirError(
-            f"{str(p)!r} was written in run-directory format {version!r}; this relu_doctor "
-            f"reads formats {list(_READABLE_VERSIONS)}. Re-make the report with the relu_doctor version "
-            f"that wrote it ({meta.get('versions', {}).get('relu_doctor', 'unknown')})."
-        )
-    events: list[dict[str, Any]] = []
-    ev_path = p / "events.jsonl"
-    if ev_path.is_file():
-        for line in ev_path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-    last_findings: list[Finding] | None = None
-    f_path = p / "findings.json"
-    if f_path.is_file():
-        try:
-            last_findings = [_finding(d) for d in json.loads(f_path.read_text(encoding="utf-8"))]
-        except (OSError, ValueError, TypeError) as e:
-            raise RunDirError(f"{str(f_path)!r} cannot be read: {e}.") from None
-    elif version == FORMAT_VERSION:
-        last_findings = []  # nothing logged yet
-    return Run(
-        meta=meta,
-        history=_read_table(p / "history"),
-        units=_read_table(p / "units"),
-        layers=_read_table(p / "layers"),
-        events=events,
-        path=p,
-        last_findings=last_findings,
-    )
+        return getattr(rundir, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,7 @@ unscale first), and right under gradient accumulation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,9 +16,29 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from relu_doctor._validate import optimizers as optimizers_arg
+from relu_doctor.errors import ReluDoctorError
 from relu_doctor.sites import module_label
 
 __all__ = ["OptimizerTap"]
+
+try:  # sharded parameters (FSDP2 ``fully_shard``, Lightning's FSDP with DTensors)
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def _local(t: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(this process's part of t, weight)``. A sharded DTensor gives its local shard, and
+    the weight that makes the library's log-time cross-process sum (divided by the number of
+    processes, right for replicated DDP gradients) come out as the sum of the shards'
+    squares: the number of shards (the product of its mesh's sharded dims)."""
+    if DTensor is None or not isinstance(t, DTensor):
+        return t, 1.0
+    k = 1
+    for dim, placement in enumerate(t.placements):
+        if placement.is_shard():
+            k *= t.device_mesh.size(dim)
+    return t.to_local(), float(k)
 
 
 class OptimizerTap:
@@ -107,11 +127,14 @@ class OptimizerTap:
         device = params[0].grad.device  # type: ignore[union-attr]
         if self.grad_sq is None:
             self.grad_sq = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
-        norms = torch._foreach_norm([p.grad for p in params])  # type: ignore[misc]
+        local = [_local(p.grad) for p in params]  # type: ignore[arg-type]
+        norms = torch._foreach_norm([g for g, _ in local])
         if all(n.device == device for n in norms):  # one op, not one conversion per tensor
             sq = torch.stack(norms).to(torch.float64).square()
         else:
             sq = torch.stack([n.to(device, torch.float64) for n in norms]).square()
+        if any(k != 1.0 for _, k in local):  # sharded: see _local
+            sq = sq * torch.tensor([k for _, k in local], dtype=torch.float64, device=device)
         self.grad_sq.index_add_(0, self._index(params, device), sq)
         self.steps += 1
         if self.is_log_step():
@@ -123,14 +146,43 @@ class OptimizerTap:
             return
         params = [p for p, _ in before]
         device = params[0].device
-        delta = torch._foreach_norm([p.detach() - old for p, old in before])
-        weight = torch._foreach_norm([p.detach() for p in params])
+        # Sharded parameters: this process's shards only (the ratio is not summed across
+        # processes, so under FSDP it is the ratio of the local shards).
+        delta = torch._foreach_norm([_local(p.detach())[0] - _local(old)[0] for p, old in before])
+        weight = torch._foreach_norm([_local(p.detach())[0] for p in params])
         idx = self._index(params, device)
         d = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         w = torch.zeros_like(d)
         d.index_add_(0, idx, torch.stack([x.to(torch.float64) for x in delta]).square())
         w.index_add_(0, idx, torch.stack([x.to(torch.float64) for x in weight]).square())
         self.update_ratio = (d.sqrt() / w.sqrt().clamp(min=1e-30))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The open window (per-layer squared gradient norms summed so far, and the steps
+        summed), for a checkpoint: a resume then equals an uninterrupted run."""
+        return {
+            "layers": list(self.layers),
+            "grad_sq": None if self.grad_sq is None else self.grad_sq.detach().cpu().clone(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`. A checkpoint of other layers is refused.
+
+        Raises:
+            ReluDoctorError: the checkpoint's layers are not this model's.
+        """
+        layers = list(state.get("layers", []))
+        if layers != self.layers:
+            raise ReluDoctorError(
+                f"checkpoint: the optimizer-tap state is of layers {layers[:5]}..., this "
+                f"model has {self.layers[:5]}...; resume with the same model."
+            )
+        grad_sq = state.get("grad_sq")
+        params = [p for opt in self.optimizers for p in self._params(opt)]
+        device = params[0].device if params else torch.device("cpu")
+        self.grad_sq = None if grad_sq is None else grad_sq.to(device, torch.float64).clone()
+        self.steps = int(state.get("steps", 0))
 
     def read_and_reset(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
         """``(grad_sq per layer, steps, update_ratio per layer)``, then start a new window."""

@@ -67,10 +67,14 @@ def test_derived_metrics_match_the_reference(run_watched, name):
     run = run_watched(zoo.CASES[name], steps=5, log_every_n_steps=3, tau=tau)
     doc = run.doc
     # The logged window (steps 0-2), as recorded ...
-    record = doc.records[-1]
+    record = doc.records[0]
     check_tables(pd.DataFrame(record.site_rows), record.unit_table, run, [0, 1, 2], tau,
                  "logged")
-    # ... and the open window (steps 3-4), as to_pandas() and units() read it now.
+    # ... the last, partial window (steps 3-4), logged when the with block ended ...
+    final = doc.records[-1]
+    assert [r.step for r in doc.records] == [3, 5]
+    check_tables(pd.DataFrame(final.site_rows), final.unit_table, run, [3, 4], tau, "final")
+    # ... and the same window as to_pandas() and units() read it now.
     units = pd.concat([doc.units(s.name) for s in doc.probe.sites()])
     check_tables(doc.to_pandas(), units, run, [3, 4], tau, "current")
 

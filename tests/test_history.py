@@ -10,13 +10,19 @@ import pytest
 import torch
 
 import relu_doctor
-from relu_doctor.errors import ReluDoctorError, RunDirError
-from relu_doctor.history import FORMAT_VERSION, load_run
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError
+from relu_doctor.history import FORMAT_VERSION, Run, load_run
+from relu_doctor.rundir import RunWriter, read_table
 from tests import zoo
 
 
 def parts(run_dir, table):
-    return sorted(p.name for p in (run_dir / table).glob("part-*.parquet"))
+    return sorted(p.name for p in (run_dir / table).glob("seg-*"))
+
+
+def logged_steps(run_dir, table):
+    frame = read_table(run_dir, table)
+    return [] if frame.empty else sorted(frame["step"].unique())
 
 
 def assert_same_table(loaded: pd.DataFrame, in_memory: pd.DataFrame) -> None:
@@ -41,7 +47,9 @@ def test_run_directory_is_written_incrementally_and_reads_back(tmp_path):
             zoo.train(model, [case.batch(4)], doc=doc, optimizer=opt)
             logs = step // 2
             for table in ("history", "units", "layers"):
-                assert len(parts(run_dir, table)) == logs, (step, table)
+                # One open segment per table, appended to at every log, readable meanwhile.
+                assert len(parts(run_dir, table)) == min(logs, 1), (step, table)
+                assert logged_steps(run_dir, table) == [2 * k for k in range(1, logs + 1)]
             lines = (run_dir / "events.jsonl").read_text().splitlines() if logs else []
             assert len(lines) >= events_seen
             events_seen = len(lines)
@@ -110,17 +118,25 @@ def test_save_before_any_log_keeps_the_current_window(tmp_path):
 
 
 def test_a_run_cut_short_still_loads(tmp_path):
-    model = zoo.mlp()
-    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=tmp_path / "run") as doc:
-        zoo.train(model, [torch.randn(8, 10) for _ in range(3)], doc=doc)
+    """A writer killed mid-batch: the open stream is read up to its last complete batch
+    (with a warning naming it), a half line of events.jsonl is skipped and named."""
     run_dir = tmp_path / "run"
-    last = sorted((run_dir / "history").glob("part-*.parquet"))[-1]
-    last.write_bytes(last.read_bytes()[:20])  # killed while writing (no atomic rename)
+    model = zoo.mlp()
+    doc = relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir)
+    zoo.train(model, [torch.randn(8, 10) for _ in range(3)], doc=doc)
+    (stream,) = (run_dir / "history").glob("seg-*.arrows")  # still open: not compacted
+    stream.write_bytes(stream.read_bytes()[:-40])  # the last batch torn
     with open(run_dir / "events.jsonl", "a") as f:
         f.write('{"type": "finding", "step": 9')  # half a line
-    run = load_run(run_dir)
+    with pytest.warns(ReluDoctorWarning) as caught:
+        run = load_run(run_dir)
     assert sorted(run.history["step"].unique()) == [1, 2]
     assert all(e["step"] <= 3 for e in run.events)
+    text = " ".join(str(w.message) for w in caught)
+    assert stream.name in text and "cut short" in text and "events.jsonl" in text
+    assert len(run.problems) == 2
+    doc.detach()
+    doc.close()
 
 
 # ---------------------------------------------------------------------- errors
@@ -133,7 +149,7 @@ def test_load_run_errors(tmp_path):
         "empty": (tmp_path / "empty", r"is empty: it is not a relu_doctor run directory"),
         "foreign": (tmp_path / "foreign", r"has no meta.json: it is not a relu_doctor run"),
         "bad json": (tmp_path / "badjson", r"cannot be read as JSON"),
-        "future version": (tmp_path / "future", r"format 99; this relu_doctor reads formats \[1, 2\]"),
+        "future version": (tmp_path / "future", r"format 99; this relu_doctor reads formats \[1, 2, 3\]"),
         "no version": (tmp_path / "noversion", r"format None"),
     }
     (tmp_path / "file.txt").write_text("x")
@@ -163,14 +179,100 @@ def test_run_dir_refuses_a_foreign_directory(tmp_path):
     assert sorted(p.name for p in foreign.iterdir()) == ["cat.jpg"]
 
 
-def test_a_resumed_run_appends_to_its_directory(tmp_path):
+def test_a_second_run_in_a_run_directory_is_refused_and_resume_continues_it(tmp_path):
     run_dir = tmp_path / "run"
     model = zoo.mlp()
     with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir) as doc:
         zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
         state = doc.state_dict()
-    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir) as doc2:
+    run_id = load_run(run_dir).meta["run_id"]
+    with pytest.raises(RunDirError, match=r"already holds run .*pass resume=True"):
+        relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir)
+    assert not any(m._forward_hooks for m in model.modules())
+    # resume=True with the checkpoint: continues after it.
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc2:
         doc2.load_state_dict(state)
         zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc2)
+    # resume=True without one: continues after the last logged step.
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc3:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(1)], doc=doc3)
     run = load_run(run_dir)
-    assert sorted(run.history["step"].unique()) == [1, 2, 3, 4]
+    assert sorted(run.history["step"].unique()) == [1, 2, 3, 4, 5]
+    assert run.history.groupby("step").size().eq(2).all()  # no step written twice
+    assert run.meta["run_id"] == run_id
+    assert not run.problems
+
+
+def test_resume_from_an_older_checkpoint_drops_what_was_logged_after_it(tmp_path):
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+        state = doc.state_dict()  # checkpoint at step 2
+        zoo.train(model, [torch.randn(8, 10) for _ in range(3)], doc=doc)  # 3-5: lost
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc2:
+        doc2.load_state_dict(state)
+        zoo.train(model, [torch.randn(8, 10) for _ in range(1)], doc=doc2)
+    run = load_run(run_dir)
+    assert sorted(run.history["step"].unique()) == [1, 2, 3]
+    assert run.history.groupby("step").size().eq(2).all()
+    assert all(e["step"] <= 3 for e in run.events)
+
+
+def test_segments_rotate_and_every_row_reads_back_in_order(tmp_path):
+    """A small rotation limit: closed segments are Parquet, the open one a stream; the
+    generic ``metrics`` table reads back through ``Run.metrics``."""
+    w = RunWriter(tmp_path / "r", rotate_rows=5)
+    w.write_meta({"sites": []})
+    rows = []
+    for step in range(1, 8):
+        frame = pd.DataFrame({"step": [step, step], "name": ["loss", "acc"],
+                              "value": [1.0 / step, step / 10]})
+        w.append_table("metrics", step, frame)
+        rows.append(frame)
+    names = sorted(p.name for p in (tmp_path / "r" / "metrics").iterdir())
+    assert names == ["seg-000001.parquet", "seg-000002.parquet", "seg-000003.arrows"]
+    run = load_run(tmp_path / "r")  # while being written
+    assert_same_table(run.metrics, pd.concat(rows))
+    w.close()
+    assert sorted(p.suffix for p in (tmp_path / "r" / "metrics").iterdir()) == [".parquet"] * 3
+    assert_same_table(load_run(tmp_path / "r").metrics, pd.concat(rows))
+    assert load_run(tmp_path / "r").units.empty
+    assert list(Run({}, pd.DataFrame(), pd.DataFrame(), pd.DataFrame()).metrics.columns) == [
+        "step", "name", "value"]
+    with pytest.raises(ValueError, match="table"):
+        RunWriter(tmp_path / "s").append_table("../x", 1, frame)
+
+
+def test_bounded_in_memory_buffer_without_a_run_directory():
+    model = zoo.mlp()
+    with relu_doctor.watch(model, log_every_n_steps=1, keep_records=3) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(7)], doc=doc)
+    assert [r.step for r in doc.records] == [5, 6, 7]
+    assert sorted(doc.history()["step"].unique()) == [5, 6, 7]
+    run = doc.to_run()
+    assert sorted(run.units["step"].unique()) == [5, 6, 7]
+    assert run.meta["records_dropped"] == 4
+    with pytest.raises(ReluDoctorError, match="keep_records"):
+        relu_doctor.watch(model, keep_records=0)
+
+
+def test_the_last_partial_window_is_logged_on_exit_and_on_an_exception(tmp_path):
+    for fail in (False, True):
+        model, run_dir = zoo.mlp(), tmp_path / f"run{fail}"
+        try:
+            with relu_doctor.watch(model, log_every_n_steps=50, run_dir=run_dir) as doc:
+                zoo.train(model, [torch.randn(8, 10) for _ in range(120)], doc=doc)
+                if fail:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            pass
+        run = load_run(run_dir)
+        assert sorted(run.history["step"].unique()) == [50, 100, 120]
+        last = run.history[run.history["step"] == 120]["window_steps"]
+        assert last.between(1, 20).all() and last.iloc[0] == doc.records[-1].site_rows[0][
+            "window_steps"]
+        assert_same_table(doc.history(), run.history)
+        assert not (run_dir / ".lock").exists()
+    saved = load_run(doc.save(tmp_path / "saved"))
+    assert sorted(saved.history["step"].unique()) == [50, 100, 120]

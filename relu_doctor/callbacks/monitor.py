@@ -195,6 +195,7 @@ class ReluDoctor(Callback):
         self._own_writer: Any = None
         self._used_writers: dict[int, Any] = {}  # id -> writer that got our layout
         self._resolved_run_dir: Path | None = None
+        self._capped = False  # a site with an upper cap was seen: chart saturation
 
     @property
     def tau(self) -> float:
@@ -237,6 +238,8 @@ class ReluDoctor(Callback):
             # A second fit of the same module continues where the first stopped.
             state = {"doctor": self.doctor.state_dict(), "val_doctor": None}
         self._pending_state = None
+        if self.doctor is not None:
+            self.doctor.close()  # one writer per run directory: the new one takes it over
         # Saved with reduce=True: rank 0 carries the windows summed over every rank.
         windows = world == 1 or trainer.global_rank == 0
 
@@ -258,10 +261,20 @@ class ReluDoctor(Callback):
             optimizer=optimizers or None,
             grad_scaler=scaler,
             run_dir=run_dir,
+            # A checkpoint (or a second fit) continues its run directory after the
+            # checkpoint's step; without one, a directory holding a run is refused.
+            resume=bool(state and state.get("doctor")),
             optimizer_pre_hook=not self._reads_grads_in_hook,
             # validation passes (eval mode, no grad) as the Doctor's evaluation stream
             eval_stream="validation" if self.monitor_validation else False,
+            tensorboard=False,  # the loggers (or _writers) get TensorBoard output
             **common,
+        )
+        # The training curve of the report: what the LightningModule logged, read at each
+        # logging step (the optimizers' learning rates the Doctor reads itself).
+        doctor.add_metric_source(
+            lambda: {k: v for k, v in trainer.callback_metrics.items()
+                     if not str(k).startswith(tb.PREFIX)}
         )
         if state and state.get("doctor"):
             doctor.load_state_dict(state["doctor"], windows=windows)
@@ -335,6 +348,8 @@ class ReluDoctor(Callback):
 
     def _finish(self) -> None:
         self._detach_all()
+        if self.doctor is not None:
+            self.doctor.close()  # compacts the open segments, releases the run-dir lock
         for w in self._used_writers.values():
             w.flush()
         self._used_writers = {}
@@ -376,7 +391,7 @@ class ReluDoctor(Callback):
         prefixes = {tb.PREFIX: tb.PREFIX}
         if self.monitor_validation:
             prefixes[tb.VAL_PREFIX] = f"{tb.PREFIX} (validation)"
-        return tb.custom_scalars_layout(self.metrics, prefixes=prefixes)
+        return tb.custom_scalars_layout(self.metrics, prefixes=prefixes, capped=self._capped)
 
     def _publish(self, record: IntervalRecord, prefix: str) -> None:
         trainer = self._trainer
@@ -386,6 +401,7 @@ class ReluDoctor(Callback):
         if not trainer.is_global_zero:
             return
         findings = [f.to_dict() for f in record.findings]
+        self._capped = self._capped or tb.has_cap(record.site_rows)
         for w in self._writers(trainer):
             tb.write_record(
                 w,
@@ -419,14 +435,6 @@ class ReluDoctor(Callback):
             self._warned.add(key)
             rank_zero_warn(_warning_text(f, stream), category=ReluDoctorWarning)
 
-        trainer = self._trainer
-        if trainer is not None:
-            # where EarlyStopping and ModelCheckpoint look: monitor="relu_doctor/health"
-            # (higher is better) or "relu_doctor/dead_fraction"; the same on every rank
-            health = run_health(record.site_rows, record.findings)
-            trainer.callback_metrics.update(
-                {f"{tb.PREFIX}/{k}": torch.tensor(v) for k, v in health.items()}
-            )
     def _on_record(self, record: IntervalRecord) -> None:
         self._publish(record, tb.PREFIX)
         trainer = self._trainer

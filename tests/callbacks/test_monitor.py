@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import relu_doctor
 from relu_doctor.callbacks import ReluDoctor, ReluDoctorWarning
 from relu_doctor.diagnosis import DiagnosisConfig
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, RunDirError
 from relu_doctor.events import Intervention
+from relu_doctor.history import load_run
 from relu_doctor.metrics import site_metrics, unit_metrics
 from relu_doctor.reports import tensorboard as tb
 from relu_doctor.stats import FIELDS
@@ -377,6 +378,38 @@ def test_checkpoint_resume_continues_counts_and_windows(tmp_path):
     # Lifetime accumulators continue too.
     for s_full, s_res in zip(full.doctor.sites, second.doctor.sites, strict=True):
         assert torch.equal(s_full.stats.lifetime, s_res.stats.lifetime)
+
+
+def test_resume_in_the_same_run_directory_equals_an_uninterrupted_run(tmp_path):
+    """The per-layer gradient-norm window open at the checkpoint is checkpointed too, and
+    the run directory continues after the checkpoint (the first fit's partial log of the
+    open window is replaced by the resumed run's full one)."""
+    x, y = dataset(8).tensors
+    dl = DataLoader(TensorDataset(x.repeat(3, 1), y.repeat(3, 1)), batch_size=8)
+    full = ReluDoctor(log_every_n_steps=4, run_dir=tmp_path / "full_run")
+    trainer(tmp_path / "full", [full], max_steps=12).fit(make_model(), dl)
+    run_dir = tmp_path / "run"
+    first = ReluDoctor(log_every_n_steps=4, run_dir=run_dir)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    trainer(tmp_path / "a", [first, ckpt], max_steps=6, enable_checkpointing=True).fit(
+        make_model(), dl
+    )
+    assert sorted(load_run(run_dir).history["step"].unique()) == [4, 6]  # 6: partial
+    second = ReluDoctor(log_every_n_steps=4, run_dir=run_dir)
+    path = tmp_path / "ckpt" / "epoch=1-step=6.ckpt"
+    trainer(tmp_path / "b", [second], max_steps=12).fit(make_model(seed=5), dl, ckpt_path=path)
+    got, want = load_run(run_dir), load_run(tmp_path / "full_run")
+    assert sorted(got.history["step"].unique()) == [4, 8, 12]
+    assert not got.problems
+    w, g = (t.sort_values(["step", "layer"]).reset_index(drop=True)
+            for t in (want.layers, got.layers))
+    assert list(w["step"]) == list(g["step"]) and list(w["layer"]) == list(g["layer"])
+    assert sorted(set(w["step"])) == [4, 8, 12]
+    assert g["grad_norm"].tolist() == pytest.approx(w["grad_norm"].tolist(), rel=1e-9)
+    numeric_close(want.history, got.history, rel=1e-9)
+    # Without the checkpoint, a third fit into the same directory is refused.
+    with pytest.raises(RunDirError, match="pass resume=True"):
+        trainer(tmp_path / "c", [ReluDoctor(run_dir=run_dir)], max_steps=2).fit(make_model(), dl)
 
 
 def test_state_round_trip_and_state_key(tmp_path):

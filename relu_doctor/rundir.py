@@ -1,0 +1,431 @@
+"""The run directory on disk and its writer (:class:`RunWriter`, one per directory, held by
+a lock); it is read back by :mod:`relu_doctor.runread` (:func:`load_run`, re-exported here).
+
+Format 3 (formats 1 and 2 are still read)::
+
+    meta.json            format version, run id, versions, sites, configuration, and the
+                         steps whose records could not be written (replaced atomically)
+    findings.json        the findings of the last logged step (replaced atomically)
+    events.jsonl         findings when they begin, change severity or end; interventions
+                         and their results: one JSON object a line (appended)
+    <table>/seg-N.arrows the open segment of a table: an Arrow IPC stream, one record batch
+                         per log, flushed at each log; readable while written, and read up
+                         to its last complete batch when the writer died mid-batch
+    <table>/seg-N.parquet a closed segment, compacted from its stream when it reached
+                         ``rotate_rows`` rows or ``rotate_bytes`` bytes, or at close
+    .lock                the writer's run id, process id and host
+    status.json          the steps whose records could not be written: a file reserved at
+                         open and rewritten in place, so it can be updated on a full disk
+
+Tables: ``history`` (step, site), ``units`` (step, site, unit), ``layers`` (step, layer),
+``metrics`` (step, name, value) and any other lower-case name. A long run is a handful of
+files per table. Every file read back is checked (JSON shape, columns, types); a damaged
+file or line is skipped with a :class:`~relu_doctor.errors.ReluDoctorWarning` that names it,
+and recorded in :attr:`Run.problems`; what cannot be read at all raises a one-line
+:class:`~relu_doctor.errors.RunDirError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import uuid
+import weakref
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from relu_doctor.diagnosis import Finding
+from relu_doctor.errors import RunDirError
+from relu_doctor.events import Event
+from relu_doctor.history import FORMAT_VERSION, clean_json, event_dict
+from relu_doctor.runread import (
+    STATUS_NAME,
+    TABLE_COLUMNS,
+    TABLE_NAME,
+    last_step,
+    load_run,
+    read_meta,
+    read_stream,
+    read_table,
+    segments,
+    warn_problem,
+)
+
+__all__ = [
+    "LOCK_NAME", "STATUS_NAME", "TABLE_COLUMNS", "RunWriter", "atomic_write_bytes", "load_run",
+    "read_table",
+]
+
+LOCK_NAME = ".lock"
+_STATUS_BYTES = 4096
+_HELD: set[str] = set()  # lock files held by live writers of this process
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to a fresh temporary name beside ``path``, fsync, then rename.
+
+    The temporary file is opened like any new file (mode 0666 less the umask), so a run
+    directory or report stays readable by whoever it is shared with. ``fsync=False`` keeps
+    the rename's protection against a killed process, not against a power cut.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------- the lock
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def _acquire_lock(path: Path, run_id: str) -> Path:
+    """Create ``path/.lock`` for this process, taking over a stale one (dead process)."""
+    lock = path / LOCK_NAME
+    host = socket.gethostname()
+    body = json.dumps({"run_id": run_id, "pid": os.getpid(), "host": host}).encode()
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(lock.read_text(encoding="utf-8"))
+                if not isinstance(held, dict):
+                    raise ValueError("not a JSON object")
+                pid, other_host = int(held.get("pid", -1)), str(held.get("host", ""))
+            except (OSError, ValueError, TypeError, UnicodeDecodeError):
+                pid, other_host, held = -1, host, {}
+            same_process = pid == os.getpid() and other_host == host
+            live = (
+                str(lock.resolve()) in _HELD if same_process
+                else other_host != host or _pid_alive(pid)
+            )
+            if live:
+                where = f"process {pid} on {other_host}" if other_host != host else f"process {pid}"
+                raise RunDirError(
+                    f"run_dir: {str(path)!r} is being written by another writer ({where}, "
+                    f"run {held.get('run_id')!r}); two writers would mix their records. Use "
+                    f"another directory, or stop that writer (if it is gone, delete "
+                    f"{str(lock)!r})."
+                ) from None
+            warn_problem(None, f"relu_doctor: run_dir {str(path)!r}: taking over the lock left by "
+                  f"process {pid} (run {held.get('run_id')!r}), which is no longer running.")
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        _HELD.add(str(lock.resolve()))
+        return lock
+    raise RunDirError(f"run_dir: cannot take the lock {str(lock)!r} (it keeps coming back).")
+
+
+def _release_lock(lock: Path, key: str, run_id: str) -> None:
+    _HELD.discard(key)
+    try:
+        held = json.loads(lock.read_text(encoding="utf-8"))
+        if isinstance(held, dict) and held.get("run_id") == run_id and held.get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+# ---------------------------------------------------------------------- segments
+class _Segment:
+    """One open Arrow IPC stream of a table: one record batch per append, flushed."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path = path
+        self.schema = schema
+        self.rows = 0
+        self._file = open(path, "xb")  # noqa: SIM115 - closed in close()
+        try:
+            self._writer = ipc.new_stream(self._file, schema)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table)
+        self._file.flush()
+        self.rows += table.num_rows
+
+    @property
+    def nbytes(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        try:
+            self._writer.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+
+    def abandon(self) -> None:
+        """Close after a failed write, ignoring errors (the stream is read up to its last
+        complete batch)."""
+        for fn in (self._writer.close, self._file.close):
+            with contextlib.suppress(Exception):  # the write already failed, was reported
+                fn()
+
+
+def _compact(stream: Path) -> Path:
+    """Rewrite a closed (or torn) stream as a Parquet file of the same segment number."""
+    table, _ = read_stream(stream)
+    out = stream.with_suffix(".parquet")
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    stream.unlink()
+    return out
+
+
+class RunWriter:
+    """Writes a run directory incrementally; one writer per directory. Create it on rank
+    zero only, and :meth:`close` it when done (the lock is also released when it is garbage
+    collected or the interpreter exits).
+
+    Args:
+        path: the directory (created if missing).
+        resume: continue the run already in ``path`` (it must be format 3). Without it, a
+            directory that holds a run is refused, so two runs never mix.
+        replace: remove the run already in ``path`` first (``doc.save()``).
+        rotate_rows: close a table's segment (compacting it to Parquet) at this many rows.
+        rotate_bytes: ... or at this many bytes of its stream.
+
+    Raises:
+        RunDirError: ``path`` is not a directory, is foreign, holds a run and neither
+            ``resume`` nor ``replace`` was given, or another live writer holds its lock.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        resume: bool = False,
+        replace: bool = False,
+        rotate_rows: int = 4_000_000,
+        rotate_bytes: int = 256 * 2**20,
+    ) -> None:
+        self.path = p = Path(path)
+        self.rotate_rows, self.rotate_bytes = rotate_rows, rotate_bytes
+        if p.exists() and not p.is_dir():
+            raise RunDirError(f"run_dir: {str(p)!r} exists and is not a directory.")
+        meta_path = p / "meta.json"
+        if p.is_dir() and any(p.iterdir()) and not meta_path.is_file():
+            names = sorted(x.name for x in p.iterdir())[:5]
+            raise RunDirError(
+                f"run_dir: {str(p)!r} is not empty and is not a relu_doctor run "
+                f"directory (it holds {names}); pass a new or empty directory."
+            )
+        old = read_meta(p) if meta_path.is_file() else None
+        p.mkdir(parents=True, exist_ok=True)
+        self.run_id = uuid.uuid4().hex[:12]
+        if old is not None and not replace:
+            if not resume:
+                raise RunDirError(
+                    f"run_dir: {str(p)!r} already holds run {old.get('run_id', '(unnamed)')!r};"
+                    " pass resume=True to continue it, or a new directory (two runs in one "
+                    "directory would mix their records)."
+                )
+            if old.get("format_version") != FORMAT_VERSION:
+                raise RunDirError(
+                    f"run_dir: {str(p)!r} was written in format {old.get('format_version')!r}; "
+                    f"a run can be resumed in format {FORMAT_VERSION} only: use a new directory."
+                )
+            self.run_id = str(old.get("run_id") or self.run_id)
+        self._lock = _acquire_lock(p, self.run_id)
+        self._finalizer = weakref.finalize(
+            self, _release_lock, self._lock, str(self._lock.resolve()), self.run_id
+        )
+        self._segs: dict[str, _Segment] = {}
+        self._next: dict[str, int] = {}
+        for tmp in [*p.glob(".*.tmp"), *p.glob("*/.*.tmp")]:  # left by killed writes
+            tmp.unlink(missing_ok=True)
+        if replace and old is not None:
+            for f in ("meta.json", "findings.json", "events.jsonl"):
+                (p / f).unlink(missing_ok=True)
+            for folder in p.iterdir():
+                for _, part in segments(folder):
+                    part.unlink()
+        for folder in p.iterdir():  # streams of a writer that died: compact them
+            for _, part in segments(folder):
+                if part.suffix == ".arrows":
+                    try:
+                        _compact(part)
+                    except (OSError, pa.ArrowException) as e:
+                        warn_problem(None, f"relu_doctor: cannot compact {str(part)!r} ({e}); it is "
+                              "still read as it is.")
+        self.last_step = last_step(p) if old is not None and resume else None
+        self._status = p / STATUS_NAME
+        if not self._status.is_file() or self._status.stat().st_size < _STATUS_BYTES:
+            atomic_write_bytes(self._status, b"{}".ljust(_STATUS_BYTES))
+
+    def write_status(self, status: Mapping[str, Any]) -> None:
+        """Rewrite ``status.json`` in place (no new disk blocks: it works on a full disk)."""
+        data = json.dumps(clean_json(status)).encode()
+        if len(data) > _STATUS_BYTES:
+            raise ValueError(f"status: {len(data)} bytes, at most {_STATUS_BYTES}")
+        fd = os.open(self._status, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data.ljust(_STATUS_BYTES), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def abandon(self) -> None:
+        """After a failed write: drop the open segments (each is read up to its last
+        complete batch); the next append starts new ones."""
+        segs, self._segs = self._segs, {}
+        for seg in segs.values():
+            seg.abandon()
+
+    # ------------------------------------------------------------------ writing
+    def write_meta(self, meta: Mapping[str, Any]) -> None:
+        """Replace ``meta.json`` atomically (``format_version`` and ``run_id`` are added)."""
+        data = {"format_version": FORMAT_VERSION, "run_id": self.run_id, **clean_json(meta)}
+        atomic_write_bytes(self.path / "meta.json", json.dumps(data, indent=2).encode())
+
+    def append_table(self, table: str, step: int, frame: pd.DataFrame) -> None:
+        """Append ``frame`` (the rows of ``step``) to ``table`` as one record batch.
+
+        Any lower-case table name is accepted (``history``, ``units``, ``layers``,
+        ``metrics`` ...). A frame whose columns or types differ from the open segment's
+        starts a new segment.
+        """
+        if not isinstance(table, str) or not TABLE_NAME.fullmatch(table):
+            raise ValueError(f"table: expected a lower-case name like 'metrics', got {table!r}")
+        if frame.empty:
+            return
+        data = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+        seg = self._segs.get(table)
+        if seg is not None and not seg.schema.equals(data.schema):
+            try:
+                data = data.cast(seg.schema)
+            except (pa.ArrowException, ValueError):
+                self._close_segment(table)
+                seg = None
+        if seg is None:
+            folder = self.path / table
+            folder.mkdir(exist_ok=True)
+            if table not in self._next:
+                found = segments(folder)
+                self._next[table] = found[-1][0] + 1 if found else 1
+            n = self._next[table]
+            self._next[table] = n + 1
+            seg = self._segs[table] = _Segment(folder / f"seg-{n:06d}.arrows", data.schema)
+        try:
+            seg.write(data)
+        except BaseException:
+            self._segs.pop(table, None)
+            seg.abandon()
+            raise
+        if table == "history":
+            self.last_step = step if self.last_step is None else max(self.last_step, step)
+        if seg.rows >= self.rotate_rows or seg.nbytes >= self.rotate_bytes:
+            self._close_segment(table)
+
+    def _close_segment(self, table: str) -> None:
+        seg = self._segs.pop(table, None)
+        if seg is None:
+            return
+        try:
+            seg.close()
+        except BaseException:
+            seg.abandon()
+            raise
+        _compact(seg.path)
+
+    def write_findings(self, findings: Iterable[Finding]) -> None:
+        """Replace ``findings.json`` (the findings of the last logged step) atomically."""
+        data = [clean_json(f.to_dict()) for f in findings]
+        # Replaced at every log: no fsync (a killed process still leaves the old or the new).
+        atomic_write_bytes(
+            self.path / "findings.json", json.dumps(data, indent=1).encode(), fsync=False
+        )
+
+    def append_events(self, events: Iterable[Event | Mapping[str, Any]]) -> None:
+        """Append events to ``events.jsonl``, one whole line each, flushed to disk."""
+        lines = "".join(json.dumps(clean_json(event_dict(e))) + "\n" for e in events)
+        if not lines:
+            return
+        with open(self.path / "events.jsonl", "a", encoding="utf-8") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_after(self, step: int) -> None:
+        """Drop every row and event logged after ``step`` (a run resumed from a checkpoint
+        older than its last log continues from the checkpoint)."""
+        for table in list(self._segs):
+            self._close_segment(table)
+        for folder in self.path.iterdir():
+            for _, part in segments(folder):
+                data = (pq.read_table(part) if part.suffix == ".parquet" else read_stream(part)[0])
+                if "step" not in data.column_names:
+                    continue
+                keep = data.filter(pa.compute.less_equal(data["step"], step))
+                if keep.num_rows == data.num_rows:
+                    continue
+                if keep.num_rows == 0:
+                    part.unlink()
+                    continue
+                buf = pa.BufferOutputStream()
+                pq.write_table(keep, buf)
+                atomic_write_bytes(part.with_suffix(".parquet"), buf.getvalue().to_pybytes())
+                if part.suffix != ".parquet":
+                    part.unlink()
+        ev = self.path / "events.jsonl"
+        if ev.is_file():
+            kept = [
+                line for line in ev.read_bytes().splitlines(keepends=True)
+                if _event_step(line) <= step
+            ]
+            atomic_write_bytes(ev, b"".join(kept))
+        self.last_step = step
+
+    def close(self) -> None:
+        """Close every open segment (compacting it to Parquet) and release the lock."""
+        try:
+            for table in list(self._segs):
+                self._close_segment(table)
+        finally:
+            self._finalizer()
+
+
+def _event_step(line: bytes) -> int:
+    try:
+        step = json.loads(line).get("step", 0)
+        return int(step) if isinstance(step, int) else 0
+    except (ValueError, AttributeError):
+        return 0
+
+

@@ -1,0 +1,285 @@
+"""Reading a run directory back (:func:`load_run`, :func:`read_table`; the format is
+described in :mod:`relu_doctor.rundir`), with a check on every file: a damaged part or line
+is skipped with a :class:`~relu_doctor.errors.ReluDoctorWarning` naming it (and kept in
+:attr:`~relu_doctor.history.Run.problems`); what cannot be read at all is a one-line
+:class:`~relu_doctor.errors.RunDirError`.
+
+Parquet parts are read with ``pyarrow.parquet`` one file at a time (so a damaged one can be
+named and skipped), as plain columns: no pandas or extension-type metadata is deserialised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from relu_doctor.diagnosis import Finding
+from relu_doctor.errors import ReluDoctorWarning, RunDirError
+from relu_doctor.events import FindingEvent, event_from_dict
+from relu_doctor.history import READABLE_VERSIONS, Run, finding_from_dict
+
+__all__ = ["STATUS_NAME", "TABLE_COLUMNS", "load_run", "read_table"]
+
+STATUS_NAME = "status.json"
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "history": ("step", "site"),
+    "units": ("step", "site", "unit"),
+    "layers": ("step", "layer"),
+    "metrics": ("step", "name", "value"),
+}
+TABLE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_SEGMENT = re.compile(r"(?:seg|part)-(\d+)\.(parquet|arrows)")
+_MAX_NAMED = 10  # skipped lines named one by one in a warning; the rest are counted
+
+
+def warn_problem(problems: list[str] | None, message: str) -> None:
+    if problems is not None:
+        problems.append(message)
+    warnings.warn(message, ReluDoctorWarning, stacklevel=3)
+
+
+
+def read_stream(path: Path) -> tuple[pa.Table, bool]:
+    """The complete batches of an Arrow IPC stream, and whether its tail was cut short."""
+    batches: list[pa.RecordBatch] = []
+    with open(path, "rb") as f:
+        reader = ipc.open_stream(f)
+        schema = reader.schema
+        while True:
+            try:
+                batches.append(reader.read_next_batch())
+            except StopIteration:
+                return pa.Table.from_batches(batches, schema), False
+            except (pa.ArrowInvalid, OSError, ValueError):
+                return pa.Table.from_batches(batches, schema), True
+
+
+def segments(folder: Path) -> list[tuple[int, Path]]:
+    """``(number, file)`` of a table's parts, in order; a stream whose Parquet exists (a
+    crash between the compaction's rename and the stream's removal) is left out."""
+    if not folder.is_dir():
+        return []
+    found: dict[int, Path] = {}
+    for p in folder.iterdir():
+        m = _SEGMENT.fullmatch(p.name)
+        if m is None:
+            continue
+        n = int(m.group(1))
+        if m.group(2) == "parquet" or n not in found:
+            found[n] = p
+    return sorted(found.items())
+
+
+def read_meta(p: Path) -> dict[str, Any]:
+    path = p / "meta.json"
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{str(path)!r} cannot be read as JSON: {e}.") from None
+    if not isinstance(meta, dict):
+        raise RunDirError(
+            f"{str(path)!r} holds a JSON {type(meta).__name__}, not an object: it is damaged."
+        )
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise RunDirError(
+            f"{str(p)!r} was written in run-directory format {version!r}; this relu_doctor "
+            f"reads formats {list(READABLE_VERSIONS)}. Re-make the report with the relu_doctor "
+            f"version that wrote it ({_get(meta, 'versions', 'relu_doctor')})."
+        )
+    sites = meta.get("sites", [])
+    if not isinstance(sites, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) for s in sites
+    ):
+        raise RunDirError(f"{str(path)!r}: 'sites' must be a list of objects with a name.")
+    for key in ("config", "versions"):
+        if key in meta and not isinstance(meta[key], dict):
+            raise RunDirError(f"{str(path)!r}: {key!r} must be a JSON object.")
+    return meta
+
+
+def _get(meta: Mapping[str, Any], *keys: str) -> Any:
+    v: Any = meta
+    for k in keys:
+        v = v.get(k) if isinstance(v, Mapping) else None
+    return v if v is not None else "unknown"
+
+
+def last_step(p: Path) -> int | None:
+    steps = read_table(p, "history", problems=[])
+    return None if steps.empty else int(steps["step"].max())
+
+
+def _check_part(data: pa.Table, required: tuple[str, ...]) -> str | None:
+    missing = [c for c in required if c not in data.column_names]
+    if missing:
+        return f"its columns {data.column_names} lack {missing}"
+    if "step" in required and not pa.types.is_integer(data.schema.field("step").type):
+        return f"its 'step' column is {data.schema.field('step').type}, not integers"
+    return None
+
+
+def read_table(
+    path: str | os.PathLike[str], table: str, *, problems: list[str] | None = None
+) -> pd.DataFrame:
+    """One table of a run directory, every readable part in order.
+
+    A part that cannot be read, or whose columns or types do not fit the table, is skipped
+    with a warning naming it; a stream cut short is read up to its last complete batch.
+    """
+    folder = Path(path) / table
+    required = TABLE_COLUMNS.get(table, ("step",))
+    tables: list[pa.Table] = []
+    for _, part in segments(folder):
+        try:
+            if part.suffix == ".parquet":
+                data = pq.read_table(part)  # plain columns only: no pandas/extension metadata
+            else:
+                data, torn = read_stream(part)
+                if torn:
+                    warn_problem(problems, f"relu_doctor: {str(part)!r} was cut short; read up to "
+                          "its last complete record batch.")
+        except (OSError, pa.ArrowException, ValueError) as e:
+            warn_problem(problems, f"relu_doctor: skipped {str(part)!r}: it cannot be read "
+                  f"({' '.join(str(e).split())[:200]}).")
+            continue
+        why = _check_part(data, required)
+        if why is None and tables:
+            try:
+                pa.unify_schemas([tables[0].schema, data.schema], promote_options="permissive")
+            except (pa.ArrowException, ValueError) as e:
+                why = f"its schema does not fit the earlier parts ({' '.join(str(e).split())[:160]})"
+        if why is not None:
+            warn_problem(problems, f"relu_doctor: skipped {str(part)!r}: {why}.")
+            continue
+        tables.append(data.replace_schema_metadata(None))
+    if not tables:
+        return pd.DataFrame()
+    try:
+        joined = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowException, ValueError) as e:
+        warn_problem(problems, f"relu_doctor: {str(folder)!r}: parts do not fit together ({e}); "
+              "only the first is read.")
+        joined = tables[0]
+    return joined.to_pandas()
+
+
+def _read_events(path: Path, problems: list[str]) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    if not path.is_file():
+        return events
+    bad: list[str] = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                data = json.loads(raw.decode("utf-8"))
+                event_from_dict(data)  # validates the type and the fields
+            except UnicodeDecodeError:
+                bad.append(f"{n} (not UTF-8)")
+                continue
+            except (ValueError, TypeError, KeyError) as e:
+                torn = not raw.endswith(b"\n")
+                bad.append(f"{n} ({'cut short' if torn else ' '.join(str(e).split())[:80]})")
+                continue
+            events.append(data)
+    if bad:
+        more = f" and {len(bad) - _MAX_NAMED} more" if len(bad) > _MAX_NAMED else ""
+        warn_problem(problems, f"relu_doctor: skipped line {', '.join(bad[:_MAX_NAMED])}{more} of "
+              f"{str(path)!r}.")
+    return events
+
+
+def _read_findings(path: Path, events: list[dict[str, Any]], problems: list[str]) -> list[Finding]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(data, list):
+            raise ValueError(f"a JSON {type(data).__name__}, not a list")
+        return [finding_from_dict(d) for d in data]
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        warn_problem(problems, f"relu_doctor: {str(path)!r} cannot be read ({e}); the findings are "
+              "taken from events.jsonl.")
+    open_: dict[tuple[str, str], Finding] = {}
+    for data in events:
+        ev = event_from_dict(data)
+        if isinstance(ev, FindingEvent):
+            key = (ev.finding.kind, ev.finding.site)
+            if ev.status == "ended":
+                open_.pop(key, None)
+            else:
+                open_[key] = ev.finding
+    return list(open_.values())
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Load a run directory written by :class:`RunWriter` (formats 1 to 3), also while it is
+    being written.
+
+    Damaged parts and event lines are skipped with a warning naming each (also kept in
+    :attr:`Run.problems`).
+
+    Raises:
+        RunDirError: the path is missing, not a directory, empty, foreign, written by an
+            unsupported format version, or its ``meta.json`` is damaged; the message says
+            which.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise RunDirError(f"run directory {str(p)!r} does not exist.")
+    if not p.is_dir():
+        raise RunDirError(f"run directory {str(p)!r} is not a directory.")
+    if not (p / "meta.json").is_file():
+        what = "is empty" if not any(p.iterdir()) else "has no meta.json"
+        raise RunDirError(
+            f"{str(p)!r} {what}: it is not a relu_doctor run directory. Pass the directory "
+            "given as run_dir= to watch()/ReluDoctor, or made by doc.save()."
+        )
+    meta = read_meta(p)
+    problems: list[str] = []
+    status_path = p / STATUS_NAME
+    if status_path.is_file():
+        try:
+            status = json.loads(status_path.read_bytes().decode("utf-8"))
+            ranges = status.get("unwritten", []) if isinstance(status, dict) else None
+            if not isinstance(ranges, list) or not all(
+                isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
+                for r in ranges
+            ):
+                raise ValueError("'unwritten' must be a list of [first, last] steps")
+            if ranges:
+                meta["unwritten"] = ranges
+        except (OSError, ValueError) as e:
+            warn_problem(problems, f"relu_doctor: skipped {str(status_path)!r}: {e}.")
+    events = _read_events(p / "events.jsonl", problems)
+    f_path = p / "findings.json"
+    last_findings: list[Finding] | None = None
+    if f_path.is_file():
+        last_findings = _read_findings(f_path, events, problems)
+    elif meta.get("format_version") != 1:
+        last_findings = []  # nothing logged yet
+    tables = {"history", "units", "layers", "metrics"} | {
+        d.name for d in p.iterdir() if d.is_dir() and TABLE_NAME.fullmatch(d.name) and segments(d)
+    }
+    frames = {t: read_table(p, t, problems=problems) for t in sorted(tables)}
+    return Run(
+        meta=meta,
+        history=frames.pop("history"),
+        units=frames.pop("units"),
+        layers=frames.pop("layers"),
+        events=events,
+        path=p,
+        last_findings=last_findings,
+        tables=frames,
+        problems=problems,
+    )

@@ -1,0 +1,262 @@
+"""Faults never stop training, and damaged input never gives a traceback or silence: write
+failures (disk full, a removed directory), damaged run directories read by ``load_run`` and
+``relu-doctor report``, one writer per directory (the lock), orphaned temporary files,
+terminal control characters, and the pyarrow floor against crafted Parquet."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import relu_doctor
+from relu_doctor import rundir
+from relu_doctor.cli import main
+from relu_doctor.errors import ReluDoctorWarning, RunDirError
+from relu_doctor.history import load_run
+from relu_doctor.rundir import RunWriter, read_table
+from tests import zoo
+
+
+def train_logged(run_dir: Path, steps: int, **kwargs):
+    model = zoo.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, optimizer=opt,
+                           **kwargs) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(steps)], doc=doc, optimizer=opt)
+    return doc
+
+
+# ---------------------------------------------------------------------- write failures
+
+
+def test_disk_full_warns_once_training_goes_on_and_writing_resumes(tmp_path, monkeypatch):
+    """ENOSPC injected at the segment writes of steps 3-5: one warning naming the cause and
+    the path; steps keep coming; writing resumes at step 6; the run says what is missing."""
+    real_write = rundir._Segment.write
+    model = zoo.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    run_dir = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, optimizer=opt) as doc:
+            for step in range(1, 9):
+                full = 3 <= step <= 5
+                if full:
+                    def no_space(self, table):
+                        raise OSError(errno.ENOSPC, "No space left on device")
+                    monkeypatch.setattr(rundir._Segment, "write", no_space)
+                else:
+                    monkeypatch.setattr(rundir._Segment, "write", real_write)
+                zoo.train(model, [torch.randn(8, 10)], doc=doc, optimizer=opt)
+    ours = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert len(ours) == 1, ours
+    assert "No space left on device" in ours[0] and str(run_dir) in ours[0]
+    assert doc.global_step == 8 and [r.step for r in doc.records][-1] == 8
+    run = load_run(run_dir)
+    assert sorted(run.history["step"].unique()) == [1, 2, 6, 7, 8]
+    assert run.unwritten == [[3, 5]]
+    assert sorted(run.units["step"].unique()) == [1, 2, 6, 7, 8]
+
+
+def test_a_removed_run_directory_does_not_stop_training(tmp_path):
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    with (pytest.warns(ReluDoctorWarning, match="cannot write the run directory"),
+          relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir) as doc):
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+        shutil.rmtree(run_dir)
+        (tmp_path / "run").write_text("a file now")  # cannot be re-created either
+        zoo.train(model, [torch.randn(8, 10) for _ in range(3)], doc=doc)
+    assert doc.global_step == 5 and doc.records[-1].step == 5
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
+                    reason="mounting a tmpfs needs root on Linux")
+def test_a_real_full_tmpfs_does_not_stop_training(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mount -t tmpfs is not permitted here")
+    try:
+        with pytest.warns(ReluDoctorWarning, match="No space left"):
+            doc = train_logged(mnt / "run", 60)
+        assert doc.global_step == 60
+        run = load_run(mnt / "run")
+        assert run.unwritten and run.unwritten[-1][1] == 60
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+# ---------------------------------------------------------------------- damaged input
+
+
+def _damage(run_dir: Path, how: str) -> None:
+    part = sorted((run_dir / "units").glob("seg-*.parquet"))[0]
+    ev = run_dir / "events.jsonl"
+    if how == "another schema":
+        pq.write_table(pa.table({"x": [1.0]}), run_dir / "units" / "seg-000099.parquet")
+    elif how == "step as text":
+        pq.write_table(pa.table({"step": ["twenty"], "site": ["1"], "unit": [0]}),
+                       run_dir / "units" / "seg-000099.parquet")
+    elif how == "truncated part":
+        part.write_bytes(part.read_bytes()[: len(part.read_bytes()) // 2])
+    elif how == "random bytes part":
+        part.write_bytes(os.urandom(4096))
+    elif how in ("[1,2,3]", "null", '{"type": "finding", "step": "twenty"}'):
+        ev.write_bytes(ev.read_bytes() + how.encode() + b"\n")
+    elif how == "invalid utf-8":
+        ev.write_bytes(ev.read_bytes() + b'{"type": "finding", "site": "\xff\xfe"}\n')
+    elif how == "findings.json a dict":
+        (run_dir / "findings.json").write_text('{"kind": 1}')
+
+
+@pytest.mark.parametrize("how", [
+    "another schema", "step as text", "truncated part", "random bytes part", "[1,2,3]",
+    "null", '{"type": "finding", "step": "twenty"}', "invalid utf-8", "findings.json a dict",
+])
+def test_a_damaged_file_or_line_is_skipped_with_a_warning_naming_it(tmp_path, capsys, how):
+    run_dir = tmp_path / "run"
+    doc = train_logged(run_dir, 3)
+    _damage(run_dir, how)
+    with pytest.warns(ReluDoctorWarning) as caught:
+        run = load_run(run_dir)
+    assert len(run.problems) == 1, run.problems
+    named = str(caught[0].message)
+    assert ("events.jsonl" in named) or ("units" in named) or ("findings.json" in named), named
+    assert sorted(run.history["step"].unique()) == [1, 2, 3]
+    if how in ("another schema", "step as text", "[1,2,3]", "null", "invalid utf-8"):
+        assert len(run.units) == sum(len(r.unit_table) for r in doc.records)
+    # The CLI goes on: exit 0, the warning on stderr, one line per problem.
+    assert main(["report", str(run_dir)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("relu-doctor report: warning: "), err
+    assert "Traceback" not in "".join(err)
+
+
+@pytest.mark.parametrize(("meta", "message"), [
+    ("[1, 2, 3]", r"holds a JSON list, not an object"),
+    (b'{"format_version": 3, "sites": "\xff"}', r"cannot be read as JSON"),
+    ('{"format_version": 3, "sites": [1, 2]}', r"'sites' must be a list of objects"),
+    ('{"format_version": 3, "sites": [], "config": []}', r"'config' must be a JSON object"),
+    ('{"format_version": 2.5}', r"format 2.5"),
+])
+def test_a_damaged_meta_json_is_one_line_and_exit_status_2(tmp_path, capsys, meta, message):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "meta.json").write_bytes(meta if isinstance(meta, bytes) else meta.encode())
+    with pytest.raises(RunDirError, match=message):
+        load_run(run_dir)
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("relu-doctor report: error: ")
+
+
+def test_terminal_control_characters_never_reach_the_screen(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train_logged(run_dir, 2)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    meta["model"] = "Net\x1b[2J\x1b]0;pwned\x07"
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+    (run_dir / "events.jsonl").write_bytes(
+        (run_dir / "events.jsonl").read_bytes() + b'{"type": "\\u001b[31m"}\n')
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr()
+    assert "Net?[2J" in out.out
+    assert not any(ord(c) < 32 and c != "\n" for c in out.out + out.err)
+
+
+# ---------------------------------------------------------------------- one writer
+
+
+def test_a_second_live_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    first = RunWriter(tmp_path / "r")
+    first.write_meta({"sites": []})
+    with pytest.raises(RunDirError, match=r"being written by another writer \(process \d+"):
+        RunWriter(tmp_path / "r", resume=True)
+    # Another live process holds it.
+    first.close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys,time; from relu_doctor.rundir import RunWriter; "
+         f"w = RunWriter({str(tmp_path / 'r')!r}, resume=True); print('ok', flush=True); "
+         "time.sleep(60)"],
+        stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"ok"
+        with pytest.raises(RunDirError, match=f"process {holder.pid}"):
+            RunWriter(tmp_path / "r", resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its process is dead now: the lock is stale and taken over with a warning.
+    (tmp_path / "r" / ".meta.json.0123.tmp").write_text("orphan")
+    with pytest.warns(ReluDoctorWarning, match=rf"taking over the lock left by process {holder.pid}"):
+        w = RunWriter(tmp_path / "r", resume=True)
+    assert not list((tmp_path / "r").glob("*.tmp")), "orphaned temporary files are cleaned"
+    w.close()
+    assert not (tmp_path / "r" / ".lock").exists()
+
+
+def test_two_doctors_on_one_run_directory(tmp_path):
+    model = zoo.mlp()
+    with (relu_doctor.watch(model, run_dir=tmp_path / "r"),
+          pytest.raises(RunDirError, match="being written by another writer")):
+        relu_doctor.watch(zoo.mlp(), run_dir=tmp_path / "r", resume=True)
+
+
+# ---------------------------------------------------------------------- the floor
+
+
+def test_the_pyarrow_floor_refuses_a_crafted_parquet_part(tmp_path):
+    """CVE-2023-47248: pyarrow < 14.0.1 unpickles the metadata of a column typed
+    ``arrow.py_extension_type`` when reading a Parquet file. This writes such a part whose
+    payload creates a file when unpickled, reads the run, and checks that nothing ran. With
+    pyarrow 14.0.0 the same test fails (the payload runs); it proves the installed version
+    does not deserialise it, not that no other path in pyarrow could."""
+    from importlib.metadata import version
+
+    installed = tuple(int(x) for x in version("pyarrow").split(".")[:3] if x.isdigit())
+    assert installed >= (14, 0, 1)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    run_dir = tmp_path / "run"
+    train_logged(run_dir, 1)
+    field = pa.field("step", pa.int64(), metadata={
+        b"ARROW:extension:name": b"arrow.py_extension_type",
+        b"ARROW:extension:metadata": pickle.dumps(Payload()),
+    })
+    crafted = pa.table({"step": pa.array([1], pa.int64()), "site": ["1"], "unit": [0]})
+    crafted = crafted.cast(pa.schema([field, crafted.schema.field(1), crafted.schema.field(2)]))
+    pq.write_table(crafted, run_dir / "units" / "seg-000050.parquet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        read_table(run_dir, "units")
+        assert main(["report", str(run_dir), "-q"]) in (0, 2)
+    assert not marker.exists(), "reading a crafted part ran its payload"
+
+
+def test_reading_keeps_working_while_a_table_has_mixed_types(tmp_path):
+    w = RunWriter(tmp_path / "r")
+    w.write_meta({"sites": []})
+    w.append_table("history", 1, pd.DataFrame({"step": [1], "site": ["a"], "cap": [None]}))
+    w.append_table("history", 2, pd.DataFrame({"step": [2], "site": ["a"], "cap": [6.0]}))
+    w.close()
+    got = read_table(tmp_path / "r", "history")
+    assert list(got["step"]) == [1, 2] and got["cap"].iloc[1] == 6.0
