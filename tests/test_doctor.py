@@ -564,7 +564,7 @@ def test_state_dict_reduce_sums_open_windows_once_and_windows_false_starts_them_
         doc.step()
         plain = doc.state_dict()
         summed = doc.state_dict(reduce=True)
-    assert len(calls) == 1  # one collective for every site
+        assert len(calls) == 1  # one collective for every site
     for token, site in plain["sites"].items():
         assert torch.equal(summed["sites"][token]["window"], site["window"] * 2)
         assert torch.equal(summed["sites"][token]["lifetime"], site["lifetime"])
