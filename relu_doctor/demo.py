@@ -222,7 +222,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch
             opt.step()
-            record = doc.step()
+            record = doc.step(loss=loss.detach())  # the report's training curve
             if record is not None:
                 last = record
                 acc = _accuracy(model, xt, yt)
