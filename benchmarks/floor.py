@@ -7,7 +7,9 @@ cache as it is right after the activation wrote it, CPU):
 * ``sum``, ``sum sq``, ``count``: the cheapest eager formulation of each forward statistic
   alone (one pass each: ``x.sum``, ``vector_norm`` or ``(x*x).sum``, the packed count);
 * ``floor``: their sum, the least any eager code that makes one pass per statistic can cost;
-* ``forward_rows`` and ``grad_rows``: what relu_doctor's hooks actually run per call.
+* ``forward_rows`` and ``grad_rows``: the eager path (the reference and the fallback);
+* ``fused fwd`` and ``fused grad``: the fused CPU kernel (``relu_doctor._kernels``) that the
+  hooks run where it is built: every field in one read of the tensor, no dispatched op.
 
 So it shows how far the per-call cost is from the floor of one pass per statistic, and how
 that floor compares with the step time of the model (the overhead budget).
@@ -26,7 +28,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from relu_doctor.stats import _count, _sum_sq, _unit_sum, forward_rows, grad_rows, unit_view
+from relu_doctor import _kernels
+from relu_doctor.stats import (
+    SiteStats,
+    _count,
+    _sum_sq,
+    _unit_sum,
+    forward_rows,
+    grad_rows,
+    unit_view,
+)
 
 # (model, activation shape, calls per forward)
 SITES: list[tuple[str, tuple[int, ...], int]] = [
@@ -73,13 +84,25 @@ def measure(reps: int = 30) -> list[dict[str, object]]:
             "forward_rows": _time(lambda y: forward_rows(y, 1, nonnegative=True, cap=None), src, reps, flush),
             "grad_rows": _time(lambda g, gi=gi: grad_rows(g, gi, 1), grad, reps, flush),
         }
+        st = SiteStats(shape[1], "cpu")
+        if _kernels.available():
+            t["fused fwd"] = _time(
+                lambda y, st=st: _kernels.forward_into(st.window, y, 1, cap=None), src, reps, flush
+            )
+            t["fused grad"] = _time(
+                lambda g, st=st, gi=gi: _kernels.grad_into(st.window, g, gi, 1, None, 7),
+                grad, reps, flush,
+            )
+        else:
+            t["fused fwd"] = t["fused grad"] = float("nan")
         t["floor"] = t["sum"] + t["sum sq"] + t["count"]
         rows.append({"model": model, "shape": shape, "calls": calls, **t})
     return rows
 
 
 def format_rows(rows: Sequence[dict[str, object]]) -> str:
-    cols = ["relu_", "sum", "sum sq", "count", "floor", "forward_rows", "grad_rows"]
+    cols = ["relu_", "sum", "sum sq", "count", "floor", "forward_rows", "grad_rows", "fused fwd",
+            "fused grad"]
     head = f"{'model':7s} {'shape':18s} {'calls':>5s} " + " ".join(f"{c:>12s}" for c in cols)
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -88,7 +111,10 @@ def format_rows(rows: Sequence[dict[str, object]]) -> str:
             + " ".join(f"{r[c]:12.0f}" for c in cols)  # type: ignore[str-format]
         )
     lines.append("")
-    lines.append("per forward+backward, all calls (ms): model: relu_ / forward_rows + grad_rows / floor (forward)")
+    lines.append(
+        "per forward+backward, all calls (ms): model: relu_ / forward_rows + grad_rows "
+        "/ floor (forward) / fused fwd + fused grad"
+    )
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
 
@@ -97,7 +123,7 @@ def format_rows(rows: Sequence[dict[str, object]]) -> str:
 
         lines.append(
             f"  {model}: {total('relu_'):.2f} / {total('forward_rows') + total('grad_rows'):.2f} "
-            f"/ {total('floor'):.2f}"
+            f"/ {total('floor'):.2f} / {total('fused fwd') + total('fused grad'):.2f}"
         )
     return "\n".join(lines)
 
