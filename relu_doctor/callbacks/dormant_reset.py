@@ -28,8 +28,9 @@ class DormantReset(RemedyCallback[DormantRecycler]):
     weights (the consuming layers, conv-to-linear flattening included) and reset the
     optimizer state (Adam/AdamW moments, SGD momentum) of exactly those slices.
 
-    Producer and consumer layers are found for ``nn.Sequential`` models and models torch.fx
-    can trace. A site where they cannot be found (a residual sum feeds it, say) is left alone
+    Producer and consumer layers are read from one recorded forward pass of the model (its
+    dataflow). A site whose units cannot be recycled without changing the network's output
+    (its units also feed a residual sum, say) is left alone
     with a warning naming it, or raises with ``on_unlinkable="raise"``. Decisions come from the
     monitor's records (summed across processes) and the re-initialisation draws from a
     generator seeded by (seed, step, site), so every rank recycles the same units with the
