@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 LOCK_NAME = ".lock"
+_ROW_GROUP = 256 * 1024  # rows per Parquet row group when a stream is compacted
 _STATUS_BYTES = 4096
 _HELD: set[str] = set()  # lock files held by live writers of this process
 
@@ -194,12 +195,30 @@ class _Segment:
 
 
 def _compact(stream: Path) -> Path:
-    """Rewrite a closed (or torn) stream as a Parquet file of the same segment number."""
-    table, _ = read_stream(stream)
+    """Rewrite a closed (or torn) stream as a Parquet file of the same segment number,
+    batch by batch (memory stays that of one row group, not of the segment)."""
     out = stream.with_suffix(".parquet")
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(table, tmp)
+        with open(stream, "rb") as f:
+            reader = ipc.open_stream(f)
+            with pq.ParquetWriter(tmp, reader.schema) as writer:
+                pending: list[pa.RecordBatch] = []
+                rows = 0
+                while True:
+                    try:
+                        batch = reader.read_next_batch()
+                    except StopIteration:
+                        break
+                    except (pa.ArrowInvalid, OSError, ValueError):
+                        break  # a torn tail: keep the complete batches
+                    pending.append(batch)
+                    rows += batch.num_rows
+                    if rows >= _ROW_GROUP:
+                        writer.write_table(pa.Table.from_batches(pending, reader.schema))
+                        pending, rows = [], 0
+                if pending:
+                    writer.write_table(pa.Table.from_batches(pending, reader.schema))
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
