@@ -12,42 +12,34 @@ remedies).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import platform
-import sys
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import pandas as pd
 import torch
 import torch.nn as nn
 
 from relu_doctor._validate import optimizers as optimizers_arg
 from relu_doctor._validate import positive_int
-from relu_doctor._version import __version__
-from relu_doctor.diagnosis import DiagnosisConfig, Finding, diagnose, diagnosis_config
+from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError
-from relu_doctor.events import Event, FindingEvent
 from relu_doctor.history import (
-    FORMAT_VERSION,
     FindingTracker,
     IntervalRecord,
     LogRecord,
-    Run,
-    event_dict,
 )
-from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, stacked_metrics
+from relu_doctor.interval import IntervalReading
 from relu_doctor.optimizer_tap import OptimizerTap
 from relu_doctor.probes import Probe
-from relu_doctor.rundir import RunWriter, load_run, read_table
+from relu_doctor.recording import RunRecording
+from relu_doctor.rundir import RunWriter
 from relu_doctor.sampling import Sampler
 from relu_doctor.sites import Site, SiteKey
-from relu_doctor.stats import ROW, read_back, reduce_sum, stats_seconds
+from relu_doctor.stats import reduce_sum, stats_seconds
+from relu_doctor.training_metrics import TrainingMetrics
 
 __all__ = ["Doctor", "IntervalRecord", "LogRecord", "watch"]
 
@@ -57,17 +49,7 @@ GRAD_NORM_WINDOW = 1024  # total gradient norms kept for the spike test (the lat
 KEEP_EVENTS = 10_000  # events kept in memory (all of them reach the run directory)
 
 
-def _versions() -> dict[str, str]:
-    return {
-        "relu_doctor": __version__,
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "pandas": pd.__version__,
-        "platform": platform.platform(),
-    }
-
-
-class Doctor:
+class Doctor(IntervalReading, RunRecording):
     """Watches a model's ReLU-family activations. Create it with :func:`watch`.
 
     Args:
@@ -233,9 +215,7 @@ class Doctor:
         self.tensorboard = bool(tensorboard)
         self._tb: Any = None
         self._optimizers = opts
-        # Training metrics of the open window: name -> [device sum or None, host sum, count].
-        self._metric_acc: dict[str, list[Any]] = {}
-        self._metric_sources: list[Callable[[], Mapping[str, Any]]] = []
+        self._training = TrainingMetrics()  # loss, learning rates, user metrics
         self._exited = False
         self.expects_steps = False  # watch() sets it: a block without step() then warns
         self.global_step = 0
@@ -314,98 +294,6 @@ class Doctor:
         for s, w in zip(sites, windows, strict=True):
             s.stats.close_window(w)
         self.window_steps = 0
-
-    def _open_writer(self) -> None:
-        assert self.run_dir is not None
-        writer = RunWriter(self.run_dir, resume=self.resume or self._wrote_run_dir)
-        self._writer, self._wrote_run_dir = writer, True
-        if writer.last_step is not None:
-            if self.global_step == 0:  # resume=True without a checkpoint: go on after it
-                self.global_step = writer.last_step
-                self.probe.collecting = self._collecting()
-            else:
-                self._continue_after_checkpoint()
-        self._write_meta()
-
-    def _continue_after_checkpoint(self) -> None:
-        """Drop what the run directory holds after the restored step (logged after the
-        checkpoint, or a partial log of the window the checkpoint keeps open, which is
-        logged again when it closes): the resumed run's record equals an uninterrupted one."""
-        writer = self._writer
-        keep = self.global_step - (1 if self.window_steps > 0 else 0)
-        if writer is None or writer.last_step is None or writer.last_step <= keep:
-            return
-        try:
-            writer.truncate_after(keep)
-        except OSError as e:
-            self._write_failed(e)
-
-    def _write_failed(self, error: BaseException) -> None:
-        """Warn once (cause and path); the writer is dropped and re-opened at a later log."""
-        if self._write_error is None:
-            self._write_error = f"{type(error).__name__}: {error}"
-            warnings.warn(
-                f"relu_doctor: cannot write the run directory {str(self.run_dir)!r} "
-                f"({self._write_error}); training goes on, statistics keep accumulating, and "
-                "writing is retried at each later log (the report says which steps are "
-                "missing).",
-                ReluDoctorWarning,
-                stacklevel=3,
-            )
-        writer = self._writer
-        if writer is not None:
-            writer.abandon()  # the lock is kept: the next log retries with it
-
-    def _save_status(self) -> None:
-        """Record the unwritten steps in place (``status.json``; works on a full disk)."""
-        if self._writer is not None:
-            with contextlib.suppress(Exception):  # nothing more can be written; warned
-                self._writer.write_status({"unwritten": self._unwritten, "error": self._write_error})
-
-    def _note_unwritten(self, step: int) -> None:
-        if self._unwritten and self._unwritten[-1][1] >= step - self.log_every_n_steps:
-            self._unwritten[-1][1] = step
-        elif len(self._unwritten) < 100:
-            self._unwritten.append([step, step])
-        else:
-            self._unwritten[-1][1] = step
-        self._meta_dirty = True
-
-    def _write_record(self, record: IntervalRecord, events: list[dict[str, Any]]) -> None:
-        """Write one log to the run directory; a failure never reaches training."""
-        if not (self.is_writer and self.run_dir is not None):
-            return
-        try:
-            if self._writer is None:
-                self._open_writer()
-            writer = self._writer
-            assert writer is not None
-            if self._meta_dirty:
-                self._write_meta()
-            writer.append_table("history", record.step, pd.DataFrame(record.site_rows))
-            writer.append_table("units", record.step, record.unit_table)
-            writer.append_table("layers", record.step, record.layer_table)
-            writer.append_table("metrics", record.step, _metrics_frame(record))
-            writer.write_findings(record.findings)
-            writer.append_events(events)
-        except Exception as e:  # disk full, permissions, a removed directory...
-            self._note_unwritten(record.step)
-            self._write_failed(e)
-            self._save_status()
-
-    def close(self) -> None:
-        """Close the run directory (its open segments are compacted, its lock released).
-        Reading it back (``history()``, ``to_run()``) still works. Idempotent."""
-        if self.eval is not None:
-            self.eval.close()
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            try:
-                if self._meta_dirty:
-                    writer.write_meta(self._meta())
-                writer.close()
-            except Exception as e:
-                self._write_failed(e)
 
     def __enter__(self) -> Doctor:
         self._exited = False
@@ -521,58 +409,12 @@ class Doctor:
         Args:
             metrics: ``{name: value}``, each value a number or a one-element tensor.
         """
-        if not isinstance(metrics, Mapping):
-            raise ReluDoctorError(
-                f"metrics: expected a mapping {{name: value}}, got {type(metrics).__name__}."
-            )
-        for name, value in metrics.items():
-            if not isinstance(name, str) or not name:
-                raise ReluDoctorError(f"metrics: names must be non-empty strings, got {name!r}.")
-            acc = self._metric_acc.setdefault(name, [None, 0.0, 0])
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise ReluDoctorError(
-                        f"metrics: {name!r} must be a number or a one-element tensor, got "
-                        f"a tensor of shape {tuple(value.shape)}."
-                    )
-                v = value.detach().reshape(()).float()
-                acc[0] = v if acc[0] is None else acc[0] + v.to(acc[0].device)
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                acc[1] += float(value)
-            else:
-                raise ReluDoctorError(
-                    f"metrics: {name!r} must be a number or a one-element tensor, got "
-                    f"{type(value).__name__}."
-                )
-            acc[2] += 1
+        self._training.add(metrics)
 
     def add_metric_source(self, fn: Callable[[], Mapping[str, Any]]) -> None:
         """Call ``fn()`` at each logging step for more training metrics ``{name: value}``
         (the Lightning callback passes ``trainer.callback_metrics``)."""
-        self._metric_sources.append(fn)
-
-    def _read_metrics(self) -> dict[str, float]:
-        """The open window's training metrics (one host read), learning rates and the
-        sources' values; the window's sums are cleared. Local to this process."""
-        acc, self._metric_acc = self._metric_acc, {}
-        out: dict[str, float] = {}
-        if acc:
-            dev = next((a[0].device for a in acc.values() if a[0] is not None), None)
-            zero = torch.zeros((), device=dev)
-            sums = torch.stack([a[0].to(zero.device) if a[0] is not None else zero for a in acc.values()])
-            for (name, a), s in zip(acc.items(), sums.tolist(), strict=True):
-                out[name] = (s + a[1]) / a[2]
-        groups = [(i, j, g) for i, o in enumerate(self._optimizers) for j, g in enumerate(o.param_groups)]
-        for i, j, g in groups:
-            name = "lr" if len(groups) == 1 else f"lr/{i}.{j}" if len(self._optimizers) > 1 else f"lr/{j}"
-            out[name] = float(g["lr"])
-        for fn in self._metric_sources:
-            for name, value in fn().items():
-                try:
-                    out.setdefault(str(name), float(value))
-                except (TypeError, ValueError, RuntimeError):
-                    continue
-        return {k: v for k, v in out.items() if math.isfinite(v)}
+        self._training.add_source(fn)
 
     def add_event_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
         """Call ``fn(event)`` for each event passed to :meth:`record_event`."""
@@ -588,103 +430,6 @@ class Doctor:
         if self.all_reduce is None:
             return list(tensors)
         return reduce_sum(tensors, self.all_reduce)
-
-    def _read(
-        self, close: bool, *, final: bool = False
-    ) -> tuple[IntervalRecord, list[FindingEvent]] | None:
-        """Sum, read back, derive, diagnose: the record of the open window (closing it when
-        ``close``; ``final``: logged as closed, its site windows folded at the next attach)."""
-        sites = self.probe.sites()
-        if not sites:
-            return None
-        windows = [s.stats.window for s in sites]
-        logged = close or final
-        grad_sq, layer_steps, ratio = (
-            self.tap.read_and_reset() if (logged and self.tap is not None) else (None, 0, None)
-        )
-        extra = [] if grad_sq is None else [grad_sq]
-        world = 1
-        if self.all_reduce is not None:
-            ones = torch.ones(1, dtype=torch.float64, device=windows[0].device)
-            reduced = self.reduce_sum(windows + extra + [ones])
-            windows, extra = reduced[: len(sites)], reduced[len(sites) : -1]
-            world = round(float(reduced[-1]))
-        host = read_back(
-            windows
-            + [s.stats.lifetime for s in sites]
-            + extra
-            + ([ratio] if ratio is not None and extra else [])
-        )
-        if close:
-            for s, w in zip(sites, windows, strict=True):
-                s.stats.close_window(w)
-        n = len(sites)
-        host_windows, host_life = host[:n], host[n : 2 * n]
-        layer_rows: list[dict[str, Any]] = []
-        if extra and self.tap is not None:
-            rows, total = layer_metrics(
-                self.tap.layers, host[2 * n], layer_steps, world,
-                host[2 * n + 1] if ratio is not None else None,
-            )
-            layer_rows = [{"step": self.global_step, **r} for r in rows]
-            if logged:
-                self._grad_norm_history.append(total)  # bounded: the latest logs only
-        site_rows: list[dict[str, Any]] = []
-        units: dict[str, dict[str, torch.Tensor]] = {}
-        # Every site at once: one tensor op per metric, not a loop of them per site.
-        unit_list, metric_rows = stacked_metrics(
-            host_windows,
-            [life + w for life, w in zip(host_life, host_windows, strict=True)],  # before the fold
-            self.config.tau,
-        )
-        for s, u, sm in zip(sites, unit_list, metric_rows, strict=True):
-            site_rows.append(
-                {
-                    "step": self.global_step,
-                    "site": s.name,
-                    "family": s.family.name,
-                    "leaky": s.family.leaky,
-                    "cap": s.cap,
-                    "order": s.order,
-                    "unit_dim": s.unit_dim,
-                    "unit_rule": s.unit_rule,
-                    "window_steps": self.window_steps,
-                    "steps_collected": self.window_steps,
-                    "steps_run": self.steps_run,
-                    **sm,
-                }
-            )
-            units[s.name] = u
-        unit_table = pd.DataFrame(
-            {
-                "step": self.global_step,
-                "site": np.repeat(
-                    np.array([s.name for s in sites], dtype=object), [s.units for s in sites]
-                ),
-                "unit": np.concatenate([np.arange(s.units) for s in sites]),
-                **{c: torch.cat([u[c] for u in unit_list]).numpy() for c in UNIT_COLUMNS},
-            }
-        )
-        findings = diagnose(
-            site_rows, units, self.config, step=self.global_step,
-            param_grad_norms=self._grad_norm_history, first_rms=self._first_rms,
-        )
-        if logged:
-            for r in site_rows:
-                rms = float(r.get("rms", math.nan))
-                if math.isfinite(rms) and rms > 0:
-                    self._first_rms.setdefault(str(r["site"]), rms)
-        findings, new, events = self._tracker.update(findings, self.global_step, commit=logged)
-        record = IntervalRecord(
-            step=self.global_step,
-            site_rows=site_rows,
-            unit_table=unit_table,
-            layer_table=pd.DataFrame(layer_rows),
-            findings=findings,
-            new_findings=new,
-            keys={s.name: s.key for s in sites},
-        )
-        return record, events
 
     def log(self, *, final: bool = False) -> IntervalRecord | None:
         """Close the current window now: read, diagnose, record, write, notify listeners.
@@ -702,7 +447,7 @@ class Doctor:
         if read is None:
             return None
         record, finding_events = read
-        record.metrics = self._read_metrics()
+        record.metrics = self._training.read(self._optimizers)
         if len(self._records) == self.keep_records:
             self._records_dropped += 1
         self._records.append(record)
@@ -761,101 +506,9 @@ class Doctor:
             return None
         return self.probe.missing_activations(functional=self.functional)
 
-    def record_event(self, event: Event | Mapping[str, Any]) -> None:
-        """Record an event (an :class:`~relu_doctor.events.Intervention` or its result) in
-        memory and in the run directory, and tell the event listeners (its dict form)."""
-        ev = {"step": self.global_step, **event_dict(event)}
-        self._events.append(ev)
-        if self._writer is not None:
-            try:
-                self._writer.append_events([ev])
-            except OSError as e:
-                self._write_failed(e)
-        for fn in self._event_listeners:
-            fn(ev)
-
-    def _meta(self) -> dict[str, Any]:
-        return {
-            "versions": _versions(),
-            "model": type(self.model).__name__,
-            "device": str(next(iter(self.model.parameters()), torch.empty(0)).device),
-            "sites": [s.describe() for s in self.probe.sites()],
-            "unwritten": [list(r) for r in self._unwritten],
-            "stream": self.probe.stream,
-            "eval_stream": self._eval_name,
-            "config": {
-                "log_every_n_steps": self.log_every_n_steps,
-                "every_n_steps": self.every_n_steps,
-                "overhead_budget": self.overhead_budget,
-                **self.config.__dict__,
-            },
-        }
-
-    def _write_meta(self) -> None:
-        if self._writer is not None:
-            self._writer.write_meta(self._meta())
-            self._meta_dirty = False
-
-    def current(self) -> IntervalRecord | None:
-        """The current window's record without closing it, or the last logged one when the
-        current window is empty. Reads device tensors (a host sync): call it off the hot path."""
-        sites = self.probe.sites()
-        # A window counts as non-empty when it saw finite elements or non-finite steps (a
-        # site whose every output was NaN has elements == 0 yet must be reported).
-        seen_rows = [ROW["elements"], ROW["nonfinite"], ROW["grad_nonfinite"]]
-        if sites and any(bool(s.stats.window[seen_rows].sum() > 0) for s in sites):
-            read = self._read(close=False)
-            return None if read is None else read[0]
-        return self._records[-1] if self._records else None
-
-    def _on_disk(self) -> bool:
-        """Whether the run directory holds the record (``history()`` reads it back)."""
-        return self._wrote_run_dir and self.run_dir is not None
-
-    def findings(self) -> list[Finding]:
-        """What is wrong now, most severe first (see :meth:`current`)."""
-        rec = self.current()
-        return [] if rec is None else rec.findings
-
-    def to_pandas(self) -> pd.DataFrame:
-        """One row per site: the site-level metrics of the current window (see :meth:`current`)."""
-        rec = self.current()
-        if rec is None:
-            return pd.DataFrame(columns=["step", "site", "family"])
-        return pd.DataFrame(rec.site_rows)
-
-    def unit_table(self, site: str) -> pd.DataFrame:
-        """One row per unit of ``site``: activation rate, mean |h|, dormant score, dead...
-        (see :meth:`current`).
-
-        The frame's ``attrs`` hold the unit dim and the rule that chose it.
-        """
-        s = self.probe.site(site)
-        rec = self.current()
-        if rec is None:
-            raise ReluDoctorError(
-                f"site: {site!r} has no statistics yet: run a forward pass (and call step()) "
-                "before reading its units."
-            )
-        df = rec.unit_table[rec.unit_table["site"] == site].reset_index(drop=True)
-        df.attrs.update({"unit_dim": s.unit_dim, "unit_rule": s.unit_rule, "family": s.family.name})
-        return df
-
-    units = unit_table  # the name before 0.2
-
     def site_key(self, name: str) -> SiteKey:
         """The :class:`~relu_doctor.sites.SiteKey` of the site whose display name is ``name``."""
         return self.probe.site(name).key
-
-    def history(self) -> pd.DataFrame:
-        """Every logged (step, site) row so far: read back from the run directory, or
-        without one the rows of the last ``keep_records`` logs."""
-        if self._on_disk():
-            assert self.run_dir is not None
-            return read_table(self.run_dir, "history")
-        if not self._records:
-            return pd.DataFrame()
-        return pd.DataFrame([r for rec in self._records for r in rec.site_rows])
 
     @property
     def records(self) -> list[IntervalRecord]:
@@ -865,55 +518,6 @@ class Doctor:
     @property
     def sites(self) -> list[Site]:
         return self.probe.sites()
-
-    def to_run(self) -> Run:
-        """The run record: read back from the run directory, or without one built from the
-        last ``keep_records`` logs (the current window when nothing was logged)."""
-        run_dir = self.run_dir
-        if self._on_disk() and run_dir is not None and self._records and (
-            (run_dir / "meta.json").is_file()
-        ):
-            return load_run(run_dir)
-        records = list(self._records)
-        events = list(self._events)
-        if not records:
-            read = self._read(close=False) if self.probe.sites() else None
-            if read is not None:
-                records = [read[0]]
-                events += [e.to_dict() for e in read[1]]
-
-        def cat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-            return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-        return Run(
-            meta={"format_version": FORMAT_VERSION, **self._meta(),
-                  "records_dropped": self._records_dropped},
-            history=pd.DataFrame([r for rec in records for r in rec.site_rows]),
-            units=cat([r.unit_table for r in records]),
-            layers=cat([r.layer_table for r in records]),
-            events=events,
-            last_findings=list(records[-1].findings) if records else [],
-            tables={"metrics": cat([_metrics_frame(r) for r in records if r.metrics])},
-        )
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write everything recorded so far as a run directory at ``path``."""
-        run = self.to_run()
-        writer = RunWriter(path, replace=True)
-        try:
-            writer.write_meta(
-                {k: v for k, v in run.meta.items() if k not in ("format_version", "run_id")}
-            )
-            frames = {"history": run.history, "units": run.units, "layers": run.layers,
-                      **run.tables}
-            for name, frame in frames.items():
-                if not frame.empty:
-                    writer.append_table(name, int(frame["step"].max()), frame)
-            writer.write_findings(run.findings())
-            writer.append_events(run.events)
-        finally:
-            writer.close()
-        return Path(path)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, *, reduce: bool = False) -> dict[str, Any]:
@@ -972,15 +576,6 @@ class Doctor:
             f"Doctor(sites={len(self.probe.sites())}, step={self.global_step}, "
             f"attached={self.probe.attached})"
         )
-
-
-def _metrics_frame(record: IntervalRecord) -> pd.DataFrame:
-    """The record's training metrics in the run's long format: one row per (step, name)."""
-    names = list(record.metrics)
-    return pd.DataFrame(
-        {"step": [record.step] * len(names), "name": names,
-         "value": [record.metrics[n] for n in names]}
-    )
 
 
 def _eval_name(eval_stream: object) -> str | None:

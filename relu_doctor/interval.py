@@ -1,0 +1,193 @@
+"""Reading one logging interval: the Doctor's on-device sums are summed across processes,
+read back in one transfer, turned into metrics and diagnosed, giving an
+:class:`~relu_doctor.history.IntervalRecord` (closed at a log, or a look at the open window
+for ``current()``, ``findings()``, ``to_pandas()`` and ``unit_table()``).
+
+:class:`IntervalReading` is a part of :class:`~relu_doctor.doctor.Doctor` (a mixin), kept in
+its own module so that ``doctor.py`` holds the wiring of one step and one log.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from relu_doctor.diagnosis import Finding, diagnose
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.events import FindingEvent
+from relu_doctor.history import IntervalRecord
+from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, stacked_metrics
+from relu_doctor.stats import ROW, read_back
+
+if TYPE_CHECKING:
+    from collections import deque
+    from collections.abc import Callable, Sequence
+
+    from relu_doctor.diagnosis import DiagnosisConfig
+    from relu_doctor.history import FindingTracker
+    from relu_doctor.optimizer_tap import OptimizerTap
+    from relu_doctor.probes import Probe
+
+__all__ = ["IntervalReading"]
+
+
+class IntervalReading:
+    """The reading half of :class:`~relu_doctor.doctor.Doctor` (see the module)."""
+
+    if TYPE_CHECKING:  # what it uses of the Doctor (set in Doctor.__init__)
+        probe: Probe
+        tap: OptimizerTap | None
+        config: DiagnosisConfig
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None
+        global_step: int
+        window_steps: int
+        steps_run: int
+        _records: deque[IntervalRecord]
+        _tracker: FindingTracker
+        _grad_norm_history: deque[float]
+        _first_rms: dict[str, float]
+
+        def reduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
+
+    def _read(self, close: bool, *, final: bool = False
+    ) -> tuple[IntervalRecord, list[FindingEvent]] | None:
+        """Sum, read back, derive, diagnose: the record of the open window (closing it when
+        ``close``; ``final``: logged as closed, its site windows folded at the next attach)."""
+        sites = self.probe.sites()
+        if not sites:
+            return None
+        windows = [s.stats.window for s in sites]
+        logged = close or final
+        grad_sq, layer_steps, ratio = (
+            self.tap.read_and_reset() if (logged and self.tap is not None) else (None, 0, None)
+        )
+        extra = [] if grad_sq is None else [grad_sq]
+        world = 1
+        if self.all_reduce is not None:
+            ones = torch.ones(1, dtype=torch.float64, device=windows[0].device)
+            reduced = self.reduce_sum(windows + extra + [ones])
+            windows, extra = reduced[: len(sites)], reduced[len(sites) : -1]
+            world = round(float(reduced[-1]))
+        host = read_back(
+            windows
+            + [s.stats.lifetime for s in sites]
+            + extra
+            + ([ratio] if ratio is not None and extra else [])
+        )
+        if close:
+            for s, w in zip(sites, windows, strict=True):
+                s.stats.close_window(w)
+        n = len(sites)
+        host_windows, host_life = host[:n], host[n : 2 * n]
+        layer_rows: list[dict[str, Any]] = []
+        if extra and self.tap is not None:
+            rows, total = layer_metrics(
+                self.tap.layers, host[2 * n], layer_steps, world,
+                host[2 * n + 1] if ratio is not None else None,
+            )
+            layer_rows = [{"step": self.global_step, **r} for r in rows]
+            if logged:
+                self._grad_norm_history.append(total)  # bounded: the latest logs only
+        site_rows: list[dict[str, Any]] = []
+        units: dict[str, dict[str, torch.Tensor]] = {}
+        # Every site at once: one tensor op per metric, not a loop of them per site.
+        unit_list, metric_rows = stacked_metrics(
+            host_windows,
+            [life + w for life, w in zip(host_life, host_windows, strict=True)],  # before the fold
+            self.config.tau,
+        )
+        for s, u, sm in zip(sites, unit_list, metric_rows, strict=True):
+            site_rows.append(
+                {
+                    "step": self.global_step,
+                    "site": s.name,
+                    "family": s.family.name,
+                    "leaky": s.family.leaky,
+                    "cap": s.cap,
+                    "order": s.order,
+                    "unit_dim": s.unit_dim,
+                    "unit_rule": s.unit_rule,
+                    "window_steps": self.window_steps,
+                    "steps_collected": self.window_steps,
+                    "steps_run": self.steps_run,
+                    **sm,
+                }
+            )
+            units[s.name] = u
+        unit_table = pd.DataFrame(
+            {
+                "step": self.global_step,
+                "site": np.repeat(
+                    np.array([s.name for s in sites], dtype=object), [s.units for s in sites]
+                ),
+                "unit": np.concatenate([np.arange(s.units) for s in sites]),
+                **{c: torch.cat([u[c] for u in unit_list]).numpy() for c in UNIT_COLUMNS},
+            }
+        )
+        findings = diagnose(
+            site_rows, units, self.config, step=self.global_step,
+            param_grad_norms=self._grad_norm_history, first_rms=self._first_rms,
+        )
+        if logged:
+            for r in site_rows:
+                rms = float(r.get("rms", math.nan))
+                if math.isfinite(rms) and rms > 0:
+                    self._first_rms.setdefault(str(r["site"]), rms)
+        findings, new, events = self._tracker.update(findings, self.global_step, commit=logged)
+        record = IntervalRecord(
+            step=self.global_step,
+            site_rows=site_rows,
+            unit_table=unit_table,
+            layer_table=pd.DataFrame(layer_rows),
+            findings=findings,
+            new_findings=new,
+            keys={s.name: s.key for s in sites},
+        )
+        return record, events
+
+    def current(self) -> IntervalRecord | None:
+        """The current window's record without closing it, or the last logged one when the
+        current window is empty. Reads device tensors (a host sync): call it off the hot path."""
+        sites = self.probe.sites()
+        # A window counts as non-empty when it saw finite elements or non-finite steps (a
+        # site whose every output was NaN has elements == 0 yet must be reported).
+        seen_rows = [ROW["elements"], ROW["nonfinite"], ROW["grad_nonfinite"]]
+        if sites and any(bool(s.stats.window[seen_rows].sum() > 0) for s in sites):
+            read = self._read(close=False)
+            return None if read is None else read[0]
+        return self._records[-1] if self._records else None
+
+    def findings(self) -> list[Finding]:
+        """What is wrong now, most severe first (see :meth:`current`)."""
+        rec = self.current()
+        return [] if rec is None else rec.findings
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per site: the site-level metrics of the current window (see :meth:`current`)."""
+        rec = self.current()
+        if rec is None:
+            return pd.DataFrame(columns=["step", "site", "family"])
+        return pd.DataFrame(rec.site_rows)
+
+    def unit_table(self, site: str) -> pd.DataFrame:
+        """One row per unit of ``site``: activation rate, mean |h|, dormant score, dead...
+        (see :meth:`current`).
+
+        The frame's ``attrs`` hold the unit dim and the rule that chose it.
+        """
+        s = self.probe.site(site)
+        rec = self.current()
+        if rec is None:
+            raise ReluDoctorError(
+                f"site: {site!r} has no statistics yet: run a forward pass (and call step()) "
+                "before reading its units."
+            )
+        df = rec.unit_table[rec.unit_table["site"] == site].reset_index(drop=True)
+        df.attrs.update({"unit_dim": s.unit_dim, "unit_rule": s.unit_rule, "family": s.family.name})
+        return df
+
+    units = unit_table  # the name before 0.2

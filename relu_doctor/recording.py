@@ -1,0 +1,276 @@
+"""The Doctor's run record: where each logged interval goes (a bounded buffer in memory,
+the run directory, whose write failures never reach training) and how the record is read
+back (``history()``, ``to_run()``, ``save()``).
+
+:class:`RunRecording` is a part of :class:`~relu_doctor.doctor.Doctor` (a mixin), kept in
+its own module so that ``doctor.py`` holds the wiring of one step and one log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+
+from relu_doctor._version import __version__
+from relu_doctor.errors import ReluDoctorWarning
+from relu_doctor.events import Event
+from relu_doctor.history import FORMAT_VERSION, IntervalRecord, Run, event_dict
+from relu_doctor.rundir import RunWriter, load_run, read_table
+from relu_doctor.training_metrics import metrics_frame
+
+if TYPE_CHECKING:
+    from collections import deque
+    from collections.abc import Callable
+
+    import torch.nn as nn
+
+    from relu_doctor.diagnosis import DiagnosisConfig
+    from relu_doctor.doctor import Doctor
+    from relu_doctor.events import FindingEvent
+    from relu_doctor.probes import Probe
+
+__all__ = ["RunRecording"]
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "relu_doctor": __version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "pandas": pd.__version__,
+        "platform": platform.platform(),
+    }
+
+
+class RunRecording:
+    """The run-record half of :class:`~relu_doctor.doctor.Doctor` (see the module)."""
+
+    if TYPE_CHECKING:  # what it uses of the Doctor (set in Doctor.__init__)
+        model: nn.Module
+        probe: Probe
+        config: DiagnosisConfig
+        eval: Doctor | None
+        run_dir: Path | None
+        resume: bool
+        is_writer: bool
+        log_every_n_steps: int
+        every_n_steps: int
+        overhead_budget: float | None
+        global_step: int
+        window_steps: int
+        keep_records: int
+        _eval_name: str | None
+        _writer: RunWriter | None
+        _wrote_run_dir: bool
+        _write_error: str | None
+        _meta_dirty: bool
+        _unwritten: list[list[int]]
+        _records: deque[IntervalRecord]
+        _records_dropped: int
+        _events: deque[dict[str, Any]]
+        _event_listeners: list[Callable[[dict[str, Any]], None]]
+
+        def _collecting(self) -> bool: ...
+
+        def _read(
+            self, close: bool, *, final: bool = False
+        ) -> tuple[IntervalRecord, list[FindingEvent]] | None: ...
+
+    def _open_writer(self) -> None:
+        assert self.run_dir is not None
+        writer = RunWriter(self.run_dir, resume=self.resume or self._wrote_run_dir)
+        self._writer, self._wrote_run_dir = writer, True
+        if writer.last_step is not None:
+            if self.global_step == 0:  # resume=True without a checkpoint: go on after it
+                self.global_step = writer.last_step
+                self.probe.collecting = self._collecting()
+            else:
+                self._continue_after_checkpoint()
+        self._write_meta()
+
+    def _continue_after_checkpoint(self) -> None:
+        """Drop what the run directory holds after the restored step (logged after the
+        checkpoint, or a partial log of the window the checkpoint keeps open, which is
+        logged again when it closes): the resumed run's record equals an uninterrupted one."""
+        writer = self._writer
+        keep = self.global_step - (1 if self.window_steps > 0 else 0)
+        if writer is None or writer.last_step is None or writer.last_step <= keep:
+            return
+        try:
+            writer.truncate_after(keep)
+        except OSError as e:
+            self._write_failed(e)
+
+    def _write_failed(self, error: BaseException) -> None:
+        """Warn once (cause and path); the writer is dropped and re-opened at a later log."""
+        if self._write_error is None:
+            self._write_error = f"{type(error).__name__}: {error}"
+            warnings.warn(
+                f"relu_doctor: cannot write the run directory {str(self.run_dir)!r} "
+                f"({self._write_error}); training goes on, statistics keep accumulating, and "
+                "writing is retried at each later log (the report says which steps are "
+                "missing).",
+                ReluDoctorWarning,
+                stacklevel=3,
+            )
+        writer = self._writer
+        if writer is not None:
+            writer.abandon()  # the lock is kept: the next log retries with it
+
+    def _save_status(self) -> None:
+        """Record the unwritten steps in place (``status.json``; works on a full disk)."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):  # nothing more can be written; warned
+                self._writer.write_status({"unwritten": self._unwritten, "error": self._write_error})
+
+    def _note_unwritten(self, step: int) -> None:
+        if self._unwritten and self._unwritten[-1][1] >= step - self.log_every_n_steps:
+            self._unwritten[-1][1] = step
+        elif len(self._unwritten) < 100:
+            self._unwritten.append([step, step])
+        else:
+            self._unwritten[-1][1] = step
+        self._meta_dirty = True
+
+    def _write_record(self, record: IntervalRecord, events: list[dict[str, Any]]) -> None:
+        """Write one log to the run directory; a failure never reaches training."""
+        if not (self.is_writer and self.run_dir is not None):
+            return
+        try:
+            if self._writer is None:
+                self._open_writer()
+            writer = self._writer
+            assert writer is not None
+            if self._meta_dirty:
+                self._write_meta()
+            writer.append_table("history", record.step, pd.DataFrame(record.site_rows))
+            writer.append_table("units", record.step, record.unit_table)
+            writer.append_table("layers", record.step, record.layer_table)
+            writer.append_table("metrics", record.step, metrics_frame(record))
+            writer.write_findings(record.findings)
+            writer.append_events(events)
+        except Exception as e:  # disk full, permissions, a removed directory...
+            self._note_unwritten(record.step)
+            self._write_failed(e)
+            self._save_status()
+
+    def close(self) -> None:
+        """Close the run directory (its open segments are compacted, its lock released).
+        Reading it back (``history()``, ``to_run()``) still works. Idempotent."""
+        if self.eval is not None:
+            self.eval.close()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                if self._meta_dirty:
+                    writer.write_meta(self._meta())
+                writer.close()
+            except Exception as e:
+                self._write_failed(e)
+
+    def record_event(self, event: Event | Mapping[str, Any]) -> None:
+        """Record an event (an :class:`~relu_doctor.events.Intervention` or its result) in
+        memory and in the run directory, and tell the event listeners (its dict form)."""
+        ev = {"step": self.global_step, **event_dict(event)}
+        self._events.append(ev)
+        if self._writer is not None:
+            try:
+                self._writer.append_events([ev])
+            except OSError as e:
+                self._write_failed(e)
+        for fn in self._event_listeners:
+            fn(ev)
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "versions": _versions(),
+            "model": type(self.model).__name__,
+            "device": str(next(iter(self.model.parameters()), torch.empty(0)).device),
+            "sites": [s.describe() for s in self.probe.sites()],
+            "unwritten": [list(r) for r in self._unwritten],
+            "stream": self.probe.stream,
+            "eval_stream": self._eval_name,
+            "config": {
+                "log_every_n_steps": self.log_every_n_steps,
+                "every_n_steps": self.every_n_steps,
+                "overhead_budget": self.overhead_budget,
+                **self.config.__dict__,
+            },
+        }
+
+    def _write_meta(self) -> None:
+        if self._writer is not None:
+            self._writer.write_meta(self._meta())
+            self._meta_dirty = False
+
+    def _on_disk(self) -> bool:
+        """Whether the run directory holds the record (``history()`` reads it back)."""
+        return self._wrote_run_dir and self.run_dir is not None
+
+    def history(self) -> pd.DataFrame:
+        """Every logged (step, site) row so far: read back from the run directory, or
+        without one the rows of the last ``keep_records`` logs."""
+        if self._on_disk():
+            assert self.run_dir is not None
+            return read_table(self.run_dir, "history")
+        if not self._records:
+            return pd.DataFrame()
+        return pd.DataFrame([r for rec in self._records for r in rec.site_rows])
+
+    def to_run(self) -> Run:
+        """The run record: read back from the run directory, or without one built from the
+        last ``keep_records`` logs (the current window when nothing was logged)."""
+        run_dir = self.run_dir
+        if self._on_disk() and run_dir is not None and self._records and (
+            (run_dir / "meta.json").is_file()
+        ):
+            return load_run(run_dir)
+        records = list(self._records)
+        events = list(self._events)
+        if not records:
+            read = self._read(close=False) if self.probe.sites() else None
+            if read is not None:
+                records = [read[0]]
+                events += [e.to_dict() for e in read[1]]
+
+        def cat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+            return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+        return Run(
+            meta={"format_version": FORMAT_VERSION, **self._meta(),
+                  "records_dropped": self._records_dropped},
+            history=pd.DataFrame([r for rec in records for r in rec.site_rows]),
+            units=cat([r.unit_table for r in records]),
+            layers=cat([r.layer_table for r in records]),
+            events=events,
+            last_findings=list(records[-1].findings) if records else [],
+            tables={"metrics": cat([metrics_frame(r) for r in records if r.metrics])},
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write everything recorded so far as a run directory at ``path``."""
+        run = self.to_run()
+        writer = RunWriter(path, replace=True)
+        try:
+            writer.write_meta(
+                {k: v for k, v in run.meta.items() if k not in ("format_version", "run_id")}
+            )
+            frames = {"history": run.history, "units": run.units, "layers": run.layers,
+                      **run.tables}
+            for name, frame in frames.items():
+                if not frame.empty:
+                    writer.append_table(name, int(frame["step"].max()), frame)
+            writer.write_findings(run.findings())
+            writer.append_events(run.events)
+        finally:
+            writer.close()
+        return Path(path)

@@ -1,0 +1,92 @@
+"""Training metrics of a logging window: the loss, the optimizers' learning rates and any
+metric the user logs, kept on their device until the logging step (no host sync), then read
+once as window means; and their long-format table (step, name, value) in the run record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.history import IntervalRecord
+
+__all__ = ["TrainingMetrics", "metrics_frame"]
+
+
+class TrainingMetrics:
+    """The open window's training metrics: ``name -> [device sum or None, host sum, count]``,
+    plus callables asked for more at each logging step."""
+
+    def __init__(self) -> None:
+        self._acc: dict[str, list[Any]] = {}
+        self._sources: list[Callable[[], Mapping[str, Any]]] = []
+
+    def add(self, metrics: Mapping[str, torch.Tensor | float]) -> None:
+        """Add ``{name: value}`` (numbers or one-element tensors) to the window."""
+        if not isinstance(metrics, Mapping):
+            raise ReluDoctorError(
+                f"metrics: expected a mapping {{name: value}}, got {type(metrics).__name__}."
+            )
+        for name, value in metrics.items():
+            if not isinstance(name, str) or not name:
+                raise ReluDoctorError(f"metrics: names must be non-empty strings, got {name!r}.")
+            acc = self._acc.setdefault(name, [None, 0.0, 0])
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ReluDoctorError(
+                        f"metrics: {name!r} must be a number or a one-element tensor, got "
+                        f"a tensor of shape {tuple(value.shape)}."
+                    )
+                v = value.detach().reshape(()).float()
+                acc[0] = v if acc[0] is None else acc[0] + v.to(acc[0].device)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                acc[1] += float(value)
+            else:
+                raise ReluDoctorError(
+                    f"metrics: {name!r} must be a number or a one-element tensor, got "
+                    f"{type(value).__name__}."
+                )
+            acc[2] += 1
+
+    def add_source(self, fn: Callable[[], Mapping[str, Any]]) -> None:
+        """Call ``fn()`` at each logging step for more metrics ``{name: value}``."""
+        self._sources.append(fn)
+
+    def read(self, optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, float]:
+        """The window's means (one host read), the optimizers' learning rates and the
+        sources' values; the window's sums are cleared. Local to this process."""
+        acc, self._acc = self._acc, {}
+        out: dict[str, float] = {}
+        if acc:
+            dev = next((a[0].device for a in acc.values() if a[0] is not None), None)
+            zero = torch.zeros((), device=dev)
+            sums = torch.stack(
+                [a[0].to(zero.device) if a[0] is not None else zero for a in acc.values()]
+            )
+            for (name, a), s in zip(acc.items(), sums.tolist(), strict=True):
+                out[name] = (s + a[1]) / a[2]
+        groups = [(i, j, g) for i, o in enumerate(optimizers) for j, g in enumerate(o.param_groups)]
+        for i, j, g in groups:
+            name = "lr" if len(groups) == 1 else f"lr/{i}.{j}" if len(optimizers) > 1 else f"lr/{j}"
+            out[name] = float(g["lr"])
+        for fn in self._sources:
+            for name, value in fn().items():
+                try:
+                    out.setdefault(str(name), float(value))
+                except (TypeError, ValueError, RuntimeError):
+                    continue
+        return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def metrics_frame(record: IntervalRecord) -> pd.DataFrame:
+    """The record's training metrics in the run's long format: one row per (step, name)."""
+    names = list(record.metrics)
+    return pd.DataFrame(
+        {"step": [record.step] * len(names), "name": names,
+         "value": [record.metrics[n] for n in names]}
+    )
