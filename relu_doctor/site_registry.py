@@ -1,0 +1,188 @@
+"""The probe's sites: made at an activation's first call (its unit dim from the producing
+layer, see :mod:`~relu_doctor.provenance`, or the shape rule), found by key or display name,
+renamed as calls appear, and checkpointed with their accumulators.
+
+:class:`SiteRegistry` is a part of :class:`~relu_doctor.probes.Probe` (a mixin), kept in its
+own module so that ``probes.py`` holds the hooks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
+from relu_doctor.families import Family
+from relu_doctor.sites import Site, SiteKey, display_names, module_label
+from relu_doctor.stats import SiteStats, resolve_unit_dim
+
+if TYPE_CHECKING:
+    from relu_doctor.provenance import ProvenanceTracker
+
+__all__ = ["SiteRegistry"]
+
+
+class SiteRegistry:
+    """The sites half of :class:`~relu_doctor.probes.Probe` (see the module)."""
+
+    if TYPE_CHECKING:  # what it uses of the Probe (set in Probe.__init__)
+        unit_dims: dict[str, int]
+        _sites: dict[SiteKey, Site]
+        _names: dict[str, Site]
+        _listeners: list[Callable[[], None]]
+        _pending: dict[str, Any]
+        _provenance: ProvenanceTracker
+        _unresolved: dict[SiteKey, int]
+        _shape_rule: set[SiteKey]
+        _want_provenance: bool
+        _warned_units: set[SiteKey]
+        _tracked_passes: int
+
+    def _site(
+        self,
+        output: torch.Tensor,
+        key: SiteKey,
+        family: Family,
+        module: nn.Module | None,
+        *,
+        traced: bool = False,
+    ) -> Site | None:
+        """The site of ``key``, made at its first call; None when this call is not counted
+        (its unit count changed, or its producer is to be found in the next pass).
+
+        ``traced``: called while torch.compile traces (no producer tracking: shape rule).
+        """
+        site = self._sites.get(key)
+        shape = tuple(output.shape)
+        if site is not None:
+            if len(shape) <= site.unit_dim or shape[site.unit_dim] != site.units:
+                self._warn_units(site, shape)
+                return None
+            if site.family is not family:  # the module was replaced (see refresh())
+                site.family = family
+                site.cap = family.cap_of(module)
+                for fn in self._listeners:
+                    fn()
+            return site
+        label = module_label(key.module_path)
+        override = None
+        for pat, dim in self.unit_dims.items():
+            if fnmatch.fnmatchcase(label, pat):
+                override = dim
+        follow = override is None and not traced and key not in self._shape_rule
+        if follow and not self._provenance.tracking:
+            # First seen in an untracked pass: its producer is found in the next pass.
+            self._unresolved.setdefault(key, 0)
+            self._want_provenance = True
+            return None
+        try:
+            unit_dim, rule = resolve_unit_dim(shape, override)
+        except ValueError as e:
+            raise ReluDoctorError(f"unit_dims for {label!r}: {e}.") from None
+        origin = self._provenance.origin(output) if follow else None
+        if origin is not None:
+            unit_dim, rule = origin.dim, origin.rule(len(shape))
+        elif follow:
+            rule += " (no producing layer found)"
+        self._unresolved.pop(key, None)
+        site = Site(
+            key=key,
+            family=family,
+            unit_dim=unit_dim,
+            unit_rule=rule,
+            units=shape[unit_dim],
+            order=len(self._sites),
+            stats=SiteStats(shape[unit_dim], output.device),
+            shape=shape,
+            cap=family.cap_of(module),
+        )
+        self._sites[key] = site
+        self._rename()
+        pending = self._pending.pop(key.token(), None)
+        if pending is not None:
+            _restore(site, pending)
+        for fn in self._listeners:
+            fn()
+        return site
+
+    def _warn_units(self, site: Site, shape: tuple[int, ...]) -> None:
+        if site.key in self._warned_units:
+            return
+        self._warned_units.add(site.key)
+        warnings.warn(
+            f"relu_doctor: site {site.name!r} had {site.units} units along dim {site.unit_dim} "
+            f"({site.unit_rule}) and now runs on shape {shape}; calls with another unit count "
+            "are left out (is the module reused on another width?). Set "
+            f"unit_dims={{{module_label(site.module_path)!r}: DIM}} to choose the unit dim.",
+            ReluDoctorWarning,
+            stacklevel=4,
+        )
+
+    def _provenance_done(self) -> bool:
+        """After a tracked pass: whether every site has its producer (tracking can stop).
+        A site not seen again in 3 tracked passes takes the shape rule; a model that showed
+        no site in 8 tracked passes (nothing to watch, or only symbolic passes) stops too."""
+        self._tracked_passes += 1
+        for key in list(self._unresolved):
+            self._unresolved[key] += 1
+            if self._unresolved[key] >= 3:
+                del self._unresolved[key]
+                self._shape_rule.add(key)
+        return not self._unresolved and (bool(self._sites) or self._tracked_passes >= 8)
+
+    def _rename(self) -> None:
+        names = display_names(self._sites)
+        for key, site in self._sites.items():
+            site.name = names[key]
+            site.reused = site.name != module_label(key.module_path)
+        self._names = {s.name: s for s in self._sites.values()}
+
+    def on_new_site(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` whenever a new site is discovered."""
+        self._listeners.append(fn)
+
+    def sites(self) -> list[Site]:
+        """Sites seen so far, in order of first execution."""
+        return sorted(self._sites.values(), key=lambda s: s.order)
+
+    def site(self, name: str) -> Site:
+        """The site whose display name is ``name``; raises with the list of known names."""
+        site = self._names.get(name)
+        if site is None:
+            raise ReluDoctorError(
+                f"site: no site named {name!r}; known sites: {[s.name for s in self.sites()]}."
+            )
+        return site
+
+    def site_by_key(self, key: SiteKey) -> Site | None:
+        """The site of ``key``, or None when that call has not run yet."""
+        return self._sites.get(key)
+
+    def site_state(self) -> dict[str, Any]:
+        """Accumulator state of every site, keyed by :meth:`SiteKey.token` (checkpoints)."""
+        state = {k.token(): s.stats.state_dict() for k, s in self._sites.items()}
+        return {**self._pending, **state}
+
+    def load_site_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`site_state`. Sites not yet seen are restored when they first run."""
+        for key, site in self._sites.items():
+            if key.token() in state:
+                _restore(site, state[key.token()])
+        known = {k.token() for k in self._sites}
+        self._pending = {k: v for k, v in state.items() if k not in known}
+
+
+def _restore(site: Site, state: Mapping[str, Any]) -> None:
+    """Load a site's checkpointed accumulators; a unit-count mismatch is a library error."""
+    try:
+        site.stats.load_state_dict(state)
+    except ValueError as e:
+        raise ReluDoctorError(
+            f"site {site.name!r}: {e}. The checkpoint was made on a model of another shape; "
+            "load it into the model it was saved from."
+        ) from None
