@@ -54,7 +54,7 @@ EVERY_N = 16
 POOL = 8  # distinct batches, cycled in the same order by every configuration
 PEER_STEPS = 4  # steps per block for the peers' phase: they cost many times a step
 PEER_BLOCK_S = 2.0  # a peer's block ends after this long (Cockpit takes ~30 s a step on the MLP)
-BUDGET = {"every": 1.03, "every16": 1.005}  # DESIGN.md, CNN and MLP on CPU
+BUDGET = {"every": 1.03, "every16": 1.005}  # the design budget (README), CNN and MLP on CPU
 
 
 # ---------------------------------------------------------------------------- models
@@ -193,7 +193,7 @@ class ModelSpec:
     sample_shape: tuple[int, ...]
     batch: int
     classes: int = 10
-    budgeted: bool = False  # the DESIGN.md budget applies (CNN and MLP)
+    budgeted: bool = False  # the design budget applies (CNN and MLP)
 
 
 def model_specs(quick: bool = False) -> dict[str, ModelSpec]:

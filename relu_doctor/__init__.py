@@ -25,7 +25,7 @@ from relu_doctor._version import __version__
 if TYPE_CHECKING:
     from relu_doctor.diagnosis import DiagnosisConfig, Finding
     from relu_doctor.doctor import Doctor, watch
-    from relu_doctor.errors import ReluDoctorError, RunDirError
+    from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError
     from relu_doctor.families import Family, family_of, register_family
     from relu_doctor.history import IntervalRecord, LogRecord, Run, load_run
     from relu_doctor.init_check import check_init
@@ -39,6 +39,7 @@ _WHERE = {
     "Doctor": "doctor",
     "watch": "doctor",
     "ReluDoctorError": "errors",
+    "ReluDoctorWarning": "errors",
     "RunDirError": "errors",
     "Family": "families",
     "family_of": "families",
@@ -61,6 +62,7 @@ __all__ = [
     "IntervalRecord",
     "LogRecord",
     "ReluDoctorError",
+    "ReluDoctorWarning",
     "Run",
     "RunDirError",
     "ScanResult",

@@ -40,7 +40,7 @@ def severity_rank(severity: str) -> int:
 
 @dataclass(frozen=True)
 class DiagnosisConfig:
-    """Thresholds of the diagnosis. Defaults follow DESIGN.md and the ReDo paper.
+    """Thresholds of the diagnosis. Defaults follow the README's Definitions and the ReDo paper.
 
     Attributes:
         tau: dormant threshold on the ReDo score, in (0, 1).

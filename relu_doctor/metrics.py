@@ -6,7 +6,7 @@ verdicts every later layer reads (diagnosis, the run record, remedies, reports):
 rate, mean |h|, ReDo dormant score, dead, dormant, lifetime dead, saturation, gradient RMS.
 Pure functions over host float64 tensors; nothing here touches a model or a device.
 
-Definitions (DESIGN.md): **dead** over a window = seen and never active; **lifetime dead** =
+Definitions (README, Definitions): **dead** over a window = seen and never active; **lifetime dead** =
 seen since monitoring began and never active; **dormant** (ReDo) = score <= tau with
 score_i = mean|h_i| / mean_k mean|h_k| over the units seen in the window.
 """

@@ -85,7 +85,7 @@ def resolve_unit_dim(shape: Sequence[int], override: int | None = None) -> tuple
     fallback where no producing layer is known; see :mod:`relu_doctor.provenance`), and the
     rule that chose it.
 
-    The shape rule (DESIGN.md): dim 1 of a conv-style ``(N, C, ...)`` output (4-D and up),
+    The shape rule (README, Definitions): dim 1 of a conv-style ``(N, C, ...)`` output (4-D and up),
     the last dim of a 3-D ``(N, L, F)`` sequence output, the only feature dim of ``(N, F)``,
     dim 0 of an unbatched ``(F,)`` vector. It cannot tell a Conv1d's ``(N, C, L)`` from a
     Linear's ``(N, L, F)``, nor a channels-last ``(N, H, W, C)`` from ``(N, C, H, W)``: the

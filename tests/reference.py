@@ -4,7 +4,7 @@ Activations are captured with plain forward pre-hooks and forward hooks that clo
 tensors (the input before any inplace op, the output after); gradients through a
 ``Tensor.register_hook`` on the output, and dL/d(input) by re-running the activation on the
 stored input under autograd. Statistics are then counted in float64 numpy with the
-definitions of DESIGN.md, written the slow obvious way.
+definitions of the README, written the slow obvious way.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class GradOutRecorder(Recorder):
 
 
 def site_names(recorder: Recorder) -> dict[tuple[str, int], str]:
-    """The site name DESIGN.md gives each recorded ``(path, call_index)``: the module path
+    """The site name the README gives each recorded ``(path, call_index)``: the module path
     when a module runs once per forward, ``path#k`` when it runs several times."""
     calls_per_path: dict[str, int] = defaultdict(int)
     for path, idx in recorder.calls:
@@ -179,7 +179,7 @@ def expected_stats(
 
 
 def derived_metrics(stats: dict[str, np.ndarray], tau: float = 0.1) -> dict[str, np.ndarray | float]:
-    """Per-unit and site-level derived metrics from :func:`expected_stats`, by DESIGN.md."""
+    """Per-unit and site-level derived metrics from :func:`expected_stats`, by the README's Definitions."""
     n = stats["elements"]
     mean_abs = stats["sum_abs"] / n
     score = mean_abs / mean_abs.mean() if mean_abs.mean() > 0 else np.zeros_like(mean_abs)
@@ -228,7 +228,7 @@ def assert_stats_match(
 
 
 def expected_unit_dim(ndim: int) -> int:
-    """DESIGN.md's unit rule: features of (F,) and (N, F), the last dim of (N, L, F),
+    """the README's unit rule: features of (F,) and (N, F), the last dim of (N, L, F),
     channels (dim 1) of (N, C, ...)."""
     return {1: 0, 2: 1, 3: 2}.get(ndim, 1)
 

@@ -46,7 +46,7 @@ def test_the_most_specific_class_wins():
 
 @pytest.mark.parametrize("name", MEMBERS)
 def test_active_means_positive_output_and_positive_preactivation(name):
-    """DESIGN.md: active is output > 0, which for every member equals pre-activation > 0."""
+    """README, Definitions: active is output > 0, which for every member equals pre-activation > 0."""
     act = fresh(name)
     x = torch.cat([torch.linspace(-30, 30, 2001), torch.tensor([-1e-6, 1e-6, 0.0])])
     y = act(x)

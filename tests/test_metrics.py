@@ -34,7 +34,7 @@ def test_unseen_units_are_nan_not_dead():
 
 
 def test_a_score_equal_to_tau_is_dormant():
-    """DESIGN.md: dormant when score <= tau. mean|h| of (0.25, 1.25, 1.25, 1.25) averages
+    """README, Definitions: dormant when score <= tau. mean|h| of (0.25, 1.25, 1.25, 1.25) averages
     exactly 1, so unit 0 scores exactly 0.25."""
     m = synthetic()
     m[ROW["sum_abs"]] = torch.tensor([0.25, 1.25, 1.25, 1.25], dtype=torch.float64) * 10

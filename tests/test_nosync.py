@@ -1,4 +1,4 @@
-"""No host synchronisation on a non-logging step (DESIGN.md budget).
+"""No host synchronisation on a non-logging step (the budget in the README's overhead section).
 
 Two independent detectors, each shown to fire on the logging step (so neither can pass by
 seeing nothing):

@@ -44,7 +44,7 @@ def hidden(net: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def dead_fraction(h: torch.Tensor) -> float:
-    """Units never active (output > 0) on any held-out sample (DESIGN.md's "dead")."""
+    """Units never active (output > 0) on any held-out sample (the README's "dead")."""
     return float(((h > 0).sum(0) == 0).float().mean())
 
 
