@@ -8,6 +8,7 @@ unscale first), and right under gradient accumulation.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from relu_doctor._validate import optimizers as optimizers_arg
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorWarning
 from relu_doctor.sites import module_label
 
 __all__ = ["OptimizerTap"]
@@ -167,22 +168,32 @@ class OptimizerTap:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`. A checkpoint of other layers is refused.
-
-        Raises:
-            ReluDoctorError: the checkpoint's layers are not this model's.
-        """
-        layers = list(state.get("layers", []))
-        if layers != self.layers:
-            raise ReluDoctorError(
-                f"checkpoint: the optimizer-tap state is of layers {layers[:5]}..., this "
-                f"model has {self.layers[:5]}...; resume with the same model."
-            )
+        """Restore :meth:`state_dict`, layer by layer (by name): a layer the checkpoint does
+        not know (a PReLU a remedy added and restored before the weights load) starts its
+        window at zero; a checkpointed layer this model lacks is dropped with a warning."""
+        layers = [str(x) for x in state.get("layers", [])]
         grad_sq = state.get("grad_sq")
         params = [p for opt in self.optimizers for p in self._params(opt)]
         device = params[0].device if params else torch.device("cpu")
-        self.grad_sq = None if grad_sq is None else grad_sq.to(device, torch.float64).clone()
         self.steps = int(state.get("steps", 0))
+        if grad_sq is None:
+            self.grad_sq = None
+            return
+        old = grad_sq.to(device, torch.float64)
+        index = {name: i for i, name in enumerate(self.layers)}
+        missing = [name for name in layers if name not in index]
+        if missing:
+            warnings.warn(
+                f"relu_doctor: the checkpoint's gradient-norm window has layers this model "
+                f"lacks ({missing[:5]}); their partial window is dropped.",
+                ReluDoctorWarning,
+                stacklevel=2,
+            )
+        new = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        for i, name in enumerate(layers):
+            if name in index:
+                new[index[name]] = old[i]
+        self.grad_sq = new
 
     def read_and_reset(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
         """``(grad_sq per layer, steps, update_ratio per layer)``, then start a new window."""

@@ -372,7 +372,7 @@ class ReluDoctorCallback(TrainerCallback):
         path = Path(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
         if not path.is_file():
             return None
-        sd: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+        sd: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
         if sd.get("version") != _STATE_VERSION:
             raise ReluDoctorError(
                 f"checkpoint: {str(path)!r} holds relu_doctor state version "
