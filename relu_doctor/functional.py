@@ -55,9 +55,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from relu_doctor._observing_mode import ObservingMode
 from relu_doctor.families import FAMILIES, Family, family_of
 from relu_doctor.probes import Probe, in_backward
 from relu_doctor.sites import SiteKey
@@ -114,29 +114,6 @@ _Entry = tuple[str, bool]
 _CALL_IMPL_CODE = nn.Module._call_impl.__code__
 
 
-class _Mode(TorchFunctionMode):
-    """Forwards every torch call; reports the ReLU-family ones to the capture."""
-
-    def __init__(self, capture: FunctionalCapture) -> None:
-        super().__init__()
-        self.capture = capture
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        if kwargs is None:
-            kwargs = {}
-        out = func(*args, **kwargs)
-        spec = self.capture._ops.get(func)
-        if spec is not None:
-            self.capture._on_call(spec, args, kwargs, out)
-        return out
-
-
 class FunctionalCapture:
     """Captures functional ReLU-family calls made inside a model's modules.
 
@@ -167,7 +144,7 @@ class FunctionalCapture:
     def __init__(self, probe: Probe) -> None:
         self.probe = probe
         self._ops = functional_ops()
-        self._mode = _Mode(self)
+        self._mode = ObservingMode(self._observe)
         self._attached = False
         # module -> (its stack entry, its two hook handles)
         self._hooked: dict[nn.Module, tuple[_Entry, tuple[RemovableHandle, ...]]] = {}
@@ -332,6 +309,14 @@ class FunctionalCapture:
             self.probe.end_pass()
 
     # ------------------------------------------------------------------ capture
+    def _observe(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
+        """The mode shows every torch call here; the ReLU-family ones are recorded."""
+        spec = self._ops.get(func)
+        if spec is not None:
+            self._on_call(spec, args, kwargs, out)
+
     def _on_call(
         self, spec: tuple[Family, str], args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
     ) -> None:

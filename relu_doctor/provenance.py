@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from relu_doctor._observing_mode import ObservingMode
+
 __all__ = ["Origin", "ProvenanceTracker"]
 
 _CONV = {
@@ -88,29 +90,6 @@ class Origin:
         return f"{self.producer} -> {where}"
 
 
-class _Mode(TorchFunctionMode):
-    def __init__(self, tracker: ProvenanceTracker) -> None:
-        super().__init__()
-        self.tracker = tracker
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        if kwargs is None:
-            kwargs = {}
-        out = func(*args, **kwargs)
-        name = getattr(func, "__name__", "")
-        if name and name != "__get__":
-            # Best effort: an op it cannot follow leaves its output without an origin.
-            with contextlib.suppress(Exception):
-                self.tracker._see(name, args, kwargs, out)
-        return out
-
-
 def _remove_mode(mode: TorchFunctionMode) -> None:
     """Take ``mode`` off the torch-function mode stack wherever it is (modes entered above
     it, such as functional capture's, stay on in their order)."""
@@ -146,7 +125,7 @@ class ProvenanceTracker:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._mode = _Mode(self)
+        self._mode = ObservingMode(self._observe)
         self._active = False
         self._origins: dict[int, tuple[weakref.ref[torch.Tensor], Origin]] = {}
         self._weights: dict[int, tuple[Any, str, str | None]] = {}  # id -> (ref, label, class)
@@ -225,6 +204,16 @@ class ProvenanceTracker:
         return f"{cls} `{label}`"
 
     # ------------------------------------------------------------------ rules
+    def _observe(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
+        """The mode shows every torch call here."""
+        name = getattr(func, "__name__", "")
+        if name and name != "__get__":
+            # Best effort: an op it cannot follow leaves its output without an origin.
+            with contextlib.suppress(Exception):
+                self._see(name, args, kwargs, out)
+
     def _see(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         first = args[0] if args else kwargs.get("input")
         if name in _WEIGHT_VIEWS and isinstance(out, torch.Tensor):
