@@ -168,19 +168,6 @@ def _treatments(model: nn.Module, opt: torch.optim.Optimizer, doc: Any) -> list[
     return [TreatmentPlan(model, optimizer=opt).bind(doc)]
 
 
-def _record_to_tensorboard(writer: Any, record: IntervalRecord) -> None:
-    from relu_doctor.reports import tensorboard as tb
-
-    tb.write_record(
-        writer,
-        record.step,
-        sites=record.site_rows,
-        units=record.unit_table,
-        layers=record.layer_table,
-        findings=[f.to_dict() for f in record.findings],
-    )
-
-
 def _totals(record: IntervalRecord, key: str) -> int:
     return sum(int(r[key]) for r in record.site_rows)
 
@@ -212,9 +199,9 @@ def train(
     loss = torch.zeros(())
     last: IntervalRecord | None = None
     with watch(model, log_every_n_steps=cfg.log_every, optimizer=opt, run_dir=run_dir) as doc:
+        # watch(run_dir=...) writes the site scalars, histograms and findings to tb_dir; the
+        # demo adds its test accuracy there.
         writer = tb.open_writer(tb_dir)
-        tb.write_layout(writer, tb.custom_scalars_layout())
-        doc.add_listener(lambda rec: _record_to_tensorboard(writer, rec))
         remedies = _treatments(model, opt, doc) if treated else []
         for step in range(1, cfg.steps + 1):
             idx = torch.randint(0, x.shape[0], (cfg.batch,), generator=batches)

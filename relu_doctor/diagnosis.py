@@ -201,7 +201,7 @@ def diagnose(
             continue
         if row["dead"]:
             frac = float(row["dead_fraction"])
-            what = "stuck in the negative regime" if leaky else "dead (never active)"
+            what = "stuck in the negative regime" if leaky else "dead (no activation)"
             remedy = (
                 "Lower the learning rate (step or exponential decay) and recycle the units "
                 "(DormantReset); check the normalisation before this activation."

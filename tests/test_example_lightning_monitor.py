@@ -19,7 +19,7 @@ def test_example_runs_and_finds_dying_units(tmp_path, capsys):
     with pytest.warns(ReluDoctorWarning, match=r"dead at net\.3 .*Remedy: Swap ReLU for LeakyReLU"):
         monitor = main(["--out", str(tmp_path), "--epochs", "2"])
     out = capsys.readouterr().out
-    assert "Findings at the last step:" in out and "dead (never active)" in out
+    assert "Findings at the last step:" in out and "dead (no activation)" in out
 
     doctor = monitor.doctor
     assert doctor.global_step == 2 * 1024 // 32
