@@ -16,12 +16,14 @@ from relu_doctor.errors import ReluDoctorError
 
 __all__ = [
     "finite_or_none",
+    "flag",
     "glob_patterns",
     "is_finite_number",
     "matches",
     "nonnegative",
     "number_in",
     "optimizers",
+    "path_or_none",
     "positive_finite",
     "positive_int",
 ]
@@ -44,6 +46,24 @@ def finite_or_none(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+def flag(name: str, value: object) -> bool:
+    """A True/False argument (no truthy stand-ins)."""
+    if not isinstance(value, bool):
+        raise ReluDoctorError(f"{name}: expected True or False, got {value!r}.")
+    return value
+
+
+def path_or_none(name: str, value: object) -> Any:
+    """A path argument (``str`` or ``os.PathLike``) or None."""
+    import os
+
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ReluDoctorError(
+            f"{name}: expected a path (str or os.PathLike) or None, got {value!r}."
+        )
+    return value
 
 
 def positive_int(name: str, value: object, minimum: int = 1) -> int:

@@ -23,6 +23,7 @@ __all__ = [
     "DiagnosisConfig",
     "Finding",
     "check_tau",
+    "check_warn",
     "diagnose",
     "diagnosis_config",
     "run_health",
@@ -31,6 +32,15 @@ __all__ = [
 
 SEVERITIES = ("info", "warning", "critical")
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
+
+
+def check_warn(warn: object) -> str | None:
+    """A ``warn=`` argument: the lowest finding severity raised as a warning, or None."""
+    if warn is not None and warn not in SEVERITIES:
+        raise ReluDoctorError(
+            f"warn: expected one of {list(SEVERITIES)} or None (no warnings), got {warn!r}."
+        )
+    return None if warn is None else str(warn)
 
 
 def severity_rank(severity: str) -> int:

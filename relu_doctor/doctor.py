@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from relu_doctor._validate import optimizers as optimizers_arg
-from relu_doctor._validate import positive_int
+from relu_doctor._validate import path_or_none, positive_int
 from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError
 from relu_doctor.history import (
@@ -140,10 +140,7 @@ class Doctor(IntervalReading, RunRecording):
         eval_stream: bool | str = False,
         stream: str = "train",
     ) -> None:
-        if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
-            raise ReluDoctorError(
-                f"run_dir: expected a path (str or os.PathLike) or None, got {run_dir!r}."
-            )
+        path_or_none("run_dir", run_dir)
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
         self.sampler = Sampler(
             every_n_steps=(

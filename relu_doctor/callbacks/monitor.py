@@ -42,8 +42,15 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from relu_doctor._validate import glob_patterns, positive_int
-from relu_doctor.diagnosis import SEVERITIES, DiagnosisConfig, Finding, diagnosis_config, run_health
+from relu_doctor._validate import flag, glob_patterns, positive_int
+from relu_doctor.diagnosis import (
+    SEVERITIES,
+    DiagnosisConfig,
+    Finding,
+    check_warn,
+    diagnosis_config,
+    run_health,
+)
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.history import IntervalRecord
@@ -52,12 +59,6 @@ from relu_doctor.reports import tensorboard as tb
 __all__ = ["ReluDoctor", "ReluDoctorWarning"]
 
 _STATE_VERSION = 1
-
-
-def _flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ReluDoctorError(f"{name}: expected True or False, got {value!r}.")
-    return value
 
 
 def _patterns(name: str, value: Sequence[str] | str | None) -> tuple[str, ...] | None:
@@ -157,31 +158,18 @@ class ReluDoctor(Callback):
                 f"run_dir: expected a path (str or os.PathLike) or None, got {run_dir!r}."
             )
         self.run_dir = run_dir
-        self.gradients = _flag("gradients", gradients)
-        self.monitor_validation = _flag("monitor_validation", monitor_validation)
+        self.gradients = flag("gradients", gradients)
+        self.monitor_validation = flag("monitor_validation", monitor_validation)
         if unit_dims is not None and not isinstance(unit_dims, Mapping):
             raise ReluDoctorError(
                 f"unit_dims: expected {{pattern: dim}}, e.g. {{'encoder.*': 1}}, got {unit_dims!r}."
             )
         self.unit_dims = dict(unit_dims) if unit_dims is not None else None
-        self.functional = None if functional is None else _flag("functional", functional)
-        chosen = tuple(tb.DEFAULT_METRICS if metrics is None else metrics)
-        if isinstance(metrics, str):
-            chosen = (metrics,)
-        unknown = [m for m in chosen if m not in tb.SITE_METRICS]
-        if unknown or not chosen:
-            raise ReluDoctorError(
-                f"metrics: unknown site metric(s) {unknown or chosen!r}; choose from "
-                f"{list(tb.SITE_METRICS)}."
-            )
-        self.metrics = chosen
-        self.histograms = _flag("histograms", histograms)
-        if warn is not None and warn not in SEVERITIES:
-            raise ReluDoctorError(
-                f"warn: expected one of {list(SEVERITIES)} or None (no warnings), got {warn!r}."
-            )
-        self.warn = warn
-        self.log_on_train_end = _flag("log_on_train_end", log_on_train_end)
+        self.functional = None if functional is None else flag("functional", functional)
+        self.metrics = tb.check_metrics(metrics)
+        self.histograms = flag("histograms", histograms)
+        self.warn = check_warn(warn)
+        self.log_on_train_end = flag("log_on_train_end", log_on_train_end)
 
         self.doctor: Doctor | None = None
         self.val_doctor: Doctor | None = None

@@ -14,12 +14,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from relu_doctor._validate import finite_or_none
+from relu_doctor._validate import finite_or_none, path_or_none
+from relu_doctor._validate import flag as flag
 from relu_doctor.diagnosis import SEVERITIES, Finding
+from relu_doctor.diagnosis import check_warn as check_warn
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.history import IntervalRecord
 from relu_doctor.reports import tensorboard as tb
+from relu_doctor.reports.tensorboard import check_metrics as check_metrics
 
 __all__ = [
     "FindingWarner",
@@ -35,6 +38,12 @@ __all__ = [
     "safe_step",
     "summary_scalars",
 ]
+
+
+def check_run_dir(value: object) -> str | os.PathLike[str] | None:
+    """A ``run_dir`` argument: a path or None."""
+    out: str | os.PathLike[str] | None = path_or_none("run_dir", value)
+    return out
 
 
 def fresh_dir(base: Path) -> Path:
@@ -85,46 +94,6 @@ def missing(package: str, error: ImportError, *, what: str, install: str) -> Rel
         f"{what} needs the {package!r} package, which is not installed ({error}); "
         f"install it with `pip install {install}`."
     )
-
-
-def flag(name: str, value: object) -> bool:
-    """A True/False argument."""
-    if not isinstance(value, bool):
-        raise ReluDoctorError(f"{name}: expected True or False, got {value!r}.")
-    return value
-
-
-def check_run_dir(value: object) -> str | os.PathLike[str] | None:
-    """A ``run_dir`` argument: a path or None."""
-    if value is not None and not isinstance(value, (str, os.PathLike)):
-        raise ReluDoctorError(
-            f"run_dir: expected a path (str or os.PathLike) or None, got {value!r}."
-        )
-    return value
-
-
-def check_metrics(metrics: Sequence[str] | str | None) -> tuple[str, ...]:
-    """The site metrics logged as scalars (default :data:`~relu_doctor.reports.tensorboard.
-    DEFAULT_METRICS`)."""
-    chosen = tuple(tb.DEFAULT_METRICS if metrics is None else metrics)
-    if isinstance(metrics, str):
-        chosen = (metrics,)
-    unknown = [m for m in chosen if m not in tb.SITE_METRICS]
-    if unknown or not chosen:
-        raise ReluDoctorError(
-            f"metrics: unknown site metric(s) {unknown or chosen!r}; choose from "
-            f"{list(tb.SITE_METRICS)}."
-        )
-    return chosen
-
-
-def check_warn(warn: object) -> str | None:
-    """The lowest finding severity raised as a warning, or None."""
-    if warn is not None and warn not in SEVERITIES:
-        raise ReluDoctorError(
-            f"warn: expected one of {list(SEVERITIES)} or None (no warnings), got {warn!r}."
-        )
-    return None if warn is None else str(warn)
 
 
 def remedy_options(name: str, value: object) -> dict[str, Any] | None:

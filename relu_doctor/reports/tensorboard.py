@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 
+from relu_doctor.errors import ReluDoctorError
+
 if TYPE_CHECKING:
     from relu_doctor.events import FindingEvent
     from relu_doctor.history import Run
@@ -129,6 +131,21 @@ DEFINITIONS = (
 )
 _HIST = "unit_activation_rate"
 _HIST_BINS = np.linspace(0.0, 1.0, 21)
+
+
+def check_metrics(metrics: Sequence[str] | str | None) -> tuple[str, ...]:
+    """A ``metrics=`` argument: the site metrics logged as scalars (default
+    :data:`DEFAULT_METRICS`)."""
+    chosen = tuple(DEFAULT_METRICS if metrics is None else metrics)
+    if isinstance(metrics, str):
+        chosen = (metrics,)
+    unknown = [m for m in chosen if m not in SITE_METRICS]
+    if unknown or not chosen:
+        raise ReluDoctorError(
+            f"metrics: unknown site metric(s) {unknown or chosen!r}; choose from "
+            f"{list(SITE_METRICS)}."
+        )
+    return chosen
 
 
 class SummaryWriterLike(Protocol):
