@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from relu_doctor._validate import glob_patterns, matches, number_in, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
+from relu_doctor.diagnosis import check_tau
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
 from relu_doctor.remedies._link_cache import LinkCache
@@ -259,7 +260,7 @@ class DormantRecycler(Remedy):
         self.tau = (
             None
             if tau is None
-            else number_in("tau", tau, 0.0, 1.0, high_open=True, hint=" (ReDo uses 0.1 or 0.025)")
+            else check_tau("tau", tau)
         )
         self.every = positive_int("every", every)
         self.max_fraction = number_in("max_fraction", max_fraction, 0.0, 1.0)
