@@ -1,12 +1,115 @@
 """Fused statistics kernels: one pass per hook call that adds every field to a site's window.
 
 :mod:`relu_doctor.stats` owns what the fields mean and the eager reference path; this package
-holds compiled paths that compute the same fields in one read of the activation. On the CPU
-that is a small C kernel (``fused_stats.c``) compiled at first use and called through ctypes
-(:mod:`relu_doctor._kernels.cpu`); where no compiler is found, or the build fails, the eager
-path runs instead and one warning says why. ``RELU_DOCTOR_FUSED=0`` turns the fused path off.
+holds compiled paths that compute the same fields in one read of the activation, and picks
+one by the tensor's device. On the CPU that is a small C kernel (``fused_stats.c``) compiled
+at first use and called through ctypes (:mod:`relu_doctor._kernels.cpu`). On CUDA it is a
+Triton kernel (:mod:`relu_doctor._kernels.triton_stats`), imported at the first CUDA tensor
+only, so CPU users never import triton. Where a path is unavailable (no C compiler, triton
+not installed, a build or launch fails) the eager path runs instead and one warning says
+why. ``RELU_DOCTOR_FUSED=0`` turns both off.
+
+``RELU_DOCTOR_TRITON_INTERPRET=1`` (read at import) sends CPU tensors to the Triton path as
+well; with ``TRITON_INTERPRET=1`` set before triton is imported, Triton's interpreter runs
+it. That is for testing the CUDA kernel without a GPU, never for training (it is slow).
 """
 
-from relu_doctor._kernels.cpu import available, disabled, forward_into, grad_into
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from types import ModuleType
+
+import torch
+
+from relu_doctor._kernels import cpu
+from relu_doctor._kernels.cpu import available, disabled
 
 __all__ = ["available", "disabled", "forward_into", "grad_into"]
+
+_TRITON_ON_CPU = os.environ.get("RELU_DOCTOR_TRITON_INTERPRET") == "1"
+
+_triton: ModuleType | None = None
+_triton_state = "unloaded"  # unloaded | ready | failed
+_lock = threading.Lock()
+
+
+def _triton_failed(cause: str) -> None:
+    """Turn the Triton path off for this process, with one warning naming ``cause``."""
+    global _triton, _triton_state
+    _triton, _triton_state = None, "failed"
+    warnings.warn(
+        f"relu_doctor: the fused CUDA statistics kernel is unavailable ({cause}); statistics "
+        "are computed by the eager path (slower, same numbers).",
+        stacklevel=4,
+    )
+
+
+def _load_triton() -> ModuleType | None:
+    global _triton, _triton_state
+    with _lock:
+        if _triton_state == "unloaded":
+            if os.environ.get("RELU_DOCTOR_FUSED", "1") == "0":
+                _triton_state = "failed"
+                return None
+            try:
+                from relu_doctor._kernels import triton_stats
+            except Exception as e:  # triton missing or broken: use the eager path
+                _triton_failed(f"triton could not be imported: {e}")
+                return None
+            _triton, _triton_state = triton_stats, "ready"
+    return _triton
+
+
+def _triton_path(x: torch.Tensor) -> ModuleType | None:
+    """The Triton module for tensor ``x`` (CUDA, or CPU under the switch), or None: use the
+    eager path."""
+    if cpu._off or x.device.type not in ("cuda", "cpu"):  # disabled(), or MPS, XLA, meta...
+        return None
+    return _triton if _triton_state == "ready" else _load_triton()
+
+
+def forward_into(
+    window: torch.Tensor, out: torch.Tensor, unit_dim: int, *, cap: float | None
+) -> bool:
+    """Add the forward fields of ``out`` to rows 0-6 of ``window`` in one pass.
+
+    Returns False (nothing done) where no fused path applies; then the caller runs the eager
+    path.
+    """
+    if out.device.type == "cpu" and not _TRITON_ON_CPU:
+        return cpu.forward_into(window, out, unit_dim, cap=cap)
+    ts = _triton_path(out)
+    if ts is None:
+        return False
+    try:
+        return bool(ts.forward_into(window, out, unit_dim, cap=cap))
+    except Exception as e:  # a compile or launch failure: step aside, never break training
+        _triton_failed(f"{type(e).__name__}: {e}")
+        return False
+
+
+def grad_into(
+    window: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_in: torch.Tensor | None,
+    unit_dim: int,
+    inv_scale: torch.Tensor | float | None,
+    row0: int,
+) -> bool:
+    """Add the gradient fields to rows ``row0``.. ``row0 + 4`` of ``window`` in one pass.
+
+    ``grad_in`` is dL/d(input) or None; ``inv_scale`` is 1 / the AMP loss scale. Returns
+    False where no fused path applies.
+    """
+    if grad_out.device.type == "cpu" and not _TRITON_ON_CPU:
+        return cpu.grad_into(window, grad_out, grad_in, unit_dim, inv_scale, row0)
+    ts = _triton_path(grad_out)
+    if ts is None:
+        return False
+    try:
+        return bool(ts.grad_into(window, grad_out, grad_in, unit_dim, inv_scale, row0))
+    except Exception as e:
+        _triton_failed(f"{type(e).__name__}: {e}")
+        return False

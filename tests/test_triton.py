@@ -1,0 +1,272 @@
+"""The Triton (CUDA) fused kernel against the eager reference path, run by Triton's
+interpreter on the CPU (relu_doctor._kernels.triton_stats).
+
+``TRITON_INTERPRET=1`` takes effect only if set before triton is imported, and another test
+(torch.compile) may have imported triton already, so the kernel runs in one child process
+per module: the parent makes every case's tensors, the child runs the Triton path on them
+(directly, and through ``SiteStats`` with ``RELU_DOCTOR_TRITON_INTERPRET=1``), and the
+parent compares the windows with the eager path's and with tests/reference.py's numpy sums.
+Counts (elements, active, saturated, nonfinite and the gradient counts) must be equal
+exactly; sums agree to float32 rounding. Covered: an unbatched vector to 4-D, one unit and
+hundreds of units, odd sizes, float32/float16/bfloat16, contiguous, channels-last,
+transposed, sliced and expanded layouts, every unit_dim, NaN/Inf, capped and leaky
+families, gradients with and without dL/d(input) and with an AMP scale (float and tensor),
+the rows split over several programs, and accumulation into a non-empty window.
+
+The dispatch rules need no triton: the CPU path never imports it, and a failing Triton path
+steps aside with one warning.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from relu_doctor import _kernels
+from relu_doctor.stats import FIELDS, ROW, SiteStats
+from tests import reference as ref
+from tests.test_fused import LAYOUTS, _data
+
+COUNTS = ["elements", "active", "saturated", "nonfinite", "grad_elements", "grad_in_elements",
+          "grad_zero", "grad_nonfinite"]
+SUMS = ["sum", "sum_abs", "sum_sq", "grad_sq"]
+ROOT = Path(__file__).resolve().parent.parent
+G0 = len(FIELDS) - 5  # the first gradient row
+
+
+def _case(shape, unit_dim, dtype=torch.float32, *, layout=None, leaky=False, cap=None,
+          inv=None, split=None, no_gi=False, repeat=1) -> dict[str, Any]:
+    x, g, gi = _data(shape, dtype, leaky=leaky, cap=cap)
+    if layout is not None:
+        x, g, gi = (LAYOUTS[layout](t) for t in (x, g, gi))
+    return {"x": x, "g": g, "gi": None if no_gi else gi, "unit_dim": unit_dim,
+            "nonnegative": not leaky, "cap": cap, "inv": inv, "split": split, "repeat": repeat}
+
+
+def _cases() -> dict[str, dict[str, Any]]:
+    torch.manual_seed(0)
+    cases: dict[str, dict[str, Any]] = {}
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        name = str(dt).removeprefix("torch.")
+        cases[f"vector-{name}"] = _case((7,), 0, dt)
+        cases[f"mlp-{name}"] = _case((9, 5), 1, dt)
+        cases[f"conv-odd-{name}"] = _case((3, 5, 7, 9), 1, dt)
+        cases[f"channels_last-{name}"] = _case((3, 6, 5, 5), 1, dt, layout="channels_last")
+    cases["one-unit"] = _case((37, 1), 1)
+    cases["one-element"] = _case((1, 1), 1)
+    cases["many-units"] = _case((3, 300), 1)
+    cases["many-units-short-positions"] = _case((2, 260, 3), 1)
+    cases["sequence"] = _case((4, 6, 7), 2)
+    cases["unit-dim-0"] = _case((5, 4, 6), 0)
+    cases["unit-dim-last-4d"] = _case((2, 3, 4, 5), 3)
+    for layout in ("transposed", "sliced", "expanded"):
+        cases[layout] = _case((4, 6, 5, 5), 1, layout=layout)
+    cases["leaky"] = _case((4, 6, 5, 5), 1, leaky=True)
+    cases["relu6"] = _case((4, 6, 5, 5), 1, cap=6.0)
+    cases["relu6-bf16"] = _case((4, 6, 5, 5), 1, torch.bfloat16, cap=6.0)
+    cases["hardtanh-0.1"] = _case((6, 10), 1, leaky=True, cap=0.1)
+    cases["split-conv"] = _case((16, 4, 6, 6), 1, split=3)
+    cases["split-mlp"] = _case((40, 10), 1, split=4)
+    cases["split-odd"] = _case((7, 3, 5), 1, split=7)
+    cases["no-input-grad"] = _case((4, 6, 5, 5), 1, no_gi=True, inv=0.25)
+    cases["scale-tensor"] = _case((4, 6, 5, 5), 1, inv=torch.tensor(0.5))
+    cases["scale-tensor-f64"] = _case((9, 5), 1, inv=torch.tensor(0.125, dtype=torch.float64))
+    cases["accumulates"] = _case((5, 8), 1, cap=6.0, repeat=3)
+    c = _case((3, 6, 5, 5), 1, layout="channels_last")  # gradients in two layouts
+    c["gi"] = c["gi"].contiguous()
+    cases["mixed-grad-layouts"] = c
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        c = _case((4, 8, 5, 5), 1, dt, split=2 if dt == torch.float32 else None)
+        c["x"][1, 2, 3, 3] = float("nan")
+        c["x"][0, 5, 0, 0] = float("inf")
+        c["g"][2, 3, 1, 1] = float("-inf")
+        c["g"][3, 6, 0, 4] = float("nan")
+        c["gi"][0, 1, 0, 0] = float("nan")  # a NaN dL/d(input) is not zero, and not a bad step
+        cases[f"nonfinite-{str(dt).removeprefix('torch.')}"] = c
+    return cases
+
+
+CASES = _cases()
+DISPATCHED = ["mlp-float32", "channels_last-bfloat16", "relu6", "nonfinite-float32"]
+
+
+def _run_in_child(cases_path: str, out_path: str) -> None:
+    """The child: the Triton path on every case, directly and through SiteStats."""
+    assert "triton" not in sys.modules
+    from relu_doctor import _kernels as k
+
+    cases = torch.load(cases_path, weights_only=False)
+    x = cases["mlp-float32"]["x"]
+    st = SiteStats(x.shape[1], "cpu")
+    st.record_forward(x, 1, nonnegative=True, cap=None)
+    st.record_grad(cases["mlp-float32"]["g"], None, 1)
+    cpu_imports_triton = "triton" in sys.modules
+
+    from relu_doctor._kernels import triton_stats as ts
+
+    results: dict[str, Any] = {"cpu_imports_triton": cpu_imports_triton,
+                               "interpreted": ts._INTERPRETED,
+                               "float64": ts.forward_into(torch.zeros(7, 3, dtype=torch.float64),
+                                                          torch.ones(2, 3, dtype=torch.float64),
+                                                          1, cap=None)}
+    for name, c in cases.items():
+        window = SiteStats(c["x"].shape[c["unit_dim"]], "cpu").window
+        for _ in range(c["repeat"]):
+            assert ts.forward_into(window, c["x"], c["unit_dim"], cap=c["cap"], split=c["split"])
+            assert ts.grad_into(window, c["g"], c["gi"], c["unit_dim"], c["inv"], G0,
+                                split=c["split"])
+        results[name] = window
+
+    calls = []
+    for fn in ("forward_into", "grad_into"):
+        orig = getattr(ts, fn)
+        setattr(ts, fn, lambda *a, _orig=orig, _fn=fn, **kw: calls.append(_fn) or _orig(*a, **kw))
+    os.environ["RELU_DOCTOR_TRITON_INTERPRET"] = "1"
+    import importlib
+
+    importlib.reload(k)  # the switch is read at import
+    for name in DISPATCHED:
+        c = cases[name]
+        st = SiteStats(c["x"].shape[c["unit_dim"]], "cpu")
+        st.record_forward(c["x"], c["unit_dim"], nonnegative=c["nonnegative"], cap=c["cap"])
+        st.record_grad(c["g"], c["gi"], c["unit_dim"], c["inv"])
+        results[f"dispatched-{name}"] = st.window
+    results["dispatched_calls"] = calls
+    torch.save(results, out_path)
+
+
+@pytest.fixture(scope="module")
+def triton_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    pytest.importorskip("triton")
+    tmp = tmp_path_factory.mktemp("triton")
+    cases_path, out_path = tmp / "cases.pt", tmp / "out.pt"
+    torch.save(CASES, cases_path)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("RELU_DOCTOR_TRITON_INTERPRET", None)
+    code = ("import sys, torch; torch.set_num_threads(1); from tests.test_triton import "
+            "_run_in_child; _run_in_child(sys.argv[1], sys.argv[2])")
+    proc = subprocess.run([sys.executable, "-c", code, str(cases_path), str(out_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results: dict[str, Any] = torch.load(out_path, weights_only=False)
+    assert results["interpreted"]
+    return results
+
+
+def _eager(c: dict[str, Any]) -> torch.Tensor:
+    st = SiteStats(c["x"].shape[c["unit_dim"]], "cpu")
+    with _kernels.disabled():
+        for _ in range(c["repeat"]):
+            st.record_forward(c["x"], c["unit_dim"], nonnegative=c["nonnegative"], cap=c["cap"])
+            st.record_grad(c["g"], c["gi"], c["unit_dim"], c["inv"])
+    return st.window
+
+
+def _check(got: torch.Tensor, want: torch.Tensor) -> None:
+    for name in COUNTS:
+        assert torch.equal(got[ROW[name]], want[ROW[name]]), name
+    for name in SUMS:
+        torch.testing.assert_close(got[ROW[name]], want[ROW[name]], rtol=1e-4, atol=1e-6,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_equals_eager(triton_results, name):
+    _check(triton_results[name], _eager(CASES[name]))
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if not n.startswith("nonfinite")
+                                  and n != "hardtanh-0.1"])
+def test_triton_equals_numpy_reference(triton_results, name):
+    """The independent numpy sums (float64; a cap such as 0.1 that float32 cannot hold is
+    compared in float32 by both relu_doctor paths, so that case is left out here)."""
+    c, got = CASES[name], triton_results[name]
+    want = ref.forward_reference([c["x"]] * c["repeat"], c["unit_dim"], c["cap"])
+    gi = c["gi"] if c["gi"] is not None else c["g"]
+    want.update(ref.grad_reference([c["g"]] * c["repeat"], [gi] * c["repeat"], c["unit_dim"]))
+    inv = 1.0 if c["inv"] is None else float(c["inv"])
+    want["grad_sq"] = want["grad_sq"] * inv * inv
+    for name_, row in want.items():
+        if name_ == "grad_zero" and c["gi"] is None:
+            continue
+        expect = torch.from_numpy(row)
+        if name_ in COUNTS:
+            assert torch.equal(got[ROW[name_]], expect), name_
+        else:
+            torch.testing.assert_close(got[ROW[name_]], expect, rtol=1e-4, atol=1e-5, msg=name_)
+
+
+def test_nonfinite_units_are_flagged(triton_results):
+    got = triton_results["nonfinite-float32"]
+    assert got[ROW["nonfinite"]].tolist() == [0, 0, 1, 0, 0, 1, 0, 0]
+    assert got[ROW["grad_nonfinite"]].tolist() == [0, 0, 0, 1, 0, 0, 1, 0]
+    assert got[ROW["elements"], 2] == 0 and got[ROW["elements"], 0] == 100
+
+
+def test_cases_exercise_what_they_name(triton_results):
+    """The saturated and zero-gradient counts are not all zero, so they are tested."""
+    assert triton_results["relu6"][ROW["saturated"]].sum() > 0
+    assert triton_results["hardtanh-0.1"][ROW["saturated"]].sum() > 0
+    assert triton_results["mlp-float32"][ROW["grad_zero"]].sum() > 0
+    assert triton_results["no-input-grad"][ROW["grad_in_elements"]].sum() == 0
+
+
+def test_float64_is_left_to_the_eager_path(triton_results):
+    assert triton_results["float64"] is False
+
+
+def test_cpu_path_never_imports_triton(triton_results):
+    assert triton_results["cpu_imports_triton"] is False
+
+
+def test_switch_sends_cpu_tensors_through_triton(triton_results):
+    assert triton_results["dispatched_calls"] == ["forward_into", "grad_into"] * len(DISPATCHED)
+    for name in DISPATCHED:
+        _check(triton_results[f"dispatched-{name}"], _eager(CASES[name]))
+
+
+def _broken_triton(monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
+    monkeypatch.setattr(_kernels, "_TRITON_ON_CPU", True)
+    monkeypatch.setattr(_kernels, "_triton_state", "ready" if module is not None else "unloaded")
+    monkeypatch.setattr(_kernels, "_triton", module)
+
+
+def _records_with_one_warning(match: str) -> None:
+    c = CASES["mlp-float32"]
+    st = SiteStats(5, "cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            st.record_forward(c["x"], 1, nonnegative=True, cap=None)
+            st.record_grad(c["g"], c["gi"], 1)
+    msgs = [str(w.message) for w in caught if "fused CUDA statistics" in str(w.message)]
+    assert len(msgs) == 1 and match in msgs[0], msgs
+    want = _eager({**c, "repeat": 3})
+    assert torch.equal(st.window, want)
+
+
+def test_a_failing_triton_path_steps_aside_with_one_warning(monkeypatch):
+    class Failing:
+        @staticmethod
+        def forward_into(*args: Any, **kwargs: Any) -> bool:
+            raise RuntimeError("no kernel image for this GPU")
+
+        grad_into = forward_into
+
+    _broken_triton(monkeypatch, Failing)
+    _records_with_one_warning("no kernel image for this GPU")
+
+
+def test_missing_triton_steps_aside_with_one_warning(monkeypatch):
+    _broken_triton(monkeypatch, None)
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    monkeypatch.delitem(sys.modules, "relu_doctor._kernels.triton_stats", raising=False)
+    _records_with_one_warning("triton could not be imported")
