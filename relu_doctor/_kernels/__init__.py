@@ -20,6 +20,7 @@ import os
 import threading
 import warnings
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -62,32 +63,30 @@ def _load_triton() -> ModuleType | None:
     return _triton
 
 
-def _triton_path(x: torch.Tensor) -> ModuleType | None:
-    """The Triton module for tensor ``x`` (CUDA, or CPU under the switch), or None: use the
-    eager path."""
+def _via_triton(x: torch.Tensor, name: str, *args: Any, **kwargs: Any) -> bool:
+    """Call ``triton_stats.<name>`` for tensor ``x`` (CUDA, or CPU under the switch); False
+    where the Triton path is off or unavailable, or fails (then it is off for good)."""
     if cpu._off or x.device.type not in ("cuda", "cpu"):  # disabled(), or MPS, XLA, meta...
-        return None
-    return _triton if _triton_state == "ready" else _load_triton()
+        return False
+    ts = _triton if _triton_state == "ready" else _load_triton()
+    if ts is None:
+        return False
+    try:
+        return bool(getattr(ts, name)(*args, **kwargs))
+    except Exception as e:  # a compile or launch failure: step aside, never break training
+        _triton_failed(f"{type(e).__name__}: {e}")
+        return False
 
 
 def forward_into(
     window: torch.Tensor, out: torch.Tensor, unit_dim: int, *, cap: float | None
 ) -> bool:
-    """Add the forward fields of ``out`` to rows 0-6 of ``window`` in one pass.
-
-    Returns False (nothing done) where no fused path applies; then the caller runs the eager
-    path.
-    """
+    """:func:`relu_doctor._kernels.cpu.forward_into` for a CPU tensor, the Triton kernel for
+    a CUDA one (same arguments); False (nothing done) where neither applies, and then the
+    caller runs the eager path."""
     if out.device.type == "cpu" and not _TRITON_ON_CPU:
         return cpu.forward_into(window, out, unit_dim, cap=cap)
-    ts = _triton_path(out)
-    if ts is None:
-        return False
-    try:
-        return bool(ts.forward_into(window, out, unit_dim, cap=cap))
-    except Exception as e:  # a compile or launch failure: step aside, never break training
-        _triton_failed(f"{type(e).__name__}: {e}")
-        return False
+    return _via_triton(out, "forward_into", window, out, unit_dim, cap=cap)
 
 
 def grad_into(
@@ -98,18 +97,8 @@ def grad_into(
     inv_scale: torch.Tensor | float | None,
     row0: int,
 ) -> bool:
-    """Add the gradient fields to rows ``row0``.. ``row0 + 4`` of ``window`` in one pass.
-
-    ``grad_in`` is dL/d(input) or None; ``inv_scale`` is 1 / the AMP loss scale. Returns
-    False where no fused path applies.
-    """
+    """:func:`relu_doctor._kernels.cpu.grad_into` for a CPU gradient, the Triton kernel for
+    a CUDA one (same arguments); False (nothing done) where neither applies."""
     if grad_out.device.type == "cpu" and not _TRITON_ON_CPU:
         return cpu.grad_into(window, grad_out, grad_in, unit_dim, inv_scale, row0)
-    ts = _triton_path(grad_out)
-    if ts is None:
-        return False
-    try:
-        return bool(ts.grad_into(window, grad_out, grad_in, unit_dim, inv_scale, row0))
-    except Exception as e:
-        _triton_failed(f"{type(e).__name__}: {e}")
-        return False
+    return _via_triton(grad_out, "grad_into", window, grad_out, grad_in, unit_dim, inv_scale, row0)
