@@ -158,10 +158,7 @@ def _report(args: argparse.Namespace, prog: str) -> int:
     if args.quiet:
         print(path)
         return 0
-    print(_printable(report.summary()))
-    if run.unwritten:
-        spans = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in run.unwritten)
-        print(f"Not in the run directory (writing failed): steps {spans}")
+    print(_printable(report.summary()))  # it says which steps were never written
     print(f"Report: {path}")
     return 0
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
 
@@ -42,6 +42,7 @@ __all__ = [
     "LogRecord",
     "Run",
     "RunWriter",
+    "UnitSource",
     "atomic_write_bytes",
     "clean_json",
     "event_dict",
@@ -183,14 +184,31 @@ def event_dict(event: Event | Mapping[str, Any]) -> dict[str, Any]:
     return dict(event)
 
 
-@dataclass(repr=False)
+class UnitSource(Protocol):
+    """Where a run's per-unit rows are read from when asked (a run directory's ``units``
+    parts: :class:`relu_doctor.runread.TableParts`)."""
+
+    def read(
+        self,
+        *,
+        steps: Iterable[int] | None = None,
+        sites: Iterable[str] | None = None,
+        columns: Iterable[str] | None = None,
+    ) -> pd.DataFrame: ...
+
+    def sites(self) -> list[str]: ...
+
+
 class Run:
     """A run record loaded from a run directory (or built in memory).
 
     Attributes:
-        meta: the contents of ``meta.json``.
+        meta: the contents of ``meta.json`` (with ``unwritten`` and ``write_error`` from
+            ``status.json``).
         history: one row per (step, site): site-level metrics.
         units: one row per (step, site, unit): activation rate, mean |h|, dormant score...
+            Loaded from the run directory on first use (the largest table by far); to read
+            some steps or sites only, use :meth:`read_units`.
         layers: one row per (step, layer): parameter-gradient norm, update-to-weight ratio.
         events: finding transitions and interventions, in order (their JSON form).
         path: where it was loaded from (None when built in memory).
@@ -198,18 +216,103 @@ class Run:
             a format-1 directory, whose events hold them.
         tables: other tables by name (``metrics``: step, name, value).
         problems: what could not be read back (damaged files or lines, skipped with a
-            warning).
+            warning); a damaged unit part found when the units are read is added then.
+        unit_source: where ``units`` is read from when it is None (a run directory's
+            parts); with neither, ``units`` is empty.
     """
 
-    meta: dict[str, Any]
-    history: pd.DataFrame
-    units: pd.DataFrame
-    layers: pd.DataFrame
-    events: list[dict[str, Any]] = field(default_factory=list)
-    path: Path | None = None
-    last_findings: list[Finding] | None = None
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    def __init__(
+        self,
+        meta: dict[str, Any],
+        history: pd.DataFrame,
+        units: pd.DataFrame | None = None,
+        layers: pd.DataFrame | None = None,
+        events: list[dict[str, Any]] | None = None,
+        path: Path | None = None,
+        last_findings: list[Finding] | None = None,
+        tables: dict[str, pd.DataFrame] | None = None,
+        problems: list[str] | None = None,
+        *,
+        unit_source: UnitSource | None = None,
+    ) -> None:
+        self.meta = meta
+        self.history = history
+        self.layers = pd.DataFrame() if layers is None else layers
+        self.events = [] if events is None else events
+        self.path = path
+        self.last_findings = last_findings
+        self.tables = {} if tables is None else tables
+        self.problems = [] if problems is None else problems
+        self._units = units
+        self._unit_source = unit_source
+
+    @property
+    def units(self) -> pd.DataFrame:
+        """One row per (step, site, unit), read from the run directory on first use."""
+        if self._units is None:
+            source = self._unit_source
+            self._units = source.read() if source is not None else pd.DataFrame()
+        return self._units
+
+    @units.setter
+    def units(self, frame: pd.DataFrame) -> None:
+        self._units = frame
+
+    def read_units(
+        self,
+        *,
+        steps: Iterable[int] | None = None,
+        sites: Iterable[str] | None = None,
+        columns: Iterable[str] | None = None,
+    ) -> pd.DataFrame:
+        """The unit rows of ``steps`` and ``sites`` only (every one when None), in
+        ``columns`` (every one when None). From a run directory only those rows are read
+        (the filter reaches the Parquet row groups), so a report of a long run does not load
+        millions of rows to draw a few steps.
+
+        Args:
+            steps: the logged steps to read (integers).
+            sites: the site names to read.
+            columns: the columns to keep (``step``, ``site``, ``unit`` and the unit
+                metrics); those the record lacks are left out.
+
+        Raises:
+            TypeError: a step is not an integer, a site or column name not a string.
+
+        Example:
+            >>> import pandas as pd
+            >>> run = Run(meta={}, history=pd.DataFrame(), units=pd.DataFrame(
+            ...     {"step": [1, 2], "site": ["a", "a"], "unit": [0, 0], "dead": [False, True]}))
+            >>> run.read_units(steps=[2], columns=["unit", "dead"]).to_dict("records")
+            [{'unit': 0, 'dead': True}]
+        """
+        step_list = _names("steps", steps, int)
+        site_list = _names("sites", sites, str)
+        column_list = _names("columns", columns, str)
+        if self._units is None and self._unit_source is not None:
+            return self._unit_source.read(steps=step_list, sites=site_list, columns=column_list)
+        frame = self.units
+        if frame.empty:
+            return frame
+        keep = pd.Series(True, index=frame.index)
+        if step_list is not None and "step" in frame:
+            keep &= frame["step"].isin(step_list)
+        if site_list is not None and "site" in frame:
+            keep &= frame["site"].astype(str).isin(site_list)
+        out = frame[keep]
+        if column_list is not None:
+            out = out[[c for c in column_list if c in out]]
+        return out.reset_index(drop=True)
+
+    def unit_sites(self) -> list[str]:
+        """The sites that have unit rows, in order of first appearance (from a run directory,
+        only the ``site`` column is read)."""
+        if self._units is None and self._unit_source is not None:
+            return self._unit_source.sites()
+        frame = self.units
+        if frame.empty or "site" not in frame:
+            return []
+        return [str(s) for s in pd.unique(frame["site"].astype(str))]
 
     def __repr__(self) -> str:
         where = f"{str(self.path)!r}" if self.path is not None else "in memory"
@@ -271,6 +374,22 @@ class Run:
     def interventions(self) -> list[dict[str, Any]]:
         """Interventions in order, each completed by its ``intervention_result``."""
         return merge_interventions(self.events)
+
+
+def _names(name: str, values: Iterable[Any] | None, kind: type) -> list[Any] | None:
+    """``values`` as a list, each an instance of ``kind`` (bool is no integer); None stays."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name}: expected a list of {kind.__name__}, got the string {values!r}")
+    out = list(values)
+    for v in out:
+        if not isinstance(v, kind) or isinstance(v, bool):
+            if kind is int and hasattr(v, "__index__") and not isinstance(v, bool):
+                continue  # numpy integers
+            raise TypeError(f"{name}: expected {kind.__name__} values, got {v!r} "
+                            f"({type(v).__name__})")
+    return [kind(v) for v in out]
 
 
 def finding_from_dict(data: Mapping[str, Any]) -> Finding:

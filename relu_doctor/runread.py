@@ -4,8 +4,11 @@ is skipped with a :class:`~relu_doctor.errors.ReluDoctorWarning` naming it (and 
 :attr:`~relu_doctor.history.Run.problems`); what cannot be read at all is a one-line
 :class:`~relu_doctor.errors.RunDirError`.
 
-Parquet parts are read with ``pyarrow.parquet`` one file at a time (so a damaged one can be
-named and skipped), as plain columns: no pandas or extension-type metadata is deserialised.
+Parts are checked from their schema when listed and read one file at a time with
+``pyarrow.dataset`` (so a damaged one can be named and skipped), as plain columns: no pandas
+or extension-type metadata is deserialised. A read of some steps or sites is pushed down to
+the Parquet row groups (:class:`TableParts`), so a report of a long run reads only the unit
+rows it draws.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
@@ -28,7 +33,7 @@ from relu_doctor.errors import ReluDoctorWarning, RunDirError
 from relu_doctor.events import FindingEvent, event_from_dict
 from relu_doctor.history import READABLE_VERSIONS, Run, finding_from_dict
 
-__all__ = ["STATUS_NAME", "TABLE_COLUMNS", "load_run", "read_table"]
+__all__ = ["STATUS_NAME", "TABLE_COLUMNS", "TableParts", "load_run", "read_table"]
 
 STATUS_NAME = "status.json"
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -120,13 +125,148 @@ def last_step(p: Path) -> int | None:
     return None if steps.empty else int(steps["step"].max())
 
 
-def _check_part(data: pa.Table, required: tuple[str, ...]) -> str | None:
-    missing = [c for c in required if c not in data.column_names]
+def _check_part(schema: pa.Schema, required: tuple[str, ...]) -> str | None:
+    missing = [c for c in required if c not in schema.names]
     if missing:
-        return f"its columns {data.column_names} lack {missing}"
-    if "step" in required and not pa.types.is_integer(data.schema.field("step").type):
-        return f"its 'step' column is {data.schema.field('step').type}, not integers"
+        return f"its columns {schema.names} lack {missing}"
+    if "step" in required and not pa.types.is_integer(schema.field("step").type):
+        return f"its 'step' column is {schema.field('step').type}, not integers"
     return None
+
+
+def _part_schema(part: Path) -> pa.Schema:
+    """The schema of a part, from its footer (Parquet) or its first message (a stream):
+    nothing else is read."""
+    if part.suffix == ".parquet":
+        return pq.read_schema(part)  # plain columns only: no pandas/extension metadata
+    with pa.OSFile(str(part)) as source:
+        return ipc.open_stream(source).schema
+
+
+def _read_part(
+    part: Path, columns: list[str] | None, where: pc.Expression | None
+) -> tuple[pa.Table, bool]:
+    """The rows of one part that match ``where`` (pushed down to the Parquet row groups; a
+    stream is filtered batch by batch), in ``columns``, and whether a stream was cut short
+    (it is read up to its last complete batch)."""
+    if part.suffix == ".parquet":
+        return ds.dataset(part, format="parquet").to_table(columns=columns, filter=where), False
+    kept: list[pa.Table] = []
+    with pa.OSFile(str(part)) as source:
+        reader = ipc.open_stream(source)
+        schema = reader.schema
+        if columns is not None:
+            schema = pa.schema([schema.field(c) for c in columns])
+        while True:
+            try:
+                table = pa.Table.from_batches([reader.read_next_batch()])
+            except StopIteration:
+                return pa.concat_tables(kept) if kept else schema.empty_table(), False
+            except (pa.ArrowInvalid, OSError, ValueError):
+                return pa.concat_tables(kept) if kept else schema.empty_table(), True
+            if where is not None:
+                table = table.filter(where)
+            kept.append(table if columns is None else table.select(columns))
+
+
+class TableParts:
+    """The readable parts of one table, each checked from its schema when listed (a part
+    that cannot be opened, or whose columns or types do not fit, is skipped with a warning
+    naming it); their rows are read when asked, only those of the steps and sites asked for.
+
+    Args:
+        folder: the table's folder in a run directory.
+        problems: where the warnings are also kept (:attr:`Run.problems`).
+    """
+
+    def __init__(self, folder: Path, *, problems: list[str] | None = None) -> None:
+        self.folder = folder
+        self.problems = problems
+        required = TABLE_COLUMNS.get(folder.name, ("step",))
+        self.parts: list[tuple[Path, pa.Schema]] = []
+        self._torn: set[Path] = set()  # streams cut short, warned about once
+        for _, part in segments(folder):
+            try:
+                schema = _part_schema(part)
+            except (OSError, pa.ArrowException, ValueError) as e:
+                self._skip(part, f"it cannot be read ({' '.join(str(e).split())[:200]})")
+                continue
+            why = _check_part(schema, required)
+            if why is None and self.parts:
+                try:
+                    pa.unify_schemas([self.parts[0][1], schema], promote_options="permissive")
+                except (pa.ArrowException, ValueError) as e:
+                    why = ("its schema does not fit the earlier parts "
+                           f"({' '.join(str(e).split())[:160]})")
+            if why is not None:
+                self._skip(part, why)
+                continue
+            self.parts.append((part, schema.remove_metadata()))
+
+    def _skip(self, part: Path, why: str) -> None:
+        warn_problem(self.problems, f"relu_doctor: skipped {str(part)!r}: {why}.")
+
+    def _read(self, part: Path, schema: pa.Schema, columns: list[str] | None,
+              where: pc.Expression | None) -> pa.Table | None:
+        """One part's rows; None (warned once, and not read again) when it cannot be read."""
+        try:
+            data, torn = _read_part(part, columns, where)
+        except (OSError, pa.ArrowException, ValueError) as e:
+            self.parts.remove((part, schema))
+            self._skip(part, f"it cannot be read ({' '.join(str(e).split())[:200]})")
+            return None
+        if torn and part not in self._torn:
+            self._torn.add(part)
+            warn_problem(self.problems, f"relu_doctor: {str(part)!r} was cut short; read up to "
+                         "its last complete record batch.")
+        return data
+
+    def read(
+        self,
+        *,
+        steps: Iterable[int] | None = None,
+        sites: Iterable[str] | None = None,
+        columns: Iterable[str] | None = None,
+    ) -> pd.DataFrame:
+        """The rows of ``steps`` and ``sites`` (all when None), in ``columns`` (all when
+        None; those a part lacks are left out), every readable part in order. A part whose
+        rows cannot be read is skipped with a warning naming it, and not read again."""
+        where: pc.Expression | None = None
+        if steps is not None:
+            where = pc.field("step").isin(pa.array(sorted({int(s) for s in steps}), pa.int64()))
+        if sites is not None:
+            in_sites = pc.field("site").isin(pa.array(sorted({str(s) for s in sites}), pa.string()))
+            where = in_sites if where is None else where & in_sites
+        wanted = None if columns is None else list(dict.fromkeys(columns))
+        tables: list[pa.Table] = []
+        for part, schema in list(self.parts):
+            cols = None if wanted is None else [c for c in wanted if c in schema.names]
+            data = self._read(part, schema, cols, where)
+            if data is not None:
+                tables.append(data.replace_schema_metadata(None))
+        if not tables:
+            return pd.DataFrame()
+        try:
+            joined = pa.concat_tables(tables, promote_options="permissive")
+        except (pa.ArrowException, ValueError) as e:
+            warn_problem(self.problems, f"relu_doctor: {str(self.folder)!r}: parts do not fit "
+                         f"together ({e}); only the first is read.")
+            joined = tables[0]
+        return joined.to_pandas()
+
+    def sites(self) -> list[str]:
+        """The sites with rows, in order of first appearance (read from the ``site`` column
+        alone)."""
+        seen: dict[str, None] = {}
+        for part, schema in list(self.parts):
+            if "site" not in schema.names:
+                continue
+            data = self._read(part, schema, ["site"], None)
+            if data is None:
+                continue
+            for name in pc.unique(data.column("site")).to_pylist():
+                seen.setdefault(str(name), None)
+        return list(seen)
 
 
 def read_table(
@@ -137,41 +277,7 @@ def read_table(
     A part that cannot be read, or whose columns or types do not fit the table, is skipped
     with a warning naming it; a stream cut short is read up to its last complete batch.
     """
-    folder = Path(path) / table
-    required = TABLE_COLUMNS.get(table, ("step",))
-    tables: list[pa.Table] = []
-    for _, part in segments(folder):
-        try:
-            if part.suffix == ".parquet":
-                data = pq.read_table(part)  # plain columns only: no pandas/extension metadata
-            else:
-                data, torn = read_stream(part)
-                if torn:
-                    warn_problem(problems, f"relu_doctor: {str(part)!r} was cut short; read up to "
-                          "its last complete record batch.")
-        except (OSError, pa.ArrowException, ValueError) as e:
-            warn_problem(problems, f"relu_doctor: skipped {str(part)!r}: it cannot be read "
-                  f"({' '.join(str(e).split())[:200]}).")
-            continue
-        why = _check_part(data, required)
-        if why is None and tables:
-            try:
-                pa.unify_schemas([tables[0].schema, data.schema], promote_options="permissive")
-            except (pa.ArrowException, ValueError) as e:
-                why = f"its schema does not fit the earlier parts ({' '.join(str(e).split())[:160]})"
-        if why is not None:
-            warn_problem(problems, f"relu_doctor: skipped {str(part)!r}: {why}.")
-            continue
-        tables.append(data.replace_schema_metadata(None))
-    if not tables:
-        return pd.DataFrame()
-    try:
-        joined = pa.concat_tables(tables, promote_options="permissive")
-    except (pa.ArrowException, ValueError) as e:
-        warn_problem(problems, f"relu_doctor: {str(folder)!r}: parts do not fit together ({e}); "
-              "only the first is read.")
-        joined = tables[0]
-    return joined.to_pandas()
+    return TableParts(Path(path) / table, problems=problems).read()
 
 
 def _read_events(path: Path, problems: list[str]) -> list[dict[str, Any]]:
@@ -227,7 +333,9 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     being written.
 
     Damaged parts and event lines are skipped with a warning naming each (also kept in
-    :attr:`Run.problems`).
+    :attr:`Run.problems`). The per-unit table, the largest by far, is read when first asked
+    for (:attr:`Run.units`), or only the steps and sites asked for (:meth:`Run.read_units`);
+    its parts are checked now.
 
     Raises:
         RunDirError: the path is missing, not a directory, empty, foreign, written by an
@@ -259,6 +367,9 @@ def load_run(path: str | os.PathLike[str]) -> Run:
                 raise ValueError("'unwritten' must be a list of [first, last] steps")
             if ranges:
                 meta["unwritten"] = ranges
+            error = status.get("error") if isinstance(status, dict) else None
+            if isinstance(error, str) and error:
+                meta["write_error"] = error
         except (OSError, ValueError) as e:
             warn_problem(problems, f"relu_doctor: skipped {str(status_path)!r}: {e}.")
     events = _read_events(p / "events.jsonl", problems)
@@ -268,18 +379,20 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         last_findings = _read_findings(f_path, events, problems)
     elif meta.get("format_version") != 1:
         last_findings = []  # nothing logged yet
-    tables = {"history", "units", "layers", "metrics"} | {
+    tables = {"history", "layers", "metrics"} | {
         d.name for d in p.iterdir() if d.is_dir() and TABLE_NAME.fullmatch(d.name) and segments(d)
     }
-    frames = {t: read_table(p, t, problems=problems) for t in sorted(tables)}
+    units = TableParts(p / "units", problems=problems)  # its parts checked now, read when asked
+    frames = {t: read_table(p, t, problems=problems) for t in sorted(tables - {"units"})}
     return Run(
         meta=meta,
         history=frames.pop("history"),
-        units=frames.pop("units"),
+        units=None,
         layers=frames.pop("layers"),
         events=events,
         path=p,
         last_findings=last_findings,
         tables=frames,
         problems=problems,
+        unit_source=units,
     )

@@ -49,6 +49,7 @@ from relu_doctor.reports.formatting import (
     fmt_value,
     json_safe,
 )
+from relu_doctor.reports.gaps import Gaps, read_gaps
 from relu_doctor.reports.interventions import (
     CONTINUOUS_REMEDIES,
     InterventionView,
@@ -58,11 +59,13 @@ from relu_doctor.reports.interventions import (
 
 __all__ = [
     "CONTINUOUS_REMEDIES",
+    "HEATMAP_ROWS",
     "MAX_HEATMAPS",
     "MAX_OPEN_FINDINGS",
     "VOCABULARY",
     "EvalView",
     "FindingView",
+    "Gaps",
     "InterventionView",
     "ReportContext",
     "Series",
@@ -79,6 +82,10 @@ __all__ = [
 MAX_HEATMAPS = 12
 #: Findings shown before the rest are folded away.
 MAX_OPEN_FINDINGS = 12
+#: Most unit rows the heatmaps read: the logged steps they show are spread evenly over the
+#: run, fewer of them for wide layers (at least the first and the last), so a report of a
+#: long run or a very wide layer reads a bounded part of the unit table.
+HEATMAP_ROWS = 2_000_000
 # Site metrics of the per-site table, as logged in the run's history.
 _SITE_METRICS = (
     "units", "dead", "dead_fraction", "lifetime_dead", "dormant", "dormant_fraction",
@@ -158,6 +165,11 @@ class SiteRow:
     anchor: str = ""
 
 
+def _units_at(run: Run, step: int | None) -> pd.DataFrame:
+    """The unit rows of one logged step (only those are read from a run directory)."""
+    return run.read_units(steps=[step]) if step is not None else pd.DataFrame()
+
+
 def _dormant_not_dead(units: pd.DataFrame, step: int | None) -> dict[str, int]:
     """Per site, the units the run record marks dormant and not dead at ``step`` (the
     record's ``dormant`` flag counts dead units too; the report's "dormant" does not)."""
@@ -178,7 +190,7 @@ def _site_rows(run: Run, last: pd.DataFrame, findings: Sequence[FindingView]) ->
     described = {str(s.get("name")): s for s in run.site_info}
     names = list(described) + [n for n in by_name if n not in described]  # not yet in meta
     step = int(last["step"].max()) if not last.empty and "step" in last else None
-    quiet = _dormant_not_dead(run.units, step)
+    quiet = _dormant_not_dead(_units_at(run, step), step)
     rows = []
     for i, name in enumerate(names):
         meta = described.get(name, {})
@@ -262,7 +274,9 @@ class Series:
 
     Attributes:
         history: one row per (step, site).
-        units: one row per (step, site, unit).
+        units: the unit rows the heatmaps draw: one row per (step, site, unit) of the
+            ``heatmap_sites`` at the ``heatmap_steps`` (only those are read from a run
+            directory).
         layers: one row per (step, layer).
         families: the family of each site, by name.
         heatmap_sites: the sites whose per-unit heatmap is drawn, in depth order.
@@ -282,15 +296,18 @@ class Series:
     metrics: pd.DataFrame = field(default_factory=pd.DataFrame)
     #: per drawn site, the unit indices its findings name (drawn one row each)
     named_units: dict[str, list[int]] = field(default_factory=dict)
+    #: the logged steps the heatmaps show (all of them up to the heatmap's width and
+    #: :data:`HEATMAP_ROWS`; beyond, spread evenly from the first to the last)
+    heatmap_steps: list[int] = field(default_factory=list)
 
 
 def _heatmap_sites(run: Run, findings: Sequence[FindingView]) -> tuple[list[str], int]:
-    if run.units.empty:
+    present = run.unit_sites()
+    if not present:
         return [], 0
     names = [str(s.get("name")) for s in run.site_info]
-    names += [s for s in pd.unique(run.units["site"].astype(str)) if s not in names]
-    present = set(run.units["site"].astype(str))
-    names = [n for n in names if n in present]
+    names += [s for s in present if s not in names]
+    names = [n for n in names if n in set(present)]
     if len(names) <= MAX_HEATMAPS:
         return names, 0
     sev: dict[str, int] = {}
@@ -303,6 +320,23 @@ def _heatmap_sites(run: Run, findings: Sequence[FindingView]) -> tuple[list[str]
     )
     keep = set(ranked[:MAX_HEATMAPS])
     return [n for n in names if n in keep], len(names) - MAX_HEATMAPS
+
+
+def _heatmap_steps(steps: Sequence[int], sites: Sequence[str], rows: Sequence[SiteRow]) -> list[int]:
+    """The logged steps the heatmaps show: every one up to the heatmap's width
+    (``plots.MAX_COLS``) and :data:`HEATMAP_ROWS` unit rows; beyond, that many spread evenly
+    from the first step to the last (at least those two)."""
+    from relu_doctor.reports.plots import MAX_COLS
+
+    if not sites or not steps:
+        return []
+    width = {r.site: int(r.raw["units"] or 0) for r in rows}
+    units = max(1, sum(width.get(n, 0) for n in sites))
+    k = min(len(steps), MAX_COLS, max(2, HEATMAP_ROWS // units))
+    if k >= len(steps):
+        return list(steps)
+    picks = np.unique(np.round(np.linspace(0, len(steps) - 1, k)).astype(int))
+    return [int(steps[i]) for i in picks]
 
 
 def _environment(run: Run) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -388,6 +422,8 @@ class ReportContext:
     series: Series
     data: dict[str, Any]
     evaluation: EvalView | None = None
+    #: what did not reach the run directory or could not be read back
+    gaps: Gaps = field(default_factory=Gaps)
 
 
 @dataclass(frozen=True)
@@ -471,9 +507,10 @@ def build_context(run: Run) -> ReportContext:
     stale = ""
     if findings_step is not None and last_step is not None and findings_step < last_step:
         stale = f"Findings are from step {findings_step}; the run logged up to step {last_step}."
+    heatmap_steps = _heatmap_steps(steps, heatmaps, sites)
     series = Series(
         history=hist,
-        units=run.units,
+        units=run.read_units(steps=heatmap_steps, sites=heatmaps) if heatmaps else pd.DataFrame(),
         layers=run.layers,
         families={str(s.get("name")): str(s.get("family", "")) for s in run.site_info},
         heatmap_sites=heatmaps,
@@ -481,10 +518,13 @@ def build_context(run: Run) -> ReportContext:
         marks=line_steps,
         metrics=metrics,
         named_units=named,
+        heatmap_steps=heatmap_steps,
     )
     model = run.meta.get("model")
     config = run.meta.get("config") or {}
     env, configuration = _environment(run)
+    evaluation = _evaluation(run)
+    gaps = read_gaps(run)  # after every read: a damaged part found on the way is in it
     data = {
         "relu_doctor_report": 1,
         "model": model,
@@ -500,6 +540,8 @@ def build_context(run: Run) -> ReportContext:
         ],
         "interventions": len(interventions),
         "metrics": sorted(str(n) for n in pd.unique(series.metrics["name"])),
+        "unwritten": [list(r) for r in gaps.unwritten],
+        "skipped": len(gaps.skipped),
     }
     return ReportContext(
         title=f"relu_doctor report: {model or 'model'}",
@@ -526,5 +568,6 @@ def build_context(run: Run) -> ReportContext:
         configuration=configuration,
         series=series,
         data=json_safe(data),
-        evaluation=_evaluation(run),
+        evaluation=evaluation,
+        gaps=gaps,
     )

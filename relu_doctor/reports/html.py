@@ -61,6 +61,10 @@ def _figures(ctx: ReportContext) -> dict[str, Any]:
         if data.units_per_row > 1:
             caption += (", the units the findings name one row each, the others ranked by "
                         f"mean activation rate, up to {data.units_per_row} units per row")
+        shown = len(series.heatmap_steps)
+        if 0 < shown < len(ctx.steps):
+            caption += (f", {shown} of the {len(ctx.steps)} logging steps (evenly spread from "
+                        "the first to the last; the run's unit table is read at those only)")
         if data.steps_per_col > 1:
             caption += f", {data.steps_per_col} logging steps per column"
         out["heatmaps"].append(

@@ -31,6 +31,24 @@ def _clip(s: str, width: int) -> str:
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
+def _gap_lines(ctx: ReportContext, shown: int = 3) -> list[str]:
+    """What did not reach the run directory, and what was skipped reading it."""
+    gaps = ctx.gaps
+    lines = []
+    if gaps.unwritten:
+        cause = f" ({gaps.write_error})" if gaps.write_error else ""
+        lines.append(f"  Never written{cause}: steps {gaps.unwritten_text} are not in the run "
+                     "directory")
+    if gaps.skipped:
+        n = len(gaps.skipped)
+        lines.append(f"  Skipped while reading: {n} damaged file{'s' * (n != 1)} or "
+                     f"line{'s' * (n != 1)}:")
+        lines += [f"    {_clip(line, 160)}" for line in gaps.skipped[:shown]]
+        if n > shown:
+            lines.append(f"    ... and {n - shown} more (see the report)")
+    return lines
+
+
 def summary(
     run: Run | ReportContext | str | os.PathLike[str],
     *,
@@ -47,6 +65,7 @@ def summary(
     """
     ctx = run if isinstance(run, ReportContext) else build_context(as_run(run))
     lines = [f"{ctx.model or 'model'}: {ctx.verdict.headline}"]
+    lines += _gap_lines(ctx)
     if ctx.last_step is None:
         return "\n".join(_plain(line) for line in lines)
     lines.append("  " + ", ".join(f"{k} {v}" for k, v in ctx.key_numbers))

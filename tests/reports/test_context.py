@@ -91,9 +91,13 @@ def test_site_rows_and_key_numbers_are_the_last_logged_numbers(dead_run: Trained
     assert keys["units"] == str(int(last["units"].sum()))
     assert keys["dead now"].startswith(f"{int(last['dead'].sum())} (")
     assert keys["steps logged"] == "3–12 (4 logs)"
-    # the series the figures read are the run's own tables
-    assert ctx.series.history is run.history and ctx.series.units is run.units
+    # the series the figures read are the run's own tables (its unit rows: those drawn,
+    # here every logged step of every site)
+    assert ctx.series.history is run.history
     assert ctx.series.heatmap_sites == list(KILLED)
+    assert ctx.series.heatmap_steps == [3, 6, 9, 12]
+    drawn = run.units[run.units["site"].isin(list(KILLED))].reset_index(drop=True)
+    pd.testing.assert_frame_equal(ctx.series.units, drawn)
 
 
 def test_interventions_and_timeline(tmp_path: Path) -> None:

@@ -1,0 +1,60 @@
+"""What a report cannot show: the steps whose records never reached the run directory (a
+write failed and the writer paused, retrying at later logs; ``status.json`` keeps the step
+ranges) and the files or lines the reader skipped (:attr:`~relu_doctor.history.Run.problems`).
+The HTML report and the text summary both say it, in a section of its own.
+
+Example:
+    >>> import pandas as pd
+    >>> from relu_doctor.history import Run
+    >>> run = Run(meta={"unwritten": [[3, 5]], "write_error": "OSError: disk full"},
+    ...           history=pd.DataFrame())
+    >>> read_gaps(run).unwritten_text
+    '3–5'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from relu_doctor.history import Run
+
+__all__ = ["Gaps", "read_gaps"]
+
+
+@dataclass(frozen=True)
+class Gaps:
+    """What the report cannot show because it did not reach the run directory, or could not
+    be read back from it.
+
+    Attributes:
+        unwritten: ``(first, last)`` step ranges whose records were never written (a write
+            failed: disk full, permissions, a removed directory; writing paused and was
+            retried at each later log). From ``status.json``.
+        write_error: the first write failure, as the writer saw it ("" when unknown).
+        skipped: one line per file or line the reader skipped (damaged, cut short, of
+            another schema), as warned when it was read (:attr:`Run.problems`).
+    """
+
+    unwritten: list[tuple[int, int]] = field(default_factory=list)
+    write_error: str = ""
+    skipped: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.unwritten or self.skipped)
+
+    @property
+    def unwritten_text(self) -> str:
+        """The unwritten step ranges, like ``3–5, 9``."""
+        return ", ".join(f"{a}–{b}" if a != b else str(a) for a, b in self.unwritten)
+
+
+def read_gaps(run: Run) -> Gaps:
+    """What did not reach the run directory and what was skipped reading it back; read
+    after the unit rows the report draws (a damaged part found then is in the list)."""
+    error = run.meta.get("write_error")
+    skipped = [" ".join(str(p).removeprefix("relu_doctor: ").split()) for p in run.problems]
+    return Gaps(
+        unwritten=[(int(a), int(b)) for a, b in run.unwritten],
+        write_error=error if isinstance(error, str) else "",
+        skipped=list(dict.fromkeys(skipped)),
+    )

@@ -1,0 +1,124 @@
+"""The report says what did not reach disk: steps whose records were never written (a write
+failed, the writer paused and retried) and files the reader skipped, in the HTML report and
+in the text summary; a run with neither shows no such section."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import relu_doctor
+from relu_doctor import rundir
+from relu_doctor.cli import main
+from relu_doctor.history import load_run
+from relu_doctor.reports.context import build_context
+from relu_doctor.reports.html import render_report
+from relu_doctor.reports.text import summary
+from tests import zoo
+
+
+def _train(run_dir: Path, steps: int, *, full: tuple[int, ...] = (),
+           monkeypatch: pytest.MonkeyPatch | None = None) -> None:
+    """Train ``steps`` steps logging each; the segment writes of the steps in ``full`` fail
+    with ENOSPC (a full disk)."""
+    real_write = rundir._Segment.write
+    model = zoo.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, optimizer=opt) as doc:
+            for step in range(1, steps + 1):
+                if monkeypatch is not None:
+                    if step in full:
+                        def no_space(self: object, table: object) -> None:
+                            raise OSError(errno.ENOSPC, "No space left on device")
+                        monkeypatch.setattr(rundir._Segment, "write", no_space)
+                    else:
+                        monkeypatch.setattr(rundir._Segment, "write", real_write)
+                zoo.train(model, [torch.randn(8, 10)], doc=doc, optimizer=opt)
+
+
+def _gap_section(html: str) -> str:
+    m = re.search(r'<section id="rd-gaps".*?</section>', html, re.S)
+    assert m is not None, "no 'what this report does not cover' section"
+    return m.group(0)
+
+
+def test_a_healthy_run_has_no_gap_section(tmp_path: Path) -> None:
+    _train(tmp_path / "run", 3)
+    run = load_run(tmp_path / "run")
+    ctx = build_context(run)
+    assert not ctx.gaps and ctx.data["unwritten"] == [] and ctx.data["skipped"] == 0
+    html = render_report(run)
+    assert 'id="rd-gaps"' not in html and "Never written" not in summary(ctx)
+
+
+def test_steps_never_written_are_named_in_the_html_and_the_summary(tmp_path, monkeypatch, capsys):
+    """A full disk at steps 3-5, then writing resumes: the report names 3–5 and the cause."""
+    run_dir = tmp_path / "run"
+    _train(run_dir, 8, full=(3, 4, 5), monkeypatch=monkeypatch)
+    monkeypatch.undo()
+    run = load_run(run_dir)
+    assert sorted(run.history["step"].unique()) == [1, 2, 6, 7, 8]  # what reached disk
+    ctx = build_context(run)
+    assert ctx.gaps.unwritten == [(3, 5)] and ctx.data["unwritten"] == [[3, 5]]
+    assert "No space left on device" in ctx.gaps.write_error
+    section = _gap_section(render_report(run))
+    assert "steps 3–5" in section and "No space left on device" in section
+    assert "Skipped while reading" not in section
+    text = summary(ctx)
+    assert re.search(r"Never written \(OSError: .*No space left on device\): steps 3–5 ", text)
+    # The command line prints the same summary.
+    assert main(["report", str(run_dir)]) == 0
+    assert "steps 3–5 are not in the run directory" in capsys.readouterr().out
+
+
+def test_a_damaged_part_is_named_in_the_html_and_the_summary(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _train(run_dir, 3)
+    part = sorted((run_dir / "units").glob("seg-*.parquet"))[0]
+    part.write_bytes(os.urandom(4096))
+    with pytest.warns(relu_doctor.ReluDoctorWarning, match=part.name):
+        run = load_run(run_dir)
+    ctx = build_context(run)
+    assert len(ctx.gaps.skipped) == 1 and part.name in ctx.gaps.skipped[0]
+    assert not ctx.gaps.unwritten
+    section = _gap_section(render_report(run))
+    assert "1 damaged file or line" in section and part.name in section
+    assert "Never written" not in section
+    text = summary(ctx)
+    assert "Skipped while reading: 1 damaged file or line:" in text and part.name in text
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr()
+    assert part.name in out.out and part.name in out.err  # summary, and the warning line
+
+
+def test_a_stream_cut_short_found_when_the_units_are_read_is_in_the_section(tmp_path):
+    """The unit rows are read after load_run (only the steps drawn): a torn stream found then
+    is still listed, once, however often the units are read."""
+    w = rundir.RunWriter(tmp_path / "r")
+    w.write_meta({"sites": [{"name": "a", "order": 0}]})
+    for step in (1, 2, 3):
+        w.append_table("history", step, pd.DataFrame({"step": [step], "site": ["a"],
+                                                      "dead_fraction": [0.0], "units": [4]}))
+        w.append_table("units", step, pd.DataFrame({"step": step, "site": "a", "unit": range(4),
+                                                    "activation_rate": 0.5}))
+    stream = next((tmp_path / "r" / "units").glob("seg-*.arrows"))
+    w.abandon()  # the writer died: its streams stay as they are
+    stream.write_bytes(stream.read_bytes()[:-40])  # the last batch cut short
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = load_run(tmp_path / "r")
+        assert not run.problems  # the unit rows are not read yet
+        ctx = build_context(run)
+        assert len(run.units) == 8 and sorted(run.units["step"].unique()) == [1, 2]
+    assert len(ctx.gaps.skipped) == 1 and "was cut short" in ctx.gaps.skipped[0]
+    assert len(run.problems) == 1 and sum("cut short" in str(c.message) for c in caught) == 1
+    assert stream.name in _gap_section(render_report(run))
