@@ -44,6 +44,9 @@ class DormantReset(RemedyCallback[DormantRecycler]):
         exclude: glob patterns of site names to leave alone.
         on_unlinkable: ``"warn"`` or ``"raise"``.
         seed: base seed of the re-initialisation.
+        reset_adam_step: restart Adam's step count for the recycled slices
+            (:mod:`~relu_doctor.remedies.adam_step`); the Trainer's optimizers must then be
+            ``torch.optim.Adam``/``AdamW``, checked when training starts.
 
     Attributes:
         recycler: the :class:`~relu_doctor.remedies.DormantRecycler` (after ``setup``).
@@ -63,6 +66,7 @@ class DormantReset(RemedyCallback[DormantRecycler]):
         exclude: Sequence[str] | str | None = None,
         on_unlinkable: str = "warn",
         seed: int = 0,
+        reset_adam_step: bool = False,
     ) -> None:
         super().__init__()
         self.tau = tau
@@ -72,6 +76,7 @@ class DormantReset(RemedyCallback[DormantRecycler]):
         self.exclude = exclude
         self.on_unlinkable = on_unlinkable
         self.seed = seed
+        self.reset_adam_step = reset_adam_step
         self._make(nn.Identity())  # the remedy validates the arguments, now
 
     def _make(self, model: nn.Module) -> DormantRecycler:
@@ -84,6 +89,7 @@ class DormantReset(RemedyCallback[DormantRecycler]):
             exclude=self.exclude,
             on_unlinkable=self.on_unlinkable,
             seed=self.seed,
+            reset_adam_step=self.reset_adam_step,
         )
 
     @property
@@ -103,4 +109,5 @@ class DormantReset(RemedyCallback[DormantRecycler]):
     def _bind(self, trainer: pl.Trainer, doctor: Doctor) -> None:
         if self.remedy is not None:
             self.remedy.optimizers = self._optimizers(trainer)
+            self.remedy.adam_step.check(self.remedy.optimizers)
         super()._bind(trainer, doctor)

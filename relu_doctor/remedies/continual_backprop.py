@@ -28,6 +28,7 @@ from relu_doctor._validate import glob_patterns, matches, number_in, positive_in
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
+from relu_doctor.remedies.adam_step import AdamStepRestart
 from relu_doctor.remedies.base import Optimizers, RecordLike, Remedy, check_model, site_snapshot
 from relu_doctor.remedies.recycle import recycle_units
 from relu_doctor.remedies.unit_links import LinkCache, UnitLinks
@@ -85,11 +86,16 @@ class ContinualBackprop(Remedy):
         seed: base seed of the re-initialisation (combined with step and site).
         example_inputs: input(s) of one forward pass to find each site's producer and
             consumers from (default: the model's latest training call).
+        reset_adam_step: restart Adam's step count for the replaced units' slices, as the
+            paper's ``AdamGnT`` does (:mod:`~relu_doctor.remedies.adam_step`);
+            ``torch.optim.Adam``/``AdamW`` only, other optimizers raise
+            :class:`~relu_doctor.errors.ReluDoctorError`.
 
     Attributes:
         utility: ``{site: per-unit running contribution utility}`` (CPU float64).
         age: ``{site: per-unit steps since the last replacement}``.
         replaced: ``{site: units replaced so far}``.
+        adam_step: the ``reset_adam_step`` option and its checkpoint state.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
@@ -112,6 +118,7 @@ class ContinualBackprop(Remedy):
         exclude: Sequence[str] | str | None = None,
         seed: int = 0,
         example_inputs: Any = None,
+        reset_adam_step: bool = False,
     ) -> None:
         super().__init__()
         self.model = check_model(model)
@@ -131,6 +138,10 @@ class ContinualBackprop(Remedy):
         self._last_step: dict[str, int] = {}
         self._finder = LinkCache(self.model, example_inputs=example_inputs)
         self._links_failed: set[str] = set()
+        self.adam_step = AdamStepRestart(reset_adam_step, self.optimizers)
+
+    def _on_bind(self, doctor: Any) -> None:
+        self.adam_step.apply_pending(self.model, self.optimizers)
 
     def _links_of(self, record: RecordLike, site: str) -> UnitLinks:
         return self._finder.links(record.key(site), site, doctor=self.doctor)
@@ -184,8 +195,10 @@ class ContinualBackprop(Remedy):
                 if not idx:
                     continue
                 links = self._links_of(record, site)
+                self.adam_step.apply_pending(self.model, self.optimizers)
                 what = recycle_units(links, units=idx, optimizers=self.optimizers,
-                                     generator=self._generator(site, record.step))
+                                     generator=self._generator(site, record.step),
+                                     reset_adam_step=self.adam_step.enabled)
             except ReluDoctorError as e:
                 self._links_failed.add(site)
                 self.warn(f"ContinualBackprop: leaving site {site!r} alone: {e}")
@@ -216,6 +229,7 @@ class ContinualBackprop(Remedy):
             "replaced": dict(self.replaced),
             "owed": dict(self._owed),
             "last_step": dict(self._last_step),
+            "adam_step": self.adam_step.state_dict(self.model, self.optimizers),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -227,3 +241,4 @@ class ContinualBackprop(Remedy):
         self.replaced = {str(k): int(v) for k, v in state.get("replaced", {}).items()}
         self._owed = {str(k): float(v) for k, v in state.get("owed", {}).items()}
         self._last_step = {str(k): int(v) for k, v in state.get("last_step", {}).items()}
+        self.adam_step.load_state_dict(state.get("adam_step", []), self.model, self.optimizers)

@@ -88,7 +88,8 @@ class PlanStep:
         tolerance: absolute slack added to that test (noise of a fraction).
         options: keyword arguments of the remedy (``percentile`` for clip; ``factor`` and
             ``min_lr`` for lr; ``slope`` and ``threshold`` (a site's dead fraction) for swap;
-            ``threshold`` (a site's dead fraction) and ``max_fraction`` for recycle; those of
+            ``threshold`` (a site's dead fraction), ``max_fraction`` and ``reset_adam_step``
+            for recycle; those of
             :class:`~relu_doctor.remedies.continual_backprop.ContinualBackprop`).
     """
 
@@ -253,6 +254,7 @@ class TreatmentPlan(Remedy):
                 return DormantRecycler(
                     self.model, optimizers=self.optimizers or None,
                     max_fraction=float(o.get("max_fraction", 0.25)), seed=self.seed,
+                    reset_adam_step=o.get("reset_adam_step", False),
                 )
             return ContinualBackprop(
                 self.model, optimizers=self.optimizers or None, seed=self.seed,

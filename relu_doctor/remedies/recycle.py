@@ -24,6 +24,11 @@ from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
 from relu_doctor.remedies._link_cache import LinkCache
 from relu_doctor.remedies._optim_state import SliceFn, reset_state_slices
+from relu_doctor.remedies.adam_step import (
+    AdamStepRestart,
+    check_adam_step_optimizers,
+    restart_adam_step,
+)
 from relu_doctor.remedies.base import (
     Optimizers,
     RecordLike,
@@ -107,6 +112,7 @@ def recycle_units(
     units: Sequence[int] | torch.Tensor,
     optimizers: Optimizers = None,
     generator: torch.Generator | None = None,
+    reset_adam_step: bool = False,
 ) -> dict[str, Any]:
     """Recycle ``units`` of a site (ReDo): re-initialise their incoming weights, zero their
     outgoing weights, reset the optimizer state of exactly those slices.
@@ -120,7 +126,10 @@ def recycle_units(
       after a conv-to-linear flatten; grouped convs handled);
     * in every optimizer, each state tensor shaped like one of those parameters (Adam/AdamW
       ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; SGD ``momentum_buffer``...) is zeroed
-      on exactly those slices. Scalars such as Adam's ``step`` are left alone.
+      on exactly those slices. Scalars such as Adam's ``step`` are left alone, unless
+      ``reset_adam_step``: then those slices take their next Adam/AdamW steps as if their
+      step count had restarted at 0 (:mod:`~relu_doctor.remedies.adam_step`; other
+      optimizers are refused before anything changes).
 
     Everything else stays bit-identical.
 
@@ -153,6 +162,8 @@ def recycle_units(
             f"units: indices must be in [0, {links.units}) for site {links.site!r}, got {idx.tolist()[:10]}."
         )
     opts = check_optimizers("optimizers", optimizers)
+    if reset_adam_step:
+        check_adam_step_optimizers("reset_adam_step", opts)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     prod = links.producer
     targets: list[tuple[torch.Tensor, SliceFn]] = []
@@ -196,6 +207,8 @@ def recycle_units(
             fn(cw)
             targets.append((cw, fn))
         state_keys = reset_state_slices(opts, targets)
+        if reset_adam_step and restart_adam_step(opts, targets):
+            state_keys = sorted([*state_keys, "step"])
     return {
         "units": idx.tolist(),
         "producer": links.producer_path,
@@ -227,9 +240,14 @@ class DormantRecycler(Remedy):
             read the producers and consumers from. By default the arguments of the model's
             latest call are kept (a reference, first two samples when batched) until the
             links are first needed, then one extra pass without gradients runs on them.
+        reset_adam_step: restart Adam's step count for the recycled slices (their first
+            updates bias-corrected as a fresh Adam's, not the tensor's: see
+            :mod:`~relu_doctor.remedies.adam_step`); ``torch.optim.Adam``/``AdamW`` only,
+            other optimizers raise :class:`~relu_doctor.errors.ReluDoctorError`.
 
     Attributes:
         recycled: ``{site name: units recycled so far}``.
+        adam_step: the ``reset_adam_step`` option and its checkpoint state.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
@@ -253,6 +271,7 @@ class DormantRecycler(Remedy):
         on_unlinkable: str = "warn",
         seed: int = 0,
         example_inputs: Any = None,
+        reset_adam_step: bool = False,
     ) -> None:
         super().__init__()
         self.model = check_model(model)
@@ -276,6 +295,10 @@ class DormantRecycler(Remedy):
         self.recycled: dict[str, int] = {}
         self._unlinkable: dict[str, str] = {}
         self._finder = LinkCache(self.model, example_inputs=example_inputs)
+        self.adam_step = AdamStepRestart(reset_adam_step, self.optimizers)
+
+    def _on_bind(self, doctor: Any) -> None:
+        self.adam_step.apply_pending(self.model, self.optimizers)
 
     def links(self, site: str | SiteKey) -> UnitLinks:
         """The (cached) :class:`~relu_doctor.remedies.unit_links.UnitLinks` of ``site`` (a
@@ -312,8 +335,10 @@ class DormantRecycler(Remedy):
         before: Mapping[str, Any] | None,
     ) -> Intervention:
         links = self._links_of(key, site)
+        self.adam_step.apply_pending(self.model, self.optimizers)
         what = recycle_units(
-            links, units=units, optimizers=self.optimizers, generator=self._generator(site, step)
+            links, units=units, optimizers=self.optimizers, generator=self._generator(site, step),
+            reset_adam_step=self.adam_step.enabled,
         )
         self.recycled[site] = self.recycled.get(site, 0) + len(what["units"])
         desc = (
@@ -383,6 +408,7 @@ class DormantRecycler(Remedy):
             "intervals": self.intervals,
             "recycled": dict(self.recycled),
             "unlinkable": dict(self._unlinkable),
+            "adam_step": self.adam_step.state_dict(self.model, self.optimizers),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -390,3 +416,4 @@ class DormantRecycler(Remedy):
         self.intervals = int(state.get("intervals", 0))
         self.recycled = {str(k): int(v) for k, v in state.get("recycled", {}).items()}
         self._unlinkable = {str(k): str(v) for k, v in state.get("unlinkable", {}).items()}
+        self.adam_step.load_state_dict(state.get("adam_step", []), self.model, self.optimizers)
