@@ -73,17 +73,20 @@ def _cases() -> dict[str, dict[str, Any]]:
     cases["relu6-bf16"] = _case((4, 6, 5, 5), 1, torch.bfloat16, cap=6.0)
     cases["hardtanh-0.1"] = _case((6, 10), 1, leaky=True, cap=0.1)
     cases["split-conv"] = _case((16, 4, 6, 6), 1, split=3)
-    cases["split-mlp"] = _case((40, 10), 1, split=4)
-    cases["split-odd"] = _case((7, 3, 5), 1, split=7)
+    cases["split-mlp"] = _case((300, 10), 1, split=4)
+    cases["split-odd"] = _case((77, 3, 5), 1, split=7)
     cases["no-input-grad"] = _case((4, 6, 5, 5), 1, no_gi=True, inv=0.25)
     cases["scale-tensor"] = _case((4, 6, 5, 5), 1, inv=torch.tensor(0.5))
     cases["scale-tensor-f64"] = _case((9, 5), 1, inv=torch.tensor(0.125, dtype=torch.float64))
     cases["accumulates"] = _case((5, 8), 1, cap=6.0, repeat=3)
+    cases["split-capped-scaled-bf16"] = _case((300, 10), 1, torch.bfloat16, cap=6.0,
+                                              inv=torch.tensor(0.5), split=4)
+    cases["no-input-grad-fp16"] = _case((3, 5, 7, 9), 1, torch.float16, no_gi=True, inv=0.25)
     c = _case((3, 6, 5, 5), 1, layout="channels_last")  # gradients in two layouts
     c["gi"] = c["gi"].contiguous()
     cases["mixed-grad-layouts"] = c
     for dt in (torch.float32, torch.float16, torch.bfloat16):
-        c = _case((4, 8, 5, 5), 1, dt, split=2 if dt == torch.float32 else None)
+        c = _case((20, 8, 5, 5), 1, dt, split=2 if dt == torch.float32 else None)
         c["x"][1, 2, 3, 3] = float("nan")
         c["x"][0, 5, 0, 0] = float("inf")
         c["g"][2, 3, 1, 1] = float("-inf")
@@ -116,13 +119,23 @@ def _run_in_child(cases_path: str, out_path: str) -> None:
                                "float64": ts.forward_into(torch.zeros(7, 3, dtype=torch.float64),
                                                           torch.ones(2, 3, dtype=torch.float64),
                                                           1, cap=None)}
+    grids: list[tuple[int, int]] = []
+
+    class Recording:  # the launch grids, to show that the split cases split
+        def __getitem__(self, grid: tuple[int, int]) -> Any:
+            grids.append(grid)
+            return kernel[grid]
+
+    kernel, ts._KERNEL = ts._KERNEL, Recording()
     for name, c in cases.items():
         window = SiteStats(c["x"].shape[c["unit_dim"]], "cpu").window
+        grids.clear()
         for _ in range(c["repeat"]):
             assert ts.forward_into(window, c["x"], c["unit_dim"], cap=c["cap"], split=c["split"])
             assert ts.grad_into(window, c["g"], c["gi"], c["unit_dim"], c["inv"], G0,
                                 split=c["split"])
-        results[name] = window
+        results[name], results[f"grids-{name}"] = window, list(grids)
+    ts._KERNEL = kernel
 
     calls = []
     for fn in ("forward_into", "grad_into"):
@@ -142,22 +155,79 @@ def _run_in_child(cases_path: str, out_path: str) -> None:
     torch.save(results, out_path)
 
 
+# Between them every compile-time flag both ways, both layouts and the three dtypes: eight
+# variants (a cold compile costs about a second each; triton caches them in ~/.triton).
+COMPILED = ["split-capped-scaled-bf16", "no-input-grad-fp16", "one-unit"]
+TARGET = ("cuda", 90, 32)  # H100/H200 (sm_90), warp size 32
+
+
+def _compile_in_child(cases_path: str, out_path: str) -> None:
+    """The other child (no interpreter): compile, without a GPU, every kernel variant that
+    the COMPILED cases would launch on CUDA, with the argument types and specialisations
+    Triton itself derives from the arguments, down to a cubin for TARGET. Pinned to triton
+    3.8's internals (create_function_from_signature, JITFunction._pack_args)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from relu_doctor._kernels import triton_stats as ts
+
+    kernel, target = ts._KERNEL, GPUTarget(*TARGET)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    launches: list[dict[str, Any]] = []
+
+    class CompileOnly:
+        def __getitem__(self, grid: tuple[int, int]) -> Any:
+            def run(*args: Any, **kwargs: Any) -> None:
+                bound, spec, opts = binder(*args, **kwargs)
+                options, sig, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec,
+                                                                    opts)
+                out = compile(ASTSource(kernel, sig, constexprs, attrs), target=target,
+                              options=options.__dict__)
+                launches.append({**kwargs, "grid": grid, "cubin": len(out.asm["cubin"])})
+            return run
+
+    ts._KERNEL, ts._INTERPRETED = CompileOnly(), True  # CPU tensors stand in for CUDA ones
+    cases = torch.load(cases_path, weights_only=False)
+    for name in COMPILED:
+        c = cases[name]
+        window = SiteStats(c["x"].shape[c["unit_dim"]], "cpu").window
+        assert ts.forward_into(window, c["x"], c["unit_dim"], cap=c["cap"], split=c["split"])
+        assert ts.grad_into(window, c["g"], c["gi"], c["unit_dim"], c["inv"], G0,
+                            split=c["split"])
+    torch.save(launches, out_path)
+
+
+def _child(fn: str, cases_path: Path, out_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    code = (f"import sys, torch; torch.set_num_threads(1); from tests.test_triton import {fn}; "
+            f"{fn}(sys.argv[1], sys.argv[2])")
+    return subprocess.Popen([sys.executable, "-c", code, str(cases_path), str(out_path)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait(proc: subprocess.Popen[str], out_path: Path) -> Any:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    return torch.load(out_path, weights_only=False)
+
+
 @pytest.fixture(scope="module")
 def triton_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Both children, run side by side: the interpreter's results and the compiled variants."""
     pytest.importorskip("triton")
     tmp = tmp_path_factory.mktemp("triton")
-    cases_path, out_path = tmp / "cases.pt", tmp / "out.pt"
+    cases_path = tmp / "cases.pt"
     torch.save(CASES, cases_path)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("RELU_DOCTOR_TRITON_INTERPRET", None)
-    code = ("import sys, torch; torch.set_num_threads(1); from tests.test_triton import "
-            "_run_in_child; _run_in_child(sys.argv[1], sys.argv[2])")
-    proc = subprocess.run([sys.executable, "-c", code, str(cases_path), str(out_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results: dict[str, Any] = torch.load(out_path, weights_only=False)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "RELU_DOCTOR_TRITON_INTERPRET")}
+    compiling = _child("_compile_in_child", cases_path, tmp / "compiled.pt", env)
+    interpreting = _child("_run_in_child", cases_path, tmp / "interpreted.pt",
+                          {**env, "TRITON_INTERPRET": "1"})
+    results: dict[str, Any] = _wait(interpreting, tmp / "interpreted.pt")
     assert results["interpreted"]
+    results["compiled"] = _wait(compiling, tmp / "compiled.pt")
     return results
 
 
@@ -204,11 +274,17 @@ def test_triton_equals_numpy_reference(triton_results, name):
             torch.testing.assert_close(got[ROW[name_]], expect, rtol=1e-4, atol=1e-5, msg=name_)
 
 
+def test_split_cases_split_the_rows(triton_results):
+    for name, c in CASES.items():
+        rows_split = max(grid[1] for grid in triton_results[f"grids-{name}"])
+        assert (rows_split > 1) == (c["split"] is not None and c["split"] > 1), name
+
+
 def test_nonfinite_units_are_flagged(triton_results):
     got = triton_results["nonfinite-float32"]
     assert got[ROW["nonfinite"]].tolist() == [0, 0, 1, 0, 0, 1, 0, 0]
     assert got[ROW["grad_nonfinite"]].tolist() == [0, 0, 0, 1, 0, 0, 1, 0]
-    assert got[ROW["elements"], 2] == 0 and got[ROW["elements"], 0] == 100
+    assert got[ROW["elements"], 2] == 0 and got[ROW["elements"], 0] == 500
 
 
 def test_cases_exercise_what_they_name(triton_results):
@@ -231,6 +307,19 @@ def test_switch_sends_cpu_tensors_through_triton(triton_results):
     assert triton_results["dispatched_calls"] == ["forward_into", "grad_into"] * len(DISPATCHED)
     for name in DISPATCHED:
         _check(triton_results[f"dispatched-{name}"], _eager(CASES[name]))
+
+
+def test_every_kernel_variant_compiles_for_a_gpu(triton_results):
+    """Offline compilation to a cubin: what the interpreter cannot check (types of the
+    compiled IR, constexpr branches, the specialisations Triton picks). Not a run."""
+    launches = triton_results["compiled"]
+    assert all(launch["cubin"] > 0 for launch in launches)
+    seen = {(k, launch[k]) for launch in launches for k in
+            ("GRAD", "HAS_CAP", "HAS_GI", "SCALE_PTR", "READ_PARTS", "WRITE_PARTS")}
+    assert seen == {(k, v) for k in ("GRAD", "HAS_CAP", "HAS_GI", "SCALE_PTR", "READ_PARTS",
+                                     "WRITE_PARTS") for v in (False, True)}
+    assert {launch["BLOCK_U"] == 1 for launch in launches} == {False, True}  # both layouts
+    assert {launch["BLOCK_B"] == 1 for launch in launches} == {False, True}
 
 
 def _broken_triton(monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
