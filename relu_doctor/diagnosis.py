@@ -245,8 +245,7 @@ def diagnose(
                     step,
                 )
             )
-        dormant_only = u["dormant"] & ~u["dead"]
-        n_dormant = int(dormant_only.sum())
+        n_dormant = int(u["dormant"].sum())
         if n_dormant:
             frac = n_dormant / seen
             out.append(
@@ -256,7 +255,7 @@ def diagnose(
                     f"{n_dormant} of {seen} units ({frac:.1%}) dormant (ReDo score <= "
                     f"{config.tau}) but not dead.",
                     {"dormant": n_dormant, "dormant_fraction": frac, "tau": config.tau,
-                     "dormant_units": _units_list(dormant_only)},
+                     "dormant_units": _units_list(u["dormant"])},
                     "Recycle dormant units (ReDo, Sokar et al. 2023: DormantReset): "
                     "re-initialise their incoming weights and zero their outgoing weights.",
                     step,
@@ -417,9 +416,9 @@ def _growth_findings(
 
 def run_health(sites: Sequence[Mapping[str, Any]], findings: Sequence[Finding]) -> dict[str, float]:
     """Run-level numbers for early stopping and checkpointing (higher ``health`` is better):
-    unit-weighted ``dead_fraction``, ``dormant_fraction`` (dead included) and
-    ``lifetime_dead_fraction`` over all sites, and ``health`` = the share of units alive
-    (not dead in the window), 0 when a non-finite value was seen.
+    unit-weighted ``dead_fraction``, ``dormant_fraction`` (active but below tau: dead units
+    are not dormant) and ``lifetime_dead_fraction`` over all sites, and ``health`` = the
+    share of units alive (not dead in the window), 0 when a non-finite value was seen.
 
     Example:
         >>> run_health([{"units": 4, "units_seen": 4, "dead": 1, "dormant": 2,

@@ -3,12 +3,14 @@
 :mod:`relu_doctor.stats` keeps per-unit sums and counts on the device; at a logging step they
 are read back to the host, and this module turns them into rates, means and the per-unit
 verdicts every later layer reads (diagnosis, the run record, remedies, reports): activation
-rate, mean |h|, ReDo dormant score, dead, dormant, lifetime dead, saturation, gradient RMS.
-Pure functions over host float64 tensors; nothing here touches a model or a device.
+rate, mean |h|, ReDo dormant score, dead, dormant, below tau, lifetime dead, saturation,
+gradient RMS. Pure functions over host float64 tensors; nothing here touches a model or a device.
 
-Definitions (README, Definitions): **dead** over a window = seen and never active; **lifetime dead** =
-seen since monitoring began and never active; **dormant** (ReDo) = score <= tau with
-score_i = mean|h_i| / mean_k mean|h_k| over the units seen in the window.
+Definitions (README, Words): **dead** over a window = seen and never active; **lifetime dead** =
+seen since monitoring began and never active; **below tau** = ReDo score <= tau with
+score_i = mean|h_i| / mean_k mean|h_k| over the units seen in the window (ReDo's recycling
+criterion: dead units whose |h| is small are below tau too); **dormant** = below tau but not
+dead (active, yet contributing little).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ UNIT_COLUMNS: tuple[str, ...] = (
     "grad_zero_rate",
     "dead",
     "dormant",
+    "below_tau",
     "lifetime_dead",
 )
 
@@ -50,7 +53,8 @@ def unit_metrics(window: torch.Tensor, lifetime: torch.Tensor, tau: float) -> di
         ``mean``, ``mean_abs``, ``rms``, ``saturation_rate``, ``dormant_score``,
         ``grad_rms`` (root mean square of dL/d(output) per element), ``grad_zero_rate``,
         ``nonfinite``, ``grad_nonfinite``; boolean ``seen``, ``dead`` (seen and never
-        active), ``dormant`` (score <= tau), ``fully_saturated``, ``lifetime_dead``.
+        active), ``below_tau`` (seen and score <= tau, dead units included), ``dormant``
+        (below tau and not dead), ``fully_saturated``, ``lifetime_dead``.
     """
 
     def score_of(mean_abs: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
@@ -85,6 +89,8 @@ def _units(
     mean_abs = ratio(r["sum_abs"], n)
     score = score_of(mean_abs, seen)
     active = r["active"]
+    dead = seen & (active == 0)
+    below_tau = seen & (score <= tau)
     return {
         "seen": seen,
         "activation_rate": ratio(active, n),
@@ -93,8 +99,9 @@ def _units(
         "rms": ratio(r["sum_sq"], n).sqrt(),
         "saturation_rate": ratio(r["saturated"], n),
         "dormant_score": score,
-        "dead": seen & (active == 0),
-        "dormant": seen & (score <= tau),
+        "dead": dead,
+        "dormant": below_tau & ~dead,
+        "below_tau": below_tau,
         "fully_saturated": seen & (r["saturated"] == n),
         "lifetime_dead": (life[ROW["elements"]] > 0) & (life[ROW["active"]] == 0),
         "grad_rms": ratio(r["grad_sq"], r["grad_elements"]).sqrt(),
@@ -114,7 +121,7 @@ def site_metrics(window: torch.Tensor, units: dict[str, torch.Tensor]) -> dict[s
     Returns:
         A flat dict: ``units``, ``units_seen``, ``elements``, ``dead``, ``dead_fraction``,
         ``lifetime_dead``, ``lifetime_dead_fraction``, ``dormant``, ``dormant_fraction``,
-        ``sparsity``, ``activation_rate``, ``mean_abs``, ``rms``, ``saturated_fraction``,
+        ``below_tau``, ``below_tau_fraction``, ``sparsity``, ``activation_rate``, ``mean_abs``, ``rms``, ``saturated_fraction``,
         ``fully_saturated``, ``grad_rms``, ``grad_zero_fraction``, ``nonfinite``,
         ``grad_nonfinite`` (NaN where nothing was seen).
     """
@@ -137,6 +144,8 @@ def site_metrics(window: torch.Tensor, units: dict[str, torch.Tensor]) -> dict[s
         "lifetime_dead_fraction": float(life_dead.sum()) / n_units if n_units else nan,
         "dormant": int(units["dormant"].sum()),
         "dormant_fraction": float(units["dormant"].sum()) / seen if seen else nan,
+        "below_tau": int(units["below_tau"].sum()),
+        "below_tau_fraction": float(units["below_tau"].sum()) / seen if seen else nan,
         "sparsity": 1.0 - active / n if n else nan,
         "activation_rate": active / n if n else nan,
         "mean_abs": float(w[ROW["sum_abs"]].sum()) / n if n else nan,
@@ -228,14 +237,14 @@ def stacked_metrics(
     bounds = list(zip([0, *ends[:-1]], ends, strict=True))
     units = [{name: t[a:b] for name, t in u.items()} for a, b in bounds]
     sums = per_site(m).T.tolist()  # (k, len(FIELDS)): one read of every per-site sum
-    flags = ("dead", "dormant", "fully_saturated", "lifetime_dead")
+    flags = ("dead", "dormant", "below_tau", "fully_saturated", "lifetime_dead")
     counts = per_site(torch.stack([u[f] for f in flags])).T.tolist()
     seen_list = seen_count.tolist()
     rows: list[dict[str, Any]] = []
     nanf = float("nan")
     for i in range(k):
         w = sums[i]
-        dead, dormant, full, life_dead = counts[i]
+        dead, dormant, below, full, life_dead = counts[i]
         n_units, sn = sizes[i], int(seen_list[i])
         el, act = w[ROW["elements"]], w[ROW["active"]]
         gel, gin = w[ROW["grad_elements"]], w[ROW["grad_in_elements"]]
@@ -250,6 +259,8 @@ def stacked_metrics(
                 "lifetime_dead_fraction": life_dead / n_units if n_units else nanf,
                 "dormant": int(dormant),
                 "dormant_fraction": dormant / sn if sn else nanf,
+                "below_tau": int(below),
+                "below_tau_fraction": below / sn if sn else nanf,
                 "sparsity": 1.0 - act / el if el else nanf,
                 "activation_rate": act / el if el else nanf,
                 "mean_abs": w[ROW["sum_abs"]] / el if el else nanf,

@@ -49,6 +49,7 @@ def check_tables(sites, units, run, steps, tau, where):
         for column, ref_key in SITE_COLUMNS.items():
             assert row[column] == pytest.approx(want[ref_key], rel=1e-5, abs=1e-9), (where, name, column)
         assert row["dead"] == want["dead"].sum() and row["dormant"] == want["dormant"].sum()
+        assert row["below_tau"] == want["below_tau"].sum()
         table = units[units["site"] == name].sort_values("unit")
         assert table["unit"].tolist() == list(range(len(want["dead"])))
         for column in UNIT_COLUMNS:
@@ -56,6 +57,7 @@ def check_tables(sites, units, run, steps, tau, where):
                                        rtol=1e-5, atol=1e-9, err_msg=f"{where} {name} {column}")
         np.testing.assert_array_equal(table["dead"].to_numpy(), want["dead"])
         np.testing.assert_array_equal(table["dormant"].to_numpy(), want["dormant"])
+        np.testing.assert_array_equal(table["below_tau"].to_numpy(), want["below_tau"])
 
 
 @pytest.mark.parametrize(
@@ -104,8 +106,8 @@ def test_dormant_units_are_exactly_those_with_a_low_score(run_watched):
     run = run_watched(zoo.ARCH_CASES["mlp"], model=planted_mlp(kill=[7], shrink=shrink),
                       batch_size=32, steps=2, log_every_n_steps=2)
     want = expected_metrics(run, ("1", 0), [0, 1])
-    dormant_only = np.flatnonzero(want["dormant"] & ~want["dead"]).tolist()
-    assert dormant_only == shrink  # the reference agrees the plant worked, and nothing else
+    assert np.flatnonzero(want["dormant"]).tolist() == shrink  # the plant worked, nothing else
+    assert np.flatnonzero(want["below_tau"]).tolist() == sorted([7, *shrink])  # dead too
     finding = findings_by(run.doc.records[-1])[("dormant", "1")]
     assert finding.evidence["dormant_units"] == shrink
     assert finding.evidence["tau"] == 0.1

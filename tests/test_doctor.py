@@ -493,9 +493,10 @@ def test_tau_from_a_config_is_used_not_replaced_by_the_default(run_watched):
     run = run_watched(zoo.CASES["mlp"], steps=3, log_every_n_steps=3, config=config)
     assert run.doc.config.tau == 0.25
     units = run.doc.records[-1].unit_table
-    # dormant is exactly score <= 0.25 (and some unit lies between 0.1 and 0.25 here, so the
-    # old default would have given another answer)
-    np.testing.assert_array_equal(units["dormant"], units["dormant_score"] <= 0.25)
+    # below tau is exactly score <= 0.25, dormant those not dead (and some unit lies between
+    # 0.1 and 0.25 here, so the old default would have given another answer)
+    np.testing.assert_array_equal(units["below_tau"], units["dormant_score"] <= 0.25)
+    np.testing.assert_array_equal(units["dormant"], units["below_tau"] & ~units["dead"])
     assert ((units["dormant_score"] > 0.1) & (units["dormant_score"] <= 0.25)).any()
 
 

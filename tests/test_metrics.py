@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from relu_doctor.metrics import layer_metrics, site_metrics, unit_metrics
+from relu_doctor.metrics import layer_metrics, site_metrics, stacked_metrics, unit_metrics
 from relu_doctor.stats import FIELDS, ROW
 
 
@@ -42,6 +42,30 @@ def test_a_score_equal_to_tau_is_dormant():
     assert u["dormant_score"].tolist() == [0.25, 1.25, 1.25, 1.25]
     assert u["dormant"].tolist() == [True, False, False, False]
     assert unit_metrics(m, m, 0.2499)["dormant"].tolist() == [False] * 4
+
+
+def test_dormant_units_are_active_below_tau_are_dead_or_dormant_by_score():
+    """README, Words: dead = no activation; dormant = active but ReDo score <= tau (dead units
+    are not dormant); below tau = score <= tau, dead units included (what ReDo recycles). Per
+    element mean |h| of (0, 3, 0.125, 1, 0.875) averages exactly 1, so the scores are those
+    numbers: unit 0 is dead with |h| 0 (a ReLU), unit 1 dead with a large |h| (a leaky unit
+    stuck negative), unit 2 active and quiet."""
+    m = synthetic(5)
+    m[ROW["elements"]] = 8
+    m[ROW["active"]] = torch.tensor([0, 0, 4, 4, 4], dtype=torch.float64)
+    m[ROW["sum_abs"]] = torch.tensor([0, 3, 0.125, 1, 0.875], dtype=torch.float64) * 8
+    u = unit_metrics(m, m, 0.2)
+    assert u["dormant_score"].tolist() == [0.0, 3.0, 0.125, 1.0, 0.875]
+    assert u["dead"].tolist() == [True, True, False, False, False]
+    assert u["dormant"].tolist() == [False, False, True, False, False]
+    assert u["below_tau"].tolist() == [True, False, True, False, False]
+    row = site_metrics(m, u)
+    assert (row["dead"], row["dormant"], row["below_tau"]) == (2, 1, 2)
+    assert (row["dormant_fraction"], row["below_tau_fraction"]) == (1 / 5, 2 / 5)
+    units, rows = stacked_metrics([synthetic(), m], [synthetic(), m], 0.2)
+    for name in ("dead", "dormant", "below_tau"):
+        assert units[1][name].tolist() == u[name].tolist()
+    assert {k: rows[1][k] for k in row} == row
 
 
 

@@ -370,8 +370,9 @@ class AdamStepRestart:
         model: nn.Module,
         optimizers: Sequence[torch.optim.Optimizer],
     ) -> None:
-        """Restore :meth:`state_dict`'s slices (kept until the optimizers are known)."""
-        self._pending = [dict(e) for e in state]
+        """Restore :meth:`state_dict`'s slices (kept until the optimizers are known); with
+        the option off, a checkpoint's slices are ignored."""
+        self._pending = [dict(e) for e in state] if self.enabled else []
         if optimizers:
             params = {p for _, p in model.named_parameters()}
             for opt in optimizers:  # what is tracked now gives way to the checkpoint

@@ -51,6 +51,7 @@ SNAPSHOT_KEYS = (
     "dead_fraction",
     "lifetime_dead_fraction",
     "dormant_fraction",
+    "below_tau_fraction",
     "sparsity",
     "activation_rate",
     "mean_abs",
@@ -66,8 +67,8 @@ TARGETS = {
     "adaptive_grad_clip": "grad_norm",
     "lr_rescue": "dead_fraction",
     "leaky_relu_swap": "dead_fraction",
-    "dormant_reset": "dormant_fraction",
-    "continual_backprop": "dormant_fraction",
+    "dormant_reset": "below_tau_fraction",
+    "continual_backprop": "below_tau_fraction",
 }
 
 HELPED, NOT_HELPED, UNKNOWN = "helped", "did not help", "unknown"
@@ -256,7 +257,7 @@ class Pending:
     """An intervention waiting for its metrics after: its event ``id`` and ``site``; the
     ``target`` metric it is judged on with its value ``before`` and the gain that counts as
     help (``min_gain``, ``tolerance``: see :func:`verdict`); the ``units`` it changed (their
-    share still dormant one interval later is the change's efficacy)."""
+    share still below tau one interval later is the change's efficacy)."""
 
     id: str
     site: str
@@ -450,10 +451,10 @@ class Remedy:
             value = finite_or_none((after or {}).get(p.target)) if p.target else None
             before, target = p.before, p.target
             efficacy = _efficacy(record, p.site, p.units) if p.units else None
-            if efficacy is not None and p.target == "dormant_fraction":
-                # a change to some units is judged on those units: were they all dormant
+            if efficacy is not None and p.target == "below_tau_fraction":
+                # a change to some units is judged on those units: were they all below tau
                 # before, what share still is
-                before, value, target = 1.0, efficacy["still_dormant"], "changed_units_dormant"
+                before, value, target = 1.0, efficacy["still_below_tau"], "changed_units_below_tau"
             out.append(
                 InterventionResult(
                     p.id, self.name, p.site, int(record.step), after,
@@ -485,8 +486,8 @@ class Remedy:
 
 
 def _efficacy(record: RecordLike, site: str, units: Sequence[int]) -> dict[str, Any] | None:
-    """Of the ``units`` changed at ``site``, the share still dead and still dormant (dead
-    included) in ``record``: how well a recycling took."""
+    """Of the ``units`` changed at ``site``, the share still dead and still below tau (ReDo
+    score <= tau, dead units included) in ``record``: how well a recycling took."""
     table = record.unit_table
     if table is None or not len(table) or not units:
         return None
@@ -498,5 +499,5 @@ def _efficacy(record: RecordLike, site: str, units: Sequence[int]) -> dict[str, 
     return {
         "units": n,
         "still_dead": float(chosen["dead"].astype(bool).sum()) / n,
-        "still_dormant": float(chosen["dormant"].astype(bool).sum()) / n,
+        "still_below_tau": float(chosen["below_tau"].astype(bool).sum()) / n,
     }

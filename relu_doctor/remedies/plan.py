@@ -414,11 +414,11 @@ class TreatmentPlan(Remedy):
                         idx = _most_dormant(units, site, remedy.max_fraction, int(row["units"]))
                         if not idx:
                             continue
-                        self._judge(remedy, step, "dormant_fraction")
+                        self._judge(remedy, step, "below_tau_fraction")
                         ev = remedy.recycle(site, units=idx, step=record.step,
                                             before=site_snapshot(row))
                     elif isinstance(remedy, ContinualBackprop):
-                        self._judge(remedy, step, "dormant_fraction")
+                        self._judge(remedy, step, "below_tau_fraction")
                         found = remedy.treat(_View(record, {site}))
                         ev = found[0] if found else None
                 except ReluDoctorError as e:
@@ -511,9 +511,9 @@ class TreatmentPlan(Remedy):
 
 
 def _most_dormant(units: pd.DataFrame, site: str, max_fraction: float, n: int) -> list[int]:
-    """The dormant units of ``site`` (dead first, then by ReDo score), at most
-    ``max_fraction`` of its ``n`` units."""
-    u = units[(units["site"] == site) & units["dormant"].astype(bool)]
+    """The units of ``site`` below tau (ReDo's criterion: dormant, or dead with a score that
+    low; dead first, then by ReDo score), at most ``max_fraction`` of its ``n`` units."""
+    u = units[(units["site"] == site) & units["below_tau"].astype(bool)]
     if not len(u):
         return []
     limit = max(1, math.floor(max_fraction * n))

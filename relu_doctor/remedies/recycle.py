@@ -221,13 +221,14 @@ def recycle_units(
 class DormantRecycler(Remedy):
     """Recycle dormant units (ReDo, Sokar et al. 2023) every ``every`` logging intervals.
 
-    The units are those the record marks dormant (ReDo score <= the doctor's tau, which
-    includes dead units), or those with ``dormant_score <= tau`` when ``tau`` is given.
+    The units are those the record marks below tau (ReDo score <= the doctor's tau: dormant
+    units and the dead units whose score is that low), or those with ``dormant_score <= tau``
+    and the dead ones when ``tau`` is given.
 
     Args:
         model: the model (site paths are relative to it).
         optimizers: optimizer(s) whose state slices are reset.
-        tau: own dormant threshold in (0, 1), or None to use the record's ``dormant`` flag.
+        tau: own dormant threshold in (0, 1), or None to use the record's ``below_tau`` flag.
         every: act on every n-th logging interval.
         max_fraction: recycle at most this fraction of a site's units at once (the most
             dormant first).
@@ -378,7 +379,7 @@ class DormantRecycler(Remedy):
                 continue
             u = units[units["site"] == site]
             if self.tau is None:
-                mask = u["dormant"].astype(bool)
+                mask = u["below_tau"].astype(bool)
             else:
                 mask = (u["dormant_score"] <= self.tau) | u["dead"].astype(bool)
             chosen = u[mask.to_numpy()]

@@ -165,21 +165,6 @@ class SiteRow:
     anchor: str = ""
 
 
-def _units_at(run: Run, step: int | None) -> pd.DataFrame:
-    """The unit rows of one logged step (only those are read from a run directory)."""
-    return run.read_units(steps=[step]) if step is not None else pd.DataFrame()
-
-
-def _dormant_not_dead(units: pd.DataFrame, step: int | None) -> dict[str, int]:
-    """Per site, the units the run record marks dormant and not dead at ``step`` (the
-    record's ``dormant`` flag counts dead units too; the report's "dormant" does not)."""
-    if units.empty or step is None or not {"dormant", "dead", "site", "step"} <= set(units):
-        return {}
-    u = units[units["step"] == step]
-    mask = u["dormant"].astype(bool) & ~u["dead"].astype(bool)
-    return {str(k): int(v) for k, v in mask.groupby(u["site"].astype(str)).sum().items()}
-
-
 def _site_rows(run: Run, last: pd.DataFrame, findings: Sequence[FindingView]) -> list[SiteRow]:
     worst: dict[str, str] = {}
     for f in findings:
@@ -189,18 +174,11 @@ def _site_rows(run: Run, last: pd.DataFrame, findings: Sequence[FindingView]) ->
     by_name = {str(r["site"]): r for r in last.to_dict("records")} if not last.empty else {}
     described = {str(s.get("name")): s for s in run.site_info}
     names = list(described) + [n for n in by_name if n not in described]  # not yet in meta
-    step = int(last["step"].max()) if not last.empty and "step" in last else None
-    quiet = _dormant_not_dead(_units_at(run, step), step)
     rows = []
     for i, name in enumerate(names):
         meta = described.get(name, {})
         h = by_name.get(name, {})
         raw = {k: h.get(k) for k in _SITE_METRICS}
-        if name in quiet:
-            raw["dormant"] = quiet[name]
-        elif raw["dormant"] is not None and not bool(h.get("leaky", meta.get("leaky", False))):
-            # no unit rows: for a plain ReLU every dead unit has score 0, hence is dormant
-            raw["dormant"] = int(raw["dormant"]) - int(raw["dead"] or 0)
         if raw["units"] is None:
             raw["units"] = meta.get("units")
         unit_dim = meta.get("unit_dim")

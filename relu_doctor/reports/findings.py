@@ -24,11 +24,14 @@ __all__ = ["MODEL_WIDE", "VOCABULARY", "FindingView", "done_lines", "finding_vie
 
 #: The report's words (tiles, findings, tables): **dead** = no activation in the logging
 #: window; **never active** = no activation since monitoring began; **dormant** = active,
-#: but with a ReDo score at or below tau (dead units are not counted as dormant).
+#: but with a ReDo score at or below tau (dead units are not counted as dormant); **ReDo
+#: score ≤ tau** = what ReDo recycles, dead units included (the interventions table).
 VOCABULARY: tuple[tuple[str, str], ...] = (
     ("dead", "no activation on any sample in the logging window"),
     ("never active", "no activation since monitoring began"),
     ("dormant", "active, but with a ReDo score (mean |h| over the layer's mean) at or below tau"),
+    ("ReDo score ≤ tau", "dormant, or dead with a score that low: the units ReDo recycles, "
+     "and what a recycling is judged on"),
 )
 _KIND_LABELS = {
     "dead": "dead units",

@@ -13,7 +13,7 @@ from typing import Any
 
 from relu_doctor.reports.formatting import fmt_num, fmt_pct
 
-__all__ = ["CONTINUOUS_REMEDIES", "InterventionView", "intervention_view", "timeline"]
+__all__ = ["CONTINUOUS_REMEDIES", "InterventionView", "intervention_view", "snapshots", "timeline"]
 
 #: Remedies that act on every step (gradient clipping): summarised in one timeline row per
 #: site, not drawn over the time chart.
@@ -23,7 +23,9 @@ CONTINUOUS_REMEDIES = frozenset({"adaptive_grad_clip"})
 _CHANGE_KEYS: tuple[tuple[str, str], ...] = (
     ("dead_fraction", "dead"),
     ("lifetime_dead_fraction", "never active"),
-    ("dormant_fraction", "dead or dormant"),  # the record's dormant counts dead units too
+    ("changed_units_below_tau", "changed units with ReDo score ≤ tau"),
+    ("below_tau_fraction", "ReDo score ≤ tau"),
+    ("dormant_fraction", "dormant"),
     ("clip_fraction", "steps clipped"),
     ("lr", "learning rate"),
     ("sparsity", "sparsity"),
@@ -65,9 +67,11 @@ _DEFAULT_TARGETS = {
     "adaptive_grad_clip": "clip_fraction",
     "lr_rescue": "dead_fraction",
     "leaky_relu_swap": "dead_fraction",
-    "dormant_reset": "dormant_fraction",
-    "continual_backprop": "dormant_fraction",
+    "dormant_reset": "below_tau_fraction",
+    "continual_backprop": "below_tau_fraction",
 }
+#: Shares shown as percentages besides the ``*_fraction`` metrics.
+_SHARES = frozenset({"changed_units_below_tau"})
 #: Rows of before -> after shown per intervention: its target first.
 _MAX_CHANGES = 3
 
@@ -87,19 +91,32 @@ def _changes(before: Mapping[str, Any], after: Mapping[str, Any], target: str,
     out = []
     for key, label in keys:
         if key in before or key in after:
-            fmt = fmt_pct if "fraction" in key else fmt_num
+            fmt = fmt_pct if "fraction" in key or key in _SHARES else fmt_num
             out.append((label, fmt(before.get(key)),
                         fmt(after.get(key)) if measured else "not yet measured"))
     return out[:_MAX_CHANGES]
 
 
-def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
+def snapshots(ev: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An intervention's metrics before and after, with the numbers it is judged on that its
+    details carry: a clipper's share of steps clipped, and for a recycling the share of the
+    changed units below tau (all of them before, ``efficacy["still_below_tau"]`` after)."""
     b_raw, a_raw = ev.get("before"), ev.get("after")
     before: dict[str, Any] = dict(b_raw) if isinstance(b_raw, Mapping) else {}
     after: dict[str, Any] = dict(a_raw) if isinstance(a_raw, Mapping) else {}
     clip = _clip_details(ev)
     if "clip_fraction" in clip:  # the clipper's own number: the share of steps it clipped
         before["clip_fraction"] = clip["clip_fraction"]
+    efficacy = ev.get("efficacy")
+    if isinstance(efficacy, Mapping) and "still_below_tau" in efficacy:
+        before["changed_units_below_tau"] = 1.0
+        after["changed_units_below_tau"] = efficacy["still_below_tau"]
+    return before, after
+
+
+def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
+    before, after = snapshots(ev)
+    clip = _clip_details(ev)
     remedy = str(ev.get("remedy") or "intervention")
     target = str(ev.get("target") or _DEFAULT_TARGETS.get(remedy, ""))
     after_step = ev.get("after_step")

@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.reports.interventions import snapshots
 
 if TYPE_CHECKING:
     from relu_doctor.events import FindingEvent
@@ -88,6 +89,8 @@ SITE_METRICS: tuple[str, ...] = (
     "lifetime_dead_fraction",
     "dormant",
     "dormant_fraction",
+    "below_tau",
+    "below_tau_fraction",
     "sparsity",
     "activation_rate",
     "mean_abs",
@@ -124,9 +127,10 @@ DEFINITIONS = (
     "| word | scalar | meaning |\n|---|---|---|\n"
     "| dead | `dead_fraction` | no activation on any sample in the logging window |\n"
     "| never active | `lifetime_dead_fraction` | no activation since monitoring began |\n"
-    "| dormant | `dormant_fraction` | ReDo score (mean \\|h\\| over the layer's mean) at or "
-    "below tau; this scalar counts dead units too (ReDo recycles both), the report's "
-    "*dormant* only the units that are still active |\n"
+    "| dormant | `dormant_fraction` | active, but with a ReDo score (mean \\|h\\| over the "
+    "layer's mean) at or below tau (dead units are not dormant) |\n"
+    "| below tau | `below_tau_fraction` | ReDo score at or below tau, dead units included: "
+    "the units ReDo recycles (the recycling remedies are judged on it) |\n"
     "| sparsity | `sparsity` | fraction of outputs not active |"
 )
 _HIST = "unit_activation_rate"
@@ -287,9 +291,7 @@ def _short(v: Any) -> str:
 def _change(ev: Mapping[str, Any]) -> str:
     """``metric before -> after`` for the metric an intervention is judged on (its
     ``target``), else for each metric it recorded both before and after."""
-    before = ev.get("before") if isinstance(ev.get("before"), Mapping) else {}
-    after = ev.get("after") if isinstance(ev.get("after"), Mapping) else {}
-    assert isinstance(before, Mapping) and isinstance(after, Mapping)
+    before, after = snapshots(ev)
     target = ev.get("target")
     keys = [target] if isinstance(target, str) and (target in before or target in after) else [
         k for k in before if k in after or not after

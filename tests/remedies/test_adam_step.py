@@ -312,6 +312,9 @@ def test_state_waits_for_the_optimizers() -> None:
     opt2 = _optimizer(net2, "Adam", "foreach")
     opt2.load_state_dict(opt.state_dict())
     rec2 = DormantRecycler(net2, reset_adam_step=True)
+    off = DormantRecycler(net2, optimizers=opt2)  # the option off: a checkpoint's slices ignored
+    off.load_state_dict(state)
+    assert not tracked_slices(opt2)
     rec2.load_state_dict(state)
     assert not tracked_slices(opt2)
     rec2.optimizers = [opt2]
@@ -419,3 +422,19 @@ def test_dormant_reset_callback_passes_the_option(tmp_path: Path) -> None:
         trainer(tmp_path / "sgd", [ReluDoctor(log_every_n_steps=4),
                            DormantReset(reset_adam_step=True)], max_steps=2).fit(
             make(opt="sgd"), loader())
+
+
+def test_an_optimizer_step_gone_back_warns_once_and_forgets_the_slices() -> None:
+    from relu_doctor.errors import ReluDoctorWarning
+
+    net, opt, ref, rec = _setup("Adam", "for-loop")
+    _train(net, opt, ref, rec, range(10), {8: [1, 5]})
+    for st in opt.state.values():  # as if an earlier optimizer state had been loaded
+        st["step"].fill_(3.0)
+    before = net[2].weight.detach().clone()
+    with pytest.warns(ReluDoctorWarning, match="behind") as caught:
+        opt.zero_grad()
+        _loss(net(_batch(10)[0]), _batch(10)[1]).backward()
+        opt.step()
+    assert len([w for w in caught if "behind" in str(w.message)]) == 1
+    assert not tracked_slices(opt) and not torch.equal(before, net[2].weight)

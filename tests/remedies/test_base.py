@@ -115,8 +115,8 @@ def test_site_snapshot_keeps_the_metrics_and_drops_non_finite():
     row = {**site_row("a", 0.3), "lifetime_dead_fraction": float("nan"), "extra": 1}
     snap = site_snapshot(row)
     assert list(snap) == [
-        "dead_fraction", "lifetime_dead_fraction", "dormant_fraction", "sparsity",
-        "activation_rate", "mean_abs", "grad_rms",
+        "dead_fraction", "lifetime_dead_fraction", "dormant_fraction", "below_tau_fraction",
+        "sparsity", "activation_rate", "mean_abs", "grad_rms",
     ]
     assert snap["dead_fraction"] == 0.3 and snap["lifetime_dead_fraction"] is None
     assert snap["dormant_fraction"] is None and snap["grad_rms"] == 0.1

@@ -91,7 +91,7 @@ def test_sick_run_one_change_per_site_per_cooldown_and_no_repeat() -> None:
     # the verdict is the rule applied to the recorded before/after
     for e in judged:
         t = e["target"]
-        if t == "changed_units_dormant":
+        if t == "changed_units_below_tau":
             assert e["efficacy"]["units"] == len(e["details"]["units"])
             continue
         step = {"adaptive_grad_clip": "clip", "lr_rescue": "lr", "leaky_relu_swap": "swap"}[e["remedy"]]
@@ -133,7 +133,7 @@ def test_recycling_efficacy_matches_the_unit_table() -> None:
                 continue
             after = recs[e["after_step"]].unit_table
             u = after[(after["site"] == e["site"]) & after["unit"].isin(e["details"]["units"])]
-            assert e["efficacy"]["still_dormant"] == pytest.approx(u["dormant"].mean())
+            assert e["efficacy"]["still_below_tau"] == pytest.approx(u["below_tau"].mean())
             assert e["efficacy"]["still_dead"] == pytest.approx(u["dead"].mean())
             checked += 1
     assert checked

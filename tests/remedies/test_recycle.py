@@ -215,7 +215,8 @@ def _units(site: str, scores: list[float], dead: list[bool], tau: float = 0.1) -
             "unit": range(len(scores)),
             "dormant_score": scores,
             "dead": dead,
-            "dormant": [s <= tau or d for s, d in zip(scores, dead, strict=True)],
+            "dormant": [s <= tau and not d for s, d in zip(scores, dead, strict=True)],
+            "below_tau": [s <= tau for s in scores],
         }
     )
 
@@ -245,6 +246,21 @@ def test_recycler_picks_the_most_dormant_units_up_to_max_fraction_every_n_interv
     mine = DormantRecycler(net2, tau=0.06, example_inputs=torch.randn(2, 3))
     (ev,) = mine(rec(10, rows, units=units))
     assert ev.details["units"] == [0, 2, 5]
+
+
+def test_a_dead_unit_with_a_large_score_is_recycled_only_under_an_own_tau():
+    """ReDo's criterion is the score (the record's ``below_tau``): a leaky site's unit stuck
+    negative is dead but can have a large mean |h|; the record's flag leaves it alone, an own
+    ``tau`` takes the dead units too."""
+    units = _units("1", [3.0, 0.05, 1.0, 1.0, 1.0, 1.0], [True] + [False] * 5)
+    assert units["below_tau"].tolist() == [False, True, False, False, False, False]
+    assert not units["dormant"][0] and units["dormant"][1]
+    rows = [site_row("1", 1 / 6, units=6)]
+    for tau, want in ((None, [1]), (0.1, [0, 1])):
+        net = nn.Sequential(nn.Linear(3, 6), nn.LeakyReLU(0.1), nn.Linear(6, 2))
+        (ev,) = DormantRecycler(net, tau=tau, example_inputs=torch.randn(2, 3))(
+            rec(10, rows, units=units))
+        assert ev.details["units"] == want, tau
 
 
 def test_recycler_state_round_trips():
