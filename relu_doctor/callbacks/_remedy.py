@@ -13,7 +13,12 @@ adapts them. :class:`RemedyCallback` holds everything the four remedy callbacks 
 - binding to the :class:`~relu_doctor.callbacks.ReluDoctor` monitor's Doctor at
   ``on_train_start`` (the Doctor is made in the monitor's ``on_fit_start``), with the
   Trainer's optimizers and LR schedulers;
-- scalars to the Trainer's loggers from rank zero.
+- scalars to the Trainer's loggers from rank zero;
+- refusing, before training starts (``on_train_start``), a strategy that shards parameters
+  (:data:`SHARDED_STRATEGIES`) when a controller cannot act on shards
+  (:attr:`~relu_doctor.remedies.Remedy.on_shards`). Under DDP every controller acts
+  identically on every rank: it decides from the records, summed across ranks, and draws
+  from generators seeded the same everywhere.
 """
 
 from __future__ import annotations
@@ -29,8 +34,22 @@ from lightning.pytorch.utilities import rank_zero_warn
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies import Remedy
+from relu_doctor.remedies.base import refuse_sharded
 
-__all__ = ["RemedyCallback"]
+__all__ = ["SHARDED_STRATEGIES", "RemedyCallback", "sharded_strategy"]
+
+#: Lightning strategies that shard parameters across processes, by class name (matched on
+#: the strategy's class and its bases: subclasses count, and nothing is imported).
+SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+
+
+def sharded_strategy(trainer: pl.Trainer) -> str | None:
+    """The Trainer's strategy, in words, when it shards parameters across processes; else
+    None (one device, DDP)."""
+    strategy = type(trainer.strategy)
+    if not {c.__name__ for c in strategy.__mro__} & set(SHARDED_STRATEGIES):
+        return None
+    return f"Lightning's {strategy.__name__} (parameters sharded across processes)"
 
 R = TypeVar("R", bound=Remedy)
 Q = TypeVar("Q", bound=Remedy)
@@ -90,6 +109,18 @@ class RemedyCallback(Callback, Generic[R]):
     def _check_state(self, state: Mapping[str, Any]) -> None:
         """Raise :class:`~relu_doctor.errors.ReluDoctorError` for a state of another kind."""
 
+    def _named_remedies(self) -> list[tuple[str, Remedy]]:
+        """The controllers this callback runs, each with the name a refusal gives it."""
+        return [(type(self).__name__, r) for r in self._controllers()]
+
+    def _refuse_sharding(self, trainer: pl.Trainer) -> None:
+        """Raise :class:`~relu_doctor.errors.ReluDoctorError` naming the strategy when it
+        shards parameters and a controller cannot act on shards."""
+        strategy = sharded_strategy(trainer)
+        for who, remedy in self._named_remedies():
+            refuse_sharded(f"{who} ({type(remedy).__name__})", remedy.on_shards,
+                           strategy, arg="strategy")
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         if not self._controllers():
@@ -105,6 +136,7 @@ class RemedyCallback(Callback, Generic[R]):
 
     # ------------------------------------------------------------------ wiring
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._refuse_sharding(trainer)
         self._trainer = trainer
         doctor = self._doctor(trainer)
         self._bound = doctor

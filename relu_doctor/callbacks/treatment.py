@@ -3,7 +3,10 @@
 A thin adapter around :class:`relu_doctor.remedies.TreatmentPlan` (which decides, in order,
 which remedy acts where): built at ``on_train_start`` with the LightningModule and the
 Trainer's optimizers and LR schedulers, bound to the :class:`~relu_doctor.callbacks.ReluDoctor`
-monitor's Doctor, checkpointed through the base's ``state_dict``. With
+monitor's Doctor, checkpointed through the base's ``state_dict``. A strategy that shards
+parameters is refused at ``setup`` when a step of the plan cannot act on shards. The plan's
+AutoClip clips in ``on_before_optimizer_step``: Lightning runs the backward inside
+``optimizer.step(closure)``, after the step's pre-hooks. With
 ``stop_when_hopeless`` a hopeless run stops the Trainer (``trainer.should_stop``). The first
 training batch is checked with :func:`relu_doctor.check_init` before the first step.
 """
@@ -20,7 +23,7 @@ from relu_doctor.callbacks._remedy import RemedyCallback
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.init_check import InitReport, check_init
-from relu_doctor.remedies import DEFAULT_STEPS, PlanStep, TreatmentPlan
+from relu_doctor.remedies import DEFAULT_STEPS, AutoClip, PlanStep, Remedy, TreatmentPlan
 
 __all__ = ["ReluDoctorTreatment"]
 
@@ -68,14 +71,24 @@ class ReluDoctorTreatment(RemedyCallback[TreatmentPlan]):
         }
         self.check_init = bool(check_init)
         self.init_report: InitReport | None = None
+        self._clip: AutoClip | None = None
         import torch.nn as nn
 
-        TreatmentPlan(nn.Identity(), **self.options)  # validates the arguments, now
+        # validates the arguments now, and says which steps can act on shards
+        self._template = TreatmentPlan(nn.Identity(), **self.options)
 
     @property
     def plan(self) -> TreatmentPlan | None:
         """The :class:`~relu_doctor.remedies.TreatmentPlan` (after ``on_train_start``)."""
         return self.remedy
+
+    def _named_remedies(self) -> list[tuple[str, Remedy]]:
+        plan = self.remedy or self._template
+        return [(f"{type(self).__name__} step {s.remedy!r}", plan.remedy(s.remedy))
+                for s in plan.steps]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._refuse_sharding(trainer)
 
     def _bind(self, trainer: pl.Trainer, doctor: Doctor) -> None:
         if self.remedy is None or self.remedy.model is not trainer.lightning_module:
@@ -86,6 +99,25 @@ class ReluDoctorTreatment(RemedyCallback[TreatmentPlan]):
                 )
             )
         super()._bind(trainer, doctor)
+        self._clip = None
+        plan = self.remedy
+        assert plan is not None
+        if any(s.remedy == "clip" for s in plan.steps) and plan.optimizers:
+            # The plan's step pre-hook would see the previous step's gradients (Lightning's
+            # closure recomputes them after it): clip in on_before_optimizer_step instead. A
+            # pre-hook that clips nothing stays, so the plan knows it has a clipper.
+            clip = plan.remedy("clip")
+            assert isinstance(clip, AutoClip)
+            clip.detach()
+            clip.attach(plan.optimizers[0], params=[])
+            self._clip = clip
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        plan = self.remedy
+        if self._clip is not None and plan is not None and optimizer is plan.optimizers[0]:
+            self._clip.clip_([p for g in optimizer.param_groups for p in g["params"]])
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

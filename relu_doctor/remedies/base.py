@@ -12,13 +12,19 @@ by the :class:`Remedy` base, and completed as
 
 A site is identified by its :class:`~relu_doctor.sites.SiteKey`, never by parsing its display
 name: from a record (``record.key(name)``) or from the bound Doctor (``doctor.site_key``).
+
+Under DDP every rank acts the same: the same record, random draws from generators seeded
+the same on every rank, never the global RNG. A remedy that cannot act on parameters sharded
+across processes says why (:attr:`Remedy.on_shards`) and refuses them before training
+(:func:`sharding_of`, :func:`refuse_sharded`).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -42,6 +48,9 @@ __all__ = [
     "Remedy",
     "dead_surge",
     "model_snapshot",
+    "refuse_several",
+    "refuse_sharded",
+    "sharding_of",
     "site_snapshot",
     "verdict",
 ]
@@ -249,6 +258,77 @@ def key_label(key: SiteKey) -> str:
     return key.name(key.call_index > 0)
 
 
+# ---------------------------------------------------------------------- sharded parameters
+
+#: What acts the same on shards, said by every refusal of a remedy that does not.
+SHARD_SAFE = (
+    "With sharded parameters use the remedies that act the same on every shard: LRRescuer and "
+    "the LeakyReLU swap (in a TreatmentPlan: steps=(PlanStep('lr'), PlanStep('swap'))); or "
+    "train with DDP, where every remedy acts identically on every process"
+)
+
+
+def sharding_of(
+    model: nn.Module | None = None, *, params: Iterable[torch.Tensor] = ()
+) -> str | None:
+    """How the parameters of ``model`` (and ``params``) are sharded across processes, in
+    words, or None when every process holds them whole (one process, DDP). Recognised:
+    FSDP (``FullyShardedDataParallel`` modules, flat parameters), FSDP2 ``fully_shard``
+    modules, DTensor parameters (FSDP2, tensor parallelism) and DeepSpeed ZeRO-3's
+    partitioned parameters. Nothing is imported to tell (no DTensor exists unless its module
+    was imported).
+
+    Example:
+        >>> sharding_of(nn.Linear(2, 2)) is None
+        True
+    """
+    if model is not None:
+        for m in model.modules():
+            bases = {c.__name__ for c in type(m).__mro__}
+            if "FullyShardedDataParallel" in bases:
+                return "FSDP (FullyShardedDataParallel modules)"
+            if "FSDPModule" in bases:
+                return "FSDP2 (fully_shard modules, DTensor parameters)"
+        params = [*model.parameters(), *params]
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    for p in params:
+        if dtensor is not None and isinstance(p, dtensor):
+            return "DTensor parameters (FSDP2 fully_shard or tensor parallelism)"
+        if type(p).__name__ == "FlatParameter":
+            return "FSDP (flat parameters)"
+        if hasattr(p, "ds_id"):
+            return "DeepSpeed ZeRO-3 (partitioned parameters)"
+    return None
+
+
+def refuse_sharded(
+    who: str, problem: str | None, sharding: str | None, *, arg: str = "model"
+) -> None:
+    """Raise :class:`~relu_doctor.errors.ReluDoctorError` when parameters are sharded
+    (``sharding``: what :func:`sharding_of` found, or a sharding strategy's name) and ``who``
+    cannot act on shards (``problem``: why, a remedy's :attr:`Remedy.on_shards`)."""
+    if sharding is None or problem is None:
+        return
+    raise ReluDoctorError(
+        f"{arg}: {who} needs parameters that every process holds whole (one process or DDP), "
+        f"got {sharding}: {problem}. {SHARD_SAFE}."
+    )
+
+
+def refuse_several(model: nn.Module, problem: str | None, *, arg: str) -> None:
+    """Raise :class:`~relu_doctor.errors.ReluDoctorError` when a change needs one process
+    (``problem``: why) and ``model`` is sharded or ``torch.distributed`` runs several."""
+    if problem is None:
+        return
+    where = sharding_of(model)
+    dist = torch.distributed
+    if where is None and dist.is_available() and dist.is_initialized():
+        n = dist.get_world_size()
+        where = f"torch.distributed with {n} processes" if n > 1 else None
+    if where is not None:
+        raise ReluDoctorError(f"{arg}: expected one process ({problem}), got {where}.")
+
+
 # ---------------------------------------------------------------------- the protocol
 
 
@@ -299,6 +379,10 @@ class Remedy:
 
     #: the remedy's name in events (``leaky_relu_swap``, ``dormant_reset``...)
     name: ClassVar[str] = "remedy"
+    #: why this remedy, as configured, cannot act on parameters sharded across processes
+    #: (FSDP, DeepSpeed ZeRO-3, tensor parallelism); None when it acts the same on shards.
+    #: Those that cannot refuse sharded parameters before training (:func:`refuse_sharded`).
+    on_shards: str | None = None
 
     def __init__(self) -> None:
         self.doctor: DoctorLike | None = None

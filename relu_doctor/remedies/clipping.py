@@ -23,7 +23,15 @@ from relu_doctor._validate import (
     positive_int,
 )
 from relu_doctor.events import Intervention
-from relu_doctor.remedies.base import MODEL, RecordLike, Remedy, model_snapshot, one_optimizer
+from relu_doctor.remedies.base import (
+    MODEL,
+    RecordLike,
+    Remedy,
+    model_snapshot,
+    one_optimizer,
+    refuse_sharded,
+    sharding_of,
+)
 
 __all__ = ["AGC", "AutoClip"]
 
@@ -36,9 +44,14 @@ class _Clipper(Remedy):
     """Shared parts of the clippers: an on-device window of counts, read at log time."""
 
     name = "adaptive_grad_clip"
+    on_shards = (
+        "it measures the norms of the gradient shards this process holds, not of the whole "
+        "gradient, so processes would clip by different norms"
+    )
 
     def __init__(self) -> None:
         super().__init__()
+        self._whole = False  # the gradients were seen whole (checked at the first clip)
         self._clipped: torch.Tensor | None = None  # clipped steps (AutoClip) or units (AGC)
         self._total = 0  # steps (AutoClip) or units (AGC) seen in the window, host-side
         self._steps = 0
@@ -57,6 +70,10 @@ class _Clipper(Remedy):
         parameter of the optimizer. Remove with :meth:`detach`."""
         one_optimizer("optimizer", optimizer)
         chosen = list(params) if params is not None else None
+        every = chosen if chosen is not None else [p for g in optimizer.param_groups
+                                                   for p in g["params"]]
+        refuse_sharded(type(self).__name__, self.on_shards, sharding_of(params=every),
+                       arg="optimizer")
 
         def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             ps = (
@@ -78,6 +95,13 @@ class _Clipper(Remedy):
         (a 0-dim tensor on their device, like ``torch.nn.utils.clip_grad_norm_``; no host
         synchronisation)."""
         raise NotImplementedError
+
+    def _check_whole(self, grads: list[torch.Tensor]) -> None:
+        """Refuse sharded gradients, at the first clip (before the first update)."""
+        if not self._whole:
+            refuse_sharded(type(self).__name__, self.on_shards,
+                           sharding_of(params=grads), arg="params")
+            self._whole = True
 
     def _count(self, mask: torch.Tensor) -> None:
         c = mask.sum(dtype=torch.int64) if mask.dim() else mask.to(torch.int64)
@@ -172,6 +196,7 @@ class AutoClip(_Clipper):
         grads = _grads(params)
         if not grads:
             return torch.tensor(0.0)
+        self._check_whole(grads)
         device = grads[0].device
         norms = torch._foreach_norm(grads)
         total: torch.Tensor = torch.linalg.vector_norm(
@@ -288,6 +313,7 @@ class AGC(_Clipper):
         if not ps:
             return torch.tensor(0.0)
         grads = [p.grad for p in ps if p.grad is not None]
+        self._check_whole(grads)
         device = grads[0].device
         total: torch.Tensor = torch.linalg.vector_norm(
             torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(grads)])

@@ -29,8 +29,16 @@ from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
 from relu_doctor.remedies.adam_step import AdamStepRestart
-from relu_doctor.remedies.base import Optimizers, RecordLike, Remedy, check_model, site_snapshot
-from relu_doctor.remedies.recycle import recycle_units
+from relu_doctor.remedies.base import (
+    Optimizers,
+    RecordLike,
+    Remedy,
+    check_model,
+    refuse_sharded,
+    sharding_of,
+    site_snapshot,
+)
+from relu_doctor.remedies.recycle import WHOLE_ROWS, recycle_units
 from relu_doctor.remedies.unit_links import LinkCache, UnitLinks
 
 __all__ = ["ContinualBackprop", "outgoing_magnitude"]
@@ -105,6 +113,7 @@ class ContinualBackprop(Remedy):
     """
 
     name = "continual_backprop"
+    on_shards = WHOLE_ROWS
 
     def __init__(
         self,
@@ -122,6 +131,7 @@ class ContinualBackprop(Remedy):
     ) -> None:
         super().__init__()
         self.model = check_model(model)
+        refuse_sharded(type(self).__name__, self.on_shards, sharding_of(self.model))
         self.optimizers = check_optimizers("optimizers", optimizers)
         self.replacement_rate = number_in(
             "replacement_rate", replacement_rate, 0.0, 1.0, hint=" (the paper uses 1e-4)"

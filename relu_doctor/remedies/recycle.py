@@ -34,12 +34,20 @@ from relu_doctor.remedies.base import (
     RecordLike,
     Remedy,
     check_model,
+    refuse_sharded,
+    sharding_of,
     site_snapshot,
 )
 from relu_doctor.remedies.unit_links import UnitLinks
 from relu_doctor.sites import SiteKey
 
 __all__ = ["DormantRecycler", "recycle_units"]
+
+#: Why ReDo's surgery cannot act on sharded parameters.
+WHOLE_ROWS = (
+    "it re-initialises whole rows and columns of weight matrices and the optimizer state of "
+    "those slices, which a process holding a shard does not have"
+)
 
 
 def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -164,8 +172,9 @@ def recycle_units(
     opts = check_optimizers("optimizers", optimizers)
     if reset_adam_step:
         check_adam_step_optimizers("reset_adam_step", opts)
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
     prod = links.producer
+    refuse_sharded("recycle_units", WHOLE_ROWS, sharding_of(prod), arg="links")
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
     targets: list[tuple[torch.Tensor, SliceFn]] = []
     with torch.no_grad():
         w = _tensor(prod, links.producer_param)
@@ -258,6 +267,7 @@ class DormantRecycler(Remedy):
     """
 
     name = "dormant_reset"
+    on_shards = WHOLE_ROWS
 
     def __init__(
         self,
@@ -276,6 +286,7 @@ class DormantRecycler(Remedy):
     ) -> None:
         super().__init__()
         self.model = check_model(model)
+        refuse_sharded(type(self).__name__, self.on_shards, sharding_of(self.model))
         self.optimizers = check_optimizers("optimizers", optimizers)
         self.tau = (
             None

@@ -47,6 +47,7 @@ from relu_doctor.remedies.base import (
     Remedy,
     check_model,
     get_module,
+    refuse_several,
     site_key_of,
     site_snapshot,
 )
@@ -55,6 +56,8 @@ from relu_doctor.sites import SiteKey, module_label
 __all__ = ["SWAP_KINDS", "ActivationSwapper", "SwapRecord", "restore_activation", "swap_activation"]
 
 SWAP_KINDS = ("leaky_relu", "prelu")
+#: Why a PReLU swap needs one process (the other processes would not share its slopes).
+PRELU_ALONE = "'prelu' adds parameters in training, which DDP or sharding would not share"
 
 
 @dataclass
@@ -193,6 +196,7 @@ def swap_activation(
         ReLU()
     """
     _check_kind(kind)
+    refuse_several(model, PRELU_ALONE if kind == "prelu" else None, arg="kind")
     number_in("slope", slope, 0.0, 1.0)
     positive_int("num_parameters", num_parameters)
     where = _module_path(path, "path")
@@ -292,6 +296,8 @@ class ActivationSwapper(Remedy):
         super().__init__()
         self.model = check_model(model)
         self.kind = _check_kind(kind, " 'leaky_relu' uses a fixed slope; 'prelu' learns it.")
+        self.on_shards = PRELU_ALONE if self.kind == "prelu" else None
+        refuse_several(self.model, self.on_shards, arg="kind")
         self.slope = number_in("slope", slope, 0.0, 1.0)
         self.per_unit = bool(per_unit)
         self.threshold = number_in(

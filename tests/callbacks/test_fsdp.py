@@ -1,14 +1,26 @@
-"""FSDP2 (``torch.distributed.fsdp.fully_shard``), 2 processes on CPU (gloo): site
+"""FSDP, 2 processes on CPU (gloo): with FSDP2 (``torch.distributed.fsdp.fully_shard``) site
 statistics equal one process over the same samples, and per-layer gradient norms of sharded
 parameters equal the unsharded norms (each process adds its shards' squares; the log-time
-cross-process sum makes the total)."""
+cross-process sum makes the total).
+
+Remedies: those that edit whole weights or optimizer state (ReDo recycling, Continual
+Backprop, a PReLU swap) or measure a gradient norm (AutoClip, AGC) refuse sharded parameters
+(FSDP2 and FSDP1 modules) before training, naming what they found; the learning-rate cut and
+the LeakyReLU swap act on FSDP2 as on one process. The remedy callbacks refuse Lightning's
+sharding strategies (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy), which Lightning
+runs on GPUs only, by name at ``setup``/``on_train_start`` (checked on a stand-in Trainer).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -16,15 +28,49 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+)
 
 import relu_doctor
+from relu_doctor.callbacks import (
+    AdaptiveGradClip,
+    DormantReset,
+    LeakyReluSwap,
+    LRRescue,
+    ReluDoctorTreatment,
+)
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.remedies import (
+    AGC,
+    ActivationSwapper,
+    AutoClip,
+    ContinualBackprop,
+    DormantRecycler,
+    LRRescuer,
+    PlanStep,
+    TreatmentPlan,
+    swap_activation,
+)
+from relu_doctor.remedies.base import sharding_of
 
-pytestmark = [
+SPAWNED = [
     pytest.mark.slow,
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                        reason="needs torch.distributed with gloo"),
     pytest.mark.skipif(sys.platform != "linux", reason="spawned gloo processes: Linux only"),
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::relu_doctor.ReluDoctorWarning"),
 ]
+
+
+def spawned(fn: Callable[..., None]) -> Callable[..., None]:
+    """The marks of a test reading the 2-process run."""
+    for mark in SPAWNED:
+        fn = mark(fn)
+    return fn
 
 WORLD, BATCH, STEPS, LOG_EVERY = 2, 6, 4, 2
 
@@ -35,9 +81,78 @@ def make_model() -> nn.Module:
                          nn.Linear(12, 1))
 
 
-def batches() -> list[torch.Tensor]:
+def batches(steps: int = STEPS) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(WORLD * BATCH, 8, generator=g) for _ in range(STEPS)]
+    return [torch.randn(WORLD * BATCH, 8, generator=g) for _ in range(steps)]
+
+
+#: The steps of a treatment plan that act the same on shards.
+SHARD_SAFE_STEPS = (PlanStep("lr"), PlanStep("swap", options={"threshold": 0.3}))
+TREAT_STEPS = 8
+
+
+def make_dying_model() -> nn.Module:
+    """``make_model`` with half of each hidden layer's units pushed dead by their bias."""
+    model = make_model()
+    with torch.no_grad():
+        model[0].bias[:8] -= 3.0
+        model[2].bias[:6] -= 3.0
+    return model
+
+
+def shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def treat(model: nn.Module, xs: list[torch.Tensor], **kw: Any) -> dict[str, Any]:
+    """Train under a plan of the shard-safe steps; what it did and the whole weights."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    events: list[dict[str, Any]] = []
+    with relu_doctor.watch(model, log_every_n_steps=LOG_EVERY, every_n_steps=1, optimizer=opt,
+                           **kw) as doc:
+        doc.add_event_listener(events.append)
+        TreatmentPlan(model, optimizer=opt, steps=SHARD_SAFE_STEPS, cooldown=1).bind(doc)
+        train(model, doc, opt, xs)
+    whole = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+             for k, v in model.state_dict().items()}
+    return {
+        "events": [(e["remedy"], e["site"], e["step"]) for e in events
+                   if e.get("type") == "intervention"],
+        "modules": [type(m).__name__.removeprefix("FSDP") for m in model],
+        "lr": opt.param_groups[0]["lr"],
+        "state": whole,
+    }
+
+
+def refusals(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, str]:
+    """What each remedy says about a sharded model: its error, or "accepted"."""
+    out: dict[str, str] = {}
+
+    def attempt(name: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+            out[name] = "accepted"
+        except ReluDoctorError as e:
+            out[name] = str(e)
+
+    attempt("DormantRecycler", lambda: DormantRecycler(model))
+    attempt("ContinualBackprop", lambda: ContinualBackprop(model))
+    attempt("TreatmentPlan", lambda: TreatmentPlan(model, optimizer=opt))
+    attempt("AutoClip.attach", lambda: AutoClip().attach(opt))
+    attempt("AGC.attach", lambda: AGC().attach(opt))
+    attempt("AutoClip.clip_", lambda: AutoClip().clip_(model.parameters()))
+    attempt("ActivationSwapper(prelu)", lambda: ActivationSwapper(model, kind="prelu"))
+    attempt("swap_activation(prelu)", lambda: swap_activation(model, path="1", kind="prelu"))
+    attempt("LRRescuer", lambda: LRRescuer(opt))
+    attempt("ActivationSwapper", lambda: ActivationSwapper(model))
+    attempt("TreatmentPlan(lr, swap)",
+            lambda: TreatmentPlan(model, optimizer=opt, steps=SHARD_SAFE_STEPS))
+    return out
 
 
 def train(model: nn.Module, doc: relu_doctor.Doctor, opt: torch.optim.Optimizer,
@@ -53,13 +168,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        from torch.distributed.fsdp import fully_shard
-
         torch.set_num_threads(1)
-        model = make_model()
-        for layer in (model[0], model[2], model[4]):
-            fully_shard(layer)
-        fully_shard(model)
+        model = shard(make_model())
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
 
         def all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -74,6 +184,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         if rank == 0:
             doc.history().to_pickle(Path(out) / "history.pkl")
             pd.concat([r.layer_table for r in doc.records]).to_pickle(Path(out) / "layers.pkl")
+        # gradients of the last step are still there: AutoClip.clip_ sees sharded ones
+        (Path(out) / f"said{rank}.json").write_text(json.dumps(refusals(model, opt)))
+        xs = [x[rank * BATCH : (rank + 1) * BATCH] for x in batches(TREAT_STEPS)]
+        treated = treat(shard(make_dying_model()), xs, all_reduce=all_reduce,
+                        world_size=WORLD, is_writer=rank == 0)
+        torch.save(treated, Path(out) / f"treated{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -84,8 +200,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_fsdp2_two_processes_equal_one_process_over_the_same_samples(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-process FSDP run for every test of this module; its outputs' folder."""
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return out
+
+
+@spawned
+def test_fsdp2_two_processes_equal_one_process_over_the_same_samples(fsdp_run):
+    tmp_path = fsdp_run
     sharded_hist = pd.read_pickle(tmp_path / "history.pkl")
     sharded_layers = pd.read_pickle(tmp_path / "layers.pkl")
 
@@ -107,3 +232,114 @@ def test_fsdp2_two_processes_equal_one_process_over_the_same_samples(tmp_path):
     assert list(sharded_layers["layer"]) == list(one_layers["layer"])
     assert sharded_layers["grad_norm"].tolist() == pytest.approx(
         one_layers["grad_norm"].tolist(), rel=1e-6)
+
+
+REFUSED = ("DormantRecycler", "ContinualBackprop", "TreatmentPlan", "AutoClip.attach",
+           "AGC.attach", "ActivationSwapper(prelu)", "swap_activation(prelu)")
+ACCEPTED = ("LRRescuer", "ActivationSwapper", "TreatmentPlan(lr, swap)")
+
+
+@spawned
+def test_remedies_refuse_sharded_parameters_and_the_safe_ones_act_as_one_process(fsdp_run):
+    tmp_path = fsdp_run
+    said = [json.loads((tmp_path / f"said{r}.json").read_text()) for r in range(WORLD)]
+    assert said[0] == said[1]
+    fsdp2 = said[0]
+    for name in REFUSED:
+        assert "needs parameters that every process holds whole" in fsdp2[name] or \
+            "expected one process" in fsdp2[name], (name, fsdp2[name])
+        assert "FSDP2" in fsdp2[name] or "DTensor" in fsdp2[name], (name, fsdp2[name])
+    assert "DormantRecycler" in fsdp2["DormantRecycler"]
+    assert "AutoClip" in fsdp2["AutoClip.clip_"] and "params:" in fsdp2["AutoClip.clip_"]
+    assert "kind:" in fsdp2["swap_activation(prelu)"]
+    for name in ACCEPTED:
+        assert fsdp2[name] == "accepted", (name, fsdp2[name])
+
+    # lr cut and LeakyReLU swap on FSDP2: the same on both ranks, and as one process
+    treated = [torch.load(tmp_path / f"treated{r}.pt", weights_only=False) for r in range(WORLD)]
+    one = treat(make_dying_model(), batches(TREAT_STEPS))
+    assert {e[0] for e in one["events"]} == {"lr_rescue", "leaky_relu_swap"}
+    for t in treated:
+        assert t["events"] == one["events"]
+        assert t["modules"] == one["modules"] and "LeakyReLU" in t["modules"]
+        assert t["lr"] == one["lr"] < 0.05
+        for k, v in one["state"].items():
+            torch.testing.assert_close(t["state"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_sharding_is_recognised_without_importing_the_strategies():
+    # FSDP1 and DeepSpeed need an accelerator (or DeepSpeed) to run: recognised by what they
+    # leave on a model, as sharding_of looks for it
+    fsdp1 = type("FullyShardedDataParallel", (nn.Sequential,), {})(nn.Linear(2, 2))
+    assert sharding_of(fsdp1) == "FSDP (FullyShardedDataParallel modules)"
+    flat = type("FlatParameter", (nn.Parameter,), {})(torch.zeros(3))
+    assert sharding_of(params=[flat]) == "FSDP (flat parameters)"
+    zero3 = nn.Parameter(torch.zeros(0))
+    zero3.ds_id = 7  # type: ignore[attr-defined]
+    assert sharding_of(params=[zero3]) == "DeepSpeed ZeRO-3 (partitioned parameters)"
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    assert sharding_of(net) is None
+    with pytest.raises(ReluDoctorError, match=r"^model: DormantRecycler needs .* got FSDP "):
+        DormantRecycler(nn.Sequential(fsdp1, nn.ReLU()))
+    DormantRecycler(net)  # whole parameters: accepted
+
+
+# ---------------------------------------------------------------------- Lightning strategies
+
+
+def stand_in(strategy: type) -> SimpleNamespace:
+    """A Trainer as the remedy callbacks see it, with ``strategy`` (not constructed: these
+    need GPUs or DeepSpeed)."""
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    return SimpleNamespace(
+        strategy=object.__new__(strategy), callbacks=[], lightning_module=net, world_size=1,
+        optimizers=[torch.optim.SGD(net.parameters(), lr=0.1)], lr_scheduler_configs=[],
+    )
+
+
+def start(cb: Any, trainer: SimpleNamespace) -> None:
+    """The hooks a Trainer calls before the first step."""
+    net = trainer.lightning_module
+    for hook in ("setup", "on_fit_start", "on_train_start"):
+        fn = getattr(cb, hook)
+        fn(trainer, net, "fit") if hook == "setup" else fn(trainer, net)
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy])
+@pytest.mark.parametrize(
+    "make, remedy",
+    [
+        (ReluDoctorTreatment, "AutoClip"),
+        (lambda: ReluDoctorTreatment(steps=(PlanStep("lr"), PlanStep("recycle"))),
+         "DormantRecycler"),
+        (lambda: ReluDoctorTreatment(steps=(PlanStep("clip"), PlanStep("lr"))), "AutoClip"),
+        (DormantReset, "DormantRecycler"),
+        (AdaptiveGradClip, "AutoClip"),
+        (lambda: AdaptiveGradClip("agc"), "AGC"),
+    ],
+)
+def test_remedy_callbacks_refuse_sharding_strategies_by_name(strategy, make, remedy):
+    with pytest.raises(ReluDoctorError) as err:
+        start(make(), stand_in(strategy))
+    msg = str(err.value)
+    assert msg.startswith("strategy: ") and f"Lightning's {strategy.__name__}" in msg, msg
+    assert f"({remedy})" in msg and "PlanStep('lr'), PlanStep('swap')" in msg, msg
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy, DDPStrategy])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: ReluDoctorTreatment(steps=SHARD_SAFE_STEPS), LeakyReluSwap,
+     lambda: LRRescue(factor=0.5)],
+)
+def test_shard_safe_callbacks_pass_the_strategy_check(strategy, make):
+    # past the check, they look for the ReluDoctor monitor (absent here)
+    with pytest.raises(ReluDoctorError, match="has no ReluDoctor callback"):
+        start(make(), stand_in(strategy))
+
+
+def test_treatment_refuses_at_setup_naming_the_step_that_cannot_act_on_shards():
+    cb = ReluDoctorTreatment()
+    with pytest.raises(ReluDoctorError, match=r"ReluDoctorTreatment step 'clip' \(AutoClip\)"):
+        cb.setup(stand_in(FSDPStrategy), nn.Identity(), "fit")
+    cb.setup(stand_in(DDPStrategy), nn.Identity(), "fit")  # DDP: every step acts the same
