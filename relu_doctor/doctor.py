@@ -36,9 +36,9 @@ from relu_doctor.optimizer_tap import OptimizerTap
 from relu_doctor.probes import Probe
 from relu_doctor.recording import RunRecording
 from relu_doctor.rundir import RunWriter
-from relu_doctor.sampling import Sampler
+from relu_doctor.sampling import DEFAULT_BUDGET, Sampler, check_rate, model_device
 from relu_doctor.sites import Site, SiteKey
-from relu_doctor.stats import reduce_sum, stats_seconds
+from relu_doctor.stats import reduce_sum
 from relu_doctor.training_metrics import TrainingMetrics
 
 __all__ = ["Doctor", "IntervalRecord", "LogRecord", "watch"]
@@ -56,13 +56,14 @@ class Doctor(IntervalReading, RunRecording):
         model: the model.
         log_every_n_steps: steps per logging interval (the default window for "dead").
         every_n_steps: collect statistics on every n-th step only (1 = every step), a fixed
-            rate; ``"auto"`` (the default): the rate ``overhead_budget`` chooses.
+            rate that ignores ``overhead_budget``; ``"auto"`` (the default): the rate
+            ``overhead_budget`` chooses.
         overhead_budget: the largest fraction of a training step the statistics may cost
-            (``relu_doctor.sampling.DEFAULT_BUDGET`` = 0.03 is the intended default):
-            relu_doctor times itself on the host clock and collects every n-th step with n
-            chosen to stay under it (see :mod:`relu_doctor.sampling`); None (for now the
-            default) collects every step. Each record states ``steps_collected`` out of
-            ``steps_run``.
+            (default 0.03): relu_doctor measures itself (host clock on the CPU, CUDA events
+            read at logging steps on a GPU; no synchronisation) and collects every n-th step
+            with n chosen to stay under it, at least once per logging interval (see
+            :mod:`relu_doctor.sampling`). None collects every step. Each record and
+            ``to_pandas()`` state ``steps_collected`` out of ``steps_run``.
         tau: dormant threshold on the ReDo score, in (0, 1): a shortcut for
             ``config=DiagnosisConfig(tau=...)`` (default 0.1). Giving both ``tau`` and a
             ``config`` whose ``tau`` differs is an error.
@@ -119,7 +120,7 @@ class Doctor(IntervalReading, RunRecording):
         *,
         log_every_n_steps: int = 50,
         every_n_steps: int | Literal["auto"] = "auto",
-        overhead_budget: float | None = None,
+        overhead_budget: float | None = DEFAULT_BUDGET,
         tau: float | None = None,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
@@ -142,17 +143,16 @@ class Doctor(IntervalReading, RunRecording):
     ) -> None:
         path_or_none("run_dir", run_dir)
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
+        every, budget = check_rate(every_n_steps, overhead_budget)
         self.sampler = Sampler(
-            every_n_steps=(
-                None if every_n_steps == "auto" else positive_int("every_n_steps", every_n_steps)
-            ),
-            overhead_budget=overhead_budget,
+            every_n_steps=None if every == "auto" else every,
+            overhead_budget=budget,
             max_every=self.log_every_n_steps,
+            distributed=all_reduce is not None,
         )
         self.every_n_steps = self.sampler.every_n_steps or 1
         self.overhead_budget = self.sampler.overhead_budget
         self.steps_run = 0  # steps in the open window, collecting or not
-        self._clock_mark = stats_seconds()
         self.config = diagnosis_config(tau, config)
         if grad_scaler is not None and not hasattr(grad_scaler, "is_enabled"):
             raise ReluDoctorError(
@@ -265,6 +265,7 @@ class Doctor(IntervalReading, RunRecording):
         except BaseException:
             self.detach()
             raise
+        self.sampler.start(model_device(self.model))
         self.probe.collecting = self._collecting()
         return self
 
@@ -330,12 +331,6 @@ class Doctor(IntervalReading, RunRecording):
             )
 
     # ------------------------------------------------------------------ per step
-    def _stats_clock(self) -> float:
-        """Seconds spent in statistics calls since the last call (host clock, no sync)."""
-        now = stats_seconds()
-        spent, self._clock_mark = now - self._clock_mark, now
-        return spent
-
     def _collecting(self) -> bool:
         return self.sampler.collect(self.global_step)
 
@@ -378,7 +373,7 @@ class Doctor(IntervalReading, RunRecording):
             self.log_metrics({"loss": loss})
         if self.probe.collecting:
             self.window_steps += 1
-        self.sampler.done(collected=self.probe.collecting, hook_s=self._stats_clock())
+        self.sampler.done(collected=self.probe.collecting)
         self.steps_run += 1
         self.global_step += 1
         record = None
@@ -437,6 +432,7 @@ class Doctor(IntervalReading, RunRecording):
                 counts if the Doctor is attached again.
         """
         read = self._read(close=not final, final=final)
+        self.sampler.at_log(self.reduce_sum)  # after the read-back: the clock's events are done
         self._unfolded = final and read is not None
         if not self._unfolded:
             self.window_steps = 0

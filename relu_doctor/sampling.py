@@ -1,63 +1,351 @@
 """Which steps collect statistics: a fixed rate, or the rate that keeps an overhead budget.
 
-By default :func:`relu_doctor.watch` keeps its own cost under ``overhead_budget`` (3% of a
-training step). It measures itself on the host clock, with no host synchronisation: the
-seconds its statistics calls take on a collecting step (``hook_s``, timed by the probe) and
-the seconds of a whole step (between two ``Doctor.step()`` calls). With ``c`` the mean cost
-of a collecting step and ``p`` the mean step time without it, collecting every ``n``-th step
-costs ``c / (n p)`` of a step, so it collects every ``n = ceil(c / (budget p))``-th step,
-never less often than once per logging interval. ``every_n_steps`` forces a fixed rate;
-``overhead_budget=None`` collects every step.
+By default every entry point (:func:`relu_doctor.watch`, :class:`~relu_doctor.Doctor`, the
+Lightning, Keras and Hugging Face callbacks) keeps relu_doctor's own cost under
+``overhead_budget=0.03`` (3% of a training step). It measures itself with no host
+synchronisation, through a clock:
 
-What is measured is CPU time spent in the hooks' statistics calls. On a CUDA device that is
-the launch cost, not the kernels' device time (CUDA-event timing is not implemented), so
-there the budget bounds the host-side cost only.
+* :class:`HostClock` (the CPU): the host seconds its statistics calls take (timed in
+  :mod:`relu_doctor.stats`) and the host seconds of a whole step (between two
+  ``Doctor.step()`` calls), known at once;
+* :class:`CudaClock` (a model on a CUDA device): device time from CUDA events, one recorded
+  at each step's end and a pair around each statistics call of one collecting step per
+  logging interval; they are read at the logging step, after its read-back has synchronised.
+
+With ``c`` the mean cost of a collecting step and ``p`` the mean step time without it,
+collecting every ``n``-th step costs ``c / (n p)`` of a step, so it collects every
+``n = ceil(c / (budget p))``-th step, never less often than once per logging interval.
+``every_n_steps=N`` forces a fixed rate; ``overhead_budget=None`` collects every step. With
+several processes (``all_reduce``) the rate is chosen at logging steps only, from the
+measurements averaged across processes, so that every process collects the same steps.
+
+The default is :data:`DEFAULT_BUDGET`, a float told apart from an explicit ``0.03`` by
+identity. What it means is read when a :class:`Sampler` is made, from one place: the
+environment variable ``RELU_DOCTOR_OVERHEAD_BUDGET`` (:data:`ENV`) when set (``none``: every
+step; a number: that budget), else 0.03. A test suite that compares default runs with
+every-step references pins it to ``none``; an environment variable reaches the processes
+that DDP spawns and the subprocesses tests start. relu_doctor's own ``tests/conftest.py``
+does so for every test not marked ``real_overhead_budget``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import torch
+import torch.nn as nn
 
 from relu_doctor._validate import number_in, positive_int
 
-__all__ = ["DEFAULT_BUDGET", "Sampler"]
+__all__ = [
+    "DEFAULT_BUDGET",
+    "ENV",
+    "CudaClock",
+    "HostClock",
+    "Lap",
+    "Sampler",
+    "begin_call",
+    "check_rate",
+    "clock_for",
+    "end_call",
+    "model_device",
+]
 
-DEFAULT_BUDGET = 0.03
+
+class _DefaultBudget(float):
+    """The type of :data:`DEFAULT_BUDGET`: a float that copies and pickles as itself."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> str:
+        return "DEFAULT_BUDGET"
+
+
+#: The default ``overhead_budget`` of every entry point (0.03); see :func:`default_budget`.
+DEFAULT_BUDGET: Final[float] = _DefaultBudget(0.03)
+#: The environment variable that says what the default budget means (see the module).
+ENV: Final = "RELU_DOCTOR_OVERHEAD_BUDGET"
+
 _ALPHA = 0.2  # weight of the newest measurement in the running means
 _MAX_EVERY = 1000
 
+Rate = int | Literal["auto"]
+
+
+def check_rate(every_n_steps: object, overhead_budget: object) -> tuple[Rate, float | None]:
+    """The one check of ``every_n_steps`` (a positive integer or ``"auto"``) and
+    ``overhead_budget`` (a number in (0, 1] or None) for every entry point; returns them,
+    :data:`DEFAULT_BUDGET` kept as itself (a :class:`Sampler` resolves it)."""
+    every: Rate = (
+        "auto"
+        if isinstance(every_n_steps, str) and every_n_steps == "auto"
+        else positive_int("every_n_steps", every_n_steps)
+    )
+    if overhead_budget is None or overhead_budget is DEFAULT_BUDGET:
+        return every, overhead_budget
+    return every, number_in("overhead_budget", overhead_budget, 0.0, 1.0, hint=" or None")
+
+
+def default_budget() -> float | None:
+    """What :data:`DEFAULT_BUDGET` means now: ``$RELU_DOCTOR_OVERHEAD_BUDGET`` (``none``:
+    None, every step; or a number in (0, 1]) when set, else 0.03.
+
+    Raises:
+        ReluDoctorError: the variable holds something else.
+    """
+    raw = os.environ.get(ENV)
+    if raw is None:
+        return float(DEFAULT_BUDGET)
+    if raw.strip().lower() == "none":
+        return None
+    try:
+        value: object = float(raw)
+    except ValueError:
+        value = raw
+    return number_in(ENV, value, 0.0, 1.0, hint=" or 'none'")
+
+
+@dataclass(frozen=True)
+class Lap:
+    """One measurement from a clock: ``steps`` consecutive steps.
+
+    Attributes:
+        seconds: how long the steps took.
+        steps: how many steps.
+        collected: how many of them collected statistics.
+        stats_s: the seconds their statistics took, or None when not measured (the clock
+            measured ``per_collect`` on one step only; the running mean stands in).
+        per_collect: the statistics' seconds of one collecting step, or None (no sample).
+    """
+
+    seconds: float
+    steps: int
+    collected: int
+    stats_s: float | None
+    per_collect: float | None
+
+
+class HostClock:
+    """The host clock: a step's seconds between two :meth:`lap` calls, and the seconds
+    the statistics calls took in it (:func:`relu_doctor.stats.stats_seconds`), known at once.
+
+    Args:
+        now: seconds now (default ``time.perf_counter``).
+        spent: seconds spent in statistics calls so far (default
+            :func:`relu_doctor.stats.stats_seconds`).
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(
+        self,
+        now: Callable[[], float] = time.perf_counter,
+        spent: Callable[[], float] | None = None,
+    ) -> None:
+        if spent is None:
+            from relu_doctor.stats import stats_seconds  # stats imports this module
+
+            spent = stats_seconds
+        self.now, self.spent = now, spent
+        self._last: float | None = None
+        self._mark = 0.0
+
+    def start(self) -> None:
+        """At attach: the next step is not measured (its first call makes the sites)."""
+        self._last = None
+
+    def lap(self, *, collected: bool) -> list[Lap]:
+        """A step ended: its measurement."""
+        now, spent = self.now(), self.spent()
+        last, mark = self._last, self._mark
+        self._last, self._mark = now, spent
+        if last is None:
+            return []
+        stats = spent - mark
+        return [Lap(now - last, 1, int(collected), stats, stats if collected else None)]
+
+    def arm(self, collects: bool) -> None:
+        """Whether the next step collects (the host clock times every step alike)."""
+
+    def read(self) -> list[Lap]:
+        """Measurements known only at a logging step: none (see :meth:`lap`)."""
+        return []
+
+
+# While a CudaClock times a collecting step: its device and the (start, end) CUDA events of
+# each statistics call made on that device; else None.
+_timed: tuple[torch.device, list[tuple[Any, Any]]] | None = None
+
+
+def begin_call(t: torch.Tensor) -> Any:
+    """Called by each statistics call before it runs (:mod:`relu_doctor.stats`): a CUDA
+    event recorded on ``t``'s stream when a :class:`CudaClock` times this step, else None."""
+    timed = _timed
+    if timed is None or t.device != timed[0] or not _can_record():
+        return None
+    return _event(t.device)
+
+
+def end_call(start: Any) -> None:
+    """Called by each statistics call after it ran, with :func:`begin_call`'s result."""
+    timed = _timed
+    if start is None or timed is None:
+        return
+    timed[1].append((start, _event(timed[0])))
+
+
+def _event(device: torch.device) -> Any:
+    """A timing CUDA event recorded now on ``device``'s current stream (no wait)."""
+    ev = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    ev.record(torch.cuda.current_stream(device))
+    return ev
+
+
+def _can_record() -> bool:
+    """No event while torch.compile traces or a CUDA graph is being captured."""
+    return not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+
+
+class CudaClock:
+    """Device time on a CUDA device, from CUDA events read at the logging step.
+
+    An event is recorded at the end of every step (no synchronisation); the events of one
+    collecting step per logging interval (never the run's first, which makes the sites)
+    bracket each statistics call. :meth:`read` runs after the logging step's read-back has
+    synchronised, so the events are complete and ``Event.elapsed_time`` does not wait; an
+    event not yet complete is left for the next log.
+
+    Args:
+        device: the model's CUDA device.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        dev = torch.device(device)
+        self.device = torch.device("cuda", dev.index if dev.index is not None else 0)
+        self._open: Any = None  # the event that started the interval being measured
+        self._last: Any = None  # the event at the end of the latest step
+        self._steps = 0
+        self._collected = 0
+        self._calls: list[tuple[Any, Any]] | None = None  # the timed step's calls, while it runs
+        self._sample: list[tuple[Any, Any]] | None = None  # a timed step's calls, not yet read
+        self._made_sites = False  # a collecting step ran (the first is never timed)
+
+    def _record(self) -> Any:
+        return _event(self.device) if _can_record() else None
+
+    def start(self) -> None:
+        """At attach: the interval being measured starts now."""
+        self._open, self._last = self._record(), None
+        self._steps = self._collected = 0
+
+    def lap(self, *, collected: bool) -> list[Lap]:
+        """A step ended: an event marks it; the measurement comes at :meth:`read`."""
+        global _timed
+        self._last = self._record()
+        self._steps += 1
+        self._collected += int(collected)
+        if self._calls is not None:
+            if collected:
+                self._sample = self._calls
+            self._calls, _timed = None, None
+        self._made_sites = self._made_sites or collected
+        return []
+
+    def arm(self, collects: bool) -> None:
+        """Time the next step's statistics calls if it collects and no sample is waiting."""
+        global _timed
+        want = collects and self._made_sites and self._sample is None
+        if want and self._calls is None:
+            self._calls = []
+            _timed = (self.device, self._calls)
+        elif not want and self._calls is not None:
+            self._calls, _timed = None, None
+
+    def read(self) -> list[Lap]:
+        """The interval since the last read (steps, device seconds, the timed step's
+        statistics seconds), or nothing while its events are not complete."""
+        if self._open is None or self._last is None or self._steps == 0:
+            return []
+        if not self._last.query():  # not complete: no wait here, try at the next log
+            return []
+        seconds = self._open.elapsed_time(self._last) / 1e3
+        per = None
+        if self._sample is not None and all(end.query() for _s, end in self._sample):
+            per = sum(s.elapsed_time(e) for s, e in self._sample) / 1e3
+            self._sample = None
+        lap = Lap(seconds, self._steps, self._collected, None, per)
+        self._open, self._steps, self._collected = self._last, 0, 0
+        return [lap]
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter or buffer (None if it has none)."""
+    try:
+        for p in model.parameters():
+            return p.device
+        for b in model.buffers():
+            return b.device
+    except Exception:  # a wrapped model (Keras) that cannot list them: the host clock
+        return None
+    return None
+
+
+def clock_for(device: torch.device | None) -> HostClock | CudaClock:
+    """The clock for a model on ``device``: CUDA events on a CUDA device, else the host."""
+    if device is not None and device.type == "cuda":
+        return CudaClock(device)
+    return HostClock()
+
+
+def _mean(old: float | None, new: float) -> float:
+    return new if old is None else (1 - _ALPHA) * old + _ALPHA * new
+
 
 class Sampler:
-    """Decides whether the next step collects; fed one measurement per step.
+    """Decides whether the next step collects; fed by its clock at each step and log.
 
     Args:
         every_n_steps: a fixed rate (collect steps 0, n, 2n ...), or None.
         overhead_budget: the largest fraction of a step the statistics may cost, in (0, 1];
-            None collects every step. Ignored when ``every_n_steps`` is given.
+            None collects every step; :data:`DEFAULT_BUDGET` means :func:`default_budget`.
+            Ignored when ``every_n_steps`` is given.
         max_every: the longest interval between collecting steps (the logging interval, so
             that every window holds collected steps).
+        clock: what measures the cost (a :class:`HostClock` with a fake ``now`` in tests);
+            default: :func:`clock_for` the device given to :meth:`start`.
+        distributed: the rate is chosen at logging steps from the measurements summed across
+            processes (:meth:`at_log`), so that every process collects the same steps.
     """
 
     def __init__(
-        self, *, every_n_steps: int | None, overhead_budget: float | None, max_every: int
+        self,
+        *,
+        every_n_steps: int | None,
+        overhead_budget: float | None,
+        max_every: int,
+        clock: HostClock | CudaClock | None = None,
+        distributed: bool = False,
     ) -> None:
-        self.every_n_steps = (
-            None if every_n_steps is None else positive_int("every_n_steps", every_n_steps)
+        if overhead_budget is DEFAULT_BUDGET:
+            overhead_budget = default_budget()
+        every, budget = check_rate(
+            "auto" if every_n_steps is None else every_n_steps, overhead_budget
         )
-        self.overhead_budget = (
-            None
-            if overhead_budget is None
-            else number_in("overhead_budget", overhead_budget, 0.0, 1.0, hint=" or None")
-        )
+        self.every_n_steps = every if isinstance(every, int) else None
+        self.overhead_budget = budget
         self.max_every = max(1, min(int(max_every), _MAX_EVERY))
+        self.clock = clock
+        self.distributed = bool(distributed)
         #: the current interval between collecting steps
         self.every = self.every_n_steps or 1
         self._since = 0  # steps since the last collecting step
-        self._hook = 0.0  # mean seconds of statistics per collecting step
-        self._plain = 0.0  # mean seconds of a step without them
-        self._seen = 0  # collecting steps measured
-        self._last: float | None = None
+        self._hook: float | None = None  # mean seconds of statistics per collecting step
+        self._plain: float | None = None  # mean seconds of a step without them
 
     @property
     def adaptive(self) -> bool:
@@ -69,34 +357,69 @@ class Sampler:
             return step % self.every_n_steps == 0
         return self._since + 1 >= self.every
 
-    def start(self) -> None:
-        """Start the clock (at attach): the first step is timed from here."""
-        self._last = time.perf_counter()
+    def start(self, device: torch.device | None = None) -> None:
+        """At attach: choose the clock for ``device`` (unless one was given) and start it.
+        A fixed rate or no budget needs no clock."""
+        if not self.adaptive:
+            return
+        if self.clock is None:
+            self.clock = clock_for(device)
+        self.clock.start()
+        self.clock.arm(self._since + 1 >= self.every)
 
-    def done(self, *, collected: bool, hook_s: float) -> None:
-        """One step ended; ``hook_s`` is what its statistics calls cost (0 if it collected
-        nothing)."""
-        now = time.perf_counter()
-        step_s = None if self._last is None else now - self._last
-        self._last = now
+    def done(self, *, collected: bool) -> None:
+        """One step ended (``collected``: it collected statistics)."""
         self._since = 0 if collected else self._since + 1
-        if not self.adaptive or step_s is None:
+        if not self.adaptive or self.clock is None:
             return
-        plain = max(step_s - hook_s, 1e-9)
-        self._plain = plain if self._plain == 0.0 else (1 - _ALPHA) * self._plain + _ALPHA * plain
-        if not collected:
+        laps = self.clock.lap(collected=collected)
+        self._feed(laps)
+        if not self.distributed and any(lap.per_collect is not None for lap in laps):
+            self._decide(self._hook, self._plain)
+        self.clock.arm(self._since + 1 >= self.every)
+
+    def at_log(
+        self, reduce: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] | None = None
+    ) -> None:
+        """At a logging step, after its read-back: read what the clock measured since the
+        last log; with ``distributed``, choose the rate from the means averaged across
+        processes (``reduce`` sums tensors across them: one small collective)."""
+        if not self.adaptive or self.clock is None:
             return
-        self._seen += 1
-        if self._seen == 1:  # the first collecting step makes sites (and may build a kernel)
+        laps = self.clock.read()
+        self._feed(laps)
+        if self.distributed and reduce is not None:
+            known = self._hook is not None and self._plain is not None
+            mine = [self._hook or 0.0, self._plain or 0.0, 1.0] if known else [0.0, 0.0, 0.0]
+            total = reduce([torch.tensor(mine, dtype=torch.float64, device=self.clock.device)])
+            hook, plain, n = (float(x) for x in total[0].tolist())
+            if n > 0:
+                self._decide(hook / n, plain / n)
+        elif any(lap.per_collect is not None for lap in laps):
+            self._decide(self._hook, self._plain)
+        self.clock.arm(self._since + 1 >= self.every)
+
+    def _feed(self, laps: Sequence[Lap]) -> None:
+        for lap in laps:
+            if lap.per_collect is not None:
+                self._hook = _mean(self._hook, lap.per_collect)
+            stats = lap.stats_s
+            if stats is None and self._hook is not None:
+                stats = lap.collected * self._hook
+            if stats is not None and lap.steps > 0:
+                self._plain = _mean(self._plain, max((lap.seconds - stats) / lap.steps, 1e-9))
+
+    def _decide(self, hook: float | None, plain: float | None) -> None:
+        if hook is None or plain is None or plain <= 0.0:
             return
-        self._hook = hook_s if self._seen == 2 else (1 - _ALPHA) * self._hook + _ALPHA * hook_s
         assert self.overhead_budget is not None
-        need = math.ceil(self._hook / (self.overhead_budget * self._plain))
+        # A ratio of exactly n must not round up to n + 1 through float error.
+        need = math.ceil(hook / (self.overhead_budget * plain) - 1e-9)
         self.every = max(1, min(need, self.max_every))
 
     def overhead(self) -> float | None:
         """The estimated cost of the statistics as a fraction of a step at the current rate
-        (None before two collecting steps were measured)."""
-        if self._seen < 2 or self._plain <= 0.0:
+        (None before the first measurement of a collecting step)."""
+        if self._hook is None or self._plain is None or self._plain <= 0.0:
             return None
         return self._hook / (self.every * self._plain)

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from relu_doctor import _kernels
+from relu_doctor import _kernels, sampling
 
 __all__ = [
     "FIELDS",
@@ -435,9 +435,10 @@ class SiteStats:
         if torch.compiler.is_compiling():  # part of a compiled graph: nothing to time
             self.add_forward(forward_rows(out, unit_dim, nonnegative=nonnegative, cap=cap))
             return
-        t0 = time.perf_counter()
+        t0, ev = time.perf_counter(), sampling.begin_call(out)
         if not _kernels.forward_into(self.window, out, unit_dim, cap=cap):
             self.add_forward(forward_rows(out, unit_dim, nonnegative=nonnegative, cap=cap))
+        sampling.end_call(ev)
         _clock[0] += time.perf_counter() - t0
 
     def record_grad(
@@ -451,11 +452,12 @@ class SiteStats:
         fused kernel where it applies, else :func:`grad_rows`."""
         if grad_in is not None and grad_in.shape != grad_out.shape:
             grad_in = None
-        t0 = time.perf_counter()
+        t0, ev = time.perf_counter(), sampling.begin_call(grad_out)
         if torch.compiler.is_compiling() or not _kernels.grad_into(
             self.window, grad_out, grad_in, unit_dim, inv_scale, _N_FWD
         ):
             self.add_grad(grad_rows(grad_out, grad_in, unit_dim, inv_scale))
+        sampling.end_call(ev)
         _clock[0] += time.perf_counter() - t0
 
     def close_window(self, total: torch.Tensor | None = None) -> None:

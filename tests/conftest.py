@@ -1,10 +1,11 @@
-"""Shared fixtures: a seeded RNG for every test, and ``run_watched`` which trains a zoo model
-under :func:`relu_doctor.watch` and the independent reference recorder side by side."""
+"""Shared fixtures: a seeded RNG for every test, the default overhead budget pinned to every
+step (tests marked ``real_overhead_budget`` excepted), and ``run_watched`` which trains a zoo
+model under :func:`relu_doctor.watch` and the independent reference recorder side by side."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import relu_doctor
+from relu_doctor import sampling
 from tests import reference as ref
 from tests import zoo
 
@@ -29,6 +31,35 @@ torch.set_num_threads(1)
 def _seed() -> None:
     """Every test starts from the same RNG state, so its data and weights are reproducible."""
     torch.manual_seed(0)
+
+
+REAL_BUDGET = "real_overhead_budget"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Also in pyproject.toml's markers; registered here too so --strict-markers knows it.
+    config.addinivalue_line(
+        "markers", f"{REAL_BUDGET}: run with the real default overhead budget (not pinned)"
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pin_overhead_budget() -> Iterator[None]:
+    """The default ``overhead_budget`` collects every step in the suite, so that default
+    ``watch()`` runs (and the Lightning, Keras and HF callbacks) compare exactly with the
+    every-step reference computations: with a budget, which steps collect depends on timing.
+    Set through the environment (relu_doctor.sampling.ENV) for the whole session, before any
+    module-scoped fixture trains, and reaching processes that DDP spawns and subprocesses."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(sampling.ENV, "none")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _real_overhead_budget(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test marked ``real_overhead_budget`` gets the real default (0.03)."""
+    if request.node.get_closest_marker(REAL_BUDGET) is not None:
+        monkeypatch.delenv(sampling.ENV, raising=False)
 
 
 @dataclass

@@ -1,76 +1,153 @@
-"""The overhead budget: which steps collect (relu_doctor.sampling) and what records state."""
+"""The overhead budget: which steps collect (relu_doctor.sampling) and what records state.
+
+The suite pins the default budget to every step (tests/conftest.py); the tests here that are
+about the default itself are marked ``real_overhead_budget``. Time is a fake clock wherever
+an exact rate is asserted; the one test on the real clock asserts only what holds at any
+speed (sampling happens, every window holds collected steps).
+"""
 
 from __future__ import annotations
 
+import copy
+import inspect
 import itertools
+import math
+import pickle
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import relu_doctor
 from relu_doctor import sampling
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.sampling import Sampler
-from relu_doctor.stats import ROW
+from relu_doctor.sampling import DEFAULT_BUDGET, CudaClock, HostClock, Lap, Sampler
+from relu_doctor.stats import ROW, SiteStats
+
+real_budget = pytest.mark.real_overhead_budget
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-class FakeClock:
+class FakeTime:
+    """A fake host clock: ``now`` and the statistics' ``spent`` seconds, moved by hand."""
+
     def __init__(self) -> None:
         self.t = 0.0
+        self.stats = 0.0
 
-    def __call__(self) -> float:
-        return self.t
+    def clock(self) -> HostClock:
+        return HostClock(now=lambda: self.t, spent=lambda: self.stats)
 
 
-def drive(s: Sampler, clock: FakeClock, steps: int, step_s: float, hook_s: float) -> list[bool]:
-    """Run ``steps`` steps; a collecting step costs ``hook_s`` more than a plain one."""
+def drive(s: Sampler, fake: FakeTime, steps: int, step_s: float, hook_s: float) -> list[bool]:
+    """Run ``steps`` steps; a collecting step's statistics cost ``hook_s`` more."""
     pattern = []
     for i in range(steps):
         c = s.collect(i)
         pattern.append(c)
-        clock.t += step_s + (hook_s if c else 0.0)
-        s.done(collected=c, hook_s=hook_s if c else 0.0)
+        fake.t += step_s + (hook_s if c else 0.0)
+        fake.stats += hook_s if c else 0.0
+        s.done(collected=c)
     return pattern
 
 
-@pytest.fixture
-def clock(monkeypatch) -> FakeClock:
-    c = FakeClock()
-    monkeypatch.setattr(sampling.time, "perf_counter", c)
-    return c
+def sampler(fake: FakeTime, *, max_every: int = 50, **kw) -> Sampler:
+    kw = {"every_n_steps": None, "overhead_budget": 0.03, **kw}
+    s = Sampler(max_every=max_every, clock=fake.clock(), **kw)
+    s.start()
+    return s
 
 
-def test_fixed_rate_ignores_the_budget(clock):
-    s = Sampler(every_n_steps=3, overhead_budget=0.03, max_every=50)
-    assert drive(s, clock, 9, 1.0, 10.0) == [True, False, False] * 3
+def gaps(pattern: list[bool]) -> list[int]:
+    taken = [i for i, c in enumerate(pattern) if c]
+    return [b - a for a, b in itertools.pairwise(taken)]
 
 
-def test_no_budget_collects_every_step(clock):
-    s = Sampler(every_n_steps=None, overhead_budget=None, max_every=50)
-    assert all(drive(s, clock, 20, 1.0, 10.0))
+# ---------------------------------------------------------------- the Sampler alone
+def test_fixed_rate_ignores_the_budget():
+    fake = FakeTime()
+    s = sampler(fake, every_n_steps=3)
+    assert drive(s, fake, 9, 1.0, 10.0) == [True, False, False] * 3
 
 
-def test_the_rate_keeps_the_budget(clock):
-    s = Sampler(every_n_steps=None, overhead_budget=0.03, max_every=50)
-    # statistics cost 0.105 s on a 1 s step: 10.5% at every step, so every 4th step keeps 3%
-    pattern = drive(s, clock, 40, 1.0, 0.105)
-    assert pattern[:3] == [True, True, True]  # measuring first
+def test_no_budget_collects_every_step():
+    fake = FakeTime()
+    assert all(drive(sampler(fake, overhead_budget=None), fake, 20, 1.0, 10.0))
+
+
+def test_the_rate_follows_the_cost():
+    fake = FakeTime()
+    s = sampler(fake)
+    # 10.5% of a 1 s step at every step: every 4th step keeps 3%
+    pattern = drive(s, fake, 40, 1.0, 0.105)
+    assert pattern[:2] == [True, True]  # the first step is not measured, the second is
     assert s.every == 4
-    tail = pattern[20:]
-    assert sum(tail) == len(tail) // 4
+    assert gaps(pattern[1:]) == [4] * (len(gaps(pattern[1:])))
     assert s.overhead() == pytest.approx(0.105 / 4)
-    # cheaper statistics: back to every step
-    drive(s, clock, 40, 1.0, 0.001)
+    drive(s, fake, 40, 1.0, 0.001)  # cheaper statistics: back to every step
     assert s.every == 1
 
 
-def test_at_least_once_per_logging_interval(clock):
-    s = Sampler(every_n_steps=None, overhead_budget=0.03, max_every=5)
-    pattern = drive(s, clock, 30, 1.0, 100.0)
+def test_at_least_once_per_logging_interval():
+    fake = FakeTime()
+    s = sampler(fake, max_every=5)
+    pattern = drive(s, fake, 30, 1.0, 100.0)
     assert s.every == 5
-    taken = [i for i, c in enumerate(pattern) if c]
-    assert [b - a for a, b in itertools.pairwise(taken)][-4:] == [5, 5, 5, 5]
+    assert gaps(pattern)[-4:] == [5, 5, 5, 5]
+
+
+def test_distributed_chooses_the_rate_at_logs_from_every_process():
+    """Under DDP every process must collect the same steps: the rate changes only at a log,
+    from the measurements averaged across processes (here a second process, simulated by
+    the reduction, measured twice this one's cost)."""
+    fake = FakeTime()
+    s = sampler(fake, distributed=True)
+    pattern = drive(s, fake, 10, 1.0, 0.06)
+    assert all(pattern) and s.every == 1  # no decision between logs
+    sent = []
+
+    def reduce(tensors):
+        sent.append(tensors[0].clone())
+        other = torch.tensor([0.12, 1.0, 1.0], dtype=torch.float64)
+        return [tensors[0] + other]
+
+    s.at_log(reduce)
+    assert sent[0].tolist() == pytest.approx([0.06, 1.0, 1.0])
+    assert s.every == math.ceil((0.06 + 0.12) / 2 / 0.03)  # 3
+
+
+def test_a_clock_that_reports_at_logs():
+    """A deferred clock (the CUDA one) gives one lap per logging interval, with the
+    statistics of one timed collecting step: the step time without them is inferred."""
+
+    class Deferred:
+        device = torch.device("cpu")
+
+        def __init__(self):
+            self.laps = []
+
+        def start(self):
+            pass
+
+        def arm(self, collects):
+            pass
+
+        def lap(self, *, collected):
+            return []
+
+        def read(self):
+            out, self.laps = self.laps, []
+            return out
+
+    clock = Deferred()
+    s = Sampler(every_n_steps=None, overhead_budget=0.03, max_every=50, clock=clock)  # type: ignore[arg-type]
+    s.start()
+    # 10 steps, all collecting, 0.1 s of statistics each, 1 s of plain work each
+    clock.laps = [Lap(seconds=11.0, steps=10, collected=10, stats_s=None, per_collect=0.1)]
+    s.at_log()
+    assert s.every == 4  # ceil(0.1 / (0.03 * 1.0))
+    assert s.overhead() == pytest.approx(0.1 / 4)
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, 1.5, "3%", float("nan")])
@@ -79,34 +156,299 @@ def test_a_bad_budget_is_an_error_naming_it(bad):
         relu_doctor.watch(nn.Sequential(nn.Linear(2, 3), nn.ReLU()), overhead_budget=bad)
 
 
-def test_records_state_the_sampling_and_counts_follow_it(clock):
-    """A run under a budget: each record's steps_collected counts the steps that added
-    statistics (its element counts say so independently), out of steps_run."""
+@pytest.mark.parametrize("bad", [0, 1.5, "every", None])
+def test_a_bad_rate_is_an_error_naming_it(bad):
+    with pytest.raises(ReluDoctorError, match="every_n_steps"):
+        relu_doctor.watch(nn.Sequential(nn.Linear(2, 3), nn.ReLU()), every_n_steps=bad)
+
+
+# ---------------------------------------------------------------- the default
+def entry_points():
+    from relu_doctor.callbacks import ReluDoctor
+    from relu_doctor.integrations import hf, keras
+
+    return [relu_doctor.Doctor, ReluDoctor, keras.ReluDoctorCallback, hf.ReluDoctorCallback]
+
+
+def test_every_entry_point_defaults_to_the_budget():
+    for ep in entry_points():
+        params = inspect.signature(ep).parameters
+        assert params["overhead_budget"].default is DEFAULT_BUDGET, ep
+        assert params["every_n_steps"].default == "auto", ep
+    assert DEFAULT_BUDGET == 0.03
+    # copies and pickles (DDP spawn, Lightning checkpoints) keep it the default
+    assert copy.deepcopy(DEFAULT_BUDGET) is DEFAULT_BUDGET
+    assert pickle.loads(pickle.dumps(DEFAULT_BUDGET)) is DEFAULT_BUDGET
+
+
+def test_the_suite_pins_the_default_to_every_step():
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+    assert relu_doctor.watch(net).overhead_budget is None
+    assert relu_doctor.watch(net, overhead_budget=0.03).overhead_budget == 0.03  # explicit: kept
+
+
+@real_budget
+def test_the_real_default_is_the_budget(monkeypatch):
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+    doc = relu_doctor.watch(net)
+    assert doc.overhead_budget == 0.03 and doc.sampler.adaptive
+    assert isinstance(doc.sampler.clock, HostClock)
+    assert not relu_doctor.watch(net, every_n_steps=2).sampler.adaptive
+    monkeypatch.setenv(sampling.ENV, "0.1")
+    assert relu_doctor.watch(net).overhead_budget == 0.1
+    monkeypatch.setenv(sampling.ENV, "lots")
+    with pytest.raises(ReluDoctorError, match=sampling.ENV):
+        relu_doctor.watch(net)
+
+
+@real_budget
+def test_the_lightning_callback_passes_the_default_through(tmp_path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from relu_doctor.callbacks import ReluDoctor
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+        def training_step(self, batch, _i):
+            return self.net(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    cb = ReluDoctor(log_every_n_steps=2)
+    trainer = pl.Trainer(
+        max_steps=4, callbacks=[cb], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(Module(), DataLoader(TensorDataset(torch.randn(32, 4)), batch_size=8))
+    assert cb.doctor is not None
+    assert cb.doctor.overhead_budget == 0.03 and cb.doctor.sampler.adaptive
+
+
+class CostlyStatistics:
+    """Each statistics call costs ``per_call`` fake seconds (added to the step's time and to
+    the statistics' time); each step's own work costs 1 fake second."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fake: FakeTime, per_call: float):
+        for name in ("record_forward", "record_grad"):
+            original = getattr(SiteStats, name)
+
+            def costly(self_, *args, __original=original, **kwargs):
+                __original(self_, *args, **kwargs)
+                fake.t += per_call
+                fake.stats += per_call
+
+            monkeypatch.setattr(SiteStats, name, costly)
+
+
+@real_budget
+@pytest.mark.parametrize("percent", [1, 3, 10, 25, 200])
+def test_statistics_costing_x_percent_collect_every_ceil_x_over_3_th_step(monkeypatch, percent):
+    """The default watch() on a model whose statistics cost X% of a step (a fake clock):
+    it collects every ceil(X/3)-th step, at least once per logging interval; each record and
+    to_pandas() state steps_collected of steps_run, and the statistics are those of exactly
+    the collected steps (a reference recorded by a hook of the test's own)."""
+    log_every, steps, batch = 20, 60, 8
+    fake = FakeTime()
+    CostlyStatistics(monkeypatch, fake, percent / 100 / 2)  # forward + gradient call
     net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    outputs: list[torch.Tensor] = []
+    net[1].register_forward_hook(lambda _m, _a, out: outputs.append(out.detach().clone()))
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    batch = 8
-    with relu_doctor.watch(net, log_every_n_steps=10, overhead_budget=0.03) as doc:
-        for _ in range(30):
-            clock.t += 1.0
-            if doc.probe.collecting:  # pretend the statistics cost 10% of a step
-                doc.sampler._last = (doc.sampler._last or 0.0) - 0.1
-                sampling_cost = 0.1
-            else:
-                sampling_cost = 0.0
+    collected, records = [], []
+    with relu_doctor.watch(net, log_every_n_steps=log_every) as doc:
+        doc.sampler.clock = fake.clock()
+        doc.sampler.start()
+        for _ in range(steps):
+            collected.append(doc.probe.collecting)
             net(torch.randn(batch, 4)).sum().backward()
             opt.step()
             opt.zero_grad()
-            doc._clock_mark -= sampling_cost  # the measured statistics time
+            fake.t += 1.0
             rec = doc.step()
             if rec is not None:
-                row = rec.site_rows[0]
-                assert row["steps_run"] == 10
-                assert row["elements"] == row["steps_collected"] * batch * 6
-    rows = [r for rec in doc.records for r in rec.site_rows]
-    assert rows[-1]["steps_collected"] < 10  # then it samples
-    assert doc.overhead_budget == 0.03
-    frame = doc.history()
-    assert {"steps_collected", "steps_run"} <= set(frame.columns)
+                records.append(rec)
+    n = min(math.ceil(percent / 3), log_every)
+    assert doc.sampler.every == n
+    assert collected[:2] == [True, True]  # the first step makes the sites, the second measures
+    assert gaps(collected[1:]) == [n] * len(gaps(collected[1:]))
+    assert len(records) == steps // log_every
     site = doc.sites[0]
-    lifetime = site.stats.lifetime + site.stats.window
-    assert lifetime[ROW["elements"]][0] == sum(r["steps_collected"] for r in rows) * batch
+    total = torch.zeros(6, dtype=torch.float64)
+    for k, rec in enumerate(records):
+        window = collected[k * log_every : (k + 1) * log_every]
+        row = rec.site_rows[0]
+        assert (row["steps_collected"], row["steps_run"]) == (sum(window), log_every)
+        assert row["steps_collected"] >= 1  # at least once per logging interval
+        in_window = outputs[k * log_every : (k + 1) * log_every]
+        for out, c in zip(in_window, window, strict=True):
+            total += out.to(torch.float64).sum(0) if c else 0.0
+    life = site.stats.lifetime + site.stats.window
+    assert life[ROW["elements"]].tolist() == [sum(collected) * batch] * 6
+    torch.testing.assert_close(life[ROW["sum"]], total)
+    frame = doc.history()
+    assert list(frame["steps_collected"]) == [sum(collected[i : i + log_every])
+                                              for i in range(0, steps, log_every)]
+    assert set(frame["steps_run"]) == {log_every}
+    assert {"steps_collected", "steps_run"} <= set(doc.to_pandas().columns)
+
+
+@real_budget
+def test_the_default_really_samples_on_the_real_clock():
+    """Statistics that cost much of a step (256 units per site, four sites, a tiny batch and
+    no optimizer): the default watch() collects only some steps, on the real clock. Exact
+    counts depend on timing; what is asserted holds at any speed (the statistics cost
+    tens of percent of these steps, far above 3%)."""
+    width, batch, log_every = 256, 2, 25
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    net = nn.Sequential(*layers)
+    with relu_doctor.watch(net, log_every_n_steps=log_every) as doc:
+        for _ in range(4 * log_every):
+            net(torch.randn(batch, width)).sum().backward()
+            doc.step()
+    rows = doc.history()
+    first = rows[rows["site"] == rows["site"].iloc[0]]
+    assert (first["steps_run"] == log_every).all()
+    assert (first["steps_collected"] >= 1).all()
+    assert first["steps_collected"].iloc[1:].min() < log_every  # it samples
+    for _i, r in rows.iterrows():
+        assert r["elements"] == r["steps_collected"] * batch * width  # counts follow it
+    assert doc.sampler.every > 1 and doc.sampler.overhead() is not None
+
+
+# ---------------------------------------------------------------- free when not collecting
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **kwargs or {})
+
+
+class Functional(nn.Module):
+    """A module hook site and a functional one (F.relu inside a forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(6, 8), nn.Linear(8, 1), nn.ReLU()
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.relu(self.act(self.a(x)) - 0.1))
+
+
+def _ops_of_one_step(model, opt, x, end_step=None) -> list[str]:
+    with OpCounter() as counter:
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if end_step is not None:
+            end_step()
+    return counter.ops
+
+
+@real_budget
+@pytest.mark.parametrize("rate", [{"every_n_steps": 2}, {}], ids=["every 2nd step", "default"])
+def test_hooks_dispatch_no_op_on_a_step_that_collects_nothing(rate):
+    """On a step that collects nothing the hooks (module, functional, gradient, optimizer)
+    and doc.step() dispatch no torch op at all: the step's ops are exactly those of the same
+    step unwatched. On a collecting step they do (so the count can fail)."""
+    torch.manual_seed(0)
+    plain = Functional()
+    watched = copy.deepcopy(plain)
+    opt_p = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
+    opt_w = torch.optim.SGD(watched.parameters(), lr=0.01, momentum=0.9)
+    fake = FakeTime()
+    with relu_doctor.watch(watched, optimizer=opt_w, log_every_n_steps=1000, **rate) as doc:
+        if doc.sampler.adaptive:  # statistics as costly as a step: the budget skips steps
+            doc.sampler.clock = fake.clock()
+            doc.sampler.start()
+        seen = {True: 0, False: 0}
+        for _ in range(8):
+            x = torch.randn(4, 6)
+            collecting = doc.probe.collecting
+
+            def end_step(cost=1.0 if collecting else 0.0):
+                fake.t += 1.0 + cost
+                fake.stats += cost
+                doc.step()
+
+            ops = _ops_of_one_step(watched, opt_w, x, end_step)
+            reference = _ops_of_one_step(plain, opt_p, x)
+            if collecting:
+                assert len(ops) > len(reference)
+            else:
+                assert ops == reference
+            seen[collecting] += 1
+        assert seen[True] and seen[False]
+
+
+@real_budget
+def test_no_sync_on_non_logging_steps_under_the_default(tmp_path):
+    """The budget's clock reads nothing back between logs (the detectors of test_nosync)."""
+    from tests.test_nosync import SyncCounter, one_step, setup
+
+    model, opt, doc, batches = setup("cpu", {}, tmp_path)
+    assert doc.sampler.adaptive
+    with doc:
+        for step, x in enumerate(batches, start=1):
+            with SyncCounter() as counter:
+                record = one_step(model, opt, doc, x)
+            if step % 5:
+                assert record is None and not counter.events, dict(counter.events)
+            else:
+                assert record is not None and counter.events
+
+
+# ---------------------------------------------------------------- CUDA (device time)
+@real_budget
+@cuda_only
+def test_cuda_clock_times_the_statistics_calls_in_device_time():
+    """begin_call/end_call bracket a statistics call with CUDA events; read() gives the
+    interval's device seconds and the timed step's statistics seconds, without a wait."""
+    clock = CudaClock("cuda")
+    x = torch.randn(1024, 1024, device="cuda")
+    clock.start()
+    clock.lap(collected=True)  # the first collecting step (makes the sites) is not timed
+    clock.arm(True)
+    ev = sampling.begin_call(x)
+    assert ev is not None
+    torch.cuda._sleep(1_000_000)  # work on the device inside the "statistics call"
+    sampling.end_call(ev)
+    clock.lap(collected=True)
+    assert sampling._timed is None  # timing ends with the step
+    assert sampling.begin_call(x) is None
+    torch.cuda.synchronize()  # what the logging step's read-back does
+    (lap,) = clock.read()
+    assert lap.steps == 2 and lap.collected == 2 and lap.stats_s is None
+    assert lap.per_collect is not None and 0 < lap.per_collect <= lap.seconds
+
+
+@real_budget
+@cuda_only
+def test_default_watch_on_cuda_uses_device_time_without_sync():
+    width, batch, log_every = 512, 4, 10
+    net = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(width, width), nn.ReLU())]).cuda()
+    with relu_doctor.watch(net, log_every_n_steps=log_every) as doc:
+        assert isinstance(doc.sampler.clock, CudaClock)
+        for step in range(1, 4 * log_every + 1):
+            x = torch.randn(batch, width, device="cuda")
+            logging = step % log_every == 0
+            torch.cuda.set_sync_debug_mode(0 if logging else "error")
+            try:
+                net(x).sum().backward()
+                doc.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    assert doc.sampler.overhead() is not None  # it measured
+    rows = doc.history()
+    assert (rows["steps_collected"] >= 1).all() and (rows["steps_run"] == log_every).all()

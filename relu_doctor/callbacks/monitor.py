@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -55,6 +55,7 @@ from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.history import IntervalRecord
 from relu_doctor.reports import tensorboard as tb
+from relu_doctor.sampling import DEFAULT_BUDGET, check_rate
 
 __all__ = ["ReluDoctor", "ReluDoctorWarning"]
 
@@ -83,7 +84,12 @@ class ReluDoctor(Callback):
 
     Args:
         log_every_n_steps: optimizer steps per logging interval (the window for "dead").
-        every_n_steps: collect statistics on every n-th optimizer step only.
+        every_n_steps: collect statistics on every n-th optimizer step only, a fixed rate;
+            ``"auto"`` (default): the rate ``overhead_budget`` chooses.
+        overhead_budget: the largest fraction of a training step the statistics may cost
+            (default 0.03; relu_doctor measures itself and collects every n-th step to stay
+            under it, at least once per logging interval); None collects every step. See
+            :class:`relu_doctor.Doctor`.
         tau: dormant threshold on the ReDo score, in (0, 1): a shortcut for
             ``config=DiagnosisConfig(tau=...)`` (default 0.1, DiagnosisConfig's).
         include: glob patterns of module paths to watch (paths inside the LightningModule,
@@ -132,7 +138,8 @@ class ReluDoctor(Callback):
         self,
         log_every_n_steps: int = 50,
         *,
-        every_n_steps: int = 1,
+        every_n_steps: int | Literal["auto"] = "auto",
+        overhead_budget: float | None = DEFAULT_BUDGET,
         tau: float | None = None,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
@@ -149,7 +156,7 @@ class ReluDoctor(Callback):
     ) -> None:
         super().__init__()
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
-        self.every_n_steps = positive_int("every_n_steps", every_n_steps)
+        self.every_n_steps, self.overhead_budget = check_rate(every_n_steps, overhead_budget)
         self.config = diagnosis_config(tau, config)
         self.include = _patterns("include", include)
         self.exclude = _patterns("exclude", exclude)
@@ -245,6 +252,7 @@ class ReluDoctor(Callback):
             pl_module,
             log_every_n_steps=self.log_every_n_steps,
             every_n_steps=self.every_n_steps,
+            overhead_budget=self.overhead_budget,
             gradients=self.gradients,
             optimizer=optimizers or None,
             grad_scaler=scaler,

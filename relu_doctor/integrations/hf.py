@@ -29,7 +29,7 @@ import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from relu_doctor.integrations._common import (
     FindingWarner,
@@ -66,6 +66,7 @@ from relu_doctor.remedies import (
     LRRescuer,
 )
 from relu_doctor.reports import tensorboard as tb
+from relu_doctor.sampling import DEFAULT_BUDGET, check_rate
 
 __all__ = ["STATE_FILE", "ReluDoctorCallback"]
 
@@ -91,7 +92,12 @@ class ReluDoctorCallback(TrainerCallback):
     Args:
         log_every_n_steps: optimizer steps per logging interval; None: the Trainer's
             ``logging_steps``.
-        every_n_steps: collect statistics on every n-th optimizer step only.
+        every_n_steps: collect statistics on every n-th optimizer step only, a fixed rate;
+            ``"auto"`` (default): the rate ``overhead_budget`` chooses.
+        overhead_budget: the largest fraction of a training step the statistics may cost
+            (default 0.03; relu_doctor measures itself and collects every n-th step to stay
+            under it, at least once per logging interval); None collects every step. See
+            :class:`relu_doctor.Doctor`.
         tau: dormant threshold on the ReDo score (default 0.1).
         include: glob patterns of module paths to watch.
         exclude: glob patterns of module paths to leave out.
@@ -131,7 +137,8 @@ class ReluDoctorCallback(TrainerCallback):
         self,
         log_every_n_steps: int | None = None,
         *,
-        every_n_steps: int = 1,
+        every_n_steps: int | Literal["auto"] = "auto",
+        overhead_budget: float | None = DEFAULT_BUDGET,
         tau: float | None = None,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
@@ -152,7 +159,7 @@ class ReluDoctorCallback(TrainerCallback):
             None if log_every_n_steps is None
             else positive_int("log_every_n_steps", log_every_n_steps)
         )
-        self.every_n_steps = positive_int("every_n_steps", every_n_steps)
+        self.every_n_steps, self.overhead_budget = check_rate(every_n_steps, overhead_budget)
         self.config = diagnosis_config(tau, config)
         self.include = include
         self.exclude = exclude
@@ -221,6 +228,7 @@ class ReluDoctorCallback(TrainerCallback):
             model,
             log_every_n_steps=max(1, int(every)),
             every_n_steps=self.every_n_steps,
+            overhead_budget=self.overhead_budget,
             include=self.include,
             exclude=self.exclude,
             unit_dims=self.unit_dims,

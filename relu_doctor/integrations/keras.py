@@ -25,7 +25,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from relu_doctor.integrations._common import (
     FindingWarner,
@@ -60,6 +60,7 @@ from relu_doctor.integrations._keras_remedies import (
     KerasLRRescue,
 )
 from relu_doctor.remedies.clipping import AutoClip
+from relu_doctor.sampling import DEFAULT_BUDGET, check_rate
 
 __all__ = ["ReluDoctorCallback"]
 
@@ -85,7 +86,12 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
     Args:
         log_every_n_steps: optimizer steps per logging interval (the window for "dead").
-        every_n_steps: collect statistics on every n-th optimizer step only.
+        every_n_steps: collect statistics on every n-th optimizer step only, a fixed rate;
+            ``"auto"`` (default): the rate ``overhead_budget`` chooses.
+        overhead_budget: the largest fraction of a training step the statistics may cost
+            (default 0.03; relu_doctor measures itself and collects every n-th step to stay
+            under it, at least once per logging interval); None collects every step. See
+            :class:`relu_doctor.Doctor`.
         tau: dormant threshold on the ReDo score (default 0.1).
         include: glob patterns of site paths to watch (default: every site).
         exclude: glob patterns of site paths to leave out.
@@ -124,7 +130,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self,
         log_every_n_steps: int = 50,
         *,
-        every_n_steps: int = 1,
+        every_n_steps: int | Literal["auto"] = "auto",
+        overhead_budget: float | None = DEFAULT_BUDGET,
         tau: float | None = None,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
@@ -143,7 +150,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         _check_backend()
         super().__init__()
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
-        self.every_n_steps = positive_int("every_n_steps", every_n_steps)
+        self.every_n_steps, self.overhead_budget = check_rate(every_n_steps, overhead_budget)
         self.config = diagnosis_config(tau, config)
         self.include = glob_patterns("include", include)
         self.exclude = glob_patterns("exclude", exclude)
@@ -204,6 +211,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             model,
             log_every_n_steps=self.log_every_n_steps,
             every_n_steps=self.every_n_steps,
+            overhead_budget=self.overhead_budget,
             gradients=self.gradients,
             unit_dims={s.pattern: s.unit_dim for s in self.sites.values()},
             config=self.config,
