@@ -84,12 +84,10 @@ class ReluDoctor(Callback):
 
     Args:
         log_every_n_steps: optimizer steps per logging interval (the window for "dead").
-        every_n_steps: collect statistics on every n-th optimizer step only, a fixed rate;
-            ``"auto"`` (default): the rate ``overhead_budget`` chooses.
-        overhead_budget: the largest fraction of a training step the statistics may cost
-            (default 0.03; relu_doctor measures itself and collects every n-th step to stay
-            under it, at least once per logging interval); None collects every step. See
-            :class:`relu_doctor.Doctor`.
+        every_n_steps: a fixed rate (collect every n-th optimizer step), or ``"auto"``
+            (default): the rate ``overhead_budget`` chooses.
+        overhead_budget: the largest fraction of a step the statistics may cost (default
+            0.03, see :class:`~relu_doctor.Doctor`); None collects every step.
         tau: dormant threshold on the ReDo score, in (0, 1): a shortcut for
             ``config=DiagnosisConfig(tau=...)`` (default 0.1, DiagnosisConfig's).
         include: glob patterns of module paths to watch (paths inside the LightningModule,
