@@ -2,10 +2,11 @@
 interpreter on the CPU (relu_doctor._kernels.triton_stats).
 
 ``TRITON_INTERPRET=1`` takes effect only if set before triton is imported, and another test
-(torch.compile) may have imported triton already, so the kernel runs in one child process
-per module: the parent makes every case's tensors, the child runs the Triton path on them
-(directly, and through ``SiteStats`` with ``RELU_DOCTOR_TRITON_INTERPRET=1``), and the
-parent compares the windows with the eager path's and with tests/reference.py's numpy sums.
+(torch.compile) may have imported triton already, so the kernel runs in a child process: the
+parent makes every case's tensors, the child runs the Triton path on them (directly, and
+through ``SiteStats`` with ``RELU_DOCTOR_TRITON_INTERPRET=1``), and the parent compares the
+windows with the eager path's and with tests/reference.py's numpy sums. A second child, side
+by side, compiles the kernel's variants to a cubin for a GPU it does not have.
 Counts (elements, active, saturated, nonfinite and the gradient counts) must be equal
 exactly; sums agree to float32 rounding. Covered: an unbatched vector to 4-D, one unit and
 hundreds of units, odd sizes, float32/float16/bfloat16, contiguous, channels-last,
@@ -82,6 +83,11 @@ def _cases() -> dict[str, dict[str, Any]]:
     cases["split-capped-scaled-bf16"] = _case((300, 10), 1, torch.bfloat16, cap=6.0,
                                               inv=torch.tensor(0.5), split=4)
     cases["no-input-grad-fp16"] = _case((3, 5, 7, 9), 1, torch.float16, no_gi=True, inv=0.25)
+    for dt in (torch.float32, torch.bfloat16):  # subnormal outputs are active (no flush)
+        c = _case((9, 5), 1, dt)
+        c["x"][:4, 1] = 1e-40
+        c["gi"][:3, 2] = 1e-40
+        cases[f"subnormal-{str(dt).removeprefix('torch.')}"] = c
     c = _case((3, 6, 5, 5), 1, layout="channels_last")  # gradients in two layouts
     c["gi"] = c["gi"].contiguous()
     cases["mixed-grad-layouts"] = c
@@ -293,6 +299,9 @@ def test_cases_exercise_what_they_name(triton_results):
     assert triton_results["hardtanh-0.1"][ROW["saturated"]].sum() > 0
     assert triton_results["mlp-float32"][ROW["grad_zero"]].sum() > 0
     assert triton_results["no-input-grad"][ROW["grad_in_elements"]].sum() == 0
+    for name in ("subnormal-float32", "subnormal-bfloat16"):
+        assert triton_results[name][ROW["active"], 1] >= 4
+        assert CASES[name]["x"][0, 1] != 0 and CASES[name]["gi"][0, 2] != 0
 
 
 def test_float64_is_left_to_the_eager_path(triton_results):

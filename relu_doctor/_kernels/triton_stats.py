@@ -47,6 +47,15 @@ _WAVES = 4  # programs per streaming multiprocessor to aim for
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@triton.jit
+def _as_float32(v):  # type: ignore[no-untyped-def]
+    """``v`` as float32, exactly: bfloat16 by moving its bits (the interpreter's conversion
+    flushes bfloat16 subnormals; the C kernel converts the same way)."""
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return v.to(tl.float32)
+
+
 def _stats_kernel(  # type: ignore[no-untyped-def]
     x_ptr, gi_ptr, win_ptr, part_ptr, scale_ptr,
     A, U, B, a_per_split, split, per_unit, row0, cap, inv_scale,
@@ -95,11 +104,11 @@ def _stats_kernel(  # type: ignore[no-untyped-def]
             for b0 in range(0, B, BLOCK_B):
                 b = b0 + ib
                 m = ma & (b < B)
-                v = tl.load(x_ptr + rows + b, mask=m, other=0.0).to(tl.float32)
+                v = _as_float32(tl.load(x_ptr + rows + b, mask=m, other=0.0))
                 s3 += v * v
                 if GRAD:
                     if HAS_GI:
-                        w = tl.load(gi_ptr + rows + b, mask=m, other=1.0).to(tl.float32)
+                        w = _as_float32(tl.load(gi_ptr + rows + b, mask=m, other=1.0))
                         n2 += (w == 0).to(tl.int32)
                 else:
                     n1 += (v > 0).to(tl.int32)

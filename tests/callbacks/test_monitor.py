@@ -691,7 +691,9 @@ def test_config_tau_is_used_and_tau_is_its_shortcut(tmp_path):
     units = rec.unit_table
     at = {t: int((units["dormant_score"] <= t).sum()) for t in (0.1, 0.25)}
     assert at[0.25] > at[0.1]  # the data tells the two thresholds apart
-    assert sum(int(r["dormant"]) for r in rec.site_rows) == at[0.25]
+    assert sum(int(r["below_tau"]) for r in rec.site_rows) == at[0.25]
+    dormant = (units["dormant_score"] <= 0.25) & ~units["dead"].astype(bool)
+    assert sum(int(r["dormant"]) for r in rec.site_rows) == int(dormant.sum())
     assert {"dormant", "net.1"} <= {k for f in rec.findings for k in (f.kind, f.site)}
     # tau= is a shortcut for config=DiagnosisConfig(tau=...); both at once must agree.
     assert ReluDoctor(tau=0.25).config == DiagnosisConfig(tau=0.25)
