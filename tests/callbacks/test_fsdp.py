@@ -171,11 +171,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.set_num_threads(1)
         model = shard(make_model())
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-
-        def all_reduce(t: torch.Tensor) -> torch.Tensor:
-            dist.all_reduce(t)
-            return t
-
         xs = [x[rank * BATCH : (rank + 1) * BATCH] for x in batches()]
         with relu_doctor.watch(model, log_every_n_steps=LOG_EVERY, every_n_steps=1,
                                optimizer=opt, all_reduce=all_reduce, world_size=WORLD,
@@ -194,17 +189,23 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """The Doctor's cross-process sum (the default process group)."""
+    dist.all_reduce(t)
+    return t
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One 2-process FSDP run for every test of this module; its outputs' folder."""
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return out
 
 

@@ -14,7 +14,6 @@ rounding. The same for the Lightning callbacks under ``strategy="ddp_spawn"``.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import relu_doctor
 from relu_doctor.callbacks import ReluDoctor, ReluDoctorTreatment
 from relu_doctor.remedies import ContinualBackprop, PlanStep, TreatmentPlan
+from tests.callbacks.test_fsdp import all_reduce, free_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -105,10 +105,6 @@ def run(name: str, rank: int | None, data: list[tuple[torch.Tensor, torch.Tensor
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
     kw: dict[str, Any] = {}
     if ddp:
-        def all_reduce(t: torch.Tensor) -> torch.Tensor:
-            dist.all_reduce(t)
-            return t
-
         kw = {"all_reduce": all_reduce, "world_size": WORLD, "is_writer": rank == 0}
     events: list[dict[str, Any]] = []
     with relu_doctor.watch(model, log_every_n_steps=LOG_EVERY, every_n_steps=1,
@@ -200,12 +196,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def flat(tree: Any) -> list[torch.Tensor]:
