@@ -279,6 +279,7 @@ class Doctor(IntervalReading, RunRecording):
         if self.tap is not None:
             self.tap.detach()
         self.probe.detach()
+        self.sampler.stop()
         if self.eval is not None:
             self.eval.detach()
 

@@ -177,26 +177,29 @@ class HostClock:
         return []
 
 
-# While a CudaClock times a collecting step: its device and the (start, end) CUDA events of
-# each statistics call made on that device; else None.
-_timed: tuple[torch.device, list[tuple[Any, Any]]] | None = None
+# The CudaClocks timing a collecting step now: each one's device and the list that gets the
+# (start, end) CUDA events of every statistics call made on that device. Empty otherwise.
+_timed: list[tuple[torch.device, list[tuple[Any, Any]]]] = []
 
 
-def begin_call(t: torch.Tensor) -> Any:
+def begin_call(t: torch.Tensor) -> tuple[torch.device, Any] | None:
     """Called by each statistics call before it runs (:mod:`relu_doctor.stats`): a CUDA
-    event recorded on ``t``'s stream when a :class:`CudaClock` times this step, else None."""
-    timed = _timed
-    if timed is None or t.device != timed[0] or not _can_record():
+    event recorded on ``t``'s stream when a :class:`CudaClock` times this step on ``t``'s
+    device, else None (one check of an empty list)."""
+    if not _timed or not any(d == t.device for d, _ in _timed) or not _can_record():
         return None
-    return _event(t.device)
+    return t.device, _event(t.device)
 
 
-def end_call(start: Any) -> None:
+def end_call(start: tuple[torch.device, Any] | None) -> None:
     """Called by each statistics call after it ran, with :func:`begin_call`'s result."""
-    timed = _timed
-    if start is None or timed is None:
+    if start is None:
         return
-    timed[1].append((start, _event(timed[0])))
+    device, begin = start
+    end = _event(device)
+    for d, calls in _timed:
+        if d == device:
+            calls.append((begin, end))
 
 
 def _event(device: torch.device) -> Any:
@@ -245,26 +248,28 @@ class CudaClock:
 
     def lap(self, *, collected: bool) -> list[Lap]:
         """A step ended: an event marks it; the measurement comes at :meth:`read`."""
-        global _timed
         self._last = self._record()
         self._steps += 1
         self._collected += int(collected)
         if self._calls is not None:
             if collected:
                 self._sample = self._calls
-            self._calls, _timed = None, None
+            self._disarm()
         self._made_sites = self._made_sites or collected
         return []
 
     def arm(self, collects: bool) -> None:
         """Time the next step's statistics calls if it collects and no sample is waiting."""
-        global _timed
         want = collects and self._made_sites and self._sample is None
         if want and self._calls is None:
             self._calls = []
-            _timed = (self.device, self._calls)
+            _timed.append((self.device, self._calls))
         elif not want and self._calls is not None:
-            self._calls, _timed = None, None
+            self._disarm()
+
+    def _disarm(self) -> None:
+        calls, self._calls = self._calls, None
+        _timed[:] = [t for t in _timed if t[1] is not calls]
 
     def read(self) -> list[Lap]:
         """The interval since the last read (steps, device seconds, the timed step's
@@ -356,6 +361,11 @@ class Sampler:
         if self.every_n_steps is not None:
             return step % self.every_n_steps == 0
         return self._since + 1 >= self.every
+
+    def stop(self) -> None:
+        """At detach: time nothing more (a CUDA clock timing the next step lets go)."""
+        if self.clock is not None:
+            self.clock.arm(False)
 
     def start(self, device: torch.device | None = None) -> None:
         """At attach: choose the clock for ``device`` (unless one was given) and start it.

@@ -410,6 +410,37 @@ def test_no_sync_on_non_logging_steps_under_the_default(tmp_path):
 
 
 # ---------------------------------------------------------------- CUDA (device time)
+def test_cuda_clocks_arm_and_let_go_independently():
+    """Two CUDA clocks timing at once each get the calls on their device; one letting go
+    (a step ended, or its Doctor detached) leaves the other timing. No event is made here,
+    so it runs without CUDA."""
+    one, two = CudaClock("cuda:0"), CudaClock("cuda:1")
+    one._made_sites = two._made_sites = True
+    one.arm(True)
+    two.arm(True)
+    assert [d.index for d, _ in sampling._timed] == [0, 1]
+    assert sampling.begin_call(torch.zeros(1)) is None  # a CPU tensor: not timed
+    one.arm(False)
+    assert [d.index for d, _ in sampling._timed] == [1]
+    two.arm(False)
+    assert not sampling._timed
+
+
+def test_detach_stops_the_clock():
+    armed = []
+
+    class Clock(HostClock):
+        def arm(self, collects):
+            armed.append(collects)
+
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+    with relu_doctor.watch(net, overhead_budget=0.03) as doc:
+        doc.sampler.clock = Clock()
+        net(torch.randn(4, 2)).sum().backward()
+        doc.step()
+    assert armed[-1] is False
+
+
 @real_budget
 @cuda_only
 def test_cuda_clock_times_the_statistics_calls_in_device_time():
@@ -425,7 +456,7 @@ def test_cuda_clock_times_the_statistics_calls_in_device_time():
     torch.cuda._sleep(1_000_000)  # work on the device inside the "statistics call"
     sampling.end_call(ev)
     clock.lap(collected=True)
-    assert sampling._timed is None  # timing ends with the step
+    assert not sampling._timed  # timing ends with the step
     assert sampling.begin_call(x) is None
     torch.cuda.synchronize()  # what the logging step's read-back does
     (lap,) = clock.read()
