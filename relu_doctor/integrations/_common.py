@@ -14,9 +14,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch.nn as nn
+
 from relu_doctor._validate import finite_or_none, path_or_none
 from relu_doctor._validate import flag as flag
-from relu_doctor.diagnosis import SEVERITIES, Finding
+from relu_doctor.diagnosis import SEVERITIES, Finding, run_health
 from relu_doctor.diagnosis import check_warn as check_warn
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
@@ -32,7 +34,9 @@ __all__ = [
     "flag",
     "flush_and_detach",
     "fresh_dir",
+    "health_scalars",
     "missing",
+    "plan_options",
     "record_scalars",
     "remedy_options",
     "safe_step",
@@ -165,12 +169,50 @@ def summary_scalars(record: IntervalRecord, prefix: str = tb.PREFIX) -> dict[str
     return out
 
 
+def health_scalars(record: IntervalRecord, prefix: str = tb.PREFIX) -> dict[str, float]:
+    """The run-level numbers of one record for the framework's early stopping and
+    checkpointing (``<prefix>/health``, higher is better; ``<prefix>/dead_fraction``...):
+    :func:`~relu_doctor.diagnosis.run_health`, as the Lightning monitor puts them in
+    ``trainer.callback_metrics`` (finite ones only)."""
+    health = run_health(record.site_rows, record.findings)
+    return {f"{prefix}/{k}": float(v) for k, v in health.items() if math.isfinite(v)}
+
+
+def plan_options(value: object, *, others: Mapping[str, object]) -> dict[str, Any] | None:
+    """A ``treatment`` switch: False/None (off), True (the default plan) or a dict of
+    :class:`~relu_doctor.remedies.TreatmentPlan` keyword arguments (``steps``, ``cooldown``,
+    ``stop_when_hopeless``...), checked now. Refused beside a single-remedy switch of
+    ``others`` that is on: the plan is the one decider."""
+    from relu_doctor.remedies.plan import TreatmentPlan
+
+    opts = remedy_options("treatment", value)
+    if opts is None:
+        return None
+    given = sorted(k for k in ("model", "optimizer", "schedulers") if k in opts)
+    if given:
+        raise ReluDoctorError(
+            f"treatment: {given} come from the training framework; leave them out of the dict."
+        )
+    on = [name for name, v in others.items() if v is not None and v is not False]
+    if on:
+        raise ReluDoctorError(
+            f"treatment: the plan decides every remedy, but {on} are switched on as well (they "
+            "would act on the same symptom at once); switch them off, or configure them as "
+            "plan steps (treatment={'steps': [PlanStep(...), ...]})."
+        )
+    try:
+        TreatmentPlan(nn.Identity(), **opts)  # checks every argument now
+    except TypeError as e:
+        raise ReluDoctorError(f"treatment: {e}") from None
+    return opts
+
+
 def record_scalars(
     record: IntervalRecord, metrics: Sequence[str], prefix: str = tb.PREFIX
 ) -> dict[str, float]:
     """Every scalar of one record under TensorBoard's tags: the model-wide numbers, each
     site's ``metrics`` and the per-layer gradient norms (the tags the Lightning monitor and
-    the run directory's ``tensorboard/`` use)."""
+    the run directory's event files use)."""
     return {
         **summary_scalars(record, prefix),
         **tb.scalars(record.site_rows, record.layer_table, metrics=metrics, prefix=prefix),

@@ -1,7 +1,8 @@
 """The remedies in Keras terms: swap a layer's ReLU for LeakyReLU (its ``activation``, or a
 ``ReLU`` layer's ``negative_slope``), rescue the learning rate through the Keras optimizer's
 ``learning_rate`` (a float or a schedule), and AutoClip on the torch gradients inside the
-Keras optimizer's ``apply``.
+Keras optimizer's ``apply``; and the treatment plan's steps acting through them
+(:func:`keras_plan`).
 
 Each is a :class:`~relu_doctor.remedies.base.Remedy`: bound to the Doctor, it decides from
 the interval records and records every change as an
@@ -24,8 +25,20 @@ from relu_doctor.integrations._keras_layers import KerasSite
 from relu_doctor.remedies.base import MODEL, RecordLike, Remedy, model_snapshot, site_snapshot
 from relu_doctor.remedies.clipping import AutoClip
 from relu_doctor.remedies.lr import LRRescuer
+from relu_doctor.remedies.plan import DEFAULT_STEPS, TreatmentPlan
+from relu_doctor.remedies.swap import ActivationSwapper
+from relu_doctor.sites import SiteKey
 
-__all__ = ["KerasActivationSwap", "KerasAutoClip", "KerasLRRescue", "ScaledSchedule"]
+__all__ = [
+    "KERAS_PLAN_STEPS",
+    "KerasActivationSwap",
+    "KerasAutoClip",
+    "KerasLRRescue",
+    "ScaledSchedule",
+    "clips_already",
+    "keras_plan",
+    "keras_plan_options",
+]
 
 
 def _leaky(slope: float) -> Any:
@@ -77,12 +90,19 @@ class KerasActivationSwap(Remedy):
         self.swaps: dict[str, _Swap] = {}
         self.streaks: dict[str, int] = {}
 
-    def swap(self, path: str, *, step: int = 0, before: Mapping[str, Any] | None = None,
-             reason: str = "requested") -> Intervention:
-        """Swap the layer of the site at ``path`` now; return the intervention."""
-        site = self.sites.get(path)
-        if site is None:
+    def swap(self, site: str | SiteKey, *, step: int = 0,
+             before: Mapping[str, Any] | None = None, reason: str = "requested") -> Intervention:
+        """Swap the layer of ``site`` (a site name of the bound Doctor, a SiteKey or the
+        layer's path) now; return the intervention."""
+        key, name = self.resolve_site(site)
+        path = key.module_path
+        found = self.sites.get(path)
+        if found is None:
             raise ReluDoctorError(f"site: no Keras site {path!r}; known: {sorted(self.sites)}.")
+        return self._swap(found, path, name, step=step, before=before, reason=reason)
+
+    def _swap(self, site: KerasSite, path: str, name: str, *, step: int,
+              before: Mapping[str, Any] | None, reason: str) -> Intervention:
         if path in self.swaps:
             raise ReluDoctorError(f"site: {path!r} was already swapped.")
         fam = site.family()
@@ -109,7 +129,7 @@ class KerasActivationSwap(Remedy):
             f"LeakyReLU(negative_slope={self.slope:g}) ({reason})"
         )
         return self._record(
-            self._intervention(site=path, step=step, what=what, before=before,
+            self._intervention(site=name, step=step, what=what, before=before,
                                kind="leaky_relu", slope=self.slope, attr=rec.attr)
         )
 
@@ -137,9 +157,10 @@ class KerasActivationSwap(Remedy):
             self.streaks[path] = streak
             if streak >= self.patience:
                 events.append(
-                    self.swap(path, step=record.step, before=site_snapshot(row),
-                              reason=f"dead fraction {frac:.2f} > {self.threshold:g} for "
-                              f"{streak} intervals")
+                    self._swap(site, path, str(row["site"]), step=record.step,
+                               before=site_snapshot(row),
+                               reason=f"dead fraction {frac:.2f} > {self.threshold:g} for "
+                               f"{streak} intervals")
                 )
         return events
 
@@ -260,13 +281,13 @@ class KerasAutoClip:
     """
 
     def __init__(self, model: Any, optimizer: Any, clip: AutoClip) -> None:
-        for attr in ("clipnorm", "global_clipnorm", "clipvalue"):
-            if getattr(optimizer, attr, None):
-                raise ReluDoctorError(
-                    f"autoclip: the Keras optimizer already clips ({attr}="
-                    f"{getattr(optimizer, attr)!r}); AutoClip takes the place of a fixed "
-                    f"threshold: build the optimizer without {attr}, or pass autoclip=False."
-                )
+        attr = clips_already(optimizer)
+        if attr is not None:
+            raise ReluDoctorError(
+                f"autoclip: the Keras optimizer already clips ({attr}="
+                f"{getattr(optimizer, attr)!r}); AutoClip takes the place of a fixed "
+                f"threshold: build the optimizer without {attr}, or pass autoclip=False."
+            )
         self.model = model
         self.optimizer = optimizer
         self.clip = clip
@@ -285,9 +306,77 @@ class KerasAutoClip:
 
         self.optimizer.apply = apply
         self._attached = True
+        # the clipper's hooks: its detach() (a plan's too) puts apply back, and a plan sees
+        # that this clipper has an optimizer to clip for
+        self.clip._handles.append(self)
         return self
 
-    def detach(self) -> None:
+    def remove(self) -> None:
+        """Put the optimizer's ``apply`` back (the clipper's hook handle protocol)."""
         if self._attached:
             vars(self.optimizer).pop("apply", None)
             self._attached = False
+
+    def detach(self) -> None:
+        """Put ``apply`` back and leave the clipper's hooks (idempotent)."""
+        self.remove()
+        if self in self.clip._handles:
+            self.clip._handles.remove(self)
+
+
+def clips_already(optimizer: Any) -> str | None:
+    """The clipping argument a Keras optimizer was built with (``clipnorm``,
+    ``global_clipnorm``, ``clipvalue``), or None."""
+    for attr in ("clipnorm", "global_clipnorm", "clipvalue"):
+        if getattr(optimizer, attr, None):
+            return attr
+    return None
+
+
+#: The plan steps a Keras model can take. ReDo recycling and Continual Backprop re-initialise
+#: units through torch modules (an ``nn.Linear``/``nn.Conv`` producer and consumer found in
+#: the model's dataflow), which Keras layers are not: those steps are refused.
+KERAS_PLAN_STEPS = ("clip", "lr", "swap")
+
+
+def keras_plan_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan arguments for a Keras model: the default steps without those a Keras model
+    cannot take; given steps that a Keras model cannot take are refused, naming them."""
+    out = dict(options)
+    if "steps" not in out:
+        out["steps"] = tuple(s for s in DEFAULT_STEPS if s.remedy in KERAS_PLAN_STEPS)
+        return out
+    bad = [s.remedy for s in out["steps"] if s.remedy not in KERAS_PLAN_STEPS]
+    if bad:
+        raise ReluDoctorError(
+            f"treatment: the steps {bad} re-initialise units through torch modules "
+            "(nn.Linear/nn.Conv weights linked by the model's dataflow), which Keras layers "
+            f"are not; a Keras model takes the steps {list(KERAS_PLAN_STEPS)}."
+        )
+    return out
+
+
+def keras_plan(
+    model: Any, sites: Mapping[str, KerasSite], optimizer: Any, options: Mapping[str, Any]
+) -> tuple[TreatmentPlan, KerasAutoClip | None]:
+    """A :class:`~relu_doctor.remedies.TreatmentPlan` for a Keras model (``options`` from
+    :func:`keras_plan_options`): the plan decides; its learning-rate step scales the Keras
+    optimizer's ``learning_rate``, its swap step changes the layer, its clipper clips inside
+    the optimizer's ``apply`` (returned, attached). Without an optimizer, or with one that
+    clips already (``clipnorm``...), the clip and learning-rate steps stay idle."""
+    plan = TreatmentPlan(model, **options)  # no torch optimizer: the Keras controllers act
+    clipper = None
+    names = {s.remedy for s in plan.steps}
+    if "lr" in names and optimizer is not None:
+        lr = plan.remedy("lr")
+        assert isinstance(lr, LRRescuer)
+        plan.use("lr", KerasLRRescue(optimizer, factor=lr.factor, min_lr=lr.min_lr, cooldown=0))
+    if "swap" in names:
+        swap = plan.remedy("swap")
+        assert isinstance(swap, ActivationSwapper)
+        plan.use("swap", KerasActivationSwap(sites, slope=swap.slope, patience=1))
+    if "clip" in names and optimizer is not None and clips_already(optimizer) is None:
+        clip = plan.remedy("clip")
+        assert isinstance(clip, AutoClip)
+        clipper = KerasAutoClip(model, optimizer, clip).attach()
+    return plan, clipper

@@ -8,11 +8,16 @@ statistics, windows, diagnosis, run directory and TensorBoard files.
                           (``<output_dir>/relu_doctor``; restored from the checkpoint being
                           resumed), bind the remedies, attach
 ``on_step_end``           one step per optimizer step (after ``gradient_accumulation_steps``
-                          micro-batches); a closed interval asks the Trainer to log now
-``on_log``                the interval's scalars (``relu_doctor/<metric>/<site>`` and the
-                          model-wide fractions) join the Trainer's ``logs``, so every
-                          ``report_to`` backend gets them; after an evaluation, the
-                          evaluation stream's (``relu_doctor_val/...``)
+                          micro-batches); a closed interval asks the Trainer to log now; a
+                          treatment plan that found the run hopeless stops training
+                          (``control.should_training_stop``)
+``on_log``                the interval's scalars (``relu_doctor/<metric>/<site>``, the
+                          run-level ``relu_doctor/health``...) join the Trainer's ``logs``,
+                          so every ``report_to`` backend gets them; an evaluation's
+                          ``logs`` (the metrics ``EarlyStoppingCallback`` and
+                          ``metric_for_best_model`` read) get the last interval's run-level
+                          numbers as ``eval_relu_doctor/health``... and the evaluation
+                          stream's scalars (``relu_doctor_val/...``)
 ``on_save``               the Doctor's and the remedies' state into the checkpoint directory
 ``on_train_end``          log the last, partial window; detach
 ========================  =====================================================================
@@ -39,7 +44,9 @@ from relu_doctor.integrations._common import (
     flag,
     flush_and_detach,
     fresh_dir,
+    health_scalars,
     missing,
+    plan_options,
     record_scalars,
     remedy_options,
     safe_step,
@@ -64,6 +71,7 @@ from relu_doctor.remedies import (
     AutoClip,
     DormantRecycler,
     LRRescuer,
+    TreatmentPlan,
 )
 from relu_doctor.reports import tensorboard as tb
 from relu_doctor.sampling import DEFAULT_BUDGET, check_rate
@@ -117,10 +125,18 @@ class ReluDoctorCallback(TrainerCallback):
             scheduler: True, or a dict of :class:`~relu_doctor.remedies.LRRescuer` arguments.
         autoclip: AutoClip in place of ``max_grad_norm`` (set ``max_grad_norm=0``): True, or
             a dict of :class:`~relu_doctor.remedies.AutoClip` arguments.
+        treatment: treat the run with a :class:`~relu_doctor.remedies.TreatmentPlan` on the
+            Trainer's model, optimizer and scheduler instead of the single remedies above
+            (refused beside them): True (the default plan), or a dict of its arguments
+            (``steps``, ``cooldown``, ``stop_when_hopeless``...). Its clipper is a step
+            pre-hook of the optimizer: with ``max_grad_norm`` set it sees the gradients the
+            Trainer clipped. With ``stop_when_hopeless`` a hopeless run stops training
+            (``control.should_training_stop``) after a ``stop`` intervention with its
+            evidence.
 
     Attributes:
         doctor: the :class:`~relu_doctor.Doctor` (None before training starts).
-        remedies: the remedies in use, by name.
+        remedies: the remedies in use, by name (the plan: ``"treatment_plan"``).
 
     Example::
 
@@ -152,6 +168,7 @@ class ReluDoctorCallback(TrainerCallback):
         dormant_reset: bool | Mapping[str, Any] = False,
         lr_rescue: bool | Mapping[str, Any] = False,
         autoclip: bool | Mapping[str, Any] = False,
+        treatment: bool | Mapping[str, Any] = False,
     ) -> None:
         self.log_every_n_steps = (
             None if log_every_n_steps is None
@@ -177,9 +194,11 @@ class ReluDoctorCallback(TrainerCallback):
                 ("autoclip", autoclip),
             )
         }
+        self._plan_opts = plan_options(treatment, others=dict(self._opts))
         self.doctor: Doctor | None = None
         self.remedies: dict[str, Any] = {}
         self._pending: dict[str, float] = {}
+        self._last: IntervalRecord | None = None
         self._warner = FindingWarner(None)
         self._clip: AutoClip | None = None
         self._output_dir = "."
@@ -205,6 +224,7 @@ class ReluDoctorCallback(TrainerCallback):
             )
         self._detach()
         self._stopped = False
+        self._last = None
         self._output_dir = str(args.output_dir)
         opt = _inner(optimizer)
         self._move_first()
@@ -271,8 +291,21 @@ class ReluDoctorCallback(TrainerCallback):
                        saved: Mapping[str, Any] | None) -> None:
         sched = getattr(sched, "scheduler", sched)  # accelerate's AcceleratedScheduler
         scheds = [sched] if isinstance(sched, torch.optim.lr_scheduler.LRScheduler) else []
+        # The scheduler steps the optimizer it was made for (accelerate's wrapper, whose
+        # param groups are the inner optimizer's): a learning-rate cut scales that one, so
+        # the scheduler keeps it; the clipper hooks the inner one's step.
+        owner = getattr(sched, "optimizer", None)
+        lr_opt = owner if isinstance(owner, torch.optim.Optimizer) else opt
         o = self._opts
         rem: dict[str, Any] = {}
+        if self._plan_opts is not None:
+            plan = TreatmentPlan(model, optimizer=opt, schedulers=scheds, **self._plan_opts)
+            if lr_opt is not opt and any(s.remedy == "lr" for s in plan.steps):
+                lr = plan.remedy("lr")
+                assert isinstance(lr, LRRescuer)
+                plan.use("lr", LRRescuer(lr_opt, schedulers=scheds, factor=lr.factor,
+                                         min_lr=lr.min_lr, cooldown=0))
+            rem["treatment_plan"] = plan
         if o["leaky_relu_swap"] is not None:
             rem["leaky_relu_swap"] = ActivationSwapper(
                 model, optimizer=opt, schedulers=scheds, **o["leaky_relu_swap"]
@@ -280,10 +313,6 @@ class ReluDoctorCallback(TrainerCallback):
         if o["dormant_reset"] is not None:
             rem["dormant_reset"] = DormantRecycler(model, optimizers=opt, **o["dormant_reset"])
         if o["lr_rescue"] is not None:
-            # The scheduler steps the optimizer it was made for (accelerate's wrapper, whose
-            # param groups are the inner optimizer's): scale that one, so it keeps the cut.
-            owner = getattr(sched, "optimizer", None)
-            lr_opt = owner if isinstance(owner, torch.optim.Optimizer) else opt
             rem["lr_rescue"] = LRRescuer(lr_opt, schedulers=scheds, **o["lr_rescue"])
         if o["autoclip"] is not None:
             self._clip = AutoClip(**o["autoclip"]).attach(opt)  # type: ignore[assignment]
@@ -302,6 +331,9 @@ class ReluDoctorCallback(TrainerCallback):
         record = safe_step(self.doctor, self._step_aside)
         if record is not None:
             control.should_log = True  # the Trainer logs at this step: on_log adds ours
+        plan = self.remedies.get("treatment_plan")
+        if isinstance(plan, TreatmentPlan) and plan.should_stop:
+            control.should_training_stop = True  # the plan's stop event holds the evidence
         return control
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
@@ -309,6 +341,10 @@ class ReluDoctorCallback(TrainerCallback):
         doc = self.doctor
         if logs is None or doc is None:
             return
+        if any(str(k).startswith("eval_") for k in logs) and self._last is not None:
+            # the evaluation's metrics dict itself: EarlyStoppingCallback and
+            # metric_for_best_model="relu_doctor/health" read eval_relu_doctor/health there
+            logs.update({f"eval_{k}": v for k, v in health_scalars(self._last).items()})
         if doc.eval is not None and any(str(k).startswith("eval_") for k in logs):
             rec = doc.log_eval()  # one evaluation-stream window per evaluation
             if rec is not None:
@@ -332,12 +368,16 @@ class ReluDoctorCallback(TrainerCallback):
         if self._clip is not None:
             self._clip.detach()
             self._clip = None
+        plan = self.remedies.get("treatment_plan")
+        if isinstance(plan, TreatmentPlan):
+            plan.detach()
         if self.doctor is not None:
             self.doctor.detach()
 
     def _on_record(self, record: IntervalRecord) -> None:
+        self._last = record
         self._warner(record)
-        self._pending.update(record_scalars(record, self.metrics))
+        self._pending.update({**record_scalars(record, self.metrics), **health_scalars(record)})
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

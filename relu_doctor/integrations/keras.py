@@ -9,12 +9,15 @@ events attach, mark steps, pause, log) and *what* the sites are (Keras layers, s
 ``on_train_begin``          check the model is built, find the sites, build the Doctor (run
                             directory), hook the layers, bind the remedies
 ``on_train_batch_end``      one step per optimizer step (``gradient_accumulation_steps``
-                            respected); an interval that closes is logged and warned about
+                            respected); an interval that closes is logged and warned about;
+                            a treatment plan that found the run hopeless stops ``fit``
+                            (``model.stop_training``)
 ``on_test_begin/end``       validation passes run with the model in eval mode and gradients
                             off: left out of the training stream, or collected as the
                             evaluation stream (``monitor_validation=True``)
-``on_epoch_end``            model-wide numbers into Keras' ``logs`` (``relu_doctor/dead_fraction``
-                            ...) for ``History``, ``TensorBoard`` and ``EarlyStopping``
+``on_epoch_end``            run-level numbers into Keras' ``logs`` (``relu_doctor/health``,
+                            ``relu_doctor/dead_fraction``...) for ``History``, ``TensorBoard``,
+                            ``EarlyStopping`` and ``ModelCheckpoint``
 ``on_train_end``            log the last, partial window; write the report when asked; unhook
 ==========================  ===================================================================
 """
@@ -35,10 +38,11 @@ from relu_doctor.integrations._common import (
     flag,
     flush_and_detach,
     fresh_dir,
+    health_scalars,
     missing,
+    plan_options,
     remedy_options,
     safe_step,
-    summary_scalars,
 )
 
 try:
@@ -58,8 +62,11 @@ from relu_doctor.integrations._keras_remedies import (
     KerasActivationSwap,
     KerasAutoClip,
     KerasLRRescue,
+    keras_plan,
+    keras_plan_options,
 )
 from relu_doctor.remedies.clipping import AutoClip
+from relu_doctor.remedies.plan import TreatmentPlan
 from relu_doctor.sampling import DEFAULT_BUDGET, check_rate
 
 __all__ = ["ReluDoctorCallback"]
@@ -81,8 +88,9 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
     Sites are Keras layers (``dense_1``, ``conv2d``, ``inner/dense``; an activation layer by
     its own name); units are a layer's ``units``/``filters``. Each logging interval goes to
     the run directory (with ``tensorboard/``), findings are raised once per (kind, site) as
-    :class:`~relu_doctor.errors.ReluDoctorWarning`, and the model-wide dead, dormant and
-    lifetime-dead fractions go into the epoch's ``logs`` (``relu_doctor/dead_fraction``...).
+    :class:`~relu_doctor.errors.ReluDoctorWarning`, and the run-level numbers of
+    :func:`~relu_doctor.diagnosis.run_health` go into the epoch's ``logs``
+    (``relu_doctor/health``, ``relu_doctor/dead_fraction``...).
 
     Args:
         log_every_n_steps: optimizer steps per logging interval (the window for "dead").
@@ -111,11 +119,20 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             dying surge: True, or a dict (``factor``, ``min_lr``, ``cooldown``, ``dead_jump``).
         autoclip: AutoClip the gradients in the optimizer: True, or a dict of
             :class:`~relu_doctor.remedies.AutoClip` arguments (``percentile``...).
+        treatment: treat the run with a :class:`~relu_doctor.remedies.TreatmentPlan`
+            instead of the single remedies above (refused beside them): True (the default
+            plan: clipping, the learning rate, the LeakyReLU swap), or a dict of its
+            arguments (``steps``, ``cooldown``, ``stop_when_hopeless``...). Its learning-rate
+            step scales the Keras optimizer's ``learning_rate``, its swap step changes the
+            layer, its clipper clips inside the optimizer's ``apply`` (idle when the
+            optimizer has ``clipnorm``...). ReDo recycling and Continual Backprop re-initialise
+            torch modules and are refused. With ``stop_when_hopeless`` a hopeless run stops
+            ``fit`` (``model.stop_training``) after a ``stop`` intervention with its evidence.
 
     Attributes:
         doctor: the :class:`~relu_doctor.Doctor` (None before the first fit).
         sites: the watched :class:`~relu_doctor.integrations._keras_layers.KerasSite` by path.
-        remedies: the remedies in use, by name.
+        remedies: the remedies in use, by name (the plan: ``"treatment_plan"``).
 
     Example::
 
@@ -144,6 +161,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         leaky_relu_swap: bool | Mapping[str, Any] = False,
         lr_rescue: bool | Mapping[str, Any] = False,
         autoclip: bool | Mapping[str, Any] = False,
+        treatment: bool | Mapping[str, Any] = False,
     ) -> None:
         _check_backend()
         super().__init__()
@@ -162,6 +180,9 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._swap_opts = remedy_options("leaky_relu_swap", leaky_relu_swap)
         self._lr_opts = remedy_options("lr_rescue", lr_rescue)
         self._clip_opts = remedy_options("autoclip", autoclip)
+        plan = plan_options(treatment, others={"leaky_relu_swap": leaky_relu_swap,
+                                               "lr_rescue": lr_rescue, "autoclip": autoclip})
+        self._plan_opts = keras_plan_options(plan) if plan is not None else None
         self.doctor: Doctor | None = None
         self.sites: dict[str, KerasSite] = {}
         self.remedies: dict[str, Any] = {}
@@ -277,9 +298,22 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
         return hook
 
+    @property
+    def plan(self) -> TreatmentPlan | None:
+        """The :class:`~relu_doctor.remedies.TreatmentPlan` (with ``treatment``, once
+        ``fit`` began)."""
+        plan = self.remedies.get("treatment_plan")
+        return plan if isinstance(plan, TreatmentPlan) else None
+
     def _bind_remedies(self, model: Any, doc: Doctor) -> None:
+        before = self.plan
         self.remedies = {}
         opt = getattr(model, "optimizer", None)
+        if self._plan_opts is not None:
+            plan, self._clipper = keras_plan(model, self.sites, opt, self._plan_opts)
+            if before is not None:  # a second fit: the plan goes on where it was
+                plan.load_state_dict(before.state_dict())
+            self.remedies["treatment_plan"] = plan.bind(doc)
         if self._swap_opts is not None:
             self.remedies["leaky_relu_swap"] = KerasActivationSwap(
                 self.sites, **self._swap_opts
@@ -301,6 +335,9 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._batches += 1
         if self._batches % self._accumulate == 0:  # one step per optimizer step
             safe_step(self.doctor, self._step_aside)
+            plan = self.plan
+            if plan is not None and plan.should_stop:
+                self.model.stop_training = True  # the plan's stop event holds the evidence
 
     def _step_aside(self) -> None:
         self._detach()
@@ -315,7 +352,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is not None and self._last is not None:
-            logs.update(summary_scalars(self._last))
+            logs.update(health_scalars(self._last))
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         doc = self.doctor
@@ -334,6 +371,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if self._clipper is not None:
             self._clipper.detach()
             self._clipper = None
+        if self.plan is not None:
+            self.plan.detach()
         if self.doctor is not None:
             self.doctor.detach()
 

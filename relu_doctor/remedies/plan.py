@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import pandas as pd
 import torch.nn as nn
@@ -114,6 +114,20 @@ DEFAULT_STEPS = (
     PlanStep("recycle", min_gain=0.25, options={"threshold": 0.3, "max_fraction": 0.25}),
     PlanStep("swap", min_gain=0.25, options={"threshold": 0.3, "slope": 0.05}),
 )
+
+
+#: The method a controller given to :meth:`TreatmentPlan.use` must offer, per step.
+_ACTIONS = {"lr": "rescue", "swap": "swap"}
+
+
+class _Rescues(Protocol):
+    def rescue(self, *, step: int, reason: str, evidence: Mapping[str, Any] | None,
+               before: Mapping[str, Any] | None) -> Intervention | None: ...
+
+
+class _Swaps(Protocol):
+    def swap(self, site: str, *, step: int, before: Mapping[str, Any] | None,
+             reason: str) -> Intervention: ...
 
 
 class _View:
@@ -272,6 +286,29 @@ class TreatmentPlan(Remedy):
                 f"name: this plan has no step {name!r}; its steps are {list(self._remedies)}."
             ) from None
 
+    def use(self, name: str, remedy: Remedy) -> None:
+        """Run step ``name`` with ``remedy`` instead of the torch controller the plan built
+        (a framework adapter's own: the Keras learning rate and layer swap, or an ``"lr"``
+        step on the optimizer wrapper the scheduler steps).
+        An ``"lr"`` controller offers ``rescue(step=, reason=, evidence=, before=)``
+        returning the intervention, or None at its floor; a ``"swap"`` controller
+        ``swap(site, step=, before=, reason=)``, raising
+        :class:`~relu_doctor.errors.ReluDoctorError` where it cannot act."""
+        self.remedy(name)  # the plan has that step
+        if name not in _ACTIONS:
+            raise ReluDoctorError(
+                f"name: only the steps {sorted(_ACTIONS)} take another controller, got {name!r}."
+            )
+        if not isinstance(remedy, Remedy) or not callable(getattr(remedy, _ACTIONS[name], None)):
+            raise ReluDoctorError(
+                f"remedy: expected a Remedy with a {_ACTIONS[name]}() method for step "
+                f"{name!r}, got {type(remedy).__name__}."
+            )
+        self._remedies[name] = remedy
+        if self.doctor is not None:  # bound already: bind it as _on_bind would have
+            remedy.warn = self.warn
+            remedy.bind(self.doctor, listen=False)
+
     def _on_bind(self, doctor: DoctorLike) -> None:
         from relu_doctor.remedies.clipping import AutoClip
 
@@ -362,14 +399,18 @@ class TreatmentPlan(Remedy):
                     evidence=evidence,
                     what=f"switched AutoClip (p{remedy.percentile:g}) on: {reason}",
                 )
-            elif isinstance(remedy, LRRescuer):
-                if not remedy.optimizers or all(
+            elif step.remedy == "lr":
+                if isinstance(remedy, LRRescuer) and (not remedy.optimizers or all(
                     float(g["lr"]) <= remedy.min_lr for o in remedy.optimizers
                     for g in o.param_groups
-                ):
+                )):
                     continue
-                ev = remedy.rescue(step=record.step, reason=reason, evidence=evidence,
-                                   before=before)
+                found = cast(_Rescues, remedy).rescue(
+                    step=record.step, reason=reason, evidence=evidence, before=before
+                )
+                if found is None:
+                    continue  # a controller of :meth:`use` at its floor
+                ev = found
             else:  # pragma: no cover - PLAN_REMEDIES lists the model-wide ones
                 continue
             self._ledger[ev.id] = (step.remedy, MODEL)
@@ -380,7 +421,6 @@ class TreatmentPlan(Remedy):
     def _site_steps(self, record: RecordLike) -> list[Intervention]:
         from relu_doctor.remedies.continual_backprop import ContinualBackprop
         from relu_doctor.remedies.recycle import DormantRecycler
-        from relu_doctor.remedies.swap import ActivationSwapper
 
         if self._cooling(MODEL):
             return []  # a model-wide change is being judged: no surgery meanwhile
@@ -397,14 +437,16 @@ class TreatmentPlan(Remedy):
                 threshold = float(step.options.get("threshold", 0.1))
                 ev: Intervention | None = None
                 try:
-                    if isinstance(remedy, ActivationSwapper):
+                    if step.remedy == "swap":
                         dead = finite_or_none(row.get("dead_fraction"))
                         if not self._persists(step, site, not row.get("leaky")
                                               and dead is not None and dead >= threshold):
                             continue
                         self._judge(remedy, step, "dead_fraction")
-                        ev = remedy.swap(site, step=record.step, before=site_snapshot(row),
-                                         reason=f"dead fraction {dead:.0%} >= {threshold:g}")
+                        ev = cast(_Swaps, remedy).swap(
+                            site, step=record.step, before=site_snapshot(row),
+                            reason=f"dead fraction {dead:.0%} >= {threshold:g}",
+                        )
                     elif isinstance(remedy, DormantRecycler):
                         dead = finite_or_none(row.get("dead_fraction"))
                         if units is None or not self._persists(

@@ -1,0 +1,173 @@
+"""The treatment plan in a Hugging Face ``Trainer`` (tiny BERT from a config, random weights,
+CPU): the plan decides on the Trainer's model, optimizer and scheduler, judges each change,
+changes nothing on a healthy run, stops a hopeless run the Trainer's way, and puts the
+run-level numbers in the evaluation metrics that ``EarlyStoppingCallback`` and
+``metric_for_best_model`` read. Numbers are checked against plain torch hooks counted in
+numpy (brute.py) and against the run's own history, recomputed here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import relu_doctor  # noqa: E402
+from relu_doctor.errors import ReluDoctorError  # noqa: E402
+from relu_doctor.integrations.hf import ReluDoctorCallback  # noqa: E402
+from tests.integrations.brute import Outputs, windows  # noqa: E402
+from tests.integrations.test_hf import SITES, _args, _data, _model  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::relu_doctor.errors.ReluDoctorWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+STEP_OF = {"adaptive_grad_clip": "clip", "lr_rescue": "lr", "dormant_reset": "recycle",
+           "leaky_relu_swap": "swap"}
+
+
+def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    return [e for e in relu_doctor.load_run(run_dir).events if e.get("type") == kind]
+
+
+def _trainer(out: Path, model: Any, cb: Any, *more: Any, **kw: Any) -> Any:
+    args = _args(out, lr_scheduler_type="constant", **kw)
+    return transformers.Trainer(model=model, args=args, train_dataset=_data(),
+                                eval_dataset=_data(16), callbacks=[cb, *more])
+
+
+def test_the_plan_treats_a_dead_layer_and_judges_each_change(tmp_path: Path) -> None:
+    model = _model(dead_bias=-50.0)  # layer 0's MLP units all dead
+    act0 = model.get_submodule(SITES[0])
+    ref = Outputs({SITES[0]: act0}, {SITES[0]: -1},
+                  keep=lambda: torch.is_grad_enabled() and model.training)
+    cb = ReluDoctorCallback(log_every_n_steps=2, treatment=True)
+    trainer = _trainer(tmp_path, model, cb, max_steps=10)
+    trainer.train()
+    ref.remove()
+    run_dir = tmp_path / "relu_doctor"
+    changes = _events(run_dir, "intervention")
+    results = _events(run_dir, "intervention_result")
+    plan = cb.remedies["treatment_plan"]
+    # Gentlest first: the first window's surge switched the clipper on; its evidence is the
+    # reference's count of that window.
+    first = changes[0]
+    assert (first["remedy"], first["step"]) == ("adaptive_grad_clip", 2)
+    assert first["details"]["evidence"]["site"] == SITES[0]
+    assert first["details"]["evidence"]["dead_fraction"] == pytest.approx(
+        windows(ref.passes, 2)[0][SITES[0]]["dead_fraction"]) == 1.0
+    # Surgery once the model-wide change was judged: ReDo on the dead layer, through the
+    # Trainer's optimizer (the plan's, bound to the Trainer's model).
+    redo = [e for e in changes if e["remedy"] == "dormant_reset"]
+    assert redo and redo[0]["site"] == SITES[0] and plan.model is model
+    # Every change is judged one interval later on its own target, recomputed here.
+    h = cb.doctor.history() if cb.doctor is not None else None
+    assert h is not None
+    steps = {s.remedy: s for s in plan.steps}
+    by_id = {e["id"]: e for e in changes}
+    assert results and all(r["verdict"] in ("helped", "did not help") for r in results)
+    for r in results:
+        change = by_id[r["ref"]]
+        step = steps[STEP_OF[change["remedy"]]]
+        assert r["step"] == change["step"] + 2
+        if r["target"] == "dead_fraction":
+            rows = h[h["step"] == r["step"]]
+            after = rows["dead"].sum() / rows["units_seen"].sum()
+            before = change["before"]["dead_fraction"]
+        else:  # recycling: judged on the recycled units themselves
+            assert r["target"].startswith("changed_units_")
+            before = 1.0
+            after = r["efficacy"]["still_" + r["target"].removeprefix("changed_units_")]
+            # the share still dead, from the reference's outputs of the window after
+            window = windows(ref.passes, 2)[r["step"] // 2 - 1][SITES[0]]
+            assert window["elements"] > 0
+            passes = ref.passes[r["step"] - 2:r["step"]]
+            x = np.concatenate([p[SITES[0]] for p in passes])
+            units = change["details"]["units"]
+            dead = sum(not (x[:, u] > 0).any() for u in units) / len(units)
+            assert r["efficacy"]["still_dead"] == pytest.approx(dead)
+        helped = after <= before * (1 - step.min_gain) + step.tolerance
+        assert r["verdict"] == ("helped" if helped else "did not help")
+    # The plan's learning-rate step cuts the optimizer the Trainer's scheduler steps, so the
+    # (constant, closed-form) schedule keeps the cut.
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    plan.remedy("lr").rescue(step=99, reason="test")
+    trainer.lr_scheduler.step()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr * 0.5)
+
+
+def test_a_healthy_run_with_the_plan_is_bit_identical(tmp_path: Path) -> None:
+    weights = {}
+    for name, kw in (("watched", {}), ("treated", {"treatment": True})):
+        model = _model()
+        cb = ReluDoctorCallback(log_every_n_steps=2, **kw)
+        _trainer(tmp_path / name, model, cb, max_steps=6).train()
+        weights[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        assert _events(tmp_path / name / "relu_doctor", "intervention") == []
+    assert all(torch.equal(weights["watched"][k], v) for k, v in weights["treated"].items())
+
+
+class _Metrics(transformers.TrainerCallback):  # type: ignore[misc]
+    """Keeps every evaluation's metrics, as EarlyStoppingCallback reads them."""
+
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, float]] = []
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None,
+                    **kw: Any) -> None:
+        self.metrics.append(dict(metrics or {}))
+
+
+def test_a_hopeless_run_stops_with_its_evidence_and_its_metrics_reach_early_stopping(
+    tmp_path: Path,
+) -> None:
+    def dead_model() -> Any:
+        model = _model(dead_bias=-50.0)
+        with torch.no_grad():
+            model.bert.encoder.layer[1].intermediate.dense.bias.fill_(-50.0)
+        return model
+
+    evals = dict(eval_strategy="steps", eval_steps=2, metric_for_best_model="relu_doctor/health",
+                 greater_is_better=True)
+    cb = ReluDoctorCallback(log_every_n_steps=2, treatment={"stop_when_hopeless": True})
+    seen = _Metrics()
+    trainer = _trainer(tmp_path / "stop", dead_model(), cb, seen, max_steps=12, **evals)
+    trainer.train()
+    assert trainer.state.global_step == 6  # surge -> clipper on (2), judged (4), hopeless (6)
+    stops = [e for e in _events(tmp_path / "stop" / "relu_doctor", "intervention")
+             if e["details"].get("action") == "stop"]
+    assert len(stops) == 1 and stops[0]["step"] == 6 and "hopeless" in stops[0]["what"]
+    assert stops[0]["details"]["evidence"]["lifetime_dead_fraction"] == 1.0
+    # metric_for_best_model found eval_relu_doctor/health in each evaluation's metrics
+    # (the Trainer raises KeyError otherwise): the last interval's run-level health.
+    assert [m["eval_relu_doctor/health"] for m in seen.metrics] == [0.0, 0.0, 0.0]
+    assert [m["eval_relu_doctor/lifetime_dead_fraction"] for m in seen.metrics] == [1.0] * 3
+    assert trainer.state.best_metric == 0.0
+
+    # Off by default: no plan, no stop; EarlyStoppingCallback on relu_doctor/health stops the
+    # run instead (no improvement at the second evaluation).
+    cb = ReluDoctorCallback(log_every_n_steps=2)
+    es = transformers.EarlyStoppingCallback(early_stopping_patience=1)
+    trainer = _trainer(tmp_path / "default", dead_model(), cb, es, max_steps=12,
+                       load_best_model_at_end=True, save_strategy="steps", save_steps=2,
+                       **evals)
+    trainer.train()
+    assert trainer.state.global_step == 4 and "treatment_plan" not in cb.remedies
+    assert not any(e["details"].get("action") == "stop"
+                   for e in _events(tmp_path / "default" / "relu_doctor", "intervention"))
+
+
+def test_plan_arguments_are_checked_before_training() -> None:
+    with pytest.raises(ReluDoctorError, match="plan decides every remedy"):
+        ReluDoctorCallback(treatment=True, dormant_reset=True)
+    with pytest.raises(ReluDoctorError, match="come from the training framework"):
+        ReluDoctorCallback(treatment={"optimizer": None})
+    with pytest.raises(ReluDoctorError, match="hopeless_fraction"):
+        ReluDoctorCallback(treatment={"hopeless_fraction": 2.0})

@@ -1,0 +1,200 @@
+"""The treatment plan in Keras 3 ``model.fit`` (torch backend): the plan decides and acts
+through the Keras optimizer and layers, judges each change, changes nothing on a healthy run,
+stops a hopeless run the Keras way, and puts the run-level numbers where ``EarlyStopping``
+looks. Numbers are checked against plain torch hooks counted in numpy (brute.py) and against
+the run's own history, recomputed here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+keras = pytest.importorskip("keras")
+
+import relu_doctor  # noqa: E402
+from relu_doctor.errors import ReluDoctorError  # noqa: E402
+from relu_doctor.integrations.keras import ReluDoctorCallback  # noqa: E402
+from relu_doctor.remedies import PlanStep  # noqa: E402
+from tests.integrations.brute import Outputs, windows  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::relu_doctor.errors.ReluDoctorWarning")
+
+STEP_OF = {"adaptive_grad_clip": "clip", "lr_rescue": "lr", "leaky_relu_swap": "swap"}
+
+
+def _data(n: int = 128, seed: int = 0) -> tuple[Any, Any]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 12)).astype("float32")
+    y = keras.utils.to_categorical((x @ rng.normal(size=(12, 3))).argmax(1), 3)
+    return x, y
+
+
+def _mlp(bias: float = 0.0, lr: float = 0.01) -> Any:
+    keras.utils.set_random_seed(0)
+    init = keras.initializers.Constant(bias)
+    model = keras.Sequential([
+        keras.Input((12,)),
+        keras.layers.Dense(32, activation="relu", name="h1", bias_initializer=init),
+        keras.layers.Dense(32, activation="relu", name="h2", bias_initializer=init),
+        keras.layers.Dense(3, activation="softmax", name="out"),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="categorical_crossentropy")
+    return model
+
+
+def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    return [e for e in relu_doctor.load_run(run_dir).events if e.get("type") == kind]
+
+
+def _lr(model: Any) -> float:
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+
+def test_the_plan_treats_dying_units_and_judges_each_change(tmp_path: Path) -> None:
+    model = _mlp(bias=-1.5)  # most units start dead
+    x, y = _data()
+    layers = {"h1": model.get_layer("h1"), "h2": model.get_layer("h2")}
+    ref = Outputs(layers, {"h1": -1, "h2": -1}, keep=torch.is_grad_enabled)
+    cb = ReluDoctorCallback(log_every_n_steps=4, run_dir=tmp_path / "run", treatment=True)
+    model.fit(x, y, epochs=6, batch_size=16, verbose=0, callbacks=[cb])
+    ref.remove()
+    plan = cb.plan
+    assert plan is not None and cb.doctor is not None
+    assert [s.remedy for s in plan.steps] == ["clip", "lr", "swap"]  # no torch-module surgery
+    changes = _events(tmp_path / "run", "intervention")
+    results = _events(tmp_path / "run", "intervention_result")
+    assert {e["remedy"] for e in changes} >= {"adaptive_grad_clip", "lr_rescue",
+                                              "leaky_relu_swap"}
+    # Gentlest first: the first window's surge of dead units switched the clipper on; its
+    # evidence is the reference's count of that window.
+    first = changes[0]
+    assert (first["remedy"], first["step"]) == ("adaptive_grad_clip", 4)
+    evidence = first["details"]["evidence"]
+    want = windows(ref.passes, 4)[0][evidence["site"]]
+    assert evidence["dead_fraction"] == pytest.approx(want["dead_fraction"])
+    assert max(w["dead_fraction"] for w in windows(ref.passes, 4)[0].values()) == pytest.approx(
+        evidence["dead_fraction"])  # the site that rose the most
+    # One change per site per interval.
+    at = [(e["site"], e["step"]) for e in changes if "switched AutoClip off" not in e["what"]]
+    assert len(at) == len(set(at))
+    # Each change is judged one interval later on its own target; the verdict is recomputed
+    # here from the run's history and the plan's steps.
+    h = cb.doctor.history()
+    steps = {s.remedy: s for s in plan.steps}
+    by_id = {e["id"]: e for e in changes}
+    assert results and all(r["verdict"] in ("helped", "did not help") for r in results)
+    for r in results:
+        change = by_id[r["ref"]]
+        assert r["step"] == change["step"] + 4
+        rows = h[h["step"] == r["step"]]
+        if r["site"] == "model":
+            after = rows["dead"].sum() / rows["units_seen"].sum()
+        else:
+            row = rows[rows["site"] == r["site"]].iloc[0]
+            after = row["dead"] / row["units_seen"]
+        assert r["target"] == "dead_fraction"
+        assert r["after"]["dead_fraction"] == pytest.approx(after)
+        step = steps[STEP_OF[change["remedy"]]]
+        helped = after <= change["before"]["dead_fraction"] * (1 - step.min_gain) + step.tolerance
+        assert r["verdict"] == ("helped" if helped else "did not help")
+    # What the changes did, in Keras terms: the optimizer's learning rate and the layers.
+    n_lr = sum(e["remedy"] == "lr_rescue" for e in changes)
+    assert _lr(model) == pytest.approx(0.01 * 0.5**n_lr)
+    swapped = [e["site"] for e in changes if e["remedy"] == "leaky_relu_swap"]
+    assert swapped
+    probe = keras.ops.convert_to_tensor(np.array([[-2.0, 3.0]], dtype="float32"))
+    for site in swapped:
+        out = keras.ops.convert_to_numpy(model.get_layer(site).activation(probe))[0]
+        assert out.tolist() == pytest.approx([-0.1, 3.0])  # the default plan's slope 0.05
+    # A clipper that did not help is switched off and never on again.
+    on = [e for e in changes if e["what"].startswith("switched AutoClip (p10) on")]
+    if ("clip", "model") in plan.failed:
+        assert len(on) == 1
+    assert "apply" not in vars(model.optimizer)  # unhooked at the end of fit
+
+
+def test_a_healthy_run_with_the_plan_is_bit_identical(tmp_path: Path) -> None:
+    x, y = _data()
+    weights = {}
+    for name, kw in (("bare", None), ("watched", {}), ("treated", {"treatment": True})):
+        model = _mlp()
+        cbs = [] if kw is None else [ReluDoctorCallback(log_every_n_steps=4,
+                                                        run_dir=tmp_path / name, **kw)]
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=cbs)
+        weights[name] = [np.asarray(keras.ops.convert_to_numpy(w)) for w in model.weights]
+        if name == "treated":
+            assert _events(tmp_path / name, "intervention") == []
+            assert cbs[0].plan is not None and cbs[0].plan.interval == 4
+    for name in ("watched", "treated"):
+        assert all(np.array_equal(a, b) for a, b in zip(weights["bare"], weights[name],
+                                                        strict=True)), name
+
+
+def test_a_hopeless_run_stops_with_its_evidence_and_early_stopping_sees_health(
+    tmp_path: Path,
+) -> None:
+    x, y = _data()
+    model = _mlp(bias=-50.0)  # every unit dead, for good
+    layers = {"h1": model.get_layer("h1"), "h2": model.get_layer("h2")}
+    ref = Outputs(layers, {"h1": -1, "h2": -1}, keep=torch.is_grad_enabled)
+    cb = ReluDoctorCallback(log_every_n_steps=4, run_dir=tmp_path / "stop",
+                            treatment={"stop_when_hopeless": True})
+    hist = model.fit(x, y, epochs=5, batch_size=16, verbose=0, callbacks=[cb])
+    ref.remove()
+    stops = [e for e in _events(tmp_path / "stop", "intervention")
+             if e.get("details", {}).get("action") == "stop"]
+    assert len(stops) == 1
+    stop = stops[0]
+    assert stop["remedy"] == "treatment_plan" and "hopeless" in stop["what"]
+    # The evidence: every unit never active since the start, by the reference's count.
+    passes = len(ref.passes)
+    assert passes == stop["step"] == 12  # stopped at the logging step that found it hopeless
+    never = [np.concatenate([p[s] for p in ref.passes]) > 0 for s in ("h1", "h2")]
+    want = sum(int((~a.any(axis=0)).sum()) for a in never) / 64
+    assert stop["details"]["evidence"]["lifetime_dead_fraction"] == pytest.approx(want) == 1.0
+    # The plan had its chance first: it switched the clipper on and judged it.
+    assert any(e["remedy"] == "adaptive_grad_clip"
+               for e in _events(tmp_path / "stop", "intervention"))
+    assert len(hist.history["loss"]) == 2  # 8 steps an epoch: stopped in the second
+    # The run-level numbers are in Keras' logs, where EarlyStopping looks.
+    assert hist.history["relu_doctor/health"] == [0.0, 0.0]
+    assert hist.history["relu_doctor/lifetime_dead_fraction"] == [1.0, 1.0]
+
+    # Off by default, and without stop_when_hopeless: the same run goes on; Keras'
+    # EarlyStopping on relu_doctor/health stops it instead, at the end of the second epoch
+    # (no improvement over the first; without the metric it would warn and go on).
+    for name, kw in (("default", {}), ("treated", {"treatment": True})):
+        model = _mlp(bias=-50.0)
+        cb = ReluDoctorCallback(log_every_n_steps=4, run_dir=tmp_path / name, **kw)
+        es = keras.callbacks.EarlyStopping(monitor="relu_doctor/health", mode="max", patience=1)
+        hist = model.fit(x, y, epochs=5, batch_size=16, verbose=0, callbacks=[cb, es])
+        assert len(hist.history["loss"]) == 2 and es.stopped_epoch == 1
+        assert cb.doctor is not None and cb.doctor.global_step == 16  # both epochs, whole
+        assert not any(e.get("details", {}).get("action") == "stop"
+                       for e in _events(tmp_path / name, "intervention"))
+        assert (cb.plan is None) == (name == "default")
+
+
+def test_plan_arguments_are_checked_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ReluDoctorError, match="torch modules"):
+        ReluDoctorCallback(treatment={"steps": [PlanStep("lr"), PlanStep("recycle")]})
+    with pytest.raises(ReluDoctorError, match="plan decides every remedy"):
+        ReluDoctorCallback(treatment=True, lr_rescue=True)
+    with pytest.raises(ReluDoctorError, match="cooldown"):
+        ReluDoctorCallback(treatment={"cooldown": 0})
+    with pytest.raises(ReluDoctorError, match=r"treatment: .*unexpected keyword"):
+        ReluDoctorCallback(treatment={"cooldwn": 2})
+    with pytest.raises(ReluDoctorError, match="treatment: expected True"):
+        ReluDoctorCallback(treatment="yes")
+    # An optimizer that clips already: the plan's clip step stays idle, the rest works.
+    model = _mlp(bias=-1.5)
+    model.compile(optimizer=keras.optimizers.Adam(0.01, clipnorm=1.0),
+                  loss="categorical_crossentropy")
+    cb = ReluDoctorCallback(log_every_n_steps=4, run_dir=tmp_path / "r", treatment=True)
+    model.fit(*_data(64), epochs=2, batch_size=16, verbose=0, callbacks=[cb])
+    remedies = {e["remedy"] for e in _events(tmp_path / "r", "intervention")}
+    assert "adaptive_grad_clip" not in remedies and "lr_rescue" in remedies
