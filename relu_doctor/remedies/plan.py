@@ -236,6 +236,7 @@ class TreatmentPlan(Remedy):
         self._prev_model_dead: float | None = None
         self._streak: dict[tuple[str, str], int] = {}  # (step remedy, site) -> intervals past
         self._ledger: dict[str, tuple[str, str]] = {}  # event id -> (step remedy, site)
+        self._tried: set[str] = set()  # the steps that acted (the hopeless stop's evidence)
         self._remedies: dict[str, Remedy] = {}
         for s in self.steps:
             self._remedies[s.remedy] = self._make(s)
@@ -414,6 +415,7 @@ class TreatmentPlan(Remedy):
             else:  # pragma: no cover - PLAN_REMEDIES lists the model-wide ones
                 continue
             self._ledger[ev.id] = (step.remedy, MODEL)
+            self._tried.add(step.remedy)
             self._last_change[MODEL] = self.interval
             return ev
         return None
@@ -470,6 +472,7 @@ class TreatmentPlan(Remedy):
                 if ev is None:
                     continue
                 self._ledger[ev.id] = (step.remedy, site)
+                self._tried.add(step.remedy)
                 self._last_change[site] = self.interval
                 events.append(ev)
                 break
@@ -494,7 +497,7 @@ class TreatmentPlan(Remedy):
         if not self._last_change or self._cooling(MODEL) or self._ledger:
             return None
         return {"lifetime_dead_fraction": frac, "nonfinite": nonfinite,
-                "tried": sorted({s for s, _ in self._ledger.values()} | {s for s, _ in self.failed}),
+                "tried": sorted(self._tried | {s for s, _ in self.failed}),
                 "failed": sorted(f"{s}@{site}" for s, site in self.failed)}
 
     def decide(self, record: RecordLike) -> list[Intervention]:
@@ -529,6 +532,7 @@ class TreatmentPlan(Remedy):
             "last_change": dict(self._last_change),
             "prev_dead": dict(self._prev_dead),
             "ledger": {k: list(v) for k, v in self._ledger.items()},
+            "tried": sorted(self._tried),
             "should_stop": self.should_stop,
             "remedies": {k: r.state_dict() for k, r in self._remedies.items()},
             "clip_on": {k: r.warmup_steps != _NEVER for k, r in self._remedies.items()
@@ -542,6 +546,7 @@ class TreatmentPlan(Remedy):
         self._last_change = {str(k): int(v) for k, v in state.get("last_change", {}).items()}
         self._prev_dead = {str(k): float(v) for k, v in state.get("prev_dead", {}).items()}
         self._ledger = {str(k): (str(v[0]), str(v[1])) for k, v in state.get("ledger", {}).items()}
+        self._tried = {str(s) for s in state.get("tried", [])}
         self.should_stop = bool(state.get("should_stop", False))
         for k, s in state.get("remedies", {}).items():
             if k in self._remedies:

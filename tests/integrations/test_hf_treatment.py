@@ -145,6 +145,7 @@ def test_a_hopeless_run_stops_with_its_evidence_and_its_metrics_reach_early_stop
              if e["details"].get("action") == "stop"]
     assert len(stops) == 1 and stops[0]["step"] == 6 and "hopeless" in stops[0]["what"]
     assert stops[0]["details"]["evidence"]["lifetime_dead_fraction"] == 1.0
+    assert stops[0]["details"]["evidence"]["tried"] == ["clip"]  # switched on at 2, judged at 4
     # metric_for_best_model found eval_relu_doctor/health in each evaluation's metrics
     # (the Trainer raises KeyError otherwise): the last interval's run-level health.
     assert [m["eval_relu_doctor/health"] for m in seen.metrics] == [0.0, 0.0, 0.0]

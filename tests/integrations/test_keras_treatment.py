@@ -159,6 +159,7 @@ def test_a_hopeless_run_stops_with_its_evidence_and_early_stopping_sees_health(
     # The plan had its chance first: it switched the clipper on and judged it.
     assert any(e["remedy"] == "adaptive_grad_clip"
                for e in _events(tmp_path / "stop", "intervention"))
+    assert stop["details"]["evidence"]["tried"] == ["clip"]
     assert len(hist.history["loss"]) == 2  # 8 steps an epoch: stopped in the second
     # The run-level numbers are in Keras' logs, where EarlyStopping looks.
     assert hist.history["relu_doctor/health"] == [0.0, 0.0]
