@@ -172,3 +172,15 @@ def test_plan_arguments_are_checked_before_training() -> None:
         ReluDoctorCallback(treatment={"optimizer": None})
     with pytest.raises(ReluDoctorError, match="hopeless_fraction"):
         ReluDoctorCallback(treatment={"hopeless_fraction": 2.0})
+    # The adapters' hook into the plan: only the lr and swap steps take another controller,
+    # and it must offer the step's action.
+    from relu_doctor.remedies import AutoClip, LRRescuer, TreatmentPlan
+
+    plan = TreatmentPlan(torch.nn.Identity())
+    with pytest.raises(ReluDoctorError, match="only the steps"):
+        plan.use("clip", AutoClip())
+    with pytest.raises(ReluDoctorError, match=r"rescue\(\) method"):
+        plan.use("lr", AutoClip())
+    other = LRRescuer(None)
+    plan.use("lr", other)
+    assert plan.remedy("lr") is other
