@@ -49,8 +49,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _as_float32(v):  # type: ignore[no-untyped-def]
-    """``v`` as float32, exactly: bfloat16 by moving its bits (the interpreter's conversion
-    flushes bfloat16 subnormals; the C kernel converts the same way)."""
+    """``v`` as float32, exactly: bfloat16 by moving its bits, as the C kernel does (one
+    shift on the GPU; the interpreter's own conversion gets bfloat16 subnormals wrong)."""
     if v.dtype == tl.bfloat16:
         return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     return v.to(tl.float32)
