@@ -6,7 +6,9 @@ For each case of a (logs x sites x units) grid, a ReLU MLP (``sites`` hidden lay
 Reported per case:
 
 * ``rss MB``: resident memory after warm-up (the first 10% of the logs, at least 20) and at
-  the end, and the growth between them;
+  the end (after the ``with`` block, which closes the run directory: its open segments are
+  compacted to Parquet), the growth between them, and the peak (``VmHWM``) over the run, exit
+  included;
 * ``ms/log``: the median time of one step + log over the first 10% after warm-up
   ("early") and over the last 10% ("late"), and late / early;
 * ``files``, ``MB``: the run directory's size on disk;
@@ -59,6 +61,7 @@ class SoakResult:
     units: int
     rss_warm_mb: float
     rss_end_mb: float
+    rss_peak_mb: float
     ms_early: float
     ms_late: float
     files: int
@@ -77,11 +80,12 @@ class SoakResult:
         return self.ms_late / self.ms_early if self.ms_early > 0 else float("nan")
 
 
-def rss_mb() -> float:
-    """Resident set size of this process (Linux ``/proc``; 0 elsewhere)."""
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident set size of this process (``VmHWM``: its peak so far), from Linux ``/proc``;
+    0 elsewhere."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -145,7 +149,7 @@ def soak(
                     print(f"  {i + 1}/{logs} logs, {1e3 * times[-1]:.1f} ms/log, "
                           f"rss {rss_mb():.0f} MB", file=sys.stderr, flush=True)
         gc.collect()
-        rss_end = rss_mb()
+        rss_end, rss_peak = rss_mb(), rss_mb("VmHWM")
         records = len(doc.records)
         rows = len(doc.history())
     early = times[warm : warm + span] or times
@@ -164,19 +168,21 @@ def soak(
         if status != 0:
             raise RuntimeError(f"relu-doctor report {path} exited {status}")
     return SoakResult(
-        logs, sites, units, rss_warm, rss_end, 1e3 * statistics.median(early),
+        logs, sites, units, rss_warm, rss_end, rss_peak, 1e3 * statistics.median(early),
         1e3 * statistics.median(late), files, size / 2**20, load_s, report_s, records, rows,
     )
 
 
 def print_table(results: list[SoakResult]) -> None:
     head = (f"{'logs x sites x units':>22} {'rss warm':>9} {'rss end':>8} {'growth':>7} "
+            f"{'peak':>6} "
             f"{'ms early':>9} {'ms late':>8} {'late/early':>10} {'files':>6} {'MB':>7} "
             f"{'load s':>7} {'report s':>8}")
     print(head)
     for r in results:
         print(f"{f'{r.logs} x {r.sites} x {r.units}':>22} {r.rss_warm_mb:>9.0f} "
-              f"{r.rss_end_mb:>8.0f} {r.growth_mb:>7.1f} {r.ms_early:>9.2f} {r.ms_late:>8.2f} "
+              f"{r.rss_end_mb:>8.0f} {r.growth_mb:>7.1f} {r.rss_peak_mb:>6.0f} "
+              f"{r.ms_early:>9.2f} {r.ms_late:>8.2f} "
               f"{r.late_over_early:>10.2f} {r.files:>6} {r.mbytes:>7.1f} {r.load_s:>7.2f} "
               f"{r.report_s:>8.2f}")
 

@@ -50,6 +50,7 @@ from relu_doctor.runread import (
     STATUS_NAME,
     TABLE_COLUMNS,
     TABLE_NAME,
+    StreamChunks,
     last_step,
     load_run,
     read_meta,
@@ -65,7 +66,7 @@ __all__ = [
 ]
 
 LOCK_NAME = ".lock"
-_ROW_GROUP = 256 * 1024  # rows per Parquet row group when a stream is compacted
+_ROW_GROUP = 64 * 1024  # rows per Parquet row group (at least) when a stream is compacted
 _STATUS_BYTES = 4096
 _HELD: set[str] = set()  # lock files held by live writers of this process
 
@@ -196,33 +197,32 @@ class _Segment:
 
 def _compact(stream: Path) -> Path:
     """Rewrite a closed (or torn) stream as a Parquet file of the same segment number,
-    batch by batch (memory stays that of one row group, not of the segment)."""
+    a row group at a time: memory stays that of one row group (its log batches folded into
+    a few contiguous tables as they are read), not of the segment, and what Arrow's
+    allocator kept of it is handed back to the system afterwards (a 20,000-log run's exit
+    grew by ~300 MB without both)."""
     out = stream.with_suffix(".parquet")
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(stream, "rb") as f:
-            reader = ipc.open_stream(f)
-            with pq.ParquetWriter(tmp, reader.schema) as writer:
-                pending: list[pa.RecordBatch] = []
+            chunks = StreamChunks(f)  # a torn tail: the complete batches are kept
+            with pq.ParquetWriter(tmp, chunks.schema) as writer:
+                group: list[pa.Table] = []
                 rows = 0
-                while True:
-                    try:
-                        batch = reader.read_next_batch()
-                    except StopIteration:
-                        break
-                    except (pa.ArrowInvalid, OSError, ValueError):
-                        break  # a torn tail: keep the complete batches
-                    pending.append(batch)
-                    rows += batch.num_rows
+                for table in chunks:
+                    group.append(table)
+                    rows += table.num_rows
                     if rows >= _ROW_GROUP:
-                        writer.write_table(pa.Table.from_batches(pending, reader.schema))
-                        pending, rows = [], 0
-                if pending:
-                    writer.write_table(pa.Table.from_batches(pending, reader.schema))
+                        writer.write_table(pa.concat_tables(group))
+                        group, rows = [], 0
+                if group:
+                    writer.write_table(pa.concat_tables(group))
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        pa.default_memory_pool().release_unused()
     stream.unlink()
     return out
 

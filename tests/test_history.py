@@ -3,6 +3,7 @@ the same numbers ``doc.history()`` holds; ``doc.save()``; and the run-directory 
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pandas as pd
@@ -276,3 +277,127 @@ def test_the_last_partial_window_is_logged_on_exit_and_on_an_exception(tmp_path)
         assert not (run_dir / ".lock").exists()
     saved = load_run(doc.save(tmp_path / "saved"))
     assert sorted(saved.history["step"].unique()) == [50, 100, 120]
+
+
+# ---------------------------------------------------------------------- reading at scale
+
+
+def _unit_frames(steps, sites=("a", "b"), units=4):
+    """One unit frame per step, values that tell every row apart."""
+    return [pd.DataFrame({"step": s, "site": [n for n in sites for _ in range(units)],
+                          "unit": list(range(units)) * len(sites),
+                          "activation_rate": [s + i / 100 for i in range(units * len(sites))]})
+            for s in steps]
+
+
+def test_read_units_reads_only_the_steps_and_sites_asked_and_units_is_read_when_asked(
+        tmp_path, monkeypatch):
+    """Closed Parquet segments and the open stream of a run being written: load_run reads no
+    unit row; read_units gives exactly the rows asked (reference: the frames written,
+    filtered with pandas), and the same from a run built in memory."""
+    from relu_doctor import runread
+
+    w = RunWriter(tmp_path / "r", rotate_rows=20)
+    w.write_meta({"sites": [{"name": "a"}, {"name": "b"}]})
+    frames = _unit_frames(range(1, 11))
+    for f in frames:
+        w.append_table("history", int(f["step"].iloc[0]), f[["step", "site"]].drop_duplicates())
+        w.append_table("units", int(f["step"].iloc[0]), f)
+    kinds = sorted(p.suffix for p in (tmp_path / "r" / "units").iterdir())
+    assert ".arrows" in kinds and kinds.count(".parquet") >= 2
+    written = pd.concat(frames, ignore_index=True)
+
+    reads = []
+    real = runread._read_part
+    monkeypatch.setattr(runread, "_read_part", lambda part, cols, where: (
+        reads.append((part.parent.name, where)), real(part, cols, where))[1])
+    run = load_run(tmp_path / "r")
+    assert not [r for r in reads if r[0] == "units"], "load_run read unit rows"
+    in_memory = Run({}, pd.DataFrame(), units=written)
+    for steps, sites, columns in [([3, 7, 10], ["b"], None), ([2], None, ["unit", "step"]),
+                                  (None, ["a"], ["activation_rate"]), ([99], None, None)]:
+        want = written
+        if steps is not None:
+            want = want[want["step"].isin(steps)]
+        if sites is not None:
+            want = want[want["site"].isin(sites)]
+        if columns is not None:
+            want = want[columns]
+        got = run.read_units(steps=steps, sites=sites, columns=columns)
+        if want.empty:
+            assert got.empty
+            continue
+        assert_same_table(got, want)
+        assert_same_table(in_memory.read_units(steps=steps, sites=sites, columns=columns), want)
+    assert all(where is not None for table, where in reads if table == "units")
+    assert run.unit_sites() == in_memory.unit_sites() == ["a", "b"]
+    assert_same_table(run.units, written)  # the whole table, read on first use
+    with pytest.raises(TypeError, match=r"steps: expected int values, got 1.5"):
+        run.read_units(steps=[1.5])
+    with pytest.raises(TypeError, match="sites: expected a list of str"):
+        run.read_units(sites="a")
+    w.close()
+
+
+def test_the_report_reads_the_unit_rows_of_the_steps_it_shows(tmp_path, monkeypatch):
+    """80 logs: the heatmaps show 60 of them (plots.MAX_COLS), evenly spread from the first
+    to the last, and the report reads the unit rows of those steps only; a smaller row budget
+    (wide layers) shows fewer."""
+    from relu_doctor.reports import context
+    from relu_doctor.reports.html import render_report
+    from relu_doctor.reports.plots import MAX_COLS
+    from relu_doctor.runread import TableParts
+
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(80)], doc=doc)
+    asked = []
+    real = TableParts.read
+    monkeypatch.setattr(TableParts, "read", lambda self, **kw: (
+        asked.append(kw) if self.folder.name == "units" else None, real(self, **kw))[1])
+    run = load_run(run_dir)
+    logged = sorted(int(s) for s in run.history["step"].unique())
+    ctx = context.build_context(run)
+    html = render_report(run)
+    shown = ctx.series.heatmap_steps
+    assert len(shown) == MAX_COLS and shown[0] == logged[0] and shown[-1] == logged[-1]
+    gaps = [logged.index(b) - logged.index(a) for a, b in itertools.pairwise(shown)]
+    assert set(gaps) <= {1, 2}  # evenly spread over the 80
+    assert sorted(ctx.series.units["step"].unique()) == shown
+    assert asked and all(kw.get("steps") is not None for kw in asked), asked
+    assert set().union(*(set(kw["steps"]) for kw in asked)) == set(shown)
+    assert f"{MAX_COLS} of the 80 logging steps" in html
+    # A wide layer: the row budget holds 5 steps of the 64 units.
+    monkeypatch.setattr(context, "HEATMAP_ROWS", 64 * 5)
+    shown = context.build_context(run).series.heatmap_steps
+    assert shown == [logged[i] for i in (0, 20, 40, 59, 79)]  # np.round of linspace(0, 79, 5)
+
+
+def test_a_long_stream_is_compacted_whole_and_a_torn_one_up_to_its_last_batch(tmp_path):
+    """600 logs (more than one fold of batches): every row in order, in one row group; a
+    stream whose writer died mid-batch is compacted by the next writer up to that batch."""
+    import pyarrow.parquet as pq
+
+    from relu_doctor.runread import FOLD_BATCHES
+
+    frames = [pd.DataFrame({"step": [s] * 3, "name": ["a", "b", "c"], "value": [s, -s, s / 7]})
+              for s in range(1, 601)]
+    assert len(frames) > 2 * FOLD_BATCHES
+    for torn in (False, True):
+        w = RunWriter(tmp_path / f"r{torn}")
+        w.write_meta({"sites": []})
+        for f in frames:
+            w.append_table("metrics", int(f["step"].iloc[0]), f)
+        if torn:
+            stream = next((tmp_path / "rTrue" / "metrics").glob("seg-*.arrows"))
+            w.abandon()
+            stream.write_bytes(stream.read_bytes()[:-40])
+            w._finalizer()  # the lock of the dead writer
+            RunWriter(tmp_path / "rTrue", resume=True).close()  # compacts what it finds
+        else:
+            w.close()
+        (part,) = (tmp_path / f"r{torn}" / "metrics").iterdir()
+        assert part.suffix == ".parquet" and pq.ParquetFile(part).num_row_groups == 1
+        want = pd.concat(frames[:-1] if torn else frames)
+        assert_same_table(read_table(tmp_path / f"r{torn}", "metrics"), want)
