@@ -9,9 +9,9 @@ up, checkpoints resume exactly, and sums across processes equal one process seei
 A site's state is one float64 matrix of shape ``(len(FIELDS), units)``: one row per field.
 float64 counts are exact up to 2**53. Per step, a hook reduces the activation to a small
 float32 matrix of per-unit rows (:func:`forward_rows`, :func:`grad_rows`: the eager reference
-path) and adds it to the window in one in-place op; on the CPU one fused kernel does both in a
-single read of the activation (:meth:`SiteStats.record_forward`, :meth:`SiteStats.record_grad`),
-with the eager path as the fallback. Nothing is read back to the host until logging time.
+path) and adds it to the window in one in-place op; on the CPU (C) and on CUDA (Triton) one
+fused kernel does both in a single read of the activation (:meth:`SiteStats.record_forward`,
+:meth:`SiteStats.record_grad`), with the eager path as the fallback. Nothing is read back to the host until logging time.
 
 Fields:
 
