@@ -262,10 +262,14 @@ def key_label(key: SiteKey) -> str:
 
 #: What acts the same on shards, said by every refusal of a remedy that does not.
 SHARD_SAFE = (
-    "With sharded parameters use the remedies that act the same on every shard: LRRescuer and "
-    "the LeakyReLU swap (in a TreatmentPlan: steps=(PlanStep('lr'), PlanStep('swap'))); or "
-    "train with DDP, where every remedy acts identically on every process"
+    "With sharded parameters use the remedies that act the same on every shard: LRRescuer, "
+    "the LeakyReLU swap and, on DTensor parameters (FSDP2), AutoClip (in a TreatmentPlan: "
+    "steps=(PlanStep('lr'), PlanStep('swap')), and PlanStep('clip') on FSDP2); or train with "
+    "DDP, where every remedy acts identically on every process"
 )
+
+#: What :func:`sharding_of` says of DTensor parameters.
+DTENSOR = "DTensor parameters (FSDP2 fully_shard or tensor parallelism)"
 
 
 def sharding_of(
@@ -293,7 +297,7 @@ def sharding_of(
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     for p in params:
         if dtensor is not None and isinstance(p, dtensor):
-            return "DTensor parameters (FSDP2 fully_shard or tensor parallelism)"
+            return DTENSOR
         if type(p).__name__ == "FlatParameter":
             return "FSDP (flat parameters)"
         if hasattr(p, "ds_id"):

@@ -24,6 +24,7 @@ from relu_doctor._validate import (
 )
 from relu_doctor.events import Intervention
 from relu_doctor.remedies.base import (
+    DTENSOR,
     MODEL,
     RecordLike,
     Remedy,
@@ -72,7 +73,7 @@ class _Clipper(Remedy):
         chosen = list(params) if params is not None else None
         every = chosen if chosen is not None else [p for g in optimizer.param_groups
                                                    for p in g["params"]]
-        refuse_sharded(type(self).__name__, self.on_shards, sharding_of(params=every),
+        refuse_sharded(type(self).__name__, self.on_shards, self._sharding(every),
                        arg="optimizer")
 
         def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -99,9 +100,13 @@ class _Clipper(Remedy):
     def _check_whole(self, grads: list[torch.Tensor]) -> None:
         """Refuse sharded gradients, at the first clip (before the first update)."""
         if not self._whole:
-            refuse_sharded(type(self).__name__, self.on_shards,
-                           sharding_of(params=grads), arg="params")
+            refuse_sharded(type(self).__name__, self.on_shards, self._sharding(grads),
+                           arg="params")
             self._whole = True
+
+    def _sharding(self, tensors: list[torch.Tensor]) -> str | None:
+        """How ``tensors`` are sharded across processes, where this clipper cannot act."""
+        return sharding_of(params=tensors)
 
     def _count(self, mask: torch.Tensor) -> None:
         c = mask.sum(dtype=torch.int64) if mask.dim() else mask.to(torch.int64)
@@ -156,7 +161,9 @@ class AutoClip(_Clipper):
     clip count and the threshold are read at logging time (:meth:`read`).
 
     Call :meth:`clip_` after ``scaler.unscale_(optimizer)`` and before ``optimizer.step()``,
-    or :meth:`attach` it to the optimizer as a step pre-hook.
+    or :meth:`attach` it to the optimizer as a step pre-hook. On DTensor parameters (FSDP2
+    ``fully_shard``) the norm is the whole gradient's, summed across the shards, the same on
+    every process; other sharded parameters (FSDP1, DeepSpeed ZeRO-3) are refused.
 
     Args:
         percentile: in (0, 100]; the paper's best values are around 10.
@@ -202,6 +209,9 @@ class AutoClip(_Clipper):
         total: torch.Tensor = torch.linalg.vector_norm(
             torch.stack([n.to(device, torch.float32) for n in norms])
         )
+        full = getattr(total, "full_tensor", None)
+        if full is not None:  # DTensor shards: the whole gradient's norm, on every process
+            total = full()
         if self._buf is None:
             self._buf = torch.full((self.history,), float("nan"), device=device)
         elif self._buf.device != device:  # restored from a checkpoint on the CPU
@@ -220,6 +230,10 @@ class AutoClip(_Clipper):
         torch._foreach_mul_(grads, coef)
         self._count(over)
         return total
+
+    def _sharding(self, tensors: list[torch.Tensor]) -> str | None:
+        found = sharding_of(params=tensors)
+        return None if found == DTENSOR else found  # DTensor: the norm of the whole gradient
 
     def _describe(self, stats: Mapping[str, Any]) -> str:
         thr = stats["threshold"]

@@ -4,9 +4,10 @@ parameters equal the unsharded norms (each process adds its shards' squares; the
 cross-process sum makes the total).
 
 Remedies: those that edit whole weights or optimizer state (ReDo recycling, Continual
-Backprop, a PReLU swap) or measure a gradient norm (AutoClip, AGC) refuse sharded parameters
-(FSDP2 and FSDP1 modules) before training, naming what they found; the learning-rate cut and
-the LeakyReLU swap act on FSDP2 as on one process. The remedy callbacks refuse Lightning's
+Backprop, a PReLU swap) or measure gradient norms on the local shards (AGC) refuse sharded
+parameters before training, naming what they found; AutoClip (with the whole gradient's norm
+from the DTensor shards), the learning-rate cut and the LeakyReLU swap act on FSDP2 as on one
+process. The remedy callbacks refuse Lightning's
 sharding strategies (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy), which Lightning
 runs on GPUs only, by name at ``setup``/``on_train_start`` (checked on a stand-in Trainer).
 """
@@ -88,6 +89,9 @@ def batches(steps: int = STEPS) -> list[torch.Tensor]:
 
 #: The steps of a treatment plan that act the same on shards.
 SHARD_SAFE_STEPS = (PlanStep("lr"), PlanStep("swap", options={"threshold": 0.3}))
+#: ... and on DTensor shards (FSDP2).
+DTENSOR_STEPS = (PlanStep("clip"), *SHARD_SAFE_STEPS)
+PLANS = {"lr, swap": SHARD_SAFE_STEPS, "clip, lr, swap": DTENSOR_STEPS}
 TREAT_STEPS = 8
 
 
@@ -109,15 +113,17 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
-def treat(model: nn.Module, xs: list[torch.Tensor], **kw: Any) -> dict[str, Any]:
-    """Train under a plan of the shard-safe steps; what it did and the whole weights."""
+def treat(model: nn.Module, xs: list[torch.Tensor], steps: tuple[PlanStep, ...], **kw: Any
+          ) -> dict[str, Any]:
+    """Train under a plan of ``steps``; what it did and the whole weights."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     events: list[dict[str, Any]] = []
     with relu_doctor.watch(model, log_every_n_steps=LOG_EVERY, every_n_steps=1, optimizer=opt,
                            **kw) as doc:
         doc.add_event_listener(events.append)
-        TreatmentPlan(model, optimizer=opt, steps=SHARD_SAFE_STEPS, cooldown=1).bind(doc)
+        plan = TreatmentPlan(model, optimizer=opt, steps=steps, cooldown=1).bind(doc)
         train(model, doc, opt, xs)
+    plan.detach()
     whole = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
              for k, v in model.state_dict().items()}
     return {
@@ -126,6 +132,7 @@ def treat(model: nn.Module, xs: list[torch.Tensor], **kw: Any) -> dict[str, Any]
         "modules": [type(m).__name__.removeprefix("FSDP") for m in model],
         "lr": opt.param_groups[0]["lr"],
         "state": whole,
+        "norms": plan.remedy("clip").norm_history if steps[0].remedy == "clip" else None,
     }
 
 
@@ -143,15 +150,16 @@ def refusals(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, str]:
     attempt("DormantRecycler", lambda: DormantRecycler(model))
     attempt("ContinualBackprop", lambda: ContinualBackprop(model))
     attempt("TreatmentPlan", lambda: TreatmentPlan(model, optimizer=opt))
-    attempt("AutoClip.attach", lambda: AutoClip().attach(opt))
+    attempt("AutoClip.attach", lambda: AutoClip().attach(opt).detach())
     attempt("AGC.attach", lambda: AGC().attach(opt))
-    attempt("AutoClip.clip_", lambda: AutoClip().clip_(model.parameters()))
+    attempt("AGC.clip_", lambda: AGC().clip_(model.parameters()))
     attempt("ActivationSwapper(prelu)", lambda: ActivationSwapper(model, kind="prelu"))
     attempt("swap_activation(prelu)", lambda: swap_activation(model, path="1", kind="prelu"))
+    attempt("AutoClip.clip_", lambda: AutoClip().clip_(model.parameters()))
     attempt("LRRescuer", lambda: LRRescuer(opt))
     attempt("ActivationSwapper", lambda: ActivationSwapper(model))
-    attempt("TreatmentPlan(lr, swap)",
-            lambda: TreatmentPlan(model, optimizer=opt, steps=SHARD_SAFE_STEPS))
+    attempt("TreatmentPlan(clip, lr, swap)",
+            lambda: TreatmentPlan(model, optimizer=opt, steps=DTENSOR_STEPS))
     return out
 
 
@@ -182,8 +190,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         # gradients of the last step are still there: AutoClip.clip_ sees sharded ones
         (Path(out) / f"said{rank}.json").write_text(json.dumps(refusals(model, opt)))
         xs = [x[rank * BATCH : (rank + 1) * BATCH] for x in batches(TREAT_STEPS)]
-        treated = treat(shard(make_dying_model()), xs, all_reduce=all_reduce,
-                        world_size=WORLD, is_writer=rank == 0)
+        treated = {name: treat(shard(make_dying_model()), xs, steps, all_reduce=all_reduce,
+                               world_size=WORLD, is_writer=rank == 0)
+                   for name, steps in PLANS.items()}
         torch.save(treated, Path(out) / f"treated{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -235,9 +244,10 @@ def test_fsdp2_two_processes_equal_one_process_over_the_same_samples(fsdp_run):
         one_layers["grad_norm"].tolist(), rel=1e-6)
 
 
-REFUSED = ("DormantRecycler", "ContinualBackprop", "TreatmentPlan", "AutoClip.attach",
-           "AGC.attach", "ActivationSwapper(prelu)", "swap_activation(prelu)")
-ACCEPTED = ("LRRescuer", "ActivationSwapper", "TreatmentPlan(lr, swap)")
+REFUSED = ("DormantRecycler", "ContinualBackprop", "TreatmentPlan", "AGC.attach", "AGC.clip_",
+           "ActivationSwapper(prelu)", "swap_activation(prelu)")
+ACCEPTED = ("AutoClip.attach", "AutoClip.clip_", "LRRescuer", "ActivationSwapper",
+            "TreatmentPlan(clip, lr, swap)")
 
 
 @spawned
@@ -251,21 +261,26 @@ def test_remedies_refuse_sharded_parameters_and_the_safe_ones_act_as_one_process
             "expected one process" in fsdp2[name], (name, fsdp2[name])
         assert "FSDP2" in fsdp2[name] or "DTensor" in fsdp2[name], (name, fsdp2[name])
     assert "DormantRecycler" in fsdp2["DormantRecycler"]
-    assert "AutoClip" in fsdp2["AutoClip.clip_"] and "params:" in fsdp2["AutoClip.clip_"]
+    assert "AGC" in fsdp2["AGC.clip_"] and "params:" in fsdp2["AGC.clip_"]
     assert "kind:" in fsdp2["swap_activation(prelu)"]
     for name in ACCEPTED:
         assert fsdp2[name] == "accepted", (name, fsdp2[name])
 
-    # lr cut and LeakyReLU swap on FSDP2: the same on both ranks, and as one process
+    # AutoClip, the lr cut and the LeakyReLU swap on FSDP2: as one process, on both ranks
     treated = [torch.load(tmp_path / f"treated{r}.pt", weights_only=False) for r in range(WORLD)]
-    one = treat(make_dying_model(), batches(TREAT_STEPS))
-    assert {e[0] for e in one["events"]} == {"lr_rescue", "leaky_relu_swap"}
-    for t in treated:
-        assert t["events"] == one["events"]
-        assert t["modules"] == one["modules"] and "LeakyReLU" in t["modules"]
-        assert t["lr"] == one["lr"] < 0.05
-        for k, v in one["state"].items():
-            torch.testing.assert_close(t["state"][k], v, rtol=1e-5, atol=1e-6)
+    for name, fired in (("lr, swap", {"lr_rescue", "leaky_relu_swap"}),
+                        ("clip, lr, swap", {"adaptive_grad_clip", "leaky_relu_swap"})):
+        one = treat(make_dying_model(), batches(TREAT_STEPS), PLANS[name])
+        assert {e[0] for e in one["events"]} >= fired, one["events"]
+        for t in treated:
+            t = t[name]
+            assert t["events"] == one["events"]
+            assert t["modules"] == one["modules"] and "LeakyReLU" in t["modules"]
+            assert t["lr"] == one["lr"]
+            if one["norms"] is not None:  # the whole gradient's norm, clipped the same
+                torch.testing.assert_close(t["norms"], one["norms"], rtol=1e-5, atol=0)
+            for k, v in one["state"].items():
+                torch.testing.assert_close(t["state"][k], v, rtol=1e-5, atol=1e-6)
 
 
 def test_sharding_is_recognised_without_importing_the_strategies():
