@@ -8,7 +8,8 @@ ranks' weights differ. Checked, for every remedy (the treatment plan's AutoClip,
 recycling and LeakyReLU swap, and Continual Backprop): the interventions are the same on both
 ranks and the same as one process's over the union of the samples; afterwards the weights
 and the optimizer state are bit-identical across ranks and equal one process's up to
-rounding. The same for the Lightning callbacks under ``strategy="ddp_spawn"``.
+rounding. The same for ``ReluDoctorTreatment`` under Lightning's ``DDPStrategy`` (joining the
+process group, as under torchrun), whose AutoClip must clip the step's own gradients.
 """
 
 from __future__ import annotations
