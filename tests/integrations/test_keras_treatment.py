@@ -126,9 +126,13 @@ def test_a_healthy_run_with_the_plan_is_bit_identical(tmp_path: Path) -> None:
                                                         run_dir=tmp_path / name, **kw)]
         model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=cbs)
         weights[name] = [np.asarray(keras.ops.convert_to_numpy(w)) for w in model.weights]
-        if name == "treated":
+        if name == "treated":  # weights taken before the second fit below
             assert _events(tmp_path / name, "intervention") == []
-            assert cbs[0].plan is not None and cbs[0].plan.interval == 4
+            first = cbs[0].plan
+            assert first is not None and first.interval == 4
+            model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=cbs)
+            second = cbs[0].plan  # a second fit: a new plan that goes on where it was
+            assert second is not None and second is not first and second.interval == 6
     for name in ("watched", "treated"):
         assert all(np.array_equal(a, b) for a, b in zip(weights["bare"], weights[name],
                                                         strict=True)), name
