@@ -228,13 +228,12 @@ def _where_lines(out: Path, runs: Any) -> list[str]:
     lines += [f"  {n:<{pad}}  {Path(r.run_dir).resolve()}" for n, r in runs.items()]
     first = next(iter(runs.values()))
     report = q(str(Path(first.report).resolve()))
-    spec = ",".join(f"{n}:{Path(r.run_dir).resolve() / 'tensorboard'}" for n, r in runs.items())
     lines += [
         "",
         "Open a report in a browser:",
         f"  xdg-open {report}    # macOS: open {report}",
         "See the runs side by side in TensorBoard (runs named " + " and ".join(runs) + "):",
-        f"  {_command('tensorboard')} --logdir_spec {q(spec)}",
+        f"  {_command('tensorboard')} --logdir {q(str(out.resolve()))}",
         "Re-make a report from a run directory:",
         f"  {_command('relu-doctor')} report {q(str(Path(first.run_dir).resolve()))}",
     ]

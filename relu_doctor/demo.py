@@ -14,8 +14,9 @@ stop firing for good. The same seed is trained twice:
 :func:`compare_seeds` trains both runs over several seeds and prints the final accuracy and
 dead units as mean and spread (``python -m relu_doctor.demo --seeds 3``).
 
-Each run writes a run directory (with TensorBoard event files under ``tensorboard/``) and an
-HTML report; :func:`run_demo` returns where everything is and the numbers to compare.
+Each run writes a run directory (its TensorBoard event files in it, so ``tensorboard --logdir
+OUT`` names the runs ``untreated`` and ``treated``) and an HTML report; :func:`run_demo`
+returns where everything is and the numbers to compare.
 
 Example:
     >>> from relu_doctor.demo import run_demo
@@ -182,8 +183,8 @@ def train(
     report: bool = True,
 ) -> RunResult:
     """Train the demo student once, watched by relu_doctor; write its run directory,
-    TensorBoard logs (``run_dir/tensorboard``) and, with ``report``, its HTML report
-    (``run_dir/report.html``)."""
+    TensorBoard logs (in ``run_dir`` itself: TensorBoard names the run after it) and, with
+    ``report``, its HTML report (``run_dir/report.html``)."""
     from relu_doctor.reports import tensorboard as tb
     from relu_doctor.reports.html import write_report
 
@@ -192,7 +193,7 @@ def train(
     model = make_model(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     batches = torch.Generator().manual_seed(2000 + cfg.seed)
-    tb_dir = run_dir / "tensorboard"
+    tb_dir = tb.run_log_dir(run_dir)
     result = RunResult(name, run_dir, run_dir / "report.html", tb_dir)
     every = max(cfg.log_every, cfg.steps // 5)
     next_print = every

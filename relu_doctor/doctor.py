@@ -76,7 +76,8 @@ class Doctor(IntervalReading, RunRecording):
         grad_scaler: a ``torch.amp.GradScaler`` whose scale is divided out of the gradient
             statistics (fp16 AMP); not needed for bf16.
         run_dir: write a run directory here as training goes, TensorBoard event files
-            (``<run_dir>/tensorboard``) included.
+            included (in ``run_dir`` itself: ``tensorboard --logdir`` its parent names the
+            run after it).
         tensorboard: with ``run_dir``, also write TensorBoard event files there (pass False
             when something else writes them, as the Lightning callback does).
         config: diagnosis thresholds, ``tau`` included.
@@ -255,9 +256,9 @@ class Doctor(IntervalReading, RunRecording):
                 except OSError as e:  # disk full...: train on, retry at the next log
                     self._write_failed(e)
                 if self.tensorboard and self._tb is None:
-                    from relu_doctor.reports.tensorboard import RunTensorBoard
+                    from relu_doctor.reports.tensorboard import RunTensorBoard, run_log_dir
 
-                    self._tb = RunTensorBoard(self.run_dir / "tensorboard")
+                    self._tb = RunTensorBoard(run_log_dir(self.run_dir))
                     self.add_listener(self._tb.write_record)
                     self.add_event_listener(self._tb.write_event)
             if self.eval is not None:

@@ -367,13 +367,13 @@ class ReluDoctor(Callback):
     # ------------------------------------------------------------------ output
     def _writers(self, trainer: pl.Trainer) -> list[Any]:
         """TensorBoard writers (rank zero): every TensorBoardLogger's experiment, or else
-        our own writer in ``<run_dir>/tensorboard`` so the run directory is complete."""
+        our own writer in the run directory (``tb.run_log_dir``) so it is complete."""
         tbs = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if tbs:
             writers = [lg.experiment for lg in tbs]
         else:
             if self._own_writer is None and self._resolved_run_dir is not None:
-                self._own_writer = tb.open_writer(self._resolved_run_dir / "tensorboard")
+                self._own_writer = tb.open_writer(tb.run_log_dir(self._resolved_run_dir))
             writers = [self._own_writer] if self._own_writer is not None else []
         for w in writers:
             if id(w) not in self._used_writers:  # first use: the custom-scalars layout

@@ -20,8 +20,11 @@ Tags:
 ``train/<name>``                       training metrics of the interval (loss, lr...)
 =====================================  ==============================================
 
-:class:`RunTensorBoard` is the Doctor's listener that writes ``<run_dir>/tensorboard`` for a
-plain ``watch(model, run_dir=...)`` loop.
+:class:`RunTensorBoard` is the Doctor's listener that writes the event files of a plain
+``watch(model, run_dir=...)`` loop. A run's event files lie in its run directory itself
+(:func:`run_log_dir`): TensorBoard names a run by the folder that holds its event files,
+relative to ``--logdir``, so ``tensorboard --logdir runs`` shows the run directories
+``runs/treated`` and ``runs/untreated`` as the runs ``treated`` and ``untreated``.
 
 ``prefix`` is ``relu_doctor`` for training statistics and ``relu_doctor_val`` for the
 validation stream of the Lightning callback.
@@ -66,6 +69,7 @@ __all__ = [
     "findings_markdown",
     "has_cap",
     "open_writer",
+    "run_log_dir",
     "scalars",
     "tag",
     "training_scalars",
@@ -397,6 +401,18 @@ def write_events(
         writer.add_text(f"{prefix}/events", events_markdown(evs), step)
 
 
+def run_log_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """Where the event files of the run written to ``run_dir`` go: ``run_dir`` itself, so
+    TensorBoard names the run after its run directory (``tensorboard --logdir`` the folder
+    that holds the run directories).
+
+    Example:
+        >>> run_log_dir("runs/treated").as_posix()
+        'runs/treated'
+    """
+    return Path(run_dir)
+
+
 def open_writer(log_dir: str | os.PathLike[str]) -> SummaryWriterLike:
     """A ``torch.utils.tensorboard.SummaryWriter`` writing to ``log_dir``."""
     from torch.utils.tensorboard import SummaryWriter
@@ -415,7 +431,7 @@ def write_run(
 
     Args:
         run: a run record (:func:`relu_doctor.load_run`).
-        log_dir: where to write; default ``<run.path>/tensorboard``.
+        log_dir: where to write; default the run directory (:func:`run_log_dir`).
         metrics: site metrics to write as scalars.
         histograms: write per-unit histograms.
 
@@ -425,7 +441,7 @@ def write_run(
     if log_dir is None:
         if run.path is None:
             raise ValueError("log_dir: required for a run record built in memory (no path).")
-        log_dir = run.path / "tensorboard"
+        log_dir = run_log_dir(run.path)
     writer = open_writer(log_dir)
     try:
         hist = run.history
@@ -473,7 +489,7 @@ class RunTensorBoard:
     steps aside (training goes on).
 
     Args:
-        log_dir: where the event files go (``<run_dir>/tensorboard``).
+        log_dir: where the event files go (:func:`run_log_dir` of the run directory).
         metrics: site metrics written as scalars.
     """
 

@@ -227,7 +227,7 @@ def test_tensorboard_matches_standalone(tmp_path):
     # The run directory is next to the logger's files and loads.
     run = relu_doctor.load_run(Path(logger.log_dir) / "relu_doctor")
     assert sorted(run.history["step"].unique()) == [3, 6]
-    assert not (Path(logger.log_dir) / "relu_doctor" / "tensorboard").exists()
+    assert not list((Path(logger.log_dir) / "relu_doctor").rglob("events.out.tfevents.*"))
     assert no_hooks_left(cb.doctor.model)
 
 
@@ -246,7 +246,7 @@ def test_csv_logger_gets_scalars_and_run_dir_gets_tensorboard(tmp_path):
         assert got.iloc[0] == pytest.approx(row["sparsity"], rel=1e-9)
     assert sorted(df["step"].unique()) == [2, 4]
     # Without a TensorBoardLogger the run directory holds its own event files.
-    ea = read_events(tmp_path / "run" / "tensorboard")
+    ea = read_events(tmp_path / "run")
     assert "relu_doctor/sparsity/net.1" in ea.Tags()["scalars"]
     run = relu_doctor.load_run(tmp_path / "run")
     assert sorted(run.history["step"].unique()) == [2, 4]

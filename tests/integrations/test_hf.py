@@ -107,7 +107,7 @@ def test_logged_numbers_equal_the_reference_with_accumulation_and_eval(tmp_path:
     # The run directory and its TensorBoard tags are those of the Lightning monitor.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ea = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     ea.Reload()
     assert {f"relu_doctor/dead_fraction/{s}" for s in SITES} <= set(ea.Tags()["scalars"])
 

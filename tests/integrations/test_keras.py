@@ -128,11 +128,11 @@ def test_partial_window_flushed_and_report_written(tmp_path: Path) -> None:
     h = cb.doctor.history()
     assert set(h["step"]) == {3} and set(h["window_steps"]) == {3}
     assert (tmp_path / "run" / "report.html").is_file()
-    tb_files = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    tb_files = list((tmp_path / "run").glob("events.out.tfevents.*"))
     assert tb_files
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    ea = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0})
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
     assert {f"relu_doctor/dead_fraction/{s}" for s in ("hidden", "inner/d_in", "act")} <= tags

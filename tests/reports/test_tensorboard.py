@@ -189,12 +189,12 @@ def test_write_run_of_an_in_memory_run_needs_a_log_dir() -> None:
 
 
 def test_plain_watch_with_run_dir_writes_tensorboard(treated_run: TrainedRun) -> None:
-    """watch(run_dir=...) writes <run_dir>/tensorboard as it goes: the same scalars as the
+    """watch(run_dir=...) writes event files into <run_dir> as it goes: the same scalars as the
     run record, the training metrics, the interventions table, no saturation chart."""
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     run = load_run(treated_run.run_dir)
-    ea = accumulate(treated_run.run_dir / "tensorboard")
+    ea = accumulate(treated_run.run_dir)
     rows = run.history[run.history["site"] == "act1"].sort_values("step")
     events = ea.Scalars(tb.tag("dead_fraction", "act1"))
     assert [e.step for e in events] == rows["step"].tolist()
