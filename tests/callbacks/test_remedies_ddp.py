@@ -15,13 +15,11 @@ process group, as under torchrun), whose AutoClip must clip the step's own gradi
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -31,15 +29,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import relu_doctor
 from relu_doctor.callbacks import ReluDoctor, ReluDoctorTreatment
 from relu_doctor.remedies import ContinualBackprop, PlanStep, TreatmentPlan
-from tests.callbacks.test_fsdp import all_reduce, free_port
+from tests.callbacks.test_fsdp import SPAWNED, all_reduce, free_port
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                       reason="needs torch.distributed with gloo"),
-    pytest.mark.skipif(sys.platform != "linux", reason="spawned gloo processes: Linux only"),
-    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::relu_doctor.ReluDoctorWarning"),
-]
+pytestmark = SPAWNED
 
 WORLD, BATCH, STEPS, LOG_EVERY = 2, 8, 12, 2
 SCENARIOS = ("plan", "lr_swap", "continual_backprop")
