@@ -19,16 +19,26 @@ History of the fixture:
    (the plain loop's functional site ``(root):relu#0`` is now recycled, so the plain loop
    diverges after its first recycling at step 30, identical before it); and the treated
    demo follows the treatment plan instead of every remedy at once.
+3. Re-made for issue 15's one vocabulary: the recorded ``dormant`` (unit column, site
+   ``dormant`` / ``dormant_fraction``, the interventions' snapshots) now means active but
+   below tau, dead units excluded; ReDo's criterion (score <= tau, dead units included) is
+   the new ``below_tau`` / ``below_tau_fraction``, recorded here too. Checked before
+   re-making: every other number is unchanged, ``below_tau`` equals the old ``dormant``
+   everywhere and the new ``dormant`` is the old one without the dead units (so the remedies
+   chose the same units: same weights, same runs). Made with the default overhead budget
+   pinned to every step, as the test suite runs (:func:`make` does it).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -42,13 +52,13 @@ GOLDEN = HERE / "golden.json"
 HISTORY = [
     "step", "site", "family", "order", "window_steps", "units", "units_seen", "elements",
     "dead", "dead_fraction", "lifetime_dead", "lifetime_dead_fraction", "dormant",
-    "dormant_fraction", "sparsity", "activation_rate", "mean_abs", "rms",
+    "dormant_fraction", "below_tau", "below_tau_fraction", "sparsity", "activation_rate", "mean_abs", "rms",
     "saturated_fraction", "fully_saturated", "grad_rms", "grad_zero_fraction", "nonfinite",
     "grad_nonfinite",
 ]
 UNITS = [
     "step", "site", "unit", "activation_rate", "mean_abs", "dormant_score", "saturation_rate",
-    "grad_rms", "grad_zero_rate", "dead", "dormant", "lifetime_dead",
+    "grad_rms", "grad_zero_rate", "dead", "dormant", "below_tau", "lifetime_dead",
 ]
 LAYERS = ["step", "layer", "grad_norm", "update_ratio"]
 INTERVENTION = ["remedy", "site", "step", "what", "before", "after"]
@@ -142,13 +152,16 @@ def plain_loop(run_dir: Path) -> list[list[Any]]:
 def make() -> dict[str, Any]:
     """Both runs, canonical, on the eager statistics path (the reference: the fused kernel
     sums in another order, so its sums differ in the last float32 bits; tests/test_fused.py
-    holds it to the eager path)."""
+    holds it to the eager path), collecting every step (the default overhead budget pinned
+    as tests/conftest.py pins it: with a budget, which steps collect depends on timing)."""
     from relu_doctor import _kernels
     from relu_doctor.demo import run_demo
+    from relu_doctor.sampling import ENV
 
     torch.set_num_threads(1)
     out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp, _kernels.disabled():
+    with (tempfile.TemporaryDirectory() as tmp, _kernels.disabled(),
+          mock.patch.dict(os.environ, {ENV: "none"})):
         res = run_demo(Path(tmp) / "demo", quick=True, seed=0, stream=open(  # noqa: SIM115
             "/dev/null", "w"))
         for name in ("untreated", "treated"):
