@@ -89,7 +89,7 @@ class InterventionResult:
         target: the metric the intervention was judged on (None: not judged).
         verdict: ``"helped"``, ``"did not help"`` or ``"unknown"`` on ``target``.
         efficacy: for changes to units (recycling), the share of them still dead and still
-            dormant: ``{"units", "still_dead", "still_dormant"}``.
+            below tau (ReDo score <= tau): ``{"units", "still_dead", "still_below_tau"}``.
     """
 
     ref: str

@@ -87,7 +87,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
     Sites are Keras layers (``dense_1``, ``conv2d``, ``inner/dense``; an activation layer by
     its own name); units are a layer's ``units``/``filters``. Each logging interval goes to
-    the run directory (with ``tensorboard/``), findings are raised once per (kind, site) as
+    the run directory (with its TensorBoard event files), findings are raised once per (kind, site) as
     :class:`~relu_doctor.errors.ReluDoctorWarning`, and the run-level numbers of
     :func:`~relu_doctor.diagnosis.run_health` go into the epoch's ``logs``
     (``relu_doctor/health``, ``relu_doctor/dead_fraction``...).
