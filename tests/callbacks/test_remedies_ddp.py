@@ -9,7 +9,8 @@ recycling and LeakyReLU swap, and Continual Backprop): the interventions are the
 ranks and the same as one process's over the union of the samples; afterwards the weights
 and the optimizer state are bit-identical across ranks and equal one process's up to
 rounding. The same for ``ReluDoctorTreatment`` under Lightning's ``DDPStrategy`` (joining the
-process group, as under torchrun), whose AutoClip must clip the step's own gradients.
+process group, as under torchrun), whose AutoClip must clip the step's own gradients. A PReLU
+swap, whose new slopes DDP would not share, is refused with more than one process.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import relu_doctor
 from relu_doctor.callbacks import ReluDoctor, ReluDoctorTreatment
-from relu_doctor.remedies import ContinualBackprop, PlanStep, TreatmentPlan
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.remedies import ActivationSwapper, ContinualBackprop, PlanStep, TreatmentPlan
 from tests.callbacks.test_fsdp import SPAWNED, all_reduce, free_port
 
 pytestmark = SPAWNED
@@ -186,6 +188,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         # Lightning's DDPStrategy joins the process group made here (as under torchrun)
         os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(WORLD))
         result["lightning"] = run_lightning(rank, Path(out) / f"lightning{rank}")
+        try:  # a PReLU's new slopes would be each process's own
+            ActivationSwapper(Wrap(), kind="prelu")
+            result["prelu"] = "accepted"
+        except ReluDoctorError as e:
+            result["prelu"] = str(e)
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -222,6 +229,11 @@ def test_every_remedy_acts_identically_on_every_rank_and_as_one_process(tmp_path
                                                              "dormant_reset"}
     assert fired >= {"adaptive_grad_clip", "lr_rescue", "dormant_reset", "leaky_relu_swap",
                      "continual_backprop"}, fired
+
+    for r in ranks:
+        assert r["prelu"].startswith("kind: expected one process ('prelu' adds parameters")
+        assert r["prelu"].endswith(f"got torch.distributed with {WORLD} processes.")
+    ActivationSwapper(Wrap(), kind="prelu")  # one process: accepted
 
     # The test can tell: one rank's own samples call for other changes than the union's.
     local = run("plan", None, [(x[:BATCH], y[:BATCH]) for x, y in batches()])
