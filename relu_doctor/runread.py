@@ -191,13 +191,17 @@ def _part_schema(part: Path) -> pa.Schema:
 
 
 def _read_part(
-    part: Path, columns: list[str] | None, where: pc.Expression | None
+    part: Path, columns: list[str] | None, where: pc.Expression | None,
+    dictionary: frozenset[str] = frozenset(),
 ) -> tuple[pa.Table, bool]:
     """The rows of one part that match ``where`` (pushed down to the Parquet row groups; a
     stream is filtered as it is read), in ``columns``, and whether a stream was cut short
-    (it is read up to its last complete batch)."""
+    (it is read up to its last complete batch). The ``dictionary`` columns of a Parquet part
+    are read dictionary-encoded, as stored."""
     if part.suffix == ".parquet":
-        return ds.dataset(part, format="parquet").to_table(columns=columns, filter=where), False
+        fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(
+            dictionary_columns=set(dictionary))) if dictionary else "parquet"
+        return ds.dataset(part, format=fmt).to_table(columns=columns, filter=where), False
     with pa.OSFile(str(part)) as source:
         chunks = StreamChunks(source, where=where, columns=columns)
         tables = list(chunks)
@@ -242,10 +246,11 @@ class TableParts:
         warn_problem(self.problems, f"relu_doctor: skipped {str(part)!r}: {why}.")
 
     def _read(self, part: Path, schema: pa.Schema, columns: list[str] | None,
-              where: pc.Expression | None) -> pa.Table | None:
+              where: pc.Expression | None, dictionary: frozenset[str] = frozenset(),
+              ) -> pa.Table | None:
         """One part's rows; None (warned once, and not read again) when it cannot be read."""
         try:
-            data, torn = _read_part(part, columns, where)
+            data, torn = _read_part(part, columns, where, dictionary)
         except (OSError, pa.ArrowException, ValueError) as e:
             self.parts.remove((part, schema))
             self._skip(part, f"it cannot be read ({' '.join(str(e).split())[:200]})")
@@ -290,17 +295,19 @@ class TableParts:
         return joined.to_pandas()
 
     def sites(self) -> list[str]:
-        """The sites with rows, in order of first appearance (read from the ``site`` column
-        alone)."""
+        """The sites with rows, in order of first appearance (from the ``site`` column alone,
+        as the dictionaries Parquet stores it in)."""
         seen: dict[str, None] = {}
         for part, schema in list(self.parts):
             if "site" not in schema.names:
                 continue
-            data = self._read(part, schema, ["site"], None)
+            data = self._read(part, schema, ["site"], None, frozenset({"site"}))
             if data is None:
                 continue
-            for name in pc.unique(data.column("site")).to_pylist():
-                seen.setdefault(str(name), None)
+            for chunk in data.column("site").chunks:
+                values = chunk.dictionary if pa.types.is_dictionary(chunk.type) else chunk
+                for name in pc.unique(values).to_pylist():
+                    seen.setdefault(str(name), None)
         return list(seen)
 
 

@@ -309,8 +309,8 @@ def test_read_units_reads_only_the_steps_and_sites_asked_and_units_is_read_when_
 
     reads = []
     real = runread._read_part
-    monkeypatch.setattr(runread, "_read_part", lambda part, cols, where: (
-        reads.append((part.parent.name, where)), real(part, cols, where))[1])
+    monkeypatch.setattr(runread, "_read_part", lambda part, cols, where, *rest: (
+        reads.append((part.parent.name, where)), real(part, cols, where, *rest))[1])
     run = load_run(tmp_path / "r")
     assert not [r for r in reads if r[0] == "units"], "load_run read unit rows"
     in_memory = Run({}, pd.DataFrame(), units=written)
