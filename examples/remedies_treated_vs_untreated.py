@@ -83,7 +83,8 @@ def synthetic(n: int, seed: int) -> TensorDataset:
 
 def evaluate(model: Classifier, data: TensorDataset) -> dict[str, Any]:
     """Held-out numbers: accuracy, loss, and per site the fraction of units that never fire
-    on any held-out sample (dead) or are ReDo-dormant (mean |h| <= 0.1 of the layer's mean)."""
+    on any held-out sample (dead) or have a ReDo score at or below tau (mean |h| <= 0.1 of the
+    layer's mean, dead units included: what ReDo recycles)."""
     x, y = data.tensors
     out: dict[str, Any] = {}
     model.eval()
@@ -94,7 +95,7 @@ def evaluate(model: Classifier, data: TensorDataset) -> dict[str, Any]:
     for name, h in (("net.1", h1), ("net.3", h2)):
         m = h.abs().mean(0)
         out[f"dead {name}"] = float(((h > 0).sum(0) == 0).float().mean())
-        out[f"dormant {name}"] = (
+        out[f"below tau {name}"] = (
             float((m / m.mean() <= 0.1).float().mean()) if m.mean() > 0 else 1.0
         )
     out["accuracy"] = float((logits.argmax(1) == y).float().mean())
@@ -148,9 +149,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
 
     print(f"Same seed, {args.steps} steps, held-out data:\n")
     print(f"{'':22s}{'untreated':>12s}{'treated':>12s}")
-    for key in ("accuracy", "loss", "dead net.1", "dead net.3", "dormant net.1", "dormant net.3"):
+    for key in ("accuracy", "loss", "dead net.1", "dead net.3", "below tau net.1",
+                "below tau net.3"):
         u, t = results["untreated"][key], results["treated"][key]
-        pct = key.startswith(("dead", "dormant", "accuracy"))
+        pct = key.startswith(("dead", "below", "accuracy"))
         fmt = (lambda v: f"{v:12.1%}") if pct else (lambda v: f"{v:12.3f}")
         print(f"{key:22s}{fmt(u)}{fmt(t)}")
     evs = results["treated"]["interventions"]
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
     )
     for e in [e for e in evs if e["remedy"] != "adaptive_grad_clip"][:8]:
-        metric = "dormant_fraction" if e["remedy"] == "dormant_reset" else "dead_fraction"
+        metric = "below_tau_fraction" if e["remedy"] == "dormant_reset" else "dead_fraction"
         before = (e.get("before") or {}).get(metric)
         after = (e.get("after") or {}).get(metric)
         change = (
