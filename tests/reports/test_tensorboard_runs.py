@@ -46,7 +46,7 @@ def _train(run_dir: Path, steps: int = 4) -> None:
         for _ in range(steps):
             loss = F.cross_entropy(net(x), y)
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch
             opt.step()
             doc.step(loss=loss.detach())
 
