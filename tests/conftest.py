@@ -36,13 +36,6 @@ def _seed() -> None:
 REAL_BUDGET = "real_overhead_budget"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Also in pyproject.toml's markers; registered here too so --strict-markers knows it.
-    config.addinivalue_line(
-        "markers", f"{REAL_BUDGET}: run with the real default overhead budget (not pinned)"
-    )
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _pin_overhead_budget() -> Iterator[None]:
     """The default ``overhead_budget`` collects every step in the suite, so that default
