@@ -76,3 +76,36 @@ def test_hopeless_run_stops_the_trainer(tmp_path):
 def test_arguments_are_validated():
     with pytest.raises(ReluDoctorError, match="cooldown"):
         ReluDoctorTreatment(cooldown=0)
+
+
+def test_lightning_plan_acts_as_the_plain_loop_plan(tmp_path):
+    """One process: ReluDoctorTreatment in a Trainer takes the plan's decisions and ends with
+    the weights of the same plan in a plain loop. Its AutoClip clips the step's own gradients
+    (under Lightning the backward runs inside ``optimizer.step(closure)``: a clip in the
+    step's pre-hook would see the previous step's gradients and the weights would differ)."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.callbacks.test_remedies_ddp import LOG_EVERY, STEPS, Capture, Net, batches, run
+    from tests.callbacks.test_remedies_ddp import intervention as as_tuple
+
+    data = batches()
+    one = run("plan", None, data)
+    model = Net()
+    loader = DataLoader(TensorDataset(torch.cat([x for x, _ in data]),
+                                      torch.cat([y for _, y in data])),
+                        batch_size=len(data[0][0]), shuffle=False)
+    capture = Capture()
+    L.Trainer(
+        accelerator="cpu", devices=1, max_steps=STEPS, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[ReluDoctor(LOG_EVERY, every_n_steps=1, warn=None),
+                   ReluDoctorTreatment(cooldown=1, check_init=False), capture],
+    ).fit(model, loader)
+    events = [as_tuple(e) for e in capture.events if e.get("type") == "intervention"]
+    assert events == one["events"]
+    assert {e[0] for e in events} >= {"adaptive_grad_clip", "dormant_reset"}
+    for k, v in one["state"].items():
+        torch.testing.assert_close(model.net.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
