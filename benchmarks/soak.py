@@ -12,8 +12,17 @@ Reported per case:
 * ``ms/log``: the median time of one step + log over the first 10% after warm-up
   ("early") and over the last 10% ("late"), and late / early;
 * ``files``, ``MB``: the run directory's size on disk;
-* ``load s``: :func:`relu_doctor.history.load_run` of the finished directory;
+* ``load s``: :func:`relu_doctor.history.load_run` of the finished directory (its unit
+  table is read when asked);
+* ``step s``: the unit rows of the last logged step (``Run.read_units(steps=[last])``, the
+  filter pushed down to the Parquet row groups);
 * ``report s``: ``relu-doctor report`` (HTML and summary) of it.
+
+Measured on 2 CPU cores (``--threads 1`` for the MLP), before -> after issue 13's reader and
+compaction work: ``--case 3000x2x64`` growth 103 -> 7 MB; ``--case 20000x2x64`` growth 9 MB
+(296 MB before), load 0.06 s, report 4.1 s; ``--case 200x1x100000`` ``load_run`` 2.6 ->
+0.01 s and report 34 -> 4.1 s on the same directory (36 s and 246 s when first measured),
+its growth ~100 MB (the unit frames of 100k rows a log; not yet bounded below 50 MB).
 
 With ``--no-run-dir`` the records stay in the bounded in-memory buffer
 (``keep_records``) instead. Timings are printed, never asserted (the issue's targets:
@@ -70,6 +79,7 @@ class SoakResult:
     report_s: float
     records_in_memory: int
     history_rows: int
+    step_s: float = float("nan")
 
     @property
     def growth_mb(self) -> float:
@@ -156,11 +166,15 @@ def soak(
     late = times[-span:]
     files = sum(1 for p in path.rglob("*") if p.is_file()) if run_dir else 0
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if run_dir else 0
-    load_s = report_s = float("nan")
+    load_s = report_s = step_s = float("nan")
     if run_dir:
         t0 = time.perf_counter()
-        load_run(path)
+        run = load_run(path)
         load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run.read_units(steps=[run.last_step or 0])
+        step_s = time.perf_counter() - t0
+        del run
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             status = cli_main(["report", str(path), "-q"])
@@ -170,6 +184,7 @@ def soak(
     return SoakResult(
         logs, sites, units, rss_warm, rss_end, rss_peak, 1e3 * statistics.median(early),
         1e3 * statistics.median(late), files, size / 2**20, load_s, report_s, records, rows,
+        step_s,
     )
 
 
@@ -177,14 +192,14 @@ def print_table(results: list[SoakResult]) -> None:
     head = (f"{'logs x sites x units':>22} {'rss warm':>9} {'rss end':>8} {'growth':>7} "
             f"{'peak':>6} "
             f"{'ms early':>9} {'ms late':>8} {'late/early':>10} {'files':>6} {'MB':>7} "
-            f"{'load s':>7} {'report s':>8}")
+            f"{'load s':>7} {'step s':>7} {'report s':>8}")
     print(head)
     for r in results:
         print(f"{f'{r.logs} x {r.sites} x {r.units}':>22} {r.rss_warm_mb:>9.0f} "
               f"{r.rss_end_mb:>8.0f} {r.growth_mb:>7.1f} {r.rss_peak_mb:>6.0f} "
               f"{r.ms_early:>9.2f} {r.ms_late:>8.2f} "
               f"{r.late_over_early:>10.2f} {r.files:>6} {r.mbytes:>7.1f} {r.load_s:>7.2f} "
-              f"{r.report_s:>8.2f}")
+              f"{r.step_s:>7.2f} {r.report_s:>8.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ def test_the_harness_measures_a_run_directory(tmp_path):
     assert r.records_in_memory == 4  # the bounded buffer, not the 60 logs
     assert r.history_rows == 60 * 2  # everything logged is read back from disk
     assert 0 < r.files <= 20 and r.mbytes > 0  # a handful of files, not one per log
-    assert math.isfinite(r.load_s) and math.isfinite(r.report_s)
+    assert math.isfinite(r.load_s) and math.isfinite(r.report_s) and math.isfinite(r.step_s)
     assert r.ms_early > 0 and r.ms_late > 0 and r.rss_end_mb >= 0
 
 
