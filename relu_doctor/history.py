@@ -52,9 +52,10 @@ __all__ = [
     "read_table",
 ]
 
-FORMAT_VERSION = 3
-# 1: findings re-written every interval, no findings.json; 2: one Parquet part per log
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+# 1: findings re-written every interval, no findings.json; 2: one Parquet part per log;
+# 3: ``dormant`` counted dead units too (ReDo's score <= tau, now ``below_tau``)
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 
 @dataclass

@@ -234,7 +234,7 @@ class RunWriter:
 
     Args:
         path: the directory (created if missing).
-        resume: continue the run already in ``path`` (it must be format 3). Without it, a
+        resume: continue the run already in ``path`` (it must be in the current format). Without it, a
             directory that holds a run is refused, so two runs never mix.
         replace: remove the run already in ``path`` first (``doc.save()``).
         rotate_rows: close a table's segment (compacting it to Parquet) at this many rows.

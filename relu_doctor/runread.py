@@ -33,7 +33,7 @@ from relu_doctor.errors import ReluDoctorWarning, RunDirError
 from relu_doctor.events import FindingEvent, event_from_dict
 from relu_doctor.history import READABLE_VERSIONS, Run, finding_from_dict
 
-__all__ = ["STATUS_NAME", "TABLE_COLUMNS", "TableParts", "load_run", "read_table"]
+__all__ = ["STATUS_NAME", "TABLE_COLUMNS", "TableParts", "legacy_dormant", "load_run", "read_table"]
 
 STATUS_NAME = "status.json"
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -218,9 +218,11 @@ class TableParts:
         problems: where the warnings are also kept (:attr:`Run.problems`).
     """
 
-    def __init__(self, folder: Path, *, problems: list[str] | None = None) -> None:
+    def __init__(self, folder: Path, *, problems: list[str] | None = None,
+                 legacy: bool = False) -> None:
         self.folder = folder
         self.problems = problems
+        self.legacy = legacy  # written in format 3 or earlier: see legacy_dormant
         required = TABLE_COLUMNS.get(folder.name, ("step",))
         self.parts: list[tuple[Path, pa.Schema]] = []
         self._torn: set[Path] = set()  # streams cut short, warned about once
@@ -278,9 +280,12 @@ class TableParts:
             in_sites = pc.field("site").isin(pa.array(sorted({str(s) for s in sites}), pa.string()))
             where = in_sites if where is None else where & in_sites
         wanted = None if columns is None else list(dict.fromkeys(columns))
+        legacy = self.legacy and (wanted is None or bool({"dormant", "below_tau"} & set(wanted)))
+        reading = wanted if wanted is None or not legacy else [*wanted, "dormant", "dead"]
         tables: list[pa.Table] = []
         for part, schema in list(self.parts):
-            cols = None if wanted is None else [c for c in wanted if c in schema.names]
+            cols = None if reading is None else [c for c in dict.fromkeys(reading)
+                                                 if c in schema.names]
             data = self._read(part, schema, cols, where)
             if data is not None:
                 tables.append(data.replace_schema_metadata(None))
@@ -292,7 +297,12 @@ class TableParts:
             warn_problem(self.problems, f"relu_doctor: {str(self.folder)!r}: parts do not fit "
                          f"together ({e}); only the first is read.")
             joined = tables[0]
-        return joined.to_pandas()
+        frame = joined.to_pandas()
+        if legacy:
+            frame = legacy_dormant(frame, units=True)
+            if wanted is not None:
+                frame = frame[[c for c in wanted if c in frame.columns]]
+        return frame
 
     def sites(self) -> list[str]:
         """The sites with rows, in order of first appearance (from the ``site`` column alone,
@@ -309,6 +319,34 @@ class TableParts:
                 for name in pc.unique(values).to_pylist():
                     seen.setdefault(str(name), None)
         return list(seen)
+
+
+def legacy_dormant(frame: pd.DataFrame, *, units: bool) -> pd.DataFrame:
+    """A unit (``units``) or site table of format 3 or earlier in today's vocabulary.
+
+    Until format 3 ``dormant`` was ReDo's criterion, score <= tau, dead units included: that
+    is now ``below_tau``, and ``dormant`` the units below tau that are not dead. Per unit the
+    translation is exact. Per site it is exact where dead implies below tau (ReLU-like sites:
+    a dead unit's score is 0); a leaky site's dead units may score above tau, so its new
+    ``dormant`` count is unknown (NaN). A frame that already has ``below_tau``, or has no
+    ``dormant``, comes back unchanged.
+    """
+    if "dormant" not in frame.columns or "below_tau" in frame.columns or "dead" not in frame:
+        return frame
+    out = frame.copy()
+    out["below_tau"] = out["dormant"]
+    if units:
+        out["dormant"] = out["dormant"].astype(bool) & ~out["dead"].astype(bool)
+        return out
+    exact = ~out["leaky"].fillna(False).astype(bool) if "leaky" in out else True
+    new = pd.to_numeric(out["dormant"], errors="coerce") - pd.to_numeric(out["dead"],
+                                                                        errors="coerce")
+    out["dormant"] = new.where(exact)
+    if "dormant_fraction" in out:
+        out["below_tau_fraction"] = out["dormant_fraction"]
+        seen = pd.to_numeric(out.get("units_seen", out.get("units")), errors="coerce")
+        out["dormant_fraction"] = (out["dormant"] / seen).where(seen > 0)
+    return out
 
 
 def read_table(
@@ -371,7 +409,7 @@ def _read_findings(path: Path, events: list[dict[str, Any]], problems: list[str]
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:
-    """Load a run directory written by :class:`RunWriter` (formats 1 to 3), also while it is
+    """Load a run directory written by :class:`RunWriter` (formats 1 to 4), also while it is
     being written.
 
     Damaged parts and event lines are skipped with a warning naming each (also kept in
@@ -424,11 +462,14 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     tables = {"history", "layers", "metrics"} | {
         d.name for d in p.iterdir() if d.is_dir() and TABLE_NAME.fullmatch(d.name) and segments(d)
     }
-    units = TableParts(p / "units", problems=problems)  # its parts checked now, read when asked
+    legacy = meta.get("format_version", 1) < 4
+    # its parts checked now, read when asked
+    units = TableParts(p / "units", problems=problems, legacy=legacy)
     frames = {t: read_table(p, t, problems=problems) for t in sorted(tables - {"units"})}
+    history = frames.pop("history")
     return Run(
         meta=meta,
-        history=frames.pop("history"),
+        history=legacy_dormant(history, units=False) if legacy else history,
         units=None,
         layers=frames.pop("layers"),
         events=events,

@@ -7,6 +7,7 @@ import itertools
 import json
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 
@@ -150,7 +151,7 @@ def test_load_run_errors(tmp_path):
         "empty": (tmp_path / "empty", r"is empty: it is not a relu_doctor run directory"),
         "foreign": (tmp_path / "foreign", r"has no meta.json: it is not a relu_doctor run"),
         "bad json": (tmp_path / "badjson", r"cannot be read as JSON"),
-        "future version": (tmp_path / "future", r"format 99; this relu_doctor reads formats \[1, 2, 3\]"),
+        "future version": (tmp_path / "future", r"format 99; this relu_doctor reads formats \[1, 2, 3, 4\]"),
         "no version": (tmp_path / "noversion", r"format None"),
     }
     (tmp_path / "file.txt").write_text("x")
@@ -401,3 +402,54 @@ def test_a_long_stream_is_compacted_whole_and_a_torn_one_up_to_its_last_batch(tm
         assert part.suffix == ".parquet" and pq.ParquetFile(part).num_row_groups == 1
         want = pd.concat(frames[:-1] if torn else frames)
         assert_same_table(read_table(tmp_path / f"r{torn}", "metrics"), want)
+
+
+def test_a_format_3_run_reads_in_todays_vocabulary(tmp_path):
+    """Until format 3 a unit's ``dormant`` was ReDo's score <= tau, dead units included. A run
+    written today, turned into that form on disk, reads back as written: per unit exactly;
+    per site exactly for ReLU (a dead unit scores 0), unknown (NaN) for a leaky site."""
+    import pyarrow.parquet as pq
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+        torch.nn.LeakyReLU(0.1), torch.nn.Linear(16, 1))
+    with torch.no_grad():  # dead and dormant units at both sites
+        model[0].bias[:5] = -20.0
+        model[0].weight[5:8] *= 0.001
+        model[0].bias[5:8] = 0.0
+        model[2].bias[:4] = -40.0
+    with relu_doctor.watch(model, log_every_n_steps=2, run_dir=tmp_path / "run") as doc:
+        for _ in range(6):
+            model(torch.randn(32, 4)).sum().backward()
+            doc.step()
+    today = load_run(tmp_path / "run")
+    units, history = today.units, today.history
+    relu = history[~history["leaky"].astype(bool)]
+    assert (relu["dead"] > 0).all() and (relu["dormant"] > 0).all()  # the test can tell
+    # the old form: dormant = below_tau, no below_tau columns, format 3
+    for table in ("units", "history"):
+        for part in (tmp_path / "run" / table).iterdir():
+            t = pq.read_table(part).to_pandas()
+            t["dormant"] = t.pop("below_tau")
+            if table == "history":
+                t["dormant_fraction"] = t.pop("below_tau_fraction")
+            pq.write_table(pa.Table.from_pandas(t, preserve_index=False), part)
+    meta_path = tmp_path / "run" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 3
+    meta_path.write_text(json.dumps(meta))
+
+    old = load_run(tmp_path / "run")
+    cols = ["step", "site", "unit", "dead", "dormant", "below_tau"]
+    pd.testing.assert_frame_equal(old.units[cols].reset_index(drop=True),
+                                  units[cols].reset_index(drop=True), check_dtype=False)
+    pd.testing.assert_frame_equal(old.read_units(steps=[2], columns=["dormant"]),
+                                  today.read_units(steps=[2], columns=["dormant"]),
+                                  check_dtype=False)
+    leaky = old.history["leaky"].astype(bool)
+    for col in ("dormant", "dormant_fraction", "below_tau", "below_tau_fraction"):
+        assert old.history.loc[~leaky, col].tolist() == pytest.approx(
+            history.loc[~leaky, col].tolist())
+    assert old.history.loc[leaky, "dormant"].isna().all()
+    assert old.history["below_tau"].tolist() == history["below_tau"].tolist()
