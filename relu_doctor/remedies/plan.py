@@ -14,7 +14,7 @@ and no way to tell which helped). A :class:`TreatmentPlan` runs them in order in
   that called for it (the result event carries ``target`` and ``verdict``); a step that did
   not help is not repeated at that site (a clipper that did not help is switched off);
 * **do no harm**: every trigger is a clear symptom (a dead-unit surge, an exploding or
-  non-finite gradient, a site past a dead or dormant threshold), so a healthy run sees no
+  non-finite gradient, a site whose dead fraction passes a threshold), so a healthy run sees no
   change at all;
 * **hopeless runs** (opt-in): when most units are dead since monitoring began, or values
   are non-finite, after the plan's steps had their chance, :attr:`TreatmentPlan.should_stop`
