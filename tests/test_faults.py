@@ -5,15 +5,20 @@ terminal control characters, and the pyarrow floor against crafted Parquet."""
 
 from __future__ import annotations
 
+import builtins
 import errno
+import io
 import json
+import operator
 import os
 import pickle
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -83,20 +88,97 @@ def test_a_removed_run_directory_does_not_stop_training(tmp_path):
     assert doc.global_step == 5 and doc.records[-1].step == 5
 
 
+def _thread_exceptions(monkeypatch: pytest.MonkeyPatch) -> list[threading.ExceptHookArgs]:
+    """What reaches ``threading.excepthook`` (the user's hook) from now on: a background
+    writer re-raising a write error in its thread would land here (and print a traceback)."""
+    seen: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)
+    return seen
+
+
+def _join_new_threads(before: set[threading.Thread]) -> None:
+    """Let threads started since ``before`` finish (a writer thread dying of its error
+    reports to the excepthook as it ends); costs time only when such a thread exists."""
+    for t in set(threading.enumerate()) - before:
+        t.join(timeout=2)
+
+
+def _scalar_steps(log_dir: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    tag = next(t for t in acc.Tags()["scalars"] if t.startswith("relu_doctor/dead_fraction/"))
+    return [e.step for e in acc.Scalars(tag)]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_under_tensorboard_warns_once_and_never_prints_a_thread_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """At logs 3-5 every write of a TensorBoard event file fails with ENOSPC (opened on
+    /dev/full, whichever thread writes it): training completes, one warning names the cause
+    and the file, nothing reaches threading.excepthook or stderr (the user's hook still gets
+    another thread's exception), and the event file holds logs 1, 2, 6-8, readable."""
+    seen = _thread_exceptions(monkeypatch)
+    real_open, full = builtins.open, [False]
+
+    def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if (full[0] and isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wa+")
+                and "events.out.tfevents" in os.fsdecode(file)):
+            file = "/dev/full"
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)  # tensorboard's own file system calls io.open
+    before = set(threading.enumerate())
+    model = zoo.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    run_dir = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, optimizer=opt) as doc:
+            for step in range(1, 9):
+                full[0] = 3 <= step <= 5
+                zoo.train(model, [torch.randn(8, 10)], doc=doc, optimizer=opt)
+    full[0] = False
+    _join_new_threads(before)
+    assert seen == [], [a.exc_value for a in seen]
+    assert "Traceback" not in capfd.readouterr().err
+    assert doc.global_step == 8 and doc.records[-1].step == 8
+    ours = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert len(ours) == 1, ours
+    assert "No space left on device" in ours[0] and "events.out.tfevents" in ours[0]
+    assert str(run_dir) in ours[0]
+    user = threading.Thread(target=operator.truediv, args=(1, 0))
+    user.start()
+    user.join()
+    assert [type(a.exc_value) for a in seen] == [ZeroDivisionError]  # the user's hook works
+    assert _scalar_steps(run_dir) == [1, 2, 6, 7, 8]  # retried; the file is whole
+    assert sorted(load_run(run_dir).history["step"].unique()) == list(range(1, 9))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
                     reason="mounting a tmpfs needs root on Linux")
-def test_a_real_full_tmpfs_does_not_stop_training(tmp_path):
+def test_a_real_full_tmpfs_does_not_stop_training(tmp_path, monkeypatch, capfd):
     mnt = tmp_path / "small"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
                       capture_output=True).returncode != 0:
         pytest.skip("mount -t tmpfs is not permitted here")
+    seen = _thread_exceptions(monkeypatch)
+    before = set(threading.enumerate())
     try:
         with pytest.warns(ReluDoctorWarning, match="No space left"):
             doc = train_logged(mnt / "run", 60)
+        _join_new_threads(before)
         assert doc.global_step == 60
+        assert seen == [], [a.exc_value for a in seen]  # no writer thread's traceback
+        assert "Traceback" not in capfd.readouterr().err
         run = load_run(mnt / "run")
         assert run.unwritten and run.unwritten[-1][1] == 60
+        steps = _scalar_steps(mnt / "run")  # what reached the event file reads back whole
+        assert steps and steps == sorted(set(steps))
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
 

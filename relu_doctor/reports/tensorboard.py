@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.reports.interventions import snapshots
 
 if TYPE_CHECKING:
@@ -414,10 +414,14 @@ def run_log_dir(run_dir: str | os.PathLike[str]) -> Path:
 
 
 def open_writer(log_dir: str | os.PathLike[str]) -> SummaryWriterLike:
-    """A ``torch.utils.tensorboard.SummaryWriter`` writing to ``log_dir``."""
-    from torch.utils.tensorboard import SummaryWriter
+    """A ``torch.utils.tensorboard.SummaryWriter`` writing to ``log_dir`` in the calling
+    thread: a failing write (a full disk...) warns once, naming the cause and the file, and
+    is retried at later flushes; it is never raised, in this thread or another
+    (:class:`relu_doctor.reports.eventfile.SafeSummaryWriter`)."""
+    from relu_doctor.reports.eventfile import SafeSummaryWriter
 
-    return SummaryWriter(log_dir=str(log_dir))
+    writer: SummaryWriterLike = SafeSummaryWriter(log_dir)
+    return writer
 
 
 def write_run(
@@ -485,8 +489,9 @@ def write_run(
 class RunTensorBoard:
     """The TensorBoard event files of a ``watch(model, run_dir=...)`` loop: a Doctor
     listener (:meth:`write_record`) and event listener (:meth:`write_event`) writing to
-    ``log_dir``. The writer opens on the first record; a failure warns once and the writer
-    steps aside (training goes on).
+    ``log_dir``. The writer opens on the first record. A failing write (a full disk...) warns
+    once and is retried at later records (:func:`open_writer`); any other failure warns once
+    and the writer steps aside. Training goes on either way.
 
     Args:
         log_dir: where the event files go (:func:`run_log_dir` of the run directory).
@@ -513,7 +518,7 @@ class RunTensorBoard:
             warnings.warn(
                 f"relu_doctor: TensorBoard logs in {str(self.log_dir)!r} stopped: "
                 f"{type(e).__name__}: {e}. The run directory is still written.",
-                RuntimeWarning,
+                ReluDoctorWarning,
                 stacklevel=3,
             )
 
