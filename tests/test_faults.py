@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,29 +45,40 @@ def train_logged(run_dir: Path, steps: int, **kwargs):
     return doc
 
 
-# ---------------------------------------------------------------------- write failures
-
-
-def test_disk_full_warns_once_training_goes_on_and_writing_resumes(tmp_path, monkeypatch):
-    """ENOSPC injected at the segment writes of steps 3-5: one warning naming the cause and
-    the path; steps keep coming; writing resumes at step 6; the run says what is missing."""
-    real_write = rundir._Segment.write
+def train_full_at_logs_3_to_5(
+    run_dir: Path, disk_full: Callable[[bool], None]
+) -> tuple[relu_doctor.Doctor, list[str]]:
+    """Eight logged steps, ``disk_full(True)`` before steps 3-5 and ``disk_full(False)``
+    before the others: the Doctor and the messages of its ReluDoctorWarnings."""
     model = zoo.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    run_dir = tmp_path / "run"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, optimizer=opt) as doc:
             for step in range(1, 9):
-                full = 3 <= step <= 5
-                if full:
-                    def no_space(self, table):
-                        raise OSError(errno.ENOSPC, "No space left on device")
-                    monkeypatch.setattr(rundir._Segment, "write", no_space)
-                else:
-                    monkeypatch.setattr(rundir._Segment, "write", real_write)
+                disk_full(3 <= step <= 5)
                 zoo.train(model, [torch.randn(8, 10)], doc=doc, optimizer=opt)
-    ours = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    disk_full(False)
+    return doc, [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+
+
+# ---------------------------------------------------------------------- write failures
+
+
+def test_disk_full_warns_once_training_goes_on_and_writing_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC injected at the segment writes of steps 3-5: one warning naming the cause and
+    the path; steps keep coming; writing resumes at step 6; the run says what is missing."""
+    real_write = rundir._Segment.write
+
+    def no_space(self: Any, table: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def disk_full(full: bool) -> None:
+        monkeypatch.setattr(rundir._Segment, "write", no_space if full else real_write)
+
+    run_dir = tmp_path / "run"
+    doc, ours = train_full_at_logs_3_to_5(run_dir, disk_full)
     assert len(ours) == 1, ours
     assert "No space left on device" in ours[0] and str(run_dir) in ours[0]
     assert doc.global_step == 8 and [r.step for r in doc.records][-1] == 8
@@ -132,21 +144,12 @@ def test_a_full_disk_under_tensorboard_warns_once_and_never_prints_a_thread_trac
     monkeypatch.setattr(builtins, "open", open_)
     monkeypatch.setattr(io, "open", open_)  # tensorboard's own file system calls io.open
     before = set(threading.enumerate())
-    model = zoo.mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
     run_dir = tmp_path / "run"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, optimizer=opt) as doc:
-            for step in range(1, 9):
-                full[0] = 3 <= step <= 5
-                zoo.train(model, [torch.randn(8, 10)], doc=doc, optimizer=opt)
-    full[0] = False
+    doc, ours = train_full_at_logs_3_to_5(run_dir, lambda on: full.__setitem__(0, on))
     _join_new_threads(before)
     assert seen == [], [a.exc_value for a in seen]
     assert "Traceback" not in capfd.readouterr().err
     assert doc.global_step == 8 and doc.records[-1].step == 8
-    ours = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
     assert len(ours) == 1, ours
     assert "No space left on device" in ours[0] and "events.out.tfevents" in ours[0]
     assert str(run_dir) in ours[0]
@@ -160,7 +163,9 @@ def test_a_full_disk_under_tensorboard_warns_once_and_never_prints_a_thread_trac
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
                     reason="mounting a tmpfs needs root on Linux")
-def test_a_real_full_tmpfs_does_not_stop_training(tmp_path, monkeypatch, capfd):
+def test_a_real_full_tmpfs_does_not_stop_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     mnt = tmp_path / "small"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
