@@ -32,7 +32,7 @@ Hook map:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -187,6 +187,8 @@ class ReluDoctor(Callback):
         self._warned: set[tuple[str, str, str]] = set()
         self._own_writer: Any = None
         self._used_writers: dict[int, Any] = {}  # id -> writer that got our layout
+        self._broken_writers: set[int] = set()  # ids of writers that failed: left out
+        self._tb_warned: set[Any] = set()
         self._resolved_run_dir: Path | None = None
         self._capped = False  # a site with an upper cap was seen: chart saturation
 
@@ -345,7 +347,11 @@ class ReluDoctor(Callback):
         if self.doctor is not None:
             self.doctor.close()  # compacts the open segments, releases the run-dir lock
         for w in self._used_writers.values():
-            w.flush()
+            if id(w) not in self._broken_writers:
+                try:
+                    w.flush()
+                except Exception as e:
+                    self._tb_failed(getattr(w, "log_dir", None) or type(w).__name__, e)
         self._used_writers = {}
         if self._own_writer is not None:
             self._own_writer.close()
@@ -375,11 +381,40 @@ class ReluDoctor(Callback):
             if self._own_writer is None and self._resolved_run_dir is not None:
                 self._own_writer = tb.open_writer(tb.run_log_dir(self._resolved_run_dir))
             writers = [self._own_writer] if self._own_writer is not None else []
-        for w in writers:
-            if id(w) not in self._used_writers:  # first use: the custom-scalars layout
-                tb.write_layout(w, self._layout())
-                self._used_writers[id(w)] = w
         return writers
+
+    def _to_writers(self, trainer: pl.Trainer, write: Callable[[Any], None]) -> None:
+        """``write(w)`` then flush, for each TensorBoard writer. A writer that fails (a full
+        disk under the user's TensorBoardLogger, a removed folder) warns once, naming it and
+        the cause, and is left out from then on: training goes on, the run directory is
+        still written."""
+        try:
+            writers = self._writers(trainer)
+        except Exception as e:  # opening our own writer: never stop the training for a log
+            writers = []
+            self._tb_failed("(opening)", e)
+        for w in writers:
+            if id(w) in self._broken_writers:
+                continue
+            try:
+                if id(w) not in self._used_writers:  # first use: the custom-scalars layout
+                    tb.write_layout(w, self._layout())
+                    self._used_writers[id(w)] = w
+                write(w)
+                w.flush()
+            except Exception as e:
+                self._broken_writers.add(id(w))
+                self._tb_failed(getattr(w, "log_dir", None) or type(w).__name__, e)
+
+    def _tb_failed(self, where: Any, e: Exception) -> None:
+        if where in self._tb_warned:
+            return
+        self._tb_warned.add(where)
+        rank_zero_warn(
+            f"relu_doctor: TensorBoard logging to {str(where)!r} stopped: "
+            f"{type(e).__name__}: {e}. Training goes on; the run directory is still written.",
+            category=ReluDoctorWarning,
+        )
 
     def _layout(self) -> dict[str, Any]:
         prefixes = {tb.PREFIX: tb.PREFIX}
@@ -396,19 +431,17 @@ class ReluDoctor(Callback):
             return
         findings = [f.to_dict() for f in record.findings]
         self._capped = self._capped or tb.has_cap(record.site_rows)
-        for w in self._writers(trainer):
-            tb.write_record(
-                w,
-                record.step,
-                sites=record.site_rows,
-                units=record.unit_table,
-                layers=record.layer_table,
-                findings=findings,
-                metrics=self.metrics,
-                prefix=prefix,
-                histograms=self.histograms,
-            )
-            w.flush()
+        self._to_writers(trainer, lambda w: tb.write_record(
+            w,
+            record.step,
+            sites=record.site_rows,
+            units=record.unit_table,
+            layers=record.layer_table,
+            findings=findings,
+            metrics=self.metrics,
+            prefix=prefix,
+            histograms=self.histograms,
+        ))
         others = [lg for lg in trainer.loggers if not isinstance(lg, TensorBoardLogger)]
         if others:
             metrics = tb.scalars(
@@ -447,9 +480,7 @@ class ReluDoctor(Callback):
         trainer = self._trainer
         if trainer is None or not trainer.is_global_zero:
             return
-        for w in self._writers(trainer):
-            tb.write_events(w, [event])
-            w.flush()
+        self._to_writers(trainer, lambda w: tb.write_events(w, [event]))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -519,6 +519,30 @@ def test_listeners_and_events_reach_tensorboard_and_run_dir(tmp_path):
     assert text.step == 2 and b"swap" in text.tensor_proto.string_val[0]
 
 
+def test_a_failing_tensorboard_logger_warns_once_and_training_goes_on(tmp_path):
+    """The user's TensorBoardLogger on a full disk: its writer raises; the fit completes,
+    one warning names the logger's folder and the cause, the run directory is complete."""
+    import errno
+
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    calls = []
+
+    def full(*args, **kwargs):
+        calls.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    logger.experiment.add_custom_scalars = full  # relu_doctor's first write; not Lightning's
+    cb = ReluDoctor(log_every_n_steps=2, run_dir=tmp_path / "run", warn=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [cb], max_steps=6, logger=logger).fit(make_model(), loader())
+    ours = [str(w.message) for w in caught if "TensorBoard logging" in str(w.message)]
+    assert len(ours) == 1 and "No space left on device" in ours[0], ours
+    assert logger.log_dir in ours[0]
+    assert len(calls) == 1  # left out after its first failure
+    assert relu_doctor.load_run(tmp_path / "run").history["step"].unique().tolist() == [2, 4, 6]
+
+
 # ---------------------------------------------------------------------------- detaching
 
 
