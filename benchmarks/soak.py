@@ -5,10 +5,13 @@ For each case of a (logs x sites x units) grid, a ReLU MLP (``sites`` hidden lay
 (``optimizer=`` given, so the gradient-norm spike test runs too), with a run directory.
 Reported per case:
 
-* ``rss MB``: resident memory after warm-up (the first 10% of the logs, at least 20) and at
+* ``rss MB``: resident memory after warm-up (the first 10% of the logs, at least 20): the
+  median, read after each log, over the next 10% ("warm") and over the last 10% ("late"); at
   the end (after the ``with`` block, which closes the run directory: its open segments are
-  compacted to Parquet), the growth between them, and the peak (``VmHWM``) over the run, exit
-  included;
+  compacted to Parquet); the growth late - warm, and end - warm; the peak (``VmHWM``) over
+  the run, exit included. (Medians: after a large log the heap may be trimmed, see
+  :mod:`relu_doctor._heap`, so one reading can be a low point of a saw-tooth.)
+* ``trims``: how often the C heap was trimmed after a large log, and the mean ms of a trim;
 * ``ms/log``: the median time of one step + log over the first 10% after warm-up
   ("early") and over the last 10% ("late"), and late / early;
 * ``files``, ``MB``: the run directory's size on disk;
@@ -22,7 +25,12 @@ Measured on 2 CPU cores (``--threads 1`` for the MLP), before -> after issue 13'
 compaction work: ``--case 3000x2x64`` growth 103 -> 7 MB; ``--case 20000x2x64`` growth 9 MB
 (296 MB before), load 0.06 s, report 4.1 s; ``--case 200x1x100000`` ``load_run`` 2.6 ->
 0.01 s and report 34 -> 4.1 s on the same directory (36 s and 246 s when first measured),
-its growth ~100 MB (the unit frames of 100k rows a log; not yet bounded below 50 MB).
+its growth ~100 MB (751 -> 852 MB, one reading after warm-up and the end). The kept unit
+tables then moved out of the malloc heap and the heap is trimmed after large logs
+(``relu_doctor/interval.py``, ``relu_doctor/_heap.py``): late median 756 MB, end 758, peak
+798 (18 trims of 8 ms in 200 logs) where the code before read 805 / 797 / 856 in the same
+session; the medians' growth (49 vs -20 MB then) is noise-dominated: the resident size of
+this case swings by +-40 MB from log to log and from run to run.
 
 With ``--no-run-dir`` the records stay in the bounded in-memory buffer
 (``keep_records``) instead. Timings are printed, never asserted (the issue's targets:
@@ -54,6 +62,7 @@ import torch
 import torch.nn as nn
 
 import relu_doctor
+from relu_doctor import _heap as heap
 from relu_doctor.cli import main as cli_main
 from relu_doctor.history import load_run
 
@@ -69,6 +78,7 @@ class SoakResult:
     sites: int
     units: int
     rss_warm_mb: float
+    rss_late_mb: float
     rss_end_mb: float
     rss_peak_mb: float
     ms_early: float
@@ -80,9 +90,15 @@ class SoakResult:
     records_in_memory: int
     history_rows: int
     step_s: float = float("nan")
+    trims: int = 0
+    trim_ms: float = float("nan")
 
     @property
     def growth_mb(self) -> float:
+        return self.rss_late_mb - self.rss_warm_mb
+
+    @property
+    def end_growth_mb(self) -> float:
         return self.rss_end_mb - self.rss_warm_mb
 
     @property
@@ -138,7 +154,8 @@ def soak(
     warm = max(20, logs // 10)
     span = max(10, logs // 10)
     times: list[float] = []
-    rss_warm = 0.0
+    rss: list[float] = []
+    trims0, trim_s0 = heap.trims()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # findings of a random model are not the point
         with relu_doctor.watch(
@@ -148,22 +165,26 @@ def soak(
             for i in range(logs):
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
-                nn.functional.mse_loss(model(x), y).backward()
+                nn.functional.mse_loss(model(x), y).backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 doc.step()
                 times.append(time.perf_counter() - t0)
                 if i + 1 == warm:
                     gc.collect()
-                    rss_warm = rss_mb()
+                rss.append(rss_mb())
                 if progress and (i + 1) % max(1, logs // 10) == 0:
                     print(f"  {i + 1}/{logs} logs, {1e3 * times[-1]:.1f} ms/log, "
                           f"rss {rss_mb():.0f} MB", file=sys.stderr, flush=True)
         gc.collect()
         rss_end, rss_peak = rss_mb(), rss_mb("VmHWM")
+        trims1, trim_s1 = heap.trims()
         records = len(doc.records)
         rows = len(doc.history())
     early = times[warm : warm + span] or times
     late = times[-span:]
+    rss_warm = statistics.median(rss[warm : warm + span] or rss)
+    rss_late = statistics.median(rss[-span:])
+    trims = trims1 - trims0
     files = sum(1 for p in path.rglob("*") if p.is_file()) if run_dir else 0
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if run_dir else 0
     load_s = report_s = step_s = float("nan")
@@ -182,21 +203,23 @@ def soak(
         if status != 0:
             raise RuntimeError(f"relu-doctor report {path} exited {status}")
     return SoakResult(
-        logs, sites, units, rss_warm, rss_end, rss_peak, 1e3 * statistics.median(early),
-        1e3 * statistics.median(late), files, size / 2**20, load_s, report_s, records, rows,
-        step_s,
+        logs, sites, units, rss_warm, rss_late, rss_end, rss_peak,
+        1e3 * statistics.median(early), 1e3 * statistics.median(late), files, size / 2**20,
+        load_s, report_s, records, rows, step_s, trims,
+        1e3 * (trim_s1 - trim_s0) / trims if trims else float("nan"),
     )
 
 
 def print_table(results: list[SoakResult]) -> None:
-    head = (f"{'logs x sites x units':>22} {'rss warm':>9} {'rss end':>8} {'growth':>7} "
-            f"{'peak':>6} "
+    head = (f"{'logs x sites x units':>22} {'rss warm':>9} {'late':>5} {'end':>5} "
+            f"{'growth':>7} {'end-warm':>8} {'peak':>6} {'trims':>5} {'ms/trim':>7} "
             f"{'ms early':>9} {'ms late':>8} {'late/early':>10} {'files':>6} {'MB':>7} "
             f"{'load s':>7} {'step s':>7} {'report s':>8}")
     print(head)
     for r in results:
         print(f"{f'{r.logs} x {r.sites} x {r.units}':>22} {r.rss_warm_mb:>9.0f} "
-              f"{r.rss_end_mb:>8.0f} {r.growth_mb:>7.1f} {r.rss_peak_mb:>6.0f} "
+              f"{r.rss_late_mb:>5.0f} {r.rss_end_mb:>5.0f} {r.growth_mb:>7.1f} "
+              f"{r.end_growth_mb:>8.1f} {r.rss_peak_mb:>6.0f} {r.trims:>5} {r.trim_ms:>7.1f} "
               f"{r.ms_early:>9.2f} {r.ms_late:>8.2f} "
               f"{r.late_over_early:>10.2f} {r.files:>6} {r.mbytes:>7.1f} {r.load_s:>7.2f} "
               f"{r.step_s:>7.2f} {r.report_s:>8.2f}")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from relu_doctor.diagnosis import Finding, diagnose
@@ -33,6 +34,57 @@ if TYPE_CHECKING:
     from relu_doctor.probes import Probe
 
 __all__ = ["IntervalReading"]
+
+# A unit table at least this large is kept out of the malloc heap (see _record_memory).
+_OWN_MEMORY_BYTES = 1 << 20
+
+
+def _record_memory(nbytes: int) -> pa.Buffer | bytearray:
+    """Writable memory for the arrays of a record's unit table.
+
+    A record is kept for ``keep_records`` logs while each log makes and frees many large
+    temporaries. From the malloc heap, its arrays sit between those temporaries and fragment
+    the heap: glibc's mmap threshold rises once large blocks have been freed, so later
+    blocks of a few MB come from the heap, and a 100k-unit layer logged at every step grew
+    by ~100 MB in 200 logs. Arrow's allocator (mimalloc or jemalloc; the one the run
+    directory's writer uses anyway) keeps it apart and reuses its pages. Small tables use
+    the heap. Every byte is written by :func:`_unit_frame`.
+    """
+    if nbytes >= _OWN_MEMORY_BYTES:
+        return pa.allocate_buffer(nbytes)
+    return bytearray(nbytes)
+
+
+def _unit_frame(
+    step: int, names: list[str], sizes: list[int], unit_list: list[dict[str, torch.Tensor]]
+) -> pd.DataFrame:
+    """The unit table of one read: ``step``, ``site``, ``unit`` and :data:`UNIT_COLUMNS`, one
+    row per (site, unit). Its numeric columns are written straight into one block of
+    :func:`_record_memory` (no concatenated temporaries, no copy by pandas)."""
+    total = sum(sizes)
+    dtypes: dict[str, np.dtype[Any]] = {"step": np.dtype(np.int64), "unit": np.dtype(np.int64)}
+    for c in UNIT_COLUMNS:
+        dtypes[c] = np.dtype(torch.empty(0, dtype=unit_list[0][c].dtype).numpy().dtype)
+    order = sorted(dtypes, key=lambda c: -dtypes[c].itemsize)  # each column aligned
+    memory = _record_memory(total * sum(d.itemsize for d in dtypes.values()))
+    cols: dict[str, np.ndarray[Any, Any]] = {}
+    offset = 0
+    for c in order:
+        cols[c] = np.frombuffer(memory, dtype=dtypes[c], count=total, offset=offset)
+        offset += total * dtypes[c].itemsize
+    cols["step"].fill(step)
+    start = 0
+    for n in sizes:
+        cols["unit"][start : start + n] = np.arange(n)
+        start += n
+    for c in UNIT_COLUMNS:
+        torch.cat([u[c] for u in unit_list], out=torch.from_numpy(cols[c]))
+    site = np.repeat(np.array(names, dtype=object), sizes)
+    return pd.DataFrame(
+        {"step": cols["step"], "site": site, "unit": cols["unit"],
+         **{c: cols[c] for c in UNIT_COLUMNS}},
+        copy=False,
+    )
 
 
 class IntervalReading:
@@ -118,15 +170,8 @@ class IntervalReading:
                 }
             )
             units[s.name] = u
-        unit_table = pd.DataFrame(
-            {
-                "step": self.global_step,
-                "site": np.repeat(
-                    np.array([s.name for s in sites], dtype=object), [s.units for s in sites]
-                ),
-                "unit": np.concatenate([np.arange(s.units) for s in sites]),
-                **{c: torch.cat([u[c] for u in unit_list]).numpy() for c in UNIT_COLUMNS},
-            }
+        unit_table = _unit_frame(
+            self.global_step, [s.name for s in sites], [s.units for s in sites], unit_list
         )
         findings = diagnose(
             site_rows, units, self.config, step=self.global_step,

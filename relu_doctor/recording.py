@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from relu_doctor import _heap as heap
 from relu_doctor._version import __version__
 from relu_doctor.errors import ReluDoctorWarning
 from relu_doctor.events import Event
@@ -142,9 +143,13 @@ class RunRecording:
         self._meta_dirty = True
 
     def _write_record(self, record: IntervalRecord, events: list[dict[str, Any]]) -> None:
-        """Write one log to the run directory; a failure never reaches training."""
-        if not (self.is_writer and self.run_dir is not None):
-            return
+        """Write one log to the run directory; a failure never reaches training. After a
+        large log, the C heap's free memory goes back to the system (:mod:`._heap`)."""
+        if self.is_writer and self.run_dir is not None:
+            self._append_record(record, events)
+        heap.after_log(len(record.unit_table))
+
+    def _append_record(self, record: IntervalRecord, events: list[dict[str, Any]]) -> None:
         try:
             if self._writer is None:
                 self._open_writer()
