@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -73,6 +75,8 @@ ENV: Final = "RELU_DOCTOR_OVERHEAD_BUDGET"
 
 _ALPHA = 0.2  # weight of the newest measurement in the running means
 _MAX_EVERY = 1000
+_RECHECK = 64  # collecting every step under a budget: one step left out per this many
+_LAPS = 15  # whole-step laps kept per kind (collecting or not) for their medians
 
 Rate = int | Literal["auto"]
 
@@ -351,6 +355,14 @@ class Sampler:
         self._since = 0  # steps since the last collecting step
         self._hook: float | None = None  # mean seconds of statistics per collecting step
         self._plain: float | None = None  # mean seconds of a step without them
+        # Mean seconds of a whole collecting / non-collecting step (one-step laps): their
+        # difference is everything collecting costs, the statistics calls and all around
+        # them (hooks, gradient taps, the optimizer tap), which the clock alone misses.
+        # Medians of the latest laps, not running means: a lap that spans other work (an
+        # evaluation loop, a checkpoint) must not move them.
+        self._on_laps: deque[float] = deque(maxlen=_LAPS)
+        self._off_laps: deque[float] = deque(maxlen=_LAPS)
+        self._since_off = 0  # steps since the last non-collecting step
 
     @property
     def adaptive(self) -> bool:
@@ -360,7 +372,25 @@ class Sampler:
         """Whether step ``step`` (0-based) collects. Pure: the same answer until :meth:`done`."""
         if self.every_n_steps is not None:
             return step % self.every_n_steps == 0
-        return self._since + 1 >= self.every
+        return self._since + 1 >= self.every and not self._calibrating()
+
+    @property
+    def _on(self) -> float | None:
+        return statistics.median(self._on_laps) if self._on_laps else None
+
+    @property
+    def _off(self) -> float | None:
+        return statistics.median(self._off_laps) if self._off_laps else None
+
+    def _calibrating(self) -> bool:
+        """Collecting every step under a budget: leave one step out now and then, so that
+        the cost of collecting is measured against a step without it (stated in the
+        records' ``steps_collected``)."""
+        return (
+            self.adaptive and not self.distributed and self.every == 1 and self.max_every > 1
+            and self._on is not None
+            and (self._off is None or self._since_off >= _RECHECK)
+        )
 
     def stop(self) -> None:
         """At detach: time nothing more (a CUDA clock timing the next step lets go)."""
@@ -380,13 +410,16 @@ class Sampler:
     def done(self, *, collected: bool) -> None:
         """One step ended (``collected``: it collected statistics)."""
         self._since = 0 if collected else self._since + 1
+        self._since_off = self._since_off + 1 if collected else 0
         if not self.adaptive or self.clock is None:
             return
         laps = self.clock.lap(collected=collected)
         self._feed(laps)
-        if not self.distributed and any(lap.per_collect is not None for lap in laps):
-            self._decide(self._hook, self._plain)
-        self.clock.arm(self._since + 1 >= self.every)
+        if not self.distributed and any(
+            lap.per_collect is not None or not lap.collected for lap in laps
+        ):
+            self._decide(*self._estimates())
+        self.clock.arm(self._since + 1 >= self.every and not self._calibrating())
 
     def at_log(
         self, reduce: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] | None = None
@@ -399,18 +432,32 @@ class Sampler:
         laps = self.clock.read()
         self._feed(laps)
         if self.distributed and reduce is not None:
-            known = self._hook is not None and self._plain is not None
-            mine = [self._hook or 0.0, self._plain or 0.0, 1.0] if known else [0.0, 0.0, 0.0]
+            hook_s, plain_s = self._estimates()
+            known = hook_s is not None and plain_s is not None
+            mine = [hook_s or 0.0, plain_s or 0.0, 1.0] if known else [0.0, 0.0, 0.0]
             total = reduce([torch.tensor(mine, dtype=torch.float64, device=self.clock.device)])
             hook, plain, n = (float(x) for x in total[0].tolist())
             if n > 0:
                 self._decide(hook / n, plain / n)
         elif any(lap.per_collect is not None for lap in laps):
-            self._decide(self._hook, self._plain)
-        self.clock.arm(self._since + 1 >= self.every)
+            self._decide(*self._estimates())
+        self.clock.arm(self._since + 1 >= self.every and not self._calibrating())
+
+    def _estimates(self) -> tuple[float | None, float | None]:
+        """(seconds collecting adds to a step, seconds of a step without it): the larger of
+        the statistics calls' own time and the whole-step difference, once both kinds of
+        step were timed; the plain step is then the mean non-collecting step."""
+        hook, plain = self._hook, self._plain
+        on, off = self._on, self._off
+        if on is not None and off is not None:
+            hook = max(hook or 0.0, on - off)
+            plain = off
+        return hook, plain
 
     def _feed(self, laps: Sequence[Lap]) -> None:
         for lap in laps:
+            if lap.steps == 1:
+                (self._on_laps if lap.collected else self._off_laps).append(lap.seconds)
             if lap.per_collect is not None:
                 self._hook = _mean(self._hook, lap.per_collect)
             stats = lap.stats_s
@@ -430,6 +477,7 @@ class Sampler:
     def overhead(self) -> float | None:
         """The estimated cost of the statistics as a fraction of a step at the current rate
         (None before the first measurement of a collecting step)."""
-        if self._hook is None or self._plain is None or self._plain <= 0.0:
+        hook, plain = self._estimates()
+        if hook is None or plain is None or plain <= 0.0:
             return None
-        return self._hook / (self.every * self._plain)
+        return hook / (self.every * plain)

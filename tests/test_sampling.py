@@ -246,6 +246,37 @@ class CostlyStatistics:
 
 
 @real_budget
+@pytest.mark.parametrize("percent", [1, 10, 25])
+def test_a_cost_outside_the_statistics_calls_counts_against_the_budget(monkeypatch, percent):
+    """Collecting costs more than the statistics calls (hooks, gradient taps...): here the
+    statistics are free and a hook of the test's own costs X% of a step on collecting steps
+    only. The budget sees it from the step times (collecting against not) and collects every
+    ceil(X/3)-th step; without that comparison it would collect every step. A few steps that
+    span other work (an evaluation loop) do not move it."""
+    log_every, steps = 50, 150
+    fake = FakeTime()
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    collected = []
+    with relu_doctor.watch(net, log_every_n_steps=log_every) as doc:
+        doc.sampler.clock = fake.clock()
+        doc.sampler.start()
+        for _ in range(steps):
+            collected.append(doc.probe.collecting)
+            net(torch.randn(8, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            fake.t += 1.0 + (percent / 100 if collected[-1] else 0.0)
+            if len(collected) in (40, 70, 71):
+                fake.t += 100.0  # other work between two steps (an evaluation loop)
+            doc.step()
+    n = math.ceil(percent / 3)
+    assert doc.sampler.every == n
+    tail = gaps(collected[-60:])
+    assert tail and (set(tail) == {n} if n > 1 else set(tail) <= {1, 2})
+
+
+@real_budget
 @pytest.mark.parametrize("percent", [1, 3, 10, 25, 200])
 def test_statistics_costing_x_percent_collect_every_ceil_x_over_3_th_step(monkeypatch, percent):
     """The default watch() on a model whose statistics cost X% of a step (a fake clock):
@@ -275,7 +306,10 @@ def test_statistics_costing_x_percent_collect_every_ceil_x_over_3_th_step(monkey
     n = min(math.ceil(percent / 3), log_every)
     assert doc.sampler.every == n
     assert collected[:2] == [True, True]  # the first step makes the sites, the second measures
-    assert gaps(collected[1:]) == [n] * len(gaps(collected[1:]))
+    if n == 1:  # every step, but one left out to time a step without statistics
+        assert collected[2] is False and collected.count(False) == 1
+    else:
+        assert gaps(collected[1:]) == [n] * len(gaps(collected[1:]))
     assert len(records) == steps // log_every
     site = doc.sites[0]
     total = torch.zeros(6, dtype=torch.float64)
