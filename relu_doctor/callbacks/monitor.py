@@ -410,11 +410,7 @@ class ReluDoctor(Callback):
         if where in self._tb_warned:
             return
         self._tb_warned.add(where)
-        rank_zero_warn(
-            f"relu_doctor: TensorBoard logging to {str(where)!r} stopped: "
-            f"{type(e).__name__}: {e}. Training goes on; the run directory is still written.",
-            category=ReluDoctorWarning,
-        )
+        tb.warn_stopped(where, e, stacklevel=3)  # rank zero only: _publish returns before
 
     def _layout(self) -> dict[str, Any]:
         prefixes = {tb.PREFIX: tb.PREFIX}

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -73,6 +74,7 @@ __all__ = [
     "scalars",
     "tag",
     "training_scalars",
+    "warn_stopped",
     "write_events",
     "write_layout",
     "write_record",
@@ -486,6 +488,17 @@ def write_run(
     return Path(log_dir)
 
 
+def warn_stopped(where: object, error: BaseException, *, stacklevel: int = 2) -> None:
+    """The one warning for a TensorBoard writer that failed and was left out (``where``: its
+    folder): training goes on, the run directory is still written."""
+    warnings.warn(
+        f"relu_doctor: TensorBoard logging to {str(where)!r} stopped: "
+        f"{type(error).__name__}: {error}. Training goes on; the run directory is still written.",
+        ReluDoctorWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
 class RunTensorBoard:
     """The TensorBoard event files of a ``watch(model, run_dir=...)`` loop: a Doctor
     listener (:meth:`write_record`) and event listener (:meth:`write_event`) writing to
@@ -513,14 +526,7 @@ class RunTensorBoard:
             fn(*args)
         except Exception as e:  # never stop the training for a log file
             self._failed = True
-            import warnings
-
-            warnings.warn(
-                f"relu_doctor: TensorBoard logs in {str(self.log_dir)!r} stopped: "
-                f"{type(e).__name__}: {e}. The run directory is still written.",
-                ReluDoctorWarning,
-                stacklevel=3,
-            )
+            warn_stopped(self.log_dir, e, stacklevel=3)
 
     def write_record(self, record: Any) -> None:
         """Write one :class:`~relu_doctor.history.IntervalRecord`."""
