@@ -328,8 +328,9 @@ def legacy_dormant(frame: pd.DataFrame, *, units: bool) -> pd.DataFrame:
     is now ``below_tau``, and ``dormant`` the units below tau that are not dead. Per unit the
     translation is exact. Per site it is exact where dead implies below tau (ReLU-like sites:
     a dead unit's score is 0); a leaky site's dead units may score above tau, so its new
-    ``dormant`` count is unknown (NaN). A frame that already has ``below_tau``, or has no
-    ``dormant``, comes back unchanged.
+    ``dormant`` count is unknown (NaN), and so is that of a site whose row does not say
+    whether it is leaky. A frame that already has ``below_tau``, or has no ``dormant``, comes
+    back unchanged.
     """
     if "dormant" not in frame.columns or "below_tau" in frame.columns or "dead" not in frame:
         return frame
@@ -338,13 +339,16 @@ def legacy_dormant(frame: pd.DataFrame, *, units: bool) -> pd.DataFrame:
     if units:
         out["dormant"] = out["dormant"].astype(bool) & ~out["dead"].astype(bool)
         return out
-    exact = ~out["leaky"].fillna(False).astype(bool) if "leaky" in out else True
+    leaky = out["leaky"] if "leaky" in out else pd.Series(None, index=out.index, dtype=object)
+    exact = leaky.map(lambda v: v is False or v == 0)  # known not leaky (NaN/None: unknown)
     new = pd.to_numeric(out["dormant"], errors="coerce") - pd.to_numeric(out["dead"],
                                                                         errors="coerce")
-    out["dormant"] = new.where(exact)
+    out["dormant"] = new.where(exact.astype(bool))
     if "dormant_fraction" in out:
         out["below_tau_fraction"] = out["dormant_fraction"]
-        seen = pd.to_numeric(out.get("units_seen", out.get("units")), errors="coerce")
+        seen_col = next((c for c in ("units_seen", "units") if c in out), None)
+        seen = (pd.to_numeric(out[seen_col], errors="coerce") if seen_col is not None
+                else pd.Series(float("nan"), index=out.index))
         out["dormant_fraction"] = (out["dormant"] / seen).where(seen > 0)
     return out
 

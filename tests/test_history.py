@@ -453,3 +453,18 @@ def test_a_format_3_run_reads_in_todays_vocabulary(tmp_path):
             history.loc[~leaky, col].tolist())
     assert old.history.loc[leaky, "dormant"].isna().all()
     assert old.history["below_tau"].tolist() == history["below_tau"].tolist()
+
+
+def test_legacy_dormant_of_sites_whose_leakiness_is_unknown():
+    """A format-3 site row without ``leaky`` (or with it missing) gets an unknown dormant
+    count, not an error; the rows that say ReLU are translated exactly."""
+    from relu_doctor.runread import legacy_dormant
+
+    old = pd.DataFrame({"dormant": [3, 2], "dead": [1, 0], "dormant_fraction": [0.3, 0.2]})
+    out = legacy_dormant(old, units=False)
+    assert out["below_tau"].tolist() == [3, 2] and out["dormant"].isna().all()
+    old["leaky"] = [False, None]
+    old["units_seen"] = [10, 10]
+    out = legacy_dormant(old, units=False)
+    assert out["dormant"].iloc[0] == 2 and pd.isna(out["dormant"].iloc[1])
+    assert out["dormant_fraction"].iloc[0] == pytest.approx(0.2)
