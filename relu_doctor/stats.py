@@ -436,7 +436,9 @@ class SiteStats:
             self.add_forward(forward_rows(out, unit_dim, nonnegative=nonnegative, cap=cap))
             return
         t0, ev = time.perf_counter(), sampling.begin_call(out)
-        if not _kernels.forward_into(self.window, out, unit_dim, cap=cap):
+        if not _kernels.forward_into(
+            self.window, out, unit_dim, cap=cap, nonnegative=nonnegative
+        ):
             self.add_forward(forward_rows(out, unit_dim, nonnegative=nonnegative, cap=cap))
         sampling.end_call(ev)
         _clock[0] += time.perf_counter() - t0

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(not _kernels.available(), reason="no C compiler:
 COUNTS = ["elements", "active", "saturated", "nonfinite", "grad_elements", "grad_in_elements",
           "grad_zero", "grad_nonfinite"]
 SUMS = ["sum", "sum_abs", "sum_sq", "grad_sq"]
-SHAPES = [(7,), (9, 5), (300, 70), (4, 6, 7), (2, 3, 5, 5), (16, 24, 20, 20), (3, 4, 5, 2, 2),
-          (2, 5, 3, 3000)]
+SHAPES = [(7,), (9, 5), (300, 70), (4, 6, 7), (2, 3, 5, 5), (4, 40, 3, 3), (16, 24, 20, 20),
+          (3, 4, 5, 2, 2), (2, 5, 3, 3000), (2, 3, 70, 70)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -37,7 +37,7 @@ def _both(x, g, gi, unit_dim, *, nonnegative, cap, inv=None):
     """(fused window, eager window) after one forward and one gradient record."""
     units = x.shape[unit_dim]
     fused, eager = SiteStats(units, "cpu"), SiteStats(units, "cpu")
-    assert _kernels.forward_into(fused.window, x, unit_dim, cap=cap)
+    assert _kernels.forward_into(fused.window, x, unit_dim, cap=cap, nonnegative=nonnegative)
     assert _kernels.grad_into(fused.window, g, gi, unit_dim, inv, len(FIELDS) - 5)
     with _kernels.disabled():
         eager.record_forward(x, unit_dim, nonnegative=nonnegative, cap=cap)
@@ -65,11 +65,14 @@ def _data(shape, dtype, *, leaky=False, cap=None):
     return x.to(dtype), g.to(dtype), gi.to(dtype)
 
 
+@pytest.mark.parametrize("nonnegative", [True, False], ids=["nonnegative", "general"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_counts_equal_eager_over_shapes_and_dtypes(shape, dtype):
+def test_counts_equal_eager_over_shapes_and_dtypes(shape, dtype, nonnegative):
+    # ReLU outputs through both kernels: the one that sums |h| apart and the one that reuses
+    # sum h (nonnegative families)
     x, g, gi = _data(shape, dtype)
-    _check(*_both(x, g, gi, _unit_dim(shape), nonnegative=True, cap=None), dtype)
+    _check(*_both(x, g, gi, _unit_dim(shape), nonnegative=nonnegative, cap=None), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -119,8 +122,10 @@ def test_gradient_without_input_gradient_and_with_a_scale():
         _check(*_both(x, g, None, 1, nonnegative=True, cap=None, inv=inv), torch.float32)
 
 
-def test_same_result_with_any_thread_count():
-    x, g, gi = _data((64, 32, 16, 16), torch.float32)
+@pytest.mark.parametrize("shape", [(64, 32, 16, 16), (64, 48, 3, 3), (700, 300)], ids=str)
+def test_same_result_with_any_thread_count(shape):
+    # per-unit runs (16 x 16 maps), groups of units (3 x 3 maps, (N, F) rows)
+    x, g, gi = _data(shape, torch.float32)
     before = torch.get_num_threads()
     try:
         out = []
@@ -160,3 +165,41 @@ def test_falls_back_to_eager_with_one_warning_when_no_compiler(monkeypatch, tmp_
     assert len(msgs) == 1 and "no C compiler" in msgs[0]
     assert not _kernels.available()
     assert torch.equal(st.window[ROW["active"]], 3 * (x > 0).sum(0).double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sum_squares_into_equals_a_float64_reference(dtype):
+    # sizes around the kernel's chunk (65,536 elements), an empty tensor, two tensors of one
+    # layer (index 1 twice)
+    gen = torch.Generator().manual_seed(3)
+    sizes = [(7,), (256, 256), (65_536 * 2 + 3,), (0,), (33, 5)]
+    ts = [torch.randn(s, generator=gen).to(dtype) for s in sizes]
+    index = [0, 1, 2, 1, 1]
+    out = torch.full((3,), 0.5, dtype=torch.float64)
+    assert cpu.sum_squares_into(out, ts, index)
+    expect = torch.full((3,), 0.5, dtype=torch.float64)
+    for t, i in zip(ts, index, strict=True):
+        expect[i] += t.double().square().sum()
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out, expect, rtol=rtol, atol=0)
+
+
+def test_sum_squares_into_same_with_any_thread_count_and_declines_what_it_cannot_read():
+    gen = torch.Generator().manual_seed(4)
+    ts = [torch.randn(300_001, generator=gen), torch.randn(70_000, generator=gen)]
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = torch.zeros(2, dtype=torch.float64)
+            assert cpu.sum_squares_into(out, ts, [0, 1])
+            outs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    out = torch.zeros(2, dtype=torch.float64)
+    assert not cpu.sum_squares_into(out, [torch.randn(8, 6).t()], [0])  # not contiguous
+    assert not cpu.sum_squares_into(out.float(), ts, [0, 1])  # not a float64 accumulator
+    assert not cpu.sum_squares_into(out, [torch.arange(5)], [0])  # not a float dtype
+    assert torch.equal(out, torch.zeros(2, dtype=torch.float64))

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from relu_doctor._kernels import cpu
-from relu_doctor._kernels.cpu import available, disabled
+from relu_doctor._kernels.cpu import available, disabled, sum_squares_into
 
-__all__ = ["available", "disabled", "forward_into", "grad_into"]
+__all__ = ["available", "disabled", "forward_into", "grad_into", "sum_squares_into"]
 
 _TRITON_ON_CPU = os.environ.get("RELU_DOCTOR_TRITON_INTERPRET") == "1"
 
@@ -79,13 +79,19 @@ def _via_triton(x: torch.Tensor, name: str, *args: Any, **kwargs: Any) -> bool:
 
 
 def forward_into(
-    window: torch.Tensor, out: torch.Tensor, unit_dim: int, *, cap: float | None
+    window: torch.Tensor,
+    out: torch.Tensor,
+    unit_dim: int,
+    *,
+    cap: float | None,
+    nonnegative: bool = False,
 ) -> bool:
     """:func:`relu_doctor._kernels.cpu.forward_into` for a CPU tensor, the Triton kernel for
-    a CUDA one (same arguments); False (nothing done) where neither applies, and then the
-    caller runs the eager path."""
+    a CUDA one (same arguments; the Triton kernel sums ``|h|`` whatever ``nonnegative``
+    says); False (nothing done) where neither applies, and then the caller runs the eager
+    path."""
     if out.device.type == "cpu" and not _TRITON_ON_CPU:
-        return cpu.forward_into(window, out, unit_dim, cap=cap)
+        return cpu.forward_into(window, out, unit_dim, cap=cap, nonnegative=nonnegative)
     return _via_triton(out, "forward_into", window, out, unit_dim, cap=cap)
 
 

@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "disabled", "forward_into", "grad_into"]
+__all__ = ["available", "disabled", "forward_into", "grad_into", "sum_squares_into"]
 
 _SOURCE = Path(__file__).with_name("fused_stats.c")
 _DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_FLAG_CAP, _FLAG_NONNEG = 1, 2  # rd_forward's flags
 _FLAG_SETS = (
     ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
     ["-O3", "-ffp-contract=off", "-fopenmp"],
@@ -105,6 +106,8 @@ def _build() -> ctypes.CDLL:
         lib.rd_forward.restype = cint
         lib.rd_grad.argtypes = [ptr, ptr, cint, i64, i64, i64, ptr, i64, dbl, cint]
         lib.rd_grad.restype = cint
+        lib.rd_sumsq.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, cint]
+        lib.rd_sumsq.restype = cint
         return lib
     raise RuntimeError("the build failed: " + " | ".join(errors))
 
@@ -167,9 +170,17 @@ def _layout(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int, int, int
 
 
 def forward_into(
-    window: torch.Tensor, out: torch.Tensor, unit_dim: int, *, cap: float | None
+    window: torch.Tensor,
+    out: torch.Tensor,
+    unit_dim: int,
+    *,
+    cap: float | None,
+    nonnegative: bool = False,
 ) -> bool:
     """Add the forward fields of ``out`` to rows 0-6 of ``window`` in one pass.
+
+    ``nonnegative``: the family never outputs negatives, so ``sum |h|`` is ``sum h`` and is
+    not summed apart (the eager path's rule).
 
     Returns False (nothing done) where the fused path does not apply; then the caller runs
     the eager path.
@@ -182,7 +193,8 @@ def forward_into(
     t, a, u, b = _layout(out, unit_dim)
     rc = lib.rd_forward(
         t.data_ptr(), _DTYPES[t.dtype], a, u, b, window.data_ptr(), 0,
-        cap is not None, 0.0 if cap is None else float(cap), torch.get_num_threads(),
+        (_FLAG_CAP if cap is not None else 0) | (_FLAG_NONNEG if nonnegative else 0),
+        0.0 if cap is None else float(cap), torch.get_num_threads(),
     )
     return int(rc) == 0
 
@@ -235,5 +247,40 @@ def grad_into(
     rc = lib.rd_grad(
         g.data_ptr(), gi_ptr, _DTYPES[g.dtype], a, u, b, window.data_ptr(), row0,
         float(inv) * float(inv), torch.get_num_threads(),
+    )
+    return int(rc) == 0
+
+
+_SQ_CHUNK = 65536  # fused_stats.c's SQ_CHUNK
+
+
+def sum_squares_into(out: torch.Tensor, tensors: list[torch.Tensor], index: list[int]) -> bool:
+    """``out[index[i]] += (tensors[i] ** 2).sum()`` for every i, in one call and one pass
+    over each tensor (the optimizer tap's per-layer squared gradient norms).
+
+    Returns False (nothing done) where the fused path does not apply: ``out`` is not a
+    contiguous CPU float64 vector, or a tensor is not a plain contiguous CPU tensor of a
+    supported dtype; then the caller uses torch ops.
+    """
+    if _off or not (_usable(out) and out.dtype == torch.float64 and out.is_contiguous()):
+        return False
+    if not all(_usable(t) and t.is_contiguous() for t in tensors):
+        return False
+    lib = _lib if _state == "ready" else _load()
+    if lib is None or not tensors:
+        return lib is not None
+    k = len(tensors)
+    sizes = [t.numel() for t in tensors]
+    first = [0] * (k + 1)
+    for i, n in enumerate(sizes):
+        first[i + 1] = first[i] + -(-n // _SQ_CHUNK)
+    part = (ctypes.c_double * max(1, first[k]))()
+    rc = lib.rd_sumsq(
+        (ctypes.c_void_p * k)(*[t.data_ptr() for t in tensors]),
+        (ctypes.c_int64 * k)(*sizes),
+        (ctypes.c_int * k)(*[_DTYPES[t.dtype] for t in tensors]),
+        (ctypes.c_int64 * k)(*index),
+        (ctypes.c_int64 * (k + 1))(*first),
+        k, out.data_ptr(), part, torch.get_num_threads(),
     )
     return int(rc) == 0

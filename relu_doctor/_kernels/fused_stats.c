@@ -8,9 +8,16 @@
  * The window is a row-major float64 (rows, U) matrix; the kernels add into its rows from
  * row0 on, in place.
  *
- * Values are read as float (float64 input as double). Sums run in float over chunks of at
- * most CHUNK elements per unit, then in double across chunks; counts are exact. Chunks are
- * fixed (they do not depend on the thread count) and combined in a fixed order, so a result
+ * Accumulators live in vector lanes (GCC/Clang vector extensions: the same code on x86 and
+ * ARM, as wide as -march=native allows), in registers on the common paths. Two loops:
+ *  - per unit (B >= RUN): each unit's A runs of B contiguous elements, in one vector;
+ *  - by groups of units (B smaller): the (A, U * B) matrix read row by row over the W <= RUN
+ *    contiguous columns of G = RUN / B units, in W / N vectors (in L1), the columns of each
+ *    unit folded at the end. Reading RUN contiguous elements per row keeps the reads
+ *    sequential within a page.
+ * Counts are kept in integer lanes (exact); sums in float lanes over at most FLUSH elements
+ * of a unit (or ROWS rows), then in double. Each task owns whole units and writes their
+ * window columns itself: nothing is allocated, the order of every sum is fixed, and a result
  * is the same with any number of threads.
  */
 #include <math.h>
@@ -23,9 +30,38 @@
 #define DT_F16 2
 #define DT_BF16 3
 
-#define CHUNK 4096  /* elements of one unit summed in float before going to double */
-#define ROWS 64     /* rows of a units-last view per parallel chunk */
+#define FLAG_CAP 1     /* count saturated: h >= cap */
+#define FLAG_NONNEG 2  /* the family never outputs negatives: |h| = h, no second sum */
 
+#define VB 64          /* bytes of one accumulator vector: 16 floats or 8 doubles */
+#define FLUSH 4096     /* elements of one unit summed in float lanes before going to double */
+#define ROWS 256       /* rows of the by-groups loop summed in float lanes before double */
+#define RUN 256        /* contiguous elements per row of one group, and the per-unit bound */
+#define MIN_PAR 65536  /* elements below which one thread does it all */
+
+typedef float vf32 __attribute__((vector_size(VB)));
+typedef int32_t vi32 __attribute__((vector_size(VB)));
+typedef double vf64 __attribute__((vector_size(VB)));
+typedef int64_t vi64 __attribute__((vector_size(VB)));
+typedef uint16_t vu16 __attribute__((vector_size(VB / 2)));
+typedef _Float16 vh16 __attribute__((vector_size(VB / 2)));
+
+/* Loads of one vector of N elements (unaligned), converted to the accumulator type. */
+static inline vf32 ld_f32(const float *p) { vf32 v; memcpy(&v, p, sizeof v); return v; }
+static inline vf64 ld_f64(const double *p) { vf64 v; memcpy(&v, p, sizeof v); return v; }
+static inline vf32 ld_f16(const _Float16 *p) {
+    vh16 h;
+    memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, vf32);
+}
+static inline vf32 ld_bf16(const uint16_t *p) {
+    vu16 h;
+    memcpy(&h, p, sizeof h);
+    vi32 w = __builtin_convertvector(h, vi32) << 16;
+    vf32 f;
+    memcpy(&f, &w, sizeof f);
+    return f;
+}
 static inline float bf16f(uint16_t h) {
     uint32_t w = ((uint32_t)h) << 16;
     float f;
@@ -39,220 +75,381 @@ static inline float bf16f(uint16_t h) {
 static int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* Per unit: active, saturated, sum, sum_abs, sum_sq (5 doubles). */
+/* Forward fields, in this order in every accumulator: active, saturated, sum, sum_abs,
+ * sum_sq. Gradient fields: sum of squares of dL/d(output), zero entries of dL/d(input). */
 #define NF 5
+#define NG 2
 
-/* fwd_units_T: B > 1, units [u0, u1): each unit's A runs of B contiguous elements. */
-/* fwd_rows_T: B == 1, rows [a0, a1) of an (A, U) matrix into part[NF][U] (float). */
-#define DEFINE_FWD(SUFFIX, T, ACC, CONV)                                                    \
-    static void fwd_units_##SUFFIX(const T *x, int64_t A, int64_t U, int64_t B, ACC cap,    \
-                                   int64_t u, double *o) {                                  \
-        double act = 0, sat = 0, s = 0, sa = 0, sq = 0;                                     \
-        for (int64_t a = 0; a < A; a++) {                                                   \
-            const T *p = x + (a * U + u) * B;                                               \
-            for (int64_t c = 0; c < B; c += CHUNK) {                                        \
-                int64_t n = min64(CHUNK, B - c);                                            \
-                ACC fa = 0, ft = 0, fs = 0, fsa = 0, fsq = 0;                               \
-                _Pragma("omp simd reduction(+ : fa, ft, fs, fsa, fsq)")                     \
-                for (int64_t b = 0; b < n; b++) {                                           \
-                    ACC v = CONV(p[c + b]);                                                 \
-                    fa += v > 0 ? (ACC)1 : (ACC)0;                                          \
-                    ft += v >= cap ? (ACC)1 : (ACC)0;                                       \
-                    fs += v;                                                                \
-                    fsa += v < 0 ? -v : v;                                                  \
-                    fsq += v * v;                                                           \
-                }                                                                           \
-                act += fa; sat += ft; s += fs; sa += fsa; sq += fsq;                        \
-            }                                                                               \
-        }                                                                                   \
-        o[0 * U + u] = act; o[1 * U + u] = sat; o[2 * U + u] = s;                           \
-        o[3 * U + u] = sa; o[4 * U + u] = sq;                                               \
-    }                                                                                       \
-    static void fwd_rows_##SUFFIX(const T *x, int64_t a0, int64_t a1, int64_t U, ACC cap,   \
-                                  ACC *f) {                                                 \
-        ACC *fa = f, *ft = f + U, *fs = f + 2 * U, *fsa = f + 3 * U, *fsq = f + 4 * U;      \
-        for (int64_t a = a0; a < a1; a++) {                                                 \
-            const T *p = x + a * U;                                                         \
-            _Pragma("omp simd")                                                             \
-            for (int64_t u = 0; u < U; u++) {                                               \
-                ACC v = CONV(p[u]);                                                         \
-                fa[u] += v > 0 ? (ACC)1 : (ACC)0;                                           \
-                ft[u] += v >= cap ? (ACC)1 : (ACC)0;                                        \
-                fs[u] += v;                                                                 \
-                fsa[u] += v < 0 ? -v : v;                                                   \
-                fsq[u] += v * v;                                                            \
-            }                                                                               \
-        }                                                                                   \
-    }
-
-DEFINE_FWD(f32, float, float, CV)
-DEFINE_FWD(f64, double, double, CV)
-DEFINE_FWD(f16, _Float16, float, CVF16)
-DEFINE_FWD(bf16, uint16_t, float, CVBF16)
-
-#define DISPATCH(dt, CALL)                                                                  \
-    switch (dt) {                                                                           \
-    case DT_F32: CALL(f32, float, float); break;                                            \
-    case DT_F64: CALL(f64, double, double); break;                                          \
-    case DT_F16: CALL(f16, _Float16, float); break;                                         \
-    default: CALL(bf16, uint16_t, float); break;                                            \
-    }
-
-/* Sum per-chunk float partials part[k][NF][U] into o[NF][U] (double), in chunk order. */
-static void combine(const void *part, int is_double, int64_t chunks, int64_t nf, int64_t U,
-                    double *o) {
-    for (int64_t k = 0; k < chunks; k++) {
-        if (is_double) {
-            const double *p = (const double *)part + k * nf * U;
-            for (int64_t i = 0; i < nf * U; i++) o[i] += p[i];
-        } else {
-            const float *p = (const float *)part + k * nf * U;
-            for (int64_t i = 0; i < nf * U; i++) o[i] += (double)p[i];
-        }
+/* Window rows of one unit from its totals d[NF] over per_unit elements: elements, active,
+ * sum, sum_abs, sum_sq, saturated, nonfinite. A unit whose sum |h| is not finite adds only
+ * nonfinite = 1 (as the eager path). */
+static inline void fwd_finish(double *r, int64_t U, int64_t u, const double *d, double per_unit,
+                              int mode) {
+    double sum_abs = (mode & FLAG_NONNEG) ? d[2] : d[3];
+    if (isfinite(sum_abs)) {
+        r[0 * U + u] += per_unit;
+        r[1 * U + u] += d[0];
+        r[2 * U + u] += d[2];
+        r[3 * U + u] += sum_abs;
+        r[4 * U + u] += d[4];
+        r[5 * U + u] += (mode & FLAG_CAP) ? d[1] : 0.0;
+    } else {
+        r[6 * U + u] += 1.0;
     }
 }
 
-/* Adds to window rows row0..row0+6: elements, active, sum, sum_abs, sum_sq, saturated,
- * nonfinite. A unit whose sum |h| is not finite adds only nonfinite = 1. */
-int rd_forward(const void *x, int dt, int64_t A, int64_t U, int64_t B, double *win,
-               int64_t row0, int has_cap, double cap, int nthreads) {
-    double *o = (double *)calloc((size_t)(NF * U), sizeof(double));
-    if (o == NULL) return 1;
-    float fcap = has_cap ? (float)cap : INFINITY;
-    double dcap = has_cap ? cap : INFINITY;
-    int64_t work = A * U * B;
-    int par = work > 65536 && nthreads > 1;
-    if (B > 1) {
-#define CALL_UNITS(S, T, ACC)                                                               \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")             \
-    for (int64_t u = 0; u < U; u++)                                                         \
-        fwd_units_##S((const T *)x, A, U, B, dt == DT_F64 ? (ACC)dcap : (ACC)fcap, u, o);
-        DISPATCH(dt, CALL_UNITS)
-    } else {
-        int64_t chunks = divup(A, ROWS);
-        size_t esz = dt == DT_F64 ? sizeof(double) : sizeof(float);
-        void *part = calloc((size_t)(chunks * NF * U), esz);
-        if (part == NULL) { free(o); return 1; }
-#define CALL_ROWS(S, T, ACC)                                                                \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")             \
-    for (int64_t k = 0; k < chunks; k++)                                                    \
-        fwd_rows_##S((const T *)x, k * ROWS, min64((k + 1) * ROWS, A), U,                   \
-                     dt == DT_F64 ? (ACC)dcap : (ACC)fcap, (ACC *)part + k * NF * U);
-        DISPATCH(dt, CALL_ROWS)
-        combine(part, dt == DT_F64, chunks, NF, U, o);
-        free(part);
-    }
-    double per_unit = (double)(A * B);
-    double *r = win + row0 * U;
-    for (int64_t u = 0; u < U; u++) {
-        if (isfinite(o[3 * U + u])) { /* as the eager path: finite where sum |h| is */
-            r[0 * U + u] += per_unit;
-            r[1 * U + u] += o[0 * U + u];
-            r[2 * U + u] += o[2 * U + u];
-            r[3 * U + u] += o[3 * U + u];
-            r[4 * U + u] += o[4 * U + u];
-            r[5 * U + u] += has_cap ? o[1 * U + u] : 0.0;
-        } else {
-            r[6 * U + u] += 1.0;
+/* Window rows of one unit from its gradient totals d[NG]: grad_elements, grad_sq (times
+ * scale2), grad_in_elements, grad_zero, grad_nonfinite. A unit whose sum of squares is not
+ * finite adds only grad_nonfinite = 1. */
+static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
+                               double per_unit, double scale2, int has_gi) {
+    if (isfinite(d[0])) {
+        r[0 * U + u] += per_unit;
+        r[1 * U + u] += d[0] * scale2;
+        if (has_gi) {
+            r[2 * U + u] += per_unit;
+            r[3 * U + u] += d[1];
         }
+    } else {
+        r[4 * U + u] += 1.0;
     }
-    free(o);
+}
+
+/* The accumulators of one vector of columns k: integer lanes (act, sat) and float lanes
+ * (s, sa, sq), in arrays of vectors indexed by k. A vector comparison is -1 where true, a
+ * scalar one 1: vector updates subtract, lane updates add. */
+#define FWD_VEC(v, k, ABS)                                                                      \
+    do {                                                                                    \
+        act[k] -= (v) > zero;                                                               \
+        if (mode & FLAG_CAP) sat[k] -= (v) >= capv;                                         \
+        s[k] += (v);                                                                        \
+        if (!(mode & FLAG_NONNEG)) sa[k] += ABS(v);                                         \
+        sq[k] += (v) * (v);                                                                 \
+    } while (0)
+#define FWD_LANE(v, k, j)                                                                   \
+    do {                                                                                    \
+        act[k][j] += (v) > 0;                                                               \
+        if (mode & FLAG_CAP) sat[k][j] += (v) >= cap;                                       \
+        s[k][j] += (v);                                                                     \
+        if (!(mode & FLAG_NONNEG)) sa[k][j] += (v) < 0 ? -(v) : (v);                        \
+        sq[k][j] += (v) * (v);                                                              \
+    } while (0)
+/* Lane j of vector k into the double totals d[NF], then cleared. */
+#define FWD_DRAIN(d, k, j)                                                                  \
+    do {                                                                                    \
+        (d)[0] += (double)act[k][j]; (d)[1] += (double)sat[k][j]; (d)[2] += (double)s[k][j]; \
+        (d)[3] += (double)sa[k][j]; (d)[4] += (double)sq[k][j];                             \
+        act[k][j] = 0; sat[k][j] = 0; s[k][j] = 0; sa[k][j] = 0; sq[k][j] = 0;              \
+    } while (0)
+#define FWD_DECL(V, I, NVEC)                                                                \
+    const V zero = {0};                                                                     \
+    V capv = zero;                                                                          \
+    for (int j = 0; j < (int)(sizeof(V) / sizeof(capv[0])); j++) capv[j] = cap;             \
+    V s[NVEC], sa[NVEC], sq[NVEC];                                                          \
+    I act[NVEC], sat[NVEC];                                                                 \
+    for (int k = 0; k < (NVEC); k++) {                                                      \
+        s[k] = zero; sa[k] = zero; sq[k] = zero;                                            \
+        act[k] = (I){0}; sat[k] = (I){0};                                                   \
+    }
+
+#define GRAD_VEC(v, q, k)                                                                   \
+    do {                                                                                    \
+        sq[k] += (v) * (v);                                                                 \
+        if (has_gi) z[k] -= (q) == zero;                                                    \
+    } while (0)
+#define GRAD_LANE(v, q, k, j)                                                               \
+    do {                                                                                    \
+        sq[k][j] += (v) * (v);                                                              \
+        if (has_gi) z[k][j] += (q) == 0;                                                    \
+    } while (0)
+#define GRAD_DRAIN(d, k, j)                                                                 \
+    do {                                                                                    \
+        (d)[0] += (double)sq[k][j]; (d)[1] += (double)z[k][j];                              \
+        sq[k][j] = 0; z[k][j] = 0;                                                          \
+    } while (0)
+#define GRAD_DECL(V, I, NVEC)                                                               \
+    const V zero = {0};                                                                     \
+    V sq[NVEC];                                                                             \
+    I z[NVEC];                                                                              \
+    for (int k = 0; k < (NVEC); k++) { sq[k] = zero; z[k] = (I){0}; }
+
+/* fwd_unit_S: unit u (B >= RUN), its A runs of B elements, summed in the lanes of one vector.
+ * fwd_group_S: units [u0, u0 + g) (B < RUN): their W = g * B <= RUN contiguous columns of
+ * each row, in W / N vectors and W % N lanes of one more. */
+#define DEFINE_FWD(S, T, ACC, V, I, N, LD, CONV, ABS)                                       \
+    static inline __attribute__((always_inline)) void fwd_unit_##S(                        \
+        const T *x, int64_t A, int64_t U, int64_t B, ACC cap, int64_t u, double *r,         \
+        const int mode) {                                                                   \
+        FWD_DECL(V, I, 1)                                                                   \
+        double d[NF] = {0, 0, 0, 0, 0};                                                     \
+        int64_t since = 0;                                                                  \
+        for (int64_t a = 0; a < A; a++) {                                                   \
+            const T *p = x + (a * U + u) * B;                                               \
+            for (int64_t c = 0; c < B; c += FLUSH) {                                        \
+                int64_t n = min64(FLUSH, B - c), b = 0;                                     \
+                for (; b + N <= n; b += N) {                                                \
+                    V v = LD(p + c + b);                                                    \
+                    FWD_VEC(v, 0, ABS);                                                          \
+                }                                                                           \
+                for (int j = 0; b < n; b++, j++) {                                          \
+                    ACC v = CONV(p[c + b]);                                                 \
+                    FWD_LANE(v, 0, j);                                                      \
+                }                                                                           \
+                since += n;                                                                 \
+                if (since >= FLUSH) {                                                       \
+                    for (int j = 0; j < N; j++) FWD_DRAIN(d, 0, j);                         \
+                    since = 0;                                                              \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+        for (int j = 0; j < N; j++) FWD_DRAIN(d, 0, j);                                     \
+        fwd_finish(r, U, u, d, (double)(A * B), mode);                                      \
+    }                                                                                       \
+    static inline __attribute__((always_inline)) void fwd_group_##S(                       \
+        const T *x, int64_t A, int64_t U, int64_t B, ACC cap, int64_t u0, int64_t g,        \
+        double *r, const int mode) {                                                        \
+        FWD_DECL(V, I, RUN / N)                                                             \
+        int64_t C = U * B, W = g * B, full = W / N;                                         \
+        double d[NF][RUN];                                                                   \
+        for (int64_t c = 0; c < W; c++)                                                     \
+            for (int f = 0; f < NF; f++) d[f][c] = 0;                                       \
+        for (int64_t a0 = 0; a0 < A; a0 += ROWS) {                                          \
+            for (int64_t a = a0; a < min64(a0 + ROWS, A); a++) {                            \
+                const T *p = x + a * C + u0 * B;                                            \
+                for (int64_t k = 0; k < full; k++) {                                                \
+                    V v = LD(p + k * N);                                                    \
+                    FWD_VEC(v, k, ABS);                                                          \
+                }                                                                           \
+                for (int64_t c = full * N; c < W; c++) {                                    \
+                    ACC v = CONV(p[c]);                                                     \
+                    FWD_LANE(v, c / N, c % N);                                              \
+                }                                                                           \
+            }                                                                               \
+            for (int64_t c = 0; c < W; c++) {                                               \
+                double t[NF] = {0, 0, 0, 0, 0};                                             \
+                FWD_DRAIN(t, c / N, c % N);                                                 \
+                for (int f = 0; f < NF; f++) d[f][c] += t[f];                               \
+            }                                                                               \
+        }                                                                                   \
+        for (int64_t i = 0; i < g; i++) {                                                   \
+            double t[NF] = {0, 0, 0, 0, 0};                                                 \
+            for (int64_t b = 0; b < B; b++)                                                 \
+                for (int f = 0; f < NF; f++) t[f] += d[f][i * B + b];                       \
+            fwd_finish(r, U, u0 + i, t, (double)(A * B), mode);                             \
+        }                                                                                   \
+    }
+
+#define DEFINE_GRAD(S, T, ACC, V, I, N, LD, CONV)                                           \
+    static inline __attribute__((always_inline)) void grad_unit_##S(                       \
+        const T *g, const T *gi, int64_t A, int64_t U, int64_t B, int64_t u, double *r,     \
+        double scale2, const int has_gi) {                                                  \
+        GRAD_DECL(V, I, 1)                                                                  \
+        double d[NG] = {0, 0};                                                              \
+        int64_t since = 0;                                                                  \
+        for (int64_t a = 0; a < A; a++) {                                                   \
+            int64_t off = (a * U + u) * B;                                                  \
+            const T *p = g + off, *pq = has_gi ? gi + off : g;                              \
+            for (int64_t c = 0; c < B; c += FLUSH) {                                        \
+                int64_t n = min64(FLUSH, B - c), b = 0;                                     \
+                for (; b + N <= n; b += N) {                                                \
+                    V v = LD(p + c + b), q = has_gi ? LD(pq + c + b) : zero;                \
+                    GRAD_VEC(v, q, 0);                                                      \
+                }                                                                           \
+                for (int j = 0; b < n; b++, j++) {                                          \
+                    ACC v = CONV(p[c + b]), q = has_gi ? CONV(pq[c + b]) : 0;               \
+                    GRAD_LANE(v, q, 0, j);                                                  \
+                }                                                                           \
+                since += n;                                                                 \
+                if (since >= FLUSH) {                                                       \
+                    for (int j = 0; j < N; j++) GRAD_DRAIN(d, 0, j);                        \
+                    since = 0;                                                              \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+        for (int j = 0; j < N; j++) GRAD_DRAIN(d, 0, j);                                    \
+        grad_finish(r, U, u, d, (double)(A * B), scale2, has_gi);                           \
+    }                                                                                       \
+    static inline __attribute__((always_inline)) void grad_group_##S(                      \
+        const T *g, const T *gi, int64_t A, int64_t U, int64_t B, int64_t u0, int64_t gn,   \
+        double *r, double scale2, const int has_gi) {                                       \
+        GRAD_DECL(V, I, RUN / N)                                                            \
+        int64_t C = U * B, W = gn * B, full = W / N;                                        \
+        double d[NG][RUN];                                                                   \
+        for (int64_t c = 0; c < W; c++)                                                     \
+            for (int f = 0; f < NG; f++) d[f][c] = 0;                                       \
+        for (int64_t a0 = 0; a0 < A; a0 += ROWS) {                                          \
+            for (int64_t a = a0; a < min64(a0 + ROWS, A); a++) {                            \
+                const T *p = g + a * C + u0 * B, *pq = has_gi ? gi + a * C + u0 * B : p;    \
+                for (int64_t k = 0; k < full; k++) {                                                \
+                    V v = LD(p + k * N), q = has_gi ? LD(pq + k * N) : zero;                \
+                    GRAD_VEC(v, q, k);                                                      \
+                }                                                                           \
+                for (int64_t c = full * N; c < W; c++) {                                    \
+                    ACC v = CONV(p[c]), q = has_gi ? CONV(pq[c]) : 0;                       \
+                    GRAD_LANE(v, q, c / N, c % N);                                          \
+                }                                                                           \
+            }                                                                               \
+            for (int64_t c = 0; c < W; c++) {                                               \
+                double t[NG] = {0, 0};                                                      \
+                GRAD_DRAIN(t, c / N, c % N);                                                \
+                for (int f = 0; f < NG; f++) d[f][c] += t[f];                               \
+            }                                                                               \
+        }                                                                                   \
+        for (int64_t i = 0; i < gn; i++) {                                                  \
+            double t[NG] = {0, 0};                                                          \
+            for (int64_t b = 0; b < B; b++)                                                 \
+                for (int f = 0; f < NG; f++) t[f] += d[f][i * B + b];                       \
+            grad_finish(r, U, u0 + i, t, (double)(A * B), scale2, has_gi);                  \
+        }                                                                                   \
+    }
+
+/* |v| of a vector: the sign bit cleared. */
+#define ABS32(v) ((vf32)((vi32)(v) & 0x7fffffff))
+#define ABS64(v) ((vf64)((vi64)(v) & 0x7fffffffffffffffLL))
+
+#define DEFINE_ALL(S, T, ACC, V, I, N, LD, CONV, ABS)                                       \
+    DEFINE_FWD(S, T, ACC, V, I, N, LD, CONV, ABS)                                           \
+    DEFINE_GRAD(S, T, ACC, V, I, N, LD, CONV)
+
+DEFINE_ALL(f32, float, float, vf32, vi32, 16, ld_f32, CV, ABS32)
+DEFINE_ALL(f64, double, double, vf64, vi64, 8, ld_f64, CV, ABS64)
+DEFINE_ALL(f16, _Float16, float, vf32, vi32, 16, ld_f16, CVF16, ABS32)
+DEFINE_ALL(bf16, uint16_t, float, vf32, vi32, 16, ld_bf16, CVBF16, ABS32)
+
+/* Units per group for B < RUN. */
+static int64_t group_units(int64_t B) { return B >= RUN ? 1 : RUN / B; }
+
+#define DISPATCH(dt, CALL, ...)                                                             \
+    switch (dt) {                                                                           \
+    case DT_F32: CALL(f32, float, float, __VA_ARGS__); break;                               \
+    case DT_F64: CALL(f64, double, double, __VA_ARGS__); break;                             \
+    case DT_F16: CALL(f16, _Float16, float, __VA_ARGS__); break;                            \
+    default: CALL(bf16, uint16_t, float, __VA_ARGS__); break;                               \
+    }
+
+/* One parallel loop over units (B >= RUN) or groups of units, for a constant mode M (each
+ * mode is compiled apart, without the branches of the others). */
+#define FWD_LOOPS(S, T, ACC, M)                                                             \
+    do {                                                                                    \
+        ACC c_ = dt == DT_F64 ? (ACC)dcap : (ACC)fcap;                                      \
+        if (B >= RUN) {                                                                     \
+            _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")     \
+            for (int64_t u = 0; u < U; u++) fwd_unit_##S((const T *)x, A, U, B, c_, u, r, M); \
+        } else {                                                                            \
+            _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")     \
+            for (int64_t k = 0; k < groups; k++)                                            \
+                fwd_group_##S((const T *)x, A, U, B, c_, k * G, min64(G, U - k * G), r, M); \
+        }                                                                                   \
+    } while (0)
+#define FWD_MODES(S, T, ACC, unused)                                                        \
+    switch (mode) {                                                                         \
+    case 0: FWD_LOOPS(S, T, ACC, 0); break;                                                 \
+    case 1: FWD_LOOPS(S, T, ACC, 1); break;                                                 \
+    case 2: FWD_LOOPS(S, T, ACC, 2); break;                                                 \
+    default: FWD_LOOPS(S, T, ACC, 3); break;                                                \
+    }
+
+/* Adds the forward fields of x to window rows row0..row0+6 (see fwd_finish).
+ * flags: FLAG_CAP (count h >= cap), FLAG_NONNEG (sum |h| = sum h). Returns 0. */
+int rd_forward(const void *x, int dt, int64_t A, int64_t U, int64_t B, double *win,
+               int64_t row0, int flags, double cap, int nthreads) {
+    const int mode = flags & 3;
+    float fcap = (mode & FLAG_CAP) ? (float)cap : INFINITY;
+    double dcap = (mode & FLAG_CAP) ? cap : INFINITY;
+    int par = A * U * B > MIN_PAR && nthreads > 1;
+    int64_t G = group_units(B), groups = divup(U, G);
+    double *r = win + row0 * U;
+    DISPATCH(dt, FWD_MODES, 0)
     return 0;
 }
 
-/* Per unit: sum of squares of dL/d(output), zero entries of dL/d(input). */
-#define NG 2
-
-#define DEFINE_GRAD(SUFFIX, T, ACC, CONV)                                                   \
-    static void grad_units_##SUFFIX(const T *g, const T *gi, int64_t A, int64_t U,          \
-                                    int64_t B, int64_t u, double *o) {                      \
-        double sq = 0, z = 0;                                                               \
-        for (int64_t a = 0; a < A; a++) {                                                   \
-            int64_t off = (a * U + u) * B;                                                  \
-            for (int64_t c = 0; c < B; c += CHUNK) {                                        \
-                int64_t n = min64(CHUNK, B - c);                                            \
-                ACC fsq = 0, fz = 0;                                                        \
-                const T *p = g + off + c;                                                   \
-                _Pragma("omp simd reduction(+ : fsq)")                                      \
-                for (int64_t b = 0; b < n; b++) {                                           \
-                    ACC v = CONV(p[b]);                                                     \
-                    fsq += v * v;                                                           \
-                }                                                                           \
-                if (gi) {                                                                   \
-                    const T *q = gi + off + c;                                              \
-                    _Pragma("omp simd reduction(+ : fz)")                                   \
-                    for (int64_t b = 0; b < n; b++) fz += CONV(q[b]) == 0 ? (ACC)1 : (ACC)0; \
-                }                                                                           \
-                sq += fsq; z += fz;                                                         \
-            }                                                                               \
+#define GRAD_LOOPS(S, T, ACC, M)                                                            \
+    do {                                                                                    \
+        if (B >= RUN) {                                                                     \
+            _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")     \
+            for (int64_t u = 0; u < U; u++)                                                 \
+                grad_unit_##S((const T *)g, (const T *)gi, A, U, B, u, r, scale2, M);       \
+        } else {                                                                            \
+            _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")     \
+            for (int64_t k = 0; k < groups; k++)                                            \
+                grad_group_##S((const T *)g, (const T *)gi, A, U, B, k * G,                 \
+                               min64(G, U - k * G), r, scale2, M);                          \
         }                                                                                   \
-        o[u] = sq; o[U + u] = z;                                                            \
-    }                                                                                       \
-    static void grad_rows_##SUFFIX(const T *g, const T *gi, int64_t a0, int64_t a1,         \
-                                   int64_t U, ACC *f) {                                     \
-        ACC *fsq = f, *fz = f + U;                                                          \
-        for (int64_t a = a0; a < a1; a++) {                                                 \
-            const T *p = g + a * U;                                                         \
-            _Pragma("omp simd")                                                             \
-            for (int64_t u = 0; u < U; u++) {                                               \
-                ACC v = CONV(p[u]);                                                         \
-                fsq[u] += v * v;                                                            \
-            }                                                                               \
-            if (gi) {                                                                       \
-                const T *q = gi + a * U;                                                    \
-                _Pragma("omp simd")                                                         \
-                for (int64_t u = 0; u < U; u++) fz[u] += CONV(q[u]) == 0 ? (ACC)1 : (ACC)0;  \
-            }                                                                               \
-        }                                                                                   \
-    }
+    } while (0)
+#define GRAD_MODES(S, T, ACC, unused)                                                       \
+    if (has_gi) { GRAD_LOOPS(S, T, ACC, 1); } else { GRAD_LOOPS(S, T, ACC, 0); }
 
-DEFINE_GRAD(f32, float, float, CV)
-DEFINE_GRAD(f64, double, double, CV)
-DEFINE_GRAD(f16, _Float16, float, CVF16)
-DEFINE_GRAD(bf16, uint16_t, float, CVBF16)
-
-/* Adds to window rows row0..row0+4: grad_elements, grad_sq (times scale2), grad_in_elements,
- * grad_zero, grad_nonfinite. gi may be NULL (the input needs no gradient). A unit whose sum
- * of squares is not finite adds only grad_nonfinite = 1. */
+/* Adds the gradient fields to window rows row0..row0+4 (see grad_finish). gi may be NULL
+ * (the input needs no gradient). Returns 0. */
 int rd_grad(const void *g, const void *gi, int dt, int64_t A, int64_t U, int64_t B,
             double *win, int64_t row0, double scale2, int nthreads) {
-    double *o = (double *)calloc((size_t)(NG * U), sizeof(double));
-    if (o == NULL) return 1;
-    int64_t work = A * U * B;
-    int par = work > 65536 && nthreads > 1;
-    if (B > 1) {
-#define CALL_GUNITS(S, T, ACC)                                                              \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")             \
-    for (int64_t u = 0; u < U; u++) grad_units_##S((const T *)g, (const T *)gi, A, U, B, u, o);
-        DISPATCH(dt, CALL_GUNITS)
-    } else {
-        int64_t chunks = divup(A, ROWS);
-        size_t esz = dt == DT_F64 ? sizeof(double) : sizeof(float);
-        void *part = calloc((size_t)(chunks * NG * U), esz);
-        if (part == NULL) { free(o); return 1; }
-#define CALL_GROWS(S, T, ACC)                                                               \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")             \
-    for (int64_t k = 0; k < chunks; k++)                                                    \
-        grad_rows_##S((const T *)g, (const T *)gi, k * ROWS, min64((k + 1) * ROWS, A), U,   \
-                      (ACC *)part + k * NG * U);
-        DISPATCH(dt, CALL_GROWS)
-        combine(part, dt == DT_F64, chunks, NG, U, o);
-        free(part);
-    }
-    double per_unit = (double)(A * B);
+    const int has_gi = gi != NULL;
+    int par = A * U * B > MIN_PAR && nthreads > 1;
+    int64_t G = group_units(B), groups = divup(U, G);
     double *r = win + row0 * U;
-    for (int64_t u = 0; u < U; u++) {
-        if (isfinite(o[u])) {
-            r[0 * U + u] += per_unit;
-            r[1 * U + u] += o[u] * scale2;
-            if (gi) {
-                r[2 * U + u] += per_unit;
-                r[3 * U + u] += o[U + u];
-            }
-        } else {
-            r[4 * U + u] += 1.0;
+    DISPATCH(dt, GRAD_MODES, 0)
+    return 0;
+}
+
+/* ---------------------------------------------------------------- sums of squares
+ * The optimizer tap's per-layer squared gradient norms: out[idx[i]] += sum of squares of the
+ * n[i] contiguous elements at ptrs[i] (dtype dt[i]), i < count, in one call. The tensors are
+ * cut into chunks of SQ_CHUNK elements, chunk c of tensor i being number first[i] + c (the
+ * caller numbers them: first[count] chunks in all); part (first[count] doubles, from the
+ * caller) holds each chunk's sum, and the chunks are added in order, so a result is the same
+ * with any number of threads. */
+#define SQ_CHUNK 65536
+
+#define DEFINE_SUMSQ(S, T, ACC, V, I, N, LD, CONV)                                          \
+    static double sumsq_##S(const T *p, int64_t n) {                                        \
+        const V zero = {0};                                                                 \
+        V acc = zero;                                                                       \
+        double d = 0;                                                                       \
+        int64_t i = 0;                                                                      \
+        for (int64_t c = 0; c < n; c += FLUSH) {                                            \
+            int64_t e = min64(c + FLUSH, n);                                                \
+            for (i = c; i + N <= e; i += N) {                                               \
+                V v = LD(p + i);                                                            \
+                acc += v * v;                                                               \
+            }                                                                               \
+            for (int j = 0; i < e; i++, j++) {                                              \
+                ACC v = CONV(p[i]);                                                         \
+                acc[j] += v * v;                                                            \
+            }                                                                               \
+            for (int j = 0; j < N; j++) d += (double)acc[j];                                \
+            acc = zero;                                                                     \
+        }                                                                                   \
+        return d;                                                                           \
+    }
+DEFINE_SUMSQ(f32, float, float, vf32, vi32, 16, ld_f32, CV)
+DEFINE_SUMSQ(f64, double, double, vf64, vi64, 8, ld_f64, CV)
+DEFINE_SUMSQ(f16, _Float16, float, vf32, vi32, 16, ld_f16, CVF16)
+DEFINE_SUMSQ(bf16, uint16_t, float, vf32, vi32, 16, ld_bf16, CVBF16)
+
+int rd_sumsq(const void *const *ptrs, const int64_t *n, const int *dt, const int64_t *idx,
+             const int64_t *first, int64_t count, double *out, double *part, int nthreads) {
+    int64_t chunks = first[count], total = 0;
+    for (int64_t i = 0; i < count; i++) total += n[i];
+    int par = total > MIN_PAR && nthreads > 1 && chunks > 1;
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")
+    for (int64_t k = 0; k < chunks; k++) {
+        int64_t lo = 0, hi = count - 1; /* the tensor i with first[i] <= k < first[i + 1] */
+        while (lo < hi) {
+            int64_t mid = (lo + hi + 1) / 2;
+            if (first[mid] <= k) lo = mid; else hi = mid - 1;
+        }
+        int64_t off = (k - first[lo]) * SQ_CHUNK, m = min64(SQ_CHUNK, n[lo] - off);
+        switch (dt[lo]) {
+        case DT_F32: part[k] = sumsq_f32((const float *)ptrs[lo] + off, m); break;
+        case DT_F64: part[k] = sumsq_f64((const double *)ptrs[lo] + off, m); break;
+        case DT_F16: part[k] = sumsq_f16((const _Float16 *)ptrs[lo] + off, m); break;
+        default: part[k] = sumsq_bf16((const uint16_t *)ptrs[lo] + off, m); break;
         }
     }
-    free(o);
+    for (int64_t i = 0; i < count; i++) {
+        double s = 0;
+        for (int64_t k = first[i]; k < first[i + 1]; k++) s += part[k];
+        out[idx[i]] += s;
+    }
     return 0;
 }
