@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from relu_doctor import _kernels
 from relu_doctor._validate import optimizers as optimizers_arg
 from relu_doctor.errors import ReluDoctorWarning
 from relu_doctor.sites import module_label
@@ -129,6 +130,11 @@ class OptimizerTap:
         if self.grad_sq is None:
             self.grad_sq = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         local = [_local(p.grad) for p in params]  # type: ignore[arg-type]
+        if all(k == 1.0 for _, k in local) and _kernels.sum_squares_into(
+            self.grad_sq, [g for g, _ in local], [self._layer_of[id(p)] for p in params]
+        ):  # CPU: one pass over each gradient, no dispatched op
+            self._count_step(opt)
+            return
         norms = torch._foreach_norm([g for g, _ in local])
         if all(n.device == device for n in norms):  # one op, not one conversion per tensor
             sq = torch.stack(norms).to(torch.float64).square()
@@ -137,6 +143,9 @@ class OptimizerTap:
         if any(k != 1.0 for _, k in local):  # sharded: see _local
             sq = sq * torch.tensor([k for _, k in local], dtype=torch.float64, device=device)
         self.grad_sq.index_add_(0, self._index(params, device), sq)
+        self._count_step(opt)
+
+    def _count_step(self, opt: torch.optim.Optimizer) -> None:
         self.steps += 1
         if self.is_log_step():
             self._before = [(p, p.detach().clone()) for p in self._params(opt)]
