@@ -73,14 +73,16 @@ __all__ = ["STREAMS", "Probe", "Site", "in_backward"]
 STREAMS = ("train", "eval", "all")
 
 
+_is_compiling = torch.compiler.is_compiling
+_graph_task_id = torch._C._current_graph_task_id
+
+
 def in_backward() -> bool:
     """True while the autograd engine is running a backward pass on this thread.
 
     False while ``torch.compile`` traces a forward (the engine never runs inside a trace).
     """
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._current_graph_task_id() != -1
+    return not _is_compiling() and _graph_task_id() != -1
 
 
 class Probe(SiteRegistry):
@@ -176,6 +178,7 @@ class Probe(SiteRegistry):
         self._unresolved: dict[SiteKey, int] = {}  # first seen untracked -> tracked passes since
         self._shape_rule: set[SiteKey] = set()  # given up on finding the producer
         self._failed: set[SiteKey] = set()  # a hook failed: no longer monitored
+        self._grad_hooks: dict[Site, Callable[..., None]] = {}  # made once per site
         self._warned_units: set[SiteKey] = set()
 
     # ------------------------------------------------------------------ selection
@@ -454,13 +457,13 @@ class Probe(SiteRegistry):
             self._tap_gradient(output, site)
 
     def _tap_gradient(self, output: Any, site: Site) -> None:
-        if (
-            self.gradients
-            and isinstance(output, torch.Tensor)
-            and output.requires_grad
-            and output.grad_fn is not None
-        ):
-            output.grad_fn.register_hook(self._make_grad_hook(site))
+        if self.gradients and isinstance(output, torch.Tensor) and output.requires_grad:
+            node = output.grad_fn
+            if node is not None:
+                hook = self._grad_hooks.get(site)
+                if hook is None:
+                    hook = self._grad_hooks[site] = self._make_grad_hook(site)
+                node.register_hook(hook)
 
     def record(
         self,
@@ -505,14 +508,14 @@ class Probe(SiteRegistry):
         if not _real(output):
             return
         key = SiteKey(path, call_index, op)
-        if key in self._failed:
+        if self._failed and key in self._failed:
             return
         try:
             site = self._site(output, key, family, module)
             if site is None:
                 return
             site.stats.record_forward(
-                output.detach(), site.unit_dim, nonnegative=family.nonnegative, cap=site.cap
+                output, site.unit_dim, nonnegative=family.nonnegative, cap=site.cap
             )
             self._tap_gradient(output, site)
         except Exception as e:  # never raise into the user's forward
@@ -558,7 +561,7 @@ class Probe(SiteRegistry):
             site.stats.record_grad(g.detach(), gi, site.unit_dim, inv)
 
         def grad_hook(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
-            if site.key in self._failed:
+            if self._failed and site.key in self._failed:
                 return
             try:
                 add_grad(grad_inputs, grad_outputs)

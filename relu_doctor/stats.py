@@ -430,15 +430,18 @@ class SiteStats:
     def record_forward(
         self, out: torch.Tensor, unit_dim: int, *, nonnegative: bool, cap: float | None
     ) -> None:
-        """Add the forward statistics of activation output ``out`` to the window: the fused
-        kernel where it applies (one pass, no dispatched op), else :func:`forward_rows`."""
+        """Add the forward statistics of activation output ``out`` (detached or not: it is
+        only read) to the window: the fused kernel where it applies (one pass, no dispatched
+        op), else :func:`forward_rows`."""
         if torch.compiler.is_compiling():  # part of a compiled graph: nothing to time
+            out = out.detach()
             self.add_forward(forward_rows(out, unit_dim, nonnegative=nonnegative, cap=cap))
             return
         t0, ev = time.perf_counter(), sampling.begin_call(out)
         if not _kernels.forward_into(
             self.window, out, unit_dim, cap=cap, nonnegative=nonnegative
         ):
+            out = out.detach()
             self.add_forward(forward_rows(out, unit_dim, nonnegative=nonnegative, cap=cap))
         sampling.end_call(ev)
         _clock[0] += time.perf_counter() - t0

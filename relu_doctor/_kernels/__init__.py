@@ -90,9 +90,9 @@ def forward_into(
     a CUDA one (same arguments; the Triton kernel sums ``|h|`` whatever ``nonnegative``
     says); False (nothing done) where neither applies, and then the caller runs the eager
     path."""
-    if out.device.type == "cpu" and not _TRITON_ON_CPU:
+    if out.is_cpu and not _TRITON_ON_CPU:
         return cpu.forward_into(window, out, unit_dim, cap=cap, nonnegative=nonnegative)
-    return _via_triton(out, "forward_into", window, out, unit_dim, cap=cap)
+    return _via_triton(out, "forward_into", window, out.detach(), unit_dim, cap=cap)
 
 
 def grad_into(
@@ -105,6 +105,6 @@ def grad_into(
 ) -> bool:
     """:func:`relu_doctor._kernels.cpu.grad_into` for a CPU gradient, the Triton kernel for
     a CUDA one (same arguments); False (nothing done) where neither applies."""
-    if grad_out.device.type == "cpu" and not _TRITON_ON_CPU:
+    if grad_out.is_cpu and not _TRITON_ON_CPU:
         return cpu.grad_into(window, grad_out, grad_in, unit_dim, inv_scale, row0)
     return _via_triton(grad_out, "grad_into", window, grad_out, grad_in, unit_dim, inv_scale, row0)

@@ -151,7 +151,7 @@ def disabled() -> Iterator[None]:
 def _usable(x: torch.Tensor) -> bool:
     return (
         type(x) is torch.Tensor
-        and x.device.type == "cpu"
+        and x.is_cpu
         and x.dtype in _DTYPES
         and not torch.compiler.is_compiling()
     )
@@ -161,6 +161,7 @@ def _layout(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int, int, int
     """``(t, A, U, B)``: a tensor holding ``x``'s values whose memory reads as ``(A, U, B)``."""
     units = x.shape[unit_dim]
     if not x.is_contiguous():
+        x = x.detach()  # an activation output may require grad: no autograd for these views
         y = x.movedim(unit_dim, -1)  # channels-last and other units-last layouts: no copy
         if y.is_contiguous():
             return y, x.numel() // units, units, 1
