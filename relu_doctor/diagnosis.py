@@ -151,7 +151,7 @@ class Finding:
 
 
 def _units_list(mask: torch.Tensor, limit: int = 64) -> list[int]:
-    return [int(i) for i in torch.nonzero(mask).flatten()[:limit]]
+    return [int(i) for i in torch.nonzero(mask).flatten()[:limit].tolist()]
 
 
 def _severity(frac: float, warn: float, crit: float) -> str:

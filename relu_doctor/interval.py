@@ -10,6 +10,7 @@ its own module so that ``doctor.py`` holds the wiring of one step and one log.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,15 +57,17 @@ def _record_memory(nbytes: int) -> pa.Buffer | bytearray:
 
 
 def _unit_frame(
-    step: int, names: list[str], sizes: list[int], unit_list: list[dict[str, torch.Tensor]]
+    step: int, names: list[str], sizes: list[int], units: Mapping[str, torch.Tensor]
 ) -> pd.DataFrame:
     """The unit table of one read: ``step``, ``site``, ``unit`` and :data:`UNIT_COLUMNS`, one
-    row per (site, unit). Its numeric columns are written straight into one block of
-    :func:`_record_memory` (no concatenated temporaries, no copy by pandas)."""
+    row per (site, unit), from ``units``, every site's per-unit metrics side by side
+    (:attr:`SiteUnits.stacked <relu_doctor.metrics.SiteUnits>`). Its numeric columns are
+    written straight into one block of :func:`_record_memory` (one copy per column, no
+    temporaries, no copy by pandas)."""
     total = sum(sizes)
     dtypes: dict[str, np.dtype[Any]] = {"step": np.dtype(np.int64), "unit": np.dtype(np.int64)}
     for c in UNIT_COLUMNS:
-        dtypes[c] = np.dtype(torch.empty(0, dtype=unit_list[0][c].dtype).numpy().dtype)
+        dtypes[c] = np.dtype(torch.empty(0, dtype=units[c].dtype).numpy().dtype)
     order = sorted(dtypes, key=lambda c: -dtypes[c].itemsize)  # each column aligned
     memory = _record_memory(total * sum(d.itemsize for d in dtypes.values()))
     cols: dict[str, np.ndarray[Any, Any]] = {}
@@ -78,7 +81,7 @@ def _unit_frame(
         cols["unit"][start : start + n] = np.arange(n)
         start += n
     for c in UNIT_COLUMNS:
-        torch.cat([u[c] for u in unit_list], out=torch.from_numpy(cols[c]))
+        torch.from_numpy(cols[c]).copy_(units[c])
     site = np.repeat(np.array(names, dtype=object), sizes)
     return pd.DataFrame(
         {"step": cols["step"], "site": site, "unit": cols["unit"],
@@ -145,12 +148,10 @@ class IntervalReading:
             if logged:
                 self._grad_norm_history.append(total)  # bounded: the latest logs only
         site_rows: list[dict[str, Any]] = []
-        units: dict[str, dict[str, torch.Tensor]] = {}
+        units: dict[str, Mapping[str, torch.Tensor]] = {}
         # Every site at once: one tensor op per metric, not a loop of them per site.
         unit_list, metric_rows = stacked_metrics(
-            host_windows,
-            [life + w for life, w in zip(host_life, host_windows, strict=True)],  # before the fold
-            self.config.tau,
+            host_windows, host_life, self.config.tau, lifetime_has_window=False  # before the fold
         )
         for s, u, sm in zip(sites, unit_list, metric_rows, strict=True):
             site_rows.append(
@@ -171,7 +172,8 @@ class IntervalReading:
             )
             units[s.name] = u
         unit_table = _unit_frame(
-            self.global_step, [s.name for s in sites], [s.units for s in sites], unit_list
+            self.global_step, [s.name for s in sites], [s.units for s in sites],
+            unit_list[0].stacked,
         )
         findings = diagnose(
             site_rows, units, self.config, step=self.global_step,

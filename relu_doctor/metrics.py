@@ -16,7 +16,7 @@ dead (active, yet contributing little).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -195,9 +195,41 @@ def layer_metrics(
     return rows, math.sqrt(sum(n**2 for n in norms))
 
 
+class SiteUnits(Mapping[str, torch.Tensor]):
+    """One site's per-unit metrics (the dict :func:`unit_metrics` returns) as views into the
+    metrics of every site side by side (``stacked``, columns ``start:stop``).
+
+    A view is made when a metric is first read: a logging step of a 256-site model reads few
+    of them (diagnosis reads a mask only for the sites it reports on), and the unit table
+    copies the stacked tensors whole.
+    """
+
+    __slots__ = ("_views", "stacked", "start", "stop")
+
+    def __init__(self, stacked: Mapping[str, torch.Tensor], start: int, stop: int) -> None:
+        self.stacked, self.start, self.stop = stacked, start, stop
+        self._views: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = self.stacked[name][self.start : self.stop]
+        return view
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.stacked)
+
+    def __len__(self) -> int:
+        return len(self.stacked)
+
+
 def stacked_metrics(
-    windows: Sequence[torch.Tensor], lifetimes: Sequence[torch.Tensor], tau: float
-) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, Any]]]:
+    windows: Sequence[torch.Tensor],
+    lifetimes: Sequence[torch.Tensor],
+    tau: float,
+    *,
+    lifetime_has_window: bool = True,
+) -> tuple[list[SiteUnits], list[dict[str, Any]]]:
     """:func:`unit_metrics` and :func:`site_metrics` of many sites at once.
 
     The sites' units are laid side by side in one ``(len(FIELDS), total units)`` matrix, so
@@ -207,12 +239,14 @@ def stacked_metrics(
 
     Args:
         windows: each site's ``(len(FIELDS), units)`` window sums (host float64).
-        lifetimes: each site's lifetime sums, the window included.
+        lifetimes: each site's lifetime sums, the window included unless
+            ``lifetime_has_window`` is False (then it is added here, in one op).
         tau: dormant threshold on the ReDo score.
 
     Returns:
-        ``(units, sites)``: per site, the dict :func:`unit_metrics` returns (views into
-        shared tensors) and the dict :func:`site_metrics` returns.
+        ``(units, sites)``: per site, what :func:`unit_metrics` returns (as a
+        :class:`SiteUnits` of views into shared tensors) and the dict :func:`site_metrics`
+        returns.
     """
     if not windows:
         return [], []
@@ -220,6 +254,8 @@ def stacked_metrics(
     k = len(sizes)
     m = torch.cat([w.detach().to("cpu", torch.float64) for w in windows], 1)
     life = torch.cat([t.detach().to("cpu", torch.float64) for t in lifetimes], 1)
+    if not lifetime_has_window:
+        life += m
     seg = torch.repeat_interleave(torch.arange(k), torch.tensor(sizes, dtype=torch.long))
 
     def per_site(x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +271,7 @@ def stacked_metrics(
     u = _units(m, life, tau, score_of)
     ends = torch.tensor(sizes).cumsum(0).tolist()
     bounds = list(zip([0, *ends[:-1]], ends, strict=True))
-    units = [{name: t[a:b] for name, t in u.items()} for a, b in bounds]
+    units = [SiteUnits(u, a, b) for a, b in bounds]
     sums = per_site(m).T.tolist()  # (k, len(FIELDS)): one read of every per-site sum
     flags = ("dead", "dormant", "below_tau", "fully_saturated", "lifetime_dead")
     counts = per_site(torch.stack([u[f] for f in flags])).T.tolist()

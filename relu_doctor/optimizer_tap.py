@@ -158,8 +158,9 @@ class OptimizerTap:
         device = params[0].device
         # Sharded parameters: this process's shards only (the ratio is not summed across
         # processes, so under FSDP it is the ratio of the local shards).
-        delta = torch._foreach_norm([_local(p.detach())[0] - _local(old)[0] for p, old in before])
-        weight = torch._foreach_norm([_local(p.detach())[0] for p in params])
+        now = [_local(p.detach())[0] for p in params]
+        delta = torch._foreach_norm(torch._foreach_sub(now, [_local(old)[0] for _, old in before]))
+        weight = torch._foreach_norm(now)
         idx = self._index(params, device)
         d = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         w = torch.zeros_like(d)

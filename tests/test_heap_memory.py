@@ -48,7 +48,7 @@ def test_unit_frame_equals_the_plain_pandas_construction(
         "unit": np.concatenate([np.arange(n) for n in sizes]),
         **{c: torch.cat([u[c] for u in units]).numpy() for c in UNIT_COLUMNS},
     })
-    got = interval._unit_frame(7, names, sizes, units)
+    got = interval._unit_frame(7, names, sizes, {c: torch.cat([u[c] for u in units]) for c in UNIT_COLUMNS})
     pd.testing.assert_frame_equal(got, expected, check_exact=True)
     arrow = isinstance(_owner(got["mean_abs"].to_numpy()), pa.Buffer)
     assert arrow == (own_bytes == 0)
