@@ -89,6 +89,7 @@ class OptimizerTap:
         self._before: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._handles: list[RemovableHandle] = []
         self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._watched_cache: dict[int, tuple[Any, list[torch.Tensor], list[int]]] = {}
 
     def attach(self) -> OptimizerTap:
         for opt in self.optimizers:
@@ -110,7 +111,17 @@ class OptimizerTap:
         self._before = None
 
     def _params(self, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-        return [p for g in opt.param_groups for p in g["params"] if id(p) in self._layer_of]
+        return self._watched(opt)[0]
+
+    def _watched(self, opt: torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[int]]:
+        """``opt``'s parameters of this model and their layers, remade only when its param
+        groups change (a group added, a params list replaced or resized)."""
+        key = (id(opt), *[(id(g["params"]), len(g["params"])) for g in opt.param_groups])
+        hit = self._watched_cache.get(id(opt))
+        if hit is None or hit[0] != key:
+            params = [p for g in opt.param_groups for p in g["params"] if id(p) in self._layer_of]
+            hit = self._watched_cache[id(opt)] = (key, params, [self._layer_of[id(p)] for p in params])
+        return hit[1], hit[2]
 
     def _index(self, params: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
         key = tuple(self._layer_of[id(p)] for p in params)
@@ -123,18 +134,22 @@ class OptimizerTap:
     def _pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self.collecting():
             return
-        params = [p for p in self._params(opt) if p.grad is not None]
+        params, layers = self._watched(opt)
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            keep = [i for i, g in enumerate(grads) if g is not None]
+            params, layers = [params[i] for i in keep], [layers[i] for i in keep]
+            grads = [grads[i] for i in keep]
         if not params:
             return
-        device = params[0].grad.device  # type: ignore[union-attr]
+        device = grads[0].device  # type: ignore[union-attr]
         if self.grad_sq is None:
             self.grad_sq = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
-        local = [_local(p.grad) for p in params]  # type: ignore[arg-type]
-        if all(k == 1.0 for _, k in local) and _kernels.sum_squares_into(
-            self.grad_sq, [g for g, _ in local], [self._layer_of[id(p)] for p in params]
-        ):  # CPU: one pass over each gradient, no dispatched op
+        if _kernels.sum_squares_into(self.grad_sq, grads, layers):  # type: ignore[arg-type]
+            # CPU, plain tensors (never a sharded DTensor): one pass over each gradient
             self._count_step(opt)
             return
+        local = [_local(g) for g in grads]  # type: ignore[arg-type]
         norms = torch._foreach_norm([g for g, _ in local])
         if all(n.device == device for n in norms):  # one op, not one conversion per tensor
             sq = torch.stack(norms).to(torch.float64).square()

@@ -392,7 +392,9 @@ def test_library_errors_share_one_base_class():
 
 def reachable_tensors(root: object) -> dict[int, torch.Tensor]:
     """Tensors reachable from ``root`` without passing through a module, an optimizer or a
-    Python module (what the watcher itself holds, not the model it watches)."""
+    Python module, the model's parameters left out (what the watcher itself holds, not the
+    model it watches: the optimizer tap keeps a list of the parameters it reads, and a
+    copy of one would still count)."""
     found: dict[int, torch.Tensor] = {}
     seen: set[int] = set()
     stack = [root]
@@ -401,6 +403,8 @@ def reachable_tensors(root: object) -> dict[int, torch.Tensor]:
         if id(obj) in seen:
             continue
         seen.add(id(obj))
+        if isinstance(obj, nn.Parameter):
+            continue
         if isinstance(obj, torch.Tensor):
             found[id(obj)] = obj
         elif isinstance(obj, (nn.Module, torch.optim.Optimizer, types.ModuleType, type)):

@@ -203,3 +203,13 @@ def test_sum_squares_into_same_with_any_thread_count_and_declines_what_it_cannot
     assert not cpu.sum_squares_into(out.float(), ts, [0, 1])  # not a float64 accumulator
     assert not cpu.sum_squares_into(out, [torch.arange(5)], [0])  # not a float dtype
     assert torch.equal(out, torch.zeros(2, dtype=torch.float64))
+
+
+def test_sum_squares_into_follows_tensors_whose_sizes_change():
+    # the call's prepared arrays are cached by the tensors' sizes and dtypes: a tensor that
+    # changed size (a layer resized between steps) is read at its new size
+    for n in (100, 70_000, 100):
+        t = torch.ones(n)
+        out = torch.zeros(1, dtype=torch.float64)
+        assert cpu.sum_squares_into(out, [t], [0])
+        assert out.item() == n

@@ -28,6 +28,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -255,6 +256,26 @@ def grad_into(
 _SQ_CHUNK = 65536  # fused_stats.c's SQ_CHUNK
 
 
+class _SquaresPlan:
+    """rd_sumsq's arguments that depend only on the tensors' dtypes and sizes and on the
+    target rows (ctypes arrays, the chunk numbering, scratch for the chunk sums): made once
+    per such signature, reused at every step."""
+
+    def __init__(self, sig: tuple[tuple[int, int], ...], index: tuple[int, ...]) -> None:
+        k = len(sig)
+        first = [0] * (k + 1)
+        for i, (_, n) in enumerate(sig):
+            first[i + 1] = first[i] + -(-n // _SQ_CHUNK)
+        self.sizes = (ctypes.c_int64 * k)(*[n for _, n in sig])
+        self.dtypes = (ctypes.c_int * k)(*[code for code, _ in sig])
+        self.index = (ctypes.c_int64 * k)(*index)
+        self.first = (ctypes.c_int64 * (k + 1))(*first)
+        self.part = (ctypes.c_double * max(1, first[k]))()
+
+
+_plans: dict[tuple[Any, ...], _SquaresPlan] = {}
+
+
 def sum_squares_into(out: torch.Tensor, tensors: list[torch.Tensor], index: list[int]) -> bool:
     """``out[index[i]] += (tensors[i] ** 2).sum()`` for every i, in one call and one pass
     over each tensor (the optimizer tap's per-layer squared gradient norms).
@@ -265,23 +286,25 @@ def sum_squares_into(out: torch.Tensor, tensors: list[torch.Tensor], index: list
     """
     if _off or not (_usable(out) and out.dtype == torch.float64 and out.is_contiguous()):
         return False
-    if not all(_usable(t) and t.is_contiguous() for t in tensors):
-        return False
+    ptrs, sig = [], []
+    for t in tensors:  # the only per-tensor work of a step: checks and the data pointer
+        code = _DTYPES.get(t.dtype)
+        if code is None or type(t) is not torch.Tensor or not t.is_cpu or not t.is_contiguous():
+            return False
+        ptrs.append(t.data_ptr())
+        sig.append((code, t.numel()))
     lib = _lib if _state == "ready" else _load()
     if lib is None or not tensors:
         return lib is not None
+    key = (tuple(sig), tuple(index))
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= 8:  # a model whose parameters keep changing: keep few
+            _plans.clear()
+        plan = _plans[key] = _SquaresPlan(key[0], key[1])
     k = len(tensors)
-    sizes = [t.numel() for t in tensors]
-    first = [0] * (k + 1)
-    for i, n in enumerate(sizes):
-        first[i + 1] = first[i] + -(-n // _SQ_CHUNK)
-    part = (ctypes.c_double * max(1, first[k]))()
     rc = lib.rd_sumsq(
-        (ctypes.c_void_p * k)(*[t.data_ptr() for t in tensors]),
-        (ctypes.c_int64 * k)(*sizes),
-        (ctypes.c_int * k)(*[_DTYPES[t.dtype] for t in tensors]),
-        (ctypes.c_int64 * k)(*index),
-        (ctypes.c_int64 * (k + 1))(*first),
-        k, out.data_ptr(), part, torch.get_num_threads(),
+        (ctypes.c_void_p * k)(*ptrs), plan.sizes, plan.dtypes, plan.index, plan.first,
+        k, out.data_ptr(), plan.part, torch.get_num_threads(),
     )
     return int(rc) == 0
