@@ -117,11 +117,12 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
 
 /* The accumulators of one vector of columns k: integer lanes (act, sat) and float lanes
  * (s, sa, sq), in arrays of vectors indexed by k. A vector comparison is -1 where true, a
- * scalar one 1: vector updates subtract, lane updates add. */
+ * scalar one 1: vector updates subtract, lane updates add. The casts name the lanes' integer
+ * type, which compilers spell differently for a comparison's result (long, long long). */
 #define FWD_VEC(v, k, ABS)                                                                      \
     do {                                                                                    \
-        act[k] -= (v) > zero;                                                               \
-        if (mode & FLAG_CAP) sat[k] -= (v) >= capv;                                         \
+        act[k] -= (__typeof__(act[k]))((v) > zero);                                         \
+        if (mode & FLAG_CAP) sat[k] -= (__typeof__(sat[k]))((v) >= capv);                   \
         s[k] += (v);                                                                        \
         if (!(mode & FLAG_NONNEG)) sa[k] += ABS(v);                                         \
         sq[k] += (v) * (v);                                                                 \
@@ -155,7 +156,7 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
 #define GRAD_VEC(v, q, k)                                                                   \
     do {                                                                                    \
         sq[k] += (v) * (v);                                                                 \
-        if (has_gi) z[k] -= (q) == zero;                                                    \
+        if (has_gi) z[k] -= (__typeof__(z[k]))((q) == zero);                                \
     } while (0)
 #define GRAD_LANE(v, q, k, j)                                                               \
     do {                                                                                    \
