@@ -2,11 +2,9 @@
 peers (Cockpit, wandb.watch), with the persistent memory each keeps per unit.
 
 Every configuration trains its own copy of the same model (same seed, same initial weights,
-same batches in the same order). Configurations are interleaved so that drifts of the
-machine (other processes, thermal state) hit all of them alike: on the CPU step by step (each
-round has ``--steps`` slots, and in each slot every configuration takes one step, in a fresh
-random order), on a GPU and for the peers block by block (each round runs one block of
-``--steps`` steps of every configuration, in a shuffled order). The first round is warm-up.
+same batches in the same order). Configurations are interleaved: each round runs one block of
+``--steps`` steps of every configuration, in a shuffled order, so that slow drifts of the
+machine (other processes, thermal state) hit all of them alike. The first round is warm-up.
 Reported per configuration:
 
 * ``ms/step``: the median over rounds of the block's mean step time (a 16-step block holds
@@ -530,49 +528,11 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[2]
 
 
-def _measure_by_step(
-    runners: list[Runner], timings: dict[str, Timing], *, rounds: int, warmup: int,
-    steps: int, rng: random.Random, progress: Callable[[str], None], clock: str = "wall",
-) -> None:
-    """Like :func:`_measure`, but a round interleaves single steps: in each of its ``steps``
-    slots every configuration takes one step, in a fresh random order. A round still gives
-    each configuration a block of ``steps`` consecutive steps of its own (so the every-16th
-    configuration collects once in it), while a drift of the machine lasting a fraction of
-    a second now falls on every configuration alike, not on whichever block ran then (CPU)."""
-    now_fn = time.process_time if clock == "cpu" else time.perf_counter
-    for rnd in range(warmup + rounds):
-        gc.collect()
-        blocks: dict[str, list[float]] = {r.key: [] for r in runners}
-        for _ in range(steps):
-            order = list(runners)
-            rng.shuffle(order)
-            for r in order:
-                t = timings[r.key]
-                if t.status != "ok":
-                    continue
-                try:
-                    start = now_fn()
-                    r.train_step()
-                    blocks[r.key].append(now_fn() - start)
-                except Exception as e:
-                    t.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                    t.blocks.clear()
-        if rnd >= warmup:
-            for r in runners:
-                if timings[r.key].status == "ok":
-                    timings[r.key].blocks.append(blocks[r.key])
-        progress(f"  round {rnd + 1}/{warmup + rounds}" + (" (warm-up)" if rnd < warmup else ""))
-
-
 def _measure(
     runners: list[Runner], timings: dict[str, Timing], *, rounds: int, warmup: int,
     steps: int, device: torch.device, rng: random.Random, progress: Callable[[str], None],
     clock: str = "wall", max_block_s: float | None = None,
 ) -> None:
-    if device.type == "cpu" and max_block_s is None:
-        _measure_by_step(runners, timings, rounds=rounds, warmup=warmup, steps=steps, rng=rng,
-                         progress=progress, clock=clock)
-        return
     for rnd in range(warmup + rounds):
         order = list(runners)
         rng.shuffle(order)
