@@ -8,6 +8,7 @@ unscale first), and right under gradient accumulation.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from relu_doctor import _kernels
 from relu_doctor._validate import optimizers as optimizers_arg
 from relu_doctor.errors import ReluDoctorWarning
 from relu_doctor.sites import module_label
+from relu_doctor.stats import add_seconds
 
 __all__ = ["OptimizerTap"]
 
@@ -134,6 +136,13 @@ class OptimizerTap:
     def _pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self.collecting():
             return
+        t0 = time.perf_counter()
+        try:
+            self._read_grads(opt)
+        finally:
+            add_seconds(t0)  # the budget's measure of what collecting costs
+
+    def _read_grads(self, opt: torch.optim.Optimizer) -> None:
         params, layers = self._watched(opt)
         grads = [p.grad for p in params]
         if any(g is None for g in grads):

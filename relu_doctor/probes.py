@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import fnmatch
 import sys
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -66,6 +67,7 @@ from relu_doctor.families import Family, family_of
 from relu_doctor.provenance import ProvenanceTracker
 from relu_doctor.site_registry import SiteRegistry
 from relu_doctor.sites import Site, SiteKey, module_label
+from relu_doctor.stats import add_seconds
 
 __all__ = ["STREAMS", "Probe", "Site", "in_backward"]
 
@@ -505,6 +507,7 @@ class Probe(SiteRegistry):
             # attribute writes of objects already written in the same graph (this probe's
             # call counters).
             return
+        t0 = time.perf_counter()
         if not _real(output):
             return
         key = SiteKey(path, call_index, op)
@@ -520,6 +523,8 @@ class Probe(SiteRegistry):
             self._tap_gradient(output, site)
         except Exception as e:  # never raise into the user's forward
             self._fail(key, "forward", e)
+        finally:
+            add_seconds(t0)  # the budget's measure of what collecting costs
 
     def _fail(self, key: SiteKey, where: str, exc: BaseException) -> None:
         """Stop monitoring ``key`` after its hook failed, and say so once."""
@@ -563,10 +568,13 @@ class Probe(SiteRegistry):
         def grad_hook(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
             if self._failed and site.key in self._failed:
                 return
+            t0 = time.perf_counter()
             try:
                 add_grad(grad_inputs, grad_outputs)
             except Exception as e:  # never raise into the user's backward
                 self._fail(site.key, "backward", e)
+            finally:
+                add_seconds(t0)
 
         return grad_hook
 

@@ -48,6 +48,7 @@ __all__ = [
     "FORWARD_FIELDS",
     "GRAD_FIELDS",
     "SiteStats",
+    "add_seconds",
     "forward_rows",
     "grad_rows",
     "read_back",
@@ -389,13 +390,21 @@ def grad_rows(
     return _finish([elements, sq, elements, torch.rsub(body[1:], float(per_unit))], finite)
 
 
-_clock = [0.0]  # seconds spent in SiteStats.record_forward / record_grad, process-wide
+_clock = [0.0]  # seconds spent collecting (see add_seconds), process-wide
 
 
 def stats_seconds() -> float:
-    """Seconds (host clock) that every site's statistics calls took so far in this process:
-    the measurement behind the overhead budget (:mod:`relu_doctor.sampling`)."""
+    """Seconds (host clock) that collecting statistics took so far in this process: every
+    hook's work on a collecting step (the activation hooks and gradient taps of every site,
+    the optimizer tap), added by :func:`add_seconds`. The measurement behind the overhead
+    budget (:mod:`relu_doctor.sampling`)."""
     return _clock[0]
+
+
+def add_seconds(since: float) -> None:
+    """Count the host seconds from ``since`` (a ``time.perf_counter()`` reading) to now as
+    collecting time (:func:`stats_seconds`): each hook calls it on its way out."""
+    _clock[0] += time.perf_counter() - since
 
 
 class SiteStats:
@@ -437,14 +446,13 @@ class SiteStats:
             out = out.detach()
             self.add_forward(forward_rows(out, unit_dim, nonnegative=nonnegative, cap=cap))
             return
-        t0, ev = time.perf_counter(), sampling.begin_call(out)
+        ev = sampling.begin_call(out)
         if not _kernels.forward_into(
             self.window, out, unit_dim, cap=cap, nonnegative=nonnegative
         ):
             out = out.detach()
             self.add_forward(forward_rows(out, unit_dim, nonnegative=nonnegative, cap=cap))
         sampling.end_call(ev)
-        _clock[0] += time.perf_counter() - t0
 
     def record_grad(
         self,
@@ -457,13 +465,12 @@ class SiteStats:
         fused kernel where it applies, else :func:`grad_rows`."""
         if grad_in is not None and grad_in.shape != grad_out.shape:
             grad_in = None
-        t0, ev = time.perf_counter(), sampling.begin_call(grad_out)
+        ev = sampling.begin_call(grad_out)
         if torch.compiler.is_compiling() or not _kernels.grad_into(
             self.window, grad_out, grad_in, unit_dim, inv_scale, _N_FWD
         ):
             self.add_grad(grad_rows(grad_out, grad_in, unit_dim, inv_scale))
         sampling.end_call(ev)
-        _clock[0] += time.perf_counter() - t0
 
     def close_window(self, total: torch.Tensor | None = None) -> None:
         """Fold the window into the lifetime total and start a new, empty window.

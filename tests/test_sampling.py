@@ -517,3 +517,36 @@ def test_default_watch_on_cuda_uses_device_time_without_sync():
     assert doc.sampler.overhead() is not None  # it measured
     rows = doc.history()
     assert (rows["steps_collected"] >= 1).all() and (rows["steps_run"] == log_every).all()
+
+
+# ---------------------------------------------------------------- what the host clock counts
+def test_the_host_clock_counts_every_hook_not_only_the_statistics_kernels(monkeypatch):
+    """The budget's host measure (stats_seconds) covers the whole of each collecting hook:
+    the activation hook (site lookup, gradient-tap registration), the gradient hook and the
+    optimizer tap, since in a training step they cost as much as the kernels. A fake clock
+    that advances only inside the gradient-tap registration and the optimizer tap's reading
+    shows that both are counted (only the kernels were, before)."""
+    from relu_doctor import optimizer_tap, probes, stats
+
+    now = [0.0]
+    monkeypatch.setattr(stats.time, "perf_counter", lambda: now[0])
+    tap_gradient, read_grads = probes.Probe._tap_gradient, optimizer_tap.OptimizerTap._read_grads
+
+    def slow_tap(self, output, site):
+        now[0] += 1.0
+        tap_gradient(self, output, site)
+
+    def slow_read(self, opt):
+        now[0] += 10.0
+        read_grads(self, opt)
+
+    monkeypatch.setattr(probes.Probe, "_tap_gradient", slow_tap)
+    monkeypatch.setattr(optimizer_tap.OptimizerTap, "_read_grads", slow_read)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with relu_doctor.watch(model, optimizer=opt, overhead_budget=None) as doc:
+        before = stats.stats_seconds()
+        model(torch.randn(4, 6)).square().mean().backward()
+        opt.step()
+        doc.step()
+        assert stats.stats_seconds() - before == 2 * 1.0 + 10.0  # two sites, one tap
