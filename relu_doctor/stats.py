@@ -34,6 +34,7 @@ Fields:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +50,7 @@ __all__ = [
     "GRAD_FIELDS",
     "SiteStats",
     "add_seconds",
+    "cap_in",
     "forward_rows",
     "grad_rows",
     "read_back",
@@ -310,6 +312,7 @@ def forward_rows(
         output held NaN/Inf this step have every row zero except ``nonfinite`` (= 1).
     """
     dtype = _acc_dtype(out)
+    cap = cap_in(cap, out.dtype)
     v = unit_view(out, unit_dim)
     units = v.shape[1]
     per_unit = out.numel() // units if units else 0
@@ -390,6 +393,20 @@ def grad_rows(
     return _finish([elements, sq, elements, torch.rsub(body[1:], float(per_unit))], finite)
 
 
+@functools.lru_cache(maxsize=64)
+def _rounded(cap: float, dtype: torch.dtype) -> float:
+    return float(torch.tensor(cap, dtype=dtype))
+
+
+def cap_in(cap: float | None, dtype: torch.dtype) -> float | None:
+    """``cap`` as an activation of ``dtype`` holds it: a Hardtanh(max_val=1.1) in float16
+    outputs 1.0996 (the nearest float16) where it saturates, so saturation is ``h >= 1.0996``.
+    Every path compares against this value."""
+    if cap is None or dtype in (torch.float32, torch.float64):
+        return cap
+    return _rounded(float(cap), dtype)
+
+
 _clock = [0.0]  # seconds spent collecting (see add_seconds), process-wide
 
 
@@ -446,6 +463,7 @@ class SiteStats:
             out = out.detach()
             self.add_forward(forward_rows(out, unit_dim, nonnegative=nonnegative, cap=cap))
             return
+        cap = cap_in(cap, out.dtype)
         ev = sampling.begin_call(out)
         if not _kernels.forward_into(
             self.window, out, unit_dim, cap=cap, nonnegative=nonnegative

@@ -213,3 +213,48 @@ def test_sum_squares_into_follows_tensors_whose_sizes_change():
         out = torch.zeros(1, dtype=torch.float64)
         assert cpu.sum_squares_into(out, [t], [0])
         assert out.item() == n
+
+
+def test_zero_tensors_are_left_to_the_eager_path_not_read():
+    # the gradient of sgn is a ZeroTensor: a plain contiguous CPU tensor with no memory (its
+    # data pointer is 0); handing it to the kernel read address 0 and killed the process
+    z = torch._efficientzerotensor(8, 4)
+    st = SiteStats(4, "cpu")
+    assert not _kernels.forward_into(st.window, z, 1, cap=None)
+    assert not _kernels.grad_into(st.window, z, None, 1, None, len(FIELDS) - 5)
+    assert not cpu.sum_squares_into(torch.zeros(1, dtype=torch.float64), [z], [0])
+    # end to end: a parameter and an activation reached only through sgn
+    import relu_doctor
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=2, overhead_budget=None) as doc:
+        for _ in range(2):
+            torch.sgn(model(torch.randn(5, 3))).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    assert doc.records[-1].site_rows[0]["elements"] == 2 * 5 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nonnegative", [True, False])
+def test_a_cap_that_rounds_in_the_activation_dtype_still_counts_saturation(dtype, nonnegative):
+    # Hardtanh(max_val=1.1) in float16 outputs 1.0996 where it saturates: both paths compare
+    # against the cap as the dtype holds it (before, both counted 0 saturated elements)
+    x = torch.nn.functional.hardtanh(torch.randn(64, 6) * 3, 0.0, 1.1).to(dtype)
+    at_cap = (x == torch.tensor(1.1, dtype=dtype)).sum(0).double()
+    assert at_cap.sum() > 0
+    fused, eager = SiteStats(6, "cpu"), SiteStats(6, "cpu")
+    fused.record_forward(x, 1, nonnegative=nonnegative, cap=1.1)
+    with _kernels.disabled():
+        eager.record_forward(x, 1, nonnegative=nonnegative, cap=1.1)
+    assert torch.equal(fused.window[ROW["saturated"]], at_cap)
+    assert torch.equal(eager.window[ROW["saturated"]], at_cap)
+
+
+def test_sum_squares_into_reads_channels_last_gradients():
+    g = torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    out = torch.zeros(1, dtype=torch.float64)
+    assert cpu.sum_squares_into(out, [g], [0])
+    torch.testing.assert_close(out[0], g.double().square().sum(), rtol=1e-6, atol=0)

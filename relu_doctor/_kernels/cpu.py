@@ -150,12 +150,21 @@ def disabled() -> Iterator[None]:
 
 
 def _usable(x: torch.Tensor) -> bool:
+    """A plain CPU tensor of a dtype the kernel reads, with memory behind it (a ZeroTensor,
+    the gradient of ``sgn`` and friends, has none: its data pointer is 0)."""
     return (
         type(x) is torch.Tensor
         and x.is_cpu
         and x.dtype in _DTYPES
+        and not x._is_zerotensor()
         and not torch.compiler.is_compiling()
     )
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory exactly once, in some order (contiguous or
+    channels-last): enough for a sum over all of them."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def _layout(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int, int, int]:
@@ -257,9 +266,10 @@ _SQ_CHUNK = 65536  # fused_stats.c's SQ_CHUNK
 
 
 class _SquaresPlan:
-    """rd_sumsq's arguments that depend only on the tensors' dtypes and sizes and on the
-    target rows (ctypes arrays, the chunk numbering, scratch for the chunk sums): made once
-    per such signature, reused at every step."""
+    """rd_sumsq's read-only arguments that depend only on the tensors' dtypes and sizes and
+    on the target rows (ctypes arrays, the chunk numbering): made once per such signature,
+    reused at every step (the chunk sums' scratch is made per call, so optimizers stepping in
+    two threads never share it)."""
 
     def __init__(self, sig: tuple[tuple[int, int], ...], index: tuple[int, ...]) -> None:
         k = len(sig)
@@ -270,7 +280,7 @@ class _SquaresPlan:
         self.dtypes = (ctypes.c_int * k)(*[code for code, _ in sig])
         self.index = (ctypes.c_int64 * k)(*index)
         self.first = (ctypes.c_int64 * (k + 1))(*first)
-        self.part = (ctypes.c_double * max(1, first[k]))()
+        self.chunks = max(1, first[k])
 
 
 _plans: dict[tuple[Any, ...], _SquaresPlan] = {}
@@ -281,15 +291,18 @@ def sum_squares_into(out: torch.Tensor, tensors: list[torch.Tensor], index: list
     over each tensor (the optimizer tap's per-layer squared gradient norms).
 
     Returns False (nothing done) where the fused path does not apply: ``out`` is not a
-    contiguous CPU float64 vector, or a tensor is not a plain contiguous CPU tensor of a
-    supported dtype; then the caller uses torch ops.
+    contiguous CPU float64 vector, or a tensor is not a plain dense (contiguous or
+    channels-last) CPU tensor of a supported dtype with memory (no ZeroTensor); then the
+    caller uses torch ops.
     """
     if _off or not (_usable(out) and out.dtype == torch.float64 and out.is_contiguous()):
         return False
     ptrs, sig = [], []
     for t in tensors:  # the only per-tensor work of a step: checks and the data pointer
         code = _DTYPES.get(t.dtype)
-        if code is None or type(t) is not torch.Tensor or not t.is_cpu or not t.is_contiguous():
+        if code is None or type(t) is not torch.Tensor or not t.is_cpu or not _dense(t):
+            return False
+        if t._is_zerotensor():  # no memory to read
             return False
         ptrs.append(t.data_ptr())
         sig.append((code, t.numel()))
@@ -305,6 +318,6 @@ def sum_squares_into(out: torch.Tensor, tensors: list[torch.Tensor], index: list
     k = len(tensors)
     rc = lib.rd_sumsq(
         (ctypes.c_void_p * k)(*ptrs), plan.sizes, plan.dtypes, plan.index, plan.first,
-        k, out.data_ptr(), plan.part, torch.get_num_threads(),
+        k, out.data_ptr(), (ctypes.c_double * plan.chunks)(), torch.get_num_threads(),
     )
     return int(rc) == 0

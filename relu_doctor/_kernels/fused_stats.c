@@ -43,6 +43,7 @@ typedef float vf32 __attribute__((vector_size(VB)));
 typedef int32_t vi32 __attribute__((vector_size(VB)));
 typedef double vf64 __attribute__((vector_size(VB)));
 typedef int64_t vi64 __attribute__((vector_size(VB)));
+typedef uint32_t vu32 __attribute__((vector_size(VB)));
 typedef uint16_t vu16 __attribute__((vector_size(VB / 2)));
 typedef _Float16 vh16 __attribute__((vector_size(VB / 2)));
 
@@ -57,7 +58,7 @@ static inline vf32 ld_f16(const _Float16 *p) {
 static inline vf32 ld_bf16(const uint16_t *p) {
     vu16 h;
     memcpy(&h, p, sizeof h);
-    vi32 w = __builtin_convertvector(h, vi32) << 16;
+    vu32 w = __builtin_convertvector(h, vu32) << 16; /* unsigned: no shift into a sign */
     vf32 f;
     memcpy(&f, &w, sizeof f);
     return f;
@@ -317,8 +318,14 @@ DEFINE_ALL(f64, double, double, vf64, vi64, 8, ld_f64, CV, ABS64)
 DEFINE_ALL(f16, _Float16, float, vf32, vi32, 16, ld_f16, CVF16, ABS32)
 DEFINE_ALL(bf16, uint16_t, float, vf32, vi32, 16, ld_bf16, CVBF16, ABS32)
 
-/* Units per group for B < RUN. */
-static int64_t group_units(int64_t B) { return B >= RUN ? 1 : RUN / B; }
+/* Units per group for B < RUN: RUN / B, fewer where that leaves under four groups per
+ * thread (a units-last layer of 256 units would otherwise run on one thread). A column's sums
+ * do not depend on its group (each column has its own lane), so neither do the results. */
+static int64_t group_units(int64_t B, int64_t U, int par, int nthreads) {
+    int64_t G = B >= RUN ? 1 : RUN / B;
+    if (par) G = min64(G, divup(U, 4 * (int64_t)nthreads));
+    return G < 1 ? 1 : G;
+}
 
 #define DISPATCH(dt, CALL, ...)                                                             \
     switch (dt) {                                                                           \
@@ -358,7 +365,7 @@ int rd_forward(const void *x, int dt, int64_t A, int64_t U, int64_t B, double *w
     float fcap = (mode & FLAG_CAP) ? (float)cap : INFINITY;
     double dcap = (mode & FLAG_CAP) ? cap : INFINITY;
     int par = A * U * B > MIN_PAR && nthreads > 1;
-    int64_t G = group_units(B), groups = divup(U, G);
+    int64_t G = group_units(B, U, par, nthreads), groups = divup(U, G);
     double *r = win + row0 * U;
     DISPATCH(dt, FWD_MODES, 0)
     return 0;
@@ -386,7 +393,7 @@ int rd_grad(const void *g, const void *gi, int dt, int64_t A, int64_t U, int64_t
             double *win, int64_t row0, double scale2, int nthreads) {
     const int has_gi = gi != NULL;
     int par = A * U * B > MIN_PAR && nthreads > 1;
-    int64_t G = group_units(B), groups = divup(U, G);
+    int64_t G = group_units(B, U, par, nthreads), groups = divup(U, G);
     double *r = win + row0 * U;
     DISPATCH(dt, GRAD_MODES, 0)
     return 0;
