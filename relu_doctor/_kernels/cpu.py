@@ -4,8 +4,9 @@
 ``clang``) into ``~/.cache/relu_doctor/kernels`` (``$RELU_DOCTOR_CACHE`` overrides) under a
 name hashed from the source, the flags, the compiler and the machine, so a build is reused
 across processes and never run on another CPU. It needs no torch headers and no ninja: it
-compiles in under a second. It links the OpenMP runtime torch already loaded (same soname),
-so the process keeps one thread pool; the kernel uses ``torch.get_num_threads()`` threads.
+compiles in about 4 s, once per machine. It links the OpenMP runtime torch already loaded
+(same soname), so the process keeps one thread pool; the kernel uses
+``torch.get_num_threads()`` threads.
 
 The kernel reads raw memory: it is called only on plain CPU tensors (no subclass, no fake
 tensor, never while torch.compile traces) of float32/float64/float16/bfloat16 whose memory

@@ -1,7 +1,7 @@
 /* Fused per-unit statistics of relu_doctor: one pass over an activation (or its gradient)
  * that adds every field of a site's window at once. Built at first use by
  * relu_doctor/_kernels/cpu.py and called through ctypes (no torch headers: it compiles in
- * well under a second).
+ * a few seconds, once per machine).
  *
  * Layout: the tensor is read as x[(a * U + u) * B + b], a < A, u < U, b < B (units in the
  * middle; B == 1 for a units-last view such as (N, F) or a channels-last (N, H, W, C)).
@@ -349,12 +349,18 @@ static int64_t group_units(int64_t B, int64_t U, int par, int nthreads) {
                 fwd_group_##S((const T *)x, A, U, B, c_, k * G, min64(G, U - k * G), r, M); \
         }                                                                                   \
     } while (0)
+/* float32 (nearly every CPU activation) gets a loop per mode; the other dtypes share one
+ * that tests the mode as it runs (four copies of each would quadruple the compile time). */
 #define FWD_MODES(S, T, ACC, unused)                                                        \
-    switch (mode) {                                                                         \
-    case 0: FWD_LOOPS(S, T, ACC, 0); break;                                                 \
-    case 1: FWD_LOOPS(S, T, ACC, 1); break;                                                 \
-    case 2: FWD_LOOPS(S, T, ACC, 2); break;                                                 \
-    default: FWD_LOOPS(S, T, ACC, 3); break;                                                \
+    if (dt != DT_F32) {                                                                     \
+        FWD_LOOPS(S, T, ACC, mode);                                                         \
+    } else {                                                                                \
+        switch (mode) {                                                                     \
+        case 0: FWD_LOOPS(S, T, ACC, 0); break;                                             \
+        case 1: FWD_LOOPS(S, T, ACC, 1); break;                                             \
+        case 2: FWD_LOOPS(S, T, ACC, 2); break;                                             \
+        default: FWD_LOOPS(S, T, ACC, 3); break;                                            \
+        }                                                                                   \
     }
 
 /* Adds the forward fields of x to window rows row0..row0+6 (see fwd_finish).
@@ -385,7 +391,13 @@ int rd_forward(const void *x, int dt, int64_t A, int64_t U, int64_t B, double *w
         }                                                                                   \
     } while (0)
 #define GRAD_MODES(S, T, ACC, unused)                                                       \
-    if (has_gi) { GRAD_LOOPS(S, T, ACC, 1); } else { GRAD_LOOPS(S, T, ACC, 0); }
+    if (dt != DT_F32) {                                                                     \
+        GRAD_LOOPS(S, T, ACC, has_gi);                                                      \
+    } else if (has_gi) {                                                                    \
+        GRAD_LOOPS(S, T, ACC, 1);                                                           \
+    } else {                                                                                \
+        GRAD_LOOPS(S, T, ACC, 0);                                                           \
+    }
 
 /* Adds the gradient fields to window rows row0..row0+4 (see grad_finish). gi may be NULL
  * (the input needs no gradient). Returns 0. */
