@@ -268,11 +268,13 @@ class FunctionalCapture:
 
     def _make_pre(self, entry: _Entry) -> Callable[[nn.Module, Any], None]:
         def pre(module: nn.Module, args: Any) -> None:
+            if not self.probe.collecting:  # no pass is recorded on this step (see Probe)
+                return
             bw = in_backward()
             stack = self._bw_stack if bw else self._stack
             if not stack:
                 if bw:
-                    if not self.probe.collecting or self.probe.stream == "eval":
+                    if self.probe.stream == "eval":
                         return
                     self._bw_calls.clear()
                 else:
@@ -291,6 +293,8 @@ class FunctionalCapture:
         return pre
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self.probe.collecting:
+            return
         bw = in_backward()
         stack = self._bw_stack if bw else self._stack
         if not stack:

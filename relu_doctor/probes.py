@@ -388,6 +388,10 @@ class Probe(SiteRegistry):
 
     # ------------------------------------------------------------------ hooks
     def _enter(self, module: nn.Module, args: Any) -> None:
+        if not self.collecting:
+            # A step that collects nothing records no pass, so the hooks return at once (the
+            # flag changes only between steps, so a pass's enter and exit agree on it).
+            return
         if in_backward():
             # A segment recomputed by activation checkpointing: its calls are counted apart,
             # from 0 at the segment's outermost watched module (see _tap_recomputed).
@@ -407,6 +411,8 @@ class Probe(SiteRegistry):
         return set(self._boundary_modules())
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self.collecting:
+            return
         if in_backward():
             self._bw_depth = max(0, self._bw_depth - 1)
             return
@@ -425,8 +431,10 @@ class Probe(SiteRegistry):
 
     def _make_hook(self, path: str, fam: Family) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self.collecting:
+                return
             if in_backward():
-                if not self.collecting or self.stream == "eval":
+                if self.stream == "eval":
                     return
                 idx = self._bw_calls.get(module, 0)
                 self._bw_calls[module] = idx + 1
