@@ -118,15 +118,17 @@ class OptimizerTap:
     def _watched(self, opt: torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[int]]:
         """``opt``'s parameters of this model and their layers, remade only when its param
         groups change (a group added, a params list replaced or resized)."""
-        key = (id(opt), *[(id(g["params"]), len(g["params"])) for g in opt.param_groups])
+        key = [(id(g["params"]), len(g["params"])) for g in opt.param_groups]
         hit = self._watched_cache.get(id(opt))
         if hit is None or hit[0] != key:
             params = [p for g in opt.param_groups for p in g["params"] if id(p) in self._layer_of]
             hit = self._watched_cache[id(opt)] = (key, params, [self._layer_of[id(p)] for p in params])
         return hit[1], hit[2]
 
-    def _index(self, params: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-        key = tuple(self._layer_of[id(p)] for p in params)
+    def _index(self, layers: Sequence[int], device: torch.device) -> torch.Tensor:
+        """``layers`` (each parameter's layer, as :meth:`_watched` gives them) as an index
+        tensor on ``device``, made once per layout."""
+        key = tuple(layers)
         idx = self._idx_cache.get(key)
         if idx is None or idx.device != device:
             idx = torch.tensor(key, dtype=torch.long, device=device)
@@ -166,7 +168,7 @@ class OptimizerTap:
             sq = torch.stack([n.to(device, torch.float64) for n in norms]).square()
         if any(k != 1.0 for _, k in local):  # sharded: see _local
             sq = sq * torch.tensor([k for _, k in local], dtype=torch.float64, device=device)
-        self.grad_sq.index_add_(0, self._index(params, device), sq)
+        self.grad_sq.index_add_(0, self._index(layers, device), sq)
         self._count_step(opt)
 
     def _count_step(self, opt: torch.optim.Optimizer) -> None:
@@ -185,7 +187,7 @@ class OptimizerTap:
         now = [_local(p.detach())[0] for p in params]
         delta = torch._foreach_norm(torch._foreach_sub(now, [_local(old)[0] for _, old in before]))
         weight = torch._foreach_norm(now)
-        idx = self._index(params, device)
+        idx = self._index([self._layer_of[id(p)] for p in params], device)
         d = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         w = torch.zeros_like(d)
         d.index_add_(0, idx, torch.stack([x.to(torch.float64) for x in delta]).square())

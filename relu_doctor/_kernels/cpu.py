@@ -150,16 +150,15 @@ def disabled() -> Iterator[None]:
         _off -= 1
 
 
-def _usable(x: torch.Tensor) -> bool:
+def _readable(x: torch.Tensor) -> bool:
     """A plain CPU tensor of a dtype the kernel reads, with memory behind it (a ZeroTensor,
     the gradient of ``sgn`` and friends, has none: its data pointer is 0)."""
-    return (
-        type(x) is torch.Tensor
-        and x.is_cpu
-        and x.dtype in _DTYPES
-        and not x._is_zerotensor()
-        and not torch.compiler.is_compiling()
-    )
+    return type(x) is torch.Tensor and x.is_cpu and x.dtype in _DTYPES and not x._is_zerotensor()
+
+
+def _usable(x: torch.Tensor) -> bool:
+    """:func:`_readable`, and not while torch.compile traces."""
+    return _readable(x) and not torch.compiler.is_compiling()
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -300,13 +299,10 @@ def sum_squares_into(out: torch.Tensor, tensors: list[torch.Tensor], index: list
         return False
     ptrs, sig = [], []
     for t in tensors:  # the only per-tensor work of a step: checks and the data pointer
-        code = _DTYPES.get(t.dtype)
-        if code is None or type(t) is not torch.Tensor or not t.is_cpu or not _dense(t):
-            return False
-        if t._is_zerotensor():  # no memory to read
+        if not (_readable(t) and _dense(t)):
             return False
         ptrs.append(t.data_ptr())
-        sig.append((code, t.numel()))
+        sig.append((_DTYPES[t.dtype], t.numel()))
     lib = _lib if _state == "ready" else _load()
     if lib is None or not tensors:
         return lib is not None
