@@ -34,7 +34,6 @@ Fields:
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -393,18 +392,34 @@ def grad_rows(
     return _finish([elements, sq, elements, torch.rsub(body[1:], float(per_unit))], finite)
 
 
-@functools.lru_cache(maxsize=64)
+_ROUNDED: dict[tuple[float, torch.dtype], float] = {}
+
+
 def _rounded(cap: float, dtype: torch.dtype) -> float:
-    return float(torch.tensor(cap, dtype=dtype))
+    r = _ROUNDED.get((cap, dtype))
+    if r is None:
+        if len(_ROUNDED) >= 64:
+            _ROUNDED.clear()
+        r = _ROUNDED[(cap, dtype)] = float(torch.tensor(cap, dtype=dtype))
+    return r
+
+
+# torch._dynamo.assume_constant_result, without importing torch._dynamo here: under
+# torch.compile the rounding runs in plain Python at trace time and its value is baked into
+# the graph (no tensor made while tracing).
+_rounded._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def cap_in(cap: float | None, dtype: torch.dtype) -> float | None:
-    """``cap`` as an activation of ``dtype`` holds it: a Hardtanh(max_val=1.1) in float16
-    outputs 1.0996 (the nearest float16) where it saturates, so saturation is ``h >= 1.0996``.
-    Every path compares against this value."""
+    """The value saturation is counted from (``h >= cap_in(...)``) for an activation of
+    ``dtype``: the lower of ``cap`` and ``cap`` as the dtype holds it. A Hardtanh(max_val=1.1)
+    in float16 outputs 1.0996 (the nearest float16) where it saturates; in bfloat16 it
+    outputs 1.1016, but inside a torch.compile graph the statistics may read the clamp's
+    float32 value (1.1) before it is rounded. No other value of the dtype lies between the
+    two. Every path compares against this value."""
     if cap is None or dtype in (torch.float32, torch.float64):
         return cap
-    return _rounded(float(cap), dtype)
+    return min(float(cap), _rounded(float(cap), dtype))
 
 
 _clock = [0.0]  # seconds spent collecting (see add_seconds), process-wide

@@ -162,3 +162,19 @@ def test_compiled_inference_scan() -> None:
         res = relu_doctor.scan(net, data, functional=True, forward=lambda m, b: compiled(b))
     assert list(res.sites["site"]) == list(eager.sites["site"]) == ["0:relu#0", "0:relu#1"]
     np.testing.assert_allclose(res.units["activation_rate"], eager.units["activation_rate"], atol=1e-6)
+
+
+@pytest.mark.parametrize("cap", [1.1, 0.7], ids=["cap rounds up", "cap rounds down"])
+def test_saturation_of_a_low_precision_cap_is_counted_in_a_compiled_graph(cap) -> None:
+    # bfloat16 holds 1.1 as 1.1016 and 0.7 as 0.6992; inside the compiled graph the
+    # statistics may read the clamp's float32 value (1.1) before it is rounded. Both must
+    # count as saturated, as in eager mode.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Hardtanh(0.0, cap)).to(torch.bfloat16)
+    x = torch.randn(64, 8, dtype=torch.bfloat16) * 3
+    at_cap = (model(x) == torch.tensor(cap, dtype=torch.bfloat16)).float().mean().item()
+    assert at_cap > 0.1
+    with relu_doctor.watch(model, overhead_budget=None, gradients=False, log_every_n_steps=1) as doc:
+        torch.compile(model, fullgraph=True)(x)
+        doc.step()
+    assert doc.records[-1].site_rows[0]["saturated_fraction"] == at_cap
