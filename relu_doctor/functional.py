@@ -57,6 +57,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from relu_doctor._hooks import HookSet
 from relu_doctor._observing_mode import ObservingMode
 from relu_doctor.families import FAMILIES, Family, family_of
 from relu_doctor.probes import Probe, in_backward
@@ -148,6 +149,7 @@ class FunctionalCapture:
         self._attached = False
         # module -> (its stack entry, its two hook handles)
         self._hooked: dict[nn.Module, tuple[_Entry, tuple[RemovableHandle, ...]]] = {}
+        self._hooks = HookSet()  # parked by the probe on steps that collect nothing
         self._generation_seen = -1  # the probe's attach generation our hooks match
         # Innermost last; one stack for forward passes, one for backward recomputation.
         self._stack: list[_Entry] = []
@@ -209,23 +211,23 @@ class FunctionalCapture:
             for m, (entry, _h) in self._hooked.items()
             if current.get(m) != entry or (refreshed and family_of(m) is not None)
         ]:
-            for h in self._hooked.pop(mod)[1]:
-                h.remove()
+            self._hooks.remove(self._hooked.pop(mod)[1])
+        add = self._hooks.add
         for mod, entry in current.items():
             if mod not in self._hooked:
                 handles = (
-                    mod.register_forward_pre_hook(self._make_pre(entry)),
-                    mod.register_forward_hook(self._post, always_call=True),
+                    add(mod.register_forward_pre_hook(self._make_pre(entry))),
+                    add(mod.register_forward_hook(self._post, always_call=True)),
                 )
                 self._hooked[mod] = (entry, handles)
         self._generation_seen = self.probe.generation
+        self.probe.add_hook_set(self._hooks)
 
     def detach(self) -> None:
         """Remove every hook and leave the mode if a pass was interrupted (idempotent)."""
-        hooked, self._hooked = self._hooked, {}
-        for _entry, handles in hooked.values():
-            for h in handles:
-                h.remove()
+        self._hooked = {}
+        self._hooks.clear()
+        self.probe.remove_hook_set(self._hooks)
         self._attached = False
         self._stack.clear()
         self._bw_stack.clear()
@@ -268,7 +270,7 @@ class FunctionalCapture:
 
     def _make_pre(self, entry: _Entry) -> Callable[[nn.Module, Any], None]:
         def pre(module: nn.Module, args: Any) -> None:
-            if not self.probe.collecting:  # no pass is recorded on this step (see Probe)
+            if not self.probe._collecting:  # no pass is recorded on this step (see Probe)
                 return
             bw = in_backward()
             stack = self._bw_stack if bw else self._stack
@@ -293,7 +295,7 @@ class FunctionalCapture:
         return pre
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.probe.collecting:
+        if not self.probe._collecting:
             return
         bw = in_backward()
         stack = self._bw_stack if bw else self._stack

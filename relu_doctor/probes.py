@@ -32,6 +32,11 @@ Under ``torch.compile`` the hooks are traced into the graph (no graph break, so
 (``_compiled_site``) and its forward statistics are computed by the compiled graph. Compiled
 passes get no gradient tap (see :meth:`Probe.record`); the user is warned once.
 
+On a step that collects nothing the hooks are parked (:mod:`relu_doctor._hooks`): taken out
+of the modules' hook dicts, so every call takes ``nn.Module``'s hook-free path, and put back
+in their places before the next collecting step. A model that ``torch.compile`` traced keeps
+them (a changed hook dict would make Dynamo retrace); there they return at their first line.
+
 Hooks never write: they read ``detach()``-ed outputs, keep no tensor, and return None.
 They never raise into the user's forward or backward either: a failure in a hook (an
 unexpected shape or dtype, a bug of ours) warns once (:class:`ReluDoctorWarning`) naming the
@@ -61,6 +66,7 @@ import torch.nn as nn
 from torch.nn.modules.module import register_module_module_registration_hook
 from torch.utils.hooks import RemovableHandle
 
+from relu_doctor._hooks import HookSet
 from relu_doctor._validate import glob_patterns, matches
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.families import Family, family_of
@@ -148,8 +154,7 @@ class Probe(SiteRegistry):
         self.grad_scale = grad_scale
         self.require_modules = require_modules
         self.stream = stream
-        #: this step collects (set by the Doctor from ``every_n_steps``)
-        self.collecting = True
+        self._collecting = True  # see the ``collecting`` property
         #: leave every pass out (``Doctor.paused()``)
         self.paused = False
         #: forward passes recorded so far (counted at their start; Python int, no sync)
@@ -161,7 +166,9 @@ class Probe(SiteRegistry):
         self._registration: RemovableHandle | None = None
         self._compiled_slots = _CompiledSlots()
         self._warned_compiled = False
-        self._handles: list[RemovableHandle] = []
+        self._compiled = False  # torch.compile traced the hooks: they are never parked
+        self._hooks = HookSet()
+        self._hook_sets: list[HookSet] = [self._hooks]  # functional capture's joins
         self._sites: dict[SiteKey, Site] = {}
         self._names: dict[str, Site] = {}
         self._targets: dict[nn.Module, tuple[str, Family]] = {}
@@ -236,19 +243,22 @@ class Probe(SiteRegistry):
             self.detach()
             raise
         self._attached = True
+        self.park_hooks()
         return self
 
     def _hook_modules(self) -> None:
         boundary = self._boundary_modules()
+        add = self._hooks.add
         for mod in boundary:
-            self._handles.append(mod.register_forward_pre_hook(self._enter))
+            add(mod.register_forward_pre_hook(self._enter))
         for mod, (path, fam) in self._targets.items():
-            self._handles.append(mod.register_forward_hook(self._make_hook(path, fam)))
+            add(mod.register_forward_hook(self._make_hook(path, fam)))
         for mod in boundary:
-            self._handles.append(mod.register_forward_hook(self._exit, always_call=True))
+            add(mod.register_forward_hook(self._exit, always_call=True))
         self._members = set(self.model.modules())
         self._dirty = False
         self.generation += 1
+        self.park_hooks()
 
     def _on_register(self, module: nn.Module, name: str, submodule: Any) -> None:
         # torch's global hook: called for every module of the process, so only a set lookup.
@@ -261,9 +271,7 @@ class Probe(SiteRegistry):
         a no-op inside a pass, while tracing, or while detached."""
         if not (self._dirty and self._attached) or self._depth or torch.compiler.is_compiling():
             return False
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._hooks.clear()
         self._targets = self.targets()
         self._hook_modules()
         return True
@@ -279,9 +287,7 @@ class Probe(SiteRegistry):
 
     def detach(self) -> None:
         """Remove every hook (idempotent). The model is left exactly as it was."""
-        handles, self._handles = self._handles, []
-        for h in handles:
-            h.remove()
+        self._hooks.clear()
         if self._registration is not None:
             self._registration.remove()
             self._registration = None
@@ -314,6 +320,53 @@ class Probe(SiteRegistry):
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
+
+    # ------------------------------------------------------------------ collecting
+    @property
+    def collecting(self) -> bool:
+        """Whether this step collects (set between steps by the Doctor from its sampling).
+
+        On a step that collects nothing no pass is recorded, and the hooks are parked (see
+        :mod:`relu_doctor._hooks`): the model's modules run with no hook of ours, as if
+        unwatched. Not under ``torch.compile``: there the hooks stay and return at once, as a
+        hook dict that changed would make Dynamo retrace.
+        """
+        return self._collecting
+
+    @collecting.setter
+    def collecting(self, on: bool) -> None:
+        self._collecting = bool(on)
+        self.park_hooks()
+
+    def add_hook_set(self, hooks: HookSet) -> None:
+        """Park and unpark ``hooks`` with the probe's own (functional capture's hooks)."""
+        if hooks not in self._hook_sets:
+            self._hook_sets.append(hooks)
+        self.park_hooks()
+
+    def remove_hook_set(self, hooks: HookSet) -> None:
+        if hooks in self._hook_sets and hooks is not self._hooks:
+            self._hook_sets.remove(hooks)
+
+    def park_hooks(self) -> None:
+        """Park the hooks while the probe is attached, the step collects nothing, no pass
+        is running and the model was never compiled; else put them back."""
+        park = (
+            not self._collecting
+            and self._attached
+            and not self._compiled
+            and self._depth == 0
+            and self._bw_depth == 0
+            and not torch.compiler.is_compiling()
+        )
+        t0 = time.perf_counter()
+        if park:
+            for hooks in self._hook_sets:
+                hooks.park()
+        else:
+            for hooks in reversed(self._hook_sets):  # last parked first: the fast path
+                hooks.unpark()
+        add_seconds(t0)
 
     # ------------------------------------------------------------------ passes
     def is_training_pass(self) -> bool:
@@ -388,7 +441,7 @@ class Probe(SiteRegistry):
 
     # ------------------------------------------------------------------ hooks
     def _enter(self, module: nn.Module, args: Any) -> None:
-        if not self.collecting:
+        if not self._collecting:
             # A step that collects nothing records no pass, so the hooks return at once (the
             # flag changes only between steps, so a pass's enter and exit agree on it).
             return
@@ -411,7 +464,7 @@ class Probe(SiteRegistry):
         return set(self._boundary_modules())
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.collecting:
+        if not self._collecting:
             return
         if in_backward():
             self._bw_depth = max(0, self._bw_depth - 1)
@@ -431,7 +484,7 @@ class Probe(SiteRegistry):
 
     def _make_hook(self, path: str, fam: Family) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not self.collecting:
+            if not self._collecting:
                 return
             if in_backward():
                 if self.stream == "eval":
@@ -621,6 +674,7 @@ def _compiled_site(
             module = probe.model.get_submodule(path)
         elif cap_args is not None:
             module = nn.Hardtanh(*cap_args)
+    probe._compiled = True  # its hooks are in the graph: never park them (see Probe)
     stand_in = torch.empty((), device=device).expand(shape)  # shape and device, no memory
     site = probe._site(stand_in, SiteKey(path, call_index, op), family, module, traced=True)
     if site is None:
