@@ -25,7 +25,9 @@ COUNTS = ["elements", "active", "saturated", "nonfinite", "grad_elements", "grad
           "grad_zero", "grad_nonfinite"]
 SUMS = ["sum", "sum_abs", "sum_sq", "grad_sq"]
 SHAPES = [(7,), (9, 5), (300, 70), (4, 6, 7), (2, 3, 5, 5), (4, 40, 3, 3), (16, 24, 20, 20),
-          (3, 4, 5, 2, 2), (2, 5, 3, 3000), (2, 3, 70, 70)]
+          (3, 4, 5, 2, 2), (2, 5, 3, 3000), (2, 3, 70, 70),
+          # the loop choice for few rows (per_unit in fused_stats.c): per unit, by groups
+          (1, 8, 14, 14), (16, 6, 6, 6), (17, 6, 6, 6), (4, 5, 4, 4), (5, 5, 4, 4), (4, 5, 3, 5)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -122,9 +124,12 @@ def test_gradient_without_input_gradient_and_with_a_scale():
         _check(*_both(x, g, None, 1, nonnegative=True, cap=None, inv=inv), torch.float32)
 
 
-@pytest.mark.parametrize("shape", [(64, 32, 16, 16), (64, 48, 3, 3), (700, 300)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(64, 32, 16, 16), (64, 48, 3, 3), (700, 300), (16, 128, 7, 7)], ids=str
+)
 def test_same_result_with_any_thread_count(shape):
-    # per-unit runs (16 x 16 maps), groups of units (3 x 3 maps, (N, F) rows)
+    # per-unit runs (16 x 16 maps; 7 x 7 maps of 16 rows), groups of units (3 x 3 maps, (N, F)
+    # rows)
     x, g, gi = _data(shape, torch.float32)
     before = torch.get_num_threads()
     try:

@@ -10,8 +10,9 @@
  *
  * Accumulators live in vector lanes (GCC/Clang vector extensions: the same code on x86 and
  * ARM, as wide as -march=native allows), in registers on the common paths. Two loops:
- *  - per unit (B >= RUN): each unit's A runs of B contiguous elements, in one vector;
- *  - by groups of units (B smaller): the (A, U * B) matrix read row by row over the W <= RUN
+ *  - per unit (B >= RUN, or few rows: see per_unit): each unit's A runs of B contiguous
+ *    elements, in one vector;
+ *  - by groups of units (otherwise): the (A, U * B) matrix read row by row over the W <= RUN
  *    contiguous columns of G = RUN / B units, in W / N vectors (in L1), the columns of each
  *    unit folded at the end. Reading RUN contiguous elements per row keeps the reads
  *    sequential within a page.
@@ -175,7 +176,7 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
     I z[NVEC];                                                                              \
     for (int k = 0; k < (NVEC); k++) { sq[k] = zero; z[k] = (I){0}; }
 
-/* fwd_unit_S: unit u (B >= RUN), its A runs of B elements, summed in the lanes of one vector.
+/* fwd_unit_S: unit u (see per_unit), its A runs of B elements, summed in the lanes of one vector.
  * fwd_group_S: units [u0, u0 + g) (B < RUN): their W = g * B <= RUN contiguous columns of
  * each row, in W / N vectors and W % N lanes of one more. */
 #define DEFINE_FWD(S, T, ACC, V, I, N, LD, CONV, ABS)                                       \
@@ -321,6 +322,15 @@ DEFINE_ALL(bf16, uint16_t, float, vf32, vi32, 16, ld_bf16, CVBF16, ABS32)
 /* Units per group for B < RUN: RUN / B, fewer where that leaves under four groups per
  * thread (a units-last layer of 256 units would otherwise run on one thread). A column's sums
  * do not depend on its group (each column has its own lane), so neither do the results. */
+/* Whether to run the per-unit loop: for runs of RUN elements or more, and for few rows of
+ * runs of a vector or more (a batch of 1-16 conv maps of 4x4 to 15x15, evaluation at batch
+ * size 1), where the group loop's fixed cost per group (its W columns drained and folded per
+ * ROWS rows) outweighs the rows it reads: (1, 256, 14, 14) took 169 us by groups and 14 us
+ * by units, (16, 512, 7, 7) 155 and 94 us; from 64 rows on, groups are as fast or faster.
+ * Depends on the shape only, so results are the same for any thread count. */
+static int per_unit(int64_t A, int64_t B) {
+    return B >= RUN || (A <= 16 && B >= 32) || (A <= 4 && B >= 16);
+}
 static int64_t group_units(int64_t B, int64_t U, int par, int nthreads) {
     int64_t G = B >= RUN ? 1 : RUN / B;
     if (par) G = min64(G, divup(U, 4 * (int64_t)nthreads));
@@ -335,12 +345,12 @@ static int64_t group_units(int64_t B, int64_t U, int par, int nthreads) {
     default: CALL(bf16, uint16_t, float, __VA_ARGS__); break;                               \
     }
 
-/* One parallel loop over units (B >= RUN) or groups of units, for a constant mode M (each
+/* One parallel loop over units (see per_unit) or groups of units, for a constant mode M (each
  * mode is compiled apart, without the branches of the others). */
 #define FWD_LOOPS(S, T, ACC, M)                                                             \
     do {                                                                                    \
         ACC c_ = dt == DT_F64 ? (ACC)dcap : (ACC)fcap;                                      \
-        if (B >= RUN) {                                                                     \
+        if (per_unit(A, B)) {                                                               \
             _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")     \
             for (int64_t u = 0; u < U; u++) fwd_unit_##S((const T *)x, A, U, B, c_, u, r, M); \
         } else {                                                                            \
@@ -379,7 +389,7 @@ int rd_forward(const void *x, int dt, int64_t A, int64_t U, int64_t B, double *w
 
 #define GRAD_LOOPS(S, T, ACC, M)                                                            \
     do {                                                                                    \
-        if (B >= RUN) {                                                                     \
+        if (per_unit(A, B)) {                                                               \
             _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")     \
             for (int64_t u = 0; u < U; u++)                                                 \
                 grad_unit_##S((const T *)g, (const T *)gi, A, U, B, u, r, scale2, M);       \
