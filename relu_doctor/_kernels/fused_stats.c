@@ -144,6 +144,19 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
         (d)[3] += (double)sa[k][j]; (d)[4] += (double)sq[k][j];                             \
         act[k][j] = 0; sat[k][j] = 0; s[k][j] = 0; sa[k][j] = 0; sq[k][j] = 0;              \
     } while (0)
+/* Every lane of vector k into columns k * N .. k * N + N - 1 of the double totals d[NF][RUN],
+ * then cleared: a loop per vector, which the compiler turns into vector conversions. */
+#define FWD_DRAIN_VEC(d, k)                                                                 \
+    do {                                                                                    \
+        const int n_ = (int)(sizeof(s[0]) / sizeof(s[0][0]));                               \
+        for (int j = 0; j < n_; j++) {                                                      \
+            int64_t c_ = (k) * n_ + j;                                                      \
+            (d)[0][c_] += (double)act[k][j]; (d)[1][c_] += (double)sat[k][j];               \
+            (d)[2][c_] += (double)s[k][j]; (d)[3][c_] += (double)sa[k][j];                  \
+            (d)[4][c_] += (double)sq[k][j];                                                 \
+        }                                                                                   \
+        act[k] -= act[k]; sat[k] -= sat[k]; s[k] = zero; sa[k] = zero; sq[k] = zero;        \
+    } while (0)
 #define FWD_DECL(V, I, NVEC)                                                                \
     const V zero = {0};                                                                     \
     V capv = zero;                                                                          \
@@ -169,6 +182,15 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
     do {                                                                                    \
         (d)[0] += (double)sq[k][j]; (d)[1] += (double)z[k][j];                              \
         sq[k][j] = 0; z[k][j] = 0;                                                          \
+    } while (0)
+#define GRAD_DRAIN_VEC(d, k)                                                                \
+    do {                                                                                    \
+        const int n_ = (int)(sizeof(sq[0]) / sizeof(sq[0][0]));                             \
+        for (int j = 0; j < n_; j++) {                                                      \
+            int64_t c_ = (k) * n_ + j;                                                      \
+            (d)[0][c_] += (double)sq[k][j]; (d)[1][c_] += (double)z[k][j];                  \
+        }                                                                                   \
+        sq[k] = zero; z[k] -= z[k];                                                         \
     } while (0)
 #define GRAD_DECL(V, I, NVEC)                                                               \
     const V zero = {0};                                                                     \
@@ -213,9 +235,10 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
         double *r, const int mode) {                                                        \
         FWD_DECL(V, I, RUN / N)                                                             \
         int64_t C = U * B, W = g * B, full = W / N;                                         \
-        double d[NF][RUN];                                                                   \
-        for (int64_t c = 0; c < W; c++)                                                     \
-            for (int f = 0; f < NF; f++) d[f][c] = 0;                                       \
+        int64_t nv = divup(W, N);                                                       \
+        double d[NF][RUN];                                                              \
+        for (int64_t c = 0; c < nv * N; c++)                                            \
+            for (int f = 0; f < NF; f++) d[f][c] = 0;                                   \
         for (int64_t a0 = 0; a0 < A; a0 += ROWS) {                                          \
             for (int64_t a = a0; a < min64(a0 + ROWS, A); a++) {                            \
                 const T *p = x + a * C + u0 * B;                                            \
@@ -228,11 +251,7 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
                     FWD_LANE(v, c / N, c % N);                                              \
                 }                                                                           \
             }                                                                               \
-            for (int64_t c = 0; c < W; c++) {                                               \
-                double t[NF] = {0, 0, 0, 0, 0};                                             \
-                FWD_DRAIN(t, c / N, c % N);                                                 \
-                for (int f = 0; f < NF; f++) d[f][c] += t[f];                               \
-            }                                                                               \
+            for (int64_t k = 0; k < nv; k++) FWD_DRAIN_VEC(d, k);                       \
         }                                                                                   \
         for (int64_t i = 0; i < g; i++) {                                                   \
             double t[NF] = {0, 0, 0, 0, 0};                                                 \
@@ -277,9 +296,10 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
         double *r, double scale2, const int has_gi) {                                       \
         GRAD_DECL(V, I, RUN / N)                                                            \
         int64_t C = U * B, W = gn * B, full = W / N;                                        \
-        double d[NG][RUN];                                                                   \
-        for (int64_t c = 0; c < W; c++)                                                     \
-            for (int f = 0; f < NG; f++) d[f][c] = 0;                                       \
+        int64_t nv = divup(W, N);                                                       \
+        double d[NG][RUN];                                                              \
+        for (int64_t c = 0; c < nv * N; c++)                                            \
+            for (int f = 0; f < NG; f++) d[f][c] = 0;                                   \
         for (int64_t a0 = 0; a0 < A; a0 += ROWS) {                                          \
             for (int64_t a = a0; a < min64(a0 + ROWS, A); a++) {                            \
                 const T *p = g + a * C + u0 * B, *pq = has_gi ? gi + a * C + u0 * B : p;    \
@@ -292,11 +312,7 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
                     GRAD_LANE(v, q, c / N, c % N);                                          \
                 }                                                                           \
             }                                                                               \
-            for (int64_t c = 0; c < W; c++) {                                               \
-                double t[NG] = {0, 0};                                                      \
-                GRAD_DRAIN(t, c / N, c % N);                                                \
-                for (int f = 0; f < NG; f++) d[f][c] += t[f];                               \
-            }                                                                               \
+            for (int64_t k = 0; k < nv; k++) GRAD_DRAIN_VEC(d, k);                      \
         }                                                                                   \
         for (int64_t i = 0; i < gn; i++) {                                                  \
             double t[NG] = {0, 0};                                                          \
