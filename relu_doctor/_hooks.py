@@ -6,16 +6,80 @@ call cost a model with hundreds of activation sites about 4% of its step. Parkin
 hooks out of torch's hook dicts, so those calls take the fast path again; unparking puts each
 back under its handle's id and in its place among the other hooks of that dict (the user's,
 another probe's), so the handles still remove them and the call order is what it was.
+
+Each hook dict with parked hooks has one ledger, shared by every :class:`HookSet` that parked
+hooks from it: the dict's order when its first hook was parked, and the hooks taken out. Sets
+may unpark in any order; each puts its hooks back by that order.
+
+``torch.compile`` bakes into its graph the hooks a module has when Dynamo traces it, and by
+default never looks at them again (``skip_nnmodule_hook_guards``): a model first traced while
+the hooks were parked would never call them. So nothing is parked unless Dynamo can tell us
+when it starts compiling (:func:`compile_watch`): then every parked set is put back first.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HookSet"]
+__all__ = ["HookSet", "compile_watch"]
+
+
+class _Ledger:
+    """One hook dict while hooks are parked from it."""
+
+    __slots__ = ("d", "known", "order", "taken")
+
+    def __init__(self, d: dict[int, Any]) -> None:
+        self.d = d
+        self.order = list(d)  # every id it held, in order, from the first park on
+        self.known = set(self.order)
+        self.taken: dict[int, Any] = {}  # id -> hook, out of the dict now
+
+    def merge_new(self) -> None:
+        """Add the ids the dict gained since to :attr:`order`, where torch put them: first
+        (``prepend=True``) or last. Those before every id known here were prepended; with no
+        known id left in the dict the two cannot be told apart, and they are taken as appended
+        (the default): a hook prepended there while ours were parked runs after them. Ours
+        never change an output, so only a hook that does sees a difference."""
+        known = self.known
+        if self.d.keys() <= known:
+            return
+        front: list[int] = []
+        back: list[int] = []
+        seen = False
+        for k in self.d:
+            if k in known:
+                seen = True
+            else:
+                (back if seen else front).append(k)
+        if not seen:
+            front, back = [], front
+        self.order = front + self.order + back
+        known.update(front, back)
+
+    def restore(self, ids: set[int]) -> None:
+        """Put the hooks ``ids`` back, every hook of the dict in :attr:`order`."""
+        d, taken = self.d, self.taken
+        if not d and taken.keys() <= ids and list(taken) == self.order:
+            d.update(taken)  # the common case: all of it returns, to an empty dict
+            taken.clear()
+            return
+        self.merge_new()
+        back = {k: taken.pop(k) for k in ids if k in taken}
+        now = dict(d)
+        d.clear()
+        for k in self.order:
+            if k in back:
+                d[k] = back[k]
+            elif k in now:
+                d[k] = now[k]
+
+
+_ledgers: dict[int, _Ledger] = {}  # id(hook dict) -> its ledger, while hooks are out of it
 
 
 class HookSet:
@@ -23,18 +87,14 @@ class HookSet:
 
     Only the dicts ``nn.Module._call_impl`` tests for its fast path are emptied (forward and
     pre-forward hooks); the flag dicts beside them (``always_call``, ``with_kwargs``) are read
-    only for hooks found in those, so they keep their entries. Parking works per dict: one
-    holding only our hooks is cleared and refilled in one call each. Sets parked in one order
-    stay on that path when unparked in the reverse order (any order is correct).
+    only for hooks found in those, so they keep their entries.
     """
 
     def __init__(self) -> None:
         self._handles: dict[int, RemovableHandle] = {}
         # {id(hook dict): (the dict, ids of our hooks in it)}, remade after add/remove
         self._dicts: dict[int, tuple[dict[int, Any], set[int]]] | None = None
-        # While parked, {id(hook dict): (the dict, its items before, ids of ours taken out,
-        # the other ids it then held in order, or None when it held only ours)}
-        self._parked: dict[int, _Parked] | None = None
+        self._parked: dict[int, set[int]] | None = None  # id(dict) -> our ids taken out
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -49,31 +109,28 @@ class HookSet:
         self._dicts = None
         d = handle.hooks_dict_ref()
         if self._parked is not None and d is not None and handle.id in d:
-            rec = self._parked.get(id(d))
-            if rec is None:
-                self._parked[id(d)] = _take(d, {handle.id})
-            else:  # as if it had been there, last, when the dict was parked
-                rec[1].append((handle.id, d.pop(handle.id)))
-                rec[2].add(handle.id)
+            self._take(d, {handle.id})
         return handle
 
     def remove(self, handles: Iterable[RemovableHandle]) -> None:
         """Remove these hooks for good, parked or not."""
-        gone = set()
         for h in handles:
             h.remove()
             self._handles.pop(h.id, None)
-            gone.add(h.id)
+            for key, ids in (self._parked or {}).items():
+                if h.id in ids:
+                    ids.discard(h.id)
+                    ledger = _ledgers.get(key)
+                    if ledger is not None:
+                        ledger.taken.pop(h.id, None)
+                        _drop_if_empty(key, ledger)
         self._dicts = None
-        for _d, items, ours, _rest in (self._parked or {}).values():
-            if gone & ours:
-                ours -= gone
-                items[:] = [kv for kv in items if kv[0] not in gone]
 
     def clear(self) -> None:
         """Remove every hook of the set for good; the set is left unparked and empty."""
         self.remove(list(self._handles.values()))
         self._parked = None
+        _parked_sets.discard(self)
 
     def park(self) -> None:
         """Take the hooks out of their modules (idempotent)."""
@@ -85,49 +142,74 @@ class HookSet:
                 d = h.hooks_dict_ref()
                 if d is not None and h.id in d:
                     self._dicts.setdefault(id(d), (d, set()))[1].add(h.id)
-        parked: dict[int, _Parked] = {}
-        for k, (d, ours) in self._dicts.items():  # (the sets are remade after add/remove)
-            if ours.issuperset(d):  # the common case, inline: ours only
-                parked[k] = (d, list(d.items()), ours, None)
-                d.clear()
-            else:
-                parked[k] = _take(d, ours)
-        self._parked = parked
+        self._parked = {}
+        _parked_sets.add(self)
+        for d, ours in self._dicts.values():
+            self._take(d, ours)
+
+    def _take(self, d: dict[int, Any], ours: set[int]) -> None:
+        assert self._parked is not None
+        key = id(d)
+        ledger = _ledgers.get(key)
+        if ledger is None:
+            ledger = _ledgers[key] = _Ledger(d)
+        else:
+            ledger.merge_new()
+        ids = self._parked.setdefault(key, set())
+        if ours.issuperset(d):  # the common case: the dict holds only ours
+            ledger.taken.update(d)
+            ids.update(d)
+            d.clear()
+            return
+        for k in ours:
+            if k in d:
+                ledger.taken[k] = d.pop(k)
+                ids.add(k)
 
     def unpark(self) -> None:
-        """Put the hooks back where they were (idempotent). A hook added meanwhile keeps its
-        place among the others; one of ours goes back before the first hook that followed it
-        and is still there."""
+        """Put the hooks back where they were (idempotent); see :class:`_Ledger`."""
         parked, self._parked = self._parked, None
-        for d, items, ours, rest in reversed((parked or {}).values()):
-            if (not d) if rest is None else (list(d) == rest):  # as it was left
-                d.clear()
-                d.update(items)
-                continue
-            pos = {k: i for i, (k, _) in enumerate(items)}
-            mine = [(k, v) for k, v in items if k in ours]
-            now = list(d.items())
-            d.clear()
-            j = 0
-            for k, v in now:
-                if k in pos:
-                    while j < len(mine) and pos[mine[j][0]] < pos[k]:
-                        d[mine[j][0]] = mine[j][1]
-                        j += 1
-                d[k] = v
-            d.update(mine[j:])
+        _parked_sets.discard(self)
+        for key, ids in (parked or {}).items():
+            ledger = _ledgers.get(key)
+            if ledger is not None:
+                ledger.restore(ids)
+                if not ledger.taken:
+                    del _ledgers[key]
 
 
-_Parked = tuple[dict[int, Any], list[tuple[int, Any]], set[int], list[int] | None]
+def _drop_if_empty(key: int, ledger: _Ledger) -> None:
+    if not ledger.taken and _ledgers.get(key) is ledger:
+        del _ledgers[key]
 
 
-def _take(d: dict[int, Any], ours: set[int]) -> _Parked:
-    """Take the hooks ``ours`` out of the hook dict ``d``; what unparking needs."""
-    items = list(d.items())
-    if ours.issuperset(d):
-        d.clear()
-        return d, items, ours, None
-    rest = [k for k, _ in items if k not in ours]
-    for k in ours:
-        d.pop(k, None)
-    return d, items, ours, rest
+# ---------------------------------------------------------------------------- torch.compile
+_parked_sets: weakref.WeakSet[HookSet] = weakref.WeakSet()
+_handler: Any = None  # Dynamo's callback handler, once imported; False: this torch has none
+
+
+def compile_watch() -> bool:
+    """Have Dynamo put every parked set back when it starts compiling; False where this torch
+    has no such callback (then nothing may be parked). Checked at every park, since
+    ``torch._dynamo.reset()`` clears the callbacks. The first call imports ``torch._dynamo``
+    (about a second; Lightning, Keras and transformers have imported it already)."""
+    global _handler
+    if _handler is None:
+        try:
+            from torch._dynamo.callback import callback_handler
+
+            _handler = callback_handler
+        except Exception:  # another torch: no callback, no parking
+            _handler = False
+    if _handler is False:
+        return False
+    if _compiling not in _handler.start_callbacks:
+        _handler.register_start_callback(_compiling)
+    return True
+
+
+def _compiling(*args: Any) -> None:
+    """Dynamo starts compiling a frame: the hooks must be in place while it traces (they then
+    return at once on a step that collects nothing, and Dynamo guards on that flag)."""
+    for hooks in list(_parked_sets):
+        hooks.unpark()

@@ -57,7 +57,6 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from relu_doctor._hooks import HookSet
 from relu_doctor._observing_mode import ObservingMode
 from relu_doctor.families import FAMILIES, Family, family_of
 from relu_doctor.probes import Probe, in_backward
@@ -149,7 +148,6 @@ class FunctionalCapture:
         self._attached = False
         # module -> (its stack entry, its two hook handles)
         self._hooked: dict[nn.Module, tuple[_Entry, tuple[RemovableHandle, ...]]] = {}
-        self._hooks = HookSet()  # parked by the probe on steps that collect nothing
         self._generation_seen = -1  # the probe's attach generation our hooks match
         # Innermost last; one stack for forward passes, one for backward recomputation.
         self._stack: list[_Entry] = []
@@ -211,8 +209,8 @@ class FunctionalCapture:
             for m, (entry, _h) in self._hooked.items()
             if current.get(m) != entry or (refreshed and family_of(m) is not None)
         ]:
-            self._hooks.remove(self._hooked.pop(mod)[1])
-        add = self._hooks.add
+            self.probe.hooks.remove(self._hooked.pop(mod)[1])
+        add = self.probe.hooks.add  # parked with the probe's on steps that collect nothing
         for mod, entry in current.items():
             if mod not in self._hooked:
                 handles = (
@@ -221,13 +219,11 @@ class FunctionalCapture:
                 )
                 self._hooked[mod] = (entry, handles)
         self._generation_seen = self.probe.generation
-        self.probe.add_hook_set(self._hooks)
 
     def detach(self) -> None:
         """Remove every hook and leave the mode if a pass was interrupted (idempotent)."""
-        self._hooked = {}
-        self._hooks.clear()
-        self.probe.remove_hook_set(self._hooks)
+        hooked, self._hooked = self._hooked, {}
+        self.probe.hooks.remove([h for _entry, handles in hooked.values() for h in handles])
         self._attached = False
         self._stack.clear()
         self._bw_stack.clear()

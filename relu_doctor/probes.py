@@ -66,7 +66,7 @@ import torch.nn as nn
 from torch.nn.modules.module import register_module_module_registration_hook
 from torch.utils.hooks import RemovableHandle
 
-from relu_doctor._hooks import HookSet
+from relu_doctor._hooks import HookSet, compile_watch
 from relu_doctor._validate import glob_patterns, matches
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.families import Family, family_of
@@ -167,8 +167,9 @@ class Probe(SiteRegistry):
         self._compiled_slots = _CompiledSlots()
         self._warned_compiled = False
         self._compiled = False  # torch.compile traced the hooks: they are never parked
-        self._hooks = HookSet()
-        self._hook_sets: list[HookSet] = [self._hooks]  # functional capture's joins
+        #: every module hook of this probe and of its functional capture, parked together
+        self.hooks = HookSet()
+        self._handles: list[RemovableHandle] = []  # the probe's own, of those
         self._sites: dict[SiteKey, Site] = {}
         self._names: dict[str, Site] = {}
         self._targets: dict[nn.Module, tuple[str, Family]] = {}
@@ -248,13 +249,14 @@ class Probe(SiteRegistry):
 
     def _hook_modules(self) -> None:
         boundary = self._boundary_modules()
-        add = self._hooks.add
-        for mod in boundary:
-            add(mod.register_forward_pre_hook(self._enter))
+        handles = [mod.register_forward_pre_hook(self._enter) for mod in boundary]
         for mod, (path, fam) in self._targets.items():
-            add(mod.register_forward_hook(self._make_hook(path, fam)))
+            handles.append(mod.register_forward_hook(self._make_hook(path, fam)))
         for mod in boundary:
-            add(mod.register_forward_hook(self._exit, always_call=True))
+            handles.append(mod.register_forward_hook(self._exit, always_call=True))
+        self._handles = handles
+        for h in handles:
+            self.hooks.add(h)
         self._members = set(self.model.modules())
         self._dirty = False
         self.generation += 1
@@ -271,7 +273,7 @@ class Probe(SiteRegistry):
         a no-op inside a pass, while tracing, or while detached."""
         if not (self._dirty and self._attached) or self._depth or torch.compiler.is_compiling():
             return False
-        self._hooks.clear()
+        self.hooks.remove(self._handles)
         self._targets = self.targets()
         self._hook_modules()
         return True
@@ -287,7 +289,8 @@ class Probe(SiteRegistry):
 
     def detach(self) -> None:
         """Remove every hook (idempotent). The model is left exactly as it was."""
-        self._hooks.clear()
+        self.hooks.remove(self._handles)
+        self._handles = []
         if self._registration is not None:
             self._registration.remove()
             self._registration = None
@@ -338,19 +341,12 @@ class Probe(SiteRegistry):
         self._collecting = bool(on)
         self.park_hooks()
 
-    def add_hook_set(self, hooks: HookSet) -> None:
-        """Park and unpark ``hooks`` with the probe's own (functional capture's hooks)."""
-        if hooks not in self._hook_sets:
-            self._hook_sets.append(hooks)
-        self.park_hooks()
-
-    def remove_hook_set(self, hooks: HookSet) -> None:
-        if hooks in self._hook_sets and hooks is not self._hooks:
-            self._hook_sets.remove(hooks)
-
     def park_hooks(self) -> None:
         """Park the hooks while the probe is attached, the step collects nothing, no pass
-        is running and the model was never compiled; else put them back."""
+        is running and the model was never compiled; else put them back. Dynamo puts them
+        back too when it starts compiling (:func:`relu_doctor._hooks.compile_watch`), and
+        a step that collects nothing parks them again at its end."""
+        t0 = time.perf_counter()
         park = (
             not self._collecting
             and self._attached
@@ -358,14 +354,12 @@ class Probe(SiteRegistry):
             and self._depth == 0
             and self._bw_depth == 0
             and not torch.compiler.is_compiling()
+            and compile_watch()  # a trace never sees the hooks parked (see _hooks)
         )
-        t0 = time.perf_counter()
         if park:
-            for hooks in self._hook_sets:
-                hooks.park()
+            self.hooks.park()
         else:
-            for hooks in reversed(self._hook_sets):  # last parked first: the fast path
-                hooks.unpark()
+            self.hooks.unpark()
         add_seconds(t0)
 
     # ------------------------------------------------------------------ passes
