@@ -126,12 +126,6 @@ class HookSet:
                         _drop_if_empty(key, ledger)
         self._dicts = None
 
-    def clear(self) -> None:
-        """Remove every hook of the set for good; the set is left unparked and empty."""
-        self.remove(list(self._handles.values()))
-        self._parked = None
-        _parked_sets.discard(self)
-
     def park(self) -> None:
         """Take the hooks out of their modules (idempotent)."""
         if self._parked is not None:

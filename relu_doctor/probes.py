@@ -34,8 +34,9 @@ passes get no gradient tap (see :meth:`Probe.record`); the user is warned once.
 
 On a step that collects nothing the hooks are parked (:mod:`relu_doctor._hooks`): taken out
 of the modules' hook dicts, so every call takes ``nn.Module``'s hook-free path, and put back
-in their places before the next collecting step. A model that ``torch.compile`` traced keeps
-them (a changed hook dict would make Dynamo retrace); there they return at their first line.
+in their places before the next collecting step. Dynamo puts them back before it traces
+(``_hooks.compile_watch``), and a model ``torch.compile`` traced with them keeps them: its
+graph holds them, and there they return at their first line.
 
 Hooks never write: they read ``detach()``-ed outputs, keep no tensor, and return None.
 They never raise into the user's forward or backward either: a failure in a hook (an
@@ -331,8 +332,8 @@ class Probe(SiteRegistry):
 
         On a step that collects nothing no pass is recorded, and the hooks are parked (see
         :mod:`relu_doctor._hooks`): the model's modules run with no hook of ours, as if
-        unwatched. Not under ``torch.compile``: there the hooks stay and return at once, as a
-        hook dict that changed would make Dynamo retrace.
+        unwatched. Not once ``torch.compile`` traced them: its graph holds them, and they
+        return at once there.
         """
         return self._collecting
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import relu_doctor
-from relu_doctor._hooks import HookSet
+from relu_doctor._hooks import HookSet, _ledgers
 
 
 def _calls(module: nn.Module, log: list[str], x: torch.Tensor) -> list[str]:
@@ -73,18 +73,19 @@ def test_handles_removed_or_added_while_parked():
     x = torch.randn(3)
     hs = HookSet()
     a = hs.add(m.register_forward_hook(_hook(log, "a")))
-    hs.add(m.register_forward_hook(_hook(log, "b")))
+    b = hs.add(m.register_forward_hook(_hook(log, "b")))
     hs.park()
     hs.remove([a])  # removed for good: never comes back
-    hs.add(m.register_forward_hook(_hook(log, "c")))  # parked at once
+    c = hs.add(m.register_forward_hook(_hook(log, "c")))  # parked at once
     assert _calls(m, log, x) == []
     assert len(hs) == 2
     hs.unpark()
     assert _calls(m, log, x) == ["b", "c"]
     hs.park()
-    hs.clear()
+    hs.remove([b, c])
     hs.unpark()
     assert _calls(m, log, x) == [] and len(hs) == 0 and not m._forward_hooks
+    assert not _ledgers, "nothing parked: no ledger left"
 
 
 class Net(nn.Module):
