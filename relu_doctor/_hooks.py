@@ -41,23 +41,28 @@ class _Ledger:
 
     def merge_new(self) -> None:
         """Add the ids the dict gained since to :attr:`order`, where torch put them: first
-        (``prepend=True``) or last. Those before every id known here were prepended; with no
-        known id left in the dict the two cannot be told apart, and they are taken as appended
-        (the default): a hook prepended there while ours were parked runs after them. Ours
-        never change an output, so only a hook that does sees a difference."""
-        known = self.known
-        if self.d.keys() <= known:
+        (``prepend=True``) or last. Handle ids only grow and torch puts an appended hook
+        after every older one, so a new id with a smaller id after it was prepended. One with
+        none after it may be either; it is taken as appended (the default), which is wrong
+        only for a hook prepended while ours were out and no older hook was left in the dict
+        (a watched activation's dicts, while parked, hold none): it then runs after ours.
+        Ours never change an output, so only a hook that does sees a difference."""
+        known, d = self.known, self.d
+        if d.keys() <= known:
             return
         front: list[int] = []
         back: list[int] = []
-        seen = False
-        for k in self.d:
-            if k in known:
-                seen = True
-            else:
-                (back if seen else front).append(k)
-        if not seen:
-            front, back = [], front
+        smallest_after: int | None = None
+        for k in reversed(d):
+            if k not in known:
+                if smallest_after is not None and smallest_after < k:
+                    front.append(k)
+                else:
+                    back.append(k)
+            if smallest_after is None or k < smallest_after:
+                smallest_after = k
+        front.reverse()
+        back.reverse()
         self.order = front + self.order + back
         known.update(front, back)
 
@@ -77,6 +82,9 @@ class _Ledger:
                 d[k] = back[k]
             elif k in now:
                 d[k] = now[k]
+        # forget ids gone for good (a ledger kept by another set's parked hooks must not grow)
+        self.order = [k for k in self.order if k in d or k in taken]
+        self.known = set(self.order)
 
 
 _ledgers: dict[int, _Ledger] = {}  # id(hook dict) -> its ledger, while hooks are out of it
@@ -184,14 +192,23 @@ _handler: Any = None  # Dynamo's callback handler, once imported; False: this to
 
 def compile_watch() -> bool:
     """Have Dynamo put every parked set back when it starts compiling; False where this torch
-    has no such callback (then nothing may be parked). Checked at every park, since
-    ``torch._dynamo.reset()`` clears the callbacks. The first call imports ``torch._dynamo``
-    (about a second; Lightning, Keras and transformers have imported it already)."""
+    has no such callback (then nothing may be parked). ``torch._dynamo.reset()`` clears the
+    callbacks: the handler's ``clear`` is wrapped to register ours again at once (a compile
+    right after a reset, on a parked step, must still see the hooks), and every park checks
+    it is there. The first call imports ``torch._dynamo`` (about a second; Lightning, Keras
+    and transformers have imported it already)."""
     global _handler
     if _handler is None:
         try:
             from torch._dynamo.callback import callback_handler
 
+            clear = callback_handler.clear
+
+            def clear_and_watch() -> None:  # torch._dynamo.reset() clears every callback
+                clear()
+                callback_handler.register_start_callback(_compiling)
+
+            callback_handler.clear = clear_and_watch  # type: ignore[method-assign]
             _handler = callback_handler
         except Exception:  # another torch: no callback, no parking
             _handler = False

@@ -231,8 +231,8 @@ def test_random_user_hook_changes_while_parked_keep_the_never_parked_call_order(
     """Random registrations (appended, prepended; pre-forward and forward; always_call,
     with_kwargs) and removals of the user's hooks while ours are parked, on a module and on
     its twin where ours never leave: after every unpark both call their hooks in one order.
-    The one case parking cannot tell apart is left out: a hook prepended to a dict holding
-    no hook it knew but ours (see relu_doctor._hooks._Ledger.merge_new)."""
+    The one case parking cannot tell apart is left out: a hook prepended while parked with no
+    older hook after it in its dict (see relu_doctor._hooks._Ledger.merge_new)."""
     import random
 
     compared = 0
@@ -249,17 +249,19 @@ def test_random_user_hook_changes_while_parked_keep_the_never_parked_call_order(
         for _ in range(6):
             t.hooks.park()
             before = set(t.users)
-            prepended = set()  # the dicts (pre or not) a hook was prepended to while parked
             for _ in range(rnd.randint(0, 3)):
                 if t.users and rnd.random() < 0.4:
                     t.remove_user(rnd.choice(list(t.users)))
                 else:
-                    pre, prepend = rnd.random() < 0.3, rnd.random() < 0.3
-                    if prepend:
-                        prepended.add(pre)
-                    t.add_user(pre, prepend, always=rnd.random() < 0.2)
-            left = {t.users[u][2] for u in before if u in t.users}  # dicts with an old hook
-            ambiguous = bool(prepended - left)
+                    t.add_user(rnd.random() < 0.3, rnd.random() < 0.3, always=rnd.random() < 0.2)
+            # A hook prepended while parked with no older hook after it looks appended.
+            m = t.mods[0]
+            for d in (m._forward_pre_hooks, m._forward_hooks):
+                ids = list(d)
+                for name, (a, _b, _pre) in t.users.items():
+                    if name not in before and name.endswith("-prepend") and a.id in d:
+                        after = ids[ids.index(a.id) + 1 :]
+                        ambiguous |= not any(k < a.id for k in after)
             t.hooks.unpark()
             if ambiguous:
                 break
@@ -310,7 +312,8 @@ def test_a_user_hook_added_on_a_parked_step_runs_after_ours_as_without_parking()
 def test_a_model_first_compiled_on_a_parked_step_is_traced_with_the_hooks():
     """Dynamo bakes the hooks a module has when it traces, and does not guard on them: a
     model first compiled on a step that collects nothing must still be traced with ours
-    (Dynamo's compile-start callback puts them back), or it would never record again."""
+    (Dynamo's compile-start callback puts them back), or it would never record again; also
+    right after a torch._dynamo.reset(), which clears the callbacks."""
     frames = []
     for park in (True, False):
         torch._dynamo.reset()
@@ -326,6 +329,7 @@ def test_a_model_first_compiled_on_a_parked_step_is_traced_with_the_hooks():
                 doc.probe._compiled = not park
                 _train(model, doc, opt, 3)  # eager; step 3 collects nothing
                 assert doc.probe.hooks.parked is park
+                torch._dynamo.reset()  # clears Dynamo's callbacks, ours too: it must come back
                 _train(torch.compile(model), doc, opt, 9, seed=1)
                 frames.append(doc.to_pandas().drop(columns=["wall_time"], errors="ignore"))
     torch._dynamo.reset()
