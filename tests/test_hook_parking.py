@@ -353,3 +353,18 @@ def test_attaching_on_a_parked_step_keeps_the_probe_hooks_before_functional_capt
         assert not doc.probe.hooks.parked
         assert [h.__qualname__ for h in model.act._forward_hooks.values()] == order
     assert order[-1].startswith("FunctionalCapture")
+
+
+def test_nothing_is_parked_where_dynamo_offers_no_compile_callback(monkeypatch):
+    """Without a compile-start callback a trace could see the hooks parked and leave them out
+    of its graph for good: then the hooks stay, returning at once on such steps."""
+    from relu_doctor import _hooks
+
+    monkeypatch.setattr(_hooks, "_handler", False)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with relu_doctor.watch(model, optimizer=opt, every_n_steps=2, overhead_budget=None) as doc:
+        counts = _hook_counts(model)
+        _train(model, doc, opt, 3)
+        assert not doc.probe.collecting and not doc.probe.hooks.parked
+        assert _hook_counts(model) == counts
