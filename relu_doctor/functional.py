@@ -151,6 +151,9 @@ class FunctionalCapture:
         self._generation_seen = -1  # the probe's attach generation our hooks match
         # Innermost last; one stack for forward passes, one for backward recomputation.
         self._stack: list[_Entry] = []
+        # Depth of hooked calls in a pass left out (another stream's): its end is the
+        # outermost call's, not the first call's that ends with an empty stack.
+        self._left_out = 0
         self._bw_stack: list[_Entry] = []
         self._mode_on = False
         self._calls: dict[tuple[str, str], int] = {}
@@ -225,6 +228,7 @@ class FunctionalCapture:
         hooked, self._hooked = self._hooked, {}
         self.probe.hooks.remove([h for _entry, handles in hooked.values() for h in handles])
         self._attached = False
+        self._left_out = 0
         self._stack.clear()
         self._bw_stack.clear()
         self._set_mode(False)
@@ -277,6 +281,7 @@ class FunctionalCapture:
                     self._bw_calls.clear()
                 else:
                     if not self.probe.begin_pass():  # left out: the mode stays off
+                        self._left_out += 1
                         return
                     if self.probe.generation != self._generation_seen:
                         self._sync()  # the probe re-hooked: modules may have been swapped
@@ -297,7 +302,10 @@ class FunctionalCapture:
         stack = self._bw_stack if bw else self._stack
         if not stack:
             if not bw:
-                self.probe.end_pass()
+                if self._left_out:
+                    self._left_out -= 1
+                if not self._left_out:
+                    self.probe.end_pass()
             return
         stack.pop()
         other = self._stack if bw else self._bw_stack

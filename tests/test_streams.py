@@ -197,6 +197,59 @@ def test_eval_stream_survives_a_checkpoint():
     other.detach()
 
 
+class _FunctionalBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return F.relu(self.fc(x))
+
+
+class _Checkpointed(nn.Module):
+    """Two blocks run through reentrant activation checkpointing (as Hugging Face models do
+    with gradient_checkpointing): their first forward runs without autograd, inside a
+    training pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.blocks = nn.ModuleList([_FunctionalBlock(), _FunctionalBlock()])
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=True)
+        return self.out(h)
+
+
+def test_no_grad_segments_of_a_training_pass_are_not_evaluation_passes():
+    """A training pass is one pass for every stream, though checkpointed segments inside it
+    run without autograd: the evaluation stream counts no pass and records nothing from
+    training (it counted one per segment after the first: functional capture ended the pass
+    it had left out at the first call that returned)."""
+    torch.manual_seed(0)
+    net = _Checkpointed()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    with relu_doctor.watch(
+        net, optimizer=opt, every_n_steps=1, overhead_budget=None, eval_stream=True
+    ) as doc:
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.randn(4, 5)).square().mean().backward()
+            opt.step()
+            doc.step()
+        assert doc.eval.probe.passes == 0
+        assert doc.eval.sites == []
+        assert doc.probe.passes == 3
+        net.eval()
+        with torch.no_grad():
+            net(torch.randn(4, 5))
+        assert doc.eval.probe.passes == 1
+        assert len(doc.eval.sites) == 2
+
+
 def test_eval_stream_argument_is_checked():
     with pytest.raises(relu_doctor.ReluDoctorError, match="eval_stream: expected True, False"):
         relu_doctor.watch(_net(), eval_stream="a/b")
