@@ -31,7 +31,7 @@ __all__ = ["HookSet", "compile_watch"]
 class _Ledger:
     """One hook dict while hooks are parked from it."""
 
-    __slots__ = ("d", "known", "order", "taken")
+    __slots__ = ("__weakref__", "d", "known", "order", "taken")
 
     def __init__(self, d: dict[int, Any]) -> None:
         self.d = d
@@ -87,7 +87,9 @@ class _Ledger:
         self.known = set(self.order)
 
 
-_ledgers: dict[int, _Ledger] = {}  # id(hook dict) -> its ledger, while hooks are out of it
+# id(hook dict) -> its ledger, while hooks are out of it. Held by the sets that parked from it,
+# not here: a Doctor dropped without detach() while parked must not keep its model alive.
+_ledgers: weakref.WeakValueDictionary[int, _Ledger] = weakref.WeakValueDictionary()
 
 
 class HookSet:
@@ -102,7 +104,8 @@ class HookSet:
         self._handles: dict[int, RemovableHandle] = {}
         # {id(hook dict): (the dict, ids of our hooks in it)}, remade after add/remove
         self._dicts: dict[int, tuple[dict[int, Any], set[int]]] | None = None
-        self._parked: dict[int, set[int]] | None = None  # id(dict) -> our ids taken out
+        # While parked: id(dict) -> (its ledger, our ids taken out)
+        self._parked: dict[int, tuple[_Ledger, set[int]]] | None = None
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -125,13 +128,11 @@ class HookSet:
         for h in handles:
             h.remove()
             self._handles.pop(h.id, None)
-            for key, ids in (self._parked or {}).items():
+            for key, (ledger, ids) in (self._parked or {}).items():
                 if h.id in ids:
                     ids.discard(h.id)
-                    ledger = _ledgers.get(key)
-                    if ledger is not None:
-                        ledger.taken.pop(h.id, None)
-                        _drop_if_empty(key, ledger)
+                    ledger.taken.pop(h.id, None)
+                    _drop_if_empty(key, ledger)
         self._dicts = None
 
     def park(self) -> None:
@@ -157,7 +158,10 @@ class HookSet:
             ledger = _ledgers[key] = _Ledger(d)
         else:
             ledger.merge_new()
-        ids = self._parked.setdefault(key, set())
+        entry = self._parked.get(key)
+        if entry is None or entry[0] is not ledger:  # (an emptied ledger is dropped)
+            entry = self._parked[key] = (ledger, set())
+        ids = entry[1]
         if ours.issuperset(d):  # the common case: the dict holds only ours
             ledger.taken.update(d)
             ids.update(d)
@@ -172,12 +176,9 @@ class HookSet:
         """Put the hooks back where they were (idempotent); see :class:`_Ledger`."""
         parked, self._parked = self._parked, None
         _parked_sets.discard(self)
-        for key, ids in (parked or {}).items():
-            ledger = _ledgers.get(key)
-            if ledger is not None:
-                ledger.restore(ids)
-                if not ledger.taken:
-                    del _ledgers[key]
+        for key, (ledger, ids) in (parked or {}).items():
+            ledger.restore(ids)
+            _drop_if_empty(key, ledger)
 
 
 def _drop_if_empty(key: int, ledger: _Ledger) -> None:

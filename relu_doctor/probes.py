@@ -59,6 +59,7 @@ import fnmatch
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -240,7 +241,9 @@ class Probe(SiteRegistry):
             )
         try:
             self._hook_modules()
-            self._registration = register_module_module_registration_hook(self._on_register)
+            self._registration = register_module_module_registration_hook(
+                _weak_method(self._on_register)
+            )
         except BaseException:
             self.detach()
             raise
@@ -633,6 +636,19 @@ class Probe(SiteRegistry):
                 add_seconds(t0)
 
         return grad_hook
+
+def _weak_method(method: Callable[..., None]) -> Callable[..., None]:
+    """``method`` for torch's process-wide registration hook, holding its probe weakly: a
+    Doctor dropped without ``detach()`` must not keep its model alive through it."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+
+    return call
+
 
 class _CompiledSlots:
     """Sites made while torch.compile traces, one attribute each (see ``_compiled_site``)."""

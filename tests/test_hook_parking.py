@@ -368,3 +368,28 @@ def test_nothing_is_parked_where_dynamo_offers_no_compile_callback(monkeypatch):
         _train(model, doc, opt, 3)
         assert not doc.probe.collecting and not doc.probe.hooks.parked
         assert _hook_counts(model) == counts
+
+
+@pytest.mark.parametrize("parked", [True, False])
+def test_a_doctor_dropped_without_detach_does_not_keep_its_model_alive(parked):
+    """A run that dies with no exit path leaves a Doctor attached: dropping it and the model
+    frees both, parked or not (torch's process-wide registration hook holds the probe
+    weakly; a parked dict's ledger is held by the sets that parked from it)."""
+    import gc
+    import weakref
+
+    from relu_doctor import _hooks
+
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
+    doc = relu_doctor.watch(model, every_n_steps=2, overhead_budget=None).attach()
+    model(torch.randn(4, 5)).sum().backward()
+    doc.step()
+    assert doc.probe.hooks.parked is True
+    if not parked:
+        doc.step()
+        assert doc.probe.hooks.parked is False
+    ref = weakref.ref(model)
+    del model, doc
+    gc.collect()
+    assert ref() is None
+    assert not _hooks._ledgers
