@@ -19,6 +19,7 @@ when it starts compiling (:func:`compile_watch`): then every parked set is put b
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -89,7 +90,14 @@ class _Ledger:
 
 # id(hook dict) -> its ledger, while hooks are out of it. Held by the sets that parked from it,
 # not here: a Doctor dropped without detach() while parked must not keep its model alive.
-_ledgers: weakref.WeakValueDictionary[int, _Ledger] = weakref.WeakValueDictionary()
+# (Plain weak references, not a WeakValueDictionary: its Python-level get and set doubled the
+# cost of a park.)
+_ledgers: dict[int, weakref.ref[_Ledger]] = {}
+
+
+def _forget(ref: weakref.ref[_Ledger], key: int) -> None:
+    if _ledgers.get(key) is ref:
+        del _ledgers[key]
 
 
 class HookSet:
@@ -153,9 +161,11 @@ class HookSet:
     def _take(self, d: dict[int, Any], ours: set[int]) -> None:
         assert self._parked is not None
         key = id(d)
-        ledger = _ledgers.get(key)
+        ref = _ledgers.get(key)
+        ledger = None if ref is None else ref()
         if ledger is None:
-            ledger = _ledgers[key] = _Ledger(d)
+            ledger = _Ledger(d)
+            _ledgers[key] = weakref.ref(ledger, functools.partial(_forget, key=key))
         else:
             ledger.merge_new()
         entry = self._parked.get(key)
@@ -182,8 +192,10 @@ class HookSet:
 
 
 def _drop_if_empty(key: int, ledger: _Ledger) -> None:
-    if not ledger.taken and _ledgers.get(key) is ledger:
-        del _ledgers[key]
+    if not ledger.taken:
+        ref = _ledgers.get(key)
+        if ref is not None and ref() is ledger:
+            del _ledgers[key]
 
 
 # ---------------------------------------------------------------------------- torch.compile
