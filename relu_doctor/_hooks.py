@@ -90,8 +90,8 @@ class _Ledger:
 
 # id(hook dict) -> its ledger, while hooks are out of it. Held by the sets that parked from it,
 # not here: a Doctor dropped without detach() while parked must not keep its model alive.
-# (Plain weak references, not a WeakValueDictionary: its Python-level get and set doubled the
-# cost of a park.)
+# (Plain weak references, not a WeakValueDictionary: its Python-level get and set made a park
+# half as costly again.)
 _ledgers: dict[int, weakref.ref[_Ledger]] = {}
 
 
@@ -101,7 +101,7 @@ def _forget(ref: weakref.ref[_Ledger], key: int) -> None:
 
 
 class HookSet:
-    """The module hooks of one owner (a probe, functional capture), parked together.
+    """The module hooks of one owner (a probe and its functional capture), parked together.
 
     Only the dicts ``nn.Module._call_impl`` tests for its fast path are emptied (forward and
     pre-forward hooks); the flag dicts beside them (``always_call``, ``with_kwargs``) are read
