@@ -264,7 +264,6 @@ class Probe(SiteRegistry):
         self._members = set(self.model.modules())
         self._dirty = False
         self.generation += 1
-        self.park_hooks()
 
     def _on_register(self, module: nn.Module, name: str, submodule: Any) -> None:
         # torch's global hook: called for every module of the process, so only a set lookup.
@@ -636,6 +635,7 @@ class Probe(SiteRegistry):
                 add_seconds(t0)
 
         return grad_hook
+
 
 def _weak_method(method: Callable[..., None]) -> Callable[..., None]:
     """``method`` for torch's process-wide registration hook, holding its probe weakly: a
