@@ -45,6 +45,13 @@ def _local(t: torch.Tensor) -> tuple[torch.Tensor, float]:
     return t.to_local(), float(k)
 
 
+def _norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Each tensor's 2-norm in one foreach op, in float32 at least (a bfloat16 norm keeps
+    three significant digits) and in float64 when any tensor is float64."""
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return tuple(torch._foreach_norm(tensors, 2, dtype=wide))
+
+
 class OptimizerTap:
     """Per-layer parameter statistics read in optimizer step hooks.
 
@@ -161,7 +168,7 @@ class OptimizerTap:
             self._count_step(opt)
             return
         local = [_local(g) for g in grads]  # type: ignore[arg-type]
-        norms = torch._foreach_norm([g for g, _ in local])
+        norms = _norms([g for g, _ in local])
         if all(n.device == device for n in norms):  # one op, not one conversion per tensor
             sq = torch.stack(norms).to(torch.float64).square()
         else:
@@ -182,16 +189,21 @@ class OptimizerTap:
             return
         params = [p for p, _ in before]
         device = params[0].device
-        # Sharded parameters: this process's shards only (the ratio is not summed across
-        # processes, so under FSDP it is the ratio of the local shards).
-        now = [_local(p.detach())[0] for p in params]
-        delta = torch._foreach_norm(torch._foreach_sub(now, [_local(old)[0] for _, old in before]))
-        weight = torch._foreach_norm(now)
-        idx = self._index([self._layer_of[id(p)] for p in params], device)
+        layers = [self._layer_of[id(p)] for p in params]
         d = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         w = torch.zeros_like(d)
-        d.index_add_(0, idx, torch.stack([x.to(torch.float64) for x in delta]).square())
-        w.index_add_(0, idx, torch.stack([x.to(torch.float64) for x in weight]).square())
+        now = [p.detach() for p in params]
+        old = [x for _, x in before]
+        # CPU, plain tensors: one pass over both copies, nothing allocated.
+        if not _kernels.sum_squares_into(w, now, layers, minus=old, out_minus=d):
+            # Sharded parameters: this process's shards only (the ratio is not summed
+            # across processes, so under FSDP it is the ratio of the local shards).
+            now = [_local(x)[0] for x in now]
+            delta = [_local(x)[0] for x in old]
+            torch._foreach_sub_(delta, now)  # in the transient copy: no new memory
+            idx = self._index(layers, device)
+            for acc, norms in ((d, _norms(delta)), (w, _norms(now))):
+                acc.index_add_(0, idx, torch.stack([x.to(torch.float64) for x in norms]).square())
         self.update_ratio = (d.sqrt() / w.sqrt().clamp(min=1e-30))
 
     def state_dict(self) -> dict[str, Any]:

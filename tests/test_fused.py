@@ -263,3 +263,50 @@ def test_sum_squares_into_reads_channels_last_gradients():
     out = torch.zeros(1, dtype=torch.float64)
     assert cpu.sum_squares_into(out, [g], [0])
     torch.testing.assert_close(out[0], g.double().square().sum(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sum_squares_into_with_minus_adds_the_squared_differences_in_the_same_pass(dtype):
+    # the tap's update norms: ||a - b||^2 into out_minus, ||a||^2 into out, per layer; the
+    # difference of two 16-bit tensors is taken in float32 (an update far below the
+    # weight's own rounding step still counts), so the reference subtracts in float64
+    gen = torch.Generator().manual_seed(5)
+    sizes = [(7,), (256, 256), (65_536 * 2 + 3,), (0,), (33, 5)]
+    a = [torch.randn(s, generator=gen).to(dtype) for s in sizes]
+    b = [(x.double() + 1e-3 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).to(dtype)
+         for x in a]
+    index = [0, 1, 2, 1, 1]
+    out, out_minus = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    assert cpu.sum_squares_into(out, a, index, minus=b, out_minus=out_minus)
+    expect, expect_minus = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for x, y, i in zip(a, b, index, strict=True):
+        expect[i] += x.double().square().sum()
+        expect_minus[i] += (x.double() - y.double()).square().sum()
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out, expect, rtol=rtol, atol=0)
+    torch.testing.assert_close(out_minus, expect_minus, rtol=rtol, atol=0)
+    # the same sums with any number of threads
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, one_minus = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        assert cpu.sum_squares_into(one, a, index, minus=b, out_minus=one_minus)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, out) and torch.equal(one_minus, out_minus)
+
+
+def test_sum_squares_into_with_minus_declines_pairs_it_cannot_read_together():
+    a = torch.randn(4, 3, 5, 5)
+    out, out_minus = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    channels_last = a.contiguous(memory_format=torch.channels_last)
+    assert not cpu.sum_squares_into(out, [a], [0], minus=[channels_last], out_minus=out_minus)
+    assert not cpu.sum_squares_into(out, [a], [0], minus=[a.double()], out_minus=out_minus)
+    assert not cpu.sum_squares_into(out, [a], [0], minus=[a.flatten()], out_minus=out_minus)
+    assert not cpu.sum_squares_into(out, [a], [0], minus=[a])  # nowhere to add the differences
+    assert not cpu.sum_squares_into(out, [a], [0], minus=[a], out_minus=out_minus.float())
+    assert torch.equal(out, torch.zeros(1, dtype=torch.float64))
+    # both channels-last: read together, in memory order
+    b = channels_last + 1
+    assert cpu.sum_squares_into(out, [channels_last], [0], minus=[b], out_minus=out_minus)
+    torch.testing.assert_close(out_minus[0], torch.tensor(float(a.numel()), dtype=torch.float64))

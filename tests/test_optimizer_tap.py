@@ -47,3 +47,44 @@ def test_a_checkpointed_layer_the_model_lacks_is_dropped_with_a_warning():
     with pytest.warns(ReluDoctorWarning, match=r"lacks \(\['1'\]\)"):
         fresh.load_state_dict(state)
     assert fresh.grad_sq.tolist() == [state["grad_sq"][0].item(), state["grad_sq"][2].item()]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_update_ratio_and_gradient_norms_equal_a_float64_reference(fused, dtype):
+    from relu_doctor import _kernels
+
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.ReLU(),
+        nn.Linear(5, 2, bias=False),
+    ).to(dtype).to(memory_format=torch.channels_last)  # the conv weight channels-last
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    tap = OptimizerTap(model, [opt], is_log_step=lambda: True, collecting=lambda: True).attach()
+    x = torch.randn(8, 3, 6, 6, dtype=dtype)
+    grad_sq = torch.zeros(len(tap.layers), dtype=torch.float64)
+    layer_of = {id(p): tap.layers.index(name.rsplit(".", 1)[0])
+                for name, p in model.named_parameters()}
+    for _ in range(3):
+        model(x).float().square().mean().backward()
+        before = {id(p): p.detach().double().clone() for p in model.parameters()}
+        for p in model.parameters():
+            grad_sq[layer_of[id(p)]] += p.grad.double().square().sum()
+        if fused:
+            opt.step()
+        else:
+            with _kernels.disabled():
+                opt.step()
+        opt.zero_grad()
+    d = torch.zeros(len(tap.layers), dtype=torch.float64)
+    w = torch.zeros_like(d)
+    for p in model.parameters():
+        d[layer_of[id(p)]] += (p.detach().double() - before[id(p)]).square().sum()
+        w[layer_of[id(p)]] += p.detach().double().square().sum()
+    got_sq, steps, ratio = tap.read_and_reset()
+    assert steps == 3 and tap.layers == ["0", "3", "5"]
+    torch.testing.assert_close(got_sq, grad_sq, rtol=1e-5, atol=0)
+    # bfloat16 weights: the eager path subtracts in bfloat16 (one rounding of the update)
+    rtol = 1e-5 if fused or dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ratio, d.sqrt() / w.sqrt(), rtol=rtol, atol=0)
+    assert tap._before is None  # the transient copy is gone

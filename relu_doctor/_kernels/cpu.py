@@ -108,7 +108,7 @@ def _build() -> ctypes.CDLL:
         lib.rd_forward.restype = cint
         lib.rd_grad.argtypes = [ptr, ptr, cint, i64, i64, i64, ptr, i64, dbl, cint]
         lib.rd_grad.restype = cint
-        lib.rd_sumsq.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, cint]
+        lib.rd_sumsq.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, cint]
         lib.rd_sumsq.restype = cint
         return lib
     raise RuntimeError("the build failed: " + " | ".join(errors))
@@ -286,16 +286,34 @@ class _SquaresPlan:
 _plans: dict[tuple[Any, ...], _SquaresPlan] = {}
 
 
-def sum_squares_into(out: torch.Tensor, tensors: list[torch.Tensor], index: list[int]) -> bool:
+def sum_squares_into(
+    out: torch.Tensor,
+    tensors: list[torch.Tensor],
+    index: list[int],
+    *,
+    minus: list[torch.Tensor] | None = None,
+    out_minus: torch.Tensor | None = None,
+) -> bool:
     """``out[index[i]] += (tensors[i] ** 2).sum()`` for every i, in one call and one pass
     over each tensor (the optimizer tap's per-layer squared gradient norms).
 
-    Returns False (nothing done) where the fused path does not apply: ``out`` is not a
-    contiguous CPU float64 vector, or a tensor is not a plain dense (contiguous or
-    channels-last) CPU tensor of a supported dtype with memory (no ZeroTensor); then the
-    caller uses torch ops.
+    With ``minus`` (a tensor per tensor, same dtype, shape and strides) it also adds
+    ``((tensors[i] - minus[i]) ** 2).sum()`` to ``out_minus[index[i]]`` in the same pass
+    (the tap's update and weight norms; the difference is taken in float32 or float64, not
+    rounded to a 16-bit dtype).
+
+    Returns False (nothing done) where the fused path does not apply: ``out`` (or
+    ``out_minus``) is not a contiguous CPU float64 vector, or a tensor is not a plain dense
+    (contiguous or channels-last) CPU tensor of a supported dtype with memory (no
+    ZeroTensor), or a ``minus`` tensor is laid out unlike its pair; then the caller uses
+    torch ops.
     """
-    if _off or not (_usable(out) and out.dtype == torch.float64 and out.is_contiguous()):
+    def accumulator(x: torch.Tensor | None) -> bool:
+        return x is not None and _usable(x) and x.dtype == torch.float64 and x.is_contiguous()
+
+    if _off or not accumulator(out):
+        return False
+    if minus is not None and not (accumulator(out_minus) and len(minus) == len(tensors)):
         return False
     ptrs, sig = [], []
     for t in tensors:  # the only per-tensor work of a step: checks and the data pointer
@@ -303,6 +321,12 @@ def sum_squares_into(out: torch.Tensor, tensors: list[torch.Tensor], index: list
             return False
         ptrs.append(t.data_ptr())
         sig.append((_DTYPES[t.dtype], t.numel()))
+    sub: list[int] = []
+    for t, m in zip(tensors, minus or (), strict=False):
+        if not (_readable(m) and m.dtype == t.dtype and m.shape == t.shape
+                and m.stride() == t.stride()):
+            return False
+        sub.append(m.data_ptr())
     lib = _lib if _state == "ready" else _load()
     if lib is None or not tensors:
         return lib is not None
@@ -314,7 +338,11 @@ def sum_squares_into(out: torch.Tensor, tensors: list[torch.Tensor], index: list
         plan = _plans[key] = _SquaresPlan(key[0], key[1])
     k = len(tensors)
     rc = lib.rd_sumsq(
-        (ctypes.c_void_p * k)(*ptrs), plan.sizes, plan.dtypes, plan.index, plan.first,
-        k, out.data_ptr(), (ctypes.c_double * plan.chunks)(), torch.get_num_threads(),
+        (ctypes.c_void_p * k)(*ptrs),
+        (ctypes.c_void_p * k)(*sub) if minus is not None else None,
+        plan.sizes, plan.dtypes, plan.index, plan.first, k, out.data_ptr(),
+        out_minus.data_ptr() if out_minus is not None and minus is not None else None,
+        (ctypes.c_double * (plan.chunks * (2 if minus is not None else 1)))(),
+        torch.get_num_threads(),
     )
     return int(rc) == 0

@@ -438,33 +438,58 @@ int rd_grad(const void *g, const void *gi, int dt, int64_t A, int64_t U, int64_t
 }
 
 /* ---------------------------------------------------------------- sums of squares
- * The optimizer tap's per-layer squared gradient norms: out[idx[i]] += sum of squares of the
- * n[i] contiguous elements at ptrs[i] (dtype dt[i]), i < count, in one call. The tensors are
- * cut into chunks of SQ_CHUNK elements, chunk c of tensor i being number first[i] + c (the
- * caller numbers them: first[count] chunks in all); part (first[count] doubles, from the
- * caller) holds each chunk's sum, and the chunks are added in order, so a result is the same
- * with any number of threads. */
+ * The optimizer tap's per-layer squared norms: out[idx[i]] += sum of squares of the n[i]
+ * contiguous elements at ptrs[i] (dtype dt[i]), i < count, in one call. With sub (not NULL)
+ * it also adds the sum of squares of ptrs[i] - sub[i] (same dtype and layout) to
+ * out_sub[idx[i]], in the same pass: the update norm ||W_after - W_before|| and the weight
+ * norm ||W_after|| from one read of each copy. The differences are taken in the accumulator
+ * type (float for the 16-bit types), never rounded to the tensors' dtype.
+ *
+ * The tensors are cut into chunks of SQ_CHUNK elements, chunk c of tensor i being number
+ * first[i] + c (the caller numbers them: first[count] chunks in all); part (first[count]
+ * doubles, twice that with sub, from the caller) holds each chunk's sums, and the chunks are
+ * added in order, so a result is the same with any number of threads. */
 #define SQ_CHUNK 65536
 
+/* One chunk: returns the sum of p[i]^2; with q, also sets *dsq to the sum of (p[i]-q[i])^2.
+ * The loop without q is the hot one (every collecting step); q comes at logging steps. */
 #define DEFINE_SUMSQ(S, T, ACC, V, I, N, LD, CONV)                                          \
-    static double sumsq_##S(const T *p, int64_t n) {                                        \
+    static double sumsq_##S(const T *p, const T *q, int64_t n, double *dsq) {               \
         const V zero = {0};                                                                 \
-        V acc = zero;                                                                       \
-        double d = 0;                                                                       \
+        V acc = zero, dacc = zero;                                                          \
+        double d = 0, dd = 0;                                                               \
         int64_t i = 0;                                                                      \
         for (int64_t c = 0; c < n; c += FLUSH) {                                            \
             int64_t e = min64(c + FLUSH, n);                                                \
-            for (i = c; i + N <= e; i += N) {                                               \
-                V v = LD(p + i);                                                            \
-                acc += v * v;                                                               \
+            if (q) {                                                                        \
+                for (i = c; i + N <= e; i += N) {                                           \
+                    V v = LD(p + i), w = v - LD(q + i);                                     \
+                    acc += v * v;                                                           \
+                    dacc += w * w;                                                          \
+                }                                                                           \
+                for (int j = 0; i < e; i++, j++) {                                          \
+                    ACC v = CONV(p[i]), w = v - CONV(q[i]);                                 \
+                    acc[j] += v * v;                                                        \
+                    dacc[j] += w * w;                                                       \
+                }                                                                           \
+            } else {                                                                        \
+                for (i = c; i + N <= e; i += N) {                                           \
+                    V v = LD(p + i);                                                        \
+                    acc += v * v;                                                           \
+                }                                                                           \
+                for (int j = 0; i < e; i++, j++) {                                          \
+                    ACC v = CONV(p[i]);                                                     \
+                    acc[j] += v * v;                                                        \
+                }                                                                           \
             }                                                                               \
-            for (int j = 0; i < e; i++, j++) {                                              \
-                ACC v = CONV(p[i]);                                                         \
-                acc[j] += v * v;                                                            \
+            for (int j = 0; j < N; j++) {                                                   \
+                d += (double)acc[j];                                                        \
+                dd += (double)dacc[j];                                                      \
             }                                                                               \
-            for (int j = 0; j < N; j++) d += (double)acc[j];                                \
             acc = zero;                                                                     \
+            dacc = zero;                                                                    \
         }                                                                                   \
+        *dsq = dd;                                                                          \
         return d;                                                                           \
     }
 DEFINE_SUMSQ(f32, float, float, vf32, vi32, 16, ld_f32, CV)
@@ -472,8 +497,9 @@ DEFINE_SUMSQ(f64, double, double, vf64, vi64, 8, ld_f64, CV)
 DEFINE_SUMSQ(f16, _Float16, float, vf32, vi32, 16, ld_f16, CVF16)
 DEFINE_SUMSQ(bf16, uint16_t, float, vf32, vi32, 16, ld_bf16, CVBF16)
 
-int rd_sumsq(const void *const *ptrs, const int64_t *n, const int *dt, const int64_t *idx,
-             const int64_t *first, int64_t count, double *out, double *part, int nthreads) {
+int rd_sumsq(const void *const *ptrs, const void *const *sub, const int64_t *n, const int *dt,
+             const int64_t *idx, const int64_t *first, int64_t count, double *out,
+             double *out_sub, double *part, int nthreads) {
     int64_t chunks = first[count], total = 0;
     for (int64_t i = 0; i < count; i++) total += n[i];
     int par = total > MIN_PAR && nthreads > 1 && chunks > 1;
@@ -485,17 +511,28 @@ int rd_sumsq(const void *const *ptrs, const int64_t *n, const int *dt, const int
             if (first[mid] <= k) lo = mid; else hi = mid - 1;
         }
         int64_t off = (k - first[lo]) * SQ_CHUNK, m = min64(SQ_CHUNK, n[lo] - off);
+        double *dsq = sub ? &part[chunks + k] : &part[k]; /* no sub: overwritten below */
         switch (dt[lo]) {
-        case DT_F32: part[k] = sumsq_f32((const float *)ptrs[lo] + off, m); break;
-        case DT_F64: part[k] = sumsq_f64((const double *)ptrs[lo] + off, m); break;
-        case DT_F16: part[k] = sumsq_f16((const _Float16 *)ptrs[lo] + off, m); break;
-        default: part[k] = sumsq_bf16((const uint16_t *)ptrs[lo] + off, m); break;
+#define SQ_CASE(CODE, S, T)                                                                 \
+        case CODE:                                                                          \
+            part[k] = sumsq_##S((const T *)ptrs[lo] + off,                                  \
+                                sub ? (const T *)sub[lo] + off : NULL, m, dsq);             \
+            break;
+        SQ_CASE(DT_F32, f32, float)
+        SQ_CASE(DT_F64, f64, double)
+        SQ_CASE(DT_F16, f16, _Float16)
+        default: SQ_CASE(DT_BF16, bf16, uint16_t)
+#undef SQ_CASE
         }
     }
     for (int64_t i = 0; i < count; i++) {
-        double s = 0;
-        for (int64_t k = first[i]; k < first[i + 1]; k++) s += part[k];
+        double s = 0, ds = 0;
+        for (int64_t k = first[i]; k < first[i + 1]; k++) {
+            s += part[k];
+            if (sub) ds += part[chunks + k];
+        }
         out[idx[i]] += s;
+        if (sub) out_sub[idx[i]] += ds;
     }
     return 0;
 }
