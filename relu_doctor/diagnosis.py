@@ -17,6 +17,7 @@ import torch
 
 from relu_doctor._validate import number_in, positive_finite
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.metrics import SiteUnits
 
 __all__ = [
     "SEVERITIES",
@@ -150,8 +151,11 @@ class Finding:
         return f"[{self.severity}] {self.site}: {self.message} Remedy: {self.remedy}"
 
 
-def _units_list(mask: torch.Tensor, limit: int = 64) -> list[int]:
-    return [int(i) for i in torch.nonzero(mask).flatten()[:limit].tolist()]
+def _units_list(units: Mapping[str, torch.Tensor], name: str, limit: int = 64) -> list[int]:
+    """The first ``limit`` units of a site where per-unit metric ``name`` is nonzero."""
+    if isinstance(units, SiteUnits):
+        return units.nonzero(name, limit)
+    return [int(i) for i in torch.nonzero(units[name]).flatten()[:limit].tolist()]
 
 
 def _severity(frac: float, warn: float, crit: float) -> str:
@@ -201,7 +205,7 @@ def diagnose(
                     f"NaN/Inf seen: {row['nonfinite']} unit-steps in activations, "
                     f"{row['grad_nonfinite']} in gradients.",
                     {"nonfinite": row["nonfinite"], "grad_nonfinite": row["grad_nonfinite"],
-                     "units": _units_list(u["nonfinite"] > 0)},
+                     "units": _units_list(u, "nonfinite")},
                     "Lower the learning rate and clip gradients (AdaptiveGradClip); check the "
                     "inputs and the loss for NaN; with fp16, prefer bf16 or keep a GradScaler.",
                     step,
@@ -227,7 +231,7 @@ def diagnose(
                     f"{row['dead']} of {seen} units ({frac:.1%}) {what} over the window "
                     f"({fam}).",
                     {"dead": row["dead"], "units": seen, "dead_fraction": frac,
-                     "dead_units": _units_list(u["dead"]), "family": fam, "leaky": leaky},
+                     "dead_units": _units_list(u, "dead"), "family": fam, "leaky": leaky},
                     remedy, step,
                 )
             )
@@ -245,7 +249,7 @@ def diagnose(
                     step,
                 )
             )
-        n_dormant = int(u["dormant"].sum())
+        n_dormant = int(row["dormant"])
         if n_dormant:
             frac = n_dormant / seen
             out.append(
@@ -255,7 +259,7 @@ def diagnose(
                     f"{n_dormant} of {seen} units ({frac:.1%}) dormant (ReDo score <= "
                     f"{config.tau}) but not dead.",
                     {"dormant": n_dormant, "dormant_fraction": frac, "tau": config.tau,
-                     "dormant_units": _units_list(u["dormant"])},
+                     "dormant_units": _units_list(u, "dormant")},
                     "Recycle dormant units (ReDo, Sokar et al. 2023: DormantReset): "
                     "re-initialise their incoming weights and zero their outgoing weights.",
                     step,
@@ -272,7 +276,7 @@ def diagnose(
                         f"{sat:.1%} of outputs at the cap {cap:g}; {full} units saturated on "
                         "every input (as dead as a dead ReLU).",
                         {"saturated_fraction": sat, "fully_saturated": full, "cap": cap,
-                         "saturated_units": _units_list(u["fully_saturated"])},
+                         "saturated_units": _units_list(u, "fully_saturated")},
                         "Lower the learning rate or normalise the input of this activation "
                         "(BatchNorm before it); plain ReLU removes the cap.",
                         step,

@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from relu_doctor.stats import ROW
@@ -204,11 +205,18 @@ class SiteUnits(Mapping[str, torch.Tensor]):
     copies the stacked tensors whole.
     """
 
-    __slots__ = ("_views", "stacked", "start", "stop")
+    __slots__ = ("_nonzero", "_views", "stacked", "start", "stop")
 
-    def __init__(self, stacked: Mapping[str, torch.Tensor], start: int, stop: int) -> None:
+    def __init__(
+        self,
+        stacked: Mapping[str, torch.Tensor],
+        start: int,
+        stop: int,
+        nonzero: dict[str, np.ndarray[Any, Any]] | None = None,
+    ) -> None:
         self.stacked, self.start, self.stop = stacked, start, stop
         self._views: dict[str, torch.Tensor] = {}
+        self._nonzero = {} if nonzero is None else nonzero  # shared by the sites of stacked
 
     def __getitem__(self, name: str) -> torch.Tensor:
         view = self._views.get(name)
@@ -221,6 +229,16 @@ class SiteUnits(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.stacked)
+
+    def nonzero(self, name: str, limit: int) -> list[int]:
+        """The first ``limit`` units (indices within this site) where metric ``name`` is
+        nonzero. One ``nonzero`` over every site's units serves all sites: a logging step
+        that reports on hundreds of sites does not pay a tensor op per site."""
+        nz = self._nonzero.get(name)
+        if nz is None:
+            nz = self._nonzero[name] = torch.nonzero(self.stacked[name]).flatten().numpy()
+        lo, hi = np.searchsorted(nz, (self.start, self.stop))
+        return (nz[lo : min(hi, lo + limit)] - self.start).tolist()  # type: ignore[no-any-return]
 
 
 def stacked_metrics(
@@ -271,7 +289,8 @@ def stacked_metrics(
     u = _units(m, life, tau, score_of)
     ends = torch.tensor(sizes).cumsum(0).tolist()
     bounds = list(zip([0, *ends[:-1]], ends, strict=True))
-    units = [SiteUnits(u, a, b) for a, b in bounds]
+    shared: dict[str, np.ndarray[Any, Any]] = {}
+    units = [SiteUnits(u, a, b, shared) for a, b in bounds]
     sums = per_site(m).T.tolist()  # (k, len(FIELDS)): one read of every per-site sum
     flags = ("dead", "dormant", "below_tau", "fully_saturated", "lifetime_dead")
     counts = per_site(torch.stack([u[f] for f in flags])).T.tolist()

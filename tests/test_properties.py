@@ -247,6 +247,7 @@ def test_stacked_metrics_equal_the_per_site_functions(sizes, seed, tau):
         dead = torch.rand(u, generator=gen) < 0.4
         w[ROW["active"]] = torch.where(dead, 0.0, w[ROW["elements"]] / 2)
         w[ROW["saturated"]] = torch.where(dead, w[ROW["elements"]], 0.0)
+        w[ROW["nonfinite"]] = torch.randint(0, 2, (u,), generator=gen).double()
         windows.append(w)
         lifetimes.append(w + torch.rand(len(FIELDS), u, generator=gen, dtype=torch.float64))
     units, rows = stacked_metrics(windows, lifetimes, tau)
@@ -256,6 +257,10 @@ def test_stacked_metrics_equal_the_per_site_functions(sizes, seed, tau):
         for k, v in u1.items():
             assert v.dtype == u2[k].dtype and v.shape == u2[k].shape, k
             torch.testing.assert_close(v, u2[k], rtol=1e-12, atol=0, equal_nan=True, msg=k)
+        for k in ("dead", "dormant", "fully_saturated", "nonfinite"):  # diagnosis's unit lists
+            for limit in (1, 2, 64):
+                want = torch.nonzero(u1[k]).flatten()[:limit].tolist()
+                assert u2.nonzero(k, limit) == want, (k, limit)
         r1 = site_metrics(w, u1)
         assert sorted(r1) == sorted(r2)
         for k, v in r1.items():
