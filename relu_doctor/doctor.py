@@ -433,6 +433,10 @@ class Doctor(IntervalReading, RunRecording):
                 (``doc.units(...)`` after the block) and are folded into the lifetime
                 counts if the Doctor is attached again.
         """
+        with self.sampler.log_lap():  # what a log costs counts against the budget
+            return self._log(final)
+
+    def _log(self, final: bool) -> IntervalRecord | None:
         read = self._read(close=not final, final=final)
         self.sampler.at_log(self.reduce_sum)  # after the read-back: the clock's events are done
         self._unfolded = final and read is not None

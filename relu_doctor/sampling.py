@@ -14,7 +14,12 @@ synchronisation, through a clock:
 
 With ``c`` the mean cost of a collecting step and ``p`` the mean step time without it,
 collecting every ``n``-th step costs ``c / (n p)`` of a step, so it collects every
-``n = ceil(c / (budget p))``-th step, never less often than once per logging interval.
+``n = ceil(c / (budget p))``-th step, never less often than once per logging interval. On
+the host clock the logging steps count too: a log's own seconds, spread over the steps since
+the previous one (``l`` a step), come out of the budget first, so it collects every
+``n = ceil(c / ((budget - l / p) p))``-th step, and once per logging interval when logging
+alone spends the budget. (On CUDA a log's host time includes waiting for the step's queued
+kernels, which is not its cost: there only collecting is counted.)
 ``every_n_steps=N`` forces a fixed rate; ``overhead_budget=None`` collects every step. With
 several processes (``all_reduce``) the rate is chosen at logging steps only, from the
 measurements averaged across processes, so that every process collects the same steps.
@@ -30,12 +35,13 @@ does so for every test not marked ``real_overhead_budget``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -77,6 +83,7 @@ _ALPHA = 0.2  # weight of the newest measurement in the running means
 _MAX_EVERY = 1000
 _RECHECK = 64  # collecting every step under a budget: one step left out per this many
 _LAPS = 15  # whole-step laps kept per kind (collecting or not) for their medians
+_LOGS = 5  # logs kept for the median of a log's cost per step
 
 Rate = int | Literal["auto"]
 
@@ -363,6 +370,12 @@ class Sampler:
         self._on_laps: deque[float] = deque(maxlen=_LAPS)
         self._off_laps: deque[float] = deque(maxlen=_LAPS)
         self._since_off = 0  # steps since the last non-collecting step
+        # Host seconds of the latest logs, each spread over the steps since the log before
+        # (the first log, which starts writers and makes tables, is left out): the median
+        # is what logging costs a step.
+        self._log_laps: deque[float] = deque(maxlen=_LOGS)
+        self._logs = 0
+        self._since_log = 0
 
     @property
     def adaptive(self) -> bool:
@@ -411,6 +424,7 @@ class Sampler:
         """One step ended (``collected``: it collected statistics)."""
         self._since = 0 if collected else self._since + 1
         self._since_off = self._since_off + 1 if collected else 0
+        self._since_log += 1
         if not self.adaptive or self.clock is None:
             return
         laps = self.clock.lap(collected=collected)
@@ -418,7 +432,7 @@ class Sampler:
         if not self.distributed and any(
             lap.per_collect is not None or not lap.collected for lap in laps
         ):
-            self._decide(*self._estimates())
+            self._decide(*self._estimates(), self._log_s())
         self.clock.arm(self._since + 1 >= self.every and not self._calibrating())
 
     def at_log(
@@ -434,14 +448,35 @@ class Sampler:
         if self.distributed and reduce is not None:
             hook_s, plain_s = self._estimates()
             known = hook_s is not None and plain_s is not None
-            mine = [hook_s or 0.0, plain_s or 0.0, 1.0] if known else [0.0, 0.0, 0.0]
+            log_s = self._log_s() or 0.0
+            mine = [hook_s or 0.0, plain_s or 0.0, log_s, 1.0] if known else [0.0] * 4
             total = reduce([torch.tensor(mine, dtype=torch.float64, device=self.clock.device)])
-            hook, plain, n = (float(x) for x in total[0].tolist())
+            hook, plain, log, n = (float(x) for x in total[0].tolist())
             if n > 0:
-                self._decide(hook / n, plain / n)
+                self._decide(hook / n, plain / n, log / n)
         elif any(lap.per_collect is not None for lap in laps):
-            self._decide(*self._estimates())
+            self._decide(*self._estimates(), self._log_s())
         self.clock.arm(self._since + 1 >= self.every and not self._calibrating())
+
+    @contextlib.contextmanager
+    def log_lap(self) -> Iterator[None]:
+        """Around a log: on the host clock, its seconds count against the budget (see the
+        module), spread over the steps since the previous log."""
+        clock = self.clock if self.adaptive and isinstance(self.clock, HostClock) else None
+        t0 = clock.now() if clock is not None else 0.0
+        try:
+            yield
+        finally:
+            steps, self._since_log = self._since_log, 0
+            self._logs += 1
+            if clock is not None and steps > 0 and self._logs > 1:
+                self._log_laps.append(max(clock.now() - t0, 0.0) / steps)
+                if not self.distributed:
+                    self._decide(*self._estimates(), self._log_s())
+
+    def _log_s(self) -> float | None:
+        """Seconds a step pays for logging (the median of the latest logs), or None."""
+        return statistics.median(self._log_laps) if self._log_laps else None
 
     def _estimates(self) -> tuple[float | None, float | None]:
         """(seconds collecting adds to a step, seconds of a step without it): the larger of
@@ -466,18 +501,23 @@ class Sampler:
             if stats is not None and lap.steps > 0:
                 self._plain = _mean(self._plain, max((lap.seconds - stats) / lap.steps, 1e-9))
 
-    def _decide(self, hook: float | None, plain: float | None) -> None:
+    def _decide(self, hook: float | None, plain: float | None, log: float | None = None) -> None:
         if hook is None or plain is None or plain <= 0.0:
             return
         assert self.overhead_budget is not None
+        left = self.overhead_budget - (log or 0.0) / plain  # what logging leaves
+        if left <= 0.0:
+            self.every = self.max_every
+            return
         # A ratio of exactly n must not round up to n + 1 through float error.
-        need = math.ceil(hook / (self.overhead_budget * plain) - 1e-9)
+        need = math.ceil(hook / (left * plain) - 1e-9)
         self.every = max(1, min(need, self.max_every))
 
     def overhead(self) -> float | None:
-        """The estimated cost of the statistics as a fraction of a step at the current rate
-        (None before the first measurement of a collecting step)."""
+        """The estimated cost of collecting at the current rate, and of logging on the host
+        clock, as a fraction of a step (None before the first measurement of a collecting
+        step)."""
         hook, plain = self._estimates()
         if hook is None or plain is None or plain <= 0.0:
             return None
-        return hook / (self.every * plain)
+        return hook / (self.every * plain) + (self._log_s() or 0.0) / plain

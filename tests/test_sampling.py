@@ -109,12 +109,90 @@ def test_distributed_chooses_the_rate_at_logs_from_every_process():
 
     def reduce(tensors):
         sent.append(tensors[0].clone())
-        other = torch.tensor([0.12, 1.0, 1.0], dtype=torch.float64)
+        other = torch.tensor([0.12, 1.0, 0.0, 1.0], dtype=torch.float64)
         return [tensors[0] + other]
 
     s.at_log(reduce)
-    assert sent[0].tolist() == pytest.approx([0.06, 1.0, 1.0])
+    assert sent[0].tolist() == pytest.approx([0.06, 1.0, 0.0, 1.0])  # no log timed yet
     assert s.every == math.ceil((0.06 + 0.12) / 2 / 0.03)  # 3
+    # the logging cost per step is averaged too: 1% of a step here and on the other
+    # process leaves 2% for collecting, every ceil(0.09 / 0.02) = 5th step
+    with s.log_lap():
+        fake.t += 0.5
+    with s.log_lap():  # the first log is left out: this one, 10 steps after it, counts
+        fake.t += 0.1
+    sent.clear()
+    other_log = 0.01
+
+    def reduce_logs(tensors):
+        sent.append(tensors[0].clone())
+        return [tensors[0] + torch.tensor([0.12, 1.0, other_log, 1.0], dtype=torch.float64)]
+
+    drive(s, fake, 10, 1.0, 0.06)
+    with s.log_lap():
+        fake.t += 0.1
+    s.at_log(reduce_logs)
+    assert sent[0][2].item() == pytest.approx(0.01)  # 0.1 s over the 10 steps since the last
+    assert s.every == 5
+
+
+def test_what_logging_costs_comes_out_of_the_budget_first():
+    """The host clock times each log and spreads it over the steps since the previous log:
+    statistics at 6% of a step would collect every 2nd step; logs at 1% of a step (0.2 s
+    every 20 steps of 1 s) leave 2%, so every 3rd. The first log (writers starting, tables
+    made) is not counted. Logs that spend the whole budget leave one collecting step per
+    logging interval."""
+    fake = FakeTime()
+    s = sampler(fake, max_every=20)
+
+    def run(log_s: float, intervals: int) -> None:
+        for _ in range(intervals):
+            drive(s, fake, 20, 1.0, 0.06)
+            with s.log_lap():
+                fake.t += log_s
+
+    run(5.0, 1)
+    assert s.every == 2  # the first log: not counted
+    run(0.2, 1)
+    assert s.every == 3
+    assert s.overhead() == pytest.approx(0.06 / 3 + 0.01)
+    run(1.0, 5)  # 5% of a step: more than the budget
+    assert s.every == 20
+    run(0.0, 5)  # logs got cheap again (the median of the latest 5)
+    assert s.every == 2
+    # a fixed rate, or no budget, times nothing
+    for kw in ({"every_n_steps": 3}, {"overhead_budget": None}):
+        fixed = sampler(fake, **kw)
+        with fixed.log_lap():
+            fake.t += 100.0
+        assert not fixed._log_laps
+
+
+@real_budget
+def test_the_default_counts_its_logging_steps(tmp_path):
+    """End to end: a watched run whose logs cost (a listener of the test's own, on the fake
+    clock) collects less often than the same run with free logs."""
+    everies = []
+    for log_s in (0.0, 0.4):
+        fake = FakeTime()
+        net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+
+        def slow_log(_record, log_s=log_s, fake=fake):
+            fake.t += log_s
+
+        with relu_doctor.watch(net, log_every_n_steps=20) as doc:
+            doc.sampler.clock = fake.clock()
+            doc.sampler.start()
+            doc.add_listener(slow_log)
+            for _ in range(80):
+                c = doc.probe.collecting
+                net(torch.randn(8, 4)).sum().backward()
+                fake.t += 1.0
+                fake.stats += 0.06 if c else 0.0
+                fake.t += 0.06 if c else 0.0
+                doc.step()
+        everies.append(doc.sampler.every)
+    assert everies == [2, 6]  # 6% of a step; with logs at 2% of a step, 1% is left: 6
 
 
 def test_a_clock_that_reports_at_logs():
