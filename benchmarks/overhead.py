@@ -21,6 +21,12 @@ Run (CPU, 2 threads; 5-8 minutes with the peers installed)::
     .venv/bin/python -m benchmarks.overhead
     .venv/bin/python -m benchmarks.overhead --models cnn mlp --rounds 20
     .venv/bin/python -m benchmarks.overhead --quick        # tiny sizes: checks the harness only
+    python -m benchmarks.overhead --device cuda --models resnet --autocast bf16 --no-peers
+
+``--autocast bf16`` (or ``fp16``) runs every configuration's forward pass under
+``torch.autocast``, so the activations relu_doctor reads are bfloat16 (float16) as in mixed
+precision training; ``fp16`` also scales the loss with a ``GradScaler``, which relu_doctor is
+given.
 
 Peers are measured when importable (``cockpit-for-pytorch`` + ``backpack-for-pytorch``,
 ``wandb``); missing ones are reported as "not installed".
@@ -50,6 +56,7 @@ import torch.nn.functional as F
 
 SEED = 0
 NEVER = 10**12  # log_every_n_steps while timing: logging steps are measured apart
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 EVERY_N = 16
 POOL = 8  # distinct batches, cycled in the same order by every configuration
 PEER_STEPS = 4  # steps per block for the peers' phase: they cost many times a step
@@ -245,9 +252,17 @@ class Runner:
     key = "plain"
     label = "plain"
 
-    def __init__(self, spec: ModelSpec, data: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> None:
+    def __init__(
+        self, spec: ModelSpec, data: list[tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device, autocast: torch.dtype | None = None,
+    ) -> None:
         torch.manual_seed(SEED)
         self.spec = spec
+        self.device = device
+        self.autocast = autocast
+        self.scaler = (
+            torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
+        )
         self.model = spec.build().to(device)
         self.model.train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
@@ -263,9 +278,16 @@ class Runner:
     def train_step(self) -> None:
         x, y = self.data[self.steps % len(self.data)]
         self.opt.zero_grad(set_to_none=True)
-        loss = self.loss(x, y)
-        loss.backward()
-        self.opt.step()
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
+            loss = self.loss(x, y)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
         self.after_step(loss)
         self.steps += 1
 
@@ -312,7 +334,7 @@ class DoctorRunner(Runner):
         )
         self.doc = relu_doctor.watch(
             self.model, optimizer=self.opt if self.layers else None,
-            log_every_n_steps=NEVER, **rate,
+            log_every_n_steps=NEVER, grad_scaler=self.scaler, **rate,
         )
 
     def after_step(self, loss: torch.Tensor) -> None:
@@ -351,7 +373,11 @@ class NaiveRunner(Runner):
             if out.requires_grad:
 
                 def grad_hook(g: torch.Tensor) -> None:
+                    if g.dtype in (torch.float16, torch.bfloat16):  # no fp16 overflow, no
+                        g = g.float()  # bf16 sums of 3 digits: what a careful hand writes
                     sq = (g * g).sum(dims)
+                    if self.scaler is not None:  # fp16: the loss scale divided out, as rd does
+                        sq = sq / self.scaler._scale.float().square()  # type: ignore[union-attr]
                     self.grad_sq[key] = self.grad_sq[key] + sq if key in self.grad_sq else sq
 
                 out.register_hook(grad_hook)
@@ -652,7 +678,7 @@ def run_model(
     spec: ModelSpec, *, device: torch.device, steps: int, rounds: int, peer_rounds: int,
     peer_steps: int = PEER_STEPS,
     warmup: int = 1, peers: bool = True, progress: Callable[[str], None] = lambda s: None,
-    clock: str = "wall",
+    clock: str = "wall", autocast: torch.dtype | None = None,
 ) -> ModelResult:
     data = _make_data(spec, device)
     rng = random.Random(SEED)
@@ -664,7 +690,7 @@ def run_model(
     for phase, n_rounds, n_steps in phases:
         runners, timings = [], {}
         for cls, kw in phase:
-            r = cls(spec, data, device, **kw)
+            r = cls(spec, data, device, autocast, **kw)
             t = Timing(r.key, r.label)
             timings[r.key] = t
             try:
@@ -816,6 +842,7 @@ def run_benchmark(
     peer_steps: int | None = None,
     device: str | torch.device | None = None, threads: int | None = None,
     progress: Callable[[str], None] = lambda s: None, clock: str = "wall",
+    autocast: torch.dtype | None = None,
 ) -> list[ModelResult]:
     """Run the benchmark and return its results (see :func:`format_report`).
 
@@ -831,11 +858,13 @@ def run_benchmark(
         raise SystemExit(f"--models: unknown {unknown}; choose from {sorted(specs)}")
     before = torch.get_num_threads()
     torch.set_num_threads(threads or (1 if quick else 2))
+    if dev.type == "cuda":  # every configuration must follow the same trajectory (_checks)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         return [
             run_model(specs[m], device=dev, steps=steps, rounds=rounds, peer_rounds=peer_rounds,
                       peer_steps=peer_steps or (EVERY_N if quick else PEER_STEPS),
-                      peers=peers, progress=progress, clock=clock)
+                      peers=peers, progress=progress, clock=clock, autocast=autocast)
             for m in models
         ]
     finally:
@@ -861,6 +890,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="wall: step time (default); cpu: process CPU time per step, for a "
                    "machine shared with other work (run with OMP_WAIT_POLICY=PASSIVE so that "
                    "idle OpenMP threads do not spin)")
+    p.add_argument("--autocast", choices=sorted(AUTOCAST), default=None,
+                   help="run the forward passes under torch.autocast in this dtype (fp16 "
+                   "with a GradScaler)")
     p.add_argument("--json", default=None, help="also write the raw timings here")
     args = p.parse_args(argv)
     args.steps = args.steps or EVERY_N
@@ -871,10 +903,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.models, quick=args.quick, steps=args.steps, rounds=args.rounds,
         peer_rounds=args.peer_rounds, peers=not args.no_peers, device=args.device,
         threads=args.threads, progress=lambda s: print(s, file=sys.stderr, flush=True),
-        clock=args.clock,
+        clock=args.clock, autocast=AUTOCAST.get(args.autocast),
     )
     dev = torch.device(args.device) if args.device else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
+    if args.autocast:
+        print(f"forward passes under torch.autocast({dev.type!r}, dtype={AUTOCAST[args.autocast]})")
     print(format_report(results, dev, args.clock, args.threads or (1 if args.quick else 2)))
     print(f"(total {time.perf_counter() - t0:.0f} s)")
     if args.json:

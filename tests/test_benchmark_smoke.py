@@ -110,3 +110,13 @@ def test_floor_script_times_every_site_shape() -> None:
         assert all(r[k] > 0 for k in ("relu_", "forward_rows", "grad_rows"))
     text = floor.format_rows(rows)
     assert all(f"  {m}: " in text for m in ("CNN", "MLP", "ResNet"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_harness_holds_under_autocast(dtype: torch.dtype) -> None:
+    # --autocast: relu_doctor reads 16-bit activations (fp16 through a GradScaler), and its
+    # counts still match the hand-written baseline's and every run's trajectory
+    (r,) = overhead.run_benchmark(("resnet",), quick=True, rounds=1, peers=False, autocast=dtype)
+    assert all(r.checks.values()) and "naive_grad_sq~relu_doctor" in r.checks, r.checks
+    rd = r.core["rd_every"]
+    assert rd.ok, rd.status
