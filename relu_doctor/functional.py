@@ -28,9 +28,11 @@ left out never enters the mode.
 
 Cost: the mode sends every torch call made while it is on through Python, so it is on only
 while the innermost running module is one whose own ``forward`` may call an activation (a
-class of the user's, a transformer layer); it is off inside ``nn.Sequential``, ``nn.Conv2d``,
-``nn.ReLU`` and the other ``torch.nn`` built-ins, which are not even hooked unless they hold
-such a module. On steps that collect nothing the mode is never entered.
+class of the user's, a transformer layer); it is off inside ``nn.Sequential``, ``nn.ReLU``
+and the other ``torch.nn`` built-ins. Those are not hooked unless they hold such a module, or
+run inside one and cost the mode more than two hooks (a ``BatchNorm2d`` in a residual block:
+see ``_mode_boundary``); a one-call leaf such as ``nn.Conv2d`` stays in the mode (about 2 us).
+On steps that collect nothing the mode is never entered.
 
 Activation checkpointing: calls recomputed during backward add no forward statistics; with
 reentrant checkpointing, whose first forward ran without autograd, the recomputed call is
@@ -105,6 +107,25 @@ def _may_call_functional(module: nn.Module) -> bool:
     """Whether ``module.forward`` may call a functional activation itself."""
     where = type(module).__module__
     return not where.startswith("torch.nn.modules.") or where == "torch.nn.modules.transformer"
+
+
+# Built-in leaves whose forward is one torch call made from C (the mode costs it about 2 us,
+# less than the two hooks that would turn the mode off around it).
+_ONE_CALL = (nn.Linear, nn.modules.conv._ConvNd, nn.Identity, nn.Flatten, nn.Unflatten,
+             nn.modules.dropout._DropoutNd)
+
+
+def _mode_boundary(module: nn.Module) -> bool:
+    """Whether the mode should be off while ``module`` runs inside a module that keeps it on:
+    a built-in that never calls an activation itself and whose calls cost the mode more than
+    two hooks do: a normalisation (``F.batch_norm`` goes through ``handle_torch_function``
+    in Python, about 16 us), a pooling or embedding layer, attention, a recurrent layer, a
+    container of such."""
+    return (
+        not _may_call_functional(module)
+        and family_of(module) is None
+        and not isinstance(module, _ONE_CALL)
+    )
 
 
 # A module on the stack: (its path, whether its own forward may call an activation).
@@ -184,6 +205,10 @@ class FunctionalCapture:
         activation (any class not built into ``torch.nn``, and the transformer layers), and
         all their ancestors. A built-in leaf such as ``nn.Conv2d`` never calls ``F.relu``, so
         leaving it off the stack names no call differently and saves two hooks per call.
+        Also hooked, as boundaries where the mode goes off: the built-ins run inside a
+        module that keeps the mode on whose calls cost the mode more than two hooks
+        (:func:`_mode_boundary`: a ``BatchNorm2d`` in a user's residual block, the
+        ``nn.Sequential`` of a downsample path).
 
         Runs at attach and again when the probe re-attached (``Probe.refresh()`` after a
         remedy swapped an activation module): a new ``nn.LeakyReLU`` must be on the stack, or
@@ -200,10 +225,17 @@ class FunctionalCapture:
                 parts = path.split(".") if path else []
                 keep.update(".".join(parts[:i]) for i in range(len(parts) + 1))
         current: dict[nn.Module, _Entry] = {}
+        mode_on: dict[str, bool] = {}  # whether the mode is on while the module runs
         for path, mod in named:
+            outer = bool(path) and mode_on.get(path.rpartition(".")[0], False)
             if path in keep:
-                is_act = family_of(mod) is not None
-                current[mod] = (path, not is_act and _may_call_functional(mod))
+                current[mod] = (path, family_of(mod) is None and _may_call_functional(mod))
+                mode_on[path] = current[mod][1]
+            elif outer and _mode_boundary(mod):
+                current[mod] = (path, False)
+                mode_on[path] = False
+            else:
+                mode_on[path] = outer
         # After Probe.refresh() the probe's hooks come after ours: re-register ours on the
         # activation modules, so the mode is still off while the probe's hooks run.
         refreshed = bool(self._hooked) and self._generation_seen != self.probe.generation

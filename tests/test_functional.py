@@ -344,6 +344,56 @@ def test_mode_is_off_inside_builtin_modules(monkeypatch) -> None:
     assert _names(doc) == ["features.2", "features.6"]
 
 
+class _ResidualBlock(nn.Module):
+    """torchvision's BasicBlock shape: F.relu in the block's own forward (the mode is on
+    there), BatchNorm and a downsample Sequential(conv, bn) run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.downsample = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out)) + self.downsample(x)
+        return self.pool(F.relu(out))
+
+
+def test_mode_is_off_inside_costly_builtins_run_by_a_user_block(monkeypatch) -> None:
+    # Inside a user's block the mode is on (its forward may call F.relu); a BatchNorm there
+    # sends F.batch_norm through Python's handle_torch_function (about 16 us a call). Such
+    # built-ins are hooked as boundaries where the mode goes off: batch_norm, the pooling and
+    # everything in the downsample Sequential never reach it; the block's own F.relu calls
+    # are captured and match the reference; a one-call Conv2d leaf is left unhooked.
+    from relu_doctor import functional as fmod
+
+    seen: list[str] = []
+    orig = fmod.FunctionalCapture._observe
+
+    def spy(self, func, args, kwargs, out):
+        seen.append(getattr(func, "__name__", str(func)))
+        return orig(self, func, args, kwargs, out)
+
+    monkeypatch.setattr(fmod.FunctionalCapture, "_observe", spy)
+    torch.manual_seed(0)
+    net = _ResidualBlock()
+    xs = [torch.randn(4, 3, 6, 6) for _ in range(3)]
+    ref = reference_calls(net, [(F, "relu", "relu")], lambda m: _train(m, xs))
+    with relu_doctor.watch(net, log_every_n_steps=100) as doc:
+        _train(net, xs, doc)
+        hooked = {name for name, m in net.named_modules() if m._forward_pre_hooks}
+    assert not {"batch_norm", "adaptive_avg_pool2d"} & set(seen), sorted(set(seen))
+    assert {"relu", "conv2d"} <= set(seen)
+    assert hooked == {"", "bn1", "bn2", "downsample", "pool"}
+    assert _names(doc) == ["(root):relu#0", "(root):relu#1"]
+    for i, name in enumerate(_names(doc)):
+        assert_matches(doc.probe.site(name), expected_stats(ref[("", "relu", i)], 1))
+
+
 # ---------------------------------------------------------------------- real models, no flag
 
 
