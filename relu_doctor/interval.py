@@ -22,7 +22,7 @@ from relu_doctor.diagnosis import Finding, diagnose
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import FindingEvent
 from relu_doctor.history import IntervalRecord
-from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, stacked_metrics
+from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, metrics_of_stacked
 from relu_doctor.stats import ROW, read_back
 
 if TYPE_CHECKING:
@@ -115,7 +115,11 @@ class IntervalReading:
         sites = self.probe.sites()
         if not sites:
             return None
-        windows = [s.stats.window for s in sites]
+        sizes = [s.units for s in sites]
+        # Every site's window and lifetime side by side, on the device: one copy each (the
+        # windows are cleared below), one transfer, and the metrics work on these matrices.
+        window = torch.cat([s.stats.window for s in sites], 1)
+        lifetime = torch.cat([s.stats.lifetime for s in sites], 1)
         logged = close or final
         grad_sq, layer_steps, ratio = (
             self.tap.read_and_reset() if (logged and self.tap is not None) else (None, 0, None)
@@ -123,26 +127,24 @@ class IntervalReading:
         extra = [] if grad_sq is None else [grad_sq]
         world = 1
         if self.all_reduce is not None:
-            ones = torch.ones(1, dtype=torch.float64, device=windows[0].device)
-            reduced = self.reduce_sum(windows + extra + [ones])
-            windows, extra = reduced[: len(sites)], reduced[len(sites) : -1]
+            ones = torch.ones(1, dtype=torch.float64, device=window.device)
+            reduced = self.reduce_sum([window, *extra, ones])
+            window, extra = reduced[0], reduced[1:-1]
             world = round(float(reduced[-1]))
         host = read_back(
-            windows
-            + [s.stats.lifetime for s in sites]
-            + extra
-            + ([ratio] if ratio is not None and extra else [])
+            [window, lifetime, *extra, *([ratio] if ratio is not None and extra else [])]
         )
         if close:
-            for s, w in zip(sites, windows, strict=True):
-                s.stats.close_window(w)
-        n = len(sites)
-        host_windows, host_life = host[:n], host[n : 2 * n]
+            start = 0
+            for s, n in zip(sites, sizes, strict=True):
+                s.stats.close_window(window[:, start : start + n])
+                start += n
+        host_window, host_life = host[0], host[1]
         layer_rows: list[dict[str, Any]] = []
         if extra and self.tap is not None:
             rows, total = layer_metrics(
-                self.tap.layers, host[2 * n], layer_steps, world,
-                host[2 * n + 1] if ratio is not None else None,
+                self.tap.layers, host[2], layer_steps, world,
+                host[3] if ratio is not None else None,
             )
             layer_rows = [{"step": self.global_step, **r} for r in rows]
             if logged:
@@ -150,8 +152,9 @@ class IntervalReading:
         site_rows: list[dict[str, Any]] = []
         units: dict[str, Mapping[str, torch.Tensor]] = {}
         # Every site at once: one tensor op per metric, not a loop of them per site.
-        unit_list, metric_rows = stacked_metrics(
-            host_windows, host_life, self.config.tau, lifetime_has_window=False  # before the fold
+        unit_list, metric_rows = metrics_of_stacked(
+            host_window, host_life, sizes, self.config.tau,
+            lifetime_has_window=False,  # read before the fold
         )
         for s, u, sm in zip(sites, unit_list, metric_rows, strict=True):
             site_rows.append(

@@ -24,7 +24,14 @@ import torch
 
 from relu_doctor.stats import ROW
 
-__all__ = ["UNIT_COLUMNS", "layer_metrics", "site_metrics", "stacked_metrics", "unit_metrics"]
+__all__ = [
+    "UNIT_COLUMNS",
+    "layer_metrics",
+    "metrics_of_stacked",
+    "site_metrics",
+    "stacked_metrics",
+    "unit_metrics",
+]
 
 # Per-unit metrics written to the run record's unit table, in order.
 UNIT_COLUMNS: tuple[str, ...] = (
@@ -268,10 +275,30 @@ def stacked_metrics(
     """
     if not windows:
         return [], []
-    sizes = [int(w.shape[1]) for w in windows]
+    return metrics_of_stacked(
+        torch.cat([w.detach().to("cpu", torch.float64) for w in windows], 1),
+        torch.cat([t.detach().to("cpu", torch.float64) for t in lifetimes], 1),
+        [int(w.shape[1]) for w in windows],
+        tau,
+        lifetime_has_window=lifetime_has_window,
+    )
+
+
+def metrics_of_stacked(
+    m: torch.Tensor,
+    life: torch.Tensor,
+    sizes: Sequence[int],
+    tau: float,
+    *,
+    lifetime_has_window: bool = True,
+) -> tuple[list[SiteUnits], list[dict[str, Any]]]:
+    """:func:`stacked_metrics` of sites whose windows and lifetimes are already side by
+    side: ``m`` and ``life`` are ``(len(FIELDS), sum(sizes))`` host float64 matrices, the
+    sites' columns in order (``life`` is added to in place when ``lifetime_has_window`` is
+    False)."""
+    if not sizes:
+        return [], []
     k = len(sizes)
-    m = torch.cat([w.detach().to("cpu", torch.float64) for w in windows], 1)
-    life = torch.cat([t.detach().to("cpu", torch.float64) for t in lifetimes], 1)
     if not lifetime_has_window:
         life += m
     seg = torch.repeat_interleave(torch.arange(k), torch.tensor(sizes, dtype=torch.long))

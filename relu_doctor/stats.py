@@ -551,8 +551,11 @@ def _through_flat(
 
 
 def read_back(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Copy ``tensors`` to the host as float64 in one device-to-host transfer (the one host
-    synchronisation of a logging step) and return them with their shapes."""
+    """``tensors`` on the host as float64, with their shapes: from a device, copied in one
+    device-to-host transfer (the one host synchronisation of a logging step); tensors
+    already on the host in float64 are returned as they are, not copied."""
+    if all(t.device.type == "cpu" and t.dtype == torch.float64 for t in tensors):
+        return [t.detach() for t in tensors]
     return _through_flat([t.to(torch.float64) for t in tensors], lambda flat: flat.cpu())
 
 

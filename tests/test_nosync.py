@@ -151,7 +151,10 @@ def test_no_host_reads_on_non_logging_steps(device, options, tmp_path, host_read
                 assert not host_reads, f"step {step} read tensors back: {dict(host_reads)}"
             else:
                 assert record is not None
-                assert host_reads["cpu"] and sum(host_reads.values()) > 1, dict(host_reads)
+                # the detector sees the logging step read back (from a device through
+                # .cpu(); on the CPU the sums are already host memory, read in place)
+                assert sum(host_reads.values()) > 1, dict(host_reads)
+                assert device == "cpu" or host_reads["cpu"], dict(host_reads)
 
 
 def test_the_method_counter_sees_a_read_inside_a_hook(host_reads):
