@@ -636,11 +636,13 @@ def _checks(runners: dict[str, Runner], device: torch.device) -> dict[str, bool]
     return out
 
 
-def _log_step_cost(r: DoctorRunner, reps: int = 3) -> float:
-    """Median seconds of a training step whose doc.step() logs (read, diagnose, record)."""
+def _log_step_cost(r: DoctorRunner, reps: int = 7) -> float:
+    """Median seconds of a training step whose doc.step() logs (read, diagnose, record), in
+    steady state: after one logging step left untimed (the run's first, which makes the
+    record's tables and buffers)."""
     doc = r.doc
     times = []
-    for _ in range(reps):
+    for _ in range(reps + 1):
         doc.log_every_n_steps = doc.global_step + 1
         t0 = time.perf_counter()
         r.train_step()
@@ -648,7 +650,7 @@ def _log_step_cost(r: DoctorRunner, reps: int = 3) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     doc.log_every_n_steps = NEVER
-    return statistics.median(times)
+    return statistics.median(times[1:])
 
 
 # ---------------------------------------------------------------------------- driver
