@@ -181,6 +181,9 @@ class FunctionalCapture:
         self._bw_calls: dict[tuple[str, str], int] = {}
         self._selected: dict[str, bool] = {}
         self._members: set[nn.Module] = set()  # the model's modules (foreign = not in it)
+        # Modules hooked only to turn the mode off inside them (see _mode_boundary): called
+        # outside a pass (model.emb(ids) in the loop) they neither start nor end one.
+        self._boundaries: set[nn.Module] = set()
         self._foreign: dict[nn.Module, str] = {}  # foreign module -> its label, this pass
         self._foreign_count: dict[str, int] = {}
 
@@ -225,6 +228,7 @@ class FunctionalCapture:
                 parts = path.split(".") if path else []
                 keep.update(".".join(parts[:i]) for i in range(len(parts) + 1))
         current: dict[nn.Module, _Entry] = {}
+        boundaries: set[nn.Module] = set()
         mode_on: dict[str, bool] = {}  # whether the mode is on while the module runs
         for path, mod in named:
             outer = bool(path) and mode_on.get(path.rpartition(".")[0], False)
@@ -233,6 +237,7 @@ class FunctionalCapture:
                 mode_on[path] = current[mod][1]
             elif outer and _mode_boundary(mod):
                 current[mod] = (path, False)
+                boundaries.add(mod)
                 mode_on[path] = False
             else:
                 mode_on[path] = outer
@@ -253,11 +258,13 @@ class FunctionalCapture:
                     add(mod.register_forward_hook(self._post, always_call=True)),
                 )
                 self._hooked[mod] = (entry, handles)
+        self._boundaries = boundaries
         self._generation_seen = self.probe.generation
 
     def detach(self) -> None:
         """Remove every hook and leave the mode if a pass was interrupted (idempotent)."""
         hooked, self._hooked = self._hooked, {}
+        self._boundaries = set()
         self.probe.hooks.remove([h for _entry, handles in hooked.values() for h in handles])
         self._attached = False
         self._left_out = 0
@@ -306,6 +313,8 @@ class FunctionalCapture:
                 return
             bw = in_backward()
             stack = self._bw_stack if bw else self._stack
+            if not stack and module in self._boundaries:
+                return  # called on its own, outside the model's forward: not a pass
             if not stack:
                 if bw:
                     if self.probe.stream == "eval":
@@ -332,6 +341,8 @@ class FunctionalCapture:
             return
         bw = in_backward()
         stack = self._bw_stack if bw else self._stack
+        if not stack and module in self._boundaries:
+            return  # its pre-hook pushed nothing
         if not stack:
             if not bw:
                 if self._left_out:

@@ -394,6 +394,37 @@ def test_mode_is_off_inside_costly_builtins_run_by_a_user_block(monkeypatch) -> 
         assert_matches(doc.probe.site(name), expected_stats(ref[("", "relu", i)], 1))
 
 
+class _TextNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 8)  # a boundary: it runs inside the root, a user class
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, ids):
+        return F.relu(self.fc(self.emb(ids).mean(1)))
+
+
+def test_a_boundary_module_called_on_its_own_is_not_a_pass() -> None:
+    # An embedding regulariser calls model.emb(...) in the loop, outside the model's
+    # forward, and HF code calls get_input_embeddings()(ids) before model(inputs_embeds=..):
+    # the boundary hooks must not start (or end) a pass there, in training or evaluation
+    torch.manual_seed(0)
+    net = _TextNet()
+    with relu_doctor.watch(net, eval_stream=True, log_every_n_steps=4) as doc:
+        for _ in range(4):
+            ids = torch.randint(0, 40, (5, 3))
+            loss = net(ids).sum() + 1e-3 * net.emb(torch.arange(40)).square().mean()
+            loss.backward()
+            with torch.no_grad():
+                net.emb(ids)  # outside any pass
+                net(ids)  # one evaluation pass
+            doc.step()
+        assert doc.probe.passes == 4
+    rec = doc.eval.records[-1]
+    assert rec.site_rows[0]["window_steps"] == 4
+    assert rec.site_rows[0]["elements"] == 4 * 5 * 6
+
+
 # ---------------------------------------------------------------------- real models, no flag
 
 
