@@ -180,6 +180,11 @@ class HostClock:
         stats = spent - mark
         return [Lap(now - last, 1, int(collected), stats, stats if collected else None)]
 
+    def skip(self, seconds: float) -> None:
+        """Leave ``seconds`` just spent (a log, charged apart) out of the step being timed."""
+        if self._last is not None:
+            self._last += seconds
+
     def arm(self, collects: bool) -> None:
         """Whether the next step collects (the host clock times every step alike)."""
 
@@ -469,10 +474,13 @@ class Sampler:
         finally:
             steps, self._since_log = self._since_log, 0
             self._logs += 1
-            if clock is not None and steps > 0 and self._logs > 1:
-                self._log_laps.append(max(clock.now() - t0, 0.0) / steps)
-                if not self.distributed:
-                    self._decide(*self._estimates(), self._log_s())
+            if clock is not None:
+                took = max(clock.now() - t0, 0.0)
+                clock.skip(took)  # charged here, not again to the step it falls in
+                if steps > 0 and self._logs > 1:
+                    self._log_laps.append(took / steps)
+                    if not self.distributed:
+                        self._decide(*self._estimates(), self._log_s())
 
     def _log_s(self) -> float | None:
         """Seconds a step pays for logging (the median of the latest logs), or None."""

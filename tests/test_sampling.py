@@ -155,11 +155,23 @@ def test_what_logging_costs_comes_out_of_the_budget_first():
     assert s.every == 2  # the first log: not counted
     run(0.2, 1)
     assert s.every == 3
+    # a log's seconds are charged once: not also to the step whose lap they fall in (the
+    # plain step is 1 s, not 1 s + a log now and then)
+    assert s._estimates() == (pytest.approx(0.06), pytest.approx(1.0))
     assert s.overhead() == pytest.approx(0.06 / 3 + 0.01)
     run(1.0, 5)  # 5% of a step: more than the budget
     assert s.every == 20
     run(0.0, 5)  # logs got cheap again (the median of the latest 5)
     assert s.every == 2
+    # logging at every 2nd step: no step's lap holds a log's seconds
+    fake2 = FakeTime()
+    s2 = sampler(fake2, max_every=2)
+    for _ in range(10):
+        drive(s2, fake2, 2, 1.0, 0.06)
+        with s2.log_lap():
+            fake2.t += 3.0
+    laps = [*s2._on_laps, *s2._off_laps]
+    assert laps and max(laps) == pytest.approx(1.06)
     # a fixed rate, or no budget, times nothing
     for kw in ({"every_n_steps": 3}, {"overhead_budget": None}):
         fixed = sampler(fake, **kw)
