@@ -40,6 +40,7 @@ import math
 import os
 import statistics
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from relu_doctor._validate import number_in, positive_int
+from relu_doctor.errors import ReluDoctorWarning
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -381,6 +383,7 @@ class Sampler:
         self._log_laps: deque[float] = deque(maxlen=_LOGS)
         self._logs = 0
         self._since_log = 0
+        self._warned_logs = False
 
     @property
     def adaptive(self) -> bool:
@@ -516,6 +519,17 @@ class Sampler:
         left = self.overhead_budget - (log or 0.0) / plain  # what logging leaves
         if left <= 0.0:
             self.every = self.max_every
+            if not self._warned_logs and len(self._log_laps) >= 3:
+                self._warned_logs = True
+                warnings.warn(
+                    f"relu_doctor: logging alone costs {(log or 0.0) / plain:.0%} of a training "
+                    f"step, more than overhead_budget={self.overhead_budget:g}; statistics are "
+                    "now collected once per logging interval. Log less often (a larger "
+                    "log_every_n_steps) to stay within the budget, or pass "
+                    "overhead_budget=None to collect every step regardless.",
+                    ReluDoctorWarning,
+                    stacklevel=2,
+                )
             return
         # A ratio of exactly n must not round up to n + 1 through float error.
         need = math.ceil(hook / (left * plain) - 1e-9)

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import relu_doctor
 from relu_doctor import sampling
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.sampling import DEFAULT_BUDGET, CudaClock, HostClock, Lap, Sampler
 from relu_doctor.stats import ROW, SiteStats
 
@@ -159,17 +159,19 @@ def test_what_logging_costs_comes_out_of_the_budget_first():
     # plain step is 1 s, not 1 s + a log now and then)
     assert s._estimates() == (pytest.approx(0.06), pytest.approx(1.0))
     assert s.overhead() == pytest.approx(0.06 / 3 + 0.01)
-    run(1.0, 5)  # 5% of a step: more than the budget
+    with pytest.warns(ReluDoctorWarning, match=r"logging alone costs 5% .* overhead_budget=0.03"):
+        run(1.0, 5)  # 5% of a step: more than the budget, said once
     assert s.every == 20
     run(0.0, 5)  # logs got cheap again (the median of the latest 5)
     assert s.every == 2
     # logging at every 2nd step: no step's lap holds a log's seconds
     fake2 = FakeTime()
     s2 = sampler(fake2, max_every=2)
-    for _ in range(10):
-        drive(s2, fake2, 2, 1.0, 0.06)
-        with s2.log_lap():
-            fake2.t += 3.0
+    with pytest.warns(ReluDoctorWarning, match="logging alone costs 150%"):
+        for _ in range(10):
+            drive(s2, fake2, 2, 1.0, 0.06)
+            with s2.log_lap():
+                fake2.t += 3.0
     laps = [*s2._on_laps, *s2._off_laps]
     assert laps and max(laps) == pytest.approx(1.06)
     # a fixed rate, or no budget, times nothing
