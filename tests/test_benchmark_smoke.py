@@ -120,3 +120,10 @@ def test_the_harness_holds_under_autocast(dtype: torch.dtype) -> None:
     assert all(r.checks.values()) and "naive_grad_sq~relu_doctor" in r.checks, r.checks
     rd = r.core["rd_every"]
     assert rd.ok, rd.status
+
+
+def test_the_paired_logging_step_benchmark_runs() -> None:
+    from benchmarks import logstep
+
+    ratios = logstep.paired_log_ratio("mlp", logs=2, log_every=2, threads=1)
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)

@@ -1,0 +1,92 @@
+"""A logging step against a plain step, paired.
+
+Two copies of one benchmark model (:func:`benchmarks.overhead.model_specs`) train side by
+side, stepping alternately on the same batches: one plain, one under ``relu_doctor.watch``
+with its default settings (the overhead budget) and a log every ``--log-every`` steps. The
+ratio is the median, over logging steps, of (the watched logging step / the plain step just
+before it), with its interquartile range: pairing takes out the machine's slow drifts, which
+a ratio of two separately timed medians keeps.
+
+Run::
+
+    .venv/bin/python -m benchmarks.logstep                 # the 256-site MLP, 30 logs
+    .venv/bin/python -m benchmarks.logstep --model resnet50 --logs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from benchmarks.overhead import SEED, model_specs
+
+
+def paired_log_ratio(model: str, logs: int, log_every: int, threads: int) -> list[float]:
+    """(watched logging step / the plain step before it) for ``logs`` logging steps, after
+    two logs left out (the first makes the record's tables)."""
+    import relu_doctor
+
+    torch.set_num_threads(threads)
+    spec = model_specs()[model]
+    g = torch.Generator().manual_seed(SEED + 1)
+    data = [
+        (torch.randn((spec.batch, *spec.sample_shape), generator=g),
+         torch.randint(0, 10, (spec.batch,), generator=g))
+        for _ in range(4)
+    ]
+
+    def make() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(SEED)
+        m = spec.build()
+        return m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
+    plain, watched = make(), make()
+    doc = relu_doctor.watch(watched[0], optimizer=watched[1], log_every_n_steps=log_every)
+
+    def step(m: nn.Module, opt: torch.optim.Optimizer, i: int, watch: bool) -> float:
+        x, y = data[i % len(data)]
+        t0 = time.perf_counter()
+        loss = nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if watch:
+            doc.step()
+        return time.perf_counter() - t0
+
+    ratios = []
+    try:
+        for i in range(log_every * (logs + 2)):
+            t_plain = step(*plain, i, False)
+            t_watched = step(*watched, i, True)
+            if (i + 1) % log_every == 0 and i >= 2 * log_every:
+                ratios.append(t_watched / t_plain)
+    finally:
+        doc.detach()
+    return ratios
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="mlp256", choices=sorted(model_specs()))
+    p.add_argument("--logs", type=int, default=30, help="logging steps timed (default 30)")
+    p.add_argument("--log-every", type=int, default=5, help="steps per log (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    args = p.parse_args(argv)
+    if args.logs < 2 or args.log_every < 2:
+        p.error(f"--logs and --log-every: expected at least 2, got {args.logs} and {args.log_every}")
+    r = paired_log_ratio(args.model, args.logs, args.log_every, args.threads)
+    q1, med, q3 = statistics.quantiles(r, n=4)
+    print(f"{args.model}: a logging step (default settings) / a plain step: {med:.2f}x "
+          f"[{q1:.2f}-{q3:.2f}], {len(r)} logging steps, {args.threads} threads")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
