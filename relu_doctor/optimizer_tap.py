@@ -45,11 +45,15 @@ def _local(t: torch.Tensor) -> tuple[torch.Tensor, float]:
     return t.to_local(), float(k)
 
 
-def _norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Each tensor's 2-norm in one foreach op, in float32 at least (a bfloat16 norm keeps
-    three significant digits) and in float64 when any tensor is float64."""
+def _squared_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Each tensor's squared 2-norm, as one float64 vector on ``device``: the norms in one
+    foreach op, in float32 at least (a bfloat16 norm keeps three significant digits) and in
+    float64 when any tensor is float64."""
     wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return tuple(torch._foreach_norm(tensors, 2, dtype=wide))
+    norms = torch._foreach_norm(tensors, 2, dtype=wide)
+    if all(n.device == device for n in norms):  # one op, not one conversion per tensor
+        return torch.stack(norms).to(torch.float64).square()
+    return torch.stack([n.to(device, torch.float64) for n in norms]).square()
 
 
 class OptimizerTap:
@@ -168,11 +172,7 @@ class OptimizerTap:
             self._count_step(opt)
             return
         local = [_local(g) for g in grads]  # type: ignore[arg-type]
-        norms = _norms([g for g, _ in local])
-        if all(n.device == device for n in norms):  # one op, not one conversion per tensor
-            sq = torch.stack(norms).to(torch.float64).square()
-        else:
-            sq = torch.stack([n.to(device, torch.float64) for n in norms]).square()
+        sq = _squared_norms([g for g, _ in local], device)
         if any(k != 1.0 for _, k in local):  # sharded: see _local
             sq = sq * torch.tensor([k for _, k in local], dtype=torch.float64, device=device)
         self.grad_sq.index_add_(0, self._index(layers, device), sq)
@@ -202,8 +202,8 @@ class OptimizerTap:
             delta = [_local(x)[0] for x in old]
             torch._foreach_sub_(delta, now)  # in the transient copy: no new memory
             idx = self._index(layers, device)
-            for acc, norms in ((d, _norms(delta)), (w, _norms(now))):
-                acc.index_add_(0, idx, torch.stack([x.to(torch.float64) for x in norms]).square())
+            d.index_add_(0, idx, _squared_norms(delta, device))
+            w.index_add_(0, idx, _squared_norms(now, device))
         self.update_ratio = (d.sqrt() / w.sqrt().clamp(min=1e-30))
 
     def state_dict(self) -> dict[str, Any]:
