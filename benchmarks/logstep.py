@@ -22,9 +22,8 @@ import time
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 
-from benchmarks.overhead import SEED, model_specs
+from benchmarks.overhead import Runner, _make_data, model_specs
 
 
 def paired_log_ratio(model: str, logs: int, log_every: int, threads: int) -> list[float]:
@@ -34,28 +33,14 @@ def paired_log_ratio(model: str, logs: int, log_every: int, threads: int) -> lis
 
     torch.set_num_threads(threads)
     spec = model_specs()[model]
-    g = torch.Generator().manual_seed(SEED + 1)
-    data = [
-        (torch.randn((spec.batch, *spec.sample_shape), generator=g),
-         torch.randint(0, 10, (spec.batch,), generator=g))
-        for _ in range(4)
-    ]
+    cpu = torch.device("cpu")
+    data = _make_data(spec, cpu)
+    plain, watched = Runner(spec, data, cpu), Runner(spec, data, cpu)
+    doc = relu_doctor.watch(watched.model, optimizer=watched.opt, log_every_n_steps=log_every)
 
-    def make() -> tuple[nn.Module, torch.optim.Optimizer]:
-        torch.manual_seed(SEED)
-        m = spec.build()
-        return m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-
-    plain, watched = make(), make()
-    doc = relu_doctor.watch(watched[0], optimizer=watched[1], log_every_n_steps=log_every)
-
-    def step(m: nn.Module, opt: torch.optim.Optimizer, i: int, watch: bool) -> float:
-        x, y = data[i % len(data)]
+    def timed(r: Runner, watch: bool) -> float:
         t0 = time.perf_counter()
-        loss = nn.functional.cross_entropy(m(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        r.train_step()
         if watch:
             doc.step()
         return time.perf_counter() - t0
@@ -63,8 +48,8 @@ def paired_log_ratio(model: str, logs: int, log_every: int, threads: int) -> lis
     ratios = []
     try:
         for i in range(log_every * (logs + 2)):
-            t_plain = step(*plain, i, False)
-            t_watched = step(*watched, i, True)
+            t_plain = timed(plain, False)
+            t_watched = timed(watched, True)
             if (i + 1) % log_every == 0 and i >= 2 * log_every:
                 ratios.append(t_watched / t_plain)
     finally:
