@@ -27,7 +27,9 @@ SUMS = ["sum", "sum_abs", "sum_sq", "grad_sq"]
 SHAPES = [(7,), (9, 5), (300, 70), (4, 6, 7), (2, 3, 5, 5), (4, 40, 3, 3), (16, 24, 20, 20),
           (3, 4, 5, 2, 2), (2, 5, 3, 3000), (2, 3, 70, 70),
           # the loop choice for few rows (per_unit in fused_stats.c): per unit, by groups
-          (1, 8, 14, 14), (16, 6, 6, 6), (17, 6, 6, 6), (4, 5, 4, 4), (5, 5, 4, 4), (4, 5, 3, 5)]
+          (1, 8, 14, 14), (16, 6, 6, 6), (17, 6, 6, 6), (4, 5, 4, 4), (5, 5, 4, 4), (4, 5, 3, 5),
+          # slabs of rows: narrow rows by groups ((N, F), and maps of 4 x 4), per unit
+          (2000, 40), (300, 16, 4, 4), (40, 8, 16, 16)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 

@@ -17,9 +17,16 @@
  *    unit folded at the end. Reading RUN contiguous elements per row keeps the reads
  *    sequential within a page.
  * Counts are kept in integer lanes (exact); sums in float lanes over at most FLUSH elements
- * of a unit (or ROWS rows), then in double. Each task owns whole units and writes their
- * window columns itself: nothing is allocated, the order of every sum is fixed, and a result
- * is the same with any number of threads.
+ * of a unit (or ROWS rows), then in double.
+ *
+ * Work is split by slabs of rows first (a < A), then by units: a task is one slab and one
+ * unit or group, and a thread takes a run of consecutive tasks. Slabs give the threads work
+ * where the units alone cannot (a units-last tensor of few units, such as a channels-last
+ * map of 64 channels: 8x faster on 2 threads) and keep each per-unit task's reads within a
+ * few pages (a (64, 32, 32, 32) map: 2.5x faster). How many depends on the shape only (see
+ * slab_count); each task writes its slab's totals of its units and the slabs are added in
+ * order, so the order of every sum is fixed and a result is the same with any number of
+ * threads. The totals go to a scratch buffer per calling thread, kept between calls.
  */
 #include <math.h>
 #include <stdint.h>
@@ -39,6 +46,11 @@
 #define ROWS 256       /* rows of the by-groups loop summed in float lanes before double */
 #define RUN 256        /* contiguous elements per row of one group, and the per-unit bound */
 #define MIN_PAR 65536  /* elements below which one thread does it all */
+#define SLABS 8        /* slabs of rows of a tensor of MIN_PAR elements or more, at most */
+#define SLAB_ROWS 64   /* rows of a slab in the group loop, at least */
+#define SLAB_RUN 1024  /* elements of a unit in a slab in the per-unit loop, at least */
+#define NARROW 512     /* elements per row below which the group loop is split in slabs */
+#define SLAB_BYTES (1 << 22) /* at most this much scratch for the slabs' totals */
 
 typedef float vf32 __attribute__((vector_size(VB)));
 typedef int32_t vi32 __attribute__((vector_size(VB)));
@@ -203,12 +215,12 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
  * each row, in W / N vectors and W % N lanes of one more. */
 #define DEFINE_FWD(S, T, ACC, V, I, N, LD, CONV, ABS)                                       \
     static inline __attribute__((always_inline)) void fwd_unit_##S(                        \
-        const T *x, int64_t A, int64_t U, int64_t B, ACC cap, int64_t u, double *r,         \
-        const int mode) {                                                                   \
+        const T *x, int64_t a0, int64_t a1, int64_t U, int64_t B, ACC cap, int64_t u,       \
+        double *out, const int mode) {                                                        \
         FWD_DECL(V, I, 1)                                                                   \
         double d[NF] = {0, 0, 0, 0, 0};                                                     \
         int64_t since = 0;                                                                  \
-        for (int64_t a = 0; a < A; a++) {                                                   \
+        for (int64_t a = a0; a < a1; a++) {                                                 \
             const T *p = x + (a * U + u) * B;                                               \
             for (int64_t c = 0; c < B; c += FLUSH) {                                        \
                 int64_t n = min64(FLUSH, B - c), b = 0;                                     \
@@ -228,23 +240,23 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
             }                                                                               \
         }                                                                                   \
         for (int j = 0; j < N; j++) FWD_DRAIN(d, 0, j);                                     \
-        fwd_finish(r, U, u, d, (double)(A * B), mode);                                      \
+        for (int f = 0; f < NF; f++) out[f * U + u] = d[f];                                 \
     }                                                                                       \
     static inline __attribute__((always_inline)) void fwd_group_##S(                       \
-        const T *x, int64_t A, int64_t U, int64_t B, ACC cap, int64_t u0, int64_t g,        \
-        double *r, const int mode) {                                                        \
+        const T *x, int64_t a0, int64_t a1, int64_t U, int64_t B, ACC cap, int64_t u0,      \
+        int64_t g, double *out, const int mode) {                                             \
         FWD_DECL(V, I, RUN / N)                                                             \
         int64_t C = U * B, W = g * B, full = W / N;                                         \
         int64_t nv = divup(W, N);                                                       \
         double d[NF][RUN];                                                              \
         for (int64_t c = 0; c < nv * N; c++)                                            \
             for (int f = 0; f < NF; f++) d[f][c] = 0;                                   \
-        for (int64_t a0 = 0; a0 < A; a0 += ROWS) {                                          \
-            for (int64_t a = a0; a < min64(a0 + ROWS, A); a++) {                            \
+        for (int64_t b0 = a0; b0 < a1; b0 += ROWS) {                                        \
+            for (int64_t a = b0; a < min64(b0 + ROWS, a1); a++) {                           \
                 const T *p = x + a * C + u0 * B;                                            \
-                for (int64_t k = 0; k < full; k++) {                                                \
+                for (int64_t k = 0; k < full; k++) {                                        \
                     V v = LD(p + k * N);                                                    \
-                    FWD_VEC(v, k, ABS);                                                          \
+                    FWD_VEC(v, k, ABS);                                                     \
                 }                                                                           \
                 for (int64_t c = full * N; c < W; c++) {                                    \
                     ACC v = CONV(p[c]);                                                     \
@@ -257,18 +269,18 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
             double t[NF] = {0, 0, 0, 0, 0};                                                 \
             for (int64_t b = 0; b < B; b++)                                                 \
                 for (int f = 0; f < NF; f++) t[f] += d[f][i * B + b];                       \
-            fwd_finish(r, U, u0 + i, t, (double)(A * B), mode);                             \
+            for (int f = 0; f < NF; f++) out[f * U + u0 + i] = t[f];                        \
         }                                                                                   \
     }
 
 #define DEFINE_GRAD(S, T, ACC, V, I, N, LD, CONV)                                           \
     static inline __attribute__((always_inline)) void grad_unit_##S(                       \
-        const T *g, const T *gi, int64_t A, int64_t U, int64_t B, int64_t u, double *r,     \
-        double scale2, const int has_gi) {                                                  \
+        const T *g, const T *gi, int64_t a0, int64_t a1, int64_t U, int64_t B, int64_t u,   \
+        double *out, const int has_gi) {                                                    \
         GRAD_DECL(V, I, 1)                                                                  \
         double d[NG] = {0, 0};                                                              \
         int64_t since = 0;                                                                  \
-        for (int64_t a = 0; a < A; a++) {                                                   \
+        for (int64_t a = a0; a < a1; a++) {                                                 \
             int64_t off = (a * U + u) * B;                                                  \
             const T *p = g + off, *pq = has_gi ? gi + off : g;                              \
             for (int64_t c = 0; c < B; c += FLUSH) {                                        \
@@ -289,19 +301,19 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
             }                                                                               \
         }                                                                                   \
         for (int j = 0; j < N; j++) GRAD_DRAIN(d, 0, j);                                    \
-        grad_finish(r, U, u, d, (double)(A * B), scale2, has_gi);                           \
+        for (int f = 0; f < NG; f++) out[f * U + u] = d[f];                                 \
     }                                                                                       \
     static inline __attribute__((always_inline)) void grad_group_##S(                      \
-        const T *g, const T *gi, int64_t A, int64_t U, int64_t B, int64_t u0, int64_t gn,   \
-        double *r, double scale2, const int has_gi) {                                       \
+        const T *g, const T *gi, int64_t a0, int64_t a1, int64_t U, int64_t B, int64_t u0,  \
+        int64_t gn, double *out, const int has_gi) {                                        \
         GRAD_DECL(V, I, RUN / N)                                                            \
         int64_t C = U * B, W = gn * B, full = W / N;                                        \
         int64_t nv = divup(W, N);                                                       \
         double d[NG][RUN];                                                              \
         for (int64_t c = 0; c < nv * N; c++)                                            \
             for (int f = 0; f < NG; f++) d[f][c] = 0;                                   \
-        for (int64_t a0 = 0; a0 < A; a0 += ROWS) {                                          \
-            for (int64_t a = a0; a < min64(a0 + ROWS, A); a++) {                            \
+        for (int64_t b0 = a0; b0 < a1; b0 += ROWS) {                                        \
+            for (int64_t a = b0; a < min64(b0 + ROWS, a1); a++) {                           \
                 const T *p = g + a * C + u0 * B, *pq = has_gi ? gi + a * C + u0 * B : p;    \
                 for (int64_t k = 0; k < full; k++) {                                                \
                     V v = LD(p + k * N), q = has_gi ? LD(pq + k * N) : zero;                \
@@ -318,7 +330,7 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
             double t[NG] = {0, 0};                                                          \
             for (int64_t b = 0; b < B; b++)                                                 \
                 for (int f = 0; f < NG; f++) t[f] += d[f][i * B + b];                       \
-            grad_finish(r, U, u0 + i, t, (double)(A * B), scale2, has_gi);                  \
+            for (int f = 0; f < NG; f++) out[f * U + u0 + i] = t[f];                        \
         }                                                                                   \
     }
 
@@ -335,9 +347,6 @@ DEFINE_ALL(f64, double, double, vf64, vi64, 8, ld_f64, CV, ABS64)
 DEFINE_ALL(f16, _Float16, float, vf32, vi32, 16, ld_f16, CVF16, ABS32)
 DEFINE_ALL(bf16, uint16_t, float, vf32, vi32, 16, ld_bf16, CVBF16, ABS32)
 
-/* Units per group for B < RUN: RUN / B, fewer where that leaves under four groups per
- * thread (a units-last layer of 256 units would otherwise run on one thread). A column's sums
- * do not depend on its group (each column has its own lane), so neither do the results. */
 /* Whether to run the per-unit loop: for runs of RUN elements or more, and for few rows of
  * runs of a vector or more (a batch of 1-16 conv maps of 4x4 to 15x15, evaluation at batch
  * size 1), where the group loop's fixed cost per group (its W columns drained and folded per
@@ -347,10 +356,41 @@ DEFINE_ALL(bf16, uint16_t, float, vf32, vi32, 16, ld_bf16, CVBF16, ABS32)
 static int per_unit(int64_t A, int64_t B) {
     return B >= RUN || (A <= 16 && B >= 32) || (A <= 4 && B >= 16);
 }
-static int64_t group_units(int64_t B, int64_t U, int par, int nthreads) {
+/* Slabs of rows, for a tensor worth splitting (MIN_PAR elements): in the per-unit loop up to
+ * SLABS, each of SLAB_RUN elements of a unit or more; in the group loop only for rows of fewer
+ * than NARROW elements (there the units alone leave groups too narrow for the vectors: a
+ * (8192, 64) tensor took 400 us on 2 threads, 50 us in slabs), of SLAB_ROWS rows or more
+ * (each task drains and folds its W columns once per slab). Wider rows stay in one slab:
+ * measured in a training step, the drains cost more than slabs saved. The slabs' totals
+ * (fields doubles per unit each) take at most SLAB_BYTES. Depends on the shape only (see the
+ * top of the file). */
+static int64_t slab_count(int64_t A, int64_t U, int64_t B, int fields) {
+    if (A * U * B <= MIN_PAR) return 1;
+    int64_t rows = per_unit(A, B) ? divup(SLAB_RUN, B) : U * B < NARROW ? SLAB_ROWS : A + 1;
+    int64_t n = min64(SLABS, A / rows);
+    n = min64(n, SLAB_BYTES / (fields * U * (int64_t)sizeof(double)));
+    return n < 1 ? 1 : n;
+}
+/* Units per group for B < RUN: RUN / B, fewer where that leaves under four tasks per thread
+ * (a units-last layer of 256 units in one slab would otherwise run on one thread). A column's
+ * sums do not depend on its group (each column has its own lane), so neither do the results. */
+static int64_t group_units(int64_t B, int64_t U, int64_t slabs, int par, int nthreads) {
     int64_t G = B >= RUN ? 1 : RUN / B;
-    if (par) G = min64(G, divup(U, 4 * (int64_t)nthreads));
+    if (par) G = min64(G, divup(U * slabs, 4 * (int64_t)nthreads));
     return G < 1 ? 1 : G;
+}
+
+/* The calling thread's scratch for the slabs' totals, kept between calls and grown as needed
+ * (at most SLAB_BYTES, or one slab's totals): NULL if it cannot be had. */
+static _Thread_local double *scratch_;
+static _Thread_local size_t scratch_n_;
+static double *scratch(size_t n) {
+    if (n > scratch_n_) {
+        free(scratch_);
+        scratch_ = malloc(n * sizeof(double));
+        scratch_n_ = scratch_ ? n : 0;
+    }
+    return scratch_;
 }
 
 #define DISPATCH(dt, CALL, ...)                                                             \
@@ -361,19 +401,42 @@ static int64_t group_units(int64_t B, int64_t U, int par, int nthreads) {
     default: CALL(bf16, uint16_t, float, __VA_ARGS__); break;                               \
     }
 
-/* One parallel loop over units (see per_unit) or groups of units, for a constant mode M (each
- * mode is compiled apart, without the branches of the others). */
+/* One parallel region: the tasks (slab s, unit or group k), numbered s * per + k, in runs of
+ * consecutive tasks per thread, each writing its slab's totals part[s][f][u]; then, per unit,
+ * the slabs added in order into the window (FINISH). TASK(lo, hi, k, p) runs task k of the
+ * slab of rows [lo, hi) into p = part[s]. */
+#define SLAB_LOOPS(FIELDS, TASK, FINISH)                                                    \
+    do {                                                                                    \
+        const int64_t per_ = pu ? U : groups;                                               \
+        _Pragma("omp parallel num_threads(nthreads) if (par)")                              \
+        {                                                                                   \
+            _Pragma("omp for schedule(static)")                                             \
+            for (int64_t t_ = 0; t_ < slabs * per_; t_++) {                                 \
+                int64_t s_ = t_ / per_, k = t_ % per_;                                      \
+                int64_t lo = A * s_ / slabs, hi = A * (s_ + 1) / slabs;                     \
+                double *p = part + s_ * (FIELDS) * U;                                       \
+                TASK;                                                                       \
+            }                                                                               \
+            _Pragma("omp for schedule(static)")                                             \
+            for (int64_t u = 0; u < U; u++) {                                               \
+                double d[FIELDS] = {0};                                                     \
+                for (int64_t s_ = 0; s_ < slabs; s_++)                                      \
+                    for (int f = 0; f < (FIELDS); f++) d[f] += part[(s_ * (FIELDS) + f) * U + u]; \
+                FINISH;                                                                     \
+            }                                                                               \
+        }                                                                                   \
+    } while (0)
+
+/* The forward loops for a constant mode M (each mode is compiled apart, without the branches
+ * of the others). */
 #define FWD_LOOPS(S, T, ACC, M)                                                             \
     do {                                                                                    \
         ACC c_ = dt == DT_F64 ? (ACC)dcap : (ACC)fcap;                                      \
-        if (per_unit(A, B)) {                                                               \
-            _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")     \
-            for (int64_t u = 0; u < U; u++) fwd_unit_##S((const T *)x, A, U, B, c_, u, r, M); \
-        } else {                                                                            \
-            _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")     \
-            for (int64_t k = 0; k < groups; k++)                                            \
-                fwd_group_##S((const T *)x, A, U, B, c_, k * G, min64(G, U - k * G), r, M); \
-        }                                                                                   \
+        const T *x_ = (const T *)x;                                                         \
+        SLAB_LOOPS(NF,                                                                      \
+                   if (pu) fwd_unit_##S(x_, lo, hi, U, B, c_, k, p, M);                     \
+                   else fwd_group_##S(x_, lo, hi, U, B, c_, k * G, min64(G, U - k * G), p, M), \
+                   fwd_finish(r, U, u, d, (double)(A * B), M));                             \
     } while (0)
 /* float32 (nearly every CPU activation) gets a loop per mode; the other dtypes share one
  * that tests the mode as it runs (four copies of each would quadruple the compile time). */
@@ -390,31 +453,29 @@ static int64_t group_units(int64_t B, int64_t U, int par, int nthreads) {
     }
 
 /* Adds the forward fields of x to window rows row0..row0+6 (see fwd_finish).
- * flags: FLAG_CAP (count h >= cap), FLAG_NONNEG (sum |h| = sum h). Returns 0. */
+ * flags: FLAG_CAP (count h >= cap), FLAG_NONNEG (sum |h| = sum h). Returns 0, or -1 (nothing
+ * done) when the scratch cannot be allocated. */
 int rd_forward(const void *x, int dt, int64_t A, int64_t U, int64_t B, double *win,
                int64_t row0, int flags, double cap, int nthreads) {
-    const int mode = flags & 3;
+    const int mode = flags & 3, pu = per_unit(A, B);
     float fcap = (mode & FLAG_CAP) ? (float)cap : INFINITY;
     double dcap = (mode & FLAG_CAP) ? cap : INFINITY;
     int par = A * U * B > MIN_PAR && nthreads > 1;
-    int64_t G = group_units(B, U, par, nthreads), groups = divup(U, G);
-    double *r = win + row0 * U;
+    int64_t slabs = slab_count(A, U, B, NF);
+    int64_t G = group_units(B, U, slabs, par, nthreads), groups = divup(U, G);
+    double *r = win + row0 * U, *part = scratch((size_t)(slabs * NF * U));
+    if (part == NULL) return -1;
     DISPATCH(dt, FWD_MODES, 0)
     return 0;
 }
 
 #define GRAD_LOOPS(S, T, ACC, M)                                                            \
     do {                                                                                    \
-        if (per_unit(A, B)) {                                                               \
-            _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")     \
-            for (int64_t u = 0; u < U; u++)                                                 \
-                grad_unit_##S((const T *)g, (const T *)gi, A, U, B, u, r, scale2, M);       \
-        } else {                                                                            \
-            _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")     \
-            for (int64_t k = 0; k < groups; k++)                                            \
-                grad_group_##S((const T *)g, (const T *)gi, A, U, B, k * G,                 \
-                               min64(G, U - k * G), r, scale2, M);                          \
-        }                                                                                   \
+        const T *g_ = (const T *)g, *gi_ = (const T *)gi;                                   \
+        SLAB_LOOPS(NG,                                                                      \
+                   if (pu) grad_unit_##S(g_, gi_, lo, hi, U, B, k, p, M);                   \
+                   else grad_group_##S(g_, gi_, lo, hi, U, B, k * G, min64(G, U - k * G), p, M), \
+                   grad_finish(r, U, u, d, (double)(A * B), scale2, M));                    \
     } while (0)
 #define GRAD_MODES(S, T, ACC, unused)                                                       \
     if (dt != DT_F32) {                                                                     \
@@ -426,13 +487,16 @@ int rd_forward(const void *x, int dt, int64_t A, int64_t U, int64_t B, double *w
     }
 
 /* Adds the gradient fields to window rows row0..row0+4 (see grad_finish). gi may be NULL
- * (the input needs no gradient). Returns 0. */
+ * (the input needs no gradient). Returns 0, or -1 (nothing done) when the scratch cannot be
+ * allocated. */
 int rd_grad(const void *g, const void *gi, int dt, int64_t A, int64_t U, int64_t B,
             double *win, int64_t row0, double scale2, int nthreads) {
-    const int has_gi = gi != NULL;
+    const int has_gi = gi != NULL, pu = per_unit(A, B);
     int par = A * U * B > MIN_PAR && nthreads > 1;
-    int64_t G = group_units(B, U, par, nthreads), groups = divup(U, G);
-    double *r = win + row0 * U;
+    int64_t slabs = slab_count(A, U, B, NG);
+    int64_t G = group_units(B, U, slabs, par, nthreads), groups = divup(U, G);
+    double *r = win + row0 * U, *part = scratch((size_t)(slabs * NG * U));
+    if (part == NULL) return -1;
     DISPATCH(dt, GRAD_MODES, 0)
     return 0;
 }
