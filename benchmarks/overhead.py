@@ -203,6 +203,12 @@ class ModelSpec:
     budgeted: bool = False  # the design budget applies (CNN and MLP)
 
 
+def _channels_last(model: nn.Module) -> nn.Module:
+    """``model`` with its parameters in channels-last memory: its convolutions then output
+    NHWC maps, the units (channels) last in memory, as a Keras model's are."""
+    return model.to(memory_format=torch.channels_last)
+
+
 def model_specs(quick: bool = False) -> dict[str, ModelSpec]:
     """The benchmark models; ``quick`` gives tiny versions of the same shapes."""
     if quick:
@@ -214,6 +220,8 @@ def model_specs(quick: bool = False) -> dict[str, ModelSpec]:
                                   (3, 16, 16), 4),
             "mlp256": ModelSpec("mlp256", "256-site MLP (tiny)", lambda: bench_mlp(16, 8, 256),
                                 (16,), 8),
+            "cnn_cl": ModelSpec("cnn_cl", "CNN channels-last (tiny)",
+                                lambda: _channels_last(BenchCNN((4, 8, 8))), (3, 16, 16), 8),
         }
     return {
         "cnn": ModelSpec(
@@ -235,6 +243,10 @@ def model_specs(quick: bool = False) -> dict[str, ModelSpec]:
         "mlp256": ModelSpec(
             "mlp256", "deep MLP, 256 ReLU sites of 128 units, batch 128",
             lambda: bench_mlp(128, 128, 256), (128,), 128,
+        ),
+        "cnn_cl": ModelSpec(
+            "cnn_cl", "the CNN in channels-last memory (NHWC, Keras' layout): units last",
+            lambda: _channels_last(BenchCNN((32, 64, 128))), (3, 32, 32), 64,
         ),
     }
 
@@ -877,7 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["cnn", "mlp", "resnet"],
-                   help="subset of: cnn mlp resnet resnet50 mlp256")
+                   help="subset of: cnn mlp resnet resnet50 mlp256 cnn_cl")
     p.add_argument("--steps", type=int, default=None,
                    help=f"steps per configuration per round (default {EVERY_N}; keep a multiple of "
                    f"{EVERY_N} so each block holds one collecting step of the every-{EVERY_N}th run)")
