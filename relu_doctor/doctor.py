@@ -36,7 +36,7 @@ from relu_doctor.optimizer_tap import OptimizerTap
 from relu_doctor.probes import Probe
 from relu_doctor.recording import RunRecording
 from relu_doctor.rundir import RunWriter
-from relu_doctor.sampling import DEFAULT_BUDGET, Sampler, check_rate, model_device
+from relu_doctor.sampling import DEFAULT_BUDGET, Sampler, Stopwatch, check_rate, model_device
 from relu_doctor.sites import Site, SiteKey
 from relu_doctor.stats import reduce_sum
 from relu_doctor.training_metrics import TrainingMetrics
@@ -145,11 +145,14 @@ class Doctor(IntervalReading, RunRecording):
         path_or_none("run_dir", run_dir)
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
         every, budget = check_rate(every_n_steps, overhead_budget)
+        #: the host seconds this Doctor's hooks spent collecting (its budget's measure)
+        self.stopwatch = Stopwatch()
         self.sampler = Sampler(
             every_n_steps=None if every == "auto" else every,
             overhead_budget=budget,
             max_every=self.log_every_n_steps,
             distributed=all_reduce is not None,
+            spent=self.stopwatch.read,
         )
         self.every_n_steps = self.sampler.every_n_steps or 1
         self.overhead_budget = self.sampler.overhead_budget
@@ -172,6 +175,7 @@ class Doctor(IntervalReading, RunRecording):
             ),
             require_modules=False,  # no activation at all: an error at the first step()
             stream=stream,
+            stopwatch=self.stopwatch,
         )
         self.model = model
         self.functional = functional is not False
@@ -197,6 +201,7 @@ class Doctor(IntervalReading, RunRecording):
                 is_log_step=self._next_is_log_step,
                 collecting=self._collecting,
                 pre_hook=optimizer_pre_hook,
+                stopwatch=self.stopwatch,
             )
             if opts
             else None

@@ -20,8 +20,8 @@ from torch.utils.hooks import RemovableHandle
 from relu_doctor import _kernels
 from relu_doctor._validate import optimizers as optimizers_arg
 from relu_doctor.errors import ReluDoctorWarning
+from relu_doctor.sampling import Stopwatch
 from relu_doctor.sites import module_label
-from relu_doctor.stats import add_seconds
 
 __all__ = ["OptimizerTap"]
 
@@ -74,6 +74,8 @@ class OptimizerTap:
             backward runs inside ``optimizer.step(closure)`` (Lightning, LBFGS): the pre-hook
             then fires before the closure, on stale gradients; call :meth:`before_step` after
             the closure instead.
+        stopwatch: gets the host seconds of each gradient read (the overhead budget's
+            measure); default: a new one.
     """
 
     def __init__(
@@ -84,11 +86,13 @@ class OptimizerTap:
         is_log_step: Callable[[], bool],
         collecting: Callable[[], bool],
         pre_hook: bool = True,
+        stopwatch: Stopwatch | None = None,
     ) -> None:
         self.optimizers: list[torch.optim.Optimizer] = optimizers_arg("optimizer", list(optimizers))
         self.is_log_step = is_log_step
         self.collecting = collecting
         self.pre_hook = pre_hook
+        self.stopwatch = stopwatch if stopwatch is not None else Stopwatch()
         owner: dict[int, str] = {}
         for path, mod in model.named_modules():
             for p in mod.parameters(recurse=False):
@@ -153,7 +157,7 @@ class OptimizerTap:
         try:
             self._read_grads(opt)
         finally:
-            add_seconds(t0)  # the budget's measure of what collecting costs
+            self.stopwatch.add(t0)  # the budget's measure of what collecting costs
 
     def _read_grads(self, opt: torch.optim.Optimizer) -> None:
         params, layers = self._watched(opt)

@@ -73,9 +73,9 @@ from relu_doctor._validate import glob_patterns, matches
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.families import Family, family_of
 from relu_doctor.provenance import ProvenanceTracker
+from relu_doctor.sampling import Stopwatch
 from relu_doctor.site_registry import SiteRegistry
 from relu_doctor.sites import Site, SiteKey, module_label
-from relu_doctor.stats import add_seconds
 
 __all__ = ["STREAMS", "Probe", "Site", "in_backward"]
 
@@ -113,6 +113,8 @@ class Probe(SiteRegistry):
             to hook. False when functional capture may find the only sites.
         stream: which forward passes are recorded: ``"train"`` (root model in training mode
             and gradients enabled), ``"eval"`` (the others) or ``"all"``.
+        stopwatch: gets the host seconds of every collecting hook (the overhead budget's
+            measure); default: a new one.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -135,6 +137,7 @@ class Probe(SiteRegistry):
         grad_scale: Callable[[], torch.Tensor | float | None] | None = None,
         require_modules: bool = True,
         stream: str = "train",
+        stopwatch: Stopwatch | None = None,
     ) -> None:
         if stream not in STREAMS:
             raise ReluDoctorError(f"stream: expected one of {list(STREAMS)}, got {stream!r}.")
@@ -156,6 +159,8 @@ class Probe(SiteRegistry):
         self.grad_scale = grad_scale
         self.require_modules = require_modules
         self.stream = stream
+        #: what the collecting hooks' host seconds are added to (the Doctor's budget)
+        self.stopwatch = stopwatch if stopwatch is not None else Stopwatch()
         self._collecting = True  # see the ``collecting`` property
         #: leave every pass out (``Doctor.paused()``)
         self.paused = False
@@ -363,7 +368,7 @@ class Probe(SiteRegistry):
             self.hooks.park()
         else:
             self.hooks.unpark()
-        add_seconds(t0)
+        self.stopwatch.add(t0)
 
     # ------------------------------------------------------------------ passes
     def is_training_pass(self) -> bool:
@@ -582,7 +587,7 @@ class Probe(SiteRegistry):
         except Exception as e:  # never raise into the user's forward
             self._fail(key, "forward", e)
         finally:
-            add_seconds(t0)  # the budget's measure of what collecting costs
+            self.stopwatch.add(t0)  # the budget's measure of what collecting costs
 
     def _fail(self, key: SiteKey, where: str, exc: BaseException) -> None:
         """Stop monitoring ``key`` after its hook failed, and say so once."""
@@ -632,7 +637,7 @@ class Probe(SiteRegistry):
             except Exception as e:  # never raise into the user's backward
                 self._fail(site.key, "backward", e)
             finally:
-                add_seconds(t0)
+                self.stopwatch.add(t0)
 
         return grad_hook
 

@@ -5,9 +5,9 @@ Lightning, Keras and Hugging Face callbacks) keeps relu_doctor's own cost under
 ``overhead_budget=0.03`` (3% of a training step). It measures itself with no host
 synchronisation, through a clock:
 
-* :class:`HostClock` (the CPU): the host seconds its statistics calls take (timed in
-  :mod:`relu_doctor.stats`) and the host seconds of a whole step (between two
-  ``Doctor.step()`` calls), known at once;
+* :class:`HostClock` (the CPU): the host seconds its collecting hooks take (each hook times
+  itself whole into its Doctor's :class:`Stopwatch`) and the host seconds of a whole step
+  (between two ``Doctor.step()`` calls), known at once;
 * :class:`CudaClock` (a model on a CUDA device): device time from CUDA events, one recorded
   at each step's end and a pair around each statistics call of one collecting step per
   logging interval; they are read at the logging step, after its read-back has synchronised.
@@ -59,6 +59,7 @@ __all__ = [
     "HostClock",
     "Lap",
     "Sampler",
+    "Stopwatch",
     "begin_call",
     "check_rate",
     "clock_for",
@@ -143,27 +144,40 @@ class Lap:
     per_collect: float | None
 
 
+class Stopwatch:
+    """The host seconds one Doctor's hooks spent collecting: each collecting hook (the
+    activation hooks, gradient taps and the optimizer tap of its probe) adds its whole run on
+    its way out. One per Doctor, not one per process: a second Doctor in the process (a GAN's
+    other model, the evaluation stream's own Doctor) must not count against this one's budget.
+    """
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def add(self, since: float) -> None:
+        """Count the seconds from ``since`` (a ``time.perf_counter()`` reading) to now."""
+        self.seconds += time.perf_counter() - since
+
+    def read(self) -> float:
+        return self.seconds
+
+
 class HostClock:
     """The host clock: a step's seconds between two :meth:`lap` calls, and the seconds
-    the statistics calls took in it (:func:`relu_doctor.stats.stats_seconds`), known at once.
+    the collecting hooks took in it (``spent``), known at once.
 
     Args:
+        spent: seconds spent collecting so far (a :class:`Stopwatch`'s ``read``).
         now: seconds now (default ``time.perf_counter``).
-        spent: seconds spent in statistics calls so far (default
-            :func:`relu_doctor.stats.stats_seconds`).
     """
 
     device = torch.device("cpu")
 
     def __init__(
-        self,
-        now: Callable[[], float] = time.perf_counter,
-        spent: Callable[[], float] | None = None,
+        self, spent: Callable[[], float], now: Callable[[], float] = time.perf_counter
     ) -> None:
-        if spent is None:
-            from relu_doctor.stats import stats_seconds  # stats imports this module
-
-            spent = stats_seconds
         self.now, self.spent = now, spent
         self._last: float | None = None
         self._mark = 0.0
@@ -318,11 +332,12 @@ def model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
-def clock_for(device: torch.device | None) -> HostClock | CudaClock:
-    """The clock for a model on ``device``: CUDA events on a CUDA device, else the host."""
+def clock_for(device: torch.device | None, spent: Callable[[], float]) -> HostClock | CudaClock:
+    """The clock for a model on ``device``: CUDA events on a CUDA device, else the host
+    (``spent``: the host seconds collecting took so far, a :class:`Stopwatch`'s ``read``)."""
     if device is not None and device.type == "cuda":
         return CudaClock(device)
-    return HostClock()
+    return HostClock(spent)
 
 
 def _mean(old: float | None, new: float) -> float:
@@ -341,6 +356,8 @@ class Sampler:
             that every window holds collected steps).
         clock: what measures the cost (a :class:`HostClock` with a fake ``now`` in tests);
             default: :func:`clock_for` the device given to :meth:`start`.
+        spent: the host seconds collecting took so far, for that default clock on the host
+            (the Doctor's :class:`Stopwatch`; default: a stopwatch no hook adds to).
         distributed: the rate is chosen at logging steps from the measurements summed across
             processes (:meth:`at_log`), so that every process collects the same steps.
     """
@@ -353,6 +370,7 @@ class Sampler:
         max_every: int,
         clock: HostClock | CudaClock | None = None,
         distributed: bool = False,
+        spent: Callable[[], float] | None = None,
     ) -> None:
         if overhead_budget is DEFAULT_BUDGET:
             overhead_budget = default_budget()
@@ -363,6 +381,7 @@ class Sampler:
         self.overhead_budget = budget
         self.max_every = max(1, min(int(max_every), _MAX_EVERY))
         self.clock = clock
+        self._spent = spent if spent is not None else Stopwatch().read
         self.distributed = bool(distributed)
         #: the current interval between collecting steps
         self.every = self.every_n_steps or 1
@@ -424,7 +443,7 @@ class Sampler:
         if not self.adaptive:
             return
         if self.clock is None:
-            self.clock = clock_for(device)
+            self.clock = clock_for(device, self._spent)
         self.clock.start()
         self.clock.arm(self._since + 1 >= self.every)
 

@@ -35,7 +35,6 @@ Fields:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,14 +47,12 @@ __all__ = [
     "FORWARD_FIELDS",
     "GRAD_FIELDS",
     "SiteStats",
-    "add_seconds",
     "cap_in",
     "forward_rows",
     "grad_rows",
     "read_back",
     "reduce_sum",
     "resolve_unit_dim",
-    "stats_seconds",
     "unit_view",
 ]
 
@@ -420,23 +417,6 @@ def cap_in(cap: float | None, dtype: torch.dtype) -> float | None:
     if cap is None or dtype in (torch.float32, torch.float64):
         return cap
     return min(float(cap), _rounded(float(cap), dtype))
-
-
-_clock = [0.0]  # seconds spent collecting (see add_seconds), process-wide
-
-
-def stats_seconds() -> float:
-    """Seconds (host clock) that collecting statistics took so far in this process: every
-    hook's work on a collecting step (the activation hooks and gradient taps of every site,
-    the optimizer tap), added by :func:`add_seconds`. The measurement behind the overhead
-    budget (:mod:`relu_doctor.sampling`)."""
-    return _clock[0]
-
-
-def add_seconds(since: float) -> None:
-    """Count the host seconds from ``since`` (a ``time.perf_counter()`` reading) to now as
-    collecting time (:func:`stats_seconds`): each hook calls it on its way out."""
-    _clock[0] += time.perf_counter() - since
 
 
 class SiteStats:

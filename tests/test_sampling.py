@@ -561,7 +561,7 @@ def test_detach_stops_the_clock():
 
     net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
     with relu_doctor.watch(net, overhead_budget=0.03) as doc:
-        doc.sampler.clock = Clock()
+        doc.sampler.clock = Clock(doc.stopwatch.read)
         net(torch.randn(4, 2)).sum().backward()
         doc.step()
     assert armed[-1] is False
@@ -613,15 +613,16 @@ def test_default_watch_on_cuda_uses_device_time_without_sync():
 
 # ---------------------------------------------------------------- what the host clock counts
 def test_the_host_clock_counts_every_hook_not_only_the_statistics_kernels(monkeypatch):
-    """The budget's host measure (stats_seconds) covers the whole of each collecting hook:
+    """The budget's host measure (the Doctor's stopwatch) covers the whole of each collecting
+    hook:
     the activation hook (site lookup, gradient-tap registration), the gradient hook and the
     optimizer tap, since in a training step they cost as much as the kernels. A fake clock
     that advances only inside the gradient-tap registration and the optimizer tap's reading
     shows that both are counted (only the kernels were, before)."""
-    from relu_doctor import optimizer_tap, probes, stats
+    from relu_doctor import optimizer_tap, probes
 
     now = [0.0]
-    monkeypatch.setattr(stats.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(sampling.time, "perf_counter", lambda: now[0])  # the time module
     tap_gradient, read_grads = probes.Probe._tap_gradient, optimizer_tap.OptimizerTap._read_grads
 
     def slow_tap(self, output, site):
@@ -637,11 +638,36 @@ def test_the_host_clock_counts_every_hook_not_only_the_statistics_kernels(monkey
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with relu_doctor.watch(model, optimizer=opt, overhead_budget=None) as doc:
-        before = stats.stats_seconds()
+        before = doc.stopwatch.seconds
         model(torch.randn(4, 6)).square().mean().backward()
         opt.step()
         doc.step()
-        assert stats.stats_seconds() - before == 2 * 1.0 + 10.0  # two sites, one tap
+        assert doc.stopwatch.seconds - before == 2 * 1.0 + 10.0  # two sites, one tap
+
+
+def test_each_doctor_counts_only_its_own_hooks():
+    """Two watched models in one process (a GAN's two networks, a teacher and a student):
+    each Doctor's budget measure holds its own hooks' seconds only, so neither collects less
+    often for the other's cost. The evaluation stream's Doctor has its own too."""
+    a = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+    b = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.01)
+    with relu_doctor.watch(a, optimizer=opt_a, overhead_budget=None, eval_stream=True) as da, \
+            relu_doctor.watch(b, overhead_budget=None) as db:
+        assert da.eval is not None and da.eval.stopwatch is not da.stopwatch
+        assert da.stopwatch is not db.stopwatch
+        assert da.probe.stopwatch is da.stopwatch and da.tap is not None
+        assert da.tap.stopwatch is da.stopwatch
+        b_before, eval_before = db.stopwatch.seconds, da.eval.stopwatch.seconds
+        a(torch.randn(4, 6)).square().mean().backward()
+        opt_a.step()
+        da.step()
+        assert da.stopwatch.seconds > 0.0
+        assert db.stopwatch.seconds == b_before and da.eval.stopwatch.seconds == eval_before
+        a_before = da.stopwatch.seconds
+        b(torch.randn(4, 6)).square().mean().backward()
+        db.step()
+        assert db.stopwatch.seconds > b_before and da.stopwatch.seconds == a_before
 
 
 def test_no_hook_of_ours_runs_on_a_step_that_collects_nothing():
