@@ -24,11 +24,13 @@ from collections.abc import Sequence
 import torch
 
 from benchmarks.overhead import Runner, _make_data, model_specs
+from benchmarks.paired import own_clock
 
 
 def paired_log_ratio(model: str, logs: int, log_every: int, threads: int) -> list[float]:
     """(watched logging step / the plain step before it) for ``logs`` logging steps, after
-    two logs left out (the first makes the record's tables)."""
+    two logs left out (the first makes the record's tables). The watched copy's budget is timed
+on its own steps (:func:`benchmarks.paired.own_clock`)."""
     import relu_doctor
 
     torch.set_num_threads(threads)
@@ -36,13 +38,19 @@ def paired_log_ratio(model: str, logs: int, log_every: int, threads: int) -> lis
     cpu = torch.device("cpu")
     data = _make_data(spec, cpu)
     plain, watched = Runner(spec, data, cpu), Runner(spec, data, cpu)
-    doc = relu_doctor.watch(watched.model, optimizer=watched.opt, log_every_n_steps=log_every)
+    doc = watched.doc = relu_doctor.watch(  # type: ignore[attr-defined]
+        watched.model, optimizer=watched.opt, log_every_n_steps=log_every
+    )
+    own = own_clock(watched)  # its budget times its own steps, not the plain copy's too
 
     def timed(r: Runner, watch: bool) -> float:
+        if watch:
+            own.begin()
+            r.train_step()
+            doc.step()
+            return own.end()
         t0 = time.perf_counter()
         r.train_step()
-        if watch:
-            doc.step()
         return time.perf_counter() - t0
 
     ratios = []

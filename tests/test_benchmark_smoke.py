@@ -127,3 +127,34 @@ def test_the_paired_logging_step_benchmark_runs() -> None:
 
     ratios = logstep.paired_log_ratio("mlp", logs=2, log_every=2, threads=1)
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
+
+
+def test_the_paired_benchmark_runs_and_times_each_doctor_on_its_own_steps(monkeypatch) -> None:
+    from benchmarks import paired
+
+    lines = paired.paired("mlp", ["default", "every"], rounds=10, threads=1, quick=True)
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert set(rows) == {"plain", "A/A", "default", "every"}, lines
+    assert "every 1" in rows["every"] and "its estimate" in rows["default"]
+    # a default-settings copy's budget reads the copy's own clock
+    spec = overhead.model_specs(quick=True)["mlp"]
+    cpu = torch.device("cpu")
+    runner = overhead.DoctorRunner(spec, overhead._make_data(spec, cpu), cpu, every_n=None)
+    runner.attach()
+    try:
+        own = paired.own_clock(runner)
+        assert runner.doc.sampler.clock.now == own.now
+    finally:
+        runner.close()
+    # the clock stops between a configuration's steps: other copies' steps are not its time
+    now = [0.0]
+    monkeypatch.setattr(paired.time, "perf_counter", lambda: now[0])
+    own = paired.OwnTime()
+    own.begin()
+    now[0] = 2.0
+    assert own.now() == 2.0 and own.end() == 2.0
+    now[0] = 10.0  # another copy's step
+    assert own.now() == 2.0
+    own.begin()
+    now[0] = 11.5
+    assert own.end() == 1.5 and own.now() == 3.5

@@ -1,0 +1,161 @@
+"""Overhead per training step, paired: the configurations step in turn, one step each.
+
+:mod:`benchmarks.overhead` times blocks of steps per configuration; on a noisy machine its
+ratios move by 5-10% between runs. Here every configuration (its own copy of one benchmark
+model, :func:`benchmarks.overhead.model_specs`, same seed and batches) takes one step in
+turn, in a shuffled order each round, and each step is divided by the plain step of the same
+round: the machine's slow drifts cancel, and an A/A control (a second plain copy) shows what
+is left.
+
+Two ratios per configuration:
+
+* the median of the per-round ratios, with a bootstrap 95% interval: a configuration's cost
+  at each step (for collection at every step);
+* the mean of the per-round ratios, the top and bottom 5% left out: the cost averaged over
+  steps, what a configuration that collects only some steps (the default budget) costs.
+
+Each relu_doctor copy gets a clock of its own that runs only during its own steps
+(:class:`OwnTime`): its overhead budget measures a step of its model, not the round of all
+copies, as it would in a run that trains one model.
+
+Run::
+
+    .venv/bin/python -m benchmarks.paired                          # the MLP, 300 rounds
+    .venv/bin/python -m benchmarks.paired --model resnet --rounds 200
+    .venv/bin/python -m benchmarks.paired --model cnn_cl --configs default every every16
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from benchmarks.overhead import ControlRunner, DoctorRunner, Runner, _make_data, model_specs
+
+CONFIGS = {
+    "default": {"every_n": None},
+    "every": {"every_n": 1},
+    "every16": {"every_n": 16},
+    "every_act": {"every_n": 1, "layers": False},
+}
+WARMUP = 20
+
+
+class OwnTime:
+    """A clock that runs only between :meth:`begin` and :meth:`end`: the seconds of one
+    configuration's own steps, for its Doctor's host clock (``HostClock.now``)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._since: float | None = None
+
+    def begin(self) -> None:
+        self._since = time.perf_counter()
+
+    def end(self) -> float:
+        """Stop; returns the seconds since :meth:`begin`."""
+        assert self._since is not None
+        took = time.perf_counter() - self._since
+        self.total += took
+        self._since = None
+        return took
+
+    def now(self) -> float:
+        running = time.perf_counter() - self._since if self._since is not None else 0.0
+        return self.total + running
+
+
+def own_clock(runner: Runner) -> OwnTime:
+    """An :class:`OwnTime` for ``runner``, given to its Doctor's host clock when it has one
+    (an adaptive rate on the CPU)."""
+    own = OwnTime()
+    doc = getattr(runner, "doc", None)
+    clock = doc.sampler.clock if doc is not None else None
+    if clock is not None and hasattr(clock, "now"):
+        clock.now = own.now
+    return own
+
+
+def _boot(ratios: list[float], rng: random.Random) -> tuple[float, float]:
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(200))
+    return meds[5], meds[194]
+
+
+def _trimmed_mean(ratios: list[float]) -> float:
+    r = sorted(ratios)
+    cut = len(r) // 20
+    return statistics.fmean(r[cut:len(r) - cut])
+
+
+def paired(
+    model: str, configs: Sequence[str], rounds: int, threads: int, *, quick: bool = False
+) -> list[str]:
+    """Run the rounds; returns the table's lines (``quick``: the tiny models, for tests)."""
+    torch.set_num_threads(threads)
+    spec = model_specs(quick)[model]
+    cpu = torch.device("cpu")
+    data = _make_data(spec, cpu)
+    runners: dict[str, Runner] = {"plain": Runner(spec, data, cpu),
+                                  "A/A control": ControlRunner(spec, data, cpu)}
+    for name in configs:
+        runners[name] = DoctorRunner(spec, data, cpu, **CONFIGS[name])  # type: ignore[arg-type]
+    for r in runners.values():
+        r.attach()
+    clocks = {name: own_clock(r) for name, r in runners.items()}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    order = list(runners)
+    try:
+        for i in range(rounds + WARMUP):
+            random.Random(i).shuffle(order)
+            for name in order:
+                clocks[name].begin()
+                runners[name].train_step()
+                took = clocks[name].end()
+                if i >= WARMUP:
+                    times[name].append(took)
+    finally:
+        for r in runners.values():
+            r.close()
+    rng = random.Random(0)
+    plain = times["plain"]
+    lines = [f"{spec.title}: {rounds} rounds, {threads} threads, plain step "
+             f"{1e3 * statistics.median(plain):.2f} ms (median)",
+             f"{'configuration':28s} {'median ratio [95%]':>24s} {'mean ratio':>11s}  rate"]
+    for name, r in runners.items():
+        ratios = [a / b for a, b in zip(times[name], plain, strict=True)]
+        lo, hi = _boot(ratios, rng)
+        rate = ""
+        doc = getattr(r, "doc", None)
+        if doc is not None:
+            est = doc.sampler.overhead()
+            rate = f"every {doc.sampler.every}" + (
+                f" (its estimate: {est:.1%})" if est is not None and doc.sampler.adaptive else ""
+            )
+        lines.append(f"{name:28s} {statistics.median(ratios):8.3f}x [{lo:.3f}-{hi:.3f}] "
+                     f"{_trimmed_mean(ratios):10.3f}x  {rate}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="mlp", choices=sorted(model_specs()))
+    p.add_argument("--configs", nargs="+", default=["default", "every"], choices=sorted(CONFIGS),
+                   help="relu_doctor configurations (default: default every)")
+    p.add_argument("--rounds", type=int, default=300, help="timed rounds (default 300)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    args = p.parse_args(argv)
+    if args.rounds < 10:
+        p.error(f"--rounds: expected at least 10, got {args.rounds}")
+    for line in paired(args.model, args.configs, args.rounds, args.threads):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
