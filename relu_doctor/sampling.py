@@ -12,9 +12,10 @@ synchronisation, through a clock:
   at each step's end and a pair around each statistics call of one collecting step per
   logging interval; they are read at the logging step, after its read-back has synchronised.
 
-With ``c`` the mean cost of a collecting step and ``p`` the mean step time without it,
-collecting every ``n``-th step costs ``c / (n p)`` of a step, so it collects every
-``n = ceil(c / (budget p))``-th step, never less often than once per logging interval. On
+With ``c`` the cost of a collecting step (the larger of its hooks' own seconds and the
+whole-step difference, taken within each cycle of steps: see ``Sampler._on_diffs``) and
+``p`` the step time without it, collecting every ``n``-th step costs ``c / (n p)`` of a
+step, so it collects every ``n = ceil(c / (budget p))``-th step, never less often than once per logging interval. On
 the host clock the logging steps count too: a log's own seconds, spread over the steps since
 the previous one (``l`` a step), come out of the budget first, so it collects every
 ``n = ceil(c / ((budget - l / p) p))``-th step, and once per logging interval when logging
@@ -87,6 +88,7 @@ _MAX_EVERY = 1000
 _RECHECK = 64  # collecting every step under a budget: one step left out per this many
 _LAPS = 15  # whole-step laps kept per kind (collecting or not) for their medians
 _LOGS = 5  # logs kept for the median of a log's cost per step
+_MIN_DIFFS = 3  # cycles timed before their differences are used (one outlier is no median)
 
 Rate = int | Literal["auto"]
 
@@ -395,6 +397,20 @@ class Sampler:
         # evaluation loop, a checkpoint) must not move them.
         self._on_laps: deque[float] = deque(maxlen=_LAPS)
         self._off_laps: deque[float] = deque(maxlen=_LAPS)
+        # Non-collecting steps right after a collecting one, apart: collecting leaves part of
+        # its cost to the step after it (measured on the ResNet-like model at every 3rd step:
+        # that step's forward took 4% longer than a plain one's, the next one's did not).
+        self._after_laps: deque[float] = deque(maxlen=_LAPS)
+        # What collecting adds, measured within each cycle (a collecting step, the step
+        # after it, the first step further on), so that the machine's drifts cancel: at
+        # every 20th step the latest collecting steps span hundreds of steps, and a median
+        # of them against recent plain steps read a drift as cost. Differences of the
+        # collecting step and of the step after it to the first step further on (to the
+        # step after it where there is none).
+        self._on_diffs: deque[float] = deque(maxlen=_LAPS)
+        self._after_diffs: deque[float] = deque(maxlen=_LAPS)
+        self._cycle_on: float | None = None  # this cycle's collecting lap
+        self._cycle_after: float | None = None  # ... and the lap of the step after it
         self._since_off = 0  # steps since the last non-collecting step
         # Host seconds of the latest logs, each spread over the steps since the log before
         # (the first log, which starts writers and makes tables, is left out): the median
@@ -422,6 +438,10 @@ class Sampler:
     def _off(self) -> float | None:
         return statistics.median(self._off_laps) if self._off_laps else None
 
+    @property
+    def _after(self) -> float | None:
+        return statistics.median(self._after_laps) if self._after_laps else None
+
     def _calibrating(self) -> bool:
         """Collecting every step under a budget: leave one step out now and then, so that
         the cost of collecting is measured against a step without it (stated in the
@@ -429,7 +449,11 @@ class Sampler:
         return (
             self.adaptive and not self.distributed and self.every == 1 and self.max_every > 1
             and self._on is not None
-            and (self._off is None or self._since_off >= _RECHECK)
+            and (
+                self._since_off >= _RECHECK
+                # until a few cycles were timed, a step left out every third step
+                or (len(self._on_diffs) < _MIN_DIFFS and self._since_off >= 2)
+            )
         )
 
     def stop(self) -> None:
@@ -455,7 +479,7 @@ class Sampler:
         if not self.adaptive or self.clock is None:
             return
         laps = self.clock.lap(collected=collected)
-        self._feed(laps)
+        self._feed(laps, after=not collected and self._since == 1)
         if not self.distributed and any(
             lap.per_collect is not None or not lap.collected for lap in laps
         ):
@@ -510,19 +534,27 @@ class Sampler:
 
     def _estimates(self) -> tuple[float | None, float | None]:
         """(seconds collecting adds to a step, seconds of a step without it): the larger of
-        the statistics calls' own time and the whole-step difference, once both kinds of
-        step were timed; the plain step is then the mean non-collecting step."""
+        the statistics calls' own time and the whole-step difference (the median difference
+        within cycles, plus what the step after a collecting one took beyond the steps
+        further on), once both kinds of step were timed; the plain step is then the median
+        step two or more after a collecting one (the step right after one, where none)."""
         hook, plain = self._hook, self._plain
-        on, off = self._on, self._off
-        if on is not None and off is not None:
-            hook = max(hook or 0.0, on - off)
-            plain = off
+        if len(self._on_diffs) >= _MIN_DIFFS:
+            cost = statistics.median(self._on_diffs)
+            if len(self._after_diffs) >= _MIN_DIFFS:
+                cost += max(statistics.median(self._after_diffs), 0.0)
+            hook = max(hook or 0.0, cost)
+            base = self._off if self._off is not None else self._after
+            if base is not None:
+                plain = base
         return hook, plain
 
-    def _feed(self, laps: Sequence[Lap]) -> None:
+    def _feed(self, laps: Sequence[Lap], *, after: bool = False) -> None:
+        """Take the clock's laps (``after``: a one-step lap of the step right after a
+        collecting one)."""
         for lap in laps:
             if lap.steps == 1:
-                (self._on_laps if lap.collected else self._off_laps).append(lap.seconds)
+                self._pair(lap.seconds, collected=bool(lap.collected), after=after)
             if lap.per_collect is not None:
                 self._hook = _mean(self._hook, lap.per_collect)
             stats = lap.stats_s
@@ -530,6 +562,25 @@ class Sampler:
                 stats = lap.collected * self._hook
             if stats is not None and lap.steps > 0:
                 self._plain = _mean(self._plain, max((lap.seconds - stats) / lap.steps, 1e-9))
+
+    def _pair(self, seconds: float, *, collected: bool, after: bool) -> None:
+        """File a one-step lap, and the differences within its cycle (see ``_on_diffs``)."""
+        if collected:
+            self._on_laps.append(seconds)
+            if self._cycle_on is not None and self._cycle_after is not None:
+                self._on_diffs.append(self._cycle_on - self._cycle_after)  # no step further on
+            self._cycle_on, self._cycle_after = seconds, None
+        elif after:
+            self._after_laps.append(seconds)
+            if self._cycle_on is not None:
+                self._cycle_after = seconds
+        else:
+            self._off_laps.append(seconds)
+            if self._cycle_on is not None:
+                self._on_diffs.append(self._cycle_on - seconds)
+                if self._cycle_after is not None:
+                    self._after_diffs.append(self._cycle_after - seconds)
+            self._cycle_on = self._cycle_after = None
 
     def _decide(self, hook: float | None, plain: float | None, log: float | None = None) -> None:
         if hook is None or plain is None or plain <= 0.0:

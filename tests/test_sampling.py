@@ -89,6 +89,44 @@ def test_the_rate_follows_the_cost():
     assert s.every == 1
 
 
+def test_the_cost_left_to_the_step_after_a_collecting_one_counts():
+    """Collecting can leave part of its cost to the next step (the ResNet-like model's next
+    forward ran 4% slower): the sampler times that step apart from the steps further away and
+    counts the difference as collecting's. 10% of a step in the collecting step and 6% in the
+    next: every 6th step keeps 3% (every 4th step, had the 6% been missed)."""
+    fake = FakeTime()
+    s = sampler(fake)
+    pattern = []
+    for i in range(120):
+        c = s.collect(i)
+        after = not c and bool(pattern) and pattern[-1]
+        pattern.append(c)
+        fake.t += 1.0 + (0.1 if c else 0.0) + (0.06 if after else 0.0)
+        fake.stats += 0.1 if c else 0.0
+        s.done(collected=c)
+    assert s.every == 6
+    assert gaps(pattern)[-5:] == [6] * 5
+    assert s.overhead() == pytest.approx(0.16 / 6)
+
+
+def test_a_drifting_machine_is_not_read_as_cost():
+    """Steps getting faster (another job ending): the latest collecting steps are older than
+    the latest plain ones, so comparing their medians reads the drift as collecting's cost.
+    Differences taken within each cycle do not: 0.1 s on a step falling from 2.0 to 1.25 s,
+    every 3rd step (10% of a step at 150 steps, 3.3% at every 3rd)."""
+    fake = FakeTime()
+    s = sampler(fake)
+    for i in range(150):
+        c = s.collect(i)
+        fake.t += 2.0 - 0.005 * i + (0.1 if c else 0.0)
+        fake.stats += 0.1 if c else 0.0
+        s.done(collected=c)
+    assert s.every == 3
+    hook, plain = s._estimates()
+    # within a cycle the drift is two steps of 5 ms: read as 15 ms of cost, not 0.5 s
+    assert hook == pytest.approx(0.1, abs=0.02) and 1.25 <= plain <= 1.4  # recent plain steps
+
+
 def test_at_least_once_per_logging_interval():
     fake = FakeTime()
     s = sampler(fake, max_every=5)
@@ -398,8 +436,8 @@ def test_statistics_costing_x_percent_collect_every_ceil_x_over_3_th_step(monkey
     n = min(math.ceil(percent / 3), log_every)
     assert doc.sampler.every == n
     assert collected[:2] == [True, True]  # the first step makes the sites, the second measures
-    if n == 1:  # every step, but one left out to time a step without statistics
-        assert collected[2] is False and collected.count(False) == 1
+    if n == 1:  # every step, but a step left out every third until three cycles are timed
+        assert collected[:9] == [True, True, False] * 3 and collected.count(False) == 3
     else:
         assert gaps(collected[1:]) == [n] * len(gaps(collected[1:]))
     assert len(records) == steps // log_every
