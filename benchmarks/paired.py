@@ -143,15 +143,30 @@ def paired(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="mlp", choices=sorted(model_specs()))
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Columns: the median of the per-round ratios to plain with a bootstrap 95%% "
+        "interval (the cost at each step), and their mean with the top and bottom 5%% left "
+        "out (the cost over steps: what the default budget's sampling costs); for relu_doctor "
+        "rows, the rate in use at the end and the budget's own estimate of its overhead.",
+    )
+    p.add_argument("--model", default="mlp", choices=sorted(model_specs()),
+                   help="a benchmark model of benchmarks/overhead.py (default mlp)")
     p.add_argument("--configs", nargs="+", default=["default", "every"], choices=sorted(CONFIGS),
-                   help="relu_doctor configurations (default: default every)")
-    p.add_argument("--rounds", type=int, default=300, help="timed rounds (default 300)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+                   help="relu_doctor configurations beside plain and the A/A control, which "
+                   "always run: default (overhead_budget=0.03), every (every step), every16 "
+                   "(every 16th step), every_act (every step, no optimizer tap); default: "
+                   "default every")
+    p.add_argument("--rounds", type=int, default=300,
+                   help="timed rounds, 10 or more, after 20 untimed (default 300)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch.set_num_threads, 1 or more (default 2)")
     args = p.parse_args(argv)
     if args.rounds < 10:
         p.error(f"--rounds: expected at least 10, got {args.rounds}")
+    if args.threads < 1:
+        p.error(f"--threads: expected at least 1, got {args.threads}")
+    args.configs = list(dict.fromkeys(args.configs))  # each once, in the order given
     for line in paired(args.model, args.configs, args.rounds, args.threads):
         print(line)
     return 0
