@@ -145,8 +145,8 @@ def paired(
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Columns: the median of the per-round ratios to plain with a bootstrap 95%% "
-        "interval (the cost at each step), and their mean with the top and bottom 5%% left "
+        epilog="Columns: the median of the per-round ratios to plain with a bootstrap 95% "
+        "interval (the cost at each step), and their mean with the top and bottom 5% left "
         "out (the cost over steps: what the default budget's sampling costs); for relu_doctor "
         "rows, the rate in use at the end and the budget's own estimate of its overhead.",
     )
