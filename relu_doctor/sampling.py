@@ -15,11 +15,11 @@ synchronisation, through a clock:
 With ``c`` the cost of a collecting step (the larger of its hooks' own seconds and the
 whole-step difference, taken within each cycle of steps: see ``Sampler._on_diffs``) and
 ``p`` the step time without it, collecting every ``n``-th step costs ``c / (n p)`` of a
-step, so it collects every ``n = ceil(c / (budget p))``-th step, never less often than once per logging interval. On
-the host clock the logging steps count too: a log's own seconds, spread over the steps since
-the previous one (``l`` a step), come out of the budget first, so it collects every
-``n = ceil(c / ((budget - l / p) p))``-th step, and once per logging interval when logging
-alone spends the budget. (On CUDA a log's host time includes waiting for the step's queued
+step, so it collects every ``n = ceil(c / (budget p))``-th step, never less often than
+once per logging interval. On the host clock the logging steps count too: a log's own
+seconds, spread over the steps since the previous one (``l`` a step), come out of the
+budget first, so it collects every ``n = ceil(c / ((budget - l / p) p))``-th step, and once
+per logging interval when logging alone spends the budget. (On CUDA a log's host time includes waiting for the step's queued
 kernels, which is not its cost: there only collecting is counted.)
 ``every_n_steps=N`` forces a fixed rate; ``overhead_budget=None`` collects every step. With
 several processes (``all_reduce``) the rate is chosen at logging steps only, from the
@@ -390,11 +390,12 @@ class Sampler:
         self._since = 0  # steps since the last collecting step
         self._hook: float | None = None  # mean seconds of statistics per collecting step
         self._plain: float | None = None  # mean seconds of a step without them
-        # Mean seconds of a whole collecting / non-collecting step (one-step laps): their
-        # difference is everything collecting costs, the statistics calls and all around
-        # them (hooks, gradient taps, the optimizer tap), which the clock alone misses.
-        # Medians of the latest laps, not running means: a lap that spans other work (an
-        # evaluation loop, a checkpoint) must not move them.
+        # Seconds of whole collecting / non-collecting steps (one-step laps), the latest of
+        # each kind: the plain step is the median of the non-collecting ones (a median, not
+        # a running mean: a lap that spans other work, an evaluation loop or a checkpoint,
+        # must not move it). What collecting costs, the statistics calls and all around them
+        # (hooks, gradient taps, the optimizer tap), which the stopwatch alone misses, comes
+        # from the differences within cycles below.
         self._on_laps: deque[float] = deque(maxlen=_LAPS)
         self._off_laps: deque[float] = deque(maxlen=_LAPS)
         # Non-collecting steps right after a collecting one, apart: collecting leaves part of
@@ -431,10 +432,6 @@ class Sampler:
         return self._since + 1 >= self.every and not self._calibrating()
 
     @property
-    def _on(self) -> float | None:
-        return statistics.median(self._on_laps) if self._on_laps else None
-
-    @property
     def _off(self) -> float | None:
         return statistics.median(self._off_laps) if self._off_laps else None
 
@@ -448,7 +445,7 @@ class Sampler:
         records' ``steps_collected``)."""
         return (
             self.adaptive and not self.distributed and self.every == 1 and self.max_every > 1
-            and self._on is not None
+            and bool(self._on_laps)
             and (
                 self._since_off >= _RECHECK
                 # until a few cycles were timed, a step left out every third step
