@@ -19,8 +19,9 @@ step, so it collects every ``n = ceil(c / (budget p))``-th step, never less ofte
 once per logging interval. On the host clock the logging steps count too: a log's own
 seconds, spread over the steps since the previous one (``l`` a step), come out of the
 budget first, so it collects every ``n = ceil(c / ((budget - l / p) p))``-th step, and once
-per logging interval when logging alone spends the budget. (On CUDA a log's host time includes waiting for the step's queued
-kernels, which is not its cost: there only collecting is counted.)
+per logging interval when logging alone spends the budget. (On CUDA a log's host time
+includes waiting for the step's queued kernels, which is not its cost: there only
+collecting is counted.)
 ``every_n_steps=N`` forces a fixed rate; ``overhead_budget=None`` collects every step. With
 several processes (``all_reduce``) the rate is chosen at logging steps only, from the
 measurements averaged across processes, so that every process collects the same steps.

@@ -315,7 +315,7 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
         for (int64_t b0 = a0; b0 < a1; b0 += ROWS) {                                        \
             for (int64_t a = b0; a < min64(b0 + ROWS, a1); a++) {                           \
                 const T *p = g + a * C + u0 * B, *pq = has_gi ? gi + a * C + u0 * B : p;    \
-                for (int64_t k = 0; k < full; k++) {                                                \
+                for (int64_t k = 0; k < full; k++) {                                        \
                     V v = LD(p + k * N), q = has_gi ? LD(pq + k * N) : zero;                \
                     GRAD_VEC(v, q, k);                                                      \
                 }                                                                           \
