@@ -32,7 +32,11 @@ class of the user's, a transformer layer); it is off inside ``nn.Sequential``, `
 and the other ``torch.nn`` built-ins. Those are not hooked unless they hold such a module, or
 run inside one and cost the mode more than two hooks (a ``BatchNorm2d`` in a residual block:
 see ``_mode_boundary``); a one-call leaf such as ``nn.Conv2d`` stays in the mode (about 2 us).
-On steps that collect nothing the mode is never entered.
+On steps that collect nothing the mode is never entered. A module of the user's whose
+``forward`` provably calls no functional activation (:mod:`relu_doctor._forward_reading`
+reads its bytecode: a residual block that only calls its child modules) is treated as a
+built-in after the first recorded pass, which runs with the mode on as a check: a ResNet-like
+model then runs with no mode and one pair of capture hooks, on its root.
 
 Activation checkpointing: calls recomputed during backward add no forward statistics; with
 reentrant checkpointing, whose first forward ran without autograd, the recomputed call is
@@ -59,6 +63,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from relu_doctor._forward_reading import activation_names, calls_no_activation
 from relu_doctor._observing_mode import ObservingMode
 from relu_doctor.families import FAMILIES, Family, family_of
 from relu_doctor.probes import Probe, in_backward
@@ -186,6 +191,13 @@ class FunctionalCapture:
         self._boundaries: set[nn.Module] = set()
         self._foreign: dict[nn.Module, str] = {}  # foreign module -> its label, this pass
         self._foreign_count: dict[str, int] = {}
+        # The reading of forwards (relu_doctor._forward_reading) is trusted after the first
+        # recorded pass, which runs with the mode on wherever a call may come from; the
+        # modules whose own code made a call in it are never trusted.
+        self._trust_reading = False
+        self._resync = False
+        self._called_from: set[str] = set()
+        self._names = activation_names(self._ops)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> FunctionalCapture:
@@ -193,6 +205,7 @@ class FunctionalCapture:
         if self._attached:
             return self
         self._ops = functional_ops()
+        self._names = activation_names(self._ops)
         self._attached = True
         try:
             self._sync()
@@ -222,9 +235,18 @@ class FunctionalCapture:
         # include/exclude apply to the path of the module making the call (decided here, not
         # per call: a cache filled during a pass would make torch.compile recompile).
         self._selected = {path: self.probe.selected(path) for path, _ in named}
+        ops = frozenset(self._ops)
+        may = {
+            mod: _may_call_functional(mod)
+            and not (
+                self._trust_reading and path not in self._called_from
+                and calls_no_activation(mod, self._members, ops, self._names)
+            )
+            for path, mod in named
+        }
         keep = {""}
         for path, mod in named:
-            if _may_call_functional(mod) or family_of(mod) is not None:
+            if may[mod] or family_of(mod) is not None:
                 parts = path.split(".") if path else []
                 keep.update(".".join(parts[:i]) for i in range(len(parts) + 1))
         current: dict[nn.Module, _Entry] = {}
@@ -233,7 +255,7 @@ class FunctionalCapture:
         for path, mod in named:
             outer = bool(path) and mode_on.get(path.rpartition(".")[0], False)
             if path in keep:
-                current[mod] = (path, family_of(mod) is None and _may_call_functional(mod))
+                current[mod] = (path, family_of(mod) is None and may[mod])
                 mode_on[path] = current[mod][1]
             elif outer and _mode_boundary(mod):
                 current[mod] = (path, False)
@@ -241,6 +263,13 @@ class FunctionalCapture:
                 mode_on[path] = False
             else:
                 mode_on[path] = outer
+        if not any(on for _path, on in current.values()):
+            # The mode is never on: the stack names nothing. The root's hooks stay, to start
+            # and end passes and to see a re-hooked probe.
+            root = named[0][1]
+            current = {root: current[root]}
+            boundaries = set()
+        self._resync = False
         # After Probe.refresh() the probe's hooks come after ours: re-register ours on the
         # activation modules, so the mode is still off while the probe's hooks run.
         refreshed = bool(self._hooked) and self._generation_seen != self.probe.generation
@@ -311,6 +340,7 @@ class FunctionalCapture:
         def pre(module: nn.Module, args: Any) -> None:
             if not self.probe._collecting:  # no pass is recorded on this step (see Probe)
                 return
+            mine = entry
             bw = in_backward()
             stack = self._bw_stack if bw else self._stack
             if not stack and module in self._boundaries:
@@ -324,14 +354,20 @@ class FunctionalCapture:
                     if not self.probe.begin_pass():  # left out: the mode stays off
                         self._left_out += 1
                         return
-                    if self.probe.generation != self._generation_seen:
-                        self._sync()  # the probe re-hooked: modules may have been swapped
+                    resync = self._resync and not (
+                        self.probe._compiled or torch.compiler.is_compiling()
+                    )
+                    if self.probe.generation != self._generation_seen or resync:
+                        # the probe re-hooked (modules may have been swapped), or the first
+                        # recorded pass ended (the reading of forwards is trusted now)
+                        self._sync()
                         if module not in self._hooked:
                             return  # no _post will come for it
+                        mine = self._hooked[module][0]  # this closure's may be outdated
                     self._calls.clear()
                     self._foreign.clear()
                     self._foreign_count.clear()
-            stack.append(entry)
+            stack.append(mine)
             self._set_mode(self._want_mode(stack))
 
         return pre
@@ -360,6 +396,10 @@ class FunctionalCapture:
         if not bw:
             self._foreign.clear()
             self.probe.end_pass()
+            if not (self._trust_reading or self.probe._compiled
+                    or torch.compiler.is_compiling()):
+                # (not once compiled: new hooks would make torch.compile recompile)
+                self._trust_reading = self._resync = True
 
     # ------------------------------------------------------------------ capture
     def _observe(
@@ -380,6 +420,8 @@ class FunctionalCapture:
         path, calls_functional = stack[-1]
         if not calls_functional:  # e.g. nn.ReLU.forward calling F.relu: its hook records it
             return
+        if not (self._trust_reading or torch.compiler.is_compiling()):
+            self._called_from.add(path)  # (a set changed in a trace would recompile)
         if not self._selected.get(path, False):
             return
         if not bw and not torch.compiler.is_compiling():

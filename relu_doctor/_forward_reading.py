@@ -1,0 +1,237 @@
+"""Whether a module's ``forward`` provably calls no functional activation: a conservative
+reading of its bytecode, so that functional capture can leave its torch-function mode off
+while the module runs (the mode sends every torch call made there through Python).
+
+Proved free is a ``forward`` (with the code nested in it and the methods of ``self`` it
+reaches) in which
+
+* every global is a torch module, ``math`` or ``operator``, a torch callable that is not an
+  activation and not an ``nn.Module`` class, a constant, or one of a few harmless builtins
+  (``len``, ``isinstance``, ``range`` ...);
+* every attribute of ``self`` it names is a module of the model (its own hooks see its
+  calls) or ``None``, a parameter, buffer, tensor, number, string, dtype or device (or a
+  tuple of such), or a method or property of ``self`` proved free in turn;
+* no attribute or global has the name of an activation op (``relu``, ``gelu``, ``relu_``
+  ...), of an ``nn.Module`` class of ``torch.nn`` (a module made inside ``forward``), or is
+  ``forward`` or a dunder name (``self.act.forward(x)`` runs a module without its hooks).
+
+Anything else is not proved and the mode stays on there: a closure or decorated
+``forward``, a helper function, a dict or list of activations, ``getattr``, ``super()``,
+``eval``, an import, a module that is not part of the model, a ``forward`` set on the
+instance.
+
+Not seen by reading: an activation passed to ``forward`` as an argument
+(``block(x, act=F.relu)``). :class:`~relu_doctor.functional.FunctionalCapture` therefore runs
+the first recorded pass with the mode on in every module that may call one, and never
+trusts the reading of a module whose own code made a call there.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dis
+import functools
+import inspect
+import types
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["activation_names", "calls_no_activation"]
+
+_MAX_DEPTH = 4  # methods of self followed from forward
+
+_BUILTINS = frozenset({
+    "abs", "all", "any", "bool", "dict", "enumerate", "float", "hasattr", "int", "isinstance",
+    "issubclass", "iter", "len", "list", "max", "min", "next", "range", "reversed", "round",
+    "set", "slice", "sorted", "str", "sum", "tuple", "type", "zip", "print",
+    "AssertionError", "IndexError", "KeyError", "NotImplementedError", "RuntimeError",
+    "TypeError", "ValueError",
+})
+_SAFE_MODULES = ("math", "operator")
+_GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+_ATTR_OPS = frozenset({"LOAD_ATTR", "LOAD_METHOD", "STORE_ATTR", "DELETE_ATTR"})
+# Opcodes whose meaning the reading cannot follow: an import, super(), names resolved at
+# run time through a dict.
+_UNREAD_OPS = frozenset({
+    "IMPORT_NAME", "IMPORT_FROM", "IMPORT_STAR", "LOAD_SUPER_ATTR", "STORE_GLOBAL",
+    "DELETE_GLOBAL", "LOAD_CLASSDEREF", "LOAD_FROM_DICT_OR_GLOBALS", "LOAD_FROM_DICT_OR_DEREF",
+    "STORE_NAME",
+})
+
+
+def activation_names(ops: Iterable[Callable[..., Any]]) -> frozenset[str]:
+    """The names no proved-free ``forward`` may use: each captured op's name, with and
+    without its trailing underscore (``relu_``, ``relu``), and the ``nn.Module`` classes of
+    ``torch.nn``."""
+    names: set[str] = set()
+    for fn in ops:
+        name = getattr(fn, "__name__", None)
+        if isinstance(name, str):
+            names.update({name, name.rstrip("_")})
+    names.update(
+        n for n, v in vars(nn).items() if isinstance(v, type) and issubclass(v, nn.Module)
+    )
+    return frozenset(names)
+
+
+_LOADS = frozenset({"LOAD_FAST", "LOAD_DEREF", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW"})
+
+
+@functools.lru_cache(maxsize=512)
+def _read(
+    code: types.CodeType, self_name: str | None
+) -> tuple[frozenset[str], frozenset[str], frozenset[str], bool]:
+    """(global names, attributes of ``self``, other attribute names, whether an unreadable
+    opcode occurs) of ``code`` and of the code nested in it (comprehensions, lambdas, inner
+    functions). An attribute is of ``self`` when the instruction before it loads the
+    variable ``self_name`` (``self.relu``, not ``x.relu``)."""
+    globs: set[str] = set()
+    mine: set[str] = set()
+    other: set[str] = set()
+    unread = False
+    todo = [code]
+    while todo:
+        c = todo.pop()
+        prev: dis.Instruction | None = None
+        for ins in dis.get_instructions(c):
+            if ins.opname in _GLOBAL_OPS:
+                globs.add(str(ins.argval))
+            elif ins.opname in _ATTR_OPS:
+                on_self = (
+                    self_name is not None and prev is not None and prev.opname in _LOADS
+                    and prev.argval == self_name
+                )
+                (mine if on_self else other).add(str(ins.argval))
+            elif ins.opname in _UNREAD_OPS:
+                unread = True
+            if ins.opname != "CACHE":
+                prev = ins
+        todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return frozenset(globs), frozenset(mine), frozenset(other), unread
+
+
+def _plain(value: object) -> bool:
+    """A value whose use can call nothing: None, a number, string, tensor, dtype, device,
+    or a tuple of such."""
+    if value is None or isinstance(
+        value, bool | int | float | complex | str | torch.Tensor | torch.dtype | torch.device
+    ):
+        return True
+    return isinstance(value, tuple) and all(_plain(v) for v in value)
+
+
+def _torch_callable(value: object, ops: frozenset[Any]) -> bool:
+    """A function or class of torch's own that is not a captured op or a module class."""
+    if isinstance(value, type) and issubclass(value, nn.Module):
+        return False
+    where = getattr(value, "__module__", None) or ""
+    try:
+        captured = value in ops
+    except TypeError:  # unhashable
+        return False
+    return callable(value) and not captured and (where == "torch" or where.startswith("torch."))
+
+
+def _global_ok(name: str, glob: dict[str, Any], ops: frozenset[Any]) -> bool:
+    if name in glob:
+        value = glob[name]
+    elif name in _BUILTINS:
+        return hasattr(builtins, name)
+    else:
+        return False  # another builtin (getattr, eval, super ...) or a missing name
+    if isinstance(value, types.ModuleType):
+        where = value.__name__
+        return where == "torch" or where.startswith("torch.") or where in _SAFE_MODULES
+    return _plain(value) or _torch_callable(value, ops)
+
+
+def _function_of(attr: object) -> tuple[types.FunctionType, bool] | None:
+    """The Python function behind a class attribute (a method, property getter, static or
+    class method) and whether its first argument is ``self``; None for anything else."""
+    bound = True
+    if isinstance(attr, property):
+        attr = attr.fget
+    elif isinstance(attr, staticmethod | classmethod):
+        attr, bound = attr.__func__, False
+    return (attr, bound) if isinstance(attr, types.FunctionType) else None
+
+
+def _self_attr_ok(
+    module: nn.Module, name: str, members: set[nn.Module], ops: frozenset[Any],
+    names: frozenset[str], depth: int, seen: set[types.CodeType],
+) -> bool:
+    """Whether ``self.<name>`` is safe to use (not when ``module`` has no such attribute:
+    one set while it runs, or served by a ``__getattr__`` of its own)."""
+    if name in module._modules:
+        child = module._modules[name]
+        return child is None or child in members
+    if name in module._parameters or name in module._buffers:
+        return True
+    if name in module.__dict__:
+        return _plain(module.__dict__[name])
+    missing = object()
+    attr = inspect.getattr_static(type(module), name, missing)
+    if attr is missing:
+        return False
+    found = _function_of(attr)
+    if found is not None:
+        fn, bound = found
+        if (fn.__module__ or "").startswith("torch."):  # nn.Module's own methods
+            return True
+        return _function_ok(fn, module, members, ops, names, depth + 1, seen, bound=bound)
+    return _plain(attr)
+
+
+def _function_ok(
+    fn: types.FunctionType, module: nn.Module, members: set[nn.Module], ops: frozenset[Any],
+    names: frozenset[str], depth: int, seen: set[types.CodeType], *, bound: bool = True,
+) -> bool:
+    code = fn.__code__
+    if code in seen:
+        return True  # being read further up (recursion): its other names decide
+    if depth > _MAX_DEPTH or hasattr(fn, "__wrapped__") or code.co_freevars:
+        return False  # too deep to follow, a decorated function, a closure
+    seen.add(code)
+    self_name = code.co_varnames[0] if bound and code.co_argcount > 0 else None
+    globs, mine, other, unread = _read(code, self_name)
+    if unread:
+        return False
+    for name in globs:
+        if name in names or not _global_ok(name, fn.__globals__, ops):
+            return False
+    for name in other:
+        if name in names or name == "forward" or name.startswith("__"):
+            return False
+    for name in mine:  # self.relu, a module of the model, may share an op's name
+        if name == "forward" or name.startswith("__"):
+            return False
+        if not _self_attr_ok(module, name, members, ops, names, depth, seen):
+            return False
+    return True
+
+
+def calls_no_activation(
+    module: nn.Module, members: set[nn.Module], ops: frozenset[Any], names: frozenset[str]
+) -> bool:
+    """Whether ``module``'s ``forward`` provably calls no functional activation (see the
+    module's docstring).
+
+    Args:
+        module: a module of the model.
+        members: the model's modules (a module outside it, held in a plain attribute, is
+            not proved).
+        ops: the captured callables (:func:`relu_doctor.functional.functional_ops`).
+        names: :func:`activation_names` of ``ops``.
+    """
+    if "forward" in module.__dict__:
+        return False  # a forward set on the instance
+    fn = inspect.getattr_static(type(module), "forward", None)
+    if not isinstance(fn, types.FunctionType):
+        return False
+    try:
+        return _function_ok(fn, module, members, ops, names, 0, set())
+    except Exception:  # a reading that fails proves nothing: the mode stays on
+        return False
