@@ -86,7 +86,7 @@ ENV: Final = "RELU_DOCTOR_OVERHEAD_BUDGET"
 
 _ALPHA = 0.2  # weight of the newest measurement in the running means
 _MAX_EVERY = 1000
-_RECHECK = 64  # collecting every step under a budget: one step left out per this many
+_RECHECK = 64  # collecting every step or every other one: a cycle stretched once per this many
 _LAPS = 15  # whole-step laps kept per kind (collecting or not) for their medians
 _LOGS = 5  # logs kept for the median of a log's cost per step
 _MIN_DIFFS = 3  # cycles timed before their differences are used (one outlier is no median)
@@ -398,7 +398,10 @@ class Sampler:
         # (hooks, gradient taps, the optimizer tap), which the stopwatch alone misses, comes
         # from the differences within cycles below.
         self._on_laps: deque[float] = deque(maxlen=_LAPS)
-        self._off_laps: deque[float] = deque(maxlen=_LAPS)
+        # Plain steps: steps two or more after a collecting one, and the steps right after
+        # one less what collecting left to them (once that was measured), so that the plain
+        # step stays recent when few steps lie further on (collecting every other step).
+        self._plain_laps: deque[float] = deque(maxlen=_LAPS)
         # Non-collecting steps right after a collecting one, apart: collecting leaves part of
         # its cost to the step after it (measured on the ResNet-like model at every 3rd step:
         # that step's forward took 4% longer than a plain one's, the next one's did not).
@@ -407,13 +410,15 @@ class Sampler:
         # after it, the first step further on), so that the machine's drifts cancel: at
         # every 20th step the latest collecting steps span hundreds of steps, and a median
         # of them against recent plain steps read a drift as cost. Differences of the
-        # collecting step and of the step after it to the first step further on (to the
-        # step after it where there is none).
+        # collecting step and of the step after it to the first step further on; collecting
+        # every step or every other one, cycles are stretched now and then to hold such a
+        # step (see _calibrating), and only a log every other step leaves the step after it
+        # as the reference.
         self._on_diffs: deque[float] = deque(maxlen=_LAPS)
         self._after_diffs: deque[float] = deque(maxlen=_LAPS)
         self._cycle_on: float | None = None  # this cycle's collecting lap
         self._cycle_after: float | None = None  # ... and the lap of the step after it
-        self._since_off = 0  # steps since the last non-collecting step
+        self._since_far = 0  # steps since a step two or more after a collecting one was timed
         # Host seconds of the latest logs, each spread over the steps since the log before
         # (the first log, which starts writers and makes tables, is left out): the median
         # is what logging costs a step.
@@ -433,25 +438,20 @@ class Sampler:
         return self._since + 1 >= self.every and not self._calibrating()
 
     @property
-    def _off(self) -> float | None:
-        return statistics.median(self._off_laps) if self._off_laps else None
-
-    @property
     def _after(self) -> float | None:
         return statistics.median(self._after_laps) if self._after_laps else None
 
     def _calibrating(self) -> bool:
-        """Collecting every step under a budget: leave one step out now and then, so that
-        the cost of collecting is measured against a step without it (stated in the
-        records' ``steps_collected``)."""
+        """Collecting every step or every other step under a budget: no cycle holds a step
+        two or more after its collecting step, the plain step that collecting and the step
+        after it (which collecting leaves part of its cost to) are measured against. Until
+        a few cycles were timed, and then once per ``_RECHECK`` steps, the collecting steps
+        are left out until such a step was timed (stated in the records'
+        ``steps_collected``)."""
         return (
-            self.adaptive and not self.distributed and self.every == 1 and self.max_every > 1
-            and bool(self._on_laps)
-            and (
-                self._since_off >= _RECHECK
-                # until a few cycles were timed, a step left out every third step
-                or (len(self._on_diffs) < _MIN_DIFFS and self._since_off >= 2)
-            )
+            self.adaptive and not self.distributed and self.every <= 2 and self.max_every > 2
+            and bool(self._on_laps) and self._since < 2
+            and (len(self._after_diffs) < _MIN_DIFFS or self._since_far >= _RECHECK)
         )
 
     def stop(self) -> None:
@@ -472,7 +472,7 @@ class Sampler:
     def done(self, *, collected: bool) -> None:
         """One step ended (``collected``: it collected statistics)."""
         self._since = 0 if collected else self._since + 1
-        self._since_off = self._since_off + 1 if collected else 0
+        self._since_far += 1
         self._since_log += 1
         if not self.adaptive or self.clock is None:
             return
@@ -535,14 +535,15 @@ class Sampler:
         the statistics calls' own time and the whole-step difference (the median difference
         within cycles, plus what the step after a collecting one took beyond the steps
         further on), once both kinds of step were timed; the plain step is then the median
-        step two or more after a collecting one (the step right after one, where none)."""
+        of the latest plain laps (``_plain_laps``; the steps right after a collecting one,
+        where none)."""
         hook, plain = self._hook, self._plain
         if len(self._on_diffs) >= _MIN_DIFFS:
             cost = statistics.median(self._on_diffs)
             if len(self._after_diffs) >= _MIN_DIFFS:
                 cost += max(statistics.median(self._after_diffs), 0.0)
             hook = max(hook or 0.0, cost)
-            base = self._off if self._off is not None else self._after
+            base = statistics.median(self._plain_laps) if self._plain_laps else self._after
             if base is not None:
                 plain = base
         return hook, plain
@@ -565,19 +566,24 @@ class Sampler:
         """File a one-step lap, and the differences within its cycle (see ``_on_diffs``)."""
         if collected:
             self._on_laps.append(seconds)
-            if self._cycle_on is not None and self._cycle_after is not None:
-                self._on_diffs.append(self._cycle_on - self._cycle_after)  # no step further on
+            if self._cycle_on is not None and self._cycle_after is not None and (
+                self.max_every <= 2
+            ):  # no step further on, ever (a log every other step): the step after one
+                self._on_diffs.append(self._cycle_on - self._cycle_after)
             self._cycle_on, self._cycle_after = seconds, None
         elif after:
             self._after_laps.append(seconds)
+            if len(self._after_diffs) >= _MIN_DIFFS:
+                self._plain_laps.append(seconds - max(statistics.median(self._after_diffs), 0.0))
             if self._cycle_on is not None:
                 self._cycle_after = seconds
         else:
-            self._off_laps.append(seconds)
+            self._plain_laps.append(seconds)
             if self._cycle_on is not None:
                 self._on_diffs.append(self._cycle_on - seconds)
                 if self._cycle_after is not None:
                     self._after_diffs.append(self._cycle_after - seconds)
+                    self._since_far = 0
             self._cycle_on = self._cycle_after = None
 
     def _decide(self, hook: float | None, plain: float | None, log: float | None = None) -> None:
