@@ -10,10 +10,15 @@ reaches) in which
   (``len``, ``isinstance``, ``range`` ...);
 * every attribute of ``self`` it names is a module of the model (its own hooks see its
   calls) or ``None``, a parameter, buffer, tensor, number, string, dtype or device (or a
-  tuple of such), or a method or property of ``self`` proved free in turn;
-* no attribute or global has the name of an activation op (``relu``, ``gelu``, ``relu_``
-  ...), of an ``nn.Module`` class of ``torch.nn`` (a module made inside ``forward``), or is
-  ``forward`` or a dunder name (``self.act.forward(x)`` runs a module without its hooks).
+  tuple, list or dict of such), a method of torch's ``nn.Module``, or a method or property
+  of ``self`` proved free in turn;
+* every other attribute (of a tensor, of a torch module, of a child reached through
+  ``self.block.x`` or ``self.blocks[0].x``) is judged by its name alone: not the name of an
+  activation op (``relu``, ``gelu``, ``relu_`` ...), of an ``nn.Module`` class of
+  ``torch.nn`` (a module made inside ``forward``), of anything on a module of the model
+  that may be called (an instance attribute that is not a plain value, a method of a class
+  of the user's), ``forward`` (``self.act.forward(x)`` runs a module without its hooks) or
+  a dunder.
 
 Anything else is not proved and the mode stays on there: a closure or decorated
 ``forward``, a helper function, a dict or list of activations, ``getattr``, ``super()``,
@@ -39,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["activation_names", "calls_no_activation"]
+__all__ = ["ForwardReader", "activation_names"]
 
 _MAX_DEPTH = 4  # methods of self followed from forward
 
@@ -60,6 +65,9 @@ _UNREAD_OPS = frozenset({
     "DELETE_GLOBAL", "LOAD_CLASSDEREF", "LOAD_FROM_DICT_OR_GLOBALS", "LOAD_FROM_DICT_OR_DEREF",
     "STORE_NAME",
 })
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _modules, training ...
 
 
 def activation_names(ops: Iterable[Callable[..., Any]]) -> frozenset[str]:
@@ -115,12 +123,16 @@ def _read(
 
 def _plain(value: object) -> bool:
     """A value whose use can call nothing: None, a number, string, tensor, dtype, device,
-    or a tuple of such."""
+    or a tuple, list, set or dict of such."""
     if value is None or isinstance(
         value, bool | int | float | complex | str | torch.Tensor | torch.dtype | torch.device
     ):
         return True
-    return isinstance(value, tuple) and all(_plain(v) for v in value)
+    if isinstance(value, tuple | list | set | frozenset):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(_plain(k) and _plain(v) for k, v in value.items())
+    return False
 
 
 def _torch_callable(value: object, ops: frozenset[Any]) -> bool:
@@ -135,19 +147,6 @@ def _torch_callable(value: object, ops: frozenset[Any]) -> bool:
     return callable(value) and not captured and (where == "torch" or where.startswith("torch."))
 
 
-def _global_ok(name: str, glob: dict[str, Any], ops: frozenset[Any]) -> bool:
-    if name in glob:
-        value = glob[name]
-    elif name in _BUILTINS:
-        return hasattr(builtins, name)
-    else:
-        return False  # another builtin (getattr, eval, super ...) or a missing name
-    if isinstance(value, types.ModuleType):
-        where = value.__name__
-        return where == "torch" or where.startswith("torch.") or where in _SAFE_MODULES
-    return _plain(value) or _torch_callable(value, ops)
-
-
 def _function_of(attr: object) -> tuple[types.FunctionType, bool] | None:
     """The Python function behind a class attribute (a method, property getter, static or
     class method) and whether its first argument is ``self``; None for anything else."""
@@ -159,79 +158,116 @@ def _function_of(attr: object) -> tuple[types.FunctionType, bool] | None:
     return (attr, bound) if isinstance(attr, types.FunctionType) else None
 
 
-def _self_attr_ok(
-    module: nn.Module, name: str, members: set[nn.Module], ops: frozenset[Any],
-    names: frozenset[str], depth: int, seen: set[types.CodeType],
-) -> bool:
-    """Whether ``self.<name>`` is safe to use (not when ``module`` has no such attribute:
-    one set while it runs, or served by a ``__getattr__`` of its own)."""
-    if name in module._modules:
-        child = module._modules[name]
-        return child is None or child in members
-    if name in module._parameters or name in module._buffers:
-        return True
-    if name in module.__dict__:
-        return _plain(module.__dict__[name])
-    missing = object()
-    attr = inspect.getattr_static(type(module), name, missing)
-    if attr is missing:
-        return False
-    found = _function_of(attr)
-    if found is not None:
-        fn, bound = found
-        if (fn.__module__ or "").startswith("torch."):  # nn.Module's own methods
-            return True
-        return _function_ok(fn, module, members, ops, names, depth + 1, seen, bound=bound)
-    return _plain(attr)
+def _torch_class(klass: type) -> bool:
+    where = klass.__module__ or ""
+    return where == "builtins" or where.startswith("torch.")
 
 
-def _function_ok(
-    fn: types.FunctionType, module: nn.Module, members: set[nn.Module], ops: frozenset[Any],
-    names: frozenset[str], depth: int, seen: set[types.CodeType], *, bound: bool = True,
-) -> bool:
-    code = fn.__code__
-    if code in seen:
-        return True  # being read further up (recursion): its other names decide
-    if depth > _MAX_DEPTH or hasattr(fn, "__wrapped__") or code.co_freevars:
-        return False  # too deep to follow, a decorated function, a closure
-    seen.add(code)
-    self_name = code.co_varnames[0] if bound and code.co_argcount > 0 else None
-    globs, mine, other, unread = _read(code, self_name)
-    if unread:
-        return False
-    for name in globs:
-        if name in names or not _global_ok(name, fn.__globals__, ops):
-            return False
-    for name in other:
-        if name in names or name == "forward" or name.startswith("__"):
-            return False
-    for name in mine:  # self.relu, a module of the model, may share an op's name
-        if name == "forward" or name.startswith("__"):
-            return False
-        if not _self_attr_ok(module, name, members, ops, names, depth, seen):
-            return False
-    return True
-
-
-def calls_no_activation(
-    module: nn.Module, members: set[nn.Module], ops: frozenset[Any], names: frozenset[str]
-) -> bool:
-    """Whether ``module``'s ``forward`` provably calls no functional activation (see the
-    module's docstring).
+class ForwardReader:
+    """Reads the forwards of one model's modules (see the module's docstring).
 
     Args:
-        module: a module of the model.
         members: the model's modules (a module outside it, held in a plain attribute, is
-            not proved).
+            never proved).
         ops: the captured callables (:func:`relu_doctor.functional.functional_ops`).
-        names: :func:`activation_names` of ``ops``.
     """
-    if "forward" in module.__dict__:
-        return False  # a forward set on the instance
-    fn = inspect.getattr_static(type(module), "forward", None)
-    if not isinstance(fn, types.FunctionType):
-        return False
-    try:
-        return _function_ok(fn, module, members, ops, names, 0, set())
-    except Exception:  # a reading that fails proves nothing: the mode stays on
-        return False
+
+    def __init__(self, members: Iterable[nn.Module], ops: Iterable[Callable[..., Any]]) -> None:
+        self.members = set(members)
+        self.ops = frozenset(ops)
+        self.names = activation_names(self.ops)
+        # Attribute names that may reach a callable on some module of the model (an instance
+        # attribute that is not a plain value, a method or other attribute of a class of the
+        # user's): ``self.block.act_fn(x)`` or ``self.blocks[0].helper(x)`` names one of these
+        # on an object the reading does not follow.
+        risky: set[str] = set()
+        for m in self.members:
+            risky.update(
+                k for k, v in vars(m).items() if k not in _MODULE_INTERNALS and not _plain(v)
+            )
+            for klass in type(m).__mro__:
+                if not _torch_class(klass):
+                    risky.update(k for k, v in vars(klass).items() if not _plain(v))
+        self.risky = frozenset(risky)
+
+    def proves(self, module: nn.Module) -> bool:
+        """Whether ``module``'s ``forward`` provably calls no functional activation."""
+        if "forward" in module.__dict__:
+            return False  # a forward set on the instance
+        fn = inspect.getattr_static(type(module), "forward", None)
+        if not isinstance(fn, types.FunctionType):
+            return False
+        try:
+            return self._function_ok(fn, module, 0, set())
+        except Exception:  # a reading that fails proves nothing: the mode stays on
+            return False
+
+    def _global_ok(self, name: str, glob: dict[str, Any]) -> bool:
+        if name in self.names:
+            return False
+        if name in glob:
+            value = glob[name]
+        elif name in _BUILTINS:
+            return hasattr(builtins, name)
+        else:
+            return False  # another builtin (getattr, eval, super ...) or a missing name
+        if isinstance(value, types.ModuleType):
+            where = value.__name__
+            return where == "torch" or where.startswith("torch.") or where in _SAFE_MODULES
+        return _plain(value) or _torch_callable(value, self.ops)
+
+    def _other_attr_ok(self, name: str) -> bool:
+        """An attribute of something the reading does not follow (a tensor, a torch module,
+        a module of the model reached through another): judged by its name."""
+        return not (
+            name in self.names or name in self.risky or name == "forward"
+            or name.startswith("__")
+        )
+
+    def _self_attr_ok(
+        self, module: nn.Module, name: str, depth: int, seen: set[types.CodeType]
+    ) -> bool:
+        """Whether ``self.<name>`` is safe to use (not when ``module`` has no such attribute:
+        one set while it runs, or served by a ``__getattr__`` of its own)."""
+        if name == "forward" or name.startswith("__"):
+            return False
+        if name in module._modules:
+            child = module._modules[name]
+            return child is None or child in self.members
+        if name in module._parameters or name in module._buffers:
+            return True
+        if name in module.__dict__:
+            return _plain(module.__dict__[name])
+        owner = next((k for k in type(module).__mro__ if name in vars(k)), None)
+        if owner is None:
+            return False
+        attr = vars(owner)[name]
+        if _torch_class(owner):  # nn.Module's own methods, a torch built-in parent's
+            return True
+        found = _function_of(attr)
+        if found is None:
+            return _plain(attr)
+        fn, bound = found
+        return self._function_ok(fn, module, depth + 1, seen, bound=bound)
+
+    def _function_ok(
+        self, fn: types.FunctionType, module: nn.Module, depth: int,
+        seen: set[types.CodeType], *, bound: bool = True,
+    ) -> bool:
+        code = fn.__code__
+        if code in seen:
+            return True  # being read further up (recursion): its other names decide
+        if depth > _MAX_DEPTH or hasattr(fn, "__wrapped__") or code.co_freevars:
+            return False  # too deep to follow, a decorated function, a closure
+        if fn in self.ops:
+            return False
+        seen.add(code)
+        self_name = code.co_varnames[0] if bound and code.co_argcount > 0 else None
+        globs, mine, other, unread = _read(code, self_name)
+        return (
+            not unread
+            and all(self._global_ok(n, fn.__globals__) for n in globs)
+            and all(self._other_attr_ok(n) for n in other)
+            # self.relu, a module of the model, may share an op's name
+            and all(self._self_attr_ok(module, n, depth, seen) for n in mine)
+        )

@@ -63,7 +63,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from relu_doctor._forward_reading import activation_names, calls_no_activation
+from relu_doctor._forward_reading import ForwardReader
 from relu_doctor._observing_mode import ObservingMode
 from relu_doctor.families import FAMILIES, Family, family_of
 from relu_doctor.probes import Probe, in_backward
@@ -197,7 +197,6 @@ class FunctionalCapture:
         self._trust_reading = False
         self._resync = False
         self._called_from: set[str] = set()
-        self._names = activation_names(self._ops)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> FunctionalCapture:
@@ -205,7 +204,6 @@ class FunctionalCapture:
         if self._attached:
             return self
         self._ops = functional_ops()
-        self._names = activation_names(self._ops)
         self._attached = True
         try:
             self._sync()
@@ -235,12 +233,11 @@ class FunctionalCapture:
         # include/exclude apply to the path of the module making the call (decided here, not
         # per call: a cache filled during a pass would make torch.compile recompile).
         self._selected = {path: self.probe.selected(path) for path, _ in named}
-        ops = frozenset(self._ops)
+        reader = ForwardReader(self._members, self._ops) if self._trust_reading else None
         may = {
             mod: _may_call_functional(mod)
             and not (
-                self._trust_reading and path not in self._called_from
-                and calls_no_activation(mod, self._members, ops, self._names)
+                reader is not None and path not in self._called_from and reader.proves(mod)
             )
             for path, mod in named
         }
