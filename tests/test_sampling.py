@@ -52,6 +52,22 @@ def drive(s: Sampler, fake: FakeTime, steps: int, step_s: float, hook_s: float) 
     return pattern
 
 
+def drive_with_spill(
+    s: Sampler, fake: FakeTime, steps: int, hook_s: float, spill_s: float
+) -> list[bool]:
+    """Run ``steps`` steps of 1 s; a collecting step costs ``hook_s`` more (in the statistics)
+    and leaves ``spill_s`` more to the step after it (outside them)."""
+    pattern: list[bool] = []
+    for i in range(steps):
+        c = s.collect(i)
+        after = not c and bool(pattern) and pattern[-1]
+        pattern.append(c)
+        fake.t += 1.0 + (hook_s if c else 0.0) + (spill_s if after else 0.0)
+        fake.stats += hook_s if c else 0.0
+        s.done(collected=c)
+    return pattern
+
+
 def sampler(fake: FakeTime, *, max_every: int = 50, **kw) -> Sampler:
     kw = {"every_n_steps": None, "overhead_budget": 0.03, **kw}
     s = Sampler(max_every=max_every, clock=fake.clock(), **kw)
@@ -96,14 +112,7 @@ def test_the_cost_left_to_the_step_after_a_collecting_one_counts():
     next: every 6th step keeps 3% (every 4th step, had the 6% been missed)."""
     fake = FakeTime()
     s = sampler(fake)
-    pattern = []
-    for i in range(120):
-        c = s.collect(i)
-        after = not c and bool(pattern) and pattern[-1]
-        pattern.append(c)
-        fake.t += 1.0 + (0.1 if c else 0.0) + (0.06 if after else 0.0)
-        fake.stats += 0.1 if c else 0.0
-        s.done(collected=c)
+    pattern = drive_with_spill(s, fake, 120, 0.1, 0.06)
     assert s.every == 6
     assert gaps(pattern)[-5:] == [6] * 5
     assert s.overhead() == pytest.approx(0.16 / 6)
@@ -116,14 +125,7 @@ def test_the_cost_left_to_the_next_step_counts_when_collecting_every_step_or_eve
     every 2nd step keeps 3% (every step, at 6%, had the 3% left over been missed)."""
     fake = FakeTime()
     s = sampler(fake, max_every=100)
-    pattern = []
-    for i in range(300):
-        c = s.collect(i)
-        after = not c and bool(pattern) and pattern[-1]
-        pattern.append(c)
-        fake.t += 1.0 + (0.03 if c else 0.0) + (0.03 if after else 0.0)
-        fake.stats += 0.03 if c else 0.0
-        s.done(collected=c)
+    pattern = drive_with_spill(s, fake, 300, 0.03, 0.03)
     assert s.every == 2
     assert s._estimates() == (pytest.approx(0.06), pytest.approx(1.0))
     tail = gaps(pattern[100:])
