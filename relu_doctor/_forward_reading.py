@@ -158,9 +158,17 @@ def _function_of(attr: object) -> tuple[types.FunctionType, bool] | None:
     return (attr, bound) if isinstance(attr, types.FunctionType) else None
 
 
+# torch's classes whose methods call activations themselves (nn.ReLU.forward calls F.relu,
+# TransformerEncoderLayer._ff_block calls its activation): read like the user's classes.
+_CALLING_MODULES = ("torch.nn.modules.activation", "torch.nn.modules.transformer")
+
+
 def _torch_class(klass: type) -> bool:
+    """A class of torch's own (or ``object``) whose methods call no activation."""
     where = klass.__module__ or ""
-    return where == "builtins" or where.startswith("torch.")
+    return where == "builtins" or (
+        where.startswith("torch.") and not where.startswith(_CALLING_MODULES)
+    )
 
 
 class ForwardReader:

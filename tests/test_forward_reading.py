@@ -278,7 +278,29 @@ class ChildsMethod(Base):
         return self.out(self.holders[0].helper(self.fc(x)))
 
 
-NOT_PROVED = [ClassAttribute, StaticAttribute, ChildsFunction, ChildsMethod, Functional, TorchRelu, TensorMethod, Aliased, FunctionAttribute, GlobalDict,
+class TransformerPart(nn.Module):
+    """A method of torch's own that calls an activation (the feed-forward block of a
+    transformer layer: F.relu), reached through a child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.layer._ff_block(self.fc(x)))
+
+
+class TransformerSubclass(nn.TransformerEncoderLayer):
+    def __init__(self) -> None:
+        super().__init__(6, 2, dim_feedforward=12, dropout=0.0)
+
+    def forward(self, x):
+        return self._ff_block(x)
+
+
+NOT_PROVED = [TransformerPart, TransformerSubclass, ClassAttribute, StaticAttribute, ChildsFunction, ChildsMethod, Functional, TorchRelu, TensorMethod, Aliased, FunctionAttribute, GlobalDict,
               DictAttribute, Helper, GetAttr, Super, Imports, HeldOutside, ForwardOfChild,
               ModuleMadeInForward, MethodCalls, StaticShadow, PropertyAct, Decorated, Closure,
               Eval]
