@@ -5,30 +5,33 @@ while the module runs (the mode sends every torch call made there through Python
 Proved free is a ``forward`` (with the code nested in it and the methods of ``self`` it
 reaches) in which
 
-* every global is a torch module, ``math`` or ``operator``, a torch callable that is not an
+* every global is a torch module or ``math``, a public torch callable that is not an
   activation and not an ``nn.Module`` class, a constant, or one of a few harmless builtins
-  (``len``, ``isinstance``, ``range`` ...);
-* every attribute of ``self`` it names is a module of the model (its own hooks see its
-  calls) or ``None``, a parameter, buffer, tensor, number, string, dtype or device (or a
-  tuple, list or dict of such), a method of torch's ``nn.Module``, or a method or property
-  of ``self`` proved free in turn;
+  (``len``, ``isinstance``, ``range`` ...; not ``type``, ``getattr``, ``eval``);
+* every attribute of ``self`` it names is found in one place only (a child shadowed by a
+  method, or an instance value by a property, is left unread) and is a module of the model
+  (its own hooks see its calls) or ``None``, a parameter, buffer, tensor, number, string,
+  dtype or device (or a tuple, list or dict of such), a method of torch's ``nn.Module``, or
+  a method or property of ``self`` proved free in turn;
 * every other attribute (of a tensor, of a torch module, of a child reached through
   ``self.block.x`` or ``self.blocks[0].x``) is judged by its name alone: not the name of an
   activation op (``relu``, ``gelu``, ``relu_`` ...), of an ``nn.Module`` class of
   ``torch.nn`` (a module made inside ``forward``), of anything on a module of the model
   that may be called (an instance attribute that is not a plain value, a method of a class
-  of the user's), ``forward`` (``self.act.forward(x)`` runs a module without its hooks) or
-  a dunder.
+  of the user's or of torch's activation and transformer classes), not private (``_ff_block``,
+  ``_slow_forward``), and no module of the model makes attributes up (a ``__getattr__`` of
+  the user's).
 
 Anything else is not proved and the mode stays on there: a closure or decorated
 ``forward``, a helper function, a dict or list of activations, ``getattr``, ``super()``,
-``eval``, an import, a module that is not part of the model, a ``forward`` set on the
-instance.
+``eval``, ``operator.methodcaller``, an import, a module that is not part of the model, a
+``forward`` set on the instance.
 
 Not seen by reading: an activation passed to ``forward`` as an argument
 (``block(x, act=F.relu)``). :class:`~relu_doctor.functional.FunctionalCapture` therefore runs
 the first recorded pass with the mode on in every module that may call one, and never
-trusts the reading of a module whose own code made a call there.
+trusts the reading of a module whose own code made a call there. A call the first pass does
+not make (a layer dropped at random in it) rests on the reading alone.
 """
 
 from __future__ import annotations
@@ -48,14 +51,19 @@ __all__ = ["ForwardReader", "activation_names"]
 
 _MAX_DEPTH = 4  # methods of self followed from forward
 
+# (not type: type(self.act)() makes a module; not operator: methodcaller("relu") calls by
+# name; not getattr, hasattr, eval, map ...)
 _BUILTINS = frozenset({
-    "abs", "all", "any", "bool", "dict", "enumerate", "float", "hasattr", "int", "isinstance",
+    "abs", "all", "any", "bool", "dict", "enumerate", "float", "int", "isinstance",
     "issubclass", "iter", "len", "list", "max", "min", "next", "range", "reversed", "round",
-    "set", "slice", "sorted", "str", "sum", "tuple", "type", "zip", "print",
+    "set", "slice", "sorted", "str", "sum", "tuple", "zip",
     "AssertionError", "IndexError", "KeyError", "NotImplementedError", "RuntimeError",
     "TypeError", "ValueError",
 })
-_SAFE_MODULES = ("math", "operator")
+_SAFE_MODULES = ("math",)
+# nn.Module's methods that run a forward without its module's hooks.
+_RUNS_FORWARD = frozenset({"forward", "_slow_forward", "_call_impl", "_wrapped_call_impl"})
+_DYNAMIC = ("__getattr__", "__getattribute__")
 _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
 _ATTR_OPS = frozenset({"LOAD_ATTR", "LOAD_METHOD", "STORE_ATTR", "DELETE_ATTR"})
 # Opcodes whose meaning the reading cannot follow: an import, super(), names resolved at
@@ -100,9 +108,9 @@ def _read(
     mine: set[str] = set()
     other: set[str] = set()
     unread = False
-    todo = [code]
+    todo = [(code, self_name)]
     while todo:
-        c = todo.pop()
+        c, self_name = todo.pop()
         prev: dis.Instruction | None = None
         for ins in dis.get_instructions(c):
             if ins.opname in _GLOBAL_OPS:
@@ -117,7 +125,11 @@ def _read(
                 unread = True
             if ins.opname != "CACHE":
                 prev = ins
-        todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+        for k in c.co_consts:
+            if isinstance(k, types.CodeType):
+                # a nested function's own parameter named self is not the module
+                inner = self_name if self_name in k.co_freevars else None
+                todo.append((k, inner))
     return frozenset(globs), frozenset(mine), frozenset(other), unread
 
 
@@ -136,8 +148,11 @@ def _plain(value: object) -> bool:
 
 
 def _torch_callable(value: object, ops: frozenset[Any]) -> bool:
-    """A function or class of torch's own that is not a captured op or a module class."""
+    """A public function or class of torch's own that is not a captured op or a module class
+    (a private helper such as ``_get_activation_fn`` may return an activation)."""
     if isinstance(value, type) and issubclass(value, nn.Module):
+        return False
+    if (getattr(value, "__name__", None) or "_").startswith("_"):
         return False
     where = getattr(value, "__module__", None) or ""
     try:
@@ -161,6 +176,14 @@ def _function_of(attr: object) -> tuple[types.FunctionType, bool] | None:
 # torch's classes whose methods call activations themselves (nn.ReLU.forward calls F.relu,
 # TransformerEncoderLayer._ff_block calls its activation): read like the user's classes.
 _CALLING_MODULES = ("torch.nn.modules.activation", "torch.nn.modules.transformer")
+
+
+def _dynamic(klass: type) -> bool:
+    """Whether a class of the user's in ``klass``'s MRO defines ``__getattr__`` or
+    ``__getattribute__`` (nn.Module's own only serves parameters, buffers and children)."""
+    return any(
+        name in vars(k) for k in klass.__mro__ if not _torch_class(k) for name in _DYNAMIC
+    )
 
 
 def _torch_class(klass: type) -> bool:
@@ -197,6 +220,9 @@ class ForwardReader:
                 if not _torch_class(klass):
                     risky.update(k for k, v in vars(klass).items() if not _plain(v))
         self.risky = frozenset(risky)
+        # A module of the user's that makes attributes up (its own __getattr__): no name
+        # reached through one can be judged.
+        self.dynamic = any(_dynamic(type(m)) for m in self.members)
 
     def proves(self, module: nn.Module) -> bool:
         """Whether ``module``'s ``forward`` provably calls no functional activation."""
@@ -211,7 +237,7 @@ class ForwardReader:
             return False
 
     def _global_ok(self, name: str, glob: dict[str, Any]) -> bool:
-        if name in self.names:
+        if name in self.names or name.startswith("_"):
             return False
         if name in glob:
             value = glob[name]
@@ -228,8 +254,8 @@ class ForwardReader:
         """An attribute of something the reading does not follow (a tensor, a torch module,
         a module of the model reached through another): judged by its name."""
         return not (
-            name in self.names or name in self.risky or name == "forward"
-            or name.startswith("__")
+            self.dynamic or name in self.names or name in self.risky or name.startswith("_")
+            or name in _RUNS_FORWARD
         )
 
     def _self_attr_ok(
@@ -237,8 +263,15 @@ class ForwardReader:
     ) -> bool:
         """Whether ``self.<name>`` is safe to use (not when ``module`` has no such attribute:
         one set while it runs, or served by a ``__getattr__`` of its own)."""
-        if name == "forward" or name.startswith("__"):
+        if name in _RUNS_FORWARD or name.startswith("__") or _dynamic(type(module)):
             return False
+        owner = next((k for k in type(module).__mro__ if name in vars(k)), None)
+        stored = [
+            d for d in (module._modules, module._parameters, module._buffers, module.__dict__)
+            if name in d
+        ]
+        if len(stored) + (owner is not None) != 1:
+            return False  # none, or one shadowing another (Python's order decides): unread
         if name in module._modules:
             child = module._modules[name]
             return child is None or child in self.members
@@ -246,9 +279,7 @@ class ForwardReader:
             return True
         if name in module.__dict__:
             return _plain(module.__dict__[name])
-        owner = next((k for k in type(module).__mro__ if name in vars(k)), None)
-        if owner is None:
-            return False
+        assert owner is not None
         attr = vars(owner)[name]
         if _torch_class(owner):  # nn.Module's own methods, a torch built-in parent's
             return True

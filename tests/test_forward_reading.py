@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import operator
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.functional import relu as aliased_relu
+from torch.nn.modules.transformer import _get_activation_fn
 
 import relu_doctor
 from relu_doctor._forward_reading import ForwardReader
@@ -300,7 +302,97 @@ class TransformerSubclass(nn.TransformerEncoderLayer):
         return self._ff_block(x)
 
 
-NOT_PROVED = [TransformerPart, TransformerSubclass, ClassAttribute, StaticAttribute, ChildsFunction, ChildsMethod, Functional, TorchRelu, TensorMethod, Aliased, FunctionAttribute, GlobalDict,
+# Found by a review that tried to break the reading (each was proved before it was mended).
+
+
+class MethodCaller(Base):
+    def forward(self, x):
+        return self.out(operator.methodcaller("relu")(self.fc(x)))  # a call by name
+
+
+class TorchHelper(Base):
+    def forward(self, x):
+        return self.out(_get_activation_fn("relu")(self.fc(x)))  # a private torch helper
+
+
+class TypeOfChild(Base):
+    def forward(self, x):
+        return self.out(type(self.relu)()(self.fc(x)))  # a ReLU made in forward
+
+
+class ShadowedMethod(Base):
+    """A method and a child of one name: Python finds the method first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.Identity()  # stored in _modules, behind the class's method
+
+    def act(self, h):  # type: ignore[no-redef]
+        return F.relu(h)
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(x)))
+
+
+class ShadowedProperty(Base):
+    """A property and an instance attribute of one name: the property wins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.__dict__["act"] = "identity"
+
+    @property
+    def act(self):
+        return F.relu
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(x)))
+
+
+class NestedSelf(Base):
+    """A nested function whose own parameter is named self."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holder = Holder()
+        self.act_fn = nn.Identity()
+
+    def forward(self, x):
+        def apply(self, h):
+            return self.act_fn(h)
+
+        return self.out(apply(self.holder, self.fc(x)))
+
+
+class MadeUp(nn.Module):
+    """A module whose own __getattr__ makes an activation up."""
+
+    def __getattr__(self, name):
+        return F.relu if name == "act" else super().__getattr__(name)
+
+
+class ChildMakesUp(Base):
+    def __init__(self) -> None:
+        super().__init__()
+        self.acts = MadeUp()
+
+    def forward(self, x):
+        return self.out(self.acts.act(self.fc(x)))
+
+
+class SlowForward(Base):
+    """A child's forward run without its hooks, through nn.Module's own method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk = Functional()
+
+    def forward(self, x):
+        return self.blk._slow_forward(x)
+
+
+NOT_PROVED = [MethodCaller, TorchHelper, TypeOfChild, ShadowedMethod, ShadowedProperty,
+              NestedSelf, ChildMakesUp, SlowForward, TransformerPart, TransformerSubclass, ClassAttribute, StaticAttribute, ChildsFunction, ChildsMethod, Functional, TorchRelu, TensorMethod, Aliased, FunctionAttribute, GlobalDict,
               DictAttribute, Helper, GetAttr, Super, Imports, HeldOutside, ForwardOfChild,
               ModuleMadeInForward, MethodCalls, StaticShadow, PropertyAct, Decorated, Closure,
               Eval]
@@ -454,3 +546,42 @@ def test_after_the_first_pass_a_proved_model_runs_without_the_mode():
     assert on == [False, False, False]  # the stem: a Sequential, no mode there
     assert block_on == [True, False, False]  # the first pass checks with the mode on
     assert hooked == [net]  # only the root: passes start and end there
+
+
+class PreNormLayer(nn.TransformerEncoderLayer):
+    """Reuses torch's own blocks, which call the layer's activation (F.relu)."""
+
+    def forward(self, x):
+        x = x + self._sa_block(self.norm1(x), None, None)
+        return x + self._ff_block(self.norm2(x))
+
+
+class LayerDrop(nn.Module):
+    """Layers 1 and 2 are dropped on the first pass (the one that checks the reading with
+    the mode on), run on the later ones: only the reading can keep their calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            PreNormLayer(8, 2, 16, dropout=0.0, batch_first=True) for _ in range(3)
+        )
+        self.head = nn.Linear(8, 1)
+        self.passes = 0
+
+    def forward(self, x):
+        self.passes += 1
+        for i, layer in enumerate(self.layers):
+            if self.passes > 1 or i == 0:
+                x = layer(x)
+        return self.head(x)
+
+
+def test_calls_missing_from_the_first_pass_are_still_counted():
+    torch.manual_seed(0)
+    net = LayerDrop()
+    twin = copy.deepcopy(net)
+    xs = [torch.randn(2, 5, 8) for _ in range(3)]
+    trusted = _run(net, xs, trusted=True, overhead_budget=None)
+    assert trusted.trusted
+    assert [s.name for s in trusted.sites] == [f"layers.{i}:relu#0" for i in range(3)]
+    _assert_same(trusted, _run(twin, xs, trusted=False, overhead_budget=None))
