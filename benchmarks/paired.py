@@ -7,12 +7,18 @@ turn, in a shuffled order each round, and each step is divided by the plain step
 round: the machine's slow drifts cancel, and an A/A control (a second plain copy) shows what
 is left.
 
-Two ratios per configuration:
+Three ratios per configuration:
 
 * the median of the per-round ratios, with a bootstrap 95% interval: a configuration's cost
   at each step (for collection at every step);
 * the mean of the per-round ratios, the top and bottom 5% left out: the cost averaged over
-  steps, what a configuration that collects only some steps (the default budget) costs.
+  steps, robust to a stray slow step but blind to a cost paid on fewer than 5% of the steps;
+* the total, all of a configuration's step time over all of plain's: what the run costs, a
+  configuration that collects only some steps (the default budget) included; the A/A
+  control's total shows how much stray slow steps move it.
+
+A configuration that samples also gets its steps split by phase (collecting, right after a
+collecting step, the others), to compare with the budget's own estimate.
 
 Each relu_doctor copy gets a clock of its own that runs only during its own steps
 (:class:`OwnTime`): its overhead budget measures a step of its model, not the round of all
@@ -28,6 +34,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import sys
@@ -109,16 +116,26 @@ def paired(
         r.attach()
     clocks = {name: own_clock(r) for name, r in runners.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
+    collected: dict[str, list[bool]] = {name: [] for name in runners}
     order = list(runners)
     try:
         for i in range(rounds + WARMUP):
             random.Random(i).shuffle(order)
             for name in order:
+                doc = getattr(runners[name], "doc", None)
+                collects = doc is not None and doc.probe.collecting
                 clocks[name].begin()
                 runners[name].train_step()
                 took = clocks[name].end()
                 if i >= WARMUP:
                     times[name].append(took)
+                    collected[name].append(collects)
+            if i == WARMUP - 1:
+                # What the first steps made to last (sites, the forward reading) is promoted
+                # through the garbage collector's generations until it sets off one full
+                # collection (about 0.2 s on the ResNet-50-like model, some 40 steps in):
+                # once per run, so it is made here, untimed, for every copy alike.
+                gc.collect()
     finally:
         for r in runners.values():
             r.close()
@@ -126,7 +143,8 @@ def paired(
     plain = times["plain"]
     lines = [f"{spec.title}: {rounds} rounds, {threads} threads, plain step "
              f"{1e3 * statistics.median(plain):.2f} ms (median)",
-             f"{'configuration':28s} {'median ratio [95%]':>24s} {'mean ratio':>11s}  rate"]
+             f"{'configuration':28s} {'median ratio [95%]':>24s} {'mean ratio':>11s} "
+             f"{'total':>7s}  rate"]
     for name, r in runners.items():
         ratios = [a / b for a, b in zip(times[name], plain, strict=True)]
         lo, hi = _boot(ratios, rng)
@@ -137,18 +155,42 @@ def paired(
             rate = f"every {doc.sampler.every}" + (
                 f" (its estimate: {est:.1%})" if est is not None and doc.sampler.adaptive else ""
             )
+        total = sum(times[name]) / sum(plain)
         lines.append(f"{name:28s} {statistics.median(ratios):8.3f}x [{lo:.3f}-{hi:.3f}] "
-                     f"{_trimmed_mean(ratios):10.3f}x  {rate}")
+                     f"{_trimmed_mean(ratios):10.3f}x {total:6.3f}x  {rate}")
+    for name in runners:
+        if 0 < sum(collected[name]) < len(collected[name]):
+            lines.append(_phases(name, times[name], plain, collected[name]))
     return lines
+
+
+def _phases(name: str, times: list[float], plain: list[float], collected: list[bool]) -> str:
+    """Where a sampling configuration's cost falls: the median ratio to plain of its
+    collecting steps, of the steps right after one, and of the others, and what each adds
+    over the run (its steps' time beyond plain, as a share of all plain time)."""
+    phase = ["collecting" if c else "after" if i and collected[i - 1] else "others"
+             for i, c in enumerate(collected)]
+    parts = []
+    for which in ("collecting", "after", "others"):
+        idx = [i for i, p in enumerate(phase) if p == which]
+        if not idx:
+            continue
+        ratio = statistics.median(times[i] / plain[i] for i in idx)
+        adds = sum(times[i] - plain[i] for i in idx) / sum(plain)
+        parts.append(f"{which} {len(idx)} steps {ratio:.3f}x (adds {adds:+.1%})")
+    return f"  {name}: " + ", ".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Columns: the median of the per-round ratios to plain with a bootstrap 95% "
-        "interval (the cost at each step), and their mean with the top and bottom 5% left "
-        "out (the cost over steps: what the default budget's sampling costs); for relu_doctor "
-        "rows, the rate in use at the end and the budget's own estimate of its overhead.",
+        "interval (the cost at each step), their mean with the top and bottom 5% left "
+        "out, and the total (all of a configuration's step time over all of plain's: the cost "
+        "over the run, what the default budget's sampling costs); for relu_doctor rows, the "
+        "rate in use at the end and the budget's own estimate of its overhead. A sampling "
+        "configuration's line below the table splits its steps into collecting ones, the "
+        "steps right after one, and the others.",
     )
     p.add_argument("--model", default="mlp", choices=sorted(model_specs()),
                    help="a benchmark model of benchmarks/overhead.py (default mlp)")

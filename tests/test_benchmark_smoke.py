@@ -129,11 +129,27 @@ def test_the_paired_logging_step_benchmark_runs() -> None:
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
 
 
+def test_the_paired_benchmark_splits_a_sampling_configuration_by_phase() -> None:
+    from benchmarks import paired
+
+    plain = [1.0, 2.0, 1.0, 1.0, 2.0, 1.0, 1.0]
+    times = [1.5, 2.2, 1.0, 1.4, 2.4, 0.9, 1.3]
+    collected = [True, False, False, True, False, False, True]
+    line = paired._phases("default", times, plain, collected)
+    total = sum(plain)  # 9.0
+    # collecting: steps 0, 3, 6 (ratios 1.5, 1.4, 1.3); after: 1, 4 (1.1, 1.2); others: 2, 5
+    assert line == (
+        f"  default: collecting 3 steps {1.4:.3f}x (adds {(0.5 + 0.4 + 0.3) / total:+.1%}), "
+        f"after 2 steps {1.15:.3f}x (adds {(0.2 + 0.4) / total:+.1%}), "
+        f"others 2 steps {0.95:.3f}x (adds {-0.1 / total:+.1%})"
+    )
+
+
 def test_the_paired_benchmark_runs_and_times_each_doctor_on_its_own_steps(monkeypatch) -> None:
     from benchmarks import paired
 
     lines = paired.paired("mlp", ["default", "every"], rounds=10, threads=1, quick=True)
-    rows = {line.split()[0]: line for line in lines[2:]}
+    rows = {line.split()[0]: line for line in lines[2:] if not line.startswith(" ")}
     assert set(rows) == {"plain", "A/A", "default", "every"}, lines
     assert "every 1" in rows["every"] and "its estimate" in rows["default"]
     # a default-settings copy's budget reads the copy's own clock
