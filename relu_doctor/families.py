@@ -165,20 +165,44 @@ register_family(
 )
 
 
+# Activation classes of other packages, known by their dotted names so that relu_doctor
+# imports none of them: each is watched as a module of the family named. Hugging Face's GELU
+# approximations compute their formula with tanh, sigmoid or erf (gelu_new is GPT-2's and
+# flan-T5's default, quick_gelu CLIP's, gelu_python BERT's with use_gelu_python), so no
+# functional op of theirs is one capture could see; the others are listed with them so
+# that every GELU and SiLU of ACT2FN is one module site, named after its module. Each is
+# positive exactly where its input is, as the family's definition of active asks.
+KNOWN_CLASSES: dict[str, str] = {
+    **{
+        f"transformers.activations.{cls}": "gelu"
+        for cls in (
+            "GELUActivation", "GELUTanh", "PytorchGELUTanh", "NewGELUActivation",
+            "FastGELUActivation", "QuickGELUActivation", "AccurateGELUActivation",
+        )
+    },
+    "transformers.activations.SiLUActivation": "silu",
+}
+
+
 def family_of(module: nn.Module) -> Family | None:
     """The family of ``module``, or None when it is not a ReLU-family activation.
 
-    The most specific registered class wins (``nn.ReLU6`` is a subclass of ``nn.Hardtanh``
-    and is reported as ``relu6``).
+    The most specific class wins, registered (``nn.ReLU6`` is a subclass of ``nn.Hardtanh``
+    and is reported as ``relu6``) or known by name (:data:`KNOWN_CLASSES`).
     """
     best: Family | None = None
     best_depth = -1
+    mro = type(module).__mro__
     for fam in FAMILIES.values():
         for t in fam.module_types:
             if isinstance(module, t):
-                depth = len(type(module).__mro__) - type(module).__mro__.index(t)
+                depth = len(mro) - mro.index(t)
                 if depth > best_depth:
                     best, best_depth = fam, depth
+    for cls in mro[: len(mro) - best_depth]:  # classes more specific than a registered one
+        name = KNOWN_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if name is not None and name in FAMILIES:
+            return FAMILIES[name]  # the first in the MRO is the most specific
     return best
 
 

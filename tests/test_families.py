@@ -131,3 +131,28 @@ def test_unknown_family_name_lists_the_known_ones():
         family_by_name("swish")
     for name in MEMBERS:
         assert repr(name) in str(info.value)
+
+
+def test_classes_known_by_name_are_found_without_their_package(registry):
+    # A class of that dotted name, as transformers defines it (tests/test_real_models.py
+    # runs the real ones): found by name, through subclasses too.
+    known = type("NewGELUActivation", (nn.Module,), {"forward": lambda self, x: x})
+    known.__module__ = "transformers.activations"
+    assert family_of(known()).name == "gelu"
+
+    class Sub(known):
+        pass
+
+    assert family_of(Sub()).name == "gelu"
+    # the same class name in another module is not known
+    assert family_of(type("NewGELUActivation", (nn.Module,), {})()) is None
+
+    # a registered class more specific than the known one wins; a less specific one does not
+    class Mine(known):
+        pass
+
+    register_family("mine", Mine, leaky=True)
+    register_family("any_module", nn.Module, leaky=True)
+    assert family_of(Mine()).name == "mine"
+    assert family_of(Sub()).name == "gelu"
+    assert family_of(nn.Identity()).name == "any_module"

@@ -4,9 +4,10 @@ layer that feeds it, and every statistic equals the brute-force reference taken 
 dim, through a change of sequence length, image size or audio length.
 
 The reference (:class:`tests.reference.Recorder`) hooks the models' activation modules
-(Hugging Face's ``GELUActivation``/``SiLUActivation`` call ``F.gelu``/``F.silu`` in their
-``forward``, which relu_doctor sees as functional calls named after that module; ``relu``
-configs give an ``nn.ReLU`` module). The expected unit dim and count come from the config:
+(Hugging Face's GELU and SiLU classes, which relu_doctor knows by name and watches as
+modules, whether they call ``F.gelu`` or compute a tanh or sigmoid formula of their own as
+``gelu_new``, ``quick_gelu`` and ``gelu_python`` do; ``relu`` configs give an ``nn.ReLU``
+module). The expected unit dim and count come from the config:
 ``intermediate_size`` on the last dim of a Linear's output, ``conv_dim`` on dim 1 of a Conv1d's.
 """
 
@@ -97,11 +98,25 @@ def _opt() -> nn.Module:
     return transformers.OPTModel(cfg)
 
 
+def _gpt2(act: str) -> nn.Module:
+    cfg = transformers.GPT2Config(
+        vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_inner=24, n_positions=32,
+        activation_function=act, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return transformers.GPT2Model(cfg)
+
+
 CASES: dict[str, HFCase] = {
     "bert_gelu": HFCase(lambda: _bert("gelu"), _ids(7, 11), "intermediate.intermediate_act_fn",
                         "intermediate.dense", 2, 24),
     "bert_relu": HFCase(lambda: _bert("relu"), _ids(7, 11), "intermediate.intermediate_act_fn",
                         "intermediate.dense", 2, 24),
+    # GELU formulas of Hugging Face's own, which call no functional op capture could see
+    "bert_gelu_python": HFCase(lambda: _bert("gelu_python"), _ids(7, 11),
+                               "intermediate.intermediate_act_fn", "intermediate.dense", 2, 24),
+    "bert_quick_gelu": HFCase(lambda: _bert("quick_gelu"), _ids(7, 11),
+                              "intermediate.intermediate_act_fn", "intermediate.dense", 2, 24),
+    "gpt2_gelu_new": HFCase(lambda: _gpt2("gelu_new"), _ids(7, 11), "mlp.act", "mlp.c_fc", 2, 24),
     "vit": HFCase(_vit, lambda: [torch.randn(2, 3, 16, 16), torch.randn(3, 3, 16, 16)],
                   "activation_fn", "fc1", 2, 20),
     "convnext": HFCase(_convnext, lambda: [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 24, 20)],
