@@ -214,6 +214,18 @@ class Probe(SiteRegistry):
 
     def _check_patterns(self) -> None:
         paths = [module_label(p) for p, _ in self.model.named_modules()]
+        for p in self.unit_dims:
+            if not any(fnmatch.fnmatchcase(x, p) for x in paths):
+                # A warning, not an error: the pattern may name a module outside the model
+                # that its forward calls (a site named by class, ``Teacher#0``).
+                warnings.warn(
+                    f"relu_doctor: unit_dims: pattern {p!r} matches no module of the model, so "
+                    "it changes no site. Patterns are fnmatch globs over module paths: a site "
+                    "name without its '#k' or ':op#k' suffix ('layer1.0.relu', 'features.dense1'"
+                    " for 'features.dense1:relu#0').",
+                    ReluDoctorWarning,
+                    stacklevel=4,
+                )
         for arg, pats in (("include", self.include), ("exclude", self.exclude)):
             for p in pats:
                 if not any(fnmatch.fnmatchcase(x, p) for x in paths):
@@ -419,8 +431,8 @@ class Probe(SiteRegistry):
         Args:
             functional: whether functional calls (``F.relu``...) are captured too.
         """
-        if self._sites or (self.passes == 0 and (functional or self._targets)):
-            return None
+        if self._sites or self._failed or (self.passes == 0 and (functional or self._targets)):
+            return None  # a failed site ran an activation: its own warning said why
         what = " after include/exclude" if (self.include or self.exclude) else ""
         cause = (
             "functional=False leaves functional calls (F.relu, F.gelu ...) out: drop it to "

@@ -9,6 +9,7 @@ import copy
 import gc
 import io
 import types
+import warnings
 import weakref
 
 import numpy as np
@@ -362,6 +363,35 @@ def test_a_unit_dim_out_of_range_warns_in_the_forward_and_training_goes_on():
     ):
         model(torch.randn(2, 10)).sum().backward()
     assert [s.name for s in doc.sites] == ["3"]
+
+
+def test_when_every_site_failed_the_steps_go_on_without_a_false_nothing_to_watch():
+    model = zoo.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        # dim 5 is out of range for both ReLUs' (2, 20) outputs: both hooks fail
+        with relu_doctor.watch(model, unit_dims={"*": 5}, every_n_steps=1,
+                               log_every_n_steps=2) as doc:
+            for _ in range(4):  # steps and logs, with no site left
+                model(torch.randn(2, 10)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+    failed = [str(w.message) for w in seen if "stopped monitoring site" in str(w.message)]
+    assert len(failed) == 2 and all("out of range" in m for m in failed), failed
+    assert doc.sites == [] and doc.global_step == 4
+
+
+def test_a_unit_dims_pattern_that_matches_no_module_warns_at_watch():
+    model = zoo.mlp()
+    with (
+        pytest.warns(ReluDoctorWarning, match=r"unit_dims: pattern '1#0' matches no module"),
+        relu_doctor.watch(model, unit_dims={"1#0": 1, "3": 1}, every_n_steps=1) as doc,
+    ):
+        model(torch.randn(2, 10)).sum().backward()
+        doc.step()
+    assert [s.unit_dim for s in doc.sites] == [1, 1]
 
 
 def test_bad_scan_arguments_and_empty_data():
