@@ -178,6 +178,7 @@ KNOWN_CLASSES: dict[str, str] = {
         for cls in (
             "GELUActivation", "GELUTanh", "PytorchGELUTanh", "NewGELUActivation",
             "FastGELUActivation", "QuickGELUActivation", "AccurateGELUActivation",
+            "ClippedGELUActivation",  # gelu_10: calls a GELUActivation held outside the model
         )
     },
     "transformers.activations.SiLUActivation": "silu",

@@ -116,6 +116,8 @@ CASES: dict[str, HFCase] = {
                                "intermediate.intermediate_act_fn", "intermediate.dense", 2, 24),
     "bert_quick_gelu": HFCase(lambda: _bert("quick_gelu"), _ids(7, 11),
                               "intermediate.intermediate_act_fn", "intermediate.dense", 2, 24),
+    "bert_gelu_10": HFCase(lambda: _bert("gelu_10"), _ids(7, 11),
+                           "intermediate.intermediate_act_fn", "intermediate.dense", 2, 24),
     "gpt2_gelu_new": HFCase(lambda: _gpt2("gelu_new"), _ids(7, 11), "mlp.act", "mlp.c_fc", 2, 24),
     "vit": HFCase(_vit, lambda: [torch.randn(2, 3, 16, 16), torch.randn(3, 3, 16, 16)],
                   "activation_fn", "fc1", 2, 20),
