@@ -406,7 +406,8 @@ class Doctor(IntervalReading, RunRecording):
         synchronisation.
 
         Args:
-            metrics: ``{name: value}``, each value a number or a one-element tensor.
+            metrics: ``{name: value}``, each value a number (numpy's included) or a
+                one-element tensor or array.
         """
         self._training.add(metrics)
 

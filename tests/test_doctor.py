@@ -394,6 +394,21 @@ def test_a_unit_dims_pattern_that_matches_no_module_warns_at_watch():
     assert [s.unit_dim for s in doc.sites] == [1, 1]
 
 
+def test_metrics_take_numpy_numbers_and_a_refused_value_leaves_the_log_whole():
+    model = zoo.mlp()
+    vals = [np.float32(0.25), np.int64(2), np.array(0.5), np.array([1.5]), 3, torch.tensor([4.0])]
+    with relu_doctor.watch(model, every_n_steps=1, log_every_n_steps=len(vals)) as doc:
+        for i, v in enumerate(vals):
+            model(torch.randn(2, 10)).sum().backward()
+            for bad in (True, np.array([1.0, 2.0]), "0.5", None, torch.ones(2)):
+                with pytest.raises(ReluDoctorError, match="must be a number or a one-element"):
+                    doc.log_metrics({f"bad{i}": bad})
+            doc.step(loss=v)
+    metrics = doc.records[-1].metrics
+    assert metrics["loss"] == pytest.approx(float(np.mean([0.25, 2, 0.5, 1.5, 3, 4.0])))
+    assert not any(k.startswith("bad") for k in metrics)
+
+
 def test_bad_scan_arguments_and_empty_data():
     model = zoo.mlp()
     with pytest.raises(ReluDoctorError, match=r"max_batches: expected a positive integer"):
