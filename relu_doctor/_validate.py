@@ -118,6 +118,11 @@ def glob_patterns(name: str, value: Iterable[str] | str | None) -> list[str]:
     strings (None: no patterns)."""
     if value is None:
         return []
+    if not isinstance(value, (str, Iterable)):
+        raise ReluDoctorError(
+            f"{name}: expected a glob pattern or a list of them (such as 'layer1.*'), got "
+            f"{type(value).__name__} {value!r}."
+        )
     out: list[Any] = [value] if isinstance(value, str) else list(value)
     for p in out:
         if not isinstance(p, str) or not p:

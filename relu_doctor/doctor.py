@@ -22,8 +22,8 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from relu_doctor._validate import flag, path_or_none, positive_int
 from relu_doctor._validate import optimizers as optimizers_arg
-from relu_doctor._validate import path_or_none, positive_int
 from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError
 from relu_doctor.history import (
@@ -143,6 +143,9 @@ class Doctor(IntervalReading, RunRecording):
         stream: str = "train",
     ) -> None:
         path_or_none("run_dir", run_dir)
+        flag("gradients", gradients)
+        if functional is not None:
+            flag("functional", functional)
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
         every, budget = check_rate(every_n_steps, overhead_budget)
         #: the host seconds this Doctor's hooks spent collecting (its budget's measure)

@@ -347,6 +347,10 @@ def test_tau_must_lie_strictly_between_0_and_1(value):
         ({"optimizer": "adam"}, r"optimizer: expected torch.optim.Optimizer"),
         ({"unit_dims": {"1": "last"}}, r"unit_dims: expected \{pattern: int dim\}"),
         ({"grad_scaler": 1.0}, r"grad_scaler: expected a torch.amp.GradScaler"),
+        ({"gradients": "no"}, r"gradients: expected True or False, got 'no'"),
+        ({"functional": "no"}, r"functional: expected True or False, got 'no'"),
+        ({"include": 5}, r"include: expected a glob pattern or a list of them .* int 5"),
+        ({"exclude": 5}, r"exclude: expected a glob pattern or a list of them .* int 5"),
     ],
 )
 def test_other_bad_arguments_name_themselves(kwargs, pattern):

@@ -108,7 +108,8 @@ class ReluDoctorCallback(TrainerCallback):
         include: glob patterns of module paths to watch.
         exclude: glob patterns of module paths to leave out.
         unit_dims: ``{pattern: dim}`` overriding which dim holds the units.
-        functional: capture functional activations too (HF's GELU classes call ``F.gelu``).
+        functional: capture functional activations too (``F.gelu`` in a forward; HF's own GELU
+            and SiLU classes are watched as modules, known by name).
         run_dir: the run directory; default ``<args.output_dir>/relu_doctor`` (``_1``,
             ``_2``... when that holds an earlier run; a resumed run goes on in its own).
         gradients: collect gradient statistics.
