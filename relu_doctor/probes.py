@@ -236,8 +236,10 @@ class Probe(SiteRegistry):
                     ]
                     raise ReluDoctorError(
                         f"{arg}: pattern {p!r} matches no module of the model. "
-                        f"Patterns are fnmatch globs over module paths; the activation modules "
-                        f"are {acts[:20]}{' ...' if len(acts) > 20 else ''}."
+                        "Patterns are fnmatch globs over module paths: a site name without "
+                        "its '#k' or ':op#k' suffix ('features.dense1' for the functional site "
+                        "'features.dense1:relu#0'); the activation modules are "
+                        f"{acts[:20]}{' ...' if len(acts) > 20 else ''}."
                     )
 
     # ------------------------------------------------------------------ attach / detach

@@ -324,6 +324,7 @@ def test_unknown_site_patterns_name_the_argument_and_the_choices(arg):
     with pytest.raises(ReluDoctorError, match=rf"{arg}: pattern 'layer9\*' matches no module") as info:
         relu_doctor.watch(zoo.mlp(), **{arg: ["layer9*"]})
     assert "['1', '3']" in str(info.value)  # the activation modules to choose from
+    assert "without its '#k' or ':op#k' suffix" in str(info.value)  # how a site name maps
 
 
 @pytest.mark.parametrize("arg", ["every_n_steps", "log_every_n_steps"])
