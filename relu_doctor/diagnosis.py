@@ -166,6 +166,16 @@ def _severity(frac: float, warn: float, crit: float) -> str:
     return "info"
 
 
+def _sampled(row: Mapping[str, Any]) -> str:
+    """The window's sampling, where it collected fewer steps than it ran ("" otherwise):
+    the fewer batches seen, the more units look dead."""
+    got, ran = row.get("steps_collected"), row.get("steps_run")
+    if got is None or ran is None or got >= ran:
+        return ""
+    return (f"; statistics from {got} of the window's {ran} steps, and a unit is more likely "
+            "to look dead on fewer batches")
+
+
 def diagnose(
     sites: Sequence[Mapping[str, Any]],
     units: Mapping[str, Mapping[str, torch.Tensor]],
@@ -229,7 +239,7 @@ def diagnose(
                     "dead", name,
                     _severity(frac, config.dead_warning, config.dead_critical),
                     f"{row['dead']} of {seen} units ({frac:.1%}) {what} over the window "
-                    f"({fam}).",
+                    f"({fam}){_sampled(row)}.",
                     {"dead": row["dead"], "units": seen, "dead_fraction": frac,
                      "dead_units": _units_list(u, "dead"), "family": fam, "leaky": leaky},
                     remedy, step,

@@ -258,3 +258,15 @@ def test_findings_are_sorted_most_severe_first(run_watched):
 def test_config_validation_names_the_field(kwargs, argument):
     with pytest.raises(ReluDoctorError, match=rf"^{argument}"):
         DiagnosisConfig(**kwargs)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_dead_finding_says_how_many_steps_it_rests_on(run_watched, every):
+    run = run_watched(zoo.ARCH_CASES["mlp"], model=planted_mlp(kill=[2]), batch_size=16,
+                      steps=4, log_every_n_steps=4, every_n_steps=every)
+    record = run.doc.records[-1]
+    (row,) = [r for r in record.site_rows if r["site"] == "1"]
+    assert (row["steps_collected"], row["steps_run"]) == (4 // every, 4)
+    message = findings_by(record)[("dead", "1")].message
+    sampled = "statistics from 2 of the window's 4 steps"
+    assert (sampled in message) == (every == 2), message
