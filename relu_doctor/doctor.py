@@ -183,6 +183,7 @@ class Doctor(IntervalReading, RunRecording):
         self.model = model
         self.functional = functional is not False
         self._has_sites = False
+        self._warned_nonfinite: set[str] = set()  # metrics whose window mean was not finite
         self.eval: Doctor | None = None
         self._eval_name: str | None = _eval_name(eval_stream)
         self._eval_passes = 0  # eval passes already logged
@@ -456,6 +457,18 @@ class Doctor(IntervalReading, RunRecording):
             return None
         record, finding_events = read
         record.metrics = self._training.read(self._optimizers)
+        for name, value in self._training.nonfinite.items():
+            if name not in self._warned_nonfinite:
+                self._warned_nonfinite.add(name)
+                warnings.warn(
+                    f"relu_doctor: the mean of {name!r} over the window ending at step "
+                    f"{record.step} is {value}; it is left out of that window's metrics (a gap "
+                    "in the report's curve), here and in later windows without another "
+                    "warning. A loss that is not finite usually means training diverged: "
+                    "lower the learning rate, clip gradients (AdaptiveGradClip).",
+                    ReluDoctorWarning,
+                    stacklevel=4,  # the user's doc.step()
+                )
         if len(self._records) == self.keep_records:
             self._records_dropped += 1
         self._records.append(record)

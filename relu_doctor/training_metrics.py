@@ -27,6 +27,9 @@ class TrainingMetrics:
     def __init__(self) -> None:
         self._acc: dict[str, list[Any]] = {}
         self._sources: list[Callable[[], Mapping[str, Any]]] = []
+        #: the metrics passed in whose window mean the latest :meth:`read` found not finite
+        #: (left out of its result): ``{name: mean}``
+        self.nonfinite: dict[str, float] = {}
 
     def add(self, metrics: Mapping[str, torch.Tensor | float]) -> None:
         """Add ``{name: value}`` (numbers or one-element tensors) to the window."""
@@ -74,6 +77,7 @@ class TrainingMetrics:
             )
             for (name, a), s in zip(acc.items(), sums.tolist(), strict=True):
                 out[name] = (s + a[1]) / a[2]
+        self.nonfinite = {k: v for k, v in out.items() if not math.isfinite(v)}
         groups = [(i, j, g) for i, o in enumerate(optimizers) for j, g in enumerate(o.param_groups)]
         for i, j, g in groups:
             name = "lr" if len(groups) == 1 else f"lr/{i}.{j}" if len(optimizers) > 1 else f"lr/{j}"

@@ -414,6 +414,21 @@ def test_metrics_take_numpy_numbers_and_a_refused_value_leaves_the_log_whole():
     assert not any(k.startswith("bad") for k in metrics)
 
 
+def test_a_loss_that_is_not_finite_warns_once_and_leaves_a_gap():
+    model = zoo.mlp()
+    losses = [1.0, float("inf"), 2.0, 4.0, float("nan"), 3.0, 5.0, 7.0]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, every_n_steps=1, log_every_n_steps=2) as doc:
+            for loss in losses:
+                model(torch.randn(2, 10)).sum().backward()
+                doc.step(loss=torch.tensor(loss))
+    said = [str(w.message) for w in seen if "left out of that window's metrics" in str(w.message)]
+    assert len(said) == 1 and "'loss' over the window ending at step 2 is inf" in said[0], said
+    got = [r.metrics.get("loss") for r in doc.records]
+    assert got == [None, 3.0, None, 6.0]  # the windows' means, the non-finite ones left out
+
+
 def test_bad_scan_arguments_and_empty_data():
     model = zoo.mlp()
     with pytest.raises(ReluDoctorError, match=r"max_batches: expected a positive integer"):
