@@ -596,7 +596,7 @@ class Sampler:
             if not self._warned_logs and len(self._log_laps) >= 3:
                 self._warned_logs = True
                 warnings.warn(
-                    f"relu_doctor: logging alone costs {(log or 0.0) / plain:.0%} of a training "
+                    f"relu_doctor: logging alone costs {(log or 0.0) / plain:.1%} of a training "
                     f"step, more than overhead_budget={self.overhead_budget:g}; statistics are "
                     "now collected once per logging interval. Log less often (a larger "
                     "log_every_n_steps) to stay within the budget, or pass "
