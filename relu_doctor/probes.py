@@ -214,7 +214,7 @@ class Probe(SiteRegistry):
 
     def _check_patterns(self) -> None:
         paths = [module_label(p) for p, _ in self.model.named_modules()]
-        for p in self.unit_dims:
+        for p in self.unit_dims if self.stream != "eval" else ():  # said once, by training's
             if not any(fnmatch.fnmatchcase(x, p) for x in paths):
                 # A warning, not an error: the pattern may name a module outside the model
                 # that its forward calls (a site named by class, ``Teacher#0``).

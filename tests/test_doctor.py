@@ -388,14 +388,17 @@ def test_when_every_site_failed_the_steps_go_on_without_a_false_nothing_to_watch
     assert doc.sites == [] and doc.global_step == 4
 
 
-def test_a_unit_dims_pattern_that_matches_no_module_warns_at_watch():
+@pytest.mark.parametrize("eval_stream", [False, True])
+def test_a_unit_dims_pattern_that_matches_no_module_warns_at_watch(eval_stream):
     model = zoo.mlp()
-    with (
-        pytest.warns(ReluDoctorWarning, match=r"unit_dims: pattern '1#0' matches no module"),
-        relu_doctor.watch(model, unit_dims={"1#0": 1, "3": 1}, every_n_steps=1) as doc,
-    ):
-        model(torch.randn(2, 10)).sum().backward()
-        doc.step()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, unit_dims={"1#0": 1, "3": 1}, every_n_steps=1,
+                               eval_stream=eval_stream) as doc:
+            model(torch.randn(2, 10)).sum().backward()
+            doc.step()
+    said = [str(w.message) for w in seen if "unit_dims: pattern" in str(w.message)]
+    assert len(said) == 1 and "pattern '1#0' matches no module" in said[0], said  # once
     assert [s.unit_dim for s in doc.sites] == [1, 1]
 
 
