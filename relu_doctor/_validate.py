@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
+
+import numpy as np
 
 from relu_doctor.errors import ReluDoctorError
 
@@ -19,6 +22,7 @@ __all__ = [
     "flag",
     "glob_patterns",
     "is_finite_number",
+    "is_number",
     "matches",
     "nonnegative",
     "number_in",
@@ -36,6 +40,15 @@ def is_finite_number(value: object) -> bool:
         and not isinstance(value, bool)
         and math.isfinite(float(value))
     )
+
+
+def is_number(value: object) -> bool:
+    """A real number, numpy's scalars (``np.float32``, ``np.int64``) and one-element numpy
+    arrays included, not a bool, finite or not: a value the user's loop passes in (training
+    metrics), wider than :func:`is_finite_number`'s arguments."""
+    if isinstance(value, np.ndarray):
+        return value.size == 1 and value.dtype.kind in "fiu"
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def finite_or_none(value: Any) -> float | None:

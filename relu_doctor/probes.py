@@ -95,6 +95,14 @@ def in_backward() -> bool:
     return not _is_compiling() and _graph_task_id() != -1
 
 
+# How a site name maps to an include/exclude/unit_dims pattern, for their messages.
+_PATTERNS = (
+    "Patterns are fnmatch globs over module paths: a site name without its '#k' or ':op#k' "
+    "suffix ('layer1.0.relu' for 'layer1.0.relu#1', 'features.dense1' for the functional "
+    "site 'features.dense1:relu#0')"
+)
+
+
 class Probe(SiteRegistry):
     """Hooks on a model's ReLU-family activations, recording into per-site accumulators.
 
@@ -220,9 +228,7 @@ class Probe(SiteRegistry):
                 # that its forward calls (a site named by class, ``Teacher#0``).
                 warnings.warn(
                     f"relu_doctor: unit_dims: pattern {p!r} matches no module of the model, so "
-                    "it changes no site. Patterns are fnmatch globs over module paths: a site "
-                    "name without its '#k' or ':op#k' suffix ('layer1.0.relu', 'features.dense1'"
-                    " for 'features.dense1:relu#0').",
+                    f"it changes no site. {_PATTERNS}.",
                     ReluDoctorWarning,
                     stacklevel=4,
                 )
@@ -235,11 +241,9 @@ class Probe(SiteRegistry):
                         if family_of(m) is not None
                     ]
                     raise ReluDoctorError(
-                        f"{arg}: pattern {p!r} matches no module of the model. "
-                        "Patterns are fnmatch globs over module paths: a site name without "
-                        "its '#k' or ':op#k' suffix ('features.dense1' for the functional site "
-                        "'features.dense1:relu#0'); the activation modules are "
-                        f"{acts[:20]}{' ...' if len(acts) > 20 else ''}."
+                        f"{arg}: pattern {p!r} matches no module of the model. {_PATTERNS}; "
+                        f"the activation modules are {acts[:20]}"
+                        f"{' ...' if len(acts) > 20 else ''}."
                     )
 
     # ------------------------------------------------------------------ attach / detach

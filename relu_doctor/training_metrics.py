@@ -6,7 +6,6 @@ once as window means; and their long-format table (step, name, value) in the run
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -14,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from relu_doctor._validate import is_number
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.history import IntervalRecord
 
@@ -40,24 +40,23 @@ class TrainingMetrics:
         for name, value in metrics.items():
             if not isinstance(name, str) or not name:
                 raise ReluDoctorError(f"metrics: names must be non-empty strings, got {name!r}.")
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise ReluDoctorError(
-                        f"metrics: {name!r} must be a number or a one-element tensor, got "
-                        f"a tensor of shape {tuple(value.shape)}."
-                    )
-            elif not _is_number(value):
+            tensor: torch.Tensor | None = None
+            number = 0.0
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                tensor = value.detach().reshape(()).float()
+            elif is_number(value):
+                number = float(value.item() if isinstance(value, np.ndarray) else value)
+            else:
+                got = (f"a tensor of shape {tuple(value.shape)}"
+                       if isinstance(value, torch.Tensor) else type(value).__name__)
                 raise ReluDoctorError(
-                    f"metrics: {name!r} must be a number or a one-element tensor, got "
-                    f"{type(value).__name__}."
+                    f"metrics: {name!r} must be a number or a one-element tensor, got {got}."
                 )
             # only once the value is known good: a refused one leaves no empty entry behind
             acc = self._acc.setdefault(name, [None, 0.0, 0])
-            if isinstance(value, torch.Tensor):
-                v = value.detach().reshape(()).float()
-                acc[0] = v if acc[0] is None else acc[0] + v.to(acc[0].device)
-            else:
-                acc[1] += float(value.item() if isinstance(value, np.ndarray) else value)
+            if tensor is not None:
+                acc[0] = tensor if acc[0] is None else acc[0] + tensor.to(acc[0].device)
+            acc[1] += number
             acc[2] += 1
 
     def add_source(self, fn: Callable[[], Mapping[str, Any]]) -> None:
@@ -99,10 +98,3 @@ def metrics_frame(record: IntervalRecord) -> pd.DataFrame:
          "value": [record.metrics[n] for n in names]}
     )
 
-
-def _is_number(value: object) -> bool:
-    """A real number, numpy's scalars (``np.float32``, ``np.int64``) and one-element
-    arrays included; not a bool."""
-    if isinstance(value, np.ndarray):
-        return value.size == 1 and value.dtype.kind in "fiu"
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
