@@ -230,7 +230,7 @@ class Probe(SiteRegistry):
                     f"relu_doctor: unit_dims: pattern {p!r} matches no module of the model, so "
                     f"it changes no site. {_PATTERNS}.",
                     ReluDoctorWarning,
-                    stacklevel=4,
+                    stacklevel=5,  # the user's watch() or with Doctor(...)
                 )
         for arg, pats in (("include", self.include), ("exclude", self.exclude)):
             for p in pats:

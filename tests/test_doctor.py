@@ -397,8 +397,9 @@ def test_a_unit_dims_pattern_that_matches_no_module_warns_at_watch(eval_stream):
                                eval_stream=eval_stream) as doc:
             model(torch.randn(2, 10)).sum().backward()
             doc.step()
-    said = [str(w.message) for w in seen if "unit_dims: pattern" in str(w.message)]
-    assert len(said) == 1 and "pattern '1#0' matches no module" in said[0], said  # once
+    said = [w for w in seen if "unit_dims: pattern" in str(w.message)]
+    assert len(said) == 1 and "pattern '1#0' matches no module" in str(said[0].message)  # once
+    assert said[0].filename == __file__  # it points at the user's watch()
     assert [s.unit_dim for s in doc.sites] == [1, 1]
 
 
