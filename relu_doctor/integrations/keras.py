@@ -232,7 +232,6 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             every_n_steps=self.every_n_steps,
             overhead_budget=self.overhead_budget,
             gradients=self.gradients,
-            unit_dims={s.pattern: s.unit_dim for s in self.sites.values()},
             config=self.config,
             run_dir=run_dir,
             resume=self.resume or state is not None,
@@ -245,6 +244,11 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._val_doc = doc.eval
         doc.add_listener(self._on_record)
         doc.attach()
+        # The sites are Keras layer paths, not torch module paths: given after attach, which
+        # checks its patterns against the module paths, and before the first site is made.
+        for d in (doc, doc.eval):
+            if d is not None:
+                d.probe.unit_dims.update({s.pattern: s.unit_dim for s in self.sites.values()})
         self._hook(model)
         self._bind_remedies(model, doc)
         opt = getattr(model, "optimizer", None)

@@ -119,6 +119,23 @@ def test_conv_channels_last_units_are_filters(tmp_path: Path) -> None:
         assert row["activation_rate"] == pytest.approx(want[site]["activation_rate"], rel=1e-9)
 
 
+def test_its_own_unit_dims_raise_no_pattern_warning(tmp_path: Path) -> None:
+    # The callback gives the Doctor one unit dim per Keras layer path; those paths are not
+    # torch module paths, and a check of them against named_modules() warned on every fit.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3, activation="relu",
+                              name="conv"), keras.layers.Flatten(), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / "run", monitor_validation=True)
+    x = np.random.default_rng(0).normal(size=(8, 6, 6, 2)).astype("float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, np.zeros((8, 2), "float32"), batch_size=4, verbose=0, callbacks=[cb],
+                  validation_data=(x, np.zeros((8, 2), "float32")))
+    assert not [w for w in caught if "unit_dims" in str(w.message)]
+    assert cb.doctor is not None and cb.doctor.probe.site("conv").unit_dim == 3
+
+
 def test_partial_window_flushed_and_report_written(tmp_path: Path) -> None:
     model = _mlp()
     x, y = _data(48)
