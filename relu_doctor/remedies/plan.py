@@ -50,6 +50,7 @@ from relu_doctor.events import Intervention
 from relu_doctor.remedies.base import (
     MODEL,
     NOT_HELPED,
+    DeadEvidence,
     DoctorLike,
     Optimizers,
     RecordLike,
@@ -234,6 +235,8 @@ class TreatmentPlan(Remedy):
         self._last_change: dict[str, int] = {}  # site -> interval of its last change
         self._prev_dead: dict[str, float] = {}
         self._prev_model_dead: float | None = None
+        self._evidence = DeadEvidence()
+        self._dead: dict[str, float] | None = None  # this interval's reading (None: pooling)
         self._streak: dict[tuple[str, str], int] = {}  # (step remedy, site) -> intervals past
         self._ledger: dict[str, tuple[str, str]] = {}  # event id -> (step remedy, site)
         self._tried: set[str] = set()  # the steps that acted (the hopeless stop's evidence)
@@ -342,18 +345,22 @@ class TreatmentPlan(Remedy):
 
     def _model_trigger(self, record: RecordLike) -> tuple[str, str, dict[str, Any]] | None:
         """(reason, target metric, evidence) of a model-wide symptom, or None."""
-        surge = dead_surge(record, self._prev_dead, self.dead_jump)
+        surge = dead_surge(self._dead, self._prev_dead, self.dead_jump)
         for kind in ("nonfinite", "exploding_gradient"):
             for f in record.findings:
                 if f.kind == kind:
                     return kind, "grad_norm", {"finding": f.message, "site": f.site}
+        steps = {"steps_collected": self._evidence.last_steps}
         if surge is not None:
-            return "dead_surge", "dead_fraction", surge
-        now = model_snapshot(record)["dead_fraction"]
+            return "dead_surge", "dead_fraction", {**surge, **steps}
+        if self._dead is None:
+            return None  # sampled windows: the dead readings wait for more steps
+        now = self._evidence.model_fraction
         prev, self._prev_model_dead = self._prev_model_dead, now
         if now is not None and prev is not None and now >= 0.1 and now - prev >= 0.02:
             # still dying: the tutorials' first remedy is a lower learning rate
-            return "dying", "dead_fraction", {"dead_fraction_before": prev, "dead_fraction": now}
+            return "dying", "dead_fraction", {
+                "dead_fraction_before": prev, "dead_fraction": now, **steps}
         return None
 
     def _judge(self, remedy: Remedy, step: PlanStep, target: str | None) -> None:
@@ -439,19 +446,22 @@ class TreatmentPlan(Remedy):
                 threshold = float(step.options.get("threshold", 0.1))
                 ev: Intervention | None = None
                 try:
+                    # sampled windows: the dead readings wait for more steps (no reading)
+                    dead = None if self._dead is None else finite_or_none(self._dead.get(site))
                     if step.remedy == "swap":
-                        dead = finite_or_none(row.get("dead_fraction"))
+                        if self._dead is None:
+                            continue
                         if not self._persists(step, site, not row.get("leaky")
                                               and dead is not None and dead >= threshold):
                             continue
                         self._judge(remedy, step, "dead_fraction")
                         ev = cast(_Swaps, remedy).swap(
                             site, step=record.step, before=site_snapshot(row),
-                            reason=f"dead fraction {dead:.0%} >= {threshold:g}",
+                            reason=f"dead fraction {dead:.0%} >= {threshold:g}"
+                            + self._evidence.basis(),
                         )
                     elif isinstance(remedy, DormantRecycler):
-                        dead = finite_or_none(row.get("dead_fraction"))
-                        if units is None or not self._persists(
+                        if self._dead is None or units is None or not self._persists(
                             step, site, dead is not None and dead >= threshold
                         ):
                             continue
@@ -502,6 +512,7 @@ class TreatmentPlan(Remedy):
 
     def decide(self, record: RecordLike) -> list[Intervention]:
         self.interval += 1
+        self._dead = self._evidence.add(record)
         self._collect(record)
         out: list[Intervention] = []
         if self.stop_when_hopeless and not self.should_stop:

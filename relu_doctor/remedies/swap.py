@@ -41,6 +41,7 @@ from relu_doctor.families import family_of
 from relu_doctor.probes import Probe
 from relu_doctor.remedies._optim_state import add_param_group, remove_param_group
 from relu_doctor.remedies.base import (
+    DeadEvidence,
     DoctorLike,
     Optimizers,
     RecordLike,
@@ -248,7 +249,8 @@ class ActivationSwapper(Remedy):
     """Swap ReLU for LeakyReLU (or PReLU) where a site stays dead.
 
     A site is swapped when its dead fraction (units never active over the logging window)
-    exceeds ``threshold`` for ``patience`` consecutive logging intervals. Swaps are undoable
+    exceeds ``threshold`` for ``patience`` consecutive readings (a logging interval, or sampled
+    ones pooled: :class:`~relu_doctor.remedies.base.DeadEvidence`). Swaps are undoable
     (:meth:`restore`) and round-trip through :meth:`state_dict`.
 
     Args:
@@ -257,7 +259,7 @@ class ActivationSwapper(Remedy):
         slope: the negative slope (PReLU's initial value).
         per_unit: PReLU only: one slope per unit (needs the units on dim 1) instead of one.
         threshold: dead fraction above which a site counts as dying, in [0, 1).
-        patience: consecutive logging intervals above the threshold before swapping.
+        patience: consecutive readings above the threshold before swapping.
         include: glob patterns of site names to treat (default: all).
         exclude: glob patterns of site names to leave alone.
         optimizer: optimizer(s) that receive PReLU's slopes.
@@ -314,6 +316,7 @@ class ActivationSwapper(Remedy):
         # module path -> (the site the swap's intervention named, every site it changed)
         self._named: dict[str, tuple[str, list[str]]] = {}
         self.streaks: dict[str, int] = {}
+        self._evidence = DeadEvidence()
         self._skipped: set[str] = set()
 
     def _on_bind(self, doctor: DoctorLike) -> None:
@@ -463,7 +466,9 @@ class ActivationSwapper(Remedy):
         return sites[0], sites
 
     def decide(self, record: RecordLike) -> list[Intervention]:
-        events = []
+        events: list[Intervention] = []
+        if (dead := self._evidence.add(record)) is None:
+            return events  # a sampled window: its dead reading waits for more steps
         swapped = {p for rec in self.swaps.values() for p in rec.paths}
         for row in record.site_rows:
             site = str(row["site"])
@@ -477,7 +482,7 @@ class ActivationSwapper(Remedy):
                 continue
             if not matches(site, self.include, self.exclude):
                 continue
-            frac = finite_or_none(row.get("dead_fraction"))
+            frac = finite_or_none(dead.get(site))
             if frac is not None and frac > self.threshold:
                 self.streaks[site] = self.streaks.get(site, 0) + 1
             else:
@@ -486,12 +491,9 @@ class ActivationSwapper(Remedy):
                 continue
             try:
                 ev = self._swap(
-                    key,
-                    site,
-                    step=record.step,
-                    before=site_snapshot(row),
+                    key, site, step=record.step, before=site_snapshot(row),
                     reason=f"dead_fraction > {self.threshold:g} for {self.streaks[site]} "
-                    "consecutive logging intervals",
+                    "consecutive readings" + self._evidence.basis(),
                 )
             except ReluDoctorError as e:
                 self._skipped.add(site)
