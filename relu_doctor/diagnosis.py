@@ -20,6 +20,7 @@ from relu_doctor.errors import ReluDoctorError
 from relu_doctor.metrics import SiteUnits
 
 __all__ = [
+    "REMEDY_NAMES",
     "SEVERITIES",
     "DiagnosisConfig",
     "Finding",
@@ -49,6 +50,20 @@ def severity_rank(severity: str) -> int:
     return _RANK.get(severity, -1)
 
 
+#: How each loop names the remedies a finding suggests: gradient clipping, a learning-rate
+#: rescue, the LeakyReLU swap and ReDo recycling (None: not offered there).
+REMEDY_NAMES: dict[str, dict[str, str | None]] = {
+    "watch": {"clip": "AutoClip", "lr": "LRRescuer", "swap": "ActivationSwapper",
+              "recycle": "DormantRecycler"},
+    "lightning": {"clip": "AdaptiveGradClip", "lr": "LRRescue", "swap": "LeakyReluSwap",
+                  "recycle": "DormantReset"},
+    "keras": {"clip": "autoclip=True", "lr": "lr_rescue=True", "swap": "leaky_relu_swap=True",
+              "recycle": None},
+    "hf": {"clip": "autoclip=True", "lr": "lr_rescue=True", "swap": "leaky_relu_swap=True",
+           "recycle": "dormant_reset=True"},
+}
+
+
 @dataclass(frozen=True)
 class DiagnosisConfig:
     """Thresholds of the diagnosis. Defaults follow the README's Definitions and the ReDo paper.
@@ -68,6 +83,9 @@ class DiagnosisConfig:
         growth_factor: a site whose activation RMS is this many times its first logged RMS,
             or the shallowest site's RMS, has ReLU's missing upper bound showing
             (``activation_growth``).
+        loop: whose names the remedy texts give (:data:`REMEDY_NAMES`): ``"watch"``
+            (``relu_doctor.remedies``), ``"lightning"``, ``"keras"`` or ``"hf"``; each
+            integration sets its own.
     """
 
     tau: float = 0.1
@@ -79,9 +97,14 @@ class DiagnosisConfig:
     exploding_ratio: float = 1e3
     spike_factor: float = 10.0
     growth_factor: float = 100.0
+    loop: str = "watch"
 
     def __post_init__(self) -> None:
         check_tau("tau", self.tau)
+        if self.loop not in REMEDY_NAMES:
+            raise ReluDoctorError(
+                f"loop: expected one of {list(REMEDY_NAMES)}, got {self.loop!r}."
+            )
         for name in ("dead_warning", "dead_critical", "sparsity_max", "saturation_warning"):
             number_in(name, getattr(self, name), 0.0, 1.0)
         if self.dead_warning > self.dead_critical:
@@ -200,6 +223,7 @@ def diagnose(
         Findings, most severe first.
     """
     out: list[Finding] = []
+    names = REMEDY_NAMES[config.loop]
     for row in sites:
         name = str(row["site"])
         u = units[name]
@@ -216,7 +240,7 @@ def diagnose(
                     f"{row['grad_nonfinite']} in gradients.",
                     {"nonfinite": row["nonfinite"], "grad_nonfinite": row["grad_nonfinite"],
                      "units": _units_list(u, "nonfinite")},
-                    "Lower the learning rate and clip gradients (AdaptiveGradClip); check the "
+                    f"Lower the learning rate and clip gradients ({names['clip']}); check the "
                     "inputs and the loss for NaN; with fp16, prefer bf16 or keep a GradScaler.",
                     step,
                 )
@@ -228,9 +252,9 @@ def diagnose(
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
             remedy = (
                 "Lower the learning rate (step or exponential decay) and recycle the units "
-                "(DormantReset); check the normalisation before this activation."
+                f"{_recycle(names)}; check the normalisation before this activation."
                 if leaky
-                else "Swap ReLU for LeakyReLU (alpha 0.01 to 0.3; LeakyReluSwap) or PReLU to "
+                else f"Swap ReLU for LeakyReLU (alpha 0.01 to 0.3; {names['swap']}) or PReLU to "
                 "learn the slope; lower the learning rate (step or exponential decay); check "
                 "the initialisation and bias of the layer that feeds it."
             )
@@ -254,8 +278,8 @@ def diagnose(
                     f"{row['lifetime_dead']} of {row['units']} units ({frac:.1%}) never active "
                     "since monitoring began.",
                     {"lifetime_dead": row["lifetime_dead"], "lifetime_dead_fraction": frac},
-                    "Units that never fired are wasted capacity: recycle them (DormantReset) or "
-                    "swap to LeakyReLU (LeakyReluSwap).",
+                    f"Units that never fired are wasted capacity: recycle them {_recycle(names)} "
+                    f"or swap to LeakyReLU ({names['swap']}).",
                     step,
                 )
             )
@@ -270,7 +294,7 @@ def diagnose(
                     f"{config.tau}) but not dead.",
                     {"dormant": n_dormant, "dormant_fraction": frac, "tau": config.tau,
                      "dormant_units": _units_list(u, "dormant")},
-                    "Recycle dormant units (ReDo, Sokar et al. 2023: DormantReset): "
+                    f"Recycle dormant units {_recycle(names, 'ReDo, Sokar et al. 2023')}: "
                     "re-initialise their incoming weights and zero their outgoing weights.",
                     step,
                 )
@@ -318,6 +342,7 @@ def _gradient_findings(
     param_grad_norms: Sequence[float],
 ) -> list[Finding]:
     out: list[Finding] = []
+    names = REMEDY_NAMES[config.loop]
     flow = [
         (int(r["order"]), str(r["site"]), float(r["grad_rms"]))
         for r in sites
@@ -350,8 +375,8 @@ def _gradient_findings(
                         "exploding_gradient", "model", "critical",
                         f"gradient RMS grows {ratio:.3g}x from {last[1]} to {first[1]}.",
                         ev,
-                        "Clip gradients (AdaptiveGradClip) and lower the learning rate with a "
-                        "schedule (LRRescue, step or exponential decay); watch loss and "
+                        f"Clip gradients ({names['clip']}) and lower the learning rate with a "
+                        f"schedule ({names['lr']}, step or exponential decay); watch loss and "
                         "gradient magnitudes.",
                         step,
                     )
@@ -368,8 +393,8 @@ def _gradient_findings(
                     f"parameter-gradient norm {latest:.3g} is {latest / median:.3g}x its "
                     "median so far.",
                     {"grad_norm": latest, "median": median, "factor": latest / median},
-                    "Clip gradients (AdaptiveGradClip) and lower the learning rate "
-                    "(LRRescue, step or exponential decay); consider early stopping if the "
+                    f"Clip gradients ({names['clip']}) and lower the learning rate "
+                    f"({names['lr']}, step or exponential decay); consider early stopping if the "
                     "loss diverges.",
                     step,
                 )
@@ -377,11 +402,18 @@ def _gradient_findings(
     return out
 
 
-_GROWTH_REMEDY = (
-    "ReLU has no upper bound: normalise before the activation (BatchNorm or LayerNorm), use a "
-    "capped variant such as ReLU6, or lower the learning rate (LRRescue, step or exponential "
-    "decay)."
-)
+def _growth_remedy(names: Mapping[str, str | None]) -> str:
+    return (
+        "ReLU has no upper bound: normalise before the activation (BatchNorm or LayerNorm), use "
+        f"a capped variant such as ReLU6, or lower the learning rate ({names['lr']}, step or "
+        "exponential decay)."
+    )
+
+
+def _recycle(names: Mapping[str, str | None], source: str = "ReDo") -> str:
+    """ReDo recycling by the loop's name for it, in brackets (or why it is not offered)."""
+    name = names["recycle"]
+    return f"({source}: {name})" if name else f"({source}, not offered for Keras layers)"
 
 
 def _growth_findings(
@@ -407,7 +439,7 @@ def _growth_findings(
                     f"activation RMS grew {now / first:.3g}x since the first log "
                     f"({first:.3g} -> {now:.3g}).",
                     {"rms": now, "first_rms": first, "factor": now / first, "over": "time"},
-                    _GROWTH_REMEDY, step,
+                    _growth_remedy(REMEDY_NAMES[config.loop]), step,
                 )
             )
     by_depth = sorted(rms.values())
@@ -422,7 +454,7 @@ def _growth_findings(
                     f"this one ({shallow:.3g} -> {deep:.3g}).",
                     {"rms": deep, "shallow_rms": shallow, "factor": deep / shallow,
                      "over": "depth"},
-                    _GROWTH_REMEDY, step,
+                    _growth_remedy(REMEDY_NAMES[config.loop]), step,
                 )
             )
     return out

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from relu_doctor._validate import flag, path_or_none, positive_int
 from relu_doctor._validate import optimizers as optimizers_arg
-from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
+from relu_doctor.diagnosis import REMEDY_NAMES, DiagnosisConfig, diagnosis_config
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError
 from relu_doctor.history import (
     FindingTracker,
@@ -465,7 +465,8 @@ class Doctor(IntervalReading, RunRecording):
                     f"{record.step} is {value}; it is left out of that window's metrics (a gap "
                     "in the report's curve), here and in later windows without another "
                     "warning. A loss that is not finite usually means training diverged: "
-                    "lower the learning rate, clip gradients (AdaptiveGradClip).",
+                    "lower the learning rate, clip gradients "
+                    f"({REMEDY_NAMES[self.config.loop]['clip']}).",
                     ReluDoctorWarning,
                     stacklevel=4,  # the user's doc.step()
                 )

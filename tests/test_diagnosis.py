@@ -5,6 +5,7 @@ each kind of finding raised exactly when the reference numbers say it should be.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from relu_doctor.diagnosis import DiagnosisConfig, diagnose
+from relu_doctor.diagnosis import REMEDY_NAMES, DiagnosisConfig, diagnose
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.metrics import site_metrics, unit_metrics
 from relu_doctor.stats import FIELDS, ROW
@@ -270,3 +271,59 @@ def test_a_dead_finding_says_how_many_steps_it_rests_on(run_watched, every):
     message = findings_by(record)[("dead", "1")].message
     sampled = "statistics from 2 of the window's 4 steps"
     assert (sampled in message) == (every == 2), message
+
+
+# ---------------------------------------------------------------------- remedy names per loop
+
+
+def _sick_site() -> tuple[list[dict], dict]:
+    """One site with 2 dead units (lifetime too) and 1 dormant unit of 8."""
+    m = synthetic(1.0, units=8)
+    m[[ROW["active"], ROW["sum"], ROW["sum_abs"], ROW["sum_sq"]], :2] = 0
+    m[ROW["sum_abs"], 2] = 1e-4
+    u = unit_metrics(m, m, 0.1)
+    row = {"site": "s0", "family": "relu", "leaky": False, "cap": None, "order": 0,
+           **site_metrics(m, u)}
+    return [row], {"s0": u}
+
+
+def _names_in(text: str, names: set[str]) -> set[str]:
+    return {n for n in names if re.search(rf"(?<![\w=]){re.escape(n)}(?![\w=])", text)}
+
+
+@pytest.mark.parametrize("loop", list(REMEDY_NAMES))
+def test_remedy_texts_name_the_remedies_of_the_users_loop(loop):
+    rows, units = _sick_site()
+    config = DiagnosisConfig(loop=loop)
+    found = diagnose(rows, units, config, param_grad_norms=[1.0, 1.0, 1.0, 100.0])
+    assert {"dead", "lifetime_dead", "dormant", "exploding_gradient"} <= {f.kind for f in found}
+    text = " ".join(f.remedy for f in found)
+    own = {n for n in REMEDY_NAMES[loop].values() if n}
+    others = {n for names in REMEDY_NAMES.values() for n in names.values() if n} - own
+    assert _names_in(text, own) == own  # every remedy it has is named...
+    assert not _names_in(text, others)  # ...and none of another loop's
+    if REMEDY_NAMES[loop]["recycle"] is None:
+        assert "not offered" in text
+
+
+def test_each_loop_offers_the_remedies_its_texts_name():
+    import inspect
+
+    import relu_doctor.callbacks as callbacks
+    import relu_doctor.remedies as remedies
+
+    for key, name in REMEDY_NAMES["watch"].items():
+        assert hasattr(remedies, str(name)), key
+    for key, name in REMEDY_NAMES["lightning"].items():
+        assert hasattr(callbacks, str(name)), key
+        assert callbacks.ReluDoctor().config.loop == "lightning"
+    for loop, module in (("keras", "keras"), ("hf", "hf")):
+        pytest.importorskip("keras" if loop == "keras" else "transformers")
+        cls = __import__(f"relu_doctor.integrations.{module}", fromlist=["x"]).ReluDoctorCallback
+        params = inspect.signature(cls).parameters
+        for key, name in REMEDY_NAMES[loop].items():
+            if name is not None:
+                assert name.removesuffix("=True") in params, (loop, key)
+        assert cls().config.loop == loop
+    with pytest.raises(ReluDoctorError, match="loop: expected one of"):
+        DiagnosisConfig(loop="jax")

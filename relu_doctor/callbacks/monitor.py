@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,7 +156,7 @@ class ReluDoctor(Callback):
         super().__init__()
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
         self.every_n_steps, self.overhead_budget = check_rate(every_n_steps, overhead_budget)
-        self.config = diagnosis_config(tau, config)
+        self.config = replace(diagnosis_config(tau, config), loop="lightning")  # its names
         self.include = _patterns("include", include)
         self.exclude = _patterns("exclude", exclude)
         if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -176,7 +177,7 @@ class ReluDoctorCallback(TrainerCallback):
             else positive_int("log_every_n_steps", log_every_n_steps)
         )
         self.every_n_steps, self.overhead_budget = check_rate(every_n_steps, overhead_budget)
-        self.config = diagnosis_config(tau, config)
+        self.config = replace(diagnosis_config(tau, config), loop="hf")  # its names
         self.include = include
         self.exclude = exclude
         self.unit_dims = dict(unit_dims) if unit_dims is not None else None

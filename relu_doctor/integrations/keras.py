@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -167,7 +168,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         super().__init__()
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
         self.every_n_steps, self.overhead_budget = check_rate(every_n_steps, overhead_budget)
-        self.config = diagnosis_config(tau, config)
+        self.config = replace(diagnosis_config(tau, config), loop="keras")  # its names
         self.include = glob_patterns("include", include)
         self.exclude = glob_patterns("exclude", exclude)
         self.run_dir = check_run_dir(run_dir)

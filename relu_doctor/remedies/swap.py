@@ -114,7 +114,7 @@ def _check_swappable(module: nn.Module, path: str) -> None:
     if fam.leaky:
         raise ReluDoctorError(
             f"path: module {label!r} is already a leaky activation ({fam.name}); its "
-            "negative regime passes gradient. Recycle its stuck units instead (DormantReset)."
+            "negative regime passes gradient. Recycle its stuck units instead (ReDo)."
         )
     if fam.cap_of(module) is not None or not fam.nonnegative:
         raise ReluDoctorError(
@@ -497,7 +497,7 @@ class ActivationSwapper(Remedy):
                 )
             except ReluDoctorError as e:
                 self._skipped.add(site)
-                self.warn(f"LeakyReluSwap: leaving site {site!r} alone: {e}")
+                self.warn(f"LeakyReLU swap: leaving site {site!r} alone: {e}")
                 continue
             for s in ev.details["sites"]:
                 self.streaks.pop(s, None)

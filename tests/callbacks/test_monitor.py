@@ -6,6 +6,7 @@ import math
 import re
 import signal
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -720,10 +721,10 @@ def test_config_tau_is_used_and_tau_is_its_shortcut(tmp_path):
     assert sum(int(r["dormant"]) for r in rec.site_rows) == int(dormant.sum())
     assert {"dormant", "net.1"} <= {k for f in rec.findings for k in (f.kind, f.site)}
     # tau= is a shortcut for config=DiagnosisConfig(tau=...); both at once must agree.
-    assert ReluDoctor(tau=0.25).config == DiagnosisConfig(tau=0.25)
-    assert ReluDoctor().config == DiagnosisConfig()
+    assert ReluDoctor(tau=0.25).config == DiagnosisConfig(tau=0.25, loop="lightning")
+    assert ReluDoctor().config == DiagnosisConfig(loop="lightning")  # its remedies' names
     cfg = DiagnosisConfig(tau=0.25, dead_warning=0.2)
-    assert ReluDoctor(tau=0.25, config=cfg).config == cfg
+    assert ReluDoctor(tau=0.25, config=cfg).config == replace(cfg, loop="lightning")
     with pytest.raises(ReluDoctorError, match=r"tau: 0\.3 conflicts with config\.tau = 0\.25"):
         ReluDoctor(tau=0.3, config=cfg)
 
