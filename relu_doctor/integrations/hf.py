@@ -51,6 +51,7 @@ from relu_doctor.integrations._common import (
     record_scalars,
     remedy_options,
     safe_step,
+    summary_scalars,
 )
 
 try:
@@ -95,6 +96,26 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+#: The Trainer's console callbacks, which print every ``logs`` key.
+_PRINTERS = ("ProgressCallback", "PrinterCallback", "NotebookProgressCallback")
+
+
+class _ConsoleTrim(TrainerCallback):
+    """Put right before the Trainer's console printer: takes the per-site and per-layer
+    scalars out of ``logs`` once the ``report_to`` callbacks (earlier in the list) have them,
+    so that a console line holds the model-wide numbers, not a hundred site keys."""
+
+    def __init__(self, owner: ReluDoctorCallback) -> None:
+        self.owner = owner
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        if logs is not None:
+            for k in self.owner._detail:
+                logs.pop(k, None)
+        self.owner._detail.clear()
+
+
 class ReluDoctorCallback(TrainerCallback):
     """Watch a ``transformers`` model's ReLU-family activations during ``Trainer.train``.
 
@@ -118,6 +139,10 @@ class ReluDoctorCallback(TrainerCallback):
             (``<run_dir>/eval``, scalars ``relu_doctor_val/...``) instead of leaving them out.
         config: diagnosis thresholds.
         metrics: site metrics handed to the Trainer's ``logs``.
+        console: print the per-site and per-layer scalars in the Trainer's console lines too
+            (its progress bar or printer). By default those lines get only the model-wide
+            numbers (``relu_doctor/health``, ``relu_doctor/dead_fraction``...); the
+            ``report_to`` backends and the callbacks before the printer get every scalar.
         warn: lowest finding severity raised as a warning (main process), or None.
         leaky_relu_swap: swap dying ``nn.ReLU`` modules for LeakyReLU: True, or a dict of
             :class:`~relu_doctor.remedies.ActivationSwapper` arguments.
@@ -165,6 +190,7 @@ class ReluDoctorCallback(TrainerCallback):
         eval_stream: bool = False,
         config: DiagnosisConfig | None = None,
         metrics: Sequence[str] | None = None,
+        console: bool = False,
         warn: str | None = "warning",
         leaky_relu_swap: bool | Mapping[str, Any] = False,
         dormant_reset: bool | Mapping[str, Any] = False,
@@ -186,6 +212,7 @@ class ReluDoctorCallback(TrainerCallback):
         self.gradients = flag("gradients", gradients)
         self.eval_stream = flag("eval_stream", eval_stream)
         self.metrics = check_metrics(metrics)
+        self.console = flag("console", console)
         self.warn = check_warn(warn)
         self._opts = {
             name: remedy_options(name, value)
@@ -200,6 +227,7 @@ class ReluDoctorCallback(TrainerCallback):
         self.doctor: Doctor | None = None
         self.remedies: dict[str, Any] = {}
         self._pending: dict[str, float] = {}
+        self._detail: set[str] = set()  # keys of this log's per-site/per-layer scalars
         self._last: IntervalRecord | None = None
         self._warner = FindingWarner(None)
         self._clip: AutoClip | None = None
@@ -288,6 +316,12 @@ class ReluDoctorCallback(TrainerCallback):
             return
         handler.callbacks.remove(self)
         handler.callbacks.insert(1 if handler.callbacks else 0, self)
+        cbs = handler.callbacks
+        printer = next((i for i, c in enumerate(cbs) if type(c).__name__ in _PRINTERS), None)
+        if not self.console and printer is not None and not any(
+            isinstance(c, _ConsoleTrim) and c.owner is self for c in cbs
+        ):
+            cbs.insert(printer, _ConsoleTrim(self))
 
     def _bind_remedies(self, model: Any, opt: torch.optim.Optimizer, sched: Any, doc: Doctor,
                        saved: Mapping[str, Any] | None) -> None:
@@ -351,7 +385,9 @@ class ReluDoctorCallback(TrainerCallback):
             rec = doc.log_eval()  # one evaluation-stream window per evaluation
             if rec is not None:
                 self._warner(rec, "evaluation")
-                logs.update(record_scalars(rec, self.metrics, tb.VAL_PREFIX))
+                scalars = record_scalars(rec, self.metrics, tb.VAL_PREFIX)
+                self._detail.update(scalars.keys() - summary_scalars(rec, tb.VAL_PREFIX).keys())
+                logs.update(scalars)
         if self._pending:
             logs.update(self._pending)
             self._pending = {}
@@ -379,7 +415,9 @@ class ReluDoctorCallback(TrainerCallback):
     def _on_record(self, record: IntervalRecord) -> None:
         self._last = record
         self._warner(record)
-        self._pending.update({**record_scalars(record, self.metrics), **health_scalars(record)})
+        scalars = record_scalars(record, self.metrics)
+        self._detail.update(scalars.keys() - summary_scalars(record).keys())
+        self._pending.update({**scalars, **health_scalars(record)})
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

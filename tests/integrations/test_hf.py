@@ -112,6 +112,29 @@ def test_logged_numbers_equal_the_reference_with_accumulation_and_eval(tmp_path:
     assert {f"relu_doctor/dead_fraction/{s}" for s in SITES} <= set(ea.Tags()["scalars"])
 
 
+@pytest.mark.parametrize("console", [False, True])
+def test_console_lines_hold_the_model_wide_numbers_unless_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], console: bool
+) -> None:
+    # A 2-layer model put about 100 relu_doctor keys in every console line of the Trainer.
+    cb = ReluDoctorCallback(console=console)
+    seen = _Logs()
+    trainer = transformers.Trainer(model=_model(), args=_args(tmp_path), train_dataset=_data(),
+                                   callbacks=[cb, seen])
+    trainer.train()
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if "relu_doctor" in ln]
+    assert len(printed) == 3  # logging_steps=2 of 6 steps
+    site_key = f"relu_doctor/dead_fraction/{SITES[0]}"
+    for line in printed:
+        assert "'relu_doctor/dead_fraction'" in line and "'relu_doctor/health'" in line
+        assert (site_key in line) == console
+    # The callbacks before the printer (and so the report_to backends) get every scalar.
+    assert sum(site_key in e for e in seen.logs) == 3
+    assert [type(c).__name__ for c in trainer.callback_handler.callbacks].count("_ConsoleTrim") == (
+        0 if console else 1
+    )
+
+
 def _train(out: Path, resume: str | bool | None = None, **kw: Any) -> ReluDoctorCallback:
     cb = ReluDoctorCallback(log_every_n_steps=4)
     args = _args(out, save_strategy="steps", save_steps=3, **kw)
