@@ -48,9 +48,12 @@ not recorded, so a site's accumulators are made on the device of its first real 
 
 Units: a site's units are the features of the layer that made its input, found by
 :class:`~relu_doctor.provenance.ProvenanceTracker` in the pass where the site first runs. The
-tracker runs only in passes where some site is unresolved (the first recorded pass; a site
-first seen in an untracked pass is counted from the next pass, which is tracked); where no
-producer is found the shape rule of :func:`~relu_doctor.stats.resolve_unit_dim` decides.
+tracker runs only in passes where some site is unresolved: the first recorded pass, and the
+next ones while a watched activation module has not run yet (LayerDrop skips whole layers;
+8 tracked passes at most), so that its first call is counted. A site first seen in an
+untracked pass (a functional call, or a module later than that) is counted from the next
+pass, which is tracked. Where no producer is found the shape rule of
+:func:`~relu_doctor.stats.resolve_unit_dim` decides.
 """
 
 from __future__ import annotations

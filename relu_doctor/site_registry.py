@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 __all__ = ["SiteRegistry"]
 
 
+#: Tracked passes at most spent waiting for a watched activation module's first call.
+_TRACK_UNSEEN = 8
+
+
 class SiteRegistry:
     """The sites half of :class:`~relu_doctor.probes.Probe` (see the module)."""
 
@@ -42,6 +46,8 @@ class SiteRegistry:
         _want_provenance: bool
         _warned_units: set[SiteKey]
         _tracked_passes: int
+        _targets: dict[nn.Module, tuple[str, Family]]
+        _failed: set[SiteKey]
 
     def _site(
         self,
@@ -126,13 +132,20 @@ class SiteRegistry:
     def _provenance_done(self) -> bool:
         """After a tracked pass: whether every site has its producer (tracking can stop).
         A site not seen again in 3 tracked passes takes the shape rule; a model that showed
-        no site in 8 tracked passes (nothing to watch, or only symbolic passes) stops too."""
+        no site in 8 tracked passes (nothing to watch, or only symbolic passes) stops too.
+        While a watched activation module has not run yet (LayerDrop skips whole layers)
+        tracking goes on, for 8 tracked passes at most, so that its first call, when it
+        comes, is counted: a first call in an untracked pass is not."""
         self._tracked_passes += 1
         for key in list(self._unresolved):
             self._unresolved[key] += 1
             if self._unresolved[key] >= 3:
                 del self._unresolved[key]
                 self._shape_rule.add(key)
+        if self._tracked_passes < _TRACK_UNSEEN:
+            ran = {k.module_path for k in self._sites} | {k.module_path for k in self._failed}
+            if any(path not in ran for path, _ in self._targets.values()):
+                return False
         return not self._unresolved and (bool(self._sites) or self._tracked_passes >= 8)
 
     def _rename(self) -> None:
