@@ -24,6 +24,7 @@ another input. The site is a :class:`~relu_doctor.sites.SiteKey`, so any module 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -241,6 +242,12 @@ def _labels_for(flow_labels: dict[Value, torch.Tensor], x: Any) -> Any:
     return x
 
 
+#: The label of a zero that a constant pad put in (TensorFlow-style "same" padding before a
+#: convolution, as in Hugging Face's MobileNetV2 and EfficientNet): it carries no unit and
+#: mixes with none, since a cut unit's zeroed weights meet zeros there anyway.
+_PAD = -1.0
+
+
 def _replay(node: Node, labels: dict[Value, torch.Tensor]) -> list[torch.Tensor]:
     args = tuple(_labels_for(labels, a) for a in node.args)
     kwargs = {k: _labels_for(labels, v) for k, v in node.kwargs.items()}
@@ -252,16 +259,25 @@ def _replay(node: Node, labels: dict[Value, torch.Tensor]) -> list[torch.Tensor]
         tuple(t.shape) != v.shape for t, v in zip(outs, node.outputs, strict=False)
     ):
         raise _Refuse(f"cannot follow the units through {node.describe()}")
+    if node.name == "pad" and node.arg(2, "mode", "constant") == "constant":
+        if node.arg(3, "value", None):
+            raise _Refuse(f"{node.describe()} pads with a constant other than 0")
+        ones = node.func(torch.ones_like(args[0]), *args[1:], **kwargs)
+        outs[0] = outs[0].masked_fill(ones == 0, _PAD)  # where the pad put its zeros
     return outs
 
 
 def _channel_map(lab: torch.Tensor, dim: int, what: str) -> torch.Tensor:
-    """Per index of ``dim``: the unit it carries (-1: none), or refuse when mixed."""
+    """Per index of ``dim``: the unit it carries (-1: none), or refuse when mixed (a pad's
+    zeros, :data:`_PAD`, mix with nothing)."""
     moved = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
-    first = moved[:, :1]
-    if not torch.equal(moved, first.expand_as(moved)):
+    real = moved != _PAD
+    hi = torch.where(real, moved, -math.inf).amax(1)
+    lo = torch.where(real, moved, math.inf).amin(1)
+    has = real.any(1)
+    if bool((has & (hi != lo)).any()):
         raise _Refuse(f"{what} reads the units mixed with other values on one input")
-    return first.flatten().long() - 1
+    return torch.where(has, hi, 0.0).long() - 1
 
 
 def _broadcast(lab: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

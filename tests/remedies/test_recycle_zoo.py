@@ -317,3 +317,49 @@ def test_the_unit_zoo_of_issue_12():
     done, refused = survey(zoo.UnitsConv1dNet(), torch.randn(2, 40))
     assert sorted(done) == ["act0#0"] and done["act0#0"].norm_path == "norm0"
     assert "its units reach the model's output through relu without" in refused["act1#0"]
+
+
+class _PaddedTo(nn.Module):
+    """TensorFlow-style "same" padding before a stride-2 conv (Hugging Face's MobileNetV2 and
+    EfficientNet): the activation's map is padded with zeros by ``F.pad``, then convolved."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 1)
+        self.act = nn.ReLU6()
+        self.conv2 = nn.Conv2d(6, 4, 3, stride=2)
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.pad(self.act(self.conv1(x)), (0, 1, 0, 1), value=self.value))
+
+
+def test_zero_padding_before_the_consumer_is_followed_and_other_pads_refused():
+    torch.manual_seed(0)
+    done, refused = survey(_PaddedTo(), torch.randn(2, 3, 6, 6))
+    assert not refused and [c.path for c in done["act#0"].consumers] == ["conv2"]
+    # a pad of ones would put a value a cut unit's weights multiplied: refused, named
+    done, refused = survey(_PaddedTo(value=1.0), torch.randn(2, 3, 6, 6))
+    assert not done and "pads with a constant other than 0" in refused["act#0"]
+
+
+def test_hf_mobilenet_v2_with_tf_padding_recycles_its_expansions():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MobileNetV2Config(num_channels=3, image_size=32, depth_multiplier=0.25,
+                                         min_depth=4, tf_padding=True)
+    model = transformers.MobileNetV2Model(cfg).eval()
+    x = torch.randn(2, 3, 16, 16)
+    flow = record_dataflow(model, x)
+    refused = {}
+    for key in sites_of(flow):
+        try:
+            find_unit_links(model, site=key, dataflow=flow)
+        except ReluDoctorError as e:
+            refused[key.name(True)] = str(e)
+    # what stays refused is refused for a sum or the output, never for the padding
+    assert len(refused) < len(sites_of(flow)) // 2, refused
+    assert not [r for r in refused.values() if "mixed with other values" in r], refused
+    for path in ("conv_stem.first_conv.activation", "layer.0.expand_1x1.activation"):
+        links = check_invariant(model, x, SiteKey(path), flow)  # padded before its consumer
+        assert links.consumers[0].path.endswith("conv_3x3.convolution")
