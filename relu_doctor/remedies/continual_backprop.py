@@ -62,8 +62,8 @@ def outgoing_magnitude(links: UnitLinks) -> torch.Tensor:
         if not isinstance(w, torch.Tensor):
             continue
         a = w.detach().abs().double().cpu()
-        if isinstance(c.module, nn.Linear):
-            total += a.sum(0).reshape(links.units, c.span).sum(1)
+        if isinstance(c.module, nn.Linear) or a.dim() == 2:  # (out, in), or (in, out): in_dim 0
+            total += a.sum(1 - c.in_dim).reshape(links.units, c.span).sum(1)
             continue
         groups = int(getattr(c.module, "groups", 1))
         per_in = a.sum(dim=[d for d in range(a.dim()) if d != 1])  # (in_channels / groups,)

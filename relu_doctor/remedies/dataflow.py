@@ -98,7 +98,7 @@ class Node:
 
     def describe(self) -> str:
         """``"add in layer1.0.forward"``, ``"linear of Linear 'fc'"``."""
-        w = self.arg(1, "weight")
+        w = self.arg(2, "mat2") if self.name == "addmm" else self.arg(1, "weight")
         if isinstance(w, Param):
             return f"{self.name} of {type(w.module).__name__} {w.path or '(root)'!r}"
         return f"{self.name} in {self.owner or '(root)'}.forward"

@@ -55,21 +55,20 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
     return t if isinstance(t, torch.Tensor) else None
 
 
-def _zero_rows(idx: torch.Tensor) -> SliceFn:
+def _zero_rows(idx: torch.Tensor, dim: int = 0) -> SliceFn:
     def fn(t: torch.Tensor) -> None:
-        t.index_fill_(0, idx.to(t.device), 0)
+        t.index_fill_(dim, idx.to(t.device), 0)
 
     return fn
 
 
-def _zero_inputs(m: nn.Module, weight: torch.Tensor, cols: torch.Tensor) -> SliceFn:
-    """Zero the input columns (Linear) or channels (conv, grouped or not) ``cols``."""
+def _zero_inputs(
+    m: nn.Module, weight: torch.Tensor, cols: torch.Tensor, in_dim: int = 1
+) -> SliceFn:
+    """Zero the input columns (Linear; rows of a weight stored ``(in, out)``: ``in_dim`` 0)
+    or channels (conv, grouped or not) ``cols``."""
     if isinstance(m, nn.Linear) or weight.dim() == 2:
-
-        def lin(t: torch.Tensor) -> None:
-            t.index_fill_(1, cols.to(t.device), 0)
-
-        return lin
+        return _zero_rows(cols, in_dim)
     groups = int(getattr(m, "groups", 1))
     in_pg = int(weight.shape[1])
     if groups == 1:
@@ -179,13 +178,15 @@ def recycle_units(
     with torch.no_grad():
         w = _tensor(prod, links.producer_param)
         assert w is not None
-        fresh = torch.empty((idx.numel(), *w.shape[1:]), dtype=torch.float32)
+        d = links.producer_dim  # 1: a weight stored (in, out), each unit a column
+        rows = w.movedim(d, 0)
+        fresh = torch.empty((idx.numel(), *rows.shape[1:]), dtype=torch.float32)
         nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
-        w.index_copy_(0, idx.to(w.device), fresh.to(w.device, w.dtype))
-        targets.append((w, _zero_rows(idx)))
+        w.index_copy_(d, idx.to(w.device), fresh.to(w.device, w.dtype).movedim(0, d))
+        targets.append((w, _zero_rows(idx, d)))
         b = _tensor(prod, "bias")
         if b is not None:
-            fan_in = w[0].numel()
+            fan_in = rows[0].numel()
             bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
             fb = torch.empty(idx.numel(), dtype=torch.float32).uniform_(
                 -bound, bound, generator=gen
@@ -212,7 +213,7 @@ def recycle_units(
                 continue
             cw = _tensor(c.module, c.param)
             assert cw is not None
-            fn = _zero_inputs(c.module, cw, cols)
+            fn = _zero_inputs(c.module, cw, cols, c.in_dim)
             fn(cw)
             targets.append((cw, fn))
         state_keys = reset_state_slices(opts, targets)

@@ -24,7 +24,6 @@ another input. The site is a :class:`~relu_doctor.sites.SiteKey`, so any module 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,13 +32,31 @@ import torch
 import torch.nn as nn
 
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.remedies._unit_labels import (
+    Refuse,
+    broadcast,
+    channel_map,
+    pool_labels,
+    reduce_labels,
+    replay,
+)
 from relu_doctor.remedies.base import get_module, key_label, site_key_of
-from relu_doctor.remedies.dataflow import Dataflow, Node, Param, Value, record_dataflow
+from relu_doctor.remedies.dataflow import (
+    Dataflow,
+    ModuleCall,
+    Node,
+    Param,
+    Value,
+    record_dataflow,
+)
 from relu_doctor.sites import SiteKey, module_label
 
 __all__ = ["Consumer", "NormReset", "UnitLinks", "find_unit_links"]
 
-_PRODUCERS = {"linear", "conv1d", "conv2d", "conv3d"}
+_PRODUCERS = {"linear", "conv1d", "conv2d", "conv3d", "addmm"}
+#: Producers whose weight is stored (in, out), features last: Hugging Face's ``Conv1D``
+#: (GPT-2's MLP), ``torch.addmm(bias, x, weight)``.
+_TRANSPOSED = {"addmm"}
 _MOVE = {
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "contiguous",
     "clone", "unsqueeze", "squeeze", "expand", "cat", "concat", "concatenate", "stack",
@@ -75,6 +92,8 @@ class Consumer:
         kind: ``"weight"`` (zero the inputs' columns) or ``"norm"`` (zero the channels' scale,
             keep the shift a dead unit gave).
         param: the attribute name of the weight read (``"weight"``).
+        in_dim: the weight's dim of its input features (1; 0 for a weight stored
+            ``(in, out)``, Hugging Face's ``Conv1D``).
     """
 
     path: str
@@ -84,6 +103,7 @@ class Consumer:
     inputs: torch.Tensor | None = None
     kind: str = "weight"
     param: str = "weight"
+    in_dim: int = 1
 
     def columns(self, units: torch.Tensor) -> torch.Tensor:
         """The input features (channels) carrying ``units``."""
@@ -140,6 +160,8 @@ class UnitLinks:
         consumers: the layers reading the activation's output.
         norms: every per-channel norm between producer and activation.
         producer_param: the attribute name of the producer's weight.
+        producer_dim: the producer weight's dim of the units (0; 1 for a weight stored
+            ``(in, out)``, Hugging Face's ``Conv1D``).
     """
 
     site: str
@@ -151,6 +173,7 @@ class UnitLinks:
     consumers: list[Consumer]
     norms: list[NormReset] = field(default_factory=list)
     producer_param: str = "weight"
+    producer_dim: int = 0
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -162,38 +185,37 @@ class UnitLinks:
         }
 
 
-class _Refuse(Exception):
-    pass
-
-
 # ---------------------------------------------------------------------- the site in the flow
 
 
-def _site_values(flow: Dataflow, model: nn.Module, key: SiteKey) -> tuple[Value, Node | None]:
-    """The site's input value and the first call the site made on it."""
+def _site_values(
+    flow: Dataflow, model: nn.Module, key: SiteKey
+) -> tuple[Value, Node | None, ModuleCall | None]:
+    """The site's input value, the first call the site made on it, and the module call of a
+    module site (None for a functional one)."""
     if key.op is None:
         mod = get_module(model, key.module_path, "site")
         calls = flow.module_calls.get(mod, [])
         if len(calls) <= key.call_index or not calls[key.call_index].inputs:
-            raise _Refuse(
+            raise Refuse(
                 f"the recorded forward pass called {module_label(key.module_path)!r} "
                 f"{len(calls)} time(s), not {key.call_index + 1}"
             )
         call = calls[key.call_index]
         inner = [n for n in call.inputs[0].users if call.start <= n.index < call.end]
-        return call.inputs[0], inner[0] if inner else None
+        return call.inputs[0], inner[0] if inner else None, call
     nodes = flow.functional.get((key.module_path, key.op), [])
     if len(nodes) <= key.call_index or not nodes[key.call_index].inputs:
-        raise _Refuse(
+        raise Refuse(
             f"the recorded forward pass made {len(nodes)} {key.op} call(s) in "
             f"{module_label(key.module_path)}.forward, not {key.call_index + 1}"
         )
     node = nodes[key.call_index]
-    return node.inputs[0], node
+    return node.inputs[0], node, None
 
 
 def _weight(node: Node) -> Param | None:
-    w = node.arg(1, "weight")
+    w = node.arg(2, "mat2") if node.name in _TRANSPOSED else node.arg(1, "weight")
     return w if isinstance(w, Param) else None
 
 
@@ -222,90 +244,6 @@ def _mixing_norm(node: Node) -> str:
     return f"{what.get(node.name, node.name)} ({node.describe()}) normalises the units together"
 
 
-# ---------------------------------------------------------------------- labels
-
-
-def _labels_for(flow_labels: dict[Value, torch.Tensor], x: Any) -> Any:
-    if isinstance(x, Value):
-        got = flow_labels.get(x)
-        if got is not None:
-            return got
-        if x.data is not None:
-            return x.data.cpu()
-        return torch.zeros(x.shape)
-    if isinstance(x, Param):
-        return torch.zeros(tuple(x.tensor.shape))
-    if isinstance(x, (list, tuple)) and not isinstance(x, torch.Size):
-        return type(x)(_labels_for(flow_labels, y) for y in x)
-    if isinstance(x, torch.Tensor):
-        return x.cpu()
-    return x
-
-
-#: The label of a zero that a constant pad put in (TensorFlow-style "same" padding before a
-#: convolution, as in Hugging Face's MobileNetV2 and EfficientNet): it carries no unit and
-#: mixes with none, since a cut unit's zeroed weights meet zeros there anyway.
-_PAD = -1.0
-
-
-def _replay(node: Node, labels: dict[Value, torch.Tensor]) -> list[torch.Tensor]:
-    args = tuple(_labels_for(labels, a) for a in node.args)
-    kwargs = {k: _labels_for(labels, v) for k, v in node.kwargs.items()}
-    out = node.func(*args, **kwargs)
-    outs = (
-        [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
-    )
-    if len(outs) != len(node.outputs) or any(
-        tuple(t.shape) != v.shape for t, v in zip(outs, node.outputs, strict=False)
-    ):
-        raise _Refuse(f"cannot follow the units through {node.describe()}")
-    if node.name == "pad" and node.arg(2, "mode", "constant") == "constant":
-        if node.arg(3, "value", None):
-            raise _Refuse(f"{node.describe()} pads with a constant other than 0")
-        ones = node.func(torch.ones_like(args[0]), *args[1:], **kwargs)
-        outs[0] = outs[0].masked_fill(ones == 0, _PAD)  # where the pad put its zeros
-    return outs
-
-
-def _channel_map(lab: torch.Tensor, dim: int, what: str) -> torch.Tensor:
-    """Per index of ``dim``: the unit it carries (-1: none), or refuse when mixed (a pad's
-    zeros, :data:`_PAD`, mix with nothing)."""
-    moved = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
-    real = moved != _PAD
-    hi = torch.where(real, moved, -math.inf).amax(1)
-    lo = torch.where(real, moved, math.inf).amin(1)
-    has = real.any(1)
-    if bool((has & (hi != lo)).any()):
-        raise _Refuse(f"{what} reads the units mixed with other values on one input")
-    return torch.where(has, hi, 0.0).long() - 1
-
-
-def _broadcast(lab: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.broadcast_to(lab, shape).clone()
-
-
-def _reduce(node: Node, lab: torch.Tensor) -> torch.Tensor:
-    dim = node.arg(1, "dim", node.kwargs.get("axis"))
-    keep = bool(node.arg(2, "keepdim", False))
-    if isinstance(dim, Value | Param | str):
-        raise _Refuse(f"cannot follow the units through {node.describe()}")
-    if dim is None:
-        hi, lo = lab.amax(), lab.amin()
-    else:
-        hi, lo = lab.amax(dim=dim, keepdim=keep), lab.amin(dim=dim, keepdim=keep)
-    if not torch.equal(hi, lo):
-        raise _Refuse(f"{node.describe()} sums the units with each other or with other values")
-    return hi
-
-
-def _pool(node: Node, lab: torch.Tensor, k: int) -> torch.Tensor:
-    dims = tuple(range(lab.dim() - k, lab.dim()))
-    hi, lo = lab.amax(dim=dims, keepdim=True), lab.amin(dim=dims, keepdim=True)
-    if not torch.equal(hi, lo):
-        raise _Refuse(f"{node.describe()} pools the units with other values")
-    return _broadcast(hi, node.outputs[0].shape)
-
-
 # ---------------------------------------------------------------------- the walk
 
 
@@ -316,11 +254,11 @@ def _producer(start: Value) -> tuple[Node, list[Node]]:
     while True:
         n = v.node
         if n is None:
-            raise _Refuse("its input is an input of the model, not the output of a layer")
+            raise Refuse("its input is an input of the model, not the output of a layer")
         if n.name in _PRODUCERS and _weight(n) is not None and n.outputs[0] is v:
             return n, chain[::-1]
         if n.name in _NORMS and not _per_channel(n, v.shape):
-            raise _Refuse(
+            raise Refuse(
                 f"its input passes a {_mixing_norm(n)}: a fresh unit would shift the others"
             )
         passes = (
@@ -331,7 +269,7 @@ def _producer(start: Value) -> tuple[Node, list[Node]]:
         tracked = [i for i in n.inputs if i.data is None]
         if not passes or len(tracked) != 1:
             kind = f"a sum ({n.describe()})" if n.name in _SUM else n.describe()
-            raise _Refuse(
+            raise Refuse(
                 f"its input comes from {kind}, not from a Linear or Conv layer (through "
                 "dropout, pooling, reshapes or a per-channel norm); recycling needs the one "
                 "layer that produces the units"
@@ -341,30 +279,35 @@ def _producer(start: Value) -> tuple[Node, list[Node]]:
 
 
 def _walk(
-    flow: Dataflow, prod: Node, chain: list[Node], site_in: Value, site: Node | None
+    flow: Dataflow, prod: Node, chain: list[Node], site_in: Value, site: Node | None,
+    call: ModuleCall | None = None,
 ) -> tuple[list[NormReset], list[Consumer]]:
     p_out = prod.outputs[0]
     w = _weight(prod)
     assert w is not None
-    units = int(w.tensor.shape[0])
-    if prod.name == "linear":
+    units = int(w.tensor.shape[1 if prod.name in _TRANSPOSED else 0])
+    if prod.name == "linear" or prod.name in _TRANSPOSED:
         fdim = len(p_out.shape) - 1
     else:
         fdim = 1 if len(p_out.shape) == w.tensor.dim() else 0
     shape = [1] * len(p_out.shape)
     shape[fdim] = units
     labels: dict[Value, torch.Tensor] = {
-        p_out: _broadcast(
+        p_out: broadcast(
             torch.arange(1, units + 1, dtype=torch.float32).reshape(shape), p_out.shape
         )
     }
     # --- producer side: a single path, nothing else may read it
     norms: list[NormReset] = []
     on_chain = [p_out] + [n.outputs[0] for n in chain]
+    # An activation module is one elementwise map with f(0) = 0 (every family member), however
+    # many ops its forward makes (Hugging Face's NewGELU: pow, mul, add, tanh): its calls
+    # read the units as the site, and its output carries them as its input did.
+    inside = range(call.start, call.end) if call is not None and call.outputs else range(0)
     for v, nxt in zip(on_chain, [*chain, site], strict=True):
-        others = [u for u in v.users if u is not nxt]
+        others = [u for u in v.users if u is not nxt and u.index not in inside]
         if others:
-            raise _Refuse(
+            raise Refuse(
                 f"the output of {prod.describe()} also goes to {others[0].describe()}, not only "
                 "to this activation: a fresh unit would change that path too"
             )
@@ -374,18 +317,32 @@ def _walk(
             owner = _norm_owner(n)
             if owner is not None:
                 norms.append(
-                    NormReset(owner.path, owner.module, _channel_map(lab, 1, n.describe()))
+                    NormReset(owner.path, owner.module, channel_map(lab, 1, n.describe()))
                 )
         elif n.name in _MOVE:
-            lab = _replay(n, labels)[0]
+            lab = replay(n, labels)[0]
         elif _POOL.match(n.name):
-            lab = _pool(n, lab, int(_POOL.match(n.name).group(3)))  # type: ignore[union-attr]
+            lab = pool_labels(n, lab, int(_POOL.match(n.name).group(3)))  # type: ignore[union-attr]
         labels[n.outputs[0]] = lab
     # --- consumer side: every path, in execution order
     consumers: list[Consumer] = []
     route: dict[Value, str] = {site_in: ""}
     first = site.index if site is not None else len(flow.nodes)
+    if inside:
+        assert call is not None
+        out = call.outputs[0]
+        labels[out] = broadcast(labels[site_in], out.shape)
+        one = site is not None and call.end - call.start == 1
+        route[out] = site.name if one and site is not None else type(call.module).__name__
+        first = call.end
+        if out.output:
+            raise Refuse(
+                f"its units reach the model's output through {route[out]} without passing a "
+                "parameterised layer whose inputs could be zeroed"
+            )
     for n in flow.nodes[first:]:
+        if n.index in inside:
+            continue
         tracked = [v for v in n.inputs if v in labels]
         if not tracked:
             continue
@@ -393,20 +350,20 @@ def _walk(
         here = f"{via} -> {n.name}" if via else n.name
         try:
             outs = _consume(n, tracked, labels, consumers)
-        except _Refuse as e:
-            raise _Refuse(f"{e} (path: {here})") from None
+        except Refuse as e:
+            raise Refuse(f"{e} (path: {here})") from None
         for v, lab in zip(n.outputs, outs, strict=False):
             labels[v] = lab
             route[v] = here
             if v.output and bool((lab > 0).any()):
-                raise _Refuse(
+                raise Refuse(
                     f"its units reach the model's output through {here} without passing a "
                     "parameterised layer whose inputs could be zeroed"
                 )
     if site_in.output:
-        raise _Refuse("its units are the model's output")
+        raise Refuse("its units are the model's output")
     if not consumers:
-        raise _Refuse("its units reach no Linear, Conv or norm layer")
+        raise Refuse("its units reach no Linear, Conv or norm layer")
     return norms, consumers
 
 
@@ -416,67 +373,68 @@ def _consume(
     """One call reading units: a cut (recorded in ``consumers``; returns nothing) or the labels
     of its outputs."""
     name = n.name
-    first = n.args[0] if n.args else n.kwargs.get("input")
+    first = n.arg(1, "mat1") if name in _TRANSPOSED else n.arg(0, "input")
     x: Value | None = first if isinstance(first, Value) else None
     lx = labels.get(x) if x is not None else None
     alone = lx is not None and len(tracked) == 1  # reads the units as its input only
     if name in _PRODUCERS:
         w = _weight(n)
         if w is None or x is None or lx is None or not alone:
-            raise _Refuse(f"{n.describe()} reads the units with a computed weight")
-        dim = -1 if name == "linear" else (1 if len(x.shape) == w.tensor.dim() else 0)
-        m = _channel_map(lx, dim, n.describe())
-        consumers.append(_consumer(w, m, "weight"))
+            raise Refuse(f"{n.describe()} reads the units with a computed weight")
+        flat = name == "linear" or name in _TRANSPOSED
+        dim = -1 if flat else (1 if len(x.shape) == w.tensor.dim() else 0)
+        m = channel_map(lx, dim, n.describe())
+        consumers.append(_consumer(w, m, "weight", in_dim=0 if name in _TRANSPOSED else 1))
         return []
     if name in _NORMS:
         if not _per_channel(n, x.shape if x is not None else ()):
-            raise _Refuse(f"its units pass a {_mixing_norm(n)}")
+            raise Refuse(f"its units pass a {_mixing_norm(n)}")
         owner = _norm_weight(n)
         if not isinstance(owner, Param) or lx is None or not alone:
-            raise _Refuse(f"{n.describe()} has no learned scale to zero")
-        m = _channel_map(lx, 1, n.describe())
+            raise Refuse(f"{n.describe()} has no learned scale to zero")
+        m = channel_map(lx, 1, n.describe())
         consumers.append(_consumer(owner, m, "norm"))
         return []
     if name in _SUM:
-        raise _Refuse(
+        raise Refuse(
             f"its units also reach {n.describe()}, a sum with another branch (a residual or "
             "skip connection): a recycled unit's new value would pass through it unweighted"
         )
     if name in _MOVE:
-        return _replay(n, labels)
+        return replay(n, labels)
     if name in _CASTS:
         return [lx] if lx is not None else []
     out_shape = n.outputs[0].shape if n.outputs else ()
     if name in _ZERO_UNARY and lx is not None and alone:
-        return [_broadcast(lx, out_shape)]
+        return [broadcast(lx, out_shape)]
     if name in _MUL or (name in _DIV and alone):
         a, b = (
             labels.get(v) if isinstance(v, Value) else None
             for v in (n.arg(0, "input"), n.arg(1, "other"))
         )
-        la = _broadcast(a, out_shape) if a is not None else torch.zeros(out_shape)
-        lb = _broadcast(b, out_shape) if b is not None else torch.zeros(out_shape)
+        la = broadcast(a, out_shape) if a is not None else torch.zeros(out_shape)
+        lb = broadcast(b, out_shape) if b is not None else torch.zeros(out_shape)
         if bool(((la > 0) & (lb > 0) & (la != lb)).any()):
-            raise _Refuse(f"{n.describe()} multiplies two units together")
+            raise Refuse(f"{n.describe()} multiplies two units together")
         return [torch.maximum(la, lb)]
     if name in _REDUCE and lx is not None and alone:
-        return [_reduce(n, lx)]
+        return [reduce_labels(n, lx)]
     pool = _POOL.match(name)
     if pool and lx is not None and alone:
-        return [_pool(n, lx, int(pool.group(3)))]
-    raise _Refuse(
+        return [pool_labels(n, lx, int(pool.group(3)))]
+    raise Refuse(
         f"its units reach {n.describe()}, which is not a Linear, Conv or per-channel norm and "
         "may mix them or change their zeros (recycling zeroes the recycled units' outgoing "
         "weights and follows dropout, pooling, means, reshapes, concatenation and products to them)"
     )
 
 
-def _consumer(w: Param, m: torch.Tensor, kind: str) -> Consumer:
+def _consumer(w: Param, m: torch.Tensor, kind: str, in_dim: int = 1) -> Consumer:
     fed = torch.nonzero(m >= 0).flatten()
     offset = int(fed.min()) if fed.numel() else 0
     counts = torch.bincount(m[fed]) if fed.numel() else torch.zeros(1, dtype=torch.long)
     span = int(counts.max()) if counts.numel() else 1
-    return Consumer(w.path, w.module, span, offset, m, kind, w.name)
+    return Consumer(w.path, w.module, span, offset, m, kind, w.name, in_dim)
 
 
 def _check_shared(
@@ -486,7 +444,7 @@ def _check_shared(
     assert w is not None
     n_uses = len(flow.uses_of(w.tensor))
     if n_uses > 1:
-        raise _Refuse(
+        raise Refuse(
             f"{type(w.module).__name__} {w.path!r} is called {n_uses} times per pass; "
             "re-initialising its rows would change its other outputs too"
         )
@@ -497,7 +455,7 @@ def _check_shared(
         c = group[0]
         uses = len(flow.uses_of(getattr(c.module, c.param)))
         if uses > len(group):
-            raise _Refuse(
+            raise Refuse(
                 f"{type(c.module).__name__} {c.path!r} is also called on other inputs; zeroing "
                 "its input columns would change those outputs"
             )
@@ -568,11 +526,11 @@ def find_unit_links(
                 f"({type(e).__name__}: {e})."
             ) from None
     try:
-        site_in, site_node = _site_values(dataflow, model, key)
+        site_in, site_node, call = _site_values(dataflow, model, key)
         prod, chain = _producer(site_in)
-        norms, consumers = _walk(dataflow, prod, chain, site_in, site_node)
+        norms, consumers = _walk(dataflow, prod, chain, site_in, site_node, call)
         _check_shared(dataflow, prod, consumers, norms)
-    except _Refuse as e:
+    except Refuse as e:
         raise ReluDoctorError(f"site {label!r}: {e}. Exclude this site.") from None
     except ReluDoctorError:
         raise
@@ -584,9 +542,10 @@ def find_unit_links(
     w = _weight(prod)
     assert w is not None
     first = norms[0] if norms else None
+    dim = 1 if prod.name in _TRANSPOSED else 0
     return UnitLinks(
         label,
-        int(w.tensor.shape[0]),
+        int(w.tensor.shape[dim]),
         w.path,
         w.module,
         first.path if first else None,
@@ -594,6 +553,7 @@ def find_unit_links(
         consumers,
         norms,
         w.name,
+        dim,
     )
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.families import family_of
 from relu_doctor.remedies import find_unit_links, recycle_units
+from relu_doctor.remedies.continual_backprop import outgoing_magnitude
 from relu_doctor.remedies.dataflow import Dataflow, record_dataflow
 from relu_doctor.remedies.unit_links import UnitLinks
 from relu_doctor.sites import SiteKey
@@ -42,7 +43,7 @@ def _kill(links: UnitLinks, units: list[int]) -> None:
     idx = torch.tensor(units)
     with torch.no_grad():
         w = getattr(links.producer, links.producer_param)
-        w[idx] = 0
+        w.index_fill_(links.producer_dim, idx, 0)  # its rows, or columns of an (in, out) weight
         b = getattr(links.producer, "bias", None)
         if links.norms:
             for nr in links.norms:
@@ -86,7 +87,7 @@ def check_invariant(model: nn.Module, x: object, key: SiteKey, flow: Dataflow) -
         recycle_units(ml, units=units, optimizers=opt, generator=torch.Generator().manual_seed(5))
         y1 = _output(m, x)
         assert torch.allclose(y0, y1, atol=1e-5, rtol=1e-4), (key, train, (y0 - y1).abs().max())
-        w = getattr(ml.producer, ml.producer_param)
+        w = getattr(ml.producer, ml.producer_param).movedim(ml.producer_dim, 0)
         assert w[units].abs().sum() > 0, key  # fresh rows, not the zeros of the kill
         for n, p in m.named_parameters():
             if n not in before_s:
@@ -251,6 +252,27 @@ def test_opt_mlp_sites_are_all_recycled():
             f"decoder.layers.{i}.fc1",
             [f"decoder.layers.{i}.fc2"],
         )
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu_new"])
+def test_gpt2_conv1d_mlp_sites_are_all_recycled(act):
+    # Hugging Face's Conv1D stores its weight (in, out) and runs torch.addmm: the units are
+    # c_fc's columns and c_proj's rows.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                  activation_function=act)
+    model = transformers.GPT2Model(cfg)
+    done, refused = survey(model, torch.randint(0, 50, (2, 7)))
+    assert len(done) == 2 and not refused, refused
+    for i in range(2):
+        (links,) = [v for k, v in done.items() if k.startswith(f"h.{i}.")]
+        assert (links.producer_path, [c.path for c in links.consumers]) == (
+            f"h.{i}.mlp.c_fc", [f"h.{i}.mlp.c_proj"])
+        assert (links.units, links.producer_dim, links.consumers[0].in_dim) == (64, 1, 0)
+        # Continual Backprop's utility reads each unit's outgoing weights: c_proj's rows
+        want = model.h[i].mlp.c_proj.weight.detach().abs().sum(1).double()
+        assert torch.allclose(outgoing_magnitude(links), want)
 
 
 class _MBConvSE(nn.Module):
