@@ -235,43 +235,39 @@ def test_bert_mlp_sites_are_all_recycled(hidden_act):
         assert links.units == 24
 
 
+def _opt(t):  # OPT: nn.Linear fc1 -> act -> fc2
+    return t.OPTModel(t.OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, ffn_dim=24,
+                                  num_attention_heads=2, max_position_embeddings=16,
+                                  word_embed_proj_dim=16)), "decoder.layers.{}.", "fc1", "fc2"
+
+
+def _gpt2(act):  # GPT-2: HF's Conv1D (torch.addmm, weight stored (in, out)) c_fc -> act -> c_proj
+    def make(t):
+        cfg = t.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                           activation_function=act)
+        return t.GPT2Model(cfg), "h.{}.", "mlp.c_fc", "mlp.c_proj"
+    return make
+
+
 @pytest.mark.slow
-def test_opt_mlp_sites_are_all_recycled():
+@pytest.mark.parametrize("make", [_opt, _gpt2("relu"), _gpt2("gelu_new")],
+                         ids=["opt", "gpt2-relu", "gpt2-gelu_new"])
+def test_hf_transformer_mlp_sites_are_all_recycled(make):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.OPTConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, ffn_dim=24, num_attention_heads=2,
-        max_position_embeddings=16, word_embed_proj_dim=16,
-    )  # fmt: skip
-    model = transformers.OPTModel(cfg)
+    model, layer, fc_in, fc_out = make(transformers)
     done, refused = survey(model, torch.randint(0, 50, (2, 7)))
     assert len(done) == 2 and not refused, refused
     for i in range(2):
-        (links,) = [v for k, v in done.items() if k.startswith(f"decoder.layers.{i}.")]
+        (links,) = [v for k, v in done.items() if k.startswith(layer.format(i))]
+        prefix = layer.format(i)
         assert (links.producer_path, [c.path for c in links.consumers]) == (
-            f"decoder.layers.{i}.fc1",
-            [f"decoder.layers.{i}.fc2"],
-        )
-
-
-@pytest.mark.parametrize("act", ["relu", "gelu_new"])
-def test_gpt2_conv1d_mlp_sites_are_all_recycled(act):
-    # Hugging Face's Conv1D stores its weight (in, out) and runs torch.addmm: the units are
-    # c_fc's columns and c_proj's rows.
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                  activation_function=act)
-    model = transformers.GPT2Model(cfg)
-    done, refused = survey(model, torch.randint(0, 50, (2, 7)))
-    assert len(done) == 2 and not refused, refused
-    for i in range(2):
-        (links,) = [v for k, v in done.items() if k.startswith(f"h.{i}.")]
-        assert (links.producer_path, [c.path for c in links.consumers]) == (
-            f"h.{i}.mlp.c_fc", [f"h.{i}.mlp.c_proj"])
-        assert (links.units, links.producer_dim, links.consumers[0].in_dim) == (64, 1, 0)
-        # Continual Backprop's utility reads each unit's outgoing weights: c_proj's rows
-        want = model.h[i].mlp.c_proj.weight.detach().abs().sum(1).double()
+            prefix + fc_in, [prefix + fc_out])
+        # Continual Backprop's utility reads each unit's outgoing weights (c_proj's rows)
+        w = model.get_submodule(prefix + fc_out).weight.detach().abs().double()
+        want = w.sum(links.consumers[0].in_dim ^ 1)
+        assert (links.producer_dim, links.consumers[0].in_dim) == (
+            (1, 0) if "c_fc" in fc_in else (0, 1))
         assert torch.allclose(outgoing_magnitude(links), want)
 
 
