@@ -399,6 +399,13 @@ class Doctor(IntervalReading, RunRecording):
         if self.tap is not None and self.probe.attached:
             self.tap.before_step(optimizer)
 
+    def need_collected_per_window(self, n: int) -> None:
+        """Collect at least ``n`` steps of every logging window (the remedies that judge dead
+        units ask for :data:`~relu_doctor.remedies.evidence.MIN_EVIDENCE_STEPS` when bound), even
+        where the overhead budget would collect fewer; warns once when that costs more than
+        the budget. A fixed ``every_n_steps`` is left as given."""
+        self.sampler.need_per_window(n, self.log_every_n_steps)
+
     def add_listener(self, fn: Listener) -> None:
         """Call ``fn(record)`` after each logging interval."""
         self._listeners.append(fn)

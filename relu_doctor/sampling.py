@@ -383,6 +383,10 @@ class Sampler:
         self.every_n_steps = every if isinstance(every, int) else None
         self.overhead_budget = budget
         self.max_every = max(1, min(int(max_every), _MAX_EVERY))
+        #: set by :meth:`need_per_window`: the collected steps per window that the bound
+        #: remedies ask for (None: none asked), and whether its warning was given
+        self.per_window: int | None = None
+        self._warned_cap = False
         self.clock = clock
         self._spent = spent if spent is not None else Stopwatch().read
         self.distributed = bool(distributed)
@@ -426,6 +430,15 @@ class Sampler:
         self._logs = 0
         self._since_log = 0
         self._warned_logs = False
+
+    def need_per_window(self, n: int, window: int) -> None:
+        """Collect at least ``n`` of every ``window`` steps under the budget: the longest
+        interval between collecting steps becomes ``window // n`` (a fixed
+        ``every_n_steps`` is left as given)."""
+        self.per_window = max(n, self.per_window or 0)
+        self.max_every = max(1, min(self.max_every, window // self.per_window))
+        if self.adaptive:
+            self.every = min(self.every, self.max_every)
 
     @property
     def adaptive(self) -> bool:
@@ -608,6 +621,18 @@ class Sampler:
         # A ratio of exactly n must not round up to n + 1 through float error.
         need = math.ceil(hook / (left * plain) - 1e-9)
         self.every = max(1, min(need, self.max_every))
+        if need > self.max_every and self.per_window and not self._warned_cap:
+            self._warned_cap = True
+            cost = hook / (self.every * plain) + (log or 0.0) / plain
+            warnings.warn(
+                f"relu_doctor: the remedies bound to this Doctor judge dead units on at least "
+                f"{self.per_window} collected steps per logging window, so statistics are "
+                f"collected every {self.every} steps, which costs about {cost:.1%} of a step, "
+                f"more than overhead_budget={self.overhead_budget:g}. Log less often (a larger "
+                "log_every_n_steps) to collect more sparsely within the budget.",
+                ReluDoctorWarning,
+                stacklevel=2,
+            )
 
     def overhead(self) -> float | None:
         """The estimated cost of collecting at the current rate, and of logging on the host

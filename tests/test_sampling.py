@@ -776,3 +776,23 @@ def test_no_hook_of_ours_runs_on_a_step_that_collects_nothing():
         passes = doc.probe.passes
         model(torch.randn(4, 6)).square().mean().backward()
         assert doc.probe.passes == passes + 1
+
+
+def test_remedies_that_read_dead_units_get_enough_steps_per_window_and_the_cost_is_said():
+    """Statistics at 30% of a step fit a 3% budget at every 10th step; a remedy asking for 8
+    collected steps per 50-step window caps the interval at 6, and the warning gives the cost
+    at that rate (0.3 / 6 = 5%)."""
+    fake = FakeTime()
+    s = sampler(fake, max_every=50)
+    drive(s, fake, 40, 1.0, 0.3)
+    assert s.every == 10
+    s.need_per_window(8, 50)
+    assert (s.max_every, s.every) == (6, 6)
+    with pytest.warns(ReluDoctorWarning, match=r"at least 8 collected steps .* every 6 steps, "
+                      r"which costs about 5\.0% of a step, more than overhead_budget=0\.03"):
+        pattern = drive(s, fake, 200, 1.0, 0.3)
+    assert s.every == 6 and max(gaps(pattern)) <= 7  # calibration may stretch one cycle
+    # a fixed rate is the user's: left as given
+    fixed = sampler(FakeTime(), every_n_steps=25)
+    fixed.need_per_window(8, 50)
+    assert [fixed.collect(i) for i in range(50)].count(True) == 2

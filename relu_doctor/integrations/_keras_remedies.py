@@ -22,7 +22,13 @@ from relu_doctor._validate import nonnegative, number_in, positive_int
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
 from relu_doctor.integrations._keras_layers import KerasSite
-from relu_doctor.remedies.base import MODEL, RecordLike, Remedy, model_snapshot, site_snapshot
+from relu_doctor.remedies.base import (
+    MODEL,
+    RecordLike,
+    Remedy,
+    model_snapshot,
+    site_snapshot,
+)
 from relu_doctor.remedies.clipping import AutoClip
 from relu_doctor.remedies.lr import LRRescuer
 from relu_doctor.remedies.plan import DEFAULT_STEPS, TreatmentPlan
@@ -142,11 +148,15 @@ class KerasActivationSwap(Remedy):
             done.append(path)
         return done
 
+    reads_dead = True
+
     def decide(self, record: RecordLike) -> list[Intervention]:
-        events = []
+        events: list[Intervention] = []
+        if (dead := self.evidence.add(record)) is None:
+            return events  # sampled windows: the dead readings wait for more steps
         for row in record.site_rows:
             path = record.key(str(row["site"])).module_path
-            frac = row.get("dead_fraction")
+            frac = dead.get(str(row["site"]))
             site = self.sites.get(path)
             if site is None or path in self.swaps or frac is None or math.isnan(frac):
                 continue
@@ -160,7 +170,7 @@ class KerasActivationSwap(Remedy):
                     self._swap(site, path, str(row["site"]), step=record.step,
                                before=site_snapshot(row),
                                reason=f"dead fraction {frac:.2f} > {self.threshold:g} for "
-                               f"{streak} intervals")
+                               f"{streak} readings{self.evidence.basis()}")
                 )
         return events
 
@@ -255,6 +265,10 @@ class KerasLRRescue(Remedy):
                                evidence=dict(evidence or {}),
                                changes=[{"lr_before": old, "lr_after": new, "factor": f}])
         )
+
+    @property
+    def reads_dead(self) -> bool:
+        return self._reasons.reads_dead
 
     def decide(self, record: RecordLike) -> list[Intervention]:
         found = self._reasons.reason(record)

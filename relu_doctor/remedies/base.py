@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -38,6 +37,7 @@ from relu_doctor.events import Intervention, InterventionResult
 from relu_doctor.families import family_of
 from relu_doctor.probes import Probe
 from relu_doctor.remedies._sharding import DTENSOR, refuse_several, refuse_sharded, sharding_of
+from relu_doctor.remedies.evidence import MIN_EVIDENCE_STEPS, DeadEvidence, dead_surge
 from relu_doctor.sites import SiteKey, module_label
 
 __all__ = [
@@ -142,6 +142,8 @@ class DoctorLike(Protocol):
 
     def add_listener(self, fn: Callable[[Any], Any]) -> None: ...
 
+    def need_collected_per_window(self, n: int) -> None: ...
+
     def record_event(self, event: Intervention | InterventionResult) -> None: ...
 
     def site_key(self, name: str) -> SiteKey: ...
@@ -180,111 +182,6 @@ def model_snapshot(record: RecordLike) -> dict[str, Any]:
         "grad_norm": grad_norm,
         "exploding_gradient": any(f.kind == "exploding_gradient" for f in record.findings),
     }
-
-
-#: The collected steps a dead reading must rest on before a remedy acts on it. A window that
-#: collected fewer (the overhead budget sampled it) is pooled with the next ones until they
-#: hold this many; a window that collected every step it ran is whole as it is.
-MIN_EVIDENCE_STEPS = 8
-
-
-class DeadEvidence:
-    """Dead fractions per site that rest on enough collected steps.
-
-    A unit reads dead when it was never active on what the window saw. On a window that
-    collected 2 of its 50 steps, a unit active on 2% of inputs reads dead about half the time,
-    so comparing such windows finds "surges" that every-step collection never sees. Sampled
-    windows are therefore pooled, unit by unit (dead over the pool: seen in some window of it,
-    active in none), until they hold ``min_steps`` collected steps; :meth:`add` answers only
-    then. A window that collected every step it ran answers at once, as do records that do
-    not say how they were sampled.
-
-    Example:
-        >>> class R:
-        ...     site_rows = [{"site": "a", "dead": 1, "units_seen": 4}]
-        ...     unit_table = None
-        >>> DeadEvidence().add(R())
-        {'a': 0.25}
-    """
-
-    def __init__(self, min_steps: int = MIN_EVIDENCE_STEPS) -> None:
-        self.min_steps = min_steps
-        self.steps = 0  # collected steps in the pool
-        self.model_fraction: float | None = None  # the last answer's, over every site
-        self.pooled = False  # whether the last answer pooled sampled windows
-        self.last_steps: int | None = None  # collected steps it rested on (None: unsaid)
-        self._pool: dict[str, tuple[Any, Any]] = {}  # site -> (seen, active) per unit
-
-    def add(self, record: RecordLike) -> dict[str, float] | None:
-        """This record's dead fraction per site, or the pool's once it holds enough steps;
-        None while a sampled pool is still filling."""
-        rows = [r for r in record.site_rows if r.get("units_seen")]
-        collected = [r.get("steps_collected") for r in rows]
-        ran = [r.get("steps_run") for r in rows]
-        got = max((int(c) for c in collected if c is not None), default=None)
-        whole = got is None or any(
-            c is not None and n is not None and int(c) >= int(n)
-            for c, n in zip(collected, ran, strict=True)
-        )
-        units = record.unit_table
-        poolable = units is not None and {"site", "activation_rate"} <= set(units.columns)
-        if not self._pool and (whole or not poolable):
-            self.pooled, self.last_steps = False, got
-            counts = {str(r["site"]): (int(r.get("dead") or 0), int(r["units_seen"])) for r in rows}
-            return self._answer(counts)
-        if poolable:
-            for site, group in units.groupby("site", sort=False):
-                rate = group["activation_rate"].to_numpy(dtype=float)
-                seen, active = ~np.isnan(rate), rate > 0  # NaN: not seen in the window
-                old = self._pool.get(str(site))
-                if old is not None and len(old[0]) == len(seen):
-                    seen, active = old[0] | seen, old[1] | active
-                self._pool[str(site)] = (seen, active)
-        self.steps += got or 0
-        if self.steps < self.min_steps and not whole:
-            return None
-        counts = {
-            site: (int((seen & ~active).sum()), int(seen.sum()))
-            for site, (seen, active) in self._pool.items() if seen.any()
-        }
-        self.pooled, self.last_steps, self.steps, self._pool = True, self.steps, 0, {}
-        return self._answer(counts)
-
-    def _answer(self, counts: Mapping[str, tuple[int, int]]) -> dict[str, float]:
-        """Fractions of ``counts`` ((dead, seen) per site); sets :attr:`model_fraction`."""
-        seen = sum(n for _, n in counts.values())
-        self.model_fraction = sum(d for d, _ in counts.values()) / seen if seen else None
-        return {site: d / n for site, (d, n) in counts.items()}
-
-    def basis(self) -> str:
-        """What the last answer rested on, in words, when it pooled sampled windows ("" when
-        it was one window as logged)."""
-        if not self.pooled:
-            return ""
-        return f" (over {self.last_steps} collected steps, sampled windows pooled)"
-
-
-def dead_surge(
-    dead: Mapping[str, float] | None, prev: dict[str, float], jump: float
-) -> dict[str, Any] | None:
-    """The site whose dead fraction (``dead``, from :meth:`DeadEvidence.add`; None while it
-    pools) rose the most, by at least ``jump``, since ``prev`` (its previous reading, 0 for a
-    site not seen), as evidence; None without one. Updates ``prev`` with ``dead``.
-
-    Example:
-        >>> dead_surge({"a": 0.5}, {}, 0.2)["jump"]
-        0.5
-    """
-    surge: dict[str, Any] | None = None
-    for site, frac in (dead or {}).items():
-        if not math.isfinite(frac):
-            continue
-        before = prev.get(site, 0.0)
-        if frac - before >= jump and (surge is None or frac - before > surge["jump"]):
-            surge = {"site": site, "dead_fraction_before": before, "dead_fraction": frac,
-                     "jump": frac - before}
-        prev[site] = frac
-    return surge
 
 
 # ---------------------------------------------------------------------- shared argument checks
@@ -406,6 +303,8 @@ class Remedy:
         #: what the next intervention is judged on (a plan sets it before acting): metric
         #: name, ``min_gain`` and ``tolerance`` of :func:`verdict`
         self.judge: tuple[str | None, float, float] = (TARGETS.get(self.name), 0.0, 0.0)
+        #: the dead readings it decides on, sampled windows pooled (see :attr:`reads_dead`)
+        self.evidence = DeadEvidence()
 
     @property
     def pending(self) -> tuple[Pending, ...]:
@@ -421,8 +320,16 @@ class Remedy:
         self.doctor = doctor
         if listen:
             doctor.add_listener(self)
+        if self.reads_dead:  # a dead reading on too few batches is noise (DeadEvidence)
+            doctor.need_collected_per_window(MIN_EVIDENCE_STEPS)
         self._on_bind(doctor)
         return self
+
+    @property
+    def reads_dead(self) -> bool:
+        """Whether this remedy decides from dead-unit fractions (then binding it asks the
+        Doctor for :data:`MIN_EVIDENCE_STEPS` collected steps per logging window)."""
+        return False
 
     def _on_bind(self, doctor: DoctorLike) -> None:
         """Hook for subclasses (take the probe, refresh hooks...)."""
@@ -564,10 +471,10 @@ class Remedy:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "pending": [p.to_dict() for p in self._pending],
-            "n_events": self._n_events,
-        }
+        out = {"pending": [p.to_dict() for p in self._pending], "n_events": self._n_events}
+        if self.reads_dead:  # the pool filling: a resumed run goes on with it
+            out["evidence"] = self.evidence.state_dict()
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._pending = [
@@ -579,6 +486,7 @@ class Remedy:
             for p in state.get("pending", [])
         ]
         self._n_events = int(state.get("n_events", 0))
+        self.evidence.load_state_dict(state.get("evidence") or {})
 
 
 def _efficacy(record: RecordLike, site: str, units: Sequence[int]) -> dict[str, Any] | None:

@@ -20,7 +20,6 @@ from relu_doctor.events import Intervention
 from relu_doctor.remedies._optim_state import flat_schedulers
 from relu_doctor.remedies.base import (
     MODEL,
-    DeadEvidence,
     Optimizers,
     RecordLike,
     Remedy,
@@ -116,8 +115,8 @@ class LRRescuer(Remedy):
     After a reduction, ``cooldown`` logging intervals pass before the next one. The surge
     test compares each site's dead fraction with the previous interval's (the first interval
     with a fully alive start); windows the overhead budget sampled are pooled first until
-    they hold :data:`~relu_doctor.remedies.base.MIN_EVIDENCE_STEPS` collected steps
-    (:class:`~relu_doctor.remedies.base.DeadEvidence`), so the surge compares readings on
+    they hold :data:`~relu_doctor.remedies.evidence.MIN_EVIDENCE_STEPS` collected steps
+    (:class:`~relu_doctor.remedies.evidence.DeadEvidence`), so the surge compares readings on
     enough steps.
 
     Args:
@@ -138,6 +137,10 @@ class LRRescuer(Remedy):
     """
 
     name = "lr_rescue"
+
+    @property
+    def reads_dead(self) -> bool:
+        return "dead_surge" in self.triggers
     TRIGGERS: ClassVar[tuple[str, ...]] = ("exploding_gradient", "dead_surge", "nonfinite")
 
     def __init__(
@@ -167,7 +170,6 @@ class LRRescuer(Remedy):
         self.schedulers = list(schedulers)
         self.cooldown_left = 0
         self.prev_dead: dict[str, float] = {}
-        self._evidence = DeadEvidence()
         self.rescues = 0
 
     def reason(self, record: RecordLike) -> tuple[str, dict[str, Any]] | None:
@@ -184,9 +186,9 @@ class LRRescuer(Remedy):
                 if f.kind == "nonfinite":
                     found = ("nonfinite", {"site": f.site, "finding": f.message})
                     break
-        surge = dead_surge(self._evidence.add(record), self.prev_dead, self.dead_jump)
+        surge = dead_surge(self.evidence.add(record), self.prev_dead, self.dead_jump)
         if found is None and surge is not None and "dead_surge" in self.triggers:
-            found = ("dead_surge", {**surge, "steps_collected": self._evidence.last_steps})
+            found = ("dead_surge", {**surge, "steps_collected": self.evidence.last_steps})
         return found
 
     def _scale(self, reason: str) -> tuple[list[dict[str, Any]], str]:

@@ -50,7 +50,6 @@ from relu_doctor.events import Intervention
 from relu_doctor.remedies.base import (
     MODEL,
     NOT_HELPED,
-    DeadEvidence,
     DoctorLike,
     Optimizers,
     RecordLike,
@@ -196,6 +195,7 @@ class TreatmentPlan(Remedy):
     """
 
     name = "treatment_plan"
+    reads_dead = True
 
     def __init__(
         self,
@@ -235,7 +235,6 @@ class TreatmentPlan(Remedy):
         self._last_change: dict[str, int] = {}  # site -> interval of its last change
         self._prev_dead: dict[str, float] = {}
         self._prev_model_dead: float | None = None
-        self._evidence = DeadEvidence()
         self._dead: dict[str, float] | None = None  # this interval's reading (None: pooling)
         self._streak: dict[tuple[str, str], int] = {}  # (step remedy, site) -> intervals past
         self._ledger: dict[str, tuple[str, str]] = {}  # event id -> (step remedy, site)
@@ -350,12 +349,12 @@ class TreatmentPlan(Remedy):
             for f in record.findings:
                 if f.kind == kind:
                     return kind, "grad_norm", {"finding": f.message, "site": f.site}
-        steps = {"steps_collected": self._evidence.last_steps}
+        steps = {"steps_collected": self.evidence.last_steps}
         if surge is not None:
             return "dead_surge", "dead_fraction", {**surge, **steps}
         if self._dead is None:
             return None  # sampled windows: the dead readings wait for more steps
-        now = self._evidence.model_fraction
+        now = self.evidence.model_fraction
         prev, self._prev_model_dead = self._prev_model_dead, now
         if now is not None and prev is not None and now >= 0.1 and now - prev >= 0.02:
             # still dying: the tutorials' first remedy is a lower learning rate
@@ -458,7 +457,7 @@ class TreatmentPlan(Remedy):
                         ev = cast(_Swaps, remedy).swap(
                             site, step=record.step, before=site_snapshot(row),
                             reason=f"dead fraction {dead:.0%} >= {threshold:g}"
-                            + self._evidence.basis(),
+                            + self.evidence.basis(),
                         )
                     elif isinstance(remedy, DormantRecycler):
                         if self._dead is None or units is None or not self._persists(
@@ -512,7 +511,7 @@ class TreatmentPlan(Remedy):
 
     def decide(self, record: RecordLike) -> list[Intervention]:
         self.interval += 1
-        self._dead = self._evidence.add(record)
+        self._dead = self.evidence.add(record)
         self._collect(record)
         out: list[Intervention] = []
         if self.stop_when_hopeless and not self.should_stop:
@@ -542,6 +541,7 @@ class TreatmentPlan(Remedy):
             "failed": sorted([list(f) for f in self.failed]),
             "last_change": dict(self._last_change),
             "prev_dead": dict(self._prev_dead),
+            "prev_model_dead": self._prev_model_dead,
             "ledger": {k: list(v) for k, v in self._ledger.items()},
             "tried": sorted(self._tried),
             "should_stop": self.should_stop,
@@ -556,6 +556,7 @@ class TreatmentPlan(Remedy):
         self.failed = {(str(a), str(b)) for a, b in state.get("failed", [])}
         self._last_change = {str(k): int(v) for k, v in state.get("last_change", {}).items()}
         self._prev_dead = {str(k): float(v) for k, v in state.get("prev_dead", {}).items()}
+        self._prev_model_dead = finite_or_none(state.get("prev_model_dead"))
         self._ledger = {str(k): (str(v[0]), str(v[1])) for k, v in state.get("ledger", {}).items()}
         self._tried = {str(s) for s in state.get("tried", [])}
         self.should_stop = bool(state.get("should_stop", False))

@@ -3,8 +3,7 @@
 :func:`swap_activation` / :func:`restore_activation` do the surgery (outputs for positive
 inputs unchanged; a module registered under several paths is replaced everywhere; PReLU's
 slopes get their own param group in the optimizer and its schedulers);
-:class:`ActivationSwapper` decides when: a site whose dead fraction stays above a threshold
-for ``patience`` logging intervals.
+:class:`ActivationSwapper` decides when: a site dead above a threshold for ``patience`` readings.
 
 Example (a plain loop):
 
@@ -41,7 +40,6 @@ from relu_doctor.families import family_of
 from relu_doctor.probes import Probe
 from relu_doctor.remedies._optim_state import add_param_group, remove_param_group
 from relu_doctor.remedies.base import (
-    DeadEvidence,
     DoctorLike,
     Optimizers,
     RecordLike,
@@ -250,7 +248,7 @@ class ActivationSwapper(Remedy):
 
     A site is swapped when its dead fraction (units never active over the logging window)
     exceeds ``threshold`` for ``patience`` consecutive readings (a logging interval, or sampled
-    ones pooled: :class:`~relu_doctor.remedies.base.DeadEvidence`). Swaps are undoable
+    ones pooled: :class:`~relu_doctor.remedies.evidence.DeadEvidence`). Swaps are undoable
     (:meth:`restore`) and round-trip through :meth:`state_dict`.
 
     Args:
@@ -279,6 +277,7 @@ class ActivationSwapper(Remedy):
     """
 
     name = "leaky_relu_swap"
+    reads_dead = True
 
     def __init__(
         self,
@@ -316,7 +315,6 @@ class ActivationSwapper(Remedy):
         # module path -> (the site the swap's intervention named, every site it changed)
         self._named: dict[str, tuple[str, list[str]]] = {}
         self.streaks: dict[str, int] = {}
-        self._evidence = DeadEvidence()
         self._skipped: set[str] = set()
 
     def _on_bind(self, doctor: DoctorLike) -> None:
@@ -467,7 +465,7 @@ class ActivationSwapper(Remedy):
 
     def decide(self, record: RecordLike) -> list[Intervention]:
         events: list[Intervention] = []
-        if (dead := self._evidence.add(record)) is None:
+        if (dead := self.evidence.add(record)) is None:
             return events  # a sampled window: its dead reading waits for more steps
         swapped = {p for rec in self.swaps.values() for p in rec.paths}
         for row in record.site_rows:
@@ -493,7 +491,7 @@ class ActivationSwapper(Remedy):
                 ev = self._swap(
                     key, site, step=record.step, before=site_snapshot(row),
                     reason=f"dead_fraction > {self.threshold:g} for {self.streaks[site]} "
-                    "consecutive readings" + self._evidence.basis(),
+                    "consecutive readings" + self.evidence.basis(),
                 )
             except ReluDoctorError as e:
                 self._skipped.add(site)

@@ -1,5 +1,5 @@
 """Dead readings a remedy acts on rest on enough collected steps: sampled windows are pooled
-(:class:`relu_doctor.remedies.base.DeadEvidence`), checked against dead units counted by hand
+(:class:`relu_doctor.remedies.evidence.DeadEvidence`), checked against dead units counted by hand
 on the outputs of the collected steps."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 import relu_doctor
-from relu_doctor.remedies import LRRescuer, TreatmentPlan
-from relu_doctor.remedies.base import MIN_EVIDENCE_STEPS, DeadEvidence
+from relu_doctor.remedies import ActivationSwapper, LRRescuer, TreatmentPlan
+from relu_doctor.remedies.evidence import MIN_EVIDENCE_STEPS, DeadEvidence
 from tests.remedies.helpers import rec
 
 
@@ -59,7 +59,7 @@ def test_pooled_dead_fractions_equal_a_count_over_the_collected_steps() -> None:
         want = float(((h > 0).sum(0) == 0).float().mean())  # never active on a collected input
         assert answer["1"] == want
         start = taken
-    assert "sampled windows pooled" in evidence.basis()
+    assert "pooled" in evidence.basis()
     # The point of pooling: the single 2-step windows read more units dead.
     pooled = [a["1"] for _, a in answers if a is not None]
     assert max(single) > max(pooled)
@@ -140,3 +140,86 @@ def test_records_without_a_unit_table_or_sampling_answer_as_logged() -> None:
     e = DeadEvidence()
     assert e.add(rec(1, [{"site": "a", "units_seen": 0, "dead": 0}])) == {}
     assert e.model_fraction is None
+
+
+@pytest.mark.parametrize(("make", "asks"), [
+    (lambda m, o: LRRescuer(o), True),
+    (lambda m, o: LRRescuer(o, triggers=("exploding_gradient",)), False),
+    (lambda m, o: TreatmentPlan(m, optimizer=o), True),
+    (lambda m, o: ActivationSwapper(m), True),
+], ids=["rescuer", "rescuer-no-surge", "plan", "swapper"])
+@pytest.mark.real_overhead_budget
+@pytest.mark.filterwarnings("ignore:relu_doctor. the watch block ended")
+def test_a_remedy_reading_dead_units_asks_for_enough_steps_per_window(make: Any, asks: bool) -> None:
+    net = _rarely_active()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=50) as doc:
+        assert doc.sampler.max_every == 50
+        make(net, opt).bind(doc)
+        assert doc.sampler.max_every == (50 // MIN_EVIDENCE_STEPS if asks else 50)
+    with relu_doctor.watch(net, log_every_n_steps=50, every_n_steps=25) as doc:
+        make(net, opt).bind(doc)
+        assert [doc.sampler.collect(s) for s in range(50)].count(True) == 2  # as the user set
+
+
+@pytest.mark.real_overhead_budget
+def test_under_the_default_budget_a_real_surge_is_caught_as_with_every_step() -> None:
+    """A review's case: the learning rate jumps to 3.0 at step 150 and a layer dies. Sampled at
+    one step per window (the budget on a tiny model) the pooled reading took until step 650;
+    every step caught it at 250. A bound rescuer now has 8 collected steps in every window."""
+
+    def first_rescue(**rate: Any) -> int:
+        torch.manual_seed(0)
+        x = torch.randn(2048, 16)
+        y = (x @ torch.randn(16, 4)).argmax(1)
+        net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                            nn.Linear(64, 4))
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        g = torch.Generator().manual_seed(0)
+        with relu_doctor.watch(net, optimizer=opt, **rate) as doc:
+            LRRescuer(opt, triggers=("dead_surge",)).bind(doc)
+            for step in range(1, 401):
+                if step == 151:
+                    opt.param_groups[0]["lr"] = 3.0
+                i = torch.randint(0, 2048, (64,), generator=g)
+                loss = nn.functional.cross_entropy(net(x[i]), y[i])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                doc.step()
+                if opt.param_groups[0]["lr"] < 3.0 and step > 150:
+                    return step  # the rescue cut it
+        return 10**9
+
+    every = first_rescue(every_n_steps=1)
+    default = first_rescue()
+    assert every <= 300 and default <= every + 50, (every, default)
+
+
+def test_a_resumed_remedy_goes_on_with_the_pool_it_had() -> None:
+    def cuts(split: int | None) -> list[int]:
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.8)
+        remedy = LRRescuer(opt, cooldown=0)
+        out = []
+        for i, dead in enumerate(NOISE + DEATH):
+            if i == split:  # a checkpoint half-way through a pool, loaded into a new remedy
+                state = remedy.state_dict()
+                remedy = LRRescuer(opt, cooldown=0)
+                remedy.load_state_dict(state)
+            lr = opt.param_groups[0]["lr"]
+            remedy(_sampled(10 * (i + 1), dead))
+            if opt.param_groups[0]["lr"] < lr:
+                out.append(10 * (i + 1))
+        return out
+
+    assert cuts(None) == [80]
+    assert cuts(6) == cuts(2) == [80]
+
+
+def test_the_reason_says_pooled_only_when_windows_were_pooled() -> None:
+    e = DeadEvidence()
+    e.add(_sampled(10, [0], got=9, ran=10))  # one window of 9 collected steps: enough alone
+    assert e.pooled is False and e.basis() == "" and e.last_steps == 9
+    e.add(_sampled(20, [0]))
+    e.add(_sampled(30, [0], got=6))
+    assert e.pooled and e.last_steps == 8 and "pooled" in e.basis()

@@ -1,0 +1,137 @@
+"""Dead readings a remedy can act on: under the overhead budget a logging window may collect
+few of its steps, and a unit active on a few inputs in a hundred then reads dead by chance.
+:class:`DeadEvidence` pools sampled windows unit by unit until they hold
+:data:`MIN_EVIDENCE_STEPS` collected steps; :func:`dead_surge` compares such readings."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from relu_doctor.remedies.base import RecordLike
+
+__all__ = ["MIN_EVIDENCE_STEPS", "DeadEvidence", "dead_surge"]
+
+
+#: The collected steps a dead reading must rest on before a remedy acts on it. A window that
+#: collected fewer (the overhead budget sampled it) is pooled with the next ones until they
+#: hold this many; a window that collected every step it ran is whole as it is.
+MIN_EVIDENCE_STEPS = 8
+
+
+class DeadEvidence:
+    """Dead fractions per site that rest on enough collected steps.
+
+    A unit reads dead when it was never active on what the window saw. On a window that
+    collected 2 of its 50 steps, a unit active on 2% of inputs reads dead about half the time,
+    so comparing such windows finds "surges" that every-step collection never sees. Sampled
+    windows are therefore pooled, unit by unit (dead over the pool: seen in some window of it,
+    active in none), until they hold ``min_steps`` collected steps; :meth:`add` answers only
+    then. A window that collected every step it ran answers at once, as do records that do
+    not say how they were sampled.
+
+    Example:
+        >>> class R:
+        ...     site_rows = [{"site": "a", "dead": 1, "units_seen": 4}]
+        ...     unit_table = None
+        >>> DeadEvidence().add(R())
+        {'a': 0.25}
+    """
+
+    def __init__(self, min_steps: int = MIN_EVIDENCE_STEPS) -> None:
+        self.min_steps = min_steps
+        self.steps = 0  # collected steps in the pool
+        self.windows = 0  # logging windows in it
+        self.model_fraction: float | None = None  # the last answer's, over every site
+        self.pooled = False  # whether the last answer pooled several sampled windows
+        self.last_steps: int | None = None  # collected steps it rested on (None: unsaid)
+        self._pool: dict[str, tuple[Any, Any]] = {}  # site -> (seen, active) per unit
+
+    def add(self, record: RecordLike) -> dict[str, float] | None:
+        """This record's dead fraction per site, or the pool's once it holds enough steps;
+        None while a sampled pool is still filling."""
+        rows = [r for r in record.site_rows if r.get("units_seen")]
+        collected = [r.get("steps_collected") for r in rows]
+        ran = [r.get("steps_run") for r in rows]
+        got = max((int(c) for c in collected if c is not None), default=None)
+        whole = got is None or any(
+            c is not None and n is not None and int(c) >= int(n)
+            for c, n in zip(collected, ran, strict=True)
+        )
+        units = record.unit_table
+        poolable = units is not None and {"site", "activation_rate"} <= set(units.columns)
+        if not self._pool and (whole or not poolable):
+            self.pooled, self.last_steps = False, got
+            counts = {str(r["site"]): (int(r.get("dead") or 0), int(r["units_seen"])) for r in rows}
+            return self._answer(counts)
+        if poolable:
+            for site, group in units.groupby("site", sort=False):
+                rate = group["activation_rate"].to_numpy(dtype=float)
+                seen, active = ~np.isnan(rate), rate > 0  # NaN: not seen in the window
+                old = self._pool.get(str(site))
+                if old is not None and len(old[0]) == len(seen):
+                    seen, active = old[0] | seen, old[1] | active
+                self._pool[str(site)] = (seen, active)
+        self.steps += got or 0
+        self.windows += 1
+        if self.steps < self.min_steps and not whole:
+            return None
+        counts = {
+            site: (int((seen & ~active).sum()), int(seen.sum()))
+            for site, (seen, active) in self._pool.items() if seen.any()
+        }
+        self.pooled, self.last_steps = self.windows > 1, self.steps
+        self.steps, self.windows, self._pool = 0, 0, {}
+        return self._answer(counts)
+
+    def _answer(self, counts: Mapping[str, tuple[int, int]]) -> dict[str, float]:
+        """Fractions of ``counts`` ((dead, seen) per site); sets :attr:`model_fraction`."""
+        seen = sum(n for _, n in counts.values())
+        self.model_fraction = sum(d for d, _ in counts.values()) / seen if seen else None
+        return {site: d / n for site, (d, n) in counts.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pool that is filling (a resumed run goes on with it)."""
+        return {"steps": self.steps, "windows": self.windows,
+                "pool": {k: [seen.tolist(), active.tolist()] for k, (seen, active) in
+                         self._pool.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.steps = int(state.get("steps", 0))
+        self.windows = int(state.get("windows", 0))
+        self._pool = {str(k): (np.asarray(v[0], dtype=bool), np.asarray(v[1], dtype=bool))
+                      for k, v in dict(state.get("pool", {})).items()}
+
+    def basis(self) -> str:
+        """What the last answer rested on, in words, when it pooled sampled windows ("" when
+        it was one window as logged)."""
+        if not self.pooled:
+            return ""
+        return f" (over {self.last_steps} collected steps of sampled windows, pooled)"
+
+
+def dead_surge(
+    dead: Mapping[str, float] | None, prev: dict[str, float], jump: float
+) -> dict[str, Any] | None:
+    """The site whose dead fraction (``dead``, from :meth:`DeadEvidence.add`; None while it
+    pools) rose the most, by at least ``jump``, since ``prev`` (its previous reading, 0 for a
+    site not seen), as evidence; None without one. Updates ``prev`` with ``dead``.
+
+    Example:
+        >>> dead_surge({"a": 0.5}, {}, 0.2)["jump"]
+        0.5
+    """
+    surge: dict[str, Any] | None = None
+    for site, frac in (dead or {}).items():
+        if not math.isfinite(frac):
+            continue
+        before = prev.get(site, 0.0)
+        if frac - before >= jump and (surge is None or frac - before > surge["jump"]):
+            surge = {"site": site, "dead_fraction_before": before, "dead_fraction": frac,
+                     "jump": frac - before}
+        prev[site] = frac
+    return surge
