@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from relu_doctor.diagnosis import severity_rank
+from relu_doctor.diagnosis import REMEDY_NAMES, severity_rank
 from relu_doctor.history import Run, load_run
 from relu_doctor.reports.findings import (
     MODEL_WIDE,
@@ -123,9 +123,12 @@ def _treat_findings(
     sites: Sequence[SiteRow],
     interventions: Sequence[InterventionView],
     anchors: Mapping[str, str],
+    loop: object = "watch",
 ) -> list[FindingView]:
     """Findings merged, linked to their site's figure, with the remedy adjusted to what was
-    already done (families from meta.json, interventions from the events)."""
+    already done (families from meta.json, interventions from the events) and named as the
+    run's loop names it (``loop``: its ``DiagnosisConfig.loop``, from meta.json)."""
+    names = REMEDY_NAMES.get(str(loop), REMEDY_NAMES["watch"])
     leaky = {r.site: r.leaky for r in sites}
     out = []
     for f in merge(findings):
@@ -133,11 +136,9 @@ def _treat_findings(
                 or (e.site == MODEL_WIDE and f.site != MODEL_WIDE)]
         if f.site == MODEL_WIDE:
             done = [e for e in interventions if e.site == MODEL_WIDE]
-        own = None
         anchor = anchors.get(f.site, "rd-gradients" if f.site == MODEL_WIDE else "rd-sites")
-        del own
         out.append(replace(f, anchor=anchor, done=done_lines(done),
-                           remedy=recommend(f, leaky.get(f.site, False), done)))
+                           remedy=recommend(f, leaky.get(f.site, False), done, names)))
     return out
 
 
@@ -458,7 +459,8 @@ def build_context(run: Run) -> ReportContext:
     heatmaps, omitted = _heatmap_sites(run, findings)
     anchors = {r.site: (f"rd-fig-{r.anchor[len('rd-site-'):]}" if r.site in heatmaps else r.anchor)
                for r in sites}
-    findings = _treat_findings(findings, sites, interventions, anchors)
+    loop = (run.meta.get("config") or {}).get("loop", "watch")
+    findings = _treat_findings(findings, sites, interventions, anchors, loop)
     named: dict[str, list[int]] = {}
     for f in findings:
         if f.site in heatmaps:

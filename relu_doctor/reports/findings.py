@@ -3,7 +3,7 @@ explains another at the same site, and remedies rewritten from what the run alre
 already did (the site's family, the interventions made), so the report names the next step.
 
 Example:
-    >>> from relu_doctor.diagnosis import Finding
+    >>> from relu_doctor.diagnosis import REMEDY_NAMES, Finding
     >>> v = finding_view(Finding("dead", "fc.1", "warning", "2 of 8 units dead",
     ...                          {"dead_units": [1, 5]}, "Swap ReLU for LeakyReLU"))
     >>> v.kind_label, v.units_text
@@ -12,10 +12,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from relu_doctor.diagnosis import Finding
+from relu_doctor.diagnosis import REMEDY_NAMES, Finding
 from relu_doctor.reports.formatting import UNIT_LISTS, fmt_value
 from relu_doctor.reports.interventions import InterventionView
 
@@ -154,9 +154,16 @@ def done_lines(done: Sequence[InterventionView]) -> list[str]:
     return lines
 
 
-def recommend(f: FindingView, leaky: bool, done: Sequence[InterventionView]) -> str:
+def recommend(
+    f: FindingView,
+    leaky: bool,
+    done: Sequence[InterventionView],
+    names: Mapping[str, str | None] = REMEDY_NAMES["watch"],
+) -> str:
     """The finding's remedy, rewritten for what this site already is and what was already
-    done to it: no LeakyReLU for a leaky site, no second try of a remedy that did not help."""
+    done to it: no LeakyReLU for a leaky site, no second try of a remedy that did not help;
+    the remedies named as the run's loop names them (``names``: of
+    :data:`~relu_doctor.diagnosis.REMEDY_NAMES`)."""
     tried = {e.remedy for e in done}
     failed = {e.remedy for e in done if e.verdict == "did not help"}
     if f.kind not in ("dead", "lifetime_dead", "too_sparse", "dormant"):
@@ -169,15 +176,15 @@ def recommend(f: FindingView, leaky: bool, done: Sequence[InterventionView]) -> 
         return f.remedy  # diagnosis's own words fit a first treatment
     steps = []
     if not leaky and _SWAP not in tried:
-        steps.append("swap ReLU for LeakyReLU (alpha 0.01 to 0.3; LeakyReluSwap) or PReLU")
+        steps.append(f"swap ReLU for LeakyReLU (alpha 0.01 to 0.3; {names['swap']}) or PReLU")
     if _LR not in tried:
-        steps.append("lower the learning rate (step or exponential decay; LRRescue)")
+        steps.append(f"lower the learning rate (step or exponential decay; {names['lr']})")
     else:
         steps.append("lower the learning rate further or warm it up more slowly (it was "
                      "already lowered once)")
     recycled = set(_RECYCLERS) & tried
-    if not recycled:
-        steps.append("recycle the units (DormantReset)")
+    if not recycled and names["recycle"]:  # (Keras offers no recycling)
+        steps.append(f"recycle the units ({names['recycle']})")
     elif recycled & failed:
         steps.append("stop recycling here (the recycled units went quiet again)")
     steps.append("add normalisation (BatchNorm or LayerNorm) before this activation, and check "

@@ -176,13 +176,16 @@ def test_training_metrics_are_the_window_means_of_what_was_passed(tmp_path: Path
     assert [r.metrics for r in doc.records][-1]["lr"] == 0.05
 
 
-def _run_with(findings: list[relu_doctor.Finding], family: str, events: list[dict]) -> Run:
+def _run_with(
+    findings: list[relu_doctor.Finding], family: str, events: list[dict], loop: str | None = None
+) -> Run:
     hist = pd.DataFrame([{"step": 10, "site": "s", "units": 4, "dead": 2, "dead_fraction": 0.5,
                           "family": family, "leaky": family != "relu"}])
     from relu_doctor.history import Run as _Run
 
     return _Run(meta={"sites": [{"name": "s", "units": 4, "family": family,
-                                 "leaky": family != "relu"}]},
+                                 "leaky": family != "relu"}],
+                      **({"config": {"loop": loop}} if loop else {})},
                 history=hist, units=pd.DataFrame(), layers=pd.DataFrame(), events=events,
                 last_findings=findings)
 
@@ -212,6 +215,24 @@ def test_findings_merge_and_remedies_follow_what_was_done() -> None:
     assert "LeakyReLU (alpha" not in g.remedy and "already leaky" in g.remedy
     assert "lower the learning rate further" in g.remedy
     assert g.done == ["lr_rescue at step 5: dead 60.0% → 50.0%, helped"]
+
+
+@pytest.mark.parametrize("loop", [None, "watch", "lightning", "keras", "hf"])
+def test_the_reports_next_steps_name_the_remedies_of_the_runs_loop(loop: str | None) -> None:
+    from relu_doctor.diagnosis import REMEDY_NAMES, Finding
+
+    dead = Finding("dead", "s", "warning", "2 of 4 units dead", {}, "(the diagnosis's)", step=10)
+    swapped = [{"type": "intervention", "id": "a", "remedy": "leaky_relu_swap", "site": "s",
+                "step": 5, "what": "swapped", "before": None, "after": None}]
+    (f,) = build_context(_run_with([dead], "relu", swapped, loop)).findings
+    names = REMEDY_NAMES[loop or "watch"]  # a run written before the loop was recorded: watch
+    assert f"({names['lr']}" in f.remedy or f"; {names['lr']})" in f.remedy
+    if names["recycle"]:
+        assert f"recycle the units ({names['recycle']})" in f.remedy
+    else:
+        assert "recycle" not in f.remedy  # Keras offers none
+    others = {n for k, v in REMEDY_NAMES.items() if k != (loop or "watch") for n in v.values()}
+    assert not [n for n in others - set(names.values()) if n and f"{n})" in f.remedy]
 
 
 def test_lightning_monitor_records_callback_metrics_and_learning_rate(tmp_path: Path) -> None:
