@@ -103,17 +103,23 @@ _PRINTERS = ("ProgressCallback", "PrinterCallback", "NotebookProgressCallback")
 class _ConsoleTrim(TrainerCallback):
     """Put right before the Trainer's console printer: takes the per-site and per-layer
     scalars out of ``logs`` once the ``report_to`` callbacks (earlier in the list) have them,
-    so that a console line holds the model-wide numbers, not a hundred site keys."""
+    so that a console line holds the model-wide numbers, not a hundred site keys; its
+    ``restore`` twin, right after the printer, puts them back for the callbacks after it."""
 
-    def __init__(self, owner: ReluDoctorCallback) -> None:
+    def __init__(self, owner: ReluDoctorCallback, *, restore: bool = False) -> None:
         self.owner = owner
+        self.restore = restore
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> None:
-        if logs is not None:
-            for k in self.owner._detail:
-                logs.pop(k, None)
-        self.owner._detail.clear()
+        if logs is None:
+            return
+        if self.restore:
+            logs.update(self.owner._trimmed)
+            self.owner._trimmed = {}
+        else:
+            self.owner._trimmed = {k: logs.pop(k) for k in self.owner._detail if k in logs}
+            self.owner._detail.clear()
 
 
 class ReluDoctorCallback(TrainerCallback):
@@ -228,6 +234,7 @@ class ReluDoctorCallback(TrainerCallback):
         self.remedies: dict[str, Any] = {}
         self._pending: dict[str, float] = {}
         self._detail: set[str] = set()  # keys of this log's per-site/per-layer scalars
+        self._trimmed: dict[str, Any] = {}  # those taken out for the console line
         self._last: IntervalRecord | None = None
         self._warner = FindingWarner(None)
         self._clip: AutoClip | None = None
@@ -321,6 +328,7 @@ class ReluDoctorCallback(TrainerCallback):
         if not self.console and printer is not None and not any(
             isinstance(c, _ConsoleTrim) and c.owner is self for c in cbs
         ):
+            cbs.insert(printer + 1, _ConsoleTrim(self, restore=True))
             cbs.insert(printer, _ConsoleTrim(self))
 
     def _bind_remedies(self, model: Any, opt: torch.optim.Optimizer, sched: Any, doc: Doctor,
