@@ -76,15 +76,23 @@ def broadcast(lab: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.broadcast_to(lab, shape).clone()
 
 
+def _fold(lab: torch.Tensor, dim: Any, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest and smallest labels over ``dim`` (None: all), a pad's zeros (:data:`PAD`)
+    left out: they add nothing to a sum, a mean or a pool of one unit. All pad: PAD."""
+    real = lab != PAD
+    kw: dict[str, Any] = {} if dim is None else {"dim": dim, "keepdim": keep}
+    hi = torch.where(real, lab, -math.inf).amax(**kw)
+    lo = torch.where(real, lab, math.inf).amin(**kw)
+    none = torch.isinf(hi)
+    return torch.where(none, PAD, hi), torch.where(none, PAD, lo)
+
+
 def reduce_labels(node: Node, lab: torch.Tensor) -> torch.Tensor:
     dim = node.arg(1, "dim", node.kwargs.get("axis"))
     keep = bool(node.arg(2, "keepdim", False))
     if isinstance(dim, Value | Param | str):
         raise Refuse(f"cannot follow the units through {node.describe()}")
-    if dim is None:
-        hi, lo = lab.amax(), lab.amin()
-    else:
-        hi, lo = lab.amax(dim=dim, keepdim=keep), lab.amin(dim=dim, keepdim=keep)
+    hi, lo = _fold(lab, dim, keep)
     if not torch.equal(hi, lo):
         raise Refuse(f"{node.describe()} sums the units with each other or with other values")
     return hi
@@ -92,7 +100,7 @@ def reduce_labels(node: Node, lab: torch.Tensor) -> torch.Tensor:
 
 def pool_labels(node: Node, lab: torch.Tensor, k: int) -> torch.Tensor:
     dims = tuple(range(lab.dim() - k, lab.dim()))
-    hi, lo = lab.amax(dim=dims, keepdim=True), lab.amin(dim=dims, keepdim=True)
+    hi, lo = _fold(lab, dims, True)
     if not torch.equal(hi, lo):
         raise Refuse(f"{node.describe()} pools the units with other values")
     return broadcast(hi, node.outputs[0].shape)

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies._unit_labels import (
+    PAD,
     Refuse,
     broadcast,
     channel_map,
@@ -416,7 +417,8 @@ def _consume(
         lb = broadcast(b, out_shape) if b is not None else torch.zeros(out_shape)
         if bool(((la > 0) & (lb > 0) & (la != lb)).any()):
             raise Refuse(f"{n.describe()} multiplies two units together")
-        return [torch.maximum(la, lb)]
+        # a pad's zeros stay zeros whatever they are multiplied by
+        return [torch.where((la == PAD) | (lb == PAD), PAD, torch.maximum(la, lb))]
     if name in _REDUCE and lx is not None and alone:
         return [reduce_labels(n, lx)]
     pool = _POOL.match(name)

@@ -341,20 +341,27 @@ class _PaddedTo(nn.Module):
     """TensorFlow-style "same" padding before a stride-2 conv (Hugging Face's MobileNetV2 and
     EfficientNet): the activation's map is padded with zeros by ``F.pad``, then convolved."""
 
-    def __init__(self, value: float = 0.0) -> None:
+    def __init__(self, value: float = 0.0, then: str = "") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 6, 1)
         self.act = nn.ReLU6()
         self.conv2 = nn.Conv2d(6, 4, 3, stride=2)
-        self.value = value
+        self.gamma = nn.Parameter(torch.rand(1, 6, 1, 1) + 0.5)  # a layer scale
+        self.value, self.then = value, then
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(F.pad(self.act(self.conv1(x)), (0, 1, 0, 1), value=self.value))
+        h = F.pad(self.act(self.conv1(x)), (0, 1, 0, 1), value=self.value)
+        if self.then == "scale":
+            h = h * self.gamma
+        elif self.then == "avgpool":
+            h = F.avg_pool2d(h, 3, stride=1, padding=1)
+        return self.conv2(h)
 
 
-def test_zero_padding_before_the_consumer_is_followed_and_other_pads_refused():
+@pytest.mark.parametrize("then", ["", "scale", "avgpool"])
+def test_zero_padding_before_the_consumer_is_followed_and_other_pads_refused(then):
     torch.manual_seed(0)
-    done, refused = survey(_PaddedTo(), torch.randn(2, 3, 6, 6))
+    done, refused = survey(_PaddedTo(then=then), torch.randn(2, 3, 6, 6))
     assert not refused and [c.path for c in done["act#0"].consumers] == ["conv2"]
     # a pad of ones would put a value a cut unit's weights multiplied: refused, named
     done, refused = survey(_PaddedTo(value=1.0), torch.randn(2, 3, 6, 6))
