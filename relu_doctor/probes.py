@@ -192,6 +192,11 @@ class Probe(SiteRegistry):
         self._names: dict[str, Site] = {}
         self._targets: dict[nn.Module, tuple[str, Family]] = {}
         self._calls: dict[Any, int] = {}
+        # Calls per pass of each module or functional owner called more than once in a pass
+        # (a shared activation): its sites are call indices, so a count that varies between
+        # passes (LayerDrop skipping a block) puts different layers under one site: said once.
+        self._shared: dict[Any, int] = {}
+        self._warned_shared = False
         self._depth = 0
         self._bw_calls: dict[Any, int] = {}  # calls recomputed during backward (checkpoints)
         self._bw_depth = 0
@@ -494,10 +499,35 @@ class Probe(SiteRegistry):
             return
         self._depth = max(0, self._depth - 1)
         if self._depth == 0:
+            if not self._warned_shared and not torch.compiler.is_compiling():
+                self._check_shared_calls()
             # Empty between passes, so torch.compile sees the same state at every pass start
             # (a guard on these counters would otherwise recompile after the first pass).
             self._calls.clear()
             self.end_pass()
+
+    def _check_shared_calls(self) -> None:
+        for key, n in self._calls.items():
+            seen = self._shared.get(key)
+            if seen is None:
+                if n > 1:
+                    self._shared[key] = n
+                continue
+            if n != seen:
+                self._warned_shared = True
+                target = self._targets.get(key)
+                what = module_label(target[0]) if target else type(key).__name__
+                warnings.warn(
+                    f"relu_doctor: {what!r} ran {seen} times in one recorded pass and {n} in "
+                    "another. Its sites are its calls in order (#0, #1...): where a call in "
+                    "the middle is skipped (LayerDrop, a branch), one site mixes different "
+                    "layers; give each layer its own activation module to keep them apart. "
+                    "(Calls missing at the end, as in a loop of varying length, only leave the "
+                    "later sites fewer samples.)",
+                    ReluDoctorWarning,
+                    stacklevel=2,
+                )
+                return
 
     def next_call_index(self, key: Any) -> int:
         """The call index of ``key`` within the current forward pass (and count it)."""

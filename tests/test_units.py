@@ -397,3 +397,41 @@ def test_detaching_mid_pass_leaves_no_mode_behind() -> None:
     model(torch.randn(2, 3, 3, 8))
     handle.remove()
     assert torch._C._len_torch_function_stack() == 0
+
+
+class _SharedAct(nn.Module):
+    """One ReLU module shared by three blocks; block 0 is skipped on odd passes (LayerDrop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.ReLU()
+        self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+        self.n = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            if not (i == 0 and self.n % 2 == 1):
+                x = x + self.act(block(x))
+        self.n += 1
+        return x.sum()
+
+
+def test_a_shared_activation_called_a_varying_number_of_times_is_said_once() -> None:
+    model = _SharedAct()
+    with (
+        pytest.warns(ReluDoctorWarning, match=r"'act' ran 3 times .* and 2 in another") as rec,
+        relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1) as doc,
+    ):
+        for _ in range(4):
+            model(torch.randn(2, 4)).backward()
+            doc.step()
+    assert sum("times in one recorded pass" in str(w.message) for w in rec) == 1
+    # a shared module called the same number of times in every pass says nothing
+    model.n = 0
+    model.forward = lambda x: sum(model.act(b(x)).sum() for b in model.blocks)  # type: ignore[method-assign]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReluDoctorWarning)
+        with relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1) as doc:
+            for _ in range(4):
+                model(torch.randn(2, 4)).backward()
+                doc.step()
