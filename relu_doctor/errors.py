@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["ReluDoctorError", "ReluDoctorWarning", "RunDirError"]
+import os
+import sys
+
+__all__ = ["ReluDoctorError", "ReluDoctorWarning", "RunDirError", "user_stacklevel"]
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class ReluDoctorError(Exception):
@@ -18,3 +23,15 @@ class ReluDoctorWarning(UserWarning):
     """A finding reported during training, or a problem relu_doctor stepped aside from (a
     run directory it could not write, a damaged file it skipped, a hook that failed and stopped
     monitoring its site). Filter it with ``warnings.filterwarnings``."""
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside relu_doctor (the
+    user's ``doc.step()``, say), for a ``warnings.warn`` made by the caller of this function,
+    whatever path inside the library led there."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level

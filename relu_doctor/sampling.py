@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 
 from relu_doctor._validate import number_in, positive_int
-from relu_doctor.errors import ReluDoctorWarning
+from relu_doctor.errors import ReluDoctorWarning, user_stacklevel
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -615,7 +615,7 @@ class Sampler:
                     "log_every_n_steps) to stay within the budget, or pass "
                     "overhead_budget=None to collect every step regardless.",
                     ReluDoctorWarning,
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),
                 )
             return
         # A ratio of exactly n must not round up to n + 1 through float error.
@@ -631,7 +631,7 @@ class Sampler:
                 f"more than overhead_budget={self.overhead_budget:g}. Log less often (a larger "
                 "log_every_n_steps) to collect more sparsely within the budget.",
                 ReluDoctorWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
 
     def overhead(self) -> float | None:
