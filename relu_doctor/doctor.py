@@ -382,6 +382,9 @@ class Doctor(IntervalReading, RunRecording):
                 raise ReluDoctorError(missing)
         if loss is not None:
             self.log_metrics({"loss": loss})
+        self.probe.close_pass()  # a pass cut short by an error elsewhere ends with the step
+        if self._capture is not None:
+            self._capture.close_pass()
         if self.probe.collecting:
             self.window_steps += 1
         self.sampler.done(collected=self.probe.collecting)

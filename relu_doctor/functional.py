@@ -298,6 +298,16 @@ class FunctionalCapture:
         self._bw_stack.clear()
         self._set_mode(False)
 
+    def close_pass(self) -> None:
+        """Between steps no pass is open: one whose end never came (torch skips the always-
+        called hooks when one of them raised) is closed here, its mode left."""
+        if self._stack or self._bw_stack or self._left_out:
+            self._stack.clear()
+            self._bw_stack.clear()
+            self._left_out = 0
+            self._calls.clear()
+            self._set_mode(False)
+
     @property
     def attached(self) -> bool:
         return self._attached

@@ -506,6 +506,15 @@ class Probe(SiteRegistry):
             self._calls.clear()
             self.end_pass()
 
+    def close_pass(self) -> None:
+        """Between steps no forward pass is open. A pass whose end never came (torch's error
+        path skips the always-called hooks after one of them raised) is closed here, so that
+        the next pass counts its calls from 0 again instead of making new sites."""
+        if self._depth or self._pass_open:
+            self._depth = 0
+            self._calls.clear()
+            self.end_pass()
+
     def _check_shared_calls(self) -> None:
         for key, n in self._calls.items():
             seen = self._shared.get(key)

@@ -11,6 +11,7 @@ and serves every site's :class:`~relu_doctor.remedies.unit_links.UnitLinks` from
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any
 
 import torch
@@ -66,6 +67,7 @@ class InputTap:
     def __init__(self, model: nn.Module) -> None:
         self.depth = 0
         self.args: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None = None
+        self.outermost: nn.Module | None = None  # found by the first call that returned
         self.handles = []
         for m in model.modules():
             self.handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
@@ -73,6 +75,8 @@ class InputTap:
         self.pruned = False
 
     def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self.depth == 0 and self.outermost is not None and not self.pruned:
+            self._prune()  # here, not in _post: see there
         if self.depth == 0 and (not self.pruned or (self.args and module is self.args[0])):
             self.args = (module, tuple(args), dict(kwargs))
         if not self.pruned:
@@ -81,9 +85,20 @@ class InputTap:
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         self.depth = max(0, self.depth - 1)
         if self.depth == 0 and not self.pruned and self.args is not None:
-            self.close()
-            self.pruned = True
-            self.handles = [self.args[0].register_forward_pre_hook(self._pre, with_kwargs=True)]
+            if sys.exc_info()[0] is not None:
+                # The call raised (a LightningModule without forward, called by an init
+                # check): its module is no model input, and torch is iterating this
+                # module's hook dict to run the always-called hooks: change nothing now.
+                self.args = None
+                return
+            self.outermost = self.args[0]  # pruned at the next call's start (removing hooks
+            # here would change the dict torch may be iterating)
+
+    def _prune(self) -> None:
+        assert self.outermost is not None
+        self.close()
+        self.pruned = True
+        self.handles = [self.outermost.register_forward_pre_hook(self._pre, with_kwargs=True)]
 
     def latest(self) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None:
         return self.args

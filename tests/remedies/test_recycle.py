@@ -380,3 +380,31 @@ def test_a_failing_link_pass_warns_once_and_training_goes_on(monkeypatch):
                 net(x).sum().backward()
                 doc.step()
     assert r.recycled == {} and doc.global_step == 3
+
+
+class _NoForward(nn.Module):
+    """A LightningModule's shape: no forward of its own; training calls ``self.net``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+
+
+@pytest.mark.filterwarnings("ignore:ReDo recycling")
+def test_a_first_call_that_raises_changes_neither_the_error_nor_the_sites() -> None:
+    """A review's Lightning run: ReluDoctorTreatment's init check called the LightningModule,
+    which has no forward. The recycler's input tap removed hooks from inside an always-called
+    hook while torch's error path iterated them: the user's NotImplementedError became
+    'OrderedDict mutated during iteration', the probe's end-of-pass hook never ran, and every
+    later step's call got a new site (net.1#0, net.1#2, ... net.1#20)."""
+    model = _NoForward()
+    recycler = DormantRecycler(model)  # its input tap hooked before the probe, as there
+    with relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1) as doc:
+        recycler.bind(doc)
+        with pytest.raises(NotImplementedError):
+            model(torch.randn(2, 4))
+        for _ in range(6):
+            model.net(torch.randn(2, 4)).sum().backward()
+            doc.step()
+    assert [s.name for s in doc.sites] == ["net.1", "net.3"]
+    assert recycler.doctor is doc
