@@ -25,13 +25,22 @@ class ReluDoctorWarning(UserWarning):
     monitoring its site). Filter it with ``warnings.filterwarnings``."""
 
 
+#: Modules whose frames a warning looks past: the training frameworks that call relu_doctor
+#: from their callback dispatch, and ``contextlib`` (a warning raised in a ``with`` block).
+_PASS_THROUGH = ("lightning.", "pytorch_lightning.", "transformers.", "keras.", "contextlib")
+
+
 def user_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first caller outside relu_doctor (the
-    user's ``doc.step()``, say), for a ``warnings.warn`` made by the caller of this function,
+    """The ``stacklevel`` that points a warning at the first caller outside relu_doctor and
+    the frameworks that call it (the user's ``doc.step()``, ``trainer.fit(...)`` or
+    ``model.fit(...)``), for a ``warnings.warn`` made by the caller of this function,
     whatever path inside the library led there."""
     frame = sys._getframe(1)
     level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE)
+        or str(frame.f_globals.get("__name__", "")).startswith(_PASS_THROUGH)
+    ):
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
     return level

@@ -73,7 +73,7 @@ from torch.utils.hooks import RemovableHandle
 
 from relu_doctor._hooks import HookSet, compile_watch
 from relu_doctor._validate import glob_patterns, matches
-from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.families import Family, family_of
 from relu_doctor.provenance import ProvenanceTracker
 from relu_doctor.sampling import Stopwatch
@@ -534,7 +534,7 @@ class Probe(SiteRegistry):
                     "(Calls missing at the end, as in a loop of varying length, only leave the "
                     "later sites fewer samples.)",
                     ReluDoctorWarning,
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),
                 )
                 return
 

@@ -608,10 +608,15 @@ class Sampler:
             self.every = self.max_every
             if not self._warned_logs and len(self._log_laps) >= 3:
                 self._warned_logs = True
+                how = (
+                    f"every {self.every} steps, the least the bound remedies need "
+                    f"({self.per_window} per logging interval)" if self.per_window
+                    else "once per logging interval"
+                )
                 warnings.warn(
                     f"relu_doctor: logging alone costs {(log or 0.0) / plain:.1%} of a training "
                     f"step, more than overhead_budget={self.overhead_budget:g}; statistics are "
-                    "now collected once per logging interval. Log less often (a larger "
+                    f"now collected {how}. Log less often (a larger "
                     "log_every_n_steps) to stay within the budget, or pass "
                     "overhead_budget=None to collect every step regardless.",
                     ReluDoctorWarning,
@@ -627,7 +632,7 @@ class Sampler:
             warnings.warn(
                 f"relu_doctor: the remedies bound to this Doctor judge dead units on at least "
                 f"{self.per_window} collected steps per logging window, so statistics are "
-                f"collected every {self.every} steps, which costs about {cost:.1%} of a step, "
+                f"collected every {self.every} steps, which costs about {cost:.2%} of a step, "
                 f"more than overhead_budget={self.overhead_budget:g}. Log less often (a larger "
                 "log_every_n_steps) to collect more sparsely within the budget.",
                 ReluDoctorWarning,

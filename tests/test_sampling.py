@@ -789,10 +789,18 @@ def test_remedies_that_read_dead_units_get_enough_steps_per_window_and_the_cost_
     s.need_per_window(8, 50)
     assert (s.max_every, s.every) == (6, 6)
     with pytest.warns(ReluDoctorWarning, match=r"at least 8 collected steps .* every 6 steps, "
-                      r"which costs about 5\.0% of a step, more than overhead_budget=0\.03") as rec:
+                      r"which costs about 5\.00% of a step, more than overhead_budget=0\.03") as rec:
         pattern = drive(s, fake, 200, 1.0, 0.3)
     assert rec[0].filename == __file__  # where the steps were driven from, not the library
     assert s.every == 6 and max(gaps(pattern)) <= 7  # calibration may stretch one cycle
+    # logs that eat the whole budget: collected as often as the remedies need, and said so
+    with pytest.warns(ReluDoctorWarning, match=r"logging alone costs .* collected every 6 "
+                      r"steps, the least the bound remedies need \(8 per logging interval\)") as rec:
+        for _ in range(6):
+            drive(s, fake, 50, 1.0, 0.3)
+            with s.log_lap():
+                fake.t += 5.0
+    assert rec[0].filename == __file__  # past relu_doctor and contextlib, to the with block
     # a fixed rate is the user's: left as given
     fixed = sampler(FakeTime(), every_n_steps=25)
     fixed.need_per_window(8, 50)

@@ -270,6 +270,18 @@ class KerasLRRescue(Remedy):
     def reads_dead(self) -> bool:
         return self._reasons.reads_dead
 
+    def state_dict(self) -> dict[str, Any]:
+        """Its own state and that of the rescuer that decides (its pooled dead evidence and
+        dead-fraction baseline)."""
+        return {**super().state_dict(), "reasons": self._reasons.state_dict(),
+                "cooldown_left": self.cooldown_left, "rescues": self.rescues}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._reasons.load_state_dict(state.get("reasons") or {})
+        self.cooldown_left = int(state.get("cooldown_left", 0))
+        self.rescues = int(state.get("rescues", 0))
+
     def decide(self, record: RecordLike) -> list[Intervention]:
         found = self._reasons.reason(record)
         if self.cooldown_left > 0:

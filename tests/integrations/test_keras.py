@@ -185,6 +185,18 @@ def test_leaky_relu_swap_changes_the_activation_and_records_it(tmp_path: Path) -
     assert model.get_layer("hidden").activation is keras.activations.relu
 
 
+def test_lr_rescue_state_holds_the_rescuer_that_decides() -> None:
+    from relu_doctor.integrations._keras_remedies import KerasLRRescue
+    from tests.remedies.test_evidence import _sampled
+
+    first = KerasLRRescue(keras.optimizers.SGD(0.1))
+    first.decide(_sampled(10, [0, 1]))  # a sampled window: pooled, not yet read
+    state = first.state_dict()
+    again = KerasLRRescue(keras.optimizers.SGD(0.1))
+    again.load_state_dict(state)
+    assert again.state_dict() == state and state["reasons"]["evidence"]["steps"] == 2
+
+
 def test_lr_rescue_scales_a_float_and_a_schedule() -> None:
     from relu_doctor.integrations._keras_remedies import KerasLRRescue, ScaledSchedule
 
