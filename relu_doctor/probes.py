@@ -192,9 +192,9 @@ class Probe(SiteRegistry):
         self._names: dict[str, Site] = {}
         self._targets: dict[nn.Module, tuple[str, Family]] = {}
         self._calls: dict[Any, int] = {}
-        # Calls per pass of each module or functional owner called more than once in a pass
-        # (a shared activation): its sites are call indices, so a count that varies between
-        # passes (LayerDrop skipping a block) puts different layers under one site: said once.
+        # Calls per pass of each activation module called more than once in a pass (a shared
+        # one): its sites are call indices, so a count that varies between passes (LayerDrop
+        # skipping a block) puts different layers under one site: said once.
         self._shared: dict[Any, int] = {}
         self._warned_shared = False
         self._depth = 0

@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 __all__ = ["SiteRegistry"]
 
 
-#: Tracked passes at most spent waiting for a watched activation module's first call.
-_TRACK_UNSEEN = 8
+#: Tracked passes at most spent waiting: for a first site, and for a watched activation
+#: module's first call.
+_MAX_TRACKED = 8
 
 
 class SiteRegistry:
@@ -142,11 +143,11 @@ class SiteRegistry:
             if self._unresolved[key] >= 3:
                 del self._unresolved[key]
                 self._shape_rule.add(key)
-        if self._tracked_passes < _TRACK_UNSEEN:
+        if self._tracked_passes < _MAX_TRACKED:
             ran = {k.module_path for k in self._sites} | {k.module_path for k in self._failed}
             if any(path not in ran for path, _ in self._targets.values()):
                 return False
-        return not self._unresolved and (bool(self._sites) or self._tracked_passes >= 8)
+        return not self._unresolved and (bool(self._sites) or self._tracked_passes >= _MAX_TRACKED)
 
     def _rename(self) -> None:
         names = display_names(self._sites)

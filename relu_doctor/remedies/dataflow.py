@@ -96,9 +96,14 @@ class Node:
             return self.args[i]
         return self.kwargs.get(name, default)
 
+    def weight_arg(self) -> Any:
+        """The argument a layer call passes its weight in: ``weight`` (``F.linear``,
+        ``F.conv2d``...), ``mat2`` of ``torch.addmm`` (Hugging Face's ``Conv1D``)."""
+        return self.arg(2, "mat2") if self.name == "addmm" else self.arg(1, "weight")
+
     def describe(self) -> str:
         """``"add in layer1.0.forward"``, ``"linear of Linear 'fc'"``."""
-        w = self.arg(2, "mat2") if self.name == "addmm" else self.arg(1, "weight")
+        w = self.weight_arg()
         if isinstance(w, Param):
             return f"{self.name} of {type(w.module).__name__} {w.path or '(root)'!r}"
         return f"{self.name} in {self.owner or '(root)'}.forward"

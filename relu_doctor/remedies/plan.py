@@ -438,6 +438,8 @@ class TreatmentPlan(Remedy):
             site = str(row["site"])
             if self._cooling(site):
                 continue
+            # sampled windows: the dead readings wait for more steps (no reading)
+            dead = None if self._dead is None else finite_or_none(self._dead.get(site))
             for step in self.steps:
                 if PLAN_REMEDIES[step.remedy] == MODEL or (step.remedy, site) in self.failed:
                     continue
@@ -445,8 +447,6 @@ class TreatmentPlan(Remedy):
                 threshold = float(step.options.get("threshold", 0.1))
                 ev: Intervention | None = None
                 try:
-                    # sampled windows: the dead readings wait for more steps (no reading)
-                    dead = None if self._dead is None else finite_or_none(self._dead.get(site))
                     if step.remedy == "swap":
                         if self._dead is None:
                             continue

@@ -58,6 +58,11 @@ _PRODUCERS = {"linear", "conv1d", "conv2d", "conv3d", "addmm"}
 #: Producers whose weight is stored (in, out), features last: Hugging Face's ``Conv1D``
 #: (GPT-2's MLP), ``torch.addmm(bias, x, weight)``.
 _TRANSPOSED = {"addmm"}
+
+
+def _unit_dim(producer: str) -> int:
+    """The dim of a producer's weight that holds its output features (the units)."""
+    return 1 if producer in _TRANSPOSED else 0
 _MOVE = {
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "contiguous",
     "clone", "unsqueeze", "squeeze", "expand", "cat", "concat", "concatenate", "stack",
@@ -216,7 +221,7 @@ def _site_values(
 
 
 def _weight(node: Node) -> Param | None:
-    w = node.arg(2, "mat2") if node.name in _TRANSPOSED else node.arg(1, "weight")
+    w = node.weight_arg()
     return w if isinstance(w, Param) else None
 
 
@@ -286,7 +291,7 @@ def _walk(
     p_out = prod.outputs[0]
     w = _weight(prod)
     assert w is not None
-    units = int(w.tensor.shape[1 if prod.name in _TRANSPOSED else 0])
+    units = int(w.tensor.shape[_unit_dim(prod.name)])
     if prod.name == "linear" or prod.name in _TRANSPOSED:
         fdim = len(p_out.shape) - 1
     else:
@@ -385,7 +390,7 @@ def _consume(
         flat = name == "linear" or name in _TRANSPOSED
         dim = -1 if flat else (1 if len(x.shape) == w.tensor.dim() else 0)
         m = channel_map(lx, dim, n.describe())
-        consumers.append(_consumer(w, m, "weight", in_dim=0 if name in _TRANSPOSED else 1))
+        consumers.append(_consumer(w, m, "weight", in_dim=1 - _unit_dim(name)))
         return []
     if name in _NORMS:
         if not _per_channel(n, x.shape if x is not None else ()):
@@ -544,7 +549,7 @@ def find_unit_links(
     w = _weight(prod)
     assert w is not None
     first = norms[0] if norms else None
-    dim = 1 if prod.name in _TRANSPOSED else 0
+    dim = _unit_dim(prod.name)
     return UnitLinks(
         label,
         int(w.tensor.shape[dim]),
