@@ -210,6 +210,7 @@ class Probe(SiteRegistry):
         self._tracked_passes = 0
         self._unresolved: dict[SiteKey, int] = {}  # first seen untracked -> tracked passes since
         self._shape_rule: set[SiteKey] = set()  # given up on finding the producer
+        self._not_units: set[SiteKey] = set()  # 1-D calls no layer made: no site (see _site)
         self._failed: set[SiteKey] = set()  # a hook failed: no longer monitored
         self._grad_hooks: dict[Site, Callable[..., None]] = {}  # made once per site
         self._warned_units: set[SiteKey] = set()
@@ -445,7 +446,8 @@ class Probe(SiteRegistry):
         Args:
             functional: whether functional calls (``F.relu``...) are captured too.
         """
-        if self._sites or self._failed or (self.passes == 0 and (functional or self._targets)):
+        if (self._sites or self._failed or self._not_units
+                or (self.passes == 0 and (functional or self._targets))):
             return None  # a failed site ran an activation: its own warning said why
         what = " after include/exclude" if (self.include or self.exclude) else ""
         cause = (

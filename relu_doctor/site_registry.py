@@ -44,6 +44,7 @@ class SiteRegistry:
         _provenance: ProvenanceTracker
         _unresolved: dict[SiteKey, int]
         _shape_rule: set[SiteKey]
+        _not_units: set[SiteKey]
         _want_provenance: bool
         _warned_units: set[SiteKey]
         _tracked_passes: int
@@ -76,6 +77,8 @@ class SiteRegistry:
                 for fn in self._listeners:
                     fn()
             return site
+        if key in self._not_units:
+            return None
         label = module_label(key.module_path)
         override = None
         for pat, dim in self.unit_dims.items():
@@ -92,6 +95,14 @@ class SiteRegistry:
         except ValueError as e:
             raise ReluDoctorError(f"unit_dims for {label!r}: {e}.") from None
         origin = self._provenance.origin(output) if follow else None
+        if origin is None and override is None and not traced and len(shape) == 1:
+            # A 1-D output that no layer made: per-sample scalars (a hinge or a margin,
+            # F.relu(1 - y * f)) or a transform of a parameter. Its entries are no units (a
+            # unit is a feature that a layer made), so it is no site: its "units" would be
+            # the samples of a batch, dead whenever a margin holds.
+            self._unresolved.pop(key, None)
+            self._not_units.add(key)
+            return None
         if origin is not None:
             unit_dim, rule = origin.dim, origin.rule(len(shape))
         elif follow:

@@ -119,6 +119,72 @@ def test_no_producer_falls_back_to_the_shape_rule() -> None:
     assert site.unit_rule.startswith("shape rule") and "no producing layer" in site.unit_rule
 
 
+class _Margins(nn.Module):
+    """A classifier that computes its hinge loss in ``forward`` (as models that return their
+    loss do): ``F.relu(1 - y * f)`` runs on one scalar per sample. ``unbatched`` also runs a
+    Linear and a ReLU on one sample, an RL policy's way: that (F,) output has units."""
+
+    def __init__(self, unbatched: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 1)
+        self.clamp = nn.ReLU()
+        self.unbatched = unbatched
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        f = self.head(self.fc(x)).squeeze(-1)
+        loss = F.relu(1 - y * f).mean() + self.clamp(y - f).mean()
+        if self.unbatched:
+            loss = loss + F.relu(self.fc(x[0])).sum()
+        return loss
+
+
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_a_1d_output_no_layer_made_is_no_site(unbatched: bool) -> None:
+    """Per-sample scalars are no units: no site (before, each sample was a "unit" and a
+    batch of another size warned that the unit count changed). A 1-D output a Linear made
+    (one sample) still is one, units along its features."""
+    torch.manual_seed(0)
+    model = _Margins(unbatched)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    one_sample: list[torch.Tensor] = []  # the reference: fc's outputs on one sample
+    model.fc.register_forward_hook(
+        lambda m, a, out: one_sample.append(out.detach().clone()) if out.dim() == 1 else None
+    )
+
+    def run(doc: Any) -> None:
+        for n in (8, 8, 5, 8):  # a short last batch
+            y = torch.randint(0, 2, (n,)).float() * 2 - 1
+            opt.zero_grad()
+            model(torch.randn(n, 4), y).backward()
+            opt.step()
+            doc.step()
+
+    doc = _watch_strictly(model, run)  # no warning, no "ran no activation" error
+    sites = {s.name: s for s in doc.sites}
+    if not unbatched:
+        assert sites == {}
+        return
+    (site,) = sites.values()
+    assert site.op == "relu" and (site.unit_dim, site.units) == (0, 3)
+    assert site.unit_rule == "Linear `fc` -> dim 0"
+    total = site.stats.lifetime + site.stats.window  # every step: the counts are exact
+    h = F.relu(torch.stack(one_sample))
+    assert len(one_sample) == 4
+    assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
+    assert total[FIELDS.index("elements")].tolist() == [4.0] * 3
+
+
+def test_unit_dims_keeps_a_1d_site() -> None:
+    model = _Margins()
+    doc = _watch_strictly(
+        model,
+        lambda doc: (model(torch.randn(6, 4), torch.ones(6)).backward(), doc.step()),
+        unit_dims={"*": 0},
+    )
+    assert sorted((s.name, s.units) for s in doc.sites) == [("(root):relu#0", 6), ("clamp", 6)]
+
+
 # ---------------------------------------------------------------------- cost
 
 
