@@ -210,6 +210,7 @@ class Probe(SiteRegistry):
         self._tracked_passes = 0
         self._unresolved: dict[SiteKey, int] = {}  # first seen untracked -> tracked passes since
         self._shape_rule: set[SiteKey] = set()  # given up on finding the producer
+        self._keys: dict[tuple[str, int, str | None], SiteKey] = {}  # see record()
         self._not_units: set[SiteKey] = set()  # 1-D calls no layer made: no site (see _site)
         self._failed: set[SiteKey] = set()  # a hook failed: no longer monitored
         self._grad_hooks: dict[Site, Callable[..., None]] = {}  # made once per site
@@ -635,7 +636,9 @@ class Probe(SiteRegistry):
         t0 = time.perf_counter()
         if not _real(output):
             return
-        key = SiteKey(path, call_index, op)
+        key = self._keys.get((path, call_index, op))
+        if key is None:  # a SiteKey costs 1 us to make and hash: made once per call
+            key = self._keys[path, call_index, op] = SiteKey(path, call_index, op)
         if self._failed and key in self._failed:
             return
         try:
@@ -688,7 +691,7 @@ class Probe(SiteRegistry):
                 gi = None
             scale = self.grad_scale() if self.grad_scale is not None else None
             inv = None if scale is None else 1.0 / scale
-            site.stats.record_grad(g.detach(), gi, site.unit_dim, inv)
+            site.stats.record_grad(g, gi, site.unit_dim, inv)
 
         def grad_hook(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
             if self._failed and site.key in self._failed:

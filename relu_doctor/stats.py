@@ -474,15 +474,16 @@ class SiteStats:
         unit_dim: int,
         inv_scale: torch.Tensor | float | None = None,
     ) -> None:
-        """Add the gradient statistics to the window (arguments as :func:`grad_rows`): the
-        fused kernel where it applies, else :func:`grad_rows`."""
+        """Add the gradient statistics to the window (arguments as :func:`grad_rows`; the
+        gradients are only read, detached or not): the fused kernel where it applies, else
+        :func:`grad_rows`."""
         if grad_in is not None and grad_in.shape != grad_out.shape:
             grad_in = None
         ev = sampling.begin_call(grad_out)
         if torch.compiler.is_compiling() or not _kernels.grad_into(
             self.window, grad_out, grad_in, unit_dim, inv_scale, _N_FWD
         ):
-            self.add_grad(grad_rows(grad_out, grad_in, unit_dim, inv_scale))
+            self.add_grad(grad_rows(grad_out.detach(), grad_in, unit_dim, inv_scale))
         sampling.end_call(ev)
 
     def close_window(self, total: torch.Tensor | None = None) -> None:

@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import relu_doctor
-from relu_doctor import sampling
+from relu_doctor import _kernels, sampling
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.sampling import DEFAULT_BUDGET, CudaClock, HostClock, Lap, Sampler
 from relu_doctor.stats import ROW, SiteStats
@@ -551,7 +551,9 @@ def _ops_of_one_step(model, opt, x, end_step=None) -> list[str]:
 def test_hooks_dispatch_no_op_on_a_step_that_collects_nothing(rate):
     """On a step that collects nothing the hooks (module, functional, gradient, optimizer)
     and doc.step() dispatch no torch op at all: the step's ops are exactly those of the same
-    step unwatched. On a collecting step they do (so the count can fail)."""
+    step unwatched. A collecting step records (its windows grow) and, through the fused
+    kernels, dispatches nothing either; through the eager path it does (so the count can
+    fail)."""
     torch.manual_seed(0)
     plain = Functional()
     watched = copy.deepcopy(plain)
@@ -572,14 +574,27 @@ def test_hooks_dispatch_no_op_on_a_step_that_collects_nothing(rate):
                 fake.stats += cost
                 doc.step()
 
+            before = _elements_seen(doc)
             ops = _ops_of_one_step(watched, opt_w, x, end_step)
             reference = _ops_of_one_step(plain, opt_p, x)
             if collecting:
-                assert len(ops) > len(reference)
+                assert _elements_seen(doc) > before
+                assert len(ops) >= len(reference)
             else:
                 assert ops == reference
+                assert _elements_seen(doc) == before
             seen[collecting] += 1
         assert seen[True] and seen[False]
+        doc.probe.collecting = True
+        with _kernels.disabled():
+            ops = _ops_of_one_step(watched, opt_w, x)
+        assert len(ops) > len(_ops_of_one_step(plain, opt_p, x))
+
+
+def _elements_seen(doc: relu_doctor.Doctor) -> float:
+    """Activation and gradient elements counted so far, over every site."""
+    rows = [ROW["elements"], ROW["grad_elements"]]
+    return sum(float((s.stats.window + s.stats.lifetime)[rows].sum()) for s in doc.sites)
 
 
 @real_budget

@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import importlib.util
 import math
 import os
 import platform
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 import threading
 import warnings
@@ -36,6 +38,7 @@ import torch
 __all__ = ["available", "disabled", "forward_into", "grad_into", "sum_squares_into"]
 
 _SOURCE = Path(__file__).with_name("fused_stats.c")
+_FRONT = Path(__file__).with_name("fastcall.c")  # includes _SOURCE: one object, a CPython front
 _DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _FLAG_CAP, _FLAG_NONNEG = 1, 2  # rd_forward's flags
 _FLAG_SETS = (
@@ -45,6 +48,7 @@ _FLAG_SETS = (
 )
 
 _lib: ctypes.CDLL | None = None
+_front: Any = None  # forward() and grad(): the CPython front, else ctypes (see _build)
 _state = "unloaded"  # unloaded | ready | failed
 _lock = threading.Lock()
 _off = 0  # > 0 inside disabled()
@@ -79,50 +83,99 @@ def _cpu_id() -> str:
     return platform.machine() + flags
 
 
-def _build() -> ctypes.CDLL:
-    """Compile (or reuse the cached build of) the kernel and load it; raises on failure."""
+def _python_include() -> str | None:
+    """The running Python's C headers, where installed (the CPython front needs them)."""
+    include = sysconfig.get_paths().get("include")
+    return include if include and Path(include, "Python.h").is_file() else None
+
+
+def _compile(cc: str, cmd_tail: list[str], out: Path) -> str | None:
+    """Compile to ``out`` unless a build is cached there; returns the error, or None."""
+    if out.exists():
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so")
+    os.close(fd)
+    cmd = [cc, *cmd_tail[:-1], "-o", tmp, cmd_tail[-1], "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        os.unlink(tmp)
+        return f"{' '.join(cmd)}: {res.stderr.strip()[-300:]}"
+    os.replace(tmp, out)  # atomic: a concurrent build writes the same file
+    return None
+
+
+def _front_of(path: Path) -> Any:
+    """The CPython front built into ``path`` (see ``fastcall.c``), imported."""
+    spec = importlib.util.spec_from_file_location("_rd_fastcall", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build() -> tuple[ctypes.CDLL, Any]:
+    """Compile (or reuse the cached build of) the kernel and load it; raises on failure.
+
+    Returns the library (ctypes) and the per-call front: the CPython front of
+    ``fastcall.c`` where the Python headers are found, else the library's own functions."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
     source = _SOURCE.read_bytes()
+    include = _python_include()
+    # With the headers: the front and the kernel in one object; the plain kernel otherwise,
+    # or where that build fails.
+    builds: list[tuple[Path, list[str]]] = []
+    if include is not None:
+        link = ["-undefined", "dynamic_lookup"] if platform.system() == "Darwin" else []
+        builds.append((_FRONT, ["-I", include, *link]))
+    builds.append((_SOURCE, []))
     errors = []
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(
-            source + repr((flags, cc, _cpu_id(), platform.system())).encode()
-        ).hexdigest()[:16]
-        out = _cache_dir() / f"fused_stats_{key}.so"
-        if not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so")
-            os.close(fd)
-            cmd = [cc, *flags, "-shared", "-fPIC", "-o", tmp, str(_SOURCE), "-lm"]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                os.unlink(tmp)
-                errors.append(f"{' '.join(cmd)}: {res.stderr.strip()[-300:]}")
+        for src, extra in builds:
+            front = src is _FRONT
+            what = (flags, cc, _cpu_id(), platform.system(), front and sysconfig.get_config_var("EXT_SUFFIX"))
+            text = source + (_FRONT.read_bytes() if front else b"")
+            key = hashlib.sha256(text + repr(what).encode()).hexdigest()[:16]
+            out = _cache_dir() / f"fused_stats_{key}.so"
+            err = _compile(cc, [*flags, *extra, "-shared", "-fPIC", str(src)], out)
+            if err is not None:
+                errors.append(err)
                 continue
-            os.replace(tmp, out)  # atomic: a concurrent build writes the same file
-        lib = ctypes.CDLL(str(out))
-        i64, ptr, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
-        lib.rd_forward.argtypes = [ptr, cint, i64, i64, i64, ptr, i64, cint, dbl, cint]
-        lib.rd_forward.restype = cint
-        lib.rd_grad.argtypes = [ptr, ptr, cint, i64, i64, i64, ptr, i64, dbl, cint]
-        lib.rd_grad.restype = cint
-        lib.rd_sumsq.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, cint]
-        lib.rd_sumsq.restype = cint
-        return lib
+            lib = ctypes.CDLL(str(out))
+            i64, ptr, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
+            lib.rd_forward.argtypes = [ptr, cint, i64, i64, i64, ptr, i64, cint, dbl, cint]
+            lib.rd_forward.restype = cint
+            lib.rd_grad.argtypes = [ptr, ptr, cint, i64, i64, i64, ptr, i64, dbl, cint]
+            lib.rd_grad.restype = cint
+            lib.rd_sumsq.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, cint]
+            lib.rd_sumsq.restype = cint
+            if front:
+                with contextlib.suppress(Exception):  # else ctypes, same numbers
+                    return lib, _front_of(out)
+            return lib, _CtypesFront(lib)
     raise RuntimeError("the build failed: " + " | ".join(errors))
 
 
+class _CtypesFront:
+    """The per-call kernels through ctypes, where the CPython front is not built."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.forward = lib.rd_forward
+        self.grad = lib.rd_grad
+
+
 def _load() -> ctypes.CDLL | None:
-    global _lib, _state
+    global _lib, _front, _state
     with _lock:
         if _state == "unloaded":
             if os.environ.get("RELU_DOCTOR_FUSED", "1") == "0":
                 _state = "failed"
                 return None
             try:
-                _lib = _build()
+                _lib, _front = _build()
                 _state = "ready"
             except Exception as e:  # any failure means: use the eager path
                 _state = "failed"
@@ -180,6 +233,46 @@ def _layout(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int, int, int
     return x, before, units, x.numel() // (before * units)
 
 
+_MISS = object()
+_dims_cache: dict[tuple[Any, ...], tuple[int, int, int] | None] = {}
+
+
+def _dims(x: torch.Tensor, unit_dim: int) -> tuple[int, int, int] | None:
+    """``(A, U, B)`` when ``x``'s own memory reads as ``(A, U, B)`` (contiguous, or units
+    last such as channels-last), else None (:func:`_layout` copies it first). Cached by
+    shape, strides and unit dim: a site's calls repeat a few layouts."""
+    key = (x.shape, x.stride(), unit_dim)
+    got = _dims_cache.get(key, _MISS)
+    if got is _MISS:
+        t, a, u, b = _layout(x, unit_dim)
+        got = (a, u, b) if t.data_ptr() == x.data_ptr() else None  # else a copy
+        if len(_dims_cache) >= 1024:  # shapes that never repeat: keep few
+            _dims_cache.clear()
+        _dims_cache[key] = got
+    return got  # type: ignore[return-value]
+
+
+def _read_as(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``(t, (A, U, B))``: ``x`` itself where its memory reads as ``(A, U, B)``, else a
+    contiguous copy (see :func:`_layout`)."""
+    dims = _dims(x, unit_dim)
+    if dims is not None:
+        return x, dims
+    t, a, u, b = _layout(x, unit_dim)
+    return t, (a, u, b)
+
+
+def _plain(x: torch.Tensor) -> int | None:
+    """The kernel's dtype code for a plain CPU tensor with memory it reads (as
+    :func:`_usable`), else None. For the per-call paths: one function, fewer checks."""
+    if type(x) is not torch.Tensor or not x.is_cpu:
+        return None
+    code = _DTYPES.get(x.dtype)
+    if code is None or x._is_zerotensor() or x.numel() == 0:
+        return None
+    return code
+
+
 def forward_into(
     window: torch.Tensor,
     out: torch.Tensor,
@@ -196,14 +289,14 @@ def forward_into(
     Returns False (nothing done) where the fused path does not apply; then the caller runs
     the eager path.
     """
-    if _off or not _usable(out) or out.numel() == 0:
+    code = None if _off else _plain(out)
+    if code is None or torch.compiler.is_compiling():
         return False
-    lib = _lib if _state == "ready" else _load()
-    if lib is None:
+    if _state != "ready" and _load() is None:
         return False
-    t, a, u, b = _layout(out, unit_dim)
-    rc = lib.rd_forward(
-        t.data_ptr(), _DTYPES[t.dtype], a, u, b, window.data_ptr(), 0,
+    out, (a, u, b) = _read_as(out, unit_dim)
+    rc = _front.forward(
+        out.data_ptr(), code, a, u, b, window.data_ptr(), 0,
         (_FLAG_CAP if cap is not None else 0) | (_FLAG_NONNEG if nonnegative else 0),
         0.0 if cap is None else float(cap), torch.get_num_threads(),
     )
@@ -237,26 +330,30 @@ def grad_into(
     ``grad_in`` is dL/d(input) or None; ``inv_scale`` is 1 / the AMP loss scale. Returns
     False where the fused path does not apply.
     """
-    if _off or not _usable(grad_out) or grad_out.numel() == 0:
+    code = None if _off else _plain(grad_out)
+    if code is None or torch.compiler.is_compiling():
         return False
     inv = 1.0 if inv_scale is None else _scalar(inv_scale)
     if inv is None:
         return False
-    lib = _lib if _state == "ready" else _load()
-    if lib is None:
+    if _state != "ready" and _load() is None:
         return False
-    g, a, u, b = _layout(grad_out, unit_dim)
+    g, dims = _read_as(grad_out, unit_dim)
     gi_ptr = None
     if grad_in is not None:
-        if grad_in.dtype != grad_out.dtype or not _usable(grad_in):
+        if grad_in.dtype != grad_out.dtype or _plain(grad_in) is None:
             return False
-        gi, *dims = _layout(grad_in, unit_dim)
-        if dims != [a, u, b]:  # the two are laid out differently: read both as contiguous
-            g, a, u, b = _layout(grad_out.contiguous(), unit_dim)
-            gi = grad_in.contiguous()
+        if g is grad_out and grad_in.shape == g.shape and grad_in.stride() == g.stride():
+            gi = grad_in  # laid out as grad_out (the usual case): read the same way
+        else:
+            gi, gi_dims = _read_as(grad_in, unit_dim)
+            if gi_dims != dims:  # the two are laid out differently: read both contiguous
+                g, dims = _read_as(grad_out.contiguous(), unit_dim)
+                gi = grad_in.contiguous()
         gi_ptr = gi.data_ptr()
-    rc = lib.rd_grad(
-        g.data_ptr(), gi_ptr, _DTYPES[g.dtype], a, u, b, window.data_ptr(), row0,
+    a, u, b = dims
+    rc = _front.grad(
+        g.data_ptr(), gi_ptr, code, a, u, b, window.data_ptr(), row0,
         float(inv) * float(inv), torch.get_num_threads(),
     )
     return int(rc) == 0
