@@ -112,6 +112,18 @@ def test_floor_script_times_every_site_shape() -> None:
     assert all(f"  {m}: " in text for m in ("CNN", "MLP", "ResNet"))
 
 
+def test_the_per_call_benchmark_runs_and_restores_the_front() -> None:
+    from benchmarks import percall
+    from relu_doctor._kernels import cpu
+
+    cpu._load()
+    front = cpu._front
+    got = percall.measure(sites=2, blocks=2, steps=2)
+    assert {"plain", "forward hook, empty", "+ node hook, empty", "relu_doctor"} <= got.keys()
+    assert got["plain"] == 0.0
+    assert cpu._front is front  # the ctypes copy swapped it only while it ran
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_the_harness_holds_under_autocast(dtype: torch.dtype) -> None:
     # --autocast: relu_doctor reads 16-bit activations (fp16 through a GradScaler), and its

@@ -3,7 +3,8 @@
 :mod:`relu_doctor.stats` owns what the fields mean and the eager reference path; this package
 holds compiled paths that compute the same fields in one read of the activation, and picks
 one by the tensor's device. On the CPU that is a small C kernel (``fused_stats.c``) compiled
-at first use and called through ctypes (:mod:`relu_doctor._kernels.cpu`). On CUDA it is a
+at first use and called through its CPython front, or ctypes where the Python headers are
+missing (:mod:`relu_doctor._kernels.cpu`). On CUDA it is a
 Triton kernel (:mod:`relu_doctor._kernels.triton_stats`), imported at the first CUDA tensor
 only, so CPU users never import triton. Where a path is unavailable (no C compiler, triton
 not installed, a build or launch fails) the eager path runs instead and one warning says
