@@ -30,6 +30,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import threading
@@ -94,14 +95,15 @@ def _python_include() -> str | None:
     return include if include and Path(include, "Python.h").is_file() else None
 
 
-def _compile(cc: str, cmd_tail: list[str], out: Path) -> str | None:
-    """Compile to ``out`` unless a build is cached there; returns the error, or None."""
+def _compile(cc: str, flags: list[str], src: Path, out: Path) -> str | None:
+    """Compile ``src`` into the shared object ``out`` unless a build is cached there;
+    returns the compiler's error, or None."""
     if out.exists():
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so")
     os.close(fd)
-    cmd = [cc, *cmd_tail[:-1], "-o", tmp, cmd_tail[-1], "-lm"]
+    cmd = [cc, *flags, "-shared", "-fPIC", "-o", tmp, str(src), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         os.unlink(tmp)
@@ -130,22 +132,21 @@ def _build() -> tuple[ctypes.CDLL, Any]:
         raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
     source = _SOURCE.read_bytes()
     include = _python_include()
-    # With the headers: the front and the kernel in one object; the plain kernel otherwise,
-    # or where that build fails.
-    builds: list[tuple[Path, list[str]]] = []
+    # With the headers: the front and the kernel in one object (built for this Python); the
+    # plain kernel otherwise, or where that build fails.
+    builds: list[tuple[Path, list[str], bytes, str | None]] = []
     if include is not None:
         link = ["-undefined", "dynamic_lookup"] if platform.system() == "Darwin" else []
-        builds.append((_FRONT, ["-I", include, *link]))
-    builds.append((_SOURCE, []))
+        python = sysconfig.get_config_var("EXT_SUFFIX") or sys.version
+        builds.append((_FRONT, ["-I", include, *link], source + _FRONT.read_bytes(), python))
+    builds.append((_SOURCE, [], source, None))
     errors = []
     for flags in _FLAG_SETS:
-        for src, extra in builds:
-            front = src is _FRONT
-            what = (flags, cc, _cpu_id(), platform.system(), front and sysconfig.get_config_var("EXT_SUFFIX"))
-            text = source + (_FRONT.read_bytes() if front else b"")
+        for src, extra, text, python in builds:
+            what = (flags, cc, _cpu_id(), platform.system(), python)
             key = hashlib.sha256(text + repr(what).encode()).hexdigest()[:16]
             out = _cache_dir() / f"fused_stats_{key}.so"
-            err = _compile(cc, [*flags, *extra, "-shared", "-fPIC", str(src)], out)
+            err = _compile(cc, [*flags, *extra], src, out)
             if err is not None:
                 errors.append(err)
                 continue
@@ -157,7 +158,7 @@ def _build() -> tuple[ctypes.CDLL, Any]:
             lib.rd_grad.restype = cint
             lib.rd_sumsq.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, cint]
             lib.rd_sumsq.restype = cint
-            if front:
+            if python is not None:
                 with contextlib.suppress(Exception):  # else ctypes, same numbers
                     return lib, _front_of(out)
             return lib, _CtypesFront(lib)
