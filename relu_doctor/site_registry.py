@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.families import Family
 from relu_doctor.sites import Site, SiteKey, display_names, module_label
 from relu_doctor.stats import SiteStats, resolve_unit_dim
@@ -77,8 +77,8 @@ class SiteRegistry:
                 for fn in self._listeners:
                     fn()
             return site
-        if key in self._not_units:
-            return None
+        if len(shape) == 1 and key in self._not_units:
+            return None  # (said once; a later call of another rank may make the site)
         label = module_label(key.module_path)
         override = None
         for pat, dim in self.unit_dims.items():
@@ -95,13 +95,14 @@ class SiteRegistry:
         except ValueError as e:
             raise ReluDoctorError(f"unit_dims for {label!r}: {e}.") from None
         origin = self._provenance.origin(output) if follow else None
-        if origin is None and override is None and not traced and len(shape) == 1:
-            # A 1-D output that no layer made: per-sample scalars (a hinge or a margin,
-            # F.relu(1 - y * f)) or a transform of a parameter. Its entries are no units (a
-            # unit is a feature that a layer made), so it is no site: its "units" would be
-            # the samples of a batch, dead whenever a margin holds.
+        if origin is None and override is None and len(shape) == 1:
+            # A 1-D output that no layer it knows made: mostly per-sample scalars (a hinge
+            # or a margin, F.relu(1 - y * f)), whose "units" would be a batch's samples,
+            # dead whenever a margin holds (and a dead surge would set off remedies); or
+            # one sample through a layer it cannot follow. No site; said once.
             self._unresolved.pop(key, None)
             self._not_units.add(key)
+            self._warn_not_units(key)
             return None
         if origin is not None:
             unit_dim, rule = origin.dim, origin.rule(len(shape))
@@ -127,6 +128,19 @@ class SiteRegistry:
         for fn in self._listeners:
             fn()
         return site
+
+    def _warn_not_units(self, key: SiteKey) -> None:
+        name = key.name(key.call_index > 0)
+        label = module_label(key.module_path)
+        warnings.warn(
+            f"relu_doctor: {name!r} runs on a 1-D tensor that no layer relu_doctor follows "
+            "made: one value per sample (a hinge or a margin computed in forward) or one "
+            "sample through a layer it cannot follow (a GRUCell, a matmul with a parameter). "
+            f"Its entries are no units, so it is not watched. To watch it with each entry as "
+            f"a unit, pass unit_dims={{{label!r}: 0}}.",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _warn_units(self, site: Site, shape: tuple[int, ...]) -> None:
         if site.key in self._warned_units:

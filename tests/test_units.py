@@ -139,11 +139,20 @@ class _Margins(nn.Module):
         return loss
 
 
+def _run_recording_warnings(model: nn.Module, run: Callable[[Any], None], **kwargs: Any) -> tuple[Any, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=3, every_n_steps=1, **kwargs) as doc:
+            run(doc)
+    return doc, [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+
+
 @pytest.mark.parametrize("unbatched", [False, True])
 def test_a_1d_output_no_layer_made_is_no_site(unbatched: bool) -> None:
-    """Per-sample scalars are no units: no site (before, each sample was a "unit" and a
-    batch of another size warned that the unit count changed). A 1-D output a Linear made
-    (one sample) still is one, units along its features."""
+    """Per-sample scalars are no units: no site, one warning per such call that says how
+    to watch it anyway (before, each sample was a "unit" and a batch of another size warned
+    that the unit count changed). A 1-D output a Linear made (one sample) still is a site,
+    units along its features."""
     torch.manual_seed(0)
     model = _Margins(unbatched)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -160,7 +169,10 @@ def test_a_1d_output_no_layer_made_is_no_site(unbatched: bool) -> None:
             opt.step()
             doc.step()
 
-    doc = _watch_strictly(model, run)  # no warning, no "ran no activation" error
+    doc, said = _run_recording_warnings(model, run)  # and no "ran no activation" error
+    assert len(said) == 2, said
+    assert "'(root):relu#0' runs on a 1-D tensor" in said[0] and "unit_dims=" in said[0]
+    assert "'clamp' runs on a 1-D tensor" in said[1]
     sites = {s.name: s for s in doc.sites}
     if not unbatched:
         assert sites == {}
@@ -173,6 +185,52 @@ def test_a_1d_output_no_layer_made_is_no_site(unbatched: bool) -> None:
     assert len(one_sample) == 4
     assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
     assert total[FIELDS.index("elements")].tolist() == [4.0] * 3
+
+
+class _Cell(nn.Module):
+    """A recurrent step written as a matmul with a parameter, a layer the producer tracking
+    does not follow, run on one sample first, then on batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 5) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x @ self.w.T)
+
+
+def test_a_1d_call_skipped_leaves_the_same_call_on_batches_watched() -> None:
+    """The 1-D rule skips a call while it runs on 1-D tensors only: once it runs on batches
+    it is a site, counted like any other (the shape rule: the last dim)."""
+    torch.manual_seed(0)
+    model = _Cell()
+    batches = [torch.randn(5), torch.randn(3, 5), torch.randn(4, 5), torch.randn(5)]
+
+    def run(doc: Any) -> None:
+        for x in batches:
+            model(x).sum().backward()
+            doc.step()
+
+    doc, said = _run_recording_warnings(model, run)
+    assert len(said) == 2 and "unit_dims={'(root)': 0}" in said[0], said
+    assert "calls with another unit count are left out" in said[1]  # the last, 1-D call
+    (site,) = doc.sites
+    assert (site.unit_dim, site.units) == (1, 6)
+    with torch.no_grad():
+        h = torch.cat([F.relu(x @ model.w.T) for x in batches[1:3]])  # w unchanged: no step
+    total = site.stats.lifetime + site.stats.window
+    assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
+
+
+def test_unit_dims_watches_a_1d_call_the_rule_skips() -> None:
+    model = _Cell()
+    doc, said = _run_recording_warnings(
+        model, lambda doc: (model(torch.randn(5)).sum().backward(), doc.step()),
+        unit_dims={"(root)": 0},
+    )
+    assert said == []
+    (site,) = doc.sites
+    assert (site.unit_dim, site.units) == (0, 6) and "override" in site.unit_rule
 
 
 def test_unit_dims_keeps_a_1d_site() -> None:
