@@ -11,6 +11,7 @@ and the fallback when no compiler is found.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,6 +236,29 @@ def test_without_python_headers_the_kernels_go_through_ctypes(monkeypatch, tmp_p
             eager.record_forward(x, unit_dim, nonnegative=False, cap=6.0)
             eager.record_grad(g, gi, unit_dim, 0.5)
         _check(w, eager.window, x.dtype)
+
+
+def test_a_front_that_does_not_load_leaves_the_plain_kernel(monkeypatch, tmp_path):
+    """A front built but not loadable (a host that embeds Python without exporting its
+    symbols) gives way to the plain build, not to the eager path."""
+    monkeypatch.setattr(cpu, "_state", "unloaded")
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_front", None)
+    monkeypatch.setenv("RELU_DOCTOR_CACHE", str(tmp_path))
+    real = cpu.ctypes.CDLL
+
+    def cdll(path, *a, **k):
+        if b"PyInit__rd_fastcall" in Path(path).read_bytes():  # the front's object
+            raise OSError("undefined symbol: PyLong_AsVoidPtr")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(cpu.ctypes, "CDLL", cdll)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu._load() is not None
+    assert isinstance(cpu._front, cpu._CtypesFront)
+    x, g, gi = _data((9, 5), torch.float32)
+    _check(*_both(x, g, gi, 1, nonnegative=True, cap=None), torch.float32)
 
 
 def test_layouts_of_one_shape_are_told_apart():

@@ -150,7 +150,11 @@ def _build() -> tuple[ctypes.CDLL, Any]:
             if err is not None:
                 errors.append(err)
                 continue
-            lib = ctypes.CDLL(str(out))
+            try:
+                lib = ctypes.CDLL(str(out))
+            except OSError as e:  # the front's Python symbols unresolved (an embedding host)
+                errors.append(f"load {out.name}: {e}")
+                continue
             i64, ptr, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
             lib.rd_forward.argtypes = [ptr, cint, i64, i64, i64, ptr, i64, cint, dbl, cint]
             lib.rd_forward.restype = cint
