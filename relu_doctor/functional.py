@@ -167,6 +167,11 @@ class FunctionalCapture:
         >>> cap.detach(); probe.detach()
     """
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> FunctionalCapture:
+        """Itself, as :meth:`Probe.__deepcopy__`: a deep copy of the model calls these hooks
+        with modules this capture did not hook, which it ignores."""
+        return self
+
     def __init__(self, probe: Probe) -> None:
         self.probe = probe
         self._ops = functional_ops()
@@ -347,6 +352,8 @@ class FunctionalCapture:
         def pre(module: nn.Module, args: Any) -> None:
             if not self.probe._collecting:  # no pass is recorded on this step (see Probe)
                 return
+            if module not in self._hooked:  # a deep copy's module (see Probe.__deepcopy__)
+                return
             mine = entry
             bw = in_backward()
             stack = self._bw_stack if bw else self._stack
@@ -380,7 +387,7 @@ class FunctionalCapture:
         return pre
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.probe._collecting:
+        if not self.probe._collecting or module not in self._hooked:
             return
         bw = in_backward()
         stack = self._bw_stack if bw else self._stack

@@ -360,6 +360,14 @@ class Probe(SiteRegistry):
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Probe:
+        """Itself. ``copy.deepcopy`` of a watched model (a target network, an EMA teacher)
+        copies the modules' hook dicts, and with them the bound methods of this probe: the
+        copy's modules then call this probe, which ignores modules not of its model, instead
+        of a copy of the probe (and of its Doctor, its sites, its run directory). The copy
+        is not watched; watch it with a Doctor of its own."""
+        return self
+
     # ------------------------------------------------------------------ collecting
     @property
     def collecting(self) -> bool:
@@ -472,9 +480,10 @@ class Probe(SiteRegistry):
 
     # ------------------------------------------------------------------ hooks
     def _enter(self, module: nn.Module, args: Any) -> None:
-        if not self._collecting:
+        if not self._collecting or module not in self._members:
             # A step that collects nothing records no pass, so the hooks return at once (the
-            # flag changes only between steps, so a pass's enter and exit agree on it).
+            # flag changes only between steps, so a pass's enter and exit agree on it). A
+            # module not of the model is a deep copy's, which carries our hooks: not watched.
             return
         if in_backward():
             # A segment recomputed by activation checkpointing: its calls are counted apart,
@@ -495,7 +504,7 @@ class Probe(SiteRegistry):
         return set(self._boundary_modules())
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self._collecting:
+        if not self._collecting or module not in self._members:
             return
         if in_backward():
             self._bw_depth = max(0, self._bw_depth - 1)
@@ -549,7 +558,7 @@ class Probe(SiteRegistry):
 
     def _make_hook(self, path: str, fam: Family) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not self._collecting:
+            if not self._collecting or module not in self._targets:  # (a deep copy's module)
                 return
             if in_backward():
                 if self.stream == "eval":

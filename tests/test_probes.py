@@ -420,3 +420,65 @@ def test_activation_checkpoint_recomputation_is_not_counted_twice(run_watched, r
         got = {name: total[i] for i, name in enumerate(FIELDS)}
         ref.assert_stats_match(got, ref.expected_stats(capture, 1), f"checkpointed {site.name}")
     assert np.isfinite(watched.doc.to_pandas()["grad_rms"]).all()
+
+
+class _WithGuest(nn.Module):
+    """A net whose forward also runs a guest model that is not one of its submodules (an
+    EMA teacher or a target network kept in a list), inside the watched model's pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6))
+        self.guest: list[nn.Module] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.relu(self.net(x))
+        for g in self.guest:
+            y = y + g(x)
+        return y
+
+
+def test_a_deep_copy_of_a_watched_model_is_not_watched() -> None:
+    """copy.deepcopy of a watched model copies its modules' hook dicts: before, the copy's
+    activations were recorded into the original's sites (run inside its pass) and the copy
+    carried a copy of the probe. Now the copy's hooks call the original probe, which leaves
+    modules not of its model alone: the original's counts equal a reference taken on its
+    own activations, whatever the copy does, and no probe is copied."""
+    torch.manual_seed(0)
+    model = _WithGuest()
+    seen: list[torch.Tensor] = []  # the reference: the original's activations
+    relu = model.net[1]
+    relu.register_forward_hook(  # (copied into the copies too: they are left out here)
+        lambda m, a, out: seen.append(out.detach().clone()) if m is relu else None
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with relu_doctor.watch(model, every_n_steps=1, overhead_budget=None, log_every_n_steps=100) as doc:
+        model(torch.randn(5, 4)).sum().backward()
+        doc.step()
+        twin = copy.deepcopy(model)
+        guest = copy.deepcopy(model.net)
+        assert twin.net[1]._forward_hooks  # the hooks were copied, the probe was not:
+        def owners(m: nn.Module) -> set[int]:  # the objects whose bound methods hook m
+            hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
+            return {id(h.__self__) for h in hooks if hasattr(h, "__self__")}
+
+        assert owners(twin) == owners(model) and id(doc.probe) in owners(twin)
+        model.guest.append(guest)  # runs inside the watched model's pass
+        for _ in range(3):
+            x = torch.randn(5, 4)
+            opt.zero_grad()
+            model(x).sum().backward()
+            twin(x).sum().backward()  # a copy trained on its own, in train mode with grad
+            opt.step()
+            doc.step()
+        # The guest is any module the forward calls from outside the model: its F.relu
+        # (inside its nn.ReLU) is a site of its own, named after its class (see README).
+        names = sorted(s.name for s in doc.sites)
+        assert names == ["(root):relu#0", "Sequential#0:relu#0", "net.1"]
+        site = next(s for s in doc.sites if s.name == "net.1")
+        total = site.stats.lifetime + site.stats.window
+        assert len(seen) == 4
+        h = torch.cat(seen)
+        assert total[FIELDS.index("elements")].tolist() == [float(len(h))] * 8
+        assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
+    twin(torch.randn(2, 4)).sum().backward()  # after detach: the copy runs as before

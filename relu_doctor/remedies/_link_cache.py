@@ -69,12 +69,20 @@ class InputTap:
         self.args: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None = None
         self.outermost: nn.Module | None = None  # found by the first call that returned
         self.handles = []
+        self.modules = set(model.modules())  # a deep copy's modules carry these hooks too
         for m in model.modules():
             self.handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
             self.handles.append(m.register_forward_hook(self._post, always_call=True))
         self.pruned = False
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> InputTap:
+        """Itself: a deep copy of the model (its hook dicts) must not copy the arguments
+        kept here; the copy's modules call these hooks, which ignore them."""
+        return self
+
     def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if module not in self.modules:
+            return
         if self.depth == 0 and self.outermost is not None and not self.pruned:
             self._prune()  # here, not in _post: see there
         if self.depth == 0 and (not self.pruned or (self.args and module is self.args[0])):
@@ -83,6 +91,8 @@ class InputTap:
             self.depth += 1
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module not in self.modules:
+            return
         self.depth = max(0, self.depth - 1)
         if self.depth == 0 and not self.pruned and self.args is not None:
             if sys.exc_info()[0] is not None:
