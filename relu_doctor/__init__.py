@@ -18,6 +18,7 @@ The names below are imported on first use (PEP 562), so ``import relu_doctor`` a
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from relu_doctor._version import __version__
@@ -81,6 +82,8 @@ assert sorted(_WHERE) == sorted(n for n in __all__ if n != "__version__")
 def __getattr__(name: str) -> Any:
     where = _WHERE.get(name)
     if where is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"relu_doctor.{name}"):
+            return importlib.import_module(f"relu_doctor.{name}")  # relu_doctor.errors ...
         raise AttributeError(f"module 'relu_doctor' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"relu_doctor.{where}"), name)
     globals()[name] = value

@@ -172,3 +172,23 @@ def test_demo_commands_work_as_printed_from_another_directory(tmp_path: Path) ->
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_submodules_are_attributes_of_the_package_without_importing_them_first() -> None:
+    """``import relu_doctor; relu_doctor.errors.ReluDoctorWarning`` works in a fresh
+    interpreter (before, the lazy attribute lookup raised AttributeError for submodules);
+    a name that is neither an export nor a submodule still raises AttributeError."""
+    code = (
+        "import relu_doctor\n"
+        "assert relu_doctor.errors.ReluDoctorWarning is relu_doctor.ReluDoctorWarning\n"
+        "assert relu_doctor.stats.FIELDS[0] == 'elements'\n"
+        "try:\n"
+        "    relu_doctor.no_such_thing\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_thing' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+        "assert not hasattr(relu_doctor, '_private')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
