@@ -213,10 +213,19 @@ def disabled() -> Iterator[None]:
         _off -= 1
 
 
+def _code(x: torch.Tensor) -> int | None:
+    """The kernel's dtype code for a plain CPU tensor of a dtype it reads, with memory behind
+    it (a ZeroTensor, the gradient of ``sgn`` and friends, has none: its data pointer is 0),
+    else None."""
+    if type(x) is not torch.Tensor or not x.is_cpu:
+        return None
+    code = _DTYPES.get(x.dtype)
+    return None if code is None or x._is_zerotensor() else code
+
+
 def _readable(x: torch.Tensor) -> bool:
-    """A plain CPU tensor of a dtype the kernel reads, with memory behind it (a ZeroTensor,
-    the gradient of ``sgn`` and friends, has none: its data pointer is 0)."""
-    return type(x) is torch.Tensor and x.is_cpu and x.dtype in _DTYPES and not x._is_zerotensor()
+    """See :func:`_code`."""
+    return _code(x) is not None
 
 
 def _usable(x: torch.Tensor) -> bool:
@@ -273,14 +282,9 @@ def _read_as(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, tuple[int, i
 
 
 def _plain(x: torch.Tensor) -> int | None:
-    """The kernel's dtype code for a plain CPU tensor with memory it reads (as
-    :func:`_usable`), else None. For the per-call paths: one function, fewer checks."""
-    if type(x) is not torch.Tensor or not x.is_cpu:
-        return None
-    code = _DTYPES.get(x.dtype)
-    if code is None or x._is_zerotensor() or x.numel() == 0:
-        return None
-    return code
+    """:func:`_code` for a tensor with elements (the per-call paths), else None."""
+    code = _code(x)
+    return None if code is None or x.numel() == 0 else code
 
 
 def forward_into(
