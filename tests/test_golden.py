@@ -3,8 +3,10 @@
 ``tests/golden/golden.json`` was made once, by ``tests/golden/make_golden.py`` on the code
 before the redesign (issue 11). The redesign moved code, not maths: every history row, unit
 row, layer row, finding and intervention of the embedded demo (untreated and treated) and of
-a plain loop with remedies must come out the same. Floats are compared to 1e-12 relative
-(reductions may be regrouped), everything else exactly.
+a plain loop with remedies must come out the same. The runs are in float64, so that they do
+not depend on which vector instructions the CPU has (see ``make_golden``): floats are
+compared to 1e-7 relative (another CPU's code path moved them by 2.3e-9 at most), everything
+else exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.slow
 def _same(a: Any, b: Any, where: str) -> None:
     if isinstance(a, float) or isinstance(b, float):
         assert isinstance(a, (int, float)) and isinstance(b, (int, float)), f"{where}: {a!r} != {b!r}"
-        assert math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-300), f"{where}: {a!r} != {b!r}"
+        assert math.isclose(a, b, rel_tol=1e-7, abs_tol=1e-300), f"{where}: {a!r} != {b!r}"
     elif isinstance(a, list):
         assert isinstance(b, list) and len(a) == len(b), f"{where}: length {len(a)} != {len(b) if isinstance(b, list) else b!r}"
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
