@@ -1,4 +1,5 @@
-"""Module hooks that can be parked between the steps that use them.
+"""Module hooks that can be parked between the steps that use them, and that a deep-copied
+or pickled model carries harmlessly.
 
 A module with any forward hook takes ``nn.Module._call_impl``'s slow path at every call, even
 when the hook returns at once: on a step that collects nothing, five hook calls per activation
@@ -15,18 +16,84 @@ may unpark in any order; each puts its hooks back by that order.
 default never looks at them again (``skip_nnmodule_hook_guards``): a model first traced while
 the hooks were parked would never call them. So nothing is parked unless Dynamo can tell us
 when it starts compiling (:func:`compile_watch`): then every parked set is put back first.
+
+A module's hook dicts are part of the module: ``copy.deepcopy(model)`` copies them (a target
+network, an EMA teacher) and ``torch.save(model)`` pickles them. Every hook of relu_doctor on
+a user's module is a bound method of a :class:`HookOwner`, which deep-copies as itself and
+pickles as an :class:`Inert` placeholder (see there), never as the probe, model and run
+directory it reaches: a closure would make saving a watched model mid-run raise.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from collections.abc import Iterable
 from typing import Any
 
+import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HookSet", "compile_watch"]
+__all__ = ["HookOwner", "HookSet", "Inert", "compile_watch"]
+
+
+class HookOwner:
+    """An object whose bound methods are hooks in a user's module hook dicts (a probe, its
+    functional capture, ReDo's input tap).
+
+    ``copy.deepcopy(model)`` gets the object itself, not a copy: the copy's modules then call
+    these hooks, which leave alone modules not of their model (so the copy is not watched,
+    and no probe, Doctor or run directory is copied; watch the copy with a Doctor of its
+    own). ``torch.save(model)`` or ``pickle`` gets an :class:`Inert` placeholder.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return self
+
+    def __reduce__(self) -> tuple[type[Inert], tuple[()]]:
+        return (Inert, ())
+
+
+# The hook dicts of nn.Module a placeholder may be in, and the flag dicts keyed like them.
+_HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+    "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+_FLAG_DICTS = (
+    "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+class Inert:
+    """A :class:`HookOwner` unpickled: each of its hooks (pickled as ``getattr(owner, name)``)
+    is :meth:`_off`. Unpickling needs relu_doctor importable, as torch's own hooks need
+    torch."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._off
+
+    def _off(self, *args: Any, **kwargs: Any) -> None:
+        """Do nothing; called by a module, take every placeholder out of its hook dicts, so
+        that it takes torch's fast path again (not while torch runs the always-called hooks
+        of a forward that raised: torch iterates the dict itself then)."""
+        module = args[0] if args else None
+        if isinstance(module, nn.Module) and sys.exc_info()[0] is None:
+            state = module.__dict__
+            for name in _HOOK_DICTS:
+                d = state.get(name) or {}
+                for key in [k for k, h in d.items() if _inert(h)]:
+                    del d[key]
+                    for flags in _FLAG_DICTS:
+                        state.get(flags, {}).pop(key, None)
+
+
+def _inert(hook: Any) -> bool:
+    return isinstance(getattr(hook, "__self__", None), Inert)
 
 
 class _Ledger:

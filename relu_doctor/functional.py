@@ -64,6 +64,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from relu_doctor._forward_reading import ForwardReader
+from relu_doctor._hooks import HookOwner
 from relu_doctor._observing_mode import ObservingMode
 from relu_doctor.families import FAMILIES, Family, family_of
 from relu_doctor.probes import Probe, in_backward
@@ -140,7 +141,7 @@ _Entry = tuple[str, bool]
 _CALL_IMPL_CODE = nn.Module._call_impl.__code__
 
 
-class FunctionalCapture:
+class FunctionalCapture(HookOwner):
     """Captures functional ReLU-family calls made inside a model's modules.
 
     Created by :class:`~relu_doctor.doctor.Doctor` unless ``functional=False``; use it
@@ -166,11 +167,6 @@ class FunctionalCapture:
         ['(root):relu#0']
         >>> cap.detach(); probe.detach()
     """
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> FunctionalCapture:
-        """Itself, as :meth:`Probe.__deepcopy__`: a deep copy of the model calls these hooks
-        with modules this capture did not hook, which it ignores."""
-        return self
 
     def __init__(self, probe: Probe) -> None:
         self.probe = probe
@@ -285,7 +281,7 @@ class FunctionalCapture:
         for mod, entry in current.items():
             if mod not in self._hooked:
                 handles = (
-                    add(mod.register_forward_pre_hook(self._make_pre(entry))),
+                    add(mod.register_forward_pre_hook(self._pre)),
                     add(mod.register_forward_hook(self._post, always_call=True)),
                 )
                 self._hooked[mod] = (entry, handles)
@@ -348,43 +344,43 @@ class FunctionalCapture:
         # compiled graph pays nothing for it.
         return stack[-1][1] or torch.compiler.is_compiling()
 
-    def _make_pre(self, entry: _Entry) -> Callable[[nn.Module, Any], None]:
-        def pre(module: nn.Module, args: Any) -> None:
-            if not self.probe._collecting:  # no pass is recorded on this step (see Probe)
-                return
-            if module not in self._hooked:  # a deep copy's module (see Probe.__deepcopy__)
-                return
-            mine = entry
-            bw = in_backward()
-            stack = self._bw_stack if bw else self._stack
-            if not stack and module in self._boundaries:
-                return  # called on its own, outside the model's forward: not a pass
-            if not stack:
-                if bw:
-                    if self.probe.stream == "eval":
-                        return
-                    self._bw_calls.clear()
-                else:
-                    if not self.probe.begin_pass():  # left out: the mode stays off
-                        self._left_out += 1
-                        return
-                    resync = self._resync and not (
-                        self.probe._compiled or torch.compiler.is_compiling()
-                    )
-                    if self.probe.generation != self._generation_seen or resync:
-                        # the probe re-hooked (modules may have been swapped), or the first
-                        # recorded pass ended (the reading of forwards is trusted now)
-                        self._sync()
-                        if module not in self._hooked:
-                            return  # no _post will come for it
-                        mine = self._hooked[module][0]  # this closure's may be outdated
-                    self._calls.clear()
-                    self._foreign.clear()
-                    self._foreign_count.clear()
-            stack.append(mine)
-            self._set_mode(self._want_mode(stack))
-
-        return pre
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        """The pre-forward hook of every module whose forward makes functional calls (a
+        method, not a closure per module: see :class:`~relu_doctor._hooks.HookOwner`)."""
+        if not self.probe._collecting:  # no pass is recorded on this step (see Probe)
+            return
+        hooked = self._hooked.get(module)
+        if hooked is None:  # a module not of the model (see Probe._enter)
+            return
+        mine = hooked[0]
+        bw = in_backward()
+        stack = self._bw_stack if bw else self._stack
+        if not stack and module in self._boundaries:
+            return  # called on its own, outside the model's forward: not a pass
+        if not stack:
+            if bw:
+                if self.probe.stream == "eval":
+                    return
+                self._bw_calls.clear()
+            else:
+                if not self.probe.begin_pass():  # left out: the mode stays off
+                    self._left_out += 1
+                    return
+                resync = self._resync and not (
+                    self.probe._compiled or torch.compiler.is_compiling()
+                )
+                if self.probe.generation != self._generation_seen or resync:
+                    # the probe re-hooked (modules may have been swapped), or the first
+                    # recorded pass ended (the reading of forwards is trusted now)
+                    self._sync()
+                    if module not in self._hooked:
+                        return  # no _post will come for it
+                    mine = self._hooked[module][0]  # _sync may have changed it
+                self._calls.clear()
+                self._foreign.clear()
+                self._foreign_count.clear()
+        stack.append(mine)
+        self._set_mode(self._want_mode(stack))
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self.probe._collecting or module not in self._hooked:

@@ -71,7 +71,7 @@ import torch.nn as nn
 from torch.nn.modules.module import register_module_module_registration_hook
 from torch.utils.hooks import RemovableHandle
 
-from relu_doctor._hooks import HookSet, compile_watch
+from relu_doctor._hooks import HookOwner, HookSet, compile_watch
 from relu_doctor._validate import glob_patterns, matches
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.families import Family, family_of
@@ -106,7 +106,7 @@ _PATTERNS = (
 )
 
 
-class Probe(SiteRegistry):
+class Probe(SiteRegistry, HookOwner):
     """Hooks on a model's ReLU-family activations, recording into per-site accumulators.
 
     Most users reach this through :func:`relu_doctor.watch`; use it directly to build your
@@ -287,8 +287,8 @@ class Probe(SiteRegistry):
     def _hook_modules(self) -> None:
         boundary = self._boundary_modules()
         handles = [mod.register_forward_pre_hook(self._enter) for mod in boundary]
-        for mod, (path, fam) in self._targets.items():
-            handles.append(mod.register_forward_hook(self._make_hook(path, fam)))
+        for mod in self._targets:
+            handles.append(mod.register_forward_hook(self._activation))
         for mod in boundary:
             handles.append(mod.register_forward_hook(self._exit, always_call=True))
         self._handles = handles
@@ -359,14 +359,6 @@ class Probe(SiteRegistry):
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Probe:
-        """Itself. ``copy.deepcopy`` of a watched model (a target network, an EMA teacher)
-        copies the modules' hook dicts, and with them the bound methods of this probe: the
-        copy's modules then call this probe, which ignores modules not of its model, instead
-        of a copy of the probe (and of its Doctor, its sites, its run directory). The copy
-        is not watched; watch it with a Doctor of its own."""
-        return self
 
     # ------------------------------------------------------------------ collecting
     @property
@@ -483,7 +475,8 @@ class Probe(SiteRegistry):
         if not self._collecting or module not in self._members:
             # A step that collects nothing records no pass, so the hooks return at once (the
             # flag changes only between steps, so a pass's enter and exit agree on it). A
-            # module not of the model is a deep copy's, which carries our hooks: not watched.
+            # module not of the model is a copy's (copy.deepcopy copies the hook dicts, and
+            # copy.copy shares them; see HookOwner): not watched.
             return
         if in_backward():
             # A segment recomputed by activation checkpointing: its calls are counted apart,
@@ -556,28 +549,31 @@ class Probe(SiteRegistry):
         self._calls[key] = idx + 1
         return idx
 
-    def _make_hook(self, path: str, fam: Family) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not self._collecting or module not in self._targets:  # (a deep copy's module)
+    def _activation(self, module: nn.Module, args: Any, output: Any) -> None:
+        """The forward hook of every watched activation module (a method, not a closure per
+        module: see :class:`~relu_doctor._hooks.HookOwner`)."""
+        if not self._collecting:
+            return
+        target = self._targets.get(module)
+        if target is None:  # a module not of the model (see _enter)
+            return
+        path, fam = target
+        if in_backward():
+            if self.stream == "eval":
                 return
-            if in_backward():
-                if self.stream == "eval":
-                    return
-                idx = self._bw_calls.get(module, 0)
-                self._bw_calls[module] = idx + 1
-                key = SiteKey(path, idx)
-                if key not in self._failed:
-                    try:
-                        self.tap_recomputed(output, key)
-                    except Exception as e:
-                        self._fail(key, "recomputed forward", e)
-                return
-            if not self._pass_on:
-                return
-            idx = self.next_call_index(module)
-            self.record(output, path=path, call_index=idx, family=fam, module=module)
-
-        return hook
+            idx = self._bw_calls.get(module, 0)
+            self._bw_calls[module] = idx + 1
+            key = SiteKey(path, idx)
+            if key not in self._failed:
+                try:
+                    self.tap_recomputed(output, key)
+                except Exception as e:
+                    self._fail(key, "recomputed forward", e)
+            return
+        if not self._pass_on:
+            return
+        idx = self.next_call_index(module)
+        self.record(output, path=path, call_index=idx, family=fam, module=module)
 
     def tap_recomputed(self, output: Any, key: SiteKey) -> None:
         """A call recomputed during backward by activation checkpointing (module hooks and

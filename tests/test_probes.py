@@ -482,3 +482,59 @@ def test_a_deep_copy_of_a_watched_model_is_not_watched() -> None:
         assert total[FIELDS.index("elements")].tolist() == [float(len(h))] * 8
         assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
     twin(torch.randn(2, 4)).sum().backward()  # after detach: the copy runs as before
+
+
+def test_a_watched_model_pickles_mid_run() -> None:
+    """``torch.save(model)`` inside ``watch``, on a collecting step, raised: the hook dicts
+    held closures and bound methods of the probe. Now the model saves with every hook of
+    relu_doctor (module, functional, ReDo's input tap) as an inert placeholder; the loaded
+    model computes what the original does and sheds the placeholders at its first call; and
+    saving changes nothing in the run: the original trains as an unwatched twin does, and
+    its counts equal a reference taken on its own activations."""
+    import io
+
+    from relu_doctor._hooks import Inert
+    from relu_doctor.remedies import DormantRecycler
+
+    torch.manual_seed(0)
+    model = _WithGuest()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt_twin = torch.optim.SGD(twin.parameters(), lr=0.05)
+    seen: list[torch.Tensor] = []
+    with relu_doctor.watch(model, every_n_steps=1, optimizer=opt, log_every_n_steps=2) as doc:
+        DormantRecycler(model, optimizers=opt, every=1000).bind(doc)  # (its tap only)
+        for _ in range(4):
+            x = torch.randn(5, 4)
+            with torch.no_grad():
+                seen.append(twin.net[1](twin.net[0](x)))  # the site's activations
+            for m, o in ((model, opt), (twin, opt_twin)):
+                o.zero_grad()
+                m(x).sum().backward()
+                o.step()
+            doc.step()
+            buf = io.BytesIO()
+            torch.save(model, buf)  # on a collecting step: our hooks are in the dicts
+            buf.seek(0)
+            loaded = torch.load(buf, weights_only=False)
+            ours = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+            hooked = [m for m in loaded.modules() if m._forward_pre_hooks or m._forward_hooks]
+            assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in hooked) == ours
+            assert ours >= 9 and all(  # probe 3, functional capture 2, ReDo's tap 2 or more
+                {type(getattr(h, "__self__", None)) for h in
+                 [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]} == {Inert}
+                for m in hooked
+            )
+            y = torch.randn(3, 4)
+            with torch.no_grad():  # (no training pass: not counted)
+                assert torch.equal(loaded(y), model(y))
+            assert not any(m._forward_pre_hooks or m._forward_hooks for m in loaded.modules())
+            assert not any(m._forward_hooks_always_called for m in loaded.modules())
+        site = next(s for s in doc.sites if s.name == "net.1")
+        total = site.stats.lifetime + site.stats.window
+        h = torch.cat(seen)
+        assert total[FIELDS.index("elements")].tolist() == [float(len(h))] * 8
+        assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+

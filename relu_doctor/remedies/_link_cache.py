@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from relu_doctor._hooks import HookOwner
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies.dataflow import Dataflow, record_dataflow
 from relu_doctor.remedies.unit_links import UnitLinks, find_unit_links
@@ -57,7 +58,7 @@ def record_latest(
     )
 
 
-class InputTap:
+class InputTap(HookOwner):
     """Keeps a reference to the arguments of the model's latest outermost call (the model,
     or the submodule a wrapper such as a LightningModule calls), until they are needed.
 
@@ -69,16 +70,11 @@ class InputTap:
         self.args: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None = None
         self.outermost: nn.Module | None = None  # found by the first call that returned
         self.handles = []
-        self.modules = set(model.modules())  # a deep copy's modules carry these hooks too
+        self.modules = set(model.modules())  # a copy's modules carry these hooks too
         for m in model.modules():
             self.handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
             self.handles.append(m.register_forward_hook(self._post, always_call=True))
         self.pruned = False
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> InputTap:
-        """Itself: a deep copy of the model (its hook dicts) must not copy the arguments
-        kept here; the copy's modules call these hooks, which ignore them."""
-        return self
 
     def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if module not in self.modules:
