@@ -631,7 +631,8 @@ class Probe(SiteRegistry, HookOwner):
                 return
             site = getattr(self._compiled_slots, slot)
             site.stats.record_forward(
-                output.detach(), site.unit_dim, nonnegative=family.nonnegative, cap=site.cap
+                output.detach(), site.dim_for(output.dim()), nonnegative=family.nonnegative,
+                cap=site.cap,
             )
             # Compiled forwards get no gradient tap: no autograd node exists while tracing,
             # and a Tensor.register_hook traced by Dynamo (torch 2.13) drops the later
@@ -651,7 +652,7 @@ class Probe(SiteRegistry, HookOwner):
             if site is None:
                 return
             site.stats.record_forward(
-                output, site.unit_dim, nonnegative=family.nonnegative, cap=site.cap
+                output, site.dim_for(output.dim()), nonnegative=family.nonnegative, cap=site.cap
             )
             self._tap_gradient(output, site)
         except Exception as e:  # never raise into the user's forward
@@ -696,7 +697,7 @@ class Probe(SiteRegistry, HookOwner):
                 gi = None
             scale = self.grad_scale() if self.grad_scale is not None else None
             inv = None if scale is None else 1.0 / scale
-            site.stats.record_grad(g, gi, site.unit_dim, inv)
+            site.stats.record_grad(g, gi, site.dim_for(g.dim()), inv)
 
         def grad_hook(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
             if self._failed and site.key in self._failed:

@@ -68,7 +68,8 @@ class SiteRegistry:
         site = self._sites.get(key)
         shape = tuple(output.shape)
         if site is not None:
-            if len(shape) <= site.unit_dim or shape[site.unit_dim] != site.units:
+            dim = site.dim_for(len(shape))
+            if not 0 <= dim < len(shape) or shape[dim] != site.units:
                 self._warn_units(site, shape)
                 return None
             if site.family is not family:  # the module was replaced (see refresh())
@@ -119,6 +120,7 @@ class SiteRegistry:
             stats=SiteStats(shape[unit_dim], output.device),
             shape=shape,
             cap=family.cap_of(module),
+            from_end=override is None or override < 0,
         )
         self._sites[key] = site
         self._rename()

@@ -119,13 +119,17 @@ class Site:
     Attributes:
         key: the site's identity.
         family: the activation family.
-        unit_dim: the dim holding units (non-negative); ``unit_rule`` says why.
+        unit_dim: the dim holding units in the first call's output (non-negative);
+            ``unit_rule`` says why. A call of another rank reads it by :meth:`dim_for`.
         units: number of units.
         order: order of first execution among all sites (0 = nearest the input).
         stats: the on-device accumulators.
         shape: the output shape first seen.
         cap: the upper saturation value (ReLU6, Hardtanh), else None.
         name: the display name (kept current by the probe as sites appear).
+        from_end: whether a call of another rank than the first finds its units as far
+            from the last dim as the first did (see :meth:`dim_for`); False for a unit dim
+            the user gave as a non-negative ``unit_dims`` override.
     """
 
     key: SiteKey
@@ -139,6 +143,22 @@ class Site:
     cap: float | None = None
     name: str = ""
     reused: bool = field(default=False)
+    from_end: bool = True
+
+    def dim_for(self, ndim: int) -> int:
+        """The unit dim of a call whose output has ``ndim`` dims (negative: it has none).
+
+        A module run both on one sample and on batches (an unbatched ``(F,)`` and a batched
+        ``(N, F)``, a ``(C, H, W)`` and an ``(N, C, H, W)``) or on inputs with more leading
+        dims (``(N, F)`` and ``(N, L, F)``) holds its units at the same place counted from
+        the end: a Linear's last dim, a convolution's channels 3 from the end (NCHW) or last
+        (channels-last), the shape rule's dims likewise. Counted from the front, a batch as
+        long as the features would be read as the units.
+        """
+        first = len(self.shape)
+        if ndim == first or not self.from_end:
+            return self.unit_dim
+        return self.unit_dim - first + ndim
 
     @property
     def module_path(self) -> str:

@@ -212,14 +212,48 @@ def test_a_1d_call_skipped_leaves_the_same_call_on_batches_watched() -> None:
             doc.step()
 
     doc, said = _run_recording_warnings(model, run)
-    assert len(said) == 2 and "unit_dims={'(root)': 0}" in said[0], said
-    assert "calls with another unit count are left out" in said[1]  # the last, 1-D call
+    assert len(said) == 1 and "unit_dims={'(root)': 0}" in said[0], said
     (site,) = doc.sites
     assert (site.unit_dim, site.units) == (1, 6)
-    with torch.no_grad():
-        h = torch.cat([F.relu(x @ model.w.T) for x in batches[1:3]])  # w unchanged: no step
+    with torch.no_grad():  # w unchanged: no step. Once a site, a 1-D call counts (dim_for)
+        h = torch.cat([F.relu(x @ model.w.T).reshape(-1, 6) for x in batches[1:]])
     total = site.stats.lifetime + site.stats.window
     assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_module_run_unbatched_and_batched_keeps_its_units(conv: bool) -> None:
+    """A layer run on one sample and on batches (an RL policy, a ``(C, H, W)`` image) holds
+    its units at the same place from the end. Before, the unit dim was the first call's
+    from the front: a later call of another rank was left out, or, where a batch was as
+    long as the features (here 6 samples of 6 features, and 4 channels of 4x4), counted
+    along the batch with no warning."""
+    torch.manual_seed(0)
+    if conv:
+        layer: nn.Module = nn.Conv2d(3, 4, 3, padding=1)
+        batches = [torch.randn(3, 4, 4), torch.randn(4, 3, 4, 4), torch.randn(2, 3, 4, 4)]
+    else:
+        layer = nn.Linear(4, 6)
+        batches = [torch.randn(4), torch.randn(6, 4), torch.randn(3, 4)]
+    model = nn.Sequential(layer, nn.ReLU())
+    seen: list[torch.Tensor] = []  # the reference, units moved last
+    model[1].register_forward_hook(lambda m, a, out: seen.append(
+        (out.movedim(-3, -1) if conv else out).detach().reshape(-1, 4 if conv else 6)))
+
+    def run(doc: Any) -> None:
+        for x in batches:
+            model(x).sum().backward()
+            doc.step()
+
+    doc, said = _run_recording_warnings(model, run)
+    assert said == []
+    (site,) = doc.sites
+    assert site.units == (4 if conv else 6) and site.unit_dim == 0
+    h = torch.cat(seen)
+    total = site.stats.lifetime + site.stats.window
+    assert total[FIELDS.index("elements")].tolist() == [float(len(h))] * site.units
+    assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
+    assert total[FIELDS.index("sum")].tolist() == pytest.approx(h.sum(0).double().tolist())
 
 
 def test_unit_dims_watches_a_1d_call_the_rule_skips() -> None:
