@@ -18,10 +18,12 @@ the hooks were parked would never call them. So nothing is parked unless Dynamo 
 when it starts compiling (:func:`compile_watch`): then every parked set is put back first.
 
 A module's hook dicts are part of the module: ``copy.deepcopy(model)`` copies them (a target
-network, an EMA teacher) and ``torch.save(model)`` pickles them. Every hook of relu_doctor on
-a user's module is a bound method of a :class:`HookOwner`, which deep-copies as itself and
-pickles as an :class:`Inert` placeholder (see there), never as the probe, model and run
-directory it reaches: a closure would make saving a watched model mid-run raise.
+network, an EMA teacher) and ``torch.save(model)`` pickles them. Every hook relu_doctor puts
+on a user's module is a bound method of a small :class:`Hooks` object, which deep-copies as
+itself and pickles as an :class:`Inert` placeholder (see there), never as the probe, model
+and run directory behind it: a closure would make saving a watched model mid-run raise. The
+probe itself (a :class:`HookOwner`) refuses to be pickled or copied, with a message that says
+what to do instead.
 """
 
 from __future__ import annotations
@@ -35,42 +37,75 @@ from typing import Any
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HookOwner", "HookSet", "Inert", "compile_watch"]
+__all__ = ["HookOwner", "HookSet", "Hooks", "Inert", "compile_watch"]
 
 
 class HookOwner:
-    """An object whose bound methods are hooks in a user's module hook dicts (a probe, its
-    functional capture, ReDo's input tap).
+    """The live monitor of one model's run (a Doctor, its probe and functional capture,
+    ReDo's input tap): pickling or copying one raises a clear TypeError, instead of giving
+    half of a run, whose model, files and step are not in it. The hooks it puts on modules
+    are those of a :class:`Hooks` object."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            f"relu_doctor's {type(self).__name__} (the monitor of a watched model's run) can't "
+            "be pickled or copied. torch.save(model) and copy.deepcopy(model) work while it "
+            "watches and give the model unwatched (watch a copy with a Doctor of its own); "
+            "the run's statistics are saved with doctor.save(...) or its run directory."
+        )
+
+
+class Hooks:
+    """The hooks a :class:`HookOwner` puts in a user's module hook dicts: bound methods of
+    this small object, each calling the owner's method of the same purpose.
 
     ``copy.deepcopy(model)`` gets the object itself, not a copy: the copy's modules then call
-    these hooks, which leave alone modules not of their model (so the copy is not watched,
-    and no probe, Doctor or run directory is copied; watch the copy with a Doctor of its
-    own). ``torch.save(model)`` or ``pickle`` gets an :class:`Inert` placeholder.
+    these hooks, which leave alone modules not of the owner's model (so the copy is not
+    watched, and no probe, Doctor or run directory is copied). ``torch.save(model)`` or
+    ``pickle`` gets an :class:`Inert` placeholder.
     """
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: HookOwner) -> None:
+        self.owner = owner
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         return self
 
-    def __reduce__(self) -> tuple[type[Inert], tuple[()]]:
-        return (Inert, ())
+    def __reduce__(self) -> tuple[type[Inert], tuple[int]]:
+        return (Inert, (RemovableHandle.next_id,))
 
 
-# The hook dicts of nn.Module a placeholder may be in, and the flag dicts keyed like them.
-_HOOK_DICTS = (
-    "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
-    "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-_FLAG_DICTS = (
-    "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-)
+# The hook dicts of nn.Module a placeholder may be in, each with the flag dicts keyed like it.
+_HOOK_DICTS = {
+    "_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+    "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+    "_backward_pre_hooks": (),
+    "_backward_hooks": (),
+    "_state_dict_pre_hooks": (),
+    "_state_dict_hooks": (),
+    "_load_state_dict_pre_hooks": (),
+    "_load_state_dict_post_hooks": (),
+}
 
 
 class Inert:
-    """A :class:`HookOwner` unpickled: each of its hooks (pickled as ``getattr(owner, name)``)
-    is :meth:`_off`. Unpickling needs relu_doctor importable, as torch's own hooks need
-    torch."""
+    """A :class:`Hooks` object unpickled: each of its hooks (pickled as
+    ``getattr(hooks, name)``) is :meth:`_off`. Unpickling needs relu_doctor importable, as
+    torch's own hooks need torch.
+
+    A module pickles its hook dicts and their flag dicts (``with_kwargs``, ``always_call``)
+    keyed by handle ids, which restart from 0 in a new process: a hook registered there on
+    the loaded module could take a placeholder's id and, with it, the placeholder's flags
+    (a plain pre-hook then called with kwargs). So unpickling one moves the process's next
+    handle id past every id of the process that pickled it, as torch does when it unpickles
+    a ``RemovableHandle``.
+    """
+
+    def __init__(self, next_id: int = 0) -> None:
+        if RemovableHandle.next_id < next_id:
+            RemovableHandle.next_id = next_id
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
@@ -78,17 +113,18 @@ class Inert:
         return self._off
 
     def _off(self, *args: Any, **kwargs: Any) -> None:
-        """Do nothing; called by a module, take every placeholder out of its hook dicts, so
-        that it takes torch's fast path again (not while torch runs the always-called hooks
-        of a forward that raised: torch iterates the dict itself then)."""
+        """Do nothing; called by a module, take every placeholder out of its hook dicts, and
+        their flags out of the flag dicts beside them, so that it takes torch's fast path
+        again (not while torch runs the always-called hooks of a forward that raised: torch
+        iterates the dict itself then)."""
         module = args[0] if args else None
         if isinstance(module, nn.Module) and sys.exc_info()[0] is None:
             state = module.__dict__
-            for name in _HOOK_DICTS:
+            for name, flag_dicts in _HOOK_DICTS.items():
                 d = state.get(name) or {}
                 for key in [k for k, h in d.items() if _inert(h)]:
                     del d[key]
-                    for flags in _FLAG_DICTS:
+                    for flags in flag_dicts:
                         state.get(flags, {}).pop(key, None)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from relu_doctor._hooks import HookOwner
 from relu_doctor._validate import flag, path_or_none, positive_int
 from relu_doctor._validate import optimizers as optimizers_arg
 from relu_doctor.diagnosis import REMEDY_NAMES, DiagnosisConfig, diagnosis_config
@@ -49,7 +50,7 @@ GRAD_NORM_WINDOW = 1024  # total gradient norms kept for the spike test (the lat
 KEEP_EVENTS = 10_000  # events kept in memory (all of them reach the run directory)
 
 
-class Doctor(IntervalReading, RunRecording):
+class Doctor(IntervalReading, RunRecording, HookOwner):
     """Watches a model's ReLU-family activations. Create it with :func:`watch`.
 
     Args:

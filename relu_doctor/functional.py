@@ -64,7 +64,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from relu_doctor._forward_reading import ForwardReader
-from relu_doctor._hooks import HookOwner
+from relu_doctor._hooks import HookOwner, Hooks
 from relu_doctor._observing_mode import ObservingMode
 from relu_doctor.families import FAMILIES, Family, family_of
 from relu_doctor.probes import Probe, in_backward
@@ -141,6 +141,19 @@ _Entry = tuple[str, bool]
 _CALL_IMPL_CODE = nn.Module._call_impl.__code__
 
 
+class _CaptureHooks(Hooks):
+    """A functional capture's module hooks (see :class:`~relu_doctor._hooks.Hooks`)."""
+
+    __slots__ = ()
+    owner: FunctionalCapture
+
+    def pre(self, module: nn.Module, args: Any) -> None:
+        self.owner._pre(module, args)
+
+    def post(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.owner._post(module, args, output)
+
+
 class FunctionalCapture(HookOwner):
     """Captures functional ReLU-family calls made inside a model's modules.
 
@@ -170,6 +183,7 @@ class FunctionalCapture(HookOwner):
 
     def __init__(self, probe: Probe) -> None:
         self.probe = probe
+        self._on = _CaptureHooks(self)  # the callables in the modules' hook dicts
         self._ops = functional_ops()
         self._mode = ObservingMode(self._observe)
         self._attached = False
@@ -281,8 +295,8 @@ class FunctionalCapture(HookOwner):
         for mod, entry in current.items():
             if mod not in self._hooked:
                 handles = (
-                    add(mod.register_forward_pre_hook(self._pre)),
-                    add(mod.register_forward_hook(self._post, always_call=True)),
+                    add(mod.register_forward_pre_hook(self._on.pre)),
+                    add(mod.register_forward_hook(self._on.post, always_call=True)),
                 )
                 self._hooked[mod] = (entry, handles)
         self._boundaries = boundaries
@@ -345,8 +359,8 @@ class FunctionalCapture(HookOwner):
         return stack[-1][1] or torch.compiler.is_compiling()
 
     def _pre(self, module: nn.Module, args: Any) -> None:
-        """The pre-forward hook of every module whose forward makes functional calls (a
-        method, not a closure per module: see :class:`~relu_doctor._hooks.HookOwner`)."""
+        """The pre-forward hook of every module whose forward makes functional calls (through
+        :class:`_CaptureHooks`, not a closure per module: see :class:`~relu_doctor._hooks.Hooks`)."""
         if not self.probe._collecting:  # no pass is recorded on this step (see Probe)
             return
         hooked = self._hooked.get(module)

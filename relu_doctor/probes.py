@@ -71,7 +71,7 @@ import torch.nn as nn
 from torch.nn.modules.module import register_module_module_registration_hook
 from torch.utils.hooks import RemovableHandle
 
-from relu_doctor._hooks import HookOwner, HookSet, compile_watch
+from relu_doctor._hooks import HookOwner, Hooks, HookSet, compile_watch
 from relu_doctor._validate import glob_patterns, matches
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.families import Family, family_of
@@ -104,6 +104,22 @@ _PATTERNS = (
     "suffix ('layer1.0.relu' for 'layer1.0.relu#1', 'features.dense1' for the functional "
     "site 'features.dense1:relu#0')"
 )
+
+
+class _ProbeHooks(Hooks):
+    """A probe's module hooks (see :class:`~relu_doctor._hooks.Hooks`)."""
+
+    __slots__ = ()
+    owner: Probe
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        self.owner._enter(module, args)
+
+    def activation(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.owner._activation(module, args, output)
+
+    def exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.owner._exit(module, args, output)
 
 
 class Probe(SiteRegistry, HookOwner):
@@ -187,6 +203,7 @@ class Probe(SiteRegistry, HookOwner):
         self._compiled = False  # torch.compile traced the hooks: they are never parked
         #: every module hook of this probe and of its functional capture, parked together
         self.hooks = HookSet()
+        self._on = _ProbeHooks(self)  # the callables in the model's hook dicts
         self._handles: list[RemovableHandle] = []  # the probe's own, of those
         self._sites: dict[SiteKey, Site] = {}
         self._names: dict[str, Site] = {}
@@ -286,11 +303,12 @@ class Probe(SiteRegistry, HookOwner):
 
     def _hook_modules(self) -> None:
         boundary = self._boundary_modules()
-        handles = [mod.register_forward_pre_hook(self._enter) for mod in boundary]
+        on = self._on
+        handles = [mod.register_forward_pre_hook(on.enter) for mod in boundary]
         for mod in self._targets:
-            handles.append(mod.register_forward_hook(self._activation))
+            handles.append(mod.register_forward_hook(on.activation))
         for mod in boundary:
-            handles.append(mod.register_forward_hook(self._exit, always_call=True))
+            handles.append(mod.register_forward_hook(on.exit, always_call=True))
         self._handles = handles
         for h in handles:
             self.hooks.add(h)
@@ -476,7 +494,7 @@ class Probe(SiteRegistry, HookOwner):
             # A step that collects nothing records no pass, so the hooks return at once (the
             # flag changes only between steps, so a pass's enter and exit agree on it). A
             # module not of the model is a copy's (copy.deepcopy copies the hook dicts, and
-            # copy.copy shares them; see HookOwner): not watched.
+            # copy.copy shares them; see Hooks): not watched.
             return
         if in_backward():
             # A segment recomputed by activation checkpointing: its calls are counted apart,
@@ -550,8 +568,8 @@ class Probe(SiteRegistry, HookOwner):
         return idx
 
     def _activation(self, module: nn.Module, args: Any, output: Any) -> None:
-        """The forward hook of every watched activation module (a method, not a closure per
-        module: see :class:`~relu_doctor._hooks.HookOwner`)."""
+        """The forward hook of every watched activation module (through :class:`_ProbeHooks`,
+        not a closure per module: see :class:`~relu_doctor._hooks.Hooks`)."""
         if not self._collecting:
             return
         target = self._targets.get(module)

@@ -458,9 +458,9 @@ def test_a_deep_copy_of_a_watched_model_is_not_watched() -> None:
         twin = copy.deepcopy(model)
         guest = copy.deepcopy(model.net)
         assert twin.net[1]._forward_hooks  # the hooks were copied, the probe was not:
-        def owners(m: nn.Module) -> set[int]:  # the objects whose bound methods hook m
+        def owners(m: nn.Module) -> set[int]:  # the owners of the objects that hook m
             hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
-            return {id(h.__self__) for h in hooks if hasattr(h, "__self__")}
+            return {id(h.__self__.owner) for h in hooks if hasattr(h, "__self__")}
 
         assert owners(twin) == owners(model) and id(doc.probe) in owners(twin)
         model.guest.append(guest)  # runs inside the watched model's pass
@@ -482,6 +482,90 @@ def test_a_deep_copy_of_a_watched_model_is_not_watched() -> None:
         assert total[FIELDS.index("elements")].tolist() == [float(len(h))] * 8
         assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
     twin(torch.randn(2, 4)).sum().backward()  # after detach: the copy runs as before
+
+
+_SAVE_WATCHED = """
+import sys, torch, torch.nn as nn, relu_doctor
+from relu_doctor.remedies import DormantRecycler
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+with relu_doctor.watch(model, every_n_steps=1, overhead_budget=None, optimizer=opt) as doc:
+    DormantRecycler(model, optimizers=opt, every=1000).bind(doc)  # a with_kwargs pre-hook
+    for _ in range(2):
+        model(torch.randn(5, 4)).sum().backward()
+        opt.step()
+        doc.step()
+    torch.save(model, sys.argv[1])  # on a collecting step: our hooks are in the dicts
+"""
+
+_LOAD_IN_A_NEW_PROCESS = """
+import sys, torch
+loaded = torch.load(sys.argv[1], weights_only=False)
+mods = list(loaded.modules())
+pickled = {k for m in mods for d in (m._forward_pre_hooks, m._forward_hooks) for k in d}
+flagged = {k for m in mods for d in (m._forward_pre_hooks_with_kwargs,
+           m._forward_hooks_always_called) for k in d}
+assert pickled and flagged <= pickled, (pickled, flagged)
+seen = []
+plain = [m.register_forward_pre_hook(lambda m, a: seen.append('pre')) for m in mods]
+kw = loaded.register_forward_pre_hook(lambda m, a, k: seen.append('kw'), with_kwargs=True)
+post = [m.register_forward_hook(lambda m, a, o: seen.append('post')) for m in mods]
+always = loaded.register_forward_hook(lambda m, a, o: seen.append('always'), always_call=True)
+ids = [h.id for h in [*plain, kw, *post, always]]
+assert min(ids) > max(pickled), (ids, pickled)  # no new hook takes a placeholder's flags
+loaded(torch.randn(3, 4))
+assert seen.count('pre') == seen.count('post') == len(mods) and seen.count('kw') == 1, seen
+assert {k for m in mods for k in m._forward_pre_hooks_with_kwargs} == {kw.id}
+assert {k for m in mods for k in m._forward_hooks_always_called} == {always.id}
+assert not any(k in pickled for m in mods for d in (m._forward_pre_hooks, m._forward_hooks)
+               for k in d)
+print('ok')
+"""
+
+
+def test_a_model_saved_while_watched_loads_in_a_new_process_without_stale_flags(
+    tmp_path,
+) -> None:
+    """A module pickles its hook dicts' flags (``with_kwargs``, ``always_call``) by handle
+    id, and ids restart from 0 in a new process: a hook registered there on the loaded model
+    could take a placeholder's id and its flags (a plain pre-hook called with kwargs raises
+    TypeError). Saved in one new process and loaded in another, each with its ids from 0:
+    every hook the loading process registers gets an id past the pickled ones, each hook is
+    called as registered, and after the first call only the user's flags are left."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "model.pt")
+    for code in (_SAVE_WATCHED, _LOAD_IN_A_NEW_PROCESS):
+        done = subprocess.run(
+            [sys.executable, "-c", code, path], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"
+
+
+def test_a_probe_or_doctor_refuses_to_be_pickled_or_copied_with_a_clear_error() -> None:
+    """Only the model's hook dicts pickle and deep-copy harmlessly. Pickling a Doctor (or
+    its probe, functional capture or ReDo's input tap) gave a Doctor that watched nothing,
+    silently; now it is a TypeError that says what works instead."""
+    import pickle
+
+    from relu_doctor.remedies import DormantRecycler
+
+    model = _WithGuest()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with relu_doctor.watch(model, every_n_steps=1, overhead_budget=None, optimizer=opt) as doc:
+        recycler = DormantRecycler(model, optimizers=opt, every=1000).bind(doc)
+        model(torch.randn(5, 4)).sum().backward()
+        doc.step()
+        owners = [doc, doc.probe, doc._capture, recycler._finder._tap]
+        for obj in owners:
+            for how in (pickle.dumps, copy.copy, copy.deepcopy):
+                with pytest.raises(TypeError, match=r"can't be pickled or copied.*torch\.save"):
+                    how(obj)
+        copy.deepcopy(model)  # the model itself still copies and pickles
+        pickle.dumps(model)
 
 
 def test_a_watched_model_pickles_mid_run() -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from relu_doctor._hooks import HookOwner
+from relu_doctor._hooks import HookOwner, Hooks
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies.dataflow import Dataflow, record_dataflow
 from relu_doctor.remedies.unit_links import UnitLinks, find_unit_links
@@ -58,6 +58,19 @@ def record_latest(
     )
 
 
+class _TapHooks(Hooks):
+    """An input tap's module hooks (see :class:`~relu_doctor._hooks.Hooks`)."""
+
+    __slots__ = ()
+    owner: InputTap
+
+    def pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self.owner._pre(module, args, kwargs)
+
+    def post(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.owner._post(module, args, output)
+
+
 class InputTap(HookOwner):
     """Keeps a reference to the arguments of the model's latest outermost call (the model,
     or the submodule a wrapper such as a LightningModule calls), until they are needed.
@@ -70,10 +83,11 @@ class InputTap(HookOwner):
         self.args: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None = None
         self.outermost: nn.Module | None = None  # found by the first call that returned
         self.handles = []
+        self._on = _TapHooks(self)  # the callables in the modules' hook dicts
         self.modules = set(model.modules())  # a copy's modules carry these hooks too
         for m in model.modules():
-            self.handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
-            self.handles.append(m.register_forward_hook(self._post, always_call=True))
+            self.handles.append(m.register_forward_pre_hook(self._on.pre, with_kwargs=True))
+            self.handles.append(m.register_forward_hook(self._on.post, always_call=True))
         self.pruned = False
 
     def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -104,7 +118,7 @@ class InputTap(HookOwner):
         assert self.outermost is not None
         self.close()
         self.pruned = True
-        self.handles = [self.outermost.register_forward_pre_hook(self._pre, with_kwargs=True)]
+        self.handles = [self.outermost.register_forward_pre_hook(self._on.pre, with_kwargs=True)]
 
     def latest(self) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None:
         return self.args
