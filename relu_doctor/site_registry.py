@@ -139,7 +139,8 @@ class SiteRegistry:
             "made: one value per sample (a hinge or a margin computed in forward) or one "
             "sample through a layer it cannot follow (a GRUCell, a matmul with a parameter). "
             f"Its entries are no units, so it is not watched. To watch it with each entry as "
-            f"a unit, pass unit_dims={{{label!r}: 0}}.",
+            f"a unit, pass unit_dims={{{label!r}: -1}} (the last dim: the features of its "
+            "batched calls too).",
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),
         )

@@ -1,12 +1,14 @@
 """Golden test: the numbers two fixed-seed runs write are those the fixture holds.
 
-``tests/golden/golden.json`` was made once, by ``tests/golden/make_golden.py`` on the code
-before the redesign (issue 11). The redesign moved code, not maths: every history row, unit
-row, layer row, finding and intervention of the embedded demo (untreated and treated) and of
-a plain loop with remedies must come out the same. The runs are in float64, so that they do
-not depend on which vector instructions the CPU has (see ``make_golden``): floats are
-compared to 1e-7 relative (another CPU's code path moved them by 2.3e-9 at most), everything
-else exactly.
+``tests/golden/golden.json`` was first made by ``tests/golden/make_golden.py`` on the code
+before the redesign (issue 11), to show that the redesign moved code, not maths, and
+remade in float64 on the code of commit 2a420f3, whose float32 runs the old fixture still
+held in CI. Every history row, unit row, layer row, finding and intervention of
+the embedded demo (untreated and treated) and of a plain loop with remedies must come out
+the same. The runs are in float64, so that they do not depend on which vector instructions
+the CPU has (see ``make_golden``): floats are compared to 1e-7 relative (another CPU's code
+path moved them by 2.3e-9 at most), everything else exactly. The float32 path (the one
+users run) is checked against reference computations by the other tests, not here.
 """
 
 from __future__ import annotations

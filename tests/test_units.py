@@ -212,7 +212,7 @@ def test_a_1d_call_skipped_leaves_the_same_call_on_batches_watched() -> None:
             doc.step()
 
     doc, said = _run_recording_warnings(model, run)
-    assert len(said) == 1 and "unit_dims={'(root)': 0}" in said[0], said
+    assert len(said) == 1 and "unit_dims={'(root)': -1}" in said[0], said
     (site,) = doc.sites
     assert (site.unit_dim, site.units) == (1, 6)
     with torch.no_grad():  # w unchanged: no step. Once a site, a 1-D call counts (dim_for)
@@ -256,15 +256,28 @@ def test_a_module_run_unbatched_and_batched_keeps_its_units(conv: bool) -> None:
     assert total[FIELDS.index("sum")].tolist() == pytest.approx(h.sum(0).double().tolist())
 
 
-def test_unit_dims_watches_a_1d_call_the_rule_skips() -> None:
+def test_unit_dims_from_the_warning_watches_a_1d_call_and_its_batches() -> None:
+    """The 1-D warning's advice, ``unit_dims={path: -1}``, watches the call from its first
+    1-D call, and its batched calls count the same units, the last dim. (It said ``0``
+    before, which counted a batch of 6 samples as the 6 units, with no warning.)"""
+    torch.manual_seed(0)
     model = _Cell()
-    doc, said = _run_recording_warnings(
-        model, lambda doc: (model(torch.randn(5)).sum().backward(), doc.step()),
-        unit_dims={"(root)": 0},
-    )
+    batches = [torch.randn(5), torch.randn(6, 5), torch.randn(5), torch.randn(2, 5)]
+
+    def run(doc: Any) -> None:
+        for x in batches:
+            model(x).sum().backward()
+            doc.step()
+
+    doc, said = _run_recording_warnings(model, run, unit_dims={"(root)": -1})
     assert said == []
     (site,) = doc.sites
-    assert (site.unit_dim, site.units) == (0, 6) and "override" in site.unit_rule
+    assert site.units == 6 and "override" in site.unit_rule
+    with torch.no_grad():
+        h = torch.cat([F.relu(x @ model.w.T).reshape(-1, 6) for x in batches])
+    total = site.stats.lifetime + site.stats.window
+    assert total[FIELDS.index("elements")].tolist() == [float(len(h))] * 6
+    assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
 
 
 def test_unit_dims_keeps_a_1d_site() -> None:
