@@ -229,8 +229,7 @@ def train(
                         f"[{name:>9}] step {step:>4}/{cfg.steps}  loss {float(loss.detach()):.3f}  "
                         f"test acc {acc:.1%}  dead units {dead}/{units} ({dead / units:.0%})"
                     )
-        if doc.global_step % cfg.log_every:
-            last = doc.log() or last  # close the last, partial window
+        last = doc.log_final() or last  # the last, partial window (no remedy acts on it)
         for r in remedies:
             if hasattr(r, "detach"):
                 r.detach()

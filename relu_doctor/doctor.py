@@ -310,17 +310,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         return self.attach()
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if self.window_steps > 0 and self.probe.attached and not self._unfolded:
-            try:  # the last, partial window is logged on every exit, an exception's too
-                self.log(final=True)
-            except Exception as e:
-                warnings.warn(
-                    f"relu_doctor: the last partial window (steps after "
-                    f"{self.global_step - self.window_steps}) could not be logged: "
-                    f"{type(e).__name__}: {e}",
-                    ReluDoctorWarning,
-                    stacklevel=2,
-                )
+        # the last, partial window is logged on every exit, an exception's too
+        self.log_final(stacklevel=3)
         if self.eval is not None and self.probe.attached:
             try:  # the evaluation window too
                 self.log_eval()
@@ -450,12 +441,35 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         """Close the current window now: read, diagnose, record, write, notify listeners.
 
         Args:
-            final: the last log of a ``with`` block: the sites' windows stay readable
+            final: the last log of training, after its last optimizer step (a ``with``
+                block's exit, a framework's end of training; see :meth:`log_final`). Its
+                record is ``final``: remedies judge their earlier interventions on it but
+                start none, since no step would train what they changed (a recycled unit
+                would be saved untrained). The sites' windows stay readable
                 (``doc.units(...)`` after the block) and are folded into the lifetime
                 counts if the Doctor is attached again.
         """
         with self.sampler.log_lap():  # what a log costs counts against the budget
             return self._log(final)
+
+    def log_final(self, *, stacklevel: int = 2) -> IntervalRecord | None:
+        """At the end of training: log the last, partial window as :meth:`log` with
+        ``final=True`` does, if it holds a step and was not logged yet (so a second call
+        does nothing). A failure warns and returns None: the end of training is the user's.
+        """
+        if self.window_steps == 0 or not self.probe.attached or self._unfolded:
+            return None
+        try:
+            return self.log(final=True)
+        except Exception as e:
+            warnings.warn(
+                f"relu_doctor: the last partial window (steps after "
+                f"{self.global_step - self.window_steps}) could not be logged: "
+                f"{type(e).__name__}: {e}",
+                ReluDoctorWarning,
+                stacklevel=stacklevel + 1,
+            )
+            return None
 
     def _log(self, final: bool) -> IntervalRecord | None:
         read = self._read(close=not final, final=final)
@@ -467,6 +481,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if read is None:
             return None
         record, finding_events = read
+        record.final = final
         record.metrics = self._training.read(self._optimizers)
         for name, value in self._training.nonfinite.items():
             if name not in self._warned_nonfinite:

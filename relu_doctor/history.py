@@ -76,6 +76,8 @@ class IntervalRecord:
             passed to ``Doctor.step(loss=...)``; ``lr``: the learning rate at the logging
             step; whatever was given to ``Doctor.log_metrics``), for the run's ``metrics``
             table.
+        final: logged after training's last optimizer step (``Doctor.log(final=True)``):
+            remedies judge earlier interventions on it and start none.
     """
 
     step: int
@@ -86,6 +88,7 @@ class IntervalRecord:
     new_findings: list[Finding] = field(default_factory=list)
     keys: dict[str, SiteKey] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    final: bool = False
 
     def site_row(self, name: str) -> dict[str, Any] | None:
         """The row of the site called ``name``, or None."""

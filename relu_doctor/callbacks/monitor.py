@@ -319,8 +319,8 @@ class ReluDoctor(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         doc = self.doctor
-        if self.log_on_train_end and doc is not None and not self._aside and doc.window_steps > 0:
-            doc.log()
+        if self.log_on_train_end and doc is not None and not self._aside:
+            doc.log_final()  # remedies start nothing after the last step
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish()

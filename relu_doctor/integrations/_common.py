@@ -77,15 +77,11 @@ def safe_step(doctor: Doctor, step_aside: Callable[[], None]) -> IntervalRecord 
 
 
 def flush_and_detach(doctor: Doctor, detach: Callable[[], None]) -> None:
-    """At the end of training: log the last, partial window (if it holds any step), then
-    ``detach()`` and close the run directory (its lock released, so a next run can resume it)
-    whatever happens."""
+    """At the end of training: log the last, partial window (if it holds any step; a
+    ``final`` record, on which remedies start nothing), then ``detach()`` and close the run
+    directory (its lock released, so a next run can resume it) whatever happens."""
     try:
-        if doctor.window_steps > 0:
-            doctor.log()
-    except Exception as e:  # the end of training is the user's: warn, never raise
-        warnings.warn(f"relu_doctor: the last window was not logged: {e}", ReluDoctorWarning,
-                      stacklevel=3)
+        doctor.log_final(stacklevel=3)  # warns, never raises: the end of training is the user's
     finally:
         detach()
         doctor.close()

@@ -335,12 +335,16 @@ class Remedy:
         """Hook for subclasses (take the probe, refresh hooks...)."""
 
     def __call__(self, record: RecordLike) -> list[Intervention | InterventionResult]:
+        """Judge the pending interventions on ``record``, then act on it (:meth:`decide`),
+        unless it is ``final``: logged after training's last step, where nothing would
+        train what an action changed."""
         events: list[Intervention | InterventionResult] = list(self._results(record))
-        self._in_call = True
-        try:
-            events += self.decide(record)
-        finally:
-            self._in_call = False
+        if not getattr(record, "final", False):
+            self._in_call = True
+            try:
+                events += self.decide(record)
+            finally:
+                self._in_call = False
         if self.doctor is not None:
             for e in events:
                 self.doctor.record_event(e)

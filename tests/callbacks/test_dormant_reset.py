@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from relu_doctor.callbacks import DormantReset, ReluDoctor
 from relu_doctor.errors import ReluDoctorError
-from tests.callbacks.remedy_models import FILTERS, loader, resume, trainer
+from tests.callbacks.remedy_models import FILTERS, interventions, loader, make, resume, trainer
 
 pytestmark = pytest.mark.filterwarnings(*FILTERS)
 
@@ -62,3 +62,25 @@ def test_recycling_state_round_trips_through_a_checkpoint(tmp_path):
     # At the restart the recycler holds exactly the checkpoint's state (counts included).
     assert probe.remedies["DormantReset"] == saved["DormantReset"]
     assert '"recycled": {"net.3": ' in saved["DormantReset"]
+
+
+def test_no_reset_after_the_last_step(tmp_path):
+    """The monitor logs the last, partial window when training ends, after the last
+    optimizer step: DormantReset reset units there, so the model ``fit`` returned (and the
+    one a user saves next) held units no step trained. That record is ``final`` now:
+    nothing is reset on it, and the model after ``fit`` is the model of the last step;
+    resets inside training still happen."""
+    from lightning.pytorch.callbacks import Callback
+
+    class AtTrainEnd(Callback):  # listed first: runs before the monitor's train-end log
+        def on_train_end(self, trainer, pl_module):
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    end = AtTrainEnd()
+    mon = ReluDoctor(log_every_n_steps=8, every_n_steps=1, overhead_budget=None)
+    model = make(dead=10)
+    trainer(tmp_path, [end, mon, DormantReset(tau=0.5)], max_steps=20).fit(model, loader())
+    steps = [e["step"] for e in interventions(mon)]
+    assert steps and set(steps) <= {8, 16}, steps  # it acts inside training
+    assert mon.doctor is not None and mon.doctor.global_step == 20
+    assert all(torch.equal(end.state[k], v) for k, v in model.state_dict().items())

@@ -203,3 +203,27 @@ def test_plan_arguments_are_checked_before_training(tmp_path: Path) -> None:
     model.fit(*_data(64), epochs=2, batch_size=16, verbose=0, callbacks=[cb])
     remedies = {e["remedy"] for e in _events(tmp_path / "r", "intervention")}
     assert "adaptive_grad_clip" not in remedies and "lr_rescue" in remedies
+
+
+def test_the_plan_changes_nothing_after_the_last_step(tmp_path: Path) -> None:
+    """``fit``'s end logs the last, partial window (steps 51-56 here) after the last
+    optimizer step: the plan acted there, and the model ``fit`` left behind had a learning
+    rate or layers no step trained with. That record is final now: judged on, never acted
+    on; the plan still acts on the windows inside training."""
+    model = _mlp(bias=-1.5)
+    x, y = _data()
+
+    class AtTrainEnd(keras.callbacks.Callback):  # listed first: before our end-of-fit log
+        def on_train_end(self, logs: Any = None) -> None:
+            self.lr = _lr(model)
+            self.weights = [w.copy() for w in model.get_weights()]
+
+    end = AtTrainEnd()
+    cb = ReluDoctorCallback(log_every_n_steps=5, run_dir=tmp_path / "run", treatment=True)
+    model.fit(x, y, epochs=7, batch_size=16, verbose=0, callbacks=[end, cb])
+    assert cb.doctor is not None and cb.doctor.global_step == 56
+    steps = {e["step"] for e in _events(tmp_path / "run", "intervention")}
+    assert steps and max(steps) <= 50, steps
+    assert 56 in set(cb.doctor.history()["step"])  # the last window was logged
+    assert _lr(model) == end.lr
+    assert all(np.array_equal(a, b) for a, b in zip(end.weights, model.get_weights(), strict=True))

@@ -245,3 +245,38 @@ def test_merge_interventions_fills_after():
             "after_step": 10,
         }
     ]
+
+
+def test_no_remedy_acts_on_the_last_log_after_training_ended():
+    """The last, partial window is logged when the ``with`` block ends, after the last
+    optimizer step: ReDo recycled units there, and the model the user went on to save held
+    freshly initialised units that no step trained. That log's record is ``final`` now:
+    the recycler judges its earlier intervention on it and starts none, so the model leaves
+    the block as its last step left it. (The same remedy on a log inside training acts.)"""
+    from relu_doctor.remedies import DormantRecycler
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 1))
+    with torch.no_grad():
+        net[0].bias[:32] = -50.0  # dead from the start
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    records = []
+    with relu_doctor.watch(
+        net, every_n_steps=1, overhead_budget=None, optimizer=opt, log_every_n_steps=10
+    ) as doc:
+        seen = events_of(doc)
+        DormantRecycler(net, optimizers=opt, every=1).bind(doc)
+        doc.add_listener(records.append)
+        for _ in range(15):
+            opt.zero_grad()
+            net(torch.randn(32, 4)).pow(2).mean().backward()
+            opt.step()
+            doc.step()
+        last = {k: v.clone() for k, v in net.state_dict().items()}
+        acted = [e for e in seen if e["type"] == "intervention"]
+        assert [e["step"] for e in acted] == [10]  # a log inside training: it acted
+    assert [(r.step, r.final) for r in records] == [(10, False), (15, True)]
+    assert all(torch.equal(last[k], v) for k, v in net.state_dict().items())
+    assert [(e["type"], e["step"]) for e in seen] == [
+        ("intervention", 10), ("intervention_result", 15)  # judged on the final record
+    ]
