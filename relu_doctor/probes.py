@@ -648,6 +648,8 @@ class Probe(SiteRegistry, HookOwner):
             if not slot:
                 return
             site = getattr(self._compiled_slots, slot)
+            if site is None:  # no site yet (a 1-D call): Dynamo guards on it being None
+                return
             site.stats.record_forward(
                 output.detach(), site.dim_for(output.dim()), nonnegative=family.nonnegative,
                 cap=site.cap,
@@ -745,7 +747,11 @@ def _weak_method(method: Callable[..., None]) -> Callable[..., None]:
 
 
 class _CompiledSlots:
-    """Sites made while torch.compile traces, one attribute each (see ``_compiled_site``)."""
+    """Sites made while torch.compile traces, one attribute each (see ``_compiled_site``),
+    or None for a call that is no site yet; ``names`` maps each key to its attribute."""
+
+    def __init__(self) -> None:
+        self.names: dict[SiteKey, str] = {}
 
 
 def _cap_args(module: nn.Module | None) -> tuple[float, float] | None:
@@ -771,7 +777,10 @@ def _compiled_site(
     Marked ``assume_constant_result`` below: Dynamo runs it in plain Python at trace time
     (so real accumulators are made once, with a graph of any size and ``fullgraph=True``)
     and bakes the returned name into the graph, which then reads the site through
-    ``probe._compiled_slots.<name>``.
+    ``probe._compiled_slots.<name>``. A call that makes no site (a 1-D call the 1-D rule
+    leaves out) gets its key's slot set to None: Dynamo guards on that, so when a later call
+    of another rank makes the site, the graph traced on the 1-D call is traced again and
+    counts it (one recompilation), as eager mode does.
     """
     module: nn.Module | None = None
     if has_module:
@@ -781,12 +790,15 @@ def _compiled_site(
             module = nn.Hardtanh(*cap_args)
     probe._compiled = True  # its hooks are in the graph: never park them (see Probe)
     stand_in = torch.empty((), device=device).expand(shape)  # shape and device, no memory
-    site = probe._site(stand_in, SiteKey(path, call_index, op), family, module, traced=True)
-    if site is None:
+    key = SiteKey(path, call_index, op)
+    site = probe._site(stand_in, key, family, module, traced=True)
+    slots = probe._compiled_slots
+    if site is None and key in probe._sites:
         return ""  # a call of another unit count: left out (the probe warned)
-    slot = f"site{site.order}"
-    setattr(probe._compiled_slots, slot, site)
-    probe._warn_compiled()
+    slot = slots.names.setdefault(key, f"site{len(slots.names)}")
+    setattr(slots, slot, site)
+    if site is not None:
+        probe._warn_compiled()
     return slot
 
 

@@ -103,7 +103,7 @@ class SiteRegistry:
             # one sample through a layer it cannot follow. No site; said once.
             self._unresolved.pop(key, None)
             self._not_units.add(key)
-            self._warn_not_units(key)
+            self._warn_not_units(key, traced)
             return None
         if origin is not None:
             unit_dim, rule = origin.dim, origin.rule(len(shape))
@@ -131,14 +131,22 @@ class SiteRegistry:
             fn()
         return site
 
-    def _warn_not_units(self, key: SiteKey) -> None:
+    def _warn_not_units(self, key: SiteKey, traced: bool) -> None:
         name = key.name(key.call_index > 0)
         label = module_label(key.module_path)
+        made = (
+            "under torch.compile, which hides from relu_doctor the layer that made it: it may "
+            "hold one value per sample (a hinge or a margin computed in forward) or one "
+            "sample through a layer (a Linear run unbatched)"
+            if traced
+            else "that no layer relu_doctor follows made: one value per sample (a hinge or a "
+            "margin computed in forward) or one sample through a layer it cannot follow (a "
+            "GRUCell, a matmul with a parameter)"
+        )
         warnings.warn(
-            f"relu_doctor: {name!r} runs on a 1-D tensor that no layer relu_doctor follows "
-            "made: one value per sample (a hinge or a margin computed in forward) or one "
-            "sample through a layer it cannot follow (a GRUCell, a matmul with a parameter). "
-            f"Its entries are no units, so it is not watched. To watch it with each entry as "
+            f"relu_doctor: {name!r} runs on a 1-D tensor {made}. Its entries are not taken "
+            "for units, so its 1-D calls are not watched until the same call runs on "
+            f"batches. To watch it with each entry as "
             f"a unit, pass unit_dims={{{label!r}: -1}} (the last dim: the features of its "
             "batched calls too).",
             ReluDoctorWarning,

@@ -178,3 +178,34 @@ def test_saturation_of_a_low_precision_cap_is_counted_in_a_compiled_graph(cap) -
         torch.compile(model, fullgraph=True)(x)
         doc.step()
     assert doc.records[-1].site_rows[0]["saturated_fraction"] == at_cap
+
+
+def test_a_compiled_module_run_unbatched_first_counts_its_later_unbatched_calls() -> None:
+    """A Linear run on one sample first, then on batches, then on one sample again (an RL
+    policy), compiled. Tracing hides the Linear, so the first 1-D call is left out, with a
+    warning that says torch.compile is why; the graph traced on it used to bake in "no
+    site", so 1-D calls after the batches made the site were never counted. Now Dynamo
+    guards on the missing site, retraces once it exists, and every call from the first
+    batch on is counted, its units the Linear's features (the reference's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    compiled = torch.compile(model, backend="aot_eager")
+    xs = [torch.randn(4), torch.randn(3, 4), torch.randn(5, 4), torch.randn(4), torch.randn(4)]
+    with torch.no_grad():  # the reference: each call's activations (no optimizer step)
+        seen = [model(x).reshape(-1, 6) for x in xs]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=1000, every_n_steps=1,
+                               overhead_budget=None) as doc:
+            for x in xs:
+                compiled(x).sum().backward()
+                doc.step()
+    one_d = [str(w.message) for w in said if "1-D tensor" in str(w.message)]
+    assert len(one_d) == 1 and "under torch.compile" in one_d[0], one_d
+    (site,) = doc.sites
+    assert site.units == 6
+    h = torch.cat(seen[1:])
+    f = site_fields(site)
+    np.testing.assert_array_equal(f["elements"], np.full(6, float(len(h))))
+    np.testing.assert_array_equal(f["active"], (h > 0).sum(0).double().numpy())
+    np.testing.assert_allclose(f["sum"], h.sum(0).double().numpy(), rtol=1e-5)
