@@ -72,6 +72,8 @@ class SiteRegistry:
             if not 0 <= dim < len(shape) or shape[dim] != site.units:
                 self._warn_units(site, shape)
                 return None
+            if len(shape) != len(site.shape):
+                site.other_ranks.add(len(shape))
             if site.family is not family:  # the module was replaced (see refresh())
                 site.family = family
                 site.cap = family.cap_of(module)

@@ -130,6 +130,7 @@ class Site:
         from_end: whether a call of another rank than the first finds its units as far
             from the last dim as the first did (see :meth:`dim_for`); False for a unit dim
             the user gave as a non-negative ``unit_dims`` override.
+        other_ranks: the ranks of counted calls other than the first's.
     """
 
     key: SiteKey
@@ -144,6 +145,7 @@ class Site:
     name: str = ""
     reused: bool = field(default=False)
     from_end: bool = True
+    other_ranks: set[int] = field(default_factory=set)
 
     def dim_for(self, ndim: int) -> int:
         """The unit dim of a call whose output has ``ndim`` dims (negative: it has none).

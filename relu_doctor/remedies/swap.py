@@ -255,7 +255,9 @@ class ActivationSwapper(Remedy):
         model: the model (the module paths of the sites are relative to it).
         kind: ``"leaky_relu"`` or ``"prelu"``.
         slope: the negative slope (PReLU's initial value).
-        per_unit: PReLU only: one slope per unit (needs the units on dim 1) instead of one.
+        per_unit: PReLU only: one slope per unit, for sites with their units on dim 1 of
+            every call counted and no 1-D call (torch's PReLU takes one slope there; one that
+            first comes after the swap raises). Other sites are refused with a warning.
         threshold: dead fraction above which a site counts as dying, in [0, 1).
         patience: consecutive readings above the threshold before swapping.
         include: glob patterns of site names to treat (default: all).
@@ -328,20 +330,20 @@ class ActivationSwapper(Remedy):
 
     # ------------------------------------------------------------------ actions
     def _module_sites(self, path: str) -> list[Any]:
-        if self.probe is None:
-            return []
-        return [s for s in self.probe.sites() if s.key.op is None and s.key.module_path == path]
+        sites = self.probe.sites() if self.probe is not None else []
+        return [s for s in sites if s.key.op is None and s.key.module_path == path]
 
     def _sites_of(self, path: str) -> list[str]:
         return [s.name for s in self._module_sites(path)] or [module_label(path)]
 
     def _site_units(self, path: str) -> int | None:
         for s in self._module_sites(path):
-            if s.unit_dim != 1:
-                raise ReluDoctorError(
-                    f"per_unit: site {s.name!r} holds its units on dim {s.unit_dim}, but "
-                    "PReLU's per-channel slopes act on dim 1; use per_unit=False."
-                )
+            for n in sorted({len(s.shape), *s.other_ranks}):
+                if n < 2 or s.dim_for(n) != 1:
+                    why = ("runs on one sample at a time (1-D calls), where PReLU takes a "
+                           "single slope" if n < 2 else f"holds its units on dim {s.dim_for(n)} "
+                           f"of its {n}-D calls, but PReLU's per-channel slopes act on dim 1")
+                    raise ReluDoctorError(f"per_unit: site {s.name!r} {why}; use per_unit=False.")
             return int(s.units)
         return None
 

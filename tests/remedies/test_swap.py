@@ -320,3 +320,70 @@ def test_restore_names_the_swaps_sites_at_the_doctors_step():
     sw3 = ActivationSwapper(BasicBlock(4))
     sw3.load_state_dict(state)
     assert [e.site for e in sw3.restore(step=7)] == ["relu"]
+
+
+# ======================================================================= PReLU, one slope per unit
+
+
+class _Tokens(nn.Module):
+    """A token MLP: (N, L, F) activations, units on the last dim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x))
+
+
+@pytest.mark.parametrize(
+    "net, inputs, units",
+    [
+        (lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU()), [(8, 4)], 6),
+        (lambda: nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU()), [(2, 3, 6, 6)], 5),
+    ],
+    ids=["mlp", "cnn"],
+)
+def test_per_unit_prelu_gets_one_slope_per_unit_of_its_site(net, inputs, units):
+    torch.manual_seed(0)
+    model = net()
+    with relu_doctor.watch(model, every_n_steps=1, overhead_budget=None) as doc:
+        for shape in inputs:
+            model(torch.randn(*shape)).sum().backward()
+            doc.step()
+        sw = ActivationSwapper(model, kind="prelu", per_unit=True, slope=0.1).bind(doc)
+        sw.swap("1")
+    prelu = model[1]
+    assert isinstance(prelu, nn.PReLU) and prelu.num_parameters == units
+    for shape in inputs:  # it runs on every input the site saw, as a leaky ReLU of slope 0.1
+        x = torch.randn(*shape)
+        pre = model[0](x)
+        assert torch.allclose(model(x), torch.where(pre > 0, pre, 0.1 * pre))
+
+
+@pytest.mark.parametrize(
+    "shapes, said",
+    [
+        ([(2, 5, 4)], r"holds its units on dim 2 of its 3-D calls"),  # tokens: units last
+        ([(8, 4), (2, 5, 4)], r"holds its units on dim 2 of its 3-D calls"),
+        # one sample at a time (an RL policy), before or after batches: torch's PReLU takes
+        # one slope on a 1-D input, and per-unit slopes would raise in the user's forward
+        ([(4,), (8, 4)], r"runs on one sample at a time"),
+        ([(8, 4), (4,)], r"runs on one sample at a time"),
+    ],
+    ids=["tokens", "then-tokens", "unbatched-first", "unbatched-later"],
+)
+def test_per_unit_prelu_is_refused_where_its_slopes_would_not_fit(shapes, said):
+    torch.manual_seed(0)
+    model = _Tokens()
+    with relu_doctor.watch(model, every_n_steps=1, overhead_budget=None) as doc:
+        for shape in shapes:
+            model(torch.randn(*shape)).sum().backward()
+            doc.step()
+        sw = ActivationSwapper(model, kind="prelu", per_unit=True).bind(doc)
+        with pytest.raises(ReluDoctorError, match=r"per_unit: site 'act' " + said):
+            sw.swap("act")
+    assert type(model.act) is nn.ReLU
+    for shape in shapes:
+        model(torch.randn(*shape))  # the model still runs on all of them
