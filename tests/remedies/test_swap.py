@@ -337,6 +337,16 @@ class _Tokens(nn.Module):
         return self.act(self.fc(x))
 
 
+def _watched_on(model: nn.Module, shapes: list[tuple[int, ...]]):
+    """A Doctor watching ``model`` after one training pass on a batch of each shape."""
+    torch.manual_seed(0)
+    doc = relu_doctor.watch(model, every_n_steps=1, overhead_budget=None).attach()
+    for shape in shapes:
+        model(torch.randn(*shape)).sum().backward()
+        doc.step()
+    return doc
+
+
 @pytest.mark.parametrize(
     "net, inputs, units",
     [
@@ -348,10 +358,7 @@ class _Tokens(nn.Module):
 def test_per_unit_prelu_gets_one_slope_per_unit_of_its_site(net, inputs, units):
     torch.manual_seed(0)
     model = net()
-    with relu_doctor.watch(model, every_n_steps=1, overhead_budget=None) as doc:
-        for shape in inputs:
-            model(torch.randn(*shape)).sum().backward()
-            doc.step()
+    with _watched_on(model, inputs) as doc:
         sw = ActivationSwapper(model, kind="prelu", per_unit=True, slope=0.1).bind(doc)
         sw.swap("1")
     prelu = model[1]
@@ -377,10 +384,7 @@ def test_per_unit_prelu_gets_one_slope_per_unit_of_its_site(net, inputs, units):
 def test_per_unit_prelu_is_refused_where_its_slopes_would_not_fit(shapes, said):
     torch.manual_seed(0)
     model = _Tokens()
-    with relu_doctor.watch(model, every_n_steps=1, overhead_budget=None) as doc:
-        for shape in shapes:
-            model(torch.randn(*shape)).sum().backward()
-            doc.step()
+    with _watched_on(model, shapes) as doc:
         sw = ActivationSwapper(model, kind="prelu", per_unit=True).bind(doc)
         with pytest.raises(ReluDoctorError, match=r"per_unit: site 'act' " + said):
             sw.swap("act")
