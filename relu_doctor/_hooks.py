@@ -42,16 +42,24 @@ __all__ = ["HookOwner", "HookSet", "Hooks", "Inert", "compile_watch"]
 
 class HookOwner:
     """The live monitor of one model's run (a Doctor, its probe and functional capture,
-    ReDo's input tap): pickling or copying one raises a clear TypeError, instead of giving
-    half of a run, whose model, files and step are not in it. The hooks it puts on modules
-    are those of a :class:`Hooks` object."""
+    ReDo's input tap). Pickling one raises a clear TypeError, instead of giving half of a
+    run, whose model, files and step are not in it; ``copy.copy`` and ``copy.deepcopy`` give
+    the object itself (a deep copy of a Trainer or a callback holding it shares the monitor,
+    as a deep copy of the model shares its hooks' owner). The hooks it puts on modules are
+    those of a :class:`Hooks` object."""
+
+    def __copy__(self) -> Any:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return self
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError(
             f"relu_doctor's {type(self).__name__} (the monitor of a watched model's run) can't "
-            "be pickled or copied. torch.save(model) and copy.deepcopy(model) work while it "
-            "watches and give the model unwatched (watch a copy with a Doctor of its own); "
-            "the run's statistics are saved with doctor.save(...) or its run directory."
+            "be pickled. torch.save(model) and copy.deepcopy(model) work while it watches "
+            "and give the model unwatched (watch a copy with a Doctor of its own); the run's "
+            "statistics are saved with doctor.save(...) or its run directory."
         )
 
 
@@ -75,6 +83,19 @@ class Hooks:
 
     def __reduce__(self) -> tuple[type[Inert], tuple[int]]:
         return (Inert, (RemovableHandle.next_id,))
+
+    def own_flags(self, handle: RemovableHandle) -> RemovableHandle:
+        """Make this object the value of ``handle``'s entries in the flag dicts beside its
+        hook dict (``always_call``, ``with_kwargs``; torch reads only their keys). A module
+        saved while the hook is parked (out of its dict) still holds the flag: its value
+        pickles as a placeholder too, whose unpickling moves the handle ids on (see
+        :class:`Inert`), so no hook registered on the loaded model takes the flag. Returns
+        ``handle``."""
+        for ref in handle.extra_dict_ref:
+            flags = ref()
+            if flags is not None and handle.id in flags:
+                flags[handle.id] = self
+        return handle
 
 
 # The hook dicts of nn.Module a placeholder may be in, each with the flag dicts keyed like it.
@@ -100,12 +121,19 @@ class Inert:
     the loaded module could take a placeholder's id and, with it, the placeholder's flags
     (a plain pre-hook then called with kwargs). So unpickling one moves the process's next
     handle id past every id of the process that pickled it, as torch does when it unpickles
-    a ``RemovableHandle``.
+    a ``RemovableHandle``. Flags of hooks parked when the model was saved (see
+    :meth:`Hooks.own_flags`) stay in the loaded model with no hook behind them: torch reads
+    a flag only for a hook in the dict, and no new hook can take their ids.
     """
 
     def __init__(self, next_id: int = 0) -> None:
+        self.next_id = next_id
         if RemovableHandle.next_id < next_id:
             RemovableHandle.next_id = next_id
+
+    def __reduce__(self) -> tuple[type[Inert], tuple[int]]:
+        # a loaded model saved again before its first call: the ids of both processes
+        return (Inert, (max(self.next_id, RemovableHandle.next_id),))
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):

@@ -296,7 +296,8 @@ class FunctionalCapture(HookOwner):
             if mod not in self._hooked:
                 handles = (
                     add(mod.register_forward_pre_hook(self._on.pre)),
-                    add(mod.register_forward_hook(self._on.post, always_call=True)),
+                    add(self._on.own_flags(
+                        mod.register_forward_hook(self._on.post, always_call=True))),
                 )
                 self._hooked[mod] = (entry, handles)
         self._boundaries = boundaries

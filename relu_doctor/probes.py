@@ -308,7 +308,7 @@ class Probe(SiteRegistry, HookOwner):
         for mod in self._targets:
             handles.append(mod.register_forward_hook(on.activation))
         for mod in boundary:
-            handles.append(mod.register_forward_hook(on.exit, always_call=True))
+            handles.append(on.own_flags(mod.register_forward_hook(on.exit, always_call=True)))
         self._handles = handles
         for h in handles:
             self.hooks.add(h)

@@ -86,8 +86,9 @@ class InputTap(HookOwner):
         self._on = _TapHooks(self)  # the callables in the modules' hook dicts
         self.modules = set(model.modules())  # a copy's modules carry these hooks too
         for m in model.modules():
-            self.handles.append(m.register_forward_pre_hook(self._on.pre, with_kwargs=True))
-            self.handles.append(m.register_forward_hook(self._on.post, always_call=True))
+            on = self._on
+            self.handles.append(on.own_flags(m.register_forward_pre_hook(on.pre, with_kwargs=True)))
+            self.handles.append(on.own_flags(m.register_forward_hook(on.post, always_call=True)))
         self.pruned = False
 
     def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -118,7 +119,8 @@ class InputTap(HookOwner):
         assert self.outermost is not None
         self.close()
         self.pruned = True
-        self.handles = [self.outermost.register_forward_pre_hook(self._on.pre, with_kwargs=True)]
+        self.handles = [self._on.own_flags(
+            self.outermost.register_forward_pre_hook(self._on.pre, with_kwargs=True))]
 
     def latest(self) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None:
         return self.args
