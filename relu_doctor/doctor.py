@@ -311,7 +311,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         # the last, partial window is logged on every exit, an exception's too
-        self.log_final(stacklevel=3)
+        self.log_final(keep_window=True, stacklevel=3)
         if self.eval is not None and self.probe.attached:
             try:  # the evaluation window too
                 self.log_eval()
@@ -450,17 +450,20 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 counts if the Doctor is attached again.
         """
         with self.sampler.log_lap():  # what a log costs counts against the budget
-            return self._log(final)
+            return self._log(final, keep=final)
 
-    def log_final(self, *, stacklevel: int = 2) -> IntervalRecord | None:
-        """At the end of training: log the last, partial window as :meth:`log` with
-        ``final=True`` does, if it holds a step and was not logged yet (so a second call
-        does nothing). A failure warns and returns None: the end of training is the user's.
-        """
+    def log_final(self, *, keep_window: bool = False, stacklevel: int = 2) -> IntervalRecord | None:
+        """At the end of training: log the last, partial window as a ``final`` record (see
+        :meth:`log`), if it holds a step and was not logged yet (so a second call does
+        nothing). The window is closed, as :meth:`log` closes it, so a later ``fit`` with
+        the same Doctor starts a new one; ``keep_window=True`` (a ``with`` block's exit)
+        keeps it readable instead. A failure warns and returns None: the end of training is
+        the user's."""
         if self.window_steps == 0 or not self.probe.attached or self._unfolded:
             return None
         try:
-            return self.log(final=True)
+            with self.sampler.log_lap():
+                return self._log(final=True, keep=keep_window)
         except Exception as e:
             warnings.warn(
                 f"relu_doctor: the last partial window (steps after "
@@ -471,10 +474,12 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             )
             return None
 
-    def _log(self, final: bool) -> IntervalRecord | None:
-        read = self._read(close=not final, final=final)
+    def _log(self, final: bool, keep: bool) -> IntervalRecord | None:
+        """``final``: the record's flag (no step follows); ``keep``: the sites' windows stay
+        readable, folded at the next attach (a ``with`` block's exit)."""
+        read = self._read(close=not keep, final=keep)
         self.sampler.at_log(self.reduce_sum)  # after the read-back: the clock's events are done
-        self._unfolded = final and read is not None
+        self._unfolded = keep and read is not None
         if not self._unfolded:
             self.window_steps = 0
             self.steps_run = 0

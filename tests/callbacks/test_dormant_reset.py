@@ -66,10 +66,11 @@ def test_recycling_state_round_trips_through_a_checkpoint(tmp_path):
 
 def test_no_reset_after_the_last_step(tmp_path):
     """The monitor logs the last, partial window when training ends, after the last
-    optimizer step: DormantReset reset units there, so the model ``fit`` returned (and the
-    one a user saves next) held units no step trained. That record is ``final`` now:
-    nothing is reset on it, and the model after ``fit`` is the model of the last step;
-    resets inside training still happen."""
+    optimizer step (steps 17-20 here): DormantReset reset units there, so the model ``fit``
+    returned (and the one a user saves next) held units no step trained. That record is
+    ``final`` now: nothing is reset on it, and the model after ``fit`` is the model of the
+    last step; resets inside training still happen."""
+    max_steps = 20
     from lightning.pytorch.callbacks import Callback
 
     class AtTrainEnd(Callback):  # listed first: runs before the monitor's train-end log
@@ -79,8 +80,33 @@ def test_no_reset_after_the_last_step(tmp_path):
     end = AtTrainEnd()
     mon = ReluDoctor(log_every_n_steps=8, every_n_steps=1, overhead_budget=None)
     model = make(dead=10)
-    trainer(tmp_path, [end, mon, DormantReset(tau=0.5)], max_steps=20).fit(model, loader())
+    t = trainer(tmp_path, [end, mon, DormantReset(tau=0.5)], max_steps=max_steps)
+    t.fit(model, loader())
     steps = [e["step"] for e in interventions(mon)]
-    assert steps and set(steps) <= {8, 16}, steps  # it acts inside training
-    assert mon.doctor is not None and mon.doctor.global_step == 20
+    assert steps and max(steps) < max_steps and set(steps) <= {8, 16}, steps
+    assert mon.doctor is not None and mon.doctor.global_step == max_steps
+    finals = [r.step for r in mon.doctor.records if r.final]
+    assert finals == [max_steps]
     assert all(torch.equal(end.state[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_second_fit_starts_a_new_window(tmp_path):
+    """The end-of-training log closes its window: a second ``fit`` with the same callbacks
+    (25 steps, then 40 more, logging every 10; the monitor's steps go on from 25) logs steps
+    26-30 in its first window, not 21-30 again, and the run directory keeps the step-25
+    record and its final flag's neighbours."""
+    import relu_doctor
+
+    mon = ReluDoctor(log_every_n_steps=10, every_n_steps=1, overhead_budget=None,
+                     run_dir=tmp_path / "run")
+    model = make()
+    seen = []
+    for steps in (25, 40):
+        trainer(tmp_path, [mon], max_steps=steps).fit(model, loader())
+        assert mon.doctor is not None
+        seen += [(r.step, r.site_rows[0]["window_steps"], r.final) for r in mon.doctor.records]
+    rows = sorted(set(seen))
+    assert rows == [(10, 10, False), (20, 10, False), (25, 5, True), (30, 5, False),
+                    (40, 10, False), (50, 10, False), (60, 10, False), (65, 5, True)], rows
+    history = relu_doctor.load_run(tmp_path / "run").history
+    assert sorted(set(history["step"])) == [10, 20, 25, 30, 40, 50, 60, 65]

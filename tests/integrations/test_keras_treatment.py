@@ -206,10 +206,12 @@ def test_plan_arguments_are_checked_before_training(tmp_path: Path) -> None:
 
 
 def test_the_plan_changes_nothing_after_the_last_step(tmp_path: Path) -> None:
-    """``fit``'s end logs the last, partial window (steps 51-56 here) after the last
-    optimizer step: the plan acted there, and the model ``fit`` left behind had a learning
-    rate or layers no step trained with. That record is final now: judged on, never acted
-    on; the plan still acts on the windows inside training."""
+    """The last, partial window (step 56 of 56, after the log at 55) is logged at the end of
+    ``fit``, after the last optimizer step: the plan acted there, and the model ``fit`` left
+    behind had a learning rate or layers no step trained with. That record is final now:
+    judged on, never acted on; the plan still acts inside training. A second ``fit`` with
+    the same callback starts a new window (the final log closed it)."""
+    log_every, epochs = 5, 7
     model = _mlp(bias=-1.5)
     x, y = _data()
 
@@ -219,11 +221,18 @@ def test_the_plan_changes_nothing_after_the_last_step(tmp_path: Path) -> None:
             self.weights = [w.copy() for w in model.get_weights()]
 
     end = AtTrainEnd()
-    cb = ReluDoctorCallback(log_every_n_steps=5, run_dir=tmp_path / "run", treatment=True)
-    model.fit(x, y, epochs=7, batch_size=16, verbose=0, callbacks=[end, cb])
-    assert cb.doctor is not None and cb.doctor.global_step == 56
+    cb = ReluDoctorCallback(log_every_n_steps=log_every, run_dir=tmp_path / "run",
+                            treatment=True)
+    model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, callbacks=[end, cb])
+    last = epochs * 8
+    assert cb.doctor is not None and cb.doctor.global_step == last
     steps = {e["step"] for e in _events(tmp_path / "run", "intervention")}
-    assert steps and max(steps) <= 50, steps
-    assert 56 in set(cb.doctor.history()["step"])  # the last window was logged
+    assert steps and max(steps) < last - (last - 1) % log_every, steps
+    assert [r.step for r in cb.doctor.records if r.final] == [last]
     assert _lr(model) == end.lr
     assert all(np.array_equal(a, b) for a, b in zip(end.weights, model.get_weights(), strict=True))
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])  # 8 steps more
+    first = next(r for r in cb.doctor.records if r.step > last)
+    assert first.site_rows[0]["window_steps"] == min(8, log_every - last % log_every)
+    history = relu_doctor.load_run(tmp_path / "run").history
+    assert last in set(history["step"])
