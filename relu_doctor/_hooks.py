@@ -22,8 +22,8 @@ network, an EMA teacher) and ``torch.save(model)`` pickles them. Every hook relu
 on a user's module is a bound method of a small :class:`Hooks` object, which deep-copies as
 itself and pickles as an :class:`Inert` placeholder (see there), never as the probe, model
 and run directory behind it: a closure would make saving a watched model mid-run raise. The
-probe itself (a :class:`HookOwner`) refuses to be pickled or copied, with a message that says
-what to do instead.
+probe itself (a :class:`HookOwner`) refuses to be pickled, with a message that says what to
+do instead, and copies as itself.
 """
 
 from __future__ import annotations

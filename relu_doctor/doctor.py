@@ -441,13 +441,13 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         """Close the current window now: read, diagnose, record, write, notify listeners.
 
         Args:
-            final: the last log of training, after its last optimizer step (a ``with``
-                block's exit, a framework's end of training; see :meth:`log_final`). Its
+            final: the last log of a ``with`` block, after its last optimizer step. Its
                 record is ``final``: remedies judge their earlier interventions on it but
                 start none, since no step would train what they changed (a recycled unit
                 would be saved untrained). The sites' windows stay readable
                 (``doc.units(...)`` after the block) and are folded into the lifetime
-                counts if the Doctor is attached again.
+                counts if the Doctor is attached again. (:meth:`log_final` is the same at
+                a framework's end of training, closing the window.)
         """
         with self.sampler.log_lap():  # what a log costs counts against the budget
             return self._log(final, keep=final)
