@@ -85,8 +85,8 @@ class InputTap(HookOwner):
         self.handles = []
         self._on = _TapHooks(self)  # the callables in the modules' hook dicts
         self.modules = set(model.modules())  # a copy's modules carry these hooks too
+        on = self._on
         for m in model.modules():
-            on = self._on
             self.handles.append(on.own_flags(m.register_forward_pre_hook(on.pre, with_kwargs=True)))
             self.handles.append(on.own_flags(m.register_forward_hook(on.post, always_call=True)))
         self.pruned = False
