@@ -349,13 +349,20 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             return self.world_size if scale is None else scale * self.world_size
         return scale
 
-    def step(self, loss: torch.Tensor | float | None = None) -> IntervalRecord | None:
+    def step(
+        self, loss: torch.Tensor | float | None = None, *, last: bool = False
+    ) -> IntervalRecord | None:
         """Mark the end of one training step (one optimizer step).
 
         Args:
             loss: this step's loss (a tensor stays on its device: it is summed there and
                 read once, at the logging step); its mean over the window is the record's
                 ``loss`` metric.
+            last: this is training's last optimizer step. A window it closes is logged as
+                a ``final`` record: remedies count it but change nothing, since no step
+                would train what they changed. (The integrations pass it where the
+                framework knows the last step; a window still open at the end of training
+                is logged as ``final`` by :meth:`log_final` or the ``with`` block's exit.)
 
         Returns the :class:`~relu_doctor.history.IntervalRecord` when this step closed a logging interval, else None.
         No host synchronisation happens unless it logs.
@@ -372,6 +379,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             missing = self.missing_activations()
             if missing is not None:
                 raise ReluDoctorError(missing)
+        if last is not False:
+            flag("last", last)
         if loss is not None:
             self.log_metrics({"loss": loss})
         self.probe.close_pass()  # a pass cut short by an error elsewhere ends with the step
@@ -384,7 +393,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self.global_step += 1
         record = None
         if self.global_step % self.log_every_n_steps == 0:
-            record = self.log()
+            with self.sampler.log_lap():  # what a log costs counts against the budget
+                record = self._log(final=last, keep=False)
         self.probe.collecting = self._collecting()
         return record
 
@@ -442,9 +452,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
 
         Args:
             final: the last log of a ``with`` block, after its last optimizer step. Its
-                record is ``final``: remedies judge their earlier interventions on it but
-                start none, since no step would train what they changed (a recycled unit
-                would be saved untrained). The sites' windows stay readable
+                record is ``final``: remedies judge their earlier interventions on it and
+                keep their books but change nothing, since no step would train what they
+                changed (a recycled unit would be saved untrained). The sites' windows stay readable
                 (``doc.units(...)`` after the block) and are folded into the lifetime
                 counts if the Doctor is attached again. (:meth:`log_final` is the same at
                 a framework's end of training, closing the window.)

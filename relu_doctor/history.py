@@ -76,8 +76,10 @@ class IntervalRecord:
             passed to ``Doctor.step(loss=...)``; ``lr``: the learning rate at the logging
             step; whatever was given to ``Doctor.log_metrics``), for the run's ``metrics``
             table.
-        final: logged after training's last optimizer step (``Doctor.log_final()``, a
-            ``with`` block's exit): remedies judge earlier interventions on it and start none.
+        final: logged at or after training's last optimizer step (``Doctor.step(last=True)``,
+            ``Doctor.log_final()``, a ``with`` block's exit): remedies judge earlier
+            interventions on it and keep their books, but change nothing
+            (``Remedy.may_act``).
     """
 
     step: int

@@ -31,6 +31,8 @@ Hook map:
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -183,6 +185,7 @@ class ReluDoctor(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._reads_grads_in_hook = True
         self._last_global_step = -1
+        self._final_step: int | None = None  # the fit's last optimizer step, if known
         self._pause: Any = None  # the Doctor's paused() context, entered for a sanity check
         self._aside = False  # the model runs no activation: warned once, stepped aside
         self._warned: set[tuple[str, str, str]] = set()
@@ -288,6 +291,15 @@ class ReluDoctor(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
+        # the fit's last optimizer step, where Lightning knows it (max_steps, or the epochs
+        # times the batches): a window closing there changes nothing (Doctor.step(last=)).
+        # Not under manual optimization, whose global step counts every optimizer's steps.
+        total = math.inf
+        if pl_module.automatic_optimization:
+            # an iterable of unknown length, a strategy that cannot tell: unknown
+            with contextlib.suppress(Exception):
+                total = float(trainer.estimated_stepping_batches)
+        self._final_step = int(total) if math.isfinite(total) else None
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -315,7 +327,8 @@ class ReluDoctor(Callback):
             rank_zero_warn(f"relu_doctor: {missing} The ReluDoctor callback steps aside.",
                            category=ReluDoctorWarning)
             return
-        self.doctor.step()  # logs through the listeners when an interval closes
+        last = self._final_step is not None and trainer.global_step >= self._final_step
+        self.doctor.step(last=last)  # logs through the listeners when an interval closes
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         doc = self.doctor

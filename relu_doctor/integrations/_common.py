@@ -60,12 +60,14 @@ def fresh_dir(base: Path) -> Path:
     return path
 
 
-def safe_step(doctor: Doctor, step_aside: Callable[[], None]) -> IntervalRecord | None:
-    """``doctor.step()``; an error there (nothing to watch, a failing remedy) is one
+def safe_step(
+    doctor: Doctor, step_aside: Callable[[], None], *, last: bool = False
+) -> IntervalRecord | None:
+    """``doctor.step(last=last)``; an error there (nothing to watch, a failing remedy) is one
     :class:`~relu_doctor.errors.ReluDoctorWarning` and ``step_aside()``: the user's training
     goes on without relu_doctor."""
     try:
-        return doctor.step()
+        return doctor.step(last=last)
     except Exception as e:
         warnings.warn(
             f"relu_doctor: {e} The relu_doctor callback steps aside; training goes on.",

@@ -371,8 +371,10 @@ class ReluDoctorCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.doctor is None or self._stopped:
             return None
-        # Called once per optimizer step by the Trainer.
-        record = safe_step(self.doctor, self._step_aside)
+        # Called once per optimizer step by the Trainer; its max_steps is set from the epochs
+        # when not given, so the last step is known (a remedy changes nothing there).
+        last = 0 < int(getattr(state, "max_steps", 0) or 0) <= int(state.global_step)
+        record = safe_step(self.doctor, self._step_aside, last=last)
         if record is not None:
             control.should_log = True  # the Trainer logs at this step: on_log adds ours
         plan = self.remedies.get("treatment_plan")

@@ -194,6 +194,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._clipper: KerasAutoClip | None = None
         self._batches = 0
         self._accumulate = 1
+        self._epoch = 0
         self._last: IntervalRecord | None = None
         self._val_doc: Doctor | None = None
 
@@ -334,12 +335,24 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             self._clipper = KerasAutoClip(model, opt, clip).attach()
             self.remedies["autoclip"] = clip.bind(doc)
 
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch = epoch
+
+    def _last_step(self, batch: int) -> bool:
+        """Whether the optimizer step that ``batch`` ends is the fit's last: its last epoch,
+        with fewer batches left than an optimizer step takes (unknown where Keras does not
+        know the steps per epoch: then the end of training logs what is left)."""
+        epochs, steps = (self.params or {}).get("epochs"), (self.params or {}).get("steps")
+        if not epochs or not steps or self._epoch != epochs - 1:
+            return False
+        return bool(steps - 1 - batch < self._accumulate)
+
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self.doctor is None or self._stopped:
             return
         self._batches += 1
         if self._batches % self._accumulate == 0:  # one step per optimizer step
-            safe_step(self.doctor, self._step_aside)
+            safe_step(self.doctor, self._step_aside, last=self._last_step(batch))
             plan = self.plan
             if plan is not None and plan.should_stop:
                 self.model.stop_training = True  # the plan's stop event holds the evidence

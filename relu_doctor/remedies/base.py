@@ -335,24 +335,34 @@ class Remedy:
         """Hook for subclasses (take the probe, refresh hooks...)."""
 
     def __call__(self, record: RecordLike) -> list[Intervention | InterventionResult]:
-        """Judge the pending interventions on ``record``, then act on it (:meth:`decide`),
-        unless it is ``final``: logged after training's last step, where nothing would
-        train what an action changed."""
+        """Judge the pending interventions on ``record``, then decide on it (:meth:`decide`).
+        On a ``final`` record (see :meth:`may_act`) :meth:`decide` keeps its books but
+        changes nothing."""
         events: list[Intervention | InterventionResult] = list(self._results(record))
-        if not getattr(record, "final", False):
-            self._in_call = True
-            try:
-                events += self.decide(record)
-            finally:
-                self._in_call = False
+        self._in_call = True
+        try:
+            events += self.decide(record)
+        finally:
+            self._in_call = False
         if self.doctor is not None:
             for e in events:
                 self.doctor.record_event(e)
         return events
 
     def decide(self, record: RecordLike) -> list[Intervention]:
-        """Act on one record; return the new interventions."""
+        """Act on one record; return the new interventions. It observes every record
+        (evidence, streaks, cooldowns, intervals: what a run resumed from a checkpoint must
+        find as an uninterrupted run left it) and changes the model or the optimizer only
+        where :meth:`may_act` allows."""
         raise NotImplementedError
+
+    @staticmethod
+    def may_act(record: RecordLike) -> bool:
+        """False on a ``final`` record: logged at or after training's last optimizer step,
+        where no step would train what an action changed (a recycled unit would be saved
+        untrained, a swapped activation never trained with). What a remedy counts from such
+        a record still counts: only the action is left out."""
+        return not getattr(record, "final", False)
 
     # ------------------------------------------------------------------ sites
     def resolve_site(self, site: str | SiteKey, arg: str = "site") -> tuple[SiteKey, str]:

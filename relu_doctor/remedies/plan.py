@@ -142,6 +142,10 @@ class _View:
         return self._r.step
 
     @property
+    def final(self) -> bool:
+        return bool(getattr(self._r, "final", False))
+
+    @property
     def site_rows(self) -> list[dict[str, Any]]:
         return [r for r in self._r.site_rows if str(r["site"]) in self._sites]
 
@@ -388,7 +392,7 @@ class TreatmentPlan(Remedy):
         from relu_doctor.remedies.lr import LRRescuer
 
         trigger = self._model_trigger(record)
-        if trigger is None or self._cooling(MODEL):
+        if trigger is None or self._cooling(MODEL) or not self.may_act(record):
             return None
         reason, target, evidence = trigger
         before = model_snapshot(record)
@@ -451,7 +455,8 @@ class TreatmentPlan(Remedy):
                         if self._dead is None:
                             continue
                         if not self._persists(step, site, not row.get("leaky")
-                                              and dead is not None and dead >= threshold):
+                                              and dead is not None and dead >= threshold
+                                              ) or not self.may_act(record):
                             continue
                         self._judge(remedy, step, "dead_fraction")
                         ev = cast(_Swaps, remedy).swap(
@@ -462,7 +467,7 @@ class TreatmentPlan(Remedy):
                     elif isinstance(remedy, DormantRecycler):
                         if self._dead is None or units is None or not self._persists(
                             step, site, dead is not None and dead >= threshold
-                        ):
+                        ) or not self.may_act(record):
                             continue
                         idx = _most_dormant(units, site, remedy.max_fraction, int(row["units"]))
                         if not idx:
@@ -514,7 +519,7 @@ class TreatmentPlan(Remedy):
         self._dead = self.evidence.add(record)
         self._collect(record)
         out: list[Intervention] = []
-        if self.stop_when_hopeless and not self.should_stop:
+        if self.stop_when_hopeless and not self.should_stop and self.may_act(record):
             evidence = self._hopeless(record)
             if evidence is not None:
                 self.should_stop = True

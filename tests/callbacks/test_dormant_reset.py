@@ -64,13 +64,15 @@ def test_recycling_state_round_trips_through_a_checkpoint(tmp_path):
     assert '"recycled": {"net.3": ' in saved["DormantReset"]
 
 
-def test_no_reset_after_the_last_step(tmp_path):
+@pytest.mark.parametrize("max_steps", [20, 24])
+def test_no_reset_after_the_last_step(tmp_path, max_steps):
     """The monitor logs the last, partial window when training ends, after the last
-    optimizer step (steps 17-20 here): DormantReset reset units there, so the model ``fit``
-    returned (and the one a user saves next) held units no step trained. That record is
-    ``final`` now: nothing is reset on it, and the model after ``fit`` is the model of the
-    last step; resets inside training still happen."""
-    max_steps = 20
+    optimizer step (steps 17-20 with ``max_steps=20``): DormantReset reset units there, so
+    the model ``fit`` returned (and the one a user saves next) held units no step trained.
+    That record is ``final`` now: nothing is reset on it, and the model after ``fit`` is the
+    model of the last step; resets inside training still happen. With ``max_steps=24`` the
+    last window closes on the last step itself: the monitor passes ``last=True`` there
+    (Lightning's ``estimated_stepping_batches``), with the same result."""
     from lightning.pytorch.callbacks import Callback
 
     class AtTrainEnd(Callback):  # listed first: runs before the monitor's train-end log
@@ -84,6 +86,7 @@ def test_no_reset_after_the_last_step(tmp_path):
     t.fit(model, loader())
     steps = [e["step"] for e in interventions(mon)]
     assert steps and max(steps) < max_steps and set(steps) <= {8, 16}, steps
+    assert 16 in steps  # the same reset acts inside training
     assert mon.doctor is not None and mon.doctor.global_step == max_steps
     finals = [r.step for r in mon.doctor.records if r.final]
     assert finals == [max_steps]
@@ -110,3 +113,40 @@ def test_a_second_fit_starts_a_new_window(tmp_path):
                     (40, 10, False), (50, 10, False), (60, 10, False), (65, 5, True)], rows
     history = relu_doctor.load_run(tmp_path / "run").history
     assert sorted(set(history["step"])) == [10, 20, 25, 30, 40, 50, 60, 65]
+
+
+def test_manual_optimization_with_two_optimizers_marks_no_early_last_step(tmp_path):
+    """Under manual optimization Lightning's global step counts every optimizer's steps:
+    with two optimizers it reaches ``estimated_stepping_batches`` (20 batches here) half way
+    through. The monitor does not read the last step from it there, so the log at batch 16
+    is an ordinary one and DormantReset acts on it; only the end-of-training log is final."""
+
+    class TwoOptimizers(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+            with torch.no_grad():
+                self.net[0].bias[:8] = -5.0
+
+        def training_step(self, batch, i):
+            first, second = self.optimizers()
+            loss = F.mse_loss(self.net(batch[0]), batch[1])
+            first.zero_grad()
+            second.zero_grad()
+            self.manual_backward(loss)
+            first.step()
+            second.step()
+
+        def configure_optimizers(self):
+            return (torch.optim.SGD(self.net[0].parameters(), lr=0.01),
+                    torch.optim.SGD(self.net[2].parameters(), lr=0.01))
+
+    mon = ReluDoctor(log_every_n_steps=8, every_n_steps=1, overhead_budget=None)
+    t = trainer(tmp_path, [mon, DormantReset(tau=0.5)], max_epochs=1)
+    t.fit(TwoOptimizers(), loader(n=256 + 64))  # 20 batches: logs at 8 and 16, then 20
+    assert t.global_step == 40 and mon.doctor is not None and mon.doctor.global_step == 20
+    assert [(r.step, r.final) for r in mon.doctor.records] == [
+        (8, False), (16, False), (20, True)]
+    assert {e["step"] for e in interventions(mon)} == {8, 16}

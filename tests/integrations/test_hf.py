@@ -202,6 +202,11 @@ def test_remedies_change_what_they_say_and_record_it(tmp_path: Path) -> None:
     assert redo["site"] == SITES[1] and redo["details"]["units"]
     assert "bert.encoder.layer.1.intermediate.dense" in redo["what"]
     assert "bert.encoder.layer.1.output.dense" in redo["what"]
+    # Step 6 is max_steps, and closes a window: the callback passes last=True there, so that
+    # record is final; the clipper reports the clipping done in it, nothing changes anything.
+    assert [r.final for r in cb.doctor.records] == [False, False, True]
+    assert {e["remedy"] for e in events if e["step"] == 6} <= {"adaptive_grad_clip"}
+    assert {e["step"] for e in events if e["remedy"] == "dormant_reset"} == {2, 4}
 
 
 def test_bad_input_gets_one_clear_message(tmp_path: Path) -> None:

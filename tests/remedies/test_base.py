@@ -5,6 +5,7 @@ without parsing names, and the package's shape (public names, import direction, 
 from __future__ import annotations
 
 import ast
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -280,3 +281,85 @@ def test_no_remedy_acts_on_the_last_log_after_training_ended():
     assert [(e["type"], e["step"]) for e in seen] == [
         ("intervention", 10), ("intervention_result", 15)  # judged on the final record
     ]
+
+
+def _books(remedy: Any) -> Any:
+    """What a remedy counts from each record, whether or not it acts (its books)."""
+    from relu_doctor.remedies import ActivationSwapper, DormantRecycler
+
+    if isinstance(remedy, ActivationSwapper):
+        return dict(remedy.streaks)
+    if isinstance(remedy, DormantRecycler):
+        return remedy.intervals
+    return {k: v.clone() for k, v in remedy.age.items()}  # ContinualBackprop
+
+
+@pytest.mark.parametrize("kind", ["swap", "redo", "cbp"])
+def test_a_window_closing_on_the_last_step_is_counted_but_changes_nothing(kind: str) -> None:
+    """A window that closes exactly on training's last step was an ordinary log: a remedy
+    acted there, after the last optimizer step (a swap left the user a model with an
+    activation no step trained with). ``doc.step(last=True)`` (what the Lightning, Keras and
+    Hugging Face callbacks pass) makes that record ``final``: the remedy keeps its books
+    (streaks, intervals, ages: a resumed run must find them as an uninterrupted run left
+    them) but changes nothing. An identical run without ``last`` acts at that step, and the
+    action it left out happens at the next log where training goes on."""
+    from relu_doctor.remedies import ActivationSwapper, ContinualBackprop, DormantRecycler
+
+    def run(last_at: int | None, steps: int) -> tuple[Any, list[dict[str, Any]], list, Any]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 1))
+        with torch.no_grad():
+            net[0].bias[:32] = -50.0  # dead from the start
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        doc = relu_doctor.watch(net, every_n_steps=1, overhead_budget=None, optimizer=opt,
+                                log_every_n_steps=5)
+        remedy: Any = {
+            "swap": lambda: ActivationSwapper(net, threshold=0.3, patience=2, optimizer=opt),
+            "redo": lambda: DormantRecycler(net, optimizers=opt),
+            "cbp": lambda: ContinualBackprop(net, optimizers=opt, replacement_rate=0.02,
+                                             maturity=0),
+        }[kind]().bind(doc)
+        seen, records, before = events_of(doc), [], None
+        doc.add_listener(records.append)
+        for i in range(1, steps + 1):
+            opt.zero_grad()
+            net(torch.randn(32, 4)).pow(2).mean().backward()
+            opt.step()
+            if i == last_at:
+                before = (copy.deepcopy(net), _books(remedy))
+            doc.step(last=i == last_at)
+            if i == last_at:
+                after = net.state_dict()
+                assert all(torch.equal(before[0].state_dict()[k], v) for k, v in after.items())
+                assert [type(m) for m in net.modules()] == [type(m) for m in before[0].modules()]
+        doc.detach()
+        return remedy, [e for e in seen if e["type"] == "intervention"], records, before
+
+    plain, acted, _, _ = run(None, 10)
+    assert 10 in [e["step"] for e in acted]  # an ordinary log at step 10 acts
+    held, acted, records, _ = run(10, 10)
+    assert [(r.step, r.final) for r in records] == [(5, False), (10, True)]
+    assert 10 not in [e["step"] for e in acted]
+    if kind == "swap":  # the books went on: the streak that made `plain` swap is kept
+        assert held.streaks == {"1": 2} and plain.streaks == {}
+    elif kind == "redo":
+        assert held.intervals == plain.intervals == 2
+    else:
+        # CBP: the units `plain` replaced at step 10 (age 0 there) aged on here, and their
+        # replacement is still owed
+        diff = held.age["1"] != plain.age["1"]
+        assert (plain.age["1"][diff] == 0).all() and (held.age["1"][diff] == 10).all()
+        n = int(diff.sum())
+        assert n > 0 and plain.replaced["1"] - held.replaced["1"] == n
+        assert held._owed["1"] - plain._owed["1"] == pytest.approx(n)
+    _, acted, _, _ = run(10, 15)  # training goes on: the action comes at the next log
+    assert 15 in [e["step"] for e in acted]
+
+
+def test_step_last_must_be_a_bool() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    with relu_doctor.watch(net) as doc:
+        net(torch.randn(2, 4))
+        with pytest.raises(ReluDoctorError, match="last: expected True or False, got 1"):
+            doc.step(last=1)  # type: ignore[arg-type]
+        doc.step(last=True)
