@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -236,6 +237,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._grad_norm_history: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
         self._first_rms: dict[str, float] = {}  # each site's activation RMS at its first log
         self._listeners: list[Listener] = []
+        # at the next step, ask the remedies for a held final record (one was logged, or
+        # this Doctor was attached: a resumed run's remedies may have loaded one)
+        self._check_held = False
         self._event_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._capture: Any = None
         self._meta_dirty = True
@@ -248,6 +252,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             return self
         self._fold_logged_windows()
         self.probe.attach()
+        self._check_held = True
         try:
             if self.tap is not None:
                 self.tap.attach()
@@ -358,9 +363,10 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             loss: this step's loss (a tensor stays on its device: it is summed there and
                 read once, at the logging step); its mean over the window is the record's
                 ``loss`` metric.
-            last: this is training's last optimizer step. A window it closes is logged as
-                a ``final`` record: remedies count it but change nothing, since no step
-                would train what they changed. (The integrations pass it where the
+            last: this is training's last optimizer step (a bool). A window it closes is
+                logged as a ``final`` record: remedies hold it, changing nothing, since no
+                step would train what they changed, and decide on it at the end of the
+                next step if training goes on. (The integrations pass it where the
                 framework knows the last step; a window still open at the end of training
                 is logged as ``final`` by :meth:`log_final` or the ``with`` block's exit.)
 
@@ -379,8 +385,10 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             missing = self.missing_activations()
             if missing is not None:
                 raise ReluDoctorError(missing)
-        if last is not False:
-            flag("last", last)
+        if last is not False and last is not True:
+            last = flag("last", bool(last) if isinstance(last, np.bool_) else last)
+        if self._check_held:  # training went on after a final record? (see _release_held)
+            self._release_held()
         if loss is not None:
             self.log_metrics({"loss": loss})
         self.probe.close_pass()  # a pass cut short by an error elsewhere ends with the step
@@ -414,6 +422,18 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
     def add_listener(self, fn: Listener) -> None:
         """Call ``fn(record)`` after each logging interval."""
         self._listeners.append(fn)
+
+    def _release_held(self) -> None:
+        """Training went on after a ``final`` record (a second ``fit``, a ``with`` block
+        entered again, a run resumed from a checkpoint holding one): at the end of the first
+        step since, the remedies decide on the record they held (``Remedy.release_held``).
+        Not before that step: some remedies read the model's dataflow from a forward pass,
+        which a resumed process has not run yet."""
+        self._check_held = False
+        for fn in self._listeners:
+            release = getattr(fn, "release_held", None)
+            if release is not None:
+                release()
 
     def log_metrics(self, metrics: Mapping[str, torch.Tensor | float]) -> None:
         """Add training metrics (accuracy, a loss term...) to the open logging window; each
@@ -453,8 +473,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         Args:
             final: the last log of a ``with`` block, after its last optimizer step. Its
                 record is ``final``: remedies judge their earlier interventions on it and
-                keep their books but change nothing, since no step would train what they
-                changed (a recycled unit would be saved untrained). The sites' windows stay readable
+                hold it, changing nothing, since no step would train what they changed (a
+                recycled unit would be saved untrained); they decide on it at the end of
+                the next step if training goes on. The sites' windows stay readable
                 (``doc.units(...)`` after the block) and are folded into the lifetime
                 counts if the Doctor is attached again. (:meth:`log_final` is the same at
                 a framework's end of training, closing the window.)
@@ -497,6 +518,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             return None
         record, finding_events = read
         record.final = final
+        self._check_held = self._check_held or final
         record.metrics = self._training.read(self._optimizers)
         for name, value in self._training.nonfinite.items():
             if name not in self._warned_nonfinite:

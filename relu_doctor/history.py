@@ -78,8 +78,8 @@ class IntervalRecord:
             table.
         final: logged at or after training's last optimizer step (``Doctor.step(last=True)``,
             ``Doctor.log_final()``, a ``with`` block's exit): remedies judge earlier
-            interventions on it and keep their books, but change nothing
-            (``Remedy.may_act``).
+            interventions on it and hold it, changing nothing; if training goes on they
+            decide on it at the end of the next step (``Remedy.release_held``).
     """
 
     step: int

@@ -31,8 +31,6 @@ Hook map:
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -185,7 +183,6 @@ class ReluDoctor(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._reads_grads_in_hook = True
         self._last_global_step = -1
-        self._final_step: int | None = None  # the fit's last optimizer step, if known
         self._pause: Any = None  # the Doctor's paused() context, entered for a sanity check
         self._aside = False  # the model runs no activation: warned once, stepped aside
         self._warned: set[tuple[str, str, str]] = set()
@@ -291,15 +288,6 @@ class ReluDoctor(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
-        # the fit's last optimizer step, where Lightning knows it (max_steps, or the epochs
-        # times the batches): a window closing there changes nothing (Doctor.step(last=)).
-        # Not under manual optimization, whose global step counts every optimizer's steps.
-        total = math.inf
-        if pl_module.automatic_optimization:
-            # an iterable of unknown length, a strategy that cannot tell: unknown
-            with contextlib.suppress(Exception):
-                total = float(trainer.estimated_stepping_batches)
-        self._final_step = int(total) if math.isfinite(total) else None
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -327,13 +315,13 @@ class ReluDoctor(Callback):
             rank_zero_warn(f"relu_doctor: {missing} The ReluDoctor callback steps aside.",
                            category=ReluDoctorWarning)
             return
-        last = self._final_step is not None and trainer.global_step >= self._final_step
-        self.doctor.step(last=last)  # logs through the listeners when an interval closes
+        # logs through the listeners when an interval closes
+        self.doctor.step(last=_fit_ends_here(trainer, batch_idx))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         doc = self.doctor
         if self.log_on_train_end and doc is not None and not self._aside:
-            doc.log_final()  # remedies start nothing after the last step
+            doc.log_final()  # final: remedies hold it, changing nothing after the last step
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish()
@@ -526,3 +514,21 @@ def _warning_text(f: Finding, stream: str) -> str:
         f"relu_doctor: {stream}{f.kind} at {f.site} (step {f.step}, {f.severity}): "
         f"{f.message} Remedy: {f.remedy}"
     )
+
+
+def _fit_ends_here(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether the fit stops after the optimizer step of batch ``batch_idx``, by Lightning's
+    own stopping rules read now (so a data loader reloaded with another length, or a run
+    resumed with another batch size, is read right): ``max_steps`` reached, or the last
+    batch of the last epoch (``num_training_batches``, with the limits applied; the fetcher's
+    look-ahead for an iterable of unknown length). Unknown stops (early stopping,
+    ``max_time``) are not foreseen: the end of training logs what is left."""
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    if max_epochs is None or max_epochs == -1 or trainer.current_epoch + 1 < max_epochs:
+        return False
+    if batch_idx + 1 == trainer.num_training_batches:
+        return True
+    progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
+    return bool(getattr(progress, "is_last_batch", False))

@@ -80,7 +80,7 @@ def safe_step(
 
 def flush_and_detach(doctor: Doctor, detach: Callable[[], None]) -> None:
     """At the end of training: log the last, partial window (if it holds any step; a
-    ``final`` record, on which remedies start nothing), then ``detach()`` and close the run
+    ``final`` record, which remedies hold, changing nothing), then ``detach()`` and close the run
     directory (its lock released, so a next run can resume it) whatever happens."""
     try:
         doctor.log_final(stacklevel=3)  # warns, never raises: the end of training is the user's

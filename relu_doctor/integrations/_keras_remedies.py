@@ -165,7 +165,7 @@ class KerasActivationSwap(Remedy):
                 continue
             streak = self.streaks.get(path, 0) + 1 if frac > self.threshold else 0
             self.streaks[path] = streak
-            if streak >= self.patience and self.may_act(record):
+            if streak >= self.patience:
                 events.append(
                     self._swap(site, path, str(row["site"]), step=record.step,
                                before=site_snapshot(row),
@@ -287,7 +287,7 @@ class KerasLRRescue(Remedy):
         if self.cooldown_left > 0:
             self.cooldown_left -= 1
             return []
-        if found is None or not self.may_act(record):
+        if found is None:
             return []
         trigger, evidence = found
         ev = self.rescue(step=record.step, reason=trigger, before=model_snapshot(record),

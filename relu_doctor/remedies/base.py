@@ -36,6 +36,7 @@ from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention, InterventionResult
 from relu_doctor.families import family_of
 from relu_doctor.probes import Probe
+from relu_doctor.remedies._held import record_from_state, record_state
 from relu_doctor.remedies._sharding import DTENSOR, refuse_several, refuse_sharded, sharding_of
 from relu_doctor.remedies.evidence import MIN_EVIDENCE_STEPS, DeadEvidence, dead_surge
 from relu_doctor.sites import SiteKey, module_label
@@ -300,6 +301,7 @@ class Remedy:
         self._pending: list[Pending] = []
         self._n_events = 0
         self._in_call = False
+        self._held: RecordLike | None = None  # a final record: decided if training goes on
         #: what the next intervention is judged on (a plan sets it before acting): metric
         #: name, ``min_gain`` and ``tolerance`` of :func:`verdict`
         self.judge: tuple[str | None, float, float] = (TARGETS.get(self.name), 0.0, 0.0)
@@ -335,34 +337,61 @@ class Remedy:
         """Hook for subclasses (take the probe, refresh hooks...)."""
 
     def __call__(self, record: RecordLike) -> list[Intervention | InterventionResult]:
-        """Judge the pending interventions on ``record``, then decide on it (:meth:`decide`).
-        On a ``final`` record (see :meth:`may_act`) :meth:`decide` keeps its books but
-        changes nothing."""
-        events: list[Intervention | InterventionResult] = list(self._results(record))
+        """Judge the pending interventions on ``record``, then act on it (:meth:`decide`).
+
+        A ``final`` record (logged at or after training's last optimizer step) is judged on
+        but held, not decided on: no step would train what an action changed (a recycled
+        unit would be saved untrained, a swapped activation never trained with). If
+        training goes on (a second ``fit``, a run resumed from a checkpoint), the held
+        record is decided on at the end of its first step (:meth:`release_held`): the
+        decisions an uninterrupted run made there, one step later."""
+        events: list[Intervention | InterventionResult] = []
+        if self._held is not None:  # steps ran since, without a release: decide on it now
+            events += self._decide(self._held)
+            self._held = None
+        events += self._results(record)
+        if getattr(record, "final", False):
+            self._held = record
+        else:
+            events += self._decide(record)
+        if self.doctor is not None:
+            for e in events:
+                self.doctor.record_event(e)
+        return events
+
+    def _decide(self, record: RecordLike) -> list[Intervention]:
         self._in_call = True
         try:
-            events += self.decide(record)
+            return self.decide(record)
         finally:
             self._in_call = False
+
+    @property
+    def held(self) -> RecordLike | None:
+        """The ``final`` record awaiting a decision if training goes on, or None (settable:
+        a remedy rebuilt for a second ``fit`` takes over its predecessor's)."""
+        return self._held
+
+    @held.setter
+    def held(self, record: RecordLike | None) -> None:
+        self._held = record
+
+    def release_held(self) -> list[Intervention]:
+        """Training went on after a ``final`` record: decide on it now (the bound Doctor
+        calls this at the end of the first step since). Returns the new interventions,
+        recorded through the bound Doctor."""
+        record, self._held = self._held, None
+        if record is None:
+            return []
+        events = self._decide(record)
         if self.doctor is not None:
             for e in events:
                 self.doctor.record_event(e)
         return events
 
     def decide(self, record: RecordLike) -> list[Intervention]:
-        """Act on one record; return the new interventions. It observes every record
-        (evidence, streaks, cooldowns, intervals: what a run resumed from a checkpoint must
-        find as an uninterrupted run left it) and changes the model or the optimizer only
-        where :meth:`may_act` allows."""
+        """Act on one record; return the new interventions."""
         raise NotImplementedError
-
-    @staticmethod
-    def may_act(record: RecordLike) -> bool:
-        """False on a ``final`` record: logged at or after training's last optimizer step,
-        where no step would train what an action changed (a recycled unit would be saved
-        untrained, a swapped activation never trained with). What a remedy counts from such
-        a record still counts: only the action is left out."""
-        return not getattr(record, "final", False)
 
     # ------------------------------------------------------------------ sites
     def resolve_site(self, site: str | SiteKey, arg: str = "site") -> tuple[SiteKey, str]:
@@ -488,6 +517,8 @@ class Remedy:
         out = {"pending": [p.to_dict() for p in self._pending], "n_events": self._n_events}
         if self.reads_dead:  # the pool filling: a resumed run goes on with it
             out["evidence"] = self.evidence.state_dict()
+        if self._held is not None:  # decided on when the resumed run starts
+            out["held"] = record_state(self._held)
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -501,6 +532,8 @@ class Remedy:
         ]
         self._n_events = int(state.get("n_events", 0))
         self.evidence.load_state_dict(state.get("evidence") or {})
+        held = state.get("held")
+        self._held = record_from_state(held) if held else None
 
 
 def _efficacy(record: RecordLike, site: str, units: Sequence[int]) -> dict[str, Any] | None:

@@ -202,9 +202,6 @@ class ContinualBackprop(Remedy):
             try:
                 _, _, steps = self.update(record, site)
                 idx = self.choose(site, steps)
-                if idx and not self.may_act(record):
-                    self._owed[site] += len(idx)  # still owed: replaced at the next interval
-                    idx = []
                 if not idx:
                     continue
                 links = self._links_of(record, site)

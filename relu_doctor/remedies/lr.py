@@ -259,7 +259,7 @@ class LRRescuer(Remedy):
         if self.cooldown_left > 0:
             self.cooldown_left -= 1
             return []
-        if found is None or not self.optimizers or not self.may_act(record):
+        if found is None or not self.optimizers:
             return []
         trigger, evidence = found
         before = model_snapshot(record)

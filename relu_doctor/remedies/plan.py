@@ -142,10 +142,6 @@ class _View:
         return self._r.step
 
     @property
-    def final(self) -> bool:
-        return bool(getattr(self._r, "final", False))
-
-    @property
     def site_rows(self) -> list[dict[str, Any]]:
         return [r for r in self._r.site_rows if str(r["site"]) in self._sites]
 
@@ -392,7 +388,7 @@ class TreatmentPlan(Remedy):
         from relu_doctor.remedies.lr import LRRescuer
 
         trigger = self._model_trigger(record)
-        if trigger is None or self._cooling(MODEL) or not self.may_act(record):
+        if trigger is None or self._cooling(MODEL):
             return None
         reason, target, evidence = trigger
         before = model_snapshot(record)
@@ -455,8 +451,7 @@ class TreatmentPlan(Remedy):
                         if self._dead is None:
                             continue
                         if not self._persists(step, site, not row.get("leaky")
-                                              and dead is not None and dead >= threshold
-                                              ) or not self.may_act(record):
+                                              and dead is not None and dead >= threshold):
                             continue
                         self._judge(remedy, step, "dead_fraction")
                         ev = cast(_Swaps, remedy).swap(
@@ -467,7 +462,7 @@ class TreatmentPlan(Remedy):
                     elif isinstance(remedy, DormantRecycler):
                         if self._dead is None or units is None or not self._persists(
                             step, site, dead is not None and dead >= threshold
-                        ) or not self.may_act(record):
+                        ):
                             continue
                         idx = _most_dormant(units, site, remedy.max_fraction, int(row["units"]))
                         if not idx:
@@ -519,7 +514,7 @@ class TreatmentPlan(Remedy):
         self._dead = self.evidence.add(record)
         self._collect(record)
         out: list[Intervention] = []
-        if self.stop_when_hopeless and not self.should_stop and self.may_act(record):
+        if self.stop_when_hopeless and not self.should_stop:
             evidence = self._hopeless(record)
             if evidence is not None:
                 self.should_stop = True
@@ -548,6 +543,7 @@ class TreatmentPlan(Remedy):
             "prev_dead": dict(self._prev_dead),
             "prev_model_dead": self._prev_model_dead,
             "ledger": {k: list(v) for k, v in self._ledger.items()},
+            "streak": [[r, site, n] for (r, site), n in self._streak.items()],
             "tried": sorted(self._tried),
             "should_stop": self.should_stop,
             "remedies": {k: r.state_dict() for k, r in self._remedies.items()},
@@ -563,6 +559,7 @@ class TreatmentPlan(Remedy):
         self._prev_dead = {str(k): float(v) for k, v in state.get("prev_dead", {}).items()}
         self._prev_model_dead = finite_or_none(state.get("prev_model_dead"))
         self._ledger = {str(k): (str(v[0]), str(v[1])) for k, v in state.get("ledger", {}).items()}
+        self._streak = {(str(r), str(site)): int(n) for r, site, n in state.get("streak", [])}
         self._tried = {str(s) for s in state.get("tried", [])}
         self.should_stop = bool(state.get("should_stop", False))
         for k, s in state.get("remedies", {}).items():

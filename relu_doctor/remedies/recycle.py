@@ -379,7 +379,7 @@ class DormantRecycler(Remedy):
 
     def decide(self, record: RecordLike) -> list[Intervention]:
         self.intervals += 1
-        if self.intervals % self.every or not self.may_act(record):
+        if self.intervals % self.every:
             return []
         units = record.unit_table
         if units is None or not len(units):

@@ -487,7 +487,7 @@ class ActivationSwapper(Remedy):
                 self.streaks[site] = self.streaks.get(site, 0) + 1
             else:
                 self.streaks[site] = 0
-            if self.streaks[site] < self.patience or not self.may_act(record):
+            if self.streaks[site] < self.patience:
                 continue
             try:
                 ev = self._swap(

@@ -72,7 +72,7 @@ def test_no_reset_after_the_last_step(tmp_path, max_steps):
     That record is ``final`` now: nothing is reset on it, and the model after ``fit`` is the
     model of the last step; resets inside training still happen. With ``max_steps=24`` the
     last window closes on the last step itself: the monitor passes ``last=True`` there
-    (Lightning's ``estimated_stepping_batches``), with the same result."""
+    (Lightning's ``max_steps``), with the same result."""
     from lightning.pytorch.callbacks import Callback
 
     class AtTrainEnd(Callback):  # listed first: runs before the monitor's train-end log
@@ -118,8 +118,9 @@ def test_a_second_fit_starts_a_new_window(tmp_path):
 def test_manual_optimization_with_two_optimizers_marks_no_early_last_step(tmp_path):
     """Under manual optimization Lightning's global step counts every optimizer's steps:
     with two optimizers it reaches ``estimated_stepping_batches`` (20 batches here) half way
-    through. The monitor does not read the last step from it there, so the log at batch 16
-    is an ordinary one and DormantReset acts on it; only the end-of-training log is final."""
+    through, so a last step read from it marked the log at batch 16 final and DormantReset
+    skipped it. The monitor reads Lightning's stopping rules at each step instead: the log
+    at batch 16 is an ordinary one; only the end-of-training log is final."""
 
     class TwoOptimizers(L.LightningModule):
         def __init__(self):
@@ -150,3 +151,60 @@ def test_manual_optimization_with_two_optimizers_marks_no_early_last_step(tmp_pa
     assert [(r.step, r.final) for r in mon.doctor.records] == [
         (8, False), (16, False), (20, True)]
     assert {e["step"] for e in interventions(mon)} == {8, 16}
+
+
+def _fit_to(root, steps, ckpt=None, every=2):
+    """Fit the 10-dead-unit model with DormantReset(every=``every``), logging every 8 steps
+    (16 batches an epoch), for ``steps // 16`` epochs, checkpointed at each epoch's end (Lightning's
+    ModelCheckpoint, after the epoch's last log); from ``ckpt`` if given."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    mon = ReluDoctor(log_every_n_steps=8, every_n_steps=1, overhead_budget=None)
+    model = make(dead=10, seed=0 if ckpt is None else 5)
+    saver = ModelCheckpoint(dirpath=root / "ck", filename="{step}", every_n_epochs=1,
+                            save_top_k=-1)
+    t = trainer(root, [mon, DormantReset(tau=0.5, every=every), saver],
+                max_epochs=steps // 16, enable_checkpointing=True)
+    t.fit(model, loader(), ckpt_path=ckpt)
+    steps_acted = [(e["step"], tuple(e["details"]["units"])) for e in interventions(mon)]
+    return mon, steps_acted, model
+
+
+def test_a_run_resumed_after_its_last_step_makes_the_change_it_held(tmp_path):
+    """A fit of 2 epochs (32 steps) ends on a log (steps 25-32): that record is final, so
+    DormantReset (every 2nd log) does not reset units the fit's model would carry untrained,
+    and holds the record; the checkpoint saved at that epoch's end keeps it. Resumed, it
+    decides on it at the end of the first new step: the resumed run makes the reset the
+    uninterrupted run made at step 32 (the same units), one step later. (Before, the reset
+    due at 32 was made on the fit's returned model, or, with the record skipped, never.)"""
+    _, plain, _ = _fit_to(tmp_path / "plain", 48)
+    assert 32 in [s for s, _ in plain]
+    mon, first, _ = _fit_to(tmp_path / "a", 32)
+    assert 32 not in [s for s, _ in first] and mon.doctor.records[-1].final
+    assert mon.doctor.records[-1].step == 32
+    _, resumed, _ = _fit_to(tmp_path / "b", 48, ckpt=tmp_path / "a" / "ck" / "step=32.ckpt")
+    upto = [a for a in first + resumed if a[0] <= 32]
+    assert upto == [a for a in plain if a[0] <= 32]
+
+
+def test_an_iterable_of_unknown_length_marks_only_the_last_step(tmp_path):
+    """With an IterableDataset without ``__len__`` and ``max_epochs``, Lightning's
+    ``estimated_stepping_batches`` is -1: a last step read from it marked every record final
+    and no remedy ever acted. The monitor reads the fetcher's look-ahead instead: only the
+    log at the very last batch (20 batches, 2 epochs, logging every 5) is final."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(1)
+            for _ in range(20):
+                x = torch.randn(16, 8, generator=g)
+                yield x, torch.sin(2 * x[:, :1])
+
+    mon = ReluDoctor(log_every_n_steps=5, every_n_steps=1, overhead_budget=None)
+    trainer(tmp_path, [mon, DormantReset(tau=0.5)], max_epochs=2).fit(
+        make(dead=10), DataLoader(Stream(), batch_size=None))
+    assert mon.doctor is not None
+    assert [(r.step, r.final) for r in mon.doctor.records] == [
+        (s, s == 40) for s in range(5, 41, 5)]
+    assert {e["step"] for e in interventions(mon)} == set(range(5, 40, 5))

@@ -81,7 +81,11 @@ def test_resume_keeps_swaps_clip_history_cooldown_and_recycling_state(tmp_path):
     ckpt = tmp_path / "a.ckpt"
     t1.save_checkpoint(ckpt)
     swap, _clip, rescue, reset = first[1:]
-    assert list(swap.swaps) == ["net.1"] and rescue.rescuer.cooldown_left == 2
+    # The log at step 8, the fit's last step, is final: held, so the cooldown counted only
+    # the rescue at step 4; the held record goes into the checkpoint and is decided at the
+    # end of the resumed fit's first step.
+    assert list(swap.swaps) == ["net.1"] and rescue.rescuer.cooldown_left == 3
+    assert rescue.rescuer.held is not None and rescue.rescuer.held.step == 8
     assert reset.recycler.recycled  # something was recycled
     saved = {type(c).__name__: c.state_dict() for c in first[1:]}
 

@@ -128,11 +128,13 @@ def test_a_healthy_run_with_the_plan_is_bit_identical(tmp_path: Path) -> None:
         weights[name] = [np.asarray(keras.ops.convert_to_numpy(w)) for w in model.weights]
         if name == "treated":  # weights taken before the second fit below
             assert _events(tmp_path / name, "intervention") == []
-            first = cbs[0].plan
-            assert first is not None and first.interval == 4
+            first = cbs[0].plan  # logs at 4, 8, 12; the one at 16 ends the fit: held
+            assert first is not None and first.interval == 3 and first.held.step == 16
             model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=cbs)
             second = cbs[0].plan  # a second fit: a new plan that goes on where it was
-            assert second is not None and second is not first and second.interval == 6
+            # step 16's record decided at the first step, 20 decided, 24 held
+            assert second is not None and second is not first and second.interval == 5
+            assert second.held is not None and second.held.step == 24
     for name in ("watched", "treated"):
         assert all(np.array_equal(a, b) for a, b in zip(weights["bare"], weights[name],
                                                         strict=True)), name
@@ -239,3 +241,34 @@ def test_the_plan_changes_nothing_after_the_last_step(tmp_path: Path, epochs: in
     assert first.site_rows[0]["window_steps"] == min(8, log_every - last % log_every)
     history = relu_doctor.load_run(tmp_path / "run").history
     assert last in set(history["step"])
+
+
+@pytest.mark.parametrize("remedies", [{"treatment": True},
+                                      {"leaky_relu_swap": {"threshold": 0.2, "patience": 1}}])
+def test_a_fit_per_epoch_loop_still_gets_treated(tmp_path: Path, remedies: dict) -> None:
+    """``for epoch in range(n): model.fit(..., epochs=1)``, logging once an epoch (8 steps):
+    every record ends its fit, so every record is final, and a remedy that only skipped them
+    never acted. Each is held and decided at the end of the next fit's first step, so the
+    loop is treated (one step later than a single ``fit``), and the model each ``fit``
+    returns is the one its last step left."""
+    model = _mlp(bias=-1.5)  # most units dead from the start
+    x, y = _data()
+
+    class AtTrainEnd(keras.callbacks.Callback):  # listed first: before our end-of-fit log
+        def on_train_end(self, logs: Any = None) -> None:
+            self.state = _state(model)
+
+    def _state(m: Any) -> tuple[list[Any], list[str], float]:
+        kinds = [type(getattr(layer, "activation", None)).__name__ for layer in m.layers]
+        return [w.copy() for w in m.get_weights()], kinds, _lr(m)
+
+    end = AtTrainEnd()
+    cb = ReluDoctorCallback(log_every_n_steps=8, run_dir=tmp_path / "run", **remedies)
+    for _ in range(4):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[end, cb])
+        assert cb.doctor is not None and [r.final for r in cb.doctor.records] == [True]
+        weights, kinds, lr = _state(model)  # as the fit's last step left it
+        assert kinds == end.state[1] and lr == end.state[2]
+        assert all(np.array_equal(a, b) for a, b in zip(weights, end.state[0], strict=True))
+    acted = _events(tmp_path / "run", "intervention")
+    assert acted and {e["step"] for e in acted} <= {8, 16, 24}, acted

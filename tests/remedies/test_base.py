@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -283,77 +284,100 @@ def test_no_remedy_acts_on_the_last_log_after_training_ended():
     ]
 
 
-def _books(remedy: Any) -> Any:
-    """What a remedy counts from each record, whether or not it acts (its books)."""
-    from relu_doctor.remedies import ActivationSwapper, DormantRecycler
+def _held_run(kind: str, last_at: int | None, steps: int) -> Any:
+    """A 4-64-1 regression with half its hidden units dead from the start, watched (log
+    every 5 steps) with one remedy; ``doc.step(last=True)`` at step ``last_at``. Returns
+    (remedy, interventions, records, the model's state after ``last_at``'s step call, the
+    model's state before it, the net)."""
+    from relu_doctor.remedies import (
+        ActivationSwapper,
+        ContinualBackprop,
+        DormantRecycler,
+        TreatmentPlan,
+    )
+    from relu_doctor.remedies.plan import PlanStep
 
-    if isinstance(remedy, ActivationSwapper):
-        return dict(remedy.streaks)
-    if isinstance(remedy, DormantRecycler):
-        return remedy.intervals
-    return {k: v.clone() for k, v in remedy.age.items()}  # ContinualBackprop
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 1))
+    with torch.no_grad():
+        net[0].bias[:32] = -50.0  # dead from the start
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    doc = relu_doctor.watch(net, every_n_steps=1, overhead_budget=None, optimizer=opt,
+                            log_every_n_steps=5)
+    remedy: Any = {
+        "swap": lambda: ActivationSwapper(net, threshold=0.3, patience=2, optimizer=opt),
+        "redo": lambda: DormantRecycler(net, optimizers=opt, every=2),
+        "cbp": lambda: ContinualBackprop(net, optimizers=opt, replacement_rate=0.02,
+                                         maturity=0),
+        "plan": lambda: TreatmentPlan(net, optimizer=opt, cooldown=1, patience=2,
+                                      steps=(PlanStep("swap", options={"threshold": 0.3}),)),
+    }[kind]().bind(doc)
+    seen, records = events_of(doc), []
+    doc.add_listener(records.append)
+    before = after = None
+    for i in range(1, steps + 1):
+        opt.zero_grad()
+        net(torch.randn(32, 4)).pow(2).mean().backward()
+        opt.step()
+        if i == last_at:
+            before = copy.deepcopy(net.state_dict()), [type(m) for m in net.modules()]
+        doc.step(last=i == last_at)
+        if i == last_at:
+            after = copy.deepcopy(net.state_dict()), [type(m) for m in net.modules()]
+    doc.detach()
+    acted = [(e["step"], e["site"], e["what"], e["details"].get("units"))
+             for e in seen if e["type"] == "intervention"]
+    return remedy, acted, records, after, before, net
 
 
-@pytest.mark.parametrize("kind", ["swap", "redo", "cbp"])
-def test_a_window_closing_on_the_last_step_is_counted_but_changes_nothing(kind: str) -> None:
+@pytest.mark.parametrize("kind", ["swap", "redo", "cbp", "plan"])
+def test_a_window_closing_on_the_last_step_is_held_and_decided_if_training_goes_on(
+    kind: str,
+) -> None:
     """A window that closes exactly on training's last step was an ordinary log: a remedy
     acted there, after the last optimizer step (a swap left the user a model with an
     activation no step trained with). ``doc.step(last=True)`` (what the Lightning, Keras and
-    Hugging Face callbacks pass) makes that record ``final``: the remedy keeps its books
-    (streaks, intervals, ages: a resumed run must find them as an uninterrupted run left
-    them) but changes nothing. An identical run without ``last`` acts at that step, and the
-    action it left out happens at the next log where training goes on."""
-    from relu_doctor.remedies import ActivationSwapper, ContinualBackprop, DormantRecycler
-
-    def run(last_at: int | None, steps: int) -> tuple[Any, list[dict[str, Any]], list, Any]:
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 1))
-        with torch.no_grad():
-            net[0].bias[:32] = -50.0  # dead from the start
-        opt = torch.optim.SGD(net.parameters(), lr=0.01)
-        doc = relu_doctor.watch(net, every_n_steps=1, overhead_budget=None, optimizer=opt,
-                                log_every_n_steps=5)
-        remedy: Any = {
-            "swap": lambda: ActivationSwapper(net, threshold=0.3, patience=2, optimizer=opt),
-            "redo": lambda: DormantRecycler(net, optimizers=opt),
-            "cbp": lambda: ContinualBackprop(net, optimizers=opt, replacement_rate=0.02,
-                                             maturity=0),
-        }[kind]().bind(doc)
-        seen, records, before = events_of(doc), [], None
-        doc.add_listener(records.append)
-        for i in range(1, steps + 1):
-            opt.zero_grad()
-            net(torch.randn(32, 4)).pow(2).mean().backward()
-            opt.step()
-            if i == last_at:
-                before = (copy.deepcopy(net), _books(remedy))
-            doc.step(last=i == last_at)
-            if i == last_at:
-                after = net.state_dict()
-                assert all(torch.equal(before[0].state_dict()[k], v) for k, v in after.items())
-                assert [type(m) for m in net.modules()] == [type(m) for m in before[0].modules()]
-        doc.detach()
-        return remedy, [e for e in seen if e["type"] == "intervention"], records, before
-
-    plain, acted, _, _ = run(None, 10)
-    assert 10 in [e["step"] for e in acted]  # an ordinary log at step 10 acts
-    held, acted, records, _ = run(10, 10)
+    Hugging Face callbacks pass) makes that record ``final``: the remedy judges on it and
+    holds it, and the model is left as the last step left it. When training goes on, the
+    remedy decides on the held record at the end of the next step: the decision the
+    uninterrupted run made at step 10 (the same units, the same change), one step later."""
+    _, plain, _, _, _, _ = _held_run(kind, None, 20)
+    assert 10 in [a[0] for a in plain]  # an ordinary log at step 10 acts
+    held, acted, records, after, before, _ = _held_run(kind, 10, 10)
     assert [(r.step, r.final) for r in records] == [(5, False), (10, True)]
-    assert 10 not in [e["step"] for e in acted]
-    if kind == "swap":  # the books went on: the streak that made `plain` swap is kept
-        assert held.streaks == {"1": 2} and plain.streaks == {}
-    elif kind == "redo":
-        assert held.intervals == plain.intervals == 2
-    else:
-        # CBP: the units `plain` replaced at step 10 (age 0 there) aged on here, and their
-        # replacement is still owed
-        diff = held.age["1"] != plain.age["1"]
-        assert (plain.age["1"][diff] == 0).all() and (held.age["1"][diff] == 10).all()
-        n = int(diff.sum())
-        assert n > 0 and plain.replaced["1"] - held.replaced["1"] == n
-        assert held._owed["1"] - plain._owed["1"] == pytest.approx(n)
-    _, acted, _, _ = run(10, 15)  # training goes on: the action comes at the next log
-    assert 15 in [e["step"] for e in acted]
+    assert 10 not in [a[0] for a in acted] and held.held is records[-1]
+    assert after[1] == before[1]  # no module swapped
+    assert all(torch.equal(before[0][k], v) for k, v in after[0].items())
+    held, acted, _, _, _, _ = _held_run(kind, 10, 20)
+    assert [a for a in acted if a[0] <= 10] == [a for a in plain if a[0] <= 10]
+    assert held.held is None
+
+
+def test_a_held_record_survives_a_checkpoint_loaded_with_weights_only(tmp_path: Path) -> None:
+    """The held record is part of the remedy's state (a run resumed from a checkpoint saved
+    after the last step decides on it), in plain data that ``torch.load(weights_only=True)``
+    reads: the same steps, rows, unit table (NaN kept), findings and keys come back."""
+    from relu_doctor.remedies import DormantRecycler
+
+    held, _, records, _, _, net = _held_run("redo", 10, 10)
+    records[-1].unit_table.loc[3, "mean_abs"] = float("nan")  # a NaN cell to keep
+    path = tmp_path / "state.pt"
+    torch.save(held.state_dict(), path)
+    again = DormantRecycler(net)
+    again.load_state_dict(torch.load(path, weights_only=True))
+    got, want = again.held, records[-1]
+    assert got is not None and got.step == want.step == 10 and got.final
+    pd.testing.assert_frame_equal(pd.DataFrame(got.site_rows), pd.DataFrame(want.site_rows))
+    pd.testing.assert_frame_equal(got.unit_table, want.unit_table.reset_index(drop=True),
+                                  check_dtype=False, check_categorical=False)
+    pd.testing.assert_frame_equal(got.layer_table, want.layer_table.reset_index(drop=True),
+                                  check_dtype=False, check_categorical=False)
+    assert got.findings == want.findings and got.keys == want.keys
+    assert math.isnan(got.unit_table.loc[3, "mean_abs"])
+    state = again.state_dict()
+    assert state["held"]["step"] == 10
+    again.release_held()
+    assert again.held is None and "held" not in again.state_dict()
 
 
 def test_step_last_must_be_a_bool() -> None:
@@ -362,4 +386,5 @@ def test_step_last_must_be_a_bool() -> None:
         net(torch.randn(2, 4))
         with pytest.raises(ReluDoctorError, match="last: expected True or False, got 1"):
             doc.step(last=1)  # type: ignore[arg-type]
+        doc.step(last=np.int64(3) == 3)  # numpy's bool is a bool
         doc.step(last=True)
