@@ -168,6 +168,9 @@ def test_state_dict_round_trip() -> None:
     plan = TreatmentPlan(net)
     plan.failed.add(("swap", "1"))
     plan.interval = 7
+    plan._persists(plan.steps[2], "1", True)  # a site one interval past recycle's threshold
     other = TreatmentPlan(net)
     other.load_state_dict(plan.state_dict())
     assert other.failed == {("swap", "1")} and other.interval == 7
+    # the surgery streaks too (a resumed plan lost them, and acted an interval late)
+    assert other._streak == plan._streak == {("recycle", "1"): 1}
