@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pandas as pd
 
 from relu_doctor.diagnosis import Finding
-from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import (
     Event,
     FindingEvent,
@@ -25,7 +24,7 @@ from relu_doctor.events import (
     InterventionResult,
     event_from_dict,
 )
-from relu_doctor.sites import SiteKey
+from relu_doctor.sites import SiteKey, key_named
 
 if TYPE_CHECKING:  # importable from here at run time through __getattr__ (no import cycle)
     from relu_doctor.rundir import RunWriter, atomic_write_bytes, load_run, read_table
@@ -101,12 +100,7 @@ class IntervalRecord:
 
     def key(self, name: str) -> SiteKey:
         """The key of the site called ``name``."""
-        try:
-            return self.keys[name]
-        except KeyError:
-            raise ReluDoctorError(
-                f"site: no site named {name!r} in this record; known: {sorted(self.keys)}."
-            ) from None
+        return key_named(self.keys, name)
 
 
 LogRecord = IntervalRecord  # the name before 0.2; kept as an alias

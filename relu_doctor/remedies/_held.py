@@ -18,8 +18,7 @@ import pandas as pd
 import torch
 
 from relu_doctor.diagnosis import Finding
-from relu_doctor.errors import ReluDoctorError
-from relu_doctor.sites import SiteKey
+from relu_doctor.sites import SiteKey, key_named
 
 __all__ = ["HeldRecord", "record_from_state", "record_state"]
 
@@ -41,12 +40,8 @@ class HeldRecord:
         return next((r for r in self.site_rows if r["site"] == name), None)
 
     def key(self, name: str) -> SiteKey:
-        try:
-            return self.keys[name]
-        except KeyError:
-            raise ReluDoctorError(
-                f"site: no site named {name!r} in this record; known: {sorted(self.keys)}."
-            ) from None
+        """The key of the site called ``name``."""
+        return key_named(self.keys, name)
 
 
 def record_state(record: Any) -> dict[str, Any]:
