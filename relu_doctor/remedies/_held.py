@@ -32,6 +32,7 @@ class HeldRecord:
     unit_table: pd.DataFrame
     layer_table: pd.DataFrame
     findings: list[Finding]
+    new_findings: list[Finding] = field(default_factory=list)
     keys: dict[str, SiteKey] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     final: bool = True
@@ -56,6 +57,7 @@ def record_state(record: Any) -> dict[str, Any]:
         "units": _table_state(record.unit_table),
         "layers": _table_state(record.layer_table),
         "findings": [_plain(f.to_dict()) for f in record.findings],
+        "new_findings": [_plain(f.to_dict()) for f in getattr(record, "new_findings", [])],
         "keys": {str(name): key.token() for name, key in keys.items()},
         "metrics": _plain(dict(getattr(record, "metrics", None) or {})),
     }
@@ -64,12 +66,17 @@ def record_state(record: Any) -> dict[str, Any]:
 def record_from_state(state: Mapping[str, Any]) -> HeldRecord:
     """The record :func:`record_state` wrote."""
     fields = Finding.__dataclass_fields__
+
+    def findings(name: str) -> list[Finding]:
+        return [Finding(**{k: f[k] for k in fields if k in f}) for f in state.get(name, [])]
+
     return HeldRecord(
         step=int(state["step"]),
         site_rows=[dict(r) for r in state.get("site_rows", [])],
         unit_table=_table_from_state(state.get("units")),
         layer_table=_table_from_state(state.get("layers")),
-        findings=[Finding(**{k: f[k] for k in fields if k in f}) for f in state.get("findings", [])],
+        findings=findings("findings"),
+        new_findings=findings("new_findings"),
         keys={str(n): SiteKey.from_token(str(t)) for n, t in state.get("keys", {}).items()},
         metrics=dict(state.get("metrics", {})),
         final=bool(state.get("final", True)),

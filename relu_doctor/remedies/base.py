@@ -284,11 +284,16 @@ class Remedy:
     checkpointed by :meth:`state_dict`; a callback wrapping a remedy keeps no copy.
 
     Subclasses set :attr:`name`, implement :meth:`decide` and extend :meth:`state_dict` /
-    :meth:`load_state_dict`.
+    :meth:`load_state_dict` (and :meth:`observe` for what every record is read for, final
+    ones included; :attr:`holds_final` False when :meth:`decide` only reports).
     """
 
     #: the remedy's name in events (``leaky_relu_swap``, ``dormant_reset``...)
     name: ClassVar[str] = "remedy"
+    #: whether a ``final`` record's :meth:`decide` waits until training goes on (it changes
+    #: what later steps train); False where it only reports what the window did (a
+    #: clipper's clip counts), which is wanted on the last window too
+    holds_final: ClassVar[bool] = True
     #: why this remedy, as configured, cannot act on parameters sharded across processes
     #: (FSDP, DeepSpeed ZeRO-3, tensor parallelism); None when it acts the same on shards.
     #: Those that cannot refuse sharded parameters before training (:func:`refuse_sharded`).
@@ -337,20 +342,22 @@ class Remedy:
         """Hook for subclasses (take the probe, refresh hooks...)."""
 
     def __call__(self, record: RecordLike) -> list[Intervention | InterventionResult]:
-        """Judge the pending interventions on ``record``, then act on it (:meth:`decide`).
+        """Judge the pending interventions on ``record`` (:meth:`observe`), then act on it
+        (:meth:`decide`).
 
-        A ``final`` record (logged at or after training's last optimizer step) is judged on
+        A ``final`` record (logged at or after training's last optimizer step) is observed
         but held, not decided on: no step would train what an action changed (a recycled
         unit would be saved untrained, a swapped activation never trained with). If
         training goes on (a second ``fit``, a run resumed from a checkpoint), the held
         record is decided on at the end of its first step (:meth:`release_held`): the
-        decisions an uninterrupted run made there, one step later."""
+        decisions an uninterrupted run made there, one step later. A remedy whose decision
+        only reports (:attr:`holds_final` False) decides on a final record at once."""
         events: list[Intervention | InterventionResult] = []
         if self._held is not None:  # steps ran since, without a release: decide on it now
             events += self._decide(self._held)
             self._held = None
-        events += self._results(record)
-        if getattr(record, "final", False):
+        events += self.observe(record)
+        if self.holds_final and getattr(record, "final", False):
             self._held = record
         else:
             events += self._decide(record)
@@ -389,9 +396,27 @@ class Remedy:
                 self.doctor.record_event(e)
         return events
 
+    def observe(self, record: RecordLike) -> list[InterventionResult]:
+        """What every record is read for, final or not, before any decision: the results of
+        the pending interventions (a plan also judges its remedies' changes here)."""
+        return self._results(record)
+
     def decide(self, record: RecordLike) -> list[Intervention]:
         """Act on one record; return the new interventions."""
         raise NotImplementedError
+
+    def carry_from(self, old: Remedy) -> None:
+        """Go on where ``old`` stopped: the remedy of the same kind that this one replaces
+        when a callback rebuilds its remedies for another ``fit`` in the same process. Its
+        whole state (:meth:`state_dict`: pending judgements, evidence, counters) and what
+        only lives in memory (:meth:`_carry_objects`: the held record, a swap's undo
+        records), so that a loop of short fits is treated as one long one."""
+        self.load_state_dict(old.state_dict())
+        self._carry_objects(old)
+
+    def _carry_objects(self, old: Remedy) -> None:
+        """The in-memory part of :meth:`carry_from` (subclasses extend it)."""
+        self._held = old._held
 
     # ------------------------------------------------------------------ sites
     def resolve_site(self, site: str | SiteKey, arg: str = "site") -> tuple[SiteKey, str]:

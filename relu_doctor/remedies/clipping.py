@@ -45,6 +45,7 @@ class _Clipper(Remedy):
     """Shared parts of the clippers: an on-device window of counts, read at log time."""
 
     name = "adaptive_grad_clip"
+    holds_final = False  # its decision reports the window's clipping, done step by step
     on_shards = (
         "it measures the norms of the gradient shards this process holds, not of the whole "
         "gradient, so processes would clip by different norms"

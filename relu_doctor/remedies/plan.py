@@ -46,7 +46,7 @@ import torch.nn as nn
 from relu_doctor._validate import finite_or_none, nonnegative, number_in, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.events import Intervention
+from relu_doctor.events import Intervention, InterventionResult
 from relu_doctor.remedies.base import (
     MODEL,
     NOT_HELPED,
@@ -365,6 +365,19 @@ class TreatmentPlan(Remedy):
     def _judge(self, remedy: Remedy, step: PlanStep, target: str | None) -> None:
         remedy.judge = (target, step.min_gain, step.tolerance)
 
+    def observe(self, record: RecordLike) -> list[InterventionResult]:
+        """Its own results, then its remedies' (each change judged, on a final record too)."""
+        out = super().observe(record)
+        self._collect(record)
+        return out
+
+    def _carry_objects(self, old: Remedy) -> None:
+        super()._carry_objects(old)
+        if isinstance(old, TreatmentPlan):
+            for k, r in self._remedies.items():
+                if k in old._remedies:
+                    r._carry_objects(old._remedies[k])
+
     def _collect(self, record: RecordLike) -> None:
         from relu_doctor.remedies.clipping import AutoClip
 
@@ -512,7 +525,6 @@ class TreatmentPlan(Remedy):
     def decide(self, record: RecordLike) -> list[Intervention]:
         self.interval += 1
         self._dead = self.evidence.add(record)
-        self._collect(record)
         out: list[Intervention] = []
         if self.stop_when_hopeless and not self.should_stop:
             evidence = self._hopeless(record)

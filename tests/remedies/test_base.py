@@ -7,8 +7,9 @@ from __future__ import annotations
 import ast
 import copy
 import math
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ import relu_doctor
 import relu_doctor.remedies as remedies
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention, InterventionResult
-from relu_doctor.history import merge_interventions
+from relu_doctor.history import IntervalRecord, merge_interventions
 from relu_doctor.remedies import Remedy, model_snapshot, site_snapshot
 from relu_doctor.remedies.base import RecordLike
 from relu_doctor.sites import SiteKey
@@ -284,11 +285,19 @@ def test_no_remedy_acts_on_the_last_log_after_training_ended():
     ]
 
 
-def _held_run(kind: str, last_at: int | None, steps: int) -> Any:
+class HeldRun(NamedTuple):
+    remedy: Any
+    acted: list[tuple[Any, ...]]  # (step, site, what, units) of each intervention
+    records: list[Any]
+    after: Any  # the model's state and module types after last_at's step call
+    before: Any  # ... and before it
+    net: nn.Module
+    judged: list[tuple[str, int, str | None]]  # (id, step, verdict) of each result
+
+
+def _held_run(kind: str, last_at: int | None, steps: int) -> HeldRun:
     """A 4-64-1 regression with half its hidden units dead from the start, watched (log
-    every 5 steps) with one remedy; ``doc.step(last=True)`` at step ``last_at``. Returns
-    (remedy, interventions, records, the model's state after ``last_at``'s step call, the
-    model's state before it, the net)."""
+    every 5 steps) with one remedy; ``doc.step(last=True)`` at step ``last_at``."""
     from relu_doctor.remedies import (
         ActivationSwapper,
         ContinualBackprop,
@@ -327,7 +336,9 @@ def _held_run(kind: str, last_at: int | None, steps: int) -> Any:
     doc.detach()
     acted = [(e["step"], e["site"], e["what"], e["details"].get("units"))
              for e in seen if e["type"] == "intervention"]
-    return remedy, acted, records, after, before, net
+    judged = [(e["ref"], e["step"], e.get("verdict")) for e in seen
+              if e["type"] == "intervention_result"]
+    return HeldRun(remedy, acted, records, after, before, net, judged)
 
 
 @pytest.mark.parametrize("kind", ["swap", "redo", "cbp", "plan"])
@@ -341,16 +352,29 @@ def test_a_window_closing_on_the_last_step_is_held_and_decided_if_training_goes_
     holds it, and the model is left as the last step left it. When training goes on, the
     remedy decides on the held record at the end of the next step: the decision the
     uninterrupted run made at step 10 (the same units, the same change), one step later."""
-    _, plain, _, _, _, _ = _held_run(kind, None, 20)
+    plain = _held_run(kind, None, 20).acted
     assert 10 in [a[0] for a in plain]  # an ordinary log at step 10 acts
-    held, acted, records, after, before, _ = _held_run(kind, 10, 10)
+    held, acted, records, after, before, *_ = _held_run(kind, 10, 10)
     assert [(r.step, r.final) for r in records] == [(5, False), (10, True)]
     assert 10 not in [a[0] for a in acted] and held.held is records[-1]
     assert after[1] == before[1]  # no module swapped
     assert all(torch.equal(before[0][k], v) for k, v in after[0].items())
-    held, acted, _, _, _, _ = _held_run(kind, 10, 20)
+    held, acted, *_ = _held_run(kind, 10, 20)
     assert [a for a in acted if a[0] <= 10] == [a for a in plain if a[0] <= 10]
     assert held.held is None
+
+
+@pytest.mark.parametrize("kind", ["swap", "redo", "cbp", "plan"])
+def test_the_changes_before_the_last_step_are_judged_on_the_final_record(kind: str) -> None:
+    """A final record is held from decisions only: the changes made at the log before it
+    are judged on it, as an uninterrupted run judges them there (a plan judges its steps'
+    changes, which it collects from its remedies, on it too)."""
+    plain = _held_run(kind, None, 20)
+    ended = _held_run(kind, 15, 15)
+    assert ended.records[-1].final and ended.records[-1].step == 15
+    at_15 = [j for j in plain.judged if j[1] == 15]
+    assert at_15, plain.judged  # the change made at 10 is judged at 15
+    assert [j for j in ended.judged if j[1] == 15] == at_15
 
 
 def test_a_held_record_survives_a_checkpoint_loaded_with_weights_only(tmp_path: Path) -> None:
@@ -359,7 +383,7 @@ def test_a_held_record_survives_a_checkpoint_loaded_with_weights_only(tmp_path: 
     reads: the same steps, rows, unit table (NaN kept), findings and keys come back."""
     from relu_doctor.remedies import DormantRecycler
 
-    held, _, records, _, _, net = _held_run("redo", 10, 10)
+    held, _, records, _, _, net, _ = _held_run("redo", 10, 10)
     records[-1].unit_table.loc[3, "mean_abs"] = float("nan")  # a NaN cell to keep
     path = tmp_path / "state.pt"
     torch.save(held.state_dict(), path)
@@ -373,6 +397,9 @@ def test_a_held_record_survives_a_checkpoint_loaded_with_weights_only(tmp_path: 
     pd.testing.assert_frame_equal(got.layer_table, want.layer_table.reset_index(drop=True),
                                   check_dtype=False, check_categorical=False)
     assert got.findings == want.findings and got.keys == want.keys
+    assert got.new_findings == want.new_findings  # what a user's remedy may read too
+    assert {f.name for f in IntervalRecord.__dataclass_fields__.values()} <= {
+        f.name for f in fields(got)}  # every field of an interval record
     assert math.isnan(got.unit_table.loc[3, "mean_abs"])
     state = again.state_dict()
     assert state["held"]["step"] == 10

@@ -182,6 +182,33 @@ def test_clipping_records_model_wide_events_whatever_the_module_names(name):
 
 
 @pytest.mark.parametrize("clipper", ["autoclip", "agc"])
+def test_the_last_window_s_clipping_is_reported_on_the_final_record(clipper):
+    """A clipper's decision reports what the window clipped, step by step: nothing to hold
+    back at training's last step. The final record (``doc.step(last=True)`` at 10) gets the
+    report an uninterrupted run makes at 10, the same counts."""
+
+    def run(steps: int, last_at: int | None) -> list[tuple[int, int]]:
+        torch.manual_seed(0)
+        net = mlp(d_out=1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        with relu_doctor.watch(net, log_every_n_steps=5, every_n_steps=1) as doc:
+            seen = events_of(doc)
+            clip = (AutoClip(10, history=8) if clipper == "autoclip" else AGC(0.01)).bind(doc)
+            clip.attach(opt)
+            for k in range(1, steps + 1):
+                opt.zero_grad()
+                (net(torch.randn(16, 8)) * (1.0 if k % 2 else 50.0)).sum().backward()
+                opt.step()
+                doc.step(last=k == last_at)
+        return [(e["step"], e["details"]["clip"]["clipped"]) for e in seen
+                if e["type"] == "intervention"]
+
+    plain, ended = run(15, None), run(10, 10)
+    assert [s for s, _ in ended] == [5, 10] and all(n > 0 for _, n in ended)
+    assert ended == [r for r in plain if r[0] <= 10]
+
+
+@pytest.mark.parametrize("clipper", ["autoclip", "agc"])
 def test_clipping_contains_gradient_explosions(clipper):
     """Every 30th batch has targets x30: the spikes blow the untreated net up."""
     x, y = regression(1)
