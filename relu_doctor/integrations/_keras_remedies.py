@@ -178,6 +178,18 @@ class KerasActivationSwap(Remedy):
         return {**super().state_dict(), "streaks": dict(self.streaks),
                 "swapped": sorted(self.swaps)}
 
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.streaks = {str(k): int(v) for k, v in state.get("streaks", {}).items()}
+
+    def _carry_objects(self, old: Remedy) -> None:
+        """The swaps an earlier fit made, still undoable: those of layers still watched."""
+        super()._carry_objects(old)
+        for path, rec in getattr(old, "swaps", {}).items():
+            site = self.sites.get(path)
+            if site is not None and site.layer is rec.site.layer:
+                self.swaps[path] = _Swap(site, rec.attr, rec.old)
+
 
 @keras.saving.register_keras_serializable(package="relu_doctor")
 class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):  # type: ignore[misc]

@@ -66,7 +66,6 @@ from relu_doctor.integrations._keras_remedies import (
     keras_plan,
     keras_plan_options,
 )
-from relu_doctor.remedies.base import Remedy
 from relu_doctor.remedies.clipping import AutoClip
 from relu_doctor.remedies.plan import TreatmentPlan
 from relu_doctor.sampling import DEFAULT_BUDGET, check_rate
@@ -313,13 +312,11 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         return plan if isinstance(plan, TreatmentPlan) else None
 
     def _bind_remedies(self, model: Any, doc: Doctor) -> None:
-        before, earlier = self.plan, self.remedies
+        earlier = self.remedies
         self.remedies = {}
         opt = getattr(model, "optimizer", None)
         if self._plan_opts is not None:
             plan, self._clipper = keras_plan(model, self.sites, opt, self._plan_opts)
-            if before is not None:  # a second fit: the plan goes on where it was
-                plan.load_state_dict(before.state_dict())
             self.remedies["treatment_plan"] = plan.bind(doc)
         if self._swap_opts is not None:
             self.remedies["leaky_relu_swap"] = KerasActivationSwap(
@@ -335,10 +332,10 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             clip = AutoClip(**self._clip_opts)
             self._clipper = KerasAutoClip(model, opt, clip).attach()
             self.remedies["autoclip"] = clip.bind(doc)
-        for name, remedy in self.remedies.items():  # a second fit (a fit per epoch in a loop):
-            old = earlier.get(name)  # the record the last one held is decided in this one
-            if isinstance(remedy, Remedy) and isinstance(old, Remedy) and remedy.held is None:
-                remedy.held = old.held
+        for name, remedy in self.remedies.items():  # a second fit (a fit per epoch in a loop)
+            old = earlier.get(name)  # goes on where the last one stopped, held record included
+            if old is not None and type(old) is type(remedy):
+                remedy.carry_from(old)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch = epoch

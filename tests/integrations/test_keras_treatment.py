@@ -272,3 +272,42 @@ def test_a_fit_per_epoch_loop_still_gets_treated(tmp_path: Path, remedies: dict)
         assert all(np.array_equal(a, b) for a, b in zip(weights, end.state[0], strict=True))
     acted = _events(tmp_path / "run", "intervention")
     assert acted and {e["step"] for e in acted} <= {8, 16, 24}, acted
+
+
+@pytest.mark.parametrize("remedies", [{"leaky_relu_swap": True}, {"lr_rescue": True},
+                                      {"autoclip": True}, {"treatment": True}],
+                         ids=lambda r: next(iter(r)))
+def test_a_fit_per_epoch_loop_is_treated_as_one_fit(tmp_path: Path, remedies: dict) -> None:
+    """Each ``fit`` of the loop rebuilds the remedies; they go on from the last fit's whole
+    state, not only its held record: a swap's patience counts readings across fits, the
+    learning-rate rescue keeps its baseline and cooldown, AutoClip its norm history, event
+    ids stay unique, and ``restore()`` undoes swaps made in earlier fits. Decisions on the
+    loop's records are those of one 4-epoch ``fit`` over the same batches (made one step
+    later, at the next fit's first step); AutoClip changes nothing at a log, so there the
+    two runs are the same run: the same clipping reports, the final one included, and the
+    same weights."""
+    x, y = _data()
+    runs = {}
+    for name, fits in (("one", [4]), ("loop", [1, 1, 1, 1])):
+        model = _mlp(bias=-1.5)
+        cb = ReluDoctorCallback(log_every_n_steps=8, every_n_steps=1,
+                                run_dir=tmp_path / name, **remedies)
+        for epochs in fits:
+            model.fit(x, y, epochs=epochs, batch_size=16, shuffle=False, verbose=0,
+                      callbacks=[cb])
+        acted = _events(tmp_path / name, "intervention")
+        runs[name] = {"acted": [(e["remedy"], e["site"], e["step"]) for e in acted],
+                      "ids": [e["id"] for e in acted], "model": model, "cb": cb}
+    one, loop = runs["one"], runs["loop"]
+    assert one["acted"], one
+    assert loop["acted"] == one["acted"]
+    assert len(set(loop["ids"])) == len(loop["ids"]), loop["ids"]
+    if "autoclip" in remedies:
+        assert [a[2] for a in loop["acted"]] == [8, 16, 24, 32]  # the final window's too
+        for a, b in zip(one["model"].get_weights(), loop["model"].get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+    if "leaky_relu_swap" in remedies:
+        swapped = sorted({a[1] for a in loop["acted"]})
+        assert sorted(loop["cb"].remedies["leaky_relu_swap"].restore()) == swapped
+        assert [layer.activation.__name__ for layer in loop["model"].layers[:2]] == [
+            "relu", "relu"]
