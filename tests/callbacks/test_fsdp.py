@@ -15,9 +15,6 @@ runs on GPUs only, by name at ``setup``/``on_train_start`` (checked on a stand-i
 from __future__ import annotations
 
 import json
-import os
-import socket
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,8 +23,6 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from lightning.pytorch.strategies import (
     DDPStrategy,
@@ -57,23 +52,9 @@ from relu_doctor.remedies import (
     swap_activation,
 )
 from relu_doctor.remedies.base import sharding_of
+from tests.callbacks.spawned import WORLD, all_reduce, join, leave, spawn, spawned
 
-SPAWNED = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                       reason="needs torch.distributed with gloo"),
-    pytest.mark.skipif(sys.platform != "linux", reason="spawned gloo processes: Linux only"),
-    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::relu_doctor.ReluDoctorWarning"),
-]
-
-
-def spawned(fn: Callable[..., None]) -> Callable[..., None]:
-    """The marks of a test reading the 2-process run."""
-    for mark in SPAWNED:
-        fn = mark(fn)
-    return fn
-
-WORLD, BATCH, STEPS, LOG_EVERY = 2, 6, 4, 2
+BATCH, STEPS, LOG_EVERY = 6, 4, 2
 
 
 def make_model() -> nn.Module:
@@ -172,9 +153,8 @@ def train(model: nn.Module, doc: relu_doctor.Doctor, opt: torch.optim.Optimizer,
         doc.step()
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank: int, store: str, out: str) -> None:
+    join(rank, store)
     try:
         torch.set_num_threads(1)
         model = shard(make_model())
@@ -195,26 +175,14 @@ def _worker(rank: int, port: int, out: str) -> None:
                    for name, steps in PLANS.items()}
         torch.save(treated, Path(out) / f"treated{rank}.pt")
     finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """The Doctor's cross-process sum (the default process group)."""
-    dist.all_reduce(t)
-    return t
+        leave()
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One 2-process FSDP run for every test of this module; its outputs' folder."""
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn(_worker, out)
     return out
 
 

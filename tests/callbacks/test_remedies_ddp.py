@@ -22,8 +22,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,11 +29,11 @@ import relu_doctor
 from relu_doctor.callbacks import ReluDoctor, ReluDoctorTreatment
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies import ActivationSwapper, ContinualBackprop, PlanStep, TreatmentPlan
-from tests.callbacks.test_fsdp import SPAWNED, all_reduce, free_port
+from tests.callbacks.spawned import SPAWNED, WORLD, all_reduce, join, leave, spawn
 
 pytestmark = SPAWNED
 
-WORLD, BATCH, STEPS, LOG_EVERY = 2, 8, 12, 2
+BATCH, STEPS, LOG_EVERY = 8, 12, 2
 SCENARIOS = ("plan", "lr_swap", "continual_backprop")
 
 
@@ -179,9 +177,8 @@ def run_lightning(rank: int, root: Path) -> dict[str, Any]:
     }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank: int, store: str, out: str) -> None:
+    join(rank, store)
     try:
         torch.set_num_threads(1)
         result = {name: run(name, rank, batches()) for name in SCENARIOS}
@@ -195,7 +192,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             result["prelu"] = str(e)
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        leave()
 
 
 def flat(tree: Any) -> list[torch.Tensor]:
@@ -207,7 +204,7 @@ def flat(tree: Any) -> list[torch.Tensor]:
 
 
 def test_every_remedy_acts_identically_on_every_rank_and_as_one_process(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     fired: set[str] = set()
     ones = {name: run(name, None, batches()) for name in SCENARIOS}
