@@ -1,4 +1,5 @@
-"""The run record: what each logging interval saw (:class:`IntervalRecord`), which findings
+"""The run record: what each logging interval saw (:class:`IntervalRecord`, defined in
+:mod:`relu_doctor.record`), which findings
 began, changed or ended (:class:`FindingTracker`), and a run as plain data (:class:`Run`).
 
 The run directory's writer and reader (``RunWriter``, ``load_run``) live in
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,7 +25,7 @@ from relu_doctor.events import (
     InterventionResult,
     event_from_dict,
 )
-from relu_doctor.sites import SiteKey, key_named
+from relu_doctor.record import IntervalRecord
 
 if TYPE_CHECKING:  # importable from here at run time through __getattr__ (no import cycle)
     from relu_doctor.rundir import RunWriter, atomic_write_bytes, load_run, read_table
@@ -55,52 +56,6 @@ FORMAT_VERSION = 4
 # 1: findings re-written every interval, no findings.json; 2: one Parquet part per log;
 # 3: ``dormant`` counted dead units too (ReDo's score <= tau, now ``below_tau``)
 READABLE_VERSIONS = (1, 2, 3, 4)
-
-
-@dataclass
-class IntervalRecord:
-    """What one logging interval saw (host-side data only).
-
-    Attributes:
-        step: the step count at which it was logged.
-        site_rows: one dict per site: ``site`` (display name), ``family``, ``leaky``,
-            ``cap``, ``order``, ``window_steps`` and the metrics of
-            :func:`relu_doctor.metrics.site_metrics`.
-        unit_table: one row per (site, unit).
-        layer_table: one row per parameterised layer: ``grad_norm``, ``update_ratio``.
-        findings: the diagnosis, most severe first.
-        new_findings: findings that were not present at the previous log.
-        keys: the :class:`~relu_doctor.sites.SiteKey` of each site, by display name.
-        metrics: training metrics of the interval by name (``loss``: the mean of the values
-            passed to ``Doctor.step(loss=...)``; ``lr``: the learning rate at the logging
-            step; whatever was given to ``Doctor.log_metrics``), for the run's ``metrics``
-            table.
-        final: logged at or after training's last optimizer step (``Doctor.step(last=True)``,
-            ``Doctor.log_final()``, a ``with`` block's exit): remedies judge earlier
-            interventions on it and hold it, changing nothing; if training goes on they
-            decide on it at the end of the next step (``Remedy.release_held``).
-    """
-
-    step: int
-    site_rows: list[dict[str, Any]]
-    unit_table: pd.DataFrame
-    layer_table: pd.DataFrame
-    findings: list[Finding]
-    new_findings: list[Finding] = field(default_factory=list)
-    keys: dict[str, SiteKey] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    final: bool = False
-
-    def site_row(self, name: str) -> dict[str, Any] | None:
-        """The row of the site called ``name``, or None."""
-        for row in self.site_rows:
-            if row["site"] == name:
-                return row
-        return None
-
-    def key(self, name: str) -> SiteKey:
-        """The key of the site called ``name``."""
-        return key_named(self.keys, name)
 
 
 LogRecord = IntervalRecord  # the name before 0.2; kept as an alias

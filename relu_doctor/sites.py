@@ -14,11 +14,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from relu_doctor.errors import ReluDoctorError
 from relu_doctor.families import Family
 from relu_doctor.stats import SiteStats
 
-__all__ = ["ROOT_LABEL", "Site", "SiteKey", "display_names", "key_named", "module_label"]
+__all__ = ["ROOT_LABEL", "Site", "SiteKey", "display_names", "module_label"]
 
 ROOT_LABEL = "(root)"
 
@@ -194,14 +193,3 @@ class Site:
             "shape": list(self.shape),
             "order": self.order,
         }
-
-
-def key_named(keys: Mapping[str, SiteKey], name: str) -> SiteKey:
-    """The key of the site called ``name`` in a record's ``keys``; a clear error naming the
-    known sites otherwise."""
-    try:
-        return keys[name]
-    except KeyError:
-        raise ReluDoctorError(
-            f"site: no site named {name!r} in this record; known: {sorted(keys)}."
-        ) from None

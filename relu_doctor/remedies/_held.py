@@ -4,45 +4,23 @@ A ``final`` record (logged at or after training's last optimizer step) is held b
 remedy, not decided on, and decided on if training goes on (``Remedy.release_held``). A run
 resumed from a checkpoint saved after that step must find it: :func:`record_state` writes
 it as numbers, strings, lists, dicts and tensors only (``torch.load(weights_only=True)``
-reads them; ``NaN`` stays ``NaN``), :func:`record_from_state` makes a :class:`HeldRecord`
-of it, which remedies read as they read an interval record.
+reads them; ``NaN`` stays ``NaN``), :func:`record_from_state` makes the
+:class:`~relu_doctor.record.IntervalRecord` again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 import torch
 
 from relu_doctor.diagnosis import Finding
-from relu_doctor.sites import SiteKey, key_named
+from relu_doctor.record import IntervalRecord
+from relu_doctor.sites import SiteKey
 
-__all__ = ["HeldRecord", "record_from_state", "record_state"]
-
-
-@dataclass
-class HeldRecord:
-    """What the remedies read of an interval record, restored from a checkpoint."""
-
-    step: int
-    site_rows: list[dict[str, Any]]
-    unit_table: pd.DataFrame
-    layer_table: pd.DataFrame
-    findings: list[Finding]
-    new_findings: list[Finding] = field(default_factory=list)
-    keys: dict[str, SiteKey] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    final: bool = True
-
-    def site_row(self, name: str) -> dict[str, Any] | None:
-        return next((r for r in self.site_rows if r["site"] == name), None)
-
-    def key(self, name: str) -> SiteKey:
-        """The key of the site called ``name``."""
-        return key_named(self.keys, name)
+__all__ = ["record_from_state", "record_state"]
 
 
 def record_state(record: Any) -> dict[str, Any]:
@@ -63,14 +41,14 @@ def record_state(record: Any) -> dict[str, Any]:
     }
 
 
-def record_from_state(state: Mapping[str, Any]) -> HeldRecord:
+def record_from_state(state: Mapping[str, Any]) -> IntervalRecord:
     """The record :func:`record_state` wrote."""
     fields = Finding.__dataclass_fields__
 
     def findings(name: str) -> list[Finding]:
         return [Finding(**{k: f[k] for k in fields if k in f}) for f in state.get(name, [])]
 
-    return HeldRecord(
+    return IntervalRecord(
         step=int(state["step"]),
         site_rows=[dict(r) for r in state.get("site_rows", [])],
         unit_table=_table_from_state(state.get("units")),

@@ -1,0 +1,69 @@
+"""One logging interval's record (:class:`IntervalRecord`): what the Doctor hands its
+listeners and the remedies decide on, and what a checkpoint's held record is restored as.
+Host-side data only; imports the diagnosis and the site keys, nothing of the run directory,
+so that :mod:`relu_doctor.remedies` may read it (:mod:`relu_doctor.history` re-exports it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from relu_doctor.diagnosis import Finding
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.sites import SiteKey
+
+__all__ = ["IntervalRecord"]
+
+
+@dataclass
+class IntervalRecord:
+    """What one logging interval saw (host-side data only).
+
+    Attributes:
+        step: the step count at which it was logged.
+        site_rows: one dict per site: ``site`` (display name), ``family``, ``leaky``,
+            ``cap``, ``order``, ``window_steps`` and the metrics of
+            :func:`relu_doctor.metrics.site_metrics`.
+        unit_table: one row per (site, unit).
+        layer_table: one row per parameterised layer: ``grad_norm``, ``update_ratio``.
+        findings: the diagnosis, most severe first.
+        new_findings: findings that were not present at the previous log.
+        keys: the :class:`~relu_doctor.sites.SiteKey` of each site, by display name.
+        metrics: training metrics of the interval by name (``loss``: the mean of the values
+            passed to ``Doctor.step(loss=...)``; ``lr``: the learning rate at the logging
+            step; whatever was given to ``Doctor.log_metrics``), for the run's ``metrics``
+            table.
+        final: logged at or after training's last optimizer step (``Doctor.step(last=True)``,
+            ``Doctor.log_final()``, a ``with`` block's exit): remedies judge earlier
+            interventions on it and hold it, changing nothing; if training goes on they
+            decide on it at the end of the next step (``Remedy.release_held``).
+    """
+
+    step: int
+    site_rows: list[dict[str, Any]]
+    unit_table: pd.DataFrame
+    layer_table: pd.DataFrame
+    findings: list[Finding]
+    new_findings: list[Finding] = field(default_factory=list)
+    keys: dict[str, SiteKey] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    final: bool = False
+
+    def site_row(self, name: str) -> dict[str, Any] | None:
+        """The row of the site called ``name``, or None."""
+        for row in self.site_rows:
+            if row["site"] == name:
+                return row
+        return None
+
+    def key(self, name: str) -> SiteKey:
+        """The key of the site called ``name``."""
+        try:
+            return self.keys[name]
+        except KeyError:
+            raise ReluDoctorError(
+                f"site: no site named {name!r} in this record; known: {sorted(self.keys)}."
+            ) from None
