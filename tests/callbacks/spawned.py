@@ -4,7 +4,8 @@ each worker joins and leaves, and the spawn itself.
 The processes meet through a file in the test's own folder (``torch.distributed``'s
 FileStore), not a TCP port picked free and released before use, which another test running
 beside it could take. Each worker leaves through a barrier, so that no process closes its
-connections while the other still reads its last message. A process killed by a signal
+connections while the other still reads its last message; a worker that raised leaves
+at once, without waiting at a barrier the other will never reach. A process killed by a signal
 (an abort in gloo's I/O thread, which turns a socket error there into ``std::terminate``)
 is spawned once more, with a warning saying so; a worker that raised fails at once.
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +48,14 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def join(rank: int, store: str) -> None:
-    """Join the gloo group of ``WORLD`` processes meeting at the file ``store``."""
+@contextmanager
+def member(rank: int, store: str) -> Iterator[None]:
+    """Be one of the ``WORLD`` gloo processes meeting at the file ``store`` for the block;
+    leave through a barrier when the block finished, at once when it raised."""
     dist.init_process_group("gloo", init_method=Path(store).as_uri(), rank=rank,
                             world_size=WORLD)
-
-
-def leave() -> None:
-    """Leave the group once every process is done with it."""
     try:
+        yield
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -62,7 +63,7 @@ def leave() -> None:
 
 def spawn(worker: Callable[..., None], out: Path, *args: Any) -> None:
     """Run ``worker(rank, store, str(out), *args)`` in ``WORLD`` processes (``store``: the
-    file to :func:`join` at, new for each try)."""
+    file to meet at, see :func:`member`, new for each try)."""
     for attempt in (1, 2):
         store = out / f"store-{attempt}"
         try:

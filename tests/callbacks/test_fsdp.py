@@ -52,7 +52,7 @@ from relu_doctor.remedies import (
     swap_activation,
 )
 from relu_doctor.remedies.base import sharding_of
-from tests.callbacks.spawned import WORLD, all_reduce, join, leave, spawn, spawned
+from tests.callbacks.spawned import WORLD, all_reduce, member, spawn, spawned
 
 BATCH, STEPS, LOG_EVERY = 6, 4, 2
 
@@ -154,8 +154,7 @@ def train(model: nn.Module, doc: relu_doctor.Doctor, opt: torch.optim.Optimizer,
 
 
 def _worker(rank: int, store: str, out: str) -> None:
-    join(rank, store)
-    try:
+    with member(rank, store):
         torch.set_num_threads(1)
         model = shard(make_model())
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -174,8 +173,6 @@ def _worker(rank: int, store: str, out: str) -> None:
                                world_size=WORLD, is_writer=rank == 0)
                    for name, steps in PLANS.items()}
         torch.save(treated, Path(out) / f"treated{rank}.pt")
-    finally:
-        leave()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ import relu_doctor
 from relu_doctor.callbacks import ReluDoctor, ReluDoctorTreatment
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies import ActivationSwapper, ContinualBackprop, PlanStep, TreatmentPlan
-from tests.callbacks.spawned import SPAWNED, WORLD, all_reduce, join, leave, spawn
+from tests.callbacks.spawned import SPAWNED, WORLD, all_reduce, member, spawn
 
 pytestmark = SPAWNED
 
@@ -178,8 +178,7 @@ def run_lightning(rank: int, root: Path) -> dict[str, Any]:
 
 
 def _worker(rank: int, store: str, out: str) -> None:
-    join(rank, store)
-    try:
+    with member(rank, store):
         torch.set_num_threads(1)
         result = {name: run(name, rank, batches()) for name in SCENARIOS}
         # Lightning's DDPStrategy joins the process group made here (as under torchrun)
@@ -191,8 +190,6 @@ def _worker(rank: int, store: str, out: str) -> None:
         except ReluDoctorError as e:
             result["prelu"] = str(e)
         torch.save(result, Path(out) / f"rank{rank}.pt")
-    finally:
-        leave()
 
 
 def flat(tree: Any) -> list[torch.Tensor]:
