@@ -375,13 +375,15 @@ class Remedy:
 
     @property
     def held(self) -> RecordLike | None:
-        """The ``final`` record awaiting a decision if training goes on, or None (settable:
-        a remedy rebuilt for a second ``fit`` takes over its predecessor's)."""
+        """The ``final`` record awaiting a decision if training goes on, or None (always
+        None when :attr:`holds_final` is False)."""
         return self._held
 
-    @held.setter
-    def held(self, record: RecordLike | None) -> None:
-        self._held = record
+    def _hold(self, record: RecordLike | None) -> None:
+        """Hold ``record`` (from a checkpoint, or a predecessor): a remedy that does not
+        hold final records decided on it already (a checkpoint of an older version may
+        carry one), so it takes none."""
+        self._held = record if self.holds_final else None
 
     def release_held(self) -> list[Intervention]:
         """Training went on after a ``final`` record: decide on it now (the bound Doctor
@@ -416,7 +418,7 @@ class Remedy:
 
     def _carry_objects(self, old: Remedy) -> None:
         """The in-memory part of :meth:`carry_from` (subclasses extend it)."""
-        self._held = old._held
+        self._hold(old._held)
 
     # ------------------------------------------------------------------ sites
     def resolve_site(self, site: str | SiteKey, arg: str = "site") -> tuple[SiteKey, str]:
@@ -558,7 +560,7 @@ class Remedy:
         self._n_events = int(state.get("n_events", 0))
         self.evidence.load_state_dict(state.get("evidence") or {})
         held = state.get("held")
-        self._held = record_from_state(held) if held else None
+        self._hold(record_from_state(held) if held else None)
 
 
 def _efficacy(record: RecordLike, site: str, units: Sequence[int]) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import relu_doctor
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies import AGC, AutoClip
+from relu_doctor.remedies._held import record_state
 from tests.remedies.helpers import (
     SyncCounter,
     dead_fraction,
@@ -185,9 +186,12 @@ def test_clipping_records_model_wide_events_whatever_the_module_names(name):
 def test_the_last_window_s_clipping_is_reported_on_the_final_record(clipper):
     """A clipper's decision reports what the window clipped, step by step: nothing to hold
     back at training's last step. The final record (``doc.step(last=True)`` at 10) gets the
-    report an uninterrupted run makes at 10, the same counts."""
+    report an uninterrupted run makes at 10, the same counts; training going on after it
+    reports the next window as if it had not stopped, even from a checkpoint an older
+    version wrote with the final record held."""
 
-    def run(steps: int, last_at: int | None) -> list[tuple[int, int]]:
+    def run(steps: int, last_at: int | None,
+            old_checkpoint: bool = False) -> list[tuple[int, int]]:
         torch.manual_seed(0)
         net = mlp(d_out=1)
         opt = torch.optim.SGD(net.parameters(), lr=0.01)
@@ -200,12 +204,19 @@ def test_the_last_window_s_clipping_is_reported_on_the_final_record(clipper):
                 (net(torch.randn(16, 8)) * (1.0 if k % 2 else 50.0)).sum().backward()
                 opt.step()
                 doc.step(last=k == last_at)
+                if old_checkpoint and k == last_at:
+                    state = clip.state_dict()
+                    assert "held" not in state
+                    clip.load_state_dict({**state, "held": record_state(doc.records[-1])})
+                    assert clip.held is None
         return [(e["step"], e["details"]["clip"]["clipped"]) for e in seen
                 if e["type"] == "intervention"]
 
     plain, ended = run(15, None), run(10, 10)
     assert [s for s, _ in ended] == [5, 10] and all(n > 0 for _, n in ended)
     assert ended == [r for r in plain if r[0] <= 10]
+    # a checkpoint of an older version held the final record: reported already, dropped
+    assert run(15, 10, old_checkpoint=True) == plain
 
 
 @pytest.mark.parametrize("clipper", ["autoclip", "agc"])
