@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -92,6 +93,12 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
     :class:`~relu_doctor.errors.ReluDoctorWarning`, and the run-level numbers of
     :func:`~relu_doctor.diagnosis.run_health` go into the epoch's ``logs``
     (``relu_doctor/health``, ``relu_doctor/dead_fraction``...).
+
+    Another ``fit`` of the same model (a loop of one-epoch fits) continues the run: the
+    same directory, steps counted on, the remedies going on where they stopped. The
+    callback passed to the ``fit`` of another model (a hyper-parameter search) starts a new
+    run for it, carrying nothing over (in a directory of its own: a ``run_dir`` given here
+    holds the first model's run, and is refused for the second).
 
     Args:
         log_every_n_steps: optimizer steps per logging interval (the window for "dead").
@@ -192,6 +199,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._failed: set[str] = set()
         self._stopped = False
         self._clipper: KerasAutoClip | None = None
+        self._fitted: weakref.ref[Any] | None = None  # the model of the last fit
         self._batches = 0
         self._accumulate = 1
         self._epoch = 0
@@ -221,6 +229,10 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 "relu_doctor watches Dense/Conv layers with activation='relu' (relu6, "
                 "leaky_relu, elu, selu, gelu, silu) and ReLU/LeakyReLU/ELU/PReLU/Activation layers."
             )
+        if self._fitted is None or self._fitted() is not model:  # a new run
+            self.doctor, self.remedies = None, {}
+            self.warner = FindingWarner(self.warner.level, self.warner.emit)
+        self._fitted = weakref.ref(model)
         state = self.doctor.state_dict() if self.doctor is not None else None
         if self.run_dir is not None:
             run_dir = Path(self.run_dir)

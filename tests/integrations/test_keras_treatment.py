@@ -311,3 +311,33 @@ def test_a_fit_per_epoch_loop_is_treated_as_one_fit(tmp_path: Path, remedies: di
         assert sorted(loop["cb"].remedies["leaky_relu_swap"].restore()) == swapped
         assert [layer.activation.__name__ for layer in loop["model"].layers[:2]] == [
             "relu", "relu"]
+
+
+def test_a_callback_passed_to_another_model_starts_a_new_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hyper-parameter search passes one callback to each model's ``fit``: each model gets
+    a run of its own (a new directory, steps from the start, remedies from scratch), the
+    run a callback of its own makes; nothing of the model before is carried over (a swap's
+    streaks, its undo records, the steps counted)."""
+    monkeypatch.chdir(tmp_path)  # the default run directories
+    x, y = _data()
+    swap = {"threshold": 0.2, "patience": 2}
+
+    def fit(cb: ReluDoctorCallback) -> tuple[Path, list[tuple[str, int]], list[int]]:
+        model = _mlp(bias=-1.5)  # the same model each time
+        model.fit(x, y, epochs=2, batch_size=16, shuffle=False, verbose=0, callbacks=[cb])
+        assert cb.doctor is not None and cb.doctor.run_dir is not None
+        run = cb.doctor.run_dir
+        acted = [(e["site"], e["step"]) for e in _events(run, "intervention")]
+        return run, acted, sorted(set(relu_doctor.load_run(run).history["step"]))
+
+    shared = ReluDoctorCallback(log_every_n_steps=4, every_n_steps=1, leaky_relu_swap=swap)
+    first, second = fit(shared), fit(shared)
+    alone = fit(ReluDoctorCallback(log_every_n_steps=4, every_n_steps=1,
+                                   leaky_relu_swap=swap))
+    assert len({first[0], second[0], alone[0]}) == 3
+    assert first[1], "the swap acted"
+    assert first[1:] == second[1:] == alone[1:]
+    assert sorted(shared.remedies["leaky_relu_swap"].restore()) == sorted(
+        {site for site, _ in second[1]})
