@@ -387,8 +387,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 raise ReluDoctorError(missing)
         if last is not False and last is not True:
             last = flag("last", bool(last) if isinstance(last, np.bool_) else last)
-        if self._check_held:  # training went on after a final record? (see _release_held)
-            self._release_held()
+        release = self._check_held  # training went on after a final record (_release_held)
         if loss is not None:
             self.log_metrics({"loss": loss})
         self.probe.close_pass()  # a pass cut short by an error elsewhere ends with the step
@@ -403,6 +402,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if self.global_step % self.log_every_n_steps == 0:
             with self.sampler.log_lap():  # what a log costs counts against the budget
                 record = self._log(final=last, keep=False)
+        if release and (record is None or not record.final):  # a final one is held anew
+            self._release_held()
         self.probe.collecting = self._collecting()
         return record
 
@@ -428,7 +429,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         entered again, a run resumed from a checkpoint holding one): at the end of the first
         step since, the remedies decide on the record they held (``Remedy.release_held``).
         Not before that step: some remedies read the model's dataflow from a forward pass,
-        which a resumed process has not run yet."""
+        which a resumed process has not run yet. After its log, if it logs: the remedies
+        decide on what they held there, and observe the new record, whose window ran before
+        those decisions."""
         self._check_held = False
         for fn in self._listeners:
             release = getattr(fn, "release_held", None)

@@ -351,16 +351,18 @@ class Remedy:
         training goes on (a second ``fit``, a run resumed from a checkpoint), the held
         record is decided on at the end of its first step (:meth:`release_held`): the
         decisions an uninterrupted run made there, one step later. A remedy whose decision
-        only reports (:attr:`holds_final` False) decides on a final record at once."""
-        events: list[Intervention | InterventionResult] = []
-        if self._held is not None:  # steps ran since, without a release: decide on it now
-            events += self._decide(self._held)
-            self._held = None
-        events += self.observe(record)
+        only reports (:attr:`holds_final` False) decides on a final record at once.
+
+        A record that arrives while one is held (the first step after it closed a window
+        too, or no Doctor released it) ran before the held decision: it is observed and the
+        held record decided on, not it, so that the changes made now are judged on the
+        window after them. A newer final record takes the place of the held one."""
+        events: list[Intervention | InterventionResult] = list(self.observe(record))
+        held, self._held = self._held, None
         if self.holds_final and getattr(record, "final", False):
             self._held = record
         else:
-            events += self._decide(record)
+            events += self._decide(held if held is not None else record)
         if self.doctor is not None:
             for e in events:
                 self.doctor.record_event(e)

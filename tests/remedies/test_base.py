@@ -294,9 +294,12 @@ class HeldRun(NamedTuple):
     judged: list[tuple[str, int, str | None]]  # (id, step, verdict) of each result
 
 
-def _held_run(kind: str, last_at: int | None, steps: int) -> HeldRun:
+def _held_run(kind: str, last_at: int | None, steps: int, ended_at: int | None = None
+              ) -> HeldRun:
     """A 4-64-1 regression with half its hidden units dead from the start, watched (log
-    every 5 steps) with one remedy; ``doc.step(last=True)`` at step ``last_at``."""
+    every 5 steps) with one remedy; ``doc.step(last=True)`` at step ``last_at``; the open
+    window logged as final after step ``ended_at`` (``doc.log_final()``: a ``with`` block
+    left there), training going on after both."""
     from relu_doctor.remedies import (
         ActivationSwapper,
         ContinualBackprop,
@@ -332,6 +335,8 @@ def _held_run(kind: str, last_at: int | None, steps: int) -> HeldRun:
         doc.step(last=i == last_at)
         if i == last_at:
             after = copy.deepcopy(net.state_dict()), [type(m) for m in net.modules()]
+        if i == ended_at:
+            doc.log_final()
     doc.detach()
     acted = [(e["step"], e["site"], e["what"], e["details"].get("units"))
              for e in seen if e["type"] == "intervention"]
@@ -374,6 +379,21 @@ def test_the_changes_before_the_last_step_are_judged_on_the_final_record(kind: s
     at_15 = [j for j in plain.judged if j[1] == 15]
     assert at_15, plain.judged  # the change made at 10 is judged at 15
     assert [j for j in ended.judged if j[1] == 15] == at_15
+
+
+@pytest.mark.parametrize("kind", ["swap", "redo", "cbp", "plan"])
+def test_a_release_on_a_logging_step_is_judged_on_the_window_after_it(kind: str) -> None:
+    """Training ended after step 9 (a partial window, logged final and held) and went on:
+    step 10, its first step since, closes a window too. That window ran before the held
+    decision made at its end, so it is only observed (nothing decided on it, nothing
+    judged): the changes decided on the held record are judged on the window of steps
+    11-15, which ran after them (they were judged on step 10 alone, before)."""
+    run = _held_run(kind, None, 20, ended_at=9)
+    assert [(r.step, r.final) for r in run.records][:3] == [(5, False), (9, True), (10, False)]
+    assert 9 in [a[0] for a in run.acted], run.acted  # decided on the held record
+    assert 10 not in [a[0] for a in run.acted]
+    assert [j for j in run.judged if j[1] == 10] == []
+    assert [j for j in run.judged if j[1] == 15], run.judged
 
 
 def test_a_held_record_survives_a_checkpoint_loaded_with_weights_only(tmp_path: Path) -> None:
