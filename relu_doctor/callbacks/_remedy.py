@@ -14,6 +14,9 @@ adapts them. :class:`RemedyCallback` holds everything the four remedy callbacks 
   ``on_train_start`` (the Doctor is made in the monitor's ``on_fit_start``), with the
   Trainer's optimizers and LR schedulers;
 - scalars to the Trainer's loggers from rank zero;
+- starting over when the callback is passed to the ``fit`` of another model (a
+  hyper-parameter loop): nothing of the last model's run is carried (:meth:`_start_over`);
+  another ``fit`` of the same model goes on where the last one stopped;
 - refusing, before training starts (``on_train_start``), a strategy that shards parameters
   (:data:`SHARDED_STRATEGIES`) when a controller cannot act on shards
   (:attr:`~relu_doctor.remedies.Remedy.on_shards`). Under DDP every controller acts
@@ -23,6 +26,7 @@ adapts them. :class:`RemedyCallback` holds everything the four remedy callbacks 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
@@ -74,6 +78,18 @@ class RemedyCallback(Callback, Generic[R]):
         self._pending_state: dict[str, Any] | None = None
         self._trainer: pl.Trainer | None = None
         self._bound: Doctor | None = None
+        self._module: weakref.ref[pl.LightningModule] | None = None  # the last fit's
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """A module other than the last fit's starts the controllers over (subclasses that
+        override this call it first)."""
+        if self._module is not None and self._module() is not pl_module:
+            self._start_over()
+        self._module = weakref.ref(pl_module)
+
+    def _start_over(self) -> None:
+        """Forget the last model's run: subclasses whose controllers outlive a model (the
+        learning rate, the clippers) rebuild them; those made for a model rebuild anyway."""
 
     # ------------------------------------------------------------------ controllers
     def _install(self, remedy: R) -> R:

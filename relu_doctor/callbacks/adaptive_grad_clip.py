@@ -105,6 +105,11 @@ class AdaptiveGradClip(RemedyCallback[AutoClip | AGC]):
         for i, st in state.get("clippers", {}).items():
             self._clipper(int(i)).load_state_dict(st)
 
+    def _start_over(self) -> None:
+        for c in self.clippers.values():
+            c.detach()
+        self.clippers = {}
+
     def _clipper(self, i: int) -> AutoClip | AGC:
         """The clipper of the ``i``-th optimizer (made on first use)."""
         if i not in self.clippers:

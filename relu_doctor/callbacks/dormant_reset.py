@@ -102,6 +102,7 @@ class DormantReset(RemedyCallback[DormantRecycler]):
         return self.remedy
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self._trainer = trainer
         if self.remedy is None or self.remedy.model is not pl_module:
             self._install(self._make(pl_module))

@@ -108,6 +108,7 @@ class LeakyReluSwap(RemedyCallback[ActivationSwapper]):
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self._trainer = trainer
         if self.kind == "prelu" and trainer.world_size > 1:
             raise ReluDoctorError(

@@ -8,6 +8,7 @@ schedules continue, reduced.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 
@@ -57,16 +58,13 @@ class LRRescue(RemedyCallback[LRRescuer]):
         triggers: Sequence[str] = ("exploding_gradient", "dead_surge"),
     ) -> None:
         super().__init__()
+        self._options: dict[str, Any] = {"factor": factor, "min_lr": min_lr, "cooldown": cooldown,
+                                         "dead_jump": dead_jump, "triggers": triggers}
         # Needs nothing of the Trainer until on_train_start: built (and validated) now.
-        self._install(
-            LRRescuer(
-                factor=factor,
-                min_lr=min_lr,
-                cooldown=cooldown,
-                dead_jump=dead_jump,
-                triggers=triggers,
-            )
-        )
+        self._install(LRRescuer(**self._options))
+
+    def _start_over(self) -> None:
+        self._install(LRRescuer(**self._options))
 
     @property
     def rescuer(self) -> LRRescuer:

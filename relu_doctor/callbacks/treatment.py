@@ -88,6 +88,7 @@ class ReluDoctorTreatment(RemedyCallback[TreatmentPlan]):
                 for s in plan.steps]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self._refuse_sharding(trainer)
 
     def _bind(self, trainer: pl.Trainer, doctor: Doctor) -> None:
@@ -98,6 +99,9 @@ class ReluDoctorTreatment(RemedyCallback[TreatmentPlan]):
                     schedulers=self._schedulers(trainer), **self.options,
                 )
             )
+        else:  # another fit of the same model: Lightning made its optimizers anew
+            self.remedy.use_optimizers(self._optimizers(trainer) or None,
+                                       self._schedulers(trainer))
         super()._bind(trainer, doctor)
         self._clip = None
         plan = self.remedy

@@ -64,13 +64,8 @@ from relu_doctor.sites import SiteKey
 __all__ = ["DEFAULT_STEPS", "PLAN_REMEDIES", "PlanStep", "TreatmentPlan"]
 
 #: The remedies a plan step can name, and whether they act on the model or on one site.
-PLAN_REMEDIES = {
-    "clip": MODEL,
-    "lr": MODEL,
-    "swap": "site",
-    "recycle": "site",
-    "continual_backprop": "site",
-}
+PLAN_REMEDIES = {"clip": MODEL, "lr": MODEL, "swap": "site", "recycle": "site",
+                 "continual_backprop": "site"}
 
 #: Never clip (AutoClip records gradient norms only, so its percentile is ready when needed).
 _NEVER = 10**15
@@ -312,6 +307,16 @@ class TreatmentPlan(Remedy):
             remedy.warn = self.warn
             remedy.bind(self.doctor, listen=False)
 
+    def use_optimizers(self, optimizer: Optimizers, schedulers: Sequence[Any] = ()) -> None:
+        """Act through new optimizers (Lightning makes them for each ``fit``), the steps'
+        controllers too; binding the plan again moves the clipper's hook to the first."""
+        self.optimizers = check_optimizers("optimizer", optimizer)
+        self.schedulers = list(schedulers)
+        for r in self._remedies.values():
+            for name in ("optimizers", "schedulers"):
+                if hasattr(r, name):
+                    setattr(r, name, list(getattr(self, name)))
+
     def _on_bind(self, doctor: DoctorLike) -> None:
         from relu_doctor.remedies.clipping import AutoClip
 
@@ -319,6 +324,7 @@ class TreatmentPlan(Remedy):
             r.warn = self.warn
             r.bind(doctor, listen=False)
             if isinstance(r, AutoClip) and self.optimizers:
+                r.detach()  # bound again: one hook, on the optimizer in use
                 r.attach(self.optimizers[0])
 
     def detach(self) -> None:

@@ -15,6 +15,7 @@ from relu_doctor.callbacks import (
     LeakyReluSwap,
     LRRescue,
     ReluDoctor,
+    ReluDoctorTreatment,
 )
 from relu_doctor.errors import ReluDoctorError
 from tests.callbacks.remedy_models import (
@@ -25,6 +26,7 @@ from tests.callbacks.remedy_models import (
     interventions,
     loader,
     make,
+    state_json,
     trainer,
 )
 
@@ -62,6 +64,30 @@ def test_a_state_before_setup_waits_in_the_callback(tmp_path, cls):
         assert cb.state_dict() == state
     cb.load_state_dict({})  # an empty state (a callback that had not started) changes nothing
     assert cb.state_dict() == state
+
+
+@pytest.mark.parametrize("cls", [*REMEDY_CALLBACKS, ReluDoctorTreatment],
+                         ids=lambda c: c.__name__)
+def test_a_callback_passed_to_another_model_s_fit_starts_over(tmp_path, cls):
+    """A hyper-parameter loop passes the same callbacks to each model's ``fit``: each model
+    gets the run fresh callbacks give it (the same interventions, the same state at the
+    end), nothing of the model before (an LR rescue's held record, cooldown and baseline; a
+    clipper's history; a swap's streaks)."""
+
+    def fit(callbacks: list, name: str) -> tuple[list, str]:
+        t = trainer(tmp_path / name, callbacks, max_steps=12)
+        t.fit(make(dead=10, spike_every=3, spike=30.0), loader())
+        acted = [(e["remedy"], e["site"], e["step"]) for e in interventions(callbacks[0])]
+        return acted, state_json(callbacks[1])
+
+    def cbs() -> list:
+        return [ReluDoctor(log_every_n_steps=4, every_n_steps=1, overhead_budget=None),
+                cls(dead_jump=0.05) if cls is LRRescue else cls()]
+
+    shared = cbs()
+    first = fit(shared, "a")
+    assert first[0] or cls is AdaptiveGradClip, first  # a clipper's events are its reports
+    assert fit(shared, "b") == fit(cbs(), "fresh") == first
 
 
 # ======================================================================= the four together

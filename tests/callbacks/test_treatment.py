@@ -109,3 +109,26 @@ def test_lightning_plan_acts_as_the_plain_loop_plan(tmp_path):
     assert {e[0] for e in events} >= {"adaptive_grad_clip", "dormant_reset"}
     for k, v in one["state"].items():
         torch.testing.assert_close(model.net.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_second_fit_acts_through_the_optimizers_it_made(tmp_path):
+    """Lightning makes the optimizers anew for each ``fit`` (``configure_optimizers``): the
+    plan kept for the same model acts through the new ones, its steps' controllers too: a
+    learning-rate cut shows in the optimizer the second fit trains with (it scaled the
+    first fit's, which nothing used any more, before)."""
+    mon = ReluDoctor(log_every_n_steps=4, every_n_steps=1, overhead_budget=None)
+    treat = ReluDoctorTreatment(cooldown=1, steps=[PlanStep("clip"), PlanStep("lr")])
+    model = make(dead=10, lr=0.1, spike_every=3, spike=30.0)
+    first = trainer(tmp_path / "a", [mon, treat], max_steps=8)
+    first.fit(model, loader())
+    plan = treat.plan
+    assert plan is not None and plan.held is not None and plan.held.step == 8
+    second = trainer(tmp_path / "b", [mon, treat], max_steps=16)
+    second.fit(model, loader())
+    opt = second.optimizers[0]
+    assert treat.plan is plan and opt is not first.optimizers[0]
+    assert plan.optimizers == [opt] and plan.remedy("lr").optimizers == [opt]
+    cuts = [e for e in interventions(mon, "lr_rescue") if e["step"] > 8]
+    assert cuts, interventions(mon)
+    assert opt.param_groups[0]["lr"] == pytest.approx(
+        cuts[-1]["details"]["changes"][0]["lr_after"])
