@@ -94,10 +94,11 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
     :func:`~relu_doctor.diagnosis.run_health` go into the epoch's ``logs``
     (``relu_doctor/health``, ``relu_doctor/dead_fraction``...).
 
-    Another ``fit`` of the same model (a loop of one-epoch fits) continues the run: the
-    same directory, steps counted on, the remedies going on where they stopped. The
-    callback passed to the ``fit`` of another model (a hyper-parameter search) starts a new
-    run for it, carrying nothing over (in a directory of its own: a ``run_dir`` given here
+    Another ``fit`` of the model of the last ``fit`` (a loop of one-epoch fits) continues
+    the run: the same directory, steps counted on, the remedies going on where they
+    stopped. The callback passed to the ``fit`` of another model (a hyper-parameter search)
+    starts a new run for it, carrying nothing over, its epochs' logs included; a model
+    fitted again after another starts a new run too (in a directory of its own: a ``run_dir`` given here
     holds the first model's run, and is refused for the second).
 
     Args:
@@ -230,7 +231,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 "leaky_relu, elu, selu, gelu, silu) and ReLU/LeakyReLU/ELU/PReLU/Activation layers."
             )
         if self._fitted is None or self._fitted() is not model:  # a new run
-            self.doctor, self.remedies = None, {}
+            self.doctor, self.remedies, self._last = None, {}, None
             self.warner = FindingWarner(self.warner.level, self.warner.emit)
         self._fitted = weakref.ref(model)
         state = self.doctor.state_dict() if self.doctor is not None else None

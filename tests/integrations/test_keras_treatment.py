@@ -341,3 +341,18 @@ def test_a_callback_passed_to_another_model_starts_a_new_run(
     assert first[1:] == second[1:] == alone[1:]
     assert sorted(shared.remedies["leaky_relu_swap"].restore()) == sorted(
         {site for site, _ in second[1]})
+
+
+def test_another_model_s_epoch_logs_carry_none_of_the_last_model_s_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An epoch of a new run that logs no window yet puts no run-level numbers in Keras'
+    logs: the last model's would reach its ``History``, ``EarlyStopping`` or
+    ``ModelCheckpoint`` as if they were this model's."""
+    monkeypatch.chdir(tmp_path)  # the default run directories
+    x, y = _data()
+    cb = ReluDoctorCallback(log_every_n_steps=4)
+    first = _mlp(bias=-1.5).fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    assert "relu_doctor/health" in first.history  # 8 steps: logged at 4 and 8
+    second = _mlp().fit(x, y, epochs=1, batch_size=64, verbose=0, callbacks=[cb])
+    assert not [k for k in second.history if k.startswith("relu_doctor/")], second.history
