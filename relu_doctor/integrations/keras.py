@@ -97,9 +97,9 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
     Another ``fit`` of the model of the last ``fit`` (a loop of one-epoch fits) continues
     the run: the same directory, steps counted on, the remedies going on where they
     stopped. The callback passed to the ``fit`` of another model (a hyper-parameter search)
-    starts a new run for it, carrying nothing over, its epochs' logs included; a model
-    fitted again after another starts a new run too (in a directory of its own: a ``run_dir`` given here
-    holds the first model's run, and is refused for the second).
+    starts a new run for it, carrying nothing over, its epochs' logs included; so does a
+    model fitted again after another. A new run needs a directory of its own: a ``run_dir``
+    given here holds the first model's run, and is refused for the second.
 
     Args:
         log_every_n_steps: optimizer steps per logging interval (the window for "dead").
