@@ -41,7 +41,17 @@
 #define FLAG_CAP 1     /* count saturated: h >= cap */
 #define FLAG_NONNEG 2  /* the family never outputs negatives: |h| = h, no second sum */
 
-#define VB 64          /* bytes of one accumulator vector: 16 floats or 8 doubles */
+#ifndef VB
+#if defined(__AVX512F__)
+#define VB 64
+#elif defined(__AVX__)
+#define VB 32
+#else
+#define VB 16
+#endif
+#endif
+#define NS ((int)(VB / 4))
+#define ND ((int)(VB / 8))
 #define FLUSH 4096     /* elements of one unit summed in float lanes before going to double */
 #define ROWS 256       /* rows of the by-groups loop summed in float lanes before double */
 #define RUN 256        /* contiguous elements per row of one group, and the per-unit bound */
@@ -342,10 +352,10 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
     DEFINE_FWD(S, T, ACC, V, I, N, LD, CONV, ABS)                                           \
     DEFINE_GRAD(S, T, ACC, V, I, N, LD, CONV)
 
-DEFINE_ALL(f32, float, float, vf32, vi32, 16, ld_f32, CV, ABS32)
-DEFINE_ALL(f64, double, double, vf64, vi64, 8, ld_f64, CV, ABS64)
-DEFINE_ALL(f16, _Float16, float, vf32, vi32, 16, ld_f16, CVF16, ABS32)
-DEFINE_ALL(bf16, uint16_t, float, vf32, vi32, 16, ld_bf16, CVBF16, ABS32)
+DEFINE_ALL(f32, float, float, vf32, vi32, NS, ld_f32, CV, ABS32)
+DEFINE_ALL(f64, double, double, vf64, vi64, ND, ld_f64, CV, ABS64)
+DEFINE_ALL(f16, _Float16, float, vf32, vi32, NS, ld_f16, CVF16, ABS32)
+DEFINE_ALL(bf16, uint16_t, float, vf32, vi32, NS, ld_bf16, CVBF16, ABS32)
 
 /* Whether to run the per-unit loop: for runs of RUN elements or more, and for few rows of
  * runs of a vector or more (a batch of 1-16 conv maps of 4x4 to 15x15, evaluation at batch
@@ -537,10 +547,17 @@ int rd_grad(const void *g, const void *gi, int dt, int64_t A, int64_t U, int64_t
                     dacc[j] += w * w;                                                       \
                 }                                                                           \
             } else {                                                                        \
-                for (i = c; i + N <= e; i += N) {                                           \
+                V acc2 = zero;                                                              \
+                for (i = c; i + 2 * N <= e; i += 2 * N) {                                   \
+                    V v = LD(p + i), w = LD(p + i + N);                                     \
+                    acc += v * v;                                                           \
+                    acc2 += w * w;                                                          \
+                }                                                                           \
+                for (; i + N <= e; i += N) {                                                \
                     V v = LD(p + i);                                                        \
                     acc += v * v;                                                           \
                 }                                                                           \
+                acc += acc2;                                                                \
                 for (int j = 0; i < e; i++, j++) {                                          \
                     ACC v = CONV(p[i]);                                                     \
                     acc[j] += v * v;                                                        \
@@ -556,10 +573,10 @@ int rd_grad(const void *g, const void *gi, int dt, int64_t A, int64_t U, int64_t
         *dsq = dd;                                                                          \
         return d;                                                                           \
     }
-DEFINE_SUMSQ(f32, float, float, vf32, vi32, 16, ld_f32, CV)
-DEFINE_SUMSQ(f64, double, double, vf64, vi64, 8, ld_f64, CV)
-DEFINE_SUMSQ(f16, _Float16, float, vf32, vi32, 16, ld_f16, CVF16)
-DEFINE_SUMSQ(bf16, uint16_t, float, vf32, vi32, 16, ld_bf16, CVBF16)
+DEFINE_SUMSQ(f32, float, float, vf32, vi32, NS, ld_f32, CV)
+DEFINE_SUMSQ(f64, double, double, vf64, vi64, ND, ld_f64, CV)
+DEFINE_SUMSQ(f16, _Float16, float, vf32, vi32, NS, ld_f16, CVF16)
+DEFINE_SUMSQ(bf16, uint16_t, float, vf32, vi32, NS, ld_bf16, CVBF16)
 
 int rd_sumsq(const void *const *ptrs, const void *const *sub, const int64_t *n, const int *dt,
              const int64_t *idx, const int64_t *first, int64_t count, double *out,
