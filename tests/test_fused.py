@@ -274,11 +274,12 @@ def test_layouts_of_one_shape_are_told_apart():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sum_squares_into_equals_a_float64_reference(dtype):
     # sizes around the kernel's chunk (65,536 elements), an empty tensor, two tensors of one
-    # layer (index 1 twice)
+    # layer (index 1 twice); 25 and 41 elements end on an odd vector of 8 or 16 lanes (the
+    # loop reads two vectors at a time) and on a partial one
     gen = torch.Generator().manual_seed(3)
-    sizes = [(7,), (256, 256), (65_536 * 2 + 3,), (0,), (33, 5)]
+    sizes = [(7,), (256, 256), (65_536 * 2 + 3,), (0,), (33, 5), (25,), (41,)]
     ts = [torch.randn(s, generator=gen).to(dtype) for s in sizes]
-    index = [0, 1, 2, 1, 1]
+    index = [0, 1, 2, 1, 1, 0, 2]
     out = torch.full((3,), 0.5, dtype=torch.float64)
     assert cpu.sum_squares_into(out, ts, index)
     expect = torch.full((3,), 0.5, dtype=torch.float64)

@@ -151,6 +151,19 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
         if (!(mode & FLAG_NONNEG)) sa[k] += ABS(v);                                         \
         sq[k] += (v) * (v);                                                                 \
     } while (0)
+/* Four rows' vectors v0..v3 of columns k at once: the accumulators (in L1, not registers, on
+ * the group loop) read and written once per four rows. */
+#define FWD_VEC4(v0, v1, v2, v3, k, ABS)                                                    \
+    do {                                                                                    \
+        typedef __typeof__(act[k]) I_;                                                      \
+        act[k] -= ((I_)((v0) > zero) + (I_)((v1) > zero)) + ((I_)((v2) > zero) + (I_)((v3) > zero)); \
+        if (mode & FLAG_CAP)                                                                \
+            sat[k] -= ((I_)((v0) >= capv) + (I_)((v1) >= capv))                             \
+                      + ((I_)((v2) >= capv) + (I_)((v3) >= capv));                          \
+        s[k] += ((v0) + (v1)) + ((v2) + (v3));                                              \
+        if (!(mode & FLAG_NONNEG)) sa[k] += (ABS(v0) + ABS(v1)) + (ABS(v2) + ABS(v3));      \
+        sq[k] += ((v0) * (v0) + (v1) * (v1)) + ((v2) * (v2) + (v3) * (v3));                 \
+    } while (0)
 #define FWD_LANE(v, k, j)                                                                   \
     do {                                                                                    \
         act[k][j] += (v) > 0;                                                               \
@@ -194,6 +207,13 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
     do {                                                                                    \
         sq[k] += (v) * (v);                                                                 \
         if (has_gi) z[k] -= (__typeof__(z[k]))((q) == zero);                                \
+    } while (0)
+#define GRAD_VEC4(v0, v1, v2, v3, q0, q1, q2, q3, k)                                       \
+    do {                                                                                    \
+        typedef __typeof__(z[k]) I_;                                                        \
+        sq[k] += ((v0) * (v0) + (v1) * (v1)) + ((v2) * (v2) + (v3) * (v3));                 \
+        if (has_gi)                                                                         \
+            z[k] -= ((I_)((q0) == zero) + (I_)((q1) == zero)) + ((I_)((q2) == zero) + (I_)((q3) == zero)); \
     } while (0)
 #define GRAD_LANE(v, q, k, j)                                                               \
     do {                                                                                    \
@@ -262,7 +282,21 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
         for (int64_t c = 0; c < nv * N; c++)                                            \
             for (int f = 0; f < NF; f++) d[f][c] = 0;                                   \
         for (int64_t b0 = a0; b0 < a1; b0 += ROWS) {                                        \
-            for (int64_t a = b0; a < min64(b0 + ROWS, a1); a++) {                           \
+            int64_t e = min64(b0 + ROWS, a1), a = b0;                                       \
+            for (; a + 4 <= e; a += 4) {                                                    \
+                const T *p = x + a * C + u0 * B;                                            \
+                for (int64_t k = 0; k < full; k++) {                                        \
+                    const T *r = p + k * N;                                                 \
+                    V v0 = LD(r), v1 = LD(r + C), v2 = LD(r + 2 * C), v3 = LD(r + 3 * C);   \
+                    FWD_VEC4(v0, v1, v2, v3, k, ABS);                                       \
+                }                                                                           \
+                for (int64_t c = full * N; c < W; c++)                                      \
+                    for (int64_t i = 0; i < 4; i++) {                                       \
+                        ACC v = CONV(p[i * C + c]);                                         \
+                        FWD_LANE(v, c / N, c % N);                                          \
+                    }                                                                       \
+            }                                                                               \
+            for (; a < e; a++) {                                                            \
                 const T *p = x + a * C + u0 * B;                                            \
                 for (int64_t k = 0; k < full; k++) {                                        \
                     V v = LD(p + k * N);                                                    \
@@ -323,7 +357,25 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
         for (int64_t c = 0; c < nv * N; c++)                                            \
             for (int f = 0; f < NG; f++) d[f][c] = 0;                                   \
         for (int64_t b0 = a0; b0 < a1; b0 += ROWS) {                                        \
-            for (int64_t a = b0; a < min64(b0 + ROWS, a1); a++) {                           \
+            int64_t e = min64(b0 + ROWS, a1), a = b0;                                       \
+            for (; a + 4 <= e; a += 4) {                                                    \
+                const T *p = g + a * C + u0 * B, *pq = has_gi ? gi + a * C + u0 * B : p;    \
+                for (int64_t k = 0; k < full; k++) {                                        \
+                    const T *r = p + k * N, *rq = pq + k * N;                               \
+                    V v0 = LD(r), v1 = LD(r + C), v2 = LD(r + 2 * C), v3 = LD(r + 3 * C);   \
+                    V q0 = zero, q1 = zero, q2 = zero, q3 = zero;                           \
+                    if (has_gi) {                                                           \
+                        q0 = LD(rq); q1 = LD(rq + C); q2 = LD(rq + 2 * C); q3 = LD(rq + 3 * C); \
+                    }                                                                       \
+                    GRAD_VEC4(v0, v1, v2, v3, q0, q1, q2, q3, k);                           \
+                }                                                                           \
+                for (int64_t c = full * N; c < W; c++)                                      \
+                    for (int64_t i = 0; i < 4; i++) {                                       \
+                        ACC v = CONV(p[i * C + c]), q = has_gi ? CONV(pq[i * C + c]) : 0;   \
+                        GRAD_LANE(v, q, c / N, c % N);                                      \
+                    }                                                                       \
+            }                                                                               \
+            for (; a < e; a++) {                                                            \
                 const T *p = g + a * C + u0 * B, *pq = has_gi ? gi + a * C + u0 * B : p;    \
                 for (int64_t k = 0; k < full; k++) {                                        \
                     V v = LD(p + k * N), q = has_gi ? LD(pq + k * N) : zero;                \
