@@ -41,17 +41,17 @@
 #define FLAG_CAP 1     /* count saturated: h >= cap */
 #define FLAG_NONNEG 2  /* the family never outputs negatives: |h| = h, no second sum */
 
-#ifndef VB
+/* Bytes of one accumulator vector: the target's vector registers. A generic vector wider
+ * than them is lowered through the stack (64 bytes on an AVX2 machine: 3-5x slower loops). */
 #if defined(__AVX512F__)
 #define VB 64
-#elif defined(__AVX__)
-#define VB 32
+#elif defined(__AVX2__)
+#define VB 32          /* AVX alone has no 32-byte integer ops (the counts' lanes) */
 #else
-#define VB 16
+#define VB 16          /* SSE2, NEON */
 #endif
-#endif
-#define NS ((int)(VB / 4))
-#define ND ((int)(VB / 8))
+#define NS (VB / 4)    /* float lanes */
+#define ND (VB / 8)    /* double lanes */
 #define FLUSH 4096     /* elements of one unit summed in float lanes before going to double */
 #define ROWS 256       /* rows of the by-groups loop summed in float lanes before double */
 #define RUN 256        /* contiguous elements per row of one group, and the per-unit bound */
