@@ -261,6 +261,28 @@ def test_a_front_that_does_not_load_leaves_the_plain_kernel(monkeypatch, tmp_pat
     _check(*_both(x, g, gi, 1, nonnegative=True, cap=None), torch.float32)
 
 
+def test_the_portable_build_counts_as_the_native_one(monkeypatch, tmp_path):
+    """Without -march=native (the compiler refused it) the kernels are built for the
+    baseline of the architecture, with 16-byte accumulator vectors (SSE2, NEON) where the
+    native build uses the target's width (32 bytes on AVX2, 64 on AVX-512): other loop
+    bounds, the same counts."""
+    monkeypatch.setattr(cpu, "_state", "unloaded")
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_front", None)
+    monkeypatch.setattr(cpu, "_FLAG_SETS", [f for f in cpu._FLAG_SETS if "-march=native" not in f])
+    monkeypatch.setenv("RELU_DOCTOR_CACHE", str(tmp_path))
+    assert cpu._load() is not None
+    for shape in [(9, 5), (300, 70), (4, 40, 3, 3), (2, 5, 3, 3000), (17, 6, 6, 6), (2000, 40)]:
+        for dtype in DTYPES:
+            x, g, gi = _data(shape, dtype, cap=2.0)
+            d = _unit_dim(shape)
+            _check(*_both(x, g, gi, d, nonnegative=True, cap=2.0), dtype)
+            _check(*_both(x, g, gi, d, nonnegative=False, cap=None), dtype)
+            out = torch.zeros(1, dtype=torch.float64)
+            assert cpu.sum_squares_into(out, [g], [0])
+            torch.testing.assert_close(out, g.double().square().sum().view(1), rtol=1e-5, atol=0)
+
+
 def test_layouts_of_one_shape_are_told_apart():
     """The per-call paths remember how a (shape, strides) reads; a tensor of the same shape
     in another layout (channels-last after contiguous, an expanded gradient) is read its
