@@ -127,19 +127,25 @@ def test_gradient_without_input_gradient_and_with_a_scale():
         _check(*_both(x, g, None, 1, nonnegative=True, cap=None, inv=inv), torch.float32)
 
 
+@pytest.mark.parametrize("nonnegative", [True, False], ids=["nonnegative", "general"])
 @pytest.mark.parametrize(
-    "shape", [(64, 32, 16, 16), (64, 48, 3, 3), (700, 300), (16, 128, 7, 7)], ids=str
+    "shape",
+    [(64, 32, 16, 16), (64, 48, 3, 3), (700, 300), (16, 128, 7, 7), (700, 100), (1000, 70),
+     (300, 130, 3, 3)],
+    ids=str,
 )
-def test_same_result_with_any_thread_count(shape):
+def test_same_result_with_any_thread_count(shape, nonnegative):
     # per-unit runs (16 x 16 maps; 7 x 7 maps of 16 rows), groups of units (3 x 3 maps, (N, F)
-    # rows)
+    # rows). The thread count sets the group size, so a column may be a vector's lane with
+    # one count and in the lanes left over past a group's last full vector with another:
+    # (700, 100), (1000, 70) and (300, 130, 3, 3) at 3, 5 or 7 threads.
     x, g, gi = _data(shape, torch.float32)
     before = torch.get_num_threads()
     try:
         out = []
-        for threads in (1, 2, 3):
+        for threads in (1, 2, 3, 5, 7):
             torch.set_num_threads(threads)
-            out.append(_both(x, g, gi, 1, nonnegative=True, cap=None)[0])
+            out.append(_both(x, g, gi, 1, nonnegative=nonnegative, cap=None)[0])
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(out[0], o) for o in out[1:])

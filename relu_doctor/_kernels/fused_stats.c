@@ -172,6 +172,20 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
         if (!(mode & FLAG_NONNEG)) sa[k][j] += (v) < 0 ? -(v) : (v);                        \
         sq[k][j] += (v) * (v);                                                              \
     } while (0)
+/* FWD_VEC4 for lane j of vector k: the same sums in the same grouping, so a column's sums
+ * are the same whether it is a vector's lane or left over past a group's last full vector
+ * (which depends on the group size, and so on the thread count). */
+#define FWD_LANE4(v0, v1, v2, v3, k, j)                                                     \
+    do {                                                                                    \
+        act[k][j] += (((v0) > 0) + ((v1) > 0)) + (((v2) > 0) + ((v3) > 0));                 \
+        if (mode & FLAG_CAP)                                                                \
+            sat[k][j] += (((v0) >= cap) + ((v1) >= cap)) + (((v2) >= cap) + ((v3) >= cap)); \
+        s[k][j] += ((v0) + (v1)) + ((v2) + (v3));                                          \
+        if (!(mode & FLAG_NONNEG))                                                          \
+            sa[k][j] += (ABS1(v0) + ABS1(v1)) + (ABS1(v2) + ABS1(v3));                      \
+        sq[k][j] += ((v0) * (v0) + (v1) * (v1)) + ((v2) * (v2) + (v3) * (v3));             \
+    } while (0)
+#define ABS1(v) ((v) < 0 ? -(v) : (v))
 /* Lane j of vector k into the double totals d[NF], then cleared. */
 #define FWD_DRAIN(d, k, j)                                                                  \
     do {                                                                                    \
@@ -219,6 +233,11 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
     do {                                                                                    \
         sq[k][j] += (v) * (v);                                                              \
         if (has_gi) z[k][j] += (q) == 0;                                                    \
+    } while (0)
+#define GRAD_LANE4(v0, v1, v2, v3, q0, q1, q2, q3, k, j)                                  \
+    do {                                                                                    \
+        sq[k][j] += ((v0) * (v0) + (v1) * (v1)) + ((v2) * (v2) + (v3) * (v3));             \
+        if (has_gi) z[k][j] += (((q0) == 0) + ((q1) == 0)) + (((q2) == 0) + ((q3) == 0));   \
     } while (0)
 #define GRAD_DRAIN(d, k, j)                                                                 \
     do {                                                                                    \
@@ -290,11 +309,11 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
                     V v0 = LD(r), v1 = LD(r + C), v2 = LD(r + 2 * C), v3 = LD(r + 3 * C);   \
                     FWD_VEC4(v0, v1, v2, v3, k, ABS);                                       \
                 }                                                                           \
-                for (int64_t c = full * N; c < W; c++)                                      \
-                    for (int64_t i = 0; i < 4; i++) {                                       \
-                        ACC v = CONV(p[i * C + c]);                                         \
-                        FWD_LANE(v, c / N, c % N);                                          \
-                    }                                                                       \
+                for (int64_t c = full * N; c < W; c++) {                                    \
+                    ACC v0 = CONV(p[c]), v1 = CONV(p[C + c]);                               \
+                    ACC v2 = CONV(p[2 * C + c]), v3 = CONV(p[3 * C + c]);                   \
+                    FWD_LANE4(v0, v1, v2, v3, c / N, c % N);                                \
+                }                                                                           \
             }                                                                               \
             for (; a < e; a++) {                                                            \
                 const T *p = x + a * C + u0 * B;                                            \
@@ -369,11 +388,16 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
                     }                                                                       \
                     GRAD_VEC4(v0, v1, v2, v3, q0, q1, q2, q3, k);                           \
                 }                                                                           \
-                for (int64_t c = full * N; c < W; c++)                                      \
-                    for (int64_t i = 0; i < 4; i++) {                                       \
-                        ACC v = CONV(p[i * C + c]), q = has_gi ? CONV(pq[i * C + c]) : 0;   \
-                        GRAD_LANE(v, q, c / N, c % N);                                      \
+                for (int64_t c = full * N; c < W; c++) {                                    \
+                    ACC v0 = CONV(p[c]), v1 = CONV(p[C + c]);                               \
+                    ACC v2 = CONV(p[2 * C + c]), v3 = CONV(p[3 * C + c]);                   \
+                    ACC q0 = 0, q1 = 0, q2 = 0, q3 = 0;                                     \
+                    if (has_gi) {                                                           \
+                        q0 = CONV(pq[c]); q1 = CONV(pq[C + c]);                             \
+                        q2 = CONV(pq[2 * C + c]); q3 = CONV(pq[3 * C + c]);                 \
                     }                                                                       \
+                    GRAD_LANE4(v0, v1, v2, v3, q0, q1, q2, q3, c / N, c % N);               \
+                }                                                                           \
             }                                                                               \
             for (; a < e; a++) {                                                            \
                 const T *p = g + a * C + u0 * B, *pq = has_gi ? gi + a * C + u0 * B : p;    \
