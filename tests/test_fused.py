@@ -163,11 +163,18 @@ def test_accumulates_into_the_window():
     assert torch.equal(st.window[ROW["active"]], expect)
 
 
-def test_falls_back_to_eager_with_one_warning_when_no_compiler(monkeypatch, tmp_path):
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """The kernels unloaded, to be built again into an empty cache (``tmp_path``) at the next
+    use; the loaded build comes back after the test."""
     monkeypatch.setattr(cpu, "_state", "unloaded")
     monkeypatch.setattr(cpu, "_lib", None)
-    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu, "_front", None)
     monkeypatch.setenv("RELU_DOCTOR_CACHE", str(tmp_path))
+
+
+def test_falls_back_to_eager_with_one_warning_when_no_compiler(monkeypatch, fresh_build):
+    monkeypatch.setattr(cpu, "_compiler", lambda: None)
     x, g, gi = _data((10, 6), torch.float32)
     st = SiteStats(6, "cpu")
     with warnings.catch_warnings(record=True) as caught:
@@ -224,12 +231,8 @@ def test_the_cpython_front_adds_what_ctypes_adds():
         cpu._front.forward(0, 0)
 
 
-def test_without_python_headers_the_kernels_go_through_ctypes(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu, "_state", "unloaded")
-    monkeypatch.setattr(cpu, "_lib", None)
-    monkeypatch.setattr(cpu, "_front", None)
+def test_without_python_headers_the_kernels_go_through_ctypes(monkeypatch, fresh_build):
     monkeypatch.setattr(cpu, "_python_include", lambda: None)
-    monkeypatch.setenv("RELU_DOCTOR_CACHE", str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning: the ctypes path is complete
         assert cpu._load() is not None
@@ -244,13 +247,9 @@ def test_without_python_headers_the_kernels_go_through_ctypes(monkeypatch, tmp_p
         _check(w, eager.window, x.dtype)
 
 
-def test_a_front_that_does_not_load_leaves_the_plain_kernel(monkeypatch, tmp_path):
+def test_a_front_that_does_not_load_leaves_the_plain_kernel(monkeypatch, fresh_build):
     """A front built but not loadable (a host that embeds Python without exporting its
     symbols) gives way to the plain build, not to the eager path."""
-    monkeypatch.setattr(cpu, "_state", "unloaded")
-    monkeypatch.setattr(cpu, "_lib", None)
-    monkeypatch.setattr(cpu, "_front", None)
-    monkeypatch.setenv("RELU_DOCTOR_CACHE", str(tmp_path))
     real = cpu.ctypes.CDLL
 
     def cdll(path, *a, **k):
@@ -267,16 +266,12 @@ def test_a_front_that_does_not_load_leaves_the_plain_kernel(monkeypatch, tmp_pat
     _check(*_both(x, g, gi, 1, nonnegative=True, cap=None), torch.float32)
 
 
-def test_the_portable_build_counts_as_the_native_one(monkeypatch, tmp_path):
+def test_the_portable_build_counts_as_the_native_one(monkeypatch, fresh_build):
     """Without -march=native (the compiler refused it) the kernels are built for the
     baseline of the architecture, with 16-byte accumulator vectors (SSE2, NEON) where the
     native build uses the target's width (32 bytes on AVX2, 64 on AVX-512): other loop
     bounds, the same counts."""
-    monkeypatch.setattr(cpu, "_state", "unloaded")
-    monkeypatch.setattr(cpu, "_lib", None)
-    monkeypatch.setattr(cpu, "_front", None)
     monkeypatch.setattr(cpu, "_FLAG_SETS", [f for f in cpu._FLAG_SETS if "-march=native" not in f])
-    monkeypatch.setenv("RELU_DOCTOR_CACHE", str(tmp_path))
     assert cpu._load() is not None
     for shape in [(9, 5), (300, 70), (4, 40, 3, 3), (2, 5, 3, 3000), (17, 6, 6, 6), (2000, 40)]:
         for dtype in DTYPES:
