@@ -164,12 +164,14 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
         if (!(mode & FLAG_NONNEG)) sa[k] += (ABS(v0) + ABS(v1)) + (ABS(v2) + ABS(v3));      \
         sq[k] += ((v0) * (v0) + (v1) * (v1)) + ((v2) * (v2) + (v3) * (v3));                 \
     } while (0)
+/* |v| of a lane's scalar. */
+#define ABS1(v) ((v) < 0 ? -(v) : (v))
 #define FWD_LANE(v, k, j)                                                                   \
     do {                                                                                    \
         act[k][j] += (v) > 0;                                                               \
         if (mode & FLAG_CAP) sat[k][j] += (v) >= cap;                                       \
         s[k][j] += (v);                                                                     \
-        if (!(mode & FLAG_NONNEG)) sa[k][j] += (v) < 0 ? -(v) : (v);                        \
+        if (!(mode & FLAG_NONNEG)) sa[k][j] += ABS1(v);                                     \
         sq[k][j] += (v) * (v);                                                              \
     } while (0)
 /* FWD_VEC4 for lane j of vector k: the same sums in the same grouping, so a column's sums
@@ -185,7 +187,6 @@ static inline void grad_finish(double *r, int64_t U, int64_t u, const double *d,
             sa[k][j] += (ABS1(v0) + ABS1(v1)) + (ABS1(v2) + ABS1(v3));                      \
         sq[k][j] += ((v0) * (v0) + (v1) * (v1)) + ((v2) * (v2) + (v3) * (v3));             \
     } while (0)
-#define ABS1(v) ((v) < 0 ? -(v) : (v))
 /* Lane j of vector k into the double totals d[NF], then cleared. */
 #define FWD_DRAIN(d, k, j)                                                                  \
     do {                                                                                    \
