@@ -9,13 +9,13 @@
  * row0 on, in place.
  *
  * Accumulators live in vector lanes (GCC/Clang vector extensions: the same code on x86 and
- * ARM, as wide as -march=native allows), in registers on the common paths. Two loops:
+ * ARM, as wide as the target's registers: see VB), in registers on the common paths. Two loops:
  *  - per unit (B >= RUN, or few rows: see per_unit): each unit's A runs of B contiguous
  *    elements, in one vector;
  *  - by groups of units (otherwise): the (A, U * B) matrix read row by row over the W <= RUN
- *    contiguous columns of G = RUN / B units, in W / N vectors (in L1), the columns of each
- *    unit folded at the end. Reading RUN contiguous elements per row keeps the reads
- *    sequential within a page.
+ *    contiguous columns of G = RUN / B units, in W / N vectors (in L1, added to four rows
+ *    at a time), the columns of each unit folded at the end. Reading RUN contiguous
+ *    elements per row keeps the reads sequential within a page.
  * Counts are kept in integer lanes (exact); sums in float lanes over at most FLUSH elements
  * of a unit (or ROWS rows), then in double.
  *
