@@ -72,6 +72,7 @@ from torch.nn.modules.module import register_module_module_registration_hook
 from torch.utils.hooks import RemovableHandle
 
 from relu_doctor._hooks import HookOwner, Hooks, HookSet, compile_watch
+from relu_doctor._kernels import Prepared
 from relu_doctor._validate import glob_patterns, matches
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.families import Family, family_of
@@ -88,6 +89,7 @@ STREAMS = ("train", "eval", "all")
 
 _is_compiling = torch.compiler.is_compiling
 _graph_task_id = torch._C._current_graph_task_id
+_tracing_state = torch._C._get_tracing_state
 
 
 def in_backward() -> bool:
@@ -231,6 +233,9 @@ class Probe(SiteRegistry, HookOwner):
         self._not_units: set[SiteKey] = set()  # 1-D calls no layer made: no site (see _site)
         self._failed: set[SiteKey] = set()  # a hook failed: no longer monitored
         self._grad_hooks: dict[Site, Callable[..., None]] = {}  # made once per site
+        # (path, call index, op) -> the family, prepared kernel call and site of its latest
+        # call: the calls laid out as that one take _record_prepared
+        self._prepared: dict[tuple[str, int, str | None], tuple[Family, Prepared, Site]] = {}
         self._warned_units: set[SiteKey] = set()
 
     # ------------------------------------------------------------------ selection
@@ -632,6 +637,11 @@ class Probe(SiteRegistry, HookOwner):
         ``op=None``, a functional call the op's name (``"relu"``), ``path`` then being the
         module whose ``forward`` made the call.
         """
+        prepared = self._prepared.get((path, call_index, op))
+        if prepared is not None and prepared[0] is family and self._record_prepared(
+            output, prepared[1], prepared[2]
+        ):
+            return
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return
         if output.dim() == 0:
@@ -671,20 +681,48 @@ class Probe(SiteRegistry, HookOwner):
             site = self._site(output, key, family, module)
             if site is None:
                 return
+            dim = site.dim_for(output.dim())
             site.stats.record_forward(
-                output, site.dim_for(output.dim()), nonnegative=family.nonnegative, cap=site.cap
+                output, dim, nonnegative=family.nonnegative, cap=site.cap
             )
             self._tap_gradient(output, site)
+            ready = site.stats.prepare_forward(
+                output, dim, nonnegative=family.nonnegative, cap=site.cap
+            )
+            if ready is not None:
+                self._prepared[path, call_index, op] = (family, ready, site)
+            else:
+                self._prepared.pop((path, call_index, op), None)
         except Exception as e:  # never raise into the user's forward
             self._fail(key, "forward", e)
         finally:
             self.stopwatch.add(t0)  # the budget's measure of what collecting costs
+
+    def _record_prepared(self, output: Any, call: Prepared, site: Site) -> bool:
+        """:meth:`record` for a call laid out as the site's previous one (nearly every call),
+        through the kernel call prepared then: the same statistics and gradient tap, with
+        only the checks that can change between calls. False (nothing done) where the
+        prepared call does not apply; then :meth:`record` takes its general path."""
+        if _is_compiling() or _tracing_state() is not None or (
+            type(output) is torch.Tensor and torch._is_functional_tensor(output)
+        ):
+            return False
+        t0 = time.perf_counter()
+        try:
+            if not call(output):
+                return False
+            self._tap_gradient(output, site)
+        except Exception as e:  # never raise into the user's forward
+            self._fail(site.key, "forward", e)
+        self.stopwatch.add(t0)
+        return True
 
     def _fail(self, key: SiteKey, where: str, exc: BaseException) -> None:
         """Stop monitoring ``key`` after its hook failed, and say so once."""
         if key in self._failed:
             return
         self._failed.add(key)
+        self._prepared.pop((key.module_path, key.call_index, key.op), None)
         site = self._sites.get(key)
         name = site.name if site is not None else key.name(key.call_index > 0)
         warnings.warn(
@@ -708,14 +746,26 @@ class Probe(SiteRegistry, HookOwner):
         )
 
     def _make_grad_hook(self, site: Site) -> Callable[..., None]:
+        # The kernel call prepared at the previous call, used by the calls laid out as it
+        # (see _record_prepared); never with a loss scale (AMP), read at each call.
+        prepared: Prepared | None = None
+
         def add_grad(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
+            nonlocal prepared
             g = grad_outputs[0] if grad_outputs else None
             if g is None:
                 return
             gi = grad_inputs[0] if grad_inputs else None
             if not isinstance(gi, torch.Tensor):
                 gi = None
-            scale = self.grad_scale() if self.grad_scale is not None else None
+            if self.grad_scale is None:
+                if prepared is not None and prepared(g, gi):
+                    return
+                dim = site.dim_for(g.dim())
+                site.stats.record_grad(g, gi, dim)
+                prepared = site.stats.prepare_grad(g, gi, dim)
+                return
+            scale = self.grad_scale()
             inv = None if scale is None else 1.0 / scale
             site.stats.record_grad(g, gi, site.dim_for(g.dim()), inv)
 

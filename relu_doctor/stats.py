@@ -467,6 +467,23 @@ class SiteStats:
             self.add_forward(forward_rows(out, unit_dim, nonnegative=nonnegative, cap=cap))
         sampling.end_call(ev)
 
+    def prepare_forward(
+        self, out: torch.Tensor, unit_dim: int, *, nonnegative: bool, cap: float | None
+    ) -> _kernels.Prepared | None:
+        """:meth:`record_forward` for the later outputs laid out as ``out``, prepared (see
+        :class:`~relu_doctor._kernels.Prepared`: it returns False, doing nothing, for one
+        that is not); None where the fused CPU kernel would not read ``out`` in place."""
+        return _kernels.prepare_forward(
+            self.window, out, unit_dim, cap=cap_in(cap, out.dtype), nonnegative=nonnegative
+        )
+
+    def prepare_grad(
+        self, grad_out: torch.Tensor, grad_in: torch.Tensor | None, unit_dim: int
+    ) -> _kernels.Prepared | None:
+        """:meth:`record_grad` without a loss scale, prepared likewise for the later
+        gradients laid out as these (called with ``(grad_out, grad_in)``)."""
+        return _kernels.prepare_grad(self.window, grad_out, grad_in, unit_dim, _N_FWD)
+
     def record_grad(
         self,
         grad_out: torch.Tensor,

@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import relu_doctor
 from relu_doctor import _kernels, sampling
+from relu_doctor._kernels import Prepared
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.sampling import DEFAULT_BUDGET, CudaClock, HostClock, Lap, Sampler
 from relu_doctor.stats import ROW, SiteStats
@@ -414,18 +415,32 @@ def test_the_lightning_callback_passes_the_default_through(tmp_path):
 
 class CostlyStatistics:
     """Each statistics call costs ``per_call`` fake seconds (added to the step's time and to
-    the statistics' time); each step's own work costs 1 fake second."""
+    the statistics' time); each step's own work costs 1 fake second. A call is a checked one
+    (``SiteStats.record_forward``/``record_grad``) or a prepared one that ran (see
+    ``relu_doctor._kernels.Prepared``)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, fake: FakeTime, per_call: float):
+        def cost() -> None:
+            fake.t += per_call
+            fake.stats += per_call
+
         for name in ("record_forward", "record_grad"):
             original = getattr(SiteStats, name)
 
             def costly(self_, *args, __original=original, **kwargs):
                 __original(self_, *args, **kwargs)
-                fake.t += per_call
-                fake.stats += per_call
+                cost()
 
             monkeypatch.setattr(SiteStats, name, costly)
+        run = Prepared.__call__
+
+        def costly_prepared(self_, *args):
+            ran = run(self_, *args)
+            if ran:
+                cost()
+            return ran
+
+        monkeypatch.setattr(Prepared, "__call__", costly_prepared)
 
 
 @real_budget

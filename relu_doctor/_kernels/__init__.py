@@ -26,9 +26,18 @@ from typing import Any
 import torch
 
 from relu_doctor._kernels import cpu
-from relu_doctor._kernels.cpu import available, disabled, sum_squares_into
+from relu_doctor._kernels.cpu import Prepared, available, disabled, sum_squares_into
 
-__all__ = ["available", "disabled", "forward_into", "grad_into", "sum_squares_into"]
+__all__ = [
+    "Prepared",
+    "available",
+    "disabled",
+    "forward_into",
+    "grad_into",
+    "prepare_forward",
+    "prepare_grad",
+    "sum_squares_into",
+]
 
 _TRITON_ON_CPU = os.environ.get("RELU_DOCTOR_TRITON_INTERPRET") == "1"
 
@@ -109,3 +118,25 @@ def grad_into(
     if grad_out.is_cpu and not _TRITON_ON_CPU:
         return cpu.grad_into(window, grad_out, grad_in, unit_dim, inv_scale, row0)
     return _via_triton(grad_out, "grad_into", window, grad_out, grad_in, unit_dim, inv_scale, row0)
+
+
+def prepare_forward(
+    window: torch.Tensor, out: torch.Tensor, unit_dim: int, *, cap: float | None,
+    nonnegative: bool = False,
+) -> Prepared | None:
+    """:func:`relu_doctor._kernels.cpu.prepare_forward` for a CPU tensor; None for the
+    others (their calls take :func:`forward_into`)."""
+    if out.is_cpu and not _TRITON_ON_CPU:
+        return cpu.prepare_forward(window, out, unit_dim, cap=cap, nonnegative=nonnegative)
+    return None
+
+
+def prepare_grad(
+    window: torch.Tensor, grad_out: torch.Tensor, grad_in: torch.Tensor | None, unit_dim: int,
+    row0: int,
+) -> Prepared | None:
+    """:func:`relu_doctor._kernels.cpu.prepare_grad` for a CPU gradient; None for the
+    others (their calls take :func:`grad_into`)."""
+    if grad_out.is_cpu and not _TRITON_ON_CPU:
+        return cpu.prepare_grad(window, grad_out, grad_in, unit_dim, row0)
+    return None

@@ -41,7 +41,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "disabled", "forward_into", "grad_into", "sum_squares_into"]
+__all__ = [
+    "Prepared",
+    "available",
+    "disabled",
+    "forward_into",
+    "grad_into",
+    "prepare_forward",
+    "prepare_grad",
+    "sum_squares_into",
+]
 
 _SOURCE = Path(__file__).with_name("fused_stats.c")
 _FRONT = Path(__file__).with_name("fastcall.c")  # includes _SOURCE: one object, a CPython front
@@ -309,12 +318,18 @@ def forward_into(
     if _state != "ready" and _load() is None:
         return False
     out, (a, u, b) = _read_as(out, unit_dim)
+    flags, cap_value = _forward_flags(cap, nonnegative)
     rc = _front.forward(
-        out.data_ptr(), code, a, u, b, window.data_ptr(), 0,
-        (_FLAG_CAP if cap is not None else 0) | (_FLAG_NONNEG if nonnegative else 0),
-        0.0 if cap is None else float(cap), torch.get_num_threads(),
+        out.data_ptr(), code, a, u, b, window.data_ptr(), 0, flags, cap_value,
+        torch.get_num_threads(),
     )
     return int(rc) == 0
+
+
+def _forward_flags(cap: float | None, nonnegative: bool) -> tuple[int, float]:
+    """rd_forward's ``flags`` and ``cap`` arguments."""
+    flags = (_FLAG_CAP if cap is not None else 0) | (_FLAG_NONNEG if nonnegative else 0)
+    return flags, 0.0 if cap is None else float(cap)
 
 
 def _scalar(x: torch.Tensor | float | None) -> float | None:
@@ -371,6 +386,104 @@ def grad_into(
         float(inv) * float(inv), torch.get_num_threads(),
     )
     return int(rc) == 0
+
+
+class Prepared:
+    """A kernel call worked out once for the repeated calls of one site: called with a
+    tensor of the dtype, shape and strides it was made for (a plain CPU tensor read in
+    place), it runs the kernel on it with the arguments found then and returns True; with
+    any other tensor, or inside :func:`disabled`, it does nothing and returns False (the
+    caller then takes :func:`forward_into` or :func:`grad_into`, which check everything).
+
+    Nearly every call of a site repeats the layout of the one before. A hook's Python runs
+    in a training step with caches the model's own work has just emptied, where each line
+    of code and each object it touches costs a miss: the checks and layout work skipped
+    here took about 40 us per call inside a step of the benchmark MLP, against 5 us in a
+    tight loop (see ``benchmarks.percall``).
+
+    Made by :func:`prepare_forward` and :func:`prepare_grad`.
+    """
+
+    __slots__ = ("args", "dtype", "grad", "shape", "stride", "tail", "window", "with_gi")
+
+    def __init__(
+        self, x: torch.Tensor, window: torch.Tensor, args: tuple[int, int, int, int],
+        tail: tuple[int, int | float], *, grad: bool = False, with_gi: bool = False,
+    ) -> None:
+        self.dtype, self.shape, self.stride = x.dtype, x.shape, x.stride()
+        self.window, self.args, self.tail = window, args, tail
+        self.grad, self.with_gi = grad, with_gi
+
+    def _fits(self, x: Any) -> bool:
+        return (
+            type(x) is torch.Tensor and x.dtype is self.dtype and x.shape == self.shape
+            and x.stride() == self.stride and x.is_cpu and not x._is_zerotensor()
+        )
+
+    def __call__(self, x: Any, gi: Any = None) -> bool:
+        """Run on ``x`` (the activation output, or dL/d(output) with ``gi``, dL/d(input) or
+        None, for a gradient call) if it fits; see the class."""
+        if _off or not self._fits(x):
+            return False
+        code, a, u, b = self.args
+        if not self.grad:
+            flags, cap = self.tail
+            rc = _front.forward(
+                x.data_ptr(), code, a, u, b, self.window.data_ptr(), 0, flags, cap,
+                torch.get_num_threads(),
+            )
+            return int(rc) == 0
+        if (gi is not None) != self.with_gi or (gi is not None and not self._fits(gi)):
+            return False
+        row0, scale2 = self.tail
+        rc = _front.grad(
+            x.data_ptr(), None if gi is None else gi.data_ptr(), code, a, u, b,
+            self.window.data_ptr(), row0, scale2, torch.get_num_threads(),
+        )
+        return int(rc) == 0
+
+
+def _in_place(x: torch.Tensor, unit_dim: int) -> tuple[int, int, int, int] | None:
+    """``(code, A, U, B)`` for a tensor the kernel reads in place, once it is loaded."""
+    code = None if _off else _plain(x)
+    if code is None or torch.compiler.is_compiling():
+        return None
+    if _state != "ready" and _load() is None:
+        return None
+    dims = _dims(x, unit_dim)
+    return None if dims is None else (code, *dims)
+
+
+def prepare_forward(
+    window: torch.Tensor, out: torch.Tensor, unit_dim: int, *, cap: float | None,
+    nonnegative: bool = False,
+) -> Prepared | None:
+    """:func:`forward_into`'s call (same arguments), prepared for the later outputs laid out
+    as ``out`` (see :class:`Prepared`); None where ``out`` is not read in place."""
+    args = _in_place(out, unit_dim)
+    if args is None:
+        return None
+    return Prepared(out, window, args, _forward_flags(cap, nonnegative))
+
+
+def prepare_grad(
+    window: torch.Tensor, grad_out: torch.Tensor, grad_in: torch.Tensor | None, unit_dim: int,
+    row0: int,
+) -> Prepared | None:
+    """:func:`grad_into`'s call without a loss scale (``inv_scale=None``), prepared for the
+    later gradients laid out as these (``grad_in`` None, or laid out as ``grad_out``: the
+    usual case); None otherwise."""
+    args = _in_place(grad_out, unit_dim)
+    if args is None:
+        return None
+    if grad_in is not None and not (
+        grad_in.dtype == grad_out.dtype and _plain(grad_in) is not None
+        and grad_in.shape == grad_out.shape and grad_in.stride() == grad_out.stride()
+    ):
+        return None
+    return Prepared(
+        grad_out, window, args, (row0, 1.0), grad=True, with_gi=grad_in is not None
+    )
 
 
 _SQ_CHUNK = 65536  # fused_stats.c's SQ_CHUNK
