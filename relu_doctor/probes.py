@@ -747,7 +747,9 @@ class Probe(SiteRegistry, HookOwner):
 
     def _make_grad_hook(self, site: Site) -> Callable[..., None]:
         # The kernel call prepared at the previous call, used by the calls laid out as it
-        # (see _record_prepared); never with a loss scale (AMP), read at each call.
+        # (see _record_prepared). Not while compiled autograd traces this hook, nor with a
+        # loss scale held in a tensor (AMP's GradScaler, read at each call): those take the
+        # checked path.
         prepared: Prepared | None = None
 
         def add_grad(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
@@ -758,16 +760,16 @@ class Probe(SiteRegistry, HookOwner):
             gi = grad_inputs[0] if grad_inputs else None
             if not isinstance(gi, torch.Tensor):
                 gi = None
-            if self.grad_scale is None:
-                if prepared is not None and prepared(g, gi):
-                    return
-                dim = site.dim_for(g.dim())
-                site.stats.record_grad(g, gi, dim)
-                prepared = site.stats.prepare_grad(g, gi, dim)
-                return
-            scale = self.grad_scale()
+            scale = self.grad_scale() if self.grad_scale is not None else None
             inv = None if scale is None else 1.0 / scale
-            site.stats.record_grad(g, gi, site.dim_for(g.dim()), inv)
+            dim = site.dim_for(g.dim())
+            if isinstance(inv, torch.Tensor) or _is_compiling():
+                site.stats.record_grad(g, gi, dim, inv)
+                return
+            if prepared is not None and prepared(g, gi, inv):
+                return
+            site.stats.record_grad(g, gi, dim, inv)
+            prepared = site.stats.prepare_grad(g, gi, dim)
 
         def grad_hook(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
             if self._failed and site.key in self._failed:

@@ -480,8 +480,8 @@ class SiteStats:
     def prepare_grad(
         self, grad_out: torch.Tensor, grad_in: torch.Tensor | None, unit_dim: int
     ) -> _kernels.Prepared | None:
-        """:meth:`record_grad` without a loss scale, prepared likewise for the later
-        gradients laid out as these (called with ``(grad_out, grad_in)``)."""
+        """:meth:`record_grad`, prepared likewise for the later gradients laid out as these
+        (called with ``(grad_out, grad_in, inv_scale)``, ``inv_scale`` a number or None)."""
         return _kernels.prepare_grad(self.window, grad_out, grad_in, unit_dim, _N_FWD)
 
     def record_grad(

@@ -69,12 +69,15 @@ def test_a_prepared_call_adds_what_the_checked_call_adds(shape, dtype, layout, c
     assert fwd is not None and grad is not None and grad_alone is not None
     for seed in (1, 2):  # later calls: other values, same layout
         x, g, gi = _data(shape, dtype, layout, seed=seed)
-        assert fwd(x) and grad(g, gi) and grad_alone(g)
+        # a loss scale as a number (DDP's world size): 1 / scale, squared into grad_sq
+        assert fwd(x) and grad(g, gi) and grad_alone(g) and grad_alone(g, None, 0.25)
         assert cpu.forward_into(checked.window, x, unit_dim, cap=cap, nonnegative=cap is None)
         assert cpu.grad_into(checked.window, g, gi, unit_dim, None, G0)
         assert cpu.grad_into(checked.window, g, None, unit_dim, None, G0)
+        assert cpu.grad_into(checked.window, g, None, unit_dim, 0.25, G0)
     assert torch.equal(prepared_stats.window, checked.window)  # the same kernel, same arguments
     assert checked.window[ROW["elements"]].sum() == 2 * first[0].numel()
+    assert checked.window[ROW["grad_elements"]].sum() == 6 * first[0].numel()
 
 
 def test_a_prepared_call_declines_every_other_layout():
@@ -242,3 +245,107 @@ def test_a_prepared_call_that_fails_stops_its_site_with_one_warning_and_training
     assert not doc.probe._prepared  # the failed site's prepared call is dropped
     step()  # the real kernel again: the site stays out, nothing raises
     doc.detach()
+
+
+def _count_prepared_grads(mp: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the prepared gradient calls that ran (Prepared.__call__ of a gradient call)."""
+    ran = {"grad": 0}
+    run = cpu.Prepared.__call__
+
+    def counting(self_, *args):
+        done = run(self_, *args)
+        if done and self_.grad:
+            ran["grad"] += 1
+        return done
+
+    mp.setattr(cpu.Prepared, "__call__", counting)
+    return ran
+
+
+def _sites_rows(doc) -> list[list[dict]]:
+    return [r.site_rows for r in doc.records]
+
+
+def _assert_rows_match(got, want):
+    assert len(got) == len(want)
+    for g_rows, w_rows in zip(got, want, strict=True):
+        for g, w in zip(g_rows, w_rows, strict=True):
+            for name, value in w.items():
+                if name in EXACT or not isinstance(value, float):
+                    assert g[name] == value, name
+                else:
+                    assert g[name] == pytest.approx(value, rel=1e-4, abs=1e-7), name
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["scaler off", "scaler on"])
+def test_a_grad_scaler_s_tensor_scale_takes_the_checked_path_and_none_the_prepared(enabled):
+    """With a GradScaler the gradient hook reads the scale at each call: an enabled scaler's
+    scale is a tensor (the checked path divides it out), a disabled one's is None (the
+    prepared call runs). Both count as the eager path."""
+    def run(eager: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        scaler = torch.amp.GradScaler("cpu", enabled=enabled, init_scale=1024.0)
+        with pytest.MonkeyPatch.context() as mp:
+            ran = _count_prepared_grads(mp)
+            if eager:
+                mp.setattr(cpu, "_off", 1)
+            doc = relu_doctor.watch(model, log_every_n_steps=1, overhead_budget=None,
+                                    grad_scaler=scaler)
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(4):
+                scaler.scale(model(torch.randn(6, 5, generator=gen)).square().mean()).backward()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+                doc.step()
+            doc.detach()
+        return _sites_rows(doc), ran["grad"]
+
+    fused, prepared_grads = run(eager=False)
+    eager, _ = run(eager=True)
+    _assert_rows_match(fused, eager)
+    assert fused[-1][0]["grad_rms"] > 0
+    if enabled:
+        assert prepared_grads == 0
+    else:
+        assert prepared_grads >= 2
+
+
+def test_compiled_autograd_takes_the_checked_path_in_the_gradient_hook():
+    """Compiled autograd traces the gradient hooks: they take the checked path (which puts
+    the eager statistics into the compiled backward), not the prepared kernel call, which
+    would break the graph and run the kernel in the middle of it."""
+    from torch._dynamo import compiled_autograd
+
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+        doc = relu_doctor.watch(model, log_every_n_steps=1, overhead_budget=None)
+        gen = torch.Generator().manual_seed(1)
+        with pytest.MonkeyPatch.context() as mp:
+            ran = _count_prepared_grads(mp)
+            for step in range(4):
+                loss = model(torch.randn(4, 6, generator=gen)).square().sum()
+                if compiled and step >= 2:  # after two eager steps prepared the calls
+                    before = ran["grad"]
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        with compiled_autograd._enable(torch.compile(backend="eager")):
+                            loss.backward()
+                    assert ran["grad"] == before, "a prepared call ran inside compiled autograd"
+                else:
+                    loss.backward()
+                doc.step()
+        doc.detach()
+        return _sites_rows(doc), ran["grad"]
+
+    torch._dynamo.reset()
+    try:
+        compiled, ran = run(compiled=True)
+    finally:
+        torch._dynamo.reset()
+    plain, _ = run(compiled=False)
+    assert ran >= 1  # the eager steps did use the prepared call
+    _assert_rows_match(compiled, plain)

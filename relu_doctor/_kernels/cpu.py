@@ -408,9 +408,10 @@ class Prepared:
 
     def __init__(
         self, x: torch.Tensor, window: torch.Tensor, args: tuple[int, int, int, int],
-        tail: tuple[int, int | float], *, grad: bool = False, with_gi: bool = False,
+        tail: tuple[Any, ...], *, grad: bool = False, with_gi: bool = False,
     ) -> None:
         self.dtype, self.shape, self.stride = x.dtype, x.shape, x.stride()
+        # args: (dtype code, A, U, B); tail: rd_forward's (flags, cap), or rd_grad's (row0,)
         self.window, self.args, self.tail = window, args, tail
         self.grad, self.with_gi = grad, with_gi
 
@@ -420,9 +421,10 @@ class Prepared:
             and x.stride() == self.stride and x.is_cpu and not x._is_zerotensor()
         )
 
-    def __call__(self, x: Any, gi: Any = None) -> bool:
-        """Run on ``x`` (the activation output, or dL/d(output) with ``gi``, dL/d(input) or
-        None, for a gradient call) if it fits; see the class."""
+    def __call__(self, x: Any, gi: Any = None, inv_scale: float | None = None) -> bool:
+        """Run on ``x`` (the activation output; for a gradient call dL/d(output), with
+        ``gi`` dL/d(input) or None and ``inv_scale`` 1 / the loss scale as a number, or None)
+        if it fits; see the class."""
         if _off or not self._fits(x):
             return False
         code, a, u, b = self.args
@@ -435,10 +437,10 @@ class Prepared:
             return int(rc) == 0
         if (gi is not None) != self.with_gi or (gi is not None and not self._fits(gi)):
             return False
-        row0, scale2 = self.tail
+        inv = 1.0 if inv_scale is None else float(inv_scale)
         rc = _front.grad(
             x.data_ptr(), None if gi is None else gi.data_ptr(), code, a, u, b,
-            self.window.data_ptr(), row0, scale2, torch.get_num_threads(),
+            self.window.data_ptr(), self.tail[0], inv * inv, torch.get_num_threads(),
         )
         return int(rc) == 0
 
@@ -470,9 +472,9 @@ def prepare_grad(
     window: torch.Tensor, grad_out: torch.Tensor, grad_in: torch.Tensor | None, unit_dim: int,
     row0: int,
 ) -> Prepared | None:
-    """:func:`grad_into`'s call without a loss scale (``inv_scale=None``), prepared for the
-    later gradients laid out as these (``grad_in`` None, or laid out as ``grad_out``: the
-    usual case); None otherwise."""
+    """:func:`grad_into`'s call, prepared for the later gradients laid out as these
+    (``grad_in`` None, or laid out as ``grad_out``: the usual case; the loss scale is given
+    at each call, as a number); None otherwise."""
     args = _in_place(grad_out, unit_dim)
     if args is None:
         return None
@@ -481,9 +483,7 @@ def prepare_grad(
         and grad_in.shape == grad_out.shape and grad_in.stride() == grad_out.stride()
     ):
         return None
-    return Prepared(
-        grad_out, window, args, (row0, 1.0), grad=True, with_gi=grad_in is not None
-    )
+    return Prepared(grad_out, window, args, (row0,), grad=True, with_gi=grad_in is not None)
 
 
 _SQ_CHUNK = 65536  # fused_stats.c's SQ_CHUNK
