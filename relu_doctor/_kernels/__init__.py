@@ -28,16 +28,8 @@ import torch
 from relu_doctor._kernels import cpu
 from relu_doctor._kernels.cpu import Prepared, available, disabled, sum_squares_into
 
-__all__ = [
-    "Prepared",
-    "available",
-    "disabled",
-    "forward_into",
-    "grad_into",
-    "prepare_forward",
-    "prepare_grad",
-    "sum_squares_into",
-]
+__all__ = ["Prepared", "available", "disabled", "forward_into", "grad_into", "prepare_forward",
+           "prepare_grad", "sum_squares_into"]
 
 _TRITON_ON_CPU = os.environ.get("RELU_DOCTOR_TRITON_INTERPRET") == "1"
 

@@ -41,16 +41,8 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "Prepared",
-    "available",
-    "disabled",
-    "forward_into",
-    "grad_into",
-    "prepare_forward",
-    "prepare_grad",
-    "sum_squares_into",
-]
+__all__ = ["Prepared", "available", "disabled", "forward_into", "grad_into", "prepare_forward",
+           "prepare_grad", "sum_squares_into"]
 
 _SOURCE = Path(__file__).with_name("fused_stats.c")
 _FRONT = Path(__file__).with_name("fastcall.c")  # includes _SOURCE: one object, a CPython front
