@@ -762,12 +762,12 @@ class Probe(SiteRegistry, HookOwner):
                 gi = None
             scale = self.grad_scale() if self.grad_scale is not None else None
             inv = None if scale is None else 1.0 / scale
-            dim = site.dim_for(g.dim())
             if isinstance(inv, torch.Tensor) or _is_compiling():
-                site.stats.record_grad(g, gi, dim, inv)
+                site.stats.record_grad(g, gi, site.dim_for(g.dim()), inv)
                 return
             if prepared is not None and prepared(g, gi, inv):
                 return
+            dim = site.dim_for(g.dim())
             site.stats.record_grad(g, gi, dim, inv)
             prepared = site.stats.prepare_grad(g, gi, dim)
 
