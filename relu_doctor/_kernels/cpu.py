@@ -288,6 +288,18 @@ def _plain(x: torch.Tensor) -> int | None:
     return None if code is None or x.numel() == 0 else code
 
 
+def _loaded_code(x: torch.Tensor) -> int | None:
+    """:func:`_plain`'s dtype code of ``x`` where a per-call kernel may read it now (not
+    inside :func:`disabled`, nor while torch.compile traces) and the kernel is loaded
+    (built at the first such call), else None."""
+    code = None if _off else _plain(x)
+    if code is None or torch.compiler.is_compiling():
+        return None
+    if _state != "ready" and _load() is None:
+        return None
+    return code
+
+
 def forward_into(
     window: torch.Tensor,
     out: torch.Tensor,
@@ -304,10 +316,8 @@ def forward_into(
     Returns False (nothing done) where the fused path does not apply; then the caller runs
     the eager path.
     """
-    code = None if _off else _plain(out)
-    if code is None or torch.compiler.is_compiling():
-        return False
-    if _state != "ready" and _load() is None:
+    code = _loaded_code(out)
+    if code is None:
         return False
     out, (a, u, b) = _read_as(out, unit_dim)
     flags, cap_value = _forward_flags(cap, nonnegative)
@@ -351,13 +361,9 @@ def grad_into(
     ``grad_in`` is dL/d(input) or None; ``inv_scale`` is 1 / the AMP loss scale. Returns
     False where the fused path does not apply.
     """
-    code = None if _off else _plain(grad_out)
-    if code is None or torch.compiler.is_compiling():
-        return False
     inv = 1.0 if inv_scale is None else _scalar(inv_scale)
-    if inv is None:
-        return False
-    if _state != "ready" and _load() is None:
+    code = _loaded_code(grad_out)
+    if inv is None or code is None:
         return False
     g, dims = _read_as(grad_out, unit_dim)
     gi_ptr = None
@@ -439,10 +445,8 @@ class Prepared:
 
 def _in_place(x: torch.Tensor, unit_dim: int) -> tuple[int, int, int, int] | None:
     """``(code, A, U, B)`` for a tensor the kernel reads in place, once it is loaded."""
-    code = None if _off else _plain(x)
-    if code is None or torch.compiler.is_compiling():
-        return None
-    if _state != "ready" and _load() is None:
+    code = _loaded_code(x)
+    if code is None:
         return None
     dims = _dims(x, unit_dim)
     return None if dims is None else (code, *dims)
