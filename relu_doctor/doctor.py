@@ -159,8 +159,12 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             distributed=all_reduce is not None,
             spent=self.stopwatch.read,
         )
-        self.every_n_steps = self.sampler.every_n_steps or 1
-        self.overhead_budget = self.sampler.overhead_budget
+        # What is in effect (the run's configuration says it): "auto" where the budget
+        # chooses the rate; a fixed rate has no budget.
+        self.every_n_steps = (
+            "auto" if self.sampler.adaptive else self.sampler.every_n_steps or 1
+        )
+        self.overhead_budget = self.sampler.overhead_budget if self.sampler.adaptive else None
         self.steps_run = 0  # steps in the open window, collecting or not
         self.config = diagnosis_config(tau, config)
         if grad_scaler is not None and not hasattr(grad_scaler, "is_enabled"):
@@ -236,6 +240,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._tracker = FindingTracker()
         self._grad_norm_history: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
         self._first_rms: dict[str, float] = {}  # each site's activation RMS at its first log
+        self._warned_empty = False  # a window with collecting steps recorded nothing
         self._listeners: list[Listener] = []
         # at the next step, ask the remedies for a held final record (one was logged, or
         # this Doctor was attached: a resumed run's remedies may have loaded one)
@@ -492,8 +497,10 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         nothing). The window is closed, as :meth:`log` closes it, so a later ``fit`` with
         the same Doctor starts a new one; ``keep_window=True`` (a ``with`` block's exit)
         keeps it readable instead. A failure warns and returns None: the end of training is
-        the user's."""
-        if self.window_steps == 0 or not self.probe.attached or self._unfolded:
+        the user's. A window whose steps all came after the last collecting one is logged
+        too (its training metrics, ``steps_collected=0``; its findings are the last
+        window's that collected: see ``IntervalReading._read``)."""
+        if self.steps_run == 0 or not self.probe.attached or self._unfolded:
             return None
         try:
             with self.sampler.log_lap():

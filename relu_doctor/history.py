@@ -100,6 +100,10 @@ class FindingTracker:
             self._open = now
         return out, new, events
 
+    def open_findings(self) -> list[Finding]:
+        """The findings of the last committed step, as :meth:`update` returned them."""
+        return list(self._open.values())
+
     def state_dict(self) -> list[dict[str, Any]]:
         return [f.to_dict() for f in self._open.values()]
 

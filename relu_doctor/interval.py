@@ -10,6 +10,7 @@ its own module so that ``doctor.py`` holds the wiring of one step and one log.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from relu_doctor.diagnosis import Finding, diagnose
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.events import FindingEvent
 from relu_doctor.history import IntervalRecord
 from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, metrics_of_stacked
@@ -90,6 +91,11 @@ def _unit_frame(
     )
 
 
+# The window rows that say it saw something: finite elements, or non-finite calls (a site
+# whose every output was NaN has elements == 0 yet must be reported).
+_SEEN_ROWS = [ROW["elements"], ROW["nonfinite"], ROW["grad_nonfinite"]]
+
+
 class IntervalReading:
     """The reading half of :class:`~relu_doctor.doctor.Doctor` (see the module)."""
 
@@ -105,6 +111,7 @@ class IntervalReading:
         _tracker: FindingTracker
         _grad_norm_history: deque[float]
         _first_rms: dict[str, float]
+        _warned_empty: bool
 
         def reduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
@@ -178,16 +185,29 @@ class IntervalReading:
             self.global_step, [s.name for s in sites], [s.units for s in sites],
             unit_list[0].stacked,
         )
-        findings = diagnose(
-            site_rows, units, self.config, step=self.global_step,
-            param_grad_norms=self._grad_norm_history, first_rms=self._first_rms,
-        )
-        if logged:
-            for r in site_rows:
-                rms = float(r.get("rms", math.nan))
-                if math.isfinite(rms) and rms > 0:
-                    self._first_rms.setdefault(str(r["site"]), rms)
-        findings, new, events = self._tracker.update(findings, self.global_step, commit=logged)
+        if not bool(host_window[_SEEN_ROWS].sum() > 0):
+            # The window saw nothing: no step of it collected (the last, partial window of a
+            # sampled run, logged for its training metrics), or no pass of its stream ran.
+            # Nothing to judge, so the last judged window's findings stand, neither ended
+            # nor begun again.
+            if logged and self.window_steps > 0:
+                self._warn_saw_nothing()
+            findings = self._tracker.open_findings()
+            new: list[Finding] = []
+            events: list[FindingEvent] = []
+        else:
+            findings = diagnose(
+                site_rows, units, self.config, step=self.global_step,
+                param_grad_norms=self._grad_norm_history, first_rms=self._first_rms,
+            )
+            if logged:
+                for r in site_rows:
+                    rms = float(r.get("rms", math.nan))
+                    if math.isfinite(rms) and rms > 0:
+                        self._first_rms.setdefault(str(r["site"]), rms)
+            findings, new, events = self._tracker.update(
+                findings, self.global_step, commit=logged
+            )
         record = IntervalRecord(
             step=self.global_step,
             site_rows=site_rows,
@@ -199,14 +219,29 @@ class IntervalReading:
         )
         return record, events
 
+    def _warn_saw_nothing(self) -> None:
+        """Once: a window with collecting steps recorded no pass at all."""
+        if self._warned_empty or self.probe.paused or self.probe.failed_sites():
+            return  # (a failed site said so in its own warning)
+        self._warned_empty = True
+        which = {
+            "train": "no training pass (model.training and gradients enabled) ran; if the "
+            "model was left in eval mode after an evaluation, call model.train() again",
+            "eval": "no evaluation pass (model.eval() or torch.no_grad()) ran",
+        }.get(self.probe.stream, "no forward pass of the model ran")
+        warnings.warn(
+            f"relu_doctor: the window ending at step {self.global_step} recorded nothing in "
+            f"its {self.window_steps} collecting step(s): {which}. Its statistics are empty "
+            "and judge nothing (its findings are the last judged window's).",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
+
     def current(self) -> IntervalRecord | None:
         """The current window's record without closing it, or the last logged one when the
         current window is empty. Reads device tensors (a host sync): call it off the hot path."""
         sites = self.probe.sites()
-        # A window counts as non-empty when it saw finite elements or non-finite steps (a
-        # site whose every output was NaN has elements == 0 yet must be reported).
-        seen_rows = [ROW["elements"], ROW["nonfinite"], ROW["grad_nonfinite"]]
-        if sites and any(bool(s.stats.window[seen_rows].sum() > 0) for s in sites):
+        if sites and any(bool(s.stats.window[_SEEN_ROWS].sum() > 0) for s in sites):
             read = self._read(close=False)
             return None if read is None else read[0]
         return self._records[-1] if self._records else None

@@ -717,6 +717,10 @@ class Probe(SiteRegistry, HookOwner):
         self.stopwatch.add(t0)
         return True
 
+    def failed_sites(self) -> set[SiteKey]:
+        """The sites no longer monitored because a hook of theirs failed."""
+        return set(self._failed)
+
     def _fail(self, key: SiteKey, where: str, exc: BaseException) -> None:
         """Stop monitoring ``key`` after its hook failed, and say so once."""
         if key in self._failed:

@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
@@ -64,7 +64,7 @@ class RunRecording:
         resume: bool
         is_writer: bool
         log_every_n_steps: int
-        every_n_steps: int
+        every_n_steps: int | Literal["auto"]
         overhead_budget: float | None
         global_step: int
         window_steps: int

@@ -13,6 +13,7 @@ import inspect
 import itertools
 import math
 import pickle
+import re
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ import relu_doctor
 from relu_doctor import _kernels, sampling
 from relu_doctor._kernels import Prepared
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
+from relu_doctor.reports.context import build_context
+from relu_doctor.reports.tensorboard import run_log_dir
 from relu_doctor.sampling import DEFAULT_BUDGET, CudaClock, HostClock, Lap, Sampler
 from relu_doctor.stats import ROW, SiteStats
 
@@ -864,3 +867,103 @@ def test_remedies_that_read_dead_units_get_enough_steps_per_window_and_the_cost_
     fixed = sampler(FakeTime(), every_n_steps=25)
     fixed.need_per_window(8, 50)
     assert [fixed.collect(i) for i in range(50)].count(True) == 2
+
+
+
+def test_a_last_window_with_no_collecting_step_is_logged_and_judged_by_the_last_that_had_one(
+    tmp_path,
+):
+    """A sampled run whose last, partial window holds no collecting step (every 6th step,
+    logs every 10, 24 steps: steps 20-23 collect nothing) logs that window all the same, as
+    a final record: its steps and loss are not lost, it states that it collected nothing,
+    and it judges nothing: its findings are the last judged window's, and the report's
+    tables show that window."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    with torch.no_grad():
+        net[0].bias[:6] = -50.0  # six dead units: a finding that must stand
+    losses, collected = [], []
+    run = tmp_path / "run"
+    with relu_doctor.watch(
+        net, log_every_n_steps=10, every_n_steps=6, run_dir=run, tensorboard=True
+    ) as doc:
+        for _ in range(24):
+            collected.append(doc.probe.collecting)
+            loss = net(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            losses.append(float(loss))
+            doc.step(loss=loss.detach())
+    assert [i for i, c in enumerate(collected) if c] == [0, 6, 12, 18]
+    assert [r.step for r in doc.records] == [10, 20, 24]
+    last, judged = doc.records[-1], doc.records[-2]
+    assert last.final
+    for r in last.site_rows:
+        assert (r["steps_collected"], r["steps_run"], r["elements"]) == (0, 4, 0)
+    assert last.metrics["loss"] == pytest.approx(sum(losses[20:]) / 4)
+    assert [f.to_dict() for f in last.findings] == [f.to_dict() for f in judged.findings]
+    assert any(f.kind == "dead" and f.site == "1" for f in last.findings)
+    assert last.new_findings == []
+    ctx = build_context(relu_doctor.load_run(run))
+    numbers = dict(ctx.key_numbers)
+    assert numbers["steps collected"].startswith("4 of 24 run")
+    assert "The windows after step 20 saw nothing" in ctx.findings_stale
+    assert [r.raw["dead"] for r in ctx.sites if r.site == "1"] == [6]
+    assert ctx.verdict.status != "healthy"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_log_dir(run)))
+    acc.Reload()
+    fractions = acc.Scalars("relu_doctor/steps_collected_fraction")
+    assert [e.step for e in fractions] == [10, 20, 24]
+    assert [e.value for e in fractions] == pytest.approx([2 / 10, 2 / 10, 0.0])
+
+
+def test_the_configuration_states_the_rate_in_effect(tmp_path):
+    """A run's configuration says "auto" where the budget chooses the rate, and no budget
+    under a fixed rate (which ignores it)."""
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    cases = [({"overhead_budget": 0.05}, "auto", 0.05),
+             ({"every_n_steps": 3}, 3, None),
+             ({"every_n_steps": 3, "overhead_budget": 0.05}, 3, None),
+             ({"overhead_budget": None}, 1, None)]
+    for i, (kw, every, budget) in enumerate(cases):
+        with relu_doctor.watch(net, run_dir=tmp_path / str(i), log_every_n_steps=2, **kw) as doc:
+            assert (doc.every_n_steps, doc.overhead_budget) == (every, budget)
+            for _ in range(2):
+                net(torch.randn(3, 4)).sum().backward()
+                doc.step()
+        config = relu_doctor.load_run(tmp_path / str(i)).meta["config"]
+        assert (config["every_n_steps"], config["overhead_budget"]) == (every, budget)
+
+
+def test_a_window_whose_collecting_steps_saw_no_pass_warns_once_and_judges_nothing(tmp_path):
+    """Left in eval mode after an evaluation, a model's training stream records nothing: the
+    windows say so once, in a warning; their findings are the last judged window's (not
+    "healthy"), and the report's tables show that window."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    with torch.no_grad():
+        net[0].bias[:6] = -50.0
+    run = tmp_path / "run"
+    with pytest.warns(ReluDoctorWarning) as caught, relu_doctor.watch(
+        net, log_every_n_steps=5, every_n_steps=1, run_dir=run
+    ) as doc:
+        for step in range(15):
+            if step == 5:
+                net.eval()  # ... and never train() again
+            net(torch.randn(8, 4)).pow(2).mean().backward()
+            doc.step()
+    said = [str(w.message) for w in caught if "recorded nothing" in str(w.message)]
+    assert len(said) == 1
+    assert re.search(r"step 10 recorded nothing in its 5 collecting step\(s\): no training "
+                     r"pass.*model\.train\(\)", said[0])
+    first, second, third = doc.records
+    assert all(r["elements"] > 0 for r in first.site_rows)
+    assert all(r["elements"] == 0 for r in second.site_rows + third.site_rows)
+    judged = [f.to_dict() for f in first.findings]
+    assert any(f["kind"] == "dead" for f in judged)
+    assert [f.to_dict() for f in second.findings] == judged == [f.to_dict() for f in third.findings]
+    ctx = build_context(relu_doctor.load_run(run))
+    assert "The windows after step 5 saw nothing" in ctx.findings_stale
+    assert [r.raw["dead"] for r in ctx.sites if r.site == "1"] == [6]
+    assert ctx.verdict.status != "healthy"

@@ -435,6 +435,21 @@ def _evaluation(run: Run) -> EvalView | None:
     return EvalView(name, steps, steps[-1] if steps else None, passes, _site_rows(ev, last, []))
 
 
+def _sampling(hist: pd.DataFrame, steps: Sequence[int]) -> tuple[int, int, int] | None:
+    """(steps collected, steps run, the last logged step whose window saw anything) over the
+    logged windows; None for a run that does not record them (written before they were)."""
+    if not steps or "steps_collected" not in hist or "steps_run" not in hist:
+        return None
+    per_step = hist.groupby("step")
+    counts = per_step[["steps_collected", "steps_run"]].first().fillna(0)
+    seen_cols = [c for c in ("elements", "nonfinite", "grad_nonfinite") if c in hist]
+    seen = (per_step[seen_cols].sum().sum(axis=1) > 0 if seen_cols
+            else pd.Series(True, index=counts.index))
+    judged = [int(s) for s, ok in zip(counts.index, seen, strict=True) if ok]
+    return (int(counts["steps_collected"].sum()), int(counts["steps_run"].sum()),
+            judged[-1] if judged else int(steps[-1]))
+
+
 def build_context(run: Run) -> ReportContext:
     """The report of ``run`` as plain data.
 
@@ -444,7 +459,9 @@ def build_context(run: Run) -> ReportContext:
     hist = run.history
     steps = sorted(int(s) for s in hist["step"].unique()) if not hist.empty else []
     last_step = steps[-1] if steps else None
-    last = hist[hist["step"] == last_step] if last_step is not None else pd.DataFrame()
+    sampling = _sampling(hist, steps)
+    shown_step = sampling[2] if sampling is not None else last_step
+    last = hist[hist["step"] == shown_step] if shown_step is not None else pd.DataFrame()
     findings = [finding_view(f) for f in run.findings()]
     findings.sort(key=lambda f: (-severity_rank(f.severity), f.kind, f.site))
     findings_step = max((f.step for f in findings), default=last_step)
@@ -481,12 +498,21 @@ def build_context(run: Run) -> ReportContext:
         ("never active", str(total("lifetime_dead"))),
         ("dormant", str(total("dormant"))),
         ("steps logged", f"{steps[0]}–{steps[-1]} ({len(steps)} logs)" if steps else "none"),
+        *([("steps collected", f"{sampling[0]} of {sampling[1]} run "
+            f"({fmt_pct(sampling[0] / sampling[1])})")] if sampling and sampling[1] else []),
         ("interventions", str(len(interventions))),
     ]
     verdict = _verdict(findings, last_step, findings_step)
     stale = ""
     if findings_step is not None and last_step is not None and findings_step < last_step:
         stale = f"Findings are from step {findings_step}; the run logged up to step {last_step}."
+    if shown_step is not None and last_step is not None and shown_step < last_step:
+        stale += (
+            f"{' ' if stale else ''}The windows after step {shown_step} saw nothing (none of "
+            "their steps collected, under the overhead budget's sampling, or no pass of the "
+            f"watched stream ran): the sites table and key numbers are those of step "
+            f"{shown_step}."
+        )
     heatmap_steps = _heatmap_steps(steps, heatmaps, sites)
     series = Series(
         history=hist,

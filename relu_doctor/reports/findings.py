@@ -27,7 +27,8 @@ __all__ = ["MODEL_WIDE", "VOCABULARY", "FindingView", "done_lines", "finding_vie
 #: but with a ReDo score at or below tau (dead units are not counted as dormant); **ReDo
 #: score ≤ tau** = what ReDo recycles, dead units included (the interventions table).
 VOCABULARY: tuple[tuple[str, str], ...] = (
-    ("dead", "no activation on any sample in the logging window"),
+    ("dead", "no activation on any sample in the logging window (in its collected steps, "
+     "where the overhead budget samples: see \"steps collected\")"),
     ("never active", "no activation since monitoring began"),
     ("dormant", "active, but with a ReDo score (mean |h| over the layer's mean) at or below tau"),
     ("ReDo score ≤ tau", "dormant, or dead with a score that low: the units ReDo recycles, "

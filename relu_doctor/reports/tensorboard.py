@@ -131,7 +131,9 @@ TRAIN_PREFIX = "train"
 #: The words of the report, written once beside the charts.
 DEFINITIONS = (
     "| word | scalar | meaning |\n|---|---|---|\n"
-    "| dead | `dead_fraction` | no activation on any sample in the logging window |\n"
+    "| dead | `dead_fraction` | no activation on any sample of the logging window's "
+    "collected steps (`steps_collected_fraction` of its steps, where the overhead budget "
+    "samples) |\n"
     "| never active | `lifetime_dead_fraction` | no activation since monitoring began |\n"
     "| dormant | `dormant_fraction` | active, but with a ReDo score (mean \\|h\\| over the "
     "layer's mean) at or below tau (dead units are not dormant) |\n"
@@ -370,6 +372,9 @@ def write_record(
         writer.add_scalar(t, v, step)
     for t, v in training_scalars(training or {}).items():
         writer.add_scalar(t, v, step)
+    got, ran = (_number(sites[0].get(k)) for k in ("steps_collected", "steps_run")) if sites else (None, None)
+    if got is not None and ran:  # the window's sampling: how much of it the statistics saw
+        writer.add_scalar(f"{prefix}/steps_collected_fraction", got / ran, step)
     if histograms and units is not None and not units.empty and "activation_rate" in units:
         for site, part in units.groupby("site", sort=False):
             rates = part["activation_rate"].to_numpy(dtype=np.float64)

@@ -140,6 +140,10 @@ def expected_scalars(history: pd.DataFrame, layers: pd.DataFrame, metrics=tb.DEF
             v = float(row[m])
             if not math.isnan(v):
                 out.setdefault(f"{prefix}/{m}/{row['site']}", {})[int(row["step"])] = v
+        if row["steps_run"]:  # the window's sampling (one value per step, from any site)
+            out.setdefault(f"{prefix}/steps_collected_fraction", {})[int(row["step"])] = (
+                row["steps_collected"] / row["steps_run"]
+            )
     for row in layers.to_dict("records"):
         for m in ("grad_norm", "update_ratio"):
             v = float(row[m])
