@@ -196,7 +196,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self.sites: dict[str, KerasSite] = {}
         self.remedies: dict[str, Any] = {}
         self._handles: list[Any] = []
-        self._calls: dict[int, int] = {}
+        self._site_handles: list[tuple[Any, Any]] = []  # (probe, handle in its hook set)
+        self._calls: dict[tuple[int, int], int] = {}
         self._failed: set[str] = set()
         self._stopped = False
         self._clipper: KerasAutoClip | None = None
@@ -284,17 +285,21 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
         self._handles.append(model.register_forward_pre_hook(begin))
         self._handles.append(model.register_forward_hook(end, always_call=True))
-        for site in self.sites.values():
-            self._handles.append(site.layer.register_forward_hook(self._make_hook(site, probes)))
+        # One hook per layer and probe, in that probe's hook set: parked with its probe's
+        # own hooks on a step that collects nothing (the validation stream's, never parked,
+        # stay for the evaluation passes that run between steps).
+        for p in probes:
+            for site in self.sites.values():
+                handle = site.layer.register_forward_hook(self._make_hook(site, p))
+                self._site_handles.append((p, p.hooks.add(handle)))
 
-    def _make_hook(self, site: KerasSite, probes: list[Any]) -> Any:
-        key = id(site.layer)
+    def _make_hook(self, site: KerasSite, probe: Any) -> Any:
+        key = (id(probe), id(site.layer))
 
         def hook(layer: Any, args: Any, output: Any) -> None:
             if not isinstance(output, torch.Tensor) or output.device.type == "meta":
                 return  # Keras' symbolic shape inference
-            on = [p for p in probes if p.recording]
-            if not on:
+            if not probe.recording:
                 return
             fam = site.family()
             if fam is None:
@@ -304,8 +309,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             if site.path in self._failed:
                 return
             try:
-                for p in on:
-                    p.record(output, path=site.path, call_index=idx, family=fam)
+                probe.record(output, path=site.path, call_index=idx, family=fam)
             except Exception as e:  # never into the user's forward: warn once, step aside
                 self._failed.add(site.path)
                 warnings.warn(
@@ -401,6 +405,9 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+        site_handles, self._site_handles = self._site_handles, []
+        for p, h in site_handles:
+            p.hooks.remove([h])  # parked or not
         if self._clipper is not None:
             self._clipper.detach()
             self._clipper = None

@@ -370,3 +370,44 @@ def test_default_run_directories_never_collide(tmp_path: Path, monkeypatch: pyte
     name = model.name
     assert (tmp_path / "relu_doctor_logs" / name / "meta.json").is_file()
     assert (tmp_path / "relu_doctor_logs" / f"{name}_1" / "meta.json").is_file()
+
+
+def test_the_layer_hooks_are_parked_on_steps_that_collect_nothing(tmp_path: Path) -> None:
+    """As the module hooks of ``watch``: on a step that collects nothing (every 3rd step
+    collects here) no hook of relu_doctor's is in a watched Keras layer's hook dict, so the
+    layer takes torch's hook-free path; on a collecting step and in the validation passes
+    they are there. The numbers are those of exactly the collected steps, and the
+    validation stream still holds every validation pass."""
+    model = _mlp()
+    x, y = _data(96)
+    layers = _layers(model)
+    seen: list[tuple[bool, int]] = []  # (a training pass, hooks of ours on "hidden")
+
+    def ours(layer: Any, args: Any, out: Any) -> None:
+        n = sum("integrations.keras" in getattr(h, "__module__", "") for h in layer._forward_hooks.values())
+        seen.append((torch.is_grad_enabled(), n))
+
+    spy = layers["hidden"].register_forward_hook(ours, prepend=True)
+    ref = Outputs(layers, {k: -1 for k in layers}, keep=lambda: torch.is_grad_enabled())
+    val = Outputs(layers, {k: -1 for k in layers}, keep=lambda: not torch.is_grad_enabled())
+    cb = ReluDoctorCallback(log_every_n_steps=3, every_n_steps=3, overhead_budget=None,
+                            run_dir=tmp_path / "run", monitor_validation=True)
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb], validation_data=_data(24, seed=1))
+    spy.remove()
+    ref.remove()
+    val.remove()
+    train = [n for grad, n in seen if grad]
+    assert len(train) == 12
+    # step i collects when i % 3 == 0: our training hook and the validation stream's
+    assert train == [2 if i % 3 == 0 else 1 for i in range(12)]
+    first = next(i for i, (grad, _) in enumerate(seen) if grad)  # (Keras builds before fit)
+    assert [n for grad, n in seen[first:] if not grad] == [2] * 4  # 2 validation batches x 2
+    h = cb.doctor.history()
+    collected = [p for i, p in enumerate(ref.passes) if i % 3 == 0]
+    for site in layers:
+        got = h[h["site"] == site]["elements"].sum()
+        assert got == sum(p[site].size for p in collected)
+    ev = relu_doctor.load_run(tmp_path / "run" / "validation").history
+    assert int(ev[ev["site"] == "hidden"]["elements"].sum()) == sum(p["hidden"].size for p in val.passes)
+    assert not any("integrations.keras" in getattr(h, "__module__", "")
+                   for layer in layers.values() for h in layer._forward_hooks.values())
