@@ -65,7 +65,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             read at logging steps on a GPU; no synchronisation) and collects every n-th step
             with n chosen to stay under it, at least once per logging interval (see
             :mod:`relu_doctor.sampling`). None collects every step. Each record and
-            ``to_pandas()`` state ``steps_collected`` out of ``steps_run``.
+            ``to_pandas()`` state ``steps_collected`` out of ``steps_run``: the steps meant
+            to collect in which a forward pass of the watched stream was recorded.
         tau: dormant threshold on the ReDo score, in (0, 1): a shortcut for
             ``config=DiagnosisConfig(tau=...)`` (default 0.1). Giving both ``tau`` and a
             ``config`` whose ``tau`` differs is an error.
@@ -232,7 +233,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._exited = False
         self.expects_steps = False  # watch() sets it: a block without step() then warns
         self.global_step = 0
-        self.window_steps = 0
+        self.window_steps = 0  # steps of the open window that recorded a pass (collected)
+        self._window_scheduled = 0  # steps of the open window meant to collect
+        self._passes_at_step = 0  # the probe's passes when the last step ended
         self.keep_records = positive_int("keep_records", keep_records)
         self._records: deque[IntervalRecord] = deque(maxlen=self.keep_records)
         self._records_dropped = 0
@@ -313,7 +316,10 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         windows = self.reduce_sum([s.stats.window for s in sites]) if sites else []
         for s, w in zip(sites, windows, strict=True):
             s.stats.close_window(w)
-        self.window_steps = 0
+        self._reset_window_counts()
+
+    def _reset_window_counts(self) -> None:
+        self.window_steps = self._window_scheduled = self.steps_run = 0
 
     def __enter__(self) -> Doctor:
         self._exited = False
@@ -399,7 +405,13 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if self._capture is not None:
             self._capture.close_pass()
         if self.probe.collecting:
-            self.window_steps += 1
+            self._window_scheduled += 1
+            # Collected: a pass of the stream was recorded in it (a model left in eval()
+            # records none). Compiled hooks count no passes as they run: there, every step
+            # meant to collect.
+            if self.probe.passes != self._passes_at_step or self.probe.compiled:
+                self.window_steps += 1
+        self._passes_at_step = self.probe.passes
         self.sampler.done(collected=self.probe.collecting)
         self.steps_run += 1
         self.global_step += 1
@@ -522,8 +534,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self.sampler.at_log(self.reduce_sum)  # after the read-back: the clock's events are done
         self._unfolded = keep and read is not None
         if not self._unfolded:
-            self.window_steps = 0
-            self.steps_run = 0
+            self._reset_window_counts()
         if read is None:
             return None
         record, finding_events = read

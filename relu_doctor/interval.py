@@ -106,6 +106,7 @@ class IntervalReading:
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None
         global_step: int
         window_steps: int
+        _window_scheduled: int
         steps_run: int
         _records: deque[IntervalRecord]
         _tracker: FindingTracker
@@ -190,7 +191,7 @@ class IntervalReading:
             # sampled run, logged for its training metrics), or no pass of its stream ran.
             # Nothing to judge, so the last judged window's findings stand, neither ended
             # nor begun again.
-            if logged and self.window_steps > 0:
+            if logged and self._window_scheduled > 0:
                 self._warn_saw_nothing()
             findings = self._tracker.open_findings()
             new: list[Finding] = []
@@ -231,7 +232,7 @@ class IntervalReading:
         }.get(self.probe.stream, "no forward pass of the model ran")
         warnings.warn(
             f"relu_doctor: the window ending at step {self.global_step} recorded nothing in "
-            f"its {self.window_steps} collecting step(s): {which}. Its statistics are empty "
+            f"its {self._window_scheduled} collecting step(s): {which}. Its statistics are empty "
             "and judge nothing (its findings are the last judged window's).",
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),

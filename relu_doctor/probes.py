@@ -717,6 +717,12 @@ class Probe(SiteRegistry, HookOwner):
         self.stopwatch.add(t0)
         return True
 
+    @property
+    def compiled(self) -> bool:
+        """Whether torch.compile traced the hooks (their passes are then not counted as
+        they run: see :attr:`passes`)."""
+        return self._compiled
+
     def failed_sites(self) -> set[SiteKey]:
         """The sites no longer monitored because a hook of theirs failed."""
         return set(self._failed)

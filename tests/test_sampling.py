@@ -937,9 +937,10 @@ def test_the_configuration_states_the_rate_in_effect(tmp_path):
 
 
 def test_a_window_whose_collecting_steps_saw_no_pass_warns_once_and_judges_nothing(tmp_path):
-    """Left in eval mode after an evaluation, a model's training stream records nothing: the
-    windows say so once, in a warning; their findings are the last judged window's (not
-    "healthy"), and the report's tables show that window."""
+    """Left in eval mode after an evaluation, a model's training stream records nothing: a
+    step counts as collected only where a training pass was recorded, a window with none
+    says so once, in a warning, and its findings are the last judged window's (not
+    "healthy"); the report's tables show that window."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
     with torch.no_grad():
@@ -949,21 +950,39 @@ def test_a_window_whose_collecting_steps_saw_no_pass_warns_once_and_judges_nothi
         net, log_every_n_steps=5, every_n_steps=1, run_dir=run
     ) as doc:
         for step in range(15):
-            if step == 5:
+            if step == 7:
                 net.eval()  # ... and never train() again
             net(torch.randn(8, 4)).pow(2).mean().backward()
             doc.step()
     said = [str(w.message) for w in caught if "recorded nothing" in str(w.message)]
     assert len(said) == 1
-    assert re.search(r"step 10 recorded nothing in its 5 collecting step\(s\): no training "
+    assert re.search(r"step 15 recorded nothing in its 5 collecting step\(s\): no training "
                      r"pass.*model\.train\(\)", said[0])
-    first, second, third = doc.records
-    assert all(r["elements"] > 0 for r in first.site_rows)
-    assert all(r["elements"] == 0 for r in second.site_rows + third.site_rows)
-    judged = [f.to_dict() for f in first.findings]
+    _, second, third = doc.records
+    assert [r.site_rows[0]["steps_collected"] for r in doc.records] == [5, 2, 0]
+    assert [r.site_rows[0]["elements"] for r in doc.records] == [5 * 8 * 16, 2 * 8 * 16, 0]
+    judged = [f.to_dict() for f in second.findings]
     assert any(f["kind"] == "dead" for f in judged)
-    assert [f.to_dict() for f in second.findings] == judged == [f.to_dict() for f in third.findings]
+    assert [f.to_dict() for f in third.findings] == judged
     ctx = build_context(relu_doctor.load_run(run))
-    assert "The windows after step 5 saw nothing" in ctx.findings_stale
+    assert "The windows after step 10 saw nothing" in ctx.findings_stale
+    assert ctx.key_numbers[[k for k, _ in ctx.key_numbers].index("steps collected")][1].startswith(
+        "7 of 15 run")
     assert [r.raw["dead"] for r in ctx.sites if r.site == "1"] == [6]
     assert ctx.verdict.status != "healthy"
+
+
+def test_a_window_continued_in_a_second_with_block_counts_only_its_own_steps():
+    """The last window of a ``with`` block is logged at its exit and kept readable; entered
+    again, the Doctor starts a new window, whose steps_run and steps_collected count only
+    the steps run since."""
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    doc = relu_doctor.watch(net, log_every_n_steps=5, every_n_steps=1, overhead_budget=None)
+    for steps in (7, 3):
+        with doc:
+            for _ in range(steps):
+                net(torch.randn(3, 4)).sum().backward()
+                doc.step()
+    rows = [(r.step, r.site_rows[0]["steps_collected"], r.site_rows[0]["steps_run"])
+            for r in doc.records]
+    assert rows == [(5, 5, 5), (7, 2, 2), (10, 3, 3)]
