@@ -539,7 +539,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             return None
         record, finding_events = read
         record.final = final
-        self._check_held = self._check_held or final
+        self._check_held = self._check_held or (final and record.judged)
         record.metrics = self._training.read(self._optimizers)
         for name, value in self._training.nonfinite.items():
             if name not in self._warned_nonfinite:
@@ -554,14 +554,18 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                     ReluDoctorWarning,
                     stacklevel=4,  # the user's doc.step()
                 )
-        if len(self._records) == self.keep_records:
-            self._records_dropped += 1
-        self._records.append(record)
         events = [e.to_dict() for e in finding_events]
         self._events.extend(events)
+        if record.judged:  # (else written for its steps and metrics; nothing acts on it)
+            if len(self._records) == self.keep_records:
+                self._records_dropped += 1
+            self._records.append(record)
         self._write_record(record, events)
-        for fn in self._listeners:
-            fn(record)
+        if record.judged:
+            for fn in self._listeners:
+                fn(record)
+        elif self._tb is not None:  # its steps' sampling and training metrics
+            self._tb.write_record(record)
         if self.eval is not None and self.eval.probe.passes > self._eval_passes:
             self.log_eval()  # the evaluation window closes with the training one
         return record

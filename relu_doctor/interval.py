@@ -149,7 +149,8 @@ class IntervalReading:
                 start += n
         host_window, host_life = host[0], host[1]
         layer_rows: list[dict[str, Any]] = []
-        if extra and self.tap is not None:
+        saw = bool(host_window[_SEEN_ROWS].sum() > 0)
+        if extra and self.tap is not None and layer_steps > 0:  # (none read: no rows)
             rows, total = layer_metrics(
                 self.tap.layers, host[2], layer_steps, world,
                 host[3] if ratio is not None else None,
@@ -186,11 +187,11 @@ class IntervalReading:
             self.global_step, [s.name for s in sites], [s.units for s in sites],
             unit_list[0].stacked,
         )
-        if not bool(host_window[_SEEN_ROWS].sum() > 0):
+        if not saw:
             # The window saw nothing: no step of it collected (the last, partial window of a
             # sampled run, logged for its training metrics), or no pass of its stream ran.
             # Nothing to judge, so the last judged window's findings stand, neither ended
-            # nor begun again.
+            # nor begun again (the record is not judged: see IntervalRecord.judged).
             if logged and self._window_scheduled > 0:
                 self._warn_saw_nothing()
             findings = self._tracker.open_findings()
@@ -217,6 +218,7 @@ class IntervalReading:
             findings=findings,
             new_findings=new,
             keys={s.name: s.key for s in sites},
+            judged=saw,
         )
         return record, events
 

@@ -40,6 +40,11 @@ class IntervalRecord:
             ``Doctor.log_final()``, a ``with`` block's exit): remedies judge earlier
             interventions on it and hold it, changing nothing; if training goes on they
             decide on it at the end of the next step (``Remedy.release_held``).
+        judged: the window saw something (elements or non-finite calls at some site). A
+            window that saw nothing (no step of it collected, or no pass of the watched
+            stream ran) is written to the run directory for its steps and training metrics,
+            but judges nothing: its ``findings`` are the last judged window's, and it goes
+            to no listener (remedies), nor to ``Doctor.records``.
     """
 
     step: int
@@ -51,6 +56,7 @@ class IntervalRecord:
     keys: dict[str, SiteKey] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     final: bool = False
+    judged: bool = True
 
     def site_row(self, name: str) -> dict[str, Any] | None:
         """The row of the site called ``name``, or None."""

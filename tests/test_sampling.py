@@ -26,6 +26,7 @@ from relu_doctor._kernels import Prepared
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.reports.context import build_context
 from relu_doctor.reports.tensorboard import run_log_dir
+from relu_doctor.reports.text import summary
 from relu_doctor.sampling import DEFAULT_BUDGET, CudaClock, HostClock, Lap, Sampler
 from relu_doctor.stats import ROW, SiteStats
 
@@ -870,43 +871,52 @@ def test_remedies_that_read_dead_units_get_enough_steps_per_window_and_the_cost_
 
 
 
-def test_a_last_window_with_no_collecting_step_is_logged_and_judged_by_the_last_that_had_one(
-    tmp_path,
-):
+def test_a_last_window_with_no_collecting_step_is_written_but_judges_nothing(tmp_path):
     """A sampled run whose last, partial window holds no collecting step (every 6th step,
-    logs every 10, 24 steps: steps 20-23 collect nothing) logs that window all the same, as
-    a final record: its steps and loss are not lost, it states that it collected nothing,
-    and it judges nothing: its findings are the last judged window's, and the report's
-    tables show that window."""
+    logs every 10, 24 steps: steps 20-23 collect nothing) writes that window all the same:
+    its steps and loss are not lost, and it says it collected nothing. It judges nothing:
+    its findings are the last judged window's, no listener (remedy) gets it, it is not
+    among ``doc.records`` and leaves no parameter-gradient norm; ``to_pandas()`` after the
+    block and the report's tables show the last judged window."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
     with torch.no_grad():
         net[0].bias[:6] = -50.0  # six dead units: a finding that must stand
-    losses, collected = [], []
+    losses, collected, heard = [], [], []
     run = tmp_path / "run"
     with relu_doctor.watch(
-        net, log_every_n_steps=10, every_n_steps=6, run_dir=run, tensorboard=True
+        net, optimizer=opt, log_every_n_steps=10, every_n_steps=6, run_dir=run, tensorboard=True
     ) as doc:
+        doc.add_listener(lambda r: heard.append(r.step))
         for _ in range(24):
             collected.append(doc.probe.collecting)
             loss = net(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
             loss.backward()
+            opt.step()
             losses.append(float(loss))
             doc.step(loss=loss.detach())
     assert [i for i, c in enumerate(collected) if c] == [0, 6, 12, 18]
-    assert [r.step for r in doc.records] == [10, 20, 24]
-    last, judged = doc.records[-1], doc.records[-2]
-    assert last.final
-    for r in last.site_rows:
-        assert (r["steps_collected"], r["steps_run"], r["elements"]) == (0, 4, 0)
-    assert last.metrics["loss"] == pytest.approx(sum(losses[20:]) / 4)
-    assert [f.to_dict() for f in last.findings] == [f.to_dict() for f in judged.findings]
-    assert any(f.kind == "dead" and f.site == "1" for f in last.findings)
-    assert last.new_findings == []
-    ctx = build_context(relu_doctor.load_run(run))
+    assert heard == [r.step for r in doc.records] == [10, 20]
+    judged = doc.records[-1]
+    assert any(f.kind == "dead" and f.site == "1" for f in judged.findings)
+    assert list(doc.to_pandas()["step"].unique()) == [20]
+    assert len(doc._grad_norm_history) == 2
+    saved = relu_doctor.load_run(run)
+    last = saved.history[saved.history["step"] == 24]
+    assert list(last["site"]) == ["1"]
+    assert (last["steps_collected"] == 0).all() and (last["steps_run"] == 4).all()
+    assert (last["elements"] == 0).all()
+    assert sorted(saved.layers["step"].unique()) == [10, 20]  # no norm read after step 20
+    loss_24 = saved.metrics[(saved.metrics["step"] == 24) & (saved.metrics["name"] == "loss")]
+    assert float(loss_24["value"].iloc[0]) == pytest.approx(sum(losses[20:]) / 4)
+    assert [f.to_dict() for f in saved.findings()] == [f.to_dict() for f in judged.findings]
+    ctx = build_context(saved)
     numbers = dict(ctx.key_numbers)
     assert numbers["steps collected"].startswith("4 of 24 run")
     assert "The windows after step 20 saw nothing" in ctx.findings_stale
+    assert ctx.findings_stale in summary(ctx)  # the terminal's report says it too
     assert [r.raw["dead"] for r in ctx.sites if r.site == "1"] == [6]
     assert ctx.verdict.status != "healthy"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -916,6 +926,7 @@ def test_a_last_window_with_no_collecting_step_is_logged_and_judged_by_the_last_
     fractions = acc.Scalars("relu_doctor/steps_collected_fraction")
     assert [e.step for e in fractions] == [10, 20, 24]
     assert [e.value for e in fractions] == pytest.approx([2 / 10, 2 / 10, 0.0])
+    assert [e.step for e in acc.Scalars("train/loss")] == [10, 20, 24]
 
 
 def test_the_configuration_states_the_rate_in_effect(tmp_path):
@@ -958,13 +969,15 @@ def test_a_window_whose_collecting_steps_saw_no_pass_warns_once_and_judges_nothi
     assert len(said) == 1
     assert re.search(r"step 15 recorded nothing in its 5 collecting step\(s\): no training "
                      r"pass.*model\.train\(\)", said[0])
-    _, second, third = doc.records
-    assert [r.site_rows[0]["steps_collected"] for r in doc.records] == [5, 2, 0]
-    assert [r.site_rows[0]["elements"] for r in doc.records] == [5 * 8 * 16, 2 * 8 * 16, 0]
-    judged = [f.to_dict() for f in second.findings]
+    assert [r.step for r in doc.records] == [5, 10]  # the third judged nothing
+    saved = relu_doctor.load_run(run)
+    rows = saved.history[saved.history["site"] == "1"]
+    assert list(rows["steps_collected"]) == [5, 2, 0]
+    assert list(rows["elements"]) == [5 * 8 * 16, 2 * 8 * 16, 0]
+    judged = [f.to_dict() for f in doc.records[-1].findings]
     assert any(f["kind"] == "dead" for f in judged)
-    assert [f.to_dict() for f in third.findings] == judged
-    ctx = build_context(relu_doctor.load_run(run))
+    assert [f.to_dict() for f in saved.findings()] == judged
+    ctx = build_context(saved)
     assert "The windows after step 10 saw nothing" in ctx.findings_stale
     assert ctx.key_numbers[[k for k, _ in ctx.key_numbers].index("steps collected")][1].startswith(
         "7 of 15 run")

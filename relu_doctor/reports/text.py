@@ -69,6 +69,8 @@ def summary(
     if ctx.last_step is None:
         return "\n".join(_plain(line) for line in lines)
     lines.append("  " + ", ".join(f"{k} {v}" for k, v in ctx.key_numbers))
+    if ctx.findings_stale:
+        lines.append(f"  {ctx.findings_stale}")
     serious = [f for f in ctx.findings if f.severity != "info"] or ctx.findings
     for f in serious[:max_findings]:
         units = f" [{f.unit_label}: {_clip(f.units_text, 60)}]" if f.units_named else ""
