@@ -647,6 +647,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         return {
             "global_step": self.global_step,
             "window_steps": self.window_steps,
+            "steps_run": self.steps_run,
             "sites": sites,
             "findings_open": self._tracker.state_dict(),
             "grad_norm_history": list(self._grad_norm_history),
@@ -664,6 +665,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         """
         self.global_step = int(state["global_step"])
         self.window_steps = int(state["window_steps"])
+        # (a checkpoint from before steps_run was saved: every step of it collected)
+        self.steps_run = int(state.get("steps_run", self.window_steps))
+        self._passes_at_step = self.probe.passes
         self._tracker.load_state_dict(state.get("findings_open", state.get("began", [])))
         self._grad_norm_history = deque(
             (float(x) for x in state.get("grad_norm_history", [])), maxlen=GRAD_NORM_WINDOW

@@ -999,3 +999,25 @@ def test_a_window_continued_in_a_second_with_block_counts_only_its_own_steps():
     rows = [(r.step, r.site_rows[0]["steps_collected"], r.site_rows[0]["steps_run"])
             for r in doc.records]
     assert rows == [(5, 5, 5), (7, 2, 2), (10, 3, 3)]
+
+
+def test_a_window_resumed_from_a_checkpoint_counts_the_steps_run_before_it():
+    """A checkpoint taken mid-window carries the steps run so far, so the resumed window
+    states its sampling over all of them (it said 3 collected of 1 run)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def train(doc, n):
+        for _ in range(n):
+            net(torch.randn(8, 4)).sum().backward()
+            doc.step()
+
+    first = relu_doctor.Doctor(net, log_every_n_steps=5, every_n_steps=2).attach()
+    train(first, 8)  # the open window: steps 5-7, of which 6 collected
+    state = first.state_dict()
+    first.detach()
+    second = relu_doctor.Doctor(net, log_every_n_steps=5, every_n_steps=2).attach()
+    second.load_state_dict(state)
+    train(second, 2)  # steps 8 (collects) and 9
+    row = second.records[-1].site_rows[0]
+    assert (row["step"], row["steps_collected"], row["steps_run"]) == (10, 2, 5)
