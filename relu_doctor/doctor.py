@@ -404,15 +404,17 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self.probe.close_pass()  # a pass cut short by an error elsewhere ends with the step
         if self._capture is not None:
             self._capture.close_pass()
-        if self.probe.collecting:
-            self._window_scheduled += 1
-            # Collected: a pass of the stream was recorded in it (a model left in eval()
-            # records none). Compiled hooks count no passes as they run: there, every step
-            # meant to collect.
-            if self.probe.passes != self._passes_at_step or self.probe.compiled:
-                self.window_steps += 1
+        # Collected: meant to collect, and a pass of the stream was recorded in it (a model
+        # left in eval(), or not run at this step, records none; the budget's sampling then
+        # tries the next step). Compiled hooks count no passes as they run: there, every
+        # step meant to collect.
+        collected = self.probe.collecting and (
+            self.probe.passes != self._passes_at_step or self.probe.compiled
+        )
         self._passes_at_step = self.probe.passes
-        self.sampler.done(collected=self.probe.collecting)
+        self._window_scheduled += self.probe.collecting
+        self.window_steps += collected
+        self.sampler.done(collected=collected)
         self.steps_run += 1
         self.global_step += 1
         record = None
@@ -510,8 +512,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         the same Doctor starts a new one; ``keep_window=True`` (a ``with`` block's exit)
         keeps it readable instead. A failure warns and returns None: the end of training is
         the user's. A window whose steps all came after the last collecting one is logged
-        too (its training metrics, ``steps_collected=0``; its findings are the last
-        window's that collected: see ``IntervalReading._read``)."""
+        too, for its steps and training metrics (``steps_collected=0``): it judges nothing
+        (see :attr:`IntervalRecord.judged <relu_doctor.history.IntervalRecord>`)."""
         if self.steps_run == 0 or not self.probe.attached or self._unfolded:
             return None
         try:
@@ -520,7 +522,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         except Exception as e:
             warnings.warn(
                 f"relu_doctor: the last partial window (steps after "
-                f"{self.global_step - self.window_steps}) could not be logged: "
+                f"{self.global_step - self.steps_run}) could not be logged: "
                 f"{type(e).__name__}: {e}",
                 ReluDoctorWarning,
                 stacklevel=stacklevel + 1,
@@ -556,15 +558,14 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 )
         events = [e.to_dict() for e in finding_events]
         self._events.extend(events)
-        if record.judged:  # (else written for its steps and metrics; nothing acts on it)
-            if len(self._records) == self.keep_records:
-                self._records_dropped += 1
-            self._records.append(record)
+        if len(self._records) == self.keep_records:
+            self._records_dropped += 1
+        self._records.append(record)
         self._write_record(record, events)
         if record.judged:
             for fn in self._listeners:
                 fn(record)
-        elif self._tb is not None:  # its steps' sampling and training metrics
+        elif self._tb is not None:  # kept for its steps and metrics; nothing acts on it
             self._tb.write_record(record)
         if self.eval is not None and self.eval.probe.passes > self._eval_passes:
             self.log_eval()  # the evaluation window closes with the training one

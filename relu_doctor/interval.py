@@ -150,7 +150,7 @@ class IntervalReading:
         host_window, host_life = host[0], host[1]
         layer_rows: list[dict[str, Any]] = []
         saw = bool(host_window[_SEEN_ROWS].sum() > 0)
-        if extra and self.tap is not None and layer_steps > 0:  # (none read: no rows)
+        if extra and self.tap is not None and layer_steps > 0 and saw:  # (else no rows)
             rows, total = layer_metrics(
                 self.tap.layers, host[2], layer_steps, world,
                 host[3] if ratio is not None else None,
@@ -228,10 +228,12 @@ class IntervalReading:
             return  # (a failed site said so in its own warning)
         self._warned_empty = True
         which = {
-            "train": "no training pass (model.training and gradients enabled) ran; if the "
-            "model was left in eval mode after an evaluation, call model.train() again",
-            "eval": "no evaluation pass (model.eval() or torch.no_grad()) ran",
-        }.get(self.probe.stream, "no forward pass of the model ran")
+            "train": "no training pass of the model (in train() mode, gradients enabled) ran "
+            "in them. Left in eval mode after an evaluation? Call model.train() again. "
+            "Called doc.step() on steps where the model does not train (a GAN's other "
+            "model's steps)? Call it once per step of this model's optimizer",
+            "eval": "no evaluation pass (model.eval() or torch.no_grad()) ran in them",
+        }.get(self.probe.stream, "no forward pass of the model ran in them")
         warnings.warn(
             f"relu_doctor: the window ending at step {self.global_step} recorded nothing in "
             f"its {self._window_scheduled} collecting step(s): {which}. Its statistics are empty "
@@ -241,13 +243,13 @@ class IntervalReading:
         )
 
     def current(self) -> IntervalRecord | None:
-        """The current window's record without closing it, or the last logged one when the
-        current window is empty. Reads device tensors (a host sync): call it off the hot path."""
+        """The current window's record without closing it, or the last judged one (see
+        ``IntervalRecord.judged``) when the current window is empty. Reads device tensors (a host sync): call it off the hot path."""
         sites = self.probe.sites()
         if sites and any(bool(s.stats.window[_SEEN_ROWS].sum() > 0) for s in sites):
             read = self._read(close=False)
             return None if read is None else read[0]
-        return self._records[-1] if self._records else None
+        return next((r for r in reversed(self._records) if r.judged), None)
 
     def findings(self) -> list[Finding]:
         """What is wrong now, most severe first (see :meth:`current`)."""

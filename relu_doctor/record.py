@@ -42,9 +42,10 @@ class IntervalRecord:
             decide on it at the end of the next step (``Remedy.release_held``).
         judged: the window saw something (elements or non-finite calls at some site). A
             window that saw nothing (no step of it collected, or no pass of the watched
-            stream ran) is written to the run directory for its steps and training metrics,
-            but judges nothing: its ``findings`` are the last judged window's, and it goes
-            to no listener (remedies), nor to ``Doctor.records``.
+            stream ran) is kept (``Doctor.records``, the run directory, TensorBoard) for its
+            steps and training metrics, but judges nothing: its ``findings`` are the last
+            judged window's, it goes to no listener (remedies, the integrations' logs), and
+            ``to_pandas()`` reads the last judged window instead.
     """
 
     step: int

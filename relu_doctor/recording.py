@@ -68,6 +68,7 @@ class RunRecording:
         overhead_budget: float | None
         global_step: int
         window_steps: int
+        steps_run: int
         keep_records: int
         _eval_name: str | None
         _writer: RunWriter | None
@@ -103,7 +104,7 @@ class RunRecording:
         checkpoint, or a partial log of the window the checkpoint keeps open, which is
         logged again when it closes): the resumed run's record equals an uninterrupted one."""
         writer = self._writer
-        keep = self.global_step - (1 if self.window_steps > 0 else 0)
+        keep = self.global_step - (1 if self.steps_run > 0 else 0)
         if writer is None or writer.last_step is None or writer.last_step <= keep:
             return
         try:

@@ -898,8 +898,9 @@ def test_a_last_window_with_no_collecting_step_is_written_but_judges_nothing(tmp
             losses.append(float(loss))
             doc.step(loss=loss.detach())
     assert [i for i, c in enumerate(collected) if c] == [0, 6, 12, 18]
-    assert heard == [r.step for r in doc.records] == [10, 20]
-    judged = doc.records[-1]
+    assert heard == [10, 20]  # the window that saw nothing reaches no listener
+    assert [(r.step, r.judged) for r in doc.records] == [(10, True), (20, True), (24, False)]
+    judged = doc.records[-2]
     assert any(f.kind == "dead" and f.site == "1" for f in judged.findings)
     assert list(doc.to_pandas()["step"].unique()) == [20]
     assert len(doc._grad_norm_history) == 2
@@ -957,26 +958,33 @@ def test_a_window_whose_collecting_steps_saw_no_pass_warns_once_and_judges_nothi
     with torch.no_grad():
         net[0].bias[:6] = -50.0
     run = tmp_path / "run"
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
     with pytest.warns(ReluDoctorWarning) as caught, relu_doctor.watch(
-        net, log_every_n_steps=5, every_n_steps=1, run_dir=run
+        net, optimizer=opt, log_every_n_steps=5, every_n_steps=1, run_dir=run
     ) as doc:
         for step in range(15):
             if step == 7:
                 net.eval()  # ... and never train() again
+            opt.zero_grad()
             net(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
             doc.step()
     said = [str(w.message) for w in caught if "recorded nothing" in str(w.message)]
     assert len(said) == 1
     assert re.search(r"step 15 recorded nothing in its 5 collecting step\(s\): no training "
                      r"pass.*model\.train\(\)", said[0])
-    assert [r.step for r in doc.records] == [5, 10]  # the third judged nothing
+    assert [(r.step, r.judged) for r in doc.records] == [(5, True), (10, True), (15, False)]
     saved = relu_doctor.load_run(run)
     rows = saved.history[saved.history["site"] == "1"]
     assert list(rows["steps_collected"]) == [5, 2, 0]
     assert list(rows["elements"]) == [5 * 8 * 16, 2 * 8 * 16, 0]
-    judged = [f.to_dict() for f in doc.records[-1].findings]
+    assert sorted(saved.layers["step"].unique()) == [5, 10]  # no norm where it saw nothing
+    assert len(doc._grad_norm_history) == 2
+    judged = [f.to_dict() for f in doc.records[1].findings]
     assert any(f["kind"] == "dead" for f in judged)
     assert [f.to_dict() for f in saved.findings()] == judged
+    assert [f.to_dict() for f in doc.records[2].findings] == judged
+    assert list(doc.to_pandas()["step"].unique()) == [10]
     ctx = build_context(saved)
     assert "The windows after step 10 saw nothing" in ctx.findings_stale
     assert ctx.key_numbers[[k for k, _ in ctx.key_numbers].index("steps collected")][1].startswith(
@@ -1021,3 +1029,71 @@ def test_a_window_resumed_from_a_checkpoint_counts_the_steps_run_before_it():
     train(second, 2)  # steps 8 (collects) and 9
     row = second.records[-1].site_rows[0]
     assert (row["step"], row["steps_collected"], row["steps_run"]) == (10, 2, 5)
+
+
+def test_a_step_meant_to_collect_on_which_the_model_did_not_run_hands_on_to_the_next():
+    """A loop that calls doc.step() at every iteration while the watched model trains on
+    every other one (a GAN's alternation): under the budget, a step meant to collect that
+    recorded no pass is not a collected one, so the next step collects instead; no window
+    is left without a collected step (they locked onto the other model's steps)."""
+    fake = FakeTime()
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    meant, ran = [], []
+    with relu_doctor.watch(net, log_every_n_steps=20, overhead_budget=0.03) as doc:
+        doc.sampler.clock = fake.clock()
+        doc.sampler.start()
+        for i in range(160):
+            c = doc.probe.collecting
+            meant.append(c)
+            ran.append(i % 2 == 0)
+            if ran[-1]:
+                net(torch.randn(8, 4)).sum().backward()
+            fake.t += 1.0
+            cost = 0.3 if (c and ran[-1]) else 0.0  # collecting costs 30% of a step
+            fake.stats += cost
+            fake.t += cost
+            doc.step()
+    assert doc.sampler.every >= 10  # sparse: one collecting step in ten or more
+    for i in range(len(meant) - 1):
+        if meant[i] and not ran[i]:
+            assert meant[i + 1], f"step {i} collected nothing and handed on to no step"
+    got = [r.site_rows[0]["steps_collected"] for r in doc.records]
+    want = [sum(m and r for m, r in zip(meant[k:k + 20], ran[k:k + 20], strict=True))
+            for k in range(0, 160, 20)]
+    assert got == want and min(got) >= 1
+
+
+def test_a_resumed_run_drops_the_partial_log_of_the_window_its_checkpoint_keeps_open(tmp_path):
+    """Training stops at step 12 (every 6th step collects, logs every 10): its end writes
+    the open window, steps 10-11, which collected nothing. Resumed from a checkpoint taken
+    there, that window is logged again when it closes at step 20, so the step-12 log is
+    dropped and no step is counted twice."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    run = tmp_path / "run"
+
+    def train(doc, n):
+        for _ in range(n):
+            loss = net(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            doc.step(loss=loss.detach())
+
+    first = relu_doctor.Doctor(net, log_every_n_steps=10, every_n_steps=6, run_dir=run).attach()
+    train(first, 12)
+    state = first.state_dict()
+    assert first.log_final() is not None  # steps 10-11, unjudged
+    first.detach()
+    first.close()
+    second = relu_doctor.Doctor(
+        net, log_every_n_steps=10, every_n_steps=6, run_dir=run, resume=True
+    )
+    second.load_state_dict(state)
+    second.attach()
+    train(second, 8)
+    second.detach()
+    second.close()
+    saved = relu_doctor.load_run(run)
+    rows = saved.history[["step", "steps_collected", "steps_run"]].values.tolist()
+    assert rows == [[10, 2, 10], [20, 2, 10]]
+    assert sorted(saved.metrics[saved.metrics["name"] == "loss"]["step"]) == [10, 20]
+    assert dict(build_context(saved).key_numbers)["steps collected"].startswith("4 of 20 run")
