@@ -918,6 +918,7 @@ def test_a_last_window_with_no_collecting_step_is_written_but_judges_nothing(tmp
     assert numbers["steps collected"].startswith("4 of 24 run")
     assert "The windows after step 20 saw nothing" in ctx.findings_stale
     assert ctx.findings_stale in summary(ctx)  # the terminal's report says it too
+    assert ctx.series.heatmap_steps == [10, 20]  # no empty column for the step-24 window
     assert [r.raw["dead"] for r in ctx.sites if r.site == "1"] == [6]
     assert ctx.verdict.status != "healthy"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

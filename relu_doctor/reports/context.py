@@ -435,8 +435,8 @@ def _evaluation(run: Run) -> EvalView | None:
     return EvalView(name, steps, steps[-1] if steps else None, passes, _site_rows(ev, last, []))
 
 
-def _sampling(hist: pd.DataFrame, steps: Sequence[int]) -> tuple[int, int, int] | None:
-    """(steps collected, steps run, the last logged step whose window saw anything) over the
+def _sampling(hist: pd.DataFrame, steps: Sequence[int]) -> tuple[int, int, list[int]] | None:
+    """(steps collected, steps run, the logged steps whose window saw anything) over the
     logged windows; None for a run that does not record them (written before they were)."""
     if not steps or "steps_collected" not in hist or "steps_run" not in hist:
         return None
@@ -446,8 +446,7 @@ def _sampling(hist: pd.DataFrame, steps: Sequence[int]) -> tuple[int, int, int] 
     seen = (per_step[seen_cols].sum().sum(axis=1) > 0 if seen_cols
             else pd.Series(True, index=counts.index))
     judged = [int(s) for s, ok in zip(counts.index, seen, strict=True) if ok]
-    return (int(counts["steps_collected"].sum()), int(counts["steps_run"].sum()),
-            judged[-1] if judged else int(steps[-1]))
+    return int(counts["steps_collected"].sum()), int(counts["steps_run"].sum()), judged
 
 
 def build_context(run: Run) -> ReportContext:
@@ -460,7 +459,8 @@ def build_context(run: Run) -> ReportContext:
     steps = sorted(int(s) for s in hist["step"].unique()) if not hist.empty else []
     last_step = steps[-1] if steps else None
     sampling = _sampling(hist, steps)
-    shown_step = sampling[2] if sampling is not None else last_step
+    judged = (sampling[2] or steps) if sampling is not None else steps  # (drawn, tabled)
+    shown_step = judged[-1] if judged else None
     last = hist[hist["step"] == shown_step] if shown_step is not None else pd.DataFrame()
     findings = [finding_view(f) for f in run.findings()]
     findings.sort(key=lambda f: (-severity_rank(f.severity), f.kind, f.site))
@@ -513,7 +513,7 @@ def build_context(run: Run) -> ReportContext:
             f"watched stream ran): the sites table and key numbers are those of step "
             f"{shown_step}."
         )
-    heatmap_steps = _heatmap_steps(steps, heatmaps, sites)
+    heatmap_steps = _heatmap_steps(judged, heatmaps, sites)
     series = Series(
         history=hist,
         units=run.read_units(steps=heatmap_steps, sites=heatmaps) if heatmaps else pd.DataFrame(),
