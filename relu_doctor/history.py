@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # importable from here at run time through __getattr__ (no im
 __all__ = [
     "FORMAT_VERSION",
     "READABLE_VERSIONS",
+    "SEEN_FIELDS",
     "Event",
     "FindingEvent",
     "FindingTracker",
@@ -59,6 +60,11 @@ READABLE_VERSIONS = (1, 2, 3, 4)
 
 
 LogRecord = IntervalRecord  # the name before 0.2; kept as an alias
+
+#: The fields that say a window saw something (``IntervalRecord.judged``): finite elements,
+#: or non-finite calls (a site whose every output was NaN has elements == 0 yet must be
+#: reported). A site's window rows and the run's history columns carry these names.
+SEEN_FIELDS: tuple[str, ...] = ("elements", "nonfinite", "grad_nonfinite")
 
 
 class FindingTracker:

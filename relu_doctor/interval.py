@@ -22,7 +22,7 @@ import torch
 from relu_doctor.diagnosis import Finding, diagnose
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.events import FindingEvent
-from relu_doctor.history import IntervalRecord
+from relu_doctor.history import SEEN_FIELDS, IntervalRecord
 from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, metrics_of_stacked
 from relu_doctor.stats import ROW, read_back
 
@@ -91,9 +91,7 @@ def _unit_frame(
     )
 
 
-# The window rows that say it saw something: finite elements, or non-finite calls (a site
-# whose every output was NaN has elements == 0 yet must be reported).
-_SEEN_ROWS = [ROW["elements"], ROW["nonfinite"], ROW["grad_nonfinite"]]
+_SEEN_ROWS = [ROW[name] for name in SEEN_FIELDS]  # the window rows that say it saw something
 
 
 class IntervalReading:
@@ -244,7 +242,8 @@ class IntervalReading:
 
     def current(self) -> IntervalRecord | None:
         """The current window's record without closing it, or the last judged one (see
-        ``IntervalRecord.judged``) when the current window is empty. Reads device tensors (a host sync): call it off the hot path."""
+        ``IntervalRecord.judged``) when the current window is empty. Reads device tensors (a
+        host sync): call it off the hot path."""
         sites = self.probe.sites()
         if sites and any(bool(s.stats.window[_SEEN_ROWS].sum() > 0) for s in sites):
             read = self._read(close=False)

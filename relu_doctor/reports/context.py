@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from relu_doctor.diagnosis import REMEDY_NAMES, severity_rank
-from relu_doctor.history import Run, load_run
+from relu_doctor.history import SEEN_FIELDS, Run, load_run
 from relu_doctor.reports.findings import (
     MODEL_WIDE,
     VOCABULARY,
@@ -442,7 +442,7 @@ def _sampling(hist: pd.DataFrame, steps: Sequence[int]) -> tuple[int, int, list[
         return None
     per_step = hist.groupby("step")
     counts = per_step[["steps_collected", "steps_run"]].first().fillna(0)
-    seen_cols = [c for c in ("elements", "nonfinite", "grad_nonfinite") if c in hist]
+    seen_cols = [c for c in SEEN_FIELDS if c in hist]
     seen = (per_step[seen_cols].sum().sum(axis=1) > 0 if seen_cols
             else pd.Series(True, index=counts.index))
     judged = [int(s) for s, ok in zip(counts.index, seen, strict=True) if ok]
