@@ -24,11 +24,14 @@ from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklev
 from relu_doctor.events import FindingEvent
 from relu_doctor.history import SEEN_FIELDS, IntervalRecord
 from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, metrics_of_stacked
+from relu_doctor.sampling import model_device
 from relu_doctor.stats import ROW, read_back
 
 if TYPE_CHECKING:
     from collections import deque
     from collections.abc import Callable, Sequence
+
+    import torch.nn as nn
 
     from relu_doctor.diagnosis import DiagnosisConfig
     from relu_doctor.history import FindingTracker
@@ -98,6 +101,7 @@ class IntervalReading:
     """The reading half of :class:`~relu_doctor.doctor.Doctor` (see the module)."""
 
     if TYPE_CHECKING:  # what it uses of the Doctor (set in Doctor.__init__)
+        model: nn.Module
         probe: Probe
         tap: OptimizerTap | None
         config: DiagnosisConfig
@@ -120,7 +124,7 @@ class IntervalReading:
         ``close``; ``final``: logged as closed, its site windows folded at the next attach)."""
         sites = self.probe.sites()
         if not sites:
-            return None
+            return self._read_nothing(logged=close or final, close=close)
         sizes = [s.units for s in sites]
         # Every site's window and lifetime side by side, on the device: one copy each (the
         # windows are cleared below), one transfer, and the metrics work on these matrices.
@@ -145,6 +149,7 @@ class IntervalReading:
             for s, n in zip(sites, sizes, strict=True):
                 s.stats.close_window(window[:, start : start + n])
                 start += n
+            self._close_pending(window.device)
         host_window, host_life = host[0], host[1]
         layer_rows: list[dict[str, Any]] = []
         saw = bool(host_window[_SEEN_ROWS].sum() > 0)
@@ -219,6 +224,42 @@ class IntervalReading:
             judged=saw,
         )
         return record, events
+
+    def _close_pending(self, device: torch.device | None) -> None:
+        """Close the open windows of restored sites that have not run since the restore
+        (:meth:`SiteRegistry.close_pending_windows
+        <relu_doctor.site_registry.SiteRegistry.close_pending_windows>`), summed across
+        processes on ``device`` (the one the collective works on)."""
+        pending = self.probe.pending_windows()
+        if pending:
+            moved = [w.to(device) if device is not None else w for w in pending]
+            self.probe.close_pending_windows(self.reduce_sum(moved))
+
+    def _read_nothing(
+        self, *, logged: bool, close: bool
+    ) -> tuple[IntervalRecord, list[FindingEvent]] | None:
+        """The record of a logged window before any site was seen (no pass of the stream ran
+        yet: a model left in eval mode from the start): written for its steps and training
+        metrics, it judges nothing. None for a look at the open window (``current()``)."""
+        if not logged or self.steps_run == 0:
+            return None
+        if close:
+            self._close_pending(model_device(self.model))
+        if self._window_scheduled > 0 and self.window_steps == 0:  # (else passes ran: a
+            self._warn_saw_nothing()  # site-less model, which its own warnings name)
+        if self.tap is not None:
+            self.tap.read_and_reset()  # (its gradients belong to no judged window)
+        record = IntervalRecord(
+            step=self.global_step,
+            site_rows=[],
+            unit_table=pd.DataFrame(columns=["step", "site", "unit", *UNIT_COLUMNS]),
+            layer_table=pd.DataFrame(),
+            findings=self._tracker.open_findings(),
+            new_findings=[],
+            keys={},
+            judged=False,
+        )
+        return record, []
 
     def _warn_saw_nothing(self) -> None:
         """Once: a window with collecting steps recorded no pass at all."""

@@ -228,6 +228,24 @@ class SiteRegistry:
         known = {k.token() for k in self._sites}
         self._pending = {k: v for k, v in state.items() if k not in known}
 
+    def pending_windows(self) -> list[torch.Tensor]:
+        """The open windows of the restored sites not seen since (:meth:`load_site_state`),
+        in a fixed order (the same on every process)."""
+        return [self._pending[t]["window"] for t in sorted(self._pending)]
+
+    def close_pending_windows(self, totals: list[torch.Tensor]) -> None:
+        """Fold those windows (``totals``: summed across processes, in the same order) into
+        their lifetimes, as a log closes a seen site's window. A window that a checkpoint
+        kept open closes at its logging step even when its site has not run since: the
+        site, restored later, starts the next window empty, not holding this one's steps."""
+        for token, total in zip(sorted(self._pending), totals, strict=True):
+            state = self._pending[token]
+            self._pending[token] = {
+                **state,
+                "window": torch.zeros_like(state["window"]),
+                "lifetime": state["lifetime"] + total.to(state["lifetime"].device),
+            }
+
 
 def _restore(site: Site, state: Mapping[str, Any]) -> None:
     """Load a site's checkpointed accumulators; a unit-count mismatch is a library error."""

@@ -1098,3 +1098,155 @@ def test_a_resumed_run_drops_the_partial_log_of_the_window_its_checkpoint_keeps_
     assert rows == [[10, 2, 10], [20, 2, 10]]
     assert sorted(saved.metrics[saved.metrics["name"] == "loss"]["step"]) == [10, 20]
     assert dict(build_context(saved).key_numbers)["steps collected"].startswith("4 of 20 run")
+
+
+def test_a_model_in_eval_mode_from_the_start_warns_once_and_its_windows_keep_their_metrics(
+    tmp_path,
+):
+    """No training pass recorded yet (the model left in eval mode from the start): there is
+    no site, but each logged window is still written for its training metrics, judges
+    nothing, and one warning says why; the gradients the tap read then belong to no window.
+    The report says no activation was seen. (Before: no record, no warning, and the loss of
+    those steps went into the first window with a site.)"""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    net.eval()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    run = tmp_path / "run"
+    losses, grad_sq = [], []
+    with pytest.warns(ReluDoctorWarning) as caught, relu_doctor.watch(
+        net, optimizer=opt, log_every_n_steps=5, every_n_steps=1, run_dir=run
+    ) as doc:
+        for step in range(12):
+            if step == 7:
+                net.train()
+            opt.zero_grad()
+            loss = net(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            losses.append(float(loss))
+            grad_sq.append(float(net[0].weight.grad.pow(2).sum() + net[0].bias.grad.pow(2).sum()))
+            opt.step()
+            doc.step(loss)
+    said = [str(w.message) for w in caught if "recorded nothing" in str(w.message)]
+    assert len(said) == 1 and "step 5 recorded nothing in its 5 collecting step(s)" in said[0]
+    assert [(r.step, r.judged, len(r.site_rows)) for r in doc.records] == [
+        (5, False, 0), (10, True, 1), (12, True, 1)]
+    saved = relu_doctor.load_run(run)
+    loss_rows = saved.metrics[saved.metrics["name"] == "loss"]
+    assert loss_rows["step"].tolist() == [5, 10, 12]
+    assert loss_rows["value"].tolist() == pytest.approx(
+        [sum(losses[a:b]) / (b - a) for a, b in ((0, 5), (5, 10), (10, 12))])
+    rows = saved.history[["step", "steps_collected", "steps_run"]].values.tolist()
+    assert rows == [[10, 3, 5], [12, 2, 2]]
+    layer0 = saved.layers[(saved.layers["layer"] == "0") & (saved.layers["step"] == 10)]
+    assert float(layer0["grad_norm"].iloc[0]) == pytest.approx(math.sqrt(sum(grad_sq[5:10]) / 5))
+
+    # Never trained: each window is written for its loss, and the report says why it is empty.
+    net.eval()
+    never = tmp_path / "never"
+    with pytest.warns(ReluDoctorWarning, match="recorded nothing"), relu_doctor.watch(
+        net, log_every_n_steps=5, every_n_steps=1, run_dir=never
+    ) as doc:
+        for _ in range(7):
+            loss = net(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            doc.step(loss)
+    assert [(r.step, r.judged) for r in doc.records] == [(5, False), (7, False)]
+    saved = relu_doctor.load_run(never)
+    assert saved.history.empty
+    assert sorted(saved.metrics[saved.metrics["name"] == "loss"]["step"]) == [5, 7]
+    ctx = build_context(saved)
+    assert (ctx.verdict.status, ctx.verdict.headline) == ("empty", "No activation seen")
+    assert "up to step 7" in ctx.verdict.detail and "model.train()" in ctx.verdict.detail
+    assert summary(saved).endswith(": No activation seen")
+
+
+class _Branch(nn.Module):
+    """Two activation sites, the second run only at every ``b_every``-th step."""
+
+    def __init__(self, b_every: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.b_every = b_every
+        self.fc1, self.a, self.fc2, self.b = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        h = self.a(self.fc1(x))
+        if step % self.b_every == 0:
+            h = self.b(self.fc2(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize(("every", "log_every", "b_every"), [(8, 5, 1), (2, 10, 8)])
+def test_a_window_a_checkpoint_kept_open_closes_even_when_its_site_has_not_run_since(
+    every, log_every, b_every
+):
+    """Resumed mid-window from a checkpoint at step 17 that holds step 16, a site is only
+    restored when it first runs. A log before that closes its restored window too, so each
+    later window holds its own steps, as in an uninterrupted run (it also held step 16 while
+    saying one step collected), and the lifetime counts are the uninterrupted run's.
+    (8, 5, 1): no site runs between the restore and the log at step 20 (every 8th step
+    collects); (2, 10, 8): site ``b`` runs at every 8th step only, so the log at step 20
+    has site ``a`` and ``b`` comes back at step 24."""
+    xs = [torch.randn(16, 4, generator=torch.Generator().manual_seed(i)) for i in range(30)]
+
+    def train(net, doc, steps):
+        for i in steps:
+            net(xs[i], i).pow(2).mean().backward()
+            doc.step()
+
+    def windows(doc):
+        return {(r.step, x["site"]): (x["steps_collected"], x["elements"], str(x["sparsity"]))
+                for r in doc.records for x in r.site_rows}
+
+    kw = {"log_every_n_steps": log_every, "every_n_steps": every}
+    net = _Branch(b_every)
+    with relu_doctor.watch(net, **kw) as full:
+        train(net, full, range(30))
+    net = _Branch(b_every)
+    with relu_doctor.watch(net, **kw) as first:
+        train(net, first, range(17))
+        state = first.state_dict()
+    net = _Branch(b_every)
+    with relu_doctor.watch(net, **kw) as resumed:
+        resumed.load_state_dict(state)
+        train(net, resumed, range(17, 30))
+    got, want = windows(resumed), windows(full)
+    not_run = {(20, "a"), (20, "b")} if every == 8 else {(20, "b")}  # not restored yet
+    assert {k for k in want if k[0] > 17} - set(got) == not_run
+    assert got == {k: v for k, v in want.items() if k[0] > 17 and k not in not_run}
+    assert got[(25 if every == 8 else 30, "b")][1] == 16 * 8  # one step of b: step 24
+    for s in full.sites:
+        assert torch.equal(resumed.probe.site(s.name).stats.lifetime, s.stats.lifetime), s.name
+
+
+def test_a_restored_window_logged_at_a_with_blocks_exit_is_closed_when_the_block_is_entered_again():
+    """Resumed at step 17 (every 2nd step collects, logs every 10), the ``with`` block ends
+    at step 18 before any site ran: its exit logs the open window, which has no site yet.
+    Entered again, the Doctor starts a new window, and the sites' restored windows close
+    with the logged one: site ``a``, restored at step 18, holds that step alone at the log
+    at step 20 (it held steps 10-18 while saying one step collected)."""
+    xs = [torch.randn(16, 4, generator=torch.Generator().manual_seed(i)) for i in range(20)]
+    kw = {"log_every_n_steps": 10, "every_n_steps": 2}
+    net = _Branch(8)
+    with relu_doctor.watch(net, **kw) as first:
+        for i in range(17):
+            net(xs[i], i).pow(2).mean().backward()
+            first.step()
+        state = first.state_dict()
+    net = _Branch(8)
+    doc = relu_doctor.watch(net, **kw)
+    for steps in (range(17, 18), range(18, 20)):
+        with doc:
+            if steps.start == 17:
+                doc.load_state_dict(state)
+            for i in steps:
+                net(xs[i], i).pow(2).mean().backward()
+                doc.step()
+    assert [(r.step, r.judged, len(r.site_rows)) for r in doc.records] == [
+        (18, False, 0), (20, True, 1)]
+    (row,) = doc.records[-1].site_rows
+    assert (row["site"], row["steps_collected"], row["elements"]) == ("a", 1, 16 * 8)
+    h = net.a(net.fc1(xs[18]))
+    assert row["sparsity"] == pytest.approx(float((h <= 0).double().mean()))

@@ -218,7 +218,23 @@ class Verdict:
     top: list[FindingView] = field(default_factory=list)
 
 
-def _verdict(findings: Sequence[FindingView], last_step: int | None, step: int | None) -> Verdict:
+def _verdict(
+    findings: Sequence[FindingView], last_step: int | None, step: int | None,
+    metrics_step: int | None = None, stream: str = "train",
+) -> Verdict:
+    if last_step is None and metrics_step is not None:  # (a stream's windows, no site)
+        why = (
+            "no evaluation pass (model.eval() or torch.no_grad()) was recorded"
+            if stream == "eval"
+            else "no training pass (the model in train() mode, gradients enabled) was "
+            "recorded. Was the model left in eval mode? Call model.train() before training"
+        )
+        return Verdict(
+            "empty",
+            "No activation seen",
+            f"Windows were logged up to step {metrics_step} (their training metrics are "
+            f"below), but no pass of the watched stream ran an activation in them: {why}.",
+        )
     if last_step is None:
         return Verdict(
             "empty",
@@ -502,7 +518,10 @@ def build_context(run: Run) -> ReportContext:
             f"({fmt_pct(sampling[0] / sampling[1])})")] if sampling and sampling[1] else []),
         ("interventions", str(len(interventions))),
     ]
-    verdict = _verdict(findings, last_step, findings_step)
+    metrics_step = int(metrics["step"].max()) if not metrics.empty else None
+    verdict = _verdict(
+        findings, last_step, findings_step, metrics_step, str(run.meta.get("stream", "train"))
+    )
     stale = ""
     if findings_step is not None and last_step is not None and findings_step < last_step:
         stale = f"Findings are from step {findings_step}; the run logged up to step {last_step}."
