@@ -285,10 +285,11 @@ class IntervalReading:
         """The current window's record without closing it, or the last judged one (see
         ``IntervalRecord.judged``) when the current window is empty. Reads device tensors (a
         host sync): call it off the hot path."""
-        sites = self.probe.sites()
-        if sites and any(bool(s.stats.window[_SEEN_ROWS].sum() > 0) for s in sites):
-            read = self._read(close=False)
-            return None if read is None else read[0]
+        # Decided on the window summed across processes (_read): a process that saw nothing
+        # still makes the collective call that the others make.
+        read = self._read(close=False)
+        if read is not None and read[0].judged:
+            return read[0]
         return next((r for r in reversed(self._records) if r.judged), None)
 
     def findings(self) -> list[Finding]:

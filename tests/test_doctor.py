@@ -683,6 +683,50 @@ def test_state_dict_reduce_sums_open_windows_once_and_windows_false_starts_them_
     other.detach()
 
 
+def test_current_on_a_process_whose_window_is_empty_still_makes_the_collective_call():
+    """``current()`` decides from the window summed across processes: a process whose own
+    window saw nothing (its model left in eval mode for this window) makes the same
+    collective call as the others (deciding from its own window, it skipped the call the
+    others made, and DDP would hang) and gets their statistics. Here the other process is
+    a second Doctor whose window, as it enters the collective, is added in."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 10)
+
+    def trained(all_reduce, *, train):
+        model = zoo.mlp()
+        doc = relu_doctor.watch(model, all_reduce=all_reduce, world_size=2,
+                                log_every_n_steps=2, overhead_budget=None)
+        model(torch.randn(8, 10)).sum().backward()
+        doc.step()
+        doc.step()  # logged: every later window starts empty
+        model.train(train)
+        model(x).sum().backward()
+        doc.step()
+        return doc
+
+    other: list[torch.Tensor] = []  # the busy process's side of its latest collective
+    busy = trained(lambda t: other.insert(0, t.clone()) or t, train=True)
+    want = busy.current()
+    calls: list[int] = []
+    armed = False
+
+    def summed(t):  # the busy process's window added in; earlier, two identical processes
+        calls.append(t.numel())
+        return t + other[0] if armed else t * 2
+
+    idle = trained(summed, train=False)
+    calls.clear()
+    armed = True
+    got = idle.current()
+    assert calls == [other[0].numel()]
+    assert got is not None and got.judged and got.step == 3
+    for g, w in zip(got.site_rows, want.site_rows, strict=True):
+        assert g["elements"] == w["elements"] > 0
+        assert g["sparsity"] == w["sparsity"]
+    busy.detach()
+    idle.detach()
+
+
 def test_two_sites_never_share_a_display_name():
     """A module registered as 'x:relu#0' beside the first F.relu call of module 'x': two
     sites, two names, each unit table its own."""
