@@ -47,6 +47,7 @@ from relu_doctor.errors import RunDirError
 from relu_doctor.events import Event
 from relu_doctor.history import FORMAT_VERSION, clean_json, event_dict
 from relu_doctor.runread import (
+    LOGGED_TABLES,
     STATUS_NAME,
     TABLE_COLUMNS,
     TABLE_NAME,
@@ -367,7 +368,7 @@ class RunWriter:
             self._segs.pop(table, None)
             seg.abandon()
             raise
-        if table == "history":
+        if table in LOGGED_TABLES:
             self.last_step = step if self.last_step is None else max(self.last_step, step)
         if seg.rows >= self.rotate_rows or seg.nbytes >= self.rotate_bytes:
             self._close_segment(table)

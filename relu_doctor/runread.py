@@ -167,9 +167,16 @@ def _get(meta: Mapping[str, Any], *keys: str) -> Any:
     return v if v is not None else "unknown"
 
 
+#: The tables every log writes to: a window with sites writes ``history``; one that saw no
+#: site yet (a model left in eval mode from the start) only its training ``metrics``.
+LOGGED_TABLES = ("history", "metrics")
+
+
 def last_step(p: Path) -> int | None:
-    steps = read_table(p, "history", problems=[])
-    return None if steps.empty else int(steps["step"].max())
+    """The last step logged in run directory ``p`` (None: none yet)."""
+    steps = [read_table(p, t, problems=[]) for t in LOGGED_TABLES]
+    found = [int(s["step"].max()) for s in steps if not s.empty]
+    return max(found) if found else None
 
 
 def _check_part(schema: pa.Schema, required: tuple[str, ...]) -> str | None:

@@ -14,6 +14,7 @@ import itertools
 import math
 import pickle
 import re
+import warnings
 
 import pytest
 import torch
@@ -1250,3 +1251,27 @@ def test_a_restored_window_logged_at_a_with_blocks_exit_is_closed_when_the_block
     assert (row["site"], row["steps_collected"], row["elements"]) == ("a", 1, 16 * 8)
     h = net.a(net.fc1(xs[18]))
     assert row["sparsity"] == pytest.approx(float((h <= 0).double().mean()))
+
+
+def test_a_run_directory_holding_only_windows_with_no_site_is_resumed_after_its_last_log(
+    tmp_path,
+):
+    """The windows written before any site was seen hold training metrics only; a resume
+    reads the step it continues after from them too (it read the history table only, so
+    it started again at step 0 and wrote steps 5 and 10 twice)."""
+    run = tmp_path / "run"
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    for train, resume in ((False, False), (True, True)):
+        net.train(train)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReluDoctorWarning)
+            with relu_doctor.watch(net, log_every_n_steps=5, every_n_steps=1, run_dir=run,
+                                   resume=resume) as doc:
+                for _ in range(10):
+                    loss = net(torch.randn(16, 4)).pow(2).mean()
+                    loss.backward()
+                    doc.step(loss)
+    assert [r.step for r in doc.records] == [15, 20]
+    saved = relu_doctor.load_run(run)
+    assert saved.metrics[saved.metrics["name"] == "loss"]["step"].tolist() == [5, 10, 15, 20]
+    assert sorted(saved.history["step"].unique()) == [15, 20]
