@@ -239,6 +239,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self.keep_records = positive_int("keep_records", keep_records)
         self._records: deque[IntervalRecord] = deque(maxlen=self.keep_records)
         self._records_dropped = 0
+        self._last_judged: IntervalRecord | None = None  # kept however many records follow
         self._events: deque[dict[str, Any]] = deque(maxlen=KEEP_EVENTS)
         self._tracker = FindingTracker()
         self._grad_norm_history: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
@@ -562,6 +563,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if len(self._records) == self.keep_records:
             self._records_dropped += 1
         self._records.append(record)
+        if record.judged:
+            self._last_judged = record
         self._write_record(record, events)
         if record.judged:
             for fn in self._listeners:

@@ -110,11 +110,12 @@ class IntervalReading:
         window_steps: int
         _window_scheduled: int
         steps_run: int
-        _records: deque[IntervalRecord]
         _tracker: FindingTracker
         _grad_norm_history: deque[float]
         _first_rms: dict[str, float]
         _warned_empty: bool
+        _unfolded: bool
+        _last_judged: IntervalRecord | None
 
         def reduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
@@ -284,13 +285,19 @@ class IntervalReading:
     def current(self) -> IntervalRecord | None:
         """The current window's record without closing it, or the last judged one (see
         ``IntervalRecord.judged``) when the current window is empty. Reads device tensors (a
-        host sync): call it off the hot path."""
-        # Decided on the window summed across processes (_read): a process that saw nothing
-        # still makes the collective call that the others make.
-        read = self._read(close=False)
-        if read is not None and read[0].judged:
-            return read[0]
-        return next((r for r in reversed(self._records) if r.judged), None)
+        host sync): call it off the hot path.
+
+        With several processes (``all_reduce``), a window with steps run since the last log
+        is read summed across them, a collective call that every process must make, as at a
+        log; right after a log, or once training ended (a ``with`` block's exit,
+        ``log_final``), it is the last judged record, read with no communication, so one
+        process alone may call it then."""
+        if self.all_reduce is None or (self.steps_run > 0 and not self._unfolded):
+            # Decided on the window summed across processes: every process makes the call.
+            read = self._read(close=False)
+            if read is not None and read[0].judged:
+                return read[0]
+        return self._last_judged
 
     def findings(self) -> list[Finding]:
         """What is wrong now, most severe first (see :meth:`current`)."""

@@ -727,6 +727,56 @@ def test_current_on_a_process_whose_window_is_empty_still_makes_the_collective_c
     idle.detach()
 
 
+def test_after_a_log_or_the_end_of_training_current_makes_no_collective_call():
+    """Right after a log, or once the ``with`` block ended, ``current()`` is the last
+    judged record, read with no cross-process call, so one process alone may call it (a
+    ``findings()`` under ``if rank == 0`` waited for the others until its timeout)."""
+    model = zoo.mlp()
+    calls: list[int] = []
+
+    def all_reduce(t):
+        calls.append(t.numel())
+        return t * 2
+
+    with relu_doctor.watch(model, all_reduce=all_reduce, world_size=2, log_every_n_steps=2,
+                           overhead_budget=None) as doc:
+        for _ in range(2):
+            model(torch.randn(8, 10)).sum().backward()
+            doc.step()
+        calls.clear()
+        assert doc.current() is doc.records[-1] and calls == []  # just logged
+        model(torch.randn(8, 10)).sum().backward()
+        doc.step()
+        mid = doc.current()  # mid-window: summed across processes
+        assert calls and mid is not None and mid.step == 3 and mid.judged
+    calls.clear()
+    after = doc.current()
+    assert calls == [] and after is doc.records[-1] and (after.step, after.final) == (3, True)
+    assert doc.to_pandas()["step"].tolist() == [3] * len(doc.sites) and calls == []
+
+
+def test_findings_read_the_last_judged_window_however_many_windows_saw_nothing_since():
+    """``keep_records`` bounds ``doc.records``; the last judged record is kept beside them,
+    so windows that saw nothing (a model left in eval mode) do not push it out: findings()
+    and to_pandas() went empty after ``keep_records`` such windows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    with torch.no_grad():
+        model[0].bias[:3] = -50.0  # three dead units
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReluDoctorWarning)
+        with relu_doctor.watch(model, log_every_n_steps=2, keep_records=2,
+                               overhead_budget=None) as doc:
+            for step in range(12):
+                if step == 2:
+                    model.eval()
+                model(torch.randn(16, 4)).sum().backward()
+                doc.step()
+    assert [r.judged for r in doc.records] == [False, False]
+    assert {f.kind for f in doc.findings()} >= {"dead"}
+    assert doc.to_pandas()["step"].tolist() == [2] and int(doc.to_pandas()["dead"][0]) == 3
+
+
 def test_two_sites_never_share_a_display_name():
     """A module registered as 'x:relu#0' beside the first F.relu call of module 'x': two
     sites, two names, each unit table its own."""
