@@ -26,6 +26,7 @@ from relu_doctor import _kernels, sampling
 from relu_doctor._kernels import Prepared
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.reports.context import build_context
+from relu_doctor.reports.html import render_report
 from relu_doctor.reports.tensorboard import run_log_dir
 from relu_doctor.reports.text import summary
 from relu_doctor.sampling import DEFAULT_BUDGET, CudaClock, HostClock, Lap, Sampler
@@ -1159,7 +1160,12 @@ def test_a_model_in_eval_mode_from_the_start_warns_once_and_its_windows_keep_the
     ctx = build_context(saved)
     assert (ctx.verdict.status, ctx.verdict.headline) == ("empty", "No activation seen")
     assert "up to step 7" in ctx.verdict.detail and "model.train()" in ctx.verdict.detail
-    assert summary(saved).endswith(": No activation seen")
+    assert dict(ctx.key_numbers)["steps logged"] == "5–7 (2 logs, training metrics only)"
+    assert summary(saved).splitlines() == ["Sequential: No activation seen",
+                                           f"  {ctx.verdict.detail}"]
+    page = render_report(saved)
+    assert "No findings: nothing was observed to judge." in page
+    assert "every watched unit was active" not in page
 
 
 class _Branch(nn.Module):

@@ -223,17 +223,16 @@ def _verdict(
     metrics_step: int | None = None, stream: str = "train",
 ) -> Verdict:
     if last_step is None and metrics_step is not None:  # (a stream's windows, no site)
-        why = (
-            "no evaluation pass (model.eval() or torch.no_grad()) was recorded"
-            if stream == "eval"
-            else "no training pass (the model in train() mode, gradients enabled) was "
-            "recorded. Was the model left in eval mode? Call model.train() before training"
-        )
+        why = {
+            "eval": "no evaluation pass (model.eval() or torch.no_grad()) was recorded",
+            "train": "no training pass (the model in train() mode, gradients enabled) was "
+            "recorded. Was the model left in eval mode? Call model.train() before training",
+        }.get(stream, "no forward pass of the model was recorded")
         return Verdict(
             "empty",
             "No activation seen",
-            f"Windows were logged up to step {metrics_step} (their training metrics are "
-            f"below), but no pass of the watched stream ran an activation in them: {why}.",
+            f"Windows were logged up to step {metrics_step}, with their training metrics, but "
+            f"no pass of the watched stream ran an activation in them: {why}.",
         )
     if last_step is None:
         return Verdict(
@@ -451,6 +450,17 @@ def _evaluation(run: Run) -> EvalView | None:
     return EvalView(name, steps, steps[-1] if steps else None, passes, _site_rows(ev, last, []))
 
 
+def _logged_text(steps: Sequence[int], metrics: pd.DataFrame) -> str:
+    """The key number "steps logged": the logs with site statistics, else the windows
+    logged for their training metrics only (no site seen yet)."""
+    if steps:
+        return f"{steps[0]}–{steps[-1]} ({len(steps)} logs)"
+    if not metrics.empty:
+        only = sorted(int(x) for x in metrics["step"].unique())
+        return f"{only[0]}–{only[-1]} ({len(only)} logs, training metrics only)"
+    return "none"
+
+
 def _sampling(hist: pd.DataFrame, steps: Sequence[int]) -> tuple[int, int, list[int]] | None:
     """(steps collected, steps run, the logged steps whose window saw anything) over the
     logged windows; None for a run that does not record them (written before they were)."""
@@ -513,7 +523,7 @@ def build_context(run: Run) -> ReportContext:
         ("dead now", f"{dead} ({fmt_pct(dead / units) if units else '—'})"),
         ("never active", str(total("lifetime_dead"))),
         ("dormant", str(total("dormant"))),
-        ("steps logged", f"{steps[0]}–{steps[-1]} ({len(steps)} logs)" if steps else "none"),
+        ("steps logged", _logged_text(steps, metrics)),
         *([("steps collected", f"{sampling[0]} of {sampling[1]} run "
             f"({fmt_pct(sampling[0] / sampling[1])})")] if sampling and sampling[1] else []),
         ("interventions", str(len(interventions))),

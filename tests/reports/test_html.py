@@ -279,3 +279,17 @@ def test_site_without_rows_is_listed(tmp_path: Path) -> None:
     ctx = build_context(run)
     assert [s.site for s in ctx.sites] == ["late"]
     assert ctx.verdict.status == "empty"
+
+
+@pytest.mark.parametrize(("stream", "says"), [
+    ("train", "no training pass"), ("eval", "no evaluation pass"), ("all", "no forward pass")])
+def test_windows_logged_with_no_site_name_the_stream_that_recorded_nothing(stream, says):
+    """A run whose windows were logged for their training metrics before any site was seen
+    says so, naming what its stream would have recorded (not "train longer")."""
+    metrics = pd.DataFrame({"step": [5, 10], "name": ["loss", "loss"], "value": [1.0, 0.9]})
+    run = Run(meta={"model": "Net", "stream": stream}, history=pd.DataFrame(),
+              units=pd.DataFrame(), layers=pd.DataFrame(), tables={"metrics": metrics})
+    ctx = build_context(run)
+    assert (ctx.verdict.status, ctx.verdict.headline) == ("empty", "No activation seen")
+    assert says in ctx.verdict.detail and "up to step 10" in ctx.verdict.detail
+    assert ("eval mode" in ctx.verdict.detail) == (stream == "train")
