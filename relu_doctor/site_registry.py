@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
-from relu_doctor.families import Family
+from relu_doctor.families import FAMILIES, Family
+from relu_doctor.sampling import model_device
 from relu_doctor.sites import Site, SiteKey, display_names, module_label
 from relu_doctor.stats import SiteStats, resolve_unit_dim
 
@@ -36,6 +37,7 @@ class SiteRegistry:
     """The sites half of :class:`~relu_doctor.probes.Probe` (see the module)."""
 
     if TYPE_CHECKING:  # what it uses of the Probe (set in Probe.__init__)
+        model: nn.Module
         unit_dims: dict[str, int]
         _sites: dict[SiteKey, Site]
         _names: dict[str, Site]
@@ -68,10 +70,19 @@ class SiteRegistry:
         site = self._sites.get(key)
         shape = tuple(output.shape)
         if site is not None:
+            if site.stats.window.device != output.device:  # restored on another device
+                site.stats.to(output.device)
             dim = site.dim_for(len(shape))
             if not 0 <= dim < len(shape) or shape[dim] != site.units:
+                if site.restored:  # the hook's failure path warns, and the site steps aside
+                    raise ReluDoctorError(
+                        f"site {site.name!r}: the checkpoint has {site.units} units for this "
+                        f"site, the model runs it on shape {shape}. The checkpoint was made on "
+                        "a model of another shape; load it into the model it was saved from."
+                    )
                 self._warn_units(site, shape)
                 return None
+            site.restored = False
             if len(shape) != len(site.shape):
                 site.other_ranks.add(len(shape))
             if site.family is not family:  # the module was replaced (see refresh())
@@ -118,7 +129,7 @@ class SiteRegistry:
             unit_dim=unit_dim,
             unit_rule=rule,
             units=shape[unit_dim],
-            order=len(self._sites),
+            order=max((s.order for s in self._sites.values()), default=-1) + 1,
             stats=SiteStats(shape[unit_dim], output.device),
             shape=shape,
             cap=family.cap_of(module),
@@ -216,17 +227,43 @@ class SiteRegistry:
         return self._sites.get(key)
 
     def site_state(self) -> dict[str, Any]:
-        """Accumulator state of every site, keyed by :meth:`SiteKey.token` (checkpoints)."""
-        state = {k.token(): s.stats.state_dict() for k, s in self._sites.items()}
+        """Every site's accumulators and description (``site``: what a resumed process needs
+        to make the site before its first call), keyed by :meth:`SiteKey.token`
+        (checkpoints)."""
+        state = {
+            k.token(): {**s.stats.state_dict(), "site": _description(s)}
+            for k, s in self._sites.items()
+        }
         return {**self._pending, **state}
 
     def load_site_state(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`site_state`. Sites not yet seen are restored when they first run."""
+        """Restore :meth:`site_state`. A site this process has not seen is made from its
+        description at once, so its restored window is logged at the next log as in an
+        uninterrupted run, whether or not it runs before then. One without a description (a
+        checkpoint from an older version) or whose module this model lacks is restored
+        when it first runs."""
         for key, site in self._sites.items():
             if key.token() in state:
                 _restore(site, state[key.token()])
         known = {k.token() for k in self._sites}
-        self._pending = {k: v for k, v in state.items() if k not in known}
+        paths = {path for path, _ in self.model.named_modules()}
+        device = model_device(self.model)
+        self._pending = {}
+        made = False
+        for token, st in state.items():
+            if token in known:
+                continue
+            made_site = _described(token, st, paths, device)
+            if made_site is None:
+                self._pending[token] = st
+                continue
+            self._sites[made_site.key] = made_site
+            _restore(made_site, st)
+            made = True
+        if made:
+            self._rename()
+            for fn in self._listeners:
+                fn()
 
     def pending_windows(self) -> list[torch.Tensor]:
         """The open windows of the restored sites not seen since (:meth:`load_site_state`),
@@ -245,6 +282,53 @@ class SiteRegistry:
                 "window": torch.zeros_like(state["window"]),
                 "lifetime": state["lifetime"] + total.to(state["lifetime"].device),
             }
+
+
+def _description(site: Site) -> dict[str, Any]:
+    """What :func:`_described` makes the site again from (plain values: a checkpoint)."""
+    return {
+        "family": site.family.name,
+        "unit_dim": site.unit_dim,
+        "unit_rule": site.unit_rule,
+        "order": site.order,
+        "shape": list(site.shape),
+        "cap": site.cap,
+        "from_end": site.from_end,
+        "other_ranks": sorted(site.other_ranks),
+    }
+
+
+def _described(
+    token: str, state: Mapping[str, Any], paths: set[str], device: torch.device | None
+) -> Site | None:
+    """The site of a checkpoint entry, made from its description on ``device`` (the
+    model's; else the checkpoint's); None without one, for a module the model lacks, or an
+    unknown family."""
+    d = state.get("site")
+    if not isinstance(d, Mapping):
+        return None
+    try:
+        key = SiteKey.from_token(token)
+        family = FAMILIES[str(d["family"])]
+        units = int(state["units"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if key.module_path not in paths:
+        return None
+    return Site(
+        key=key,
+        family=family,
+        unit_dim=int(d["unit_dim"]),
+        unit_rule=str(d["unit_rule"]),
+        units=units,
+        order=int(d["order"]),
+        stats=SiteStats(units, device or state["window"].device),
+        shape=tuple(int(x) for x in d["shape"]),
+        cap=None if d.get("cap") is None else float(d["cap"]),
+        from_end=bool(d.get("from_end", True)),
+        other_ranks={int(x) for x in d.get("other_ranks", [])},
+        restored=True,
+    )
 
 
 def _restore(site: Site, state: Mapping[str, Any]) -> None:

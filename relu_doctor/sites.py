@@ -131,6 +131,8 @@ class Site:
             from the last dim as the first did (see :meth:`dim_for`); False for a unit dim
             the user gave as a non-negative ``unit_dims`` override.
         other_ranks: the ranks of counted calls other than the first's.
+        restored: made from a checkpoint's description and not called since (a call of
+            another unit count is then the checkpoint's mismatch, not a reused module).
     """
 
     key: SiteKey
@@ -146,6 +148,7 @@ class Site:
     reused: bool = field(default=False)
     from_end: bool = True
     other_ranks: set[int] = field(default_factory=set)
+    restored: bool = False  # made from a checkpoint, not yet called since
 
     def dim_for(self, ndim: int) -> int:
         """The unit dim of a call whose output has ``ndim`` dims (negative: it has none).

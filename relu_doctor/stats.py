@@ -503,6 +503,12 @@ class SiteStats:
             self.add_grad(grad_rows(grad_out.detach(), grad_in, unit_dim, inv_scale))
         sampling.end_call(ev)
 
+    def to(self, device: torch.device) -> None:
+        """Move the accumulators to ``device`` (a site restored from a checkpoint loaded
+        onto another device than the one its layer runs on)."""
+        self.window = self.window.to(device)
+        self.lifetime = self.lifetime.to(device)
+
     def close_window(self, total: torch.Tensor | None = None) -> None:
         """Fold the window into the lifetime total and start a new, empty window.
 

@@ -198,8 +198,10 @@ def test_checkpoint_round_trip_continues_counts_exactly():
     opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
     opt2.load_state_dict(checkpoint["opt"])
     doc2 = relu_doctor.watch(resumed, log_every_n_steps=2, optimizer=opt2)
-    doc2.load_state_dict(checkpoint["doctor"])  # before any forward: every site is pending
-    assert doc2.probe.sites() == []
+    doc2.load_state_dict(checkpoint["doctor"])  # before any forward: made from the checkpoint
+    assert [(s.name, s.unit_dim, s.unit_rule, s.order) for s in doc2.probe.sites()] == [
+        (s.name, s.unit_dim, s.unit_rule, s.order) for s in doc.probe.sites()]
+    assert not doc2.probe.pending_windows()
 
     zoo.train(model, batches[3:], doc=doc, optimizer=opt)
     zoo.train(resumed, batches[3:], doc=doc2, optimizer=opt2)
@@ -571,7 +573,7 @@ def test_steps_leave_no_reference_cycles_for_the_garbage_collector(every):
     assert garbage == []
 
 
-@pytest.mark.parametrize("seen", [True, False], ids=["site seen", "site pending"])
+@pytest.mark.parametrize("seen", [True, False], ids=["site seen", "site not run yet"])
 def test_a_checkpoint_from_another_width_is_a_clear_error(seen):
     source = zoo.mlp(hidden=32)
     with relu_doctor.watch(source) as doc:
@@ -584,8 +586,9 @@ def test_a_checkpoint_from_another_width_is_a_clear_error(seen):
                 doc2.load_state_dict(doc.state_dict())
         else:  # found in the forward: never raised there (issue 12), the site steps aside
             doc2.load_state_dict(doc.state_dict())
-            with pytest.warns(ReluDoctorWarning, match=r"site '1'.*32 units.*16"):
+            with pytest.warns(ReluDoctorWarning, match=r"site '1'.*checkpoint has 32 units.*16"):
                 target(torch.randn(2, 10))
+            assert {k.module_path for k in doc2.probe.failed_sites()} == {s.name for s in doc2.sites}
 
 
 # ---------------------------------------------------------------------- regressions (issue 11)

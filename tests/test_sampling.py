@@ -1185,17 +1185,28 @@ class _Branch(nn.Module):
         return self.head(h)
 
 
+def _undescribed(state):
+    """``state`` as a checkpoint from before sites were saved with their description: each
+    site is restored when it first runs."""
+    sites = {t: {k: v for k, v in st.items() if k != "site"} for t, st in state["sites"].items()}
+    return {**state, "sites": sites}
+
+
+@pytest.mark.parametrize("described", [True, False], ids=["described", "older checkpoint"])
 @pytest.mark.parametrize(("every", "log_every", "b_every"), [(8, 5, 1), (2, 10, 8)])
-def test_a_window_a_checkpoint_kept_open_closes_even_when_its_site_has_not_run_since(
-    every, log_every, b_every
+def test_a_resumed_run_logs_the_windows_of_an_uninterrupted_one_whether_or_not_a_site_ran(
+    every, log_every, b_every, described
 ):
-    """Resumed mid-window from a checkpoint at step 17 that holds step 16, a site is only
-    restored when it first runs. A log before that closes its restored window too, so each
-    later window holds its own steps, as in an uninterrupted run (it also held step 16 while
-    saying one step collected), and the lifetime counts are the uninterrupted run's.
-    (8, 5, 1): no site runs between the restore and the log at step 20 (every 8th step
-    collects); (2, 10, 8): site ``b`` runs at every 8th step only, so the log at step 20
-    has site ``a`` and ``b`` comes back at step 24."""
+    """Resumed mid-window from a checkpoint at step 17 that holds step 16, with a log
+    before some site runs again: (8, 5, 1): no site runs between the restore and the log at
+    step 20 (every 8th step collects); (2, 10, 8): site ``b`` runs at every 8th step only,
+    so it is back at step 24, after the log at step 20.
+
+    A checkpoint describes its sites, so the resumed process makes them at once: every
+    window equals the uninterrupted run's (the log at 20 had no site, or no ``b``). An
+    older checkpoint's sites are restored when they first run; a log before that closes
+    their restored window too, so each later window holds its own steps (it also held step
+    16 while saying one step collected). The lifetime counts are the uninterrupted run's."""
     xs = [torch.randn(16, 4, generator=torch.Generator().manual_seed(i)) for i in range(30)]
 
     def train(net, doc, steps):
@@ -1214,26 +1225,29 @@ def test_a_window_a_checkpoint_kept_open_closes_even_when_its_site_has_not_run_s
     net = _Branch(b_every)
     with relu_doctor.watch(net, **kw) as first:
         train(net, first, range(17))
-        state = first.state_dict()
+        state = first.state_dict() if described else _undescribed(first.state_dict())
     net = _Branch(b_every)
     with relu_doctor.watch(net, **kw) as resumed:
         resumed.load_state_dict(state)
         train(net, resumed, range(17, 30))
     got, want = windows(resumed), windows(full)
-    not_run = {(20, "a"), (20, "b")} if every == 8 else {(20, "b")}  # not restored yet
+    not_run = set() if described else {(20, "a"), (20, "b")} if every == 8 else {(20, "b")}
     assert {k for k in want if k[0] > 17} - set(got) == not_run
     assert got == {k: v for k, v in want.items() if k[0] > 17 and k not in not_run}
+    if described:
+        assert got[(20, "b")][1] == 16 * 8  # step 16's, restored from the checkpoint
     assert got[(25 if every == 8 else 30, "b")][1] == 16 * 8  # one step of b: step 24
     for s in full.sites:
         assert torch.equal(resumed.probe.site(s.name).stats.lifetime, s.stats.lifetime), s.name
 
 
 def test_a_restored_window_logged_at_a_with_blocks_exit_is_closed_when_the_block_is_entered_again():
-    """Resumed at step 17 (every 2nd step collects, logs every 10), the ``with`` block ends
-    at step 18 before any site ran: its exit logs the open window, which has no site yet.
-    Entered again, the Doctor starts a new window, and the sites' restored windows close
-    with the logged one: site ``a``, restored at step 18, holds that step alone at the log
-    at step 20 (it held steps 10-18 while saying one step collected)."""
+    """Resumed from an older checkpoint (no site descriptions) at step 17 (every 2nd step
+    collects, logs every 10), the ``with`` block ends at step 18 before any site ran: its
+    exit logs the open window, which has no site yet. Entered again, the Doctor starts a
+    new window, and the sites' restored windows close with the logged one: site ``a``,
+    restored at step 18, holds that step alone at the log at step 20 (it held steps 10-18
+    while saying one step collected)."""
     xs = [torch.randn(16, 4, generator=torch.Generator().manual_seed(i)) for i in range(20)]
     kw = {"log_every_n_steps": 10, "every_n_steps": 2}
     net = _Branch(8)
@@ -1241,7 +1255,7 @@ def test_a_restored_window_logged_at_a_with_blocks_exit_is_closed_when_the_block
         for i in range(17):
             net(xs[i], i).pow(2).mean().backward()
             first.step()
-        state = first.state_dict()
+        state = _undescribed(first.state_dict())
     net = _Branch(8)
     doc = relu_doctor.watch(net, **kw)
     for steps in (range(17, 18), range(18, 20)):
@@ -1281,3 +1295,4 @@ def test_a_run_directory_holding_only_windows_with_no_site_is_resumed_after_its_
     saved = relu_doctor.load_run(run)
     assert saved.metrics[saved.metrics["name"] == "loss"]["step"].tolist() == [5, 10, 15, 20]
     assert sorted(saved.history["step"].unique()) == [15, 20]
+
