@@ -1296,3 +1296,25 @@ def test_a_run_directory_holding_only_windows_with_no_site_is_resumed_after_its_
     assert saved.metrics[saved.metrics["name"] == "loss"]["step"].tolist() == [5, 10, 15, 20]
     assert sorted(saved.history["step"].unique()) == [15, 20]
 
+
+def test_the_warning_of_a_resumed_window_that_saw_nothing_counts_its_steps_before_the_checkpoint():
+    """The model left in eval mode from step 5, a checkpoint at step 7: the window logged at
+    step 10 by the resumed process had five collecting steps, two of them before the
+    checkpoint (the warning said three)."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def train(doc, steps):
+        for i in steps:
+            net.train(i < 5)
+            net(torch.randn(8, 4)).sum().backward()
+            doc.step()
+
+    with relu_doctor.watch(net, log_every_n_steps=5, every_n_steps=1) as first:
+        train(first, range(7))
+        state = first.state_dict()
+    said = r"step 10 recorded nothing in its 5 collecting"
+    with pytest.warns(ReluDoctorWarning, match=said), relu_doctor.watch(
+        net, log_every_n_steps=5, every_n_steps=1
+    ) as resumed:
+        resumed.load_state_dict(state)
+        train(resumed, range(7, 10))
