@@ -654,6 +654,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             "window_steps": self.window_steps,
             "steps_run": self.steps_run,
             "window_scheduled": self._window_scheduled,
+            "training_metrics": self._training.state_dict(),
             "sites": sites,
             "findings_open": self._tracker.state_dict(),
             "grad_norm_history": list(self._grad_norm_history),
@@ -674,6 +675,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         # (a checkpoint from before steps_run was saved: every step of it collected)
         self.steps_run = int(state.get("steps_run", self.window_steps))
         self._window_scheduled = int(state.get("window_scheduled", self.window_steps))
+        self._training.load_state_dict(state.get("training_metrics", {}))
         self._passes_at_step = self.probe.passes
         self._tracker.load_state_dict(state.get("findings_open", state.get("began", [])))
         self._grad_norm_history = deque(

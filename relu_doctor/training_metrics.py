@@ -54,10 +54,26 @@ class TrainingMetrics:
                 )
             # only once the value is known good: a refused one leaves no empty entry behind
             acc = self._acc.setdefault(name, [None, 0.0, 0])
-            if tensor is not None:
-                acc[0] = tensor if acc[0] is None else acc[0] + tensor.to(acc[0].device)
+            if tensor is not None:  # (a restored sum follows the values to their device)
+                acc[0] = tensor if acc[0] is None else acc[0].to(tensor.device) + tensor
             acc[1] += number
             acc[2] += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The open window's sums, for a checkpoint: a resumed window's means then cover
+        its steps before the checkpoint too. Device tensors are cloned, not read."""
+        return {
+            name: {"tensor": None if a[0] is None else a[0].detach().clone(),
+                   "number": a[1], "count": a[2]}
+            for name, a in self._acc.items()
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the open window's sums)."""
+        self._acc = {
+            str(name): [s.get("tensor"), float(s.get("number", 0.0)), int(s.get("count", 0))]
+            for name, s in state.items()
+        }
 
     def add_source(self, fn: Callable[[], Mapping[str, Any]]) -> None:
         """Call ``fn()`` at each logging step for more metrics ``{name: value}``."""

@@ -1075,10 +1075,13 @@ def test_a_resumed_run_drops_the_partial_log_of_the_window_its_checkpoint_keeps_
     net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
     run = tmp_path / "run"
 
+    losses: list[float] = []
+
     def train(doc, n):
         for _ in range(n):
             loss = net(torch.randn(8, 4)).pow(2).mean()
             loss.backward()
+            losses.append(float(loss))
             doc.step(loss=loss.detach())
 
     first = relu_doctor.Doctor(net, log_every_n_steps=10, every_n_steps=6, run_dir=run).attach()
@@ -1098,7 +1101,10 @@ def test_a_resumed_run_drops_the_partial_log_of_the_window_its_checkpoint_keeps_
     saved = relu_doctor.load_run(run)
     rows = saved.history[["step", "steps_collected", "steps_run"]].values.tolist()
     assert rows == [[10, 2, 10], [20, 2, 10]]
-    assert sorted(saved.metrics[saved.metrics["name"] == "loss"]["step"]) == [10, 20]
+    loss = saved.metrics[saved.metrics["name"] == "loss"].sort_values("step")
+    assert loss["step"].tolist() == [10, 20]
+    # the checkpoint carries the open window's sums: its mean covers steps 10-19, not 12-19
+    assert loss["value"].tolist() == pytest.approx([sum(losses[:10]) / 10, sum(losses[10:]) / 10])
     assert dict(build_context(saved).key_numbers)["steps collected"].startswith("4 of 20 run")
 
 
