@@ -223,6 +223,8 @@ class IntervalReading:
             new_findings=new,
             keys={s.name: s.key for s in sites},
             judged=saw,
+            steps_run=self.steps_run,
+            steps_collected=self.window_steps,
         )
         return record, events
 
@@ -259,6 +261,8 @@ class IntervalReading:
             new_findings=[],
             keys={},
             judged=False,
+            steps_run=self.steps_run,
+            steps_collected=self.window_steps,
         )
         return record, []
 

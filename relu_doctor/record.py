@@ -15,7 +15,10 @@ from relu_doctor.diagnosis import Finding
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.sites import SiteKey
 
-__all__ = ["IntervalRecord"]
+__all__ = ["WINDOW_COLUMNS", "IntervalRecord", "windows_frame"]
+
+#: The columns of a run's ``windows`` table (:func:`windows_frame`).
+WINDOW_COLUMNS = ("step", "steps_run", "steps_collected", "judged")
 
 
 @dataclass
@@ -46,6 +49,9 @@ class IntervalRecord:
             steps and training metrics, but judges nothing: its ``findings`` are the last
             judged window's, it goes to no listener (remedies, the integrations' logs), and
             ``to_pandas()`` reads the last judged window instead.
+        steps_run: the steps the window ran, collecting or not.
+        steps_collected: those in which statistics were collected (a pass of the watched
+            stream was recorded); the site rows say it too, where there are sites.
     """
 
     step: int
@@ -58,6 +64,8 @@ class IntervalRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     final: bool = False
     judged: bool = True
+    steps_run: int = 0
+    steps_collected: int = 0
 
     def site_row(self, name: str) -> dict[str, Any] | None:
         """The row of the site called ``name``, or None."""
@@ -74,3 +82,10 @@ class IntervalRecord:
             raise ReluDoctorError(
                 f"site: no site named {name!r} in this record; known: {sorted(self.keys)}."
             ) from None
+
+
+def windows_frame(record: IntervalRecord) -> pd.DataFrame:
+    """The record's row of the run's ``windows`` table: every log has one, with or without
+    sites (its steps run and collected, and whether it judged)."""
+    values = (record.step, record.steps_run, record.steps_collected, record.judged)
+    return pd.DataFrame({c: [v] for c, v in zip(WINDOW_COLUMNS, values, strict=True)})

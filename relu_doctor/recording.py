@@ -25,6 +25,7 @@ from relu_doctor._version import __version__
 from relu_doctor.errors import ReluDoctorWarning
 from relu_doctor.events import Event
 from relu_doctor.history import FORMAT_VERSION, IntervalRecord, Run, event_dict
+from relu_doctor.record import windows_frame
 from relu_doctor.rundir import RunWriter, load_run, read_table
 from relu_doctor.training_metrics import metrics_frame
 
@@ -162,6 +163,7 @@ class RunRecording:
             writer.append_table("units", record.step, record.unit_table)
             writer.append_table("layers", record.step, record.layer_table)
             writer.append_table("metrics", record.step, metrics_frame(record))
+            writer.append_table("windows", record.step, windows_frame(record))
             writer.write_findings(record.findings)
             writer.append_events(events)
         except Exception as e:  # disk full, permissions, a removed directory...
@@ -259,7 +261,8 @@ class RunRecording:
             layers=cat([r.layer_table for r in records]),
             events=events,
             last_findings=list(records[-1].findings) if records else [],
-            tables={"metrics": cat([metrics_frame(r) for r in records if r.metrics])},
+            tables={"metrics": cat([metrics_frame(r) for r in records if r.metrics]),
+                    "windows": cat([windows_frame(r) for r in records])},
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from relu_doctor.diagnosis import Finding
 from relu_doctor.errors import ReluDoctorWarning, RunDirError
 from relu_doctor.events import FindingEvent, event_from_dict
-from relu_doctor.history import READABLE_VERSIONS, Run, finding_from_dict
+from relu_doctor.history import READABLE_VERSIONS, WINDOW_COLUMNS, Run, finding_from_dict
 
 __all__ = ["STATUS_NAME", "TABLE_COLUMNS", "TableParts", "legacy_dormant", "load_run", "read_table"]
 
@@ -41,6 +41,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "units": ("step", "site", "unit"),
     "layers": ("step", "layer"),
     "metrics": ("step", "name", "value"),
+    "windows": WINDOW_COLUMNS,
 }
 TABLE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _SEGMENT = re.compile(r"(?:seg|part)-(\d+)\.(parquet|arrows)")
@@ -167,9 +168,9 @@ def _get(meta: Mapping[str, Any], *keys: str) -> Any:
     return v if v is not None else "unknown"
 
 
-#: The tables every log writes to: a window with sites writes ``history``; one that saw no
-#: site yet (a model left in eval mode from the start) only its training ``metrics``.
-LOGGED_TABLES = ("history", "metrics")
+#: The tables a log writes its step to: ``windows`` (every log; a run directory written
+#: before it existed has ``history`` only), ``history`` (a window with sites), ``metrics``.
+LOGGED_TABLES = ("windows", "history", "metrics")
 
 
 def last_step(p: Path) -> int | None:

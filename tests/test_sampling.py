@@ -1146,27 +1146,32 @@ def test_a_model_in_eval_mode_from_the_start_warns_once_and_its_windows_keep_the
         [sum(losses[a:b]) / (b - a) for a, b in ((0, 5), (5, 10), (10, 12))])
     rows = saved.history[["step", "steps_collected", "steps_run"]].values.tolist()
     assert rows == [[10, 3, 5], [12, 2, 2]]
+    windows = saved.tables["windows"][["step", "steps_run", "steps_collected", "judged"]]
+    assert windows.values.tolist() == [[5, 5, 0, False], [10, 5, 3, True], [12, 2, 2, True]]
+    numbers = dict(build_context(saved).key_numbers)
+    assert (numbers["steps logged"], numbers["steps collected"]) == (
+        "5–12 (3 logs)", "5 of 12 run (41.7%)")  # (5 of 7: the first window was left out)
     layer0 = saved.layers[(saved.layers["layer"] == "0") & (saved.layers["step"] == 10)]
     assert float(layer0["grad_norm"].iloc[0]) == pytest.approx(math.sqrt(sum(grad_sq[5:10]) / 5))
 
-    # Never trained: each window is written for its loss, and the report says why it is empty.
+    # Never trained, and no loss given: every window is still written (the run's windows
+    # table), and the report says why it is empty.
     net.eval()
     never = tmp_path / "never"
     with pytest.warns(ReluDoctorWarning, match="recorded nothing"), relu_doctor.watch(
         net, log_every_n_steps=5, every_n_steps=1, run_dir=never
     ) as doc:
         for _ in range(7):
-            loss = net(torch.randn(8, 4)).pow(2).mean()
-            loss.backward()
-            doc.step(loss)
+            net(torch.randn(8, 4)).pow(2).mean().backward()
+            doc.step()
     assert [(r.step, r.judged) for r in doc.records] == [(5, False), (7, False)]
     saved = relu_doctor.load_run(never)
-    assert saved.history.empty
-    assert sorted(saved.metrics[saved.metrics["name"] == "loss"]["step"]) == [5, 7]
+    assert saved.history.empty and saved.metrics.empty
+    assert saved.tables["windows"]["step"].tolist() == [5, 7]
     ctx = build_context(saved)
     assert (ctx.verdict.status, ctx.verdict.headline) == ("empty", "No activation seen")
     assert "up to step 7" in ctx.verdict.detail and "model.train()" in ctx.verdict.detail
-    assert dict(ctx.key_numbers)["steps logged"] == "5–7 (2 logs, training metrics only)"
+    assert dict(ctx.key_numbers)["steps logged"] == "5–7 (2 logs, no site seen)"
     assert summary(saved).splitlines() == ["Sequential: No activation seen",
                                            f"  {ctx.verdict.detail}"]
     page = render_report(saved)

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from relu_doctor.diagnosis import REMEDY_NAMES, severity_rank
-from relu_doctor.history import SEEN_FIELDS, Run, load_run
+from relu_doctor.history import SEEN_FIELDS, WINDOW_COLUMNS, Run, load_run
 from relu_doctor.reports.findings import (
     MODEL_WIDE,
     VOCABULARY,
@@ -220,9 +220,9 @@ class Verdict:
 
 def _verdict(
     findings: Sequence[FindingView], last_step: int | None, step: int | None,
-    metrics_step: int | None = None, stream: str = "train",
+    logged_step: int | None = None, stream: str = "train",
 ) -> Verdict:
-    if last_step is None and metrics_step is not None:  # (a stream's windows, no site)
+    if last_step is None and logged_step is not None:  # windows logged, no site seen
         why = {
             "eval": "no evaluation pass (model.eval() or torch.no_grad()) was recorded",
             "train": "no training pass (the model in train() mode, gradients enabled) was "
@@ -231,8 +231,8 @@ def _verdict(
         return Verdict(
             "empty",
             "No activation seen",
-            f"Windows were logged up to step {metrics_step}, with their training metrics, but "
-            f"no pass of the watched stream ran an activation in them: {why}.",
+            f"Windows were logged up to step {logged_step}, but no pass of the watched stream "
+            f"ran an activation in them: {why}.",
         )
     if last_step is None:
         return Verdict(
@@ -450,20 +450,35 @@ def _evaluation(run: Run) -> EvalView | None:
     return EvalView(name, steps, steps[-1] if steps else None, passes, _site_rows(ev, last, []))
 
 
-def _logged_text(steps: Sequence[int], metrics: pd.DataFrame) -> str:
-    """The key number "steps logged": the logs with site statistics, else the windows
-    logged for their training metrics only (no site seen yet)."""
-    if steps:
-        return f"{steps[0]}–{steps[-1]} ({len(steps)} logs)"
-    if not metrics.empty:
-        only = sorted(int(x) for x in metrics["step"].unique())
-        return f"{only[0]}–{only[-1]} ({len(only)} logs, training metrics only)"
-    return "none"
+def _logged_text(steps: Sequence[int], windows: pd.DataFrame) -> str:
+    """The key number "steps logged": every log (the ``windows`` table), else the logs
+    with site statistics (a run written before that table)."""
+    logged = sorted(int(s) for s in windows["step"]) if not windows.empty else list(steps)
+    if not logged:
+        return "none"
+    return (f"{logged[0]}–{logged[-1]} ({len(logged)} logs"
+            f"{', no site seen' if not steps else ''})")
 
 
-def _sampling(hist: pd.DataFrame, steps: Sequence[int]) -> tuple[int, int, list[int]] | None:
+def _windows_table(run: Run) -> pd.DataFrame:
+    """The run's ``windows`` table (a row per log: steps run and collected, judged); empty
+    for a run written before it was."""
+    table = run.tables.get("windows")
+    if not isinstance(table, pd.DataFrame) or table.empty or not set(WINDOW_COLUMNS) <= set(table):
+        return pd.DataFrame(columns=list(WINDOW_COLUMNS))
+    return table
+
+
+def _sampling(
+    hist: pd.DataFrame, steps: Sequence[int], windows: pd.DataFrame
+) -> tuple[int, int, list[int]] | None:
     """(steps collected, steps run, the logged steps whose window saw anything) over the
-    logged windows; None for a run that does not record them (written before they were)."""
+    logged windows, every log's from the ``windows`` table (those before any site was seen
+    too); else from the history; None for a run that records neither (written before)."""
+    if not windows.empty:
+        ok = {int(s) for s, j in zip(windows["step"], windows["judged"], strict=True) if j}
+        return (int(windows["steps_collected"].sum()), int(windows["steps_run"].sum()),
+                [s for s in steps if s in ok])
     if not steps or "steps_collected" not in hist or "steps_run" not in hist:
         return None
     per_step = hist.groupby("step")
@@ -484,7 +499,8 @@ def build_context(run: Run) -> ReportContext:
     hist = run.history
     steps = sorted(int(s) for s in hist["step"].unique()) if not hist.empty else []
     last_step = steps[-1] if steps else None
-    sampling = _sampling(hist, steps)
+    windows = _windows_table(run)
+    sampling = _sampling(hist, steps, windows)
     judged = (sampling[2] or steps) if sampling is not None else steps  # (drawn, tabled)
     shown_step = judged[-1] if judged else None
     last = hist[hist["step"] == shown_step] if shown_step is not None else pd.DataFrame()
@@ -523,14 +539,14 @@ def build_context(run: Run) -> ReportContext:
         ("dead now", f"{dead} ({fmt_pct(dead / units) if units else '—'})"),
         ("never active", str(total("lifetime_dead"))),
         ("dormant", str(total("dormant"))),
-        ("steps logged", _logged_text(steps, metrics)),
+        ("steps logged", _logged_text(steps, windows)),
         *([("steps collected", f"{sampling[0]} of {sampling[1]} run "
             f"({fmt_pct(sampling[0] / sampling[1])})")] if sampling and sampling[1] else []),
         ("interventions", str(len(interventions))),
     ]
-    metrics_step = int(metrics["step"].max()) if not metrics.empty else None
+    logged_step = int(windows["step"].max()) if not windows.empty else None
     verdict = _verdict(
-        findings, last_step, findings_step, metrics_step, str(run.meta.get("stream", "train"))
+        findings, last_step, findings_step, logged_step, str(run.meta.get("stream", "train"))
     )
     stale = ""
     if findings_step is not None and last_step is not None and findings_step < last_step:

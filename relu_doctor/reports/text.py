@@ -67,7 +67,7 @@ def summary(
     lines = [f"{ctx.model or 'model'}: {ctx.verdict.headline}"]
     lines += _gap_lines(ctx)
     if ctx.last_step is None:
-        if not ctx.series.metrics.empty:  # windows logged before any site was seen
+        if dict(ctx.key_numbers).get("steps logged", "none") != "none":  # (no site seen)
             lines.append(f"  {ctx.verdict.detail}")
         return "\n".join(_plain(line) for line in lines)
     lines.append("  " + ", ".join(f"{k} {v}" for k, v in ctx.key_numbers))

@@ -284,11 +284,12 @@ def test_site_without_rows_is_listed(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("stream", "says"), [
     ("train", "no training pass"), ("eval", "no evaluation pass"), ("all", "no forward pass")])
 def test_windows_logged_with_no_site_name_the_stream_that_recorded_nothing(stream, says):
-    """A run whose windows were logged for their training metrics before any site was seen
-    says so, naming what its stream would have recorded (not "train longer")."""
-    metrics = pd.DataFrame({"step": [5, 10], "name": ["loss", "loss"], "value": [1.0, 0.9]})
+    """A run whose windows were logged before any site was seen says so, naming what its
+    stream would have recorded (not "train longer")."""
+    windows = pd.DataFrame({"step": [5, 10], "steps_run": [5, 5], "steps_collected": [0, 0],
+                            "judged": [False, False]})
     run = Run(meta={"model": "Net", "stream": stream}, history=pd.DataFrame(),
-              units=pd.DataFrame(), layers=pd.DataFrame(), tables={"metrics": metrics})
+              units=pd.DataFrame(), layers=pd.DataFrame(), tables={"windows": windows})
     ctx = build_context(run)
     assert (ctx.verdict.status, ctx.verdict.headline) == ("empty", "No activation seen")
     assert says in ctx.verdict.detail and "up to step 10" in ctx.verdict.detail
