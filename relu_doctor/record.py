@@ -15,7 +15,7 @@ from relu_doctor.diagnosis import Finding
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.sites import SiteKey
 
-__all__ = ["WINDOW_COLUMNS", "IntervalRecord", "windows_frame"]
+__all__ = ["WINDOW_COLUMNS", "IntervalRecord", "window_columns", "windows_frame"]
 
 #: The columns of a run's ``windows`` table (:func:`windows_frame`).
 WINDOW_COLUMNS = ("step", "steps_run", "steps_collected", "judged")
@@ -84,8 +84,13 @@ class IntervalRecord:
             ) from None
 
 
-def windows_frame(record: IntervalRecord) -> pd.DataFrame:
-    """The record's row of the run's ``windows`` table: every log has one, with or without
-    sites (its steps run and collected, and whether it judged)."""
+def window_columns(record: IntervalRecord) -> dict[str, list[Any]]:
+    """The record's row of the run's ``windows`` table, as columns: every log has one, with
+    or without sites (its steps run and collected, and whether it judged)."""
     values = (record.step, record.steps_run, record.steps_collected, record.judged)
-    return pd.DataFrame({c: [v] for c, v in zip(WINDOW_COLUMNS, values, strict=True)})
+    return {c: [v] for c, v in zip(WINDOW_COLUMNS, values, strict=True)}
+
+
+def windows_frame(record: IntervalRecord) -> pd.DataFrame:
+    """:func:`window_columns` as a DataFrame."""
+    return pd.DataFrame(window_columns(record))

@@ -25,9 +25,9 @@ from relu_doctor._version import __version__
 from relu_doctor.errors import ReluDoctorWarning
 from relu_doctor.events import Event
 from relu_doctor.history import FORMAT_VERSION, IntervalRecord, Run, event_dict
-from relu_doctor.record import windows_frame
+from relu_doctor.record import window_columns, windows_frame
 from relu_doctor.rundir import RunWriter, load_run, read_table
-from relu_doctor.training_metrics import metrics_frame
+from relu_doctor.training_metrics import metrics_columns, metrics_frame
 
 if TYPE_CHECKING:
     from collections import deque
@@ -162,8 +162,8 @@ class RunRecording:
             writer.append_table("history", record.step, pd.DataFrame(record.site_rows))
             writer.append_table("units", record.step, record.unit_table)
             writer.append_table("layers", record.step, record.layer_table)
-            writer.append_table("metrics", record.step, metrics_frame(record))
-            writer.append_table("windows", record.step, windows_frame(record))
+            writer.append_table("metrics", record.step, metrics_columns(record))
+            writer.append_table("windows", record.step, window_columns(record))
             writer.write_findings(record.findings)
             writer.append_events(events)
         except Exception as e:  # disk full, permissions, a removed directory...

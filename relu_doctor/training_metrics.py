@@ -17,7 +17,7 @@ from relu_doctor._validate import is_number
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.history import IntervalRecord
 
-__all__ = ["TrainingMetrics", "metrics_frame"]
+__all__ = ["TrainingMetrics", "metrics_columns", "metrics_frame"]
 
 
 class TrainingMetrics:
@@ -106,11 +106,15 @@ class TrainingMetrics:
         return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
-def metrics_frame(record: IntervalRecord) -> pd.DataFrame:
-    """The record's training metrics in the run's long format: one row per (step, name)."""
+def metrics_columns(record: IntervalRecord) -> dict[str, list[Any]]:
+    """The record's training metrics in the run's long format, as columns: one row per
+    (step, name)."""
     names = list(record.metrics)
-    return pd.DataFrame(
-        {"step": [record.step] * len(names), "name": names,
-         "value": [record.metrics[n] for n in names]}
-    )
+    return {"step": [record.step] * len(names), "name": names,
+            "value": [float(record.metrics[n]) for n in names]}
+
+
+def metrics_frame(record: IntervalRecord) -> pd.DataFrame:
+    """:func:`metrics_columns` as a DataFrame."""
+    return pd.DataFrame(metrics_columns(record))
 

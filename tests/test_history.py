@@ -468,3 +468,22 @@ def test_legacy_dormant_of_sites_whose_leakiness_is_unknown():
     out = legacy_dormant(old, units=False)
     assert out["dormant"].iloc[0] == 2 and pd.isna(out["dormant"].iloc[1])
     assert out["dormant_fraction"].iloc[0] == pytest.approx(0.2)
+
+
+def test_a_table_appended_as_columns_continues_the_segment_a_dataframe_began(tmp_path):
+    """The logs write their small tables (metrics, windows) as columns, without pandas: the
+    rows read back as written, in the segment that DataFrames of the same table began (an
+    older writer's), with no new segment for a changed schema."""
+    w = RunWriter(tmp_path / "r")
+    w.write_meta({"model": "Net", "sites": []})
+    w.append_table("metrics", 5, pd.DataFrame({"step": [5, 5], "name": ["loss", "lr"],
+                                               "value": [0.5, 0.1]}))
+    w.append_table("metrics", 10, {"step": [10], "name": ["loss"], "value": [0.25]})
+    w.append_table("metrics", 15, {"step": [], "name": [], "value": []})  # nothing to write
+    w.append_table("windows", 10, {"step": [10], "steps_run": [5], "steps_collected": [2],
+                                   "judged": [True]})
+    assert len(list((tmp_path / "r" / "metrics").iterdir())) == 1
+    w.close()
+    got = read_table(tmp_path / "r", "metrics")
+    assert got.values.tolist() == [[5, "loss", 0.5], [5, "lr", 0.1], [10, "loss", 0.25]]
+    assert load_run(tmp_path / "r").tables["windows"].values.tolist() == [[10, 5, 2, True]]
