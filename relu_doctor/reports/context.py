@@ -450,44 +450,48 @@ def _evaluation(run: Run) -> EvalView | None:
     return EvalView(name, steps, steps[-1] if steps else None, passes, _site_rows(ev, last, []))
 
 
-def _logged_text(steps: Sequence[int], windows: pd.DataFrame) -> str:
-    """The key number "steps logged": every log (the ``windows`` table), else the logs
-    with site statistics (a run written before that table)."""
-    logged = sorted(int(s) for s in windows["step"]) if not windows.empty else list(steps)
+def _logged_text(steps: Sequence[int], windows: pd.DataFrame | None) -> str:
+    """The key number "steps logged": every log, those with no site seen too."""
+    logged = sorted(set(steps) | ({int(x) for x in windows["step"]} if windows is not None
+                                  else set()))
     if not logged:
         return "none"
     return (f"{logged[0]}–{logged[-1]} ({len(logged)} logs"
             f"{', no site seen' if not steps else ''})")
 
 
-def _windows_table(run: Run) -> pd.DataFrame:
-    """The run's ``windows`` table (a row per log: steps run and collected, judged); empty
-    for a run written before it was."""
+def _windows(run: Run, hist: pd.DataFrame) -> pd.DataFrame | None:
+    """A row per log (:data:`WINDOW_COLUMNS`): the run's ``windows`` table, and for the
+    logs it lacks (written before it existed, the run resumed since) the history's counts,
+    judged where a site saw something; None for a run that records neither."""
     table = run.tables.get("windows")
-    if not isinstance(table, pd.DataFrame) or table.empty or not set(WINDOW_COLUMNS) <= set(table):
-        return pd.DataFrame(columns=list(WINDOW_COLUMNS))
-    return table
+    if not isinstance(table, pd.DataFrame) or not set(WINDOW_COLUMNS) <= set(table):
+        table = pd.DataFrame(columns=list(WINDOW_COLUMNS))
+    parts = [table[list(WINDOW_COLUMNS)]] if not table.empty else []
+    if not hist.empty and {"steps_collected", "steps_run"} <= set(hist):
+        older = hist[~hist["step"].isin(table["step"])]
+        if not older.empty:
+            per_step = older.groupby("step")
+            rows = per_step[["steps_collected", "steps_run"]].first().fillna(0)
+            seen_cols = [c for c in SEEN_FIELDS if c in older]
+            rows["judged"] = (per_step[seen_cols].sum().sum(axis=1) > 0 if seen_cols
+                              else True)
+            parts.append(rows.reset_index()[list(WINDOW_COLUMNS)])
+    if not parts:
+        return None
+    return pd.concat(parts, ignore_index=True).sort_values("step", kind="stable")
 
 
 def _sampling(
-    hist: pd.DataFrame, steps: Sequence[int], windows: pd.DataFrame
+    windows: pd.DataFrame | None, steps: Sequence[int]
 ) -> tuple[int, int, list[int]] | None:
-    """(steps collected, steps run, the logged steps whose window saw anything) over the
-    logged windows, every log's from the ``windows`` table (those before any site was seen
-    too); else from the history; None for a run that records neither (written before)."""
-    if not windows.empty:
-        ok = {int(s) for s, j in zip(windows["step"], windows["judged"], strict=True) if j}
-        return (int(windows["steps_collected"].sum()), int(windows["steps_run"].sum()),
-                [s for s in steps if s in ok])
-    if not steps or "steps_collected" not in hist or "steps_run" not in hist:
+    """(steps collected, steps run, the logged steps with sites whose window saw anything)
+    over the logged windows (:func:`_windows`); None for a run that does not record them."""
+    if windows is None:
         return None
-    per_step = hist.groupby("step")
-    counts = per_step[["steps_collected", "steps_run"]].first().fillna(0)
-    seen_cols = [c for c in SEEN_FIELDS if c in hist]
-    seen = (per_step[seen_cols].sum().sum(axis=1) > 0 if seen_cols
-            else pd.Series(True, index=counts.index))
-    judged = [int(s) for s, ok in zip(counts.index, seen, strict=True) if ok]
-    return int(counts["steps_collected"].sum()), int(counts["steps_run"].sum()), judged
+    ok = {int(s) for s, j in zip(windows["step"], windows["judged"], strict=True) if j}
+    return (int(windows["steps_collected"].sum()), int(windows["steps_run"].sum()),
+            [s for s in steps if s in ok])
 
 
 def build_context(run: Run) -> ReportContext:
@@ -499,8 +503,8 @@ def build_context(run: Run) -> ReportContext:
     hist = run.history
     steps = sorted(int(s) for s in hist["step"].unique()) if not hist.empty else []
     last_step = steps[-1] if steps else None
-    windows = _windows_table(run)
-    sampling = _sampling(hist, steps, windows)
+    windows = _windows(run, hist)
+    sampling = _sampling(windows, steps)
     judged = (sampling[2] or steps) if sampling is not None else steps  # (drawn, tabled)
     shown_step = judged[-1] if judged else None
     last = hist[hist["step"] == shown_step] if shown_step is not None else pd.DataFrame()
@@ -544,7 +548,7 @@ def build_context(run: Run) -> ReportContext:
             f"({fmt_pct(sampling[0] / sampling[1])})")] if sampling and sampling[1] else []),
         ("interventions", str(len(interventions))),
     ]
-    logged_step = int(windows["step"].max()) if not windows.empty else None
+    logged_step = int(windows["step"].max()) if windows is not None else None
     verdict = _verdict(
         findings, last_step, findings_step, logged_step, str(run.meta.get("stream", "train"))
     )

@@ -294,3 +294,19 @@ def test_windows_logged_with_no_site_name_the_stream_that_recorded_nothing(strea
     assert (ctx.verdict.status, ctx.verdict.headline) == ("empty", "No activation seen")
     assert says in ctx.verdict.detail and "up to step 10" in ctx.verdict.detail
     assert ("eval mode" in ctx.verdict.detail) == (stream == "train")
+
+
+def test_a_run_directory_started_before_the_windows_table_states_every_logs_sampling():
+    """A run logged at steps 5 and 10 before the windows table existed and resumed since
+    has the table for its later logs only: the earlier ones still count, from the history
+    (the report said "steps logged 15–20 (2 logs)" and "20 of 20 run")."""
+    hist = pd.DataFrame({"step": [5, 10, 15, 20], "site": ["s"] * 4,
+                         "steps_collected": [5, 2, 5, 5], "steps_run": [5, 5, 5, 5],
+                         "elements": [40.0, 16.0, 40.0, 40.0]})
+    windows = pd.DataFrame({"step": [15, 20], "steps_run": [5, 5], "steps_collected": [5, 5],
+                            "judged": [True, True]})
+    run = Run(meta={"model": "Net"}, history=hist, units=pd.DataFrame(),
+              layers=pd.DataFrame(), tables={"windows": windows})
+    numbers = dict(build_context(run).key_numbers)
+    assert numbers["steps logged"] == "5–20 (4 logs)"
+    assert numbers["steps collected"].startswith("17 of 20 run")
