@@ -675,7 +675,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         # (a checkpoint from before steps_run was saved: every step of it collected)
         self.steps_run = int(state.get("steps_run", self.window_steps))
         self._window_scheduled = int(state.get("window_scheduled", self.window_steps))
-        self._training.load_state_dict(state.get("training_metrics", {}))
+        if windows:  # (the sums are this process's: the one that carries the windows)
+            self._training.load_state_dict(state.get("training_metrics", {}))
         self._passes_at_step = self.probe.passes
         self._tracker.load_state_dict(state.get("findings_open", state.get("began", [])))
         self._grad_norm_history = deque(
@@ -689,7 +690,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         sites: Mapping[str, Any] = state.get("sites", {})
         if not windows:
             sites = {t: {**s, "window": torch.zeros_like(s["window"])} for t, s in sites.items()}
-        self.probe.load_site_state(sites)
+        self.probe.load_site_state(sites, functional=self.functional)
         self.probe.collecting = self._collecting()
         if self.eval is not None and state.get("eval"):
             self.eval.load_state_dict(state["eval"], windows=windows)

@@ -126,6 +126,7 @@ class IntervalReading:
         sites = self.probe.sites()
         if not sites:
             return self._read_nothing(logged=close or final, close=close)
+        self.probe.place_restored(model_device(self.model))
         sizes = [s.units for s in sites]
         # Every site's window and lifetime side by side, on the device: one copy each (the
         # windows are cleared below), one transfer, and the metrics work on these matrices.

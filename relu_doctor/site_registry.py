@@ -53,6 +53,10 @@ class SiteRegistry:
         _targets: dict[nn.Module, tuple[str, Family]]
         _failed: set[SiteKey]
 
+        def targets(self) -> dict[nn.Module, tuple[str, Family]]: ...
+
+        def selected(self, path: str) -> bool: ...
+
     def _site(
         self,
         output: torch.Tensor,
@@ -236,34 +240,53 @@ class SiteRegistry:
         }
         return {**self._pending, **state}
 
-    def load_site_state(self, state: Mapping[str, Any]) -> None:
+    def load_site_state(self, state: Mapping[str, Any], *, functional: bool = True) -> None:
         """Restore :meth:`site_state`. A site this process has not seen is made from its
         description at once, so its restored window is logged at the next log as in an
-        uninterrupted run, whether or not it runs before then. One without a description (a
-        checkpoint from an older version) or whose module this model lacks is restored
-        when it first runs."""
+        uninterrupted run, whether or not it runs before then, if this probe would watch
+        it: a module site whose module is a watched activation (``include``/``exclude``), a
+        functional call's (with ``functional``) in a selected module. Any other entry (one
+        without a description, from an older version) is restored when its site first
+        runs. A site made by an earlier load and not run since goes when this state lacks
+        it (the later checkpoint replaces the earlier one)."""
+        dropped = [k for k, s in self._sites.items() if s.restored and k.token() not in state]
+        for key in dropped:
+            del self._sites[key]
         for key, site in self._sites.items():
             if key.token() in state:
                 _restore(site, state[key.token()])
         known = {k.token() for k in self._sites}
-        paths = {path for path, _ in self.model.named_modules()}
+        module_paths = {path for path, _ in self.targets().values()}
+        call_paths = (  # where a functional call is watched
+            {path for path, _ in self.model.named_modules() if self.selected(path)}
+            if functional else set())
         device = model_device(self.model)
         self._pending = {}
         made = False
         for token, st in state.items():
             if token in known:
                 continue
-            made_site = _described(token, st, paths, device)
+            made_site = _described(token, st, module_paths, call_paths, device)
             if made_site is None:
                 self._pending[token] = st
                 continue
             self._sites[made_site.key] = made_site
             _restore(made_site, st)
             made = True
-        if made:
+        if made or dropped:
             self._rename()
             for fn in self._listeners:
                 fn()
+
+    def place_restored(self, device: torch.device | None) -> None:
+        """Move the accumulators of sites made from a checkpoint and not run since onto the
+        device of the sites that ran (else ``device``, the model's), where a log reads every
+        site: a checkpoint loaded before the model was moved made them on the old one."""
+        ran = next((s.stats.window.device for s in self._sites.values() if not s.restored),
+                   device)
+        for site in self._sites.values():
+            if site.restored and ran is not None and site.stats.window.device != ran:
+                site.stats.to(ran)
 
     def pending_windows(self) -> list[torch.Tensor]:
         """The open windows of the restored sites not seen since (:meth:`load_site_state`),
@@ -299,11 +322,13 @@ def _description(site: Site) -> dict[str, Any]:
 
 
 def _described(
-    token: str, state: Mapping[str, Any], paths: set[str], device: torch.device | None
+    token: str, state: Mapping[str, Any], module_paths: set[str], call_paths: set[str],
+    device: torch.device | None,
 ) -> Site | None:
     """The site of a checkpoint entry, made from its description on ``device`` (the
-    model's; else the checkpoint's); None without one, for a module the model lacks, or an
-    unknown family."""
+    model's; else the checkpoint's); None without one, with an unknown family, or where
+    this probe would not watch it: a module site whose path is not in ``module_paths``
+    (watched activation modules), a functional call's not in ``call_paths``."""
     d = state.get("site")
     if not isinstance(d, Mapping):
         return None
@@ -313,7 +338,7 @@ def _described(
         units = int(state["units"])
     except (KeyError, TypeError, ValueError):
         return None
-    if key.module_path not in paths:
+    if key.module_path not in (module_paths if key.op is None else call_paths):
         return None
     return Site(
         key=key,

@@ -780,6 +780,74 @@ def test_findings_read_the_last_judged_window_however_many_windows_saw_nothing_s
     assert doc.to_pandas()["step"].tolist() == [2] and int(doc.to_pandas()["dead"][0]) == 3
 
 
+class _TwoWays(nn.Module):
+    """A ReLU module and a functional F.gelu call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.a1, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(self.fc2(self.a1(self.fc1(x))))
+
+
+@pytest.mark.parametrize("options", [{"exclude": "a1"}, {"functional": False}, {}])
+def test_a_checkpoint_makes_only_the_sites_this_doctor_watches(options):
+    """The sites a checkpoint describes are made at its load only where this Doctor would
+    watch them (include/exclude, functional=False): a resumed run has the sites of a fresh
+    one with the same options (it listed an excluded site, or functional calls, with the
+    checkpoint's counts and none after)."""
+    model = _TwoWays()
+    with relu_doctor.watch(model, log_every_n_steps=100) as doc:
+        model(torch.randn(8, 4)).sum().backward()
+        doc.step()
+        state = doc.state_dict()
+    assert len(state["sites"]) == 2
+    fresh = _TwoWays()
+    with relu_doctor.watch(fresh, log_every_n_steps=100, **options) as other:
+        fresh(torch.randn(8, 4)).sum().backward()
+        other.step()
+        want = sorted(s.name for s in other.sites)
+    resumed = relu_doctor.watch(_TwoWays(), log_every_n_steps=100, **options)
+    resumed.load_state_dict(state)
+    assert sorted(s.name for s in resumed.sites) == want
+    resumed.detach()
+
+
+def test_a_second_checkpoint_loaded_replaces_the_sites_the_first_made():
+    """Sites made by loading one checkpoint and not run since go when a later load's state
+    lacks them: the result is that of the later checkpoint alone."""
+    model = _TwoWays()
+    with relu_doctor.watch(model, log_every_n_steps=100) as doc:
+        model(torch.randn(8, 4)).sum().backward()
+        doc.step()
+        both = doc.state_dict()
+    only_a1 = {**both, "sites": {t: st for t, st in both["sites"].items() if "a1" in t}}
+    resumed = relu_doctor.watch(_TwoWays(), log_every_n_steps=100)
+    resumed.load_state_dict(both)
+    assert len(resumed.sites) == 2
+    resumed.load_state_dict(only_a1)
+    assert [s.name for s in resumed.sites] == ["a1"]
+    resumed.detach()
+
+
+def test_a_checkpoint_loaded_without_windows_restores_no_training_metric_sums():
+    """Under DDP the process that carries the summed windows (windows=True) restores the
+    open window's training-metric sums; the others (windows=False) start theirs empty, not
+    with that process's."""
+    model = _TwoWays()
+    with relu_doctor.watch(model, log_every_n_steps=100) as doc:
+        doc.step(loss=2.0)
+        state = doc.state_dict()
+    for windows, want in ((True, 3.0), (False, 4.0)):  # the mean of (2, 4), or of (4) alone
+        resumed = relu_doctor.watch(_TwoWays(), log_every_n_steps=100)
+        resumed.load_state_dict(state, windows=windows)
+        resumed.log_metrics({"loss": 4.0})
+        assert resumed._training.read([])["loss"] == want
+        resumed.detach()
+
+
 def test_two_sites_never_share_a_display_name():
     """A module registered as 'x:relu#0' beside the first F.relu call of module 'x': two
     sites, two names, each unit table its own."""
