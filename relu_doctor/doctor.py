@@ -317,7 +317,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         windows = self.reduce_sum([s.stats.window for s in sites]) if sites else []
         for s, w in zip(sites, windows, strict=True):
             s.stats.close_window(w)
-        self._close_pending(sites[0].stats.window.device if sites else model_device(self.model))
+        self._close_pending()
         self._reset_window_counts()
 
     def _reset_window_counts(self) -> None:

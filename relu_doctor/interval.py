@@ -151,7 +151,7 @@ class IntervalReading:
             for s, n in zip(sites, sizes, strict=True):
                 s.stats.close_window(window[:, start : start + n])
                 start += n
-            self._close_pending(window.device)
+            self._close_pending()
         host_window, host_life = host[0], host[1]
         layer_rows: list[dict[str, Any]] = []
         saw = bool(host_window[_SEEN_ROWS].sum() > 0)
@@ -229,13 +229,15 @@ class IntervalReading:
         )
         return record, events
 
-    def _close_pending(self, device: torch.device | None) -> None:
+    def _close_pending(self) -> None:
         """Close the open windows of restored sites that have not run since the restore
         (:meth:`SiteRegistry.close_pending_windows
         <relu_doctor.site_registry.SiteRegistry.close_pending_windows>`), summed across
-        processes on ``device`` (the one the collective works on)."""
+        processes on the sites' device, else the model's (the collective's)."""
         pending = self.probe.pending_windows()
         if pending:
+            sites = self.probe.sites()
+            device = sites[0].stats.window.device if sites else model_device(self.model)
             moved = [w.to(device) if device is not None else w for w in pending]
             self.probe.close_pending_windows(self.reduce_sum(moved))
 
@@ -248,7 +250,7 @@ class IntervalReading:
         if not logged or self.steps_run == 0:
             return None
         if close:
-            self._close_pending(model_device(self.model))
+            self._close_pending()
         if self._window_scheduled > 0 and self.window_steps == 0:  # (else passes ran: a
             self._warn_saw_nothing()  # site-less model, which its own warnings name)
         if self.tap is not None:

@@ -74,8 +74,8 @@ class SiteRegistry:
         site = self._sites.get(key)
         shape = tuple(output.shape)
         if site is not None:
-            if site.stats.window.device != output.device:  # restored on another device
-                site.stats.to(output.device)
+            if site.restored and site.stats.window.device != output.device:
+                site.stats.to(output.device)  # made from a checkpoint on another device
             dim = site.dim_for(len(shape))
             if not 0 <= dim < len(shape) or shape[dim] != site.units:
                 if site.restored:  # the hook's failure path warns, and the site steps aside
