@@ -27,7 +27,7 @@ from relu_doctor._hooks import HookOwner
 from relu_doctor._validate import flag, path_or_none, positive_int
 from relu_doctor._validate import optimizers as optimizers_arg
 from relu_doctor.diagnosis import REMEDY_NAMES, DiagnosisConfig, diagnosis_config
-from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError, user_stacklevel
 from relu_doctor.history import (
     FindingTracker,
     IntervalRecord,
@@ -40,7 +40,7 @@ from relu_doctor.recording import RunRecording
 from relu_doctor.rundir import RunWriter
 from relu_doctor.sampling import DEFAULT_BUDGET, Sampler, Stopwatch, check_rate, model_device
 from relu_doctor.sites import Site, SiteKey
-from relu_doctor.stats import reduce_sum
+from relu_doctor.stats import AgreedSum, reduce_sum
 from relu_doctor.training_metrics import TrainingMetrics
 
 __all__ = ["Doctor", "IntervalRecord", "LogRecord", "watch"]
@@ -245,6 +245,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._grad_norm_history: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
         self._first_rms: dict[str, float] = {}  # each site's activation RMS at its first log
         self._warned_empty = False  # a window with collecting steps recorded nothing
+        self._warned_sites_differ = False  # the processes held different sites at a read
+        self._agreed_sums: dict[str, AgreedSum] = {}  # (see sum_across)
         self._listeners: list[Listener] = []
         # at the next step, ask the remedies for a held final record (one was logged, or
         # this Doctor was attached: a resumed run's remedies may have loaded one)
@@ -314,10 +316,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             return
         self._unfolded = False
         sites = self.probe.sites()
-        windows = self.reduce_sum([s.stats.window for s in sites]) if sites else []
-        for s, w in zip(sites, windows, strict=True):
-            s.stats.close_window(w)
-        self._close_pending()
+        summed, _ = self._sum_windows(sites, close=True)
+        for s in sites:
+            s.stats.close_window(summed[s.name])
         self._reset_window_counts()
 
     def _reset_window_counts(self) -> None:
@@ -491,6 +492,37 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             return list(tensors)
         return reduce_sum(tensors, self.all_reduce)
 
+    def sum_across(
+        self, named: Mapping[str, torch.Tensor], device: torch.device | None, *,
+        purpose: str = "windows",
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """``(named summed across processes, number of processes)``: the sums of tensors
+        that every process holds under the same names (sites' windows), matched by name
+        (:class:`~relu_doctor.stats.AgreedSum`, one for each ``purpose``: each remembers
+        the names last agreed on). Where the processes do not hold the same sites, this
+        process's own tensors and 1, with one warning: the run goes on, each process
+        reading its own batches, until they do."""
+        if self.all_reduce is None:
+            return dict(named), 1
+        if purpose not in self._agreed_sums:
+            self._agreed_sums[purpose] = AgreedSum(self.all_reduce)
+        summed, world = self._agreed_sums[purpose](named, device)
+        if summed is not None:
+            return summed, world
+        if not self._warned_sites_differ:
+            self._warned_sites_differ = True
+            warnings.warn(
+                f"relu_doctor: at step {self.global_step} the {world} processes do not hold "
+                f"the same activation sites (this one holds {len(self.probe.sites())}): a "
+                "branch or an expert that not every process has run yet, or a site whose "
+                "hook failed on one process. Until they hold the same sites, each process "
+                "reads its own windows without summing them across processes, so the "
+                "statistics written (rank zero's) count that process's batches only.",
+                ReluDoctorWarning,
+                stacklevel=user_stacklevel(),
+            )
+        return dict(named), 1
+
     def log(self, *, final: bool = False) -> IntervalRecord | None:
         """Close the current window now: read, diagnose, record, write, notify listeners.
 
@@ -646,9 +678,12 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         """
         sites = self.probe.site_state()
         if reduce and self.all_reduce is not None:
-            tokens = sorted(sites)  # the same order on every process
-            summed = self.reduce_sum([sites[t]["window"] for t in tokens])
-            sites = {**sites, **{t: {**sites[t], "window": w} for t, w in zip(tokens, summed, strict=True)}}
+            device = model_device(self.model)  # (a restored window may be elsewhere)
+            summed, _ = self.sum_across(
+                {t: st["window"] if device is None else st["window"].to(device)
+                 for t, st in sites.items()}, device, purpose="checkpoint",
+            )
+            sites = {t: {**st, "window": summed[t]} for t, st in sites.items()}
         return {
             "global_step": self.global_step,
             "window_steps": self.window_steps,

@@ -37,8 +37,13 @@ if TYPE_CHECKING:
     from relu_doctor.history import FindingTracker
     from relu_doctor.optimizer_tap import OptimizerTap
     from relu_doctor.probes import Probe
+    from relu_doctor.sites import Site
 
 __all__ = ["IntervalReading"]
+
+# The layers' gradient norms among the tensors summed across processes by name (no site's
+# name: a site's is a module path, a checkpoint's a JSON array).
+_GRAD_SQ = "\0grad_sq"
 
 # A unit table at least this large is kept out of the malloc heap (see _record_memory).
 _OWN_MEMORY_BYTES = 1 << 20
@@ -117,41 +122,33 @@ class IntervalReading:
         _unfolded: bool
         _last_judged: IntervalRecord | None
 
-        def reduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
+        def sum_across(
+            self, named: Mapping[str, torch.Tensor], device: torch.device | None
+        ) -> tuple[dict[str, torch.Tensor], int]: ...
 
     def _read(self, close: bool, *, final: bool = False
     ) -> tuple[IntervalRecord, list[FindingEvent]] | None:
         """Sum, read back, derive, diagnose: the record of the open window (closing it when
         ``close``; ``final``: logged as closed, its site windows folded at the next attach)."""
         sites = self.probe.sites()
-        if not sites:
-            return self._read_nothing(logged=close or final, close=close)
-        self.probe.place_restored(model_device(self.model))
-        sizes = [s.units for s in sites]
-        # Every site's window and lifetime side by side, on the device: one copy each (the
-        # windows are cleared below), one transfer, and the metrics work on these matrices.
-        window = torch.cat([s.stats.window for s in sites], 1)
-        lifetime = torch.cat([s.stats.lifetime for s in sites], 1)
         logged = close or final
         grad_sq, layer_steps, ratio = (
             self.tap.read_and_reset() if (logged and self.tap is not None) else (None, 0, None)
         )
-        extra = [] if grad_sq is None else [grad_sq]
-        world = 1
-        if self.all_reduce is not None:
-            ones = torch.ones(1, dtype=torch.float64, device=window.device)
-            reduced = self.reduce_sum([window, *extra, ones])
-            window, extra = reduced[0], reduced[1:-1]
-            world = round(float(reduced[-1]))
+        summed, world = self._sum_windows(sites, close=close, grad_sq=grad_sq)
+        if not sites:
+            return self._read_nothing(logged=logged)
+        # Every site's window and lifetime side by side, on the device: one copy each (the
+        # windows are cleared below), one transfer, and the metrics work on these matrices.
+        window = torch.cat([summed[s.name] for s in sites], 1)
+        lifetime = torch.cat([s.stats.lifetime for s in sites], 1)
+        extra = [summed[_GRAD_SQ]] if _GRAD_SQ in summed else []
         host = read_back(
             [window, lifetime, *extra, *([ratio] if ratio is not None and extra else [])]
         )
         if close:
-            start = 0
-            for s, n in zip(sites, sizes, strict=True):
-                s.stats.close_window(window[:, start : start + n])
-                start += n
-            self._close_pending()
+            for s in sites:
+                s.stats.close_window(summed[s.name])
         host_window, host_life = host[0], host[1]
         layer_rows: list[dict[str, Any]] = []
         saw = bool(host_window[_SEEN_ROWS].sum() > 0)
@@ -167,7 +164,7 @@ class IntervalReading:
         units: dict[str, Mapping[str, torch.Tensor]] = {}
         # Every site at once: one tensor op per metric, not a loop of them per site.
         unit_list, metric_rows = metrics_of_stacked(
-            host_window, host_life, sizes, self.config.tau,
+            host_window, host_life, [s.units for s in sites], self.config.tau,
             lifetime_has_window=False,  # read before the fold
         )
         for s, u, sm in zip(sites, unit_list, metric_rows, strict=True):
@@ -229,32 +226,36 @@ class IntervalReading:
         )
         return record, events
 
-    def _close_pending(self) -> None:
-        """Close the open windows of restored sites that have not run since the restore
-        (:meth:`SiteRegistry.close_pending_windows
-        <relu_doctor.site_registry.SiteRegistry.close_pending_windows>`), summed across
-        processes on the sites' device, else the model's (the collective's)."""
-        pending = self.probe.pending_windows()
+    def _sum_windows(
+        self, sites: Sequence[Site], *, close: bool, grad_sq: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Every site's open window by name, summed across processes where they all hold the
+        same sites (:meth:`~relu_doctor.doctor.Doctor.sum_across`; a process with none takes
+        part too), with the layers' squared gradient norms ``grad_sq`` (when a site was
+        seen: else they belong to no judged window) and, when ``close``, the windows a
+        checkpoint restored for sites not run since, which are closed here: ``(sums,
+        number of processes summed)``."""
+        if sites:
+            self.probe.place_restored(model_device(self.model))
+        device = sites[0].stats.window.device if sites else model_device(self.model)
+        named = {s.name: s.stats.window for s in sites}
+        pending = self.probe.pending_windows() if close else {}
+        named.update({t: w if device is None else w.to(device) for t, w in pending.items()})
+        if grad_sq is not None and sites:
+            named[_GRAD_SQ] = grad_sq
+        summed, world = self.sum_across(named, device)
         if pending:
-            sites = self.probe.sites()
-            device = sites[0].stats.window.device if sites else model_device(self.model)
-            moved = [w.to(device) if device is not None else w for w in pending]
-            self.probe.close_pending_windows(self.reduce_sum(moved))
+            self.probe.close_pending_windows({t: summed[t] for t in pending})
+        return summed, world
 
-    def _read_nothing(
-        self, *, logged: bool, close: bool
-    ) -> tuple[IntervalRecord, list[FindingEvent]] | None:
+    def _read_nothing(self, *, logged: bool) -> tuple[IntervalRecord, list[FindingEvent]] | None:
         """The record of a logged window before any site was seen (no pass of the stream ran
         yet: a model left in eval mode from the start): written for its steps and training
         metrics, it judges nothing. None for a look at the open window (``current()``)."""
         if not logged or self.steps_run == 0:
             return None
-        if close:
-            self._close_pending()
         if self._window_scheduled > 0 and self.window_steps == 0:  # (else passes ran: a
             self._warn_saw_nothing()  # site-less model, which its own warnings name)
-        if self.tap is not None:
-            self.tap.read_and_reset()  # (its gradients belong to no judged window)
         record = IntervalRecord(
             step=self.global_step,
             site_rows=[],

@@ -288,17 +288,17 @@ class SiteRegistry:
             if site.restored and ran is not None and site.stats.window.device != ran:
                 site.stats.to(ran)
 
-    def pending_windows(self) -> list[torch.Tensor]:
+    def pending_windows(self) -> dict[str, torch.Tensor]:
         """The open windows of the restored sites not seen since (:meth:`load_site_state`),
-        in a fixed order (the same on every process)."""
-        return [self._pending[t]["window"] for t in sorted(self._pending)]
+        by token (a name that means the same on every process)."""
+        return {t: st["window"] for t, st in self._pending.items()}
 
-    def close_pending_windows(self, totals: list[torch.Tensor]) -> None:
-        """Fold those windows (``totals``: summed across processes, in the same order) into
-        their lifetimes, as a log closes a seen site's window. A window that a checkpoint
-        kept open closes at its logging step even when its site has not run since: the
-        site, restored later, starts the next window empty, not holding this one's steps."""
-        for token, total in zip(sorted(self._pending), totals, strict=True):
+    def close_pending_windows(self, totals: Mapping[str, torch.Tensor]) -> None:
+        """Fold those windows (``totals``: by token, summed across processes) into their
+        lifetimes, as a log closes a seen site's window. A window that a checkpoint kept
+        open closes at its logging step even when its site has not run since: the site,
+        restored later, starts the next window empty, not holding this one's steps."""
+        for token, total in totals.items():
             state = self._pending[token]
             self._pending[token] = {
                 **state,

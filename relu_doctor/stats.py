@@ -35,6 +35,7 @@ Fields:
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ __all__ = [
     "FIELDS",
     "FORWARD_FIELDS",
     "GRAD_FIELDS",
+    "AgreedSum",
     "SiteStats",
     "cap_in",
     "forward_rows",
@@ -545,9 +547,13 @@ def _through_flat(
     tensors of the same shapes, in order."""
     if not tensors:
         return []
-    flat = fn(torch.cat([t.reshape(-1) for t in tensors]))
+    return _split(fn(torch.cat([t.reshape(-1) for t in tensors])), tensors)
+
+
+def _split(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``flat`` cut into views of the shapes of ``like``, in order."""
     out, i = [], 0
-    for t in tensors:
+    for t in like:
         n = t.numel()
         out.append(flat[i : i + n].reshape(t.shape))
         i += n
@@ -577,3 +583,63 @@ def reduce_sum(
         The reduced tensors, same shapes, in order.
     """
     return _through_flat(tensors, all_reduce)
+
+
+
+def _signature(named: Mapping[str, torch.Tensor], keys: Sequence[str]) -> list[int]:
+    """``named``'s names and shapes as small integers (11 bits each: their squares summed
+    over up to 2**15 processes stay exact in float64): the count of names and a CRC-32 of
+    the names and shapes, in three parts."""
+    crc = zlib.crc32("\n".join(f"{k}:{tuple(named[k].shape)}" for k in keys).encode())
+    return [len(keys) & 0x7FF, crc >> 22, (crc >> 11) & 0x7FF, crc & 0x7FF]
+
+
+class AgreedSum:
+    """Sums tensors across processes, matched by name, where every process holds the same
+    names with the same shapes.
+
+    Processes may not hold the same tensors: a site is made when its activation first runs
+    on a process, and a branch or an expert that one process has not run yet has no site
+    there (and the order of first runs may differ). A collective call over tensors of other
+    sizes aborts or hangs the run, and one over the same sizes in another order sums
+    unrelated units. So each call carries a signature of the names and shapes with its
+    squares (the processes hold the same one exactly when ``world * sum(x**2) ==
+    sum(x)**2``), read on the host, and the tensors in the order of their names.
+
+    Every process sends a buffer of one size: the signature and the tensors when it holds
+    what the processes last agreed on (the sizes are then the same everywhere), else zeros
+    of that size. So a log makes one collective call while the sites stay the same, two when
+    they changed on every process alike (the second sums the new set), and one where they
+    differ (nothing summed: ``None``).
+
+    Args:
+        all_reduce: sums a flat tensor across processes and returns the result.
+    """
+
+    def __init__(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.all_reduce = all_reduce
+        self._agreed: tuple[list[int], int] = ([], 0)  # (signature, elements) last summed
+
+    def __call__(
+        self, named: Mapping[str, torch.Tensor], device: torch.device | None
+    ) -> tuple[dict[str, torch.Tensor] | None, int]:
+        """``(named summed by name, or None where the processes differ, number of
+        processes)``. ``named``: float64 tensors on ``device`` (the collective's), by names
+        that mean the same on every process. Every process must call it."""
+        keys = sorted(named)
+        tensors = [named[k] for k in keys]
+        sig = _signature(named, keys)
+        agreed, size = self._agreed
+        same = sig == agreed
+        head = torch.tensor([1, *sig, *(x * x for x in sig)], dtype=torch.float64, device=device)
+        body = tensors if same else [torch.zeros(size, dtype=torch.float64, device=device)]
+        flat = self.all_reduce(torch.cat([head, *(t.reshape(-1) for t in body)]))
+        total = flat[: head.numel()].cpu().tolist()
+        world, n = round(total[0]), len(sig)
+        if any(world * total[1 + n + i] != total[1 + i] ** 2 for i in range(n)):
+            self._agreed = ([], 0)  # (decided alike everywhere: the sums are the same)
+            return None, world
+        if same:  # every process holds what was agreed (its own and the sums' signature)
+            return dict(zip(keys, _split(flat[head.numel() :], tensors), strict=True)), world
+        self._agreed = (sig, sum(t.numel() for t in tensors))
+        return dict(zip(keys, _through_flat(tensors, self.all_reduce), strict=True)), world

@@ -672,7 +672,10 @@ def test_state_dict_reduce_sums_open_windows_once_and_windows_false_starts_them_
         doc.step()
         plain = doc.state_dict()
         summed = doc.state_dict(reduce=True)
-        assert len(calls) == 1  # one collective for every site
+        # One collective for every site's window, after the fixed-size one that checks the
+        # processes hold the same sites.
+        assert len(calls) == 2
+        assert calls[1] == sum(st["window"].numel() for st in plain["sites"].values())
     for token, site in plain["sites"].items():
         assert torch.equal(summed["sites"][token]["window"], site["window"] * 2)
         assert torch.equal(summed["sites"][token]["lifetime"], site["lifetime"])
@@ -707,21 +710,22 @@ def test_current_on_a_process_whose_window_is_empty_still_makes_the_collective_c
         doc.step()
         return doc
 
-    other: list[torch.Tensor] = []  # the busy process's side of its latest collective
-    busy = trained(lambda t: other.insert(0, t.clone()) or t, train=True)
+    other: list[torch.Tensor] = []  # the busy process's side of its collectives
+    busy = trained(lambda t: other.append(t.clone()) or t, train=True)
+    other.clear()
     want = busy.current()
     calls: list[int] = []
     armed = False
 
-    def summed(t):  # the busy process's window added in; earlier, two identical processes
+    def summed(t):  # the busy process's side added in; earlier, two identical processes
         calls.append(t.numel())
-        return t + other[0] if armed else t * 2
+        return t + other[len(calls) - 1] if armed else t * 2
 
     idle = trained(summed, train=False)
     calls.clear()
     armed = True
     got = idle.current()
-    assert calls == [other[0].numel()]
+    assert other and calls == [t.numel() for t in other]
     assert got is not None and got.judged and got.step == 3
     for g, w in zip(got.site_rows, want.site_rows, strict=True):
         assert g["elements"] == w["elements"] > 0

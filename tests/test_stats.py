@@ -9,6 +9,8 @@ sums over exactly the steps each should hold.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,7 @@ from relu_doctor.stats import (
     FORWARD_FIELDS,
     GRAD_FIELDS,
     ROW,
+    AgreedSum,
     SiteStats,
     forward_rows,
     grad_rows,
@@ -167,6 +170,110 @@ def test_reduce_sum_is_one_collective_and_keeps_shapes():
         assert r.shape == t.shape
         torch.testing.assert_close(r, 3 * t)
     assert reduce_sum([], all_reduce) == []
+
+
+class TwoProcesses:
+    """Two threads standing for two processes, with an ``all_reduce`` between them that
+    sums their tensors, and fails as a real one would not: at once on tensors of other
+    sizes (gloo aborts, NCCL hangs), after a timeout on a call the other never makes."""
+
+    def __init__(self) -> None:
+        self._barrier = threading.Barrier(2, timeout=10)
+        self._slots: list[torch.Tensor | None] = [None, None]
+        self.calls: list[list[int]] = [[], []]
+
+    def all_reduce(self, rank: int):
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            self.calls[rank].append(t.numel())
+            self._slots[rank] = t.clone()
+            self._barrier.wait()  # threading.BrokenBarrierError: the other made no call
+            mine, theirs = self._slots[rank], self._slots[1 - rank]
+            assert mine is not None and theirs is not None
+            if mine.numel() != theirs.numel():
+                raise AssertionError(f"a collective of {mine.numel()} against {theirs.numel()}")
+            out = mine + theirs
+            self._barrier.wait()
+            return out
+        return reduce
+
+    def run(self, fn):
+        """``[fn(0, all_reduce of 0), fn(1, all_reduce of 1)]``, side by side."""
+        results: list = [None, None]
+        errors: list[BaseException] = []
+
+        def side(rank: int) -> None:
+            try:
+                results[rank] = fn(rank, self.all_reduce(rank))
+            except BaseException as e:
+                errors.append(e)
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=side, args=(r,)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+def _tensors(*shapes: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, dtype=torch.float64, generator=g) for shape in shapes]
+
+
+def test_agreed_sum_matches_tensors_by_name_whatever_order_each_process_holds_them_in():
+    a = _tensors((2, 3), (4,), seed=0)
+    b = _tensors((2, 3), (4,), seed=1)
+    held = [{"x": a[0], "y": a[1]}, {"y": b[1], "x": b[0]}]  # made in another order
+    group = TwoProcesses()
+    sums = [AgreedSum(group.all_reduce(r)) for r in (0, 1)]
+
+    results = group.run(lambda r, _: sums[r](held[r], None))
+    for summed, world in results:
+        assert world == 2 and summed is not None and set(summed) == {"x", "y"}
+        torch.testing.assert_close(summed["x"], a[0] + b[0], rtol=0, atol=0)
+        torch.testing.assert_close(summed["y"], a[1] + b[1], rtol=0, atol=0)
+    # A new set: the check, then the sum of the set (9 numbers: the process count, the
+    # signature and its squares).
+    assert group.calls[0] == group.calls[1] == [9, 10]
+    # The same set again: one call, the check and the tensors together.
+    group.calls = [[], []]
+    results = group.run(lambda r, _: sums[r](held[r], None))
+    assert group.calls[0] == group.calls[1] == [9 + 10]
+    torch.testing.assert_close(results[1][0]["y"], a[1] + b[1], rtol=0, atol=0)
+    # Nothing anywhere: the check only.
+    group.calls = [[], []]
+    assert group.run(lambda r, _: AgreedSum(_)({}, None)) == [({}, 2), ({}, 2)]
+    assert group.calls == [[9], [9]]
+
+
+@pytest.mark.parametrize("theirs", [
+    {"x": (2, 3)},  # a name missing there
+    {"x": (2, 3), "y": (5,)},  # another size
+    {"x": (3, 2), "y": (4,)},  # the same sizes, another shape
+    {"x": (2, 3), "z": (4,)},  # another name
+    {},  # nothing there (its model in eval mode: no site yet)
+], ids=["missing", "size", "shape", "name", "none"])
+@pytest.mark.parametrize("agreed_before", [False, True], ids=["first", "after-agreeing"])
+def test_agreed_sum_of_processes_holding_other_tensors_is_none_on_both(theirs, agreed_before):
+    """Neither a first call nor one after the processes agreed on a set (this process
+    still holding it, the other not) makes a call the other does not make, or one of
+    another size."""
+    mine = {"x": (2, 3), "y": (4,)}
+    held = [{k: t for k, t in zip(d, _tensors(*d.values(), seed=r), strict=True)}
+            for r, d in enumerate((mine, theirs))]
+    group = TwoProcesses()
+    sums = [AgreedSum(group.all_reduce(r)) for r in (0, 1)]
+    if agreed_before:
+        before = [{"x": torch.ones(2, 3, dtype=torch.float64),
+                   "y": torch.ones(4, dtype=torch.float64)}] * 2
+        assert all(s is not None for s, _ in group.run(lambda r, _: sums[r](before[r], None)))
+        group.calls = [[], []]
+    results = group.run(lambda r, _: sums[r](held[r], None))
+    assert results == [(None, 2), (None, 2)]
+    assert group.calls[0] == group.calls[1] and len(group.calls[0]) == 1
 
 
 def test_grad_rows_without_input_gradient_counts_no_input_elements():

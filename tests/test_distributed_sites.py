@@ -1,0 +1,179 @@
+"""Processes that do not hold the same sites (2 gloo processes on CPU, a plain loop).
+
+A site is made where its activation first runs, so under DDP the processes' sites can
+differ: an expert, or a branch, that one process has not run yet has no site there, and
+the order of first runs (the order of the sites) can differ even where the sets agree. The
+log-time sum is matched by name: sites run in another order are each summed with themselves;
+where the sets differ, every process reads its own windows, with one warning, and the run
+goes on (a sum over windows of other sizes aborted both processes in gloo; a process with no
+site at all, its model in eval mode, made no collective call, and the others waited for it).
+
+Every count is checked against the test's own: forward hooks on the experts' ReLUs count
+each unit's positive outputs, summed across processes by the test's own ``all_reduce``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import relu_doctor
+from relu_doctor.stats import ROW
+from tests.callbacks.spawned import WORLD, all_reduce, member, spawn, spawned
+
+BATCH, WIDTH, STEPS, LOG_EVERY = 4, 16, 4, 2
+
+
+class Experts(nn.Module):
+    """Two ReLU experts after a shared layer; ``forward`` runs those it is told to, in the
+    order given (a router that sent this process's tokens elsewhere runs fewer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(8, WIDTH)
+        self.e0 = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU())
+        self.e1 = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU())
+        self.out = nn.Linear(WIDTH, 1)
+
+    def forward(self, x: torch.Tensor, experts: list[int]) -> torch.Tensor:
+        h = self.inp(x)
+        y = torch.zeros_like(h)
+        for i in experts:
+            y = y + getattr(self, f"e{i}")(h)
+        return self.out(y)
+
+
+# Which experts each process runs at each step (steps 1..4, logs at 2 and 4):
+SCENARIOS = {
+    # the same sites, made in another order on each process
+    "order": lambda rank, step: [0, 1] if rank == 0 else [1, 0],
+    # process 1 runs expert 1 from step 3 on: the sites agree from the second window
+    "joins": lambda rank, step: [0, 1] if rank == 0 or step >= 3 else [0],
+    # process 1's model is in eval mode before step 3: no site at all in the first window
+    "none": lambda rank, step: [0, 1],
+}
+EVAL_BEFORE = {"none": 3}  # process 1 trains from this step on
+
+
+def _run(rank: int, scenario: str) -> dict:
+    """Train ``STEPS`` steps; the Doctor's windows and lifetimes, and the test's own counts
+    of each window (this process's and summed across processes)."""
+    model = Experts()
+    experts = SCENARIOS[scenario]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(10 + rank)
+    own: dict[str, torch.Tensor] = {}
+
+    def counter(name: str):
+        def hook(module, args, output):
+            if not module.training:  # (the Doctor's stream: training passes)
+                return
+            rows = torch.stack([torch.full((WIDTH,), float(output.shape[0])),
+                                (output > 0).sum(0).double(), output.abs().sum(0).double()])
+            own[name] = own.get(name, torch.zeros(3, WIDTH, dtype=torch.float64)) + rows
+        return hook
+
+    for name in ("e0", "e1"):
+        getattr(model, name)[1].register_forward_hook(counter(f"{name}.1"))
+    windows: list[dict] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=LOG_EVERY,
+                               every_n_steps=1, all_reduce=all_reduce, world_size=WORLD,
+                               is_writer=rank == 0) as doc:
+            for step in range(1, STEPS + 1):
+                opt.zero_grad()
+                model.train(rank == 0 or step >= EVAL_BEFORE.get(scenario, 0))
+                model(torch.randn(BATCH, 8, generator=g), experts(rank, step)).pow(2).mean(
+                ).backward()
+                opt.step()
+                if step == 1:  # mid-window reads: every process calls them, as at a log
+                    doc.findings()
+                    doc.state_dict(reduce=True)
+                doc.step()
+                if step % LOG_EVERY == 0:
+                    mine = {k: v.clone() for k, v in own.items()}
+                    # the test's own sum across processes, over both experts on each
+                    both = torch.stack([mine.get(f"e{i}.1", torch.zeros(3, WIDTH,
+                                        dtype=torch.float64)) for i in (0, 1)])
+                    dist.all_reduce(both)
+                    rec = doc.records[-1]
+                    windows.append({
+                        "step": step,
+                        "mine": mine,
+                        "summed": {f"e{i}.1": both[i] for i in (0, 1)},
+                        "rows": {r["site"]: r["elements"] for r in rec.site_rows},
+                        "units": rec.unit_table.copy(),
+                        "judged": rec.judged,
+                    })
+                    own.clear()
+    return {
+        "windows": windows,
+        "lifetime": {s.name: s.stats.lifetime.clone() for s in doc.sites},
+        "warnings": [str(w.message) for w in caught
+                     if issubclass(w.category, relu_doctor.ReluDoctorWarning)],
+    }
+
+
+def _worker(rank: int, store: str, out: str) -> None:
+    with member(rank, store):
+        torch.set_num_threads(1)
+        results = {name: _run(rank, name) for name in SCENARIOS}
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out = tmp_path_factory.mktemp("sites")
+    spawn(_worker, out)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _check_window(window: dict, counts: dict[str, torch.Tensor]) -> None:
+    """The window's site rows and unit table equal ``counts`` (elements, active, sum |h|
+    per unit, by site)."""
+    assert set(window["rows"]) == set(counts)
+    units = window["units"]
+    for site, c in counts.items():
+        assert window["rows"][site] == c[0].sum().item()
+        u = units[units["site"] == site].sort_values("unit")
+        assert u["activation_rate"].tolist() == pytest.approx((c[1] / c[0]).tolist(), rel=1e-12)
+        assert u["mean_abs"].tolist() == pytest.approx((c[2] / c[0]).tolist(), rel=1e-6)
+
+
+@spawned
+def test_sites_made_in_another_order_on_each_process_are_each_summed_with_themselves(runs):
+    for rank in range(WORLD):
+        run = runs[rank]["order"]
+        assert runs[rank]["order"]["warnings"] == []
+        for w in run["windows"]:
+            _check_window(w, w["summed"])  # both processes' batches, each site with itself
+    assert runs[0]["order"]["windows"][0]["rows"] == runs[1]["order"]["windows"][0]["rows"]
+
+
+@spawned
+@pytest.mark.parametrize("scenario", ["joins", "none"])
+def test_processes_holding_other_sites_read_their_own_windows_until_they_agree(runs, scenario):
+    for rank in range(WORLD):
+        run = runs[rank][scenario]
+        first, second = run["windows"]
+        # The first window: each process's own batches, on each process, and one warning.
+        if first["mine"]:
+            _check_window(first, first["mine"])
+        else:  # process 1 of "none": no site yet, an unjudged window with no rows
+            assert first["rows"] == {} and not first["judged"]
+        said = [m for m in run["warnings"] if "do not hold the same activation sites" in m]
+        assert len(said) == 1 and f"the {WORLD} processes" in said[0], run["warnings"]
+        # The second window: the same sites everywhere, summed across processes.
+        _check_window(second, second["summed"])
+        # Lifetimes: this process's first window, then the summed second one.
+        for site, life in run["lifetime"].items():
+            want = second["summed"][site] + first["mine"].get(site, 0)
+            assert life[ROW["elements"]].tolist() == want[0].tolist()
+            assert life[ROW["active"]].tolist() == want[1].tolist()
