@@ -495,13 +495,14 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
     def sum_across(
         self, named: Mapping[str, torch.Tensor], device: torch.device | None, *,
         purpose: str = "windows",
-    ) -> tuple[dict[str, torch.Tensor], int]:
+    ) -> tuple[dict[str, torch.Tensor], int | None]:
         """``(named summed across processes, number of processes)``: the sums of tensors
         that every process holds under the same names (sites' windows), matched by name
         (:class:`~relu_doctor.stats.AgreedSum`, one for each ``purpose``: each remembers
         the names last agreed on). Where the processes do not hold the same sites, this
-        process's own tensors and 1, with one warning: the run goes on, each process
-        reading its own batches, until they do."""
+        process's own tensors and None, with one warning: the run goes on, each process
+        reading its own batches, until they do (every process learns it at once, from the
+        same sums, so all of them act alike on it)."""
         if self.all_reduce is None:
             return dict(named), 1
         if purpose not in self._agreed_sums:
@@ -516,12 +517,14 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 f"the same activation sites (this one holds {len(self.probe.sites())}): a "
                 "branch or an expert that not every process has run yet, or a site whose "
                 "hook failed on one process. Until they hold the same sites, each process "
-                "reads its own windows without summing them across processes, so the "
-                "statistics written (rank zero's) count that process's batches only.",
+                "reads its own windows without summing them across processes: the "
+                "statistics written (rank zero's) count that process's batches only, and "
+                "nothing is judged on them (no finding begins or ends, no remedy acts), so "
+                "that every process goes on acting alike.",
                 ReluDoctorWarning,
                 stacklevel=user_stacklevel(),
             )
-        return dict(named), 1
+        return dict(named), None
 
     def log(self, *, final: bool = False) -> IntervalRecord | None:
         """Close the current window now: read, diagnose, record, write, notify listeners.

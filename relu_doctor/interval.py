@@ -124,7 +124,7 @@ class IntervalReading:
 
         def sum_across(
             self, named: Mapping[str, torch.Tensor], device: torch.device | None
-        ) -> tuple[dict[str, torch.Tensor], int]: ...
+        ) -> tuple[dict[str, torch.Tensor], int | None]: ...
 
     def _read(self, close: bool, *, final: bool = False
     ) -> tuple[IntervalRecord, list[FindingEvent]] | None:
@@ -152,9 +152,12 @@ class IntervalReading:
         host_window, host_life = host[0], host[1]
         layer_rows: list[dict[str, Any]] = []
         saw = bool(host_window[_SEEN_ROWS].sum() > 0)
-        if extra and self.tap is not None and layer_steps > 0 and saw:  # (else no rows)
+        # Judged on what every process saw: a window read by each process alone (they held
+        # other sites) would have them decide apart (a remedy acting on one rank only).
+        judged = saw and world is not None
+        if extra and self.tap is not None and layer_steps > 0 and judged:  # (else no rows)
             rows, total = layer_metrics(
-                self.tap.layers, host[2], layer_steps, world,
+                self.tap.layers, host[2], layer_steps, world or 1,
                 host[3] if ratio is not None else None,
             )
             layer_rows = [{"step": self.global_step, **r} for r in rows]
@@ -189,12 +192,13 @@ class IntervalReading:
             self.global_step, [s.name for s in sites], [s.units for s in sites],
             unit_list[0].stacked,
         )
-        if not saw:
+        if not judged:
             # The window saw nothing: no step of it collected (the last, partial window of a
-            # sampled run, logged for its training metrics), or no pass of its stream ran.
-            # Nothing to judge, so the last judged window's findings stand, neither ended
-            # nor begun again (the record is not judged: see IntervalRecord.judged).
-            if logged and self._window_scheduled > 0:
+            # sampled run, logged for its training metrics), or no pass of its stream ran;
+            # or it holds this process's batches only. Nothing to judge, so the last judged
+            # window's findings stand, neither ended nor begun again (the record is not
+            # judged: see IntervalRecord.judged).
+            if logged and self._window_scheduled > 0 and not saw:
                 self._warn_saw_nothing()
             findings = self._tracker.open_findings()
             new: list[Finding] = []
@@ -220,7 +224,7 @@ class IntervalReading:
             findings=findings,
             new_findings=new,
             keys={s.name: s.key for s in sites},
-            judged=saw,
+            judged=judged,
             steps_run=self.steps_run,
             steps_collected=self.window_steps,
         )
@@ -228,13 +232,13 @@ class IntervalReading:
 
     def _sum_windows(
         self, sites: Sequence[Site], *, close: bool, grad_sq: torch.Tensor | None = None
-    ) -> tuple[dict[str, torch.Tensor], int]:
+    ) -> tuple[dict[str, torch.Tensor], int | None]:
         """Every site's open window by name, summed across processes where they all hold the
         same sites (:meth:`~relu_doctor.doctor.Doctor.sum_across`; a process with none takes
         part too), with the layers' squared gradient norms ``grad_sq`` (when a site was
         seen: else they belong to no judged window) and, when ``close``, the windows a
         checkpoint restored for sites not run since, which are closed here: ``(sums,
-        number of processes summed)``."""
+        number of processes summed, or None where each process holds its own)``."""
         if sites:
             self.probe.place_restored(model_device(self.model))
         device = sites[0].stats.window.device if sites else model_device(self.model)

@@ -43,9 +43,10 @@ class IntervalRecord:
             ``Doctor.log_final()``, a ``with`` block's exit): remedies judge earlier
             interventions on it and hold it, changing nothing; if training goes on they
             decide on it at the end of the next step (``Remedy.release_held``).
-        judged: the window saw something (elements or non-finite calls at some site). A
-            window that saw nothing (no step of it collected, or no pass of the watched
-            stream ran) is kept (``Doctor.records``, the run directory, TensorBoard) for its
+        judged: the window saw something (elements or non-finite calls at some site),
+            summed across every process where there are several. A window that saw nothing
+            (no step of it collected, or no pass of the watched stream ran), or that each
+            process read alone (they did not hold the same sites), is kept (``Doctor.records``, the run directory, TensorBoard) for its
             steps and training metrics, but judges nothing: its ``findings`` are the last
             judged window's, it goes to no listener (remedies, the integrations' logs), and
             ``to_pandas()`` reads the last judged window instead.

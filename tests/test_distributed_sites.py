@@ -82,11 +82,13 @@ def _run(rank: int, scenario: str) -> dict:
     for name in ("e0", "e1"):
         getattr(model, name)[1].register_forward_hook(counter(f"{name}.1"))
     windows: list[dict] = []
+    heard: list[int] = []  # the steps of the records the listeners (remedies) got
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=LOG_EVERY,
                                every_n_steps=1, all_reduce=all_reduce, world_size=WORLD,
                                is_writer=rank == 0) as doc:
+            doc.add_listener(lambda record: heard.append(record.step))
             for step in range(1, STEPS + 1):
                 opt.zero_grad()
                 model.train(rank == 0 or step >= EVAL_BEFORE.get(scenario, 0))
@@ -116,6 +118,7 @@ def _run(rank: int, scenario: str) -> dict:
     return {
         "windows": windows,
         "lifetime": {s.name: s.stats.lifetime.clone() for s in doc.sites},
+        "heard": heard,
         "warnings": [str(w.message) for w in caught
                      if issubclass(w.category, relu_doctor.ReluDoctorWarning)],
     }
@@ -154,6 +157,8 @@ def test_sites_made_in_another_order_on_each_process_are_each_summed_with_themse
         assert runs[rank]["order"]["warnings"] == []
         for w in run["windows"]:
             _check_window(w, w["summed"])  # both processes' batches, each site with itself
+            assert w["judged"]
+        assert run["heard"] == [w["step"] for w in run["windows"]]
     assert runs[0]["order"]["windows"][0]["rows"] == runs[1]["order"]["windows"][0]["rows"]
 
 
@@ -164,10 +169,13 @@ def test_processes_holding_other_sites_read_their_own_windows_until_they_agree(r
         run = runs[rank][scenario]
         first, second = run["windows"]
         # The first window: each process's own batches, on each process, and one warning.
+        # It judges nothing, on any process, and goes to no listener: a remedy acting on
+        # one process's findings alone would make the replicas differ.
         if first["mine"]:
             _check_window(first, first["mine"])
-        else:  # process 1 of "none": no site yet, an unjudged window with no rows
-            assert first["rows"] == {} and not first["judged"]
+        else:  # process 1 of "none": no site yet, no rows
+            assert first["rows"] == {}
+        assert not first["judged"] and second["judged"] and run["heard"] == [second["step"]]
         said = [m for m in run["warnings"] if "do not hold the same activation sites" in m]
         assert len(said) == 1 and f"the {WORLD} processes" in said[0], run["warnings"]
         # The second window: the same sites everywhere, summed across processes.
