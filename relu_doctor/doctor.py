@@ -247,6 +247,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._warned_empty = False  # a window with collecting steps recorded nothing
         self._warned_sites_differ = False  # the processes held different sites at a read
         self._agreed_sums: dict[str, AgreedSum] = {}  # (see sum_across)
+        self._warned_no_site = False  # (see _warn_no_site_yet)
         self._listeners: list[Listener] = []
         # at the next step, ask the remedies for a held final record (one was logged, or
         # this Doctor was attached: a resumed run's remedies may have loaded one)
@@ -388,7 +389,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         No host synchronisation happens unless it logs.
 
         Raises:
-            ReluDoctorError: called after the ``with watch(...)`` block ended.
+            ReluDoctorError: called after the ``with watch(...)`` block ended, or after a
+                recorded pass that ran no watched activation while none was ever seen (one
+                process; with several (``all_reduce``), a warning, and it goes on).
         """
         if self._exited:
             raise ReluDoctorError(
@@ -398,7 +401,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if not self._has_sites:
             missing = self.missing_activations()
             if missing is not None:
-                raise ReluDoctorError(missing)
+                if self.all_reduce is None:
+                    raise ReluDoctorError(missing)
+                self._warn_no_site_yet(missing)
         if last is not False and last is not True:
             last = flag("last", bool(last) if isinstance(last, np.bool_) else last)
         release = self._check_held  # training went on after a final record (_release_held)
@@ -647,6 +652,21 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         finally:
             for p, was in zip(probes, before, strict=True):
                 p.paused = was
+
+    def _warn_no_site_yet(self, missing: str) -> None:
+        """With several processes, a pass that ran no activation on this one is not an
+        error: its branches may not have run here yet, and a process stepping aside would
+        leave the others waiting in their cross-process sums. Said once; it goes on."""
+        if self._warned_no_site:
+            return
+        self._warned_no_site = True
+        warnings.warn(
+            f"relu_doctor: {missing} With several processes it goes on watching, so that "
+            "every process makes the same cross-process calls: a process whose branches "
+            "ran no activation yet holds no site, and its windows are its own until it does.",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def missing_activations(self) -> str | None:
         """Why there is nothing to watch, once a recorded forward pass ran no ReLU-family

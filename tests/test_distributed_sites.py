@@ -6,7 +6,8 @@ the order of first runs (the order of the sites) can differ even where the sets 
 log-time sum is matched by name: sites run in another order are each summed with themselves;
 where the sets differ, every process reads its own windows, with one warning, and the run
 goes on (a sum over windows of other sizes aborted both processes in gloo; a process with no
-site at all, its model in eval mode, made no collective call, and the others waited for it).
+site at all, its model in eval mode, made no collective call, and the others waited for it;
+one whose passes ran no activation yet stopped with an error, the others waiting for it).
 
 Every count is checked against the test's own: forward hooks on the experts' ReLUs count
 each unit's positive outputs, summed across processes by the test's own ``all_reduce``.
@@ -57,6 +58,8 @@ SCENARIOS = {
     "joins": lambda rank, step: [0, 1] if rank == 0 or step >= 3 else [0],
     # process 1's model is in eval mode before step 3: no site at all in the first window
     "none": lambda rank, step: [0, 1],
+    # process 1 runs no expert before step 3: its training passes run no activation
+    "branch": lambda rank, step: [0, 1] if rank == 0 or step >= 3 else [],
 }
 EVAL_BEFORE = {"none": 3}  # process 1 trains from this step on
 
@@ -163,7 +166,7 @@ def test_sites_made_in_another_order_on_each_process_are_each_summed_with_themse
 
 
 @spawned
-@pytest.mark.parametrize("scenario", ["joins", "none"])
+@pytest.mark.parametrize("scenario", ["joins", "none", "branch"])
 def test_processes_holding_other_sites_read_their_own_windows_until_they_agree(runs, scenario):
     for rank in range(WORLD):
         run = runs[rank][scenario]
@@ -178,6 +181,10 @@ def test_processes_holding_other_sites_read_their_own_windows_until_they_agree(r
         assert not first["judged"] and second["judged"] and run["heard"] == [second["step"]]
         said = [m for m in run["warnings"] if "do not hold the same activation sites" in m]
         assert len(said) == 1 and f"the {WORLD} processes" in said[0], run["warnings"]
+        # A process whose passes ran no activation yet is not stopped (one process raises:
+        # the model has nothing to watch), which would leave the other waiting for it.
+        no_site = [m for m in run["warnings"] if "ran no ReLU-family activation" in m]
+        assert len(no_site) == (scenario == "branch" and rank == 1), run["warnings"]
         # The second window: the same sites everywhere, summed across processes.
         _check_window(second, second["summed"])
         # Lifetimes: this process's first window, then the summed second one.

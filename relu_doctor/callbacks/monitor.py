@@ -309,7 +309,9 @@ class ReluDoctor(Callback):
             return
         self._last_global_step = trainer.global_step
         missing = self.doctor.missing_activations()
-        if missing is not None:  # warn once and step aside: training goes on
+        if missing is not None and self.doctor.all_reduce is None:
+            # warn once and step aside: training goes on (with several processes the
+            # Doctor goes on instead, and says so: see Doctor.step)
             self._aside = True
             self._detach_all()
             rank_zero_warn(f"relu_doctor: {missing} The ReluDoctor callback steps aside.",

@@ -13,17 +13,19 @@ the one-process run would not share; the ranks' split is therefore made by
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 import relu_doctor
 from relu_doctor.callbacks import ReluDoctor
-from tests.callbacks.test_monitor import dataset, make_model, numeric_close, trainer
+from tests.callbacks.test_monitor import TinyNet, dataset, make_model, numeric_close, trainer
 
 pytestmark = [
     pytest.mark.slow,
@@ -116,3 +118,42 @@ def test_ddp_equals_one_process_and_writes_one_run_dir(tmp_path):
     assert not any(math.isnan(v) for v in hist["grad_rms"])
     for s_ref, s_res in zip(one.doctor.sites, resumed.doctor.sites, strict=True):
         torch.testing.assert_close(s_ref.stats.lifetime, s_res.stats.lifetime, rtol=1e-5, atol=0)
+
+
+class SkipsActivations(TinyNet):
+    """Process 1 runs its first ``skip`` steps without the ReLUs (a branch it did not take):
+    no site there until step ``skip``."""
+
+    def __init__(self, skip: int) -> None:
+        super().__init__()
+        self.skip = skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_rank == 1 and self.trainer.global_step < self.skip:
+            return self.net[4](self.net[2](self.net[0](x)))
+        return self.net(x)
+
+
+def test_a_process_whose_first_passes_ran_no_activation_neither_stops_nor_blocks_the_others(
+    tmp_path,
+):
+    """On one process the callback steps aside when the model's pass ran no activation.
+    Under DDP one process doing so left the other waiting in its log-time sum (here the
+    process group's timeout ends that wait); it goes on instead, and the window the
+    processes did not both see is rank zero's own, unjudged."""
+    every, skip = 2, 2
+    root = tmp_path / "ddp"
+    torch.manual_seed(0)
+    trainer(
+        root, [ReluDoctor(log_every_n_steps=every)], max_steps=4,
+        strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)), devices=2,
+        use_distributed_sampler=False, logger=CSVLogger(root, name="csv", version=0),
+    ).fit(SkipsActivations(skip), periodic_loader(4))
+    run = relu_doctor.load_run(root / "csv" / "version_0" / "relu_doctor")
+    windows = run.tables["windows"].set_index("step")
+    assert list(windows.index) == [2, 4]
+    assert not windows.loc[2, "judged"] and windows.loc[4, "judged"]
+    elements = run.history.groupby("step")["elements"].unique()
+    units = 16
+    assert list(elements[2]) == [every * 4 * units]  # process 0's 4 samples per step
+    assert list(elements[4]) == [every * 8 * units]  # both processes' samples
