@@ -317,9 +317,10 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             return
         self._unfolded = False
         sites = self.probe.sites()
-        summed, _ = self._sum_windows(sites, close=True)
-        for s in sites:
-            s.stats.close_window(summed[s.name])
+        summed, world = self._sum_windows(sites, close=True)
+        if world is not None:  # (else left open: see _sum_windows)
+            for s in sites:
+                s.stats.close_window(summed[s.name])
         self._reset_window_counts()
 
     def _reset_window_counts(self) -> None:
@@ -520,12 +521,14 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             warnings.warn(
                 f"relu_doctor: at step {self.global_step} the {world} processes do not hold "
                 f"the same activation sites (this one holds {len(self.probe.sites())}): a "
-                "branch or an expert that not every process has run yet, or a site whose "
-                "hook failed on one process. Until they hold the same sites, each process "
-                "reads its own windows without summing them across processes: the "
+                "branch or an expert that not every process has run yet, a site whose hook "
+                "failed on one process, or an activation whose shape differs between "
+                "processes (then until the end). Until they hold the same sites, each "
+                "process reads its own windows without summing them across processes: the "
                 "statistics written (rank zero's) count that process's batches only, and "
                 "nothing is judged on them (no finding begins or ends, no remedy acts), so "
-                "that every process goes on acting alike.",
+                "that every process goes on acting alike. The windows stay open, summed "
+                "whole at the first log where the processes agree.",
                 ReluDoctorWarning,
                 stacklevel=user_stacklevel(),
             )

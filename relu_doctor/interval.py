@@ -146,7 +146,7 @@ class IntervalReading:
         host = read_back(
             [window, lifetime, *extra, *([ratio] if ratio is not None and extra else [])]
         )
-        if close:
+        if close and world is not None:  # (see _sum_windows)
             for s in sites:
                 s.stats.close_window(summed[s.name])
         host_window, host_life = host[0], host[1]
@@ -238,7 +238,12 @@ class IntervalReading:
         part too), with the layers' squared gradient norms ``grad_sq`` (when a site was
         seen: else they belong to no judged window) and, when ``close``, the windows a
         checkpoint restored for sites not run since, which are closed here: ``(sums,
-        number of processes summed, or None where each process holds its own)``."""
+        number of processes summed, or None where each process holds its own)``.
+
+        Windows that each process read alone (None) are not closed: folded into the
+        lifetime counts unsummed, they would make those differ between processes (a
+        lifetime finding on one process only); they stay open, and the next log at which
+        the processes hold the same sites sums them whole."""
         if sites:
             self.probe.place_restored(model_device(self.model))
         device = sites[0].stats.window.device if sites else model_device(self.model)
@@ -248,7 +253,7 @@ class IntervalReading:
         if grad_sq is not None and sites:
             named[_GRAD_SQ] = grad_sq
         summed, world = self.sum_across(named, device)
-        if pending:
+        if pending and world is not None:
             self.probe.close_pending_windows({t: summed[t] for t in pending})
         return summed, world
 

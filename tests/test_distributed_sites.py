@@ -66,7 +66,8 @@ EVAL_BEFORE = {"none": 3}  # process 1 trains from this step on
 
 def _run(rank: int, scenario: str) -> dict:
     """Train ``STEPS`` steps; the Doctor's windows and lifetimes, and the test's own counts
-    of each window (this process's and summed across processes)."""
+    of each window (this process's and summed across processes; since the last judged
+    window)."""
     model = Experts()
     experts = SCENARIOS[scenario]
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -117,7 +118,8 @@ def _run(rank: int, scenario: str) -> dict:
                         "units": rec.unit_table.copy(),
                         "judged": rec.judged,
                     })
-                    own.clear()
+                    if rec.judged:  # (a window read alone stays open: see below)
+                        own.clear()
     return {
         "windows": windows,
         "lifetime": {s.name: s.stats.lifetime.clone() for s in doc.sites},
@@ -185,10 +187,15 @@ def test_processes_holding_other_sites_read_their_own_windows_until_they_agree(r
         # the model has nothing to watch), which would leave the other waiting for it.
         no_site = [m for m in run["warnings"] if "ran no ReLU-family activation" in m]
         assert len(no_site) == (scenario == "branch" and rank == 1), run["warnings"]
-        # The second window: the same sites everywhere, summed across processes.
+        # The second window: the same sites everywhere, summed across processes, the
+        # first window's steps with it: a window read alone was left open, not folded
+        # into this process's lifetime counts alone (they would differ between processes).
         _check_window(second, second["summed"])
-        # Lifetimes: this process's first window, then the summed second one.
         for site, life in run["lifetime"].items():
-            want = second["summed"][site] + first["mine"].get(site, 0)
+            want = second["summed"][site]  # every step, every process's
             assert life[ROW["elements"]].tolist() == want[0].tolist()
             assert life[ROW["active"]].tolist() == want[1].tolist()
+    lifetimes = [r[scenario]["lifetime"] for r in runs]  # the same on every process
+    assert all(set(life) == set(lifetimes[0]) for life in lifetimes)
+    for site, life in lifetimes[0].items():
+        assert all(torch.equal(life, other[site]) for other in lifetimes[1:])
