@@ -44,6 +44,7 @@ __all__ = ["IntervalReading"]
 # The layers' gradient norms among the tensors summed across processes by name (no site's
 # name: a site's is a module path, a checkpoint's a JSON array).
 _GRAD_SQ = "\0grad_sq"
+_STEPS = "\0steps_collected"  # the window's collected steps, summed across processes
 
 # A unit table at least this large is kept out of the malloc heap (see _record_memory).
 _OWN_MEMORY_BYTES = 1 << 20
@@ -136,8 +137,9 @@ class IntervalReading:
             self.tap.read_and_reset() if (logged and self.tap is not None) else (None, 0, None)
         )
         summed, world = self._sum_windows(sites, close=close, grad_sq=grad_sq)
+        collected = self._steps_collected(summed, world)
         if not sites:
-            return self._read_nothing(logged=logged)
+            return self._read_nothing(logged=logged, collected=collected)
         # Every site's window and lifetime side by side, on the device: one copy each (the
         # windows are cleared below), one transfer, and the metrics work on these matrices.
         window = torch.cat([summed[s.name] for s in sites], 1)
@@ -181,8 +183,8 @@ class IntervalReading:
                     "order": s.order,
                     "unit_dim": s.unit_dim,
                     "unit_rule": s.unit_rule,
-                    "window_steps": self.window_steps,
-                    "steps_collected": self.window_steps,
+                    "window_steps": collected,
+                    "steps_collected": collected,
                     "steps_run": self.steps_run,
                     **sm,
                 }
@@ -226,7 +228,7 @@ class IntervalReading:
             keys={s.name: s.key for s in sites},
             judged=judged,
             steps_run=self.steps_run,
-            steps_collected=self.window_steps,
+            steps_collected=collected,
         )
         return record, events
 
@@ -252,12 +254,27 @@ class IntervalReading:
         named.update({t: w if device is None else w.to(device) for t, w in pending.items()})
         if grad_sq is not None and sites:
             named[_GRAD_SQ] = grad_sq
+        if self.all_reduce is not None:  # (see _steps_collected)
+            named[_STEPS] = torch.tensor(
+                [float(self.window_steps)], dtype=torch.float64, device=device
+            )
         summed, world = self.sum_across(named, device)
         if pending and world is not None:
             self.probe.close_pending_windows({t: summed[t] for t in pending})
         return summed, world
 
-    def _read_nothing(self, *, logged: bool) -> tuple[IntervalRecord, list[FindingEvent]] | None:
+    def _steps_collected(self, summed: Mapping[str, torch.Tensor], world: int | None) -> int:
+        """The window's collected steps: this process's, or with several processes summed
+        (with the windows), their mean, rounded down. A process whose model was in eval
+        mode for a step collects one fewer, and its remedies, reading the steps as the
+        evidence of a finding, would act at another log than the others'."""
+        if world is None or _STEPS not in summed:
+            return self.window_steps
+        return int(summed[_STEPS].item()) // world
+
+    def _read_nothing(
+        self, *, logged: bool, collected: int
+    ) -> tuple[IntervalRecord, list[FindingEvent]] | None:
         """The record of a logged window before any site was seen (no pass of the stream ran
         yet: a model left in eval mode from the start): written for its steps and training
         metrics, it judges nothing. None for a look at the open window (``current()``)."""
@@ -275,7 +292,7 @@ class IntervalReading:
             keys={},
             judged=False,
             steps_run=self.steps_run,
-            steps_collected=self.window_steps,
+            steps_collected=collected,
         )
         return record, []
 

@@ -60,8 +60,14 @@ SCENARIOS = {
     "none": lambda rank, step: [0, 1],
     # process 1 runs no expert before step 3: its training passes run no activation
     "branch": lambda rank, step: [0, 1] if rank == 0 or step >= 3 else [],
+    # process 1's model is in eval mode at step 2 only: it collects one step fewer
+    "eval_step": lambda rank, step: [0, 1],
 }
-EVAL_BEFORE = {"none": 3}  # process 1 trains from this step on
+# Whether each process's model trains at each step (else it is in eval mode).
+TRAINS = {
+    "none": lambda rank, step: rank == 0 or step >= 3,
+    "eval_step": lambda rank, step: rank == 0 or step != 2,
+}
 
 
 def _run(rank: int, scenario: str) -> dict:
@@ -95,7 +101,7 @@ def _run(rank: int, scenario: str) -> dict:
             doc.add_listener(lambda record: heard.append(record.step))
             for step in range(1, STEPS + 1):
                 opt.zero_grad()
-                model.train(rank == 0 or step >= EVAL_BEFORE.get(scenario, 0))
+                model.train(TRAINS.get(scenario, lambda rank, step: True)(rank, step))
                 model(torch.randn(BATCH, 8, generator=g), experts(rank, step)).pow(2).mean(
                 ).backward()
                 opt.step()
@@ -117,6 +123,8 @@ def _run(rank: int, scenario: str) -> dict:
                         "rows": {r["site"]: r["elements"] for r in rec.site_rows},
                         "units": rec.unit_table.copy(),
                         "judged": rec.judged,
+                        "steps_collected": (rec.steps_collected, {
+                            r["steps_collected"] for r in rec.site_rows}),
                     })
                     if rec.judged:  # (a window read alone stays open: see below)
                         own.clear()
@@ -199,3 +207,17 @@ def test_processes_holding_other_sites_read_their_own_windows_until_they_agree(r
     assert all(set(life) == set(lifetimes[0]) for life in lifetimes)
     for site, life in lifetimes[0].items():
         assert all(torch.equal(life, other[site]) for other in lifetimes[1:])
+
+
+@spawned
+def test_every_process_states_the_same_collected_steps_the_mean_of_theirs(runs):
+    """Process 1 was in eval mode for one step of the first window: it collected 1 step,
+    process 0 collected 2. Each stated its own, and a remedy reading them as a finding's
+    evidence acted at another log on each (a LeakyReLU swap on one replica only); both
+    now state the mean, rounded down."""
+    for rank in range(WORLD):
+        first, second = runs[rank]["eval_step"]["windows"]
+        assert first["judged"] and second["judged"]
+        _check_window(first, first["summed"])  # process 0's 2 steps and process 1's 1
+        assert first["steps_collected"] == (1, {1})  # (2 + 1) // 2
+        assert second["steps_collected"] == (2, {2})
