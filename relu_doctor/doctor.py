@@ -248,6 +248,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._warned_sites_differ = False  # the processes held different sites at a read
         self._agreed_sums: dict[str, AgreedSum] = {}  # (see sum_across)
         self._warned_no_site = False  # (see _warn_no_site_yet)
+        self._alone = False  # no cross-process call: an exception's exit (see __exit__)
         self._listeners: list[Listener] = []
         # at the next step, ask the remedies for a held final record (one was logged, or
         # this Doctor was attached: a resumed run's remedies may have loaded one)
@@ -328,10 +329,19 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
 
     def __enter__(self) -> Doctor:
         self._exited = False
+        self._alone = False
+        if self.eval is not None:
+            self.eval._alone = False
         return self.attach()
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        # the last, partial window is logged on every exit, an exception's too
+        # The last, partial window is logged on every exit, an exception's too. An exception
+        # raised on one process leaves the others elsewhere (in DDP's own all-reduce): a
+        # cross-process sum would meet theirs and abort both, hiding the user's traceback.
+        # That window is this process's own then, unjudged (see sum_across).
+        self._alone = exc_type is not None and self.all_reduce is not None
+        if self.eval is not None:
+            self.eval._alone = self._alone
         self.log_final(keep_window=True, stacklevel=3)
         if self.eval is not None and self.probe.attached:
             try:  # the evaluation window too
@@ -494,7 +504,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
     def reduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``tensors`` summed across processes in one collective call (``all_reduce``); the
         same tensors where there is one process. The one cross-process sum of the library."""
-        if self.all_reduce is None:
+        if self.all_reduce is None or self._alone:
             return list(tensors)
         return reduce_sum(tensors, self.all_reduce)
 
@@ -511,6 +521,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         same sums, so all of them act alike on it)."""
         if self.all_reduce is None:
             return dict(named), 1
+        if self._alone:  # (see __exit__)
+            return dict(named), None
         if purpose not in self._agreed_sums:
             self._agreed_sums[purpose] = AgreedSum(self.all_reduce)
         summed, world = self._agreed_sums[purpose](named, device)

@@ -137,10 +137,45 @@ def _run(rank: int, scenario: str) -> dict:
     }
 
 
+GRADS = 52  # the size of the gradient all-reduce the other process is in (DDP's)
+
+
+def _raising(rank: int) -> dict:
+    """Process 1 raises at step 4, inside the ``with`` block, while process 0 is in a
+    gradient all-reduce (DDP's); each catches its error after the block, and both then meet
+    in that all-reduce."""
+    model = Experts()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(10 + rank)
+    caught = ""
+    try:
+        with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=LOG_EVERY,
+                               every_n_steps=1, all_reduce=all_reduce, world_size=WORLD,
+                               is_writer=rank == 0) as doc:
+            for step in range(1, STEPS + 1):
+                if step == 4 and rank == 1:
+                    raise ValueError("the user's own error")
+                opt.zero_grad()
+                model(torch.randn(BATCH, 8, generator=g), [0, 1]).pow(2).mean().backward()
+                if step == 4:  # process 0: DDP's all-reduce, which process 1 never reaches
+                    raise RuntimeError("process 1 left")
+                opt.step()
+                doc.step()
+    except (ValueError, RuntimeError) as e:
+        caught = str(e)
+    grads = torch.ones(GRADS)
+    dist.all_reduce(grads)  # where the other process is
+    last = doc.records[-1]
+    return {"caught": caught, "grads": grads.tolist(),
+            "last": (last.step, last.judged, last.final, {r["site"]: r["elements"]
+                                                          for r in last.site_rows})}
+
+
 def _worker(rank: int, store: str, out: str) -> None:
     with member(rank, store):
         torch.set_num_threads(1)
         results = {name: _run(rank, name) for name in SCENARIOS}
+        results["raising"] = _raising(rank)
         torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
@@ -221,3 +256,19 @@ def test_every_process_states_the_same_collected_steps_the_mean_of_theirs(runs):
         _check_window(first, first["summed"])  # process 0's 2 steps and process 1's 1
         assert first["steps_collected"] == (1, {1})  # (2 + 1) // 2
         assert second["steps_collected"] == (2, {2})
+
+
+@spawned
+def test_an_exception_on_one_process_leaves_the_block_without_a_cross_process_call(runs):
+    """The ``with`` block logs its last window on every exit. On an exception's it summed
+    it across processes while the other process was elsewhere (in DDP's all-reduce): the
+    two calls met, gloo aborted both processes, and the user's traceback was never shown.
+    That window is now the process's own, unjudged, with no cross-process call."""
+    for rank, caught in enumerate(["process 1 left", "the user's own error"]):
+        got = runs[rank]["raising"]
+        assert got["caught"] == caught
+        assert got["grads"] == [float(WORLD)] * GRADS  # the calls met as the user's own
+        step, judged, final, rows = got["last"]
+        assert (step, judged, final) == (3, False, True)
+        passes = 2 if rank == 0 else 1  # its own step 3 (and process 0's unfinished 4)
+        assert rows == {"e0.1": passes * BATCH * WIDTH, "e1.1": passes * BATCH * WIDTH}
