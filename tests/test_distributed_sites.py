@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import relu_doctor
+from relu_doctor.remedies import ContinualBackprop, DormantRecycler
 from relu_doctor.stats import ROW
 from tests.callbacks.spawned import WORLD, all_reduce, member, spawn, spawned
 
@@ -31,15 +32,16 @@ BATCH, WIDTH, STEPS, LOG_EVERY = 4, 16, 4, 2
 
 
 class Experts(nn.Module):
-    """Two ReLU experts after a shared layer; ``forward`` runs those it is told to, in the
-    order given (a router that sent this process's tokens elsewhere runs fewer)."""
+    """Two experts (Linear, ReLU, Linear) after a shared layer; ``forward`` runs those it
+    is told to, in the order given (a router that sent this process's tokens elsewhere runs
+    fewer)."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.inp = nn.Linear(8, WIDTH)
-        self.e0 = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU())
-        self.e1 = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU())
+        self.e0 = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH))
+        self.e1 = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH))
         self.out = nn.Linear(WIDTH, 1)
 
     def forward(self, x: torch.Tensor, experts: list[int]) -> torch.Tensor:
@@ -171,11 +173,48 @@ def _raising(rank: int) -> dict:
                                                           for r in last.site_rows})}
 
 
+def _recycling(rank: int, remedy: str) -> dict:
+    """Both experts hold dead units. Process 1's even steps run expert 0 alone, so its
+    latest call at a log (the inputs a remedy reads the experts' producers and consumers
+    from) runs no expert 1: that expert has no links there."""
+    model = Experts()
+    with torch.no_grad():
+        model.e0[0].bias[:4] = -100.0
+        model.e1[0].bias[:4] = -100.0
+    # DDP averages the gradients: the replicas stay the same unless a remedy parts them.
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(10 + rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=LOG_EVERY,
+                               every_n_steps=1, all_reduce=all_reduce, world_size=WORLD,
+                               is_writer=rank == 0) as doc:
+            cls = {"recycler": DormantRecycler, "cbp": ContinualBackprop}[remedy]
+            kw = {"maturity": 1, "replacement_rate": 0.5} if remedy == "cbp" else {}
+            cls(model, optimizers=opt, **kw).bind(doc)
+            events: list[dict] = []
+            doc.add_event_listener(events.append)
+            for step in range(1, STEPS + 1):
+                opt.zero_grad()
+                experts = [0, 1] if rank == 0 or step % 2 else [0]
+                ddp(torch.randn(BATCH, 8, generator=g), experts).pow(2).mean().backward()
+                opt.step()
+                doc.step()
+    return {
+        "acted": sorted({e["site"] for e in events if e.get("type") == "intervention"}),
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "warnings": [str(w.message) for w in caught if "alone" in str(w.message)],
+    }
+
+
 def _worker(rank: int, store: str, out: str) -> None:
     with member(rank, store):
         torch.set_num_threads(1)
         results = {name: _run(rank, name) for name in SCENARIOS}
         results["raising"] = _raising(rank)
+        for remedy in ("recycler", "cbp"):
+            results[remedy] = _recycling(rank, remedy)
         torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
@@ -272,3 +311,19 @@ def test_an_exception_on_one_process_leaves_the_block_without_a_cross_process_ca
         assert (step, judged, final) == (3, False, True)
         passes = 2 if rank == 0 else 1  # its own step 3 (and process 0's unfinished 4)
         assert rows == {"e0.1": passes * BATCH * WIDTH, "e1.1": passes * BATCH * WIDTH}
+
+
+@spawned
+@pytest.mark.parametrize("remedy", ["recycler", "cbp"])
+def test_a_remedy_acts_only_on_sites_whose_links_every_process_found(runs, remedy):
+    """Each process reads an expert's producer and consumers from a pass on its own latest
+    inputs. Process 1's ran no expert 1: ReDo (and Continual Backprop) left it alone there
+    and recycled it on process 0, and the replicas' weights parted. Now both leave it alone,
+    saying why, and recycle expert 0 alike."""
+    got = [runs[rank][remedy] for rank in range(WORLD)]
+    assert got[0]["acted"] == got[1]["acted"] == ["e0.1"]
+    for rank in range(WORLD):
+        said = [w for w in got[rank]["warnings"] if "'e1.1'" in w]
+        assert len(said) == 1 and ("found on 1 of 2 processes" in said[0]) == (rank == 0), said
+    for name, value in got[0]["state"].items():
+        assert torch.equal(value, got[1]["state"][name]), name

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from relu_doctor._hooks import HookOwner, Hooks
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies.dataflow import Dataflow, record_dataflow
 from relu_doctor.remedies.unit_links import UnitLinks, find_unit_links
+from relu_doctor.sampling import model_device
 from relu_doctor.sites import SiteKey
 
 __all__ = ["InputTap", "LinkCache", "record_latest"]
@@ -181,6 +183,41 @@ class LinkCache:
             flow = self.dataflow(name, doctor)
             self._links[key] = find_unit_links(self.model, site=key, dataflow=flow, name=name)
         return self._links[key]
+
+    def links_everywhere(
+        self, sites: Sequence[tuple[SiteKey, str]], *, doctor: Any = None
+    ) -> dict[str, UnitLinks | str]:
+        """Each site's links (:meth:`links`), or why they were not found (an error
+        message naming the site), by name.
+
+        With several processes (``doctor``'s ``all_reduce``), a site's links count only
+        where every process found them, in one cross-process sum of the sites' flags: each
+        process reads them from a pass on its own inputs, and a branch or an expert its
+        inputs did not run (an MoE router that sent them elsewhere) has no links there. A
+        remedy acting where this process found them would change one replica and not the
+        others. ``sites`` must be the same on every process (read from the same record)."""
+        found: dict[str, UnitLinks | str] = {}
+        for key, name in sites:
+            try:
+                found[name] = self.links(key, name, doctor=doctor)
+            except ReluDoctorError as e:
+                found[name] = str(e)
+        if not found or getattr(doctor, "all_reduce", None) is None:
+            return found
+        flags = [1.0, *(float(isinstance(v, UnitLinks)) for v in found.values())]
+        summed = doctor.reduce_sum(
+            [torch.tensor(flags, dtype=torch.float64, device=model_device(self.model))]
+        )[0].tolist()
+        world = summed[0]
+        for (name, value), n in zip(found.items(), summed[1:], strict=True):
+            if isinstance(value, UnitLinks) and n < world:
+                found[name] = (
+                    f"site {name!r}: its producer and consumers were found on {round(n)} of "
+                    f"{round(world)} "
+                    "processes only (a branch or an expert that the others' inputs did not "
+                    "run): left alone on every process, so that the replicas stay the same"
+                )
+        return found
 
     def close(self) -> None:
         """Stop keeping the model's latest inputs."""

@@ -194,12 +194,20 @@ class ContinualBackprop(Remedy):
         units = record.unit_table
         if units is None or not len(units):
             return []
+        rows = [row for row in record.site_rows
+                if matches(str(row["site"]), self.include, self.exclude)
+                and str(row["site"]) not in self._links_failed]
+        # Every process decides on the same record: the links must be found on all of them.
+        found = self._finder.links_everywhere(
+            [(record.key(str(row["site"])), str(row["site"])) for row in rows],
+            doctor=self.doctor,
+        )
         events = []
-        for row in record.site_rows:
+        for row in rows:
             site = str(row["site"])
-            if not matches(site, self.include, self.exclude) or site in self._links_failed:
-                continue
             try:
+                if isinstance(found[site], str):
+                    raise ReluDoctorError(found[site])
                 _, _, steps = self.update(record, site)
                 idx = self.choose(site, steps)
                 if not idx:

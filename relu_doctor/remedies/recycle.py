@@ -384,7 +384,7 @@ class DormantRecycler(Remedy):
         units = record.unit_table
         if units is None or not len(units):
             return []
-        events = []
+        chosen_units: dict[str, tuple[list[int], Mapping[str, Any]]] = {}
         for row in record.site_rows:
             site = str(row["site"])
             if site in self._unlinkable or not matches(site, self.include, self.exclude):
@@ -401,11 +401,20 @@ class DormantRecycler(Remedy):
             chosen = chosen.sort_values(
                 ["dormant_score", "unit"], na_position="first", kind="stable"
             ).head(limit)
-            idx = sorted(int(i) for i in chosen["unit"])
+            chosen_units[site] = (sorted(int(i) for i in chosen["unit"]), row)
+        # Every process decides on the same record: the links must be found on all of them.
+        links = self._finder.links_everywhere(
+            [(record.key(site), site) for site in chosen_units], doctor=self.doctor
+        )
+        events = []
+        for site, (idx, site_row) in chosen_units.items():
             try:
+                if isinstance(links[site], str):
+                    raise ReluDoctorError(links[site])
                 events.append(
                     self._recycle(
-                        record.key(site), site, idx, step=record.step, before=site_snapshot(row)
+                        record.key(site), site, idx, step=record.step,
+                        before=site_snapshot(site_row),
                     )
                 )
             except ReluDoctorError as e:
