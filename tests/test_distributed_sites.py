@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import relu_doctor
-from relu_doctor.remedies import ContinualBackprop, DormantRecycler
+from relu_doctor.remedies import ContinualBackprop, DormantRecycler, PlanStep, TreatmentPlan
 from relu_doctor.stats import ROW
 from tests.callbacks.spawned import WORLD, all_reduce, member, spawn, spawned
 
@@ -176,7 +176,8 @@ def _raising(rank: int) -> dict:
 def _recycling(rank: int, remedy: str) -> dict:
     """Both experts hold dead units. Process 1's even steps run expert 0 alone, so its
     latest call at a log (the inputs a remedy reads the experts' producers and consumers
-    from) runs no expert 1: that expert has no links there."""
+    from) runs no expert 1: that expert has no links there. Its odd steps run expert 1
+    first: its records list the sites in the other order."""
     model = Experts()
     with torch.no_grad():
         model.e0[0].bias[:4] = -100.0
@@ -190,21 +191,26 @@ def _recycling(rank: int, remedy: str) -> dict:
         with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=LOG_EVERY,
                                every_n_steps=1, all_reduce=all_reduce, world_size=WORLD,
                                is_writer=rank == 0) as doc:
-            cls = {"recycler": DormantRecycler, "cbp": ContinualBackprop}[remedy]
-            kw = {"maturity": 1, "replacement_rate": 0.5} if remedy == "cbp" else {}
-            cls(model, optimizers=opt, **kw).bind(doc)
+            if remedy == "plan":  # the plan's recycling step calls recycle() on each site
+                TreatmentPlan(model, optimizer=opt, patience=1, cooldown=1, steps=(
+                    PlanStep("recycle", options={"threshold": 0.1}),)).bind(doc)
+            else:
+                cls = {"recycler": DormantRecycler, "cbp": ContinualBackprop}[remedy]
+                kw = {"maturity": 1, "replacement_rate": 0.5} if remedy == "cbp" else {}
+                cls(model, optimizers=opt, **kw).bind(doc)
             events: list[dict] = []
             doc.add_event_listener(events.append)
-            for step in range(1, STEPS + 1):
+            for step in range(1, (12 if remedy == "plan" else STEPS) + 1):
                 opt.zero_grad()
-                experts = [0, 1] if rank == 0 or step % 2 else [0]
+                experts = [0, 1] if rank == 0 else [1, 0] if step % 2 else [0]
                 ddp(torch.randn(BATCH, 8, generator=g), experts).pow(2).mean().backward()
                 opt.step()
                 doc.step()
     return {
         "acted": sorted({e["site"] for e in events if e.get("type") == "intervention"}),
         "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "warnings": [str(w.message) for w in caught if "alone" in str(w.message)],
+        "warnings": [str(w.message) for w in caught
+                     if "alone" in str(w.message) or "cannot treat" in str(w.message)],
     }
 
 
@@ -213,7 +219,7 @@ def _worker(rank: int, store: str, out: str) -> None:
         torch.set_num_threads(1)
         results = {name: _run(rank, name) for name in SCENARIOS}
         results["raising"] = _raising(rank)
-        for remedy in ("recycler", "cbp"):
+        for remedy in ("recycler", "cbp", "plan"):
             results[remedy] = _recycling(rank, remedy)
         torch.save(results, Path(out) / f"rank{rank}.pt")
 
@@ -314,7 +320,7 @@ def test_an_exception_on_one_process_leaves_the_block_without_a_cross_process_ca
 
 
 @spawned
-@pytest.mark.parametrize("remedy", ["recycler", "cbp"])
+@pytest.mark.parametrize("remedy", ["recycler", "cbp", "plan"])
 def test_a_remedy_acts_only_on_sites_whose_links_every_process_found(runs, remedy):
     """Each process reads an expert's producer and consumers from a pass on its own latest
     inputs. Process 1's ran no expert 1: ReDo (and Continual Backprop) left it alone there

@@ -195,9 +195,10 @@ class LinkCache:
         process reads them from a pass on its own inputs, and a branch or an expert its
         inputs did not run (an MoE router that sent them elsewhere) has no links there. A
         remedy acting where this process found them would change one replica and not the
-        others. ``sites`` must be the same on every process (read from the same record)."""
+        others. ``sites`` must be the same on every process (read from the same record), in
+        any order (a record's rows follow each process's order of first runs)."""
         found: dict[str, UnitLinks | str] = {}
-        for key, name in sites:
+        for key, name in sorted(sites, key=lambda kn: kn[1]):  # (one order everywhere)
             try:
                 found[name] = self.links(key, name, doctor=doctor)
             except ReluDoctorError as e:

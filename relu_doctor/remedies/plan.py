@@ -453,7 +453,7 @@ class TreatmentPlan(Remedy):
             return []  # a model-wide change is being judged: no surgery meanwhile
         events: list[Intervention] = []
         units = record.unit_table
-        for row in record.site_rows:
+        for row in sorted(record.site_rows, key=lambda r: str(r["site"])):  # (see recycle)
             site = str(row["site"])
             if self._cooling(site):
                 continue
