@@ -171,9 +171,9 @@ def _report(rows: list[dict[str, Any]], shrink: float) -> InitReport:
         report.findings.append(
             Finding(
                 kind, last["site"], "warning",
-                f"the activation second moment {'shrinks' if ratio < 1 else 'grows'} "
-                f"{max(ratio, 1 / ratio):.3g}x from {report.sites[0]['site']} to this site "
-                "over depth; He initialisation keeps it constant.",
+                f"the activation second moment {_change(ratio)} from "
+                f"{report.sites[0]['site']} to this site over depth; He initialisation keeps "
+                "it constant.",
                 {"he_ratio": ratio, "predicted_ratio": last["predicted_ratio"],
                  "depth": len(report.sites)},
                 "Use He initialisation (nn.init.kaiming_normal_(w, nonlinearity='relu'), "
@@ -182,3 +182,10 @@ def _report(rows: list[dict[str, Any]], shrink: float) -> InitReport:
             )
         )
     return report
+
+
+def _change(ratio: float) -> str:
+    """How the second moment changed, by ``ratio`` (0 where the last site is all zero)."""
+    if ratio == 0:
+        return "falls to zero"
+    return f"{'shrinks' if ratio < 1 else 'grows'} {max(ratio, 1 / ratio):.3g}x"

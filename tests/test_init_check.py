@@ -66,6 +66,20 @@ def test_default_init_of_a_deep_mlp_shrinks_and_he_init_holds() -> None:
     assert 0.1 < last["he_ratio"] < 10 and math.isclose(last["predicted_ratio"], 1.0, rel_tol=0.3)
 
 
+def test_a_last_site_that_is_all_zero_is_a_finding_not_a_crash() -> None:
+    """Its second moment is 0, so the shrink ratio is too: the message divided by it
+    (ZeroDivisionError, which killed a Lightning run through the treatment's check)."""
+    net = _mlp(2, 8, he=False)
+    with torch.no_grad():
+        net[2].bias.fill_(-100.0)
+    x = torch.randn(16, 16, generator=torch.Generator().manual_seed(1))
+    report = relu_doctor.check_init(net, x)
+    assert float(torch.relu(net[2](torch.relu(net[0](x)))).abs().max()) == 0.0  # (own check)
+    assert report.sites[-1]["second_moment"] == 0.0 and report.sites[-1]["he_ratio"] == 0.0
+    shrink = next(f for f in report.findings if f.kind == "init_shrinks")
+    assert shrink.site == "3" and "falls to zero from 1 to this site" in shrink.message
+
+
 def test_negative_bias_is_born_dead_with_the_tutorials_remedies() -> None:
     report = relu_doctor.check_init(_mlp(2, 8, he=False, bias=-5.0), torch.randn(64, 16))
     f = next(f for f in report.findings if f.kind == "born_dead" and f.site == "1")
