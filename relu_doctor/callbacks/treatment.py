@@ -72,10 +72,20 @@ class ReluDoctorTreatment(RemedyCallback[TreatmentPlan]):
         self.check_init = bool(check_init)
         self.init_report: InitReport | None = None
         self._clip: AutoClip | None = None
+        # validates the arguments now, and says which steps can act on shards
+        self._template: TreatmentPlan | None = self._new_template()
+
+    def _new_template(self) -> TreatmentPlan:
+        """A plan of these options on a stand-in module (its remedies, before training)."""
         import torch.nn as nn
 
-        # validates the arguments now, and says which steps can act on shards
-        self._template = TreatmentPlan(nn.Identity(), **self.options)
+        return TreatmentPlan(nn.Identity(), **self.options)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the template plan, whose remedies hook its stand-in module: Lightning's
+        ``DDPStrategy(start_method="spawn")`` pickles the callbacks into each process, and
+        the hooks do not pickle. It is made again where needed."""
+        return {**self.__dict__, "_template": None}
 
     @property
     def plan(self) -> TreatmentPlan | None:
@@ -83,6 +93,8 @@ class ReluDoctorTreatment(RemedyCallback[TreatmentPlan]):
         return self.remedy
 
     def _named_remedies(self) -> list[tuple[str, Remedy]]:
+        if self._template is None:  # (unpickled: see __getstate__)
+            self._template = self._new_template()
         plan = self.remedy or self._template
         return [(f"{type(self).__name__} step {s.remedy!r}", plan.remedy(s.remedy))
                 for s in plan.steps]

@@ -132,3 +132,17 @@ def test_a_second_fit_acts_through_the_optimizers_it_made(tmp_path):
     assert cuts, interventions(mon)
     assert opt.param_groups[0]["lr"] == pytest.approx(
         cuts[-1]["details"]["changes"][0]["lr_after"])
+
+
+def test_the_callback_pickles_as_ddp_spawn_sends_it_to_each_process():
+    """``DDPStrategy(start_method="spawn")`` pickles the callbacks: the template plan that
+    validates the options hooks its stand-in module, and the launch failed ("InputTap ...
+    can't be pickled"). The unpickled callback has the same steps and options."""
+    import pickle
+
+    steps = (PlanStep("lr"), PlanStep("recycle", options={"threshold": 0.2}))
+    cb = ReluDoctorTreatment(steps=steps, cooldown=3)
+    back = pickle.loads(pickle.dumps(cb))
+    assert back.options == cb.options
+    assert [n for n, _ in back._named_remedies()] == [n for n, _ in cb._named_remedies()] == [
+        "ReluDoctorTreatment step 'lr'", "ReluDoctorTreatment step 'recycle'"]
