@@ -626,16 +626,20 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 fn(record)
         elif self._tb is not None:  # kept for its steps and metrics; nothing acts on it
             self._tb.write_record(record)
-        if self.eval is not None and self.eval.probe.passes > self._eval_passes:
+        if self.eval is not None and (
+            self.eval.probe.passes > self._eval_passes or self.all_reduce is not None
+        ):
             self.log_eval()  # the evaluation window closes with the training one
         return record
 
     def log_eval(self) -> IntervalRecord | None:
         """Close the evaluation stream's window now (``eval_stream``), logged at this
         training step; its ``window_steps`` is the number of evaluation passes it holds.
-        None without an evaluation stream or when the window is empty."""
+        None without an evaluation stream or when the window is empty. With several
+        processes every call reads (a process that ran no evaluation pass, where another
+        did, takes part in the sum: evaluation on rank zero alone)."""
         ev = self.eval
-        if ev is None or ev.probe.passes == self._eval_passes:
+        if ev is None or (ev.probe.passes == self._eval_passes and self.all_reduce is None):
             return None
         ev.global_step = self.global_step
         ev.window_steps = ev.steps_run = ev.probe.passes - self._eval_passes

@@ -151,6 +151,8 @@ class IntervalReading:
         if close and world is not None:  # (see _sum_windows)
             for s in sites:
                 s.stats.close_window(summed[s.name])
+        if self.steps_run == 0 and self.probe.stream == "eval":
+            return None  # no evaluation pass here: read only for the others' sum (log_eval)
         host_window, host_life = host[0], host[1]
         layer_rows: list[dict[str, Any]] = []
         saw = bool(host_window[_SEEN_ROWS].sum() > 0)

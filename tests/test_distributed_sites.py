@@ -214,11 +214,36 @@ def _recycling(rank: int, remedy: str) -> dict:
     }
 
 
+def _evaluating(rank: int) -> dict:
+    """``eval_stream=True``; process 0 alone evaluates, after steps 1 and 3."""
+    model = Experts()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(10 + rank)
+    with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=LOG_EVERY, every_n_steps=1,
+                           all_reduce=all_reduce, world_size=WORLD, is_writer=rank == 0,
+                           eval_stream=True) as doc:
+        for step in range(1, STEPS + 1):
+            opt.zero_grad()
+            model(torch.randn(BATCH, 8, generator=g), [0, 1]).pow(2).mean().backward()
+            opt.step()
+            doc.step()
+            if rank == 0 and step % 2:
+                model.eval()
+                with torch.no_grad():
+                    model(torch.randn(BATCH, 8, generator=g), [0, 1])
+                model.train()
+    assert doc.eval is not None
+    return {"training": [(r.step, r.judged) for r in doc.records],
+            "eval": [(r.step, r.judged, {row["site"]: row["elements"] for row in r.site_rows})
+                     for r in doc.eval.records]}
+
+
 def _worker(rank: int, store: str, out: str) -> None:
     with member(rank, store):
         torch.set_num_threads(1)
         results = {name: _run(rank, name) for name in SCENARIOS}
         results["raising"] = _raising(rank)
+        results["evaluating"] = _evaluating(rank)
         for remedy in ("recycler", "cbp", "plan"):
             results[remedy] = _recycling(rank, remedy)
         torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -333,3 +358,19 @@ def test_a_remedy_acts_only_on_sites_whose_links_every_process_found(runs, remed
         assert len(said) == 1 and ("found on 1 of 2 processes" in said[0]) == (rank == 0), said
     for name, value in got[0]["state"].items():
         assert torch.equal(value, got[1]["state"][name]), name
+
+
+@spawned
+def test_evaluating_on_rank_zero_alone_with_an_eval_stream_goes_on(runs):
+    """The evaluation window was read where this process had run evaluation passes: process
+    0 summed it across processes and process 1 made no call, and gloo aborted both. Every
+    process now reads it at each log; process 0's windows are its own, unjudged (the
+    processes do not hold the same evaluation sites), and left open, so they add up."""
+    for rank in range(WORLD):
+        assert runs[rank]["evaluating"]["training"] == [(2, True), (4, True)]
+    assert runs[1]["evaluating"]["eval"] == []
+    per_pass = BATCH * WIDTH
+    assert runs[0]["evaluating"]["eval"] == [
+        (2, False, {"e0.1": per_pass, "e1.1": per_pass}),
+        (4, False, {"e0.1": 2 * per_pass, "e1.1": 2 * per_pass}),
+    ]
