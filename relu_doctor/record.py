@@ -46,10 +46,11 @@ class IntervalRecord:
         judged: the window saw something (elements or non-finite calls at some site),
             summed across every process where there are several. A window that saw nothing
             (no step of it collected, or no pass of the watched stream ran), or that each
-            process read alone (they did not hold the same sites), is kept (``Doctor.records``, the run directory, TensorBoard) for its
-            steps and training metrics, but judges nothing: its ``findings`` are the last
-            judged window's, it goes to no listener (remedies, the integrations' logs), and
-            ``to_pandas()`` reads the last judged window instead.
+            process read alone (they did not hold the same sites), is kept
+            (``Doctor.records``, the run directory, TensorBoard) for its steps and training
+            metrics, but judges nothing: its ``findings`` are the last judged window's, it
+            goes to no listener (remedies, the integrations' logs), and ``to_pandas()`` reads
+            the last judged window instead.
         steps_run: the steps the window ran, collecting or not.
         steps_collected: those in which statistics were collected (a pass of the watched
             stream was recorded); the site rows say it too, where there are sites.

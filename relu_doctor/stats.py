@@ -585,7 +585,6 @@ def reduce_sum(
     return _through_flat(tensors, all_reduce)
 
 
-
 def _signature(named: Mapping[str, torch.Tensor], keys: Sequence[str]) -> list[int]:
     """``named``'s names and shapes as small integers (11 bits each: their squares summed
     over up to 2**15 processes stay exact in float64): the count of names and a CRC-32 of

@@ -214,9 +214,9 @@ class LinkCache:
             if isinstance(value, UnitLinks) and n < world:
                 found[name] = (
                     f"site {name!r}: its producer and consumers were found on {round(n)} of "
-                    f"{round(world)} "
-                    "processes only (a branch or an expert that the others' inputs did not "
-                    "run): left alone on every process, so that the replicas stay the same"
+                    f"{round(world)} processes only (a branch or an expert that the others' "
+                    "inputs did not run): left alone on every process, so that the replicas "
+                    "stay the same"
                 )
         return found
 

@@ -318,16 +318,6 @@ class DormantRecycler(Remedy):
         SiteKey, a site name of the bound Doctor, or a module path exactly as registered)."""
         return self._links_of(*self.resolve_site(site))
 
-    def links_everywhere(self, record: RecordLike, sites: Sequence[str]) -> dict[str, UnitLinks | str]:
-        """The links of ``sites`` of ``record`` where every process found them, else why not
-        (:meth:`LinkCache.links_everywhere
-        <relu_doctor.remedies._link_cache.LinkCache.links_everywhere>`): every process
-        decides on the same record, and must act on the same sites. Every process calls it
-        with the same sites."""
-        return self._finder.links_everywhere(
-            [(record.key(site), site) for site in sites], doctor=self.doctor
-        )
-
     def _links_of(self, key: SiteKey, name: str) -> UnitLinks:
         return self._finder.links(key, name, doctor=self.doctor)
 
@@ -349,8 +339,10 @@ class DormantRecycler(Remedy):
         With several processes (the bound Doctor's ``all_reduce``) every process calls it,
         for the same sites in the same order (a treatment plan: in the order of their
         names, since a record's rows follow each process's order of first runs): the site's
-        producer and consumers must be found on all of them (:meth:`links_everywhere`),
-        else :class:`~relu_doctor.errors.ReluDoctorError` on all of them."""
+        producer and consumers must be found on all of them
+        (:meth:`LinkCache.links_everywhere
+        <relu_doctor.remedies._link_cache.LinkCache.links_everywhere>`), else
+        :class:`~relu_doctor.errors.ReluDoctorError` on all of them."""
         key, name = self.resolve_site(site)
         linked = self._finder.links_everywhere([(key, name)], doctor=self.doctor)[name]
         if isinstance(linked, str):
@@ -421,7 +413,10 @@ class DormantRecycler(Remedy):
                 ["dormant_score", "unit"], na_position="first", kind="stable"
             ).head(limit)
             chosen_units[site] = (sorted(int(i) for i in chosen["unit"]), row)
-        links = self.links_everywhere(record, list(chosen_units))
+        # Every process decides on the same record: the links must be found on all of them.
+        links = self._finder.links_everywhere(
+            [(record.key(site), site) for site in chosen_units], doctor=self.doctor
+        )
         events = []
         for site, (idx, site_row) in chosen_units.items():
             try:
