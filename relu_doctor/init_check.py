@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +28,8 @@ import torch
 import torch.nn as nn
 
 from relu_doctor.diagnosis import Finding
+from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.families import family_of
-from relu_doctor.sites import module_label
 
 __all__ = ["InitReport", "check_init"]
 
@@ -63,10 +63,6 @@ class InitReport:
         return "\n".join([head, *(f"  {f}" for f in self.findings)])
 
 
-def _unit_dim(out: torch.Tensor) -> int:
-    return 1 if out.dim() >= 4 else out.dim() - 1
-
-
 def _gain(layer: nn.Module | None) -> float | None:
     """``fan_in * Var(w) / 2``: He et al.'s factor on E[h^2] of one ReLU layer."""
     w = getattr(layer, "weight", None)
@@ -76,17 +72,24 @@ def _gain(layer: nn.Module | None) -> float | None:
     return float(fan_in * w.detach().double().var(unbiased=False) / 2.0)
 
 
-@torch.no_grad()
-def check_init(model: nn.Module, batch: Any, *, shrink: float = 0.1) -> InitReport:
-    """Run ``model`` once on ``batch`` (in eval-free, no-grad mode; the model's train/eval
-    mode is kept) and compare its activations with He et al.'s prediction.
+def check_init(
+    model: nn.Module, batch: Any, *, shrink: float = 0.1, **kwargs: Any
+) -> InitReport:
+    """Run ``model`` once on ``batch`` (without gradients, in the model's own train/eval
+    mode, which is kept) and compare its activations with He et al.'s prediction.
+
+    The pass is watched as :func:`~relu_doctor.watch` watches training: the same sites
+    (modules and functional calls alike, by the same names), unit rule and counts, so its
+    findings name the sites a Doctor's records name.
 
     Args:
-        model: the model (ReLU-family modules are measured; functional calls are not).
+        model: the model.
         batch: its input: a tensor, or a tuple/list of positional inputs, or a dict of
             keyword inputs.
         shrink: a deepest-to-first ratio of ``E[h^2]`` below this (or above its inverse)
             is a finding.
+        **kwargs: ``include``, ``exclude``, ``unit_dims``, ``functional`` as for
+            :func:`~relu_doctor.watch`.
 
     Returns:
         An :class:`InitReport`.
@@ -97,44 +100,56 @@ def check_init(model: nn.Module, batch: Any, *, shrink: float = 0.1) -> InitRepo
         raise ReluDoctorError("batch: expected the model's input (a tensor, tuple or dict), got None.")
     if not (isinstance(shrink, float | int) and 0 < shrink < 1):
         raise ReluDoctorError(f"shrink: expected a number in (0, 1), got {shrink!r}.")
-    rows: list[dict[str, Any]] = []
-    handles = []
-    producer: nn.Module | None = None
-    owner: dict[int, nn.Module | None] = {}
-    for path, m in model.named_modules():
-        if isinstance(m, _PRODUCERS):
-            producer = m
-        elif family_of(m) is not None:
-            owner[id(m)] = producer
-
-            def hook(mod: nn.Module, args: Any, out: Any, path: str = path) -> None:
-                if not isinstance(out, torch.Tensor) or not out.numel():
-                    return
-                d = _unit_dim(out)
-                flat = out.detach().movedim(d, 0).reshape(out.shape[d], -1).double()
-                active = (flat > 0).any(1)
-                rows.append({
-                    "site": module_label(path) if path else "<model>",
-                    "family": family_of(mod).name,  # type: ignore[union-attr]
-                    "units": int(flat.shape[0]),
-                    "second_moment": float(flat.pow(2).mean()),
-                    "born_dead": int((~active).sum()),
-                    "born_dead_units": [int(i) for i in torch.nonzero(~active).flatten()[:64]],
-                    "_gain": _gain(owner.get(id(mod))),
-                })
-
-            handles.append(m.register_forward_hook(hook))
-    try:
+    allowed = {"include", "exclude", "unit_dims", "functional"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise ReluDoctorError(
+            f"check_init() got unexpected arguments {sorted(unknown)}; allowed: {sorted(allowed)}."
+        )
+    # stream="all": the pass is recorded whatever the model's mode; no sampling, no files.
+    doc = Doctor(
+        model, gradients=False, log_every_n_steps=1, stream="all", every_n_steps=1,
+        overhead_budget=None, **kwargs,
+    )
+    with doc, torch.no_grad():
         if isinstance(batch, dict):
             model(**batch)
         elif isinstance(batch, tuple | list):
             model(*batch)
         else:
             model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+        record = doc.current()
+    if record is None:
+        return InitReport()
+    producers = _module_producers(model)
+    rows: list[dict[str, Any]] = []
+    for row, site in zip(record.site_rows, doc.probe.sites(), strict=True):
+        units = record.unit_table[record.unit_table["site"] == row["site"]]
+        dead = units.loc[units["dead"].astype(bool), "unit"]
+        rms = float(row["rms"])
+        rows.append({
+            "site": row["site"],
+            "family": row["family"],
+            "units": int(row["units"]),
+            "second_moment": rms * rms if math.isfinite(rms) else math.nan,
+            "born_dead": len(dead),
+            "born_dead_units": [int(i) for i in dead.iloc[:64]],
+            # a module's producer: the last Linear/Conv before it; a functional call's: unknown
+            "_gain": _gain(producers.get(site.key.module_path)) if site.key.op is None else None,
+        })
     return _report(rows, shrink)
+
+
+def _module_producers(model: nn.Module) -> dict[str, nn.Module | None]:
+    """Each module path -> the last Linear/Conv module before it in definition order."""
+    producer: nn.Module | None = None
+    out: dict[str, nn.Module | None] = {}
+    for path, m in model.named_modules():
+        if isinstance(m, _PRODUCERS):
+            producer = m
+        else:
+            out[path] = producer
+    return out
 
 
 def _report(rows: list[dict[str, Any]], shrink: float) -> InitReport:

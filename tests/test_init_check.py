@@ -101,3 +101,49 @@ def test_errors_name_the_argument() -> None:
         relu_doctor.check_init("net", torch.randn(2, 2))  # type: ignore[arg-type]
     with pytest.raises(ReluDoctorError, match="batch"):
         relu_doctor.check_init(_mlp(1, 4, he=True), None)
+
+
+class _Functional(nn.Module):
+    """A module used twice and a functional ReLU whose producer has units born dead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(8, 16)
+        with torch.no_grad():
+            self.fc.bias[:5] = -100.0  # five units never active
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.act(self.conv(x)))
+        return torch.nn.functional.relu(self.fc(h.mean((2, 3))))
+
+
+def test_functional_calls_and_a_reused_module_are_checked_under_the_doctors_names() -> None:
+    """The sites of watch(): a functional ReLU was skipped ("init check: ok" on a layer with
+    five units born dead), and a module called twice was one site."""
+    net = _Functional()
+    x = torch.randn(32, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    report = relu_doctor.check_init(net, x)
+    with torch.no_grad():  # the test's own forward
+        a = torch.relu(net.conv(x))
+        b = torch.relu(a)
+        c = torch.relu(net.fc(b.mean((2, 3))))
+    expected = {"act#0": (a, 1), "act#1": (b, 1), "(root):relu#0": (c, 1)}
+    assert [s["site"] for s in report.sites] == list(expected)
+    for s in report.sites:
+        h, dim = expected[s["site"]]
+        never = (h.movedim(dim, 0).reshape(h.shape[dim], -1) <= 0).all(1)
+        assert s["units"] == h.shape[dim]
+        assert s["born_dead"] == int(never.sum())
+        assert s["born_dead_units"] == [int(i) for i in torch.nonzero(never).flatten()]
+        assert s["second_moment"] == pytest.approx(float(h.double().pow(2).mean()), rel=1e-6)
+    assert report.sites[2]["born_dead"] >= 5 and not report.ok
+    f = next(f for f in report.findings if f.kind == "born_dead" and f.site == "(root):relu#0")
+    assert f.evidence["born_dead"] == report.sites[2]["born_dead"]
+    # the Doctor's own names for the same sites
+    with relu_doctor.watch(net, every_n_steps=1, overhead_budget=None) as doc:
+        net(x).sum().backward()
+        doc.step()
+        assert [r["site"] for r in doc.current().site_rows] == list(expected)
