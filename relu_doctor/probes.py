@@ -184,6 +184,9 @@ class Probe(SiteRegistry, HookOwner):
                     "unit_dims: expected {pattern: int dim}, e.g. {'encoder.*': 1}; "
                     f"got {pat!r}: {dim!r}."
                 )
+        # Why an integration's unit_dims pattern chose its dim, for the site's unit_rule
+        # (the Keras callback: each layer's data format); a user's override has none.
+        self.unit_rules: dict[str, str] = {}
         self.gradients = gradients
         self.grad_scale = grad_scale
         self.require_modules = require_modules

@@ -39,6 +39,7 @@ class SiteRegistry:
     if TYPE_CHECKING:  # what it uses of the Probe (set in Probe.__init__)
         model: nn.Module
         unit_dims: dict[str, int]
+        unit_rules: dict[str, str]
         _sites: dict[SiteKey, Site]
         _names: dict[str, Site]
         _listeners: list[Callable[[], None]]
@@ -98,10 +99,10 @@ class SiteRegistry:
         if len(shape) == 1 and key in self._not_units:
             return None  # (said once; a later call of another rank may make the site)
         label = module_label(key.module_path)
-        override = None
+        override, why = None, None
         for pat, dim in self.unit_dims.items():
             if fnmatch.fnmatchcase(label, pat):
-                override = dim
+                override, why = dim, self.unit_rules.get(pat)
         follow = override is None and not traced and key not in self._shape_rule
         if follow and not self._provenance.tracking:
             # First seen in an untracked pass: its producer is found in the next pass.
@@ -124,6 +125,8 @@ class SiteRegistry:
             return None
         if origin is not None:
             unit_dim, rule = origin.dim, origin.rule(len(shape))
+        elif why is not None:
+            rule = f"{why} -> dim {unit_dim}"
         elif follow:
             rule += " (no producing layer found)"
         self._unresolved.pop(key, None)

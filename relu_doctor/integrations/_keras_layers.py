@@ -125,6 +125,18 @@ class KerasSite:
         return _layer_family(self.layer)
 
     @property
+    def unit_rule(self) -> str:
+        """Why :attr:`unit_dim` holds the units, in words (the site's ``unit_rule``)."""
+        kind = type(self.layer).__name__
+        if isinstance(self.layer, _CONVS):
+            fmt = getattr(self.layer, "data_format", "channels_last")
+            return f"Keras {kind} `{self.path}` ({fmt}): its channels"
+        if self.by_activation:
+            return f"Keras {kind} `{self.path}`: its features (last dim)"
+        fmt = keras.config.image_data_format()
+        return f"Keras {kind} layer `{self.path}` (image_data_format {fmt})"
+
+    @property
     def pattern(self) -> str:
         """A glob pattern matching exactly this site's path (for ``unit_dims``)."""
         return glob.escape(self.path)

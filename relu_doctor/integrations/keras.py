@@ -265,6 +265,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         for d in (doc, doc.eval):
             if d is not None:
                 d.probe.unit_dims.update({s.pattern: s.unit_dim for s in self.sites.values()})
+                d.probe.unit_rules.update({s.pattern: s.unit_rule for s in self.sites.values()})
         self._hook(model)
         self._bind_remedies(model, doc)
         opt = getattr(model, "optimizer", None)

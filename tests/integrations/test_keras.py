@@ -111,6 +111,10 @@ def test_conv_channels_last_units_are_filters(tmp_path: Path) -> None:
     assert cb.doctor is not None
     conv = cb.doctor.probe.site("conv")
     assert (conv.units, conv.unit_dim) == (4, 3)  # channels_last: the filters are the last dim
+    # the rule in words names the layer and its format, not a user's override (none given)
+    assert conv.unit_rule == "Keras Conv2D `conv` (channels_last): its channels -> dim 3"
+    fc = cb.doctor.probe.site("fc")
+    assert fc.unit_rule == "Keras Dense `fc`: its features (last dim) -> dim 1"
     want = windows(ref.passes, 4)[0]
     h = cb.doctor.history()
     for site in ("conv", "fc"):
