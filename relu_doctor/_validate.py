@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ __all__ = [
     "path_or_none",
     "positive_finite",
     "positive_int",
+    "unit_dims",
 ]
 
 
@@ -144,6 +145,20 @@ def glob_patterns(name: str, value: Iterable[str] | str | None) -> list[str]:
                 f"got {p!r}."
             )
     return out
+
+
+def unit_dims(name: str, value: object) -> dict[str, int]:
+    """A ``{pattern: dim}`` mapping (fnmatch pattern of a module path -> the dim that holds
+    the units, negative counting from the end) as a dict; None: no override."""
+    if value is None:
+        return {}
+    form = f"{name}: expected {{pattern: int dim}}, e.g. {{'encoder.*': 1}}"
+    if not isinstance(value, Mapping):
+        raise ReluDoctorError(f"{form}; got {type(value).__name__} {value!r}.")
+    for pat, dim in value.items():
+        if not isinstance(pat, str) or isinstance(dim, bool) or not isinstance(dim, int):
+            raise ReluDoctorError(f"{form}; got {pat!r}: {dim!r}.")
+    return dict(value)
 
 
 def matches(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:

@@ -74,6 +74,7 @@ from torch.utils.hooks import RemovableHandle
 from relu_doctor._hooks import HookOwner, Hooks, HookSet, compile_watch
 from relu_doctor._kernels import Prepared
 from relu_doctor._validate import glob_patterns, matches
+from relu_doctor._validate import unit_dims as check_unit_dims
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.families import Family, family_of
 from relu_doctor.provenance import ProvenanceTracker
@@ -177,13 +178,7 @@ class Probe(SiteRegistry, HookOwner):
         self.model = model
         self.include = glob_patterns("include", include)
         self.exclude = glob_patterns("exclude", exclude)
-        self.unit_dims = dict(unit_dims or {})
-        for pat, dim in self.unit_dims.items():
-            if not isinstance(pat, str) or isinstance(dim, bool) or not isinstance(dim, int):
-                raise ReluDoctorError(
-                    "unit_dims: expected {pattern: int dim}, e.g. {'encoder.*': 1}; "
-                    f"got {pat!r}: {dim!r}."
-                )
+        self.unit_dims = check_unit_dims("unit_dims", unit_dims)
         # Why an integration's unit_dims pattern chose its dim, for the site's unit_rule
         # (the Keras callback: each layer's data format); a user's override has none.
         self.unit_rules: dict[str, str] = {}

@@ -362,6 +362,14 @@ def test_other_bad_arguments_name_themselves(kwargs, pattern):
         model(torch.randn(2, 10))
 
 
+@pytest.mark.parametrize("value", [[1], "x", 1, [("1", 1)]])
+def test_unit_dims_that_is_not_a_mapping_names_itself(value):
+    """Not a raw TypeError/ValueError from ``dict(value)``: the argument, its form, what came."""
+    with pytest.raises(ReluDoctorError, match=r"^unit_dims: expected \{pattern: int dim\}") as info:
+        relu_doctor.watch(zoo.mlp(), unit_dims=value)
+    assert "{'encoder.*': 1}" in str(info.value) and repr(value) in str(info.value)
+
+
 def test_a_unit_dim_out_of_range_warns_in_the_forward_and_training_goes_on():
     model = zoo.mlp()
     with (

@@ -44,6 +44,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from relu_doctor._validate import flag, glob_patterns, positive_int
+from relu_doctor._validate import unit_dims as check_unit_dims
 from relu_doctor.diagnosis import (
     SEVERITIES,
     DiagnosisConfig,
@@ -166,11 +167,7 @@ class ReluDoctor(Callback):
         self.run_dir = run_dir
         self.gradients = flag("gradients", gradients)
         self.monitor_validation = flag("monitor_validation", monitor_validation)
-        if unit_dims is not None and not isinstance(unit_dims, Mapping):
-            raise ReluDoctorError(
-                f"unit_dims: expected {{pattern: dim}}, e.g. {{'encoder.*': 1}}, got {unit_dims!r}."
-            )
-        self.unit_dims = dict(unit_dims) if unit_dims is not None else None
+        self.unit_dims = None if unit_dims is None else check_unit_dims("unit_dims", unit_dims)
         self.functional = None if functional is None else flag("functional", functional)
         self.metrics = tb.check_metrics(metrics)
         self.histograms = flag("histograms", histograms)

@@ -64,6 +64,7 @@ except ImportError as e:
 import torch
 
 from relu_doctor._validate import positive_int
+from relu_doctor._validate import unit_dims as check_unit_dims
 from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError
@@ -212,7 +213,7 @@ class ReluDoctorCallback(TrainerCallback):
         self.config = replace(diagnosis_config(tau, config), loop="hf")  # its names
         self.include = include
         self.exclude = exclude
-        self.unit_dims = dict(unit_dims) if unit_dims is not None else None
+        self.unit_dims = None if unit_dims is None else check_unit_dims("unit_dims", unit_dims)
         self.functional = functional
         self.run_dir = check_run_dir(run_dir)
         self.gradients = flag("gradients", gradients)

@@ -684,6 +684,8 @@ def test_no_host_sync_on_non_logging_steps(tmp_path):
         ({"include": [3]}, "include"),
         ({"exclude": ""}, "exclude"),
         ({"run_dir": 5}, "run_dir"),
+        ({"unit_dims": [1]}, r"^unit_dims: expected \{pattern: int dim\}.* got list \[1\]"),
+        ({"unit_dims": {"net.1": 1.5}}, r"^unit_dims: expected \{pattern: int dim\}.* 'net.1': 1.5"),
         ({"gradients": "yes"}, "gradients"),
         ({"monitor_validation": 1}, "monitor_validation"),
         ({"metrics": ["dead_fraction", "nope"]}, "metrics.*nope.*sparsity"),

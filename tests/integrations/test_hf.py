@@ -221,6 +221,19 @@ def test_bad_input_gets_one_clear_message(tmp_path: Path) -> None:
                           model=_model(), optimizer=None)
 
 
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("x", r"^unit_dims: expected \{pattern: int dim\}, e\.g\. .* got str 'x'"),
+        ({"act": "last"}, r"^unit_dims: expected \{pattern: int dim\}.* 'act': 'last'"),
+    ],
+)
+def test_unit_dims_is_checked_when_the_callback_is_made(value: Any, match: str) -> None:
+    """Not a raw ValueError from ``dict('x')``, nor a bad dim found at ``trainer.train()``."""
+    with pytest.raises(ReluDoctorError, match=match):
+        ReluDoctorCallback(unit_dims=value)
+
+
 class _Step(transformers.TrainerCallback):  # type: ignore[misc]
     """A hand-written loop hook: the standalone ``watch`` stepped at each optimizer step."""
 
