@@ -27,6 +27,7 @@ __all__ = [
     "nonnegative",
     "number_in",
     "optimizers",
+    "path",
     "path_or_none",
     "positive_finite",
     "positive_int",
@@ -69,15 +70,21 @@ def flag(name: str, value: object) -> bool:
     return value
 
 
-def path_or_none(name: str, value: object) -> Any:
-    """A path argument (``str`` or ``os.PathLike``) or None."""
+def path(name: str, value: object, *, none: bool = False) -> Any:
+    """A path argument (``str`` or ``os.PathLike``); with ``none``, None as well."""
     import os
 
-    if value is not None and not isinstance(value, (str, os.PathLike)):
+    if not (isinstance(value, (str, os.PathLike)) or (none and value is None)):
         raise ReluDoctorError(
-            f"{name}: expected a path (str or os.PathLike) or None, got {value!r}."
+            f"{name}: expected a path (str or os.PathLike){' or None' if none else ''}, "
+            f"got {value!r}."
         )
     return value
+
+
+def path_or_none(name: str, value: object) -> Any:
+    """A path argument (``str`` or ``os.PathLike``) or None."""
+    return path(name, value, none=True)
 
 
 def positive_int(name: str, value: object, minimum: int = 1) -> int:

@@ -21,8 +21,9 @@ import pandas as pd
 import torch
 
 from relu_doctor import _heap as heap
+from relu_doctor._validate import path as check_path
 from relu_doctor._version import __version__
-from relu_doctor.errors import ReluDoctorWarning
+from relu_doctor.errors import ReluDoctorWarning, RunDirError
 from relu_doctor.events import Event
 from relu_doctor.history import FORMAT_VERSION, IntervalRecord, Run, event_dict
 from relu_doctor.record import window_columns, windows_frame
@@ -266,20 +267,33 @@ class RunRecording:
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write everything recorded so far as a run directory at ``path``."""
+        """Write everything recorded so far as a run directory at ``path``.
+
+        Raises:
+            ReluDoctorError: ``path`` is not a path.
+            RunDirError: the directory cannot be written (the message names the path and the
+                OS's reason; the ``OSError`` is its ``__cause__``), or holds something else.
+        """
+        check_path("path", path)
         run = self.to_run()
-        writer = RunWriter(path, replace=True)
         try:
-            writer.write_meta(
-                {k: v for k, v in run.meta.items() if k not in ("format_version", "run_id")}
-            )
-            frames = {"history": run.history, "units": run.units, "layers": run.layers,
-                      **run.tables}
-            for name, frame in frames.items():
-                if not frame.empty:
-                    writer.append_table(name, int(frame["step"].max()), frame)
-            writer.write_findings(run.findings())
-            writer.append_events(run.events)
-        finally:
-            writer.close()
+            writer = RunWriter(path, replace=True)
+            try:
+                writer.write_meta(
+                    {k: v for k, v in run.meta.items() if k not in ("format_version", "run_id")}
+                )
+                frames = {"history": run.history, "units": run.units, "layers": run.layers,
+                          **run.tables}
+                for name, frame in frames.items():
+                    if not frame.empty:
+                        writer.append_table(name, int(frame["step"].max()), frame)
+                writer.write_findings(run.findings())
+                writer.append_events(run.events)
+            finally:
+                writer.close()
+        except OSError as e:  # an explicit call: an error, unlike a write during training
+            raise RunDirError(
+                f"path: cannot write the run directory {str(path)!r} ({e.strerror or e}); "
+                "pass a directory that can be created and written."
+            ) from e
         return Path(path)

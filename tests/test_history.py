@@ -119,6 +119,21 @@ def test_save_before_any_log_keeps_the_current_window(tmp_path):
     assert set(run.history["site"]) == {"1", "3"}
 
 
+def test_save_names_a_bad_path_and_an_unwritable_one(tmp_path):
+    model = zoo.mlp()
+    with relu_doctor.watch(model, log_every_n_steps=1) as doc:
+        zoo.train(model, [torch.randn(8, 10)], doc=doc)
+    with pytest.raises(ReluDoctorError, match=r"^path: expected a path \(str or os.PathLike\), got None"):
+        doc.save(None)  # type: ignore[arg-type]
+    # /proc refuses a new directory to everyone, root included (ENOENT)
+    with pytest.raises(RunDirError, match=r"^path: cannot write the run directory "
+                       r"'/proc/relu_doctor_test' \(No such file or directory\)") as info:
+        doc.save("/proc/relu_doctor_test")
+    assert isinstance(info.value.__cause__, FileNotFoundError)  # the OS error, chained
+    assert load_run(doc.save(tmp_path / "ok")).history["step"].tolist()  # and it still saves
+
+
+
 def test_a_run_cut_short_still_loads(tmp_path):
     """A writer killed mid-batch: the open stream is read up to its last complete batch
     (with a warning naming it), a half line of events.jsonl is skipped and named."""
