@@ -28,6 +28,7 @@ import pyarrow.dataset as ds
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from relu_doctor._validate import path as check_path
 from relu_doctor.diagnosis import Finding
 from relu_doctor.errors import ReluDoctorWarning, RunDirError
 from relu_doctor.events import FindingEvent, event_from_dict
@@ -430,11 +431,12 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     its parts are checked now.
 
     Raises:
+        ReluDoctorError: ``path`` is not a path (str or os.PathLike).
         RunDirError: the path is missing, not a directory, empty, foreign, written by an
             unsupported format version, or its ``meta.json`` is damaged; the message says
             which.
     """
-    p = Path(path)
+    p = Path(check_path("path", path))
     if not p.exists():
         raise RunDirError(f"run directory {str(p)!r} does not exist.")
     if not p.is_dir():

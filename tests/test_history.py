@@ -133,6 +133,12 @@ def test_save_names_a_bad_path_and_an_unwritable_one(tmp_path):
     assert load_run(doc.save(tmp_path / "ok")).history["step"].tolist()  # and it still saves
 
 
+@pytest.mark.parametrize("value", [123, None, ["runs/exp1"]])
+def test_load_run_of_what_is_not_a_path_names_the_argument(value):
+    with pytest.raises(ReluDoctorError, match=r"^path: expected a path \(str or os.PathLike\)") as info:
+        load_run(value)  # type: ignore[arg-type]
+    assert repr(value) in str(info.value)
+
 
 def test_a_run_cut_short_still_loads(tmp_path):
     """A writer killed mid-batch: the open stream is read up to its last complete batch

@@ -29,6 +29,7 @@ from typing import Any
 import jinja2
 import markupsafe
 
+from relu_doctor._validate import path_or_none
 from relu_doctor.history import Run, atomic_write_bytes
 from relu_doctor.reports.context import ReportContext, as_run, build_context
 
@@ -140,9 +141,11 @@ def write_report(
 
     Raises:
         RunDirError: the run directory is missing, empty, foreign or of another format.
-        ReluDoctorError: ``run_or_path`` is neither a run record nor a path (a model, say).
+        ReluDoctorError: ``run_or_path`` is neither a run record nor a path (a model, say),
+            or ``out_path`` is neither a path nor None.
         ValueError: no ``out_path`` for a run built in memory.
     """
+    path_or_none("out_path", out_path)  # before the run directory is read
     run = as_run(run_or_path, "run_or_path")
     if out_path is None:
         if run.path is None:

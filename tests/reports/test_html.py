@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import relu_doctor
-from relu_doctor.errors import RunDirError
+from relu_doctor.errors import ReluDoctorError, RunDirError
 from relu_doctor.history import Run, RunWriter, load_run
 from relu_doctor.reports import plots
 from relu_doctor.reports.context import build_context, fmt_num, fmt_pct
@@ -249,6 +249,16 @@ def test_in_memory_run_needs_an_output_path(dead_run: TrainedRun) -> None:
     run.path = None  # as built in memory
     with pytest.raises(ValueError, match="out_path"):
         write_report(run)
+
+
+@pytest.mark.parametrize("value", [5, ["out.html"]])
+def test_an_out_path_that_is_not_a_path_names_the_argument(dead_run: TrainedRun, value: object) -> None:
+    with pytest.raises(ReluDoctorError, match=r"^out_path: expected a path \(str or os.PathLike\) "
+                       r"or None") as info:
+        write_report(dead_run.run_dir, value)  # type: ignore[arg-type]
+    assert repr(value) in str(info.value)
+    with pytest.raises(ReluDoctorError, match=r"^path: expected a path \(str or os.PathLike\) or None"):
+        Report(dead_run.run_dir).save(value)  # type: ignore[arg-type]
 
 
 def test_text_summary(dead_run: TrainedRun) -> None:
