@@ -22,10 +22,11 @@ across processes says why (:attr:`Remedy.on_shards`) and refuses them before tra
 from __future__ import annotations
 
 import math
+import reprlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -132,6 +133,7 @@ class RecordLike(Protocol):
     def key(self, name: str) -> SiteKey: ...
 
 
+@runtime_checkable
 class DoctorLike(Protocol):
     """What :meth:`Remedy.bind` needs from a :class:`relu_doctor.doctor.Doctor`."""
 
@@ -322,6 +324,11 @@ class Remedy:
         """Listen to ``doctor``'s interval records and record events through it (idempotent).
         With ``listen=False`` only record through it: a
         :class:`~relu_doctor.remedies.plan.TreatmentPlan` decides when this remedy acts."""
+        if not isinstance(doctor, DoctorLike):  # (its members: no import of the Doctor here)
+            raise ReluDoctorError(
+                f"doctor: expected a relu_doctor.Doctor (as relu_doctor.watch(model) returns), "
+                f"got {type(doctor).__name__} {reprlib.repr(doctor)}."
+            )
         if self.doctor is doctor:
             return self
         self.doctor = doctor

@@ -433,3 +433,21 @@ def test_step_last_must_be_a_bool() -> None:
             doc.step(last=1)  # type: ignore[arg-type]
         doc.step(last=np.int64(3) == 3)  # numpy's bool is a bool
         doc.step(last=True)
+
+
+@pytest.mark.parametrize("make", [
+    lambda net: remedies.ActivationSwapper(net),
+    lambda net: remedies.DormantRecycler(net),
+    lambda net: remedies.LRRescuer(None),
+    lambda net: remedies.AutoClip(),
+    lambda net: remedies.ContinualBackprop(net),
+    lambda net: remedies.TreatmentPlan(net),
+], ids=["swap", "recycle", "lr", "autoclip", "cbp", "plan"])
+@pytest.mark.parametrize("value", ["doc", None, nn.Identity()])
+def test_bind_refuses_what_is_not_a_doctor(make, value) -> None:
+    """One check in :meth:`Remedy.bind`, for every remedy: not an AttributeError from inside."""
+    remedy = make(nn.Sequential(nn.Linear(4, 8), nn.ReLU()))
+    with pytest.raises(ReluDoctorError, match=r"^doctor: expected a relu_doctor\.Doctor \(") as info:
+        remedy.bind(value)
+    assert type(value).__name__ in str(info.value) and "watch(model" in str(info.value)
+    assert remedy.doctor is None  # nothing half-bound
