@@ -7,6 +7,8 @@ Framework-free: nothing here imports keras or transformers.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import os
 import warnings
@@ -98,17 +100,42 @@ def missing(package: str, error: ImportError, *, what: str, install: str) -> Rel
     )
 
 
-def remedy_options(name: str, value: object) -> dict[str, Any] | None:
-    """A remedy switch: False/None (off), True (defaults) or a dict of its keyword arguments."""
+def remedy_options(
+    name: str, value: object, remedy: Callable[..., Any], *, supplied: Sequence[str] = ()
+) -> dict[str, Any] | None:
+    """A remedy switch: False/None (off), True (defaults) or a dict of keyword arguments of
+    ``remedy`` (the class the adapter makes), its keys checked against ``remedy``'s signature
+    now, not when training starts: neither an argument the adapter gives from the training
+    framework (``remedy``'s required ones and ``supplied``) nor one it does not take."""
     if value is None or value is False:
         return None
     if value is True:
         return {}
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise ReluDoctorError(
-        f"{name}: expected True, False or a dict of the remedy's keyword arguments, got {value!r}."
-    )
+    if not isinstance(value, Mapping):
+        raise ReluDoctorError(
+            f"{name}: expected True, False or a dict of {remedy.__name__}'s keyword arguments, "
+            f"got {value!r}."
+        )
+    params = list(inspect.signature(remedy).parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return dict(value)  # takes any keyword: nothing to check here
+    framework = [p.name for p in params
+                 if p.default is p.empty or p.kind is p.POSITIONAL_ONLY or p.name in supplied]
+    allowed = [p.name for p in params
+               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in framework]
+    for key in value:
+        if key in framework:
+            raise ReluDoctorError(
+                f"{name}: leave {key!r} out of the dict: {framework} come from the training "
+                f"framework. {remedy.__name__}'s other arguments: {allowed}."
+            )
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), allowed, n=1)
+            raise ReluDoctorError(
+                f"{name}: {key!r} is not an argument of {remedy.__name__}; it takes {allowed}."
+                + (f" Did you mean {near[0]!r}?" if near else "")
+            )
+    return dict(value)
 
 
 class FindingWarner:
@@ -183,14 +210,9 @@ def plan_options(value: object, *, others: Mapping[str, object]) -> dict[str, An
     ``others`` that is on: the plan is the one decider."""
     from relu_doctor.remedies.plan import TreatmentPlan
 
-    opts = remedy_options("treatment", value)
+    opts = remedy_options("treatment", value, TreatmentPlan, supplied=("optimizer", "schedulers"))
     if opts is None:
         return None
-    given = sorted(k for k in ("model", "optimizer", "schedulers") if k in opts)
-    if given:
-        raise ReluDoctorError(
-            f"treatment: {given} come from the training framework; leave them out of the dict."
-        )
     on = [name for name, v in others.items() if v is not None and v is not False]
     if on:
         raise ReluDoctorError(

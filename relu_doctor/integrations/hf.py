@@ -221,14 +221,16 @@ class ReluDoctorCallback(TrainerCallback):
         self.metrics = check_metrics(metrics)
         self.console = flag("console", console)
         self.warn = check_warn(warn)
+        # what _bind_remedies gives each from the Trainer is refused in its dict
         self._opts = {
-            name: remedy_options(name, value)
-            for name, value in (
-                ("leaky_relu_swap", leaky_relu_swap),
-                ("dormant_reset", dormant_reset),
-                ("lr_rescue", lr_rescue),
-                ("autoclip", autoclip),
-            )
+            "leaky_relu_swap": remedy_options("leaky_relu_swap", leaky_relu_swap,
+                                              ActivationSwapper,
+                                              supplied=("optimizer", "schedulers")),
+            "dormant_reset": remedy_options("dormant_reset", dormant_reset, DormantRecycler,
+                                            supplied=("optimizers",)),
+            "lr_rescue": remedy_options("lr_rescue", lr_rescue, LRRescuer,
+                                        supplied=("optimizer", "schedulers")),
+            "autoclip": remedy_options("autoclip", autoclip, AutoClip),
         }
         self._plan_opts = plan_options(treatment, others=dict(self._opts))
         self.doctor: Doctor | None = None

@@ -234,6 +234,31 @@ def test_unit_dims_is_checked_when_the_callback_is_made(value: Any, match: str) 
         ReluDoctorCallback(unit_dims=value)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"leaky_relu_swap": {"bogus": 1}},
+         r"^leaky_relu_swap: 'bogus' is not an argument of ActivationSwapper; it takes \['kind', "),
+        ({"dormant_reset": {"evry": 2}}, r"^dormant_reset: 'evry' is not an argument of DormantRecycler"),
+        ({"lr_rescue": {"factr": 0.5}}, r"^lr_rescue: 'factr' is not an argument of LRRescuer"),
+        ({"autoclip": {"pct": 10}}, r"^autoclip: 'pct' is not an argument of AutoClip; it takes "
+                                    r"\['percentile', 'history', 'warmup_steps'\]"),
+        ({"dormant_reset": {"optimizers": None}},
+         r"^dormant_reset: leave 'optimizers' out of the dict: \['model', 'optimizers'\] come from "
+         r"the training framework\. DormantRecycler's other arguments: \['tau', "),
+        ({"leaky_relu_swap": {"model": None}},
+         r"^leaky_relu_swap: leave 'model' out of the dict: .* come from the training framework"),
+        ({"treatment": {"cooldwn": 2}},
+         r"^treatment: 'cooldwn' is not an argument of TreatmentPlan; .* Did you mean 'cooldown'\?$"),
+    ],
+)
+def test_remedy_dicts_are_checked_when_the_callback_is_made(kwargs: dict[str, Any], match: str) -> None:
+    """Not at ``trainer.train()`` with "__init__() got an unexpected keyword argument": the
+    callback argument, the bad key and the keys allowed."""
+    with pytest.raises(ReluDoctorError, match=match):
+        ReluDoctorCallback(**kwargs)
+
+
 class _Step(transformers.TrainerCallback):  # type: ignore[misc]
     """A hand-written loop hook: the standalone ``watch`` stepped at each optimizer step."""
 

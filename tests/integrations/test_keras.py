@@ -246,6 +246,23 @@ def test_bad_input_gets_one_clear_message(tmp_path: Path, monkeypatch: pytest.Mo
         ReluDoctorCallback()
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"leaky_relu_swap": {"kind": "prelu"}},  # a torch swapper's argument, not Keras's
+         r"^leaky_relu_swap: 'kind' is not an argument of KerasActivationSwap; it takes "
+         r"\['slope', 'threshold', 'patience'\]"),
+        ({"lr_rescue": {"bogus": 1}}, r"^lr_rescue: 'bogus' is not an argument of KerasLRRescue"),
+        ({"lr_rescue": {"optimizer": None}},
+         r"^lr_rescue: leave 'optimizer' out of the dict: \['optimizer'\] come from the training"),
+        ({"autoclip": {"pct": 10}}, r"^autoclip: 'pct' is not an argument of AutoClip"),
+    ],
+)
+def test_remedy_dicts_are_checked_when_the_callback_is_made(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ReluDoctorError, match=match):
+        ReluDoctorCallback(**kwargs)
+
+
 def test_findings_are_warnings(tmp_path: Path) -> None:
     model = _mlp(lr=0.5)
     x, y = _data(64)
