@@ -12,6 +12,7 @@ remedies).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import warnings
 from collections import deque
@@ -49,6 +50,14 @@ Listener = Callable[[IntervalRecord], None]
 
 GRAD_NORM_WINDOW = 1024  # total gradient norms kept for the spike test (the latest logs)
 KEEP_EVENTS = 10_000  # events kept in memory (all of them reach the run directory)
+#: OS errors at opening the run directory that may pass (a full disk, a quota, a flaky mount):
+#: training starts and writing is retried at each log. Any other (no such parent, a file in
+#: the way, a read-only place, no permission) means it cannot be written: the user's mistake.
+PASSING_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EIO", "EAGAIN", "EINTR", "ENOMEM",
+                                      "EMFILE", "ENFILE", "ESTALE", "ETIMEDOUT")
+    if hasattr(errno, name)
+)
 
 
 class Doctor(IntervalReading, RunRecording, HookOwner):
@@ -276,13 +285,14 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             if self.is_writer and self.run_dir is not None and self._writer is None:
                 try:
                     self._open_writer()
-                except PermissionError as e:
-                    raise RunDirError(
-                        f"run_dir: cannot write to {str(self.run_dir)!r} ({e.strerror}); "
-                        "pass a directory you can write to."
-                    ) from None
-                except OSError as e:  # disk full...: train on, retry at the next log
-                    self._write_failed(e)
+                except OSError as e:
+                    if e.errno is None or e.errno in PASSING_ERRNOS:
+                        self._write_failed(e)  # train on, retry at the next log
+                    else:  # before training starts: an error, with the OS's reason
+                        raise RunDirError(
+                            f"run_dir: cannot write to {str(self.run_dir)!r} "
+                            f"({e.strerror or e}); pass a directory you can create and write."
+                        ) from e
                 if self.tensorboard and self._tb is None:
                     from relu_doctor.reports.tensorboard import RunTensorBoard, run_log_dir
 

@@ -88,6 +88,32 @@ def test_disk_full_warns_once_training_goes_on_and_writing_resumes(
     assert sorted(run.units["step"].unique()) == [1, 2, 6, 7, 8]
 
 
+def test_a_full_disk_when_watch_starts_warns_and_training_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC opening the run directory at watch() may pass: a warning, not the error a
+    run_dir that cannot be created gets (test_first_run); writing starts when the disk has room."""
+    from relu_doctor import recording
+
+    real = recording.RunWriter
+    full = [True]
+
+    def writer(*args: Any, **kwargs: Any) -> RunWriter:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recording, "RunWriter", writer)
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    with (pytest.warns(ReluDoctorWarning, match="cannot write the run directory .*No space left"),
+          relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, tensorboard=False) as doc):
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+        full[0] = False
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+    assert doc.global_step == 4
+    assert sorted(load_run(run_dir).history["step"].unique()) == [3, 4]
+
+
 def test_a_removed_run_directory_does_not_stop_training(tmp_path):
     run_dir = tmp_path / "run"
     model = zoo.mlp()

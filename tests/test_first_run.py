@@ -58,6 +58,18 @@ def test_unwritable_run_dir(tmp_path: Path) -> None:
     assert not any(m._forward_hooks for m in model.modules())  # nothing left attached
 
 
+def test_a_run_dir_that_cannot_be_created_is_an_error_before_training() -> None:
+    """Not only a permission: any run_dir the OS refuses to create at watch() (here ENOENT
+    under /proc, for root too) is the user's mistake, said with the path and the OS reason,
+    before a step is trained. (A write that fails later, a full disk, warns: test_faults.)"""
+    model = net()
+    with pytest.raises(RunDirError, match=r"^run_dir: cannot write to '/proc/relu_doctor_test/run' "
+                       r"\(No such file or directory\)") as info:
+        relu_doctor.watch(model, run_dir="/proc/relu_doctor_test/run")
+    assert isinstance(info.value.__cause__, FileNotFoundError)  # the OS error, chained
+    assert not any(m._forward_hooks for m in model.modules())  # nothing left attached
+
+
 def test_scan_of_none_is_a_clear_error() -> None:
     with pytest.raises(ReluDoctorError, match=r"dataloader: expected an iterable .* got NoneType"):
         relu_doctor.scan(net(), None)  # type: ignore[arg-type]
