@@ -185,6 +185,9 @@ class Run:
             warning); a damaged unit part found when the units are read is added then.
         unit_source: where ``units`` is read from when it is None (a run directory's
             parts); with neither, ``units`` is empty.
+        history_lost: why ``history`` is empty although the run logged activations (its
+            parts damaged, its folder missing), naming the files; "" when nothing is lost.
+            The report says it instead of "no activation seen".
     """
 
     def __init__(
@@ -200,6 +203,7 @@ class Run:
         problems: list[str] | None = None,
         *,
         unit_source: UnitSource | None = None,
+        history_lost: str = "",
     ) -> None:
         self.meta = meta
         self.history = history
@@ -211,6 +215,7 @@ class Run:
         self.problems = [] if problems is None else problems
         self._units = units
         self._unit_source = unit_source
+        self.history_lost = history_lost
 
     @property
     def units(self) -> pd.DataFrame:

@@ -225,6 +225,9 @@ class TableParts:
     Args:
         folder: the table's folder in a run directory.
         problems: where the warnings are also kept (:attr:`Run.problems`).
+
+    Attributes:
+        skipped: ``(part, why)`` of each part skipped so far, as warned.
     """
 
     def __init__(self, folder: Path, *, problems: list[str] | None = None,
@@ -234,6 +237,7 @@ class TableParts:
         self.legacy = legacy  # written in format 3 or earlier: see legacy_dormant
         required = TABLE_COLUMNS.get(folder.name, ("step",))
         self.parts: list[tuple[Path, pa.Schema]] = []
+        self.skipped: list[tuple[Path, str]] = []  # (part, why), as warned
         self._torn: set[Path] = set()  # streams cut short, warned about once
         for _, part in segments(folder):
             try:
@@ -254,6 +258,7 @@ class TableParts:
             self.parts.append((part, schema.remove_metadata()))
 
     def _skip(self, part: Path, why: str) -> None:
+        self.skipped.append((part, why))
         warn_problem(self.problems, f"relu_doctor: skipped {str(part)!r}: {why}.")
 
     def _read(self, part: Path, schema: pa.Schema, columns: list[str] | None,
@@ -421,6 +426,30 @@ def _read_findings(path: Path, events: list[dict[str, Any]], problems: list[str]
     return list(open_.values())
 
 
+def _history_lost(parts: TableParts, history: pd.DataFrame, windows: pd.DataFrame | None,
+                  units: TableParts, problems: list[str]) -> str:
+    """Why a run directory's per-site history holds no row although the run logged some
+    ("" when it holds rows, or the run never saw a site): its parts were skipped (each
+    already warned about), or the folder is missing or empty (warned here). A window that
+    saw an activation (``judged`` in the windows table) always wrote history rows, and so
+    did a log with unit rows; a run whose windows saw nothing (its model left in eval mode)
+    has no history folder, and nothing is lost."""
+    if not history.empty:
+        return ""
+    if parts.skipped:
+        return "; ".join(f"{str(part)!r} is damaged: {why}" for part, why in parts.skipped)
+    judged = windows is not None and "judged" in windows and bool(windows["judged"].eq(True).any())
+    if not (judged or units.parts):
+        return ""
+    folder = parts.folder
+    what = ("is missing" if not folder.exists() else "holds no part" if not segments(folder)
+            else "holds no complete row")
+    seen = "windows that saw activations" if judged else "unit rows"
+    why = f"{str(folder)!r} {what}, although the run logged {seen}"
+    warn_problem(problems, f"relu_doctor: {why}.")
+    return why
+
+
 def load_run(path: str | os.PathLike[str]) -> Run:
     """Load a run directory written by :class:`RunWriter` (formats 1 to 4), also while it is
     being written.
@@ -479,8 +508,11 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     legacy = meta.get("format_version", 1) < 4
     # its parts checked now, read when asked
     units = TableParts(p / "units", problems=problems, legacy=legacy)
-    frames = {t: read_table(p, t, problems=problems) for t in sorted(tables - {"units"})}
-    history = frames.pop("history")
+    history_parts = TableParts(p / "history", problems=problems)
+    history = history_parts.read()
+    frames = {t: read_table(p, t, problems=problems)
+              for t in sorted(tables - {"units", "history"})}
+    lost = _history_lost(history_parts, history, frames.get("windows"), units, problems)
     return Run(
         meta=meta,
         history=legacy_dormant(history, units=False) if legacy else history,
@@ -492,4 +524,5 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         tables=frames,
         problems=problems,
         unit_source=units,
+        history_lost=lost,
     )

@@ -502,9 +502,9 @@ def test_a_table_appended_as_columns_continues_the_segment_a_dataframe_began(tmp
     w.append_table("metrics", 10, {"step": [10], "name": ["loss"], "value": [0.25]})
     w.append_table("metrics", 15, {"step": [], "name": [], "value": []})  # nothing to write
     w.append_table("windows", 10, {"step": [10], "steps_run": [5], "steps_collected": [2],
-                                   "judged": [True]})
+                                   "judged": [False]})
     assert len(list((tmp_path / "r" / "metrics").iterdir())) == 1
     w.close()
     got = read_table(tmp_path / "r", "metrics")
     assert got.values.tolist() == [[5, "loss", 0.5], [5, "lr", 0.1], [10, "loss", 0.25]]
-    assert load_run(tmp_path / "r").tables["windows"].values.tolist() == [[10, 5, 2, True]]
+    assert load_run(tmp_path / "r").tables["windows"].values.tolist() == [[10, 5, 2, False]]
