@@ -209,8 +209,9 @@ def _site_rows(run: Run, last: pd.DataFrame, findings: Sequence[FindingView]) ->
 
 @dataclass(frozen=True)
 class Verdict:
-    """The first thing the report says: ``status`` is ``empty``, ``healthy``, ``warning`` or
-    ``critical``; ``top`` holds the (up to three) most severe findings."""
+    """The first thing the report says: ``status`` is ``empty``, ``healthy``, ``warning``,
+    ``critical`` or ``damaged`` (the per-site history cannot be read: there is nothing to
+    judge the sites on); ``top`` holds the (up to three) most severe findings."""
 
     status: str
     headline: str
@@ -220,8 +221,21 @@ class Verdict:
 
 def _verdict(
     findings: Sequence[FindingView], last_step: int | None, step: int | None,
-    logged_step: int | None = None, stream: str = "train",
+    logged_step: int | None = None, stream: str = "train", history_lost: str = "",
 ) -> Verdict:
+    if last_step is None and history_lost:  # activations seen, their record unreadable
+        serious = [f for f in findings if f.severity in ("critical", "warning")]
+        upto = f" up to step {logged_step}" if logged_step is not None else ""
+        recorded = (f" The findings below are those the run recorded at step {step}."
+                    if findings and step is not None else "")
+        return Verdict(
+            "damaged",
+            "History unreadable",
+            f"The run logged{upto}, but its per-site history is lost: {history_lost}. "
+            "The sites table, the unit counts and the charts drawn from it are missing; this "
+            f"says nothing about whether the units were active.{recorded}",
+            list(serious[:3]),
+        )
     if last_step is None and logged_step is not None:  # windows logged, no site seen
         why = {
             "eval": "no evaluation pass (model.eval() or torch.no_grad()) was recorded",
@@ -450,14 +464,15 @@ def _evaluation(run: Run) -> EvalView | None:
     return EvalView(name, steps, steps[-1] if steps else None, passes, _site_rows(ev, last, []))
 
 
-def _logged_text(steps: Sequence[int], windows: pd.DataFrame | None) -> str:
-    """The key number "steps logged": every log, those with no site seen too."""
+def _logged_text(steps: Sequence[int], windows: pd.DataFrame | None, lost: bool = False) -> str:
+    """The key number "steps logged": every log, those with no site seen too (``lost``:
+    the history that would say which saw a site cannot be read)."""
     logged = sorted(set(steps) | ({int(x) for x in windows["step"]} if windows is not None
                                   else set()))
     if not logged:
         return "none"
-    return (f"{logged[0]}–{logged[-1]} ({len(logged)} logs"
-            f"{', no site seen' if not steps else ''})")
+    why = ", history unreadable" if lost else ", no site seen"
+    return f"{logged[0]}–{logged[-1]} ({len(logged)} logs{why if not steps else ''})"
 
 
 def _windows(run: Run, hist: pd.DataFrame) -> pd.DataFrame | None:
@@ -537,20 +552,22 @@ def build_context(run: Run) -> ReportContext:
         return sum(int(r.raw[key] or 0) for r in sites)
 
     units, dead = total("units"), total("dead")
+    lost = bool(run.history_lost) and last_step is None  # no count to sum: unknown, not 0
     key_numbers = [
         ("sites", str(len(sites))),
         ("units", str(units)),
-        ("dead now", f"{dead} ({fmt_pct(dead / units) if units else '—'})"),
-        ("never active", str(total("lifetime_dead"))),
-        ("dormant", str(total("dormant"))),
-        ("steps logged", _logged_text(steps, windows)),
+        ("dead now", "—" if lost else f"{dead} ({fmt_pct(dead / units) if units else '—'})"),
+        ("never active", "—" if lost else str(total("lifetime_dead"))),
+        ("dormant", "—" if lost else str(total("dormant"))),
+        ("steps logged", _logged_text(steps, windows, lost)),
         *([("steps collected", f"{sampling[0]} of {sampling[1]} run "
             f"({fmt_pct(sampling[0] / sampling[1])})")] if sampling and sampling[1] else []),
         ("interventions", str(len(interventions))),
     ]
     logged_step = int(windows["step"].max()) if windows is not None else None
     verdict = _verdict(
-        findings, last_step, findings_step, logged_step, str(run.meta.get("stream", "train"))
+        findings, last_step, findings_step, logged_step, str(run.meta.get("stream", "train")),
+        run.history_lost,
     )
     stale = ""
     if findings_step is not None and last_step is not None and findings_step < last_step:

@@ -66,10 +66,12 @@ def summary(
     ctx = run if isinstance(run, ReportContext) else build_context(as_run(run))
     lines = [f"{ctx.model or 'model'}: {ctx.verdict.headline}"]
     lines += _gap_lines(ctx)
+    damaged = ctx.verdict.status == "damaged"  # the history is lost: no site row to show
     if ctx.last_step is None:
-        if dict(ctx.key_numbers).get("steps logged", "none") != "none":  # (no site seen)
+        if damaged or dict(ctx.key_numbers).get("steps logged", "none") != "none":
             lines.append(f"  {ctx.verdict.detail}")
-        return "\n".join(_plain(line) for line in lines)
+        if not damaged:
+            return "\n".join(_plain(line) for line in lines)
     lines.append("  " + ", ".join(f"{k} {v}" for k, v in ctx.key_numbers))
     if ctx.findings_stale:
         lines.append(f"  {ctx.findings_stale}")
@@ -80,7 +82,7 @@ def summary(
     if len(serious) > max_findings:
         lines.append(f"  ... and {len(serious) - max_findings} more findings (see the report)")
     rows = ctx.sites
-    if rows:
+    if rows and not damaged:
         width = min(36, max(4, *(len(r.site) for r in rows)))
         lines.append(
             f"  {'site':<{width}} {'family':<10} {'units':>6} {'dead':>6} {'dormant':>7} "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -122,3 +123,69 @@ def test_a_stream_cut_short_found_when_the_units_are_read_is_in_the_section(tmp_
     assert len(ctx.gaps.skipped) == 1 and "was cut short" in ctx.gaps.skipped[0]
     assert len(run.problems) == 1 and sum("cut short" in str(c.message) for c in caught) == 1
     assert stream.name in _gap_section(render_report(run))
+
+
+def _lose_history(run_dir: Path, how: str) -> str:
+    """Damage the run's per-site history as a copy or a crash can: ``truncated`` cuts its
+    one Parquet part in half, ``deleted`` removes the ``history`` folder. Returns the name
+    the report must give (the part's file name, or the folder's path)."""
+    folder = run_dir / "history"
+    if how == "deleted":
+        shutil.rmtree(folder)
+        return str(folder)
+    (part,) = folder.glob("seg-*.parquet")
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    return part.name
+
+
+@pytest.mark.parametrize(("how", "says"), [("truncated", "cannot be read"),
+                                           ("deleted", "is missing")])
+def test_a_damaged_or_missing_history_is_said_never_no_activation_seen(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str, says: str) -> None:
+    """Activations were seen (the windows say so) but the per-site history is cut short or
+    gone: the verdict, the summary, the HTML and the command line say the history is
+    damaged or missing, naming the file or folder, never "No activation seen" (which blames
+    eval mode); like any other damaged part, the report is written and the exit status is 0.
+    Reading through the Python API says the same."""
+    run_dir = tmp_path / "run"
+    _train(run_dir, 3)
+    named = _lose_history(run_dir, how)
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr()
+    assert "No activation seen" not in out.out and "eval mode" not in out.out, out.out
+    assert "History unreadable" in out.out and says in out.out
+    assert named in out.out and named in out.err and "Traceback" not in out.err
+    assert (run_dir / "report.html").is_file()
+    with pytest.warns(relu_doctor.ReluDoctorWarning, match=re.escape(named)):
+        text = summary(str(run_dir))  # the Python API, from a path
+    assert text == out.out.splitlines()[0] + "\n" + "\n".join(out.out.splitlines()[1:-1])
+    with pytest.warns(relu_doctor.ReluDoctorWarning, match=re.escape(named)):
+        run = load_run(run_dir)
+    html = render_report(run)
+    assert "No activation seen" not in html and "eval mode" not in html
+    assert "History unreadable" in html and named in _gap_section(html)
+    ctx = build_context(run)
+    assert ctx.verdict.status == "damaged" and ctx.verdict.headline == "History unreadable"
+    assert named in ctx.verdict.detail and says in ctx.verdict.detail
+    assert len(ctx.gaps.skipped) == 1 and named in ctx.gaps.skipped[0]
+    assert dict(ctx.key_numbers)["dead now"] == "—"  # not "0": it is not known
+    assert "no site seen" not in dict(ctx.key_numbers)["steps logged"]
+    assert run.history.empty and named in run.history_lost and says in run.history_lost
+
+def test_a_run_that_never_saw_an_activation_has_no_history_and_nothing_lost(tmp_path):
+    """The model left in eval mode: no site, so no history folder is written; that is no
+    damage, and the report still says no activation was seen."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with relu_doctor.watch(net, log_every_n_steps=2, run_dir=tmp_path / "run") as doc:
+            for _ in range(4):
+                net(torch.randn(8, 4)).sum().backward()
+                doc.step()
+    assert not (tmp_path / "run" / "history").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = load_run(tmp_path / "run")
+    assert run.history_lost == "" and not run.problems
+    assert build_context(run).verdict.headline == "No activation seen"
