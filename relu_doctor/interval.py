@@ -25,7 +25,7 @@ from relu_doctor.events import FindingEvent
 from relu_doctor.history import SEEN_FIELDS, IntervalRecord
 from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, metrics_of_stacked
 from relu_doctor.sampling import model_device
-from relu_doctor.stats import ROW, read_back
+from relu_doctor.stats import ROW, SiteStats, read_back
 
 if TYPE_CHECKING:
     from collections import deque
@@ -45,6 +45,7 @@ __all__ = ["IntervalReading"]
 # name: a site's is a module path, a checkpoint's a JSON array).
 _GRAD_SQ = "\0grad_sq"
 _STEPS = "\0steps_collected"  # the window's collected steps, summed across processes
+_FIRST = "\0first\0"  # + a site's name: its first reading (SiteStats.first), until logged
 
 # A unit table at least this large is kept out of the malloc heap (see _record_memory).
 _OWN_MEMORY_BYTES = 1 << 20
@@ -145,9 +146,16 @@ class IntervalReading:
         window = torch.cat([summed[s.name] for s in sites], 1)
         lifetime = torch.cat([s.stats.lifetime for s in sites], 1)
         extra = [summed[_GRAD_SQ]] if _GRAD_SQ in summed else []
-        host = read_back(
-            [window, lifetime, *extra, *([ratio] if ratio is not None and extra else [])]
+        firsts = [s for s in sites if _FIRST + s.name in summed]
+        first_dead = (
+            [torch.stack([SiteStats.first_dead_fraction(summed[_FIRST + s.name]) for s in firsts])]
+            if firsts and world is not None else []
         )
+        host = read_back(
+            [window, lifetime, *first_dead, *extra,
+             *([ratio] if ratio is not None and extra else [])]
+        )
+        host_first = host.pop(2) if first_dead else None
         if close and world is not None:  # (see _sum_windows)
             for s in sites:
                 s.stats.close_window(summed[s.name])
@@ -159,6 +167,11 @@ class IntervalReading:
         # Judged on what every process saw: a window read by each process alone (they held
         # other sites) would have them decide apart (a remedy acting on one rank only).
         judged = saw and world is not None
+        first_fractions: dict[str, float] = {}
+        if judged and host_first is not None:  # stated once, summed (else kept for later)
+            first_fractions = {s.name: float(v) for s, v in zip(firsts, host_first, strict=True)}
+            for s in firsts:
+                s.stats.first = None
         if extra and self.tap is not None and layer_steps > 0 and judged:  # (else no rows)
             rows, total = layer_metrics(
                 self.tap.layers, host[2], layer_steps, world or 1,
@@ -231,6 +244,7 @@ class IntervalReading:
             judged=judged,
             steps_run=self.steps_run,
             steps_collected=collected,
+            first_dead={k: v for k, v in first_fractions.items() if not math.isnan(v)},
         )
         return record, events
 
@@ -256,6 +270,10 @@ class IntervalReading:
         named.update({t: w if device is None else w.to(device) for t, w in pending.items()})
         if grad_sq is not None and sites:
             named[_GRAD_SQ] = grad_sq
+        if close:  # (the first readings not yet logged: see SiteStats.take_first)
+            named.update(
+                {_FIRST + s.name: s.stats.first for s in sites if s.stats.first is not None}
+            )
         if self.all_reduce is not None:  # (see _steps_collected)
             named[_STEPS] = torch.tensor(
                 [float(self.window_steps)], dtype=torch.float64, device=device

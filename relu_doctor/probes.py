@@ -683,6 +683,8 @@ class Probe(SiteRegistry, HookOwner):
             site.stats.record_forward(
                 output, dim, nonnegative=family.nonnegative, cap=site.cap
             )
+            if site.stats.first_due:  # (the remedies' baseline: see SiteStats.take_first)
+                site.stats.take_first()
             self._tap_gradient(output, site)
             ready = site.stats.prepare_forward(
                 output, dim, nonnegative=family.nonnegative, cap=site.cap

@@ -54,6 +54,11 @@ class IntervalRecord:
         steps_run: the steps the window ran, collecting or not.
         steps_collected: those in which statistics were collected (a pass of the watched
             stream was recorded); the site rows say it too, where there are sites.
+        first_dead: for each site whose first call this window holds (at the first log:
+            every site of the first step, the model at initialisation), the share of its
+            units never active on that call, summed across processes: the baseline a
+            remedy compares the site's first dead fraction with (a unit dead from the start
+            is no surge).
     """
 
     step: int
@@ -68,6 +73,7 @@ class IntervalRecord:
     judged: bool = True
     steps_run: int = 0
     steps_collected: int = 0
+    first_dead: dict[str, float] = field(default_factory=dict)
 
     def site_row(self, name: str) -> dict[str, Any] | None:
         """The row of the site called ``name``, or None."""

@@ -77,6 +77,7 @@ GRAD_FIELDS: tuple[str, ...] = (
 FIELDS: tuple[str, ...] = FORWARD_FIELDS + GRAD_FIELDS
 ROW: dict[str, int] = {name: i for i, name in enumerate(FIELDS)}
 _N_FWD = len(FORWARD_FIELDS)
+_FIRST_ROWS = [ROW["elements"], ROW["active"]]  # a site's first reading (SiteStats.first)
 
 _EXACT_F32 = 2**24  # float32 holds every integer up to this exactly
 
@@ -435,12 +436,34 @@ class SiteStats:
         [8.0, 8.0, 8.0, 8.0]
     """
 
-    __slots__ = ("lifetime", "units", "window")
+    __slots__ = ("first", "first_due", "lifetime", "units", "window")
 
     def __init__(self, units: int, device: torch.device | str) -> None:
         self.units = units
         self.window = torch.zeros(len(FIELDS), units, dtype=torch.float64, device=device)
         self.lifetime = torch.zeros_like(self.window)
+        # The site's first call's ``elements`` and ``active`` rows (see take_first), from
+        # that call until a log reads them. Not due for a site restored from a checkpoint
+        # (its first call came before).
+        self.first: torch.Tensor | None = None
+        self.first_due = True
+
+    def take_first(self) -> None:
+        """Keep the window's ``elements`` and ``active`` rows as the site's first reading,
+        if this is its first call (see :meth:`first_dead_fraction`); a copy of two rows,
+        once per site."""
+        if self.first_due:
+            self.first_due = False
+            self.first = self.window[_FIRST_ROWS].clone()
+
+    @staticmethod
+    def first_dead_fraction(first: torch.Tensor) -> torch.Tensor:
+        """The share of the units seen on a site's first call that were never active on it
+        (its dead fraction at first sight: at initialisation for a site of the first step),
+        from its first reading (summed across processes or not), as a 0-d tensor on its
+        device: NaN where no unit was seen."""
+        seen = first[0] > 0
+        return (seen & (first[1] == 0)).sum().double() / seen.sum().double()
 
     def add_forward(self, rows: torch.Tensor) -> None:
         """Add :func:`forward_rows` output to the window (in place, on device)."""
@@ -538,6 +561,7 @@ class SiteStats:
             )
         self.window.copy_(state["window"])
         self.lifetime.copy_(state["lifetime"])
+        self.first_due = False  # (its first call came before the checkpoint)
 
 
 def _through_flat(

@@ -81,6 +81,7 @@ def _run(rank: int, scenario: str) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(10 + rank)
     own: dict[str, torch.Tensor] = {}
+    first: dict[str, torch.Tensor] = {}  # each site's first call's rows on this process
 
     def counter(name: str):
         def hook(module, args, output):
@@ -89,6 +90,7 @@ def _run(rank: int, scenario: str) -> dict:
             rows = torch.stack([torch.full((WIDTH,), float(output.shape[0])),
                                 (output > 0).sum(0).double(), output.abs().sum(0).double()])
             own[name] = own.get(name, torch.zeros(3, WIDTH, dtype=torch.float64)) + rows
+            first.setdefault(name, rows.clone())
         return hook
 
     for name in ("e0", "e1"):
@@ -125,13 +127,22 @@ def _run(rank: int, scenario: str) -> dict:
                         "rows": {r["site"]: r["elements"] for r in rec.site_rows},
                         "units": rec.unit_table.copy(),
                         "judged": rec.judged,
+                        "first_dead": dict(rec.first_dead),
                         "steps_collected": (rec.steps_collected, {
                             r["steps_collected"] for r in rec.site_rows}),
                     })
                     if rec.judged:  # (a window read alone stays open: see below)
                         own.clear()
+    # the test's own dead fraction at first sight: the first calls of every process, summed
+    first_dead = {}
+    for name in ("e0.1", "e1.1"):
+        rows = first.get(name, torch.zeros(3, WIDTH, dtype=torch.float64))
+        dist.all_reduce(rows)
+        seen = rows[0] > 0
+        first_dead[name] = float((seen & (rows[1] == 0)).sum() / seen.sum())
     return {
         "windows": windows,
+        "first_dead": first_dead,
         "lifetime": {s.name: s.stats.lifetime.clone() for s in doc.sites},
         "heard": heard,
         "warnings": [str(w.message) for w in caught
@@ -312,6 +323,23 @@ def test_processes_holding_other_sites_read_their_own_windows_until_they_agree(r
     assert all(set(life) == set(lifetimes[0]) for life in lifetimes)
     for site, life in lifetimes[0].items():
         assert all(torch.equal(life, other[site]) for other in lifetimes[1:])
+
+
+@spawned
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_each_sites_first_reading_is_summed_across_processes_and_stated_once(runs, scenario):
+    """The remedies' surge baseline (IntervalRecord.first_dead): every process's first call
+    of the site, summed, stated by the first log whose windows were summed, on every
+    process alike; a log read alone keeps it for later."""
+    for rank in range(WORLD):
+        run = runs[rank][scenario]
+        stated: dict[str, float] = {}
+        for w in run["windows"]:
+            assert w["judged"] or not w["first_dead"]
+            assert not set(w["first_dead"]) & set(stated)  # once
+            stated.update(w["first_dead"])
+        assert stated == pytest.approx(run["first_dead"])
+        assert run["windows"][0]["first_dead"] == runs[0][scenario]["windows"][0]["first_dead"]
 
 
 @spawned

@@ -115,16 +115,26 @@ class DeadEvidence:
 
 
 def dead_surge(
-    dead: Mapping[str, float] | None, prev: dict[str, float], jump: float
+    dead: Mapping[str, float] | None, prev: dict[str, float], jump: float,
+    record: Any = None,
 ) -> dict[str, Any] | None:
     """The site whose dead fraction (``dead``, from :meth:`DeadEvidence.add`; None while it
-    pools) rose the most, by at least ``jump``, since ``prev`` (its previous reading, 0 for a
-    site not seen), as evidence; None without one. Updates ``prev`` with ``dead``.
+    pools) rose the most, by at least ``jump``, since ``prev`` (its previous reading), as
+    evidence; None without one. Updates ``prev`` with ``dead``.
+
+    A site's first reading is compared with its dead fraction at first sight, which
+    ``record`` (the record ``dead`` was read from) gives in its
+    :attr:`~relu_doctor.history.IntervalRecord.first_dead` (on the site's first call: at
+    initialisation for the sites of the first step), kept in ``prev`` until then: units
+    dead from the start are no surge. Where none was taken (a compiled forward, a record
+    without the field), 0.
 
     Example:
         >>> dead_surge({"a": 0.5}, {}, 0.2)["jump"]
         0.5
     """
+    for site, frac in (getattr(record, "first_dead", None) or {}).items():
+        prev.setdefault(site, frac)
     surge: dict[str, Any] | None = None
     for site, frac in (dead or {}).items():
         if not math.isfinite(frac):

@@ -186,7 +186,9 @@ class LRRescuer(Remedy):
                 if f.kind == "nonfinite":
                     found = ("nonfinite", {"site": f.site, "finding": f.message})
                     break
-        surge = dead_surge(self.evidence.add(record), self.prev_dead, self.dead_jump)
+        surge = dead_surge(
+            self.evidence.add(record), self.prev_dead, self.dead_jump, record
+        )
         if found is None and surge is not None and "dead_surge" in self.triggers:
             found = ("dead_surge", {**surge, "steps_collected": self.evidence.last_steps})
         return found

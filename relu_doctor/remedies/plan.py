@@ -350,7 +350,7 @@ class TreatmentPlan(Remedy):
 
     def _model_trigger(self, record: RecordLike) -> tuple[str, str, dict[str, Any]] | None:
         """(reason, target metric, evidence) of a model-wide symptom, or None."""
-        surge = dead_surge(self._dead, self._prev_dead, self.dead_jump)
+        surge = dead_surge(self._dead, self._prev_dead, self.dead_jump, record)
         for kind in ("nonfinite", "exploding_gradient"):
             for f in record.findings:
                 if f.kind == kind:

@@ -40,7 +40,9 @@ FILTERS = (
 
 class Net(L.LightningModule):
     """Linear-ReLU-Linear-ReLU-Linear regression; ``dead`` units of ``net.1`` start dead
-    (bias -5); every ``spike_every``-th batch has its targets scaled by ``spike``."""
+    (bias -5), or die at step ``kill_at`` when it is given (a surge one log later: units
+    dead from the start are none); every ``spike_every``-th batch has its targets scaled by
+    ``spike``."""
 
     def __init__(
         self,
@@ -51,6 +53,7 @@ class Net(L.LightningModule):
         spike_every: int = 0,
         spike: float = 1.0,
         sched: bool = False,
+        kill_at: int = 0,
     ) -> None:
         super().__init__()
         self.net = nn.Sequential(
@@ -60,7 +63,8 @@ class Net(L.LightningModule):
             nn.ReLU(),
             nn.Linear(hidden, 1),
         )
-        if dead:
+        self.dead, self.kill_at = dead, kill_at
+        if dead and not kill_at:
             with torch.no_grad():
                 self.net[0].bias[:dead] = -5.0
         self.lr, self.opt, self.sched = lr, opt, sched
@@ -71,6 +75,9 @@ class Net(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        if self.kill_at and self.global_step == self.kill_at:
+            with torch.no_grad():
+                self.net[0].bias[: self.dead] = -5.0
         if self.spike_every and self.global_step % self.spike_every == self.spike_every - 1:
             y = y * self.spike
         return F.mse_loss(self(x), y)

@@ -73,16 +73,27 @@ SHARD_SAFE_STEPS = (PlanStep("lr"), PlanStep("swap", options={"threshold": 0.3})
 #: ... and on DTensor shards (FSDP2).
 DTENSOR_STEPS = (PlanStep("clip"), *SHARD_SAFE_STEPS)
 PLANS = {"lr, swap": SHARD_SAFE_STEPS, "clip, lr, swap": DTENSOR_STEPS}
-TREAT_STEPS = 8
+TREAT_STEPS = 12
 
 
 def make_dying_model() -> nn.Module:
-    """``make_model`` with half of each hidden layer's units pushed dead by their bias."""
-    model = make_model()
-    with torch.no_grad():
-        model[0].bias[:8] -= 3.0
-        model[2].bias[:6] -= 3.0
-    return model
+    """``make_model``, whose hidden units :func:`push` kills in training."""
+    return make_model()
+
+
+def push(model: nn.Module) -> None:
+    """Push half of each hidden layer's units dead by their bias (sharded or not): done
+    after the first log, a surge at the second (units dead from the start are none)."""
+    for layer, n in ((model[0], 8), (model[2], 6)):
+        bias = layer.bias  # type: ignore[union-attr]
+        delta = torch.zeros(bias.shape)
+        delta[:n] = 3.0
+        if hasattr(bias, "device_mesh"):  # a DTensor shard: the same shift, sharded alike
+            from torch.distributed.tensor import distribute_tensor
+
+            delta = distribute_tensor(delta, bias.device_mesh, bias.placements)
+        with torch.no_grad():
+            bias.sub_(delta)
 
 
 def shard(model: nn.Module) -> nn.Module:
@@ -103,7 +114,7 @@ def treat(model: nn.Module, xs: list[torch.Tensor], steps: tuple[PlanStep, ...],
                            **kw) as doc:
         doc.add_event_listener(events.append)
         plan = TreatmentPlan(model, optimizer=opt, steps=steps, cooldown=1).bind(doc)
-        train(model, doc, opt, xs)
+        train(model, doc, opt, xs, push_at=LOG_EVERY)
     plan.detach()
     whole = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
              for k, v in model.state_dict().items()}
@@ -145,8 +156,10 @@ def refusals(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, str]:
 
 
 def train(model: nn.Module, doc: relu_doctor.Doctor, opt: torch.optim.Optimizer,
-          xs: list[torch.Tensor]) -> None:
-    for x in xs:
+          xs: list[torch.Tensor], push_at: int | None = None) -> None:
+    for step, x in enumerate(xs):
+        if step == push_at:
+            push(model)
         opt.zero_grad()
         model(x).pow(2).mean().backward()
         opt.step()

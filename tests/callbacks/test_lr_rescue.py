@@ -51,14 +51,16 @@ def test_cooldown_round_trips_through_a_checkpoint(tmp_path):
     def cbs():
         return [ReluDoctor(log_every_n_steps=4), LRRescue(factor=0.5, cooldown=3)]
 
-    # 10 of net.1's 16 units dead from the start: a surge at the first log (step 4).
-    first, saved, second, probe = resume(tmp_path, cbs, steps=8, resume_steps=16, dead=10)
-    assert [e["step"] for e in interventions(first[0])] == [4]
-    # step 8 ends the fit: its record is held (decided at the resumed fit's first step), so
+    # 10 of net.1's 16 units die at step 4: a surge at the second log (step 8).
+    first, saved, second, probe = resume(tmp_path, cbs, steps=12, resume_steps=20, dead=10,
+                                         kill_at=4)
+    assert [e["step"] for e in interventions(first[0])] == [8]
+    # step 12 ends the fit: its record is held (decided at the resumed fit's first step), so
     # the cooldown has counted no interval yet
-    assert first[1].rescuer.cooldown_left == 3 and first[1].rescuer.held.step == 8
+    assert first[1].rescuer.cooldown_left == 3 and first[1].rescuer.held.step == 12
     assert probe.remedies["LRRescue"] == saved["LRRescue"]
     assert probe.lr == pytest.approx(0.05)  # the optimizer's checkpoint keeps the halving
-    # Cooldown and dead-fraction baseline continue: no rescue at step 12 (a fresh rescuer
-    # would see net.1's 10 dead units as a surge from 0 and rescue there).
-    assert not [e for e in interventions(second[0]) if e["step"] <= 12]
+    # Cooldown and dead-fraction baseline continue: no rescue at step 16 (a fresh rescuer
+    # would see net.1's 10 dead units as a surge from 0 and rescue there: restored sites
+    # have no first reading).
+    assert not [e for e in interventions(second[0]) if e["step"] <= 16]

@@ -38,14 +38,20 @@ SCENARIOS = ("plan", "lr_swap", "continual_backprop")
 
 
 def make_net() -> nn.Sequential:
-    """A small MLP with half of each hidden layer's units pushed dead by their bias."""
+    """A small MLP (see :func:`push`)."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                        nn.Linear(16, 1))
-    with torch.no_grad():
-        net[0].bias[:8] -= 2.5
-        net[2].bias[:8] -= 2.5
-    return net
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                         nn.Linear(16, 1))
+
+
+def push(net: nn.Module, step: int) -> None:
+    """At training step ``LOG_EVERY``, after the first log, push half of each hidden layer's
+    units dead by their bias: a surge at the second log (units dead from the start are
+    none)."""
+    if step == LOG_EVERY:
+        with torch.no_grad():
+            net[0].bias[:8] -= 2.5  # type: ignore[index,operator]
+            net[2].bias[:8] -= 2.5  # type: ignore[index,operator]
 
 
 class Wrap(nn.Module):
@@ -55,8 +61,12 @@ class Wrap(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = make_net()
+        self.steps = 0  # training passes, as the Trainer's global_step counts them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():  # (not the remedies' own passes)
+            push(self.net, self.steps)
+            self.steps += 1
         return self.net(x)  # type: ignore[no-any-return]
 
 
@@ -134,6 +144,7 @@ class Net(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        push(self.net, self.global_step)
         return nn.functional.mse_loss(self(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -102,38 +102,39 @@ def test_resume_keeps_swaps_clip_history_cooldown_and_recycling_state(tmp_path):
         DormantReset(tau=0.5, include="net.3"),
     ]
     first = cbs()
-    t1 = trainer(tmp_path / "a", first, max_steps=8)
-    t1.fit(make(dead=10), loader())
+    t1 = trainer(tmp_path / "a", first, max_steps=12)
+    t1.fit(make(dead=10, kill_at=4), loader())  # 10 of net.1's units die at step 4
     ckpt = tmp_path / "a.ckpt"
     t1.save_checkpoint(ckpt)
     swap, _clip, rescue, reset = first[1:]
-    # The log at step 8, the fit's last step, is final: held, so the cooldown counted only
-    # the rescue at step 4; the held record goes into the checkpoint and is decided at the
-    # end of the resumed fit's first step.
+    # The log at step 12, the fit's last step, is final: held, so the cooldown counted only
+    # the rescue at step 8 (the surge); the held record goes into the checkpoint and is
+    # decided at the end of the resumed fit's first step.
     assert list(swap.swaps) == ["net.1"] and rescue.rescuer.cooldown_left == 3
-    assert rescue.rescuer.held is not None and rescue.rescuer.held.step == 8
+    assert [e["step"] for e in interventions(first[0], "lr_rescue")] == [8]
+    assert rescue.rescuer.held is not None and rescue.rescuer.held.step == 12
     assert reset.recycler.recycled  # something was recycled
     saved = {type(c).__name__: c.state_dict() for c in first[1:]}
 
     second = cbs()
     probe = AtTrainStart()
     model = make(seed=5)  # a fresh model: plain ReLUs, other weights
-    t2 = trainer(tmp_path / "b", [*second, probe], max_steps=9)
+    t2 = trainer(tmp_path / "b", [*second, probe], max_steps=13)
     t2.fit(model, loader(), ckpt_path=ckpt)
     assert probe.modules["1"] == "LeakyReLU" and probe.modules["3"] == "ReLU"
     assert model.net[1].negative_slope == 0.2
     for name, state in saved.items():
         assert probe.remedies[name] == json.dumps(state, default=str, sort_keys=True), name
-    assert len(second[2].clippers[0].norm_history) == 9  # 8 restored + the step after resume
+    assert len(second[2].clippers[0].norm_history) == 13  # 12 restored + the step after resume
     # The monitor of the resumed fit watches the swapped module (and saw it run).
     families = {s.name: s.family.name for s in second[0].doctor.sites}
     assert families == {"net.1": "leaky_relu", "net.3": "relu"}
 
     # Training on from the checkpoint: the cooldown continues (no rescue within 2 intervals).
     third = cbs()
-    t3 = trainer(tmp_path / "c", third, max_steps=16)
+    t3 = trainer(tmp_path / "c", third, max_steps=20)
     t3.fit(make(seed=6), loader(), ckpt_path=ckpt)
-    assert not [e for e in interventions(third[0], "lr_rescue") if e["step"] <= 12]
+    assert not [e for e in interventions(third[0], "lr_rescue") if e["step"] <= 16]
     assert list(third[1].swaps) == ["net.1"]
     assert not interventions(third[0], "leaky_relu_swap")  # no second swap
 
@@ -149,7 +150,7 @@ def test_ddp_two_ranks_take_identical_interventions(tmp_path):
         Dump(str(tmp_path)),
     ]
     trainer(tmp_path, cbs, max_steps=9, strategy="ddp_spawn", devices=2).fit(
-        make(dead=6), loader(n=128, batch_size=8)
+        make(dead=6, kill_at=3), loader(n=128, batch_size=8)  # a surge at step 6
     )
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())

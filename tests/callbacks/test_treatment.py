@@ -62,9 +62,11 @@ def test_early_stopping_on_a_diagnosis_metric(tmp_path):
 
 
 def test_hopeless_run_stops_the_trainer(tmp_path):
-    model = make(dead=16, lr=1e-4)  # every unit of net.1 born dead, and a tiny lr
+    # every unit of net.1 born dead, and a tiny lr: no surge, but the swap's threshold is
+    # passed, and a LeakyReLU cannot revive units whose bias is -5
+    model = make(dead=16, lr=1e-4)
     mon = ReluDoctor(log_every_n_steps=2)
-    treat = ReluDoctorTreatment(stop_when_hopeless=True, cooldown=1, steps=[PlanStep("lr")])
+    treat = ReluDoctorTreatment(stop_when_hopeless=True, cooldown=1, steps=[PlanStep("swap")])
     t = trainer(tmp_path, [mon, treat], max_steps=200)
     t.fit(model, loader())
     assert treat.plan is not None and treat.plan.should_stop

@@ -41,6 +41,20 @@ def _model(seed: int = 0, dead_bias: float | None = None) -> Any:
     return model
 
 
+class Kill(transformers.TrainerCallback):
+    """Kills every unit of layer 0's MLP (bias ``bias``) before step ``at`` trains: after
+    the first log, a surge at the second (units dead from the start are no surge)."""
+
+    def __init__(self, at: int = 2, bias: float = -50.0) -> None:
+        self.at, self.bias = at, bias
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                      **kw: Any) -> None:
+        if state.global_step == self.at:
+            with torch.no_grad():
+                model.bert.encoder.layer[0].intermediate.dense.bias.fill_(self.bias)
+
+
 def _data(n: int = 64, length: int = 12) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 64, (n, length), generator=g)
@@ -173,7 +187,7 @@ def test_checkpoint_and_resume_continue_the_counts_exactly(tmp_path: Path) -> No
 
 
 def test_remedies_change_what_they_say_and_record_it(tmp_path: Path) -> None:
-    model = _model(dead_bias=-50.0)
+    model = _model()
     opt_lr = 1e-3
     cb = ReluDoctorCallback(
         log_every_n_steps=2,
@@ -183,11 +197,12 @@ def test_remedies_change_what_they_say_and_record_it(tmp_path: Path) -> None:
         dormant_reset={"include": [SITES[1]], "tau": 0.9, "on_unlinkable": "raise"},
     )
     args = _args(tmp_path, learning_rate=opt_lr, max_grad_norm=0.0, lr_scheduler_type="constant")
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_data(), callbacks=[cb])
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_data(),
+                                   callbacks=[cb, Kill(at=2)])
     trainer.train()
     act0 = model.get_submodule(SITES[0])
     assert isinstance(act0, torch.nn.LeakyReLU)
-    # LR rescue: the surge of dead units at the first interval halved the learning rate,
+    # LR rescue: the surge of dead units at the second interval halved the learning rate,
     # and the Trainer's (constant) scheduler kept the cut.
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(opt_lr * 0.5)
     events = [e for e in relu_doctor.load_run(tmp_path / "relu_doctor").events

@@ -19,8 +19,9 @@ transformers = pytest.importorskip("transformers")
 import relu_doctor  # noqa: E402
 from relu_doctor.errors import ReluDoctorError  # noqa: E402
 from relu_doctor.integrations.hf import ReluDoctorCallback  # noqa: E402
+from relu_doctor.remedies import PlanStep  # noqa: E402
 from tests.integrations.brute import Outputs, windows  # noqa: E402
-from tests.integrations.test_hf import SITES, _args, _data, _model  # noqa: E402
+from tests.integrations.test_hf import SITES, Kill, _args, _data, _model  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,25 +45,28 @@ def _trainer(out: Path, model: Any, cb: Any, *more: Any, **kw: Any) -> Any:
 
 
 def test_the_plan_treats_a_dead_layer_and_judges_each_change(tmp_path: Path) -> None:
-    model = _model(dead_bias=-50.0)  # layer 0's MLP units all dead
+    model = _model()  # layer 0's MLP units all die at step 2 (Kill)
     act0 = model.get_submodule(SITES[0])
     ref = Outputs({SITES[0]: act0}, {SITES[0]: -1},
                   keep=lambda: torch.is_grad_enabled() and model.training)
     cb = ReluDoctorCallback(log_every_n_steps=2, treatment=True)
-    trainer = _trainer(tmp_path, model, cb, max_steps=10)
+    trainer = _trainer(tmp_path, model, cb, Kill(at=2), max_steps=12)
     trainer.train()
     ref.remove()
     run_dir = tmp_path / "relu_doctor"
     changes = _events(run_dir, "intervention")
     results = _events(run_dir, "intervention_result")
     plan = cb.remedies["treatment_plan"]
-    # Gentlest first: the first window's surge switched the clipper on; its evidence is the
-    # reference's count of that window.
+    # Gentlest first: the second window's surge switched the clipper on; its evidence is
+    # the reference's count of that window, against the first window's.
     first = changes[0]
-    assert (first["remedy"], first["step"]) == ("adaptive_grad_clip", 2)
+    assert (first["remedy"], first["step"]) == ("adaptive_grad_clip", 4)
     assert first["details"]["evidence"]["site"] == SITES[0]
     assert first["details"]["evidence"]["dead_fraction"] == pytest.approx(
-        windows(ref.passes, 2)[0][SITES[0]]["dead_fraction"]) == 1.0
+        windows(ref.passes, 2)[1][SITES[0]]["dead_fraction"]) == 1.0
+    before = windows(ref.passes, 2)[0][SITES[0]]["dead_fraction"]
+    assert first["details"]["evidence"]["dead_fraction_before"] == pytest.approx(before)
+    assert before < 1.0
     # Surgery once the model-wide change was judged: ReDo on the dead layer, through the
     # Trainer's optimizer (the plan's, bound to the Trainer's model).
     redo = [e for e in changes if e["remedy"] == "dormant_reset"]
@@ -136,16 +140,22 @@ def test_a_hopeless_run_stops_with_its_evidence_and_its_metrics_reach_early_stop
 
     evals = dict(eval_strategy="steps", eval_steps=2, metric_for_best_model="relu_doctor/health",
                  greater_is_better=True)
-    cb = ReluDoctorCallback(log_every_n_steps=2, treatment={"stop_when_hopeless": True})
+    # born dead: no surge; the swap is what can act on it, and a LeakyReLU cannot revive
+    # units whose bias is -50
+    cb = ReluDoctorCallback(log_every_n_steps=2, treatment={
+        "stop_when_hopeless": True, "steps": [PlanStep("swap")]})
     seen = _Metrics()
     trainer = _trainer(tmp_path / "stop", dead_model(), cb, seen, max_steps=12, **evals)
     trainer.train()
-    assert trainer.state.global_step == 6  # surge -> clipper on (2), judged (4), hopeless (6)
+    assert trainer.state.global_step == 6  # swapped (4: patience 2), judged, hopeless (6)
     stops = [e for e in _events(tmp_path / "stop" / "relu_doctor", "intervention")
              if e["details"].get("action") == "stop"]
     assert len(stops) == 1 and stops[0]["step"] == 6 and "hopeless" in stops[0]["what"]
     assert stops[0]["details"]["evidence"]["lifetime_dead_fraction"] == 1.0
-    assert stops[0]["details"]["evidence"]["tried"] == ["clip"]  # switched on at 2, judged at 4
+    assert stops[0]["details"]["evidence"]["tried"] == ["swap"]
+    swaps = [e for e in _events(tmp_path / "stop" / "relu_doctor", "intervention")
+             if e["remedy"] == "leaky_relu_swap"]
+    assert [e["step"] for e in swaps] == [4, 4]  # both layers, dead for 2 logs in a row
     # metric_for_best_model found eval_relu_doctor/health in each evaluation's metrics
     # (the Trainer raises KeyError otherwise): the last interval's run-level health.
     assert [m["eval_relu_doctor/health"] for m in seen.metrics] == [0.0, 0.0, 0.0]

@@ -46,6 +46,23 @@ def _mlp(bias: float = 0.0, lr: float = 0.01) -> Any:
     return model
 
 
+class Kill(keras.callbacks.Callback):
+    """Sets every bias of ``h1`` and ``h2`` to ``bias`` before batch ``at`` (counted over
+    every fit it is given to): units die after the first log, a surge at the second
+    (units dead from the start are no surge)."""
+
+    def __init__(self, at: int, bias: float = -1.5) -> None:
+        super().__init__()
+        self.at, self.bias, self.batches = at, bias, 0
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        if self.batches == self.at:
+            for name in ("h1", "h2"):
+                layer = self.model.get_layer(name)
+                layer.bias.assign(np.full(layer.bias.shape, self.bias, dtype="float32"))
+        self.batches += 1
+
+
 def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
     return [e for e in relu_doctor.load_run(run_dir).events if e.get("type") == kind]
 
@@ -55,12 +72,12 @@ def _lr(model: Any) -> float:
 
 
 def test_the_plan_treats_dying_units_and_judges_each_change(tmp_path: Path) -> None:
-    model = _mlp(bias=-1.5)  # most units start dead
+    model = _mlp()  # most units die at step 4 (Kill)
     x, y = _data()
     layers = {"h1": model.get_layer("h1"), "h2": model.get_layer("h2")}
     ref = Outputs(layers, {"h1": -1, "h2": -1}, keep=torch.is_grad_enabled)
     cb = ReluDoctorCallback(log_every_n_steps=4, run_dir=tmp_path / "run", treatment=True)
-    model.fit(x, y, epochs=6, batch_size=16, verbose=0, callbacks=[cb])
+    model.fit(x, y, epochs=6, batch_size=16, verbose=0, callbacks=[cb, Kill(at=4)])
     ref.remove()
     plan = cb.plan
     assert plan is not None and cb.doctor is not None
@@ -69,15 +86,16 @@ def test_the_plan_treats_dying_units_and_judges_each_change(tmp_path: Path) -> N
     results = _events(tmp_path / "run", "intervention_result")
     assert {e["remedy"] for e in changes} >= {"adaptive_grad_clip", "lr_rescue",
                                               "leaky_relu_swap"}
-    # Gentlest first: the first window's surge of dead units switched the clipper on; its
-    # evidence is the reference's count of that window.
+    # Gentlest first: the second window's surge of dead units switched the clipper on; its
+    # evidence is the reference's count of that window against the first's.
     first = changes[0]
-    assert (first["remedy"], first["step"]) == ("adaptive_grad_clip", 4)
+    assert (first["remedy"], first["step"]) == ("adaptive_grad_clip", 8)
     evidence = first["details"]["evidence"]
-    want = windows(ref.passes, 4)[0][evidence["site"]]
-    assert evidence["dead_fraction"] == pytest.approx(want["dead_fraction"])
-    assert max(w["dead_fraction"] for w in windows(ref.passes, 4)[0].values()) == pytest.approx(
-        evidence["dead_fraction"])  # the site that rose the most
+    was, now = windows(ref.passes, 4)[0], windows(ref.passes, 4)[1]
+    assert evidence["dead_fraction"] == pytest.approx(now[evidence["site"]]["dead_fraction"])
+    assert evidence["dead_fraction_before"] == pytest.approx(was[evidence["site"]]["dead_fraction"])
+    rise = {s: now[s]["dead_fraction"] - was[s]["dead_fraction"] for s in now}
+    assert max(rise.values()) == pytest.approx(evidence["jump"])  # the site that rose the most
     # One change per site per interval.
     at = [(e["site"], e["step"]) for e in changes if "switched AutoClip off" not in e["what"]]
     assert len(at) == len(set(at))
@@ -162,10 +180,11 @@ def test_a_hopeless_run_stops_with_its_evidence_and_early_stopping_sees_health(
     never = [np.concatenate([p[s] for p in ref.passes]) > 0 for s in ("h1", "h2")]
     want = sum(int((~a.any(axis=0)).sum()) for a in never) / 64
     assert stop["details"]["evidence"]["lifetime_dead_fraction"] == pytest.approx(want) == 1.0
-    # The plan had its chance first: it switched the clipper on and judged it.
-    assert any(e["remedy"] == "adaptive_grad_clip"
-               for e in _events(tmp_path / "stop", "intervention"))
-    assert stop["details"]["evidence"]["tried"] == ["clip"]
+    # The plan had its chance first: born dead is no surge (no clipping, no lr cut), but
+    # the swap acted on both layers and was judged.
+    acted = {e["remedy"] for e in _events(tmp_path / "stop", "intervention")}
+    assert acted == {"leaky_relu_swap", "treatment_plan"}
+    assert stop["details"]["evidence"]["tried"] == ["swap"]
     assert len(hist.history["loss"]) == 2  # 8 steps an epoch: stopped in the second
     # The run-level numbers are in Keras' logs, where EarlyStopping looks.
     assert hist.history["relu_doctor/health"] == [0.0, 0.0]
@@ -199,11 +218,11 @@ def test_plan_arguments_are_checked_before_training(tmp_path: Path) -> None:
     with pytest.raises(ReluDoctorError, match="treatment: expected True"):
         ReluDoctorCallback(treatment="yes")
     # An optimizer that clips already: the plan's clip step stays idle, the rest works.
-    model = _mlp(bias=-1.5)
+    model = _mlp()
     model.compile(optimizer=keras.optimizers.Adam(0.01, clipnorm=1.0),
                   loss="categorical_crossentropy")
     cb = ReluDoctorCallback(log_every_n_steps=4, run_dir=tmp_path / "r", treatment=True)
-    model.fit(*_data(64), epochs=2, batch_size=16, verbose=0, callbacks=[cb])
+    model.fit(*_data(64), epochs=3, batch_size=16, verbose=0, callbacks=[cb, Kill(at=4)])
     remedies = {e["remedy"] for e in _events(tmp_path / "r", "intervention")}
     assert "adaptive_grad_clip" not in remedies and "lr_rescue" in remedies
 
@@ -289,13 +308,16 @@ def test_a_fit_per_epoch_loop_is_treated_as_one_fit(tmp_path: Path, remedies: di
     same weights."""
     x, y = _data()
     runs = {}
+    # the rescue needs a surge: units that die after the first log (born dead is none)
+    surge = "lr_rescue" in remedies
     for name, fits in (("one", [4]), ("loop", [1, 1, 1, 1])):
-        model = _mlp(bias=-1.5)
+        model = _mlp(bias=0.0 if surge else -1.5)
         cb = ReluDoctorCallback(log_every_n_steps=8, every_n_steps=1,
                                 run_dir=tmp_path / name, **remedies)
+        kill = [Kill(at=8)] if surge else []
         for epochs in fits:
             model.fit(x, y, epochs=epochs, batch_size=16, shuffle=False, verbose=0,
-                      callbacks=[cb])
+                      callbacks=[cb, *kill])
         acted = _events(tmp_path / name, "intervention")
         runs[name] = {"acted": [(e["remedy"], e["site"], e["step"]) for e in acted],
                       "ids": [e["id"] for e in acted], "model": model, "cb": cb}

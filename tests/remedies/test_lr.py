@@ -172,6 +172,48 @@ def test_rescue_on_a_surge_at_a_site_whose_name_looks_like_a_site(name):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
+@pytest.mark.parametrize("remedy", ["rescuer", "plan"])
+def test_units_dead_from_the_start_are_no_surge_and_those_that_die_later_are(remedy):
+    """A site's first reading is compared with its dead fraction on its first call (the
+    record's first_dead, checked against the test's own forward): units born dead set off
+    no rescue (a lower learning rate or clipping cannot revive them), units that die later
+    do, from that baseline."""
+    from relu_doctor.remedies import PlanStep, TreatmentPlan
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    with torch.no_grad():
+        net[0].bias[:6] = -100.0  # 6 of 16 born dead
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(32, 4, generator=g) for _ in range(6)]
+    with torch.no_grad():  # the test's own first call: which units never fire on it
+        born = float((net[1](net[0](xs[0])) <= 0).all(0).float().mean())
+    assert born == pytest.approx(6 / 16)
+    with relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1, optimizer=opt) as doc:
+        seen = events_of(doc)
+        if remedy == "rescuer":
+            LRRescuer(opt, factor=0.5, dead_jump=0.2).bind(doc)
+        else:
+            TreatmentPlan(net, optimizer=opt, steps=[PlanStep("lr")], dead_jump=0.2).bind(doc)
+        records = []
+        for i, x in enumerate(xs):
+            if i == 4:  # after the second log, 6 more units die
+                with torch.no_grad():
+                    net[0].bias[6:12] = -100.0
+            opt.zero_grad()
+            net(x).sum().backward()
+            opt.step()
+            records.append(doc.step())
+    logged = [r for r in records if r is not None]
+    assert logged[0].first_dead == {"1": pytest.approx(born)} and logged[1].first_dead == {}
+    ivs = [e for e in seen if e["type"] == "intervention"]
+    assert [(e["step"], e["details"]["trigger"]) for e in ivs] == [(6, "dead_surge")]
+    evidence = ivs[0]["details"]["evidence"]
+    assert evidence["dead_fraction_before"] == pytest.approx(born)  # the first log's reading
+    assert evidence["dead_fraction"] == pytest.approx(12 / 16)
+
+
 def test_lr_rescue_stops_an_lr_that_kills_units():
     """lr 0.2 with momentum (after a warmup) kills most units; the rescue cuts it on the first
     surge of dead units and the warmup schedule keeps the cut."""

@@ -143,10 +143,10 @@ def test_hopeless_run_stops_with_evidence() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     with torch.no_grad():
-        net[0].bias.fill_(-50.0)  # born dead, and nothing in the plan can revive it
+        net[0].bias.fill_(-50.0)  # born dead (no surge), and no LeakyReLU can revive it
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
     ivs, plan, _ = _train(net, opt, 200, plan_kw={"stop_when_hopeless": True,
-                                                  "steps": [PlanStep("lr")]})
+                                                  "steps": [PlanStep("swap")]})
     assert plan is not None and plan.should_stop
     stop = [e for e in ivs if e["details"].get("action") == "stop"]
     assert len(stop) == 1 and stop[0]["details"]["evidence"]["lifetime_dead_fraction"] >= 0.5
