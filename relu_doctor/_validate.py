@@ -32,6 +32,7 @@ __all__ = [
     "positive_finite",
     "positive_int",
     "unit_dims",
+    "watch_options",
 ]
 
 
@@ -166,6 +167,20 @@ def unit_dims(name: str, value: object) -> dict[str, int]:
         if not isinstance(pat, str) or isinstance(dim, bool) or not isinstance(dim, int):
             raise ReluDoctorError(f"{form}; got {pat!r}: {dim!r}.")
     return dict(value)
+
+
+#: The keyword arguments of ``watch`` that a one-pass reader (``scan``, ``check_init``) takes.
+SITE_OPTIONS = ("exclude", "functional", "include", "unit_dims")
+
+
+def watch_options(fn: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` of ``fn`` (a one-pass reader), which may only be :data:`SITE_OPTIONS`."""
+    unknown = set(kwargs) - set(SITE_OPTIONS)
+    if unknown:
+        raise ReluDoctorError(
+            f"{fn}() got unexpected arguments {sorted(unknown)}; allowed: {list(SITE_OPTIONS)}."
+        )
+    return dict(kwargs)
 
 
 def matches(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from relu_doctor._validate import watch_options
 from relu_doctor.diagnosis import Finding
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError
@@ -100,12 +101,7 @@ def check_init(
         raise ReluDoctorError("batch: expected the model's input (a tensor, tuple or dict), got None.")
     if not (isinstance(shrink, float | int) and 0 < shrink < 1):
         raise ReluDoctorError(f"shrink: expected a number in (0, 1), got {shrink!r}.")
-    allowed = {"include", "exclude", "unit_dims", "functional"}
-    unknown = set(kwargs) - allowed
-    if unknown:
-        raise ReluDoctorError(
-            f"check_init() got unexpected arguments {sorted(unknown)}; allowed: {sorted(allowed)}."
-        )
+    kwargs = watch_options("check_init", kwargs)
     # stream="all": the pass is recorded whatever the model's mode; no sampling, no files.
     doc = Doctor(
         model, gradients=False, log_every_n_steps=1, stream="all", every_n_steps=1,
@@ -123,7 +119,8 @@ def check_init(
         return InitReport()
     producers = _module_producers(model)
     rows: list[dict[str, Any]] = []
-    for row, site in zip(record.site_rows, doc.probe.sites(), strict=True):
+    for row in record.site_rows:
+        key = record.key(row["site"])
         units = record.unit_table[record.unit_table["site"] == row["site"]]
         dead = units.loc[units["dead"].astype(bool), "unit"]
         rms = float(row["rms"])
@@ -135,7 +132,7 @@ def check_init(
             "born_dead": len(dead),
             "born_dead_units": [int(i) for i in dead.iloc[:64]],
             # a module's producer: the last Linear/Conv before it; a functional call's: unknown
-            "_gain": _gain(producers.get(site.key.module_path)) if site.key.op is None else None,
+            "_gain": _gain(producers.get(key.module_path)) if key.op is None else None,
         })
     return _report(rows, shrink)
 

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from relu_doctor._validate import positive_int
+from relu_doctor._validate import positive_int, watch_options
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError
 
@@ -131,12 +131,7 @@ def scan(
             f"dataloader: expected an iterable of batches (a DataLoader, a list of tensors) "
             f"or one batch tensor, got {type(dataloader).__name__}."
         )
-    allowed = {"include", "exclude", "unit_dims", "functional"}
-    unknown = set(kwargs) - allowed
-    if unknown:
-        raise ReluDoctorError(
-            f"scan() got unexpected arguments {sorted(unknown)}; allowed: {sorted(allowed)}."
-        )
+    kwargs = watch_options("scan", kwargs)
     fwd = forward or _default_forward
     modes = {m: m.training for m in model.modules()}
     device = _first_device(model)
