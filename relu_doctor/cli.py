@@ -124,7 +124,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
             status = _fail(prog, f"cannot make the report of {args.run_dir!r}: "
                            f"{type(e).__name__}: {e}")
     for w in caught:
-        if not issubclass(w.category, DeprecationWarning):
+        if issubclass(w.category, ResourceWarning):
+            # The interpreter's own (an unclosed file collected during the report, maybe made
+            # by the caller's code when main() runs in process): not about the run, so it
+            # goes back to the caller's warning filters, not onto the report's stderr.
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        elif not issubclass(w.category, DeprecationWarning):
             text = " ".join(str(w.message).removeprefix("relu_doctor: ").split())
             print(f"{prog}: warning: {_printable(text)}", file=sys.stderr)
     return status

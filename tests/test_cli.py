@@ -126,6 +126,8 @@ def test_run_killed_with_sigkill_still_gives_a_report(
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        if proc.stderr is not None:
+            proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert main(["report", str(run_dir)]) == 0
     assert "Report:" in capsys.readouterr().out
@@ -227,3 +229,25 @@ def test_report_writes_html_and_prints_a_summary(tmp_path: Path, capsys: pytest.
     blocker.write_text("a file, not a directory")
     assert main(["report", str(run_dir), "-o", str(blocker / "r.html")]) == 2
     assert "cannot write the report" in one_line_error(capsys.readouterr().err)
+
+
+def test_the_interpreters_resource_warnings_go_to_the_caller_not_onto_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unclosed file of the caller's, collected while ``main`` runs in process, is not a
+    warning about the run: it goes back to the caller's filters, and the report's stderr keeps
+    only the run's own warnings."""
+    import warnings
+
+    import relu_doctor.cli as cli
+
+    def report(args: object, prog: str) -> int:
+        warnings.warn("unclosed file <_io.BufferedReader name=7>", ResourceWarning, stacklevel=1)
+        warnings.warn("relu_doctor: part 3 of the history is damaged", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "_report", report)
+    with pytest.warns(ResourceWarning, match="unclosed file"):
+        assert main(["report", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["relu-doctor report: warning: part 3 of the history is damaged"]

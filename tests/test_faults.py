@@ -314,6 +314,8 @@ def test_a_second_live_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path
     finally:
         holder.kill()
         holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
     # Its process is dead now: the lock is stale and taken over with a warning.
     (tmp_path / "r" / ".meta.json.0123.tmp").write_text("orphan")
     with pytest.warns(ReluDoctorWarning, match=rf"taking over the lock left by process {holder.pid}"):
