@@ -101,12 +101,19 @@ def missing(package: str, error: ImportError, *, what: str, install: str) -> Rel
 
 
 def remedy_options(
-    name: str, value: object, remedy: Callable[..., Any], *, supplied: Sequence[str] = ()
+    name: str,
+    value: object,
+    remedy: Callable[..., Any],
+    *,
+    supplied: Sequence[str] = (),
+    stand_in: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """A remedy switch: False/None (off), True (defaults) or a dict of keyword arguments of
-    ``remedy`` (the class the adapter makes), its keys checked against ``remedy``'s signature
-    now, not when training starts: neither an argument the adapter gives from the training
-    framework (``remedy``'s required ones and ``supplied``) nor one it does not take."""
+    ``remedy`` (the class the adapter makes), checked now, not when training starts. Its keys
+    against ``remedy``'s signature: neither an argument the adapter gives from the training
+    framework (``remedy``'s required ones and ``supplied``) nor one it does not take. Its
+    values by making ``remedy(**stand_in, **value)`` and dropping it, ``stand_in`` holding the
+    required arguments (an ``nn.Identity()`` for a model), as the Lightning callbacks do."""
     if value is None or value is False:
         return None
     if value is True:
@@ -135,7 +142,12 @@ def remedy_options(
                 f"{name}: {key!r} is not an argument of {remedy.__name__}; it takes {allowed}."
                 + (f" Did you mean {near[0]!r}?" if near else "")
             )
-    return dict(value)
+    opts = dict(value)
+    try:
+        remedy(**(stand_in or {}), **opts)  # the remedy checks every value, now
+    except (ReluDoctorError, TypeError) as e:
+        raise ReluDoctorError(f"{name}: {e}") from None
+    return opts
 
 
 class FindingWarner:
@@ -210,7 +222,8 @@ def plan_options(value: object, *, others: Mapping[str, object]) -> dict[str, An
     ``others`` that is on: the plan is the one decider."""
     from relu_doctor.remedies.plan import TreatmentPlan
 
-    opts = remedy_options("treatment", value, TreatmentPlan, supplied=("optimizer", "schedulers"))
+    opts = remedy_options("treatment", value, TreatmentPlan, supplied=("optimizer", "schedulers"),
+                          stand_in={"model": nn.Identity()})
     if opts is None:
         return None
     on = [name for name, v in others.items() if v is not None and v is not False]
@@ -220,10 +233,6 @@ def plan_options(value: object, *, others: Mapping[str, object]) -> dict[str, An
             "would act on the same symptom at once); switch them off, or configure them as "
             "plan steps (treatment={'steps': [PlanStep(...), ...]})."
         )
-    try:
-        TreatmentPlan(nn.Identity(), **opts)  # checks every argument now
-    except TypeError as e:
-        raise ReluDoctorError(f"treatment: {e}") from None
     return opts
 
 

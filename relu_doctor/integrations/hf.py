@@ -62,8 +62,9 @@ except ImportError as e:
     ) from None
 
 import torch
+import torch.nn as nn
 
-from relu_doctor._validate import positive_int
+from relu_doctor._validate import glob_patterns, positive_int
 from relu_doctor._validate import unit_dims as check_unit_dims
 from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
 from relu_doctor.doctor import Doctor
@@ -211,10 +212,10 @@ class ReluDoctorCallback(TrainerCallback):
         )
         self.every_n_steps, self.overhead_budget = check_rate(every_n_steps, overhead_budget)
         self.config = replace(diagnosis_config(tau, config), loop="hf")  # its names
-        self.include = include
-        self.exclude = exclude
+        self.include = include if glob_patterns("include", include) else None
+        self.exclude = exclude if glob_patterns("exclude", exclude) else None
         self.unit_dims = None if unit_dims is None else check_unit_dims("unit_dims", unit_dims)
-        self.functional = functional
+        self.functional = None if functional is None else flag("functional", functional)
         self.run_dir = check_run_dir(run_dir)
         self.gradients = flag("gradients", gradients)
         self.eval_stream = flag("eval_stream", eval_stream)
@@ -225,9 +226,11 @@ class ReluDoctorCallback(TrainerCallback):
         self._opts = {
             "leaky_relu_swap": remedy_options("leaky_relu_swap", leaky_relu_swap,
                                               ActivationSwapper,
-                                              supplied=("optimizer", "schedulers")),
+                                              supplied=("optimizer", "schedulers"),
+                                              stand_in={"model": nn.Identity()}),
             "dormant_reset": remedy_options("dormant_reset", dormant_reset, DormantRecycler,
-                                            supplied=("optimizers",)),
+                                            supplied=("optimizers",),
+                                            stand_in={"model": nn.Identity()}),
             "lr_rescue": remedy_options("lr_rescue", lr_rescue, LRRescuer,
                                         supplied=("optimizer", "schedulers")),
             "autoclip": remedy_options("autoclip", autoclip, AutoClip),

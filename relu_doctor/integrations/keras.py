@@ -186,8 +186,10 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self.metrics = check_metrics(metrics)
         self.warner = FindingWarner(check_warn(warn))
         self.report = flag("report", report)
-        self._swap_opts = remedy_options("leaky_relu_swap", leaky_relu_swap, KerasActivationSwap)
-        self._lr_opts = remedy_options("lr_rescue", lr_rescue, KerasLRRescue)
+        self._swap_opts = remedy_options("leaky_relu_swap", leaky_relu_swap, KerasActivationSwap,
+                                         stand_in={"sites": {}})
+        self._lr_opts = remedy_options("lr_rescue", lr_rescue, KerasLRRescue,
+                                       stand_in={"optimizer": None})
         self._clip_opts = remedy_options("autoclip", autoclip, AutoClip)
         plan = plan_options(treatment, others={"leaky_relu_swap": leaky_relu_swap,
                                                "lr_rescue": lr_rescue, "autoclip": autoclip})

@@ -265,11 +265,22 @@ def test_unit_dims_is_checked_when_the_callback_is_made(value: Any, match: str) 
          r"^leaky_relu_swap: leave 'model' out of the dict: .* come from the training framework"),
         ({"treatment": {"cooldwn": 2}},
          r"^treatment: 'cooldwn' is not an argument of TreatmentPlan; .* Did you mean 'cooldown'\?$"),
+        # values too, by the remedy's own checks
+        ({"dormant_reset": {"every": 0}}, r"^dormant_reset: every: expected a positive integer \(>= 1\), got 0\.$"),
+        ({"leaky_relu_swap": {"slope": 2.0}}, r"^leaky_relu_swap: slope: expected a number in"),
+        ({"leaky_relu_swap": {"kind": "tanh"}}, r"^leaky_relu_swap: kind: "),
+        ({"lr_rescue": {"triggers": ["vanishing"]}}, r"^lr_rescue: triggers: expected a non-empty"),
+        ({"autoclip": {"percentile": 150}}, r"^autoclip: percentile: "),
+        ({"treatment": {"cooldown": -1}}, r"^treatment: cooldown: "),
+        # and the site selection
+        ({"include": 3}, r"^include: expected a glob pattern or a list of them .* got int 3"),
+        ({"exclude": ["ok", ""]}, r"^exclude: expected glob patterns .* got ''"),
+        ({"functional": "yes"}, r"^functional: "),
     ],
 )
 def test_remedy_dicts_are_checked_when_the_callback_is_made(kwargs: dict[str, Any], match: str) -> None:
     """Not at ``trainer.train()`` with "__init__() got an unexpected keyword argument": the
-    callback argument, the bad key and the keys allowed."""
+    callback argument, the bad key and the keys allowed; a bad value in the remedy's own words."""
     with pytest.raises(ReluDoctorError, match=match):
         ReluDoctorCallback(**kwargs)
 

@@ -256,6 +256,10 @@ def test_bad_input_gets_one_clear_message(tmp_path: Path, monkeypatch: pytest.Mo
         ({"lr_rescue": {"optimizer": None}},
          r"^lr_rescue: leave 'optimizer' out of the dict: \['optimizer'\] come from the training"),
         ({"autoclip": {"pct": 10}}, r"^autoclip: 'pct' is not an argument of AutoClip"),
+        # values too, by the remedy's own checks
+        ({"leaky_relu_swap": {"patience": 0}}, r"^leaky_relu_swap: patience: "),
+        ({"lr_rescue": {"factor": 1.5}}, r"^lr_rescue: factor: "),
+        ({"autoclip": {"history": -3}}, r"^autoclip: history: "),
     ],
 )
 def test_remedy_dicts_are_checked_when_the_callback_is_made(kwargs: dict[str, Any], match: str) -> None:
