@@ -27,7 +27,7 @@ from relu_doctor.errors import ReluDoctorWarning, RunDirError
 from relu_doctor.events import Event
 from relu_doctor.history import FORMAT_VERSION, IntervalRecord, Run, event_dict
 from relu_doctor.record import window_columns, windows_frame
-from relu_doctor.rundir import RunWriter, load_run, read_table
+from relu_doctor.rundir import RunWriter, check_claimable, load_run, read_table
 from relu_doctor.training_metrics import metrics_columns, metrics_frame
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class RunRecording:
         _eval_name: str | None
         _writer: RunWriter | None
         _wrote_run_dir: bool
+        _claimed_run_dir: bool
         _write_error: str | None
         _meta_dirty: bool
         _unwritten: list[list[int]]
@@ -91,7 +92,13 @@ class RunRecording:
 
     def _open_writer(self) -> None:
         assert self.run_dir is not None
-        writer = RunWriter(self.run_dir, resume=self.resume or self._wrote_run_dir)
+        if not self._claimed_run_dir:
+            # Checked once, before anything of ours goes in: when a full disk keeps the
+            # writer from opening, the TensorBoard events written meanwhile are this run's
+            # and must not make the retry refuse the directory as someone else's.
+            check_claimable(self.run_dir)
+            self._claimed_run_dir = True
+        writer = RunWriter(self.run_dir, resume=self.resume or self._wrote_run_dir, claimed=True)
         self._writer, self._wrote_run_dir = writer, True
         if writer.last_step is not None:
             if self.global_step == 0:  # resume=True without a checkpoint: go on after it

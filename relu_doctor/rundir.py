@@ -62,8 +62,8 @@ from relu_doctor.runread import (
 )
 
 __all__ = [
-    "LOCK_NAME", "STATUS_NAME", "TABLE_COLUMNS", "RunWriter", "atomic_write_bytes", "load_run",
-    "read_table",
+    "LOCK_NAME", "STATUS_NAME", "TABLE_COLUMNS", "RunWriter", "atomic_write_bytes",
+    "check_claimable", "load_run", "read_table",
 ]
 
 LOCK_NAME = ".lock"
@@ -228,6 +228,23 @@ def _compact(stream: Path) -> Path:
     return out
 
 
+def check_claimable(path: Path) -> None:
+    """Refuse ``path`` as a run directory if it is not one: a file, or a folder that holds
+    other things and no ``meta.json``. A new or empty folder, or a run, passes.
+
+    Raises:
+        RunDirError: naming what it holds.
+    """
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"run_dir: {str(path)!r} exists and is not a directory.")
+    if path.is_dir() and any(path.iterdir()) and not (path / "meta.json").is_file():
+        names = sorted(x.name for x in path.iterdir())[:5]
+        raise RunDirError(
+            f"run_dir: {str(path)!r} is not empty and is not a relu_doctor run "
+            f"directory (it holds {names}); pass a new or empty directory."
+        )
+
+
 class RunWriter:
     """Writes a run directory incrementally; one writer per directory. Create it on rank
     zero only, and :meth:`close` it when done (the lock is also released when it is garbage
@@ -238,6 +255,9 @@ class RunWriter:
         resume: continue the run already in ``path`` (it must be in the current format). Without it, a
             directory that holds a run is refused, so two runs never mix.
         replace: remove the run already in ``path`` first (``doc.save()``).
+        claimed: the caller passed ``path`` through :func:`check_claimable` before anything of
+            its own went in (a Doctor's TensorBoard events, written while a full disk kept
+            this writer from opening): what it holds now is not someone else's.
         rotate_rows: close a table's segment (compacting it to Parquet) at this many rows.
         rotate_bytes: ... or at this many bytes of its stream.
 
@@ -252,20 +272,15 @@ class RunWriter:
         *,
         resume: bool = False,
         replace: bool = False,
+        claimed: bool = False,
         rotate_rows: int = 4_000_000,
         rotate_bytes: int = 256 * 2**20,
     ) -> None:
         self.path = p = Path(path)
         self.rotate_rows, self.rotate_bytes = rotate_rows, rotate_bytes
-        if p.exists() and not p.is_dir():
-            raise RunDirError(f"run_dir: {str(p)!r} exists and is not a directory.")
+        if not claimed:
+            check_claimable(p)
         meta_path = p / "meta.json"
-        if p.is_dir() and any(p.iterdir()) and not meta_path.is_file():
-            names = sorted(x.name for x in p.iterdir())[:5]
-            raise RunDirError(
-                f"run_dir: {str(p)!r} is not empty and is not a relu_doctor run "
-                f"directory (it holds {names}); pass a new or empty directory."
-            )
         old = read_meta(p) if meta_path.is_file() else None
         p.mkdir(parents=True, exist_ok=True)
         self.run_id = uuid.uuid4().hex[:12]

@@ -88,10 +88,13 @@ def test_disk_full_warns_once_training_goes_on_and_writing_resumes(
     assert sorted(run.units["step"].unique()) == [1, 2, 6, 7, 8]
 
 
+@pytest.mark.parametrize("tensorboard", [False, True])
 def test_a_full_disk_when_watch_starts_warns_and_training_goes_on(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tensorboard: bool) -> None:
     """ENOSPC opening the run directory at watch() may pass: a warning, not the error a
-    run_dir that cannot be created gets (test_first_run); writing starts when the disk has room."""
+    run_dir that cannot be created gets (test_first_run); writing starts when the disk has room.
+    With TensorBoard on, its event file lands in the directory first: it is this run's, and
+    does not make the retry refuse the directory as someone else's."""
     from relu_doctor import recording
 
     real = recording.RunWriter
@@ -106,8 +109,10 @@ def test_a_full_disk_when_watch_starts_warns_and_training_goes_on(
     run_dir = tmp_path / "run"
     model = zoo.mlp()
     with (pytest.warns(ReluDoctorWarning, match="cannot write the run directory .*No space left"),
-          relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, tensorboard=False) as doc):
+          relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir,
+                            tensorboard=tensorboard) as doc):
         zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+        assert bool(list(run_dir.glob("events.out.tfevents.*"))) == tensorboard
         full[0] = False
         zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
     assert doc.global_step == 4
