@@ -63,7 +63,7 @@ from relu_doctor.runread import (
 
 __all__ = [
     "LOCK_NAME", "STATUS_NAME", "TABLE_COLUMNS", "RunWriter", "atomic_write_bytes",
-    "check_claimable", "load_run", "read_table",
+    "check_claimable", "fresh_dir", "load_run", "read_table",
 ]
 
 LOCK_NAME = ".lock"
@@ -226,6 +226,16 @@ def _compact(stream: Path) -> Path:
         pa.default_memory_pool().release_unused()
     stream.unlink()
     return out
+
+
+def fresh_dir(base: Path) -> Path:
+    """``base`` when it does not exist or is empty, else the first free ``base_1``,
+    ``base_2``... (a default run directory never collides with an earlier run)."""
+    path, n = base, 0
+    while path.exists() and (not path.is_dir() or any(path.iterdir())):
+        n += 1
+        path = base.with_name(f"{base.name}_{n}")
+    return path
 
 
 def check_claimable(path: Path) -> None:

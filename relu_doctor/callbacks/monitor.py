@@ -57,11 +57,13 @@ from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.history import IntervalRecord
 from relu_doctor.reports import tensorboard as tb
+from relu_doctor.rundir import fresh_dir
 from relu_doctor.sampling import DEFAULT_BUDGET, check_rate
 
 __all__ = ["ReluDoctor", "ReluDoctorWarning"]
 
 _STATE_VERSION = 1
+DEFAULT_DIR = "relu_doctor_logs"  # under default_root_dir, without a logger
 
 
 def _patterns(name: str, value: Sequence[str] | str | None) -> tuple[str, ...] | None:
@@ -96,7 +98,9 @@ class ReluDoctor(Callback):
             e.g. ``"net.*"``); default every ReLU-family module.
         exclude: glob patterns of module paths to leave out.
         run_dir: the run directory; default ``<trainer.log_dir>/relu_doctor`` (next to the
-            logger's own files), or ``<default_root_dir>/relu_doctor_logs`` without a logger.
+            logger's own files), or ``<default_root_dir>/relu_doctor_logs`` without a logger
+            (``relu_doctor_logs_1``, ``_2``... when that holds an earlier run; a fit resumed
+            from a checkpoint continues the directory of the run that saved it).
         gradients: collect gradient statistics (dL/d(output), zero dL/d(input)).
         monitor_validation: also collect validation batches, as a separate stream: scalars
             under ``relu_doctor_val/<metric>/<site>``, a run directory in
@@ -214,6 +218,12 @@ class ReluDoctor(Callback):
         # drives the step (fp16): then the optimizer's pre-hook sees the unscaled gradients
         # of the steps actually taken. Otherwise read them in on_before_optimizer_step.
         self._reads_grads_in_hook = scaler is None
+        state = self._pending_state
+        if state is None and self.doctor is not None and self.doctor.model is pl_module:
+            # A second fit of the same module continues where the first stopped.
+            state = {"doctor": self.doctor.state_dict(), "val_doctor": None,
+                     **self._default_dir_state()}
+        self._pending_state = None
         if self.run_dir is not None:
             run_dir = Path(self.run_dir)
         elif trainer.loggers:
@@ -221,16 +231,17 @@ class ReluDoctor(Callback):
             run_dir = Path(log_dir or trainer.default_root_dir) / "relu_doctor"
         else:
             # Not "<root>/relu_doctor": run from a source checkout, that is the package.
-            run_dir = Path(trainer.default_root_dir) / "relu_doctor_logs"
+            # A checkpoint continues its own directory (an older one, without the name, the
+            # unnumbered one); a new run takes the first free "_1", "_2"..., chosen on rank
+            # zero for all (rank zero may have made the first one already when another looks).
+            base = Path(trainer.default_root_dir) / DEFAULT_DIR
+            if state and state.get("doctor"):
+                run_dir = base.with_name(str(state.get("default_run_dir") or DEFAULT_DIR))
+            else:
+                run_dir = Path(trainer.strategy.broadcast(str(fresh_dir(base)), src=0))
         self._resolved_run_dir = run_dir
         writer = trainer.is_global_zero
         optimizers = [o for o in trainer.optimizers if isinstance(o, torch.optim.Optimizer)]
-
-        state = self._pending_state
-        if state is None and self.doctor is not None and self.doctor.model is pl_module:
-            # A second fit of the same module continues where the first stopped.
-            state = {"doctor": self.doctor.state_dict(), "val_doctor": None}
-        self._pending_state = None
         if self.doctor is not None:
             self.doctor.close()  # one writer per run directory: the new one takes it over
         # Saved with reduce=True: rank 0 carries the windows summed over every rank.
@@ -492,8 +503,17 @@ class ReluDoctor(Callback):
             "version": _STATE_VERSION,
             "doctor": self.doctor.state_dict(reduce=True),
             "val_doctor": None,  # the evaluation stream is inside the Doctor's state
+            **self._default_dir_state(),
         }
         return state
+
+    def _default_dir_state(self) -> dict[str, str]:
+        """The default run directory's name (``relu_doctor_logs_2``), which a resumed fit
+        continues; by name only, so a checkpoint moved with its ``default_root_dir`` works."""
+        d = self._resolved_run_dir
+        if self.run_dir is None and d is not None and d.name.startswith(DEFAULT_DIR):
+            return {"default_run_dir": d.name}
+        return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; applied when the next fit starts."""

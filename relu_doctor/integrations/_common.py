@@ -13,7 +13,6 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
@@ -27,6 +26,7 @@ from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.history import IntervalRecord
 from relu_doctor.reports import tensorboard as tb
 from relu_doctor.reports.tensorboard import check_metrics as check_metrics
+from relu_doctor.rundir import fresh_dir as fresh_dir
 
 __all__ = [
     "FindingWarner",
@@ -50,16 +50,6 @@ def check_run_dir(value: object) -> str | os.PathLike[str] | None:
     """A ``run_dir`` argument: a path or None."""
     out: str | os.PathLike[str] | None = path_or_none("run_dir", value)
     return out
-
-
-def fresh_dir(base: Path) -> Path:
-    """``base`` when it does not exist or is empty, else the first free ``base_1``,
-    ``base_2``... (a default run directory never collides with an earlier run)."""
-    path, n = base, 0
-    while path.exists() and (not path.is_dir() or any(path.iterdir())):
-        n += 1
-        path = base.with_name(f"{base.name}_{n}")
-    return path
 
 
 def safe_step(

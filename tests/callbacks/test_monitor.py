@@ -264,6 +264,27 @@ def test_default_run_dir_without_logger(tmp_path):
     assert list(run.history["site"]) == SITES
 
 
+def test_default_run_dir_never_collides_and_a_checkpoint_continues_its_own(tmp_path):
+    """Run again in the same default_root_dir: the next free ``relu_doctor_logs_1``, not a
+    RunDirError at fit start. A fit resumed from that run's checkpoint continues
+    ``relu_doctor_logs_1``, not a new ``_2``."""
+    dl = loader()
+    trainer(tmp_path, [ReluDoctor(log_every_n_steps=2)], max_steps=2).fit(make_model(), dl)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    second = ReluDoctor(log_every_n_steps=2)
+    trainer(tmp_path, [second, ckpt], max_steps=4, enable_checkpointing=True).fit(
+        make_model(), dl)
+    assert second.doctor.run_dir == tmp_path / "relu_doctor_logs_1"
+    [path] = (tmp_path / "ckpt").glob("*step=4.ckpt")
+    trainer(tmp_path, [ReluDoctor(log_every_n_steps=2)], max_steps=8).fit(
+        make_model(), dl, ckpt_path=path)
+    assert sorted(p.name for p in tmp_path.glob("relu_doctor_logs*")) == [
+        "relu_doctor_logs", "relu_doctor_logs_1"]
+    steps = [sorted(load_run(tmp_path / d).history["step"].unique())
+             for d in ("relu_doctor_logs", "relu_doctor_logs_1")]
+    assert steps == [[2], [2, 4, 6, 8]]
+
+
 # ---------------------------------------------------------------------------- steps
 
 
