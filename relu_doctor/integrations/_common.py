@@ -37,6 +37,7 @@ __all__ = [
     "flush_and_detach",
     "fresh_dir",
     "health_scalars",
+    "keras_import_error",
     "missing",
     "plan_options",
     "record_scalars",
@@ -87,6 +88,24 @@ def missing(package: str, error: ImportError, *, what: str, install: str) -> Rel
     return ReluDoctorError(
         f"{what} needs the {package!r} package, which is not installed ({error}); "
         f"install it with `pip install {install}`."
+    )
+
+
+def keras_import_error(error: ImportError) -> Exception:
+    """Why ``import keras`` failed: keras missing, or keras there and its backend not (a
+    ``KERAS_BACKEND`` or ``keras.json`` naming tensorflow or jax, not installed)."""
+    import importlib.util
+
+    if error.name in (None, "keras") or importlib.util.find_spec("keras") is None:
+        return missing("keras", error, what="relu_doctor.integrations.keras",
+                       install="'keras>=3'")
+    backend = os.environ.get("KERAS_BACKEND")
+    where = (f"KERAS_BACKEND={backend}" if backend else
+             "KERAS_BACKEND is unset, so keras.json in $KERAS_HOME or ~/.keras names it")
+    return ReluDoctorError(
+        f"relu_doctor.integrations.keras: keras is installed, but importing it failed on its "
+        f"backend ({error}; {where}). relu_doctor watches Keras 3 on the torch backend: set "
+        "the environment variable KERAS_BACKEND=torch before importing keras."
     )
 
 

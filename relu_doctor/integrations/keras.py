@@ -41,7 +41,7 @@ from relu_doctor.integrations._common import (
     flush_and_detach,
     fresh_dir,
     health_scalars,
-    missing,
+    keras_import_error,
     plan_options,
     remedy_options,
     safe_step,
@@ -50,7 +50,7 @@ from relu_doctor.integrations._common import (
 try:
     import keras
 except ImportError as e:
-    raise missing("keras", e, what="relu_doctor.integrations.keras", install="'keras>=3'") from None
+    raise keras_import_error(e) from None
 
 import torch
 

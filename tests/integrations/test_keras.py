@@ -287,6 +287,29 @@ def test_the_package_imports_without_keras_or_transformers() -> None:
     assert "ReluDoctorError" in out.stdout and "'keras'" in out.stdout
 
 
+@pytest.mark.parametrize("configured", ["env", "keras.json"])
+def test_a_backend_that_is_not_installed_is_named_not_keras(tmp_path: Path, configured: str) -> None:
+    """Keras installed, its backend (tensorflow, from KERAS_BACKEND or keras.json) not: the
+    message says to set KERAS_BACKEND=torch, not to install keras."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "KERAS_HOME")}
+    if configured == "env":
+        env["KERAS_BACKEND"] = "tensorflow"
+    else:
+        (tmp_path / "keras.json").write_text('{"backend": "tensorflow"}')
+        env["KERAS_HOME"] = str(tmp_path)
+    code = ("import sys; sys.modules['tensorflow'] = None\n"  # not installed, even where it is
+            "try:\n import relu_doctor.integrations.keras\nexcept Exception as e:\n"
+            " print(type(e).__name__, e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    assert out.startswith("ReluDoctorError relu_doctor.integrations.keras: keras is installed, "
+                          "but importing it failed on its backend"), out
+    assert "set the environment variable KERAS_BACKEND=torch" in out and "pip install" not in out
+    assert ("KERAS_BACKEND=tensorflow" if configured == "env" else "keras.json") in out
+
+
 def test_callback_numbers_equal_the_standalone_watch(tmp_path: Path) -> None:
     """Same seed and data: the callback's sites (named after layers) hold the numbers of the
     standalone ``watch`` (which names them after the calling Keras class), site by site."""
