@@ -57,7 +57,10 @@ def train(out: Path, *, steps: int, resume: str | None = None) -> ReluDoctorCall
         eval_steps=steps // 2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
         log_level="error",
     )
-    doctor = ReluDoctorCallback(log_every_n_steps=4, eval_stream=True)
+    # every_n_steps=1: collect every step, so the two runs' counts can be compared exactly.
+    # Under the default overhead budget each run picks the steps it collects from its own
+    # timings, and a resumed run may pick others than the uninterrupted one.
+    doctor = ReluDoctorCallback(log_every_n_steps=4, every_n_steps=1, eval_stream=True)
     trainer = transformers.Trainer(
         model=tiny_bert(), args=args, train_dataset=token_data(512),
         eval_dataset=token_data(64, seed=1), callbacks=[doctor],
