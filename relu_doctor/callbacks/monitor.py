@@ -449,6 +449,9 @@ class ReluDoctor(Callback):
             metrics=self.metrics,
             prefix=prefix,
             histograms=self.histograms,
+            # The training curve (train/<name>) into our own event files only: under a
+            # TensorBoardLogger, Lightning already logs what the module self.logs.
+            training=getattr(record, "metrics", None) if w is self._own_writer else None,
         ))
         others = [lg for lg in trainer.loggers if not isinstance(lg, TensorBoardLogger)]
         if others:

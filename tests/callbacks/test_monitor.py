@@ -192,6 +192,7 @@ def test_tensorboard_matches_standalone(tmp_path):
     ours = {t for t in tags["scalars"] if t.startswith("relu_doctor/")}
     assert ours == set(want)
     assert {f"relu_doctor/grad_norm/{layer}" for layer in LAYERS} <= ours
+    assert not [t for t in tags["scalars"] if t.startswith("train/")]  # Lightning logs those
     for t, by_step in want.items():
         got = {e.step: e.value for e in ea.Scalars(t)}
         assert set(got) == set(by_step) == {3, 6}
@@ -255,6 +256,13 @@ def test_csv_logger_gets_scalars_and_run_dir_gets_tensorboard(tmp_path):
     assert "relu_doctor/sparsity/net.1" in ea.Tags()["scalars"]
     run = relu_doctor.load_run(tmp_path / "run")
     assert sorted(run.history["step"].unique()) == [2, 4]
+    # ... with the training curve as train/<name>, equal to the run's metrics table
+    recorded = {(f"train/{r['name']}", int(r["step"])): r["value"]
+                for r in run.metrics.to_dict("records")}
+    assert {t for t, _ in recorded} == {"train/lr"}
+    events = {(t, e.step): e.value for t in ea.Tags()["scalars"] if t.startswith("train/")
+              for e in ea.Scalars(t)}
+    assert events == pytest.approx(recorded)
 
 
 def test_default_run_dir_without_logger(tmp_path):
