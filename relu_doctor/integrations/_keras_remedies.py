@@ -44,6 +44,7 @@ __all__ = [
     "clips_already",
     "keras_plan",
     "keras_plan_options",
+    "lr_value",
 ]
 
 
@@ -214,7 +215,8 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):  # type: 
         return cls(keras.optimizers.schedules.deserialize(config["schedule"]), config["factor"])
 
 
-def _lr_value(optimizer: Any) -> float:
+def lr_value(optimizer: Any) -> float:
+    """The optimizer's current learning rate (a schedule's value at its iteration)."""
     return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
@@ -253,7 +255,7 @@ class KerasLRRescue(Remedy):
                evidence: Mapping[str, Any] | None = None) -> Intervention | None:
         """Scale the learning rate now; None when it is already at the floor."""
         opt = self.optimizer
-        old = _lr_value(opt)
+        old = lr_value(opt)
         new = max(old * self.factor, self.min_lr)
         if not old > 0 or new >= old:
             return None

@@ -66,12 +66,17 @@ from relu_doctor.integrations._keras_remedies import (
     KerasLRRescue,
     keras_plan,
     keras_plan_options,
+    lr_value,
 )
 from relu_doctor.remedies.clipping import AutoClip
 from relu_doctor.remedies.plan import TreatmentPlan
 from relu_doctor.sampling import DEFAULT_BUDGET, check_rate
 
 __all__ = ["ReluDoctorCallback"]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_backend() -> None:
@@ -273,6 +278,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         opt = getattr(model, "optimizer", None)
         self._accumulate = int(getattr(opt, "gradient_accumulation_steps", None) or 1)
         self._batches = 0
+        if opt is not None:  # its learning rate, read at each logging step only
+            doc.add_metric_source(lambda: {"lr": lr_value(opt)})
 
     def _hook(self, model: Any) -> None:
         probes = [d.probe for d in (self.doctor, self._val_doc) if d is not None]
@@ -373,6 +380,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if self.doctor is None or self._stopped:
             return
         self._batches += 1
+        if logs:  # the training curve: what Keras reports for the batch (loss, metrics)
+            self.doctor.log_metrics({k: v for k, v in logs.items() if _is_number(v)})
         if self._batches % self._accumulate == 0:  # one step per optimizer step
             safe_step(self.doctor, self._step_aside, last=self._last_step(batch))
             plan = self.plan

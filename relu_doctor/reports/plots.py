@@ -172,7 +172,8 @@ def training_curve_figure(metrics: pd.DataFrame, marks: Sequence[int] = ()) -> F
                 ax.plot(part["step"], part["value"].astype(float), marker="o" if len(part) <= 40 else None,
                         markersize=3, linewidth=1.6, label=mpl_label(n, 20))
             if title == "learning rate":
-                ax.set_yscale("log")
+                if (m.loc[m["name"].isin(series), "value"].astype(float) > 0).all():
+                    ax.set_yscale("log")  # not with a rate of 0 (a schedule's end): no point lost
                 if len(series) > 1:
                     ax.legend(frameon=False, fontsize=7)
             ax.set_title(mpl_label(title, 40), pad=16)

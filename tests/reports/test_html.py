@@ -157,6 +157,24 @@ def test_thousands_of_units_are_aggregated_legibly() -> None:
     assert w <= 7 and h <= 6  # a bounded image, not one pixel row per unit
 
 
+@pytest.mark.parametrize("last_lr", [0.0, 1e-4])
+def test_the_learning_rate_panel_keeps_a_rate_of_zero(last_lr: float) -> None:
+    """A schedule that ends at 0 keeps its last point, on a linear axis, with no warning
+    from matplotlib about log-scaling; rates above 0 are drawn on a log axis."""
+    import warnings
+
+    metrics = pd.DataFrame({"step": [1, 2, 3, 1, 2, 3], "name": ["loss"] * 3 + ["lr"] * 3,
+                            "value": [2.0, 1.5, 1.2, 1e-3, 5e-4, last_lr]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.training_curve_figure(metrics)
+        assert fig is not None
+        fig.canvas.draw()
+    ax = next(a for a in fig.axes if a.get_title() == "learning rate")
+    assert list(ax.lines[0].get_ydata()) == [1e-3, 5e-4, last_lr]
+    assert ax.get_yscale() == ("linear" if last_lr == 0 else "log")
+
+
 def test_small_layers_keep_one_row_per_unit() -> None:
     units = pd.DataFrame({"step": [1, 1, 1, 2, 2, 2], "site": "s", "unit": [0, 1, 2] * 2,
                           "activation_rate": [0.5, 0.0, 0.9, 0.4, 0.0, 1.0]})
