@@ -704,7 +704,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if self._has_sites or self.probe.sites():
             self._has_sites = True
             return None
-        return self.probe.missing_activations(functional=self.functional)
+        outside = 0 if self._capture is None else self._capture.outside_calls
+        return self.probe.missing_activations(functional=self.functional, outside_calls=outside)
 
     def site_key(self, name: str) -> SiteKey:
         """The :class:`~relu_doctor.sites.SiteKey` of the site whose display name is ``name``."""

@@ -195,6 +195,8 @@ class FunctionalCapture(HookOwner):
         # Depth of hooked calls in a pass left out (another stream's): its end is the
         # outermost call's, not the first call's that ends with an empty stack.
         self._left_out = 0
+        #: calls of a boundary module on its own, outside any pass (Python int)
+        self.outside_calls = 0
         self._bw_stack: list[_Entry] = []
         self._mode_on = False
         self._calls: dict[tuple[str, str], int] = {}
@@ -371,6 +373,7 @@ class FunctionalCapture(HookOwner):
         bw = in_backward()
         stack = self._bw_stack if bw else self._stack
         if not stack and module in self._boundaries:
+            self.outside_calls += 1  # (a model whose own forward never runs: see Probe)
             return  # called on its own, outside the model's forward: not a pass
         if not stack:
             if bw:

@@ -461,15 +461,20 @@ class Probe(SiteRegistry, HookOwner):
             died = sys.exc_info()[0] is not None
             self._want_provenance = died or not self._provenance_done()
 
-    def missing_activations(self, *, functional: bool) -> str | None:
+    def missing_activations(self, *, functional: bool, outside_calls: int = 0) -> str | None:
         """The message to give when a recorded forward pass ran no watched activation
         (none seen, or nothing the probe could ever see), else None. Python only.
 
         Args:
             functional: whether functional calls (``F.relu``...) are captured too.
+            outside_calls: submodules called on their own, outside any pass. In a model
+                without activation modules whose own forward never ran (a LightningModule
+                whose training_step calls ``self.net``) they are the forward passes: with
+                none recorded, such a call is the evidence that nothing is watched.
         """
+        ran = self.passes > 0 or (outside_calls > 0 and not self._targets)
         if (self._sites or self._failed or self._not_units
-                or (self.passes == 0 and (functional or self._targets))):
+                or (not ran and (functional or self._targets))):
             return None  # a failed site ran an activation: its own warning said why
         what = " after include/exclude" if (self.include or self.exclude) else ""
         cause = (

@@ -222,6 +222,22 @@ def test_model_without_any_activation_is_an_error_at_the_first_step_only() -> No
     assert doc.sites == []
 
 
+def test_a_model_without_activations_whose_forward_is_never_called_is_told_so() -> None:
+    """Its child runs on its own (a LightningModule's training_step calling ``self.net``):
+    the child starts the pass, so the first step says there is nothing to watch."""
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
+
+    holder = Holder()
+    with relu_doctor.watch(holder) as doc:
+        holder.net(torch.randn(2, 3))
+        with pytest.raises(ReluDoctorError, match="a forward pass of Holder ran no ReLU-family"):
+            doc.step()
+
+
 def test_calls_outside_the_model_are_not_captured() -> None:
     net = zoo.DenseLayer()
     with relu_doctor.watch(net, functional=True) as doc:

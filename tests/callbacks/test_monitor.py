@@ -618,11 +618,19 @@ def test_fit_end_detaches_and_doctor_stays_readable(tmp_path):
     assert all(f.step == 3 for f in cb.doctor.findings())
 
 
-def test_no_relu_warns_once_and_steps_aside(tmp_path):
+@pytest.mark.parametrize("forward", [True, False])
+def test_no_relu_warns_once_and_steps_aside(tmp_path, forward):
+    """Also when the module has no forward and its training_step calls ``self.net``: told
+    there is nothing to watch, not that no training pass ran (the root is never called)."""
+
     class NoRelu(TinyNet):
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(nn.Linear(8, 1))
+            self.net = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self(x) if forward else self.net(x), y)
 
     cb = ReluDoctor(log_every_n_steps=2)
     model = NoRelu()
