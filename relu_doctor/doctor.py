@@ -259,6 +259,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._agreed_sums: dict[str, AgreedSum] = {}  # (see sum_across)
         self._warned_no_site = False  # (see _warn_no_site_yet)
         self._alone = False  # no cross-process call: an exception's exit (see __exit__)
+        self._step_called = False  # step() was called (the exit warns when it never was)
         self._listeners: list[Listener] = []
         # at the next step, ask the remedies for a held final record (one was logged, or
         # this Doctor was attached: a resumed run's remedies may have loaded one)
@@ -367,11 +368,11 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self.detach()
         self.close()
         self._exited = True
-        if self.expects_steps and exc_type is None and self.global_step == 0 and not self._records:
+        if self.expects_steps and exc_type is None and not self._step_called:
             warnings.warn(
                 "relu_doctor: the watch block ended without a call to doc.step(), so nothing "
                 "was logged. Call doc.step() once per optimizer step inside the block.",
-                UserWarning,
+                ReluDoctorWarning,
                 stacklevel=2,
             )
 
@@ -420,6 +421,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 "step: called after the `with relu_doctor.watch(...)` block ended; its hooks "
                 "are removed. Call doc.step() inside the block (indent the training loop)."
             )
+        self._step_called = True  # (even if it raises below: the exit's hint is not for it)
         if not self._has_sites:
             missing = self.missing_activations()
             if missing is not None:

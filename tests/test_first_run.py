@@ -121,6 +121,14 @@ def test_watch_block_without_step_warns_at_exit() -> None:
         warnings.simplefilter("error")  # a block that stepped says nothing
         with relu_doctor.watch(model) as doc:
             one_step(doc, model)
+    # ... nor one whose step() raised (nothing to watch) and was caught
+    plain = nn.Sequential(nn.Linear(4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with relu_doctor.watch(plain) as doc:
+            plain(torch.randn(2, 4))
+            with pytest.raises(ReluDoctorError, match="ran no ReLU-family activation"):
+                doc.step()
 
 
 # ---------------------------------------------------------------------- the demo's commands
