@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from relu_doctor import _heap as heap
+from relu_doctor._validate import finite_or_none
 from relu_doctor._validate import path as check_path
 from relu_doctor._version import __version__
 from relu_doctor.errors import ReluDoctorWarning, RunDirError
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from relu_doctor.doctor import Doctor
     from relu_doctor.events import FindingEvent
     from relu_doctor.probes import Probe
+    from relu_doctor.reports.tensorboard import RunTensorBoard
 
 __all__ = ["RunRecording"]
 
@@ -75,6 +77,7 @@ class RunRecording:
         _eval_name: str | None
         _writer: RunWriter | None
         _wrote_run_dir: bool
+        _tb: RunTensorBoard | None
         _claimed_run_dir: bool
         _write_error: str | None
         _meta_dirty: bool
@@ -178,6 +181,29 @@ class RunRecording:
             self._note_unwritten(record.step)
             self._write_failed(e)
             self._save_status()
+
+    def add_metrics(self, record: IntervalRecord, values: Mapping[str, Any]) -> None:
+        """Training metrics that a framework reports only after ``record`` was logged (the
+        HF Trainer logs its loss right after each of our logs): added to ``record.metrics``,
+        the run directory's ``metrics`` table and its TensorBoard files (``train/<name>``)
+        at the record's step. Finite numbers only; a name the record holds is kept as it is.
+        A failing write warns as any other; training goes on."""
+        new = {}
+        for name, value in values.items():
+            v = finite_or_none(value) if isinstance(value, (int, float)) else None
+            if v is not None and str(name) not in record.metrics:
+                new[str(name)] = v
+        if not new:
+            return
+        record.metrics.update(new)
+        rows = {"step": [record.step] * len(new), "name": list(new), "value": list(new.values())}
+        if self.is_writer and self._writer is not None:
+            try:
+                self._writer.append_table("metrics", record.step, rows)
+            except Exception as e:  # disk full...: as a record's write
+                self._write_failed(e)
+        if self._tb is not None:
+            self._tb.write_training(record.step, new)
 
     def close(self) -> None:
         """Close the run directory (its open segments are compacted, its lock released).

@@ -393,6 +393,13 @@ class ReluDoctorCallback(TrainerCallback):
         doc = self.doctor
         if logs is None or doc is None:
             return
+        last = self._last
+        if (last is not None and last.step == state.global_step and "loss" in logs
+                and not any(str(k).startswith("eval_") for k in logs)):
+            # The training curve: the Trainer logs its loss right after each of our logs (we
+            # ask it to), its mean since its previous log: our window's, when logging_steps
+            # is log_every_n_steps (the default)
+            doc.add_metrics(last, {"loss": logs["loss"]})
         if any(str(k).startswith("eval_") for k in logs) and self._last is not None:
             # the evaluation's metrics dict itself: EarlyStoppingCallback and
             # metric_for_best_model="relu_doctor/health" read eval_relu_doctor/health there

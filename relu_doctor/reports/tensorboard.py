@@ -549,6 +549,17 @@ class RunTensorBoard:
         )
         self._writer.flush()
 
+    def write_training(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Write training metrics of ``step`` that came after its record (``train/<name>``)."""
+        self._guard(self._write_training, step, metrics)
+
+    def _write_training(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if self._writer is None:
+            self._writer = open_writer(self.log_dir)
+        for t, v in training_scalars(metrics).items():
+            self._writer.add_scalar(t, v, step)
+        self._writer.flush()
+
     def write_event(self, event: Mapping[str, Any]) -> None:
         """Write an intervention (or its result) as a row of the interventions table."""
         if event.get("type") in ("intervention", "intervention_result"):

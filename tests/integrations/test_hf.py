@@ -285,6 +285,28 @@ def test_remedy_dicts_are_checked_when_the_callback_is_made(kwargs: dict[str, An
         ReluDoctorCallback(**kwargs)
 
 
+def test_the_training_curve_holds_the_trainers_loss_at_each_log(tmp_path: Path) -> None:
+    """The run's metrics table and its event files (``train/loss``): the loss the Trainer
+    logs right after each of our logs, at that step; the learning rates as before."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cb = ReluDoctorCallback(log_every_n_steps=2)
+    trainer = transformers.Trainer(model=_model(), args=_args(tmp_path, gradient_accumulation_steps=2),
+                                   train_dataset=_data(), callbacks=[cb])
+    trainer.train()
+    assert cb.doctor is not None and cb.doctor.run_dir is not None
+    logged = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    assert sorted(logged) == [2, 4, 6]
+    metrics = relu_doctor.load_run(cb.doctor.run_dir).metrics
+    loss = metrics[metrics["name"] == "loss"]
+    assert dict(zip(loss["step"], loss["value"], strict=True)) == pytest.approx(logged)
+    assert {"lr/0", "lr/1"} <= set(metrics["name"])
+    assert {r.step: r.metrics["loss"] for r in cb.doctor.records} == pytest.approx(logged)
+    ea = EventAccumulator(str(cb.doctor.run_dir))
+    ea.Reload()
+    assert {e.step: e.value for e in ea.Scalars("train/loss")} == pytest.approx(logged)
+
+
 class _Step(transformers.TrainerCallback):  # type: ignore[misc]
     """A hand-written loop hook: the standalone ``watch`` stepped at each optimizer step."""
 
