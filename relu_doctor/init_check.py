@@ -27,10 +27,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from relu_doctor._state import kept_state
 from relu_doctor._validate import watch_options
 from relu_doctor.diagnosis import Finding
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.probes import private_passes
 
 __all__ = ["InitReport", "check_init"]
 
@@ -77,7 +79,9 @@ def check_init(
     model: nn.Module, batch: Any, *, shrink: float = 0.1, **kwargs: Any
 ) -> InitReport:
     """Run ``model`` once on ``batch`` (without gradients, in the model's own train/eval
-    mode, which is kept) and compare its activations with He et al.'s prediction.
+    mode, which is kept) and compare its activations with He et al.'s prediction. The
+    model's buffers (BatchNorm's running statistics) and the random number generators are
+    as they were afterwards, and a ``watch`` on the model does not record the pass.
 
     The pass is watched as :func:`~relu_doctor.watch` watches training: the same sites
     (modules and functional calls alike, by the same names), unit rule and counts, so its
@@ -107,7 +111,9 @@ def check_init(
         model, gradients=False, log_every_n_steps=1, stream="all", every_n_steps=1,
         overhead_budget=None, **kwargs,
     )
-    with doc, torch.no_grad():
+    # The pass is ours: no other watcher on the model records it, and the model's buffers
+    # (BatchNorm's running statistics) and the RNGs (dropout) are as they were after it.
+    with doc, private_passes(doc.probe), kept_state(model), torch.no_grad():
         if isinstance(batch, dict):
             model(**batch)
         elif isinstance(batch, tuple | list):

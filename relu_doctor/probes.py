@@ -58,12 +58,13 @@ pass, which is tracked. Where no producer is found the shape rule of
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import sys
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -86,6 +87,23 @@ __all__ = ["STREAMS", "Probe", "Site", "in_backward"]
 
 #: The forward passes a probe can record (see :meth:`Probe.takes_pass`).
 STREAMS = ("train", "eval", "all")
+#: While a pass of relu_doctor's own runs (see private_passes): the probe that records it
+#: (None: none does). No other probe records it.
+_PRIVATE: list[Probe | None] = []
+
+
+@contextlib.contextmanager
+def private_passes(owner: Probe | None = None) -> Iterator[None]:
+    """Passes run inside the block are relu_doctor's own (:func:`~relu_doctor.check_init`,
+    :func:`~relu_doctor.scan`, the dataflow pass that finds a site's producer and
+    consumers), not the user's training or evaluation: no probe records them but ``owner``
+    (a ``watch`` or a Lightning monitor on the same model leaves them out of both streams).
+    Checked once per pass start, not per hook call."""
+    _PRIVATE.append(owner)
+    try:
+        yield
+    finally:
+        _PRIVATE.pop()
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -429,6 +447,8 @@ class Probe(SiteRegistry, HookOwner):
         """Whether a forward pass starting now belongs to this probe's stream (and the
         probe is collecting and not paused)."""
         if not self.collecting or self.paused:
+            return False
+        if _PRIVATE and _PRIVATE[-1] is not self:  # relu_doctor's own pass (check_init...)
             return False
         if self.stream == "all":
             return True

@@ -16,9 +16,11 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from relu_doctor._state import kept_state
 from relu_doctor._validate import positive_int, watch_options
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.probes import private_passes
 
 __all__ = ["ScanResult", "scan"]
 
@@ -140,7 +142,9 @@ def scan(
     batches = samples = 0
     try:
         model.eval()
-        with doc, torch.no_grad():
+        # The passes are ours: no other watcher on the model records them, and its buffers
+        # and the RNGs are as they were after them.
+        with doc, private_passes(doc.probe), kept_state(model), torch.no_grad():
             for batch in dataloader:
                 if max_batches is not None and batches >= max_batches:
                     break

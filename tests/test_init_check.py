@@ -147,3 +147,27 @@ def test_functional_calls_and_a_reused_module_are_checked_under_the_doctors_name
         net(x).sum().backward()
         doc.step()
         assert [r["site"] for r in doc.current().site_rows] == list(expected)
+
+
+@pytest.mark.parametrize("reader", ["check_init", "scan"])
+def test_its_pass_changes_no_state_and_no_watch_records_it(reader: str) -> None:
+    """In train mode with BatchNorm and dropout, inside a watch of both streams: the running
+    statistics, the batch counter and the RNG's stream are as they were, and the watch's
+    windows hold only the user's own pass."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5),
+                        nn.Linear(16, 2))
+    x = torch.randn(32, 8)
+    with relu_doctor.watch(net, eval_stream=True, overhead_budget=None) as doc:
+        net(x).sum().backward()  # the user's one training pass
+        buffers = {k: v.clone() for k, v in net.state_dict().items()}
+        rng = torch.random.get_rng_state()
+        if reader == "check_init":
+            assert relu_doctor.check_init(net, x).sites
+        else:
+            assert not relu_doctor.scan(net, [x, x]).sites.empty
+        assert all(torch.equal(buffers[k], v) for k, v in net.state_dict().items())
+        assert torch.equal(rng, torch.random.get_rng_state())
+        rec = doc.current()
+        assert rec is not None and rec.site_rows[0]["elements"] == 32 * 16  # one pass
+        assert doc.eval is not None and doc.eval.probe.passes == 0

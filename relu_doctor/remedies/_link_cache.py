@@ -4,13 +4,12 @@ A remedy that needs producers and consumers (:class:`~relu_doctor.remedies.recyc
 DormantRecycler`) holds a :class:`LinkCache`: until links are first needed it keeps a
 reference to the arguments of the model's latest call (:class:`InputTap`); then it records
 one extra pass without gradients on them (:func:`~relu_doctor.remedies.dataflow.
-record_dataflow`, on two samples when batched, the bound Doctor paused), drops the reference,
+record_dataflow`, on two samples when batched, recorded by no probe), drops the reference,
 and serves every site's :class:`~relu_doctor.remedies.unit_links.UnitLinks` from that pass.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -138,8 +137,8 @@ class LinkCache:
 
     Until then it keeps a reference to the arguments of the model's latest call
     (:class:`~relu_doctor.remedies.dataflow.InputTap`); the first :meth:`links` records one
-    extra pass without gradients on them (two samples when batched), with the bound Doctor
-    paused, and drops the reference. What remedies that need producers and consumers
+    extra pass without gradients on them (two samples when batched), which no probe
+    records, and drops the reference. What remedies that need producers and consumers
     (:class:`~relu_doctor.remedies.recycle.DormantRecycler`) hold.
 
     Args:
@@ -160,7 +159,7 @@ class LinkCache:
         else:
             self._tap = InputTap(model)
 
-    def dataflow(self, name: str, doctor: Any = None) -> Dataflow:
+    def dataflow(self, name: str) -> Dataflow:
         """The recorded pass (recorded on the first call)."""
         if self._flow is None and self._error is None:
             example = self._example or (self._tap.latest() if self._tap is not None else None)
@@ -169,18 +168,16 @@ class LinkCache:
                     f"site {name!r}: no forward pass of the model seen yet to read its "
                     "producer and consumers from; run one, or pass example_inputs=."
                 )
-            paused = getattr(doctor, "paused", None)
-            with paused() if callable(paused) else contextlib.nullcontext():
-                self._flow, self._error = record_latest(self.model, *example)
+            self._flow, self._error = record_latest(self.model, *example)
             self.close()
         if self._flow is None:
             raise ReluDoctorError(f"site {name!r}: {self._error}")
         return self._flow
 
-    def links(self, key: SiteKey, name: str, *, doctor: Any = None) -> UnitLinks:
+    def links(self, key: SiteKey, name: str) -> UnitLinks:
         """The (cached) links of the site ``key`` (display name ``name``)."""
         if key not in self._links:
-            flow = self.dataflow(name, doctor)
+            flow = self.dataflow(name)
             self._links[key] = find_unit_links(self.model, site=key, dataflow=flow, name=name)
         return self._links[key]
 
@@ -200,7 +197,7 @@ class LinkCache:
         found: dict[str, UnitLinks | str] = {}
         for key, name in sorted(sites, key=lambda kn: kn[1]):  # (one order everywhere)
             try:
-                found[name] = self.links(key, name, doctor=doctor)
+                found[name] = self.links(key, name)
             except ReluDoctorError as e:
                 found[name] = str(e)
         if not found or getattr(doctor, "all_reduce", None) is None:

@@ -154,7 +154,7 @@ class ContinualBackprop(Remedy):
         self.adam_step.apply_pending(self.model, self.optimizers)
 
     def _links_of(self, record: RecordLike, site: str) -> UnitLinks:
-        return self._finder.links(record.key(site), site, doctor=self.doctor)
+        return self._finder.links(record.key(site), site)
 
     def update(self, record: RecordLike, site: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Fold ``record``'s interval into ``site``'s utilities and ages; return

@@ -14,8 +14,7 @@ the random number generators' states are restored afterwards.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +23,10 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from relu_doctor._state import kept_state
 from relu_doctor.families import family_of
 from relu_doctor.functional import functional_ops
+from relu_doctor.probes import private_passes
 
 __all__ = [
     "Dataflow",
@@ -258,23 +259,6 @@ class _Recorder(TorchFunctionMode):
             call.end = len(self.flow.nodes)
 
 
-@contextlib.contextmanager
-def _restored(model: nn.Module) -> Iterator[None]:
-    """Put the model's buffers and the RNG states back as they were."""
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    cpu = torch.random.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        torch.random.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
 def record_dataflow(
     model: nn.Module,
     example_inputs: Any,
@@ -285,7 +269,8 @@ def record_dataflow(
     """Run ``model`` once on ``example_inputs`` and record what it did.
 
     The pass runs under ``torch.no_grad()`` in the model's current mode (training or eval);
-    afterwards its buffers and the random number generators are as they were.
+    afterwards its buffers and the random number generators are as they were, and no probe
+    (a ``watch`` on the model) records it.
 
     Args:
         model: the model.
@@ -310,7 +295,7 @@ def record_dataflow(
         for mod in rec.flow.paths:
             handles.append(mod.register_forward_pre_hook(rec.pre, with_kwargs=True))
             handles.append(mod.register_forward_hook(rec.post, with_kwargs=True, always_call=True))
-        with _restored(model), torch.no_grad(), rec:
+        with kept_state(model), private_passes(), torch.no_grad(), rec:
             out = (call or model)(*args, **(kwargs or {}))
         for t in _flat(out, None):
             if isinstance(t, torch.Tensor):

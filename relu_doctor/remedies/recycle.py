@@ -319,7 +319,7 @@ class DormantRecycler(Remedy):
         return self._links_of(*self.resolve_site(site))
 
     def _links_of(self, key: SiteKey, name: str) -> UnitLinks:
-        return self._finder.links(key, name, doctor=self.doctor)
+        return self._finder.links(key, name)
 
     def _generator(self, site: str, step: int) -> torch.Generator:
         s = (self.seed * 1_000_003 + zlib.crc32(f"{site}@{step}".encode())) % (2**63)

@@ -5,13 +5,16 @@ the init check runs on the first batch, a hopeless run stops the Trainer."""
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 
 from relu_doctor.callbacks import ReluDoctor, ReluDoctorTreatment
 from relu_doctor.diagnosis import run_health
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies import PlanStep
-from tests.callbacks.remedy_models import FILTERS, interventions, loader, make, trainer
+from tests.callbacks.remedy_models import FILTERS, Net, interventions, loader, make, trainer
 
 pytestmark = pytest.mark.filterwarnings(*FILTERS, "ignore:.*init check.*")
 
@@ -148,3 +151,44 @@ def test_the_callback_pickles_as_ddp_spawn_sends_it_to_each_process():
     assert back.options == cb.options
     assert [n for n, _ in back._named_remedies()] == [n for n, _ in cb._named_remedies()] == [
         "ReluDoctorTreatment step 'lr'", "ReluDoctorTreatment step 'recycle'"]
+
+
+class NormNet(Net):
+    """A healthy net with BatchNorm and dropout (running statistics and random draws that
+    any extra pass in train mode would change), validated every 8 steps."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.01)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                                 nn.Dropout(0.3), nn.Linear(16, 1))
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+
+def test_the_init_check_changes_nothing_in_a_healthy_run(tmp_path):
+    """Default treatment (the init check on the first batch included) on a healthy run: the
+    weights, BatchNorm buffers and the RNG's stream equal an unwatched run's, bit for bit;
+    the check's pass is not a validation window of the monitor."""
+
+    def fit(callbacks):
+        torch.manual_seed(0)
+        model = NormNet()
+        trainer(tmp_path / str(len(callbacks)), callbacks, max_steps=16,
+                val_check_interval=8, limit_val_batches=2).fit(model, loader(), loader(32))
+        return model.state_dict(), torch.rand(3)
+
+    plain, plain_draw = fit([])
+    mon = ReluDoctor(log_every_n_steps=4, monitor_validation=True, overhead_budget=None)
+    treat = ReluDoctorTreatment()
+    treated, treated_draw = fit([mon, treat])
+    assert treat.init_report is not None and treat.init_report.sites  # the check ran
+    assert not interventions(mon)
+    assert plain.keys() == treated.keys()
+    for k in plain:
+        assert torch.equal(plain[k], treated[k]), k
+    assert torch.equal(plain_draw, treated_draw)
+    assert mon.doctor is not None and mon.doctor.eval is not None
+    steps = [(r.step, r.site_rows[0]["window_steps"]) for r in mon.doctor.eval.records]
+    assert steps == [(8, 2), (16, 2)]  # the two validation runs of 2 batches, nothing else
