@@ -188,6 +188,8 @@ class Run:
         history_lost: why ``history`` is empty although the run logged activations (its
             parts damaged, its folder missing), naming the files; "" when nothing is lost.
             The report says it instead of "no activation seen".
+        writer_open: why the run's writer has not closed it ("" when it did): still
+            writing, or ended without closing it (killed, crashed); the report says so.
     """
 
     def __init__(
@@ -204,6 +206,7 @@ class Run:
         *,
         unit_source: UnitSource | None = None,
         history_lost: str = "",
+        writer_open: str = "",
     ) -> None:
         self.meta = meta
         self.history = history
@@ -216,6 +219,7 @@ class Run:
         self._units = units
         self._unit_source = unit_source
         self.history_lost = history_lost
+        self.writer_open = writer_open
 
     @property
     def units(self) -> pd.DataFrame:

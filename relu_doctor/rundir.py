@@ -47,13 +47,17 @@ from relu_doctor.errors import RunDirError
 from relu_doctor.events import Event
 from relu_doctor.history import FORMAT_VERSION, clean_json, event_dict
 from relu_doctor.runread import (
+    _HELD,
+    LOCK_NAME,
     LOGGED_TABLES,
     STATUS_NAME,
     TABLE_COLUMNS,
     TABLE_NAME,
     StreamChunks,
+    _pid_alive,
     last_step,
     load_run,
+    open_writer_state,
     read_meta,
     read_stream,
     read_table,
@@ -63,13 +67,11 @@ from relu_doctor.runread import (
 
 __all__ = [
     "LOCK_NAME", "STATUS_NAME", "TABLE_COLUMNS", "RunWriter", "atomic_write_bytes",
-    "check_claimable", "fresh_dir", "load_run", "read_table",
+    "check_claimable", "fresh_dir", "load_run", "open_writer_state", "read_table",
 ]
 
-LOCK_NAME = ".lock"
 _ROW_GROUP = 64 * 1024  # rows per Parquet row group (at least) when a stream is compacted
 _STATUS_BYTES = 4096
-_HELD: set[str] = set()  # lock files held by live writers of this process
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
@@ -94,18 +96,6 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
 
 
 # ---------------------------------------------------------------------- the lock
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OSError, OverflowError, ValueError):
-        return False
-    return True
-
-
 def _acquire_lock(path: Path, run_id: str) -> Path:
     """Create ``path/.lock`` for this process, taking over a stale one (dead process)."""
     lock = path / LOCK_NAME

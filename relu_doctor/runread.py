@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -37,6 +38,44 @@ from relu_doctor.history import READABLE_VERSIONS, WINDOW_COLUMNS, Run, finding_
 __all__ = ["STATUS_NAME", "TABLE_COLUMNS", "TableParts", "legacy_dormant", "load_run", "read_table"]
 
 STATUS_NAME = "status.json"
+LOCK_NAME = ".lock"  # held by the writer while it writes (see rundir)
+_HELD: set[str] = set()  # lock files held by live writers of this process
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def open_writer_state(path: Path) -> str:
+    """Why the run directory's writer did not close it, from the lock it left ("" when it
+    was closed, or holds no lock): still writing (a live process, or another host's), or
+    gone without closing it (killed, crashed, the machine stopped)."""
+    lock = path / LOCK_NAME
+    try:
+        held = json.loads(lock.read_text(encoding="utf-8"))
+        pid, host = int(held["pid"]), str(held.get("host", ""))
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError):
+        return "its writer left a lock that cannot be read: it may still be writing, or have " \
+               "been stopped without closing the run directory"
+    if host and host != socket.gethostname():
+        return (f"its writer, process {pid} on {host}, has not closed it: the run is still "
+                "being written there, or was stopped without closing it")
+    if pid == os.getpid() and str(lock.resolve()) in _HELD:
+        return "this process is still writing it"
+    if _pid_alive(pid):
+        return f"process {pid} is still writing it"
+    return (f"its writer, process {pid}, ended without closing it (killed, or crashed): "
+            "what it trained after its last log is not recorded")
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "history": ("step", "site"),
     "units": ("step", "site", "unit"),
@@ -525,4 +564,5 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         problems=problems,
         unit_source=units,
         history_lost=lost,
+        writer_open=open_writer_state(p),
     )

@@ -130,7 +130,12 @@ def test_run_killed_with_sigkill_still_gives_a_report(
             proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert main(["report", str(run_dir)]) == 0
-    assert "Report:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Report:" in out
+    # ... that says the run did not end cleanly, in both forms
+    said = f"its writer, process {proc.pid}, ended without closing it (killed, or crashed)"
+    assert f"Not closed: {said}" in out
+    assert said in (run_dir / "report.html").read_text(encoding="utf-8")
     data = data_island(run_dir / "report.html")
     assert data["steps"] == logged_steps(run_dir)  # every logged step, and no other
     assert data["steps"][:4] == [2, 4, 6, 8]
@@ -217,6 +222,7 @@ def test_report_writes_html_and_prints_a_summary(tmp_path: Path, capsys: pytest.
     out = capsys.readouterr().out
     assert (run_dir / "report.html").is_file()
     assert "problem" in out.splitlines()[0]
+    assert "Not closed" not in out  # a run that ended cleanly
     assert "act1" in out and f"Report: {run_dir / 'report.html'}" in out
     # -o into a directory that does not exist yet; -q prints only the path
     target = tmp_path / "new" / "sub" / "r.html"

@@ -33,14 +33,17 @@ class Gaps:
         write_error: the first write failure, as the writer saw it ("" when unknown).
         skipped: one line per file or line the reader skipped (damaged, cut short, of
             another schema), as warned when it was read (:attr:`Run.problems`).
+        unclosed: why the writer has not closed the run directory (:attr:`Run.writer_open`:
+            still writing, or killed): the run may go on after what it shows.
     """
 
     unwritten: list[tuple[int, int]] = field(default_factory=list)
     write_error: str = ""
     skipped: list[str] = field(default_factory=list)
+    unclosed: str = ""
 
     def __bool__(self) -> bool:
-        return bool(self.unwritten or self.skipped)
+        return bool(self.unwritten or self.skipped or self.unclosed)
 
     @property
     def unwritten_text(self) -> str:
@@ -57,4 +60,5 @@ def read_gaps(run: Run) -> Gaps:
         unwritten=[(int(a), int(b)) for a, b in run.unwritten],
         write_error=error if isinstance(error, str) else "",
         skipped=list(dict.fromkeys(skipped)),
+        unclosed=getattr(run, "writer_open", ""),
     )

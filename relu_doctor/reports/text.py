@@ -35,6 +35,8 @@ def _gap_lines(ctx: ReportContext, shown: int = 3) -> list[str]:
     """What did not reach the run directory, and what was skipped reading it."""
     gaps = ctx.gaps
     lines = []
+    if gaps.unclosed:
+        lines.append(f"  Not closed: {gaps.unclosed}")
     if gaps.unwritten:
         cause = f" ({gaps.write_error})" if gaps.write_error else ""
         lines.append(f"  Never written{cause}: steps {gaps.unwritten_text} are not in the run "

@@ -61,6 +61,19 @@ def test_a_healthy_run_has_no_gap_section(tmp_path: Path) -> None:
     assert 'id="rd-gaps"' not in html and "Never written" not in summary(ctx)
 
 
+def test_a_run_still_being_written_says_so(tmp_path: Path) -> None:
+    """Read while its writer holds it (this process, inside the block): "still writing",
+    in the summary and the HTML; once the block closed it, nothing."""
+    model = zoo.mlp()
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=tmp_path / "run") as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+        run = load_run(tmp_path / "run")
+        assert run.writer_open == "this process is still writing it"
+        assert "Not closed: this process is still writing it" in summary(run)
+        assert "this process is still writing it" in _gap_section(render_report(run))
+    assert load_run(tmp_path / "run").writer_open == ""
+
+
 def test_steps_never_written_are_named_in_the_html_and_the_summary(tmp_path, monkeypatch, capsys):
     """A full disk at steps 3-5, then writing resumes: the report names 3–5 and the cause."""
     run_dir = tmp_path / "run"
