@@ -360,8 +360,10 @@ def _gradient_findings(
                 out.append(
                     Finding(
                         "vanishing_gradient", "model", "warning",
-                        f"gradient RMS falls {1 / max(ratio, 1e-300):.3g}x from "
-                        f"{last[1]} to {first[1]}.",
+                        (f"gradient RMS falls {1 / ratio:.3g}x from {last[1]} to {first[1]}."
+                         if ratio > 0 else
+                         f"gradient RMS falls to zero from {last[1]} to {first[1]}: no "
+                         f"gradient reaches {first[1]}."),
                         ev,
                         "ReLU keeps a constant gradient for active units, so vanishing points "
                         "at dead units or depth: add residual connections or BatchNorm, use He "

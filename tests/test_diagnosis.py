@@ -233,6 +233,19 @@ def test_gradient_flow_findings_follow_the_ratio(first, kind):
     assert found & {"vanishing_gradient", "exploding_gradient"} == ({kind} if kind else set())
 
 
+@pytest.mark.parametrize("first", [0.0, 1e-6])
+def test_a_vanishing_gradient_states_the_ratio_or_that_none_arrives(first):
+    """A gradient of exactly 0 at the input side is said to fall to zero, not by a made-up
+    factor (1e+300x); a small one by its ratio to the output side's."""
+    rows, units = rows_for([first, 1.0, 1.0])
+    [f] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "vanishing_gradient"]
+    if first == 0:
+        assert f.message == "gradient RMS falls to zero from s2 to s0: no gradient reaches s0."
+    else:
+        want = 1.0 / rows[0]["grad_rms"]
+        assert f.message == f"gradient RMS falls {want:.3g}x from s2 to s0."
+
+
 def test_a_parameter_gradient_spike_is_an_exploding_gradient():
     rows, units = rows_for([1.0, 1.0])
     config = DiagnosisConfig()
