@@ -35,6 +35,7 @@ import shutil
 import statistics
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,8 +47,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from relu_doctor.doctor import watch
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.history import IntervalRecord
+from relu_doctor.recording import ANNOUNCED
 
 __all__ = [
     "DemoConfig",
@@ -202,8 +204,11 @@ def train(
     # Every step, not the default overhead budget: the demo's model is so small that its
     # statistics cost more than 3% of a step, and a budget's rate follows the machine's
     # timing, so the treated run's decisions would differ from one run to the next.
-    with watch(model, log_every_n_steps=cfg.log_every, optimizer=opt, run_dir=run_dir,
-               overhead_budget=None) as doc:
+    with warnings.catch_warnings(), watch(model, log_every_n_steps=cfg.log_every, optimizer=opt,
+                                          run_dir=run_dir, overhead_budget=None) as doc:
+        # the treated run's changes are the demo's point: its table counts them, and the
+        # report lists each, so their one-line announcements are left out of the console
+        warnings.filterwarnings("ignore", message=ANNOUNCED, category=ReluDoctorWarning)
         # watch(run_dir=...) writes the site scalars, histograms and findings to tb_dir; the
         # demo adds its test accuracy there.
         writer = tb.open_writer(tb_dir)

@@ -24,7 +24,7 @@ from relu_doctor import _heap as heap
 from relu_doctor._validate import finite_or_none
 from relu_doctor._validate import path as check_path
 from relu_doctor._version import __version__
-from relu_doctor.errors import ReluDoctorWarning, RunDirError
+from relu_doctor.errors import ReluDoctorWarning, RunDirError, user_stacklevel
 from relu_doctor.events import Event
 from relu_doctor.history import FORMAT_VERSION, IntervalRecord, Run, event_dict
 from relu_doctor.record import window_columns, windows_frame
@@ -43,7 +43,10 @@ if TYPE_CHECKING:
     from relu_doctor.probes import Probe
     from relu_doctor.reports.tensorboard import RunTensorBoard
 
-__all__ = ["RunRecording"]
+__all__ = ["ANNOUNCED", "RunRecording"]
+
+#: The message of a remedy's first change at a site (a ``warnings.filterwarnings`` pattern)
+ANNOUNCED = r"relu_doctor: step \d+: \S+ changed the training at "
 
 
 def _versions() -> dict[str, str]:
@@ -79,6 +82,7 @@ class RunRecording:
         _wrote_run_dir: bool
         _tb: RunTensorBoard | None
         _claimed_run_dir: bool
+        _announced: set[tuple[str, str]]
         _write_error: str | None
         _meta_dirty: bool
         _unwritten: list[list[int]]
@@ -224,6 +228,8 @@ class RunRecording:
         memory and in the run directory, and tell the event listeners (its dict form)."""
         ev = {"step": self.global_step, **event_dict(event)}
         self._events.append(ev)
+        if ev.get("type") == "intervention" and self.is_writer:
+            self._announce(ev)
         if self._writer is not None:
             try:
                 self._writer.append_events([ev])
@@ -231,6 +237,21 @@ class RunRecording:
                 self._write_failed(e)
         for fn in self._event_listeners:
             fn(ev)
+
+    def _announce(self, ev: Mapping[str, Any]) -> None:
+        """A remedy changed the training: say so, once per (remedy, site) and on the writing
+        process only. Every change is in the run directory and the report."""
+        key = (str(ev.get("remedy")), str(ev.get("site")))
+        if key in self._announced:
+            return
+        self._announced.add(key)
+        warnings.warn(
+            f"relu_doctor: step {ev.get('step')}: {key[0]} changed the training at {key[1]}: "
+            f"{str(ev.get('what', '')).rstrip('.')}. Its effect is judged at the next log; its "
+            "later changes there are recorded in the run directory and the report, not said.",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _meta(self) -> dict[str, Any]:
         return {

@@ -248,3 +248,33 @@ def test_lr_rescue_stops_an_lr_that_kills_units():
     assert lr_u == pytest.approx(0.2) and lr_t == pytest.approx(0.2 * 0.3 ** len(events))
     assert dead_u > 0.8 and dead_t < dead_u - 0.2, (dead_u, dead_t)
     assert loss_t < loss_u / 2, (loss_u, loss_t)
+
+
+@pytest.mark.parametrize("writer", [True, False])
+def test_a_remedys_first_change_at_a_site_is_said_once_on_the_writing_process(writer: bool) -> None:
+    """A remedy changing the training is never silent: its first change at a site is one
+    ReluDoctorWarning naming the step, the remedy, the site and what changed; later ones
+    are in the record only. A process that does not write (another DDP rank) says nothing."""
+    import warnings
+
+    from relu_doctor.errors import ReluDoctorWarning
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with relu_doctor.watch(net, optimizer=opt, is_writer=writer) as doc:
+        rescuer = LRRescuer(opt).bind(doc)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            rescuer.rescue(step=3, reason="test")
+            rescuer.rescue(step=4, reason="test")
+    said = [str(w.message) for w in seen if issubclass(w.category, ReluDoctorWarning)
+            and "changed the training" in str(w.message)]
+    events = [e for e in doc.to_run().events if e.get("type") == "intervention"]
+    assert len(events) == 2
+    if writer:
+        assert len(said) == 1
+        assert said[0].startswith(f"relu_doctor: step {events[0]['step']}: lr_rescue changed "
+                                  "the training at model: ")
+        assert events[0]["what"].rstrip(".") in said[0]
+    else:
+        assert said == []
