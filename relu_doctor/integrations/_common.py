@@ -44,6 +44,7 @@ __all__ = [
     "remedy_options",
     "safe_step",
     "summary_scalars",
+    "switches_on",
 ]
 
 
@@ -167,11 +168,16 @@ class FindingWarner:
         level: lowest severity warned about, or None for none.
         emit: how to warn (default ``warnings.warn``; a multi-process trainer passes a
             rank-zero version).
+        on: the remedy switches this run has on, as the remedy texts name them
+            (``"leaky_relu_swap=True"``), or ``"plan"`` for the treatment plan: a remedy
+            text that names one says it is on, not to switch it on.
     """
 
-    def __init__(self, level: str | None, emit: Callable[[str], Any] | None = None) -> None:
+    def __init__(self, level: str | None, emit: Callable[[str], Any] | None = None,
+                 on: Sequence[str] = ()) -> None:
         self.level = level
         self.emit = emit or (lambda text: warnings.warn(text, ReluDoctorWarning, stacklevel=3))
+        self.on = tuple(on)
         self._warned: set[tuple[str, str, str]] = set()
 
     def __call__(self, record: IntervalRecord, stream: str = "") -> None:
@@ -183,7 +189,18 @@ class FindingWarner:
             if key in self._warned or SEVERITIES.index(f.severity) < floor:
                 continue
             self._warned.add(key)
-            self.emit(warning_text(f, stream))
+            self.emit(warning_text(f, stream) + self._already(f.remedy))
+
+    def _already(self, remedy: str) -> str:
+        """What the run already has on of what ``remedy`` advises."""
+        if "plan" in self.on:
+            return " (The treatment plan is on: it decides which remedy acts, and when.)"
+        named = [n for n in self.on if n in remedy]
+        if not named:
+            return ""
+        return (f" ({', '.join(n.removesuffix('=True') for n in named)} "
+                f"{'is' if len(named) == 1 else 'are'} on in this run: it acts by its own "
+                "rule, and says when it does.)")
 
 
 def warning_text(f: Finding, stream: str = "") -> str:
@@ -193,6 +210,13 @@ def warning_text(f: Finding, stream: str = "") -> str:
         f"relu_doctor: {where}{f.kind} at {f.site} (step {f.step}, {f.severity}): "
         f"{f.message} Remedy: {f.remedy}"
     )
+
+
+def switches_on(options: Mapping[str, object], plan: object) -> list[str]:
+    """The remedy switches that are on (``"autoclip=True"``...), or ``["plan"]``."""
+    if plan is not None:
+        return ["plan"]
+    return [f"{name}=True" for name, opts in options.items() if opts is not None]
 
 
 def summary_scalars(record: IntervalRecord, prefix: str = tb.PREFIX) -> dict[str, float]:

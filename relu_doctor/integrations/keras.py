@@ -45,6 +45,7 @@ from relu_doctor.integrations._common import (
     plan_options,
     remedy_options,
     safe_step,
+    switches_on,
 )
 
 try:
@@ -240,7 +241,9 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             )
         if self._fitted is None or self._fitted() is not model:  # a new run
             self.doctor, self.remedies, self._last = None, {}, None
-            self.warner = FindingWarner(self.warner.level, self.warner.emit)
+            self.warner = FindingWarner(self.warner.level, self.warner.emit, on=switches_on(
+                {"leaky_relu_swap": self._swap_opts, "lr_rescue": self._lr_opts,
+                 "autoclip": self._clip_opts}, self._plan_opts))
         self._fitted = weakref.ref(model)
         state = self.doctor.state_dict() if self.doctor is not None else None
         if self.run_dir is not None:

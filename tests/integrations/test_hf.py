@@ -4,6 +4,7 @@ random weights, CPU), checked against plain torch hooks counted in numpy."""
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import relu_doctor  # noqa: E402
-from relu_doctor.errors import ReluDoctorError  # noqa: E402
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning  # noqa: E402
 from relu_doctor.integrations.hf import STATE_FILE, ReluDoctorCallback  # noqa: E402
 from tests.integrations.brute import Outputs, windows  # noqa: E402
 
@@ -199,7 +200,10 @@ def test_remedies_change_what_they_say_and_record_it(tmp_path: Path) -> None:
     args = _args(tmp_path, learning_rate=opt_lr, max_grad_norm=0.0, lr_scheduler_type="constant")
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_data(),
                                    callbacks=[cb, Kill(at=2)])
-    trainer.train()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in seen if issubclass(w.category, ReluDoctorWarning)]
     act0 = model.get_submodule(SITES[0])
     assert isinstance(act0, torch.nn.LeakyReLU)
     # LR rescue: the surge of dead units at the second interval halved the learning rate,
@@ -222,6 +226,16 @@ def test_remedies_change_what_they_say_and_record_it(tmp_path: Path) -> None:
     assert [r.final for r in cb.doctor.records] == [False, False, True]
     assert {e["remedy"] for e in events if e["step"] == 6} <= {"adaptive_grad_clip"}
     assert {e["step"] for e in events if e["remedy"] == "dormant_reset"} == {2, 4}
+    # Each remedy's first change at each site was said, once; the findings whose remedy is
+    # a switch this run has on say it is on, not to switch it on.
+    changed = [m for m in said if " changed the training at " in m]
+    assert sorted(changed) == sorted(
+        next(m for m in changed if m.startswith(f"relu_doctor: step {e['step']}: {e['remedy']} "
+                                                f"changed the training at {e['site']}: "))
+        for e in {(e["remedy"], e["site"]): e for e in reversed(events)}.values())
+    advising = [m for m in said if "Remedy:" in m and "=True" in m.split("Remedy:")[1]]
+    assert advising and all("is on in this run" in m or "are on in this run" in m
+                            for m in advising)
 
 
 def test_bad_input_gets_one_clear_message(tmp_path: Path) -> None:
