@@ -228,6 +228,10 @@ def test_run_killed_before_first_log_reports_nothing_logged(tmp_path: Path) -> N
     w.write_meta({"model": "Net", "sites": []})
     page = render_report(load_run(tmp_path / "r"))
     assert "Nothing logged yet" in page
+    # its writer (this process) has not closed it: said too
+    assert summary(load_run(tmp_path / "r")).splitlines() == [
+        "Net: Nothing logged yet", "  Not closed: this process is still writing it"]
+    w.close()
     assert summary(load_run(tmp_path / "r")) == "Net: Nothing logged yet"
 
 
