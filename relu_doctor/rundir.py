@@ -147,6 +147,23 @@ def _release_lock(lock: Path, key: str, run_id: str) -> None:
 
 
 # ---------------------------------------------------------------------- segments
+def _by_schema(frame: pd.DataFrame, seg: _Segment | None) -> pa.Table | None:
+    """``frame`` as the open segment's schema has it, column by column, with no type
+    inference (``Table.from_pandas`` spends milliseconds on the pandas metadata of a frame of
+    a few rows); None where it does not fit that schema (no segment open, other columns, a
+    value of another type), for the general path."""
+    if seg is None or list(frame.columns) != seg.schema.names:
+        return None
+    try:
+        return pa.Table.from_arrays(
+            [pa.array(frame[f.name].to_numpy(), type=f.type, from_pandas=True)
+             for f in seg.schema],
+            schema=seg.schema,
+        )
+    except (pa.ArrowException, ValueError, TypeError):
+        return None
+
+
 class _Segment:
     """One open Arrow IPC stream of a table: one record batch per append, flushed."""
 
@@ -364,7 +381,10 @@ class RunWriter:
         if isinstance(frame, pd.DataFrame):
             if frame.empty:
                 return
-            data = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+            data = _by_schema(frame, self._segs.get(table))
+            if data is None:
+                data = pa.Table.from_pandas(frame, preserve_index=False)
+                data = data.replace_schema_metadata(None)
         else:
             data = pa.table({str(k): list(v) for k, v in frame.items()})
             if data.num_rows == 0:

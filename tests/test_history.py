@@ -267,6 +267,48 @@ def test_segments_rotate_and_every_row_reads_back_in_order(tmp_path):
         RunWriter(tmp_path / "s").append_table("../x", 1, frame)
 
 
+def test_appends_into_an_open_segment_read_back_as_pandas_own_conversion(tmp_path, monkeypatch):
+    """Frames appended to an open segment are converted by its schema, column by column;
+    what reads back equals what the general conversion (``Table.from_pandas``) writes,
+    NaN and None, bools, ints and strings, a frame that does not fit (a float where the
+    segment has ints, another column set) included."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from relu_doctor import rundir
+
+    frames = [
+        pd.DataFrame({"step": [1, 1], "site": ["a", "b"], "x": [0.5, np.nan], "ok": [True, False],
+                      "n": [3, 4], "s": [None, "u"]}),
+        pd.DataFrame({"step": [2, 2], "site": ["a", None], "x": [np.nan, 2.0], "ok": [False, True],
+                      "n": [5, 6], "s": ["v", None]}),
+        pd.DataFrame({"step": [3], "site": ["a"], "x": [1.0], "ok": [True], "n": [7.5], "s": ["w"]}),
+        pd.DataFrame({"step": [4], "site": ["c"], "x": [2.0], "ok": [True], "n": [8], "s": ["z"]}),
+        pd.DataFrame({"step": [5], "site": ["c"], "other": [1.0]}),
+    ]
+
+    def written(path, general):
+        if general:
+            monkeypatch.setattr(rundir, "_by_schema", lambda frame, seg: None)
+        w = RunWriter(path)
+        for f in frames:
+            w.append_table("history", int(f["step"].iloc[0]), f)
+        w.close()
+        monkeypatch.undo()
+        return read_table(path, "history"), [pq.read_table(f) for f in
+                                             sorted((path / "history").glob("seg-*"))]
+
+    (fast, fast_parts), (general, general_parts) = (
+        written(tmp_path / "fast", False), written(tmp_path / "general", True))
+    pd.testing.assert_frame_equal(fast, general)
+    assert len(fast) == 7
+    # the same Arrow values and types on disk (a NaN written as NaN, not null, would read
+    # back alike in pandas)
+    assert len(fast_parts) == len(general_parts) == 3  # the misfits start segments alike
+    for a, b in zip(fast_parts, general_parts, strict=True):
+        assert a.equals(b)
+
+
 def test_bounded_in_memory_buffer_without_a_run_directory():
     model = zoo.mlp()
     with relu_doctor.watch(model, log_every_n_steps=1, keep_records=3) as doc:
