@@ -70,12 +70,15 @@ def open_writer_state(path: Path) -> str:
     if host and host != socket.gethostname():
         return (f"its writer, process {pid} on {host}, has not closed it: the run is still "
                 "being written there, or was stopped without closing it")
-    if pid == os.getpid() and str(lock.resolve()) in _HELD:
-        return "this process is still writing it"
-    if _pid_alive(pid):
+    if pid == os.getpid():  # ours, or a dead writer's whose pid this process now has
+        if str(lock.resolve()) in _HELD:
+            return "this process is still writing it"
+    elif _pid_alive(pid):
         return f"process {pid} is still writing it"
     return (f"its writer, process {pid}, ended without closing it (killed, or crashed): "
             "what it trained after its last log is not recorded")
+
+
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "history": ("step", "site"),
     "units": ("step", "site", "unit"),

@@ -171,3 +171,24 @@ def test_its_pass_changes_no_state_and_no_watch_records_it(reader: str) -> None:
         rec = doc.current()
         assert rec is not None and rec.site_rows[0]["elements"] == 32 * 16  # one pass
         assert doc.eval is not None and doc.eval.probe.passes == 0
+
+
+def test_a_buffer_the_module_replaces_is_put_back_too() -> None:
+    """A running average written ``self.ema = 0.9 * self.ema + ...`` replaces its buffer
+    instead of changing it: after check_init the module holds its own tensor, unchanged."""
+
+    class Ema(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("ema", torch.zeros(16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.ema = 0.9 * self.ema + 0.1 * x.detach().mean(0)
+            return x
+
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), Ema(), nn.Linear(16, 2))
+    net(torch.randn(4, 8))
+    before = net[2].ema
+    saved = before.clone()
+    relu_doctor.check_init(net, torch.randn(32, 8))
+    assert net[2].ema is before and torch.equal(net[2].ema, saved)

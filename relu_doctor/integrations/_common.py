@@ -198,9 +198,11 @@ class FindingWarner:
         named = [n for n in self.on if n in remedy]
         if not named:
             return ""
+        one = len(named) == 1
         return (f" ({', '.join(n.removesuffix('=True') for n in named)} "
-                f"{'is' if len(named) == 1 else 'are'} on in this run: it acts by its own "
-                "rule, and says when it does.)")
+                f"{'is' if one else 'are'} on in this run: {'it acts' if one else 'they act'} "
+                f"by {'its' if one else 'their'} own rule, and {'says' if one else 'say'} when "
+                f"{'it does' if one else 'they do'}.)")
 
 
 def warning_text(f: Finding, stream: str = "") -> str:

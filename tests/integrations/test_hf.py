@@ -351,3 +351,21 @@ def test_callback_numbers_equal_the_standalone_watch(tmp_path: Path) -> None:
     assert list(a["site"]) == list(b["site"])
     for c in cols[2:]:
         assert a[c].to_numpy() == pytest.approx(b[c].to_numpy(), rel=1e-6), c
+
+
+def test_a_finding_says_which_of_its_remedies_are_on() -> None:
+    from relu_doctor.diagnosis import Finding
+    from relu_doctor.integrations._common import FindingWarner
+
+    f = Finding("dead", "s", "warning", "half dead.", {},
+                "Swap (leaky_relu_swap=True) or recycle (dormant_reset=True).", 3)
+    said: list[str] = []
+    FindingWarner("info", said.append, on=["leaky_relu_swap=True", "dormant_reset=True"])(
+        type("R", (), {"findings": [f]})())
+    FindingWarner("info", said.append, on=["dormant_reset=True"])(type("R", (), {"findings": [f]})())
+    FindingWarner("info", said.append)(type("R", (), {"findings": [f]})())
+    assert said[0].endswith("(leaky_relu_swap, dormant_reset are on in this run: they act by "
+                            "their own rule, and say when they do.)")
+    assert said[1].endswith("(dormant_reset is on in this run: it acts by its own rule, and "
+                            "says when it does.)")
+    assert said[2].endswith("recycle (dormant_reset=True).")

@@ -202,3 +202,16 @@ def test_a_run_that_never_saw_an_activation_has_no_history_and_nothing_lost(tmp_
         run = load_run(tmp_path / "run")
     assert run.history_lost == "" and not run.problems
     assert build_context(run).verdict.headline == "No activation seen"
+
+
+def test_a_lock_with_this_processs_pid_that_it_does_not_hold_is_a_dead_writers(tmp_path: Path) -> None:
+    """A killed writer's pid reused by the reader (a restarted container's pid 1): the lock
+    is not the reader's, so the run was not closed, not 'still being written'."""
+    import json as jsonlib
+    import socket
+
+    _train(tmp_path / "run", 2)
+    (tmp_path / "run" / ".lock").write_text(jsonlib.dumps(
+        {"run_id": "x", "pid": os.getpid(), "host": socket.gethostname()}))
+    assert load_run(tmp_path / "run").writer_open.startswith(
+        f"its writer, process {os.getpid()}, ended without closing it")
