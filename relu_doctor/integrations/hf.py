@@ -402,10 +402,10 @@ class ReluDoctorCallback(TrainerCallback):
             # ask it to), its mean since its previous log: our window's, when logging_steps
             # is log_every_n_steps (the default)
             doc.add_metrics(last, {"loss": logs["loss"]})
-        if any(str(k).startswith("eval_") for k in logs) and self._last is not None:
+        if any(str(k).startswith("eval_") for k in logs) and last is not None:
             # the evaluation's metrics dict itself: EarlyStoppingCallback and
             # metric_for_best_model="relu_doctor/health" read eval_relu_doctor/health there
-            logs.update({f"eval_{k}": v for k, v in health_scalars(self._last).items()})
+            logs.update({f"eval_{k}": v for k, v in health_scalars(last).items()})
         if doc.eval is not None and any(str(k).startswith("eval_") for k in logs):
             rec = doc.log_eval()  # one evaluation-stream window per evaluation
             if rec is not None:

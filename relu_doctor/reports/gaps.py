@@ -60,5 +60,5 @@ def read_gaps(run: Run) -> Gaps:
         unwritten=[(int(a), int(b)) for a, b in run.unwritten],
         write_error=error if isinstance(error, str) else "",
         skipped=list(dict.fromkeys(skipped)),
-        unclosed=getattr(run, "writer_open", ""),
+        unclosed=run.writer_open,
     )

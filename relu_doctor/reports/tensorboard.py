@@ -537,28 +537,34 @@ class RunTensorBoard:
         """Write one :class:`~relu_doctor.history.IntervalRecord`."""
         self._guard(self._write_record, record)
 
-    def _write_record(self, record: Any) -> None:
+    def _opened(self) -> SummaryWriterLike:
+        """The writer, opened at first use."""
         if self._writer is None:
             self._writer = open_writer(self.log_dir)
-            write_layout(self._writer, custom_scalars_layout(
+        return self._writer
+
+    def _write_record(self, record: Any) -> None:
+        first = self._writer is None
+        writer = self._opened()
+        if first:
+            write_layout(writer, custom_scalars_layout(
                 self.metrics, capped=has_cap(record.site_rows)))
         write_record(
-            self._writer, record.step, sites=record.site_rows, units=record.unit_table,
+            writer, record.step, sites=record.site_rows, units=record.unit_table,
             layers=record.layer_table, findings=[f.to_dict() for f in record.findings],
             metrics=self.metrics, training=getattr(record, "metrics", None),
         )
-        self._writer.flush()
+        writer.flush()
 
     def write_training(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Write training metrics of ``step`` that came after its record (``train/<name>``)."""
         self._guard(self._write_training, step, metrics)
 
     def _write_training(self, step: int, metrics: Mapping[str, Any]) -> None:
-        if self._writer is None:
-            self._writer = open_writer(self.log_dir)
+        writer = self._opened()
         for t, v in training_scalars(metrics).items():
-            self._writer.add_scalar(t, v, step)
-        self._writer.flush()
+            writer.add_scalar(t, v, step)
+        writer.flush()
 
     def write_event(self, event: Mapping[str, Any]) -> None:
         """Write an intervention (or its result) as a row of the interventions table."""
@@ -566,9 +572,7 @@ class RunTensorBoard:
             self._guard(self._write_event, event)
 
     def _write_event(self, event: Mapping[str, Any]) -> None:
-        if self._writer is None:
-            self._writer = open_writer(self.log_dir)
-        write_events(self._writer, [event])
+        write_events(self._opened(), [event])
 
     def flush(self) -> None:
         """Flush what was written (the Doctor calls it when it detaches)."""
