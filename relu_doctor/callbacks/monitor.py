@@ -193,6 +193,9 @@ class ReluDoctor(Callback):
         self._tb_warned: set[Any] = set()
         self._resolved_run_dir: Path | None = None
         self._capped = False  # a site with an upper cap was seen: chart saturation
+        # callback_metrics keys that validation put there (val_loss...): not training metrics
+        self._val_keys: set[str] = set()
+        self._keys_before_val: set[str] | None = None
 
     @property
     def tau(self) -> float:
@@ -275,11 +278,12 @@ class ReluDoctor(Callback):
             tensorboard=False,  # the loggers (or _writers) get TensorBoard output
             **common,
         )
-        # The training curve of the report: what the LightningModule logged, read at each
-        # logging step (the optimizers' learning rates the Doctor reads itself).
+        # The training curve of the report: what the LightningModule logged in training,
+        # read at each logging step (the optimizers' learning rates the Doctor reads itself).
+        # Validation's metrics stay in callback_metrics until the next validation: left out.
         doctor.add_metric_source(
             lambda: {k: v for k, v in trainer.callback_metrics.items()
-                     if not str(k).startswith(tb.PREFIX)}
+                     if not str(k).startswith(tb.PREFIX) and k not in self._val_keys}
         )
         if state and state.get("doctor"):
             doctor.load_state_dict(state["doctor"], windows=windows)
@@ -371,6 +375,7 @@ class ReluDoctor(Callback):
 
     # ------------------------------------------------------------------ validation
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._keys_before_val = set(trainer.callback_metrics)
         # Validation runs in eval mode without gradients: the probe leaves it out of the
         # training stream by itself. The sanity check is left out of every stream.
         if self.doctor is not None and trainer.sanity_checking and self._pause is None:
@@ -378,6 +383,9 @@ class ReluDoctor(Callback):
             self._pause.__enter__()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._keys_before_val is not None:  # what this validation logged first
+            self._val_keys |= set(trainer.callback_metrics) - self._keys_before_val
+            self._keys_before_val = None
         self._resume()
         if self.doctor is not None and not trainer.sanity_checking and not self._aside:
             self.doctor.log_eval()  # one window per validation run, at its training step

@@ -265,6 +265,44 @@ def test_csv_logger_gets_scalars_and_run_dir_gets_tensorboard(tmp_path):
     assert events == pytest.approx(recorded)
 
 
+class LoggingNet(TinyNet):
+    """TinyNet that logs its loss in training (kept, per step) and in validation."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.train_losses: dict[int, float] = {}
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.train_losses[self.global_step + 1] = float(loss)  # the step it ends
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("val_loss", loss)
+        return loss
+
+
+def test_the_training_curve_holds_training_metrics_not_validations(tmp_path):
+    """Lightning keeps validation's metrics in callback_metrics until the next validation:
+    the run's training curve leaves them out and holds what training_step logged, at each
+    logging step the value of that step."""
+    torch.manual_seed(0)
+    model = LoggingNet()
+    cb = ReluDoctor(log_every_n_steps=2, run_dir=tmp_path / "run")
+    trainer(tmp_path, [cb], max_steps=8, val_check_interval=3, limit_val_batches=2,
+            num_sanity_val_steps=1).fit(model, loader(), loader(seed=9))
+    run = relu_doctor.load_run(tmp_path / "run")
+    assert set(run.metrics["name"]) == {"lr", "train_loss"}
+    got = run.metrics[run.metrics["name"] == "train_loss"].set_index("step")["value"]
+    assert sorted(got.index) == [2, 4, 6, 8]
+    for step, value in got.items():
+        assert value == pytest.approx(model.train_losses[step], rel=1e-6)
+    events = read_events(tmp_path / "run").Tags()["scalars"]
+    assert "train/train_loss" in events and not any("val_loss" in t for t in events)
+
+
 def test_default_run_dir_without_logger(tmp_path):
     cb = ReluDoctor(log_every_n_steps=2)
     trainer(tmp_path, [cb], max_steps=2).fit(make_model(), loader())
