@@ -45,10 +45,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from relu_doctor._validate import flag, glob_patterns, positive_int
 from relu_doctor._validate import unit_dims as check_unit_dims
+from relu_doctor.callbacks._remedy import RemedyCallback
+from relu_doctor.callbacks.treatment import ReluDoctorTreatment
 from relu_doctor.diagnosis import (
-    SEVERITIES,
+    REMEDY_NAMES,
     DiagnosisConfig,
-    Finding,
     check_warn,
     diagnosis_config,
     run_health,
@@ -56,6 +57,7 @@ from relu_doctor.diagnosis import (
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.history import IntervalRecord
+from relu_doctor.integrations._common import FindingWarner
 from relu_doctor.reports import tensorboard as tb
 from relu_doctor.rundir import fresh_dir
 from relu_doctor.sampling import DEFAULT_BUDGET, check_rate
@@ -186,7 +188,10 @@ class ReluDoctor(Callback):
         self._last_global_step = -1
         self._pause: Any = None  # the Doctor's paused() context, entered for a sanity check
         self._aside = False  # the model runs no activation: warned once, stepped aside
-        self._warned: set[tuple[str, str, str]] = set()
+        # each finding once per (stream, kind, site), across fits; told the remedies at fit start
+        self._warner = FindingWarner(
+            self.warn, emit=lambda text: rank_zero_warn(text, category=ReluDoctorWarning)
+        )
         self._own_writer: Any = None
         self._used_writers: dict[int, Any] = {}  # id -> writer that got our layout
         self._broken_writers: set[int] = set()  # ids of writers that failed: left out
@@ -211,6 +216,7 @@ class ReluDoctor(Callback):
     # ------------------------------------------------------------------ fit lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
+        self._warner.on = tuple(_remedies_on(trainer.callbacks))
         self._detach_all()
         world = trainer.world_size
         all_reduce = (
@@ -470,16 +476,7 @@ class ReluDoctor(Callback):
                 lg.log_metrics(metrics, step=record.step)
 
     def _warn(self, record: IntervalRecord, prefix: str) -> None:
-        if self.warn is None:
-            return
-        floor = SEVERITIES.index(self.warn)
-        stream = "validation " if prefix == tb.VAL_PREFIX else ""
-        for f in record.findings:
-            key = (prefix, f.kind, f.site)
-            if key in self._warned or SEVERITIES.index(f.severity) < floor:
-                continue
-            self._warned.add(key)
-            rank_zero_warn(_warning_text(f, stream), category=ReluDoctorWarning)
+        self._warner(record, "validation" if prefix == tb.VAL_PREFIX else "")
 
     def _on_record(self, record: IntervalRecord) -> None:
         self._publish(record, tb.PREFIX)
@@ -539,11 +536,18 @@ class ReluDoctor(Callback):
         self._pending_state = dict(state_dict)
 
 
-def _warning_text(f: Finding, stream: str) -> str:
-    return (
-        f"relu_doctor: {stream}{f.kind} at {f.site} (step {f.step}, {f.severity}): "
-        f"{f.message} Remedy: {f.remedy}"
-    )
+def _remedies_on(callbacks: Sequence[Any]) -> list[str]:
+    """The remedy callbacks of a fit, as the findings' remedy texts name them
+    (``"LeakyReluSwap"``...), or ``["plan"]`` with a ReluDoctorTreatment: a finding's
+    remedy text then says the remedy is on (see :class:`FindingWarner`)."""
+    if any(isinstance(c, ReluDoctorTreatment) for c in callbacks):
+        return ["plan"]
+    names = {n for n in REMEDY_NAMES["lightning"].values() if n}
+    on = []
+    for c in callbacks:
+        if isinstance(c, RemedyCallback):  # a subclass goes by the remedy it specialises
+            on += [k.__name__ for k in type(c).__mro__ if k.__name__ in names][:1]
+    return list(dict.fromkeys(on))
 
 
 def _fit_ends_here(trainer: pl.Trainer, batch_idx: int) -> bool:

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 import relu_doctor
-from relu_doctor.callbacks import ReluDoctor, ReluDoctorWarning
+from relu_doctor.callbacks import LeakyReluSwap, ReluDoctor, ReluDoctorTreatment, ReluDoctorWarning
 from relu_doctor.diagnosis import DiagnosisConfig
 from relu_doctor.errors import ReluDoctorError, RunDirError
 from relu_doctor.events import Intervention
@@ -556,6 +556,34 @@ def test_findings_warn_once_per_kind_and_site(tmp_path):
     assert "Remedy:" in dead[0] and "LeakyReLU" in dead[0]
     assert len(ours) == len(set(m.split(" (step")[0] for m in ours))
     assert len(cb.doctor.records) == 3  # found at every log, warned once
+
+
+class MySwap(LeakyReluSwap):
+    """A user's own subclass: it is still the LeakyReluSwap remedy."""
+
+
+@pytest.mark.parametrize("remedy, said", [
+    (lambda: MySwap(patience=100),
+     "(LeakyReluSwap is on in this run: it acts by its own rule, and says when it does.)"),
+    (lambda: ReluDoctorTreatment(check_init=False),
+     "(The treatment plan is on: it decides which remedy acts, and when.)"),
+    (lambda: None, None),
+])
+def test_a_finding_says_when_its_remedy_callback_is_on(tmp_path, remedy, said):
+    """As under HF and Keras: a finding whose remedy is a callback of this fit says it is on,
+    not to add it."""
+    extra = remedy()
+    callbacks = [ReluDoctor(log_every_n_steps=2)] + ([extra] if extra is not None else [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, callbacks, max_steps=2).fit(make_model(dead=8), loader())
+    dead = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)
+            and str(w.message).startswith("relu_doctor: dead at net.1 ")]
+    assert len(dead) == 1 and "LeakyReluSwap" in dead[0]
+    if said is None:
+        assert "on in this run" not in dead[0] and "plan is on" not in dead[0]
+    else:
+        assert dead[0].endswith(said)
 
 
 SWAP = Intervention(remedy="fake_swap", site="net.1", step=2, what="swapped net.1", id="f:1")
