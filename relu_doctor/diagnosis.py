@@ -254,9 +254,10 @@ def diagnose(
                 "Lower the learning rate (step or exponential decay) and recycle the units "
                 f"{_recycle(names)}; check the normalisation before this activation."
                 if leaky
-                else f"Swap ReLU for LeakyReLU (alpha 0.01 to 0.3; {names['swap']}) or PReLU to "
-                "learn the slope; lower the learning rate (step or exponential decay); check "
-                "the initialisation and bias of the layer that feeds it."
+                else "Swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
+                f"({names['swap']}) or PReLU to learn the slope; lower the learning rate (step "
+                "or exponential decay); check the initialisation and bias of the layer that "
+                "feeds it."
             )
             out.append(
                 Finding(

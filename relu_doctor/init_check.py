@@ -178,8 +178,9 @@ def _report(rows: list[dict[str, Any]], shrink: float) -> InitReport:
                     {"born_dead": r["born_dead"], "units": r["units"],
                      "born_dead_units": r["born_dead_units"]},
                     "Check the initialisation and bias of the layer that feeds it (a negative "
-                    "bias kills units); use He initialisation; LeakyReLU (alpha 0.01 to 0.3) "
-                    "keeps a gradient for them; BatchNorm before the activation centres it.",
+                    "bias kills units); use He initialisation; LeakyReLU (negative slope 0.01 "
+                    "to 0.3) keeps a gradient for them; BatchNorm before the activation centres "
+                    "it.",
                 )
             )
     last = report.sites[-1]

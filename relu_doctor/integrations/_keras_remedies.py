@@ -31,7 +31,7 @@ from relu_doctor.remedies.base import (
 )
 from relu_doctor.remedies.clipping import AutoClip
 from relu_doctor.remedies.lr import LRRescuer
-from relu_doctor.remedies.plan import DEFAULT_STEPS, TreatmentPlan
+from relu_doctor.remedies.plan import DEFAULT_STEPS, TreatmentPlan, plan_steps
 from relu_doctor.remedies.swap import ActivationSwapper
 from relu_doctor.sites import SiteKey
 
@@ -386,6 +386,7 @@ def keras_plan_options(options: Mapping[str, Any]) -> dict[str, Any]:
     if "steps" not in out:
         out["steps"] = tuple(s for s in DEFAULT_STEPS if s.remedy in KERAS_PLAN_STEPS)
         return out
+    out["steps"] = plan_steps(out["steps"])  # PlanSteps, or remedy names
     bad = [s.remedy for s in out["steps"] if s.remedy not in KERAS_PLAN_STEPS]
     if bad:
         raise ReluDoctorError(

@@ -36,7 +36,7 @@ Example (a plain loop):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -160,6 +160,30 @@ class _View:
         return self._r.key(name)
 
 
+def plan_steps(steps: object) -> tuple[PlanStep, ...]:
+    """A ``steps`` argument as PlanSteps: each a PlanStep or a remedy's name, each remedy
+    once, at least one."""
+    expected = (f"a non-empty sequence of PlanStep or remedy names ({list(PLAN_REMEDIES)}), "
+                "each remedy once")
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+        raise ReluDoctorError(f"steps: expected {expected}, got {steps!r}.")
+    given = list(steps)
+    out = []
+    for s in given:
+        if isinstance(s, str):
+            if s not in PLAN_REMEDIES:
+                raise ReluDoctorError(
+                    f"steps: {s!r} is not a remedy of the plan: expected one of "
+                    f"{list(PLAN_REMEDIES)} (or a PlanStep)."
+                )
+            s = PlanStep(s)
+        out.append(s)
+    names = [s.remedy for s in out if isinstance(s, PlanStep)]
+    if len(names) != len(out) or not out or len(set(names)) != len(names):
+        raise ReluDoctorError(f"steps: expected {expected}, got {given!r}.")
+    return tuple(out)
+
+
 class TreatmentPlan(Remedy):
     """Coordinate the remedies: gentlest first, one change per site per cooldown, each
     judged on its target metric, none repeated where it did not help.
@@ -172,7 +196,8 @@ class TreatmentPlan(Remedy):
         model: the model.
         optimizer: the optimizer(s) (clipping, the learning rate, optimizer-state resets).
         schedulers: their LR schedulers (kept in step with a learning-rate cut).
-        steps: the ordered steps (default :data:`DEFAULT_STEPS`).
+        steps: the ordered steps (default :data:`DEFAULT_STEPS`): each a :class:`PlanStep`,
+            or a remedy's name (``"recycle"``) for its step with the default settings.
         cooldown: logging intervals a site is left alone after a change (>= 1).
         dead_jump: a rise of a site's dead fraction by this much between two intervals is
             a surge (a model-wide trigger).
@@ -210,14 +235,7 @@ class TreatmentPlan(Remedy):
         self.model = check_model(model)
         self.optimizers = check_optimizers("optimizer", optimizer)
         self.schedulers = list(schedulers)
-        self.steps = tuple(steps)
-        bad = [s for s in self.steps if not isinstance(s, PlanStep)]
-        names = [s.remedy for s in self.steps if isinstance(s, PlanStep)]
-        if bad or not self.steps or len(set(names)) != len(names):
-            raise ReluDoctorError(
-                "steps: expected a non-empty sequence of PlanStep, each remedy once, got "
-                f"{list(steps)!r}."
-            )
+        self.steps = plan_steps(steps)
         self.cooldown = positive_int("cooldown", cooldown)
         self.dead_jump = number_in("dead_jump", dead_jump, 0.0, 1.0)
         self.patience = positive_int("patience", patience)

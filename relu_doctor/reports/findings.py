@@ -177,7 +177,8 @@ def recommend(
         return f.remedy  # diagnosis's own words fit a first treatment
     steps = []
     if not leaky and _SWAP not in tried:
-        steps.append(f"swap ReLU for LeakyReLU (alpha 0.01 to 0.3; {names['swap']}) or PReLU")
+        steps.append("swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
+                     f"({names['swap']}) or PReLU")
     if _LR not in tried:
         steps.append(f"lower the learning rate (step or exponential decay; {names['lr']})")
     else:

@@ -208,6 +208,10 @@ def test_a_hopeless_run_stops_with_its_evidence_and_early_stopping_sees_health(
 def test_plan_arguments_are_checked_before_training(tmp_path: Path) -> None:
     with pytest.raises(ReluDoctorError, match="torch modules"):
         ReluDoctorCallback(treatment={"steps": [PlanStep("lr"), PlanStep("recycle")]})
+    with pytest.raises(ReluDoctorError, match=r"steps \['recycle'\] re-initialise"):
+        ReluDoctorCallback(treatment={"steps": ["lr", "recycle"]})  # names, as PlanSteps
+    named = ReluDoctorCallback(treatment={"steps": ["swap", "lr"]})._plan_opts
+    assert named is not None and named["steps"] == (PlanStep("swap"), PlanStep("lr"))
     with pytest.raises(ReluDoctorError, match="plan decides every remedy"):
         ReluDoctorCallback(treatment=True, lr_rescue=True)
     with pytest.raises(ReluDoctorError, match="cooldown"):

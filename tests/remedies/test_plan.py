@@ -160,6 +160,16 @@ def test_plan_arguments_are_checked() -> None:
         PlanStep("surgery")
     with pytest.raises(ReluDoctorError, match="cooldown"):
         TreatmentPlan(net, cooldown=0)
+    # a remedy's name is its step with the default settings; a wrong one lists the names
+    assert TreatmentPlan(net, steps=["recycle", "swap"]).steps == (PlanStep("recycle"),
+                                                                   PlanStep("swap"))
+    with pytest.raises(ReluDoctorError, match=r"^steps: 'recyle' is not a remedy of the plan: "
+                       r"expected one of \['clip', 'lr', 'swap', 'recycle'"):
+        TreatmentPlan(net, steps=["recyle"])
+    for bad in ("recycle", ["swap", PlanStep("swap")], [1]):
+        with pytest.raises(ReluDoctorError, match=r"^steps: expected a non-empty sequence of "
+                           r"PlanStep or remedy names"):
+            TreatmentPlan(net, steps=bad)
     assert [s["remedy"] for s in TreatmentPlan(net).describe()] == ["clip", "lr", "recycle", "swap"]
 
 

@@ -212,7 +212,7 @@ def test_findings_merge_and_remedies_follow_what_was_done() -> None:
                "step": 10, "after": {"dead_fraction": 0.5}, "target": "dead_fraction",
                "verdict": "helped"}]
     (g,) = build_context(_run_with([dead, sparse], "leaky_relu", events)).findings
-    assert "LeakyReLU (alpha" not in g.remedy and "already leaky" in g.remedy
+    assert "swap relu for leakyrelu" not in g.remedy.lower() and "already leaky" in g.remedy
     assert "lower the learning rate further" in g.remedy
     assert g.done == ["lr_rescue at step 5: dead 60.0% → 50.0%, helped"]
 
