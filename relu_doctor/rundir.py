@@ -58,6 +58,7 @@ from relu_doctor.runread import (
     last_step,
     load_run,
     open_writer_state,
+    process_token,
     read_meta,
     read_stream,
     read_table,
@@ -100,7 +101,8 @@ def _acquire_lock(path: Path, run_id: str) -> Path:
     """Create ``path/.lock`` for this process, taking over a stale one (dead process)."""
     lock = path / LOCK_NAME
     host = socket.gethostname()
-    body = json.dumps({"run_id": run_id, "pid": os.getpid(), "host": host}).encode()
+    body = json.dumps({"run_id": run_id, "pid": os.getpid(), "host": host,
+                       "started": process_token(os.getpid())}).encode()
     for _ in range(3):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -112,10 +114,11 @@ def _acquire_lock(path: Path, run_id: str) -> Path:
                 pid, other_host = int(held.get("pid", -1)), str(held.get("host", ""))
             except (OSError, ValueError, TypeError, UnicodeDecodeError):
                 pid, other_host, held = -1, host, {}
+            token = held.get("started")  # tells the writer from a later process of its pid
             same_process = pid == os.getpid() and other_host == host
             live = (
                 str(lock.resolve()) in _HELD if same_process
-                else other_host != host or _pid_alive(pid)
+                else other_host != host or _pid_alive(pid, token)
             )
             if live:
                 where = f"process {pid} on {other_host}" if other_host != host else f"process {pid}"

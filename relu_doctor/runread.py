@@ -42,15 +42,32 @@ LOCK_NAME = ".lock"  # held by the writer while it writes (see rundir)
 _HELD: set[str] = set()  # lock files held by live writers of this process
 
 
-def _pid_alive(pid: int) -> bool:
+def process_token(pid: int) -> str | None:
+    """What tells process ``pid`` apart from a later process given the same pid: the boot's
+    id and the process's start time (Linux ``/proc``); None where they cannot be read."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        stat = Path(f"/proc/{int(pid)}/stat").read_text(encoding="ascii", errors="replace")
+        start = stat.rsplit(")", 1)[1].split()[19]  # field 22, starttime (after "pid (comm)")
+    except (OSError, IndexError, ValueError):
+        return None
+    return f"{boot}:{start}"
+
+
+def _pid_alive(pid: int, token: object = None) -> bool:
+    """Whether process ``pid`` runs; with the ``token`` (:func:`process_token`) its writer
+    recorded, whether that same process runs (not a later one given its pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     except (OSError, OverflowError, ValueError):
         return False
+    if isinstance(token, str):
+        now = process_token(pid)
+        return now is None or now == token
     return True
 
 
@@ -61,7 +78,7 @@ def open_writer_state(path: Path) -> str:
     lock = path / LOCK_NAME
     try:
         held = json.loads(lock.read_text(encoding="utf-8"))
-        pid, host = int(held["pid"]), str(held.get("host", ""))
+        pid, host, token = int(held["pid"]), str(held.get("host", "")), held.get("started")
     except FileNotFoundError:
         return ""
     except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError):
@@ -73,7 +90,7 @@ def open_writer_state(path: Path) -> str:
     if pid == os.getpid():  # ours, or a dead writer's whose pid this process now has
         if str(lock.resolve()) in _HELD:
             return "this process is still writing it"
-    elif _pid_alive(pid):
+    elif _pid_alive(pid, token):
         return f"process {pid} is still writing it"
     return (f"its writer, process {pid}, ended without closing it (killed, or crashed): "
             "what it trained after its last log is not recorded")

@@ -215,3 +215,40 @@ def test_a_lock_with_this_processs_pid_that_it_does_not_hold_is_a_dead_writers(t
         {"run_id": "x", "pid": os.getpid(), "host": socket.gethostname()}))
     assert load_run(tmp_path / "run").writer_open.startswith(
         f"its writer, process {os.getpid()}, ended without closing it")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="start times from Linux /proc")
+def test_a_writers_pid_now_held_by_another_live_process_is_a_dead_writers(tmp_path: Path) -> None:
+    """The lock records its writer's start time: a live process that was given the dead
+    writer's pid is told apart (the report says 'ended', a new writer takes the lock over),
+    and the writer itself, still running, reads 'still writing'."""
+    import json as jsonlib
+    import socket
+    import subprocess
+    import sys
+
+    from relu_doctor.runread import process_token
+
+    _train(tmp_path / "run", 2)
+    lock = tmp_path / "run" / ".lock"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        token = process_token(other.pid)
+        assert token is not None and token != process_token(os.getpid())
+
+        def held_by(started: str | None) -> None:
+            lock.write_text(jsonlib.dumps({"run_id": "x", "pid": other.pid,
+                                           "host": socket.gethostname(), "started": started}))
+
+        held_by(token)  # that very process: still writing, and the directory is refused
+        assert load_run(tmp_path / "run").writer_open == f"process {other.pid} is still writing it"
+        with pytest.raises(relu_doctor.RunDirError, match="being written by another writer"):
+            relu_doctor.watch(zoo.mlp(), run_dir=tmp_path / "run", resume=True)
+        held_by(token.rsplit(":", 1)[0] + ":1")  # an earlier process that had its pid
+        assert load_run(tmp_path / "run").writer_open.startswith(
+            f"its writer, process {other.pid}, ended without closing it")
+        with pytest.warns(relu_doctor.ReluDoctorWarning, match="taking over the lock"):
+            relu_doctor.watch(zoo.mlp(), run_dir=tmp_path / "run", resume=True).detach()
+    finally:
+        other.kill()
+        other.wait()
