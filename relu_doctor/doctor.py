@@ -542,11 +542,12 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         summed, world = self._agreed_sums[purpose](named, device)
         if summed is not None:
             return summed, world
-        if not self._warned_sites_differ:
+        if not self._warned_sites_differ and self.is_writer:  # once, by the writer alone
             self._warned_sites_differ = True
             warnings.warn(
                 f"relu_doctor: at step {self.global_step} the {world} processes do not hold "
-                f"the same activation sites (this one holds {len(self.probe.sites())}): a "
+                f"the same activation sites (the writing process holds "
+                f"{len(self.probe.sites())}): a "
                 "branch or an expert that not every process has run yet, a site whose hook "
                 "failed on one process, or an activation whose shape differs between "
                 "processes (then until the end). Until they hold the same sites, each "
