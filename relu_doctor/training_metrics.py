@@ -79,9 +79,17 @@ class TrainingMetrics:
         """Call ``fn()`` at each logging step for more metrics ``{name: value}``."""
         self._sources.append(fn)
 
-    def read(self, optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, float]:
+    def read(
+        self, optimizers: Sequence[torch.optim.Optimizer],
+        used_lrs: Mapping[int, Sequence[Any]] | None = None,
+    ) -> dict[str, float]:
         """The window's means (one host read), the optimizers' learning rates and the
-        sources' values; the window's sums are cleared. Local to this process."""
+        sources' values; the window's sums are cleared. Local to this process.
+
+        ``used_lrs``: by ``id(optimizer)``, the rates its last step used (one per param
+        group, :meth:`~relu_doctor.optimizer_tap.OptimizerTap.take_used_lrs`), recorded
+        in place of the rates now set (a scheduler that stepped since has set the next
+        step's)."""
         acc, self._acc = self._acc, {}
         out: dict[str, float] = {}
         if acc:
@@ -93,10 +101,15 @@ class TrainingMetrics:
             for (name, a), s in zip(acc.items(), sums.tolist(), strict=True):
                 out[name] = (s + a[1]) / a[2]
         self.nonfinite = {k: v for k, v in out.items() if not math.isfinite(v)}
-        groups = [(i, j, g) for i, o in enumerate(optimizers) for j, g in enumerate(o.param_groups)]
-        for i, j, g in groups:
-            name = "lr" if len(groups) == 1 else f"lr/{i}.{j}" if len(optimizers) > 1 else f"lr/{j}"
-            out[name] = float(g["lr"])
+        rates = []
+        for i, o in enumerate(optimizers):
+            now = [g["lr"] for g in o.param_groups]
+            used = (used_lrs or {}).get(id(o))
+            rates += [(i, j, lr) for j, lr in enumerate(used if used and len(used) == len(now)
+                                                        else now)]
+        for i, j, lr in rates:
+            name = "lr" if len(rates) == 1 else f"lr/{i}.{j}" if len(optimizers) > 1 else f"lr/{j}"
+            out[name] = float(lr)
         for fn in self._sources:
             for name, value in fn().items():
                 try:

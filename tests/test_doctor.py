@@ -880,3 +880,29 @@ def test_two_sites_never_share_a_display_name():
     assert record.key("x:relu#0") == SiteKey("x", 0, "relu")
     assert record.key("x:relu#0~2") == SiteKey("x:relu#0", 0, None)
     assert len(doc.unit_table("x:relu#0")) == 8 and len(doc.unit_table("x:relu#0~2")) == 4
+
+
+@pytest.mark.parametrize("sched_first", [False, True])
+def test_the_learning_rate_recorded_is_the_one_the_logged_step_used(sched_first):
+    """A scheduler steps after the optimizer (or, wrongly, before it): either way the rate
+    recorded at a log is the one that log's optimizer step used, read at that step."""
+    torch.manual_seed(0)
+    model = zoo.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 ** k)
+    used: dict[int, float] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: scheduler stepped before optimizer
+        with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=2) as doc:
+            for step in range(1, 7):
+                model(torch.randn(8, 10)).square().mean().backward()
+                if sched_first:
+                    sched.step()
+                used[step] = opt.param_groups[0]["lr"]
+                opt.step()
+                if not sched_first:
+                    sched.step()
+                opt.zero_grad()
+                doc.step()
+    assert {r.step: r.metrics["lr"] for r in doc.records} == {s: used[s] for s in (2, 4, 6)}
+    assert len({used[s] for s in (2, 4, 6)}) == 3

@@ -266,17 +266,25 @@ def test_csv_logger_gets_scalars_and_run_dir_gets_tensorboard(tmp_path):
 
 
 class LoggingNet(TinyNet):
-    """TinyNet that logs its loss in training (kept, per step) and in validation."""
+    """TinyNet that logs its loss in training and in validation, with a learning rate that
+    a scheduler changes at every step (the loss and the rate of each step kept)."""
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self.train_losses: dict[int, float] = {}
+        self.rates: dict[int, float] = {}
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
         self.train_losses[self.global_step + 1] = float(loss)  # the step it ends
+        self.rates[self.global_step + 1] = self.optimizers().param_groups[0]["lr"]
         self.log("train_loss", loss)
         return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.9 ** k)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def validation_step(self, batch, batch_idx):
         loss = self.loss(batch)
@@ -287,7 +295,7 @@ class LoggingNet(TinyNet):
 def test_the_training_curve_holds_training_metrics_not_validations(tmp_path):
     """Lightning keeps validation's metrics in callback_metrics until the next validation:
     the run's training curve leaves them out and holds what training_step logged, at each
-    logging step the value of that step."""
+    logging step the value of that step, and the learning rate that step used."""
     torch.manual_seed(0)
     model = LoggingNet()
     cb = ReluDoctor(log_every_n_steps=2, run_dir=tmp_path / "run")
@@ -299,6 +307,8 @@ def test_the_training_curve_holds_training_metrics_not_validations(tmp_path):
     assert sorted(got.index) == [2, 4, 6, 8]
     for step, value in got.items():
         assert value == pytest.approx(model.train_losses[step], rel=1e-6)
+    lr = run.metrics[run.metrics["name"] == "lr"].set_index("step")["value"]
+    assert lr.to_dict() == pytest.approx({s: model.rates[s] for s in (2, 4, 6, 8)})
     events = read_events(tmp_path / "run").Tags()["scalars"]
     assert "train/train_loss" in events and not any("val_loss" in t for t in events)
 

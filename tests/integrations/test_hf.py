@@ -301,7 +301,8 @@ def test_remedy_dicts_are_checked_when_the_callback_is_made(kwargs: dict[str, An
 
 def test_the_training_curve_holds_the_trainers_loss_at_each_log(tmp_path: Path) -> None:
     """The run's metrics table and its event files (``train/loss``): the loss the Trainer
-    logs right after each of our logs, at that step; the learning rates as before."""
+    logs right after each of our logs, at that step; the learning rates its steps used, as
+    the Trainer logs them (its default schedule decays them at every step)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cb = ReluDoctorCallback(log_every_n_steps=2)
@@ -314,7 +315,11 @@ def test_the_training_curve_holds_the_trainers_loss_at_each_log(tmp_path: Path) 
     metrics = relu_doctor.load_run(cb.doctor.run_dir).metrics
     loss = metrics[metrics["name"] == "loss"]
     assert dict(zip(loss["step"], loss["value"], strict=True)) == pytest.approx(logged)
-    assert {"lr/0", "lr/1"} <= set(metrics["name"])
+    rates = {h["step"]: h["learning_rate"] for h in trainer.state.log_history if "loss" in h}
+    assert len(set(rates.values())) == 3  # a rate that moves at each log
+    for group in ("lr/0", "lr/1"):  # (weight decay and none: the same rate)
+        lr = metrics[metrics["name"] == group]
+        assert dict(zip(lr["step"], lr["value"], strict=True)) == pytest.approx(rates)
     assert {r.step: r.metrics["loss"] for r in cb.doctor.records} == pytest.approx(logged)
     ea = EventAccumulator(str(cb.doctor.run_dir))
     ea.Reload()
