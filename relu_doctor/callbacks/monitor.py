@@ -189,9 +189,7 @@ class ReluDoctor(Callback):
         self._pause: Any = None  # the Doctor's paused() context, entered for a sanity check
         self._aside = False  # the model runs no activation: warned once, stepped aside
         # each finding once per (stream, kind, site), across fits; told the remedies at fit start
-        self._warner = FindingWarner(
-            self.warn, emit=lambda text: rank_zero_warn(text, category=ReluDoctorWarning)
-        )
+        self._warner = FindingWarner(self.warn, emit=_warn_on_rank_zero)  # picklable (spawn)
         self._own_writer: Any = None
         self._used_writers: dict[int, Any] = {}  # id -> writer that got our layout
         self._broken_writers: set[int] = set()  # ids of writers that failed: left out
@@ -534,6 +532,10 @@ class ReluDoctor(Callback):
                 f"{_STATE_VERSION}); resume with the relu_doctor version that wrote it."
             )
         self._pending_state = dict(state_dict)
+
+
+def _warn_on_rank_zero(text: str) -> None:
+    rank_zero_warn(text, category=ReluDoctorWarning)
 
 
 def _remedies_on(callbacks: Sequence[Any]) -> list[str]:
