@@ -214,7 +214,7 @@ class ReluDoctor(Callback):
     # ------------------------------------------------------------------ fit lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
-        self._warner.on = tuple(_remedies_on(trainer.callbacks))
+        self._warner.on = tuple(_remedies_on(getattr(trainer, "callbacks", ())))
         self._detach_all()
         world = trainer.world_size
         all_reduce = (

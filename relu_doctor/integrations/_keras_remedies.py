@@ -31,7 +31,8 @@ from relu_doctor.remedies.base import (
 )
 from relu_doctor.remedies.clipping import AutoClip
 from relu_doctor.remedies.lr import LRRescuer
-from relu_doctor.remedies.plan import DEFAULT_STEPS, TreatmentPlan, plan_steps
+from relu_doctor.remedies.plan import DEFAULT_STEPS, TreatmentPlan
+from relu_doctor.remedies.plan_steps import plan_steps
 from relu_doctor.remedies.swap import ActivationSwapper
 from relu_doctor.sites import SiteKey
 

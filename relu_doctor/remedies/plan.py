@@ -36,14 +36,13 @@ Example (a plain loop):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, cast
 
 import pandas as pd
 import torch.nn as nn
 
-from relu_doctor._validate import finite_or_none, nonnegative, number_in, positive_int
+from relu_doctor._validate import finite_or_none, number_in, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention, InterventionResult
@@ -59,56 +58,13 @@ from relu_doctor.remedies.base import (
     model_snapshot,
     site_snapshot,
 )
+from relu_doctor.remedies.plan_steps import DEFAULT_STEPS, PLAN_REMEDIES, PlanStep, plan_steps
 from relu_doctor.sites import SiteKey
 
 __all__ = ["DEFAULT_STEPS", "PLAN_REMEDIES", "PlanStep", "TreatmentPlan"]
 
-#: The remedies a plan step can name, and whether they act on the model or on one site.
-PLAN_REMEDIES = {"clip": MODEL, "lr": MODEL, "swap": "site", "recycle": "site",
-                 "continual_backprop": "site"}
-
 #: Never clip (AutoClip records gradient norms only, so its percentile is ready when needed).
 _NEVER = 10**15
-
-
-@dataclass(frozen=True)
-class PlanStep:
-    """One step of a :class:`TreatmentPlan`.
-
-    Attributes:
-        remedy: ``"clip"`` (AutoClip), ``"lr"`` (halve the learning rate), ``"swap"``
-            (ReLU -> LeakyReLU), ``"recycle"`` (ReDo) or ``"continual_backprop"``.
-        min_gain: the relative fall of the target metric, one interval later, that counts
-            as help (0: "no worse").
-        tolerance: absolute slack added to that test (noise of a fraction).
-        options: keyword arguments of the remedy (``percentile`` for clip; ``factor`` and
-            ``min_lr`` for lr; ``slope`` and ``threshold`` (a site's dead fraction) for swap;
-            ``threshold`` (a site's dead fraction), ``max_fraction`` and ``reset_adam_step``
-            for recycle; those of
-            :class:`~relu_doctor.remedies.continual_backprop.ContinualBackprop`).
-    """
-
-    remedy: str
-    min_gain: float = 0.0
-    tolerance: float = 0.0
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.remedy not in PLAN_REMEDIES:
-            raise ReluDoctorError(
-                f"remedy: expected one of {list(PLAN_REMEDIES)}, got {self.remedy!r}."
-            )
-        number_in("min_gain", self.min_gain, 0.0, 1.0, low_open=False, high_open=True)
-        nonnegative("tolerance", self.tolerance)
-
-
-#: Gentlest first: clipping and the learning rate before surgery.
-DEFAULT_STEPS = (
-    PlanStep("clip", tolerance=0.02),
-    PlanStep("lr", tolerance=0.1),
-    PlanStep("recycle", min_gain=0.25, options={"threshold": 0.3, "max_fraction": 0.25}),
-    PlanStep("swap", min_gain=0.25, options={"threshold": 0.3, "slope": 0.05}),
-)
 
 
 #: The method a controller given to :meth:`TreatmentPlan.use` must offer, per step.
@@ -158,30 +114,6 @@ class _View:
 
     def key(self, name: str) -> SiteKey:
         return self._r.key(name)
-
-
-def plan_steps(steps: object) -> tuple[PlanStep, ...]:
-    """A ``steps`` argument as PlanSteps: each a PlanStep or a remedy's name, each remedy
-    once, at least one."""
-    expected = (f"a non-empty sequence of PlanStep or remedy names ({list(PLAN_REMEDIES)}), "
-                "each remedy once")
-    if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
-        raise ReluDoctorError(f"steps: expected {expected}, got {steps!r}.")
-    given = list(steps)
-    out = []
-    for s in given:
-        if isinstance(s, str):
-            if s not in PLAN_REMEDIES:
-                raise ReluDoctorError(
-                    f"steps: {s!r} is not a remedy of the plan: expected one of "
-                    f"{list(PLAN_REMEDIES)} (or a PlanStep)."
-                )
-            s = PlanStep(s)
-        out.append(s)
-    names = [s.remedy for s in out if isinstance(s, PlanStep)]
-    if len(names) != len(out) or not out or len(set(names)) != len(names):
-        raise ReluDoctorError(f"steps: expected {expected}, got {given!r}.")
-    return tuple(out)
 
 
 class TreatmentPlan(Remedy):
