@@ -350,7 +350,24 @@ def _gradient_findings(
         if math.isfinite(float(r["grad_rms"]))
     ]
     flow.sort()
-    if len(flow) >= 2:
+    if flow and all(v == 0 for _, _, v in flow):
+        out.append(
+            Finding(
+                "vanishing_gradient", "model", "critical",
+                f"no gradient reached any activation over the window: gradient RMS is 0 at "
+                f"all {len(flow)} site(s) with gradient statistics, so nothing before them "
+                "learns.",
+                {"sites": len(flow), "input_side": flow[0][1], "output_side": flow[-1][1],
+                 "input_grad_rms": 0.0, "output_grad_rms": 0.0},
+                "Check the loss and the output layer: an output saturated so that the loss "
+                "has no slope (probabilities clipped at 0 or 1, as Keras' crossentropy "
+                "clips them; a softmax or sigmoid given huge logits), or a loss computed from "
+                "detached tensors. A learning rate high enough to blow the outputs up is a "
+                f"common cause: lower it ({names['lr']}).",
+                step,
+            )
+        )
+    elif len(flow) >= 2:
         first, last = flow[0], flow[-1]
         ev = {"input_side": first[1], "input_grad_rms": first[2],
               "output_side": last[1], "output_grad_rms": last[2]}

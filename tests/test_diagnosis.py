@@ -198,6 +198,40 @@ def test_vanishing_gradient_across_depth_on_a_real_model(run_watched):
     assert (finding.evidence["input_side"], finding.evidence["output_side"]) == ("1", "3")
 
 
+def test_no_gradient_at_any_site_is_a_critical_finding_and_the_report_draws_the_zeros(tmp_path):
+    """An output saturated into a clipped loss (Keras' crossentropy clips probabilities)
+    gives gradient 0 everywhere: its own finding, and the report's gradient flow draws the
+    zeros, where it said no gradient statistic was recorded."""
+    import relu_doctor
+    from relu_doctor.reports.html import render_report
+
+    torch.manual_seed(0)
+    model = zoo.mlp()
+    seen: list[float] = []  # the reference: dL/dh at each activation, from tensor hooks
+    def tap(module, inputs, out):
+        out.register_hook(lambda g: seen.append(float(g.abs().max())))
+
+    for i in (1, 3):
+        model[i].register_forward_hook(tap)
+    with relu_doctor.watch(model, log_every_n_steps=2, overhead_budget=None,
+                           run_dir=tmp_path / "run") as doc:
+        for _ in range(2):
+            p = torch.softmax(model(torch.randn(8, 10)) * 1e6, -1).clamp(1e-7, 1 - 1e-7)
+            (-p[:, 0].log().mean()).backward()
+            model.zero_grad()
+            doc.step()
+    assert len(seen) == 4 and max(seen) == 0.0
+    rows = doc.records[-1].site_rows
+    assert [r["grad_rms"] for r in rows] == [0.0, 0.0]
+    [f] = [f for f in doc.records[-1].findings if f.kind == "vanishing_gradient"]
+    assert f.severity == "critical" and f.message.startswith(
+        "no gradient reached any activation over the window: gradient RMS is 0 at all 2 site")
+    html = render_report(relu_doctor.load_run(tmp_path / "run"))
+    section = html[html.index('<section id="rd-gradients">'):]
+    section = section[:section.index("</section>")]
+    assert "No gradient statistics were recorded" not in section and "<img" in section
+
+
 # ---------------------------------------------------------------------- pure functions
 
 

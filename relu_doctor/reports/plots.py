@@ -382,19 +382,18 @@ def gradient_flow_figure(
     """
     if history.empty or "grad_rms" not in history:
         return None
-    g = history[np.isfinite(history["grad_rms"].astype(float))]
-    g = g[g["grad_rms"].astype(float) > 0]
+    g = history[np.isfinite(history["grad_rms"].astype(float))]  # 0 kept: no gradient came
     has_layers = (
         layers is not None
         and not layers.empty
         and "grad_norm" in layers
-        and bool((layers["grad_norm"].astype(float) > 0).any())
+        and bool(np.isfinite(layers["grad_norm"].astype(float)).any())
     )
     if g.empty and not has_layers:
         return None
     all_steps = sorted(int(s) for s in history["step"].unique())
-    pick = sorted({all_steps[round(i * (len(all_steps) - 1) / max(max_steps - 1, 1))]
-                   for i in range(min(max_steps, len(all_steps)))})
+    k = min(max_steps, len(all_steps))  # the first, the last, and evenly between
+    pick = sorted({all_steps[round(i * (len(all_steps) - 1) / max(k - 1, 1))] for i in range(k)})
     panels = (0 if g.empty else 1) + (1 if has_layers else 0)
     with matplotlib.rc_context(_rc()):
         fig = Figure(figsize=(_WIDTH, 3.8), layout="constrained")
@@ -402,15 +401,15 @@ def gradient_flow_figure(
         palette = dict(zip(pick, sns.color_palette("crest", len(pick)), strict=True))
         if not g.empty:
             _by_depth(axes.pop(0), g, "site", "grad_rms", _site_order(history), palette, "o",
-                      "activation gradient by site", "RMS of dL/dh (log scale)")
+                      "activation gradient by site", "RMS of dL/dh")
         if has_layers and layers is not None:
-            lay = layers[layers["grad_norm"].astype(float) > 0]
+            lay = layers[np.isfinite(layers["grad_norm"].astype(float))]
             names = [str(n) for n in pd.unique(layers["layer"])]
             lsteps = sorted(int(s) for s in lay["step"].unique())
             lpick = [s for s in pick if s in lsteps] or lsteps[-1:]
             lpal = dict(zip(lpick, sns.color_palette("flare", len(lpick)), strict=True))
             _by_depth(axes.pop(0), lay, "layer", "grad_norm", names, lpal, "s",
-                      "parameter gradient by layer", "gradient norm (log scale)")
+                      "parameter gradient by layer", "gradient norm")
     return fig
 
 
@@ -428,11 +427,26 @@ def _by_depth(
         ax.plot(part["x"], part[value].astype(float), marker=marker, markersize=4,
                 color=color, label=f"step {step}")
     _depth_axis(ax, [labels[s] for s in order])
-    ax.set_yscale("log")  # one rule for every run, so two reports compare at a glance
     ax.set_title(title)
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(f"{ylabel} ({_gradient_scale(ax, frame[value].astype(float))})")
     ax.set_xlabel("input side → output side")
     ax.legend(frameon=False, fontsize=7)
+
+
+def _gradient_scale(ax: Any, values: pd.Series) -> str:
+    """A log axis, one rule for every run so that two reports compare at a glance; where a
+    value is exactly 0 (no gradient came there), linear from 0 to the smallest positive
+    value and log above it, or linear when every value is 0. Returns the scale in words."""
+    positive = values[values > 0]
+    if len(positive) == len(values):
+        ax.set_yscale("log")
+        return "log scale"
+    if len(positive):
+        ax.set_yscale("symlog", linthresh=float(positive.min()))
+        ax.set_ylim(bottom=0)
+        return "log scale; 0: no gradient"
+    ax.set_ylim(-0.05, 1.0)
+    return "all 0: no gradient"
 
 
 def _depth_axis(ax: Any, labels: list[str]) -> None:

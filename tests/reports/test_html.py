@@ -342,3 +342,23 @@ def test_a_run_directory_started_before_the_windows_table_states_every_logs_samp
     numbers = dict(build_context(run).key_numbers)
     assert numbers["steps logged"] == "5–20 (4 logs)"
     assert numbers["steps collected"].startswith("17 of 20 run")
+
+
+@pytest.mark.parametrize("logged", [[2, 4], [2, 4, 6], [2, 4, 6, 8, 10, 12]])
+def test_the_gradient_flow_draws_the_first_and_last_logs_and_zeros_on_its_axis(logged):
+    """Up to four logs, the first and the last among them (two logs drew the first alone); a
+    gradient of exactly 0 is drawn at 0 (a log axis cannot), every value where it is."""
+    hist = pd.DataFrame([{"step": s, "site": site, "order": i,
+                          "grad_rms": 0.0 if (s, site) == (logged[-1], "a") else 10.0 ** -(3 - i)}
+                         for s in logged for i, site in enumerate("abc")])
+    fig = plots.gradient_flow_figure(hist)
+    assert fig is not None
+    (ax,) = fig.axes
+    drawn = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    want = [logged[round(i * (len(logged) - 1) / (min(4, len(logged)) - 1))]
+            for i in range(min(4, len(logged)))]
+    assert list(drawn) == [f"step {s}" for s in want]
+    for s in want:
+        expect = hist[hist["step"] == s].sort_values("order")["grad_rms"].tolist()
+        assert drawn[f"step {s}"] == expect
+    assert ax.get_yscale() == "symlog" and ax.get_ylim()[0] == 0
