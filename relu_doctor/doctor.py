@@ -234,6 +234,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._wrote_run_dir = False  # a writer was opened: the run directory holds the record
         self._claimed_run_dir = False  # the run directory was checked as ours to write
         self._announced: set[tuple[str, str]] = set()  # (remedy, site) changes said once
+        self._saved_to: set[str] = set()  # directories save() wrote: saved over freely
         self._write_error: str | None = None  # the first write failure, warned once
         self._unfolded = False  # site windows logged by a final log, not yet folded
         self._unwritten: list[list[int]] = []  # [first, last] steps that did not reach disk

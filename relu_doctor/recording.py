@@ -29,6 +29,7 @@ from relu_doctor.events import Event
 from relu_doctor.history import FORMAT_VERSION, IntervalRecord, Run, event_dict
 from relu_doctor.record import window_columns, windows_frame
 from relu_doctor.rundir import RunWriter, check_claimable, load_run, read_table
+from relu_doctor.runread import read_meta
 from relu_doctor.training_metrics import metrics_columns, metrics_frame
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ class RunRecording:
         _tb: RunTensorBoard | None
         _claimed_run_dir: bool
         _announced: set[tuple[str, str]]
+        _saved_to: set[str]
         _write_error: str | None
         _meta_dirty: bool
         _unwritten: list[list[int]]
@@ -320,15 +322,32 @@ class RunRecording:
                     "windows": cat([windows_frame(r) for r in records])},
         )
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write everything recorded so far as a run directory at ``path``.
+
+        A directory this Doctor saved before is written over. One that holds another run is
+        refused, unless ``overwrite``: then that run goes, its TensorBoard event files and
+        ``report.html`` with it (they would show it under this run's record).
 
         Raises:
             ReluDoctorError: ``path`` is not a path.
             RunDirError: the directory cannot be written (the message names the path and the
-                OS's reason; the ``OSError`` is its ``__cause__``), or holds something else.
+                OS's reason; the ``OSError`` is its ``__cause__``), holds another run
+                (without ``overwrite``), or holds something else.
         """
         check_path("path", path)
+        p = Path(path)
+        key = str(p.resolve())
+        old = read_meta(p) if (p / "meta.json").is_file() else None
+        if old is not None and key not in self._saved_to:
+            if not overwrite:
+                raise RunDirError(
+                    f"path: {str(p)!r} already holds run {old.get('run_id', '(unnamed)')!r}, "
+                    "which this Doctor did not save; pass a new directory, or overwrite=True "
+                    "to replace that run."
+                )
+            for stale in [*p.glob("events.out.tfevents.*"), p / "report.html"]:
+                stale.unlink(missing_ok=True)
         run = self.to_run()
         try:
             writer = RunWriter(path, replace=True)
@@ -345,6 +364,7 @@ class RunRecording:
                 writer.append_events(run.events)
             finally:
                 writer.close()
+            self._saved_to.add(key)
         except OSError as e:  # an explicit call: an error, unlike a write during training
             raise RunDirError(
                 f"path: cannot write the run directory {str(path)!r} ({e.strerror or e}); "

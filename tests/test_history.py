@@ -110,6 +110,29 @@ def test_save_writes_a_loadable_run(tmp_path):
     assert len(run2.events) == len(run.events)
 
 
+def test_save_refuses_another_runs_directory_unless_told_to_overwrite_it(tmp_path):
+    """Another run's directory is not written over by mistake; with overwrite=True it is
+    replaced whole: its TensorBoard files and report go too, not shown under this run."""
+    other = zoo.mlp()
+    with relu_doctor.watch(other, log_every_n_steps=1, run_dir=tmp_path / "other") as d0:
+        zoo.train(other, [torch.randn(8, 10) for _ in range(3)], doc=d0)
+    assert list((tmp_path / "other").glob("events.out.tfevents.*"))
+    (tmp_path / "other" / "report.html").write_text("<html>the other run</html>")
+    before = load_run(tmp_path / "other")
+    model = zoo.mlp()
+    with relu_doctor.watch(model, log_every_n_steps=2) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(4)], doc=doc)
+    with pytest.raises(RunDirError, match=r"^path: .* already holds run '"
+                       + before.meta["run_id"] + r"', which this Doctor did not save; pass a "
+                       r"new directory, or overwrite=True"):
+        doc.save(tmp_path / "other")
+    assert_same_table(load_run(tmp_path / "other").history, before.history)  # untouched
+    run = load_run(doc.save(tmp_path / "other", overwrite=True))
+    assert_same_table(run.history, doc.history())
+    assert not list((tmp_path / "other").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "other" / "report.html").exists()
+
+
 def test_save_before_any_log_keeps_the_current_window(tmp_path):
     model = zoo.mlp()
     with relu_doctor.watch(model, log_every_n_steps=100) as doc:
