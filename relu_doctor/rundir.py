@@ -27,6 +27,7 @@ and recorded in :attr:`Run.problems`; what cannot be read at all raises a one-li
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -116,7 +117,7 @@ def _acquire_lock(path: Path, run_id: str) -> Path:
                 pid, other_host, held = -1, host, {}
             token = held.get("started")  # tells the writer from a later process of its pid
             same_process = pid == os.getpid() and other_host == host
-            live = (
+            live = not held.get("exited") and (
                 str(lock.resolve()) in _HELD if same_process
                 else other_host != host or _pid_alive(pid, token)
             )
@@ -139,8 +140,18 @@ def _acquire_lock(path: Path, run_id: str) -> Path:
     raise RunDirError(f"run_dir: cannot take the lock {str(lock)!r} (it keeps coming back).")
 
 
-def _release_lock(lock: Path, key: str, run_id: str) -> None:
+def _release_lock(lock: Path, key: str, run_id: str, *, exited: bool = False) -> None:
+    """Remove the lock this process holds; ``exited``: the interpreter exits with the run
+    still open (an uncaught error, a loop that never closed its watch), so the lock stays,
+    marked, and a reader says so (:func:`~relu_doctor.runread.open_writer_state`)."""
     _HELD.discard(key)
+    if exited:
+        with contextlib.suppress(OSError, ValueError):
+            held = json.loads(lock.read_text(encoding="utf-8"))
+            if (isinstance(held, dict) and held.get("run_id") == run_id
+                    and held.get("pid") == os.getpid()):  # not a forked child's exit
+                atomic_write_bytes(lock, json.dumps({**held, "exited": True}).encode())
+        return
     try:
         held = json.loads(lock.read_text(encoding="utf-8"))
         if isinstance(held, dict) and held.get("run_id") == run_id and held.get("pid") == os.getpid():
@@ -321,6 +332,8 @@ class RunWriter:
         self._finalizer = weakref.finalize(
             self, _release_lock, self._lock, str(self._lock.resolve()), self.run_id
         )
+        self._finalizer.atexit = False  # at exit, _exiting() marks the lock instead
+        _OPEN.add(self)
         self._segs: dict[str, _Segment] = {}
         self._next: dict[str, int] = {}
         for tmp in [*p.glob(".*.tmp"), *p.glob("*/.*.tmp")]:  # left by killed writes
@@ -480,11 +493,26 @@ class RunWriter:
 
     def close(self) -> None:
         """Close every open segment (compacting it to Parquet) and release the lock."""
+        _OPEN.discard(self)
         try:
             for table in list(self._segs):
                 self._close_segment(table)
         finally:
             self._finalizer()
+
+
+_OPEN: weakref.WeakSet[RunWriter] = weakref.WeakSet()  # writers not closed yet
+
+
+@atexit.register
+def _exiting() -> None:
+    """The interpreter exits with writers still open: each lock stays, marked ``exited``,
+    where it was removed and the run read as closed; what was written stays readable."""
+    for w in list(_OPEN):
+        if w._finalizer.alive:
+            args = w._finalizer.detach()
+            if args is not None:
+                _release_lock(*args[2], exited=True)
 
 
 def _event_step(line: bytes) -> int:

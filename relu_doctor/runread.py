@@ -84,6 +84,10 @@ def open_writer_state(path: Path) -> str:
     except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError):
         return "its writer left a lock that cannot be read: it may still be writing, or have " \
                "been stopped without closing the run directory"
+    if held.get("exited"):
+        return (f"its writer, process {pid}, exited without closing it (an error it did not "
+                "catch, or a loop that never closed its watch): what it trained after its "
+                "last log is not recorded")
     if host and host != socket.gethostname():
         return (f"its writer, process {pid} on {host}, has not closed it: the run is still "
                 "being written there, or was stopped without closing it")

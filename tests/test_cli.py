@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch.nn as nn
 
+import relu_doctor
 from relu_doctor._version import __version__
 from relu_doctor.cli import main
 from relu_doctor.history import load_run
@@ -140,6 +142,48 @@ def test_run_killed_with_sigkill_still_gives_a_report(
     assert data["steps"] == logged_steps(run_dir)  # every logged step, and no other
     assert data["steps"][:4] == [2, 4, 6, 8]
     assert {s["site"] for s in data["sites"]} == {"1", "3"}
+
+
+@pytest.mark.parametrize("ending", ["raise", "never closed", "closed"])
+def test_a_process_that_exits_with_its_run_open_leaves_it_marked_not_closed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], ending: str
+) -> None:
+    """An uncaught error in a loop no callback sees end (HF's Trainer, Keras' fit), or a
+    script that never closes its watch: the run reads as not closed (it read as closed: the
+    lock went at exit), with what was logged; closed, it reads as closed. A new writer
+    takes the directory over."""
+    run_dir = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import torch, torch.nn as nn, relu_doctor
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2))
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        doc = relu_doctor.watch(net, log_every_n_steps=2, optimizer=opt, run_dir={str(run_dir)!r})
+        for step in range(1, 8):
+            net(torch.randn(16, 6)).square().mean().backward()
+            opt.step(); opt.zero_grad(); doc.step()
+            if step == 5 and {ending!r} == "raise":
+                raise RuntimeError("boom")
+        if {ending!r} == "closed":
+            doc.close()
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == (1 if ending == "raise" else 0), proc.stderr
+    assert logged_steps(run_dir) == ([2, 4] if ending == "raise" else [2, 4, 6])
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    said = ("exited without closing it (an error it did not catch, or a loop that never "
+            "closed its watch)")
+    if ending == "closed":
+        assert "Not closed" not in out and load_run(run_dir).writer_open == ""
+        return
+    assert "Not closed: its writer, process " in out and said in out
+    assert said in (run_dir / "report.html").read_text(encoding="utf-8")
+    with pytest.warns(relu_doctor.ReluDoctorWarning, match="taking over the lock"):
+        relu_doctor.watch(nn.Sequential(nn.Linear(6, 12), nn.ReLU()), run_dir=run_dir,
+                          resume=True).close()
+    assert load_run(run_dir).writer_open == ""
 
 
 # ---------------------------------------------------------------------- in process
