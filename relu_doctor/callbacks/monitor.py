@@ -347,6 +347,18 @@ class ReluDoctor(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        # The steps since the last log are logged, as at the end of training: nothing lost
+        # when a fit dies. One process only: with several, the others may not be here, and
+        # a collective would wait for them.
+        doc = self.doctor
+        if (self.log_on_train_end and doc is not None and not self._aside
+                and doc.all_reduce is None):
+            try:
+                doc.log_final()
+            except Exception as e:  # the fit's own error is the one raised
+                rank_zero_warn(f"relu_doctor: the steps since the last log could not be "
+                               f"logged after the fit's error ({e!r}).",
+                               category=ReluDoctorWarning)
         self._finish()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

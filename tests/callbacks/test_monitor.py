@@ -664,8 +664,12 @@ def test_exception_mid_fit_leaves_no_hook(tmp_path):
         tr.fit(model, loader())
     assert not cb.doctor.probe.attached
     assert no_hooks_left(model, tr.optimizers)
-    # What was logged before the failure is on disk.
-    assert relu_doctor.load_run(tmp_path / "relu_doctor_logs").history["step"].max() == 2
+    # What was logged before the failure is on disk, and the step after it (the failure
+    # came at the fourth step's training_step: three were taken).
+    run = relu_doctor.load_run(tmp_path / "relu_doctor_logs")
+    assert sorted(run.history["step"].unique()) == [2, 3]
+    assert run.tables["windows"].set_index("step").loc[3, "steps_run"] == 1
+    assert run.writer_open == ""
 
 
 def test_interrupt_mid_fit_leaves_no_hook(tmp_path):
