@@ -189,12 +189,16 @@ def _severity(frac: float, warn: float, crit: float) -> str:
     return "info"
 
 
-def _sampled(row: Mapping[str, Any]) -> str:
+def _sampled(row: Mapping[str, Any], *, lifetime: bool = False) -> str:
     """The window's sampling, where it collected fewer steps than it ran ("" otherwise):
-    the fewer batches seen, the more units look dead."""
+    the fewer batches seen, the more units look dead. ``lifetime``: said of the steps since
+    monitoring began, sampled at the same rate."""
     got, ran = row.get("steps_collected"), row.get("steps_run")
     if got is None or ran is None or got >= ran:
         return ""
+    if lifetime:
+        return (f" (on the steps collected, not every step: this window's statistics are from "
+                f"{got} of its {ran} steps; a unit that fires rarely can be missed)")
     return (f"; statistics from {got} of the window's {ran} steps, and a unit is more likely "
             "to look dead on fewer batches")
 
@@ -277,7 +281,7 @@ def diagnose(
                     "lifetime_dead", name,
                     _severity(frac, config.dead_warning, config.dead_critical),
                     f"{row['lifetime_dead']} of {row['units']} units ({frac:.1%}) never active "
-                    "since monitoring began.",
+                    f"since monitoring began{_sampled(row, lifetime=True)}.",
                     {"lifetime_dead": row["lifetime_dead"], "lifetime_dead_fraction": frac},
                     f"Units that never fired are wasted capacity: recycle them {_recycle(names)} "
                     f"or swap to LeakyReLU ({names['swap']}).",

@@ -318,6 +318,10 @@ def test_a_dead_finding_says_how_many_steps_it_rests_on(run_watched, every):
     message = findings_by(record)[("dead", "1")].message
     sampled = "statistics from 2 of the window's 4 steps"
     assert (sampled in message) == (every == 2), message
+    # "never active since monitoring began" rests on the same sampled steps, and says so
+    lifetime = findings_by(record)[("lifetime_dead", "1")].message
+    assert ("(on the steps collected, not every step: this window's statistics are from 2 of "
+            "its 4 steps" in lifetime) == (every == 2), lifetime
 
 
 # ---------------------------------------------------------------------- remedy names per loop
