@@ -160,6 +160,8 @@ def _report(args: argparse.Namespace, prog: str) -> int:
         path = report.save(out)
     except OSError as e:
         return _fail(prog, f"cannot write the report to {str(out)!r}: {e.strerror or e}.")
+    except ReluDoctorError as e:
+        return _fail(prog, str(e).replace("path: ", "--output: ", 1))
     if args.quiet:
         print(path)
         return 0

@@ -279,6 +279,14 @@ def test_report_writes_html_and_prints_a_summary(tmp_path: Path, capsys: pytest.
     blocker.write_text("a file, not a directory")
     assert main(["report", str(run_dir), "-o", str(blocker / "r.html")]) == 2
     assert "cannot write the report" in one_line_error(capsys.readouterr().err)
+    # an output that would overwrite one of the run's own files is refused, the run kept
+    meta = (run_dir / "meta.json").read_bytes()
+    assert main(["report", str(run_dir), "-o", str(run_dir / "meta.json")]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith(
+        f"relu-doctor report: error: --output: {str(run_dir / 'meta.json')!r} is inside the run "
+        "directory the report is made from and is not an .html file")
+    assert (run_dir / "meta.json").read_bytes() == meta
+    assert main(["report", str(run_dir), "-o", str(run_dir / "again.html"), "-q"]) == 0
 
 
 def test_the_interpreters_resource_warnings_go_to_the_caller_not_onto_the_report(

@@ -30,6 +30,7 @@ import jinja2
 import markupsafe
 
 from relu_doctor._validate import path_or_none
+from relu_doctor.errors import ReluDoctorError
 from relu_doctor.history import Run, atomic_write_bytes
 from relu_doctor.reports.context import ReportContext, as_run, build_context
 
@@ -147,11 +148,30 @@ def write_report(
     """
     path_or_none("out_path", out_path)  # before the run directory is read
     run = as_run(run_or_path, "run_or_path")
-    if out_path is None:
-        if run.path is None:
-            raise ValueError("out_path: required for a run record built in memory (no path).")
-        out_path = run.path / "report.html"
-    out = Path(out_path)
+    out = report_path(run, out_path, "out_path")
     atomic_write_bytes(out, render_report(run).encode("utf-8"))
     return out
+
+
+def report_path(run: Run, out: str | os.PathLike[str] | None, name: str) -> Path:
+    """Where the report of ``run`` goes: ``out``, or ``<run directory>/report.html``.
+
+    Raises:
+        ValueError: no ``out`` for a run built in memory.
+        ReluDoctorError: ``out`` is a file of the run directory other than an HTML file (the
+            report would overwrite the run's own records: ``-o RUN/meta.json``).
+    """
+    if out is None:
+        if run.path is None:
+            raise ValueError(f"{name}: required for a run record built in memory (no path).")
+        return run.path / "report.html"
+    path = Path(out)
+    if (run.path is not None and path.suffix.lower() not in (".html", ".htm")
+            and path.resolve().is_relative_to(run.path.resolve())):
+        raise ReluDoctorError(
+            f"{name}: {str(path)!r} is inside the run directory the report is made from and "
+            "is not an .html file: the report would overwrite that run's own records. Pass "
+            "a path ending in .html."
+        )
+    return path
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from relu_doctor._validate import path_or_none
 from relu_doctor.history import Run, atomic_write_bytes
 from relu_doctor.reports.context import ReportContext, as_run, build_context
-from relu_doctor.reports.html import render_context
+from relu_doctor.reports.html import render_context, report_path
 from relu_doctor.reports.text import summary
 
 __all__ = ["Report"]
@@ -54,11 +54,7 @@ class Report:
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the standalone document (default ``<run directory>/report.html``)."""
         path_or_none("path", path)
-        if path is None:
-            if self.run.path is None:
-                raise ValueError("path: required for a run record built in memory (no path).")
-            path = self.run.path / "report.html"
-        out = Path(path)
+        out = report_path(self.run, path, "path")
         atomic_write_bytes(out, self.html().encode("utf-8"))
         return out
 
