@@ -60,6 +60,14 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _model_title(model: object) -> str:
+    """The model's class, after the name a Keras model (or any model with a ``name``) was
+    given: ``"mlp (Functional)"``, where the class alone says little."""
+    cls = type(model).__name__
+    name = getattr(model, "name", None)
+    return f"{name} ({cls})" if isinstance(name, str) and name and name != cls else cls
+
+
 class RunRecording:
     """The run-record half of :class:`~relu_doctor.doctor.Doctor` (see the module)."""
 
@@ -258,7 +266,7 @@ class RunRecording:
     def _meta(self) -> dict[str, Any]:
         return {
             "versions": _versions(),
-            "model": type(self.model).__name__,
+            "model": _model_title(self.model),
             "device": str(next(iter(self.model.parameters()), torch.empty(0)).device),
             "sites": [s.describe() for s in self.probe.sites()],
             "unwritten": [list(r) for r in self._unwritten],

@@ -212,6 +212,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._fitted: weakref.ref[Any] | None = None  # the model of the last fit
         self._batches = 0
         self._accumulate = 1
+        self._opt: Any = None  # the model's optimizer, for the learning rate
+        self._lr_used: float | None = None  # the logging step's rate, read as it began
         self._epoch = 0
         self._last: IntervalRecord | None = None
         self._val_doc: Doctor | None = None
@@ -281,8 +283,9 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         opt = getattr(model, "optimizer", None)
         self._accumulate = int(getattr(opt, "gradient_accumulation_steps", None) or 1)
         self._batches = 0
-        if opt is not None:  # its learning rate, read at each logging step only
-            doc.add_metric_source(lambda: {"lr": lr_value(opt)})
+        self._opt, self._lr_used = opt, None
+        if opt is not None:  # its learning rate, read for logging steps only
+            doc.add_metric_source(self._lr_metric)
 
     def _hook(self, model: Any) -> None:
         probes = [d.probe for d in (self.doctor, self._val_doc) if d is not None]
@@ -378,6 +381,18 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if not epochs or not steps or self._epoch != epochs - 1:
             return False
         return bool(steps - 1 - batch < self._accumulate)
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        doc = self.doctor
+        if (doc is not None and not self._stopped and self._opt is not None
+                and (self._batches + 1) % self._accumulate == 0 and doc._next_is_log_step()):
+            self._lr_used = lr_value(self._opt)  # the rate this step uses, before it moves on
+
+    def _lr_metric(self) -> dict[str, float]:
+        """The learning rate of the logging step: read as it began (a schedule's value at
+        its iteration), else now."""
+        used, self._lr_used = self._lr_used, None
+        return {"lr": used if used is not None else lr_value(self._opt)}
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self.doctor is None or self._stopped:

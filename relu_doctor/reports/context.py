@@ -471,8 +471,10 @@ def _logged_text(steps: Sequence[int], windows: pd.DataFrame | None, lost: bool 
                                   else set()))
     if not logged:
         return "none"
-    why = ", history unreadable" if lost else ", no site seen"
-    return f"{logged[0]}–{logged[-1]} ({len(logged)} logs{why if not steps else ''})"
+    why = (", history unreadable" if lost else ", no site seen") if not steps else ""
+    if len(logged) == 1:
+        return f"step {logged[0]} (1 log{why})"
+    return f"{logged[0]}–{logged[-1]} ({len(logged)} logs{why})"
 
 
 def _windows(run: Run, hist: pd.DataFrame) -> pd.DataFrame | None:

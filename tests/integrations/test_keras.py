@@ -312,8 +312,8 @@ def test_a_backend_that_is_not_installed_is_named_not_keras(tmp_path: Path, conf
 
 def test_the_training_curve_is_what_keras_reports_and_the_learning_rate(tmp_path: Path) -> None:
     """The run's metrics table (the report's training curve): each window's mean of what
-    Keras hands the batch callbacks (loss, accuracy), and the optimizer's learning rate at
-    the logging step (a schedule's value)."""
+    Keras hands the batch callbacks (loss, accuracy), and the learning rate the logging
+    step used (a schedule's value)."""
     model = _mlp()
     schedule = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=3, decay_rate=0.5)
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss="categorical_crossentropy",
@@ -327,14 +327,17 @@ def test_the_training_curve_is_what_keras_reports_and_the_learning_rate(tmp_path
     x, y = _data(96)
     model.fit(x, y, epochs=2, batch_size=16, verbose=0,
               callbacks=[Seen(), ReluDoctorCallback(log_every_n_steps=4, run_dir=tmp_path / "r")])
-    got = relu_doctor.load_run(tmp_path / "r").metrics.pivot(index="step", columns="name", values="value")
+    run = relu_doctor.load_run(tmp_path / "r")
+    assert run.meta["model"] == f"{model.name} ({type(model).__name__})"  # the user's name
+    got = run.metrics.pivot(index="step", columns="name", values="value")
     assert list(got.index) == [4, 8, 12] and set(got.columns) == {"loss", "accuracy", "lr"}
     for step in got.index:
         window = seen[step - 4:step]
         for name in ("loss", "accuracy"):
             assert got.loc[step, name] == pytest.approx(np.mean([r[name] for r in window]),
                                                         rel=1e-6)
-        assert got.loc[step, "lr"] == pytest.approx(0.01 * 0.5 ** (step / 3), rel=1e-6)
+        # the rate the logging step used: the schedule at its iteration, step - 1
+        assert got.loc[step, "lr"] == pytest.approx(0.01 * 0.5 ** ((step - 1) / 3), rel=1e-6)
 
 
 def test_callback_numbers_equal_the_standalone_watch(tmp_path: Path) -> None:

@@ -271,3 +271,11 @@ def test_a_learning_rate_change_shows_the_recorded_learning_rate(treated_run: Tr
     assert ("learning rate", fmt_num(lrs[12]), fmt_num(lrs[15])) in lr.changes
     assert (lrs[12], lrs[15]) == (0.01, 0.005)
     assert lr.number == 1 and not lr.continuous
+
+
+def test_one_log_is_said_as_one_step() -> None:
+    from relu_doctor.reports.context import _logged_text
+
+    assert _logged_text([3], None) == "step 3 (1 log)"
+    assert _logged_text([], pd.DataFrame({"step": [3]})) == "step 3 (1 log, no site seen)"
+    assert _logged_text([3, 6], None) == "3–6 (2 logs)"
