@@ -18,7 +18,7 @@ Example:
     >>> ctx = build_context(Run(meta={"model": "Net"}, history=pd.DataFrame(),
     ...                         units=pd.DataFrame(), layers=pd.DataFrame()))
     >>> ctx.verdict.status, ctx.verdict.headline
-    ('empty', 'Nothing logged yet')
+    ('empty', 'Nothing logged')
 """
 
 from __future__ import annotations
@@ -222,6 +222,7 @@ class Verdict:
 def _verdict(
     findings: Sequence[FindingView], last_step: int | None, step: int | None,
     logged_step: int | None = None, stream: str = "train", history_lost: str = "",
+    writing: bool = False,
 ) -> Verdict:
     if last_step is None and history_lost:  # activations seen, their record unreadable
         serious = [f for f in findings if f.severity in ("critical", "warning")]
@@ -249,9 +250,16 @@ def _verdict(
             f"ran an activation in them: {why}.",
         )
     if last_step is None:
+        if writing:
+            return Verdict(
+                "empty",
+                "Nothing logged yet",
+                "Its first logging interval has not closed yet, so there are no statistics "
+                "to report.",
+            )
         return Verdict(
             "empty",
-            "Nothing logged yet",
+            "Nothing logged",
             "The run stopped before its first logging interval closed, so there are no "
             "statistics to report. Log more often (log_every_n_steps) or train longer.",
         )
@@ -569,7 +577,7 @@ def build_context(run: Run) -> ReportContext:
     logged_step = int(windows["step"].max()) if windows is not None else None
     verdict = _verdict(
         findings, last_step, findings_step, logged_step, str(run.meta.get("stream", "train")),
-        run.history_lost,
+        run.history_lost, "still" in run.writer_open,  # "still writing", "still being written"
     )
     stale = ""
     if findings_step is not None and last_step is not None and findings_step < last_step:

@@ -8,7 +8,7 @@ Example:
     >>> from relu_doctor.history import Run
     >>> print(summary(Run(meta={"model": "Net"}, history=pd.DataFrame(),
     ...                   units=pd.DataFrame(), layers=pd.DataFrame())))
-    Net: Nothing logged yet
+    Net: Nothing logged
 """
 
 from __future__ import annotations

@@ -231,8 +231,9 @@ def test_run_killed_before_first_log_reports_nothing_logged(tmp_path: Path) -> N
     # its writer (this process) has not closed it: said too
     assert summary(load_run(tmp_path / "r")).splitlines() == [
         "Net: Nothing logged yet", "  Not closed: this process is still writing it"]
-    w.close()
-    assert summary(load_run(tmp_path / "r")) == "Net: Nothing logged yet"
+    w.close()  # closed: nothing will come
+    assert summary(load_run(tmp_path / "r")) == "Net: Nothing logged"
+    assert "Nothing logged yet" not in render_report(load_run(tmp_path / "r"))
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "foreign", "old-format"])
