@@ -402,20 +402,26 @@ class ReluDoctorCallback(TrainerCallback):
             # ask it to), its mean since its previous log: our window's, when logging_steps
             # is log_every_n_steps (the default)
             doc.add_metrics(last, {"loss": logs["loss"]})
+        added: dict[str, Any] = {}
         if any(str(k).startswith("eval_") for k in logs) and last is not None:
             # the evaluation's metrics dict itself: EarlyStoppingCallback and
             # metric_for_best_model="relu_doctor/health" read eval_relu_doctor/health there
-            logs.update({f"eval_{k}": v for k, v in health_scalars(last).items()})
+            added.update({f"eval_{k}": v for k, v in health_scalars(last).items()})
         if doc.eval is not None and any(str(k).startswith("eval_") for k in logs):
             rec = doc.log_eval()  # one evaluation-stream window per evaluation
             if rec is not None:
                 self._warner(rec, "evaluation")
                 scalars = record_scalars(rec, self.metrics, tb.VAL_PREFIX)
                 self._detail.update(scalars.keys() - summary_scalars(rec, tb.VAL_PREFIX).keys())
-                logs.update(scalars)
-        if self._pending:
-            logs.update(self._pending)
-            self._pending = {}
+                added.update(scalars)
+        added.update(self._pending)
+        self._pending = {}
+        logs.update(added)
+        # The Trainer put its copy of this log in state.log_history before calling us: the
+        # run-level numbers go there too (trainer_state.json), not the per-site detail.
+        history = getattr(state, "log_history", None)
+        if added and history and history[-1].get("step") == state.global_step:
+            history[-1].update({k: v for k, v in added.items() if k not in self._detail})
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         doc = self.doctor

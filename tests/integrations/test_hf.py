@@ -15,7 +15,13 @@ transformers = pytest.importorskip("transformers")
 
 import relu_doctor  # noqa: E402
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning  # noqa: E402
+from relu_doctor.integrations._common import (  # noqa: E402
+    health_scalars,
+    record_scalars,
+    summary_scalars,
+)
 from relu_doctor.integrations.hf import STATE_FILE, ReluDoctorCallback  # noqa: E402
+from relu_doctor.reports import tensorboard as tb  # noqa: E402
 from tests.integrations.brute import Outputs, windows  # noqa: E402
 
 pytestmark = [
@@ -321,6 +327,15 @@ def test_the_training_curve_holds_the_trainers_loss_at_each_log(tmp_path: Path) 
         lr = metrics[metrics["name"] == group]
         assert dict(zip(lr["step"], lr["value"], strict=True)) == pytest.approx(rates)
     assert {r.step: r.metrics["loss"] for r in cb.doctor.records} == pytest.approx(logged)
+    # the run-level numbers reach the Trainer's own log history (trainer_state.json), the
+    # per-site detail does not
+    ours = {h["step"]: {k: v for k, v in h.items() if k.startswith("relu_doctor/")}
+            for h in trainer.state.log_history if "loss" in h}
+    assert sum(r.step in ours for r in cb.doctor.records) == 3
+    for r in cb.doctor.records:
+        if r.step in ours:
+            assert ours[r.step] == pytest.approx({**summary_scalars(r), **health_scalars(r)})
+            assert len(ours[r.step]) < len(record_scalars(r, tb.DEFAULT_METRICS))
     ea = EventAccumulator(str(cb.doctor.run_dir))
     ea.Reload()
     assert {e.step: e.value for e in ea.Scalars("train/loss")} == pytest.approx(logged)
