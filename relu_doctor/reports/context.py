@@ -582,6 +582,10 @@ def build_context(run: Run) -> ReportContext:
     stale = ""
     if findings_step is not None and last_step is not None and findings_step < last_step:
         stale = f"Findings are from step {findings_step}; the run logged up to step {last_step}."
+    elif findings_step is not None and last_step is not None and findings_step > last_step:
+        stale = (f"Findings are from step {findings_step}, the last the run logged; the sites "
+                 f"table and key numbers are from step {last_step}, the last its history "
+                 "holds readable.")
     if shown_step is not None and last_step is not None and shown_step < last_step:
         stale += (
             f"{' ' if stale else ''}The windows after step {shown_step} saw nothing (none of "

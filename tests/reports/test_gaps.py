@@ -252,3 +252,26 @@ def test_a_writers_pid_now_held_by_another_live_process_is_a_dead_writers(tmp_pa
     finally:
         other.kill()
         other.wait()
+
+
+def test_findings_later_than_the_readable_history_say_which_step_each_part_is(tmp_path: Path) -> None:
+    """A killed run whose history stream lost its last log: the findings (findings.json) are
+    of that log, the sites table of the one before; the report says so, not one step."""
+    from relu_doctor.diagnosis import Finding
+
+    w = rundir.RunWriter(tmp_path / "r")
+    w.write_meta({"sites": [{"name": "a", "order": 0}]})
+    for step in (10, 20, 30):
+        w.append_table("history", step, pd.DataFrame({"step": [step], "site": ["a"],
+                                                      "dead_fraction": [0.1], "units": [4]}))
+    w.write_findings([Finding("dead", "a", "warning", "1 of 4 units dead", {}, "Fix it", step=30)])
+    stream = next((tmp_path / "r" / "history").glob("seg-*.arrows"))
+    w.abandon()
+    stream.write_bytes(stream.read_bytes()[:-40])  # the last log's batch cut short
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctx = build_context(load_run(tmp_path / "r"))
+    assert sorted(ctx.series.history["step"].unique()) == [10, 20]
+    assert ctx.findings_stale == ("Findings are from step 30, the last the run logged; the sites "
+                                  "table and key numbers are from step 20, the last its history "
+                                  "holds readable.")
