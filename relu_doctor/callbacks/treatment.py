@@ -24,6 +24,7 @@ from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.init_check import InitReport, check_init
 from relu_doctor.remedies import DEFAULT_STEPS, AutoClip, PlanStep, Remedy, TreatmentPlan
+from relu_doctor.remedies.plan_steps import plan_steps
 
 __all__ = ["ReluDoctorTreatment"]
 
@@ -58,7 +59,7 @@ class ReluDoctorTreatment(RemedyCallback[TreatmentPlan]):
     def __init__(
         self,
         *,
-        steps: Sequence[PlanStep] = DEFAULT_STEPS,
+        steps: Sequence[PlanStep | str] = DEFAULT_STEPS,
         cooldown: int = 2,
         stop_when_hopeless: bool = False,
         check_init: bool = True,
@@ -66,7 +67,7 @@ class ReluDoctorTreatment(RemedyCallback[TreatmentPlan]):
     ) -> None:
         super().__init__()
         self.options: dict[str, Any] = {
-            "steps": tuple(steps), "cooldown": cooldown,
+            "steps": plan_steps(steps), "cooldown": cooldown,
             "stop_when_hopeless": stop_when_hopeless, "seed": seed,
         }
         self.check_init = bool(check_init)

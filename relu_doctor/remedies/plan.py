@@ -155,7 +155,7 @@ class TreatmentPlan(Remedy):
         *,
         optimizer: Optimizers = None,
         schedulers: Sequence[Any] = (),
-        steps: Sequence[PlanStep] = DEFAULT_STEPS,
+        steps: Sequence[PlanStep | str] = DEFAULT_STEPS,
         cooldown: int = 2,
         dead_jump: float = 0.2,
         patience: int = 2,

@@ -58,12 +58,16 @@ DEFAULT_STEPS = (
 )
 
 
+_DEFAULT_BY_NAME = {s.remedy: s for s in DEFAULT_STEPS}
+
+
 def plan_steps(steps: object) -> tuple[PlanStep, ...]:
-    """A ``steps`` argument as PlanSteps: each a PlanStep or a remedy's name, each remedy
-    once, at least one."""
+    """A ``steps`` argument as PlanSteps: each a PlanStep or a remedy's name (its step as
+    :data:`DEFAULT_STEPS` has it, thresholds and all; a bare ``PlanStep`` for a remedy the
+    default plan leaves out), each remedy once, at least one."""
     expected = (f"a non-empty sequence of PlanStep or remedy names ({list(PLAN_REMEDIES)}), "
                 "each remedy once")
-    if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+    if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
         raise ReluDoctorError(f"steps: expected {expected}, got {steps!r}.")
     given = list(steps)
     out = []
@@ -74,7 +78,7 @@ def plan_steps(steps: object) -> tuple[PlanStep, ...]:
                     f"steps: {s!r} is not a remedy of the plan: expected one of "
                     f"{list(PLAN_REMEDIES)} (or a PlanStep)."
                 )
-            s = PlanStep(s)
+            s = _DEFAULT_BY_NAME.get(s) or PlanStep(s)
         out.append(s)
     names = [s.remedy for s in out if isinstance(s, PlanStep)]
     if len(names) != len(out) or not out or len(set(names)) != len(names):

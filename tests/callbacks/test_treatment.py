@@ -192,3 +192,16 @@ def test_the_init_check_changes_nothing_in_a_healthy_run(tmp_path):
     assert mon.doctor is not None and mon.doctor.eval is not None
     steps = [(r.step, r.site_rows[0]["window_steps"]) for r in mon.doctor.eval.records]
     assert steps == [(8, 2), (16, 2)]  # the two validation runs of 2 batches, nothing else
+
+
+def test_steps_by_name_are_the_default_plans_and_a_string_is_refused():
+    """steps=["swap"]: the default plan's swap step (its 30% threshold, not the remedy's
+    bare default); a string is refused whole, not split into letters."""
+    from relu_doctor.remedies import DEFAULT_STEPS
+
+    cb = ReluDoctorTreatment(steps=["swap", "lr"])
+    defaults = {s.remedy: s for s in DEFAULT_STEPS}
+    assert cb.options["steps"] == (defaults["swap"], defaults["lr"])
+    with pytest.raises(ReluDoctorError, match=r"^steps: expected a non-empty sequence of "
+                       r"PlanStep or remedy names .*, got 'lr'\.$"):
+        ReluDoctorTreatment(steps="lr")

@@ -18,7 +18,7 @@ keras = pytest.importorskip("keras")
 import relu_doctor  # noqa: E402
 from relu_doctor.errors import ReluDoctorError  # noqa: E402
 from relu_doctor.integrations.keras import ReluDoctorCallback  # noqa: E402
-from relu_doctor.remedies import PlanStep  # noqa: E402
+from relu_doctor.remedies import DEFAULT_STEPS, PlanStep  # noqa: E402
 from tests.integrations.brute import Outputs, windows  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::relu_doctor.errors.ReluDoctorWarning")
@@ -211,7 +211,8 @@ def test_plan_arguments_are_checked_before_training(tmp_path: Path) -> None:
     with pytest.raises(ReluDoctorError, match=r"steps \['recycle'\] re-initialise"):
         ReluDoctorCallback(treatment={"steps": ["lr", "recycle"]})  # names, as PlanSteps
     named = ReluDoctorCallback(treatment={"steps": ["swap", "lr"]})._plan_opts
-    assert named is not None and named["steps"] == (PlanStep("swap"), PlanStep("lr"))
+    defaults = {s.remedy: s for s in DEFAULT_STEPS}
+    assert named is not None and named["steps"] == (defaults["swap"], defaults["lr"])
     with pytest.raises(ReluDoctorError, match="plan decides every remedy"):
         ReluDoctorCallback(treatment=True, lr_rescue=True)
     with pytest.raises(ReluDoctorError, match="cooldown"):

@@ -161,12 +161,16 @@ def test_plan_arguments_are_checked() -> None:
     with pytest.raises(ReluDoctorError, match="cooldown"):
         TreatmentPlan(net, cooldown=0)
     # a remedy's name is its step with the default settings; a wrong one lists the names
-    assert TreatmentPlan(net, steps=["recycle", "swap"]).steps == (PlanStep("recycle"),
-                                                                   PlanStep("swap"))
+    defaults = {s.remedy: s for s in DEFAULT_STEPS}  # a name: the default plan's step, all of it
+    assert TreatmentPlan(net, steps=["swap", "recycle"]).steps == (defaults["swap"],
+                                                                   defaults["recycle"])
+    assert defaults["swap"].options["threshold"] == 0.3 and defaults["swap"].min_gain == 0.25
+    assert TreatmentPlan(net, steps=["continual_backprop"]).steps == (
+        PlanStep("continual_backprop"),)
     with pytest.raises(ReluDoctorError, match=r"^steps: 'recyle' is not a remedy of the plan: "
                        r"expected one of \['clip', 'lr', 'swap', 'recycle'"):
         TreatmentPlan(net, steps=["recyle"])
-    for bad in ("recycle", ["swap", PlanStep("swap")], [1]):
+    for bad in ("recycle", ["swap", PlanStep("swap")], [1], {"lr": 1}):
         with pytest.raises(ReluDoctorError, match=r"^steps: expected a non-empty sequence of "
                            r"PlanStep or remedy names"):
             TreatmentPlan(net, steps=bad)
