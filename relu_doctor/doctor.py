@@ -616,7 +616,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         record.final = final
         self._check_held = self._check_held or (final and record.judged)
         record.metrics = self._training.read(
-            self._optimizers, self.tap.take_used_lrs() if self.tap is not None else None
+            self._optimizers, self.tap.used_lrs if self.tap is not None else None
         )
         for name, value in self._training.nonfinite.items():
             if name not in self._warned_nonfinite:

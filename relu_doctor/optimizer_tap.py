@@ -106,8 +106,8 @@ class OptimizerTap:
         self._before: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._handles: list[RemovableHandle] = []
         self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
-        #: each optimizer's learning rates (one per param group) as its step at a logging
-        #: step used them, by ``id(optimizer)``; taken by :meth:`take_used_lrs`
+        #: each optimizer's learning rates (one per param group) as its last step taken used
+        #: them, by ``id(optimizer)`` (a scheduler stepped since has set the next step's)
         self.used_lrs: dict[int, list[Any]] = {}
         self._watched_cache: dict[int, tuple[Any, list[torch.Tensor], list[int]]] = {}
 
@@ -190,15 +190,10 @@ class OptimizerTap:
         if self.is_log_step():
             self._before = [(p, p.detach().clone()) for p in self._params(opt)]
 
-    def take_used_lrs(self) -> dict[int, list[Any]]:
-        """:attr:`used_lrs`, then forgotten (a log whose step skipped the optimizer, such as
-        a GradScaler's skipped step, reads the rates then in place)."""
-        used, self.used_lrs = self.used_lrs, {}
-        return used
-
     def _post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.is_log_step():  # the rates this step used: a scheduler steps after it
-            self.used_lrs[id(opt)] = [g["lr"] for g in opt.param_groups]
+        # The rates this step used, at every step (a few list items): any step can be the
+        # last logged one (the end of training, a fit that fails), after its scheduler moved.
+        self.used_lrs[id(opt)] = [g["lr"] for g in opt.param_groups]
         before, self._before = self._before, None
         if not before:
             return

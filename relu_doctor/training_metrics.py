@@ -86,8 +86,8 @@ class TrainingMetrics:
         """The window's means (one host read), the optimizers' learning rates and the
         sources' values; the window's sums are cleared. Local to this process.
 
-        ``used_lrs``: by ``id(optimizer)``, the rates its last step used (one per param
-        group, :meth:`~relu_doctor.optimizer_tap.OptimizerTap.take_used_lrs`), recorded
+        ``used_lrs``: by ``id(optimizer)``, the rates its last step taken used (one per
+        param group, :attr:`~relu_doctor.optimizer_tap.OptimizerTap.used_lrs`), recorded
         in place of the rates now set (a scheduler that stepped since has set the next
         step's)."""
         acc, self._acc = self._acc, {}

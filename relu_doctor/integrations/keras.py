@@ -385,7 +385,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         doc = self.doctor
         if (doc is not None and not self._stopped and self._opt is not None
-                and (self._batches + 1) % self._accumulate == 0 and doc._next_is_log_step()):
+                and (self._batches + 1) % self._accumulate == 0
+                and (doc._next_is_log_step() or self._last_step(batch))):
             self._lr_used = lr_value(self._opt)  # the rate this step uses, before it moves on
 
     def _lr_metric(self) -> dict[str, float]:

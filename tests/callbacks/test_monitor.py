@@ -299,16 +299,16 @@ def test_the_training_curve_holds_training_metrics_not_validations(tmp_path):
     torch.manual_seed(0)
     model = LoggingNet()
     cb = ReluDoctor(log_every_n_steps=2, run_dir=tmp_path / "run")
-    trainer(tmp_path, [cb], max_steps=8, val_check_interval=3, limit_val_batches=2,
+    trainer(tmp_path, [cb], max_steps=9, val_check_interval=3, limit_val_batches=2,
             num_sanity_val_steps=1).fit(model, loader(), loader(seed=9))
     run = relu_doctor.load_run(tmp_path / "run")
     assert set(run.metrics["name"]) == {"lr", "train_loss"}
     got = run.metrics[run.metrics["name"] == "train_loss"].set_index("step")["value"]
-    assert sorted(got.index) == [2, 4, 6, 8]
+    assert sorted(got.index) == [2, 4, 6, 8, 9]  # 9: the partial window at the fit's end
     for step, value in got.items():
         assert value == pytest.approx(model.train_losses[step], rel=1e-6)
     lr = run.metrics[run.metrics["name"] == "lr"].set_index("step")["value"]
-    assert lr.to_dict() == pytest.approx({s: model.rates[s] for s in (2, 4, 6, 8)})
+    assert lr.to_dict() == pytest.approx({s: model.rates[s] for s in (2, 4, 6, 8, 9)})
     events = read_events(tmp_path / "run").Tags()["scalars"]
     assert "train/train_loss" in events and not any("val_loss" in t for t in events)
 
