@@ -199,6 +199,7 @@ class ReluDoctor(Callback):
         # callback_metrics keys that validation put there (val_loss...): not training metrics
         self._val_keys: set[str] = set()
         self._keys_before_val: set[str] | None = None
+        self._failing = False  # in on_exception: no training metrics from the failed batch
 
     @property
     def tau(self) -> float:
@@ -214,6 +215,7 @@ class ReluDoctor(Callback):
     # ------------------------------------------------------------------ fit lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
+        self._failing = False
         self._warner.on = tuple(_remedies_on(getattr(trainer, "callbacks", ())))
         self._detach_all()
         world = trainer.world_size
@@ -285,10 +287,7 @@ class ReluDoctor(Callback):
         # The training curve of the report: what the LightningModule logged in training,
         # read at each logging step (the optimizers' learning rates the Doctor reads itself).
         # Validation's metrics stay in callback_metrics until the next validation: left out.
-        doctor.add_metric_source(
-            lambda: {k: v for k, v in trainer.callback_metrics.items()
-                     if not str(k).startswith(tb.PREFIX) and k not in self._val_keys}
-        )
+        doctor.add_metric_source(lambda: self._training_metrics(trainer))
         if state and state.get("doctor"):
             doctor.load_state_dict(state["doctor"], windows=windows)
         doctor.add_listener(self._on_record)
@@ -344,9 +343,29 @@ class ReluDoctor(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish()
 
+    def _training_metrics(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """What the LightningModule logged in training, for the run's training curve: the
+        training loop's own results where Lightning shows them (its logger connector's
+        metrics for the loop running), else ``callback_metrics`` less the keys validation
+        added there. Nothing from a batch that raised (``on_exception``)."""
+        if self._failing:
+            return {}
+        found: dict[str, Any] = {}
+        try:  # Lightning's internals, read-only: the training loop's results alone
+            if trainer.training:
+                found = dict(trainer._logger_connector.metrics["callback"])
+        except Exception:
+            found = {}
+        if not found:  # (results reset at the fit's end, or another Lightning version):
+            # callback_metrics less what validation logged there; a key both log is left
+            # out, not guessed
+            found = {k: v for k, v in trainer.callback_metrics.items() if k not in self._val_keys}
+        return {k: v for k, v in found.items() if not str(k).startswith(tb.PREFIX)}
+
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        self._failing = True  # the failed batch's self.log values are not a step's
         # The steps since the last log are logged, as at the end of training: nothing lost
         # when a fit dies. One process only: with several, the others may not be here, and
         # a collective would wait for them.

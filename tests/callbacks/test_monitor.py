@@ -279,6 +279,9 @@ class LoggingNet(TinyNet):
         self.train_losses[self.global_step + 1] = float(loss)  # the step it ends
         self.rates[self.global_step + 1] = self.optimizers().param_groups[0]["lr"]
         self.log("train_loss", loss)
+        self.log("shared", float(self.global_step + 1))  # logged in validation too
+        if self.fail_at is not None and self.global_step == self.fail_at:
+            raise RuntimeError("boom")  # after this batch's self.log
         return loss
 
     def configure_optimizers(self):
@@ -289,6 +292,7 @@ class LoggingNet(TinyNet):
     def validation_step(self, batch, batch_idx):
         loss = self.loss(batch)
         self.log("val_loss", loss)
+        self.log("shared", -1.0)
         return loss
 
 
@@ -302,15 +306,36 @@ def test_the_training_curve_holds_training_metrics_not_validations(tmp_path):
     trainer(tmp_path, [cb], max_steps=9, val_check_interval=3, limit_val_batches=2,
             num_sanity_val_steps=1).fit(model, loader(), loader(seed=9))
     run = relu_doctor.load_run(tmp_path / "run")
-    assert set(run.metrics["name"]) == {"lr", "train_loss"}
+    assert set(run.metrics["name"]) == {"lr", "train_loss", "shared"}
     got = run.metrics[run.metrics["name"] == "train_loss"].set_index("step")["value"]
     assert sorted(got.index) == [2, 4, 6, 8, 9]  # 9: the partial window at the fit's end
+    # a key logged in training and validation (the sanity check first): training's values;
+    # at the fit's end (Lightning has reset the training loop's results, and validation ran
+    # at step 9) it is left out, not guessed
+    shared = run.metrics[run.metrics["name"] == "shared"].set_index("step")["value"]
+    assert shared.to_dict() == {s: float(s) for s in (2, 4, 6, 8)}
     for step, value in got.items():
         assert value == pytest.approx(model.train_losses[step], rel=1e-6)
     lr = run.metrics[run.metrics["name"] == "lr"].set_index("step")["value"]
     assert lr.to_dict() == pytest.approx({s: model.rates[s] for s in (2, 4, 6, 8, 9)})
     events = read_events(tmp_path / "run").Tags()["scalars"]
     assert "train/train_loss" in events and not any("val_loss" in t for t in events)
+
+
+def test_a_fit_that_raises_logs_its_last_steps_without_the_failed_batchs_values(tmp_path):
+    """The batch that raised had self.logged already: its values are not a step's, and stay
+    out of the window logged at the failure; the learning rate is the last step's."""
+    torch.manual_seed(0)
+    model = LoggingNet(fail_at=5)  # the sixth batch raises, after its self.log
+    cb = ReluDoctor(log_every_n_steps=2, run_dir=tmp_path / "run")
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(tmp_path, [cb], max_steps=9).fit(model, loader())
+    metrics = relu_doctor.load_run(tmp_path / "run").metrics
+    by_step = {s: dict(zip(g["name"], g["value"], strict=True)) for s, g in metrics.groupby("step")}
+    assert sorted(by_step) == [2, 4, 5]
+    assert by_step[4]["shared"] == 4.0 and by_step[4]["train_loss"] == pytest.approx(
+        model.train_losses[4], rel=1e-6)
+    assert by_step[5] == pytest.approx({"lr": model.rates[5]})
 
 
 def test_default_run_dir_without_logger(tmp_path):
