@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from relu_doctor import _heap as heap
-from relu_doctor._validate import finite_or_none
+from relu_doctor._validate import finite_or_none, flag
 from relu_doctor._validate import path as check_path
 from relu_doctor._version import __version__
 from relu_doctor.errors import ReluDoctorWarning, RunDirError, user_stacklevel
@@ -344,8 +344,14 @@ class RunRecording:
                 (without ``overwrite``), or holds something else.
         """
         check_path("path", path)
+        overwrite = flag("overwrite", overwrite)
         p = Path(path)
         key = str(p.resolve())
+        if self.run_dir is not None and key == str(Path(self.run_dir).resolve()):
+            raise RunDirError(
+                f"path: {str(p)!r} is this Doctor's own run directory, which it writes as it "
+                "goes: it holds this run already. Pass another directory to save a copy."
+            )
         old = read_meta(p) if (p / "meta.json").is_file() else None
         if old is not None and key not in self._saved_to:
             if not overwrite:

@@ -127,10 +127,18 @@ def test_save_refuses_another_runs_directory_unless_told_to_overwrite_it(tmp_pat
                        r"new directory, or overwrite=True"):
         doc.save(tmp_path / "other")
     assert_same_table(load_run(tmp_path / "other").history, before.history)  # untouched
+    with pytest.raises(ReluDoctorError, match=r"^overwrite: expected True or False, got 'no'"):
+        doc.save(tmp_path / "other", overwrite="no")  # a truthy string replaces nothing
+    assert_same_table(load_run(tmp_path / "other").history, before.history)
     run = load_run(doc.save(tmp_path / "other", overwrite=True))
     assert_same_table(run.history, doc.history())
     assert not list((tmp_path / "other").glob("events.out.tfevents.*"))
     assert not (tmp_path / "other" / "report.html").exists()
+    # its own run directory: said to be this run already
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=tmp_path / "own") as d1:
+        zoo.train(model, [torch.randn(8, 10)], doc=d1)
+        with pytest.raises(RunDirError, match=r"^path: .* is this Doctor's own run directory"):
+            d1.save(tmp_path / "own")
 
 
 def test_save_before_any_log_keeps_the_current_window(tmp_path):
