@@ -145,19 +145,14 @@ def _release_lock(lock: Path, key: str, run_id: str, *, exited: bool = False) ->
     still open (an uncaught error, a loop that never closed its watch), so the lock stays,
     marked, and a reader says so (:func:`~relu_doctor.runread.open_writer_state`)."""
     _HELD.discard(key)
-    if exited:
-        with contextlib.suppress(OSError, ValueError):
-            held = json.loads(lock.read_text(encoding="utf-8"))
-            if (isinstance(held, dict) and held.get("run_id") == run_id
-                    and held.get("pid") == os.getpid()):  # not a forked child's exit
-                atomic_write_bytes(lock, json.dumps({**held, "exited": True}).encode())
-        return
-    try:
+    with contextlib.suppress(OSError, ValueError):
         held = json.loads(lock.read_text(encoding="utf-8"))
+        # ours: this run's, and this process's (not a forked child's exit)
         if isinstance(held, dict) and held.get("run_id") == run_id and held.get("pid") == os.getpid():
-            lock.unlink()
-    except (OSError, ValueError):
-        pass
+            if exited:
+                atomic_write_bytes(lock, json.dumps({**held, "exited": True}).encode())
+            else:
+                lock.unlink()
 
 
 # ---------------------------------------------------------------------- segments

@@ -284,9 +284,9 @@ class ReluDoctor(Callback):
             tensorboard=False,  # the loggers (or _writers) get TensorBoard output
             **common,
         )
-        # The training curve of the report: what the LightningModule logged in training,
-        # read at each logging step (the optimizers' learning rates the Doctor reads itself).
-        # Validation's metrics stay in callback_metrics until the next validation: left out.
+        # The training curve of the report: what the LightningModule logged in training
+        # (see _training_metrics), read at each logging step (the optimizers' learning rates
+        # the Doctor reads itself).
         doctor.add_metric_source(lambda: self._training_metrics(trainer))
         if state and state.get("doctor"):
             doctor.load_state_dict(state["doctor"], windows=windows)
