@@ -114,6 +114,11 @@ class RemedyCallback(Callback, Generic[R]):
         """The controllers built so far."""
         return [] if self.remedy is None else [self.remedy]
 
+    def acts_at(self, site: str) -> bool:
+        """Whether this callback's remedy may act at ``site`` (its ``include``/``exclude``;
+        True before it is built)."""
+        return all(r.acts_at(site) for r in self._controllers())
+
     def _save(self) -> dict[str, Any]:
         assert self.remedy is not None
         return self.remedy.state_dict()

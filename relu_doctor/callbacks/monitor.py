@@ -31,6 +31,7 @@ Hook map:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -216,7 +217,7 @@ class ReluDoctor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
         self._failing = False
-        self._warner.on = tuple(_remedies_on(getattr(trainer, "callbacks", ())))
+        self._warner.on = _remedies_on(getattr(trainer, "callbacks", ()))
         self._detach_all()
         world = trainer.world_size
         all_reduce = (
@@ -569,18 +570,24 @@ def _warn_on_rank_zero(text: str) -> None:
     rank_zero_warn(text, category=ReluDoctorWarning)
 
 
-def _remedies_on(callbacks: Sequence[Any]) -> list[str]:
+def _remedies_on(callbacks: Sequence[Any]) -> dict[str, Callable[[str], bool] | None]:
     """The remedy callbacks of a fit, as the findings' remedy texts name them
-    (``"LeakyReluSwap"``...), or ``["plan"]`` with a ReluDoctorTreatment: a finding's
-    remedy text then says the remedy is on (see :class:`FindingWarner`)."""
+    (``"LeakyReluSwap"``...), each with its :meth:`~RemedyCallback.acts_at`, or
+    ``{"plan": None}`` with a ReluDoctorTreatment: a finding's remedy text then says the
+    remedy is on (see :class:`FindingWarner`)."""
     if any(isinstance(c, ReluDoctorTreatment) for c in callbacks):
-        return ["plan"]
+        return {"plan": None}
     names = {n for n in REMEDY_NAMES["lightning"].values() if n}
-    on = []
+    by_name: dict[str, list[RemedyCallback[Any]]] = {}
     for c in callbacks:
         if isinstance(c, RemedyCallback):  # a subclass goes by the remedy it specialises
-            on += [k.__name__ for k in type(c).__mro__ if k.__name__ in names][:1]
-    return list(dict.fromkeys(on))
+            for name in [k.__name__ for k in type(c).__mro__ if k.__name__ in names][:1]:
+                by_name.setdefault(name, []).append(c)
+    return {name: functools.partial(_any_acts_at, tuple(cs)) for name, cs in by_name.items()}
+
+
+def _any_acts_at(callbacks: tuple[RemedyCallback[Any], ...], site: str) -> bool:
+    return any(c.acts_at(site) for c in callbacks)
 
 
 def _fit_ends_here(trainer: pl.Trainer, batch_idx: int) -> bool:

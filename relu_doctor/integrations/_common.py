@@ -41,10 +41,10 @@ __all__ = [
     "missing",
     "plan_options",
     "record_scalars",
+    "remedies_on",
     "remedy_options",
     "safe_step",
     "summary_scalars",
-    "switches_on",
 ]
 
 
@@ -168,16 +168,18 @@ class FindingWarner:
         level: lowest severity warned about, or None for none.
         emit: how to warn (default ``warnings.warn``; a multi-process trainer passes a
             rank-zero version).
-        on: the remedy switches this run has on, as the remedy texts name them
-            (``"leaky_relu_swap=True"``), or ``"plan"`` for the treatment plan: a remedy
-            text that names one says it is on, not to switch it on.
+        on: the remedies this run has on, by the name their remedy texts give them
+            (``"leaky_relu_swap=True"``, ``"LeakyReluSwap"``), each with what tells whether
+            it acts at a site (:meth:`~relu_doctor.remedies.Remedy.acts_at`; None: at every
+            site), or ``{"plan": None}`` for the treatment plan: a remedy text that names one
+            says it is on, not to switch it on.
     """
 
     def __init__(self, level: str | None, emit: Callable[[str], Any] | None = None,
-                 on: Sequence[str] = ()) -> None:
+                 on: Mapping[str, Callable[[str], bool] | None] | None = None) -> None:
         self.level = level
         self.emit = emit or (lambda text: warnings.warn(text, ReluDoctorWarning, stacklevel=3))
-        self.on = tuple(on)
+        self.on = dict(on or {})
         self._warned: set[tuple[str, str, str]] = set()
 
     def __call__(self, record: IntervalRecord, stream: str = "") -> None:
@@ -189,20 +191,27 @@ class FindingWarner:
             if key in self._warned or SEVERITIES.index(f.severity) < floor:
                 continue
             self._warned.add(key)
-            self.emit(warning_text(f, stream) + self._already(f.remedy))
+            self.emit(warning_text(f, stream) + self._already(f))
 
-    def _already(self, remedy: str) -> str:
-        """What the run already has on of what ``remedy`` advises."""
+    def _already(self, f: Finding) -> str:
+        """What the run already has on of what ``f``'s remedy advises."""
         if "plan" in self.on:
             return " (The treatment plan is on: it decides which remedy acts, and when.)"
-        named = [n for n in self.on if n in remedy]
-        if not named:
-            return ""
-        one = len(named) == 1
-        return (f" ({', '.join(n.removesuffix('=True') for n in named)} "
-                f"{'is' if one else 'are'} on in this run: {'it acts' if one else 'they act'} "
-                f"by {'its' if one else 'their'} own rule, and {'says' if one else 'say'} when "
-                f"{'it does' if one else 'they do'}.)")
+        named = [n for n in self.on if n in f.remedy]
+        acting = [n.removesuffix("=True") for n in named
+                  if (at := self.on[n]) is None or at(f.site)]
+        left_out = [n.removesuffix("=True") for n in named if n.removesuffix("=True") not in acting]
+        text = ""
+        if acting:
+            one = len(acting) == 1
+            text += (f" ({', '.join(acting)} {'is' if one else 'are'} on in this run: "
+                     f"{'it acts' if one else 'they act'} by {'its' if one else 'their'} own "
+                     f"rule, and {'says' if one else 'say'} when {'it does' if one else 'they do'}.)")
+        if left_out:
+            one = len(left_out) == 1
+            text += (f" ({', '.join(left_out)} {'is' if one else 'are'} on in this run, but "
+                     f"{'its' if one else 'their'} include/exclude leave {f.site} out.)")
+        return text
 
 
 def warning_text(f: Finding, stream: str = "") -> str:
@@ -214,11 +223,14 @@ def warning_text(f: Finding, stream: str = "") -> str:
     )
 
 
-def switches_on(options: Mapping[str, object], plan: object) -> list[str]:
-    """The remedy switches that are on (``"autoclip=True"``...), or ``["plan"]``."""
-    if plan is not None:
-        return ["plan"]
-    return [f"{name}=True" for name, opts in options.items() if opts is not None]
+def remedies_on(remedies: Mapping[str, Any]) -> dict[str, Callable[[str], bool] | None]:
+    """What a :class:`FindingWarner` is told is on (its ``on``) of a loop's remedies, by
+    their switches' names (``{"leaky_relu_swap": swapper}`` gives
+    ``{"leaky_relu_swap=True": swapper.acts_at}``); ``{"plan": None}`` with the treatment
+    plan."""
+    if "treatment_plan" in remedies:
+        return {"plan": None}
+    return {f"{name}=True": r.acts_at for name, r in remedies.items()}
 
 
 def summary_scalars(record: IntervalRecord, prefix: str = tb.PREFIX) -> dict[str, float]:

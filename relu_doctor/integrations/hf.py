@@ -49,10 +49,10 @@ from relu_doctor.integrations._common import (
     missing,
     plan_options,
     record_scalars,
+    remedies_on,
     remedy_options,
     safe_step,
     summary_scalars,
-    switches_on,
 )
 
 try:
@@ -307,11 +307,11 @@ class ReluDoctorCallback(TrainerCallback):
         )
         if saved is not None:
             doc.load_state_dict(saved["doctor"], windows=is_zero or world == 1)
-        self._warner = FindingWarner(self.warn if is_zero else None,
-                                     on=switches_on(self._opts, self._plan_opts))
         doc.add_listener(self._on_record)
         self.doctor = doc
         self._bind_remedies(model, opt, lr_scheduler, doc, saved)
+        self._warner = FindingWarner(self.warn if is_zero else None,
+                                     on=remedies_on(self.remedies))
         doc.attach()
 
     def _move_first(self) -> None:

@@ -43,9 +43,9 @@ from relu_doctor.integrations._common import (
     health_scalars,
     keras_import_error,
     plan_options,
+    remedies_on,
     remedy_options,
     safe_step,
-    switches_on,
 )
 
 try:
@@ -243,9 +243,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             )
         if self._fitted is None or self._fitted() is not model:  # a new run
             self.doctor, self.remedies, self._last = None, {}, None
-            self.warner = FindingWarner(self.warner.level, self.warner.emit, on=switches_on(
-                {"leaky_relu_swap": self._swap_opts, "lr_rescue": self._lr_opts,
-                 "autoclip": self._clip_opts}, self._plan_opts))
+            self.warner = FindingWarner(self.warner.level, self.warner.emit)
         self._fitted = weakref.ref(model)
         state = self.doctor.state_dict() if self.doctor is not None else None
         if self.run_dir is not None:
@@ -369,6 +367,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             old = earlier.get(name)  # goes on where the last one stopped, held record included
             if old is not None and type(old) is type(remedy):
                 remedy.carry_from(old)
+        self.warner.on = remedies_on(self.remedies)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch = epoch

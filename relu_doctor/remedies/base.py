@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 import torch
 import torch.nn as nn
 
-from relu_doctor._validate import finite_or_none, optimizers
+from relu_doctor._validate import finite_or_none, matches, optimizers
 from relu_doctor.diagnosis import Finding
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention, InterventionResult
@@ -300,6 +300,10 @@ class Remedy:
     #: (FSDP, DeepSpeed ZeRO-3, tensor parallelism); None when it acts the same on shards.
     #: Those that cannot refuse sharded parameters before training (:func:`refuse_sharded`).
     on_shards: str | None = None
+    #: glob patterns of the site names it may act at (none: every site), and of those it
+    #: leaves alone; set by the remedies that act per site (:meth:`acts_at`)
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
 
     def __init__(self) -> None:
         self.doctor: DoctorLike | None = None
@@ -314,6 +318,12 @@ class Remedy:
         self.judge: tuple[str | None, float, float] = (TARGETS.get(self.name), 0.0, 0.0)
         #: the dead readings it decides on, sampled windows pooled (see :attr:`reads_dead`)
         self.evidence = DeadEvidence()
+
+    def acts_at(self, site: str) -> bool:
+        """Whether this remedy may act at ``site`` (a site name), by the sites it was told to
+        treat: its ``include``/``exclude`` patterns where it has them. A finding there says
+        the remedy is on (:class:`~relu_doctor.integrations.FindingWarner`)."""
+        return matches(site, self.include, self.exclude)
 
     @property
     def pending(self) -> tuple[Pending, ...]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from relu_doctor._validate import glob_patterns, matches, number_in, positive_int
+from relu_doctor._validate import glob_patterns, number_in, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
@@ -195,7 +195,7 @@ class ContinualBackprop(Remedy):
         if units is None or not len(units):
             return []
         rows = [row for row in record.site_rows
-                if matches(str(row["site"]), self.include, self.exclude)
+                if self.acts_at(str(row["site"]))
                 and str(row["site"]) not in self._links_failed]
         # Every process decides on the same record: the links must be found on all of them.
         found = self._finder.links_everywhere(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from relu_doctor._validate import glob_patterns, matches, number_in, positive_int
+from relu_doctor._validate import glob_patterns, number_in, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.diagnosis import check_tau
 from relu_doctor.errors import ReluDoctorError
@@ -398,7 +398,7 @@ class DormantRecycler(Remedy):
         chosen_units: dict[str, tuple[list[int], Mapping[str, Any]]] = {}
         for row in record.site_rows:
             site = str(row["site"])
-            if site in self._unlinkable or not matches(site, self.include, self.exclude):
+            if site in self._unlinkable or not self.acts_at(site):
                 continue
             u = units[units["site"] == site]
             if self.tau is None:

@@ -29,7 +29,6 @@ import torch.nn as nn
 from relu_doctor._validate import (
     finite_or_none,
     glob_patterns,
-    matches,
     number_in,
     positive_int,
 )
@@ -480,7 +479,7 @@ class ActivationSwapper(Remedy):
             ):
                 self.streaks.pop(site, None)
                 continue
-            if not matches(site, self.include, self.exclude):
+            if not self.acts_at(site):
                 continue
             frac = finite_or_none(dead.get(site))
             if frac is not None and frac > self.threshold:

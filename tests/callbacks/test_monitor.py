@@ -600,6 +600,10 @@ class MySwap(LeakyReluSwap):
 @pytest.mark.parametrize("remedy, said", [
     (lambda: MySwap(patience=100),
      "(LeakyReluSwap is on in this run: it acts by its own rule, and says when it does.)"),
+    (lambda: MySwap(patience=100, exclude="net.*"),
+     "(LeakyReluSwap is on in this run, but its include/exclude leave net.1 out.)"),
+    (lambda: MySwap(patience=100, include="net.1"),
+     "(LeakyReluSwap is on in this run: it acts by its own rule, and says when it does.)"),
     (lambda: ReluDoctorTreatment(check_init=False),
      "(The treatment plan is on: it decides which remedy acts, and when.)"),
     (lambda: None, None),

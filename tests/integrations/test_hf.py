@@ -380,12 +380,19 @@ def test_a_finding_says_which_of_its_remedies_are_on() -> None:
     f = Finding("dead", "s", "warning", "half dead.", {},
                 "Swap (leaky_relu_swap=True) or recycle (dormant_reset=True).", 3)
     said: list[str] = []
-    FindingWarner("info", said.append, on=["leaky_relu_swap=True", "dormant_reset=True"])(
-        type("R", (), {"findings": [f]})())
-    FindingWarner("info", said.append, on=["dormant_reset=True"])(type("R", (), {"findings": [f]})())
-    FindingWarner("info", said.append)(type("R", (), {"findings": [f]})())
+    record = type("R", (), {"findings": [f]})()
+    FindingWarner("info", said.append,
+                  on={"leaky_relu_swap=True": None, "dormant_reset=True": None})(record)
+    FindingWarner("info", said.append, on={"dormant_reset=True": None})(record)
+    FindingWarner("info", said.append)(record)
+    # A remedy whose include/exclude leave the finding's site out says so.
+    FindingWarner("info", said.append, on={"leaky_relu_swap=True": lambda site: site != "s",
+                                           "dormant_reset=True": lambda site: site == "s"})(record)
     assert said[0].endswith("(leaky_relu_swap, dormant_reset are on in this run: they act by "
                             "their own rule, and say when they do.)")
     assert said[1].endswith("(dormant_reset is on in this run: it acts by its own rule, and "
                             "says when it does.)")
     assert said[2].endswith("recycle (dormant_reset=True).")
+    assert said[3].endswith("(dormant_reset is on in this run: it acts by its own rule, and says "
+                            "when it does.) (leaky_relu_swap is on in this run, but its "
+                            "include/exclude leave s out.)")
