@@ -190,6 +190,8 @@ class Run:
             The report says it instead of "no activation seen".
         writer_open: why the run's writer has not closed it ("" when it did): still
             writing, or ended without closing it (killed, crashed); the report says so.
+        writer_writing: whether that writer may still be writing it (a live process);
+            False when it closed the run or is gone without closing it.
     """
 
     def __init__(
@@ -207,6 +209,7 @@ class Run:
         unit_source: UnitSource | None = None,
         history_lost: str = "",
         writer_open: str = "",
+        writer_writing: bool = False,
     ) -> None:
         self.meta = meta
         self.history = history
@@ -220,6 +223,7 @@ class Run:
         self._unit_source = unit_source
         self.history_lost = history_lost
         self.writer_open = writer_open
+        self.writer_writing = writer_writing
 
     @property
     def units(self) -> pd.DataFrame:

@@ -20,7 +20,7 @@ import socket
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import pyarrow as pa
@@ -71,33 +71,45 @@ def _pid_alive(pid: int, token: object = None) -> bool:
     return True
 
 
-def open_writer_state(path: Path) -> str:
-    """Why the run directory's writer did not close it, from the lock it left ("" when it
-    was closed, or holds no lock): still writing (a live process, or another host's), or
-    gone without closing it (killed, crashed, the machine stopped)."""
+class WriterState(NamedTuple):
+    """Why a run directory's writer has not closed it, from the lock it left."""
+
+    #: in words ("" when it was closed, or holds no lock)
+    why: str = ""
+    #: whether it may still be writing it (a live process, another host's, or a lock that
+    #: cannot be read); False when closed or gone without closing it
+    writing: bool = False
+
+
+def open_writer_state(path: Path) -> WriterState:
+    """Why the run directory's writer did not close it, from the lock it left: still
+    writing (a live process, or another host's), or gone without closing it (killed,
+    crashed, the machine stopped)."""
     lock = path / LOCK_NAME
     try:
         held = json.loads(lock.read_text(encoding="utf-8"))
         pid, host, token = int(held["pid"]), str(held.get("host", "")), held.get("started")
     except FileNotFoundError:
-        return ""
+        return WriterState()
     except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError):
-        return "its writer left a lock that cannot be read: it may still be writing, or have " \
-               "been stopped without closing the run directory"
+        return WriterState("its writer left a lock that cannot be read: it may still be "
+                           "writing, or have been stopped without closing the run directory",
+                           writing=True)
     if held.get("exited"):
-        return (f"its writer, process {pid}, exited without closing it (an error it did not "
-                "catch, or a loop that never closed its watch): what it trained after its "
-                "last log is not recorded")
+        return WriterState(f"its writer, process {pid}, exited without closing it (an error "
+                           "it did not catch, or a loop that never closed its watch): what it "
+                           "trained after its last log is not recorded")
     if host and host != socket.gethostname():
-        return (f"its writer, process {pid} on {host}, has not closed it: the run is still "
-                "being written there, or was stopped without closing it")
+        return WriterState(f"its writer, process {pid} on {host}, has not closed it: the run "
+                           "is still being written there, or was stopped without closing it",
+                           writing=True)
     if pid == os.getpid():  # ours, or a dead writer's whose pid this process now has
         if str(lock.resolve()) in _HELD:
-            return "this process is still writing it"
+            return WriterState("this process is still writing it", writing=True)
     elif _pid_alive(pid, token):
-        return f"process {pid} is still writing it"
-    return (f"its writer, process {pid}, ended without closing it (killed, or crashed): "
-            "what it trained after its last log is not recorded")
+        return WriterState(f"process {pid} is still writing it", writing=True)
+    return WriterState(f"its writer, process {pid}, ended without closing it (killed, or "
+                       "crashed): what it trained after its last log is not recorded")
 
 
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -576,6 +588,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     frames = {t: read_table(p, t, problems=problems)
               for t in sorted(tables - {"units", "history"})}
     lost = _history_lost(history_parts, history, frames.get("windows"), units, problems)
+    writer = open_writer_state(p)
     return Run(
         meta=meta,
         history=legacy_dormant(history, units=False) if legacy else history,
@@ -588,5 +601,6 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         problems=problems,
         unit_source=units,
         history_lost=lost,
-        writer_open=open_writer_state(p),
+        writer_open=writer.why,
+        writer_writing=writer.writing,
     )

@@ -577,7 +577,7 @@ def build_context(run: Run) -> ReportContext:
     logged_step = int(windows["step"].max()) if windows is not None else None
     verdict = _verdict(
         findings, last_step, findings_step, logged_step, str(run.meta.get("stream", "train")),
-        run.history_lost, "still" in run.writer_open,  # "still writing", "still being written"
+        run.history_lost, run.writer_writing,
     )
     stale = ""
     if findings_step is not None and last_step is not None and findings_step < last_step:
