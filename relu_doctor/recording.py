@@ -352,6 +352,7 @@ class RunRecording:
                 f"path: {str(p)!r} is this Doctor's own run directory, which it writes as it "
                 "goes: it holds this run already. Pass another directory to save a copy."
             )
+        check_claimable(p, "path")
         old = read_meta(p) if (p / "meta.json").is_file() else None
         if old is not None and key not in self._saved_to:
             if not overwrite:

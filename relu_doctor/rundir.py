@@ -254,19 +254,20 @@ def fresh_dir(base: Path) -> Path:
     return path
 
 
-def check_claimable(path: Path) -> None:
+def check_claimable(path: Path, arg: str = "run_dir") -> None:
     """Refuse ``path`` as a run directory if it is not one: a file, or a folder that holds
-    other things and no ``meta.json``. A new or empty folder, or a run, passes.
+    other things and no ``meta.json``. A new or empty folder, or a run, passes. ``arg`` is
+    the argument the message names.
 
     Raises:
         RunDirError: naming what it holds.
     """
     if path.exists() and not path.is_dir():
-        raise RunDirError(f"run_dir: {str(path)!r} exists and is not a directory.")
+        raise RunDirError(f"{arg}: {str(path)!r} exists and is not a directory.")
     if path.is_dir() and any(path.iterdir()) and not (path / "meta.json").is_file():
         names = sorted(x.name for x in path.iterdir())[:5]
         raise RunDirError(
-            f"run_dir: {str(path)!r} is not empty and is not a relu_doctor run "
+            f"{arg}: {str(path)!r} is not empty and is not a relu_doctor run "
             f"directory (it holds {names}); pass a new or empty directory."
         )
 

@@ -161,6 +161,17 @@ def test_save_names_a_bad_path_and_an_unwritable_one(tmp_path):
                        r"'/proc/relu_doctor_test' \(No such file or directory\)") as info:
         doc.save("/proc/relu_doctor_test")
     assert isinstance(info.value.__cause__, FileNotFoundError)  # the OS error, chained
+    # a folder of other things, and a file: named as the argument given, left as they were
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(RunDirError, match=r"^path: '.*notes' is not empty and is not a "
+                       r"relu_doctor run directory \(it holds \['todo.txt'\]\)"):
+        doc.save(tmp_path / "notes")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(RunDirError, match=r"^path: '.*file' exists and is not a directory"):
+        doc.save(tmp_path / "file")
+    assert sorted(x.name for x in (tmp_path / "notes").iterdir()) == ["todo.txt"]
+    assert (tmp_path / "file").read_text() == "mine"
     assert load_run(doc.save(tmp_path / "ok")).history["step"].tolist()  # and it still saves
 
 
