@@ -153,8 +153,6 @@ def _report(args: argparse.Namespace, prog: str) -> int:
         hint = f" It holds run directories: {', '.join(inside)}." if inside else ""
         return _fail(prog, f"{e}{hint}")
     out = Path(args.output) if args.output is not None else run_dir / "report.html"
-    if out.is_dir():
-        out = out / "report.html"
     report = Report(run)
     try:
         path = report.save(out)

@@ -21,6 +21,7 @@ import relu_doctor
 from relu_doctor._version import __version__
 from relu_doctor.cli import main
 from relu_doctor.history import load_run
+from relu_doctor.reports.report import Report
 
 SCRIPT = Path(sys.executable).with_name("relu-doctor")
 HEAVY = ("torch", "pandas", "numpy", "matplotlib", "jinja2")
@@ -286,7 +287,23 @@ def test_report_writes_html_and_prints_a_summary(tmp_path: Path, capsys: pytest.
         f"relu-doctor report: error: --output: {str(run_dir / 'meta.json')!r} is inside the run "
         "directory the report is made from and is not an .html file")
     assert (run_dir / "meta.json").read_bytes() == meta
+    # ... and so is one among a table's parts: a folder of the run's records
+    parts = sorted(p.name for p in (run_dir / "history").iterdir())
+    for given, named in [(run_dir / "history", run_dir / "history" / "report.html"),
+                         (run_dir / "history" / "r.html",) * 2]:
+        assert main(["report", str(run_dir), "-o", str(given)]) == 2
+        assert one_line_error(capsys.readouterr().err).startswith(
+            f"relu-doctor report: error: --output: {str(named)!r} is inside 'history' of the "
+            "run directory the report is made from")
+    assert sorted(p.name for p in (run_dir / "history").iterdir()) == parts
     assert main(["report", str(run_dir), "-o", str(run_dir / "again.html"), "-q"]) == 0
+    assert capsys.readouterr().out.strip() == str(run_dir / "again.html")
+    # a directory is given its report.html: the run directory's own, or another
+    (run_dir / "report.html").unlink()
+    assert main(["report", str(run_dir), "-o", str(run_dir), "-q"]) == 0
+    assert capsys.readouterr().out.strip() == str(run_dir / "report.html")
+    assert data_island(run_dir / "report.html")["steps"] == [3, 6]
+    assert Report(load_run(run_dir)).save(tmp_path / "new") == tmp_path / "new" / "report.html"
 
 
 def test_the_interpreters_resource_warnings_go_to_the_caller_not_onto_the_report(

@@ -154,24 +154,36 @@ def write_report(
 
 
 def report_path(run: Run, out: str | os.PathLike[str] | None, name: str) -> Path:
-    """Where the report of ``run`` goes: ``out``, or ``<run directory>/report.html``.
+    """Where the report of ``run`` goes: ``out`` (``out/report.html`` when it is a
+    directory), or ``<run directory>/report.html``.
 
     Raises:
         ValueError: no ``out`` for a run built in memory.
-        ReluDoctorError: ``out`` is a file of the run directory other than an HTML file (the
-            report would overwrite the run's own records: ``-o RUN/meta.json``).
+        ReluDoctorError: ``out`` is inside the run directory and is not an HTML file at its
+            top level (the report would overwrite the run's own records, ``-o
+            RUN/meta.json``, or sit among a table's parts, ``-o RUN/metrics``).
     """
     if out is None:
         if run.path is None:
             raise ValueError(f"{name}: required for a run record built in memory (no path).")
         return run.path / "report.html"
     path = Path(out)
-    if (run.path is not None and path.suffix.lower() not in (".html", ".htm")
-            and path.resolve().is_relative_to(run.path.resolve())):
-        raise ReluDoctorError(
-            f"{name}: {str(path)!r} is inside the run directory the report is made from and "
-            "is not an .html file: the report would overwrite that run's own records. Pass "
-            "a path ending in .html."
-        )
+    if path.is_dir():
+        path = path / "report.html"
+    root = run.path.resolve() if run.path is not None else None
+    target = path.resolve()
+    if root is not None and target.is_relative_to(root):
+        if target.parent != root:
+            raise ReluDoctorError(
+                f"{name}: {str(path)!r} is inside {str(target.parent.relative_to(root))!r} of "
+                "the run directory the report is made from, a folder of that run's records. "
+                "Pass a path ending in .html at the run directory's top level, or outside it."
+            )
+        if path.suffix.lower() not in (".html", ".htm"):
+            raise ReluDoctorError(
+                f"{name}: {str(path)!r} is inside the run directory the report is made from "
+                "and is not an .html file: the report would overwrite that run's own records. "
+                "Pass a path ending in .html."
+            )
     return path
 
