@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from relu_doctor._version import __version__
@@ -92,3 +94,23 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_WHERE])
+
+
+class _Package(types.ModuleType):
+    """This package, which keeps its public functions under their names.
+
+    ``scan`` names both a function and the module that defines it. The import system binds
+    a submodule to its name on the package when it is first imported, so a user's
+    ``from relu_doctor.scan import ScanResult`` before the first ``relu_doctor.scan`` would
+    leave ``relu_doctor.scan`` the module ("'module' object is not callable"). Such a
+    binding is dropped here, and ``relu_doctor.scan`` stays the function (the module is
+    still ``sys.modules["relu_doctor.scan"]``).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _WHERE.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -212,3 +212,21 @@ def test_submodules_are_attributes_of_the_package_without_importing_them_first()
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("first", ["from relu_doctor.scan import ScanResult",
+                                   "import relu_doctor.scan", "import relu_doctor"])
+def test_relu_doctor_scan_is_the_function_however_its_module_was_imported_first(first) -> None:
+    """``scan`` names both a function and its module: importing the module first (for
+    ``ScanResult``, say) leaves ``relu_doctor.scan`` the function, callable, in a fresh
+    interpreter; the module stays importable."""
+    code = (
+        f"{first}\n"
+        "import sys, inspect, torch, torch.nn as nn, relu_doctor\n"
+        "assert inspect.isfunction(relu_doctor.scan), relu_doctor.scan\n"
+        "res = relu_doctor.scan(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), [torch.randn(5, 3)])\n"
+        "assert isinstance(res, sys.modules['relu_doctor.scan'].ScanResult)\n"
+        "assert relu_doctor.errors.__name__ == 'relu_doctor.errors'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
