@@ -676,9 +676,11 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
             >>> with relu_doctor.watch(net) as doc:
             ...     with doc.paused():
-            ...         _ = net(torch.randn(2, 4))
-            >>> doc.sites
-            []
+            ...         _ = net(torch.randn(2, 4))  # a probe pass: not recorded
+            ...     net(torch.randn(16, 4)).sum().backward()  # a training pass: recorded
+            ...     _ = doc.step()
+            >>> doc.history()["elements"].tolist()  # the training pass's 16 rows x 8 units
+            [128.0]
         """
         probes = [self.probe] + ([self.eval.probe] if self.eval is not None else [])
         before = [p.paused for p in probes]

@@ -13,7 +13,7 @@ Users add their own classes with :func:`register_family`:
 
     >>> import torch.nn as nn
     >>> class MyReLU(nn.ReLU): ...
-    >>> register_family("myrelu", MyReLU, leaky=False)
+    >>> _ = register_family("myrelu", MyReLU, leaky=False)
     >>> family_of(MyReLU()).name
     'myrelu'
 """

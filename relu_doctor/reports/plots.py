@@ -74,7 +74,7 @@ def mpl_label(name: str, width: int = 36) -> str:
     >>> mpl_label("a$b")
     'a\\\\$b'
     >>> mpl_label("encoder.layers.10.mlp.act", width=12)
-    'encod…lp.act'
+    'encode…p.act'
     """
     s = " ".join(str(name).split()) or "(root)"
     if len(s) > width:

@@ -1,8 +1,9 @@
 """``Report``: a run's report as one object that shows inline in Jupyter, saves as HTML and
 prints a terminal summary, all from one report context built once.
 
-Example:
-    >>> Report("runs/exp1")                      # doctest: +SKIP  (a notebook cell shows it)
+Example (the last expression of a notebook cell shows the report inline)::
+
+    >>> Report("runs/exp1")                      # doctest: +SKIP
     >>> Report("runs/exp1").save("exp1.html")    # doctest: +SKIP
 """
 
