@@ -389,4 +389,5 @@ def test_missing_triton_steps_aside_with_one_warning(monkeypatch):
     _broken_triton(monkeypatch, None)
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
     monkeypatch.delitem(sys.modules, "relu_doctor._kernels.triton_stats", raising=False)
+    monkeypatch.delattr(_kernels, "triton_stats", raising=False)  # bound by an earlier import
     _records_with_one_warning("triton could not be imported")
