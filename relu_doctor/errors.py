@@ -27,7 +27,7 @@ class ReluDoctorWarning(UserWarning):
 
 #: Modules whose frames a warning looks past: the training frameworks that call relu_doctor
 #: from their callback dispatch, and ``contextlib`` (a warning raised in a ``with`` block).
-_PASS_THROUGH = ("lightning.", "pytorch_lightning.", "transformers.", "keras.", "contextlib")
+_PASS_THROUGH = ("torch.", "lightning.", "pytorch_lightning.", "transformers.", "keras.", "contextlib")
 
 
 def user_stacklevel() -> int:

@@ -187,6 +187,55 @@ def test_a_1d_output_no_layer_made_is_no_site(unbatched: bool) -> None:
     assert total[FIELDS.index("elements")].tolist() == [4.0] * 3
 
 
+class _Gated(nn.Module):
+    """A learned scalar gate through a ReLU (a 0-D activation), beside a batched site."""
+
+    def __init__(self, gate_only: bool) -> None:
+        super().__init__()
+        self.gate_only = gate_only
+        self.p = nn.Parameter(torch.tensor(0.5))
+        self.gate = nn.ReLU()
+        self.fc = nn.Linear(4, 6)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.gate_only else self.act(self.fc(x))
+        return h * self.gate(self.p)  # the 0-D call
+
+
+@pytest.mark.parametrize("gate_only", [True, False])
+def test_a_0d_activation_is_no_site_said_once_and_training_goes_on(gate_only: bool) -> None:
+    """A scalar has no units: no site, one warning pointing at the user's forward, and no
+    "ran no activation" error that would stop the loop (before, a model whose only
+    activation was 0-D raised at its first step). The batched site beside it is counted
+    exactly."""
+    torch.manual_seed(0)
+    model = _Gated(gate_only)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    outs: list[torch.Tensor] = []
+    model.act.register_forward_hook(lambda m, a, out: outs.append(out.detach().clone()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1) as doc:
+            for _ in range(4):
+                opt.zero_grad()
+                model(torch.randn(8, 4)).sum().backward()
+                opt.step()
+                doc.step()
+    said = [w for w in caught if issubclass(w.category, ReluDoctorWarning)
+            and "0-D" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in caught]
+    assert str(said[0].message).startswith("relu_doctor: 'gate' runs on a 0-D tensor")
+    assert said[0].filename == __file__  # the user's forward, past torch's module call
+    assert doc.global_step == 4
+    assert [s.name for s in doc.sites] == ([] if gate_only else ["act"])
+    if not gate_only:
+        (site,) = doc.sites
+        h = torch.cat(outs)
+        total = site.stats.lifetime + site.stats.window
+        assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
+
+
 class _Cell(nn.Module):
     """A recurrent step written as a matmul with a parameter, a layer the producer tracking
     does not follow, run on one sample first, then on batches."""
