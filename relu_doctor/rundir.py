@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 import uuid
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -112,9 +113,13 @@ def _acquire_lock(path: Path, run_id: str) -> Path:
                 held = json.loads(lock.read_text(encoding="utf-8"))
                 if not isinstance(held, dict):
                     raise ValueError("not a JSON object")
-                pid, other_host = int(held.get("pid", -1)), str(held.get("host", ""))
+                pid, other_host = int(held.get("pid", -1)), str(held.get("host") or host)
             except (OSError, ValueError, TypeError, UnicodeDecodeError):
-                pid, other_host, held = -1, host, {}
+                with contextlib.suppress(OSError):  # (gone meanwhile: the next try takes it)
+                    if time.time() - lock.stat().st_mtime < 1.0:
+                        time.sleep(0.2)  # another writer may be writing it now: read again
+                        continue
+                pid, other_host, held = -1, host, {}  # cannot be read: its writer is gone
             token = held.get("started")  # tells the writer from a later process of its pid
             same_process = pid == os.getpid() and other_host == host
             live = not held.get("exited") and (
@@ -129,12 +134,18 @@ def _acquire_lock(path: Path, run_id: str) -> Path:
                     f"another directory, or stop that writer (if it is gone, delete "
                     f"{str(lock)!r})."
                 ) from None
-            warn_problem(None, f"relu_doctor: run_dir {str(path)!r}: taking over the lock left by "
-                  f"process {pid} (run {held.get('run_id')!r}), which is no longer running.")
+            left_by = (f"left by process {pid} (run {held.get('run_id')!r}), which is no longer "
+                       "running" if held else "that cannot be read (its writer stopped while "
+                       "taking it)")
+            warn_problem(None, f"relu_doctor: run_dir {str(path)!r}: taking over the lock {left_by}.")
             lock.unlink(missing_ok=True)
             continue
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+        except BaseException:  # a full disk: no empty lock left to refuse the next try
+            lock.unlink(missing_ok=True)
+            raise
         _HELD.add(str(lock.resolve()))
         return lock
     raise RunDirError(f"run_dir: cannot take the lock {str(lock)!r} (it keeps coming back).")
@@ -264,8 +275,11 @@ def check_claimable(path: Path, arg: str = "run_dir") -> None:
     """
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{arg}: {str(path)!r} exists and is not a directory.")
-    if path.is_dir() and any(path.iterdir()) and not (path / "meta.json").is_file():
-        names = sorted(x.name for x in path.iterdir())[:5]
+    # (a lock alone is a writer's that stopped before its first write: judged live or
+    # stale when the writer takes it)
+    held = [x.name for x in path.iterdir() if x.name != LOCK_NAME] if path.is_dir() else []
+    if held and not (path / "meta.json").is_file():
+        names = sorted(held)[:5]
         raise RunDirError(
             f"{arg}: {str(path)!r} is not empty and is not a relu_doctor run "
             f"directory (it holds {names}); pass a new or empty directory."

@@ -57,6 +57,8 @@ def process_token(pid: int) -> str | None:
 def _pid_alive(pid: int, token: object = None) -> bool:
     """Whether process ``pid`` runs; with the ``token`` (:func:`process_token`) its writer
     recorded, whether that same process runs (not a later one given its pid)."""
+    if pid <= 0:  # (os.kill would signal a process group, or every process, and succeed)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -330,6 +330,64 @@ def test_a_second_live_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path
     assert not (tmp_path / "r" / ".lock").exists()
 
 
+class _NoSpace:
+    """A file opened for writing on a full disk: its write fails with ENOSPC."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+
+    def __enter__(self) -> _NoSpace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_disk_full_as_the_run_starts_leaves_no_lock_and_writing_resumes(tmp_path, monkeypatch):
+    """The lock's own write fails (the disk is full as the watch starts): the empty lock it
+    left made every retry refuse the directory as another writer's (os.kill(-1, 0), which
+    signals every process, read as alive), so nothing was ever written, the lock stayed after
+    close, and no report could be made. Now the failed lock is removed, writing resumes once
+    there is room, and the report names the logs lost."""
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(rundir.os, "fdopen", lambda fd, *a, **k: _NoSpace(real_fdopen(fd, *a, **k)))
+    model = zoo.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=2, run_dir=tmp_path / "r",
+                               optimizer=opt, tensorboard=False) as doc:
+            for step in range(1, 9):
+                if step == 5:
+                    monkeypatch.setattr(rundir.os, "fdopen", real_fdopen)  # room again
+                    assert not (tmp_path / "r" / ".lock").exists()
+                zoo.train(model, [torch.randn(8, 10)], doc=doc, optimizer=opt)
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert len(said) == 1 and "No space left on device" in said[0], said
+    assert not (tmp_path / "r" / ".lock").exists()
+    run = load_run(tmp_path / "r")
+    assert sorted(run.history["step"].unique()) == [6, 8]
+    assert run.unwritten == [[2, 4]]
+    assert "the logs of steps 2–4 are not in the run directory" in relu_doctor.reports.summary(run)
+
+
+@pytest.mark.parametrize("body", ["", "{\"pid\": -1}", "{\"pid\": 0}"])
+def test_a_lock_that_names_no_process_is_taken_over(tmp_path, body):
+    """An empty lock (a writer stopped while taking it) or one naming pid 0 or -1 (which
+    os.kill would signal as a group, so read as alive) belongs to no live writer."""
+    (tmp_path / "r").mkdir()
+    lock = tmp_path / "r" / ".lock"
+    lock.write_text(body)
+    os.utime(lock, (1e9, 1e9))  # not being written now
+    with pytest.warns(ReluDoctorWarning, match="taking over the lock"):
+        w = RunWriter(tmp_path / "r")
+    w.close()
+    assert not lock.exists()
+
+
 def test_two_doctors_on_one_run_directory(tmp_path):
     model = zoo.mlp()
     with (relu_doctor.watch(model, run_dir=tmp_path / "r"),

@@ -571,7 +571,9 @@ def build_context(run: Run) -> ReportContext:
         ("dormant", "—" if lost else str(total("dormant"))),
         ("steps logged", _logged_text(steps, windows, lost)),
         *([("steps collected", f"{sampling[0]} of {sampling[1]} run "
-            f"({fmt_pct(sampling[0] / sampling[1])})")] if sampling and sampling[1] else []),
+            f"({fmt_pct(sampling[0] / sampling[1])})"
+            + (" in the logs written" if run.unwritten else ""))]
+          if sampling and sampling[1] else []),
         ("interventions", str(len(interventions))),
     ]
     logged_step = int(windows["step"].max()) if windows is not None else None

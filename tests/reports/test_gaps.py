@@ -88,10 +88,13 @@ def test_steps_never_written_are_named_in_the_html_and_the_summary(tmp_path, mon
     assert "steps 3–5" in section and "No space left on device" in section
     assert "Skipped while reading" not in section
     text = summary(ctx)
-    assert re.search(r"Never written \(OSError: .*No space left on device\): steps 3–5 ", text)
+    assert re.search(r"Never written \(OSError: .*No space left on device\): the logs of steps "
+                     r"3–5 are not in the run directory", text)
+    # what the sampling line counts is what reached disk, and it says so
+    assert re.search(r"steps collected 5 of 5 run \(100\.0%\) in the logs written", text), text
     # The command line prints the same summary.
     assert main(["report", str(run_dir)]) == 0
-    assert "steps 3–5 are not in the run directory" in capsys.readouterr().out
+    assert "the logs of steps 3–5 are not in the run directory" in capsys.readouterr().out
 
 
 def test_a_damaged_part_is_named_in_the_html_and_the_summary(tmp_path, capsys):
