@@ -9,6 +9,7 @@ its own module so that ``doctor.py`` holds the wiring of one step and one log.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import platform
 import sys
@@ -48,6 +49,20 @@ __all__ = ["ANNOUNCED", "RunRecording"]
 
 #: The message of a remedy's first change at a site (a ``warnings.filterwarnings`` pattern)
 ANNOUNCED = r"relu_doctor: step \d+: \S+ changed the training at "
+
+
+def merged_ranges(ranges: list[list[int]], gap: int, most: int = 100) -> list[list[int]]:
+    """``[first, last]`` step ranges sorted, those ``gap`` steps apart or closer joined (one
+    log apart is one stretch), and at most ``most`` of them (the last ones joined)."""
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + gap:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    while len(out) > most:
+        out[-2:] = [[out[-2][0], out[-1][1]]]
+    return out
 
 
 def _versions() -> dict[str, str]:
@@ -154,6 +169,20 @@ class RunRecording:
         if writer is not None:
             writer.abandon()  # the lock is kept: the next log retries with it
 
+    def _directory_removed(self, writer: RunWriter) -> None:
+        """The run directory went while written: what it held is lost (noted, for the report),
+        and a new one is started at this log, with the warning of a failed write."""
+        self._writer = None
+        writer.abandon()  # (its lock went with the directory)
+        if writer.first_step is not None and writer.last_step is not None:
+            self._unwritten = merged_ranges(
+                [*self._unwritten, [writer.first_step, writer.last_step]], self.log_every_n_steps
+            )
+            self._meta_dirty = True
+        self._write_failed(FileNotFoundError(
+            errno.ENOENT, "the run directory was removed while it was being written; a new one "
+            "is started", str(self.run_dir)))
+
     def _save_status(self) -> None:
         """Record the unwritten steps in place (``status.json``; works on a full disk)."""
         if self._writer is not None:
@@ -161,12 +190,7 @@ class RunRecording:
                 self._writer.write_status({"unwritten": self._unwritten, "error": self._write_error})
 
     def _note_unwritten(self, step: int) -> None:
-        if self._unwritten and self._unwritten[-1][1] >= step - self.log_every_n_steps:
-            self._unwritten[-1][1] = step
-        elif len(self._unwritten) < 100:
-            self._unwritten.append([step, step])
-        else:
-            self._unwritten[-1][1] = step
+        self._unwritten = merged_ranges([*self._unwritten, [step, step]], self.log_every_n_steps)
         self._meta_dirty = True
 
     def _write_record(self, record: IntervalRecord, events: list[dict[str, Any]]) -> None:
@@ -178,8 +202,12 @@ class RunRecording:
 
     def _append_record(self, record: IntervalRecord, events: list[dict[str, Any]]) -> None:
         try:
+            if self._writer is not None and not self._writer.in_place():
+                self._directory_removed(self._writer)
             if self._writer is None:
                 self._open_writer()
+                if self._unwritten:
+                    self._save_status()
             writer = self._writer
             assert writer is not None
             if self._meta_dirty:

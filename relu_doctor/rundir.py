@@ -363,6 +363,8 @@ class RunWriter:
                         warn_problem(None, f"relu_doctor: cannot compact {str(part)!r} ({e}); it is "
                               "still read as it is.")
         self.last_step = last_step(p) if old is not None and resume else None
+        #: the first step this directory holds a log of (1 for a run it continues)
+        self.first_step: int | None = 1 if self.last_step is not None else None
         self._status = p / STATUS_NAME
         if not self._status.is_file() or self._status.stat().st_size < _STATUS_BYTES:
             atomic_write_bytes(self._status, b"{}".ljust(_STATUS_BYTES))
@@ -378,6 +380,12 @@ class RunWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def in_place(self) -> bool:
+        """Whether the directory it writes is still there: its lock is (one ``stat``). A
+        directory removed while written (``rm -rf``, a cleanup job) takes the lock with it,
+        and open segments would go on writing to files no longer in any directory."""
+        return self._lock.exists()
 
     def abandon(self) -> None:
         """After a failed write: drop the open segments (each is read up to its last
@@ -439,6 +447,7 @@ class RunWriter:
             raise
         if table in LOGGED_TABLES:
             self.last_step = step if self.last_step is None else max(self.last_step, step)
+            self.first_step = step if self.first_step is None else self.first_step
         if seg.rows >= self.rotate_rows or seg.nbytes >= self.rotate_bytes:
             self._close_segment(table)
 
@@ -507,6 +516,9 @@ class RunWriter:
         try:
             for table in list(self._segs):
                 self._close_segment(table)
+        except BaseException:
+            self.abandon()  # the others too: no file left open to the garbage collector
+            raise
         finally:
             self._finalizer()
 

@@ -388,6 +388,54 @@ def test_a_lock_that_names_no_process_is_taken_over(tmp_path, body):
     assert not lock.exists()
 
 
+@pytest.mark.parametrize("tensorboard", [True, False])
+def test_a_run_directory_removed_while_written_is_started_again(tmp_path, tensorboard):
+    """``rm -rf`` of the run directory mid-run: the open segments went on writing to files in
+    no directory (and TensorBoard made the directory again), so the run never got its
+    meta.json or tables back and no report could be made. Now the next log sees the lock
+    gone, says so once, starts the directory again, and the report names the logs lost."""
+    model = zoo.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    run_dir = tmp_path / "r"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir, optimizer=opt,
+                               tensorboard=tensorboard) as doc:
+            for step in range(1, 13):
+                if step == 6:
+                    shutil.rmtree(run_dir)
+                zoo.train(model, [torch.randn(8, 10)], doc=doc, optimizer=opt)
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert len(said) == 1 and "was removed while it was being written" in said[0], said
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not (run_dir / ".lock").exists()
+    run = load_run(run_dir)
+    assert sorted(run.history["step"].unique()) == [6, 8, 10, 12]
+    assert run.unwritten == [[2, 4]]
+    text = relu_doctor.reports.summary(run)
+    assert "the logs of steps 2–4 are not in the run directory" in text
+    assert "in the logs written" in text
+
+
+def test_a_close_that_fails_leaves_no_segment_file_open(tmp_path, monkeypatch):
+    """A full disk at close (the first segment's compaction fails): the other open
+    segments are closed too, not left to the garbage collector."""
+    w = RunWriter(tmp_path / "r")
+    w.write_meta({"sites": []})
+    for table in ("history", "units", "layers"):
+        w.append_table(table, 1, {"step": [1], "x": [1.0]})
+    segs = list(w._segs.values())
+
+    def no_space(stream: Path) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir, "_compact", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        w.close()
+    assert len(segs) == 3 and all(seg._file.closed for seg in segs)
+    assert not (tmp_path / "r" / ".lock").exists()
+
+
 def test_two_doctors_on_one_run_directory(tmp_path):
     model = zoo.mlp()
     with (relu_doctor.watch(model, run_dir=tmp_path / "r"),
