@@ -491,6 +491,11 @@ def _read_findings(path: Path, events: list[dict[str, Any]], problems: list[str]
     except (OSError, ValueError, TypeError, AttributeError) as e:
         warn_problem(problems, f"relu_doctor: {str(path)!r} cannot be read ({e}); the findings are "
               "taken from events.jsonl.")
+    return _findings_from_events(events)
+
+
+def _findings_from_events(events: list[dict[str, Any]]) -> list[Finding]:
+    """The findings open after the last event: each begun or changed, and not ended."""
     open_: dict[tuple[str, str], Finding] = {}
     for data in events:
         ev = event_from_dict(data)
@@ -573,12 +578,6 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         except (OSError, ValueError) as e:
             warn_problem(problems, f"relu_doctor: skipped {str(status_path)!r}: {e}.")
     events = _read_events(p / "events.jsonl", problems)
-    f_path = p / "findings.json"
-    last_findings: list[Finding] | None = None
-    if f_path.is_file():
-        last_findings = _read_findings(f_path, events, problems)
-    elif meta.get("format_version") != 1:
-        last_findings = []  # nothing logged yet
     tables = {"history", "layers", "metrics"} | {
         d.name for d in p.iterdir() if d.is_dir() and TABLE_NAME.fullmatch(d.name) and segments(d)
     }
@@ -590,6 +589,18 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     frames = {t: read_table(p, t, problems=problems)
               for t in sorted(tables - {"units", "history"})}
     lost = _history_lost(history_parts, history, frames.get("windows"), units, problems)
+    f_path = p / "findings.json"
+    last_findings: list[Finding] | None = None
+    if f_path.is_file():
+        last_findings = _read_findings(f_path, events, problems)
+    elif meta.get("format_version") != 1:
+        windows = frames.get("windows")
+        if history.empty and lost == "" and (windows is None or windows.empty):
+            last_findings = []  # nothing logged yet
+        else:
+            warn_problem(problems, f"relu_doctor: {str(f_path)!r} is missing, though the run "
+                         "logged; the findings are taken from events.jsonl.")
+            last_findings = _findings_from_events(events)
     writer = open_writer_state(p)
     return Run(
         meta=meta,

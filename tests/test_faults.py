@@ -240,11 +240,34 @@ def _damage(run_dir: Path, how: str) -> None:
         ev.write_bytes(ev.read_bytes() + b'{"type": "finding", "site": "\xff\xfe"}\n')
     elif how == "findings.json a dict":
         (run_dir / "findings.json").write_text('{"kind": 1}')
+    elif how == "findings.json missing":
+        (run_dir / "findings.json").unlink()
+
+
+def test_a_sick_runs_findings_outlive_a_missing_findings_json(tmp_path):
+    """With findings.json gone, a run whose units died read "Healthy" and said nothing of
+    the missing file. Its open findings are taken from events.jsonl, as for a damaged one."""
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    with torch.no_grad():
+        model[0].bias[:12] = -100.0  # 12 of 16 units never active
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with relu_doctor.watch(model, log_every_n_steps=2, run_dir=tmp_path / "r",
+                           optimizer=opt) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(6)], doc=doc, optimizer=opt)
+    kept = {(f.kind, f.site, f.severity) for f in load_run(tmp_path / "r").findings()}
+    assert ("dead", "1", "critical") in kept
+    (tmp_path / "r" / "findings.json").unlink()
+    with pytest.warns(ReluDoctorWarning, match=r"findings.json' is missing, though the run "
+                      r"logged; the findings are taken from events.jsonl"):
+        run = load_run(tmp_path / "r")
+    assert {(f.kind, f.site, f.severity) for f in run.findings()} == kept
+    assert not relu_doctor.reports.summary(run).splitlines()[0].endswith("Healthy")
 
 
 @pytest.mark.parametrize("how", [
     "another schema", "step as text", "truncated part", "random bytes part", "[1,2,3]",
     "null", '{"type": "finding", "step": "twenty"}', "invalid utf-8", "findings.json a dict",
+    "findings.json missing",
 ])
 def test_a_damaged_file_or_line_is_skipped_with_a_warning_naming_it(tmp_path, capsys, how):
     run_dir = tmp_path / "run"

@@ -127,6 +127,7 @@ def test_a_stream_cut_short_found_when_the_units_are_read_is_in_the_section(tmp_
                                                       "dead_fraction": [0.0], "units": [4]}))
         w.append_table("units", step, pd.DataFrame({"step": step, "site": "a", "unit": range(4),
                                                     "activation_rate": 0.5}))
+        w.write_findings([])  # as each log does
     stream = next((tmp_path / "r" / "units").glob("seg-*.arrows"))
     w.abandon()  # the writer died: its streams stay as they are
     stream.write_bytes(stream.read_bytes()[:-40])  # the last batch cut short
