@@ -351,6 +351,9 @@ class Probe(SiteRegistry, HookOwner):
         self.hooks.remove(self._handles)
         self._targets = self.targets()
         self._hook_modules()
+        # A site it brings finds its producer in this pass, not the next: its first pass is
+        # counted, as the model's first pass is.
+        self._want_provenance = True
         return True
 
     def _boundary_modules(self) -> list[nn.Module]:

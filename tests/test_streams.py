@@ -310,6 +310,28 @@ def test_a_module_swapped_in_while_watched_is_picked_up_without_refresh():
     assert len(torch_module._global_module_registration_hooks) == hooks_before
 
 
+def test_a_site_added_while_watched_counts_from_its_first_pass():
+    """A block put into the watched model brings a new site: its first pass is counted
+    (before, it went to finding the site's producing layer, and the site began a step
+    late), with units along the layer that made it."""
+    torch.manual_seed(0)
+    net = _net()
+    outs: list[torch.Tensor] = []
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=100) as doc:
+        _train_step(net, TRAIN[0], doc)
+        net.append(nn.Sequential(nn.Linear(1, 7), nn.ReLU()))  # after the 1-feature output
+        net[-1][1].register_forward_hook(lambda m, a, out: outs.append(out.detach().clone()))
+        for x in TRAIN[1:3]:
+            _train_step(net, x, doc)
+        site = doc.probe.site("3.1")
+        assert (site.unit_rule, site.units) == ("Linear `3.0` -> last dim", 7)
+        got = site_fields(site)
+    h = torch.cat(outs).double()
+    assert len(outs) == 2  # both passes since it was added, the first too
+    np.testing.assert_array_equal(got["elements"], [len(h)] * 7)
+    np.testing.assert_array_equal(got["active"], (h > 0).sum(0).numpy())
+
+
 def test_report_has_an_evaluation_section(tmp_path):
     from relu_doctor.reports.context import build_context
     from relu_doctor.reports.html import render_context
