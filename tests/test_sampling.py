@@ -996,6 +996,31 @@ def test_a_window_whose_collecting_steps_saw_no_pass_warns_once_and_judges_nothi
     assert ctx.verdict.status != "healthy"
 
 
+def test_a_window_whose_passes_ran_no_activation_says_so_not_eval_mode():
+    """The model trains on, but its activation was replaced by nn.Identity: the warning
+    says its passes ran no watched activation (it blamed eval mode)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with pytest.warns(ReluDoctorWarning) as caught, relu_doctor.watch(
+        net, optimizer=opt, log_every_n_steps=5, every_n_steps=1
+    ) as doc:
+        for step in range(10):
+            if step == 5:
+                net[1] = nn.Identity()
+            opt.zero_grad()
+            net(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+            doc.step()
+    said = [str(w.message) for w in caught if "recorded nothing" in str(w.message)]
+    assert len(said) == 1
+    assert ("step 10 recorded nothing in its 5 collecting step(s): training passes ran in 5 "
+            "of them, but none ran a watched activation: the model's activations were "
+            "replaced (by nn.Identity, say) or bypassed in its forward. ") in said[0]
+    assert "eval" not in said[0]
+    assert [(r.step, r.judged) for r in doc.records] == [(5, True), (10, False)]
+
+
 def test_a_window_continued_in_a_second_with_block_counts_only_its_own_steps():
     """The last window of a ``with`` block is logged at its exit and kept readable; entered
     again, the Doctor starts a new window, whose steps_run and steps_collected count only
