@@ -194,14 +194,19 @@ class _Segment:
         self._file = open(path, "xb")  # noqa: SIM115 - closed in close()
         try:
             self._writer = ipc.new_stream(self._file, schema)
+            self._file.flush()
         except BaseException:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
+            path.unlink(missing_ok=True)  # (a full disk: no batch in it, no torn file left)
             raise
+        self._good = self._file.tell()  # where its last complete batch ends
 
     def write(self, table: pa.Table) -> None:
         self._writer.write_table(table)
         self._file.flush()
         self.rows += table.num_rows
+        self._good = self._file.tell()
 
     @property
     def nbytes(self) -> int:
@@ -216,9 +221,11 @@ class _Segment:
             self._file.close()
 
     def abandon(self) -> None:
-        """Close after a failed write, ignoring errors (the stream is read up to its last
-        complete batch)."""
-        for fn in (self._writer.close, self._file.close):
+        """Close after a failed write, ignoring errors, and cut the stream back to its last
+        complete batch (a truncation needs no free space): what relu_doctor itself left is
+        not read back as a damaged file."""
+        for fn in (self._writer.close, self._file.close,
+                   lambda: os.truncate(self.path, self._good)):
             with contextlib.suppress(Exception):  # the write already failed, was reported
                 fn()
 

@@ -440,6 +440,43 @@ def test_a_run_directory_removed_while_written_is_started_again(tmp_path, tensor
     assert "in the logs written" in text
 
 
+def test_a_write_that_fails_half_way_leaves_no_torn_file(tmp_path, monkeypatch):
+    """A full disk mid-batch: the stream is cut back to its last complete batch, and a
+    segment whose header could not be written is removed, so that the reader does not
+    report relu_doctor's own leftovers as damaged files."""
+    w = RunWriter(tmp_path / "r")
+    w.write_meta({"sites": []})
+    w.append_table("history", 1, {"step": [1], "site": ["a"], "x": [1.0]})
+    w.write_findings([])
+    seg = w._segs["history"]
+
+    def torn(table: pa.Table) -> None:
+        seg._file.write(b"\xff" * 37)  # part of a batch reached the file
+        seg._file.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(seg._writer, "write_table", torn)
+    with pytest.raises(OSError, match="No space left"):
+        w.append_table("history", 2, {"step": [2], "site": ["a"], "x": [2.0]})
+    real_new_stream = rundir.ipc.new_stream
+
+    def no_room(f: Any, schema: pa.Schema) -> Any:
+        f.write(b"\xff" * 11)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.ipc, "new_stream", no_room)
+    with pytest.raises(OSError, match="No space left"):
+        w.append_table("units", 2, {"step": [2], "site": ["a"], "unit": [0]})
+    assert not list((tmp_path / "r" / "units").iterdir())
+    monkeypatch.setattr(rundir.ipc, "new_stream", real_new_stream)
+    w.append_table("history", 3, {"step": [3], "site": ["a"], "x": [3.0]})  # room again: a new segment
+    w.abandon()  # the writer dies: nothing compacted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReluDoctorWarning)
+        run = load_run(tmp_path / "r")
+    assert run.problems == [] and run.history["step"].tolist() == [1, 3]
+
+
 def test_a_close_that_fails_leaves_no_segment_file_open(tmp_path, monkeypatch):
     """A full disk at close (the first segment's compaction fails): the other open
     segments are closed too, not left to the garbage collector."""
