@@ -194,13 +194,12 @@ class _Segment:
         self._file = open(path, "xb")  # noqa: SIM115 - closed in close()
         try:
             self._writer = ipc.new_stream(self._file, schema)
-            self._file.flush()
         except BaseException:
             with contextlib.suppress(OSError):
                 self._file.close()
-            path.unlink(missing_ok=True)  # (a full disk: no batch in it, no torn file left)
+            path.unlink(missing_ok=True)  # (no batch in it: no torn file left)
             raise
-        self._good = self._file.tell()  # where its last complete batch ends
+        self._good = 0  # where its last complete batch ends
 
     def write(self, table: pa.Table) -> None:
         self._writer.write_table(table)
@@ -222,10 +221,12 @@ class _Segment:
 
     def abandon(self) -> None:
         """Close after a failed write, ignoring errors, and cut the stream back to its last
-        complete batch (a truncation needs no free space): what relu_doctor itself left is
-        not read back as a damaged file."""
-        for fn in (self._writer.close, self._file.close,
-                   lambda: os.truncate(self.path, self._good)):
+        complete batch (a truncation needs no free space), or remove it when it holds none
+        (the schema goes out with the first batch): what relu_doctor itself left is not read
+        back as a damaged file."""
+        cut = ((lambda: os.truncate(self.path, self._good)) if self.rows
+               else (lambda: self.path.unlink(missing_ok=True)))
+        for fn in (self._writer.close, self._file.close, cut):
             with contextlib.suppress(Exception):  # the write already failed, was reported
                 fn()
 
