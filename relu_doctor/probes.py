@@ -193,6 +193,13 @@ class Probe(SiteRegistry, HookOwner):
             raise ReluDoctorError(
                 f"model: expected a torch.nn.Module, got {type(model).__name__}."
             )
+        if isinstance(model, torch.jit.ScriptModule):
+            raise ReluDoctorError(
+                f"model: {type(model).__name__} is a TorchScript module (torch.jit.script or "
+                "trace), whose forward runs outside Python, where no hook can watch it. Watch "
+                "the eager model you scripted (relu_doctor.watch(model)), and script it for "
+                "deployment after training."
+            )
         self.model = model
         self.include = glob_patterns("include", include)
         self.exclude = glob_patterns("exclude", exclude)

@@ -466,6 +466,16 @@ def test_library_errors_share_one_base_class():
         relu_doctor.watch(lambda x: x)
 
 
+@pytest.mark.parametrize("make", [torch.jit.script,
+                                  lambda m: torch.jit.trace(m, torch.randn(2, 10))])
+def test_a_torchscript_module_is_refused_with_what_to_watch_instead(make):
+    """Its forward runs outside Python: torch's own error named a hook method."""
+    scripted = make(zoo.mlp())
+    with pytest.raises(ReluDoctorError, match=r"^model: \w+ is a TorchScript module .* Watch "
+                       r"the eager model you scripted"):
+        relu_doctor.watch(scripted)
+
+
 # ---------------------------------------------------------------------- memory
 
 
