@@ -210,6 +210,10 @@ def test_submodules_are_attributes_of_the_package_without_importing_them_first()
         "    raise SystemExit('no AttributeError')\n"
         "assert not hasattr(relu_doctor, '_private')\n"
     )
+    _runs_in_a_fresh_interpreter(code)
+
+
+def _runs_in_a_fresh_interpreter(code: str) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
@@ -228,5 +232,4 @@ def test_relu_doctor_scan_is_the_function_however_its_module_was_imported_first(
         "assert isinstance(res, sys.modules['relu_doctor.scan'].ScanResult)\n"
         "assert relu_doctor.errors.__name__ == 'relu_doctor.errors'\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    _runs_in_a_fresh_interpreter(code)

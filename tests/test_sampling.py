@@ -15,6 +15,8 @@ import math
 import pickle
 import re
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -951,6 +953,24 @@ def test_the_configuration_states_the_rate_in_effect(tmp_path):
         assert (config["every_n_steps"], config["overhead_budget"]) == (every, budget)
 
 
+def _train_changed_at(net: nn.Module, steps: int, at: int, change: Callable[[], Any],
+                      **kwargs: Any) -> tuple[Any, list[str]]:
+    """Train ``net`` ``steps`` steps, logging every 5th and collecting every step, calling
+    ``change()`` before step ``at``; the Doctor and its "recorded nothing" warnings."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with pytest.warns(ReluDoctorWarning) as caught, relu_doctor.watch(
+        net, optimizer=opt, log_every_n_steps=5, every_n_steps=1, **kwargs
+    ) as doc:
+        for step in range(steps):
+            if step == at:
+                change()
+            opt.zero_grad()
+            net(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+            doc.step()
+    return doc, [str(w.message) for w in caught if "recorded nothing" in str(w.message)]
+
+
 def test_a_window_whose_collecting_steps_saw_no_pass_warns_once_and_judges_nothing(tmp_path):
     """Left in eval mode after an evaluation, a model's training stream records nothing: a
     step counts as collected only where a training pass was recorded, a window with none
@@ -961,18 +981,7 @@ def test_a_window_whose_collecting_steps_saw_no_pass_warns_once_and_judges_nothi
     with torch.no_grad():
         net[0].bias[:6] = -50.0
     run = tmp_path / "run"
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    with pytest.warns(ReluDoctorWarning) as caught, relu_doctor.watch(
-        net, optimizer=opt, log_every_n_steps=5, every_n_steps=1, run_dir=run
-    ) as doc:
-        for step in range(15):
-            if step == 7:
-                net.eval()  # ... and never train() again
-            opt.zero_grad()
-            net(torch.randn(8, 4)).pow(2).mean().backward()
-            opt.step()
-            doc.step()
-    said = [str(w.message) for w in caught if "recorded nothing" in str(w.message)]
+    doc, said = _train_changed_at(net, 15, 7, net.eval, run_dir=run)  # never train() again
     assert len(said) == 1
     assert re.search(r"step 15 recorded nothing in its 5 collecting step\(s\): no training "
                      r"pass.*model\.train\(\)", said[0])
@@ -1001,18 +1010,7 @@ def test_a_window_whose_passes_ran_no_activation_says_so_not_eval_mode():
     says its passes ran no watched activation (it blamed eval mode)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    with pytest.warns(ReluDoctorWarning) as caught, relu_doctor.watch(
-        net, optimizer=opt, log_every_n_steps=5, every_n_steps=1
-    ) as doc:
-        for step in range(10):
-            if step == 5:
-                net[1] = nn.Identity()
-            opt.zero_grad()
-            net(torch.randn(8, 4)).pow(2).mean().backward()
-            opt.step()
-            doc.step()
-    said = [str(w.message) for w in caught if "recorded nothing" in str(w.message)]
+    doc, said = _train_changed_at(net, 10, 5, lambda: net.__setitem__(1, nn.Identity()))
     assert len(said) == 1
     assert ("step 10 recorded nothing in its 5 collecting step(s): training passes ran in 5 "
             "of them, but none ran a watched activation: the model's activations were "
