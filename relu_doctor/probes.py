@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import sys
 import time
 import warnings
@@ -652,6 +653,10 @@ class Probe(SiteRegistry, HookOwner):
                 hook = self._grad_hooks.get(site)
                 if hook is None:
                     hook = self._grad_hooks[site] = self._make_grad_hook(site)
+                if output._is_view() and type(node).__name__ == "AsStridedBackward0":
+                    tap = _tap_in_base(output, node, hook)
+                    if tap is not None:
+                        node, hook = tap
                 node.register_hook(hook)
 
     def record(
@@ -816,11 +821,14 @@ class Probe(SiteRegistry, HookOwner):
             site.stats.record_grad(g, gi, dim, inv)
             prepared = site.stats.prepare_grad(g, gi, dim)
 
-        def grad_hook(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
+        def grad_hook(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any],
+                      region: tuple[Any, ...] | None = None) -> None:
             if self._failed and site.key in self._failed:
                 return
             t0 = time.perf_counter()
             try:
+                if region is not None:  # an inplace call on a view: its part of the base's
+                    grad_inputs, grad_outputs = _cut(grad_inputs, region), _cut(grad_outputs, region)
                 add_grad(grad_inputs, grad_outputs)
             except Exception as e:  # never raise into the user's backward
                 self._fail(site.key, "backward", e)
@@ -828,6 +836,33 @@ class Probe(SiteRegistry, HookOwner):
                 self.stopwatch.add(t0)
 
         return grad_hook
+
+
+def _tap_in_base(
+    output: torch.Tensor, node: Any, hook: Callable[..., None]
+) -> tuple[Any, Callable[..., None]] | None:
+    """Where to tap the gradient of an inplace call on a view (``h[:, 4:8].relu_()``): its
+    own node (the view replayed on the changed base) runs only when the loss goes through
+    the view, and a loss taken on the base skips it. The base's ``CopySlices`` node, which
+    holds the call's backward, runs either way: its gradients are the base's, cut to the
+    view's part (the view's size, strides and offset in a contiguous base). None when the
+    base is not contiguous (the view's own node is tapped, as before)."""
+    nxt = node.next_functions
+    base = output._base
+    if (not nxt or nxt[0][0] is None or type(nxt[0][0]).__name__ != "CopySlices"
+            or base is None or not base.is_contiguous()):
+        return None
+    region = (tuple(output.size()), tuple(output.stride()),
+              output.storage_offset() - base.storage_offset())
+    return nxt[0][0], functools.partial(hook, region=region)
+
+
+def _cut(grads: Sequence[Any], region: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The first of a node's gradients (the base's), cut to the view ``region`` describes."""
+    if not grads or not isinstance(grads[0], torch.Tensor):
+        return tuple(grads)
+    size, stride, offset = region
+    return (grads[0].contiguous().as_strided(size, stride, offset), *grads[1:])
 
 
 def _weak_method(method: Callable[..., None]) -> Callable[..., None]:

@@ -168,6 +168,51 @@ def test_inplace_relu_equals_out_of_place(make) -> None:
             assert (v == fields[1][name][f]).all(), (name, f)
 
 
+class _PartGate(nn.Module):
+    """A ReLU on a part of a layer's output, the loss taken on the whole of it: inplace on a
+    view of it, or out of place with the parts put back together (the twin)."""
+
+    def __init__(self, inplace: bool, part: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 12)
+        self.act = nn.ReLU(inplace=inplace)
+        self.inplace, self.part = inplace, part
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.part == "columns":
+            if self.inplace:
+                self.act(h[:, 4:8])
+                return h
+            return torch.cat([h[:, :4], self.act(h[:, 4:8]), h[:, 8:]], 1)
+        v = h.view(-1, 3, 4)  # a view of a view
+        if self.inplace:
+            self.act(v[:, 1])
+            return h
+        return torch.stack([v[:, 0], self.act(v[:, 1]), v[:, 2]], 1).view(-1, 12)
+
+
+@pytest.mark.parametrize("part", ["columns", "view of a view"])
+def test_inplace_relu_on_a_view_equals_out_of_place_gradients_included(part) -> None:
+    """The view's own backward node runs only when the loss goes through the view: with
+    the loss on the base, its gradient statistics were not recorded (NaN). They are now
+    read from the base's gradients, cut to the view, and equal the twin's."""
+    torch.manual_seed(0)
+    inplace = _PartGate(True, part)
+    outplace = _PartGate(False, part)
+    outplace.load_state_dict(inplace.state_dict())
+    xs = _inputs((5, 6), n=3)
+    fields = []
+    for net in (inplace, outplace):
+        with relu_doctor.watch(net, every_n_steps=1) as doc:
+            _train(net, xs)
+        fields.append({s.name: site_fields(s) for s in doc.sites})
+    assert list(fields[0]) == ["act"] and fields[0].keys() == fields[1].keys()
+    assert fields[0]["act"]["grad_elements"].tolist() == [15.0] * 4
+    for f, v in fields[0]["act"].items():
+        assert (v == fields[1]["act"][f]).all(), f
+
+
 def test_reused_module_sites_never_mix() -> None:
     # One ReLU module on three widths; each site only ever sees its own width, step after step.
     torch.manual_seed(0)
