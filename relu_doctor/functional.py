@@ -67,7 +67,7 @@ from relu_doctor._forward_reading import ForwardReader
 from relu_doctor._hooks import HookOwner, Hooks
 from relu_doctor._observing_mode import ObservingMode
 from relu_doctor.families import FAMILIES, Family, family_of
-from relu_doctor.probes import Probe, in_backward
+from relu_doctor.probes import Probe, eager_modules, in_backward
 from relu_doctor.sites import SiteKey
 
 __all__ = ["FunctionalCapture", "functional_ops"]
@@ -245,7 +245,7 @@ class FunctionalCapture(HookOwner):
         remedy swapped an activation module): a new ``nn.LeakyReLU`` must be on the stack, or
         the ``F.leaky_relu`` inside it would count as a call of its parent.
         """
-        named = list(self.probe.model.named_modules())
+        named = eager_modules(self.probe.model)
         self._members = {m for _p, m in named}
         # include/exclude apply to the path of the module making the call (decided here, not
         # per call: a cache filled during a pass would make torch.compile recompile).

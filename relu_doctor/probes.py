@@ -307,6 +307,18 @@ class Probe(SiteRegistry, HookOwner):
         """Register the hooks. Raises :class:`ReluDoctorError` if there is nothing to watch."""
         if self._attached:
             return self
+        eager = {p for p, _m in eager_modules(self.model)}
+        scripted = [p for p, _m in self.model.named_modules()
+                    if p not in eager and p.rpartition(".")[0] in eager]  # the outermost
+        if scripted and self.stream != "eval":  # (said once, by training's probe)
+            warnings.warn(
+                f"relu_doctor: {module_label(scripted[0])!r}"
+                f"{f' (and {len(scripted) - 1} more)' if len(scripted) > 1 else ''} is a "
+                "TorchScript module inside the model: its forward runs outside Python, so "
+                "its activations are not watched. The rest of the model is.",
+                ReluDoctorWarning,
+                stacklevel=user_stacklevel(),
+            )
         self._check_patterns()
         self._targets = self.targets()
         if not self._targets and self.require_modules:
@@ -863,6 +875,21 @@ def _cut(grads: Sequence[Any], region: tuple[Any, ...]) -> tuple[Any, ...]:
         return tuple(grads)
     size, stride, offset = region
     return (grads[0].contiguous().as_strided(size, stride, offset), *grads[1:])
+
+
+def eager_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` without TorchScript modules and what they hold: no hook can
+    be put on them (torch refuses it) or see inside them."""
+    out: list[tuple[str, nn.Module]] = []
+    scripted: list[str] = []
+    for path, mod in model.named_modules():
+        if any(path == s or path.startswith(f"{s}.") for s in scripted):
+            continue
+        if isinstance(mod, torch.jit.ScriptModule):
+            scripted.append(path)
+            continue
+        out.append((path, mod))
+    return out
 
 
 def _weak_method(method: Callable[..., None]) -> Callable[..., None]:

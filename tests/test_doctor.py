@@ -476,6 +476,30 @@ def test_a_torchscript_module_is_refused_with_what_to_watch_instead(make):
         relu_doctor.watch(scripted)
 
 
+def test_a_torchscript_submodule_is_left_out_with_one_warning_and_the_rest_watched():
+    """torch refuses hooks on a scripted submodule: watch() raised torch's error (and
+    stopped a Lightning fit). It is now left out, said once; the eager rest is watched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(torch.jit.script(nn.Sequential(nn.Linear(10, 8), nn.ReLU())),
+                          nn.Linear(8, 6), nn.ReLU())
+    outs: list[torch.Tensor] = []
+    model[2].register_forward_hook(lambda m, a, out: outs.append(out.detach().clone()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1) as doc:
+            for _ in range(2):
+                model(torch.randn(4, 10)).sum().backward()
+                doc.step()
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert said == ["relu_doctor: '0' is a TorchScript module inside the model: its forward "
+                    "runs outside Python, so its activations are not watched. The rest of the "
+                    "model is."]
+    assert [s.name for s in doc.sites] == ["2"]
+    row = doc.to_pandas().iloc[0]
+    assert row["dead"] == int(((torch.cat(outs) > 0).sum(0) == 0).sum())
+    assert row["elements"] == 8 * 6
+
+
 # ---------------------------------------------------------------------- memory
 
 
