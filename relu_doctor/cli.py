@@ -152,7 +152,7 @@ def _report(args: argparse.Namespace, prog: str) -> int:
         inside = _run_dirs_inside(run_dir) if run_dir.is_dir() else []
         hint = f" It holds run directories: {', '.join(inside)}." if inside else ""
         return _fail(prog, f"{e}{hint}")
-    out = Path(args.output) if args.output is not None else run_dir / "report.html"
+    out = args.output if args.output is not None else run_dir / "report.html"  # ("dir/" kept)
     report = Report(run)
     try:
         path = report.save(out)

@@ -304,6 +304,10 @@ def test_report_writes_html_and_prints_a_summary(tmp_path: Path, capsys: pytest.
     assert capsys.readouterr().out.strip() == str(run_dir / "report.html")
     assert data_island(run_dir / "report.html")["steps"] == [3, 6]
     assert Report(load_run(run_dir)).save(tmp_path / "new") == tmp_path / "new" / "report.html"
+    # a path ending in a slash is a directory, made if new (it wrote a file named "fresh")
+    assert Report(load_run(run_dir)).save(f"{tmp_path}/fresh/") == tmp_path / "fresh" / "report.html"
+    assert main(["report", str(run_dir), "-o", f"{tmp_path}/cli/", "-q"]) == 0
+    assert (tmp_path / "cli" / "report.html").is_file()
 
 
 def test_the_interpreters_resource_warnings_go_to_the_caller_not_onto_the_report(

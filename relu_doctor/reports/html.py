@@ -155,7 +155,7 @@ def write_report(
 
 def report_path(run: Run, out: str | os.PathLike[str] | None, name: str) -> Path:
     """Where the report of ``run`` goes: ``out`` (``out/report.html`` when it is a
-    directory), or ``<run directory>/report.html``.
+    directory, or ends in a slash), or ``<run directory>/report.html``.
 
     Raises:
         ValueError: no ``out`` for a run built in memory.
@@ -168,7 +168,7 @@ def report_path(run: Run, out: str | os.PathLike[str] | None, name: str) -> Path
             raise ValueError(f"{name}: required for a run record built in memory (no path).")
         return run.path / "report.html"
     path = Path(out)
-    if path.is_dir():
+    if path.is_dir() or str(out).endswith((os.sep, "/")):  # ("new/": a directory to make)
         path = path / "report.html"
     root = run.path.resolve() if run.path is not None else None
     target = path.resolve()
