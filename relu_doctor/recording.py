@@ -163,7 +163,7 @@ class RunRecording:
                 "writing is retried at each later log (the report says which steps are "
                 "missing).",
                 ReluDoctorWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         writer = self._writer
         if writer is not None:
@@ -252,6 +252,15 @@ class RunRecording:
         Reading it back (``history()``, ``to_run()``) still works. Idempotent."""
         if self.eval is not None:
             self.eval.close()
+        if self._writer is not None and not self._writer.in_place():
+            # Removed since the last log: started again, with its lost logs named, so that
+            # the run still has a record that says what it lost.
+            self._directory_removed(self._writer)
+            try:
+                self._open_writer()
+                self._save_status()
+            except Exception as e:
+                self._write_failed(e)
         writer, self._writer = self._writer, None
         if writer is not None:
             try:

@@ -440,6 +440,28 @@ def test_a_run_directory_removed_while_written_is_started_again(tmp_path, tensor
     assert "in the logs written" in text
 
 
+def test_a_run_directory_removed_after_the_last_log_is_started_again_at_close(tmp_path):
+    """Removed after the last log, before the block ends: close made nothing of it, and the
+    run was left without a record. Now close starts it again, naming every log as lost, and
+    its one warning points at the user's code."""
+    model = zoo.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    run_dir = tmp_path / "r"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir, optimizer=opt,
+                               tensorboard=False) as doc:
+            zoo.train(model, [torch.randn(8, 10) for _ in range(6)], doc=doc, optimizer=opt)
+            shutil.rmtree(run_dir)
+    said = [w for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert len(said) == 1 and "was removed while it was being written" in str(said[0].message)
+    assert said[0].filename == __file__
+    assert not (run_dir / ".lock").exists()
+    run = load_run(run_dir)
+    assert run.unwritten == [[2, 6]] and run.history.empty
+    assert "the logs of steps 2–6 are not in the run directory" in relu_doctor.reports.summary(run)
+
+
 def test_a_write_that_fails_half_way_leaves_no_torn_file(tmp_path, monkeypatch):
     """A full disk mid-batch: the stream is cut back to its last complete batch, and a
     segment whose header could not be written is removed, so that the reader does not
