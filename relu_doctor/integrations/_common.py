@@ -210,7 +210,9 @@ class FindingWarner:
         if left_out:
             one = len(left_out) == 1
             text += (f" ({', '.join(left_out)} {'is' if one else 'are'} on in this run, but "
-                     f"{'its' if one else 'their'} include/exclude leave {f.site} out.)")
+                     f"{'does' if one else 'do'} not act at {f.site}: {'its' if one else 'their'}"
+                     f" include/exclude, or the kind of site {'it treats' if one else 'they treat'}"
+                     ", leave it out.)")
         return text
 
 

@@ -320,9 +320,8 @@ class Remedy:
         self.evidence = DeadEvidence()
 
     def acts_at(self, site: str) -> bool:
-        """Whether this remedy may act at ``site`` (a site name), by the sites it was told to
-        treat: its ``include``/``exclude`` patterns where it has them. A finding there says
-        the remedy is on (:class:`~relu_doctor.integrations.FindingWarner`)."""
+        """Whether this remedy may act at ``site`` (a site name): by its ``include``/
+        ``exclude`` where it has them, narrowed by a remedy that treats some kinds of site."""
         return matches(site, self.include, self.exclude)
 
     @property

@@ -19,6 +19,7 @@ Example (a plain loop):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from relu_doctor._validate import (
-    finite_or_none,
-    glob_patterns,
-    number_in,
-    positive_int,
-)
+from relu_doctor._validate import finite_or_none, glob_patterns, number_in, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
@@ -472,14 +468,10 @@ class ActivationSwapper(Remedy):
         for row in record.site_rows:
             site = str(row["site"])
             key = record.key(site)
-            if (
-                (key.op is None and key.module_path in swapped)
-                or site in self._skipped
-                or row.get("leaky")
-            ):
+            if (key.op is None and key.module_path in swapped) or row.get("leaky"):
                 self.streaks.pop(site, None)
                 continue
-            if not self.acts_at(site):
+            if not self.acts_at(site):  # (include/exclude, a functional call, left alone)
                 continue
             frac = finite_or_none(dead.get(site))
             if frac is not None and frac > self.threshold:
@@ -503,6 +495,15 @@ class ActivationSwapper(Remedy):
             swapped.update(self.swaps[key.module_path].paths)
             events.append(ev)
         return events
+
+    def acts_at(self, site: str) -> bool:
+        """By ``include``/``exclude``, at an activation module's call (a functional call has
+        no module to swap), not at a site it already left alone."""
+        if not super().acts_at(site) or site in self._skipped:
+            return False
+        with contextlib.suppress(ReluDoctorError):  # not a Doctor's site (yet): by patterns
+            return self.doctor is None or self.doctor.site_key(site).op is None
+        return True
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

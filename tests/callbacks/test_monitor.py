@@ -601,7 +601,8 @@ class MySwap(LeakyReluSwap):
     (lambda: MySwap(patience=100),
      "(LeakyReluSwap is on in this run: it acts by its own rule, and says when it does.)"),
     (lambda: MySwap(patience=100, exclude="net.*"),
-     "(LeakyReluSwap is on in this run, but its include/exclude leave net.1 out.)"),
+     "(LeakyReluSwap is on in this run, but does not act at net.1: its include/exclude, or "
+     "the kind of site it treats, leave it out.)"),
     (lambda: MySwap(patience=100, include="net.1"),
      "(LeakyReluSwap is on in this run: it acts by its own rule, and says when it does.)"),
     (lambda: ReluDoctorTreatment(check_init=False),

@@ -394,5 +394,6 @@ def test_a_finding_says_which_of_its_remedies_are_on() -> None:
                             "says when it does.)")
     assert said[2].endswith("recycle (dormant_reset=True).")
     assert said[3].endswith("(dormant_reset is on in this run: it acts by its own rule, and says "
-                            "when it does.) (leaky_relu_swap is on in this run, but its "
-                            "include/exclude leave s out.)")
+                            "when it does.) (leaky_relu_swap is on in this run, but does not "
+                            "act at s: its include/exclude, or the kind of site it treats, "
+                            "leave it out.)")

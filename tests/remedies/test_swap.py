@@ -391,3 +391,28 @@ def test_per_unit_prelu_is_refused_where_its_slopes_would_not_fit(shapes, said):
     assert type(model.act) is nn.ReLU
     for shape in shapes:
         model(torch.randn(*shape))  # the model still runs on all of them
+
+
+class _FunctionalAndModule(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc2(self.act(self.fc1(x))))
+
+
+def test_the_swapper_acts_at_module_sites_in_its_patterns_only():
+    """What a finding's "LeakyReluSwap is on" rests on: a functional call has no module to
+    swap (it was said to act there), and include/exclude narrow the module sites."""
+    torch.manual_seed(0)
+    net = _FunctionalAndModule()
+    with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+        net(torch.randn(8, 4)).sum().backward()
+        doc.step()
+        names = [s.name for s in doc.sites]
+        assert names == ["act", "(root):relu#0"]
+        every = ActivationSwapper(net).bind(doc)
+        assert [every.acts_at(n) for n in names] == [True, False]
+        none = ActivationSwapper(net, exclude="act").bind(doc)
+        assert [none.acts_at(n) for n in names] == [False, False]
