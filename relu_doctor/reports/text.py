@@ -39,8 +39,9 @@ def _gap_lines(ctx: ReportContext, shown: int = 3) -> list[str]:
         lines.append(f"  Not closed: {gaps.unclosed}")
     if gaps.unwritten:
         cause = f" ({gaps.write_error})" if gaps.write_error else ""
-        lines.append(f"  Never written{cause}: the logs of steps {gaps.unwritten_text} are not "
-                     "in the run directory")
+        one = len(gaps.unwritten) == 1 and gaps.unwritten[0][0] == gaps.unwritten[0][1]
+        lines.append(f"  Never written{cause}: the {'log of step' if one else 'logs of steps'} "
+                     f"{gaps.unwritten_text} {'is' if one else 'are'} not in the run directory")
     if gaps.skipped:
         n = len(gaps.skipped)
         lines.append(f"  Skipped while reading: {n} damaged file{'s' * (n != 1)} or "

@@ -18,7 +18,7 @@ import torch
 import relu_doctor
 from relu_doctor import rundir
 from relu_doctor.cli import main
-from relu_doctor.history import load_run
+from relu_doctor.history import Run, load_run
 from relu_doctor.reports.context import build_context
 from relu_doctor.reports.html import render_report
 from relu_doctor.reports.text import summary
@@ -279,3 +279,14 @@ def test_findings_later_than_the_readable_history_say_which_step_each_part_is(tm
     assert ctx.findings_stale == ("Findings are from step 30, the last the run logged; the sites "
                                   "table and key numbers are from step 20, the last its history "
                                   "holds readable.")
+
+
+@pytest.mark.parametrize("ranges, said", [
+    ([[4, 4]], "the log of step 4 is not in the run directory"),
+    ([[2, 4]], "the logs of steps 2–4 are not in the run directory"),
+    ([[2, 2], [6, 6]], "the logs of steps 2, 6 are not in the run directory"),
+])
+def test_the_logs_never_written_are_named_in_good_english(ranges, said):
+    run = Run(meta={"unwritten": ranges, "write_error": "OSError: disk full"},
+              history=pd.DataFrame())
+    assert f"Never written (OSError: disk full): {said}" in summary(build_context(run))
