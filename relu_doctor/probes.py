@@ -695,8 +695,6 @@ class Probe(SiteRegistry, HookOwner):
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return
         if torch.compiler.is_compiling():
-            if output.dim() == 0:
-                return  # (eager calls of it make no site either, and say so: see _site)
             if torch.compiler.is_exporting():
                 return  # torch.export traces the model: nothing real to count
             # torch.compile is tracing this hook: the site is found or made in plain Python

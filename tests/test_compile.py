@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 import relu_doctor
+from relu_doctor.errors import ReluDoctorWarning
 from tests import zoo
 from tests.reference_functional import site_fields
 
@@ -59,6 +60,29 @@ def _assert_forward_equal(a: relu_doctor.Doctor, b: relu_doctor.Doctor, rtol: fl
 def _inputs(n: int = 3) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return [torch.randn(4, 3, 6, 6, generator=g) for _ in range(n)]
+
+
+class _ScalarGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(0.5))
+        self.gate = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(self.p)
+
+
+def test_a_0d_activation_under_compile_is_said_as_in_eager() -> None:
+    """Its only activation on a 0-D tensor, compiled: one warning that says so (compiled,
+    it was silent, and the window's warning then blamed eval mode)."""
+    net = _ScalarGate()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        doc, _ = _train(net, torch.compile(net, backend="aot_eager"), [torch.randn(4, 3)] * 3)
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert sum("'gate' runs on a 0-D tensor" in m for m in said) == 1, said
+    assert not any("eval" in m for m in said), said
+    assert doc.sites == [] and doc.global_step == 3
 
 
 def test_compiled_model_trains_with_eager_forward_statistics() -> None:
