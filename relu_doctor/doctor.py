@@ -238,6 +238,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._write_error: str | None = None  # the first write failure, warned once
         self._unfolded = False  # site windows logged by a final log, not yet folded
         self._unwritten: list[list[int]] = []  # [first, last] steps that did not reach disk
+        self._events_unwritten: list[dict[str, Any]] = []  # kept back by a failed write
         self.tensorboard = bool(tensorboard)
         self._tb: Any = None
         self._optimizers = opts

@@ -111,6 +111,7 @@ class RunRecording:
         _write_error: str | None
         _meta_dirty: bool
         _unwritten: list[list[int]]
+        _events_unwritten: list[dict[str, Any]]
         _records: deque[IntervalRecord]
         _records_dropped: int
         _events: deque[dict[str, Any]]
@@ -218,7 +219,7 @@ class RunRecording:
             writer.append_table("metrics", record.step, metrics_columns(record))
             writer.append_table("windows", record.step, window_columns(record))
             writer.write_findings(record.findings)
-            writer.append_events(events)
+            self._append_events(writer, events)
         except Exception as e:  # disk full, permissions, a removed directory...
             self._note_unwritten(record.step)
             self._write_failed(e)
@@ -279,11 +280,23 @@ class RunRecording:
             self._announce(ev)
         if self._writer is not None:
             try:
-                self._writer.append_events([ev])
+                self._append_events(self._writer, [ev])
             except OSError as e:
                 self._write_failed(e)
+        elif self.is_writer and self.run_dir is not None:
+            self._events_unwritten.append(ev)  # written with the next log that reaches disk
         for fn in self._event_listeners:
             fn(ev)
+
+    def _append_events(self, writer: RunWriter, events: list[dict[str, Any]]) -> None:
+        """Append ``events`` after those a failed write kept back (at most 10,000 kept)."""
+        todo = [*self._events_unwritten, *events]
+        try:
+            writer.append_events(todo)
+        except BaseException:
+            self._events_unwritten = todo[-10_000:]
+            raise
+        self._events_unwritten = []
 
     def _announce(self, ev: Mapping[str, Any]) -> None:
         """A remedy changed the training: say so, once per (remedy, site) and on the writing

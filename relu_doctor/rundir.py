@@ -479,14 +479,22 @@ class RunWriter:
         )
 
     def append_events(self, events: Iterable[Event | Mapping[str, Any]]) -> None:
-        """Append events to ``events.jsonl``, one whole line each, flushed to disk."""
+        """Append events to ``events.jsonl``, one whole line each, flushed to disk; a write
+        that fails (a full disk) is cut back, so that no half line is left for the next."""
         lines = "".join(json.dumps(clean_json(event_dict(e))) + "\n" for e in events)
         if not lines:
             return
-        with open(self.path / "events.jsonl", "a", encoding="utf-8") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        path = self.path / "events.jsonl"
+        start = path.stat().st_size if path.is_file() else 0
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(lines)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.truncate(path, start)
+            raise
 
     def truncate_after(self, step: int) -> None:
         """Drop every row and event logged after ``step`` (a run resumed from a checkpoint

@@ -462,6 +462,40 @@ def test_a_run_directory_removed_after_the_last_log_is_started_again_at_close(tm
     assert "the logs of steps 2–6 are not in the run directory" in relu_doctor.reports.summary(run)
 
 
+def test_an_event_whose_write_fails_is_cut_back_and_written_with_the_next_log(tmp_path,
+                                                                             monkeypatch):
+    """An intervention recorded on a full disk left half a line in events.jsonl, the next
+    event was appended onto it, and the report lost both ("damaged line"). Now the failed
+    write is cut back and its events are written with the next log that reaches disk."""
+    from relu_doctor.events import Intervention
+
+    model = zoo.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    real_fsync = os.fsync
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=2, run_dir=tmp_path / "r",
+                               optimizer=opt, tensorboard=False) as doc:
+            zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc, optimizer=opt)
+            monkeypatch.setattr(rundir.os, "fsync", no_space)  # the line is written, then fails
+            doc.record_event(Intervention(remedy="manual", site="1", step=2, what="first"))
+            monkeypatch.setattr(rundir.os, "fsync", real_fsync)
+            doc.record_event(Intervention(remedy="manual", site="1", step=2, what="second"))
+            zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc, optimizer=opt)
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)
+            and "announce" not in str(w.message) and "changed the training" not in str(w.message)]
+    assert len(said) == 1 and "No space left on device" in said[0], said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReluDoctorWarning)
+        run = load_run(tmp_path / "r")
+    assert run.problems == []
+    assert [e["what"] for e in run.interventions()] == ["first", "second"]
+
+
 def test_a_write_that_fails_half_way_leaves_no_torn_file(tmp_path, monkeypatch):
     """A full disk mid-batch: the stream is cut back to its last complete batch, and a
     segment whose header could not be written is removed, so that the reader does not
