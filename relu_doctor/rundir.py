@@ -335,10 +335,12 @@ class RunWriter:
         self.run_id = uuid.uuid4().hex[:12]
         if old is not None and not replace:
             if not resume:
+                held = open_writer_state(p)
                 raise RunDirError(
-                    f"run_dir: {str(p)!r} already holds run {old.get('run_id', '(unnamed)')!r};"
-                    " pass resume=True to continue it, or a new directory (two runs in one "
-                    "directory would mix their records)."
+                    f"run_dir: {str(p)!r} already holds run {old.get('run_id', '(unnamed)')!r}"
+                    + (f", and {held.why}; pass a new directory." if held.writing else
+                       "; pass resume=True to continue it, or a new directory (two runs in one "
+                       "directory would mix their records).")
                 )
             if old.get("format_version") != FORMAT_VERSION:
                 raise RunDirError(

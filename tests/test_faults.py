@@ -557,6 +557,11 @@ def test_two_doctors_on_one_run_directory(tmp_path):
     with (relu_doctor.watch(model, run_dir=tmp_path / "r"),
           pytest.raises(RunDirError, match="being written by another writer")):
         relu_doctor.watch(zoo.mlp(), run_dir=tmp_path / "r", resume=True)
+    # Without resume=True it says the run is being written, not to pass resume=True.
+    with (relu_doctor.watch(model, run_dir=tmp_path / "s"),
+          pytest.raises(RunDirError, match=r"already holds run '\w+', and this process is "
+                        r"still writing it; pass a new directory\.$")):
+        relu_doctor.watch(zoo.mlp(), run_dir=tmp_path / "s")
 
 
 # ---------------------------------------------------------------------- the floor
