@@ -411,12 +411,15 @@ def test_a_lock_that_names_no_process_is_taken_over(tmp_path, body):
     assert not lock.exists()
 
 
-@pytest.mark.parametrize("tensorboard", [True, False])
-def test_a_run_directory_removed_while_written_is_started_again(tmp_path, tensorboard):
+@pytest.mark.parametrize("removed_at, tensorboard", [(6, True), (6, False), (None, False)])
+def test_a_run_directory_removed_while_written_is_started_again(tmp_path, removed_at,
+                                                                tensorboard):
     """``rm -rf`` of the run directory mid-run: the open segments went on writing to files in
     no directory (and TensorBoard made the directory again), so the run never got its
-    meta.json or tables back and no report could be made. Now the next log sees the lock
-    gone, says so once, starts the directory again, and the report names the logs lost."""
+    meta.json or tables back and no report could be made; removed after the last log
+    (``None``: before the block ends), close left it with no record at all. Now the next log,
+    or close, sees the lock gone, says so once (at the user's code), starts the directory
+    again, and the report names the logs lost."""
     model = zoo.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     run_dir = tmp_path / "r"
@@ -425,41 +428,22 @@ def test_a_run_directory_removed_while_written_is_started_again(tmp_path, tensor
         with relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir, optimizer=opt,
                                tensorboard=tensorboard) as doc:
             for step in range(1, 13):
-                if step == 6:
+                if step == removed_at:
                     shutil.rmtree(run_dir)
                 zoo.train(model, [torch.randn(8, 10)], doc=doc, optimizer=opt)
-    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
-    assert len(said) == 1 and "was removed while it was being written" in said[0], said
+            if removed_at is None:
+                shutil.rmtree(run_dir)
+    said = [w for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert len(said) == 1 and "was removed while it was being written" in str(said[0].message)
+    assert said[0].filename in (__file__, zoo.__file__)  # the caller's code, not ours
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
     assert not (run_dir / ".lock").exists()
     run = load_run(run_dir)
-    assert sorted(run.history["step"].unique()) == [6, 8, 10, 12]
-    assert run.unwritten == [[2, 4]]
+    lost = "2–4" if removed_at else "2–12"
+    assert sorted(run.history["step"].unique()) == ([6, 8, 10, 12] if removed_at else [])
+    assert run.unwritten == [[int(x) for x in lost.split("–")]]
     text = relu_doctor.reports.summary(run)
-    assert "the logs of steps 2–4 are not in the run directory" in text
-    assert "in the logs written" in text
-
-
-def test_a_run_directory_removed_after_the_last_log_is_started_again_at_close(tmp_path):
-    """Removed after the last log, before the block ends: close made nothing of it, and the
-    run was left without a record. Now close starts it again, naming every log as lost, and
-    its one warning points at the user's code."""
-    model = zoo.mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    run_dir = tmp_path / "r"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir, optimizer=opt,
-                               tensorboard=False) as doc:
-            zoo.train(model, [torch.randn(8, 10) for _ in range(6)], doc=doc, optimizer=opt)
-            shutil.rmtree(run_dir)
-    said = [w for w in caught if issubclass(w.category, ReluDoctorWarning)]
-    assert len(said) == 1 and "was removed while it was being written" in str(said[0].message)
-    assert said[0].filename == __file__
-    assert not (run_dir / ".lock").exists()
-    run = load_run(run_dir)
-    assert run.unwritten == [[2, 6]] and run.history.empty
-    assert "the logs of steps 2–6 are not in the run directory" in relu_doctor.reports.summary(run)
+    assert f"the logs of steps {lost} are not in the run directory" in text
 
 
 def test_an_event_whose_write_fails_is_cut_back_and_written_with_the_next_log(tmp_path,
