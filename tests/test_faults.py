@@ -440,7 +440,8 @@ def test_a_run_directory_removed_while_written_is_started_again(tmp_path, remove
     assert not (run_dir / ".lock").exists()
     run = load_run(run_dir)
     lost = "2–4" if removed_at else "2–12"
-    assert sorted(run.history["step"].unique()) == ([6, 8, 10, 12] if removed_at else [])
+    steps = [] if run.history.empty else sorted(run.history["step"].unique())
+    assert steps == ([6, 8, 10, 12] if removed_at else [])
     assert run.unwritten == [[int(x) for x in lost.split("–")]]
     text = relu_doctor.reports.summary(run)
     assert f"the logs of steps {lost} are not in the run directory" in text
