@@ -170,6 +170,18 @@ class RunRecording:
         if writer is not None:
             writer.abandon()  # the lock is kept: the next log retries with it
 
+    def _ensure_writer(self) -> RunWriter:
+        """The open writer: opened when there is none (at the first log, or after a failed
+        open), started again when its directory was removed."""
+        if self._writer is not None and not self._writer.in_place():
+            self._directory_removed(self._writer)
+        if self._writer is None:
+            self._open_writer()
+            if self._unwritten:
+                self._save_status()
+        assert self._writer is not None
+        return self._writer
+
     def _directory_removed(self, writer: RunWriter) -> None:
         """The run directory went while written: what it held is lost (noted, for the report),
         and a new one is started at this log, with the warning of a failed write."""
@@ -203,14 +215,7 @@ class RunRecording:
 
     def _append_record(self, record: IntervalRecord, events: list[dict[str, Any]]) -> None:
         try:
-            if self._writer is not None and not self._writer.in_place():
-                self._directory_removed(self._writer)
-            if self._writer is None:
-                self._open_writer()
-                if self._unwritten:
-                    self._save_status()
-            writer = self._writer
-            assert writer is not None
+            writer = self._ensure_writer()
             if self._meta_dirty:
                 self._write_meta()
             writer.append_table("history", record.step, pd.DataFrame(record.site_rows))
@@ -254,12 +259,8 @@ class RunRecording:
         if self.eval is not None:
             self.eval.close()
         if self._writer is not None and not self._writer.in_place():
-            # Removed since the last log: started again, with its lost logs named, so that
-            # the run still has a record that says what it lost.
-            self._directory_removed(self._writer)
-            try:
-                self._open_writer()
-                self._save_status()
+            try:  # removed since the last log: started again, its lost logs named
+                self._ensure_writer()
             except Exception as e:
                 self._write_failed(e)
         writer, self._writer = self._writer, None
