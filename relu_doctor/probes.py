@@ -307,9 +307,7 @@ class Probe(SiteRegistry, HookOwner):
         """Register the hooks. Raises :class:`ReluDoctorError` if there is nothing to watch."""
         if self._attached:
             return self
-        eager = {p for p, _m in eager_modules(self.model)}
-        scripted = [p for p, _m in self.model.named_modules()
-                    if p not in eager and p.rpartition(".")[0] in eager]  # the outermost
+        scripted = _scripted_roots(self.model)
         if scripted and self.stream != "eval":  # (said once, by training's probe)
             warnings.warn(
                 f"relu_doctor: {module_label(scripted[0])!r}"
@@ -875,19 +873,24 @@ def _cut(grads: Sequence[Any], region: tuple[Any, ...]) -> tuple[Any, ...]:
     return (grads[0].contiguous().as_strided(size, stride, offset), *grads[1:])
 
 
+def _scripted_roots(model: nn.Module) -> list[str]:
+    """The paths of the outermost TorchScript modules inside ``model``."""
+    roots: list[str] = []
+    for path, mod in model.named_modules():
+        if isinstance(mod, torch.jit.ScriptModule) and not _within(path, roots):
+            roots.append(path)
+    return roots
+
+
+def _within(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(f"{r}.") for r in roots)
+
+
 def eager_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``model.named_modules()`` without TorchScript modules and what they hold: no hook can
     be put on them (torch refuses it) or see inside them."""
-    out: list[tuple[str, nn.Module]] = []
-    scripted: list[str] = []
-    for path, mod in model.named_modules():
-        if any(path == s or path.startswith(f"{s}.") for s in scripted):
-            continue
-        if isinstance(mod, torch.jit.ScriptModule):
-            scripted.append(path)
-            continue
-        out.append((path, mod))
-    return out
+    roots = _scripted_roots(model)
+    return [(path, mod) for path, mod in model.named_modules() if not _within(path, roots)]
 
 
 def _weak_method(method: Callable[..., None]) -> Callable[..., None]:

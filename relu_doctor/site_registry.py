@@ -77,7 +77,7 @@ class SiteRegistry:
         if not shape:  # one value (a learned gate, a clamped scale): no units to watch
             if key not in self._not_units:
                 self._not_units.add(key)
-                self._warn_not_units(key, traced, scalar=True)
+                self._warn_scalar(key)
             return None
         if site is not None:
             if site.restored and site.stats.window.device != output.device:
@@ -156,18 +156,18 @@ class SiteRegistry:
             fn()
         return site
 
-    def _warn_not_units(self, key: SiteKey, traced: bool, scalar: bool = False) -> None:
+    def _warn_scalar(self, key: SiteKey) -> None:
+        warnings.warn(
+            f"relu_doctor: {key.name(key.call_index > 0)!r} runs on a 0-D tensor (one value, "
+            "such as a learned gate or a clamped scale): it has no units, so its 0-D calls are "
+            "not watched. Training goes on; the other sites are watched as usual.",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+    def _warn_not_units(self, key: SiteKey, traced: bool) -> None:
         name = key.name(key.call_index > 0)
         label = module_label(key.module_path)
-        if scalar:
-            warnings.warn(
-                f"relu_doctor: {name!r} runs on a 0-D tensor (one value, such as a learned "
-                "gate or a clamped scale): it has no units, so its 0-D calls are not watched. "
-                "Training goes on; the other sites are watched as usual.",
-                ReluDoctorWarning,
-                stacklevel=user_stacklevel(),
-            )
-            return
         made = (
             "under torch.compile, which hides from relu_doctor the layer that made it: it may "
             "hold one value per sample (a hinge or a margin computed in forward) or one "

@@ -46,6 +46,11 @@ class Gaps:
         return bool(self.unwritten or self.skipped or self.unclosed)
 
     @property
+    def one_unwritten(self) -> bool:
+        """Whether a single log was never written (``4``, not ``2–4`` or ``2, 6``)."""
+        return len(self.unwritten) == 1 and self.unwritten[0][0] == self.unwritten[0][1]
+
+    @property
     def unwritten_text(self) -> str:
         """The unwritten step ranges, like ``3–5, 9``."""
         return ", ".join(f"{a}–{b}" if a != b else str(a) for a, b in self.unwritten)

@@ -39,7 +39,7 @@ def _gap_lines(ctx: ReportContext, shown: int = 3) -> list[str]:
         lines.append(f"  Not closed: {gaps.unclosed}")
     if gaps.unwritten:
         cause = f" ({gaps.write_error})" if gaps.write_error else ""
-        one = len(gaps.unwritten) == 1 and gaps.unwritten[0][0] == gaps.unwritten[0][1]
+        one = gaps.one_unwritten
         lines.append(f"  Never written{cause}: the {'log of step' if one else 'logs of steps'} "
                      f"{gaps.unwritten_text} {'is' if one else 'are'} not in the run directory")
     if gaps.skipped:
