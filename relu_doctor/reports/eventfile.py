@@ -6,7 +6,7 @@ never becomes a thread's traceback.
 directory) in that thread: ``threading.excepthook`` prints a traceback, and the next
 ``add_*`` or ``flush`` call raises the error again in the training loop.
 :class:`SafeSummaryWriter` is a ``SummaryWriter`` whose event file is an :class:`EventFile`:
-events are framed (tensorboard's ``RecordWriter``) into a memory buffer and appended to the
+events are framed (as tensorboard's ``RecordWriter`` frames them) into a memory buffer and appended to the
 file at each ``flush`` (and whenever the buffer passes 1 MiB), in the thread that calls it,
 with no thread of its own. A write that fails warns once
 (:class:`~relu_doctor.errors.ReluDoctorWarning`, naming the cause and the file), cuts the
@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import itertools
 import os
 import socket
+import struct
 import threading
 import time
 import warnings
 from pathlib import Path
 
 from tensorboard.compat.proto.event_pb2 import Event, SourceMetadata
-from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard.writer import FileWriter, SummaryWriter
 
 from relu_doctor.errors import ReluDoctorWarning
+from relu_doctor.reports._crc32c import masked_crc32c
 
 __all__ = ["EventFile", "SafeSummaryWriter"]
 
@@ -41,10 +41,12 @@ _uid = itertools.count()
 
 
 def _frame(data: bytes) -> bytes:
-    """One TFRecord (length, CRCs, data) as tensorboard frames it."""
-    out = io.BytesIO()
-    RecordWriter(out).write(data)
-    return out.getvalue()
+    """One TFRecord as tensorboard's ``RecordWriter`` frames it: the length (8 bytes, little
+    endian), its masked CRC-32C, the data, the data's masked CRC-32C. The checksums are
+    :mod:`relu_doctor.reports._crc32c`'s, not tensorboard's Python loop over the bytes."""
+    header = struct.pack("<Q", len(data))
+    return b"".join((header, struct.pack("<I", masked_crc32c(header)), data,
+                     struct.pack("<I", masked_crc32c(data))))
 
 
 class EventFile:

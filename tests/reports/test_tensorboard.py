@@ -212,3 +212,51 @@ def test_plain_watch_with_run_dir_writes_tensorboard(treated_run: TrainedRun) ->
     titles = {c.title for cat in layout.category for c in cat.chart}
     assert "dead_fraction" in titles and "saturated_fraction" not in titles
     assert "never active" in texts(ea, "relu_doctor/definitions")[0]
+
+
+@pytest.mark.parametrize("n", [0, 1, 4, 191, 192, 193, 511, 512, 513, 1025, 3000, 100_003])
+def test_crc32c_is_tensorboards_on_every_length_class(n: int) -> None:
+    """The vectorised CRC-32C equals tensorboard's own byte loop: short messages (the loop),
+    messages of a block and a byte either side of the block size, and many blocks."""
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as ref
+
+    from relu_doctor.reports._crc32c import crc32c, masked_crc32c
+
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+    assert crc32c(data) == ref.crc32c(data)
+    assert masked_crc32c(data) == ref.masked_crc32c(data)
+    assert crc32c(b"123456789") == 0xE3069283  # the standard check value of CRC-32C
+
+
+def test_an_event_files_records_carry_tensorboards_checksums(tmp_path: Path) -> None:
+    """Every record of a SafeSummaryWriter's file, framed by relu_doctor, verifies with
+    tensorboard's checksum, and all of one add_scalars call is one event read back value by
+    value, each its own series."""
+    import struct
+
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    from relu_doctor.reports.eventfile import SafeSummaryWriter
+
+    values = {f"relu_doctor/dead_fraction/layer{i}": i / 7 for i in range(300)}
+    w = SafeSummaryWriter(tmp_path)
+    tb.add_scalars(w, values, 5)
+    w.add_text("relu_doctor/findings", "x" * 5000, 5)
+    w.close()
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    raw, events, at = path.read_bytes(), [], 0
+    while at < len(raw):
+        header = raw[at : at + 8]
+        (length,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", raw[at + 8 : at + 12])[0] == masked_crc32c(header)
+        data = raw[at + 12 : at + 12 + length]
+        assert struct.unpack("<I", raw[at + 12 + length : at + 16 + length])[0] == masked_crc32c(data)
+        events.append(Event.FromString(data))
+        at += 16 + length
+    scalar_events = [e for e in events if e.summary.value and e.summary.value[0].HasField("simple_value")]
+    assert len(scalar_events) == 1 and len(scalar_events[0].summary.value) == len(values)
+    ea = accumulate(tmp_path)
+    for t, v in values.items():
+        (got,) = ea.Scalars(t)
+        assert (got.step, got.value) == (5, pytest.approx(v))
