@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from relu_doctor.diagnosis import Finding
 from relu_doctor.errors import RunDirError
 from relu_doctor.events import Event
-from relu_doctor.history import FORMAT_VERSION, clean_json, event_dict
+from relu_doctor.history import FORMAT_VERSION, clean_json, event_dict, json_text
 from relu_doctor.runread import (
     _HELD,
     LOCK_NAME,
@@ -474,16 +474,19 @@ class RunWriter:
 
     def write_findings(self, findings: Iterable[Finding]) -> None:
         """Replace ``findings.json`` (the findings of the last logged step) atomically."""
-        data = [clean_json(f.to_dict()) for f in findings]
+        # One finding a line: json's indented output is written by its Python encoder, which
+        # cost a log of 725 findings tens of milliseconds.
+        text = ",\n".join(json_text(f.to_dict()) for f in findings)
         # Replaced at every log: no fsync (a killed process still leaves the old or the new).
         atomic_write_bytes(
-            self.path / "findings.json", json.dumps(data, indent=1).encode(), fsync=False
+            self.path / "findings.json", f"[\n{text}\n]\n".encode() if text else b"[]\n",
+            fsync=False,
         )
 
     def append_events(self, events: Iterable[Event | Mapping[str, Any]]) -> None:
         """Append events to ``events.jsonl``, one whole line each, flushed to disk; a write
         that fails (a full disk) is cut back, so that no half line is left for the next."""
-        lines = "".join(json.dumps(clean_json(event_dict(e))) + "\n" for e in events)
+        lines = "".join(json_text(event_dict(e)) + "\n" for e in events)
         if not lines:
             return
         path = self.path / "events.jsonl"

@@ -378,3 +378,34 @@ def test_each_loop_offers_the_remedies_its_texts_name():
         assert cls().config.loop == loop
     with pytest.raises(ReluDoctorError, match="loop: expected one of"):
         DiagnosisConfig(loop="jax")
+
+
+def test_a_findings_dict_is_asdicts_and_changing_it_changes_no_finding():
+    """Finding.to_dict gives what dataclasses.asdict gives, and its evidence (lists and
+    dicts included) is the dict's own."""
+    import dataclasses
+
+    from relu_doctor.diagnosis import Finding
+
+    f = Finding("dead", "net.1", "warning", "3 of 8 units dead.",
+                {"dead_units": [1, 4, 6], "nested": {"a": 1}, "frac": 0.375}, "Swap.", 7, 5)
+    d = f.to_dict()
+    assert d == dataclasses.asdict(f)
+    d["evidence"]["dead_units"].append(99)
+    d["evidence"]["nested"]["a"] = 2
+    d["evidence"]["frac"] = 0.0
+    assert f.evidence == {"dead_units": [1, 4, 6], "nested": {"a": 1}, "frac": 0.375}
+
+
+def test_json_text_is_the_cleaned_json_of_any_value():
+    """history.json_text equals json.dumps(clean_json(...)) on JSON-safe values and on
+    those the C encoder refuses (NaN, Inf, tensors, numpy scalars, other objects)."""
+    import json
+
+    from relu_doctor.history import clean_json, json_text
+
+    for value in ({"a": [1, 2.5, None, True], "b": "x"}, {"a": float("nan")},
+                  [float("inf"), torch.tensor(3.0), np.float32(0.5), np.int64(4)],
+                  {"p": ReluDoctorError("e")}):
+        assert json_text(value) == json.dumps(clean_json(value))
+        json.loads(json_text(value), parse_constant=pytest.fail)  # strict JSON: no NaN
