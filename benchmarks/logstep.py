@@ -11,6 +11,7 @@ Run::
 
     .venv/bin/python -m benchmarks.logstep                 # the 256-site MLP, 30 logs
     .venv/bin/python -m benchmarks.logstep --model resnet50 --logs 20
+    .venv/bin/python -m benchmarks.logstep --run-dir          # each log also written to disk
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -27,10 +29,13 @@ from benchmarks.overhead import Runner, _make_data, model_specs
 from benchmarks.paired import own_clock
 
 
-def paired_log_ratio(model: str, logs: int, log_every: int, threads: int) -> list[float]:
+def paired_log_ratio(
+    model: str, logs: int, log_every: int, threads: int, run_dir: str | None = None
+) -> list[float]:
     """(watched logging step / the plain step before it) for ``logs`` logging steps, after
     two logs left out (the first makes the record's tables). The watched copy's budget is timed
-on its own steps (:func:`benchmarks.paired.own_clock`)."""
+on its own steps (:func:`benchmarks.paired.own_clock`). ``run_dir``: each log is also written
+there (its tables, findings and TensorBoard events), as ``watch(run_dir=...)`` does."""
     import relu_doctor
 
     torch.set_num_threads(threads)
@@ -39,7 +44,7 @@ on its own steps (:func:`benchmarks.paired.own_clock`)."""
     data = _make_data(spec, cpu)
     plain, watched = Runner(spec, data, cpu), Runner(spec, data, cpu)
     doc = watched.doc = relu_doctor.watch(  # type: ignore[attr-defined]
-        watched.model, optimizer=watched.opt, log_every_n_steps=log_every
+        watched.model, optimizer=watched.opt, log_every_n_steps=log_every, run_dir=run_dir
     )
     own = own_clock(watched)  # its budget times its own steps, not the plain copy's too
 
@@ -71,12 +76,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--logs", type=int, default=30, help="logging steps timed (default 30)")
     p.add_argument("--log-every", type=int, default=5, help="steps per log (default 5)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--run-dir", action="store_true",
+                   help="write each log to a run directory (a temporary one), TensorBoard too")
     args = p.parse_args(argv)
     if args.logs < 2 or args.log_every < 2:
         p.error(f"--logs and --log-every: expected at least 2, got {args.logs} and {args.log_every}")
-    r = paired_log_ratio(args.model, args.logs, args.log_every, args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        r = paired_log_ratio(args.model, args.logs, args.log_every, args.threads,
+                             f"{tmp}/run" if args.run_dir else None)
     q1, med, q3 = statistics.quantiles(r, n=4)
-    print(f"{args.model}: a logging step (default settings) / a plain step: {med:.2f}x "
+    where = ", written to a run directory" if args.run_dir else ""
+    print(f"{args.model}: a logging step (default settings{where}) / a plain step: {med:.2f}x "
           f"[{q1:.2f}-{q3:.2f}], {len(r)} logging steps, {args.threads} threads")
     return 0
 
