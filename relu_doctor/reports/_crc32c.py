@@ -5,8 +5,9 @@ Without TensorFlow installed, tensorboard computes it in a Python loop over the 
 300 KB of events) spent some 80 ms there, most of what writing TensorBoard cost it. No
 dependency of relu_doctor computes CRC-32C.
 
-Here the CRC is taken as linear in the message's bits. ``_TAIL[d, b]`` is what a byte ``b``
-followed by ``d`` zero bytes leaves in a register that started at zero; a block's register
+Here the CRC is taken as linear in the message's bits. The table of :func:`_tails` holds,
+for a byte ``b`` at distance ``d`` from a block's end, what ``b`` followed by ``d`` zero bytes
+leaves in a register that started at zero; a block's register
 is the XOR of its bytes' entries at their distances from the block's end (one gather and one
 reduction for every block at once). The blocks are then chained: a register ``s`` entering a
 block acts as ``s``'s four bytes XORed into the block's first four (the reflected CRC's
@@ -44,8 +45,8 @@ def _table() -> list[int]:
 
 @cache
 def _tails() -> tuple[np.ndarray, tuple[list[int], list[int], list[int], list[int]]]:
-    """(``_TAIL``, reversed so that row ``i`` is a block's byte ``i``; the rows of a block's
-    first four bytes as lists, for the chaining loop)."""
+    """(the table, its rows by position in a block: row ``i`` for a block's byte ``i``; the
+    rows of a block's first four bytes as lists, for the chaining loop)."""
     t0 = np.array(_table(), dtype=np.uint32)
     rows = np.empty((_BLOCK, 256), dtype=np.uint32)
     rows[0] = t0

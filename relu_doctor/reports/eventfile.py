@@ -6,9 +6,9 @@ never becomes a thread's traceback.
 directory) in that thread: ``threading.excepthook`` prints a traceback, and the next
 ``add_*`` or ``flush`` call raises the error again in the training loop.
 :class:`SafeSummaryWriter` is a ``SummaryWriter`` whose event file is an :class:`EventFile`:
-events are framed (as tensorboard's ``RecordWriter`` frames them) into a memory buffer and appended to the
-file at each ``flush`` (and whenever the buffer passes 1 MiB), in the thread that calls it,
-with no thread of its own. A write that fails warns once
+events are framed (as tensorboard's ``RecordWriter`` frames them) into a memory buffer and
+appended to the file at each ``flush`` (and whenever the buffer passes 1 MiB), in the thread
+that calls it, with no thread of its own. A write that fails warns once
 (:class:`~relu_doctor.errors.ReluDoctorWarning`, naming the cause and the file), cuts the
 file back to its last complete flush, drops the events of that flush, and is tried again at
 the next flush: TensorBoard writing steps aside while the disk is full and resumes when it

@@ -344,12 +344,12 @@ def training_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 def add_scalars(writer: SummaryWriterLike, values: Mapping[str, float], step: int) -> None:
     """Write ``{tag: value}`` at ``step``, each its own series as ``add_scalar`` writes it.
 
-    To torch's ``SummaryWriter`` (relu_doctor's own, Lightning's ``TensorBoardLogger``'s)
-    they go as one event whose summary holds every value, which TensorBoard reads value by
-    value: one record to frame, not one per scalar. Without TensorFlow installed,
-    tensorboard frames each record with a checksum computed in Python, about 10 us per
-    record before the bytes; a log of a few hundred scalars spent milliseconds there.
-    Any other writer (tensorboardX's) gets ``add_scalar`` per tag.
+    To torch's ``SummaryWriter`` (relu_doctor's own; Lightning's ``TensorBoardLogger``'s
+    where tensorboardX is not installed) they go as one event whose summary holds every
+    value, which TensorBoard reads value by value: one record to frame, not one per scalar
+    (each record's framing cost about 10 us before its bytes; a log of a few hundred scalars
+    spent milliseconds there). Any other writer (tensorboardX's) gets ``add_scalar`` per
+    tag.
     """
     if not values:
         return
