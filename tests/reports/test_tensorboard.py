@@ -260,3 +260,35 @@ def test_an_event_files_records_carry_tensorboards_checksums(tmp_path: Path) -> 
     for t, v in values.items():
         (got,) = ea.Scalars(t)
         assert (got.step, got.value) == (5, pytest.approx(v))
+
+
+def test_histograms_in_one_event_equal_torchs_per_call_ones(tmp_path: Path) -> None:
+    """A record's per-unit histograms, written as one event, read back as torch's
+    add_histogram writes each site's finite rates: sites whose rows interleave, NaN rates
+    left out, a site with none left out."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from relu_doctor.reports.eventfile import SafeSummaryWriter
+
+    rng = np.random.default_rng(0)
+    sites = np.array(["a", "b", "c", "nan_only"])[rng.integers(0, 3, 300)]
+    rates = rng.random(300)
+    rates[rng.random(300) < 0.1] = np.nan
+    rates[:5] = [0.0, 1.0, 1.0, 0.0, 0.5]
+    units = pd.DataFrame({"site": [*sites, "nan_only"], "activation_rate": [*rates, np.nan]})
+    ours = SafeSummaryWriter(tmp_path / "ours")
+    tb.write_record(ours, 3, sites=[], units=units, findings=None)
+    ours.close()
+    ref = SummaryWriter(tmp_path / "ref")
+    for site, part in units.groupby("site", sort=False):
+        r = part["activation_rate"].to_numpy(float)
+        if np.isfinite(r).any():
+            ref.add_histogram(tb.tag("unit_activation_rate", str(site)), r[np.isfinite(r)], 3,
+                              bins=np.linspace(0.0, 1.0, 21))
+    ref.close()
+    got, want = accumulate(tmp_path / "ours"), accumulate(tmp_path / "ref")
+    assert sorted(got.Tags()["histograms"]) == sorted(want.Tags()["histograms"]) == [
+        tb.tag("unit_activation_rate", s) for s in "abc"]
+    for t in want.Tags()["histograms"]:
+        assert [e.histogram_value for e in got.Histograms(t)] == [
+            e.histogram_value for e in want.Histograms(t)]
