@@ -381,7 +381,7 @@ class RunWriter:
 
     def write_status(self, status: Mapping[str, Any]) -> None:
         """Rewrite ``status.json`` in place (no new disk blocks: it works on a full disk)."""
-        data = json.dumps(clean_json(status)).encode()
+        data = json_text(status).encode()
         if len(data) > _STATUS_BYTES:
             raise ValueError(f"status: {len(data)} bytes, at most {_STATUS_BYTES}")
         fd = os.open(self._status, os.O_WRONLY)

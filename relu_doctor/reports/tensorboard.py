@@ -387,8 +387,9 @@ def add_histograms(
     from tensorboard.compat.proto.summary_pb2 import Summary
     from torch.utils.tensorboard.summary import make_histogram
 
-    file_writer.add_summary(Summary(value=[Summary.Value(tag=t, histo=make_histogram(v, bins))  # type: ignore[no-untyped-call]
-                                           for t, v in values.items()]), step)
+    protos = [Summary.Value(tag=t, histo=make_histogram(v, bins))  # type: ignore[no-untyped-call]
+              for t, v in values.items()]
+    file_writer.add_summary(Summary(value=protos), step)
 
 
 def _rates_by_site(units: pd.DataFrame) -> dict[str, np.ndarray]:
