@@ -171,6 +171,13 @@ class _Ledger:
         self.known = set(self.order)
         self.taken: dict[int, Any] = {}  # id -> hook, out of the dict now
 
+    def reset(self) -> None:
+        """With nothing taken, the order is the dict's own: made so again in place (a kept
+        ledger, at each park, as a new one would be)."""
+        self.order[:] = self.d
+        self.known.clear()
+        self.known.update(self.order)
+
     def merge_new(self) -> None:
         """Add the ids the dict gained since to :attr:`order`, where torch put them: first
         (``prepend=True``) or last. Handle ids only grow and torch puts an appended hook
@@ -219,8 +226,8 @@ class _Ledger:
         self.known = set(self.order)
 
 
-# id(hook dict) -> its ledger, while hooks are out of it. Held by the sets that parked from it,
-# not here: a Doctor dropped without detach() while parked must not keep its model alive.
+# id(hook dict) -> its ledger, while a set keeps one. Held by the sets that park from it, not
+# here: a Doctor dropped without detach() while parked must not keep its model alive.
 # (Plain weak references, not a WeakValueDictionary: its Python-level get and set made a park
 # half as costly again.)
 _ledgers: dict[int, weakref.ref[_Ledger]] = {}
@@ -243,8 +250,13 @@ class HookSet:
         self._handles: dict[int, RemovableHandle] = {}
         # {id(hook dict): (the dict, ids of our hooks in it)}, remade after add/remove
         self._dicts: dict[int, tuple[dict[int, Any], set[int]]] | None = None
-        # While parked: id(dict) -> (its ledger, our ids taken out)
-        self._parked: dict[int, tuple[_Ledger, set[int]]] | None = None
+        # id(dict) -> (its ledger, our ids taken out while parked), kept from one park to the
+        # next (let go when hooks are added or removed): a park then makes no new objects. A
+        # 256-site model's thousands of new ones a park lived across the steps that followed
+        # into the cyclic GC's oldest generation, whose full collections of a torch process
+        # take 100 ms and more.
+        self._kept: dict[int, tuple[_Ledger, set[int]]] = {}
+        self._parked: dict[int, tuple[_Ledger, set[int]]] | None = None  # _kept, while parked
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -273,6 +285,8 @@ class HookSet:
                     ledger.taken.pop(h.id, None)
                     _drop_if_empty(key, ledger)
         self._dicts = None
+        if self._parked is None:
+            self._kept = {}
 
     def park(self) -> None:
         """Take the hooks out of their modules (idempotent)."""
@@ -284,7 +298,8 @@ class HookSet:
                 d = h.hooks_dict_ref()
                 if d is not None and h.id in d:
                     self._dicts.setdefault(id(d), (d, set()))[1].add(h.id)
-        self._parked = {}
+            self._kept = {}
+        self._parked = self._kept
         _parked_sets.add(self)
         for d, ours in self._dicts.values():
             self._take(d, ours)
@@ -297,6 +312,8 @@ class HookSet:
         if ledger is None:
             ledger = _Ledger(d)
             _ledgers[key] = weakref.ref(ledger, functools.partial(_forget, key=key))
+        elif not ledger.taken:
+            ledger.reset()
         else:
             ledger.merge_new()
         entry = self._parked.get(key)
@@ -317,9 +334,11 @@ class HookSet:
         """Put the hooks back where they were (idempotent); see :class:`_Ledger`."""
         parked, self._parked = self._parked, None
         _parked_sets.discard(self)
-        for key, (ledger, ids) in (parked or {}).items():
+        for ledger, ids in (parked or {}).values():
             ledger.restore(ids)
-            _drop_if_empty(key, ledger)
+            ids.clear()
+        if self._dicts is None:  # hooks added or removed while parked
+            self._kept = {}
 
 
 def _drop_if_empty(key: int, ledger: _Ledger) -> None:
