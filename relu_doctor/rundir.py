@@ -476,7 +476,7 @@ class RunWriter:
         """Replace ``findings.json`` (the findings of the last logged step) atomically."""
         # One finding a line: json's indented output is written by its Python encoder, which
         # cost a log of 725 findings tens of milliseconds.
-        text = ",\n".join(json_text(f.to_dict()) for f in findings)
+        text = ",\n".join(json_text(f.to_dict(copy=False)) for f in findings)
         # Replaced at every log: no fsync (a killed process still leaves the old or the new).
         atomic_write_bytes(
             self.path / "findings.json", f"[\n{text}\n]\n".encode() if text else b"[]\n",

@@ -395,6 +395,20 @@ def test_a_findings_dict_is_asdicts_and_changing_it_changes_no_finding():
     d["evidence"]["nested"]["a"] = 2
     d["evidence"]["frac"] = 0.0
     assert f.evidence == {"dead_units": [1, 4, 6], "nested": {"a": 1}, "frac": 0.375}
+    shared = f.to_dict(copy=False)  # to write out: the same dict, its evidence the finding's
+    assert shared == dataclasses.asdict(f) and shared["evidence"] is f.evidence
+
+
+def test_findings_markdown_of_findings_is_that_of_their_dicts():
+    """The TensorBoard findings table takes Finding objects as it takes their dicts."""
+    from relu_doctor.diagnosis import Finding
+    from relu_doctor.reports.tensorboard import findings_markdown
+
+    fs = [Finding("dead", "net.1", "critical", "7 of 8 | dead.\nsee", {"dead": 7}, "Swap.", 3),
+          Finding("dormant", "net.3", "info", "1 of 8 dormant.", {}, "", 3)]
+    text = findings_markdown(fs)
+    assert text == findings_markdown([f.to_dict() for f in fs])
+    assert text.count("\n") == 3 and "7 of 8 \\| dead. see" in text
 
 
 def test_json_text_is_the_cleaned_json_of_any_value():

@@ -481,7 +481,6 @@ class ReluDoctor(Callback):
         self._warn(record, prefix)
         if not trainer.is_global_zero:
             return
-        findings = [f.to_dict() for f in record.findings]
         self._capped = self._capped or tb.has_cap(record.site_rows)
         self._to_writers(trainer, lambda w: tb.write_record(
             w,
@@ -489,7 +488,7 @@ class ReluDoctor(Callback):
             sites=record.site_rows,
             units=record.unit_table,
             layers=record.layer_table,
-            findings=findings,
+            findings=record.findings,
             metrics=self.metrics,
             prefix=prefix,
             histograms=self.histograms,

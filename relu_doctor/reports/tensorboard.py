@@ -54,6 +54,7 @@ from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.reports.interventions import snapshots
 
 if TYPE_CHECKING:
+    from relu_doctor.diagnosis import Finding
     from relu_doctor.events import FindingEvent
     from relu_doctor.history import Run
 
@@ -266,15 +267,18 @@ def _cell(v: Any) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def findings_markdown(findings: Sequence[Mapping[str, Any]]) -> str:
-    """A Markdown table of findings (dicts with ``severity``, ``kind``, ``site``,
-    ``message``, ``remedy``), or a line saying there is none."""
+def findings_markdown(findings: Sequence[Finding | Mapping[str, Any]]) -> str:
+    """A Markdown table of findings (:class:`~relu_doctor.diagnosis.Finding`, or dicts with
+    ``severity``, ``kind``, ``site``, ``message``, ``remedy``), or a line saying there is
+    none."""
     if not findings:
         return "No findings."
     from relu_doctor.reports.findings import kind_label
 
     lines = ["| severity | kind | site | finding | remedy |", "|---|---|---|---|---|"]
     for f in findings:
+        if not isinstance(f, Mapping):
+            f = f.to_dict(copy=False)
         cells = (f.get("severity", ""), kind_label(str(f.get("kind", ""))), f.get("site", ""),
                  f.get("message", ""), f.get("remedy", ""))
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
@@ -414,7 +418,7 @@ def write_record(
     sites: Sequence[Mapping[str, Any]],
     units: pd.DataFrame | None = None,
     layers: pd.DataFrame | None = None,
-    findings: Sequence[Mapping[str, Any]] | None = (),
+    findings: Sequence[Finding | Mapping[str, Any]] | None = (),
     metrics: Sequence[str] = DEFAULT_METRICS,
     prefix: str = PREFIX,
     histograms: bool = True,
@@ -428,8 +432,8 @@ def write_record(
         sites: one dict per site (``site`` and metrics).
         units: one row per (site, unit) with ``site`` and ``activation_rate``, or None.
         layers: one row per layer, or None.
-        findings: the findings of this step as dicts, written as a Markdown table; None
-            writes no findings text.
+        findings: the findings of this step (as :func:`findings_markdown` takes them),
+            written as a Markdown table; None writes no findings text.
         metrics: site metrics to write as scalars.
         prefix: the first part of every tag.
         histograms: write the per-unit histograms.
@@ -543,7 +547,7 @@ def write_run(
             )
         if steps:  # the findings are known exactly at the last step only
             writer.add_text(f"{PREFIX}/findings",
-                            findings_markdown([f.to_dict() for f in run.findings()]), steps[-1])
+                            findings_markdown(run.findings()), steps[-1])
         by_step: dict[int, list[FindingEvent]] = {}
         for fe in run.finding_events():
             by_step.setdefault(fe.step, []).append(fe)
@@ -616,7 +620,7 @@ class RunTensorBoard:
                 self.metrics, capped=has_cap(record.site_rows)))
         write_record(
             writer, record.step, sites=record.site_rows, units=record.unit_table,
-            layers=record.layer_table, findings=[f.to_dict() for f in record.findings],
+            layers=record.layer_table, findings=record.findings,
             metrics=self.metrics, training=getattr(record, "metrics", None),
         )
         writer.flush()
