@@ -379,8 +379,8 @@ def add_histograms(
     writer: SummaryWriterLike, values: Mapping[str, np.ndarray], step: int, bins: np.ndarray
 ) -> None:
     """Write ``{tag: values}`` at ``step`` as ``add_histogram(tag, values, step, bins=bins)``
-    writes each (torch's ``make_histogram``): in one event where :func:`_file_writer`
-    allows, else ``add_histogram`` per tag."""
+    writes each (torch's ``make_histogram``; see :func:`_histogram_protos`): in one event
+    where :func:`_file_writer` allows, else ``add_histogram`` per tag."""
     if not values:
         return
     file_writer = _file_writer(writer)
@@ -389,11 +389,51 @@ def add_histograms(
             writer.add_histogram(t, v, step, bins=bins)
         return
     from tensorboard.compat.proto.summary_pb2 import Summary
+
+    protos = [Summary.Value(tag=t, histo=h)
+              for t, h in zip(values, _histogram_protos(list(values.values()), bins), strict=True)]
+    file_writer.add_summary(Summary(value=protos), step)
+
+
+def _histogram_protos(parts: Sequence[np.ndarray], bins: np.ndarray) -> list[Any]:
+    """Torch's ``make_histogram(part, bins)`` of each part, equal to it field for field, with
+    the buckets of all parts counted in one ``bincount`` (a call per part cost a 256-site log
+    8 ms). A part with a value outside the bins (or NaN) gets torch's own call."""
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto
     from torch.utils.tensorboard.summary import make_histogram
 
-    protos = [Summary.Value(tag=t, histo=make_histogram(v, bins))  # type: ignore[no-untyped-call]
-              for t, v in values.items()]
-    file_writer.add_summary(Summary(value=protos), step)
+    parts = [np.asarray(p, dtype=np.float64).reshape(-1) for p in parts]
+    sizes = np.array([p.size for p in parts], dtype=np.int64)
+    if not parts or not sizes.all():
+        return [make_histogram(p, bins) for p in parts]  # type: ignore[no-untyped-call]
+    n_bins = len(bins) - 1
+    flat = np.concatenate(parts)
+    which = np.repeat(np.arange(len(parts)), sizes)
+    inside = (flat >= bins[0]) & (flat <= bins[-1])
+    # np.histogram's bins: [edge, next edge), the last one closed
+    idx = np.minimum(np.searchsorted(bins, flat, side="right") - 1, n_bins - 1)
+    counts = np.bincount((which * n_bins + idx)[inside], minlength=len(parts) * n_bins)
+    counts = counts.reshape(len(parts), n_bins)
+    outside = np.bincount(which[~inside], minlength=len(parts))
+    starts = np.cumsum(sizes) - sizes
+    lows, highs = np.minimum.reduceat(flat, starts), np.maximum.reduceat(flat, starts)
+    # the support, as torch trims it: from the bin before the first nonzero one (a zero bin
+    # of its own when that is the first) to the last nonzero one
+    nonzero = counts > 0
+    first = nonzero.argmax(axis=1)
+    end = n_bins - nonzero[:, ::-1].argmax(axis=1)
+    out = []
+    for i, p in enumerate(parts):
+        if outside[i]:
+            out.append(make_histogram(p, bins))  # type: ignore[no-untyped-call]
+            continue
+        lo, hi = int(first[i]), int(end[i])
+        c = counts[i, lo - 1:hi].tolist() if lo else [0, *counts[i, :hi].tolist()]
+        out.append(HistogramProto(
+            min=lows[i], max=highs[i], num=p.size, sum=p.sum(), sum_squares=p.dot(p),
+            bucket_limit=bins[lo:hi + 1].tolist(), bucket=c,
+        ))
+    return out
 
 
 def _rates_by_site(units: pd.DataFrame) -> dict[str, np.ndarray]:

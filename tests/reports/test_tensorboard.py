@@ -292,3 +292,26 @@ def test_histograms_in_one_event_equal_torchs_per_call_ones(tmp_path: Path) -> N
     for t in want.Tags()["histograms"]:
         assert [e.histogram_value for e in got.Histograms(t)] == [
             e.histogram_value for e in want.Histograms(t)]
+
+
+def test_histogram_protos_equal_torchs_make_histogram_on_every_edge_case() -> None:
+    """Every field of each part's histogram as torch's make_histogram makes it: lengths on
+    both sides of numpy's pairwise-sum blocks, values on the bin edges (0, 1, an inner
+    edge), one bin only, the first or the last bin only, and parts with a value outside the
+    bins or NaN (torch's own call); an empty part raises as torch's does."""
+    from torch.utils.tensorboard.summary import make_histogram
+
+    rng = np.random.default_rng(1)
+    bins = np.linspace(0.0, 1.0, 21)
+    parts = [rng.random(n) for n in (1, 7, 8, 9, 127, 128, 129, 1000)]
+    parts += [
+        np.array([0.0]), np.array([1.0]), np.array([0.0, 1.0]), np.array([0.05, 0.05, 0.1]),
+        np.full(5, 0.5), np.array([0.96, 0.97, 1.0]), np.array([0.0, 0.01]),
+        np.array([0.3, 1.5]), np.array([-0.1, 0.2]), np.array([0.2, np.nan]),
+        bins.copy(), rng.random(64).astype(np.float32),
+    ]
+    got = tb._histogram_protos(parts, bins)
+    for i, (p, h) in enumerate(zip(parts, got, strict=True)):
+        assert h == make_histogram(p.astype(float), bins), f"part {i}: {p[:8]}"
+    with pytest.raises(ValueError, match="no element"):
+        tb._histogram_protos([np.array([0.5]), np.array([])], bins)
