@@ -88,6 +88,49 @@ def test_handles_removed_or_added_while_parked():
     assert not _ledgers, "nothing parked: no ledger left"
 
 
+def test_a_park_after_the_first_makes_no_new_objects_and_keeps_the_users_order():
+    """The ledgers are kept from one park to the next: a park makes no object the cyclic GC
+    tracks (but the parked-set registry's weak reference), since objects that live while
+    parked end in its oldest generation, whose full collections of a torch process cost 100
+    ms and more. A kept ledger still takes the dict's order afresh: hooks the user prepended
+    or appended between two parks come back where torch put them."""
+    import gc
+
+    mods = [nn.ReLU() for _ in range(50)]
+    log: list[str] = []
+    hs = HookSet()
+    for m in mods:
+        hs.add(m.register_forward_pre_hook(_hook(log, "ours-pre")))
+        hs.add(m.register_forward_hook(_hook(log, "ours")))
+    hs.park()
+    hs.unpark()
+    from relu_doctor._hooks import _ledgers
+
+    # the dicts that hold hooks (torch's and the ledgers'): the GC stops tracking them while
+    # they are empty, and tracks them again when they are filled; they are not new
+    holders = {id(m.__dict__[k]) for m in mods for k in ("_forward_hooks", "_forward_pre_hooks")}
+    holders |= {id(ref().taken) for ref in _ledgers.values()}
+    gc.collect()
+    seen = set(map(id, gc.get_objects())) | holders
+    hs.park()
+    new = []
+    for o in gc.get_objects():  # (a loop: a comprehension makes objects of its own)
+        if id(o) not in seen and o is not seen and o is not new:
+            new.append(o)
+    hs.unpark()
+    assert len(new) <= 1, new  # the parked sets' weak reference to this one
+
+    m, x = mods[0], torch.randn(3)
+    m.register_forward_hook(_hook(log, "user-prepended"), prepend=True)
+    m.register_forward_hook(_hook(log, "user-appended"))
+    expected = ["ours-pre", "user-prepended", "ours", "user-appended"]
+    assert _calls(m, log, x) == expected
+    hs.park()
+    assert _calls(m, log, x) == ["user-prepended", "user-appended"]
+    hs.unpark()
+    assert _calls(m, log, x) == expected
+
+
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
