@@ -171,13 +171,6 @@ class _Ledger:
         self.known = set(self.order)
         self.taken: dict[int, Any] = {}  # id -> hook, out of the dict now
 
-    def reset(self) -> None:
-        """With nothing taken, the order is the dict's own: made so again in place (a kept
-        ledger, at each park, as a new one would be)."""
-        self.order[:] = self.d
-        self.known.clear()
-        self.known.update(self.order)
-
     def merge_new(self) -> None:
         """Add the ids the dict gained since to :attr:`order`, where torch put them: first
         (``prepend=True``) or last. Handle ids only grow and torch puts an appended hook
@@ -312,8 +305,6 @@ class HookSet:
         if ledger is None:
             ledger = _Ledger(d)
             _ledgers[key] = weakref.ref(ledger, functools.partial(_forget, key=key))
-        elif not ledger.taken:
-            ledger.reset()
         else:
             ledger.merge_new()
         entry = self._parked.get(key)
