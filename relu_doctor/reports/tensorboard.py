@@ -281,7 +281,7 @@ def findings_markdown(findings: Sequence[Finding | Mapping[str, Any]]) -> str:
             f = f.to_dict(copy=False)
         cells = (f.get("severity", ""), kind_label(str(f.get("kind", ""))), f.get("site", ""),
                  f.get("message", ""), f.get("remedy", ""))
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(map(_cell, cells)) + " |")
     return "\n".join(lines)
 
 
@@ -293,7 +293,7 @@ def finding_events_markdown(events: Sequence[FindingEvent]) -> str:
     for e in events:
         f = e.finding
         cells = (e.status, f.severity, kind_label(f.kind), f.site, f.message)
-        lines.append("| " + " | ".join(_cell(v) for v in cells) + " |")
+        lines.append("| " + " | ".join(map(_cell, cells)) + " |")
     return "\n".join(lines)
 
 
@@ -332,7 +332,7 @@ def events_markdown(events: Sequence[Mapping[str, Any]]) -> str:
             what = f"measured one interval after ({ev.get('ref', '')})"
         cells = (ev.get("step", "?"), ev.get("remedy", "intervention"), ev.get("site", ""),
                  what, _change(ev))
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(map(_cell, cells)) + " |")
     return "\n".join(lines)
 
 
