@@ -244,7 +244,7 @@ class HookSet:
         # {id(hook dict): (the dict, ids of our hooks in it)}, remade after add/remove
         self._dicts: dict[int, tuple[dict[int, Any], set[int]]] | None = None
         # id(dict) -> (its ledger, our ids taken out while parked), kept from one park to the
-        # next (let go when hooks are added or removed): a park then makes no new objects. A
+        # next (let go when hooks are removed): a park then makes no new objects. A
         # 256-site model's thousands of new ones a park lived across the steps that followed
         # into the cyclic GC's oldest generation, whose full collections of a torch process
         # take 100 ms and more.
@@ -291,7 +291,6 @@ class HookSet:
                 d = h.hooks_dict_ref()
                 if d is not None and h.id in d:
                     self._dicts.setdefault(id(d), (d, set()))[1].add(h.id)
-            self._kept = {}
         self._parked = self._kept
         _parked_sets.add(self)
         for d, ours in self._dicts.values():
@@ -328,7 +327,7 @@ class HookSet:
         for ledger, ids in (parked or {}).values():
             ledger.restore(ids)
             ids.clear()
-        if self._dicts is None:  # hooks added or removed while parked
+        if self._dicts is None:  # hooks added or removed while parked: let go at once
             self._kept = {}
 
 
