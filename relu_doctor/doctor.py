@@ -381,7 +381,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
 
     # ------------------------------------------------------------------ per step
     def _collecting(self) -> bool:
-        return self.sampler.collect(self.global_step)
+        log_next = (self.global_step + 2) % self.log_every_n_steps == 0
+        return self.sampler.collect(self.global_step, log_next=log_next)
 
     def _next_is_log_step(self) -> bool:
         return (self.global_step + 1) % self.log_every_n_steps == 0

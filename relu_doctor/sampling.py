@@ -22,6 +22,8 @@ budget first, so it collects every ``n = ceil(c / ((budget - l / p) p))``-th ste
 per logging interval when logging alone spends the budget. (On CUDA a log's host time
 includes waiting for the step's queued kernels, which is not its cost: there only
 collecting is counted.)
+A collecting step due at a logging step is taken one step early (at every 3rd step or less
+often), so that no step pays for both.
 ``every_n_steps=N`` forces a fixed rate; ``overhead_budget=None`` collects every step. With
 several processes (``all_reduce``) the rate is chosen at logging steps only, from the
 measurements averaged across processes, so that every process collects the same steps.
@@ -445,11 +447,25 @@ class Sampler:
     def adaptive(self) -> bool:
         return self.every_n_steps is None and self.overhead_budget is not None
 
-    def collect(self, step: int) -> bool:
-        """Whether step ``step`` (0-based) collects. Pure: the same answer until :meth:`done`."""
+    def collect(self, step: int, *, log_next: bool = False) -> bool:
+        """Whether step ``step`` (0-based) collects: the same answer until :meth:`done`,
+        which the clock is told (it times a collecting step's calls on CUDA), so the step's
+        decision is made here only.
+
+        ``log_next``: the step after this one logs. Under a budget, collecting every third
+        step or less often, a collecting step due there comes one step early, so that a
+        logging step does not pay for collecting too (the 256-site benchmark's logging step,
+        2.0 plain steps, collected at its every-5th rate: 0.2 of them).
+        """
         if self.every_n_steps is not None:
             return step % self.every_n_steps == 0
-        return self._since + 1 >= self.every and not self._calibrating()
+        due = self._since + 1 >= self.every or (
+            log_next and self.every >= 3 and self._since + 2 >= self.every
+        )
+        collects = due and not self._calibrating()
+        if self.clock is not None:
+            self.clock.arm(collects)
+        return collects
 
     @property
     def _after(self) -> float | None:
@@ -481,7 +497,6 @@ class Sampler:
         if self.clock is None:
             self.clock = clock_for(device, self._spent)
         self.clock.start()
-        self.clock.arm(self._since + 1 >= self.every)
 
     def done(self, *, collected: bool) -> None:
         """One step ended (``collected``: it collected statistics)."""
@@ -496,7 +511,6 @@ class Sampler:
             lap.per_collect is not None or not lap.collected for lap in laps
         ):
             self._decide(*self._estimates(), self._log_s())
-        self.clock.arm(self._since + 1 >= self.every and not self._calibrating())
 
     def at_log(
         self, reduce: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] | None = None
@@ -519,7 +533,6 @@ class Sampler:
                 self._decide(hook / n, plain / n, log / n)
         elif any(lap.per_collect is not None for lap in laps):
             self._decide(*self._estimates(), self._log_s())
-        self.clock.arm(self._since + 1 >= self.every and not self._calibrating())
 
     @contextlib.contextmanager
     def log_lap(self) -> Iterator[None]:

@@ -89,6 +89,22 @@ def gaps(pattern: list[bool]) -> list[int]:
     return [b - a for a, b in itertools.pairwise(taken)]
 
 
+def assert_every_nth_off_the_logs(
+    pattern: list[bool], n: int, log_every: int, first: int = 0
+) -> None:
+    """``pattern`` (from step ``first`` on) collects every ``n``-th step of a run logging
+    every ``log_every`` steps (step ``i`` logs when ``(i + 1) % log_every == 0``): from every
+    3rd step on, no logging step collects, and an interval is one step short only where that
+    moved its end off a logging step."""
+    taken = [first + i for i, c in enumerate(pattern) if c]
+    assert len(taken) >= 2
+    for a, b in itertools.pairwise(taken):
+        early = n >= 3 and b - a == n - 1 and (b + 2) % log_every == 0
+        assert b - a == n or early, (a, b, n)
+    if n >= 3:
+        assert not any((i + 1) % log_every == 0 for i in taken)
+
+
 # ---------------------------------------------------------------- the Sampler alone
 def test_fixed_rate_ignores_the_budget():
     fake = FakeTime()
@@ -112,6 +128,41 @@ def test_the_rate_follows_the_cost():
     assert s.overhead() == pytest.approx(0.105 / 4)
     drive(s, fake, 40, 1.0, 0.001)  # cheaper statistics: back to every step
     assert s.every == 1
+
+
+def test_a_collecting_step_due_at_a_logging_step_comes_one_step_early():
+    """A logging step already pays for its log: under a budget, collecting every 3rd step or
+    less often, a collecting step that falls on it moves to the step before (told by
+    ``log_next``); the rate stays what the budget chose. Every other step is left as it is
+    (the calibration of dense rates times steps further from collecting)."""
+    armed: list[bool] = []
+
+    class Clock(HostClock):  # the clock is told each step's decision (CUDA times it)
+        def arm(self, collects: bool) -> None:
+            armed.append(collects)
+
+    for hook_s, n in ((0.085, 3), (0.25, 9), (0.055, 2)):  # (3, 9: prime to 10)
+        fake = FakeTime()
+        s = Sampler(every_n_steps=None, overhead_budget=0.03, max_every=10,
+                    clock=Clock(now=lambda f=fake: f.t, spent=lambda f=fake: f.stats))
+        s.start()
+        pattern = []
+        for i in range(200):
+            c = s.collect(i, log_next=(i + 2) % 10 == 0)
+            assert armed[-1] is c
+            pattern.append(c)
+            fake.t += 1.0 + (hook_s if c else 0.0)
+            fake.stats += hook_s if c else 0.0
+            s.done(collected=c)
+        assert s.every == n
+        tail = pattern[100:]
+        if n == 2:  # left as it is: every other step (a cycle stretched now and then to
+            # time a step further on), so that the logging steps of one phase collect
+            assert set(gaps(tail)) == {2, 3}
+            assert any(tail[i] for i in range(9, 100, 10))
+        else:  # some interval did end on a logging step and was moved
+            assert_every_nth_off_the_logs(tail, n, 10, first=100)
+            assert n - 1 in gaps(tail)
 
 
 def test_the_cost_left_to_the_step_after_a_collecting_one_counts():
@@ -478,9 +529,12 @@ def test_a_cost_outside_the_statistics_calls_counts_against_the_budget(monkeypat
             doc.step()
     n = math.ceil(percent / 3)
     assert doc.sampler.every == n
-    tail = gaps(collected[-60:])
+    tail = collected[-60:]
     # (every step: now and then two steps left out, to time a step further from collecting)
-    assert tail and (set(tail) == {n} if n > 1 else set(tail) <= {1, 3})
+    if n > 1:
+        assert_every_nth_off_the_logs(tail, n, log_every, first=steps - 60)
+    else:
+        assert set(gaps(tail)) <= {1, 3}
 
 
 @real_budget
@@ -517,7 +571,7 @@ def test_statistics_costing_x_percent_collect_every_ceil_x_over_3_th_step(monkey
         assert collected[:11] == [True] + [True, False, False] * 3 + [True]
         assert collected.count(False) == 6
     else:
-        assert gaps(collected[1:]) == [n] * len(gaps(collected[1:]))
+        assert_every_nth_off_the_logs(collected[1:], n, log_every, first=1)
     assert len(records) == steps // log_every
     site = doc.sites[0]
     total = torch.zeros(6, dtype=torch.float64)
