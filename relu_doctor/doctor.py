@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -168,6 +169,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             max_every=self.log_every_n_steps,
             distributed=all_reduce is not None,
             spent=self.stopwatch.read,
+            every_step=self.stopwatch.read_every_step,
         )
         # What is in effect (the run's configuration says it): "auto" where the budget
         # chooses the rate; a fixed rate has no budget.
@@ -425,6 +427,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 "step: called after the `with relu_doctor.watch(...)` block ended; its hooks "
                 "are removed. Call doc.step() inside the block (indent the training loop)."
             )
+        t0 = time.perf_counter()
         self._step_called = True  # (even if it raises below: the exit's hint is not for it)
         if not self._has_sites:
             missing = self.missing_activations()
@@ -454,6 +457,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self.steps_run += 1
         self.global_step += 1
         record = None
+        # what every step does counts against the budget (a collecting step's parking and
+        # unparking below are in the steps the sampler compares)
+        self.stopwatch.add_every_step(t0)
         if self.global_step % self.log_every_n_steps == 0:
             with self.sampler.log_lap():  # what a log costs counts against the budget
                 record = self._log(final=last, keep=False)

@@ -154,9 +154,12 @@ class OptimizerTap:
         return idx
 
     def _pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self.collecting():
-            return
         t0 = time.perf_counter()
+        if self.is_log_step():  # the update ratio is the logging step's, collecting or not
+            self._before = [(p, p.detach().clone()) for p in self._params(opt)]
+        if not self.collecting():
+            self.stopwatch.add_every_step(t0)
+            return
         try:
             self._read_grads(opt)
         finally:
@@ -176,21 +179,23 @@ class OptimizerTap:
             self.grad_sq = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         if _kernels.sum_squares_into(self.grad_sq, grads, layers):  # type: ignore[arg-type]
             # CPU, plain tensors (never a sharded DTensor): one pass over each gradient
-            self._count_step(opt)
+            self.steps += 1
             return
         local = [_local(g) for g in grads]  # type: ignore[arg-type]
         sq = _squared_norms([g for g, _ in local], device)
         if any(k != 1.0 for _, k in local):  # sharded: see _local
             sq = sq * torch.tensor([k for _, k in local], dtype=torch.float64, device=device)
         self.grad_sq.index_add_(0, self._index(layers, device), sq)
-        self._count_step(opt)
-
-    def _count_step(self, opt: torch.optim.Optimizer) -> None:
         self.steps += 1
-        if self.is_log_step():
-            self._before = [(p, p.detach().clone()) for p in self._params(opt)]
 
     def _post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._read_update(opt)
+        finally:
+            self.stopwatch.add_every_step(t0)  # every step's work, the budget counts it
+
+    def _read_update(self, opt: torch.optim.Optimizer) -> None:
         # The rates this step used, at every step (a few list items): any step can be the
         # last logged one (the end of training, a fit that fails), after its scheduler moved.
         self.used_lrs[id(opt)] = [g["lr"] for g in opt.param_groups]

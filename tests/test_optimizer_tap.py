@@ -88,3 +88,27 @@ def test_update_ratio_and_gradient_norms_equal_a_float64_reference(fused, dtype)
     rtol = 1e-5 if fused or dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ratio, d.sqrt() / w.sqrt(), rtol=rtol, atol=0)
     assert tap._before is None  # the transient copy is gone
+
+
+def test_the_update_ratio_is_the_logging_steps_whether_or_not_it_collects():
+    """The update ratio belongs to the log: a logging step that collects no statistics (the
+    overhead budget collects every n-th step) still measures it, against a float64
+    reference; its gradient norms stay out of the window."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    tap = OptimizerTap(model, [opt], is_log_step=lambda: True, collecting=lambda: False).attach()
+    model(torch.randn(4, 3)).sum().backward()
+    before = [p.detach().double().clone() for p in model.parameters()]
+    opt.step()
+    got_sq, steps, ratio = tap.read_and_reset()
+    assert got_sq is None and steps == 0
+    after = [p.detach().double() for p in model.parameters()]
+    want = torch.stack([
+        ((a0 - b0).square().sum() + (a1 - b1).square().sum()).sqrt()
+        / (a0.square().sum() + a1.square().sum()).sqrt()
+        for a0, a1, b0, b1 in ((after[0], after[1], before[0], before[1]),
+                               (after[2], after[3], before[2], before[3]))
+    ])
+    assert ratio is not None
+    torch.testing.assert_close(ratio, want, rtol=1e-5, atol=0)

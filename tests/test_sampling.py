@@ -310,7 +310,7 @@ def test_what_logging_costs_comes_out_of_the_budget_first():
     # plain step is 1 s, not 1 s + a log now and then)
     assert s._estimates() == (pytest.approx(0.06), pytest.approx(1.0))
     assert s.overhead() == pytest.approx(0.06 / 3 + 0.01)
-    with pytest.warns(ReluDoctorWarning, match=r"logging alone costs 5\.0% .* overhead_budget=0.03"):
+    with pytest.warns(ReluDoctorWarning, match=r"logging costs 5\.0% .* overhead_budget=0.03"):
         run(1.0, 5)  # 5% of a step: more than the budget, said once
     assert s.every == 20
     run(0.0, 5)  # logs got cheap again (the median of the latest 5)
@@ -318,7 +318,7 @@ def test_what_logging_costs_comes_out_of_the_budget_first():
     # logging at every 2nd step: no step's lap holds a log's seconds
     fake2 = FakeTime()
     s2 = sampler(fake2, max_every=2)
-    with pytest.warns(ReluDoctorWarning, match=r"logging alone costs 150\.0%"):
+    with pytest.warns(ReluDoctorWarning, match=r"logging costs 150\.0%"):
         for _ in range(10):
             drive(s2, fake2, 2, 1.0, 0.06)
             with s2.log_lap():
@@ -331,6 +331,62 @@ def test_what_logging_costs_comes_out_of_the_budget_first():
         with fixed.log_lap():
             fake.t += 100.0
         assert not fixed._log_laps
+
+
+def test_what_every_step_does_comes_out_of_the_budget_with_the_logs():
+    """What the Doctor does at every step, collecting or not (its step(), the optimizer
+    tap's hooks), cancels out of the comparison of collecting steps with the others: it is
+    read from the stopwatch's ``every_step`` at each log and counted with the log. Statistics
+    at 6% of a step collect every 2nd step; 1% of every step on top leaves 2%: every 3rd."""
+    for per_step, n in ((0.0, 2), (0.01, 3)):
+        fake = FakeTime()
+        watch = sampling.Stopwatch()
+        s = Sampler(every_n_steps=None, overhead_budget=0.03, max_every=20, clock=HostClock(
+            now=lambda f=fake: f.t, spent=lambda f=fake: f.stats, every_step=watch.read_every_step
+        ))
+        s.start()
+        for _ in range(6):
+            for i in range(20):
+                c = s.collect(i)
+                fake.t += 1.0 + per_step + (0.06 if c else 0.0)
+                fake.stats += 0.06 if c else 0.0
+                watch.every_step += per_step
+                s.done(collected=c)
+            with s.log_lap():
+                pass
+        assert s.every == n
+        assert s._log_s() == pytest.approx(per_step, abs=1e-4)
+
+
+def test_the_doctors_step_and_its_optimizer_tap_count_as_every_steps_work(monkeypatch):
+    """The wiring of the above: the seconds spent in ``Doctor.step`` and in the optimizer
+    tap's hooks go to the stopwatch's ``every_step`` (here each made 2 ms slower)."""
+    import time
+
+    from relu_doctor.optimizer_tap import OptimizerTap
+    from relu_doctor.probes import Probe
+
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with relu_doctor.watch(net, optimizer=opt, overhead_budget=0.03) as doc:
+        assert isinstance(doc.sampler.clock, HostClock)
+        assert doc.sampler.clock.every_step == doc.stopwatch.read_every_step  # what it reads
+        for slow, part in ((Probe, "close_pass"), (OptimizerTap, "_read_update")):
+            before = doc.stopwatch.every_step
+            real = getattr(slow, part)
+
+            def slower(*a, real=real, **k):
+                time.sleep(0.002)
+                return real(*a, **k)
+
+            monkeypatch.setattr(slow, part, slower)
+            for _ in range(5):
+                net(torch.randn(8, 4)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+            monkeypatch.setattr(slow, part, real)
+            assert doc.stopwatch.every_step - before >= 5 * 0.002
 
 
 @real_budget
@@ -915,7 +971,7 @@ def test_remedies_that_read_dead_units_get_enough_steps_per_window_and_the_cost_
     assert rec[0].filename == __file__  # where the steps were driven from, not the library
     assert s.every == 6 and max(gaps(pattern)) <= 7  # calibration may stretch one cycle
     # logs that eat the whole budget: collected as often as the remedies need, and said so
-    with pytest.warns(ReluDoctorWarning, match=r"logging alone costs .* collected every 6 "
+    with pytest.warns(ReluDoctorWarning, match=r"logging costs .* collected every 6 "
                       r"steps, the least the bound remedies need \(8 per logging interval\)") as rec:
         for _ in range(6):
             drive(s, fake, 50, 1.0, 0.3)
