@@ -157,9 +157,10 @@ class OptimizerTap:
         t0 = time.perf_counter()
         if self.is_log_step():  # the update ratio is the logging step's, collecting or not
             self._before = [(p, p.detach().clone()) for p in self._params(opt)]
+        self.stopwatch.add_every_step(t0)
         if not self.collecting():
-            self.stopwatch.add_every_step(t0)
             return
+        t0 = time.perf_counter()
         try:
             self._read_grads(opt)
         finally:

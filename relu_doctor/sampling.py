@@ -485,8 +485,8 @@ class Sampler:
 
         ``log_next``: the step after this one logs. Under a budget, collecting every third
         step or less often, a collecting step due there comes one step early, so that a
-        logging step does not pay for collecting too (the 256-site benchmark's logging step,
-        2.0 plain steps, collected at its every-5th rate: 0.2 of them).
+        logging step does not pay for collecting too (on the 256-site benchmark MLP a log
+        costs about a plain step and collecting a quarter of one).
         """
         if self.every_n_steps is not None:
             return step % self.every_n_steps == 0

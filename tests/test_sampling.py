@@ -608,7 +608,7 @@ def test_statistics_costing_x_percent_collect_every_ceil_x_over_3_th_step(monkey
     net[1].register_forward_hook(lambda _m, _a, out: outputs.append(out.detach().clone()))
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     collected, records = [], []
-    with relu_doctor.watch(net, log_every_n_steps=log_every) as doc:
+    with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=log_every) as doc:
         doc.sampler.clock = fake.clock()
         doc.sampler.start()
         for _ in range(steps):
@@ -636,6 +636,8 @@ def test_statistics_costing_x_percent_collect_every_ceil_x_over_3_th_step(monkey
         row = rec.site_rows[0]
         assert (row["steps_collected"], row["steps_run"]) == (sum(window), log_every)
         assert row["steps_collected"] >= 1  # at least once per logging interval
+        # the update ratio is the logging step's, whether or not that step collected
+        assert rec.layer_table["update_ratio"].notna().all() and len(rec.layer_table) == 2
         in_window = outputs[k * log_every : (k + 1) * log_every]
         for out, c in zip(in_window, window, strict=True):
             total += out.to(torch.float64).sum(0) if c else 0.0
