@@ -613,14 +613,13 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
     def _log(self, final: bool, keep: bool) -> IntervalRecord | None:
         """``final``: the record's flag (no step follows); ``keep``: the sites' windows stay
         readable, folded at the next attach (a ``with`` block's exit)."""
-        read = self._read(close=not keep, final=keep)
+        record = self._read(close=not keep, final=keep)
         self.sampler.at_log(self.reduce_sum)  # after the read-back: the clock's events are done
-        self._unfolded = keep and read is not None
+        self._unfolded = keep and record is not None
         if not self._unfolded:
             self._reset_window_counts()
-        if read is None:
+        if record is None:
             return None
-        record, finding_events = read
         record.final = final
         self._check_held = self._check_held or (final and record.judged)
         record.metrics = self._training.read(
@@ -639,7 +638,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                     ReluDoctorWarning,
                     stacklevel=4,  # the user's doc.step()
                 )
-        events = [e.to_dict() for e in finding_events]
+        events = [e.to_dict() for e in record.finding_events]
         self._events.extend(events)
         if len(self._records) == self.keep_records:
             self._records_dropped += 1

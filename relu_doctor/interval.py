@@ -142,8 +142,7 @@ class IntervalReading:
             self, named: Mapping[str, torch.Tensor], device: torch.device | None
         ) -> tuple[dict[str, torch.Tensor], int | None]: ...
 
-    def _read(self, close: bool, *, final: bool = False
-    ) -> tuple[IntervalRecord, list[FindingEvent]] | None:
+    def _read(self, close: bool, *, final: bool = False) -> IntervalRecord | None:
         """Sum, read back, derive, diagnose: the record of the open window (closing it when
         ``close``; ``final``: logged as closed, its site windows folded at the next attach)."""
         sites = self.probe.sites()
@@ -254,13 +253,14 @@ class IntervalReading:
             layer_table=pd.DataFrame(layer_rows),
             findings=findings,
             new_findings=new,
+            finding_events=events,
             keys={s.name: s.key for s in sites},
             judged=judged,
             steps_run=self.steps_run,
             steps_collected=collected,
             first_dead={k: v for k, v in first_fractions.items() if not math.isnan(v)},
         )
-        return record, events
+        return record
 
     def _sum_windows(
         self, sites: Sequence[Site], *, close: bool, grad_sq: torch.Tensor | None = None
@@ -308,7 +308,7 @@ class IntervalReading:
 
     def _read_nothing(
         self, *, logged: bool, collected: int
-    ) -> tuple[IntervalRecord, list[FindingEvent]] | None:
+    ) -> IntervalRecord | None:
         """The record of a logged window before any site was seen (no pass of the stream ran
         yet: a model left in eval mode from the start): written for its steps and training
         metrics, it judges nothing. None for a look at the open window (``current()``)."""
@@ -328,7 +328,7 @@ class IntervalReading:
             steps_run=self.steps_run,
             steps_collected=collected,
         )
-        return record, []
+        return record
 
     def _warn_saw_nothing(self) -> None:
         """Once: a window with collecting steps recorded no pass at all."""
@@ -368,8 +368,8 @@ class IntervalReading:
         if self.all_reduce is None or (self.steps_run > 0 and not self._unfolded):
             # Decided on the window summed across processes: every process makes the call.
             read = self._read(close=False)
-            if read is not None and read[0].judged:
-                return read[0]
+            if read is not None and read.judged:
+                return read
         return self._last_judged
 
     def findings(self) -> list[Finding]:

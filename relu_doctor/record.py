@@ -13,6 +13,7 @@ import pandas as pd
 
 from relu_doctor.diagnosis import Finding
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.events import FindingEvent
 from relu_doctor.sites import SiteKey
 
 __all__ = ["WINDOW_COLUMNS", "IntervalRecord", "window_columns", "windows_frame"]
@@ -34,6 +35,8 @@ class IntervalRecord:
         layer_table: one row per parameterised layer: ``grad_norm``, ``update_ratio``.
         findings: the diagnosis, most severe first.
         new_findings: findings that were not present at the previous log.
+        finding_events: the findings that began, changed severity or ended at this log (a
+            look at the open window, ``Doctor.current()``, remembers none of them).
         keys: the :class:`~relu_doctor.sites.SiteKey` of each site, by display name.
         metrics: training metrics of the interval by name (``loss``: the mean of the values
             passed to ``Doctor.step(loss=...)``; ``lr``: the learning rate at the logging
@@ -67,6 +70,7 @@ class IntervalRecord:
     layer_table: pd.DataFrame
     findings: list[Finding]
     new_findings: list[Finding] = field(default_factory=list)
+    finding_events: list[FindingEvent] = field(default_factory=list)
     keys: dict[str, SiteKey] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     final: bool = False

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
     from relu_doctor.diagnosis import DiagnosisConfig
     from relu_doctor.doctor import Doctor
-    from relu_doctor.events import FindingEvent
     from relu_doctor.probes import Probe
     from relu_doctor.reports.tensorboard import RunTensorBoard
 
@@ -119,9 +118,7 @@ class RunRecording:
 
         def _collecting(self) -> bool: ...
 
-        def _read(
-            self, close: bool, *, final: bool = False
-        ) -> tuple[IntervalRecord, list[FindingEvent]] | None: ...
+        def _read(self, close: bool, *, final: bool = False) -> IntervalRecord | None: ...
 
     def _open_writer(self) -> None:
         assert self.run_dir is not None
@@ -363,8 +360,8 @@ class RunRecording:
         if not records:
             read = self._read(close=False) if self.probe.sites() else None
             if read is not None:
-                records = [read[0]]
-                events += [e.to_dict() for e in read[1]]
+                records = [read]
+                events += [e.to_dict() for e in read.finding_events]
 
         def cat(frames: list[pd.DataFrame]) -> pd.DataFrame:
             return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -237,3 +238,30 @@ def expected_unit_dim(ndim: int) -> int:
 def expected_cap(module: nn.Module) -> float | None:
     """The upper saturation value of a capped activation (ReLU6 is a Hardtanh(0, 6))."""
     return float(module.max_val) if isinstance(module, nn.Hardtanh) else None
+
+
+# ------------------------------------------------------------------ findings, replayed
+
+
+def open_findings_by_step(run: Any) -> dict[int, set[tuple[str, str, str]]]:
+    """The findings open after each logged step, as (severity, kind, site), replayed from
+    the run's finding events (began, changed, ended) alone."""
+    events = run.finding_events()
+    open_: dict[tuple[str, str], str] = {}
+    out = {}
+    for step in sorted(int(s) for s in run.history["step"].unique()):
+        for e in events:
+            if e.step == step:
+                key = (e.finding.kind, e.finding.site)
+                if e.status == "ended":
+                    open_.pop(key, None)
+                else:
+                    open_[key] = e.finding.severity
+        out[step] = {(sev, kind, site) for (kind, site), sev in open_.items()}
+    return out
+
+
+def findings_table_rows(table: str) -> set[tuple[str, str, str]]:
+    """(severity, kind label, site) of each row of a findings table."""
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    return {(r[0].lstrip("| "), r[1], r[2]) for r in rows}

@@ -193,6 +193,7 @@ class ReluDoctor(Callback):
         self._warner = FindingWarner(self.warn, emit=_warn_on_rank_zero)  # picklable (spawn)
         self._own_writer: Any = None
         self._used_writers: dict[int, Any] = {}  # id -> writer that got our layout
+        self._findings_text = tb.FindingsText()  # by (writer id, prefix)
         self._broken_writers: set[int] = set()  # ids of writers that failed: left out
         self._tb_warned: set[Any] = set()
         self._resolved_run_dir: Path | None = None
@@ -398,13 +399,18 @@ class ReluDoctor(Callback):
         self._detach_all()
         if self.doctor is not None:
             self.doctor.close()  # compacts the open segments, releases the run-dir lock
+        last = self._findings_text.flush_last()
         for w in self._used_writers.values():
             if id(w) not in self._broken_writers:
                 try:
+                    for (wid, prefix), (step, findings) in last.items():
+                        if wid == id(w):
+                            w.add_text(f"{prefix}/findings", tb.findings_markdown(findings), step)
                     w.flush()
                 except Exception as e:
                     self._tb_failed(getattr(w, "log_dir", None) or type(w).__name__, e)
         self._used_writers = {}
+        self._findings_text = tb.FindingsText()
         if self._own_writer is not None:
             self._own_writer.close()
             self._own_writer = None
@@ -488,7 +494,8 @@ class ReluDoctor(Callback):
             sites=record.site_rows,
             units=record.unit_table,
             layers=record.layer_table,
-            findings=record.findings,
+            findings=self._findings_text.take((id(w), prefix), record),
+            finding_events=record.finding_events,
             metrics=self.metrics,
             prefix=prefix,
             histograms=self.histograms,

@@ -28,7 +28,9 @@ from relu_doctor.events import Intervention
 from relu_doctor.history import load_run
 from relu_doctor.metrics import site_metrics, unit_metrics
 from relu_doctor.reports import tensorboard as tb
+from relu_doctor.reports.findings import kind_label
 from relu_doctor.stats import FIELDS
+from tests.reference import findings_table_rows, open_findings_by_step
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers.*",
@@ -176,6 +178,54 @@ def numeric_close(a: pd.DataFrame, b: pd.DataFrame, rel: float = 1e-9) -> None:
 # ---------------------------------------------------------------------------- TensorBoard
 
 
+class StopAt(L.Callback):
+    """Stops the fit after the batch of step ``step``, as EarlyStopping would: the callback
+    cannot know in advance that it is the last."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize(("stop", "last"), [(None, 22), (10, 10)], ids=["max_steps", "stopped"])
+def test_tensorboard_findings_table_where_they_change_and_at_the_end_of_fit(tmp_path, stop, last):
+    """Under a TensorBoardLogger the findings' table is written at the first log, at each
+    log where a finding began, changed severity or ended, and at the last log (a final
+    record at max_steps; at the end of a fit stopped early, whose last record is not), each
+    the findings open then, replayed from the run's finding events; these go to their own
+    table at the steps they happened."""
+    from tensorboard.util import tensor_util
+
+    cb = ReluDoctor(log_every_n_steps=2)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    callbacks = [cb] + ([StopAt(stop)] if stop else [])
+    trainer(tmp_path, callbacks, max_steps=22, logger=logger).fit(make_model(), loader())
+    run = cb.doctor.to_run()
+    steps = sorted(int(s) for s in run.history["step"].unique())
+    changed = {e.step for e in run.finding_events()}
+    # a log in the middle and the last one with no change: both rules are at work
+    assert steps[-1] == last and last not in changed and set(steps[1:-1]) - changed
+    assert cb.doctor.records[-1].final == (stop is None)
+
+    ea = read_events(Path(logger.log_dir))
+
+    def texts(tag: str) -> dict[int, str]:
+        return {t.step: tensor_util.make_ndarray(t.tensor_proto).item().decode()
+                for t in ea.Tensors(f"{tag}/text_summary")}
+
+    tables = texts("relu_doctor/findings")
+    assert sorted(tables) == sorted(changed | {steps[0], steps[-1]})
+    want = open_findings_by_step(run)
+    for step, table in tables.items():
+        assert findings_table_rows(table) == {
+            (sev, kind_label(k), site) for sev, k, site in want[step]}, step
+    assert tables[last] == tb.findings_markdown(cb.doctor.findings())
+    assert sorted(texts("relu_doctor/finding_events")) == sorted(changed)
+
+
 def test_tensorboard_matches_standalone(tmp_path):
     steps, every = 6, 3
     cb = ReluDoctor(log_every_n_steps=every)
@@ -209,7 +259,7 @@ def test_tensorboard_matches_standalone(tmp_path):
             assert h.histogram_value.num == len(u) == 16
             assert h.histogram_value.sum == pytest.approx(u["activation_rate"].sum(), rel=1e-6)
 
-    # Findings as text at every log step.
+    # The findings' table at the first log and at the last (see the next test).
     texts = ea.Tensors("relu_doctor/findings/text_summary")
     assert [t.step for t in texts] == [3, 6]
 

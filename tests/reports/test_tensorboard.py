@@ -16,6 +16,7 @@ import pytest
 from relu_doctor.history import Run, load_run
 from relu_doctor.reports import tensorboard as tb
 from relu_doctor.reports.findings import kind_label
+from tests.reference import findings_table_rows, open_findings_by_step
 from tests.reports.conftest import KILLED, TrainedRun
 
 pytest.importorskip("tensorboard")
@@ -212,6 +213,58 @@ def test_plain_watch_with_run_dir_writes_tensorboard(treated_run: TrainedRun) ->
     titles = {c.title for cat in layout.category for c in cat.chart}
     assert "dead_fraction" in titles and "saturated_fraction" not in titles
     assert "never active" in texts(ea, "relu_doctor/definitions")[0]
+
+
+def test_watch_writes_the_findings_table_where_they_change_and_at_the_end(
+    treated_run: TrainedRun,
+) -> None:
+    """A watch(run_dir=...) loop writes the findings' table at its first log, at each log
+    where a finding began, changed severity or ended, and at its last log (24, a logging
+    step: no final record), each table the findings open then; the finding events as their
+    own table at the steps they happened, as write_run writes them."""
+    run = load_run(treated_run.run_dir)
+    ea = accumulate(treated_run.run_dir)
+    steps = sorted(int(s) for s in run.history["step"].unique())
+    events = run.finding_events()
+    changed = {e.step for e in events}
+    assert steps[-1] == 24 and changed and set(steps) - changed - {steps[0], steps[-1]}
+    tables = texts(ea, "relu_doctor/findings")
+    assert sorted(tables) == sorted(changed | {steps[0], steps[-1]})
+    want = open_findings_by_step(run)
+    for step, table in tables.items():
+        assert findings_table_rows(table) == {(sev, kind_label(k), site) for sev, k, site in want[step]}
+    assert {(f.severity, kind_label(f.kind), f.site) for f in run.findings()} == \
+        findings_table_rows(tables[steps[-1]])
+    timeline = texts(ea, "relu_doctor/finding_events")
+    assert sorted(timeline) == sorted(changed)
+    for e in events:
+        assert (f"| {e.status} | {e.finding.severity} | {kind_label(e.finding.kind)} | "
+                f"{e.finding.site} |") in timeline[e.step]
+
+
+def test_findings_text_is_taken_at_the_first_a_change_and_a_final_record() -> None:
+    """FindingsText per series: the first record, one with finding events, a final one;
+    the last record's findings when not written, once, by flush_last."""
+    from relu_doctor.diagnosis import Finding
+    from relu_doctor.events import FindingEvent
+    from relu_doctor.record import IntervalRecord
+
+    f = Finding("dead", "a", "warning", "m")
+
+    def record(step: int, *, changed: bool = False, final: bool = False) -> IntervalRecord:
+        ev = [FindingEvent("began", f, step)] if changed else []
+        return IntervalRecord(step, [], pd.DataFrame(), pd.DataFrame(), [f],
+                              finding_events=ev, final=final)
+
+    text = tb.FindingsText()
+    got = {k: [s for s, r in rs if text.take(k, r) is not None]
+           for k, rs in {"x": [(1, record(1)), (2, record(2)), (3, record(3, changed=True)),
+                               (4, record(4)), (5, record(5, final=True))],
+                         "y": [(2, record(2)), (4, record(4))]}.items()}
+    assert got == {"x": [1, 3, 5], "y": [2]}
+    assert text.flush_last() == {"y": (4, [f])}  # x's last (5) was written
+    assert text.flush_last() == {}
+    assert text.take("x", record(6)) is None and text.flush_last() == {"x": (6, [f])}
 
 
 @pytest.mark.parametrize("n", [0, 1, 4, 191, 192, 193, 511, 512, 513, 1025, 3000, 100_003])
