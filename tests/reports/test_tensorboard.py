@@ -347,7 +347,7 @@ def test_histograms_in_one_event_equal_torchs_per_call_ones(tmp_path: Path) -> N
             e.histogram_value for e in want.Histograms(t)]
 
 
-def test_histogram_protos_equal_torchs_make_histogram_on_every_edge_case() -> None:
+def test_histograms_equal_torchs_make_histogram_on_every_edge_case() -> None:
     """Every field of each part's histogram as torch's make_histogram makes it: lengths on
     both sides of numpy's pairwise-sum blocks, values on the bin edges (0, 1, an inner
     edge), one bin only, the first or the last bin only, and parts with a value outside the
@@ -363,8 +363,11 @@ def test_histogram_protos_equal_torchs_make_histogram_on_every_edge_case() -> No
         np.array([0.3, 1.5]), np.array([-0.1, 0.2]), np.array([0.2, np.nan]),
         bins.copy(), rng.random(64).astype(np.float32),
     ]
-    got = tb._histogram_protos(parts, bins)
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto
+
+    got = tb._histograms(parts, bins)
     for i, (p, h) in enumerate(zip(parts, got, strict=True)):
-        assert h == make_histogram(p.astype(float), bins), f"part {i}: {p[:8]}"
+        assert HistogramProto.FromString(h) == make_histogram(p.astype(float), bins), \
+            f"part {i}: {p[:8]}"
     with pytest.raises(ValueError, match="no element"):
-        tb._histogram_protos([np.array([0.5]), np.array([])], bins)
+        tb._histograms([np.array([0.5]), np.array([])], bins)
