@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -94,7 +93,7 @@ class FindingTracker:
         for f in findings:
             key = (f.kind, f.site)
             prev = self._open.get(key)
-            g = replace(f, began=prev.began if prev is not None else f.step)
+            g = f.since(prev.began if prev is not None else f.step)
             now[key] = g
             out.append(g)
             if prev is None:

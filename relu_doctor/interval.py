@@ -93,7 +93,7 @@ def _unit_frame(
     for c in UNIT_COLUMNS:
         torch.from_numpy(cols[c]).copy_(units[c])
     return pd.DataFrame(
-        {"step": cols["step"], "site": _site_column(names, which), "unit": cols["unit"],
+        {"step": cols["step"], "site": _site_column(names, sizes, which), "unit": cols["unit"],
          **{c: cols[c] for c in UNIT_COLUMNS}},
         copy=False,
     )
@@ -105,14 +105,23 @@ def _strings_dtype() -> Any:
     return pd.Series(["site"]).dtype
 
 
-def _site_column(names: list[str], which: np.ndarray[Any, Any]) -> Any:
-    """``names[which]`` as pandas holds a column of strings. Where it holds them in Arrow
-    (pandas 3), Arrow takes them: pandas' conversion of a Python string per row cost the
-    unit table of a 256-site model 2 ms a log."""
+def _site_column(names: list[str], sizes: list[int], which: np.ndarray[Any, Any]) -> Any:
+    """``names[which]`` (``which``: each row's site, ``sizes`` rows each) as pandas holds a
+    column of strings. Where it holds them in Arrow (pandas 3), Arrow takes them: pandas'
+    conversion of a Python string per row cost the unit table of a 256-site model 2 ms a
+    log, and Arrow's own take ~1 ms, which :func:`_site_strings` keeps for the next log."""
     dtype = _strings_dtype()
     if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow":
-        return pd.array(pa.array(names, pa.large_string()).take(which), dtype=dtype)
+        return pd.array(_site_strings(tuple(names), tuple(sizes)), dtype=dtype)
     return np.array(names, dtype=object)[which]
+
+
+@functools.lru_cache(maxsize=2)  # a training and an evaluation stream
+def _site_strings(names: tuple[str, ...], sizes: tuple[int, ...]) -> pa.Array:
+    """Each row's site name, ``sizes`` rows each, as one Arrow array: the same at every log
+    while the sites are. Arrow arrays are immutable; each table wraps its own pandas array
+    around it, so that one table's column changed changes no other's."""
+    return pa.array(names, pa.large_string()).take(np.repeat(np.arange(len(sizes)), sizes))
 
 
 _SEEN_ROWS = [ROW[name] for name in SEEN_FIELDS]  # the window rows that say it saw something

@@ -399,6 +399,20 @@ def test_a_findings_dict_is_asdicts_and_changing_it_changes_no_finding():
     assert shared == dataclasses.asdict(f) and shared["evidence"] is f.evidence
 
 
+def test_a_finding_since_a_step_is_dataclasses_replace():
+    """Finding.since(b) is replace(f, began=b), field for field (every field set to a value
+    of its own, so that one left out or swapped shows)."""
+    import dataclasses
+
+    from relu_doctor.diagnosis import Finding
+
+    f = Finding("dead", "net.1", "warning", "3 of 8 units dead.", {"dead": 3}, "Swap.", 7, 5)
+    assert len({repr(getattr(f, x.name)) for x in dataclasses.fields(f)}) == len(
+        dataclasses.fields(f))
+    g = f.since(2)
+    assert g == dataclasses.replace(f, began=2) and g.began == 2 and f.began == 5
+
+
 def test_findings_markdown_of_findings_is_that_of_their_dicts():
     """The TensorBoard findings table takes Finding objects as it takes their dicts."""
     from relu_doctor.diagnosis import Finding

@@ -57,6 +57,26 @@ def test_unit_frame_equals_the_plain_pandas_construction(
     assert got.loc[0, "mean_abs"] == expected.loc[0, "mean_abs"]
 
 
+def test_unit_frames_of_later_logs_have_their_own_site_column() -> None:
+    """The site column of a later log's table (its strings kept from the last log where
+    the sites are the same) equals the plain construction, and a change to one table's
+    column changes no other's; other sites or sizes make their own."""
+    def frame(names: list[str], sizes: list[int]) -> pd.DataFrame:
+        units = _units(sizes)
+        return interval._unit_frame(
+            3, names, sizes, {c: torch.cat([u[c] for u in units]) for c in UNIT_COLUMNS})
+
+    cases = [(["a", "b"], [2, 3]), (["a", "b"], [2, 3]), (["a", "b"], [3, 2]),
+             (["b", "a"], [2, 3]), (["a", "b"], [2, 3])]
+    frames = [frame(names, sizes) for names, sizes in cases]
+    for f, (names, sizes) in zip(frames, cases, strict=True):
+        assert f["site"].tolist() == np.repeat(names, sizes).tolist()
+    frames[0].loc[0, "site"] = "changed"
+    assert frames[0]["site"].tolist()[:2] == ["changed", "a"]
+    for f in frames[1:]:
+        assert "changed" not in f["site"].tolist()
+
+
 class _Fake:
     def __init__(self, rss: list[int]) -> None:
         self.rss, self.calls = list(rss), 0
