@@ -215,7 +215,7 @@ class RunRecording:
             writer = self._ensure_writer()
             if self._meta_dirty:
                 self._write_meta()
-            writer.append_table("history", record.step, pd.DataFrame(record.site_rows))
+            writer.append_table("history", record.step, record.site_rows)
             writer.append_table("units", record.step, record.unit_table)
             writer.append_table("layers", record.step, record.layer_table)
             writer.append_table("metrics", record.step, metrics_columns(record))

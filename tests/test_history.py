@@ -592,3 +592,50 @@ def test_a_table_appended_as_columns_continues_the_segment_a_dataframe_began(tmp
     got = read_table(tmp_path / "r", "metrics")
     assert got.values.tolist() == [[5, "loss", 0.5], [5, "lr", 0.1], [10, "loss", 0.25]]
     assert load_run(tmp_path / "r").tables["windows"].values.tolist() == [[10, 5, 2, False]]
+
+
+def test_history_rows_read_back_as_the_records_held_them(tmp_path, monkeypatch):
+    """The history table written from each record's site rows (Arrow reads the dicts where
+    they fit the open segment) reads back as those rows, logs after the first included:
+    a capped site and uncapped ones (cap None), NaN where a window saw no gradient (an
+    evaluation-free forward-only step), ints, bools and strings; a row with another key
+    goes the general way and starts a new segment."""
+    import relu_doctor.rundir as rundir
+
+    fast = []
+    real = rundir._rows_by_schema
+    monkeypatch.setattr(rundir, "_rows_by_schema",
+                        lambda rows, seg: fast.append(real(rows, seg) is not None) or real(rows, seg))
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU6(), torch.nn.Linear(6, 5),
+                              torch.nn.ReLU(), torch.nn.Linear(5, 3), torch.nn.LeakyReLU())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    with relu_doctor.watch(net, log_every_n_steps=2, overhead_budget=None, run_dir=tmp_path / "r") as doc:
+        for step in range(8):
+            out = net(torch.randn(16, 4))
+            if step not in (2, 3):  # a window with no backward: its gradient metrics NaN
+                opt.zero_grad()
+                out.square().mean().backward()
+                opt.step()
+            doc.step()
+        records = list(doc.records)
+    want = pd.DataFrame([r for rec in records for r in rec.site_rows])
+    assert want["grad_rms"].isna().any() and want["cap"].isna().any() and want["cap"].notna().any()
+    got = load_run(tmp_path / "r").history
+    pd.testing.assert_frame_equal(got[list(want.columns)].reset_index(drop=True), want,
+                                  check_dtype=False)
+    assert fast == [False, True, True, True]  # the first log opens the segment
+
+    w = RunWriter(tmp_path / "s")
+    w.write_meta({"sites": []})
+    w.append_table("history", 1, [{"step": 1, "site": "a", "x": 1.0}])
+    w.append_table("history", 2, [{"step": 2, "site": "a", "x": float("nan")}])
+    w.append_table("history", 3, [{"step": 3, "site": "a", "x": 2.0, "y": 1}])  # a new key
+    w.append_table("history", 4, [{"step": 4, "site": "a", "x": None, "y": 2}])
+    w.close()
+    got = read_table(tmp_path / "s", "history")
+    assert got["step"].tolist() == [1, 2, 3, 4] and got["x"].tolist()[:1] == [1.0]
+    assert got["x"].isna().tolist() == [False, True, False, True]
+    assert got["y"].tolist()[2:] == [1, 2]
+    assert fast[-3:] == [True, False, True]
+    assert len(list((tmp_path / "s" / "history").iterdir())) == 2
