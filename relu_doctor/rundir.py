@@ -400,6 +400,7 @@ class RunWriter:
         self._finalizer.atexit = False  # at exit, _exiting() marks the lock instead
         _OPEN.add(self)
         self._segs: dict[str, _Segment] = {}
+        self._findings: bytes | None = None  # what findings.json holds, as last written
         self._next: dict[str, int] = {}
         for tmp in [*p.glob(".*.tmp"), *p.glob("*/.*.tmp")]:  # left by killed writes
             tmp.unlink(missing_ok=True)
@@ -518,11 +519,13 @@ class RunWriter:
         # One finding a line: json's indented output is written by its Python encoder, which
         # cost a log of 725 findings tens of milliseconds.
         text = ",\n".join(json_text(f.to_dict(copy=False)) for f in findings)
+        data = f"[\n{text}\n]\n".encode() if text else b"[]\n"
+        path = self.path / "findings.json"
+        if data == self._findings and path.is_file():  # (no findings, log after log)
+            return
         # Replaced at every log: no fsync (a killed process still leaves the old or the new).
-        atomic_write_bytes(
-            self.path / "findings.json", f"[\n{text}\n]\n".encode() if text else b"[]\n",
-            fsync=False,
-        )
+        atomic_write_bytes(path, data, fsync=False)
+        self._findings = data
 
     def append_events(self, events: Iterable[Event | Mapping[str, Any]]) -> None:
         """Append events to ``events.jsonl``, one whole line each, flushed to disk; a write

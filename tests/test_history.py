@@ -639,3 +639,27 @@ def test_history_rows_read_back_as_the_records_held_them(tmp_path, monkeypatch):
     assert got["y"].tolist()[2:] == [1, 2]
     assert fast[-3:] == [True, False, True]
     assert len(list((tmp_path / "s" / "history").iterdir())) == 2
+
+
+def test_findings_json_is_rewritten_only_when_its_bytes_change(tmp_path):
+    """findings.json is replaced atomically (a new file each time: a new inode) when its
+    contents change, left as it is when they do not (no findings, log after log), and made
+    again when it went missing meanwhile."""
+    from relu_doctor.diagnosis import Finding
+
+    w = RunWriter(tmp_path / "r")
+    path = tmp_path / "r" / "findings.json"
+
+    def write(findings):
+        w.write_findings(findings)
+        return path.stat().st_ino, json.loads(path.read_text())
+
+    first = write([])
+    assert first[1] == [] and write([]) == first
+    f = Finding("dead", "a", "warning", "1 of 2 units dead.", {"dead": 1}, "Swap.", 4, 2)
+    changed = write([f])
+    assert changed[0] != first[0] and changed[1] == [f.to_dict()]
+    assert write([f]) == changed
+    path.unlink()
+    assert write([f])[1] == [f.to_dict()]
+    w.close()

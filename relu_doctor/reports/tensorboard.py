@@ -229,11 +229,13 @@ def scalars(
             if v is not None:
                 out[tag(m, name, prefix)] = v
     if layers is not None and not layers.empty and "layer" in layers:
-        for rec in layers.to_dict("records"):
-            for m in LAYER_METRICS:
-                v = _number(rec.get(m))
-                if v is not None:
-                    out[tag(m, str(rec["layer"]), prefix)] = v
+        names = [str(x) for x in layers["layer"].tolist()]  # columns, not to_dict's rows
+        for m in LAYER_METRICS:
+            if m in layers:
+                for name, raw in zip(names, layers[m].tolist(), strict=True):
+                    v = _number(raw)
+                    if v is not None:
+                        out[tag(m, name, prefix)] = v
     return out
 
 
