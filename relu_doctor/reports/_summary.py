@@ -64,20 +64,26 @@ def scalar_values(tags: Iterable[str], values: Iterable[float]) -> bytes:
 
 def histogram(
     lo: float, hi: float, num: float, total: float, sum_squares: float,
-    bucket_limit: np.ndarray, bucket: np.ndarray,
+    bucket_limit: np.ndarray | bytes, bucket: np.ndarray | bytes,
 ) -> bytes:
     """A ``HistogramProto``'s bytes: ``min``, ``max``, ``num``, ``sum``, ``sum_squares``
     (fields 1-5, doubles; zero left out, as proto3 leaves it), then ``bucket_limit`` and
-    ``bucket`` (fields 6, 7: packed doubles)."""
+    ``bucket`` (fields 6, 7: packed doubles; given as numbers, or as their little-endian
+    float64 bytes)."""
     parts: list[bytes] = []
-    for key, v in ((0x09, lo), (0x11, hi), (0x19, num), (0x21, total), (0x29, sum_squares)):
-        b = _F64.pack(float(v))
-        if b != b"\0" * 8:  # +0.0 is proto3's default (-0.0 is not: its sign bit is set)
-            parts += (bytes((key,)), b)
-    for key, arr in ((0x32, bucket_limit), (0x3A, bucket)):
-        if len(arr):
-            parts.append(_field(key, np.asarray(arr, dtype="<f8").tobytes()))
+    for key, v in ((b"\x09", lo), (b"\x11", hi), (b"\x19", num), (b"\x21", total),
+                   (b"\x29", sum_squares)):
+        b = _F64.pack(v)
+        if b != _ZERO:  # +0.0 is proto3's default (-0.0 is not: its sign bit is set)
+            parts += (key, b)
+    for k, arr in ((0x32, bucket_limit), (0x3A, bucket)):
+        data = arr if isinstance(arr, bytes) else np.asarray(arr, dtype="<f8").tobytes()
+        if data:
+            parts.append(_field(k, data))
     return b"".join(parts)
+
+
+_ZERO = bytes(8)
 
 
 def histogram_values(tags: Iterable[str], histograms: Iterable[bytes]) -> bytes:

@@ -57,6 +57,8 @@ def test_histogram_is_the_runtimes_message(buckets: int) -> None:
                               bucket_limit=limits.tolist(), bucket=counts.tolist())
         got = _summary.histogram(lo, hi, num, total, sq, limits, counts.astype(np.int64))
         assert got == want.SerializeToString()
+        as_bytes = (limits.astype("<f8").tobytes(), counts.astype("<f8").tobytes())
+        assert _summary.histogram(lo, hi, num, total, sq, *as_bytes) == got
         parsed = HistogramProto.FromString(got)
         assert parsed == want and math.copysign(1, parsed.min) == math.copysign(1, lo)
 

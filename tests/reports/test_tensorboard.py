@@ -181,6 +181,19 @@ def test_scalars_leave_out_nan_and_uncapped_saturation() -> None:
     val = tb.scalars(rows, metrics=("dead_fraction",), prefix=tb.VAL_PREFIX)
     assert list(val) == ["relu_doctor_val/dead_fraction/a", "relu_doctor_val/dead_fraction/b"]
     assert not any(math.isnan(v) for v in out.values())
+    # numpy numbers, a bool, an int, an infinity, a string; a NaN cap (read from Parquet)
+    # is no cap; a row without a cap key keeps its saturation
+    odd = [{"site": "c", "cap": float("nan"), "dead_fraction": np.float32(0.5),
+            "grad_rms": np.inf, "saturated_fraction": 0.1},
+           {"site": "d", "dead_fraction": True, "grad_rms": np.int64(3),
+            "saturated_fraction": np.float64(np.nan)},
+           {"site": "e", "cap": 6, "dead_fraction": "n/a", "grad_rms": 2,
+            "saturated_fraction": np.float64(0.75)}]
+    assert tb.scalars(odd, metrics=("dead_fraction", "grad_rms", "saturated_fraction")) == {
+        "relu_doctor/dead_fraction/c": 0.5, "relu_doctor/grad_rms/c": math.inf,
+        "relu_doctor/dead_fraction/d": 1.0, "relu_doctor/grad_rms/d": 3.0,
+        "relu_doctor/grad_rms/e": 2.0, "relu_doctor/saturated_fraction/e": 0.75,
+    }
 
 
 def test_write_run_of_an_in_memory_run_needs_a_log_dir() -> None:
@@ -343,8 +356,19 @@ def test_histograms_in_one_event_equal_torchs_per_call_ones(tmp_path: Path) -> N
     assert sorted(got.Tags()["histograms"]) == sorted(want.Tags()["histograms"]) == [
         tb.tag("unit_activation_rate", s) for s in "abc"]
     for t in want.Tags()["histograms"]:
-        assert [e.histogram_value for e in got.Histograms(t)] == [
-            e.histogram_value for e in want.Histograms(t)]
+        (g,), (w,) = got.Histograms(t), want.Histograms(t)
+        assert_histograms_equal(g.histogram_value, w.histogram_value)
+
+
+def assert_histograms_equal(got: Any, want: Any, where: str = "") -> None:
+    """Every field of two histograms (``HistogramProto`` messages or tensorboard's
+    ``HistogramValue``) equal; ``sum`` and ``sum_squares`` to float64 rounding (summed in
+    another order)."""
+    for f in ("min", "max", "num", "bucket_limit", "bucket"):  # (NaN equals NaN here)
+        np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f"{f} {where}")
+    for f in ("sum", "sum_squares"):
+        np.testing.assert_allclose(getattr(got, f), getattr(want, f), rtol=1e-13, atol=0,
+                                   err_msg=f"{f} {where}")
 
 
 def test_histograms_equal_torchs_make_histogram_on_every_edge_case() -> None:
@@ -367,7 +391,32 @@ def test_histograms_equal_torchs_make_histogram_on_every_edge_case() -> None:
 
     got = tb._histograms(parts, bins)
     for i, (p, h) in enumerate(zip(parts, got, strict=True)):
-        assert HistogramProto.FromString(h) == make_histogram(p.astype(float), bins), \
-            f"part {i}: {p[:8]}"
+        assert_histograms_equal(HistogramProto.FromString(h),
+                                make_histogram(p.astype(float), bins), f"part {i}: {p[:8]}")
     with pytest.raises(ValueError, match="no element"):
         tb._histograms([np.array([0.5]), np.array([])], bins)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "interleaved"])
+def test_rates_by_site_are_each_sites_finite_rates_in_first_appearance_order(grouped: bool) -> None:
+    """The histograms' input, against pandas' group-by: each site's finite rates in row
+    order, sites in the order they first appear, a site with no finite rate left out;
+    rows grouped by site (a record's table) or interleaved (as a table read back may be)."""
+    rng = np.random.default_rng(3)
+    sizes = {"z.last": 5, "a.first": 7, "nan.only": 3, "m": 1}
+    site = np.repeat(list(sizes), list(sizes.values()))
+    rates = rng.random(len(site))
+    rates[site == "nan.only"] = np.nan
+    rates[[1, 6]] = [np.inf, np.nan]
+    if not grouped:
+        perm = rng.permutation(len(site))
+        site, rates = site[perm], rates[perm]
+    units = pd.DataFrame({"site": site, "activation_rate": rates})
+    got = tb._rates_by_site(units)
+    finite = units[np.isfinite(units["activation_rate"])]
+    want = {str(k): g["activation_rate"].to_numpy()
+            for k, g in finite.groupby("site", sort=False)}
+    order = list(dict.fromkeys(site.tolist()))
+    assert list(got) == [s for s in order if s in want] and "nan.only" not in got
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v)
