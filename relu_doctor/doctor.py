@@ -35,7 +35,7 @@ from relu_doctor.history import (
     IntervalRecord,
     LogRecord,
 )
-from relu_doctor.interval import IntervalReading
+from relu_doctor.interval import IntervalReading, TableMemory
 from relu_doctor.optimizer_tap import OptimizerTap
 from relu_doctor.probes import Probe
 from relu_doctor.recording import RunRecording
@@ -259,6 +259,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._tracker = FindingTracker()
         self._grad_norm_history: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
         self._first_rms: dict[str, float] = {}  # each site's activation RMS at its first log
+        # the unit tables' blocks: the latest records' (keep_records), and one more free
+        self._table_memory = TableMemory(self.keep_records + 2)
         self._warned_empty = False  # a window with collecting steps recorded nothing
         self._warned_sites_differ = False  # the processes held different sites at a read
         self._agreed_sums: dict[str, AgreedSum] = {}  # (see sum_across)

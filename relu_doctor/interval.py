@@ -9,8 +9,10 @@ its own module so that ``doctor.py`` holds the wiring of one step and one log.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     from relu_doctor.probes import Probe
     from relu_doctor.sites import Site
 
-__all__ = ["IntervalReading"]
+__all__ = ["IntervalReading", "TableMemory"]
 
 # The layers' gradient norms among the tensors summed across processes by name (no site's
 # name: a site's is a module path, a checkpoint's a JSON array).
@@ -61,31 +63,61 @@ def _record_memory(nbytes: int) -> pa.Buffer | bytearray:
     blocks of a few MB come from the heap, and a 100k-unit layer logged at every step grew
     by ~100 MB in 200 logs. Arrow's allocator (mimalloc or jemalloc; the one the run
     directory's writer uses anyway) keeps it apart and reuses its pages. Small tables use
-    the heap. Every byte is written by :func:`_unit_frame`.
+    the heap. Every byte is written by :func:`_unit_frame`. A Doctor's blocks are used again
+    once free (:class:`TableMemory`).
     """
     if nbytes >= _OWN_MEMORY_BYTES:
         return pa.allocate_buffer(nbytes)
     return bytearray(nbytes)
 
 
+class TableMemory:
+    """The blocks of one stream's unit tables (:func:`_record_memory`), each used again
+    once nothing refers to it any more: its table and every array or view of it gone (the
+    record dropped from the Doctor's latest ``keep_records`` and held by no one else), as
+    CPython's reference count says. A block fresh from the allocator has pages the system
+    must fault in: a 256-site model's 2.2 MB table cost its log ~7 ms that way, ~1 ms in a
+    block used before. At most ``keep`` blocks are held (the oldest let go: whoever still
+    holds its table keeps it)."""
+
+    def __init__(self, keep: int) -> None:
+        self._blocks: deque[pa.Buffer | bytearray] = collections.deque(maxlen=max(1, keep))
+        # what a block referred to by its slot alone counts, as counted in take() (the same
+        # container, the same expression: whatever this Python's interpreter adds to it)
+        probe: deque[object] = collections.deque([object()])
+        self._free_refs = sys.getrefcount(probe[0])
+
+    def take(self, nbytes: int) -> pa.Buffer | bytearray:
+        """A block of ``nbytes`` that nothing else refers to: one held here, else a new one."""
+        blocks = self._blocks
+        for i in range(len(blocks)):
+            if len(blocks[i]) == nbytes and sys.getrefcount(blocks[i]) <= self._free_refs:
+                return blocks[i]
+        block = _record_memory(nbytes)
+        blocks.append(block)
+        return block
+
+
 def _unit_frame(
-    step: int, names: list[str], sizes: list[int], units: Mapping[str, torch.Tensor]
+    step: int, names: list[str], sizes: list[int], units: Mapping[str, torch.Tensor],
+    memory: TableMemory | None = None,
 ) -> pd.DataFrame:
     """The unit table of one read: ``step``, ``site``, ``unit`` and :data:`UNIT_COLUMNS`, one
     row per (site, unit), from ``units``, every site's per-unit metrics side by side
     (:attr:`SiteUnits.stacked <relu_doctor.metrics.SiteUnits>`). Its numeric columns are
-    written straight into one block of :func:`_record_memory` (one copy per column, no
-    temporaries, no copy by pandas)."""
+    written straight into one block (``memory``'s, else :func:`_record_memory`'s: one copy
+    per column, no temporaries, no copy by pandas)."""
     total = sum(sizes)
     dtypes: dict[str, np.dtype[Any]] = {"step": np.dtype(np.int64), "unit": np.dtype(np.int64)}
     for c in UNIT_COLUMNS:
         dtypes[c] = np.dtype(torch.empty(0, dtype=units[c].dtype).numpy().dtype)
     order = sorted(dtypes, key=lambda c: -dtypes[c].itemsize)  # each column aligned
-    memory = _record_memory(total * sum(d.itemsize for d in dtypes.values()))
+    nbytes = total * sum(d.itemsize for d in dtypes.values())
+    block = _record_memory(nbytes) if memory is None else memory.take(nbytes)
     cols: dict[str, np.ndarray[Any, Any]] = {}
     offset = 0
     for c in order:
-        cols[c] = np.frombuffer(memory, dtype=dtypes[c], count=total, offset=offset)
+        cols[c] = np.frombuffer(block, dtype=dtypes[c], count=total, offset=offset)
         offset += total * dtypes[c].itemsize
     cols["step"].fill(step)
     which = np.repeat(np.arange(len(sizes)), sizes)  # each row's site
@@ -146,6 +178,7 @@ class IntervalReading:
         _warned_empty: bool
         _unfolded: bool
         _last_judged: IntervalRecord | None
+        _table_memory: TableMemory
 
         def sum_across(
             self, named: Mapping[str, torch.Tensor], device: torch.device | None
@@ -229,7 +262,7 @@ class IntervalReading:
             units[s.name] = u
         unit_table = _unit_frame(
             self.global_step, [s.name for s in sites], [s.units for s in sites],
-            unit_list[0].stacked,
+            unit_list[0].stacked, self._table_memory,
         )
         if not judged:
             # The window saw nothing: no step of it collected (the last, partial window of a

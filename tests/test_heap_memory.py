@@ -132,3 +132,76 @@ def test_glibc_malloc_trim_is_found_and_runs() -> None:
     assert trim is not None and trim(0) in (0, 1)
     rss = heap._resident_bytes()
     assert rss is not None and rss > 0
+
+
+def _frame(step: int, sizes: list[int], memory: interval.TableMemory, seed: int = 0) -> pd.DataFrame:
+    g = torch.Generator().manual_seed(seed)
+    units = {c: (torch.rand(sum(sizes), generator=g) > 0.5) if c in _FLAGS
+             else torch.randn(sum(sizes), generator=g, dtype=torch.float64) for c in UNIT_COLUMNS}
+    return interval._unit_frame(step, [f"s{i}" for i in range(len(sizes))], sizes, units, memory)
+
+
+@pytest.mark.parametrize("own_bytes", [0, 1 << 40])  # Arrow's blocks / the heap's
+def test_a_tables_block_is_used_again_only_once_nothing_refers_to_it(
+    monkeypatch: pytest.MonkeyPatch, own_bytes: int
+) -> None:
+    """A table held (or a column, or a view of one) keeps its block: the next table gets
+    another, and what was held still reads as written. Once every reference is gone the
+    block is taken again; a block of another size is not; at most ``keep`` are held."""
+    monkeypatch.setattr(interval, "_OWN_MEMORY_BYTES", own_bytes)
+    memory = interval.TableMemory(keep=3)
+    a = _frame(1, [40, 60], memory, seed=1)
+    block_a = id(_owner(a["mean_abs"].to_numpy()))  # (the id: holding it would keep it)
+    want_a = a.copy(deep=True)
+    b = _frame(2, [40, 60], memory, seed=2)  # a is held: a block of its own
+    assert id(_owner(b["mean_abs"].to_numpy())) != block_a
+    view = a["grad_rms"].to_numpy()[10:20]  # a view of a's block outlives a
+    want_view = view.copy()
+    del a
+    c = _frame(3, [40, 60], memory, seed=3)
+    assert id(_owner(c["mean_abs"].to_numpy())) != block_a
+    np.testing.assert_array_equal(view, want_view)
+    del view
+    d = _frame(4, [40, 60], memory, seed=4)  # nothing refers to a's block now
+    assert id(_owner(d["mean_abs"].to_numpy())) == block_a
+    assert not d.equals(want_a) and d["step"].eq(4).all()
+    e = _frame(5, [30, 60], memory, seed=5)  # another size: a block of its own
+    assert id(_owner(e["mean_abs"].to_numpy())) not in {
+        id(_owner(t["mean_abs"].to_numpy())) for t in (b, c, d)}
+    assert len(memory._blocks) == 3  # the oldest let go
+    # each table reads as the plain construction of its own step
+    made = [(2, [40, 60], 2), (3, [40, 60], 3), (4, [40, 60], 4), (5, [30, 60], 5)]
+    for t, (step, sizes, seed) in zip((b, c, d, e), made, strict=True):
+        pd.testing.assert_frame_equal(t, _frame(step, sizes, interval.TableMemory(1), seed))
+
+
+def test_the_records_a_doctor_keeps_and_a_user_holds_read_as_they_were_logged() -> None:
+    """Blocks used again under a Doctor never change a table someone holds: a listener
+    copies each record's unit table when it is logged; at the end, every record the user
+    kept, and a column a user kept of another, still equal those copies; and the Doctor's
+    tables came from fewer blocks than logs."""
+    import relu_doctor
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    copies: dict[int, pd.DataFrame] = {}
+    held: list = []
+    columns: dict[int, np.ndarray] = {}
+    owners = set()
+    with relu_doctor.watch(net, log_every_n_steps=1, overhead_budget=None, keep_records=2) as doc:
+        doc.add_listener(lambda r: copies.__setitem__(r.step, r.unit_table.copy(deep=True)))
+        for step in range(1, 31):
+            net(torch.randn(16, 8)).sum().backward()
+            doc.step()
+            table = doc.records[-1].unit_table
+            owners.add(id(_owner(table["mean_abs"].to_numpy())))
+            if step % 7 == 0:
+                held.append(doc.records[-1])
+            if step % 5 == 0:
+                columns[step] = table["activation_rate"].to_numpy()
+        kept = list(doc.records)
+    for rec in [*held, *kept]:
+        pd.testing.assert_frame_equal(rec.unit_table, copies[rec.step])
+    for step, col in columns.items():
+        np.testing.assert_array_equal(col, copies[step]["activation_rate"].to_numpy())
+    assert len(owners) < 30
