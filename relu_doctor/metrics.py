@@ -182,8 +182,9 @@ def layer_metrics(
             processes).
         steps: optimizer steps summed into ``grad_sq`` on one process.
         world: number of processes summed into ``grad_sq``.
-        update_ratio: ``||W_after - W_before|| / ||W_after||`` per layer at the last step,
-            or None.
+        update_ratio: ``||W_after - W_before|| / ||W_after||`` per layer at the last step
+            (estimated from a sample of a tensor over ``optimizer_tap.UPDATE_SAMPLE``
+            elements), or None.
 
     Returns:
         ``(rows, total)``: one ``{"layer", "grad_norm", "update_ratio"}`` dict per layer

@@ -8,6 +8,7 @@ unscale first), and right under gradient accumulation.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +24,13 @@ from relu_doctor.errors import ReluDoctorWarning
 from relu_doctor.sampling import Stopwatch
 from relu_doctor.sites import module_label
 
-__all__ = ["OptimizerTap"]
+__all__ = ["UPDATE_SAMPLE", "OptimizerTap"]
+
+#: The update ratio's transient copy holds at most this many elements of a parameter tensor
+#: (256 KiB in float32): a larger tensor's update and weight norms are estimated from a fixed
+#: strided sample of this many of its elements, so a logging step on a large model needs no
+#: second copy of its weights.
+UPDATE_SAMPLE = 1 << 16
 
 try:  # sharded parameters (FSDP2 ``fully_shard``, Lightning's FSDP with DTensors)
     from torch.distributed.tensor import DTensor
@@ -56,6 +63,35 @@ def _squared_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.T
     return torch.stack([n.to(device, torch.float64) for n in norms]).square()
 
 
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements as a 1-D view in the order they lie in memory (contiguous,
+    channels-last, any permutation of dims), or a flattened copy when their memory is not
+    one dense block."""
+    order = sorted(range(t.dim()), key=lambda d: (t.stride(d), t.shape[d]), reverse=True)
+    q = t.permute(order)
+    return q.view(-1) if q.is_contiguous() else t.reshape(-1)
+
+
+def _sample(t: torch.Tensor, cap: int) -> tuple[torch.Tensor, float]:
+    """``(view, scale)``: ``t`` itself when it has at most ``cap`` elements (scale 1), else a
+    1-D view of at most ``cap`` of them, every s-th in memory order, and ``numel / its numel``
+    (the factor that makes the sample's sums of squares estimate the whole tensor's).
+
+    s is the smallest stride that keeps the sample within ``cap`` and shares no factor with
+    ``numel``, so none with the size of any trailing block of dims (a weight matrix's row, a
+    conv filter, a kernel row): the sample reads every position within such a block alike,
+    not the same few columns of every row.
+    """
+    n = t.numel()
+    if n <= cap:
+        return t, 1.0
+    s = -(-n // cap)
+    while math.gcd(s, n) != 1:
+        s += 1
+    view = _memory_order(t)[::s]
+    return view, n / view.numel()
+
+
 class OptimizerTap:
     """Per-layer parameter statistics read in optimizer step hooks.
 
@@ -63,7 +99,10 @@ class OptimizerTap:
     optimizer sees gradients after AMP unscaling: ``GradScaler.step`` and Lightning's
     precision plugins unscale first). On logging steps it also keeps a transient copy of the
     parameters, so a post-step hook can measure the update-to-weight ratio
-    ``||W_after - W_before|| / ||W_after||``; the copy is freed in that hook.
+    ``||W_after - W_before|| / ||W_after||``; the copy is freed in that hook. It holds at
+    most ``update_sample`` elements of each tensor: a larger tensor's norms are estimated
+    from a fixed strided sample of its elements (see :func:`_sample`), scaled to the whole
+    tensor, so the copy's memory is bounded whatever the model's size.
 
     Args:
         model: the model whose parameters are grouped into layers (the module owning them).
@@ -76,6 +115,8 @@ class OptimizerTap:
             the closure instead.
         stopwatch: gets the host seconds of each gradient read (the overhead budget's
             measure); default: a new one.
+        update_sample: the most elements of one parameter tensor the update ratio's copy
+            holds (default :data:`UPDATE_SAMPLE`).
     """
 
     def __init__(
@@ -87,12 +128,14 @@ class OptimizerTap:
         collecting: Callable[[], bool],
         pre_hook: bool = True,
         stopwatch: Stopwatch | None = None,
+        update_sample: int = UPDATE_SAMPLE,
     ) -> None:
         self.optimizers: list[torch.optim.Optimizer] = optimizers_arg("optimizer", list(optimizers))
         self.is_log_step = is_log_step
         self.collecting = collecting
         self.pre_hook = pre_hook
         self.stopwatch = stopwatch if stopwatch is not None else Stopwatch()
+        self.update_sample = int(update_sample)
         owner: dict[int, str] = {}
         for path, mod in model.named_modules():
             for p in mod.parameters(recurse=False):
@@ -103,9 +146,10 @@ class OptimizerTap:
         self.grad_sq: torch.Tensor | None = None
         self.steps = 0
         self.update_ratio: torch.Tensor | None = None
-        self._before: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        #: the logging step's parameters, each with its (sampled) copy and scale
+        self._before: list[tuple[torch.Tensor, torch.Tensor, float]] | None = None
         self._handles: list[RemovableHandle] = []
-        self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._on_device: dict[tuple[Any, ...], torch.Tensor] = {}
         #: each optimizer's learning rates (one per param group) as its last step taken used
         #: them, by ``id(optimizer)`` (a scheduler stepped since has set the next step's)
         self.used_lrs: dict[int, list[Any]] = {}
@@ -146,17 +190,31 @@ class OptimizerTap:
     def _index(self, layers: Sequence[int], device: torch.device) -> torch.Tensor:
         """``layers`` (each parameter's layer, as :meth:`_watched` gives them) as an index
         tensor on ``device``, made once per layout."""
-        key = tuple(layers)
-        idx = self._idx_cache.get(key)
-        if idx is None or idx.device != device:
-            idx = torch.tensor(key, dtype=torch.long, device=device)
-            self._idx_cache[key] = idx
-        return idx
+        return self._tensor(tuple(layers), torch.long, device)
+
+    def _tensor(self, values: tuple[Any, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``values`` as a tensor on ``device``, made once (no host-to-device copy per step)."""
+        key = (values, dtype)
+        t = self._on_device.get(key)
+        if t is None or t.device != device:
+            if len(self._on_device) >= 64:  # layouts that keep changing: keep few
+                self._on_device.clear()
+            t = self._on_device[key] = torch.tensor(values, dtype=dtype, device=device)
+        return t
+
+    def _view(self, p: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The part of ``p`` the update ratio reads: this process's shard, sampled when it
+        is larger than ``update_sample`` elements (see :func:`_sample`)."""
+        return _sample(_local(p.detach())[0], self.update_sample)
 
     def _pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
         if self.is_log_step():  # the update ratio is the logging step's, collecting or not
-            self._before = [(p, p.detach().clone()) for p in self._params(opt)]
+            before = []
+            for p in self._params(opt):
+                view, scale = self._view(p)
+                before.append((p, view.clone(), scale))
+            self._before = before
         self.stopwatch.add_every_step(t0)
         if not self.collecting():
             return
@@ -203,23 +261,29 @@ class OptimizerTap:
         before, self._before = self._before, None
         if not before:
             return
-        params = [p for p, _ in before]
-        device = params[0].device
-        layers = [self._layer_of[id(p)] for p in params]
-        d = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        # Sharded parameters give this process's shards only (the ratio is not summed
+        # across processes, so under FSDP it is the ratio of the local shards).
+        now = [self._view(p)[0] for p, _, _ in before]
+        old = [x for _, x, _ in before]
+        if any(a.shape != b.shape for a, b in zip(now, old, strict=True)):
+            return  # a parameter resized within the step: no ratio for this log
+        now = [x if x.is_contiguous() or k == 1.0 else x.contiguous()
+               for x, (_, _, k) in zip(now, before, strict=True)]  # a sample: dense, small
+        device = now[0].device
+        k = len(now)
+        d = torch.zeros(k, dtype=torch.float64, device=device)
         w = torch.zeros_like(d)
-        now = [p.detach() for p in params]
-        old = [x for _, x in before]
         # CPU, plain tensors: one pass over both copies, nothing allocated.
-        if not _kernels.sum_squares_into(w, now, layers, minus=old, out_minus=d):
-            # Sharded parameters: this process's shards only (the ratio is not summed
-            # across processes, so under FSDP it is the ratio of the local shards).
-            now = [_local(x)[0] for x in now]
-            delta = [_local(x)[0] for x in old]
-            torch._foreach_sub_(delta, now)  # in the transient copy: no new memory
-            idx = self._index(layers, device)
-            d.index_add_(0, idx, _squared_norms(delta, device))
-            w.index_add_(0, idx, _squared_norms(now, device))
+        if not _kernels.sum_squares_into(w, now, list(range(k)), minus=old, out_minus=d):
+            torch._foreach_sub_(old, now)  # in the transient copy: no new memory
+            d, w = _squared_norms(old, device), _squared_norms(now, device)
+        scales = tuple(s for _, _, s in before)
+        if any(s != 1.0 for s in scales):
+            scale = self._tensor(scales, torch.float64, device)
+            d, w = d * scale, w * scale
+        idx = self._index([self._layer_of[id(p)] for p, _, _ in before], device)
+        d = torch.zeros(len(self.layers), dtype=torch.float64, device=device).index_add_(0, idx, d)
+        w = torch.zeros_like(d).index_add_(0, idx, w)
         self.update_ratio = (d.sqrt() / w.sqrt().clamp(min=1e-30))
 
     def state_dict(self) -> dict[str, Any]:

@@ -112,3 +112,76 @@ def test_the_update_ratio_is_the_logging_steps_whether_or_not_it_collects():
     ])
     assert ratio is not None
     torch.testing.assert_close(ratio, want, rtol=1e-5, atol=0)
+
+
+def _exact_ratios(model: nn.Module, layers: list[str], before: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Each layer's ``||W_after - W_before|| / ||W_after||`` over all its elements, in float64."""
+    d = torch.zeros(len(layers), dtype=torch.float64)
+    w = torch.zeros_like(d)
+    for name, p in model.named_parameters():
+        i = layers.index(name.rsplit(".", 1)[0])
+        d[i] += (p.detach().double() - before[id(p)]).square().sum()
+        w[i] += p.detach().double().square().sum()
+    return d.sqrt() / w.sqrt()
+
+
+def _one_logged_step(model: nn.Module, cap: int, grads: dict[int, torch.Tensor], fused: bool):
+    """One SGD step with ``grads`` under a tap sampling at ``cap``: ``(tap, exact ratios, the
+    largest copy the tap held)``."""
+    from relu_doctor import _kernels
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tap = OptimizerTap(model, [opt], is_log_step=lambda: True, collecting=lambda: False,
+                       update_sample=cap).attach()
+    held: list[int] = []
+    # registered after the tap's: runs after it took its copy
+    opt.register_step_pre_hook(lambda *_: held.extend(x.numel() for _, x, _ in tap._before))
+    before = {id(p): p.detach().double().clone() for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = grads[id(p)].to(p.dtype)
+    if fused:
+        opt.step()
+    else:
+        with _kernels.disabled():
+            opt.step()
+    return tap, _exact_ratios(model, tap.layers, before), max(held)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+def test_a_large_tensors_update_ratio_is_estimated_from_a_bounded_sample(fused):
+    """Tensors over ``update_sample`` elements are read through a strided sample: the copy
+    held at the logging step stays within the bound, and each layer's ratio (a sampled
+    weight alone, a sampled weight beside an exact bias whose update is far larger, a
+    channels-last conv filter bank) is within a few percent of the exact ratio."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(600, 512), nn.ReLU(),
+        nn.Linear(512, 400, bias=False),
+    ).to(memory_format=torch.channels_last)
+    cap = 4096
+    grads = {id(p): 0.1 * torch.randn_like(p) for p in model.parameters()}
+    # Layer 3's bias: an update as large as its weight's (whose sample reads 1 in ~75) on
+    # weights ~20 times smaller; unscaled, the sample would read a ratio three times as large.
+    bias = model[3].bias
+    grads[id(bias)] = 2.5 * torch.randn_like(bias)
+    tap, exact, held = _one_logged_step(model, cap, grads, fused)
+    _, _, ratio = tap.read_and_reset()
+    assert held <= cap  # no copy of a whole large tensor
+    assert tap.layers == ["0", "3", "5"] and ratio is not None
+    torch.testing.assert_close(ratio, exact, rtol=0.05, atol=0)
+
+
+def test_the_sample_reads_every_column_of_a_row_whatever_the_row_length():
+    """A stride sharing a factor with the row length would read the same few columns of
+    every row: an update only to the columns that such a stride (3 here) skips would read
+    as none. The tap's stride shares no factor with the tensor's size, so the estimate of an
+    update to every third column is close to the exact ratio."""
+    model = nn.Sequential(nn.Linear(48, 64, bias=False))
+    nn.init.ones_(model[0].weight)
+    cap = 1024  # 3,072 elements: the smallest stride within the bound is 3
+    g = torch.zeros(64, 48)
+    g[:, 1::3] = 1.0  # the columns a stride of 3 from column 0 never reads
+    _tap, exact, held = _one_logged_step(model, cap, {id(model[0].weight): g}, fused=True)
+    _, _, ratio = _tap.read_and_reset()
+    assert held <= cap and exact[0] > 0
+    torch.testing.assert_close(ratio, exact, rtol=0.05, atol=0)
