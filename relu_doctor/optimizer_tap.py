@@ -63,33 +63,59 @@ def _squared_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.T
     return torch.stack([n.to(device, torch.float64) for n in norms]).square()
 
 
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # the sample's offset moves by this part of s a log
+
+
+def _memory_dims(t: torch.Tensor) -> list[int]:
+    """``t``'s dims from the outermost in memory to the innermost."""
+    return sorted(range(t.dim()), key=lambda d: (t.stride(d), t.shape[d]), reverse=True)
+
+
 def _memory_order(t: torch.Tensor) -> torch.Tensor:
     """``t``'s elements as a 1-D view in the order they lie in memory (contiguous,
-    channels-last, any permutation of dims), or a flattened copy when their memory is not
-    one dense block."""
-    order = sorted(range(t.dim()), key=lambda d: (t.stride(d), t.shape[d]), reverse=True)
-    q = t.permute(order)
+    channels-last, any permutation of dims), or a flattened copy when its memory is not one
+    dense block (a parameter that is a slice of a larger tensor)."""
+    q = t.permute(_memory_dims(t))
     return q.view(-1) if q.is_contiguous() else t.reshape(-1)
 
 
-def _sample(t: torch.Tensor, cap: int) -> tuple[torch.Tensor, float]:
-    """``(view, scale)``: ``t`` itself when it has at most ``cap`` elements (scale 1), else a
-    1-D view of at most ``cap`` of them, every s-th in memory order, and ``numel / its numel``
-    (the factor that makes the sample's sums of squares estimate the whole tensor's).
+def _sample_plan(t: torch.Tensor, cap: int, turn: int) -> tuple[int, int]:
+    """``(offset, s)``: the update ratio reads every s-th element of ``t`` in memory order,
+    from ``offset`` (:func:`_take`); ``(0, 1)``, the whole of ``t``, when it has at most
+    ``cap`` elements.
 
     s is the smallest stride that keeps the sample within ``cap`` and shares no factor with
-    ``numel``, so none with the size of any trailing block of dims (a weight matrix's row, a
-    conv filter, a kernel row): the sample reads every position within such a block alike,
-    not the same few columns of every row.
+    the size of a slice of the outermost dim (a weight matrix's row, a conv filter), so none
+    with any trailing block within it: the sample reads every position within a slice alike,
+    not the same few columns of every row. The offset moves at every turn (a logging step)
+    by the golden ratio of s: each element is read at 1 in s of the logs, so the estimate
+    (the sample's sums times s) is right on average over logs, and an update the sample
+    misses or hits unevenly at one log (a few rows of an embedding) is not misread at all.
     """
     n = t.numel()
     if n <= cap:
-        return t, 1.0
+        return 0, 1
+    row = n // max(t.shape[_memory_dims(t)[0]], 1)
     s = -(-n // cap)
-    while math.gcd(s, n) != 1:
+    while math.gcd(s, row) != 1:
         s += 1
-    view = _memory_order(t)[::s]
-    return view, n / view.numel()
+    return int((turn * _GOLDEN % 1.0) * s), s
+
+
+def _take(t: torch.Tensor, offset: int, s: int) -> torch.Tensor:
+    """The elements :func:`_sample_plan` chose: ``t`` itself when ``s`` is 1."""
+    return t if s == 1 else _memory_order(t)[offset::s]
+
+
+def _dense_grad(g: torch.Tensor) -> torch.Tensor:
+    """A gradient whose sum of squares is ``g``'s: ``g`` itself, or a sparse gradient's
+    values (``nn.Embedding(sparse=True)``), coalesced first where an index can repeat (on a
+    GPU that waits for the device: the indices' count depends on the data)."""
+    if g.layout == torch.strided:
+        return g
+    if g.layout == torch.sparse_coo:
+        return g.coalesce().values()
+    return g.values()  # compressed layouts hold each index once
 
 
 class OptimizerTap:
@@ -101,8 +127,14 @@ class OptimizerTap:
     parameters, so a post-step hook can measure the update-to-weight ratio
     ``||W_after - W_before|| / ||W_after||``; the copy is freed in that hook. It holds at
     most ``update_sample`` elements of each tensor: a larger tensor's norms are estimated
-    from a fixed strided sample of its elements (see :func:`_sample`), scaled to the whole
-    tensor, so the copy's memory is bounded whatever the model's size.
+    from a strided sample of its elements (see :func:`_sample_plan`), scaled to the whole
+    tensor, so the copy's memory is bounded whatever the model's size. The norms of every
+    optimizer stepped at the logging step are summed per layer; a layer none of them
+    stepped has no ratio (NaN).
+
+    A hook that fails (an optimizer or a gradient of a kind it cannot read) warns once and
+    the tap steps aside: its hooks do nothing from then on, the per-layer statistics stop,
+    training goes on.
 
     Args:
         model: the model whose parameters are grouped into layers (the module owning them).
@@ -145,9 +177,14 @@ class OptimizerTap:
         self._layer_of = {pid: index[name] for pid, name in owner.items()}
         self.grad_sq: torch.Tensor | None = None
         self.steps = 0
-        self.update_ratio: torch.Tensor | None = None
-        #: the logging step's parameters, each with its (sampled) copy and scale
-        self._before: list[tuple[torch.Tensor, torch.Tensor, float]] | None = None
+        #: the logging step's parameters by optimizer, each with its (sampled) copy and the
+        #: sample's (offset, stride)
+        self._before: dict[int, list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
+        #: per optimizer, the squared update and weight norms per layer at its latest logging
+        #: step, and the layers it read
+        self._updates: dict[int, tuple[torch.Tensor, torch.Tensor, frozenset[int]]] = {}
+        self._turn = 0  # logging steps whose parameters were copied (the sample's offset)
+        self._failed = False
         self._handles: list[RemovableHandle] = []
         self._on_device: dict[tuple[Any, ...], torch.Tensor] = {}
         #: each optimizer's learning rates (one per param group) as its last step taken used
@@ -172,7 +209,7 @@ class OptimizerTap:
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
-        self._before = None
+        self._before = {}
 
     def _params(self, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
         return self._watched(opt)[0]
@@ -202,27 +239,54 @@ class OptimizerTap:
             t = self._on_device[key] = torch.tensor(values, dtype=dtype, device=device)
         return t
 
-    def _view(self, p: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The part of ``p`` the update ratio reads: this process's shard, sampled when it
-        is larger than ``update_sample`` elements (see :func:`_sample`)."""
-        return _sample(_local(p.detach())[0], self.update_sample)
-
     def _pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._failed:
+            return
         t0 = time.perf_counter()
-        if self.is_log_step():  # the update ratio is the logging step's, collecting or not
-            before = []
-            for p in self._params(opt):
-                view, scale = self._view(p)
-                before.append((p, view.clone(), scale))
-            self._before = before
-        self.stopwatch.add_every_step(t0)
+        try:
+            if self.is_log_step():  # the update ratio is the logging step's, collecting or not
+                self._copy_params(opt)
+        except Exception as e:  # never raise into the user's optimizer step
+            self._fail(e)
+            return
+        finally:
+            self.stopwatch.add_every_step(t0)
         if not self.collecting():
             return
         t0 = time.perf_counter()
         try:
             self._read_grads(opt)
+        except Exception as e:
+            self._fail(e)
         finally:
             self.stopwatch.add(t0)  # the budget's measure of what collecting costs
+
+    def _fail(self, exc: BaseException) -> None:
+        """Step aside after a hook failed: warn once, drop the window, and leave the hooks
+        doing nothing from now on (removing them here would change the optimizer's hook
+        dict while its step iterates over it)."""
+        self._before, self.grad_sq, self.steps, self._updates = {}, None, 0, {}
+        if self._failed:
+            return
+        self._failed = True
+        warnings.warn(
+            "relu_doctor: the optimizer hooks that read per-layer gradient norms and update "
+            f"ratios failed ({type(exc).__name__}: {exc}); they are removed and those "
+            "statistics stop. Training goes on; the activation statistics are unaffected.",
+            ReluDoctorWarning,
+            stacklevel=3,
+        )
+
+    def _copy_params(self, opt: torch.optim.Optimizer) -> None:
+        """Copy ``opt``'s parameters (this process's shards; a sample of those over
+        ``update_sample`` elements) before its step, for :meth:`_read_update`."""
+        self._turn += 1
+        before = []
+        for p in self._params(opt):
+            t = _local(p.detach())[0]
+            offset, s = _sample_plan(t, self.update_sample, self._turn)
+            before.append((p, _take(t, offset, s).clone(), offset, s))
+        self._before[id(opt)] = before
 
     def _read_grads(self, opt: torch.optim.Optimizer) -> None:
         params, layers = self._watched(opt)
@@ -231,6 +295,8 @@ class OptimizerTap:
             keep = [i for i, g in enumerate(grads) if g is not None]
             params, layers = [params[i] for i in keep], [layers[i] for i in keep]
             grads = [grads[i] for i in keep]
+        if any(g.layout != torch.strided for g in grads):  # type: ignore[union-attr]
+            grads = [_dense_grad(g) for g in grads]  # type: ignore[arg-type]
         if not params:
             return
         device = grads[0].device  # type: ignore[union-attr]
@@ -248,9 +314,13 @@ class OptimizerTap:
         self.steps += 1
 
     def _post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._failed:
+            return
         t0 = time.perf_counter()
         try:
             self._read_update(opt)
+        except Exception as e:  # never raise into the user's optimizer step
+            self._fail(e)
         finally:
             self.stopwatch.add_every_step(t0)  # every step's work, the budget counts it
 
@@ -258,17 +328,17 @@ class OptimizerTap:
         # The rates this step used, at every step (a few list items): any step can be the
         # last logged one (the end of training, a fit that fails), after its scheduler moved.
         self.used_lrs[id(opt)] = [g["lr"] for g in opt.param_groups]
-        before, self._before = self._before, None
+        before = self._before.pop(id(opt), None)
         if not before:
             return
         # Sharded parameters give this process's shards only (the ratio is not summed
         # across processes, so under FSDP it is the ratio of the local shards).
-        now = [self._view(p)[0] for p, _, _ in before]
-        old = [x for _, x, _ in before]
+        now = [_take(_local(p.detach())[0], o, s) for p, _, o, s in before]
+        old = [x for _, x, _, _ in before]
         if any(a.shape != b.shape for a, b in zip(now, old, strict=True)):
             return  # a parameter resized within the step: no ratio for this log
-        now = [x if x.is_contiguous() or k == 1.0 else x.contiguous()
-               for x, (_, _, k) in zip(now, before, strict=True)]  # a sample: dense, small
+        # a sample: made dense (it is small), so that the C pass reads it
+        now = [x if s == 1 else x.contiguous() for x, (_, _, _, s) in zip(now, before, strict=True)]
         device = now[0].device
         k = len(now)
         d = torch.zeros(k, dtype=torch.float64, device=device)
@@ -277,14 +347,34 @@ class OptimizerTap:
         if not _kernels.sum_squares_into(w, now, list(range(k)), minus=old, out_minus=d):
             torch._foreach_sub_(old, now)  # in the transient copy: no new memory
             d, w = _squared_norms(old, device), _squared_norms(now, device)
-        scales = tuple(s for _, _, s in before)
-        if any(s != 1.0 for s in scales):
-            scale = self._tensor(scales, torch.float64, device)
+        strides = tuple(float(s) for _, _, _, s in before)
+        if any(s != 1.0 for s in strides):  # each element was read with chance 1 in s
+            scale = self._tensor(strides, torch.float64, device)
             d, w = d * scale, w * scale
-        idx = self._index([self._layer_of[id(p)] for p, _, _ in before], device)
+        layers = [self._layer_of[id(p)] for p, _, _, _ in before]
+        idx = self._index(layers, device)
         d = torch.zeros(len(self.layers), dtype=torch.float64, device=device).index_add_(0, idx, d)
         w = torch.zeros_like(d).index_add_(0, idx, w)
-        self.update_ratio = (d.sqrt() / w.sqrt().clamp(min=1e-30))
+        self._updates[id(opt)] = (d, w, frozenset(layers))
+
+    @property
+    def update_ratio(self) -> torch.Tensor | None:
+        """``||W_after - W_before|| / ||W_after||`` per layer at the latest logging step, the
+        norms summed over the optimizers stepped there; NaN for a layer none of them
+        stepped; None before any."""
+        if not self._updates:
+            return None
+        parts = list(self._updates.values())
+        d, w = parts[0][0], parts[0][1]
+        read = set(parts[0][2])
+        for d2, w2, r2 in parts[1:]:
+            d, w = d + d2, w + w2
+            read |= r2
+        ratio = d.sqrt() / w.sqrt().clamp(min=1e-30)
+        unread = tuple(i for i in range(len(self.layers)) if i not in read)
+        if unread:
+            ratio = ratio.index_fill(0, self._index(unread, ratio.device), float("nan"))
+        return ratio
 
     def state_dict(self) -> dict[str, Any]:
         """The open window (per-layer squared gradient norms summed so far, and the steps
@@ -328,5 +418,5 @@ class OptimizerTap:
         out = (self.grad_sq, self.steps, self.update_ratio)
         self.grad_sq = None if self.grad_sq is None else torch.zeros_like(self.grad_sq)
         self.steps = 0
-        self.update_ratio = None
+        self._updates = {}
         return out

@@ -87,7 +87,7 @@ def test_update_ratio_and_gradient_norms_equal_a_float64_reference(fused, dtype)
     # bfloat16 weights: the eager path subtracts in bfloat16 (one rounding of the update)
     rtol = 1e-5 if fused or dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ratio, d.sqrt() / w.sqrt(), rtol=rtol, atol=0)
-    assert tap._before is None  # the transient copy is gone
+    assert not tap._before  # the transient copy is gone
 
 
 def test_the_update_ratio_is_the_logging_steps_whether_or_not_it_collects():
@@ -135,7 +135,8 @@ def _one_logged_step(model: nn.Module, cap: int, grads: dict[int, torch.Tensor],
                        update_sample=cap).attach()
     held: list[int] = []
     # registered after the tap's: runs after it took its copy
-    opt.register_step_pre_hook(lambda *_: held.extend(x.numel() for _, x, _ in tap._before))
+    opt.register_step_pre_hook(lambda *_: held.extend(
+        x.numel() for copies in tap._before.values() for _, x, _, _ in copies))
     before = {id(p): p.detach().double().clone() for p in model.parameters()}
     for p in model.parameters():
         p.grad = grads[id(p)].to(p.dtype)
@@ -185,3 +186,102 @@ def test_the_sample_reads_every_column_of_a_row_whatever_the_row_length():
     _, _, ratio = _tap.read_and_reset()
     assert held <= cap and exact[0] > 0
     torch.testing.assert_close(ratio, exact, rtol=0.05, atol=0)
+
+
+def test_the_sample_moves_at_each_log_so_an_update_to_one_row_reads_right_on_average():
+    """An update to one row of a weight meets a few of the sample's elements, unevenly: at
+    one log its estimate can be off by half. The sample's offset moves at every logging
+    step, every element is read at 1 in s of them, and over many logs the estimated
+    squared ratio averages to the exact one (a sample fixed at one offset stays at ~0.5 of
+    it, log after log)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 500, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tap = OptimizerTap(model, [opt], is_log_step=lambda: True, collecting=lambda: False,
+                       update_sample=2048).attach()
+    g = torch.zeros(500, 64)
+    g[3] = torch.randn(64)
+    squared = []
+    for _ in range(170):  # 10 turns of the sample's 17 offsets
+        before = model[0].weight.detach().double().clone()
+        model[0].weight.grad = g.clone()
+        opt.step()
+        after = model[0].weight.detach().double()
+        exact = (after - before).norm() / after.norm()
+        _, _, ratio = tap.read_and_reset()
+        squared.append(float(ratio[0] / exact) ** 2)
+    assert max(squared) > 1.2 * min(squared)  # the sample did move
+    assert sum(squared) / len(squared) == pytest.approx(1.0, abs=0.1)
+
+
+def test_the_update_ratio_sums_every_optimizer_stepped_at_the_logging_step():
+    """Two optimizers, each over its own layers, stepped one after the other: each layer's
+    ratio is its own (the second optimizer's hook used to overwrite the first's layers with
+    0), and a layer no optimizer steps has none (NaN)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 30), nn.ReLU(), nn.Linear(30, 10), nn.ReLU(), nn.Linear(10, 2))
+    o1 = torch.optim.SGD(model[0].parameters(), lr=0.05)
+    o2 = torch.optim.Adam(model[2].parameters(), lr=1e-3)  # model[4]: in no optimizer
+    tap = OptimizerTap(model, [o1, o2], is_log_step=lambda: True, collecting=lambda: True).attach()
+    model(torch.randn(16, 30)).square().mean().backward()
+    before = {id(p): p.detach().double().clone() for p in model.parameters()}
+    o1.step()
+    o2.step()
+    _, _, ratio = tap.read_and_reset()
+    exact = _exact_ratios(model, tap.layers, before)
+    assert tap.layers == ["0", "2", "4"] and ratio is not None
+    torch.testing.assert_close(ratio[:2], exact[:2], rtol=1e-6, atol=0)
+    assert exact[0] > 0 and exact[1] > 0 and torch.isnan(ratio[2])
+
+
+def test_sparse_gradients_are_read_as_their_coalesced_values():
+    """``nn.Embedding(sparse=True)``: its gradient's squared norm (a token seen twice in the
+    batch adds up before it is squared) equals the dense gradient's; the update ratio is read
+    as for any tensor. (A sparse gradient used to raise in the step's pre-hook and stop
+    training.)"""
+    torch.manual_seed(0)
+    emb = nn.Embedding(100, 8, sparse=True)
+    model = nn.Sequential(emb, nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tap = OptimizerTap(model, [opt], is_log_step=lambda: True, collecting=lambda: True).attach()
+    tokens = torch.tensor([3, 5, 3, 7, 3])  # 3 repeats: its gradient rows add up
+    model(tokens).square().mean().backward()
+    assert emb.weight.grad.is_sparse
+    want = [emb.weight.grad.to_dense().double().square().sum(),
+            model[2].weight.grad.double().square().sum() + model[2].bias.grad.double().square().sum()]
+    before = {id(p): p.detach().double().clone() for p in model.parameters()}
+    opt.step()
+    got_sq, steps, ratio = tap.read_and_reset()
+    assert steps == 1 and tap.layers == ["0", "2"]
+    torch.testing.assert_close(got_sq, torch.stack(want), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ratio, _exact_ratios(model, tap.layers, before), rtol=1e-6, atol=0)
+
+
+def test_a_failing_hook_warns_once_and_the_optimizer_steps_as_without_it(monkeypatch):
+    """A hook that raises (here the gradient read) never reaches the optimizer's step: one
+    warning, the per-layer statistics stop, and the parameters move as a plain copy's do."""
+    from relu_doctor import optimizer_tap
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a gradient of a kind the tap cannot read")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    plain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    plain.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    tap = OptimizerTap(model, [opt], is_log_step=lambda: True, collecting=lambda: True).attach()
+    monkeypatch.setattr(optimizer_tap, "_squared_norms", broken)
+    monkeypatch.setattr(optimizer_tap._kernels, "sum_squares_into", lambda *a, **k: False)
+    x = torch.randn(8, 3)
+    with pytest.warns(ReluDoctorWarning, match="optimizer hooks .* failed") as caught:
+        for _ in range(3):
+            for m, o in ((model, opt), (plain, plain_opt)):
+                m(x).square().mean().backward()
+                o.step()
+                o.zero_grad()
+    assert sum("optimizer hooks" in str(w.message) for w in caught) == 1
+    assert tap.read_and_reset() == (None, 0, None)
+    for a, b in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
