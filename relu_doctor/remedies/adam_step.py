@@ -181,11 +181,16 @@ class _Tracker:
             self.handle = None
 
     def __call__(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # The hook is never removed here: torch iterates over the optimizer's hook dict
+        # while it calls this, and a removal would make the step raise "OrderedDict mutated
+        # during iteration" in the next hook. With nothing tracked it returns at once.
+        if not self.books:
+            return
         try:
             with torch.no_grad():
                 self._correct(opt)
         except Exception as e:  # do no harm: warn once, step aside
-            self.release()
+            self.books.clear()
             warnings.warn(
                 f"reset_adam_step: restarting Adam's step for recycled slices failed "
                 f"({type(e).__name__}: {e}); their bias correction is torch's from now on.",
@@ -193,8 +198,6 @@ class _Tracker:
                 stacklevel=2,
             )
             return
-        if not self.books:
-            self.release()
 
     def _correct(self, opt: torch.optim.Optimizer) -> None:
         found_inf = getattr(opt, "found_inf", None)

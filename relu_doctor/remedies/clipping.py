@@ -10,6 +10,7 @@ clipper to the optimizer as a step pre-hook (``GradScaler.step`` unscales first)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from relu_doctor._validate import (
     positive_finite,
     positive_int,
 )
+from relu_doctor.errors import ReluDoctorWarning
 from relu_doctor.events import Intervention
 from relu_doctor.remedies.base import (
     DTENSOR,
@@ -54,6 +56,7 @@ class _Clipper(Remedy):
     def __init__(self) -> None:
         super().__init__()
         self._whole = False  # the gradients were seen whole (checked at the first clip)
+        self._failed = False  # a clip in the attached hook raised: it clips no more
         self._clipped: torch.Tensor | None = None  # clipped steps (AutoClip) or units (AGC)
         self._total = 0  # steps (AutoClip) or units (AGC) seen in the window, host-side
         self._steps = 0
@@ -78,10 +81,21 @@ class _Clipper(Remedy):
                        arg="optimizer")
 
         def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if self._failed:
+                return
             ps = (
                 chosen if chosen is not None else [p for g in opt.param_groups for p in g["params"]]
             )
-            self.clip_(ps)
+            try:
+                self.clip_(ps)
+            except Exception as e:  # do no harm: the optimizer steps unclipped, as before
+                self._failed = True
+                warnings.warn(
+                    f"relu_doctor: {type(self).__name__} could not clip this step's gradients "
+                    f"({type(e).__name__}: {e}); it clips no more. Training goes on unclipped.",
+                    ReluDoctorWarning,
+                    stacklevel=3,
+                )
 
         self._handles.append(optimizer.register_step_pre_hook(pre))
         return self

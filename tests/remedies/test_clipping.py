@@ -129,6 +129,29 @@ def test_attach_takes_only_the_chosen_params_and_detach_removes_the_hook():
     assert clip.read()["steps"] == 0
 
 
+@pytest.mark.parametrize("clipper", [AutoClip, AGC], ids=["autoclip", "agc"])
+def test_a_clip_that_fails_in_the_hook_warns_once_and_the_step_goes_on(clipper):
+    """Sparse gradients (``nn.Embedding(sparse=True)``), which neither clipper can read,
+    raised in the optimizer's step pre-hook and stopped training. Now: one warning, the
+    clipper clips no more, and the parameters move as an unwatched copy's do."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(20, 4, sparse=True)
+    plain = torch.nn.Embedding(20, 4, sparse=True)
+    plain.load_state_dict(emb.state_dict())
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    clipper().attach(opt)
+    tokens = torch.tensor([1, 2, 2, 7])
+    with pytest.warns(relu_doctor.ReluDoctorWarning, match="could not clip") as caught:
+        for _ in range(3):
+            for m, o in ((emb, opt), (plain, plain_opt)):
+                m(tokens).square().sum().backward()
+                o.step()
+                o.zero_grad()
+    assert sum("could not clip" in str(w.message) for w in caught) == 1
+    assert torch.equal(emb.weight, plain.weight)
+
+
 def test_autoclip_state_round_trip_keeps_history():
     clip = AutoClip(10, history=4)
     p = torch.zeros(3, requires_grad=True)
