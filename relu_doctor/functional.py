@@ -17,7 +17,8 @@ Calls outside every module of the model are not captured.
 
 A call made inside a module that is not part of the model but is called from its forward (a
 frozen teacher held in a plain attribute or a closure) is named after the outermost such
-module, by class and instance order within the pass: ``Teacher#0:relu#0``. It is found by
+module, by class and instance order within the pass: ``Teacher#0:relu#0``; an activation
+module made in the forward itself (``nn.ReLU()(x)``) is a call of the module that made it. It is found by
 walking the Python frames up from the call to the model's module (only for captured calls,
 about a microsecond each; not under ``torch.compile``, where the call is named after the
 model's module).
@@ -481,7 +482,10 @@ class FunctionalCapture(HookOwner):
             frame = frame.f_back
         else:
             return None  # not inside the model after all: keep the stack's attribution
-        if outer is None:
+        if outer is None or (family_of(outer) is not None and not outer._modules):
+            # An activation module made in the model's forward (``nn.ReLU()(x)``, as
+            # DistilBERT's classifier head does): an inline activation of the calling
+            # module, named after it as a functional call there is.
             return None
         label = self._foreign.get(outer)
         if label is None:

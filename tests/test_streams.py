@@ -355,3 +355,36 @@ def test_report_has_an_evaluation_section(tmp_path):
     # A run without an evaluation stream has no such section.
     plain = relu_doctor.load_run(run_dir / "eval")
     assert build_context(plain).evaluation is None
+
+
+class InlineHead(nn.Module):
+    """An activation module made in ``forward`` (DistilBERT's classifier head does
+    ``nn.ReLU()(pooled)``), beside a functional call in the same forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D_IN, 4)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = nn.ReLU()(self.fc(x))
+        return self.out(F.relu(h - 0.1))
+
+
+def test_an_activation_module_made_in_forward_is_a_call_of_the_module_that_made_it():
+    """It is named as the calling module's own calls are (``(root):relu#0``), so a report
+    says where it is and ``include=`` can name it; not after its class (``ReLU#0:relu#0``),
+    as a module outside the model with modules of its own is."""
+    torch.manual_seed(0)
+    net = InlineHead()
+    seen = []  # the inline ReLU's input at each step, from the layer feeding it
+    net.fc.register_forward_hook(lambda m, a, out: seen.append(out.detach().double()))
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=100) as doc:
+        for x in TRAIN:
+            _train_step(net, x, doc)
+        names = [s.name for s in doc.sites]
+        got = site_fields(doc.probe.site("(root):relu#0"))
+    assert names == ["(root):relu#0", "(root):relu#1"]
+    h = torch.cat(seen).numpy()
+    np.testing.assert_array_equal(got["active"], (h > 0).sum(0))
+    np.testing.assert_array_equal(got["elements"], np.full(4, len(h)))
