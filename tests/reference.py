@@ -265,3 +265,16 @@ def findings_table_rows(table: str) -> set[tuple[str, str, str]]:
     """(severity, kind label, site) of each row of a findings table."""
     rows = [line.split(" | ") for line in table.splitlines()[2:]]
     return {(r[0].lstrip("| "), r[1], r[2]) for r in rows}
+
+
+def step_beside(
+    pairs: list[tuple[nn.Module, torch.optim.Optimizer]], x: torch.Tensor, steps: int = 3
+) -> None:
+    """Train each ``(model, optimizer)`` of ``pairs`` in turn on ``x``, ``steps`` times
+    (mean squared output as the loss): a watched copy beside a plain one, whose parameters
+    must end equal where the monitor changed nothing."""
+    for _ in range(steps):
+        for model, opt in pairs:
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()

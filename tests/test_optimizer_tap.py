@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from relu_doctor.errors import ReluDoctorWarning
 from relu_doctor.optimizer_tap import OptimizerTap
+from tests.reference import step_beside
 
 
 def _tap(model: nn.Module) -> OptimizerTap:
@@ -276,11 +277,7 @@ def test_a_failing_hook_warns_once_and_the_optimizer_steps_as_without_it(monkeyp
     monkeypatch.setattr(optimizer_tap._kernels, "sum_squares_into", lambda *a, **k: False)
     x = torch.randn(8, 3)
     with pytest.warns(ReluDoctorWarning, match="optimizer hooks .* failed") as caught:
-        for _ in range(3):
-            for m, o in ((model, opt), (plain, plain_opt)):
-                m(x).square().mean().backward()
-                o.step()
-                o.zero_grad()
+        step_beside([(model, opt), (plain, plain_opt)], x)
     assert sum("optimizer hooks" in str(w.message) for w in caught) == 1
     assert tap.read_and_reset() == (None, 0, None)
     for a, b in zip(model.parameters(), plain.parameters(), strict=True):

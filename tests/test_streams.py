@@ -279,15 +279,20 @@ class Student(nn.Module):
         return F.relu(self.fc(x)) + t.sum(1, keepdim=True)
 
 
+def _trained_sites(net: nn.Module, name: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Train ``net`` on TRAIN, watched at every step: ``(its sites' names, the raw fields of
+    site ``name``)``."""
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=100) as doc:
+        for x in TRAIN:
+            _train_step(net, x, doc)
+        return [s.name for s in doc.sites], site_fields(doc.probe.site(name))
+
+
 def test_a_call_inside_a_module_outside_the_model_is_named_after_it():
     torch.manual_seed(0)
     teacher = Teacher()
     net = Student(teacher)
-    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=100) as doc:
-        for x in TRAIN:
-            _train_step(net, x, doc)
-        names = [s.name for s in doc.sites]
-        got = site_fields(doc.probe.site("Teacher#0:relu#0"))
+    names, got = _trained_sites(net, "Teacher#0:relu#0")
     assert names == ["Teacher#0:relu#0", "(root):relu#0"]
     with torch.no_grad():
         h = np.concatenate([F.relu(teacher.fc(x)).double().numpy() for x in TRAIN])
@@ -379,11 +384,7 @@ def test_an_activation_module_made_in_forward_is_a_call_of_the_module_that_made_
     net = InlineHead()
     seen = []  # the inline ReLU's input at each step, from the layer feeding it
     net.fc.register_forward_hook(lambda m, a, out: seen.append(out.detach().double()))
-    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=100) as doc:
-        for x in TRAIN:
-            _train_step(net, x, doc)
-        names = [s.name for s in doc.sites]
-        got = site_fields(doc.probe.site("(root):relu#0"))
+    names, got = _trained_sites(net, "(root):relu#0")
     assert names == ["(root):relu#0", "(root):relu#1"]
     h = torch.cat(seen).numpy()
     np.testing.assert_array_equal(got["active"], (h > 0).sum(0))
