@@ -90,7 +90,8 @@ def _sample_plan(t: torch.Tensor, cap: int, turn: int) -> tuple[int, int]:
     not the same few columns of every row. The offset moves at every turn (a logging step)
     by the golden ratio of s: each element is read at 1 in s of the logs, so the estimate
     (the sample's sums times s) is right on average over logs, and an update the sample
-    misses or hits unevenly at one log (a few rows of an embedding) is not misread at all.
+    meets unevenly at one log (a few rows of an embedding) is misread at that log, not the
+    same way at every log.
     """
     n = t.numel()
     if n <= cap:
@@ -99,7 +100,7 @@ def _sample_plan(t: torch.Tensor, cap: int, turn: int) -> tuple[int, int]:
     s = -(-n // cap)
     while math.gcd(s, row) != 1:
         s += 1
-    return int((turn * _GOLDEN % 1.0) * s), s
+    return min(int((turn * _GOLDEN % 1.0) * s), n - 1), s
 
 
 def _take(t: torch.Tensor, offset: int, s: int) -> torch.Tensor:
@@ -271,7 +272,7 @@ class OptimizerTap:
         self._failed = True
         warnings.warn(
             "relu_doctor: the optimizer hooks that read per-layer gradient norms and update "
-            f"ratios failed ({type(exc).__name__}: {exc}); they are removed and those "
+            f"ratios failed ({type(exc).__name__}: {exc}); they step aside and those "
             "statistics stop. Training goes on; the activation statistics are unaffected.",
             ReluDoctorWarning,
             stacklevel=3,
@@ -314,7 +315,8 @@ class OptimizerTap:
         self.steps += 1
 
     def _post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._failed:
+        if self._failed:  # the rates are still kept: the logs' learning rate reads them
+            self.used_lrs[id(opt)] = [g.get("lr") for g in opt.param_groups]
             return
         t0 = time.perf_counter()
         try:

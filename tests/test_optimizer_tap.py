@@ -282,3 +282,6 @@ def test_a_failing_hook_warns_once_and_the_optimizer_steps_as_without_it(monkeyp
     assert tap.read_and_reset() == (None, 0, None)
     for a, b in zip(model.parameters(), plain.parameters(), strict=True):
         assert torch.equal(a, b)
+    opt.param_groups[0]["lr"] = 0.05  # the rate a log reports is still the step's own
+    step_beside([(model, opt)], x, steps=1)
+    assert tap.used_lrs[id(opt)] == [0.05]
