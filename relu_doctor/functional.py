@@ -18,10 +18,10 @@ Calls outside every module of the model are not captured.
 A call made inside a module that is not part of the model but is called from its forward (a
 frozen teacher held in a plain attribute or a closure) is named after the outermost such
 module, by class and instance order within the pass: ``Teacher#0:relu#0``; an activation
-module made in the forward itself (``nn.ReLU()(x)``) is a call of the module that made it. It is found by
-walking the Python frames up from the call to the model's module (only for captured calls,
-about a microsecond each; not under ``torch.compile``, where the call is named after the
-model's module).
+module made in the forward itself (``nn.ReLU()(x)``) is a call of the module that made it.
+It is found by walking the Python frames up from the call to the model's module (only for
+captured calls, about a microsecond each; not under ``torch.compile``, where the call is
+named after the model's module).
 
 Passes: whether a pass is captured is decided at its start by the probe
 (:meth:`~relu_doctor.probes.Probe.begin_pass`: its stream, ``collecting``, ``paused``); a pass

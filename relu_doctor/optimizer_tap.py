@@ -27,9 +27,9 @@ from relu_doctor.sites import module_label
 __all__ = ["UPDATE_SAMPLE", "OptimizerTap"]
 
 #: The update ratio's transient copy holds at most this many elements of a parameter tensor
-#: (256 KiB in float32): a larger tensor's update and weight norms are estimated from a fixed
-#: strided sample of this many of its elements, so a logging step on a large model needs no
-#: second copy of its weights.
+#: (256 KiB in float32): a larger tensor's update and weight norms are estimated from a
+#: strided sample of at most this many of its elements (see :func:`_sample_plan`), so a
+#: logging step on a large model needs no second copy of its weights.
 UPDATE_SAMPLE = 1 << 16
 
 try:  # sharded parameters (FSDP2 ``fully_shard``, Lightning's FSDP with DTensors)
