@@ -315,21 +315,20 @@ class OptimizerTap:
         self.steps += 1
 
     def _post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._failed:  # the rates are still kept: the logs' learning rate reads them
-            self.used_lrs[id(opt)] = [g.get("lr") for g in opt.param_groups]
-            return
         t0 = time.perf_counter()
         try:
-            self._read_update(opt)
+            # The rates this step used, at every step (a few list items), also after a
+            # failure: any step can be the last logged one (the end of training, a fit that
+            # fails), after its scheduler moved.
+            self.used_lrs[id(opt)] = [g["lr"] for g in opt.param_groups]
+            if not self._failed:
+                self._read_update(opt)
         except Exception as e:  # never raise into the user's optimizer step
             self._fail(e)
         finally:
             self.stopwatch.add_every_step(t0)  # every step's work, the budget counts it
 
     def _read_update(self, opt: torch.optim.Optimizer) -> None:
-        # The rates this step used, at every step (a few list items): any step can be the
-        # last logged one (the end of training, a fit that fails), after its scheduler moved.
-        self.used_lrs[id(opt)] = [g["lr"] for g in opt.param_groups]
         before = self._before.pop(id(opt), None)
         if not before:
             return
