@@ -18,9 +18,18 @@ Python runs slower than in this tight loop (2-3x on the benchmark ResNet: colder
 read the numbers as a comparison between versions, not as a model's overhead (for that, see
 ``benchmarks.paired``).
 
+``--in-step MODEL`` measures the same split inside real training steps of a benchmark model
+(:func:`benchmarks.overhead.model_specs`), watched at every step: the host seconds a step
+spends in relu_doctor's hooks (its own stopwatch: the activation hooks, the gradient hooks
+and the optimizer tap's gradient read) with the kernels as built and with their front
+replaced by one that returns at once (the optimizer tap's squared norms too), in alternating
+blocks. The difference is what the kernels cost; what is left, what the hooks' Python costs
+where caches are cold.
+
 Run::
 
     .venv/bin/python -m benchmarks.percall
+    .venv/bin/python -m benchmarks.percall --in-step cnn --threads 2
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ import torch
 import torch.nn as nn
 
 import relu_doctor
+from benchmarks.overhead import _make_data, model_specs
+from relu_doctor import _kernels
 from relu_doctor._kernels import cpu
 
 
@@ -115,13 +126,83 @@ def measure(sites: int = 16, blocks: int = 40, steps: int = 20) -> dict[str, flo
     return {k: (statistics.median(v) - base) / sites * 1e6 for k, v in times.items()}
 
 
+class _NoKernels:
+    """A kernel front whose calls return at once, as if done: the hooks run their Python,
+    the kernels read nothing."""
+
+    def forward(self, *args: Any) -> int:
+        return 0
+
+    def grad(self, *args: Any) -> int:
+        return 0
+
+
+def _no_squares(*args: Any) -> bool:
+    return True  # the optimizer tap's squared norms, done without reading anything
+
+
+def in_step(
+    model: str = "cnn", blocks: int = 6, steps: int = 30, *, quick: bool = False
+) -> dict[str, float]:
+    """Milliseconds per training step of the benchmark model ``model``, watched at every
+    step: ``step`` (the whole step, kernels as built), ``hooks`` (relu_doctor's stopwatch:
+    its hooks' host time, kernels included) and ``hooks, no kernels`` (the same with the
+    kernels doing nothing); medians of ``blocks`` alternating blocks of ``steps``.
+    ``quick``: the model's tiny version (a harness check)."""
+    spec = model_specs(quick)[model]
+    torch.manual_seed(0)
+    net = spec.build()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    data = _make_data(spec, torch.device("cpu"))
+    cpu._load()
+    front, squares = cpu._front, _kernels.sum_squares_into
+    doc = relu_doctor.watch(
+        net, optimizer=opt, every_n_steps=1, overhead_budget=None, log_every_n_steps=10**9
+    )
+    got: dict[str, list[float]] = {"step": [], "hooks": [], "hooks, no kernels": []}
+
+    def run(n: int) -> tuple[float, float]:
+        spent, t0 = doc.stopwatch.read(), time.perf_counter()
+        for i in range(n):
+            x, y = data[i % len(data)]
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            doc.step()
+        return (time.perf_counter() - t0) / n, (doc.stopwatch.read() - spent) / n
+
+    try:
+        run(10)  # warm up: sites made, kernels loaded and prepared
+        for _ in range(blocks):
+            step, hooks = run(steps)
+            got["step"].append(step)
+            got["hooks"].append(hooks)
+            if front is not None:
+                cpu._front = _NoKernels()
+                _kernels.sum_squares_into = _no_squares
+                try:
+                    got["hooks, no kernels"].append(run(steps)[1])
+                finally:
+                    cpu._front = front
+                    _kernels.sum_squares_into = squares
+    finally:
+        doc.detach()
+    return {k: statistics.median(v) * 1e3 for k, v in got.items() if v}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sites", type=int, default=16)
     p.add_argument("--blocks", type=int, default=40)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--in-step", metavar="MODEL", default=None, choices=sorted(model_specs()),
+                   help="measure inside training steps of this benchmark model")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.in_step is not None:
+        for name, ms in in_step(a.in_step).items():
+            print(f"{name:24s} {ms:7.3f} ms per step")
+        return 0
     for name, us in measure(a.sites, a.blocks).items():
         print(f"{name:24s} {us:+7.1f} us per site and step")
     return 0

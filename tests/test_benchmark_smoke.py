@@ -124,6 +124,21 @@ def test_the_per_call_benchmark_runs_and_restores_the_front() -> None:
     assert cpu._front is front  # the ctypes copy swapped it only while it ran
 
 
+def test_the_in_step_split_runs_and_restores_the_front() -> None:
+    from benchmarks import percall
+    from relu_doctor import _kernels
+    from relu_doctor._kernels import cpu
+
+    cpu._load()
+    front = cpu._front
+    squares = _kernels.sum_squares_into
+    got = percall.in_step("cnn", blocks=2, steps=2, quick=True)
+    assert cpu._front is front and _kernels.sum_squares_into is squares
+    assert 0 < got["hooks"] < got["step"]
+    if front is not None:  # (without a built kernel there is nothing to swap)
+        assert got["hooks, no kernels"] > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_the_harness_holds_under_autocast(dtype: torch.dtype) -> None:
     # --autocast: relu_doctor reads 16-bit activations (fp16 through a GradScaler), and its
