@@ -26,6 +26,7 @@ __all__ = [
     "matches",
     "nonnegative",
     "number_in",
+    "one_optimizer",
     "optimizers",
     "path",
     "path_or_none",
@@ -206,3 +207,12 @@ def optimizers(name: str, value: Any) -> list[Any]:
                 f"at position {i}."
             )
     return opts
+
+
+def one_optimizer(name: str, value: object) -> Any:
+    """Exactly one ``torch.optim.Optimizer``."""
+    if value is None or isinstance(value, (list, tuple)):
+        raise ReluDoctorError(
+            f"{name}: expected a torch.optim.Optimizer, got {type(value).__name__}."
+        )
+    return optimizers(name, value)[0]

@@ -67,9 +67,10 @@ class KerasActivationSwap(Remedy):
     """Swap a dying Keras layer's ReLU for LeakyReLU (undoable with :meth:`restore`).
 
     A site is swapped when its dead fraction exceeds ``threshold`` for ``patience``
-    consecutive logging intervals. A Dense/Conv layer gets ``activation`` = LeakyReLU with
-    ``slope``; a ``ReLU`` layer gets ``negative_slope = slope``. Outputs for positive inputs
-    are unchanged.
+    consecutive logging intervals. A Dense/Conv or ``Activation`` layer gets ``activation`` =
+    LeakyReLU with ``slope``; a ``ReLU`` layer gets ``negative_slope = slope``. Outputs for
+    positive inputs are unchanged. A layer it cannot swap is left alone with a warning; the
+    others go on being watched and swapped.
 
     Args:
         sites: the watched Keras sites, by path.
@@ -97,6 +98,7 @@ class KerasActivationSwap(Remedy):
         self.patience = positive_int("patience", patience)
         self.swaps: dict[str, _Swap] = {}
         self.streaks: dict[str, int] = {}
+        self._skipped: set[str] = set()  # layers a swap failed on, left alone from then on
 
     def swap(self, site: str | SiteKey, *, step: int = 0,
              before: Mapping[str, Any] | None = None, reason: str = "requested") -> Intervention:
@@ -120,7 +122,7 @@ class KerasActivationSwap(Remedy):
                 "plain ReLU is swapped for LeakyReLU (outputs for positive inputs unchanged)."
             )
         layer = site.layer
-        if site.by_activation:
+        if site.by_activation or isinstance(layer, keras.layers.Activation):
             rec = _Swap(site, "activation", layer.activation)
             layer.activation = _leaky(self.slope)
         elif isinstance(layer, keras.layers.ReLU):
@@ -160,7 +162,8 @@ class KerasActivationSwap(Remedy):
             path = record.key(str(row["site"])).module_path
             frac = dead.get(str(row["site"]))
             site = self.sites.get(path)
-            if site is None or path in self.swaps or frac is None or math.isnan(frac):
+            if (site is None or path in self.swaps or path in self._skipped or frac is None
+                    or math.isnan(frac)):
                 continue
             fam = site.family()
             if fam is None or fam.name != "relu":
@@ -168,12 +171,16 @@ class KerasActivationSwap(Remedy):
             streak = self.streaks.get(path, 0) + 1 if frac > self.threshold else 0
             self.streaks[path] = streak
             if streak >= self.patience:
-                events.append(
-                    self._swap(site, path, str(row["site"]), step=record.step,
-                               before=site_snapshot(row),
-                               reason=f"dead fraction {frac:.2f} > {self.threshold:g} for "
-                               f"{streak} readings{self.evidence.basis()}")
-                )
+                try:
+                    events.append(
+                        self._swap(site, path, str(row["site"]), step=record.step,
+                                   before=site_snapshot(row),
+                                   reason=f"dead fraction {frac:.2f} > {self.threshold:g} for "
+                                   f"{streak} readings{self.evidence.basis()}")
+                    )
+                except ReluDoctorError as e:  # one site it cannot swap: the others go on
+                    self._skipped.add(path)
+                    self.warn(f"LeakyReLU swap: leaving Keras layer {path!r} alone: {e}")
         return events
 
     def state_dict(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 import torch
 import torch.nn as nn
 
-from relu_doctor._validate import finite_or_none, matches, optimizers
+from relu_doctor._validate import finite_or_none, matches
 from relu_doctor.diagnosis import Finding
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention, InterventionResult
@@ -197,16 +197,6 @@ def check_model(value: object) -> nn.Module:
     return value
 
 
-def one_optimizer(name: str, value: object) -> torch.optim.Optimizer:
-    """Exactly one ``torch.optim.Optimizer``."""
-    if value is None or isinstance(value, (list, tuple)):
-        raise ReluDoctorError(
-            f"{name}: expected a torch.optim.Optimizer, got {type(value).__name__}."
-        )
-    opt: torch.optim.Optimizer = optimizers(name, value)[0]
-    return opt
-
-
 def get_module(model: nn.Module, path: str, arg: str) -> nn.Module:
     """The module at ``path`` (``""``: the model), or an error naming ``arg`` that lists the
     model's activation modules."""
@@ -312,6 +302,7 @@ class Remedy:
         self._pending: list[Pending] = []
         self._n_events = 0
         self._in_call = False
+        self._failed = False  # decide raised once: no more decisions (see _decide)
         self._held: RecordLike | None = None  # a final record: decided if training goes on
         #: what the next intervention is judged on (a plan sets it before acting): metric
         #: name, ``min_gain`` and ``tolerance`` of :func:`verdict`
@@ -385,9 +376,19 @@ class Remedy:
         return events
 
     def _decide(self, record: RecordLike) -> list[Intervention]:
+        if self._failed:
+            return []
         self._in_call = True
         try:
             return self.decide(record)
+        except ReluDoctorError:  # asked for (on_unlinkable="raise"...): said as it is
+            raise
+        except Exception as e:  # a bug, never into the user's step: this remedy steps aside
+            self._failed = True
+            self.warn(f"relu_doctor: the {self.name} remedy failed at step {record.step} "
+                      f"({type(e).__name__}: {e}); it makes no more changes (those it made "
+                      "stay, recorded). Monitoring and training go on.")
+            return []
         finally:
             self._in_call = False
 

@@ -20,6 +20,7 @@ from relu_doctor._validate import (
     finite_or_none,
     nonnegative,
     number_in,
+    one_optimizer,
     positive_finite,
     positive_int,
 )
@@ -31,7 +32,6 @@ from relu_doctor.remedies.base import (
     RecordLike,
     Remedy,
     model_snapshot,
-    one_optimizer,
     refuse_sharded,
     sharding_of,
 )

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from relu_doctor._validate import nonnegative, number_in, positive_int
+from relu_doctor._validate import nonnegative, number_in, one_optimizer, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
@@ -25,7 +25,6 @@ from relu_doctor.remedies.base import (
     Remedy,
     dead_surge,
     model_snapshot,
-    one_optimizer,
 )
 
 __all__ = ["LRRescuer", "scale_lr"]

@@ -189,6 +189,68 @@ def test_leaky_relu_swap_changes_the_activation_and_records_it(tmp_path: Path) -
     assert model.get_layer("hidden").activation is keras.activations.relu
 
 
+def _dying_activation_layers() -> Any:
+    """Two dying ReLUs as Keras' guides write them: a ReLU layer and an Activation layer."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12,))
+    dead = keras.initializers.Constant(-5.0)
+    a = keras.layers.ReLU(name="r1")(keras.layers.Dense(8, bias_initializer=dead, name="d1")(inp))
+    b = keras.layers.Activation("relu", name="a2")(
+        keras.layers.Dense(8, bias_initializer=dead, name="d2")(inp))
+    h = keras.layers.Concatenate()([a, b])
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="out")(h))
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    return model
+
+
+def test_leaky_relu_swap_treats_an_activation_layer(tmp_path: Path) -> None:
+    model = _dying_activation_layers()
+    x, y = _data(64)
+    cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None, run_dir=tmp_path / "run",
+                            leaky_relu_swap={"threshold": 0.5, "patience": 1, "slope": 0.1})
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    swap = cb.remedies["leaky_relu_swap"]
+    assert sorted(swap.swaps) == ["a2", "r1"]
+    layer = model.get_layer("a2")
+    probe = keras.ops.convert_to_tensor(np.array([[-2.0, 3.0]], dtype="float32"))
+    assert keras.ops.convert_to_numpy(layer(probe))[0].tolist() == pytest.approx([-0.2, 3.0])
+    assert cb.doctor is not None and cb.doctor.probe.site("a2").family.name == "leaky_relu"
+    swap.restore()
+    assert keras.ops.convert_to_numpy(layer(probe))[0].tolist() == [0.0, 3.0]
+
+
+def test_a_layer_the_swap_cannot_treat_is_left_alone_and_the_rest_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A swap that fails on one layer warns once and leaves that layer alone; the other
+    # layers are still swapped and every site is still watched to the end of fit (the
+    # failure had made the callback step aside: no log after the first).
+    from relu_doctor.integrations._keras_remedies import KerasActivationSwap
+
+    real = KerasActivationSwap._swap
+
+    def refuse_a2(self: Any, site: Any, path: str, *args: Any, **kw: Any) -> Any:
+        if path == "a2":
+            raise ReluDoctorError(f"site: {path!r} cannot be swapped here")
+        return real(self, site, path, *args, **kw)
+
+    monkeypatch.setattr(KerasActivationSwap, "_swap", refuse_a2)
+    model = _dying_activation_layers()
+    x, y = _data(64)
+    cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None, run_dir=tmp_path / "run",
+                            leaky_relu_swap={"threshold": 0.5, "patience": 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    texts = [str(w.message) for w in caught]
+    assert sum("leaving Keras layer 'a2' alone" in t for t in texts) == 1, texts
+    assert not any("steps aside" in t for t in texts)
+    assert sorted(cb.remedies["leaky_relu_swap"].swaps) == ["r1"]
+    run = relu_doctor.load_run(tmp_path / "run")
+    assert sorted(run.history["step"].unique()) == [2, 4]
+    assert set(run.history["site"]) == {"r1", "a2"}
+
+
 def test_lr_rescue_state_holds_the_rescuer_that_decides() -> None:
     from relu_doctor.integrations._keras_remedies import KerasLRRescue
     from tests.remedies.test_evidence import _sampled

@@ -211,6 +211,36 @@ def test_bound_remedies_record_every_event_once():
     assert seen[0]["details"] == {"note": 1}
 
 
+def test_a_remedy_that_fails_warns_once_and_steps_aside_while_monitoring_goes_on():
+    # A bug in a remedy's decision (here on its second decision) must not reach the user's
+    # doc.step() nor stop the monitoring: one warning, no more decisions, every log written.
+    class Failing(Marker):
+        calls = 0
+
+        def decide(self, record: RecordLike) -> list[Intervention]:
+            Failing.calls += 1
+            if Failing.calls == 2:
+                raise IndexError("a bug")
+            return super().decide(record)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        net[0].bias[:6] = -100.0
+    with pytest.warns(UserWarning, match="the marker remedy failed at step 2") as caught:
+        with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+            seen = events_of(doc)
+            Failing().bind(doc)
+            for _ in range(4):
+                net(torch.randn(8, 4)).sum().backward()
+                doc.step()
+    assert sum("remedy failed" in str(w.message) for w in caught) == 1
+    assert Failing.calls == 2  # no decision after the failure
+    assert [r.step for r in doc.records] == [1, 2, 3, 4]
+    assert [(e["type"], e["step"]) for e in seen] == [
+        ("intervention", 1), ("intervention_result", 2)]  # the step-1 change still judged
+
+
 def test_sites_resolve_to_keys_without_parsing_names():
     block = BasicBlock(4)
     m = Marker()
