@@ -266,6 +266,11 @@ class ReluDoctorCallback(TrainerCallback):
                 f"{args.max_grad_norm}) before relu_doctor sees the gradients; AutoClip takes "
                 "its place: pass TrainingArguments(max_grad_norm=0), or autoclip=False."
             )
+        if self.doctor is not None:
+            # Where the last train() raised (an error, Ctrl-C), the Trainer called no
+            # on_train_end: end that run as on_train_end does (its partial window logged, its
+            # run directory closed). After an on_train_end, nothing is left to do.
+            flush_and_detach(self.doctor, self._detach)
         self._detach()
         self._stopped = False
         self._last = None

@@ -227,6 +227,11 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 "weights or shapes yet; give it an input shape (keras.Input(...) first, or "
                 "model.build(input_shape)) before fit."
             )
+        if self.doctor is not None:
+            # Where the last fit raised (an error, Ctrl-C), Keras called no on_train_end: end
+            # that fit as on_train_end does (its partial window logged, its run directory
+            # closed, so this fit can go on in it). After an on_train_end, nothing is left to do.
+            flush_and_detach(self.doctor, self._detach)
         self._detach()
         self._stopped = False
         self._failed = set()

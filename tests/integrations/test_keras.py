@@ -441,6 +441,38 @@ def test_a_second_fit_continues_the_counts(tmp_path: Path) -> None:
     assert sorted(run.history["step"].unique()) == [2, 4]
 
 
+def test_a_fit_after_one_that_raised_logs_its_last_window_and_goes_on(tmp_path: Path) -> None:
+    # Keras calls no on_train_end when fit raises (an error, Ctrl-C in a notebook): the next
+    # fit with the callback ends that one first (its partial window logged, its run directory
+    # closed: it was refused as "being written by another writer", this process) and goes on.
+    model = _mlp()
+    x, y = _data(48)
+    layers = _layers(model)
+    ref = Outputs(layers, {k: -1 for k in layers}, keep=lambda: torch.is_grad_enabled())
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if batch == 2:
+                raise RuntimeError("interrupted")
+
+    cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None, run_dir=tmp_path / "run")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb, Interrupt()])
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    ref.remove()
+    assert cb.doctor is not None and cb.doctor.global_step == 6
+    run = relu_doctor.load_run(tmp_path / "run")
+    assert sorted(run.history["step"].unique()) == [2, 3, 4, 6]  # 3: the first fit's last
+    assert len(ref.passes) == 6
+    h = run.history.set_index(["step", "site"])
+    for step, passes in [(2, ref.passes[0:2]), (3, ref.passes[2:3]), (4, ref.passes[3:4]),
+                         (6, ref.passes[4:6])]:
+        for name in layers:
+            want = windows(passes, len(passes))[0][name]
+            assert h.loc[(step, name), "dead"] == want["dead"], (step, name)
+            assert h.loc[(step, name), "activation_rate"] == pytest.approx(want["activation_rate"])
+
+
 def test_a_failing_record_warns_once_and_training_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _mlp()
     x, y = _data(32)
