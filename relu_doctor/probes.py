@@ -464,20 +464,29 @@ class Probe(SiteRegistry, HookOwner):
         and gradients enabled (two Python flags, no host synchronisation)."""
         return self.model.training and torch.is_grad_enabled()
 
-    def takes_pass(self) -> bool:
+    def takes_pass(self, training: bool | None = None) -> bool:
         """Whether a forward pass starting now belongs to this probe's stream (and the
-        probe is collecting and not paused)."""
+        probe is collecting and not paused); ``training``: whether it is a training pass,
+        where the caller knows (else :meth:`is_training_pass`)."""
         if not self.collecting or self.paused:
             return False
         if _PRIVATE and _PRIVATE[-1] is not self:  # relu_doctor's own pass (check_init...)
             return False
         if self.stream == "all":
             return True
-        return self.is_training_pass() == (self.stream == "train")
+        if training is None:
+            training = self.is_training_pass()
+        return training == (self.stream == "train")
 
-    def begin_pass(self) -> bool:
+    def begin_pass(self, training: bool | None = None) -> bool:
         """Mark a forward pass's start (idempotent within a pass: the probe's hooks and
         functional capture both call it) and return whether it is recorded.
+
+        Args:
+            training: whether the pass is a training pass, given by a loop that says so
+                itself (Keras passes ``training=True`` to its train step's call, whatever
+                the torch module's mode); None: the model's mode and grad mode decide
+                (:meth:`is_training_pass`).
 
         A model changed since it was hooked is re-hooked first (:meth:`refresh_if_changed`).
         """
@@ -485,7 +494,7 @@ class Probe(SiteRegistry, HookOwner):
             return self._pass_on
         self.refresh_if_changed()
         self._pass_open = True
-        self._pass_on = on = self.takes_pass()
+        self._pass_on = on = self.takes_pass(training)
         if on and not torch.compiler.is_compiling():  # a guarded int would recompile
             self.passes += 1
             if self._want_provenance:
@@ -493,8 +502,10 @@ class Probe(SiteRegistry, HookOwner):
         return on
 
     def end_pass(self) -> None:
-        """Mark a forward pass's end (idempotent)."""
+        """Mark a forward pass's end (idempotent): calls after it, outside any pass of the
+        model (its layers called by another model sharing them), are not recorded."""
         self._pass_open = False
+        self._pass_on = False
         if not torch.compiler.is_compiling() and self._provenance.tracking:
             self._provenance.stop()
             # A pass that died half-way (called from an always_call hook while the exception

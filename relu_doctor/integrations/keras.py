@@ -273,6 +273,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             doc.load_state_dict(state)
         self.doctor = doc
         self._val_doc = doc.eval
+        if doc.eval is not None:  # fit's validation runs only (on_test_begin to on_test_end)
+            doc.eval.probe.paused = True
         doc.add_listener(self._on_record)
         doc.attach()
         # The sites are Keras layer paths, not torch module paths: given after attach, which
@@ -293,16 +295,20 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
     def _hook(self, model: Any) -> None:
         probes = [d.probe for d in (self.doctor, self._val_doc) if d is not None]
 
-        def begin(module: Any, args: Any) -> None:
+        def begin(module: Any, args: Any, kwargs: Any) -> None:
             self._calls.clear()
+            # A training pass is what Keras calls with training=True (its train step), with
+            # gradients: the torch module's mode says nothing (predict() leaves it in eval
+            # until the next epoch, train steps included).
+            training = kwargs.get("training") is True and torch.is_grad_enabled()
             for p in probes:
-                p.begin_pass()
+                p.begin_pass(training)
 
         def end(module: Any, args: Any, output: Any) -> None:
             for p in probes:
                 p.end_pass()
 
-        self._handles.append(model.register_forward_pre_hook(begin))
+        self._handles.append(model.register_forward_pre_hook(begin, with_kwargs=True))
         self._handles.append(model.register_forward_hook(end, always_call=True))
         # One hook per layer and probe, in that probe's hook set: parked with its probe's
         # own hooks on a step that collects nothing (the validation stream's, never parked,
@@ -415,7 +421,13 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._detach()
         self._stopped = True
 
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if self._val_doc is not None:
+            self._val_doc.probe.paused = False
+
     def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self._val_doc is not None:
+            self._val_doc.probe.paused = True  # a predict() or evaluate() of a user's is not
         doc = self.doctor
         if doc is not None and doc.eval is not None and doc.probe.attached:
             rec = doc.log_eval()  # one evaluation-stream window per validation run

@@ -473,6 +473,57 @@ def test_a_fit_after_one_that_raised_logs_its_last_window_and_goes_on(tmp_path: 
             assert h.loc[(step, name), "activation_rate"] == pytest.approx(want["activation_rate"])
 
 
+class _SideCalls(keras.callbacks.Callback):
+    """What users' callbacks run during fit beside ours: ``predict`` (which leaves the torch
+    module in eval mode until the next epoch, its train steps included), a feature model
+    sharing the watched layers (the Keras way to read activations), its ``predict``."""
+
+    def __init__(self, what: str, x: Any) -> None:
+        super().__init__()
+        self.what, self.x = what, x
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self.feat = keras.Model(self.model.inputs, self.model.get_layer("hidden").output)
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        if self.what == "predict":
+            self.model.predict(self.x, verbose=0)
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if self.what == "feature model":
+            self.feat(self.x)
+            with torch.no_grad():
+                self.feat(self.x, training=False)
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if self.what == "feature predict":
+            self.feat.predict(self.x, verbose=0)
+
+
+@pytest.mark.parametrize("what", ["predict", "feature model", "feature predict"])
+def test_passes_outside_fits_own_steps_and_validation_are_not_counted(
+    tmp_path: Path, what: str
+) -> None:
+    # Only fit's train steps make the training stream and only its validation runs the
+    # validation stream: a run with other passes beside them reads as one without.
+    x, y = _data(64)
+    xv, yv = _data(24, seed=1)
+    tables = []
+    for side in (None, what):
+        model = _mlp()
+        cb = ReluDoctorCallback(log_every_n_steps=3, overhead_budget=None, monitor_validation=True,
+                                run_dir=tmp_path / str(side))
+        extra = [] if side is None else [_SideCalls(side, x[:8])]
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0, validation_data=(xv, yv),
+                  shuffle=False, callbacks=[cb, *extra])  # (predict draws from Keras' RNG)
+        tables.append([relu_doctor.load_run(tmp_path / str(side) / sub).history.sort_values(
+            ["step", "site"]).reset_index(drop=True) for sub in ("", "validation")])
+    for plain, beside in zip(tables[0], tables[1], strict=True):
+        assert len(plain) > 0 and list(plain["site"]) == list(beside["site"])
+        for c in ("step", "elements", "steps_collected", "dead", "activation_rate", "mean_abs"):
+            assert plain[c].to_numpy() == pytest.approx(beside[c].to_numpy(), rel=1e-12), c
+
+
 def test_a_failing_record_warns_once_and_training_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _mlp()
     x, y = _data(32)
