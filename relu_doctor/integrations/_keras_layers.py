@@ -14,8 +14,8 @@ probe's public :meth:`~relu_doctor.probes.Probe.record` under a
 * an activation layer (``Activation``, ``ReLU``, ``LeakyReLU``, ``ELU``, ``PReLU``) is a site
   by its own name.
 
-Names are the layer's ``name``, prefixed by the nested models holding it
-(``sequential/dense_1``). Units: a Dense's ``units`` (the last dim), a convolution's
+Names are the layer's ``name``, prefixed by the nested models and custom layers holding it
+(``sequential/dense_1``, ``block/ffn/dense``). Units: a Dense's ``units`` (the last dim), a convolution's
 ``filters`` where its ``data_format`` puts them (the last dim for ``channels_last``, dim 1
 for ``channels_first``); an activation layer's units are on the channel axis of Keras'
 ``image_data_format()``.
@@ -142,13 +142,28 @@ class KerasSite:
         return glob.escape(self.path)
 
 
-def walk_layers(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``(path, layer)`` for every layer of ``model``, nested models' layers included."""
-    for layer in getattr(model, "layers", []):
+def _sublayers(layer: Any) -> list[Any]:
+    """The layers ``layer`` holds: a model's ``layers``; those a custom layer tracks as its
+    attributes (a block's ``self.ffn = keras.Sequential(...)``, as Keras' guides write it)."""
+    if isinstance(layer, keras.Model):
+        return list(layer.layers)
+    flatten = getattr(layer, "_flatten_layers", None)  # Keras 3's own walk, one level
+    return list(flatten(include_self=False, recursive=False)) if flatten is not None else []
+
+
+def walk_layers(
+    model: Any, prefix: str = "", seen: set[int] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """``(path, layer)`` for every layer of ``model``, the layers of nested models and
+    custom layers included, each once (a layer held at two places is named by the first)."""
+    seen = set() if seen is None else seen
+    for layer in _sublayers(model):
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
         path = f"{prefix}{layer.name}"
         yield path, layer
-        if hasattr(layer, "layers") and isinstance(layer, keras.Model):
-            yield from walk_layers(layer, prefix=f"{path}/")
+        yield from walk_layers(layer, prefix=f"{path}/", seen=seen)
 
 
 def _unit_dim(layer: Any) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import torch
 
 from relu_doctor._validate import nonnegative, number_in, positive_int
 from relu_doctor.errors import ReluDoctorError
@@ -225,7 +226,11 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):  # type: 
 
 def lr_value(optimizer: Any) -> float:
     """The optimizer's current learning rate (a schedule's value at its iteration)."""
-    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    lr = optimizer.learning_rate
+    lr = getattr(lr, "value", lr)  # a variable's tensor (numpy 2 warns on its __array__)
+    if isinstance(lr, torch.Tensor):
+        return float(lr.detach())
+    return float(keras.ops.convert_to_numpy(lr))
 
 
 class KerasLRRescue(Remedy):

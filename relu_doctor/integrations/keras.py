@@ -244,7 +244,10 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 f"model: no layer of {model.name!r} runs a ReLU-family activation"
                 f"{' after include/exclude' if (self.include or self.exclude) else ''}; "
                 "relu_doctor watches Dense/Conv layers with activation='relu' (relu6, "
-                "leaky_relu, elu, selu, gelu, silu) and ReLU/LeakyReLU/ELU/PReLU/Activation layers."
+                "leaky_relu, elu, selu, gelu, silu) and ReLU/LeakyReLU/ELU/PReLU/Activation "
+                "layers, in nested models and custom layers too; an activation called as a "
+                "function in a layer's call() (keras.ops.relu(x)) is not seen: make it a "
+                "keras.layers.ReLU() or the layer's activation='relu'."
             )
         if self._fitted is None or self._fitted() is not model:  # a new run
             self.doctor, self.remedies, self._last = None, {}, None

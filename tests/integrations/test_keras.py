@@ -123,6 +123,39 @@ def test_conv_channels_last_units_are_filters(tmp_path: Path) -> None:
         assert row["activation_rate"] == pytest.approx(want[site]["activation_rate"], rel=1e-9)
 
 
+def test_a_dense_inside_a_custom_layer_is_a_site(tmp_path: Path) -> None:
+    # Keras' guides build blocks as custom layers holding sublayers (a Transformer block's
+    # ffn Sequential): their activations are sites, named by the layers holding them.
+    class Block(keras.layers.Layer):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.ffn = keras.Sequential([keras.layers.Dense(8, activation="relu", name="up"),
+                                         keras.layers.Dense(12, name="down")], name="ffn")
+            self.act = keras.layers.ReLU(name="act")
+
+        def call(self, x: Any) -> Any:
+            return self.act(x + self.ffn(x))
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12,))
+    block = Block(name="block")
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(block(inp)))
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    x, y = _data(64)
+    layers = {"block/ffn/up": block.ffn.get_layer("up"), "block/act": block.act}
+    ref = Outputs(layers, {k: -1 for k in layers}, keep=lambda: torch.is_grad_enabled())
+    cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None, run_dir=tmp_path / "run")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    ref.remove()
+    assert sorted(cb.sites) == ["block/act", "block/ffn/up"]
+    h = relu_doctor.load_run(tmp_path / "run").history.set_index(["step", "site"])
+    for i, want in enumerate(windows(ref.passes, 2)):
+        for name, w in want.items():
+            row = h.loc[(2 * (i + 1), name)]
+            assert (row["dead"], row["elements"]) == (w["dead"], w["elements"]), name
+            assert row["activation_rate"] == pytest.approx(w["activation_rate"]), name
+
+
 def test_its_own_unit_dims_raise_no_pattern_warning(tmp_path: Path) -> None:
     # The callback gives the Doctor one unit dim per Keras layer path; those paths are not
     # torch module paths, and a check of them against named_modules() warned on every fit.
@@ -400,6 +433,25 @@ def test_the_training_curve_is_what_keras_reports_and_the_learning_rate(tmp_path
                                                         rel=1e-6)
         # the rate the logging step used: the schedule at its iteration, step - 1
         assert got.loc[step, "lr"] == pytest.approx(0.01 * 0.5 ** ((step - 1) / 3), rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_reading_the_learning_rate_makes_no_deprecation_warning(tmp_path: Path, schedule: bool) -> None:
+    # numpy 2 warns (DeprecationWarning) when asked for a Keras variable's array; a plain fit
+    # makes none, so a watched one must not either (it raises under -W error, as in pytest).
+    keras.utils.set_random_seed(0)
+    lr = keras.optimizers.schedules.ExponentialDecay(0.1, 2, 0.5) if schedule else 0.05
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(4, activation="relu"),
+                              keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="categorical_crossentropy")
+    x, y = _data(32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0,
+                  callbacks=[ReluDoctorCallback(log_every_n_steps=1, run_dir=tmp_path / "run")])
+    got = relu_doctor.load_run(tmp_path / "run").metrics.query("name == 'lr'")["value"].tolist()
+    want = [0.1 * 0.5 ** (i / 2) for i in range(2)] if schedule else [0.05, 0.05]
+    assert got == pytest.approx(want, rel=1e-6)
 
 
 def test_callback_numbers_equal_the_standalone_watch(tmp_path: Path) -> None:
