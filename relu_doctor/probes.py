@@ -910,6 +910,11 @@ def _weak_method(method: Callable[..., None]) -> Callable[..., None]:
     ref = weakref.WeakMethod(method)
 
     def call(*args: Any) -> None:
+        if _is_compiling():
+            # A module made while torch.compile traces (the ModuleList that slicing one
+            # builds, as HF Llama's `self.layers[:n]`) is a temporary, never the model's
+            # own; Dynamo cannot trace the weak reference (a graph break per call).
+            return
         bound = ref()
         if bound is not None:
             bound(*args)

@@ -233,3 +233,47 @@ def test_a_compiled_module_run_unbatched_first_counts_its_later_unbatched_calls(
     np.testing.assert_array_equal(f["elements"], np.full(6, float(len(h))))
     np.testing.assert_array_equal(f["active"], (h > 0).sum(0).double().numpy())
     np.testing.assert_allclose(f["sum"], h.sum(0).double().numpy(), rtol=1e-5)
+
+
+class _SlicedLayers(nn.Module):
+    """Runs the first layers of a ModuleList through a slice, as HF Llama, Mistral and Qwen2
+    do (``for layer in self.layers[: n]``): the slice is a new ModuleList made inside the
+    compiled forward, registering its modules as it is built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:2]:
+            x = layer(x)
+        return x
+
+
+def test_a_modulelist_sliced_in_a_compiled_forward_makes_no_graph_break() -> None:
+    # torch's process-wide module registration hook (how a watched model's new modules are
+    # found) ran the Probe's weak reference, which Dynamo cannot trace: a graph break at
+    # each slice, and a watched compiled run no longer bit-identical to an unwatched one.
+    xs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    weights = []
+    for watched in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        torch.manual_seed(0)
+        net = _SlicedLayers()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        compiled = torch.compile(net, backend="aot_eager", fullgraph=True)  # a break raises
+        doc = relu_doctor.watch(net, every_n_steps=1, overhead_budget=None) if watched else None
+        for x in xs:
+            compiled(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if doc is not None:
+                doc.step()
+        assert not torch._dynamo.utils.counters["graph_break"]
+        if doc is not None:
+            assert [s.name for s in doc.sites] == ["layers.0.1", "layers.1.1"]
+            assert all(site_fields(s)["elements"].tolist() == [12.0] * 8 for s in doc.sites)
+            doc.detach()
+        weights.append([p.detach().clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
