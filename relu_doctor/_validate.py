@@ -18,6 +18,7 @@ import numpy as np
 from relu_doctor.errors import ReluDoctorError
 
 __all__ = [
+    "callable_or_none",
     "finite_or_none",
     "flag",
     "glob_patterns",
@@ -80,6 +81,10 @@ def path(name: str, value: object, *, none: bool = False) -> Any:
         raise ReluDoctorError(
             f"{name}: expected a path (str or os.PathLike){' or None' if none else ''}, "
             f"got {value!r}."
+        )
+    if value is not None and os.fspath(value) == "":
+        raise ReluDoctorError(
+            f"{name}: got an empty path ''; name a directory (for the current one, '.')."
         )
     return value
 
@@ -191,6 +196,13 @@ def matches(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
     if inc and not any(fnmatch.fnmatchcase(name, p) for p in inc):
         return False
     return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def callable_or_none(name: str, value: object) -> Any:
+    """A function argument, or None."""
+    if value is not None and not callable(value):
+        raise ReluDoctorError(f"{name}: expected a function or None, got {value!r}.")
+    return value
 
 
 def optimizers(name: str, value: Any) -> list[Any]:

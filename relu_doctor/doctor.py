@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from relu_doctor._hooks import HookOwner
-from relu_doctor._validate import flag, path_or_none, positive_int
+from relu_doctor._validate import callable_or_none, flag, path_or_none, positive_int
 from relu_doctor._validate import optimizers as optimizers_arg
 from relu_doctor.diagnosis import REMEDY_NAMES, DiagnosisConfig, diagnosis_config
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError, user_stacklevel
@@ -156,9 +156,13 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         stream: str = "train",
     ) -> None:
         path_or_none("run_dir", run_dir)
-        flag("gradients", gradients)
+        for name, value in (("gradients", gradients), ("is_writer", is_writer),
+                            ("optimizer_pre_hook", optimizer_pre_hook),
+                            ("tensorboard", tensorboard), ("resume", resume)):
+            flag(name, value)
         if functional is not None:
             flag("functional", functional)
+        callable_or_none("all_reduce", all_reduce)
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
         every, budget = check_rate(every_n_steps, overhead_budget)
         #: the host seconds this Doctor's hooks spent collecting (its budget's measure)
