@@ -264,6 +264,36 @@ def test_a_sick_runs_findings_outlive_a_missing_findings_json(tmp_path):
     assert not relu_doctor.reports.summary(run).splitlines()[0].endswith("Healthy")
 
 
+def test_findings_taken_from_events_say_which_step_their_evidence_is_from(tmp_path):
+    """Rebuilt from events.jsonl, a finding holds the evidence of the log where it began or
+    last changed: a report showed it under the last log's step as if it were that log's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    with torch.no_grad():
+        model[0].bias[:12] = -100.0  # dead from the start: its finding begins at step 2
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with relu_doctor.watch(model, log_every_n_steps=2, run_dir=tmp_path / "r",
+                           optimizer=opt) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(4)], doc=doc, optimizer=opt)
+        with torch.no_grad():
+            model[2].bias[:] = -100.0  # the second layer dies after step 4: its finding at 6
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc, optimizer=opt)
+    intact = relu_doctor.reports.summary(load_run(tmp_path / "r"))
+    assert "evidence from step" not in intact
+    (tmp_path / "r" / "findings.json").unlink()
+    with pytest.warns(ReluDoctorWarning, match="taken from events.jsonl"):
+        run = load_run(tmp_path / "r")
+    began = {f.site: f.step for f in run.findings() if f.kind == "dead"}
+    assert began == {"1": 2, "3": 6}
+    lines = relu_doctor.reports.summary(run).splitlines()
+    assert any(line.startswith("  [critical] 1:") and line.endswith("(evidence from step 2)")
+               for line in lines), lines
+    assert not any(line.startswith("  [critical] 3:") and "evidence from" in line for line in lines)
+    html = relu_doctor.reports.render_report(run)
+    assert html.count("evidence from step 2") == 1 and "evidence from step 6" not in html
+
+
 @pytest.mark.parametrize("how", [
     "another schema", "step as text", "truncated part", "random bytes part", "[1,2,3]",
     "null", '{"type": "finding", "step": "twenty"}', "invalid utf-8", "findings.json a dict",

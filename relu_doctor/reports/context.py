@@ -536,6 +536,10 @@ def build_context(run: Run) -> ReportContext:
     findings = [finding_view(f) for f in run.findings()]
     findings.sort(key=lambda f: (-severity_rank(f.severity), f.kind, f.site))
     findings_step = max((f.step for f in findings), default=last_step)
+    # (findings rebuilt from events.jsonl hold the evidence of the log each began or last
+    # changed at: said on each, not shown as the later step's)
+    findings = [replace(f, as_of=f.step) if findings_step is not None and f.step < findings_step
+                else f for f in findings]
     sites = _site_rows(run, last, findings)
     interventions = [intervention_view(e) for e in run.interventions()]
     metrics = _metrics_table(run)

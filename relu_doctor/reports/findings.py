@@ -69,6 +69,9 @@ class FindingView:
     merged: list[tuple[str, str]] = field(default_factory=list)
     #: what was already done at this site (or to the whole model), one line each
     done: list[str] = field(default_factory=list)
+    #: the step of its evidence, where it is older than the other findings' (a finding
+    #: rebuilt from events.jsonl: the log it began or last changed at); else None
+    as_of: int | None = None
 
 
 def kind_label(kind: str) -> str:

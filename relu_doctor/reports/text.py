@@ -81,7 +81,8 @@ def summary(
     serious = [f for f in ctx.findings if f.severity != "info"] or ctx.findings
     for f in serious[:max_findings]:
         units = f" [{f.unit_label}: {_clip(f.units_text, 60)}]" if f.units_named else ""
-        lines.append(f"  [{f.severity}] {f.site}: {f.message}{units}")
+        as_of = f" (evidence from step {f.as_of})" if f.as_of is not None else ""
+        lines.append(f"  [{f.severity}] {f.site}: {f.message}{units}{as_of}")
     if len(serious) > max_findings:
         lines.append(f"  ... and {len(serious) - max_findings} more findings (see the report)")
     rows = ctx.sites
