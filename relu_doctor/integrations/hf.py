@@ -69,7 +69,7 @@ from relu_doctor._validate import glob_patterns, positive_int
 from relu_doctor._validate import unit_dims as check_unit_dims
 from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
 from relu_doctor.doctor import Doctor
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, RunDirError
 from relu_doctor.history import IntervalRecord
 from relu_doctor.remedies import (
     ActivationSwapper,
@@ -282,6 +282,13 @@ class ReluDoctorCallback(TrainerCallback):
         saved = self._checkpoint_state(args, state)
         if self.run_dir is not None:
             run_dir = Path(self.run_dir)
+            if saved is None and (run_dir / "meta.json").is_file():
+                raise RunDirError(
+                    f"run_dir: {str(run_dir)!r} already holds a run, and a train() that does "
+                    "not resume from a checkpoint starts a new one: pass ReluDoctorCallback a "
+                    "new run_dir (or none: a fresh one in output_dir), or continue that run "
+                    "with trainer.train(resume_from_checkpoint=...)."
+                )
         elif saved is not None and saved.get("run_dir"):
             # Resumed: the run directory goes on (one inside output_dir is saved relative to
             # it, so a checkpoint copied to another output_dir continues there).

@@ -244,6 +244,42 @@ def test_remedies_change_what_they_say_and_record_it(tmp_path: Path) -> None:
                             for m in advising)
 
 
+class _Interrupt(transformers.TrainerCallback):  # type: ignore[misc]
+    """Raises at the end of step 3 of the first train() (an error, Ctrl-C in a notebook)."""
+
+    def __init__(self) -> None:
+        self.armed = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.armed and state.global_step == 3:
+            self.armed = False
+            raise RuntimeError("interrupted")
+
+
+def test_a_train_after_one_that_raised_ends_that_run_first(tmp_path: Path) -> None:
+    # The Trainer calls no on_train_end when train() raises: the next train() with the
+    # callback ends that run as on_train_end would (its last partial window logged, its
+    # directory closed), where its last window was lost and its directory left open.
+    cb = ReluDoctorCallback(overhead_budget=None)
+    trainer = transformers.Trainer(model=_model(), args=_args(tmp_path / "out"),
+                                   train_dataset=_data(), callbacks=[cb, _Interrupt()])
+    with pytest.raises(RuntimeError, match="interrupted"):
+        trainer.train()
+    first = cb.doctor
+    assert first is not None and first.run_dir is not None
+    trainer.train()
+    assert cb.doctor is not first and cb.doctor.run_dir != first.run_dir  # a new run
+    run = relu_doctor.load_run(first.run_dir)
+    assert sorted(run.history["step"].unique()) == [2, 3] and run.writer_open == ""  # closed
+    # Into a run directory named by the user, a train() that does not resume is refused
+    # with what to do instead (the message said "pass resume=True", which this has not).
+    named = ReluDoctorCallback(run_dir=first.run_dir)
+    again = transformers.Trainer(model=_model(), args=_args(tmp_path / "out2"),
+                                 train_dataset=_data(), callbacks=[named])
+    with pytest.raises(ReluDoctorError, match=r"resume_from_checkpoint"):
+        again.train()
+
+
 def test_bad_input_gets_one_clear_message(tmp_path: Path) -> None:
     args = _args(tmp_path)  # max_grad_norm=1.0 by default
     trainer = transformers.Trainer(model=_model(), args=args, train_dataset=_data(),
