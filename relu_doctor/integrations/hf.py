@@ -274,6 +274,7 @@ class ReluDoctorCallback(TrainerCallback):
         self._detach()
         self._stopped = False
         self._last = None
+        self._pending = {}  # (the last run's final scalars: not this run's first log's)
         self._output_dir = str(args.output_dir)
         opt = _inner(optimizer)
         self._move_first()
@@ -282,12 +283,17 @@ class ReluDoctorCallback(TrainerCallback):
         saved = self._checkpoint_state(args, state)
         if self.run_dir is not None:
             run_dir = Path(self.run_dir)
-            if saved is None and (run_dir / "meta.json").is_file():
+            if is_zero and saved is None and (run_dir / "meta.json").is_file():
+                # (rank zero alone: it writes meta.json, which another may find made already)
+                new = "pass ReluDoctorCallback a new run_dir (or none: a fresh one in output_dir)"
                 raise RunDirError(
-                    f"run_dir: {str(run_dir)!r} already holds a run, and a train() that does "
-                    "not resume from a checkpoint starts a new one: pass ReluDoctorCallback a "
-                    "new run_dir (or none: a fresh one in output_dir), or continue that run "
-                    "with trainer.train(resume_from_checkpoint=...)."
+                    f"run_dir: {str(run_dir)!r} already holds a run, and "
+                    + (f"the checkpoint of step {state.global_step} this train() resumes from "
+                       f"holds no relu_doctor state (saved without this callback): {new}."
+                       if state.global_step else
+                       f"a train() that does not resume from a checkpoint starts a new one: "
+                       f"{new}, or continue that run with "
+                       "trainer.train(resume_from_checkpoint=...).")
                 )
         elif saved is not None and saved.get("run_dir"):
             # Resumed: the run directory goes on (one inside output_dir is saved relative to

@@ -217,6 +217,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._epoch = 0
         self._last: IntervalRecord | None = None
         self._val_doc: Doctor | None = None
+        self._in_batch = False  # between this callback's train batch begin and end
 
     # ------------------------------------------------------------------ fit lifecycle
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -300,10 +301,12 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
         def begin(module: Any, args: Any, kwargs: Any) -> None:
             self._calls.clear()
-            # A training pass is what Keras calls with training=True (its train step), with
-            # gradients: the torch module's mode says nothing (predict() leaves it in eval
-            # until the next epoch, train steps included).
-            training = kwargs.get("training") is True and torch.is_grad_enabled()
+            # A training pass: with gradients, called with training=True (Keras' train step)
+            # or, where the call says nothing (a call() without a training argument, a custom
+            # train_step's self(x)), inside a train batch of fit. Not the torch module's mode:
+            # a predict() from a callback leaves it in eval until the next epoch.
+            said = kwargs.get("training")
+            training = torch.is_grad_enabled() and (said is True or (said is None and self._in_batch))
             for p in probes:
                 p.begin_pass(training)
 
@@ -396,6 +399,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         return bool(steps - 1 - batch < self._accumulate)
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._in_batch = True
         doc = self.doctor
         if (doc is not None and not self._stopped and self._opt is not None
                 and (self._batches + 1) % self._accumulate == 0
@@ -409,6 +413,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         return {"lr": used if used is not None else lr_value(self._opt)}
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._in_batch = False
         if self.doctor is None or self._stopped:
             return
         self._batches += 1
@@ -429,13 +434,13 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             self._val_doc.probe.paused = False
 
     def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self._val_doc is not None:
-            self._val_doc.probe.paused = True  # a predict() or evaluate() of a user's is not
         doc = self.doctor
         if doc is not None and doc.eval is not None and doc.probe.attached:
             rec = doc.log_eval()  # one evaluation-stream window per validation run
             if rec is not None:
                 self.warner(rec, "validation")
+        if self._val_doc is not None:  # (after the log: an empty window is said)
+            self._val_doc.probe.paused = True  # a predict() or evaluate() of a user's is not
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is not None and self._last is not None:

@@ -39,7 +39,12 @@ from relu_doctor.families import family_of
 from relu_doctor.probes import Probe
 from relu_doctor.remedies._held import record_from_state, record_state
 from relu_doctor.remedies._sharding import DTENSOR, refuse_several, refuse_sharded, sharding_of
-from relu_doctor.remedies.evidence import MIN_EVIDENCE_STEPS, DeadEvidence, dead_surge
+from relu_doctor.remedies.evidence import (
+    MIN_EVIDENCE_STEPS,
+    DeadEvidence,
+    dead_surge,
+    units_efficacy,
+)
 from relu_doctor.sites import SiteKey, module_label
 
 __all__ = [
@@ -302,7 +307,8 @@ class Remedy:
         self._pending: list[Pending] = []
         self._n_events = 0
         self._in_call = False
-        self._failed = False  # decide raised once: no more decisions (see _decide)
+        self._stepped_aside = False  # a bug in observe or decide: it decides no more
+        self._made: list[Intervention] = []  # made in the decide running now
         self._held: RecordLike | None = None  # a final record: decided if training goes on
         #: what the next intervention is judged on (a plan sets it before acting): metric
         #: name, ``min_gain`` and ``tolerance`` of :func:`verdict`
@@ -364,7 +370,12 @@ class Remedy:
         too, or no Doctor released it) ran before the held decision: it is observed and the
         held record decided on, not it, so that the changes made now are judged on the
         window after them. A newer final record takes the place of the held one."""
-        events: list[Intervention | InterventionResult] = list(self.observe(record))
+        try:  # (also once stepped aside: the changes it made are judged)
+            events: list[Intervention | InterventionResult] = list(self.observe(record))
+        except ReluDoctorError:
+            raise
+        except Exception as exc:  # a bug, never into the user's step (see _decide)
+            return self._step_aside(record, exc)
         held, self._held = self._held, None
         if self.holds_final and getattr(record, "final", False):
             self._held = record
@@ -376,21 +387,25 @@ class Remedy:
         return events
 
     def _decide(self, record: RecordLike) -> list[Intervention]:
-        if self._failed:
+        if self._stepped_aside:
             return []
-        self._in_call = True
+        self._in_call, self._made = True, []
         try:
             return self.decide(record)
-        except ReluDoctorError:  # asked for (on_unlinkable="raise"...): said as it is
+        except ReluDoctorError:  # its own refusal (on_unlinkable="raise"...): said as it is
             raise
-        except Exception as e:  # a bug, never into the user's step: this remedy steps aside
-            self._failed = True
+        except Exception as exc:  # a bug, never into the user's step: this remedy steps
+            return self._step_aside(record, exc)  # aside, what it made before it recorded
+        finally:
+            self._in_call, self._made = False, []
+
+    def _step_aside(self, record: RecordLike, e: Exception) -> list[Any]:  # those it made
+        if not self._stepped_aside:
+            self._stepped_aside = True
             self.warn(f"relu_doctor: the {self.name} remedy failed at step {record.step} "
                       f"({type(e).__name__}: {e}); it makes no more changes (those it made "
                       "stay, recorded). Monitoring and training go on.")
-            return []
-        finally:
-            self._in_call = False
+        return list(self._made)
 
     @property
     def held(self) -> RecordLike | None:
@@ -487,6 +502,8 @@ class Remedy:
             id=f"{self.name}:{step}:{site}:{self._n_events}{id_suffix}",
             details=details,
         )
+        if self._in_call:
+            self._made.append(ev)
         if measure_after:
             target, gain, tol = self.judge
             units = details.get("units")
@@ -542,7 +559,7 @@ class Remedy:
                 after = site_snapshot(row) if row is not None else None
             value = finite_or_none((after or {}).get(p.target)) if p.target else None
             before, target = p.before, p.target
-            efficacy = _efficacy(record, p.site, p.units) if p.units else None
+            efficacy = units_efficacy(record, p.site, p.units) if p.units else None
             if efficacy is not None and p.target == "below_tau_fraction":
                 # a change to some units is judged on those units: were they all below tau
                 # before, what share still is
@@ -580,21 +597,3 @@ class Remedy:
         self.evidence.load_state_dict(state.get("evidence") or {})
         held = state.get("held")
         self._hold(record_from_state(held) if held else None)
-
-
-def _efficacy(record: RecordLike, site: str, units: Sequence[int]) -> dict[str, Any] | None:
-    """Of the ``units`` changed at ``site``, the share still dead and still below tau (ReDo
-    score <= tau, dead units included) in ``record``: how well a recycling took."""
-    table = record.unit_table
-    if table is None or not len(table) or not units:
-        return None
-    u = table[table["site"] == site]
-    chosen = u[u["unit"].isin(list(units))]
-    if not len(chosen):
-        return None
-    n = len(chosen)
-    return {
-        "units": n,
-        "still_dead": float(chosen["dead"].astype(bool).sum()) / n,
-        "still_below_tau": float(chosen["below_tau"].astype(bool).sum()) / n,
-    }

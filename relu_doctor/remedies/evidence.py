@@ -6,7 +6,7 @@ few of its steps, and a unit active on a few inputs in a hundred then reads dead
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,7 +14,7 @@ import numpy as np
 if TYPE_CHECKING:
     from relu_doctor.remedies.base import RecordLike
 
-__all__ = ["MIN_EVIDENCE_STEPS", "DeadEvidence", "dead_surge"]
+__all__ = ["MIN_EVIDENCE_STEPS", "DeadEvidence", "dead_surge", "units_efficacy"]
 
 
 #: The collected steps a dead reading must rest on before a remedy acts on it. A window that
@@ -145,3 +145,23 @@ def dead_surge(
                      "jump": frac - before}
         prev[site] = frac
     return surge
+
+
+def units_efficacy(
+    record: RecordLike, site: str, units: Sequence[int]
+) -> dict[str, Any] | None:
+    """Of the ``units`` changed at ``site``, the share still dead and still below tau (ReDo
+    score <= tau, dead units included) in ``record``: how well a recycling took."""
+    table = record.unit_table
+    if table is None or not len(table) or not units:
+        return None
+    u = table[table["site"] == site]
+    chosen = u[u["unit"].isin(list(units))]
+    if not len(chosen):
+        return None
+    n = len(chosen)
+    return {
+        "units": n,
+        "still_dead": float(chosen["dead"].astype(bool).sum()) / n,
+        "still_below_tau": float(chosen["below_tau"].astype(bool).sum()) / n,
+    }

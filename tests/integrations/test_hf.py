@@ -280,6 +280,29 @@ def test_a_train_after_one_that_raised_ends_that_run_first(tmp_path: Path) -> No
         again.train()
 
 
+def test_a_process_that_does_not_write_takes_a_run_dir_rank_zero_made(tmp_path: Path) -> None:
+    # With several processes sharing run_dir, rank zero's on_train_begin writes meta.json
+    # first; the refusal of a run_dir that holds a run is rank zero's alone (the others,
+    # which write nothing, had raised and ended the job).
+    args = _args(tmp_path / "out", max_grad_norm=0)
+
+    def begin(zero: bool) -> ReluDoctorCallback:
+        state = transformers.TrainerState()
+        state.is_world_process_zero, state.global_step = zero, 0
+        model = _model()
+        cb = ReluDoctorCallback(run_dir=tmp_path / "rd", overhead_budget=None)
+        cb.on_train_begin(args, state, transformers.TrainerControl(), model=model,
+                          optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        return cb
+
+    first = begin(True)
+    assert (tmp_path / "rd" / "meta.json").is_file()
+    other = begin(False)
+    assert other.doctor is not None and not other.doctor.is_writer
+    for cb in (other, first):
+        cb.on_train_end(args, transformers.TrainerState(), transformers.TrainerControl())
+
+
 def test_bad_input_gets_one_clear_message(tmp_path: Path) -> None:
     args = _args(tmp_path)  # max_grad_norm=1.0 by default
     trainer = transformers.Trainer(model=_model(), args=args, train_dataset=_data(),

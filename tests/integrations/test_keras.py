@@ -525,6 +525,62 @@ def test_a_fit_after_one_that_raised_logs_its_last_window_and_goes_on(tmp_path: 
             assert h.loc[(step, name), "activation_rate"] == pytest.approx(want["activation_rate"])
 
 
+class _NoTrainingArg(keras.Model):
+    """A subclassed model whose call() takes no training argument (as many guides write it):
+    Keras' train step then calls it without training=True."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="relu", name="hidden")
+        self.out = keras.layers.Dense(3, activation="softmax", name="out")
+
+    def call(self, inputs: Any) -> Any:
+        return self.out(self.hidden(inputs))
+
+
+class _OwnTrainStep(keras.Sequential):
+    """A custom train_step that calls self(x) without training=True (torch backend)."""
+
+    def train_step(self, data: Any) -> Any:
+        x, y = data
+        y_pred = self(x)
+        loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+        self.zero_grad()
+        loss.backward()
+        grads = [v.value.grad for v in self.trainable_weights]
+        with torch.no_grad():
+            self.optimizer.apply(grads, self.trainable_weights)
+        return self.compute_metrics(x, y, y_pred)
+
+
+@pytest.mark.parametrize("kind", ["no training argument", "own train_step"])
+def test_a_train_step_that_does_not_say_training_is_still_counted(tmp_path: Path, kind: str) -> None:
+    # Where the train step's call says nothing of training, a pass with gradients inside a
+    # train batch of fit is a training pass (these were watched not at all: the callback
+    # stepped aside at the first step, "ran no ReLU-family activation").
+    keras.utils.set_random_seed(0)
+    if kind == "no training argument":
+        model: Any = _NoTrainingArg()
+        model.build((None, 12))
+    else:
+        model = _OwnTrainStep([keras.Input((12,)), keras.layers.Dense(8, activation="relu", name="hidden"),
+                               keras.layers.Dense(3, activation="softmax", name="out")])
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    x, y = _data(64)
+    hidden = model.get_layer("hidden")
+    ref = Outputs({"hidden": hidden}, {"hidden": -1}, keep=lambda: torch.is_grad_enabled())
+    cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None, run_dir=tmp_path / "run")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    ref.remove()
+    h = relu_doctor.load_run(tmp_path / "run").history.set_index(["step", "site"])
+    want = windows(ref.passes, 2)
+    assert len(want) == 2
+    for i, w in enumerate(want):
+        row = h.loc[(2 * (i + 1), "hidden")]
+        assert (row["elements"], row["dead"]) == (w["hidden"]["elements"], w["hidden"]["dead"])
+        assert row["activation_rate"] == pytest.approx(w["hidden"]["activation_rate"])
+
+
 class _SideCalls(keras.callbacks.Callback):
     """What users' callbacks run during fit beside ours: ``predict`` (which leaves the torch
     module in eval mode until the next epoch, its train steps included), a feature model

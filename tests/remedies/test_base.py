@@ -227,18 +227,69 @@ def test_a_remedy_that_fails_warns_once_and_steps_aside_while_monitoring_goes_on
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with torch.no_grad():
         net[0].bias[:6] = -100.0
-    with pytest.warns(UserWarning, match="the marker remedy failed at step 2") as caught:
-        with relu_doctor.watch(net, log_every_n_steps=1) as doc:
-            seen = events_of(doc)
-            Failing().bind(doc)
-            for _ in range(4):
-                net(torch.randn(8, 4)).sum().backward()
-                doc.step()
+    with (pytest.warns(UserWarning, match="the marker remedy failed at step 2") as caught,
+          relu_doctor.watch(net, log_every_n_steps=1) as doc):
+        seen = events_of(doc)
+        Failing().bind(doc)
+        for _ in range(4):
+            net(torch.randn(8, 4)).sum().backward()
+            doc.step()
     assert sum("remedy failed" in str(w.message) for w in caught) == 1
     assert Failing.calls == 2  # no decision after the failure
     assert [r.step for r in doc.records] == [1, 2, 3, 4]
     assert [(e["type"], e["step"]) for e in seen] == [
         ("intervention", 1), ("intervention_result", 2)]  # the step-1 change still judged
+
+
+def test_a_remedy_that_fails_half_way_records_what_it_changed_before():
+    # A decision that made a change and then failed: the change is recorded (announced,
+    # judged at the next log) as if the decision had returned it.
+    class HalfWay(Marker):
+        def decide(self, record: RecordLike) -> list[Intervention]:
+            made = super().decide(record)  # one intervention, made here
+            if made:
+                raise RuntimeError("failed after a change")
+            return made
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        net[0].bias[:6] = -100.0
+    with (pytest.warns(UserWarning, match="marker remedy failed at step 1"),
+          relu_doctor.watch(net, log_every_n_steps=1) as doc):
+        seen = events_of(doc)
+        HalfWay().bind(doc)
+        for _ in range(2):
+            net(torch.randn(8, 4)).sum().backward()
+            doc.step()
+    assert [(e["type"], e["step"]) for e in seen] == [("intervention", 1), ("intervention_result", 2)]
+
+
+def test_a_clippers_failing_report_does_not_stop_its_clipping():
+    # The clipper's own "clip no more" (its hook failed) and a remedy's "decide no more" (its
+    # report failed) are two things: a failing report leaves the clipping in the optimizer on.
+    from relu_doctor.remedies import AutoClip
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    clip = AutoClip(percentile=10, warmup_steps=0).attach(opt)
+
+    def broken(record: RecordLike) -> list[Intervention]:
+        raise IndexError("a bug in the report")
+
+    clip.decide = broken  # type: ignore[method-assign]
+    clipped = []
+    with (pytest.warns(UserWarning, match="adaptive_grad_clip remedy failed at step 1"),
+          relu_doctor.watch(net, log_every_n_steps=1, optimizer=opt) as doc):
+        clip.bind(doc)
+        for i in range(6):  # growing gradients: each step's norm over the 10th percentile
+            net(torch.randn(8, 4) * (1 + i)).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            clipped.append(int(clip._clipped or 0))  # never read: the report failed
+            doc.step()
+    assert clipped[-1] >= clipped[1] + 4  # every step after the failure clipped
 
 
 def test_sites_resolve_to_keys_without_parsing_names():
