@@ -386,9 +386,9 @@ class IntervalReading:
         }.get(self.probe.stream, "no forward pass of the model ran in them")
         if self.window_steps > 0:  # passes of its stream ran, with no watched activation
             which = (f"{'training' if self.probe.stream == 'train' else 'its'} passes ran in "
-                     f"{self.window_steps} of them, but none ran a watched activation: the "
-                     "model's activations were replaced (by nn.Identity, say) or bypassed in "
-                     "its forward")
+                     f"{self.window_steps} of them, but no watched activation saw an element: "
+                     "its batches were empty, or the model's activations were replaced (by "
+                     "nn.Identity, say) or bypassed in its forward")
         warnings.warn(
             f"relu_doctor: the window ending at step {self.global_step} recorded nothing in "
             f"its {self._window_scheduled} collecting step(s): {which}. Its statistics are empty "

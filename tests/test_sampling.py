@@ -1125,8 +1125,9 @@ def test_a_window_whose_passes_ran_no_activation_says_so_not_eval_mode():
     doc, said = _train_changed_at(net, 10, 5, lambda: net.__setitem__(1, nn.Identity()))
     assert len(said) == 1
     assert ("step 10 recorded nothing in its 5 collecting step(s): training passes ran in 5 "
-            "of them, but none ran a watched activation: the model's activations were "
-            "replaced (by nn.Identity, say) or bypassed in its forward. ") in said[0]
+            "of them, but no watched activation saw an element: its batches were empty, or the "
+            "model's activations were replaced (by nn.Identity, say) or bypassed in its "
+            "forward. ") in said[0]
     assert "eval" not in said[0]
     assert [(r.step, r.judged) for r in doc.records] == [(5, True), (10, False)]
 
