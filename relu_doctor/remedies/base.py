@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from relu_doctor._validate import finite_or_none, matches
 from relu_doctor.diagnosis import Finding
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.events import Intervention, InterventionResult
 from relu_doctor.families import family_of
 from relu_doctor.probes import Probe
@@ -97,17 +97,18 @@ HELPED, NOT_HELPED, UNKNOWN = "helped", "did not help", "unknown"
 def verdict(
     before: float | None, after: float | None, *, min_gain: float = 0.0, tolerance: float = 0.0
 ) -> str:
-    """Whether a change helped its target metric (lower is better): ``"helped"`` when
-    ``after <= before * (1 - min_gain) + tolerance``, ``"did not help"`` otherwise, and
-    ``"unknown"`` when either value is missing.
+    """Whether a change helped its target (lower is better): ``"helped"`` when ``after <=
+    before * (1 - min_gain) + tolerance`` and, without a tolerance, ``after < before`` ("no
+    worse" needs a tolerance), else ``"did not help"``; ``"unknown"`` if either is None.
 
     Example:
-        >>> verdict(0.5, 0.2, min_gain=0.25), verdict(0.5, 0.45, min_gain=0.25)
-        ('helped', 'did not help')
+        >>> verdict(0.5, 0.2, min_gain=0.25), verdict(0.5, 0.45, min_gain=0.25), verdict(0.3, 0.3)
+        ('helped', 'did not help', 'did not help')
     """
     if before is None or after is None:
         return UNKNOWN
-    return HELPED if after <= before * (1.0 - min_gain) + tolerance else NOT_HELPED
+    lower = after < before or tolerance > 0
+    return HELPED if lower and after <= before * (1.0 - min_gain) + tolerance else NOT_HELPED
 
 
 #: What an ``optimizer(s)`` argument takes: one optimizer, several, or none.
@@ -157,8 +158,8 @@ class DoctorLike(Protocol):
     def site_key(self, name: str) -> SiteKey: ...
 
 
-def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=4)
+def _warn(message: str) -> None:  # (a ReluDoctorWarning, at the user's line)
+    warnings.warn(message, ReluDoctorWarning, stacklevel=user_stacklevel())
 
 
 def site_snapshot(row: Mapping[str, Any]) -> dict[str, float | None]:

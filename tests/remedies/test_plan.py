@@ -40,7 +40,9 @@ def _train(net: nn.Module, opt: torch.optim.Optimizer, steps: int, *, plan_kw: d
 
 
 def test_verdict_rule() -> None:
-    assert verdict(0.4, 0.4) == "helped"  # no worse, min_gain 0
+    assert verdict(0.4, 0.4) == "did not help"  # unmoved: "no worse" needs a tolerance
+    assert verdict(0.4, 0.39) == "helped"
+    assert verdict(0.4, 0.4, tolerance=0.02) == "helped"
     assert verdict(0.4, 0.41, tolerance=0.02) == "helped"
     assert verdict(0.4, 0.45) == "did not help"
     assert verdict(0.4, 0.29, min_gain=0.25) == "helped"

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import relu_doctor
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.remedies import DormantRecycler, find_unit_links, recycle_units
 from relu_doctor.sites import SiteKey
 from tests.remedies.helpers import (
@@ -285,8 +285,9 @@ def test_unlinkable_sites_are_skipped_with_one_warning_or_raise():
     keys = {"relu#1": SiteKey("relu", 1)}
     r = DormantRecycler(block)
     block(torch.randn(2, 4, 5, 5))
-    with pytest.warns(UserWarning, match="leaving site 'relu#1' alone.*input comes from a sum"):
+    with pytest.warns(ReluDoctorWarning, match="leaving site 'relu#1' alone.*input comes from a sum") as said:
         assert r(rec(10, rows, units=units, keys=keys)) == []
+    assert said[0].filename == __file__  # at the caller's line, not inside relu_doctor
     assert r(rec(20, rows, units=units, keys=keys)) == []  # no second warning, no event
     with pytest.raises(ReluDoctorError, match="site 'relu#1'"):
         DormantRecycler(block, on_unlinkable="raise", example_inputs=torch.randn(2, 4, 5, 5))(

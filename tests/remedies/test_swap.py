@@ -416,3 +416,24 @@ def test_the_swapper_acts_at_module_sites_in_its_patterns_only():
         assert [every.acts_at(n) for n in names] == [True, False]
         none = ActivationSwapper(net, exclude="act").bind(doc)
         assert [none.acts_at(n) for n in names] == [False, False]
+
+
+def test_a_swap_that_revives_no_unit_did_not_help():
+    # Units held far below zero stay dead under LeakyReLU too: the site's dead fraction does
+    # not move, and the swap is judged "did not help" (it read "helped": no worse).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        net[0].bias[:10] = -100.0
+    x = torch.randn(64, 16)
+    with relu_doctor.watch(net, log_every_n_steps=2, overhead_budget=None) as doc:
+        seen = events_of(doc)
+        ActivationSwapper(net, threshold=0.2, patience=1).bind(doc)
+        for _ in range(4):
+            net(x).sum().backward()
+            doc.step()
+    (made,) = [e for e in seen if e["type"] == "intervention"]
+    (result,) = [e for e in seen if e["type"] == "intervention_result"]
+    assert result["ref"] == made["id"] and result["target"] == "dead_fraction"
+    assert made["before"]["dead_fraction"] == result["after"]["dead_fraction"] == 10 / 32
+    assert result["verdict"] == "did not help"
