@@ -185,11 +185,17 @@ def test_pending_interventions_survive_a_checkpoint():
     assert new.id == "marker:20:a:2"  # ids continue, never reused
 
 
-def test_bound_remedies_record_every_event_once():
+def _marked_net() -> nn.Module:
+    """A net whose first layer has 6 of 8 units dead (Marker acts at its site "1")."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with torch.no_grad():
         net[0].bias[:6] = -100.0
+    return net
+
+
+def test_bound_remedies_record_every_event_once():
+    net = _marked_net()
     with relu_doctor.watch(net, log_every_n_steps=1) as doc:
         seen = events_of(doc)
         m = Marker()
@@ -211,6 +217,19 @@ def test_bound_remedies_record_every_event_once():
     assert seen[0]["details"] == {"note": 1}
 
 
+def _marked_run(remedy: Remedy, steps: int) -> tuple[relu_doctor.Doctor, list[dict[str, Any]]]:
+    """``steps`` steps of :func:`_marked_net`, logged at every step, with ``remedy`` bound:
+    the Doctor and the events it recorded."""
+    net = _marked_net()
+    with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+        seen = events_of(doc)
+        remedy.bind(doc)
+        for _ in range(steps):
+            net(torch.randn(8, 4)).sum().backward()
+            doc.step()
+    return doc, seen
+
+
 def test_a_remedy_that_fails_warns_once_and_steps_aside_while_monitoring_goes_on():
     # A bug in a remedy's decision (here on its second decision) must not reach the user's
     # doc.step() nor stop the monitoring: one warning, no more decisions, every log written.
@@ -223,17 +242,8 @@ def test_a_remedy_that_fails_warns_once_and_steps_aside_while_monitoring_goes_on
                 raise IndexError("a bug")
             return super().decide(record)
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    with torch.no_grad():
-        net[0].bias[:6] = -100.0
-    with (pytest.warns(UserWarning, match="the marker remedy failed at step 2") as caught,
-          relu_doctor.watch(net, log_every_n_steps=1) as doc):
-        seen = events_of(doc)
-        Failing().bind(doc)
-        for _ in range(4):
-            net(torch.randn(8, 4)).sum().backward()
-            doc.step()
+    with pytest.warns(UserWarning, match="the marker remedy failed at step 2") as caught:
+        doc, seen = _marked_run(Failing(), 4)
     assert sum("remedy failed" in str(w.message) for w in caught) == 1
     assert Failing.calls == 2  # no decision after the failure
     assert [r.step for r in doc.records] == [1, 2, 3, 4]
@@ -251,17 +261,8 @@ def test_a_remedy_that_fails_half_way_records_what_it_changed_before():
                 raise RuntimeError("failed after a change")
             return made
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    with torch.no_grad():
-        net[0].bias[:6] = -100.0
-    with (pytest.warns(UserWarning, match="marker remedy failed at step 1"),
-          relu_doctor.watch(net, log_every_n_steps=1) as doc):
-        seen = events_of(doc)
-        HalfWay().bind(doc)
-        for _ in range(2):
-            net(torch.randn(8, 4)).sum().backward()
-            doc.step()
+    with pytest.warns(UserWarning, match="marker remedy failed at step 1"):
+        _, seen = _marked_run(HalfWay(), 2)
     assert [(e["type"], e["step"]) for e in seen] == [("intervention", 1), ("intervention_result", 2)]
 
 
