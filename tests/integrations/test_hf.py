@@ -280,6 +280,25 @@ def test_a_train_after_one_that_raised_ends_that_run_first(tmp_path: Path) -> No
         again.train()
 
 
+def test_a_new_train_does_not_log_the_last_runs_final_scalars(tmp_path: Path) -> None:
+    # The last window's scalars, logged at on_train_end after the Trainer's last log, wait
+    # for a next on_log: a new train() must not log them at its own first step.
+    cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None)
+    logs = _Logs()  # the Trainer logs at every step, relu_doctor at every second
+    trainer = transformers.Trainer(
+        model=_model(), args=_args(tmp_path / "out", max_steps=5, logging_steps=1),
+        train_dataset=_data(), callbacks=[cb, logs])
+    trainer.train()
+    assert cb._pending  # the final window's, unlogged
+    first_run = len(logs.logs)
+    trainer.train()
+    second = [entry for entry in logs.logs[first_run:] if "relu_doctor/health" in entry]
+    assert second and second[0]["step"] == 2
+    assert cb.doctor is not None
+    want = health_scalars(cb.doctor.records[0])
+    assert {k: second[0][k] for k in want} == pytest.approx(want)
+
+
 def test_a_process_that_does_not_write_takes_a_run_dir_rank_zero_made(tmp_path: Path) -> None:
     # With several processes sharing run_dir, rank zero's on_train_begin writes meta.json
     # first; the refusal of a run_dir that holds a run is rank zero's alone (the others,
