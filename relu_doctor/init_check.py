@@ -127,6 +127,13 @@ def check_init(
     rows: list[dict[str, Any]] = []
     for row in record.site_rows:
         key = record.key(row["site"])
+        # Its producer: the layer the pass was followed to (functional calls too); a module
+        # the pass could not be followed from: the last Linear/Conv before it in definition
+        # order; else unknown.
+        site = doc.probe.site_by_key(key)
+        found = site.producer if site is not None else None
+        layer = (model.get_submodule(found) if found is not None
+                 else producers.get(key.module_path) if key.op is None else None)
         units = record.unit_table[record.unit_table["site"] == row["site"]]
         dead = units.loc[units["dead"].astype(bool), "unit"]
         rms = float(row["rms"])
@@ -137,8 +144,7 @@ def check_init(
             "second_moment": rms * rms if math.isfinite(rms) else math.nan,
             "born_dead": len(dead),
             "born_dead_units": [int(i) for i in dead.iloc[:64]],
-            # a module's producer: the last Linear/Conv before it; a functional call's: unknown
-            "_gain": _gain(producers.get(key.module_path)) if key.op is None else None,
+            "_gain": _gain(layer),
         })
     return _report(rows, shrink)
 

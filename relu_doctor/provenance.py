@@ -75,12 +75,15 @@ class Origin:
         producer: the layer that made them (``"Linear `fc1`"``, ``"Conv2d `features.0`"``).
         kind: ``"features"`` (Linear-like: the last dim where made) or ``"channels"``.
         moved: True when a permute/transpose moved the axis after it was made.
+        layer: the module path of the layer that made them (``""``: the model itself), where
+            a module of the model holds the weight; else None.
     """
 
     dim: int
     producer: str
     kind: str
     moved: bool = False
+    layer: str | None = None
 
     def rule(self, ndim: int) -> str:
         """The rule in words, e.g. ``"Linear `fc1` -> last dim"``."""
@@ -128,7 +131,8 @@ class ProvenanceTracker:
         self._mode = ObservingMode(self._observe)
         self._active = False
         self._origins: dict[int, tuple[weakref.ref[torch.Tensor], Origin]] = {}
-        self._weights: dict[int, tuple[Any, str, str | None]] = {}  # id -> (ref, label, class)
+        #: id -> (ref, label, class, module path)
+        self._weights: dict[int, tuple[Any, str, str | None, str | None]] = {}
 
     # ------------------------------------------------------------------ passes
     @property
@@ -155,9 +159,10 @@ class ProvenanceTracker:
         self._origins.clear()
         self._weights = {}
 
-    def _weight_labels(self) -> dict[int, tuple[Any, str, str | None]]:
-        """``id(parameter or buffer) -> (ref, module path or key, module class or None)``."""
-        out: dict[int, tuple[Any, str, str | None]] = {}
+    def _weight_labels(self) -> dict[int, tuple[Any, str, str | None, str | None]]:
+        """``id(parameter or buffer) -> (ref, module path or key, module class or None, module
+        path or None)``."""
+        out: dict[int, tuple[Any, str, str | None, str | None]] = {}
         for path, mod in self.model.named_modules():
             holder = isinstance(mod, (nn.ParameterDict, nn.ParameterList))
             tensors: Iterable[tuple[str, Any]] = list(mod.named_parameters(recurse=False)) + list(
@@ -167,9 +172,9 @@ class ProvenanceTracker:
                 if t is None or id(t) in out:
                     continue
                 if holder:  # Keras keeps its variables in a ParameterDict keyed by layer path
-                    out[id(t)] = (weakref.ref(t), pname, None)
+                    out[id(t)] = (weakref.ref(t), pname, None, None)
                 else:
-                    out[id(t)] = (weakref.ref(t), path or "(root)", type(mod).__name__)
+                    out[id(t)] = (weakref.ref(t), path or "(root)", type(mod).__name__, path)
         return out
 
     # ------------------------------------------------------------------ lookup
@@ -186,22 +191,23 @@ class ProvenanceTracker:
         if origin is not None and isinstance(t, torch.Tensor) and 0 <= origin.dim < t.dim():
             self._origins[id(t)] = (weakref.ref(t), origin)
 
-    def _weight(self, t: Any) -> tuple[str, str | None] | None:
+    def _weight(self, t: Any) -> tuple[str, str | None, str | None] | None:
         if not isinstance(t, torch.Tensor):
             return None
         got = self._weights.get(id(t))
         if got is None or got[0]() is not t:
             return None
-        return got[1], got[2]
+        return got[1], got[2], got[3]
 
-    def _producer(self, op: str, weight: Any, default: str) -> str:
+    def _made(self, dim: int, op: str, weight: Any, default: str, kind: str) -> Origin:
+        """The origin of what ``op`` made from ``weight`` (its producer in words: the layer
+        holding the weight, else ``default`` or the op)."""
         w = self._weight(weight)
         if w is None:
-            return f"{default} (F.{op})" if default else f"F.{op}"
-        label, cls = w
-        if cls is None:
-            return f"{op} with weight `{label}`"
-        return f"{cls} `{label}`"
+            return Origin(dim, f"{default} (F.{op})" if default else f"F.{op}", kind)
+        label, cls, path = w
+        return Origin(dim, f"{op} with weight `{label}`" if cls is None else f"{cls} `{label}`",
+                      kind, layer=path)
 
     # ------------------------------------------------------------------ rules
     def _observe(
@@ -219,21 +225,21 @@ class ProvenanceTracker:
         if name in _WEIGHT_VIEWS and isinstance(out, torch.Tensor):
             w = self._weight(first)
             if w is not None:
-                self._weights[id(out)] = (weakref.ref(out), w[0], w[1])
+                self._weights[id(out)] = (weakref.ref(out), *w)
                 return
         if not isinstance(out, (torch.Tensor, tuple, list)):
             return
         if name == "linear":
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             if isinstance(out, torch.Tensor):
-                self._set(out, Origin(out.dim() - 1, self._producer(name, weight, "Linear"), "features"))
+                self._set(out, self._made(out.dim() - 1, name, weight, "Linear", "features"))
             return
         if name in _MATMUL:
             weight = args[2] if name in ("addmm", "baddbmm") and len(args) > 2 else (
                 args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
             )
             if isinstance(out, torch.Tensor) and self._weight(weight) is not None:
-                self._set(out, Origin(out.dim() - 1, self._producer(name, weight, ""), "features"))
+                self._set(out, self._made(out.dim() - 1, name, weight, "", "features"))
             return
         if name in _CONV:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -241,12 +247,12 @@ class ProvenanceTracker:
                 spatial = weight.dim() - 2
                 dim = 1 if out.dim() == spatial + 2 else 0
                 cls = f"Conv{spatial}d" if "transpose" not in name else f"ConvTranspose{spatial}d"
-                self._set(out, Origin(dim, self._producer(name, weight, cls), "channels"))
+                self._set(out, self._made(dim, name, weight, cls, "channels"))
             return
         if name == "embedding":
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             if isinstance(out, torch.Tensor):
-                self._set(out, Origin(out.dim() - 1, self._producer(name, weight, "Embedding"), "features"))
+                self._set(out, self._made(out.dim() - 1, name, weight, "Embedding", "features"))
             return
         if name in _NORM_CHANNELS or name in _NORM_LAST:
             if isinstance(out, torch.Tensor):
@@ -258,7 +264,7 @@ class ProvenanceTracker:
                                   if self._weight(a) is not None), None)
                     dim = out.dim() - 1 if name in _NORM_LAST else min(1, out.dim() - 1)
                     kind = "features" if name in _NORM_LAST else "channels"
-                    self._set(out, Origin(dim, self._producer(name, owner, ""), kind))
+                    self._set(out, self._made(dim, name, owner, "", kind))
             return
         if name in _CAT:
             self._see_cat(args, kwargs, out)

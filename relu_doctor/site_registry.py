@@ -146,6 +146,7 @@ class SiteRegistry:
             shape=shape,
             cap=family.cap_of(module),
             from_end=override is None or override < 0,
+            producer=origin.layer if origin is not None else None,
         )
         self._sites[key] = site
         self._rename()

@@ -149,6 +149,9 @@ class Site:
     from_end: bool = True
     other_ranks: set[int] = field(default_factory=set)
     restored: bool = False  # made from a checkpoint, not yet called since
+    #: the module path of the layer found making its input in the pass that made it (see
+    #: provenance.Origin.layer; ``""``: the model itself), or None
+    producer: str | None = None
 
     def dim_for(self, ndim: int) -> int:
         """The unit dim of a call whose output has ``ndim`` dims (negative: it has none).

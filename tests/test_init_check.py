@@ -192,3 +192,36 @@ def test_a_buffer_the_module_replaces_is_put_back_too() -> None:
     saved = before.clone()
     relu_doctor.check_init(net, torch.randn(32, 8))
     assert net[2].ema is before and torch.equal(net[2].ema, saved)
+
+
+class _DeclaredApart(nn.Module):
+    """Layers declared in another order than the forward runs them (all Linears, then all
+    ReLUs), one activation module reused twice and a functional call: the layer feeding each
+    site is the one the pass runs, not the last Linear declared before the activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.fc4 = (nn.Linear(32, 32) for _ in range(4))
+        self.a1, self.act = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc2(self.a1(self.fc1(x))))
+        x = self.act(self.fc3(x))
+        return torch.relu(self.fc4(x))
+
+
+def test_the_prediction_follows_the_layer_that_feeds_each_site() -> None:
+    torch.manual_seed(0)
+    net = _DeclaredApart()
+    layers = [net.fc1, net.fc2, net.fc3, net.fc4]
+    with torch.no_grad():
+        for i, fc in enumerate(layers):
+            nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
+            fc.weight.mul_(0.5 ** i)  # each layer its own gain: 1, 1/4, 1/16, 1/64
+            fc.bias.zero_()
+    gains = [fc.weight[0].numel() * fc.weight.double().var(unbiased=False).item() / 2 for fc in layers]
+    report = relu_doctor.check_init(net, torch.randn(512, 32))
+    got = {s["site"]: s["predicted_ratio"] for s in report.sites}
+    assert list(got) == ["a1", "act#0", "act#1", "(root):relu#0"]
+    want = [1.0, gains[1], gains[1] * gains[2], gains[1] * gains[2] * gains[3]]
+    assert list(got.values()) == pytest.approx(want)
