@@ -15,10 +15,10 @@ probe's public :meth:`~relu_doctor.probes.Probe.record` under a
   by its own name.
 
 Names are the layer's ``name``, prefixed by the nested models and custom layers holding it
-(``sequential/dense_1``, ``block/ffn/dense``). Units: a Dense's ``units`` (the last dim), a convolution's
-``filters`` where its ``data_format`` puts them (the last dim for ``channels_last``, dim 1
-for ``channels_first``); an activation layer's units are on the channel axis of Keras'
-``image_data_format()``.
+(``sequential/dense_1``, ``block/ffn/dense``). Units: a Dense's ``units`` (the last dim), a
+convolution's ``filters`` where its ``data_format`` puts them (the last dim for
+``channels_last``, dim 1 for ``channels_first``); an activation layer's units are on the
+channel axis of Keras' ``image_data_format()``.
 """
 
 from __future__ import annotations

@@ -306,7 +306,9 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             # train_step's self(x)), inside a train batch of fit. Not the torch module's mode:
             # a predict() from a callback leaves it in eval until the next epoch.
             said = kwargs.get("training")
-            training = torch.is_grad_enabled() and (said is True or (said is None and self._in_batch))
+            training = torch.is_grad_enabled() and (
+                said is True or (said is None and self._in_batch)
+            )
             for p in probes:
                 p.begin_pass(training)
 
