@@ -39,7 +39,7 @@ from relu_doctor.interval import IntervalReading, TableMemory
 from relu_doctor.optimizer_tap import OptimizerTap
 from relu_doctor.probes import Probe
 from relu_doctor.recording import RunRecording
-from relu_doctor.rundir import RunWriter
+from relu_doctor.rundir import RESUME_ADVICE, RunWriter
 from relu_doctor.sampling import DEFAULT_BUDGET, Sampler, Stopwatch, check_rate, model_device
 from relu_doctor.sites import Site, SiteKey
 from relu_doctor.stats import AgreedSum, reduce_sum
@@ -237,6 +237,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._writer: RunWriter | None = None
         self.resume = bool(resume)
+        #: what the refusal of a ``run_dir`` that holds a run advises: an integration sets
+        #: its own way of continuing a run (its framework's checkpoint) before attaching
+        self.resume_advice = RESUME_ADVICE
         self._wrote_run_dir = False  # a writer was opened: the run directory holds the record
         self._claimed_run_dir = False  # the run directory was checked as ours to write
         self._announced: set[tuple[str, str]] = set()  # (remedy, site) changes said once

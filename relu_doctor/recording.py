@@ -109,6 +109,7 @@ class RunRecording:
         _saved_to: set[str]
         _write_error: str | None
         _meta_dirty: bool
+        resume_advice: str
         _unwritten: list[list[int]]
         _events_unwritten: list[dict[str, Any]]
         _records: deque[IntervalRecord]
@@ -128,7 +129,8 @@ class RunRecording:
             # and must not make the retry refuse the directory as someone else's.
             check_claimable(self.run_dir)
             self._claimed_run_dir = True
-        writer = RunWriter(self.run_dir, resume=self.resume or self._wrote_run_dir, claimed=True)
+        writer = RunWriter(self.run_dir, resume=self.resume or self._wrote_run_dir, claimed=True,
+                           resume_advice=self.resume_advice)
         self._writer, self._wrote_run_dir = writer, True
         if writer.last_step is not None:
             if self.global_step == 0:  # resume=True without a checkpoint: go on after it

@@ -339,6 +339,10 @@ def check_claimable(path: Path, arg: str = "run_dir") -> None:
         )
 
 
+#: what a refused directory holding a run tells a ``watch()`` or ``Doctor`` user to do
+RESUME_ADVICE = "pass resume=True to continue it, or a new directory"
+
+
 class RunWriter:
     """Writes a run directory incrementally; one writer per directory. Create it on rank
     zero only, and :meth:`close` it when done (the lock is also released when it is garbage
@@ -354,6 +358,9 @@ class RunWriter:
             this writer from opening): what it holds now is not someone else's.
         rotate_rows: close a table's segment (compacting it to Parquet) at this many rows.
         rotate_bytes: ... or at this many bytes of its stream.
+        resume_advice: what the refusal of a directory holding a run tells its caller to
+            do, in the words of the entry point that made this writer (a callback continues
+            a run from its framework's checkpoint, not with ``resume=True``).
 
     Raises:
         RunDirError: ``path`` is not a directory, is foreign, holds a run and neither
@@ -369,6 +376,7 @@ class RunWriter:
         claimed: bool = False,
         rotate_rows: int = 4_000_000,
         rotate_bytes: int = 256 * 2**20,
+        resume_advice: str = RESUME_ADVICE,
     ) -> None:
         self.path = p = Path(path)
         self.rotate_rows, self.rotate_bytes = rotate_rows, rotate_bytes
@@ -384,8 +392,7 @@ class RunWriter:
                 raise RunDirError(
                     f"run_dir: {str(p)!r} already holds run {old.get('run_id', '(unnamed)')!r}"
                     + (f", and {held.why}; pass a new directory." if held.writing else
-                       "; pass resume=True to continue it, or a new directory (two runs in one "
-                       "directory would mix their records).")
+                       f"; {resume_advice} (two runs in one directory would mix their records).")
                 )
             if old.get("format_version") != FORMAT_VERSION:
                 raise RunDirError(

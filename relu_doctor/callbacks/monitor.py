@@ -286,6 +286,9 @@ class ReluDoctor(Callback):
             tensorboard=False,  # the loggers (or _writers) get TensorBoard output
             **common,
         )
+        doctor.resume_advice = (  # (said if run_dir holds a run and no checkpoint continues it)
+            "continue it with trainer.fit(..., ckpt_path=...) from a checkpoint saved with this "
+            "callback, or pass ReluDoctor a new run_dir (or none: a fresh relu_doctor_logs_N)")
         # The training curve of the report: what the LightningModule logged in training
         # (see _training_metrics), read at each logging step (the optimizers' learning rates
         # the Doctor reads itself).

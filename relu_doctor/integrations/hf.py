@@ -69,7 +69,7 @@ from relu_doctor._validate import glob_patterns, positive_int
 from relu_doctor._validate import unit_dims as check_unit_dims
 from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
 from relu_doctor.doctor import Doctor
-from relu_doctor.errors import ReluDoctorError, RunDirError
+from relu_doctor.errors import ReluDoctorError
 from relu_doctor.history import IntervalRecord
 from relu_doctor.remedies import (
     ActivationSwapper,
@@ -283,18 +283,6 @@ class ReluDoctorCallback(TrainerCallback):
         saved = self._checkpoint_state(args, state)
         if self.run_dir is not None:
             run_dir = Path(self.run_dir)
-            if is_zero and saved is None and (run_dir / "meta.json").is_file():
-                # (rank zero alone: it writes meta.json, which another may find made already)
-                new = "pass ReluDoctorCallback a new run_dir (or none: a fresh one in output_dir)"
-                raise RunDirError(
-                    f"run_dir: {str(run_dir)!r} already holds a run, and "
-                    + (f"the checkpoint of step {state.global_step} this train() resumes from "
-                       f"holds no relu_doctor state (saved without this callback): {new}."
-                       if state.global_step else
-                       f"a train() that does not resume from a checkpoint starts a new one: "
-                       f"{new}, or continue that run with "
-                       "trainer.train(resume_from_checkpoint=...).")
-                )
         elif saved is not None and saved.get("run_dir"):
             # Resumed: the run directory goes on (one inside output_dir is saved relative to
             # it, so a checkpoint copied to another output_dir continues there).
@@ -325,12 +313,23 @@ class ReluDoctorCallback(TrainerCallback):
         )
         if saved is not None:
             doc.load_state_dict(saved["doctor"], windows=is_zero or world == 1)
+        new = "pass ReluDoctorCallback a new run_dir (or none: a fresh one in output_dir)"
+        doc.resume_advice = (  # (said if run_dir holds a run and this is no resumed train())
+            f"the checkpoint of step {state.global_step} this train() resumes from holds no "
+            f"relu_doctor state (saved without this callback): {new}" if state.global_step else
+            f"continue it with trainer.train(resume_from_checkpoint=...) from a checkpoint "
+            f"saved with this callback, or {new}")
         doc.add_listener(self._on_record)
         self.doctor = doc
         self._bind_remedies(model, opt, lr_scheduler, doc, saved)
         self._warner = FindingWarner(self.warn if is_zero else None,
                                      on=remedies_on(self.remedies))
-        doc.attach()
+        try:
+            doc.attach()
+        except BaseException:
+            self._detach()  # the remedies bound above
+            self.doctor = None
+            raise
 
     def _move_first(self) -> None:
         """Put this callback right after the Trainer's flow callback in its handler, so that

@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import relu_doctor  # noqa: E402
-from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning  # noqa: E402
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError  # noqa: E402
 from relu_doctor.integrations._common import (  # noqa: E402
     health_scalars,
     record_scalars,
@@ -80,6 +80,11 @@ def _args(out: Path, **kw: Any) -> Any:
     )
     base.update(kw)
     return transformers.TrainingArguments(**base)
+
+
+def _hooked(model: torch.nn.Module) -> bool:
+    """Whether any module of ``model`` holds a forward hook (relu_doctor's, in these tests)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 class _Logs(transformers.TrainerCallback):  # type: ignore[misc]
@@ -276,8 +281,10 @@ def test_a_train_after_one_that_raised_ends_that_run_first(tmp_path: Path) -> No
     named = ReluDoctorCallback(run_dir=first.run_dir)
     again = transformers.Trainer(model=_model(), args=_args(tmp_path / "out2"),
                                  train_dataset=_data(), callbacks=[named])
-    with pytest.raises(ReluDoctorError, match=r"resume_from_checkpoint"):
+    with pytest.raises(RunDirError, match=r"already holds run .*; continue it with "
+                       r"trainer\.train\(resume_from_checkpoint=\.\.\.\)"):
         again.train()
+    assert named.doctor is None and not _hooked(again.model)  # nothing left behind
 
 
 def test_a_new_train_does_not_log_the_last_runs_final_scalars(tmp_path: Path) -> None:
@@ -320,6 +327,17 @@ def test_a_process_that_does_not_write_takes_a_run_dir_rank_zero_made(tmp_path: 
     assert other.doctor is not None and not other.doctor.is_writer
     for cb in (other, first):
         cb.on_train_end(args, transformers.TrainerState(), transformers.TrainerControl())
+    # A train() resuming from a checkpoint saved without this callback (global step 3, no
+    # relu_doctor state in it) cannot continue the run: it is told so, on rank zero.
+    state = transformers.TrainerState()
+    state.is_world_process_zero, state.global_step = True, 3
+    model = _model()
+    with pytest.raises(RunDirError, match=r"the checkpoint of step 3 this train\(\) resumes from "
+                       r"holds no relu_doctor state .*: pass ReluDoctorCallback a new run_dir"):
+        ReluDoctorCallback(run_dir=tmp_path / "rd").on_train_begin(
+            args, state, transformers.TrainerControl(), model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not _hooked(model)
 
 
 def test_bad_input_gets_one_clear_message(tmp_path: Path) -> None:
