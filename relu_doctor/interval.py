@@ -399,15 +399,18 @@ class IntervalReading:
 
     def current(self) -> IntervalRecord | None:
         """The current window's record without closing it, or the last judged one (see
-        ``IntervalRecord.judged``) when the current window is empty. Reads device tensors (a
-        host sync): call it off the hot path.
+        ``IntervalRecord.judged``) when the current window is empty. Once training ended
+        (the hooks removed), passes made after the last ``step()`` belong to no step and are
+        not read as a window of their own: the last judged window is. Reads device tensors
+        (a host sync): call it off the hot path.
 
         With several processes (``all_reduce``), a window with steps run since the last log
         is read summed across them, a collective call that every process must make, as at a
         log; right after a log, or once training ended (a ``with`` block's exit,
         ``log_final``), it is the last judged record, read with no communication, so one
         process alone may call it then."""
-        if self.all_reduce is None or (self.steps_run > 0 and not self._unfolded):
+        if (self.steps_run > 0 and not self._unfolded) or (
+                self.all_reduce is None and self.probe.attached):
             # Decided on the window summed across processes: every process makes the call.
             read = self._read(close=False)
             if read is not None and read.judged:

@@ -13,6 +13,7 @@ import warnings
 import weakref
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -808,6 +809,30 @@ def test_after_a_log_or_the_end_of_training_current_makes_no_collective_call():
     after = doc.current()
     assert calls == [] and after is doc.records[-1] and (after.step, after.final) == (3, True)
     assert doc.to_pandas()["step"].tolist() == [3] * len(doc.sites) and calls == []
+
+
+def test_a_pass_after_the_last_step_is_not_read_as_a_window_after_training():
+    """A training pass after the last ``step()`` (a last look at one sample) belongs to no
+    step: once the block ended, ``to_pandas``/``findings``/``unit_table`` read the last
+    logged window, as ``findings.json`` does. They read that one pass as a window of its
+    own (42% of the units 'dead' on one sample) where the logged record had none."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with relu_doctor.watch(model, log_every_n_steps=5, overhead_budget=None) as doc:
+        for _ in range(10):
+            model(torch.randn(256, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+        model(torch.randn(1, 8)).pow(2).mean().backward()  # after the last step
+        inside = doc.to_pandas()  # inside the block: the open window, that pass
+    last = doc.records[-1]
+    assert last.step == 10 and int(inside["elements"].iloc[0]) == 64
+    assert doc.current() is last and int(last.site_rows[0]["elements"]) == 5 * 256 * 64
+    assert doc.to_pandas().to_dict("records") == pd.DataFrame(last.site_rows).to_dict("records")
+    assert [f.message for f in doc.findings()] == [f.message for f in last.findings]
+    assert doc.unit_table("1")["dead"].tolist() == last.unit_table["dead"].tolist()
 
 
 def test_findings_read_the_last_judged_window_however_many_windows_saw_nothing_since():
