@@ -215,7 +215,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._opt: Any = None  # the model's optimizer, for the learning rate
         self._lr_used: float | None = None  # the logging step's rate, read as it began
         self._epoch = 0
-        self._last: IntervalRecord | None = None
+        self._fresh: IntervalRecord | None = None  # logged since the last epoch's end
         self._val_doc: Doctor | None = None
         self._in_batch = False  # between this callback's train batch begin and end
 
@@ -251,7 +251,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 "keras.layers.ReLU() or the layer's activation='relu'."
             )
         if self._fitted is None or self._fitted() is not model:  # a new run
-            self.doctor, self.remedies, self._last = None, {}, None
+            self.doctor, self.remedies, self._fresh = None, {}, None
             self.warner = FindingWarner(self.warner.level, self.warner.emit)
         self._fitted = weakref.ref(model)
         state = self.doctor.state_dict() if self.doctor is not None else None
@@ -445,8 +445,11 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             self._val_doc.probe.paused = True  # a predict() or evaluate() of a user's is not
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if logs is not None and self._last is not None:
-            logs.update(health_scalars(self._last))
+        # Only an interval logged during this epoch: the last one's numbers again would
+        # make EarlyStopping's patience count one measurement as several epochs'.
+        fresh, self._fresh = self._fresh, None
+        if logs is not None and fresh is not None:
+            logs.update(health_scalars(fresh))
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         doc = self.doctor
@@ -475,5 +478,5 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ output
     def _on_record(self, record: IntervalRecord) -> None:
-        self._last = record
+        self._fresh = record
         self.warner(record)

@@ -17,6 +17,7 @@ keras = pytest.importorskip("keras")
 
 import relu_doctor  # noqa: E402
 from relu_doctor.errors import ReluDoctorError  # noqa: E402
+from relu_doctor.integrations._common import health_scalars  # noqa: E402
 from relu_doctor.integrations.keras import ReluDoctorCallback  # noqa: E402
 from relu_doctor.remedies import DEFAULT_STEPS, PlanStep  # noqa: E402
 from tests.integrations.brute import Outputs, windows  # noqa: E402
@@ -384,3 +385,26 @@ def test_another_model_s_epoch_logs_carry_none_of_the_last_model_s_numbers(
     assert "relu_doctor/health" in first.history  # 8 steps: logged at 4 and 8
     second = _mlp().fit(x, y, epochs=1, batch_size=64, verbose=0, callbacks=[cb])
     assert not [k for k in second.history if k.startswith("relu_doctor/")], second.history
+
+
+def test_an_epoch_that_logged_no_interval_puts_no_run_level_numbers_in_keras_logs(
+    tmp_path: Path,
+) -> None:
+    """Epoch logs carry the numbers of an interval logged during that epoch only: the last
+    interval's, repeated at every epoch's end, made ``EarlyStopping``'s patience count one
+    measurement as several epochs' (and stopped a run on it)."""
+    x, y = _data()  # 128 samples: 4 steps an epoch at batch size 32
+    seen: list[dict[str, Any]] = []
+    epoch_logs = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: seen.append(dict(logs)))
+    cb = ReluDoctorCallback(log_every_n_steps=8, run_dir=tmp_path / "run")
+    hist = _mlp(bias=-1.5).fit(x, y, epochs=4, batch_size=32, verbose=0,
+                               callbacks=[cb, epoch_logs])
+    assert cb.doctor is not None
+    logged = {r.step: r for r in cb.doctor.records}
+    assert sorted(logged) == [8, 16]  # in the second and the fourth epoch
+    got = [logs.get("relu_doctor/health") for logs in seen]
+    want = [None, logged[8], None, logged[16]]
+    assert got == [None if r is None else health_scalars(r)["relu_doctor/health"] for r in want]
+    assert hist.history["relu_doctor/dead_fraction"] == [
+        health_scalars(logged[s])["relu_doctor/dead_fraction"] for s in (8, 16)]
