@@ -110,6 +110,10 @@ def private_passes(owner: Probe | None = None) -> Iterator[None]:
 _is_compiling = torch.compiler.is_compiling
 _graph_task_id = torch._C._current_graph_task_id
 _tracing_state = torch._C._get_tracing_state
+# A tensor of torch.func's transforms (vmap, grad, jacrev...): a batch or a level of
+# per-sample values with no storage of its own, not the model's training pass.
+_transformed = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor",
+                       lambda t: False)
 
 
 def in_backward() -> bool:
@@ -763,7 +767,8 @@ class Probe(SiteRegistry, HookOwner):
         only the checks that can change between calls. False (nothing done) where the
         prepared call does not apply; then :meth:`record` takes its general path."""
         if _is_compiling() or _tracing_state() is not None or (
-            type(output) is torch.Tensor and torch._is_functional_tensor(output)
+            type(output) is torch.Tensor
+            and (torch._is_functional_tensor(output) or _transformed(output))
         ):
             return False
         t0 = time.perf_counter()
@@ -980,12 +985,13 @@ def _compiled_site(
 
 def _real(t: torch.Tensor) -> bool:
     """False for meta, fake and traced tensors (Keras' symbolic build, FakeTensorMode,
-    torch.export's non-strict tracing, torch.jit.trace): nothing real to count. About 1 us
-    for a plain tensor (the full fake-tensor test costs 5 us: only for subclasses)."""
+    torch.export's non-strict tracing, torch.jit.trace) and torch.func's transformed ones
+    (``vmap``, ``grad``): nothing real to count. About 1 us for a plain tensor (the full
+    fake-tensor test costs 5 us: only for subclasses)."""
     if t.is_meta or torch._C._get_tracing_state() is not None:
         return False
     if type(t) is torch.Tensor:
-        return not torch._is_functional_tensor(t)
+        return not (torch._is_functional_tensor(t) or _transformed(t))
     from torch._subclasses.fake_tensor import is_fake
 
     return not is_fake(t)

@@ -382,6 +382,46 @@ def test_torch_export_while_watched_records_nothing():
     assert doc.sites[0].stats.window[0].tolist() == [2.0] * 32
 
 
+class _CallsRelu(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.relu(x)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_torch_func_transformed_passes_are_ignored_and_the_site_goes_on(functional):
+    """Per-sample gradients (``vmap(grad(functional_call(...)))``) inside a watch: the
+    transformed pass has no storage to read. The forward hook failed on it, and the site
+    was dropped for the run: the ordinary passes after it went uncounted. Now those
+    passes are what the watch holds, as in a run without the per-sample gradients."""
+    from torch.func import functional_call, grad, vmap
+
+    def run(per_sample: bool) -> tuple[list[float], list[warnings.WarningMessage]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        if functional:
+            model[1] = _CallsRelu()  # an F.relu call: a functional site
+        params = dict(model.named_parameters())
+        per = vmap(grad(lambda p, xi: functional_call(model, p, (xi[None],)).pow(2).mean()),
+                   in_dims=(None, 0))
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            with relu_doctor.watch(model, every_n_steps=1, log_every_n_steps=4,
+                                   functional=functional) as doc:
+                for _ in range(4):
+                    x = torch.randn(16, 8)
+                    model(x).pow(2).mean().backward()
+                    if per_sample:
+                        per({k: v.detach() for k, v in params.items()}, x)
+                    doc.step()
+        [site] = doc.sites
+        return (site.stats.lifetime + site.stats.window)[0].tolist(), list(got)
+
+    want, _ = run(False)
+    got, caught = run(True)
+    assert got == want and sum(want) > 0
+    assert not [w for w in caught if issubclass(w.category, ReluDoctorWarning)]
+
+
 # ---------------------------------------------------------------------- checkpointing
 
 
