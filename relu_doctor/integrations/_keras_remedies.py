@@ -127,6 +127,12 @@ class KerasActivationSwap(Remedy):
             rec = _Swap(site, "activation", layer.activation)
             layer.activation = _leaky(self.slope)
         elif isinstance(layer, keras.layers.ReLU):
+            if float(getattr(layer, "threshold", 0.0) or 0.0) != 0.0:
+                raise ReluDoctorError(
+                    f"site: {path!r} is a ReLU layer with threshold={layer.threshold:g}: a "
+                    "negative slope would make its outputs for inputs between 0 and the "
+                    "threshold negative, where they are 0; replace it in the model instead."
+                )
             rec = _Swap(site, "negative_slope", layer.negative_slope)
             layer.negative_slope = self.slope
         else:

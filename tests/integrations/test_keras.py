@@ -284,6 +284,26 @@ def test_a_layer_the_swap_cannot_treat_is_left_alone_and_the_rest_goes_on(
     assert set(run.history["site"]) == {"r1", "a2"}
 
 
+def test_the_swap_leaves_a_relu_with_a_threshold_alone(tmp_path: Path) -> None:
+    # ReLU(threshold=t) gives 0 for inputs in (0, t]: a negative slope would make them
+    # negative (-0.03 for 0.2 at t=0.5), so the swap refuses the layer, once, with why.
+    model = _dying_activation_layers()
+    model.get_layer("r1").threshold = 0.5
+    x, y = _data(64)
+    cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None, run_dir=tmp_path / "run",
+                            leaky_relu_swap={"threshold": 0.5, "patience": 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    texts = [str(w.message) for w in caught]
+    assert sum("leaving Keras layer 'r1' alone" in t and "threshold=0.5" in t
+               for t in texts) == 1, texts
+    assert sorted(cb.remedies["leaky_relu_swap"].swaps) == ["a2"]
+    r1 = model.get_layer("r1")
+    probe = np.array([[-1.0, 0.2, 0.4, 0.6]], dtype="float32")
+    assert np.array_equal(keras.ops.convert_to_numpy(r1(probe)), np.where(probe > 0.5, probe, 0))
+
+
 def test_lr_rescue_state_holds_the_rescuer_that_decides() -> None:
     from relu_doctor.integrations._keras_remedies import KerasLRRescue
     from tests.remedies.test_evidence import _sampled
