@@ -17,6 +17,7 @@ import torch
 
 from relu_doctor._validate import number_in, positive_finite
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.families import FAMILIES
 from relu_doctor.metrics import SiteUnits
 
 __all__ = [
@@ -271,6 +272,9 @@ def diagnose(
             )
         if not seen:
             continue
+        # Only a plain ReLU can become a LeakyReLU (the swap refuses a cap or negative
+        # outputs): advice for the others must not send the user to it.
+        swappable = can_swap(fam, leaky, row.get("cap"))
         if row["dead"]:
             frac = float(row["dead_fraction"])
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
@@ -282,6 +286,10 @@ def diagnose(
                 f"({names['swap']}) or PReLU to learn the slope; lower the learning rate (step "
                 "or exponential decay); check the initialisation and bias of the layer that "
                 "feeds it."
+                if swappable
+                else "Lower the learning rate (step or exponential decay) and recycle the units "
+                f"{_recycle(names)}; check the initialisation and bias of the layer that feeds "
+                f"it ({fam} cannot become a LeakyReLU without changing its outputs)."
             )
             out.append(
                 Finding(
@@ -303,8 +311,8 @@ def diagnose(
                     f"{row['lifetime_dead']} of {row['units']} units ({frac:.1%}) never active "
                     f"since monitoring began{_sampled(row, lifetime=True)}.",
                     {"lifetime_dead": row["lifetime_dead"], "lifetime_dead_fraction": frac},
-                    f"Units that never fired are wasted capacity: recycle them {_recycle(names)} "
-                    f"or swap to LeakyReLU ({names['swap']}).",
+                    f"Units that never fired are wasted capacity: recycle them {_recycle(names)}"
+                    + (f" or swap to LeakyReLU ({names['swap']})." if swappable else "."),
                     step,
                 )
             )
@@ -349,8 +357,9 @@ def diagnose(
                     f"sparsity {sp:.1%}: almost no output is active.",
                     {"sparsity": sp, "threshold": config.sparsity_max},
                     "Some sparsity is ReLU's benefit; this much starves the next layer. "
-                    "Use LeakyReLU or ELU for smoother negative outputs, lower the learning "
-                    "rate, or add BatchNorm before the activation.",
+                    + ("Use LeakyReLU or ELU for smoother negative outputs, lower the learning "
+                       "rate, or add BatchNorm before the activation." if swappable else
+                       "Lower the learning rate, or add BatchNorm before the activation."),
                     step,
                 )
             )
@@ -452,6 +461,13 @@ def _growth_remedy(names: Mapping[str, str | None]) -> str:
         f"a capped variant such as ReLU6, or lower the learning rate ({names['lr']}, step or "
         "exponential decay)."
     )
+
+
+def can_swap(family: str, leaky: bool, cap: float | None) -> bool:
+    """Whether a site of ``family`` can become a LeakyReLU without changing its outputs for
+    positive inputs, the swap's rule: a plain ReLU (not leaky, no cap, never negative)."""
+    fam = FAMILIES.get(family)
+    return not leaky and cap is None and fam is not None and fam.nonnegative
 
 
 def _recycle(names: Mapping[str, str | None], source: str = "ReDo") -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -13,9 +14,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from relu_doctor.diagnosis import REMEDY_NAMES, DiagnosisConfig, diagnose
+from relu_doctor.diagnosis import REMEDY_NAMES, DiagnosisConfig, can_swap, diagnose
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.families import family_of
 from relu_doctor.metrics import site_metrics, unit_metrics
+from relu_doctor.remedies.swap import _check_swappable
+from relu_doctor.reports.findings import FindingView, recommend
+from relu_doctor.reports.interventions import InterventionView
 from relu_doctor.stats import FIELDS, ROW
 from tests import reference as ref
 from tests import zoo
@@ -437,3 +442,47 @@ def test_json_text_is_the_cleaned_json_of_any_value():
                   {"p": ReluDoctorError("e")}):
         assert json_text(value) == json.dumps(clean_json(value))
         json.loads(json_text(value), parse_constant=pytest.fail)  # strict JSON: no NaN
+
+
+# ------------------------------------------------------------- the swap only where it acts
+
+_FAMILY_MODULES = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "hardtanh": nn.Hardtanh(),
+                   "gelu": nn.GELU(), "leaky_relu": nn.LeakyReLU()}
+
+
+@pytest.mark.parametrize("family", list(_FAMILY_MODULES))
+def test_the_leaky_relu_swap_is_advised_only_where_the_swap_acts(family):
+    """A dead, too sparse ReLU6 site was told to add ``leaky_relu_swap=True``, which then
+    left that very site alone (a cap): the advice and the report follow the swap's own rule
+    (checked against the swap's refusal of the module), and name the other remedies."""
+    module = _FAMILY_MODULES[family]
+    fam = family_of(module)
+    assert fam is not None
+    try:
+        _check_swappable(module, "act")
+        acts = True
+    except ReluDoctorError:
+        acts = False
+    assert acts == (family == "relu")  # the swap's own rule
+    rows, units = _sick_site()
+    rows[0].update(family=family, leaky=fam.leaky, cap=fam.cap_of(module))
+    assert can_swap(family, fam.leaky, fam.cap_of(module)) == acts
+    found = diagnose(rows, units, DiagnosisConfig(loop="hf", sparsity_max=0.05))
+    assert {"dead", "lifetime_dead", "too_sparse"} <= {f.kind for f in found}
+    dead = next(f for f in found if f.kind == "dead")
+    if acts:
+        assert "leaky_relu_swap=True" in dead.remedy
+    else:  # neither the swap nor LeakyReLU in other words; what does apply instead
+        assert not [f for f in found if "leaky_relu_swap" in f.remedy
+                    or "Use LeakyReLU" in f.remedy or "swap to LeakyReLU" in f.remedy]
+        assert "learning rate" in dead.remedy and "recycle" in dead.remedy
+    # The report's next step, after two learning-rate cuts at this site.
+    view = FindingView(kind="dead", kind_label="dead", site="s0", severity="warning",
+                       message=dead.message, remedy=dead.remedy, step=4, began=4,
+                       unit_label="unit", units_named=[], units_text="", evidence=[])
+    cut = InterventionView(step=2, after_step=4, site="s0", remedy="lr_rescue",
+                           what="lr x0.5", changes=[])
+    text = recommend(view, fam.leaky, [cut, replace(cut, step=3)], REMEDY_NAMES["hf"],
+                     swappable=acts)
+    assert ("leaky_relu_swap=True" in text) == acts
+    assert "already lowered 2 times" in text

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from relu_doctor.diagnosis import REMEDY_NAMES, severity_rank
+from relu_doctor.diagnosis import REMEDY_NAMES, can_swap, severity_rank
 from relu_doctor.history import SEEN_FIELDS, WINDOW_COLUMNS, Run, load_run
 from relu_doctor.reports.findings import (
     MODEL_WIDE,
@@ -130,6 +131,7 @@ def _treat_findings(
     run's loop names it (``loop``: its ``DiagnosisConfig.loop``, from meta.json)."""
     names = REMEDY_NAMES.get(str(loop), REMEDY_NAMES["watch"])
     leaky = {r.site: r.leaky for r in sites}
+    swappable = {r.site: r.swappable for r in sites}
     out = []
     for f in merge(findings):
         done = [e for e in interventions if e.site == f.site
@@ -138,7 +140,8 @@ def _treat_findings(
             done = [e for e in interventions if e.site == MODEL_WIDE]
         anchor = anchors.get(f.site, "rd-gradients" if f.site == MODEL_WIDE else "rd-sites")
         out.append(replace(f, anchor=anchor, done=done_lines(done),
-                           remedy=recommend(f, leaky.get(f.site, False), done, names)))
+                           remedy=recommend(f, leaky.get(f.site, False), done, names,
+                                            swappable.get(f.site))))
     return out
 
 
@@ -150,6 +153,7 @@ class SiteRow:
     site: str
     family: str
     leaky: bool
+    swappable: bool  # a plain ReLU, which the LeakyReLU swap can treat (diagnosis.can_swap)
     unit_rule: str
     unit_dim: int | None
     logged: bool
@@ -183,11 +187,16 @@ def _site_rows(run: Run, last: pd.DataFrame, findings: Sequence[FindingView]) ->
         if raw["units"] is None:
             raw["units"] = meta.get("units")
         unit_dim = meta.get("unit_dim")
+        family = str(h.get("family") or meta.get("family") or "")
+        leaky = bool(h.get("leaky", meta.get("leaky", False)))
+        cap = next((float(c) for c in (h.get("cap"), meta.get("cap"))
+                    if isinstance(c, int | float) and math.isfinite(c)), None)  # NaN: Parquet's None
         rows.append(
             SiteRow(
                 site=name,
-                family=str(h.get("family") or meta.get("family") or ""),
-                leaky=bool(h.get("leaky", meta.get("leaky", False))),
+                family=family,
+                leaky=leaky,
+                swappable=can_swap(family, leaky, cap),
                 unit_rule=str(meta.get("unit_rule") or ""),
                 unit_dim=int(unit_dim) if isinstance(unit_dim, int) else None,
                 logged=bool(h),

@@ -163,11 +163,14 @@ def recommend(
     leaky: bool,
     done: Sequence[InterventionView],
     names: Mapping[str, str | None] = REMEDY_NAMES["watch"],
+    swappable: bool | None = None,
 ) -> str:
     """The finding's remedy, rewritten for what this site already is and what was already
-    done to it: no LeakyReLU for a leaky site, no second try of a remedy that did not help;
-    the remedies named as the run's loop names them (``names``: of
-    :data:`~relu_doctor.diagnosis.REMEDY_NAMES`)."""
+    done to it: no LeakyReLU for a leaky site, nor for one the swap cannot treat
+    (``swappable``: see :func:`~relu_doctor.diagnosis.can_swap`; by default, any site that
+    is not leaky), no second try of a remedy that did not help; the remedies named as the
+    run's loop names them (``names``: of :data:`~relu_doctor.diagnosis.REMEDY_NAMES`)."""
+    swappable = not leaky if swappable is None else swappable
     tried = {e.remedy for e in done}
     failed = {e.remedy for e in done if e.verdict == "did not help"}
     if f.kind not in ("dead", "lifetime_dead", "too_sparse", "dormant"):
@@ -179,14 +182,15 @@ def recommend(
     if not leaky and not tried:
         return f.remedy  # diagnosis's own words fit a first treatment
     steps = []
-    if not leaky and _SWAP not in tried:
+    if swappable and _SWAP not in tried:
         steps.append("swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
                      f"({names['swap']}) or PReLU")
-    if _LR not in tried:
+    cuts = sum(max(e.count, 1) for e in done if e.remedy == _LR)
+    if not cuts:
         steps.append(f"lower the learning rate (step or exponential decay; {names['lr']})")
     else:
         steps.append("lower the learning rate further or warm it up more slowly (it was "
-                     "already lowered once)")
+                     f"already lowered {'once' if cuts == 1 else f'{cuts} times'})")
     recycled = set(_RECYCLERS) & tried
     if not recycled and names["recycle"]:  # (Keras offers no recycling)
         steps.append(f"recycle the units ({names['recycle']})")
