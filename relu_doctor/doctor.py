@@ -124,8 +124,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             directory holding a run is refused, so two runs never mix).
         optimizer_pre_hook: read parameter gradients in the optimizer's step pre-hook. Pass
             False when the backward runs inside ``optimizer.step(closure)`` (Lightning's
-            automatic optimisation, LBFGS), and call :meth:`before_optimizer_step` once the
-            gradients are final.
+            automatic optimisation), and call :meth:`before_optimizer_step` once the
+            gradients are final; with LBFGS, whose closure runs several times a step, in
+            its first evaluation of each step only.
     """
 
     def __init__(

@@ -321,6 +321,18 @@ class Probe(SiteRegistry, HookOwner):
                 ReluDoctorWarning,
                 stacklevel=user_stacklevel(),
             )
+        recurrent = [path for path, m in self.model.named_modules()
+                     if isinstance(m, nn.RNN | nn.RNNCell) and m.nonlinearity == "relu"]
+        if recurrent and self.stream != "eval":
+            warnings.warn(
+                f"relu_doctor: {module_label(recurrent[0])!r}"
+                f"{f' (and {len(recurrent) - 1} more)' if len(recurrent) > 1 else ''} is an "
+                f"{type(self.model.get_submodule(recurrent[0])).__name__} with "
+                "nonlinearity='relu': its ReLU runs inside torch's recurrent kernel, where no "
+                "hook sees it, so it is not watched. The rest of the model is.",
+                ReluDoctorWarning,
+                stacklevel=user_stacklevel(),
+            )
         self._check_patterns()
         self._targets = self.targets()
         if not self._targets and self.require_modules:

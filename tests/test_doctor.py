@@ -507,6 +507,36 @@ def test_a_torchscript_submodule_is_left_out_with_one_warning_and_the_rest_watch
     assert row["elements"] == 8 * 6
 
 
+@pytest.mark.parametrize("cell", [False, True])
+def test_a_recurrent_layer_with_relu_is_said_to_be_unseen_and_the_rest_watched(cell):
+    """nn.RNN(nonlinearity='relu') runs its ReLU in torch's kernel: relu_doctor had said
+    nothing (and with no other activation, that the model 'ran no ReLU-family activation')."""
+    torch.manual_seed(0)
+    rnn = nn.RNNCell(4, 8, nonlinearity="relu") if cell else nn.RNN(4, 8, nonlinearity="relu")
+    model = nn.ModuleDict({"rnn": rnn, "tanh": nn.RNN(4, 8), "head": nn.Sequential(
+        nn.Linear(8, 6), nn.ReLU())})
+    outs: list[torch.Tensor] = []
+    model["head"][1].register_forward_hook(lambda m, a, out: outs.append(out.detach().clone()))
+
+    def forward(x):
+        h = model["rnn"](x[0]) if cell else model["rnn"](x)[0][-1]
+        return model["head"](h)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1) as doc:
+            for _ in range(2):
+                forward(torch.randn(5, 3, 4)).sum().backward()
+                doc.step()
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    kind = "RNNCell" if cell else "RNN"
+    assert said == [f"relu_doctor: 'rnn' is an {kind} with nonlinearity='relu': its ReLU runs "
+                    "inside torch's recurrent kernel, where no hook sees it, so it is not "
+                    "watched. The rest of the model is."]  # the tanh one: nothing to say
+    assert [s.name for s in doc.sites] == ["head.1"]
+    assert doc.to_pandas().iloc[0]["dead"] == int(((torch.cat(outs) > 0).sum(0) == 0).sum())
+
+
 # ---------------------------------------------------------------------- memory
 
 
