@@ -231,6 +231,7 @@ class IntervalReading:
             rows, total = layer_metrics(
                 self.tap.layers, host[2], layer_steps, world or 1,
                 host[3] if ratio is not None else None,
+                graded=self.tap.window_graded,
             )
             layer_rows = [{"step": self.global_step, **r} for r in rows]
             if logged:

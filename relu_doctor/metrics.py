@@ -16,7 +16,7 @@ dead (active, yet contributing little).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -173,6 +173,7 @@ def layer_metrics(
     steps: int,
     world: int,
     update_ratio: torch.Tensor | None,
+    graded: Collection[int] | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """Per-layer gradient norms and update ratios of one window, and the total norm.
 
@@ -185,6 +186,8 @@ def layer_metrics(
         update_ratio: ``||W_after - W_before|| / ||W_after||`` per layer at the last step
             (estimated from a sample of a tensor over ``optimizer_tap.UPDATE_SAMPLE``
             elements), or None.
+        graded: the layers a gradient was read for (None: all); the others (frozen, or
+            in no optimizer) have a NaN gradient norm, not 0, and are left out of the total.
 
     Returns:
         ``(rows, total)``: one ``{"layer", "grad_norm", "update_ratio"}`` dict per layer
@@ -192,7 +195,8 @@ def layer_metrics(
     """
     g = grad_sq.detach().to("cpu", torch.float64)
     denom = max(steps, 1) * world
-    norms = [math.sqrt(float(g[i]) / denom) for i in range(len(names))]
+    norms = [math.sqrt(float(g[i]) / denom) if graded is None or i in graded else math.nan
+             for i in range(len(names))]
     rows: list[dict[str, Any]] = [
         {
             "layer": name,
@@ -201,7 +205,7 @@ def layer_metrics(
         }
         for i, (name, norm) in enumerate(zip(names, norms, strict=True))
     ]
-    return rows, math.sqrt(sum(n**2 for n in norms))
+    return rows, math.sqrt(sum(n**2 for n in norms if not math.isnan(n)))
 
 
 class SiteUnits(Mapping[str, torch.Tensor]):

@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from relu_doctor import _kernels
 from relu_doctor._validate import optimizers as optimizers_arg
-from relu_doctor.errors import ReluDoctorWarning
+from relu_doctor.errors import ReluDoctorWarning, user_stacklevel
 from relu_doctor.sampling import Stopwatch
 from relu_doctor.sites import module_label
 
@@ -178,6 +178,10 @@ class OptimizerTap:
         self._layer_of = {pid: index[name] for pid, name in owner.items()}
         self.grad_sq: torch.Tensor | None = None
         self.steps = 0
+        self._graded: set[int] = set()  # layers a gradient was read for in the open window
+        #: the layers a gradient was read for in the window :meth:`read_and_reset` closed
+        #: (the others, frozen or in no optimizer, have no gradient norm: NaN, not 0)
+        self.window_graded: frozenset[int] = frozenset()
         #: the logging step's parameters by optimizer, each with its (sampled) copy and the
         #: sample's (offset, stride)
         self._before: dict[int, list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
@@ -186,6 +190,7 @@ class OptimizerTap:
         self._updates: dict[int, tuple[torch.Tensor, torch.Tensor, frozenset[int]]] = {}
         self._turn = 0  # logging steps whose parameters were copied (the sample's offset)
         self._failed = False
+        self._said_strangers = False  # an optimizer holding none of the model's parameters
         self._handles: list[RemovableHandle] = []
         self._on_device: dict[tuple[Any, ...], torch.Tensor] = {}
         #: each optimizer's learning rates (one per param group) as its last step taken used
@@ -194,6 +199,17 @@ class OptimizerTap:
         self._watched_cache: dict[int, tuple[Any, list[torch.Tensor], list[int]]] = {}
 
     def attach(self) -> OptimizerTap:
+        strangers = [type(o).__name__ for o in self.optimizers if not self._params(o)]
+        if strangers and not self._said_strangers:
+            self._said_strangers = True
+            warnings.warn(
+                f"relu_doctor: optimizer {strangers[0]} holds none of the model's parameters "
+                "(trained through torch.func.functional_call with copies of them?): its "
+                "per-layer gradient norms and update ratios are not measured. The activation "
+                "statistics are.",
+                ReluDoctorWarning,
+                stacklevel=user_stacklevel(),
+            )
         for opt in self.optimizers:
             if self.pre_hook:
                 self._handles.append(opt.register_step_pre_hook(self._pre))
@@ -267,6 +283,7 @@ class OptimizerTap:
         doing nothing from now on (removing them here would change the optimizer's hook
         dict while its step iterates over it)."""
         self._before, self.grad_sq, self.steps, self._updates = {}, None, 0, {}
+        self._graded = set()
         if self._failed:
             return
         self._failed = True
@@ -300,6 +317,8 @@ class OptimizerTap:
             grads = [_dense_grad(g) for g in grads]  # type: ignore[arg-type]
         if not params:
             return
+        if len(self._graded) < len(self.layers):
+            self._graded.update(layers)
         device = grads[0].device  # type: ignore[union-attr]
         if self.grad_sq is None:
             self.grad_sq = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
@@ -412,12 +431,15 @@ class OptimizerTap:
         for i, name in enumerate(layers):
             if name in index:
                 new[index[name]] = old[i]
+                if float(old[i]) > 0:
+                    self._graded.add(index[name])
         self.grad_sq = new
 
     def read_and_reset(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
         """``(grad_sq per layer, steps, update_ratio per layer)``, then start a new window."""
         out = (self.grad_sq, self.steps, self.update_ratio)
         self.grad_sq = None if self.grad_sq is None else torch.zeros_like(self.grad_sq)
+        self.window_graded, self._graded = frozenset(self._graded), set()
         self.steps = 0
         self._updates = {}
         return out

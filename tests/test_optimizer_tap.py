@@ -285,3 +285,63 @@ def test_a_failing_hook_warns_once_and_the_optimizer_steps_as_without_it(monkeyp
     opt.param_groups[0]["lr"] = 0.05  # the rate a log reports is still the step's own
     step_beside([(model, opt)], x, steps=1)
     assert tap.used_lrs[id(opt)] == [0.05]
+
+
+def test_a_layer_with_no_gradient_has_no_gradient_norm_not_zero():
+    """A frozen layer (in no optimizer, no gradient) read as a gradient norm of 0.0, a
+    vanished gradient; it is NaN (not measured), as its update ratio was, and the others
+    are the RMS over steps of their float64 norms."""
+    import math
+
+    import relu_doctor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    sq: list[list[float]] = []
+    with relu_doctor.watch(model, log_every_n_steps=3, every_n_steps=1, optimizer=opt) as doc:
+        for _ in range(3):
+            model(torch.randn(16, 8)).pow(2).mean().backward()
+            sq.append([sum(float(p.grad.double().square().sum()) for p in model[i].parameters())
+                       for i in (2, 4)])
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    table = doc.records[-1].layer_table.set_index("layer")
+    assert math.isnan(table.loc["0", "grad_norm"]) and math.isnan(table.loc["0", "update_ratio"])
+    want = [math.sqrt(sum(s[k] for s in sq) / 3) for k in range(2)]
+    assert table.loc[["2", "4"], "grad_norm"].tolist() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("copies", [True, False])
+def test_an_optimizer_holding_none_of_the_models_parameters_is_said_once(copies):
+    """``functional_call`` training with copies of the parameters: the optimizer holds none
+    of the model's, so no layer has a gradient norm; that was silent (an empty layer table)."""
+    import warnings
+
+    from torch.func import functional_call
+
+    import relu_doctor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    params = {k: v.detach().clone().requires_grad_(True) if copies else v
+              for k, v in model.named_parameters()}
+    opt = torch.optim.SGD(params.values(), lr=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1, optimizer=opt) as doc:
+            for _ in range(2):
+                functional_call(model, params, (torch.randn(16, 8),)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert said == (["relu_doctor: optimizer SGD holds none of the model's parameters (trained "
+                     "through torch.func.functional_call with copies of them?): its per-layer "
+                     "gradient norms and update ratios are not measured. The activation "
+                     "statistics are."] if copies else [])
+    record = doc.records[-1]
+    assert record.site_rows[0]["elements"] == 2 * 16 * 16  # the activations: watched
+    assert record.layer_table.empty == copies
