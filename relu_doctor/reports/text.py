@@ -31,6 +31,21 @@ def _clip(s: str, width: int) -> str:
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
+def _site_labels(names: list[str], limit: int = 48) -> tuple[list[str], int]:
+    """Site names for a column at most ``limit`` wide, and its width: a long name keeps its
+    start and its end (``resnet.enc…layers.0.activation``: the end tells sites apart);
+    where that still makes two alike, the names are shown whole."""
+    width = max(4, *(len(n) for n in names)) if names else 4
+    if width <= limit:
+        return names, width
+    head = (limit - 1) // 3
+    tail = limit - 1 - head
+    labels = [n if len(n) <= limit else f"{n[:head]}…{n[-tail:]}" for n in names]
+    if len(set(labels)) < len(set(names)):
+        return names, width
+    return labels, limit
+
+
 def _gap_lines(ctx: ReportContext, shown: int = 3) -> list[str]:
     """What did not reach the run directory, and what was skipped reading it."""
     gaps = ctx.gaps
@@ -87,14 +102,14 @@ def summary(
         lines.append(f"  ... and {len(serious) - max_findings} more findings (see the report)")
     rows = ctx.sites
     if rows and not damaged:
-        width = min(36, max(4, *(len(r.site) for r in rows)))
+        labels, width = _site_labels([r.site for r in rows[:max_sites]])
         lines.append(
             f"  {'site':<{width}} {'family':<10} {'units':>6} {'dead':>6} {'dormant':>7} "
             f"{'sparsity':>8} {'grad RMS':>9}"
         )
-        for r in rows[:max_sites]:
+        for r, label in zip(rows[:max_sites], labels, strict=True):
             lines.append(
-                f"  {_clip(r.site, width):<{width}} {_clip(r.family, 10):<10} "
+                f"  {label:<{width}} {_clip(r.family, 10):<10} "
                 f"{r.units:>6} {r.dead:>6} {r.dormant:>7} {r.sparsity:>8} {r.grad_rms:>9}"
             )
         if len(rows) > max_sites:
