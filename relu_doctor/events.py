@@ -1,5 +1,6 @@
 """The run's events as typed values: a finding that began, changed severity or ended; an
-intervention a remedy made; the measured result of an intervention.
+intervention a remedy made; the measured result of an intervention; a site a remedy
+declined (left alone, and why).
 
 A leaf above :mod:`~relu_doctor.diagnosis` (for :class:`~relu_doctor.diagnosis.Finding`):
 remedies build interventions without importing the run record, and
@@ -17,6 +18,7 @@ from typing import Any, Literal
 from relu_doctor.diagnosis import Finding
 
 __all__ = [
+    "Declined",
     "Event",
     "FindingEvent",
     "Intervention",
@@ -107,7 +109,30 @@ class InterventionResult:
         return asdict(self)
 
 
-Event = FindingEvent | Intervention | InterventionResult
+@dataclass(frozen=True)
+class Declined:
+    """A site a remedy leaves alone from ``step`` on, and why (a capped activation, an input
+    that is a sum of branches...): the report then advises that remedy there no more.
+
+    Attributes:
+        remedy: the remedy's name (``leaky_relu_swap``, ``dormant_reset``...).
+        site: the site's display name.
+        step: the logging step it declined at.
+        reason: why, in one sentence.
+    """
+
+    remedy: str
+    site: str
+    step: int
+    reason: str
+
+    type: Literal["declined"] = "declined"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "what": f"left this site alone: {self.reason}"}
+
+
+Event = FindingEvent | Intervention | InterventionResult | Declined
 
 
 def _finding(data: Mapping[str, Any]) -> Finding:
@@ -141,6 +166,9 @@ def event_from_dict(data: object) -> Event:
             iv = Intervention(**known)
             iv.details = {**iv.details, **extra}
             return iv
+        if kind == "declined":
+            return Declined(str(data["remedy"]), str(data["site"]), step,
+                            str(data.get("reason", "")))
         if kind == "intervention_result":
             return InterventionResult(
                 str(data["ref"]), str(data.get("remedy", "")), str(data.get("site", "")), step,

@@ -19,6 +19,7 @@ import pandas as pd
 
 from relu_doctor.diagnosis import Finding
 from relu_doctor.events import (
+    Declined,
     Event,
     FindingEvent,
     Intervention,
@@ -161,7 +162,7 @@ def clean_json(value: Any) -> Any:
 
 def event_dict(event: Event | Mapping[str, Any]) -> dict[str, Any]:
     """The plain-data (JSON) form of an event."""
-    if isinstance(event, (FindingEvent, Intervention, InterventionResult)):
+    if isinstance(event, (FindingEvent, Intervention, InterventionResult, Declined)):
         return event.to_dict()
     return dict(event)
 
@@ -369,6 +370,15 @@ class Run:
     def interventions(self) -> list[dict[str, Any]]:
         """Interventions in order, each completed by its ``intervention_result``."""
         return merge_interventions(self.events)
+
+    def declined(self) -> dict[str, dict[str, str]]:
+        """The sites remedies left alone: ``{site: {remedy: why}}`` (``declined`` events)."""
+        out: dict[str, dict[str, str]] = {}
+        for e in self.events:
+            if e.get("type") == "declined":
+                out.setdefault(str(e.get("site")), {})[str(e.get("remedy"))] = str(
+                    e.get("reason", ""))
+        return out
 
 
 def _names(name: str, values: Iterable[Any] | None, kind: type) -> list[Any] | None:

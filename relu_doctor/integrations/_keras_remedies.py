@@ -187,7 +187,8 @@ class KerasActivationSwap(Remedy):
                     )
                 except ReluDoctorError as e:  # one site it cannot swap: the others go on
                     self._skipped.add(path)
-                    self.warn(f"LeakyReLU swap: leaving Keras layer {path!r} alone: {e}")
+                    self.decline(str(row["site"]), str(e), step=record.step,
+                                 said=f"LeakyReLU swap: leaving Keras layer {path!r} alone: {e}")
         return events
 
     def state_dict(self) -> dict[str, Any]:

@@ -21,7 +21,6 @@ across processes says why (:attr:`Remedy.on_shards`) and refuses them before tra
 
 from __future__ import annotations
 
-import math
 import reprlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +33,7 @@ import torch.nn as nn
 from relu_doctor._validate import finite_or_none, matches
 from relu_doctor.diagnosis import Finding
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
-from relu_doctor.events import Intervention, InterventionResult
+from relu_doctor.events import Declined, Event, Intervention, InterventionResult
 from relu_doctor.families import family_of
 from relu_doctor.probes import Probe
 from relu_doctor.remedies._held import record_from_state, record_state
@@ -43,6 +42,7 @@ from relu_doctor.remedies.evidence import (
     MIN_EVIDENCE_STEPS,
     DeadEvidence,
     dead_surge,
+    model_snapshot,
     units_efficacy,
 )
 from relu_doctor.sites import SiteKey, module_label
@@ -153,7 +153,7 @@ class DoctorLike(Protocol):
 
     def need_collected_per_window(self, n: int) -> None: ...
 
-    def record_event(self, event: Intervention | InterventionResult) -> None: ...
+    def record_event(self, event: Event) -> None: ...
 
     def site_key(self, name: str) -> SiteKey: ...
 
@@ -170,27 +170,6 @@ def site_snapshot(row: Mapping[str, Any]) -> dict[str, float | None]:
         True
     """
     return {k: finite_or_none(row.get(k)) for k in SNAPSHOT_KEYS}
-
-
-def model_snapshot(record: RecordLike) -> dict[str, Any]:
-    """Model-wide metrics of one record: unit-weighted dead and dormant fractions over all
-    sites, the total parameter-gradient norm (when an optimizer is tapped) and whether an
-    exploding-gradient finding is present."""
-    rows = record.site_rows
-    seen = sum(int(r.get("units_seen") or 0) for r in rows)
-    dead = sum(int(r.get("dead") or 0) for r in rows)
-    dormant = sum(int(r.get("dormant") or 0) for r in rows)
-    grad_norm = None
-    layers = record.layer_table
-    if layers is not None and len(layers) and "grad_norm" in layers:
-        vals = [float(v) for v in layers["grad_norm"]]
-        grad_norm = finite_or_none(math.sqrt(sum(v * v for v in vals))) if vals else None
-    return {
-        "dead_fraction": dead / seen if seen else None,
-        "dormant_fraction": dormant / seen if seen else None,
-        "grad_norm": grad_norm,
-        "exploding_gradient": any(f.kind == "exploding_gradient" for f in record.findings),
-    }
 
 
 # ---------------------------------------------------------------------- shared argument checks
@@ -548,6 +527,13 @@ class Remedy:
         if self.doctor is not None and not self._in_call:
             self.doctor.record_event(event)
         return event
+
+    def decline(self, site: str, reason: str, *, step: int, said: str) -> None:
+        """Leave ``site`` alone from now on for ``reason``: warned (``said``, once per site by
+        the caller) and recorded, so that the report advises this remedy there no more."""
+        self.warn(said)
+        if self.doctor is not None:
+            self.doctor.record_event(Declined(self.name, site, step, reason))
 
     def _results(self, record: RecordLike) -> list[InterventionResult]:
         pending, self._pending = self._pending, []

@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from relu_doctor._validate import finite_or_none
+
 if TYPE_CHECKING:
     from relu_doctor.remedies.base import RecordLike
 
-__all__ = ["MIN_EVIDENCE_STEPS", "DeadEvidence", "dead_surge", "units_efficacy"]
+__all__ = ["MIN_EVIDENCE_STEPS", "DeadEvidence", "dead_surge", "model_snapshot", "units_efficacy"]
 
 
 #: The collected steps a dead reading must rest on before a remedy acts on it. A window that
@@ -164,4 +166,26 @@ def units_efficacy(
         "units": n,
         "still_dead": float(chosen["dead"].astype(bool).sum()) / n,
         "still_below_tau": float(chosen["below_tau"].astype(bool).sum()) / n,
+    }
+
+
+def model_snapshot(record: RecordLike) -> dict[str, Any]:
+    """Model-wide metrics of one record: unit-weighted dead and dormant fractions over all
+    sites, the total parameter-gradient norm (when an optimizer is tapped) and whether an
+    exploding-gradient finding is present."""
+    rows = record.site_rows
+    seen = sum(int(r.get("units_seen") or 0) for r in rows)
+    dead = sum(int(r.get("dead") or 0) for r in rows)
+    dormant = sum(int(r.get("dormant") or 0) for r in rows)
+    grad_norm = None
+    layers = record.layer_table
+    if layers is not None and len(layers) and "grad_norm" in layers:
+        # (a layer with no gradient, frozen or in no optimizer, has none: NaN)
+        vals = [float(v) for v in layers["grad_norm"] if math.isfinite(float(v))]
+        grad_norm = finite_or_none(math.sqrt(sum(v * v for v in vals))) if vals else None
+    return {
+        "dead_fraction": dead / seen if seen else None,
+        "dormant_fraction": dormant / seen if seen else None,
+        "grad_norm": grad_norm,
+        "exploding_gradient": any(f.kind == "exploding_gradient" for f in record.findings),
     }

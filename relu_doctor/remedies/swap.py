@@ -488,7 +488,8 @@ class ActivationSwapper(Remedy):
                 )
             except ReluDoctorError as e:
                 self._skipped.add(site)
-                self.warn(f"LeakyReLU swap: leaving site {site!r} alone: {e}")
+                self.decline(site, str(e), step=record.step,
+                             said=f"LeakyReLU swap: leaving site {site!r} alone: {e}")
                 continue
             for s in ev.details["sites"]:
                 self.streaks.pop(s, None)

@@ -125,10 +125,12 @@ def _treat_findings(
     interventions: Sequence[InterventionView],
     anchors: Mapping[str, str],
     loop: object = "watch",
+    declined: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[FindingView]:
     """Findings merged, linked to their site's figure, with the remedy adjusted to what was
-    already done (families from meta.json, interventions from the events) and named as the
-    run's loop names it (``loop``: its ``DiagnosisConfig.loop``, from meta.json)."""
+    already done (families from meta.json, interventions from the events) or declined there
+    (``declined``: ``{site: {remedy: why}}``) and named as the run's loop names it
+    (``loop``: its ``DiagnosisConfig.loop``, from meta.json)."""
     names = REMEDY_NAMES.get(str(loop), REMEDY_NAMES["watch"])
     leaky = {r.site: r.leaky for r in sites}
     swappable = {r.site: r.swappable for r in sites}
@@ -141,7 +143,8 @@ def _treat_findings(
         anchor = anchors.get(f.site, "rd-gradients" if f.site == MODEL_WIDE else "rd-sites")
         out.append(replace(f, anchor=anchor, done=done_lines(done),
                            remedy=recommend(f, leaky.get(f.site, False), done, names,
-                                            swappable.get(f.site))))
+                                            swappable.get(f.site),
+                                            (declined or {}).get(f.site, {}))))
     return out
 
 
@@ -561,7 +564,7 @@ def build_context(run: Run) -> ReportContext:
     anchors = {r.site: (f"rd-fig-{r.anchor[len('rd-site-'):]}" if r.site in heatmaps else r.anchor)
                for r in sites}
     loop = (run.meta.get("config") or {}).get("loop", "watch")
-    findings = _treat_findings(findings, sites, interventions, anchors, loop)
+    findings = _treat_findings(findings, sites, interventions, anchors, loop, run.declined())
     named: dict[str, list[int]] = {}
     for f in findings:
         if f.site in heatmaps:

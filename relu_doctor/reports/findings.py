@@ -164,13 +164,16 @@ def recommend(
     done: Sequence[InterventionView],
     names: Mapping[str, str | None] = REMEDY_NAMES["watch"],
     swappable: bool | None = None,
+    declined: Mapping[str, str] | None = None,
 ) -> str:
     """The finding's remedy, rewritten for what this site already is and what was already
     done to it: no LeakyReLU for a leaky site, nor for one the swap cannot treat
     (``swappable``: see :func:`~relu_doctor.diagnosis.can_swap`; by default, any site that
-    is not leaky), no second try of a remedy that did not help; the remedies named as the
-    run's loop names them (``names``: of :data:`~relu_doctor.diagnosis.REMEDY_NAMES`)."""
+    is not leaky), no second try of a remedy that did not help, none that left this site
+    alone (``declined``: ``{remedy: why}``, said instead); the remedies named as the run's
+    loop names them (``names``: of :data:`~relu_doctor.diagnosis.REMEDY_NAMES`)."""
     swappable = not leaky if swappable is None else swappable
+    declined = declined or {}
     tried = {e.remedy for e in done}
     failed = {e.remedy for e in done if e.verdict == "did not help"}
     if f.kind not in ("dead", "lifetime_dead", "too_sparse", "dormant"):
@@ -179,10 +182,10 @@ def recommend(
                     "lower the learning rate further or add normalisation; consider stopping "
                     "early if the loss diverges.")
         return f.remedy
-    if not leaky and not tried:
+    if not leaky and not tried and not declined:
         return f.remedy  # diagnosis's own words fit a first treatment
     steps = []
-    if swappable and _SWAP not in tried:
+    if swappable and _SWAP not in tried and _SWAP not in declined:
         steps.append("swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
                      f"({names['swap']}) or PReLU")
     cuts = sum(max(e.count, 1) for e in done if e.remedy == _LR)
@@ -192,7 +195,8 @@ def recommend(
         steps.append("lower the learning rate further or warm it up more slowly (it was "
                      f"already lowered {'once' if cuts == 1 else f'{cuts} times'})")
     recycled = set(_RECYCLERS) & tried
-    if not recycled and names["recycle"]:  # (Keras offers no recycling)
+    if not recycled and names["recycle"] and not set(_RECYCLERS) & declined.keys():
+        # (Keras offers no recycling)
         steps.append(f"recycle the units ({names['recycle']})")
     elif recycled & failed:
         steps.append("stop recycling here (the recycled units went quiet again)")
@@ -201,4 +205,6 @@ def recommend(
     already = "This site is already leaky, so a LeakyReLU swap is not the answer. " if leaky else ""
     if tried:
         already += "Already tried: " + ", ".join(sorted(tried)) + ". "
+    for remedy, why in sorted(declined.items()):
+        already += f"{remedy} left this site alone: {why.rstrip('.')}. "
     return already + "Next: " + "; ".join(steps) + "."

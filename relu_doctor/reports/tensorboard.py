@@ -745,8 +745,9 @@ class RunTensorBoard:
         writer.flush()
 
     def write_event(self, event: Mapping[str, Any]) -> None:
-        """Write an intervention (or its result) as a row of the interventions table."""
-        if event.get("type") in ("intervention", "intervention_result"):
+        """Write an intervention (its result, a site a remedy declined) as a row of the
+        interventions table."""
+        if event.get("type") in ("intervention", "intervention_result", "declined"):
             self._guard(self._write_event, event)
 
     def _write_event(self, event: Mapping[str, Any]) -> None:

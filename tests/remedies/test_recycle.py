@@ -295,6 +295,54 @@ def test_unlinkable_sites_are_skipped_with_one_warning_or_raise():
         )
 
 
+class _SumThenRelu(nn.Module):
+    """An activation whose input is the sum of two layers (a residual add): ReDo cannot
+    tell which layer's units to re-initialise, so it leaves the site alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 6)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(6, 1)
+        with torch.no_grad():
+            self.a.bias[:3] = -50.0  # three units dead from the start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.a(x) + self.b(x)))
+
+
+def test_a_site_left_alone_is_recorded_and_the_report_advises_recycling_there_no_more(
+    tmp_path,
+):
+    """A dead site ReDo refuses (its input is a sum) was still told 'recycle the units' by
+    the report after ReDo said it would not: the refusal is now an event of the run, and the
+    report's advice leaves that remedy out and says why."""
+    from relu_doctor.reports.context import build_context
+
+    torch.manual_seed(0)
+    net = _SumThenRelu()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    recycler = DormantRecycler(net, optimizers=opt)
+    with pytest.warns(ReluDoctorWarning, match="leaving site 'act' alone.*sum"), \
+            relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1, optimizer=opt,
+                              run_dir=tmp_path / "run") as doc:
+        recycler.bind(doc)
+        for _ in range(4):
+            net(torch.randn(16, 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    run = relu_doctor.load_run(tmp_path / "run")
+    [declined] = [e for e in run.events if e.get("type") == "declined"]
+    assert (declined["remedy"], declined["site"], declined["step"]) == ("dormant_reset", "act", 2)
+    assert "sum" in declined["reason"] and run.declined() == {"act": {"dormant_reset": declined["reason"]}}
+    dead = [f for f in doc.findings() if f.site == "act" and f.kind in ("dead", "lifetime_dead")]
+    assert dead and any("DormantRecycler" in f.remedy for f in dead)  # diagnosis's own words
+    advice = [f.remedy for f in build_context(run).findings if f.site == "act"]
+    assert advice and not [a for a in advice if "DormantRecycler" in a]
+    assert any("dormant_reset left this site alone: " in a and "sum" in a for a in advice)
+
+
 @pytest.mark.parametrize("name", ["enc:act", "a#1"])
 def test_recycle_a_site_whose_name_looks_like_a_site(name):
     torch.manual_seed(0)
