@@ -312,6 +312,12 @@ def test_a_layer_with_no_gradient_has_no_gradient_norm_not_zero():
     assert math.isnan(table.loc["0", "grad_norm"]) and math.isnan(table.loc["0", "update_ratio"])
     want = [math.sqrt(sum(s[k] for s in sq) / 3) for k in range(2)]
     assert table.loc[["2", "4"], "grad_norm"].tolist() == pytest.approx(want, rel=1e-6)
+    # The remedies' model-wide norm (what clipping and the lr rescue are judged on) is that
+    # of the layers that have one: the NaN made it None.
+    from relu_doctor.remedies import model_snapshot
+
+    total = model_snapshot(doc.records[-1])["grad_norm"]
+    assert total == pytest.approx(math.sqrt(sum(w * w for w in want)), rel=1e-6)
 
 
 @pytest.mark.parametrize("copies", [True, False])
