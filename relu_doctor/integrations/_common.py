@@ -191,7 +191,9 @@ class FindingWarner:
             if key in self._warned or SEVERITIES.index(f.severity) < floor:
                 continue
             self._warned.add(key)
-            self.emit(warning_text(f, stream) + self._already(f))
+            self.emit(warning_text(f, stream) + (
+                f" (Found in the {stream} passes: the remedies act on what training shows, "
+                "not on these.)" if stream and self.on else self._already(f)))
 
     def _already(self, f: Finding) -> str:
         """What the run already has on of what ``f``'s remedy advises."""

@@ -493,3 +493,13 @@ def test_a_finding_says_which_of_its_remedies_are_on() -> None:
                             "when it does.) (leaky_relu_swap is on in this run, but does not "
                             "act at s: its include/exclude, or the kind of site it treats, "
                             "leave it out.)")
+    # An evaluation stream's finding: the remedies (or the plan) on act on training's, so
+    # "it acts by its own rule" (or the plan deciding) would promise what no remedy does.
+    for on in ({"plan": None}, {"dormant_reset=True": None}):
+        FindingWarner("info", said.append, on=on)(record, "evaluation")
+        assert said[-1].startswith("relu_doctor: evaluation dead at s")
+        assert said[-1].endswith("recycle (dormant_reset=True). (Found in the evaluation "
+                                 "passes: the remedies act on what training shows, not on "
+                                 "these.)")
+    FindingWarner("info", said.append)(record, "evaluation")  # no remedy on: nothing to add
+    assert said[-1].endswith("recycle (dormant_reset=True).")
