@@ -65,6 +65,10 @@ class Family:
             statistics derive ``|h| = h`` and count actives with a cheap ``sign()``.
         cap: returns the upper saturation value for a module instance (None: no cap).
         negative_regime: plain-words description of the negative regime, for reports.
+        input_grad: whether the gradient the output's autograd node passes back is the
+            activation's own dL/d(input). False for a layer that computes the activation in
+            several ops and ends in a sum or a clip (Keras' ``PReLU``, a capped Keras
+            ``ReLU``): its zero-gradient fraction is then not measured (NaN), not misread.
     """
 
     name: str
@@ -74,6 +78,7 @@ class Family:
     nonnegative: bool = False
     cap: Callable[[nn.Module | None], float | None] = field(default=_no_cap)
     negative_regime: str = "output is 0 and no gradient flows"
+    input_grad: bool = True
 
     def cap_of(self, module: nn.Module | None) -> float | None:
         """The upper saturation value for ``module`` (None when this member has no cap)."""

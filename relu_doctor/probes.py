@@ -843,7 +843,7 @@ class Probe(SiteRegistry, HookOwner):
             g = grad_outputs[0] if grad_outputs else None
             if g is None:
                 return
-            gi = grad_inputs[0] if grad_inputs else None
+            gi = grad_inputs[0] if grad_inputs and site.family.input_grad else None
             if not isinstance(gi, torch.Tensor):
                 gi = None
             scale = self.grad_scale() if self.grad_scale is not None else None
@@ -978,7 +978,10 @@ def _compiled_site(
     module: nn.Module | None = None
     if has_module:
         if op is None:
-            module = probe.model.get_submodule(path)
+            try:
+                module = probe.model.get_submodule(path)
+            except AttributeError:  # a site named apart from torch's paths (a Keras layer)
+                module = None
         elif cap_args is not None:
             module = nn.Hardtanh(*cap_args)
     probe._compiled = True  # its hooks are in the graph: never park them (see Probe)

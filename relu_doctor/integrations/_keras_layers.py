@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import keras
@@ -79,21 +79,45 @@ def activation_family(fn: Any) -> Family | None:
     return FAMILIES.get(fam) if fam is not None else None
 
 
+def _max_value(layer: Any) -> float | None:
+    """A Keras ``ReLU`` layer's ``max_value`` (its cap), else None."""
+    cap = getattr(layer, "max_value", None)
+    return None if cap is None else float(cap)
+
+
+def _composite(name: str, *, capped: bool = False) -> Family:
+    """``name``'s statistics for a Keras layer that computes it in several ops ending in a
+    sum or a clip (see ``Family.input_grad``), with the layer's ``max_value`` as its cap."""
+    return replace(FAMILIES[name], module_types=(), functionals=(), input_grad=False,
+                   cap=_max_value if capped else FAMILIES[name].cap)
+
+
+#: Keras activation layers whose last op is not the activation itself
+_RELU_CAPPED = _composite("relu", capped=True)  # ReLU(max_value=m) but relu6: relu, then clip
+_LEAKY_CAPPED = _composite("leaky_relu", capped=True)  # with a negative_slope
+_LEAKY_SHIFTED = _composite("leaky_relu")  # a negative_slope and a threshold: a difference
+_PRELU = _composite("prelu")  # relu(x) - alpha * relu(-x): a sum
+
+
 def _layer_family(layer: Any) -> Family | None:
-    """The family of an activation layer, else None."""
+    """The family of an activation layer, else None (the layer itself is given to the probe,
+    which reads a capped ``ReLU``'s cap from it)."""
     L = keras.layers
     if isinstance(layer, L.ReLU):
         slope = float(getattr(layer, "negative_slope", 0.0) or 0.0)
-        cap = getattr(layer, "max_value", None)
+        cap = _max_value(layer)
+        shifted = float(getattr(layer, "threshold", 0.0) or 0.0) != 0.0
         if slope > 0:
-            return FAMILIES.get("leaky_relu")
-        if cap is not None and float(cap) == 6.0:
+            if cap is not None:
+                return _LEAKY_CAPPED
+            return _LEAKY_SHIFTED if shifted else FAMILIES.get("leaky_relu")
+        if cap == 6.0 and not shifted:
             return FAMILIES.get("relu6")
-        return FAMILIES.get("relu")
+        return _RELU_CAPPED if cap is not None else FAMILIES.get("relu")
     if isinstance(layer, L.LeakyReLU):
         return FAMILIES.get("leaky_relu")
     if isinstance(layer, L.PReLU):
-        return FAMILIES.get("prelu")
+        return _PRELU
     if isinstance(layer, L.ELU):
         return FAMILIES.get("elu")
     if isinstance(layer, L.Activation):

@@ -127,6 +127,12 @@ class KerasActivationSwap(Remedy):
             rec = _Swap(site, "activation", layer.activation)
             layer.activation = _leaky(self.slope)
         elif isinstance(layer, keras.layers.ReLU):
+            if getattr(layer, "max_value", None) is not None:
+                raise ReluDoctorError(
+                    f"site: {path!r} is a ReLU layer with max_value={layer.max_value:g}: a "
+                    "capped ReLU is not swapped for LeakyReLU (the cap would go with it); "
+                    "replace it in the model instead."
+                )
             if float(getattr(layer, "threshold", 0.0) or 0.0) != 0.0:
                 raise ReluDoctorError(
                     f"site: {path!r} is a ReLU layer with threshold={layer.threshold:g}: a "

@@ -342,7 +342,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             if site.path in self._failed:
                 return
             try:
-                probe.record(output, path=site.path, call_index=idx, family=fam)
+                probe.record(output, path=site.path, call_index=idx, family=fam,
+                             module=layer)  # (its cap, for a capped ReLU layer)
             except Exception as e:  # never into the user's forward: warn once, step aside
                 self._failed.add(site.path)
                 warnings.warn(

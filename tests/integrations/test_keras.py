@@ -3,6 +3,7 @@ hooks on the same layers counted in numpy (tests/integrations/brute.py)."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import warnings
@@ -85,6 +86,54 @@ def test_sites_are_keras_layers_and_numbers_equal_the_reference(tmp_path: Path) 
     # Keras' own logs see the model-wide numbers.
     assert "relu_doctor/dead_fraction" in hist.history
     assert len(hist.history["relu_doctor/dead_fraction"]) == 2
+
+
+def test_activation_layers_with_options_keep_their_cap_and_say_no_zero_gradient(
+    tmp_path: Path,
+) -> None:
+    """A ``ReLU`` layer with options runs in several ops: ``relu`` then a clip (a
+    ``max_value`` but 6), a difference (a ``negative_slope`` with a cap or threshold),
+    ``PReLU`` a sum. Their cap was dropped (its saturation not counted, 34% of outputs at 3
+    in the trial) and their zero-gradient fraction read the last op's (0.0 for a PReLU with
+    half its inputs negative). The cap is now the layer's ``max_value``, saturation is
+    counted against it, and the zero-gradient fraction is not measured (NaN), where a plain
+    ReLU's is."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12,))
+    d = [keras.layers.Dense(8, name=f"d{i}")(inp) for i in range(5)]
+    acts = {
+        "cap3": (keras.layers.ReLU(max_value=3.0, name="cap3")(d[0]), 3.0),
+        "cap6_thr": (keras.layers.ReLU(max_value=6.0, threshold=0.5, name="cap6_thr")(d[1]), 6.0),
+        "leaky_cap4": (keras.layers.ReLU(max_value=4.0, negative_slope=0.1,
+                                         name="leaky_cap4")(d[2]), 4.0),
+        "prelu": (keras.layers.PReLU(name="prelu")(d[3]), None),
+        "plain": (keras.layers.ReLU(name="plain")(d[4]), None),
+    }
+    h = keras.layers.Concatenate()([a for a, _ in acts.values()])
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="out")(h))
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="categorical_crossentropy")
+    x, y = _data(64)
+    x = x * 4  # outputs past the caps
+    layers = {name: model.get_layer(name) for name in acts}
+    ref = Outputs(layers, {k: -1 for k in layers}, keep=lambda: torch.is_grad_enabled())
+    cb = ReluDoctorCallback(log_every_n_steps=4, overhead_budget=None, run_dir=tmp_path / "run")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    ref.remove()
+    assert cb.doctor is not None
+    rows = {r["site"]: r for r in cb.doctor.records[-1].site_rows}
+    for name, (_, cap) in acts.items():
+        row = rows[name]
+        assert row["cap"] == cap, name
+        out = np.concatenate([p[name] for p in ref.passes])
+        assert row["elements"] == out.size
+        if cap is not None:
+            assert row["saturated_fraction"] == pytest.approx(float((out >= cap).mean()), rel=1e-9)
+            assert (out >= cap).any(), name  # (the test reaches the cap)
+        composite = name != "plain"
+        assert math.isnan(row["grad_zero_fraction"]) == composite, name
+        assert math.isfinite(row["grad_rms"]) and row["grad_rms"] > 0, name
+    assert rows["plain"]["grad_zero_fraction"] == pytest.approx(
+        1.0 - float((np.concatenate([p["plain"] for p in ref.passes]) > 0).mean()), abs=0.02)
 
 
 def test_conv_channels_last_units_are_filters(tmp_path: Path) -> None:
