@@ -24,12 +24,14 @@ channel axis of Keras' ``image_data_format()``.
 from __future__ import annotations
 
 import glob
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import keras
 
+from relu_doctor.errors import ReluDoctorWarning, user_stacklevel
 from relu_doctor.families import FAMILIES, Family
 
 __all__ = ["KerasSite", "activation_family", "find_sites", "walk_layers"]
@@ -200,14 +202,29 @@ def _unit_dim(layer: Any) -> int:
 
 def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
     """The ReLU-family sites of a built Keras model, in layer order (``selected(path)``
-    applies include/exclude)."""
-    out = []
+    applies include/exclude). A Dense/Conv whose activation is an anonymous function (a
+    lambda, a ``functools.partial``), which may be a ReLU that cannot be told apart, is said
+    once, not watched."""
+    out, anonymous = [], []
     for path, layer in walk_layers(model):
         by_act = isinstance(layer, _ACTIVATED)
-        fam = (
-            activation_family(getattr(layer, "activation", None)) if by_act else _layer_family(layer)
-        )
+        fn = getattr(layer, "activation", None) if by_act else None
+        fam = activation_family(fn) if by_act else _layer_family(layer)
+        if fam is None and callable(fn) and not isinstance(fn, keras.layers.Layer) and (
+                getattr(fn, "__name__", "<lambda>") == "<lambda>") and selected(path):
+            anonymous.append(path)
         if fam is None or not selected(path):
             continue
         out.append(KerasSite(layer, path, _unit_dim(layer), by_act))
+    if anonymous:
+        warnings.warn(
+            f"relu_doctor: Keras layer {anonymous[0]!r}"
+            f"{f' (and {len(anonymous) - 1} more)' if len(anonymous) > 1 else ''} has an "
+            "anonymous activation (a lambda or a functools.partial), which relu_doctor cannot "
+            "tell from any other function: it is not watched. Where it is a ReLU-family "
+            "activation, pass it by name (activation='relu', keras.activations.gelu) or as a "
+            "layer (keras.layers.ReLU()).",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
     return out

@@ -136,6 +136,31 @@ def test_activation_layers_with_options_keep_their_cap_and_say_no_zero_gradient(
         1.0 - float((np.concatenate([p["plain"] for p in ref.passes]) > 0).mean()), abs=0.02)
 
 
+@pytest.mark.parametrize("anonymous", ["lambda", "partial"])
+def test_an_anonymous_activation_is_said_not_watched(tmp_path: Path, anonymous: str) -> None:
+    """``Dense(activation=lambda t: relu(t))`` (or a ``functools.partial``) is a function
+    relu_doctor cannot name: it was left out without a word."""
+    import functools
+
+    act = (functools.partial(keras.activations.relu, max_value=3.0) if anonymous == "partial"
+           else lambda t: keras.activations.relu(t))
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(8, activation=act, name="anon"),
+                              keras.layers.Dense(8, activation="relu", name="named"),
+                              keras.layers.Dense(3, activation="softmax", name="out")])
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    x, y = _data(32)
+    cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None, run_dir=tmp_path / "run",
+                            warn=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    said = [str(w.message) for w in caught if issubclass(w.category, relu_doctor.ReluDoctorWarning)]
+    assert len(said) == 1 and said[0].startswith(
+        "relu_doctor: Keras layer 'anon' has an anonymous activation"), said
+    assert cb.doctor is not None and [s.name for s in cb.doctor.sites] == ["named"]
+
+
 def test_conv_channels_last_units_are_filters(tmp_path: Path) -> None:
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
