@@ -326,6 +326,18 @@ def test_leaky_relu_swap_treats_an_activation_layer(tmp_path: Path) -> None:
     assert keras.ops.convert_to_numpy(layer(probe))[0].tolist() == [0.0, 3.0]
 
 
+def _fit_swapping(model: Any, tmp_path: Path) -> tuple[Any, list[str]]:
+    """One epoch of ``model`` with the swap acting at the first dying reading: the callback
+    and every warning's text."""
+    x, y = _data(64)
+    cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None, run_dir=tmp_path / "run",
+                            leaky_relu_swap={"threshold": 0.5, "patience": 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    return cb, [str(w.message) for w in caught]
+
+
 def test_a_layer_the_swap_cannot_treat_is_left_alone_and_the_rest_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -342,14 +354,7 @@ def test_a_layer_the_swap_cannot_treat_is_left_alone_and_the_rest_goes_on(
         return real(self, site, path, *args, **kw)
 
     monkeypatch.setattr(KerasActivationSwap, "_swap", refuse_a2)
-    model = _dying_activation_layers()
-    x, y = _data(64)
-    cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None, run_dir=tmp_path / "run",
-                            leaky_relu_swap={"threshold": 0.5, "patience": 1})
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
-    texts = [str(w.message) for w in caught]
+    cb, texts = _fit_swapping(_dying_activation_layers(), tmp_path)
     assert sum("leaving Keras layer 'a2' alone" in t for t in texts) == 1, texts
     assert not any("steps aside" in t for t in texts)
     assert sorted(cb.remedies["leaky_relu_swap"].swaps) == ["r1"]
@@ -363,13 +368,7 @@ def test_the_swap_leaves_a_relu_with_a_threshold_alone(tmp_path: Path) -> None:
     # negative (-0.03 for 0.2 at t=0.5), so the swap refuses the layer, once, with why.
     model = _dying_activation_layers()
     model.get_layer("r1").threshold = 0.5
-    x, y = _data(64)
-    cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None, run_dir=tmp_path / "run",
-                            leaky_relu_swap={"threshold": 0.5, "patience": 1})
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
-    texts = [str(w.message) for w in caught]
+    cb, texts = _fit_swapping(model, tmp_path)
     assert sum("leaving Keras layer 'r1' alone" in t and "threshold=0.5" in t
                for t in texts) == 1, texts
     assert sorted(cb.remedies["leaky_relu_swap"].swaps) == ["a2"]
