@@ -193,8 +193,8 @@ class KerasActivationSwap(Remedy):
                     )
                 except ReluDoctorError as e:  # one site it cannot swap: the others go on
                     self._skipped.add(path)
-                    self.decline(str(row["site"]), str(e), step=record.step,
-                                 said=f"LeakyReLU swap: leaving Keras layer {path!r} alone: {e}")
+                    self.decline(str(row["site"]), str(e), record.step, "LeakyReLU swap",
+                                 f"Keras layer {path!r}")
         return events
 
     def state_dict(self) -> dict[str, Any]:

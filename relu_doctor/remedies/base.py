@@ -528,10 +528,11 @@ class Remedy:
             self.doctor.record_event(event)
         return event
 
-    def decline(self, site: str, reason: str, *, step: int, said: str) -> None:
-        """Leave ``site`` alone from now on for ``reason``: warned (``said``, once per site by
-        the caller) and recorded, so that the report advises this remedy there no more."""
-        self.warn(said)
+    def decline(self, site: str, reason: str, step: int, what: str, where: str = "") -> None:
+        """Leave ``site`` alone from now on for ``reason``: warned (once per site: the caller
+        skips it after), in ``what``'s name (``"ReDo recycling"``) at ``where`` (default the
+        site), and recorded, so that the report advises this remedy there no more."""
+        self.warn(f"{what}: leaving {where or f'site {site!r}'} alone: {reason}")
         if self.doctor is not None:
             self.doctor.record_event(Declined(self.name, site, step, reason))
 

@@ -219,8 +219,7 @@ class ContinualBackprop(Remedy):
                                      reset_adam_step=self.adam_step.enabled)
             except ReluDoctorError as e:
                 self._links_failed.add(site)
-                self.decline(site, str(e), step=record.step,
-                             said=f"ContinualBackprop: leaving site {site!r} alone: {e}")
+                self.decline(site, str(e), record.step, "ContinualBackprop")
                 continue
             self.utility[site][idx] = 0.0
             self.age[site][idx] = 0

@@ -432,8 +432,7 @@ class DormantRecycler(Remedy):
                 if self.on_unlinkable == "raise":
                     raise
                 self._unlinkable[site] = str(e)
-                self.decline(site, str(e), step=record.step,
-                             said=f"ReDo recycling: leaving site {site!r} alone: {e}")
+                self.decline(site, str(e), record.step, "ReDo recycling")
         return events
 
     def state_dict(self) -> dict[str, Any]:

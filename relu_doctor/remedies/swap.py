@@ -488,8 +488,7 @@ class ActivationSwapper(Remedy):
                 )
             except ReluDoctorError as e:
                 self._skipped.add(site)
-                self.decline(site, str(e), step=record.step,
-                             said=f"LeakyReLU swap: leaving site {site!r} alone: {e}")
+                self.decline(site, str(e), record.step, "LeakyReLU swap")
                 continue
             for s in ev.details["sites"]:
                 self.streaks.pop(s, None)
