@@ -341,7 +341,9 @@ def _heatmap_sites(run: Run, findings: Sequence[FindingView]) -> tuple[list[str]
     sev: dict[str, int] = {}
     for f in findings:
         sev[f.site] = max(sev.get(f.site, 0), 1 + severity_rank(f.severity))
-    peak = run.history.groupby(run.history["site"].astype(str))["dead_fraction"].max()
+    hist = run.history  # (empty, with no columns, where it could not be read)
+    peak = (hist.groupby(hist["site"].astype(str))["dead_fraction"].max()
+            if {"site", "dead_fraction"} <= set(hist.columns) else pd.Series(dtype=float))
     ranked = sorted(
         names,
         key=lambda n: (-sev.get(n, 0), -float(np.nan_to_num(peak.get(n, 0.0))), names.index(n)),

@@ -26,11 +26,12 @@ from tests import zoo
 
 
 def _train(run_dir: Path, steps: int, *, full: tuple[int, ...] = (),
-           monkeypatch: pytest.MonkeyPatch | None = None) -> None:
+           monkeypatch: pytest.MonkeyPatch | None = None, sites: int = 2) -> None:
     """Train ``steps`` steps logging each; the segment writes of the steps in ``full`` fail
-    with ENOSPC (a full disk)."""
+    with ENOSPC (a full disk). ``sites``: 2 (the zoo's MLP), or that many Linear+ReLU."""
     real_write = rundir._Segment.write
-    model = zoo.mlp()
+    model = zoo.mlp() if sites == 2 else torch.nn.Sequential(
+        *[m for i in range(sites) for m in (torch.nn.Linear(10, 10), torch.nn.ReLU())])
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -155,17 +156,20 @@ def _lose_history(run_dir: Path, how: str) -> str:
     return part.name
 
 
+@pytest.mark.parametrize("sites", [2, 13])
 @pytest.mark.parametrize(("how", "says"), [("truncated", "cannot be read"),
                                            ("deleted", "is missing")])
 def test_a_damaged_or_missing_history_is_said_never_no_activation_seen(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str, says: str) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str, says: str,
+        sites: int) -> None:
     """Activations were seen (the windows say so) but the per-site history is cut short or
     gone: the verdict, the summary, the HTML and the command line say the history is
     damaged or missing, naming the file or folder, never "No activation seen" (which blames
     eval mode); like any other damaged part, the report is written and the exit status is 0.
-    Reading through the Python API says the same."""
+    Reading through the Python API says the same. With more sites than the report draws
+    heatmaps of (12), choosing them read the lost history: the report failed (KeyError)."""
     run_dir = tmp_path / "run"
-    _train(run_dir, 3)
+    _train(run_dir, 3, sites=sites)
     named = _lose_history(run_dir, how)
     assert main(["report", str(run_dir)]) == 0
     out = capsys.readouterr()
