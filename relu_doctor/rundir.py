@@ -408,6 +408,12 @@ class RunWriter:
         _OPEN.add(self)
         self._segs: dict[str, _Segment] = {}
         self._findings: bytes | None = None  # what findings.json holds, as last written
+        self._meta: dict[str, Any] | None = None  # as last written (without what is added)
+        #: the tables that hold rows (a run continued: those it held), listed in meta.json
+        self._tables: set[str] = (
+            set() if old is None or replace else
+            {str(t) for t in old.get("tables", [])} | {d.name for d in p.iterdir()
+                                                       if d.is_dir() and segments(d)})
         self._next: dict[str, int] = {}
         for tmp in [*p.glob(".*.tmp"), *p.glob("*/.*.tmp")]:  # left by killed writes
             tmp.unlink(missing_ok=True)
@@ -459,8 +465,11 @@ class RunWriter:
 
     # ------------------------------------------------------------------ writing
     def write_meta(self, meta: Mapping[str, Any]) -> None:
-        """Replace ``meta.json`` atomically (``format_version`` and ``run_id`` are added)."""
-        data = {"format_version": FORMAT_VERSION, "run_id": self.run_id, **clean_json(meta)}
+        """Replace ``meta.json`` atomically (``format_version``, ``run_id`` and ``tables``,
+        the tables written so far, are added: a reader then knows a missing one is lost)."""
+        self._meta = dict(meta)
+        data = {"format_version": FORMAT_VERSION, "run_id": self.run_id, **clean_json(meta),
+                "tables": sorted(self._tables)}
         atomic_write_bytes(self.path / "meta.json", json.dumps(data, indent=2).encode())
 
     def append_table(
@@ -504,6 +513,10 @@ class RunWriter:
             self._segs.pop(table, None)
             seg.abandon()
             raise
+        if table not in self._tables:  # its first rows: meta.json says the table exists
+            self._tables.add(table)
+            if self._meta is not None:
+                self.write_meta(self._meta)
         if table in LOGGED_TABLES:
             self.last_step = step if self.last_step is None else max(self.last_step, step)
             self.first_step = step if self.first_step is None else self.first_step

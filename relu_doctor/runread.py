@@ -316,7 +316,12 @@ class TableParts:
         self.parts: list[tuple[Path, pa.Schema]] = []
         self.skipped: list[tuple[Path, str]] = []  # (part, why), as warned
         self._torn: set[Path] = set()  # streams cut short, warned about once
-        for _, part in segments(folder):
+        try:
+            found = segments(folder)
+        except OSError as e:  # a folder it may not list (its permissions)
+            self._skip(folder, f"it cannot be read ({e.strerror or e})")
+            found = []
+        for _, part in found:
             try:
                 schema = _part_schema(part)
             except (OSError, pa.ArrowException, ValueError) as e:
@@ -455,12 +460,27 @@ def read_table(
     return TableParts(Path(path) / table, problems=problems).read()
 
 
+def _holds(folder: Path) -> bool:
+    """Whether a table folder holds parts (one it may not list does, for all it knows:
+    :class:`TableParts` says it cannot be read)."""
+    try:
+        return bool(segments(folder))
+    except OSError:
+        return True
+
+
 def _read_events(path: Path, problems: list[str]) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     if not path.is_file():
         return events
     bad: list[str] = []
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed below, after the lines are read)
+    except OSError as e:
+        warn_problem(problems, f"relu_doctor: skipped {str(path)!r}: it cannot be read "
+                     f"({e.strerror or e}).")
+        return events
+    with f:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -579,7 +599,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             warn_problem(problems, f"relu_doctor: skipped {str(status_path)!r}: {e}.")
     events = _read_events(p / "events.jsonl", problems)
     tables = {"history", "layers", "metrics"} | {
-        d.name for d in p.iterdir() if d.is_dir() and TABLE_NAME.fullmatch(d.name) and segments(d)
+        d.name for d in p.iterdir() if d.is_dir() and TABLE_NAME.fullmatch(d.name) and _holds(d)
     }
     legacy = meta.get("format_version", 1) < 4
     # its parts checked now, read when asked
@@ -589,6 +609,10 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     frames = {t: read_table(p, t, problems=problems)
               for t in sorted(tables - {"units", "history"})}
     lost = _history_lost(history_parts, history, frames.get("windows"), units, problems)
+    for table in meta.get("tables") or []:  # (history: said by _history_lost)
+        if isinstance(table, str) and table != "history" and not (p / table).exists():
+            warn_problem(problems, f"relu_doctor: {str(p / table)!r} is missing, although "
+                         "the run wrote that table.")
     f_path = p / "findings.json"
     last_findings: list[Finding] | None = None
     if f_path.is_file():

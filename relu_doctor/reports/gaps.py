@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from relu_doctor.history import Run
 
@@ -35,12 +36,15 @@ class Gaps:
             another schema), as warned when it was read (:attr:`Run.problems`).
         unclosed: why the writer has not closed the run directory (:attr:`Run.writer_open`:
             still writing, or killed): the run may go on after what it shows.
+        lost_tables: the tables the run wrote (``meta.json``'s ``tables``) whose folder is
+            missing or cannot be listed: what they would show is lost, not unlogged.
     """
 
     unwritten: list[tuple[int, int]] = field(default_factory=list)
     write_error: str = ""
     skipped: list[str] = field(default_factory=list)
     unclosed: str = ""
+    lost_tables: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.unwritten or self.skipped or self.unclosed)
@@ -61,9 +65,20 @@ def read_gaps(run: Run) -> Gaps:
     after the unit rows the report draws (a damaged part found then is in the list)."""
     error = run.meta.get("write_error")
     skipped = [" ".join(str(p).removeprefix("relu_doctor: ").split()) for p in run.problems]
+    written = [t for t in run.meta.get("tables") or [] if isinstance(t, str)]
+    lost = [t for t in written if run.path is not None and not _listable(run.path / t)]
     return Gaps(
         unwritten=[(int(a), int(b)) for a, b in run.unwritten],
         write_error=error if isinstance(error, str) else "",
         skipped=list(dict.fromkeys(skipped)),
         unclosed=run.writer_open,
+        lost_tables=lost,
     )
+
+
+def _listable(folder: Path) -> bool:
+    try:
+        next(iter(folder.iterdir()), None)
+    except OSError:  # missing, not a folder, or not to be listed
+        return False
+    return True

@@ -294,3 +294,63 @@ def test_the_logs_never_written_are_named_in_good_english(ranges, said):
     run = Run(meta={"unwritten": ranges, "write_error": "OSError: disk full"},
               history=pd.DataFrame())
     assert f"Never written (OSError: disk full): {said}" in summary(build_context(run))
+
+
+@pytest.mark.parametrize("table", ["units", "metrics", "windows", "layers"])
+def test_a_table_folder_the_run_wrote_and_that_is_gone_is_said_lost(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], table: str) -> None:
+    """``meta.json`` lists the tables the run wrote; one whose folder is gone was silent,
+    and the report then blamed the loop ("No loss or learning rate was recorded: pass
+    doc.step(loss=loss)") for a table that was written and lost."""
+    run_dir = tmp_path / "run"
+    _train(run_dir, 3)
+    meta = rundir.read_meta(run_dir)
+    assert {"history", "units", "metrics", "windows", "layers"} <= set(meta["tables"])
+    shutil.rmtree(run_dir / table)
+    assert main(["report", str(run_dir)]) == 0
+    err = capsys.readouterr().err
+    said = f"{str(run_dir / table)!r} is missing, although the run wrote that table"
+    assert said in err and "Traceback" not in err
+    with pytest.warns(relu_doctor.ReluDoctorWarning, match=re.escape(said)):
+        run = load_run(run_dir)
+    ctx = build_context(run)
+    assert ctx.gaps.lost_tables == [table] and any(said in s for s in ctx.gaps.skipped)
+    html = render_report(run)
+    assert said.replace("'", "&#39;") in _gap_section(html)  # (as Jinja escapes it)
+    # The loop passed its loss and logged units: never said to be unlogged.
+    assert "No loss or learning rate was recorded" not in html
+    assert "No per-unit statistics were logged" not in html
+    if table in ("metrics", "units"):
+        assert f"(<code>{table}/</code>) is lost from the run directory" in html
+
+
+@pytest.mark.parametrize("what", ["events.jsonl", "units", "history"])
+def test_a_part_of_the_run_it_may_not_read_is_skipped_and_the_report_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        what: str) -> None:
+    """Permission denied on ``events.jsonl`` or on a table folder (chmod 000, another
+    user's copy) stopped the report ("PermissionError", exit 2): it is one skipped file,
+    as a damaged one is, and the report is written."""
+    run_dir = tmp_path / "run"
+    _train(run_dir, 3)
+    denied = run_dir / what
+    real_open, real_iterdir = open, Path.iterdir
+
+    def guarded_open(file, *args, **kwargs):
+        if Path(file) == denied:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    def guarded_iterdir(self):
+        if self == denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr("relu_doctor.runread.open", guarded_open, raising=False)
+    monkeypatch.setattr(Path, "iterdir", guarded_iterdir)
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr()
+    assert "Permission denied" in out.err and str(denied) in out.err, out.err
+    assert "Traceback" not in out.err and (run_dir / "report.html").is_file()
+    headline = "History unreadable" if what == "history" else ""
+    assert headline in out.out
