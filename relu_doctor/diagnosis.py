@@ -9,6 +9,7 @@ no model, no hooks, no sums re-derived.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -49,6 +50,35 @@ def check_warn(warn: object) -> str | None:
 def severity_rank(severity: str) -> int:
     """The order of severities (info 0 < warning 1 < critical 2); -1 for an unknown one."""
     return _RANK.get(severity, -1)
+
+
+#: Within a severity, findings about the whole model's training come first (they explain
+#: the others), then the units that carry nothing, then what merely thins the signal.
+_KIND_ORDER = ("nonfinite", "exploding_gradient", "vanishing_gradient", "dead",
+               "lifetime_dead", "saturated", "dormant", "too_sparse", "activation_growth")
+#: the share a finding rests on, the larger first within its kind
+_SHARES = ("dead_fraction", "lifetime_dead_fraction", "saturated_fraction",
+           "dormant_fraction", "sparsity")
+
+
+def finding_order(severity: str, kind: str, site: str,
+                  evidence: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The sort key of a finding, most severe first: by severity, then kind (model-wide
+    first), then the larger share of units (``dead_fraction``...), then the site's name in
+    natural order (``3`` before ``11``).
+
+    Example:
+        >>> a = finding_order("warning", "dead", "11", {"dead_fraction": 0.6})
+        >>> b = finding_order("warning", "dead", "3", {"dead_fraction": 0.9})
+        >>> b < a
+        True
+    """
+    share = next((float(evidence[k]) for k in _SHARES
+                  if isinstance(evidence.get(k), int | float) and evidence[k] == evidence[k]), 0.0)
+    rank = _KIND_ORDER.index(kind) if kind in _KIND_ORDER else len(_KIND_ORDER)
+    natural = tuple((0, int(t), "") if t.isdigit() else (1, 0, t)
+                    for t in re.split(r"(\d+)", site) if t)
+    return (-severity_rank(severity), rank, -share, natural)
 
 
 #: How each loop names the remedies a finding suggests: gradient clipping, a learning-rate
@@ -365,7 +395,7 @@ def diagnose(
             )
     out.extend(_gradient_findings(sites, config, step, param_grad_norms))
     out.extend(_growth_findings(sites, config, step, first_rms or {}))
-    out.sort(key=lambda f: (-severity_rank(f.severity), f.kind, f.site))
+    out.sort(key=lambda f: finding_order(f.severity, f.kind, f.site, f.evidence))
     return out
 
 

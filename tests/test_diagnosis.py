@@ -486,3 +486,29 @@ def test_the_leaky_relu_swap_is_advised_only_where_the_swap_acts(family):
                      swappable=acts)
     assert ("leaky_relu_swap=True" in text) == acts
     assert "already lowered 2 times" in text
+
+
+def test_within_a_severity_the_cause_and_the_largest_share_come_first():
+    """Findings of one severity were ordered by kind name, then site name as text: site
+    '3' (15 of 16 dead) came after '11' and '13', and a vanishing gradient (the cause)
+    after the dead sites it explains. Now model-wide findings come first, then each kind
+    by its share of units, largest first, then the site in natural order."""
+    rows, units = [], {}
+    dead_of = {"11": 11, "13": 10, "3": 15, "5": 10}  # '5' ties '13': natural order
+    for order, (site, n_dead) in enumerate(dead_of.items()):
+        m = synthetic(1e-7 if order == 0 else 1.0, units=16)
+        m[[ROW["active"], ROW["sum"], ROW["sum_abs"], ROW["sum_sq"]], :n_dead] = 0
+        u = unit_metrics(m, m, 0.1)
+        rows.append({"site": site, "family": "relu", "leaky": False, "cap": None,
+                     "order": order, **site_metrics(m, u)})
+        units[site] = u
+    found = diagnose(rows, units, DiagnosisConfig())
+    critical = [(f.kind, f.site) for f in found if f.severity == "critical"]
+    warnings_ = [(f.kind, f.site) for f in found if f.severity == "warning"]
+    shares = {site: n / 16 for site, n in dead_of.items()}
+    want_dead = sorted(dead_of, key=lambda s: (-shares[s], int(s)))
+    assert want_dead == ["3", "11", "5", "13"]
+    assert warnings_[0] == ("vanishing_gradient", "model")  # before the too-sparse sites
+    assert [s for k, s in critical if k == "dead"] == want_dead
+    kinds = [k for k, _ in critical]
+    assert kinds.index("dead") < kinds.index("lifetime_dead")

@@ -548,7 +548,7 @@ def build_context(run: Run) -> ReportContext:
     shown_step = judged[-1] if judged else None
     last = hist[hist["step"] == shown_step] if shown_step is not None else pd.DataFrame()
     findings = [finding_view(f) for f in run.findings()]
-    findings.sort(key=lambda f: (-severity_rank(f.severity), f.kind, f.site))
+    findings.sort(key=lambda f: f.order)
     findings_step = max((f.step for f in findings), default=last_step)
     # (findings rebuilt from events.jsonl hold the evidence of the log each began or last
     # changed at: said on each, not shown as the later step's)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from relu_doctor.diagnosis import REMEDY_NAMES, Finding
+from relu_doctor.diagnosis import REMEDY_NAMES, Finding, finding_order
 from relu_doctor.reports.formatting import UNIT_LISTS, fmt_value
 from relu_doctor.reports.interventions import InterventionView
 
@@ -72,6 +73,8 @@ class FindingView:
     #: the step of its evidence, where it is older than the other findings' (a finding
     #: rebuilt from events.jsonl: the log it began or last changed at); else None
     as_of: int | None = None
+    #: where it goes among the findings, most severe first (diagnosis.finding_order)
+    order: tuple[Any, ...] = ()
 
 
 def kind_label(kind: str) -> str:
@@ -101,6 +104,7 @@ def finding_view(f: Finding) -> FindingView:
         units_named=units_named,
         units_text=fmt_value(unit_key, units_named) if unit_key else "",
         evidence=evidence,
+        order=finding_order(f.severity, f.kind, f.site, f.evidence),
     )
 
 

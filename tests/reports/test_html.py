@@ -392,3 +392,31 @@ def test_the_summary_tells_long_site_names_apart(tmp_path: Path) -> None:
     for label, name in zip(labels, names, strict=True):
         head, _, tail = label.partition("…")
         assert name.startswith(head) and name.endswith(tail) and len(label) <= 48
+
+
+def test_the_most_severe_findings_are_the_largest_shares_not_the_first_names(tmp_path: Path) -> None:
+    """The verdict's "most severe" and the summary listed one severity's findings by site
+    name as text: site '3' (15 of 16 units dead) after '11' (11 of 16) and '13' (10)."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    kill = {1: 15, 5: 11, 6: 10}  # the Linear before ReLU sites '3', '11', '13'
+    for i in range(8):
+        lin = nn.Linear(16, 16)
+        with torch.no_grad():
+            lin.bias += 1.0
+            lin.bias[:kill.get(i, 0)] = -100.0
+        layers += [lin, nn.ReLU()]
+    net = nn.Sequential(*layers)
+    with relu_doctor.watch(net, log_every_n_steps=4, run_dir=tmp_path / "r") as doc:
+        for _ in range(4):
+            net(torch.randn(32, 16)).mean().backward()
+            doc.step()
+    dead = {str(r["site"]): int(r["dead"]) for r in doc.records[-1].site_rows}
+    assert dead["3"] > dead["11"] > dead["13"] > 8  # (the plants hold; the others live)
+    text = summary(load_run(tmp_path / "r"))
+    listed = [line.split("]")[1].split(":")[0].strip() for line in text.splitlines()
+              if line.strip().startswith("[critical]")]
+    assert listed[:3] == ["3", "11", "13"], text
