@@ -20,10 +20,13 @@ Tags:
 ``train/<name>``                       training metrics of the interval (loss, lr...)
 =====================================  ==============================================
 
-The findings' table is written at a writer's first log, at each log where a finding began,
-changed severity or ended, and at the last (:class:`FindingsText`); not at every log: a
-256-site model's ~700 findings made ~180 KB of event file and ~4 ms a log, for a table
-that holds the same findings as the last one written.
+The findings' table holds the :data:`FINDINGS_ROWS` most severe findings (and how many
+more there are), written at a writer's first log, at each log where those rows' findings
+began, changed severity or ended, and at the last (:class:`FindingsText`); not at every
+log: a 256-site model's ~700 findings made ~180 KB of event file and ~4 ms a log, and on
+many sites some dormant finding began or ended at nearly every log (46 of a 101 MB event
+file). Every finding that began, changed or ended is in the ``findings_changed`` table of
+its log.
 
 :class:`RunTensorBoard` is the Doctor's listener that writes the event files of a plain
 ``watch(model, run_dir=...)`` loop. A run's event files lie in its run directory itself
@@ -278,21 +281,30 @@ def _cell(v: Any) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def findings_markdown(findings: Sequence[Finding | Mapping[str, Any]]) -> str:
+#: the findings the findings' table lists, the most severe (the rest are counted)
+FINDINGS_ROWS = 40
+
+
+def findings_markdown(findings: Sequence[Finding | Mapping[str, Any]],
+                      limit: int | None = FINDINGS_ROWS) -> str:
     """A Markdown table of findings (:class:`~relu_doctor.diagnosis.Finding`, or dicts with
-    ``severity``, ``kind``, ``site``, ``message``, ``remedy``), or a line saying there is
+    ``severity``, ``kind``, ``site``, ``message``, ``remedy``), most severe first as given,
+    the first ``limit`` of them (None: all) and how many more; or a line saying there is
     none."""
     if not findings:
         return "No findings."
     from relu_doctor.reports.findings import kind_label
 
     lines = ["| severity | kind | site | finding | remedy |", "|---|---|---|---|---|"]
-    for f in findings:
+    more = len(findings) - limit if limit is not None and len(findings) > limit else 0
+    for f in findings[:len(findings) - more]:
         if not isinstance(f, Mapping):
             f = f.to_dict(copy=False)
         cells = (f.get("severity", ""), kind_label(str(f.get("kind", ""))), f.get("site", ""),
                  f.get("message", ""), f.get("remedy", ""))
         lines.append("| " + " | ".join(map(_cell, cells)) + " |")
+    if more:
+        lines.append(f"| | | | and {more} more findings (see the report) | |")
     return "\n".join(lines)
 
 
@@ -484,22 +496,23 @@ def _rates_by_site(units: pd.DataFrame) -> dict[str, np.ndarray]:
 
 class FindingsText:
     """When the findings' table goes to a writer: at the first record it is given, at one
-    where a finding began, changed severity or ended, and at a ``final`` one; the others
-    hold the findings of the last table written (their numbers as of that step). The last
-    record's findings, when not written with it, are written by :meth:`flush_last` at the
-    end of training (a run that ends at a logging step has no ``final`` record). Keyed by
-    whatever names a series of records (a writer and a prefix)."""
+    where a finding of its :data:`FINDINGS_ROWS` most severe began, changed severity or
+    ended, and at a ``final`` one; the others hold the findings of the last table written
+    (their numbers as of that step). The last record's findings, when not written with it,
+    are written by :meth:`flush_last` at the end of training (a run that ends at a logging
+    step has no ``final`` record). Keyed by whatever names a series of records (a writer
+    and a prefix)."""
 
     def __init__(self) -> None:
-        self._seen: set[Any] = set()
+        self._shown: dict[Any, tuple[tuple[str, str, str], ...]] = {}  # each table's rows
         self._unwritten: dict[Any, tuple[int, list[Finding]]] = {}
 
     def take(self, key: Any, record: Any) -> list[Finding] | None:
         """The findings of ``record`` (an :class:`~relu_doctor.record.IntervalRecord`) to
         write with it under ``key``, or None."""
-        first = key not in self._seen
-        self._seen.add(key)
-        if first or record.finding_events or record.final:
+        rows = tuple((f.kind, f.site, f.severity) for f in record.findings[:FINDINGS_ROWS])
+        if self._shown.get(key) != rows or record.final:
+            self._shown[key] = rows
             self._unwritten.pop(key, None)
             return list(record.findings)
         self._unwritten[key] = (int(record.step), list(record.findings))

@@ -256,28 +256,37 @@ def test_watch_writes_the_findings_table_where_they_change_and_at_the_end(
 
 
 def test_findings_text_is_taken_at_the_first_a_change_and_a_final_record() -> None:
-    """FindingsText per series: the first record, one with finding events, a final one;
-    the last record's findings when not written, once, by flush_last."""
+    """FindingsText per series: the first record, one whose most severe findings changed
+    (one began, ended or changed severity among the table's rows), a final one; the last
+    record's findings when not written, once, by flush_last. A finding beginning or ending
+    below the table's rows (a dormant one flapping on a 256-site model) writes no table:
+    it had, at nearly every log (46 MB of a 101 MB event file)."""
     from relu_doctor.diagnosis import Finding
-    from relu_doctor.events import FindingEvent
     from relu_doctor.record import IntervalRecord
 
     f = Finding("dead", "a", "warning", "m")
+    worse = Finding("dead", "a", "critical", "m")
+    tail = [Finding("dormant", f"s{i}", "info", "d") for i in range(tb.FINDINGS_ROWS)]
 
-    def record(step: int, *, changed: bool = False, final: bool = False) -> IntervalRecord:
-        ev = [FindingEvent("began", f, step)] if changed else []
-        return IntervalRecord(step, [], pd.DataFrame(), pd.DataFrame(), [f],
-                              finding_events=ev, final=final)
+    def record(step: int, findings: list[Finding], *, final: bool = False) -> IntervalRecord:
+        return IntervalRecord(step, [], pd.DataFrame(), pd.DataFrame(), findings, final=final)
 
     text = tb.FindingsText()
+    flap = Finding("dormant", "z", "info", "d")  # the 41st: below the table's rows
     got = {k: [s for s, r in rs if text.take(k, r) is not None]
-           for k, rs in {"x": [(1, record(1)), (2, record(2)), (3, record(3, changed=True)),
-                               (4, record(4)), (5, record(5, final=True))],
-                         "y": [(2, record(2)), (4, record(4))]}.items()}
-    assert got == {"x": [1, 3, 5], "y": [2]}
-    assert text.flush_last() == {"y": (4, [f])}  # x's last (5) was written
-    assert text.flush_last() == {}
-    assert text.take("x", record(6)) is None and text.flush_last() == {"x": (6, [f])}
+           for k, rs in {"x": [(1, record(1, [f])), (2, record(2, [f])),
+                               (3, record(3, [worse])), (4, record(4, [worse])),
+                               (5, record(5, [worse], final=True))],
+                         "y": [(2, record(2, [f, *tail])), (4, record(4, [f, *tail, flap])),
+                               (6, record(6, [f, *tail])), (8, record(8, [*tail]))]}.items()}
+    assert got == {"x": [1, 3, 5], "y": [2, 8]}
+    assert text.flush_last() == {}  # x's last (5) and y's (8) were written
+    assert text.take("x", record(6, [worse])) is None
+    assert text.flush_last() == {"x": (6, [worse])}
+    table = tb.findings_markdown([f, *tail, flap])
+    assert table.count("\n| ") == tb.FINDINGS_ROWS + 1  # the rows, then the count of the rest
+    assert table.endswith(f"| | | | and {len(tail) + 2 - tb.FINDINGS_ROWS} more findings "
+                          "(see the report) | |")
 
 
 @pytest.mark.parametrize("n", [0, 1, 4, 191, 192, 193, 511, 512, 513, 1025, 3000, 100_003])
