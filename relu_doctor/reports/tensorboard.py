@@ -25,7 +25,7 @@ more there are), written at a writer's first log, at each log where those rows' 
 began, changed severity or ended, and at the last (:class:`FindingsText`); not at every
 log: a 256-site model's ~700 findings made ~180 KB of event file and ~4 ms a log, and on
 many sites some dormant finding began or ended at nearly every log (46 of a 101 MB event
-file). Every finding that began, changed or ended is in the ``findings_changed`` table of
+file). Every finding that began, changed or ended is in the ``finding_events`` table of
 its log.
 
 :class:`RunTensorBoard` is the Doctor's listener that writes the event files of a plain
