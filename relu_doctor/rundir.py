@@ -287,7 +287,7 @@ def _compact(stream: Path) -> Path:
     try:
         with open(stream, "rb") as f:
             chunks = StreamChunks(f)  # a torn tail: the complete batches are kept
-            with pq.ParquetWriter(tmp, chunks.schema) as writer:
+            with pq.ParquetWriter(tmp, chunks.schema, write_page_checksum=True) as writer:
                 group: list[pa.Table] = []
                 rows = 0
                 for table in chunks:
@@ -572,7 +572,8 @@ class RunWriter:
             self._close_segment(table)
         for folder in self.path.iterdir():
             for _, part in segments(folder):
-                data = (pq.read_table(part) if part.suffix == ".parquet" else read_stream(part)[0])
+                data = (pq.read_table(part, page_checksum_verification=True)
+                        if part.suffix == ".parquet" else read_stream(part)[0])
                 if "step" not in data.column_names:
                     continue
                 keep = data.filter(pa.compute.less_equal(data["step"], step))
@@ -582,7 +583,7 @@ class RunWriter:
                     part.unlink()
                     continue
                 buf = pa.BufferOutputStream()
-                pq.write_table(keep, buf)
+                pq.write_table(keep, buf, write_page_checksum=True)
                 atomic_write_bytes(part.with_suffix(".parquet"), buf.getvalue().to_pybytes())
                 if part.suffix != ".parquet":
                     part.unlink()

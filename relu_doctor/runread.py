@@ -285,13 +285,20 @@ def _read_part(
     (it is read up to its last complete batch). The ``dictionary`` columns of a Parquet part
     are read dictionary-encoded, as stored."""
     if part.suffix == ".parquet":
-        fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(
-            dictionary_columns=set(dictionary))) if dictionary else "parquet"
+        fmt = ds.ParquetFileFormat(
+            read_options=ds.ParquetReadOptions(dictionary_columns=set(dictionary or ())),
+            default_fragment_scan_options=_VERIFIED)
         return ds.dataset(part, format=fmt).to_table(columns=columns, filter=where), False
     with pa.OSFile(str(part)) as source:
         chunks = StreamChunks(source, where=where, columns=columns)
         tables = list(chunks)
     return (pa.concat_tables(tables) if tables else chunks.schema.empty_table()), chunks.torn
+
+
+#: Parquet pages are written with a CRC (``rundir``) and checked when read: bytes changed
+#: inside a part (a bad copy, a disk) raise, and the part is skipped with a warning, where
+#: they were read as wrong numbers (a part written without CRCs is read as it is).
+_VERIFIED = ds.ParquetFragmentScanOptions(page_checksum_verification=True)
 
 
 class TableParts:

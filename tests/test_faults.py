@@ -12,6 +12,7 @@ import json
 import operator
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -316,6 +317,26 @@ def test_a_damaged_file_or_line_is_skipped_with_a_warning_naming_it(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("relu-doctor report: warning: "), err
     assert "Traceback" not in "".join(err)
+
+
+def test_bytes_changed_inside_a_part_are_found_not_read_as_numbers(tmp_path):
+    """Bytes overwritten inside a Parquet part (a bad copy, a failing disk) that leave it
+    readable were read back as wrong numbers (grad RMS ~1e200) with no warning: its pages
+    carry a CRC now, so the part is skipped with a warning naming it."""
+    run_dir = tmp_path / "run"
+    train_logged(run_dir, 3)
+    part = sorted((run_dir / "units").glob("seg-*.parquet"))[0]
+    intact = load_run(run_dir).units
+    meta = pq.ParquetFile(part).metadata
+    column = meta.schema.names.index("mean_abs")
+    chunk = meta.row_group(0).column(column)
+    end = chunk.data_page_offset + chunk.total_compressed_size  # the chunk's last bytes: values
+    data = bytearray(part.read_bytes())
+    data[end - 6:end - 2] = b"\x7f\x7f\x7f\x7f"
+    part.write_bytes(bytes(data))
+    with pytest.warns(ReluDoctorWarning, match=re.escape(part.name) + ".*CRC"):
+        units = load_run(run_dir).units
+    assert len(intact) > 0 and units.empty  # the run's one units part: skipped, not misread
 
 
 @pytest.mark.parametrize(("meta", "message"), [
