@@ -157,7 +157,10 @@ def _report(args: argparse.Namespace, prog: str) -> int:
     try:
         path = report.save(out)
     except OSError as e:
-        return _fail(prog, f"cannot write the report to {str(out)!r}: {e.strerror or e}.")
+        elsewhere = (" Write it elsewhere with -o PATH (a read-only copy of a run, say)."
+                     if args.output is None else "")
+        return _fail(prog, f"cannot write the report to {str(out)!r}: {e.strerror or e}."
+                     f"{elsewhere}")
     except ReluDoctorError as e:
         return _fail(prog, str(e).replace("path: ", "--output: ", 1))
     if args.quiet:

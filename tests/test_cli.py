@@ -279,7 +279,19 @@ def test_report_writes_html_and_prints_a_summary(tmp_path: Path, capsys: pytest.
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a directory")
     assert main(["report", str(run_dir), "-o", str(blocker / "r.html")]) == 2
-    assert "cannot write the report" in one_line_error(capsys.readouterr().err)
+    error = one_line_error(capsys.readouterr().err)
+    assert "cannot write the report" in error and "-o PATH" not in error  # (-o was given)
+    # a run directory it may not write into (a read-only copy): told how to write elsewhere
+    def denied(self: object, path: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Report, "save", denied)
+        assert main(["report", str(run_dir)]) == 2
+    assert one_line_error(capsys.readouterr().err) == (
+        f"relu-doctor report: error: cannot write the report to "
+        f"{str(run_dir / 'report.html')!r}: Permission denied. Write it elsewhere with -o PATH "
+        "(a read-only copy of a run, say).")
     # an output that would overwrite one of the run's own files is refused, the run kept
     meta = (run_dir / "meta.json").read_bytes()
     assert main(["report", str(run_dir), "-o", str(run_dir / "meta.json")]) == 2
