@@ -401,8 +401,9 @@ class IntervalReading:
     def current(self) -> IntervalRecord | None:
         """The current window's record without closing it, or the last judged one (see
         ``IntervalRecord.judged``) when the current window is empty. Once training ended
-        (the hooks removed), passes made after the last ``step()`` belong to no step and are
-        not read as a window of their own: the last judged window is. Reads device tensors
+        (the hooks removed), passes made after the last logged ``step()`` belong to no step
+        and are not read as a window of their own: the last judged window is (passes with no
+        window logged at all, ``step()`` never called, are still read). Reads device tensors
         (a host sync): call it off the hot path.
 
         With several processes (``all_reduce``), a window with steps run since the last log
@@ -410,8 +411,8 @@ class IntervalReading:
         log; right after a log, or once training ended (a ``with`` block's exit,
         ``log_final``), it is the last judged record, read with no communication, so one
         process alone may call it then."""
-        if (self.steps_run > 0 and not self._unfolded) or (
-                self.all_reduce is None and self.probe.attached):
+        if (self.steps_run > 0 and not self._unfolded) or (self.all_reduce is None and (
+                self.probe.attached or self._last_judged is None)):
             # Decided on the window summed across processes: every process makes the call.
             read = self._read(close=False)
             if read is not None and read.judged:
