@@ -504,13 +504,14 @@ class FindingsText:
     and a prefix)."""
 
     def __init__(self) -> None:
-        self._shown: dict[Any, tuple[tuple[str, str, str], ...]] = {}  # each table's rows
+        self._shown: dict[Any, frozenset[tuple[str, str, str]]] = {}  # each table's rows
         self._unwritten: dict[Any, tuple[int, list[Finding]]] = {}
 
     def take(self, key: Any, record: Any) -> list[Finding] | None:
         """The findings of ``record`` (an :class:`~relu_doctor.record.IntervalRecord`) to
         write with it under ``key``, or None."""
-        rows = tuple((f.kind, f.site, f.severity) for f in record.findings[:FINDINGS_ROWS])
+        # (a set: two sites trading places as their shares move is no change)
+        rows = frozenset((f.kind, f.site, f.severity) for f in record.findings[:FINDINGS_ROWS])
         if self._shown.get(key) != rows or record.final:
             self._shown[key] = rows
             self._unwritten.pop(key, None)

@@ -273,12 +273,13 @@ def test_findings_text_is_taken_at_the_first_a_change_and_a_final_record() -> No
 
     text = tb.FindingsText()
     flap = Finding("dormant", "z", "info", "d")  # the 41st: below the table's rows
+    swapped = [tail[1], tail[0], *tail[2:]]  # two sites trading places: no change
     got = {k: [s for s, r in rs if text.take(k, r) is not None]
            for k, rs in {"x": [(1, record(1, [f])), (2, record(2, [f])),
                                (3, record(3, [worse])), (4, record(4, [worse])),
                                (5, record(5, [worse], final=True))],
                          "y": [(2, record(2, [f, *tail])), (4, record(4, [f, *tail, flap])),
-                               (6, record(6, [f, *tail])), (8, record(8, [*tail]))]}.items()}
+                               (6, record(6, [f, *swapped])), (8, record(8, [*tail]))]}.items()}
     assert got == {"x": [1, 3, 5], "y": [2, 8]}
     assert text.flush_last() == {}  # x's last (5) and y's (8) were written
     assert text.take("x", record(6, [worse])) is None
