@@ -190,22 +190,25 @@ def layer_metrics(
             in no optimizer) have a NaN gradient norm, not 0, and are left out of the total.
 
     Returns:
-        ``(rows, total)``: one ``{"layer", "grad_norm", "update_ratio"}`` dict per layer
-        (the RMS over steps of the gradient norm) and the norm over all layers.
+        ``(rows, total)``: one ``{"layer", "grad_norm", "update_ratio", "graded"}`` dict
+        per layer (the RMS over steps of the gradient norm; whether it had a gradient) and
+        the norm over the layers that had one.
     """
     g = grad_sq.detach().to("cpu", torch.float64)
     denom = max(steps, 1) * world
-    norms = [math.sqrt(float(g[i]) / denom) if graded is None or i in graded else math.nan
-             for i in range(len(names))]
+    read = [graded is None or i in graded for i in range(len(names))]
+    norms = [math.sqrt(float(g[i]) / denom) if read[i] else math.nan for i in range(len(names))]
     rows: list[dict[str, Any]] = [
         {
             "layer": name,
             "grad_norm": norm,
             "update_ratio": float(update_ratio[i]) if update_ratio is not None else float("nan"),
+            "graded": read[i],
         }
         for i, (name, norm) in enumerate(zip(names, norms, strict=True))
     ]
-    return rows, math.sqrt(sum(n**2 for n in norms if not math.isnan(n)))
+    # (a NaN or Inf gradient of a layer that has one stays in the total: it is the news)
+    return rows, math.sqrt(sum(n**2 for n, r in zip(norms, read, strict=True) if r))
 
 
 class SiteUnits(Mapping[str, torch.Tensor]):

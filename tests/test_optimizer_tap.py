@@ -351,3 +351,25 @@ def test_an_optimizer_holding_none_of_the_models_parameters_is_said_once(copies)
     record = doc.records[-1]
     assert record.site_rows[0]["elements"] == 2 * 16 * 16  # the activations: watched
     assert record.layer_table.empty == copies
+
+
+def test_the_model_wide_norm_leaves_out_layers_with_no_gradient_only():
+    """A layer with no gradient (graded False) is left out of the remedies' model-wide
+    norm; a NaN or Inf of a layer that has one is not: the norm is then unknown (None), as
+    a finite total over the others would hide the blow-up that clipping is judged on."""
+    import math
+    import types
+
+    import pandas as pd
+
+    from relu_doctor.remedies import model_snapshot
+
+    def norm(values: list[float], graded: list[bool]) -> float | None:
+        table = pd.DataFrame({"layer": [str(i) for i in range(len(values))],
+                              "grad_norm": values, "graded": graded})
+        record = types.SimpleNamespace(site_rows=[], layer_table=table, findings=[])
+        return model_snapshot(record)["grad_norm"]
+
+    assert norm([1.0, 2.0, math.nan], [True, True, False]) == pytest.approx(math.sqrt(5))
+    assert norm([1.0, math.inf, math.nan], [True, True, False]) is None
+    assert norm([1.0, math.nan, math.nan], [True, True, False]) is None

@@ -180,8 +180,10 @@ def model_snapshot(record: RecordLike) -> dict[str, Any]:
     grad_norm = None
     layers = record.layer_table
     if layers is not None and len(layers) and "grad_norm" in layers:
-        # (a layer with no gradient, frozen or in no optimizer, has none: NaN)
-        vals = [float(v) for v in layers["grad_norm"] if math.isfinite(float(v))]
+        # A layer with no gradient (frozen, in no optimizer) has no norm (NaN, "graded"
+        # False): left out; a NaN or Inf of one that has makes the total None, as it should.
+        graded = layers["graded"] if "graded" in layers else [True] * len(layers)
+        vals = [float(v) for v, g in zip(layers["grad_norm"], graded, strict=True) if bool(g)]
         grad_norm = finite_or_none(math.sqrt(sum(v * v for v in vals))) if vals else None
     return {
         "dead_fraction": dead / seen if seen else None,
