@@ -45,7 +45,7 @@ import torch.nn as nn
 from relu_doctor._validate import finite_or_none, number_in, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.events import Intervention, InterventionResult
+from relu_doctor.events import Declined, Intervention, InterventionResult
 from relu_doctor.remedies.base import (
     MODEL,
     NOT_HELPED,
@@ -446,6 +446,8 @@ class TreatmentPlan(Remedy):
                 except ReluDoctorError as e:
                     self.failed.add((step.remedy, site))
                     self.warn(f"TreatmentPlan: {step.remedy} cannot treat site {site!r}: {e}")
+                    if self.doctor is not None:  # (the report advises it there no more)
+                        self.doctor.record_event(Declined(remedy.name, site, record.step, str(e)))
                     continue
                 if ev is None:
                     continue

@@ -343,6 +343,32 @@ def test_a_site_left_alone_is_recorded_and_the_report_advises_recycling_there_no
     assert any("dormant_reset left this site alone: " in a and "sum" in a for a in advice)
 
 
+def test_a_site_the_plans_recycling_cannot_treat_is_declined_too(tmp_path):
+    """The treatment plan's recycling step refused the site with a warning only: the report
+    went on advising recycling there."""
+    from relu_doctor.remedies import PlanStep, TreatmentPlan
+    from relu_doctor.reports.context import build_context
+
+    torch.manual_seed(0)
+    net = _SumThenRelu()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    plan = TreatmentPlan(net, optimizer=opt, patience=1, steps=[
+        PlanStep("recycle", options={"threshold": 0.3, "max_fraction": 0.5})])
+    with pytest.warns(ReluDoctorWarning, match="recycle cannot treat site 'act'.*sum"), \
+            relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1, optimizer=opt,
+                              run_dir=tmp_path / "run") as doc:
+        plan.bind(doc)
+        for _ in range(8):
+            net(torch.randn(16, 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    run = relu_doctor.load_run(tmp_path / "run")
+    assert list(run.declined()) == ["act"] and list(run.declined()["act"]) == ["dormant_reset"]
+    advice = [f.remedy for f in build_context(run).findings if f.site == "act"]
+    assert advice and not [a for a in advice if "recycle the units" in a]
+
+
 @pytest.mark.parametrize("name", ["enc:act", "a#1"])
 def test_recycle_a_site_whose_name_looks_like_a_site(name):
     torch.manual_seed(0)
