@@ -304,7 +304,13 @@ def diagnose(
             continue
         # Only a plain ReLU can become a LeakyReLU (the swap refuses a cap or negative
         # outputs): advice for the others must not send the user to it.
-        swappable = can_swap(fam, leaky, row.get("cap"))
+        op = row.get("op") if isinstance(row.get("op"), str) else None  # a functional call's
+        swappable = can_swap(fam, leaky, row.get("cap"), op)
+        unswappable = (  # why the swap is not advised (where the site is not leaky)
+            "a functional call: the swap replaces activation modules, so call F.leaky_relu "
+            "there or make it an nn.ReLU module" if op is not None and can_swap(
+                fam, leaky, row.get("cap")) else
+            f"{fam} cannot become a LeakyReLU without changing its outputs")
         if row["dead"]:
             frac = float(row["dead_fraction"])
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
@@ -319,7 +325,7 @@ def diagnose(
                 if swappable
                 else "Lower the learning rate (step or exponential decay) and recycle the units "
                 f"{_recycle(names)}; check the initialisation and bias of the layer that feeds "
-                f"it ({fam} cannot become a LeakyReLU without changing its outputs)."
+                f"it ({unswappable})."
             )
             out.append(
                 Finding(
@@ -493,11 +499,14 @@ def _growth_remedy(names: Mapping[str, str | None]) -> str:
     )
 
 
-def can_swap(family: str, leaky: bool, cap: float | None) -> bool:
-    """Whether a site of ``family`` can become a LeakyReLU without changing its outputs for
-    positive inputs, the swap's rule: a plain ReLU (not leaky, no cap, never negative)."""
+def can_swap(family: str, leaky: bool, cap: float | None, op: str | None = None) -> bool:
+    """Whether the LeakyReLU swap can treat a site of ``family``: its rule, a plain ReLU
+    module (not leaky, no cap, never negative: outputs for positive inputs unchanged), not a
+    functional call (``op``, which it cannot replace). A ``cap`` of None is the family's."""
     fam = FAMILIES.get(family)
-    return not leaky and cap is None and fam is not None and fam.nonnegative
+    if fam is None or leaky or op is not None or not fam.nonnegative:
+        return False
+    return (cap if cap is not None else fam.cap_of(None)) is None
 
 
 def _recycle(names: Mapping[str, str | None], source: str = "ReDo") -> str:

@@ -248,6 +248,7 @@ class IntervalReading:
                 {
                     "step": self.global_step,
                     "site": s.name,
+                    "op": s.key.op,  # a functional call's (None: a module's)
                     "family": s.family.name,
                     "leaky": s.family.leaky,
                     "cap": s.cap,

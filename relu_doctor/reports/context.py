@@ -199,7 +199,8 @@ def _site_rows(run: Run, last: pd.DataFrame, findings: Sequence[FindingView]) ->
                 site=name,
                 family=family,
                 leaky=leaky,
-                swappable=can_swap(family, leaky, cap),
+                swappable=can_swap(family, leaky, cap, next(
+                    (o for o in (meta.get("op"), h.get("op")) if isinstance(o, str)), None)),
                 unit_rule=str(meta.get("unit_rule") or ""),
                 unit_dim=int(unit_dim) if isinstance(unit_dim, int) else None,
                 logged=bool(h),
