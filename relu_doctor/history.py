@@ -300,6 +300,11 @@ class Run:
             out = out[[c for c in column_list if c in out]]
         return out.reset_index(drop=True)
 
+    @property
+    def units_damaged(self) -> bool:
+        """Whether a part of the per-unit table was skipped (damaged, found so when read)."""
+        return bool(getattr(self._unit_source, "skipped", None))
+
     def unit_sites(self) -> list[str]:
         """The sites that have unit rows, in order of first appearance (from a run directory,
         only the ``site`` column is read)."""

@@ -392,8 +392,9 @@ class TableParts:
             data = self._read(part, schema, cols, where)
             if data is not None:
                 tables.append(data.replace_schema_metadata(None))
-        if not tables:
-            return pd.DataFrame()
+        if not tables:  # (every part skipped, or none: the columns asked for, no row)
+            return pd.DataFrame(columns=wanted if wanted is not None
+                                else list(TABLE_COLUMNS.get(self.folder.name, ("step",))))
         try:
             joined = pa.concat_tables(tables, promote_options="permissive")
         except (pa.ArrowException, ValueError) as e:
@@ -613,8 +614,15 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     units = TableParts(p / "units", problems=problems, legacy=legacy)
     history_parts = TableParts(p / "history", problems=problems)
     history = history_parts.read()
-    frames = {t: read_table(p, t, problems=problems)
-              for t in sorted(tables - {"units", "history"})}
+    frames: dict[str, pd.DataFrame] = {}
+    damaged = []  # tables with a part skipped (the report says what they show is partial)
+    for t in sorted(tables - {"units", "history"}):
+        parts = TableParts(p / t, problems=problems)
+        frames[t] = parts.read()
+        if parts.skipped:
+            damaged.append(t)
+    if damaged:
+        meta["damaged_tables"] = damaged
     lost = _history_lost(history_parts, history, frames.get("windows"), units, problems)
     for table in meta.get("tables") or []:  # (history: said by _history_lost)
         if isinstance(table, str) and table != "history" and not (p / table).exists():

@@ -865,10 +865,9 @@ def test_a_pass_after_the_last_step_is_not_read_as_a_window_after_training():
     assert doc.unit_table("1")["dead"].tolist() == last.unit_table["dead"].tolist()
     # Passes with no step() at all (a block of forward passes only): nothing was logged,
     # so after the block they are what there is to read (not an empty frame).
-    with relu_doctor.watch(model, stream="all", overhead_budget=None) as only:
-        with torch.no_grad():
-            for _ in range(3):
-                model(torch.randn(16, 8))
+    with relu_doctor.watch(model, stream="all", overhead_budget=None) as only, torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 8))
     assert int(only.to_pandas()["elements"].iloc[0]) == 3 * 16 * 64
 
 

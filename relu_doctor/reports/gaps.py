@@ -37,7 +37,8 @@ class Gaps:
         unclosed: why the writer has not closed the run directory (:attr:`Run.writer_open`:
             still writing, or killed): the run may go on after what it shows.
         lost_tables: the tables the run wrote (``meta.json``'s ``tables``) whose folder is
-            missing or cannot be listed: what they would show is lost, not unlogged.
+            missing or cannot be listed, or with a part skipped: what they would show is
+            lost (or partly), not unlogged.
     """
 
     unwritten: list[tuple[int, int]] = field(default_factory=list)
@@ -66,13 +67,18 @@ def read_gaps(run: Run) -> Gaps:
     error = run.meta.get("write_error")
     skipped = [" ".join(str(p).removeprefix("relu_doctor: ").split()) for p in run.problems]
     written = [t for t in run.meta.get("tables") or [] if isinstance(t, str)]
-    lost = [t for t in written if run.path is not None and not _listable(run.path / t)]
+    lost = {t for t in written if run.path is not None and not _listable(run.path / t)}
+    lost |= {t for t in run.meta.get("damaged_tables") or [] if isinstance(t, str)}
+    if run.history_lost:
+        lost.add("history")
+    if run.units_damaged:  # (a part found damaged when read)
+        lost.add("units")
     return Gaps(
         unwritten=[(int(a), int(b)) for a, b in run.unwritten],
         write_error=error if isinstance(error, str) else "",
         skipped=list(dict.fromkeys(skipped)),
         unclosed=run.writer_open,
-        lost_tables=lost,
+        lost_tables=sorted(lost),
     )
 
 

@@ -321,7 +321,7 @@ def test_a_table_folder_the_run_wrote_and_that_is_gone_is_said_lost(
     assert "No loss or learning rate was recorded" not in html
     assert "No per-unit statistics were logged" not in html
     if table in ("metrics", "units"):
-        assert f"(<code>{table}/</code>) is lost from the run directory" in html
+        assert f"(<code>{table}/</code>) is lost or damaged in the run directory" in html
 
 
 @pytest.mark.parametrize("what", ["events.jsonl", "units", "history"])
@@ -354,3 +354,43 @@ def test_a_part_of_the_run_it_may_not_read_is_skipped_and_the_report_written(
     assert "Traceback" not in out.err and (run_dir / "report.html").is_file()
     headline = "History unreadable" if what == "history" else ""
     assert headline in out.out
+
+
+def _garble(part: Path, column: str) -> None:
+    """Change bytes inside ``column``'s values in a Parquet part, leaving it readable."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(part).metadata
+    chunk = meta.row_group(0).column(meta.schema.names.index(column))
+    end = chunk.data_page_offset + chunk.total_compressed_size
+    data = bytearray(part.read_bytes())
+    data[end - 6:end - 2] = b"\x7f\x7f\x7f\x7f"
+    part.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("damage", "table", "blame"), [
+    ("garble", "units", "No per-unit statistics were logged"),
+    ("garble", "metrics", "No loss or learning rate was recorded"),
+    ("remove", "history", "No gradient statistics were recorded"),
+])
+def test_a_damaged_table_is_said_lost_where_its_section_would_be(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str, table: str,
+        blame: str) -> None:
+    """A units part found damaged when the report read it stopped the report (KeyError,
+    exit 2; more than 12 sites); a damaged metrics part, or a lost history, made the
+    sections drawn from them blame the loop ("No loss ... was recorded: pass
+    doc.step(loss=loss)", "gradients=False, or no backward pass ran") for data that was
+    written. Each section says its table is lost or damaged instead; exit 0."""
+    run_dir = tmp_path / "run"
+    _train(run_dir, 3, sites=13)
+    if damage == "remove":
+        shutil.rmtree(run_dir / table)
+    else:
+        column = {"units": "activation_rate", "metrics": "value"}[table]
+        _garble(sorted((run_dir / table).glob("seg-*.parquet"))[0], column)
+    assert main(["report", str(run_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(run_dir / table) in err, err
+    html = (run_dir / "report.html").read_text()
+    assert blame not in html
+    assert f"(<code>{table}/</code>) is lost or damaged in the run directory" in html
