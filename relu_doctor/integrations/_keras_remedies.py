@@ -199,15 +199,18 @@ class KerasActivationSwap(Remedy):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "streaks": dict(self.streaks),
-                "swapped": sorted(self.swaps)}
+                "swapped": sorted(self.swaps), "skipped": sorted(self._skipped)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.streaks = {str(k): int(v) for k, v in state.get("streaks", {}).items()}
+        self._skipped = {str(p) for p in state.get("skipped", [])}  # (declined once: said)
 
     def _carry_objects(self, old: Remedy) -> None:
-        """The swaps an earlier fit made, still undoable: those of layers still watched."""
+        """The swaps an earlier fit made, still undoable: those of layers still watched; and
+        the layers it left alone (a next fit does not decline them again)."""
         super()._carry_objects(old)
+        self._skipped |= set(getattr(old, "_skipped", ()))
         for path, rec in getattr(old, "swaps", {}).items():
             site = self.sites.get(path)
             if site is not None and site.layer is rec.site.layer:

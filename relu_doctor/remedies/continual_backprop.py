@@ -247,6 +247,7 @@ class ContinualBackprop(Remedy):
             "replaced": dict(self.replaced),
             "owed": dict(self._owed),
             "last_step": dict(self._last_step),
+            "links_failed": sorted(self._links_failed),  # (declined once: said)
             "adam_step": self.adam_step.state_dict(self.model, self.optimizers),
         }
 
@@ -259,4 +260,5 @@ class ContinualBackprop(Remedy):
         self.replaced = {str(k): int(v) for k, v in state.get("replaced", {}).items()}
         self._owed = {str(k): float(v) for k, v in state.get("owed", {}).items()}
         self._last_step = {str(k): int(v) for k, v in state.get("last_step", {}).items()}
+        self._links_failed = {str(s) for s in state.get("links_failed", [])}
         self.adam_step.load_state_dict(state.get("adam_step", []), self.model, self.optimizers)

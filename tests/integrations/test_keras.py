@@ -369,6 +369,15 @@ def test_the_swap_leaves_a_relu_with_a_threshold_alone(tmp_path: Path) -> None:
     model = _dying_activation_layers()
     model.get_layer("r1").threshold = 0.5
     cb, texts = _fit_swapping(model, tmp_path)
+    # A next fit with the callback (a fit per epoch) does not decline it again.
+    x, y = _data(64)
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    assert not [w for w in again if "leaving Keras layer" in str(w.message)]
+    declined = [e for e in relu_doctor.load_run(tmp_path / "run").events
+                if e.get("type") == "declined"]
+    assert [(e["remedy"], e["site"]) for e in declined] == [("leaky_relu_swap", "r1")]
     assert sum("leaving Keras layer 'r1' alone" in t and "threshold=0.5" in t
                for t in texts) == 1, texts
     assert sorted(cb.remedies["leaky_relu_swap"].swaps) == ["a2"]

@@ -85,6 +85,8 @@ def test_state_dict_round_trip() -> None:
     a = ContinualBackprop(net, replacement_rate=0.01)
     a.utility["1"] = torch.arange(8, dtype=torch.float64)
     a.age["1"] = torch.arange(8)
+    a._links_failed.add("3")  # a site it declined: a resumed run does not decline it again
     b = ContinualBackprop(net)
     b.load_state_dict(a.state_dict())
     assert torch.equal(b.utility["1"], a.utility["1"]) and torch.equal(b.age["1"], a.age["1"])
+    assert b._links_failed == {"3"}
