@@ -310,7 +310,9 @@ def diagnose(
             "a functional call: the swap replaces activation modules, so call F.leaky_relu "
             "there or make it an nn.ReLU module" if op is not None and can_swap(
                 fam, leaky, row.get("cap")) else
-            f"{fam} cannot become a LeakyReLU without changing its outputs")
+            (f"{fam} capped at {row['cap']:g}" if isinstance(row.get("cap"), int | float)
+             and fam != "relu6" else fam)
+            + " cannot become a LeakyReLU without changing its outputs")
         if row["dead"]:
             frac = float(row["dead_fraction"])
             what = "stuck in the negative regime" if leaky else "dead (no activation)"

@@ -512,3 +512,18 @@ def test_within_a_severity_the_cause_and_the_largest_share_come_first():
     assert [s for k, s in critical if k == "dead"] == want_dead
     kinds = [k for k, _ in critical]
     assert kinds.index("dead") < kinds.index("lifetime_dead")
+
+
+@pytest.mark.parametrize(("update", "said"), [
+    ({"cap": 3.0}, "(relu capped at 3 cannot become a LeakyReLU without changing its outputs)"),
+    ({"op": "relu"}, "(a functional call: the swap replaces activation modules, so call "
+                     "F.leaky_relu there or make it an nn.ReLU module)"),
+])
+def test_a_capped_or_functional_relu_is_told_why_the_swap_is_not_advised(update, said):
+    """A ReLU with a cap (Keras' ReLU(max_value=3)) read "relu cannot become a LeakyReLU",
+    wrong as written; a functional F.relu was advised the swap, which replaces modules only."""
+    rows, units = _sick_site()
+    rows[0].update(update)
+    assert not can_swap("relu", False, rows[0]["cap"], rows[0].get("op"))
+    [dead] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "dead"]
+    assert dead.remedy.endswith(said) and "ActivationSwapper" not in dead.remedy
