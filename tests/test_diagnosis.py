@@ -526,4 +526,4 @@ def test_a_capped_or_functional_relu_is_told_why_the_swap_is_not_advised(update,
     rows[0].update(update)
     assert not can_swap("relu", False, rows[0]["cap"], rows[0].get("op"))
     [dead] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "dead"]
-    assert dead.remedy.endswith(said) and "ActivationSwapper" not in dead.remedy
+    assert dead.remedy.endswith(said + ".") and "ActivationSwapper" not in dead.remedy
