@@ -572,8 +572,14 @@ class RunWriter:
             self._close_segment(table)
         for folder in self.path.iterdir():
             for _, part in segments(folder):
-                data = (pq.read_table(part, page_checksum_verification=True)
-                        if part.suffix == ".parquet" else read_stream(part)[0])
+                try:
+                    data = (pq.read_table(part, page_checksum_verification=True)
+                            if part.suffix == ".parquet" else read_stream(part)[0])
+                except (OSError, pa.ArrowException, ValueError) as e:  # a damaged part
+                    warn_problem(None, f"relu_doctor: cannot read {str(part)!r} to drop its rows "
+                                 f"after step {step} ({' '.join(str(e).split())[:160]}); it is "
+                                 "left as it is (readers skip it).")
+                    continue
                 if "step" not in data.column_names:
                     continue
                 keep = data.filter(pa.compute.less_equal(data["step"], step))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import pandas as pd
 import pyarrow as pa
@@ -282,6 +283,28 @@ def test_resume_from_an_older_checkpoint_drops_what_was_logged_after_it(tmp_path
     assert sorted(run.history["step"].unique()) == [1, 2, 3]
     assert run.history.groupby("step").size().eq(2).all()
     assert all(e["step"] <= 3 for e in run.events)
+
+
+def test_a_damaged_part_does_not_stop_a_resume_that_drops_later_rows(tmp_path):
+    """Resuming from an older checkpoint reads every part to drop the rows after it: a
+    damaged part raised (ArrowInvalid) into the user's training. It is left as it is, with
+    a warning, and the run goes on (readers skip that part, with their own warning)."""
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+        state = doc.state_dict()
+        zoo.train(model, [torch.randn(8, 10) for _ in range(3)], doc=doc)
+    part = sorted((run_dir / "units").glob("seg-*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[:40] + b"\x00" * 64 + part.read_bytes()[104:])
+    with pytest.warns(ReluDoctorWarning, match=re.escape(part.name) + ".*left as it is"), \
+            relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc2:
+        doc2.load_state_dict(state)
+        zoo.train(model, [torch.randn(8, 10) for _ in range(1)], doc=doc2)
+    run = load_run(run_dir)
+    assert sorted(run.history["step"].unique()) == [1, 2, 3]
+    with pytest.warns(ReluDoctorWarning, match=re.escape(part.name)):
+        assert 1 not in set(run.units["step"])  # that part: skipped when read
 
 
 def test_segments_rotate_and_every_row_reads_back_in_order(tmp_path):
