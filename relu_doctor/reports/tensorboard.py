@@ -293,13 +293,16 @@ def findings_markdown(findings: Sequence[Finding | Mapping[str, Any]],
     none."""
     if not findings:
         return "No findings."
+    from relu_doctor.diagnosis import finding_order
     from relu_doctor.reports.findings import kind_label
 
     lines = ["| severity | kind | site | finding | remedy |", "|---|---|---|---|---|"]
-    more = len(findings) - limit if limit is not None and len(findings) > limit else 0
-    for f in findings[:len(findings) - more]:
-        if not isinstance(f, Mapping):
-            f = f.to_dict(copy=False)
+    rows = [f if isinstance(f, Mapping) else f.to_dict(copy=False) for f in findings]
+    # most severe first, whatever order they came in (findings rebuilt from events.jsonl)
+    rows.sort(key=lambda f: finding_order(str(f.get("severity", "")), str(f.get("kind", "")),
+                                          str(f.get("site", "")), f.get("evidence") or {}))
+    more = len(rows) - limit if limit is not None and len(rows) > limit else 0
+    for f in rows[:len(rows) - more]:
         cells = (f.get("severity", ""), kind_label(str(f.get("kind", ""))), f.get("site", ""),
                  f.get("message", ""), f.get("remedy", ""))
         lines.append("| " + " | ".join(map(_cell, cells)) + " |")

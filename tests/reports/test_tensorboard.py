@@ -284,7 +284,8 @@ def test_findings_text_is_taken_at_the_first_a_change_and_a_final_record() -> No
     assert text.flush_last() == {}  # x's last (5) and y's (8) were written
     assert text.take("x", record(6, [worse])) is None
     assert text.flush_last() == {"x": (6, [worse])}
-    table = tb.findings_markdown([f, *tail, flap])
+    table = tb.findings_markdown([*tail, flap, f])  # most severe first, whatever the order
+    assert table.splitlines()[2].startswith("| warning | dead units | a |")
     assert table.count("\n| ") == tb.FINDINGS_ROWS + 1  # the rows, then the count of the rest
     assert table.endswith(f"| | | | and {len(tail) + 2 - tb.FINDINGS_ROWS} more findings "
                           "(see the report) | |")
