@@ -311,6 +311,25 @@ class _SumThenRelu(nn.Module):
         return self.head(self.act(self.a(x) + self.b(x)))
 
 
+def _treat_the_sum(tmp_path, make, steps: int, said: str):
+    """``steps`` steps of :class:`_SumThenRelu` watched with ``make(net, opt)`` bound, which
+    must say ``said``: the Doctor and the run read back."""
+    torch.manual_seed(0)
+    net = _SumThenRelu()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    treatment = make(net, opt)
+    with pytest.warns(ReluDoctorWarning, match=said), \
+            relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1, optimizer=opt,
+                              run_dir=tmp_path / "run") as doc:
+        treatment.bind(doc)
+        for _ in range(steps):
+            net(torch.randn(16, 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    return doc, relu_doctor.load_run(tmp_path / "run")
+
+
 def test_a_site_left_alone_is_recorded_and_the_report_advises_recycling_there_no_more(
     tmp_path,
 ):
@@ -319,20 +338,8 @@ def test_a_site_left_alone_is_recorded_and_the_report_advises_recycling_there_no
     report's advice leaves that remedy out and says why."""
     from relu_doctor.reports.context import build_context
 
-    torch.manual_seed(0)
-    net = _SumThenRelu()
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    recycler = DormantRecycler(net, optimizers=opt)
-    with pytest.warns(ReluDoctorWarning, match="leaving site 'act' alone.*sum"), \
-            relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1, optimizer=opt,
-                              run_dir=tmp_path / "run") as doc:
-        recycler.bind(doc)
-        for _ in range(4):
-            net(torch.randn(16, 4)).square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-            doc.step()
-    run = relu_doctor.load_run(tmp_path / "run")
+    doc, run = _treat_the_sum(tmp_path, lambda net, opt: DormantRecycler(net, optimizers=opt),
+                              4, "leaving site 'act' alone.*sum")
     [declined] = [e for e in run.events if e.get("type") == "declined"]
     assert (declined["remedy"], declined["site"], declined["step"]) == ("dormant_reset", "act", 2)
     assert "sum" in declined["reason"] and run.declined() == {"act": {"dormant_reset": declined["reason"]}}
@@ -349,21 +356,10 @@ def test_a_site_the_plans_recycling_cannot_treat_is_declined_too(tmp_path):
     from relu_doctor.remedies import PlanStep, TreatmentPlan
     from relu_doctor.reports.context import build_context
 
-    torch.manual_seed(0)
-    net = _SumThenRelu()
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    plan = TreatmentPlan(net, optimizer=opt, patience=1, steps=[
-        PlanStep("recycle", options={"threshold": 0.3, "max_fraction": 0.5})])
-    with pytest.warns(ReluDoctorWarning, match="recycle cannot treat site 'act'.*sum"), \
-            relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1, optimizer=opt,
-                              run_dir=tmp_path / "run") as doc:
-        plan.bind(doc)
-        for _ in range(8):
-            net(torch.randn(16, 4)).square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-            doc.step()
-    run = relu_doctor.load_run(tmp_path / "run")
+    _, run = _treat_the_sum(
+        tmp_path, lambda net, opt: TreatmentPlan(net, optimizer=opt, patience=1, steps=[
+            PlanStep("recycle", options={"threshold": 0.3, "max_fraction": 0.5})]),
+        8, "recycle cannot treat site 'act'.*sum")
     assert list(run.declined()) == ["act"] and list(run.declined()["act"]) == ["dormant_reset"]
     advice = [f.remedy for f in build_context(run).findings if f.site == "act"]
     assert advice and not [a for a in advice if "recycle the units" in a]
