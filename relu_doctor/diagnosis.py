@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -262,6 +262,7 @@ def diagnose(
     step: int = 0,
     param_grad_norms: Sequence[float] = (),
     first_rms: Mapping[str, float] | None = None,
+    declined: Mapping[str, Collection[str]] | None = None,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -273,6 +274,8 @@ def diagnose(
         step: the step the diagnosis is made at.
         param_grad_norms: history of the total parameter-gradient norm, oldest first.
         first_rms: each site's activation RMS at its first log (growth over time).
+        declined: by site, the remedies that left it alone (``declined`` events): their
+            remedy texts advise them there no more, and say so.
 
     Returns:
         Findings, most severe first.
@@ -305,29 +308,35 @@ def diagnose(
         # Only a plain ReLU can become a LeakyReLU (the swap refuses a cap or negative
         # outputs): advice for the others must not send the user to it.
         op = row.get("op") if isinstance(row.get("op"), str) else None  # a functional call's
-        swappable = can_swap(fam, leaky, row.get("cap"), op)
+        left = set((declined or {}).get(name, ()))  # remedies that left this site alone
+        swappable = can_swap(fam, leaky, row.get("cap"), op) and "leaky_relu_swap" not in left
         unswappable = (  # why the swap is not advised (where the site is not leaky)
+            "the LeakyReLU swap left this site alone" if "leaky_relu_swap" in left else
             "a functional call: the swap replaces activation modules, so call F.leaky_relu "
             "there or make it an nn.ReLU module" if op is not None and can_swap(
                 fam, leaky, row.get("cap")) else
             (f"{fam} capped at {row['cap']:g}" if isinstance(row.get("cap"), int | float)
              and fam != "relu6" else fam)
             + " cannot become a LeakyReLU without changing its outputs")
+        # ReDo where it can act; where it left the site alone, said instead of advised
+        recyclable = not left & set(RECYCLERS)
+        and_recycle = f" and recycle the units {_recycle(names)}" if recyclable else ""
+        aside = (f" ({', '.join(sorted(left & set(RECYCLERS)))} left this site alone: see its "
+                 "warning.)" if not recyclable else "")
         if row["dead"]:
             frac = float(row["dead_fraction"])
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
             remedy = (
-                "Lower the learning rate (step or exponential decay) and recycle the units "
-                f"{_recycle(names)}; check the normalisation before this activation."
+                f"Lower the learning rate (step or exponential decay){and_recycle}; check the "
+                f"normalisation before this activation.{aside}"
                 if leaky
                 else "Swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
                 f"({names['swap']}) or PReLU to learn the slope; lower the learning rate (step "
                 "or exponential decay); check the initialisation and bias of the layer that "
                 "feeds it."
                 if swappable
-                else "Lower the learning rate (step or exponential decay) and recycle the units "
-                f"{_recycle(names)}; check the initialisation and bias of the layer that feeds "
-                f"it ({unswappable})."
+                else f"Lower the learning rate (step or exponential decay){and_recycle}; check "
+                f"the initialisation and bias of the layer that feeds it ({unswappable}).{aside}"
             )
             out.append(
                 Finding(
@@ -349,8 +358,13 @@ def diagnose(
                     f"{row['lifetime_dead']} of {row['units']} units ({frac:.1%}) never active "
                     f"since monitoring began{_sampled(row, lifetime=True)}.",
                     {"lifetime_dead": row["lifetime_dead"], "lifetime_dead_fraction": frac},
-                    f"Units that never fired are wasted capacity: recycle them {_recycle(names)}"
-                    + (f" or swap to LeakyReLU ({names['swap']})." if swappable else "."),
+                    "Units that never fired are wasted capacity: "
+                    + " or ".join([*([f"recycle them {_recycle(names)}"] if recyclable else []),
+                                   *([f"swap to LeakyReLU ({names['swap']})"] if swappable
+                                     else [])]
+                                  or ["check the initialisation and bias of the layer that "
+                                      "feeds them"])
+                    + f".{aside}",
                     step,
                 )
             )
@@ -366,7 +380,9 @@ def diagnose(
                     {"dormant": n_dormant, "dormant_fraction": frac, "tau": config.tau,
                      "dormant_units": _units_list(u, "dormant")},
                     f"Recycle dormant units {_recycle(names, 'ReDo, Sokar et al. 2023')}: "
-                    "re-initialise their incoming weights and zero their outgoing weights.",
+                    "re-initialise their incoming weights and zero their outgoing weights."
+                    if recyclable else "Lower the learning rate, or check the normalisation "
+                    f"before this activation.{aside}",
                     step,
                 )
             )
@@ -509,6 +525,10 @@ def can_swap(family: str, leaky: bool, cap: float | None, op: str | None = None)
     if fam is None or leaky or op is not None or not fam.nonnegative:
         return False
     return (cap if cap is not None else fam.cap_of(None)) is None
+
+
+#: the remedies that recycle units (ReDo and its successor), by their names in events
+RECYCLERS = ("dormant_reset", "continual_backprop")
 
 
 def _recycle(names: Mapping[str, str | None], source: str = "ReDo") -> str:

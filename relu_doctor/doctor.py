@@ -267,6 +267,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._tracker = FindingTracker()
         self._grad_norm_history: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
         self._first_rms: dict[str, float] = {}  # each site's activation RMS at its first log
+        #: by site, the remedies that left it alone (declined events): not advised there
+        self._declined: dict[str, set[str]] = {}
         # the unit tables' blocks: the latest records' (keep_records), and one more free
         self._table_memory = TableMemory(self.keep_records + 2)
         self._warned_empty = False  # a window with collecting steps recorded nothing
@@ -773,6 +775,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             "sites": sites,
             "findings_open": self._tracker.state_dict(),
             "grad_norm_history": list(self._grad_norm_history),
+            "declined": {site: sorted(r) for site, r in self._declined.items()},
             "tap": self.tap.state_dict() if self.tap is not None else None,
             "eval": None if self.eval is None else self.eval.state_dict(reduce=reduce),
         }
@@ -797,6 +800,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._grad_norm_history = deque(
             (float(x) for x in state.get("grad_norm_history", [])), maxlen=GRAD_NORM_WINDOW
         )
+        self._declined = {str(site): {str(r) for r in rs}
+                          for site, rs in (state.get("declined") or {}).items()}
         self._continue_after_checkpoint()
         if self.tap is not None and state.get("tap"):
             # The tap's window holds gradients already summed across processes (DDP): the

@@ -175,6 +175,7 @@ class IntervalReading:
         _tracker: FindingTracker
         _grad_norm_history: deque[float]
         _first_rms: dict[str, float]
+        _declined: dict[str, set[str]]
         _warned_empty: bool
         _unfolded: bool
         _last_judged: IntervalRecord | None
@@ -281,6 +282,7 @@ class IntervalReading:
             findings = diagnose(
                 site_rows, units, self.config, step=self.global_step,
                 param_grad_norms=self._grad_norm_history, first_rms=self._first_rms,
+                declined=self._declined,
             )
             if logged:
                 for r in site_rows:

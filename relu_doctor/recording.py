@@ -110,6 +110,7 @@ class RunRecording:
         _write_error: str | None
         _meta_dirty: bool
         resume_advice: str
+        _declined: dict[str, set[str]]
         _unwritten: list[list[int]]
         _events_unwritten: list[dict[str, Any]]
         _records: deque[IntervalRecord]
@@ -276,6 +277,8 @@ class RunRecording:
         memory and in the run directory, and tell the event listeners (its dict form)."""
         ev = {"step": self.global_step, **event_dict(event)}
         self._events.append(ev)
+        if ev.get("type") == "declined":  # (the next diagnoses advise it there no more)
+            self._declined.setdefault(str(ev.get("site")), set()).add(str(ev.get("remedy")))
         if ev.get("type") == "intervention" and self.is_writer:
             self._announce(ev)
         if self._writer is not None:

@@ -527,3 +527,18 @@ def test_a_capped_or_functional_relu_is_told_why_the_swap_is_not_advised(update,
     assert not can_swap("relu", False, rows[0]["cap"], rows[0].get("op"))
     [dead] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "dead"]
     assert dead.remedy.endswith(said + ".") and "ActivationSwapper" not in dead.remedy
+
+
+@pytest.mark.parametrize("declined", ["dormant_reset", "leaky_relu_swap"])
+def test_a_remedy_that_left_a_site_alone_is_advised_there_no_more(declined):
+    """Once a remedy declined a site (ReDo at a residual sum, the swap at a shared module),
+    the findings there no longer advise it, and say that it left the site alone."""
+    rows, units = _sick_site()
+    found = diagnose(rows, units, DiagnosisConfig(), declined={"s0": {declined}})
+    named = {"dormant_reset": "DormantRecycler", "leaky_relu_swap": "ActivationSwapper"}[declined]
+    others = diagnose(rows, units, DiagnosisConfig())
+    assert any(named in f.remedy for f in others)  # advised before it declined
+    assert not [f for f in found if named in f.remedy]
+    said = {"dormant_reset": "(dormant_reset left this site alone: see its warning.)",
+            "leaky_relu_swap": "(the LeakyReLU swap left this site alone)"}[declined]
+    assert any(said in f.remedy for f in found)

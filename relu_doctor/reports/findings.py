@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from relu_doctor.diagnosis import REMEDY_NAMES, Finding, finding_order
+from relu_doctor.diagnosis import RECYCLERS, REMEDY_NAMES, Finding, finding_order
 from relu_doctor.reports.formatting import UNIT_LISTS, fmt_value
 from relu_doctor.reports.interventions import InterventionView
 
@@ -114,7 +114,6 @@ def finding_view(f: Finding) -> FindingView:
 _EXPLAINED_BY = (("too_sparse", "dead"), ("lifetime_dead", "dead"))
 MODEL_WIDE = "model"
 _SWAP = "leaky_relu_swap"
-_RECYCLERS = ("dormant_reset", "continual_backprop")
 _LR = "lr_rescue"
 _CLIP = "adaptive_grad_clip"
 
@@ -198,8 +197,8 @@ def recommend(
     else:
         steps.append("lower the learning rate further or warm it up more slowly (it was "
                      f"already lowered {'once' if cuts == 1 else f'{cuts} times'})")
-    recycled = set(_RECYCLERS) & tried
-    if not recycled and names["recycle"] and not set(_RECYCLERS) & declined.keys():
+    recycled = set(RECYCLERS) & tried
+    if not recycled and names["recycle"] and not set(RECYCLERS) & declined.keys():
         # (Keras offers no recycling)
         steps.append(f"recycle the units ({names['recycle']})")
     elif recycled & failed:

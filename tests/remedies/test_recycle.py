@@ -343,8 +343,16 @@ def test_a_site_left_alone_is_recorded_and_the_report_advises_recycling_there_no
     [declined] = [e for e in run.events if e.get("type") == "declined"]
     assert (declined["remedy"], declined["site"], declined["step"]) == ("dormant_reset", "act", 2)
     assert "sum" in declined["reason"] and run.declined() == {"act": {"dormant_reset": declined["reason"]}}
-    dead = [f for f in doc.findings() if f.site == "act" and f.kind in ("dead", "lifetime_dead")]
-    assert dead and any("DormantRecycler" in f.remedy for f in dead)  # diagnosis's own words
+    # The diagnoses after it (step 4, findings.json) advise recycling there no more either;
+    # the one that led to it (step 2) did.
+    first = [f for f in doc.records[0].findings if f.site == "act"]
+    assert doc.records[0].step == 2 and any("DormantRecycler" in f.remedy for f in first)
+    for found in (doc.findings(), run.findings()):
+        dead = [f for f in found if f.site == "act" and f.kind in ("dead", "lifetime_dead")]
+        assert dead and not [f for f in dead if "DormantRecycler" in f.remedy]
+        assert any("(dormant_reset left this site alone: see its warning.)" in f.remedy
+                   for f in dead)
+    assert doc.state_dict()["declined"] == {"act": ["dormant_reset"]}  # (a resume keeps it)
     advice = [f.remedy for f in build_context(run).findings if f.site == "act"]
     assert advice and not [a for a in advice if "DormantRecycler" in a]
     assert any("dormant_reset left this site alone: " in a and "sum" in a for a in advice)
