@@ -49,6 +49,25 @@ def dead_unit_model() -> nn.Sequential:
     return net
 
 
+def long_named_run(run_dir: Path, blocks: int = 3) -> relu_doctor.Doctor:
+    """Two steps of ``blocks`` Linear+ReLU6 blocks nested as a deep model nests them, so the
+    sites' names run past 80 characters and differ only near their end
+    (``...inverted_residual_layers.expanded_convolution_block_0.1``)."""
+    inner = nn.ModuleDict({f"expanded_convolution_block_{i}": nn.Sequential(
+        nn.Linear(6, 6), nn.ReLU6()) for i in range(blocks)})
+    net = nn.ModuleDict({"mobilenet_backbone_with_a_long_name": nn.ModuleDict(
+        {"inverted_residual_layers": inner})})
+    with relu_doctor.watch(net, log_every_n_steps=2, run_dir=run_dir) as doc:
+        for _ in range(2):
+            x = torch.randn(8, 6)
+            for block in inner.values():
+                x = block(x)
+            x.sum().backward()
+            doc.step()
+    assert all(len(s.name) > 80 for s in doc.sites)
+    return doc
+
+
 def train(
     net: nn.Module, run_dir: Path, steps: int = 12, log_every: int = 3, report: bool = True,
     lower_lr_at: int | None = None,

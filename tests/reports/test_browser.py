@@ -164,24 +164,10 @@ def test_at_800px_the_sites_table_fits_with_long_site_names(browser: Any, tmp_pa
     """Deep models' site names (``mobilenet_v2.layer.13.conv_3x3.activation``) kept the
     sites table wider than its box at 800 px (856 px in 734), hiding the gradient columns
     until it was scrolled sideways: a long name now breaks anywhere in its cell."""
-    import torch
-    import torch.nn as nn
-
-    import relu_doctor
     from relu_doctor.reports import write_report
+    from tests.reports.conftest import long_named_run
 
-    inner = nn.ModuleDict({f"expanded_convolution_block_{i}": nn.Sequential(
-        nn.Linear(6, 6), nn.ReLU6()) for i in range(3)})
-    net = nn.ModuleDict({"mobilenet_backbone_with_a_long_name": nn.ModuleDict(
-        {"inverted_residual_layers": inner})})
-    with relu_doctor.watch(net, log_every_n_steps=2, run_dir=tmp_path / "r") as doc:
-        for _ in range(2):
-            x = torch.randn(8, 6)
-            for block in inner.values():
-                x = block(x)
-            x.sum().backward()
-            doc.step()
-    assert max(len(s.name) for s in doc.sites) > 80
+    long_named_run(tmp_path / "r")
     write_report(tmp_path / "r", tmp_path / "r.html")
     p = Page(browser, width=800, height=900)
     page = p.open(tmp_path / "r.html")

@@ -369,22 +369,9 @@ def test_the_summary_tells_long_site_names_apart(tmp_path: Path) -> None:
     """Site names were cut at 36 characters, so two sites of a deep model whose names
     differ near their end (``...stages.0.layers.0.activation``, ``...stages.1...``) printed
     alike; a long name now keeps its start and its end."""
-    import torch
-    import torch.nn as nn
+    from tests.reports.conftest import long_named_run
 
-    blocks = nn.ModuleDict({f"block_number_{i}": nn.Sequential(nn.Linear(4, 4), nn.ReLU())
-                            for i in range(2)})
-    net = nn.ModuleDict({"a_rather_long_wrapper_module_name": nn.ModuleDict(
-        {"backbone_encoder_stages": blocks})})
-    with relu_doctor.watch(net, log_every_n_steps=2, run_dir=tmp_path / "r") as doc:
-        for _ in range(2):
-            x = torch.randn(8, 4)
-            for b in blocks.values():
-                x = b(x)
-            x.sum().backward()
-            doc.step()
-    names = [s.name for s in doc.sites]
-    assert len(names) == 2 and all(len(n) > 60 for n in names)
+    names = [s.name for s in long_named_run(tmp_path / "r", blocks=2).sites]
     lines = summary(load_run(tmp_path / "r")).splitlines()
     header = next(i for i, line in enumerate(lines) if line.strip().startswith("site "))
     labels = [lines[header + 1 + i].split()[0] for i in range(2)]
