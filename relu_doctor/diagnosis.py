@@ -310,14 +310,7 @@ def diagnose(
         op = row.get("op") if isinstance(row.get("op"), str) else None  # a functional call's
         left = set((declined or {}).get(name, ()))  # remedies that left this site alone
         swappable = can_swap(fam, leaky, row.get("cap"), op) and "leaky_relu_swap" not in left
-        unswappable = (  # why the swap is not advised (where the site is not leaky)
-            "the LeakyReLU swap left this site alone" if "leaky_relu_swap" in left else
-            "a functional call: the swap replaces activation modules, so call F.leaky_relu "
-            "there or make it an nn.ReLU module" if op is not None and can_swap(
-                fam, leaky, row.get("cap")) else
-            (f"{fam} capped at {row['cap']:g}" if isinstance(row.get("cap"), int | float)
-             and fam != "relu6" else fam)
-            + " cannot become a LeakyReLU without changing its outputs")
+        unswappable = _why_not_swapped(fam, leaky, row.get("cap"), op, left)
         # ReDo where it can act; where it left the site alone, said instead of advised
         recyclable = not left & set(RECYCLERS)
         and_recycle = f" and recycle the units {_recycle(names)}" if recyclable else ""
@@ -525,6 +518,20 @@ def can_swap(family: str, leaky: bool, cap: float | None, op: str | None = None)
     if fam is None or leaky or op is not None or not fam.nonnegative:
         return False
     return (cap if cap is not None else fam.cap_of(None)) is None
+
+
+def _why_not_swapped(family: str, leaky: bool, cap: float | None, op: str | None,
+                     declined: Collection[str]) -> str:
+    """Why a site that is not leaky is not advised the LeakyReLU swap (where
+    :func:`can_swap` says no, or the swap left it alone)."""
+    if "leaky_relu_swap" in declined:
+        return "the LeakyReLU swap left this site alone"
+    if op is not None and can_swap(family, leaky, cap):
+        return ("a functional call: the swap replaces activation modules, so call "
+                "F.leaky_relu there or make it an nn.ReLU module")
+    capped = isinstance(cap, int | float) and family != "relu6"  # (relu6 says its cap)
+    what = f"{family} capped at {cap:g}" if capped else family
+    return f"{what} cannot become a LeakyReLU without changing its outputs"
 
 
 #: the remedies that recycle units (ReDo and its successor), by their names in events
