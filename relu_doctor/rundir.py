@@ -65,6 +65,7 @@ from relu_doctor.runread import (
     read_stream,
     read_table,
     segments,
+    table_folders,
     warn_problem,
 )
 
@@ -412,8 +413,7 @@ class RunWriter:
         #: the tables that hold rows (a run continued: those it held), listed in meta.json
         self._tables: set[str] = (
             set() if old is None or replace else
-            {str(t) for t in old.get("tables", [])} | {d.name for d in p.iterdir()
-                                                       if d.is_dir() and segments(d)})
+            {str(t) for t in old.get("tables", [])} | table_folders(p))
         self._next: dict[str, int] = {}
         for tmp in [*p.glob(".*.tmp"), *p.glob("*/.*.tmp")]:  # left by killed writes
             tmp.unlink(missing_ok=True)

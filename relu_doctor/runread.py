@@ -468,13 +468,18 @@ def read_table(
     return TableParts(Path(path) / table, problems=problems).read()
 
 
-def _holds(folder: Path) -> bool:
-    """Whether a table folder holds parts (one it may not list does, for all it knows:
-    :class:`TableParts` says it cannot be read)."""
-    try:
-        return bool(segments(folder))
-    except OSError:
-        return True
+def table_folders(p: Path) -> set[str]:
+    """The tables run directory ``p`` holds: its folders named as tables that hold parts
+    (one it may not list does, for all it knows: :class:`TableParts` says it cannot be read)."""
+
+    def holds(folder: Path) -> bool:
+        try:
+            return bool(segments(folder))
+        except OSError:
+            return True
+
+    return {d.name for d in p.iterdir() if d.is_dir() and TABLE_NAME.fullmatch(d.name)
+            and holds(d)}
 
 
 def _read_events(path: Path, problems: list[str]) -> list[dict[str, Any]]:
@@ -606,9 +611,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         except (OSError, ValueError) as e:
             warn_problem(problems, f"relu_doctor: skipped {str(status_path)!r}: {e}.")
     events = _read_events(p / "events.jsonl", problems)
-    tables = {"history", "layers", "metrics"} | {
-        d.name for d in p.iterdir() if d.is_dir() and TABLE_NAME.fullmatch(d.name) and _holds(d)
-    }
+    tables = {"history", "layers", "metrics"} | table_folders(p)
     legacy = meta.get("format_version", 1) < 4
     # its parts checked now, read when asked
     units = TableParts(p / "units", problems=problems, legacy=legacy)
