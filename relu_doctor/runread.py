@@ -618,19 +618,22 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     history_parts = TableParts(p / "history", problems=problems)
     history = history_parts.read()
     frames: dict[str, pd.DataFrame] = {}
-    damaged = []  # tables with a part skipped (the report says what they show is partial)
+    lost_tables = []  # a part skipped, or a table the run wrote gone: what it shows is lost
     for t in sorted(tables - {"units", "history"}):
         parts = TableParts(p / t, problems=problems)
         frames[t] = parts.read()
         if parts.skipped:
-            damaged.append(t)
-    if damaged:
-        meta["damaged_tables"] = damaged
+            lost_tables.append(t)
     lost = _history_lost(history_parts, history, frames.get("windows"), units, problems)
     for table in meta.get("tables") or []:  # (history: said by _history_lost)
         if isinstance(table, str) and table != "history" and not (p / table).exists():
             warn_problem(problems, f"relu_doctor: {str(p / table)!r} is missing, although "
                          "the run wrote that table.")
+            lost_tables.append(table)
+    if units.skipped and "units" not in lost_tables:  # (one it may not list)
+        lost_tables.append("units")
+    if lost_tables:
+        meta["lost_tables"] = sorted(set(lost_tables))
     f_path = p / "findings.json"
     last_findings: list[Finding] | None = None
     if f_path.is_file():

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from relu_doctor.history import Run
 
@@ -66,9 +65,7 @@ def read_gaps(run: Run) -> Gaps:
     after the unit rows the report draws (a damaged part found then is in the list)."""
     error = run.meta.get("write_error")
     skipped = [" ".join(str(p).removeprefix("relu_doctor: ").split()) for p in run.problems]
-    written = [t for t in run.meta.get("tables") or [] if isinstance(t, str)]
-    lost = {t for t in written if run.path is not None and not _listable(run.path / t)}
-    lost |= {t for t in run.meta.get("damaged_tables") or [] if isinstance(t, str)}
+    lost = {t for t in run.meta.get("lost_tables") or [] if isinstance(t, str)}  # (load_run)
     if run.history_lost:
         lost.add("history")
     if run.units_damaged:  # (a part found damaged when read)
@@ -81,10 +78,3 @@ def read_gaps(run: Run) -> Gaps:
         lost_tables=sorted(lost),
     )
 
-
-def _listable(folder: Path) -> bool:
-    try:
-        next(iter(folder.iterdir()), None)
-    except OSError:  # missing, not a folder, or not to be listed
-        return False
-    return True
