@@ -235,6 +235,8 @@ class ReluDoctor(Callback):
             state = {"doctor": self.doctor.state_dict(), "val_doctor": None,
                      **self._default_dir_state()}
         self._pending_state = None
+        if state and state.get("warned"):  # a resumed fit: not warned about again
+            self._warner.load_state_dict(state["warned"])
         if self.run_dir is not None:
             run_dir = Path(self.run_dir)
         elif trainer.loggers:
@@ -550,6 +552,7 @@ class ReluDoctor(Callback):
             "version": _STATE_VERSION,
             "doctor": self.doctor.state_dict(reduce=True),
             "val_doctor": None,  # the evaluation stream is inside the Doctor's state
+            "warned": self._warner.state_dict(),
             **self._default_dir_state(),
         }
         return state

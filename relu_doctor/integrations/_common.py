@@ -195,6 +195,15 @@ class FindingWarner:
                 f" (Found in the {stream} passes: the remedies act on what training shows, "
                 "not on these.)" if stream and self.on else self._already(f)))
 
+    def state_dict(self) -> list[list[str]]:
+        """The findings already warned about, as ``[stream, kind, site]``: a checkpoint keeps
+        them, so that a run resumed in a new process does not warn about them again."""
+        return sorted(list(key) for key in self._warned)
+
+    def load_state_dict(self, warned: Sequence[Sequence[str]]) -> None:
+        """Take back :meth:`state_dict`'s list (added to those warned about already)."""
+        self._warned |= {(str(a), str(b), str(c)) for a, b, c in warned}
+
     def _already(self, f: Finding) -> str:
         """What the run already has on of what ``f``'s remedy advises."""
         if "plan" in self.on:

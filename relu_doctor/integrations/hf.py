@@ -324,6 +324,7 @@ class ReluDoctorCallback(TrainerCallback):
         self._bind_remedies(model, opt, lr_scheduler, doc, saved)
         self._warner = FindingWarner(self.warn if is_zero else None,
                                      on=remedies_on(self.remedies))
+        self._warner.load_state_dict((saved or {}).get("warned", ()))  # resumed: said before
         try:
             doc.attach()
         except BaseException:
@@ -478,6 +479,7 @@ class ReluDoctorCallback(TrainerCallback):
             "doctor": self.doctor.state_dict(reduce=True),
             "remedies": {name: r.state_dict() for name, r in self.remedies.items()},
             "run_dir": self._saved_run_dir(),
+            "warned": self._warner.state_dict(),
         }
 
     def _saved_run_dir(self) -> str | None:

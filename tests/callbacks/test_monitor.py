@@ -571,6 +571,33 @@ def test_resume_in_the_same_run_directory_equals_an_uninterrupted_run(tmp_path):
         trainer(tmp_path / "c", [ReluDoctor(run_dir=run_dir)], max_steps=2).fit(make_model(), dl)
 
 
+def test_a_fit_resumed_in_a_new_process_does_not_warn_again_what_was_warned_before(tmp_path):
+    """The findings already warned about are in the checkpoint: a fresh callback (as in a
+    new process) resuming from it says only what is new."""
+    x, y = dataset(8).tensors
+    dl = DataLoader(TensorDataset(x.repeat(3, 1), y.repeat(3, 1)), batch_size=8)
+
+    def dead_said(cb, root, also=(), ckpt=None, **kw):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            trainer(root, [cb, *also], **kw).fit(make_model(dead=12), dl, ckpt_path=ckpt)
+        return [str(w.message) for w in seen if issubclass(w.category, ReluDoctorWarning)
+                and str(w.message).startswith("relu_doctor: dead at net.1")]
+
+    first = ReluDoctor(log_every_n_steps=2, warn="warning")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    assert len(dead_said(first, tmp_path / "a", max_steps=6, enable_checkpointing=True,
+                         also=[ckpt])) == 1
+    second = ReluDoctor(log_every_n_steps=2, warn="warning")
+    again = dead_said(second, tmp_path / "b", max_steps=12,
+                      ckpt=tmp_path / "ckpt" / "epoch=1-step=6.ckpt")
+    assert any(f.kind == "dead" and f.site == "net.1" for f in second.doctor.findings())
+    assert again == []
+    # Without a checkpoint, a new run warns again.
+    assert len(dead_said(ReluDoctor(log_every_n_steps=2, warn="warning"), tmp_path / "c",
+                         max_steps=4)) == 1
+
+
 def test_state_round_trip_and_state_key(tmp_path):
     cb = ReluDoctor(log_every_n_steps=4)
     trainer(tmp_path, [cb], max_steps=5).fit(make_model(), loader())

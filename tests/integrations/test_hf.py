@@ -198,6 +198,32 @@ def test_checkpoint_and_resume_continue_the_counts_exactly(tmp_path: Path) -> No
         assert torch.equal(site["lifetime"], sb["sites"][token]["lifetime"])
 
 
+def test_a_run_resumed_in_a_new_process_does_not_warn_again_what_was_warned_before(
+        tmp_path: Path) -> None:
+    """The findings already warned about are saved with the checkpoint: a new callback
+    (as in a new process) resuming from it does not say them again."""
+
+    def dead_said(out: Path, resume: str | None = None) -> tuple[list[str], Any]:
+        cb = ReluDoctorCallback(log_every_n_steps=2, warn="warning")
+        args = _args(out, save_strategy="steps", save_steps=3, max_steps=8)
+        trainer = transformers.Trainer(model=_model(dead_bias=-50.0), args=args,
+                                       train_dataset=_data(), callbacks=[cb])
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            trainer.train(resume_from_checkpoint=resume)
+        return [str(w.message) for w in seen if issubclass(w.category, ReluDoctorWarning)
+                and str(w.message).startswith(f"relu_doctor: dead at {SITES[0]}")], cb
+
+    said, _ = dead_said(tmp_path / "full")
+    assert len(said) == 1 and "(step 2," in said[0]
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", part / "checkpoint-3")
+    again, resumed = dead_said(part, resume=str(part / "checkpoint-3"))
+    assert any(f.kind == "dead" and f.site == SITES[0] for f in resumed.doctor.findings())
+    assert again == []
+
+
 def test_remedies_change_what_they_say_and_record_it(tmp_path: Path) -> None:
     model = _model()
     opt_lr = 1e-3
