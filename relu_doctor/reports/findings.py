@@ -203,8 +203,9 @@ def recommend(
         steps.append(f"recycle the units ({names['recycle']})")
     elif recycled & failed:
         steps.append("stop recycling here (the recycled units went quiet again)")
-    steps.append("add normalisation (BatchNorm or LayerNorm) before this activation, and check "
-                 "the initialisation and bias of the layer that feeds it")
+    steps.append("check the normalisation before this activation (BatchNorm or LayerNorm, "
+                 "where there is none) and the initialisation and bias of the layer that "
+                 "feeds it")
     already = "This site is already leaky, so a LeakyReLU swap is not the answer. " if leaky else ""
     if tried:
         already += "Already tried: " + ", ".join(sorted(tried)) + ". "
