@@ -485,6 +485,8 @@ def table_folders(p: Path) -> set[str]:
 def _read_events(path: Path, problems: list[str]) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     if not path.is_file():
+        if path.exists():
+            warn_problem(problems, f"relu_doctor: skipped {str(path)!r}: it is not a file.")
         return events
     bad: list[str] = []
     try:
@@ -586,7 +588,8 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     if not p.is_dir():
         raise RunDirError(f"run directory {str(p)!r} is not a directory.")
     if not (p / "meta.json").is_file():
-        what = "is empty" if not any(p.iterdir()) else "has no meta.json"
+        what = ("is empty" if not any(p.iterdir()) else "has no meta.json"
+                if not (p / "meta.json").exists() else "holds a meta.json that is not a file")
         raise RunDirError(
             f"{str(p)!r} {what}: it is not a relu_doctor run directory. Pass the directory "
             "given as run_dir= to watch()/ReluDoctor, or made by doc.save()."
@@ -643,7 +646,8 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         if history.empty and lost == "" and (windows is None or windows.empty):
             last_findings = []  # nothing logged yet
         else:
-            warn_problem(problems, f"relu_doctor: {str(f_path)!r} is missing, though the run "
+            what = "is not a file" if f_path.exists() else "is missing"
+            warn_problem(problems, f"relu_doctor: {str(f_path)!r} {what}, though the run "
                          "logged; the findings are taken from events.jsonl.")
             last_findings = _findings_from_events(events)
     writer = open_writer_state(p)

@@ -18,6 +18,7 @@ import torch
 import relu_doctor
 from relu_doctor import rundir
 from relu_doctor.cli import main
+from relu_doctor.errors import ReluDoctorWarning, RunDirError
 from relu_doctor.history import Run, load_run
 from relu_doctor.reports.context import build_context
 from relu_doctor.reports.html import render_report
@@ -354,6 +355,25 @@ def test_a_part_of_the_run_it_may_not_read_is_skipped_and_the_report_written(
     assert "Traceback" not in out.err and (run_dir / "report.html").is_file()
     headline = "History unreadable" if what == "history" else ""
     assert headline in out.out
+
+
+@pytest.mark.parametrize(("name", "said"), [
+    ("events.jsonl", "events.jsonl': it is not a file"),
+    ("findings.json", "findings.json' is not a file, though the run logged"),
+    ("meta.json", "holds a meta.json that is not a file"),
+])
+def test_a_file_of_the_run_that_is_a_folder_is_said_so_not_said_missing(
+        tmp_path: Path, name: str, said: str) -> None:
+    run_dir = tmp_path / "run"
+    _train(run_dir, 3)
+    (run_dir / name).unlink()
+    (run_dir / name).mkdir()
+    if name == "meta.json":
+        with pytest.raises(RunDirError, match=said):
+            load_run(run_dir)
+        return
+    with pytest.warns(ReluDoctorWarning, match=said):
+        load_run(run_dir)
 
 
 def _garble(part: Path, column: str) -> None:
