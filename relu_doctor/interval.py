@@ -230,7 +230,7 @@ class IntervalReading:
                 s.stats.first = None
         if extra and self.tap is not None and layer_steps > 0 and judged:  # (else no rows)
             rows, total = layer_metrics(
-                self.tap.layers, host[2], layer_steps, world or 1,
+                self.tap.layers, host[2], self.tap.window_layer_steps, world or 1,
                 host[3] if ratio is not None else None,
                 graded=self.tap.window_graded,
             )

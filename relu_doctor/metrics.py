@@ -170,7 +170,7 @@ def site_metrics(window: torch.Tensor, units: dict[str, torch.Tensor]) -> dict[s
 def layer_metrics(
     names: Sequence[str],
     grad_sq: torch.Tensor,
-    steps: int,
+    steps: int | Sequence[int],
     world: int,
     update_ratio: torch.Tensor | None,
     graded: Collection[int] | None = None,
@@ -181,7 +181,8 @@ def layer_metrics(
         names: the layers, in the order of ``grad_sq``.
         grad_sq: squared gradient norm per layer summed over the window's steps (and
             processes).
-        steps: optimizer steps summed into ``grad_sq`` on one process.
+        steps: optimizer steps summed into ``grad_sq`` on one process: one count, or one
+            per layer (the steps of the optimizer holding it).
         world: number of processes summed into ``grad_sq``.
         update_ratio: ``||W_after - W_before|| / ||W_after||`` per layer at the last step
             (estimated from a sample of a tensor over ``optimizer_tap.UPDATE_SAMPLE``
@@ -195,9 +196,10 @@ def layer_metrics(
         the norm over the layers that had one.
     """
     g = grad_sq.detach().to("cpu", torch.float64)
-    denom = max(steps, 1) * world
+    per = [steps] * len(names) if isinstance(steps, int) else list(steps)
     read = [graded is None or i in graded for i in range(len(names))]
-    norms = [math.sqrt(float(g[i]) / denom) if read[i] else math.nan for i in range(len(names))]
+    norms = [math.sqrt(float(g[i]) / (max(per[i], 1) * world)) if read[i] else math.nan
+             for i in range(len(names))]
     rows: list[dict[str, Any]] = [
         {
             "layer": name,

@@ -178,6 +178,13 @@ class OptimizerTap:
         self._layer_of = {pid: index[name] for pid, name in owner.items()}
         self.grad_sq: torch.Tensor | None = None
         self.steps = 0
+        #: per optimizer (by id), its steps whose gradients were read in the open window: a
+        #: layer's norm is its RMS over the steps of the optimizer holding it (under manual
+        #: optimization a GAN's generator and discriminator step apart)
+        self._opt_steps: dict[int, int] = {}
+        self._carried_steps: dict[int, int] = {}  # per layer, from a checkpoint's window
+        #: per layer, the steps :meth:`read_and_reset` closed the window with
+        self.window_layer_steps: list[int] = []
         self._graded: set[int] = set()  # layers a gradient was read for in the open window
         #: the layers a gradient was read for in the window :meth:`read_and_reset` closed
         #: (the others, frozen or in no optimizer, have no gradient norm: NaN, not 0)
@@ -283,7 +290,7 @@ class OptimizerTap:
         doing nothing from now on (removing them here would change the optimizer's hook
         dict while its step iterates over it)."""
         self._before, self.grad_sq, self.steps, self._updates = {}, None, 0, {}
-        self._graded = set()
+        self._graded, self._opt_steps, self._carried_steps = set(), {}, {}
         if self._failed:
             return
         self._failed = True
@@ -322,6 +329,7 @@ class OptimizerTap:
         device = grads[0].device  # type: ignore[union-attr]
         if self.grad_sq is None:
             self.grad_sq = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        self._opt_steps[id(opt)] = self._opt_steps.get(id(opt), 0) + 1
         if _kernels.sum_squares_into(self.grad_sq, grads, layers):  # type: ignore[arg-type]
             # CPU, plain tensors (never a sharded DTensor): one pass over each gradient
             self.steps += 1
@@ -396,6 +404,20 @@ class OptimizerTap:
             ratio = ratio.index_fill(0, self._index(unread, ratio.device), float("nan"))
         return ratio
 
+    def layer_steps(self) -> list[int]:
+        """Per layer, the optimizer steps summed into its window: those of the optimizer
+        holding it (the most stepped of those holding its parameters, for a layer split
+        across optimizers), with what a checkpoint carried."""
+        out = [0] * len(self.layers)
+        for opt in self.optimizers:
+            n = self._opt_steps.get(id(opt), 0)
+            if n:
+                for i in set(self._watched(opt)[1]):
+                    out[i] = max(out[i], n)
+        for i, n in self._carried_steps.items():
+            out[i] += n
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """The open window (per-layer squared gradient norms summed so far, and the steps
         summed), for a checkpoint: a resume then equals an uninterrupted run."""
@@ -403,6 +425,7 @@ class OptimizerTap:
             "layers": list(self.layers),
             "grad_sq": None if self.grad_sq is None else self.grad_sq.detach().cpu().clone(),
             "steps": self.steps,
+            "layer_steps": self.layer_steps(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -414,6 +437,9 @@ class OptimizerTap:
         params = [p for opt in self.optimizers for p in self._params(opt)]
         device = params[0].device if params else torch.device("cpu")
         self.steps = int(state.get("steps", 0))
+        self._opt_steps = {}
+        counts = state.get("layer_steps") or [self.steps] * len(layers)  # (older: one count)
+        self._carried_steps = {}
         if grad_sq is None:
             self.grad_sq = None
             return
@@ -431,13 +457,17 @@ class OptimizerTap:
         for i, name in enumerate(layers):
             if name in index:
                 new[index[name]] = old[i]
+                self._carried_steps[index[name]] = int(counts[i])
                 if float(old[i]) > 0:
                     self._graded.add(index[name])
         self.grad_sq = new
 
     def read_and_reset(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
-        """``(grad_sq per layer, steps, update_ratio per layer)``, then start a new window."""
+        """``(grad_sq per layer, steps, update_ratio per layer)``, then start a new window
+        (its steps per layer: :attr:`window_layer_steps`)."""
         out = (self.grad_sq, self.steps, self.update_ratio)
+        self.window_layer_steps = self.layer_steps()
+        self._opt_steps, self._carried_steps = {}, {}
         self.grad_sq = None if self.grad_sq is None else torch.zeros_like(self.grad_sq)
         self.window_graded, self._graded = frozenset(self._graded), set()
         self.steps = 0

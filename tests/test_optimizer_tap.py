@@ -373,3 +373,44 @@ def test_the_model_wide_norm_leaves_out_layers_with_no_gradient_only():
     assert norm([1.0, 2.0, math.nan], [True, True, False]) == pytest.approx(math.sqrt(5))
     assert norm([1.0, math.inf, math.nan], [True, True, False]) is None
     assert norm([1.0, math.nan, math.nan], [True, True, False]) is None
+
+
+@pytest.mark.parametrize("critic_steps", [1, 2])
+def test_each_layers_norm_is_over_the_steps_of_the_optimizer_holding_it(critic_steps):
+    """Two optimizers stepping apart (a GAN under manual optimization: the critic
+    ``critic_steps`` times per generator step): each layer's gradient norm is the RMS over
+    its own optimizer's steps, not over every optimizer's (it read 1/sqrt(2) of the truth)."""
+    import math
+
+    import relu_doctor
+
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6))
+    critic = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+    model = nn.ModuleDict({"g": gen, "d": critic})
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    sq: dict[str, list[float]] = {name: [] for name in ("g.0", "g.2", "d.0", "d.2")}
+
+    def note(prefix: str, net: nn.Module) -> None:
+        for i in (0, 2):
+            sq[f"{prefix}.{i}"].append(
+                sum(float(p.grad.double().square().sum()) for p in net[i].parameters()))
+
+    with relu_doctor.watch(model, log_every_n_steps=3, every_n_steps=1,
+                           optimizer=[opt_g, opt_d]) as doc:
+        for _ in range(3):
+            for _ in range(critic_steps):
+                opt_d.zero_grad()
+                critic(gen(torch.randn(8, 4)).detach()).mean().backward()
+                note("d", critic)
+                opt_d.step()
+            opt_g.zero_grad()
+            critic(gen(torch.randn(8, 4))).mean().neg().backward()
+            note("g", gen)
+            opt_g.step()
+            doc.step()
+    table = doc.records[-1].layer_table.set_index("layer")
+    for name, values in sq.items():
+        want = math.sqrt(sum(values) / len(values))
+        assert table.loc[name, "grad_norm"] == pytest.approx(want, rel=1e-6), name
