@@ -148,6 +148,16 @@ class _ProbeHooks(Hooks):
         self.owner._exit(module, args, output)
 
 
+def uncompiled(model: Any) -> Any:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) compiles, else ``model``:
+    hooks on that module are traced into the compiled graph as when it is compiled after
+    ``watch``, and its sites are named by its own paths (not ``_orig_mod.*``)."""
+    orig = getattr(model, "_orig_mod", None)
+    if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return orig
+    return model
+
+
 class Probe(SiteRegistry, HookOwner):
     """Hooks on a model's ReLU-family activations, recording into per-site accumulators.
 

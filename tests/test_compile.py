@@ -277,3 +277,30 @@ def test_a_modulelist_sliced_in_a_compiled_forward_makes_no_graph_break() -> Non
             doc.detach()
         weights.append([p.detach().clone() for p in net.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+
+
+def test_a_compiled_wrapper_passed_to_watch_is_watched_as_the_model_it_compiles() -> None:
+    """``watch(torch.compile(net))`` raised inside the first forward (Dynamo: "already
+    tracked for mutation"); it watches ``net``, under its own site names, with the
+    forward statistics of an eager run."""
+    torch.manual_seed(0)
+    net = zoo.CheckpointedNet()
+    twin = copy.deepcopy(net)
+    xs = _inputs()
+    eager, eager_losses = _train(twin, twin, xs, functional=True)
+    compiled = torch.compile(net, backend="aot_eager")
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the compiled passes' gradient note
+        with relu_doctor.watch(compiled, log_every_n_steps=1000, functional=True) as doc:
+            for x in xs:
+                opt.zero_grad()
+                loss = compiled(x).pow(2).mean()
+                loss.backward()
+                opt.step()
+                doc.step()
+                losses.append(loss.item())
+    assert doc.model is net
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-4)
+    _assert_forward_equal(eager, doc)
