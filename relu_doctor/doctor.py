@@ -610,6 +610,18 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         (see :attr:`IntervalRecord.judged <relu_doctor.history.IntervalRecord>`)."""
         if self.steps_run == 0 or not self.probe.attached or self._unfolded:
             return None
+        stray = self.probe.passes - self._passes_at_step
+        if stray > 0 and self.probe.collecting and not self.probe.compiled:
+            warnings.warn(
+                f"relu_doctor: {stray} training pass{'es' if stray > 1 else ''} ran after the "
+                f"last step() (step {self.global_step}); belonging to no step, "
+                f"{'they are' if stray > 1 else 'it is'} still counted in the last window "
+                f"(steps {self.global_step - self.steps_run + 1}-{self.global_step}), which "
+                "was open. Call step() after such a pass, or make it in eval mode or under "
+                "torch.no_grad(), which are not recorded.",
+                ReluDoctorWarning,
+                stacklevel=stacklevel + 1,
+            )
         try:
             with self.sampler.log_lap():
                 return self._log(final=True, keep=keep_window)

@@ -871,6 +871,39 @@ def test_a_pass_after_the_last_step_is_not_read_as_a_window_after_training():
     assert int(only.to_pandas()["elements"].iloc[0]) == 3 * 16 * 64
 
 
+def test_a_pass_after_the_last_step_in_a_window_still_open_is_said_to_be_counted_there():
+    """Where the last window is still open at the block's exit, a training pass after the
+    last ``step()`` is in it (it was said not to be counted, and was, silently): one
+    warning says so, and how to keep it out; a pass in eval mode is not recorded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def run(steps: int, after: str) -> tuple[list[str], relu_doctor.Doctor]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with relu_doctor.watch(model, log_every_n_steps=5, overhead_budget=None) as doc:
+                for _ in range(steps):
+                    model(torch.randn(32, 8)).pow(2).mean().backward()
+                    doc.step()
+                if after == "eval":
+                    model.eval()
+                if after:
+                    model(torch.randn(32, 8)).pow(2).mean().backward()
+                model.train()
+        said = [str(w.message) for w in seen if issubclass(w.category, ReluDoctorWarning)
+                and "after the last step()" in str(w.message)]
+        return said, doc
+
+    said, doc = run(7, "train")
+    assert len(said) == 1 and "1 training pass ran after the last step() (step 7)" in said[0]
+    assert "(steps 6-7)" in said[0], said
+    assert int(doc.records[-1].site_rows[0]["elements"]) == 3 * 32 * 16  # what it says
+    for steps, after in ((7, "eval"), (7, ""), (10, "train")):  # not recorded; none; closed
+        said, doc = run(steps, after)
+        assert said == [], (steps, after, said)
+    assert int(doc.records[-1].site_rows[0]["elements"]) == 5 * 32 * 16
+
+
 def test_findings_read_the_last_judged_window_however_many_windows_saw_nothing_since():
     """``keep_records`` bounds ``doc.records``; the last judged record is kept beside them,
     so windows that saw nothing (a model left in eval mode) do not push it out: findings()
