@@ -5,7 +5,8 @@ Each unit's *contribution utility* is a running average of its mean ``|h|`` time
 magnitude of its outgoing weights (the sum of ``|w|`` over the consumer layers' columns of
 that unit). Units younger than ``maturity`` steps are protected; among the mature ones, a
 ``replacement_rate`` per step accumulates into whole units, and that many of the lowest
-utility are recycled with ReDo's surgery (:func:`~relu_doctor.remedies.recycle.recycle_units`:
+utility (bias-corrected for its age, as the paper's code ranks it) are recycled with
+ReDo's surgery (:func:`~relu_doctor.remedies.recycle.recycle_units`:
 fresh incoming weights, zero outgoing weights, the optimizer state of those slices reset),
 their utility and age set to 0.
 
@@ -39,15 +40,15 @@ from relu_doctor.remedies.base import (
     site_snapshot,
 )
 from relu_doctor.remedies.recycle import WHOLE_ROWS, recycle_units
-from relu_doctor.remedies.unit_links import LinkCache, UnitLinks
+from relu_doctor.remedies.unit_links import Consumer, LinkCache, UnitLinks
 
 __all__ = ["ContinualBackprop", "outgoing_magnitude"]
 
 
 def outgoing_magnitude(links: UnitLinks) -> torch.Tensor:
     """Per unit of a site, the sum of ``|w|`` over every consumer weight that reads it
-    (``span`` columns per unit after a flatten; grouped convolutions per group), on the CPU
-    in float64.
+    (``span`` columns per unit after a flatten, its own columns of a concatenation, grouped
+    convolutions per group; a norm reading it, its scale), on the CPU in float64.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
@@ -58,25 +59,25 @@ def outgoing_magnitude(links: UnitLinks) -> torch.Tensor:
     """
     total = torch.zeros(links.units, dtype=torch.float64)
     for c in links.consumers:
-        w = getattr(c.module, "weight", None)
+        w = getattr(c.module, c.param, None)
         if not isinstance(w, torch.Tensor):
             continue
-        a = w.detach().abs().double().cpu()
-        if isinstance(c.module, nn.Linear) or a.dim() == 2:  # (out, in), or (in, out): in_dim 0
-            total += a.sum(1 - c.in_dim).reshape(links.units, c.span).sum(1)
-            continue
-        groups = int(getattr(c.module, "groups", 1))
-        per_in = a.sum(dim=[d for d in range(a.dim()) if d != 1])  # (in_channels / groups,)
-        if groups == 1:
-            total += per_in
-            continue
-        out_pg = a.shape[0] // groups
-        for g in range(groups):
-            rows = a[g * out_pg : (g + 1) * out_pg]
-            total[g * a.shape[1] : (g + 1) * a.shape[1]] += rows.sum(
-                dim=[d for d in range(a.dim()) if d != 1]
-            )
+        total += c.per_unit(_per_input(c, w.detach().abs().double().cpu()), links.units)
     return total
+
+
+def _per_input(c: Consumer, a: torch.Tensor) -> torch.Tensor:
+    """``|w|`` of consumer ``c`` (``a``) summed per input feature or channel: over the output
+    features of a Linear (whatever its input is, after a concatenation or a flatten), per
+    channel of a convolution (within its group), the channel's own scale for a norm."""
+    if c.kind == "norm" or a.dim() == 1:
+        return a.reshape(-1)
+    if isinstance(c.module, nn.Linear) or a.dim() == 2:  # (out, in), or (in, out): in_dim 0
+        return a.sum(1 - c.in_dim)
+    groups = int(getattr(c.module, "groups", 1))
+    out_pg = a.shape[0] // groups
+    others = [d for d in range(a.dim()) if d != 1]
+    return torch.cat([a[g * out_pg : (g + 1) * out_pg].sum(dim=others) for g in range(groups)])
 
 
 class ContinualBackprop(Remedy):
@@ -173,6 +174,16 @@ class ContinualBackprop(Remedy):
         self.age[site] = self.age.get(site, torch.zeros(links.units, dtype=torch.long)) + steps
         return self.utility[site], self.age[site], steps
 
+    def corrected(self, site: str) -> torch.Tensor:
+        """``site``'s utilities bias-corrected for their age, as the paper's code ranks them:
+        ``utility / (1 - decay**age)``. A running average that started at 0 ``age`` steps
+        ago (a replaced unit's) is otherwise ranked below an old unit of the same
+        contribution, and the same units are replaced again at every maturity."""
+        age = self.age[site].double()
+        seen = 1.0 - torch.pow(torch.tensor(self.decay, dtype=torch.float64), age)
+        util = self.utility[site]
+        return torch.where(seen > 0, util / seen.clamp(min=1e-300), util)
+
     def choose(self, site: str, steps: int) -> list[int]:
         """The units of ``site`` to replace now: the accumulated share of the mature ones,
         lowest utility first (ties: lower index)."""
@@ -182,7 +193,7 @@ class ContinualBackprop(Remedy):
         self._owed[site] = owed - n
         if n <= 0:
             return []
-        util = self.utility[site][mature]
+        util = self.corrected(site)[mature]
         order = sorted(range(len(mature)), key=lambda i: (float(util[i]), int(mature[i])))
         return sorted(int(mature[i]) for i in order[:n])
 

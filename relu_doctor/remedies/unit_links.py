@@ -122,7 +122,7 @@ class Consumer:
         """Sum ``values`` (one per input feature/channel of this consumer) per unit: e.g. a
         unit's outgoing weight magnitude, whatever the flatten span or concat offset."""
         m = self.unit_of_inputs(values.shape[0])
-        keep = m >= 0
+        keep = (m >= 0) & (m < units)  # (another branch's features after a concatenation)
         out = torch.zeros(units, dtype=values.dtype, device=values.device)
         return out.index_add_(0, m[keep].to(values.device), values[keep.to(values.device)])
 

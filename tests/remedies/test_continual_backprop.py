@@ -90,3 +90,63 @@ def test_state_dict_round_trip() -> None:
     b.load_state_dict(a.state_dict())
     assert torch.equal(b.utility["1"], a.utility["1"]) and torch.equal(b.age["1"], a.age["1"])
     assert b._links_failed == {"3"}
+
+
+class _TwoBranches(nn.Module):
+    """Two ReLU branches concatenated into one Linear: each site owns its own columns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.ra = nn.Linear(6, 5), nn.ReLU()
+        self.b, self.rb = nn.Linear(6, 7), nn.ReLU()
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.cat([self.ra(self.a(x)), self.rb(self.b(x))], dim=1))
+
+
+def test_outgoing_magnitude_reads_each_sites_own_columns_and_a_norms_scale() -> None:
+    """After a concatenation, a site's outgoing weights are its own columns (the utility
+    raised "shape '[5, 1]' is invalid for input of size 12" and the remedy stopped for
+    every site); a norm reading the units gives each its own scale (each got the sum of
+    all of them)."""
+    from relu_doctor.remedies import find_unit_links
+    from relu_doctor.remedies.continual_backprop import outgoing_magnitude
+
+    torch.manual_seed(0)
+    net = _TwoBranches()
+    x = torch.randn(4, 6)
+    col = net.out.weight.detach().abs().sum(0).double()
+    for site, want in (("ra", col[:5]), ("rb", col[5:])):
+        got = outgoing_magnitude(find_unit_links(net, site=site, example_inputs=x))
+        assert torch.allclose(got, want), site
+    bn = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    with torch.no_grad():
+        bn[2].weight.copy_(torch.linspace(-1.5, 1.0, 6))
+    got = outgoing_magnitude(find_unit_links(bn, site="1", example_inputs=torch.randn(5, 4)))
+    assert torch.allclose(got, bn[2].weight.detach().abs().double())
+    # In training, both sites of the concatenation are treated, with nothing said failed.
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with relu_doctor.watch(net, log_every_n_steps=5, overhead_budget=None, optimizer=opt) as doc:
+        ContinualBackprop(net, optimizers=opt, replacement_rate=0.05, maturity=5).bind(doc)
+        for _ in range(10):
+            net(torch.randn(16, 6)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+        events = doc.to_run().interventions()
+    assert {e["site"] for e in events} == {"ra", "rb"}
+
+
+def test_units_are_ranked_by_utility_corrected_for_their_age() -> None:
+    """A unit replaced ``age`` steps ago has a running average that started at 0: ranked
+    by it raw, it is the lowest again as soon as it is mature, and is replaced again and
+    again; the paper's code divides by ``1 - decay**age``."""
+    decay = 0.9
+    cbp = ContinualBackprop(_net(), replacement_rate=1 / 3, maturity=5, decay=decay)
+    contribution = torch.tensor([0.5, 0.5, 0.4], dtype=torch.float64)
+    age = torch.tensor([100, 5, 100])
+    cbp.age["1"] = age
+    cbp.utility["1"] = contribution * (1 - decay ** age.double())  # a steady contribution
+    assert cbp.choose("1", steps=1) == [2]  # the lowest contribution, not the youngest
+    assert torch.allclose(cbp.corrected("1"), contribution)
