@@ -471,7 +471,8 @@ class ActivationSwapper(Remedy):
             if (key.op is None and key.module_path in swapped) or row.get("leaky"):
                 self.streaks.pop(site, None)
                 continue
-            if not self.acts_at(site):  # (include/exclude, a functional call, left alone)
+            # (a functional call meets its trigger too, and is declined: no module to swap)
+            if not Remedy.acts_at(self, site) or site in self._skipped:
                 continue
             frac = finite_or_none(dead.get(site))
             if frac is not None and frac > self.threshold:

@@ -4,6 +4,8 @@ module names that look like site names (``enc:act``, ``a#1``)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -416,6 +418,29 @@ def test_the_swapper_acts_at_module_sites_in_its_patterns_only():
         assert [every.acts_at(n) for n in names] == [True, False]
         none = ActivationSwapper(net, exclude="act").bind(doc)
         assert [none.acts_at(n) for n in names] == [False, False]
+
+
+def test_a_dead_functional_site_is_left_alone_with_a_warning_and_recorded_when_bound():
+    """Bound to a Doctor, the swapper passed over a dead functional call in silence (the
+    README says a site it cannot treat is left alone with one warning); it now says so
+    once, when the site meets its trigger, and records it as declined."""
+    torch.manual_seed(0)
+    net = _FunctionalAndModule()
+    with torch.no_grad():
+        net.fc2.bias.fill_(-100.0)  # every unit of the functional call dead
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, log_every_n_steps=1, overhead_budget=None) as doc:
+            ActivationSwapper(net, patience=2).bind(doc)
+            for _ in range(4):
+                net(torch.randn(8, 4)).sum().backward()
+                doc.step()
+    said = [str(w.message) for w in seen if "leaving site '(root):relu#0' alone" in str(w.message)]
+    assert len(said) == 1 and "is a functional call (relu)" in said[0], said
+    events = [e for e in doc.to_run().events if e.get("type") == "declined"]
+    assert [(e["site"], e["step"]) for e in events] == [("(root):relu#0", 2)], events
+    assert "functional call" in doc.to_run().declined()["(root):relu#0"]["leaky_relu_swap"]
+    assert type(net.act) is nn.ReLU  # the module site, alive, untouched
 
 
 def test_a_swap_that_revives_no_unit_did_not_help():
