@@ -57,7 +57,8 @@ def scale_lr(
     Chainable schedulers (StepLR, ExponentialLR, ReduceLROnPlateau...) derive the next lr from
     ``group["lr"]``; closed-form ones (LambdaLR, OneCycleLR, CyclicLR...) recompute it from
     ``scheduler.base_lrs`` / ``group["initial_lr"]`` / ``max_lr``. Both are scaled by the same
-    per-group factor, so either kind continues the schedule, reduced.
+    per-group factor, so either kind continues the schedule, reduced; a cosine schedule's
+    ``eta_min`` too (one for every group: scaled when all groups were cut alike).
 
     Args:
         optimizer: the optimizer.
@@ -105,6 +106,12 @@ def scale_lr(
             if isinstance(last, list) and i < len(last):
                 last[i] = new
         out.append({"group": i, "lr_before": lr, "lr_after": new, "factor": f})
+    # A cosine schedule's eta_min (one for all groups) is where it goes: scaled with the
+    # groups (when they were all cut alike), the cut stays a factor instead of fading.
+    factors = {c["factor"] for c in out if c["factor"] != 1.0}
+    for s in scheds if len(factors) == 1 else ():
+        if isinstance(getattr(s, "eta_min", None), (int, float)):
+            s.eta_min = s.eta_min * next(iter(factors))
     return out
 
 

@@ -33,6 +33,11 @@ SCHEDULERS = {
     "ExponentialLR": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9),
     "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6),
     "CosineWarmRestarts": lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=4),
+    # a floor the schedule goes to: the cut kept as a factor, not drifting to it
+    "CosineAnnealingLR-eta_min": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(
+        o, T_max=10, eta_min=0.02),
+    "CosineWarmRestarts-eta_min": lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        o, T_0=4, eta_min=0.02),
     "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(
         o, max_lr=1.0, total_steps=20, cycle_momentum=False
     ),
