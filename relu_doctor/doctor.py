@@ -761,6 +761,12 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
     def sites(self) -> list[Site]:
         return self.probe.sites()
 
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers given as ``optimizer=`` (a recycler bound without its own resets
+        their state for the units it recycles)."""
+        return list(self._optimizers)
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, *, reduce: bool = False) -> dict[str, Any]:
         """Counts and windows of every site, step counters and open findings.

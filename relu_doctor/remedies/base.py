@@ -334,6 +334,13 @@ class Remedy:
     def _on_bind(self, doctor: DoctorLike) -> None:
         """Hook for subclasses (take the probe, refresh hooks...)."""
 
+    def _adopt_optimizers(self, doctor: DoctorLike) -> None:
+        """A recycler given no optimizers takes the Doctor's (``watch(optimizer=...)``): the
+        recycled units' optimizer state (Adam's moments, momentum) is reset then, not left
+        to push the fresh weights with their old units' history."""
+        if not getattr(self, "optimizers", None):
+            self.optimizers = list(getattr(doctor, "optimizers", None) or [])
+
     def __call__(self, record: RecordLike) -> list[Intervention | InterventionResult]:
         """Judge the pending interventions on ``record`` (:meth:`observe`), then act on it
         (:meth:`decide`).

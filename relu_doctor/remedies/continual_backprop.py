@@ -85,7 +85,8 @@ class ContinualBackprop(Remedy):
 
     Args:
         model: the model.
-        optimizers: optimizer(s) whose state slices are reset for recycled units.
+        optimizers: optimizer(s) whose state slices are reset for recycled units (default:
+            those of the Doctor it is bound to, ``watch(optimizer=...)``).
         replacement_rate: units replaced per mature unit per step (the paper: 1e-4 to 1e-5
             per step; larger for short runs).
         maturity: steps a unit must have lived since its last replacement to be eligible.
@@ -152,6 +153,7 @@ class ContinualBackprop(Remedy):
         self.adam_step = AdamStepRestart(reset_adam_step, self.optimizers)
 
     def _on_bind(self, doctor: Any) -> None:
+        self._adopt_optimizers(doctor)
         self.adam_step.apply_pending(self.model, self.optimizers)
 
     def _links_of(self, record: RecordLike, site: str) -> UnitLinks:

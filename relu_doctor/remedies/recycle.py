@@ -237,7 +237,8 @@ class DormantRecycler(Remedy):
 
     Args:
         model: the model (site paths are relative to it).
-        optimizers: optimizer(s) whose state slices are reset.
+        optimizers: optimizer(s) whose state slices are reset (default: those of the Doctor
+            it is bound to, ``watch(optimizer=...)``).
         tau: own dormant threshold in (0, 1), or None to use the record's ``below_tau`` flag.
         every: act on every n-th logging interval.
         max_fraction: recycle at most this fraction of a site's units at once (the most
@@ -311,6 +312,7 @@ class DormantRecycler(Remedy):
         self.adam_step = AdamStepRestart(reset_adam_step, self.optimizers)
 
     def _on_bind(self, doctor: Any) -> None:
+        self._adopt_optimizers(doctor)
         self.adam_step.apply_pending(self.model, self.optimizers)
 
     def links(self, site: str | SiteKey) -> UnitLinks:

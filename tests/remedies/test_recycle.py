@@ -263,6 +263,37 @@ def test_a_dead_unit_with_a_large_score_is_recycled_only_under_an_own_tau():
         assert ev.details["units"] == want, tau
 
 
+@pytest.mark.parametrize("remedy", ["redo", "cbp"])
+def test_a_recycler_given_no_optimizer_resets_the_state_of_the_one_the_doctor_watches(remedy):
+    """``DormantRecycler(model).bind(doc)`` with ``watch(optimizer=adam)`` left Adam's
+    moments of the recycled units in place, silently: it takes the Doctor's optimizers."""
+    from relu_doctor.remedies import ContinualBackprop
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        net[0].bias[:3] = -50.0  # three dead units: recycled
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    with relu_doctor.watch(net, log_every_n_steps=2, overhead_budget=None, optimizer=opt) as doc:
+        r = (DormantRecycler(net) if remedy == "redo" else
+             ContinualBackprop(net, replacement_rate=3 / 8, maturity=0)).bind(doc)
+        for _ in range(2):
+            net(torch.randn(16, 4)).pow(2).mean().backward()
+            opt.step()
+            doc.step()  # (zero_grad after: the recycled rows' gradients stay to compare)
+            if not doc.to_run().interventions():
+                opt.zero_grad()
+    assert r.optimizers == [opt]
+    (ev,) = doc.to_run().interventions()
+    units = ev["details"]["units"]
+    state = opt.state[net[0].weight]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.count_nonzero(state[key][units]) == 0, key  # reset
+        others = [u for u in range(8) if u not in units]
+        assert torch.count_nonzero(state[key][others]) > 0, key  # kept
+    assert torch.count_nonzero(opt.state[net[2].weight]["exp_avg"][:, units]) == 0
+
+
 def test_recycler_state_round_trips():
     net = mlp()
     r = DormantRecycler(net, every=2, example_inputs=torch.randn(2, 8))
