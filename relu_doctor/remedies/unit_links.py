@@ -452,7 +452,8 @@ def _check_shared(
     n_uses = len(flow.uses_of(w.tensor))
     if n_uses > 1:
         raise Refuse(
-            f"{type(w.module).__name__} {w.path!r} is called {n_uses} times per pass; "
+            f"the weight of {type(w.module).__name__} {w.path!r} is used {n_uses} times per "
+            "pass (the layer called again, or its weight tied to another use); "
             "re-initialising its rows would change its other outputs too"
         )
     seen: dict[int, list[Consumer]] = {}
@@ -463,8 +464,8 @@ def _check_shared(
         uses = len(flow.uses_of(getattr(c.module, c.param)))
         if uses > len(group):
             raise Refuse(
-                f"{type(c.module).__name__} {c.path!r} is also called on other inputs; zeroing "
-                "its input columns would change those outputs"
+                f"{type(c.module).__name__} {c.path!r} is also called on other inputs (or its "
+                "weight used elsewhere); zeroing its input columns would change those outputs"
             )
 
 

@@ -317,6 +317,19 @@ def test_mbconv_with_squeeze_excite_and_weight_tying():
     assert [c.path for c in done["act1#0"].consumers] == ["conv_dw"]
     done, refused = survey(_Tied(), torch.randn(2, 4))
     assert not done and "Linear 'shared' is also called on other inputs" in refused["act#0"]
+    # A producer whose weight is tied to a later use (a decoder reading it transposed): not
+    # "called twice" (it is called once), its weight used twice.
+    done, refused = survey(_TiedProducer(), torch.randn(2, 4))
+    assert "the weight of Linear 'enc' is used 2 times per pass" in refused["act#0"], refused
+
+
+class _TiedProducer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.act, self.out = nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.out(self.act(self.enc(x))), self.enc.weight.t())
 
 
 def test_the_unit_zoo_of_issue_12():
