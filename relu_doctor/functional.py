@@ -68,7 +68,7 @@ from relu_doctor._forward_reading import ForwardReader
 from relu_doctor._hooks import HookOwner, Hooks
 from relu_doctor._observing_mode import ObservingMode
 from relu_doctor.families import FAMILIES, Family, family_of
-from relu_doctor.probes import Probe, eager_modules, in_backward
+from relu_doctor.probes import Probe, RecomputedCalls, eager_modules, in_backward
 from relu_doctor.sites import SiteKey
 
 __all__ = ["FunctionalCapture", "functional_ops"]
@@ -201,7 +201,7 @@ class FunctionalCapture(HookOwner):
         self._bw_stack: list[_Entry] = []
         self._mode_on = False
         self._calls: dict[tuple[str, str], int] = {}
-        self._bw_calls: dict[tuple[str, str], int] = {}
+        self._recomputed = RecomputedCalls()  # calls recomputed in backward (checkpoints)
         self._selected: dict[str, bool] = {}
         self._members: set[nn.Module] = set()  # the model's modules (foreign = not in it)
         # Modules hooked only to turn the mode off inside them (see _mode_boundary): called
@@ -320,6 +320,7 @@ class FunctionalCapture(HookOwner):
     def close_pass(self) -> None:
         """Between steps no pass is open: one whose end never came (torch skips the always-
         called hooks when one of them raised) is closed here, its mode left."""
+        self._recomputed.clear()
         if self._stack or self._bw_stack or self._left_out:
             self._stack.clear()
             self._bw_stack.clear()
@@ -380,7 +381,6 @@ class FunctionalCapture(HookOwner):
             if bw:
                 if self.probe.stream == "eval":
                     return
-                self._bw_calls.clear()
             else:
                 if not self.probe.begin_pass():  # left out: the mode stays off
                     self._left_out += 1
@@ -420,9 +420,9 @@ class FunctionalCapture(HookOwner):
         self._set_mode(self._want_mode(stack) if stack else self._want_mode(other))
         if stack:
             return
-        # Counters are empty between passes: torch.compile sees one state at every start.
-        (self._bw_calls if bw else self._calls).clear()
         if not bw:
+            # Empty between passes: torch.compile sees one state at every start.
+            self._calls.clear()
             self._foreign.clear()
             self.probe.end_pass()
             if not (self._trust_reading or self.probe._compiled
@@ -457,12 +457,11 @@ class FunctionalCapture(HookOwner):
             path = self._foreign_label() or path
         fam, op = spec
         key = (path, op)
-        calls = self._bw_calls if bw else self._calls
-        idx = calls.get(key, 0)
-        calls[key] = idx + 1
         if bw:  # recomputed by activation checkpointing: see Probe.tap_recomputed
-            self.probe.tap_recomputed(out, SiteKey(path, idx, op))
+            self.probe.tap_recomputed(out, SiteKey(path, self._recomputed.next_index(key), op))
             return
+        idx = self._calls.get(key, 0)
+        self._calls[key] = idx + 1
         module = self._hardtanh_of(args, kwargs) if fam.name == "hardtanh" else None
         self.probe.record(out, path=path, call_index=idx, family=fam, module=module, op=op)
 

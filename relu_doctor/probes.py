@@ -116,6 +116,38 @@ _transformed = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrap
                        lambda t: False)
 
 
+_current_node = torch._C._current_autograd_node
+
+
+class RecomputedCalls:
+    """Call indices of the calls activation checkpointing recomputes during backward, from 0
+    in each recomputed segment. The autograd node running tells the segments apart (a
+    reentrant segment's own node; the node whose saved tensors a non-reentrant segment is
+    recomputed for), so a segment that is a function calling modules one after another is
+    one segment, whose module called twice is ``#0`` then ``#1``.
+
+    The node is held until :meth:`clear` (the step's end): one per counter."""
+
+    __slots__ = ("_calls", "_node")
+
+    def __init__(self) -> None:
+        self._calls: dict[Any, int] = {}
+        self._node: Any = None
+
+    def next_index(self, key: Any) -> int:
+        node = _current_node()
+        if node is not self._node:
+            self._node = node
+            self._calls.clear()
+        idx = self._calls.get(key, 0)
+        self._calls[key] = idx + 1
+        return idx
+
+    def clear(self) -> None:
+        self._calls.clear()
+        self._node = None
+
+
 def in_backward() -> bool:
     """True while the autograd engine is running a backward pass on this thread.
 
@@ -255,7 +287,7 @@ class Probe(SiteRegistry, HookOwner):
         self._shared: dict[Any, int] = {}
         self._warned_shared = False
         self._depth = 0
-        self._bw_calls: dict[Any, int] = {}  # calls recomputed during backward (checkpoints)
+        self._recomputed = RecomputedCalls()  # calls recomputed in backward (checkpoints)
         self._bw_depth = 0
         self._attached = False
         self._listeners: list[Callable[[], None]] = []
@@ -584,9 +616,7 @@ class Probe(SiteRegistry, HookOwner):
             return
         if in_backward():
             # A segment recomputed by activation checkpointing: its calls are counted apart,
-            # from 0 at the segment's outermost watched module (see _tap_recomputed).
-            if self._bw_depth == 0:
-                self._bw_calls.clear()
+            # from 0 in each segment (see RecomputedCalls, tap_recomputed).
             self._bw_depth += 1
             return
         if self._depth == 0:
@@ -619,6 +649,7 @@ class Probe(SiteRegistry, HookOwner):
         """Between steps no forward pass is open. A pass whose end never came (torch's error
         path skips the always-called hooks after one of them raised) is closed here, so that
         the next pass counts its calls from 0 again instead of making new sites."""
+        self._recomputed.clear()  # (the step's backward is over: its node let go)
         if self._depth or self._pass_open:
             self._depth = 0
             self._calls.clear()
@@ -665,9 +696,7 @@ class Probe(SiteRegistry, HookOwner):
         if in_backward():
             if self.stream == "eval":
                 return
-            idx = self._bw_calls.get(module, 0)
-            self._bw_calls[module] = idx + 1
-            key = SiteKey(path, idx)
+            key = SiteKey(path, self._recomputed.next_index(module))
             if key not in self._failed:
                 try:
                     self.tap_recomputed(output, key)

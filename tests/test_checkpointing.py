@@ -81,3 +81,52 @@ def test_plain_and_checkpointed_outputs_are_unchanged_by_watching() -> None:
     with relu_doctor.watch(net, functional=True):
         watched = net(x)
     torch.testing.assert_close(watched, twin(x), rtol=0, atol=0)
+
+
+class _SegmentOfCalls(torch.nn.Module):
+    """A checkpointed segment that is a function (not a module) calling the same ReLU
+    module twice, and a module whose forward calls F.relu, twice, through two layers."""
+
+    def __init__(self, mode: str | None) -> None:
+        super().__init__()
+        self.mode = mode
+        self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, 6)
+        self.act = torch.nn.ReLU()
+        self.fn = _FRelu()
+        self.out = torch.nn.Linear(6, 1)
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.b(self.fn(self.act(self.b(self.act(self.a(x)))))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is None:
+            return self.out(self.segment(x))
+        return self.out(torch.utils.checkpoint.checkpoint(
+            self.segment, x, use_reentrant=self.mode == "reentrant"))
+
+
+class _FRelu(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.relu(x)
+
+
+@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
+def test_a_module_called_twice_in_one_segment_gets_each_calls_gradients(mode) -> None:
+    """The segment's recomputed calls were counted from 0 at each module called at its top,
+    so under reentrant checkpointing ``act#1``'s gradients went to ``act#0`` (pooled) and
+    ``act#1`` had none (NaN), silently; module and functional calls alike."""
+    fields = {}
+    for m in (None, mode):
+        torch.manual_seed(0)
+        net = _SegmentOfCalls(m)
+        with relu_doctor.watch(net, functional=True, log_every_n_steps=100) as doc:
+            for i in range(2):
+                x = torch.randn(8, 4, generator=torch.Generator().manual_seed(i))
+                net(x.requires_grad_()).sum().backward()  # (reentrant: an input with grad)
+                doc.step()
+        fields[m] = {s.name: site_fields(s) for s in doc.sites}
+    assert sorted(fields[None]) == sorted(fields[mode]) == ["act#0", "act#1", "fn:relu#0", "fn:relu#1"]
+    for name, want in fields[None].items():
+        for field in ("grad_elements", "grad_sq", "grad_zero", "elements", "sum"):
+            torch.testing.assert_close(torch.from_numpy(fields[mode][name][field]),
+                                       torch.from_numpy(want[field]), msg=f"{name} {field}")
