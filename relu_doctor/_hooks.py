@@ -19,8 +19,8 @@ when it starts compiling (:func:`compile_watch`): then every parked set is put b
 
 A module's hook dicts are part of the module: ``copy.deepcopy(model)`` copies them (a target
 network, an EMA teacher) and ``torch.save(model)`` pickles them. Every hook relu_doctor puts
-on a user's module is a bound method of a small :class:`Hooks` object, which deep-copies as
-itself and pickles as an :class:`Inert` placeholder (see there), never as the probe, model
+on a user's module is a bound method of a small :class:`Hooks` object, which deep-copies and
+pickles as an :class:`Inert` placeholder (see there), never as the probe, model
 and run directory behind it: a closure would make saving a watched model mid-run raise. The
 probe itself (a :class:`HookOwner`) refuses to be pickled, with a message that says what to
 do instead, and copies as itself.
@@ -67,10 +67,11 @@ class Hooks:
     """The hooks a :class:`HookOwner` puts in a user's module hook dicts: bound methods of
     this small object, each calling the owner's method of the same purpose.
 
-    ``copy.deepcopy(model)`` gets the object itself, not a copy: the copy's modules then call
-    these hooks, which leave alone modules not of the owner's model (so the copy is not
-    watched, and no probe, Doctor or run directory is copied). ``torch.save(model)`` or
-    ``pickle`` gets an :class:`Inert` placeholder.
+    ``copy.deepcopy(model)`` and ``torch.save(model)`` (``pickle``) get an :class:`Inert`
+    placeholder: the copy is not watched, holds nothing of the run (no probe, Doctor or run
+    directory, which a copy kept alive as long as it lived: an EMA or target network), and
+    its hooks take themselves out at their first call. (``copy.copy`` shares the hook dicts:
+    the hooks leave alone modules not of the owner's model.)
     """
 
     __slots__ = ("owner",)
@@ -79,7 +80,7 @@ class Hooks:
         self.owner = owner
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return self
+        return Inert()
 
     def __reduce__(self) -> tuple[type[Inert], tuple[int]]:
         return (Inert, (RemovableHandle.next_id,))
@@ -134,6 +135,10 @@ class Inert:
     def __reduce__(self) -> tuple[type[Inert], tuple[int]]:
         # a loaded model saved again before its first call: the ids of both processes
         return (Inert, (max(self.next_id, RemovableHandle.next_id),))
+
+    @property
+    def owner(self) -> Inert:  # (a Hooks method bound to a placeholder: its owner's too)
+        return self
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):

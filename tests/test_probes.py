@@ -481,9 +481,11 @@ class _WithGuest(nn.Module):
 def test_a_deep_copy_of_a_watched_model_is_not_watched() -> None:
     """copy.deepcopy of a watched model copies its modules' hook dicts: before, the copy's
     activations were recorded into the original's sites (run inside its pass) and the copy
-    carried a copy of the probe. Now the copy's hooks call the original probe, which leaves
-    modules not of its model alone: the original's counts equal a reference taken on its
-    own activations, whatever the copy does, and no probe is copied."""
+    carried a copy of the probe; then its hooks kept calling the original probe (which left
+    its modules alone), keeping the run alive as long as the copy lived. Now the copy's
+    hooks are placeholders holding nothing of the run, which take themselves out at their
+    first call: the original's counts equal a reference taken on its own activations,
+    whatever the copy does."""
     torch.manual_seed(0)
     model = _WithGuest()
     seen: list[torch.Tensor] = []  # the reference: the original's activations
@@ -497,12 +499,11 @@ def test_a_deep_copy_of_a_watched_model_is_not_watched() -> None:
         doc.step()
         twin = copy.deepcopy(model)
         guest = copy.deepcopy(model.net)
-        assert twin.net[1]._forward_hooks  # the hooks were copied, the probe was not:
         def owners(m: nn.Module) -> set[int]:  # the owners of the objects that hook m
             hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
             return {id(h.__self__.owner) for h in hooks if hasattr(h, "__self__")}
 
-        assert owners(twin) == owners(model) and id(doc.probe) in owners(twin)
+        assert id(doc.probe) in owners(model) and id(doc.probe) not in owners(twin)
         model.guest.append(guest)  # runs inside the watched model's pass
         for _ in range(3):
             x = torch.randn(5, 4)
@@ -521,6 +522,9 @@ def test_a_deep_copy_of_a_watched_model_is_not_watched() -> None:
         h = torch.cat(seen)
         assert total[FIELDS.index("elements")].tolist() == [float(len(h))] * 8
         assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
+        # The copy's placeholders took themselves out: only the user's hook is left.
+        assert not twin._forward_pre_hooks and not twin.net[0]._forward_hooks
+        assert list(twin.net[1]._forward_hooks.values()) == list(relu._forward_hooks.values())[:1]
     twin(torch.randn(2, 4)).sum().backward()  # after detach: the copy runs as before
 
 
