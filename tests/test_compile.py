@@ -304,3 +304,36 @@ def test_a_compiled_wrapper_passed_to_watch_is_watched_as_the_model_it_compiles(
     assert doc.model is net
     np.testing.assert_allclose(losses, eager_losses, rtol=1e-4)
     _assert_forward_equal(eager, doc)
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act = nn.Linear(8, 8), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.fc(x))
+
+
+def test_sites_first_seen_after_a_graph_break_past_the_recompile_limit_are_made() -> None:
+    """A user's own hook on each activation that breaks the graph (``.item()``): Dynamo
+    compiles our hooks as frames of their own, one per module, up to its recompile limit,
+    then runs them eagerly; those sites, first seen eagerly in a pass that began in the
+    graph (so no producer tracking), were put off to a next pass that never tracked: they
+    were never made, silently. They take the shape rule, as sites first seen compiling do."""
+    torch.manual_seed(0)
+    net = nn.Sequential(*[_Residual() for _ in range(5)])
+    twin = copy.deepcopy(net)
+    def count_active(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        (out > 0).sum().item()  # a host read: a graph break
+
+    for m in net.modules():
+        if isinstance(m, nn.ReLU):
+            m.register_forward_hook(count_active)
+    xs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    eager, _ = _train(twin, twin, xs)
+    with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        doc, _ = _train(net, torch.compile(net, backend="aot_eager"), xs)
+    assert [s.name for s in doc.sites] == [f"{i}.act" for i in range(5)]
+    _assert_forward_equal(eager, doc)
