@@ -530,6 +530,8 @@ class Probe(SiteRegistry, HookOwner):
             return False
         if _PRIVATE and _PRIVATE[-1] is not self:  # relu_doctor's own pass (check_init...)
             return False
+        if _tracing_state() is not None:  # torch.jit.trace: nothing real, and no mode in it
+            return False
         if self.stream == "all":
             return True
         if training is None:

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import relu_doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
@@ -481,6 +482,35 @@ def test_a_torchscript_module_is_refused_with_what_to_watch_instead(make):
     with pytest.raises(ReluDoctorError, match=r"^model: \w+ is a TorchScript module .* Watch "
                        r"the eager model you scripted"):
         relu_doctor.watch(scripted)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_watched_model_with_functional_calls_traces_and_its_trace_is_not_counted(mode):
+    """torch.jit.trace of a watched model whose forward calls F.relu failed its trace check
+    in train mode ("Graphs differed across invocations"): functional capture's mode and
+    the producer tracker ran inside the trace. A traced pass is no recorded pass."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(F.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(4, 6)
+    with relu_doctor.watch(net, log_every_n_steps=10, overhead_budget=None) as doc:
+        net(x).sum().backward()
+        doc.step()
+        getattr(net, mode)()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", torch.jit.TracerWarning)
+            traced = torch.jit.trace(net, (x,))
+        net.train()
+        assert torch.equal(traced(x), net(x))  # (an untraced pass: not stepped, not logged)
+        assert int(doc.to_pandas().set_index("site").loc["(root):relu#0", "elements"]) == 2 * 4 * 8
 
 
 def test_a_torchscript_submodule_is_left_out_with_one_warning_and_the_rest_watched():
