@@ -471,8 +471,7 @@ class ActivationSwapper(Remedy):
             if (key.op is None and key.module_path in swapped) or row.get("leaky"):
                 self.streaks.pop(site, None)
                 continue
-            # (a functional call meets its trigger too, and is declined: no module to swap)
-            if not Remedy.acts_at(self, site) or site in self._skipped:
+            if not Remedy.acts_at(self, site) or site in self._skipped:  # (functional: declined)
                 continue
             frac = finite_or_none(dead.get(site))
             if frac is not None and frac > self.threshold:
