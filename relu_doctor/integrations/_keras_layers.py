@@ -17,8 +17,9 @@ probe's public :meth:`~relu_doctor.probes.Probe.record` under a
 Names are the layer's ``name``, prefixed by the nested models and custom layers holding it
 (``sequential/dense_1``, ``block/ffn/dense``). Units: a Dense's ``units`` (the last dim), a
 convolution's ``filters`` where its ``data_format`` puts them (the last dim for
-``channels_last``, dim 1 for ``channels_first``); an activation layer's units are on the
-channel axis of Keras' ``image_data_format()``.
+``channels_last``, dim 1 for ``channels_first``); an activation layer's are those of the
+layer that made its input (a convolution's ``data_format``, a BatchNormalization's axis, a
+Dense's last dim), else on the channel axis of Keras' ``image_data_format()``.
 """
 
 from __future__ import annotations
@@ -137,12 +138,21 @@ class KerasSite:
         unit_dim: the dim holding the units (negative: from the end).
         by_activation: True when the site is the layer's ``activation`` attribute (Dense,
             Conv); False for an activation layer.
+        wrapper: the ``TimeDistributed`` that runs the layer (calling its ``call``, not the
+            layer, so no hook of the layer fires): its output, the layer's stacked over
+            time, is recorded; None for a layer called itself.
     """
 
     layer: Any
     path: str
     unit_dim: int
     by_activation: bool
+    wrapper: Any = None
+
+    @property
+    def hooked(self) -> Any:
+        """The layer whose forward hook records the site."""
+        return self.layer if self.wrapper is None else self.wrapper
 
     def family(self) -> Family | None:
         """The family the layer runs now (a swap changes it)."""
@@ -159,8 +169,7 @@ class KerasSite:
             return f"Keras {kind} `{self.path}` ({fmt}): its channels"
         if self.by_activation:
             return f"Keras {kind} `{self.path}`: its features (last dim)"
-        fmt = keras.config.image_data_format()
-        return f"Keras {kind} layer `{self.path}` (image_data_format {fmt})"
+        return f"Keras {kind} layer `{self.path}` ({_producer_dim(self.layer)[1]})"
 
     @property
     def pattern(self) -> str:
@@ -197,7 +206,31 @@ def _unit_dim(layer: Any) -> int:
         return 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else -1
     if isinstance(layer, _ACTIVATED):
         return -1
-    return 1 if keras.config.image_data_format() == "channels_first" else -1
+    return _producer_dim(layer)[0]
+
+
+def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str]:
+    """An activation layer's unit dim and why: that of the layer that made its input in
+    the model's graph (a convolution's ``data_format``, a BatchNormalization's ``axis``, a
+    Dense's last dim), followed back through up to ``hops`` other layers (dropout, an
+    activation); else the channel axis of Keras' ``image_data_format()``."""
+    op = layer
+    for _ in range(hops):
+        nodes = getattr(op, "_inbound_nodes", None) or []
+        parents = getattr(nodes[0], "parent_nodes", None) if nodes else None
+        op = getattr(parents[0], "operation", None) if parents else None
+        if op is None:
+            break
+        name = f"{type(op).__name__} `{op.name}`"
+        fmt = getattr(op, "data_format", None)
+        if isinstance(op, _CONVS) and fmt in ("channels_first", "channels_last"):
+            return (1 if fmt == "channels_first" else -1), f"after {name}, {fmt}"
+        if isinstance(op, keras.layers.BatchNormalization) and op.axis in (1, -1):
+            return op.axis, f"after {name}, axis {op.axis}"
+        if isinstance(op, _ACTIVATED):
+            return -1, f"after {name}: its features (last dim)"
+    fmt = keras.config.image_data_format()
+    return (1 if fmt == "channels_first" else -1), f"image_data_format {fmt}"
 
 
 def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
@@ -206,7 +239,10 @@ def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
     lambda, a ``functools.partial``), which may be a ReLU that cannot be told apart, is said
     once, not watched."""
     out, anonymous = [], []
+    wrappers: dict[int, Any] = {}  # the layer a TimeDistributed runs -> the wrapper
     for path, layer in walk_layers(model):
+        if isinstance(layer, keras.layers.TimeDistributed):
+            wrappers[id(layer.layer)] = layer
         by_act = isinstance(layer, _ACTIVATED)
         fn = getattr(layer, "activation", None) if by_act else None
         fam = activation_family(fn) if by_act else _layer_family(layer)
@@ -215,7 +251,10 @@ def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
             anonymous.append(path)
         if fam is None or not selected(path):
             continue
-        out.append(KerasSite(layer, path, _unit_dim(layer), by_act))
+        wrapper = wrappers.get(id(layer))
+        dim = _unit_dim(layer)
+        out.append(KerasSite(layer, path, dim + 1 if wrapper is not None and dim >= 0 else dim,
+                             by_act, wrapper))
     if anonymous:
         warnings.warn(
             f"relu_doctor: Keras layer {anonymous[0]!r}"

@@ -323,7 +323,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         # stay for the evaluation passes that run between steps).
         for p in probes:
             for site in self.sites.values():
-                handle = site.layer.register_forward_hook(self._make_hook(site, p))
+                handle = site.hooked.register_forward_hook(self._make_hook(site, p))
                 self._site_handles.append((p, p.hooks.add(handle)))
 
     def _make_hook(self, site: KerasSite, probe: Any) -> Any:
@@ -343,7 +343,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 return
             try:
                 probe.record(output, path=site.path, call_index=idx, family=fam,
-                             module=layer)  # (its cap, for a capped ReLU layer)
+                             module=site.layer)  # (its cap, for a capped ReLU layer)
             except Exception as e:  # never into the user's forward: warn once, step aside
                 self._failed.add(site.path)
                 warnings.warn(

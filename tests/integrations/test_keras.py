@@ -197,6 +197,67 @@ def test_conv_channels_last_units_are_filters(tmp_path: Path) -> None:
         assert row["activation_rate"] == pytest.approx(want[site]["activation_rate"], rel=1e-9)
 
 
+def test_an_activation_layer_takes_the_units_of_the_layer_that_made_its_input(
+        tmp_path: Path) -> None:
+    """A ReLU layer after a channels_first Conv2D (through a BatchNormalization on axis 1)
+    took its units from image_data_format() (channels_last by default): the image's width,
+    6, not the 5 filters, with dead and dormant counts over those. It follows its producer;
+    one after a Dense keeps the last dim."""
+    keras.utils.set_random_seed(0)
+    i = keras.Input((3, 6, 6))
+    h = keras.layers.Conv2D(5, 3, padding="same", data_format="channels_first", name="conv")(i)
+    h = keras.layers.BatchNormalization(axis=1, name="bn")(h)
+    h = keras.layers.ReLU(name="act")(h)
+    h = keras.layers.GlobalAveragePooling2D(data_format="channels_first")(h)
+    h = keras.layers.Dense(4, name="fc")(h)
+    h = keras.layers.Activation("relu", name="fc_act")(h)
+    model = keras.Model(i, keras.layers.Dense(2)(h))
+    model.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 3, 6, 6)).astype("float32")
+    y = rng.normal(size=(16, 2)).astype("float32")
+    ref = Outputs({"act": model.get_layer("act")}, {"act": 1}, keep=lambda: torch.is_grad_enabled())
+    cb = ReluDoctorCallback(log_every_n_steps=2, every_n_steps=1, run_dir=tmp_path / "run")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False, callbacks=[cb])
+    ref.remove()
+    assert cb.doctor is not None
+    act = cb.doctor.probe.site("act")
+    assert (act.units, act.unit_dim) == (5, 1)
+    assert act.unit_rule == ("Keras ReLU layer `act` (after BatchNormalization `bn`, axis 1) "
+                             "-> dim 1")
+    assert cb.doctor.probe.site("fc_act").units == 4
+    want = windows(ref.passes, 2)[0]["act"]
+    row = cb.doctor.history().query("site == 'act'").iloc[-1]
+    assert row["units"] == want["units"] and row["dead"] == want["dead"]
+    assert row["activation_rate"] == pytest.approx(want["activation_rate"], rel=1e-9)
+
+
+def test_a_layer_run_by_time_distributed_is_recorded_from_its_wrapper(tmp_path: Path) -> None:
+    """TimeDistributed calls its layer's ``call``, not the layer: the Dense's hook never
+    fired, and its site was listed but never recorded, silently. It is recorded from the
+    wrapper's output (the Dense's, stacked over time): its 5 units, not the time steps."""
+    keras.utils.set_random_seed(0)
+    i = keras.Input((4, 8))
+    h = keras.layers.TimeDistributed(keras.layers.Dense(5, activation="relu", name="tdd"),
+                                     name="td")(i)
+    model = keras.Model(i, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
+    model.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 4, 8)).astype("float32"), rng.normal(size=(32, 3)).astype("float32")
+    ref = Outputs({"td": model.get_layer("td")}, {"td": -1}, keep=lambda: torch.is_grad_enabled())
+    cb = ReluDoctorCallback(log_every_n_steps=2, every_n_steps=1, run_dir=tmp_path / "run")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False, callbacks=[cb])
+    ref.remove()
+    assert cb.doctor is not None
+    h = cb.doctor.history().query("site == 'td/tdd'")
+    assert sorted(h["step"]) == [2, 4]
+    for (_, row), want in zip(h.sort_values("step").iterrows(), windows(ref.passes, 2),
+                              strict=True):
+        assert (row["units"], row["dead"], row["elements"]) == (
+            want["td"]["units"], want["td"]["dead"], want["td"]["elements"])
+        assert row["activation_rate"] == pytest.approx(want["td"]["activation_rate"], rel=1e-9)
+
+
 def test_a_dense_inside_a_custom_layer_is_a_site(tmp_path: Path) -> None:
     # Keras' guides build blocks as custom layers holding sublayers (a Transformer block's
     # ffn Sequential): their activations are sites, named by the layers holding them.
