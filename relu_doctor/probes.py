@@ -117,14 +117,17 @@ _transformed = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrap
 
 
 _current_node = torch._C._current_autograd_node
+_graph_task = torch._C._current_graph_task_id
 
 
 class RecomputedCalls:
     """Call indices of the calls activation checkpointing recomputes during backward, from 0
-    in each recomputed segment. The autograd node running tells the segments apart (a
-    reentrant segment's own node; the node whose saved tensors a non-reentrant segment is
-    recomputed for), so a segment that is a function calling modules one after another is
-    one segment, whose module called twice is ``#0`` then ``#1``.
+    in each recomputed segment. The backward running and its autograd node tell the
+    segments apart (a reentrant segment's own node; the node whose saved tensors a
+    non-reentrant segment is recomputed for; a second backward through the same graph, as
+    ``retain_graph=True`` or a gradient penalty makes, recomputes it again), so a segment
+    that is a function calling modules one after another is one segment, whose module
+    called twice is ``#0`` then ``#1``.
 
     The node is held until :meth:`clear` (the step's end): one per counter."""
 
@@ -132,11 +135,11 @@ class RecomputedCalls:
 
     def __init__(self) -> None:
         self._calls: dict[Any, int] = {}
-        self._node: Any = None
+        self._node: tuple[int, Any] = (-1, None)
 
     def next_index(self, key: Any) -> int:
-        node = _current_node()
-        if node is not self._node:
+        node = (_graph_task(), _current_node())
+        if node[0] != self._node[0] or node[1] is not self._node[1]:
             self._node = node
             self._calls.clear()
         idx = self._calls.get(key, 0)
@@ -145,7 +148,7 @@ class RecomputedCalls:
 
     def clear(self) -> None:
         self._calls.clear()
-        self._node = None
+        self._node = (-1, None)
 
 
 def in_backward() -> bool:

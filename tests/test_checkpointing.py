@@ -130,3 +130,27 @@ def test_a_module_called_twice_in_one_segment_gets_each_calls_gradients(mode) ->
         for field in ("grad_elements", "grad_sq", "grad_zero", "elements", "sum"):
             torch.testing.assert_close(torch.from_numpy(fields[mode][name][field]),
                                        torch.from_numpy(want[field]), msg=f"{name} {field}")
+
+
+def test_a_second_backward_through_a_checkpointed_segment_counts_its_calls_from_0_again() -> None:
+    """Two backward passes through one graph in a step (``retain_graph=True``, a gradient
+    penalty): reentrant checkpointing recomputes the segment in each, on the same autograd
+    node. Numbered by the node alone, the second pass's calls went on from the first's
+    (``act#1``, ``act#2``: gradients dropped or counted into another site)."""
+    fields = {}
+    for m in (None, "reentrant"):
+        torch.manual_seed(0)
+        net = _SegmentOfCalls(m)
+        with relu_doctor.watch(net, functional=True, log_every_n_steps=100) as doc:
+            for i in range(2):
+                x = torch.randn(8, 4, generator=torch.Generator().manual_seed(i))
+                y = net(x.requires_grad_())
+                y.sum().backward(retain_graph=True)
+                y.pow(2).sum().backward()
+                doc.step()
+        fields[m] = {s.name: site_fields(s) for s in doc.sites}
+    assert sorted(fields[None]) == sorted(fields["reentrant"])
+    for name, want in fields[None].items():
+        for field in ("grad_elements", "grad_sq", "grad_zero"):
+            torch.testing.assert_close(torch.from_numpy(fields["reentrant"][name][field]),
+                                       torch.from_numpy(want[field]), msg=f"{name} {field}")
