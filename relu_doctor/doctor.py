@@ -372,6 +372,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._alone = exc_type is not None and self.all_reduce is not None
         if self.eval is not None:
             self.eval._alone = self._alone
+        self._warn_stray_passes(exc_type is None)
         self.log_final(keep_window=True, stacklevel=3)
         if self.eval is not None and self.probe.attached:
             try:  # the evaluation window too
@@ -393,6 +394,26 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 ReluDoctorWarning,
                 stacklevel=2,
             )
+
+    def _warn_stray_passes(self, ok: bool) -> None:
+        """At a ``watch`` block's exit: training passes after its last ``step()`` are in the
+        window still open, which the exit logs; said once. (An integration's loop knows its
+        steps: a Lightning batch that skips the optimizer is no pass after the last step.)"""
+        stray = self.probe.passes - self._passes_at_step
+        if not (ok and self.expects_steps and stray > 0 and self.steps_run > 0
+                and self.probe.attached and not self._unfolded
+                and self.probe.collecting and not self.probe.compiled):
+            return
+        warnings.warn(
+            f"relu_doctor: {stray} training pass{'es' if stray > 1 else ''} ran after the "
+            f"last step() (step {self.global_step}); belonging to no step, "
+            f"{'they are' if stray > 1 else 'it is'} still counted in the last window "
+            f"(steps {self.global_step - self.steps_run + 1}-{self.global_step}), which was "
+            "open. Call step() after such a pass, or make it in eval mode or under "
+            "torch.no_grad(), which are not recorded.",
+            ReluDoctorWarning,
+            stacklevel=3,
+        )
 
     # ------------------------------------------------------------------ per step
     def _collecting(self) -> bool:
@@ -610,18 +631,6 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         (see :attr:`IntervalRecord.judged <relu_doctor.history.IntervalRecord>`)."""
         if self.steps_run == 0 or not self.probe.attached or self._unfolded:
             return None
-        stray = self.probe.passes - self._passes_at_step
-        if stray > 0 and self.probe.collecting and not self.probe.compiled:
-            warnings.warn(
-                f"relu_doctor: {stray} training pass{'es' if stray > 1 else ''} ran after the "
-                f"last step() (step {self.global_step}); belonging to no step, "
-                f"{'they are' if stray > 1 else 'it is'} still counted in the last window "
-                f"(steps {self.global_step - self.steps_run + 1}-{self.global_step}), which "
-                "was open. Call step() after such a pass, or make it in eval mode or under "
-                "torch.no_grad(), which are not recorded.",
-                ReluDoctorWarning,
-                stacklevel=stacklevel + 1,
-            )
         try:
             with self.sampler.log_lap():
                 return self._log(final=True, keep=keep_window)

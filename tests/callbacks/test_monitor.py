@@ -598,6 +598,32 @@ def test_a_fit_resumed_in_a_new_process_does_not_warn_again_what_was_warned_befo
                          max_steps=4)) == 1
 
 
+def test_a_fit_whose_last_batches_skip_the_optimizer_is_told_nothing_about_stray_passes(
+        tmp_path):
+    """Manual gradient accumulation that skips the optimizer on the last batch: the
+    warning about passes after the last step() is for a watch block's own loop, not for
+    a fit whose loop the callback follows (it told the user to call step())."""
+
+    class Accumulating(TinyNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            self.manual_backward(self.loss(batch) / 2)
+            if (batch_idx + 1) % 2 == 0:
+                opt = self.optimizers()
+                opt.step()
+                opt.zero_grad()
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [ReluDoctor(log_every_n_steps=100, every_n_steps=1)], max_epochs=1,
+                max_steps=-1).fit(Accumulating(), loader(n=40))
+    assert not [w for w in seen if "after the last step()" in str(w.message)]
+
+
 def test_state_round_trip_and_state_key(tmp_path):
     cb = ReluDoctor(log_every_n_steps=4)
     trainer(tmp_path, [cb], max_steps=5).fit(make_model(), loader())
