@@ -107,11 +107,12 @@ def scale_lr(
                 last[i] = new
         out.append({"group": i, "lr_before": lr, "lr_after": new, "factor": f})
     # A cosine schedule's eta_min (one for all groups) is where it goes: scaled with the
-    # groups (when they were all cut alike), the cut stays a factor instead of fading.
-    factors = {c["factor"] for c in out if c["factor"] != 1.0}
-    for s in scheds if len(factors) == 1 else ():
+    # groups when every one was cut alike (never below min_lr), the cut stays a factor
+    # instead of fading.
+    factors = {c["factor"] for c in out}
+    for s in scheds if len(factors) == 1 and 1.0 not in factors else ():
         if isinstance(getattr(s, "eta_min", None), (int, float)):
-            s.eta_min = s.eta_min * next(iter(factors))
+            s.eta_min = max(s.eta_min * next(iter(factors)), min(min_lr, s.eta_min))
     return out
 
 

@@ -283,3 +283,22 @@ def test_a_remedys_first_change_at_a_site_is_said_once_on_the_writing_process(wr
         assert events[0]["what"].rstrip(".") in said[0]
     else:
         assert said == []
+
+
+def test_a_cosine_floor_is_scaled_only_when_every_group_was_cut_and_never_below_min_lr():
+    """eta_min is one for all groups: a group the cut left alone (at min_lr already) keeps
+    it, and a floor scaled below the rescuer's min_lr would take the schedule there."""
+    def cosine(lrs, eta_min):
+        opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": lr} for lr in lrs])
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5, eta_min=eta_min)
+
+    opt, sched = cosine([0.1, 1e-4], 5e-5)
+    changes = scale_lr(opt, factor=0.5, min_lr=1e-4, schedulers=[sched])
+    assert [c["factor"] for c in changes] == [0.5, 1.0] and sched.eta_min == 5e-5
+    opt, sched = cosine([1e-3], 1.5e-4)
+    scale_lr(opt, factor=0.5, min_lr=1e-4, schedulers=[sched])
+    assert sched.eta_min == 1e-4
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] >= 1e-4 - 1e-12
