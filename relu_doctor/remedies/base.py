@@ -337,9 +337,15 @@ class Remedy:
     def _adopt_optimizers(self, doctor: DoctorLike) -> None:
         """A recycler given no optimizers takes the Doctor's (``watch(optimizer=...)``): the
         recycled units' optimizer state (Adam's moments, momentum) is reset then, not left
-        to push the fresh weights with their old units' history."""
-        if not getattr(self, "optimizers", None):
-            self.optimizers = list(getattr(doctor, "optimizers", None) or [])
+        to push the fresh weights with their old units' history. Bound to another Doctor,
+        it takes that one's; ``reset_adam_step`` checks them as it checks its own."""
+        if getattr(self, "optimizers", None) and not getattr(self, "_adopted", False):
+            return  # its own
+        adopted = list(getattr(doctor, "optimizers", None) or [])
+        adam_step = getattr(self, "adam_step", None)
+        if adam_step is not None:
+            adam_step.check(adopted)
+        self.optimizers, self._adopted = adopted, True
 
     def __call__(self, record: RecordLike) -> list[Intervention | InterventionResult]:
         """Judge the pending interventions on ``record`` (:meth:`observe`), then act on it

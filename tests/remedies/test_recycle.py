@@ -294,6 +294,30 @@ def test_a_recycler_given_no_optimizer_resets_the_state_of_the_one_the_doctor_wa
     assert torch.count_nonzero(opt.state[net[2].weight]["exp_avg"][:, units]) == 0
 
 
+def test_adopted_optimizers_are_checked_and_follow_the_doctor_bound_to():
+    """``reset_adam_step=True`` refuses an SGD it is given at construction: one it takes
+    from the Doctor is refused at bind alike (it was taken unchecked, and the recycler then
+    left every site alone); bound to a later Doctor, it takes that one's optimizers."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    sgd = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    with pytest.raises(ReluDoctorError, match="reset_adam_step") as given:
+        DormantRecycler(net, optimizers=sgd, reset_adam_step=True)
+    with (relu_doctor.watch(net, optimizer=sgd) as doc,
+          pytest.raises(ReluDoctorError, match="reset_adam_step") as taken):
+        DormantRecycler(net, reset_adam_step=True).bind(doc)
+    assert str(taken.value) == str(given.value)
+    r = DormantRecycler(net)
+    adams = [torch.optim.Adam(net.parameters()) for _ in range(2)]
+    for adam in adams:
+        with relu_doctor.watch(net, optimizer=adam) as doc:
+            r.bind(doc)
+            assert r.optimizers == [adam]
+    mine = DormantRecycler(net, optimizers=sgd)
+    with relu_doctor.watch(net, optimizer=adams[0]) as doc:
+        assert mine.bind(doc).optimizers == [sgd]  # its own stay
+
+
 def test_recycler_state_round_trips():
     net = mlp()
     r = DormantRecycler(net, every=2, example_inputs=torch.randn(2, 8))
