@@ -269,6 +269,7 @@ class Probe(SiteRegistry, HookOwner):
         #: forward passes recorded so far (counted at their start; Python int, no sync)
         self.passes = 0
         self._pass_open = False  # a pass has begun and not ended
+        self._pass_in_graph = False  # the pass began while torch.compile traced
         self._pass_on = False  # ... and it is recorded
         self._dirty = False  # a module was registered into the model since the last hooking
         self._members: set[nn.Module] = set()
@@ -558,6 +559,7 @@ class Probe(SiteRegistry, HookOwner):
         self.refresh_if_changed()
         self._pass_open = True
         self._pass_on = on = self.takes_pass(training)
+        self._pass_in_graph = _is_compiling()
         if on and not torch.compiler.is_compiling():  # a guarded int would recompile
             self.passes += 1
             if self._want_provenance:

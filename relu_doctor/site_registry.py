@@ -53,7 +53,7 @@ class SiteRegistry:
         _tracked_passes: int
         _targets: dict[nn.Module, tuple[str, Family]]
         _failed: set[SiteKey]
-        _compiled: bool
+        _pass_in_graph: bool
 
         def targets(self) -> dict[nn.Module, tuple[str, Family]]: ...
 
@@ -113,7 +113,7 @@ class SiteRegistry:
         # pass began in the graph, where no producer tracking starts, so none ever would)
         # takes the shape rule, as one first seen while compiling does.
         follow = (override is None and not traced and key not in self._shape_rule
-                  and not (self._compiled and not self._provenance.tracking))
+                  and not (self._pass_in_graph and not self._provenance.tracking))
         if follow and not self._provenance.tracking:
             # First seen in an untracked pass: its producer is found in the next pass.
             self._unresolved.setdefault(key, 0)

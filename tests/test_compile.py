@@ -337,3 +337,33 @@ def test_sites_first_seen_after_a_graph_break_past_the_recompile_limit_are_made(
         doc, _ = _train(net, torch.compile(net, backend="aot_eager"), xs)
     assert [s.name for s in doc.sites] == [f"{i}.act" for i in range(5)]
     _assert_forward_equal(eager, doc)
+
+
+class _Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act = nn.Linear(10, 10), nn.ReLU()
+        self.conv, self.conv_act = nn.Conv1d(4, 8, 3, padding=1), nn.ReLU()
+
+    def forward(self, x: torch.Tensor, conv: bool = False) -> torch.Tensor:
+        h = self.act(self.fc(x))  # (N, 4, 10)
+        return self.conv_act(self.conv(h)).mean(1) if conv else h.mean(1)
+
+
+def test_a_site_first_seen_in_a_later_eager_pass_of_a_compiled_model_follows_its_producer() -> None:
+    """Only a pass begun in the graph lacks producer tracking: a site first seen in an
+    eager pass after compiled ones (a branch the compiled calls never take) finds its
+    units from its producer, a Conv1d's 8 channels, not the shape rule's last dim (10)."""
+    torch.manual_seed(0)
+    net = _Branches()
+    compiled = torch.compile(net, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with relu_doctor.watch(net, log_every_n_steps=100, overhead_budget=None) as doc:
+            # eager (its sites resolved, the tracker's passes spent), compiled, the branch
+            for fn in (*[net] * 10, compiled, compiled, lambda x: net(x, conv=True),
+                       lambda x: net(x, conv=True)):
+                fn(torch.randn(2, 4, 10)).sum().backward()
+                doc.step()
+    site = doc.probe.site("conv_act")
+    assert (site.units, site.unit_dim) == (8, 1), site.unit_rule
