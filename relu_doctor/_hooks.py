@@ -44,9 +44,9 @@ class HookOwner:
     """The live monitor of one model's run (a Doctor, its probe and functional capture,
     ReDo's input tap). Pickling one raises a clear TypeError, instead of giving half of a
     run, whose model, files and step are not in it; ``copy.copy`` and ``copy.deepcopy`` give
-    the object itself (a deep copy of a Trainer or a callback holding it shares the monitor,
-    as a deep copy of the model shares its hooks' owner). The hooks it puts on modules are
-    those of a :class:`Hooks` object."""
+    the object itself (a deep copy of a Trainer or a callback holding it shares the
+    monitor; a deep copy of the model gets inert placeholders for its hooks). The hooks it
+    puts on modules are those of a :class:`Hooks` object."""
 
     def __copy__(self) -> Any:
         return self
