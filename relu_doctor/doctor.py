@@ -804,6 +804,10 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             "findings_open": self._tracker.state_dict(),
             "grad_norm_history": list(self._grad_norm_history),
             "declined": {site: sorted(r) for site, r in self._declined.items()},
+            # the growth baseline (each site's first RMS) and the remedy changes already
+            # said: a resumed run judges growth and says each first change as one run would
+            "first_rms": dict(self._first_rms),
+            "announced": sorted([remedy, site] for remedy, site in self._announced),
             "tap": self.tap.state_dict() if self.tap is not None else None,
             "eval": None if self.eval is None else self.eval.state_dict(reduce=reduce),
         }
@@ -830,6 +834,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         )
         self._declined = {str(site): {str(r) for r in rs}
                           for site, rs in (state.get("declined") or {}).items()}
+        self._first_rms.update({str(k): float(v) for k, v in (state.get("first_rms") or {}).items()})
+        self._announced |= {(str(r), str(s)) for r, s in state.get("announced") or []}
         self._continue_after_checkpoint()
         if self.tap is not None and state.get("tap"):
             # The tap's window holds gradients already summed across processes (DDP): the

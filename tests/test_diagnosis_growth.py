@@ -5,6 +5,7 @@ run-level numbers published for early stopping."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -67,3 +68,35 @@ def test_run_health_counts_units_by_hand() -> None:
     bad = run_health(rows, [Finding("nonfinite", "1", "critical", "NaN")])
     assert bad["health"] == 0.0
     assert math.isnan(run_health([], [])["health"])
+
+
+def test_a_resumed_doctor_judges_growth_against_the_first_runs_baseline_and_says_no_change_twice(
+) -> None:
+    """Each site's first RMS and the remedy changes already said go into the checkpoint: a
+    Doctor resumed from it (a new process) took its own first reading as the baseline, so
+    the growth it should report was never found, and said a remedy's first change again."""
+    from relu_doctor.errors import ReluDoctorWarning
+    from relu_doctor.events import Intervention
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(32, 4)
+    change = Intervention("lr_rescue", "model", 1, "scaled the learning rate by 0.5")
+    with relu_doctor.watch(net, log_every_n_steps=1, every_n_steps=1) as first:
+        net(x).sum().backward()
+        first.step()
+        with pytest.warns(ReluDoctorWarning, match="lr_rescue changed the training"):
+            first.record_event(change)
+        state = first.state_dict()
+    records = []
+    with relu_doctor.watch(net, log_every_n_steps=1, every_n_steps=1) as resumed:
+        resumed.load_state_dict(state)
+        resumed.add_listener(records.append)
+        net(1000 * x).sum().backward()
+        resumed.step()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            resumed.record_event(change)
+    assert not [w for w in seen if "changed the training" in str(w.message)]
+    grown = [f for f in records[-1].findings if f.kind == "activation_growth"]
+    assert len(grown) == 1 and grown[0].evidence["first_rms"] == state["first_rms"]["1"]
