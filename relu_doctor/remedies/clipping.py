@@ -125,9 +125,24 @@ class _Clipper(Remedy):
 
     def _count(self, mask: torch.Tensor) -> None:
         c = mask.sum(dtype=torch.int64) if mask.dim() else mask.to(torch.int64)
-        if self._clipped is None or self._clipped.device != c.device:
+        if self._clipped is None:
             self._clipped = torch.zeros((), dtype=torch.int64, device=c.device)
+        elif self._clipped.device != c.device:  # restored from a checkpoint on the CPU
+            self._clipped = self._clipped.to(c.device)
         self._clipped.add_(c)
+
+    def state_dict(self) -> dict[str, Any]:
+        """With the open window's counts (read back: a host sync, as a checkpoint makes): a
+        resumed run's first record counts the whole window, as one run's would."""
+        clipped = 0 if self._clipped is None else int(self._clipped.detach().cpu())
+        return {**super().state_dict(),
+                "window": {"clipped": clipped, "total": self._total, "steps": self._steps}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        window = state.get("window") or {}
+        self._clipped = torch.tensor(int(window.get("clipped", 0)), dtype=torch.int64)
+        self._total, self._steps = int(window.get("total", 0)), int(window.get("steps", 0))
 
     def read(self) -> dict[str, Any]:
         """This window's numbers (one host sync), then start a new window."""
@@ -231,7 +246,11 @@ class AutoClip(_Clipper):
             self._buf = torch.full((self.history,), float("nan"), device=device)
         elif self._buf.device != device:  # restored from a checkpoint on the CPU
             self._buf = self._buf.to(device)
-        self._buf[self._pos].copy_(torch.where(torch.isfinite(total), total, float("nan")))
+        # A step with no gradient (zero norm: a branch not taken, a GAN's idle optimizer) is
+        # no norm to learn a threshold from: with enough of them the percentile was 0, and
+        # every step that had a gradient was multiplied by 0.
+        kept = torch.isfinite(total) & (total > 0)
+        self._buf[self._pos].copy_(torch.where(kept, total, float("nan")))
         self._pos = (self._pos + 1) % self.history
         self._seen += 1
         self._steps += 1
@@ -274,8 +293,9 @@ class AutoClip(_Clipper):
         buf = state.get("history")
         if buf is not None:
             buf = torch.as_tensor(buf, dtype=torch.float32)
-            if buf.numel() != self.history:
-                keep = buf[~torch.isnan(buf)][-self.history :]
+            if buf.numel() != self.history:  # oldest first (the ring starts at pos), then cut
+                ordered = torch.roll(buf, -int(state.get("pos", 0)))
+                keep = ordered[~torch.isnan(ordered)][-self.history :]
                 new = torch.full((self.history,), float("nan"))
                 new[: keep.numel()] = keep
                 buf = new

@@ -167,6 +167,43 @@ def test_autoclip_state_round_trip_keeps_history():
     assert torch.equal(p.grad, g1)
 
 
+def test_a_checkpoint_keeps_the_open_windows_counts_and_a_smaller_history_the_latest_norms():
+    """A resumed run's first record counted only its own steps ("2 of 2" where one run
+    says "4 of 4"); a history cut to a smaller size kept the ring's last slots, not the
+    latest norms, once the ring had wrapped."""
+    clip = AutoClip(50, history=4)
+    p = torch.zeros(3, requires_grad=True)
+    for k in (1, 2, 3, 4, 5, 6):  # the ring wrapped: it holds 5, 6, 3, 4
+        p.grad = torch.full((3,), float(k))
+        clip.clip_([p])
+    clip.read()
+    for k in (50, 60):  # two steps of an open window, both clipped
+        p.grad = torch.full((3,), float(k))
+        clip.clip_([p])
+    other = AutoClip(50, history=4)
+    other.load_state_dict(clip.state_dict())
+    for c in (clip, other):
+        p.grad = torch.full((3,), 70.0)
+        c.clip_([p])
+    assert other.read() == clip.read()
+    small = AutoClip(50, history=2)
+    small.load_state_dict(clip.state_dict())
+    assert small.norm_history.tolist() == pytest.approx(clip.norm_history[-2:].tolist())
+
+
+def test_steps_with_no_gradient_do_not_drive_the_threshold_to_zero():
+    """A GAN's idle optimizer, a branch not taken: zero norms in the history made the
+    percentile 0, and every step that had a gradient was multiplied by 0."""
+    clip = AutoClip(10, history=20)
+    p = torch.zeros(3, requires_grad=True)
+    for k in range(20):
+        p.grad = torch.full((3,), 0.0 if k % 5 else 1.0 + k / 10)  # 80% of the steps: none
+        clip.clip_([p])
+        if k % 5 == 0:
+            assert torch.count_nonzero(p.grad) == 3, k  # never wiped
+    assert clip.read()["threshold"] > 0
+
+
 def test_clipping_arguments_are_validated():
     with pytest.raises(ReluDoctorError, match="percentile"):
         AutoClip(0)
