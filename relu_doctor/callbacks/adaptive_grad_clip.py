@@ -128,8 +128,9 @@ class AdaptiveGradClip(RemedyCallback[AutoClip | AGC]):
         self._trainer = trainer
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._params = {}
-        for i, opt in enumerate(self._optimizers(trainer)):
-            self._clipper(i)
+        optimizers = self._optimizers(trainer)
+        for i, opt in enumerate(optimizers):
+            self._clipper(i).optimizer_index = i if len(optimizers) > 1 else None
             params = [p for g in opt.param_groups for p in g["params"]]
             self._params[i] = [p for p in params if matches(names.get(id(p), ""), (), self.exclude)]
         self._apply_pending()

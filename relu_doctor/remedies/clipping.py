@@ -63,6 +63,9 @@ class _Clipper(Remedy):
         self._threshold: torch.Tensor | None = None
         self._handles: list[Any] = []
         self.last: dict[str, Any] = {}  # the numbers of the last closed window
+        #: which of several optimizers it clips (its events say so, and their ids differ
+        #: from the other clippers'); None for the only one
+        self.optimizer_index: int | None = None
 
     def attach(
         self,
@@ -167,13 +170,17 @@ class _Clipper(Remedy):
         self.last = stats
         if not stats["clipped"]:
             return []
+        i = self.optimizer_index
+        which: dict[str, Any] = {} if i is None else {"optimizer": i}
         return [
             self._intervention(
                 site=MODEL,
                 step=record.step,
-                what=self._describe(stats),
+                what=("" if i is None else f"optimizer {i}: ") + self._describe(stats),
                 before=model_snapshot(record),
+                id_suffix="" if i is None else f"@optimizer{i}",
                 clip=stats,
+                **which,
             )
         ]
 

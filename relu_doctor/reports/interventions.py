@@ -121,10 +121,13 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
     target = str(ev.get("target") or _DEFAULT_TARGETS.get(remedy, ""))
     after_step = ev.get("after_step")
     step = int(ev.get("step", 0))
+    details = ev.get("details")
+    part = details.get("optimizer") if isinstance(details, Mapping) else None
     return InterventionView(
         step=step,
         after_step=int(after_step) if isinstance(after_step, int) else None,
-        site=str(ev.get("site") or ""),
+        # (one of several optimizers' clippers: a row of its own)
+        site=str(ev.get("site") or "") + (f" (optimizer {part})" if part is not None else ""),
         remedy=remedy,
         what=str(ev.get("what") or ""),
         changes=_changes(before, after, target, bool(after)),

@@ -75,3 +75,48 @@ def test_norm_history_round_trips_through_a_checkpoint(tmp_path):
     # A state of the other mode is refused, naming both.
     with pytest.raises(ReluDoctorError, match=r"'autoclip'.*'agc'"):
         AdaptiveGradClip("agc").load_state_dict(first[1].state_dict())
+
+
+def test_each_optimizers_clipper_has_events_of_its_own(tmp_path):
+    """Manual optimization with two optimizers: each has a clipper, whose events had the
+    same id and site as the other's (a result referred to both), and the report merged
+    them into one row that counted twice the intervals."""
+    import lightning as L
+    import torch
+    import torch.nn as nn
+
+    import relu_doctor
+    from relu_doctor.reports.context import build_context
+
+    class TwoParts(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            torch.manual_seed(0)
+            self.a, self.b = nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            for opt in self.optimizers():
+                opt.zero_grad()
+            scale = 50.0 if batch_idx % 3 == 0 else 1.0  # spikes: some steps get clipped
+            self.manual_backward(((self.b(self.a(x)) - scale * y) ** 2).mean())
+            for opt in self.optimizers():
+                opt.step()
+
+        def configure_optimizers(self):
+            return (torch.optim.SGD(self.a.parameters(), lr=0.01),
+                    torch.optim.SGD(self.b.parameters(), lr=0.01))
+
+    mon = ReluDoctor(log_every_n_steps=4, every_n_steps=1, run_dir=tmp_path / "run")
+    trainer(tmp_path, [mon, AdaptiveGradClip("autoclip", percentile=50)],
+            max_epochs=1, max_steps=-1).fit(TwoParts(), loader(n=192))
+    evs = interventions(mon, "adaptive_grad_clip")
+    assert {e["details"]["optimizer"] for e in evs} == {0, 1}
+    assert len({e["id"] for e in evs}) == len(evs)
+    assert all(e["what"].startswith(f"optimizer {e['details']['optimizer']}: ") for e in evs)
+    rows = [r for r in build_context(relu_doctor.load_run(tmp_path / "run")).timeline
+            if r.remedy == "adaptive_grad_clip"]
+    for i in (0, 1):
+        (row,) = [r for r in rows if r.site == f"model (optimizer {i})"]
+        assert row.count == sum(e["details"]["optimizer"] == i for e in evs)
