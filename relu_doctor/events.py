@@ -89,6 +89,8 @@ class InterventionResult:
 
     Attributes:
         target: the metric the intervention was judged on (None: not judged).
+        before: ``{target: value}`` before the intervention, which the verdict compares
+            (so that a result read alone, as a live TensorBoard text, shows both).
         verdict: ``"helped"``, ``"did not help"`` or ``"unknown"`` on ``target``.
         efficacy: for changes to units (recycling), the share of them still dead and still
             below tau (ReDo score <= tau): ``{"units", "still_dead", "still_below_tau"}``.
@@ -102,6 +104,7 @@ class InterventionResult:
     target: str | None = None
     verdict: str | None = None
     efficacy: dict[str, Any] | None = None
+    before: dict[str, Any] | None = None
 
     type: Literal["intervention_result"] = "intervention_result"
 
@@ -173,7 +176,7 @@ def event_from_dict(data: object) -> Event:
             return InterventionResult(
                 str(data["ref"]), str(data.get("remedy", "")), str(data.get("site", "")), step,
                 data.get("after"), target=data.get("target"), verdict=data.get("verdict"),
-                efficacy=data.get("efficacy"),
+                efficacy=data.get("efficacy"), before=data.get("before"),
             )
     except (KeyError, TypeError) as e:
         raise ValueError(f"a {kind} event is missing or mistypes a field: {e}") from None

@@ -572,8 +572,7 @@ class Remedy:
                     verdict=verdict(before, value, min_gain=p.min_gain, tolerance=p.tolerance)
                     if target else None,
                     efficacy=efficacy,
-                )
-            )
+                    before={target: before} if target and before is not None else None))
         return out
 
     # ------------------------------------------------------------------ checkpoints

@@ -239,6 +239,31 @@ def test_clipping_records_model_wide_events_whatever_the_module_names(name):
     assert all(r["after"]["dead_fraction"] is not None for r in results)
 
 
+def test_a_result_read_alone_shows_the_value_it_was_judged_against():
+    """A live TensorBoard text gets a result on its own step: it showed "?" for the value
+    before, which only the intervention held."""
+    from relu_doctor.reports.tensorboard import events_markdown
+
+    torch.manual_seed(0)
+    net = odd_name_net("enc:act")
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with relu_doctor.watch(net, log_every_n_steps=2, optimizer=opt) as doc:
+        AutoClip(10, history=8).bind(doc).attach(opt)
+        for k in range(6):
+            opt.zero_grad()
+            (net(torch.randn(16, 4)) * (1.0 if k % 2 else 100.0)).sum().backward()
+            opt.step()
+            doc.step()
+        events = doc.to_run().events
+    ivs = {e["id"]: e for e in events if e["type"] == "intervention"}
+    results = [e for e in events if e["type"] == "intervention_result"]
+    assert results
+    for r in results:
+        want = ivs[r["ref"]]["before"][r["target"]]
+        assert r["before"] == {r["target"]: want} and want is not None
+        assert f"{r['target']} {want:.3g} →" in events_markdown([r])
+
+
 @pytest.mark.parametrize("clipper", ["autoclip", "agc"])
 def test_the_last_window_s_clipping_is_reported_on_the_final_record(clipper):
     """A clipper's decision reports what the window clipped, step by step: nothing to hold
