@@ -218,6 +218,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._fresh: IntervalRecord | None = None  # logged since the last epoch's end
         self._val_doc: Doctor | None = None
         self._in_batch = False  # between this callback's train batch begin and end
+        self._inference_in_batch = 0  # passes with gradients in a train batch, training=False
 
     # ------------------------------------------------------------------ fit lifecycle
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -309,6 +310,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             training = torch.is_grad_enabled() and (
                 said is True or (said is None and self._in_batch)
             )
+            if said is False and self._in_batch and torch.is_grad_enabled():
+                self._inference_in_batch += 1  # (a call() whose training defaults to False)
             for p in probes:
                 p.begin_pass(training)
 
@@ -423,6 +426,19 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if logs:  # the training curve: what Keras reports for the batch (loss, metrics)
             self.doctor.log_metrics({k: v for k, v in logs.items() if _is_number(v)})
         if self._batches % self._accumulate == 0:  # one step per optimizer step
+            if self._inference_in_batch and not self.doctor.probe.passes:
+                warnings.warn(
+                    "relu_doctor: fit's train steps call the model with training=False (a "
+                    "call() whose training argument defaults to False, called as self(x) in "
+                    "a custom train_step: Keras then runs it as an inference pass, dropout "
+                    "off), and relu_doctor counts training passes only. Call "
+                    "self(x, training=True) in train_step. The relu_doctor callback steps "
+                    "aside; training goes on.",
+                    ReluDoctorWarning,
+                    stacklevel=2,
+                )
+                self._step_aside()
+                return
             safe_step(self.doctor, self._step_aside, last=self._last_step(batch))
             plan = self.plan
             if plan is not None and plan.should_stop:

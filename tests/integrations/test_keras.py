@@ -258,6 +258,44 @@ def test_a_layer_run_by_time_distributed_is_recorded_from_its_wrapper(tmp_path: 
         assert row["activation_rate"] == pytest.approx(want["td"]["activation_rate"], rel=1e-9)
 
 
+def test_a_train_step_calling_a_model_whose_training_defaults_to_false_is_told_how_to_fix_it(
+        tmp_path: Path) -> None:
+    """``call(self, x, training=False)`` called as ``self(x)`` in a custom train_step gets
+    training=False from Keras: an inference pass, not counted. The warning blamed
+    ``functional=False``, which a Keras user cannot set; it now says what to do."""
+
+    class Net(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.d1, self.out = keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)
+
+        def call(self, x: Any, training: bool = False) -> Any:
+            return self.out(self.d1(x))
+
+        def train_step(self, data: Any) -> Any:
+            x, y = data
+            loss = self.compute_loss(x=x, y=y, y_pred=self(x))
+            self.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                self.optimizer.apply([v.value.grad for v in self.trainable_weights],
+                                     self.trainable_weights)
+            return {"loss": loss}
+
+    keras.utils.set_random_seed(0)
+    x, y = _data(n=32, d=10)
+    model = Net()
+    model(x[:2])
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    cb = ReluDoctorCallback(log_every_n_steps=2, every_n_steps=1, run_dir=tmp_path / "run")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    said = [str(w.message) for w in seen if issubclass(w.category, ReluDoctorWarning)]
+    assert len(said) == 1 and "self(x, training=True)" in said[0], said
+    assert "functional=False" not in said[0]
+
+
 def test_a_dense_inside_a_custom_layer_is_a_site(tmp_path: Path) -> None:
     # Keras' guides build blocks as custom layers holding sublayers (a Transformer block's
     # ffn Sequential): their activations are sites, named by the layers holding them.
