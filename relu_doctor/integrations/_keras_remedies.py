@@ -51,10 +51,29 @@ __all__ = [
 
 
 def _leaky(slope: float) -> Any:
-    def leaky_relu(x: Any) -> Any:
-        return keras.activations.leaky_relu(x, negative_slope=slope)
+    return LeakyReLUActivation(slope)
 
-    return leaky_relu
+
+@keras.saving.register_keras_serializable(package="relu_doctor")
+class LeakyReLUActivation:
+    """The activation the swap gives a Dense/Conv/``Activation`` layer: LeakyReLU with its
+    ``negative_slope``, which a saved model keeps (a plain function was saved by name, as
+    ``leaky_relu`` with Keras' default slope 0.2). A model saved with it loads after
+    ``import relu_doctor.integrations.keras``, which registers it."""
+
+    def __init__(self, negative_slope: float) -> None:
+        self.negative_slope = float(negative_slope)
+        self.__name__ = "leaky_relu"  # (its family, as for keras.activations.leaky_relu)
+
+    def __call__(self, x: Any) -> Any:
+        return keras.activations.leaky_relu(x, negative_slope=self.negative_slope)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"negative_slope": self.negative_slope}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LeakyReLUActivation:
+        return cls(**config)
 
 
 @dataclass

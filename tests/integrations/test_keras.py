@@ -391,6 +391,12 @@ def test_leaky_relu_swap_changes_the_activation_and_records_it(tmp_path: Path) -
         assert keras.ops.convert_to_numpy(out)[0].tolist() == pytest.approx([-0.2, 3.0])
         assert cb.doctor is not None
         assert cb.doctor.probe.site(path).family.name == "leaky_relu"
+    # Saved while swapped, the model loads with its slope (it was saved by name, as
+    # leaky_relu with Keras' default slope 0.2: other predictions, silently).
+    model.save(tmp_path / "swapped.keras")
+    loaded = keras.models.load_model(tmp_path / "swapped.keras")
+    np.testing.assert_array_equal(np.asarray(loaded.predict(x, verbose=0)),
+                                  np.asarray(model.predict(x, verbose=0)))
     swap.restore()
     assert model.get_layer("hidden").activation is keras.activations.relu
 
