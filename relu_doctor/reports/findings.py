@@ -102,7 +102,10 @@ def finding_view(f: Finding) -> FindingView:
         began=f.began,
         unit_label=(unit_key or "").replace("_", " "),
         units_named=units_named,
-        units_text=fmt_value(unit_key, units_named) if unit_key else "",
+        units_text=fmt_value(unit_key, units_named, total=next(
+            (int(ev[k]) for k in (unit_key.removesuffix("_units"), f.kind)
+             if isinstance(ev.get(k), int) and not isinstance(ev.get(k), bool)), None))
+        if unit_key else "",
         evidence=evidence,
         order=finding_order(f.severity, f.kind, f.site, f.evidence),
     )

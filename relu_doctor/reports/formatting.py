@@ -48,11 +48,14 @@ def fmt_int(v: Any) -> str:
     return "—" if f is None else str(int(f))
 
 
-def fmt_value(key: str, v: Any) -> str:
+def fmt_value(key: str, v: Any, total: int | None = None) -> str:
+    """``v`` in words; a unit list says when it holds only the first of ``total`` units
+    (unknown: when it is as long as diagnosis lists at most)."""
     if isinstance(v, (list, tuple)):
         if key in UNIT_LISTS and all(isinstance(x, (int, float)) for x in v):
             text = ", ".join(str(int(x)) for x in v)
-            return text + (f" … (first {len(v)} listed)" if len(v) >= _UNIT_LIST_LIMIT else "")
+            more = len(v) >= _UNIT_LIST_LIMIT if total is None else total > len(v)
+            return text + (f" … (first {len(v)} of {total or 'more'} listed)" if more else "")
         return ", ".join(fmt_value("", x) for x in v)
     if isinstance(v, Mapping):
         return ", ".join(f"{k} {fmt_value(str(k), x)}" for k, x in v.items())

@@ -279,3 +279,27 @@ def test_one_log_is_said_as_one_step() -> None:
     assert _logged_text([3], None) == "step 3 (1 log)"
     assert _logged_text([], pd.DataFrame({"step": [3]})) == "step 3 (1 log, no site seen)"
     assert _logged_text([3, 6], None) == "3–6 (2 logs)"
+
+
+def test_a_unit_list_says_it_is_cut_only_when_units_were_left_out():
+    """All 64 of 64 units dead read "0, 1, ... 63 … (first 64 listed)", as if more were
+    dead; the finding's own count says whether the list is whole."""
+    import torch
+
+    from relu_doctor.reports.findings import finding_view
+
+    def dead_view(units: int, dead: int):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, units), torch.nn.ReLU())
+        with torch.no_grad():
+            net[0].bias[:dead] = -100.0
+        with relu_doctor.watch(net, log_every_n_steps=1, overhead_budget=None) as doc:
+            net(torch.randn(16, 4)).sum().backward()
+            doc.step()
+        (f,) = [f for f in doc.findings() if f.kind == "dead"]
+        return finding_view(f)
+
+    whole = dead_view(64, 64)
+    assert len(whole.units_named) == 64 and "listed" not in whole.units_text
+    cut = dead_view(80, 70)
+    assert len(cut.units_named) == 64 and cut.units_text.endswith("… (first 64 of 70 listed)")
