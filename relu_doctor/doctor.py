@@ -463,8 +463,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             )
         t0 = time.perf_counter()
         self._step_called = True  # (even if it raises below: the exit's hint is not for it)
-        if not self._has_sites:
-            missing = self.missing_activations()
+        if not self._has_sites and self.probe.collecting:  # (a step that collects nothing
+            missing = self.missing_activations()           # records no pass to judge by)
             if missing is not None:
                 if self.all_reduce is None:
                     raise ReluDoctorError(missing)

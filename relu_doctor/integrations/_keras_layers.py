@@ -209,11 +209,31 @@ def _unit_dim(layer: Any) -> int:
     return _producer_dim(layer)[0]
 
 
+#: Layers whose output keeps their input's axes, walked through back to a producer: dropout
+#: and noise, activations, elementwise merges, per-feature normalisation.
+_SAME_AXES = tuple(
+    getattr(keras.layers, n) for n in (
+        "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+        "GaussianNoise", "GaussianDropout", "AlphaDropout", "Activation", "ReLU", "LeakyReLU",
+        "ELU", "PReLU", "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum",
+        "LayerNormalization", "Identity",
+    ) if hasattr(keras.layers, n)
+)
+#: Pooling layers keep the channel axis where their data_format puts it.
+_POOLS = tuple(
+    getattr(keras.layers, n) for n in (
+        "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D",
+        "AveragePooling2D", "AveragePooling3D",
+    ) if hasattr(keras.layers, n)
+)
+
+
 def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str]:
     """An activation layer's unit dim and why: that of the layer that made its input in
     the model's graph (a convolution's ``data_format``, a BatchNormalization's ``axis``, a
-    Dense's last dim), followed back through up to ``hops`` other layers (dropout, an
-    activation); else the channel axis of Keras' ``image_data_format()``."""
+    Dense's last dim), followed back through up to ``hops`` layers that keep the axes
+    (dropout, an activation, an elementwise merge: not a Permute or a Reshape); else the
+    channel axis of Keras' ``image_data_format()``."""
     op = layer
     for _ in range(hops):
         nodes = getattr(op, "_inbound_nodes", None) or []
@@ -223,12 +243,14 @@ def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str]:
             break
         name = f"{type(op).__name__} `{op.name}`"
         fmt = getattr(op, "data_format", None)
-        if isinstance(op, _CONVS) and fmt in ("channels_first", "channels_last"):
+        if isinstance(op, (*_CONVS, *_POOLS)) and fmt in ("channels_first", "channels_last"):
             return (1 if fmt == "channels_first" else -1), f"after {name}, {fmt}"
         if isinstance(op, keras.layers.BatchNormalization) and op.axis in (1, -1):
             return op.axis, f"after {name}, axis {op.axis}"
         if isinstance(op, _ACTIVATED):
             return -1, f"after {name}: its features (last dim)"
+        if not isinstance(op, _SAME_AXES):  # a Permute, a Reshape, an RNN: not followed
+            break
     fmt = keras.config.image_data_format()
     return (1 if fmt == "channels_first" else -1), f"image_data_format {fmt}"
 

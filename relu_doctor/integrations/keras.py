@@ -219,6 +219,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._val_doc: Doctor | None = None
         self._in_batch = False  # between this callback's train batch begin and end
         self._inference_in_batch = 0  # passes with gradients in a train batch, training=False
+        self._training_passes = 0  # passes taken as training ones, collecting or not
 
     # ------------------------------------------------------------------ fit lifecycle
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -312,6 +313,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             )
             if said is False and self._in_batch and torch.is_grad_enabled():
                 self._inference_in_batch += 1  # (a call() whose training defaults to False)
+            self._training_passes += training
             for p in probes:
                 p.begin_pass(training)
 
@@ -326,8 +328,11 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         # stay for the evaluation passes that run between steps).
         for p in probes:
             for site in self.sites.values():
-                handle = site.hooked.register_forward_hook(self._make_hook(site, p))
-                self._site_handles.append((p, p.hooks.add(handle)))
+                # (a layer run by TimeDistributed: the wrapper's output; its own hook fires
+                # where it is also called itself)
+                for layer in {id(x): x for x in (site.hooked, site.layer)}.values():
+                    handle = layer.register_forward_hook(self._make_hook(site, p))
+                    self._site_handles.append((p, p.hooks.add(handle)))
 
     def _make_hook(self, site: KerasSite, probe: Any) -> Any:
         key = (id(probe), id(site.layer))
@@ -426,7 +431,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if logs:  # the training curve: what Keras reports for the batch (loss, metrics)
             self.doctor.log_metrics({k: v for k, v in logs.items() if _is_number(v)})
         if self._batches % self._accumulate == 0:  # one step per optimizer step
-            if self._inference_in_batch and not self.doctor.probe.passes:
+            if self._inference_in_batch and not self._training_passes:
                 warnings.warn(
                     "relu_doctor: fit's train steps call the model with training=False (a "
                     "call() whose training argument defaults to False, called as self(x) in "

@@ -226,6 +226,16 @@ def test_an_activation_layer_takes_the_units_of_the_layer_that_made_its_input(
     assert act.unit_rule == ("Keras ReLU layer `act` (after BatchNormalization `bn`, axis 1) "
                              "-> dim 1")
     assert cb.doctor.probe.site("fc_act").units == 4
+    # A layer that moves the axes is not walked through: after a Permute to channels-last
+    # the fallback's last dim holds the 5 channels (walked through, it took dim 1).
+    j = keras.Input((3, 6, 6))
+    h = keras.layers.Conv2D(5, 3, data_format="channels_first", name="conv")(j)
+    h = keras.layers.Permute((2, 3, 1))(h)
+    permuted = keras.Model(j, keras.layers.ReLU(name="act")(h))
+    from relu_doctor.integrations._keras_layers import find_sites
+
+    (site,) = find_sites(permuted, lambda path: True)
+    assert site.unit_dim == -1 and "image_data_format" in site.unit_rule
     want = windows(ref.passes, 2)[0]["act"]
     row = cb.doctor.history().query("site == 'act'").iloc[-1]
     assert row["units"] == want["units"] and row["dead"] == want["dead"]
@@ -294,6 +304,65 @@ def test_a_train_step_calling_a_model_whose_training_defaults_to_false_is_told_h
     said = [str(w.message) for w in seen if issubclass(w.category, ReluDoctorWarning)]
     assert len(said) == 1 and "self(x, training=True)" in said[0], said
     assert "functional=False" not in said[0]
+
+
+def test_a_second_fit_whose_first_step_collects_nothing_goes_on_watching(tmp_path: Path) -> None:
+    """With every_n_steps=2 a second fit's first step collects nothing: no pass recorded,
+    no site made yet, and the callback stepped aside saying the model ran no ReLU-family
+    activation; with an inference pass in its train_step beside the training one, it said
+    the train_step called the model with training=False. It goes on watching."""
+
+    class Net(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.d1, self.d2 = keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)
+
+        def call(self, x: Any, training: Any = None) -> Any:
+            return self.d2(self.d1(x))
+
+        def train_step(self, data: Any) -> Any:
+            x, y = data
+            self.zero_grad()
+            self(x, training=False)  # an inference pass beside the training one
+            loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+            loss.backward()
+            with torch.no_grad():
+                self.optimizer.apply([v.value.grad for v in self.trainable_weights],
+                                     self.trainable_weights)
+            return {"loss": loss}
+
+    keras.utils.set_random_seed(0)
+    x, y = _data(n=24, d=8)
+    model = Net()
+    model(x[:2])
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    cb = ReluDoctorCallback(log_every_n_steps=4, every_n_steps=2, run_dir=tmp_path / "run")
+    for steps in (3, 6):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+        said = [str(w.message) for w in seen if issubclass(w.category, ReluDoctorWarning)]
+        assert not [m for m in said if "steps aside" in m], said
+        assert cb.doctor is not None and cb.doctor.global_step == steps
+
+
+def test_a_layer_run_by_time_distributed_and_called_itself_is_recorded_both_ways(
+        tmp_path: Path) -> None:
+    """Hooked on its wrapper only, its own calls went unrecorded, silently."""
+    keras.utils.set_random_seed(0)
+    dense = keras.layers.Dense(5, activation="relu", name="tdd")
+    i = keras.Input((4, 8))
+    h = keras.layers.Flatten()(keras.layers.TimeDistributed(dense, name="td")(i))
+    model = keras.Model(i, keras.layers.Dense(3)(keras.layers.Concatenate()([h, dense(i[:, 0])])))
+    model.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 4, 8)).astype("float32"), rng.normal(size=(16, 3)).astype("float32")
+    cb = ReluDoctorCallback(log_every_n_steps=2, every_n_steps=1, run_dir=tmp_path / "run")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False, callbacks=[cb])
+    assert cb.doctor is not None
+    rows = cb.doctor.history().groupby("site")["elements"].sum()
+    assert sorted(rows.index) == ["td/tdd#0", "td/tdd#1"]
+    assert sorted(rows.tolist()) == [16 * 5, 16 * 4 * 5]  # itself on (N, 8); wrapped on (N, 4, 8)
 
 
 def test_a_dense_inside_a_custom_layer_is_a_site(tmp_path: Path) -> None:
