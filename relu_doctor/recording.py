@@ -304,7 +304,10 @@ class RunRecording:
     def _announce(self, ev: Mapping[str, Any]) -> None:
         """A remedy changed the training: say so, once per (remedy, site) and on the writing
         process only. Every change is in the run directory and the report."""
-        key = (str(ev.get("remedy")), str(ev.get("site")))
+        details = ev.get("details")
+        part = details.get("optimizer") if isinstance(details, Mapping) else None
+        key = (str(ev.get("remedy")),  # (each of several optimizers' clippers is said)
+               str(ev.get("site")) + (f" (optimizer {part})" if part is not None else ""))
         if key in self._announced:
             return
         self._announced.add(key)

@@ -60,6 +60,8 @@ class InterventionView:
     after_raw: dict[str, Any] = field(default_factory=dict)
     #: a clipper's per-interval report (clip statistics), not a one-off change: summarised
     continuous: bool = False
+    #: which of several optimizers it acted on (its own summarised row), None for the only one
+    optimizer: int | None = None
 
 
 #: The metric a remedy's intervention is judged on when its events do not say (older runs).
@@ -126,8 +128,8 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
     return InterventionView(
         step=step,
         after_step=int(after_step) if isinstance(after_step, int) else None,
-        # (one of several optimizers' clippers: a row of its own)
-        site=str(ev.get("site") or "") + (f" (optimizer {part})" if part is not None else ""),
+        site=str(ev.get("site") or ""),
+        optimizer=part if isinstance(part, int) else None,
         remedy=remedy,
         what=str(ev.get("what") or ""),
         changes=_changes(before, after, target, bool(after)),
@@ -144,14 +146,15 @@ def timeline(interventions: Sequence[InterventionView]) -> list[InterventionView
     """Timeline rows: every discrete intervention, plus one row per (continuous remedy,
     site) summarising its repeated events (first step, last step, count, last message)."""
     rows: list[InterventionView] = []
-    groups: dict[tuple[str, str], InterventionView] = {}
+    groups: dict[tuple[str, str, int | None], InterventionView] = {}
     for e in interventions:
         if not e.continuous:
             rows.append(replace(e))
             continue
-        g = groups.get((e.remedy, e.site))
+        key = (e.remedy, e.site, e.optimizer)  # (several optimizers' clippers: one row each)
+        g = groups.get(key)
         if g is None:
-            g = groups[(e.remedy, e.site)] = replace(e, count=0)
+            g = groups[key] = replace(e, count=0)
             rows.append(g)
         g.count += 1
         g.last_step = e.step

@@ -108,9 +108,13 @@ def test_each_optimizers_clipper_has_events_of_its_own(tmp_path):
             return (torch.optim.SGD(self.a.parameters(), lr=0.01),
                     torch.optim.SGD(self.b.parameters(), lr=0.01))
 
+    import warnings
+
     mon = ReluDoctor(log_every_n_steps=4, every_n_steps=1, run_dir=tmp_path / "run")
-    trainer(tmp_path, [mon, AdaptiveGradClip("autoclip", percentile=50)],
-            max_epochs=1, max_steps=-1).fit(TwoParts(), loader(n=192))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [mon, AdaptiveGradClip("autoclip", percentile=50)],
+                max_epochs=1, max_steps=-1).fit(TwoParts(), loader(n=192))
     evs = interventions(mon, "adaptive_grad_clip")
     assert {e["details"]["optimizer"] for e in evs} == {0, 1}
     assert len({e["id"] for e in evs}) == len(evs)
@@ -118,5 +122,12 @@ def test_each_optimizers_clipper_has_events_of_its_own(tmp_path):
     rows = [r for r in build_context(relu_doctor.load_run(tmp_path / "run")).timeline
             if r.remedy == "adaptive_grad_clip"]
     for i in (0, 1):
-        (row,) = [r for r in rows if r.site == f"model (optimizer {i})"]
+        (row,) = [r for r in rows if r.optimizer == i]
         assert row.count == sum(e["details"]["optimizer"] == i for e in evs)
+        # still model-wide (what the findings' "already done" reads), each said once
+        assert row.site == "model"
+    import re
+
+    said = {m.group(1) for w in seen
+            if (m := re.search(r"adaptive_grad_clip changed the training at (.+?): ", str(w.message)))}
+    assert said == {"model (optimizer 0)", "model (optimizer 1)"}
