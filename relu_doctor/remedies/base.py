@@ -317,6 +317,7 @@ class Remedy:
             )
         if self.doctor is doctor:
             return self
+        self._before_bind(doctor)  # (what may refuse it, before anything is bound)
         self.doctor = doctor
         if listen:
             doctor.add_listener(self)
@@ -334,18 +335,8 @@ class Remedy:
     def _on_bind(self, doctor: DoctorLike) -> None:
         """Hook for subclasses (take the probe, refresh hooks...)."""
 
-    def _adopt_optimizers(self, doctor: DoctorLike) -> None:
-        """A recycler given no optimizers takes the Doctor's (``watch(optimizer=...)``): the
-        recycled units' optimizer state (Adam's moments, momentum) is reset then, not left
-        to push the fresh weights with their old units' history. Bound to another Doctor,
-        it takes that one's; ``reset_adam_step`` checks them as it checks its own."""
-        if getattr(self, "optimizers", None) and not getattr(self, "_adopted", False):
-            return  # its own
-        adopted = list(getattr(doctor, "optimizers", None) or [])
-        adam_step = getattr(self, "adam_step", None)
-        if adam_step is not None:
-            adam_step.check(adopted)
-        self.optimizers, self._adopted = adopted, True
+    def _before_bind(self, doctor: DoctorLike) -> None:
+        """Hook for subclasses: checks that may refuse ``doctor`` (raise) before binding."""
 
     def __call__(self, record: RecordLike) -> list[Intervention | InterventionResult]:
         """Judge the pending interventions on ``record`` (:meth:`observe`), then act on it

@@ -39,7 +39,7 @@ from relu_doctor.remedies.base import (
     sharding_of,
     site_snapshot,
 )
-from relu_doctor.remedies.recycle import WHOLE_ROWS, recycle_units
+from relu_doctor.remedies.recycle import WHOLE_ROWS, adopt_optimizers, recycle_units
 from relu_doctor.remedies.unit_links import Consumer, LinkCache, UnitLinks
 
 __all__ = ["ContinualBackprop", "outgoing_magnitude"]
@@ -158,8 +158,10 @@ class ContinualBackprop(Remedy):
         self._links_failed: set[str] = set()
         self.adam_step = AdamStepRestart(reset_adam_step, self.optimizers)
 
+    def _before_bind(self, doctor: Any) -> None:
+        adopt_optimizers(self, doctor)
+
     def _on_bind(self, doctor: Any) -> None:
-        self._adopt_optimizers(doctor)
         self.adam_step.apply_pending(self.model, self.optimizers)
 
     def _links_of(self, record: RecordLike, site: str) -> UnitLinks:

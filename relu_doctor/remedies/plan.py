@@ -266,6 +266,8 @@ class TreatmentPlan(Remedy):
             for name in ("optimizers", "schedulers"):
                 if hasattr(r, name):
                     setattr(r, name, list(getattr(self, name)))
+            if hasattr(r, "optimizers"):  # (given now: a later bind keeps them)
+                r.__dict__["_adopted"] = False
 
     def _on_bind(self, doctor: DoctorLike) -> None:
         from relu_doctor.remedies.clipping import AutoClip

@@ -228,6 +228,18 @@ def recycle_units(
     }
 
 
+def adopt_optimizers(remedy: Any, doctor: Any) -> None:
+    """A recycler given no optimizers takes the Doctor's (``watch(optimizer=...)``): the
+    recycled units' optimizer state (Adam's moments, momentum) is reset then, not left to
+    push the fresh weights with their old units' history. Bound to another Doctor, it takes
+    that one's; ``reset_adam_step`` checks them as it checks its own (raises: not bound)."""
+    if remedy.optimizers and not getattr(remedy, "_adopted", False):
+        return  # its own
+    adopted = list(getattr(doctor, "optimizers", None) or [])
+    remedy.adam_step.check(adopted)
+    remedy.optimizers, remedy._adopted = adopted, True
+
+
 class DormantRecycler(Remedy):
     """Recycle dormant units (ReDo, Sokar et al. 2023) every ``every`` logging intervals.
 
@@ -311,8 +323,10 @@ class DormantRecycler(Remedy):
         self._finder = LinkCache(self.model, example_inputs=example_inputs)
         self.adam_step = AdamStepRestart(reset_adam_step, self.optimizers)
 
+    def _before_bind(self, doctor: Any) -> None:
+        adopt_optimizers(self, doctor)
+
     def _on_bind(self, doctor: Any) -> None:
-        self._adopt_optimizers(doctor)
         self.adam_step.apply_pending(self.model, self.optimizers)
 
     def links(self, site: str | SiteKey) -> UnitLinks:

@@ -316,6 +316,14 @@ def test_adopted_optimizers_are_checked_and_follow_the_doctor_bound_to():
     mine = DormantRecycler(net, optimizers=sgd)
     with relu_doctor.watch(net, optimizer=adams[0]) as doc:
         assert mine.bind(doc).optimizers == [sgd]  # its own stay
+    # Refused at bind, it is not bound (listening, unchecked at a second bind)
+    refused = DormantRecycler(net, reset_adam_step=True)
+    with relu_doctor.watch(net, optimizer=sgd) as doc:
+        with pytest.raises(ReluDoctorError, match="reset_adam_step"):
+            refused.bind(doc)
+        assert refused.doctor is None
+        with pytest.raises(ReluDoctorError, match="reset_adam_step"):
+            refused.bind(doc)
 
 
 def test_recycler_state_round_trips():
