@@ -8,6 +8,7 @@ exploding-gradient finding, a non-finite finding or a surge of dead units, with 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -109,10 +110,11 @@ def scale_lr(
     # A cosine schedule's eta_min (one for all groups) is where it goes: scaled with the
     # groups when every one was cut alike (never below min_lr), the cut stays a factor
     # instead of fading.
-    factors = {c["factor"] for c in out}
-    for s in scheds if len(factors) == 1 and 1.0 not in factors else ():
+    factors = [c["factor"] for c in out]
+    alike = all(math.isclose(f, factors[0], rel_tol=1e-9) for f in factors)
+    for s in scheds if alike and factors[0] != 1.0 else ():
         if isinstance(getattr(s, "eta_min", None), (int, float)):
-            s.eta_min = max(s.eta_min * next(iter(factors)), min(min_lr, s.eta_min))
+            s.eta_min = max(s.eta_min * factors[0], min(min_lr, s.eta_min))
     return out
 
 

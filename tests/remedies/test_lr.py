@@ -295,6 +295,9 @@ def test_a_cosine_floor_is_scaled_only_when_every_group_was_cut_and_never_below_
     opt, sched = cosine([0.1, 1e-4], 5e-5)
     changes = scale_lr(opt, factor=0.5, min_lr=1e-4, schedulers=[sched])
     assert [c["factor"] for c in changes] == [0.5, 1.0] and sched.eta_min == 5e-5
+    opt, sched = cosine([0.3, 0.2], 0.01)  # (0.03/0.3 and 0.02/0.2 differ in the last bit)
+    scale_lr(opt, factor=0.1, schedulers=[sched])
+    assert sched.eta_min == pytest.approx(0.001)
     opt, sched = cosine([1e-3], 1.5e-4)
     scale_lr(opt, factor=0.5, min_lr=1e-4, schedulers=[sched])
     assert sched.eta_min == 1e-4
