@@ -183,10 +183,14 @@ def _report(rows: list[dict[str, Any]], shrink: float) -> InitReport:
                     "first batch (born dead).",
                     {"born_dead": r["born_dead"], "units": r["units"],
                      "born_dead_units": r["born_dead_units"]},
-                    "Check the initialisation and bias of the layer that feeds it (a negative "
-                    "bias kills units); use He initialisation; LeakyReLU (negative slope 0.01 "
-                    "to 0.3) keeps a gradient for them; BatchNorm before the activation centres "
-                    "it.",
+                    (f"Its layer's weights already have He initialisation's variance "
+                     f"(fan_in * Var(w) / 2 = {gain:.2f}): check that layer's bias (a negative "
+                     "bias kills units) and the scale and centring of its input"
+                     if gain is not None and 0.8 <= gain <= 1.25 else
+                     "Check the initialisation and bias of the layer that feeds it (a negative "
+                     "bias kills units); use He initialisation")
+                    + "; LeakyReLU (negative slope 0.01 to 0.3) keeps a gradient for them; "
+                    "BatchNorm before the activation centres it.",
                 )
             )
     last = report.sites[-1]

@@ -88,6 +88,18 @@ def test_negative_bias_is_born_dead_with_the_tutorials_remedies() -> None:
     assert "born dead" in str(report)
 
 
+def test_a_layer_with_he_initialisation_is_not_told_to_use_it() -> None:
+    """Born-dead units behind a He-initialised layer were told "use He initialisation";
+    it says the layer has it, and what is left to check."""
+    torch.manual_seed(0)
+    he = relu_doctor.check_init(_mlp(2, 8, he=True, bias=-5.0), torch.randn(64, 16))
+    f = next(f for f in he.findings if f.kind == "born_dead" and f.site == "1")
+    assert "already have He initialisation" in f.remedy and "use He initialisation" not in f.remedy
+    default = relu_doctor.check_init(_mlp(2, 8, he=False, bias=-5.0), torch.randn(64, 16))
+    f = next(f for f in default.findings if f.kind == "born_dead" and f.site == "1")
+    assert "use He initialisation" in f.remedy
+
+
 def test_training_mode_is_kept_and_hooks_removed() -> None:
     net = _mlp(2, 8, he=True)
     net.train()
