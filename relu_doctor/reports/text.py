@@ -100,6 +100,8 @@ def summary(
         lines.append(f"  [{f.severity}] {f.site}: {f.message}{units}{as_of}")
     if len(serious) > max_findings:
         lines.append(f"  ... and {len(serious) - max_findings} more findings (see the report)")
+    if serious and serious[0].remedy:  # what to do, for the most severe (the rest: the HTML)
+        lines.append(f"  What to do first ({serious[0].site}): {serious[0].remedy}")
     rows = ctx.sites
     if rows and not damaged:
         labels, width = _site_labels([r.site for r in rows[:max_sites]])

@@ -303,3 +303,13 @@ def test_a_unit_list_says_it_is_cut_only_when_units_were_left_out():
     assert len(whole.units_named) == 64 and "listed" not in whole.units_text
     cut = dead_view(80, 70)
     assert len(cut.units_named) == 64 and cut.units_text.endswith("… (first 64 of 70 listed)")
+
+
+def test_the_terminal_summary_says_what_to_do_first(dead_run: TrainedRun) -> None:
+    """The summary listed findings without a word of what to do (only the HTML had it):
+    it now gives the most severe finding's recommendation, as the report words it."""
+    ctx = build_context(load_run(dead_run.run_dir))
+    serious = [f for f in ctx.findings if f.severity != "info"] or ctx.findings
+    assert serious, "the fixture's run has findings"
+    text = summary(ctx)
+    assert f"What to do first ({serious[0].site}): {serious[0].remedy}" in text
