@@ -323,10 +323,10 @@ def diagnose(
                 f"Lower the learning rate (step or exponential decay){and_recycle}; check the "
                 f"normalisation before this activation.{aside}"
                 if leaky
-                else "Swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
-                f"({names['swap']}) or PReLU to learn the slope; lower the learning rate (step "
-                "or exponential decay); check the initialisation and bias of the layer that "
-                "feeds it."
+                else "Lower the learning rate (step or exponential decay) and check the "
+                "initialisation and bias of the layer that feeds it; where the units stay "
+                "dead, swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
+                f"({names['swap']}) or PReLU to learn the slope."
                 if swappable
                 else f"Lower the learning rate (step or exponential decay){and_recycle}; check "
                 f"the initialisation and bias of the layer that feeds it ({unswappable}).{aside}"

@@ -16,7 +16,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning_monitor.
 @pytest.mark.filterwarnings("ignore::UserWarning:lightning.*")
 def test_example_runs_and_finds_dying_units(tmp_path, capsys):
     main = runpy.run_path(str(EXAMPLE), run_name="example")["main"]
-    with pytest.warns(ReluDoctorWarning, match=r"dead at net\.3 .*Remedy: Swap ReLU for LeakyReLU"):
+    with pytest.warns(ReluDoctorWarning, match=r"dead at net\.3 .*Remedy: Lower the learning rate .*swap ReLU for LeakyReLU"):
         monitor = main(["--out", str(tmp_path), "--epochs", "2"])
     out = capsys.readouterr().out
     assert "Findings at the last step:" in out and "dead (no activation)" in out

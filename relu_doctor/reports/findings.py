@@ -191,15 +191,15 @@ def recommend(
     if not leaky and not tried and not declined:
         return f.remedy  # diagnosis's own words fit a first treatment
     steps = []
-    if swappable and _SWAP not in tried and _SWAP not in declined:
-        steps.append("swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
-                     f"({names['swap']}) or PReLU")
     cuts = sum(max(e.count, 1) for e in done if e.remedy == _LR)
-    if not cuts:
+    if not cuts:  # (first: the gentlest, where a swap can send a run diverging)
         steps.append(f"lower the learning rate (step or exponential decay; {names['lr']})")
     else:
         steps.append("lower the learning rate further or warm it up more slowly (it was "
                      f"already lowered {'once' if cuts == 1 else f'{cuts} times'})")
+    if swappable and _SWAP not in tried and _SWAP not in declined:
+        steps.append("swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
+                     f"({names['swap']}) or PReLU")
     recycled = set(RECYCLERS) & tried
     if not recycled and names["recycle"] and not set(RECYCLERS) & declined.keys():
         # (Keras offers no recycling)
