@@ -463,7 +463,8 @@ def _gradient_findings(
                          f"gradient RMS falls to zero from {last[1]} to {first[1]}: no "
                          f"gradient reaches {first[1]}."),
                         ev,
-                        "ReLU keeps a constant gradient for active units, so vanishing points "
+                        _dead_first(sites, config)
+                        + "ReLU keeps a constant gradient for active units, so vanishing points "
                         "at dead units or depth: add residual connections or BatchNorm, use He "
                         "initialisation, or SELU for self-normalising deep networks.",
                         step,
@@ -500,6 +501,19 @@ def _gradient_findings(
                 )
             )
     return out
+
+
+def _dead_first(sites: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> str:
+    """Where a site is mostly dead, the first thing a vanishing gradient's remedy names: no
+    gradient flows back through dead units (residual connections and BatchNorm the model may
+    already have do not bring it back)."""
+    dead = [(int(r["order"]), str(r["site"]), float(r["dead_fraction"])) for r in sites
+            if float(r.get("dead_fraction", math.nan)) >= config.dead_critical]
+    if not dead:
+        return ""
+    _, site, frac = max(dead)  # the one nearest the output: it starves all before it
+    return (f"{site} has {frac:.0%} of its units dead, and no gradient flows back through "
+            "dead units: treat them first (see its finding). ")
 
 
 def _growth_remedy(names: Mapping[str, str | None]) -> str:

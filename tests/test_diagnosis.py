@@ -285,6 +285,18 @@ def test_a_vanishing_gradient_states_the_ratio_or_that_none_arrives(first):
         assert f.message == f"gradient RMS falls {want:.3g}x from s2 to s0."
 
 
+def test_a_vanishing_gradient_behind_a_dead_site_names_the_dead_units_first():
+    """A ResNet whose last ReLU was all dead was told to add residual connections and
+    BatchNorm, which it had: the gradient vanished at the dead units. Their site comes
+    first in the remedy."""
+    rows, units = rows_for([1e-6, 1.0, 1.0])
+    [f] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "vanishing_gradient"]
+    assert f.remedy.startswith("ReLU keeps a constant gradient")
+    rows[2]["dead_fraction"] = 1.0
+    [f] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "vanishing_gradient"]
+    assert f.remedy.startswith("s2 has 100% of its units dead, and no gradient flows back")
+
+
 def test_a_parameter_gradient_spike_is_an_exploding_gradient():
     rows, units = rows_for([1.0, 1.0])
     config = DiagnosisConfig()
