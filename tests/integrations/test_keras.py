@@ -268,40 +268,62 @@ def test_a_layer_run_by_time_distributed_is_recorded_from_its_wrapper(tmp_path: 
         assert row["activation_rate"] == pytest.approx(want["td"]["activation_rate"], rel=1e-9)
 
 
+class _GuideStep(keras.Model):
+    """The Keras guides' subclassed model with its own train_step: its prediction made as
+    ``self(x, **predict)``, after an inference pass (``training=False``) where asked."""
+
+    def __init__(self, predict: dict[str, Any], inference_pass: bool = False) -> None:
+        super().__init__()
+        self.d1, self.d2 = keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)
+        self.predict_kwargs, self.inference_pass = predict, inference_pass
+
+    def train_step(self, data: Any) -> Any:
+        x, y = data
+        self.zero_grad()
+        if self.inference_pass:
+            self(x, training=False)  # (an adversarial example's, a teacher's)
+        loss = self.compute_loss(x=x, y=y, y_pred=self(x, **self.predict_kwargs))
+        loss.backward()
+        with torch.no_grad():
+            self.optimizer.apply([v.value.grad for v in self.trainable_weights],
+                                 self.trainable_weights)
+        return {"loss": loss}
+
+
+class _TrainingDefaultsToFalse(_GuideStep):
+    def call(self, x: Any, training: bool = False) -> Any:
+        return self.d2(self.d1(x))
+
+
+class _TrainingDefaultsToNone(_GuideStep):
+    def call(self, x: Any, training: Any = None) -> Any:
+        return self.d2(self.d1(x))
+
+
+def _fit_guide_step(model: _GuideStep, tmp_path: Path, fits: int, **watch: Any) -> list[list[str]]:
+    """The warnings of each of ``fits`` fits (3 steps each) with one callback."""
+    keras.utils.set_random_seed(0)
+    x, y = _data(n=24, d=8)
+    model(x[:2])
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    cb = ReluDoctorCallback(run_dir=tmp_path / "run", **watch)
+    out = []
+    for _ in range(fits):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+        out.append([str(w.message) for w in seen if issubclass(w.category, ReluDoctorWarning)])
+        model.relu_doctor_step = cb.doctor.global_step if cb.doctor is not None else None
+    return out
+
+
 def test_a_train_step_calling_a_model_whose_training_defaults_to_false_is_told_how_to_fix_it(
         tmp_path: Path) -> None:
     """``call(self, x, training=False)`` called as ``self(x)`` in a custom train_step gets
     training=False from Keras: an inference pass, not counted. The warning blamed
     ``functional=False``, which a Keras user cannot set; it now says what to do."""
-
-    class Net(keras.Model):
-        def __init__(self) -> None:
-            super().__init__()
-            self.d1, self.out = keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)
-
-        def call(self, x: Any, training: bool = False) -> Any:
-            return self.out(self.d1(x))
-
-        def train_step(self, data: Any) -> Any:
-            x, y = data
-            loss = self.compute_loss(x=x, y=y, y_pred=self(x))
-            self.zero_grad()
-            loss.backward()
-            with torch.no_grad():
-                self.optimizer.apply([v.value.grad for v in self.trainable_weights],
-                                     self.trainable_weights)
-            return {"loss": loss}
-
-    keras.utils.set_random_seed(0)
-    x, y = _data(n=32, d=10)
-    model = Net()
-    model(x[:2])
-    model.compile(optimizer="adam", loss="categorical_crossentropy")
-    cb = ReluDoctorCallback(log_every_n_steps=2, every_n_steps=1, run_dir=tmp_path / "run")
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
-    said = [str(w.message) for w in seen if issubclass(w.category, ReluDoctorWarning)]
+    (said,) = _fit_guide_step(_TrainingDefaultsToFalse({}), tmp_path, 1,
+                              log_every_n_steps=2, every_n_steps=1)
     assert len(said) == 1 and "self(x, training=True)" in said[0], said
     assert "functional=False" not in said[0]
 
@@ -311,58 +333,10 @@ def test_a_second_fit_whose_first_step_collects_nothing_goes_on_watching(tmp_pat
     no site made yet, and the callback stepped aside saying the model ran no ReLU-family
     activation; with an inference pass in its train_step beside the training one, it said
     the train_step called the model with training=False. It goes on watching."""
-
-    class Net(keras.Model):
-        def __init__(self) -> None:
-            super().__init__()
-            self.d1, self.d2 = keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)
-
-        def call(self, x: Any, training: Any = None) -> Any:
-            return self.d2(self.d1(x))
-
-        def train_step(self, data: Any) -> Any:
-            x, y = data
-            self.zero_grad()
-            self(x, training=False)  # an inference pass beside the training one
-            loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
-            loss.backward()
-            with torch.no_grad():
-                self.optimizer.apply([v.value.grad for v in self.trainable_weights],
-                                     self.trainable_weights)
-            return {"loss": loss}
-
-    keras.utils.set_random_seed(0)
-    x, y = _data(n=24, d=8)
-    model = Net()
-    model(x[:2])
-    model.compile(optimizer="sgd", loss="categorical_crossentropy")
-    cb = ReluDoctorCallback(log_every_n_steps=4, every_n_steps=2, run_dir=tmp_path / "run")
-    for steps in (3, 6):
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
-        said = [str(w.message) for w in seen if issubclass(w.category, ReluDoctorWarning)]
+    model = _TrainingDefaultsToNone({"training": True}, inference_pass=True)
+    for said in _fit_guide_step(model, tmp_path, 2, log_every_n_steps=4, every_n_steps=2):
         assert not [m for m in said if "steps aside" in m], said
-        assert cb.doctor is not None and cb.doctor.global_step == steps
-
-
-def test_a_layer_run_by_time_distributed_and_called_itself_is_recorded_both_ways(
-        tmp_path: Path) -> None:
-    """Hooked on its wrapper only, its own calls went unrecorded, silently."""
-    keras.utils.set_random_seed(0)
-    dense = keras.layers.Dense(5, activation="relu", name="tdd")
-    i = keras.Input((4, 8))
-    h = keras.layers.Flatten()(keras.layers.TimeDistributed(dense, name="td")(i))
-    model = keras.Model(i, keras.layers.Dense(3)(keras.layers.Concatenate()([h, dense(i[:, 0])])))
-    model.compile(optimizer="adam", loss="mse")
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(16, 4, 8)).astype("float32"), rng.normal(size=(16, 3)).astype("float32")
-    cb = ReluDoctorCallback(log_every_n_steps=2, every_n_steps=1, run_dir=tmp_path / "run")
-    model.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False, callbacks=[cb])
-    assert cb.doctor is not None
-    rows = cb.doctor.history().groupby("site")["elements"].sum()
-    assert sorted(rows.index) == ["td/tdd#0", "td/tdd#1"]
-    assert sorted(rows.tolist()) == [16 * 5, 16 * 4 * 5]  # itself on (N, 8); wrapped on (N, 4, 8)
+    assert model.relu_doctor_step == 6
 
 
 def test_a_dense_inside_a_custom_layer_is_a_site(tmp_path: Path) -> None:
