@@ -48,8 +48,7 @@ __all__ = ["ContinualBackprop", "outgoing_magnitude"]
 def outgoing_magnitude(links: UnitLinks) -> torch.Tensor:
     """Per unit of a site, the sum of ``|w|`` over every consumer weight that reads it
     (``span`` columns per unit after a flatten, its own columns of a concatenation, grouped
-    convolutions per group; a norm reading it, its scale over its running deviation), on
-    the CPU in float64.
+    convolutions per group; a norm reading it, its scale), on the CPU in float64.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
@@ -70,13 +69,8 @@ def outgoing_magnitude(links: UnitLinks) -> torch.Tensor:
 def _per_input(c: Consumer, a: torch.Tensor) -> torch.Tensor:
     """``|w|`` of consumer ``c`` (``a``) summed per input feature or channel: over the output
     features of a Linear (whatever its input is, after a concatenation or a flatten), per
-    channel of a convolution (within its group), the channel's own scale for a norm (over
-    its running standard deviation for a BatchNorm: a small unit it scales up matters)."""
+    channel of a convolution (within its group), the channel's own scale for a norm."""
     if c.kind == "norm" or a.dim() == 1:
-        var = getattr(c.module, "running_var", None)  # a BatchNorm: what it divides by too
-        if c.kind == "norm" and isinstance(var, torch.Tensor) and var.numel() == a.numel():
-            eps = float(getattr(c.module, "eps", 1e-5))
-            return a.reshape(-1) / (var.detach().double().cpu() + eps).sqrt()
         return a.reshape(-1)
     if isinstance(c.module, nn.Linear) or a.dim() == 2:  # (out, in), or (in, out): in_dim 0
         return a.sum(1 - c.in_dim)
