@@ -24,6 +24,7 @@ from __future__ import annotations
 import reprlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -43,13 +44,6 @@ from relu_doctor.remedies.evidence import (
     dead_surge,
     model_snapshot,
     units_efficacy,
-)
-from relu_doctor.remedies.judging import (
-    NOT_HELPED,
-    Pending,
-    _loss,
-    loss_rose,
-    verdict,
 )
 from relu_doctor.sites import SiteKey, module_label
 
@@ -96,6 +90,26 @@ TARGETS = {
     "dormant_reset": "below_tau_fraction",
     "continual_backprop": "below_tau_fraction",
 }
+
+HELPED, NOT_HELPED, UNKNOWN = "helped", "did not help", "unknown"
+
+
+def verdict(
+    before: float | None, after: float | None, *, min_gain: float = 0.0, tolerance: float = 0.0
+) -> str:
+    """Whether a change helped its target (lower is better): ``"helped"`` when ``after <=
+    before * (1 - min_gain) + tolerance`` and, without a tolerance, ``after < before`` ("no
+    worse" needs a tolerance), else ``"did not help"``; ``"unknown"`` if either is None.
+
+    Example:
+        >>> verdict(0.5, 0.2, min_gain=0.25), verdict(0.5, 0.45, min_gain=0.25), verdict(0.3, 0.3)
+        ('helped', 'did not help', 'did not help')
+    """
+    if before is None or after is None:
+        return UNKNOWN
+    lower = after < before or tolerance > 0
+    return HELPED if lower and after <= before * (1.0 - min_gain) + tolerance else NOT_HELPED
+
 
 #: What an ``optimizer(s)`` argument takes: one optimizer, several, or none.
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
@@ -205,6 +219,31 @@ def key_label(key: SiteKey) -> str:
 # ---------------------------------------------------------------------- the protocol
 
 
+@dataclass(frozen=True)
+class Pending:
+    """An intervention waiting for its metrics after: its event ``id`` and ``site``; the
+    ``target`` metric it is judged on with its value ``before`` and the gain that counts as
+    help (``min_gain``, ``tolerance``: see :func:`verdict`); the ``units`` it changed (their
+    share still below tau one interval later is the change's efficacy)."""
+
+    id: str
+    site: str
+    target: str | None = None
+    before: float | None = None
+    min_gain: float = 0.0
+    tolerance: float = 0.0
+    units: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "site": self.site}
+        if self.target is not None:
+            out.update(target=self.target, before=self.before, min_gain=self.min_gain,
+                       tolerance=self.tolerance)
+        if self.units:
+            out["units"] = list(self.units)
+        return out
+
+
 R = TypeVar("R", bound="Remedy")
 
 
@@ -250,7 +289,6 @@ class Remedy:
         self._in_call = False
         self._stepped_aside = False  # a bug in observe or decide: it decides no more
         self._made: list[Intervention] = []  # made in the decide running now
-        self._deciding: RecordLike | None = None  # the record it decides on now
         self._held: RecordLike | None = None  # a final record: decided if training goes on
         #: what the next intervention is judged on (a plan sets it before acting): metric
         #: name, ``min_gain`` and ``tolerance`` of :func:`verdict`
@@ -335,7 +373,7 @@ class Remedy:
     def _decide(self, record: RecordLike) -> list[Intervention]:
         if self._stepped_aside:
             return []
-        self._in_call, self._made, self._deciding = True, [], record
+        self._in_call, self._made = True, []
         try:
             return self.decide(record)
         except ReluDoctorError:  # its own refusal (on_unlinkable="raise"...): said as it is
@@ -343,7 +381,7 @@ class Remedy:
         except Exception as exc:  # a bug, never into the user's step: this remedy steps
             return self._step_aside(record, exc)  # aside, what it made before it recorded
         finally:
-            self._in_call, self._made, self._deciding = False, [], None
+            self._in_call, self._made = False, []
 
     def _step_aside(self, record: RecordLike, e: Exception) -> list[Any]:  # those it made
         if not self._stepped_aside:
@@ -459,7 +497,6 @@ class Remedy:
                     finite_or_none((before or {}).get(target)) if target else None,
                     gain, tol,
                     tuple(int(u) for u in units) if isinstance(units, list) else (),
-                    _loss(self._deciding),
                 )
             )
         return ev
@@ -519,15 +556,14 @@ class Remedy:
                 # a change to some units is judged on those units: were they all below tau
                 # before, what share still is
                 before, value, target = 1.0, efficacy["still_below_tau"], "changed_units_below_tau"
-            said = verdict(before, value, min_gain=p.min_gain, tolerance=p.tolerance
-                           ) if target else None
-            was: dict[str, Any] = {target: before} if target and before is not None else {}
-            loss = _loss(record)
-            if loss_rose(p.loss, loss):  # the training got worse: not helped, whatever it did
-                said, after, was["loss"] = NOT_HELPED, {**(after or {}), "loss": loss}, p.loss
-            out.append(InterventionResult(p.id, self.name, p.site, int(record.step), after,
-                                          target=target, verdict=said, efficacy=efficacy,
-                                          before=was or None))
+            out.append(
+                InterventionResult(
+                    p.id, self.name, p.site, int(record.step), after,
+                    target=target,
+                    verdict=verdict(before, value, min_gain=p.min_gain, tolerance=p.tolerance)
+                    if target else None,
+                    efficacy=efficacy,
+                    before={target: before} if target and before is not None else None))
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -544,7 +580,7 @@ class Remedy:
             Pending(
                 str(p["id"]), str(p["site"]), p.get("target"), finite_or_none(p.get("before")),
                 float(p.get("min_gain", 0.0)), float(p.get("tolerance", 0.0)),
-                tuple(int(u) for u in p.get("units", ())), finite_or_none(p.get("loss")),
+                tuple(int(u) for u in p.get("units", ())),
             )
             for p in state.get("pending", [])
         ]

@@ -48,6 +48,7 @@ from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Declined, Intervention, InterventionResult
 from relu_doctor.remedies.base import (
     MODEL,
+    NOT_HELPED,
     DoctorLike,
     Optimizers,
     RecordLike,
@@ -57,7 +58,6 @@ from relu_doctor.remedies.base import (
     model_snapshot,
     site_snapshot,
 )
-from relu_doctor.remedies.judging import NOT_HELPED
 from relu_doctor.remedies.plan_steps import DEFAULT_STEPS, PLAN_REMEDIES, PlanStep, plan_steps
 from relu_doctor.sites import SiteKey
 

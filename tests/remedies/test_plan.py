@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import relu_doctor
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies import DEFAULT_STEPS, PlanStep, TreatmentPlan
-from relu_doctor.remedies.judging import verdict
+from relu_doctor.remedies.base import verdict
 from tests.remedies.helpers import classification, mlp
 
 
