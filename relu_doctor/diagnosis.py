@@ -508,7 +508,8 @@ def _dead_first(sites: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> 
     gradient flows back through dead units (residual connections and BatchNorm the model may
     already have do not bring it back)."""
     dead = [(int(r["order"]), str(r["site"]), float(r["dead_fraction"])) for r in sites
-            if float(r.get("dead_fraction", math.nan)) >= config.dead_critical]
+            if float(r.get("dead_fraction", math.nan)) >= config.dead_critical
+            and not r.get("leaky")]  # (a leaky unit passes its slope's gradient back)
     if not dead:
         return ""
     _, site, frac = max(dead)  # the one nearest the output: it starves all before it

@@ -295,6 +295,9 @@ def test_a_vanishing_gradient_behind_a_dead_site_names_the_dead_units_first():
     rows[2]["dead_fraction"] = 1.0
     [f] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "vanishing_gradient"]
     assert f.remedy.startswith("s2 has 100% of its units dead, and no gradient flows back")
+    rows[2]["leaky"] = True  # stuck negative, it still passes its slope's gradient back
+    [f] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "vanishing_gradient"]
+    assert f.remedy.startswith("ReLU keeps a constant gradient")
 
 
 def test_a_parameter_gradient_spike_is_an_exploding_gradient():

@@ -216,14 +216,17 @@ _SAME_AXES = tuple(
         "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
         "GaussianNoise", "GaussianDropout", "AlphaDropout", "Activation", "ReLU", "LeakyReLU",
         "ELU", "PReLU", "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum",
-        "LayerNormalization", "Identity",
+        "Concatenate", "LayerNormalization", "GroupNormalization", "UnitNormalization",
+        "Rescaling", "Identity",
     ) if hasattr(keras.layers, n)
 )
-#: Pooling layers keep the channel axis where their data_format puts it.
+#: Spatial layers that keep the channel axis where their data_format puts it.
 _POOLS = tuple(
     getattr(keras.layers, n) for n in (
         "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D",
-        "AveragePooling2D", "AveragePooling3D",
+        "AveragePooling2D", "AveragePooling3D", "ZeroPadding1D", "ZeroPadding2D",
+        "ZeroPadding3D", "UpSampling1D", "UpSampling2D", "UpSampling3D", "Cropping1D",
+        "Cropping2D", "Cropping3D",
     ) if hasattr(keras.layers, n)
 )
 

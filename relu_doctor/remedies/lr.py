@@ -111,7 +111,7 @@ def scale_lr(
     # groups when every one was cut alike (never below min_lr), the cut stays a factor
     # instead of fading.
     factors = [c["factor"] for c in out]
-    alike = all(math.isclose(f, factors[0], rel_tol=1e-9) for f in factors)
+    alike = bool(factors) and all(math.isclose(f, factors[0], rel_tol=1e-9) for f in factors)
     for s in scheds if alike and factors[0] != 1.0 else ():
         if isinstance(getattr(s, "eta_min", None), (int, float)):
             s.eta_min = max(s.eta_min * factors[0], min(min_lr, s.eta_min))

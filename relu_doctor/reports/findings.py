@@ -102,9 +102,11 @@ def finding_view(f: Finding) -> FindingView:
         began=f.began,
         unit_label=(unit_key or "").replace("_", " "),
         units_named=units_named,
+        # (the count of the units a list names: "dead" for "dead_units"; a NaN/Inf finding's
+        # "nonfinite" counts unit-steps, so its plain "units" list has none)
         units_text=fmt_value(unit_key, units_named, total=next(
-            (int(ev[k]) for k in (unit_key.removesuffix("_units"), f.kind)
-             if isinstance(ev.get(k), int) and not isinstance(ev.get(k), bool)), None))
+            (int(ev[k]) for k in (unit_key.removesuffix("_units"),)
+             if unit_key != "units" and type(ev.get(k)) is int), None))
         if unit_key else "",
         evidence=evidence,
         order=finding_order(f.severity, f.kind, f.site, f.evidence),

@@ -236,6 +236,14 @@ def test_an_activation_layer_takes_the_units_of_the_layer_that_made_its_input(
 
     (site,) = find_sites(permuted, lambda path: True)
     assert site.unit_dim == -1 and "image_data_format" in site.unit_rule
+    # Padding, upsampling and a concatenation on the channel axis keep it where it was.
+    k = keras.Input((3, 6, 6))
+    c = keras.layers.Conv2D(5, 3, data_format="channels_first", name="conv")(k)
+    h = keras.layers.ZeroPadding2D(1, data_format="channels_first")(c)
+    h = keras.layers.UpSampling2D(2, data_format="channels_first")(h)
+    h = keras.layers.Concatenate(axis=1)([h, h])
+    (site,) = find_sites(keras.Model(k, keras.layers.ReLU(name="act")(h)), lambda path: True)
+    assert site.unit_dim == 1 and "channels_first" in site.unit_rule
     want = windows(ref.passes, 2)[0]["act"]
     row = cb.doctor.history().query("site == 'act'").iloc[-1]
     assert row["units"] == want["units"] and row["dead"] == want["dead"]

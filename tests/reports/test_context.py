@@ -303,6 +303,12 @@ def test_a_unit_list_says_it_is_cut_only_when_units_were_left_out():
     assert len(whole.units_named) == 64 and "listed" not in whole.units_text
     cut = dead_view(80, 70)
     assert len(cut.units_named) == 64 and cut.units_text.endswith("… (first 64 of 70 listed)")
+    # A NaN/Inf finding counts unit-steps, not units: its whole list is not "cut".
+    from relu_doctor.diagnosis import Finding
+
+    nan = finding_view(Finding("nonfinite", "s", "critical", "NaN.",
+                               {"nonfinite": 12, "units": [0, 1, 2]}, "", 1))
+    assert nan.units_text == "0, 1, 2"
 
 
 def test_the_terminal_summary_says_what_to_do_first(dead_run: TrainedRun) -> None:
