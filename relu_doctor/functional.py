@@ -69,7 +69,7 @@ from relu_doctor._hooks import HookOwner, Hooks
 from relu_doctor._observing_mode import ObservingMode
 from relu_doctor.families import FAMILIES, Family, family_of
 from relu_doctor.probes import Probe, RecomputedCalls, eager_modules, in_backward
-from relu_doctor.sites import SiteKey
+from relu_doctor.sites import SiteKey, module_label
 
 __all__ = ["FunctionalCapture", "functional_ops"]
 
@@ -458,7 +458,10 @@ class FunctionalCapture(HookOwner):
         fam, op = spec
         key = (path, op)
         if bw:  # recomputed by activation checkpointing: see Probe.tap_recomputed
-            self.probe.tap_recomputed(out, SiteKey(path, self._recomputed.next_index(key), op))
+            idx = self._recomputed.next_index(key)
+            if self._recomputed.spread is not None:
+                self.probe.warn_spread(f"{module_label(path)}:{op}")
+            self.probe.tap_recomputed(out, SiteKey(path, idx, op))
             return
         idx = self._calls.get(key, 0)
         self._calls[key] = idx + 1

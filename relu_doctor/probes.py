@@ -129,25 +129,39 @@ class RecomputedCalls:
     that is a function calling modules one after another is one segment, whose module
     called twice is ``#0`` then ``#1``.
 
-    The node is held until :meth:`clear` (the step's end): one per counter."""
+    A call recomputed in two reentrant segments of one backward (a module each of two
+    checkpointed blocks calls) cannot be told apart from its forward calls: each segment
+    numbers it ``#0``. :meth:`next_index` says so through :attr:`spread`.
 
-    __slots__ = ("_calls", "_node")
+    The nodes are held until :meth:`clear` (the step's end): one per segment."""
+
+    __slots__ = ("_calls", "_node", "_segment_of", "spread")
 
     def __init__(self) -> None:
         self._calls: dict[Any, int] = {}
         self._node: tuple[int, Any] = (-1, None)
+        self._segment_of: dict[Any, Any] = {}  # key -> the reentrant segment that ran it
+        #: the key of the last call, where another reentrant segment of this backward ran it
+        self.spread: Any = None
 
     def next_index(self, key: Any) -> int:
         node = (_graph_task(), _current_node())
         if node[0] != self._node[0] or node[1] is not self._node[1]:
+            if node[0] != self._node[0]:
+                self._segment_of.clear()
             self._node = node
             self._calls.clear()
+        self.spread = None
+        reentrant = type(node[1]).__name__ == "CheckpointFunctionBackward"
+        if reentrant and self._segment_of.setdefault(key, node[1]) is not node[1]:
+            self.spread = key
         idx = self._calls.get(key, 0)
         self._calls[key] = idx + 1
         return idx
 
     def clear(self) -> None:
         self._calls.clear()
+        self._segment_of.clear()
         self._node = (-1, None)
 
 
@@ -292,6 +306,7 @@ class Probe(SiteRegistry, HookOwner):
         self._warned_shared = False
         self._depth = 0
         self._recomputed = RecomputedCalls()  # calls recomputed in backward (checkpoints)
+        self._warned_spread = False
         self._bw_depth = 0
         self._attached = False
         self._listeners: list[Callable[[], None]] = []
@@ -704,6 +719,8 @@ class Probe(SiteRegistry, HookOwner):
             if self.stream == "eval":
                 return
             key = SiteKey(path, self._recomputed.next_index(module))
+            if self._recomputed.spread is not None:
+                self.warn_spread(module_label(path))
             if key not in self._failed:
                 try:
                     self.tap_recomputed(output, key)
@@ -714,6 +731,22 @@ class Probe(SiteRegistry, HookOwner):
             return
         idx = self.next_call_index(module)
         self.record(output, path=path, call_index=idx, family=fam, module=module)
+
+    def warn_spread(self, what: str) -> None:
+        """Once: ``what`` runs in two reentrant checkpoint segments (see RecomputedCalls)."""
+        if self._warned_spread:
+            return
+        self._warned_spread = True
+        warnings.warn(
+            f"relu_doctor: {what!r} runs in more than one reentrant checkpoint segment "
+            "(checkpoint(..., use_reentrant=True)); their recomputed calls cannot be told "
+            "apart, so its gradient statistics (grad_rms, grad_zero_fraction) are pooled into "
+            "one of its sites and missing from the others. Forward statistics are right. "
+            "use_reentrant=False, or an activation module of its own in each segment, keeps "
+            "them apart.",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def tap_recomputed(self, output: Any, key: SiteKey) -> None:
         """A call recomputed during backward by activation checkpointing (module hooks and

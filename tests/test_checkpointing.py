@@ -110,6 +110,7 @@ class _FRelu(torch.nn.Module):
         return torch.nn.functional.relu(x)
 
 
+@pytest.mark.filterwarnings("error:.*more than one reentrant checkpoint segment")
 @pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
 def test_a_module_called_twice_in_one_segment_gets_each_calls_gradients(mode) -> None:
     """The segment's recomputed calls were counted from 0 at each module called at its top,
@@ -132,6 +133,7 @@ def test_a_module_called_twice_in_one_segment_gets_each_calls_gradients(mode) ->
                                        torch.from_numpy(want[field]), msg=f"{name} {field}")
 
 
+@pytest.mark.filterwarnings("error:.*more than one reentrant checkpoint segment")
 def test_a_second_backward_through_a_checkpointed_segment_counts_its_calls_from_0_again() -> None:
     """Two backward passes through one graph in a step (``retain_graph=True``, a gradient
     penalty): reentrant checkpointing recomputes the segment in each, on the same autograd
@@ -154,3 +156,46 @@ def test_a_second_backward_through_a_checkpointed_segment_counts_its_calls_from_
         for field in ("grad_elements", "grad_sq", "grad_zero"):
             torch.testing.assert_close(torch.from_numpy(fields["reentrant"][name][field]),
                                        torch.from_numpy(want[field]), msg=f"{name} {field}")
+
+
+class _SharedActTwoSegments(torch.nn.Module):
+    """One activation module called in each of two checkpointed blocks (one ``self.act``)."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.a, self.b, self.out = (torch.nn.Linear(4, 6), torch.nn.Linear(6, 6),
+                                    torch.nn.Linear(6, 1))
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.reentrant
+        h = torch.utils.checkpoint.checkpoint(lambda t: self.act(self.a(t)), x, use_reentrant=r)
+        return self.out(torch.utils.checkpoint.checkpoint(lambda t: self.act(self.b(t)), h,
+                                                          use_reentrant=r))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_module_in_two_reentrant_segments_is_said_to_have_its_gradients_pooled(reentrant):
+    """Each reentrant segment numbers its recomputed calls from 0, so the two calls' gradient
+    statistics went to act#0 (pooled) and act#1 had none, silently: one warning says so
+    (non-reentrant checkpointing taps the original calls: right, and nothing said)."""
+    import warnings
+
+    from relu_doctor.errors import ReluDoctorWarning
+
+    torch.manual_seed(0)
+    net = _SharedActTwoSegments(reentrant)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, log_every_n_steps=100) as doc:
+            for _ in range(2):
+                net(torch.randn(8, 4).requires_grad_()).sum().backward()
+                doc.step()
+    said = [str(w.message) for w in seen if issubclass(w.category, ReluDoctorWarning)
+            and "more than one reentrant checkpoint segment" in str(w.message)]
+    assert len(said) == (1 if reentrant else 0), said
+    if reentrant:
+        assert "'act'" in said[0]
+    grads = {s.name: site_fields(s)["grad_elements"].sum() for s in doc.sites}
+    assert (grads["act#1"] == 0) == reentrant  # what the warning is about
