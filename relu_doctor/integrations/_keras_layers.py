@@ -150,9 +150,10 @@ class KerasSite:
     wrapper: Any = None
 
     @property
-    def hooked(self) -> Any:
-        """The layer whose forward hook records the site."""
-        return self.layer if self.wrapper is None else self.wrapper
+    def hooked(self) -> tuple[Any, ...]:
+        """The layers whose forward hooks record the site: the layer, and the wrapper that
+        runs it (where the layer is also called itself, its own hook fires)."""
+        return (self.layer,) if self.wrapper is None else (self.wrapper, self.layer)
 
     def family(self) -> Family | None:
         """The family the layer runs now (a swap changes it)."""

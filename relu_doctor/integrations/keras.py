@@ -328,9 +328,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         # stay for the evaluation passes that run between steps).
         for p in probes:
             for site in self.sites.values():
-                # (a layer run by TimeDistributed: the wrapper's output; its own hook fires
-                # where it is also called itself)
-                for layer in {id(x): x for x in (site.hooked, site.layer)}.values():
+                for layer in site.hooked:
                     handle = layer.register_forward_hook(self._make_hook(site, p))
                     self._site_handles.append((p, p.hooks.add(handle)))
 
