@@ -24,6 +24,7 @@ __all__ = [
     "Intervention",
     "InterventionResult",
     "event_from_dict",
+    "optimizer_of",
 ]
 
 FindingStatus = Literal["began", "changed", "ended"]
@@ -141,6 +142,14 @@ Event = FindingEvent | Intervention | InterventionResult | Declined
 def _finding(data: Mapping[str, Any]) -> Finding:
     names = {f.name for f in fields(Finding)}
     return Finding(**{k: data[k] for k in names if k in data})
+
+
+def optimizer_of(event: Mapping[str, Any]) -> int | None:
+    """Which of several optimizers an intervention acted on (a clipper's
+    ``details["optimizer"]``), None for the only one."""
+    details = event.get("details")
+    part = details.get("optimizer") if isinstance(details, Mapping) else None
+    return part if type(part) is int else None
 
 
 def event_from_dict(data: object) -> Event:

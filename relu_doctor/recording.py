@@ -26,7 +26,7 @@ from relu_doctor._validate import finite_or_none, flag
 from relu_doctor._validate import path as check_path
 from relu_doctor._version import __version__
 from relu_doctor.errors import ReluDoctorWarning, RunDirError, user_stacklevel
-from relu_doctor.events import Event
+from relu_doctor.events import Event, optimizer_of
 from relu_doctor.history import FORMAT_VERSION, IntervalRecord, Run, event_dict
 from relu_doctor.record import window_columns, windows_frame
 from relu_doctor.rundir import RunWriter, check_claimable, load_run, read_table
@@ -304,8 +304,7 @@ class RunRecording:
     def _announce(self, ev: Mapping[str, Any]) -> None:
         """A remedy changed the training: say so, once per (remedy, site) and on the writing
         process only. Every change is in the run directory and the report."""
-        details = ev.get("details")
-        part = details.get("optimizer") if isinstance(details, Mapping) else None
+        part = optimizer_of(ev)
         key = (str(ev.get("remedy")),  # (each of several optimizers' clippers is said)
                str(ev.get("site")) + (f" (optimizer {part})" if part is not None else ""))
         if key in self._announced:

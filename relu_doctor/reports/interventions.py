@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from relu_doctor.events import optimizer_of
 from relu_doctor.reports.formatting import fmt_num, fmt_pct
 
 __all__ = ["CONTINUOUS_REMEDIES", "InterventionView", "intervention_view", "snapshots", "timeline"]
@@ -123,13 +124,11 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
     target = str(ev.get("target") or _DEFAULT_TARGETS.get(remedy, ""))
     after_step = ev.get("after_step")
     step = int(ev.get("step", 0))
-    details = ev.get("details")
-    part = details.get("optimizer") if isinstance(details, Mapping) else None
     return InterventionView(
         step=step,
         after_step=int(after_step) if isinstance(after_step, int) else None,
         site=str(ev.get("site") or ""),
-        optimizer=part if isinstance(part, int) else None,
+        optimizer=optimizer_of(ev),
         remedy=remedy,
         what=str(ev.get("what") or ""),
         changes=_changes(before, after, target, bool(after)),
