@@ -86,6 +86,9 @@ def finding_view(f: Finding) -> FindingView:
     ev = dict(f.evidence)
     unit_key = next((k for k in UNIT_LISTS if isinstance(ev.get(k), list) and ev[k]), None)
     units_named = [int(x) for x in ev[unit_key]] if unit_key else []
+    # how many units the list is of: "dead" for "dead_units" (a NaN/Inf finding's plain
+    # "units" list has none: its "nonfinite" counts unit-steps)
+    count = ev.get(unit_key.removesuffix("_units")) if unit_key not in (None, "units") else None
     evidence = [
         (k.replace("_", " "), fmt_value(k, v))
         for k, v in ev.items()
@@ -102,11 +105,7 @@ def finding_view(f: Finding) -> FindingView:
         began=f.began,
         unit_label=(unit_key or "").replace("_", " "),
         units_named=units_named,
-        # (the count of the units a list names: "dead" for "dead_units"; a NaN/Inf finding's
-        # "nonfinite" counts unit-steps, so its plain "units" list has none)
-        units_text=fmt_value(unit_key, units_named, total=next(
-            (int(ev[k]) for k in (unit_key.removesuffix("_units"),)
-             if unit_key != "units" and type(ev.get(k)) is int), None))
+        units_text=fmt_value(unit_key, units_named, total=count if type(count) is int else None)
         if unit_key else "",
         evidence=evidence,
         order=finding_order(f.severity, f.kind, f.site, f.evidence),
