@@ -681,16 +681,15 @@ class Probe(SiteRegistry, HookOwner):
         for key, n in self._calls.items():
             seen = self._shared.get(key)
             if seen is None:
-                if n > 1:
-                    self._shared[key] = n
+                self._shared[key] = n
                 continue
             if n != seen:
                 self._warned_shared = True
                 target = self._targets.get(key)
                 what = module_label(target[0]) if target else type(key).__name__
                 warnings.warn(
-                    f"relu_doctor: {what!r} ran {seen} times in one recorded pass and {n} in "
-                    "another. Its sites are its calls in order (#0, #1...): where a call in "
+                    f"relu_doctor: {what!r} ran {_times(seen)} in one recorded pass and "
+                    f"{n} in another. Its sites are its calls in order (#0, #1...): where a call in "
                     "the middle is skipped (LayerDrop, a branch), one site mixes different "
                     "layers; give each layer its own activation module to keep them apart. "
                     "(Calls missing at the end, as in a loop of varying length, only leave the "
@@ -951,6 +950,10 @@ class Probe(SiteRegistry, HookOwner):
                 self.stopwatch.add(t0)
 
         return grad_hook
+
+
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
 
 
 def _tap_in_base(

@@ -114,15 +114,24 @@ class SiteRegistry:
         # takes the shape rule, as one first seen while compiling does.
         follow = (override is None and not traced and key not in self._shape_rule
                   and not (self._pass_in_graph and not self._provenance.tracking))
+        kin = None
         if follow and not self._provenance.tracking:
-            # First seen in an untracked pass: its producer is found in the next pass.
-            self._unresolved.setdefault(key, 0)
-            self._want_provenance = True
-            return None
+            # First seen in an untracked pass. Another call of the same activation (a module
+            # run once more in a loop of varying length) takes the units of the call before
+            # it where its output is laid out alike; any other call's producer is found in
+            # the next pass.
+            kin = self._kin(key, shape)
+            if kin is None:
+                self._unresolved.setdefault(key, 0)
+                self._want_provenance = True
+                return None
         try:
             unit_dim, rule = resolve_unit_dim(shape, override)
         except ValueError as e:
             raise ReluDoctorError(f"unit_dims for {label!r}: {e}.") from None
+        if kin is not None:
+            unit_dim = kin.dim_for(len(shape))
+            rule = f"as call #{kin.call_index} of the same activation: {kin.unit_rule}"
         origin = self._provenance.origin(output) if follow else None
         if origin is None and override is None and len(shape) == 1:
             # A 1-D output that no layer it knows made: mostly per-sample scalars (a hinge
@@ -150,8 +159,9 @@ class SiteRegistry:
             stats=SiteStats(shape[unit_dim], output.device),
             shape=shape,
             cap=family.cap_of(module),
-            from_end=override is None or override < 0,
-            producer=origin.layer if origin is not None else None,
+            from_end=kin.from_end if kin is not None else override is None or override < 0,
+            producer=(origin.layer if origin is not None
+                      else kin.producer if kin is not None else None),
         )
         self._sites[key] = site
         self._rename()
@@ -161,6 +171,21 @@ class SiteRegistry:
         for fn in self._listeners:
             fn()
         return site
+
+    def _kin(self, key: SiteKey, shape: tuple[int, ...]) -> Site | None:
+        """The site of the nearest earlier call of ``key``'s activation (the same module,
+        or the same functional op in the same module's ``forward``) whose output had the
+        rank of ``shape`` and as many units along its unit dim, or None."""
+        best: Site | None = None
+        for site in self._sites.values():
+            k = site.key
+            if (k.module_path != key.module_path or k.op != key.op
+                    or k.call_index >= key.call_index or len(site.shape) != len(shape)):
+                continue
+            if shape[site.unit_dim] == site.units and (
+                    best is None or k.call_index > best.key.call_index):
+                best = site
+        return best
 
     def _warn_scalar(self, key: SiteKey) -> None:
         warnings.warn(

@@ -645,7 +645,7 @@ def test_a_shared_activation_called_a_varying_number_of_times_is_said_once() -> 
         for _ in range(4):
             model(torch.randn(2, 4)).backward()
             doc.step()
-    assert sum("times in one recorded pass" in str(w.message) for w in rec) == 1
+    assert sum("in one recorded pass" in str(w.message) for w in rec) == 1
     # a shared module called the same number of times in every pass says nothing
     model.n = 0
     model.forward = lambda x: sum(model.act(b(x)).sum() for b in model.blocks)  # type: ignore[method-assign]
@@ -655,3 +655,57 @@ def test_a_shared_activation_called_a_varying_number_of_times_is_said_once() -> 
             for _ in range(4):
                 model(torch.randn(2, 4)).backward()
                 doc.step()
+
+
+class _LoopAct(nn.Module):
+    """One ReLU module run ``k`` times a pass on the same Linear's outputs, ``k`` set per step
+    (a loop of varying length: a recurrence unrolled over a varying number of steps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 5)
+        self.act = nn.ReLU()
+        self.k = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return sum(self.act(h + 0.5 * i).square().sum() for i in range(self.k))
+
+
+@pytest.mark.parametrize("ks", [(1, 2), (2, 3), (1, 3, 2, 1), (1, 2, 3, 3)])
+def test_a_module_run_more_times_than_before_counts_each_new_call_from_its_first_run(
+    ks: tuple[int, ...],
+) -> None:
+    """Call #i of a pass counts into site #i from the first pass that makes it, whichever
+    passes ran fewer calls; checked against each call's outputs collected by a hook."""
+    torch.manual_seed(0)
+    model = _LoopAct()
+    seen: dict[int, list[torch.Tensor]] = {}
+    calls = [0]
+
+    def grab(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        seen.setdefault(calls[0], []).append(out.detach().clone())
+        calls[0] += 1
+
+    handle = model.act.register_forward_hook(grab)
+    with (
+        warnings.catch_warnings(record=True) as rec,
+        relu_doctor.watch(model, log_every_n_steps=len(ks), overhead_budget=None) as doc,
+    ):
+        warnings.simplefilter("always")
+        for k in ks:
+            model.k, calls[0] = k, 0
+            model(torch.randn(4, 3)).backward()
+            doc.step()
+    handle.remove()
+    said = [str(w.message) for w in rec if "in one recorded pass" in str(w.message)]
+    assert len(said) == 1 and f"'act' ran {'once' if ks[0] == 1 else f'{ks[0]} times'}" in said[0]
+    names = {"act" if max(ks) == 1 else f"act#{i}": i for i in range(max(ks))}
+    assert sorted(s.name for s in doc.sites) == sorted(names)
+    for name, i in names.items():
+        ref = torch.cat(seen[i])  # every output of call #i, over the passes that ran it
+        table = doc.unit_table(name)
+        assert doc.to_pandas().set_index("site").loc[name, "elements"] == ref.numel()
+        assert table["activation_rate"].tolist() == pytest.approx(
+            (ref > 0).double().mean(0).tolist())
+        assert table["mean_abs"].tolist() == pytest.approx(ref.abs().double().mean(0).tolist())
