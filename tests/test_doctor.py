@@ -281,6 +281,38 @@ def test_nonfinite_activations_are_counted_and_reported(run_watched, bad):
     assert (row["nonfinite"], row["grad_nonfinite"]) == (1, 6)
 
 
+def test_a_nan_output_whose_gradient_is_finite_is_left_out_of_the_forward_sums_only():
+    """Each statistic leaves out its own non-finite values (README, Definitions): unit 2's
+    NaN output of step 1 is dropped downstream (nan_to_num), so its gradient that step is
+    finite and counts, while its forward sums leave the step out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 1))
+    outs: list[torch.Tensor] = []
+    grads: list[torch.Tensor] = []
+
+    def grab(module: nn.Module, args: object, out: torch.Tensor) -> None:
+        outs.append(out.detach().clone())
+        out.register_hook(lambda g: grads.append(g.detach().clone()))
+
+    model[1].register_forward_hook(grab)
+    with relu_doctor.watch(model, log_every_n_steps=2, overhead_budget=None) as doc:
+        for step in range(2):
+            with torch.no_grad():
+                model[0].bias[2] = float("nan") if step == 1 else 0.0
+            model(torch.randn(8, 5)).nan_to_num(0.0).square().sum().backward()
+            model.zero_grad()
+            doc.step()
+    assert torch.isnan(outs[1][:, 2]).all() and torch.isfinite(grads[1]).all()
+    row = doc.to_pandas().set_index("site").loc["1"]
+    assert (row["nonfinite"], row["grad_nonfinite"]) == (1, 0)
+    table = doc.unit_table("1").set_index("unit")
+    g = torch.cat(grads).double()  # both steps: no gradient was non-finite
+    assert table["grad_rms"].tolist() == pytest.approx(g.square().mean(0).sqrt().tolist())
+    counted = torch.tensor([8.0, 8.0, 0.0, 8.0]) + 8  # unit 2: step 0 only
+    assert table["mean_abs"].tolist() == pytest.approx(
+        (torch.cat(outs).double().nan_to_num(0.0).abs().sum(0) / counted).tolist())
+
+
 def test_a_site_that_is_nan_on_every_step_is_still_reported():
     """Every output NaN: no finite element was seen at all, and this must still be a
     finding (and a row), not an empty report."""
