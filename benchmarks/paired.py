@@ -50,6 +50,9 @@ CONFIGS = {
     "every": {"every_n": 1},
     "every16": {"every_n": 16},
     "every_act": {"every_n": 1, "layers": False},
+    # watched, collecting nothing after its first step: what the steps between collecting
+    # ones cost (the budget's estimate counts only its own Python there)
+    "idle": {"every_n": 10**9},
 }
 WARMUP = 20
 
@@ -197,8 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", default=["default", "every"], choices=sorted(CONFIGS),
                    help="relu_doctor configurations beside plain and the A/A control, which "
                    "always run: default (overhead_budget=0.03), every (every step), every16 "
-                   "(every 16th step), every_act (every step, no optimizer tap); default: "
-                   "default every")
+                   "(every 16th step), every_act (every step, no optimizer tap), idle (watched, "
+                   "collecting no step after the first); default: default every")
     p.add_argument("--rounds", type=int, default=300,
                    help="timed rounds, 10 or more, after 20 untimed (default 300)")
     p.add_argument("--threads", type=int, default=2,
