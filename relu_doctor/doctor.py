@@ -466,9 +466,10 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if not self._has_sites and self.probe.collecting:  # (a step that collects nothing
             missing = self.missing_activations()           # records no pass to judge by)
             if missing is not None:
-                if self.all_reduce is None:
+                if self.all_reduce is not None:
+                    self._warn_no_site_yet(missing)
+                elif not self._may_see_activations():
                     raise ReluDoctorError(missing)
-                self._warn_no_site_yet(missing)
         if last is not False and last is not True:
             last = flag("last", bool(last) if isinstance(last, np.bool_) else last)
         release = self._check_held  # training went on after a final record (_release_held)
@@ -497,6 +498,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if self.global_step % self.log_every_n_steps == 0:
             with self.sampler.log_lap():  # what a log costs counts against the budget
                 record = self._log(final=last, keep=False)
+            if not self._has_sites and self.all_reduce is None:
+                self._warn_none_ran()
         if release and (record is None or not record.final):  # a final one is held anew
             self._release_held()
         self.probe.collecting = self._collecting()
@@ -744,6 +747,33 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             f"relu_doctor: {missing} With several processes it goes on watching, so that "
             "every process makes the same cross-process calls: a process whose branches "
             "ran no activation yet holds no site, and its windows are its own until it does.",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+    def _may_see_activations(self) -> bool:
+        """Whether the model holds an activation this Doctor could watch (an activation
+        module, or a module whose ``forward`` may call a functional one): a recorded pass
+        that ran none then skipped them (a branch, stochastic depth), which is no error."""
+        return bool(self.probe.targets()) or (
+            self._capture is not None and self._capture.may_capture()
+        )
+
+    def _warn_none_ran(self) -> None:
+        """Once, at a log with no site yet while the model holds activations it could
+        watch (see :meth:`_may_see_activations`): nothing has been collected so far."""
+        if self._warned_no_site or self.missing_activations() is None:
+            return
+        self._warned_no_site = True
+        modules = len(self.probe.targets())
+        warnings.warn(
+            f"relu_doctor: no watched activation ran in the {self.probe.passes} recorded "
+            f"forward passes of {type(self.model).__name__} up to step {self.global_step} "
+            f"({modules} activation module{'s' if modules != 1 else ''} watched"
+            f"{', functional calls captured' if self.functional else ''}), so nothing has "
+            "been collected yet. It goes on watching. If its activations should have run, "
+            "check that they run in training passes (model.train(), gradients enabled) on "
+            "floating-point tensors, and that include/exclude select them.",
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),
         )

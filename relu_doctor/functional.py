@@ -332,6 +332,19 @@ class FunctionalCapture(HookOwner):
     def attached(self) -> bool:
         return self._attached
 
+    def may_capture(self) -> bool:
+        """Whether some module of the model may call a functional activation in its own
+        ``forward`` (the mode is on somewhere): a pass that made no such call may have
+        skipped it (a branch, stochastic depth), not shown that there is none. After the
+        first recorded pass the reading of forwards is trusted: the modules are hooked anew
+        here, as the next pass would."""
+        if self._resync and not (self.probe._compiled or torch.compiler.is_compiling()):
+            self._sync()
+        return any(
+            entry[1] and type(mod).forward is not nn.Module.forward  # (a holder: it raises)
+            for mod, (entry, _handles) in self._hooked.items()
+        )
+
     def __enter__(self) -> FunctionalCapture:
         return self.attach()
 

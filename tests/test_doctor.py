@@ -355,6 +355,56 @@ def test_a_model_without_relu_family_layers_is_a_clear_error_at_the_first_step()
         doc.step()
 
 
+class _DroppedBlock(nn.Module):
+    """A block run only on the passes given (stochastic depth), with its activation as a
+    module or as a functional call."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.skip, self.a, self.b = nn.Linear(8, 2), nn.Linear(8, 16), nn.Linear(16, 2)
+        self.act = nn.Identity() if functional else nn.ReLU()
+        self.functional = functional
+        self.run_block = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.skip(x)
+        if self.run_block:
+            h = self.a(x)
+            out = out + self.b(F.relu(h) if self.functional else self.act(h))
+        return out
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+@pytest.mark.parametrize("runs", [(1, 3, 5), ()], ids=["from_step_1", "never"])
+def test_a_first_pass_that_skips_the_models_activations_stops_nothing(
+    functional: bool, runs: tuple[int, ...]
+) -> None:
+    """The model holds an activation its first pass skipped: no error (training goes on),
+    the site made when it runs, counted from then; one warning at a log with no site yet."""
+    torch.manual_seed(0)
+    model = _DroppedBlock(functional)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        warnings.catch_warnings(record=True) as rec,
+        relu_doctor.watch(model, log_every_n_steps=3, overhead_budget=None) as doc,
+    ):
+        warnings.simplefilter("always")
+        for step in range(6):
+            model.run_block = step in runs
+            model(torch.randn(4, 8)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    said = [str(w.message) for w in rec if "no watched activation ran" in str(w.message)]
+    if runs:
+        assert said == [] and len(doc.sites) == 1
+        row = doc.to_pandas().iloc[0]  # the last window: steps 3-5, the block ran at 3 and 5
+        assert row["elements"] == 2 * 4 * 16
+    else:
+        assert len(said) == 1 and "up to step 3" in said[0] and doc.sites == []
+        assert doc.global_step == 6
+
+
 @pytest.mark.parametrize("arg", ["include", "exclude"])
 def test_unknown_site_patterns_name_the_argument_and_the_choices(arg):
     with pytest.raises(ReluDoctorError, match=rf"{arg}: pattern 'layer9\*' matches no module") as info:
