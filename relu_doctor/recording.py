@@ -223,8 +223,9 @@ class RunRecording:
             writer.append_table("layers", record.step, record.layer_table)
             writer.append_table("metrics", record.step, metrics_columns(record))
             writer.append_table("windows", record.step, window_columns(record))
-            writer.write_findings(record.findings)
+            # events first: a reader meanwhile sees no finding without the event it began with
             self._append_events(writer, events)
+            writer.write_findings(record.findings)
         except Exception as e:  # disk full, permissions, a removed directory...
             self._note_unwritten(record.step)
             self._write_failed(e)
@@ -430,8 +431,8 @@ class RunRecording:
                 for name, frame in frames.items():
                     if not frame.empty:
                         writer.append_table(name, int(frame["step"].max()), frame)
-                writer.write_findings(run.findings())
                 writer.append_events(run.events)
+                writer.write_findings(run.findings())
             finally:
                 writer.close()
             self._saved_to.add(key)

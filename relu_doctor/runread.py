@@ -614,7 +614,8 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         except (OSError, ValueError) as e:
             warn_problem(problems, f"relu_doctor: skipped {str(status_path)!r}: {e}.")
     events = _read_events(p / "events.jsonl", problems)
-    tables = {"history", "layers", "metrics"} | table_folders(p)
+    held = table_folders(p)  # the tables with parts
+    tables = {"history", "layers", "metrics"} | held
     legacy = meta.get("format_version", 1) < 4
     # its parts checked now, read when asked
     units = TableParts(p / "units", problems=problems, legacy=legacy)
@@ -629,9 +630,11 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             lost_tables.append(t)
     lost = _history_lost(history_parts, history, frames.get("windows"), units, problems)
     for table in meta.get("tables") or []:  # (history: said by _history_lost)
-        if isinstance(table, str) and table != "history" and not (p / table).exists():
-            warn_problem(problems, f"relu_doctor: {str(p / table)!r} is missing, although "
-                         "the run wrote that table.")
+        # (a table is listed after its first part was made, so one with none lost them)
+        if isinstance(table, str) and table != "history" and table not in held:
+            what = "is missing" if not (p / table).exists() else "holds none of its parts"
+            warn_problem(problems, f"relu_doctor: {str(p / table)!r} {what}, although the "
+                         "run wrote that table.")
             lost_tables.append(table)
     if units.skipped and "units" not in lost_tables:  # (one it may not list)
         lost_tables.append("units")
@@ -650,6 +653,17 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             warn_problem(problems, f"relu_doctor: {str(f_path)!r} {what}, though the run "
                          "logged; the findings are taken from events.jsonl.")
             last_findings = _findings_from_events(events)
+    if (last_findings and not meta.get("unwritten")
+            and not any(e.get("type") == "finding" for e in events)):
+        # each open finding began with an event: none read means the file lost them
+        ev = p / "events.jsonl"
+        what = "is missing" if not ev.exists() else "holds no finding"
+        warn_problem(problems, f"relu_doctor: {str(ev)!r} {what}, although findings.json "
+                     f"holds {len(last_findings)} that began there: the timeline of findings "
+                     "and interventions is lost.")
+    if meta.get("format_version", 1) >= 3 and not status_path.exists():
+        warn_problem(problems, f"relu_doctor: {str(status_path)!r} is missing: the steps whose "
+                     "logs could not be written, if any, cannot be told from steps never logged.")
     writer = open_writer_state(p)
     return Run(
         meta=meta,

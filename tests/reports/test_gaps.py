@@ -297,20 +297,24 @@ def test_the_logs_never_written_are_named_in_good_english(ranges, said):
     assert f"Never written (OSError: disk full): {said}" in summary(build_context(run))
 
 
+@pytest.mark.parametrize("emptied", [False, True], ids=["folder_gone", "parts_gone"])
 @pytest.mark.parametrize("table", ["units", "metrics", "windows", "layers"])
 def test_a_table_folder_the_run_wrote_and_that_is_gone_is_said_lost(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], table: str) -> None:
-    """``meta.json`` lists the tables the run wrote; one whose folder is gone was silent,
-    and the report then blamed the loop ("No loss or learning rate was recorded: pass
-    doc.step(loss=loss)") for a table that was written and lost."""
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], table: str, emptied: bool) -> None:
+    """``meta.json`` lists the tables the run wrote; one whose folder is gone, or holds
+    none of its parts, was silent, and the report then blamed the loop ("No loss or learning
+    rate was recorded: pass doc.step(loss=loss)") for a table that was written and lost."""
     run_dir = tmp_path / "run"
     _train(run_dir, 3)
     meta = rundir.read_meta(run_dir)
     assert {"history", "units", "metrics", "windows", "layers"} <= set(meta["tables"])
     shutil.rmtree(run_dir / table)
+    if emptied:
+        (run_dir / table).mkdir()
     assert main(["report", str(run_dir)]) == 0
     err = capsys.readouterr().err
-    said = f"{str(run_dir / table)!r} is missing, although the run wrote that table"
+    what = "holds none of its parts" if emptied else "is missing"
+    said = f"{str(run_dir / table)!r} {what}, although the run wrote that table"
     assert said in err and "Traceback" not in err
     with pytest.warns(relu_doctor.ReluDoctorWarning, match=re.escape(said)):
         run = load_run(run_dir)
@@ -414,3 +418,48 @@ def test_a_damaged_table_is_said_lost_where_its_section_would_be(
     html = (run_dir / "report.html").read_text()
     assert blame not in html
     assert f"(<code>{table}/</code>) is lost or damaged in the run directory" in html
+
+
+@pytest.mark.parametrize("how", ["deleted", "emptied"])
+def test_lost_events_and_a_missing_status_file_are_said(tmp_path: Path, how: str) -> None:
+    """``events.jsonl`` deleted or emptied read as a run with no events, and a deleted
+    ``status.json`` hid the logs that failed to write: each is said, naming the file."""
+    run_dir = tmp_path / "run"
+    _train(run_dir, 3, sites=13)  # (a deep net of 10 units: findings from the first log)
+    assert load_run(run_dir).last_findings, "the run must have open findings"
+    events = run_dir / "events.jsonl"
+    if how == "deleted":
+        events.unlink()
+    else:
+        events.write_bytes(b"")
+    (run_dir / "status.json").unlink()
+    with pytest.warns(ReluDoctorWarning) as rec:
+        run = load_run(run_dir)
+    said = [str(w.message) for w in rec]
+    what = "is missing" if how == "deleted" else "holds no finding"
+    assert any(f"{str(events)!r} {what}, although findings.json holds" in m for m in said)
+    assert any("status.json' is missing" in m for m in said)
+    assert len(run.problems) == 2
+
+
+def test_a_healthy_run_read_while_each_log_is_written_never_looks_lost(tmp_path: Path) -> None:
+    """A log appends its events before it replaces findings.json: a reader between the two
+    never sees a finding without the event it began with."""
+    run_dir = tmp_path / "run"
+    order: list[str] = []
+    real_events, real_findings = rundir.RunWriter.append_events, rundir.RunWriter.write_findings
+
+    def events(self: rundir.RunWriter, evs: object) -> None:
+        order.append("events")
+        real_events(self, evs)  # type: ignore[arg-type]
+
+    def findings(self: rundir.RunWriter, fs: object) -> None:
+        order.append("findings")
+        real_findings(self, fs)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rundir.RunWriter, "append_events", events)
+        mp.setattr(rundir.RunWriter, "write_findings", findings)
+        _train(run_dir, 2, sites=13)
+    first = order.index("findings")
+    assert "events" in order[:first]
