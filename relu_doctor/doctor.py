@@ -285,6 +285,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._event_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._capture: Any = None
         self._meta_dirty = True
+        #: what stopped training early ("KeyboardInterrupt", "ValueError: ..."), said in the
+        #: run directory's meta.json and the report (see note_exception); None otherwise
+        self.ended_by: str | None = None
         self.probe.on_new_site(self._mark_meta_dirty)
 
     # ------------------------------------------------------------------ lifecycle
@@ -372,6 +375,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._alone = exc_type is not None and self.all_reduce is not None
         if self.eval is not None:
             self.eval._alone = self._alone
+        if exc and isinstance(exc[0], BaseException):
+            self.note_exception(exc[0])
         self._warn_stray_passes(exc_type is None)
         self.log_final(keep_window=True, stacklevel=3)
         if self.eval is not None and self.probe.attached:
@@ -394,6 +399,16 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 ReluDoctorWarning,
                 stacklevel=2,
             )
+
+    def note_exception(self, exc: BaseException) -> None:
+        """Training stopped on ``exc`` (a ``with watch(...)`` block's exception, a Lightning
+        fit's): ``meta.json`` and the report say so (:attr:`ended_by`), so that a run cut
+        short is not read as one that ran its course. The first one is kept."""
+        if self.ended_by is None:
+            text = " ".join(str(exc).split())
+            name = type(exc).__name__
+            self.ended_by = f"{name}: {text[:200]}{'…' if len(text) > 200 else ''}" if text else name
+            self._meta_dirty = True
 
     def _warn_stray_passes(self, ok: bool) -> None:
         """At a ``watch`` block's exit: training passes after its last ``step()`` are in the

@@ -109,6 +109,7 @@ class RunRecording:
         _saved_to: set[str]
         _write_error: str | None
         _meta_dirty: bool
+        ended_by: str | None
         resume_advice: str
         _declined: dict[str, set[str]]
         _unwritten: list[list[int]]
@@ -334,6 +335,7 @@ class RunRecording:
                 "overhead_budget": self.overhead_budget,
                 **self.config.__dict__,
             },
+            **({"ended_by": self.ended_by} if self.ended_by else {}),
         }
 
     def _write_meta(self) -> None:

@@ -35,6 +35,8 @@ class Gaps:
             another schema), as warned when it was read (:attr:`Run.problems`).
         unclosed: why the writer has not closed the run directory (:attr:`Run.writer_open`:
             still writing, or killed): the run may go on after what it shows.
+        ended_by: what stopped training early (an exception in the loop, Ctrl-C), as
+            ``meta.json``'s ``ended_by`` says ("" when it ran its course, or cannot tell).
         lost_tables: the tables the run wrote (``meta.json``'s ``tables``) whose folder is
             missing or cannot be listed, or with a part skipped: what they would show is
             lost (or partly), not unlogged.
@@ -45,9 +47,10 @@ class Gaps:
     skipped: list[str] = field(default_factory=list)
     unclosed: str = ""
     lost_tables: list[str] = field(default_factory=list)
+    ended_by: str = ""
 
     def __bool__(self) -> bool:
-        return bool(self.unwritten or self.skipped or self.unclosed)
+        return bool(self.unwritten or self.skipped or self.unclosed or self.ended_by)
 
     @property
     def one_unwritten(self) -> bool:
@@ -76,5 +79,6 @@ def read_gaps(run: Run) -> Gaps:
         skipped=list(dict.fromkeys(skipped)),
         unclosed=run.writer_open,
         lost_tables=sorted(lost),
+        ended_by=ended if isinstance(ended := run.meta.get("ended_by"), str) else "",
     )
 

@@ -52,6 +52,9 @@ def _gap_lines(ctx: ReportContext, shown: int = 3) -> list[str]:
     lines = []
     if gaps.unclosed:
         lines.append(f"  Not closed: {gaps.unclosed}")
+    if gaps.ended_by:
+        lines.append(f"  Ended early: training stopped on {gaps.ended_by}; what it logged up "
+                     "to then is shown")
     if gaps.unwritten:
         cause = f" ({gaps.write_error})" if gaps.write_error else ""
         one = gaps.one_unwritten

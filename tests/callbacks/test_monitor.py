@@ -805,6 +805,8 @@ def test_exception_mid_fit_leaves_no_hook(tmp_path):
     assert sorted(run.history["step"].unique()) == [2, 3]
     assert run.tables["windows"].set_index("step").loc[3, "steps_run"] == 1
     assert run.writer_open == ""
+    # ... and the run directory says the fit ended on that error, not that it ran its course
+    assert run.meta["ended_by"].startswith("RuntimeError: boom")
 
 
 def test_interrupt_mid_fit_leaves_no_hook(tmp_path):

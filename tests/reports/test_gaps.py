@@ -463,3 +463,33 @@ def test_a_healthy_run_read_while_each_log_is_written_never_looks_lost(tmp_path:
         _train(run_dir, 2, sites=13)
     first = order.index("findings")
     assert "events" in order[:first]
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), ValueError("loss went\nnegative")],
+                         ids=["ctrl_c", "exception"])
+def test_a_run_stopped_by_an_exception_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], error: BaseException) -> None:
+    """A watch block left by an exception closed the run directory as a finished run: the
+    report read like a run meant to stop there. meta.json, the HTML report and the summary
+    now say what stopped it; a run that ran its course says nothing of the kind."""
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    with pytest.raises(type(error)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir) as doc:
+            for step in range(5):
+                zoo.train(model, [torch.randn(8, 10)], doc=doc)
+                if step == 2:
+                    raise error
+    said = type(error).__name__ + (": loss went negative" if str(error) else "")
+    run = load_run(run_dir)
+    assert run.meta["ended_by"] == said and run.writer_open == ""
+    assert sorted(run.history["step"].unique()) == [2, 3]  # the open window logged too
+    html = render_report(run)
+    assert f"training stopped on <code>{said}</code>" in _gap_section(html)
+    assert main(["report", str(run_dir)]) == 0
+    assert f"Ended early: training stopped on {said}" in capsys.readouterr().out
+    healthy = tmp_path / "healthy"
+    _train(healthy, 2)
+    assert "ended_by" not in load_run(healthy).meta
+    assert "Ended early" not in render_report(load_run(healthy))
