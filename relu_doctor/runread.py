@@ -110,6 +110,13 @@ def open_writer_state(path: Path) -> WriterState:
             return WriterState("this process is still writing it", writing=True)
     elif _pid_alive(pid, token):
         return WriterState(f"process {pid} is still writing it", writing=True)
+    if not os.access(path, os.W_OK):
+        # a writer that lost write access can remove no lock and write no status: it may
+        # have run its course, its later logs failing, not died
+        return WriterState(f"its writer, process {pid}, did not close it, and the run "
+                           "directory is not writable now (its permissions changed?): the "
+                           "writer may have trained on after its last log, unable to write "
+                           "the logs after it, its status or its closing")
     return WriterState(f"its writer, process {pid}, ended without closing it (killed, or "
                        "crashed): what it trained after its last log is not recorded")
 

@@ -226,6 +226,24 @@ def test_a_lock_with_this_processs_pid_that_it_does_not_hold_is_a_dead_writers(t
         f"its writer, process {os.getpid()}, ended without closing it")
 
 
+def test_a_dead_writers_lock_in_a_directory_made_read_only_blames_no_crash(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run directory made read-only mid-run: its writer trained on, failing to write its
+    logs, its status.json and its closing (the lock stays). The report blamed a crash."""
+    import json as jsonlib
+    import socket
+
+    run_dir = tmp_path / "run"
+    _train(run_dir, 2)
+    (run_dir / ".lock").write_text(jsonlib.dumps(
+        {"run_id": "x", "pid": os.getpid(), "host": socket.gethostname()}))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == run_dir and
+                        mode == os.W_OK else real_access(p, mode, **kw))
+    said = load_run(run_dir).writer_open
+    assert "the run directory is not writable now" in said and "crashed" not in said
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="start times from Linux /proc")
 def test_a_writers_pid_now_held_by_another_live_process_is_a_dead_writers(tmp_path: Path) -> None:
     """The lock records its writer's start time: a live process that was given the dead
