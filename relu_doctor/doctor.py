@@ -55,8 +55,8 @@ KEEP_EVENTS = 10_000  # events kept in memory (all of them reach the run directo
 #: training starts and writing is retried at each log. Any other (no such parent, a file in
 #: the way, a read-only place, no permission) means it cannot be written: the user's mistake.
 PASSING_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EIO", "EAGAIN", "EINTR", "ENOMEM",
-                                      "EMFILE", "ENFILE", "ESTALE", "ETIMEDOUT")
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EIO", "EAGAIN", "EINTR",
+                                      "ENOMEM", "EMFILE", "ENFILE", "ESTALE", "ETIMEDOUT")
     if hasattr(errno, name)
 )
 

@@ -89,9 +89,10 @@ def test_disk_full_warns_once_training_goes_on_and_writing_resumes(
     assert sorted(run.units["step"].unique()) == [1, 2, 6, 7, 8]
 
 
-@pytest.mark.parametrize("tensorboard", [False, True])
+@pytest.mark.parametrize(("tensorboard", "code"), [
+    (False, errno.ENOSPC), (True, errno.ENOSPC), (False, errno.EFBIG)])
 def test_a_full_disk_when_watch_starts_warns_and_training_goes_on(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tensorboard: bool) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tensorboard: bool, code: int) -> None:
     """ENOSPC opening the run directory at watch() may pass: a warning, not the error a
     run_dir that cannot be created gets (test_first_run); writing starts when the disk has room.
     With TensorBoard on, its event file lands in the directory first: it is this run's, and
@@ -102,14 +103,15 @@ def test_a_full_disk_when_watch_starts_warns_and_training_goes_on(
     full = [True]
 
     def writer(*args: Any, **kwargs: Any) -> RunWriter:
-        if full[0]:
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if full[0]:  # (EFBIG: a file-size limit, RLIMIT_FSIZE, a quota on file size)
+            raise OSError(code, os.strerror(code))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(recording, "RunWriter", writer)
     run_dir = tmp_path / "run"
     model = zoo.mlp()
-    with (pytest.warns(ReluDoctorWarning, match="cannot write the run directory .*No space left"),
+    with (pytest.warns(ReluDoctorWarning,
+                       match=f"cannot write the run directory .*{os.strerror(code)}"),
           relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir,
                             tensorboard=tensorboard) as doc):
         zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
