@@ -288,6 +288,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         #: what stopped training early ("KeyboardInterrupt", "ValueError: ..."), said in the
         #: run directory's meta.json and the report (see note_exception); None otherwise
         self.ended_by: str | None = None
+        self._previous_sites: list[dict[str, Any]] = []  # a continued run's (see recording)
+        self._warned_other_model = False
         self.probe.on_new_site(self._mark_meta_dirty)
 
     # ------------------------------------------------------------------ lifecycle
@@ -575,6 +577,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
     # ------------------------------------------------------------------ reading
     def _mark_meta_dirty(self) -> None:
         self._meta_dirty = True
+        self._check_previous_sites()  # (a new site: is it the continued run's?)
 
     def reduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``tensors`` summed across processes in one collective call (``all_reduce``); the

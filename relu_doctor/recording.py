@@ -82,6 +82,16 @@ def _model_title(model: object) -> str:
     return f"{name} ({cls})" if isinstance(name, str) and name and name != cls else cls
 
 
+def _with_previous(sites: list[dict[str, Any]], previous: list[dict[str, Any]]) -> list[
+        dict[str, Any]]:
+    """``sites``, then the sites of the run continued that are not among them (ordered
+    after them): a site that has not run again in this process is still the run's."""
+    names = {d["name"] for d in sites}
+    after = max((int(d.get("order", 0)) for d in sites), default=-1) + 1
+    rest = [d for d in previous if d["name"] not in names]
+    return sites + [{**d, "order": after + i} for i, d in enumerate(rest)]
+
+
 class RunRecording:
     """The run-record half of :class:`~relu_doctor.doctor.Doctor` (see the module)."""
 
@@ -109,6 +119,8 @@ class RunRecording:
         _saved_to: set[str]
         _write_error: str | None
         _meta_dirty: bool
+        _previous_sites: list[dict[str, Any]]
+        _warned_other_model: bool
         ended_by: str | None
         resume_advice: str
         _declined: dict[str, set[str]]
@@ -134,6 +146,8 @@ class RunRecording:
         writer = RunWriter(self.run_dir, resume=self.resume or self._wrote_run_dir, claimed=True,
                            resume_advice=self.resume_advice)
         self._writer, self._wrote_run_dir = writer, True
+        if writer.previous_meta is not None and not self._previous_sites:
+            self._take_previous_sites(writer.previous_meta)
         if writer.last_step is not None:
             if self.global_step == 0:  # resume=True without a checkpoint: go on after it
                 self.global_step = writer.last_step
@@ -141,6 +155,43 @@ class RunRecording:
             else:
                 self._continue_after_checkpoint()
         self._write_meta()
+
+    def _take_previous_sites(self, previous: Mapping[str, Any]) -> None:
+        """A run continued in its directory: the sites it described that this process has
+        not made stay in ``meta.json`` (their rows are in its tables), and a model that is
+        plainly another (another class, or a site of another family or width: checked as
+        sites are made, :meth:`_check_previous_sites`) is said once: the report would mix
+        two models' records."""
+        self._previous_sites = [
+            d for d in previous.get("sites") or [] if isinstance(d, dict) and "name" in d]
+        title = previous.get("model")
+        if isinstance(title, str) and title != _model_title(self.model):
+            self._warn_other_model(f"a {title}, where this model is a {_model_title(self.model)}")
+        self._check_previous_sites()
+
+    def _check_previous_sites(self) -> None:
+        if self._warned_other_model or not self._previous_sites:
+            return
+        now = {s.name: s for s in self.probe.sites()}
+        clash = [str(d["name"]) for d in self._previous_sites if d["name"] in now and (
+            d.get("units") != now[d["name"]].units
+            or d.get("family") != now[d["name"]].family.name)]
+        if clash:
+            self._warn_other_model(
+                f"its site{'s' if len(clash) > 1 else ''} {', '.join(map(repr, clash[:3]))} "
+                "of another width or family")
+
+    def _warn_other_model(self, what: str) -> None:
+        if self._warned_other_model:
+            return
+        self._warned_other_model = True
+        warnings.warn(
+            f"relu_doctor: run_dir {str(self.run_dir)!r} is continued (resume=True) but holds "
+            f"the run of another model ({what}): its record and this one's will be read as "
+            "one run. Pass a new run_dir for another model.",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _continue_after_checkpoint(self) -> None:
         """Drop what the run directory holds after the restored step (logged after the
@@ -325,7 +376,8 @@ class RunRecording:
             "versions": _versions(),
             "model": _model_title(self.model),
             "device": str(next(iter(self.model.parameters()), torch.empty(0)).device),
-            "sites": [s.describe() for s in self.probe.sites()],
+            "sites": _with_previous([s.describe() for s in self.probe.sites()],
+                                    self._previous_sites),
             "unwritten": [list(r) for r in self._unwritten],
             "stream": self.probe.stream,
             "eval_stream": self._eval_name,

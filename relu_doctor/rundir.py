@@ -385,6 +385,8 @@ class RunWriter:
             check_claimable(p)
         meta_path = p / "meta.json"
         old = read_meta(p) if meta_path.is_file() else None
+        #: the meta.json of the run this writer continues (``resume``), else None
+        self.previous_meta: dict[str, Any] | None = old if resume and not replace else None
         p.mkdir(parents=True, exist_ok=True)
         self.run_id = uuid.uuid4().hex[:12]
         if old is not None and not replace:

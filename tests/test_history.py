@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import warnings
 
 import pandas as pd
 import pyarrow as pa
@@ -267,6 +268,38 @@ def test_a_second_run_in_a_run_directory_is_refused_and_resume_continues_it(tmp_
     assert run.history.groupby("step").size().eq(2).all()  # no step written twice
     assert run.meta["run_id"] == run_id
     assert not run.problems
+
+
+def test_a_continued_run_keeps_the_sites_it_has_not_run_again_and_another_model_is_said(
+        tmp_path):
+    """resume=True rewrote meta.json with the new process's sites only: a site whose rows
+    fill the history vanished from the report. And continuing another model's run was
+    silent: its record and the new one read as one run."""
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()  # sites "1" and "3"
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+    # the same model, its second ReLU not run in the continued part: no warning, kept
+    model.forward = lambda x: model[1](model[0](x))  # type: ignore[method-assign]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReluDoctorWarning)
+        with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc:
+            for _ in range(2):
+                model(torch.randn(8, 10)).sum().backward()
+                doc.step()
+    run = load_run(run_dir)
+    assert [d["name"] for d in run.meta["sites"]] == ["1", "3"]
+    assert set(run.history["site"]) == {"1", "3"}
+    # another model continued in it: said once, naming the site that differs
+    other = torch.nn.Sequential(torch.nn.Linear(10, 7), torch.nn.ReLU())
+    with (pytest.warns(ReluDoctorWarning, match=r"holds the run of another model \(its site "
+                       r"'1' of another width or family\)") as rec,
+          relu_doctor.watch(other, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc):
+        for _ in range(2):
+            other(torch.randn(8, 10)).sum().backward()
+            doc.step()
+    assert sum("another model" in str(w.message) for w in rec) == 1
+    assert [d["name"] for d in load_run(run_dir).meta["sites"]] == ["1", "3"]
 
 
 def test_resume_from_an_older_checkpoint_drops_what_was_logged_after_it(tmp_path):
