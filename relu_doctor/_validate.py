@@ -86,6 +86,10 @@ def path(name: str, value: object, *, none: bool = False) -> Any:
         raise ReluDoctorError(
             f"{name}: got an empty path ''; name a directory (for the current one, '.')."
         )
+    if value is not None and ("\0" if isinstance(os.fspath(value), str) else b"\0") in (
+            os.fspath(value)):
+        raise ReluDoctorError(f"{name}: got a path with a NUL character, {value!r}; no file "
+                              "system allows one in a name.")
     return value
 
 

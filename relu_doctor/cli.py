@@ -145,6 +145,9 @@ def _report(args: argparse.Namespace, prog: str) -> int:
     from relu_doctor.history import load_run
     from relu_doctor.reports.report import Report
 
+    if not args.run_dir:
+        return _fail(prog, "RUN_DIR: got an empty path ''; name a run directory (for the "
+                     "current one, '.').")
     run_dir = Path(args.run_dir)
     try:
         run = load_run(run_dir)
@@ -159,8 +162,10 @@ def _report(args: argparse.Namespace, prog: str) -> int:
     except OSError as e:
         elsewhere = (" Write it elsewhere with -o PATH (a read-only copy of a run, say)."
                      if args.output is None else "")
-        return _fail(prog, f"cannot write the report to {str(out)!r}: {e.strerror or e}."
-                     f"{elsewhere}")
+        blocker = next((str(a) for a in Path(out).parents if a.exists() and not a.is_dir()),
+                       None)  # (mkdir says "File exists" of a file in the path)
+        why = f"{blocker!r} is a file, not a directory" if blocker else e.strerror or e
+        return _fail(prog, f"cannot write the report to {str(out)!r}: {why}.{elsewhere}")
     except ReluDoctorError as e:
         return _fail(prog, str(e).replace("path: ", "--output: ", 1))
     if args.quiet:

@@ -167,6 +167,16 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         callable_or_none("all_reduce", all_reduce)
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
         every, budget = check_rate(every_n_steps, overhead_budget)
+        if every != "auto" and every > self.log_every_n_steps:
+            warnings.warn(
+                f"relu_doctor: every_n_steps={every} is more than log_every_n_steps="
+                f"{self.log_every_n_steps}: most windows would collect nothing and judge "
+                f"nothing, so each collects one step (every_n_steps={self.log_every_n_steps}). "
+                "Log less often to collect less often.",
+                ReluDoctorWarning,
+                stacklevel=user_stacklevel(),
+            )
+            every = self.log_every_n_steps
         #: the host seconds this Doctor's hooks spent collecting (its budget's measure)
         self.stopwatch = Stopwatch()
         self.sampler = Sampler(
@@ -191,6 +201,13 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             )
         self.grad_scaler = grad_scaler
         self.world_size = positive_int("world_size", world_size)
+        if self.world_size > 1 and all_reduce is None:
+            raise ReluDoctorError(
+                f"world_size: got {world_size} without all_reduce; with several processes "
+                "pass all_reduce= (the sum across processes, see the README's DDP section) "
+                "beside it. Alone it would divide one process's gradient statistics by "
+                f"{world_size}."
+            )
         self.probe = Probe(
             model,
             include=include,

@@ -250,6 +250,22 @@ def test_report_of_an_unusable_directory(kind: str, tmp_path: Path, capsys: pyte
     assert line.startswith("relu-doctor report: error:") and str(d) in line
 
 
+def test_report_of_an_empty_path_and_to_a_path_through_a_file_say_which(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``report ""`` read the current directory; ``-o afile/x.html`` said 'File exists'."""
+    assert main(["report", ""]) == 2
+    assert "RUN_DIR: got an empty path ''" in one_line_error(capsys.readouterr().err)
+    from relu_doctor.history import RunWriter
+
+    writer = RunWriter(tmp_path / "run")
+    writer.write_meta({"sites": []})
+    writer.close()
+    (tmp_path / "afile").write_text("x")
+    assert main(["report", str(tmp_path / "run"), "-o", str(tmp_path / "afile" / "x.html")]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{str(tmp_path / 'afile')!r} is a file, not a directory" in line, line
+
+
 def test_report_names_the_runs_inside_a_parent_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from relu_doctor.history import RunWriter
 

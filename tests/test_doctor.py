@@ -405,6 +405,27 @@ def test_a_first_pass_that_skips_the_models_activations_stops_nothing(
         assert doc.global_step == 6
 
 
+def test_world_size_without_all_reduce_and_a_nul_in_run_dir_are_clear_errors(tmp_path) -> None:
+    model = zoo.mlp()
+    with pytest.raises(ReluDoctorError, match=r"world_size: got 2 without all_reduce"):
+        relu_doctor.watch(model, world_size=2)
+    with pytest.raises(ReluDoctorError, match=r"run_dir: got a path with a NUL character"):
+        relu_doctor.watch(model, run_dir=str(tmp_path / "a\0b"))
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_a_rate_rarer_than_the_logs_collects_one_step_a_window_and_says_so() -> None:
+    """every_n_steps=100 with logs every 10: nine windows in ten collected nothing, and the
+    run's settings said 100."""
+    model = zoo.mlp()
+    with (pytest.warns(ReluDoctorWarning, match=r"every_n_steps=100 is more than "
+                       r"log_every_n_steps=10.*each collects one step"),
+          relu_doctor.watch(model, every_n_steps=100, log_every_n_steps=10) as doc):
+        zoo.train(model, [torch.randn(4, 10) for _ in range(30)], doc=doc)
+    assert doc.every_n_steps == 10
+    assert doc.to_run().tables["windows"]["steps_collected"].tolist() == [1, 1, 1]
+
+
 @pytest.mark.parametrize("arg", ["include", "exclude"])
 def test_unknown_site_patterns_name_the_argument_and_the_choices(arg):
     with pytest.raises(ReluDoctorError, match=rf"{arg}: pattern 'layer9\*' matches no module") as info:
