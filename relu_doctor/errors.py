@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["ReluDoctorError", "ReluDoctorWarning", "RunDirError", "user_stacklevel"]
+__all__ = [
+    "ReluDoctorError", "ReluDoctorWarning", "RunDirError", "forget_write_failure",
+    "note_write_failure", "user_stacklevel", "write_failure_noted",
+]
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -44,3 +47,28 @@ def user_stacklevel() -> int:
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
     return level
+
+
+# Directories whose run-directory writer has warned that it cannot write there: the
+# TensorBoard event file in the same directory then fails for the same reason and says
+# nothing more (one warning per cause, not one per file).
+_WRITE_FAILED: set[str] = set()
+
+
+def _key(directory: str | os.PathLike[str]) -> str:
+    return os.path.abspath(os.fspath(directory))
+
+
+def note_write_failure(directory: str | os.PathLike[str]) -> None:
+    """The run directory ``directory`` could not be written, and its writer said so."""
+    _WRITE_FAILED.add(_key(directory))
+
+
+def forget_write_failure(directory: str | os.PathLike[str]) -> None:
+    """Its writer closed: a later run there says its own failures."""
+    _WRITE_FAILED.discard(_key(directory))
+
+
+def write_failure_noted(directory: str | os.PathLike[str]) -> bool:
+    """Whether a writer already said that ``directory`` cannot be written."""
+    return _key(directory) in _WRITE_FAILED

@@ -25,7 +25,13 @@ from relu_doctor import _heap as heap
 from relu_doctor._validate import finite_or_none, flag
 from relu_doctor._validate import path as check_path
 from relu_doctor._version import __version__
-from relu_doctor.errors import ReluDoctorWarning, RunDirError, user_stacklevel
+from relu_doctor.errors import (
+    ReluDoctorWarning,
+    RunDirError,
+    forget_write_failure,
+    note_write_failure,
+    user_stacklevel,
+)
 from relu_doctor.events import Event, optimizer_of
 from relu_doctor.history import FORMAT_VERSION, IntervalRecord, Run, event_dict
 from relu_doctor.record import window_columns, windows_frame
@@ -210,6 +216,8 @@ class RunRecording:
         """Warn once (cause and path); the writer is dropped and re-opened at a later log."""
         if self._write_error is None:
             self._write_error = f"{type(error).__name__}: {error}"
+            if self.run_dir is not None:  # (its TensorBoard file then says nothing more)
+                note_write_failure(self.run_dir)
             warnings.warn(
                 f"relu_doctor: cannot write the run directory {str(self.run_dir)!r} "
                 f"({self._write_error}); training goes on, statistics keep accumulating, and "
@@ -324,6 +332,8 @@ class RunRecording:
                 writer.close()
             except Exception as e:
                 self._write_failed(e)
+        if self._write_error is not None and self.run_dir is not None:
+            forget_write_failure(self.run_dir)
 
     def record_event(self, event: Event | Mapping[str, Any]) -> None:
         """Record an event (an :class:`~relu_doctor.events.Intervention` or its result) in

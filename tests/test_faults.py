@@ -195,6 +195,35 @@ def test_a_full_disk_under_tensorboard_warns_once_and_never_prints_a_thread_trac
     assert sorted(load_run(run_dir).history["step"].unique()) == list(range(1, 9))
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_under_the_run_directory_and_its_event_file_is_one_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk fails the run directory's tables and its TensorBoard event file alike:
+    one warning (the run directory's, naming the cause), not one per file."""
+    real_open, real_write, full = builtins.open, rundir._Segment.write, [False]
+
+    def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if (full[0] and isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wa+")
+                and "events.out.tfevents" in os.fsdecode(file)):
+            file = "/dev/full"
+        return real_open(file, mode, *args, **kwargs)
+
+    def no_space(self: Any, table: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def disk_full(on: bool) -> None:
+        full[0] = on
+        monkeypatch.setattr(rundir._Segment, "write", no_space if on else real_write)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    run_dir = tmp_path / "run"
+    _doc, ours = train_full_at_logs_3_to_5(run_dir, disk_full)
+    assert len(ours) == 1, ours
+    assert ours[0].startswith(f"relu_doctor: cannot write the run directory {str(run_dir)!r}")
+    assert _scalar_steps(run_dir) == [1, 2, 6, 7, 8]  # the event file retried all the same
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
                     reason="mounting a tmpfs needs root on Linux")
 def test_a_real_full_tmpfs_does_not_stop_training(

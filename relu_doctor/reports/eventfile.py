@@ -31,7 +31,7 @@ from pathlib import Path
 from tensorboard.compat.proto.event_pb2 import Event, SourceMetadata
 from torch.utils.tensorboard.writer import FileWriter, SummaryWriter
 
-from relu_doctor.errors import ReluDoctorWarning
+from relu_doctor.errors import ReluDoctorWarning, write_failure_noted
 from relu_doctor.reports._crc32c import masked_crc32c
 
 __all__ = ["EventFile", "SafeSummaryWriter"]
@@ -130,6 +130,8 @@ class EventFile:
         if self._warned:
             return
         self._warned = True
+        if write_failure_noted(self.path.parent):
+            return  # the run directory's writer said why, for every file in it
         warnings.warn(
             f"relu_doctor: cannot write the TensorBoard event file {str(self.path)!r} "
             f"({type(error).__name__}: {error}); training goes on, TensorBoard events are "
