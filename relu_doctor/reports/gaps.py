@@ -35,6 +35,8 @@ class Gaps:
             another schema), as warned when it was read (:attr:`Run.problems`).
         unclosed: why the writer has not closed the run directory (:attr:`Run.writer_open`:
             still writing, or killed): the run may go on after what it shows.
+        partly: steps of ``unwritten`` whose log reached some tables before a write failed
+            (their rows are shown; the rest of that log is not).
         ended_by: what stopped training early (an exception in the loop, Ctrl-C), as
             ``meta.json``'s ``ended_by`` says ("" when it ran its course, or cannot tell).
         lost_tables: the tables the run wrote (``meta.json``'s ``tables``) whose folder is
@@ -48,6 +50,7 @@ class Gaps:
     unclosed: str = ""
     lost_tables: list[str] = field(default_factory=list)
     ended_by: str = ""
+    partly: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.unwritten or self.skipped or self.unclosed or self.ended_by)
@@ -56,6 +59,15 @@ class Gaps:
     def one_unwritten(self) -> bool:
         """Whether a single log was never written (``4``, not ``2–4`` or ``2, 6``)."""
         return len(self.unwritten) == 1 and self.unwritten[0][0] == self.unwritten[0][1]
+
+    @property
+    def partly_text(self) -> str:
+        """The unwritten logs that reached some table, as ``" (written in part: step 240)"``;
+        "" when none did."""
+        if not self.partly:
+            return ""
+        return (f" (written in part: step{'s' if len(self.partly) > 1 else ''} "
+                f"{', '.join(map(str, self.partly))})")
 
     @property
     def unwritten_text(self) -> str:
@@ -73,8 +85,12 @@ def read_gaps(run: Run) -> Gaps:
         lost.add("history")
     if run.units_damaged:  # (a part found damaged when read)
         lost.add("units")
+    unwritten = [(int(a), int(b)) for a, b in run.unwritten]
+    logged = (set(run.history["step"].astype(int)) if "step" in run.history else set())
+    partly = sorted(s for s in logged if any(a <= s <= b for a, b in unwritten))
     return Gaps(
-        unwritten=[(int(a), int(b)) for a, b in run.unwritten],
+        unwritten=unwritten,
+        partly=partly,
         write_error=error if isinstance(error, str) else "",
         skipped=list(dict.fromkeys(skipped)),
         unclosed=run.writer_open,

@@ -59,7 +59,8 @@ def _gap_lines(ctx: ReportContext, shown: int = 3) -> list[str]:
         cause = f" ({gaps.write_error})" if gaps.write_error else ""
         one = gaps.one_unwritten
         lines.append(f"  Never written{cause}: the {'log of step' if one else 'logs of steps'} "
-                     f"{gaps.unwritten_text} {'is' if one else 'are'} not in the run directory")
+                     f"{gaps.unwritten_text} {'is' if one else 'are'} not in the run directory"
+                     f"{gaps.partly_text}")
     if gaps.skipped:
         n = len(gaps.skipped)
         lines.append(f"  Skipped while reading: {n} damaged file{'s' * (n != 1)} or "

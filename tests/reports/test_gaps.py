@@ -99,6 +99,34 @@ def test_steps_never_written_are_named_in_the_html_and_the_summary(tmp_path, mon
     assert "the logs of steps 3–5 are not in the run directory" in capsys.readouterr().out
 
 
+def test_a_log_that_failed_half_way_is_said_written_in_part(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk after a log's tables reached the directory (at its findings): the
+    report said 'Never written' of a step whose rows it showed."""
+    run_dir = tmp_path / "run"
+    real = rundir.RunWriter.write_findings
+    calls = [0]
+
+    def findings(self: rundir.RunWriter, fs: object) -> None:
+        calls[0] += 1
+        if calls[0] == 3:  # the third log's
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, fs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rundir.RunWriter, "write_findings", findings)
+    _train(run_dir, 5)
+    monkeypatch.undo()
+    run = load_run(run_dir)
+    assert 3 in set(run.history["step"]) and run.unwritten == [[3, 3]]
+    ctx = build_context(run)
+    assert ctx.gaps.partly == [3]
+    assert "the log of step 3 is not in the run directory (written in part: step 3)" in summary(ctx)
+    assert "(written in part: step 3)" in _gap_section(render_report(run))
+    healthy = tmp_path / "healthy"
+    _train(healthy, 2)
+    assert build_context(load_run(healthy)).gaps.partly == []
+
+
 def test_a_damaged_part_is_named_in_the_html_and_the_summary(tmp_path, capsys):
     run_dir = tmp_path / "run"
     _train(run_dir, 3)
