@@ -209,6 +209,7 @@ class RunRecording:
             return
         try:
             writer.truncate_after(keep)
+            self._write_meta()  # (the tables it lists: those left with rows)
         except OSError as e:
             self._write_failed(e)
 

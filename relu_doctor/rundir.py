@@ -602,6 +602,9 @@ class RunWriter:
                 if _event_step(line) <= step
             ]
             atomic_write_bytes(ev, b"".join(kept))
+        # a table left with no part holds no row now: meta.json (rewritten by the caller)
+        # must not say it lost them
+        self._tables &= table_folders(self.path) | set(self._segs)
         self.last_step = step
 
     def close(self) -> None:

@@ -660,13 +660,18 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             warn_problem(problems, f"relu_doctor: {str(f_path)!r} {what}, though the run "
                          "logged; the findings are taken from events.jsonl.")
             last_findings = _findings_from_events(events)
-    if (last_findings and not meta.get("unwritten")
+    logged = history["step"] if "step" in history else pd.Series(dtype="int64")
+    # Findings that began at a step this directory logged began with an event here (one
+    # carried over from a checkpoint into a new directory began before it; one of a log
+    # dropped by a resume from an older checkpoint, after its last step).
+    began_here = [f for f in last_findings or [] if not logged.empty
+                  and int(logged.min()) <= f.began <= int(logged.max())]
+    if (began_here and not meta.get("unwritten")
             and not any(e.get("type") == "finding" for e in events)):
-        # each open finding began with an event: none read means the file lost them
         ev = p / "events.jsonl"
         what = "is missing" if not ev.exists() else "holds no finding"
         warn_problem(problems, f"relu_doctor: {str(ev)!r} {what}, although findings.json "
-                     f"holds {len(last_findings)} that began there: the timeline of findings "
+                     f"holds {len(began_here)} that began there: the timeline of findings "
                      "and interventions is lost.")
     if meta.get("format_version", 1) >= 3 and not status_path.exists():
         warn_problem(problems, f"relu_doctor: {str(status_path)!r} is missing: the steps whose "

@@ -539,3 +539,47 @@ def test_a_run_stopped_by_an_exception_says_so(
     _train(healthy, 2)
     assert "ended_by" not in load_run(healthy).meta
     assert "Ended early" not in render_report(load_run(healthy))
+
+
+def test_a_resumed_run_in_a_new_or_truncated_directory_is_not_said_to_have_lost_anything(
+        tmp_path: Path) -> None:
+    """Findings carried over from a checkpoint into a new run directory began before it (no
+    event there), and a resume from a checkpoint older than the run's first log leaves its
+    tables empty: neither is data lost, and a reader, while the run is written or after,
+    says nothing of the kind (Lightning's resume into a new version directory)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    with torch.no_grad():
+        model[0].bias[:8] = -100.0  # dead from the start: open findings at every log
+
+    def train(doc: relu_doctor.Doctor, n: int) -> None:
+        for _ in range(n):
+            model(torch.randn(8, 4)).sum().backward()
+            doc.step(loss=1.0)
+
+    first = tmp_path / "first"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with relu_doctor.watch(model, log_every_n_steps=2, run_dir=first,
+                               overhead_budget=None) as doc:
+            train(doc, 1)
+            early = doc.state_dict()
+            train(doc, 3)
+            late = doc.state_dict()
+        assert load_run(first).last_findings
+        # into a new directory: its findings began in the first one
+        with relu_doctor.watch(model, log_every_n_steps=2, run_dir=tmp_path / "second",
+                               overhead_budget=None) as doc:
+            doc.load_state_dict(late)
+            train(doc, 2)
+        # the first directory, from a checkpoint older than its first log
+        doc = relu_doctor.watch(model, log_every_n_steps=2, run_dir=first, resume=True,
+                                overhead_budget=None)
+        doc.load_state_dict(early)
+        with doc:
+            meanwhile = load_run(first)
+            train(doc, 3)
+    second = load_run(tmp_path / "second")
+    assert second.last_findings and not second.problems
+    assert not meanwhile.problems and "lost_tables" not in meanwhile.meta
+    assert not load_run(first).problems
