@@ -502,7 +502,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             if missing is not None:
                 if self.all_reduce is not None:
                     self._warn_no_site_yet(missing)
-                elif not self._may_see_activations():
+                elif not self.may_see_activations():
                     raise ReluDoctorError(missing)
         if last is not False and last is not True:
             last = flag("last", bool(last) if isinstance(last, np.bool_) else last)
@@ -786,7 +786,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             stacklevel=user_stacklevel(),
         )
 
-    def _may_see_activations(self) -> bool:
+    def may_see_activations(self) -> bool:
         """Whether the model holds an activation this Doctor could watch (an activation
         module, or a module whose ``forward`` may call a functional one): a recorded pass
         that ran none then skipped them (a branch, stochastic depth), which is no error."""
@@ -796,7 +796,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
 
     def _warn_none_ran(self) -> None:
         """Once, at a log with no site yet while the model holds activations it could
-        watch (see :meth:`_may_see_activations`): nothing has been collected so far."""
+        watch (see :meth:`may_see_activations`): nothing has been collected so far."""
         if self._warned_no_site or self.missing_activations() is None:
             return
         self._warned_no_site = True

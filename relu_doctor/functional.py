@@ -186,6 +186,7 @@ class FunctionalCapture(HookOwner):
         self.probe = probe
         self._on = _CaptureHooks(self)  # the callables in the modules' hook dicts
         self._ops = functional_ops()
+        self._may_capture: tuple[int, bool] | None = None  # (probe generation, may_capture())
         self._mode = ObservingMode(self._observe)
         self._attached = False
         # module -> (its stack entry, its two hook handles)
@@ -334,16 +335,22 @@ class FunctionalCapture(HookOwner):
 
     def may_capture(self) -> bool:
         """Whether some module of the model may call a functional activation in its own
-        ``forward`` (the mode is on somewhere): a pass that made no such call may have
-        skipped it (a branch, stochastic depth), not shown that there is none. After the
-        first recorded pass the reading of forwards is trusted: the modules are hooked anew
-        here, as the next pass would."""
-        if self._resync and not (self.probe._compiled or torch.compiler.is_compiling()):
-            self._sync()
-        return any(
-            entry[1] and type(mod).forward is not nn.Module.forward  # (a holder: it raises)
-            for mod, (entry, _handles) in self._hooked.items()
+        ``forward`` by the reading of forwards (:mod:`relu_doctor._forward_reading`; a
+        module whose code made a call in a recorded pass is never proved free, and a holder
+        with no ``forward`` of its own calls nothing): a pass that made no such call may have
+        skipped it (a branch, stochastic depth), not shown that there is none. Read once per
+        hooking of the model."""
+        if self._may_capture is not None and self._may_capture[0] == self.probe.generation:
+            return self._may_capture[1]
+        named = eager_modules(self.probe.model)
+        reader = ForwardReader([m for _p, m in named], self._ops)
+        may = any(
+            _may_call_functional(mod) and type(mod).forward is not nn.Module.forward
+            and (path in self._called_from or not reader.proves(mod))
+            for path, mod in named
         )
+        self._may_capture = (self.probe.generation, may)
+        return may
 
     def __enter__(self) -> FunctionalCapture:
         return self.attach()

@@ -331,7 +331,8 @@ class ReluDoctor(Callback):
             return
         self._last_global_step = trainer.global_step
         missing = self.doctor.missing_activations()
-        if missing is not None and self.doctor.all_reduce is None:
+        if (missing is not None and self.doctor.all_reduce is None
+                and not self.doctor.may_see_activations()):
             # warn once and step aside: training goes on (with several processes the
             # Doctor goes on instead, and says so: see Doctor.step)
             self._aside = True

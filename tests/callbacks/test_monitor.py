@@ -859,6 +859,25 @@ def test_no_relu_warns_once_and_steps_aside(tmp_path, forward):
     assert not cb.doctor.probe.attached and cb.doctor.history().empty
 
 
+def test_a_first_batch_that_skips_the_models_relu_does_not_set_the_callback_aside(tmp_path):
+    """A block dropped on the first batch (stochastic depth): the callback stepped aside for
+    the whole fit, saying the model holding an nn.ReLU had nothing to watch."""
+
+    class Dropped(TinyNet):
+        def forward(self, x):
+            return self.net[4](self.net[2](x.new_zeros(x.shape[0], 16))) + (
+                0 if self.global_step == 0 else self.net(x))
+
+    cb = ReluDoctor(log_every_n_steps=2, overhead_budget=None)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [cb], max_steps=4).fit(Dropped(), loader())
+    assert not any("nothing to watch" in str(w.message) for w in seen)
+    assert not any("steps aside" in str(w.message) for w in seen)
+    assert {s.name for s in cb.doctor.sites} == {"net.1", "net.3"}
+    assert sorted(cb.doctor.history()["step"].unique()) == [2, 4]
+
+
 def test_functional_only_module_is_watched_without_a_flag(tmp_path):
     class Functional(TinyNet):  # as Lightning's DemoModel: F.relu in forward, no nn.ReLU
         def __init__(self):
