@@ -116,11 +116,12 @@ class SiteRegistry:
                   and not (self._pass_in_graph and not self._provenance.tracking))
         kin = None
         if follow and not self._provenance.tracking:
-            # First seen in an untracked pass. Another call of the same activation (a module
-            # run once more in a loop of varying length) takes the units of the call before
-            # it where its output is laid out alike; any other call's producer is found in
-            # the next pass.
-            kin = self._kin(key, shape)
+            # First seen in an untracked pass. Another call of the same activation module (a
+            # module run once more in a loop of varying length) takes the units of its call
+            # before where its output is laid out alike; any other call's producer (a
+            # functional call first made on a branch: its own layer) is found in the next
+            # pass.
+            kin = self._kin(key, shape) if key.op is None else None
             if kin is None:
                 self._unresolved.setdefault(key, 0)
                 self._want_provenance = True
@@ -173,9 +174,8 @@ class SiteRegistry:
         return site
 
     def _kin(self, key: SiteKey, shape: tuple[int, ...]) -> Site | None:
-        """The site of the nearest earlier call of ``key``'s activation (the same module,
-        or the same functional op in the same module's ``forward``) whose output had the
-        rank of ``shape`` and as many units along its unit dim, or None."""
+        """The site of the nearest earlier call of ``key``'s activation module whose output
+        had the rank of ``shape`` and as many units along its unit dim, or None."""
         best: Site | None = None
         for site in self._sites.values():
             k = site.key

@@ -709,3 +709,36 @@ def test_a_module_run_more_times_than_before_counts_each_new_call_from_its_first
         assert table["activation_rate"].tolist() == pytest.approx(
             (ref > 0).double().mean(0).tolist())
         assert table["mean_abs"].tolist() == pytest.approx(ref.abs().double().mean(0).tolist())
+
+
+class _BranchedFunctional(nn.Module):
+    """F.relu on a Linear's (N, L, F), and from the second pass on a branch, on a Conv1d's
+    (N, C, L) with L equal to F: the same op, another layer's units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.conv = nn.Linear(3, 6), nn.Conv1d(3, 4, 1)
+        self.branch = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.fc(x)).sum()
+        if self.branch:
+            y = y + F.relu(self.conv(x.transpose(1, 2))).sum()
+        return y
+
+
+def test_a_functional_call_first_made_on_a_branch_takes_its_own_layers_units() -> None:
+    """A module's further calls take the units of its earlier call; a functional op's do not:
+    its second call here is another layer's (the Conv1d's 4 channels, not the Linear's last
+    dim, which the shape would allow)."""
+    torch.manual_seed(0)
+    model = _BranchedFunctional()
+    with relu_doctor.watch(model, log_every_n_steps=4, overhead_budget=None) as doc:
+        for step in range(4):
+            model.branch = step >= 1
+            model(torch.randn(2, 6, 3)).backward()
+            doc.step()
+    sites = {s.name: s for s in doc.sites}
+    assert (sites["(root):relu#0"].units, sites["(root):relu#0"].unit_dim) == (6, 2)
+    assert (sites["(root):relu#1"].units, sites["(root):relu#1"].unit_dim) == (4, 1)
+    assert sites["(root):relu#1"].producer == "conv"
