@@ -382,6 +382,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
     def __enter__(self) -> Doctor:
         self._exited = False
         self._alone = False
+        if self.ended_by is not None:  # entered again after an error: training goes on
+            self.ended_by = None
+            self._meta_dirty = True
         if self.eval is not None:
             self.eval._alone = False
         return self.attach()

@@ -378,7 +378,7 @@ class ReluDoctor(Callback):
         # when a fit dies. One process only: with several, the others may not be here, and
         # a collective would wait for them.
         doc = self.doctor
-        if doc is not None:
+        if doc is not None and trainer.state.fn == "fit":  # (not a validate() or test() after)
             doc.note_exception(exception)
         if (self.log_on_train_end and doc is not None and not self._aside
                 and doc.all_reduce is None):

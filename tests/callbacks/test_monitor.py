@@ -809,6 +809,21 @@ def test_exception_mid_fit_leaves_no_hook(tmp_path):
     assert run.meta["ended_by"].startswith("RuntimeError: boom")
 
 
+def test_an_error_in_a_validate_after_the_fit_is_not_the_fits(tmp_path):
+    class BadValidation(TinyNet):
+        def validation_step(self, batch, batch_idx):
+            raise ValueError("bug in validation_step")
+
+    cb = ReluDoctor(log_every_n_steps=2, run_dir=tmp_path / "run")
+    model = BadValidation()
+    tr = trainer(tmp_path, [cb], max_steps=4)
+    tr.fit(model, loader())
+    with pytest.raises(ValueError, match="bug in validation_step"):
+        tr.validate(model, loader())
+    assert cb.doctor.ended_by is None
+    assert "ended_by" not in relu_doctor.load_run(tmp_path / "run").meta
+
+
 def test_interrupt_mid_fit_leaves_no_hook(tmp_path):
     cb = ReluDoctor(log_every_n_steps=2)
     model = make_model(interrupt_at=3)

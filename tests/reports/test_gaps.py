@@ -583,3 +583,18 @@ def test_a_resumed_run_in_a_new_or_truncated_directory_is_not_said_to_have_lost_
     assert second.last_findings and not second.problems
     assert not meanwhile.problems and "lost_tables" not in meanwhile.meta
     assert not load_run(first).problems
+
+
+def test_a_block_entered_again_after_an_error_is_no_run_that_ended_early(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    doc = relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(KeyboardInterrupt), doc:
+            zoo.train(model, [torch.randn(8, 10) for _ in range(3)], doc=doc)
+            raise KeyboardInterrupt
+        assert load_run(run_dir).meta["ended_by"] == "KeyboardInterrupt"
+        with doc:  # training goes on, to its end
+            zoo.train(model, [torch.randn(8, 10) for _ in range(3)], doc=doc)
+    assert doc.ended_by is None and "ended_by" not in load_run(run_dir).meta
