@@ -165,8 +165,8 @@ class RunRecording:
     def _take_previous_sites(self, previous: Mapping[str, Any]) -> None:
         """A run continued in its directory: the sites it described that this process has
         not made stay in ``meta.json`` (their rows are in its tables), and a model that is
-        plainly another (another class, or a site of another family or width: checked as
-        sites are made, :meth:`_check_previous_sites`) is said once: the report would mix
+        plainly another (another class, or a site of another width: checked as sites are
+        made, :meth:`_check_previous_sites`) is said once: the report would mix
         two models' records."""
         self._previous_sites = [
             d for d in previous.get("sites") or [] if isinstance(d, dict) and "name" in d]
@@ -179,13 +179,13 @@ class RunRecording:
         if self._warned_other_model or not self._previous_sites:
             return
         now = {s.name: s for s in self.probe.sites()}
-        clash = [str(d["name"]) for d in self._previous_sites if d["name"] in now and (
-            d.get("units") != now[d["name"]].units
-            or d.get("family") != now[d["name"]].family.name)]
+        # (by width only: a remedy swapping ReLU for LeakyReLU changes a site's family)
+        clash = [str(d["name"]) for d in self._previous_sites
+                 if d["name"] in now and d.get("units") != now[d["name"]].units]
         if clash:
             self._warn_other_model(
                 f"its site{'s' if len(clash) > 1 else ''} {', '.join(map(repr, clash[:3]))} "
-                "of another width or family")
+                "of another width")
 
     def _warn_other_model(self, what: str) -> None:
         if self._warned_other_model:

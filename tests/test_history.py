@@ -293,13 +293,32 @@ def test_a_continued_run_keeps_the_sites_it_has_not_run_again_and_another_model_
     # another model continued in it: said once, naming the site that differs
     other = torch.nn.Sequential(torch.nn.Linear(10, 7), torch.nn.ReLU())
     with (pytest.warns(ReluDoctorWarning, match=r"holds the run of another model \(its site "
-                       r"'1' of another width or family\)") as rec,
+                       r"'1' of another width\)") as rec,
           relu_doctor.watch(other, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc):
         for _ in range(2):
             other(torch.randn(8, 10)).sum().backward()
             doc.step()
     assert sum("another model" in str(w.message) for w in rec) == 1
     assert [d["name"] for d in load_run(run_dir).meta["sites"]] == ["1", "3"]
+
+
+def test_a_swap_in_a_continued_run_is_no_other_model(tmp_path):
+    """A remedy's ReLU-to-LeakyReLU swap changes a site's family: in a run continued with
+    resume=True it was said to be another model's."""
+    from relu_doctor.remedies.swap import swap_activation
+
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReluDoctorWarning)
+        with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc:
+            zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+            swap_activation(model, path="1")
+            doc.probe.refresh()
+            zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+    assert {d["name"]: d["family"] for d in load_run(run_dir).meta["sites"]}["1"] == "leaky_relu"
 
 
 def test_resume_from_an_older_checkpoint_drops_what_was_logged_after_it(tmp_path):
