@@ -295,8 +295,8 @@ def diagnose(
                 Finding(
                     "nonfinite", name, "critical",
                     f"NaN/Inf seen: {row['nonfinite']} unit-steps in activations, "
-                    f"{row['grad_nonfinite']} in gradients (or values past about 1e19, "
-                    "whose squares overflow float32).",
+                    f"{row['grad_nonfinite']} in gradients (or gradients past about "
+                    "1e19, whose squares overflow float32).",
                     {"nonfinite": row["nonfinite"], "grad_nonfinite": row["grad_nonfinite"],
                      "units": _units_list(u, "nonfinite")},
                     f"Lower the learning rate and clip gradients ({names['clip']}); check the "
