@@ -160,6 +160,13 @@ class RunRecording:
                 self.probe.collecting = self._collecting()
             else:
                 self._continue_after_checkpoint()
+        if writer.previous_unwritten:
+            # the logs the run continued never wrote, up to where this one goes on from (it
+            # logs the later ones again)
+            since = writer.last_step if writer.last_step is not None else 0
+            kept = [[a, min(b, since)] for a, b in writer.previous_unwritten if a <= since]
+            self._unwritten = merged_ranges([*kept, *self._unwritten], self.log_every_n_steps)
+            self._save_status()
         self._write_meta()
 
     def _take_previous_sites(self, previous: Mapping[str, Any]) -> None:
@@ -209,6 +216,9 @@ class RunRecording:
             return
         try:
             writer.truncate_after(keep)
+            if any(b > keep for _a, b in self._unwritten):  # logged again from here on
+                self._unwritten = [[a, min(b, keep)] for a, b in self._unwritten if a <= keep]
+                self._save_status()
             self._write_meta()  # (the tables it lists: those left with rows)
         except OSError as e:
             self._write_failed(e)

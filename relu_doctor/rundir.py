@@ -437,6 +437,9 @@ class RunWriter:
         #: the first step this directory holds a log of (1 for a run it continues)
         self.first_step: int | None = 1 if self.last_step is not None else None
         self._status = p / STATUS_NAME
+        #: the step ranges the run continued never wrote (its status.json), for a resume
+        self.previous_unwritten: list[list[int]] = (
+            _read_unwritten(self._status) if self.previous_meta is not None else [])
         if not self._status.is_file() or self._status.stat().st_size < _STATUS_BYTES:
             atomic_write_bytes(self._status, b"{}".ljust(_STATUS_BYTES))
 
@@ -632,6 +635,18 @@ def _exiting() -> None:
             args = w._finalizer.detach()
             if args is not None:
                 _release_lock(*args[2], exited=True)
+
+
+def _read_unwritten(status: Path) -> list[list[int]]:
+    """The ``unwritten`` step ranges of a ``status.json`` ([] when it has none or cannot be
+    read: the reader says why)."""
+    try:
+        data = json.loads(status.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return []
+    ranges = data.get("unwritten") if isinstance(data, dict) else None
+    return [list(r) for r in ranges if isinstance(r, list) and len(r) == 2
+            and all(type(x) is int for x in r)] if isinstance(ranges, list) else []
 
 
 def _event_step(line: bytes) -> int:

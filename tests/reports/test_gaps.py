@@ -598,3 +598,42 @@ def test_a_block_entered_again_after_an_error_is_no_run_that_ended_early(tmp_pat
         with doc:  # training goes on, to its end
             zoo.train(model, [torch.randn(8, 10) for _ in range(3)], doc=doc)
     assert doc.ended_by is None and "ended_by" not in load_run(run_dir).meta
+
+
+@pytest.mark.parametrize("checkpoint", [True, False], ids=["from_checkpoint", "no_checkpoint"])
+def test_a_resumed_run_keeps_the_unwritten_logs_before_it_and_drops_those_it_logs_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint: bool) -> None:
+    """A log failed at step 4 (disk full at its findings): resumed from step 2's checkpoint,
+    the new process logs step 4 again in full, and status.json no longer says it was never
+    written ('written in part' of a whole log); resumed after the last log without one, the
+    old process's unwritten step stays said."""
+    run_dir = tmp_path / "run"
+    real = rundir.RunWriter.write_findings
+    calls = [0]
+
+    def findings(self: rundir.RunWriter, fs: object) -> None:
+        calls[0] += 1
+        if calls[0] == 2:  # step 4's log
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, fs)  # type: ignore[arg-type]
+
+    model = zoo.mlp()
+    monkeypatch.setattr(rundir.RunWriter, "write_findings", findings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir) as doc:
+            zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+            state = doc.state_dict()
+            zoo.train(model, [torch.randn(8, 10) for _ in range(4)], doc=doc)
+        monkeypatch.undo()
+        assert load_run(run_dir).unwritten == [[4, 4]]
+        doc = relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir, resume=True)
+        if checkpoint:
+            doc.load_state_dict(state)
+        with doc:
+            zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+    run = load_run(run_dir)
+    if checkpoint:
+        assert sorted(set(run.history["step"])) == [2, 4] and run.unwritten == []
+    else:
+        assert sorted(set(run.history["step"])) == [2, 4, 6, 8] and run.unwritten == [[4, 4]]
