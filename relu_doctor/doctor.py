@@ -61,6 +61,13 @@ PASSING_ERRNOS = frozenset(
 )
 
 
+def _processes(n: int) -> bool:
+    """Whether a torch.distributed process group of ``n`` processes is running (each may
+    then watch its own share, world_size= dividing its gradients as DDP averages them)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() == n
+
+
 class Doctor(IntervalReading, RunRecording, HookOwner):
     """Watches a model's ReLU-family activations. Create it with :func:`watch`.
 
@@ -201,12 +208,13 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             )
         self.grad_scaler = grad_scaler
         self.world_size = positive_int("world_size", world_size)
-        if self.world_size > 1 and all_reduce is None:
+        if self.world_size > 1 and all_reduce is None and not _processes(self.world_size):
             raise ReluDoctorError(
-                f"world_size: got {world_size} without all_reduce; with several processes "
-                "pass all_reduce= (the sum across processes, see the README's DDP section) "
-                "beside it. Alone it would divide one process's gradient statistics by "
-                f"{world_size}."
+                f"world_size: got {world_size} without all_reduce, and no process group of "
+                f"{world_size} processes is running: one process's gradient statistics would "
+                f"be divided by {world_size}. With several processes pass all_reduce= (the "
+                "sum across processes, see the README's DDP section) beside it; for one, "
+                "leave world_size at 1."
             )
         self.probe = Probe(
             model,

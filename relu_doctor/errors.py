@@ -52,23 +52,26 @@ def user_stacklevel() -> int:
 # Directories whose run-directory writer has warned that it cannot write there: the
 # TensorBoard event file in the same directory then fails for the same reason and says
 # nothing more (one warning per cause, not one per file).
-_WRITE_FAILED: set[str] = set()
+_WRITE_FAILED: dict[str, int | None] = {}  # directory -> the errno its writer said
 
 
 def _key(directory: str | os.PathLike[str]) -> str:
     return os.path.abspath(os.fspath(directory))
 
 
-def note_write_failure(directory: str | os.PathLike[str]) -> None:
-    """The run directory ``directory`` could not be written, and its writer said so."""
-    _WRITE_FAILED.add(_key(directory))
+def note_write_failure(directory: str | os.PathLike[str], error: BaseException) -> None:
+    """The run directory ``directory`` could not be written (``error``), and its writer
+    said so."""
+    _WRITE_FAILED[_key(directory)] = getattr(error, "errno", None)
 
 
 def forget_write_failure(directory: str | os.PathLike[str]) -> None:
     """Its writer closed: a later run there says its own failures."""
-    _WRITE_FAILED.discard(_key(directory))
+    _WRITE_FAILED.pop(_key(directory), None)
 
 
-def write_failure_noted(directory: str | os.PathLike[str]) -> bool:
-    """Whether a writer already said that ``directory`` cannot be written."""
-    return _key(directory) in _WRITE_FAILED
+def write_failure_noted(directory: str | os.PathLike[str], error: BaseException) -> bool:
+    """Whether a writer already said that ``directory`` cannot be written, for the cause
+    of ``error`` (the same errno)."""
+    key = _key(directory)
+    return key in _WRITE_FAILED and _WRITE_FAILED[key] == getattr(error, "errno", None)

@@ -228,7 +228,7 @@ class RunRecording:
         if self._write_error is None:
             self._write_error = f"{type(error).__name__}: {error}"
             if self.run_dir is not None:  # (its TensorBoard file then says nothing more)
-                note_write_failure(self.run_dir)
+                note_write_failure(self.run_dir, error)
             warnings.warn(
                 f"relu_doctor: cannot write the run directory {str(self.run_dir)!r} "
                 f"({self._write_error}); training goes on, statistics keep accumulating, and "

@@ -114,9 +114,9 @@ def open_writer_state(path: Path) -> WriterState:
         # a writer that lost write access can remove no lock and write no status: it may
         # have run its course, its later logs failing, not died
         return WriterState(f"its writer, process {pid}, did not close it, and the run "
-                           "directory is not writable now (its permissions changed?): the "
-                           "writer may have trained on after its last log, unable to write "
-                           "the logs after it, its status or its closing")
+                           "directory is not writable now: it was killed or crashed, or it "
+                           "lost write access (permissions changed?) and trained on, unable "
+                           "to write its later logs, its status or its closing")
     return WriterState(f"its writer, process {pid}, ended without closing it (killed, or "
                        "crashed): what it trained after its last log is not recorded")
 

@@ -130,7 +130,7 @@ class EventFile:
         if self._warned:
             return
         self._warned = True
-        if write_failure_noted(self.path.parent):
+        if write_failure_noted(self.path.parent, error):
             return  # the run directory's writer said why, for every file in it
         warnings.warn(
             f"relu_doctor: cannot write the TensorBoard event file {str(self.path)!r} "
