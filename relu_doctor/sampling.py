@@ -95,6 +95,7 @@ _LAPS = 15  # whole-step laps kept per kind (collecting or not) for their median
 _LOGS = 5  # logs kept for the median of a log's cost per step
 _DENSE = 3  # collecting at least this often, collecting laps are compared with the steps after
 _MIN_DIFFS = 3  # cycles timed before their differences are used (one outlier is no median)
+_DECIDE_EVERY = 8  # steps between choices of the rate, at most, where nothing else calls one
 
 Rate = int | Literal["auto"]
 
@@ -457,6 +458,7 @@ class Sampler:
         self._cycle_on: float | None = None  # this cycle's collecting lap
         self._cycle_after: float | None = None  # ... and the lap of the step after it
         self._since_far = 0  # steps since a step two or more after a collecting one was timed
+        self._undecided = 0  # steps since the rate was last chosen
         # Host seconds of the latest logs, with the work every step did since the log before,
         # each spread over those steps (the first log, which starts writers and makes tables,
         # is left out): the median is what logging and that work cost a step.
@@ -539,10 +541,17 @@ class Sampler:
         if not self.adaptive or self.clock is None:
             return
         laps = self.clock.lap(collected=collected)
-        self._feed(laps, after=not collected and self._since == 1)
-        if not self.distributed and any(
-            lap.per_collect is not None or not lap.collected for lap in laps
-        ):
+        after = not collected and self._since == 1
+        self._feed(laps, after=after)
+        self._undecided += 1
+        # The rate is chosen anew when a collecting step or the one after it was timed (what
+        # moves the estimate), before a collection falls due, and every few steps: its
+        # medians cost more than the rest of a step's bookkeeping.
+        if not self.distributed and (
+            collected or after or self._undecided >= _DECIDE_EVERY
+            or self._since + 2 >= self.every
+        ) and any(lap.per_collect is not None or not lap.collected for lap in laps):
+            self._undecided = 0
             self._decide(*self._estimates(), self._log_s())
 
     def at_log(

@@ -1056,9 +1056,9 @@ def test_the_configuration_states_the_rate_in_effect(tmp_path):
              ({"every_n_steps": 3, "overhead_budget": 0.05}, 3, None),
              ({"overhead_budget": None}, 1, None)]
     for i, (kw, every, budget) in enumerate(cases):
-        with relu_doctor.watch(net, run_dir=tmp_path / str(i), log_every_n_steps=2, **kw) as doc:
+        with relu_doctor.watch(net, run_dir=tmp_path / str(i), log_every_n_steps=3, **kw) as doc:
             assert (doc.every_n_steps, doc.overhead_budget) == (every, budget)
-            for _ in range(2):
+            for _ in range(3):
                 net(torch.randn(3, 4)).sum().backward()
                 doc.step()
         config = relu_doctor.load_run(tmp_path / str(i)).meta["config"]
