@@ -704,6 +704,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if record is None:
             return None
         record.final = final
+        record.overhead = self.sampler.overhead() if self.sampler.adaptive else None
         self._check_held = self._check_held or (final and record.judged)
         record.metrics = self._training.read(
             self._optimizers, self.tap.used_lrs if self.tap is not None else None
@@ -845,6 +846,13 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
     @property
     def sites(self) -> list[Site]:
         return self.probe.sites()
+
+    @property
+    def collecting(self) -> bool:
+        """Whether the step now running collects statistics (chosen at the previous
+        :meth:`step`, by the fixed rate or the overhead budget); each window's record
+        counts the steps collected (``steps_collected``)."""
+        return self.probe.collecting
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:

@@ -62,6 +62,10 @@ class IntervalRecord:
             units never active on that call, summed across processes: the baseline a
             remedy compares the site's first dead fraction with (a unit dead from the start
             is no surge).
+        overhead: relu_doctor's own cost as a share of a training step, by the overhead
+            budget's estimate at this log (collecting at the rate in use, logging and the
+            work at every step: ``Sampler.overhead``); None under a fixed rate, or before
+            a collecting step was timed. In the ``windows`` table (NaN there).
     """
 
     step: int
@@ -78,6 +82,7 @@ class IntervalRecord:
     steps_run: int = 0
     steps_collected: int = 0
     first_dead: dict[str, float] = field(default_factory=dict)
+    overhead: float | None = None
 
     def site_row(self, name: str) -> dict[str, Any] | None:
         """The row of the site called ``name``, or None."""
@@ -100,7 +105,10 @@ def window_columns(record: IntervalRecord) -> dict[str, list[Any]]:
     """The record's row of the run's ``windows`` table, as columns: every log has one, with
     or without sites (its steps run and collected, and whether it judged)."""
     values = (record.step, record.steps_run, record.steps_collected, record.judged)
-    return {c: [v] for c, v in zip(WINDOW_COLUMNS, values, strict=True)}
+    columns: dict[str, list[Any]] = {c: [v] for c, v in zip(WINDOW_COLUMNS, values, strict=True)}
+    # (not required of a run's parts: runs written before it have none)
+    columns["overhead"] = [float("nan") if record.overhead is None else float(record.overhead)]
+    return columns
 
 
 def windows_frame(record: IntervalRecord) -> pd.DataFrame:

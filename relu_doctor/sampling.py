@@ -100,6 +100,12 @@ _DECIDE_EVERY = 8  # steps between choices of the rate, at most, where nothing e
 Rate = int | Literal["auto"]
 
 
+def _round_up(n: int) -> int:
+    """``n`` rounded up to 1, 2 or 5 times a power of ten (a setting a person would type)."""
+    step: int = 10 ** max(len(str(max(n, 1))) - 1, 0)
+    return next(k * step for k in (1, 2, 5, 10) if k * step >= n)
+
+
 def check_rate(every_n_steps: object, overhead_budget: object) -> tuple[Rate, float | None]:
     """The one check of ``every_n_steps`` (a positive integer or ``"auto"``) and
     ``overhead_budget`` (a number in (0, 1] or None) for every entry point; returns them,
@@ -463,6 +469,8 @@ class Sampler:
         # each spread over those steps (the first log, which starts writers and makes tables,
         # is left out): the median is what logging and that work cost a step.
         self._log_laps: deque[float] = deque(maxlen=_LOGS)
+        self._every_laps: deque[float] = deque(maxlen=_LOGS)  # the work at every step alone
+        self._log_every = 1  # steps between the last two logs
         self._logs = 0
         self._since_log = 0
         self._warned_logs = False
@@ -594,6 +602,8 @@ class Sampler:
                 clock.skip(took)  # charged here, not again to the step it falls in
                 if steps > 0 and self._logs > 1:
                     self._log_laps.append((took + every_step) / steps)
+                    self._every_laps.append(every_step / steps)
+                    self._log_every = steps
                     if not self.distributed:
                         self._decide(*self._estimates(), self._log_s())
 
@@ -685,12 +695,9 @@ class Sampler:
                     else "once per logging interval"
                 )
                 warnings.warn(
-                    f"relu_doctor: logging costs {(log or 0.0) / plain:.1%} of a training step "
-                    "(with what the Doctor does at every step), more than "
-                    f"overhead_budget={self.overhead_budget:g}; statistics are "
-                    f"now collected {how}. Log less often (a larger "
-                    "log_every_n_steps) to stay within the budget, or pass "
-                    "overhead_budget=None to collect every step regardless.",
+                    f"relu_doctor: {self._spent_text(plain)}, more than "
+                    f"overhead_budget={self.overhead_budget:g}; statistics are now collected "
+                    f"{how}. {self._advice(plain)}",
                     ReluDoctorWarning,
                     stacklevel=user_stacklevel(),
                 )
@@ -698,6 +705,21 @@ class Sampler:
         # A ratio of exactly n must not round up to n + 1 through float error.
         need = math.ceil(hook / (left * plain) - 1e-9)
         self.every = max(1, min(need, self.max_every))
+        if need > self.max_every and not self.per_window and not self._warned_cap and (
+                len(self._log_laps) >= 3):
+            # once per logging window is the least it collects: over the budget all the same
+            self._warned_cap = True
+            cost = hook / (self.every * plain) + (log or 0.0) / plain
+            warnings.warn(
+                f"relu_doctor: a collecting step costs {1 + hook / plain:.2g}x a plain one, so "
+                f"collecting once per logging interval ({self.every} steps), the least it "
+                f"does, costs about {cost:.1%} of a step, more than overhead_budget="
+                f"{self.overhead_budget:g}. Log every {need} steps or more (log_every_n_steps)"
+                " to collect more sparsely within the budget, or pass a larger "
+                "overhead_budget.",
+                ReluDoctorWarning,
+                stacklevel=user_stacklevel(),
+            )
         if need > self.max_every and self.per_window and not self._warned_cap:
             self._warned_cap = True
             cost = hook / (self.every * plain) + (log or 0.0) / plain
@@ -710,6 +732,32 @@ class Sampler:
                 ReluDoctorWarning,
                 stacklevel=user_stacklevel(),
             )
+
+    def _spent_text(self, plain: float) -> str:
+        """What logging and the Doctor's work at every step cost, apart (a warning's words)."""
+        every = statistics.median(self._every_laps) if self._every_laps else 0.0
+        logs = max((self._log_s() or 0.0) - every, 0.0)
+        return (f"logging costs {logs / plain:.1%} of a training step ({plain * 1e3:.3g} ms) "
+                f"and what the Doctor does at every step {every / plain:.1%} "
+                f"({every * 1e6:.0f} us)")
+
+    def _advice(self, plain: float) -> str:
+        """How to get within the budget: log less often (every how many steps), or, where
+        the work at every step alone spends it (a model whose step takes well under a
+        millisecond), no rate can: a larger budget or none."""
+        assert self.overhead_budget is not None
+        every = statistics.median(self._every_laps) if self._every_laps else 0.0
+        room = self.overhead_budget - every / plain
+        if room <= self.overhead_budget / 4:
+            return ("The work at every step alone spends most of the budget on a step this "
+                    "short, so no sampling rate keeps it: pass a larger overhead_budget, or "
+                    "overhead_budget=None to collect every step regardless.")
+        per_log = max((self._log_s() or 0.0) - every, 0.0) * self._log_every
+        # logs taking at most half of what the work at every step leaves
+        want = math.ceil(per_log / (room / 2 * plain)) if per_log > 0 else self._log_every
+        return (f"Log every {_round_up(want)} steps or more (log_every_n_steps) to stay "
+                "within the budget, or pass overhead_budget=None to collect every step "
+                "regardless.")
 
     def overhead(self) -> float | None:
         """The estimated cost of collecting at the current rate, and of logging on the host

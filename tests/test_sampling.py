@@ -287,6 +287,56 @@ def test_distributed_chooses_the_rate_at_logs_from_every_process():
     assert s.every == 5
 
 
+def test_over_the_budget_the_warning_names_what_spends_it_and_what_would_help():
+    """Logging and the Doctor's work at every step are said apart, with advice that can
+    work: log every so many steps where logs spend the budget; where the work at every step
+    alone does (a model whose step is short), no rate can, and it says so. And collecting
+    once per logging interval, the least it does, costing more than the budget is said too
+    (it was silent)."""
+    fake = FakeTime()
+    every = [0.0]
+
+    def with_every_step(steps: int, per_step: float, log_s: float) -> None:
+        for _ in range(steps // 20):
+            for i in range(20):
+                c = s.collect(i)
+                fake.t += 1.0 + per_step + (0.06 if c else 0.0)
+                fake.stats += 0.06 if c else 0.0
+                every[0] += per_step
+                s.done(collected=c)
+            with s.log_lap():
+                fake.t += log_s
+
+    s = Sampler(max_every=20, every_n_steps=None, overhead_budget=0.03,
+                clock=HostClock(now=lambda: fake.t, spent=lambda: fake.stats,
+                                every_step=lambda: every[0]))
+    s.start()
+    with pytest.warns(ReluDoctorWarning, match=r"logging costs 5\.0% of a training step "
+                      r"\(1e\+03 ms\) and what the Doctor does at every step 0\.5% .* Log "
+                      r"every 100 steps or more") as rec:
+        with_every_step(200, 0.005, 1.0)  # logs: 1 s every 20 steps; 5 ms at every step
+    assert len(rec) == 1
+    fake, every[0] = FakeTime(), 0.0
+    s = Sampler(max_every=20, every_n_steps=None, overhead_budget=0.03,
+                clock=HostClock(now=lambda: fake.t, spent=lambda: fake.stats,
+                                every_step=lambda: every[0]))
+    s.start()
+    with pytest.warns(ReluDoctorWarning, match=r"every step 3\.8% .* no sampling rate keeps "
+                      r"it: pass a larger overhead_budget"):
+        with_every_step(200, 0.04, 0.0)
+    # logs cheap, but a collecting step so dear that once per interval is over the budget
+    fake = FakeTime()
+    s = sampler(fake, max_every=10)
+    with pytest.warns(ReluDoctorWarning, match=r"a collecting step costs 1\.5x a plain one, so "
+                      r"collecting once per logging interval \(10 steps\).* costs about 5\.0%.*"
+                      r"Log every 17 steps or more"):
+        for _ in range(10):
+            drive(s, fake, 10, 1.0, 0.5)
+            with s.log_lap():
+                pass
+    assert s.every == 10
+
+
 def test_what_logging_costs_comes_out_of_the_budget_first():
     """The host clock times each log and spreads it over the steps since the previous log:
     statistics at 6% of a step would collect every 2nd step; logs at 1% of a step (0.2 s
@@ -1465,3 +1515,18 @@ def test_the_warning_of_a_resumed_window_that_saw_nothing_counts_its_steps_befor
     ) as resumed:
         resumed.load_state_dict(state)
         train(resumed, range(7, 10))
+
+
+def test_doc_collecting_names_the_steps_each_window_counts():
+    """``doc.collecting``, read before a step's pass, says whether it collects: the steps
+    it names in each window are as many as the window's ``steps_collected``."""
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    named: list[bool] = []
+    with relu_doctor.watch(net, log_every_n_steps=6, every_n_steps=3) as doc:
+        for _ in range(18):
+            named.append(doc.collecting)
+            net(torch.randn(3, 4)).sum().backward()
+            doc.step()
+    windows = doc.to_run().tables["windows"]
+    assert windows["steps_collected"].tolist() == [sum(named[i:i + 6]) for i in (0, 6, 12)]
+    assert named == [i % 3 == 0 for i in range(18)]

@@ -522,6 +522,27 @@ def _windows(run: Run, hist: pd.DataFrame) -> pd.DataFrame | None:
     return pd.concat(parts, ignore_index=True).sort_values("step", kind="stable")
 
 
+def _own_cost(run: Run) -> str | None:
+    """relu_doctor's own cost, by its overhead budget's estimate at the last log that has
+    one (the ``windows`` table's ``overhead``: the estimate is refined as the run goes, its
+    first logs not yet timing a log), with the budget and at how many logs the estimate was
+    over it; None where no log has one (a fixed rate, a run written before it)."""
+    table = run.tables.get("windows")
+    if not isinstance(table, pd.DataFrame) or "overhead" not in table:
+        return None
+    values = pd.to_numeric(table.sort_values("step", kind="stable")["overhead"],
+                           errors="coerce").dropna()
+    if values.empty:
+        return None
+    cost = float(values.iloc[-1])
+    budget = (run.meta.get("config") or {}).get("overhead_budget")
+    if not isinstance(budget, int | float) or isinstance(budget, bool):
+        return f"{fmt_pct(cost)} of a step (its estimate)"
+    over = int((values > budget).sum())
+    said = (f"; over it at {over} of {len(values)} logs" if over else "")
+    return f"{fmt_pct(cost)} of a step (its estimate; budget {fmt_pct(budget)}{said})"
+
+
 def _sampling(
     windows: pd.DataFrame | None, steps: Sequence[int]
 ) -> tuple[int, int, list[int]] | None:
@@ -593,6 +614,7 @@ def build_context(run: Run) -> ReportContext:
             f"({fmt_pct(sampling[0] / sampling[1])})"
             + (" in the logs written" if run.unwritten else ""))]
           if sampling and sampling[1] else []),
+        *([("own cost", own)] if (own := _own_cost(run)) else []),
         ("interventions", str(len(interventions))),
     ]
     logged_step = int(windows["step"].max()) if windows is not None else None

@@ -4,6 +4,7 @@ rebuilt from events), and the reports' imports running one way."""
 from __future__ import annotations
 
 import ast
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -319,3 +320,40 @@ def test_the_terminal_summary_says_what_to_do_first(dead_run: TrainedRun) -> Non
     assert serious, "the fixture's run has findings"
     text = summary(ctx)
     assert f"What to do first ({serious[0].site}): {serious[0].remedy}" in text
+
+
+@pytest.mark.real_overhead_budget
+def test_the_report_states_relu_doctors_own_cost_by_its_estimate(tmp_path: Path) -> None:
+    """Each log writes the budget's estimate of relu_doctor's own cost (the windows table's
+    ``overhead``, equal to the sampler's at that log); the report's key numbers state the
+    last, the budget, and at how many logs it was over it. A fixed rate states none."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    estimates: list[float | None] = []
+    with warnings.catch_warnings(), relu_doctor.watch(
+            model, log_every_n_steps=5, run_dir=tmp_path / "run", overhead_budget=0.03) as doc:
+        warnings.simplefilter("ignore")  # (a model this small is over any budget: said)
+        for _ in range(40):
+            model(torch.randn(4, 8)).sum().backward()
+            record = doc.step()
+            if record is not None:
+                estimates.append(record.overhead)
+    run = load_run(tmp_path / "run")
+    table = run.tables["windows"].sort_values("step")
+    got = table["overhead"].tolist()
+    assert [e is None for e in estimates] == [g != g for g in got]  # (NaN where None)
+    assert [g for g in got if g == g] == pytest.approx([e for e in estimates if e is not None])
+    known = [e for e in estimates if e is not None]
+    assert known, "the budget timed no collecting step in 40 steps"
+    over = sum(e > 0.03 for e in known)
+    said = dict(build_context(run).key_numbers)["own cost"]
+    assert said.startswith(f"{known[-1]:.1%} of a step (its estimate; budget 3.0%")
+    assert (f"over it at {over} of {len(known)} logs" in said) == bool(over)
+    with relu_doctor.watch(model, log_every_n_steps=5, run_dir=tmp_path / "fixed",
+                           every_n_steps=2) as doc:
+        for _ in range(10):
+            model(torch.randn(4, 8)).sum().backward()
+            doc.step()
+    assert "own cost" not in dict(build_context(load_run(tmp_path / "fixed")).key_numbers)
+
