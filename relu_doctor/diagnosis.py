@@ -240,18 +240,22 @@ def _severity(frac: float, warn: float, crit: float) -> str:
     return "info"
 
 
-def _sampled(row: Mapping[str, Any], *, lifetime: bool = False) -> str:
+def _sampled(row: Mapping[str, Any], *, lifetime: tuple[int, int] | None = None,
+             what: str = "dead") -> str:
     """The window's sampling, where it collected fewer steps than it ran ("" otherwise):
-    the fewer batches seen, the more units look dead. ``lifetime``: said of the steps since
-    monitoring began, sampled at the same rate."""
+    the fewer batches seen, the more units look ``what``. ``lifetime``: (steps collected,
+    steps run) since monitoring began, said instead."""
+    if lifetime is not None:
+        got, ran = lifetime
+        if ran <= 0 or got >= ran:
+            return ""
+        return (f" (on the steps collected, not every step: {got} of the {ran} steps since "
+                "monitoring began; a unit that fires rarely can be missed)")
     got, ran = row.get("steps_collected"), row.get("steps_run")
     if got is None or ran is None or got >= ran:
         return ""
-    if lifetime:
-        return (f" (on the steps collected, not every step: this window's statistics are from "
-                f"{got} of its {ran} steps; a unit that fires rarely can be missed)")
     return (f"; statistics from {got} of the window's {ran} steps, and a unit is more likely "
-            "to look dead on fewer batches")
+            f"to look {what} on fewer batches")
 
 
 def diagnose(
@@ -263,6 +267,7 @@ def diagnose(
     param_grad_norms: Sequence[float] = (),
     first_rms: Mapping[str, float] | None = None,
     declined: Mapping[str, Collection[str]] | None = None,
+    lifetime_steps: tuple[int, int] | None = None,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -276,6 +281,8 @@ def diagnose(
         first_rms: each site's activation RMS at its first log (growth over time).
         declined: by site, the remedies that left it alone (``declined`` events): their
             remedy texts advise them there no more, and say so.
+        lifetime_steps: (steps collected, steps run) since monitoring began, this window's
+            included: what the lifetime findings say they rest on (None: the window's).
 
     Returns:
         Findings, most severe first.
@@ -350,7 +357,7 @@ def diagnose(
                     "lifetime_dead", name,
                     _severity(frac, config.dead_warning, config.dead_critical),
                     f"{row['lifetime_dead']} of {row['units']} units ({frac:.1%}) never active "
-                    f"since monitoring began{_sampled(row, lifetime=True)}.",
+                    f"since monitoring began{_sampled(row, lifetime=lifetime_steps)}.",
                     {"lifetime_dead": row["lifetime_dead"], "lifetime_dead_fraction": frac},
                     "Units that never fired are wasted capacity: "
                     + " or ".join([*([f"recycle them {_recycle(names)}"] if recyclable else []),
@@ -370,7 +377,7 @@ def diagnose(
                     "dormant", name,
                     _severity(frac, config.dead_warning, config.dead_critical),
                     f"{n_dormant} of {seen} units ({frac:.1%}) dormant (ReDo score <= "
-                    f"{config.tau}) but not dead.",
+                    f"{config.tau}) but not dead{_sampled(row, what='dead or dormant')}.",
                     {"dormant": n_dormant, "dormant_fraction": frac, "tau": config.tau,
                      "dormant_units": _units_list(u, "dormant")},
                     f"Recycle dormant units {_recycle(names, 'ReDo, Sokar et al. 2023')}: "
@@ -413,6 +420,12 @@ def diagnose(
             )
     out.extend(_gradient_findings(sites, config, step, param_grad_norms))
     out.extend(_growth_findings(sites, config, step, first_rms or {}))
+    rows = {str(r["site"]): r for r in sites}
+    for f in out:  # the sampling each site's finding rests on, in its evidence too
+        row = rows.get(f.site)
+        if row is not None and row.get("steps_run") is not None:
+            f.evidence.setdefault("steps_collected", row.get("steps_collected"))
+            f.evidence.setdefault("steps_run", row.get("steps_run"))
     out.sort(key=lambda f: finding_order(f.severity, f.kind, f.site, f.evidence))
     return out
 

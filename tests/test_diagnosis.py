@@ -331,17 +331,36 @@ def test_config_validation_names_the_field(kwargs, argument):
 @pytest.mark.parametrize("every", [1, 2])
 def test_a_dead_finding_says_how_many_steps_it_rests_on(run_watched, every):
     run = run_watched(zoo.ARCH_CASES["mlp"], model=planted_mlp(kill=[2]), batch_size=16,
-                      steps=4, log_every_n_steps=4, every_n_steps=every)
-    record = run.doc.records[-1]
+                      steps=8, log_every_n_steps=4, every_n_steps=every)
+    record = run.doc.records[-1]  # the second window
     (row,) = [r for r in record.site_rows if r["site"] == "1"]
     assert (row["steps_collected"], row["steps_run"]) == (4 // every, 4)
-    message = findings_by(record)[("dead", "1")].message
+    dead = findings_by(record)[("dead", "1")]
     sampled = "statistics from 2 of the window's 4 steps"
-    assert (sampled in message) == (every == 2), message
-    # "never active since monitoring began" rests on the same sampled steps, and says so
+    assert (sampled in dead.message) == (every == 2), dead.message
+    assert (dead.evidence["steps_collected"], dead.evidence["steps_run"]) == (4 // every, 4)
+    # "never active since monitoring began" rests on the steps collected since then (both
+    # windows), and says so
     lifetime = findings_by(record)[("lifetime_dead", "1")].message
-    assert ("(on the steps collected, not every step: this window's statistics are from 2 of "
-            "its 4 steps" in lifetime) == (every == 2), lifetime
+    assert ("(on the steps collected, not every step: 4 of the 8 steps since monitoring "
+            "began" in lifetime) == (every == 2), lifetime
+
+
+def test_the_steps_since_monitoring_began_survive_a_resume() -> None:
+    """The lifetime findings' count of steps collected and run is in the checkpoint: a run
+    resumed from it says the steps of both processes, as one run would."""
+    import relu_doctor
+
+    model = planted_mlp(kill=[2])
+    with relu_doctor.watch(model, log_every_n_steps=4, every_n_steps=2) as doc:
+        zoo.train(model, [torch.randn(16, 10) for _ in range(8)], doc=doc)
+        state = doc.state_dict()
+    assert state["lifetime_steps"] == [4, 8]
+    with relu_doctor.watch(model, log_every_n_steps=4, every_n_steps=2) as doc:
+        doc.load_state_dict(state)
+        zoo.train(model, [torch.randn(16, 10) for _ in range(4)], doc=doc)
+    lifetime = findings_by(doc.records[-1])[("lifetime_dead", "1")].message
+    assert "6 of the 12 steps since monitoring began" in lifetime, lifetime
 
 
 # ---------------------------------------------------------------------- remedy names per loop
