@@ -246,11 +246,11 @@ def _sampled(row: Mapping[str, Any], *, lifetime: tuple[int, int] | None = None,
     the fewer batches seen, the more units look ``what``. ``lifetime``: (steps collected,
     steps run) since monitoring began, said instead."""
     if lifetime is not None:
-        got, ran = lifetime
-        if ran <= 0 or got >= ran:
+        total, since = lifetime
+        if since <= 0 or total >= since:
             return ""
-        return (f" (on the steps collected, not every step: {got} of the {ran} steps since "
-                "monitoring began; a unit that fires rarely can be missed)")
+        return (f" (on the steps collected, not every step: {total} of the {since} steps "
+                "since monitoring began; a unit that fires rarely can be missed)")
     got, ran = row.get("steps_collected"), row.get("steps_run")
     if got is None or ran is None or got >= ran:
         return ""
@@ -422,10 +422,10 @@ def diagnose(
     out.extend(_growth_findings(sites, config, step, first_rms or {}))
     rows = {str(r["site"]): r for r in sites}
     for f in out:  # the sampling each site's finding rests on, in its evidence too
-        row = rows.get(f.site)
-        if row is not None and row.get("steps_run") is not None:
-            f.evidence.setdefault("steps_collected", row.get("steps_collected"))
-            f.evidence.setdefault("steps_run", row.get("steps_run"))
+        of = rows.get(f.site)
+        if of is not None and of.get("steps_run") is not None:
+            f.evidence.setdefault("steps_collected", of.get("steps_collected"))
+            f.evidence.setdefault("steps_run", of.get("steps_run"))
     out.sort(key=lambda f: finding_order(f.severity, f.kind, f.site, f.evidence))
     return out
 
