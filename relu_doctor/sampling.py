@@ -705,30 +705,26 @@ class Sampler:
         # A ratio of exactly n must not round up to n + 1 through float error.
         need = math.ceil(hook / (left * plain) - 1e-9)
         self.every = max(1, min(need, self.max_every))
-        if need > self.max_every and not self.per_window and not self._warned_cap and (
-                len(self._log_laps) >= 3):
-            # once per logging window is the least it collects: over the budget all the same
+        # Past the least it collects (once per logging interval, or what the bound remedies
+        # need per interval), over the budget all the same: said once.
+        if need > self.max_every and not self._warned_cap and (
+                self.per_window or len(self._log_laps) >= 3):
             self._warned_cap = True
             cost = hook / (self.every * plain) + (log or 0.0) / plain
-            warnings.warn(
-                f"relu_doctor: a collecting step costs {1 + hook / plain:.2g}x a plain one, so "
-                f"collecting once per logging interval ({self.every} steps), the least it "
-                f"does, costs about {cost:.1%} of a step, more than overhead_budget="
-                f"{self.overhead_budget:g}. Log every {need} steps or more (log_every_n_steps)"
-                " to collect more sparsely within the budget, or pass a larger "
-                "overhead_budget.",
-                ReluDoctorWarning,
-                stacklevel=user_stacklevel(),
-            )
-        if need > self.max_every and self.per_window and not self._warned_cap:
-            self._warned_cap = True
-            cost = hook / (self.every * plain) + (log or 0.0) / plain
-            warnings.warn(
-                f"relu_doctor: the remedies bound to this Doctor judge dead units on at least "
+            why = (
+                f"the remedies bound to this Doctor judge dead units on at least "
                 f"{self.per_window} collected steps per logging window, so statistics are "
-                f"collected every {self.every} steps, which costs about {cost:.2%} of a step, "
-                f"more than overhead_budget={self.overhead_budget:g}. Log less often (a larger "
-                "log_every_n_steps) to collect more sparsely within the budget.",
+                f"collected every {self.every} steps" if self.per_window
+                else f"a collecting step costs {1 + hook / plain:.2g}x a plain one, and "
+                f"collecting once per logging interval ({self.every} steps) is the least it does"
+            )
+            how = (f"Log every {need} steps or more (log_every_n_steps)" if not self.per_window
+                   else "Log less often (a larger log_every_n_steps)")
+            warnings.warn(
+                f"relu_doctor: {why}, which costs about {cost:.2%} of a step, more than "
+                f"overhead_budget={self.overhead_budget:g}. {how} to collect more sparsely "
+                "within the budget" + ("." if self.per_window else ", or pass a larger "
+                                        "overhead_budget."),
                 ReluDoctorWarning,
                 stacklevel=user_stacklevel(),
             )

@@ -327,8 +327,8 @@ def test_over_the_budget_the_warning_names_what_spends_it_and_what_would_help():
     # logs cheap, but a collecting step so dear that once per interval is over the budget
     fake = FakeTime()
     s = sampler(fake, max_every=10)
-    with pytest.warns(ReluDoctorWarning, match=r"a collecting step costs 1\.5x a plain one, so "
-                      r"collecting once per logging interval \(10 steps\).* costs about 5\.0%.*"
+    with pytest.warns(ReluDoctorWarning, match=r"a collecting step costs 1\.5x a plain one, and "
+                      r"collecting once per logging interval \(10 steps\).* costs about 5\.00%.*"
                       r"Log every 17 steps or more"):
         for _ in range(10):
             drive(s, fake, 10, 1.0, 0.5)
