@@ -282,7 +282,8 @@ def diagnose(
         declined: by site, the remedies that left it alone (``declined`` events): their
             remedy texts advise them there no more, and say so.
         lifetime_steps: (steps collected, steps run) since monitoring began, this window's
-            included: what the lifetime findings say they rest on (None: the window's).
+            included: what the lifetime findings say they rest on (None: unknown, as after a
+            checkpoint that did not hold them; the window's sampling is said instead).
 
     Returns:
         Findings, most severe first.

@@ -314,8 +314,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         #: run directory's meta.json and the report (see note_exception); None otherwise
         self.ended_by: str | None = None
         #: (steps collected, steps run) in the windows closed so far (see lifetime_steps)
-        self._lifetime_steps = (0, 0)
+        self._lifetime_steps: tuple[int, int] | None = (0, 0)
         self._previous_sites: list[dict[str, Any]] = []  # a continued run's (see recording)
+        self._previous_unwritten: list[list[int]] = []  # its logs never written (same)
         self._warned_other_model = False
         self.probe.on_new_site(self._mark_meta_dirty)
 
@@ -388,8 +389,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
 
     def _reset_window_counts(self) -> None:
         # the closed window's steps go to the lifetime's (the lifetime findings say them)
-        self._lifetime_steps = (self._lifetime_steps[0] + self.window_steps,
-                                self._lifetime_steps[1] + self.steps_run)
+        if self._lifetime_steps is not None:
+            self._lifetime_steps = (self._lifetime_steps[0] + self.window_steps,
+                                    self._lifetime_steps[1] + self.steps_run)
         self.window_steps = self._window_scheduled = self.steps_run = 0
 
     def __enter__(self) -> Doctor:
@@ -888,7 +890,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             "window_steps": self.window_steps,
             "steps_run": self.steps_run,
             "window_scheduled": self._window_scheduled,
-            "lifetime_steps": list(self._lifetime_steps),
+            "lifetime_steps": None if self._lifetime_steps is None else list(self._lifetime_steps),
             "training_metrics": self._training.state_dict(),
             "sites": sites,
             "findings_open": self._tracker.state_dict(),
@@ -915,9 +917,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         # (a checkpoint from before steps_run was saved: every step of it collected)
         self.steps_run = int(state.get("steps_run", self.window_steps))
         self._window_scheduled = int(state.get("window_scheduled", self.window_steps))
-        # (a checkpoint from before they were saved: the closed windows' steps unknown)
-        collected, run = state.get("lifetime_steps") or (0, 0)
-        self._lifetime_steps = (int(collected), int(run))
+        # (a checkpoint from before they were saved: unknown, and not said)
+        steps = state.get("lifetime_steps")
+        self._lifetime_steps = (int(steps[0]), int(steps[1])) if steps else None
         if windows:  # (the sums are this process's: the one that carries the windows)
             self._training.load_state_dict(state.get("training_metrics", {}))
         self._passes_at_step = self.probe.passes

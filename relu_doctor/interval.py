@@ -172,7 +172,7 @@ class IntervalReading:
         window_steps: int
         _window_scheduled: int
         steps_run: int
-        _lifetime_steps: tuple[int, int]
+        _lifetime_steps: tuple[int, int] | None
         _tracker: FindingTracker
         _grad_norm_history: deque[float]
         _first_rms: dict[str, float]
@@ -284,8 +284,8 @@ class IntervalReading:
                 site_rows, units, self.config, step=self.global_step,
                 param_grad_norms=self._grad_norm_history, first_rms=self._first_rms,
                 declined=self._declined,
-                lifetime_steps=(self._lifetime_steps[0] + collected,
-                                self._lifetime_steps[1] + self.steps_run),
+                lifetime_steps=None if self._lifetime_steps is None else (
+                    self._lifetime_steps[0] + collected, self._lifetime_steps[1] + self.steps_run),
             )
             if logged:
                 for r in site_rows:

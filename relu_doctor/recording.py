@@ -126,6 +126,7 @@ class RunRecording:
         _write_error: str | None
         _meta_dirty: bool
         _previous_sites: list[dict[str, Any]]
+        _previous_unwritten: list[list[int]]
         _warned_other_model: bool
         ended_by: str | None
         resume_advice: str
@@ -161,13 +162,18 @@ class RunRecording:
             else:
                 self._continue_after_checkpoint()
         if writer.previous_unwritten:
-            # the logs the run continued never wrote, up to where this one goes on from (it
-            # logs the later ones again)
-            since = writer.last_step if writer.last_step is not None else 0
-            kept = [[a, min(b, since)] for a, b in writer.previous_unwritten if a <= since]
-            self._unwritten = merged_ranges([*kept, *self._unwritten], self.log_every_n_steps)
-            self._save_status()
+            self._previous_unwritten = writer.previous_unwritten
+            self._carry_unwritten(self.global_step)
         self._write_meta()
+
+    def _carry_unwritten(self, since: int) -> None:
+        """The logs the run continued never wrote, up to ``since``, the step this process
+        goes on from (it logs the later ones again; a checkpoint loaded later moves it)."""
+        if not self._previous_unwritten:
+            return
+        kept = [[a, min(b, since)] for a, b in self._previous_unwritten if a <= since]
+        self._unwritten = merged_ranges(kept, self.log_every_n_steps)
+        self._save_status()
 
     def _take_previous_sites(self, previous: Mapping[str, Any]) -> None:
         """A run continued in its directory: the sites it described that this process has
@@ -212,13 +218,11 @@ class RunRecording:
         logged again when it closes): the resumed run's record equals an uninterrupted one."""
         writer = self._writer
         keep = self.global_step - (1 if self.steps_run > 0 else 0)
+        self._carry_unwritten(keep)
         if writer is None or writer.last_step is None or writer.last_step <= keep:
             return
         try:
             writer.truncate_after(keep)
-            if any(b > keep for _a, b in self._unwritten):  # logged again from here on
-                self._unwritten = [[a, min(b, keep)] for a, b in self._unwritten if a <= keep]
-                self._save_status()
             self._write_meta()  # (the tables it lists: those left with rows)
         except OSError as e:
             self._write_failed(e)

@@ -706,25 +706,26 @@ class Sampler:
         need = math.ceil(hook / (left * plain) - 1e-9)
         self.every = max(1, min(need, self.max_every))
         # Past the least it collects (once per logging interval, or what the bound remedies
-        # need per interval), over the budget all the same: said once.
+        # need per interval), over the budget all the same: said once (logs that alone
+        # spend the budget, a later and other case, are said apart: above).
         if need > self.max_every and not self._warned_cap and (
                 self.per_window or len(self._log_laps) >= 3):
             self._warned_cap = True
-            cost = hook / (self.every * plain) + (log or 0.0) / plain
+            collecting = hook / (self.every * plain)
+            rest = (log or 0.0) / plain
             why = (
                 f"the remedies bound to this Doctor judge dead units on at least "
                 f"{self.per_window} collected steps per logging window, so statistics are "
                 f"collected every {self.every} steps" if self.per_window
                 else f"a collecting step costs {1 + hook / plain:.2g}x a plain one, and "
-                f"collecting once per logging interval ({self.every} steps) is the least it does"
+                f"collecting once per {self.every} steps is the least it does"
             )
-            how = (f"Log every {need} steps or more (log_every_n_steps)" if not self.per_window
-                   else "Log less often (a larger log_every_n_steps)")
+            how = ("Log less often (a larger log_every_n_steps) to collect more sparsely "
+                   "within the budget." if self.per_window else self._advice(plain, need))
             warnings.warn(
-                f"relu_doctor: {why}, which costs about {cost:.2%} of a step, more than "
-                f"overhead_budget={self.overhead_budget:g}. {how} to collect more sparsely "
-                "within the budget" + ("." if self.per_window else ", or pass a larger "
-                                        "overhead_budget."),
+                f"relu_doctor: {why}; that costs about {collecting:.2%} of a step, and logging "
+                f"with the work at every step {rest:.2%}: {collecting + rest:.2%}, more than "
+                f"overhead_budget={self.overhead_budget:g}. {how}",
                 ReluDoctorWarning,
                 stacklevel=user_stacklevel(),
             )
@@ -733,14 +734,15 @@ class Sampler:
         """What logging and the Doctor's work at every step cost, apart (a warning's words)."""
         every = statistics.median(self._every_laps) if self._every_laps else 0.0
         logs = max((self._log_s() or 0.0) - every, 0.0)
-        return (f"logging costs {logs / plain:.1%} of a training step ({plain * 1e3:.3g} ms) "
+        took = f"{plain * 1e3:.3g} ms" if plain < 1.0 else f"{plain:.3g} s"
+        return (f"logging costs {logs / plain:.1%} of a training step ({took}) "
                 f"and what the Doctor does at every step {every / plain:.1%} "
                 f"({every * 1e6:.0f} us)")
 
-    def _advice(self, plain: float) -> str:
-        """How to get within the budget: log less often (every how many steps), or, where
-        the work at every step alone spends it (a model whose step takes well under a
-        millisecond), no rate can: a larger budget or none."""
+    def _advice(self, plain: float, at_least: int = 0) -> str:
+        """How to get within the budget: log less often (every how many steps, at least
+        ``at_least``), or, where the work at every step alone spends it (a model whose step
+        takes well under a millisecond), no rate can: a larger budget or none."""
         assert self.overhead_budget is not None
         every = statistics.median(self._every_laps) if self._every_laps else 0.0
         room = self.overhead_budget - every / plain
@@ -751,6 +753,7 @@ class Sampler:
         per_log = max((self._log_s() or 0.0) - every, 0.0) * self._log_every
         # logs taking at most half of what the work at every step leaves
         want = math.ceil(per_log / (room / 2 * plain)) if per_log > 0 else self._log_every
+        want = max(want, at_least)  # (and as sparse as collecting once a window needs)
         return (f"Log every {_round_up(want)} steps or more (log_every_n_steps) to stay "
                 "within the budget, or pass overhead_budget=None to collect every step "
                 "regardless.")

@@ -361,6 +361,13 @@ def test_the_steps_since_monitoring_began_survive_a_resume() -> None:
         zoo.train(model, [torch.randn(16, 10) for _ in range(4)], doc=doc)
     lifetime = findings_by(doc.records[-1])[("lifetime_dead", "1")].message
     assert "6 of the 12 steps since monitoring began" in lifetime, lifetime
+    # a checkpoint from before they were saved: unknown, so the window's are said
+    old = {k: v for k, v in state.items() if k != "lifetime_steps"}
+    with relu_doctor.watch(model, log_every_n_steps=4, every_n_steps=2) as doc:
+        doc.load_state_dict(old)
+        zoo.train(model, [torch.randn(16, 10) for _ in range(4)], doc=doc)
+    lifetime = findings_by(doc.records[-1])[("lifetime_dead", "1")].message
+    assert "steps since monitoring began" not in lifetime and "2 of the window's 4" in lifetime
 
 
 # ---------------------------------------------------------------------- remedy names per loop

@@ -637,3 +637,34 @@ def test_a_resumed_run_keeps_the_unwritten_logs_before_it_and_drops_those_it_log
         assert sorted(set(run.history["step"])) == [2, 4] and run.unwritten == []
     else:
         assert sorted(set(run.history["step"])) == [2, 4, 6, 8] and run.unwritten == [[4, 4]]
+
+
+def test_a_resume_after_the_last_written_log_keeps_the_failed_logs_before_its_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills at step 4 and every later log fails; resumed from step 6's
+    checkpoint, logs 4 and 6 are never written again: still said (they were dropped when the
+    cut was the last step the directory held, 2)."""
+    run_dir = tmp_path / "run"
+    real = rundir.RunWriter.append_table
+
+    def failing(self: rundir.RunWriter, table: str, step: int, data: object) -> None:
+        if step >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, table, step, data)  # type: ignore[arg-type]
+
+    model = zoo.mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monkeypatch.setattr(rundir.RunWriter, "append_table", failing)
+        with relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir) as doc:
+            zoo.train(model, [torch.randn(8, 10) for _ in range(6)], doc=doc)
+            state = doc.state_dict()
+            zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+        monkeypatch.undo()
+        assert load_run(run_dir).unwritten == [[4, 8]]
+        doc = relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir, resume=True)
+        doc.load_state_dict(state)
+        with doc:
+            zoo.train(model, [torch.randn(8, 10) for _ in range(4)], doc=doc)
+    run = load_run(run_dir)
+    assert sorted(set(run.history["step"])) == [2, 8, 10] and run.unwritten == [[4, 6]]
