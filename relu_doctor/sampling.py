@@ -730,10 +730,15 @@ class Sampler:
                 stacklevel=user_stacklevel(),
             )
 
+    def _split_log_s(self) -> tuple[float, float]:
+        """(seconds a step pays for logging alone, for the Doctor's work at every step): the
+        two parts of :meth:`_log_s`, apart."""
+        every = statistics.median(self._every_laps) if self._every_laps else 0.0
+        return max((self._log_s() or 0.0) - every, 0.0), every
+
     def _spent_text(self, plain: float) -> str:
         """What logging and the Doctor's work at every step cost, apart (a warning's words)."""
-        every = statistics.median(self._every_laps) if self._every_laps else 0.0
-        logs = max((self._log_s() or 0.0) - every, 0.0)
+        logs, every = self._split_log_s()
         took = f"{plain * 1e3:.3g} ms" if plain < 1.0 else f"{plain:.3g} s"
         return (f"logging costs {logs / plain:.1%} of a training step ({took}) "
                 f"and what the Doctor does at every step {every / plain:.1%} "
@@ -744,13 +749,13 @@ class Sampler:
         ``at_least``), or, where the work at every step alone spends it (a model whose step
         takes well under a millisecond), no rate can: a larger budget or none."""
         assert self.overhead_budget is not None
-        every = statistics.median(self._every_laps) if self._every_laps else 0.0
+        logs, every = self._split_log_s()
         room = self.overhead_budget - every / plain
         if room <= self.overhead_budget / 4:
             return ("The work at every step alone spends most of the budget on a step this "
                     "short, so no sampling rate keeps it: pass a larger overhead_budget, or "
                     "overhead_budget=None to collect every step regardless.")
-        per_log = max((self._log_s() or 0.0) - every, 0.0) * self._log_every
+        per_log = logs * self._log_every
         # logs taking at most half of what the work at every step leaves
         want = math.ceil(per_log / (room / 2 * plain)) if per_log > 0 else self._log_every
         want = max(want, at_least)  # (and as sparse as collecting once a window needs)
