@@ -155,23 +155,22 @@ class RunRecording:
         self._writer, self._wrote_run_dir = writer, True
         if writer.previous_meta is not None and not self._previous_sites:
             self._take_previous_sites(writer.previous_meta)
-        if writer.last_step is not None:
-            if self.global_step == 0:  # resume=True without a checkpoint: go on after it
-                self.global_step = writer.last_step
-                self.probe.collecting = self._collecting()
-            else:
-                self._continue_after_checkpoint()
-        if writer.previous_unwritten:
-            self._previous_unwritten = writer.previous_unwritten
-            self._carry_unwritten(self.global_step)
+        self._previous_unwritten = writer.previous_unwritten
+        if writer.last_step is not None and self.global_step == 0:
+            # resume=True without a checkpoint: go on after its last log
+            self.global_step = writer.last_step
+            self.probe.collecting = self._collecting()
+        self._continue_after_checkpoint()  # (its unwritten logs carried, later rows dropped)
         self._write_meta()
 
     def _carry_unwritten(self, since: int) -> None:
-        """The logs the run continued never wrote, up to ``since``, the step this process
-        goes on from (it logs the later ones again; a checkpoint loaded later moves it)."""
-        if not self._previous_unwritten:
+        """The logs never written, this process's and those of the run it continued, up to
+        ``since``, the step it goes on from (it logs the later ones again; a checkpoint
+        loaded later moves it)."""
+        ranges = [*self._previous_unwritten, *self._unwritten]
+        if not ranges:
             return
-        kept = [[a, min(b, since)] for a, b in self._previous_unwritten if a <= since]
+        kept = [[a, min(b, since)] for a, b in ranges if a <= since]
         self._unwritten = merged_ranges(kept, self.log_every_n_steps)
         self._save_status()
 
