@@ -62,6 +62,7 @@ from relu_doctor.runread import (
     open_writer_state,
     process_token,
     read_meta,
+    read_status,
     read_stream,
     read_table,
     segments,
@@ -638,15 +639,12 @@ def _exiting() -> None:
 
 
 def _read_unwritten(status: Path) -> list[list[int]]:
-    """The ``unwritten`` step ranges of a ``status.json`` ([] when it has none or cannot be
-    read: the reader says why)."""
+    """The ``unwritten`` step ranges of a ``status.json`` ([] when it has none, or cannot
+    be read: the reader says why)."""
     try:
-        data = json.loads(status.read_bytes().decode("utf-8"))
+        return read_status(status)[0]
     except (OSError, ValueError):
         return []
-    ranges = data.get("unwritten") if isinstance(data, dict) else None
-    return [list(r) for r in ranges if isinstance(r, list) and len(r) == 2
-            and all(type(x) is int for x in r)] if isinstance(ranges, list) else []
 
 
 def _event_step(line: bytes) -> int:

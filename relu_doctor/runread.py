@@ -83,6 +83,24 @@ class WriterState(NamedTuple):
     writing: bool = False
 
 
+def read_status(path: Path) -> tuple[list[list[int]], str | None]:
+    """A ``status.json``'s step ranges never written and the write error that stopped them
+    (None when it names none).
+
+    Raises:
+        OSError: it cannot be read.
+        ValueError: it is not such a file (not JSON, or ranges that are not [first, last]).
+    """
+    status = json.loads(path.read_bytes().decode("utf-8"))
+    ranges = status.get("unwritten", []) if isinstance(status, dict) else None
+    if not isinstance(ranges, list) or not all(
+        isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r) for r in ranges
+    ):
+        raise ValueError("'unwritten' must be a list of [first, last] steps")
+    error = status.get("error") if isinstance(status, dict) else None
+    return ranges, error if isinstance(error, str) and error else None
+
+
 def open_writer_state(path: Path) -> WriterState:
     """Why the run directory's writer did not close it, from the lock it left: still
     writing (a live process, or another host's), or gone without closing it (killed,
@@ -606,17 +624,10 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     status_path = p / STATUS_NAME
     if status_path.is_file():
         try:
-            status = json.loads(status_path.read_bytes().decode("utf-8"))
-            ranges = status.get("unwritten", []) if isinstance(status, dict) else None
-            if not isinstance(ranges, list) or not all(
-                isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
-                for r in ranges
-            ):
-                raise ValueError("'unwritten' must be a list of [first, last] steps")
+            ranges, error = read_status(status_path)
             if ranges:
                 meta["unwritten"] = ranges
-            error = status.get("error") if isinstance(status, dict) else None
-            if isinstance(error, str) and error:
+            if error:
                 meta["write_error"] = error
         except (OSError, ValueError) as e:
             warn_problem(problems, f"relu_doctor: skipped {str(status_path)!r}: {e}.")
