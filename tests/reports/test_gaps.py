@@ -10,6 +10,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -600,6 +601,32 @@ def test_a_block_entered_again_after_an_error_is_no_run_that_ended_early(tmp_pat
     assert doc.ended_by is None and "ended_by" not in load_run(run_dir).meta
 
 
+def _fail_then_resume(
+        run_dir: Path, monkeypatch: pytest.MonkeyPatch, method: str, failing: Any, *,
+        before: int, after: int, more: int, checkpoint: bool = True,
+) -> tuple[list[list[int]], Run]:
+    """Train ``before`` steps (a checkpoint taken there) and ``after`` more, logging every
+    2nd, with ``RunWriter.<method>`` replaced by ``failing``; then resume in the same
+    directory (from the checkpoint, or without one) and train ``more``: the unwritten
+    ranges before the resume, and the run after it."""
+    model = zoo.mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monkeypatch.setattr(rundir.RunWriter, method, failing)
+        with relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir) as doc:
+            zoo.train(model, [torch.randn(8, 10) for _ in range(before)], doc=doc)
+            state = doc.state_dict()
+            zoo.train(model, [torch.randn(8, 10) for _ in range(after)], doc=doc)
+        monkeypatch.undo()
+        unwritten = load_run(run_dir).unwritten
+        doc = relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir, resume=True)
+        if checkpoint:
+            doc.load_state_dict(state)
+        with doc:
+            zoo.train(model, [torch.randn(8, 10) for _ in range(more)], doc=doc)
+    return unwritten, load_run(run_dir)
+
+
 @pytest.mark.parametrize("checkpoint", [True, False], ids=["from_checkpoint", "no_checkpoint"])
 def test_a_resumed_run_keeps_the_unwritten_logs_before_it_and_drops_those_it_logs_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint: bool) -> None:
@@ -607,7 +634,6 @@ def test_a_resumed_run_keeps_the_unwritten_logs_before_it_and_drops_those_it_log
     the new process logs step 4 again in full, and status.json no longer says it was never
     written ('written in part' of a whole log); resumed after the last log without one, the
     old process's unwritten step stays said."""
-    run_dir = tmp_path / "run"
     real = rundir.RunWriter.write_findings
     calls = [0]
 
@@ -617,22 +643,9 @@ def test_a_resumed_run_keeps_the_unwritten_logs_before_it_and_drops_those_it_log
             raise OSError(errno.ENOSPC, "No space left on device")
         real(self, fs)  # type: ignore[arg-type]
 
-    model = zoo.mlp()
-    monkeypatch.setattr(rundir.RunWriter, "write_findings", findings)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir) as doc:
-            zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
-            state = doc.state_dict()
-            zoo.train(model, [torch.randn(8, 10) for _ in range(4)], doc=doc)
-        monkeypatch.undo()
-        assert load_run(run_dir).unwritten == [[4, 4]]
-        doc = relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir, resume=True)
-        if checkpoint:
-            doc.load_state_dict(state)
-        with doc:
-            zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
-    run = load_run(run_dir)
+    unwritten, run = _fail_then_resume(tmp_path / "run", monkeypatch, "write_findings", findings,
+                                       before=2, after=4, more=2, checkpoint=checkpoint)
+    assert unwritten == [[4, 4]]
     if checkpoint:
         assert sorted(set(run.history["step"])) == [2, 4] and run.unwritten == []
     else:
@@ -644,7 +657,6 @@ def test_a_resume_after_the_last_written_log_keeps_the_failed_logs_before_its_ch
     """The disk fills at step 4 and every later log fails; resumed from step 6's
     checkpoint, logs 4 and 6 are never written again: still said (they were dropped when the
     cut was the last step the directory held, 2)."""
-    run_dir = tmp_path / "run"
     real = rundir.RunWriter.append_table
 
     def failing(self: rundir.RunWriter, table: str, step: int, data: object) -> None:
@@ -652,19 +664,7 @@ def test_a_resume_after_the_last_written_log_keeps_the_failed_logs_before_its_ch
             raise OSError(errno.ENOSPC, "No space left on device")
         real(self, table, step, data)  # type: ignore[arg-type]
 
-    model = zoo.mlp()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        monkeypatch.setattr(rundir.RunWriter, "append_table", failing)
-        with relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir) as doc:
-            zoo.train(model, [torch.randn(8, 10) for _ in range(6)], doc=doc)
-            state = doc.state_dict()
-            zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
-        monkeypatch.undo()
-        assert load_run(run_dir).unwritten == [[4, 8]]
-        doc = relu_doctor.watch(model, log_every_n_steps=2, run_dir=run_dir, resume=True)
-        doc.load_state_dict(state)
-        with doc:
-            zoo.train(model, [torch.randn(8, 10) for _ in range(4)], doc=doc)
-    run = load_run(run_dir)
+    unwritten, run = _fail_then_resume(tmp_path / "run", monkeypatch, "append_table", failing,
+                                       before=6, after=2, more=4)
+    assert unwritten == [[4, 8]]
     assert sorted(set(run.history["step"])) == [2, 8, 10] and run.unwritten == [[4, 6]]
