@@ -317,12 +317,16 @@ def test_report_writes_html_and_prints_a_summary(tmp_path: Path, capsys: pytest.
     assert (run_dir / "meta.json").read_bytes() == meta
     # ... and so is one among a table's parts: a folder of the run's records
     parts = sorted(p.name for p in (run_dir / "history").iterdir())
-    for given, named in [(run_dir / "history", run_dir / "history" / "report.html"),
-                         (run_dir / "history" / "r.html",) * 2]:
+    for given, named, folder in [
+        (run_dir / "history", run_dir / "history" / "report.html", "history"),
+        (run_dir / "history" / "r.html", run_dir / "history" / "r.html", "history"),
+        (run_dir / "sub" / "x.html", run_dir / "sub" / "x.html", "sub"),  # (not made: said so)
+    ]:
         assert main(["report", str(run_dir), "-o", str(given)]) == 2
         assert one_line_error(capsys.readouterr().err).startswith(
-            f"relu-doctor report: error: --output: {str(named)!r} is inside 'history' of the "
-            "run directory the report is made from")
+            f"relu-doctor report: error: --output: {str(named)!r} is in a folder ({folder!r}) "
+            "of the run directory the report is made from, where the run keeps its records")
+    assert not (run_dir / "sub").exists()
     assert sorted(p.name for p in (run_dir / "history").iterdir()) == parts
     assert main(["report", str(run_dir), "-o", str(run_dir / "again.html"), "-q"]) == 0
     assert capsys.readouterr().out.strip() == str(run_dir / "again.html")

@@ -27,6 +27,7 @@ import relu_doctor
 from relu_doctor import _kernels, sampling
 from relu_doctor._kernels import Prepared
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
+from relu_doctor.reports import plots
 from relu_doctor.reports.context import build_context
 from relu_doctor.reports.html import render_report
 from relu_doctor.reports.tensorboard import run_log_dir
@@ -1089,6 +1090,17 @@ def test_a_last_window_with_no_collecting_step_is_written_but_judges_nothing(tmp
     assert ctx.series.heatmap_steps == [10, 20]  # no empty column for the step-24 window
     assert [r.raw["dead"] for r in ctx.sites if r.site == "1"] == [6]
     assert ctx.verdict.status != "healthy"
+    # Every part of the HTML is of the judged steps: the sites table's heading, the gradient
+    # flow's lines (none for step 24, which holds no gradient), the heatmaps' captions (both
+    # steps with data shown: no "2 of the 3 logging steps").
+    assert (ctx.shown_step, ctx.judged_steps) == (20, [10, 20])
+    html = render_report(saved)
+    assert re.search(r"<h2>Sites <span[^>]*>at step 20</span></h2>", html)
+    fig = plots.gradient_flow_figure(saved.history, saved.layers)
+    assert fig is not None
+    assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes] == [
+        ["step 10", "step 20"]] * 2
+    assert "logging steps with data" not in html and " of the 3 logging steps" not in html
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_log_dir(run)))

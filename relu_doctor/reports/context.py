@@ -291,7 +291,9 @@ def _verdict(
     return Verdict(
         "critical" if n_crit else "warning",
         f"{len(serious)} problem{'s' * (len(serious) != 1)} found ({', '.join(parts)})",
-        f"At step {step}. The most severe:",
+        f"At step {step}"
+        + (f", with {notes} minor note{'s' * (notes != 1)} besides" if notes else "")
+        + ". The most severe:",
         list(serious[:3]),
     )
 
@@ -434,6 +436,11 @@ class ReportContext:
     generated: str
     steps: list[int]
     last_step: int | None
+    #: the step the sites table and key numbers are of: the last whose window saw something
+    #: (``last_step`` where every logged window did)
+    shown_step: int | None
+    #: the logged steps whose windows saw something (those the report can draw)
+    judged_steps: list[int]
     log_every: Any
     tau: Any
     max_open: int
@@ -679,6 +686,8 @@ def build_context(run: Run) -> ReportContext:
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         steps=steps,
         last_step=last_step,
+        shown_step=shown_step,
+        judged_steps=list(judged),
         log_every=config.get("log_every_n_steps"),
         tau=config.get("tau"),
         max_open=MAX_OPEN_FINDINGS,

@@ -64,8 +64,9 @@ def _figures(ctx: ReportContext) -> dict[str, Any]:
             caption += (", the units the findings name one row each, the others ranked by "
                         f"mean activation rate, up to {data.units_per_row} units per row")
         shown = len(series.heatmap_steps)
-        if 0 < shown < len(ctx.steps):
-            caption += (f", {shown} of the {len(ctx.steps)} logging steps (evenly spread from "
+        if 0 < shown < len(ctx.judged_steps):
+            caption += (f", {shown} of the {len(ctx.judged_steps)} logging steps with data "
+                        "(evenly spread from "
                         "the first to the last; the run's unit table is read at those only)")
         if data.steps_per_col > 1:
             caption += f", {data.steps_per_col} logging steps per column"
@@ -175,9 +176,10 @@ def report_path(run: Run, out: str | os.PathLike[str] | None, name: str) -> Path
     if root is not None and target.is_relative_to(root):
         if target.parent != root:
             raise ReluDoctorError(
-                f"{name}: {str(path)!r} is inside {str(target.parent.relative_to(root))!r} of "
-                "the run directory the report is made from, a folder of that run's records. "
-                "Pass a path ending in .html at the run directory's top level, or outside it."
+                f"{name}: {str(path)!r} is in a folder ({str(target.parent.relative_to(root))!r}) "
+                "of the run directory the report is made from, where the run keeps its records "
+                "(its tables, an evaluation stream's run). Pass a path ending in .html at the "
+                "run directory's top level, or outside it."
             )
         if path.suffix.lower() not in (".html", ".htm"):
             raise ReluDoctorError(

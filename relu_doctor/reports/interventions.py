@@ -117,6 +117,15 @@ def snapshots(ev: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return before, after
 
 
+def _shown_verdict(verdict: str, before: Any, after: Any) -> str:
+    """The verdict as the report words it: a remedy judged on "no worse, within a
+    tolerance" that helped with its target a little higher reads "no worse", not "helped"
+    beside a number that rose."""
+    numbers = isinstance(before, (int, float)) and isinstance(after, (int, float))
+    return "no worse (within tolerance)" if verdict == "helped" and numbers and after > before \
+        else verdict
+
+
 def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
     before, after = snapshots(ev)
     clip = _clip_details(ev)
@@ -134,7 +143,7 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
         changes=_changes(before, after, target, bool(after)),
         last_step=step,
         target=target,
-        verdict=str(ev.get("verdict") or ""),
+        verdict=_shown_verdict(str(ev.get("verdict") or ""), before.get(target), after.get(target)),
         before_raw=before,
         after_raw=after,
         continuous=remedy in CONTINUOUS_REMEDIES and bool(clip),

@@ -391,7 +391,12 @@ def gradient_flow_figure(
     )
     if g.empty and not has_layers:
         return None
-    all_steps = sorted(int(s) for s in history["step"].unique())
+    lay = (layers[np.isfinite(layers["grad_norm"].astype(float))]
+           if has_layers and layers is not None else None)
+    # The steps with a gradient recorded (a window that collected no step has none: a legend
+    # entry without a line, and the last step with data left out, otherwise).
+    held = set(g["step"].astype(int)) | (set(lay["step"].astype(int)) if lay is not None else set())
+    all_steps = sorted(held)
     k = min(max_steps, len(all_steps))  # the first, the last, and evenly between
     pick = sorted({all_steps[round(i * (len(all_steps) - 1) / max(k - 1, 1))] for i in range(k)})
     panels = (0 if g.empty else 1) + (1 if has_layers else 0)
@@ -402,8 +407,7 @@ def gradient_flow_figure(
         if not g.empty:
             _by_depth(axes.pop(0), g, "site", "grad_rms", _site_order(history), palette, "o",
                       "activation gradient by site", "RMS of dL/dh")
-        if has_layers and layers is not None:
-            lay = layers[np.isfinite(layers["grad_norm"].astype(float))]
+        if lay is not None and layers is not None:
             names = [str(n) for n in pd.unique(layers["layer"])]
             lsteps = sorted(int(s) for s in lay["step"].unique())
             lpick = [s for s in pick if s in lsteps] or lsteps[-1:]
@@ -422,6 +426,8 @@ def _by_depth(
     pos = {s: i for i, s in enumerate(order)}
     for step, color in palette.items():
         part = frame[frame["step"] == step].copy()
+        if part.empty:  # nothing recorded at that step on this panel: no empty legend entry
+            continue
         part["x"] = part[where].astype(str).map(pos)
         part = part.sort_values("x")
         ax.plot(part["x"], part[value].astype(float), marker=marker, markersize=4,

@@ -357,3 +357,37 @@ def test_the_report_states_relu_doctors_own_cost_by_its_estimate(tmp_path: Path)
             doc.step()
     assert "own cost" not in dict(build_context(load_run(tmp_path / "fixed")).key_numbers)
 
+
+
+def test_the_report_words_a_verdict_by_the_numbers_beside_it_and_says_a_new_finding() -> None:
+    """A remedy judged on "no worse, within a tolerance" whose target rose a little is
+    "helped" in its events; beside the risen number the report says "no worse (within
+    tolerance)", and "helped" only where it fell. A finding that began at the step shown, a
+    log after the first, says it is new; one that began earlier says since when."""
+    from relu_doctor.diagnosis import Finding
+    from relu_doctor.history import Run as _Run
+    from relu_doctor.reports.html import render_context
+
+    def events(before: float, after: float) -> list[dict]:
+        return [{"type": "intervention", "id": "a", "remedy": "adaptive_grad_clip", "site": "s",
+                 "step": 5, "what": "clipped", "before": {"dead_fraction": before},
+                 "after": None},
+                {"type": "intervention_result", "ref": "a", "remedy": "adaptive_grad_clip",
+                 "site": "s", "step": 10, "after": {"dead_fraction": after},
+                 "target": "dead_fraction", "verdict": "helped"}]
+
+    hist = pd.DataFrame([{"step": s, "site": "s", "units": 4, "dead": 2, "dead_fraction": 0.5,
+                          "family": "relu", "leaky": False} for s in (5, 10)])
+    new = Finding("dead", "s", "warning", "2 of 4 units dead", {}, "", step=10, began=10)
+    old = Finding("saturated", "s", "warning", "saturated", {}, "", step=10, began=5)
+    for (before, after), said in (((0.234, 0.25), "no worse (within tolerance)"),
+                                  ((0.3, 0.25), "helped")):
+        run = _Run(meta={"sites": [{"name": "s", "units": 4, "family": "relu"}]}, history=hist,
+                   units=pd.DataFrame(), layers=pd.DataFrame(), events=events(before, after),
+                   last_findings=[new, old])
+        ctx = build_context(run)
+        (view,) = ctx.interventions
+        assert view.verdict == said
+        html = render_context(ctx)
+        assert f">{said}</div>" in html and "rd-verdict-ok" in html
+        assert "new at step 10" in html and "since step 5" in html
