@@ -30,6 +30,7 @@ from relu_doctor._validate import callable_or_none, flag, path_or_none, positive
 from relu_doctor._validate import optimizers as optimizers_arg
 from relu_doctor.diagnosis import REMEDY_NAMES, DiagnosisConfig, diagnosis_config
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError, user_stacklevel
+from relu_doctor.families import held_instead
 from relu_doctor.history import (
     FindingTracker,
     IntervalRecord,
@@ -825,7 +826,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             f"forward passes of {type(self.model).__name__} up to step {self.global_step} "
             f"({modules} activation module{'s' if modules != 1 else ''} watched"
             f"{', functional calls captured' if self.functional else ''}), so nothing has "
-            "been collected yet. It goes on watching. If its activations should have run, "
+            f"been collected yet{held_instead(self.model)}. It goes on watching. If its "
+            "activations should have run, "
             "check that they run in training passes (model.train(), gradients enabled) on "
             "floating-point tensors, and that include/exclude select them.",
             ReluDoctorWarning,

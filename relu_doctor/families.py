@@ -212,6 +212,37 @@ def family_of(module: nn.Module) -> Family | None:
     return best
 
 
+#: Classes of ``torch.nn.modules.activation`` that are no elementwise activation.
+_NOT_ELEMENTWISE = frozenset({"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention",
+                              "GLU"})
+
+
+def other_activations(model: nn.Module) -> dict[str, int]:
+    """The model's elementwise activation modules of no family, by class (``nn.Hardswish``,
+    ``nn.Mish``, ``nn.Sigmoid``, and Hugging Face's ``...Activation`` classes): what a user
+    whose model runs none of the ReLU family should be told it holds instead."""
+    found: dict[str, int] = {}
+    for mod in model.modules():
+        cls = type(mod)
+        torch_act = cls.__module__ == "torch.nn.modules.activation"
+        hf_act = cls.__module__.startswith("transformers.") and cls.__name__.endswith("Activation")
+        if (torch_act or hf_act) and cls.__name__ not in _NOT_ELEMENTWISE and family_of(mod) is None:
+            name = f"nn.{cls.__name__}" if torch_act else cls.__name__
+            found[name] = found.get(name, 0) + 1
+    return found
+
+
+def held_instead(model: nn.Module) -> str:
+    """Words for a message that nothing was watched: the activations ``model`` holds of no
+    family (``" (it holds nn.Hardswish x12, nn.Mish x1: of no ReLU family)"``), or ``""``."""
+    found = other_activations(model)
+    if not found:
+        return ""
+    listed = ", ".join(f"{k} x{n}" for k, n in sorted(found.items(), key=lambda kv: -kv[1])[:4])
+    more = ", ..." if len(found) > 4 else ""
+    return f" (it holds {listed}{more}: of no ReLU family)"
+
+
 def family_by_name(name: str) -> Family:
     """Look a family up by name; raises :class:`ReluDoctorError` listing the known names."""
     try:

@@ -78,7 +78,7 @@ from relu_doctor._kernels import Prepared
 from relu_doctor._validate import glob_patterns, matches
 from relu_doctor._validate import unit_dims as check_unit_dims
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
-from relu_doctor.families import Family, family_of
+from relu_doctor.families import Family, family_of, held_instead
 from relu_doctor.provenance import ProvenanceTracker
 from relu_doctor.sampling import Stopwatch
 from relu_doctor.site_registry import SiteRegistry
@@ -620,7 +620,8 @@ class Probe(SiteRegistry, HookOwner):
         )
         return (
             f"model: a forward pass of {type(self.model).__name__} ran no ReLU-family "
-            f"activation{what}, so relu_doctor has nothing to watch; {cause}."
+            f"activation{what}, so relu_doctor has nothing to watch{held_instead(self.model)}; "
+            f"{cause}."
         )
 
     @property

@@ -1173,3 +1173,49 @@ def test_the_learning_rate_recorded_is_the_one_the_logged_step_used(sched_first)
                 doc.step()
     assert {r.step: r.metrics["lr"] for r in doc.records} == {s: used[s] for s in (2, 4, 6, 7)}
     assert len({used[s] for s in (2, 4, 6, 7)}) == 4
+
+
+class _OtherActivations(nn.Module):
+    """Activations of no ReLU family only (LeViT's Hardswish, Mish), and a forward that may
+    call torch.relu (the branch it never takes here): nothing is ever watched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.acts = nn.Sequential(nn.Hardswish(), nn.Hardswish(), nn.Mish())
+        self.softmax = nn.Softmax(-1)  # no elementwise activation: not named
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.acts(self.fc(x))
+        if x.shape[0] > 1000:
+            h = torch.relu(h)
+        return self.softmax(h)
+
+
+class _OnlyOtherActivations(_OtherActivations):
+    """... and a forward that calls no ReLU-family function: nothing could ever be watched."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.softmax(self.acts(self.fc(x)))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["raised", "warned"])
+def test_a_model_whose_activations_are_of_no_family_is_told_which_it_holds(functional) -> None:
+    """A model that runs only activations outside the ReLU family was told to check
+    model.train() and include/exclude; it is now told the activations it holds instead."""
+    model = _OtherActivations() if functional else _OnlyOtherActivations()
+    said: list[str] = []
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        try:
+            with relu_doctor.watch(model, log_every_n_steps=2, overhead_budget=None) as doc:
+                for _ in range(4):
+                    model(torch.randn(3, 4)).sum().backward()
+                    doc.step()
+        except ReluDoctorError as e:
+            said.append(str(e))
+    said += [str(w.message) for w in rec if "no watched activation ran" in str(w.message)]
+    assert len(said) == 1
+    assert "(it holds nn.Hardswish x2, nn.Mish x1: of no ReLU family)" in said[0]
+    assert "Softmax" not in said[0]
+    assert ("nothing has been collected yet" in said[0]) is functional
