@@ -12,7 +12,7 @@ the interval records and records every change as an
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,6 +259,36 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):  # type: 
         return cls(keras.optimizers.schedules.deserialize(config["schedule"]), config["factor"])
 
 
+def _schedule_of(optimizer: Any) -> Any:
+    """The optimizer's learning-rate schedule (a ``LearningRateSchedule``, or a callable
+    taking no argument), the live object, or None for a rate held in a variable. (Rebuilt
+    from ``get_config()``, a schedule of the user's that Keras' serialization does not know
+    could not be read back, and the optimizer would hold a copy.)"""
+    live = getattr(optimizer, "_learning_rate", None)  # (Keras' own field; else its config)
+    if live is None:
+        cfg = optimizer.get_config().get("learning_rate")
+        return keras.optimizers.schedules.deserialize(cfg) if isinstance(cfg, Mapping) else None
+    if isinstance(live, keras.optimizers.schedules.LearningRateSchedule):
+        return live
+    if callable(live) and not isinstance(live, keras.Variable):
+        return _Called(live)
+    return None
+
+
+class _Called:
+    """A learning rate given as a callable of no argument, as a schedule of the step."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, step: Any) -> Any:
+        return self.fn()
+
+
+def _name(schedule: Any) -> str:
+    return type(schedule.fn if isinstance(schedule, _Called) else schedule).__name__
+
+
 def lr_value(optimizer: Any) -> float:
     """The optimizer's current learning rate (a schedule's value at its iteration)."""
     lr = optimizer.learning_rate
@@ -308,15 +338,14 @@ class KerasLRRescue(Remedy):
         if not old > 0 or new >= old:
             return None
         f = new / old
-        cfg = opt.get_config().get("learning_rate")
-        if isinstance(cfg, Mapping):  # a schedule
-            sched = keras.optimizers.schedules.deserialize(cfg)
+        sched = _schedule_of(opt)
+        if sched is not None:  # a schedule (or a callable): the live object, scaled
             if isinstance(sched, ScaledSchedule):
                 sched = ScaledSchedule(sched.schedule, sched.factor * f)
             else:
                 sched = ScaledSchedule(sched, f)
             opt.learning_rate = sched
-            how = f"schedule {type(sched.schedule).__name__} x {sched.factor:.4g}"
+            how = f"schedule {_name(sched.schedule)} x {sched.factor:.4g}"
         else:
             opt.learning_rate = new
             how = "learning_rate"

@@ -570,6 +570,42 @@ def test_lr_rescue_scales_a_float_and_a_schedule() -> None:
     assert isinstance(keras.optimizers.schedules.deserialize(cfg), ScaledSchedule)
 
 
+class _OwnSchedule(keras.optimizers.schedules.LearningRateSchedule):  # type: ignore[misc]
+    """A user's schedule, not registered with Keras' serialization."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+        self.calls = 0
+
+    def __call__(self, step: Any) -> Any:
+        self.calls += 1
+        return self.lr / (1.0 + keras.ops.cast(step, "float32"))
+
+    def get_config(self) -> dict[str, Any]:
+        return {"lr": self.lr}
+
+
+@pytest.mark.parametrize("kind", ["own_schedule", "callable"])
+def test_lr_rescue_scales_the_users_own_schedule_the_live_object(kind: str) -> None:
+    """A schedule of the user's that Keras cannot deserialize was rebuilt from the
+    optimizer's config: the rescue failed (TypeError) and switched itself off. The live
+    schedule (or a callable of no argument) is scaled instead, twice over."""
+    from relu_doctor.integrations._keras_remedies import KerasLRRescue, ScaledSchedule
+
+    own = _OwnSchedule(0.1)
+    opt = keras.optimizers.SGD(own if kind == "own_schedule" else (lambda: 0.1))
+    opt.iterations.assign(3)
+    rescuer = KerasLRRescue(opt, factor=0.5)
+    for _ in range(2):
+        assert rescuer.rescue(step=1) is not None
+    base = 0.1 / 4 if kind == "own_schedule" else 0.1
+    assert float(keras.ops.convert_to_numpy(opt.learning_rate)) == pytest.approx(base * 0.25)
+    live = opt._learning_rate
+    assert isinstance(live, ScaledSchedule) and live.factor == pytest.approx(0.25)
+    if kind == "own_schedule":
+        assert live.schedule is own and own.calls > 0  # the user's object, not a copy
+
+
 def test_autoclip_clips_inside_the_keras_optimizer(tmp_path: Path) -> None:
     model = _mlp(lr=0.05)
     x, y = _data(64)
