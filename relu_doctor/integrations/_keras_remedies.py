@@ -390,14 +390,18 @@ class KerasLRRescue(Remedy):
 
 
 class KerasAutoClip:
-    """AutoClip on the torch gradients of a Keras model, applied inside the Keras optimizer's
-    ``apply`` (after the backward, before the update); :meth:`detach` puts ``apply`` back.
+    """AutoClip on the torch gradients of a Keras model, applied where the Keras optimizer
+    clips (its ``_clip_gradients``, where ``clipnorm`` acts): once per update, on the
+    gradient it applies (under mixed precision the inner optimizer's, unscaled, on finite
+    steps only; with ``gradient_accumulation_steps`` the accumulated mean, not each
+    micro-batch's); :meth:`detach` puts it back.
 
     Refuses an optimizer that already clips (``clipnorm``, ``global_clipnorm``,
     ``clipvalue``): AutoClip takes the place of a fixed threshold.
     """
 
     def __init__(self, model: Any, optimizer: Any, clip: AutoClip) -> None:
+        optimizer = updating(optimizer)
         attr = clips_already(optimizer)
         if attr is not None:
             raise ReluDoctorError(
@@ -413,15 +417,15 @@ class KerasAutoClip:
     def attach(self) -> KerasAutoClip:
         if self._attached:
             return self
-        original = self.optimizer.apply
-        params = [v.value for v in self.model.trainable_variables]
+        original = self.optimizer._clip_gradients  # (Keras' own; it clips nothing: above)
         clip = self.clip
 
-        def apply(grads: Any, trainable_variables: Any = None) -> Any:
-            clip.clip_(params)
-            return original(grads, trainable_variables)
+        def clip_gradients(grads: Any) -> Any:
+            grads = original(grads)
+            clip.clip_grads_([g for g in grads if isinstance(g, torch.Tensor)])
+            return grads
 
-        self.optimizer.apply = apply
+        self.optimizer._clip_gradients = clip_gradients
         self._attached = True
         # the clipper's hooks: its detach() (a plan's too) puts apply back, and a plan sees
         # that this clipper has an optimizer to clip for
@@ -429,21 +433,31 @@ class KerasAutoClip:
         return self
 
     def remove(self) -> None:
-        """Put the optimizer's ``apply`` back (the clipper's hook handle protocol)."""
+        """Put the optimizer's ``_clip_gradients`` back (the clipper's hook handle protocol)."""
         if self._attached:
-            vars(self.optimizer).pop("apply", None)
+            vars(self.optimizer).pop("_clip_gradients", None)
             self._attached = False
 
     def detach(self) -> None:
-        """Put ``apply`` back and leave the clipper's hooks (idempotent)."""
+        """Put ``_clip_gradients`` back and leave the clipper's hooks (idempotent)."""
         self.remove()
         if self in self.clip._handles:
             self.clip._handles.remove(self)
 
 
+def updating(optimizer: Any) -> Any:
+    """The Keras optimizer that updates the weights: a ``LossScaleOptimizer`` (mixed
+    precision) hands the unscaled gradient of a finite step to its inner one, and clips
+    nothing itself."""
+    while getattr(optimizer, "inner_optimizer", None) is not None:
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
 def clips_already(optimizer: Any) -> str | None:
     """The clipping argument a Keras optimizer was built with (``clipnorm``,
-    ``global_clipnorm``, ``clipvalue``), or None."""
+    ``global_clipnorm``, ``clipvalue``; a loss-scale optimizer's inner one's), or None."""
+    optimizer = updating(optimizer)
     for attr in ("clipnorm", "global_clipnorm", "clipvalue"):
         if getattr(optimizer, attr, None):
             return attr

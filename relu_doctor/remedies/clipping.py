@@ -229,7 +229,6 @@ class AutoClip(_Clipper):
         self._pos = 0
         self._seen = 0
 
-    @torch.no_grad()
     def clip_(self, params: Iterable[torch.Tensor]) -> torch.Tensor:
         """Record this step's total gradient norm and clip to the percentile (in place).
 
@@ -237,7 +236,12 @@ class AutoClip(_Clipper):
             The total gradient norm before clipping (0-dim float32 tensor on the gradients'
             device; no host synchronisation), as ``torch.nn.utils.clip_grad_norm_`` does.
         """
-        grads = _grads(params)
+        return self.clip_grads_(_grads(params))
+
+    @torch.no_grad()
+    def clip_grads_(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`clip_` of the gradient tensors themselves (a Keras optimizer's accumulated
+        gradient, which no parameter's ``.grad`` holds)."""
         if not grads:
             return torch.tensor(0.0)
         self._check_whole(grads)

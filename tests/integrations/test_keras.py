@@ -616,7 +616,44 @@ def test_autoclip_clips_inside_the_keras_optimizer(tmp_path: Path) -> None:
     events = [e for e in relu_doctor.load_run(tmp_path / "run").events
               if e.get("remedy") == "adaptive_grad_clip" and e.get("type") == "intervention"]
     assert events and all(e["details"]["clip"]["clipped"] > 0 for e in events)
-    assert "apply" not in vars(model.optimizer)  # unhooked at the end of fit
+    assert "_clip_gradients" not in vars(model.optimizer)  # unhooked at the end of fit
+
+
+@pytest.mark.parametrize("how", ["accumulation", "loss_scale"])
+def test_autoclip_clips_the_gradient_the_keras_optimizer_applies(tmp_path: Path, how: str) -> None:
+    """AutoClip learnt its threshold from, and clipped, each micro-batch under
+    gradient_accumulation_steps (8 norms for 4 updates) and the scaled gradient of a
+    LossScaleOptimizer. It now reads one norm per update, that of the gradient applied: the
+    mean of the micro-batches' gradients, or the gradient divided by the loss scale."""
+    model = _mlp(lr=0.05)
+    accumulate = 2 if how == "accumulation" else None
+    opt = keras.optimizers.SGD(0.05, gradient_accumulation_steps=accumulate)
+    if how == "loss_scale":
+        opt = keras.optimizers.LossScaleOptimizer(opt, initial_scale=2.0**10)
+    model.compile(optimizer=opt, loss="categorical_crossentropy")
+    given: list[list[torch.Tensor]] = []  # each apply's gradients, unscaled
+    apply = opt.apply
+
+    def spy(grads: Any, trainable_variables: Any = None) -> Any:
+        scale = float(keras.ops.convert_to_numpy(opt.dynamic_scale)) if how == "loss_scale" else 1
+        given.append([g.detach().clone() / scale for g in grads])
+        return apply(grads, trainable_variables)
+
+    opt.apply = spy
+    x, y = _data(64)
+    cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / "run",
+                            autoclip={"percentile": 50}, overhead_budget=None)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    assert len(given) == 8
+    groups = [given[i:i + 2] for i in range(0, 8, 2)] if accumulate else [[g] for g in given]
+    want = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(sum(gs) / len(gs))
+                                                  for gs in zip(*group, strict=True)]))
+            for group in groups]
+    got = cb.remedies["autoclip"].norm_history
+    assert got.numel() == len(want)
+    torch.testing.assert_close(got, torch.stack(want).float(), rtol=1e-5, atol=0)
+    inner = opt.inner_optimizer if how == "loss_scale" else opt
+    assert "_clip_gradients" not in vars(inner)
 
 
 def test_bad_input_gets_one_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -133,7 +133,7 @@ def test_the_plan_treats_dying_units_and_judges_each_change(tmp_path: Path) -> N
     on = [e for e in changes if e["what"].startswith("switched AutoClip (p10) on")]
     if ("clip", "model") in plan.failed:
         assert len(on) == 1
-    assert "apply" not in vars(model.optimizer)  # unhooked at the end of fit
+    assert "_clip_gradients" not in vars(model.optimizer)  # unhooked at the end of fit
 
 
 def test_a_healthy_run_with_the_plan_is_bit_identical(tmp_path: Path) -> None:
