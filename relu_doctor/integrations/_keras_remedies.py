@@ -332,7 +332,7 @@ class KerasLRRescue(Remedy):
                before: Mapping[str, Any] | None = None,
                evidence: Mapping[str, Any] | None = None) -> Intervention | None:
         """Scale the learning rate now; None when it is already at the floor."""
-        opt = self.optimizer
+        opt = updating(self.optimizer)  # (a LossScaleOptimizer's rate is its inner one's)
         old = lr_value(opt)
         new = max(old * self.factor, self.min_lr)
         if not old > 0 or new >= old:

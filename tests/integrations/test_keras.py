@@ -585,17 +585,20 @@ class _OwnSchedule(keras.optimizers.schedules.LearningRateSchedule):  # type: ig
         return {"lr": self.lr}
 
 
+@pytest.mark.parametrize("loss_scale", [False, True], ids=["plain", "loss_scale"])
 @pytest.mark.parametrize("kind", ["own_schedule", "callable"])
-def test_lr_rescue_scales_the_users_own_schedule_the_live_object(kind: str) -> None:
+def test_lr_rescue_scales_the_users_own_schedule_the_live_object(kind: str, loss_scale: bool) -> None:
     """A schedule of the user's that Keras cannot deserialize was rebuilt from the
     optimizer's config: the rescue failed (TypeError) and switched itself off. The live
-    schedule (or a callable of no argument) is scaled instead, twice over."""
+    schedule (or a callable of no argument) is scaled instead, twice over; under mixed
+    precision, the LossScaleOptimizer's inner one's."""
     from relu_doctor.integrations._keras_remedies import KerasLRRescue, ScaledSchedule
 
     own = _OwnSchedule(0.1)
     opt = keras.optimizers.SGD(own if kind == "own_schedule" else (lambda: 0.1))
     opt.iterations.assign(3)
-    rescuer = KerasLRRescue(opt, factor=0.5)
+    rescuer = KerasLRRescue(keras.optimizers.LossScaleOptimizer(opt) if loss_scale else opt,
+                            factor=0.5)
     for _ in range(2):
         assert rescuer.rescue(step=1) is not None
     base = 0.1 / 4 if kind == "own_schedule" else 0.1
