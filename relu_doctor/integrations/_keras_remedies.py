@@ -402,13 +402,7 @@ class KerasAutoClip:
 
     def __init__(self, model: Any, optimizer: Any, clip: AutoClip) -> None:
         optimizer = updating(optimizer)
-        attr = clips_already(optimizer)
-        if attr is not None:
-            raise ReluDoctorError(
-                f"autoclip: the Keras optimizer already clips ({attr}="
-                f"{getattr(optimizer, attr)!r}); AutoClip takes the place of a fixed "
-                f"threshold: build the optimizer without {attr}, or pass autoclip=False."
-            )
+        refuse_clipping(optimizer)
         self.model = model
         self.optimizer = optimizer
         self.clip = clip
@@ -443,6 +437,20 @@ class KerasAutoClip:
         self.remove()
         if self in self.clip._handles:
             self.clip._handles.remove(self)
+
+
+def refuse_clipping(optimizer: Any) -> None:
+    """Raise :class:`ReluDoctorError` for ``autoclip`` beside a Keras optimizer that clips
+    (``clipnorm``, ``global_clipnorm``, ``clipvalue``), or for no optimizer."""
+    if optimizer is None:
+        raise ReluDoctorError("autoclip: the model has no optimizer; compile it first.")
+    attr = clips_already(optimizer)
+    if attr is not None:
+        raise ReluDoctorError(
+            f"autoclip: the Keras optimizer already clips ({attr}="
+            f"{getattr(updating(optimizer), attr)!r}); AutoClip takes the place of a fixed "
+            f"threshold: build the optimizer without {attr}, or pass autoclip=False."
+        )
 
 
 def updating(optimizer: Any) -> Any:

@@ -68,6 +68,7 @@ from relu_doctor.integrations._keras_remedies import (
     keras_plan,
     keras_plan_options,
     lr_value,
+    refuse_clipping,
 )
 from relu_doctor.remedies.clipping import AutoClip
 from relu_doctor.remedies.plan import TreatmentPlan
@@ -252,6 +253,13 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 "function in a layer's call() (keras.ops.relu(x)) is not seen: make it a "
                 "keras.layers.ReLU() or the layer's activation='relu'."
             )
+        # What the remedies refuse, before anything is hooked or written: a refused fit
+        # leaves the model and its run directory as they were.
+        opt = getattr(model, "optimizer", None)
+        if self._lr_opts is not None and opt is None:
+            raise ReluDoctorError("lr_rescue: the model has no optimizer; compile it first.")
+        if self._clip_opts is not None:
+            refuse_clipping(opt)
         if self._fitted is None or self._fitted() is not model:  # a new run
             self.doctor, self.remedies, self._fresh = None, {}, None
             self.warner = FindingWarner(self.warner.level, self.warner.emit)
@@ -282,16 +290,25 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if doc.eval is not None:  # fit's validation runs only (on_test_begin to on_test_end)
             doc.eval.probe.paused = True
         doc.add_listener(self._on_record)
-        doc.attach()
-        # The sites are Keras layer paths, not torch module paths: given after attach, which
-        # checks its patterns against the module paths, and before the first site is made.
-        for d in (doc, doc.eval):
-            if d is not None:
-                d.probe.unit_dims.update({s.pattern: s.unit_dim for s in self.sites.values()})
-                d.probe.unit_rules.update({s.pattern: s.unit_rule for s in self.sites.values()})
-        self._hook(model)
-        self._bind_remedies(model, doc)
-        opt = getattr(model, "optimizer", None)
+        try:
+            doc.attach()
+            # The sites are Keras layer paths, not torch module paths: given after attach,
+            # which checks its patterns against the module paths, before the first site.
+            for d in (doc, doc.eval):
+                if d is not None:
+                    d.probe.unit_dims.update(
+                        {s.pattern: s.unit_dim for s in self.sites.values()})
+                    d.probe.unit_rules.update(
+                        {s.pattern: s.unit_rule for s in self.sites.values()})
+            self._hook(model)
+            self._bind_remedies(model, doc)
+        except BaseException:  # no hook left on the model, the run directory closed
+            try:
+                self._detach()
+            finally:
+                doc.close()
+                self.doctor = None
+            raise
         self._accumulate = int(getattr(opt, "gradient_accumulation_steps", None) or 1)
         self._batches = 0
         self._opt, self._lr_used = opt, None
@@ -380,12 +397,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 self.sites, **self._swap_opts
             ).bind(doc)
         if self._lr_opts is not None:
-            if opt is None:
-                raise ReluDoctorError("lr_rescue: the model has no optimizer; compile it first.")
             self.remedies["lr_rescue"] = KerasLRRescue(opt, **self._lr_opts).bind(doc)
         if self._clip_opts is not None:
-            if opt is None:
-                raise ReluDoctorError("autoclip: the model has no optimizer; compile it first.")
             clip = AutoClip(**self._clip_opts)
             self._clipper = KerasAutoClip(model, opt, clip).attach()
             self.remedies["autoclip"] = clip.bind(doc)

@@ -659,6 +659,11 @@ def test_autoclip_clips_the_gradient_the_keras_optimizer_applies(tmp_path: Path,
     assert "_clip_gradients" not in vars(inner)
 
 
+def _torch_hooks(model: Any) -> int:
+    """The forward hooks on a Keras model's torch modules (its layers are modules)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 def test_bad_input_gets_one_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = keras.Sequential([keras.layers.Dense(4, activation="relu")])  # no input shape
     cb = ReluDoctorCallback(run_dir=tmp_path / "a")
@@ -670,6 +675,25 @@ def test_bad_input_gets_one_clear_message(tmp_path: Path, monkeypatch: pytest.Mo
     x, y = _data(16)
     with pytest.raises(ReluDoctorError, match="clipnorm"):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[ReluDoctorCallback(run_dir=tmp_path / "b", autoclip=True)])
+    # refused before anything was hooked or written: a new callback on the same directory
+    # goes on (the refusal had left its hooks on the model, the directory locked)
+    assert _torch_hooks(model) == 0 and not (tmp_path / "b").exists()
+    cb = ReluDoctorCallback(run_dir=tmp_path / "b", log_every_n_steps=1)
+    model.fit(x, y, epochs=1, verbose=0, batch_size=8, callbacks=[cb])
+    assert relu_doctor.load_run(tmp_path / "b").last_step == 2 and _torch_hooks(model) == 0
+    # ... and where a part fails later (a remedy's binding), what was hooked is taken off
+    # and the directory closed, its lock released
+    from relu_doctor.integrations import keras as integration
+
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("bind failed")
+
+    monkeypatch.setattr(integration.KerasActivationSwap, "bind", fails)
+    with pytest.raises(RuntimeError, match="bind failed"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[
+            ReluDoctorCallback(run_dir=tmp_path / "c", leaky_relu_swap=True)])
+    assert _torch_hooks(model) == 0 and not (tmp_path / "c" / ".lock").exists()
+    monkeypatch.undo()
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(ReluDoctorError, match="KERAS_BACKEND=torch"):
         ReluDoctorCallback()
