@@ -29,6 +29,7 @@ from relu_doctor._validate import glob_patterns, number_in, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
+from relu_doctor.remedies._fresh import drawn_by, model_init
 from relu_doctor.remedies.adam_step import AdamStepRestart
 from relu_doctor.remedies.base import (
     Optimizers,
@@ -231,7 +232,8 @@ class ContinualBackprop(Remedy):
                 self.adam_step.apply_pending(self.model, self.optimizers)
                 what = recycle_units(links, units=idx, optimizers=self.optimizers,
                                      generator=self._generator(site, record.step),
-                                     reset_adam_step=self.adam_step.enabled)
+                                     reset_adam_step=self.adam_step.enabled,
+                                     init=model_init(self.model, links.producer))
             except ReluDoctorError as e:
                 self._links_failed.add(site)
                 self.decline(site, str(e), record.step, "ContinualBackprop")
@@ -243,7 +245,8 @@ class ContinualBackprop(Remedy):
                 self._intervention(
                     site=site, step=record.step, before=site_snapshot(row),
                     what=f"continual backprop replaced {len(idx)} of {links.units} mature "
-                    f"units with the lowest contribution utility in {what['producer']}",
+                    f"units with the lowest contribution utility in {what['producer']}"
+                    f"{drawn_by(what)}",
                     units=what["units"], links=links.describe(),
                     optimizer_state=what["optimizer_state"],
                 )

@@ -22,6 +22,7 @@ from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.diagnosis import check_tau
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
+from relu_doctor.remedies._fresh import Init, drawn_by, fresh_rows, model_init
 from relu_doctor.remedies._link_cache import LinkCache
 from relu_doctor.remedies._optim_state import SliceFn, reset_state_slices
 from relu_doctor.remedies.adam_step import (
@@ -120,13 +121,17 @@ def recycle_units(
     optimizers: Optimizers = None,
     generator: torch.Generator | None = None,
     reset_adam_step: bool = False,
+    init: Init | None = None,
 ) -> dict[str, Any]:
     """Recycle ``units`` of a site (ReDo): re-initialise their incoming weights, zero their
     outgoing weights, reset the optimizer state of exactly those slices.
 
-    * the producer's rows (weight and bias) get fresh values from the layer's default
-      initialisation (Kaiming-uniform with ``a=sqrt(5)``, bias ``U(+-1/sqrt(fan_in))``),
-      drawn from ``generator`` on the CPU (so every device and every rank draws the same);
+    * the producer's rows (weight and bias) get fresh values from ``init``, what initialises
+      such a module in place (a Hugging Face model's ``_init_weights``: the remedies find
+      it), run on a scratch copy of the producer; without it (or where it fails), from the
+      layer's default initialisation (Kaiming-uniform with ``a=sqrt(5)``, bias
+      ``U(+-1/sqrt(fan_in))``); drawn from ``generator`` on the CPU (so every device and
+      every rank draws the same), the global random state left as it was;
     * a BatchNorm between producer and activation gets weight 1, bias 0, running mean 0 and
       running variance 1 for those units;
     * each consumer's input columns of those units are zeroed (``span`` columns per unit
@@ -142,7 +147,7 @@ def recycle_units(
 
     Returns:
         What changed: ``units``, ``producer``, ``norm``, ``consumers``, ``optimizer_state``
-        (the state keys reset).
+        (the state keys reset), ``init`` (which initialisation drew the new weights).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
@@ -163,6 +168,7 @@ def recycle_units(
             "norm": links.norm_path,
             "consumers": [c.path for c in links.consumers],
             "optimizer_state": [],
+            "init": "",
         }
     if int(idx.min()) < 0 or int(idx.max()) >= links.units:
         raise ReluDoctorError(
@@ -179,18 +185,11 @@ def recycle_units(
         w = _tensor(prod, links.producer_param)
         assert w is not None
         d = links.producer_dim  # 1: a weight stored (in, out), each unit a column
-        rows = w.movedim(d, 0)
-        fresh = torch.empty((idx.numel(), *rows.shape[1:]), dtype=torch.float32)
-        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
+        fresh, fb, drew = fresh_rows(prod, links.producer_param, d, idx, gen, init)
         w.index_copy_(d, idx.to(w.device), fresh.to(w.device, w.dtype).movedim(0, d))
         targets.append((w, _zero_rows(idx, d)))
         b = _tensor(prod, "bias")
-        if b is not None:
-            fan_in = rows[0].numel()
-            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-            fb = torch.empty(idx.numel(), dtype=torch.float32).uniform_(
-                -bound, bound, generator=gen
-            )
+        if b is not None and fb is not None:
             b.index_copy_(0, idx.to(b.device), fb.to(b.device, b.dtype))
             targets.append((b, _zero_rows(idx)))
         for nr in links.norms:
@@ -225,6 +224,7 @@ def recycle_units(
         "norm": links.norm_path,
         "consumers": [c.path for c in links.consumers],
         "optimizer_state": state_keys,
+        "init": drew,
     }
 
 
@@ -378,12 +378,12 @@ class DormantRecycler(Remedy):
         self.adam_step.apply_pending(self.model, self.optimizers)
         what = recycle_units(
             links, units=units, optimizers=self.optimizers, generator=self._generator(site, step),
-            reset_adam_step=self.adam_step.enabled,
+            reset_adam_step=self.adam_step.enabled, init=model_init(self.model, links.producer),
         )
         self.recycled[site] = self.recycled.get(site, 0) + len(what["units"])
         desc = (
             f"recycled {len(what['units'])} of {links.units} units: re-initialised their "
-            f"incoming weights in {what['producer']}"
+            f"incoming weights in {what['producer']}{drawn_by(what)}"
             + (f" (and reset {what['norm']})" if what["norm"] else "")
             + f", zeroed their outgoing weights in {', '.join(what['consumers'])}"
             + (

@@ -186,6 +186,7 @@ def test_recycle_nothing_changes_nothing():
         "norm": None,
         "consumers": ["2"],
         "optimizer_state": [],
+        "init": "",  # nothing drawn
     }
     assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
 
@@ -550,3 +551,45 @@ def test_a_first_call_that_raises_changes_neither_the_error_nor_the_sites() -> N
             doc.step()
     assert [s.name for s in doc.sites] == ["net.1", "net.3"]
     assert recycler.doctor is doc
+
+
+def test_a_hugging_face_models_recycled_units_are_drawn_by_its_own_initialisation() -> None:
+    """ReDo draws recycled units' weights from the network's initial distribution. A
+    Hugging Face model's is its _init_weights (normal, std initializer_range, zero bias):
+    PyTorch's default of a Linear drew them about 3.5x larger in a tiny BERT. Drawn by the
+    model's own now, on a scratch copy (the model's other weights untouched), the global
+    random state left as it was; a plain torch model keeps PyTorch's default."""
+    transformers = pytest.importorskip("transformers")
+    from relu_doctor.remedies._fresh import model_init
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=512,
+                                     initializer_range=0.02)
+    bert = transformers.BertForSequenceClassification(config)
+    wrapper = nn.ModuleDict({"bert": bert})  # (a LightningModule holding it, say)
+    dense = bert.bert.encoder.layer[0].intermediate.dense
+    assert model_init(wrapper, dense) == bert.bert._init_weights  # the innermost holding it
+    assert model_init(mlp(), mlp()[0]) is None
+    links = find_unit_links(bert, site="bert.encoder.layer.0.intermediate.intermediate_act_fn",
+                            example_inputs=torch.randint(0, 50, (2, 5)))
+    before = {n: p.detach().clone() for n, p in bert.named_parameters()}
+    state = torch.get_rng_state()
+    units = list(range(0, 512, 2))
+    what = recycle_units(links, units=units, init=model_init(wrapper, links.producer))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert what["init"] == "BertModel's own"
+    rows = dense.weight.detach()[units]
+    assert abs(float(rows.std()) - 0.02) < 0.001 and abs(float(rows.mean())) < 0.001
+    assert torch.equal(dense.bias.detach()[units], torch.zeros(len(units)))
+    changed = {n for n, p in bert.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"bert.encoder.layer.0.intermediate.dense.weight",  # (its bias: 0 as
+                       "bert.encoder.layer.0.output.dense.weight"}  # the model began)
+    kept = [u for u in range(512) if u not in units]
+    assert torch.equal(dense.weight.detach()[kept], before[
+        "bert.encoder.layer.0.intermediate.dense.weight"][kept])
+    # the default, where the model has no initialisation of its own: Kaiming-uniform
+    default = recycle_units(links, units=units)
+    assert default["init"] == "PyTorch's default"
+    bound = 1 / math.sqrt(64)
+    assert abs(float(dense.weight.detach()[units].std()) - bound / math.sqrt(3)) < 0.004

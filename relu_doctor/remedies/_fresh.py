@@ -1,0 +1,101 @@
+"""Fresh incoming weights for recycled units, drawn as the model would draw them at its start.
+
+ReDo and Continual Backprop give a recycled unit "new weights from the initial distribution".
+A Hugging Face model says what that is: its ``_init_weights(module)`` (normal with the
+config's ``initializer_range``, 0.02 in BERT and GPT-2, zero bias). PyTorch's default of a
+``Linear`` (Kaiming-uniform) draws them about five times larger there. Other models have no
+such method, and PyTorch's default is what their layers began with, unless the user
+initialised them otherwise (then pass ``init=`` to :func:`~relu_doctor.remedies.recycle_units`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+#: The words for PyTorch's default initialisation (see :func:`fresh_rows`).
+DEFAULT = "PyTorch's default"
+#: What initialises one module in place (a Hugging Face model's ``_init_weights``).
+Init = Callable[[nn.Module], object]
+
+
+def model_init(model: nn.Module, producer: nn.Module) -> Init | None:
+    """The initialisation ``model`` gives ``producer`` itself: the ``_init_weights`` of the
+    innermost Hugging Face model (a module with ``_init_weights`` and a ``config``) holding
+    it; None where there is none (PyTorch's default then)."""
+    found: Init | None = None
+    for m in model.modules():
+        fn = getattr(m, "_init_weights", None)
+        if callable(fn) and hasattr(m, "config") and any(x is producer for x in m.modules()):
+            found = fn  # (modules come outer first: the last found is the innermost)
+    return found
+
+
+def _default(shape: torch.Size, units: int, bias: bool,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PyTorch's default of a Linear/Conv: Kaiming-uniform with ``a=sqrt(5)``, bias
+    ``U(+-1/sqrt(fan_in))``; ``units`` rows of ``shape[1:]``."""
+    fresh = torch.empty((units, *shape[1:]), dtype=torch.float32)
+    nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
+    if not bias:
+        return fresh, None
+    fan_in = math.prod(shape[1:])
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return fresh, torch.empty(units, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+
+
+def fresh_rows(
+    producer: nn.Module, param: str, dim: int, idx: torch.Tensor, gen: torch.Generator,
+    init: Init | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """New incoming weights for units ``idx`` of ``producer`` (its ``param``, each unit
+    along ``dim``), and its bias's, as float32 CPU rows (units first), with the words for
+    which initialisation drew them.
+
+    ``init``: run on a scratch copy of the producer holding new CPU tensors (the model's own
+    untouched), its random draws seeded from ``gen`` with the global random state kept as it
+    was; where it fails or leaves the weight unset, PyTorch's default is taken instead.
+    """
+    weight = getattr(producer, param)
+    rows_shape = weight.movedim(dim, 0).shape
+    has_bias = isinstance(getattr(producer, "bias", None), torch.Tensor)
+    if init is not None and param in producer._parameters:
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        scratch = copy.copy(producer)
+        scratch.__dict__["_parameters"] = {
+            k: None if v is None else nn.Parameter(
+                torch.full(v.shape, math.nan, dtype=torch.float32), requires_grad=False)
+            for k, v in producer._parameters.items()
+        }
+        scratch.__dict__["_buffers"] = {
+            k: None if v is None else v.detach().to("cpu", copy=True)
+            for k, v in producer._buffers.items()
+        }
+        scratch.__dict__["_modules"] = {}
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                init(scratch)
+        except Exception:  # not the model's own layer kind, say: the default below
+            pass
+        else:
+            w = scratch._parameters[param]
+            b = scratch._parameters.get("bias") if has_bias else None
+            if w is not None and bool(torch.isfinite(w).all()) and (
+                    b is None or bool(torch.isfinite(b).all())):
+                rows = w.detach().movedim(dim, 0)[idx]
+                name = type(getattr(init, "__self__", init)).__name__
+                return rows, (None if b is None else b.detach()[idx]), f"{name}'s own"
+    w_rows, b_rows = _default(rows_shape, idx.numel(), has_bias, gen)
+    return w_rows, b_rows, DEFAULT
+
+
+def drawn_by(what: dict[str, object]) -> str:
+    """Words for an intervention: which initialisation drew the new weights, where it was
+    the model's own (PyTorch's default goes unsaid)."""
+    init = what.get("init")
+    return f" (drawn by {init} initialisation)" if init and init != DEFAULT else ""
