@@ -20,19 +20,69 @@ import torch.nn as nn
 #: The words for PyTorch's default initialisation (see :func:`fresh_rows`).
 DEFAULT = "PyTorch's default"
 #: What initialises one module in place (a Hugging Face model's ``_init_weights``).
-Init = Callable[[nn.Module], object]
+Init = Callable[[nn.Module], None]
 
 
-def model_init(model: nn.Module, producer: nn.Module) -> Init | None:
+#: The largest block (in parameters, as a multiple of the producer's weight) whose scratch
+#: copy a model's initialisation runs on; a larger one (a producer directly in a big model)
+#: runs it on the producer alone.
+_MAX_SCOPE = 16
+
+
+class ModelInit:
+    """A Hugging Face model's ``_init_weights``, run as the model runs it: over the block
+    that holds the producer (``scope``), children first, so that the block's own branch has
+    the last word (T5 sets its feed-forward ``wi`` in ``T5DenseActDense``'s, with a std of
+    ``d_model ** -0.5``; a bare ``Linear`` would get the generic branch's)."""
+
+    def __init__(self, fn: Init, scope: nn.Module | None, name: str) -> None:
+        self.fn, self.scope, self.name = fn, scope, name
+
+    def __call__(self, module: nn.Module) -> None:
+        self.fn(module)
+
+
+def model_init(model: nn.Module, producer: nn.Module) -> ModelInit | None:
     """The initialisation ``model`` gives ``producer`` itself: the ``_init_weights`` of the
     innermost Hugging Face model (a module with ``_init_weights`` and a ``config``) holding
-    it; None where there is none (PyTorch's default then)."""
-    found: Init | None = None
+    it, over the block that holds the producer; None where there is none (PyTorch's default
+    then)."""
+    found: nn.Module | None = None
     for m in model.modules():
         fn = getattr(m, "_init_weights", None)
         if callable(fn) and hasattr(m, "config") and any(x is producer for x in m.modules()):
-            found = fn  # (modules come outer first: the last found is the innermost)
-    return found
+            found = m  # (modules come outer first: the last found is the innermost)
+    if found is None:
+        return None
+    parent = next((m for m in found.modules()
+                   if any(c is producer for c in m.children())), None)
+    weight = sum(p.numel() for p in producer.parameters(recurse=False))
+    if parent is None or parent is found or (
+            sum(p.numel() for p in parent.parameters()) > _MAX_SCOPE * max(weight, 1)):
+        parent = None
+    return ModelInit(getattr(found, "_init_weights"), parent, type(found).__name__)  # noqa: B009
+
+
+def _scratch(module: nn.Module, made: dict[int, nn.Module]) -> nn.Module:
+    """A copy of ``module`` and its submodules (shared ones shared) holding new float32 CPU
+    parameters filled with NaN (what no initialisation set stays NaN) and copies of its
+    buffers: what an initialisation run on it leaves the model's own untouched."""
+    if id(module) in made:
+        return made[id(module)]
+    s = made[id(module)] = copy.copy(module)
+    s.__dict__["_parameters"] = {
+        k: None if v is None else nn.Parameter(
+            torch.full(v.shape, math.nan, dtype=torch.float32), requires_grad=False)
+        for k, v in module._parameters.items()
+    }
+    s.__dict__["_buffers"] = {
+        k: None if v is None else v.detach().to("cpu", copy=True)
+        for k, v in module._buffers.items()
+    }
+    s.__dict__["_modules"] = {
+        k: None if c is None else _scratch(c, made) for k, c in module._modules.items()
+    }
+    return s
 
 
 def _default(shape: torch.Size, units: int, bias: bool,
@@ -65,30 +115,25 @@ def fresh_rows(
     has_bias = isinstance(getattr(producer, "bias", None), torch.Tensor)
     if init is not None and param in producer._parameters:
         seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-        scratch = copy.copy(producer)
-        scratch.__dict__["_parameters"] = {
-            k: None if v is None else nn.Parameter(
-                torch.full(v.shape, math.nan, dtype=torch.float32), requires_grad=False)
-            for k, v in producer._parameters.items()
-        }
-        scratch.__dict__["_buffers"] = {
-            k: None if v is None else v.detach().to("cpu", copy=True)
-            for k, v in producer._buffers.items()
-        }
-        scratch.__dict__["_modules"] = {}
+        scope = getattr(init, "scope", None) or producer
+        path = next(n for n, m in scope.named_modules(remove_duplicate=False) if m is producer)
         try:
+            root = _scratch(scope, {})
+            # The CPU's generator only (torch.manual_seed would reseed every GPU's too), and
+            # the global state as it was after.
             with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(seed)
-                init(scratch)
+                torch.default_generator.manual_seed(seed)
+                root.apply(init)  # children first, as the model's own initialisation runs
+            made = root.get_submodule(path)
         except Exception:  # not the model's own layer kind, say: the default below
             pass
         else:
-            w = scratch._parameters[param]
-            b = scratch._parameters.get("bias") if has_bias else None
+            w = made._parameters.get(param)
+            b = made._parameters.get("bias") if has_bias else None
             if w is not None and bool(torch.isfinite(w).all()) and (
                     b is None or bool(torch.isfinite(b).all())):
                 rows = w.detach().movedim(dim, 0)[idx]
-                name = type(getattr(init, "__self__", init)).__name__
+                name = getattr(init, "name", None) or type(getattr(init, "__self__", init)).__name__
                 return rows, (None if b is None else b.detach()[idx]), f"{name}'s own"
     w_rows, b_rows = _default(rows_shape, idx.numel(), has_bias, gen)
     return w_rows, b_rows, DEFAULT
