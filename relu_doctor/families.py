@@ -214,7 +214,7 @@ def family_of(module: nn.Module) -> Family | None:
 
 #: Classes of ``torch.nn.modules.activation`` that are no elementwise activation.
 _NOT_ELEMENTWISE = frozenset({"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention",
-                              "GLU"})
+                              "GLU", "LinearActivation"})  # (Hugging Face's: the identity)
 
 
 def other_activations(model: nn.Module) -> dict[str, int]:

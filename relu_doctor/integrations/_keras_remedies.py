@@ -275,14 +275,23 @@ def _schedule_of(optimizer: Any) -> Any:
     return None
 
 
-class _Called:
-    """A learning rate given as a callable of no argument, as a schedule of the step."""
+@keras.saving.register_keras_serializable(package="relu_doctor")
+class _Called(keras.optimizers.schedules.LearningRateSchedule):  # type: ignore[misc]
+    """A learning rate given as a callable of no argument, as a schedule of the step (saved
+    with the model as Keras saves the callable: a model saved before the rescue saves after)."""
 
     def __init__(self, fn: Callable[[], Any]) -> None:
         self.fn = fn
 
     def __call__(self, step: Any) -> Any:
         return self.fn()
+
+    def get_config(self) -> dict[str, Any]:
+        return {"fn": keras.saving.serialize_keras_object(self.fn)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> _Called:
+        return cls(keras.saving.deserialize_keras_object(config["fn"]))
 
 
 def _name(schedule: Any) -> str:
@@ -501,9 +510,10 @@ def keras_plan(
 ) -> tuple[TreatmentPlan, KerasAutoClip | None]:
     """A :class:`~relu_doctor.remedies.TreatmentPlan` for a Keras model (``options`` from
     :func:`keras_plan_options`): the plan decides; its learning-rate step scales the Keras
-    optimizer's ``learning_rate``, its swap step changes the layer, its clipper clips inside
-    the optimizer's ``apply`` (returned, attached). Without an optimizer, or with one that
-    clips already (``clipnorm``...), the clip and learning-rate steps stay idle."""
+    optimizer's ``learning_rate``, its swap step changes the layer, its clipper clips where
+    the optimizer clips (:class:`KerasAutoClip`, returned, attached). Without an optimizer
+    the clip and learning-rate steps stay idle; with one that clips already (``clipnorm``...),
+    the clip step."""
     plan = TreatmentPlan(model, **options)  # no torch optimizer: the Keras controllers act
     clipper = None
     names = {s.remedy for s in plan.steps}

@@ -69,6 +69,7 @@ from relu_doctor.integrations._keras_remedies import (
     keras_plan_options,
     lr_value,
     refuse_clipping,
+    updating,
 )
 from relu_doctor.remedies.clipping import AutoClip
 from relu_doctor.remedies.plan import TreatmentPlan
@@ -260,6 +261,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             raise ReluDoctorError("lr_rescue: the model has no optimizer; compile it first.")
         if self._clip_opts is not None:
             refuse_clipping(opt)
+        earlier = (self.doctor, self.remedies)  # what a fit that fails below keeps
         if self._fitted is None or self._fitted() is not model:  # a new run
             self.doctor, self.remedies, self._fresh = None, {}, None
             self.warner = FindingWarner(self.warner.level, self.warner.emit)
@@ -302,14 +304,14 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                         {s.pattern: s.unit_rule for s in self.sites.values()})
             self._hook(model)
             self._bind_remedies(model, doc)
-        except BaseException:  # no hook left on the model, the run directory closed
-            try:
+        except BaseException:  # no hook left on the model, the run directory closed; a
+            try:  # next fit goes on from the last one that ran (its Doctor's state)
                 self._detach()
             finally:
                 doc.close()
-                self.doctor = None
+                self.doctor, self.remedies = earlier
             raise
-        self._accumulate = int(getattr(opt, "gradient_accumulation_steps", None) or 1)
+        self._accumulate = int(getattr(updating(opt), "gradient_accumulation_steps", None) or 1)
         self._batches = 0
         self._opt, self._lr_used = opt, None
         if opt is not None:  # its learning rate, read for logging steps only

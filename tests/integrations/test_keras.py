@@ -607,6 +607,9 @@ def test_lr_rescue_scales_the_users_own_schedule_the_live_object(kind: str, loss
     assert isinstance(live, ScaledSchedule) and live.factor == pytest.approx(0.25)
     if kind == "own_schedule":
         assert live.schedule is own and own.calls > 0  # the user's object, not a copy
+    else:  # saved with the model as before the rescue (a ModelCheckpoint would have raised)
+        config = keras.optimizers.schedules.serialize(live)
+        assert config["config"]["schedule"]["class_name"] == "_Called"
 
 
 def test_autoclip_clips_inside_the_keras_optimizer(tmp_path: Path) -> None:
@@ -622,23 +625,24 @@ def test_autoclip_clips_inside_the_keras_optimizer(tmp_path: Path) -> None:
     assert "_clip_gradients" not in vars(model.optimizer)  # unhooked at the end of fit
 
 
-@pytest.mark.parametrize("how", ["accumulation", "loss_scale"])
+@pytest.mark.parametrize("how", ["accumulation", "loss_scale", "both"])
 def test_autoclip_clips_the_gradient_the_keras_optimizer_applies(tmp_path: Path, how: str) -> None:
     """AutoClip learnt its threshold from, and clipped, each micro-batch under
     gradient_accumulation_steps (8 norms for 4 updates) and the scaled gradient of a
     LossScaleOptimizer. It now reads one norm per update, that of the gradient applied: the
-    mean of the micro-batches' gradients, or the gradient divided by the loss scale."""
+    mean of the micro-batches' gradients, or the gradient divided by the loss scale. A step
+    is an update, the accumulation read from a LossScaleOptimizer's inner optimizer too."""
     model = _mlp(lr=0.05)
-    accumulate = 2 if how == "accumulation" else None
+    accumulate = 2 if how != "loss_scale" else None
     opt = keras.optimizers.SGD(0.05, gradient_accumulation_steps=accumulate)
-    if how == "loss_scale":
+    if how != "accumulation":
         opt = keras.optimizers.LossScaleOptimizer(opt, initial_scale=2.0**10)
     model.compile(optimizer=opt, loss="categorical_crossentropy")
     given: list[list[torch.Tensor]] = []  # each apply's gradients, unscaled
     apply = opt.apply
 
     def spy(grads: Any, trainable_variables: Any = None) -> Any:
-        scale = float(keras.ops.convert_to_numpy(opt.dynamic_scale)) if how == "loss_scale" else 1
+        scale = float(keras.ops.convert_to_numpy(opt.dynamic_scale)) if how != "accumulation" else 1
         given.append([g.detach().clone() / scale for g in grads])
         return apply(grads, trainable_variables)
 
@@ -655,8 +659,9 @@ def test_autoclip_clips_the_gradient_the_keras_optimizer_applies(tmp_path: Path,
     got = cb.remedies["autoclip"].norm_history
     assert got.numel() == len(want)
     torch.testing.assert_close(got, torch.stack(want).float(), rtol=1e-5, atol=0)
-    inner = opt.inner_optimizer if how == "loss_scale" else opt
+    inner = opt.inner_optimizer if how != "accumulation" else opt
     assert "_clip_gradients" not in vars(inner)
+    assert relu_doctor.load_run(tmp_path / "run").last_step == len(want)
 
 
 def _torch_hooks(model: Any) -> int:
@@ -693,6 +698,16 @@ def test_bad_input_gets_one_clear_message(tmp_path: Path, monkeypatch: pytest.Mo
         model.fit(x, y, epochs=1, verbose=0, callbacks=[
             ReluDoctorCallback(run_dir=tmp_path / "c", leaky_relu_swap=True)])
     assert _torch_hooks(model) == 0 and not (tmp_path / "c" / ".lock").exists()
+    # a second fit of the same callback that fails there: a third goes on from the first
+    cb = ReluDoctorCallback(run_dir=tmp_path / "d", log_every_n_steps=1, leaky_relu_swap=True)
+    monkeypatch.undo()
+    model.fit(x, y, epochs=1, verbose=0, batch_size=8, callbacks=[cb])
+    monkeypatch.setattr(integration.KerasActivationSwap, "bind", fails)
+    with pytest.raises(RuntimeError, match="bind failed"):
+        model.fit(x, y, epochs=1, verbose=0, batch_size=8, callbacks=[cb])
+    monkeypatch.undo()
+    model.fit(x, y, epochs=1, verbose=0, batch_size=8, callbacks=[cb])
+    assert relu_doctor.load_run(tmp_path / "d").last_step == 4
     monkeypatch.undo()
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(ReluDoctorError, match="KERAS_BACKEND=torch"):
