@@ -453,12 +453,31 @@ def refuse_clipping(optimizer: Any) -> None:
     (``clipnorm``, ``global_clipnorm``, ``clipvalue``), or for no optimizer."""
     if optimizer is None:
         raise ReluDoctorError("autoclip: the model has no optimizer; compile it first.")
+    refuse_several(optimizer, "autoclip")
     attr = clips_already(optimizer)
     if attr is not None:
         raise ReluDoctorError(
             f"autoclip: the Keras optimizer already clips ({attr}="
             f"{getattr(updating(optimizer), attr)!r}); AutoClip takes the place of a fixed "
             f"threshold: build the optimizer without {attr}, or pass autoclip=False."
+        )
+
+
+def several(optimizer: Any) -> bool:
+    """Whether a Keras optimizer hands its variables to several others (a
+    ``MultiOptimizer``): no learning rate of its own, and it clips in none of its own steps."""
+    return getattr(updating(optimizer), "optimizers", None) is not None
+
+
+def refuse_several(optimizer: Any, remedy: str) -> None:
+    """Raise :class:`ReluDoctorError` for ``remedy`` (lr_rescue, autoclip) beside a
+    ``MultiOptimizer``, which neither can act through."""
+    if optimizer is not None and several(optimizer):
+        raise ReluDoctorError(
+            f"{remedy}: the Keras optimizer is a {type(updating(optimizer)).__name__}, whose "
+            "variables each go to one of several optimizers with a learning rate and clipping "
+            f"of its own, which {remedy} does not act through: pass {remedy}=False (and set "
+            "clipnorm or a schedule on the sub-optimizers), or compile with one optimizer."
         )
 
 
@@ -511,11 +530,13 @@ def keras_plan(
     """A :class:`~relu_doctor.remedies.TreatmentPlan` for a Keras model (``options`` from
     :func:`keras_plan_options`): the plan decides; its learning-rate step scales the Keras
     optimizer's ``learning_rate``, its swap step changes the layer, its clipper clips where
-    the optimizer clips (:class:`KerasAutoClip`, returned, attached). Without an optimizer
-    the clip and learning-rate steps stay idle; with one that clips already (``clipnorm``...),
-    the clip step."""
+    the optimizer clips (:class:`KerasAutoClip`, returned, attached). Without an optimizer (or
+    with a ``MultiOptimizer``) the clip and learning-rate steps stay idle; with one that clips
+    already (``clipnorm``...), the clip step."""
     plan = TreatmentPlan(model, **options)  # no torch optimizer: the Keras controllers act
     clipper = None
+    if optimizer is not None and several(optimizer):  # (no rate nor clipping of its own)
+        optimizer = None
     names = {s.remedy for s in plan.steps}
     if "lr" in names and optimizer is not None:
         lr = plan.remedy("lr")

@@ -69,6 +69,8 @@ from relu_doctor.integrations._keras_remedies import (
     keras_plan_options,
     lr_value,
     refuse_clipping,
+    refuse_several,
+    several,
     updating,
 )
 from relu_doctor.remedies.clipping import AutoClip
@@ -259,6 +261,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         opt = getattr(model, "optimizer", None)
         if self._lr_opts is not None and opt is None:
             raise ReluDoctorError("lr_rescue: the model has no optimizer; compile it first.")
+        if self._lr_opts is not None:
+            refuse_several(opt, "lr_rescue")
         if self._clip_opts is not None:
             refuse_clipping(opt)
         earlier = (self.doctor, self.remedies)  # what a fit that fails below keeps
@@ -313,8 +317,11 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             raise
         self._accumulate = int(getattr(updating(opt), "gradient_accumulation_steps", None) or 1)
         self._batches = 0
-        self._opt, self._lr_used = opt, None
-        if opt is not None:  # its learning rate, read for logging steps only
+        # Its learning rate, read for logging steps only; a MultiOptimizer has none (its
+        # sub-optimizers each have theirs): no rate recorded, training untouched.
+        self._opt = opt if opt is not None and not several(opt) else None
+        self._lr_used = None
+        if self._opt is not None:
             doc.add_metric_source(self._lr_metric)
 
     def _hook(self, model: Any) -> None:

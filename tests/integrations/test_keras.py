@@ -664,6 +664,41 @@ def test_autoclip_clips_the_gradient_the_keras_optimizer_applies(tmp_path: Path,
     assert relu_doctor.load_run(tmp_path / "run").last_step == len(want)
 
 
+@pytest.mark.skipif(not hasattr(keras.optimizers, "MultiOptimizer"), reason="this Keras has no MultiOptimizer")
+def test_a_multi_optimizer_is_watched_and_the_remedies_that_cannot_act_through_it_refused(
+    tmp_path: Path,
+) -> None:
+    """A MultiOptimizer (each variable to one of several optimizers) has no learning rate of
+    its own: reading it for the report raised inside fit, stopping a run that was only
+    watched. It is watched now (no rate recorded); lr_rescue and autoclip, which cannot act
+    through it (it clips in none of its own steps), are refused before anything is hooked,
+    and a plan leaves its rate and clip steps idle."""
+    def compiled() -> Any:
+        model = _mlp(lr=0.05)
+        opt = keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(
+            keras.optimizers.SGD(0.05), {"hidden.*": keras.optimizers.SGD(0.01)}))
+        model.compile(optimizer=opt, loss="categorical_crossentropy")
+        return model
+
+    x, y = _data(64)
+    model = compiled()
+    cb = ReluDoctorCallback(log_every_n_steps=4, run_dir=tmp_path / "run", overhead_budget=None)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    run = relu_doctor.load_run(tmp_path / "run")
+    assert run.last_step == 8 and "lr" not in set(run.metrics["name"])
+    for remedy in ("lr_rescue", "autoclip"):
+        model = compiled()
+        with pytest.raises(ReluDoctorError, match=rf"^{remedy}: the Keras optimizer is a "
+                           "MultiOptimizer"):
+            model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[
+                ReluDoctorCallback(run_dir=tmp_path / remedy, **{remedy: True})])
+        assert _torch_hooks(model) == 0 and not (tmp_path / remedy).exists()
+    model = compiled()
+    cb = ReluDoctorCallback(log_every_n_steps=4, run_dir=tmp_path / "plan", treatment=True)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    assert cb.plan is not None and "_clip_gradients" not in vars(model.optimizer)
+
+
 def _torch_hooks(model: Any) -> int:
     """The forward hooks on a Keras model's torch modules (its layers are modules)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
