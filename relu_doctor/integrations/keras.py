@@ -435,13 +435,31 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if (doc is not None and not self._stopped and self._opt is not None
                 and (self._batches + 1) % self._accumulate == 0
                 and (doc._next_is_log_step() or self._last_step(batch))):
-            self._lr_used = lr_value(self._opt)  # the rate this step uses, before it moves on
+            self._lr_used = self._read_lr()  # the rate this step uses, before it moves on
+
+    def _read_lr(self) -> float | None:
+        """The optimizer's learning rate now; where it cannot be read (an optimizer of the
+        user's whose rate raises), None from then on, said once: training goes on."""
+        if self._opt is None:
+            return None
+        try:
+            return lr_value(self._opt)
+        except Exception as e:
+            self._opt = None
+            warnings.warn(
+                f"relu_doctor: the learning rate of the Keras optimizer cannot be read "
+                f"({type(e).__name__}: {e}); it is not recorded. Training goes on.",
+                ReluDoctorWarning,
+                stacklevel=2,
+            )
+            return None
 
     def _lr_metric(self) -> dict[str, float]:
         """The learning rate of the logging step: read as it began (a schedule's value at
         its iteration), else now."""
         used, self._lr_used = self._lr_used, None
-        return {"lr": used if used is not None else lr_value(self._opt)}
+        lr = used if used is not None else self._read_lr()
+        return {} if lr is None else {"lr": lr}
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._in_batch = False

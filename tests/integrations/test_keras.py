@@ -699,6 +699,28 @@ def test_a_multi_optimizer_is_watched_and_the_remedies_that_cannot_act_through_i
     assert cb.plan is not None and "_clip_gradients" not in vars(model.optimizer)
 
 
+def test_a_learning_rate_that_cannot_be_read_is_said_once_and_training_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the optimizer's rate for the report ran unguarded inside fit: an optimizer of
+    the user's whose rate raises stopped the run. Now one warning, no rate recorded."""
+    from relu_doctor.integrations import keras as integration
+
+    def broken(optimizer: Any) -> float:
+        raise RuntimeError("no rate here")
+
+    monkeypatch.setattr(integration, "lr_value", broken)
+    model, (x, y) = _mlp(lr=0.05), _data(64)
+    cb = ReluDoctorCallback(log_every_n_steps=4, run_dir=tmp_path / "run", overhead_budget=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    said = [str(w.message) for w in caught if "cannot be read" in str(w.message)]
+    assert len(said) == 1 and "RuntimeError: no rate here" in said[0]
+    run = relu_doctor.load_run(tmp_path / "run")
+    assert run.last_step == 8 and "lr" not in set(run.metrics["name"])
+
+
 def _torch_hooks(model: Any) -> int:
     """The forward hooks on a Keras model's torch modules (its layers are modules)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
