@@ -268,6 +268,7 @@ def diagnose(
     first_rms: Mapping[str, float] | None = None,
     declined: Mapping[str, Collection[str]] | None = None,
     lifetime_steps: tuple[int, int] | None = None,
+    scaler_skipped: int = 0,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -284,6 +285,10 @@ def diagnose(
         lifetime_steps: (steps collected, steps run) since monitoring began, this window's
             included: what the lifetime findings say they rest on (None: unknown, as after a
             checkpoint that did not hold them; the window's sampling is said instead).
+        scaler_skipped: the window's collected steps whose update a loss scaler (fp16's
+            ``GradScaler``, Keras' ``LossScaleOptimizer``) skipped, its scale lowered: their
+            gradients overflowed. Non-finite gradients these explain (no non-finite output
+            with them) are an info finding, not a critical one.
 
     Returns:
         Findings, most severe first.
@@ -298,7 +303,25 @@ def diagnose(
         seen = int(row["units_seen"])
         # Before the `seen` check: a site whose every output was NaN/Inf saw no finite
         # element, and that is exactly when this finding matters most.
-        if row["nonfinite"] or row["grad_nonfinite"]:
+        skipped_only = (scaler_skipped > 0 and not row["nonfinite"]
+                        and int(row["grad_nonfinite"]) <= scaler_skipped * int(row["units"]))
+        if skipped_only and row["grad_nonfinite"]:
+            out.append(
+                Finding(
+                    "nonfinite", name, "info",
+                    f"gradients overflowed ({row['grad_nonfinite']} unit-steps NaN/Inf) on "
+                    f"steps the loss scaler skipped ({scaler_skipped} of the "
+                    f"{row['steps_collected']} collected): fp16 loss scaling lowering its "
+                    "scale; no update was made from them, and they are left out of the "
+                    "gradient statistics.",
+                    {"nonfinite": 0, "grad_nonfinite": row["grad_nonfinite"],
+                     "scaler_skipped": scaler_skipped},
+                    "Nothing to do while it is rare; where most steps are skipped, lower the "
+                    "learning rate or prefer bf16.",
+                    step,
+                )
+            )
+        elif row["nonfinite"] or row["grad_nonfinite"]:
             out.append(
                 Finding(
                     "nonfinite", name, "critical",

@@ -208,6 +208,10 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 f"grad_scaler: expected a torch.amp.GradScaler, got {type(grad_scaler).__name__}."
             )
         self.grad_scaler = grad_scaler
+        #: the loss scale as the next collecting step began, and how many collected steps of
+        #: the open window the scaler skipped (device tensors: no sync until the log)
+        self._scale_before: torch.Tensor | None = None
+        self._scaler_skipped: torch.Tensor | None = None
         self.world_size = positive_int("world_size", world_size)
         if self.world_size > 1 and all_reduce is None and not _processes(self.world_size):
             raise ReluDoctorError(
@@ -360,7 +364,36 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             raise
         self.sampler.start(model_device(self.model))
         self.probe.collecting = self._collecting()
+        self._note_scale()
         return self
+
+    def _loss_scale(self) -> torch.Tensor | None:
+        """The loss scaler's scale (its device tensor), where one scales the loss."""
+        sc = self.grad_scaler
+        scale = getattr(sc, "_scale", None) if sc is not None and sc.is_enabled() else None
+        return scale if isinstance(scale, torch.Tensor) else None
+
+    def _note_scale(self) -> None:
+        """Before a collecting step: the loss scale it begins with (a copy: the scaler
+        updates its own in place), to tell at its end whether the scaler skipped it."""
+        scale = self._loss_scale() if self.probe.collecting else None
+        self._scale_before = None if scale is None else scale.detach().clone()
+
+    def _count_skipped(self) -> None:
+        """At the end of a collected step: the scaler lowers its scale exactly where it
+        skipped the update (non-finite gradients); counted on the device."""
+        before, now = self._scale_before, self._loss_scale()
+        if before is None or now is None or before.shape != now.shape:
+            return
+        skipped = (now.detach() < before.to(now.device)).sum(dtype=torch.int64)
+        self._scaler_skipped = skipped if self._scaler_skipped is None else (
+            self._scaler_skipped + skipped)
+
+    def _take_skipped(self) -> int:
+        """The open window's collected steps the loss scaler skipped (read at a log: the
+        read-back has synchronised), counted anew from here."""
+        skipped, self._scaler_skipped = self._scaler_skipped, None
+        return 0 if skipped is None else int(skipped)
 
     def detach(self) -> None:
         """Remove every hook (idempotent); the model is left exactly as it was."""
@@ -541,6 +574,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._passes_at_step = self.probe.passes
         self._window_scheduled += self.probe.collecting
         self.window_steps += collected
+        if collected and self._scale_before is not None:
+            self._count_skipped()
         self.sampler.done(collected=collected)
         self.steps_run += 1
         self.global_step += 1
@@ -556,6 +591,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if release and (record is None or not record.final):  # a final one is held anew
             self._release_held()
         self.probe.collecting = self._collecting()
+        if self.grad_scaler is not None:
+            self._note_scale()
         return record
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

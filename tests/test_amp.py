@@ -139,3 +139,48 @@ def test_grad_scaler_scale_is_divided_out() -> None:
         results.append({s.name: site_fields(s)["grad_sq"] for s in doc.sites})
     for name in results[0]:
         np.testing.assert_allclose(results[1][name], results[0][name], rtol=1e-2, atol=1e-9)
+
+
+@pytest.mark.parametrize("scaled", [True, False], ids=["scaler", "no_scaler"])
+def test_gradients_that_overflow_on_steps_the_loss_scaler_skips_are_no_critical_finding(
+    scaled: bool,
+) -> None:
+    """fp16 loss scaling overflows now and then while it calibrates its scale; the scaler
+    skips those steps' updates. Their non-finite activation gradients were a critical
+    'NaN/Inf seen' finding on most fp16 runs. Steps whose scale the scaler lowered are
+    counted (on the device), and the non-finite gradients they explain are an info finding
+    saying so; without a scaler, the same gradients stay critical."""
+    torch.manual_seed(0)
+    net = zoo.mlp(d_in=4, hidden=8)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
+    overflow = {1, 3}  # steps whose scaled loss overflows (inf gradients)
+    with relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None,
+                           grad_scaler=scaler) as doc:
+        for step in range(4):
+            loss = net(torch.randn(8, 4)).pow(2).mean() * (1e38 if step in overflow else 1.0)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:  # the same steps skipped by hand: nothing tells the Doctor why
+                loss.backward()
+                if step not in overflow:
+                    opt.step()
+            opt.zero_grad()
+            rec = doc.step()
+    assert rec is not None
+    found = [f for f in rec.findings if f.kind == "nonfinite"]
+    row = rec.site_row("1")
+    assert row["nonfinite"] == 0 and row["grad_nonfinite"] > 0
+    assert found and {f.severity for f in found} == ({"info"} if scaled else {"critical"})
+    # a learning-rate rescue on non-finite values acts on the critical one only
+    from relu_doctor.remedies import LRRescuer
+
+    acted = LRRescuer(torch.optim.SGD(net.parameters(), lr=0.01), triggers=("nonfinite",),
+                      cooldown=0).decide(rec)
+    assert bool(acted) is not scaled
+    if scaled:
+        assert scaler is not None and scaler.get_scale() == 2.0**10 / 4  # lowered twice
+        assert all(f.evidence["scaler_skipped"] == len(overflow) for f in found)
+        assert "the loss scaler skipped (2 of the 4 collected)" in found[0].message

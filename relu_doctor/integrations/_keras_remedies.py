@@ -481,6 +481,29 @@ def refuse_several(optimizer: Any, remedy: str) -> None:
         )
 
 
+class LossScale:
+    """A Keras ``LossScaleOptimizer``'s scale (``mixed_float16``) as the Doctor reads a torch
+    ``GradScaler``'s (``grad_scaler=``): its device tensor, read as each backward runs (the
+    scale that backward was multiplied by), so that gradient statistics are the unscaled
+    gradient's."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    @classmethod
+    def of(cls, optimizer: Any) -> LossScale | None:
+        """One for ``optimizer`` where it scales the loss, else None."""
+        return cls(optimizer) if hasattr(optimizer, "dynamic_scale") else None
+
+    def is_enabled(self) -> bool:
+        return True
+
+    @property
+    def _scale(self) -> Any:
+        scale = self.optimizer.dynamic_scale
+        return getattr(scale, "value", scale)
+
+
 def updating(optimizer: Any) -> Any:
     """The Keras optimizer that updates the weights: a ``LossScaleOptimizer`` (mixed
     precision) hands the unscaled gradient of a finite step to its inner one, and clips

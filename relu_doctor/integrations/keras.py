@@ -65,6 +65,7 @@ from relu_doctor.integrations._keras_remedies import (
     KerasActivationSwap,
     KerasAutoClip,
     KerasLRRescue,
+    LossScale,
     keras_plan,
     keras_plan_options,
     lr_value,
@@ -288,6 +289,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             resume=self.resume or state is not None,
             functional=False,  # the layers are hooked here; F.relu inside them is theirs
             eval_stream="validation" if self.monitor_validation else False,
+            grad_scaler=LossScale.of(opt),
         )
         if state is not None:  # a second fit continues the first
             doc.load_state_dict(state)

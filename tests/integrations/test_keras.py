@@ -721,6 +721,28 @@ def test_a_learning_rate_that_cannot_be_read_is_said_once_and_training_goes_on(
     assert run.last_step == 8 and "lr" not in set(run.metrics["name"])
 
 
+def test_mixed_float16_gradient_statistics_are_the_unscaled_gradients(tmp_path: Path) -> None:
+    """Under mixed_float16 Keras' LossScaleOptimizer multiplies the loss by its scale
+    (32768 at first): the activation-gradient statistics held it (grad_rms 32768x the
+    gradient's). Its scale is divided out now, as a torch GradScaler's is: grad_rms agrees
+    with the float32 run's to fp16 rounding."""
+    rms = {}
+    for policy in ("float32", "mixed_float16"):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            model = _mlp(lr=0.01)
+            model.compile(optimizer=keras.optimizers.SGD(0.01), loss="categorical_crossentropy")
+            x, y = _data(32)
+            cb = ReluDoctorCallback(log_every_n_steps=4, run_dir=tmp_path / policy,
+                                    overhead_budget=None)
+            model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        hist = relu_doctor.load_run(tmp_path / policy).history
+        rms[policy] = hist.set_index("site")["grad_rms"]
+    assert (rms["mixed_float16"] / rms["float32"]).between(0.97, 1.03).all(), rms
+
+
 def _torch_hooks(model: Any) -> int:
     """The forward hooks on a Keras model's torch modules (its layers are modules)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
