@@ -423,6 +423,9 @@ class KerasAutoClip:
         original = self.optimizer._clip_gradients  # (Keras' own; it clips nothing: above)
         clip = self.clip
 
+        # Never traced into a compiled train step (jit_compile=True): its Python counters
+        # would recompile the step at every call, and dynamo gives up after eight.
+        @torch.compiler.disable  # type: ignore[untyped-decorator]
         def clip_gradients(grads: Any) -> Any:
             grads = original(grads)
             clip.clip_grads_([g for g in grads if isinstance(g, torch.Tensor)])

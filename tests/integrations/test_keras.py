@@ -1124,6 +1124,37 @@ def test_jit_compile_gives_the_eager_forward_statistics(tmp_path: Path) -> None:
     assert out[True]["grad_rms"].isna().all() and out[False]["grad_rms"].notna().all()
 
 
+@pytest.mark.slow
+def test_jit_compile_with_autoclip_that_clips_nothing_leaves_the_run_untouched(
+    tmp_path: Path,
+) -> None:
+    """AutoClip ran inside the compiled train step, its Python counters traced into it: torch
+    recompiled the step at every call until its limit (8), then ran it uncompiled, and a
+    healthy run with treatment=True (nothing done) ended with other weights than an
+    untreated one. The clip now runs outside the graph: a clipper that clips nothing leaves
+    the weights bit-identical, and AutoClip reads one norm per step."""
+    import torch._dynamo
+
+    weights = {}
+    for name, kw in (("plain", {}), ("autoclip", {"autoclip": {"percentile": 100}})):
+        torch._dynamo.reset()
+        model = _mlp()
+        model.compile(optimizer=keras.optimizers.Adam(0.001), loss="categorical_crossentropy",
+                      jit_compile=True)
+        x, y = _data(96)
+        cb = ReluDoctorCallback(log_every_n_steps=4, run_dir=tmp_path / name,
+                                overhead_budget=None, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+        weights[name] = [np.array(w) for w in model.get_weights()]
+        if name == "autoclip":
+            assert cb.remedies["autoclip"].norm_history.numel() == 12
+    # (at the 100th percentile nothing is clipped: the threshold is the largest norm yet)
+    assert all(np.array_equal(a, b) for a, b in zip(weights["plain"], weights["autoclip"],
+                                                    strict=True))
+
+
 def test_mixed_bfloat16_counts_equal_float32(tmp_path: Path) -> None:
     out = {}
     for policy in ("float32", "mixed_bfloat16"):
