@@ -12,6 +12,7 @@ the interval records and records every change as an
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ import keras
 import torch
 
 from relu_doctor._validate import nonnegative, number_in, positive_int
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.events import Intervention
 from relu_doctor.integrations._keras_layers import KerasSite
 from relu_doctor.remedies.base import (
@@ -336,11 +337,43 @@ class KerasLRRescue(Remedy):
         self.cooldown = self._reasons.cooldown
         self.cooldown_left = 0
         self.rescues = 0
+        self._cut: tuple[float, int] | None = None  # the float rate the last cut set, its step
+        self._warned_undone = False
+
+    def _check_undone(self) -> None:
+        """Where something set a float learning rate back above the last cut (Keras'
+        ``LearningRateScheduler`` callback sets the rate each epoch from its function), say
+        once that the cuts do not hold: the record says the rate was cut."""
+        if self._cut is None or self._warned_undone:
+            return
+        opt = updating(self.optimizer)
+        try:
+            now = None if _schedule_of(opt) is not None else lr_value(opt)
+        except Exception:  # (a rate that cannot be read: the callback says so)
+            now = None
+        cut, step = self._cut
+        if now is None:
+            self._cut = None
+        elif now > cut * (1 + 1e-6):
+            self._warned_undone = True
+            warnings.warn(
+                f"relu_doctor: lr_rescue cut the Keras learning rate to {cut:.4g} at step "
+                f"{step}, and something set it back to {now:.4g} since (a "
+                "LearningRateScheduler callback sets it each epoch from its function): its "
+                "cuts do not hold. Give the optimizer a LearningRateSchedule instead (lr_rescue "
+                "scales it), have the function scale the rate it is given, or pass "
+                "lr_rescue=False.",
+                ReluDoctorWarning,
+                stacklevel=2,
+            )
+        else:
+            self._cut = (now, step)  # (lowered further, by ReduceLROnPlateau say: held)
 
     def rescue(self, *, step: int = 0, reason: str = "requested",
                before: Mapping[str, Any] | None = None,
                evidence: Mapping[str, Any] | None = None) -> Intervention | None:
         """Scale the learning rate now; None when it is already at the floor."""
+        self._check_undone()
         opt = updating(self.optimizer)  # (a LossScaleOptimizer's rate is its inner one's)
         old = lr_value(opt)
         new = max(old * self.factor, self.min_lr)
@@ -355,9 +388,11 @@ class KerasLRRescue(Remedy):
                 sched = ScaledSchedule(sched, f)
             opt.learning_rate = sched
             how = f"schedule {_name(sched.schedule)} x {sched.factor:.4g}"
+            self._cut = None
         else:
             opt.learning_rate = new
             how = "learning_rate"
+            self._cut = (new, step)
         self.rescues += 1
         what = f"scaled the Keras learning rate by {f:.4g} ({reason}): {old:.4g} -> {new:.4g} ({how})"
         return self._record(
@@ -383,6 +418,7 @@ class KerasLRRescue(Remedy):
         self.rescues = int(state.get("rescues", 0))
 
     def decide(self, record: RecordLike) -> list[Intervention]:
+        self._check_undone()
         found = self._reasons.reason(record)
         if self.cooldown_left > 0:
             self.cooldown_left -= 1

@@ -570,6 +570,29 @@ def test_lr_rescue_scales_a_float_and_a_schedule() -> None:
     assert isinstance(keras.optimizers.schedules.deserialize(cfg), ScaledSchedule)
 
 
+def test_a_cut_that_something_else_sets_back_is_said_once() -> None:
+    """Keras' LearningRateScheduler callback sets the rate each epoch from its function,
+    undoing lr_rescue's cut without a word (the record said 0.3 -> 0.15). It is said once,
+    at the next decision; a rate lowered further (ReduceLROnPlateau) is no undoing."""
+    from relu_doctor.integrations._keras_remedies import KerasLRRescue
+    from tests.remedies.test_evidence import _sampled
+
+    for undo, said in ((0.3, 1), (0.1, 0)):
+        opt = keras.optimizers.SGD(0.3)
+        rescuer = KerasLRRescue(opt, factor=0.5, cooldown=0)
+        assert rescuer.rescue(step=6) is not None
+        opt.learning_rate = undo  # what the other callback does, between two logs
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                rescuer.decide(_sampled(10, [0, 1]))
+        texts = [str(w.message) for w in caught if "do not hold" in str(w.message)]
+        assert len(texts) == said
+        if said:
+            assert "cut the Keras learning rate to 0.15 at step 6, and something set it back " \
+                "to 0.3" in texts[0]
+
+
 class _OwnSchedule(keras.optimizers.schedules.LearningRateSchedule):  # type: ignore[misc]
     """A user's schedule, not registered with Keras' serialization."""
 
