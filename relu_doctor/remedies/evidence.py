@@ -129,11 +129,13 @@ def dead_surge(
     :attr:`~relu_doctor.history.IntervalRecord.first_dead` (on the site's first call: at
     initialisation for the sites of the first step), kept in ``prev`` until then: units
     dead from the start are no surge. Where none was taken (a compiled forward, a record
-    without the field), 0.
+    without the field), the first reading is the site's baseline: no surge without a
+    "before" to rise from (a compiled model's units dead from initialisation read as one).
 
     Example:
-        >>> dead_surge({"a": 0.5}, {}, 0.2)["jump"]
-        0.5
+        >>> prev = {}
+        >>> dead_surge({"a": 0.5}, prev, 0.2) is None, dead_surge({"a": 0.8}, prev, 0.2)["jump"]
+        (True, 0.30000000000000004)
     """
     for site, frac in (getattr(record, "first_dead", None) or {}).items():
         prev.setdefault(site, frac)
@@ -141,7 +143,10 @@ def dead_surge(
     for site, frac in (dead or {}).items():
         if not math.isfinite(frac):
             continue
-        before = prev.get(site, 0.0)
+        before = prev.get(site)
+        if before is None:  # no reading before this one: the baseline
+            prev[site] = frac
+            continue
         if frac - before >= jump and (surge is None or frac - before > surge["jump"]):
             surge = {"site": site, "dead_fraction_before": before, "dead_fraction": frac,
                      "jump": frac - before}

@@ -223,3 +223,17 @@ def test_the_reason_says_pooled_only_when_windows_were_pooled() -> None:
     e.add(_sampled(20, [0]))
     e.add(_sampled(30, [0], got=6))
     assert e.pooled and e.last_steps == 8 and "pooled" in e.basis()
+
+
+def test_a_site_with_no_reading_at_first_sight_takes_its_first_window_as_the_baseline() -> None:
+    """Under a compiled forward no dead fraction is taken at first sight: a site's first
+    window was compared with 0, so units dead from initialisation read as a surge and the
+    learning rate was cut at the first log (eager: no change). The first window is the
+    baseline now; a later rise from it is a surge as before."""
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    rescuer = LRRescuer(opt, triggers=("dead_surge",), dead_jump=0.2, cooldown=0)
+    born_dead = [0, 1, 2, 3, 4]
+    assert rescuer.decide(_sampled(10, born_dead, got=10)) == []  # (no first_dead: compiled)
+    assert opt.param_groups[0]["lr"] == 0.1
+    (ev,) = rescuer.decide(_sampled(20, [*born_dead, 5, 6, 7], got=10))
+    assert ev.details["trigger"] == "dead_surge" and opt.param_groups[0]["lr"] == 0.05
