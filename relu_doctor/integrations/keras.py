@@ -218,6 +218,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._batches = 0
         self._accumulate = 1
         self._opt: Any = None  # the model's optimizer, for the learning rate
+        self._val_passes = 0  # the validation stream's passes as a validation run began
+        self._warned_jit_val = False
         self._lr_used: float | None = None  # the logging step's rate, read as it began
         self._epoch = 0
         self._fresh: IntervalRecord | None = None  # logged since the last epoch's end
@@ -496,8 +498,21 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
         if self._val_doc is not None:
             self._val_doc.probe.paused = False
+            self._val_passes = self._val_doc.probe.passes
 
     def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+        val = self._val_doc
+        if (val is not None and not self._warned_jit_val and val.probe.passes == self._val_passes
+                and getattr(self.model, "jit_compile", False) is True):
+            self._warned_jit_val = True  # (a compiled test step calls no hook as it runs)
+            warnings.warn(
+                "relu_doctor: the validation passes of this fit ran in a compiled step "
+                "(jit_compile=True), where the validation stream records nothing; "
+                "monitor_validation=True needs model.compile(..., jit_compile=False). The "
+                "training stream is recorded as usual.",
+                ReluDoctorWarning,
+                stacklevel=2,
+            )
         doc = self.doctor
         if doc is not None and doc.eval is not None and doc.probe.attached:
             rec = doc.log_eval()  # one evaluation-stream window per validation run

@@ -1129,17 +1129,23 @@ def test_a_failing_record_warns_once_and_training_goes_on(tmp_path: Path, monkey
 def test_jit_compile_gives_the_eager_forward_statistics(tmp_path: Path) -> None:
     """``jit_compile=True`` (torch.compile of the train step): the hooks are traced into the
     graph; forward statistics equal eager ones, gradient statistics are missing (NaN), as
-    for torch.compile in plain PyTorch."""
+    for torch.compile in plain PyTorch; validation, which a compiled step runs without a
+    hook, is said not to be recorded."""
     out = {}
     for jit in (False, True):
         model = _mlp()
         model.compile(optimizer=keras.optimizers.Adam(0.01), loss="categorical_crossentropy",
                       jit_compile=jit)
         x, y = _data()
-        cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / str(jit))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+        cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / str(jit),
+                                monitor_validation=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb],
+                      validation_data=_data(16, seed=1))
+        # a compiled validation step records nothing: said once (it was silent), not eager
+        said = [w for w in caught if "the validation stream records nothing" in str(w.message)]
+        assert len(said) == jit
         assert cb.doctor is not None
         out[jit] = cb.doctor.history().sort_values(["step", "order"]).reset_index(drop=True)
     for c in ("elements", "dead", "activation_rate", "mean_abs"):
