@@ -54,7 +54,7 @@ def severity_rank(severity: str) -> int:
 
 #: Within a severity, findings about the whole model's training come first (they explain
 #: the others), then the units that carry nothing, then what merely thins the signal.
-_KIND_ORDER = ("nonfinite", "exploding_gradient", "vanishing_gradient", "dead",
+_KIND_ORDER = ("nonfinite", "loss_scale_overflow", "exploding_gradient", "vanishing_gradient", "dead",
                "lifetime_dead", "saturated", "dormant", "too_sparse", "activation_growth")
 #: the share a finding rests on, the larger first within its kind
 _SHARES = ("dead_fraction", "lifetime_dead_fraction", "saturated_fraction",
@@ -179,7 +179,8 @@ class Finding:
 
     Attributes:
         kind: ``dead``, ``lifetime_dead``, ``dormant``, ``saturated``, ``too_sparse``,
-            ``vanishing_gradient``, ``exploding_gradient`` or ``nonfinite``.
+            ``activation_growth``, ``vanishing_gradient``, ``exploding_gradient``,
+            ``nonfinite`` or ``loss_scale_overflow``.
         site: the site name.
         severity: ``info``, ``warning`` or ``critical``.
         message: one sentence with the key number.
@@ -287,14 +288,22 @@ def diagnose(
             checkpoint that did not hold them; the window's sampling is said instead).
         scaler_skipped: the window's collected steps whose update a loss scaler (fp16's
             ``GradScaler``, Keras' ``LossScaleOptimizer``) skipped, its scale lowered: their
-            gradients overflowed. Non-finite gradients these explain (no non-finite output
-            with them) are an info finding, not a critical one.
+            gradients overflowed. Where it skipped some of them, not most, the sites whose
+            non-finite values are gradients only give one ``loss_scale_overflow`` info
+            finding, not critical ``nonfinite`` ones.
 
     Returns:
         Findings, most severe first.
     """
     out: list[Finding] = []
     names = REMEDY_NAMES[config.loop]
+    # A loss scaler skips the update of a step whose gradients are not finite, lowering its
+    # scale: the non-finite gradients of a window where it skipped some collected steps, not
+    # most, are its calibration (with a scaler, a non-finite activation gradient makes the
+    # parameter gradients non-finite and the step skipped), said once, as info.
+    collected = max((int(r.get("steps_collected") or 0) for r in sites), default=0)
+    explained = scaler_skipped > 0 and 2 * scaler_skipped <= collected
+    overflowed: list[tuple[str, int]] = []
     for row in sites:
         name = str(row["site"])
         u = units[name]
@@ -303,24 +312,8 @@ def diagnose(
         seen = int(row["units_seen"])
         # Before the `seen` check: a site whose every output was NaN/Inf saw no finite
         # element, and that is exactly when this finding matters most.
-        skipped_only = (scaler_skipped > 0 and not row["nonfinite"]
-                        and int(row["grad_nonfinite"]) <= scaler_skipped * int(row["units"]))
-        if skipped_only and row["grad_nonfinite"]:
-            out.append(
-                Finding(
-                    "nonfinite", name, "info",
-                    f"gradients overflowed ({row['grad_nonfinite']} unit-steps NaN/Inf) on "
-                    f"steps the loss scaler skipped ({scaler_skipped} of the "
-                    f"{row['steps_collected']} collected): fp16 loss scaling lowering its "
-                    "scale; no update was made from them, and they are left out of the "
-                    "gradient statistics.",
-                    {"nonfinite": 0, "grad_nonfinite": row["grad_nonfinite"],
-                     "scaler_skipped": scaler_skipped},
-                    "Nothing to do while it is rare; where most steps are skipped, lower the "
-                    "learning rate or prefer bf16.",
-                    step,
-                )
-            )
+        if explained and not row["nonfinite"] and row["grad_nonfinite"]:
+            overflowed.append((name, int(row["grad_nonfinite"])))
         elif row["nonfinite"] or row["grad_nonfinite"]:
             out.append(
                 Finding(
@@ -442,6 +435,21 @@ def diagnose(
                     step,
                 )
             )
+    if overflowed:
+        out.append(
+            Finding(
+                "loss_scale_overflow", "model", "info",
+                f"the loss scaler skipped {scaler_skipped} of the {collected} collected steps, "
+                f"whose gradients overflowed (NaN/Inf at {len(overflowed)} site"
+                f"{'s' * (len(overflowed) != 1)}): fp16 loss scaling lowering its scale. No "
+                "update was made from them, and they are left out of the gradient statistics.",
+                {"scaler_skipped": scaler_skipped, "steps_collected": collected,
+                 "grad_nonfinite": dict(overflowed)},
+                "Nothing to do while it is rare; where most steps are skipped (then a critical "
+                f"NaN / Inf finding), lower the learning rate ({names['lr']}) or prefer bf16.",
+                step,
+            )
+        )
     out.extend(_gradient_findings(sites, config, step, param_grad_norms))
     out.extend(_growth_findings(sites, config, step, first_rms or {}))
     rows = {str(r["site"]): r for r in sites}

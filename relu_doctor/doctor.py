@@ -367,16 +367,23 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._note_scale()
         return self
 
-    def _loss_scale(self) -> torch.Tensor | None:
-        """The loss scaler's scale (its device tensor), where one scales the loss."""
+    def _loss_scale(self, *, initial: bool = False) -> torch.Tensor | None:
+        """The loss scaler's scale (its device tensor), where one scales the loss; with
+        ``initial``, the scale it will start from where it has none yet (a GradScaler makes
+        its tensor at its first ``scale()``, and again after ``load_state_dict``)."""
         sc = self.grad_scaler
-        scale = getattr(sc, "_scale", None) if sc is not None and sc.is_enabled() else None
+        if sc is None or not sc.is_enabled():
+            return None
+        scale = getattr(sc, "_scale", None)
+        if scale is None and initial and isinstance(getattr(sc, "_init_scale", None),
+                                                    (int, float)):
+            return torch.tensor(float(sc._init_scale))
         return scale if isinstance(scale, torch.Tensor) else None
 
     def _note_scale(self) -> None:
         """Before a collecting step: the loss scale it begins with (a copy: the scaler
         updates its own in place), to tell at its end whether the scaler skipped it."""
-        scale = self._loss_scale() if self.probe.collecting else None
+        scale = self._loss_scale(initial=True) if self.probe.collecting else None
         self._scale_before = None if scale is None else scale.detach().clone()
 
     def _count_skipped(self) -> None:
@@ -389,11 +396,17 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._scaler_skipped = skipped if self._scaler_skipped is None else (
             self._scaler_skipped + skipped)
 
-    def _take_skipped(self) -> int:
-        """The open window's collected steps the loss scaler skipped (read at a log: the
-        read-back has synchronised), counted anew from here."""
-        skipped, self._scaler_skipped = self._scaler_skipped, None
-        return 0 if skipped is None else int(skipped)
+    def _peek_skipped(self) -> int:
+        """The open window's collected steps the loss scaler skipped (a read-back)."""
+        return 0 if self._scaler_skipped is None else int(self._scaler_skipped)
+
+    def _take_skipped(self, logged: bool) -> int:
+        """:meth:`_peek_skipped`, counted anew from here where the window is ``logged``
+        (read at a log: the read-back has synchronised)."""
+        skipped = self._peek_skipped()
+        if logged:
+            self._scaler_skipped = None
+        return skipped
 
     def detach(self) -> None:
         """Remove every hook (idempotent); the model is left exactly as it was."""
@@ -930,6 +943,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             "steps_run": self.steps_run,
             "window_scheduled": self._window_scheduled,
             "lifetime_steps": None if self._lifetime_steps is None else list(self._lifetime_steps),
+            # (read back: a sync, as a checkpoint makes; every process skips the same steps)
+            "scaler_skipped": self._peek_skipped(),
             "training_metrics": self._training.state_dict(),
             "sites": sites,
             "findings_open": self._tracker.state_dict(),
@@ -959,6 +974,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         # (a checkpoint from before they were saved: unknown, and not said)
         steps = state.get("lifetime_steps")
         self._lifetime_steps = (int(steps[0]), int(steps[1])) if steps else None
+        skipped = int(state.get("scaler_skipped") or 0)
+        self._scaler_skipped = torch.tensor(skipped, dtype=torch.int64) if skipped else None
         if windows:  # (the sums are this process's: the one that carries the windows)
             self._training.load_state_dict(state.get("training_metrics", {}))
         self._passes_at_step = self.probe.passes

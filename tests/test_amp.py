@@ -141,46 +141,84 @@ def test_grad_scaler_scale_is_divided_out() -> None:
         np.testing.assert_allclose(results[1][name], results[0][name], rtol=1e-2, atol=1e-9)
 
 
-@pytest.mark.parametrize("scaled", [True, False], ids=["scaler", "no_scaler"])
+def _scaled_steps(doc, net, opt, scaler, steps, overflow, micro=1):  # type: ignore[no-untyped-def]
+    """Train ``steps`` steps of ``micro`` micro-batches each, the loss overflowing at the
+    steps in ``overflow``; with ``scaler`` None the same steps are skipped by hand."""
+    rec = None
+    for step in steps:
+        for _ in range(micro):
+            loss = net(torch.randn(8, 4)).pow(2).mean() * (1e38 if step in overflow else 1.0)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        elif step not in overflow:  # nothing tells the Doctor why
+            opt.step()
+        opt.zero_grad()
+        rec = doc.step()
+    return rec
+
+
+@pytest.mark.parametrize(
+    ("scaled", "overflow", "micro"),
+    [(True, {1, 3}, 1), (False, {1, 3}, 1), (True, {0}, 1), (True, {2}, 2)],
+    ids=["scaler", "no_scaler", "first_step", "accumulated"],
+)
 def test_gradients_that_overflow_on_steps_the_loss_scaler_skips_are_no_critical_finding(
-    scaled: bool,
+    scaled: bool, overflow: set[int], micro: int
 ) -> None:
-    """fp16 loss scaling overflows now and then while it calibrates its scale; the scaler
-    skips those steps' updates. Their non-finite activation gradients were a critical
-    'NaN/Inf seen' finding on most fp16 runs. Steps whose scale the scaler lowered are
-    counted (on the device), and the non-finite gradients they explain are an info finding
-    saying so; without a scaler, the same gradients stay critical."""
+    """fp16 loss scaling overflows now and then while it calibrates its scale (most at the
+    first steps); the scaler skips those steps' updates. Their non-finite activation
+    gradients were a critical 'NaN/Inf seen' finding on most fp16 runs. Steps whose scale the
+    scaler lowered are counted (on the device; the first step against the scale it starts
+    from), and where it skipped some collected steps, not most, one model-wide info finding
+    says so instead, which no remedy acts on and which leaves health alone; without a
+    scaler, the same gradients stay critical."""
     torch.manual_seed(0)
     net = zoo.mlp(d_in=4, hidden=8)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
-    overflow = {1, 3}  # steps whose scaled loss overflows (inf gradients)
     with relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None,
                            grad_scaler=scaler) as doc:
-        for step in range(4):
-            loss = net(torch.randn(8, 4)).pow(2).mean() * (1e38 if step in overflow else 1.0)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:  # the same steps skipped by hand: nothing tells the Doctor why
-                loss.backward()
-                if step not in overflow:
-                    opt.step()
-            opt.zero_grad()
-            rec = doc.step()
+        rec = _scaled_steps(doc, net, opt, scaler, range(4), overflow, micro)
     assert rec is not None
-    found = [f for f in rec.findings if f.kind == "nonfinite"]
     row = rec.site_row("1")
     assert row["nonfinite"] == 0 and row["grad_nonfinite"] > 0
-    assert found and {f.severity for f in found} == ({"info"} if scaled else {"critical"})
-    # a learning-rate rescue on non-finite values acts on the critical one only
+    critical = [f for f in rec.findings if f.kind == "nonfinite"]
+    said = [f for f in rec.findings if f.kind == "loss_scale_overflow"]
+    from relu_doctor.integrations._common import health_scalars
     from relu_doctor.remedies import LRRescuer
 
     acted = LRRescuer(torch.optim.SGD(net.parameters(), lr=0.01), triggers=("nonfinite",),
                       cooldown=0).decide(rec)
     assert bool(acted) is not scaled
-    if scaled:
-        assert scaler is not None and scaler.get_scale() == 2.0**10 / 4  # lowered twice
-        assert all(f.evidence["scaler_skipped"] == len(overflow) for f in found)
-        assert "the loss scaler skipped (2 of the 4 collected)" in found[0].message
+    if not scaled:
+        assert critical and not said and health_scalars(rec)["relu_doctor/health"] == 0.0
+        return
+    assert not critical and len(said) == 1 and said[0].severity == "info"
+    assert said[0].evidence["scaler_skipped"] == len(overflow)
+    assert f"skipped {len(overflow)} of the 4 collected steps" in said[0].message
+    assert health_scalars(rec)["relu_doctor/health"] > 0
+    assert scaler is not None and scaler.get_scale() == 2.0**10 / 2 ** len(overflow)
+
+
+def test_the_loss_scalers_skips_of_an_open_window_survive_a_resume() -> None:
+    """A checkpoint taken inside a window carries its skipped steps with its sums: a resumed
+    run's log reads the window whole, its overflow still the scaler's."""
+    torch.manual_seed(0)
+    net = zoo.mlp(d_in=4, hidden=8)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    kw = {"log_every_n_steps": 4, "overhead_budget": None}
+    with relu_doctor.watch(net, grad_scaler=scaler, **kw) as doc:
+        _scaled_steps(doc, net, opt, scaler, range(2), {1})
+        state, scaler_state = doc.state_dict(), scaler.state_dict()
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.load_state_dict(scaler_state)
+    doc = relu_doctor.Doctor(net, grad_scaler=scaler, **kw)
+    doc.load_state_dict(state)
+    with doc:
+        rec = _scaled_steps(doc, net, opt, scaler, range(2, 4), set())
+    assert rec is not None and rec.step == 4
+    assert [f.kind for f in rec.findings if "nonfinite" in f.kind or "overflow" in f.kind] == [
+        "loss_scale_overflow"]

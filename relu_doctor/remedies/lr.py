@@ -192,7 +192,7 @@ class LRRescuer(Remedy):
                     break
         if found is None and "nonfinite" in self.triggers:
             for f in record.findings:
-                if f.kind == "nonfinite" and f.severity != "info":  # (info: scaler's skips)
+                if f.kind == "nonfinite":
                     found = ("nonfinite", {"site": f.site, "finding": f.message})
                     break
         surge = dead_surge(

@@ -305,7 +305,7 @@ class TreatmentPlan(Remedy):
         surge = dead_surge(self._dead, self._prev_dead, self.dead_jump, record)
         for kind in ("nonfinite", "exploding_gradient"):
             for f in record.findings:
-                if f.kind == kind and f.severity != "info":  # (info: a loss scaler's skips)
+                if f.kind == kind:
                     return kind, "grad_norm", {"finding": f.message, "site": f.site}
         steps = {"steps_collected": self.evidence.last_steps}
         if surge is not None:
@@ -471,8 +471,7 @@ class TreatmentPlan(Remedy):
         rows = record.site_rows
         units = sum(int(r.get("units") or 0) for r in rows)
         life = sum(int(r.get("lifetime_dead") or 0) for r in rows)
-        nonfinite = [f.message for f in record.findings
-                     if f.kind == "nonfinite" and f.severity != "info"]
+        nonfinite = [f.message for f in record.findings if f.kind == "nonfinite"]
         frac = life / units if units else 0.0
         if frac < self.hopeless_fraction and not nonfinite:
             return None

@@ -44,6 +44,7 @@ _KIND_LABELS = {
     "vanishing_gradient": "vanishing gradient",
     "exploding_gradient": "exploding gradient",
     "nonfinite": "NaN / Inf",
+    "loss_scale_overflow": "loss-scale overflow",
 }
 
 
