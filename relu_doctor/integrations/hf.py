@@ -94,6 +94,12 @@ def _inner(optimizer: Any) -> torch.optim.Optimizer:
     return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
 
 
+def _scaler(optimizer: Any) -> Any:
+    """The loss scaler of accelerate's ``AcceleratedOptimizer`` (fp16), or None."""
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler if hasattr(scaler, "is_enabled") else None
+
+
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     torch.distributed.all_reduce(t)
     return t
@@ -302,6 +308,9 @@ class ReluDoctorCallback(TrainerCallback):
             unit_dims=self.unit_dims,
             gradients=self.gradients,
             optimizer=opt,
+            # fp16: accelerate's optimizer wrapper holds the Trainer's GradScaler (its step
+            # and update run inside the wrapper's step, before on_step_end's doc.step())
+            grad_scaler=_scaler(optimizer),
             run_dir=run_dir,
             config=self.config,
             all_reduce=_all_reduce if world > 1 else None,

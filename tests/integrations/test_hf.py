@@ -529,3 +529,24 @@ def test_a_finding_says_which_of_its_remedies_are_on() -> None:
                                  "these.)")
     FindingWarner("info", said.append)(record, "evaluation")  # no remedy on: nothing to add
     assert said[-1].endswith("recycle (dormant_reset=True).")
+
+
+def test_fp16_gradient_statistics_are_the_unscaled_gradients(tmp_path: Path) -> None:
+    """Under fp16 the Trainer scales the loss (its scaler in accelerate's optimizer wrapper,
+    which the callback is handed): the gradient statistics held the scale (1024x here). They
+    are divided by it now, as in Lightning: grad_rms equals an unscaled run's."""
+    rms = {}
+    for scaled in (False, True):
+        cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None)
+        trainer = transformers.Trainer(model=_model(), args=_args(tmp_path / str(scaled)),
+                                       train_dataset=_data())
+        if scaled:  # what fp16 gives the Trainer on a GPU, on the CPU: accelerate's loss
+            # scaler (backward scales the loss; the optimizer wrapper made in train() unscales,
+            # skips a non-finite step and updates the scale)
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        trainer.add_callback(cb)
+        trainer.train()
+        assert cb.doctor is not None
+        assert (cb.doctor.grad_scaler is not None) is scaled
+        rms[scaled] = cb.doctor.history().sort_values(["step", "site"])["grad_rms"].to_numpy()
+    assert rms[True] == pytest.approx(rms[False], rel=1e-3)  # (was 1024x)
