@@ -286,11 +286,11 @@ def diagnose(
         lifetime_steps: (steps collected, steps run) since monitoring began, this window's
             included: what the lifetime findings say they rest on (None: unknown, as after a
             checkpoint that did not hold them; the window's sampling is said instead).
-        scaler_skipped: the window's collected steps whose update a loss scaler (fp16's
+        scaler_skipped: the window's steps whose update a loss scaler (fp16's
             ``GradScaler``, Keras' ``LossScaleOptimizer``) skipped, its scale lowered: their
-            gradients overflowed. Where it skipped some of them, not most, the sites whose
-            non-finite values are gradients only give one ``loss_scale_overflow`` info
-            finding, not critical ``nonfinite`` ones.
+            gradients overflowed. Where it skipped some of the steps run, not most, and no
+            output was non-finite, the sites whose non-finite values are gradients give one
+            ``loss_scale_overflow`` info finding, not critical ``nonfinite`` ones.
 
     Returns:
         Findings, most severe first.
@@ -298,11 +298,15 @@ def diagnose(
     out: list[Finding] = []
     names = REMEDY_NAMES[config.loop]
     # A loss scaler skips the update of a step whose gradients are not finite, lowering its
-    # scale: the non-finite gradients of a window where it skipped some collected steps, not
-    # most, are its calibration (with a scaler, a non-finite activation gradient makes the
-    # parameter gradients non-finite and the step skipped), said once, as info.
-    collected = max((int(r.get("steps_collected") or 0) for r in sites), default=0)
-    explained = scaler_skipped > 0 and 2 * scaler_skipped <= collected
+    # scale: the non-finite gradients of a window where it skipped some steps, not most, are
+    # its calibration (with a scaler, a non-finite activation gradient makes the parameter
+    # gradients non-finite and the step skipped), said once, as info. Not where an output
+    # was non-finite: loss scaling changes no forward value, so the skips had another cause.
+    # (One skip is never "most": a window of one step, logged at every step, would make
+    # each calibration skip critical.)
+    ran = max((int(r.get("steps_run") or 0) for r in sites), default=0)
+    explained = (scaler_skipped > 0 and (scaler_skipped == 1 or 2 * scaler_skipped <= ran)
+                 and not any(r["nonfinite"] for r in sites))
     overflowed: list[tuple[str, int]] = []
     for row in sites:
         name = str(row["site"])
@@ -439,14 +443,14 @@ def diagnose(
         out.append(
             Finding(
                 "loss_scale_overflow", "model", "info",
-                f"the loss scaler skipped {scaler_skipped} of the {collected} collected steps, "
+                f"the loss scaler skipped {scaler_skipped} of the {ran} steps run, "
                 f"whose gradients overflowed (NaN/Inf at {len(overflowed)} site"
                 f"{'s' * (len(overflowed) != 1)}): fp16 loss scaling lowering its scale. No "
                 "update was made from them, and they are left out of the gradient statistics.",
-                {"scaler_skipped": scaler_skipped, "steps_collected": collected,
+                {"scaler_skipped": scaler_skipped, "steps_run": ran,
                  "grad_nonfinite": dict(overflowed)},
                 "Nothing to do while it is rare; where most steps are skipped (then a critical "
-                f"NaN / Inf finding), lower the learning rate ({names['lr']}) or prefer bf16.",
+                "NaN / Inf finding), lower the learning rate or prefer bf16.",
                 step,
             )
         )

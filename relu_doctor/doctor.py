@@ -208,8 +208,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 f"grad_scaler: expected a torch.amp.GradScaler, got {type(grad_scaler).__name__}."
             )
         self.grad_scaler = grad_scaler
-        #: the loss scale as the next collecting step began, and how many collected steps of
-        #: the open window the scaler skipped (device tensors: no sync until the log)
+        #: the loss scale as the step now running began (None: the scaler had none yet, and
+        #: starts from its _init_scale, read as the step ends), and how many steps of the
+        #: open window the scaler skipped (device tensors: no sync until the log)
         self._scale_before: torch.Tensor | None = None
         self._scaler_skipped: torch.Tensor | None = None
         self.world_size = positive_int("world_size", world_size)
@@ -369,27 +370,33 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
 
     def _loss_scale(self, *, initial: bool = False) -> torch.Tensor | None:
         """The loss scaler's scale (its device tensor), where one scales the loss; with
-        ``initial``, the scale it will start from where it has none yet (a GradScaler makes
-        its tensor at its first ``scale()``, and again after ``load_state_dict``)."""
+        ``initial``, the scale it started from (a GradScaler makes its tensor at its first
+        ``scale()`` from its ``_init_scale``, which ``load_state_dict`` sets: read as the
+        step ends, after a resumed fit restored it)."""
         sc = self.grad_scaler
         if sc is None or not sc.is_enabled():
             return None
+        if initial:
+            start = getattr(sc, "_init_scale", None)
+            return torch.tensor(float(start)) if isinstance(start, (int, float)) else None
         scale = getattr(sc, "_scale", None)
-        if scale is None and initial and isinstance(getattr(sc, "_init_scale", None),
-                                                    (int, float)):
-            return torch.tensor(float(sc._init_scale))
         return scale if isinstance(scale, torch.Tensor) else None
 
     def _note_scale(self) -> None:
-        """Before a collecting step: the loss scale it begins with (a copy: the scaler
-        updates its own in place), to tell at its end whether the scaler skipped it."""
-        scale = self._loss_scale(initial=True) if self.probe.collecting else None
+        """Before a step: the loss scale it begins with (a copy: the scaler updates its own
+        in place), to tell at its end whether the scaler skipped it. Every step, collecting
+        or not: skips are judged against the steps run (one tiny device op, with a scaler
+        only)."""
+        scale = self._loss_scale()
         self._scale_before = None if scale is None else scale.detach().clone()
 
     def _count_skipped(self) -> None:
-        """At the end of a collected step: the scaler lowers its scale exactly where it
-        skipped the update (non-finite gradients); counted on the device."""
-        before, now = self._scale_before, self._loss_scale()
+        """At the end of a step: the scaler lowers its scale exactly where it skipped the
+        update (non-finite gradients); counted on the device."""
+        now = self._loss_scale()
+        before = self._scale_before
+        if before is None:  # it had no scale as the step began: the one it started from
+            before = self._loss_scale(initial=True) if now is not None else None
         if before is None or now is None or before.shape != now.shape:
             return
         skipped = (now.detach() < before.to(now.device)).sum(dtype=torch.int64)
@@ -397,14 +404,14 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             self._scaler_skipped + skipped)
 
     def _peek_skipped(self) -> int:
-        """The open window's collected steps the loss scaler skipped (a read-back)."""
+        """The open window's steps the loss scaler skipped (a read-back)."""
         return 0 if self._scaler_skipped is None else int(self._scaler_skipped)
 
-    def _take_skipped(self, logged: bool) -> int:
-        """:meth:`_peek_skipped`, counted anew from here where the window is ``logged``
-        (read at a log: the read-back has synchronised)."""
+    def _take_skipped(self, close: bool) -> int:
+        """:meth:`_peek_skipped`, counted anew from here where the window closes (read at a
+        log: the read-back has synchronised; a final log, whose windows go on, keeps it)."""
         skipped = self._peek_skipped()
-        if logged:
+        if close:
             self._scaler_skipped = None
         return skipped
 
@@ -587,7 +594,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._passes_at_step = self.probe.passes
         self._window_scheduled += self.probe.collecting
         self.window_steps += collected
-        if collected and self._scale_before is not None:
+        if self.grad_scaler is not None:
             self._count_skipped()
         self.sampler.done(collected=collected)
         self.steps_run += 1

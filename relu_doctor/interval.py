@@ -182,7 +182,7 @@ class IntervalReading:
         _last_judged: IntervalRecord | None
         _table_memory: TableMemory
 
-        def _take_skipped(self, logged: bool) -> int: ...
+        def _take_skipped(self, close: bool) -> int: ...
 
         def sum_across(
             self, named: Mapping[str, torch.Tensor], device: torch.device | None
@@ -288,7 +288,7 @@ class IntervalReading:
                 declined=self._declined,
                 lifetime_steps=None if self._lifetime_steps is None else (
                     self._lifetime_steps[0] + collected, self._lifetime_steps[1] + self.steps_run),
-                scaler_skipped=self._take_skipped(logged),
+                scaler_skipped=self._take_skipped(close),
             )
             if logged:
                 for r in site_rows:

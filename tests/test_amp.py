@@ -160,12 +160,13 @@ def _scaled_steps(doc, net, opt, scaler, steps, overflow, micro=1):  # type: ign
 
 
 @pytest.mark.parametrize(
-    ("scaled", "overflow", "micro"),
-    [(True, {1, 3}, 1), (False, {1, 3}, 1), (True, {0}, 1), (True, {2}, 2)],
-    ids=["scaler", "no_scaler", "first_step", "accumulated"],
+    ("scaled", "overflow", "micro", "every"),
+    [(True, {1, 3}, 1, 1), (False, {1, 3}, 1, 1), (True, {0}, 1, 1), (True, {2}, 2, 1),
+     (True, {0}, 1, 4), (True, {0, 1, 2}, 1, 1)],
+    ids=["scaler", "no_scaler", "first_step", "accumulated", "sampled", "most_skipped"],
 )
 def test_gradients_that_overflow_on_steps_the_loss_scaler_skips_are_no_critical_finding(
-    scaled: bool, overflow: set[int], micro: int
+    scaled: bool, overflow: set[int], micro: int, every: int
 ) -> None:
     """fp16 loss scaling overflows now and then while it calibrates its scale (most at the
     first steps); the scaler skips those steps' updates. Their non-finite activation
@@ -178,7 +179,7 @@ def test_gradients_that_overflow_on_steps_the_loss_scaler_skips_are_no_critical_
     net = zoo.mlp(d_in=4, hidden=8)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
-    with relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None,
+    with relu_doctor.watch(net, log_every_n_steps=4, every_n_steps=every,
                            grad_scaler=scaler) as doc:
         rec = _scaled_steps(doc, net, opt, scaler, range(4), overflow, micro)
     assert rec is not None
@@ -191,20 +192,24 @@ def test_gradients_that_overflow_on_steps_the_loss_scaler_skips_are_no_critical_
 
     acted = LRRescuer(torch.optim.SGD(net.parameters(), lr=0.01), triggers=("nonfinite",),
                       cooldown=0).decide(rec)
-    assert bool(acted) is not scaled
-    if not scaled:
+    assert bool(acted) is (not scaled or len(overflow) > 2)
+    if not scaled or len(overflow) > 2:  # (a scaler skipping most steps: not calibration)
         assert critical and not said and health_scalars(rec)["relu_doctor/health"] == 0.0
         return
     assert not critical and len(said) == 1 and said[0].severity == "info"
     assert said[0].evidence["scaler_skipped"] == len(overflow)
-    assert f"skipped {len(overflow)} of the 4 collected steps" in said[0].message
+    assert f"skipped {len(overflow)} of the 4 steps run" in said[0].message
     assert health_scalars(rec)["relu_doctor/health"] > 0
     assert scaler is not None and scaler.get_scale() == 2.0**10 / 2 ** len(overflow)
 
 
-def test_the_loss_scalers_skips_of_an_open_window_survive_a_resume() -> None:
-    """A checkpoint taken inside a window carries its skipped steps with its sums: a resumed
-    run's log reads the window whole, its overflow still the scaler's."""
+@pytest.mark.parametrize("when", ["inside_the_block", "after_its_final_log"])
+def test_the_loss_scalers_skips_of_an_open_window_survive_a_resume(when: str) -> None:
+    """A checkpoint taken inside a window (or after the block's final log, whose windows go
+    on) carries its skipped steps with its sums: a resumed run's log reads the window whole,
+    its overflow still the scaler's. The resumed scaler is restored after the Doctor
+    attached (as Lightning restores it): its first step is compared with the scale it
+    starts from then, not with its constructor's."""
     torch.manual_seed(0)
     net = zoo.mlp(d_in=4, hidden=8)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
@@ -212,13 +217,46 @@ def test_the_loss_scalers_skips_of_an_open_window_survive_a_resume() -> None:
     kw = {"log_every_n_steps": 4, "overhead_budget": None}
     with relu_doctor.watch(net, grad_scaler=scaler, **kw) as doc:
         _scaled_steps(doc, net, opt, scaler, range(2), {1})
-        state, scaler_state = doc.state_dict(), scaler.state_dict()
-    scaler = torch.amp.GradScaler("cpu")
-    scaler.load_state_dict(scaler_state)
+        if when == "inside_the_block":
+            state = doc.state_dict()
+    if when == "after_its_final_log":
+        state = doc.state_dict()
+    scaler_state = scaler.state_dict()
+    scaler = torch.amp.GradScaler("cpu")  # (2**16 until its state is loaded)
     doc = relu_doctor.Doctor(net, grad_scaler=scaler, **kw)
     doc.load_state_dict(state)
     with doc:
+        scaler.load_state_dict(scaler_state)
         rec = _scaled_steps(doc, net, opt, scaler, range(2, 4), set())
     assert rec is not None and rec.step == 4
-    assert [f.kind for f in rec.findings if "nonfinite" in f.kind or "overflow" in f.kind] == [
-        "loss_scale_overflow"]
+    said = [f for f in rec.findings if "nonfinite" in f.kind or "overflow" in f.kind]
+    assert [f.kind for f in said] == ["loss_scale_overflow"]
+    assert said[0].evidence["scaler_skipped"] == 1  # (the resumed first step: no skip)
+
+
+def test_a_non_finite_output_keeps_the_gradients_it_spoils_critical_under_a_scaler() -> None:
+    """Loss scaling changes no forward value: where an output was non-finite, the scaler's
+    skip had another cause, and the sites whose gradients it spoiled stay critical too (they
+    were said to be the scaler's calibration, nothing to do)."""
+    torch.manual_seed(0)
+    net = zoo.mlp(d_in=4, hidden=8, depth=2) if "depth" in zoo.mlp.__code__.co_varnames \
+        else nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                           nn.Linear(8, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    boost = {"on": False}
+    net[2].register_forward_hook(lambda m, a, out: out * 1e39 if boost["on"] else None)
+    with relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None,
+                           grad_scaler=scaler) as doc:
+        for step in range(4):
+            boost["on"] = step == 1  # the second site's outputs are inf at step 1
+            scaler.scale(net(torch.randn(8, 4)).pow(2).mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            rec = doc.step()
+    assert rec is not None and rec.site_row("3")["nonfinite"] > 0
+    assert rec.site_row("1")["nonfinite"] == 0 and rec.site_row("1")["grad_nonfinite"] > 0
+    kinds = {(f.kind, f.site, f.severity) for f in rec.findings
+             if f.kind in ("nonfinite", "loss_scale_overflow")}
+    assert kinds == {("nonfinite", "1", "critical"), ("nonfinite", "3", "critical")}

@@ -539,8 +539,13 @@ class LossScale:
 
     @property
     def _scale(self) -> Any:
-        scale = self.optimizer.dynamic_scale
+        scale = self.optimizer.dynamic_scale  # (before it is built: none yet, as GradScaler)
         return getattr(scale, "value", scale)
+
+    @property
+    def _init_scale(self) -> float:
+        """The scale it starts from (a skip at the first step is compared with it)."""
+        return float(self.optimizer.initial_scale)
 
 
 def updating(optimizer: Any) -> Any:

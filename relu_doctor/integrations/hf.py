@@ -97,7 +97,7 @@ def _inner(optimizer: Any) -> torch.optim.Optimizer:
 def _scaler(optimizer: Any) -> Any:
     """The loss scaler of accelerate's ``AcceleratedOptimizer`` (fp16), or None."""
     scaler = getattr(optimizer, "scaler", None)
-    return scaler if hasattr(scaler, "is_enabled") else None
+    return scaler if callable(getattr(scaler, "is_enabled", None)) else None
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
