@@ -5,7 +5,8 @@ ZeRO-3), and the refusal, before training, of a remedy that cannot act on shards
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -85,3 +86,26 @@ def refuse_several(model: nn.Module, problem: str | None, *, arg: str) -> None:
         where = f"torch.distributed with {n} processes" if n > 1 else None
     if where is not None:
         raise ReluDoctorError(f"{arg}: expected one process ({problem}), got {where}.")
+
+
+#: Why a remedy leaves a site alone whose input a frozen layer makes (after its path).
+FROZEN = ("does not train (requires_grad=False): a swap would change a part you froze and "
+          "cannot revive units whose inputs never change.")
+
+
+def frozen_input(model: nn.Module, sites: Sequence[Any]) -> str | None:
+    """The path of the layer found feeding one of ``sites`` (``Site.producer``) whose own
+    parameters all have ``requires_grad=False`` (a frozen backbone), or None: a remedy that
+    changes what that part computes would change what the user froze, and cannot revive
+    units whose inputs never change."""
+    for site in sites:
+        path = getattr(site, "producer", None)
+        if not path:
+            continue
+        try:
+            params = list(model.get_submodule(path).parameters(recurse=False))
+        except AttributeError:  # (a module gone since)
+            continue
+        if params and not any(p.requires_grad for p in params):
+            return str(path)
+    return None

@@ -56,6 +56,28 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
     return t if isinstance(t, torch.Tensor) else None
 
 
+def _refuse_frozen(links: UnitLinks) -> None:
+    """Raise :class:`ReluDoctorError`, changing nothing, where a layer recycling would change
+    does not train (a parameter with ``requires_grad=False``: a frozen backbone): its new
+    incoming weights would never train, its zeroed outgoing weights never grow back, and
+    the user froze them."""
+    touched = [(links.producer_path, links.producer, [links.producer_param, "bias"])]
+    touched += [(c.path, c.module, [c.param] if c.kind != "norm" else ["weight", "bias"])
+                for c in links.consumers]
+    touched += [(nr.path, nr.module, ["weight", "bias"]) for nr in links.norms]
+    frozen = sorted({path for path, module, names in touched
+                     for name in names
+                     if isinstance(t := getattr(module, name, None), nn.Parameter)
+                     and not t.requires_grad})
+    if frozen:
+        raise ReluDoctorError(
+            f"site {links.site!r}: {', '.join(repr(p) for p in frozen)} do"
+            f"{'es' * (len(frozen) == 1)} not train (requires_grad=False): recycling would "
+            "rewrite weights you froze, and outgoing weights it zeroes there would never "
+            "grow back. Left alone; unfreeze them to recycle this site."
+        )
+
+
 def _zero_rows(idx: torch.Tensor, dim: int = 0) -> SliceFn:
     def fn(t: torch.Tensor) -> None:
         t.index_fill_(dim, idx.to(t.device), 0)
@@ -179,6 +201,7 @@ def recycle_units(
         check_adam_step_optimizers("reset_adam_step", opts)
     prod = links.producer
     refuse_sharded("recycle_units", WHOLE_ROWS, sharding_of(prod), arg="links")
+    _refuse_frozen(links)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     targets: list[tuple[torch.Tensor, SliceFn]] = []
     with torch.no_grad():

@@ -34,6 +34,7 @@ from relu_doctor.events import Intervention
 from relu_doctor.families import family_of
 from relu_doctor.probes import Probe
 from relu_doctor.remedies._optim_state import add_param_group, remove_param_group
+from relu_doctor.remedies._sharding import FROZEN, frozen_input
 from relu_doctor.remedies.base import (
     DoctorLike,
     Optimizers,
@@ -323,7 +324,6 @@ class ActivationSwapper(Remedy):
         if self.probe is not None:
             self.probe.refresh()
 
-    # ------------------------------------------------------------------ actions
     def _module_sites(self, path: str) -> list[Any]:
         sites = self.probe.sites() if self.probe is not None else []
         return [s for s in sites if s.key.op is None and s.key.module_path == path]
@@ -372,9 +372,9 @@ class ActivationSwapper(Remedy):
             raise ReluDoctorError(
                 f"site: {name!r} was already swapped at this path ({module_label(path)!r})."
             )
-        n = 1
-        if self.kind == "prelu" and self.per_unit:
-            n = self._site_units(path) or 1
+        if (frozen := frozen_input(self.model, self._module_sites(path))) is not None:
+            raise ReluDoctorError(f"site {name!r}: {frozen!r}, the layer feeding it, {FROZEN}")
+        n = (self._site_units(path) or 1) if self.kind == "prelu" and self.per_unit else 1
         rec = swap_activation(
             self.model,
             path=key,

@@ -6,6 +6,7 @@ untreated."""
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 
 import pandas as pd
@@ -616,3 +617,54 @@ def test_a_hugging_face_models_recycled_units_are_drawn_by_its_own_initialisatio
     assert default["init"] == "PyTorch's default"
     bound = 1 / math.sqrt(dense.weight.shape[1])
     assert abs(float(dense.weight.detach()[units].std()) / (bound / math.sqrt(3)) - 1) < 0.05
+
+
+class _FrozenBackbone(nn.Module):
+    """A frozen backbone whose units are dead (a strongly negative bias), a trainable head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+        with torch.no_grad():
+            self.backbone[0].bias[:16] = -50.0
+            self.backbone[2].bias[:20] = -50.0
+        self.backbone.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+@pytest.mark.parametrize("remedy", ["recycle", "swap"])
+def test_remedies_leave_what_the_user_froze_alone(remedy: str) -> None:
+    """ReDo recycled a frozen backbone's dead units: it rewrote its frozen weights, zeroed
+    outgoing columns that could never grow back (117 of 1024 entries of a frozen weight),
+    and called it helped; the swap changed a frozen feature extractor it could not revive.
+    Both leave a site whose layers do not train alone now, saying why; the trainable head
+    is treated as before, and the frozen parameters and their optimizer state stay
+    bit-identical."""
+    from relu_doctor.remedies import ActivationSwapper
+
+    torch.manual_seed(0)
+    net = _FrozenBackbone()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)  # (the frozen ones included)
+    frozen = {n: p.detach().clone() for n, p in net.backbone.named_parameters()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=2,
+                               overhead_budget=None) as doc:
+            fix = (DormantRecycler(net, optimizers=opt, every=1) if remedy == "recycle"
+                   else ActivationSwapper(net, patience=1, threshold=0.3)).bind(doc)
+            for _ in range(6):
+                net(torch.randn(16, 8)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in net.backbone.named_parameters())
+    assert all(not opt.state.get(p) for p in net.backbone.parameters())  # (no grad: no state)
+    assert all(isinstance(m, nn.ReLU) for m in net.backbone if not isinstance(m, nn.Linear))
+    said = [str(w.message) for w in caught if "requires_grad=False" in str(w.message)]
+    assert said and all("backbone." in s for s in said)
+    acted = {str(e["site"]) for e in doc.to_run().interventions()}
+    assert not any(s.startswith("backbone") for s in acted)
+    assert fix is not None
