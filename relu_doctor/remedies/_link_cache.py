@@ -153,6 +153,9 @@ class LinkCache:
         self._error: str | None = None
         self._tap: InputTap | None = None
         self._example: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None = None
+        #: the pass's inputs, two samples where batched: to record again where a module the
+        #: links name left the model (a head replaced under the same path)
+        self._again: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None = None
         if example_inputs is not None:
             args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
             self._example = (model, args, {})
@@ -169,17 +172,31 @@ class LinkCache:
                     "producer and consumers from; run one, or pass example_inputs=."
                 )
             self._flow, self._error = record_latest(self.model, *example)
+            small = _shrink(example[1], example[2])
+            self._again = (example[0], *small) if small is not None else example
             self.close()
         if self._flow is None:
             raise ReluDoctorError(f"site {name!r}: {self._error}")
         return self._flow
 
     def links(self, key: SiteKey, name: str) -> UnitLinks:
-        """The (cached) links of the site ``key`` (display name ``name``)."""
+        """The (cached) links of the site ``key`` (display name ``name``); read again from a
+        new pass where a module they name is no longer in the model."""
+        cached = self._links.get(key)
+        if cached is not None and not self._current(cached) and self._again is not None:
+            self._links.clear()  # (every site's: the pass is of a model that changed)
+            self._flow, self._error, self._example = None, None, self._again
         if key not in self._links:
             flow = self.dataflow(name)
             self._links[key] = find_unit_links(self.model, site=key, dataflow=flow, name=name)
         return self._links[key]
+
+    def _current(self, links: UnitLinks) -> bool:
+        """Whether every module ``links`` names is still in the model."""
+        members = set(self.model.modules())
+        return links.producer in members and all(
+            m in members for m in [*(c.module for c in links.consumers),
+                                   *(n.module for n in links.norms)])
 
     def links_everywhere(
         self, sites: Sequence[tuple[SiteKey, str]], *, doctor: Any = None

@@ -668,3 +668,45 @@ def test_remedies_leave_what_the_user_froze_alone(remedy: str) -> None:
     acted = {str(e["site"]) for e in doc.to_run().interventions()}
     assert not any(s.startswith("backbone") for s in acted)
     assert fix is not None
+
+
+class _Headed(nn.Module):
+    def __init__(self, dead: int) -> None:
+        super().__init__()
+        self.head = self.make(dead)
+
+    @staticmethod
+    def make(dead: int) -> nn.Sequential:
+        h = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        with torch.no_grad():
+            h[0].bias[:dead] = -50.0
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def test_a_module_replaced_under_the_same_path_is_recycled_not_the_old_one() -> None:
+    """The links of a site were read once: after the user replaced the head (a new module of
+    the same shapes under the same path), ReDo re-initialised and zeroed the old, detached
+    head, recorded it, and left the new one's dead units as they were. A module the links
+    name that left the model has them read again, from the first pass's inputs."""
+    torch.manual_seed(0)
+    net = _Headed(4)  # (recycled at the first log: its links read from this head)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    old = net.head
+    before = {n: p.detach().clone() for n, p in old.named_parameters()}
+    with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=2,
+                           overhead_budget=None) as doc:
+        recycler = DormantRecycler(net, every=1).bind(doc)
+        for step in range(8):
+            if step == 3:
+                net.head = _Headed.make(12)  # (the optimizer is the user's to update)
+                before = {n: p.detach().clone() for n, p in old.named_parameters()}
+            net(torch.randn(16, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    assert all(torch.equal(p, before[n]) for n, p in old.named_parameters())
+    assert recycler.recycled.get("head.1", 0) >= 4 + 12
+    assert int((net.head[0].bias.detach()[:12] == -50.0).sum()) == 0  # re-initialised
