@@ -172,8 +172,10 @@ class LinkCache:
                     "producer and consumers from; run one, or pass example_inputs=."
                 )
             self._flow, self._error = record_latest(self.model, *example)
-            small = _shrink(example[1], example[2])
-            self._again = (example[0], *small) if small is not None else example
+            small = _shrink(example[1], example[2])  # (copies: a view would hold the batch)
+            kept = tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t,
+                            small if small is not None else (example[1], example[2]))
+            self._again = (example[0], *kept)
             self.close()
         if self._flow is None:
             raise ReluDoctorError(f"site {name!r}: {self._error}")
