@@ -172,10 +172,11 @@ class LinkCache:
                     "producer and consumers from; run one, or pass example_inputs=."
                 )
             self._flow, self._error = record_latest(self.model, *example)
-            small = _shrink(example[1], example[2])  # (copies: a view would hold the batch)
-            kept = tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t,
-                            small if small is not None else (example[1], example[2]))
-            self._again = (example[0], *kept)
+            # Copies of two samples (a view would hold the batch); inputs that are not a batch
+            # to cut down (a batch of two, a mask of another first dim) are not kept at all.
+            small = _shrink(example[1], example[2])
+            self._again = None if small is None else (example[0], *tree_map(
+                lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, small))
             self.close()
         if self._flow is None:
             raise ReluDoctorError(f"site {name!r}: {self._error}")
@@ -185,7 +186,12 @@ class LinkCache:
         """The (cached) links of the site ``key`` (display name ``name``); read again from a
         new pass where a module they name is no longer in the model."""
         cached = self._links.get(key)
-        if cached is not None and not self._current(cached) and self._again is not None:
+        if cached is not None and not self._current(cached):
+            if self._again is None:
+                raise ReluDoctorError(
+                    f"site {name!r}: a layer its producer and consumers were read from left "
+                    "the model (replaced), and the inputs to read them again were not kept "
+                    "(not a batch of more than two samples): left alone.")
             self._links.clear()  # (every site's: the pass is of a model that changed)
             self._flow, self._error, self._example = None, None, self._again
         if key not in self._links:

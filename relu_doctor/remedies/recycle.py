@@ -61,20 +61,22 @@ def _refuse_frozen(links: UnitLinks) -> None:
     does not train (a parameter with ``requires_grad=False``: a frozen backbone): its new
     incoming weights would never train, its zeroed outgoing weights never grow back, and
     the user froze them."""
-    touched = [(links.producer_path, links.producer, [links.producer_param, "bias"])]
-    touched += [(c.path, c.module, [c.param] if c.kind != "norm" else ["weight", "bias"])
-                for c in links.consumers]
-    touched += [(nr.path, nr.module, ["weight", "bias"]) for nr in links.norms]
-    frozen = sorted({path for path, module, names in touched
+    touched = [("producer", links.producer_path, links.producer,
+                [links.producer_param, "bias"])]
+    touched += [("consumer", c.path, c.module,
+                 [c.param] if c.kind != "norm" else ["weight", "bias"]) for c in links.consumers]
+    touched += [("norm", nr.path, nr.module, ["weight", "bias"]) for nr in links.norms]
+    frozen = sorted({f"{role} {path!r}" for role, path, module, names in touched
                      for name in names
                      if isinstance(t := getattr(module, name, None), nn.Parameter)
                      and not t.requires_grad})
     if frozen:
         raise ReluDoctorError(
-            f"site {links.site!r}: {', '.join(repr(p) for p in frozen)} do"
+            f"site {links.site!r}: the {', '.join(frozen)} it would change do"
             f"{'es' * (len(frozen) == 1)} not train (requires_grad=False): recycling would "
-            "rewrite weights you froze, and outgoing weights it zeroes there would never "
-            "grow back. Left alone; unfreeze them to recycle this site."
+            "rewrite weights you froze (re-initialised incoming weights, a norm's reset "
+            "channels, zeroed outgoing weights that would never grow back). Left alone; "
+            "unfreeze them to recycle this site."
         )
 
 

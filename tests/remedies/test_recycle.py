@@ -710,3 +710,37 @@ def test_a_module_replaced_under_the_same_path_is_recycled_not_the_old_one() -> 
     assert all(torch.equal(p, before[n]) for n, p in old.named_parameters())
     assert recycler.recycled.get("head.1", 0) >= 4 + 12
     assert int((net.head[0].bias.detach()[:12] == -50.0).sum()) == 0  # re-initialised
+
+
+class _Adapted(nn.Module):
+    """A frozen base layer with a trainable low-rank adapter beside it (LoRA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base_layer = nn.Linear(8, 16)
+        self.lora_a, self.lora_b = nn.Linear(8, 2, bias=False), nn.Linear(2, 16, bias=False)
+        self.base_layer.requires_grad_(False)
+        with torch.no_grad():
+            self.base_layer.bias[:12] = -50.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_b(self.lora_a(x))
+
+
+def test_a_frozen_base_layer_beside_a_trainable_adapter_is_no_frozen_part() -> None:
+    """The swap's frozen check read the base layer alone and refused a site whose adapter
+    trains, saying its units could never revive. The block holding the layer trains."""
+    from relu_doctor.remedies import ActivationSwapper
+
+    torch.manual_seed(0)
+    net = nn.Sequential(_Adapted(), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01)
+    with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=2,
+                           overhead_budget=None) as doc:
+        ActivationSwapper(net, patience=1, threshold=0.3).bind(doc)
+        for _ in range(4):
+            net(torch.randn(16, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    assert isinstance(net[1], nn.LeakyReLU)
