@@ -143,6 +143,11 @@ class KerasActivationSwap(Remedy):
                 "plain ReLU is swapped for LeakyReLU (outputs for positive inputs unchanged)."
             )
         layer = site.layer
+        if not getattr(layer, "trainable", True):  # (a frozen base model's layers are not)
+            raise ReluDoctorError(
+                f"site: {path!r} is in a part of the model that does not train "
+                "(trainable=False): a swap would change a part you froze."
+            )
         if site.by_activation or isinstance(layer, keras.layers.Activation):
             rec = _Swap(site, "activation", layer.activation)
             layer.activation = _leaky(self.slope)

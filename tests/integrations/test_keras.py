@@ -420,6 +420,30 @@ def test_partial_window_flushed_and_report_written(tmp_path: Path) -> None:
     assert cb.doctor.global_step == before
 
 
+def test_leaky_relu_swap_leaves_a_frozen_part_alone(tmp_path: Path) -> None:
+    """Layers of a part the user froze (trainable=False) were swapped like any other: the
+    swap changed what they compute. They are left alone now, said once; the rest as
+    before."""
+    model = _mlp(lr=0.5)  # far too high: units die
+    hidden = model.get_layer("hidden")
+    hidden.bias.assign(np.where(np.arange(10) < 5, -50.0, 0.0).astype("float32"))  # dead
+    for name in ("hidden", "inner"):
+        model.get_layer(name).trainable = False
+    model.compile(optimizer=keras.optimizers.Adam(0.5), loss="categorical_crossentropy")
+    x, y = _data(64)
+    cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / "run",
+                            leaky_relu_swap={"threshold": 0.0, "patience": 1, "slope": 0.1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb])
+    swap = cb.remedies["leaky_relu_swap"]
+    frozen = {p for p in cb.sites if p.startswith(("hidden", "inner"))}
+    assert frozen and not frozen & set(swap.swaps)
+    said = [str(w.message) for w in caught if "trainable=False" in str(w.message)]
+    assert said and all(any(p in t for p in frozen) for t in said)
+    assert model.get_layer("hidden").activation is keras.activations.relu
+
+
 def test_leaky_relu_swap_changes_the_activation_and_records_it(tmp_path: Path) -> None:
     model = _mlp(lr=0.5)  # far too high: units die
     x, y = _data(64)
