@@ -530,10 +530,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         return (self.global_step + 1) % self.log_every_n_steps == 0
 
     def _current_scale(self) -> torch.Tensor | float | None:
-        sc = self.grad_scaler
-        scale = None
-        if sc is not None and sc.is_enabled():
-            scale = getattr(sc, "_scale", None)  # the device tensor: reading it does not sync
+        scale = self._loss_scale()  # the device tensor: reading it does not sync
         if self.world_size > 1:
             return self.world_size if scale is None else scale * self.world_size
         return scale

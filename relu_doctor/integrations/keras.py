@@ -262,9 +262,9 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         # What the remedies refuse, before anything is hooked or written: a refused fit
         # leaves the model and its run directory as they were.
         opt = getattr(model, "optimizer", None)
-        if self._lr_opts is not None and opt is None:
-            raise ReluDoctorError("lr_rescue: the model has no optimizer; compile it first.")
         if self._lr_opts is not None:
+            if opt is None:
+                raise ReluDoctorError("lr_rescue: the model has no optimizer; compile it first.")
             refuse_several(opt, "lr_rescue")
         if self._clip_opts is not None:
             refuse_clipping(opt)

@@ -200,11 +200,17 @@ class LinkCache:
         return self._links[key]
 
     def _current(self, links: UnitLinks) -> bool:
-        """Whether every module ``links`` names is still in the model."""
-        members = set(self.model.modules())
-        return links.producer in members and all(
-            m in members for m in [*(c.module for c in links.consumers),
-                                   *(n.module for n in links.norms)])
+        """Whether every module ``links`` names is still in the model at its path (a lookup
+        by path: this runs for every site at every decision)."""
+        named = [(links.producer_path, links.producer), *((c.path, c.module) for c in
+                 links.consumers), *((n.path, n.module) for n in links.norms)]
+        for path, module in named:
+            try:
+                if self.model.get_submodule(path) is not module:
+                    return False
+            except AttributeError:  # (nothing there any more)
+                return False
+        return True
 
     def links_everywhere(
         self, sites: Sequence[tuple[SiteKey, str]], *, doctor: Any = None

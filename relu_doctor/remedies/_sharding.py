@@ -5,8 +5,7 @@ ZeRO-3), and the refusal, before training, of a remedy that cannot act on shards
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -86,29 +85,3 @@ def refuse_several(model: nn.Module, problem: str | None, *, arg: str) -> None:
         where = f"torch.distributed with {n} processes" if n > 1 else None
     if where is not None:
         raise ReluDoctorError(f"{arg}: expected one process ({problem}), got {where}.")
-
-
-#: Why a remedy leaves a site alone whose input a frozen block makes (after its path).
-FROZEN = ("and the block holding it do not train (requires_grad=False): a swap would "
-          "change a part you froze.")
-
-
-def frozen_input(model: nn.Module, sites: Sequence[Any]) -> str | None:
-    """The path of the layer found feeding one of ``sites`` (``Site.producer``) where it
-    and the block holding it (its parent: a LoRA wrapper, a frozen backbone) have
-    parameters and none trains, or None: a remedy that changes what that part computes
-    would change what the user froze. (A frozen base layer beside a trainable adapter, or
-    a frozen layer in a trainable model, is not such a part.)"""
-    for site in sites:
-        path = getattr(site, "producer", None)
-        if not path:
-            continue
-        parent = path.rpartition(".")[0]
-        try:
-            own = list(model.get_submodule(path).parameters(recurse=False))
-            block = list(model.get_submodule(parent).parameters()) if parent else []
-        except AttributeError:  # (a module gone since)
-            continue
-        if own and block and not any(p.requires_grad for p in block):
-            return str(path)
-    return None

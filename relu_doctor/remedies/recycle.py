@@ -23,6 +23,7 @@ from relu_doctor.diagnosis import check_tau
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
 from relu_doctor.remedies._fresh import Init, drawn_by, fresh_rows, model_init
+from relu_doctor.remedies._frozen import refuse_frozen
 from relu_doctor.remedies._link_cache import LinkCache
 from relu_doctor.remedies._optim_state import SliceFn, reset_state_slices
 from relu_doctor.remedies.adam_step import (
@@ -54,30 +55,6 @@ WHOLE_ROWS = (
 def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
     t = getattr(module, name, None)
     return t if isinstance(t, torch.Tensor) else None
-
-
-def _refuse_frozen(links: UnitLinks) -> None:
-    """Raise :class:`ReluDoctorError`, changing nothing, where a layer recycling would change
-    does not train (a parameter with ``requires_grad=False``: a frozen backbone): its new
-    incoming weights would never train, its zeroed outgoing weights never grow back, and
-    the user froze them."""
-    touched = [("producer", links.producer_path, links.producer,
-                [links.producer_param, "bias"])]
-    touched += [("consumer", c.path, c.module,
-                 [c.param] if c.kind != "norm" else ["weight", "bias"]) for c in links.consumers]
-    touched += [("norm", nr.path, nr.module, ["weight", "bias"]) for nr in links.norms]
-    frozen = sorted({f"{role} {path!r}" for role, path, module, names in touched
-                     for name in names
-                     if isinstance(t := getattr(module, name, None), nn.Parameter)
-                     and not t.requires_grad})
-    if frozen:
-        raise ReluDoctorError(
-            f"site {links.site!r}: the {', '.join(frozen)} it would change do"
-            f"{'es' * (len(frozen) == 1)} not train (requires_grad=False): recycling would "
-            "rewrite weights you froze (re-initialised incoming weights, a norm's reset "
-            "channels, zeroed outgoing weights that would never grow back). Left alone; "
-            "unfreeze them to recycle this site."
-        )
 
 
 def _zero_rows(idx: torch.Tensor, dim: int = 0) -> SliceFn:
@@ -203,7 +180,7 @@ def recycle_units(
         check_adam_step_optimizers("reset_adam_step", opts)
     prod = links.producer
     refuse_sharded("recycle_units", WHOLE_ROWS, sharding_of(prod), arg="links")
-    _refuse_frozen(links)
+    refuse_frozen(links)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     targets: list[tuple[torch.Tensor, SliceFn]] = []
     with torch.no_grad():

@@ -33,8 +33,8 @@ from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
 from relu_doctor.families import family_of
 from relu_doctor.probes import Probe
+from relu_doctor.remedies._frozen import frozen_input
 from relu_doctor.remedies._optim_state import add_param_group, remove_param_group
-from relu_doctor.remedies._sharding import FROZEN, frozen_input
 from relu_doctor.remedies.base import (
     DoctorLike,
     Optimizers,
@@ -372,8 +372,8 @@ class ActivationSwapper(Remedy):
             raise ReluDoctorError(
                 f"site: {name!r} was already swapped at this path ({module_label(path)!r})."
             )
-        if (frozen := frozen_input(self.model, self._module_sites(path))) is not None:
-            raise ReluDoctorError(f"site {name!r}: {frozen!r}, the layer feeding it, {FROZEN}")
+        if (why := frozen_input(self.model, self._module_sites(path), name)) is not None:
+            raise ReluDoctorError(why)
         n = (self._site_units(path) or 1) if self.kind == "prelu" and self.per_unit else 1
         rec = swap_activation(
             self.model,
