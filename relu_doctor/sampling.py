@@ -96,6 +96,7 @@ _LOGS = 5  # logs kept for the median of a log's cost per step
 _DENSE = 3  # collecting at least this often, collecting laps are compared with the steps after
 _MIN_DIFFS = 3  # cycles timed before their differences are used (one outlier is no median)
 _DECIDE_EVERY = 8  # steps between choices of the rate, at most, where nothing else calls one
+_MIN_EVERY_STEPS = 8  # steps timed before the work every step does is counted ahead of a log
 
 Rate = int | Literal["auto"]
 
@@ -609,8 +610,15 @@ class Sampler:
 
     def _log_s(self) -> float | None:
         """Seconds a step pays for logging and the work every step does (the median over
-        the latest logs), or None."""
-        return statistics.median(self._log_laps) if self._log_laps else None
+        the latest logs); before a log was counted (the first is not: writers starting,
+        tables made), the work every step did since the last log, so that a run that logs
+        rarely, or not yet, has it counted from its first steps; or None."""
+        if self._log_laps:
+            return statistics.median(self._log_laps)
+        clock = self.clock
+        if isinstance(clock, HostClock) and self._since_log >= _MIN_EVERY_STEPS:
+            return max(clock.every_step() - self._every_step_mark, 0.0) / self._since_log
+        return None
 
     def _estimates(self) -> tuple[float | None, float | None]:
         """(seconds collecting adds to a step, seconds of a step without it): the larger of
