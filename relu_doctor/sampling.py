@@ -19,7 +19,8 @@ step, so it collects every ``n = ceil(c / (budget p))``-th step, never less ofte
 once per logging interval. On the host clock the logging steps count too: a log's own
 seconds and what the Doctor does at every step, collecting or not (its ``step()``, the
 optimizer tap's hooks: 0.3% of the 256-site benchmark MLP's step), spread over the steps
-since the previous log (``l`` a step), come out of the budget first, so it collects every
+since the previous log (``l`` a step; before a log is counted, that work alone over the
+steps since the last log), come out of the budget first, so it collects every
 ``n = ceil(c / ((budget - l / p) p))``-th step, and once per logging interval when they
 alone spend the budget. (On CUDA a log's host time includes waiting for the step's queued
 kernels, which is not its cost, and host work every step runs while the device works:
