@@ -457,6 +457,9 @@ def diagnose(
     out.extend(_gradient_findings(sites, config, step, param_grad_norms))
     out.extend(_growth_findings(sites, config, step, first_rms or {}))
     rows = {str(r["site"]): r for r in sites}
+    out = [_on_frozen(f, layer) if f.kind in _UNIT_KINDS
+           and isinstance(layer := rows.get(f.site, {}).get("frozen"), str) else f
+           for f in out]
     for f in out:  # the sampling each site's finding rests on, in its evidence too
         of = rows.get(f.site)
         if of is not None and of.get("steps_run") is not None:
@@ -551,6 +554,26 @@ def _gradient_findings(
                 )
             )
     return out
+
+
+#: the findings about a site's units, which what feeds them decides
+_UNIT_KINDS = ("dead", "lifetime_dead", "dormant", "too_sparse")
+
+
+def _on_frozen(f: Finding, layer: str) -> Finding:
+    """``f`` at a site whose feeding ``layer`` and the block holding it do not train (a
+    frozen backbone): no remedy of training reaches those units while they stay frozen, so
+    it is said as information, with the one thing that can change them."""
+    return replace(
+        f, severity="info",
+        message=f"{f.message.rstrip('.')}; the layer feeding it, {layer!r}, does not train "
+        "(requires_grad=False).",
+        evidence={**f.evidence, "frozen_layer": layer},
+        remedy="Nothing to do while it stays frozen: its units change only with the weights "
+        "you froze (a lower learning rate, a swap or recycling cannot reach them). Unfreeze "
+        "it (at a low learning rate) if these units should learn; leave them if the frozen "
+        "features serve.",
+    )
 
 
 def _dead_first(sites: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> str:

@@ -14,10 +14,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch.nn as nn
+
 from relu_doctor.families import Family
 from relu_doctor.stats import SiteStats
 
-__all__ = ["ROOT_LABEL", "Site", "SiteKey", "display_names", "module_label"]
+__all__ = ["ROOT_LABEL", "Site", "SiteKey", "display_names", "frozen_feed", "module_label"]
 
 ROOT_LABEL = "(root)"
 
@@ -25,6 +27,23 @@ ROOT_LABEL = "(root)"
 def module_label(path: str) -> str:
     """A module path as shown to people: the root module (``""``) is ``(root)``."""
     return path if path else ROOT_LABEL
+
+
+def frozen_feed(model: nn.Module, producer: str | None) -> bool:
+    """Whether the layer at ``producer`` (a site's :attr:`Site.producer`) and the block
+    holding it (its parent: a frozen backbone) have parameters and none trains
+    (``requires_grad=False``): what feeds the site's units is frozen. A frozen base layer
+    beside a trainable adapter, a frozen layer in a trainable block or a layer no longer in
+    the model is not."""
+    if not producer:
+        return False
+    parent = producer.rpartition(".")[0]
+    try:
+        own = list(model.get_submodule(producer).parameters(recurse=False))
+        block = list(model.get_submodule(parent).parameters()) if parent else []
+    except AttributeError:  # (a module gone since)
+        return False
+    return bool(own and block) and not any(p.requires_grad for p in block)
 
 
 @dataclass(frozen=True, order=True)

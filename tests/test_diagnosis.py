@@ -19,7 +19,7 @@ from relu_doctor.errors import ReluDoctorError
 from relu_doctor.families import family_of
 from relu_doctor.metrics import site_metrics, unit_metrics
 from relu_doctor.remedies.swap import _check_swappable
-from relu_doctor.reports.findings import FindingView, recommend
+from relu_doctor.reports.findings import FindingView, finding_view, recommend
 from relu_doctor.reports.interventions import InterventionView
 from relu_doctor.stats import FIELDS, ROW
 from tests import reference as ref
@@ -527,6 +527,33 @@ def test_the_leaky_relu_swap_is_advised_only_where_the_swap_acts(family):
                      swappable=acts)
     assert ("leaky_relu_swap=True" in text) == acts
     assert "already lowered 2 times" in text
+
+
+def test_a_site_fed_by_a_frozen_layer_is_told_so_as_information():
+    """A frozen backbone's dead units were warned of (critical where most were dead) with
+    advice no one can follow there: a lower learning rate, a swap, recycling. Its unit
+    findings are information now, naming the frozen layer, with the one thing that changes
+    them; the report's rewrite of a remedy (after interventions elsewhere) keeps it; the
+    same site not frozen is diagnosed as before."""
+    rows, units = _sick_site()
+    plain = {f.kind: f for f in diagnose(rows, units, DiagnosisConfig())}
+    rows[0]["frozen"] = "backbone.0"
+    found = {f.kind: f for f in diagnose(rows, units, DiagnosisConfig())}
+    assert set(found) == set(plain)
+    assert {"dead", "lifetime_dead"} <= set(found)
+    for kind in set(found) & {"dead", "lifetime_dead", "dormant", "too_sparse"}:
+        f, p = found[kind], plain[kind]
+        assert p.severity in ("warning", "critical") and f.severity == "info"
+        assert f.message.startswith(p.message.rstrip("."))
+        assert "'backbone.0', does not train" in f.message
+        assert f.evidence["frozen_layer"] == "backbone.0"
+        assert f.remedy.startswith("Nothing to do while it stays frozen")
+        assert "learning rate" not in f.remedy.split(":")[0]
+    view = finding_view(found["dead"])
+    cut = InterventionView(step=2, after_step=4, site="model", remedy="lr_rescue",
+                           what="lr x0.5", changes=[])
+    assert recommend(view, False, [cut]) == found["dead"].remedy
+    assert recommend(finding_view(plain["dead"]), False, [cut]) != plain["dead"].remedy
 
 
 def test_within_a_severity_the_cause_and_the_largest_share_come_first():

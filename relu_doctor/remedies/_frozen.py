@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies.unit_links import UnitLinks
+from relu_doctor.sites import frozen_feed
 
 __all__ = ["frozen_input", "refuse_frozen"]
 
@@ -52,15 +53,7 @@ def frozen_input(model: nn.Module, sites: Sequence[Any], name: str) -> str | Non
     is no such part.)"""
     for site in sites:
         path = getattr(site, "producer", None)
-        if not path:
-            continue
-        parent = path.rpartition(".")[0]
-        try:
-            own = list(model.get_submodule(path).parameters(recurse=False))
-            block = list(model.get_submodule(parent).parameters()) if parent else []
-        except AttributeError:  # (a module gone since)
-            continue
-        if own and block and not any(p.requires_grad for p in block):
+        if frozen_feed(model, path):
             return (f"site {name!r}: {str(path)!r}, the layer feeding it, and the block "
                     "holding it do not train (requires_grad=False): a swap would change a "
                     "part you froze.")

@@ -211,7 +211,7 @@ class ContinualBackprop(Remedy):
         if units is None or not len(units):
             return []
         rows = [row for row in record.site_rows
-                if self.acts_at(str(row["site"]))
+                if self.acts_at(str(row["site"])) and not row.get("frozen")
                 and str(row["site"]) not in self._links_failed]
         # Every process decides on the same record: the links must be found on all of them.
         found = self._finder.links_everywhere(

@@ -26,7 +26,8 @@ MIN_EVIDENCE_STEPS = 8
 
 
 class DeadEvidence:
-    """Dead fractions per site that rest on enough collected steps.
+    """Dead fractions per site that rest on enough collected steps, of the sites that what
+    feeds them is not frozen (a site row's ``frozen``).
 
     A unit reads dead when it was never active on what the window saw. On a window that
     collected 2 of its 50 steps, a unit active on 2% of inputs reads dead about half the time,
@@ -56,7 +57,10 @@ class DeadEvidence:
     def add(self, record: RecordLike) -> dict[str, float] | None:
         """This record's dead fraction per site, or the pool's once it holds enough steps;
         None while a sampled pool is still filling."""
-        rows = [r for r in record.site_rows if r.get("units_seen")]
+        # A site fed by a frozen part (``frozen``: see Doctor's site rows) is no remedy's to
+        # treat while it stays frozen, and its dead units say nothing of how training goes.
+        rows = [r for r in record.site_rows if r.get("units_seen") and not r.get("frozen")]
+        frozen = {str(r["site"]) for r in record.site_rows if r.get("frozen")}
         collected = [r.get("steps_collected") for r in rows]
         ran = [r.get("steps_run") for r in rows]
         got = max((int(c) for c in collected if c is not None), default=None)
@@ -72,6 +76,9 @@ class DeadEvidence:
             return self._answer(counts)
         if poolable:
             for site, group in units.groupby("site", sort=False):
+                if str(site) in frozen:
+                    self._pool.pop(str(site), None)
+                    continue
                 rate = group["activation_rate"].to_numpy(dtype=float)
                 seen, active = ~np.isnan(rate), rate > 0  # NaN: not seen in the window
                 old = self._pool.get(str(site))

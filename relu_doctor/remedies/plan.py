@@ -407,7 +407,7 @@ class TreatmentPlan(Remedy):
         units = record.unit_table
         for row in sorted(record.site_rows, key=lambda r: str(r["site"])):  # (see recycle)
             site = str(row["site"])
-            if self._cooling(site):
+            if self._cooling(site) or row.get("frozen"):  # (a frozen feed: no remedy's)
                 continue
             # sampled windows: the dead readings wait for more steps (no reading)
             dead = None if self._dead is None else finite_or_none(self._dead.get(site))
@@ -468,7 +468,7 @@ class TreatmentPlan(Remedy):
         return self._streak[key] >= self.patience
 
     def _hopeless(self, record: RecordLike) -> dict[str, Any] | None:
-        rows = record.site_rows
+        rows = [r for r in record.site_rows if not r.get("frozen")]  # (what training moves)
         units = sum(int(r.get("units") or 0) for r in rows)
         life = sum(int(r.get("lifetime_dead") or 0) for r in rows)
         nonfinite = [f.message for f in record.findings if f.kind == "nonfinite"]

@@ -416,8 +416,8 @@ class DormantRecycler(Remedy):
         chosen_units: dict[str, tuple[list[int], Mapping[str, Any]]] = {}
         for row in record.site_rows:
             site = str(row["site"])
-            if site in self._unlinkable or not self.acts_at(site):
-                continue
+            if site in self._unlinkable or row.get("frozen") or not self.acts_at(site):
+                continue  # (a frozen feed: taken up again where it trains)
             u = units[units["site"] == site]
             if self.tau is None:
                 mask = u["below_tau"].astype(bool)

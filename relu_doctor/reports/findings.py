@@ -184,6 +184,8 @@ def recommend(
     declined = declined or {}
     tried = {e.remedy for e in done}
     failed = {e.remedy for e in done if e.verdict == "did not help"}
+    if any(label == "frozen layer" for label, _ in f.evidence):
+        return f.remedy  # (no remedy of training reaches a frozen layer's units)
     if f.kind not in ("dead", "lifetime_dead", "too_sparse", "dormant"):
         if f.kind == "exploding_gradient" and {_CLIP, _LR} & tried:
             return ("Clipping and a lower learning rate were already applied (see Interventions): "

@@ -635,15 +635,19 @@ class _FrozenBackbone(nn.Module):
         return self.head(self.backbone(x))
 
 
-@pytest.mark.parametrize("remedy", ["recycle", "swap"])
-def test_remedies_leave_what_the_user_froze_alone(remedy: str) -> None:
+@pytest.mark.parametrize("remedy", ["recycle", "swap", "plan"])
+def test_remedies_leave_what_the_user_froze_alone_until_it_trains(remedy: str) -> None:
     """ReDo recycled a frozen backbone's dead units: it rewrote its frozen weights, zeroed
     outgoing columns that could never grow back (117 of 1024 entries of a frozen weight),
     and called it helped; the swap changed a frozen feature extractor it could not revive.
-    Both leave a site whose layers do not train alone now, saying why; the trainable head
-    is treated as before, and the frozen parameters and their optimizer state stay
-    bit-identical."""
-    from relu_doctor.remedies import ActivationSwapper
+    Then they declined such a site for good, so that after the user unfroze the backbone
+    (Lightning's BackboneFinetuning) its dead units were never treated, and the findings
+    kept advising a lower learning rate for weights no rate moves. Now a site fed by a
+    frozen layer and block is no remedy's while it stays frozen (its findings say so, as
+    info, with nothing to do but unfreeze it), and is treated once it trains; the trainable
+    head is treated throughout, and the frozen parameters and their optimizer state stay
+    bit-identical while frozen."""
+    from relu_doctor.remedies import ActivationSwapper, TreatmentPlan
 
     torch.manual_seed(0)
     net = _FrozenBackbone()
@@ -654,20 +658,66 @@ def test_remedies_leave_what_the_user_froze_alone(remedy: str) -> None:
         with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=2,
                                overhead_budget=None) as doc:
             fix = (DormantRecycler(net, optimizers=opt, every=1) if remedy == "recycle"
-                   else ActivationSwapper(net, patience=1, threshold=0.3)).bind(doc)
+                   else ActivationSwapper(net, patience=1, threshold=0.3) if remedy == "swap"
+                   else TreatmentPlan(net, optimizer=opt, steps=["swap"], patience=1))
+            fix.bind(doc)
+            for i in range(12):
+                if i == 6:  # (the frozen phase's checks, then the backbone unfrozen)
+                    assert all(torch.equal(p, frozen[n])
+                               for n, p in net.backbone.named_parameters())
+                    assert all(not opt.state.get(p) for p in net.backbone.parameters())
+                    assert all(isinstance(m, (nn.ReLU, nn.Linear)) for m in net.backbone)
+                    on_frozen = [f for f in doc.findings() if f.site.startswith("backbone")]
+                    assert {f.kind for f in on_frozen} >= {"dead", "lifetime_dead"}
+                    assert all(f.severity == "info" and "does not train" in f.message
+                               and f.remedy.startswith("Nothing to do while it stays frozen")
+                               and f.evidence["frozen_layer"] in ("backbone.0", "backbone.2")
+                               for f in on_frozen if f.kind in ("dead", "lifetime_dead"))
+                    assert not any(str(e["site"]).startswith("backbone")
+                                   for e in doc.to_run().interventions())
+                    net.backbone.requires_grad_(True)
+                net(torch.randn(16, 8)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+    # nothing declined for being frozen (said by the findings instead), and once it trains
+    # the backbone is treated
+    assert not [w for w in caught if "requires_grad=False" in str(w.message)]
+    assert not doc.to_run().declined()
+    acted = {str(e["site"]) for e in doc.to_run().interventions() if e["step"] > 6}
+    assert any(s.startswith("backbone") for s in acted)
+    assert not any(f.severity == "info" and f.site.startswith("backbone")
+                   for f in doc.findings() if f.kind == "dead")
+
+
+def test_recycling_declines_a_site_whose_consumer_is_frozen() -> None:
+    """A trainable layer whose units feed a frozen one: recycling would zero the frozen
+    layer's columns (never to grow back), so it declines the site, said once; and the frozen
+    layer's own site too (its producer), in a block that trains. Neither is a frozen site
+    to the findings: what feeds the first trains, and the second's block does."""
+    torch.manual_seed(0)
+    net = _FrozenBackbone()
+    net.backbone.requires_grad_(True)
+    net.head[0].requires_grad_(False)  # (what backbone.3 feeds)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    head_w = net.head[0].weight.detach().clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=2,
+                               overhead_budget=None) as doc:
+            DormantRecycler(net, optimizers=opt, every=1).bind(doc)
             for _ in range(6):
                 net(torch.randn(16, 8)).pow(2).mean().backward()
                 opt.step()
                 opt.zero_grad()
                 doc.step()
-    assert all(torch.equal(p, frozen[n]) for n, p in net.backbone.named_parameters())
-    assert all(not opt.state.get(p) for p in net.backbone.parameters())  # (no grad: no state)
-    assert all(isinstance(m, nn.ReLU) for m in net.backbone if not isinstance(m, nn.Linear))
+    assert torch.equal(net.head[0].weight, head_w)
     said = [str(w.message) for w in caught if "requires_grad=False" in str(w.message)]
-    assert said and all("backbone." in s for s in said)
-    acted = {str(e["site"]) for e in doc.to_run().interventions()}
-    assert not any(s.startswith("backbone") for s in acted)
-    assert fix is not None
+    assert len(said) == 2
+    assert any("site 'backbone.3'" in s and "the consumer 'head.0'" in s for s in said)
+    assert any("site 'head.1'" in s and "the producer 'head.0'" in s for s in said)
+    assert set(doc.to_run().declined()) == {"backbone.3", "head.1"}
+    assert not any("frozen_layer" in f.evidence for f in doc.findings())
 
 
 class _Headed(nn.Module):
