@@ -42,7 +42,7 @@ from relu_doctor.probes import Probe, uncompiled
 from relu_doctor.recording import RunRecording
 from relu_doctor.rundir import RESUME_ADVICE, RunWriter
 from relu_doctor.sampling import DEFAULT_BUDGET, Sampler, Stopwatch, check_rate, model_device
-from relu_doctor.sites import Site, SiteKey
+from relu_doctor.sites import FrozenFeeds, Site, SiteKey
 from relu_doctor.stats import AgreedSum, reduce_sum
 from relu_doctor.training_metrics import TrainingMetrics
 
@@ -303,6 +303,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._declined: dict[str, set[str]] = {}
         # the unit tables' blocks: the latest records' (keep_records), and one more free
         self._table_memory = TableMemory(self.keep_records + 2)
+        self._frozen_feeds = FrozenFeeds()  # (the sites' frozen feeds, looked up once)
         self._warned_empty = False  # a window with collecting steps recorded nothing
         self._warned_sites_differ = False  # the processes held different sites at a read
         self._agreed_sums: dict[str, AgreedSum] = {}  # (see sum_across)

@@ -28,7 +28,7 @@ from relu_doctor.events import FindingEvent
 from relu_doctor.history import SEEN_FIELDS, IntervalRecord
 from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, metrics_of_stacked
 from relu_doctor.sampling import model_device
-from relu_doctor.sites import frozen_feed
+from relu_doctor.sites import FrozenFeeds
 from relu_doctor.stats import ROW, SiteStats, read_back
 
 if TYPE_CHECKING:
@@ -182,6 +182,7 @@ class IntervalReading:
         _unfolded: bool
         _last_judged: IntervalRecord | None
         _table_memory: TableMemory
+        _frozen_feeds: FrozenFeeds
 
         def _take_skipped(self, close: bool) -> int: ...
 
@@ -261,7 +262,8 @@ class IntervalReading:
                     "unit_dim": s.unit_dim,
                     "unit_rule": s.unit_rule,
                     # the layer feeding it where it and its block do not train, else None
-                    "frozen": s.producer if frozen_feed(self.probe.model, s.producer) else None,
+                    "frozen": self._frozen_feeds.layer(self.probe.model, s.producer,
+                                                       self.probe.generation),
                     "window_steps": collected,
                     "steps_collected": collected,
                     "steps_run": self.steps_run,
