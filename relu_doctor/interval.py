@@ -287,6 +287,10 @@ class IntervalReading:
             new: list[Finding] = []
             events: list[FindingEvent] = []
         else:
+            for s in sites:  # made anew at another width: its growth is the new layer's
+                if s.renewed:
+                    self._first_rms.pop(s.name, None)
+                    s.renewed = not logged
             findings = diagnose(
                 site_rows, units, self.config, step=self.global_step,
                 param_grad_norms=self._grad_norm_history, first_rms=self._first_rms,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -91,8 +92,10 @@ class SiteRegistry:
                         f"site, the model runs it on shape {shape}. The checkpoint was made on "
                         "a model of another shape; load it into the model it was saved from."
                     )
-                self._warn_units(site, shape)
-                return None
+                if not (0 <= dim < len(shape) and self._replaced(site)):
+                    self._warn_units(site, shape)
+                    return None
+                self._renew(site, shape, output.device)
             site.restored = False
             if len(shape) != len(site.shape):
                 site.other_ranks.add(len(shape))
@@ -164,6 +167,7 @@ class SiteRegistry:
             producer=(origin.layer if origin is not None
                       else kin.producer if kin is not None else None),
         )
+        site.made_by = self._made_by(site)
         self._sites[key] = site
         self._rename()
         pending = self._pending.pop(key.token(), None)
@@ -172,6 +176,46 @@ class SiteRegistry:
         for fn in self._listeners:
             fn()
         return site
+
+    def _made_by(self, site: Site) -> weakref.ref[nn.Module] | None:
+        """A weak reference to the module whose replacement makes ``site`` anew: the layer
+        found feeding it, else the module at its path (an activation module, or the one
+        whose forward makes the functional call); None where neither is in the model."""
+        try:
+            return weakref.ref(self.model.get_submodule(site.producer or site.module_path))
+        except (AttributeError, TypeError):
+            return None
+
+    def _replaced(self, site: Site) -> bool:
+        """Whether the module ``site`` was made with (:meth:`_made_by`) is no longer the
+        one at its path: the user replaced a layer (a new head of another width)."""
+        ref = site.made_by
+        now = self._made_by(site)
+        return ref is not None and (now is None or now() is not ref())
+
+    def _renew(self, site: Site, shape: tuple[int, ...], device: torch.device) -> None:
+        """Make ``site`` anew where its layer was replaced by one of another width: the new
+        layer's units get accumulators of their own, its window and lifetime start here
+        (the old layer's statistics of the open window are dropped), said once per change."""
+        old = site.units
+        site.units = shape[site.dim_for(len(shape))]
+        site.unit_dim = site.dim_for(len(shape))
+        site.shape, site.other_ranks = shape, set()
+        site.stats = SiteStats(site.units, device)
+        site.made_by = self._made_by(site)
+        site.renewed = True
+        self._warned_units.discard(site.key)
+        warnings.warn(
+            f"relu_doctor: site {site.name!r} now runs on {site.units} units (it had {old}): "
+            f"{module_label(site.producer or site.module_path)!r} was replaced by a layer of "
+            "another width. Its statistics start anew from this step (what its window had "
+            "collected of the old layer is dropped; its lifetime counts are the new layer's, "
+            "and findings and remedies judge the new layer from the next log).",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
+        for fn in self._listeners:
+            fn()
 
     def _kin(self, key: SiteKey, shape: tuple[int, ...]) -> Site | None:
         """The site of the nearest earlier call of ``key``'s activation module whose output

@@ -205,6 +205,11 @@ class Site:
     #: the module path of the layer found making its input in the pass that made it (see
     #: provenance.Origin.layer; ``""``: the model itself), or None
     producer: str | None = None
+    #: the module whose replacement makes this site anew (its producer, else the module at
+    #: its path), weakly: see SiteRegistry._replaced
+    made_by: Any = field(default=None, repr=False)
+    #: made anew at another width since the last log (read and cleared there)
+    renewed: bool = False
 
     def dim_for(self, ndim: int) -> int:
         """The unit dim of a call whose output has ``ndim`` dims (negative: it has none).

@@ -284,6 +284,61 @@ def test_a_unit_dim_whose_size_changes_warns_once_and_training_goes_on():
     )
 
 
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.head = self.make(12)
+
+    @staticmethod
+    def make(width: int) -> nn.Sequential:
+        head = nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, 3))
+        with torch.no_grad():
+            head[0].bias[: width // 3] = -50.0  # (a third dead: counts worth checking)
+        return head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_a_layer_replaced_by_one_of_another_width_is_watched_anew():
+    """A head replaced mid-run by one of another width (a new number of hidden units) was
+    never counted again: one warning advised unit_dims, which cannot help, and the report
+    called the site healthy on the old width. The site is made anew at the new width, said
+    once; its counts (window and lifetime) are the new layer's alone, checked against hooks
+    of ours on it, and the run records the new width."""
+    torch.manual_seed(0)
+    model = _Head()
+    seen: dict[str, torch.Tensor] = {}
+
+    def count(module: nn.Module, args: object, out: torch.Tensor) -> None:
+        seen["elements"] = seen.get("elements", 0) + out.shape[0]
+        seen["active"] = seen.get("active", torch.zeros(out.shape[1])) + (out > 0).sum(0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=4, every_n_steps=1) as doc:
+            for step in range(8):
+                if step == 2:  # (mid-window: what it had of the old head is dropped)
+                    model.head = _Head.make(20)
+                    model.head[1].register_forward_hook(count)
+                model(torch.randn(4, 8)).pow(2).mean().backward()
+                doc.step()
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert len(said) == 1
+    assert "site 'head.1' now runs on 20 units (it had 12): 'head.0' was replaced" in said[0]
+    site = doc.probe.site("head.1")
+    assert site.units == 20 and doc.probe.site("body.1").units == 16
+    total = (site.stats.window + site.stats.lifetime).numpy()
+    assert total[FIELDS.index("elements")].tolist() == [float(seen["elements"])] * 20
+    assert total[FIELDS.index("active")].tolist() == seen["active"].tolist()
+    rows = doc.to_pandas().set_index("site")
+    assert rows.loc["head.1", "units"] == 20
+    assert rows.loc["head.1", "lifetime_dead"] == int((seen["active"] == 0).sum()) == 6
+    described = {d["name"]: d["units"] for d in doc.to_run().meta["sites"]}
+    assert described["head.1"] == 20
+
+
 def test_an_image_size_change_is_normal():
     model = zoo.ResNetish()  # global pooling before the head: any image size
     with warnings.catch_warnings():

@@ -174,9 +174,12 @@ class ContinualBackprop(Remedy):
         self._last_step[site] = int(record.step)
         contribution = mean_abs * outgoing_magnitude(links)
         keep = self.decay**steps
-        util = self.utility.get(site, torch.zeros(links.units, dtype=torch.float64))
+        util, age = self.utility.get(site), self.age.get(site)
+        if util is None or age is None or len(util) != links.units:  # (new, or made anew)
+            util = torch.zeros(links.units, dtype=torch.float64)
+            age = torch.zeros(links.units, dtype=torch.long)
         self.utility[site] = keep * util + (1.0 - keep) * contribution
-        self.age[site] = self.age.get(site, torch.zeros(links.units, dtype=torch.long)) + steps
+        self.age[site] = age + steps
         return self.utility[site], self.age[site], steps
 
     def corrected(self, site: str) -> torch.Tensor:

@@ -145,7 +145,7 @@ def dead_surge(
         (True, 0.30000000000000004)
     """
     for site, frac in (getattr(record, "first_dead", None) or {}).items():
-        prev.setdefault(site, frac)
+        prev[site] = frac  # (given once per site: again only for a site made anew)
     surge: dict[str, Any] | None = None
     for site, frac in (dead or {}).items():
         if not math.isfinite(frac):
