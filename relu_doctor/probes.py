@@ -803,9 +803,16 @@ class Probe(SiteRegistry, HookOwner):
                 return  # torch.export traces the model: nothing real to count
             # torch.compile is tracing this hook: the site is found or made in plain Python
             # at trace time and the statistics below become part of the compiled graph.
+            # The output's shape reaches _compiled_site through comptime (see
+            # _traced_shape): passed as an argument, a dim Dynamo made symbolic (a batch or
+            # sequence length that varies: dynamic shapes) failed, at every call, in a
+            # graph break, and under fullgraph=True in an exception.
+            from torch._dynamo.comptime import comptime
+
+            comptime(_traced_shape)
             slot = _compiled_site(
-                self, tuple(output.shape), output.device, path, call_index, family, op,
-                module is not None, _cap_args(module),
+                self, output.device, path, call_index, family, op, module is not None,
+                _cap_args(module),
             )
             if not slot:
                 return
@@ -1037,9 +1044,26 @@ def _cap_args(module: nn.Module | None) -> tuple[float, float] | None:
     return (float(getattr(module, "min_val", -1.0)), float(getattr(module, "max_val")))  # noqa: B009
 
 
+#: the sizes of the output being traced, from :func:`_traced_shape` to :func:`_compiled_site`
+_TRACED_SHAPES: list[tuple[Any, ...]] = []
+
+
+def _traced_shape(ctx: Any) -> None:
+    """Run by Dynamo's ``comptime`` as it traces :meth:`Probe.record`: the sizes of its
+    ``output`` (ints, and symbols for the dims Dynamo lets vary: dynamic shapes), for the
+    :func:`_compiled_site` call that follows, to which Dynamo passes only constants."""
+    _TRACED_SHAPES.append(tuple(ctx.get_local("output").as_fake().shape))
+
+
+def _plain_shape(sizes: tuple[Any, ...]) -> tuple[int, ...]:
+    """``sizes`` as ints: a symbol's size in the example being traced (0 where it has
+    none: a size that depends on data)."""
+    return tuple(d if type(d) is int else d.node.maybe_as_int() or (
+        d.node.hint if d.node.has_hint() else 0) for d in sizes)
+
+
 def _compiled_site(
     probe: Probe,
-    shape: tuple[int, ...],
     device: torch.device,
     path: str,
     call_index: int,
@@ -1053,7 +1077,9 @@ def _compiled_site(
     Marked ``assume_constant_result`` below: Dynamo runs it in plain Python at trace time
     (so real accumulators are made once, with a graph of any size and ``fullgraph=True``)
     and bakes the returned name into the graph, which then reads the site through
-    ``probe._compiled_slots.<name>``. A call that makes no site (a 1-D call the 1-D rule
+    ``probe._compiled_slots.<name>``. The output's shape comes from :func:`_traced_shape`,
+    its symbolic dims 0: a site is made only where its units' dim is a fixed size, and a
+    site whose units' dim is symbolic in a later graph leaves those calls out (said). A call that makes no site (a 1-D call the 1-D rule
     leaves out) gets its key's slot set to None: Dynamo guards on that, so when a later call
     of another rank makes the site, the graph traced on the 1-D call is traced again and
     counts it (one recompilation), as eager mode does.
@@ -1068,11 +1094,24 @@ def _compiled_site(
         elif cap_args is not None:
             module = nn.Hardtanh(*cap_args)
     probe._compiled = True  # its hooks are in the graph: never park them (see Probe)
+    if not _TRACED_SHAPES:  # (comptime did not run: no shape, no site)
+        return ""
+    sizes = _TRACED_SHAPES.pop()
+    shape = _plain_shape(sizes)
     stand_in = torch.empty((), device=device).expand(shape)  # shape and device, no memory
     key = SiteKey(path, call_index, op)
     site = probe._site(stand_in, key, family, module, traced=True)
     slots = probe._compiled_slots
-    if site is None and key in probe._sites:
+    known = probe._sites.get(key)
+    if known is not None:
+        # The units' dim made a fixed size in this graph (a guard: another size traces
+        # anew), so that a graph counts calls of the site's width only, and one that leaves
+        # out another width leaves out that width only; the other dims (a batch) stay
+        # symbolic.
+        dim = known.dim_for(len(sizes))
+        if 0 <= dim < len(sizes) and type(sizes[dim]) is not int:
+            sizes[dim].node.guard_int("", 0)
+    if site is None and known is not None:
         return ""  # a call of another unit count: left out (the probe warned)
     slot = slots.names.setdefault(key, f"site{len(slots.names)}")
     setattr(slots, slot, site)

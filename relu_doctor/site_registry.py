@@ -152,6 +152,8 @@ class SiteRegistry:
             rule = f"{why} -> dim {unit_dim}"
         elif follow:
             rule += " (no producing layer found)"
+        if not shape[unit_dim]:  # no units: an empty layer, or a dim torch.compile let vary
+            return None
         self._unresolved.pop(key, None)
         site = Site(
             key=key,

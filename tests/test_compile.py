@@ -17,6 +17,7 @@ import torch.nn as nn
 
 import relu_doctor
 from relu_doctor.errors import ReluDoctorWarning
+from tests import reference as ref
 from tests import zoo
 from tests.reference_functional import site_fields
 
@@ -120,6 +121,81 @@ def test_fullgraph_after_an_eager_step() -> None:
     # Gradients: the eager step only, exactly as the eager run's first step.
     for s, e in zip(doc.sites, eager.sites, strict=True):
         assert site_fields(s)["grad_elements"].tolist() == (site_fields(e)["grad_elements"] / 3).tolist()
+
+
+def _graphs(net: nn.Module, xs: list[torch.Tensor], dynamic: bool | None, watch: bool) -> int:
+    """The graphs Dynamo makes training ``net`` compiled with ``fullgraph=True`` on ``xs``,
+    watched or not; a graph break would raise."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    if watch:
+        with pytest.warns(UserWarning, match="gradient statistics"):
+            _train(net, compiled, xs, functional=True)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        for x in xs:
+            compiled(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert not torch._dynamo.utils.counters["graph_break"]
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic=True"])
+def test_batch_sizes_that_vary_under_fullgraph_make_no_graph_break(dynamic) -> None:
+    """A batch size that changes makes Dynamo trace it as a symbol (automatic dynamic shapes,
+    or ``dynamic=True`` from the start). The output's shape, passed to the trace-time site
+    lookup, then failed: a graph break at every activation (24 graphs where unwatched made
+    2), and under ``fullgraph=True`` an exception into the user's forward at the second
+    batch size. Now no break, no graph more for the varying sizes than unwatched training
+    makes, and the forward statistics of eager mode, units counted on their fixed dims."""
+    torch.manual_seed(0)
+    net = zoo.CheckpointedNet()  # stem ReLU, BasicBlock reusing an inplace ReLU, F.relu
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(n, 3, 6, 6, generator=g) for n in (4, 7, 5, 9, 6)]
+    fixed = [x[:4] for x in xs]
+    twin = copy.deepcopy(net)
+    eager, _ = _train(twin, twin, xs, functional=True)
+    more = {watch: _graphs(copy.deepcopy(net), xs, dynamic, watch)
+            - _graphs(copy.deepcopy(net), fixed, dynamic, watch) for watch in (False, True)}
+    assert more[True] == more[False]
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    with pytest.warns(UserWarning, match="gradient statistics"):
+        doc, _ = _train(net, compiled, xs, functional=True)
+    _assert_forward_equal(eager, doc)
+    assert [s.units for s in doc.sites] == [s.units for s in eager.sites]
+
+
+def test_a_units_dim_whose_size_varies_under_dynamic_shapes_counts_its_width_only() -> None:
+    """``unit_dims`` on a sequence dim whose length varies, compiled with ``dynamic=True``:
+    the graph that left out a length of another unit count held no guard on it, so later
+    calls of the site's own length ran that graph and were left out too. Each graph now
+    holds the units' dim fixed: the calls of the site's length are counted, the others left
+    out, said once, as in eager mode (the same inputs and reference as there)."""
+    model = zoo.SequenceModel()
+    xs = [torch.randn(2, 5, 12), torch.randn(3, 6, 12), torch.randn(2, 7, 12),
+          torch.randn(4, 5, 12)]
+    twin = copy.deepcopy(model)  # (no step: the same weights throughout; eager reference)
+    rec = ref.Recorder(twin)
+    for x in xs:
+        twin(x)
+    rec.remove()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, unit_dims={"act": 1}, every_n_steps=1) as doc:
+            for x in xs:
+                compiled(x).sum().backward()
+                doc.step()
+    said = [str(w.message) for w in caught if "now runs on shape" in str(w.message)]
+    assert len(said) == 1 and "site 'act' had 5 units along dim 1" in said[0]
+    total = site_fields(doc.probe.site("act"))
+    expected = ref.expected_stats(rec.calls[("act", 0)], 1, steps=[0, 3])
+    for name in set(FORWARD) & set(expected):
+        np.testing.assert_allclose(total[name], expected[name], rtol=1e-5, err_msg=name)
+    assert total["elements"].tolist() == [(2 + 4) * 24] * 5  # (steps 0 and 3 only)
 
 
 def test_fullgraph_first_call_compiled_modules_only() -> None:
