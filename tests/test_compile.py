@@ -198,6 +198,52 @@ def test_a_units_dim_whose_size_varies_under_dynamic_shapes_counts_its_width_onl
     assert total["elements"].tolist() == [(2 + 4) * 24] * 5  # (steps 0 and 3 only)
 
 
+class _DyingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)
+        with torch.no_grad():
+            self.fc1.bias.fill_(-1.5)  # (most units dead: something to treat)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize("remedy", ["recycle", "swap", "plan"])
+def test_remedies_given_the_compiled_wrapper_treat_the_model_it_compiles(remedy) -> None:
+    """``watch(torch.compile(model))`` watches the model the wrapper compiles; a remedy given
+    the same wrapper hooked the wrapper itself, and ReDo's input tap, traced by Dynamo,
+    raised inside the user's first forward (and every later one); the swap named its sites
+    ``_orig_mod.*``. A remedy takes the wrapper for the model it compiles too: it treats
+    it, under the sites' own names, and the compiled model computes what the eager one
+    does afterwards."""
+    from relu_doctor.remedies import ActivationSwapper, DormantRecycler, TreatmentPlan
+
+    torch.manual_seed(0)
+    net = _DyingNet()
+    cm = torch.compile(net, backend="aot_eager")
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (compiled: no gradient statistics)
+        with relu_doctor.watch(cm, optimizer=opt, every_n_steps=1, log_every_n_steps=4) as doc:
+            fix = (DormantRecycler(cm, optimizers=opt) if remedy == "recycle"
+                   else ActivationSwapper(cm, threshold=0.3, patience=1) if remedy == "swap"
+                   else TreatmentPlan(cm, optimizer=opt, steps=["recycle"], patience=1))
+            fix.bind(doc)
+            for _ in range(12):
+                (cm(torch.randn(16, 8, generator=g)) - 1).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+    acted = doc.to_run().interventions()
+    assert acted and {str(e["site"]) for e in acted} == {"act"}
+    assert all("_orig_mod" not in str(e) for e in acted)
+    x = torch.randn(16, 8, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), net(x))
+
+
 def test_fullgraph_first_call_compiled_modules_only() -> None:
     torch.manual_seed(0)
     net = zoo.BasicBlock()

@@ -25,7 +25,7 @@ import reprlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,7 @@ from relu_doctor.diagnosis import Finding
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.events import Declined, Event, Intervention, InterventionResult
 from relu_doctor.families import family_of
-from relu_doctor.probes import Probe
+from relu_doctor.probes import Probe, uncompiled
 from relu_doctor.remedies._held import record_from_state, record_state
 from relu_doctor.remedies._sharding import DTENSOR, refuse_several, refuse_sharded, sharding_of
 from relu_doctor.remedies.evidence import (
@@ -176,10 +176,12 @@ def site_snapshot(row: Mapping[str, Any]) -> dict[str, float | None]:
 
 
 def check_model(value: object) -> nn.Module:
-    """The ``model`` argument of a remedy: a ``torch.nn.Module``."""
+    """The ``model`` argument of a remedy: a ``torch.nn.Module``; a ``torch.compile`` wrapper
+    stands for the module it compiles, as in ``watch`` (its hooks, on the wrapper, ran
+    inside Dynamo's trace and raised there, and its paths read ``_orig_mod.*``)."""
     if not isinstance(value, nn.Module):
         raise ReluDoctorError(f"model: expected a torch.nn.Module, got {type(value).__name__}.")
-    return value
+    return cast(nn.Module, uncompiled(value))
 
 
 def get_module(model: nn.Module, path: str, arg: str) -> nn.Module:
