@@ -125,6 +125,16 @@ class AdaptiveGradClip(RemedyCallback[AutoClip | AGC]):
 
     # ------------------------------------------------------------------ lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        clip = getattr(trainer, "gradient_clip_val", None)
+        if clip:  # (before anything is bound, as HF's max_grad_norm and Keras' clipnorm)
+            how = getattr(trainer.gradient_clip_algorithm, "value", "norm")
+            raise ReluDoctorError(
+                f"AdaptiveGradClip: the Trainer clips gradients itself (gradient_clip_val="
+                f"{clip}, gradient_clip_algorithm={how!r}), after "
+                f"{self.mode}: both would clip, and the norms relu_doctor records would be "
+                f"before the Trainer's clip. {self.mode} takes its place: pass "
+                "Trainer(gradient_clip_val=None), or drop AdaptiveGradClip."
+            )
         self._trainer = trainer
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._params = {}

@@ -60,6 +60,24 @@ def test_arguments_are_validated():
         AdaptiveGradClip("autoclip", 10.0)  # type: ignore[misc]  # keyword-only after the first
 
 
+def test_the_trainers_own_clipping_is_refused_before_anything_is_hooked(tmp_path):
+    """``gradient_clip_val`` beside AdaptiveGradClip: both clipped, silently, and the norms
+    relu_doctor recorded were before the Trainer's clip. Refused now at the fit's start, as
+    HF's ``max_grad_norm`` and Keras' ``clipnorm`` are, naming what to do; nothing was
+    hooked, so the same callbacks fit again once the Trainer clips no more, on the same run
+    directory, and clip."""
+    model = make(lr=0.05, hidden=32)
+    mon, cb = ReluDoctor(log_every_n_steps=4, run_dir=tmp_path / "run"), AdaptiveGradClip()
+    with pytest.raises(ReluDoctorError, match=r"gradient_clip_val=0\.5, gradient_clip_algorithm="
+                       r"'norm'\).*pass Trainer\(gradient_clip_val=None\)"):
+        trainer(tmp_path, [mon, cb], max_steps=8, gradient_clip_val=0.5,
+                gradient_clip_algorithm="norm").fit(model, loader())
+    assert mon.doctor is None or not mon.doctor.probe.attached
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    trainer(tmp_path, [mon, cb], max_steps=8).fit(model, loader())
+    assert len(cb.clippers[0].norm_history) == 8
+
+
 def test_norm_history_round_trips_through_a_checkpoint(tmp_path):
     def cbs():
         return [ReluDoctor(log_every_n_steps=4), AdaptiveGradClip("autoclip", history=50)]
