@@ -242,6 +242,8 @@ class ReluDoctor(Callback):
         elif trainer.loggers:
             log_dir = trainer.log_dir  # a broadcast: every rank must ask
             run_dir = Path(log_dir or trainer.default_root_dir) / "relu_doctor"
+            if state and state.get("doctor") and state.get("logger_run_dir"):
+                run_dir = self._saved_run_dir(trainer, Path(state["logger_run_dir"]), run_dir)
         else:
             # Not "<root>/relu_doctor": run from a source checkout, that is the package.
             # A checkpoint continues its own directory (an older one, without the name, the
@@ -561,12 +563,39 @@ class ReluDoctor(Callback):
         return state
 
     def _default_dir_state(self) -> dict[str, str]:
-        """The default run directory's name (``relu_doctor_logs_2``), which a resumed fit
-        continues; by name only, so a checkpoint moved with its ``default_root_dir`` works."""
+        """The default run directory, which a resumed fit continues: without a logger its
+        name (``relu_doctor_logs_2``; by name only, so a checkpoint moved with its
+        ``default_root_dir`` works), beside a logger its whole path (a resumed fit's logger
+        takes a new version directory)."""
         d = self._resolved_run_dir
         if self.run_dir is None and d is not None and d.name.startswith(DEFAULT_DIR):
             return {"default_run_dir": d.name}
+        if self.run_dir is None and d is not None:
+            return {"logger_run_dir": str(d.resolve())}
         return {}
+
+    @staticmethod
+    def _saved_run_dir(trainer: pl.Trainer, saved: Path, new: Path) -> Path:
+        """The run directory a fit resumed from a checkpoint continues, beside a logger: the
+        one the checkpoint's run wrote (``saved``), where the logger gives the resumed fit a
+        directory of its own (Lightning's loggers take a new version), said once; ``new``
+        where that one is not here (a checkpoint moved to another machine), said too. Chosen
+        on rank zero for all."""
+        if saved == new.resolve():
+            return new
+        here = saved.is_dir()
+        if trainer.is_global_zero:
+            rank_zero_warn(
+                f"relu_doctor: the fit resumed from a checkpoint continues the run directory "
+                f"{str(saved)!r} of the run that saved it (the logger's directory for this "
+                f"fit is {str(new.parent)!r}), so that one run directory holds the whole run."
+                if here else
+                f"relu_doctor: the run directory of the run that saved the checkpoint, "
+                f"{str(saved)!r}, is not here: this fit's records go to {str(new)!r} from the "
+                "checkpoint's step on (pass ReluDoctor(run_dir=...) to choose it).",
+                category=ReluDoctorWarning,
+            )
+        return Path(trainer.strategy.broadcast(str(saved if here else new), src=0))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; applied when the next fit starts."""

@@ -416,6 +416,42 @@ def test_default_run_dir_never_collides_and_a_checkpoint_continues_its_own(tmp_p
     assert steps == [[2], [2, 4, 6, 8]]
 
 
+def test_a_fit_resumed_beside_a_logger_continues_the_run_directory_of_the_run_that_saved_it(
+        tmp_path):
+    """Beside a logger the run directory is ``<trainer.log_dir>/relu_doctor``, and a fit
+    resumed from a checkpoint gets a new logger version: it started a second, partial run
+    directory there without a word, and no directory held the whole run (the first held the
+    steps before the interruption, the second counted lifetime units from steps it did not
+    hold). It continues the first one now, said once; records after the checkpoint's step
+    are replaced, as with an explicit run_dir, and the whole run reads as one."""
+    import shutil
+
+    dl = loader()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    trainer(tmp_path, [ReluDoctor(log_every_n_steps=2), ckpt], max_steps=6,
+            enable_checkpointing=True, logger=CSVLogger(tmp_path, name="logs")).fit(
+        make_model(), dl)
+    first = tmp_path / "logs" / "version_0" / "relu_doctor"
+    assert sorted(load_run(first).history["step"].unique()) == [2, 4, 6]
+    [path] = (tmp_path / "ckpt").glob("*step=4.ckpt")
+    resumed = ReluDoctor(log_every_n_steps=2)
+    with pytest.warns(ReluDoctorWarning, match=r"continues the run directory .*version_0"):
+        trainer(tmp_path, [resumed], max_steps=10,
+                logger=CSVLogger(tmp_path, name="logs")).fit(make_model(), dl, ckpt_path=path)
+    assert resumed.doctor.run_dir == first
+    assert not (tmp_path / "logs" / "version_1" / "relu_doctor").exists()
+    assert (tmp_path / "logs" / "version_1").is_dir()  # (the logger's own, as Lightning makes)
+    assert sorted(load_run(first).history["step"].unique()) == [2, 4, 6, 8, 10]
+    # moved elsewhere (that directory gone): the logger's directory, said
+    shutil.rmtree(tmp_path / "logs" / "version_0")
+    moved = ReluDoctor(log_every_n_steps=2)
+    with pytest.warns(ReluDoctorWarning, match=r"is not here: this fit's records go to"):
+        trainer(tmp_path, [moved], max_steps=10,
+                logger=CSVLogger(tmp_path, name="logs")).fit(make_model(), dl, ckpt_path=path)
+    assert moved.doctor.run_dir == tmp_path / "logs" / "version_2" / "relu_doctor"
+
+
+# ---------------------------------------------------------------------------- steps
 # ---------------------------------------------------------------------------- steps
 
 
