@@ -364,6 +364,7 @@ class SiteRegistry:
             if made_site is None:
                 self._pending[token] = st
                 continue
+            made_site.made_by = self._made_by(made_site)
             self._sites[made_site.key] = made_site
             _restore(made_site, st)
             made = True
@@ -412,6 +413,7 @@ def _description(site: Site) -> dict[str, Any]:
         "cap": site.cap,
         "from_end": site.from_end,
         "other_ranks": sorted(site.other_ranks),
+        "producer": site.producer,
     }
 
 
@@ -447,6 +449,7 @@ def _described(
         from_end=bool(d.get("from_end", True)),
         other_ranks={int(x) for x in d.get("other_ranks", [])},
         restored=True,
+        producer=None if d.get("producer") is None else str(d["producer"]),
     )
 
 

@@ -339,6 +339,46 @@ def test_a_layer_replaced_by_one_of_another_width_is_watched_anew():
     assert described["head.1"] == 20
 
 
+def test_a_resumed_doctor_knows_each_sites_producer_its_frozen_feed_and_a_replaced_layer():
+    """A Doctor resumed from a checkpoint makes its sites from their description, which did
+    not hold the producing layer: frozen sites read as trainable again (their findings
+    critical, remedies free to act), and a layer replaced later was left out, not made
+    anew. The description holds the producer now."""
+    def make(width: int = 12) -> nn.Module:
+        torch.manual_seed(0)
+        m = _Head()
+        m.head = _Head.make(width)
+        m.body.requires_grad_(False)
+        with torch.no_grad():
+            m.body[0].bias[:8] = -50.0
+        return m
+
+    def train(doc: relu_doctor.Doctor, model: nn.Module, steps: int, *, at: int = -1) -> None:
+        for step in range(steps):
+            if step == at:
+                model.head = _Head.make(20)
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            doc.step()
+
+    model = make()
+    with relu_doctor.watch(model, log_every_n_steps=4, every_n_steps=1) as doc:
+        train(doc, model, 4)
+        state = doc.state_dict()
+    again = make()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(again, log_every_n_steps=4, every_n_steps=1) as resumed:
+            resumed.load_state_dict(state)
+            assert {s.name: s.producer for s in resumed.sites} == {
+                s.name: s.producer for s in doc.sites} == {"body.1": "body.0", "head.1": "head.0"}
+            train(resumed, again, 8, at=6)
+    rows = resumed.to_pandas().set_index("site")
+    assert rows.loc["body.1", "frozen"] == "body.0"
+    assert all(f.severity == "info" for f in resumed.findings() if f.site == "body.1")
+    assert resumed.probe.site("head.1").units == 20
+    assert any("now runs on 20 units (it had 12)" in str(w.message) for w in caught)
+
+
 def test_an_image_size_change_is_normal():
     model = zoo.ResNetish()  # global pooling before the head: any image size
     with warnings.catch_warnings():
