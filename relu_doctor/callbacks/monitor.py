@@ -56,11 +56,12 @@ from relu_doctor.diagnosis import (
     run_health,
 )
 from relu_doctor.doctor import Doctor
-from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError
 from relu_doctor.history import IntervalRecord
 from relu_doctor.integrations._common import FindingWarner
 from relu_doctor.reports import tensorboard as tb
 from relu_doctor.rundir import fresh_dir
+from relu_doctor.runread import last_step, open_writer_state, read_meta
 from relu_doctor.sampling import DEFAULT_BUDGET, check_rate
 
 __all__ = ["ReluDoctor", "ReluDoctorWarning"]
@@ -243,7 +244,9 @@ class ReluDoctor(Callback):
             log_dir = trainer.log_dir  # a broadcast: every rank must ask
             run_dir = Path(log_dir or trainer.default_root_dir) / "relu_doctor"
             if state and state.get("doctor") and state.get("logger_run_dir"):
-                run_dir = self._saved_run_dir(trainer, Path(state["logger_run_dir"]), run_dir)
+                run_dir = self._saved_run_dir(
+                    trainer, Path(state["logger_run_dir"]), run_dir,
+                    int(state["doctor"].get("global_step") or 0))
         else:
             # Not "<root>/relu_doctor": run from a source checkout, that is the package.
             # A checkpoint continues its own directory (an older one, without the name, the
@@ -575,27 +578,43 @@ class ReluDoctor(Callback):
         return {}
 
     @staticmethod
-    def _saved_run_dir(trainer: pl.Trainer, saved: Path, new: Path) -> Path:
-        """The run directory a fit resumed from a checkpoint continues, beside a logger: the
-        one the checkpoint's run wrote (``saved``), where the logger gives the resumed fit a
-        directory of its own (Lightning's loggers take a new version), said once; ``new``
-        where that one is not here (a checkpoint moved to another machine), said too. Chosen
-        on rank zero for all."""
+    def _saved_run_dir(trainer: pl.Trainer, saved: Path, new: Path, step: int) -> Path:
+        """The run directory of a fit resumed from a checkpoint of step ``step``, beside a
+        logger (which gives the resumed fit a new version directory, ``new``'s parent): the
+        one the checkpoint's run wrote (``saved``) where that run stopped early (an error,
+        Ctrl-C, killed) or holds nothing after ``step``, so that one directory holds the
+        whole run; else ``new``: a run that finished, a branch from one of its checkpoints
+        must not replace its later records, and one still being written is not taken over.
+        Said once either way; chosen on rank zero for all."""
         if saved == new.resolve():
             return new
-        here = saved.is_dir()
+        why = ""
+        if not saved.is_dir():
+            why = "is not here (a checkpoint moved to another machine?)"
+        else:
+            writer = open_writer_state(saved)
+            try:
+                stopped = bool(read_meta(saved).get("ended_by")) or bool(writer.why)
+                after = (last_step(saved) or 0) > step
+            except RunDirError:
+                stopped, after = False, True
+            if writer.writing:
+                why = f"is still being written ({writer.why})"
+            elif after and not stopped:
+                why = (f"holds that run, which went on past step {step} and finished: this "
+                       "fit, a branch from its checkpoint, keeps its records apart")
         if trainer.is_global_zero:
             rank_zero_warn(
                 f"relu_doctor: the fit resumed from a checkpoint continues the run directory "
                 f"{str(saved)!r} of the run that saved it (the logger's directory for this "
                 f"fit is {str(new.parent)!r}), so that one run directory holds the whole run."
-                if here else
+                if not why else
                 f"relu_doctor: the run directory of the run that saved the checkpoint, "
-                f"{str(saved)!r}, is not here: this fit's records go to {str(new)!r} from the "
-                "checkpoint's step on (pass ReluDoctor(run_dir=...) to choose it).",
+                f"{str(saved)!r}, {why}: this fit's records go to {str(new)!r} from step "
+                f"{step} on (pass ReluDoctor(run_dir=...) to choose it).",
                 category=ReluDoctorWarning,
             )
-        return Path(trainer.strategy.broadcast(str(saved if here else new), src=0))
+        return Path(trainer.strategy.broadcast(str(new if why else saved), src=0))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; applied when the next fit starts."""

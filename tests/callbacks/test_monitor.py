@@ -70,7 +70,7 @@ class TinyNet(L.LightningModule):
         if self.fail_at is not None and self.global_step == self.fail_at:
             raise RuntimeError("boom")
         if self.interrupt_at is not None and self.global_step == self.interrupt_at:
-            raise KeyboardInterrupt
+            raise RuntimeError("stopped")
         return self.loss(batch)
 
     def validation_step(self, batch, batch_idx):
@@ -416,42 +416,66 @@ def test_default_run_dir_never_collides_and_a_checkpoint_continues_its_own(tmp_p
     assert steps == [[2], [2, 4, 6, 8]]
 
 
+class _Interrupt(L.Callback):
+    """An error at a step (the fit stops; the window open there is logged)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.at:
+            raise RuntimeError("stopped")
+
+
 def test_a_fit_resumed_beside_a_logger_continues_the_run_directory_of_the_run_that_saved_it(
         tmp_path):
     """Beside a logger the run directory is ``<trainer.log_dir>/relu_doctor``, and a fit
     resumed from a checkpoint gets a new logger version: it started a second, partial run
     directory there without a word, and no directory held the whole run (the first held the
     steps before the interruption, the second counted lifetime units from steps it did not
-    hold). It continues the first one now, said once; records after the checkpoint's step
-    are replaced, as with an explicit run_dir, and the whole run reads as one."""
+    hold). Where the run that saved the checkpoint stopped early, the resumed fit continues
+    its directory now, said once; records after the checkpoint's step are replaced, as
+    with an explicit run_dir, and the whole run reads as one. A run that finished is left
+    whole: a fit from one of its checkpoints is a branch, recorded in its own version's
+    directory, said (review: it replaced the finished run's later records); so is a run
+    whose directory is gone."""
     import shutil
+
+    def fit(steps: int, *cbs: L.Callback, ckpt_path: Path | None = None) -> ReluDoctor:
+        mon = ReluDoctor(log_every_n_steps=2)
+        trainer(tmp_path, [mon, *cbs], max_steps=steps, enable_checkpointing=bool(cbs),
+                logger=CSVLogger(tmp_path, name="logs")).fit(make_model(), dl, ckpt_path=ckpt_path)
+        return mon
+
+    def steps(version: int) -> list[int]:
+        path = tmp_path / "logs" / f"version_{version}" / "relu_doctor"
+        return [int(s) for s in sorted(load_run(path).history["step"].unique())]
 
     dl = loader()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-    trainer(tmp_path, [ReluDoctor(log_every_n_steps=2), ckpt], max_steps=6,
-            enable_checkpointing=True, logger=CSVLogger(tmp_path, name="logs")).fit(
-        make_model(), dl)
-    first = tmp_path / "logs" / "version_0" / "relu_doctor"
-    assert sorted(load_run(first).history["step"].unique()) == [2, 4, 6]
+    with pytest.raises(RuntimeError, match="stopped"):
+        fit(10, ckpt, _Interrupt(6))
+    assert steps(0) == [2, 4, 6]  # (6: the window open at the interruption, logged)
     [path] = (tmp_path / "ckpt").glob("*step=4.ckpt")
-    resumed = ReluDoctor(log_every_n_steps=2)
     with pytest.warns(ReluDoctorWarning, match=r"continues the run directory .*version_0"):
-        trainer(tmp_path, [resumed], max_steps=10,
-                logger=CSVLogger(tmp_path, name="logs")).fit(make_model(), dl, ckpt_path=path)
-    assert resumed.doctor.run_dir == first
+        resumed = fit(10, ckpt_path=path)
+    assert resumed.doctor.run_dir == tmp_path / "logs" / "version_0" / "relu_doctor"
     assert not (tmp_path / "logs" / "version_1" / "relu_doctor").exists()
     assert (tmp_path / "logs" / "version_1").is_dir()  # (the logger's own, as Lightning makes)
-    assert sorted(load_run(first).history["step"].unique()) == [2, 4, 6, 8, 10]
+    assert steps(0) == [2, 4, 6, 8, 10]
+    # that run finished at step 10: a fit from its step-4 checkpoint is a branch
+    with pytest.warns(ReluDoctorWarning, match=r"went on past step 4 and finished: this fit, a "
+                      r"branch from its checkpoint, keeps its records apart"):
+        branch = fit(6, ckpt_path=path)
+    assert branch.doctor.run_dir == tmp_path / "logs" / "version_2" / "relu_doctor"
+    assert steps(0) == [2, 4, 6, 8, 10] and steps(2) == [6]
     # moved elsewhere (that directory gone): the logger's directory, said
     shutil.rmtree(tmp_path / "logs" / "version_0")
-    moved = ReluDoctor(log_every_n_steps=2)
-    with pytest.warns(ReluDoctorWarning, match=r"is not here: this fit's records go to"):
-        trainer(tmp_path, [moved], max_steps=10,
-                logger=CSVLogger(tmp_path, name="logs")).fit(make_model(), dl, ckpt_path=path)
-    assert moved.doctor.run_dir == tmp_path / "logs" / "version_2" / "relu_doctor"
+    with pytest.warns(ReluDoctorWarning, match=r"is not here .*records go to"):
+        moved = fit(10, ckpt_path=path)
+    assert moved.doctor.run_dir == tmp_path / "logs" / "version_3" / "relu_doctor"
 
 
-# ---------------------------------------------------------------------------- steps
 # ---------------------------------------------------------------------------- steps
 
 
