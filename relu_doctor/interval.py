@@ -14,7 +14,7 @@ import functools
 import math
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from relu_doctor.events import FindingEvent
 from relu_doctor.history import SEEN_FIELDS, IntervalRecord
 from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, metrics_of_stacked
 from relu_doctor.sampling import model_device
-from relu_doctor.sites import FrozenFeeds
+from relu_doctor.sites import FrozenFeeds, Site
 from relu_doctor.stats import ROW, SiteStats, read_back
 
 if TYPE_CHECKING:
@@ -182,6 +182,7 @@ class IntervalReading:
         _unfolded: bool
         _last_judged: IntervalRecord | None
         _table_memory: TableMemory
+        frozen_feed: Callable[[Site], str | None] | None
         _frozen_feeds: FrozenFeeds
 
         def _take_skipped(self, close: bool) -> int: ...
@@ -189,6 +190,12 @@ class IntervalReading:
         def sum_across(
             self, named: Mapping[str, torch.Tensor], device: torch.device | None
         ) -> tuple[dict[str, torch.Tensor], int | None]: ...
+
+    def _frozen_of(self, site: Site) -> str | None:
+        """The frozen layer feeding ``site`` (see :attr:`Doctor.frozen_feed`), else None."""
+        if self.frozen_feed is not None:
+            return self.frozen_feed(site)
+        return self._frozen_feeds.layer(self.probe.model, site.producer, self.probe.generation)
 
     def _read(self, close: bool, *, final: bool = False) -> IntervalRecord | None:
         """Sum, read back, derive, diagnose: the record of the open window (closing it when
@@ -262,8 +269,7 @@ class IntervalReading:
                     "unit_dim": s.unit_dim,
                     "unit_rule": s.unit_rule,
                     # the layer feeding it where it and its block do not train, else None
-                    "frozen": self._frozen_feeds.layer(self.probe.model, s.producer,
-                                                       self.probe.generation),
+                    "frozen": self._frozen_of(s),
                     "window_steps": collected,
                     "steps_collected": collected,
                     "steps_run": self.steps_run,

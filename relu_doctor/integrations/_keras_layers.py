@@ -178,6 +178,22 @@ class KerasSite:
         return glob.escape(self.path)
 
 
+def frozen_layer(site: KerasSite | None) -> str | None:
+    """The frozen layer feeding a Keras site (its row's ``frozen``; see
+    :attr:`Doctor.frozen_feed <relu_doctor.doctor.Doctor.frozen_feed>`): where the site's
+    layer does not train (``trainable=False``: a frozen base model's layers, which Keras
+    freezes all), the layer itself for a Dense/Conv's activation, else the layer that made
+    its input; None where it trains (a frozen layer in a part that trains is no frozen site)."""
+    if site is None or getattr(site.layer, "trainable", True):
+        return None
+    if site.by_activation:
+        return site.path
+    nodes = getattr(site.layer, "_inbound_nodes", None) or []
+    parents = getattr(nodes[0], "parent_nodes", None) if nodes else None
+    op = getattr(parents[0], "operation", None) if parents else None
+    return str(getattr(op, "name", None) or site.path)
+
+
 def _sublayers(layer: Any) -> list[Any]:
     """The layers ``layer`` holds: a model's ``layers``; those a custom layer tracks as its
     attributes (a block's ``self.ffn = keras.Sequential(...)``, as Keras' guides write it)."""

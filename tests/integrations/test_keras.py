@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -420,10 +421,16 @@ def test_partial_window_flushed_and_report_written(tmp_path: Path) -> None:
     assert cb.doctor.global_step == before
 
 
-def test_leaky_relu_swap_leaves_a_frozen_part_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("remedies", ["swap", "plan"])
+def test_a_frozen_part_is_told_so_left_alone_and_treated_once_it_trains(
+        tmp_path: Path, remedies: str) -> None:
     """Layers of a part the user froze (trainable=False) were swapped like any other: the
-    swap changed what they compute. They are left alone now, said once; the rest as
-    before."""
+    swap changed what they compute. Then the swap refused them for good, so that after the
+    user unfroze them (the transfer-learning tutorial's second phase, a second fit of the
+    same callback) their dead units were never treated; and the README's frozen sites did
+    not hold in Keras at all (no torch module paths): their findings advised a lower
+    learning rate, critical. Now their findings are info naming the frozen layer, no remedy
+    touches them while frozen, and they are treated once they train."""
     model = _mlp(lr=0.5)  # far too high: units die
     hidden = model.get_layer("hidden")
     hidden.bias.assign(np.where(np.arange(10) < 5, -50.0, 0.0).astype("float32"))  # dead
@@ -431,17 +438,31 @@ def test_leaky_relu_swap_leaves_a_frozen_part_alone(tmp_path: Path) -> None:
         model.get_layer(name).trainable = False
     model.compile(optimizer=keras.optimizers.Adam(0.5), loss="categorical_crossentropy")
     x, y = _data(64)
-    cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / "run",
-                            leaky_relu_swap={"threshold": 0.0, "patience": 1, "slope": 0.1})
+    kw: dict[str, Any] = (
+        {"leaky_relu_swap": {"threshold": 0.0, "patience": 1, "slope": 0.1}}
+        if remedies == "swap" else {"treatment": {"steps": ["swap"], "patience": 1}})
+    cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=tmp_path / "run", **kw)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb])
-    swap = cb.remedies["leaky_relu_swap"]
-    frozen = {p for p in cb.sites if p.startswith(("hidden", "inner"))}
-    assert frozen and not frozen & set(swap.swaps)
-    said = [str(w.message) for w in caught if "trainable=False" in str(w.message)]
-    assert said and all(any(p in t for p in frozen) for t in said)
+    assert cb.doctor is not None
+    rows = cb.doctor.to_pandas().set_index("site")
+    assert rows.loc["hidden", "frozen"] == "hidden" and rows.loc["inner/d_in", "frozen"] == "inner/d_in"
+    assert pd.isna(rows.loc["act", "frozen"])
+    on_frozen = [f for f in cb.doctor.findings() if f.site == "hidden"]
+    assert {"dead", "lifetime_dead"} <= {f.kind for f in on_frozen}
+    assert all(f.severity == "info" and "'hidden', does not train" in f.message
+               and f.remedy.startswith("Nothing to do while it stays frozen") for f in on_frozen)
     assert model.get_layer("hidden").activation is keras.activations.relu
+    assert not [w for w in caught if "trainable=False" in str(w.message)]
+    # unfrozen, a second fit of the same callback: treated
+    for name in ("hidden", "inner"):
+        model.get_layer(name).trainable = True
+    model.compile(optimizer=keras.optimizers.Adam(0.5), loss="categorical_crossentropy")
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb])
+    assert model.get_layer("hidden").activation is not keras.activations.relu
+    acted = {e["site"] for e in relu_doctor.load_run(tmp_path / "run").interventions()}
+    assert "hidden" in acted
 
 
 def test_leaky_relu_swap_changes_the_activation_and_records_it(tmp_path: Path) -> None:
