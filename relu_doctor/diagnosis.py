@@ -582,7 +582,8 @@ def _dead_first(sites: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> 
     already have do not bring it back)."""
     dead = [(int(r["order"]), str(r["site"]), float(r["dead_fraction"])) for r in sites
             if float(r.get("dead_fraction", math.nan)) >= config.dead_critical
-            and not r.get("leaky")]  # (a leaky unit passes its slope's gradient back)
+            and not r.get("leaky")  # (a leaky unit passes its slope's gradient back)
+            and not r.get("frozen")]  # (nothing to treat there while frozen: see _on_frozen)
     if not dead:
         return ""
     _, site, frac = max(dead)  # the one nearest the output: it starves all before it

@@ -330,6 +330,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._previous_unwritten: list[list[int]] = []  # its logs never written (same)
         self._warned_other_model = False
         self.probe.on_new_site(self._mark_meta_dirty)
+        # a layer replaced at another width: the new one's growth and findings are its own
+        self.probe.on_renewal(self._renewed)
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> Doctor:
@@ -539,6 +541,12 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if self.world_size > 1:
             return self.world_size if scale is None else scale * self.world_size
         return scale
+
+    def _renewed(self, site: str) -> None:
+        """``site`` was made anew at another width (its layer replaced): its growth is
+        measured from the new layer's first log, and its findings end and begin anew."""
+        self._first_rms.pop(site, None)
+        self._tracker.restart(site)
 
     def step(
         self, loss: torch.Tensor | float | None = None, *, last: bool = False

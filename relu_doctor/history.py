@@ -79,6 +79,13 @@ class FindingTracker:
 
     def __init__(self) -> None:
         self._open: dict[tuple[str, str], Finding] = {}
+        self._restarted: set[str] = set()  # sites whose findings end and begin anew
+
+    def restart(self, site: str) -> None:
+        """End ``site``'s open findings at the next committed step, and begin the ones it
+        has then anew: its layer was replaced, and what the old one showed is not the new
+        one's (nor its ``began`` step)."""
+        self._restarted.add(site)
 
     def update(
         self, findings: list[Finding], step: int, *, commit: bool = True
@@ -91,9 +98,12 @@ class FindingTracker:
         new: list[Finding] = []
         events: list[FindingEvent] = []
         now: dict[tuple[str, str], Finding] = {}
+        restarted = self._restarted
+        events += [FindingEvent("ended", prev, step) for (_, site), prev in self._open.items()
+                   if site in restarted]
         for f in findings:
             key = (f.kind, f.site)
-            prev = self._open.get(key)
+            prev = self._open.get(key) if f.site not in restarted else None
             g = f.since(prev.began if prev is not None else f.step)
             now[key] = g
             out.append(g)
@@ -103,10 +113,10 @@ class FindingTracker:
             elif prev.severity != g.severity:
                 events.append(FindingEvent("changed", g, f.step))
         for key, prev in self._open.items():
-            if key not in now:
+            if key not in now and key[1] not in restarted:
                 events.append(FindingEvent("ended", prev, step))
         if commit:
-            self._open = now
+            self._open, self._restarted = now, set()
         return out, new, events
 
     def open_findings(self) -> list[Finding]:

@@ -191,11 +191,13 @@ class IntervalReading:
             self, named: Mapping[str, torch.Tensor], device: torch.device | None
         ) -> tuple[dict[str, torch.Tensor], int | None]: ...
 
-    def _frozen_of(self, site: Site) -> str | None:
-        """The frozen layer feeding ``site`` (see :attr:`Doctor.frozen_feed`), else None."""
+    def _frozen_layers(self, sites: list[Site]) -> list[str | None]:
+        """The frozen layer feeding each of ``sites`` (see :attr:`Doctor.frozen_feed`), or
+        None."""
         if self.frozen_feed is not None:
-            return self.frozen_feed(site)
-        return self._frozen_feeds.layer(self.probe.model, site.producer, self.probe.generation)
+            return [self.frozen_feed(s) for s in sites]
+        return self._frozen_feeds.layers(
+            self.probe.model, [s.producer for s in sites], self.probe.generation)
 
     def _read(self, close: bool, *, final: bool = False) -> IntervalRecord | None:
         """Sum, read back, derive, diagnose: the record of the open window (closing it when
@@ -256,7 +258,8 @@ class IntervalReading:
             host_window, host_life, [s.units for s in sites], self.config.tau,
             lifetime_has_window=False,  # read before the fold
         )
-        for s, u, sm in zip(sites, unit_list, metric_rows, strict=True):
+        frozen = self._frozen_layers(sites)
+        for s, u, sm, fz in zip(sites, unit_list, metric_rows, frozen, strict=True):
             site_rows.append(
                 {
                     "step": self.global_step,
@@ -269,7 +272,7 @@ class IntervalReading:
                     "unit_dim": s.unit_dim,
                     "unit_rule": s.unit_rule,
                     # the layer feeding it where it and its block do not train, else None
-                    "frozen": self._frozen_of(s),
+                    "frozen": fz,
                     "window_steps": collected,
                     "steps_collected": collected,
                     "steps_run": self.steps_run,
@@ -293,10 +296,6 @@ class IntervalReading:
             new: list[Finding] = []
             events: list[FindingEvent] = []
         else:
-            for s in sites:  # made anew at another width: its growth is the new layer's
-                if s.renewed:
-                    self._first_rms.pop(s.name, None)
-                    s.renewed = not logged
             findings = diagnose(
                 site_rows, units, self.config, step=self.global_step,
                 param_grad_norms=self._grad_norm_history, first_rms=self._first_rms,

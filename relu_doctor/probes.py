@@ -310,6 +310,9 @@ class Probe(SiteRegistry, HookOwner):
         self._bw_depth = 0
         self._attached = False
         self._listeners: list[Callable[[], None]] = []
+        self._renewal_listeners: list[Callable[[str], object]] = []
+        #: sites found not replaced at a width change, by the generation it was asked at
+        self._kept: dict[SiteKey, int] = {}
         self._pending: dict[str, Any] = {}
         #: bumped at every attach: a module swapped in by a remedy is hooked from then on
         self.generation = 0
@@ -1078,9 +1081,9 @@ def _compiled_site(
     (so real accumulators are made once, with a graph of any size and ``fullgraph=True``)
     and bakes the returned name into the graph, which then reads the site through
     ``probe._compiled_slots.<name>``. The output's shape comes from :func:`_traced_shape`,
-    its symbolic dims 0: a site is made only where its units' dim is a fixed size, and a
-    site whose units' dim is symbolic in a later graph leaves those calls out (said). A call that makes no site (a 1-D call the 1-D rule
-    leaves out) gets its key's slot set to None: Dynamo guards on that, so when a later call
+    a symbolic dim as its size in the example traced (0 where it has none: no site), and
+    the graph guards a site's units' dim at its width (see below). A call that makes no
+    site (a 1-D call the 1-D rule leaves out) gets its key's slot set to None: Dynamo guards on that, so when a later call
     of another rank makes the site, the graph traced on the 1-D call is traced again and
     counts it (one recompilation), as eager mode does.
     """

@@ -44,6 +44,9 @@ class SiteRegistry:
         _sites: dict[SiteKey, Site]
         _names: dict[str, Site]
         _listeners: list[Callable[[], None]]
+        _renewal_listeners: list[Callable[[str], object]]
+        _kept: dict[SiteKey, int]
+        generation: int
         _pending: dict[str, Any]
         _provenance: ProvenanceTracker
         _unresolved: dict[SiteKey, int]
@@ -93,6 +96,7 @@ class SiteRegistry:
                         "a model of another shape; load it into the model it was saved from."
                     )
                 if not (0 <= dim < len(shape) and self._replaced(site)):
+                    self._kept[key] = self.generation  # (not again until modules change)
                     self._warn_units(site, shape)
                     return None
                 self._renew(site, shape, output.device)
@@ -190,7 +194,11 @@ class SiteRegistry:
 
     def _replaced(self, site: Site) -> bool:
         """Whether the module ``site`` was made with (:meth:`_made_by`) is no longer the
-        one at its path: the user replaced a layer (a new head of another width)."""
+        one at its path: the user replaced a layer (a new head of another width). Asked
+        once per hooking of the model (``generation``) for a site whose calls change width
+        otherwise (a reused module), not at each of its calls."""
+        if self._kept.get(site.key) == self.generation:
+            return False
         ref = site.made_by
         now = self._made_by(site)
         return ref is not None and (now is None or now() is not ref())
@@ -205,7 +213,6 @@ class SiteRegistry:
         site.shape, site.other_ranks = shape, set()
         site.stats = SiteStats(site.units, device)
         site.made_by = self._made_by(site)
-        site.renewed = True
         self._warned_units.discard(site.key)
         warnings.warn(
             f"relu_doctor: site {site.name!r} now runs on {site.units} units (it had {old}): "
@@ -218,6 +225,13 @@ class SiteRegistry:
         )
         for fn in self._listeners:
             fn()
+        for renewed in self._renewal_listeners:
+            renewed(site.name)
+
+    def on_renewal(self, fn: Callable[[str], object]) -> None:
+        """Call ``fn(site name)`` when a site is made anew at another width (its layer
+        replaced): what is kept of the old layer's readings goes."""
+        self._renewal_listeners.append(fn)
 
     def _kin(self, key: SiteKey, shape: tuple[int, ...]) -> Site | None:
         """The site of the nearest earlier call of ``key``'s activation module whose output

@@ -306,7 +306,9 @@ def test_a_layer_replaced_by_one_of_another_width_is_watched_anew():
     never counted again: one warning advised unit_dims, which cannot help, and the report
     called the site healthy on the old width. The site is made anew at the new width, said
     once; its counts (window and lifetime) are the new layer's alone, checked against hooks
-    of ours on it, and the run records the new width."""
+    of ours on it, and the run records the new width. Its findings end and begin anew at
+    the next log (the trial's report said the new layer's dead units were dead "since step
+    10", before it existed)."""
     torch.manual_seed(0)
     model = _Head()
     seen: dict[str, torch.Tensor] = {}
@@ -318,8 +320,8 @@ def test_a_layer_replaced_by_one_of_another_width_is_watched_anew():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with relu_doctor.watch(model, log_every_n_steps=4, every_n_steps=1) as doc:
-            for step in range(8):
-                if step == 2:  # (mid-window: what it had of the old head is dropped)
+            for step in range(12):
+                if step == 6:  # (mid-window: what it had of the old head is dropped)
                     model.head = _Head.make(20)
                     model.head[1].register_forward_hook(count)
                 model(torch.randn(4, 8)).pow(2).mean().backward()
@@ -337,6 +339,10 @@ def test_a_layer_replaced_by_one_of_another_width_is_watched_anew():
     assert rows.loc["head.1", "lifetime_dead"] == int((seen["active"] == 0).sum()) == 6
     described = {d["name"]: d["units"] for d in doc.to_run().meta["sites"]}
     assert described["head.1"] == 20
+    dead = [(e["status"], e["step"], e["began"]) for e in doc.to_run().events
+            if e["type"] == "finding" and e["kind"] == "dead" and e["site"] == "head.1"]
+    assert dead == [("began", 4, 4), ("ended", 8, 4), ("began", 8, 8)]
+    assert next(f for f in doc.findings() if f.kind == "dead" and f.site == "head.1").began == 8
 
 
 def test_a_resumed_doctor_knows_each_sites_producer_its_frozen_feed_and_a_replaced_layer():
@@ -377,6 +383,36 @@ def test_a_resumed_doctor_knows_each_sites_producer_its_frozen_feed_and_a_replac
     assert all(f.severity == "info" for f in resumed.findings() if f.site == "body.1")
     assert resumed.probe.site("head.1").units == 20
     assert any("now runs on 20 units (it had 12)" in str(w.message) for w in caught)
+
+
+def test_frozen_feeds_agree_with_the_rule_and_walk_each_block_once_a_log(monkeypatch):
+    """The frozen layer of each site, for all sites at a log: the same answers as
+    :func:`frozen_feed` one by one (a frozen block, a trainable one, a frozen layer in a
+    block that trains, a layer held by the model itself, none), and a frozen block of many
+    layers is walked once, not once per site (review: 142 ms a log for 256 sites)."""
+    from relu_doctor.sites import FrozenFeeds, frozen_feed
+
+    model = nn.Module()
+    model.frozen = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)]).requires_grad_(False)
+    model.trains = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model.mixed = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model.mixed[0].requires_grad_(False)
+    model.top = nn.Linear(4, 4).requires_grad_(False)
+    producers = [*(f"frozen.{i}" for i in range(6)), "trains.0", "mixed.0", "mixed.1", "top",
+                 None, "gone.0"]
+    walks: list[nn.Module] = []
+    real = nn.Module.parameters
+
+    def counted(self: nn.Module, recurse: bool = True):  # type: ignore[no-untyped-def]
+        if recurse:
+            walks.append(self)
+        return real(self, recurse)
+
+    expected = [p if frozen_feed(model, p) else None for p in producers]
+    assert expected == [*(f"frozen.{i}" for i in range(6)), None, None, None, None, None, None]
+    monkeypatch.setattr(nn.Module, "parameters", counted)
+    assert FrozenFeeds().layers(model, producers, 0) == expected
+    assert walks.count(model.frozen) == 1
 
 
 def test_an_image_size_change_is_normal():
