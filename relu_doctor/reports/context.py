@@ -171,6 +171,8 @@ class SiteRow:
     grad_zero: str
     raw: dict[str, Any]
     anchor: str = ""
+    #: the frozen layer feeding it at the step shown (the history's ``frozen``), else ""
+    frozen: str = ""
 
 
 def _site_rows(run: Run, last: pd.DataFrame, findings: Sequence[FindingView]) -> list[SiteRow]:
@@ -215,6 +217,7 @@ def _site_rows(run: Run, last: pd.DataFrame, findings: Sequence[FindingView]) ->
                 grad_zero=fmt_pct(raw["grad_zero_fraction"]),
                 raw=json_safe(raw),
                 anchor=f"rd-site-{i}",
+                frozen=str(h["frozen"]) if isinstance(h.get("frozen"), str) else "",
             )
         )
     return rows

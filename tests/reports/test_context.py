@@ -391,3 +391,40 @@ def test_the_report_words_a_verdict_by_the_numbers_beside_it_and_says_a_new_find
         html = render_context(ctx)
         assert f">{said}</div>" in html and "rd-verdict-ok" in html
         assert "new at step 10" in html and "since step 5" in html
+
+
+def test_a_frozen_site_is_marked_in_the_sites_table_and_the_summary(tmp_path: Path) -> None:
+    """A frozen backbone's sites were not told apart in the report's table (its gradients
+    "-" with no reason, its dead units beside trainable ones): the row says which layer
+    feeds it frozen, the terminal summary lists the frozen sites, and a site that trains is
+    not marked; once unfrozen, the row shown is not marked either."""
+    import torch
+    import torch.nn as nn
+
+    from relu_doctor.reports.html import render_context
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU()).requires_grad_(False)
+    model.head = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model.backbone[0].bias[:8] = -50.0
+
+    def fit(steps: int, run_dir: Path) -> None:
+        with relu_doctor.watch(model, log_every_n_steps=2, overhead_budget=None,
+                               run_dir=run_dir) as doc:
+            for _ in range(steps):
+                model.head(model.backbone(torch.randn(8, 8))).pow(2).mean().backward()
+                doc.step()
+
+    fit(4, tmp_path / "frozen")
+    ctx = build_context(load_run(tmp_path / "frozen"))
+    assert {r.site: r.frozen for r in ctx.sites} == {"backbone.1": "backbone.0", "head.1": ""}
+    html = render_context(ctx)
+    assert html.count("frozen: fed by") == 1 and "frozen: fed by <code>backbone" in html
+    assert "Frozen (fed by layers that do not train; no remedy acts there): backbone.1" in (
+        summary(ctx))
+    model.backbone.requires_grad_(True)
+    fit(4, tmp_path / "trains")
+    ctx = build_context(load_run(tmp_path / "trains"))
+    assert not any(r.frozen for r in ctx.sites) and "Frozen (" not in summary(ctx)
