@@ -70,7 +70,7 @@ class TinyNet(L.LightningModule):
         if self.fail_at is not None and self.global_step == self.fail_at:
             raise RuntimeError("boom")
         if self.interrupt_at is not None and self.global_step == self.interrupt_at:
-            raise RuntimeError("stopped")
+            raise KeyboardInterrupt
         return self.loss(batch)
 
     def validation_step(self, batch, batch_idx):
