@@ -965,6 +965,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             "training_metrics": self._training.state_dict(),
             "sites": sites,
             "findings_open": self._tracker.state_dict(),
+            # sites made anew since the last log: their findings begin anew at the next
+            "findings_restarted": sorted(self._tracker.restarted),
             "grad_norm_history": list(self._grad_norm_history),
             "declined": {site: sorted(r) for site, r in self._declined.items()},
             # the growth baseline (each site's first RMS) and the remedy changes already
@@ -996,7 +998,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if windows:  # (the sums are this process's: the one that carries the windows)
             self._training.load_state_dict(state.get("training_metrics", {}))
         self._passes_at_step = self.probe.passes
-        self._tracker.load_state_dict(state.get("findings_open", state.get("began", [])))
+        self._tracker.load_state_dict(state.get("findings_open", state.get("began", [])),
+                                      restarted=state.get("findings_restarted") or ())
         self._grad_norm_history = deque(
             (float(x) for x in state.get("grad_norm_history", [])), maxlen=GRAD_NORM_WINDOW
         )

@@ -81,6 +81,11 @@ class FindingTracker:
         self._open: dict[tuple[str, str], Finding] = {}
         self._restarted: set[str] = set()  # sites whose findings end and begin anew
 
+    @property
+    def restarted(self) -> frozenset[str]:
+        """The sites whose findings end and begin anew at the next committed step."""
+        return frozenset(self._restarted)
+
     def restart(self, site: str) -> None:
         """End ``site``'s open findings at the next committed step, and begin the ones it
         has then anew: its layer was replaced, and what the old one showed is not the new
@@ -126,8 +131,9 @@ class FindingTracker:
     def state_dict(self) -> list[dict[str, Any]]:
         return [f.to_dict() for f in self._open.values()]
 
-    def load_state_dict(self, state: Any) -> None:
+    def load_state_dict(self, state: Any, restarted: Iterable[str] = ()) -> None:
         self._open = {}
+        self._restarted = {str(site) for site in restarted}
         for item in state or []:
             if isinstance(item, Mapping):
                 f = Finding(**{k: item[k] for k in Finding.__dataclass_fields__ if k in item})

@@ -385,6 +385,30 @@ def test_a_resumed_doctor_knows_each_sites_producer_its_frozen_feed_and_a_replac
     assert any("now runs on 20 units (it had 12)" in str(w.message) for w in caught)
 
 
+def test_a_layer_made_anew_before_a_checkpoint_begins_its_findings_anew_after_the_resume():
+    """A checkpoint between a layer's replacement and the next log lost the restart of its
+    findings: the resumed run said the new layer's units were dead since a step before it
+    existed (review). The pending restart is checkpointed."""
+    torch.manual_seed(0)
+    model = _Head()
+    with relu_doctor.watch(model, log_every_n_steps=4, every_n_steps=1) as doc:
+        for step in range(7):
+            if step == 6:
+                model.head = _Head.make(20)
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            doc.step()
+        state = doc.state_dict()  # (step 7: the replacement at 6 not yet logged)
+    again = _Head()
+    again.head = _Head.make(20)
+    again.load_state_dict(model.state_dict())
+    with relu_doctor.watch(again, log_every_n_steps=4, every_n_steps=1) as resumed:
+        resumed.load_state_dict(state)
+        again(torch.randn(4, 8)).pow(2).mean().backward()
+        resumed.step()
+    assert {f.kind: f.began for f in resumed.findings() if f.site == "head.1"} == {
+        "dead": 8, "lifetime_dead": 8}
+
+
 def test_frozen_feeds_agree_with_the_rule_and_walk_each_block_once_a_log(monkeypatch):
     """The frozen layer of each site, for all sites at a log: the same answers as
     :func:`frozen_feed` one by one (a frozen block, a trainable one, a frozen layer in a

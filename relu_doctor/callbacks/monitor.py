@@ -589,21 +589,8 @@ class ReluDoctor(Callback):
         if saved == new.resolve():
             return new
         why = ""
-        if not saved.is_dir():
-            why = "is not here (a checkpoint moved to another machine?)"
-        else:
-            writer = open_writer_state(saved)
-            try:
-                stopped = bool(read_meta(saved).get("ended_by")) or bool(writer.why)
-                after = (last_step(saved) or 0) > step
-            except RunDirError:
-                stopped, after = False, True
-            if writer.writing:
-                why = f"is still being written ({writer.why})"
-            elif after and not stopped:
-                why = (f"holds that run, which went on past step {step} and finished: this "
-                       "fit, a branch from its checkpoint, keeps its records apart")
-        if trainer.is_global_zero:
+        if trainer.is_global_zero:  # (the others take its answer: one reader, no hang)
+            why = _why_not_continued(saved, step)
             rank_zero_warn(
                 f"relu_doctor: the fit resumed from a checkpoint continues the run directory "
                 f"{str(saved)!r} of the run that saved it (the logger's directory for this "
@@ -611,10 +598,33 @@ class ReluDoctor(Callback):
                 if not why else
                 f"relu_doctor: the run directory of the run that saved the checkpoint, "
                 f"{str(saved)!r}, {why}: this fit's records go to {str(new)!r} from step "
-                f"{step} on (pass ReluDoctor(run_dir=...) to choose it).",
+                f"{step} on (pass ReluDoctor(run_dir=...) to choose it, that directory to "
+                "continue it).",
                 category=ReluDoctorWarning,
             )
         return Path(trainer.strategy.broadcast(str(new if why else saved), src=0))
+
+
+def _why_not_continued(saved: Path, step: int) -> str:
+    """Why a fit resumed from a checkpoint of step ``step`` does not continue ``saved``, the
+    run directory of the run that saved it (see ``ReluDoctor._saved_run_dir``), or ""."""
+    try:
+        if not saved.is_dir():
+            return "is not here (a checkpoint moved to another machine?)"
+        writer = open_writer_state(saved)
+        if writer.writing:
+            return f"is still being written, or was left by another machine ({writer.why})"
+        try:
+            stopped = bool(read_meta(saved).get("ended_by")) or bool(writer.why)
+            after = (last_step(saved) or 0) > step
+        except RunDirError as e:
+            return f"cannot be read ({e})" if not writer.why else ""
+    except OSError as e:
+        return f"cannot be read ({e})"
+    if after and not stopped:
+        return (f"holds that run, which went on past step {step} and finished: this fit, a "
+                "branch from its checkpoint, keeps its records apart")
+    return ""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; applied when the next fit starts."""
