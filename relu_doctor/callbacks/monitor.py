@@ -604,6 +604,18 @@ class ReluDoctor(Callback):
             )
         return Path(trainer.strategy.broadcast(str(new if why else saved), src=0))
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; applied when the next fit starts."""
+        if not state_dict:
+            return
+        version = state_dict.get("version")
+        if version != _STATE_VERSION:
+            raise ReluDoctorError(
+                f"checkpoint: ReluDoctor state version {version!r} is not supported (expected "
+                f"{_STATE_VERSION}); resume with the relu_doctor version that wrote it."
+            )
+        self._pending_state = dict(state_dict)
+
 
 def _why_not_continued(saved: Path, step: int) -> str:
     """Why a fit resumed from a checkpoint of step ``step`` does not continue ``saved``, the
@@ -625,18 +637,6 @@ def _why_not_continued(saved: Path, step: int) -> str:
         return (f"holds that run, which went on past step {step} and finished: this fit, a "
                 "branch from its checkpoint, keeps its records apart")
     return ""
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; applied when the next fit starts."""
-        if not state_dict:
-            return
-        version = state_dict.get("version")
-        if version != _STATE_VERSION:
-            raise ReluDoctorError(
-                f"checkpoint: ReluDoctor state version {version!r} is not supported (expected "
-                f"{_STATE_VERSION}); resume with the relu_doctor version that wrote it."
-            )
-        self._pending_state = dict(state_dict)
 
 
 def _warn_on_rank_zero(text: str) -> None:
