@@ -304,10 +304,11 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         # the unit tables' blocks: the latest records' (keep_records), and one more free
         self._table_memory = TableMemory(self.keep_records + 2)
         self._frozen_feeds = FrozenFeeds()  # (the sites' frozen feeds, looked up once)
-        #: the frozen layer feeding a site, or None (its row's ``frozen``): by default the
-        #: site's producer where it and its block do not train (:func:`~relu_doctor.sites.
-        #: frozen_feed`); an integration whose sites are not torch modules (Keras) sets its own
-        self.frozen_feed: Callable[[Site], str | None] | None = None
+        #: the frozen layer feeding each of the sites given, or None (their rows'
+        #: ``frozen``), asked once per log: by default each site's producer where it and its
+        #: block do not train (:func:`~relu_doctor.sites.frozen_feed`); an integration whose
+        #: sites are not torch modules (Keras) sets its own
+        self.frozen_feed: Callable[[list[Site]], list[str | None]] | None = None
         self._warned_empty = False  # a window with collecting steps recorded nothing
         self._warned_sites_differ = False  # the processes held different sites at a read
         self._agreed_sums: dict[str, AgreedSum] = {}  # (see sum_across)

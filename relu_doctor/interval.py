@@ -182,7 +182,7 @@ class IntervalReading:
         _unfolded: bool
         _last_judged: IntervalRecord | None
         _table_memory: TableMemory
-        frozen_feed: Callable[[Site], str | None] | None
+        frozen_feed: Callable[[list[Site]], list[str | None]] | None
         _frozen_feeds: FrozenFeeds
 
         def _take_skipped(self, close: bool) -> int: ...
@@ -195,7 +195,7 @@ class IntervalReading:
         """The frozen layer feeding each of ``sites`` (see :attr:`Doctor.frozen_feed`), or
         None."""
         if self.frozen_feed is not None:
-            return [self.frozen_feed(s) for s in sites]
+            return list(self.frozen_feed(sites))
         return self._frozen_feeds.layers(
             self.probe.model, [s.producer for s in sites], self.probe.generation)
 

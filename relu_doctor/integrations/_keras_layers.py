@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import glob
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -178,20 +178,55 @@ class KerasSite:
         return glob.escape(self.path)
 
 
-def frozen_layer(site: KerasSite | None) -> str | None:
-    """The frozen layer feeding a Keras site (its row's ``frozen``; see
-    :attr:`Doctor.frozen_feed <relu_doctor.doctor.Doctor.frozen_feed>`): where the site's
-    layer does not train (``trainable=False``: a frozen base model's layers, which Keras
-    freezes all), the layer itself for a Dense/Conv's activation, else the layer that made
-    its input; None where it trains (a frozen layer in a part that trains is no frozen site)."""
-    if site is None or getattr(site.layer, "trainable", True):
+class FrozenLayers:
+    """The frozen layer feeding each of a Keras model's sites (their rows' ``frozen``; see
+    :attr:`Doctor.frozen_feed <relu_doctor.doctor.Doctor.frozen_feed>`), by the rule of
+    torch models: the layer that makes the site's input (the site's own Dense/Conv for its
+    activation; else the first layer with weights its input comes from, through dropout and
+    other layers that keep the axes) and the layer holding it (a base model) have weights
+    and none trains: none is among the model's ``trainable_weights``, what its optimizer
+    updates (``trainable=False`` on a base model freezes all it holds, whatever its layers
+    say). A frozen layer held by the model itself, or in a part that trains, is not one."""
+
+    def __init__(self, model: Any, sites: Mapping[str, KerasSite]) -> None:
+        self.model, self.sites = model, sites
+        self.layers = dict(walk_layers(model))
+        self.paths = {id(layer): path for path, layer in self.layers.items()}
+
+    def __call__(self, paths: Sequence[str]) -> list[str | None]:
+        """The frozen layer feeding each site of ``paths`` (Keras layer paths), or None."""
+        trains = {id(w) for w in self.model.trainable_weights}
+        return [self._frozen(self.sites.get(p), trains) for p in paths]
+
+    def _frozen(self, site: KerasSite | None, trains: set[int]) -> str | None:
+        if site is None:
+            return None
+        layer = site.layer if site.by_activation else self._producer(site.layer)
+        path = None if layer is None else self.paths.get(id(layer))
+        if path is None or "/" not in path:
+            return None  # (no producer found, or one held by the model itself)
+        holder = self.layers.get(path.rpartition("/")[0])
+        if holder is None or not layer.weights or any(
+                id(w) in trains for w in (*layer.weights, *holder.weights)):
+            return None
+        return path
+
+    @staticmethod
+    def _producer(layer: Any, hops: int = 4) -> Any:
+        """The first layer with weights ``layer``'s input comes from, through up to
+        ``hops`` layers that keep the axes and hold none; None where there is none."""
+        op = layer
+        for _ in range(hops):
+            nodes = getattr(op, "_inbound_nodes", None) or []
+            parents = getattr(nodes[0], "parent_nodes", None) if nodes else None
+            op = getattr(parents[0], "operation", None) if parents else None
+            if op is None:
+                return None
+            if getattr(op, "weights", None):
+                return op
+            if not isinstance(op, _SAME_AXES):
+                return None
         return None
-    if site.by_activation:
-        return site.path
-    nodes = getattr(site.layer, "_inbound_nodes", None) or []
-    parents = getattr(nodes[0], "parent_nodes", None) if nodes else None
-    op = getattr(parents[0], "operation", None) if parents else None
-    return str(getattr(op, "name", None) or site.path)
 
 
 def _sublayers(layer: Any) -> list[Any]:

@@ -120,6 +120,7 @@ class KerasActivationSwap(Remedy):
         self.swaps: dict[str, _Swap] = {}
         self.streaks: dict[str, int] = {}
         self._skipped: set[str] = set()  # layers a swap failed on, left alone from then on
+        self._frozen_said: set[str] = set()  # frozen layers it left alone, said (not for good)
 
     def swap(self, site: str | SiteKey, *, step: int = 0,
              before: Mapping[str, Any] | None = None, reason: str = "requested") -> Intervention:
@@ -217,7 +218,10 @@ class KerasActivationSwap(Remedy):
                                    f"{streak} readings{self.evidence.basis()}")
                     )
                 except ReluDoctorError as e:  # one site it cannot swap: the others go on
-                    self._skipped.add(path)
+                    frozen = not getattr(site.layer, "trainable", True)
+                    if frozen and path in self._frozen_said:
+                        continue  # (said once; asked again once it trains)
+                    (self._frozen_said if frozen else self._skipped).add(path)
                     self.decline(str(row["site"]), str(e), record.step, "LeakyReLU swap",
                                  f"Keras layer {path!r}")
         return events

@@ -60,7 +60,7 @@ from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.history import IntervalRecord
-from relu_doctor.integrations._keras_layers import KerasSite, find_sites, frozen_layer
+from relu_doctor.integrations._keras_layers import FrozenLayers, KerasSite, find_sites
 from relu_doctor.integrations._keras_remedies import (
     KerasActivationSwap,
     KerasAutoClip,
@@ -295,10 +295,10 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         )
         if state is not None:  # a second fit continues the first
             doc.load_state_dict(state)
-        sites = self.sites  # (its sites are Keras layers: frozen by their trainable flag)
+        frozen = FrozenLayers(model, self.sites)  # (its sites are Keras layers)
         for d in (doc, doc.eval):
             if d is not None:
-                d.frozen_feed = lambda site: frozen_layer(sites.get(site.module_path))
+                d.frozen_feed = lambda sites: frozen([s.module_path for s in sites])
         self.doctor = doc
         self._val_doc = doc.eval
         if doc.eval is not None:  # fit's validation runs only (on_test_begin to on_test_end)

@@ -429,11 +429,15 @@ def test_a_frozen_part_is_told_so_left_alone_and_treated_once_it_trains(
     user unfroze them (the transfer-learning tutorial's second phase, a second fit of the
     same callback) their dead units were never treated; and the README's frozen sites did
     not hold in Keras at all (no torch module paths): their findings advised a lower
-    learning rate, critical. Now their findings are info naming the frozen layer, no remedy
-    touches them while frozen, and they are treated once they train."""
+    learning rate, critical. Now a site in a frozen nested model (a base model) is a frozen
+    site, as in torch: info findings naming the layer, no remedy touches it while frozen;
+    a frozen layer the model holds itself is none (its findings as usual), and the swap
+    leaves it alone while frozen, said once; both are treated once they train."""
     model = _mlp(lr=0.5)  # far too high: units die
-    hidden = model.get_layer("hidden")
-    hidden.bias.assign(np.where(np.arange(10) < 5, -50.0, 0.0).astype("float32"))  # dead
+    model.get_layer("hidden").bias.assign(
+        np.where(np.arange(10) < 5, -50.0, 0.0).astype("float32"))  # dead
+    d_in = model.get_layer("inner").get_layer("d_in")
+    d_in.bias.assign(np.where(np.arange(6) < 3, -50.0, 0.0).astype("float32"))
     for name in ("hidden", "inner"):
         model.get_layer(name).trainable = False
     model.compile(optimizer=keras.optimizers.Adam(0.5), loss="categorical_crossentropy")
@@ -447,22 +451,57 @@ def test_a_frozen_part_is_told_so_left_alone_and_treated_once_it_trains(
         model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb])
     assert cb.doctor is not None
     rows = cb.doctor.to_pandas().set_index("site")
-    assert rows.loc["hidden", "frozen"] == "hidden" and rows.loc["inner/d_in", "frozen"] == "inner/d_in"
-    assert pd.isna(rows.loc["act", "frozen"])
-    on_frozen = [f for f in cb.doctor.findings() if f.site == "hidden"]
+    assert rows.loc["inner/d_in", "frozen"] == "inner/d_in"
+    assert pd.isna(rows.loc["hidden", "frozen"]) and pd.isna(rows.loc["act", "frozen"])
+    on_frozen = [f for f in cb.doctor.findings() if f.site == "inner/d_in"]
     assert {"dead", "lifetime_dead"} <= {f.kind for f in on_frozen}
-    assert all(f.severity == "info" and "'hidden', does not train" in f.message
+    assert all(f.severity == "info" and "'inner/d_in', does not train" in f.message
                and f.remedy.startswith("Nothing to do while it stays frozen") for f in on_frozen)
+    assert any(f.severity != "info" for f in cb.doctor.findings() if f.site == "hidden")
+    assert d_in.activation is keras.activations.relu
     assert model.get_layer("hidden").activation is keras.activations.relu
-    assert not [w for w in caught if "trainable=False" in str(w.message)]
+    said = [str(w.message) for w in caught if "trainable=False" in str(w.message)]
+    assert len(said) <= 1 and all("'hidden'" in t for t in said)
     # unfrozen, a second fit of the same callback: treated
     for name in ("hidden", "inner"):
         model.get_layer(name).trainable = True
     model.compile(optimizer=keras.optimizers.Adam(0.5), loss="categorical_crossentropy")
     model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb])
-    assert model.get_layer("hidden").activation is not keras.activations.relu
     acted = {e["site"] for e in relu_doctor.load_run(tmp_path / "run").interventions()}
-    assert "hidden" in acted
+    assert "inner/d_in" in acted and d_in.activation is not keras.activations.relu
+    if remedies == "swap":  # (the plan's own refusal of 'hidden' stands: see the README)
+        assert "hidden" in acted
+
+
+@pytest.mark.parametrize("bn_trains", [False, True])
+def test_frozen_keras_sites_follow_the_torch_rule(bn_trains: bool) -> None:
+    """Which Keras sites are frozen: a ReLU layer after a BatchNormalization is fed by that
+    BatchNormalization, and is frozen only where it does not train either (review: "train
+    only BatchNorm" named it frozen, and its units were left untreated); a Dense's own
+    activation is fed by the Dense, which is frozen only in a block that does not train; a
+    frozen layer the model holds itself is no frozen site; names are full layer paths.
+    What trains is what the model's optimizer updates (its trainable_weights)."""
+    from relu_doctor.integrations._keras_layers import FrozenLayers, find_sites
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(6, name="c1")(inputs)
+    h = keras.layers.BatchNormalization(name="bn1")(h)
+    h = keras.layers.ReLU(name="r1")(h)
+    h = keras.layers.Dense(5, activation="relu", name="d2")(h)
+    base = keras.Model(inputs, h, name="base")
+    top = keras.layers.Dense(4, activation="relu", name="top")
+    model = keras.Sequential([keras.Input((8,)), base, top, keras.layers.Dense(2, name="out")])
+    top.trainable = False
+    if bn_trains:  # (the base trains, all of it frozen but its BatchNormalization)
+        for name in ("c1", "d2"):
+            base.get_layer(name).trainable = False
+    else:
+        base.trainable = False
+    sites = {s.path: s for s in find_sites(model, lambda p: True)}
+    assert list(sites) == ["base/r1", "base/d2", "top"]
+    assert FrozenLayers(model, sites)(list(sites)) == (
+        [None, None, None] if bn_trains else ["base/bn1", "base/d2", None])
 
 
 def test_leaky_relu_swap_changes_the_activation_and_records_it(tmp_path: Path) -> None:
