@@ -385,52 +385,48 @@ def test_what_logging_costs_comes_out_of_the_budget_first():
         assert not fixed._log_laps
 
 
-def test_what_every_step_does_comes_out_of_the_budget_with_the_logs():
+def _every_step_run(per_step: float, steps: int, log_every: int | None) -> Sampler:
+    """Statistics at 6% of a 1 s step, ``per_step`` of every step's own work on top (the
+    stopwatch's ``every_step``), a log every ``log_every`` steps (None: no log)."""
+    fake = FakeTime()
+    watch = sampling.Stopwatch()
+    s = Sampler(every_n_steps=None, overhead_budget=0.03, max_every=log_every or 1000,
+                clock=HostClock(now=lambda: fake.t, spent=lambda: fake.stats,
+                                every_step=watch.read_every_step))
+    s.start()
+    for i in range(steps):
+        c = s.collect(i % (log_every or steps))
+        fake.t += 1.0 + per_step + (0.06 if c else 0.0)
+        fake.stats += 0.06 if c else 0.0
+        watch.every_step += per_step
+        s.done(collected=c)
+        if log_every and (i + 1) % log_every == 0:
+            with s.log_lap():
+                pass
+    return s
+
+
+@pytest.mark.parametrize(("per_step", "n"), [(0.0, 2), (0.01, 3)])
+def test_what_every_step_does_comes_out_of_the_budget_with_the_logs(per_step, n):
     """What the Doctor does at every step, collecting or not (its step(), the optimizer
     tap's hooks), cancels out of the comparison of collecting steps with the others: it is
     read from the stopwatch's ``every_step`` at each log and counted with the log. Statistics
     at 6% of a step collect every 2nd step; 1% of every step on top leaves 2%: every 3rd."""
-    for per_step, n in ((0.0, 2), (0.01, 3)):
-        fake = FakeTime()
-        watch = sampling.Stopwatch()
-        s = Sampler(every_n_steps=None, overhead_budget=0.03, max_every=20, clock=HostClock(
-            now=lambda f=fake: f.t, spent=lambda f=fake: f.stats, every_step=watch.read_every_step
-        ))
-        s.start()
-        for _ in range(6):
-            for i in range(20):
-                c = s.collect(i)
-                fake.t += 1.0 + per_step + (0.06 if c else 0.0)
-                fake.stats += 0.06 if c else 0.0
-                watch.every_step += per_step
-                s.done(collected=c)
-            with s.log_lap():
-                pass
-        assert s.every == n
-        assert s._log_s() == pytest.approx(per_step, abs=1e-4)
+    s = _every_step_run(per_step, 120, 20)
+    assert s.every == n
+    assert s._log_s() == pytest.approx(per_step, abs=1e-4)
 
 
-def test_what_every_step_does_counts_before_any_log_is_made():
+@pytest.mark.parametrize(("per_step", "n"), [(0.0, 2), (0.01, 3)])
+def test_what_every_step_does_counts_before_any_log_is_made(per_step, n):
     """A run that logs rarely (or has not logged yet) pays for the Doctor's work at every
     step all the same: before a log was counted it is read from the stopwatch over the steps
     since the last log (it was charged only from the second log on, so the 256-site
     benchmark MLP, never logging, went 0.3 points over its budget). Statistics at 6% of a
     step and 1% of every step: every 3rd step, with no log at all."""
-    for per_step, n in ((0.0, 2), (0.01, 3)):
-        fake = FakeTime()
-        watch = sampling.Stopwatch()
-        s = Sampler(every_n_steps=None, overhead_budget=0.03, max_every=1000, clock=HostClock(
-            now=lambda f=fake: f.t, spent=lambda f=fake: f.stats, every_step=watch.read_every_step
-        ))
-        s.start()
-        for i in range(120):
-            c = s.collect(i)
-            fake.t += 1.0 + per_step + (0.06 if c else 0.0)
-            fake.stats += 0.06 if c else 0.0
-            watch.every_step += per_step
-            s.done(collected=c)
-        assert s.every == n
-        assert s.overhead() == pytest.approx((0.06 / n + per_step) / (1.0 + per_step))
+    s = _every_step_run(per_step, 120, None)
+    assert s.every == n
+    assert s.overhead() == pytest.approx((0.06 / n + per_step) / (1.0 + per_step))
 
 
 def test_the_doctors_step_and_its_optimizer_tap_count_as_every_steps_work(monkeypatch):

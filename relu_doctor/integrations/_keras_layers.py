@@ -217,9 +217,7 @@ class FrozenLayers:
         ``hops`` layers that keep the axes and hold none; None where there is none."""
         op = layer
         for _ in range(hops):
-            nodes = getattr(op, "_inbound_nodes", None) or []
-            parents = getattr(nodes[0], "parent_nodes", None) if nodes else None
-            op = getattr(parents[0], "operation", None) if parents else None
+            op = _input_op(op)
             if op is None:
                 return None
             if getattr(op, "weights", None):
@@ -283,6 +281,13 @@ _POOLS = tuple(
 )
 
 
+def _input_op(layer: Any) -> Any:
+    """The layer that made ``layer``'s (first) input in the model's graph, or None."""
+    nodes = getattr(layer, "_inbound_nodes", None) or []
+    parents = getattr(nodes[0], "parent_nodes", None) if nodes else None
+    return getattr(parents[0], "operation", None) if parents else None
+
+
 def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str]:
     """An activation layer's unit dim and why: that of the layer that made its input in
     the model's graph (a convolution's ``data_format``, a BatchNormalization's ``axis``, a
@@ -291,9 +296,7 @@ def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str]:
     channel axis of Keras' ``image_data_format()``."""
     op = layer
     for _ in range(hops):
-        nodes = getattr(op, "_inbound_nodes", None) or []
-        parents = getattr(nodes[0], "parent_nodes", None) if nodes else None
-        op = getattr(parents[0], "operation", None) if parents else None
+        op = _input_op(op)
         if op is None:
             break
         name = f"{type(op).__name__} `{op.name}`"
