@@ -1083,9 +1083,9 @@ def _compiled_site(
     ``probe._compiled_slots.<name>``. The output's shape comes from :func:`_traced_shape`,
     a symbolic dim as its size in the example traced (0 where it has none: no site), and
     the graph guards a site's units' dim at its width (see below). A call that makes no
-    site (a 1-D call the 1-D rule leaves out) gets its key's slot set to None: Dynamo guards on that, so when a later call
-    of another rank makes the site, the graph traced on the 1-D call is traced again and
-    counts it (one recompilation), as eager mode does.
+    site (a 1-D call the 1-D rule leaves out) gets its key's slot set to None: Dynamo
+    guards on that, so when a later call of another rank makes the site, the graph traced
+    on the 1-D call is traced again and counts it (one recompilation), as eager mode does.
     """
     module: nn.Module | None = None
     if has_module:

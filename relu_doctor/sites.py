@@ -36,7 +36,7 @@ def _feed(model: nn.Module, producer: str | None) -> tuple[nn.Module, nn.Module]
     if not parent:
         return None
     try:
-        return model.get_submodule(str(producer)), model.get_submodule(parent)
+        return model.get_submodule(producer or ""), model.get_submodule(parent)
     except AttributeError:
         return None
 
@@ -52,13 +52,10 @@ def _frozen(
     # (the layer's own first: where it trains, no walk over a block of hundreds of layers)
     if not own or any(p.requires_grad for p in own):
         return False
-    block = feed[1]
-    if trains is None or block not in trains:
-        found = any(p.requires_grad for p in block.parameters())
-        if trains is None:
-            return not found
-        trains[block] = found
-    return not trains[block]
+    trains = {} if trains is None else trains
+    if feed[1] not in trains:
+        trains[feed[1]] = any(p.requires_grad for p in feed[1].parameters())
+    return not trains[feed[1]]
 
 
 def frozen_feed(model: nn.Module, producer: str | None) -> bool:

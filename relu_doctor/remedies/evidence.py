@@ -59,8 +59,9 @@ class DeadEvidence:
         None while a sampled pool is still filling."""
         # A site fed by a frozen part (``frozen``: see Doctor's site rows) is no remedy's to
         # treat while it stays frozen, and its dead units say nothing of how training goes.
-        rows = [r for r in record.site_rows if r.get("units_seen") and not r.get("frozen")]
         frozen = {str(r["site"]) for r in record.site_rows if r.get("frozen")}
+        rows = [r for r in record.site_rows
+                if r.get("units_seen") and str(r["site"]) not in frozen]
         collected = [r.get("steps_collected") for r in rows]
         ran = [r.get("steps_run") for r in rows]
         got = max((int(c) for c in collected if c is not None), default=None)
