@@ -156,7 +156,8 @@ def paired(
         if doc is not None:
             est = doc.sampler.overhead()
             rate = f"every {doc.sampler.every}" + (
-                f" (its estimate: {est:.1%})" if est is not None and doc.sampler.adaptive else ""
+                f" (its estimate: {est:.1%}, {_split(doc.sampler)})"
+                if est is not None and doc.sampler.adaptive else ""
             )
         total = sum(times[name]) / sum(plain)
         lines.append(f"{name:28s} {statistics.median(ratios):8.3f}x [{lo:.3f}-{hi:.3f}] "
@@ -165,6 +166,14 @@ def paired(
         if 0 < sum(collected[name]) < len(collected[name]):
             lines.append(_phases(name, times[name], plain, collected[name]))
     return lines
+
+
+def _split(sampler: object) -> str:
+    """The budget's estimate in its two parts: collecting, and the work at every step."""
+    hook, plain = sampler._estimates()  # type: ignore[attr-defined]
+    every_step = (sampler._log_s() or 0.0) / plain  # type: ignore[attr-defined]
+    collecting = hook / (sampler.every * plain)  # type: ignore[attr-defined]
+    return f"collecting {collecting:.1%}, every step {every_step:.1%}"
 
 
 def _phases(name: str, times: list[float], plain: list[float], collected: list[bool]) -> str:

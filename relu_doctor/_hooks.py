@@ -10,7 +10,9 @@ another probe's), so the handles still remove them and the call order is what it
 
 Each hook dict with parked hooks has one ledger, shared by every :class:`HookSet` that parked
 hooks from it: the dict's order when its first hook was parked, and the hooks taken out. Sets
-may unpark in any order; each puts its hooks back by that order.
+may unpark in any order; each puts its hooks back by that order. A set whose dicts hold its
+hooks alone (a watched model's usual case) needs no ledger: it parks them whole, in one pass
+(see :class:`HookSet`).
 
 ``torch.compile`` bakes into its graph the hooks a module has when Dynamo traces it, and by
 default never looks at them again (``skip_nnmodule_hook_guards``): a model first traced while
@@ -31,6 +33,7 @@ from __future__ import annotations
 import functools
 import sys
 import weakref
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -223,6 +226,15 @@ class _Ledger:
         self.order = [k for k in self.order if k in d or k in taken]
         self.known = set(self.order)
 
+    @classmethod
+    def after(cls, d: dict[int, Any], ours: dict[int, Any]) -> _Ledger:
+        """A ledger of ``d`` as if made when ``ours`` were all it held and were taken out
+        (see :meth:`HookSet.park`): what it holds now came later."""
+        ledger = cls({})
+        ledger.d, ledger.order, ledger.known = d, list(ours), set(ours)
+        ledger.taken.update(ours)
+        return ledger
+
 
 # id(hook dict) -> its ledger, while a set keeps one. Held by the sets that park from it, not
 # here: a Doctor dropped without detach() while parked must not keep its model alive.
@@ -242,6 +254,13 @@ class HookSet:
     Only the dicts ``nn.Module._call_impl`` tests for its fast path are emptied (forward and
     pre-forward hooks); the flag dicts beside them (``always_call``, ``with_kwargs``) are read
     only for hooks found in those, so they keep their entries.
+
+    A watched model's usual case has a faster way: where every dict holds the set's hooks
+    and nothing else and no other set has hooks parked from them, a park pops them all, and
+    an unpark sets them back, each in one C loop (``map`` over the dicts' own methods, a
+    list of ours kept from park to park): a quarter of the time of the ledgers' pass per
+    dict on a 256-site model. The ledgers take any other case, and take over where the
+    dicts changed while parked.
     """
 
     def __init__(self) -> None:
@@ -255,6 +274,18 @@ class HookSet:
         # take 100 ms and more.
         self._kept: dict[int, tuple[_Ledger, set[int]]] = {}
         self._parked: dict[int, tuple[_Ledger, set[int]]] | None = None  # _kept, while parked
+        # The whole-set park (remade with _dicts): each of our hooks' dict and id, in the
+        # dicts' order, the dicts' sizes and ids, their one type (else None: no whole park),
+        # and the hooks popped (kept empty while unparked)
+        self._all: list[dict[int, Any]] = []
+        self._flat: tuple[list[dict[int, Any]], list[int]] = ([], [])
+        self._sizes: list[int] = []
+        self._ids: set[int] = set()
+        self._kind: type[dict[int, Any]] | None = None
+        self._popped: list[Any] = []
+        self._whole = False  # parked that way
+        self._late: list[tuple[dict[int, Any], int, Any]] = []  # added while parked whole
+        self._gone: set[int] = set()  # removed while parked whole
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -269,7 +300,10 @@ class HookSet:
         self._dicts = None
         d = handle.hooks_dict_ref()
         if self._parked is not None and d is not None and handle.id in d:
-            self._take(d, {handle.id})
+            if self._whole and id(d) in self._ids:  # after ours there, as it was added
+                self._late.append((d, handle.id, d.pop(handle.id)))
+            else:
+                self._take(d, {handle.id})
         return handle
 
     def remove(self, handles: Iterable[RemovableHandle]) -> None:
@@ -277,6 +311,8 @@ class HookSet:
         for h in handles:
             h.remove()
             self._handles.pop(h.id, None)
+            if self._whole:
+                self._gone.add(h.id)
             for key, (ledger, ids) in (self._parked or {}).items():
                 if h.id in ids:
                     ids.discard(h.id)
@@ -296,10 +332,32 @@ class HookSet:
                 d = h.hooks_dict_ref()
                 if d is not None and h.id in d:
                     self._dicts.setdefault(id(d), (d, set()))[1].add(h.id)
+            self._plan_whole()
         self._parked = self._kept
         _parked_sets.add(self)
+        kind, (dicts, ids) = self._kind, self._flat
+        if (
+            kind is not None
+            and self._ids.isdisjoint(_ledgers)
+            and list(map(len, self._all)) == self._sizes
+            and all(map(kind.__contains__, dicts, ids))
+        ):
+            self._popped.extend(map(kind.pop, dicts, ids))
+            self._whole = True
+            return
         for d, ours in self._dicts.values():
             self._take(d, ours)
+
+    def _plan_whole(self) -> None:
+        """Lay out the whole-set park for the current :attr:`_dicts`."""
+        assert self._dicts is not None
+        self._all = [d for d, _ in self._dicts.values()]
+        pairs = [(d, k) for d, ours in self._dicts.values() for k in d if k in ours]
+        self._flat = ([d for d, _ in pairs], [k for _, k in pairs])
+        self._sizes = [len(ours) for _, ours in self._dicts.values()]
+        self._ids = set(self._dicts)
+        kinds = {type(d) for d in self._all}  # torch's are OrderedDicts: their own methods
+        self._kind = kinds.pop() if len(kinds) == 1 else None  # keep the order they hold
 
     def _take(self, d: dict[int, Any], ours: set[int]) -> None:
         assert self._parked is not None
@@ -329,11 +387,47 @@ class HookSet:
         """Put the hooks back where they were (idempotent); see :class:`_Ledger`."""
         parked, self._parked = self._parked, None
         _parked_sets.discard(self)
+        if self._whole:
+            self._whole = False
+            if self._late or self._gone or any(self._all):
+                self._unpark_changed()
+            else:
+                assert self._kind is not None
+                deque(map(self._kind.__setitem__, *self._flat, self._popped), maxlen=0)
+            self._popped.clear()
         for ledger, ids in (parked or {}).values():
             ledger.restore(ids)
             ids.clear()
         if self._dicts is None:  # hooks added or removed while parked: let go at once
             self._kept = {}
+        elif self._kept and all(len(d) == len(ours) for d, ours in self._dicts.values()):
+            self._kept = {}  # the dicts hold only ours again: the next park can be whole
+
+    def _unpark_changed(self) -> None:
+        """Unpark a whole park whose dicts changed since: hooks added to them (the user's,
+        ours), or ours removed. Ours were all each dict held: whatever it holds now came
+        later, and goes before or after ours as :meth:`_Ledger.merge_new` tells."""
+        dicts, ids = self._flat
+        back: dict[int, tuple[dict[int, Any], dict[int, Any]]] = {}
+        for d, k, hook in zip(dicts, ids, self._popped, strict=True):
+            if k not in self._gone:
+                back.setdefault(id(d), (d, {}))[1][k] = hook
+        for d, k, hook in self._late:
+            if k not in self._gone:
+                back.setdefault(id(d), (d, {}))[1][k] = hook
+        self._late.clear()
+        self._gone.clear()
+        for key, (d, ours) in back.items():
+            ref = _ledgers.get(key)  # another set parked hooks from it since
+            ledger = None if ref is None else ref()
+            if ledger is not None:
+                ledger.merge_new()
+                ledger.order = [*ours, *(k for k in ledger.order if k not in ours)]
+                ledger.known.update(ours)
+                ledger.taken.update(ours)
+            else:
+                ledger = _Ledger.after(d, ours)
+            ledger.restore(set(ours))
 
 
 def _drop_if_empty(key: int, ledger: _Ledger) -> None:

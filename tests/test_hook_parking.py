@@ -331,6 +331,34 @@ def test_sets_sharing_a_dict_unpark_in_any_order():
         assert _calls(m, log, x) == ["a", "user", "b"]
 
 
+@pytest.mark.parametrize("a_first", [True, False])
+def test_a_set_parked_whole_and_one_parking_from_its_dict_since_unpark_in_any_order(a_first):
+    """A set whose dicts held only its hooks parks them whole (one pass, no ledger); another
+    set and the user add hooks to such a dict while it is parked, and that set parks its
+    own by a ledger: whichever unparks first, every hook comes back in the order they were
+    added, and so again after a second park of both (then by the ledgers)."""
+    m = nn.ReLU()
+    log: list[str] = []
+    x = torch.randn(3)
+    a, b = HookSet(), HookSet()
+    a.add(m.register_forward_hook(_hook(log, "a")))
+    a.add(m.register_forward_pre_hook(_hook(log, "a-pre")))
+    a.park()
+    assert a._whole and not _ledgers
+    b.add(m.register_forward_hook(_hook(log, "b")))
+    m.register_forward_hook(_hook(log, "user"))
+    b.park()
+    assert not b._whole and _ledgers
+    assert _calls(m, log, x) == ["user"]
+    for _ in range(2):
+        for s in (a, b) if a_first else (b, a):
+            s.unpark()
+        assert _calls(m, log, x) == ["a-pre", "a", "b", "user"]
+        a.park()
+        b.park()
+        assert not a._whole and _calls(m, log, x) == ["user"]
+
+
 def test_a_user_hook_added_on_a_parked_step_runs_after_ours_as_without_parking():
     """A hook registered while ours are parked that changes the activation's output: ours
     still read the activation's own output, as they do when nothing was parked."""
