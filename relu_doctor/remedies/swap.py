@@ -328,8 +328,10 @@ class ActivationSwapper(Remedy):
         sites = self.probe.sites() if self.probe is not None else []
         return [s for s in sites if s.key.op is None and s.key.module_path == path]
 
-    def _sites_of(self, path: str) -> list[str]:
-        return [s.name for s in self._module_sites(path)] or [module_label(path)]
+    def _sites_of(self, paths: Sequence[str]) -> list[str]:
+        """The sites of the module at ``paths``, else its first path's label (none ran)."""
+        names = {s.name for p in paths for s in self._module_sites(p)}
+        return sorted(names) or [module_label(paths[0])]
 
     def _site_units(self, path: str) -> int | None:
         for s in self._module_sites(path):
@@ -386,7 +388,7 @@ class ActivationSwapper(Remedy):
         )
         self.swaps[path] = rec
         self.refresh()
-        sites = sorted({s for p in rec.paths for s in self._sites_of(p)})
+        sites = self._sites_of(rec.paths)
         where = ", ".join(map(module_label, rec.paths))
         what = f"replaced {type(rec.old).__name__} at {where} with {rec.new!r}"
         if len(sites) > 1:
@@ -434,7 +436,10 @@ class ActivationSwapper(Remedy):
         events = []
         for path in paths:
             rec = self.swaps.pop(path)
-            named, sites = self._named.pop(path) if path in self._named else self._names_now(rec)
+            if (known := self._named.pop(path, None)) is None:  # swapped before a checkpoint
+                sites = self._sites_of(rec.paths)  # (its names were not saved)
+                known = (sites[0], sites)
+            named, sites = known
             restore_activation(self.model, record=rec, schedulers=self.schedulers)
             where = ", ".join(map(module_label, rec.paths))
             events.append(
@@ -454,11 +459,6 @@ class ActivationSwapper(Remedy):
         for e in events:
             self._record(e)
         return events
-
-    def _names_now(self, rec: SwapRecord) -> tuple[str, list[str]]:
-        """The site names of a swap made before a checkpoint (its names were not saved)."""
-        sites = sorted({s for p in rec.paths for s in self._sites_of(p)})
-        return sites[0], sites
 
     def decide(self, record: RecordLike) -> list[Intervention]:
         events: list[Intervention] = []

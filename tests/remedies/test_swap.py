@@ -48,6 +48,30 @@ def test_swap_keeps_positive_outputs_and_restores():
         assert torch.equal(net(x), before)
 
 
+def test_a_module_registered_under_two_names_is_said_shared_by_its_sites_only():
+    """One ReLU held by two blocks is one module at two paths; its sites are named after the
+    first path (``b1.act#0``, ``b1.act#1``): the swap says those, not the second path."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.b1, self.b2 = nn.Sequential(nn.Linear(4, 6)), nn.Sequential(nn.Linear(6, 6))
+            self.b1.act = self.b2.act = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b2.act(self.b2[0](self.b1.act(self.b1[0](x))))
+
+    net = Net()
+    with relu_doctor.watch(net, log_every_n_steps=1, overhead_budget=None) as doc:
+        net(torch.randn(5, 4)).sum().backward()
+        doc.step()
+        names = [s.name for s in doc.sites]
+        ev = ActivationSwapper(net).bind(doc).swap(names[1], step=1)
+    assert names == ["b1.act#0", "b1.act#1"]
+    assert ev.details["sites"] == names
+    assert "shared by 2 sites (b1.act#0, b1.act#1)" in ev.what, ev.what
+    assert isinstance(net.b1.act, nn.LeakyReLU) and net.b2.act is net.b1.act
+
+
 def test_swap_shared_module_changes_every_site_and_probe_follows():
     torch.manual_seed(0)
     block = BasicBlock(4)
