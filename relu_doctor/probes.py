@@ -207,6 +207,19 @@ def uncompiled(model: Any) -> Any:
     return model
 
 
+def _recurrent_relu(model: nn.Module) -> str:
+    """Words on the model's ``nn.RNN``/``nn.RNNCell`` with ``nonlinearity='relu'``, whose
+    ReLU no hook sees ("" where it has none)."""
+    paths = [path for path, m in model.named_modules()
+             if isinstance(m, nn.RNN | nn.RNNCell) and m.nonlinearity == "relu"]
+    if not paths:
+        return ""
+    return (f"{module_label(paths[0])!r}"
+            f"{f' (and {len(paths) - 1} more)' if len(paths) > 1 else ''} is an "
+            f"{type(model.get_submodule(paths[0])).__name__} with nonlinearity='relu': its "
+            "ReLU runs inside torch's recurrent kernel, where no hook sees it")
+
+
 class Probe(SiteRegistry, HookOwner):
     """Hooks on a model's ReLU-family activations, recording into per-site accumulators.
 
@@ -385,15 +398,9 @@ class Probe(SiteRegistry, HookOwner):
                 ReluDoctorWarning,
                 stacklevel=user_stacklevel(),
             )
-        recurrent = [path for path, m in self.model.named_modules()
-                     if isinstance(m, nn.RNN | nn.RNNCell) and m.nonlinearity == "relu"]
-        if recurrent and self.stream != "eval":
+        if (recurrent := _recurrent_relu(self.model)) and self.stream != "eval":
             warnings.warn(
-                f"relu_doctor: {module_label(recurrent[0])!r}"
-                f"{f' (and {len(recurrent) - 1} more)' if len(recurrent) > 1 else ''} is an "
-                f"{type(self.model.get_submodule(recurrent[0])).__name__} with "
-                "nonlinearity='relu': its ReLU runs inside torch's recurrent kernel, where no "
-                "hook sees it, so it is not watched. The rest of the model is.",
+                f"relu_doctor: {recurrent}, so it is not watched. The rest of the model is.",
                 ReluDoctorWarning,
                 stacklevel=user_stacklevel(),
             )
@@ -621,10 +628,12 @@ class Probe(SiteRegistry, HookOwner):
             "x.relu(), F.gelu ...); register another activation with "
             "relu_doctor.register_family(...)"
         )
+        if recurrent := _recurrent_relu(self.model):
+            cause = f"{recurrent}. Besides, {cause}"
         return (
             f"model: a forward pass of {type(self.model).__name__} ran no ReLU-family "
-            f"activation{what}, so relu_doctor has nothing to watch{held_instead(self.model)}; "
-            f"{cause}."
+            f"activation a hook can see{what}, so relu_doctor has nothing to watch"
+            f"{held_instead(self.model)}; {cause}."
         )
 
     @property

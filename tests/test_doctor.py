@@ -670,6 +670,22 @@ def test_a_recurrent_layer_with_relu_is_said_to_be_unseen_and_the_rest_watched(c
     assert doc.to_pandas().iloc[0]["dead"] == int(((torch.cat(outs) > 0).sum(0) == 0).sum())
 
 
+def test_a_model_whose_only_relu_is_recurrent_is_told_why_nothing_is_watched():
+    """A trial's model had an nn.RNN(nonlinearity='relu') and no other activation: the error
+    said its pass 'ran no ReLU-family activation', which it had, in torch's kernel."""
+    rnn = nn.RNN(4, 8, nonlinearity="relu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReluDoctorWarning)  # (said at watch: tested above)
+        doc = relu_doctor.watch(rnn, log_every_n_steps=2)
+    rnn(torch.randn(5, 3, 4))[0].sum().backward()
+    with pytest.raises(ReluDoctorError) as e:
+        doc.step()
+    doc.detach()
+    assert "ran no ReLU-family activation a hook can see" in str(e.value)
+    assert ("'(root)' is an RNN with nonlinearity='relu': its ReLU runs inside torch's "
+            "recurrent kernel, where no hook sees it. Besides, it watches nn.ReLU") in str(e.value)
+
+
 # ---------------------------------------------------------------------- memory
 
 
