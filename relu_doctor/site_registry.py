@@ -137,9 +137,11 @@ class SiteRegistry:
             unit_dim, rule = resolve_unit_dim(shape, override)
         except ValueError as e:
             raise ReluDoctorError(f"unit_dims for {label!r}: {e}.") from None
-        if kin is not None:
+        if kin is not None:  # (its producer is not known: only the layout is shared)
             unit_dim = kin.dim_for(len(shape))
-            rule = f"as call #{kin.call_index} of the same activation: {kin.unit_rule}"
+            where = "last dim" if unit_dim == len(shape) - 1 > 0 else f"dim {unit_dim}"
+            rule = (f"{where}, as call #{kin.call_index} of the same activation, whose "
+                    "output was laid out alike (this call's own layer was not traced)")
         origin = self._provenance.origin(output) if follow else None
         if origin is None and override is None and len(shape) == 1:
             # A 1-D output that no layer it knows made: mostly per-sample scalars (a hinge
@@ -154,7 +156,7 @@ class SiteRegistry:
             unit_dim, rule = origin.dim, origin.rule(len(shape))
         elif why is not None:
             rule = f"{why} -> dim {unit_dim}"
-        elif follow:
+        elif follow and kin is None:
             rule += " (no producing layer found)"
         if not shape[unit_dim]:  # no units: an empty layer, or a dim torch.compile let vary
             return None

@@ -709,6 +709,15 @@ def test_a_module_run_more_times_than_before_counts_each_new_call_from_its_first
         assert table["activation_rate"].tolist() == pytest.approx(
             (ref > 0).double().mean(0).tolist())
         assert table["mean_abs"].tolist() == pytest.approx(ref.abs().double().mean(0).tolist())
+        # a call first made after the first pass (untracked) says whose layout it took,
+        # once, and claims no layer (a trial's rule had nested "as call #3 ...: as call #2
+        # ...: Linear `cell` -> last dim (no producing layer found) (no producing ...)")
+        rule = next(s.unit_rule for s in doc.sites if s.name == name)
+        if i >= ks[0]:
+            assert rule == (f"last dim, as call #{i - 1} of the same activation, whose output "
+                            "was laid out alike (this call's own layer was not traced)"), rule
+        else:
+            assert rule == "Linear `fc` -> last dim", rule
 
 
 class _BranchedFunctional(nn.Module):
