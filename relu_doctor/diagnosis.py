@@ -616,8 +616,11 @@ def _why_not_swapped(family: str, leaky: bool, cap: float | None, op: str | None
     if "leaky_relu_swap" in declined:
         return "the LeakyReLU swap left this site alone"
     if op is not None and can_swap(family, leaky, cap):
-        return ("a functional call: the swap replaces activation modules, so call "
-                "F.leaky_relu there or make it an nn.ReLU module")
+        return ("a functional call, and the swap replaces activation modules: in your own "
+                "code, call F.leaky_relu there or make it an nn.ReLU module; in a library's "
+                "layer, pass a leaky activation where the layer takes one "
+                "(nn.TransformerEncoderLayer's activation=, a Hugging Face config's "
+                "hidden_act)")
     capped = isinstance(cap, int | float) and family != "relu6"  # (relu6 says its cap)
     what = f"{family} capped at {cap:g}" if capped else family
     return f"{what} cannot become a LeakyReLU without changing its outputs"

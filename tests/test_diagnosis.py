@@ -584,8 +584,13 @@ def test_within_a_severity_the_cause_and_the_largest_share_come_first():
 
 @pytest.mark.parametrize(("update", "said"), [
     ({"cap": 3.0}, "(relu capped at 3 cannot become a LeakyReLU without changing its outputs)"),
-    ({"op": "relu"}, "(a functional call: the swap replaces activation modules, so call "
-                     "F.leaky_relu there or make it an nn.ReLU module)"),
+    # (the library case: a trial's nn.TransformerEncoderLayer, whose F.relu the user
+    # cannot edit, and DistilBert's inline nn.ReLU()(x))
+    ({"op": "relu"}, "(a functional call, and the swap replaces activation modules: in your "
+                     "own code, call F.leaky_relu there or make it an nn.ReLU module; in a "
+                     "library's layer, pass a leaky activation where the layer takes one "
+                     "(nn.TransformerEncoderLayer's activation=, a Hugging Face config's "
+                     "hidden_act))"),
 ])
 def test_a_capped_or_functional_relu_is_told_why_the_swap_is_not_advised(update, said):
     """A ReLU with a cap (Keras' ReLU(max_value=3)) read "relu cannot become a LeakyReLU",

@@ -196,6 +196,9 @@ def _site_rows(run: Run, last: pd.DataFrame, findings: Sequence[FindingView]) ->
         leaky = bool(h.get("leaky", meta.get("leaky", False)))
         cap = next((float(c) for c in (h.get("cap"), meta.get("cap"))
                     if isinstance(c, int | float) and math.isfinite(c)), None)  # NaN: Parquet's None
+        # not run in the window shown (a branch not taken): no unit was judged, none is
+        # "0 dead"
+        unseen = bool(h) and h.get("units_seen") == 0
         rows.append(
             SiteRow(
                 site=name,
@@ -208,10 +211,10 @@ def _site_rows(run: Run, last: pd.DataFrame, findings: Sequence[FindingView]) ->
                 logged=bool(h),
                 severity=worst.get(name, ""),
                 units=fmt_int(raw["units"]),
-                dead=fmt_int(raw["dead"]),
+                dead="not seen" if unseen else fmt_int(raw["dead"]),
                 dead_pct=fmt_pct(raw["dead_fraction"]),
                 lifetime_dead=fmt_int(raw["lifetime_dead"]),
-                dormant=fmt_int(raw["dormant"]),
+                dormant="not seen" if unseen else fmt_int(raw["dormant"]),
                 sparsity=fmt_pct(raw["sparsity"]),
                 grad_rms=fmt_num(raw["grad_rms"]),
                 grad_zero=fmt_pct(raw["grad_zero_fraction"]),

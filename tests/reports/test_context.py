@@ -428,3 +428,30 @@ def test_a_frozen_site_is_marked_in_the_sites_table_and_the_summary(tmp_path: Pa
     fit(4, tmp_path / "trains")
     ctx = build_context(load_run(tmp_path / "trains"))
     assert not any(r.frozen for r in ctx.sites) and "Frozen (" not in summary(ctx)
+
+
+def test_a_site_not_run_in_the_window_shown_reads_not_seen(tmp_path: Path) -> None:
+    """A branch taken only early: the table showed its last window as "dead 0, dormant 0"
+    (a trial), where none of its units was seen; a site that ran reads its counts."""
+    import torch
+    import torch.nn as nn
+
+    from relu_doctor.reports.html import render_context
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Sequential(nn.Linear(4, 6), nn.ReLU()),
+                           "b": nn.Sequential(nn.Linear(4, 6), nn.ReLU())})
+    with torch.no_grad():
+        model["a"][0].bias[:2] = -50.0  # two dead where it runs
+    with relu_doctor.watch(model, log_every_n_steps=2, overhead_budget=None,
+                           run_dir=tmp_path) as doc:
+        for step in range(4):
+            x = torch.randn(8, 4)
+            out = model["a"](x) + (model["b"](x) if step < 2 else 0)
+            out.sum().backward()
+            doc.step()
+    ctx = build_context(load_run(tmp_path))
+    rows = {r.site: r for r in ctx.sites}
+    assert (rows["a.1"].dead, rows["a.1"].dormant) == ("2", "0")
+    assert (rows["b.1"].dead, rows["b.1"].dormant) == ("not seen", "not seen")
+    assert "not seen" in render_context(ctx) and "not seen" in summary(ctx)
