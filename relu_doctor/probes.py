@@ -51,9 +51,10 @@ Units: a site's units are the features of the layer that made its input, found b
 tracker runs only in passes where some site is unresolved: the first recorded pass, and the
 next ones while a watched activation module has not run yet (LayerDrop skips whole layers;
 8 tracked passes at most), so that its first call is counted. A site first seen in an
-untracked pass (a functional call, or a module later than that) is counted from the next
-pass, which is tracked. Where no producer is found the shape rule of
-:func:`~relu_doctor.stats.resolve_unit_dim` decides.
+untracked pass (a functional call, or a module later than that) is counted by the shape
+rule of :func:`~relu_doctor.stats.resolve_unit_dim` until its next run, in a tracked pass,
+finds its producer (its counts start anew where that says other units). Where no producer
+is found the shape rule decides.
 """
 
 from __future__ import annotations
@@ -334,6 +335,7 @@ class Probe(SiteRegistry, HookOwner):
         self._tracked_passes = 0
         self._unresolved: dict[SiteKey, int] = {}  # first seen untracked -> tracked passes since
         self._shape_rule: set[SiteKey] = set()  # given up on finding the producer
+        self._provisional: set[SiteKey] = set()  # made by the shape rule until a tracked run
         self._keys: dict[tuple[str, int, str | None], SiteKey] = {}  # see record()
         self._not_units: set[SiteKey] = set()  # 1-D calls no layer made: no site (see _site)
         self._failed: set[SiteKey] = set()  # a hook failed: no longer monitored
@@ -862,7 +864,7 @@ class Probe(SiteRegistry, HookOwner):
             ready = site.stats.prepare_forward(
                 output, dim, nonnegative=family.nonnegative, cap=site.cap
             )
-            if ready is not None:
+            if ready is not None and key not in self._provisional:  # (its next call settles it)
                 self._prepared[path, call_index, op] = (family, ready, site)
             else:
                 self._prepared.pop((path, call_index, op), None)

@@ -32,6 +32,9 @@ __all__ = ["SiteRegistry"]
 #: Tracked passes at most spent waiting: for a first site, and for a watched activation
 #: module's first call.
 _MAX_TRACKED = 8
+# said of the units of a site first called in an untracked pass, until its next run's
+# producer decides them (SiteRegistry._settle)
+_PROVISIONAL = " (for now: its first call ran in a pass that did not trace layers)"
 
 
 class SiteRegistry:
@@ -51,6 +54,7 @@ class SiteRegistry:
         _provenance: ProvenanceTracker
         _unresolved: dict[SiteKey, int]
         _shape_rule: set[SiteKey]
+        _provisional: set[SiteKey]
         _not_units: set[SiteKey]
         _want_provenance: bool
         _warned_units: set[SiteKey]
@@ -73,7 +77,8 @@ class SiteRegistry:
         traced: bool = False,
     ) -> Site | None:
         """The site of ``key``, made at its first call; None when this call is not counted
-        (its unit count changed, or its producer is to be found in the next pass).
+        (its unit count changed, or, for a 1-D call, its producer is to be found in the
+        next pass).
 
         ``traced``: called while torch.compile traces (no producer tracking: shape rule).
         """
@@ -87,6 +92,8 @@ class SiteRegistry:
         if site is not None:
             if site.restored and site.stats.window.device != output.device:
                 site.stats.to(output.device)  # made from a checkpoint on another device
+            if key in self._provisional and self._provenance.tracking:
+                self._settle(site, output)
             dim = site.dim_for(len(shape))
             if not 0 <= dim < len(shape) or shape[dim] != site.units:
                 if site.restored:  # the hook's failure path warns, and the site steps aside
@@ -122,17 +129,21 @@ class SiteRegistry:
         follow = (override is None and not traced and key not in self._shape_rule
                   and not (self._pass_in_graph and not self._provenance.tracking))
         kin = None
+        provisional = False
         if follow and not self._provenance.tracking:
             # First seen in an untracked pass. Another call of the same activation module (a
             # module run once more in a loop of varying length) takes the units of its call
-            # before where its output is laid out alike; any other call's producer (a
-            # functional call first made on a branch: its own layer) is found in the next
-            # pass.
+            # before where its output is laid out alike. Any other call (a functional call
+            # first made on a branch) is counted by the shape rule for now, and its producer
+            # found at its next run, in a tracked pass (see _settle); a 1-D call, which may
+            # have no units at all, waits for it.
             kin = self._kin(key, shape) if key.op is None else None
             if kin is None:
                 self._unresolved.setdefault(key, 0)
                 self._want_provenance = True
-                return None
+                if len(shape) == 1:
+                    return None
+                provisional = True
         try:
             unit_dim, rule = resolve_unit_dim(shape, override)
         except ValueError as e:
@@ -156,11 +167,16 @@ class SiteRegistry:
             unit_dim, rule = origin.dim, origin.rule(len(shape))
         elif why is not None:
             rule = f"{why} -> dim {unit_dim}"
+        elif provisional:
+            rule += _PROVISIONAL
         elif follow and kin is None:
             rule += " (no producing layer found)"
         if not shape[unit_dim]:  # no units: an empty layer, or a dim torch.compile let vary
             return None
-        self._unresolved.pop(key, None)
+        if provisional:
+            self._provisional.add(key)
+        else:
+            self._unresolved.pop(key, None)
         site = Site(
             key=key,
             family=family,
@@ -184,6 +200,32 @@ class SiteRegistry:
         for fn in self._listeners:
             fn()
         return site
+
+    def _settle(self, site: Site, output: torch.Tensor) -> None:
+        """The first call of ``site``'s key in a tracked pass since it was made by the shape
+        rule (in an untracked pass): its producer decides its units now. Where they are the
+        shape rule's, what was counted stands; else the site is made anew on them, quietly
+        (its counts so far were of other units, its first call's alone)."""
+        self._provisional.discard(site.key)
+        self._unresolved.pop(site.key, None)
+        shape = tuple(output.shape)
+        origin = self._provenance.origin(output)
+        if origin is None:
+            site.unit_rule = site.unit_rule.removesuffix(_PROVISIONAL) + (
+                " (no producing layer found)")
+            return
+        site.producer = origin.layer
+        site.made_by = self._made_by(site)
+        site.unit_rule = origin.rule(len(shape))
+        if origin.dim == site.dim_for(len(shape)) and shape[origin.dim] == site.units:
+            return
+        site.unit_dim, site.units = origin.dim, shape[origin.dim]
+        site.shape, site.other_ranks = shape, set()
+        site.stats = SiteStats(site.units, output.device)
+        for fn in self._listeners:
+            fn()
+        for renewed in self._renewal_listeners:
+            renewed(site.name)
 
     def _made_by(self, site: Site) -> weakref.ref[nn.Module] | None:
         """A weak reference to the module whose replacement makes ``site`` anew: the layer
@@ -306,6 +348,11 @@ class SiteRegistry:
             if self._unresolved[key] >= 3:
                 del self._unresolved[key]
                 self._shape_rule.add(key)
+                if key in self._provisional:  # (not run again: the shape rule stays)
+                    self._provisional.discard(key)
+                    site = self._sites[key]
+                    site.unit_rule = site.unit_rule.removesuffix(_PROVISIONAL) + (
+                        " (its layer was not traced: it ran only in passes that were not)")
         if self._tracked_passes < _MAX_TRACKED:
             ran = {k.module_path for k in self._sites} | {k.module_path for k in self._failed}
             if any(path not in ran for path, _ in self._targets.values()):

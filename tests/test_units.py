@@ -751,3 +751,60 @@ def test_a_functional_call_first_made_on_a_branch_takes_its_own_layers_units() -
     assert (sites["(root):relu#0"].units, sites["(root):relu#0"].unit_dim) == (6, 2)
     assert (sites["(root):relu#1"].units, sites["(root):relu#1"].unit_dim) == (4, 1)
     assert sites["(root):relu#1"].producer == "conv"
+    # its first run (untracked) was counted by the shape rule, on the wrong dim (the last,
+    # as a Linear's): dropped when the next run's producer said otherwise, so its counts
+    # are those of the runs after (steps 2 and 3), not a mix of two kinds of unit
+    assert doc.to_pandas().set_index("site").loc["(root):relu#1", "elements"] == 2 * 2 * 4 * 6
+    assert sites["(root):relu#1"].unit_rule == "Conv1d `conv` -> dim 1"
+
+
+class _Branch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(x))
+
+
+class _SometimesBranch(nn.Module):
+    """Branch ``b`` (an ``F.relu`` in its forward) runs only on the steps in ``taken``."""
+
+    def __init__(self, taken: tuple[int, ...]) -> None:
+        super().__init__()
+        self.a, self.b = _Branch(), _Branch()
+        self.taken, self.step = taken, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x).sum()
+        if self.step in self.taken:
+            y = y + self.b(x).sum()
+        return y
+
+
+@pytest.mark.parametrize("taken", [(3, 4, 9), (3,), (3, 11)])
+def test_a_functional_call_first_made_on_a_branch_is_counted_from_its_first_run(
+    taken: tuple[int, ...],
+) -> None:
+    """A trial's branch ran at steps 3, 4, 9 and 17 and was counted on three of its four
+    runs; one run only, and it was never seen. Its first run, in a pass that traces no
+    layers, is counted by the shape rule, which its next run's producer confirms (or
+    replaces: above); checked against the branch's outputs, collected by a hook."""
+    torch.manual_seed(0)
+    model = _SometimesBranch(taken)
+    outs: list[torch.Tensor] = []
+    model.b.register_forward_hook(lambda m, a, out: outs.append(out.detach().clone()))
+    with relu_doctor.watch(model, log_every_n_steps=12, overhead_budget=None) as doc:
+        for step in range(12):
+            model.step = step
+            model(torch.randn(4, 3)).backward()
+            doc.step()
+    ref = torch.cat(outs)
+    assert doc.to_pandas().set_index("site").loc["b:relu#0", "elements"] == ref.numel()
+    table = doc.unit_table("b:relu#0")
+    assert table["activation_rate"].tolist() == pytest.approx((ref > 0).double().mean(0).tolist())
+    assert table["mean_abs"].tolist() == pytest.approx(ref.abs().double().mean(0).tolist())
+    rule = next(s.unit_rule for s in doc.sites if s.name == "b:relu#0")
+    assert rule == ("Linear `b.fc` -> last dim" if taken == (3, 4, 9) else
+                    "shape rule (N, F) -> dim 1 (its layer was not traced: it ran only in "
+                    "passes that were not)")
