@@ -242,8 +242,9 @@ def _severity(frac: float, warn: float, crit: float) -> str:
 
 
 def _sampled(row: Mapping[str, Any], *, lifetime: tuple[int, int] | None = None,
-             what: str = "dead") -> str:
-    """The window's sampling, where it collected fewer steps than it ran ("" otherwise):
+             what: str = "dead", passes: tuple[int, int] | None = None) -> str:
+    """The window's sampling, where it collected fewer steps than it ran, or the site ran
+    in some of its recorded passes only (``passes``: those and all of them) ("" otherwise):
     the fewer batches seen, the more units look ``what``. ``lifetime``: (steps collected,
     steps run) since monitoring began, said instead."""
     if lifetime is not None:
@@ -253,6 +254,10 @@ def _sampled(row: Mapping[str, Any], *, lifetime: tuple[int, int] | None = None,
         return (f" (on the steps collected, not every step: {total} of the {since} steps "
                 "since monitoring began; a unit that fires rarely can be missed)")
     got, ran = row.get("steps_collected"), row.get("steps_run")
+    if passes is not None:
+        return (f"; this site ran in {passes[0]} of the window's {passes[1]} recorded passes "
+                f"(a branch taken sometimes), and a unit is more likely to look {what} on "
+                "fewer batches")
     if got is None or ran is None or got >= ran:
         return ""
     return (f"; statistics from {got} of the window's {ran} steps, and a unit is more likely "
@@ -270,6 +275,7 @@ def diagnose(
     declined: Mapping[str, Collection[str]] | None = None,
     lifetime_steps: tuple[int, int] | None = None,
     scaler_skipped: int = 0,
+    site_passes: Mapping[str, tuple[int, int]] | None = None,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -291,6 +297,9 @@ def diagnose(
             gradients overflowed. Where it skipped some of the steps run, not most, and no
             output was non-finite, the sites whose non-finite values are gradients give one
             ``loss_scale_overflow`` info finding, not critical ``nonfinite`` ones.
+        site_passes: by site, (recorded passes of the window that ran it, all of them),
+            for the sites that ran in some only (a branch taken sometimes): their dead and
+            dormant findings say it, and their evidence holds both.
 
     Returns:
         Findings, most severe first.
@@ -312,6 +321,7 @@ def diagnose(
         name = str(row["site"])
         u = units[name]
         fam = str(row["family"])
+        passes = (site_passes or {}).get(name)
         leaky = bool(row.get("leaky"))
         seen = int(row["units_seen"])
         # Before the `seen` check: a site whose every output was NaN/Inf saw no finite
@@ -365,7 +375,7 @@ def diagnose(
                     "dead", name,
                     _severity(frac, config.dead_warning, config.dead_critical),
                     f"{row['dead']} of {seen} units ({frac:.1%}) {what} over the window "
-                    f"({fam}){_sampled(row)}.",
+                    f"({fam}){_sampled(row, passes=passes)}.",
                     {"dead": row["dead"], "units": seen, "dead_fraction": frac,
                      "dead_units": _units_list(u, "dead"), "family": fam, "leaky": leaky},
                     remedy, step,
@@ -398,7 +408,8 @@ def diagnose(
                     "dormant", name,
                     _severity(frac, config.dead_warning, config.dead_critical),
                     f"{n_dormant} of {seen} units ({frac:.1%}) dormant (ReDo score <= "
-                    f"{config.tau}) but not dead{_sampled(row, what='dead or dormant')}.",
+                    f"{config.tau}) but not dead"
+                    f"{_sampled(row, what='dead or dormant', passes=passes)}.",
                     {"dormant": n_dormant, "dormant_fraction": frac, "tau": config.tau,
                      "dormant_units": _units_list(u, "dormant")},
                     f"Recycle dormant units {_recycle(names, 'ReDo, Sokar et al. 2023')}: "
@@ -465,6 +476,8 @@ def diagnose(
         if of is not None and of.get("steps_run") is not None:
             f.evidence.setdefault("steps_collected", of.get("steps_collected"))
             f.evidence.setdefault("steps_run", of.get("steps_run"))
+        if f.site in (site_passes or {}):  # (the passes of the window that ran the site)
+            f.evidence["site_passes"], f.evidence["passes"] = (site_passes or {})[f.site]
     out.sort(key=lambda f: finding_order(f.severity, f.kind, f.site, f.evidence))
     return out
 

@@ -988,6 +988,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         """
         self.global_step = int(state["global_step"])
         self.window_steps = int(state["window_steps"])
+        # the open window's passes before the checkpoint are not in it (see passes_seen)
+        self.probe.passes_known = self.window_steps == 0
         # (a checkpoint from before steps_run was saved: every step of it collected)
         self.steps_run = int(state.get("steps_run", self.window_steps))
         self._window_scheduled = int(state.get("window_scheduled", self.window_steps))

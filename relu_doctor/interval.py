@@ -226,9 +226,12 @@ class IntervalReading:
              *([ratio] if ratio is not None and extra else [])]
         )
         host_first = host.pop(2) if first_dead else None
+        # (one process's passes: with several, each ran its own batches)
+        passes = self.probe.passes_seen(sites) if world == 1 else {}
         if close and world is not None:  # (see _sum_windows)
             for s in sites:
                 s.stats.close_window(summed[s.name])
+            self.probe.close_passes(sites)
         if self.steps_run == 0 and self.probe.stream == "eval":
             return None  # no evaluation pass here: read only for the others' sum (log_eval)
         host_window, host_life = host[0], host[1]
@@ -299,7 +302,7 @@ class IntervalReading:
             findings = diagnose(
                 site_rows, units, self.config, step=self.global_step,
                 param_grad_norms=self._grad_norm_history, first_rms=self._first_rms,
-                declined=self._declined,
+                declined=self._declined, site_passes=passes,
                 lifetime_steps=None if self._lifetime_steps is None else (
                     self._lifetime_steps[0] + collected, self._lifetime_steps[1] + self.steps_run),
                 scaler_skipped=self._take_skipped(close),

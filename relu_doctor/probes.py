@@ -296,6 +296,10 @@ class Probe(SiteRegistry, HookOwner):
         self.paused = False
         #: forward passes recorded so far (counted at their start; Python int, no sync)
         self.passes = 0
+        # the passes when the open window began, and whether each site's count of the
+        # window's passes that ran it holds since (not after a checkpoint resumed mid-window)
+        self._window_from = 0
+        self.passes_known = True
         self._pass_open = False  # a pass has begun and not ended
         self._pass_in_graph = False  # the pass began while torch.compile traced
         self._pass_on = False  # ... and it is recorded
@@ -864,6 +868,9 @@ class Probe(SiteRegistry, HookOwner):
             ready = site.stats.prepare_forward(
                 output, dim, nonnegative=family.nonnegative, cap=site.cap
             )
+            if site.seen_pass != self.passes:  # (the window's passes that ran it)
+                site.seen_pass = self.passes
+                site.window_passes += 1
             if ready is not None and key not in self._provisional:  # (its next call settles it)
                 self._prepared[path, call_index, op] = (family, ready, site)
             else:
@@ -888,10 +895,30 @@ class Probe(SiteRegistry, HookOwner):
             if not call(output):
                 return False
             self._tap_gradient(output, site)
+            if site.seen_pass != self.passes:
+                site.seen_pass = self.passes
+                site.window_passes += 1
         except Exception as e:  # never raise into the user's forward
             self._fail(site.key, "forward", e)
         self.stopwatch.add(t0)
         return True
+
+    def passes_seen(self, sites: Sequence[Site]) -> dict[str, tuple[int, int]]:
+        """``{site name: (recorded passes of the open window that ran it, all of them)}`` for
+        the sites that ran in some of them only (a branch taken sometimes): a window judged
+        on fewer batches says so. Empty where the counts are not known: compiled hooks
+        count no passes, nor a window resumed from a checkpoint mid-way."""
+        total = self.passes - self._window_from
+        if self._compiled or not self.passes_known or total <= 0:
+            return {}
+        return {s.name: (s.window_passes, total) for s in sites if 0 < s.window_passes < total}
+
+    def close_passes(self, sites: Sequence[Site]) -> None:
+        """The open window closed: its count of passes starts anew, every site's too."""
+        for s in sites:
+            s.window_passes = 0
+        self._window_from = self.passes
+        self.passes_known = True
 
     @property
     def compiled(self) -> bool:

@@ -222,6 +222,10 @@ class Site:
     #: the module whose replacement makes this site anew (its producer, else the module at
     #: its path), weakly: see SiteRegistry._replaced
     made_by: Any = field(default=None, repr=False)
+    #: the recorded passes of the open window that ran it (see Probe.passes_seen), and the
+    #: last of them (the probe's pass count then)
+    window_passes: int = field(default=0, repr=False)
+    seen_pass: int = field(default=-1, repr=False)
 
     def dim_for(self, ndim: int) -> int:
         """The unit dim of a call whose output has ``ndim`` dims (negative: it has none).

@@ -808,3 +808,74 @@ def test_a_functional_call_first_made_on_a_branch_is_counted_from_its_first_run(
     assert rule == ("Linear `b.fc` -> last dim" if taken == (3, 4, 9) else
                     "shape rule (N, F) -> dim 1 (its layer was not traced: it ran only in "
                     "passes that were not)")
+
+
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("functional", [True, False])
+def test_a_site_run_on_some_passes_only_says_on_how_many_its_findings_rest(
+    functional: bool, every: int,
+) -> None:
+    """A trial's branch ran on 2 of a window's 30 steps and its dead finding gave only the
+    window's 30 steps as evidence, "On fewer batches more units look dead" unsaid. Counted
+    against the passes that ran it (a hook), at the steps a sampled window collected; the
+    prepared call (its run after the first) counts too; a site of every pass says nothing."""
+    torch.manual_seed(0)
+    model = _SometimesBranch((3, 4, 7, 15, 16))
+    if not functional:
+        model.b = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
+    fc = model.b.fc if functional else model.b[0]
+    with torch.no_grad():
+        fc.bias[:3] = -50.0  # three dead units
+    ran: list[int] = []  # the collected steps that ran the branch
+    collected: list[int] = []
+    model.b.register_forward_hook(
+        lambda m, a, out: ran.append(model.step) if doc.probe.collecting else None)
+    name = "b:relu#0" if functional else "b.1"
+    with relu_doctor.watch(model, log_every_n_steps=10, every_n_steps=every,
+                           overhead_budget=None) as doc:
+        for step in range(20):
+            model.step = step
+            if doc.probe.collecting:
+                collected.append(step)
+            model(torch.randn(4, 3)).backward()
+            record = doc.step()
+            if record is None:
+                continue
+            n = sum(step - 9 <= s <= step for s in ran)
+            total = sum(step - 9 <= s <= step for s in collected)
+            assert record.steps_collected == total and 0 < n < total
+            [dead] = [f for f in record.findings if f.kind == "dead" and f.site == name]
+            assert (dead.evidence["site_passes"], dead.evidence["passes"]) == (n, total)
+            assert f"this site ran in {n} of the window's {total} recorded passes" in (
+                dead.message)
+            assert not any("site_passes" in f.evidence for f in record.findings
+                           if f.site != name)
+
+
+def test_a_window_resumed_mid_way_does_not_say_on_how_many_passes_a_site_ran() -> None:
+    """The passes before a checkpoint are in the resumed window's counts but not in the
+    pass counts (not saved): that window says nothing of them, the next one does."""
+    torch.manual_seed(0)
+    model = _SometimesBranch((3, 7, 12))
+    with torch.no_grad():
+        model.b.fc.bias[:3] = -50.0
+    kw: dict[str, Any] = {"log_every_n_steps": 10, "overhead_budget": None}
+    doc = relu_doctor.watch(model, **kw)
+    for step in range(5):
+        model.step = step
+        model(torch.randn(4, 3)).backward()
+        doc.step()
+    state = doc.state_dict()
+    doc.detach()
+    resumed = relu_doctor.watch(model, **kw)
+    resumed.load_state_dict(state)
+    said = []
+    for step in range(5, 20):
+        model.step = step
+        model(torch.randn(4, 3)).backward()
+        record = resumed.step()
+        if record is not None:
+            said.append([f.evidence.get("site_passes") for f in record.findings
+                         if f.kind == "dead" and f.site == "b:relu#0"])
+    resumed.detach()
+    assert said == [[None], [1]]
