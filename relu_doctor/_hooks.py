@@ -31,6 +31,7 @@ do instead, and copies as itself.
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 import weakref
 from collections import deque
@@ -236,6 +237,8 @@ class _Ledger:
         return ledger
 
 
+# id(hook dict) -> the set that parked it whole, weakly, while it is so parked (see HookSet)
+_whole_dicts: dict[int, weakref.ref[HookSet]] = {}
 # id(hook dict) -> its ledger, while a set keeps one. Held by the sets that park from it, not
 # here: a Doctor dropped without detach() while parked must not keep its model alive.
 # (Plain weak references, not a WeakValueDictionary: its Python-level get and set made a park
@@ -258,9 +261,11 @@ class HookSet:
     A watched model's usual case has a faster way: where every dict holds the set's hooks
     and nothing else and no other set has hooks parked from them, a park pops them all, and
     an unpark sets them back, each in one C loop (``map`` over the dicts' own methods, a
-    list of ours kept from park to park): a quarter of the time of the ledgers' pass per
-    dict on a 256-site model. The ledgers take any other case, and take over where the
-    dicts changed while parked.
+    list of ours kept from park to park): a seventh of the time of the ledgers' pass per
+    dict on a 256-site model. The ledgers take any other case. A whole park turns into
+    theirs (:meth:`_to_ledgers`) when a set, this one or another, parks or adds a hook in
+    one of its dicts; at its unpark, hooks the user added meanwhile go where the ledgers
+    would put them.
     """
 
     def __init__(self) -> None:
@@ -284,8 +289,8 @@ class HookSet:
         self._kind: type[dict[int, Any]] | None = None
         self._popped: list[Any] = []
         self._whole = False  # parked that way
-        self._late: list[tuple[dict[int, Any], int, Any]] = []  # added while parked whole
         self._gone: set[int] = set()  # removed while parked whole
+        self._marks: dict[int, weakref.ref[HookSet]] = {}  # for _whole_dicts, while so
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -300,10 +305,9 @@ class HookSet:
         self._dicts = None
         d = handle.hooks_dict_ref()
         if self._parked is not None and d is not None and handle.id in d:
-            if self._whole and id(d) in self._ids:  # after ours there, as it was added
-                self._late.append((d, handle.id, d.pop(handle.id)))
-            else:
-                self._take(d, {handle.id})
+            if self._whole:
+                self._to_ledgers()
+            self._take(d, {handle.id})
         return handle
 
     def remove(self, handles: Iterable[RemovableHandle]) -> None:
@@ -339,10 +343,12 @@ class HookSet:
         if (
             kind is not None
             and self._ids.isdisjoint(_ledgers)
+            and self._ids.isdisjoint(_whole_dicts)
             and list(map(len, self._all)) == self._sizes
             and all(map(kind.__contains__, dicts, ids))
         ):
             self._popped.extend(map(kind.pop, dicts, ids))
+            _whole_dicts.update(self._marks)
             self._whole = True
             return
         for d, ours in self._dicts.values():
@@ -356,12 +362,16 @@ class HookSet:
         self._flat = ([d for d, _ in pairs], [k for _, k in pairs])
         self._sizes = [len(ours) for _, ours in self._dicts.values()]
         self._ids = set(self._dicts)
+        self._marks = dict.fromkeys(self._ids, weakref.ref(self, _unmark))
         kinds = {type(d) for d in self._all}  # torch's are OrderedDicts: their own methods
         self._kind = kinds.pop() if len(kinds) == 1 else None  # keep the order they hold
 
     def _take(self, d: dict[int, Any], ours: set[int]) -> None:
         assert self._parked is not None
         key = id(d)
+        owner = _whole_dicts.get(key)  # another set parked it whole: into ledgers first
+        if owner is not None and (other := owner()) is not None:
+            other._to_ledgers()
         ref = _ledgers.get(key)
         ledger = None if ref is None else ref()
         if ledger is None:
@@ -389,8 +399,10 @@ class HookSet:
         _parked_sets.discard(self)
         if self._whole:
             self._whole = False
-            if self._late or self._gone or any(self._all):
-                self._unpark_changed()
+            deque(map(_whole_dicts.pop, self._ids, itertools.repeat(None)), maxlen=0)
+            if self._gone or any(self._all):  # (the user added hooks, or we removed some)
+                for d, ours in self._popped_by_dict().values():
+                    _ledger_of(d, ours).restore(set(ours))
             else:
                 assert self._kind is not None
                 deque(map(self._kind.__setitem__, *self._flat, self._popped), maxlen=0)
@@ -403,31 +415,47 @@ class HookSet:
         elif self._kept and all(len(d) == len(ours) for d, ours in self._dicts.values()):
             self._kept = {}  # the dicts hold only ours again: the next park can be whole
 
-    def _unpark_changed(self) -> None:
-        """Unpark a whole park whose dicts changed since: hooks added to them (the user's,
-        ours), or ours removed. Ours were all each dict held: whatever it holds now came
-        later, and goes before or after ours as :meth:`_Ledger.merge_new` tells."""
-        dicts, ids = self._flat
-        back: dict[int, tuple[dict[int, Any], dict[int, Any]]] = {}
-        for d, k, hook in zip(dicts, ids, self._popped, strict=True):
+    def _popped_by_dict(self) -> dict[int, tuple[dict[int, Any], dict[int, Any]]]:
+        """The hooks of a whole park, by dict (those removed since left out)."""
+        out: dict[int, tuple[dict[int, Any], dict[int, Any]]] = {}
+        for d, k, hook in zip(*self._flat, self._popped, strict=True):
             if k not in self._gone:
-                back.setdefault(id(d), (d, {}))[1][k] = hook
-        for d, k, hook in self._late:
-            if k not in self._gone:
-                back.setdefault(id(d), (d, {}))[1][k] = hook
-        self._late.clear()
+                out.setdefault(id(d), (d, {}))[1][k] = hook
         self._gone.clear()
-        for key, (d, ours) in back.items():
-            ref = _ledgers.get(key)  # another set parked hooks from it since
-            ledger = None if ref is None else ref()
-            if ledger is not None:
-                ledger.merge_new()
-                ledger.order = [*ours, *(k for k in ledger.order if k not in ours)]
-                ledger.known.update(ours)
-                ledger.taken.update(ours)
-            else:
-                ledger = _Ledger.after(d, ours)
-            ledger.restore(set(ours))
+        return out
+
+    def _to_ledgers(self) -> None:
+        """Hold this whole park in ledgers from now on: a set (this one or another) parks
+        or adds hooks in one of its dicts, which the ledgers' order must then know."""
+        assert self._whole and self._parked is not None
+        self._whole = False
+        deque(map(_whole_dicts.pop, self._ids, itertools.repeat(None)), maxlen=0)
+        for key, (d, ours) in self._popped_by_dict().items():
+            ledger = _ledger_of(d, ours)
+            _ledgers[key] = weakref.ref(ledger, functools.partial(_forget, key=key))
+            self._parked[key] = (ledger, set(ours))
+        self._popped.clear()
+
+
+def _unmark(ref: weakref.ref[HookSet]) -> None:
+    """A set dropped while parked whole (a Doctor never detached): its marks go with it."""
+    for key in [k for k, v in _whole_dicts.items() if v is ref]:
+        del _whole_dicts[key]
+
+
+def _ledger_of(d: dict[int, Any], ours: dict[int, Any]) -> _Ledger:
+    """The ledger of ``d``, from which a whole park took ``ours``, all it held then: what it
+    holds now came later, and goes before or after ours as :meth:`_Ledger.merge_new` tells;
+    ours are in its :attr:`~_Ledger.taken`."""
+    ref = _ledgers.get(id(d))
+    ledger = None if ref is None else ref()
+    if ledger is None:
+        return _Ledger.after(d, ours)
+    ledger.merge_new()  # (another set's, made since: not while our whole park is marked)
+    ledger.order = [*ours, *(k for k in ledger.order if k not in ours)]
+    ledger.known.update(ours)
+    ledger.taken.update(ours)
+    return ledger
 
 
 def _drop_if_empty(key: int, ledger: _Ledger) -> None:
