@@ -276,6 +276,7 @@ def diagnose(
     lifetime_steps: tuple[int, int] | None = None,
     scaler_skipped: int = 0,
     site_passes: Mapping[str, tuple[int, int]] | None = None,
+    unrecyclable: Mapping[str, str] | None = None,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -297,6 +298,10 @@ def diagnose(
             gradients overflowed. Where it skipped some of the steps run, not most, and no
             output was non-finite, the sites whose non-finite values are gradients give one
             ``loss_scale_overflow`` info finding, not critical ``nonfinite`` ones.
+        unrecyclable: by site, why ReDo cannot recycle its units, found by reading the
+            forward pass (its input a residual sum): their texts advise it there not, and
+            say why, and their dead and dormant findings' evidence holds it
+            (``not_recyclable``), before any recycling was tried.
         site_passes: by site, (recorded passes of the window that ran it, all of them),
             for the sites that ran in some only (a branch taken sometimes): their dead and
             dormant findings say it, and their evidence holds both.
@@ -350,11 +355,12 @@ def diagnose(
         left = set((declined or {}).get(name, ()))  # remedies that left this site alone
         swappable = can_swap(fam, leaky, row.get("cap"), op) and "leaky_relu_swap" not in left
         unswappable = _why_not_swapped(fam, leaky, row.get("cap"), op, left)
-        # ReDo where it can act; where it left the site alone, said instead of advised
-        recyclable = not left & set(RECYCLERS)
+        # ReDo where it can act; where it left the site alone, or cannot act, said instead
+        why_not, refused = (unrecyclable or {}).get(name), sorted(left & set(RECYCLERS))
+        recyclable = not refused and why_not is None
         and_recycle = f" and recycle the units {_recycle(names)}" if recyclable else ""
-        aside = (f" ({', '.join(sorted(left & set(RECYCLERS)))} left this site alone: see its "
-                 "warning.)" if not recyclable else "")
+        aside = (f" ({', '.join(refused)} left this site alone: see its warning.)" if refused
+                 else f" (Recycling cannot treat this site: {why_not}.)" if why_not else "")
         if row["dead"]:
             frac = float(row["dead_fraction"])
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
@@ -476,6 +482,8 @@ def diagnose(
         if of is not None and of.get("steps_run") is not None:
             f.evidence.setdefault("steps_collected", of.get("steps_collected"))
             f.evidence.setdefault("steps_run", of.get("steps_run"))
+        if f.kind in _UNIT_KINDS and f.site in (unrecyclable or {}):
+            f.evidence["not_recyclable"] = (unrecyclable or {})[f.site]
         if f.site in (site_passes or {}):  # (the passes of the window that ran the site)
             f.evidence["site_passes"], f.evidence["passes"] = (site_passes or {})[f.site]
     out.sort(key=lambda f: finding_order(f.severity, f.kind, f.site, f.evidence))

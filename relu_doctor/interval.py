@@ -48,6 +48,9 @@ __all__ = ["IntervalReading", "TableMemory"]
 # The layers' gradient norms among the tensors summed across processes by name (no site's
 # name: a site's is a module path, a checkpoint's a JSON array).
 _GRAD_SQ = "\0grad_sq"
+# why recycling cannot treat a site whose input is a residual sum (Site.summed)
+_SUMMED = ("its input is a sum with another branch (a residual or skip connection), so a "
+           "recycled unit's new value would not be its layer's alone")
 _STEPS = "\0steps_collected"  # the window's collected steps, summed across processes
 _FIRST = "\0first\0"  # + a site's name: its first reading (SiteStats.first), until logged
 
@@ -303,6 +306,7 @@ class IntervalReading:
                 site_rows, units, self.config, step=self.global_step,
                 param_grad_norms=self._grad_norm_history, first_rms=self._first_rms,
                 declined=self._declined, site_passes=passes,
+                unrecyclable={s.name: _SUMMED for s in sites if s.summed},
                 lifetime_steps=None if self._lifetime_steps is None else (
                     self._lifetime_steps[0] + collected, self._lifetime_steps[1] + self.steps_run),
                 scaler_skipped=self._take_skipped(close),

@@ -77,6 +77,9 @@ class Origin:
         moved: True when a permute/transpose moved the axis after it was made.
         layer: the module path of the layer that made them (``""``: the model itself), where
             a module of the model holds the weight; else None.
+        summed: the features went through a sum with another input of their shape since
+            (a residual add): a unit there is not its producer's alone, so ReDo cannot
+            recycle it (see :mod:`relu_doctor.remedies.unit_links`).
     """
 
     dim: int
@@ -84,6 +87,7 @@ class Origin:
     kind: str
     moved: bool = False
     layer: str | None = None
+    summed: bool = False
 
     def rule(self, ndim: int) -> str:
         """The rule in words, e.g. ``"Linear `fc1` -> last dim"``."""
@@ -279,7 +283,7 @@ class ProvenanceTracker:
                     permuted = moved != src.dim and name not in _RESHAPE
                     self._set(out, replace(src, dim=moved, moved=src.moved or permuted))
                 return
-        self._see_elementwise(args, kwargs, out)
+        self._see_elementwise(name, args, kwargs, out)
 
     def _see_cat(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         tensors = args[0] if args else kwargs.get("tensors", ())
@@ -297,24 +301,38 @@ class ProvenanceTracker:
         what = producers[0] if len(producers) == 1 else f"{producers[0]} and {len(producers) - 1} more"
         self._set(out, Origin(dim, f"torch.cat along dim {dim} of {what}", known[0].kind))
 
-    def _see_elementwise(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+    def _see_elementwise(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
         """Any other op: an output keeps the feature axis of an input of its rank (the first
         of the same shape, else the first of the same rank): activations, norms, dropout,
-        residual adds, scalar maths, casts, pooling, padding, slicing, chunks."""
+        residual adds, scalar maths, casts, pooling, padding, slicing, chunks. A sum of two
+        inputs of the output's shape (a residual add, not a bias's) is marked
+        :attr:`Origin.summed`."""
         inputs = [a for a in _flat(args) + _flat(list(kwargs.values())) if self.origin(a) is not None]
         if not inputs:
             return
+        summed = name in _SUMS and isinstance(out, torch.Tensor) and sum(
+            a.shape == out.shape for a in _flat(args) + _flat(list(kwargs.values()))) > 1
         for o in (out if isinstance(out, (tuple, list)) else (out,)):
-            if not isinstance(o, torch.Tensor) or self.origin(o) is not None:
+            if not isinstance(o, torch.Tensor):
+                continue
+            if (had := self.origin(o)) is not None:  # (an in-place op: out += x)
+                if summed and not had.summed:
+                    self._set(o, replace(had, summed=True))
                 continue
             same = [a for a in inputs if a.dim() == o.dim()]
             if not same:
                 continue
             exact = [a for a in same if a.shape == o.shape]
-            self._set(o, self.origin((exact or same)[0]))
+            origin = self.origin((exact or same)[0])
+            self._set(o, replace(origin, summed=True) if summed and origin else origin)
 
 
 _NOT_LAYOUT: Any = object()
+# sums of two branches (a residual add): Tensor.__add__ and torch.add, in place or not
+_SUMS = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__",
+         "__rsub__", "__isub__"}
 
 
 def _flat(xs: Sequence[Any]) -> list[torch.Tensor]:

@@ -190,6 +190,7 @@ class SiteRegistry:
             from_end=kin.from_end if kin is not None else override is None or override < 0,
             producer=(origin.layer if origin is not None
                       else kin.producer if kin is not None else None),
+            summed=origin.summed if origin is not None else kin is not None and kin.summed,
         )
         site.made_by = self._made_by(site)
         self._sites[key] = site
@@ -214,7 +215,7 @@ class SiteRegistry:
             site.unit_rule = site.unit_rule.removesuffix(_PROVISIONAL) + (
                 " (no producing layer found)")
             return
-        site.producer = origin.layer
+        site.producer, site.summed = origin.layer, origin.summed
         site.made_by = self._made_by(site)
         site.unit_rule = origin.rule(len(shape))
         if origin.dim == site.dim_for(len(shape)) and shape[origin.dim] == site.units:
@@ -477,6 +478,7 @@ def _description(site: Site) -> dict[str, Any]:
         "from_end": site.from_end,
         "other_ranks": sorted(site.other_ranks),
         "producer": site.producer,
+        **({"summed": True} if site.summed else {}),
     }
 
 
@@ -513,6 +515,7 @@ def _described(
         other_ranks={int(x) for x in d.get("other_ranks", [])},
         restored=True,
         producer=None if d.get("producer") is None else str(d["producer"]),
+        summed=bool(d.get("summed", False)),
     )
 
 

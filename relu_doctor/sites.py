@@ -219,6 +219,8 @@ class Site:
     #: the module path of the layer found making its input in the pass that made it (see
     #: provenance.Origin.layer; ``""``: the model itself), or None
     producer: str | None = None
+    #: its input is a sum with another branch (a residual add): see provenance.Origin.summed
+    summed: bool = False
     #: the module whose replacement makes this site anew (its producer, else the module at
     #: its path), weakly: see SiteRegistry._replaced
     made_by: Any = field(default=None, repr=False)

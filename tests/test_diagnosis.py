@@ -615,3 +615,32 @@ def test_a_remedy_that_left_a_site_alone_is_advised_there_no_more(declined):
     said = {"dormant_reset": "(dormant_reset left this site alone: see its warning.)",
             "leaky_relu_swap": "(the LeakyReLU swap left this site alone)"}[declined]
     assert any(said in f.remedy for f in found)
+
+
+def test_a_site_whose_input_is_a_residual_sum_is_not_advised_recycling():
+    """A trial's Hugging Face ResNet: every block's post-residual ReLU, where most dead units
+    were, was advised ReDo recycling, which refuses such a site (its input a sum). Known from
+    the forward pass, before any recycling is tried: not advised, the reason said, and held
+    in the evidence for the report."""
+    from relu_doctor.reports.findings import finding_view, recommend
+
+    rows, units = _sick_site()
+    why = "its input is a sum with another branch"
+    found = diagnose(rows, units, DiagnosisConfig(), unrecyclable={"s0": why})
+    others = diagnose(rows, units, DiagnosisConfig())
+    assert any("DormantRecycler" in f.remedy for f in others)  # advised where it can act
+    unit = [f for f in found if f.kind in ("dead", "lifetime_dead", "dormant")]
+    assert {f.kind for f in unit} == {"dead", "lifetime_dead", "dormant"}
+    before = {f.kind: f.remedy for f in others}
+    for f in unit:
+        assert "DormantRecycler" not in f.remedy and f.evidence["not_recyclable"] == why
+        # where recycling was advised, the reason it is not now (a dead plain ReLU is
+        # advised the swap, not recycling, either way)
+        assert (f"Recycling cannot treat this site: {why}." in f.remedy) == (
+            "DormantRecycler" in before[f.kind]), f.kind
+    # the report's advice after a first remedy was tried there keeps it out too
+    dead = finding_view(next(f for f in unit if f.kind == "dead"))
+    text = recommend(dead, False, [], declined={"leaky_relu_swap": "shared"})
+    assert "recycle the units" not in text and f"Recycling cannot treat this site: {why}." in text
+    plain = finding_view(next(f for f in others if f.kind == "dead"))
+    assert "recycle the units" in recommend(plain, False, [], declined={"leaky_relu_swap": "x"})

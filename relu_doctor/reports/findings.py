@@ -193,7 +193,7 @@ def recommend(
                     "early if the loss diverges.")
         return f.remedy
     if not leaky and not tried and not declined:
-        return f.remedy  # diagnosis's own words fit a first treatment
+        return f.remedy  # diagnosis's own words fit a first treatment (and its reasons)
     steps = []
     cuts = sum(max(e.count, 1) for e in done if e.remedy == _LR)
     if not cuts:  # (first: the gentlest, where a swap can send a run diverging)
@@ -205,7 +205,9 @@ def recommend(
         steps.append("swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
                      f"({names['swap']}) or PReLU")
     recycled = set(RECYCLERS) & tried
-    if not recycled and names["recycle"] and not set(RECYCLERS) & declined.keys():
+    cannot = next((str(v) for label, v in f.evidence if label == "not recyclable"), None)
+    if cannot is None and not recycled and names["recycle"] and not (
+            set(RECYCLERS) & declined.keys()):
         # (Keras offers no recycling)
         steps.append(f"recycle the units ({names['recycle']})")
     elif recycled & failed:
@@ -218,4 +220,6 @@ def recommend(
         already += "Already tried: " + ", ".join(sorted(tried)) + ". "
     for remedy, why in sorted(declined.items()):
         already += f"{remedy} left this site alone: {why.rstrip('.')}. "
+    if cannot is not None:
+        already += f"Recycling cannot treat this site: {cannot}. "
     return already + "Next: " + "; ".join(steps) + "."

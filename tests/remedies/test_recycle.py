@@ -409,9 +409,11 @@ def test_a_site_left_alone_is_recorded_and_the_report_advises_recycling_there_no
     assert (declined["remedy"], declined["site"], declined["step"]) == ("dormant_reset", "act", 2)
     assert "sum" in declined["reason"] and run.declined() == {"act": {"dormant_reset": declined["reason"]}}
     # The diagnoses after it (step 4, findings.json) advise recycling there no more either;
-    # the one that led to it (step 2) did.
+    # the one before it (step 2) did not either, read from the forward pass (its input a
+    # sum), and said why.
     first = [f for f in doc.records[0].findings if f.site == "act"]
-    assert doc.records[0].step == 2 and any("DormantRecycler" in f.remedy for f in first)
+    assert doc.records[0].step == 2 and not any("DormantRecycler" in f.remedy for f in first)
+    assert any("Recycling cannot treat this site: its input is a sum" in f.remedy for f in first)
     for found in (doc.findings(), run.findings()):
         dead = [f for f in found if f.site == "act" and f.kind in ("dead", "lifetime_dead")]
         assert dead and not [f for f in dead if "DormantRecycler" in f.remedy]

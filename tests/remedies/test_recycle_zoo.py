@@ -401,3 +401,45 @@ def test_hf_mobilenet_v2_with_tf_padding_recycles_its_expansions():
     for path in ("conv_stem.first_conv.activation", "layer.0.expand_1x1.activation"):
         links = check_invariant(model, x, SiteKey(path), flow)  # padded before its consumer
         assert links.consumers[0].path.endswith("conv_3x3.convolution")
+
+
+def _hf_resnet():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                    layer_type="bottleneck", num_labels=3)
+    return transformers.ResNetForImageClassification(cfg), torch.randn(2, 3, 16, 16)
+
+
+@pytest.mark.parametrize(("make", "marked"), [
+    (lambda: (zoo.ResNetish(), torch.randn(3, 3, 6, 6)), 2),
+    (lambda: (zoo.Bottleneck(), torch.randn(2, 16, 4, 4)), 1),
+    (lambda: (zoo.InvertedResidual(), torch.randn(2, 8, 4, 4)), 0),
+    (lambda: (zoo.ConvNeXtBlock(), torch.randn(2, 8, 5, 5)), 0),
+    (lambda: (zoo.TransformerMLP(), torch.randn(2, 5, 8)), 0),
+    (_hf_resnet, 2),
+], ids=["resnetish", "bottleneck", "inverted_residual", "convnext", "transformer_mlp",
+        "hf_resnet"])
+def test_sites_read_as_fed_by_a_sum_are_those_recycling_refuses_for_it(make, marked):
+    """The probe's reading of the forward pass (provenance: Site.summed), which keeps the
+    advice from sending a user to ReDo where it cannot act, agrees with the link finder's
+    own check: every site it marks is refused, and every site refused for its input coming
+    from a sum is marked (a trial's Hugging Face ResNet: each block's last ReLU)."""
+    import relu_doctor
+
+    torch.manual_seed(0)
+    model, x = make()
+    with relu_doctor.watch(model, log_every_n_steps=1, overhead_budget=None) as doc:
+        out = model(x)
+        (out.logits if hasattr(out, "logits") else out).sum().backward()
+        doc.step()
+        sites = list(doc.sites)
+    flow = record_dataflow(model, x)
+    for s in sites:
+        try:
+            find_unit_links(model, site=s.key, dataflow=flow)
+            why = None
+        except ReluDoctorError as e:
+            why = str(e)
+        assert not s.summed or why is not None, s.name
+        assert s.summed == (why is not None and "its input comes from a sum" in why), (s.name, why)
+    assert sum(s.summed for s in sites) == marked
