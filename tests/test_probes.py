@@ -849,3 +849,21 @@ def test_a_watched_model_pickles_mid_run() -> None:
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
 
+
+
+def test_a_resumed_doctor_knows_which_sites_take_a_residual_sum():
+    """Site.summed (its input a residual sum: no recycling advised there) is part of the
+    checkpoint's site description, as the producer is: a resumed Doctor, whose sites are
+    made from it, would advise ReDo there again."""
+    torch.manual_seed(0)
+    model = zoo.ResNetish()
+    with relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1) as doc:
+        for _ in range(2):
+            model(torch.randn(2, 3, 6, 6)).sum().backward()
+            doc.step()
+        state = doc.state_dict()
+        summed = {s.name: s.summed for s in doc.sites}
+    assert sum(summed.values()) == 2
+    with relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1) as resumed:
+        resumed.load_state_dict(state)
+        assert {s.name: s.summed for s in resumed.sites} == summed
