@@ -191,10 +191,13 @@ def dead_fraction_figure(
     *,
     max_lines: int = MAX_LINES,
 ) -> Figure | None:
-    """Dead fraction (over each logging window) and sparsity per site, against step.
+    """Dead fraction (over each logging window), sparsity and the share of units ReDo calls
+    dormant (score <= tau, dead ones included: what it recycles, and the dormant-neuron
+    curve of Sokar et al.) per site, against step.
 
     Args:
-        history: one row per (step, site) with ``dead_fraction`` and ``sparsity``.
+        history: one row per (step, site) with ``dead_fraction``, and ``sparsity`` and
+            ``below_tau_fraction`` where known.
         marks: steps drawn as dashed vertical lines (interventions).
         max_lines: most sites drawn; the sites with the highest peak dead fraction win.
 
@@ -213,8 +216,11 @@ def dead_fraction_figure(
     metrics = [("dead_fraction", "dead (no activation in the window)")]
     if "sparsity" in df:
         metrics.append(("sparsity", "sparsity (outputs not active)"))
+    if "below_tau_fraction" in df and df["below_tau_fraction"].notna().any():
+        metrics.append(("below_tau_fraction", "ReDo-dormant (score ≤ tau)"))
     with matplotlib.rc_context(_rc()):
-        fig = Figure(figsize=(_WIDTH, 3.9), layout="constrained")
+        fig = Figure(figsize=(_WIDTH * max(1.0, len(metrics) / 2.5), 3.9),
+                     layout="constrained")
         axes = fig.subplots(1, len(metrics), squeeze=False)[0]
         palette = sns.color_palette("tab10" if len(shown) <= 10 else "husl", len(shown))
         for i, (ax, (col, title)) in enumerate(zip(axes, metrics, strict=True)):
@@ -225,7 +231,7 @@ def dead_fraction_figure(
             )
             ax.set_ylim(-0.03, 1.03)
             ax.set_title(title, pad=16)
-            ax.set_ylabel("fraction of units" if col == "dead_fraction" else "fraction of outputs")
+            ax.set_ylabel("fraction of outputs" if col == "sparsity" else "fraction of units")
             _draw_marks(ax, marks)
         if len(shown) > 0 and axes[-1].get_legend() is not None:
             leg = axes[-1].get_legend()

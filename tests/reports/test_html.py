@@ -407,3 +407,23 @@ def test_the_most_severe_findings_are_the_largest_shares_not_the_first_names(tmp
     listed = [line.split("]")[1].split(":")[0].strip() for line in text.splitlines()
               if line.strip().startswith("[critical]")]
     assert listed[:3] == ["3", "11", "13"], text
+
+
+def test_the_dead_units_figure_draws_the_share_redo_calls_dormant_over_time():
+    """A plasticity study's central curve (ReDo's dormant neurons: score <= tau, dead ones
+    included) was in the history only: the figure draws it beside dead and sparsity, each
+    site's values at each step."""
+    hist = pd.DataFrame([{"step": s, "site": site, "dead_fraction": 0.1 * i,
+                          "sparsity": 0.5, "below_tau_fraction": 0.1 * i + 0.01 * s}
+                         for s in (2, 4, 6) for i, site in enumerate("ab")])
+    fig = plots.dead_fraction_figure(hist)
+    assert fig is not None
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["dead (no activation in the window)", "sparsity (outputs not active)",
+                      "ReDo-dormant (score ≤ tau)"]
+    ax = fig.axes[2]
+    drawn = [list(line.get_ydata()) for line in ax.get_lines() if len(line.get_ydata())]
+    for site in "ab":
+        want = hist[hist["site"] == site]["below_tau_fraction"].tolist()
+        assert any(v == pytest.approx(want) for v in drawn), (site, drawn)
+    assert len(plots.dead_fraction_figure(hist.drop(columns="below_tau_fraction")).axes) == 2
