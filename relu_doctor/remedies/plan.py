@@ -447,7 +447,8 @@ class TreatmentPlan(Remedy):
                         ev = found[0] if found else None
                 except ReluDoctorError as e:
                     self.failed.add((step.remedy, site))
-                    self.warn(f"TreatmentPlan: {step.remedy} cannot treat site {site!r}: {e}")
+                    self.warn(f"TreatmentPlan: {remedy.name} (its step {step.remedy!r}) cannot "
+                              f"treat site {site!r}: {e}")  # (the name its records give)
                     if self.doctor is not None:  # (the report advises it there no more)
                         self.doctor.record_event(Declined(remedy.name, site, record.step, str(e)))
                     continue

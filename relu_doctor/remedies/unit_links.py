@@ -247,7 +247,8 @@ def _per_channel(node: Node, shape: tuple[int, ...]) -> bool:
 
 def _mixing_norm(node: Node) -> str:
     what = {"layer_norm": "LayerNorm", "group_norm": "GroupNorm", "rms_norm": "RMSNorm"}
-    return f"{what.get(node.name, node.name)} ({node.describe()}) normalises the units together"
+    return (f"{what.get(node.name, node.name)} ({node.describe()}), which normalises the "
+            "units together")
 
 
 # ---------------------------------------------------------------------- the walk

@@ -434,7 +434,7 @@ def test_a_site_the_plans_recycling_cannot_treat_is_declined_too(tmp_path):
     _, run = _treat_the_sum(
         tmp_path, lambda net, opt: TreatmentPlan(net, optimizer=opt, patience=1, steps=[
             PlanStep("recycle", options={"threshold": 0.3, "max_fraction": 0.5})]),
-        8, "recycle cannot treat site 'act'.*sum")
+        8, "dormant_reset \\(its step 'recycle'\\) cannot treat site 'act'.*sum")
     assert list(run.declined()) == ["act"] and list(run.declined()["act"]) == ["dormant_reset"]
     advice = [f.remedy for f in build_context(run).findings if f.site == "act"]
     assert advice and not [a for a in advice if "recycle the units" in a]

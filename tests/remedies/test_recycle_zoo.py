@@ -205,7 +205,8 @@ def test_refusals_name_the_blocking_path():
     torch.manual_seed(0)
     done, refused = survey(zoo.NormAfterAct(), torch.randn(4, 6))
     assert not done
-    assert "LayerNorm (layer_norm in ln.forward) normalises the units together" in refused["act1#0"]
+    assert ("its units pass a LayerNorm (layer_norm in ln.forward), which normalises the "
+            "units together") in refused["act1#0"]  # (read as a sentence: a trial)
     assert "the output of linear of Linear 'fc3' also goes to" in refused["act3#0"]
     assert "the output of linear of Linear 'fc2' also goes to linear of Linear 'fc3'" in refused[
         "act2#0"
