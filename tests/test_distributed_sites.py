@@ -221,7 +221,8 @@ def _recycling(rank: int, remedy: str) -> dict:
         "acted": sorted({e["site"] for e in events if e.get("type") == "intervention"}),
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "warnings": [str(w.message) for w in caught
-                     if "alone" in str(w.message) or "cannot treat" in str(w.message)],
+                     if "alone" in str(w.message) or "cannot treat" in str(w.message)
+                     or "for now" in str(w.message)],
     }
 
 
@@ -379,13 +380,14 @@ def test_an_exception_on_one_process_leaves_the_block_without_a_cross_process_ca
 def test_a_remedy_acts_only_on_sites_whose_links_every_process_found(runs, remedy):
     """Each process reads an expert's producer and consumers from a pass on its own latest
     inputs. Process 1's ran no expert 1: ReDo (and Continual Backprop) left it alone there
-    and recycled it on process 0, and the replicas' weights parted. Now both leave it alone,
-    saying why, and recycle expert 0 alike."""
+    and recycled it on process 0, and the replicas' weights parted. Now both leave it alone
+    for now (a pass that runs it may come), saying why once, and recycle expert 0 alike."""
     got = [runs[rank][remedy] for rank in range(WORLD)]
     assert got[0]["acted"] == got[1]["acted"] == ["e0.1"]
     for rank in range(WORLD):
         said = [w for w in got[rank]["warnings"] if "'e1.1'" in w]
-        assert len(said) == 1 and ("found on 1 of 2 processes" in said[0]) == (rank == 0), said
+        assert len(said) == 1 and "skipping site 'e1.1' for now" in said[0], said
+        assert ("found on 1 of 2 processes" in said[0]) == (rank == 0), said
     for name, value in got[0]["state"].items():
         assert torch.equal(value, got[1]["state"][name]), name
 

@@ -21,11 +21,25 @@ from torch.utils._pytree import tree_flatten, tree_map
 from relu_doctor._hooks import HookOwner, Hooks
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies.dataflow import Dataflow, record_dataflow
-from relu_doctor.remedies.unit_links import UnitLinks, find_unit_links
+from relu_doctor.remedies.unit_links import NotInPass, UnitLinks, find_unit_links
 from relu_doctor.sampling import model_device
 from relu_doctor.sites import SiteKey
 
-__all__ = ["InputTap", "LinkCache", "record_latest"]
+__all__ = ["InputTap", "Later", "LinkCache", "record_latest", "skip_for_now"]
+
+
+class Later(str):
+    """Why a site's links were not found this time, where a later pass may find them (see
+    :class:`~relu_doctor.remedies.unit_links.NotInPass`): a remedy skips the site, and
+    does not leave it alone for good."""
+
+
+def skip_for_now(said: set[str], warn: Any, what: str, site: str, why: str) -> None:
+    """Say once per site (``said``) that ``what`` skips ``site`` this time for ``why`` (a
+    :class:`Later`): no decline, it is tried again at the next decision."""
+    if site not in said:
+        said.add(site)
+        warn(f"{what}: skipping site {site!r} for now: {why}")
 
 
 def _shrink(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
@@ -156,6 +170,10 @@ class LinkCache:
         #: the pass's inputs, two samples where batched: to record again where a module the
         #: links name left the model (a head replaced under the same path)
         self._again: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None = None
+        # sites the recorded pass did not run (a branch it did not take), looked for in a
+        # pass on the model's latest inputs at each decision until found; that pass
+        self._missing: set[SiteKey] = set()
+        self._retry: tuple[object, Dataflow | None] | None = None
         if example_inputs is not None:
             args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
             self._example = (model, args, {})
@@ -196,8 +214,36 @@ class LinkCache:
             self._flow, self._error, self._example = None, None, self._again
         if key not in self._links:
             flow = self.dataflow(name)
-            self._links[key] = find_unit_links(self.model, site=key, dataflow=flow, name=name)
+            try:
+                self._links[key] = find_unit_links(self.model, site=key, dataflow=flow, name=name)
+            except NotInPass:
+                self._links[key] = self._look_again(key, name)
         return self._links[key]
+
+    def _look_again(self, key: SiteKey, name: str) -> UnitLinks:
+        """The links of a site the recorded pass did not run, from a pass on the model's
+        latest inputs (one per batch seen, shared by every such site); the model's inputs
+        are kept meanwhile (an input tap, as before the first pass). Raises NotInPass while
+        no pass that ran it was seen (never with ``example_inputs``, which do not change)."""
+        if self._example is None and self._tap is None:
+            self._tap = InputTap(self.model)
+        self._missing.add(key)
+        latest = self._tap.latest() if self._tap is not None else None
+        if latest is None:
+            raise NotInPass(f"site {name!r}: the recorded forward pass did not run it (a "
+                            "branch it did not take); looked for again in a later pass")
+        if self._retry is None or self._retry[0] is not latest:
+            self._retry = (latest, record_latest(self.model, *latest)[0])
+        flow = self._retry[1]
+        if flow is None:
+            raise NotInPass(f"site {name!r}: the forward pass that finds its producer and "
+                            "consumers failed on the latest inputs; tried again later")
+        links = find_unit_links(self.model, site=key, dataflow=flow, name=name)
+        self._missing.discard(key)
+        if not self._missing:
+            self._retry = None
+            self.close()
+        return links
 
     def _current(self, links: UnitLinks) -> bool:
         """Whether every module ``links`` names is still in the model at its path (a lookup
@@ -229,6 +275,8 @@ class LinkCache:
         for key, name in sorted(sites, key=lambda kn: kn[1]):  # (one order everywhere)
             try:
                 found[name] = self.links(key, name)
+            except NotInPass as e:
+                found[name] = Later(e)
             except ReluDoctorError as e:
                 found[name] = str(e)
         if not found or getattr(doctor, "all_reduce", None) is None:
@@ -239,12 +287,12 @@ class LinkCache:
         )[0].tolist()
         world = summed[0]
         for (name, value), n in zip(found.items(), summed[1:], strict=True):
-            if isinstance(value, UnitLinks) and n < world:
-                found[name] = (
+            if isinstance(value, UnitLinks) and n < world:  # (the others: NotInPass)
+                found[name] = Later(
                     f"site {name!r}: its producer and consumers were found on {round(n)} of "
                     f"{round(world)} processes only (a branch or an expert that the others' "
-                    "inputs did not run): left alone on every process, so that the replicas "
-                    "stay the same"
+                    "inputs did not run): left alone on every process for now, so that the "
+                    "replicas stay the same, and looked for again at a later log"
                 )
         return found
 

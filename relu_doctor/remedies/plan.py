@@ -46,6 +46,7 @@ from relu_doctor._validate import finite_or_none, number_in, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Declined, Intervention, InterventionResult
+from relu_doctor.remedies._link_cache import skip_for_now
 from relu_doctor.remedies.base import (
     MODEL,
     NOT_HELPED,
@@ -59,6 +60,7 @@ from relu_doctor.remedies.base import (
     site_snapshot,
 )
 from relu_doctor.remedies.plan_steps import DEFAULT_STEPS, PLAN_REMEDIES, PlanStep, plan_steps
+from relu_doctor.remedies.unit_links import NotInPass
 from relu_doctor.sites import SiteKey
 
 __all__ = ["DEFAULT_STEPS", "PLAN_REMEDIES", "PlanStep", "TreatmentPlan"]
@@ -180,6 +182,7 @@ class TreatmentPlan(Remedy):
         self._last_change: dict[str, int] = {}  # site -> interval of its last change
         self._prev_dead: dict[str, float] = {}
         self._prev_model_dead: float | None = None
+        self._waiting: set[str] = set()  # skipped for now, said (see _link_cache.Later)
         self._dead: dict[str, float] | None = None  # this interval's reading (None: pooling)
         self._streak: dict[tuple[str, str], int] = {}  # (step remedy, site) -> intervals past
         self._ledger: dict[str, tuple[str, str]] = {}  # event id -> (step remedy, site)
@@ -445,6 +448,10 @@ class TreatmentPlan(Remedy):
                         self._judge(remedy, step, "below_tau_fraction")
                         found = remedy.treat(_View(record, {site}))
                         ev = found[0] if found else None
+                except NotInPass as e:  # (a branch the pass did not take: tried again)
+                    skip_for_now(self._waiting, self.warn, f"TreatmentPlan: {remedy.name}",
+                                 site, str(e))
+                    continue
                 except ReluDoctorError as e:
                     self.failed.add((step.remedy, site))
                     self.warn(f"TreatmentPlan: {remedy.name} (its step {step.remedy!r}) cannot "

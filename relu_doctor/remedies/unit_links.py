@@ -52,7 +52,16 @@ from relu_doctor.remedies.dataflow import (
 )
 from relu_doctor.sites import SiteKey, module_label
 
-__all__ = ["Consumer", "NormReset", "UnitLinks", "find_unit_links"]
+__all__ = ["Consumer", "NormReset", "NotInPass", "UnitLinks", "find_unit_links"]
+
+
+class NotInPass(ReluDoctorError):
+    """The site made no call in the recorded pass (a branch that pass did not take): its
+    links may be found in a pass that takes it, not refused for good."""
+
+
+class _NotRun(Refuse):
+    pass
 
 _PRODUCERS = {"linear", "conv1d", "conv2d", "conv3d", "addmm"}
 #: Producers whose weight is stored (in, out), features last: Hugging Face's ``Conv1D``
@@ -203,7 +212,7 @@ def _site_values(
         mod = get_module(model, key.module_path, "site")
         calls = flow.module_calls.get(mod, [])
         if len(calls) <= key.call_index or not calls[key.call_index].inputs:
-            raise Refuse(
+            raise _NotRun(
                 f"the recorded forward pass called {module_label(key.module_path)!r} "
                 f"{len(calls)} time(s), not {key.call_index + 1}"
             )
@@ -212,7 +221,7 @@ def _site_values(
         return call.inputs[0], inner[0] if inner else None, call
     nodes = flow.functional.get((key.module_path, key.op), [])
     if len(nodes) <= key.call_index or not nodes[key.call_index].inputs:
-        raise Refuse(
+        raise _NotRun(
             f"the recorded forward pass made {len(nodes)} {key.op} call(s) in "
             f"{module_label(key.module_path)}.forward, not {key.call_index + 1}"
         )
@@ -539,6 +548,8 @@ def find_unit_links(
         prod, chain = _producer(site_in)
         norms, consumers = _walk(dataflow, prod, chain, site_in, site_node, call)
         _check_shared(dataflow, prod, consumers, norms)
+    except _NotRun as e:
+        raise NotInPass(f"site {label!r}: {e} (a branch that pass did not take)") from None
     except Refuse as e:
         raise ReluDoctorError(f"site {label!r}: {e}. Exclude this site.") from None
     except ReluDoctorError:

@@ -796,3 +796,63 @@ def test_a_frozen_base_layer_beside_a_trainable_adapter_is_no_frozen_part() -> N
             opt.zero_grad()
             doc.step()
     assert isinstance(net[1], nn.LeakyReLU)
+
+
+class _Branchy(nn.Module):
+    """fc -> F.relu -> fc2 on a residual branch taken on the steps ``take`` says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.fc, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.head = nn.Linear(8, 2)
+        self.take = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        if self.take:
+            h = h + self.fc2(F.relu(self.fc(h)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("make", ["recycler", "plan", "cbp"])
+def test_a_branch_the_recorded_pass_did_not_take_is_recycled_once_a_pass_takes_it(make):
+    """A trial's branch ran every third step: where the pass that links are read from (the
+    logging step's) did not take it, ReDo left the site alone for good ("made 0 relu
+    call(s) ... Exclude this site"), declined it in the record, and the advice dropped
+    ReDo; its dead units stayed dead. Now it is skipped, said once, and read again from a
+    later pass: recycled at the first log whose pass took the branch."""
+    from relu_doctor.remedies import PlanStep, TreatmentPlan
+
+    torch.manual_seed(0)
+    net = _Branchy()
+    with torch.no_grad():
+        net.fc.bias[:4] = -50.0  # four dead units on the branch
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    taken = {1, 2, 9, 11}  # logs at steps 3 and 7 (branch not taken then) and 11 (taken)
+    with warnings.catch_warnings(record=True) as caught, \
+            relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None,
+                              optimizer=opt) as doc:
+        warnings.simplefilter("always")
+        events = events_of(doc)
+        if make == "recycler":
+            DormantRecycler(net, optimizers=opt).bind(doc)
+        elif make == "cbp":
+            from relu_doctor.remedies.continual_backprop import ContinualBackprop
+
+            ContinualBackprop(net, optimizers=opt, maturity=1, replacement_rate=0.5).bind(doc)
+        else:
+            TreatmentPlan(net, optimizer=opt, patience=1, steps=[
+                PlanStep("recycle", options={"threshold": 0.2})]).bind(doc)
+        for step in range(12):
+            net.take = step in taken
+            net(torch.randn(16, 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    said = [str(w.message) for w in caught if "skipping site '(root):relu#0' for now" in
+            str(w.message)]
+    assert len(said) == 1 and "did not take" in said[0], said
+    assert not [e for e in events if e["type"] == "declined"]
+    acted = [(e["step"], e["site"]) for e in events if e["type"] == "intervention"]
+    assert acted == [(12, "(root):relu#0")], acted
+    assert bool((net.fc.bias[:4] > -1.0).all())  # re-initialised
