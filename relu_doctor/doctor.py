@@ -447,6 +447,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if world is not None:  # (else left open: see _sum_windows)
             for s in sites:
                 s.stats.close_window(summed[s.name])
+            self.probe.close_passes(sites)
         self._reset_window_counts()
 
     def _reset_window_counts(self) -> None:

@@ -84,6 +84,7 @@ from relu_doctor.provenance import ProvenanceTracker
 from relu_doctor.sampling import Stopwatch
 from relu_doctor.site_registry import SiteRegistry
 from relu_doctor.sites import Site, SiteKey, module_label
+from relu_doctor.stats import SiteStats
 
 __all__ = ["STREAMS", "Probe", "Site", "in_backward"]
 
@@ -346,7 +347,8 @@ class Probe(SiteRegistry, HookOwner):
         self._grad_hooks: dict[Site, Callable[..., None]] = {}  # made once per site
         # (path, call index, op) -> the family, prepared kernel call and site of its latest
         # call: the calls laid out as that one take _record_prepared
-        self._prepared: dict[tuple[str, int, str | None], tuple[Family, Prepared, Site]] = {}
+        self._prepared: dict[
+            tuple[str, int, str | None], tuple[Family, Prepared, Site, SiteStats]] = {}
         self._warned_units: set[SiteKey] = set()
 
     # ------------------------------------------------------------------ selection
@@ -810,9 +812,8 @@ class Probe(SiteRegistry, HookOwner):
         module whose ``forward`` made the call.
         """
         prepared = self._prepared.get((path, call_index, op))
-        if prepared is not None and prepared[0] is family and self._record_prepared(
-            output, prepared[1], prepared[2]
-        ):
+        if prepared is not None and prepared[0] is family and prepared[3] is prepared[2].stats \
+                and self._record_prepared(output, prepared[1], prepared[2]):
             return
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return
@@ -872,7 +873,7 @@ class Probe(SiteRegistry, HookOwner):
                 site.seen_pass = self.passes
                 site.window_passes += 1
             if ready is not None and key not in self._provisional:  # (its next call settles it)
-                self._prepared[path, call_index, op] = (family, ready, site)
+                self._prepared[path, call_index, op] = (family, ready, site, site.stats)
             else:
                 self._prepared.pop((path, call_index, op), None)
         except Exception as e:  # never raise into the user's forward
@@ -963,10 +964,13 @@ class Probe(SiteRegistry, HookOwner):
         # (see _record_prepared). Not while compiled autograd traces this hook, nor with a
         # loss scale held in a tensor (AMP's GradScaler, read at each call): those take the
         # checked path.
+        # (and the accumulators it writes: a site made anew has others, of another layout
+        # where its units moved to another dim of the same shape: see SiteRegistry._settle)
         prepared: Prepared | None = None
+        made_for: object = None
 
         def add_grad(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
-            nonlocal prepared
+            nonlocal prepared, made_for
             g = grad_outputs[0] if grad_outputs else None
             if g is None:
                 return
@@ -978,11 +982,11 @@ class Probe(SiteRegistry, HookOwner):
             if isinstance(inv, torch.Tensor) or _is_compiling():
                 site.stats.record_grad(g, gi, site.dim_for(g.dim()), inv)
                 return
-            if prepared is not None and prepared(g, gi, inv):
+            if prepared is not None and made_for is site.stats and prepared(g, gi, inv):
                 return
             dim = site.dim_for(g.dim())
             site.stats.record_grad(g, gi, dim, inv)
-            prepared = site.stats.prepare_grad(g, gi, dim)
+            prepared, made_for = site.stats.prepare_grad(g, gi, dim), site.stats
 
         def grad_hook(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any],
                       region: tuple[Any, ...] | None = None) -> None:

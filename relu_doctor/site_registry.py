@@ -222,7 +222,7 @@ class SiteRegistry:
             return
         site.unit_dim, site.units = origin.dim, shape[origin.dim]
         site.shape, site.other_ranks = shape, set()
-        site.stats = SiteStats(site.units, output.device)
+        site.stats, site.window_passes = SiteStats(site.units, output.device), 0
         for fn in self._listeners:
             fn()
         for renewed in self._renewal_listeners:
@@ -256,7 +256,7 @@ class SiteRegistry:
         site.units = shape[site.dim_for(len(shape))]
         site.unit_dim = site.dim_for(len(shape))
         site.shape, site.other_ranks = shape, set()
-        site.stats = SiteStats(site.units, device)
+        site.stats, site.window_passes = SiteStats(site.units, device), 0
         site.made_by = self._made_by(site)
         self._warned_units.discard(site.key)
         warnings.warn(
@@ -393,7 +393,8 @@ class SiteRegistry:
         to make the site before its first call), keyed by :meth:`SiteKey.token`
         (checkpoints)."""
         state = {
-            k.token(): {**s.stats.state_dict(), "site": _description(s)}
+            k.token(): {**s.stats.state_dict(), "site": {
+                **_description(s), **({"provisional": True} if k in self._provisional else {})}}
             for k, s in self._sites.items()
         }
         return {**self._pending, **state}
@@ -431,6 +432,10 @@ class SiteRegistry:
             made_site.made_by = self._made_by(made_site)
             self._sites[made_site.key] = made_site
             _restore(made_site, st)
+            if st["site"].get("provisional"):  # (its producer decides at its next run)
+                self._provisional.add(made_site.key)
+                self._unresolved.setdefault(made_site.key, 0)
+                self._want_provenance = True
             made = True
         if made or dropped:
             self._rename()

@@ -879,3 +879,82 @@ def test_a_window_resumed_mid_way_does_not_say_on_how_many_passes_a_site_ran() -
                          if f.kind == "dead" and f.site == "b:relu#0"])
     resumed.detach()
     assert said == [[None], [1]]
+
+
+class _BranchedGrads(_BranchedFunctional):
+    """:class:`_BranchedFunctional` keeping the gradient reaching its branch's F.relu."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grads: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.fc(x)).sum()
+        if self.branch:
+            r = F.relu(self.conv(x.transpose(1, 2)))
+            r.register_hook(lambda g: self.grads.append(g.detach().clone()))
+            y = y + (r * torch.linspace(0.5, 1.5, r.shape[-1])).sum()
+        return y
+
+
+def test_a_site_made_anew_on_its_producers_units_counts_its_gradients_there() -> None:
+    """A review: the gradient hook kept the kernel call prepared for the site's first
+    (provisional) accumulators, which fit the same shape, so every later gradient went
+    there and the site's gradient RMS read NaN for good. Checked against the gradients
+    reaching the call, per channel, over the last window."""
+    torch.manual_seed(0)
+    model = _BranchedGrads()
+    with relu_doctor.watch(model, log_every_n_steps=4, overhead_budget=None) as doc:
+        for step in range(12):
+            model.branch = step >= 1
+            if step == 8:
+                model.grads.clear()
+            model(torch.randn(2, 6, 3)).backward()
+            doc.step()
+    g = torch.cat(model.grads).double()  # (N, C, L): the last window's 4 steps
+    want = g.square().mean((0, 2)).sqrt()
+    got = doc.unit_table("(root):relu#1")["grad_rms"].to_numpy()
+    assert got == pytest.approx(want.numpy(), rel=1e-5)
+
+
+def test_a_site_still_provisional_at_a_checkpoint_is_settled_after_the_resume() -> None:
+    """A review: a checkpoint taken while a site counted by the shape rule awaited its
+    producer kept it on the shape rule's units for good ("for now" in its rule)."""
+    torch.manual_seed(0)
+    model = _BranchedFunctional()
+    kw: dict[str, Any] = {"log_every_n_steps": 4, "overhead_budget": None}
+    doc = relu_doctor.watch(model, **kw)
+    for step in range(2):
+        model.branch = step == 1  # first run in an untracked pass
+        model(torch.randn(2, 6, 3)).backward()
+        doc.step()
+    state = doc.state_dict()
+    doc.detach()
+    resumed = relu_doctor.watch(model, **kw)
+    resumed.load_state_dict(state)
+    for _ in range(4):
+        model(torch.randn(2, 6, 3)).backward()
+        resumed.step()
+    site = next(s for s in resumed.sites if s.name == "(root):relu#1")
+    resumed.detach()
+    assert (site.units, site.unit_dim, site.unit_rule) == (4, 1, "Conv1d `conv` -> dim 1")
+
+
+def test_a_with_block_entered_again_starts_its_window_passes_anew() -> None:
+    """A review: a block's last window, kept at its exit and folded when the block was
+    entered again, left its passes in the count, so the next window's branch site said it
+    ran in 2 of 4 passes where that window had 2."""
+    torch.manual_seed(0)
+    model = _SometimesBranch((1, 2, 3, 4, 6, 7))
+    with torch.no_grad():
+        model.b.fc.bias[:3] = -50.0
+    doc = relu_doctor.watch(model, log_every_n_steps=4, overhead_budget=None)
+    for first, last in ((0, 6), (6, 8)):
+        with doc:
+            for step in range(first, last):
+                model.step = step
+                model(torch.randn(4, 3)).backward()
+                record = doc.step()
+    assert record is not None and record.steps_collected == 2
+    [dead] = [f for f in record.findings if f.kind == "dead" and f.site == "b:relu#0"]
+    assert "site_passes" not in dead.evidence  # it ran in both of the window's passes
