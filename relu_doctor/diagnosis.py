@@ -355,12 +355,15 @@ def diagnose(
         left = set((declined or {}).get(name, ()))  # remedies that left this site alone
         swappable = can_swap(fam, leaky, row.get("cap"), op) and "leaky_relu_swap" not in left
         unswappable = _why_not_swapped(fam, leaky, row.get("cap"), op, left)
-        # ReDo where it can act; where it left the site alone, or cannot act, said instead
+        # ReDo where it can act; where it left the site alone, cannot act, or is not offered
+        # (Keras), said instead
         why_not, refused = (unrecyclable or {}).get(name), sorted(left & set(RECYCLERS))
-        recyclable = not refused and why_not is None
+        recyclable = not refused and why_not is None and names["recycle"] is not None
         and_recycle = f" and recycle the units {_recycle(names)}" if recyclable else ""
         aside = (f" ({', '.join(refused)} left this site alone: see its warning.)" if refused
-                 else f" (Recycling cannot treat this site: {why_not}.)" if why_not else "")
+                 else f" (Recycling cannot treat this site: {why_not}.)" if why_not
+                 else " (ReDo recycling is not offered for Keras layers.)"
+                 if names["recycle"] is None else "")
         if row["dead"]:
             frac = float(row["dead_fraction"])
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
@@ -652,9 +655,8 @@ RECYCLERS = ("dormant_reset", "continual_backprop")
 
 
 def _recycle(names: Mapping[str, str | None], source: str = "ReDo") -> str:
-    """ReDo recycling by the loop's name for it, in brackets (or why it is not offered)."""
-    name = names["recycle"]
-    return f"({source}: {name})" if name else f"({source}, not offered for Keras layers)"
+    """ReDo recycling by the loop's name for it, in brackets (where the loop offers it)."""
+    return f"({source}: {names['recycle']})"
 
 
 def _growth_findings(

@@ -49,8 +49,8 @@ __all__ = ["IntervalReading", "TableMemory"]
 # name: a site's is a module path, a checkpoint's a JSON array).
 _GRAD_SQ = "\0grad_sq"
 # why recycling cannot treat a site whose input is a residual sum (Site.summed)
-_SUMMED = ("its input is a sum with another branch (a residual or skip connection), so a "
-           "recycled unit's new value would not be its layer's alone")
+_SUMMED = ("its units come from a sum with another branch (a residual or skip connection), "
+           "directly or through activations and norms: no one layer makes them")
 _STEPS = "\0steps_collected"  # the window's collected steps, summed across processes
 _FIRST = "\0first\0"  # + a site's name: its first reading (SiteStats.first), until logged
 

@@ -644,3 +644,17 @@ def test_a_site_whose_input_is_a_residual_sum_is_not_advised_recycling():
     assert "recycle the units" not in text and f"Recycling cannot treat this site: {why}." in text
     plain = finding_view(next(f for f in others if f.kind == "dead"))
     assert "recycle the units" in recommend(plain, False, [], declined={"leaky_relu_swap": "x"})
+
+
+def test_a_loop_without_recycling_is_advised_what_it_can_do_for_dormant_units():
+    """A Keras trial's dormant finding advised only "Recycle dormant units (ReDo, ..., not
+    offered for Keras layers)": nothing its user could do. Where the loop offers no
+    recycling, its findings advise what it has, and say that ReDo is not offered."""
+    rows, units = _sick_site()
+    found = {f.kind: f.remedy for f in diagnose(rows, units, DiagnosisConfig(loop="keras"))}
+    assert found["dormant"].startswith("Lower the learning rate, or check the normalisation")
+    for kind in ("dormant", "lifetime_dead"):
+        assert "Recycle" not in found[kind] and "recycle them" not in found[kind], kind
+        assert found[kind].endswith("(ReDo recycling is not offered for Keras layers.)"), kind
+    torch_loop = {f.kind: f.remedy for f in diagnose(rows, units, DiagnosisConfig())}
+    assert torch_loop["dormant"].startswith("Recycle dormant units")

@@ -413,7 +413,8 @@ def test_a_site_left_alone_is_recorded_and_the_report_advises_recycling_there_no
     # sum), and said why.
     first = [f for f in doc.records[0].findings if f.site == "act"]
     assert doc.records[0].step == 2 and not any("DormantRecycler" in f.remedy for f in first)
-    assert any("Recycling cannot treat this site: its input is a sum" in f.remedy for f in first)
+    assert any("Recycling cannot treat this site: its units come from a sum" in f.remedy
+               for f in first)
     for found in (doc.findings(), run.findings()):
         dead = [f for f in found if f.site == "act" and f.kind in ("dead", "lifetime_dead")]
         assert dead and not [f for f in dead if "DormantRecycler" in f.remedy]
