@@ -329,6 +329,7 @@ class Probe(SiteRegistry, HookOwner):
         self._bw_depth = 0
         self._attached = False
         self._listeners: list[Callable[[], None]] = []
+        self._detach_listeners: list[Callable[[], object]] = []  # see on_detach
         self._renewal_listeners: list[Callable[[str], object]] = []
         #: sites found not replaced at a width change, by the generation it was asked at
         self._kept: dict[SiteKey, int] = {}
@@ -490,6 +491,14 @@ class Probe(SiteRegistry, HookOwner):
         self._bw_depth = 0
         self._pass_open = False
         self._provenance.stop()  # detached mid-pass: leave no mode behind
+        for fn in self._detach_listeners:
+            fn()
+
+    def on_detach(self, fn: Callable[[], object]) -> None:
+        """Call ``fn()`` at every detach (a refresh's too): what was kept for the watched
+        run goes (a remedy's inputs kept to find a site's layers: see LinkCache)."""
+        if fn not in self._detach_listeners:
+            self._detach_listeners.append(fn)
 
     def refresh(self) -> None:
         """Re-register the hooks on the model's current activation modules.
@@ -903,6 +912,12 @@ class Probe(SiteRegistry, HookOwner):
             self._fail(site.key, "forward", e)
         self.stopwatch.add(t0)
         return True
+
+    def ran_now(self, key: SiteKey) -> int | None:
+        """The number of the latest recorded pass (:attr:`passes`) where it ran the site
+        ``key``, else None."""
+        site = self._sites.get(key)
+        return self.passes if site is not None and site.seen_pass == self.passes else None
 
     def passes_seen(self, sites: Sequence[Site]) -> dict[str, tuple[int, int]]:
         """``{site name: (recorded passes of the open window that ran it, all of them)}`` for

@@ -146,6 +146,23 @@ class InputTap(HookOwner):
         self.handles = []
 
 
+class _Pins(HookOwner):
+    """The owner of a link cache's hook on the model (see :meth:`LinkCache._look_again`)."""
+
+    def __init__(self, cache: LinkCache) -> None:
+        self.cache = cache
+
+
+class _PinHooks(Hooks):
+    """A link cache's hook on the model (see :class:`~relu_doctor._hooks.Hooks`)."""
+
+    __slots__ = ()
+    owner: _Pins
+
+    def post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        self.owner.cache._after(module, args, kwargs, output)
+
+
 class LinkCache:
     """The unit links of a model's sites, from one pass recorded when first needed.
 
@@ -170,10 +187,16 @@ class LinkCache:
         #: the pass's inputs, two samples where batched: to record again where a module the
         #: links name left the model (a head replaced under the same path)
         self._again: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None = None
-        # sites the recorded pass did not run (a branch it did not take), looked for in a
-        # pass on the model's latest inputs at each decision until found; that pass
+        # Sites the recorded pass did not run (a branch it did not take), looked for again
+        # (see _look_again): the inputs of the latest recorded pass that ran each (and the
+        # pass's number), the pass recorded on them, and a hook on the module called then
         self._missing: set[SiteKey] = set()
+        self._pinned: dict[SiteKey, tuple[int, tuple[nn.Module, tuple[Any, ...], Any]]] = {}
         self._retry: tuple[object, Dataflow | None] | None = None
+        self._watch: Any = None
+        self._outer: nn.Module | None = None  # the module the first pass was recorded on
+        self._recording = False
+        self._probe: Any = None  # the bound Doctor's (see watch_with)
         if example_inputs is not None:
             args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
             self._example = (model, args, {})
@@ -189,6 +212,7 @@ class LinkCache:
                     f"site {name!r}: no forward pass of the model seen yet to read its "
                     "producer and consumers from; run one, or pass example_inputs=."
                 )
+            self._outer = example[0]
             self._flow, self._error = record_latest(self.model, *example)
             # Copies of two samples (a view would hold the batch); inputs that are not a batch
             # to cut down (a batch of two, a mask of another first dim) are not kept at all.
@@ -221,29 +245,94 @@ class LinkCache:
         return self._links[key]
 
     def _look_again(self, key: SiteKey, name: str) -> UnitLinks:
-        """The links of a site the recorded pass did not run, from a pass on the model's
-        latest inputs (one per batch seen, shared by every such site); the model's inputs
-        are kept meanwhile (an input tap, as before the first pass). Raises NotInPass while
-        no pass that ran it was seen (never with ``example_inputs``, which do not change)."""
-        if self._example is None and self._tap is None:
-            self._tap = InputTap(self.model)
+        """The links of a site the recorded pass did not run (a branch it did not take),
+        from a pass recorded on the inputs of the latest training pass that ran it (whole:
+        a branch the first two samples do not take is taken by others), kept from then on
+        by a hook on the module the first pass was called on, while the bound Doctor's
+        probe says which sites ran (:attr:`ran`). One pass per such inputs, shared by the
+        sites they ran. Raises NotInPass while none was seen; a site found, or refused for
+        good, is looked for no more, and once none is, nothing is kept."""
         self._missing.add(key)
-        latest = self._tap.latest() if self._tap is not None else None
-        if latest is None:
+        if (self._watch is None and self._probe is not None and self._probe.attached
+                and self._outer is not None):
+            hooks = _PinHooks(_Pins(self))
+            self._watch = hooks.own_flags(
+                self._outer.register_forward_hook(hooks.post, with_kwargs=True))
+        pinned = self._pinned.get(key)
+        if pinned is None:
             raise NotInPass(f"site {name!r}: the recorded forward pass did not run it (a "
-                            "branch it did not take); looked for again in a later pass")
-        if self._retry is None or self._retry[0] is not latest:
-            self._retry = (latest, record_latest(self.model, *latest)[0])
-        flow = self._retry[1]
-        if flow is None:
+                            "branch it did not take); looked for again once a pass runs it")
+        call = pinned[1]
+        if self._retry is None or self._retry[0] is not call:
+            self._recording = True
+            try:
+                flow: Dataflow | None = record_dataflow(
+                    self.model, call[1], kwargs=call[2], call=call[0])
+            except Exception:  # the user's forward on their own inputs again: anything
+                flow = None
+            finally:
+                self._recording = False
+            self._retry = (call, flow)
+        if self._retry[1] is None:
+            self._pinned.pop(key, None)  # (not those inputs again)
             raise NotInPass(f"site {name!r}: the forward pass that finds its producer and "
-                            "consumers failed on the latest inputs; tried again later")
-        links = find_unit_links(self.model, site=key, dataflow=flow, name=name)
-        self._missing.discard(key)
-        if not self._missing:
-            self._retry = None
-            self.close()
+                            "consumers failed on the inputs that ran it; tried again later")
+        try:
+            links = find_unit_links(self.model, site=key, dataflow=self._retry[1], name=name)
+        except NotInPass:
+            # Not run again on the inputs that ran it in training: the model's own state
+            # chose the branch (a step counter, a flag), which replaying inputs cannot
+            # reproduce. Refused for good, saying so.
+            self._found(key)
+            raise ReluDoctorError(
+                f"site {name!r}: a pass recorded again on the inputs of a training pass that "
+                "ran it did not run it: its branch is chosen by the model's state (a step "
+                "counter, a flag), not by its inputs, so its producer and consumers cannot be "
+                "read. Exclude this site.") from None
+        except ReluDoctorError:
+            self._found(key)  # refused for good: looked for no more
+            raise
+        self._found(key)
         return links
+
+    def _found(self, key: SiteKey) -> None:
+        self._missing.discard(key)
+        self._pinned.pop(key, None)
+        if not self._missing:
+            self.release()
+
+    def watch_with(self, probe: Any) -> None:
+        """Find missing sites through ``probe`` (a bound Doctor's: which sites its latest
+        recorded pass ran), letting go of what is kept for them when it detaches."""
+        self._probe = probe
+        probe.on_detach(self.release)
+
+    def release(self) -> None:
+        """Keep nothing for the sites looked for again (the hook, their inputs, the pass
+        recorded on them): training ended, or none is missing. A later decision that
+        looks for one again starts anew."""
+        if self._watch is not None:
+            self._watch.remove()
+            self._watch = None
+        self._pinned.clear()
+        self._retry = None
+
+    def _after(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """After a call of the module the first pass was recorded on: keep its inputs for
+        each missing site that this recorded pass ran (one object for all of them)."""
+        probe = self._probe
+        if probe is None or self._recording:
+            return
+        if not probe.attached:  # (the Doctor is gone: keep nothing)
+            self.release()
+            return
+        call = None
+        for key in self._missing:
+            n = probe.ran_now(key)
+            if n is not None and (key not in self._pinned or self._pinned[key][0] != n):
+                call = call or (module, tuple(args), dict(kwargs))
+                self._pinned[key] = (n, call)
+
 
     def _current(self, links: UnitLinks) -> bool:
         """Whether every module ``links`` names is still in the model at its path (a lookup

@@ -28,7 +28,7 @@ import torch.nn as nn
 from relu_doctor._validate import glob_patterns, number_in, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.events import Intervention
+from relu_doctor.events import Intervention, InterventionResult
 from relu_doctor.remedies._fresh import drawn_by, model_init
 from relu_doctor.remedies._link_cache import Later, skip_for_now
 from relu_doctor.remedies.adam_step import AdamStepRestart
@@ -160,6 +160,13 @@ class ContinualBackprop(Remedy):
 
     def _on_bind(self, doctor: Any) -> None:
         self.adam_step.apply_pending(self.model, self.optimizers)
+        if getattr(doctor, "probe", None) is not None:  # (a branch its pass did not take)
+            self._finder.watch_with(doctor.probe)
+
+    def observe(self, record: RecordLike) -> list[InterventionResult]:
+        if getattr(record, "final", False):  # training ended: no inputs kept for later
+            self._finder.release()
+        return super().observe(record)
 
     def _links_of(self, record: RecordLike, site: str) -> UnitLinks:
         return self._finder.links(record.key(site), site)
@@ -172,7 +179,10 @@ class ContinualBackprop(Remedy):
         u = units[units["site"] == site].sort_values("unit")
         mean_abs = torch.tensor(u["mean_abs"].to_numpy(dtype="float64", copy=True))
         mean_abs = torch.nan_to_num(mean_abs, nan=0.0)
-        steps = max(0, int(record.step) - self._last_step.get(site, 0))
+        # (a site first read now, first seen late or looked for since: the window's steps)
+        since = self._last_step.get(site, int(record.step) - int(getattr(record, "steps_run", 0)
+                                                                or record.step))
+        steps = max(0, int(record.step) - since)
         self._last_step[site] = int(record.step)
         contribution = mean_abs * outgoing_magnitude(links)
         keep = self.decay**steps

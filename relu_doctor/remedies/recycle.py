@@ -21,7 +21,7 @@ from relu_doctor._validate import glob_patterns, number_in, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.diagnosis import check_tau
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.events import Intervention
+from relu_doctor.events import Intervention, InterventionResult
 from relu_doctor.remedies._fresh import Init, drawn_by, fresh_rows, model_init
 from relu_doctor.remedies._frozen import refuse_frozen
 from relu_doctor.remedies._link_cache import Later, LinkCache, skip_for_now
@@ -331,6 +331,13 @@ class DormantRecycler(Remedy):
 
     def _on_bind(self, doctor: Any) -> None:
         self.adam_step.apply_pending(self.model, self.optimizers)
+        if getattr(doctor, "probe", None) is not None:  # (a branch its pass did not take)
+            self._finder.watch_with(doctor.probe)
+
+    def observe(self, record: RecordLike) -> list[InterventionResult]:
+        if getattr(record, "final", False):  # training ended: no inputs kept for later
+            self._finder.release()
+        return super().observe(record)
 
     def links(self, site: str | SiteKey) -> UnitLinks:
         """The (cached) :class:`~relu_doctor.remedies.unit_links.UnitLinks` of ``site`` (a

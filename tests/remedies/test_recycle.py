@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -815,8 +816,15 @@ class _Branchy(nn.Module):
         return self.head(h)
 
 
-@pytest.mark.parametrize("make", ["recycler", "plan", "cbp"])
-def test_a_branch_the_recorded_pass_did_not_take_is_recycled_once_a_pass_takes_it(make):
+@pytest.mark.parametrize(("make", "taken", "at"), [
+    ("recycler", {1, 2, 9, 11}, 12), ("plan", {1, 2, 9, 11}, 12), ("cbp", {1, 2, 9, 11}, 12),
+    # taken every 4th step, never at a log, chosen by the model's state (a flag): replaying
+    # the inputs of the pass that took it does not take it, so it is refused, saying why
+    ("recycler", {0, 4, 8}, None),
+])
+def test_a_branch_the_recorded_pass_did_not_take_is_recycled_once_a_pass_takes_it(
+    make, taken, at,
+):
     """A trial's branch ran every third step: where the pass that links are read from (the
     logging step's) did not take it, ReDo left the site alone for good ("made 0 relu
     call(s) ... Exclude this site"), declined it in the record, and the advice dropped
@@ -829,18 +837,19 @@ def test_a_branch_the_recorded_pass_did_not_take_is_recycled_once_a_pass_takes_i
     with torch.no_grad():
         net.fc.bias[:4] = -50.0  # four dead units on the branch
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    taken = {1, 2, 9, 11}  # logs at steps 3 and 7 (branch not taken then) and 11 (taken)
+    # logs at steps 3, 7 and 11; the first decision reads a pass that did not take it
     with warnings.catch_warnings(record=True) as caught, \
             relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None,
                               optimizer=opt) as doc:
         warnings.simplefilter("always")
         events = events_of(doc)
         if make == "recycler":
-            DormantRecycler(net, optimizers=opt).bind(doc)
+            remedy: Any = DormantRecycler(net, optimizers=opt).bind(doc)
         elif make == "cbp":
             from relu_doctor.remedies.continual_backprop import ContinualBackprop
 
-            ContinualBackprop(net, optimizers=opt, maturity=1, replacement_rate=0.5).bind(doc)
+            remedy = ContinualBackprop(net, optimizers=opt, maturity=1,
+                                       replacement_rate=0.5).bind(doc)
         else:
             TreatmentPlan(net, optimizer=opt, patience=1, steps=[
                 PlanStep("recycle", options={"threshold": 0.2})]).bind(doc)
@@ -853,7 +862,104 @@ def test_a_branch_the_recorded_pass_did_not_take_is_recycled_once_a_pass_takes_i
     said = [str(w.message) for w in caught if "skipping site '(root):relu#0' for now" in
             str(w.message)]
     assert len(said) == 1 and "did not take" in said[0], said
-    assert not [e for e in events if e["type"] == "declined"]
+    declined = [e for e in events if e["type"] == "declined"]
     acted = [(e["step"], e["site"]) for e in events if e["type"] == "intervention"]
-    assert acted == [(12, "(root):relu#0")], acted
+    if at is None:
+        assert not acted and len(declined) == 1, (acted, declined)
+        assert "chosen by the model's state" in declined[0]["reason"]
+        return
+    assert not declined
+    assert acted[0] == (at, "(root):relu#0"), acted
     assert bool((net.fc.bias[:4] > -1.0).all())  # re-initialised
+    if make != "plan":  # found: nothing kept for it (no hook, no inputs)
+        assert remedy._finder._watch is None and not remedy._finder._pinned
+
+
+def test_a_branch_that_never_runs_again_leaves_nothing_kept_after_training():
+    """A review: the inputs kept to look for a site again outlived the watch block (a hook
+    left on the model holding a later batch). Training's last log lets them go."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    net = _Branchy()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None) as doc:
+        recycler = DormantRecycler(net, optimizers=opt).bind(doc)
+        with torch.no_grad():
+            net.fc.bias[:4] = -50.0
+        for step in range(8):
+            net.take = step == 5  # a state-chosen branch: looked for, then refused
+            net(torch.randn(16, 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+        net.take = True
+        batch = torch.randn(16, 4)
+        net(batch).square().mean().backward()  # (after the last step: kept by nothing)
+        seen = weakref.ref(batch)
+    del batch
+    gc.collect()
+    finder = recycler._finder
+    assert finder._watch is None and not finder._pinned and finder._retry is None
+    assert seen() is None and not net._forward_hooks
+
+
+def test_a_branch_only_the_later_samples_of_a_batch_take_is_found_on_the_whole_batch():
+    """A review: the pass a missing site was looked for in was recorded on the batch's
+    first two samples, which a branch for the batch's later samples never takes."""
+    class Routed(_Branchy):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            if x.shape[0] > 8:  # a second task's samples, the batch's second half
+                h = torch.cat([h[:8], h[8:] + self.fc2(F.relu(self.fc(h[8:])))])
+            return self.head(h)
+
+    torch.manual_seed(0)
+    net = Routed()
+    with torch.no_grad():
+        net.fc.bias[:4] = -50.0
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None) as doc:
+        events = events_of(doc)
+        DormantRecycler(net, optimizers=opt).bind(doc)
+        for _ in range(8):
+            net(torch.randn(16, 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    acted = [(e["step"], e["site"]) for e in events if e["type"] == "intervention"]
+    assert acted and acted[0][1] == "(root):relu#0", acted
+    assert bool((net.fc.bias[:4] > -1.0).all())
+
+
+def test_continual_backprop_ages_a_site_first_seen_late_from_then_on():
+    """A review: a site first read late (a branch first taken at step 40, or first found
+    then) was aged from step 0: every unit mature at once, and replacements owed for every
+    step since, so a trained layer's units were replaced wholesale (16 of 16)."""
+    from relu_doctor.remedies.continual_backprop import ContinualBackprop
+
+    class Late(_Branchy):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            if x.shape[0] > 8:  # from step 40 on: a batch of 16
+                h = h + self.fc2(F.relu(self.fc(h)))
+            return self.head(h)
+
+    torch.manual_seed(0)
+    net = Late()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReluDoctorWarning)
+        with relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None) as doc:
+            events = events_of(doc)
+            cbp = ContinualBackprop(net, optimizers=opt, maturity=20,
+                                    replacement_rate=0.05).bind(doc)
+            for step in range(48):
+                net(torch.randn(16 if step >= 40 else 8, 4)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+    # first read at the last log (found in a pass of its window): aged that window's 4 steps
+    assert int(cbp.age["(root):relu#0"].max()) == 4
+    assert not [e for e in events if e["type"] == "intervention" and e["site"] == "(root):relu#0"]
