@@ -28,20 +28,19 @@ import torch.nn as nn
 from relu_doctor._validate import glob_patterns, number_in, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.events import Intervention, InterventionResult
+from relu_doctor.events import Intervention
 from relu_doctor.remedies._fresh import drawn_by, model_init
 from relu_doctor.remedies._link_cache import Later, skip_for_now
 from relu_doctor.remedies.adam_step import AdamStepRestart
 from relu_doctor.remedies.base import (
     Optimizers,
     RecordLike,
-    Remedy,
     check_model,
     refuse_sharded,
     sharding_of,
     site_snapshot,
 )
-from relu_doctor.remedies.recycle import WHOLE_ROWS, adopt_optimizers, recycle_units
+from relu_doctor.remedies.recycle import WHOLE_ROWS, LinkedRemedy, recycle_units
 from relu_doctor.remedies.unit_links import Consumer, LinkCache, UnitLinks
 
 __all__ = ["ContinualBackprop", "outgoing_magnitude"]
@@ -82,7 +81,7 @@ def _per_input(c: Consumer, a: torch.Tensor) -> torch.Tensor:
     return torch.cat([a[g * out_pg : (g + 1) * out_pg].sum(dim=others) for g in range(groups)])
 
 
-class ContinualBackprop(Remedy):
+class ContinualBackprop(LinkedRemedy):
     """Continual Backprop: recycle the lowest-utility mature units at a steady rate.
 
     Args:
@@ -154,19 +153,6 @@ class ContinualBackprop(Remedy):
         self._links_failed: set[str] = set()
         self._waiting: set[str] = set()  # skipped for now, said (see _link_cache.Later)
         self.adam_step = AdamStepRestart(reset_adam_step, self.optimizers)
-
-    def _before_bind(self, doctor: Any) -> None:
-        adopt_optimizers(self, doctor)
-
-    def _on_bind(self, doctor: Any) -> None:
-        self.adam_step.apply_pending(self.model, self.optimizers)
-        if getattr(doctor, "probe", None) is not None:  # (a branch its pass did not take)
-            self._finder.watch_with(doctor.probe)
-
-    def observe(self, record: RecordLike) -> list[InterventionResult]:
-        if getattr(record, "final", False):  # training ended: no inputs kept for later
-            self._finder.release()
-        return super().observe(record)
 
     def _links_of(self, record: RecordLike, site: str) -> UnitLinks:
         return self._finder.links(record.key(site), site)

@@ -242,7 +242,32 @@ def adopt_optimizers(remedy: Any, doctor: Any) -> None:
     remedy.optimizers, remedy._adopted = adopted, True
 
 
-class DormantRecycler(Remedy):
+class LinkedRemedy(Remedy):
+    """A remedy that rewrites units through their producer and consumers (ReDo, Continual
+    Backprop): the bound Doctor's optimizers adopted, a pending Adam step restart applied,
+    and its links' cache watching the Doctor's probe for sites a pass did not run, letting
+    go of what it kept for them at training's last log (see :class:`LinkCache`)."""
+
+    model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    adam_step: AdamStepRestart
+    _finder: LinkCache
+
+    def _before_bind(self, doctor: Any) -> None:
+        adopt_optimizers(self, doctor)
+
+    def _on_bind(self, doctor: Any) -> None:
+        self.adam_step.apply_pending(self.model, self.optimizers)
+        if getattr(doctor, "probe", None) is not None:  # (a branch its pass did not take)
+            self._finder.watch_with(doctor.probe)
+
+    def observe(self, record: RecordLike) -> list[InterventionResult]:
+        if getattr(record, "final", False):  # training ended: no inputs kept for later
+            self._finder.release()
+        return super().observe(record)
+
+
+class DormantRecycler(LinkedRemedy):
     """Recycle dormant units (ReDo, Sokar et al. 2023) every ``every`` logging intervals.
 
     The units are those the record marks below tau (ReDo score <= the doctor's tau: dormant
@@ -325,19 +350,6 @@ class DormantRecycler(Remedy):
         self._waiting: set[str] = set()  # skipped for now, said (see _link_cache.Later)
         self._finder = LinkCache(self.model, example_inputs=example_inputs)
         self.adam_step = AdamStepRestart(reset_adam_step, self.optimizers)
-
-    def _before_bind(self, doctor: Any) -> None:
-        adopt_optimizers(self, doctor)
-
-    def _on_bind(self, doctor: Any) -> None:
-        self.adam_step.apply_pending(self.model, self.optimizers)
-        if getattr(doctor, "probe", None) is not None:  # (a branch its pass did not take)
-            self._finder.watch_with(doctor.probe)
-
-    def observe(self, record: RecordLike) -> list[InterventionResult]:
-        if getattr(record, "final", False):  # training ended: no inputs kept for later
-            self._finder.release()
-        return super().observe(record)
 
     def links(self, site: str | SiteKey) -> UnitLinks:
         """The (cached) :class:`~relu_doctor.remedies.unit_links.UnitLinks` of ``site`` (a
