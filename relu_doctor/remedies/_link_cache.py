@@ -248,10 +248,10 @@ class LinkCache:
         """The links of a site the recorded pass did not run (a branch it did not take),
         from a pass recorded on the inputs of the latest training pass that ran it (whole:
         a branch the first two samples do not take is taken by others), kept from then on
-        by a hook on the module the first pass was called on, while the bound Doctor's
-        probe says which sites ran (:attr:`ran`). One pass per such inputs, shared by the
-        sites they ran. Raises NotInPass while none was seen; a site found, or refused for
-        good, is looked for no more, and once none is, nothing is kept."""
+        by a hook on the module the first pass was called on, where the bound Doctor's
+        probe says which sites a pass ran (:meth:`watch_with`). One pass per such inputs,
+        shared by the sites they ran. Raises NotInPass while none was seen; a site found,
+        or refused for good, is looked for no more, and once none is, nothing is kept."""
         self._missing.add(key)
         if (self._watch is None and self._probe is not None and self._probe.attached
                 and self._outer is not None):
@@ -332,7 +332,6 @@ class LinkCache:
             if n is not None and (key not in self._pinned or self._pinned[key][0] != n):
                 call = call or (module, tuple(args), dict(kwargs))
                 self._pinned[key] = (n, call)
-
 
     def _current(self, links: UnitLinks) -> bool:
         """Whether every module ``links`` names is still in the model at its path (a lookup
