@@ -309,11 +309,12 @@ class ProvenanceTracker:
         residual adds, scalar maths, casts, pooling, padding, slicing, chunks. A sum of two
         inputs of the output's shape (a residual add, not a bias's) is marked
         :attr:`Origin.summed`."""
-        inputs = [a for a in _flat(args) + _flat(list(kwargs.values())) if self.origin(a) is not None]
+        tensors = _flat(args) + _flat(list(kwargs.values()))
+        inputs = [a for a in tensors if self.origin(a) is not None]
         if not inputs:
             return
         summed = name in _SUMS and isinstance(out, torch.Tensor) and sum(
-            a.shape == out.shape for a in _flat(args) + _flat(list(kwargs.values()))) > 1
+            a.shape == out.shape for a in tensors) > 1
         for o in (out if isinstance(out, (tuple, list)) else (out,)):
             if not isinstance(o, torch.Tensor):
                 continue

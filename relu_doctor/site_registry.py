@@ -218,11 +218,17 @@ class SiteRegistry:
         site.producer, site.summed = origin.layer, origin.summed
         site.made_by = self._made_by(site)
         site.unit_rule = origin.rule(len(shape))
-        if origin.dim == site.dim_for(len(shape)) and shape[origin.dim] == site.units:
-            return
-        site.unit_dim, site.units = origin.dim, shape[origin.dim]
+        if origin.dim != site.dim_for(len(shape)) or shape[origin.dim] != site.units:
+            self._anew(site, origin.dim, shape, output.device)
+
+    def _anew(self, site: Site, dim: int, shape: tuple[int, ...], device: torch.device) -> None:
+        """Make ``site`` anew on the units along ``dim`` of ``shape`` (its layer replaced, or
+        its producer found to make other units than the shape rule took): accumulators and
+        a count of the window's passes of its own from here, and what keeps readings of it
+        told (:meth:`on_renewal`)."""
+        site.unit_dim, site.units = dim, shape[dim]
         site.shape, site.other_ranks = shape, set()
-        site.stats, site.window_passes = SiteStats(site.units, output.device), 0
+        site.stats, site.window_passes = SiteStats(site.units, device), 0
         for fn in self._listeners:
             fn()
         for renewed in self._renewal_listeners:
@@ -252,15 +258,11 @@ class SiteRegistry:
         """Make ``site`` anew where its layer was replaced by one of another width: the new
         layer's units get accumulators of their own, its window and lifetime start here
         (the old layer's statistics of the open window are dropped), said once per change."""
-        old = site.units
-        site.units = shape[site.dim_for(len(shape))]
-        site.unit_dim = site.dim_for(len(shape))
-        site.shape, site.other_ranks = shape, set()
-        site.stats, site.window_passes = SiteStats(site.units, device), 0
+        old, dim = site.units, site.dim_for(len(shape))
         site.made_by = self._made_by(site)
         self._warned_units.discard(site.key)
         warnings.warn(
-            f"relu_doctor: site {site.name!r} now runs on {site.units} units (it had {old}): "
+            f"relu_doctor: site {site.name!r} now runs on {shape[dim]} units (it had {old}): "
             f"{module_label(site.producer or site.module_path)!r} was replaced by a layer of "
             "another width. Its statistics start anew from this step (what its window had "
             "collected of the old layer is dropped; its lifetime counts are the new layer's, "
@@ -268,10 +270,7 @@ class SiteRegistry:
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),
         )
-        for fn in self._listeners:
-            fn()
-        for renewed in self._renewal_listeners:
-            renewed(site.name)
+        self._anew(site, dim, shape, device)
 
     def on_renewal(self, fn: Callable[[str], object]) -> None:
         """Call ``fn(site name)`` when a site is made anew at another width (its layer
