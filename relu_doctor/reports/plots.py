@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import bisect
 import io
 import math
 import warnings
@@ -42,6 +43,7 @@ __all__ = [
     "dead_fraction_figure",
     "figure_to_data_uri",
     "gradient_flow_figure",
+    "heatmap_mark_columns",
     "mpl_label",
     "pick_sites",
     "training_curve_figure",
@@ -341,9 +343,31 @@ def activity_matrix(
     return HeatmapData(m, steps, row_labels, per_row, per_col, n, dead_last, named_rows)
 
 
-def activity_heatmap_figure(data: HeatmapData, site: str, family: str = "") -> Figure:
+def heatmap_mark_columns(steps: Sequence[int], marks: Sequence[int]) -> list[tuple[int, int]]:
+    """Where :func:`activity_heatmap_figure` draws each intervention: (its number in
+    ``marks``, from 1; the column edge it is drawn at), the edge after the columns of the
+    logging steps up to the intervention's step (its effect shows in the next window), for
+    the marks within the steps shown.
+
+    Example:
+        >>> heatmap_mark_columns([10, 20, 30], [5, 20, 25, 40])
+        [(2, 2), (3, 2)]
+    """
+    out = []
+    for i, step in enumerate(marks, start=1):
+        edge = bisect.bisect_right(steps, step)
+        if 0 < edge < len(steps):
+            out.append((i, edge))
+    return out
+
+
+def activity_heatmap_figure(
+    data: HeatmapData, site: str, family: str = "", marks: Sequence[int] = ()
+) -> Figure:
     """Draw :func:`activity_matrix` output: rows are units (or bins of units ranked by
-    activity), columns logging steps, colour the activation rate (0 = dead)."""
+    activity), columns logging steps, colour the activation rate (0 = dead); ``marks``: the
+    interventions' steps, drawn as numbered dashed lines between the columns before and after
+    each (the numbers of the report's interventions table)."""
     rows, cols = data.matrix.shape
     # a row per named unit must stay a readable text line: such figures grow taller
     per_line, cap = (0.125, 9.5) if data.named_rows > 16 else (0.085, 5.6)
@@ -364,6 +388,15 @@ def activity_heatmap_figure(data: HeatmapData, site: str, family: str = "") -> F
             ax.set_yticklabels([data.row_labels[t] for t in ticks])
         ax.tick_params(axis="y", labelsize=6.5 if rows > 24 else 7, rotation=0)
         ax.tick_params(axis="x", labelsize=7, rotation=0)
+        drawn: dict[int, list[str]] = {}
+        for number, edge in heatmap_mark_columns(data.steps, marks):
+            drawn.setdefault(edge, []).append(str(number))
+        for edge, numbers in drawn.items():  # (several in one window: one line, all numbers)
+            ax.axvline(float(edge), color="0.85", linestyle="--", linewidth=1)
+            ax.annotate(",".join(numbers), xy=(float(edge), 1.0),
+                        xycoords=("data", "axes fraction"), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7,
+                        fontweight="bold", color="0.2")
         ax.set_xlabel("step")
         if data.units_per_row > 1:
             ax.set_ylabel("units the findings name, then\nbins by activity rank (least first)")

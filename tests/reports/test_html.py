@@ -427,3 +427,29 @@ def test_the_dead_units_figure_draws_the_share_redo_calls_dormant_over_time():
         want = hist[hist["site"] == site]["below_tau_fraction"].tolist()
         assert any(v == pytest.approx(want) for v in drawn), (site, drawn)
     assert len(plots.dead_fraction_figure(hist.drop(columns="below_tau_fraction")).axes) == 2
+
+
+def test_the_heatmaps_draw_each_intervention_after_the_window_it_was_made_at():
+    """A researcher reading a site's heatmap looked for where its units were recycled: the
+    heatmaps drew no intervention. Each one made within the steps shown is now a numbered line
+    at the edge after the last logging step up to it (its numbers those of the table); those
+    before the first or after the last step shown are not drawn."""
+    steps = [2, 4, 6, 8]
+    units = pd.DataFrame([{"step": s, "site": "a", "unit": u, "activation_rate": 0.1 * u}
+                          for s in steps for u in range(3)])
+    data = plots.activity_matrix(units, "a")
+    assert data is not None and data.steps == steps
+    marks = [1, 3, 4, 5, 9]  # before the first, after step 2, at step 4 and after it, past the end
+    fig = plots.activity_heatmap_figure(data, "a", marks=marks)
+    ax = fig.axes[0]
+    lines = sorted(line.get_xdata()[0] for line in ax.get_lines())
+    labels = sorted(t.get_text() for t in ax.texts)
+    # independently: the edge after column k is x = k + 1, column k holding steps[k]
+    want = {}
+    for number, m in enumerate(marks, start=1):
+        before = [k for k, s in enumerate(steps) if s <= m]
+        if before and before[-1] + 1 < len(steps):
+            want.setdefault(before[-1] + 1, []).append(str(number))
+    assert lines == sorted(want) == [1, 2]
+    assert labels == sorted(",".join(v) for v in want.values()) == ["2", "3,4"]
+    assert not plots.activity_heatmap_figure(data, "a").axes[0].get_lines()
