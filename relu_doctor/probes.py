@@ -441,7 +441,11 @@ class Probe(SiteRegistry, HookOwner):
         on = self._on
         handles = [mod.register_forward_pre_hook(on.enter) for mod in boundary]
         for mod in self._targets:
-            handles.append(mod.register_forward_hook(on.activation))
+            # first among its forward hooks, those registered before ours included: the
+            # activation's own output is read (a hook of yours that replaces it, as steering
+            # and patching libraries do, must not change what is counted, nor move the
+            # gradient tap off the activation's own autograd node)
+            handles.append(mod.register_forward_hook(on.activation, prepend=True))
         for mod in boundary:
             handles.append(on.own_flags(mod.register_forward_hook(on.exit, always_call=True)))
         self._handles = handles

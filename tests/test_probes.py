@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -679,7 +680,8 @@ def test_a_deep_copy_of_a_watched_model_is_not_watched() -> None:
         assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
         # The copy's placeholders took themselves out: only the user's hook is left.
         assert not twin._forward_pre_hooks and not twin.net[0]._forward_hooks
-        assert list(twin.net[1]._forward_hooks.values()) == list(relu._forward_hooks.values())[:1]
+        users = [h for h in relu._forward_hooks.values() if not hasattr(h, "__self__")]
+        assert len(users) == 1 and list(twin.net[1]._forward_hooks.values()) == users
     twin(torch.randn(2, 4)).sum().backward()  # after detach: the copy runs as before
 
 
@@ -867,3 +869,41 @@ def test_a_resumed_doctor_knows_which_sites_take_a_residual_sum():
     with relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1) as resumed:
         resumed.load_state_dict(state)
         assert {s.name: s.summed for s in resumed.sites} == summed
+
+
+@pytest.mark.parametrize("when", ["before watch", "after watch"])
+def test_a_hook_of_yours_that_replaces_the_output_changes_nothing_counted(when: str) -> None:
+    """A forward hook that returns a new output (steering, patching), registered on the
+    activation before ``watch``, ran before ours: the site read its output, not the ReLU's,
+    and the gradient tap sat on its node, so every unit's dL/d(input) zero fraction read 0.
+    Ours now run first however the two were registered: the ReLU's own output and dL/d(its
+    input) are counted, as a reference on a plain graph computes them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+    xs = [torch.randn(32, 6) for _ in range(3)]
+
+    def steer(m: nn.Module, a: Any, out: torch.Tensor) -> torch.Tensor:
+        return out * 2.0 - 0.1  # (changes which outputs are > 0 too)
+
+    if when == "before watch":
+        model[1].register_forward_hook(steer)
+    with relu_doctor.watch(model, log_every_n_steps=len(xs), overhead_budget=None) as doc:
+        if when == "after watch":
+            model[1].register_forward_hook(steer)
+        for x in xs:
+            model(x).pow(2).sum().backward()
+            doc.step()
+    table = doc.unit_table("1")
+    active, absum, zero_grad = torch.zeros(16), torch.zeros(16), torch.zeros(16)
+    for x in xs:  # the reference: the same graph written out, the ReLU's input a leaf
+        pre = model[0](x).detach().requires_grad_(True)
+        raw = torch.relu(pre)
+        model[2](raw * 2.0 - 0.1).pow(2).sum().backward()
+        active += (raw > 0).sum(0)
+        absum += raw.detach().abs().sum(0)
+        zero_grad += (pre.grad == 0).sum(0)
+    n = 32 * len(xs)
+    assert table["activation_rate"].tolist() == pytest.approx((active / n).tolist())
+    assert table["mean_abs"].tolist() == pytest.approx((absum / n).tolist(), rel=1e-5)
+    assert table["grad_zero_rate"].tolist() == pytest.approx((zero_grad / n).tolist())
+    assert 0 < float((zero_grad / n).mean()) < 1
