@@ -49,6 +49,9 @@ __all__ = ["IntervalReading", "TableMemory"]
 # name: a site's is a module path, a checkpoint's a JSON array).
 _GRAD_SQ = "\0grad_sq"
 # why recycling cannot treat a site whose input is a residual sum (Site.summed)
+#: The keys every site row starts with, in order (its metrics follow: see :func:`site_columns`)
+SITE_KEYS = ("step", "site", "op", "family", "leaky", "cap", "order", "unit_dim", "unit_rule",
+             "frozen", "window_steps", "steps_collected", "steps_run")
 _SUMMED = ("its units come from a sum with another branch (a residual or skip connection), "
            "directly or through activations and norms: no one layer makes them")
 _STEPS = "\0steps_collected"  # the window's collected steps, summed across processes
@@ -100,6 +103,16 @@ class TableMemory:
         block = _record_memory(nbytes)
         blocks.append(block)
         return block
+
+
+@functools.cache
+def site_columns() -> list[str]:
+    """The columns of a site row (:meth:`IntervalReading.to_pandas`), in order: a site's
+    description, its window's sampling, then its metrics (those of one unit seen once)."""
+    one = torch.zeros(len(ROW), 1, dtype=torch.float64)
+    one[ROW["elements"]] = 1.0
+    _, rows = metrics_of_stacked(one, one.clone(), [1], 0.1)
+    return [*SITE_KEYS, *rows[0]]
 
 
 def _unit_frame(
@@ -455,10 +468,12 @@ class IntervalReading:
         return [] if rec is None else rec.findings
 
     def to_pandas(self) -> pd.DataFrame:
-        """One row per site: the site-level metrics of the current window (see :meth:`current`)."""
+        """One row per site: the site-level metrics of the current window (see :meth:`current`);
+        none, with the same columns, before a window was read (a Doctor whose model has not
+        run a training pass: a teacher run under ``no_grad``)."""
         rec = self.current()
         if rec is None:
-            return pd.DataFrame(columns=["step", "site", "family"])
+            return pd.DataFrame(columns=site_columns())
         return pd.DataFrame(rec.site_rows)
 
     def unit_table(self, site: str) -> pd.DataFrame:

@@ -1235,3 +1235,27 @@ def test_a_model_whose_activations_are_of_no_family_is_told_which_it_holds(funct
     assert "(it holds nn.Hardswish x2, nn.Mish x1: of no ReLU family)" in said[0]
     assert "Softmax" not in said[0]
     assert ("nothing has been collected yet" in said[0]) is functional
+
+
+def test_a_doctor_that_read_no_window_gives_a_site_frame_with_the_usual_columns() -> None:
+    """A frozen teacher watched beside its student, run under no_grad only, reads no window:
+    its to_pandas() had the columns step, site and family only, so code selecting the usual
+    ones (steps_collected, grad_rms) raised KeyError. It has every column of a site row now,
+    and no row."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
+    student = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReluDoctorWarning)  # (the teacher's: no training pass)
+        with relu_doctor.watch(teacher, log_every_n_steps=2, overhead_budget=None) as dt, \
+                relu_doctor.watch(student, log_every_n_steps=2, overhead_budget=None) as ds:
+            for _ in range(4):
+                x = torch.randn(3, 4)
+                with torch.no_grad():
+                    teacher(x)
+                student(x).sum().backward()
+                dt.step()
+                ds.step()
+    empty, full = dt.to_pandas(), ds.to_pandas()
+    assert empty.empty and len(full) == 1
+    assert list(empty.columns) == list(full.columns)
