@@ -363,6 +363,7 @@ def grad_rows(
     Returns:
         A ``(len(GRAD_FIELDS), units)`` float tensor on the gradient's device.
     """
+    grad_out, inv_scale = _kernels.tamed(grad_out, inv_scale)  # (its squares in float32)
     dtype = _acc_dtype(grad_out)
     g = unit_view(grad_out, unit_dim)
     units = g.shape[1]

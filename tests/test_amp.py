@@ -141,6 +141,38 @@ def test_grad_scaler_scale_is_divided_out() -> None:
         np.testing.assert_allclose(results[1][name], results[0][name], rtol=1e-2, atol=1e-9)
 
 
+def test_a_loss_scale_grown_past_float32s_squares_leaves_the_gradients_read_right() -> None:
+    """A GradScaler left on in a float32 (or bfloat16) run doubles its scale every 2000 clean
+    steps with no ceiling: at 2**70 the scaled gradients' squares overflowed float32, so a
+    healthy run read "non-finite" gradients (two critical findings, a plan switching
+    clipping on, then stopping training as hopeless) and a wrong gradient RMS. The scale is
+    now divided out in part before squaring: the statistics equal an unscaled run's."""
+    torch.manual_seed(0)
+    net = zoo.mlp()
+    xs = [torch.randn(64, 10) for _ in range(2)]
+    results = []
+    for scale in (None, 2.0**70):
+        model = copy.deepcopy(net)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+        with relu_doctor.watch(model, grad_scaler=scaler, log_every_n_steps=len(xs),
+                               overhead_budget=None) as doc:
+            for x in xs:
+                loss = model(x).pow(2).sum() * 10.0  # (gradients of about 0.3 RMS)
+                (scaler.scale(loss) if scaler else loss).backward()
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                opt.zero_grad()
+                doc.step()
+        assert scaler is None or scaler.get_scale() == scale  # (no step skipped)
+        assert not [f for f in doc.findings() if f.kind == "nonfinite"]
+        results.append({s.name: site_fields(s) for s in doc.sites})
+    for name, plain in results[0].items():
+        assert results[1][name]["grad_nonfinite"].sum() == 0
+        np.testing.assert_allclose(results[1][name]["grad_sq"], plain["grad_sq"], rtol=1e-5)
+
+
 def _scaled_steps(doc, net, opt, scaler, steps, overflow, micro=1):  # type: ignore[no-untyped-def]
     """Train ``steps`` steps of ``micro`` micro-batches each, the loss overflowing at the
     steps in ``overflow``; with ``scaler`` None the same steps are skipped by hand."""

@@ -83,6 +83,13 @@ def _cases() -> dict[str, dict[str, Any]]:
     cases["split-capped-scaled-bf16"] = _case((300, 10), 1, torch.bfloat16, cap=6.0,
                                               inv=torch.tensor(0.5), split=4)
     cases["no-input-grad-fp16"] = _case((3, 5, 7, 9), 1, torch.float16, no_gi=True, inv=0.25)
+    # a GradScaler's scale past 2**32 (bfloat16 under a scaler): 1e-3 times 2**70, whose
+    # squares' float32 sum overflows; split, and not
+    for name, inv, split in (("huge-scale", 2.0**-70, None),
+                             ("huge-scale-tensor-split", torch.tensor(2.0**-70), 3)):
+        c = _case((3000, 4), 1, inv=inv, split=split)
+        c["g"] = c["g"] * (1e-3 * 2.0**70)
+        cases[name] = c
     for dt in (torch.float32, torch.bfloat16):  # subnormal outputs are active (no flush)
         c = _case((9, 5), 1, dt)
         c["x"][:4, 1] = 1e-40

@@ -28,8 +28,37 @@ import torch
 from relu_doctor._kernels import cpu
 from relu_doctor._kernels.cpu import Prepared, available, disabled, sum_squares_into
 
-__all__ = ["Prepared", "available", "disabled", "forward_into", "grad_into", "prepare_forward",
-           "prepare_grad", "sum_squares_into"]
+__all__ = ["LARGEST_SCALE", "Prepared", "available", "disabled", "forward_into", "grad_into",
+           "prepare_forward", "prepare_grad", "sum_squares_into", "tamed"]
+
+#: The largest part of a loss scale left in a gradient whose squares are summed in float32.
+#: A GradScaler's scale only grows where no step overflows (bfloat16 or float32 under a
+#: scaler: twice every 2000 steps), and a gradient of 1e-3 times 2**70 has squares whose
+#: sum overflowed float32: read as non-finite, its RMS wrong. Every path divides the rest
+#: of the scale out of the values before squaring them (exact: loss scales are powers of
+#: two). Kept up to 2**32, a scale still lifts fp16's smallest gradients far from float32's
+#: smallest squares, and only an exploding gradient (past about 1e9) overflows.
+LARGEST_SCALE = 2.0**32
+
+
+def tamed(
+    grad: torch.Tensor, inv_scale: torch.Tensor | float | None
+) -> tuple[torch.Tensor, torch.Tensor | float | None]:
+    """``grad`` and ``inv_scale`` (1 / the loss scale) with the part of the scale past
+    :data:`LARGEST_SCALE` divided out of ``grad`` (one elementwise op, only then): the
+    squares of the returned gradient times the returned ``inv_scale`` squared are those of
+    the unscaled gradient. A scale read on the host decides there; one in a device tensor
+    is divided on the device (no sync)."""
+    if inv_scale is None:
+        return grad, None
+    host = cpu.host_scalar(inv_scale)
+    if host is not None:
+        if host * LARGEST_SCALE >= 1.0:
+            return grad, inv_scale
+        return grad * (host * LARGEST_SCALE), 1.0 / LARGEST_SCALE
+    assert isinstance(inv_scale, torch.Tensor)
+    part = (inv_scale * LARGEST_SCALE).clamp(max=1.0)
+    return grad * part.to(grad.dtype), inv_scale / part
 
 _TRITON_ON_CPU = os.environ.get("RELU_DOCTOR_TRITON_INTERPRET") == "1"
 
@@ -108,6 +137,9 @@ def grad_into(
     """:func:`relu_doctor._kernels.cpu.grad_into` for a CPU gradient, the Triton kernel for
     a CUDA one (same arguments); False (nothing done) where neither applies."""
     if grad_out.is_cpu and not _TRITON_ON_CPU:
+        if cpu.host_scalar(inv_scale) is None and inv_scale is not None:
+            return False  # (a scale on another device: the eager path)
+        grad_out, inv_scale = tamed(grad_out, inv_scale)
         return cpu.grad_into(window, grad_out, grad_in, unit_dim, inv_scale, row0)
     return _via_triton(grad_out, "grad_into", window, grad_out, grad_in, unit_dim, inv_scale, row0)
 

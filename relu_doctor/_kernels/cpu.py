@@ -334,8 +334,9 @@ def _forward_flags(cap: float | None, nonnegative: bool) -> tuple[int, float]:
     return flags, 0.0 if cap is None else float(cap)
 
 
-def _scalar(x: torch.Tensor | float | None) -> float | None:
-    """The value of a CPU scalar tensor without a dispatched op (no ``item()``)."""
+def host_scalar(x: torch.Tensor | float | None) -> float | None:
+    """The value of a number, or of a CPU scalar tensor without a dispatched op (no
+    ``item()``); None for None and any other tensor."""
     if x is None or isinstance(x, (int, float)):
         return x
     if type(x) is not torch.Tensor or x.device.type != "cpu" or x.numel() != 1:
@@ -361,7 +362,7 @@ def grad_into(
     ``grad_in`` is dL/d(input) or None; ``inv_scale`` is 1 / the AMP loss scale. Returns
     False where the fused path does not apply.
     """
-    inv = 1.0 if inv_scale is None else _scalar(inv_scale)
+    inv = 1.0 if inv_scale is None else host_scalar(inv_scale)
     code = _loaded_code(grad_out)
     if inv is None or code is None:
         return False

@@ -34,11 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
-from relu_doctor._kernels.cpu import _layout, _scalar
+from relu_doctor._kernels import LARGEST_SCALE
+from relu_doctor._kernels.cpu import _layout, host_scalar
 
 __all__ = ["forward_into", "grad_into"]
 
 _INF = tl.constexpr(float("inf"))
+_LARGEST = tl.constexpr(LARGEST_SCALE)
 _NP = 5  # partial sums per unit and split: two counts, three float sums
 _TILE = 1024  # elements of one tile (BLOCK_A * BLOCK_U * BLOCK_B)
 _ROW = 128  # contiguous elements a tile reads along units x positions
@@ -74,6 +76,16 @@ def _stats_kernel(  # type: ignore[no-untyped-def]
     """
     u = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     mu = u < U
+    if GRAD:
+        if SCALE_PTR:  # noqa: SIM108 - a compile-time branch (Triton)
+            inv = tl.load(scale_ptr).to(tl.float64)
+        else:
+            inv = inv_scale
+        # the part of the scale past LARGEST_SCALE, divided out of each value before it
+        # is squared (see relu_doctor._kernels.LARGEST_SCALE); the rest at the end
+        part = tl.minimum(inv * _LARGEST, 1.0)
+        rest = inv / part
+        part32 = part.to(tl.float32)
     if READ_PARTS:
         c1 = tl.zeros([BLOCK_U], tl.float64)
         c2 = tl.zeros([BLOCK_U], tl.float64)
@@ -105,6 +117,8 @@ def _stats_kernel(  # type: ignore[no-untyped-def]
                 b = b0 + ib
                 m = ma & (b < B)
                 v = _as_float32(tl.load(x_ptr + rows + b, mask=m, other=0.0))
+                if GRAD:
+                    v = v * part32
                 s3 += v * v
                 if GRAD:
                     if HAS_GI:
@@ -134,12 +148,8 @@ def _stats_kernel(  # type: ignore[no-untyped-def]
         if GRAD:
             finite = tl.abs(f3) < _INF  # False for NaN and Inf
             ok = finite & mu
-            if SCALE_PTR:  # noqa: SIM108 - a compile-time branch (Triton)
-                inv = tl.load(scale_ptr).to(tl.float64)
-            else:
-                inv = inv_scale
             tl.store(w, tl.load(w, mask=ok) + n, mask=ok)
-            tl.store(w + U, tl.load(w + U, mask=ok) + f3 * (inv * inv), mask=ok)
+            tl.store(w + U, tl.load(w + U, mask=ok) + f3 * (rest * rest), mask=ok)
             if HAS_GI:
                 tl.store(w + 2 * U, tl.load(w + 2 * U, mask=ok) + n, mask=ok)
                 tl.store(w + 3 * U, tl.load(w + 3 * U, mask=ok) + c2, mask=ok)
@@ -275,7 +285,7 @@ def _scale_on(device: torch.device, inv_scale: torch.Tensor | float | None) -> A
         return None
     if inv_scale.device == device:
         return inv_scale
-    return _scalar(inv_scale)  # a CPU scalar, read without an op; None otherwise
+    return host_scalar(inv_scale)  # a CPU scalar, read without an op; None otherwise
 
 
 def grad_into(
