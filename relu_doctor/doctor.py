@@ -239,6 +239,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self.functional = functional is not False
         self._has_sites = False
         self._warned_nonfinite: set[str] = set()  # metrics whose window mean was not finite
+        self._warned_log_errors: set[str] = set()  # kinds of error a log at a step raised
         self.eval: Doctor | None = None
         self._eval_name: str | None = _eval_name(eval_stream)
         self._eval_passes = 0  # eval passes already logged
@@ -616,8 +617,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         # unparking below are in the steps the sampler compares)
         self.stopwatch.add_every_step(t0)
         if self.global_step % self.log_every_n_steps == 0:
-            with self.sampler.log_lap():  # what a log costs counts against the budget
-                record = self._log(final=last, keep=False)
+            record = self._log_at_step(final=last)
             if not self._has_sites and self.all_reduce is None:
                 self._warn_none_ran()
         if release and (record is None or not record.final):  # a final one is held anew
@@ -768,6 +768,31 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 ReluDoctorWarning,
                 stacklevel=stacklevel + 1,
             )
+            return None
+
+    def _log_at_step(self, final: bool) -> IntervalRecord | None:
+        """:meth:`_log` at a logging step of :meth:`step`, inside the user's training loop: a
+        bug of relu_doctor's there warns (once per kind of error) and returns None, where it
+        stopped training. A read stopped midway leaves the window open, read whole at the
+        next log. (A :class:`ReluDoctorError`, a usage error, still raises.)"""
+        try:
+            with self.sampler.log_lap():  # what a log costs counts against the budget
+                return self._log(final=final, keep=False)
+        except ReluDoctorError:
+            raise
+        except Exception as e:
+            kind = type(e).__name__
+            if kind not in self._warned_log_errors:
+                self._warned_log_errors.add(kind)
+                warnings.warn(
+                    f"relu_doctor: logging at step {self.global_step} failed ({kind}: {e}), a "
+                    "bug in relu_doctor: training goes on, and a window not yet recorded is "
+                    "read again at the next log. Please report it with the traceback "
+                    "(warnings.simplefilter('error', relu_doctor.ReluDoctorWarning) shows "
+                    "it).",
+                    ReluDoctorWarning,
+                    stacklevel=4,  # the user's doc.step()
+                )
             return None
 
     def _log(self, final: bool, keep: bool) -> IntervalRecord | None:

@@ -14,7 +14,7 @@ import functools
 import math
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -244,11 +244,8 @@ class IntervalReading:
         host_first = host.pop(2) if first_dead else None
         # (one process's passes: with several, each ran its own batches)
         passes = self.probe.passes_seen(sites) if world == 1 else {}
-        if close and world is not None:  # (see _sum_windows)
-            for s in sites:
-                s.stats.close_window(summed[s.name])
-            self.probe.close_passes(sites)
         if self.steps_run == 0 and self.probe.stream == "eval":
+            self._fold(sites, summed, close=close, world=world)
             return None  # no evaluation pass here: read only for the others' sum (log_eval)
         host_window, host_life = host[0], host[1]
         layer_rows: list[dict[str, Any]] = []
@@ -346,7 +343,21 @@ class IntervalReading:
             steps_collected=collected,
             first_dead={k: v for k, v in first_fractions.items() if not math.isnan(v)},
         )
+        self._fold(sites, summed, close=close, world=world)
         return record
+
+    def _fold(
+        self, sites: Sequence[Site], summed: Mapping[str, torch.Tensor], *, close: bool,
+        world: int | None,
+    ) -> None:
+        """Close the windows of ``sites`` just read (``summed``: see :meth:`_sum_windows`)
+        when ``close``, once their record is made: a read stopped midway (Ctrl-C, a bug)
+        leaves them whole for the next read, where closing them first lost the window's
+        statistics and blamed the model for a window that recorded nothing."""
+        if close and world is not None:  # (see _sum_windows)
+            for s in sites:
+                s.stats.close_window(summed[s.name])
+            self.probe.close_passes(sites)
 
     def _sum_windows(
         self, sites: Sequence[Site], *, close: bool, grad_sq: torch.Tensor | None = None

@@ -674,3 +674,84 @@ def test_reading_keeps_working_while_a_table_has_mixed_types(tmp_path):
     w.close()
     got = read_table(tmp_path / "r", "history")
     assert list(got["step"]) == [1, 2] and got["cap"].iloc[1] == 6.0
+
+
+def _outputs_by_step(
+    model: torch.nn.Module, steps: int, body: Callable[[int], None],
+    seen: dict[int, dict[str, list[torch.Tensor]]],
+) -> None:
+    """Run ``body(i)`` for each step, putting in ``seen``, per step and ReLU path, the
+    outputs of its training passes (a reference of plain forward hooks)."""
+    now = [0]
+    hooks = [
+        m.register_forward_hook(
+            lambda m, a, out, name=name: seen.setdefault(now[0], {}).setdefault(name, []).append(
+                out.detach().clone()) if torch.is_grad_enabled() else None)
+        for name, m in model.named_modules() if isinstance(m, torch.nn.ReLU)
+    ]
+    try:
+        for i in range(steps):
+            now[0] = i
+            body(i)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _rate(seen, site: str, first: int, last: int) -> list[float]:
+    outs = torch.cat([o for i in range(first, last + 1) for o in seen.get(i, {}).get(site, [])])
+    return ((outs > 0).double().mean(0)).tolist()
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError])
+def test_a_log_stopped_midway_loses_no_window_and_a_bug_there_does_not_stop_training(
+    tmp_path, monkeypatch, fault
+):
+    """Ctrl-C landing while a log read its window closed the window first: the record made
+    at the exit held nothing, and a warning and the report blamed the model ("recorded
+    nothing"). A bug there (any exception) escaped doc.step() into the training loop. The
+    windows now close once their record is made, and a failing log warns once and training
+    goes on: the next record holds every step of the window, as a reference counts them."""
+    import relu_doctor.interval as interval
+
+    calls = [0]
+    real = interval.diagnose
+
+    def fails_third(*a: Any, **k: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 3:  # the log at step 15
+            raise fault("stopped here")
+        return real(*a, **k)
+
+    monkeypatch.setattr(interval, "diagnose", fails_third)
+    torch.manual_seed(0)
+    model = zoo.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    steps = 15 if fault is KeyboardInterrupt else 20
+    seen: dict[int, dict[str, list[torch.Tensor]]] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with relu_doctor.watch(model, log_every_n_steps=5, overhead_budget=None,
+                                   run_dir=tmp_path / "run") as doc:
+
+                def body(i: int) -> None:
+                    model(torch.randn(16, 10)).pow(2).mean().backward()
+                    opt.step()
+                    opt.zero_grad()
+                    doc.step()
+
+                _outputs_by_step(model, steps, body, seen)
+        except KeyboardInterrupt:
+            assert fault is KeyboardInterrupt
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert not [m for m in said if "recorded nothing" in m], said
+    failed = [m for m in said if "logging at step 15 failed" in m]
+    assert len(failed) == (fault is RuntimeError), said
+    hist = load_run(tmp_path / "run").history
+    last = hist[hist["step"] == hist["step"].max()]
+    for site in ("1", "3"):
+        row = last[last["site"] == site].iloc[0]
+        assert row["steps_collected"] == (5 if fault is KeyboardInterrupt else 10)
+        got = doc.unit_table(site)["activation_rate"].tolist()
+        assert got == pytest.approx(_rate(seen, site, 10, steps - 1))
