@@ -89,8 +89,8 @@ MAX_OPEN_FINDINGS = 12
 HEATMAP_ROWS = 2_000_000
 # Site metrics of the per-site table, as logged in the run's history.
 _SITE_METRICS = (
-    "units", "dead", "dead_fraction", "lifetime_dead", "dormant", "dormant_fraction",
-    "sparsity", "grad_rms", "grad_zero_fraction", "saturated_fraction", "nonfinite",
+    "units", "units_seen", "dead", "dead_fraction", "lifetime_dead", "dormant",
+    "dormant_fraction", "sparsity", "grad_rms", "grad_zero_fraction", "saturated_fraction", "nonfinite",
 )
 # ---------------------------------------------------------------------- input
 
@@ -611,17 +611,24 @@ def build_context(run: Run) -> ReportContext:
     for e in interventions:
         remedy_counts[e.remedy] = remedy_counts.get(e.remedy, 0) + 1
 
-    def total(key: str) -> int:
-        return sum(int(r.raw[key] or 0) for r in sites)
+    def total(key: str) -> int:  # (a site not seen in the window shown counts 0)
+        return sum(int(v) for r in sites if isinstance(v := r.raw.get(key), int | float)
+                   and math.isfinite(v))
 
     units, dead = total("units"), total("dead")
+    # dead and dormant are of the units seen in the window shown (a run whose weights went
+    # NaN sees none: "not seen", not "0 dead")
+    seen = (total("units_seen") if any(r.raw["units_seen"] is not None for r in sites)
+            else units)  # (a run written before units_seen was)
     lost = bool(run.history_lost) and last_step is None  # no count to sum: unknown, not 0
+    now = "—" if lost else "not seen" if units and not seen else None
     key_numbers = [
         ("sites", str(len(sites))),
         ("units", str(units)),
-        ("dead now", "—" if lost else f"{dead} ({fmt_pct(dead / units) if units else '—'})"),
+        ("dead now", now or f"{dead} ({fmt_pct(dead / seen) if seen else '—'})"
+         + (f" of {seen} seen" if seen < units else "")),
         ("never active", "—" if lost else str(total("lifetime_dead"))),
-        ("dormant", "—" if lost else str(total("dormant"))),
+        ("dormant", now or str(total("dormant"))),
         ("steps logged", _logged_text(steps, windows, lost)),
         *([("steps collected", f"{sampling[0]} of {sampling[1]} run "
             f"({fmt_pct(sampling[0] / sampling[1])})"

@@ -455,3 +455,28 @@ def test_a_site_not_run_in_the_window_shown_reads_not_seen(tmp_path: Path) -> No
     assert (rows["a.1"].dead, rows["a.1"].dormant) == ("2", "0")
     assert (rows["b.1"].dead, rows["b.1"].dormant) == ("not seen", "not seen")
     assert "not seen" in render_context(ctx) and "not seen" in summary(ctx)
+    # the key numbers: dead of the units seen, which the branch's are not
+    keys = dict(ctx.key_numbers)
+    assert keys["dead now"] == "2 (33.3%) of 6 seen" and keys["dormant"] == "0"
+
+
+def test_a_window_that_saw_no_unit_reads_not_seen_in_the_key_numbers(tmp_path: Path) -> None:
+    """Weights gone NaN: every site's table row read "not seen", while the key numbers
+    above them said "dead now 0 (0.0%)" and "dormant 0"."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU())
+    with relu_doctor.watch(model, log_every_n_steps=2, overhead_budget=None,
+                           run_dir=tmp_path) as doc:
+        for step in range(4):
+            if step == 2:
+                with torch.no_grad():
+                    model[0].weight.fill_(float("nan"))
+            model(torch.randn(8, 4)).sum().backward()
+            doc.step()
+    ctx = build_context(load_run(tmp_path))
+    assert [(r.dead, r.dormant) for r in ctx.sites] == [("not seen", "not seen")] * 2
+    keys = dict(ctx.key_numbers)
+    assert (keys["dead now"], keys["dormant"]) == ("not seen", "not seen")
