@@ -694,7 +694,10 @@ class Probe(SiteRegistry, HookOwner):
             return
         self._depth = max(0, self._depth - 1)
         if self._depth == 0:
-            if not self._warned_shared and not torch.compiler.is_compiling():
+            # (not for a pass the forward's exception cut short, which torch ends by calling
+            # the always-called hooks with no output: its calls stopped midway)
+            cut = output is None and sys.exc_info()[0] is not None
+            if not self._warned_shared and not cut and not torch.compiler.is_compiling():
                 self._check_shared_calls()
             # Empty between passes, so torch.compile sees the same state at every pass start
             # (a guard on these counters would otherwise recompile after the first pass).

@@ -907,3 +907,42 @@ def test_a_hook_of_yours_that_replaces_the_output_changes_nothing_counted(when: 
     assert table["mean_abs"].tolist() == pytest.approx((absum / n).tolist(), rel=1e-5)
     assert table["grad_zero_rate"].tolist() == pytest.approx((zero_grad / n).tolist())
     assert 0 < float((zero_grad / n).mean()) < 1
+
+
+@pytest.mark.parametrize("steps_it", [True, False], ids=["step_called", "step_skipped"])
+def test_a_forward_that_raises_between_calls_of_a_shared_module_is_no_layerdrop(
+    steps_it: bool,
+) -> None:
+    """A forward that raised between two calls of a shared activation (caught by the loop,
+    which goes on) ended its pass with one call: the warning that followed blamed LayerDrop
+    or a branch and advised a module per layer. A pass an exception cut short is not
+    compared."""
+    torch.manual_seed(0)
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.act = nn.Linear(6, 8), nn.Linear(8, 8), nn.ReLU()
+            self.boom = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.act(self.fc1(x))
+            if self.boom:
+                raise RuntimeError("a bug in the user's forward")
+            return self.act(self.fc2(h))
+
+    model = Shared()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=100, overhead_budget=None) as doc:
+            for i in range(6):
+                model.boom = i == 2
+                try:
+                    model(torch.randn(4, 6)).sum().backward()
+                except RuntimeError:
+                    if not steps_it:
+                        continue
+                doc.step()
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert not [m for m in said if "in one recorded pass" in m], said
+    assert sorted(s.name for s in doc.sites) == ["act#0", "act#1"]
