@@ -387,10 +387,13 @@ class RunRecording:
         if key in self._announced:
             return
         self._announced.add(key)
+        details = ev.get("details")
+        judged = not isinstance(details, Mapping) or details.get("judged", True) is not False
         warnings.warn(
             f"relu_doctor: step {ev.get('step')}: {key[0]} changed the training at {key[1]}: "
-            f"{str(ev.get('what', '')).rstrip('.')}. Its effect is judged at the next log; its "
-            "later changes there are recorded in the run directory and the report, not said.",
+            f"{str(ev.get('what', '')).rstrip('.')}. "
+            + ("Its effect is judged at the next log; its" if judged else "Its")
+            + " later changes there are recorded in the run directory and the report, not said.",
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),
         )

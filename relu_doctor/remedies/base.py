@@ -476,8 +476,10 @@ class Remedy:
         **details: Any,
     ) -> Intervention:
         """A new intervention; with ``measure_after`` its metrics after are awaited (and
-        judged on :attr:`judge`'s metric)."""
+        judged on :attr:`judge`'s metric), else its details say ``judged: False``."""
         self._n_events += 1
+        if not measure_after:
+            details = {**details, "judged": False}
         ev = Intervention(
             remedy=self.name,
             site=site,

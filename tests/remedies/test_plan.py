@@ -5,6 +5,7 @@ the opt-in stop of a hopeless run."""
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -147,11 +148,17 @@ def test_hopeless_run_stops_with_evidence() -> None:
     with torch.no_grad():
         net[0].bias.fill_(-50.0)  # born dead (no surge), and no LeakyReLU can revive it
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    ivs, plan, _ = _train(net, opt, 200, plan_kw={"stop_when_hopeless": True,
-                                                  "steps": [PlanStep("swap")]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ivs, plan, _ = _train(net, opt, 200, plan_kw={"stop_when_hopeless": True,
+                                                      "steps": [PlanStep("swap")]})
     assert plan is not None and plan.should_stop
     stop = [e for e in ivs if e["details"].get("action") == "stop"]
     assert len(stop) == 1 and stop[0]["details"]["evidence"]["lifetime_dead_fraction"] >= 0.5
+    # said as a change whose effect no later log judges (it said "judged at the next log")
+    said = [str(w.message) for w in caught if "stopped training" in str(w.message)]
+    assert len(said) == 1 and "judged" not in said[0], said
+    assert stop[0]["details"]["judged"] is False
 
 
 def test_plan_arguments_are_checked() -> None:
