@@ -277,6 +277,7 @@ def diagnose(
     scaler_skipped: int = 0,
     site_passes: Mapping[str, tuple[int, int]] | None = None,
     unrecyclable: Mapping[str, str] | None = None,
+    recycling: Mapping[str, str] | None = None,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -302,6 +303,8 @@ def diagnose(
             forward pass (its input a residual sum): their texts advise it there not, and
             say why, and their dead and dormant findings' evidence holds it
             (``not_recyclable``), before any recycling was tried.
+        recycling: by site, the recycling remedy bound to act there (``dormant_reset``,
+            ``continual_backprop``): their texts say so instead of advising one.
         site_passes: by site, (recorded passes of the window that ran it, all of them),
             for the sites that ran in some only (a branch taken sometimes): their dead and
             dormant findings say it, and their evidence holds both.
@@ -358,9 +361,13 @@ def diagnose(
         # ReDo where it can act; where it left the site alone, cannot act, or is not offered
         # (Keras), said instead
         why_not, refused = (unrecyclable or {}).get(name), sorted(left & set(RECYCLERS))
-        recyclable = not refused and why_not is None and names["recycle"] is not None
+        bound = (recycling or {}).get(name)
+        recyclable = (not refused and why_not is None and names["recycle"] is not None
+                      and bound is None)
         and_recycle = f" and recycle the units {_recycle(names)}" if recyclable else ""
         aside = (f" ({', '.join(refused)} left this site alone: see its warning.)" if refused
+                 else f" ({bound} is bound to recycle this site's units: see its "
+                 "interventions.)" if bound and why_not is None
                  else f" (Recycling cannot treat this site: {why_not}.)" if why_not
                  else " (ReDo recycling is not offered for Keras layers.)"
                  if names["recycle"] is None else "")

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from relu_doctor.diagnosis import Finding, diagnose
+from relu_doctor.diagnosis import RECYCLERS, Finding, diagnose
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.events import FindingEvent
 from relu_doctor.history import SEEN_FIELDS, IntervalRecord
@@ -194,6 +194,7 @@ class IntervalReading:
         _grad_norm_history: deque[float]
         _first_rms: dict[str, float]
         _declined: dict[str, set[str]]
+        _listeners: list[Callable[[IntervalRecord], Any]]
         _warned_empty: bool
         _unfolded: bool
         _last_judged: IntervalRecord | None
@@ -317,6 +318,7 @@ class IntervalReading:
                 param_grad_norms=self._grad_norm_history, first_rms=self._first_rms,
                 declined=self._declined, site_passes=passes,
                 unrecyclable={s.name: _SUMMED for s in sites if s.summed},
+                recycling=self._recycling(sites),
                 lifetime_steps=None if self._lifetime_steps is None else (
                     self._lifetime_steps[0] + collected, self._lifetime_steps[1] + self.steps_run),
                 scaler_skipped=self._take_skipped(close),
@@ -345,6 +347,17 @@ class IntervalReading:
         )
         self._fold(sites, summed, close=close, world=world)
         return record
+
+    def _recycling(self, sites: Sequence[Site]) -> dict[str, str]:
+        """By site, the recycling remedy listening to this Doctor that may act there (its
+        findings say so, and advise no other)."""
+        out: dict[str, str] = {}
+        for fn in self._listeners:
+            name, acts_at = getattr(fn, "name", None), getattr(fn, "acts_at", None)
+            if name in RECYCLERS and callable(acts_at):
+                out.update({s.name: str(name) for s in sites
+                            if s.name not in out and acts_at(s.name)})
+        return out
 
     def _fold(
         self, sites: Sequence[Site], summed: Mapping[str, torch.Tensor], *, close: bool,

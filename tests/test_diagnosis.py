@@ -658,3 +658,38 @@ def test_a_loop_without_recycling_is_advised_what_it_can_do_for_dormant_units():
         assert found[kind].endswith("(ReDo recycling is not offered for Keras layers.)"), kind
     torch_loop = {f.kind: f.remedy for f in diagnose(rows, units, DiagnosisConfig())}
     assert torch_loop["dormant"].startswith("Recycle dormant units")
+
+
+def test_a_site_a_bound_recycler_acts_at_is_not_advised_another():
+    """With Continual Backprop bound and replacing units, the continual-learning trial's
+    dormant findings still advised "Recycle dormant units (ReDo: DormantRecycler)". A site
+    a bound recycler may act at is told so, and advised no other; the others as before."""
+    import relu_doctor
+    from relu_doctor.remedies import ContinualBackprop
+
+    rows, units = _sick_site()
+    found = {f.kind: f.remedy for f in diagnose(rows, units, DiagnosisConfig(),
+                                                recycling={"s0": "continual_backprop"})}
+    assert "DormantRecycler" not in found["dead"]  # (a ReLU's: the swap, then the rest)
+    for kind in ("lifetime_dead", "dormant"):
+        assert "DormantRecycler" not in found[kind], kind
+        assert found[kind].endswith("(continual_backprop is bound to recycle this site's "
+                                    "units: see its interventions.)"), kind
+    # through a Doctor: the remedy bound, its include naming the sites it may act at
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    with torch.no_grad():
+        model[0].bias[:4] = -100.0  # dead units at both sites (the second takes their zeros)
+        model[2].bias[:4] = -100.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with relu_doctor.watch(model, log_every_n_steps=2, overhead_budget=None) as doc:
+        ContinualBackprop(model, optimizers=opt, include=["1"]).bind(doc)
+        for _ in range(2):
+            model(torch.randn(32, 4)).sum().backward()
+            opt.step()
+            doc.step()
+    advice = {(f.kind, f.site): f.remedy for f in doc.findings()}
+    assert "continual_backprop is bound" in advice["lifetime_dead", "1"]
+    assert "DormantRecycler" not in advice["lifetime_dead", "1"]
+    assert "DormantRecycler" in advice["lifetime_dead", "3"]
