@@ -325,6 +325,12 @@ def diagnose(
     explained = (scaler_skipped > 0 and (scaler_skipped == 1 or 2 * scaler_skipped <= ran)
                  and not any(r["nonfinite"] for r in sites))
     overflowed: list[tuple[str, int]] = []
+    # the sites of one activation module called several times in a pass (path#0, path#1...):
+    # a swap replaces the module, so it changes all of its calls
+    calls: dict[str, list[str]] = {}
+    for row in sites:
+        if not isinstance(row.get("op"), str) and (m := re.fullmatch(r"(.+)#\d+", str(row["site"]))):
+            calls.setdefault(m.group(1), []).append(str(row["site"]))
     for row in sites:
         name = str(row["site"])
         u = units[name]
@@ -358,6 +364,11 @@ def diagnose(
         left = set((declined or {}).get(name, ()))  # remedies that left this site alone
         swappable = can_swap(fam, leaky, row.get("cap"), op) and "leaky_relu_swap" not in left
         unswappable = _why_not_swapped(fam, leaky, row.get("cap"), op, left)
+        module = name.rpartition("#")[0]
+        others = [n for n in calls.get(module, ()) if n != name] if swappable else []
+        also = (f" A swap replaces the module {module!r}, so it changes its other "
+                f"call{'s' if len(others) > 1 else ''} too ({', '.join(others)})."
+                if others else "")
         # ReDo where it can act; where it left the site alone, cannot act, or is not offered
         # (Keras), said instead
         why_not, refused = (unrecyclable or {}).get(name), sorted(left & set(RECYCLERS))
@@ -381,7 +392,7 @@ def diagnose(
                 else "Lower the learning rate (step or exponential decay) and check the "
                 "initialisation and bias of the layer that feeds it; where the units stay "
                 "dead, swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
-                f"({names['swap']}) or PReLU to learn the slope."
+                f"({names['swap']}) or PReLU to learn the slope.{also}"
                 if swappable
                 else f"Lower the learning rate (step or exponential decay){and_recycle}; check "
                 f"the initialisation and bias of the layer that feeds it ({unswappable}).{aside}"
@@ -412,7 +423,7 @@ def diagnose(
                                      else [])]
                                   or ["check the initialisation and bias of the layer that "
                                       "feeds them"])
-                    + f".{aside}",
+                    + f".{aside}{also}",
                     step,
                 )
             )
@@ -461,7 +472,7 @@ def diagnose(
                     {"sparsity": sp, "threshold": config.sparsity_max},
                     "Some sparsity is ReLU's benefit; this much starves the next layer. "
                     + ("Use LeakyReLU or ELU for smoother negative outputs, lower the learning "
-                       "rate, or add BatchNorm before the activation." if swappable else
+                       f"rate, or add BatchNorm before the activation.{also}" if swappable else
                        "Lower the learning rate, or add BatchNorm before the activation."),
                     step,
                 )

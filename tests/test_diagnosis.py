@@ -693,3 +693,20 @@ def test_a_site_a_bound_recycler_acts_at_is_not_advised_another():
     assert "continual_backprop is bound" in advice["lifetime_dead", "1"]
     assert "DormantRecycler" not in advice["lifetime_dead", "1"]
     assert "DormantRecycler" in advice["lifetime_dead", "3"]
+
+
+def test_the_swap_advised_at_a_module_called_several_times_says_it_changes_every_call():
+    """A module run twice in a pass is two sites (act#0, act#1); the swap advised at one
+    replaces the module, so it changes the other call too, which only the swap's own
+    warning said. A module called once, or a functional call, is not told so."""
+    rows, units = _sick_site()
+    base = rows[0]
+    rows = [{**base, "site": name} for name in ("act#0", "act#1", "act#2", "fc:relu#0", "b")]
+    rows[3]["op"] = "relu"
+    found = diagnose(rows, {r["site"]: units["s0"] for r in rows}, DiagnosisConfig())
+    said = {(f.kind, f.site): f.remedy for f in found}
+    assert said["dead", "act#1"].endswith(
+        "A swap replaces the module 'act', so it changes its other calls too (act#0, act#2).")
+    assert said["lifetime_dead", "act#0"].endswith("(act#1, act#2).")
+    for site in ("fc:relu#0", "b"):
+        assert "A swap replaces" not in said["dead", site], site
