@@ -791,7 +791,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                     "(warnings.simplefilter('error', relu_doctor.ReluDoctorWarning) shows "
                     "it).",
                     ReluDoctorWarning,
-                    stacklevel=4,  # the user's doc.step()
+                    stacklevel=user_stacklevel(),
                 )
             return None
 
@@ -822,7 +822,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                     "lower the learning rate, clip gradients "
                     f"({REMEDY_NAMES[self.config.loop]['clip']}).",
                     ReluDoctorWarning,
-                    stacklevel=4,  # the user's doc.step()
+                    stacklevel=user_stacklevel(),
                 )
         events = [e.to_dict() for e in record.finding_events]
         self._events.extend(events)
