@@ -417,7 +417,9 @@ def diagnose(
                     f"{row['lifetime_dead']} of {row['units']} units ({frac:.1%}) never active "
                     f"since monitoring began{_sampled(row, lifetime=lifetime_steps)}.",
                     {"lifetime_dead": row["lifetime_dead"], "lifetime_dead_fraction": frac},
-                    "Units that never fired are wasted capacity: "
+                    ("Units stuck negative since monitoring began still pass a small "
+                     "gradient but add little: " if leaky else
+                     "Units that never fired are wasted capacity: ")
                     + " or ".join([*([f"recycle them {_recycle(names)}"] if recyclable else []),
                                    *([f"swap to LeakyReLU ({names['swap']})"] if swappable
                                      else [])]

@@ -710,3 +710,15 @@ def test_the_swap_advised_at_a_module_called_several_times_says_it_changes_every
     assert said["lifetime_dead", "act#0"].endswith("(act#1, act#2).")
     for site in ("fc:relu#0", "b"):
         assert "A swap replaces" not in said["dead", site], site
+
+
+def test_units_of_a_leaky_family_never_active_are_not_called_wasted():
+    """A GELU unit never positive still passes gradient: the HF text trial read "Units that
+    never fired are wasted capacity" of units whose gradient RMS was like the live ones'."""
+    rows, units = _sick_site()
+    gelu = [{**rows[0], "family": "gelu", "leaky": True}]
+    said = {f.kind: f.remedy for f in diagnose(gelu, units, DiagnosisConfig())}
+    assert said["lifetime_dead"].startswith("Units stuck negative since monitoring began "
+                                            "still pass a small gradient")
+    relu = {f.kind: f.remedy for f in diagnose(rows, units, DiagnosisConfig())}
+    assert relu["lifetime_dead"].startswith("Units that never fired are wasted capacity")
