@@ -75,7 +75,7 @@ from torch.nn.modules.module import register_module_module_registration_hook
 from torch.utils.hooks import RemovableHandle
 
 from relu_doctor._hooks import HookOwner, Hooks, HookSet, compile_watch
-from relu_doctor._kernels import Prepared
+from relu_doctor._kernels import LARGEST_SCALE, Prepared
 from relu_doctor._validate import glob_patterns, matches
 from relu_doctor._validate import unit_dims as check_unit_dims
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
@@ -1001,7 +1001,8 @@ class Probe(SiteRegistry, HookOwner):
                 gi = None
             scale = self.grad_scale() if self.grad_scale is not None else None
             inv = None if scale is None else 1.0 / scale
-            if isinstance(inv, torch.Tensor) or _is_compiling():
+            if isinstance(inv, torch.Tensor) or _is_compiling() or (
+                    inv is not None and inv * LARGEST_SCALE < 1.0):  # (see _kernels.tamed)
                 site.stats.record_grad(g, gi, site.dim_for(g.dim()), inv)
                 return
             if prepared is not None and made_for is site.stats and prepared(g, gi, inv):

@@ -127,22 +127,28 @@ def test_gradient_without_input_gradient_and_with_a_scale():
         _check(*_both(x, g, None, 1, nonnegative=True, cap=None, inv=inv), torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scale", [2.0**70, 3.0 * 2**60], ids=["2**70", "3*2**60"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(3000, 8), (40, 6, 10, 10)], ids=str)
-def test_a_loss_scale_past_float32s_squares_reads_the_unscaled_gradient(shape, dtype):
+def test_a_loss_scale_past_float32s_squares_reads_the_unscaled_gradient(shape, dtype, scale):
     """A GradScaler's scale grows without limit where no step overflows (bfloat16 or float32
-    under a scaler): gradients of 1e-3 times 2**70 have squares whose float32 sum overflowed,
+    under a scaler): gradients of 1e-2 times 2**70 have squares whose float32 sum overflowed,
     on every path, read as non-finite and their RMS wrong. The fused and eager paths now
     equal a float64 sum of the unscaled gradients' squares, with the scale as a number or
-    a tensor."""
+    a tensor (float32 or float64), and a scale not a power of two (a scaler of one's own)
+    read in float32 at least, a float16 or bfloat16 gradient not rounded again."""
     _, g, _ = _data(shape, torch.float32)
-    scale = 2.0**70
-    scaled = (g * 1e-3 * scale).to(dtype)
-    raw = scaled.double() / scale  # the unscaled gradient, exactly (a power of two)
+    # (float16: a scaled gradient that fits it, its unscaled one about 1e-19, whose squares
+    # float32 cannot hold: the part of the scale kept lifts them)
+    scaled = (g * 100 if dtype == torch.float16 else g * 1e-2 * scale).to(dtype)
+    raw = scaled.double() / scale  # the unscaled gradient
     unit_dim = _unit_dim(shape)
     want = raw.pow(2).sum([d for d in range(raw.dim()) if d != unit_dim])
-    assert not torch.isfinite(scaled.float().pow(2).sum()), "the case must overflow float32"
-    for inv in (1.0 / scale, torch.tensor(1.0 / scale)):
+    assert torch.isfinite(scaled).all()
+    if scale == 2.0**70 and dtype != torch.float16:
+        assert not torch.isfinite(scaled.float().pow(2).sum()), "it must overflow float32"
+    for inv in (1.0 / scale, torch.tensor(1.0 / scale), torch.tensor(1.0 / scale,
+                                                                     dtype=torch.float64)):
         fused, eager = SiteStats(g.shape[unit_dim], "cpu"), SiteStats(g.shape[unit_dim], "cpu")
         assert _kernels.grad_into(fused.window, scaled, None, unit_dim, inv, len(FIELDS) - 5)
         with _kernels.disabled():

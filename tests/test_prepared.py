@@ -343,3 +343,27 @@ def test_compiled_autograd_takes_the_checked_path_in_the_gradient_hook():
     plain, _ = run(compiled=False)
     assert ran >= 1  # the eager steps did use the prepared call
     _assert_rows_match(compiled, plain)
+
+
+def test_a_loss_scale_given_as_a_number_past_float32s_squares_is_tamed_on_every_call():
+    """A scale read as a number (a Probe's grad_scale) takes the prepared call from the
+    second backward on, which squared the scaled gradient before the scale came out: its
+    first call was right and the later ones read non-finite gradients. It is tamed on
+    every call: the window equals a float64 reference over all three passes."""
+    from relu_doctor.probes import Probe
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    scale = 2.0**70
+    probe = Probe(net, grad_scale=lambda: scale).attach()
+    grads: list[torch.Tensor] = []
+    net[1].register_full_backward_hook(lambda m, gi, go: grads.append(go[0].double() / scale))
+    try:
+        for _ in range(3):
+            ((net(torch.randn(32, 8)) ** 2).mean() * 10.0 * scale).backward()
+        window = probe.sites()[0].stats.window
+    finally:
+        probe.detach()
+    assert not window[ROW["grad_nonfinite"]].any()
+    want = sum(g.pow(2).sum(0) for g in grads)
+    torch.testing.assert_close(window[ROW["grad_sq"]], want, rtol=1e-5, atol=0)

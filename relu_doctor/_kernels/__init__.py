@@ -45,20 +45,24 @@ def tamed(
     grad: torch.Tensor, inv_scale: torch.Tensor | float | None
 ) -> tuple[torch.Tensor, torch.Tensor | float | None]:
     """``grad`` and ``inv_scale`` (1 / the loss scale) with the part of the scale past
-    :data:`LARGEST_SCALE` divided out of ``grad`` (one elementwise op, only then): the
-    squares of the returned gradient times the returned ``inv_scale`` squared are those of
-    the unscaled gradient. A scale read on the host decides there; one in a device tensor
-    is divided on the device (no sync)."""
+    :data:`LARGEST_SCALE` divided out of ``grad``: the squares of the returned gradient
+    times the returned ``inv_scale`` squared are those of the unscaled gradient. The
+    division is done in float32 at least (a float16 or bfloat16 gradient is not rounded
+    again). A scale read on the host decides there, dividing only past the limit; one in a
+    device tensor is divided on the device at every call (no sync: the Triton kernel does
+    it inside instead, and this is the eager path's)."""
     if inv_scale is None:
         return grad, None
+    wide = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
     host = cpu.host_scalar(inv_scale)
     if host is not None:
         if host * LARGEST_SCALE >= 1.0:
             return grad, inv_scale
-        return grad * (host * LARGEST_SCALE), 1.0 / LARGEST_SCALE
+        return wide * (host * LARGEST_SCALE), 1.0 / LARGEST_SCALE
     assert isinstance(inv_scale, torch.Tensor)
-    part = (inv_scale * LARGEST_SCALE).clamp(max=1.0)
-    return grad * part.to(grad.dtype), inv_scale / part
+    part = (inv_scale.to(wide.dtype) * LARGEST_SCALE).clamp(
+        min=torch.finfo(torch.float32).tiny, max=1.0)  # (an inverse scale of 0 reads 0)
+    return wide * part, inv_scale / part
 
 _TRITON_ON_CPU = os.environ.get("RELU_DOCTOR_TRITON_INTERPRET") == "1"
 
