@@ -324,6 +324,7 @@ class Probe(SiteRegistry, HookOwner):
         self._shared: dict[Any, int] = {}
         self._warned_shared = False
         self._depth = 0
+        self._raised_before: BaseException | None = None  # (see _exit)
         self._recomputed = RecomputedCalls()  # calls recomputed in backward (checkpoints)
         self._warned_spread = False
         self._bw_depth = 0
@@ -677,6 +678,7 @@ class Probe(SiteRegistry, HookOwner):
             return
         if self._depth == 0:
             self._calls.clear()
+            self._raised_before = sys.exc_info()[1]  # (a pass run while one is handled)
             gen = self.generation
             self.begin_pass()
             if self.generation != gen and module not in self._members_hooked():
@@ -696,7 +698,9 @@ class Probe(SiteRegistry, HookOwner):
         if self._depth == 0:
             # (not for a pass the forward's exception cut short, which torch ends by calling
             # the always-called hooks with no output: its calls stopped midway)
-            cut = output is None and sys.exc_info()[0] is not None
+            raised = sys.exc_info()[1]
+            cut = output is None and raised is not None and raised is not self._raised_before
+            self._raised_before = None
             if not self._warned_shared and not cut and not torch.compiler.is_compiling():
                 self._check_shared_calls()
             # Empty between passes, so torch.compile sees the same state at every pass start

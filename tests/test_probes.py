@@ -946,3 +946,35 @@ def test_a_forward_that_raises_between_calls_of_a_shared_module_is_no_layerdrop(
     said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
     assert not [m for m in said if "in one recorded pass" in m], said
     assert sorted(s.name for s in doc.sites) == ["act#0", "act#1"]
+
+
+def test_a_forward_returning_none_while_the_user_handles_an_exception_is_compared() -> None:
+    """The check above leaves out a pass an exception cut short, not a pass that ran whole
+    while the user's code handled an earlier exception (a forward called in an except
+    block, returning None): its varying calls are still said (the review's case)."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+            self.skip = False
+
+        def forward(self, x: torch.Tensor) -> None:
+            h = self.act(self.fc(x))
+            if not self.skip:
+                h = self.act(self.fc(h))
+            h.sum().backward()
+
+    model = M()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=100, overhead_budget=None) as doc:
+            for i in range(4):
+                model.skip = i == 2
+                try:
+                    raise ValueError("the user's retry logic")
+                except ValueError:
+                    model(torch.randn(3, 4))
+                doc.step()
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert [m for m in said if "ran 2 times in one recorded pass and 1 in another" in m], said
