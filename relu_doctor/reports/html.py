@@ -71,8 +71,11 @@ def _figures(ctx: ReportContext) -> dict[str, Any]:
         if data.steps_per_col > 1:
             caption += f", {data.steps_per_col} logging steps per column"
         if plots.heatmap_mark_columns(data.steps, series.marks):
-            caption += ("; a dashed line follows the window an intervention was made at, "
-                        "numbered as in the interventions table")
+            caption += ("; a dashed line follows the window an intervention was made at"
+                        if data.steps_per_col == 1 else
+                        "; a dashed line comes before the column of windows an intervention "
+                        "was made in (after it, where made at its last)")
+            caption += ", numbered as in the interventions table"
         out["heatmaps"].append(
             {
                 "site": name,

@@ -347,7 +347,8 @@ def heatmap_mark_columns(steps: Sequence[int], marks: Sequence[int]) -> list[tup
     """Where :func:`activity_heatmap_figure` draws each intervention: (its number in
     ``marks``, from 1; the column edge it is drawn at), the edge after the columns of the
     logging steps up to the intervention's step (its effect shows in the next window), for
-    the marks within the steps shown.
+    the marks within the steps shown. (A column of several windows, ``steps`` its last:
+    an intervention made within it is drawn before it.)
 
     Example:
         >>> heatmap_mark_columns([10, 20, 30], [5, 20, 25, 40])
