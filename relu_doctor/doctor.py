@@ -617,7 +617,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         # unparking below are in the steps the sampler compares)
         self.stopwatch.add_every_step(t0)
         if self.global_step % self.log_every_n_steps == 0:
-            record = self._log_at_step(final=last)
+            with self.sampler.log_lap():  # what a log costs counts against the budget
+                record = self._log(final=last, keep=False, contain=True)
             if not self._has_sites and self.all_reduce is None:
                 self._warn_none_ran()
         if release and (record is None or not record.final):  # a final one is held anew
@@ -770,35 +771,23 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             )
             return None
 
-    def _log_at_step(self, final: bool) -> IntervalRecord | None:
-        """:meth:`_log` at a logging step of :meth:`step`, inside the user's training loop: a
-        bug of relu_doctor's there warns (once per kind of error) and returns None, where it
-        stopped training. A read stopped midway leaves the window open, read whole at the
-        next log. (A :class:`ReluDoctorError`, a usage error, still raises.)"""
+    def _log(self, final: bool, keep: bool, *, contain: bool = False) -> IntervalRecord | None:
+        """``final``: the record's flag (no step follows); ``keep``: the sites' windows stay
+        readable, folded at the next attach (a ``with`` block's exit). ``contain`` (a log at
+        :meth:`step`, inside the user's training loop, in one process): a bug of relu_doctor's
+        in reading the window warns once per kind of error and gives None, the window left
+        whole for the next log, where it stopped training. (With several processes it
+        raises, as a process that skipped the others' collective calls would hang them; a
+        :class:`ReluDoctorError`, a usage error, and what listeners raise, always do.)"""
         try:
-            with self.sampler.log_lap():  # what a log costs counts against the budget
-                return self._log(final=final, keep=False)
+            record = self._read(close=not keep, final=keep)
         except ReluDoctorError:
             raise
         except Exception as e:
-            kind = type(e).__name__
-            if kind not in self._warned_log_errors:
-                self._warned_log_errors.add(kind)
-                warnings.warn(
-                    f"relu_doctor: logging at step {self.global_step} failed ({kind}: {e}), a "
-                    "bug in relu_doctor: training goes on, and a window not yet recorded is "
-                    "read again at the next log. Please report it with the traceback "
-                    "(warnings.simplefilter('error', relu_doctor.ReluDoctorWarning) shows "
-                    "it).",
-                    ReluDoctorWarning,
-                    stacklevel=user_stacklevel(),
-                )
+            if not contain or self.all_reduce is not None:
+                raise
+            self._warn_log_failed(e)
             return None
-
-    def _log(self, final: bool, keep: bool) -> IntervalRecord | None:
-        """``final``: the record's flag (no step follows); ``keep``: the sites' windows stay
-        readable, folded at the next attach (a ``with`` block's exit)."""
-        record = self._read(close=not keep, final=keep)
         self.sampler.at_log(self.reduce_sum)  # after the read-back: the clock's events are done
         self._unfolded = keep and record is not None
         if not self._unfolded:
@@ -842,6 +831,20 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         ):
             self.log_eval()  # the evaluation window closes with the training one
         return record
+
+    def _warn_log_failed(self, error: Exception) -> None:
+        kind = type(error).__name__
+        if kind in self._warned_log_errors:
+            return
+        self._warned_log_errors.add(kind)
+        warnings.warn(
+            f"relu_doctor: reading the window at step {self.global_step} failed ({kind}: "
+            f"{error}), a bug in relu_doctor: training goes on, and the window is read whole "
+            "at the next log. Please report it with the traceback "
+            "(warnings.simplefilter('error', relu_doctor.ReluDoctorWarning) shows it).",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def log_eval(self) -> IntervalRecord | None:
         """Close the evaluation stream's window now (``eval_stream``), logged at this

@@ -202,6 +202,8 @@ class IntervalReading:
         frozen_feed: Callable[[list[Site]], list[str | None]] | None
         _frozen_feeds: FrozenFeeds
 
+        def _peek_skipped(self) -> int: ...
+
         def _take_skipped(self, close: bool) -> int: ...
 
         def sum_across(
@@ -222,11 +224,12 @@ class IntervalReading:
         sites = self.probe.sites()
         logged = close or final
         grad_sq, layer_steps, ratio = (
-            self.tap.read_and_reset() if (logged and self.tap is not None) else (None, 0, None)
+            self.tap.read() if (logged and self.tap is not None) else (None, 0, None)
         )
         summed, world = self._sum_windows(sites, close=close, grad_sq=grad_sq)
         collected = self._steps_collected(summed, world)
         if not sites:
+            self._fold(sites, summed, close=close, world=world, logged=logged, judged=False)
             return self._read_nothing(logged=logged, collected=collected)
         # Every site's window and lifetime side by side, on the device: one copy each (the
         # windows are cleared below), one transfer, and the metrics work on these matrices.
@@ -246,7 +249,7 @@ class IntervalReading:
         # (one process's passes: with several, each ran its own batches)
         passes = self.probe.passes_seen(sites) if world == 1 else {}
         if self.steps_run == 0 and self.probe.stream == "eval":
-            self._fold(sites, summed, close=close, world=world)
+            self._fold(sites, summed, close=close, world=world, logged=logged, judged=False)
             return None  # no evaluation pass here: read only for the others' sum (log_eval)
         host_window, host_life = host[0], host[1]
         layer_rows: list[dict[str, Any]] = []
@@ -321,7 +324,7 @@ class IntervalReading:
                 recycling=self._recycling(sites),
                 lifetime_steps=None if self._lifetime_steps is None else (
                     self._lifetime_steps[0] + collected, self._lifetime_steps[1] + self.steps_run),
-                scaler_skipped=self._take_skipped(close),
+                scaler_skipped=self._peek_skipped(),
             )
             if logged:
                 for r in site_rows:
@@ -345,7 +348,7 @@ class IntervalReading:
             steps_collected=collected,
             first_dead={k: v for k, v in first_fractions.items() if not math.isnan(v)},
         )
-        self._fold(sites, summed, close=close, world=world)
+        self._fold(sites, summed, close=close, world=world, logged=logged, judged=judged)
         return record
 
     def _recycling(self, sites: Sequence[Site]) -> dict[str, str]:
@@ -361,16 +364,22 @@ class IntervalReading:
 
     def _fold(
         self, sites: Sequence[Site], summed: Mapping[str, torch.Tensor], *, close: bool,
-        world: int | None,
+        world: int | None, logged: bool, judged: bool,
     ) -> None:
-        """Close the windows of ``sites`` just read (``summed``: see :meth:`_sum_windows`)
-        when ``close``, once their record is made: a read stopped midway (Ctrl-C, a bug)
-        leaves them whole for the next read, where closing them first lost the window's
-        statistics and blamed the model for a window that recorded nothing."""
+        """Once the record of the window just read is made: close the windows of ``sites``
+        (``summed``: see :meth:`_sum_windows`) when ``close``, the optimizer tap's when
+        ``logged``, and the loss scaler's skips its diagnosis read when ``judged``. A read
+        stopped midway (Ctrl-C, a bug) leaves all of them whole for the next read, where
+        closing the sites' windows first lost their statistics and blamed the model for a
+        window that recorded nothing."""
         if close and world is not None:  # (see _sum_windows)
             for s in sites:
                 s.stats.close_window(summed[s.name])
             self.probe.close_passes(sites)
+        if logged and self.tap is not None:
+            self.tap.reset()
+        if judged:
+            self._take_skipped(close)
 
     def _sum_windows(
         self, sites: Sequence[Site], *, close: bool, grad_sq: torch.Tensor | None = None

@@ -462,14 +462,24 @@ class OptimizerTap:
                     self._graded.add(index[name])
         self.grad_sq = new
 
-    def read_and_reset(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
-        """``(grad_sq per layer, steps, update_ratio per layer)``, then start a new window
-        (its steps per layer: :attr:`window_layer_steps`)."""
-        out = (self.grad_sq, self.steps, self.update_ratio)
+    def read(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
+        """``(grad_sq per layer, steps, update_ratio per layer)`` of the window (its steps
+        per layer in :attr:`window_layer_steps`, its layers read in :attr:`window_graded`);
+        it goes on until :meth:`reset` (a log stopped midway reads it again)."""
         self.window_layer_steps = self.layer_steps()
+        self.window_graded = frozenset(self._graded)
+        return (self.grad_sq, self.steps, self.update_ratio)
+
+    def reset(self) -> None:
+        """Start a new window (after :meth:`read`; the tensors it gave are kept)."""
         self._opt_steps, self._carried_steps = {}, {}
         self.grad_sq = None if self.grad_sq is None else torch.zeros_like(self.grad_sq)
-        self.window_graded, self._graded = frozenset(self._graded), set()
+        self._graded = set()
         self.steps = 0
         self._updates = {}
+
+    def read_and_reset(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
+        """:meth:`read`, then :meth:`reset`."""
+        out = self.read()
+        self.reset()
         return out

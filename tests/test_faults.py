@@ -710,8 +710,9 @@ def test_a_log_stopped_midway_loses_no_window_and_a_bug_there_does_not_stop_trai
     """Ctrl-C landing while a log read its window closed the window first: the record made
     at the exit held nothing, and a warning and the report blamed the model ("recorded
     nothing"). A bug there (any exception) escaped doc.step() into the training loop. The
-    windows now close once their record is made, and a failing log warns once and training
-    goes on: the next record holds every step of the window, as a reference counts them."""
+    windows (the sites', the optimizer tap's layer norms, the loss scaler's skips) now close
+    once their record is made, and a failing read warns once and training goes on: the next
+    record holds every step of the window, as a reference counts them."""
     import relu_doctor.interval as interval
 
     calls = [0]
@@ -727,17 +728,29 @@ def test_a_log_stopped_midway_loses_no_window_and_a_bug_there_does_not_stop_trai
     torch.manual_seed(0)
     model = zoo.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     steps = 15 if fault is KeyboardInterrupt else 20
     seen: dict[int, dict[str, list[torch.Tensor]]] = {}
+    layer_sq: dict[int, dict[str, float]] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             with relu_doctor.watch(model, log_every_n_steps=5, overhead_budget=None,
+                                   optimizer=opt, grad_scaler=scaler,
                                    run_dir=tmp_path / "run") as doc:
 
                 def body(i: int) -> None:
-                    model(torch.randn(16, 10)).pow(2).mean().backward()
-                    opt.step()
+                    loss = model(torch.randn(16, 10)).pow(2).mean()
+                    if i == 11:  # one step the scaler skips, in the window that fails
+                        loss = loss * float("inf")
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
+                    layer_sq[i] = {name: float(sum(p.grad.double().pow(2).sum()
+                                                   for p in m.parameters()))
+                                   for name, m in model.named_children() if
+                                   isinstance(m, torch.nn.Linear)} if i != 11 else {}
+                    scaler.step(opt)
+                    scaler.update()
                     opt.zero_grad()
                     doc.step()
 
@@ -746,12 +759,41 @@ def test_a_log_stopped_midway_loses_no_window_and_a_bug_there_does_not_stop_trai
             assert fault is KeyboardInterrupt
     said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
     assert not [m for m in said if "recorded nothing" in m], said
-    failed = [m for m in said if "logging at step 15 failed" in m]
+    failed = [m for m in said if "reading the window at step 15 failed" in m]
     assert len(failed) == (fault is RuntimeError), said
-    hist = load_run(tmp_path / "run").history
+    run = load_run(tmp_path / "run")
+    hist = run.history
     last = hist[hist["step"] == hist["step"].max()]
     for site in ("1", "3"):
         row = last[last["site"] == site].iloc[0]
         assert row["steps_collected"] == (5 if fault is KeyboardInterrupt else 10)
         got = doc.unit_table(site)["activation_rate"].tolist()
         assert got == pytest.approx(_rate(seen, site, 10, steps - 1))
+    # the skipped step is said as the scaler's calibration, not as non-finite gradients
+    kinds = {(f.kind, f.severity) for f in doc.findings()}
+    assert ("loss_scale_overflow", "info") in kinds and ("nonfinite", "critical") not in kinds
+    # the layer norms of every step of the window (the skipped one's were not finite)
+    layers = run.layers[run.layers["step"] == hist["step"].max()].set_index("layer")
+    for name in ("0", "2", "4"):
+        want = [layer_sq[i][name] for i in range(10, steps) if layer_sq[i]]
+        assert layers.loc[name, "grad_norm"] ** 2 == pytest.approx(sum(want) / len(want))
+
+
+def test_what_a_listener_of_the_users_raises_reaches_the_training_loop():
+    """A log's own failure is contained (above), not what a listener added by the user
+    raises: that is the user's, and stops training as before."""
+
+    class Stop(Exception):
+        pass
+
+    def stop(record: Any) -> None:
+        raise Stop
+
+    model = zoo.mlp()
+    with relu_doctor.watch(model, log_every_n_steps=2, overhead_budget=None) as doc:
+        doc.add_listener(stop)
+        with pytest.raises(Stop):
+            for _ in range(4):
+                model(torch.randn(8, 10)).sum().backward()
+                doc.step()
+    assert doc.global_step == 2
