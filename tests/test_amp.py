@@ -117,26 +117,38 @@ def test_fp16_model_in_half_precision() -> None:
         assert_matches(site, expected_stats(rec.calls[(path, idx)], site.unit_dim), rtol=1e-3)
 
 
-def test_grad_scaler_scale_is_divided_out() -> None:
-    torch.manual_seed(0)
-    net = zoo.mlp()
-    xs = [torch.randn(32, 10) for _ in range(2)]
-    results = []
-    for scale in (None, 2.0**12):
+def _runs_under_scales(net, xs, scales, loss_of, **watch):  # type: ignore[no-untyped-def]
+    """One run of a copy of ``net`` per loss scale in ``scales`` (None: no scaler), each
+    over the batches ``xs`` at a learning rate of 0; their (Doctor, scaler) pairs."""
+    out = []
+    for scale in scales:
         model = copy.deepcopy(net)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
-        with relu_doctor.watch(model, grad_scaler=scaler, log_every_n_steps=100) as doc:
+        with relu_doctor.watch(model, grad_scaler=scaler, **watch) as doc:
             for x in xs:
-                with torch.autocast("cpu", dtype=torch.float16):
-                    loss = model(x).float().pow(2).mean()
+                loss = loss_of(model, x)
                 (scaler.scale(loss) if scaler else loss).backward()
                 if scaler:
                     scaler.step(opt)
                     scaler.update()
                 opt.zero_grad()
                 doc.step()
-        results.append({s.name: site_fields(s)["grad_sq"] for s in doc.sites})
+        out.append((doc, scaler))
+    return out
+
+
+def test_grad_scaler_scale_is_divided_out() -> None:
+    torch.manual_seed(0)
+    net = zoo.mlp()
+    xs = [torch.randn(32, 10) for _ in range(2)]
+
+    def loss_of(model, x):  # type: ignore[no-untyped-def]
+        with torch.autocast("cpu", dtype=torch.float16):
+            return model(x).float().pow(2).mean()
+
+    runs = _runs_under_scales(net, xs, (None, 2.0**12), loss_of, log_every_n_steps=100)
+    results = [{s.name: site_fields(s)["grad_sq"] for s in doc.sites} for doc, _ in runs]
     for name in results[0]:
         np.testing.assert_allclose(results[1][name], results[0][name], rtol=1e-2, atol=1e-9)
 
@@ -150,22 +162,14 @@ def test_a_loss_scale_grown_past_float32s_squares_leaves_the_gradients_read_righ
     torch.manual_seed(0)
     net = zoo.mlp()
     xs = [torch.randn(64, 10) for _ in range(2)]
+    runs = _runs_under_scales(
+        net, xs, (None, 2.0**70),
+        lambda model, x: model(x).pow(2).sum() * 10.0,  # (gradients of about 0.3 RMS)
+        log_every_n_steps=len(xs), overhead_budget=None,
+    )
     results = []
-    for scale in (None, 2.0**70):
-        model = copy.deepcopy(net)
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
-        with relu_doctor.watch(model, grad_scaler=scaler, log_every_n_steps=len(xs),
-                               overhead_budget=None) as doc:
-            for x in xs:
-                loss = model(x).pow(2).sum() * 10.0  # (gradients of about 0.3 RMS)
-                (scaler.scale(loss) if scaler else loss).backward()
-                if scaler:
-                    scaler.step(opt)
-                    scaler.update()
-                opt.zero_grad()
-                doc.step()
-        assert scaler is None or scaler.get_scale() == scale  # (no step skipped)
+    for doc, scaler in runs:
+        assert scaler is None or scaler.get_scale() == 2.0**70  # (no step skipped)
         assert not [f for f in doc.findings() if f.kind == "nonfinite"]
         results.append({s.name: site_fields(s) for s in doc.sites})
     for name, plain in results[0].items():

@@ -909,6 +909,19 @@ def test_a_hook_of_yours_that_replaces_the_output_changes_nothing_counted(when: 
     assert 0 < float((zero_grad / n).mean()) < 1
 
 
+def _said_over_steps(
+    model: nn.Module, steps: int, step: Any
+) -> tuple[list[str], relu_doctor.Doctor]:
+    """``step(doc, i)`` for each step under ``watch`` (every step collected): the
+    ReluDoctorWarnings said, and the Doctor."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=100, overhead_budget=None) as doc:
+            for i in range(steps):
+                step(doc, i)
+    return [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)], doc
+
+
 @pytest.mark.parametrize("steps_it", [True, False], ids=["step_called", "step_skipped"])
 def test_a_forward_that_raises_between_calls_of_a_shared_module_is_no_layerdrop(
     steps_it: bool,
@@ -932,18 +945,17 @@ def test_a_forward_that_raises_between_calls_of_a_shared_module_is_no_layerdrop(
             return self.act(self.fc2(h))
 
     model = Shared()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with relu_doctor.watch(model, log_every_n_steps=100, overhead_budget=None) as doc:
-            for i in range(6):
-                model.boom = i == 2
-                try:
-                    model(torch.randn(4, 6)).sum().backward()
-                except RuntimeError:
-                    if not steps_it:
-                        continue
-                doc.step()
-    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+
+    def step(doc: relu_doctor.Doctor, i: int) -> None:
+        model.boom = i == 2
+        try:
+            model(torch.randn(4, 6)).sum().backward()
+        except RuntimeError:
+            if not steps_it:
+                return
+        doc.step()
+
+    said, doc = _said_over_steps(model, 6, step)
     assert not [m for m in said if "in one recorded pass" in m], said
     assert sorted(s.name for s in doc.sites) == ["act#0", "act#1"]
 
@@ -966,15 +978,14 @@ def test_a_forward_returning_none_while_the_user_handles_an_exception_is_compare
             h.sum().backward()
 
     model = M()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with relu_doctor.watch(model, log_every_n_steps=100, overhead_budget=None) as doc:
-            for i in range(4):
-                model.skip = i == 2
-                try:
-                    raise ValueError("the user's retry logic")
-                except ValueError:
-                    model(torch.randn(3, 4))
-                doc.step()
-    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+
+    def step(doc: relu_doctor.Doctor, i: int) -> None:
+        model.skip = i == 2
+        try:
+            raise ValueError("the user's retry logic")
+        except ValueError:
+            model(torch.randn(3, 4))
+        doc.step()
+
+    said, _ = _said_over_steps(model, 4, step)
     assert [m for m in said if "ran 2 times in one recorded pass and 1 in another" in m], said
