@@ -240,6 +240,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._has_sites = False
         self._warned_nonfinite: set[str] = set()  # metrics whose window mean was not finite
         self._warned_log_errors: set[str] = set()  # kinds of error a log at a step raised
+        #: the last log's read failed and was contained (see _log): its window goes on
+        self.read_failed = False
         self.eval: Doctor | None = None
         self._eval_name: str | None = _eval_name(eval_stream)
         self._eval_passes = 0  # eval passes already logged
@@ -779,6 +781,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         whole for the next log, where it stopped training. (With several processes it
         raises, as a process that skipped the others' collective calls would hang them; a
         :class:`ReluDoctorError`, a usage error, and what listeners raise, always do.)"""
+        self.read_failed = False
         try:
             record = self._read(close=not keep, final=keep)
         except ReluDoctorError:
@@ -786,6 +789,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         except Exception as e:
             if not contain or self.all_reduce is not None:
                 raise
+            self.read_failed = True
             self._warn_log_failed(e)
             return None
         self.sampler.at_log(self.reduce_sum)  # after the read-back: the clock's events are done
@@ -829,7 +833,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if self.eval is not None and (
             self.eval.probe.passes > self._eval_passes or self.all_reduce is not None
         ):
-            self.log_eval()  # the evaluation window closes with the training one
+            self._log_eval(contain=contain)  # the evaluation window closes with the training one
         return record
 
     def _warn_log_failed(self, error: Exception) -> None:
@@ -852,13 +856,21 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         None without an evaluation stream or when the window is empty. With several
         processes every call reads (a process that ran no evaluation pass, where another
         did, takes part in the sum: evaluation on rank zero alone)."""
+        return self._log_eval()
+
+    def _log_eval(self, *, contain: bool = False) -> IntervalRecord | None:
+        """:meth:`log_eval`; ``contain``: see :meth:`_log` (the window's passes are then
+        counted at the next log)."""
         ev = self.eval
         if ev is None or (ev.probe.passes == self._eval_passes and self.all_reduce is None):
             return None
         ev.global_step = self.global_step
         ev.window_steps = ev.steps_run = ev.probe.passes - self._eval_passes
-        self._eval_passes = ev.probe.passes
-        return ev.log()
+        with ev.sampler.log_lap():
+            record = ev._log(final=False, keep=False, contain=contain)
+        if not ev.read_failed:  # (else they are read, and counted, at the next log)
+            self._eval_passes = ev.probe.passes
+        return record
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[Doctor]:

@@ -121,8 +121,14 @@ class FindingTracker:
             if key not in now and key[1] not in restarted:
                 events.append(FindingEvent("ended", prev, step))
         if commit:
-            self._open, self._restarted = now, set()
+            self.commit(out)
         return out, new, events
+
+    def commit(self, findings: list[Finding]) -> None:
+        """Remember ``findings``, as :meth:`update` returned them with ``commit=False``, as
+        those of the last committed step (a read commits once its record is made)."""
+        self._open = {(f.kind, f.site): f for f in findings}
+        self._restarted = set()
 
     def open_findings(self) -> list[Finding]:
         """The findings of the last committed step, as :meth:`update` returned them."""

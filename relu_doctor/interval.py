@@ -228,9 +228,13 @@ class IntervalReading:
         )
         summed, world = self._sum_windows(sites, close=close, grad_sq=grad_sq)
         collected = self._steps_collected(summed, world)
+        # What the read changes in the Doctor's state, done once its record is made (see
+        # _fold): a read stopped midway (Ctrl-C, a bug) leaves the window whole for the next.
+        later: list[Callable[[], object]] = []
         if not sites:
-            self._fold(sites, summed, close=close, world=world, logged=logged, judged=False)
-            return self._read_nothing(logged=logged, collected=collected)
+            record = self._read_nothing(logged=logged, collected=collected)
+            self._fold(later, sites, summed, close=close, world=world, logged=logged)
+            return record
         # Every site's window and lifetime side by side, on the device: one copy each (the
         # windows are cleared below), one transfer, and the metrics work on these matrices.
         window = torch.cat([summed[s.name] for s in sites], 1)
@@ -249,7 +253,7 @@ class IntervalReading:
         # (one process's passes: with several, each ran its own batches)
         passes = self.probe.passes_seen(sites) if world == 1 else {}
         if self.steps_run == 0 and self.probe.stream == "eval":
-            self._fold(sites, summed, close=close, world=world, logged=logged, judged=False)
+            self._fold(later, sites, summed, close=close, world=world, logged=logged)
             return None  # no evaluation pass here: read only for the others' sum (log_eval)
         host_window, host_life = host[0], host[1]
         layer_rows: list[dict[str, Any]] = []
@@ -260,8 +264,14 @@ class IntervalReading:
         first_fractions: dict[str, float] = {}
         if judged and host_first is not None:  # stated once, summed (else kept for later)
             first_fractions = {s.name: float(v) for s, v in zip(firsts, host_first, strict=True)}
-            for s in firsts:
-                s.stats.first = None
+
+            def stated() -> None:  # (each site's fraction at its first pass, said once)
+                for s in firsts:
+                    s.stats.first = None
+
+            later.append(stated)
+        # the gradient-norm history with this window's, which the diagnosis reads
+        norms = collections.deque(self._grad_norm_history, self._grad_norm_history.maxlen)
         if extra and self.tap is not None and layer_steps > 0 and judged:  # (else no rows)
             rows, total = layer_metrics(
                 self.tap.layers, host[2], self.tap.window_layer_steps, world or 1,
@@ -269,8 +279,9 @@ class IntervalReading:
                 graded=self.tap.window_graded,
             )
             layer_rows = [{"step": self.global_step, **r} for r in rows]
-            if logged:
-                self._grad_norm_history.append(total)  # bounded: the latest logs only
+            if logged:  # (bounded: the latest logs only)
+                norms.append(total)
+                later.append(functools.partial(self._grad_norm_history.append, total))
         site_rows: list[dict[str, Any]] = []
         units: dict[str, Mapping[str, torch.Tensor]] = {}
         # Every site at once: one tensor op per metric, not a loop of them per site.
@@ -318,7 +329,7 @@ class IntervalReading:
         else:
             findings = diagnose(
                 site_rows, units, self.config, step=self.global_step,
-                param_grad_norms=self._grad_norm_history, first_rms=self._first_rms,
+                param_grad_norms=norms, first_rms=self._first_rms,
                 declined=self._declined, site_passes=passes,
                 unrecyclable={s.name: _SUMMED for s in sites if s.summed},
                 recycling=self._recycling(sites),
@@ -326,14 +337,15 @@ class IntervalReading:
                     self._lifetime_steps[0] + collected, self._lifetime_steps[1] + self.steps_run),
                 scaler_skipped=self._peek_skipped(),
             )
+            findings, new, events = self._tracker.update(findings, self.global_step, commit=False)
             if logged:
+                later.append(functools.partial(self._tracker.commit, findings))
                 for r in site_rows:
                     rms = float(r.get("rms", math.nan))
                     if math.isfinite(rms) and rms > 0:
-                        self._first_rms.setdefault(str(r["site"]), rms)
-            findings, new, events = self._tracker.update(
-                findings, self.global_step, commit=logged
-            )
+                        later.append(functools.partial(
+                            self._first_rms.setdefault, str(r["site"]), rms))
+            later.append(functools.partial(self._take_skipped, close))
         record = IntervalRecord(
             step=self.global_step,
             site_rows=site_rows,
@@ -348,7 +360,7 @@ class IntervalReading:
             steps_collected=collected,
             first_dead={k: v for k, v in first_fractions.items() if not math.isnan(v)},
         )
-        self._fold(sites, summed, close=close, world=world, logged=logged, judged=judged)
+        self._fold(later, sites, summed, close=close, world=world, logged=logged)
         return record
 
     def _recycling(self, sites: Sequence[Site]) -> dict[str, str]:
@@ -363,23 +375,24 @@ class IntervalReading:
         return out
 
     def _fold(
-        self, sites: Sequence[Site], summed: Mapping[str, torch.Tensor], *, close: bool,
-        world: int | None, logged: bool, judged: bool,
+        self, later: list[Callable[[], object]], sites: Sequence[Site],
+        summed: Mapping[str, torch.Tensor], *, close: bool, world: int | None, logged: bool,
     ) -> None:
-        """Once the record of the window just read is made: close the windows of ``sites``
-        (``summed``: see :meth:`_sum_windows`) when ``close``, the optimizer tap's when
-        ``logged``, and the loss scaler's skips its diagnosis read when ``judged``. A read
-        stopped midway (Ctrl-C, a bug) leaves all of them whole for the next read, where
-        closing the sites' windows first lost their statistics and blamed the model for a
-        window that recorded nothing."""
+        """Once the record of the window just read is made: what the read changes in the
+        Doctor's state (``later``: the findings committed, the first-dead fractions stated,
+        the gradient-norm history, the first RMS, the loss scaler's skips taken), then the
+        windows of ``sites`` closed (``summed``: see :meth:`_sum_windows`) when ``close``
+        and the optimizer tap's when ``logged``. A read stopped midway (Ctrl-C, a bug)
+        leaves all of it for the next read, where closing the sites' windows first lost
+        their statistics and blamed the model for a window that recorded nothing."""
+        for change in later:
+            change()
         if close and world is not None:  # (see _sum_windows)
             for s in sites:
                 s.stats.close_window(summed[s.name])
             self.probe.close_passes(sites)
         if logged and self.tap is not None:
             self.tap.reset()
-        if judged:
-            self._take_skipped(close)
 
     def _sum_windows(
         self, sites: Sequence[Site], *, close: bool, grad_sq: torch.Tensor | None = None

@@ -797,3 +797,94 @@ def test_what_a_listener_of_the_users_raises_reaches_the_training_loop():
                 model(torch.randn(8, 10)).sum().backward()
                 doc.step()
     assert doc.global_step == 2
+
+
+@pytest.mark.parametrize("where", ["diagnose", "IntervalRecord"])
+def test_a_read_that_fails_after_its_diagnosis_changes_nothing_it_would_have_recorded(
+    monkeypatch, where
+):
+    """A read that failed once its diagnosis was made (the second review) had already
+    committed its findings (their "began" events never written), stated the sites'
+    first-dead fractions (lost for good) and added its gradient norm to the history (one
+    too many). What a read changes is now done once its record is made: the next record
+    says what the failed one would have, as a run without the failure does."""
+    import relu_doctor.interval as interval
+
+    def train(fail: bool) -> list[Any]:
+        calls = [0]
+        real = getattr(interval, where)
+
+        def fails_once(*a: Any, **k: Any) -> Any:
+            calls[0] += 1
+            if fail and calls[0] == 1:
+                raise RuntimeError("stopped here")
+            return real(*a, **k)
+
+        monkeypatch.setattr(interval, where, fails_once)
+        torch.manual_seed(0)
+        model = zoo.mlp()
+        with torch.no_grad():
+            model[0].bias[:8] = -100.0  # dead from the start: a first-dead fraction to state
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        records = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReluDoctorWarning)
+            with relu_doctor.watch(model, log_every_n_steps=5, overhead_budget=None,
+                                   optimizer=opt) as doc:
+                for _ in range(10):
+                    model(torch.randn(16, 10)).pow(2).mean().backward()
+                    opt.step()
+                    opt.zero_grad()
+                    if (r := doc.step()) is not None:
+                        records.append(r)
+        monkeypatch.setattr(interval, where, real)
+        return [records, list(doc._grad_norm_history)]
+
+    (failed,), history = train(True)
+    plain, _ = train(False)
+    assert failed.step == 10 and failed.steps_collected == 10 and len(history) == 1
+    assert failed.first_dead == plain[0].first_dead != {}
+    began = {(e.status, e.finding.kind, e.finding.site) for e in failed.finding_events}
+    assert {("began", f.kind, f.site) for f in failed.findings} <= began
+
+
+def test_a_failing_read_of_the_evaluation_stream_is_contained_and_counts_its_passes(
+    monkeypatch,
+):
+    """The evaluation stream's read, made at the training log, was not contained (it
+    raised out of doc.step()), and a window whose read failed lost its passes' count while
+    its statistics stayed: the next record held 4 passes' elements as 2 steps. It warns,
+    and the next record counts every pass it holds."""
+    import relu_doctor.interval as interval
+
+    real = interval.IntervalReading._frozen_layers
+    calls = [0]
+
+    def fails_once(self: Any, sites: Any) -> Any:
+        if self.probe.stream == "eval":
+            calls[0] += 1
+            if calls[0] == 1:
+                raise RuntimeError("stopped here")
+        return real(self, sites)
+
+    monkeypatch.setattr(interval.IntervalReading, "_frozen_layers", fails_once)
+    torch.manual_seed(0)
+    model = zoo.mlp()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=5, overhead_budget=None,
+                               eval_stream=True) as doc:
+            for i in range(10):
+                model(torch.randn(16, 10)).pow(2).mean().backward()
+                if i % 5 == 1:  # two evaluation passes a window
+                    model.eval()
+                    with torch.no_grad():
+                        model(torch.randn(16, 10))
+                        model(torch.randn(16, 10))
+                    model.train()
+                doc.step()
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert [m for m in said if "reading the window at step 5 failed" in m], said
+    (rec,) = [r for r in doc.eval._records]
+    assert rec.step == 10 and rec.steps_run == 4
+    assert [row["elements"] for row in rec.site_rows] == [4 * 16 * 32, 4 * 16 * 32]
