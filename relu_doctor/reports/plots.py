@@ -406,7 +406,7 @@ def activity_heatmap_figure(
         fam = f" ({mpl_label(family, 16)})" if family else ""
         ax.set_title(
             f"{mpl_label(site, 40)}{fam}: {data.units} units, {data.dead_last} dead at last step",
-            fontsize=9,
+            fontsize=9, pad=14 if drawn else 6,  # (above the interventions' numbers)
         )
     return fig
 
