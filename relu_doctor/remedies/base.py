@@ -91,6 +91,11 @@ TARGETS = {
     "continual_backprop": "below_tau_fraction",
 }
 
+#: The relative fall of its target that a change must make to be judged "helped", where
+#: one counts (the plan's default steps for the swap and recycling have the same bar): a
+#: swap that took a site from 75% dead to 73% was "helped".
+MIN_GAIN = {"leaky_relu_swap": 0.25, "dormant_reset": 0.25}
+
 HELPED, NOT_HELPED, UNKNOWN = "helped", "did not help", "unknown"
 
 
@@ -294,7 +299,8 @@ class Remedy:
         self._held: RecordLike | None = None  # a final record: decided if training goes on
         #: what the next intervention is judged on (a plan sets it before acting): metric
         #: name, ``min_gain`` and ``tolerance`` of :func:`verdict`
-        self.judge: tuple[str | None, float, float] = (TARGETS.get(self.name), 0.0, 0.0)
+        self.judge: tuple[str | None, float, float] = (
+            TARGETS.get(self.name), MIN_GAIN.get(self.name, 0.0), 0.0)
         #: the dead readings it decides on, sampled windows pooled (see :attr:`reads_dead`)
         self.evidence = DeadEvidence()
 

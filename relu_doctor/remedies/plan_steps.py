@@ -9,7 +9,7 @@ from typing import Any
 
 from relu_doctor._validate import nonnegative, number_in
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.remedies.base import MODEL
+from relu_doctor.remedies.base import MIN_GAIN, MODEL
 
 __all__ = ["DEFAULT_STEPS", "PLAN_REMEDIES", "PlanStep", "plan_steps"]
 
@@ -53,8 +53,9 @@ class PlanStep:
 DEFAULT_STEPS = (
     PlanStep("clip", tolerance=0.02),
     PlanStep("lr", tolerance=0.1),
-    PlanStep("recycle", min_gain=0.25, options={"threshold": 0.3, "max_fraction": 0.25}),
-    PlanStep("swap", min_gain=0.25, options={"threshold": 0.3, "slope": 0.05}),
+    PlanStep("recycle", min_gain=MIN_GAIN["dormant_reset"],
+             options={"threshold": 0.3, "max_fraction": 0.25}),
+    PlanStep("swap", min_gain=MIN_GAIN["leaky_relu_swap"], options={"threshold": 0.3, "slope": 0.05}),
 )
 
 

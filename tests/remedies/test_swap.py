@@ -486,3 +486,16 @@ def test_a_swap_that_revives_no_unit_did_not_help():
     assert result["ref"] == made["id"] and result["target"] == "dead_fraction"
     assert made["before"]["dead_fraction"] == result["after"]["dead_fraction"] == 10 / 32
     assert result["verdict"] == "did not help"
+
+
+@pytest.mark.parametrize(("after", "verdict"), [(0.73, "did not help"), (0.55, "helped")])
+def test_a_swap_bound_on_its_own_is_judged_with_the_plans_bar(after, verdict):
+    """A trial's stand-alone swap took a site from 75% dead to 73.4% and was judged
+    "helped" (any fall), beside the same site critical later: judged as the plan's default
+    swap step is, it helps where the dead fraction falls by a quarter."""
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU())
+    sw = ActivationSwapper(net, threshold=0.5, patience=1)
+    (event,) = sw(rec(10, [site_row("1", 0.75)]))
+    (result,) = sw(rec(20, [site_row("1", after, leaky=True)]))
+    assert result.ref == event.id and result.target == "dead_fraction"
+    assert result.verdict == verdict
