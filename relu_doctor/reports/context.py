@@ -336,6 +336,9 @@ class Series:
     #: the logged steps the heatmaps show (all of them up to the heatmap's width and
     #: :data:`HEATMAP_ROWS`; beyond, spread evenly from the first to the last)
     heatmap_steps: list[int] = field(default_factory=list)
+    #: per drawn site, the steps of ``marks`` its heatmap draws: its own interventions and
+    #: the model-wide ones
+    site_marks: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _heatmap_sites(run: Run, findings: Sequence[FindingView]) -> tuple[list[str], int]:
@@ -668,6 +671,8 @@ def build_context(run: Run) -> ReportContext:
         metrics=metrics,
         named_units=named,
         heatmap_steps=heatmap_steps,
+        site_marks={site: sorted({e.step for e in interventions if not e.continuous
+                                  and e.site in (site, MODEL_WIDE)}) for site in heatmaps},
     )
     model = run.meta.get("model")
     config = run.meta.get("config") or {}

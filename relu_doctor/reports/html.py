@@ -70,19 +70,21 @@ def _figures(ctx: ReportContext) -> dict[str, Any]:
                         "the first to the last; the run's unit table is read at those only)")
         if data.steps_per_col > 1:
             caption += f", {data.steps_per_col} logging steps per column"
-        if plots.heatmap_mark_columns(data.steps, series.marks):
+        only = series.site_marks.get(name, [])
+        if plots.heatmap_mark_columns(data.steps, series.marks, only):
             caption += ("; a dashed line follows the window an intervention was made at"
                         if data.steps_per_col == 1 else
                         "; a dashed line comes before the column of windows an intervention "
                         "was made in (after it, where made at its last)")
-            caption += ", numbered as in the interventions table"
+            caption += (" (this site's and the model-wide ones), numbered as in the "
+                        "interventions table")
         out["heatmaps"].append(
             {
                 "site": name,
                 "anchor": ctx.anchors.get(name, ""),
                 "uri": plots.figure_to_data_uri(
                     plots.activity_heatmap_figure(data, name, series.families.get(name, ""),
-                                                  series.marks)
+                                                  series.marks, only)
                 ),
                 "caption": caption,
                 "dead_last": data.dead_last,

@@ -26,7 +26,7 @@ import bisect
 import io
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -343,12 +343,15 @@ def activity_matrix(
     return HeatmapData(m, steps, row_labels, per_row, per_col, n, dead_last, named_rows)
 
 
-def heatmap_mark_columns(steps: Sequence[int], marks: Sequence[int]) -> list[tuple[int, int]]:
+def heatmap_mark_columns(
+    steps: Sequence[int], marks: Sequence[int], only: Collection[int] | None = None
+) -> list[tuple[int, int]]:
     """Where :func:`activity_heatmap_figure` draws each intervention: (its number in
     ``marks``, from 1; the column edge it is drawn at), the edge after the columns of the
     logging steps up to the intervention's step (its effect shows in the next window), for
-    the marks within the steps shown. (A column of several windows, ``steps`` its last:
-    an intervention made within it is drawn before it.)
+    the marks within the steps shown (and in ``only``, where given: those at one site).
+    (A column of several windows, ``steps`` its last: an intervention made within it is
+    drawn before it.)
 
     Example:
         >>> heatmap_mark_columns([10, 20, 30], [5, 20, 25, 40])
@@ -356,6 +359,8 @@ def heatmap_mark_columns(steps: Sequence[int], marks: Sequence[int]) -> list[tup
     """
     out = []
     for i, step in enumerate(marks, start=1):
+        if only is not None and step not in only:
+            continue
         edge = bisect.bisect_right(steps, step)
         if 0 < edge < len(steps):
             out.append((i, edge))
@@ -363,12 +368,14 @@ def heatmap_mark_columns(steps: Sequence[int], marks: Sequence[int]) -> list[tup
 
 
 def activity_heatmap_figure(
-    data: HeatmapData, site: str, family: str = "", marks: Sequence[int] = ()
+    data: HeatmapData, site: str, family: str = "", marks: Sequence[int] = (),
+    only: Collection[int] | None = None,
 ) -> Figure:
     """Draw :func:`activity_matrix` output: rows are units (or bins of units ranked by
     activity), columns logging steps, colour the activation rate (0 = dead); ``marks``: the
     interventions' steps, drawn as numbered dashed lines between the columns before and after
-    each (the numbers of the report's interventions table)."""
+    each (the numbers of the report's interventions table); ``only``: the steps of those to
+    draw (this site's and the model-wide ones), where given."""
     rows, cols = data.matrix.shape
     # a row per named unit must stay a readable text line: such figures grow taller
     per_line, cap = (0.125, 9.5) if data.named_rows > 16 else (0.085, 5.6)
@@ -390,7 +397,7 @@ def activity_heatmap_figure(
         ax.tick_params(axis="y", labelsize=6.5 if rows > 24 else 7, rotation=0)
         ax.tick_params(axis="x", labelsize=7, rotation=0)
         drawn: dict[int, list[str]] = {}
-        for number, edge in heatmap_mark_columns(data.steps, marks):
+        for number, edge in heatmap_mark_columns(data.steps, marks, only):
             drawn.setdefault(edge, []).append(str(number))
         for edge, numbers in drawn.items():  # (several in one window: one line, all numbers)
             ax.axvline(float(edge), color="0.85", linestyle="--", linewidth=1)

@@ -480,3 +480,33 @@ def test_a_window_that_saw_no_unit_reads_not_seen_in_the_key_numbers(tmp_path: P
     assert [(r.dead, r.dormant) for r in ctx.sites] == [("not seen", "not seen")] * 2
     keys = dict(ctx.key_numbers)
     assert (keys["dead now"], keys["dormant"]) == ("not seen", "not seen")
+
+
+def test_a_sites_heatmap_draws_its_own_interventions_and_the_model_wide_ones() -> None:
+    """Every heatmap drew every intervention (14 lines on each of the demo's, most of them
+    other sites' swaps and recycling): a site's heatmap draws its own and the model-wide
+    ones, numbered as in the interventions table."""
+    from relu_doctor.history import Run as _Run
+    from relu_doctor.reports import plots
+
+    sites = ["s", "t"]
+    hist = pd.DataFrame([{"step": step, "site": site, "units": 2, "dead": 0,
+                          "dead_fraction": 0.0, "family": "relu"}
+                         for step in (2, 4, 6, 8, 10) for site in sites])
+    units = pd.DataFrame([{"step": step, "site": site, "unit": u, "activation_rate": 0.5}
+                          for step in (2, 4, 6, 8, 10) for site in sites for u in range(2)])
+    events = [{"type": "intervention", "id": str(i), "remedy": remedy, "site": site,
+               "step": step, "what": "x", "before": None, "after": None}
+              for i, (remedy, site, step) in enumerate(
+                  [("leaky_relu_swap", "s", 4), ("dormant_reset", "t", 6),
+                   ("lr_rescue", "model", 8)])]
+    run = _Run(meta={"sites": [{"name": s, "units": 2, "family": "relu"} for s in sites]},
+               history=hist, units=units, layers=pd.DataFrame(), events=events,
+               last_findings=[])
+    series = build_context(run).series
+    assert series.marks == [4, 6, 8]
+    assert series.site_marks == {"s": [4, 8], "t": [6, 8]}
+    data = plots.activity_matrix(series.units, "t")
+    assert data is not None
+    assert plots.heatmap_mark_columns(data.steps, series.marks, series.site_marks["t"]) == [
+        (2, 3), (3, 4)]  # numbers 2 and 3 of the table, after the windows of steps 6 and 8
