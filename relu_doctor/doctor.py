@@ -240,8 +240,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._has_sites = False
         self._warned_nonfinite: set[str] = set()  # metrics whose window mean was not finite
         self._warned_log_errors: set[str] = set()  # kinds of error a log at a step raised
-        #: the last log's read failed and was contained (see _log): its window goes on
-        self.read_failed = False
+        self._read_failed = False  # the last log's read failed, contained (see _log)
         self.eval: Doctor | None = None
         self._eval_name: str | None = _eval_name(eval_stream)
         self._eval_passes = 0  # eval passes already logged
@@ -781,7 +780,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         whole for the next log, where it stopped training. (With several processes it
         raises, as a process that skipped the others' collective calls would hang them; a
         :class:`ReluDoctorError`, a usage error, and what listeners raise, always do.)"""
-        self.read_failed = False
+        self._read_failed = False
         try:
             record = self._read(close=not keep, final=keep)
         except ReluDoctorError:
@@ -789,7 +788,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         except Exception as e:
             if not contain or self.all_reduce is not None:
                 raise
-            self.read_failed = True
+            self._read_failed = True
             self._warn_log_failed(e)
             return None
         self.sampler.at_log(self.reduce_sum)  # after the read-back: the clock's events are done
@@ -868,7 +867,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         ev.window_steps = ev.steps_run = ev.probe.passes - self._eval_passes
         with ev.sampler.log_lap():
             record = ev._log(final=False, keep=False, contain=contain)
-        if not ev.read_failed:  # (else they are read, and counted, at the next log)
+        if not ev._read_failed:  # (else they are read, and counted, at the next log)
             self._eval_passes = ev.probe.passes
         return record
 

@@ -48,10 +48,10 @@ __all__ = ["IntervalReading", "TableMemory"]
 # The layers' gradient norms among the tensors summed across processes by name (no site's
 # name: a site's is a module path, a checkpoint's a JSON array).
 _GRAD_SQ = "\0grad_sq"
-# why recycling cannot treat a site whose input is a residual sum (Site.summed)
 #: The keys every site row starts with, in order (its metrics follow: see :func:`site_columns`)
 SITE_KEYS = ("step", "site", "op", "family", "leaky", "cap", "order", "unit_dim", "unit_rule",
              "frozen", "window_steps", "steps_collected", "steps_run")
+# why recycling cannot treat a site whose input is a residual sum (Site.summed)
 _SUMMED = ("its units come from a sum with another branch (a residual or skip connection), "
            "directly or through activations and norms: no one layer makes them")
 _STEPS = "\0steps_collected"  # the window's collected steps, summed across processes
