@@ -141,10 +141,11 @@ def grad_into(
     """:func:`relu_doctor._kernels.cpu.grad_into` for a CPU gradient, the Triton kernel for
     a CUDA one (same arguments); False (nothing done) where neither applies."""
     if grad_out.is_cpu and not _TRITON_ON_CPU:
-        if cpu.host_scalar(inv_scale) is None and inv_scale is not None:
+        host = cpu.host_scalar(inv_scale)  # (read once: a number from here on)
+        if host is None and inv_scale is not None:
             return False  # (a scale on another device: the eager path)
-        grad_out, inv_scale = tamed(grad_out, inv_scale)
-        return cpu.grad_into(window, grad_out, grad_in, unit_dim, inv_scale, row0)
+        grad_out, inv = tamed(grad_out, host)
+        return cpu.grad_into(window, grad_out, grad_in, unit_dim, inv, row0)
     return _via_triton(grad_out, "grad_into", window, grad_out, grad_in, unit_dim, inv_scale, row0)
 
 
