@@ -130,15 +130,22 @@ def pick_sites(
     return [s for s in order if s in keep], [s for s in order if s not in keep]
 
 
+def _dashed(ax: Any, x: float, text: str | None, *, color: str, fontsize: float,
+            **line: Any) -> None:
+    """One intervention line at ``x`` (data coordinates), ``text`` (its numbers) above the
+    axes."""
+    ax.axvline(x, color=color, linestyle="--", linewidth=1, **line)
+    if text is not None:
+        ax.annotate(text, xy=(x, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 2),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=fontsize,
+                    fontweight="bold", color="0.2")
+
+
 def _draw_marks(ax: Any, marks: Sequence[int], *, label: bool = True) -> None:
     """Interventions as dashed vertical lines, numbered 1, 2, ... at the top (the numbers of
     the report's interventions table)."""
     for i, step in enumerate(marks, start=1):
-        ax.axvline(float(step), color="0.3", linestyle="--", linewidth=1, zorder=1)
-        if label:
-            ax.annotate(str(i), xy=(float(step), 1.0), xycoords=("data", "axes fraction"),
-                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
-                        fontsize=8, fontweight="bold", color="0.2")
+        _dashed(ax, float(step), str(i) if label else None, color="0.3", fontsize=8, zorder=1)
 
 
 def training_curve_figure(metrics: pd.DataFrame, marks: Sequence[int] = ()) -> Figure | None:
@@ -400,11 +407,7 @@ def activity_heatmap_figure(
         for number, edge in heatmap_mark_columns(data.steps, marks, only):
             drawn.setdefault(edge, []).append(str(number))
         for edge, numbers in drawn.items():  # (several in one window: one line, all numbers)
-            ax.axvline(float(edge), color="0.85", linestyle="--", linewidth=1)
-            ax.annotate(",".join(numbers), xy=(float(edge), 1.0),
-                        xycoords=("data", "axes fraction"), xytext=(0, 2),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=7,
-                        fontweight="bold", color="0.2")
+            _dashed(ax, float(edge), ",".join(numbers), color="0.85", fontsize=7)
         ax.set_xlabel("step")
         if data.units_per_row > 1:
             ax.set_ylabel("units the findings name, then\nbins by activity rank (least first)")
