@@ -28,9 +28,13 @@ def test_example_treats_what_kills_the_untreated_run(tmp_path, capsys):
     remedies = {e["remedy"] for e in t["interventions"]}
     assert {"adaptive_grad_clip", "dormant_reset", "lr_rescue"} <= remedies
     assert not u["interventions"]
-    # Each intervention has its metrics before and (one interval later) after.
+    # Each intervention has its metrics before and (one interval later) after, but the
+    # clipper's reports of what each window clipped, which are not judged.
     done = [e for e in t["interventions"] if e["step"] < 150]
-    assert all(e["before"] is not None and e["after"] is not None for e in done)
+    reports = [e for e in done if e["remedy"] == "adaptive_grad_clip"]
+    assert reports and all(e["details"]["judged"] is False for e in reports)
+    assert all(e["before"] is not None and (e["after"] is not None or e in reports)
+               for e in done)
 
     run = relu_doctor.load_run(tmp_path / "treated" / "relu_doctor")
     assert len(run.interventions()) == len(t["interventions"])

@@ -31,11 +31,12 @@ class AdaptiveGradClip(RemedyCallback[AutoClip | AGC]):
 
     No host synchronisation per step: the norm history, threshold and clip counts stay on
     the device and are read at the :class:`~relu_doctor.callbacks.ReluDoctor` monitor's
-    logging intervals. There the threshold, the number clipped and the fraction go to the
-    Trainer's loggers (``relu_doctor/clip/threshold``, ``relu_doctor/clip/clipped``,
-    ``relu_doctor/clip/fraction``; one suffix ``_<i>`` per optimizer beyond the first), and
-    an interval that clipped anything is an ``intervention`` event. The norm history
-    round-trips through checkpoints.
+    logging intervals. There the threshold, the number clipped, the fraction and the
+    gradient norm before clipping (RMS over the interval's steps) go to the Trainer's loggers
+    (``relu_doctor/clip/threshold``, ``relu_doctor/clip/clipped``, ``relu_doctor/clip/fraction``,
+    ``relu_doctor/clip/grad_norm``; one suffix ``_<i>`` per optimizer beyond the first), and
+    an interval that clipped anything is an ``intervention`` event (a report of what it
+    clipped, not judged). The norm history round-trips through checkpoints.
 
     Args:
         mode: ``"autoclip"`` or ``"agc"``.
@@ -173,4 +174,6 @@ class AdaptiveGradClip(RemedyCallback[AutoClip | AGC]):
                 metrics[f"relu_doctor/clip/threshold{sfx}"] = float(stats["threshold"])
             metrics[f"relu_doctor/clip/clipped{sfx}"] = float(stats["clipped"])
             metrics[f"relu_doctor/clip/fraction{sfx}"] = float(stats["clip_fraction"])
+            if stats.get("grad_norm") is not None:
+                metrics[f"relu_doctor/clip/grad_norm{sfx}"] = float(stats["grad_norm"])
         self._log(trainer, metrics, record.step)

@@ -40,9 +40,11 @@ from relu_doctor.remedies._held import record_from_state, record_state
 from relu_doctor.remedies._sharding import DTENSOR, refuse_several, refuse_sharded, sharding_of
 from relu_doctor.remedies.evidence import (
     MIN_EVIDENCE_STEPS,
+    SNAPSHOT_KEYS,
     DeadEvidence,
     dead_surge,
     model_snapshot,
+    site_snapshot,
     units_efficacy,
 )
 from relu_doctor.sites import SiteKey, module_label
@@ -66,25 +68,13 @@ __all__ = [
     "verdict",
 ]
 
-#: The site metrics an intervention records before and after.
-SNAPSHOT_KEYS = (
-    "dead_fraction",
-    "lifetime_dead_fraction",
-    "dormant_fraction",
-    "below_tau_fraction",
-    "sparsity",
-    "activation_rate",
-    "mean_abs",
-    "grad_rms",
-)
-
 #: The site of a model-wide intervention (clipping, learning rate).
 MODEL = "model"
 
 #: The metric each remedy's intervention is judged on, unless the caller names one (a
 #: treatment plan names the metric that triggered it).
 TARGETS = {
-    "adaptive_grad_clip": "grad_norm",
+    "adaptive_grad_clip": "unclipped_grad_norm",
     "lr_rescue": "dead_fraction",
     "leaky_relu_swap": "dead_fraction",
     "dormant_reset": "below_tau_fraction",
@@ -165,16 +155,6 @@ class DoctorLike(Protocol):
 
 def _warn(message: str) -> None:  # (a ReluDoctorWarning, at the user's line)
     warnings.warn(message, ReluDoctorWarning, stacklevel=user_stacklevel())
-
-
-def site_snapshot(row: Mapping[str, Any]) -> dict[str, float | None]:
-    """The metrics an intervention records for one site row (None where not measured).
-
-    Example:
-        >>> site_snapshot({"dead_fraction": 0.5, "sparsity": float("nan")})["sparsity"] is None
-        True
-    """
-    return {k: finite_or_none(row.get(k)) for k in SNAPSHOT_KEYS}
 
 
 # ---------------------------------------------------------------------- shared argument checks
@@ -511,6 +491,11 @@ class Remedy:
             )
         return ev
 
+    def model_snapshot(self, record: RecordLike) -> dict[str, Any]:
+        """The model-wide metrics its changes are judged on (:func:`model_snapshot`; a
+        clipper adds the gradient norm it saw before clipping)."""
+        return model_snapshot(record)
+
     def note(
         self,
         *,
@@ -555,7 +540,7 @@ class Remedy:
         out = []
         for p in pending:
             if p.site == MODEL:
-                after: dict[str, Any] | None = model_snapshot(record)
+                after: dict[str, Any] | None = self.model_snapshot(record)
             else:
                 row = record.site_row(p.site)
                 after = site_snapshot(row) if row is not None else None

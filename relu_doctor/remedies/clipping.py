@@ -43,8 +43,19 @@ def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
+#: The metric a clipper's changes are judged on: the total gradient norm before clipping,
+#: as it records it (the root mean square over a window's steps that had a finite, nonzero
+#: one). The parameter-gradient norm a Doctor's optimizer tap reads is the clipped one where
+#: clipping runs first (``clip_`` called by hand, Lightning's hook): that one sits near the
+#: threshold whatever the model does.
+UNCLIPPED = "unclipped_grad_norm"
+
+
 class _Clipper(Remedy):
-    """Shared parts of the clippers: an on-device window of counts, read at log time."""
+    """Shared parts of the clippers: an on-device window of counts and of the gradient norm
+    before clipping, read at log time. Its per-window report (:meth:`decide`) says what the
+    window clipped; it is no one-off change, so it is not judged (a plan switching AutoClip
+    on is, on :data:`UNCLIPPED`)."""
 
     name = "adaptive_grad_clip"
     holds_final = False  # its decision reports the window's clipping, done step by step
@@ -61,6 +72,9 @@ class _Clipper(Remedy):
         self._total = 0  # steps (AutoClip) or units (AGC) seen in the window, host-side
         self._steps = 0
         self._threshold: torch.Tensor | None = None
+        #: the window's sum of squared total norms before clipping and its count of steps
+        #: with a finite, nonzero one (float64, on the gradients' device)
+        self._norms: torch.Tensor | None = None
         self._handles: list[Any] = []
         self.last: dict[str, Any] = {}  # the numbers of the last closed window
         #: which of several optimizers it clips (its events say so, and their ids differ
@@ -126,6 +140,15 @@ class _Clipper(Remedy):
         """How ``tensors`` are sharded across processes, where this clipper cannot act."""
         return sharding_of(params=tensors)
 
+    def _note_norm(self, total: torch.Tensor) -> None:
+        """Add a step's total norm before clipping to the window (no host sync). A step with
+        no gradient (norm 0) or a non-finite one is left out, as AutoClip's history leaves it."""
+        kept = torch.isfinite(total) & (total > 0)
+        part = torch.stack([torch.where(kept, total.double().square(), 0.0), kept.double()])
+        if self._norms is None or self._norms.device != part.device:  # (or from a checkpoint)
+            self._norms = part.new_zeros(2) if self._norms is None else self._norms.to(part.device)
+        self._norms.add_(part)
+
     def _count(self, mask: torch.Tensor) -> None:
         c = mask.sum(dtype=torch.int64) if mask.dim() else mask.to(torch.int64)
         if self._clipped is None:
@@ -138,19 +161,24 @@ class _Clipper(Remedy):
         """With the open window's counts (read back: a host sync, as a checkpoint makes): a
         resumed run's first record counts the whole window, as one run's would."""
         clipped = 0 if self._clipped is None else int(self._clipped.detach().cpu())
+        norms = [0.0, 0.0] if self._norms is None else self._norms.detach().cpu().tolist()
         return {**super().state_dict(),
-                "window": {"clipped": clipped, "total": self._total, "steps": self._steps}}
+                "window": {"clipped": clipped, "total": self._total, "steps": self._steps,
+                           "norm_sq": norms[0], "norm_steps": int(norms[1])}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         window = state.get("window") or {}
         self._clipped = torch.tensor(int(window.get("clipped", 0)), dtype=torch.int64)
         self._total, self._steps = int(window.get("total", 0)), int(window.get("steps", 0))
+        self._norms = torch.tensor([float(window.get("norm_sq", 0.0)),
+                                    float(window.get("norm_steps", 0))], dtype=torch.float64)
 
     def read(self) -> dict[str, Any]:
         """This window's numbers (one host sync), then start a new window."""
         vals = [self._clipped, self._threshold]
         host = [None if v is None else float(v.detach().cpu()) for v in vals]
+        norm_sq, kept = (0.0, 0.0) if self._norms is None else self._norms.detach().cpu().tolist()
         clipped = int(host[0] or 0)
         out = {
             "threshold": finite_or_none(host[1]),
@@ -158,14 +186,25 @@ class _Clipper(Remedy):
             "total": self._total,
             "steps": self._steps,
             "clip_fraction": clipped / self._total if self._total else 0.0,
+            # the norm before clipping: RMS over the steps that had a finite, nonzero one
+            "grad_norm": finite_or_none((norm_sq / kept) ** 0.5) if kept else None,
         }
         if self._clipped is not None:
             self._clipped.zero_()
+        if self._norms is not None:
+            self._norms.zero_()
         self._total = 0
         self._steps = 0
         return out
 
+    def model_snapshot(self, record: RecordLike) -> dict[str, Any]:
+        """The model-wide metrics, with the gradient norm before clipping of the window last
+        read (:data:`UNCLIPPED`)."""
+        return {**model_snapshot(record), UNCLIPPED: self.last.get("grad_norm")}
+
     def decide(self, record: RecordLike) -> list[Intervention]:
+        """Report the window's clipping (not judged: it clipped step by step, no one-off
+        change)."""
         stats = self.read()
         self.last = stats
         if not stats["clipped"]:
@@ -177,7 +216,8 @@ class _Clipper(Remedy):
                 site=MODEL,
                 step=record.step,
                 what=("" if i is None else f"optimizer {i}: ") + self._describe(stats),
-                before=model_snapshot(record),
+                before=self.model_snapshot(record),
+                measure_after=False,
                 id_suffix="" if i is None else f"@optimizer{i}",
                 clip=stats,
                 **which,
@@ -186,6 +226,11 @@ class _Clipper(Remedy):
 
     def _describe(self, stats: Mapping[str, Any]) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @staticmethod
+    def _norm_said(stats: Mapping[str, Any]) -> str:
+        norm = stats.get("grad_norm")
+        return "" if norm is None else f"; gradient norm before clipping {norm:.4g} (RMS)"
 
 
 class AutoClip(_Clipper):
@@ -253,6 +298,7 @@ class AutoClip(_Clipper):
         full = getattr(total, "full_tensor", None)
         if full is not None:  # DTensor shards: the whole gradient's norm, on every process
             total = full()
+        self._note_norm(total)
         if self._buf is None:
             self._buf = torch.full((self.history,), float("nan"), device=device)
         elif self._buf.device != device:  # restored from a checkpoint on the CPU
@@ -287,7 +333,7 @@ class AutoClip(_Clipper):
             f"{stats['steps']} steps; threshold now {thr:.4g}"
             if thr is not None
             else f"AutoClip clipped {stats['clipped']} of {stats['steps']} steps"
-        )
+        ) + self._norm_said(stats)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -379,6 +425,7 @@ class AGC(_Clipper):
             torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(grads)])
         )
         self._steps += 1
+        self._note_norm(total)
         for p in ps:
             g = p.grad
             assert g is not None
@@ -395,7 +442,7 @@ class AGC(_Clipper):
         return (
             f"AGC (lambda {self.clipping:g}) clipped {stats['clipped']} of {stats['total']} "
             f"unit-gradients over {stats['steps']} steps ({stats['clip_fraction']:.1%})"
-        )
+        ) + self._norm_said(stats)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "clipping": self.clipping}

@@ -1,7 +1,8 @@
 """Dead readings a remedy can act on: under the overhead budget a logging window may collect
 few of its steps, and a unit active on a few inputs in a hundred then reads dead by chance.
 :class:`DeadEvidence` pools sampled windows unit by unit until they hold
-:data:`MIN_EVIDENCE_STEPS` collected steps; :func:`dead_surge` compares such readings."""
+:data:`MIN_EVIDENCE_STEPS` collected steps; :func:`dead_surge` compares such readings. And the
+snapshots of the metrics a change is judged on: :func:`site_snapshot`, :func:`model_snapshot`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,20 @@ from relu_doctor._validate import finite_or_none
 if TYPE_CHECKING:
     from relu_doctor.remedies.base import RecordLike
 
-__all__ = ["MIN_EVIDENCE_STEPS", "DeadEvidence", "dead_surge", "model_snapshot", "units_efficacy"]
+__all__ = ["MIN_EVIDENCE_STEPS", "SNAPSHOT_KEYS", "DeadEvidence", "dead_surge", "model_snapshot",
+           "site_snapshot", "units_efficacy"]
+
+#: The site metrics an intervention records before and after.
+SNAPSHOT_KEYS = (
+    "dead_fraction",
+    "lifetime_dead_fraction",
+    "dormant_fraction",
+    "below_tau_fraction",
+    "sparsity",
+    "activation_rate",
+    "mean_abs",
+    "grad_rms",
+)
 
 
 #: The collected steps a dead reading must rest on before a remedy acts on it. A window that
@@ -180,6 +194,16 @@ def units_efficacy(
         "still_dead": float(chosen["dead"].astype(bool).sum()) / n,
         "still_below_tau": float(chosen["below_tau"].astype(bool).sum()) / n,
     }
+
+
+def site_snapshot(row: Mapping[str, Any]) -> dict[str, float | None]:
+    """The metrics an intervention records for one site row (None where not measured).
+
+    Example:
+        >>> site_snapshot({"dead_fraction": 0.5, "sparsity": float("nan")})["sparsity"] is None
+        True
+    """
+    return {k: finite_or_none(row.get(k)) for k in SNAPSHOT_KEYS}
 
 
 def model_snapshot(record: RecordLike) -> dict[str, Any]:

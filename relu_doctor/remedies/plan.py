@@ -358,7 +358,7 @@ class TreatmentPlan(Remedy):
                     )
 
     def _model_step(self, record: RecordLike) -> Intervention | None:
-        from relu_doctor.remedies.clipping import AutoClip
+        from relu_doctor.remedies.clipping import UNCLIPPED, AutoClip
         from relu_doctor.remedies.lr import LRRescuer
 
         trigger = self._model_trigger(record)
@@ -375,8 +375,12 @@ class TreatmentPlan(Remedy):
                 if remedy.warmup_steps != _NEVER or not remedy._handles:
                     continue  # already on, or no optimizer to clip for
                 remedy.warmup_steps = 0
+                # an exploding gradient is judged on the norm before clipping: the one
+                # after it is the clipper's own doing
+                self._judge(remedy, step, UNCLIPPED if target == "grad_norm" else target)
                 ev = remedy.note(
-                    site=MODEL, step=record.step, before=before, trigger=reason,
+                    site=MODEL, step=record.step, before=remedy.model_snapshot(record),
+                    trigger=reason,
                     evidence=evidence,
                     what=f"switched AutoClip (p{remedy.percentile:g}) on: {reason}",
                 )

@@ -28,6 +28,7 @@ _CHANGE_KEYS: tuple[tuple[str, str], ...] = (
     ("below_tau_fraction", "ReDo score ≤ tau"),
     ("dormant_fraction", "dormant"),
     ("clip_fraction", "steps clipped"),
+    ("unclipped_grad_norm", "gradient norm before clipping"),
     ("lr", "learning rate"),
     ("sparsity", "sparsity"),
     ("activation_rate", "activation rate"),
@@ -77,6 +78,9 @@ _DEFAULT_TARGETS = {
 _SHARES = frozenset({"changed_units_below_tau"})
 #: Rows of before -> after shown per intervention: its target first.
 _MAX_CHANGES = 3
+#: What a clipper's report of its window shows first (it is not judged): the share of steps
+#: it clipped and the gradient norm before clipping.
+_CLIP_FIRST = ("clip_fraction", "unclipped_grad_norm")
 
 
 def _clip_details(ev: Mapping[str, Any]) -> dict[str, Any]:
@@ -85,18 +89,20 @@ def _clip_details(ev: Mapping[str, Any]) -> dict[str, Any]:
     return dict(clip) if isinstance(clip, Mapping) else {}
 
 
-def _changes(before: Mapping[str, Any], after: Mapping[str, Any], target: str,
-             measured: bool) -> list[tuple[str, str, str]]:
-    """``(label, before, after)`` formatted: the target metric first, then the others."""
+def _changes(before: Mapping[str, Any], after: Mapping[str, Any], first: str | Sequence[str],
+             measured: bool, unmeasured: str = "not yet measured") -> list[tuple[str, str, str]]:
+    """``(label, before, after)`` formatted: the ``first`` metric (or metrics: the target),
+    then the others; ``unmeasured`` in place of the numbers after while not ``measured``."""
     labels = dict(_CHANGE_KEYS)
-    keys = [(target, labels.get(target, target.replace("_", " ")))] if target else []
-    keys += [(k, lbl) for k, lbl in _CHANGE_KEYS if k != target]
+    firsts = [first] if isinstance(first, str) else list(first)
+    keys = [(t, labels.get(t, t.replace("_", " "))) for t in firsts if t]
+    keys += [(k, lbl) for k, lbl in _CHANGE_KEYS if k not in firsts]
     out = []
     for key, label in keys:
         if key in before or key in after:
             fmt = fmt_pct if "fraction" in key or key in _SHARES else fmt_num
             out.append((label, fmt(before.get(key)),
-                        fmt(after.get(key)) if measured else "not yet measured"))
+                        fmt(after.get(key)) if measured else unmeasured))
     return out[:_MAX_CHANGES]
 
 
@@ -130,9 +136,13 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
     before, after = snapshots(ev)
     clip = _clip_details(ev)
     remedy = str(ev.get("remedy") or "intervention")
-    target = str(ev.get("target") or _DEFAULT_TARGETS.get(remedy, ""))
+    details = ev.get("details")
+    # a change no log judges (a clipper's report of its window, a stop, a restore)
+    judged = not isinstance(details, Mapping) or details.get("judged", True) is not False
+    target = str(ev.get("target") or (_DEFAULT_TARGETS.get(remedy, "") if judged else ""))
     after_step = ev.get("after_step")
     step = int(ev.get("step", 0))
+    continuous = remedy in CONTINUOUS_REMEDIES and bool(clip)
     return InterventionView(
         step=step,
         after_step=int(after_step) if isinstance(after_step, int) else None,
@@ -140,13 +150,14 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
         optimizer=optimizer_of(ev),
         remedy=remedy,
         what=str(ev.get("what") or ""),
-        changes=_changes(before, after, target, bool(after)),
+        changes=_changes(before, after, _CLIP_FIRST if continuous else target, bool(after),
+                         "not yet measured" if judged else "not judged"),
         last_step=step,
         target=target,
         verdict=_shown_verdict(str(ev.get("verdict") or ""), before.get(target), after.get(target)),
         before_raw=before,
         after_raw=after,
-        continuous=remedy in CONTINUOUS_REMEDIES and bool(clip),
+        continuous=continuous,
     )
 
 
@@ -170,7 +181,7 @@ def timeline(interventions: Sequence[InterventionView]) -> list[InterventionView
         g.after_raw = e.before_raw  # the span: first interval's numbers -> last interval's
     for g in rows:
         if g.count > 1:
-            g.changes = _changes(g.before_raw, g.after_raw, "clip_fraction", True)
+            g.changes = _changes(g.before_raw, g.after_raw, _CLIP_FIRST, True)
             g.what = (f"acted at {g.count} logging intervals, steps {g.step}–{g.last_step}; "
                       f"last: {g.what}")
             g.verdict = ""

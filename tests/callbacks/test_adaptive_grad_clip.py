@@ -44,7 +44,15 @@ def test_adaptive_grad_clip_contains_spikes_and_logs_threshold(tmp_path):
     )
     csv = (tmp_path / "True" / "csv" / "version_0" / "metrics.csv").read_text()
     assert "relu_doctor/clip/threshold" in csv and "relu_doctor/clip/fraction" in csv
+    assert "relu_doctor/clip/grad_norm" in csv
     assert len(cb.clippers[0].norm_history) == 120
+    # each window's norm before clipping: the RMS of the norms of its steps, as the history
+    # holds them
+    history = cb.clippers[0].norm_history.double()
+    for e in evs:
+        window = history[e["step"] - 10 : e["step"]]
+        want = float(window.square().mean().sqrt())
+        assert e["before"]["unclipped_grad_norm"] == pytest.approx(want, rel=1e-6)
 
 
 def test_arguments_are_validated():

@@ -34,6 +34,11 @@ History of the fixture:
    same runs under ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2`` (another
    machine's code path) gave every count, finding and intervention alike and floats within
    2.3e-9 of each other; the test compares floats to 1e-7 relative.
+5. Re-made when clipping came to be judged on the gradient norm before clipping: the
+   model-wide snapshots of AutoClip's events carry ``unclipped_grad_norm`` (the treated
+   demo's plan switching AutoClip on at step 20), and a stand-alone clipper's reports of its
+   windows are not judged. Checked before re-making: with that key (and, for the reports, the
+   judgement) taken out, every event, row and finding is as before.
 """
 
 from __future__ import annotations

@@ -234,34 +234,97 @@ def test_clipping_records_model_wide_events_whatever_the_module_names(name):
     ivs = [e for e in seen if e["type"] == "intervention"]
     assert ivs and all(e["site"] == "model" and e["remedy"] == "adaptive_grad_clip" for e in ivs)
     assert all(e["details"]["clip"]["clipped"] > 0 for e in ivs)
-    results = [e for e in seen if e["type"] == "intervention_result"]
-    assert [r["ref"] for r in results] == [e["id"] for e in ivs[: len(results)]]
-    assert all(r["after"]["dead_fraction"] is not None for r in results)
+    # a report of what the window clipped, no one-off change: not judged (a verdict on the
+    # norm after clipping would judge the clipper's own doing)
+    assert all(e["details"]["judged"] is False for e in ivs)
+    assert not [e for e in seen if e["type"] == "intervention_result"]
+    for e in ivs:
+        assert e["before"]["unclipped_grad_norm"] == e["details"]["clip"]["grad_norm"] > 0
+        assert e["before"]["dead_fraction"] is not None
 
 
-def test_a_result_read_alone_shows_the_value_it_was_judged_against():
-    """A live TensorBoard text gets a result on its own step: it showed "?" for the value
-    before, which only the intervention held."""
+def _reference_rms(norms: list[float]) -> float | None:
+    kept = [n for n in norms if math.isfinite(n) and n > 0]
+    return math.sqrt(sum(n * n for n in kept) / len(kept)) if kept else None
+
+
+@pytest.mark.parametrize("clipper", ["autoclip", "agc"])
+def test_a_window_reads_the_gradient_norm_before_clipping(clipper):
+    """The root mean square, over the window's steps, of the total gradient norm before
+    clipping (float64 reference); a step with no gradient (norm 0) is left out, as AutoClip's
+    history leaves it; a window with none reads None."""
+    torch.manual_seed(0)
+    params = [torch.zeros(6, 3, requires_grad=True), torch.zeros(6, requires_grad=True)]
+    clip = AutoClip(10, history=4) if clipper == "autoclip" else AGC(0.01)
+    for window in ([1.0, 30.0, 0.0, 2.0, 500.0], [0.0, 0.0]):
+        norms = []
+        for scale in window:
+            for p in params:
+                p.grad = torch.randn(p.shape) * scale
+            norms.append(math.sqrt(sum(float(p.grad.double().square().sum()) for p in params)))
+            clip.clip_(params)
+            # the gradients were clipped: the norm after is not what the window reads
+        stats = clip.read()
+        want = _reference_rms(norms)
+        if want is None:
+            assert stats["grad_norm"] is None
+        else:
+            assert stats["clipped"] > 0
+            assert stats["grad_norm"] == pytest.approx(want, rel=1e-6)
+            assert f"gradient norm before clipping {want:.4g} (RMS)" in clip._describe(stats)
+
+
+def test_a_checkpoint_keeps_the_windows_norm_before_clipping():
+    torch.manual_seed(0)
+    params = [torch.zeros(4, 3, requires_grad=True)]
+    grads = [torch.randn(4, 3) * s for s in (1.0, 9.0, 3.0)]
+    plain, resumed = AutoClip(10, history=8), AutoClip(10, history=8)
+    for k, g in enumerate(grads):
+        params[0].grad = g.clone()
+        plain.clip_(params)
+        if k == 1:  # a checkpoint after the second step, restored into a fresh clipper
+            resumed.load_state_dict(plain.state_dict())
+    params[0].grad = grads[2].clone()
+    resumed.clip_(params)
+    assert resumed.read()["grad_norm"] == pytest.approx(plain.read()["grad_norm"], rel=1e-9)
+
+
+def test_a_plans_autoclip_is_judged_on_the_norm_before_clipping():
+    """The plan switches AutoClip on for an exploding gradient and judges it one interval
+    later on the gradient norm before clipping (``unclipped_grad_norm``, the root mean square
+    over each window's steps, against norms read here before the optimizer's step): the norm
+    after clipping is the clipper's own doing. A live TensorBoard text of the result alone
+    shows the value it was judged against (it showed "?", which only the intervention held)."""
+    from relu_doctor.remedies import TreatmentPlan
+    from relu_doctor.remedies.base import verdict
     from relu_doctor.reports.tensorboard import events_markdown
 
     torch.manual_seed(0)
-    net = odd_name_net("enc:act")
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    with relu_doctor.watch(net, log_every_n_steps=2, optimizer=opt) as doc:
-        AutoClip(10, history=8).bind(doc).attach(opt)
-        for k in range(6):
+    net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+    norms: dict[int, float] = {}
+    with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=10, every_n_steps=1) as doc:
+        plan = TreatmentPlan(net, optimizer=opt).bind(doc)
+        for step in range(1, 81):
             opt.zero_grad()
-            (net(torch.randn(16, 4)) * (1.0 if k % 2 else 100.0)).sum().backward()
+            (net(torch.randn(64, 8)) * (1.0 if step <= 50 else 50.0)).pow(2).mean().backward()
+            norms[step] = math.sqrt(sum(float(p.grad.double().square().sum())
+                                        for p in net.parameters()))
             opt.step()
             doc.step()
         events = doc.to_run().events
-    ivs = {e["id"]: e for e in events if e["type"] == "intervention"}
-    results = [e for e in events if e["type"] == "intervention_result"]
-    assert results
-    for r in results:
-        want = ivs[r["ref"]]["before"][r["target"]]
-        assert r["before"] == {r["target"]: want} and want is not None
-        assert f"{r['target']} {want:.3g} →" in events_markdown([r])
+    assert plan.should_stop is False
+    on = [e for e in events if e["type"] == "intervention" and e["remedy"] == "adaptive_grad_clip"]
+    assert [e["step"] for e in on] == [60] and on[0]["details"]["trigger"] == "exploding_gradient"
+    before = _reference_rms([norms[k] for k in range(51, 61)])
+    assert on[0]["before"]["unclipped_grad_norm"] == pytest.approx(before, rel=1e-6)
+    (res,) = [e for e in events if e["type"] == "intervention_result" and e["ref"] == on[0]["id"]]
+    after = _reference_rms([norms[k] for k in range(61, 71)])
+    assert res["target"] == "unclipped_grad_norm" and res["step"] == 70
+    assert res["after"]["unclipped_grad_norm"] == pytest.approx(after, rel=1e-6)
+    assert res["verdict"] == verdict(before, after, tolerance=0.02)
+    assert res["before"] == {"unclipped_grad_norm": on[0]["before"]["unclipped_grad_norm"]}
+    assert f"unclipped_grad_norm {before:.3g} →" in events_markdown([res])
 
 
 @pytest.mark.parametrize("clipper", ["autoclip", "agc"])

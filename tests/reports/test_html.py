@@ -207,11 +207,13 @@ def test_interventions_timeline_joins_results(tmp_path: Path) -> None:
         {"type": "intervention_result", "ref": "swap:10:s:1", "site": "s", "step": 20,
          "after": {"dead_fraction": 0.0}},
         {"type": "intervention", "id": "clip:10", "remedy": "adaptive_grad_clip", "site": "model",
-         "step": 10, "what": "clipped on 3 of 10 steps", "before": {"grad_norm": 2.0},
-         "details": {"clip": {"clip_fraction": 0.3}}},
+         "step": 10, "what": "clipped on 3 of 10 steps",
+         "before": {"grad_norm": 2.0, "unclipped_grad_norm": 40.0, "dead_fraction": 0.1},
+         "details": {"clip": {"clip_fraction": 0.3}, "judged": False}},
         {"type": "intervention", "id": "clip:20", "remedy": "adaptive_grad_clip", "site": "model",
-         "step": 20, "what": "clipped on 1 of 10 steps", "before": {"grad_norm": 1.0},
-         "details": {"clip": {"clip_fraction": 0.1}}},
+         "step": 20, "what": "clipped on 1 of 10 steps",
+         "before": {"grad_norm": 1.0, "unclipped_grad_norm": 9.0, "dead_fraction": 0.1},
+         "details": {"clip": {"clip_fraction": 0.1}, "judged": False}},
     ]
     run_dir = _writer_run(tmp_path, events)
     page = render_report(load_run(run_dir))
@@ -221,6 +223,30 @@ def test_interventions_timeline_joins_results(tmp_path: Path) -> None:
     assert "<strong>dead</strong> 50.0% &rarr; 0.0%" in timeline  # its target, first
     assert "acted at 2 logging intervals, steps 10–20" in timeline  # clipping summarised
     assert "<strong>steps clipped</strong> 30.0% &rarr; 10.0%" in timeline  # first -> last
+    # then the norm before clipping (the one after is the clipper's doing), not the dead share
+    assert "gradient norm before clipping 40 &rarr; 9" in timeline
+    assert "<div>dead 10.0%" in timeline
+
+
+def test_a_change_no_log_judges_reads_not_judged_where_others_await_their_numbers() -> None:
+    """A clipper's report of one window (or a plan's stop) is never judged: its numbers after
+    read "not judged", not "not yet measured", and no metric is bold as its target."""
+    from relu_doctor.reports.interventions import intervention_view
+
+    clip = intervention_view({
+        "type": "intervention", "id": "clip:10", "remedy": "adaptive_grad_clip",
+        "site": "model", "step": 10, "what": "clipped on 3 of 10 steps",
+        "before": {"unclipped_grad_norm": 40.0, "dead_fraction": 0.1},
+        "details": {"clip": {"clip_fraction": 0.3}, "judged": False}})
+    assert clip.changes == [("steps clipped", "30.0%", "not judged"),
+                            ("gradient norm before clipping", "40", "not judged"),
+                            ("dead", "10.0%", "not judged")]
+    assert clip.target == "" and clip.verdict == ""
+    pending = intervention_view({
+        "type": "intervention", "id": "swap:10:s:1", "remedy": "leaky_relu_swap", "site": "s",
+        "step": 10, "what": "replaced ReLU", "before": {"dead_fraction": 0.5}})
+    assert pending.changes == [("dead", "50.0%", "not yet measured")]
+    assert pending.target == "dead_fraction"
 
 
 def test_run_killed_before_first_log_reports_nothing_logged(tmp_path: Path) -> None:
