@@ -12,6 +12,7 @@ everything heavy is imported inside the command that needs it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from relu_doctor._version import __version__
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+#: a reader of stdout that left (128 + SIGPIPE, as the shell reports a tool it killed)
+EXIT_PIPE = 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,10 +119,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     # Every warning (a damaged part or line skipped) is one line on stderr, never silence;
     # anything unexpected in a damaged run directory is one line and exit status 2, never a
     # traceback.
+    broken = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             status = _report(args, prog)
+        except BrokenPipeError:  # the reader left (`| head`): main says nothing of it
+            status, broken = EXIT_PIPE, True
         except Exception as e:  # a run directory damaged in a way no check foresaw
             status = _fail(prog, f"cannot make the report of {args.run_dir!r}: "
                            f"{type(e).__name__}: {e}")
@@ -132,7 +138,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
         elif not issubclass(w.category, DeprecationWarning):
             text = " ".join(str(w.message).removeprefix("relu_doctor: ").split())
             print(f"{prog}: warning: {_printable(text)}", file=sys.stderr)
+    if broken:
+        raise BrokenPipeError
     return status
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of stdout left (``relu-doctor report RUN | head``): stop without a word, as
+    a tool killed by SIGPIPE does (git's exit status, 141), with stdout sent to /dev/null so
+    that the interpreter's flush at exit raises nothing either."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout with no file (a test's)
+        pass
+    return EXIT_PIPE
 
 
 def _printable(text: str) -> str:
@@ -275,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.parser.error(str(e))
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except KeyboardInterrupt:
         print("relu-doctor: interrupted", file=sys.stderr)
         return 130

@@ -274,6 +274,24 @@ def test_report_names_the_runs_inside_a_parent_directory(tmp_path: Path, capsys:
     assert "It holds run directories: untreated" in one_line_error(capsys.readouterr().err)
 
 
+def test_a_reader_that_leaves_the_pipe_stops_the_report_quietly(tmp_path: Path) -> None:
+    """``relu-doctor report RUN | head -1``: the reader leaves before the summary is printed.
+    The report is written; the command stops without a word, with a tool's SIGPIPE status
+    (it said "cannot make the report ...: BrokenPipeError" and exited 2)."""
+    from tests.reports.conftest import dead_unit_model, train
+
+    run_dir = tmp_path / "run"
+    train(dead_unit_model(), run_dir, steps=6, log_every=3, report=False)
+    proc = subprocess.Popen([sys.executable, "-m", "relu_doctor.cli", "report", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before it prints: it takes seconds to import and render
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == "" and (run_dir / "report.html").is_file()
+
+
 def test_report_writes_html_and_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tests.reports.conftest import dead_unit_model, train
 
