@@ -215,7 +215,7 @@ class KerasActivationSwap(Remedy):
                         self._swap(site, path, str(row["site"]), step=record.step,
                                    before=site_snapshot(row),
                                    reason=f"dead fraction {frac:.2f} > {self.threshold:g} for "
-                                   f"{streak} readings{self.evidence.basis()}")
+                                   f"{streak} reading{'s' * (streak != 1)}{self.evidence.basis()}")
                     )
                 except ReluDoctorError as e:  # one site it cannot swap: the others go on
                     frozen = not getattr(site.layer, "trainable", True)

@@ -484,7 +484,7 @@ class ActivationSwapper(Remedy):
                 ev = self._swap(
                     key, site, step=record.step, before=site_snapshot(row),
                     reason=f"dead_fraction > {self.threshold:g} for {self.streaks[site]} "
-                    "consecutive readings" + self.evidence.basis(),
+                    f"consecutive reading{'s' * (self.streaks[site] != 1)}{self.evidence.basis()}",
                 )
             except ReluDoctorError as e:
                 self._skipped.add(site)

@@ -558,6 +558,8 @@ def test_leaky_relu_swap_treats_an_activation_layer(tmp_path: Path) -> None:
     model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
     swap = cb.remedies["leaky_relu_swap"]
     assert sorted(swap.swaps) == ["a2", "r1"]
+    said = [e["what"] for e in relu_doctor.load_run(tmp_path / "run").interventions()]
+    assert said and all(w.endswith(" > 0.5 for 1 reading)") for w in said), said
     layer = model.get_layer("a2")
     probe = keras.ops.convert_to_tensor(np.array([[-2.0, 3.0]], dtype="float32"))
     assert keras.ops.convert_to_numpy(layer(probe))[0].tolist() == pytest.approx([-0.2, 3.0])

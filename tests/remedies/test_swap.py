@@ -201,6 +201,10 @@ def test_swapper_waits_for_patience_and_skips_leaky_sites():
     events = sw(rec(40, [site_row("1", 0.7), site_row("3", 0.9)]))
     assert [e.site for e in events] == ["1"] and isinstance(net[1], nn.LeakyReLU)
     assert events[0].before["dead_fraction"] == 0.7 and events[0].step == 40
+    assert events[0].details["reason"] == "dead_fraction > 0.5 for 2 consecutive readings"
+    one = ActivationSwapper(nn.Sequential(nn.Linear(2, 4), nn.ReLU()), threshold=0.5, patience=1)
+    (first,) = one(rec(10, [site_row("1", 0.8)]))
+    assert first.details["reason"] == "dead_fraction > 0.5 for 1 consecutive reading"
     assert type(net[3]) is nn.ReLU  # excluded
     after = sw(rec(50, [site_row("1", 0.9, leaky=True), site_row("3", 0.9)]))
     assert [e.type for e in after] == ["intervention_result"]
