@@ -99,7 +99,9 @@ def _changes(before: Mapping[str, Any], after: Mapping[str, Any], first: str | S
     keys += [(k, lbl) for k, lbl in _CHANGE_KEYS if k not in firsts]
     out = []
     for key, label in keys:
-        if key in before or key in after:
+        # a metric not measured either side (the gradient norm under Keras) is no change
+        if (key in before or key in after) and (
+                key in firsts or before.get(key) is not None or after.get(key) is not None):
             fmt = fmt_pct if "fraction" in key or key in _SHARES else fmt_num
             out.append((label, fmt(before.get(key)),
                         fmt(after.get(key)) if measured else unmeasured))

@@ -479,3 +479,21 @@ def test_the_heatmaps_draw_each_intervention_after_the_window_it_was_made_at():
     assert lines == sorted(want) == [1, 2]
     assert labels == sorted(",".join(v) for v in want.values()) == ["2", "3,4"]
     assert not plots.activity_heatmap_figure(data, "a").axes[0].get_lines()
+
+
+def test_a_metric_measured_neither_before_nor_after_is_no_row_of_the_change() -> None:
+    """Under Keras no parameter-gradient norm is measured: a change's rows showed
+    "parameter-gradient norm — → —". Its target stays, measured or not."""
+    from relu_doctor.reports.interventions import intervention_view
+
+    snapshot = {"dead_fraction": 0.5, "dormant_fraction": 0.1, "grad_norm": None}
+    view = intervention_view({
+        "type": "intervention", "id": "lr:30", "remedy": "lr_rescue", "site": "model",
+        "step": 30, "what": "scaled the learning rate by 0.5", "target": "dead_fraction",
+        "before": snapshot, "after": {**snapshot, "dead_fraction": 0.4}})
+    assert view.changes == [("dead", "50.0%", "40.0%"), ("dormant", "10.0%", "10.0%")]
+    view = intervention_view({
+        "type": "intervention", "id": "lr:30", "remedy": "lr_rescue", "site": "model",
+        "step": 30, "what": "scaled the learning rate by 0.5", "target": "grad_norm",
+        "before": snapshot, "after": snapshot})
+    assert view.changes[0] == ("parameter-gradient norm", "—", "—")
