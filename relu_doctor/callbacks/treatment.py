@@ -140,6 +140,15 @@ class ReluDoctorTreatment(RemedyCallback[TreatmentPlan]):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.check_init and self.init_report is None and trainer.global_step == 0:
+            if type(pl_module).forward is pl.LightningModule.forward:  # (it raises)
+                self.check_init = False
+                rank_zero_warn(
+                    f"ReluDoctorTreatment: init check skipped: {type(pl_module).__name__} "
+                    "defines no forward(), and the check runs the model on the first batch's "
+                    "input. Define forward(), or call relu_doctor.check_init(network, x) on the "
+                    "network it trains; pass check_init=False to skip it without a word.",
+                    category=ReluDoctorWarning)
+                return
             x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
             try:
                 self.init_report = check_init(pl_module, x)

@@ -4,6 +4,7 @@ the init check runs on the first batch, a hopeless run stops the Trainer."""
 
 from __future__ import annotations
 
+import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn as nn
@@ -12,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping
 
 from relu_doctor.callbacks import ReluDoctor, ReluDoctorTreatment
 from relu_doctor.diagnosis import run_health
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.remedies import PlanStep
 from tests.callbacks.remedy_models import FILTERS, Net, interventions, loader, make, trainer
 
@@ -205,3 +206,28 @@ def test_steps_by_name_are_the_default_plans_and_a_string_is_refused():
     with pytest.raises(ReluDoctorError, match=r"^steps: expected a non-empty sequence of "
                        r"PlanStep or remedy names .*, got 'lr'\.$"):
         ReluDoctorTreatment(steps="lr")
+
+
+class _NoForward(Net):
+    """A LightningModule that defines no forward(): training_step calls its network."""
+
+    forward = L.LightningModule.forward  # (Net's own is taken away)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+
+def test_a_module_without_forward_is_told_why_the_init_check_is_skipped(tmp_path):
+    """The check runs the model on the first batch: a module with no forward() said only
+    PyTorch's 'missing the required forward function'; it is told what to do now, and the
+    plan still runs."""
+    torch.manual_seed(0)
+    model = _NoForward()
+    treat = ReluDoctorTreatment()
+    with pytest.warns(ReluDoctorWarning, match=r"init check skipped: _NoForward defines no "
+                      r"forward\(\).*relu_doctor\.check_init\(network, x\)") as caught:
+        trainer(tmp_path, [ReluDoctor(log_every_n_steps=5), treat], max_steps=10).fit(
+            model, loader())
+    assert sum("init check" in str(w.message) for w in caught) == 1
+    assert treat.init_report is None and treat.plan is not None
