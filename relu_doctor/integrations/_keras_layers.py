@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import glob
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -313,18 +314,23 @@ def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str]:
     return (1 if fmt == "channels_first" else -1), f"image_data_format {fmt}"
 
 
+#: The layers with an anonymous activation already said, by model (each ``fit`` looks again)
+_SAID_ANONYMOUS: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
 def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
     """The ReLU-family sites of a built Keras model, in layer order (``selected(path)``
-    applies include/exclude). A Dense/Conv whose activation is an anonymous function (a
-    lambda, a ``functools.partial``), which may be a ReLU that cannot be told apart, is said
-    once, not watched."""
+    applies include/exclude). A Dense/Conv or an ``Activation`` layer whose activation is an
+    anonymous function (a lambda, a ``functools.partial``), which may be a ReLU that cannot
+    be told apart, is said once per model, not watched."""
     out, anonymous = [], []
     wrappers: dict[int, Any] = {}  # the layer a TimeDistributed runs -> the wrapper
     for path, layer in walk_layers(model):
         if isinstance(layer, keras.layers.TimeDistributed):
             wrappers[id(layer.layer)] = layer
         by_act = isinstance(layer, _ACTIVATED)
-        fn = getattr(layer, "activation", None) if by_act else None
+        fn = (getattr(layer, "activation", None)
+              if by_act or isinstance(layer, keras.layers.Activation) else None)
         fam = activation_family(fn) if by_act else _layer_family(layer)
         if fam is None and callable(fn) and not isinstance(fn, keras.layers.Layer) and (
                 getattr(fn, "__name__", "<lambda>") == "<lambda>") and selected(path):
@@ -335,14 +341,19 @@ def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
         dim = _unit_dim(layer)
         out.append(KerasSite(layer, path, dim + 1 if wrapper is not None and dim >= 0 else dim,
                              by_act, wrapper))
+    said = _SAID_ANONYMOUS.setdefault(model, set())
+    anonymous = [p for p in anonymous if p not in said]
+    said.update(anonymous)
     if anonymous:
         warnings.warn(
-            f"relu_doctor: Keras layer {anonymous[0]!r}"
-            f"{f' (and {len(anonymous) - 1} more)' if len(anonymous) > 1 else ''} has an "
-            "anonymous activation (a lambda or a functools.partial), which relu_doctor cannot "
+            f"relu_doctor: Keras layer{'s' * (len(anonymous) > 1)} "
+            f"{', '.join(map(repr, anonymous[:4]))}"
+            f"{f' (and {len(anonymous) - 4} more)' if len(anonymous) > 4 else ''} "
+            f"{'have' if len(anonymous) > 1 else 'has'} an anonymous activation (a lambda or "
+            "a functools.partial), which relu_doctor cannot "
             "tell from any other function: it is not watched. Where it is a ReLU-family "
-            "activation, pass it by name (activation='relu', keras.activations.gelu) or as a "
-            "layer (keras.layers.ReLU()).",
+            "activation, pass it by name (activation='relu', keras.activations.gelu, "
+            "Activation('relu')) or as a layer (keras.layers.ReLU()).",
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),
         )

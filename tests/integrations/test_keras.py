@@ -148,6 +148,8 @@ def test_an_anonymous_activation_is_said_not_watched(tmp_path: Path, anonymous: 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(8, activation=act, name="anon"),
                               keras.layers.Dense(8, activation="relu", name="named"),
+                              keras.layers.Dense(8, name="pre"),
+                              keras.layers.Activation(act, name="anon_layer"),
                               keras.layers.Dense(3, activation="softmax", name="out")])
     model.compile(optimizer="sgd", loss="categorical_crossentropy")
     x, y = _data(32)
@@ -155,10 +157,11 @@ def test_an_anonymous_activation_is_said_not_watched(tmp_path: Path, anonymous: 
                             warn=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+        for _ in range(2):  # a second fit says nothing new
+            model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
     said = [str(w.message) for w in caught if issubclass(w.category, relu_doctor.ReluDoctorWarning)]
     assert len(said) == 1 and said[0].startswith(
-        "relu_doctor: Keras layer 'anon' has an anonymous activation"), said
+        "relu_doctor: Keras layers 'anon', 'anon_layer' have an anonymous activation"), said
     assert cb.doctor is not None and [s.name for s in cb.doctor.sites] == ["named"]
 
 
