@@ -105,7 +105,10 @@ def summary(
     if len(serious) > max_findings:
         lines.append(f"  ... and {len(serious) - max_findings} more findings (see the report)")
     if serious and serious[0].remedy:  # what to do, for the most severe (the rest: the HTML)
-        lines.append(f"  What to do first ({serious[0].site}): {serious[0].remedy}")
+        first = serious[0]
+        lines.append(f"  What to do first ({first.site}): {first.remedy}"
+                     if first.severity != "info" else  # a healthy run: advice, no fix
+                     f"  Worth a try, nothing needs it ({first.site}, info): {first.remedy}")
     rows = ctx.sites
     if rows and not damaged:
         labels, width = _site_labels([r.site for r in rows[:max_sites]])

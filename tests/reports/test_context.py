@@ -320,6 +320,20 @@ def test_the_terminal_summary_says_what_to_do_first(dead_run: TrainedRun) -> Non
     assert serious, "the fixture's run has findings"
     text = summary(ctx)
     assert f"What to do first ({serious[0].site}): {serious[0].remedy}" in text
+    # A run with findings of note only is healthy: its summary said "Healthy" and then "What
+    # to do first". It offers the advice as advice.
+    from dataclasses import replace
+
+    from relu_doctor.diagnosis import Finding
+    from relu_doctor.reports.findings import finding_view
+
+    note = finding_view(Finding("dormant", "enc.act", "info", "3 of 64 units dormant.",
+                                {"units": [1, 2, 3]}, "Recycle dormant units (ReDo).", 1))
+    healthy = replace(ctx, findings=[note], verdict=replace(ctx.verdict, status="healthy",
+                                                            headline="Healthy"))
+    text = summary(healthy)
+    assert "What to do first" not in text and text.startswith(f"{ctx.model}: Healthy")
+    assert "Worth a try, nothing needs it (enc.act, info): Recycle dormant units (ReDo)." in text
 
 
 @pytest.mark.real_overhead_budget
