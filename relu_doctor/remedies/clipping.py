@@ -43,6 +43,14 @@ def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
+def _total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The total norm of ``grads`` in float32 (a float16 gradient's own norm overflows past
+    65504: the step read as infinite, and clipping multiplied it by 0)."""
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    total: torch.Tensor = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    return total
+
+
 #: The metric a clipper's changes are judged on: the total gradient norm before clipping,
 #: as it records it (the root mean square over a window's steps that had a finite, nonzero
 #: one). The parameter-gradient norm a Doctor's optimizer tap reads is the clipped one where
@@ -144,7 +152,8 @@ class _Clipper(Remedy):
         """Add a step's total norm before clipping to the window (no host sync). A step with
         no gradient (norm 0) or a non-finite one is left out, as AutoClip's history leaves it."""
         kept = torch.isfinite(total) & (total > 0)
-        part = torch.stack([torch.where(kept, total.double().square(), 0.0), kept.double()])
+        wide = torch.float32 if total.device.type == "mps" else torch.float64  # (no float64)
+        part = torch.stack([torch.where(kept, total.to(wide).square(), 0.0), kept.to(wide)])
         if self._norms is None or self._norms.device != part.device:  # (or from a checkpoint)
             self._norms = part.new_zeros(2) if self._norms is None else self._norms.to(part.device)
         self._norms.add_(part)
@@ -164,7 +173,9 @@ class _Clipper(Remedy):
         norms = [0.0, 0.0] if self._norms is None else self._norms.detach().cpu().tolist()
         return {**super().state_dict(),
                 "window": {"clipped": clipped, "total": self._total, "steps": self._steps,
-                           "norm_sq": norms[0], "norm_steps": int(norms[1])}}
+                           "norm_sq": norms[0], "norm_steps": int(norms[1])},
+                # the last window's numbers: a held record decided on at resume reads them
+                "last": dict(self.last)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
@@ -173,6 +184,7 @@ class _Clipper(Remedy):
         self._total, self._steps = int(window.get("total", 0)), int(window.get("steps", 0))
         self._norms = torch.tensor([float(window.get("norm_sq", 0.0)),
                                     float(window.get("norm_steps", 0))], dtype=torch.float64)
+        self.last = dict(state.get("last") or {})
 
     def read(self) -> dict[str, Any]:
         """This window's numbers (one host sync), then start a new window."""
@@ -291,10 +303,7 @@ class AutoClip(_Clipper):
             return torch.tensor(0.0)
         self._check_whole(grads)
         device = grads[0].device
-        norms = torch._foreach_norm(grads)
-        total: torch.Tensor = torch.linalg.vector_norm(
-            torch.stack([n.to(device, torch.float32) for n in norms])
-        )
+        total: torch.Tensor = _total_norm(grads, device)
         full = getattr(total, "full_tensor", None)
         if full is not None:  # DTensor shards: the whole gradient's norm, on every process
             total = full()
@@ -421,9 +430,7 @@ class AGC(_Clipper):
         grads = [p.grad for p in ps if p.grad is not None]
         self._check_whole(grads)
         device = grads[0].device
-        total: torch.Tensor = torch.linalg.vector_norm(
-            torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(grads)])
-        )
+        total: torch.Tensor = _total_norm(grads, device)
         self._steps += 1
         self._note_norm(total)
         for p in ps:

@@ -14,7 +14,8 @@ from typing import Any
 from relu_doctor.events import optimizer_of
 from relu_doctor.reports.formatting import fmt_num, fmt_pct
 
-__all__ = ["CONTINUOUS_REMEDIES", "InterventionView", "intervention_view", "snapshots", "timeline"]
+__all__ = ["CLIP_FIRST", "CONTINUOUS_REMEDIES", "InterventionView", "intervention_view", "judged",
+           "snapshots", "timeline"]
 
 #: Remedies that act on every step (gradient clipping): summarised in one timeline row per
 #: site, not drawn over the time chart.
@@ -80,7 +81,14 @@ _SHARES = frozenset({"changed_units_below_tau"})
 _MAX_CHANGES = 3
 #: What a clipper's report of its window shows first (it is not judged): the share of steps
 #: it clipped and the gradient norm before clipping.
-_CLIP_FIRST = ("clip_fraction", "unclipped_grad_norm")
+CLIP_FIRST = ("clip_fraction", "unclipped_grad_norm")
+
+
+def judged(ev: Mapping[str, Any]) -> bool:
+    """Whether a log judges this change (not a clipper's report of its window, a plan's stop,
+    a swap's restore: their details say ``judged: False``)."""
+    details = ev.get("details")
+    return not isinstance(details, Mapping) or details.get("judged", True) is not False
 
 
 def _clip_details(ev: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,10 +146,8 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
     before, after = snapshots(ev)
     clip = _clip_details(ev)
     remedy = str(ev.get("remedy") or "intervention")
-    details = ev.get("details")
-    # a change no log judges (a clipper's report of its window, a stop, a restore)
-    judged = not isinstance(details, Mapping) or details.get("judged", True) is not False
-    target = str(ev.get("target") or (_DEFAULT_TARGETS.get(remedy, "") if judged else ""))
+    is_judged = judged(ev)
+    target = str(ev.get("target") or (_DEFAULT_TARGETS.get(remedy, "") if is_judged else ""))
     after_step = ev.get("after_step")
     step = int(ev.get("step", 0))
     continuous = remedy in CONTINUOUS_REMEDIES and bool(clip)
@@ -152,8 +158,10 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
         optimizer=optimizer_of(ev),
         remedy=remedy,
         what=str(ev.get("what") or ""),
-        changes=_changes(before, after, _CLIP_FIRST if continuous else target, bool(after),
-                         "not yet measured" if judged else "not judged"),
+        # (a clipper's row of an older run, judged on its target: that target first)
+        changes=_changes(before, after, CLIP_FIRST if continuous and not (
+                             is_judged and ev.get("target")) else target, bool(after),
+                         "not yet measured" if is_judged else "not judged"),
         last_step=step,
         target=target,
         verdict=_shown_verdict(str(ev.get("verdict") or ""), before.get(target), after.get(target)),
@@ -183,7 +191,7 @@ def timeline(interventions: Sequence[InterventionView]) -> list[InterventionView
         g.after_raw = e.before_raw  # the span: first interval's numbers -> last interval's
     for g in rows:
         if g.count > 1:
-            g.changes = _changes(g.before_raw, g.after_raw, _CLIP_FIRST, True)
+            g.changes = _changes(g.before_raw, g.after_raw, CLIP_FIRST, True)
             g.what = (f"acted at {g.count} logging intervals, steps {g.step}–{g.last_step}; "
                       f"last: {g.what}")
             g.verdict = ""

@@ -242,6 +242,15 @@ def test_a_change_no_log_judges_reads_not_judged_where_others_await_their_number
                             ("gradient norm before clipping", "40", "not judged"),
                             ("dead", "10.0%", "not judged")]
     assert clip.target == "" and clip.verdict == ""
+    # a clipper's row of an older run, judged on the norm the tap read: that target first
+    old = intervention_view({
+        "type": "intervention", "id": "clip:10", "remedy": "adaptive_grad_clip",
+        "site": "model", "step": 10, "what": "AGC clipped", "target": "grad_norm",
+        "verdict": "did not help", "before": {"grad_norm": 0.189, "dead_fraction": 0.1},
+        "after": {"grad_norm": 0.255, "dead_fraction": 0.1},
+        "details": {"clip": {"clip_fraction": 0.029}}})
+    assert old.changes[0] == ("parameter-gradient norm", "0.189", "0.255")
+    assert old.target == "grad_norm" and old.verdict == "did not help"
     pending = intervention_view({
         "type": "intervention", "id": "swap:10:s:1", "remedy": "leaky_relu_swap", "site": "s",
         "step": 10, "what": "replaced ReLU", "before": {"dead_fraction": 0.5}})

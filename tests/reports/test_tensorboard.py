@@ -164,6 +164,23 @@ def test_interventions_as_text(tmp_path: Path) -> None:
     assert texts(ea, "relu_doctor/findings") == {20: "No findings."}
 
 
+def test_a_change_no_log_judges_reads_not_judged_in_the_text() -> None:
+    """A clipper's report of its window is never measured after: its row said "not yet
+    measured" after every number it recorded, for good. It gives what it recorded first
+    (the share clipped, the norm before clipping), not judged; a stop its snapshot."""
+    clip = {"type": "intervention", "id": "c", "remedy": "adaptive_grad_clip", "site": "model",
+            "step": 10, "what": "clipped", "details": {"clip": {"clip_fraction": 0.7},
+                                                       "judged": False},
+            "before": {"dead_fraction": 0.1, "exploding_gradient": False,
+                       "unclipped_grad_norm": 67.4}}
+    stop = {"type": "intervention", "id": "s", "remedy": "treatment_plan", "site": "model",
+            "step": 20, "what": "stopped", "details": {"judged": False},
+            "before": {"dead_fraction": 0.9}}
+    text = tb.events_markdown([clip, stop])
+    assert "| clip_fraction 0.7; unclipped_grad_norm 67.4 (not judged) |" in text
+    assert "| dead_fraction 0.9 (not judged) |" in text and "not yet measured" not in text
+
+
 def test_scalars_leave_out_nan_and_uncapped_saturation() -> None:
     rows = [
         {"site": "a", "cap": None, "dead_fraction": 0.25, "grad_rms": float("nan"),
