@@ -73,6 +73,7 @@ class ReluDoctorTreatment(RemedyCallback[TreatmentPlan]):
         self.check_init = bool(check_init)
         self.init_report: InitReport | None = None
         self._clip: AutoClip | None = None
+        self._said_idle_clip = False  # the clip step left idle beside gradient_clip_val
         # validates the arguments now, and says which steps can act on shards
         self._template: TreatmentPlan | None = self._new_template()
 
@@ -120,12 +121,23 @@ class ReluDoctorTreatment(RemedyCallback[TreatmentPlan]):
         plan = self.remedy
         assert plan is not None
         if any(s.remedy == "clip" for s in plan.steps) and plan.optimizers:
-            # The plan's step pre-hook would see the previous step's gradients (Lightning's
-            # closure recomputes them after it): clip in on_before_optimizer_step instead. A
-            # pre-hook that clips nothing stays, so the plan knows it has a clipper.
             clip = plan.remedy("clip")
             assert isinstance(clip, AutoClip)
             clip.detach()
+            trainers = getattr(trainer, "gradient_clip_val", None)
+            if trainers:  # two clippers would both clip: the step stays idle (no hook)
+                if not self._said_idle_clip:
+                    self._said_idle_clip = True
+                    rank_zero_warn(
+                        f"ReluDoctorTreatment: the Trainer clips gradients itself "
+                        f"(gradient_clip_val={trainers}), so the plan's clip step stays idle "
+                        "(both would clip); its other steps act. Pass "
+                        "Trainer(gradient_clip_val=None) to let the plan clip when needed.",
+                        category=ReluDoctorWarning)
+                return
+            # The plan's step pre-hook would see the previous step's gradients (Lightning's
+            # closure recomputes them after it): clip in on_before_optimizer_step instead. A
+            # pre-hook that clips nothing stays, so the plan knows it has a clipper.
             clip.attach(plan.optimizers[0], params=[])
             self._clip = clip
 

@@ -231,3 +231,31 @@ def test_a_module_without_forward_is_told_why_the_init_check_is_skipped(tmp_path
             model, loader())
     assert sum("init check" in str(w.message) for w in caught) == 1
     assert treat.init_report is None and treat.plan is not None
+
+
+def test_the_plans_clip_step_stays_idle_beside_the_trainers_own_clipping(tmp_path):
+    """``Trainer(gradient_clip_val=...)`` clips already: the plan switched AutoClip on beside
+    it, and both clipped, without a word (a trial). Its clip step now stays idle, said once;
+    its other steps act (the run that switches clipping on without the Trainer's)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.callbacks.test_remedies_ddp import LOG_EVERY, STEPS, Capture, Net, batches
+
+    data = batches()
+    loader = DataLoader(TensorDataset(torch.cat([x for x, _ in data]),
+                                      torch.cat([y for _, y in data])),
+                        batch_size=len(data[0][0]), shuffle=False)
+    capture = Capture()
+    with pytest.warns(ReluDoctorWarning, match=r"the Trainer clips gradients itself "
+                      r"\(gradient_clip_val=1000.0\), so the plan's clip step stays idle") \
+            as caught:
+        L.Trainer(
+            accelerator="cpu", devices=1, max_steps=STEPS, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=tmp_path, gradient_clip_val=1000.0,
+            callbacks=[ReluDoctor(LOG_EVERY, every_n_steps=1, warn=None),
+                       ReluDoctorTreatment(cooldown=1, check_init=False), capture],
+        ).fit(Net(), loader)
+    assert sum("clip step stays idle" in str(w.message) for w in caught) == 1
+    remedies = {e["remedy"] for e in capture.events if e.get("type") == "intervention"}
+    assert "adaptive_grad_clip" not in remedies and "dormant_reset" in remedies
