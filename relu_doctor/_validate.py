@@ -209,6 +209,15 @@ def callable_or_none(name: str, value: object) -> Any:
     return value
 
 
+def name_or_function(name: str, value: object) -> Any:
+    """A keyword argument's name (a non-empty str), a function, or None."""
+    if value is not None and not callable(value) and not (isinstance(value, str) and value):
+        raise ReluDoctorError(
+            f"{name}: expected the name of a keyword argument of the model's forward (such as "
+            f"'attention_mask'), a function of (args, kwargs), or None, got {value!r}.")
+    return value
+
+
 def optimizers(name: str, value: Any) -> list[Any]:
     """None, one ``torch.optim.Optimizer`` or a list/tuple of them, as a list."""
     import torch  # local: this module is a leaf that the CLI may import without torch

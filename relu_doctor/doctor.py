@@ -26,7 +26,13 @@ import torch
 import torch.nn as nn
 
 from relu_doctor._hooks import HookOwner
-from relu_doctor._validate import callable_or_none, flag, path_or_none, positive_int
+from relu_doctor._validate import (
+    callable_or_none,
+    flag,
+    name_or_function,
+    path_or_none,
+    positive_int,
+)
 from relu_doctor._validate import optimizers as optimizers_arg
 from relu_doctor.diagnosis import REMEDY_NAMES, DiagnosisConfig, diagnosis_config
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError, user_stacklevel
@@ -121,6 +127,14 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             :meth:`log_eval`), written to ``<run_dir>/eval``. A string names the stream's
             subdirectory instead (the Lightning callback's is ``"validation"``). By default
             (False) those passes are left out.
+        padding_mask: leave a padded batch's padding out of every statistic: the name of a
+            keyword argument of the model's forward that holds the mask (``"attention_mask"``
+            for Hugging Face models: nonzero at the real positions), or a function of the
+            forward's ``(args, kwargs)`` returning it; read at each pass's outermost call. A
+            site whose output begins with the mask's shape ahead of its units (``(batch, seq,
+            features)``) then counts its real positions only, forward and gradients (through
+            the eager path, not the fused kernels; not under ``torch.compile``); any other
+            site counts every position, said once. None (the default): every position.
         stream: which forward passes this Doctor records: ``"train"`` (default; the root
             model in training mode with gradients enabled), ``"eval"`` (the others) or
             ``"all"`` (what :func:`~relu_doctor.scan` uses).
@@ -163,6 +177,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         resume: bool = False,
         eval_stream: bool | str = False,
         stream: str = "train",
+        padding_mask: str | Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None,
     ) -> None:
         path_or_none("run_dir", run_dir)
         model = uncompiled(model)  # torch.compile(model)'s wrapper: the model it compiles
@@ -173,6 +188,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if functional is not None:
             flag("functional", functional)
         callable_or_none("all_reduce", all_reduce)
+        name_or_function("padding_mask", padding_mask)
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
         every, budget = check_rate(every_n_steps, overhead_budget)
         if every != "auto" and every > self.log_every_n_steps:
@@ -234,6 +250,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             require_modules=False,  # no activation at all: an error at the first step()
             stream=stream,
             stopwatch=self.stopwatch,
+            padding_mask=padding_mask,
         )
         self.model = model
         self.functional = functional is not False
@@ -252,7 +269,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 run_dir=None if run_dir is None else Path(run_dir) / self._eval_name,
                 all_reduce=all_reduce, world_size=world_size, is_writer=is_writer,
                 functional=functional, tensorboard=tensorboard, keep_records=keep_records,
-                resume=resume, stream="eval",
+                resume=resume, stream="eval", padding_mask=padding_mask,
             )
         opts: list[torch.optim.Optimizer] = optimizers_arg("optimizer", optimizer)
         self.tap: OptimizerTap | None = (

@@ -84,7 +84,7 @@ from relu_doctor.provenance import ProvenanceTracker
 from relu_doctor.sampling import Stopwatch
 from relu_doctor.site_registry import SiteRegistry
 from relu_doctor.sites import Site, SiteKey, module_label
-from relu_doctor.stats import SiteStats
+from relu_doctor.stats import SiteStats, mask_for
 
 __all__ = ["STREAMS", "Probe", "Site", "in_backward"]
 
@@ -198,6 +198,9 @@ class _ProbeHooks(Hooks):
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
         self.owner._exit(module, args, output)
 
+    def mask(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self.owner._read_mask(module, args, kwargs)
+
 
 def uncompiled(model: Any) -> Any:
     """The module a ``torch.compile`` wrapper (``OptimizedModule``) compiles, else ``model``:
@@ -265,6 +268,7 @@ class Probe(SiteRegistry, HookOwner):
         require_modules: bool = True,
         stream: str = "train",
         stopwatch: Stopwatch | None = None,
+        padding_mask: str | Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None,
     ) -> None:
         if stream not in STREAMS:
             raise ReluDoctorError(f"stream: expected one of {list(STREAMS)}, got {stream!r}.")
@@ -290,6 +294,11 @@ class Probe(SiteRegistry, HookOwner):
         self.grad_scale = grad_scale
         self.require_modules = require_modules
         self.stream = stream
+        #: where a pass's padding mask is read: the name of a keyword argument of the
+        #: outermost module called, or a function of its (args, kwargs); None: no mask
+        self.padding_mask = padding_mask
+        self._mask: torch.Tensor | None = None  # the mask of the latest pass (True: real)
+        self._warned_mask: set[str] = set()  # what was said of the mask (once each)
         #: what the collecting hooks' host seconds are added to (the Doctor's budget)
         self.stopwatch = stopwatch if stopwatch is not None else Stopwatch()
         self._collecting = True  # see the ``collecting`` property
@@ -449,6 +458,9 @@ class Probe(SiteRegistry, HookOwner):
             handles.append(mod.register_forward_hook(on.activation, prepend=True))
         for mod in boundary:
             handles.append(on.own_flags(mod.register_forward_hook(on.exit, always_call=True)))
+        if self.padding_mask is not None:  # (after the enter hooks: see _read_mask)
+            handles += [on.own_flags(mod.register_forward_pre_hook(on.mask, with_kwargs=True))
+                        for mod in boundary if mod not in self._targets]
         self._handles = handles
         for h in handles:
             self.hooks.add(h)
@@ -685,6 +697,47 @@ class Probe(SiteRegistry, HookOwner):
                 return  # re-hooked: this module is no boundary now, no _exit will come
         self._depth += 1
 
+    def _read_mask(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """At a pass's start (the outermost module called: its enter hook made the depth 1),
+        read its padding mask (see :attr:`padding_mask`); never raises into the forward."""
+        if not self._collecting or self._depth != 1 or in_backward() or not self._pass_on \
+                or module not in self._members:
+            return
+        self._mask = None
+        try:
+            got = (self.padding_mask(args, kwargs) if callable(self.padding_mask)
+                   else kwargs.get(self.padding_mask))
+            if got is None:
+                return
+            if not isinstance(got, torch.Tensor) or got.dim() == 0:
+                raise TypeError("expected a tensor of 0/1 or bool, one per position, got "
+                                f"{type(got).__name__} {getattr(got, 'shape', '')}".rstrip())
+            self._mask = got.detach() if got.dtype == torch.bool else got.detach() != 0
+        except Exception as e:  # never raise into the user's forward: counted unmasked
+            self._say_mask("read", f"the padding mask could not be read ({type(e).__name__}: "
+                           f"{e}); the statistics count every position")
+
+    def _say_mask(self, what: str, text: str) -> None:
+        if what not in self._warned_mask:
+            self._warned_mask.add(what)
+            warnings.warn(f"relu_doctor: {text}.", ReluDoctorWarning, stacklevel=user_stacklevel())
+
+    def _keep(self, output: torch.Tensor, dim: int, site: Site) -> torch.Tensor | None:
+        """The pass's padding mask shaped for ``output`` (see :func:`~relu_doctor.stats.
+        mask_for`), None where it has none or it does not apply (said once)."""
+        mask = self._mask
+        if mask is None:
+            return None
+        keep = mask_for(output.shape, dim, mask)
+        if keep is None:
+            self._say_mask("shape", f"site {site.name!r} is not masked: its output "
+                           f"{tuple(output.shape)} does not begin with the padding mask's "
+                           f"shape {tuple(mask.shape)} ahead of its units (dim {dim}), so it "
+                           "counts every position, padding included (so does any other site "
+                           "shaped so)")
+            return None
+        return keep if keep.device == output.device else keep.to(output.device)
+
     def _members_hooked(self) -> set[nn.Module]:
         return set(self._boundary_modules())
 
@@ -800,15 +853,21 @@ class Probe(SiteRegistry, HookOwner):
         """
         site = self._sites.get(key)
         if site is not None:
-            self._tap_gradient(output, site)
+            keep = (self._keep(output, site.dim_for(output.dim()), site)
+                    if self._mask is not None and isinstance(output, torch.Tensor) else None)
+            self._tap_gradient(output, site, keep)
 
-    def _tap_gradient(self, output: Any, site: Site) -> None:
+    def _tap_gradient(self, output: Any, site: Site, keep: torch.Tensor | None = None) -> None:
+        """Tap ``output``'s gradient for ``site`` (of the real positions only, with ``keep``:
+        the mask of the pass that made it)."""
         if self.gradients and isinstance(output, torch.Tensor) and output.requires_grad:
             node = output.grad_fn
             if node is not None:
                 hook = self._grad_hooks.get(site)
                 if hook is None:
                     hook = self._grad_hooks[site] = self._make_grad_hook(site)
+                if keep is not None:
+                    hook = functools.partial(hook, keep=keep)
                 if output._is_view() and type(node).__name__ == "AsStridedBackward0":
                     tap = _tap_in_base(output, node, hook)
                     if tap is not None:
@@ -831,7 +890,7 @@ class Probe(SiteRegistry, HookOwner):
         ``op=None``, a functional call the op's name (``"relu"``), ``path`` then being the
         module whose ``forward`` made the call.
         """
-        prepared = self._prepared.get((path, call_index, op))
+        prepared = None if self._mask is not None else self._prepared.get((path, call_index, op))
         if prepared is not None and prepared[0] is family and prepared[3] is prepared[2].stats \
                 and self._record_prepared(output, prepared[1], prepared[2]):
             return
@@ -880,12 +939,13 @@ class Probe(SiteRegistry, HookOwner):
             if site is None:
                 return
             dim = site.dim_for(output.dim())
+            keep = self._keep(output, dim, site)
             site.stats.record_forward(
-                output, dim, nonnegative=family.nonnegative, cap=site.cap
+                output, dim, nonnegative=family.nonnegative, cap=site.cap, keep=keep
             )
             if site.stats.first_due:  # (the remedies' baseline: see SiteStats.take_first)
                 site.stats.take_first()
-            self._tap_gradient(output, site)
+            self._tap_gradient(output, site, keep)
             ready = site.stats.prepare_forward(
                 output, dim, nonnegative=family.nonnegative, cap=site.cap
             )
@@ -995,7 +1055,8 @@ class Probe(SiteRegistry, HookOwner):
         prepared: Prepared | None = None
         made_for: object = None
 
-        def add_grad(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
+        def add_grad(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any],
+                     keep: torch.Tensor | None) -> None:
             nonlocal prepared, made_for
             g = grad_outputs[0] if grad_outputs else None
             if g is None:
@@ -1005,6 +1066,9 @@ class Probe(SiteRegistry, HookOwner):
                 gi = None
             scale = self.grad_scale() if self.grad_scale is not None else None
             inv = None if scale is None else 1.0 / scale
+            if keep is not None:  # a padded pass: its real positions (the eager path)
+                site.stats.record_grad(g, gi, site.dim_for(g.dim()), inv, keep)
+                return
             if isinstance(inv, torch.Tensor) or _is_compiling() or (
                     inv is not None and inv * LARGEST_SCALE < 1.0):  # (see _kernels.tamed)
                 site.stats.record_grad(g, gi, site.dim_for(g.dim()), inv)
@@ -1016,14 +1080,15 @@ class Probe(SiteRegistry, HookOwner):
             prepared, made_for = site.stats.prepare_grad(g, gi, dim), site.stats
 
         def grad_hook(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any],
-                      region: tuple[Any, ...] | None = None) -> None:
+                      region: tuple[Any, ...] | None = None,
+                      keep: torch.Tensor | None = None) -> None:
             if self._failed and site.key in self._failed:
                 return
             t0 = time.perf_counter()
             try:
                 if region is not None:  # an inplace call on a view: its part of the base's
                     grad_inputs, grad_outputs = _cut(grad_inputs, region), _cut(grad_outputs, region)
-                add_grad(grad_inputs, grad_outputs)
+                add_grad(grad_inputs, grad_outputs, keep)
             except Exception as e:  # never raise into the user's backward
                 self._fail(site.key, "backward", e)
             finally:

@@ -413,6 +413,7 @@ class RunRecording:
                 "every_n_steps": self.every_n_steps,
                 "overhead_budget": self.overhead_budget,
                 **self.config.__dict__,
+                **_padding_mask(self.probe.padding_mask),
             },
             **({"ended_by": self.ended_by} if self.ended_by else {}),
         }
@@ -523,3 +524,12 @@ class RunRecording:
                 "pass a directory that can be created and written."
             ) from e
         return Path(path)
+
+
+def _padding_mask(how: Any) -> dict[str, str]:
+    """The run configuration's ``padding_mask``: the keyword argument's name, or that a
+    function reads it; nothing where no mask is read."""
+    if how is None:
+        return {}
+    return {"padding_mask": how if isinstance(how, str) else
+            f"function {getattr(how, '__qualname__', type(how).__name__)}"}

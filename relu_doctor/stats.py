@@ -52,6 +52,9 @@ __all__ = [
     "cap_in",
     "forward_rows",
     "grad_rows",
+    "mask_for",
+    "masked_forward_rows",
+    "masked_grad_rows",
     "read_back",
     "reduce_sum",
     "resolve_unit_dim",
@@ -393,6 +396,63 @@ def grad_rows(
     return _finish([elements, sq, elements, torch.rsub(body[1:], float(per_unit))], finite)
 
 
+# ---------------------------------------------------------------------- padding masks
+# A padded batch's padding positions are left out by zeroing them (zero is no activity, adds
+# nothing to a sum, is under every cap, and wipes a NaN there), then counting only the real
+# positions: ``elements`` (and ``grad_in_elements``) become the real positions, and the
+# zeros the padding added to ``grad_zero`` come off. Exact, with no host sync: no gather.
+
+
+def mask_for(shape: Sequence[int], unit_dim: int, mask: torch.Tensor) -> torch.Tensor | None:
+    """``mask`` (True at the real positions, e.g. an attention mask ``(batch, seq)``) shaped
+    to broadcast over an activation of ``shape`` whose units are dim ``unit_dim``, or None
+    where it does not apply: the activation's shape must begin with the mask's, ahead of its
+    units (``(batch, seq, features)`` does, a convolution's ``(batch, channels, seq)`` not)."""
+    k = mask.dim()
+    if k == 0 or unit_dim < k or tuple(shape[:k]) != tuple(mask.shape):
+        return None
+    return mask.reshape(*mask.shape, *([1] * (len(shape) - k)))
+
+
+def _real_per_unit(out: torch.Tensor, unit_dim: int, keep: torch.Tensor) -> torch.Tensor:
+    """The real positions per unit, a 0-d float tensor (positions beyond the mask's dims
+    count once per real position)."""
+    units = out.shape[unit_dim]
+    per_unit = out.numel() // units if units else 0
+    return keep.sum(dtype=torch.float64) * (per_unit / max(keep.numel(), 1))
+
+
+def masked_forward_rows(
+    out: torch.Tensor, unit_dim: int, keep: torch.Tensor, *, nonnegative: bool,
+    cap: float | None,
+) -> torch.Tensor:
+    """:func:`forward_rows` of the real positions of ``out`` only (``keep`` from
+    :func:`mask_for`)."""
+    rows = forward_rows(torch.where(keep, out, 0), unit_dim, nonnegative=nonnegative, cap=cap)
+    real = _real_per_unit(out, unit_dim, keep).to(rows.dtype)
+    rows[0] = torch.where(rows[0] > 0, real, 0.0)  # (a unit whose step was not finite: 0)
+    return rows
+
+
+def masked_grad_rows(
+    grad_out: torch.Tensor, grad_in: torch.Tensor | None, unit_dim: int, keep: torch.Tensor,
+    inv_scale: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """:func:`grad_rows` of the real positions only (``keep`` from :func:`mask_for`, made
+    for the forward pass these gradients flow back through)."""
+    rows = grad_rows(torch.where(keep, grad_out, 0),
+                     None if grad_in is None else torch.where(keep, grad_in, 0),
+                     unit_dim, inv_scale)
+    real = _real_per_unit(grad_out, unit_dim, keep).to(rows.dtype)
+    units = grad_out.shape[unit_dim]
+    pad = (grad_out.numel() // units if units else 0) - real
+    rows[0] = torch.where(rows[0] > 0, real, 0.0)
+    inputs = rows[2] > 0  # dL/d(input) read (finite, and the input needs a gradient)
+    rows[3] = torch.where(inputs, rows[3] - pad, 0.0)  # the padding's zeros left out
+    rows[2] = torch.where(inputs, real, 0.0)
+    return rows
+
+
 _ROUNDED: dict[tuple[float, torch.dtype], float] = {}
 
 
@@ -475,18 +535,23 @@ class SiteStats:
         self.window[_N_FWD:].add_(rows)
 
     def record_forward(
-        self, out: torch.Tensor, unit_dim: int, *, nonnegative: bool, cap: float | None
+        self, out: torch.Tensor, unit_dim: int, *, nonnegative: bool, cap: float | None,
+        keep: torch.Tensor | None = None,
     ) -> None:
         """Add the forward statistics of activation output ``out`` (detached or not: it is
         only read) to the window: the fused kernel where it applies (one pass, no dispatched
-        op), else :func:`forward_rows`."""
+        op), else :func:`forward_rows`; of the real positions only with ``keep`` (a padding
+        mask from :func:`mask_for`: the eager path)."""
         if torch.compiler.is_compiling():  # part of a compiled graph: nothing to time
             out = out.detach()
             self.add_forward(forward_rows(out, unit_dim, nonnegative=nonnegative, cap=cap))
             return
         cap = cap_in(cap, out.dtype)
         ev = sampling.begin_call(out)
-        if not _kernels.forward_into(
+        if keep is not None:
+            self.add_forward(masked_forward_rows(out.detach(), unit_dim, keep,
+                                                 nonnegative=nonnegative, cap=cap))
+        elif not _kernels.forward_into(
             self.window, out, unit_dim, cap=cap, nonnegative=nonnegative
         ):
             out = out.detach()
@@ -516,14 +581,19 @@ class SiteStats:
         grad_in: torch.Tensor | None,
         unit_dim: int,
         inv_scale: torch.Tensor | float | None = None,
+        keep: torch.Tensor | None = None,
     ) -> None:
         """Add the gradient statistics to the window (arguments as :func:`grad_rows`; the
         gradients are only read, detached or not): the fused kernel where it applies, else
-        :func:`grad_rows`."""
+        :func:`grad_rows`; of the real positions only with ``keep`` (see
+        :meth:`record_forward`)."""
         if grad_in is not None and grad_in.shape != grad_out.shape:
             grad_in = None
         ev = sampling.begin_call(grad_out)
-        if torch.compiler.is_compiling() or not _kernels.grad_into(
+        if keep is not None:
+            self.add_grad(masked_grad_rows(grad_out.detach(), grad_in, unit_dim, keep,
+                                           inv_scale))
+        elif torch.compiler.is_compiling() or not _kernels.grad_into(
             self.window, grad_out, grad_in, unit_dim, inv_scale, _N_FWD
         ):
             self.add_grad(grad_rows(grad_out.detach(), grad_in, unit_dim, inv_scale))

@@ -44,7 +44,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from relu_doctor._validate import flag, glob_patterns, positive_int
+from relu_doctor._validate import flag, glob_patterns, name_or_function, positive_int
 from relu_doctor._validate import unit_dims as check_unit_dims
 from relu_doctor.callbacks._remedy import RemedyCallback
 from relu_doctor.callbacks.treatment import ReluDoctorTreatment
@@ -116,6 +116,10 @@ class ReluDoctor(Callback):
             first training step and the callback steps aside (training goes on).
         config: diagnosis thresholds, ``tau`` included. Passing ``tau`` as well is an error
             unless the two agree.
+        padding_mask: leave a padded batch's padding out of every statistic: the name of the
+            keyword argument holding the mask (``"attention_mask"``) in the call of the
+            outermost watched module, or a function of that call's ``(args, kwargs)``; see
+            :class:`~relu_doctor.Doctor`. None (default): every position counts.
         metrics: site metrics logged as scalars; default
             :data:`relu_doctor.reports.tensorboard.DEFAULT_METRICS`.
         histograms: write per-unit activation-rate histograms to TensorBoard.
@@ -156,6 +160,7 @@ class ReluDoctor(Callback):
         monitor_validation: bool = False,
         unit_dims: Mapping[str, int] | None = None,
         functional: bool | None = None,
+        padding_mask: str | Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None,
         config: DiagnosisConfig | None = None,
         metrics: Sequence[str] | None = None,
         histograms: bool = True,
@@ -177,6 +182,7 @@ class ReluDoctor(Callback):
         self.monitor_validation = flag("monitor_validation", monitor_validation)
         self.unit_dims = None if unit_dims is None else check_unit_dims("unit_dims", unit_dims)
         self.functional = None if functional is None else flag("functional", functional)
+        self.padding_mask = name_or_function("padding_mask", padding_mask)
         self.metrics = tb.check_metrics(metrics)
         self.histograms = flag("histograms", histograms)
         self.warn = check_warn(warn)
@@ -274,6 +280,7 @@ class ReluDoctor(Callback):
             "world_size": world,
             "is_writer": writer,
             "functional": self.functional,
+            "padding_mask": self.padding_mask,
         }
         doctor = Doctor(
             pl_module,

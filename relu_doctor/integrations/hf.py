@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -65,7 +65,7 @@ except ImportError as e:
 import torch
 import torch.nn as nn
 
-from relu_doctor._validate import glob_patterns, positive_int
+from relu_doctor._validate import glob_patterns, name_or_function, positive_int
 from relu_doctor._validate import unit_dims as check_unit_dims
 from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
 from relu_doctor.doctor import Doctor
@@ -147,6 +147,10 @@ class ReluDoctorCallback(TrainerCallback):
         unit_dims: ``{pattern: dim}`` overriding which dim holds the units.
         functional: capture functional activations too (``F.gelu`` in a forward; HF's own GELU
             and SiLU classes are watched as modules, known by name).
+        padding_mask: leave the padding of padded batches out of every statistic:
+            ``"attention_mask"`` reads the Trainer's batches' mask (see
+            :class:`~relu_doctor.Doctor`); not for an encoder-decoder, whose decoder's
+            positions are not the encoder's. None (default): every position counts.
         run_dir: the run directory; default ``<args.output_dir>/relu_doctor`` (``_1``,
             ``_2``... when that holds an earlier run; a resumed run goes on in its own).
         gradients: collect gradient statistics.
@@ -200,6 +204,7 @@ class ReluDoctorCallback(TrainerCallback):
         exclude: Sequence[str] | str | None = None,
         unit_dims: Mapping[str, int] | None = None,
         functional: bool | None = None,
+        padding_mask: str | Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None,
         run_dir: str | os.PathLike[str] | None = None,
         gradients: bool = True,
         eval_stream: bool = False,
@@ -223,6 +228,7 @@ class ReluDoctorCallback(TrainerCallback):
         self.exclude = exclude if glob_patterns("exclude", exclude) else None
         self.unit_dims = None if unit_dims is None else check_unit_dims("unit_dims", unit_dims)
         self.functional = None if functional is None else flag("functional", functional)
+        self.padding_mask = name_or_function("padding_mask", padding_mask)
         self.run_dir = check_run_dir(run_dir)
         self.gradients = flag("gradients", gradients)
         self.eval_stream = flag("eval_stream", eval_stream)
@@ -317,6 +323,7 @@ class ReluDoctorCallback(TrainerCallback):
             world_size=world,
             is_writer=is_zero,
             functional=self.functional,
+            padding_mask=self.padding_mask,
             resume=saved is not None,
             eval_stream=self.eval_stream,
         )

@@ -1103,3 +1103,54 @@ def test_write_run_from_a_run_directory(tmp_path):
     hist = cb.doctor.history()
     want = hist[hist["site"] == "net.3"][["step", "sparsity"]].itertuples(index=False)
     assert [(s, pytest.approx(v, rel=1e-6)) for s, v in want] == got
+
+
+class _Padded(L.LightningModule):
+    """A sequence model called with its batch's mask as a keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.lin(x))).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, mask = batch
+        out = self(x, attention_mask=mask)
+        return (out * mask).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_the_monitor_leaves_the_padding_out_with_padding_mask(tmp_path):
+    """``ReluDoctor(padding_mask="attention_mask")``: the mask the LightningModule's forward
+    is called with, against our own count of the real positions' activity."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 5, 4)
+    lengths = torch.randint(1, 6, (16,))
+    mask = (torch.arange(5)[None, :] < lengths[:, None]).long()
+    model = _Padded()
+    active = torch.zeros(6)
+
+    def count(module, args, out):
+        active.add_((out.detach()[seen[-1]] > 0).sum(0))
+
+    seen: list[torch.Tensor] = []
+    handles = [model.register_forward_pre_hook(
+                   lambda m, a, k: seen.append(k["attention_mask"].bool()), with_kwargs=True),
+               model.act.register_forward_hook(count)]
+    mon = ReluDoctor(log_every_n_steps=2, every_n_steps=1, padding_mask="attention_mask")
+    trainer = L.Trainer(max_steps=4, callbacks=[mon], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(TensorDataset(x, mask), batch_size=4))
+    for h in handles:
+        h.remove()
+    (site,) = mon.doctor.sites
+    total = site.stats.window + site.stats.lifetime
+    assert total[0].tolist() == [float(mask.sum())] * 6 < [20.0 * 4] * 6
+    assert total[1].tolist() == active.tolist()

@@ -550,3 +550,46 @@ def test_fp16_gradient_statistics_are_the_unscaled_gradients(tmp_path: Path) -> 
         assert (cb.doctor.grad_scaler is not None) is scaled
         rms[scaled] = cb.doctor.history().sort_values(["step", "site"])["grad_rms"].to_numpy()
     assert rms[True] == pytest.approx(rms[False], rel=1e-3)  # (was 1024x)
+
+
+def test_padding_mask_leaves_the_padding_of_the_trainers_batches_out(tmp_path: Path) -> None:
+    """``padding_mask="attention_mask"`` reads the mask of each batch the Trainer passes
+    (``model(**inputs)``): each site counts the real tokens only, against hooks of our own
+    that keep the real positions of every training pass (one epoch: every sample)."""
+    data = _data()
+    g = torch.Generator().manual_seed(1)
+    for row in data:  # real tokens first, 3 to 12 of them
+        n = int(torch.randint(3, 13, (), generator=g))
+        row["attention_mask"] = (torch.arange(12) < n).long()
+        row["input_ids"] = row["input_ids"] * row["attention_mask"]
+    model = _model()
+    masks: list[torch.Tensor] = []
+    active = {s: torch.zeros(32) for s in SITES}
+
+    def take_mask(module: Any, args: Any, kwargs: Any) -> None:
+        if module.training:
+            masks.append(kwargs["attention_mask"].bool())
+
+    def count(site: str) -> Any:
+        def hook(module: Any, args: Any, out: torch.Tensor) -> None:
+            if model.training:
+                active[site] += (out.detach()[masks[-1]] > 0).sum(0)
+        return hook
+
+    handles = [model.register_forward_pre_hook(take_mask, with_kwargs=True)]
+    handles += [model.get_submodule(s).register_forward_hook(count(s)) for s in SITES]
+    cb = ReluDoctorCallback(padding_mask="attention_mask", every_n_steps=1)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, max_steps=8),
+                                   train_dataset=data, callbacks=[cb])
+    trainer.train()
+    for h in handles:
+        h.remove()
+    assert cb.doctor is not None and len(masks) == 8
+    real = sum(int(m.sum()) for m in masks)
+    assert real == sum(int(r["attention_mask"].sum()) for r in data) < 64 * 12
+    for site in cb.doctor.sites:
+        total = (site.stats.window + site.stats.lifetime)
+        assert total[0].tolist() == [float(real)] * 32  # elements: the real tokens
+        assert total[1].tolist() == active[site.name].tolist()  # active
+    assert relu_doctor.load_run(tmp_path / "relu_doctor").meta["config"]["padding_mask"] == \
+        "attention_mask"

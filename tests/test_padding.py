@@ -1,0 +1,238 @@
+"""Padded batches (``watch(..., padding_mask=...)``): the padding positions are left out of
+every statistic, forward and gradients, against a reference taken over the real positions
+alone (:mod:`tests.reference` on the captured tensors indexed by the mask), on Hugging Face
+models built from tiny configs; a site the mask does not fit counts every position, said
+once; a mask that cannot be read is said and counts every position; bad arguments name
+what was expected."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import relu_doctor
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
+from relu_doctor.stats import (
+    FIELDS,
+    forward_rows,
+    grad_rows,
+    mask_for,
+    masked_forward_rows,
+    masked_grad_rows,
+)
+from tests import reference as ref
+
+transformers = pytest.importorskip("transformers")
+
+
+def _bert(act: str) -> nn.Module:
+    cfg = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=24, hidden_act=act, max_position_embeddings=32,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return transformers.BertModel(cfg, add_pooling_layer=False)
+
+
+def _gpt2() -> nn.Module:
+    cfg = transformers.GPT2Config(
+        vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_inner=24, n_positions=32,
+        activation_function="relu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return transformers.GPT2Model(cfg)
+
+
+def _batches() -> list[dict[str, torch.Tensor]]:
+    """Three padded batches of varying length; each row's real tokens come first."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n, lengths in ((9, [9, 4, 6]), (7, [2, 7, 7]), (11, [11, 1, 5])):
+        ids = torch.randint(1, 40, (3, n), generator=g)
+        mask = (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).long()
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+def _real(capture: ref.Capture, masks: list[torch.Tensor]) -> ref.Capture:
+    """The captured tensors at the real positions only: ``(real positions, units)``."""
+    keep = [m.bool() for m in masks]
+    return ref.Capture(
+        outputs=[o[k] for o, k in zip(capture.outputs, keep, strict=True)],
+        grads=[g[k] for g, k in zip(capture.grads, keep, strict=True)],
+        grad_inputs=[gi[k] for gi, k in zip(capture.grad_inputs, keep, strict=True)],
+    )
+
+
+def _total(site: Any) -> dict[str, np.ndarray]:
+    m = (site.stats.window + site.stats.lifetime).to(torch.float64).numpy()
+    return {name: m[i] for i, name in enumerate(FIELDS)}
+
+
+def _train(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> relu_doctor.Doctor:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReluDoctorWarning)
+        with relu_doctor.watch(model, every_n_steps=1, log_every_n_steps=2,
+                               padding_mask="attention_mask") as doc:
+            for batch in batches:
+                out = model(**batch).last_hidden_state
+                out.square().mean().backward()  # the padding gets gradients too
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+    return doc
+
+
+@pytest.mark.parametrize("case", ["bert_relu", "bert_gelu", "gpt2_relu"])
+def test_a_padded_batchs_padding_is_left_out_of_every_statistic(case: str) -> None:
+    torch.manual_seed(0)
+    model = (_gpt2() if case.startswith("gpt2") else
+             _bert("gelu" if case == "bert_gelu" else "relu")).train()
+    act = "mlp.act" if case.startswith("gpt2") else "intermediate.intermediate_act_fn"
+    acts = {p: m for p, m in model.named_modules() if p.endswith(act)}
+    recorder = ref.Recorder(model, types=tuple({type(m) for m in acts.values()}))
+    batches = _batches()
+    try:
+        doc = _train(model, batches)
+    finally:
+        recorder.remove()
+    masks = [b["attention_mask"] for b in batches]
+    sites = {s.module_path: s for s in doc.sites}
+    assert set(sites) == set(acts)
+    for path in acts:
+        capture = recorder.calls[(path, 0)]
+        real = _real(capture, masks)
+        want = ref.expected_stats(real, 1)
+        ref.assert_stats_match(_total(sites[path]), want, path, rtol=1e-4)
+        # the padding made a difference: every position would count more elements
+        assert want["elements"][0] < sum(o.shape[0] * o.shape[1] for o in capture.outputs)
+    frame = doc.to_pandas()
+    real_positions = sum(int(m.sum()) for m in masks[2:])  # the last window: batch 3
+    for path in acts:
+        site = sites[path]
+        row = frame[frame["site"] == site.name].iloc[-1]
+        mine = ref.derived_metrics(ref.expected_stats(
+            _real(recorder.calls[(path, 0)], masks), 1, steps=[2]))
+        assert row["activation_rate"] == pytest.approx(mine["site_activation_rate"], rel=1e-6)
+        assert row["grad_zero_fraction"] == pytest.approx(mine["grad_zero_fraction"], rel=1e-6)
+        assert site.stats.lifetime[FIELDS.index("elements")][0] + \
+            site.stats.window[FIELDS.index("elements")][0] == sum(int(m.sum()) for m in masks)
+    assert real_positions == 17
+
+
+def test_the_gradients_of_a_checkpointed_forward_are_those_of_its_passs_real_positions():
+    """Reentrant activation checkpointing recomputes the forward during backward, where the
+    gradient is tapped: it reads the mask of the pass it recomputes. The same run without
+    checkpointing (checked against the reference above) gives the same numbers."""
+    runs = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = _bert("relu").train()
+        if checkpointed:
+            model.activation_checkpointing_enable({"use_reentrant": True})
+        doc = _train(model, _batches())
+        runs.append({s.name: _total(s) for s in doc.sites})
+    plain, checkpointed = runs
+    assert set(plain) == set(checkpointed) and plain
+    for name, want in plain.items():
+        ref.assert_stats_match(checkpointed[name], want, name, rtol=1e-4)
+
+
+def test_a_site_the_mask_does_not_fit_counts_every_position_said_once() -> None:
+    """A convolution's ``(batch, channels, length)`` output does not begin with the mask's
+    ``(batch, length)``: that site counts every position (said once), the sequence site
+    beside it its real positions. A pass whose call holds no mask counts every position."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(4, 6, 3, padding=1)
+            self.conv_act = nn.ReLU()
+            self.lin = nn.Linear(6, 5)
+            self.lin_act = nn.ReLU()
+
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+            h = self.conv_act(self.conv(x))  # (B, 6, L)
+            return self.lin_act(self.lin(h.transpose(1, 2)))  # (B, L, 5)
+
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(3, 4, 8)
+    mask = torch.tensor([[1] * 8, [1] * 3 + [0] * 5, [1] * 6 + [0] * 2])
+    with pytest.warns(ReluDoctorWarning, match=r"site 'conv_act' is not masked: its output "
+                      r"\(3, 6, 8\) does not begin with the padding mask's shape \(3, 8\)") \
+            as caught, relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=10,
+                           padding_mask="attention_mask") as doc:
+        for _ in range(2):
+            net(x, attention_mask=mask).sum().backward()
+            doc.step()
+        net(x).sum().backward()  # no mask: every position
+        doc.step()
+    assert sum("padding mask" in str(w.message) for w in caught) == 1
+    totals = {s.name: _total(s) for s in doc.sites}
+    h = torch.relu(net.conv(x)).detach()
+    assert totals["conv_act"]["elements"].tolist() == [3 * 3 * 8] * 6
+    assert totals["conv_act"]["active"].tolist() == (3 * (h > 0).sum((0, 2))).tolist()
+    out = torch.relu(net.lin(h.transpose(1, 2))).detach()
+    real = int(mask.sum())
+    assert totals["lin_act"]["elements"].tolist() == [2 * real + 3 * 8] * 5
+    want = 2 * (out[mask.bool()] > 0).sum(0) + (out > 0).sum((0, 1))
+    assert totals["lin_act"]["active"].tolist() == want.tolist()
+
+
+def test_a_mask_that_cannot_be_read_is_said_and_every_position_counts() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    x = torch.randn(2, 5, 4)
+
+    def broken(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return "not a tensor"
+
+    said = r"the padding mask could not be read \(TypeError: expected a tensor .*\); the "
+    with pytest.warns(ReluDoctorWarning, match=said), relu_doctor.watch(
+            net, every_n_steps=1, padding_mask=broken) as doc:
+        net(x).sum().backward()
+        doc.step()
+    (site,) = doc.sites
+    assert _total(site)["elements"].tolist() == [10.0] * 6
+    # a function reading the mask from the positional arguments (a loop of your own)
+    seen = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    with relu_doctor.watch(net, every_n_steps=1, padding_mask=lambda a, k: seen) as doc:
+        net(x).sum().backward()
+        doc.step()
+    (site,) = doc.sites
+    assert _total(site)["elements"].tolist() == [6.0] * 6
+    assert doc.to_run().meta["config"]["padding_mask"].startswith("function ")
+    for bad in ("", 3, ["attention_mask"]):
+        with pytest.raises(ReluDoctorError, match=r"padding_mask: expected the name of a "
+                           r"keyword argument .* got"):
+            relu_doctor.watch(net, padding_mask=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_rows_equal_the_rows_of_the_real_positions(dtype: torch.dtype) -> None:
+    """The masked rows are those of the real positions gathered (the eager reference), with a
+    NaN in the padding left out and one at a real position marking its unit's step."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 2, 4).to(dtype)  # (batch, seq, heads, units): units beyond the mask
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool()
+    x[0, 4, 1, 2] = float("nan")  # padding
+    keep = mask_for(x.shape, 3, mask)
+    assert keep is not None and mask_for(x.shape, 1, mask) is None
+    got = masked_forward_rows(x, 3, keep, nonnegative=False, cap=None)
+    want = forward_rows(x[mask], 2, nonnegative=False, cap=None)
+    torch.testing.assert_close(got, want)
+    x[1, 2, 0, 3] = float("inf")  # a real position: unit 3's step is not finite
+    got = masked_forward_rows(x, 3, keep, nonnegative=False, cap=None)
+    assert got[:, 3].tolist() == [0.0] * 6 + [1.0]
+    g = torch.randn(3, 5, 2, 4).to(dtype)
+    gi = g * (torch.rand(3, 5, 2, 4) > 0.4)
+    got = masked_grad_rows(g, gi, 3, keep, inv_scale=0.5)
+    want = grad_rows(g[mask], gi[mask], 2, inv_scale=0.5)
+    torch.testing.assert_close(got, want)
