@@ -256,8 +256,8 @@ def _sampled(row: Mapping[str, Any], *, lifetime: tuple[int, int] | None = None,
     got, ran = row.get("steps_collected"), row.get("steps_run")
     if passes is not None:
         return (f"; this site ran in {passes[0]} of the window's {passes[1]} recorded passes "
-                f"(a branch taken sometimes), and a unit is more likely to look {what} on "
-                "fewer batches")
+                f"through its module (a branch taken sometimes), and a unit is more likely to "
+                f"look {what} on fewer batches")
     if got is None or ran is None or got >= ran:
         return ""
     return (f"; statistics from {got} of the window's {ran} steps, and a unit is more likely "
@@ -305,8 +305,9 @@ def diagnose(
             (``not_recyclable``), before any recycling was tried.
         recycling: by site, the recycling remedy bound to act there (``dormant_reset``,
             ``continual_backprop``): their texts say so instead of advising one.
-        site_passes: by site, (recorded passes of the window that ran it, all of them),
-            for the sites that ran in some only (a branch taken sometimes): their dead and
+        site_passes: by site, (recorded passes of the window that ran it, those that began
+            at a module holding it), for the sites that ran in some only (a branch taken
+            sometimes): their dead and
             dormant findings say it, and their evidence holds both.
 
     Returns:

@@ -309,6 +309,11 @@ class Probe(SiteRegistry, HookOwner):
         # the passes when the open window began, and whether each site's count of the
         # window's passes that ran it holds since (not after a checkpoint resumed mid-window)
         self._window_from = 0
+        #: the open window's recorded passes by the module each began at (its path): a site
+        #: is judged against the passes of the modules holding it (a GAN's generator runs
+        #: in its own passes, not in the discriminator's)
+        self._entries: dict[str, int] = {}
+        self._path_of: dict[nn.Module, str] = {}  # the boundary modules' paths
         self.passes_known = True
         self._pass_open = False  # a pass has begun and not ended
         self._pass_in_graph = False  # the pass began while torch.compile traced
@@ -465,6 +470,7 @@ class Probe(SiteRegistry, HookOwner):
         for h in handles:
             self.hooks.add(h)
         self._members = set(self.model.modules())
+        self._path_of = {m: p for p, m in self.model.named_modules() if m in set(boundary)}
         self._dirty = False
         self.generation += 1
 
@@ -692,7 +698,9 @@ class Probe(SiteRegistry, HookOwner):
             self._calls.clear()
             self._raised_before = sys.exc_info()[1]  # (a pass run while one is handled)
             gen = self.generation
-            self.begin_pass()
+            if self.begin_pass() and not torch.compiler.is_compiling():
+                at = self._path_of.get(module, "")
+                self._entries[at] = self._entries.get(at, 0) + 1
             if self.generation != gen and module not in self._members_hooked():
                 return  # re-hooked: this module is no boundary now, no _exit will come
         self._depth += 1
@@ -991,20 +999,34 @@ class Probe(SiteRegistry, HookOwner):
         return self.passes if site is not None and site.seen_pass == self.passes else None
 
     def passes_seen(self, sites: Sequence[Site]) -> dict[str, tuple[int, int]]:
-        """``{site name: (recorded passes of the open window that ran it, all of them)}`` for
-        the sites that ran in some of them only (a branch taken sometimes): a window judged
-        on fewer batches says so. Empty where the counts are not known: compiled hooks
-        count no passes, nor a window resumed from a checkpoint mid-way."""
+        """``{site name: (recorded passes of the open window that ran it, those it could have
+        run in)}`` for the sites that ran in some of them only (a branch taken sometimes): a
+        window judged on fewer batches says so. The passes it could have run in are those
+        that began at a module holding it (or at no known module: functional capture's): a
+        GAN's generator, called on its own, is not measured against the discriminator's
+        passes. Empty where the counts are not known: compiled hooks count no passes, nor a
+        window resumed from a checkpoint mid-way."""
         total = self.passes - self._window_from
         if self._compiled or not self.passes_known or total <= 0:
             return {}
-        return {s.name: (s.window_passes, total) for s in sites if 0 < s.window_passes < total}
+        out = {}
+        anywhere = total - sum(self._entries.values())  # begun by functional capture
+        for s in sites:
+            if s.window_passes <= 0:
+                continue
+            path = s.key.module_path
+            could = anywhere + sum(n for at, n in self._entries.items()
+                                   if not at or path == at or path.startswith(at + "."))
+            if s.window_passes < could:
+                out[s.name] = (s.window_passes, could)
+        return out
 
     def close_passes(self, sites: Sequence[Site]) -> None:
         """The open window closed: its count of passes starts anew, every site's too."""
         for s in sites:
             s.window_passes = 0
         self._window_from = self.passes
+        self._entries = {}
         self.passes_known = True
 
     @property

@@ -846,10 +846,54 @@ def test_a_site_run_on_some_passes_only_says_on_how_many_its_findings_rest(
             assert record.steps_collected == total and 0 < n < total
             [dead] = [f for f in record.findings if f.kind == "dead" and f.site == name]
             assert (dead.evidence["site_passes"], dead.evidence["passes"]) == (n, total)
-            assert f"this site ran in {n} of the window's {total} recorded passes" in (
+            assert f"this site ran in {n} of the window's {total} recorded passes through its " \
+                "module" in (
                 dead.message)
             assert not any("site_passes" in f.evidence for f in record.findings
                            if f.site != name)
+
+
+def test_networks_called_apart_are_each_measured_against_their_own_passes() -> None:
+    """A GAN's generator and discriminator, called on their own (a LightningModule's manual
+    optimisation): the generator's site ran in every pass of the generator, and its findings
+    said "ran in 4 of the window's 12 recorded passes (a branch taken sometimes)" (a
+    trial), counting the discriminator's. A branch inside the discriminator is still told."""
+
+    class Disc(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(3, 6), nn.ReLU())
+            self.branch = nn.Sequential(nn.Linear(6, 4), nn.ReLU())
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            h = self.body(x)
+            return self.branch(h).sum() if self.calls % 2 else h.sum()
+
+    class GAN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.G = nn.Sequential(nn.Linear(2, 5), nn.ReLU(), nn.Linear(5, 3))
+            self.D = Disc()
+
+    torch.manual_seed(0)
+    gan = GAN()
+    with torch.no_grad():
+        gan.G[0].bias[:3] = -50.0  # three dead units in the generator
+        gan.D.branch[0].bias[:2] = -50.0  # two in the discriminator's branch
+    with relu_doctor.watch(gan, log_every_n_steps=4, overhead_budget=None) as doc:
+        for _ in range(4):
+            fake = gan.G(torch.randn(8, 2))
+            (gan.D(torch.randn(8, 3)) + gan.D(fake.detach()) + gan.D(fake)).backward()
+            record = doc.step()
+    assert record is not None
+    dead = {f.site: f for f in record.findings if f.kind == "dead"}
+    assert "site_passes" not in dead["G.1"].evidence  # 4 of the generator's 4 passes
+    assert (dead["D.branch.1"].evidence["site_passes"],
+            dead["D.branch.1"].evidence["passes"]) == (6, 12)
+    assert "ran in 6 of the window's 12 recorded passes through its module" in (
+        dead["D.branch.1"].message)
 
 
 def test_a_window_resumed_mid_way_does_not_say_on_how_many_passes_a_site_ran() -> None:
