@@ -427,6 +427,7 @@ class Sampler:
         #: set by :meth:`need_per_window`: the collected steps per window that the bound
         #: remedies ask for (None: none asked), and whether its warning was given
         self.per_window: int | None = None
+        self._window = 0  # the logging window per_window was asked for
         self._warned_cap = False
         self.clock = clock
         self._spent = spent if spent is not None else Stopwatch().read
@@ -482,6 +483,7 @@ class Sampler:
         interval between collecting steps becomes ``window // n`` (a fixed
         ``every_n_steps`` is left as given)."""
         self.per_window = max(n, self.per_window or 0)
+        self._window = window
         self.max_every = max(1, min(self.max_every, window // self.per_window))
         if self.adaptive:
             self.every = min(self.every, self.max_every)
@@ -722,10 +724,15 @@ class Sampler:
             self._warned_cap = True
             collecting = hook / (self.every * plain)
             rest = (log or 0.0) / plain
+            short = self.per_window is not None and self.per_window > self._window
             why = (
                 f"the remedies bound to this Doctor judge dead units on at least "
-                f"{self.per_window} collected steps per logging window, so statistics are "
-                f"collected every {self.every} steps" if self.per_window
+                f"{self.per_window} collected steps"
+                + (f" (a logging window of {self._window} steps holds fewer: they pool windows "
+                   "until they have them)" if short else " per logging window")
+                + ", so statistics are collected "
+                + ("at every step" if self.every == 1 else f"every {self.every} steps")
+                if self.per_window
                 else f"a collecting step costs {1 + hook / plain:.2g}x a plain one, and "
                 f"collecting once per {self.every} steps is the least it does"
             )

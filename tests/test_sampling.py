@@ -1052,6 +1052,15 @@ def test_remedies_that_read_dead_units_get_enough_steps_per_window_and_the_cost_
             with s.log_lap():
                 fake.t += 5.0
     assert rec[0].filename == __file__  # past relu_doctor and contextlib, to the with block
+    # a window shorter than the steps the remedies need: pooled, said so (a trial read
+    # "8 collected steps per logging window ... every 1 steps" of a 5-step window)
+    fake = FakeTime()
+    short = sampler(fake, max_every=5)
+    short.need_per_window(8, 5)
+    with pytest.warns(ReluDoctorWarning, match=r"at least 8 collected steps \(a logging window "
+                      r"of 5 steps holds fewer: they pool windows until they have them\), so "
+                      r"statistics are collected at every step; that costs"):
+        drive(short, fake, 200, 1.0, 0.3)
     # a fixed rate is the user's: left as given
     fixed = sampler(FakeTime(), every_n_steps=25)
     fixed.need_per_window(8, 50)
