@@ -939,9 +939,9 @@ def test_the_host_clock_counts_every_hook_not_only_the_statistics_kernels(monkey
     monkeypatch.setattr(sampling.time, "perf_counter", lambda: now[0])  # the time module
     tap_gradient, read_grads = probes.Probe._tap_gradient, optimizer_tap.OptimizerTap._read_grads
 
-    def slow_tap(self, output, site):
+    def slow_tap(self, output, site, keep=None):
         now[0] += 1.0
-        tap_gradient(self, output, site)
+        tap_gradient(self, output, site, keep)
 
     def slow_read(self, opt):
         now[0] += 10.0
