@@ -298,6 +298,13 @@ class Probe(SiteRegistry, HookOwner):
         #: outermost module called, or a function of its (args, kwargs); None: no mask
         self.padding_mask = padding_mask
         self._mask: torch.Tensor | None = None  # the mask of the latest pass (True: real)
+        # the masks of the passes since the last backward ended (a reentrant checkpoint's
+        # recomputation, in backward, reads its own pass's: see tap_recomputed), the latest
+        # mask on other devices, and the window's passes that had one
+        self._pass_masks: list[torch.Tensor] = []
+        self._mask_on: dict[torch.device, torch.Tensor] = {}
+        self._masked_passes = 0
+        self._clear_queued = False
         self._warned_mask: set[str] = set()  # what was said of the mask (once each)
         #: what the collecting hooks' host seconds are added to (the Doctor's budget)
         self.stopwatch = stopwatch if stopwatch is not None else Stopwatch()
@@ -465,7 +472,7 @@ class Probe(SiteRegistry, HookOwner):
             handles.append(on.own_flags(mod.register_forward_hook(on.exit, always_call=True)))
         if self.padding_mask is not None:  # (after the enter hooks: see _read_mask)
             handles += [on.own_flags(mod.register_forward_pre_hook(on.mask, with_kwargs=True))
-                        for mod in boundary if mod not in self._targets]
+                        for mod in (boundary or [self.model]) if mod not in self._targets]
         self._handles = handles
         for h in handles:
             self.hooks.add(h)
@@ -607,7 +614,7 @@ class Probe(SiteRegistry, HookOwner):
             training = self.is_training_pass()
         return training == (self.stream == "train")
 
-    def begin_pass(self, training: bool | None = None) -> bool:
+    def begin_pass(self, training: bool | None = None, at: str = "") -> bool:
         """Mark a forward pass's start (idempotent within a pass: the probe's hooks and
         functional capture both call it) and return whether it is recorded.
 
@@ -616,6 +623,9 @@ class Probe(SiteRegistry, HookOwner):
                 itself (Keras passes ``training=True`` to its train step's call, whatever
                 the torch module's mode); None: the model's mode and grad mode decide
                 (:meth:`is_training_pass`).
+
+            at: the path of the module the pass begins at ("": not known), whose passes a
+                site inside it is measured against (:meth:`passes_seen`).
 
         A model changed since it was hooked is re-hooked first (:meth:`refresh_if_changed`).
         """
@@ -627,6 +637,7 @@ class Probe(SiteRegistry, HookOwner):
         self._pass_in_graph = _is_compiling()
         if on and not torch.compiler.is_compiling():  # a guarded int would recompile
             self.passes += 1
+            self._entries[at] = self._entries.get(at, 0) + 1
             if self._want_provenance:
                 self._provenance.start()  # before functional capture enters its mode
         return on
@@ -698,9 +709,7 @@ class Probe(SiteRegistry, HookOwner):
             self._calls.clear()
             self._raised_before = sys.exc_info()[1]  # (a pass run while one is handled)
             gen = self.generation
-            if self.begin_pass() and not torch.compiler.is_compiling():
-                at = self._path_of.get(module, "")
-                self._entries[at] = self._entries.get(at, 0) + 1
+            self.begin_pass(at=self._path_of.get(module, ""))
             if self.generation != gen and module not in self._members_hooked():
                 return  # re-hooked: this module is no boundary now, no _exit will come
         self._depth += 1
@@ -708,10 +717,11 @@ class Probe(SiteRegistry, HookOwner):
     def _read_mask(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         """At a pass's start (the outermost module called: its enter hook made the depth 1),
         read its padding mask (see :attr:`padding_mask`); never raises into the forward."""
-        if not self._collecting or self._depth != 1 or in_backward() or not self._pass_on \
-                or module not in self._members:
-            return
+        outermost = self._depth == 1 if self._targets else module is self.model
+        if not self._collecting or not outermost or in_backward() or module not in self._members:
+            return  # (a model of functional calls only: its root's call, before the pass opens)
         self._mask = None
+        self._mask_on = {}
         try:
             got = (self.padding_mask(args, kwargs) if callable(self.padding_mask)
                    else kwargs.get(self.padding_mask))
@@ -721,6 +731,9 @@ class Probe(SiteRegistry, HookOwner):
                 raise TypeError("expected a tensor of 0/1 or bool, one per position, got "
                                 f"{type(got).__name__} {getattr(got, 'shape', '')}".rstrip())
             self._mask = got.detach() if got.dtype == torch.bool else got.detach() != 0
+            self._masked_passes += 1
+            if torch.is_grad_enabled():  # a backward may follow (bounded: see tap_recomputed)
+                self._pass_masks = [*self._pass_masks[-15:], self._mask]
         except Exception as e:  # never raise into the user's forward: counted unmasked
             self._say_mask("read", f"the padding mask could not be read ({type(e).__name__}: "
                            f"{e}); the statistics count every position")
@@ -730,12 +743,19 @@ class Probe(SiteRegistry, HookOwner):
             self._warned_mask.add(what)
             warnings.warn(f"relu_doctor: {text}.", ReluDoctorWarning, stacklevel=user_stacklevel())
 
-    def _keep(self, output: torch.Tensor, dim: int, site: Site) -> torch.Tensor | None:
-        """The pass's padding mask shaped for ``output`` (see :func:`~relu_doctor.stats.
-        mask_for`), None where it has none or it does not apply (said once)."""
-        mask = self._mask
+    def _keep(self, output: torch.Tensor, dim: int, site: Site,
+              mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The pass's padding mask (or ``mask``) shaped for ``output`` (see
+        :func:`~relu_doctor.stats.mask_for`), None where it has none or it does not apply
+        (said once)."""
+        mask = self._mask if mask is None else mask
         if mask is None:
             return None
+        if mask.device != output.device:  # (moved once per pass and device)
+            moved = self._mask_on.get(output.device)
+            if moved is None or moved.shape != mask.shape:
+                moved = self._mask_on[output.device] = mask.to(output.device)
+            mask = moved
         keep = mask_for(output.shape, dim, mask)
         if keep is None:
             self._say_mask("shape", f"site {site.name!r} is not masked: its output "
@@ -744,7 +764,40 @@ class Probe(SiteRegistry, HookOwner):
                            "counts every position, padding included (so does any other site "
                            "shaped so)")
             return None
-        return keep if keep.device == output.device else keep.to(output.device)
+        self._queue_mask_clear()
+        return keep
+
+    def _queue_mask_clear(self) -> None:
+        """Forget the passes' masks when the backward now running (or the next one) ends:
+        a reentrant checkpoint's recomputation reads the mask of its own pass among those
+        since the last backward (see :meth:`tap_recomputed`)."""
+        if self._clear_queued or not in_backward():
+            return
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self._clear_masks)
+            self._clear_queued = True
+        except RuntimeError:  # (not inside a backward after all)
+            pass
+
+    def _clear_masks(self) -> None:
+        self._pass_masks = []
+        self._clear_queued = False
+
+    def _recomputed_mask(self, output: torch.Tensor, dim: int, site: Site) -> torch.Tensor | None:
+        """The mask of the pass a reentrant checkpoint recomputes now: that of the passes
+        since the last backward which fits ``output``; where several passes with different
+        masks ran before this backward (two micro-batches, a siamese pair), which one is not
+        known: none, said once (its gradients then count every position)."""
+        fits = {id(m): m for m in self._pass_masks if mask_for(output.shape, dim, m) is not None}
+        if len(fits) > 1:
+            self._say_mask("recomputed", f"site {site.name!r} is recomputed by reentrant "
+                           "checkpointing in a backward through several passes with different "
+                           "padding masks, which cannot be told apart there: its gradient "
+                           "statistics count every position (its forward ones are masked; "
+                           "use_reentrant=False reads each pass's own)")
+            return None
+        self._queue_mask_clear()
+        return self._keep(output, dim, site, next(iter(fits.values()))) if fits else None
 
     def _members_hooked(self) -> set[nn.Module]:
         return set(self._boundary_modules())
@@ -774,6 +827,7 @@ class Probe(SiteRegistry, HookOwner):
         path skips the always-called hooks after one of them raised) is closed here, so that
         the next pass counts its calls from 0 again instead of making new sites."""
         self._recomputed.clear()  # (the step's backward is over: its node let go)
+        self._pass_masks = []
         if self._depth or self._pass_open:
             self._depth = 0
             self._calls.clear()
@@ -861,8 +915,8 @@ class Probe(SiteRegistry, HookOwner):
         """
         site = self._sites.get(key)
         if site is not None:
-            keep = (self._keep(output, site.dim_for(output.dim()), site)
-                    if self._mask is not None and isinstance(output, torch.Tensor) else None)
+            keep = (self._recomputed_mask(output, site.dim_for(output.dim()), site)
+                    if self._pass_masks and isinstance(output, torch.Tensor) else None)
             self._tap_gradient(output, site, keep)
 
     def _tap_gradient(self, output: Any, site: Site, keep: torch.Tensor | None = None) -> None:
@@ -1023,11 +1077,27 @@ class Probe(SiteRegistry, HookOwner):
 
     def close_passes(self, sites: Sequence[Site]) -> None:
         """The open window closed: its count of passes starts anew, every site's too."""
+        if self.padding_mask is not None and self.passes > self._window_from:
+            self._say_padding_unread()
         for s in sites:
             s.window_passes = 0
         self._window_from = self.passes
         self._entries = {}
+        self._masked_passes = 0
         self.passes_known = True
+
+    def _say_padding_unread(self) -> None:
+        """Once: a window closed whose passes were counted whole though ``padding_mask`` was
+        asked for (compiled, or no pass was given the mask)."""
+        name = self.padding_mask if isinstance(self.padding_mask, str) else "a function"
+        if self._compiled:
+            self._say_mask("compiled", "padding_mask: under torch.compile the padding mask is "
+                           "not applied; the statistics count every position")
+        elif self._masked_passes == 0:
+            self._say_mask("unread", f"padding_mask={name!r}: no recorded pass of the window "
+                           "was given a mask (is it a keyword argument of the outermost module "
+                           "called? a mask given by position needs a function of (args, "
+                           "kwargs)); the statistics count every position")
 
     @property
     def compiled(self) -> bool:
@@ -1090,6 +1160,7 @@ class Probe(SiteRegistry, HookOwner):
             inv = None if scale is None else 1.0 / scale
             if keep is not None:  # a padded pass: its real positions (the eager path)
                 site.stats.record_grad(g, gi, site.dim_for(g.dim()), inv, keep)
+                self._queue_mask_clear()
                 return
             if isinstance(inv, torch.Tensor) or _is_compiling() or (
                     inv is not None and inv * LARGEST_SCALE < 1.0):  # (see _kernels.tamed)

@@ -236,3 +236,94 @@ def test_masked_rows_equal_the_rows_of_the_real_positions(dtype: torch.dtype) ->
     got = masked_grad_rows(g, gi, 3, keep, inv_scale=0.5)
     want = grad_rows(g[mask], gi[mask], 2, inv_scale=0.5)
     torch.testing.assert_close(got, want)
+
+
+class _Block(nn.Module):
+    """A sequence block run through reentrant checkpointing, called with its mask."""
+
+    def __init__(self, functional: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.act = None if functional else nn.ReLU()
+        self.out = nn.Linear(6, 2)
+
+    def inner(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return self.out(torch.relu(h) if self.act is None else self.act(h))
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                checkpointed: bool = False) -> torch.Tensor:
+        if checkpointed:
+            return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=True)
+        return self.inner(x)
+
+
+def _grad_elements(doc: relu_doctor.Doctor) -> float:
+    (site,) = doc.sites
+    return float((site.stats.window + site.stats.lifetime)[FIELDS.index("grad_elements")][0])
+
+
+def test_reentrant_checkpointing_reads_the_mask_of_the_pass_it_recomputes() -> None:
+    """A recomputation in backward read the latest pass's mask: two micro-batches, each with
+    its backward, read each their own; two passes before one backward (a siamese pair) with
+    different masks cannot be told apart there: their gradients count every position, said
+    (a review: the first pass's gradients were counted with the second pass's mask)."""
+    torch.manual_seed(0)
+    net = _Block()
+    x1, x2 = torch.randn(3, 5, 4, requires_grad=True), torch.randn(3, 5, 4, requires_grad=True)
+    m1 = torch.ones(3, 5, dtype=torch.long)
+    m2 = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReluDoctorWarning)
+        with relu_doctor.watch(net, every_n_steps=1, padding_mask="attention_mask") as doc:
+            for x, m in ((x1, m1), (x2, m2)):  # accumulation: a backward per micro-batch
+                net(x, attention_mask=m, checkpointed=True).sum().backward()
+            doc.step()
+    assert _grad_elements(doc) == 15 + 4
+    with pytest.warns(ReluDoctorWarning, match="recomputed by reentrant checkpointing in a "
+                      "backward through several passes with different padding masks"), \
+            relu_doctor.watch(net, every_n_steps=1, padding_mask="attention_mask") as doc:
+        a = net(x1, attention_mask=m1, checkpointed=True)
+        b = net(x2, attention_mask=m2, checkpointed=True)
+        (a - b).square().sum().backward()
+        doc.step()
+    (site,) = doc.sites
+    total = site.stats.window + site.stats.lifetime
+    assert total[FIELDS.index("elements")][0] == 15 + 4  # the forward: masked
+    assert _grad_elements(doc) == 15 + 15  # every position, as said
+
+
+def test_a_model_of_functional_calls_only_reads_the_mask_at_its_root() -> None:
+    """No activation module: the mask hook had no module to sit on, and the mask was
+    ignored without a word (a review)."""
+    torch.manual_seed(0)
+    net = _Block(functional=True)
+    x = torch.randn(3, 5, 4)
+    m = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    with relu_doctor.watch(net, every_n_steps=1, padding_mask="attention_mask") as doc:
+        net(x, attention_mask=m).sum().backward()
+        doc.step()
+    (site,) = doc.sites
+    total = site.stats.window + site.stats.lifetime
+    h = torch.relu(net.lin(x)).detach()
+    assert total[FIELDS.index("elements")].tolist() == [9.0] * 6
+    assert total[FIELDS.index("active")].tolist() == (h[m.bool()] > 0).sum(0).tolist()
+    assert _grad_elements(doc) == 9
+
+
+def test_a_mask_never_given_is_said_once() -> None:
+    """A mask passed by position (or a LightningModule called with a batch dict) is never
+    found by its keyword's name: every position counted without a word (a review)."""
+    torch.manual_seed(0)
+    net = _Block()
+    x = torch.randn(3, 5, 4)
+    m = torch.ones(3, 5)
+    with pytest.warns(ReluDoctorWarning, match=r"padding_mask='attention_mask': no recorded "
+                      r"pass of the window was given a mask") as caught, \
+            relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=1,
+                              padding_mask="attention_mask") as doc:
+        for _ in range(3):
+            net(x, m).sum().backward()
+            doc.step()
+    assert sum("no recorded pass" in str(w.message) for w in caught) == 1
+    assert _grad_elements(doc) == 3 * 15

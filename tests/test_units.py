@@ -896,6 +896,40 @@ def test_networks_called_apart_are_each_measured_against_their_own_passes() -> N
         dead["D.branch.1"].message)
 
 
+def test_functional_networks_called_apart_are_each_measured_against_their_own_passes() -> None:
+    """The same with F.relu in the networks' forwards (no activation module): a pass that
+    functional capture begins counts for the module it began at (a review: both read "ran
+    in 4 of the window's 12 recorded passes")."""
+
+    class Net(nn.Module):
+        def __init__(self, d_in: int) -> None:
+            super().__init__()
+            self.fc = nn.Linear(d_in, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(self.fc(x))
+
+    class GAN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.G, self.D = Net(2), Net(5)
+
+    torch.manual_seed(0)
+    gan = GAN()
+    with torch.no_grad():
+        gan.G.fc.bias[:3] = -50.0
+        gan.D.fc.bias[:2] = -50.0
+    with relu_doctor.watch(gan, log_every_n_steps=4, overhead_budget=None) as doc:
+        for _ in range(4):
+            fake = gan.G(torch.randn(8, 2))
+            (gan.D(fake.detach()).sum() + gan.D(fake).sum()).backward()
+            record = doc.step()
+    assert record is not None
+    dead = [f for f in record.findings if f.kind == "dead"]
+    assert {f.site for f in dead} == {"G:relu#0", "D:relu#0"}
+    assert not any("site_passes" in f.evidence for f in dead)
+
+
 def test_a_window_resumed_mid_way_does_not_say_on_how_many_passes_a_site_ran() -> None:
     """The passes before a checkpoint are in the resumed window's counts but not in the
     pass counts (not saved): that window says nothing of them, the next one does."""

@@ -47,9 +47,10 @@ def _total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor
     """The total norm of ``grads`` as float32; a half-precision gradient's own norm taken in
     float32 (a float16 norm overflows past 65504: the step read as infinite, and clipping
     multiplied it by 0), a float32 or float64 one in its own dtype."""
-    half = any(g.dtype in (torch.float16, torch.bfloat16) for g in grads)
-    norms = (torch._foreach_norm(grads, 2, dtype=torch.float32) if half
-             else torch._foreach_norm(grads))
+    half = [g for g in grads if g.dtype in (torch.float16, torch.bfloat16)]
+    rest = [g for g in grads if g.dtype not in (torch.float16, torch.bfloat16)]
+    norms = [*(torch._foreach_norm(half, 2, dtype=torch.float32) if half else ()),
+             *(torch._foreach_norm(rest) if rest else ())]
     total: torch.Tensor = torch.linalg.vector_norm(
         torch.stack([n.to(device, torch.float32) for n in norms]))
     return total

@@ -446,3 +446,17 @@ def _saved(state):
     torch.save(state, buf)
     buf.seek(0)
     return buf
+
+
+def test_half_and_double_gradients_together_are_clipped():
+    """float16 and float64 gradients in one optimizer: their norms are taken apart (a norm
+    of both in float32 raised, and the attached clipper stepped aside)."""
+    params = [torch.ones(10, 10, dtype=torch.float16, requires_grad=True),
+              torch.ones(10, dtype=torch.float64, requires_grad=True)]
+    clip = AutoClip(50, history=4)
+    for value in (1.0, 2.0, 300.0):
+        for p in params:
+            p.grad = torch.full_like(p, value)
+        want = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))
+        assert float(clip.clip_(params)) == pytest.approx(want, rel=1e-3)
+    assert clip.read()["clipped"] == 2 and all(torch.isfinite(p.grad).all() for p in params)
