@@ -150,19 +150,21 @@ class Inert:
         return self._off
 
     def _off(self, *args: Any, **kwargs: Any) -> None:
-        """Do nothing; called by a module, take every placeholder out of its hook dicts, and
-        their flags out of the flag dicts beside them, so that it takes torch's fast path
-        again (not while torch runs the always-called hooks of a forward that raised: torch
-        iterates the dict itself then)."""
+        """Do nothing; called by a module, take every placeholder out of its hook dicts, so
+        that it takes torch's fast path again (not while torch runs the always-called hooks
+        of a forward that raised: torch iterates the dict itself then). Their flags stay in
+        the flag dicts beside them: torch calls the hooks of this forward from a copy of the
+        dict taken before, each as its flag says (a ``with_kwargs`` pre-hook of a deep copy,
+        a method of its class bound to a placeholder, called without its kwargs raised), and
+        reads a flag only for a hook in the dict, which no later hook can take (see
+        :class:`Inert`)."""
         module = args[0] if args else None
         if isinstance(module, nn.Module) and sys.exc_info()[0] is None:
             state = module.__dict__
-            for name, flag_dicts in _HOOK_DICTS.items():
+            for name in _HOOK_DICTS:
                 d = state.get(name) or {}
                 for key in [k for k, h in d.items() if _inert(h)]:
                     del d[key]
-                    for flags in flag_dicts:
-                        state.get(flags, {}).pop(key, None)
 
 
 def _inert(hook: Any) -> bool:
