@@ -26,25 +26,8 @@ from relu_doctor.stats import (
     masked_grad_rows,
 )
 from tests import reference as ref
+from tests.test_real_models import _bert, _gpt2
 
-transformers = pytest.importorskip("transformers")
-
-
-def _bert(act: str) -> nn.Module:
-    cfg = transformers.BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=24, hidden_act=act, max_position_embeddings=32,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertModel(cfg, add_pooling_layer=False)
-
-
-def _gpt2() -> nn.Module:
-    cfg = transformers.GPT2Config(
-        vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_inner=24, n_positions=32,
-        activation_function="relu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
-    return transformers.GPT2Model(cfg)
 
 
 def _batches() -> list[dict[str, torch.Tensor]]:
@@ -91,7 +74,7 @@ def _train(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> relu_doc
 @pytest.mark.parametrize("case", ["bert_relu", "bert_gelu", "gpt2_relu"])
 def test_a_padded_batchs_padding_is_left_out_of_every_statistic(case: str) -> None:
     torch.manual_seed(0)
-    model = (_gpt2() if case.startswith("gpt2") else
+    model = (_gpt2("relu") if case.startswith("gpt2") else
              _bert("gelu" if case == "bert_gelu" else "relu")).train()
     act = "mlp.act" if case.startswith("gpt2") else "intermediate.intermediate_act_fn"
     acts = {p: m for p, m in model.named_modules() if p.endswith(act)}

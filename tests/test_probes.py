@@ -699,7 +699,7 @@ def test_a_deep_copy_with_keyword_hooks_runs_an_ema_as_the_original(grad: bool) 
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with relu_doctor.watch(model, optimizer=opt, padding_mask=lambda a, k: None) as doc:
         DormantRecycler(model, optimizers=opt).bind(doc)
-        for copied_at in range(2):  # before the first step, and after it
+        for _ in range(2):  # copied before the first step, and after it
             ema = copy.deepcopy(model).eval()
             x = torch.randn(2, 3, 8, 8)
             with torch.set_grad_enabled(grad):
