@@ -29,7 +29,6 @@ from tests import reference as ref
 from tests.test_real_models import _bert, _gpt2
 
 
-
 def _batches() -> list[dict[str, torch.Tensor]]:
     """Three padded batches of varying length; each row's real tokens come first."""
     g = torch.Generator().manual_seed(0)
