@@ -182,3 +182,28 @@ def test_the_dispatch_counter_sees_a_read_inside_a_gradient_hook():
     with SyncCounter() as counter:
         out.sum().backward()
     assert counter.events[str(aten._local_scalar_dense.default)] == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_sync_or_host_read_with_a_padding_mask(device, tmp_path, host_reads):
+    """The masked path (padding zeroed, the real positions counted on the device, the
+    gradient bound to its pass's mask) reads nothing back either: both detectors."""
+    model, opt, _, batches = setup(device, {}, tmp_path, "sequence")
+    x = batches[0]
+    mask = torch.ones(x.shape[:2], dtype=torch.long, device=device)
+    mask[1:, x.shape[1] // 2:] = 0
+    doc = relu_doctor.watch(model, optimizer=opt, log_every_n_steps=LOG_EVERY,
+                            padding_mask=lambda args, kwargs: mask)
+    with doc:
+        for step, x in enumerate(batches, start=1):
+            host_reads.clear()
+            with SyncCounter() as counter:
+                record = one_step(model, opt, doc, x)
+            if step % LOG_EVERY:
+                assert not counter.events and not host_reads, (dict(counter.events),
+                                                                dict(host_reads))
+            else:
+                assert record is not None and counter.events | host_reads
+    (site, *_) = doc.sites
+    elements = (site.stats.window + site.stats.lifetime)[0, 0]
+    assert int(elements) == 2 * LOG_EVERY * int(mask.sum())  # the mask was applied
