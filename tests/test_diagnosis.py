@@ -644,6 +644,12 @@ def test_a_site_whose_input_is_a_residual_sum_is_not_advised_recycling():
     assert "recycle the units" not in text and f"Recycling cannot treat this site: {why}." in text
     plain = finding_view(next(f for f in others if f.kind == "dead"))
     assert "recycle the units" in recommend(plain, False, [], declined={"leaky_relu_swap": "x"})
+    # ReDo refused it too: its refusal says why, once, without the advice to its configurer
+    # (a trial's report said it twice, the first ending "Exclude this site.")
+    refusal = f"site 's0': {why}. Exclude this site."
+    text = recommend(dead, False, [], declined={"dormant_reset": refusal})
+    assert f"dormant_reset left this site alone: site 's0': {why}. " in text
+    assert "Recycling cannot treat" not in text and "Exclude this site" not in text
 
 
 def test_a_loop_without_recycling_is_advised_what_it_can_do_for_dormant_units():

@@ -78,6 +78,16 @@ class FindingView:
     order: tuple[Any, ...] = ()
 
 
+
+#: The advice a remedy's refusal ends with, for whoever configures it: not the report's
+_EXCLUDE = "Exclude this site."
+
+
+def _reason(why: str) -> str:
+    """A remedy's reason for leaving a site alone, as the report's advice quotes it."""
+    return why.strip().removesuffix(_EXCLUDE).strip().rstrip(".")
+
+
 def kind_label(kind: str) -> str:
     """The report's name for a finding kind (``lifetime_dead`` -> ``never active``)."""
     return _KIND_LABELS.get(kind, kind.replace("_", " "))
@@ -219,7 +229,7 @@ def recommend(
     if tried:
         already += "Already tried: " + ", ".join(sorted(tried)) + ". "
     for remedy, why in sorted(declined.items()):
-        already += f"{remedy} left this site alone: {why.rstrip('.')}. "
-    if cannot is not None:
-        already += f"Recycling cannot treat this site: {cannot}. "
+        already += f"{remedy} left this site alone: {_reason(why)}. "
+    if cannot is not None and not set(RECYCLERS) & declined.keys():  # (said once)
+        already += f"Recycling cannot treat this site: {_reason(cannot)}. "
     return already + "Next: " + "; ".join(steps) + "."
