@@ -117,6 +117,9 @@ class DiagnosisConfig:
         loop: whose names the remedy texts give (:data:`REMEDY_NAMES`): ``"watch"``
             (``relu_doctor.remedies``), ``"lightning"``, ``"keras"`` or ``"hf"``; each
             integration sets its own.
+        clipped_by: what clips the gradients already in the training loop
+            (``"gradient_clip_val=1.0"``: each integration sets it from its loop's
+            settings), said in the gradient findings' advice instead of advising clipping.
     """
 
     tau: float = 0.1
@@ -129,9 +132,13 @@ class DiagnosisConfig:
     spike_factor: float = 10.0
     growth_factor: float = 100.0
     loop: str = "watch"
+    clipped_by: str | None = None
 
     def __post_init__(self) -> None:
         check_tau("tau", self.tau)
+        if self.clipped_by is not None and not isinstance(self.clipped_by, str):
+            raise ReluDoctorError(
+                f"clipped_by: expected a str or None, got {self.clipped_by!r}.")
         if self.loop not in REMEDY_NAMES:
             raise ReluDoctorError(
                 f"loop: expected one of {list(REMEDY_NAMES)}, got {self.loop!r}."
@@ -264,6 +271,15 @@ def _sampled(row: Mapping[str, Any], *, lifetime: tuple[int, int] | None = None,
             f"to look {what} on fewer batches")
 
 
+def _and_clip(names: Mapping[str, str | None], config: DiagnosisConfig) -> str:
+    """What the gradient findings' advice adds to lowering the learning rate: to clip the
+    gradients, or, where the loop clips them already, that it does (a trial was advised to
+    clip beside the Trainer's own ``gradient_clip_val``)."""
+    if config.clipped_by:
+        return f" (the gradients are clipped already: {config.clipped_by})"
+    return f" and clip the gradients ({names['clip']})"
+
+
 def diagnose(
     sites: Sequence[Mapping[str, Any]],
     units: Mapping[str, Mapping[str, torch.Tensor]],
@@ -352,7 +368,7 @@ def diagnose(
                     "1e19, whose squares overflow float32).",
                     {"nonfinite": row["nonfinite"], "grad_nonfinite": row["grad_nonfinite"],
                      "units": _units_list(u, "nonfinite")},
-                    f"Lower the learning rate and clip gradients ({names['clip']}); check the "
+                    f"Lower the learning rate{_and_clip(names, config)}; check the "
                     "inputs and the loss for NaN; with fp16, prefer bf16 or keep a GradScaler.",
                     step,
                 )
@@ -574,8 +590,8 @@ def _gradient_findings(
                         "exploding_gradient", "model", "critical",
                         f"gradient RMS grows {ratio:.3g}x from {last[1]} to {first[1]}.",
                         ev,
-                        f"Clip gradients ({names['clip']}) and lower the learning rate with a "
-                        f"schedule ({names['lr']}, step or exponential decay); watch loss and "
+                        f"Lower the learning rate with a schedule ({names['lr']}, step or "
+                        f"exponential decay){_and_clip(names, config)}; watch loss and "
                         "gradient magnitudes.",
                         step,
                     )
@@ -592,9 +608,9 @@ def _gradient_findings(
                     f"parameter-gradient norm {latest:.3g} is {latest / median:.3g}x its "
                     "median so far.",
                     {"grad_norm": latest, "median": median, "factor": latest / median},
-                    f"Clip gradients ({names['clip']}) and lower the learning rate "
-                    f"({names['lr']}, step or exponential decay); consider early stopping if the "
-                    "loss diverges.",
+                    f"Lower the learning rate ({names['lr']}, step or exponential decay)"
+                    f"{_and_clip(names, config)}; consider early stopping if the loss "
+                    "diverges.",
                     step,
                 )
             )

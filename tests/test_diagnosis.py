@@ -307,6 +307,17 @@ def test_a_parameter_gradient_spike_is_an_exploding_gradient():
     spike = diagnose(rows, units, config, param_grad_norms=[1.0, 1.1, 0.9, 1.0 * config.spike_factor * 1.5])
     assert "exploding_gradient" not in {f.kind for f in calm}
     assert "exploding_gradient" in {f.kind for f in spike}
+    [found] = [f for f in spike if f.kind == "exploding_gradient"]
+    assert "and clip the gradients (AutoClip)" in found.remedy
+    # where the loop clips already (a trial was told to clip beside gradient_clip_val): said
+    clipped = replace(config, loop="lightning", clipped_by="the Trainer's gradient_clip_val=50")
+    [found] = [f for f in diagnose(rows, units, clipped, param_grad_norms=[
+        1.0, 1.1, 0.9, 1.0 * config.spike_factor * 1.5]) if f.kind == "exploding_gradient"]
+    assert "clip the gradients" not in found.remedy and "AdaptiveGradClip" not in found.remedy
+    assert "(the gradients are clipped already: the Trainer's gradient_clip_val=50)" in (
+        found.remedy)
+    with pytest.raises(ReluDoctorError, match="clipped_by: expected a str or None"):
+        DiagnosisConfig(clipped_by=50)  # type: ignore[arg-type]
 
 
 def test_findings_are_sorted_most_severe_first(run_watched):

@@ -275,7 +275,10 @@ class ReluDoctor(Callback):
             "include": self.include,
             "exclude": self.exclude,
             "unit_dims": self.unit_dims,
-            "config": self.config,
+            # (its gradient findings advise no clipping beside the Trainer's own)
+            "config": replace(self.config, clipped_by=(
+                f"the Trainer's gradient_clip_val={trainer.gradient_clip_val}"
+                if getattr(trainer, "gradient_clip_val", None) else None)),
             "all_reduce": all_reduce,
             "world_size": world,
             "is_writer": writer,

@@ -318,7 +318,9 @@ class ReluDoctorCallback(TrainerCallback):
             # and update run inside the wrapper's step, before on_step_end's doc.step())
             grad_scaler=_scaler(optimizer),
             run_dir=run_dir,
-            config=self.config,
+            config=replace(self.config, clipped_by=(  # (HF clips at 1.0 by default)
+                f"the Trainer's max_grad_norm={args.max_grad_norm:g}" if args.max_grad_norm
+                else None)),
             all_reduce=_all_reduce if world > 1 else None,
             world_size=world,
             is_writer=is_zero,

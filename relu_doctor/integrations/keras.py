@@ -66,6 +66,7 @@ from relu_doctor.integrations._keras_remedies import (
     KerasAutoClip,
     KerasLRRescue,
     LossScale,
+    clips_already,
     keras_plan,
     keras_plan_options,
     lr_value,
@@ -286,7 +287,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             every_n_steps=self.every_n_steps,
             overhead_budget=self.overhead_budget,
             gradients=self.gradients,
-            config=self.config,
+            config=replace(self.config, clipped_by=_clipped_by(model)),
             run_dir=run_dir,
             resume=self.resume or state is not None,
             functional=False,  # the layers are hooked here; F.relu inside them is theirs
@@ -561,3 +562,12 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
     def _on_record(self, record: IntervalRecord) -> None:
         self._fresh = record
         self.warner(record)
+
+
+def _clipped_by(model: Any) -> str | None:
+    """What clips the gradients of ``model``'s optimizer already (``clipnorm``...), as the
+    gradient findings' advice says it."""
+    optimizer = getattr(model, "optimizer", None)
+    attr = clips_already(optimizer) if optimizer is not None else None
+    return None if attr is None else (
+        f"the optimizer's {attr}={getattr(updating(optimizer), attr):g}")

@@ -253,9 +253,11 @@ def test_the_plans_clip_step_stays_idle_beside_the_trainers_own_clipping(tmp_pat
             accelerator="cpu", devices=1, max_steps=STEPS, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             default_root_dir=tmp_path, gradient_clip_val=1000.0,
-            callbacks=[ReluDoctor(LOG_EVERY, every_n_steps=1, warn=None),
+            callbacks=[monitor := ReluDoctor(LOG_EVERY, every_n_steps=1, warn=None),
                        ReluDoctorTreatment(cooldown=1, check_init=False), capture],
         ).fit(Net(), loader)
     assert sum("clip step stays idle" in str(w.message) for w in caught) == 1
     remedies = {e["remedy"] for e in capture.events if e.get("type") == "intervention"}
     assert "adaptive_grad_clip" not in remedies and "dormant_reset" in remedies
+    # the gradient findings advise no clipping there either: they say the Trainer clips
+    assert monitor.doctor.config.clipped_by == "the Trainer's gradient_clip_val=1000.0"

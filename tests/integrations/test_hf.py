@@ -593,3 +593,5 @@ def test_padding_mask_leaves_the_padding_of_the_trainers_batches_out(tmp_path: P
         assert total[1].tolist() == active[site.name].tolist()  # active
     assert relu_doctor.load_run(tmp_path / "relu_doctor").meta["config"]["padding_mask"] == \
         "attention_mask"
+    # HF clips at max_grad_norm=1.0 by default: the gradient findings say so, not "clip"
+    assert cb.doctor.config.clipped_by == "the Trainer's max_grad_norm=1"

@@ -231,6 +231,8 @@ def test_plan_arguments_are_checked_before_training(tmp_path: Path) -> None:
     model.fit(*_data(64), epochs=3, batch_size=16, verbose=0, callbacks=[cb, Kill(at=4)])
     remedies = {e["remedy"] for e in _events(tmp_path / "r", "intervention")}
     assert "adaptive_grad_clip" not in remedies and "lr_rescue" in remedies
+    # its gradient findings advise no clipping: they say the optimizer clips
+    assert cb.doctor is not None and cb.doctor.config.clipped_by == "the optimizer's clipnorm=1"
 
 
 @pytest.mark.parametrize("epochs", [7, 5])
