@@ -24,6 +24,7 @@ __all__ = [
     "Intervention",
     "InterventionResult",
     "event_from_dict",
+    "is_judged",
     "optimizer_of",
 ]
 
@@ -150,6 +151,13 @@ def optimizer_of(event: Mapping[str, Any]) -> int | None:
     details = event.get("details")
     part = details.get("optimizer") if isinstance(details, Mapping) else None
     return part if type(part) is int else None
+
+
+def is_judged(event: Mapping[str, Any]) -> bool:
+    """Whether a log judges an intervention (not a clipper's report of its window, a plan's
+    stop, a swap's restore: their details say ``judged: False``)."""
+    details = event.get("details")
+    return not isinstance(details, Mapping) or details.get("judged", True) is not False
 
 
 def event_from_dict(data: object) -> Event:

@@ -32,7 +32,7 @@ from relu_doctor.errors import (
     note_write_failure,
     user_stacklevel,
 )
-from relu_doctor.events import Event, optimizer_of
+from relu_doctor.events import Event, is_judged, optimizer_of
 from relu_doctor.history import FORMAT_VERSION, IntervalRecord, Run, event_dict
 from relu_doctor.record import window_columns, windows_frame
 from relu_doctor.rundir import RunWriter, check_claimable, load_run, read_table
@@ -387,12 +387,10 @@ class RunRecording:
         if key in self._announced:
             return
         self._announced.add(key)
-        details = ev.get("details")
-        judged = not isinstance(details, Mapping) or details.get("judged", True) is not False
         warnings.warn(
             f"relu_doctor: step {ev.get('step')}: {key[0]} changed the training at {key[1]}: "
             f"{str(ev.get('what', '')).rstrip('.')}. "
-            + ("Its effect is judged at the next log; its" if judged else "Its")
+            + ("Its effect is judged at the next log; its" if is_judged(ev) else "Its")
             + " later changes there are recorded in the run directory and the report, not said.",
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),

@@ -78,7 +78,6 @@ class FindingView:
     order: tuple[Any, ...] = ()
 
 
-
 #: The advice a remedy's refusal ends with, for whoever configures it: not the report's
 _EXCLUDE = "Exclude this site."
 

@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from relu_doctor.events import optimizer_of
+from relu_doctor.events import is_judged, optimizer_of
 from relu_doctor.reports.formatting import fmt_num, fmt_pct
 
-__all__ = ["CLIP_FIRST", "CONTINUOUS_REMEDIES", "InterventionView", "intervention_view", "judged",
+__all__ = ["CLIP_FIRST", "CONTINUOUS_REMEDIES", "InterventionView", "intervention_view",
            "snapshots", "timeline"]
 
 #: Remedies that act on every step (gradient clipping): summarised in one timeline row per
@@ -84,13 +84,6 @@ _MAX_CHANGES = 3
 CLIP_FIRST = ("clip_fraction", "unclipped_grad_norm")
 
 
-def judged(ev: Mapping[str, Any]) -> bool:
-    """Whether a log judges this change (not a clipper's report of its window, a plan's stop,
-    a swap's restore: their details say ``judged: False``)."""
-    details = ev.get("details")
-    return not isinstance(details, Mapping) or details.get("judged", True) is not False
-
-
 def _clip_details(ev: Mapping[str, Any]) -> dict[str, Any]:
     details = ev.get("details")
     clip = details.get("clip") if isinstance(details, Mapping) else None
@@ -146,8 +139,8 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
     before, after = snapshots(ev)
     clip = _clip_details(ev)
     remedy = str(ev.get("remedy") or "intervention")
-    is_judged = judged(ev)
-    target = str(ev.get("target") or (_DEFAULT_TARGETS.get(remedy, "") if is_judged else ""))
+    judged = is_judged(ev)
+    target = str(ev.get("target") or (_DEFAULT_TARGETS.get(remedy, "") if judged else ""))
     after_step = ev.get("after_step")
     step = int(ev.get("step", 0))
     continuous = remedy in CONTINUOUS_REMEDIES and bool(clip)
@@ -160,8 +153,8 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
         what=str(ev.get("what") or ""),
         # (a clipper's row of an older run, judged on its target: that target first)
         changes=_changes(before, after, CLIP_FIRST if continuous and not (
-                             is_judged and ev.get("target")) else target, bool(after),
-                         "not yet measured" if is_judged else "not judged"),
+                             judged and ev.get("target")) else target, bool(after),
+                         "not yet measured" if judged else "not judged"),
         last_step=step,
         target=target,
         verdict=_shown_verdict(str(ev.get("verdict") or ""), before.get(target), after.get(target)),

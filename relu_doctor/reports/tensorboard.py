@@ -59,7 +59,8 @@ import numpy as np
 import pandas as pd
 
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
-from relu_doctor.reports.interventions import CLIP_FIRST, judged, snapshots
+from relu_doctor.events import is_judged
+from relu_doctor.reports.interventions import CLIP_FIRST, snapshots
 
 if TYPE_CHECKING:
     from relu_doctor.diagnosis import Finding
@@ -333,7 +334,7 @@ def _change(ev: Mapping[str, Any]) -> str:
     """``metric before -> after`` for the metric an intervention is judged on (its
     ``target``), else for each metric it recorded both before and after."""
     before, after = snapshots(ev)
-    if not judged(ev):  # never measured after: what it recorded, said so
+    if not is_judged(ev):  # never measured after: what it recorded, said so
         keys = [k for k in CLIP_FIRST if k in before] or list(before)
         return "; ".join(f"{k} {_short(before[k])}" for k in keys) + " (not judged)"
     target = ev.get("target")
