@@ -414,12 +414,12 @@ def mask_for(shape: Sequence[int], unit_dim: int, mask: torch.Tensor) -> torch.T
     return mask.reshape(*mask.shape, *([1] * (len(shape) - k)))
 
 
-def _real_per_unit(out: torch.Tensor, unit_dim: int, keep: torch.Tensor) -> torch.Tensor:
-    """The real positions per unit, a 0-d float tensor (positions beyond the mask's dims
-    count once per real position)."""
+def _positions(out: torch.Tensor, unit_dim: int, keep: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Every position per unit (a number) and the real ones (a 0-d float tensor: positions
+    beyond the mask's dims count once per real position)."""
     units = out.shape[unit_dim]
     per_unit = out.numel() // units if units else 0
-    return keep.sum(dtype=torch.float64) * (per_unit / max(keep.numel(), 1))
+    return per_unit, keep.sum(dtype=torch.float64) * (per_unit / max(keep.numel(), 1))
 
 
 def masked_forward_rows(
@@ -429,7 +429,7 @@ def masked_forward_rows(
     """:func:`forward_rows` of the real positions of ``out`` only (``keep`` from
     :func:`mask_for`)."""
     rows = forward_rows(torch.where(keep, out, 0), unit_dim, nonnegative=nonnegative, cap=cap)
-    real = _real_per_unit(out, unit_dim, keep).to(rows.dtype)
+    real = _positions(out, unit_dim, keep)[1].to(rows.dtype)
     rows[0] = torch.where(rows[0] > 0, real, 0.0)  # (a unit whose step was not finite: 0)
     return rows
 
@@ -443,9 +443,9 @@ def masked_grad_rows(
     rows = grad_rows(torch.where(keep, grad_out, 0),
                      None if grad_in is None else torch.where(keep, grad_in, 0),
                      unit_dim, inv_scale)
-    real = _real_per_unit(grad_out, unit_dim, keep).to(rows.dtype)
-    units = grad_out.shape[unit_dim]
-    pad = (grad_out.numel() // units if units else 0) - real
+    every, real = _positions(grad_out, unit_dim, keep)
+    real = real.to(rows.dtype)
+    pad = every - real
     rows[0] = torch.where(rows[0] > 0, real, 0.0)
     inputs = rows[2] > 0  # dL/d(input) read (finite, and the input needs a gradient)
     rows[3] = torch.where(inputs, rows[3] - pad, 0.0)  # the padding's zeros left out
