@@ -302,7 +302,7 @@ class Probe(SiteRegistry, HookOwner):
         # recomputation, in backward, reads its own pass's: see tap_recomputed), the latest
         # mask on other devices, and the window's passes that had one
         self._pass_masks: list[torch.Tensor] = []
-        self._mask_on: dict[torch.device, torch.Tensor] = {}
+        self._mask_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._masked_passes = 0
         self._clear_queued = False
         self._warned_mask: set[str] = set()  # what was said of the mask (once each)
@@ -320,7 +320,7 @@ class Probe(SiteRegistry, HookOwner):
         #: is judged against the passes of the modules holding it (a GAN's generator runs
         #: in its own passes, not in the discriminator's)
         self._entries: dict[str, int] = {}
-        self._path_of: dict[nn.Module, str] = {}  # the boundary modules' paths
+        self._path_of: dict[nn.Module, str] = {}  # the boundary modules' paths (hooked now)
         self.passes_known = True
         self._pass_open = False  # a pass has begun and not ended
         self._pass_in_graph = False  # the pass began while torch.compile traced
@@ -459,7 +459,8 @@ class Probe(SiteRegistry, HookOwner):
         return self
 
     def _hook_modules(self) -> None:
-        boundary = self._boundary_modules()
+        self._path_of = self._boundary_modules()
+        boundary = list(self._path_of)
         on = self._on
         handles = [mod.register_forward_pre_hook(on.enter) for mod in boundary]
         for mod in self._targets:
@@ -477,7 +478,6 @@ class Probe(SiteRegistry, HookOwner):
         for h in handles:
             self.hooks.add(h)
         self._members = set(self.model.modules())
-        self._path_of = {m: p for p, m in self.model.named_modules() if m in set(boundary)}
         self._dirty = False
         self.generation += 1
 
@@ -500,14 +500,15 @@ class Probe(SiteRegistry, HookOwner):
         self._want_provenance = True
         return True
 
-    def _boundary_modules(self) -> list[nn.Module]:
-        """Activation modules and all their ancestors (where a forward pass can start)."""
+    def _boundary_modules(self) -> dict[nn.Module, str]:
+        """Activation modules and all their ancestors (where a forward pass can start), with
+        their paths, in the model's order."""
         keep: set[str] = set()
         for path, _fam in self._targets.values():
             parts = path.split(".") if path else []
             for i in range(len(parts) + 1):
                 keep.add(".".join(parts[:i]))
-        return [m for p, m in self.model.named_modules() if p in keep]
+        return {m: p for p, m in self.model.named_modules() if p in keep}
 
     def detach(self) -> None:
         """Remove every hook (idempotent). The model is left exactly as it was."""
@@ -710,7 +711,7 @@ class Probe(SiteRegistry, HookOwner):
             self._raised_before = sys.exc_info()[1]  # (a pass run while one is handled)
             gen = self.generation
             self.begin_pass(at=self._path_of.get(module, ""))
-            if self.generation != gen and module not in self._members_hooked():
+            if self.generation != gen and module not in self._path_of:
                 return  # re-hooked: this module is no boundary now, no _exit will come
         self._depth += 1
 
@@ -721,7 +722,6 @@ class Probe(SiteRegistry, HookOwner):
         if not self._collecting or not outermost or in_backward() or module not in self._members:
             return  # (a model of functional calls only: its root's call, before the pass opens)
         self._mask = None
-        self._mask_on = {}
         try:
             got = (self.padding_mask(args, kwargs) if callable(self.padding_mask)
                    else kwargs.get(self.padding_mask))
@@ -751,10 +751,11 @@ class Probe(SiteRegistry, HookOwner):
         mask = self._mask if mask is None else mask
         if mask is None:
             return None
-        if mask.device != output.device:  # (moved once per pass and device)
-            moved = self._mask_on.get(output.device)
-            if moved is None or moved.shape != mask.shape:
-                moved = self._mask_on[output.device] = mask.to(output.device)
+        if mask.device != output.device:  # (moved once per mask and device)
+            source, moved = self._mask_on.get(output.device, (None, mask))
+            if source is not mask:
+                moved = mask.to(output.device)
+                self._mask_on[output.device] = (mask, moved)
             mask = moved
         keep = mask_for(output.shape, dim, mask)
         if keep is None:
@@ -798,9 +799,6 @@ class Probe(SiteRegistry, HookOwner):
             return None
         self._queue_mask_clear()
         return self._keep(output, dim, site, next(iter(fits.values()))) if fits else None
-
-    def _members_hooked(self) -> set[nn.Module]:
-        return set(self._boundary_modules())
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._collecting or module not in self._members:
