@@ -49,7 +49,7 @@ from relu_doctor.recording import RunRecording
 from relu_doctor.rundir import RESUME_ADVICE, RunWriter
 from relu_doctor.sampling import DEFAULT_BUDGET, Sampler, Stopwatch, check_rate, model_device
 from relu_doctor.sites import FrozenFeeds, Site, SiteKey
-from relu_doctor.stats import AgreedSum, reduce_sum
+from relu_doctor.stats import AgreedSum, group_size, reduce_sum
 from relu_doctor.training_metrics import TrainingMetrics
 
 __all__ = ["Doctor", "IntervalRecord", "LogRecord", "watch"]
@@ -66,13 +66,6 @@ PASSING_ERRNOS = frozenset(
                                       "ENOMEM", "EMFILE", "ENFILE", "ESTALE", "ETIMEDOUT")
     if hasattr(errno, name)
 )
-
-
-def _processes(n: int) -> bool:
-    """Whether a torch.distributed process group of ``n`` processes is running (each may
-    then watch its own share, world_size= dividing its gradients as DDP averages them)."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() == n
 
 
 class Doctor(IntervalReading, RunRecording, HookOwner):
@@ -230,13 +223,32 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._scale_before: torch.Tensor | None = None
         self._scaler_skipped: torch.Tensor | None = None
         self.world_size = positive_int("world_size", world_size)
-        if self.world_size > 1 and all_reduce is None and not _processes(self.world_size):
+        processes = group_size()
+        if self.world_size > 1 and all_reduce is None and processes != self.world_size:
             raise ReluDoctorError(
                 f"world_size: got {world_size} without all_reduce, and no process group of "
                 f"{world_size} processes is running: one process's gradient statistics would "
                 f"be divided by {world_size}. With several processes pass all_reduce= (the "
                 "sum across processes, see the README's DDP section) beside it; for one, "
                 "leave world_size at 1."
+            )
+        if processes > 1 and self.world_size == 1 and stream == "train":
+            # (a world_size given without all_reduce: each process watches its own share)
+            warnings.warn(
+                f"relu_doctor: torch.distributed runs {processes} processes, and this Doctor "
+                + ("sums its statistics across them (all_reduce=) with world_size=1: its "
+                   f"gradient statistics are {processes} times those of the mean loss DDP "
+                   f"optimises. Pass world_size={processes} beside all_reduce="
+                   if all_reduce is not None else
+                   "sums nothing across them (no all_reduce=): its statistics are this "
+                   "process's batches alone, and under DDP its gradient statistics are "
+                   f"{processes} times those of the mean loss DDP optimises, and remedies "
+                   "cannot be bound (each process would change its own copy of the model). "
+                   f"Pass all_reduce= (the sum across processes), world_size={processes} and "
+                   "is_writer=(rank == 0)")
+                + " to watch, on every process (the README's 'Distributed' section).",
+                ReluDoctorWarning,
+                stacklevel=user_stacklevel(),
             )
         self.probe = Probe(
             model,

@@ -52,6 +52,7 @@ __all__ = [
     "cap_in",
     "forward_rows",
     "grad_rows",
+    "group_size",
     "mask_for",
     "masked_forward_rows",
     "masked_grad_rows",
@@ -662,6 +663,15 @@ def read_back(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     if all(t.device.type == "cpu" and t.dtype == torch.float64 for t in tensors):
         return [t.detach() for t in tensors]
     return _through_flat([t.to(torch.float64) for t in tensors], lambda flat: flat.cpu())
+
+
+def group_size() -> int:
+    """How many processes the running ``torch.distributed`` process group holds (1 when none
+    runs)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_world_size())
+    return 1
 
 
 def reduce_sum(

@@ -24,7 +24,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import relu_doctor
-from relu_doctor.remedies import ContinualBackprop, DormantRecycler, PlanStep, TreatmentPlan
+from relu_doctor.errors import ReluDoctorError
+from relu_doctor.remedies import (
+    AutoClip,
+    ContinualBackprop,
+    DormantRecycler,
+    PlanStep,
+    TreatmentPlan,
+)
 from relu_doctor.stats import ROW
 from tests.callbacks.spawned import WORLD, all_reduce, member, spawn, spawned
 
@@ -250,6 +257,32 @@ def _evaluating(rank: int) -> dict:
                      for r in doc.eval.records]}
 
 
+def _unsummed(rank: int) -> dict:
+    """``watch`` without ``all_reduce=`` while the 2 processes run: what it says, and what
+    binding a remedy does."""
+    model = Experts()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    out: dict = {}
+    for name, kw in (("alone", {}), ("summed", {"all_reduce": all_reduce}),
+                     ("shares", {"world_size": WORLD})):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            doc = relu_doctor.watch(model, optimizer=opt, every_n_steps=1, **kw)
+        refused = {}
+        for remedy in (DormantRecycler(model, optimizers=opt), TreatmentPlan(model, optimizer=opt),
+                       AutoClip()):
+            try:
+                remedy.bind(doc)
+                refused[type(remedy).__name__] = ""
+            except ReluDoctorError as e:
+                refused[type(remedy).__name__] = str(e)
+        doc.close()
+        out[name] = {"said": [str(w.message) for w in caught
+                              if "torch.distributed runs" in str(w.message)],
+                     "refused": refused}
+    return out
+
+
 def _worker(rank: int, store: str, out: str) -> None:
     with member(rank, store):
         torch.set_num_threads(1)
@@ -258,6 +291,7 @@ def _worker(rank: int, store: str, out: str) -> None:
         results["evaluating"] = _evaluating(rank)
         for remedy in ("recycler", "cbp", "plan"):
             results[remedy] = _recycling(rank, remedy)
+        results["unsummed"] = _unsummed(rank)
         torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
@@ -408,3 +442,29 @@ def test_evaluating_on_rank_zero_alone_with_an_eval_stream_goes_on(runs):
         (2, False, {"e0.1": per_pass, "e1.1": per_pass}),
         (4, False, {"e0.1": 2 * per_pass, "e1.1": 2 * per_pass}),
     ]
+
+
+@spawned
+def test_a_doctor_summing_nothing_across_running_processes_says_so_and_binds_no_remedy(runs):
+    """A plain DDP loop that forgot ``all_reduce=``: each process read its own batches and
+    a remedy acted on its own copy of the model (a DDP trial: one process recycled 12 units,
+    the other 11, and the replicas parted without a word). ``watch`` now says so, and a
+    remedy deciding from the statistics refuses to bind; a clipper, which clips by the
+    gradients DDP made the same on every process, binds. A world_size given without
+    all_reduce (each process watching its own share, on purpose) is not warned of, but no
+    remedy binds there either."""
+    for rank in range(WORLD):
+        got = runs[rank]["unsummed"]
+        (alone,) = got["alone"]["said"]
+        assert "sums nothing across them" in alone and f"world_size={WORLD}" in alone
+        (summed,) = got["summed"]["said"]
+        assert "with world_size=1" in summed and f"{WORLD} times" in summed
+        assert got["shares"]["said"] == []
+        for case in ("alone", "shares"):
+            refused = got[case]["refused"]
+            for name in ("DormantRecycler", "TreatmentPlan"):
+                assert refused[name].startswith(f"doctor: {name} decides from the Doctor's"), \
+                    refused
+                assert f"the {WORLD} processes" in refused[name]
+            assert refused["AutoClip"] == ""
+        assert all(e == "" for e in got["summed"]["refused"].values()), got["summed"]

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.stats import group_size
 
 __all__ = ["DTENSOR", "SHARD_SAFE", "refuse_several", "refuse_sharded", "sharding_of"]
 
@@ -79,9 +80,7 @@ def refuse_several(model: nn.Module, problem: str | None, *, arg: str) -> None:
     if problem is None:
         return
     where = sharding_of(model)
-    dist = torch.distributed
-    if where is None and dist.is_available() and dist.is_initialized():
-        n = dist.get_world_size()
-        where = f"torch.distributed with {n} processes" if n > 1 else None
+    if where is None and (n := group_size()) > 1:
+        where = f"torch.distributed with {n} processes"
     if where is not None:
         raise ReluDoctorError(f"{arg}: expected one process ({problem}), got {where}.")

@@ -48,6 +48,7 @@ from relu_doctor.remedies.evidence import (
     units_efficacy,
 )
 from relu_doctor.sites import SiteKey, module_label
+from relu_doctor.stats import group_size
 
 __all__ = [
     "DTENSOR",
@@ -262,6 +263,8 @@ class Remedy:
     #: (FSDP, DeepSpeed ZeRO-3, tensor parallelism); None when it acts the same on shards.
     #: Those that cannot refuse sharded parameters before training (:func:`refuse_sharded`).
     on_shards: str | None = None
+    #: whether it decides from the Doctor's records (per process unless summed across them)
+    reads_records: ClassVar[bool] = True
     #: glob patterns of the site names it may act at (none: every site), and of those it
     #: leaves alone; set by the remedies that act per site (:meth:`acts_at`)
     include: Sequence[str] = ()
@@ -305,6 +308,16 @@ class Remedy:
             )
         if self.doctor is doctor:
             return self
+        if self.reads_records and getattr(doctor, "all_reduce", None) is None and (
+                n := group_size()) > 1:
+            raise ReluDoctorError(
+                f"doctor: {type(self).__name__} decides from the Doctor's statistics, which "
+                f"sum nothing across the {n} processes torch.distributed runs (watch without "
+                "all_reduce=): each process would decide from its own batches and change its "
+                "own copy of the model, and DDP's copies would part. Pass all_reduce= (the sum "
+                f"across processes), world_size={n} and is_writer=(rank == 0) to watch, on "
+                "every process (the README's 'Distributed' section)."
+            )
         self._before_bind(doctor)  # (what may refuse it, before anything is bound)
         self.doctor = doctor
         if listen:

@@ -72,6 +72,7 @@ class _Clipper(Remedy):
 
     name = "adaptive_grad_clip"
     holds_final = False  # its decision reports the window's clipping, done step by step
+    reads_records = False  # it clips by the gradients, which DDP made the same everywhere
     on_shards = (
         "it measures the norms of the gradient shards this process holds, not of the whole "
         "gradient, so processes would clip by different norms"
