@@ -16,7 +16,7 @@ import relu_doctor
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies import DEFAULT_STEPS, PlanStep, TreatmentPlan
 from relu_doctor.remedies.base import verdict
-from tests.remedies.helpers import classification, mlp
+from tests.remedies.helpers import classification, mlp, rec, site_row
 
 
 def _train(net: nn.Module, opt: torch.optim.Optimizer, steps: int, *, plan_kw: dict | None = None,
@@ -197,3 +197,46 @@ def test_state_dict_round_trip() -> None:
     assert other.failed == {("swap", "1")} and other.interval == 7
     # the surgery streaks too (a resumed plan lost them, and acted an interval late)
     assert other._streak == plan._streak == {("recycle", "1"): 1}
+
+
+def _dying_cuts(fractions: list[float]) -> list[int]:
+    """The intervals (1-based) at which a plan of the learning-rate step alone cut the rate,
+    fed records of one site of 100 units with these dead fractions (no gradient finding, no
+    site's surge: "dying" is the one trigger left)."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    plan = TreatmentPlan(nn.Linear(1, 1), optimizer=opt, steps=("lr",), cooldown=1)
+    cuts = []
+    for i, f in enumerate(fractions, start=1):
+        lr = opt.param_groups[0]["lr"]
+        plan(rec(10 * i, [site_row("a", f, units=100)]))
+        if opt.param_groups[0]["lr"] < lr:
+            cuts.append(i)
+    return cuts
+
+
+def test_dying_is_a_rise_beyond_the_dead_fractions_own_noise() -> None:
+    """"Dying" was any rise of 2 points between two intervals: on a flat dead fraction its
+    noise alone did that (an RL trial: 3 units of 128, and a DQN that was learning had its
+    learning rate halved three times). A rise must now also be larger than every fall of the
+    latest intervals; a steady rise with no fall is dying from its first 2 points, and a fall
+    that the plan's own change made is no noise."""
+    flat = [0.20, 0.16, 0.19, 0.155, 0.19, 0.16, 0.19]  # rises of 3-3.5 points, falls of 3-4
+    assert _dying_cuts(flat) == []
+    assert _dying_cuts([*flat, 0.235]) == [8]  # 4.5 points: beyond every fall
+    assert _dying_cuts([0.20, 0.22, 0.24, 0.26]) == [2, 3, 4]  # cooldown 1: one per interval
+    # a fall of 3 points, a cut at a rise of 5, then a fall of 8: the cut's doing, not
+    # noise, so a rise of 4 is dying again ...
+    assert _dying_cuts([0.20, 0.17, 0.22, 0.14, 0.18]) == [3, 5]
+    # ... where the same fall an interval later, with no change before it, is noise
+    assert _dying_cuts([0.20, 0.17, 0.22, 0.22, 0.14, 0.18]) == [3]
+
+
+def test_the_dying_noise_survives_a_checkpoint() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    plans = [TreatmentPlan(nn.Linear(1, 1), optimizer=opt, steps=("lr",)) for _ in range(2)]
+    for i, f in enumerate([0.20, 0.15], start=1):
+        plans[0](rec(10 * i, [site_row("a", f, units=100)]))
+    plans[1].load_state_dict(plans[0].state_dict())
+    for plan in plans:  # a rise of 4 points after a fall of 5: noise, on both
+        assert plan(rec(30, [site_row("a", 0.19, units=100)])) == []
+    assert opt.param_groups[0]["lr"] == 1.0
