@@ -20,7 +20,8 @@ from relu_doctor.families import family_of
 from relu_doctor.metrics import site_metrics, unit_metrics
 from relu_doctor.remedies.swap import _check_swappable
 from relu_doctor.reports.findings import FindingView, finding_view, recommend
-from relu_doctor.reports.interventions import InterventionView
+from relu_doctor.remedies import DormantRecycler
+from relu_doctor.reports.interventions import InterventionView, intervention_view
 from relu_doctor.stats import FIELDS, ROW
 from tests import reference as ref
 from tests import zoo
@@ -538,6 +539,33 @@ def test_the_leaky_relu_swap_is_advised_only_where_the_swap_acts(family):
                      swappable=acts)
     assert ("leaky_relu_swap=True" in text) == acts
     assert "already lowered 2 times" in text
+
+
+@pytest.mark.parametrize(("optimizer", "reset_adam_step"),
+                         [("Adam", False), ("Adam", True), ("SGD", False)])
+def test_recycling_that_did_not_help_under_adam_is_advised_the_step_restart(optimizer,
+                                                                            reset_adam_step):
+    """A recycling judged "did not help" was advised "stop recycling here". Under Adam
+    without ``reset_adam_step`` the recycled units' first updates are about 3x the learning
+    rate, which killed them again in an RL trial (the option kept them alive): the advice
+    now names it there, and only there (not after SGD's recycling, nor after one that
+    restarted the step). The events are a recycler's own, as its run records them."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = getattr(torch.optim, optimizer)(net.parameters(), lr=0.01)
+    net(torch.randn(16, 4)).pow(2).mean().backward()
+    opt.step()
+    recycler = DormantRecycler(net, optimizers=opt, example_inputs=torch.randn(2, 4),
+                               reset_adam_step=reset_adam_step)
+    ev = recycler.recycle("1", units=[0, 3], step=5).to_dict()
+    view = intervention_view({**ev, "verdict": "did not help", "target": "below_tau_fraction",
+                              "after": {"below_tau_fraction": 0.5}})
+    rows, units = _sick_site()
+    dead = finding_view(next(f for f in diagnose(rows, units, DiagnosisConfig())
+                             if f.kind == "dead"))
+    text = recommend(dead, False, [view])
+    assert "stop recycling here" in text
+    said = "reset_adam_step=True" in text
+    assert said == (optimizer == "Adam" and not reset_adam_step), text
 
 
 def test_a_site_fed_by_a_frozen_layer_is_told_so_as_information():

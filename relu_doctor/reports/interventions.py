@@ -65,6 +65,9 @@ class InterventionView:
     continuous: bool = False
     #: which of several optimizers it acted on (its own summarised row), None for the only one
     optimizer: int | None = None
+    #: a recycling that zeroed Adam's moments of its slices and kept the tensor's step (no
+    #: ``reset_adam_step``): their first updates about 3x the learning rate
+    adam_step_kept: bool = False
 
 
 #: The metric a remedy's intervention is judged on when its events do not say (older runs).
@@ -161,7 +164,14 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
         before_raw=before,
         after_raw=after,
         continuous=continuous,
+        adam_step_kept=_adam_step_kept(ev),
     )
+
+
+def _adam_step_kept(ev: Mapping[str, Any]) -> bool:
+    details = ev.get("details")
+    state = details.get("optimizer_state") if isinstance(details, Mapping) else None
+    return isinstance(state, list) and "exp_avg_sq" in state and "step" not in state
 
 
 def timeline(interventions: Sequence[InterventionView]) -> list[InterventionView]:
