@@ -521,6 +521,16 @@ class RunRecording:
                 f"path: cannot write the run directory {str(path)!r} ({e.strerror or e}); "
                 "pass a directory that can be created and written."
             ) from e
+        dropped = run.meta.get("records_dropped")
+        if dropped:  # (said by the report too)
+            warnings.warn(
+                f"relu_doctor: {str(path)!r} holds the latest {len(self._records)} logs, "
+                f"not the {dropped} before them: without run_dir= a Doctor keeps only its "
+                f"latest keep_records={self.keep_records} logs in memory. Pass "
+                "watch(..., run_dir=...) to keep every log, or a larger keep_records=.",
+                ReluDoctorWarning,
+                stacklevel=user_stacklevel(),
+            )
         return Path(path)
 
 

@@ -1572,3 +1572,32 @@ def test_doc_collecting_names_the_steps_each_window_counts():
     windows = doc.to_run().tables["windows"]
     assert windows["steps_collected"].tolist() == [sum(named[i:i + 6]) for i in (0, 6, 12)]
     assert named == [i % 3 == 0 for i in range(18)]
+
+
+def test_a_save_without_run_dir_says_which_logs_it_no_longer_holds(tmp_path) -> None:
+    """Without run_dir= a Doctor keeps its latest keep_records logs: a save after more logs
+    held only those, and its report said "steps logged 1500–3000 (16 logs), steps collected
+    1600 of 1600 run (100.0%)" of a 3000-step run without a word (an RL trial). The save now
+    says so, and so does the report of what it saved."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    with relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1, keep_records=3) as doc:
+        for _ in range(10):
+            net(torch.randn(8, 4)).pow(2).mean().backward()
+            doc.step()
+    with pytest.warns(ReluDoctorWarning, match=r"holds the latest 3 logs, not the 2 before them"):
+        doc.save(tmp_path / "saved")
+    numbers = dict(build_context(relu_doctor.load_run(tmp_path / "saved")).key_numbers)
+    assert numbers["steps logged"] == (
+        "6–10 (3 logs); the 2 before were not kept: without run_dir= a Doctor keeps only its "
+        "latest keep_records logs")
+    assert numbers["steps collected"] == "6 of 6 run (100.0%) in the logs kept"
+    with warnings.catch_warnings():  # all of them kept: no word of it
+        warnings.simplefilter("error")
+        with relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1, keep_records=5) as doc:
+            for _ in range(10):
+                net(torch.randn(8, 4)).pow(2).mean().backward()
+                doc.step()
+        doc.save(tmp_path / "whole")
+    numbers = dict(build_context(relu_doctor.load_run(tmp_path / "whole")).key_numbers)
+    assert numbers["steps logged"] == "2–10 (5 logs)"
+    assert numbers["steps collected"] == "10 of 10 run (100.0%)"

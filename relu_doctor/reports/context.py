@@ -625,6 +625,8 @@ def build_context(run: Run) -> ReportContext:
             else units)  # (a run written before units_seen was)
     lost = bool(run.history_lost) and last_step is None  # no count to sum: unknown, not 0
     now = "—" if lost else "not seen" if units and not seen else None
+    dropped = run.meta.get("records_dropped")  # (a Doctor without run_dir= saved: to_run)
+    dropped = dropped if isinstance(dropped, int) and dropped > 0 else 0
     key_numbers = [
         ("sites", str(len(sites))),
         ("units", str(units)),
@@ -632,10 +634,13 @@ def build_context(run: Run) -> ReportContext:
          + (f" of {seen} seen" if seen < units else "")),
         ("never active", "—" if lost else str(total("lifetime_dead"))),
         ("dormant", now or str(total("dormant"))),
-        ("steps logged", _logged_text(steps, windows, lost)),
+        ("steps logged", _logged_text(steps, windows, lost) + (
+            f"; the {dropped} before were not kept: without run_dir= a Doctor keeps only "
+            "its latest keep_records logs" if dropped else "")),
         *([("steps collected", f"{sampling[0]} of {sampling[1]} run "
             f"({fmt_pct(sampling[0] / sampling[1])})"
-            + (" in the logs written" if run.unwritten else ""))]
+            + (" in the logs written" if run.unwritten else " in the logs kept" if dropped
+               else ""))]
           if sampling and sampling[1] else []),
         *([("own cost", own)] if (own := _own_cost(run)) else []),
         ("interventions", str(len(interventions))),
