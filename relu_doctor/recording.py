@@ -391,7 +391,12 @@ class RunRecording:
             f"relu_doctor: step {ev.get('step')}: {key[0]} changed the training at {key[1]}: "
             f"{str(ev.get('what', '')).rstrip('.')}. "
             + ("Its effect is judged at the next log; its" if is_judged(ev) else "Its")
-            + " later changes there are recorded in the run directory and the report, not said.",
+            + " later changes there are recorded in the run directory and the report, not said."
+            + (" A copy of the model made before it (an EMA, a DQN's target network) keeps the "
+               "old activation, which load_state_dict does not change (and a PReLU's slopes are "
+               "keys it lacks): make such copies anew (copy.deepcopy(model)), or swap them too "
+               "(ActivationSwapper(copy).load_state_dict(swapper.state_dict()))."
+               if key[0] == "leaky_relu_swap" else ""),
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),
         )
