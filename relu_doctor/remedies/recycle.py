@@ -40,6 +40,7 @@ from relu_doctor.remedies.base import (
     sharding_of,
     site_snapshot,
 )
+from relu_doctor.remedies.evidence import MIN_EVIDENCE_STEPS
 from relu_doctor.remedies.unit_links import NotInPass, UnitLinks
 from relu_doctor.sites import SiteKey
 
@@ -350,6 +351,12 @@ class DormantRecycler(LinkedRemedy):
         self._waiting: set[str] = set()  # skipped for now, said (see _link_cache.Later)
         self._finder = LinkCache(self.model, example_inputs=example_inputs)
         self.adam_step = AdamStepRestart(reset_adam_step, self.optimizers)
+
+    def _on_bind(self, doctor: Any) -> None:
+        super()._on_bind(doctor)
+        # the units below tau on a few collected batches are as noisy as dead ones: the
+        # Doctor collects as many steps per window for it as for the remedies reading those
+        doctor.need_collected_per_window(MIN_EVIDENCE_STEPS)
 
     def links(self, site: str | SiteKey) -> UnitLinks:
         """The (cached) :class:`~relu_doctor.remedies.unit_links.UnitLinks` of ``site`` (a

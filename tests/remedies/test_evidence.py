@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import relu_doctor
-from relu_doctor.remedies import ActivationSwapper, LRRescuer, TreatmentPlan
+from relu_doctor.remedies import ActivationSwapper, DormantRecycler, LRRescuer, TreatmentPlan
 from relu_doctor.remedies.evidence import MIN_EVIDENCE_STEPS, DeadEvidence
 from tests.remedies.helpers import rec
 
@@ -147,7 +147,10 @@ def test_records_without_a_unit_table_or_sampling_answer_as_logged() -> None:
     (lambda m, o: LRRescuer(o, triggers=("exploding_gradient",)), False),
     (lambda m, o: TreatmentPlan(m, optimizer=o), True),
     (lambda m, o: ActivationSwapper(m), True),
-], ids=["rescuer", "rescuer-no-surge", "plan", "swapper"])
+    # its units below tau on one batch: ReDo's score is as noisy (an RL trial's recycler
+    # acted on 1 collected step a window while the others waited for 8)
+    (lambda m, o: DormantRecycler(m, optimizers=o), True),
+], ids=["rescuer", "rescuer-no-surge", "plan", "swapper", "recycler"])
 @pytest.mark.real_overhead_budget
 @pytest.mark.filterwarnings("ignore:relu_doctor. the watch block ended")
 def test_a_remedy_reading_dead_units_asks_for_enough_steps_per_window(make: Any, asks: bool) -> None:
