@@ -69,6 +69,7 @@ from relu_doctor.runread import (
     table_folders,
     warn_problem,
 )
+from relu_doctor.stats import group_size
 
 __all__ = [
     "LOCK_NAME", "STATUS_NAME", "TABLE_COLUMNS", "RunWriter", "atomic_write_bytes",
@@ -395,7 +396,12 @@ class RunWriter:
                 held = open_writer_state(p)
                 raise RunDirError(
                     f"run_dir: {str(p)!r} already holds run {old.get('run_id', '(unnamed)')!r}"
-                    + (f", and {held.why}; pass a new directory." if held.writing else
+                    + (f", and {held.why}; " + (
+                        f"under torch.distributed ({n} processes) one process writes: pass "
+                        "is_writer=(rank == 0) to watch on each, with all_reduce= and "
+                        f"world_size={n} (the README's 'Distributed' section)."
+                        if (n := group_size()) > 1 else "pass a new directory.")
+                       if held.writing else
                        f"; {resume_advice} (two runs in one directory would mix their records).")
                 )
             if old.get("format_version") != FORMAT_VERSION:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import relu_doctor
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, RunDirError
 from relu_doctor.remedies import (
     AutoClip,
     ContinualBackprop,
@@ -257,7 +257,7 @@ def _evaluating(rank: int) -> dict:
                      for r in doc.eval.records]}
 
 
-def _unsummed(rank: int) -> dict:
+def _unsummed(rank: int, run_dir: str) -> dict:
     """``watch`` without ``all_reduce=`` while the 2 processes run: what it says, and what
     binding a remedy does."""
     model = Experts()
@@ -280,6 +280,24 @@ def _unsummed(rank: int) -> dict:
         out[name] = {"said": [str(w.message) for w in caught
                               if "torch.distributed runs" in str(w.message)],
                      "refused": refused}
+    # both processes given one run directory, no is_writer=: the second is refused, told
+    # how to have one process write (it was told "pass a new directory")
+    shared = Path(run_dir) / "shared"
+    doc = None
+    if rank == 0:
+        doc = relu_doctor.watch(model, every_n_steps=1, log_every_n_steps=1, run_dir=shared,
+                                all_reduce=None, world_size=WORLD)
+        model(torch.randn(BATCH, 8), [0, 1]).pow(2).mean().backward()
+        doc.step()
+    dist.barrier()
+    if rank == 1:
+        try:
+            relu_doctor.watch(model, run_dir=shared, world_size=WORLD).close()
+        except RunDirError as e:
+            out["shared"] = str(e)
+    dist.barrier()
+    if doc is not None:
+        doc.close()
     return out
 
 
@@ -291,7 +309,7 @@ def _worker(rank: int, store: str, out: str) -> None:
         results["evaluating"] = _evaluating(rank)
         for remedy in ("recycler", "cbp", "plan"):
             results[remedy] = _recycling(rank, remedy)
-        results["unsummed"] = _unsummed(rank)
+        results["unsummed"] = _unsummed(rank, out)
         torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
@@ -468,3 +486,6 @@ def test_a_doctor_summing_nothing_across_running_processes_says_so_and_binds_no_
                 assert f"the {WORLD} processes" in refused[name]
             assert refused["AutoClip"] == ""
         assert all(e == "" for e in got["summed"]["refused"].values()), got["summed"]
+    shared = runs[1]["unsummed"]["shared"]
+    assert "is still writing it; under torch.distributed (2 processes) one process writes: " \
+        "pass is_writer=(rank == 0)" in shared, shared
