@@ -37,6 +37,7 @@ from relu_doctor.history import FORMAT_VERSION, IntervalRecord, Run, event_dict
 from relu_doctor.record import window_columns, windows_frame
 from relu_doctor.rundir import RunWriter, check_claimable, load_run, read_table
 from relu_doctor.runread import read_meta
+from relu_doctor.stats import group_size
 from relu_doctor.training_metrics import metrics_columns, metrics_frame
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ class RunRecording:
         run_dir: Path | None
         resume: bool
         is_writer: bool
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None
         log_every_n_steps: int
         every_n_steps: int | Literal["auto"]
         overhead_budget: float | None
@@ -417,6 +419,7 @@ class RunRecording:
                 "overhead_budget": self.overhead_budget,
                 **self.config.__dict__,
                 **_padding_mask(self.probe.padding_mask),
+                **_processes(self.all_reduce is not None),
             },
             **({"ended_by": self.ended_by} if self.ended_by else {}),
         }
@@ -537,6 +540,14 @@ class RunRecording:
                 stacklevel=user_stacklevel(),
             )
         return Path(path)
+
+
+def _processes(summed: bool) -> dict[str, Any]:
+    """The run configuration's processes, where torch.distributed runs several: how many, and
+    whether the statistics are summed across them (``all_reduce=``) or this process's own."""
+    n = group_size()
+    return {"processes": n, "statistics": "summed across the processes" if summed
+            else "this process's own batches alone"} if n > 1 else {}
 
 
 def _padding_mask(how: Any) -> dict[str, str]:

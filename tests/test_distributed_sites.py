@@ -32,6 +32,7 @@ from relu_doctor.remedies import (
     PlanStep,
     TreatmentPlan,
 )
+from relu_doctor.reports.context import build_context
 from relu_doctor.stats import ROW
 from tests.callbacks.spawned import WORLD, all_reduce, member, spawn, spawned
 
@@ -298,6 +299,8 @@ def _unsummed(rank: int, run_dir: str) -> dict:
     dist.barrier()
     if doc is not None:
         doc.close()
+        config = dict(build_context(relu_doctor.load_run(shared)).configuration)
+        out["config"] = {k: config.get(k) for k in ("processes", "statistics")}
     return out
 
 
@@ -486,6 +489,9 @@ def test_a_doctor_summing_nothing_across_running_processes_says_so_and_binds_no_
                 assert f"the {WORLD} processes" in refused[name]
             assert refused["AutoClip"] == ""
         assert all(e == "" for e in got["summed"]["refused"].values()), got["summed"]
+    # the run says how many processes ran and that its statistics are one process's
+    assert runs[0]["unsummed"]["config"] == {"processes": "2",
+                                             "statistics": "this process's own batches alone"}
     shared = runs[1]["unsummed"]["shared"]
     assert "is still writing it; under torch.distributed (2 processes) one process writes: " \
         "pass is_writer=(rank == 0)" in shared, shared

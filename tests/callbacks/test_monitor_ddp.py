@@ -95,6 +95,8 @@ def test_ddp_equals_one_process_and_writes_one_run_dir(tmp_path):
     # Summed across ranks at log time: equal to one process over the union.
     numeric_close(ref[ref["step"] == 3], run.history[run.history["step"] == 3], rel=1e-5)
     assert (run.history["elements"][run.history["step"] == 3] == 3 * 8 * 16).all()
+    assert {k: run.meta["config"].get(k) for k in ("processes", "statistics")} == {
+        "processes": 2, "statistics": "summed across the processes"}
     ref_layers = one.doctor.records[0].layer_table
     got_layers = run.layers[run.layers["step"] == 3].reset_index(drop=True)
     assert list(got_layers["layer"]) == list(ref_layers["layer"])
