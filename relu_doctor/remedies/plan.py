@@ -36,7 +36,6 @@ Example (a plain loop):
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, cast
 
@@ -65,9 +64,6 @@ from relu_doctor.remedies.unit_links import NotInPass
 from relu_doctor.sites import SiteKey
 
 __all__ = ["DEFAULT_STEPS", "PLAN_REMEDIES", "PlanStep", "TreatmentPlan"]
-
-#: Intervals over which the model's dead fraction's falls are its noise (see "dying").
-NOISE_INTERVALS = 8
 
 #: Never clip (AutoClip records gradient norms only, so its percentile is ready when needed).
 _NEVER = 10**15
@@ -186,9 +182,6 @@ class TreatmentPlan(Remedy):
         self._last_change: dict[str, int] = {}  # site -> interval of its last change
         self._prev_dead: dict[str, float] = {}
         self._prev_model_dead: float | None = None
-        #: the model's dead fraction's latest falls between intervals (its noise: "dying"
-        #: needs a larger rise)
-        self._falls: deque[float] = deque(maxlen=NOISE_INTERVALS)
         self._waiting: set[str] = set()  # skipped for now, said (see _link_cache.Later)
         self._dead: dict[str, float] | None = None  # this interval's reading (None: pooling)
         self._streak: dict[tuple[str, str], int] = {}  # (step remedy, site) -> intervals past
@@ -324,14 +317,9 @@ class TreatmentPlan(Remedy):
             return None  # sampled windows: the dead readings wait for more steps
         now = self.evidence.model_fraction
         prev, self._prev_model_dead = self._prev_model_dead, now
-        if now is None or prev is None:
-            return None
-        rise, noise = now - prev, max(self._falls, default=0.0)
-        if rise < 0 and self.interval - 1 not in self._last_change.values():
-            self._falls.append(-rise)  # (a fall a change of the plan's own made is no noise)
-        if now >= 0.1 and rise >= 0.02 - 1e-9 and rise > noise + 1e-9:  # (1e-9: float error)
-            # still dying, beyond the window-to-window noise (a rise larger than any fall
-            # of the latest intervals): the tutorials' first remedy is a lower learning rate
+        # (1e-9: a rise of exactly 2 points, 22/100 - 20/100, is 0.01999...)
+        if now is not None and prev is not None and now >= 0.1 and now - prev >= 0.02 - 1e-9:
+            # still dying: the tutorials' first remedy is a lower learning rate
             return "dying", "dead_fraction", {
                 "dead_fraction_before": prev, "dead_fraction": now, **steps}
         return None
@@ -539,7 +527,6 @@ class TreatmentPlan(Remedy):
             "last_change": dict(self._last_change),
             "prev_dead": dict(self._prev_dead),
             "prev_model_dead": self._prev_model_dead,
-            "falls": list(self._falls),
             "ledger": {k: list(v) for k, v in self._ledger.items()},
             "streak": [[r, site, n] for (r, site), n in self._streak.items()],
             "tried": sorted(self._tried),
@@ -556,7 +543,6 @@ class TreatmentPlan(Remedy):
         self._last_change = {str(k): int(v) for k, v in state.get("last_change", {}).items()}
         self._prev_dead = {str(k): float(v) for k, v in state.get("prev_dead", {}).items()}
         self._prev_model_dead = finite_or_none(state.get("prev_model_dead"))
-        self._falls = deque((float(f) for f in state.get("falls", [])), maxlen=NOISE_INTERVALS)
         self._ledger = {str(k): (str(v[0]), str(v[1])) for k, v in state.get("ledger", {}).items()}
         self._streak = {(str(r), str(site)): int(n) for r, site, n in state.get("streak", [])}
         self._tried = {str(s) for s in state.get("tried", [])}

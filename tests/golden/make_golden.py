@@ -39,11 +39,6 @@ History of the fixture:
    demo's plan switching AutoClip on at step 20), and a stand-alone clipper's reports of its
    windows are not judged. Checked before re-making: with that key (and, for the reports, the
    judgement) taken out, every event, row and finding is as before.
-6. Re-made when the plan's "dying" trigger came to need a rise beyond the dead fraction's
-   own noise (larger than its falls over the latest intervals): the treated demo's plan no
-   longer halves the learning rate at step 90. Checked before re-making: every row is the
-   same up to step 90, the untreated demo and the plain loop are unchanged (the float32
-   demo that ``scripts/demo`` runs makes the same 26 interventions as before).
 """
 
 from __future__ import annotations
