@@ -356,7 +356,8 @@ class DormantRecycler(LinkedRemedy):
         super()._on_bind(doctor)
         # the units below tau on a few collected batches are as noisy as dead ones: the
         # Doctor collects as many steps per window for it as for the remedies reading those
-        doctor.need_collected_per_window(MIN_EVIDENCE_STEPS)
+        if doctor is not None:
+            doctor.need_collected_per_window(MIN_EVIDENCE_STEPS)
 
     def links(self, site: str | SiteKey) -> UnitLinks:
         """The (cached) :class:`~relu_doctor.remedies.unit_links.UnitLinks` of ``site`` (a
