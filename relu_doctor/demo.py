@@ -189,6 +189,7 @@ def train(
     ``report``, its HTML report (``run_dir/report.html``)."""
     from relu_doctor.reports import tensorboard as tb
     from relu_doctor.reports.html import write_report
+    from relu_doctor.reports.interventions import intervention_view, timeline
 
     t0 = time.perf_counter()
     x, y, xt, yt = make_task(cfg)
@@ -253,7 +254,8 @@ def train(
     result.units = _totals(last, "units")
     result.lifetime_dead = _totals(last, "lifetime_dead")
     result.findings = [str(f) for f in last.findings if f.severity != "info"]
-    result.interventions = len(run.interventions())
+    # as the report counts them: a clipper's reports of its windows are one
+    result.interventions = len(timeline([intervention_view(e) for e in run.interventions()]))
     if report:
         write_report(run_dir, result.report)
     result.seconds = time.perf_counter() - t0

@@ -344,8 +344,12 @@ class TreatmentPlan(Remedy):
         from relu_doctor.remedies.clipping import AutoClip
 
         for remedy in self._remedies.values():
-            if isinstance(remedy, AutoClip):
+            if isinstance(remedy, AutoClip) and remedy.warmup_steps == _NEVER:
                 remedy.last = remedy.read()
+            elif isinstance(remedy, AutoClip):  # switched on: its window's clipping, reported
+                for ev in remedy.decide(record):  # as a stand-alone clipper's (not judged)
+                    if self.doctor is not None:
+                        self.doctor.record_event(ev)
             for res in remedy.collect(record):
                 where = self._ledger.pop(res.ref, None)
                 if where is None or res.verdict != NOT_HELPED:

@@ -643,7 +643,8 @@ def build_context(run: Run) -> ReportContext:
                else ""))]
           if sampling and sampling[1] else []),
         *([("own cost", own)] if (own := _own_cost(run)) else []),
-        ("interventions", str(len(interventions))),
+        # (a clipper's reports of its windows are one row, as the table shows them)
+        ("interventions", str(len(timeline(interventions)))),
     ]
     logged_step = int(windows["step"].max()) if windows is not None else None
     verdict = _verdict(

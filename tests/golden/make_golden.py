@@ -39,6 +39,10 @@ History of the fixture:
    demo's plan switching AutoClip on at step 20), and a stand-alone clipper's reports of its
    windows are not judged. Checked before re-making: with that key (and, for the reports, the
    judgement) taken out, every event, row and finding is as before.
+6. Re-made when a plan's AutoClip, once switched on, came to report each window's clipping
+   as a stand-alone clipper does: the treated demo gains one event, AutoClip's report of
+   steps 21-30 (10 of 10 steps clipped). Checked before re-making: without that event every
+   event, row and finding is as before.
 """
 
 from __future__ import annotations

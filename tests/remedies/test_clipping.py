@@ -295,6 +295,7 @@ def test_a_plans_autoclip_is_judged_on_the_norm_before_clipping():
     over each window's steps, against norms read here before the optimizer's step): the norm
     after clipping is the clipper's own doing. A live TensorBoard text of the result alone
     shows the value it was judged against (it showed "?", which only the intervention held)."""
+    from relu_doctor.events import is_judged
     from relu_doctor.remedies import TreatmentPlan
     from relu_doctor.remedies.base import verdict
     from relu_doctor.reports.tensorboard import events_markdown
@@ -314,8 +315,19 @@ def test_a_plans_autoclip_is_judged_on_the_norm_before_clipping():
             doc.step()
         events = doc.to_run().events
     assert plan.should_stop is False
-    on = [e for e in events if e["type"] == "intervention" and e["remedy"] == "adaptive_grad_clip"]
+    clipping = [e for e in events
+                if e["type"] == "intervention" and e["remedy"] == "adaptive_grad_clip"]
+    on = [e for e in clipping if "clip" not in e["details"]]
     assert [e["step"] for e in on] == [60] and on[0]["details"]["trigger"] == "exploding_gradient"
+    # once on, each window's clipping is reported, as a stand-alone clipper's (an RL trial's
+    # plan clipped 1491 of 1500 steps, and the run held only "switched AutoClip on")
+    reports = [e for e in clipping if "clip" in e["details"]]
+    assert [e["step"] for e in reports] == [70, 80]
+    for e, window in zip(reports, (range(61, 71), range(71, 81)), strict=True):
+        assert e["details"]["clip"]["steps"] == 10 and e["details"]["clip"]["clipped"] >= 1
+        assert e["details"]["clip"]["grad_norm"] == pytest.approx(
+            _reference_rms([norms[k] for k in window]), rel=1e-6)
+        assert not is_judged(e)
     before = _reference_rms([norms[k] for k in range(51, 61)])
     assert on[0]["before"]["unclipped_grad_norm"] == pytest.approx(before, rel=1e-6)
     (res,) = [e for e in events if e["type"] == "intervention_result" and e["ref"] == on[0]["id"]]
