@@ -242,11 +242,13 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                    if all_reduce is not None else
                    "sums nothing across them (no all_reduce=): its statistics are this "
                    "process's batches alone, and under DDP its gradient statistics are "
-                   f"{processes} times those of the mean loss DDP optimises, and remedies "
-                   "cannot be bound (each process would change its own copy of the model). "
+                   f"{processes} times those of the mean loss DDP optimises, and its "
+                   "remedies would each change this process's copy of the model alone. "
                    f"Pass all_reduce= (the sum across processes), world_size={processes} and "
                    "is_writer=(rank == 0)")
-                + " to watch, on every process (the README's 'Distributed' section).",
+                + " to watch, on every process (the README's 'Distributed' section)"
+                + ("" if all_reduce is not None else
+                   "; where each process trains a model of its own, this is as meant") + ".",
                 ReluDoctorWarning,
                 stacklevel=user_stacklevel(),
             )

@@ -309,14 +309,16 @@ class Remedy:
         if self.doctor is doctor:
             return self
         if self.reads_records and getattr(doctor, "all_reduce", None) is None and (
-                n := group_size()) > 1:
-            raise ReluDoctorError(
-                f"doctor: {type(self).__name__} decides from the Doctor's statistics, which "
-                f"sum nothing across the {n} processes torch.distributed runs (watch without "
-                "all_reduce=): each process would decide from its own batches and change its "
-                "own copy of the model, and DDP's copies would part. Pass all_reduce= (the sum "
-                f"across processes), world_size={n} and is_writer=(rank == 0) to watch, on "
-                "every process (the README's 'Distributed' section)."
+                n := group_size()) > 1 and not getattr(doctor, "_said_unsummed", False):
+            doctor._said_unsummed = True  # type: ignore[attr-defined]  # (once per Doctor)
+            self.warn(
+                f"relu_doctor: {type(self).__name__} decides from this process's statistics "
+                f"alone: {n} processes run, and the Doctor sums nothing across them (watch "
+                "without all_reduce=). Under DDP each process would change its own copy of the "
+                "model, and the copies would part: pass all_reduce= (the sum across processes), "
+                f"world_size={n} and is_writer=(rank == 0) to watch, on every process (the "
+                "README's 'Distributed' section). Where each process trains a model of its "
+                "own, this is as meant."
             )
         self._before_bind(doctor)  # (what may refuse it, before anything is bound)
         self.doctor = doctor
