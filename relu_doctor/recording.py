@@ -394,11 +394,7 @@ class RunRecording:
             f"{str(ev.get('what', '')).rstrip('.')}. "
             + ("Its effect is judged at the next log; its" if is_judged(ev) else "Its")
             + " later changes there are recorded in the run directory and the report, not said."
-            + (" A copy of the model made before it (an EMA, a DQN's target network) keeps the "
-               "old activation, which load_state_dict does not change (and a PReLU's slopes are "
-               "keys it lacks): make such copies anew (copy.deepcopy(model)), or swap them too "
-               "(ActivationSwapper(copy).load_state_dict(swapper.state_dict()))."
-               if key[0] == "leaky_relu_swap" else ""),
+            + (_copies(self.config.loop) if key[0] == "leaky_relu_swap" else ""),
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),
         )
@@ -540,6 +536,18 @@ class RunRecording:
                 stacklevel=user_stacklevel(),
             )
         return Path(path)
+
+
+def _copies(loop: str) -> str:
+    """What a swap's announcement says of copies of the model made before it."""
+    if loop == "keras":
+        return (" A copy of the model made before it (keras.models.clone_model) keeps the old "
+                "activation, which set_weights does not change: clone it anew.")
+    return (" A copy of the model made before it (an EMA, a DQN's target network) keeps the "
+            "old activation, which load_state_dict does not change (and a PReLU's slopes are "
+            "keys it lacks): make such copies anew (copy.deepcopy(model)), or swap them too: "
+            "ActivationSwapper(copy).load_state_dict(state), with state the swapping remedy's "
+            "state_dict() (an AveragedModel's copy is its .module).")
 
 
 def _processes(summed: bool) -> dict[str, Any]:

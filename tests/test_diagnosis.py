@@ -542,7 +542,8 @@ def test_the_leaky_relu_swap_is_advised_only_where_the_swap_acts(family):
 
 
 @pytest.mark.parametrize(("optimizer", "reset_adam_step"),
-                         [("Adam", False), ("Adam", True), ("SGD", False)])
+                         [("Adam", False), ("Adam", True), ("AdamW", False), ("SGD", False),
+                          ("RAdam", False), ("NAdam", False)])
 def test_recycling_that_did_not_help_under_adam_is_advised_the_step_restart(optimizer,
                                                                             reset_adam_step):
     """A recycling judged "did not help" was advised "stop recycling here". Under Adam
@@ -565,7 +566,8 @@ def test_recycling_that_did_not_help_under_adam_is_advised_the_step_restart(opti
     text = recommend(dead, False, [view])
     assert "stop recycling here" in text
     said = "reset_adam_step=True" in text
-    assert said == (optimizer == "Adam" and not reset_adam_step), text
+    # (RAdam and NAdam keep the same moments, but reset_adam_step refuses them: a review)
+    assert said == (optimizer in ("Adam", "AdamW") and not reset_adam_step), text
 
 
 def test_a_site_fed_by_a_frozen_layer_is_told_so_as_information():

@@ -252,7 +252,7 @@ class ContinualBackprop(LinkedRemedy):
                     f"units with the lowest contribution utility in {what['producer']}"
                     f"{drawn_by(what)}",
                     units=what["units"], links=links.describe(),
-                    optimizer_state=what["optimizer_state"],
+                    optimizer_state=what["optimizer_state"], optimizers=what["optimizers"],
                 )
             )
         return events

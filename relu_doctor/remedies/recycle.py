@@ -149,6 +149,7 @@ def recycle_units(
 
     Returns:
         What changed: ``units``, ``producer``, ``norm``, ``consumers``, ``optimizer_state``
+        (and ``optimizers``, their classes' names)
         (the state keys reset), ``init`` (which initialisation drew the new weights).
 
     Example:
@@ -170,6 +171,7 @@ def recycle_units(
             "norm": links.norm_path,
             "consumers": [c.path for c in links.consumers],
             "optimizer_state": [],
+            "optimizers": [],
             "init": "",
         }
     if int(idx.min()) < 0 or int(idx.max()) >= links.units:
@@ -227,6 +229,7 @@ def recycle_units(
         "norm": links.norm_path,
         "consumers": [c.path for c in links.consumers],
         "optimizer_state": state_keys,
+        "optimizers": [type(o).__name__ for o in opts],
         "init": drew,
     }
 
@@ -431,6 +434,7 @@ class DormantRecycler(LinkedRemedy):
                 units=what["units"],
                 links=links.describe(),
                 optimizer_state=what["optimizer_state"],
+                optimizers=what["optimizers"],
             )
         )
 

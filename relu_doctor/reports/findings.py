@@ -222,9 +222,10 @@ def recommend(
     elif recycled & failed:
         adam = any(e.adam_step_kept for e in done if e.remedy in RECYCLERS and e.verdict == "did not help")
         steps.append("stop recycling here (the recycled units went quiet again)" + (
-            ", or recycle with reset_adam_step=True: under Adam its recycled units' first "
-            "updates were about 3x the learning rate (their zeroed moments took the "
-            "tensor's old bias correction), which can kill them again" if adam else ""))
+            ", or recycle with reset_adam_step=True: under Adam its recycled units' zeroed "
+            "moments took the tensor's old bias correction, so their first updates were "
+            "larger than a fresh Adam's (about 3x the learning rate at the default betas), "
+            "which can kill them again" if adam else ""))
     steps.append("check the normalisation before this activation (BatchNorm or LayerNorm, "
                  "where there is none) and the initialisation and bias of the layer that "
                  "feeds it")

@@ -66,7 +66,7 @@ class InterventionView:
     #: which of several optimizers it acted on (its own summarised row), None for the only one
     optimizer: int | None = None
     #: a recycling that zeroed Adam's moments of its slices and kept the tensor's step (no
-    #: ``reset_adam_step``): their first updates about 3x the learning rate
+    #: ``reset_adam_step``): their first updates larger than a fresh Adam's
     adam_step_kept: bool = False
 
 
@@ -169,9 +169,14 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
 
 
 def _adam_step_kept(ev: Mapping[str, Any]) -> bool:
+    """Whether a recycling zeroed Adam's (or AdamW's: those ``reset_adam_step`` takes)
+    moments of its slices without restarting their step."""
     details = ev.get("details")
-    state = details.get("optimizer_state") if isinstance(details, Mapping) else None
-    return isinstance(state, list) and "exp_avg_sq" in state and "step" not in state
+    if not isinstance(details, Mapping):
+        return False
+    state, opts = details.get("optimizer_state"), details.get("optimizers")
+    return (isinstance(state, list) and "exp_avg_sq" in state and "step" not in state
+            and isinstance(opts, list) and bool(opts) and set(opts) <= {"Adam", "AdamW"})
 
 
 def timeline(interventions: Sequence[InterventionView]) -> list[InterventionView]:

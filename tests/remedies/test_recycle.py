@@ -187,7 +187,7 @@ def test_recycle_nothing_changes_nothing():
         "producer": "0",
         "norm": None,
         "consumers": ["2"],
-        "optimizer_state": [],
+        "optimizer_state": [], "optimizers": [],
         "init": "",  # nothing drawn
     }
     assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
