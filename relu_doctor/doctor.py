@@ -223,7 +223,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._scale_before: torch.Tensor | None = None
         self._scaler_skipped: torch.Tensor | None = None
         self.world_size = positive_int("world_size", world_size)
-        processes = group_size()
+        #: the processes torch.distributed ran as the Doctor was made (1: none)
+        self.processes = processes = group_size()
         if self.world_size > 1 and all_reduce is None and processes != self.world_size:
             raise ReluDoctorError(
                 f"world_size: got {world_size} without all_reduce, and no process group of "

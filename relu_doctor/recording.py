@@ -37,7 +37,6 @@ from relu_doctor.history import FORMAT_VERSION, IntervalRecord, Run, event_dict
 from relu_doctor.record import window_columns, windows_frame
 from relu_doctor.rundir import RunWriter, check_claimable, load_run, read_table
 from relu_doctor.runread import read_meta
-from relu_doctor.stats import group_size
 from relu_doctor.training_metrics import metrics_columns, metrics_frame
 
 if TYPE_CHECKING:
@@ -111,6 +110,7 @@ class RunRecording:
         resume: bool
         is_writer: bool
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None
+        processes: int
         log_every_n_steps: int
         every_n_steps: int | Literal["auto"]
         overhead_budget: float | None
@@ -415,7 +415,7 @@ class RunRecording:
                 "overhead_budget": self.overhead_budget,
                 **self.config.__dict__,
                 **_padding_mask(self.probe.padding_mask),
-                **_processes(self.all_reduce is not None),
+                **_processes(self.processes, self.all_reduce is not None),
             },
             **({"ended_by": self.ended_by} if self.ended_by else {}),
         }
@@ -529,9 +529,12 @@ class RunRecording:
         if dropped:  # (said by the report too)
             warnings.warn(
                 f"relu_doctor: {str(path)!r} holds the latest {len(self._records)} logs, "
-                f"not the {dropped} before them: without run_dir= a Doctor keeps only its "
-                f"latest keep_records={self.keep_records} logs in memory. Pass "
-                "watch(..., run_dir=...) to keep every log, or a larger keep_records=.",
+                f"not the {dropped} before them: a Doctor that writes no run directory keeps "
+                f"only its latest keep_records={self.keep_records} logs in memory. "
+                + ("Pass watch(..., run_dir=...) to keep every log, or a larger keep_records=."
+                   if self.run_dir is None else
+                   "Save from the process that writes its run directory (is_writer=True), "
+                   "or pass a larger keep_records="),
                 ReluDoctorWarning,
                 stacklevel=user_stacklevel(),
             )
@@ -550,10 +553,10 @@ def _copies(loop: str) -> str:
             "state_dict() (an AveragedModel's copy is its .module).")
 
 
-def _processes(summed: bool) -> dict[str, Any]:
-    """The run configuration's processes, where torch.distributed runs several: how many, and
-    whether the statistics are summed across them (``all_reduce=``) or this process's own."""
-    n = group_size()
+def _processes(n: int, summed: bool) -> dict[str, Any]:
+    """The run configuration's processes, where torch.distributed ran ``n`` (> 1) as the
+    Doctor was made: how many, and whether the statistics are summed across them
+    (``all_reduce=``) or this process's own."""
     return {"processes": n, "statistics": "summed across the processes" if summed
             else "this process's own batches alone"} if n > 1 else {}
 

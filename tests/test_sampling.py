@@ -1588,8 +1588,8 @@ def test_a_save_without_run_dir_says_which_logs_it_no_longer_holds(tmp_path) -> 
         doc.save(tmp_path / "saved")
     numbers = dict(build_context(relu_doctor.load_run(tmp_path / "saved")).key_numbers)
     assert numbers["steps logged"] == (
-        "6–10 (3 logs); the 2 before were not kept: without run_dir= a Doctor keeps only its "
-        "latest keep_records logs")
+        "6–10 (3 logs); the 2 before were not kept: a Doctor that writes no run directory "
+        "keeps only its latest keep_records logs")
     assert numbers["steps collected"] == "6 of 6 run (100.0%) in the logs kept"
     with warnings.catch_warnings():  # all of them kept: no word of it
         warnings.simplefilter("error")

@@ -635,8 +635,8 @@ def build_context(run: Run) -> ReportContext:
         ("never active", "—" if lost else str(total("lifetime_dead"))),
         ("dormant", now or str(total("dormant"))),
         ("steps logged", _logged_text(steps, windows, lost) + (
-            f"; the {dropped} before were not kept: without run_dir= a Doctor keeps only "
-            "its latest keep_records logs" if dropped else "")),
+            f"; the {dropped} before were not kept: a Doctor that writes no run directory "
+            "keeps only its latest keep_records logs" if dropped else "")),
         *([("steps collected", f"{sampling[0]} of {sampling[1]} run "
             f"({fmt_pct(sampling[0] / sampling[1])})"
             + (" in the logs written" if run.unwritten else " in the logs kept" if dropped
