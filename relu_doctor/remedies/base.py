@@ -48,7 +48,6 @@ from relu_doctor.remedies.evidence import (
     units_efficacy,
 )
 from relu_doctor.sites import SiteKey, module_label
-from relu_doctor.stats import group_size
 
 __all__ = [
     "DTENSOR",
@@ -309,7 +308,8 @@ class Remedy:
         if self.doctor is doctor:
             return self
         if self.reads_records and getattr(doctor, "all_reduce", None) is None and (
-                n := group_size()) > 1 and not getattr(doctor, "_said_unsummed", False):
+                n := getattr(doctor, "processes", 1)) > 1 and not getattr(
+                    doctor, "_said_unsummed", False):
             doctor._said_unsummed = True  # type: ignore[attr-defined]  # (once per Doctor)
             self.warn(
                 f"relu_doctor: {type(self).__name__} decides from this process's statistics "
