@@ -322,6 +322,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._exited = False
         self.expects_steps = False  # watch() sets it: a block without step() then warns
         self.global_step = 0
+        #: the step said ahead to be training's last (:meth:`expect_last_step`), else None
+        self._last_ahead: int | None = None
         self.window_steps = 0  # steps of the open window that recorded a pass (collected)
         self._window_scheduled = 0  # steps of the open window meant to collect
         self._passes_at_step = 0  # the probe's passes when the last step ended
@@ -570,7 +572,17 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         return self.sampler.collect(self.global_step, log_next=log_next)
 
     def _next_is_log_step(self) -> bool:
-        return (self.global_step + 1) % self.log_every_n_steps == 0
+        return ((self.global_step + 1) % self.log_every_n_steps == 0
+                or self._last_ahead == self.global_step)
+
+    def expect_last_step(self) -> None:
+        """Say, before its optimizer step, that the step now being taken is training's
+        last. Its optimizer step then keeps the parameters' copy, as at a logging step, so
+        the last, partial window has an update ratio (else NaN: its end is known only once
+        its step ran); and its :meth:`step` is ``last=True``. The integrations call it where
+        the framework knows the last step ahead (Lightning, the Hugging Face Trainer,
+        Keras); in a plain loop, call it before the last ``opt.step()``. No host sync."""
+        self._last_ahead = self.global_step
 
     def _current_scale(self) -> torch.Tensor | float | None:
         scale = self._loss_scale()  # the device tensor: reading it does not sync
@@ -624,6 +636,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                     raise ReluDoctorError(missing)
         if last is not False and last is not True:
             last = flag("last", bool(last) if isinstance(last, np.bool_) else last)
+        last = last or self._last_ahead == self.global_step
         release = self._check_held  # training went on after a final record (_release_held)
         if loss is not None:
             self.log_metrics({"loss": loss})

@@ -9,6 +9,7 @@ definitions of the README, written the slow obvious way.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -278,3 +279,34 @@ def step_beside(
             model(x).square().mean().backward()
             opt.step()
             opt.zero_grad()
+
+
+class UpdateSpy:
+    """Each step of ``opt``: per layer (the module owning the parameters, by name), the
+    update ratio ``||W_after - W_before|| / ||W_after||`` over all its elements in float64,
+    from step hooks of its own (registered before the monitor's, so they read the same
+    parameters). ``ratios[-1]`` is the last step's."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        self.owner = {id(p): name.rsplit(".", 1)[0] if "." in name else ""
+                      for name, p in model.named_parameters()}
+        self.ratios: list[dict[str, float]] = []
+        self._before: dict[int, torch.Tensor] = {}
+        opt.register_step_pre_hook(self._pre)
+        opt.register_step_post_hook(self._post)
+
+    def _params(self, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+        return [p for g in opt.param_groups for p in g["params"] if id(p) in self.owner]
+
+    def _pre(self, opt: torch.optim.Optimizer, *_: Any) -> None:
+        self._before = {id(p): p.detach().double().clone() for p in self._params(opt)}
+
+    def _post(self, opt: torch.optim.Optimizer, *_: Any) -> None:
+        d: dict[str, float] = {}
+        w: dict[str, float] = {}
+        for p in self._params(opt):
+            layer = self.owner[id(p)]
+            now = p.detach().double()
+            d[layer] = d.get(layer, 0.0) + float((now - self._before[id(p)]).square().sum())
+            w[layer] = w.get(layer, 0.0) + float(now.square().sum())
+        self.ratios.append({k: math.sqrt(d[k]) / math.sqrt(w[k]) for k in d})

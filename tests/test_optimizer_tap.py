@@ -414,3 +414,40 @@ def test_each_layers_norm_is_over_the_steps_of_the_optimizer_holding_it(critic_s
     for name, values in sq.items():
         want = math.sqrt(sum(values) / len(values))
         assert table.loc[name, "grad_norm"] == pytest.approx(want, rel=1e-6), name
+
+
+@pytest.mark.parametrize("said", [True, False], ids=["expected", "not-said"])
+def test_the_last_partial_windows_update_ratio_is_read_when_its_step_is_said_ahead(said):
+    """``doc.expect_last_step()`` before the last ``opt.step()`` keeps the copy there: the
+    last, partial window (steps 7 of a 3-step interval) has the last step's update ratio,
+    against a float64 reference of the test's own step hooks, and its record is final.
+    Unsaid, that window's ratio is NaN (its end was not known at its step)."""
+    import math
+
+    import relu_doctor
+    from tests.reference import UpdateSpy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    spy = UpdateSpy(model, opt)
+    x = torch.randn(16, 3)
+    with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=3) as doc:
+        for i in range(7):
+            model(x).square().mean().backward()
+            if said and i == 6:
+                doc.expect_last_step()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    last = doc.records[-1]
+    assert last.step == 7 and last.final
+    got = last.layer_table.set_index("layer")["update_ratio"]
+    assert set(got.index) == {"0", "2"}
+    for layer, want in spy.ratios[-1].items():
+        assert math.isclose(got[layer], want, rel_tol=1e-5) if said else math.isnan(got[layer])
+    # the logged windows before are unchanged: their logging steps' ratios (steps 3 and 6)
+    for rec in doc.records[:-1]:
+        ref = spy.ratios[rec.step - 1]
+        for layer, v in rec.layer_table.set_index("layer")["update_ratio"].items():
+            assert math.isclose(v, ref[layer], rel_tol=1e-5)

@@ -326,6 +326,14 @@ class ReluDoctor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # the fit's last optimizer step, said ahead: its update ratio is read (Python ints)
+        if (self.doctor is not None and not self._aside
+                and _fit_ends_here(trainer, batch_idx, ahead=True)):
+            self.doctor.expect_last_step()
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
@@ -673,14 +681,15 @@ def _any_acts_at(callbacks: tuple[RemedyCallback[Any], ...], site: str) -> bool:
     return any(c.acts_at(site) for c in callbacks)
 
 
-def _fit_ends_here(trainer: pl.Trainer, batch_idx: int) -> bool:
-    """Whether the fit stops after the optimizer step of batch ``batch_idx``, by Lightning's
+def _fit_ends_here(trainer: pl.Trainer, batch_idx: int, *, ahead: bool = False) -> bool:
+    """Whether the fit stops after the optimizer step of batch ``batch_idx`` (read at its
+    end; ``ahead``: as it begins, before the step moves the global step), by Lightning's
     own stopping rules read now (so a data loader reloaded with another length, or a run
     resumed with another batch size, is read right): ``max_steps`` reached, or the last
     batch of the last epoch (``num_training_batches``, with the limits applied; the fetcher's
     look-ahead for an iterable of unknown length). Unknown stops (early stopping,
     ``max_time``) are not foreseen: the end of training logs what is left."""
-    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+    if trainer.max_steps != -1 and trainer.global_step + ahead >= trainer.max_steps:
         return True
     max_epochs = trainer.max_epochs
     if max_epochs is None or max_epochs == -1 or trainer.current_epoch + 1 < max_epochs:

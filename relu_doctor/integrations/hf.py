@@ -412,13 +412,19 @@ class ReluDoctorCallback(TrainerCallback):
             r.bind(doc)
         self.remedies = rem
 
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        # The Trainer's max_steps is set from the epochs when not given, so the last step is
+        # known ahead: its update ratio is read, and a remedy changes nothing there.
+        if self.doctor is not None and not self._stopped and _ends_at(state, state.global_step + 1):
+            self.doctor.expect_last_step()
+        return None
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.doctor is None or self._stopped:
             return None
-        # Called once per optimizer step by the Trainer; its max_steps is set from the epochs
-        # when not given, so the last step is known (a remedy changes nothing there).
-        last = 0 < int(getattr(state, "max_steps", 0) or 0) <= int(state.global_step)
-        record = safe_step(self.doctor, self._step_aside, last=last)
+        # called once per optimizer step by the Trainer (a Trainer of a version without
+        # on_pre_optimizer_step says the last step here)
+        record = safe_step(self.doctor, self._step_aside, last=_ends_at(state, state.global_step))
         if record is not None:
             control.should_log = True  # the Trainer logs at this step: on_log adds ours
         plan = self.remedies.get("treatment_plan")
@@ -533,3 +539,8 @@ class ReluDoctorCallback(TrainerCallback):
                 f"{sd.get('version')!r}, expected {_STATE_VERSION}."
             )
         return sd
+
+
+def _ends_at(state: Any, step: int) -> bool:
+    """Whether the Trainer's training ends at optimizer step ``step`` (its ``max_steps``)."""
+    return 0 < int(getattr(state, "max_steps", 0) or 0) <= int(step)

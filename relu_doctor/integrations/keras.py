@@ -441,9 +441,11 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._in_batch = True
         doc = self.doctor
-        if (doc is not None and not self._stopped and self._opt is not None
-                and (self._batches + 1) % self._accumulate == 0
-                and (doc._next_is_log_step() or self._last_step(batch))):
+        if doc is None or self._stopped or (self._batches + 1) % self._accumulate:
+            return  # (a batch that steps no optimizer)
+        if self._last_step(batch):
+            doc.expect_last_step()  # logged as a logging step is (its learning rate below)
+        if self._opt is not None and doc._next_is_log_step():
             self._lr_used = self._read_lr()  # the rate this step uses, before it moves on
 
     def _read_lr(self) -> float | None:

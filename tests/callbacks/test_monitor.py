@@ -1154,3 +1154,32 @@ def test_the_monitor_leaves_the_padding_out_with_padding_mask(tmp_path):
     total = site.stats.window + site.stats.lifetime
     assert total[0].tolist() == [float(mask.sum())] * 6 < [20.0 * 4] * 6
     assert total[1].tolist() == active.tolist()
+
+
+class _Spy(L.Callback):
+    """The test's own update ratios at each optimizer step (tests.reference.UpdateSpy)."""
+
+    def on_train_start(self, trainer, pl_module):
+        from tests.reference import UpdateSpy
+
+        self.spy = UpdateSpy(pl_module, trainer.optimizers[0])
+
+
+@pytest.mark.parametrize("stop", [dict(max_steps=7), dict(max_epochs=2, accumulate_grad_batches=2)],
+                         ids=["max_steps", "epochs-accumulated"])
+def test_the_fits_last_partial_window_has_its_update_ratio(tmp_path, stop):
+    """Lightning knows the fit's last optimizer step ahead: the last, partial window's
+    update ratio is that step's (7 steps, or 2 epochs of 6 batches by 2), against the test's
+    own step hooks, as at every logging step before it."""
+    spy = _Spy()
+    cb = ReluDoctor(log_every_n_steps=4)
+    trainer(tmp_path, [spy, cb], **stop).fit(make_model(), loader())
+    records = cb.doctor.records
+    assert [r.step for r in records] == [4, 6] if "max_epochs" in stop else [4, 7]
+    assert records[-1].final
+    for rec in records:
+        want = spy.spy.ratios[rec.step - 1]
+        got = rec.layer_table.set_index("layer")["update_ratio"]
+        assert set(got.index) == set(LAYERS) == set(want)
+        for layer in LAYERS:
+            assert math.isclose(got[layer], want[layer], rel_tol=1e-5), (rec.step, layer)

@@ -595,3 +595,34 @@ def test_padding_mask_leaves_the_padding_of_the_trainers_batches_out(tmp_path: P
         "attention_mask"
     # HF clips at max_grad_norm=1.0 by default: the gradient findings say so, not "clip"
     assert cb.doctor.config.clipped_by == "the Trainer's max_grad_norm=1"
+
+
+class _Spy(transformers.TrainerCallback):  # type: ignore[misc]
+    """The test's own update ratios at each optimizer step (tests.reference.UpdateSpy)."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       optimizer: Any = None, **kw: Any) -> None:
+        from tests.reference import UpdateSpy
+
+        self.spy = UpdateSpy(model, getattr(optimizer, "optimizer", optimizer))  # Accelerate's wrap
+
+
+def test_the_last_partial_windows_update_ratio_is_the_last_steps(tmp_path: Path) -> None:
+    """The Trainer knows its last optimizer step ahead (max_steps, set from the epochs when
+    not given): the last, partial window (steps 5-7 of 4-step intervals, accumulation 2)
+    has that step's update ratio, against the test's own step hooks, as the logs before."""
+    spy = _Spy()
+    cb = ReluDoctorCallback(log_every_n_steps=4)
+    trainer = transformers.Trainer(
+        model=_model(), args=_args(tmp_path, max_steps=7, gradient_accumulation_steps=2),
+        train_dataset=_data(), callbacks=[spy, cb],
+    )
+    trainer.train()
+    records = cb.doctor.records
+    assert [r.step for r in records] == [4, 7] and records[-1].final
+    for rec in records:
+        want = spy.spy.ratios[rec.step - 1]
+        got = rec.layer_table.set_index("layer")["update_ratio"].dropna()
+        assert len(got) >= 10 and set(got.index) <= set(want)
+        for layer, v in got.items():
+            assert abs(v - want[layer]) <= 1e-5 * want[layer] + 1e-12, (rec.step, layer)
