@@ -403,8 +403,9 @@ def diagnose(
             frac = float(row["dead_fraction"])
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
             remedy = (
-                f"Lower the learning rate (step or exponential decay){and_recycle}; check the "
-                f"normalisation before this activation.{aside}"
+                f"Lower the learning rate (step or exponential decay)"
+                f"{_and_recycle_dead(u, 'dead', names, config.tau) if recyclable else ''}; "
+                f"check the normalisation before this activation.{aside}"
                 if leaky
                 else "Lower the learning rate (step or exponential decay) and check the "
                 "initialisation and bias of the layer that feeds it; where the units stay "
@@ -437,7 +438,9 @@ def diagnose(
                     ("Units stuck negative since monitoring began still pass a small "
                      "gradient but add little: " if leaky else
                      "Units that never fired are wasted capacity: ")
-                    + " or ".join([*([f"recycle them {_recycle(names)}"] if recyclable else []),
+                    + " or ".join([*([_and_recycle_dead(u, "lifetime_dead", names, config.tau)
+                                      .replace(" and recycle the units", "recycle them", 1)]
+                                     if recyclable else []),
                                    *([f"swap to LeakyReLU ({names['swap']})"] if swappable
                                      else [])]
                                   or ["check the initialisation and bias of the layer that "
@@ -694,6 +697,24 @@ RECYCLERS = ("dormant_reset", "continual_backprop")
 def _recycle(names: Mapping[str, str | None], source: str = "ReDo") -> str:
     """ReDo recycling by the loop's name for it, in brackets (where the loop offers it)."""
     return f"({source}: {names['recycle']})"
+
+
+def _and_recycle_dead(units: Mapping[str, torch.Tensor], flag: str,
+                      names: Mapping[str, str | None], tau: float) -> str:
+    """" and recycle the units (ReDo: ...)" for the units flagged ``flag``. Where none of
+    them scores below tau (a leaky family's units stuck negative: their negative outputs
+    count in the ReDo score), the recycler's default choice, by score, passes them over: it
+    takes them given ``tau``, which adds the dead units whatever their score."""
+    if flag not in units or "below_tau" not in units:
+        return f" and recycle the units {_recycle(names)}"
+    flagged = units[flag].bool()
+    if not bool(flagged.any()) or bool((flagged & units["below_tau"].bool()).any()):
+        return f" and recycle the units {_recycle(names)}"
+    name = str(names["recycle"])
+    given = (name.replace("True", f"{{'tau': {tau}}}") if name.endswith("=True")
+             else f"{name}(tau={tau})")
+    return (f" and recycle the units (ReDo: {given}; by default it takes the units scoring "
+            f"below tau, and these units' negative outputs score above it)")
 
 
 def _growth_findings(

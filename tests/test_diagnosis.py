@@ -769,3 +769,50 @@ def test_units_of_a_leaky_family_never_active_are_not_called_wasted():
                                             "still pass a small gradient")
     relu = {f.kind: f.remedy for f in diagnose(rows, units, DiagnosisConfig())}
     assert relu["lifetime_dead"].startswith("Units that never fired are wasted capacity")
+
+
+@pytest.mark.parametrize("family", ["elu", "leaky_relu"])
+def test_a_leaky_familys_dead_units_are_advised_the_recycling_that_takes_them(family):
+    """A unit of a leaky family stuck negative keeps a ReDo score of its negative outputs:
+    ELU's, near -1, score above tau, and the recycler's default choice (by score) passes
+    them over, so the advice names ``tau=``, with which it takes them; a LeakyReLU's, near
+    -0.01, score below tau (at -0.1 they would not), and the default is advised. Checked against what a bound
+    recycler does with each setting."""
+    import relu_doctor
+    from relu_doctor.remedies import DormantRecycler
+    from tests.remedies.helpers import events_of
+
+    stuck = [2, 9]
+
+    def run(tau=None, recycle=False):
+        torch.manual_seed(0)
+        model = zoo.family_model(family)
+        with torch.no_grad():  # constant inputs to the stuck units, never active: ELU's
+            model[0].weight[stuck] = 0.0  # output -1, LeakyReLU's (slope 0.1) -0.01
+            model[0].bias[stuck] = -50.0 if family == "elu" else -0.1
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        x = torch.randn(64, 6)
+        with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=8,
+                               overhead_budget=None) as doc:
+            doc.seen = events_of(doc)
+            if recycle:
+                DormantRecycler(model, optimizers=opt, tau=tau).bind(doc)
+            for _ in range(8):
+                model(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+        return doc
+
+    doc = run()
+    dead = findings_by(doc.records[-1])[("dead", "1")]
+    assert dead.evidence["dead_units"] == stuck
+    recycled = {}
+    for tau in (None, 0.1):
+        events = [e for e in run(tau, recycle=True).seen if e.get("remedy") == "dormant_reset"]
+        recycled[tau] = sorted({u for e in events if e["site"] == "1" for u in e["details"]["units"]})
+    takes_by_default = set(stuck) <= set(recycled[None])
+    assert set(stuck) <= set(recycled[0.1])
+    assert takes_by_default == (family == "leaky_relu")
+    assert ("DormantRecycler(tau=0.1)" in dead.remedy) == (not takes_by_default)
+    assert "(ReDo: DormantRecycler" in dead.remedy
