@@ -365,6 +365,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._lifetime_steps: tuple[int, int] | None = (0, 0)
         self._previous_sites: list[dict[str, Any]] = []  # a continued run's (see recording)
         self._previous_unwritten: list[list[int]] = []  # its logs never written (same)
+        self._previous_dropped = 0  # its logs a Doctor without run_dir= no longer held (same)
         self._warned_other_model = False
         self.probe.on_new_site(self._mark_meta_dirty)
         # a layer replaced at another width: the new one's growth and findings are its own

@@ -129,6 +129,7 @@ class RunRecording:
         _meta_dirty: bool
         _previous_sites: list[dict[str, Any]]
         _previous_unwritten: list[list[int]]
+        _previous_dropped: int
         _warned_other_model: bool
         ended_by: str | None
         resume_advice: str
@@ -158,6 +159,10 @@ class RunRecording:
         if writer.previous_meta is not None and not self._previous_sites:
             self._take_previous_sites(writer.previous_meta)
         self._previous_unwritten = writer.previous_unwritten
+        # a run saved by a Doctor without run_dir=, continued here: the logs it no longer
+        # held before its save stay missing, and the run's meta still says so
+        dropped = (writer.previous_meta or {}).get("records_dropped")
+        self._previous_dropped = dropped if isinstance(dropped, int) and dropped > 0 else 0
         if writer.last_step is not None and self.global_step == 0:
             # resume=True without a checkpoint: go on after its last log
             self.global_step = writer.last_step
@@ -418,6 +423,7 @@ class RunRecording:
                 **_processes(self.processes, self.all_reduce is not None),
             },
             **({"ended_by": self.ended_by} if self.ended_by else {}),
+            **({"records_dropped": self._previous_dropped} if self._previous_dropped else {}),
         }
 
     def _write_meta(self) -> None:
@@ -460,7 +466,7 @@ class RunRecording:
 
         return Run(
             meta={"format_version": FORMAT_VERSION, **self._meta(),
-                  "records_dropped": self._records_dropped},
+                  "records_dropped": self._previous_dropped + self._records_dropped},
             history=pd.DataFrame([r for rec in records for r in rec.site_rows]),
             units=cat([r.unit_table for r in records]),
             layers=cat([r.layer_table for r in records]),

@@ -1591,6 +1591,18 @@ def test_a_save_without_run_dir_says_which_logs_it_no_longer_holds(tmp_path) -> 
         "6–10 (3 logs); the 2 before were not kept: a Doctor that writes no run directory "
         "keeps only its latest keep_records logs")
     assert numbers["steps collected"] == "6 of 6 run (100.0%) in the logs kept"
+    # continued in that directory (resume=True), the run still lacks those logs, and says so
+    with relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1, run_dir=tmp_path / "saved",
+                           resume=True) as doc:
+        for _ in range(4):
+            net(torch.randn(8, 4)).pow(2).mean().backward()
+            doc.step()
+    run = relu_doctor.load_run(tmp_path / "saved")
+    assert sorted(set(run.history["step"])) == [6, 8, 10, 12, 14]
+    assert run.meta["records_dropped"] == 2
+    assert dict(build_context(run).key_numbers)["steps logged"] == (
+        "6–14 (5 logs); the 2 before were not kept: a Doctor that writes no run directory "
+        "keeps only its latest keep_records logs")
     with warnings.catch_warnings():  # all of them kept: no word of it
         warnings.simplefilter("error")
         with relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1, keep_records=5) as doc:
