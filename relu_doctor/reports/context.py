@@ -698,7 +698,10 @@ def build_context(run: Run) -> ReportContext:
              "units_named": f.units_named}
             for f in findings
         ],
-        "interventions": len(interventions),
+        # the key number's count (the timeline's rows: a clipper's run of windows is one),
+        # and the events the rows hold
+        "interventions": len(timeline(interventions)),
+        "intervention_events": len(interventions),
         "metrics": sorted(str(n) for n in pd.unique(series.metrics["name"])),
         "unwritten": [list(r) for r in gaps.unwritten],
         "skipped": len(gaps.skipped),

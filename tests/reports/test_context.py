@@ -127,7 +127,9 @@ def test_interventions_and_timeline(tmp_path: Path) -> None:
     assert [(r.remedy, r.count, r.step, r.last_step) for r in ctx.timeline] == [
         ("leaky_relu_swap", 1, 10, 10), ("adaptive_grad_clip", 3, 10, 30)]
     assert ctx.series.marks == [10]  # clipping is not drawn over the time chart
-    assert ctx.data["interventions"] == 4
+    assert ctx.data["interventions"] == 2 == len(ctx.timeline)  # as the key number counts
+    assert dict(ctx.key_numbers)["interventions"] == "2"
+    assert ctx.data["intervention_events"] == 4
 
 
 def test_text_summary_reads_the_same_context(dead_run: TrainedRun) -> None:
