@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from relu_doctor._observing_mode import ObservingMode
 
-__all__ = ["Origin", "ProvenanceTracker"]
+__all__ = ["Origin", "ProvenanceTracker", "registered_producer"]
 
 _CONV = {
     "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
@@ -398,4 +398,52 @@ def _reshaped_dim(old: tuple[int, ...], new: tuple[int, ...], dim: int) -> int |
         acc *= s
         if acc > before and before > 0:
             return None
+    return None
+
+
+#: the layers whose width says where they put their features, for :func:`registered_producer`:
+#: ``(kind, attribute holding the width, True when the features are on the last dim)``
+_WIDTHS: tuple[tuple[type[nn.Module], str, bool], ...] = (
+    (nn.Linear, "out_features", True),
+    (nn.modules.conv._ConvNd, "out_channels", False),
+    (nn.modules.batchnorm._NormBase, "num_features", False),
+    (nn.GroupNorm, "num_channels", False),
+)
+#: layers that keep their input's layout and width: looked past
+_KEEPS = (nn.Dropout, nn.Identity, nn.modules.dropout._DropoutNd)
+
+
+def registered_producer(model: nn.Module, path: str, shape: Sequence[int]) -> tuple[int, str] | None:
+    """Where the activation module at ``path`` finds its units on an output of ``shape``
+    when no pass can be followed (a site first seen while torch.compile traces): from the
+    layer registered just before it in its parent (past dropout), a Linear, convolution or
+    channel norm, by its width, only where that width tells ``shape``'s dim 1 and last dim
+    apart (ConvNeXt's ``pwconv1`` Linear before its GELU, on ``(N, H, W, 4C)``). ``(dim,
+    rule)``, or None: the shape rule stands. Static: it never runs the model."""
+    if len(shape) < 3 or not path:
+        return None
+    parent_path, _, name = path.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_path)
+    except (AttributeError, TypeError):
+        return None
+    names = list(parent._modules)
+    if name not in names:
+        return None
+    for before in reversed(names[: names.index(name)]):
+        layer = parent._modules[before]
+        if layer is None or isinstance(layer, _KEEPS):
+            continue
+        for kind, attr, last in _WIDTHS:
+            if isinstance(layer, kind):
+                width = getattr(layer, attr, None)
+                dim = len(shape) - 1 if last else 1
+                other = 1 if last else len(shape) - 1
+                if shape[dim] != width or shape[other] == width:
+                    return None
+                label = f"{parent_path}.{before}" if parent_path else before
+                return dim, (f"{type(layer).__name__} `{label}` -> dim {dim} (registered before "
+                             f"it, {width} {'features' if last else 'channels'} wide: the pass "
+                             "that ran it was compiled, which traces no layer)")
+        return None
     return None

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.families import FAMILIES, Family
+from relu_doctor.provenance import registered_producer
 from relu_doctor.sampling import model_device
 from relu_doctor.sites import Site, SiteKey, display_names, module_label
 from relu_doctor.stats import SiteStats, resolve_unit_dim
@@ -167,6 +168,10 @@ class SiteRegistry:
             unit_dim, rule = origin.dim, origin.rule(len(shape))
         elif why is not None:
             rule = f"{why} -> dim {unit_dim}"
+        elif (not follow and override is None and kin is None and key.op is None
+              and (guess := registered_producer(self._provenance.model, key.module_path,
+                                                shape)) is not None):
+            unit_dim, rule = guess  # (no pass followed: the layer registered before it)
         elif provisional:
             rule += _PROVISIONAL
         elif follow and kin is None:

@@ -178,3 +178,43 @@ def test_real_models_units_and_counts(name: str) -> None:
         assert (site.unit_dim, site.units) == (case.dim, units), site.unit_rule
         assert f"`{producer}`" in site.unit_rule, site.unit_rule
         ref.assert_stats_match(_total(site), ref.expected_stats(capture, case.dim), site.name, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["convnext", "vit", "wav2vec2_feature_encoder"])
+def test_real_models_compiled_from_the_first_call_count_the_units_eager_does(name: str) -> None:
+    """Compiled before its first call, no pass is followed to the producer: the layer
+    registered before each activation gives its units (the shape rule counted ConvNeXt's
+    image rows and wav2vec2's time steps), with the counts of the test's own hooks."""
+    case = CASES[name]
+    model = case.make().train()
+    xs = case.inputs()[:1]  # (one input shape: a second would recompile)
+    acts = {p: m for p, m in model.named_modules() if p.endswith(case.act)}
+    recorder = ref.Recorder(model, types=tuple({type(m) for m in acts.values()}))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReluDoctorWarning)  # (gradient statistics: eager only)
+            with relu_doctor.watch(model, every_n_steps=1, log_every_n_steps=2) as doc:
+                compiled = torch.compile(model, backend="aot_eager")
+                for x in xs:
+                    _loss(compiled(x)).backward()
+                    opt.step()
+                    opt.zero_grad()
+                    doc.step()
+    finally:
+        recorder.remove()
+        torch._dynamo.reset()
+    sites = {(s.module_path, s.call_index): s for s in doc.sites}
+    assert set(sites) == set(recorder.calls) == {(p, 0) for p in acts}
+    for (path, _), capture in recorder.calls.items():
+        site = sites[(path, 0)]
+        producer = path[: -len(case.act)] + case.producer
+        units = case.units if case.units > 0 else -case.units * model.get_submodule(producer).in_features
+        assert (site.unit_dim, site.units) == (case.dim, units), site.unit_rule
+        if case.dim != (1 if len(capture.outputs[0].shape) > 3 else capture.outputs[0].dim() - 1):
+            assert f"`{producer}` -> dim {case.dim} (registered before it" in site.unit_rule
+        fwd = {k: v for k, v in _total(site).items() if not k.startswith("grad")}
+        want = {k: v for k, v in ref.expected_stats(capture, case.dim).items() if k in fwd}
+        ref.assert_stats_match(fwd, want, site.name, rtol=1e-4)
