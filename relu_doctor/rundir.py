@@ -567,6 +567,10 @@ class RunWriter:
             return
         path = self.path / "events.jsonl"
         start = path.stat().st_size if path.is_file() else 0
+        if start and _last_byte(path) != b"\n":
+            # a line cut short (a process killed mid-write, a run continued in a copy): ended
+            # here, so that readers skip that one line, not this write's first event with it
+            lines = "\n" + lines
         try:
             with open(path, "a", encoding="utf-8") as f:
                 f.write(lines)
@@ -661,3 +665,11 @@ def _event_step(line: bytes) -> int:
         return 0
 
 
+def _last_byte(path: Path) -> bytes:
+    """The last byte of the file at ``path`` (b"" where it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1)
+    except OSError:
+        return b""

@@ -738,3 +738,29 @@ def test_findings_json_is_rewritten_only_when_its_bytes_change(tmp_path):
     path.unlink()
     assert write([f])[1] == [f.to_dict()]
     w.close()
+
+
+def test_a_run_continued_after_an_event_line_cut_short_keeps_its_own_first_event(tmp_path):
+    """events.jsonl whose last line was cut short (a kill mid-write, a full disk): the
+    continued run's first event was glued onto that fragment, and readers skipped both. The
+    fragment is ended first: one line skipped, every new event read."""
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+    path = run_dir / "events.jsonl"
+    whole = path.read_text().splitlines()
+    assert len(whole) >= 2
+    path.write_text("\n".join(whole) + "\n" + whole[-1][: len(whole[-1]) // 2])  # cut short
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc:
+        with torch.no_grad():  # every unit of site "1" dead from now: a new finding event
+            model[0].bias.fill_(-100.0)
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+    lines = path.read_text().splitlines()
+    assert lines[len(whole)] == whole[-1][: len(whole[-1]) // 2]  # the fragment, on its own
+    written = [json.loads(line) for line in lines[len(whole) + 1:]]
+    assert written and all(e["step"] > 2 for e in written)
+    with pytest.warns(ReluDoctorWarning, match=r"events.jsonl"):
+        run = load_run(run_dir)
+        events = run.events
+    assert [e for e in events if e["step"] > 2] == written
