@@ -279,12 +279,12 @@ class _Segment:
                 fn()
 
 
-def _compact(stream: Path) -> Path:
+def _compact(stream: Path) -> bool:
     """Rewrite a closed (or torn) stream as a Parquet file of the same segment number,
     a row group at a time: memory stays that of one row group (its log batches folded into
     a few contiguous tables as they are read), not of the segment, and what Arrow's
     allocator kept of it is handed back to the system afterwards (a 20,000-log run's exit
-    grew by ~300 MB without both)."""
+    grew by ~300 MB without both). Returns whether its tail was cut short (and dropped)."""
     out = stream.with_suffix(".parquet")
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -308,7 +308,7 @@ def _compact(stream: Path) -> Path:
     finally:
         pa.default_memory_pool().release_unused()
     stream.unlink()
-    return out
+    return chunks.torn
 
 
 def fresh_dir(base: Path) -> Path:
@@ -432,11 +432,13 @@ class RunWriter:
             for folder in p.iterdir():
                 for _, part in segments(folder):
                     part.unlink()
+        torn: list[Path] = []
         for folder in p.iterdir():  # streams of a writer that died: compact them
             for _, part in segments(folder):
                 if part.suffix == ".arrows":
                     try:
-                        _compact(part)
+                        if _compact(part):
+                            torn.append(part)
                     except (OSError, pa.ArrowException) as e:
                         warn_problem(None, f"relu_doctor: cannot compact {str(part)!r} ({e}); it is "
                               "still read as it is.")
@@ -447,6 +449,8 @@ class RunWriter:
         #: the step ranges the run continued never wrote (its status.json), for a resume
         self.previous_unwritten: list[list[int]] = (
             _read_unwritten(self._status) if self.previous_meta is not None else [])
+        if self.previous_meta is not None:
+            self.previous_unwritten += [[s, s] for s in _cut_short(p, torn)]
         if not self._status.is_file() or self._status.stat().st_size < _STATUS_BYTES:
             atomic_write_bytes(self._status, b"{}".ljust(_STATUS_BYTES))
 
@@ -646,6 +650,29 @@ def _exiting() -> None:
             args = w._finalizer.detach()
             if args is not None:
                 _release_lock(*args[2], exited=True)
+
+
+def _cut_short(p: Path, torn: list[Path]) -> list[int]:
+    """The steps lost from the streams in ``torn``, cut short by a writer that stopped
+    mid-write (their complete batches kept), said once each: the steps the other logged
+    tables hold past the last one each kept, which the report then lists as written in
+    part."""
+    if not torn:
+        return []
+    steps = {t: read_table(p, t, problems=[]) for t in {*LOGGED_TABLES, *(s.parent.name for s in torn)}}
+    held = {t: {int(x) for x in df["step"]} if "step" in df else set() for t, df in steps.items()}
+    lost: set[int] = set()
+    for part in torn:
+        kept = max(held.get(part.parent.name) or {0})
+        gone = sorted({x for t, xs in held.items() if t != part.parent.name for x in xs if x > kept})
+        lost.update(gone)
+        warn_problem(None, f"relu_doctor: {str(part)!r} was cut short (its writer stopped "
+                     "mid-write): its complete logs are kept"
+                     + (f"; its rows of step{'s' if len(gone) > 1 else ''} "
+                        f"{', '.join(map(str, gone))} are lost, and the report lists "
+                        f"{'them' if len(gone) > 1 else 'it'} as written in part."
+                        if gone else "."))
+    return sorted(lost)
 
 
 def _read_unwritten(status: Path) -> list[list[int]]:

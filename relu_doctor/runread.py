@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from relu_doctor._validate import path as check_path
 from relu_doctor.diagnosis import Finding
-from relu_doctor.errors import ReluDoctorWarning, RunDirError
+from relu_doctor.errors import ReluDoctorWarning, RunDirError, user_stacklevel
 from relu_doctor.events import FindingEvent, event_from_dict
 from relu_doctor.history import READABLE_VERSIONS, WINDOW_COLUMNS, Run, finding_from_dict
 
@@ -154,7 +154,7 @@ _MAX_NAMED = 10  # skipped lines named one by one in a warning; the rest are cou
 def warn_problem(problems: list[str] | None, message: str) -> None:
     if problems is not None:
         problems.append(message)
-    warnings.warn(message, ReluDoctorWarning, stacklevel=3)
+    warnings.warn(message, ReluDoctorWarning, stacklevel=user_stacklevel())  # the user's line
 
 
 

@@ -764,3 +764,34 @@ def test_a_run_continued_after_an_event_line_cut_short_keeps_its_own_first_event
         run = load_run(run_dir)
         events = run.events
     assert [e for e in events if e["step"] > 2] == written
+
+
+def test_a_log_cut_short_in_a_stream_stays_said_after_the_run_is_continued(tmp_path):
+    """A writer killed mid-write leaves a stream whose last batch is cut short; the reader
+    said so, but continuing the run (resume=True) compacted the stream quietly and the report
+    then read as whole, the lost log's history rows gone without a word (crash trial). The
+    continued run says it once, at the user's line, and lists that step as written in part."""
+    from relu_doctor.reports.gaps import read_gaps
+
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    doc = relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir)
+    doc.__enter__()
+    zoo.train(model, [torch.randn(8, 10) for _ in range(3)], doc=doc)
+    (stream,) = (run_dir / "history").glob("seg-*.arrows")  # open: as a killed writer left it
+    data = stream.read_bytes()
+    doc.__exit__(None, None, None)
+    stream.write_bytes(data[:-40])  # its last log's batch cut short
+    for part in (run_dir / "history").glob("seg-*.parquet"):
+        part.unlink()
+    kept = sorted(set(load_run(run_dir).history["step"]))
+    assert kept == [1, 2]
+    with pytest.warns(ReluDoctorWarning, match=r"was cut short .* rows of step 3 are lost") as said, \
+            relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+    ours = [w for w in said if "cut short" in str(w.message)]
+    assert len(ours) == 1 and ours[0].filename == __file__
+    run = load_run(run_dir)
+    assert sorted(set(run.history["step"])) == [1, 2, 4, 5]
+    gaps = read_gaps(run)
+    assert gaps.unwritten == [(3, 3)] and gaps.partly == [3]

@@ -86,7 +86,10 @@ def read_gaps(run: Run) -> Gaps:
     if run.units_damaged:  # (a part found damaged when read)
         lost.add("units")
     unwritten = [(int(a), int(b)) for a, b in run.unwritten]
-    logged = (set(run.history["step"].astype(int)) if "step" in run.history else set())
+    # (any table read whole: a stream cut short lost one table's rows of a log the others
+    # hold; the unit rows, read lazily, are not read for it)
+    logged = {int(s) for df in (run.history, run.layers, *run.tables.values())
+              if "step" in df for s in df["step"].unique()}
     partly = sorted(s for s in logged if any(a <= s <= b for a, b in unwritten))
     return Gaps(
         unwritten=unwritten,
