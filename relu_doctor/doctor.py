@@ -366,6 +366,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._previous_sites: list[dict[str, Any]] = []  # a continued run's (see recording)
         self._previous_unwritten: list[list[int]] = []  # its logs never written (same)
         self._previous_dropped = 0  # its logs a Doctor without run_dir= no longer held (same)
+        #: the step the lifetime counts began at, where a run was continued without them
+        self._lifetime_since: int | None = None
         self._warned_other_model = False
         self.probe.on_new_site(self._mark_meta_dirty)
         # a layer replaced at another width: the new one's growth and findings are its own
@@ -1047,6 +1049,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             "steps_run": self.steps_run,
             "window_scheduled": self._window_scheduled,
             "lifetime_steps": None if self._lifetime_steps is None else list(self._lifetime_steps),
+            "lifetime_since": self._lifetime_since,
             # (read back: a sync, as a checkpoint makes; every process skips the same steps)
             "scaler_skipped": self._peek_skipped(),
             "training_metrics": self._training.state_dict(),
@@ -1074,6 +1077,10 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         """
         self.global_step = int(state["global_step"])
         self.window_steps = int(state["window_steps"])
+        since = state.get("lifetime_since")  # where the counts it restores began
+        if since != self._lifetime_since:
+            self._lifetime_since = since if isinstance(since, int) else None
+            self._meta_dirty = True
         # the open window's passes before the checkpoint are not in it (see passes_seen)
         self.probe.passes_known = self.window_steps == 0
         # (a checkpoint from before steps_run was saved: every step of it collected)

@@ -130,6 +130,7 @@ class RunRecording:
         _previous_sites: list[dict[str, Any]]
         _previous_unwritten: list[list[int]]
         _previous_dropped: int
+        _lifetime_since: int | None
         _warned_other_model: bool
         ended_by: str | None
         resume_advice: str
@@ -163,9 +164,13 @@ class RunRecording:
         # held before its save stay missing, and the run's meta still says so
         dropped = (writer.previous_meta or {}).get("records_dropped")
         self._previous_dropped = dropped if isinstance(dropped, int) and dropped > 0 else 0
+        since = (writer.previous_meta or {}).get("lifetime_since")
+        self._lifetime_since = since if isinstance(since, int) else None
         if writer.last_step is not None and self.global_step == 0:
-            # resume=True without a checkpoint: go on after its last log
+            # resume=True without a checkpoint: go on after its last log, the lifetime
+            # counts starting again (load_state_dict, if called next, restores them)
             self.global_step = writer.last_step
+            self._lifetime_since = writer.last_step + 1
             self.probe.collecting = self._collecting()
         self._continue_after_checkpoint()  # (its unwritten logs carried, later rows dropped)
         self._write_meta()
@@ -424,6 +429,7 @@ class RunRecording:
             },
             **({"ended_by": self.ended_by} if self.ended_by else {}),
             **({"records_dropped": self._previous_dropped} if self._previous_dropped else {}),
+            **({"lifetime_since": self._lifetime_since} if self._lifetime_since else {}),
         }
 
     def _write_meta(self) -> None:

@@ -795,3 +795,31 @@ def test_a_log_cut_short_in_a_stream_stays_said_after_the_run_is_continued(tmp_p
     assert sorted(set(run.history["step"])) == [1, 2, 4, 5]
     gaps = read_gaps(run)
     assert gaps.unwritten == [(3, 3)] and gaps.partly == [3]
+
+
+def test_a_run_continued_without_the_doctors_state_says_its_lifetime_counts_began_again(tmp_path):
+    """resume=True with no checkpoint loaded continues after the last log, its lifetime
+    counts starting again: the report read as one run ("never active 10" where the whole
+    run had 0, a crash trial). The run says from which step; a checkpoint of that process,
+    loaded later, carries it; one of the first process's clears it."""
+    from relu_doctor.reports.context import build_context
+
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+        first = doc.state_dict()
+    assert "lifetime_since" not in load_run(run_dir).meta
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+        second = doc.state_dict()
+    run = load_run(run_dir)
+    assert run.meta["lifetime_since"] == 3
+    never = dict(build_context(run).key_numbers)["never active"]
+    assert never.endswith(" since step 3 (the run was continued there without the Doctor's "
+                          "state: its counts began again)")
+    for state, since in ((second, 3), (first, None)):
+        with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc:
+            doc.load_state_dict(state)
+            zoo.train(model, [torch.randn(8, 10) for _ in range(1)], doc=doc)
+        assert load_run(run_dir).meta.get("lifetime_since") == since

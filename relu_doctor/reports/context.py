@@ -632,7 +632,10 @@ def build_context(run: Run) -> ReportContext:
         ("units", str(units)),
         ("dead now", now or f"{dead} ({fmt_pct(dead / seen) if seen else '—'})"
          + (f" of {seen} seen" if seen < units else "")),
-        ("never active", "—" if lost else str(total("lifetime_dead"))),
+        ("never active", "—" if lost else str(total("lifetime_dead")) + (
+            f" since step {since} (the run was continued there without the Doctor's state: "
+            "its counts began again)" if isinstance(since := run.meta.get("lifetime_since"), int)
+            else "")),
         ("dormant", now or str(total("dormant"))),
         ("steps logged", _logged_text(steps, windows, lost) + (
             f"; the {dropped} before were not kept: a Doctor that writes no run directory "
