@@ -85,12 +85,45 @@ def mpl_label(name: str, width: int = 36) -> str:
     return s.replace("$", r"\$")
 
 
+def _abbreviated(name: str, width: int) -> str:
+    """``name``'s dotted words shortened to their first letter from the left, the last
+    kept whole and indices kept, until it fits ``width`` (``encoder.stages.0.layers.1.act``:
+    ``e.s.0.layers.1.act``): a path's indices tell its sites apart, and a middle cut lost them.
+
+    >>> _abbreviated("encoder.stages.0.layers.1.activation", 24)
+    'e.s.0.l.1.activation'
+    """
+    words = name.split(".")
+    for i in range(len(words) - 1):
+        if len(".".join(words)) <= width:
+            break
+        if not words[i].isdigit() and len(words[i]) > 1 and words[i] != "…":
+            words[i] = words[i][0] if not words[i].startswith("…") else words[i][:2]
+    return ".".join(words)
+
+
 def _labels(names: Iterable[str], width: int = 36) -> dict[str, str]:
-    """Unique matplotlib-safe labels for names (shortening may make two alike)."""
+    """Unique matplotlib-safe labels for names: the dotted prefix they all share left out
+    (as ``…``: Hugging Face paths share a long one, and shortening in the middle kept it and
+    cut what differs), then shortened in the middle; where two still read alike, their
+    ends; then numbered.
+
+    >>> list(_labels(["resnet.encoder.stages.0.layers.0.act", "resnet.encoder.stages.1.layers.0.act"], 24).values())
+    ['…0.layers.0.act', '…1.layers.0.act']
+    """
+    names = [str(n) for n in names]
+    split = [n.split(".") for n in names]
+    common = 0
+    if len(names) > 1:
+        while all(len(p) > common + 1 for p in split) and len({p[common] for p in split}) == 1:
+            common += 1
     out: dict[str, str] = {}
     used: set[str] = set()
-    for n in names:
-        label = mpl_label(n, width)
+    for n, parts in zip(names, split, strict=True):
+        rest = "…" + ".".join(parts[common:]) if common else n
+        label = mpl_label(_abbreviated(rest, width), width)
+        if label in used and len(rest) > width:
+            label = mpl_label("…" + rest[len(rest) - width + 1:], width)
         k = 2
         base = label
         while label in used:
@@ -246,7 +279,11 @@ def dead_fraction_figure(
             leg = axes[-1].get_legend()
             handles, texts = list(leg.legend_handles), [t.get_text() for t in leg.get_texts()]
             leg.remove()
-            fig.legend(handles, texts, loc="outside lower center", ncol=min(len(shown), 4),
+            # as many columns as the figure's width holds at the longest label (at 8 pt,
+            # about 0.075 in a character, with the line's handle): none cut at the edges
+            longest = max(len(t) for t in texts)
+            cols = max(1, min(len(shown), 4, int(fig.get_figwidth() / (0.075 * longest + 0.6))))
+            fig.legend(handles, texts, loc="outside lower center", ncol=cols,
                        frameon=False, title="site", fontsize=8)
     return fig
 
@@ -414,8 +451,9 @@ def activity_heatmap_figure(
         else:
             ax.set_ylabel("unit index (least active first)")
         fam = f" ({mpl_label(family, 16)})" if family else ""
-        ax.set_title(
-            f"{mpl_label(site, 40)}{fam}: {data.units} units, {data.dead_last} dead at last step",
+        ax.set_title(  # the site on a line of its own: one line was wider than the figure
+            f"{mpl_label(_abbreviated(site, 48), 48)}{fam}\n"
+            f"{data.units} units, {data.dead_last} dead at last step",
             fontsize=9, pad=14 if drawn else 6,  # (above the interventions' numbers)
         )
     return fig
@@ -472,7 +510,7 @@ def _by_depth(
     palette: dict[int, Any], marker: str, title: str, ylabel: str,
 ) -> None:
     """One line per step in ``palette``: ``value`` at each place of ``order`` (column ``where``)."""
-    labels = _labels(order, 24)
+    labels = _labels(order, 30)
     pos = {s: i for i, s in enumerate(order)}
     for step, color in palette.items():
         part = frame[frame["step"] == step].copy()

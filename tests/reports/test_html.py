@@ -506,3 +506,40 @@ def test_a_metric_measured_neither_before_nor_after_is_no_row_of_the_change() ->
         "step": 30, "what": "scaled the learning rate by 0.5", "target": "grad_norm",
         "before": snapshot, "after": snapshot})
     assert view.changes[0] == ("parameter-gradient norm", "—", "—")
+
+
+def test_long_paths_that_share_a_prefix_keep_their_labels_apart_and_inside_the_figure() -> None:
+    """Hugging Face paths share a long prefix: the dead-fraction legend ran off both edges,
+    the gradient-flow axis read 'resnet.encod....activation (2)', '(3)'... (a trial), and a
+    heatmap's one-line title was wider than its figure. Each label now differs in what tells
+    the sites apart (their indices), and every text lies inside its figure."""
+    sites = [f"resnet.encoder.stages.{s}.layers.{i}.layer.{j}.activation"
+             for s in range(2) for i in range(2) for j in range(2)]
+    hist = pd.DataFrame([{"step": st, "site": site, "dead_fraction": 0.1 * k, "sparsity": 0.5,
+                          "below_tau_fraction": 0.2, "grad_rms": 0.01 * (k + 1)}
+                         for st in (10, 20) for k, site in enumerate(sites)])
+
+    def inside(fig) -> list[str]:
+        """The legends and titles of ``fig`` that reach past its edges, drawn."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        r, box = canvas.get_renderer(), fig.bbox
+        parts = [*fig.legends, *(ax.title for ax in fig.axes if ax.get_title())]
+        return [str(p) for p in parts
+                if (e := p.get_window_extent(r)).x0 < box.x0 - 1 or e.x1 > box.x1 + 1]
+
+    dead = plots.dead_fraction_figure(hist)
+    legend = [t.get_text() for t in dead.legends[0].get_texts()]
+    assert len(set(legend)) == len(sites) and not any("(2)" in t for t in legend)
+    for site, label in zip(sites, legend, strict=True):  # each label names its own indices
+        s, i, j = (int(x) for x in re.findall(r"\.(\d+)\.", site + "."))
+        assert re.search(rf"{s}\.\w+\.{i}\.\w+\.{j}\.", label + "."), (site, label)
+    assert inside(dead) == []
+    flow = plots.gradient_flow_figure(hist)
+    ticks = [t.get_text() for t in flow.axes[0].get_xticklabels()]
+    assert len(set(ticks)) == len(sites) and not any("(2)" in t for t in ticks)
+    data = plots.HeatmapData(matrix=np.ones((4, 2)), steps=[10, 20], row_labels=list("0123"),
+                             units_per_row=1, steps_per_col=1, units=4, dead_last=0)
+    assert inside(plots.activity_heatmap_figure(data, sites[-1], "relu")) == []
