@@ -54,7 +54,8 @@ def severity_rank(severity: str) -> int:
 
 #: Within a severity, findings about the whole model's training come first (they explain
 #: the others), then the units that carry nothing, then what merely thins the signal.
-_KIND_ORDER = ("nonfinite", "loss_scale_overflow", "exploding_gradient", "vanishing_gradient", "dead",
+_KIND_ORDER = ("nonfinite", "loss_scale_overflow", "exploding_gradient", "vanishing_gradient",
+               "activation_collapse", "dead",
                "lifetime_dead", "saturated", "dormant", "too_sparse", "activation_growth")
 #: the share a finding rests on, the larger first within its kind
 _SHARES = ("dead_fraction", "lifetime_dead_fraction", "saturated_fraction",
@@ -114,6 +115,9 @@ class DiagnosisConfig:
         growth_factor: a site whose activation RMS is this many times its first logged RMS,
             or the shallowest site's RMS, has ReLU's missing upper bound showing
             (``activation_growth``).
+        collapse_factor: a site whose activation RMS is this many times below the
+            shallowest site's has lost the signal (``activation_collapse``, critical): its
+            outputs are so near 0 that its dead and dormant counts are their signs' noise.
         loop: whose names the remedy texts give (:data:`REMEDY_NAMES`): ``"watch"``
             (``relu_doctor.remedies``), ``"lightning"``, ``"keras"`` or ``"hf"``; each
             integration sets its own.
@@ -131,6 +135,7 @@ class DiagnosisConfig:
     exploding_ratio: float = 1e3
     spike_factor: float = 10.0
     growth_factor: float = 100.0
+    collapse_factor: float = 1e6
     loop: str = "watch"
     clipped_by: str | None = None
 
@@ -150,7 +155,8 @@ class DiagnosisConfig:
                 f"dead_warning ({self.dead_warning}) must not exceed dead_critical "
                 f"({self.dead_critical})."
             )
-        for name in ("vanishing_ratio", "exploding_ratio", "spike_factor", "growth_factor"):
+        for name in ("vanishing_ratio", "exploding_ratio", "spike_factor", "growth_factor",
+                     "collapse_factor"):
             positive_finite(name, getattr(self, name))
 
 
@@ -756,6 +762,30 @@ def _growth_findings(
                     {"rms": deep, "shallow_rms": shallow, "factor": deep / shallow,
                      "over": "depth"},
                     _growth_remedy(REMEDY_NAMES[config.loop]), step,
+                )
+            )
+        # the other way: the signal gone with depth (weights or a scale initialised far too
+        # small, a gate that closed the path), at the deeper site where it is least
+        order0, shallow = by_depth[0]
+        deeper = [k for k in rms if rms[k][0] > order0]
+        name0 = min(deeper, key=lambda k: rms[k][1]) if deeper else ""
+        low = rms[name0][1] if deeper else math.nan
+        if shallow > 0 and low * config.collapse_factor <= shallow:
+            out.append(
+                Finding(
+                    "activation_collapse", name0, "critical",
+                    f"activation RMS falls {shallow / low if low > 0 else math.inf:.3g}x from "
+                    f"the shallowest site to this one ({shallow:.3g} -> {low:.3g}): the signal "
+                    "is gone there, and the dead and dormant units of such sites are the "
+                    "signs of values near 0.",
+                    {"rms": low, "shallow_rms": shallow,
+                     "factor": shallow / low if low > 0 else math.inf, "over": "depth"},
+                    "Check the initialisation before the learning rate or recycling: "
+                    "relu_doctor.check_init(model, batch) reports each layer's scale against "
+                    "He initialisation (which keeps a ReLU network's scale over depth); look "
+                    "for a weight, layer scale or gate initialised near 0, or a normalisation "
+                    "missing.",
+                    step,
                 )
             )
     return out

@@ -816,3 +816,44 @@ def test_a_leaky_familys_dead_units_are_advised_the_recycling_that_takes_them(fa
     assert takes_by_default == (family == "leaky_relu")
     assert ("DormantRecycler(tau=0.1)" in dead.remedy) == (not takes_by_default)
     assert "(ReDo: DormantRecycler" in dead.remedy
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1.0], ids=["collapsed", "default-init"])
+def test_a_signal_gone_with_depth_is_said_first_and_sent_to_the_initialisation(scale):
+    """A collapsed model (a collapsed EfficientNet: mean |h| from 5e-3 at the stem to 1e-20
+    three blocks on) was reported as dead units first, advised a lower learning rate and
+    recycling: the dead counts were the signs of values near 0. A site whose RMS fell
+    collapse_factor (1e6) times below the shallowest site's is a critical finding of its own,
+    ranked before them, that sends the user to the initialisation; its numbers are those of
+    the test's own hooks. A default-initialised MLP has none."""
+    import relu_doctor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    with torch.no_grad():
+        model[2].weight.mul_(scale)
+        model[2].bias.mul_(scale)
+    outs: dict[str, list[torch.Tensor]] = {"1": [], "3": [], "5": []}
+    for name in outs:
+        model.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: outs[name].append(o.detach().double()))
+    x = torch.randn(64, 8)
+    with relu_doctor.watch(model, log_every_n_steps=4, overhead_budget=None) as doc:
+        for _ in range(4):
+            model(x).square().mean().backward()
+            doc.step()
+    found = doc.records[-1].findings
+    collapse = [f for f in found if f.kind == "activation_collapse"]
+    rms = {k: float(torch.cat(v).square().mean().sqrt()) for k, v in outs.items()}
+    if scale == 1.0:
+        assert not collapse and max(rms.values()) / min(rms.values()) < 1e3
+        return
+    (f,) = collapse
+    low = min(("3", "5"), key=rms.get)
+    assert f.site == low and f.severity == "critical"
+    assert math.isclose(f.evidence["rms"], rms[low], rel_tol=1e-4)
+    assert math.isclose(f.evidence["shallow_rms"], rms["1"], rel_tol=1e-4)
+    assert f.evidence["factor"] >= 1e6 and "check_init" in f.remedy
+    assert found[0] is f  # before every dead finding of the collapsed sites
+    assert any(g.kind == "dead" for g in found)

@@ -45,6 +45,7 @@ _KIND_LABELS = {
     "exploding_gradient": "exploding gradient",
     "nonfinite": "NaN / Inf",
     "loss_scale_overflow": "loss-scale overflow",
+    "activation_collapse": "activation collapse",
 }
 
 
