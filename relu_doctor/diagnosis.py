@@ -707,20 +707,22 @@ def _recycle(names: Mapping[str, str | None], source: str = "ReDo") -> str:
 
 def _and_recycle_dead(units: Mapping[str, torch.Tensor], flag: str,
                       names: Mapping[str, str | None], tau: float) -> str:
-    """" and recycle the units (ReDo: ...)" for the units flagged ``flag``. Where none of
-    them scores below tau (a leaky family's units stuck negative: their negative outputs
-    count in the ReDo score), the recycler's default choice, by score, passes them over: it
-    takes them given ``tau``, which adds the dead units whatever their score."""
+    """" and recycle the units (ReDo: ...)" for the units flagged ``flag``. Where some of
+    them score above tau (a leaky family's units stuck negative: their negative outputs
+    count in the ReDo score), the recycler's default choice, by score, passes those over:
+    it takes them given ``tau``, which adds the dead units whatever their score."""
     if flag not in units or "below_tau" not in units:
         return f" and recycle the units {_recycle(names)}"
     flagged = units[flag].bool()
-    if not bool(flagged.any()) or bool((flagged & units["below_tau"].bool()).any()):
+    above = flagged & ~units["below_tau"].bool()
+    if not bool(above.any()):
         return f" and recycle the units {_recycle(names)}"
     name = str(names["recycle"])
     given = (name.replace("True", f"{{'tau': {tau}}}") if name.endswith("=True")
              else f"{name}(tau={tau})")
+    which = "these units'" if bool(above.eq(flagged).all()) else f"{int(above.sum())} of these units'"
     return (f" and recycle the units (ReDo: {given}; by default it takes the units scoring "
-            f"below tau, and these units' negative outputs score above it)")
+            f"below tau, and {which} negative outputs score above it)")
 
 
 def _growth_findings(

@@ -639,6 +639,12 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                     raise ReluDoctorError(missing)
         if last is not False and last is not True:
             last = flag("last", bool(last) if isinstance(last, np.bool_) else last)
+        if self._last_ahead is not None and self._last_ahead < self.global_step:
+            # training went on past the step said to be its last: that step's update ratio
+            # is no logging step's (unless this step copied anew, as a logging step)
+            self._last_ahead = None
+            if self.tap is not None and not self._next_is_log_step():
+                self.tap.forget_update()
         last = last or self._last_ahead == self.global_step
         release = self._check_held  # training went on after a final record (_release_held)
         if loss is not None:
@@ -1077,6 +1083,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         """
         self.global_step = int(state["global_step"])
         self.window_steps = int(state["window_steps"])
+        self._last_ahead = None  # (said of a step of the run before the checkpoint)
         since = state.get("lifetime_since")  # where the counts it restores began
         if since != self._lifetime_since:
             self._lifetime_since = since if isinstance(since, int) else None

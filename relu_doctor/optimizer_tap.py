@@ -404,6 +404,11 @@ class OptimizerTap:
             ratio = ratio.index_fill(0, self._index(unread, ratio.device), float("nan"))
         return ratio
 
+    def forget_update(self) -> None:
+        """Drop the update ratio measured (a step said to be training's last, after which
+        training went on): the next log's is NaN unless a logging step measures one."""
+        self._updates = {}
+
     def layer_steps(self) -> list[int]:
         """Per layer, the optimizer steps summed into its window: those of the optimizer
         holding it (the most stepped of those holding its parameters, for a layer split

@@ -401,25 +401,47 @@ def _reshaped_dim(old: tuple[int, ...], new: tuple[int, ...], dim: int) -> int |
     return None
 
 
-#: the layers whose width says where they put their features, for :func:`registered_producer`:
-#: ``(kind, attribute holding the width, True when the features are on the last dim)``
-_WIDTHS: tuple[tuple[type[nn.Module], str, bool], ...] = (
-    (nn.Linear, "out_features", True),
-    (nn.modules.conv._ConvNd, "out_channels", False),
-    (nn.modules.batchnorm._NormBase, "num_features", False),
-    (nn.GroupNorm, "num_channels", False),
-)
-#: layers that keep their input's layout and width: looked past
-_KEEPS = (nn.Dropout, nn.Identity, nn.modules.dropout._DropoutNd)
+def _width(layer: nn.Module, *, made: bool) -> int | None:
+    """The features ``layer`` makes (``made``) or takes: a Linear's, a convolution's, a
+    norm's; None for a layer of another kind."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features if made else layer.in_features
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return layer.out_channels if made else layer.in_channels
+    if isinstance(layer, nn.modules.batchnorm._NormBase):
+        return layer.num_features
+    if isinstance(layer, nn.GroupNorm):
+        return layer.num_channels
+    if isinstance(layer, nn.LayerNorm) and len(layer.normalized_shape) == 1:
+        return layer.normalized_shape[0]
+    return None
+
+
+def _neighbour(children: list[tuple[str, nn.Module | None]], *, made: bool) -> tuple[str, int] | None:
+    """The first of ``children`` that has a width, past those holding no parameter
+    (dropout, padding, pooling): ``(name, width)``; None where a layer of another kind with
+    parameters comes first, or none does."""
+    for name, layer in children:
+        if layer is None:
+            continue
+        width = _width(layer, made=made)
+        if width is not None:
+            return name, width
+        if any(True for _ in layer.parameters()):
+            return None
+    return None
 
 
 def registered_producer(model: nn.Module, path: str, shape: Sequence[int]) -> tuple[int, str] | None:
     """Where the activation module at ``path`` finds its units on an output of ``shape``
     when no pass can be followed (a site first seen while torch.compile traces): from the
-    layer registered just before it in its parent (past dropout), a Linear, convolution or
-    channel norm, by its width, only where that width tells ``shape``'s dim 1 and last dim
-    apart (ConvNeXt's ``pwconv1`` Linear before its GELU, on ``(N, H, W, 4C)``). ``(dim,
-    rule)``, or None: the shape rule stands. Static: it never runs the model."""
+    layer with a width registered just before it in its parent (past layers holding no
+    parameter), a Linear, convolution or norm, where exactly one of ``shape``'s dim 1 and
+    last dim has that width (ConvNeXt's ``pwconv1`` Linear before its GELU, on ``(N, H, W,
+    4C)``), and the layer registered after it, if it has a width, takes as many. ``(dim,
+    rule)``, or None: the shape rule stands. Static: it never runs the model. (For a
+    module's first call only: a module called several times in a pass runs on what other
+    layers made too.)"""
     if len(shape) < 3 or not path:
         return None
     parent_path, _, name = path.rpartition(".")
@@ -427,23 +449,20 @@ def registered_producer(model: nn.Module, path: str, shape: Sequence[int]) -> tu
         parent = model.get_submodule(parent_path)
     except (AttributeError, TypeError):
         return None
-    names = list(parent._modules)
-    if name not in names:
+    children = list(parent._modules.items())
+    at = next((i for i, (n, _) in enumerate(children) if n == name), None)
+    if at is None:
         return None
-    for before in reversed(names[: names.index(name)]):
-        layer = parent._modules[before]
-        if layer is None or isinstance(layer, _KEEPS):
-            continue
-        for kind, attr, last in _WIDTHS:
-            if isinstance(layer, kind):
-                width = getattr(layer, attr, None)
-                dim = len(shape) - 1 if last else 1
-                other = 1 if last else len(shape) - 1
-                if shape[dim] != width or shape[other] == width:
-                    return None
-                label = f"{parent_path}.{before}" if parent_path else before
-                return dim, (f"{type(layer).__name__} `{label}` -> dim {dim} (registered before "
-                             f"it, {width} {'features' if last else 'channels'} wide: the pass "
-                             "that ran it was compiled, which traces no layer)")
+    before = _neighbour(children[:at][::-1], made=True)
+    if before is None:
         return None
-    return None
+    label, width = before
+    dims = [d for d in (1, len(shape) - 1) if shape[d] == width]
+    after = _neighbour(children[at + 1:], made=False)
+    if len(dims) != 1 or (after is not None and after[1] != width):
+        return None
+    layer = parent._modules[label]
+    where = f"{parent_path}.{label}" if parent_path else label
+    return dims[0], (f"{type(layer).__name__} `{where}` -> dim {dims[0]} (registered before "
+                     f"it, {width} wide: the pass that ran it was compiled, which traces no "
+                     "layer)")

@@ -537,7 +537,7 @@ class RunRecording:
                 f"path: cannot write the run directory {str(path)!r} ({e.strerror or e}); "
                 "pass a directory that can be created and written."
             ) from e
-        dropped = run.meta.get("records_dropped")
+        dropped = self._records_dropped  # this process's (a continued run's: its report says)
         if dropped:  # (said by the report too)
             warnings.warn(
                 f"relu_doctor: {str(path)!r} holds the latest {len(self._records)} logs, "

@@ -56,6 +56,7 @@ from relu_doctor.runread import (
     TABLE_COLUMNS,
     TABLE_NAME,
     StreamChunks,
+    TableParts,
     _pid_alive,
     last_step,
     load_run,
@@ -653,25 +654,28 @@ def _exiting() -> None:
 
 
 def _cut_short(p: Path, torn: list[Path]) -> list[int]:
-    """The steps lost from the streams in ``torn``, cut short by a writer that stopped
-    mid-write (their complete batches kept), said once each: the steps the other logged
-    tables hold past the last one each kept, which the report then lists as written in
-    part."""
+    """The log lost from the streams in ``torn``, cut short by a writer that stopped
+    mid-write (their complete batches kept), said once each: the latest step the other
+    logged tables hold, where it is past the last the stream kept (a writer dies writing its
+    latest log; a table written at some logs only, as the metrics, holds no row for the
+    others). The report then lists it as written in part. Reads the ``step`` column only."""
     if not torn:
         return []
-    steps = {t: read_table(p, t, problems=[]) for t in {*LOGGED_TABLES, *(s.parent.name for s in torn)}}
+    names = {*LOGGED_TABLES, *(s.parent.name for s in torn)}
+    steps = {t: TableParts(p / t, problems=[]).read(columns=["step"]) for t in names}
     held = {t: {int(x) for x in df["step"]} if "step" in df else set() for t, df in steps.items()}
     lost: set[int] = set()
     for part in torn:
-        kept = max(held.get(part.parent.name) or {0})
-        gone = sorted({x for t, xs in held.items() if t != part.parent.name for x in xs if x > kept})
-        lost.update(gone)
+        table = part.parent.name
+        kept = max(held.get(table) or {0})
+        latest = max((x for t, xs in held.items() if t != table for x in xs), default=0)
+        gone = latest if latest > kept else None
+        if gone is not None:
+            lost.add(gone)
         warn_problem(None, f"relu_doctor: {str(part)!r} was cut short (its writer stopped "
                      "mid-write): its complete logs are kept"
-                     + (f"; its rows of step{'s' if len(gone) > 1 else ''} "
-                        f"{', '.join(map(str, gone))} are lost, and the report lists "
-                        f"{'them' if len(gone) > 1 else 'it'} as written in part."
-                        if gone else "."))
+                     + (f"; its rows of step {gone} are lost, and the report lists that log "
+                        "as written in part." if gone is not None else "."))
     return sorted(lost)
 
 

@@ -169,6 +169,7 @@ class SiteRegistry:
         elif why is not None:
             rule = f"{why} -> dim {unit_dim}"
         elif (not follow and override is None and kin is None and key.op is None
+              and key.call_index == 0
               and (guess := registered_producer(self._provenance.model, key.module_path,
                                                 shape)) is not None):
             unit_dim, rule = guess  # (no pass followed: the layer registered before it)

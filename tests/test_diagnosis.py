@@ -771,7 +771,7 @@ def test_units_of_a_leaky_family_never_active_are_not_called_wasted():
     assert relu["lifetime_dead"].startswith("Units that never fired are wasted capacity")
 
 
-@pytest.mark.parametrize("family", ["elu", "leaky_relu"])
+@pytest.mark.parametrize("family", ["elu", "leaky_relu", "elu_mixed"])
 def test_a_leaky_familys_dead_units_are_advised_the_recycling_that_takes_them(family):
     """A unit of a leaky family stuck negative keeps a ReDo score of its negative outputs:
     ELU's, near -1, score above tau, and the recycler's default choice (by score) passes
@@ -784,16 +784,18 @@ def test_a_leaky_familys_dead_units_are_advised_the_recycling_that_takes_them(fa
 
     stuck = [2, 9]
 
-    def run(tau=None, recycle=False):
+    def run(tau=None, recycle=False, loop="watch"):
         torch.manual_seed(0)
-        model = zoo.family_model(family)
+        model = zoo.family_model(family.removesuffix("_mixed"))
         with torch.no_grad():  # constant inputs to the stuck units, never active: ELU's
             model[0].weight[stuck] = 0.0  # output -1, LeakyReLU's (slope 0.1) -0.01
             model[0].bias[stuck] = -50.0 if family == "elu" else -0.1
+            if family == "elu_mixed":  # one of each: -1 (above tau) and -0.001 (below)
+                model[0].bias[stuck] = torch.tensor([-50.0, -0.001])
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         x = torch.randn(64, 6)
-        with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=8,
-                               overhead_budget=None) as doc:
+        with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=8, overhead_budget=None,
+                               config=DiagnosisConfig(loop=loop)) as doc:
             doc.seen = events_of(doc)
             if recycle:
                 DormantRecycler(model, optimizers=opt, tau=tau).bind(doc)
@@ -814,8 +816,14 @@ def test_a_leaky_familys_dead_units_are_advised_the_recycling_that_takes_them(fa
     takes_by_default = set(stuck) <= set(recycled[None])
     assert set(stuck) <= set(recycled[0.1])
     assert takes_by_default == (family == "leaky_relu")
+    assert recycled[None] == ([9] if family == "elu_mixed" else recycled[None])
     assert ("DormantRecycler(tau=0.1)" in dead.remedy) == (not takes_by_default)
     assert "(ReDo: DormantRecycler" in dead.remedy
+    assert ("1 of these units'" in dead.remedy) == (family == "elu_mixed")
+    if not takes_by_default:  # each loop's own spelling of the option
+        for loop, said in (("lightning", "DormantReset(tau=0.1)"), ("hf", "dormant_reset={'tau': 0.1}")):
+            found = findings_by(run(loop=loop).records[-1])
+            assert said in found[("dead", "1")].remedy and said in found[("lifetime_dead", "1")].remedy
 
 
 @pytest.mark.parametrize("scale", [1e-9, 1.0], ids=["collapsed", "default-init"])

@@ -823,3 +823,32 @@ def test_a_run_continued_without_the_doctors_state_says_its_lifetime_counts_bega
             doc.load_state_dict(state)
             zoo.train(model, [torch.randn(8, 10) for _ in range(1)], doc=doc)
         assert load_run(run_dir).meta.get("lifetime_since") == since
+
+
+def test_a_table_written_at_some_logs_only_loses_its_latest_log_when_cut_short(tmp_path):
+    """The metrics table gets rows only at logs that had metrics: cut short in its step-4
+    batch, the continued run said steps 2-4 lost (review). A writer dies writing its latest
+    log: that one alone is lost."""
+    from relu_doctor.reports.gaps import read_gaps
+
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    doc = relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir)
+    doc.__enter__()
+    for step in range(1, 5):
+        model(torch.randn(8, 10)).sum().backward()
+        if step in (1, 4):
+            doc.log_metrics({"acc": 0.5})
+        doc.step()
+    (stream,) = (run_dir / "metrics").glob("seg-*.arrows")
+    data = stream.read_bytes()
+    doc.__exit__(None, None, None)
+    stream.write_bytes(data[:-40])
+    for part in (run_dir / "metrics").glob("seg-*.parquet"):
+        part.unlink()
+    with pytest.warns(ReluDoctorWarning, match=r"rows of step 4 are lost"), \
+            relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc:
+        zoo.train(model, [torch.randn(8, 10)], doc=doc)
+    run = load_run(run_dir)
+    assert sorted(set(run.tables["metrics"]["step"])) == [1]
+    assert read_gaps(run).unwritten == [(4, 4)] and read_gaps(run).partly == [4]

@@ -451,3 +451,36 @@ def test_the_last_partial_windows_update_ratio_is_read_when_its_step_is_said_ahe
         ref = spy.ratios[rec.step - 1]
         for layer, v in rec.layer_table.set_index("layer")["update_ratio"].items():
             assert math.isclose(v, ref[layer], rel_tol=1e-5)
+
+
+def test_a_step_said_last_too_early_leaves_no_stale_update_ratio():
+    """expect_last_step() at step 6 of 7: the last window (steps 4-7) showed step 6's update
+    ratio under step 7's label (review). Training went on past it: NaN, as when unsaid; and a
+    second prediction, right, reads step 7's."""
+    import math
+
+    import relu_doctor
+    from tests.reference import UpdateSpy
+
+    for say_at in ((5,), (5, 6)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        spy = UpdateSpy(model, opt)
+        x = torch.randn(16, 3)
+        with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=3) as doc:
+            for i in range(7):
+                model(x).square().mean().backward()
+                if i in say_at:
+                    doc.expect_last_step()
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+        last = doc.records[-1]
+        assert last.step == 7
+        got = last.layer_table.set_index("layer")["update_ratio"]
+        if say_at == (5,):
+            assert got.isna().all()
+        else:
+            for layer, want in spy.ratios[-1].items():
+                assert math.isclose(got[layer], want, rel_tol=1e-5)

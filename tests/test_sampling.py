@@ -1603,6 +1603,10 @@ def test_a_save_without_run_dir_says_which_logs_it_no_longer_holds(tmp_path) -> 
     assert dict(build_context(run).key_numbers)["steps logged"] == (
         "6–14 (5 logs); the 2 before were not kept: a Doctor that writes no run directory "
         "keeps only its latest keep_records logs")
+    with warnings.catch_warnings():  # a copy of it holds every log of this process: no word
+        warnings.simplefilter("error")
+        doc.save(tmp_path / "copy")
+    assert relu_doctor.load_run(tmp_path / "copy").meta["records_dropped"] == 2  # (its report says)
     with warnings.catch_warnings():  # all of them kept: no word of it
         warnings.simplefilter("error")
         with relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1, keep_records=5) as doc:

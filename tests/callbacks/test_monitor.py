@@ -1175,7 +1175,7 @@ def test_the_fits_last_partial_window_has_its_update_ratio(tmp_path, stop):
     cb = ReluDoctor(log_every_n_steps=4)
     trainer(tmp_path, [spy, cb], **stop).fit(make_model(), loader())
     records = cb.doctor.records
-    assert [r.step for r in records] == [4, 6] if "max_epochs" in stop else [4, 7]
+    assert [r.step for r in records] == ([4, 6] if "max_epochs" in stop else [4, 7])
     assert records[-1].final
     for rec in records:
         want = spy.spy.ratios[rec.step - 1]
