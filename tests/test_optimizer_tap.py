@@ -416,6 +416,29 @@ def test_each_layers_norm_is_over_the_steps_of_the_optimizer_holding_it(critic_s
         assert table.loc[name, "grad_norm"] == pytest.approx(want, rel=1e-6), name
 
 
+def _said_ahead(opt_class, said_at: tuple[int, ...]):
+    """Seven steps of a small MLP logged every 3, ``doc.expect_last_step()`` before the
+    ``opt.step()`` of each step in ``said_at`` (0-based): ``(doc, the test's own ratios)``."""
+    import relu_doctor
+    from tests.reference import UpdateSpy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = opt_class(model.parameters(), lr=0.01)
+    spy = UpdateSpy(model, opt)
+    x = torch.randn(16, 3)
+    with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=3) as doc:
+        for i in range(7):
+            model(x).square().mean().backward()
+            if i in said_at:
+                doc.expect_last_step()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    assert doc.records[-1].step == 7
+    return doc, spy.ratios
+
+
 @pytest.mark.parametrize("said", [True, False], ids=["expected", "not-said"])
 def test_the_last_partial_windows_update_ratio_is_read_when_its_step_is_said_ahead(said):
     """``doc.expect_last_step()`` before the last ``opt.step()`` keeps the copy there: the
@@ -424,63 +447,31 @@ def test_the_last_partial_windows_update_ratio_is_read_when_its_step_is_said_ahe
     Unsaid, that window's ratio is NaN (its end was not known at its step)."""
     import math
 
-    import relu_doctor
-    from tests.reference import UpdateSpy
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    spy = UpdateSpy(model, opt)
-    x = torch.randn(16, 3)
-    with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=3) as doc:
-        for i in range(7):
-            model(x).square().mean().backward()
-            if said and i == 6:
-                doc.expect_last_step()
-            opt.step()
-            opt.zero_grad()
-            doc.step()
+    doc, ratios = _said_ahead(torch.optim.Adam, (6,) if said else ())
     last = doc.records[-1]
-    assert last.step == 7 and last.final
+    assert last.final
     got = last.layer_table.set_index("layer")["update_ratio"]
     assert set(got.index) == {"0", "2"}
-    for layer, want in spy.ratios[-1].items():
+    for layer, want in ratios[-1].items():
         assert math.isclose(got[layer], want, rel_tol=1e-5) if said else math.isnan(got[layer])
     # the logged windows before are unchanged: their logging steps' ratios (steps 3 and 6)
     for rec in doc.records[:-1]:
-        ref = spy.ratios[rec.step - 1]
+        ref = ratios[rec.step - 1]
         for layer, v in rec.layer_table.set_index("layer")["update_ratio"].items():
             assert math.isclose(v, ref[layer], rel_tol=1e-5)
 
 
-def test_a_step_said_last_too_early_leaves_no_stale_update_ratio():
+@pytest.mark.parametrize("said_at", [(5,), (5, 6)], ids=["too-early", "then-right"])
+def test_a_step_said_last_too_early_leaves_no_stale_update_ratio(said_at):
     """expect_last_step() at step 6 of 7: the last window (steps 4-7) showed step 6's update
     ratio under step 7's label (review). Training went on past it: NaN, as when unsaid; and a
     second prediction, right, reads step 7's."""
     import math
 
-    import relu_doctor
-    from tests.reference import UpdateSpy
-
-    for say_at in ((5,), (5, 6)):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        spy = UpdateSpy(model, opt)
-        x = torch.randn(16, 3)
-        with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=3) as doc:
-            for i in range(7):
-                model(x).square().mean().backward()
-                if i in say_at:
-                    doc.expect_last_step()
-                opt.step()
-                opt.zero_grad()
-                doc.step()
-        last = doc.records[-1]
-        assert last.step == 7
-        got = last.layer_table.set_index("layer")["update_ratio"]
-        if say_at == (5,):
-            assert got.isna().all()
-        else:
-            for layer, want in spy.ratios[-1].items():
-                assert math.isclose(got[layer], want, rel_tol=1e-5)
+    doc, ratios = _said_ahead(torch.optim.SGD, said_at)
+    got = doc.records[-1].layer_table.set_index("layer")["update_ratio"]
+    if said_at == (5,):
+        assert got.isna().all()
+    else:
+        for layer, want in ratios[-1].items():
+            assert math.isclose(got[layer], want, rel_tol=1e-5)
