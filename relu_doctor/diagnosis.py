@@ -300,6 +300,7 @@ def diagnose(
     site_passes: Mapping[str, tuple[int, int]] | None = None,
     unrecyclable: Mapping[str, str] | None = None,
     recycling: Mapping[str, str] | None = None,
+    recycling_by_score: Collection[str] = (),
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -327,6 +328,9 @@ def diagnose(
             (``not_recyclable``), before any recycling was tried.
         recycling: by site, the recycling remedy bound to act there (``dormant_reset``,
             ``continual_backprop``): their texts say so instead of advising one.
+        recycling_by_score: the sites of ``recycling`` whose recycler takes units by ReDo
+            score alone (``DormantRecycler`` without ``tau``): dead units scoring above tau
+            are told how to have it take them.
         site_passes: by site, (recorded passes of the window that ran it, those that began
             at a module holding it), for the sites that ran in some only (a branch taken
             sometimes): their dead and
@@ -405,13 +409,18 @@ def diagnose(
                  else f" (Recycling cannot treat this site: {why_not}.)" if why_not
                  else " (ReDo recycling is not offered for Keras layers.)"
                  if names["recycle"] is None else "")
+        # where the bound recycler takes units by score alone, the dead ones scoring above
+        # tau are told how to have it take them
+        by_score = bound is not None and why_not is None and name in recycling_by_score
+        asides = {flag: _bound_aside(bound, n, config.tau) if by_score and n else aside
+                  for flag in ("dead", "lifetime_dead") for n in [_above_tau(u, flag)[0]]}
         if row["dead"]:
             frac = float(row["dead_fraction"])
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
             remedy = (
                 f"Lower the learning rate (step or exponential decay)"
                 f"{_and_recycle_dead(u, 'dead', names, config.tau) if recyclable else ''}; "
-                f"check the normalisation before this activation.{aside}"
+                f"check the normalisation before this activation.{asides['dead']}"
                 if leaky
                 else "Lower the learning rate (step or exponential decay) and check the "
                 "initialisation and bias of the layer that feeds it; where the units stay "
@@ -451,7 +460,7 @@ def diagnose(
                                      else [])]
                                   or ["check the initialisation and bias of the layer that "
                                       "feeds them"])
-                    + f".{aside}{also}",
+                    + f".{asides['lifetime_dead']}{also}",
                     step,
                 )
             )
@@ -705,22 +714,34 @@ def _recycle(names: Mapping[str, str | None], source: str = "ReDo") -> str:
     return f"({source}: {names['recycle']})"
 
 
+def _above_tau(units: Mapping[str, torch.Tensor], flag: str) -> tuple[int, int]:
+    """``(above, flagged)``: how many units flagged ``flag`` score above tau (a leaky
+    family's units stuck negative: their negative outputs count in the ReDo score), which a
+    recycler choosing by score alone passes over, and how many are flagged."""
+    if flag not in units or "below_tau" not in units:
+        return 0, 0
+    flagged = units[flag].bool()
+    return int((flagged & ~units["below_tau"].bool()).sum()), int(flagged.sum())
+
+
+def _bound_aside(bound: str | None, above: int, tau: float) -> str:
+    return (f" ({bound} is bound to recycle this site's units and takes those scoring below "
+            f"tau; {above} of these score above it: give it tau={tau} to take them too.)")
+
+
 def _and_recycle_dead(units: Mapping[str, torch.Tensor], flag: str,
                       names: Mapping[str, str | None], tau: float) -> str:
     """" and recycle the units (ReDo: ...)" for the units flagged ``flag``. Where some of
     them score above tau (a leaky family's units stuck negative: their negative outputs
     count in the ReDo score), the recycler's default choice, by score, passes those over:
     it takes them given ``tau``, which adds the dead units whatever their score."""
-    if flag not in units or "below_tau" not in units:
-        return f" and recycle the units {_recycle(names)}"
-    flagged = units[flag].bool()
-    above = flagged & ~units["below_tau"].bool()
-    if not bool(above.any()):
+    above, flagged = _above_tau(units, flag)
+    if not above:
         return f" and recycle the units {_recycle(names)}"
     name = str(names["recycle"])
     given = (name.replace("True", f"{{'tau': {tau}}}") if name.endswith("=True")
              else f"{name}(tau={tau})")
-    which = "these units'" if bool(above.eq(flagged).all()) else f"{int(above.sum())} of these units'"
+    which = "these units'" if above == flagged else f"{above} of these units'"
     return (f" and recycle the units (ReDo: {given}; by default it takes the units scoring "
             f"below tau, and {which} negative outputs score above it)")
 

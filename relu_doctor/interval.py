@@ -333,6 +333,7 @@ class IntervalReading:
                 declined=self._declined, site_passes=passes,
                 unrecyclable={s.name: _SUMMED for s in sites if s.summed},
                 recycling=self._recycling(sites),
+                recycling_by_score=self._recycling_by_score(sites),
                 lifetime_steps=None if self._lifetime_steps is None else (
                     self._lifetime_steps[0] + collected, self._lifetime_steps[1] + self.steps_run),
                 scaler_skipped=self._peek_skipped(),
@@ -373,6 +374,14 @@ class IntervalReading:
                 out.update({s.name: str(name) for s in sites
                             if s.name not in out and acts_at(s.name)})
         return out
+
+    def _recycling_by_score(self, sites: Sequence[Site]) -> set[str]:
+        """The sites where a recycler listening to this Doctor takes units by ReDo score
+        alone (``DormantRecycler`` without ``tau``: dead units scoring above it stay)."""
+        return {s.name for fn in self._listeners
+                if getattr(fn, "name", None) == "dormant_reset" and getattr(fn, "tau", 0) is None
+                and callable(acts_at := getattr(fn, "acts_at", None))
+                for s in sites if acts_at(s.name)}
 
     def _fold(
         self, later: list[Callable[[], object]], sites: Sequence[Site],

@@ -811,7 +811,10 @@ def test_a_leaky_familys_dead_units_are_advised_the_recycling_that_takes_them(fa
     assert dead.evidence["dead_units"] == stuck
     recycled = {}
     for tau in (None, 0.1):
-        events = [e for e in run(tau, recycle=True).seen if e.get("remedy") == "dormant_reset"]
+        bound = run(tau, recycle=True)
+        said = findings_by(bound.records[-1])[("dead", "1")].remedy
+        assert ("give it tau=0.1 to take them too" in said) == (tau is None and family != "leaky_relu")
+        events = [e for e in bound.seen if e.get("remedy") == "dormant_reset"]
         recycled[tau] = sorted({u for e in events if e["site"] == "1" for u in e["details"]["units"]})
     takes_by_default = set(stuck) <= set(recycled[None])
     assert set(stuck) <= set(recycled[0.1])
