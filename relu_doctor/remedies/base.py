@@ -543,10 +543,10 @@ class Remedy:
         return event
 
     def decline(self, site: str, reason: str, step: int, what: str, where: str = "") -> None:
-        """Leave ``site`` alone from now on for ``reason``: warned (once per site: the caller
-        skips it after), in ``what``'s name (``"ReDo recycling"``) at ``where`` (default the
-        site), and recorded, so that the report advises this remedy there no more."""
-        self.warn(f"{what}: leaving {where or f'site {site!r}'} alone: {reason}")
+        """Leave ``site`` alone from now on for ``reason``: warned once (in ``what``'s name at
+        ``where``, default the site), and recorded: the report advises it there no more."""
+        self.warn(f"{what}: leaving {where or f'site {site!r}'} alone: {reason}".replace(
+            "Exclude this site.", f"It stays alone (exclude=[{site!r}] keeps it out from the start)."))
         if self.doctor is not None:
             self.doctor.record_event(Declined(self.name, site, step, reason))
 
