@@ -316,6 +316,10 @@ class RunRecording:
             self._note_unwritten(record.step)
             self._write_failed(e)
             self._save_status()
+        except BaseException:  # Ctrl-C midway: the log is said unwritten (in part), and it
+            self._note_unwritten(record.step)  # goes on up (the exit writes the meta)
+            self._save_status()
+            raise
 
     def add_metrics(self, record: IntervalRecord, values: Mapping[str, Any]) -> None:
         """Training metrics that a framework reports only after ``record`` was logged (the

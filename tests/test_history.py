@@ -852,3 +852,32 @@ def test_a_table_written_at_some_logs_only_loses_its_latest_log_when_cut_short(t
     run = load_run(run_dir)
     assert sorted(set(run.tables["metrics"]["step"])) == [1]
     assert read_gaps(run).unwritten == [(4, 4)] and read_gaps(run).partly == [4]
+
+
+def test_a_ctrl_c_inside_a_logs_write_lists_that_log_as_written_in_part(tmp_path, monkeypatch):
+    """A Ctrl-C that landed in the logging step's own write (1 of 28 in a crash trial) lost
+    that log without a word: the report said only "Ended early". It is now listed as never
+    written, in part (its history rows reached the disk), and Ctrl-C goes on up unchanged."""
+    from relu_doctor.reports.gaps import read_gaps
+    from relu_doctor.rundir import RunWriter
+
+    real = RunWriter.append_table
+
+    def interrupted(self, table, step, frame):
+        if table == "units" and step == 3:
+            raise KeyboardInterrupt
+        return real(self, table, step, frame)
+
+    monkeypatch.setattr(RunWriter, "append_table", interrupted)
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    with pytest.raises(KeyboardInterrupt), \
+            relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(5)], doc=doc)
+    assert doc.global_step == 3
+    monkeypatch.undo()
+    run = load_run(run_dir)
+    gaps = read_gaps(run)
+    assert gaps.unwritten == [(3, 3)] and gaps.partly == [3]
+    assert sorted(set(run.history["step"])) == [1, 2, 3]
+    assert gaps.ended_by.startswith("KeyboardInterrupt")
