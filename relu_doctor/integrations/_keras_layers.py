@@ -316,6 +316,8 @@ def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str]:
 
 #: The layers with an anonymous activation already said, by model (each ``fit`` looks again)
 _SAID_ANONYMOUS: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+#: per model, the recurrent layers whose ReLU-family cell activation was said (once)
+_SAID_RECURRENT: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
 def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
@@ -323,11 +325,15 @@ def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
     applies include/exclude). A Dense/Conv or an ``Activation`` layer whose activation is an
     anonymous function (a lambda, a ``functools.partial``), which may be a ReLU that cannot
     be told apart, is said once per model, not watched."""
-    out, anonymous = [], []
+    out, anonymous, recurrent = [], [], []
     wrappers: dict[int, Any] = {}  # the layer a TimeDistributed runs -> the wrapper
     for path, layer in walk_layers(model):
         if isinstance(layer, keras.layers.TimeDistributed):
             wrappers[id(layer.layer)] = layer
+        if isinstance(layer, keras.layers.RNN) and selected(path) and any(
+                activation_family(getattr(layer.cell, a, None)) is not None
+                for a in ("activation", "recurrent_activation")):
+            recurrent.append(path)  # (its activation runs inside the cell, at each time step)
         by_act = isinstance(layer, _ACTIVATED)
         fn = (getattr(layer, "activation", None)
               if by_act or isinstance(layer, keras.layers.Activation) else None)
@@ -341,6 +347,20 @@ def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
         dim = _unit_dim(layer)
         out.append(KerasSite(layer, path, dim + 1 if wrapper is not None and dim >= 0 else dim,
                              by_act, wrapper))
+    said_rnn = _SAID_RECURRENT.setdefault(model, set())
+    recurrent = [p for p in recurrent if p not in said_rnn]
+    said_rnn.update(recurrent)
+    if recurrent:
+        warnings.warn(
+            f"relu_doctor: the recurrent layer{'s' * (len(recurrent) > 1)} "
+            f"{', '.join(map(repr, recurrent[:4]))}"
+            f"{f' (and {len(recurrent) - 4} more)' if len(recurrent) > 4 else ''} "
+            f"run{'s' * (len(recurrent) == 1)} a ReLU-family activation inside "
+            f"{'their cells' if len(recurrent) > 1 else 'its cell'}, at each time step, "
+            "where no layer's output shows it: not watched (the layers around it are).",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
     said = _SAID_ANONYMOUS.setdefault(model, set())
     anonymous = [p for p in anonymous if p not in said]
     said.update(anonymous)

@@ -58,7 +58,7 @@ import torch
 from relu_doctor._validate import glob_patterns, matches, positive_int
 from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
 from relu_doctor.doctor import Doctor
-from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.history import IntervalRecord
 from relu_doctor.integrations._keras_layers import FrozenLayers, KerasSite, find_sites
 from relu_doctor.integrations._keras_remedies import (
@@ -225,6 +225,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._epoch = 0
         self._fresh: IntervalRecord | None = None  # logged since the last epoch's end
         self._val_doc: Doctor | None = None
+        self._no_sites = False  # this fit's model has no site: the callback stepped aside
         self._in_batch = False  # between this callback's train batch begin and end
         self._inference_in_batch = 0  # passes with gradients in a train batch, training=False
         self._training_passes = 0  # passes taken as training ones, collecting or not
@@ -250,16 +251,22 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             s.path: s
             for s in find_sites(model, lambda p: matches(p, self.include, self.exclude))
         }
-        if not self.sites:
-            raise ReluDoctorError(
-                f"model: no layer of {model.name!r} runs a ReLU-family activation"
+        self._no_sites = not self.sites
+        if self._no_sites:  # (one callback list over several models: a tanh LSTM too)
+            self._stopped, self._val_doc = True, None
+            warnings.warn(
+                f"relu_doctor: no layer of {model.name!r} runs a ReLU-family activation"
                 f"{' after include/exclude' if (self.include or self.exclude) else ''}; "
                 "relu_doctor watches Dense/Conv layers with activation='relu' (relu6, "
                 "leaky_relu, elu, selu, gelu, silu) and ReLU/LeakyReLU/ELU/PReLU/Activation "
                 "layers, in nested models and custom layers too; an activation called as a "
                 "function in a layer's call() (keras.ops.relu(x)) is not seen: make it a "
-                "keras.layers.ReLU() or the layer's activation='relu'."
+                "keras.layers.ReLU() or the layer's activation='relu'. The relu_doctor "
+                "callback steps aside for this fit; training goes on.",
+                ReluDoctorWarning,
+                stacklevel=user_stacklevel(),
             )
+            return
         # What the remedies refuse, before anything is hooked or written: a refused fit
         # leaves the model and its run directory as they were.
         opt = getattr(model, "optimizer", None)
@@ -537,7 +544,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         doc = self.doctor
-        if doc is None:
+        if doc is None or self._no_sites:  # (a fit it stepped aside from at its start)
             return
         flush_and_detach(doc, self._detach)
         if self.report and doc.run_dir is not None:

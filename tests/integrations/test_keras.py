@@ -1343,3 +1343,48 @@ def test_the_layer_hooks_are_parked_on_steps_that_collect_nothing(tmp_path: Path
     assert int(ev[ev["site"] == "hidden"]["elements"].sum()) == sum(p["hidden"].size for p in val.passes)
     assert not any("integrations.keras" in getattr(h, "__module__", "")
                    for layer in layers.values() for h in layer._forward_hooks.values())
+
+
+@pytest.mark.parametrize("cell", ["relu", "tanh"])
+def test_a_model_whose_only_relu_is_in_a_recurrent_cell_trains_with_one_warning(
+        tmp_path: Path, cell: str) -> None:
+    """A model whose only ReLU runs inside an LSTM's cell (or that has none: a tanh LSTM, one
+    callback list over several models) made fit fail before its first step, saying no layer
+    runs a ReLU (a Keras trial). It now says so and steps aside: the fit trains as it would
+    unwatched, its weights bit for bit; a ReLU cell beside watched layers is said too."""
+    def model() -> Any:
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((6, 5))
+        x = keras.layers.LSTM(8, activation=cell, name="lstm")(inp)
+        m = keras.Model(inp, keras.layers.Dense(1, name="out")(x))
+        m.compile(optimizer="adam", loss="mse")
+        return m
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 6, 5)).astype("float32"), rng.normal(size=(32, 1)).astype("float32")
+    plain = model()
+    plain.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    watched = model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watched.fit(x, y, epochs=2, batch_size=8, verbose=0,
+                    callbacks=[ReluDoctorCallback(run_dir=tmp_path / "run")])
+    ours = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert any("no layer of" in m and "steps aside for this fit; training goes on" in m for m in ours)
+    assert sum("'lstm' runs a ReLU-family activation inside its cell" in m for m in ours) == (cell == "relu")
+    for a, b in zip(plain.get_weights(), watched.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not (tmp_path / "run").exists()  # nothing written for a fit it stepped aside from
+    # beside a watched layer: the cell is said, the layer watched
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 5))
+    h = keras.layers.SimpleRNN(8, activation="relu", name="rnn")(inp)
+    both = keras.Model(inp, keras.layers.Dense(1, name="out")(keras.layers.Dense(4, activation="relu", name="head")(h)))
+    both.compile(optimizer="adam", loss="mse")
+    cb = ReluDoctorCallback(run_dir=tmp_path / "both", overhead_budget=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        both.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert sum("'rnn' runs a ReLU-family activation inside its cell" in m for m in said) == 1
+    assert list(cb.sites) == ["head"]
