@@ -226,6 +226,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._fresh: IntervalRecord | None = None  # logged since the last epoch's end
         self._val_doc: Doctor | None = None
         self._no_sites = False  # this fit's model has no site: the callback stepped aside
+        self._said_scalar: set[str] = set()  # layers said to run on one value per sample
         self._in_batch = False  # between this callback's train batch begin and end
         self._inference_in_batch = 0  # passes with gradients in a train batch, training=False
         self._training_passes = 0  # passes taken as training ones, collecting or not
@@ -382,6 +383,9 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 return  # Keras' symbolic shape inference
             if not probe.recording:
                 return
+            if output.dim() <= 1:  # one value per sample (a batch's scalars): no units
+                self._warn_scalar_site(site)
+                return
             fam = site.family()
             if fam is None:
                 return
@@ -504,6 +508,18 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             plan = self.plan
             if plan is not None and plan.should_stop:
                 self.model.stop_training = True  # the plan's stop event holds the evidence
+
+    def _warn_scalar_site(self, site: KerasSite) -> None:
+        if site.path in self._said_scalar:
+            return
+        self._said_scalar.add(site.path)
+        warnings.warn(
+            f"relu_doctor: the Keras layer {site.path!r} runs on one value per sample (a 1-D "
+            "output): its entries are a batch's samples, not units, so it is not watched. "
+            "Training goes on; the other layers are watched as usual.",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _step_aside(self) -> None:
         self._detach()

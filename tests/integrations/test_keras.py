@@ -1388,3 +1388,24 @@ def test_a_model_whose_only_relu_is_in_a_recurrent_cell_trains_with_one_warning(
     said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
     assert sum("'rnn' runs a ReLU-family activation inside its cell" in m for m in said) == 1
     assert list(cb.sites) == ["head"]
+
+
+def test_a_relu_layer_on_one_value_per_sample_is_said_and_not_watched(tmp_path: Path) -> None:
+    """A ReLU layer on a (N,) tensor counted a batch's samples as its units (16 "units"), and
+    a last batch of 8 was then said to be another width, advising unit_dims=, which the Keras
+    callback does not take (a Keras trial). It is said once and not watched; the others are."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12,))
+    h = keras.layers.Dense(8, activation="relu", name="hidden")(inp)
+    v = keras.layers.ReLU(name="scalar_relu")(keras.layers.Reshape(())(keras.layers.Dense(1)(h)))
+    model = keras.Model(inp, v)
+    model.compile(optimizer="adam", loss="mse")
+    x, _ = _data(n=120)
+    cb = ReluDoctorCallback(run_dir=tmp_path / "run", overhead_budget=None, log_every_n_steps=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, np.zeros(120, "float32"), epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert sum("'scalar_relu' runs on one value per sample" in m for m in said) == 1, said
+    assert not any("unit_dims" in m for m in said), said
+    assert [s.name for s in cb.doctor.sites] == ["hidden"]
