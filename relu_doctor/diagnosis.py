@@ -115,9 +115,11 @@ class DiagnosisConfig:
         growth_factor: a site whose activation RMS is this many times its first logged RMS,
             or the shallowest site's RMS, has ReLU's missing upper bound showing
             (``activation_growth``).
-        collapse_factor: a site whose activation RMS is this many times below the
-            shallowest site's has lost the signal (``activation_collapse``, critical): its
-            outputs are so near 0 that its dead and dormant counts are their signs' noise.
+        collapse_factor: a site whose activation RMS (not 0: every unit dead is the dead
+            finding's) is this many times below the shallowest site's, as at their first
+            logs (not a fall training made), has lost the signal from the start
+            (``activation_collapse``, critical): its outputs are so near 0 that its dead and
+            dormant counts are their signs' noise.
         loop: whose names the remedy texts give (:data:`REMEDY_NAMES`): ``"watch"``
             (``relu_doctor.remedies``), ``"lightning"``, ``"keras"`` or ``"hf"``; each
             integration sets its own.
@@ -788,21 +790,27 @@ def _growth_findings(
                 )
             )
         # the other way: the signal gone with depth (weights or a scale initialised far too
-        # small, a gate that closed the path), at the deeper site where it is least
+        # small, a gate that closed the path), at the deeper site where it is least. Not an
+        # RMS of 0 (every unit dead: the dead finding's), nor a fall that training made (the
+        # site's and the shallowest's first logs did not show it): the initialisation's.
         order0, shallow = by_depth[0]
-        deeper = [k for k in rms if rms[k][0] > order0]
+        deeper = [k for k in rms if rms[k][0] > order0 and rms[k][1] > 0]
         name0 = min(deeper, key=lambda k: rms[k][1]) if deeper else ""
         low = rms[name0][1] if deeper else math.nan
-        if shallow > 0 and low * config.collapse_factor <= shallow:
+        first_low = first_rms.get(name0)
+        first_shallow = first_rms.get(min(rms, key=lambda k: rms[k][0]))
+        from_start = (first_low is None or first_shallow is None
+                      or first_low * config.collapse_factor <= first_shallow)
+        if shallow > 0 and low * config.collapse_factor <= shallow and from_start:
             out.append(
                 Finding(
                     "activation_collapse", name0, "critical",
-                    f"activation RMS falls {shallow / low if low > 0 else math.inf:.3g}x from "
+                    f"activation RMS falls {shallow / low:.3g}x from "
                     f"the shallowest site to this one ({shallow:.3g} -> {low:.3g}): the signal "
                     "is gone there, and the dead and dormant units of such sites are the "
                     "signs of values near 0.",
-                    {"rms": low, "shallow_rms": shallow,
-                     "factor": shallow / low if low > 0 else math.inf, "over": "depth"},
+                    {"rms": low, "shallow_rms": shallow, "factor": shallow / low,
+                     "over": "depth"},
                     "Check the initialisation before the learning rate or recycling: "
                     "relu_doctor.check_init(model, batch) reports each layer's scale against "
                     "He initialisation (which keeps a ReLU network's scale over depth); look "

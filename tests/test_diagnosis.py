@@ -868,3 +868,21 @@ def test_a_signal_gone_with_depth_is_said_first_and_sent_to_the_initialisation(s
     assert f.evidence["factor"] >= 1e6 and "check_init" in f.remedy
     assert found[0] is f  # before every dead finding of the collapsed sites
     assert any(g.kind == "dead" for g in found)
+
+
+@pytest.mark.parametrize("case", ["all-dead", "trained-into", "from-the-start"])
+def test_activation_collapse_is_the_initialisations_only(case):
+    """A CNN at a high learning rate whose site went 100% dead (RMS 0) was told "activation
+    RMS falls infx" and to check its initialisation first (report trial): its first logs had
+    it alive. The collapse finding is for a signal near 0, not 0 (the dead finding's), that
+    the first logs showed too."""
+    rows, units = _sick_site()
+    deep = {**rows[0], "site": "s1", "order": 1}
+    rms0 = float(rows[0]["rms"])
+    deep["rms"] = {"all-dead": 0.0, "trained-into": rms0 * 1e-9, "from-the-start": rms0 * 1e-9}[case]
+    first = {"s0": rms0, "s1": rms0 * (1e-9 if case == "from-the-start" else 0.8)}
+    found = diagnose([rows[0], deep], {**units, "s1": units["s0"]}, DiagnosisConfig(),
+                     first_rms=first)
+    collapse = [f for f in found if f.kind == "activation_collapse"]
+    assert bool(collapse) == (case == "from-the-start")
+    assert all(math.isfinite(f.evidence["factor"]) and "inf" not in f.message for f in collapse)
