@@ -380,3 +380,33 @@ def test_the_interpreters_resource_warnings_go_to_the_caller_not_onto_the_report
         assert main(["report", str(tmp_path)]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["relu-doctor report: warning: part 3 of the history is damaged"]
+
+
+def test_output_never_overwrites_another_runs_records_or_a_file_not_a_report(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``-o`` guarded the reported run only: ``-o runs/other/meta.json`` wrote HTML over
+    another run's meta, which then could not be read, and ``-o notes.txt`` replaced a user's
+    file (a report trial). Both are refused with one line, the files left as they were; a
+    report of ours is still replaced, and a path elsewhere still written."""
+    from tests.reports.conftest import dead_unit_model, train
+
+    runs = tmp_path / "runs"
+    train(dead_unit_model(), runs / "a", steps=6, log_every=3, report=False)
+    train(dead_unit_model(), runs / "b", steps=6, log_every=3, report=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    meta = (runs / "b" / "meta.json").read_bytes()
+    for out in (runs / "b" / "meta.json", runs / "b" / "report.html", runs / "b",
+                runs / "b" / "history" / "x.html", notes):
+        assert main(["report", str(runs / "a"), "-o", str(out)]) == 2, out
+        error = one_line_error(capsys.readouterr().err)
+        assert ("another run's directory" in error) == (out != notes), error
+        assert ("is not a relu_doctor report" in error) == (out == notes), error
+    assert (runs / "b" / "meta.json").read_bytes() == meta and notes.read_text() == "my notes"
+    assert not (runs / "b" / "report.html").exists()
+    load_run(runs / "b")  # still readable
+    mine = tmp_path / "out" / "a.html"
+    for _ in range(2):  # a report of ours is replaced
+        assert main(["report", str(runs / "a"), "-o", str(mine), "-q"]) == 0
+        assert capsys.readouterr().out.strip() == str(mine)
+    assert data_island(mine)["steps"] == [3, 6]

@@ -171,7 +171,8 @@ def report_path(run: Run, out: str | os.PathLike[str] | None, name: str) -> Path
         ValueError: no ``out`` for a run built in memory.
         ReluDoctorError: ``out`` is inside the run directory and is not an HTML file at its
             top level (the report would overwrite the run's own records, ``-o
-            RUN/meta.json``, or sit among a table's parts, ``-o RUN/metrics``).
+            RUN/meta.json``, or sit among a table's parts, ``-o RUN/metrics``), inside
+            another run's directory, or an existing file that is not a relu_doctor report.
     """
     if out is None:
         if run.path is None:
@@ -182,6 +183,12 @@ def report_path(run: Run, out: str | os.PathLike[str] | None, name: str) -> Path
         path = path / "report.html"
     root = run.path.resolve() if run.path is not None else None
     target = path.resolve()
+    other = next((a for a in target.parents if a != root and (a / "meta.json").is_file()
+                  and (root is None or not root.is_relative_to(a))), None)
+    if other is not None:
+        raise ReluDoctorError(
+            f"{name}: {str(path)!r} is inside {str(other)!r}, another run's directory: the "
+            "report would overwrite or sit among that run's records. Pass a path outside it.")
     if root is not None and target.is_relative_to(root):
         if target.parent != root:
             raise ReluDoctorError(
@@ -196,5 +203,18 @@ def report_path(run: Run, out: str | os.PathLike[str] | None, name: str) -> Path
                 "and is not an .html file: the report would overwrite that run's own records. "
                 "Pass a path ending in .html."
             )
+    if target.is_file() and not _is_report(target):
+        raise ReluDoctorError(
+            f"{name}: {str(path)!r} exists and is not a relu_doctor report: it is not "
+            "overwritten. Pass another path, or remove that file first.")
     return path
 
+
+def _is_report(path: Path) -> bool:
+    """Whether the file at ``path`` is a report this package wrote (its generator tag near
+    the top), which a new report may replace."""
+    try:
+        with open(path, "rb") as f:
+            return b'<meta name="generator" content="relu_doctor">' in f.read(8192)
+    except OSError:
+        return False
