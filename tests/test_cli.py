@@ -410,3 +410,7 @@ def test_output_never_overwrites_another_runs_records_or_a_file_not_a_report(
         assert main(["report", str(runs / "a"), "-o", str(mine), "-q"]) == 0
         assert capsys.readouterr().out.strip() == str(mine)
     assert data_island(mine)["steps"] == [3, 6]
+    foreign = tmp_path / "dataset"  # another tool's meta.json: no run of ours
+    foreign.mkdir()
+    (foreign / "meta.json").write_text('{"classes": 10}')
+    assert main(["report", str(runs / "a"), "-o", str(foreign / "r.html"), "-q"]) == 0

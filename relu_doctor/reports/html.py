@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import fields
@@ -183,7 +184,7 @@ def report_path(run: Run, out: str | os.PathLike[str] | None, name: str) -> Path
         path = path / "report.html"
     root = run.path.resolve() if run.path is not None else None
     target = path.resolve()
-    other = next((a for a in target.parents if a != root and (a / "meta.json").is_file()
+    other = next((a for a in target.parents if a != root and _is_run_dir(a)
                   and (root is None or not root.is_relative_to(a))), None)
     if other is not None:
         raise ReluDoctorError(
@@ -218,3 +219,13 @@ def _is_report(path: Path) -> bool:
             return b'<meta name="generator" content="relu_doctor">' in f.read(8192)
     except OSError:
         return False
+
+
+def _is_run_dir(folder: Path) -> bool:
+    """Whether ``folder`` holds a run directory's ``meta.json`` (a JSON object with its
+    format version; another tool's ``meta.json`` is not one)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format_version" in meta
