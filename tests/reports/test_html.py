@@ -543,3 +543,30 @@ def test_long_paths_that_share_a_prefix_keep_their_labels_apart_and_inside_the_f
     data = plots.HeatmapData(matrix=np.ones((4, 2)), steps=[10, 20], row_labels=list("0123"),
                              units_per_row=1, steps_per_col=1, units=4, dead_last=0)
     assert inside(plots.activity_heatmap_figure(data, sites[-1], "relu")) == []
+
+
+def test_a_recyclings_verdict_says_it_is_on_the_units_it_changed() -> None:
+    """A recycling is judged on the units it changed: "dead 0.0% -> 78.1% ... helped" read
+    as a contradiction where the rest of the site died meanwhile (a report trial). Its
+    verdict says what it is on; a swap's, judged on the site, does not."""
+    events = [
+        {"type": "intervention", "id": "r", "remedy": "dormant_reset", "site": "s", "step": 10,
+         "what": "recycled 2 of 4 units", "before": {"dead_fraction": 0.0}, "after": None,
+         "target": "below_tau_fraction"},
+        {"type": "intervention_result", "ref": "r", "remedy": "dormant_reset", "site": "s",
+         "step": 20, "after": {"dead_fraction": 0.75}, "verdict": "helped",
+         "target": "changed_units_below_tau", "efficacy": {"still_below_tau": 0.0}},
+        {"type": "intervention", "id": "w", "remedy": "leaky_relu_swap", "site": "s", "step": 30,
+         "what": "swapped", "before": {"dead_fraction": 0.75}, "after": None,
+         "target": "dead_fraction"},
+        {"type": "intervention_result", "ref": "w", "remedy": "leaky_relu_swap", "site": "s",
+         "step": 40, "after": {"dead_fraction": 0.25}, "verdict": "helped",
+         "target": "dead_fraction"},
+    ]
+    hist = pd.DataFrame([{"step": 10 * i, "site": "s", "units": 4, "dead": 1,
+                          "dead_fraction": 0.25} for i in (1, 2, 3, 4)])
+    run = Run(meta={"sites": [{"name": "s", "units": 4}]}, history=hist, units=pd.DataFrame(),
+              layers=pd.DataFrame(), events=events)
+    text = htmllib.unescape(re.sub(r"<[^>]+>", " ", render_report(run)))
+    assert text.count("helped (on the units it changed, not the whole site)") == 1, text
+    assert text.count("helped") >= 2
