@@ -303,6 +303,7 @@ def diagnose(
     unrecyclable: Mapping[str, str] | None = None,
     recycling: Mapping[str, str] | None = None,
     recycling_by_score: Collection[str] = (),
+    swapping: Collection[str] = (),
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -330,6 +331,8 @@ def diagnose(
             (``not_recyclable``), before any recycling was tried.
         recycling: by site, the recycling remedy bound to act there (``dormant_reset``,
             ``continual_backprop``): their texts say so instead of advising one.
+        swapping: the sites a bound LeakyReLU swap acts at: their texts say it swaps them
+            past its threshold, instead of advising one.
         recycling_by_score: the sites of ``recycling`` whose recycler takes units by ReDo
             score alone (``DormantRecycler`` without ``tau``): dead units scoring above tau
             are told how to have it take them.
@@ -426,8 +429,11 @@ def diagnose(
                 if leaky
                 else "Lower the learning rate (step or exponential decay) and check the "
                 "initialisation and bias of the layer that feeds it; where the units stay "
-                "dead, swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
-                f"({names['swap']}) or PReLU to learn the slope.{also}"
+                + (f"dead, the LeakyReLU swap bound here ({names['swap']}) swaps this site "
+                   "once its dead fraction passes the swap's threshold, for its patience."
+                   if name in swapping else
+                   "dead, swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
+                   f"({names['swap']}) or PReLU to learn the slope.") + also
                 if swappable
                 else f"Lower the learning rate (step or exponential decay){and_recycle}; check "
                 f"the initialisation and bias of the layer that feeds it ({unswappable}).{aside}"
@@ -458,7 +464,9 @@ def diagnose(
                     + " or ".join([*([_and_recycle_dead(u, "lifetime_dead", names, config.tau)
                                       .replace(" and recycle the units", "recycle them", 1)]
                                      if recyclable else []),
-                                   *([f"swap to LeakyReLU ({names['swap']})"] if swappable
+                                   *([f"swap to LeakyReLU ({names['swap']}"
+                                      + (", bound here: it swaps past its threshold)"
+                                         if name in swapping else ")")] if swappable
                                      else [])]
                                   or ["check the initialisation and bias of the layer that "
                                       "feeds them"])

@@ -334,6 +334,7 @@ class IntervalReading:
                 unrecyclable={s.name: _SUMMED for s in sites if s.summed},
                 recycling=self._recycling(sites),
                 recycling_by_score=self._recycling_by_score(sites),
+                swapping=self._bound_at(sites, "leaky_relu_swap"),
                 lifetime_steps=None if self._lifetime_steps is None else (
                     self._lifetime_steps[0] + collected, self._lifetime_steps[1] + self.steps_run),
                 scaler_skipped=self._peek_skipped(),
@@ -374,6 +375,12 @@ class IntervalReading:
                 out.update({s.name: str(name) for s in sites
                             if s.name not in out and acts_at(s.name)})
         return out
+
+    def _bound_at(self, sites: Sequence[Site], remedy: str) -> set[str]:
+        """The sites where a remedy named ``remedy`` listening to this Doctor may act."""
+        return {s.name for fn in self._listeners if getattr(fn, "name", None) == remedy
+                and callable(acts_at := getattr(fn, "acts_at", None))
+                for s in sites if acts_at(s.name)}
 
     def _recycling_by_score(self, sites: Sequence[Site]) -> set[str]:
         """The sites where a recycler listening to this Doctor takes units by ReDo score

@@ -886,3 +886,52 @@ def test_activation_collapse_is_the_initialisations_only(case):
     collapse = [f for f in found if f.kind == "activation_collapse"]
     assert bool(collapse) == (case == "from-the-start")
     assert all(math.isfinite(f.evidence["factor"]) and "inf" not in f.message for f in collapse)
+
+
+@pytest.mark.parametrize("bound", [None, "1", "3"], ids=["unbound", "bound-here", "bound-elsewhere"])
+def test_a_bound_swap_that_has_not_acted_is_said_not_advised(bound):
+    """An ActivationSwapper bound to the run (threshold 0.5), at a site exactly 50% dead,
+    never acted, and the finding advised the swap by its name (a report trial: "they forgot
+    the swapper"). Where a bound swap acts, the text says it swaps past its threshold."""
+    import relu_doctor
+    from relu_doctor.remedies import ActivationSwapper
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].bias[:4] = -100.0  # half of site "1" dead
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=4, overhead_budget=None) as doc:
+        if bound is not None:
+            ActivationSwapper(model, threshold=0.5, include=[bound], optimizer=opt).bind(doc)
+        for _ in range(4):
+            model(torch.randn(16, 6)).square().mean().backward()
+            opt.step()
+            doc.step()
+    found = findings_by(doc.records[-1])
+    dead, life = found[("dead", "1")].remedy, found[("lifetime_dead", "1")].remedy
+    here = bound == "1"
+    assert ("the LeakyReLU swap bound here (ActivationSwapper) swaps this site" in dead) == here
+    assert ("swap ReLU for LeakyReLU" in dead) == (not here)
+    assert ("bound here: it swaps past its threshold" in life) == here
+    assert isinstance(model[1], nn.ReLU)  # it did not act (50% is not past 0.5)
+
+
+@pytest.mark.parametrize("verdict", ["helped", "did not help"])
+def test_a_recycling_that_helped_stays_among_the_next_steps(verdict):
+    """A site recycled 3 times, each "helped", was advised "Already tried: dormant_reset.
+    Next: lower the learning rate further..." with recycling left out (a report trial):
+    the remedy that worked is named as one to go on with; one that did not help, to stop."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    recycler = DormantRecycler(net, optimizers=opt, example_inputs=torch.randn(2, 4))
+    ev = recycler.recycle("1", units=[0, 3], step=5).to_dict()
+    view = intervention_view({**ev, "verdict": verdict, "target": "below_tau_fraction",
+                              "after": {"below_tau_fraction": 0.1}})
+    rows, units = _sick_site()
+    dormant = finding_view(next(f for f in diagnose(rows, units, DiagnosisConfig())
+                                if f.kind == "dormant"))
+    text = recommend(dormant, False, [view])
+    assert ("go on recycling where units go quiet again (DormantRecycler: it helped here)"
+            in text) == (verdict == "helped"), text
+    assert ("stop recycling here" in text) == (verdict == "did not help"), text

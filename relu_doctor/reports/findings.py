@@ -220,6 +220,9 @@ def recommend(
             set(RECYCLERS) & declined.keys()):
         # (Keras offers no recycling)
         steps.append(f"recycle the units ({names['recycle']})")
+    elif recycled and not recycled & failed:  # (it helped: named, not dropped from the steps)
+        steps.append(f"go on recycling where units go quiet again ({names['recycle']}: it "
+                     "helped here)")
     elif recycled & failed:
         adam = any(e.adam_step_kept for e in done if e.remedy in RECYCLERS and e.verdict == "did not help")
         steps.append("stop recycling here (the recycled units went quiet again)" + (
