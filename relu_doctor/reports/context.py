@@ -53,6 +53,7 @@ from relu_doctor.reports.formatting import (
 from relu_doctor.reports.gaps import Gaps, read_gaps
 from relu_doctor.reports.interventions import (
     CONTINUOUS_REMEDIES,
+    LOSS_ROSE,
     InterventionView,
     intervention_view,
     timeline,
@@ -418,6 +419,23 @@ def _learning_rates(interventions: Sequence[InterventionView], metrics: pd.DataF
                          ("learning rate", fmt_num(by_step[e.step]), after))
 
 
+def _losses(interventions: Sequence[InterventionView], metrics: pd.DataFrame) -> None:
+    """A judged intervention's training loss, its own window's and the one it was judged
+    on, where it rose :data:`LOSS_ROSE` times or more: shown beside its verdict, which
+    is on its target alone."""
+    loss = metrics[metrics["name"] == "loss"] if not metrics.empty else metrics
+    by_step = {int(r.step): float(r.value) for r in loss.itertuples()}
+    for e in interventions:
+        if not e.verdict or e.after_step is None or e.count > 1:
+            continue
+        before, after = by_step.get(e.step), by_step.get(e.after_step)
+        if before is None or after is None or not before > 0 or not math.isfinite(after):
+            continue
+        if after >= LOSS_ROSE * before:
+            e.loss_rose = after / before
+            e.changes.append(("training loss", fmt_num(before), fmt_num(after)))
+
+
 def _metrics_table(run: Run) -> pd.DataFrame:
     """The run's training metrics (``step``, ``name``, ``value``): empty for a run that
     logged none (or was written before they were recorded)."""
@@ -596,6 +614,7 @@ def build_context(run: Run) -> ReportContext:
     interventions = [intervention_view(e) for e in run.interventions()]
     metrics = _metrics_table(run)
     _learning_rates(interventions, metrics)
+    _losses(interventions, metrics)
     line_steps = sorted({e.step for e in interventions if not e.continuous})
     numbers = {step: i + 1 for i, step in enumerate(line_steps)}
     for e in interventions:

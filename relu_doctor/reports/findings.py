@@ -18,7 +18,7 @@ from typing import Any
 
 from relu_doctor.diagnosis import RECYCLERS, REMEDY_NAMES, Finding, finding_order
 from relu_doctor.reports.formatting import UNIT_LISTS, fmt_value
-from relu_doctor.reports.interventions import InterventionView
+from relu_doctor.reports.interventions import LOSS_ROSE, InterventionView
 
 __all__ = ["MODEL_WIDE", "VOCABULARY", "FindingView", "done_lines", "finding_view", "kind_label", "merge",
            "recommend"]
@@ -162,7 +162,8 @@ def done_lines(done: Sequence[InterventionView]) -> list[str]:
         if len(evs) == 1 and evs[0].count <= 1:
             e = evs[0]
             change = "; ".join(f"{k} {b} → {a}" for k, b, a in e.changes[:1])
-            verdict = f", {e.verdict}" if e.verdict else ""
+            verdict = (f", {e.verdict}" if e.verdict else "") + (
+                f", but the training loss rose {e.loss_rose:.1f}x after it" if e.loss_rose else "")
             lines.append(f"{remedy} at step {e.step}{': ' + change if change else ''}{verdict}")
             continue
         n = sum(max(e.count, 1) for e in evs)
@@ -171,7 +172,9 @@ def done_lines(done: Sequence[InterventionView]) -> list[str]:
         for e in evs:
             if e.verdict:
                 verdicts[e.verdict] = verdicts.get(e.verdict, 0) + 1
-        how = ", ".join(f"{k} {v}" for k, v in verdicts.items())
+        rose = sum(1 for e in evs if e.loss_rose)
+        how = ", ".join([*(f"{k} {v}" for k, v in verdicts.items()), *(
+            [f"the training loss rose {LOSS_ROSE}x or more after {rose}"] if rose else [])])
         lines.append(f"{remedy} ×{n} at steps {first}–{last}{' (' + how + ')' if how else ''}")
     return lines
 

@@ -68,7 +68,15 @@ class InterventionView:
     #: a recycling that zeroed Adam's moments of its slices and kept the tensor's step (no
     #: ``reset_adam_step``): their first updates larger than a fresh Adam's
     adam_step_kept: bool = False
+    #: how many times the training loss rose from its step's window to the window it was
+    #: judged on, where it rose :data:`LOSS_ROSE` times or more (0: it did not, or unknown)
+    loss_rose: float = 0.0
 
+
+#: A judged intervention whose window after it held a training loss this many times that of
+#: its own window says so beside its verdict (judged on its target alone, a swap read
+#: "helped" where the loss rose 4x).
+LOSS_ROSE = 1.5
 
 #: The metric a remedy's intervention is judged on when its events do not say (older runs).
 _DEFAULT_TARGETS = {

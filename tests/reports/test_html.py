@@ -570,3 +570,30 @@ def test_a_recyclings_verdict_says_it_is_on_the_units_it_changed() -> None:
     text = htmllib.unescape(re.sub(r"<[^>]+>", " ", render_report(run)))
     assert text.count("helped (on the units it changed, not the whole site)") == 1, text
     assert text.count("helped") >= 2
+
+
+def test_a_verdict_beside_a_training_loss_that_rose_says_so() -> None:
+    """A plan's swap was judged "helped" on its dead fraction while the training loss rose
+    from 0.84 to 3.24 (a Keras trial): the report showed "helped" alone. A judged change
+    whose next window's loss is 1.5x its own or more says so, with the two losses; one whose
+    loss fell does not."""
+    events = []
+    for rid, site, step, judged in (("w", "s", 72, 80), ("v", "t", 64, 72)):
+        events += [
+            {"type": "intervention", "id": rid, "remedy": "leaky_relu_swap", "site": site,
+             "step": step, "what": "swapped", "before": {"dead_fraction": 0.75}, "after": None,
+             "target": "dead_fraction"},
+            {"type": "intervention_result", "ref": rid, "remedy": "leaky_relu_swap", "site": site,
+             "step": judged, "after": {"dead_fraction": 0.25}, "verdict": "helped",
+             "target": "dead_fraction"},
+        ]
+    hist = pd.DataFrame([{"step": st, "site": site, "units": 4, "dead": 1, "dead_fraction": 0.25}
+                         for st in (64, 72, 80) for site in ("s", "t")])
+    metrics = pd.DataFrame({"step": [64, 72, 80], "name": ["loss"] * 3, "value": [1.07, 0.84, 3.24]})
+    run = Run(meta={"sites": [{"name": "s", "units": 4}, {"name": "t", "units": 4}]}, history=hist,
+              units=pd.DataFrame(), layers=pd.DataFrame(), events=events, tables={"metrics": metrics})
+    rose = {e.site: e.loss_rose for e in build_context(run).interventions}
+    assert math.isclose(rose["s"], 3.24 / 0.84) and rose["t"] == 0.0  # (1.07 -> 0.84 fell)
+    text = " ".join(htmllib.unescape(re.sub(r"<[^>]+>", " ", render_report(run))).split())
+    assert text.count("helped, but the training loss rose 3.9x after it") == 1, text
+    assert "training loss 0.84 → 3.24" in text and "training loss 1.07" not in text
