@@ -416,8 +416,9 @@ def diagnose(
                  if names["recycle"] is None else "")
         # where the bound recycler takes units by score alone, the dead ones scoring above
         # tau are told how to have it take them
-        by_score = bound is not None and why_not is None and name in recycling_by_score
-        asides = {flag: _bound_aside(bound, n, config.tau) if by_score and n else aside
+        by_score = (bound is not None and why_not is None and not refused
+                    and name in recycling_by_score)
+        asides = {flag: _bound_aside(names, n, config.tau) if by_score and n else aside
                   for flag in ("dead", "lifetime_dead") for n in [_above_tau(u, flag)[0]]}
         if row["dead"]:
             frac = float(row["dead_fraction"])
@@ -430,7 +431,7 @@ def diagnose(
                 else "Lower the learning rate (step or exponential decay) and check the "
                 "initialisation and bias of the layer that feeds it; where the units stay "
                 + (f"dead, the LeakyReLU swap bound here ({names['swap']}) swaps this site "
-                   "once its dead fraction passes the swap's threshold, for its patience."
+                   "once its dead fraction passes the swap's threshold (or its plan's)."
                    if name in swapping else
                    "dead, swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
                    f"({names['swap']}) or PReLU to learn the slope.") + also
@@ -734,9 +735,17 @@ def _above_tau(units: Mapping[str, torch.Tensor], flag: str) -> tuple[int, int]:
     return int((flagged & ~units["below_tau"].bool()).sum()), int(flagged.sum())
 
 
-def _bound_aside(bound: str | None, above: int, tau: float) -> str:
-    return (f" ({bound} is bound to recycle this site's units and takes those scoring below "
-            f"tau; {above} of these score above it: give it tau={tau} to take them too.)")
+def _bound_aside(names: Mapping[str, str | None], above: int, tau: float) -> str:
+    return (f" (The recycler bound here takes the units scoring below tau; {above} of these "
+            f"score above it: {_with_tau(names, tau)} takes them too.)")
+
+
+def _with_tau(names: Mapping[str, str | None], tau: float) -> str:
+    """The loop's recycler given ``tau`` (``DormantRecycler(tau=0.1)``,
+    ``dormant_reset={'tau': 0.1}``)."""
+    name = str(names["recycle"])
+    return (name.replace("True", f"{{'tau': {tau}}}") if name.endswith("=True")
+            else f"{name}(tau={tau})")
 
 
 def _and_recycle_dead(units: Mapping[str, torch.Tensor], flag: str,
@@ -748,9 +757,7 @@ def _and_recycle_dead(units: Mapping[str, torch.Tensor], flag: str,
     above, flagged = _above_tau(units, flag)
     if not above:
         return f" and recycle the units {_recycle(names)}"
-    name = str(names["recycle"])
-    given = (name.replace("True", f"{{'tau': {tau}}}") if name.endswith("=True")
-             else f"{name}(tau={tau})")
+    given = _with_tau(names, tau)
     which = "these units'" if above == flagged else f"{above} of these units'"
     return (f" and recycle the units (ReDo: {given}; by default it takes the units scoring "
             f"below tau, and {which} negative outputs score above it)")
@@ -800,15 +807,16 @@ def _growth_findings(
         # the other way: the signal gone with depth (weights or a scale initialised far too
         # small, a gate that closed the path), at the deeper site where it is least. Not an
         # RMS of 0 (every unit dead: the dead finding's), nor a fall that training made (the
-        # site's and the shallowest's first logs did not show it): the initialisation's.
+        # site's and the shallowest's first logs did not show it, or are not known yet: a
+        # site's first log, or one all dead then): the initialisation's.
         order0, shallow = by_depth[0]
         deeper = [k for k in rms if rms[k][0] > order0 and rms[k][1] > 0]
         name0 = min(deeper, key=lambda k: rms[k][1]) if deeper else ""
         low = rms[name0][1] if deeper else math.nan
-        first_low = first_rms.get(name0)
+        first_low = first_rms.get(name0)  # (known from a site's second log on, above 0)
         first_shallow = first_rms.get(min(rms, key=lambda k: rms[k][0]))
-        from_start = (first_low is None or first_shallow is None
-                      or first_low * config.collapse_factor <= first_shallow)
+        from_start = (first_low is not None and first_shallow is not None
+                      and first_low * config.collapse_factor <= first_shallow)
         if shallow > 0 and low * config.collapse_factor <= shallow and from_start:
             out.append(
                 Finding(

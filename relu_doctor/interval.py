@@ -365,11 +365,21 @@ class IntervalReading:
         self._fold(later, sites, summed, close=close, world=world, logged=logged)
         return record
 
+    def _remedies_bound(self) -> list[Any]:
+        """The listeners of this Doctor, and the remedies a treatment plan among them binds
+        without listening (it decides when they act)."""
+        out = list(self._listeners)
+        for fn in self._listeners:
+            steps = getattr(fn, "_remedies", None)
+            if isinstance(steps, dict):
+                out += list(steps.values())
+        return out
+
     def _recycling(self, sites: Sequence[Site]) -> dict[str, str]:
         """By site, the recycling remedy listening to this Doctor that may act there (its
         findings say so, and advise no other)."""
         out: dict[str, str] = {}
-        for fn in self._listeners:
+        for fn in self._remedies_bound():
             name, acts_at = getattr(fn, "name", None), getattr(fn, "acts_at", None)
             if name in RECYCLERS and callable(acts_at):
                 out.update({s.name: str(name) for s in sites
@@ -378,14 +388,14 @@ class IntervalReading:
 
     def _bound_at(self, sites: Sequence[Site], remedy: str) -> set[str]:
         """The sites where a remedy named ``remedy`` listening to this Doctor may act."""
-        return {s.name for fn in self._listeners if getattr(fn, "name", None) == remedy
+        return {s.name for fn in self._remedies_bound() if getattr(fn, "name", None) == remedy
                 and callable(acts_at := getattr(fn, "acts_at", None))
                 for s in sites if acts_at(s.name)}
 
     def _recycling_by_score(self, sites: Sequence[Site]) -> set[str]:
         """The sites where a recycler listening to this Doctor takes units by ReDo score
         alone (``DormantRecycler`` without ``tau``: dead units scoring above it stay)."""
-        return {s.name for fn in self._listeners
+        return {s.name for fn in self._remedies_bound()
                 if getattr(fn, "name", None) == "dormant_reset" and getattr(fn, "tau", 0) is None
                 and callable(acts_at := getattr(fn, "acts_at", None))
                 for s in sites if acts_at(s.name)}

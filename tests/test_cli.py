@@ -414,3 +414,14 @@ def test_output_never_overwrites_another_runs_records_or_a_file_not_a_report(
     foreign.mkdir()
     (foreign / "meta.json").write_text('{"classes": 10}')
     assert main(["report", str(runs / "a"), "-o", str(foreign / "r.html"), "-q"]) == 0
+    empty = tmp_path / "made.html"  # an empty file made for it (mkstemp, touch): written
+    empty.touch()
+    assert main(["report", str(runs / "a"), "-o", str(empty), "-q"]) == 0
+    assert data_island(empty)["steps"] == [3, 6]
+    train(dead_unit_model(), runs / "c", steps=6, log_every=3)  # (its own report.html)
+    link = tmp_path / "pub" / "latest.html"  # a link elsewhere to another run's report
+    link.parent.mkdir()
+    link.symlink_to(runs / "c" / "report.html")
+    kept = (runs / "c" / "report.html").read_bytes()
+    assert main(["report", str(runs / "a"), "-o", str(link), "-q"]) == 0  # the link replaced
+    assert (runs / "c" / "report.html").read_bytes() == kept and not link.is_symlink()

@@ -330,9 +330,9 @@ def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
     for path, layer in walk_layers(model):
         if isinstance(layer, keras.layers.TimeDistributed):
             wrappers[id(layer.layer)] = layer
-        if isinstance(layer, keras.layers.RNN) and selected(path) and any(
-                activation_family(getattr(layer.cell, a, None)) is not None
-                for a in ("activation", "recurrent_activation")):
+        cells = getattr(layer.cell, "cells", [layer.cell]) if isinstance(layer, keras.layers.RNN) else []
+        if selected(path) and any(activation_family(getattr(c, a, None)) is not None
+                                  for c in cells for a in ("activation", "recurrent_activation")):
             recurrent.append(path)  # (its activation runs inside the cell, at each time step)
         by_act = isinstance(layer, _ACTIVATED)
         fn = (getattr(layer, "activation", None)

@@ -254,9 +254,12 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         }
         self._no_sites = not self.sites
         if self._no_sites:  # (one callback list over several models: a tanh LSTM too)
-            self._stopped, self._val_doc = True, None
+            # (nothing of a previous fit's Doctor reaches this fit's logs: its health keys
+            # would feed EarlyStopping on another model)
+            self._stopped, self._val_doc, self._fresh = True, None, None
             warnings.warn(
-                f"relu_doctor: no layer of {model.name!r} runs a ReLU-family activation"
+                f"relu_doctor: no layer of {model.name!r} runs a ReLU-family activation that "
+                "relu_doctor can watch"
                 f"{' after include/exclude' if (self.include or self.exclude) else ''}; "
                 "relu_doctor watches Dense/Conv layers with activation='relu' (relu6, "
                 "leaky_relu, elu, selu, gelu, silu) and ReLU/LeakyReLU/ELU/PReLU/Activation "

@@ -423,10 +423,17 @@ def _losses(interventions: Sequence[InterventionView], metrics: pd.DataFrame) ->
     """A judged intervention's training loss, its own window's and the one it was judged
     on, where it rose :data:`LOSS_ROSE` times or more: shown beside its verdict, which
     is on its target alone."""
-    loss = metrics[metrics["name"] == "loss"] if not metrics.empty else metrics
+    if metrics.empty:
+        return
+    # the training loss: "loss" (doc.step's, the HF Trainer's, Keras'), else the first other
+    # name ending in "loss" that is no validation one (a LightningModule's "train_loss")
+    names = sorted(str(n) for n in pd.unique(metrics["name"]))
+    name = "loss" if "loss" in names else next(
+        (n for n in names if n.endswith("loss") and not n.startswith(("val", "test"))), None)
+    loss = metrics[metrics["name"] == name]
     by_step = {int(r.step): float(r.value) for r in loss.itertuples()}
     for e in interventions:
-        if not e.verdict or e.after_step is None or e.count > 1:
+        if not e.verdict or e.after_step is None:
             continue
         before, after = by_step.get(e.step), by_step.get(e.after_step)
         if before is None or after is None or not before > 0 or not math.isfinite(after):

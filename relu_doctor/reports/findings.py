@@ -223,9 +223,6 @@ def recommend(
             set(RECYCLERS) & declined.keys()):
         # (Keras offers no recycling)
         steps.append(f"recycle the units ({names['recycle']})")
-    elif recycled and not recycled & failed:  # (it helped: named, not dropped from the steps)
-        steps.append(f"go on recycling where units go quiet again ({names['recycle']}: it "
-                     "helped here)")
     elif recycled & failed:
         adam = any(e.adam_step_kept for e in done if e.remedy in RECYCLERS and e.verdict == "did not help")
         steps.append("stop recycling here (the recycled units went quiet again)" + (
@@ -233,6 +230,10 @@ def recommend(
             "moments took the tensor's old bias correction, so their first updates were "
             "larger than a fresh Adam's (about 3x the learning rate at the default betas), "
             "which can kill them again" if adam else ""))
+    elif helped := sorted({e.remedy for e in done if e.remedy in RECYCLERS and e.verdict == "helped"}):
+        # (it helped: named among the steps, not dropped from them)
+        steps.append(f"go on recycling where units go quiet again ({', '.join(helped)} "
+                     "helped here)")
     steps.append("check the normalisation before this activation (BatchNorm or LayerNorm, "
                  "where there is none) and the initialisation and bias of the layer that "
                  "feeds it")

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import fields
@@ -184,7 +183,8 @@ def report_path(run: Run, out: str | os.PathLike[str] | None, name: str) -> Path
         path = path / "report.html"
     root = run.path.resolve() if run.path is not None else None
     target = path.resolve()
-    other = next((a for a in target.parents if a != root and _is_run_dir(a)
+    written = path.parent.resolve() / path.name  # (a link there is replaced, not followed)
+    other = next((a for a in written.parents if a != root and _is_run_dir(a)
                   and (root is None or not root.is_relative_to(a))), None)
     if other is not None:
         raise ReluDoctorError(
@@ -204,7 +204,7 @@ def report_path(run: Run, out: str | os.PathLike[str] | None, name: str) -> Path
                 "and is not an .html file: the report would overwrite that run's own records. "
                 "Pass a path ending in .html."
             )
-    if target.is_file() and not _is_report(target):
+    if written.is_file() and not written.is_symlink() and written.stat().st_size and not _is_report(written):
         raise ReluDoctorError(
             f"{name}: {str(path)!r} exists and is not a relu_doctor report: it is not "
             "overwritten. Pass another path, or remove that file first.")
@@ -222,10 +222,10 @@ def _is_report(path: Path) -> bool:
 
 
 def _is_run_dir(folder: Path) -> bool:
-    """Whether ``folder`` holds a run directory's ``meta.json`` (a JSON object with its
-    format version; another tool's ``meta.json`` is not one)."""
+    """Whether ``folder`` holds a run directory's ``meta.json``: its format version is its
+    first key (another tool's ``meta.json`` is not one; only its start is read)."""
     try:
-        meta = json.loads((folder / "meta.json").read_bytes())
-    except (OSError, ValueError):
+        with open(folder / "meta.json", "rb") as f:
+            return re.match(rb'\s*\{\s*"format_version"\s*:', f.read(64)) is not None
+    except OSError:
         return False
-    return isinstance(meta, dict) and "format_version" in meta

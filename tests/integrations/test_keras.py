@@ -1388,6 +1388,19 @@ def test_a_model_whose_only_relu_is_in_a_recurrent_cell_trains_with_one_warning(
     said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
     assert sum("'rnn' runs a ReLU-family activation inside its cell" in m for m in said) == 1
     assert list(cb.sites) == ["head"]
+    # stacked cells (keras.layers.RNN over several cells): said too
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 5))
+    cells = [keras.layers.SimpleRNNCell(8, activation="relu"), keras.layers.SimpleRNNCell(8)]
+    h = keras.layers.RNN(cells, name="stacked")(inp)
+    stacked = keras.Model(inp, keras.layers.Dense(1, name="out")(keras.layers.Dense(4, activation="relu", name="head")(h)))
+    stacked.compile(optimizer="adam", loss="mse")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stacked.fit(x, y, epochs=1, batch_size=8, verbose=0,
+                    callbacks=[ReluDoctorCallback(run_dir=tmp_path / "stacked")])
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert sum("'stacked' runs a ReLU-family activation inside its cell" in m for m in said) == 1
 
 
 def test_a_relu_layer_on_one_value_per_sample_is_said_and_not_watched(tmp_path: Path) -> None:
@@ -1409,3 +1422,26 @@ def test_a_relu_layer_on_one_value_per_sample_is_said_and_not_watched(tmp_path: 
     assert sum("'scalar_relu' runs on one value per sample" in m for m in said) == 1, said
     assert not any("unit_dims" in m for m in said), said
     assert [s.name for s in cb.doctor.sites] == ["hidden"]
+
+
+def test_a_fit_the_callback_steps_aside_from_gets_no_numbers_of_an_earlier_fit(tmp_path: Path) -> None:
+    """After a fit of a ReLU model stopped mid-epoch (its last log not yet put in an epoch's
+    logs), a fit of a tanh model with the same callback got that model's health keys in its
+    History (review): EarlyStopping on them would act on another model's numbers."""
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if batch == 2:
+                raise RuntimeError("stopped")
+
+    cb = ReluDoctorCallback(run_dir=tmp_path / "run", log_every_n_steps=2, overhead_budget=None)
+    x, y = _data()
+    with pytest.raises(RuntimeError, match="stopped"):
+        _mlp().fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb, Stop()])
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12,))
+    tanh = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(8, activation="tanh")(inp)))
+    tanh.compile(optimizer="adam", loss="categorical_crossentropy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReluDoctorWarning)
+        hist = tanh.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    assert not [k for k in hist.history if k.startswith("relu_doctor")], hist.history
