@@ -569,7 +569,16 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if self.report and doc.run_dir is not None:
             from relu_doctor.reports import write_report
 
-            write_report(doc.run_dir, doc.run_dir / "report.html")
+            try:  # (training ended: a report that cannot be made is said, not raised)
+                write_report(doc.run_dir, doc.run_dir / "report.html")
+            except Exception as e:
+                warnings.warn(
+                    f"relu_doctor: the report of {str(doc.run_dir)!r} could not be written "
+                    f"({type(e).__name__}: {e}); its records are kept: `relu-doctor report "
+                    f"{doc.run_dir}` makes it.",
+                    ReluDoctorWarning,
+                    stacklevel=user_stacklevel(),
+                )
 
     def _detach(self) -> None:
         handles, self._handles = self._handles, []

@@ -1445,3 +1445,20 @@ def test_a_fit_the_callback_steps_aside_from_gets_no_numbers_of_an_earlier_fit(t
         warnings.simplefilter("ignore", ReluDoctorWarning)
         hist = tanh.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
     assert not [k for k in hist.history if k.startswith("relu_doctor")], hist.history
+
+
+def test_a_report_that_cannot_be_written_at_the_fits_end_is_said_not_raised(tmp_path: Path) -> None:
+    """The callback writes the report after training: a report.html there that is not ours
+    (refused, never overwritten) raised out of fit after training had finished."""
+    run_dir = tmp_path / "run"
+
+    class Notes(keras.callbacks.Callback):  # a file of someone's, put there during the fit
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            (run_dir / "report.html").write_text("someone's notes")
+
+    cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=run_dir, report=True)
+    x, y = _data(48)
+    with pytest.warns(ReluDoctorWarning, match="could not be written .* its records are kept"):
+        _mlp().fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb, Notes()])
+    assert (run_dir / "report.html").read_text() == "someone's notes"
+    assert relu_doctor.load_run(run_dir).last_step == 3
