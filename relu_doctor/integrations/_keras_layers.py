@@ -347,34 +347,28 @@ def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
         dim = _unit_dim(layer)
         out.append(KerasSite(layer, path, dim + 1 if wrapper is not None and dim >= 0 else dim,
                              by_act, wrapper))
-    said_rnn = _SAID_RECURRENT.setdefault(model, set())
-    recurrent = [p for p in recurrent if p not in said_rnn]
-    said_rnn.update(recurrent)
-    if recurrent:
-        warnings.warn(
-            f"relu_doctor: the recurrent layer{'s' * (len(recurrent) > 1)} "
-            f"{', '.join(map(repr, recurrent[:4]))}"
-            f"{f' (and {len(recurrent) - 4} more)' if len(recurrent) > 4 else ''} "
-            f"run{'s' * (len(recurrent) == 1)} a ReLU-family activation inside "
-            f"{'their cells' if len(recurrent) > 1 else 'its cell'}, at each time step, "
-            "where no layer's output shows it: not watched (the layers around it are).",
-            ReluDoctorWarning,
-            stacklevel=user_stacklevel(),
-        )
-    said = _SAID_ANONYMOUS.setdefault(model, set())
-    anonymous = [p for p in anonymous if p not in said]
-    said.update(anonymous)
-    if anonymous:
-        warnings.warn(
-            f"relu_doctor: Keras layer{'s' * (len(anonymous) > 1)} "
-            f"{', '.join(map(repr, anonymous[:4]))}"
-            f"{f' (and {len(anonymous) - 4} more)' if len(anonymous) > 4 else ''} "
-            f"{'have' if len(anonymous) > 1 else 'has'} an anonymous activation (a lambda or "
-            "a functools.partial), which relu_doctor cannot "
-            "tell from any other function: it is not watched. Where it is a ReLU-family "
-            "activation, pass it by name (activation='relu', keras.activations.gelu, "
-            "Activation('relu')) or as a layer (keras.layers.ReLU()).",
-            ReluDoctorWarning,
-            stacklevel=user_stacklevel(),
-        )
+    _say_once(_SAID_RECURRENT, model, recurrent, lambda names, many: (
+        f"the recurrent layer{'s' * many} {names} run{'s' * (not many)} a ReLU-family "
+        f"activation inside {'their cells' if many else 'its cell'}, at each time step, where "
+        "no layer's output shows it: not watched (the layers around it are)."))
+    _say_once(_SAID_ANONYMOUS, model, anonymous, lambda names, many: (
+        f"Keras layer{'s' * many} {names} {'have' if many else 'has'} an anonymous activation "
+        "(a lambda or a functools.partial), which relu_doctor cannot tell from any other "
+        "function: it is not watched. Where it is a ReLU-family activation, pass it by name "
+        "(activation='relu', keras.activations.gelu, Activation('relu')) or as a layer "
+        "(keras.layers.ReLU())."))
     return out
+
+
+def _say_once(said_by_model: weakref.WeakKeyDictionary[Any, set[str]], model: Any,
+              paths: list[str], text: Callable[[str, bool], str]) -> None:
+    """Warn once per model of the layers at ``paths`` not said before: ``text(names, many)``
+    (the first four named, how many more)."""
+    said = said_by_model.setdefault(model, set())
+    paths = [p for p in paths if p not in said]
+    said.update(paths)
+    if paths:
+        names = (", ".join(map(repr, paths[:4]))
+                 + (f" (and {len(paths) - 4} more)" if len(paths) > 4 else ""))
+        warnings.warn(f"relu_doctor: {text(names, len(paths) > 1)}", ReluDoctorWarning,
+                      stacklevel=user_stacklevel())
