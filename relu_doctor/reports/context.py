@@ -511,6 +511,10 @@ class EvalView:
     passes: int | None
     sites: list[SiteRow]
     note: str = ""
+    #: its findings at its last log that are warnings or critical, ``(severity, site,
+    #: message)``, most severe first (the training findings above are the training data's)
+    findings: list[tuple[str, str, str]] = field(default_factory=list)
+    path: str = ""
 
 
 def _evaluation(run: Run) -> EvalView | None:
@@ -525,7 +529,10 @@ def _evaluation(run: Run) -> EvalView | None:
     steps = sorted(int(s) for s in hist["step"].unique()) if not hist.empty else []
     last = hist[hist["step"] == steps[-1]] if steps else pd.DataFrame()
     passes = int(last["window_steps"].iloc[0]) if "window_steps" in last and len(last) else None
-    return EvalView(name, steps, steps[-1] if steps else None, passes, _site_rows(ev, last, []))
+    serious = [(f.severity, f.site, f.message) for f in ev.findings()
+               if f.severity in ("warning", "critical")]
+    return EvalView(name, steps, steps[-1] if steps else None, passes, _site_rows(ev, last, []),
+                    findings=serious, path=str(run.path / name))
 
 
 def _logged_text(steps: Sequence[int], windows: pd.DataFrame | None, lost: bool = False) -> str:

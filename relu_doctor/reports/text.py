@@ -109,6 +109,12 @@ def summary(
         lines.append(f"  What to do first ({first.site}): {first.remedy}"
                      if first.severity != "info" else  # a healthy run: advice, no fix
                      f"  Worth a try, nothing needs it ({first.site}, info): {first.remedy}")
+    ev = ctx.evaluation
+    if ev is not None and ev.findings:  # (said apart: they are the evaluation data's)
+        sev, site, message = ev.findings[0]
+        more = f" (and {len(ev.findings) - 1} more)" if len(ev.findings) > 1 else ""
+        lines.append(f"  On the evaluation data ({ev.name}): [{sev}] {site}: {message}{more}; "
+                     f"relu-doctor report {ev.path}")
     rows = ctx.sites
     if rows and not damaged:
         labels, width = _site_labels([r.site for r in rows[:max_sites]])

@@ -600,3 +600,35 @@ def test_a_verdict_beside_a_training_loss_that_rose_says_so(name: str) -> None:
     text = " ".join(htmllib.unescape(re.sub(r"<[^>]+>", " ", render_report(run))).split())
     assert text.count("helped, but the training loss rose 3.9x after it") == 1, text
     assert "training loss 0.84 → 3.24" in text and "training loss 1.07" not in text
+
+
+def test_the_evaluation_streams_findings_are_in_the_main_report(tmp_path: Path) -> None:
+    """The evaluation stream had a critical finding (56% dead on the evaluation data) that
+    the main report and its terminal summary never said: they showed its small table only (a
+    report trial). Its warnings and critical findings are listed in its section, and the
+    summary names the first, with the command for its own report."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    run_dir = tmp_path / "run"
+    with relu_doctor.watch(net, log_every_n_steps=2, overhead_budget=None, eval_stream=True,
+                           run_dir=run_dir) as doc:
+        for _ in range(4):
+            net.train()
+            net(torch.randn(16, 4)).square().mean().backward()
+            doc.step()
+            net.eval()
+            with torch.no_grad():  # evaluation data far on the negative side: most units dead
+                net(-10 * torch.ones(8, 4) - 5 * torch.rand(8, 4))
+    ev = relu_doctor.load_run(run_dir / "eval")
+    serious = [f for f in ev.findings() if f.severity in ("warning", "critical")]
+    assert serious, ev.findings()
+    text = " ".join(htmllib.unescape(re.sub(r"<[^>]+>", " ", render_report(relu_doctor.load_run(run_dir)))).split())
+    assert f"relu-doctor report {run_dir / 'eval'}" in text
+    for f in serious:
+        assert " ".join(f.message.split()) in text
+    said = summary(relu_doctor.load_run(run_dir))
+    first = serious[0]
+    assert f"On the evaluation data (eval): [{first.severity}] {first.site}:" in said
