@@ -300,7 +300,7 @@ class HeatmapData:
         steps_per_col: how many logging steps each column aggregates.
         units: number of units of the site.
         dead_last: units with activation rate 0 at the last logged step.
-        named_rows: how many rows at the top hold one named unit each (wide layers).
+        named_rows: how many rows at the top hold one named unit each, each labelled.
     """
 
     matrix: np.ndarray
@@ -379,11 +379,14 @@ def activity_matrix(
     else:
         row_labels = [str(u) for u in ids]
         per_row = 1
+        # the named units that lead the order (a finding's dead units, least active): a
+        # label each, where every other row of a tall site was labelled
+        keep = list(range(next((i for i, u in enumerate(ids) if u not in set(named)), n)))
     per_col = 1
     if m.shape[1] > max_cols:
         m, col_groups, per_col = _bin_mean(m, max_cols, axis=1)
         steps = [steps[g[-1]] for g in col_groups]
-    named_rows = len(keep) if per_row > 1 else 0
+    named_rows = len(keep)
     return HeatmapData(m, steps, row_labels, per_row, per_col, n, dead_last, named_rows)
 
 
