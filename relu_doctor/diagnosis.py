@@ -407,7 +407,9 @@ def diagnose(
         bound = (recycling or {}).get(name)
         recyclable = (not refused and why_not is None and names["recycle"] is not None
                       and bound is None)
-        and_recycle = f" and recycle the units {_recycle(names)}" if recyclable else ""
+        # (the recycler given tau= where the dead units score above it: see _recycle_dead)
+        and_recycle = (f" and {_recycle_dead(u, 'dead', names, config.tau)}"
+                       if recyclable else "")
         aside = (f" ({', '.join(refused)} left this site alone: see its warning.)" if refused
                  else f" ({bound} is bound to recycle this site's units: see its "
                  "interventions.)" if bound and why_not is None
@@ -418,15 +420,16 @@ def diagnose(
         # tau are told how to have it take them
         by_score = (bound is not None and why_not is None and not refused
                     and name in recycling_by_score)
-        asides = {flag: _bound_aside(names, n, config.tau) if by_score and n else aside
-                  for flag in ("dead", "lifetime_dead") for n in [_above_tau(u, flag)[0]]}
+        asides = {"dead": aside, "lifetime_dead": aside}
+        for flag in asides if by_score else ():
+            if above := _above_tau(u, flag)[0]:
+                asides[flag] = _bound_aside(names, above, config.tau)
         if row["dead"]:
             frac = float(row["dead_fraction"])
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
             remedy = (
-                f"Lower the learning rate (step or exponential decay)"
-                f"{_and_recycle_dead(u, 'dead', names, config.tau) if recyclable else ''}; "
-                f"check the normalisation before this activation.{asides['dead']}"
+                f"Lower the learning rate (step or exponential decay){and_recycle}; check the "
+                f"normalisation before this activation.{asides['dead']}"
                 if leaky
                 else "Lower the learning rate (step or exponential decay) and check the "
                 "initialisation and bias of the layer that feeds it; where the units stay "
@@ -462,9 +465,8 @@ def diagnose(
                     ("Units stuck negative since monitoring began still pass a small "
                      "gradient but add little: " if leaky else
                      "Units that never fired are wasted capacity: ")
-                    + " or ".join([*([_and_recycle_dead(u, "lifetime_dead", names, config.tau)
-                                      .replace(" and recycle the units", "recycle them", 1)]
-                                     if recyclable else []),
+                    + " or ".join([*([_recycle_dead(u, "lifetime_dead", names, config.tau,
+                                                    "them")] if recyclable else []),
                                    *([f"swap to LeakyReLU ({names['swap']}"
                                       + (", bound here: it swaps past its threshold)"
                                          if name in swapping else ")")] if swappable
@@ -748,19 +750,18 @@ def _with_tau(names: Mapping[str, str | None], tau: float) -> str:
             else f"{name}(tau={tau})")
 
 
-def _and_recycle_dead(units: Mapping[str, torch.Tensor], flag: str,
-                      names: Mapping[str, str | None], tau: float) -> str:
-    """" and recycle the units (ReDo: ...)" for the units flagged ``flag``. Where some of
-    them score above tau (a leaky family's units stuck negative: their negative outputs
-    count in the ReDo score), the recycler's default choice, by score, passes those over:
-    it takes them given ``tau``, which adds the dead units whatever their score."""
+def _recycle_dead(units: Mapping[str, torch.Tensor], flag: str,
+                  names: Mapping[str, str | None], tau: float, them: str = "the units") -> str:
+    """"recycle the units (ReDo: ...)" for the units flagged ``flag``. Where some of them
+    score above tau (a leaky family's units stuck negative: their negative outputs count in
+    the ReDo score), the recycler's default choice, by score, passes those over: it takes
+    them given ``tau``, which adds the dead units whatever their score."""
     above, flagged = _above_tau(units, flag)
     if not above:
-        return f" and recycle the units {_recycle(names)}"
-    given = _with_tau(names, tau)
+        return f"recycle {them} {_recycle(names)}"
     which = "these units'" if above == flagged else f"{above} of these units'"
-    return (f" and recycle the units (ReDo: {given}; by default it takes the units scoring "
-            f"below tau, and {which} negative outputs score above it)")
+    return (f"recycle {them} (ReDo: {_with_tau(names, tau)}; by default it takes the units "
+            f"scoring below tau, and {which} negative outputs score above it)")
 
 
 def _growth_findings(

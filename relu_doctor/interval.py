@@ -333,8 +333,10 @@ class IntervalReading:
                 declined=self._declined, site_passes=passes,
                 unrecyclable={s.name: _SUMMED for s in sites if s.summed},
                 recycling=self._recycling(sites),
-                recycling_by_score=self._recycling_by_score(sites),
-                swapping=self._bound_at(sites, "leaky_relu_swap"),
+                # (a DormantRecycler without tau= takes units by their ReDo score alone)
+                recycling_by_score=self._bound_at(
+                    sites, lambda r: r.name == "dormant_reset" and getattr(r, "tau", 0) is None),
+                swapping=self._bound_at(sites, lambda r: r.name == "leaky_relu_swap"),
                 lifetime_steps=None if self._lifetime_steps is None else (
                     self._lifetime_steps[0] + collected, self._lifetime_steps[1] + self.steps_run),
                 scaler_skipped=self._peek_skipped(),
@@ -386,18 +388,12 @@ class IntervalReading:
                             if s.name not in out and acts_at(s.name)})
         return out
 
-    def _bound_at(self, sites: Sequence[Site], remedy: str) -> set[str]:
-        """The sites where a remedy named ``remedy`` listening to this Doctor may act."""
-        return {s.name for fn in self._remedies_bound() if getattr(fn, "name", None) == remedy
-                and callable(acts_at := getattr(fn, "acts_at", None))
-                for s in sites if acts_at(s.name)}
-
-    def _recycling_by_score(self, sites: Sequence[Site]) -> set[str]:
-        """The sites where a recycler listening to this Doctor takes units by ReDo score
-        alone (``DormantRecycler`` without ``tau``: dead units scoring above it stay)."""
+    def _bound_at(self, sites: Sequence[Site], which: Callable[[Any], bool]) -> set[str]:
+        """The sites where a bound remedy (:meth:`_remedies_bound`, with a ``name`` and an
+        ``acts_at``) for which ``which(remedy)`` holds may act."""
         return {s.name for fn in self._remedies_bound()
-                if getattr(fn, "name", None) == "dormant_reset" and getattr(fn, "tau", 0) is None
-                and callable(acts_at := getattr(fn, "acts_at", None))
+                if isinstance(getattr(fn, "name", None), str)
+                and callable(acts_at := getattr(fn, "acts_at", None)) and which(fn)
                 for s in sites if acts_at(s.name)}
 
     def _fold(
