@@ -452,6 +452,12 @@ class RunWriter:
             _read_unwritten(self._status) if self.previous_meta is not None else [])
         if self.previous_meta is not None:
             self.previous_unwritten += [[s, s] for s in _cut_short(p, torn)]
+        # events.jsonl's last line cut short (a process killed mid-write, a run continued in
+        # a copy): ended at the first append, so that readers skip that one line, not the
+        # first event appended with it (this writer's own appends end whole or are cut back)
+        events = p / "events.jsonl"
+        self._events_cut = events.is_file() and events.stat().st_size > 0 and (
+            _last_byte(events) != b"\n")
         if not self._status.is_file() or self._status.stat().st_size < _STATUS_BYTES:
             atomic_write_bytes(self._status, b"{}".ljust(_STATUS_BYTES))
 
@@ -572,15 +578,14 @@ class RunWriter:
             return
         path = self.path / "events.jsonl"
         start = path.stat().st_size if path.is_file() else 0
-        if start and _last_byte(path) != b"\n":
-            # a line cut short (a process killed mid-write, a run continued in a copy): ended
-            # here, so that readers skip that one line, not this write's first event with it
+        if self._events_cut and start:
             lines = "\n" + lines
         try:
             with open(path, "a", encoding="utf-8") as f:
                 f.write(lines)
                 f.flush()
                 os.fsync(f.fileno())
+            self._events_cut = False
         except BaseException:
             with contextlib.suppress(OSError):
                 os.truncate(path, start)
