@@ -8,6 +8,7 @@ no model, no hooks, no sums re-derived.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Collection, Mapping, Sequence
@@ -77,9 +78,14 @@ def finding_order(severity: str, kind: str, site: str,
     share = next((float(evidence[k]) for k in _SHARES
                   if isinstance(evidence.get(k), int | float) and evidence[k] == evidence[k]), 0.0)
     rank = _KIND_ORDER.index(kind) if kind in _KIND_ORDER else len(_KIND_ORDER)
-    natural = tuple((0, int(t), "") if t.isdigit() else (1, 0, t)
-                    for t in re.split(r"(\d+)", site) if t)
-    return (-severity_rank(severity), rank, -share, natural)
+    return (-severity_rank(severity), rank, -share, _natural(site))
+
+
+@functools.lru_cache(maxsize=4096)  # (a log sorts hundreds of findings on the same sites)
+def _natural(site: str) -> tuple[tuple[int, int, str], ...]:
+    """``site``'s name in natural order: its runs of digits compared as numbers."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t)
+                 for t in re.split(r"(\d+)", site) if t)
 
 
 #: How each loop names the remedies a finding suggests: gradient clipping, a learning-rate
@@ -407,9 +413,6 @@ def diagnose(
         bound = (recycling or {}).get(name)
         recyclable = (not refused and why_not is None and names["recycle"] is not None
                       and bound is None)
-        # (the recycler given tau= where the dead units score above it: see _recycle_dead)
-        and_recycle = (f" and {_recycle_dead(u, 'dead', names, config.tau)}"
-                       if recyclable else "")
         aside = (f" ({', '.join(refused)} left this site alone: see its warning.)" if refused
                  else f" ({bound} is bound to recycle this site's units: see its "
                  "interventions.)" if bound and why_not is None
@@ -426,6 +429,9 @@ def diagnose(
                 asides[flag] = _bound_aside(names, above, config.tau)
         if row["dead"]:
             frac = float(row["dead_fraction"])
+            # (the recycler given tau= where the dead units score above it: _recycle_dead)
+            and_recycle = (f" and {_recycle_dead(u, 'dead', names, config.tau)}"
+                           if recyclable else "")
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
             remedy = (
                 f"Lower the learning rate (step or exponential decay){and_recycle}; check the "
@@ -733,6 +739,9 @@ def _above_tau(units: Mapping[str, torch.Tensor], flag: str) -> tuple[int, int]:
     recycler choosing by score alone passes over, and how many are flagged."""
     if flag not in units or "below_tau" not in units:
         return 0, 0
+    if isinstance(units, SiteUnits):  # (a log of hundreds of sites: no tensor op per site)
+        above = units.count(flag, unless="below_tau")
+        return above, units.count(flag) if above else 0
     flagged = units[flag].bool()
     return int((flagged & ~units["below_tau"].bool()).sum()), int(flagged.sum())
 

@@ -222,7 +222,7 @@ class SiteUnits(Mapping[str, torch.Tensor]):
     copies the stacked tensors whole.
     """
 
-    __slots__ = ("_nonzero", "_views", "stacked", "start", "stop")
+    __slots__ = ("_shared", "_views", "stacked", "start", "stop")
 
     def __init__(
         self,
@@ -233,13 +233,16 @@ class SiteUnits(Mapping[str, torch.Tensor]):
     ) -> None:
         self.stacked, self.start, self.stop = stacked, start, stop
         self._views: dict[str, torch.Tensor] = {}
-        self._nonzero = {} if nonzero is None else nonzero  # shared by the sites of stacked
+        self._shared = {} if nonzero is None else nonzero  # shared by the sites of stacked
 
     def __getitem__(self, name: str) -> torch.Tensor:
         view = self._views.get(name)
         if view is None:
             view = self._views[name] = self.stacked[name][self.start : self.stop]
         return view
+
+    def __contains__(self, name: object) -> bool:  # (Mapping's would make a view)
+        return name in self.stacked
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.stacked)
@@ -251,11 +254,23 @@ class SiteUnits(Mapping[str, torch.Tensor]):
         """The first ``limit`` units (indices within this site) where metric ``name`` is
         nonzero. One ``nonzero`` over every site's units serves all sites: a logging step
         that reports on hundreds of sites does not pay a tensor op per site."""
-        nz = self._nonzero.get(name)
+        nz = self._shared.get(name)
         if nz is None:
-            nz = self._nonzero[name] = torch.nonzero(self.stacked[name]).flatten().numpy()
-        lo, hi = np.searchsorted(nz, (self.start, self.stop))
+            nz = self._shared[name] = torch.nonzero(self.stacked[name]).flatten().numpy()
+        lo, hi = nz.searchsorted((self.start, self.stop))
         return (nz[lo : min(hi, lo + limit)] - self.start).tolist()  # type: ignore[no-any-return]
+
+    def count(self, name: str, unless: str | None = None) -> int:
+        """How many of this site's units have metric ``name`` nonzero (and ``unless`` zero).
+        As :meth:`nonzero`, one cumulative sum over every site's units serves all sites."""
+        key = f"count {name} unless {unless}"
+        ends = self._shared.get(key)
+        if ends is None:
+            hit = self.stacked[name] != 0
+            if unless is not None:
+                hit &= self.stacked[unless] == 0
+            ends = self._shared[key] = np.concatenate(([0], np.cumsum(hit.numpy())))
+        return int(ends[self.stop] - ends[self.start])
 
 
 def stacked_metrics(

@@ -261,6 +261,10 @@ def test_stacked_metrics_equal_the_per_site_functions(sizes, seed, tau):
             for limit in (1, 2, 64):
                 want = torch.nonzero(u1[k]).flatten()[:limit].tolist()
                 assert u2.nonzero(k, limit) == want, (k, limit)
+            assert u2.count(k) == int(torch.count_nonzero(u1[k])), k
+            assert u2.count(k, unless="below_tau") == int(  # (diagnosis's units above tau)
+                (u1[k].bool() & ~u1["below_tau"].bool()).sum()), k
+        assert "dead" in u2 and "no such metric" not in u2
         r1 = site_metrics(w, u1)
         assert sorted(r1) == sorted(r2)
         for k, v in r1.items():
