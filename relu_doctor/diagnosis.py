@@ -89,16 +89,17 @@ def _natural(site: str) -> tuple[tuple[int, int, str], ...]:
 
 
 #: How each loop names the remedies a finding suggests: gradient clipping, a learning-rate
-#: rescue, the LeakyReLU swap and ReDo recycling (None: not offered there).
+#: rescue, the LeakyReLU swap and ReDo recycling (None: not offered there), and the
+#: treatment plan that coordinates them.
 REMEDY_NAMES: dict[str, dict[str, str | None]] = {
     "watch": {"clip": "AutoClip", "lr": "LRRescuer", "swap": "ActivationSwapper",
-              "recycle": "DormantRecycler"},
+              "recycle": "DormantRecycler", "plan": "TreatmentPlan"},
     "lightning": {"clip": "AdaptiveGradClip", "lr": "LRRescue", "swap": "LeakyReluSwap",
-                  "recycle": "DormantReset"},
+                  "recycle": "DormantReset", "plan": "ReluDoctorTreatment"},
     "keras": {"clip": "autoclip=True", "lr": "lr_rescue=True", "swap": "leaky_relu_swap=True",
-              "recycle": None},
+              "recycle": None, "plan": "treatment=True"},
     "hf": {"clip": "autoclip=True", "lr": "lr_rescue=True", "swap": "leaky_relu_swap=True",
-           "recycle": "dormant_reset=True"},
+           "recycle": "dormant_reset=True", "plan": "treatment=True"},
 }
 
 
@@ -309,7 +310,7 @@ def diagnose(
     unrecyclable: Mapping[str, str] | None = None,
     recycling: Mapping[str, str] | None = None,
     recycling_by_score: Collection[str] = (),
-    swapping: Collection[str] = (),
+    swapping: Mapping[str, str] | None = None,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -336,9 +337,11 @@ def diagnose(
             say why, and their dead and dormant findings' evidence holds it
             (``not_recyclable``), before any recycling was tried.
         recycling: by site, the recycling remedy bound to act there (``dormant_reset``,
-            ``continual_backprop``): their texts say so instead of advising one.
-        swapping: the sites a bound LeakyReLU swap acts at: their texts say it swaps them
-            past its threshold, instead of advising one.
+            ``continual_backprop``, or ``treatment_plan`` for a plan's recycle step): their
+            texts say so instead of advising one.
+        swapping: by site, the bound LeakyReLU swap that acts there (``leaky_relu_swap``,
+            or ``treatment_plan`` for a plan's swap step): their texts say it swaps them past
+            its threshold, instead of advising one.
         recycling_by_score: the sites of ``recycling`` whose recycler takes units by ReDo
             score alone (``DormantRecycler`` without ``tau``): dead units scoring above tau
             are told how to have it take them.
@@ -352,6 +355,7 @@ def diagnose(
     """
     out: list[Finding] = []
     names = REMEDY_NAMES[config.loop]
+    swapping = swapping or {}
     # A loss scaler skips the update of a step whose gradients are not finite, lowering its
     # scale: the non-finite gradients of a window where it skipped some steps, not most, are
     # its calibration (with a scaler, a non-finite activation gradient makes the parameter
@@ -413,7 +417,13 @@ def diagnose(
         bound = (recycling or {}).get(name)
         recyclable = (not refused and why_not is None and names["recycle"] is not None
                       and bound is None)
+        # (a plan recycles a site only once its dead fraction passes its step's threshold)
+        plan = f"the treatment plan bound here ({names['plan']})"
+        planned = bound == "treatment_plan"
         aside = (f" ({', '.join(refused)} left this site alone: see its warning.)" if refused
+                 else f" ({plan[0].upper()}{plan[1:]} recycles this site's dead and dormant "
+                 "units once its dead fraction stays past its recycle step's threshold: see "
+                 "its interventions.)" if planned and why_not is None
                  else f" ({bound} is bound to recycle this site's units: see its "
                  "interventions.)" if bound and why_not is None
                  else f" (Recycling cannot treat this site: {why_not}.)" if why_not
@@ -439,8 +449,10 @@ def diagnose(
                 if leaky
                 else "Lower the learning rate (step or exponential decay) and check the "
                 "initialisation and bias of the layer that feeds it; where the units stay "
-                + (f"dead, the LeakyReLU swap bound here ({names['swap']}) swaps this site "
-                   "once its dead fraction passes the swap's threshold (or its plan's)."
+                + (f"dead, {plan} swaps this site once its dead fraction passes its swap "
+                   "step's threshold." if swapping.get(name) == "treatment_plan" else
+                   f"dead, the LeakyReLU swap bound here ({names['swap']}) swaps this site "
+                   "once its dead fraction passes the swap's threshold."
                    if name in swapping else
                    "dead, swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
                    f"({names['swap']}) or PReLU to learn the slope.") + also
@@ -473,7 +485,10 @@ def diagnose(
                      "Units that never fired are wasted capacity: ")
                     + " or ".join([*([_recycle_dead(u, "lifetime_dead", names, config.tau,
                                                     "them")] if recyclable else []),
-                                   *([f"swap to LeakyReLU ({names['swap']}"
+                                   *([f"swap to LeakyReLU ({names['plan']}, bound here, "
+                                      "swaps past its swap step's threshold)"
+                                      if swapping.get(name) == "treatment_plan" else
+                                      f"swap to LeakyReLU ({names['swap']}"
                                       + (", bound here: it swaps past its threshold)"
                                          if name in swapping else ")")] if swappable
                                      else [])]
@@ -498,7 +513,10 @@ def diagnose(
                     f"Recycle dormant units {_recycle(names, 'ReDo, Sokar et al. 2023')}: "
                     "re-initialise their incoming weights and zero their outgoing weights."
                     if recyclable else "Lower the learning rate, or check the normalisation "
-                    f"before this activation.{aside}",
+                    "before this activation." + (
+                        f" ({plan[0].upper()}{plan[1:]} recycles a site's units once its dead "
+                        "fraction passes its recycle step's threshold, not for dormant units "
+                        "alone.)" if planned and why_not is None and not refused else aside),
                     step,
                 )
             )

@@ -335,7 +335,8 @@ class IntervalReading:
                 recycling=self._recycling(sites),
                 # (a DormantRecycler without tau= takes units by their ReDo score alone)
                 recycling_by_score=self._bound_at(
-                    sites, lambda r: r.name == "dormant_reset" and getattr(r, "tau", 0) is None),
+                    sites, lambda r: r.name == "dormant_reset" and getattr(r, "tau", 0) is None,
+                    planned=False),  # (a plan's recycle step takes the dead units too)
                 swapping=self._bound_at(sites, lambda r: r.name == "leaky_relu_swap"),
                 lifetime_steps=None if self._lifetime_steps is None else (
                     self._lifetime_steps[0] + collected, self._lifetime_steps[1] + self.steps_run),
@@ -367,34 +368,36 @@ class IntervalReading:
         self._fold(later, sites, summed, close=close, world=world, logged=logged)
         return record
 
-    def _remedies_bound(self) -> list[Any]:
+    def _remedies_bound(self) -> list[tuple[Any, bool]]:
         """The listeners of this Doctor, and the remedies a treatment plan among them binds
-        without listening (it decides when they act)."""
-        out = list(self._listeners)
+        without listening (it decides when they act): each with whether a plan holds it."""
+        out = [(fn, False) for fn in self._listeners]
         for fn in self._listeners:
             steps = getattr(fn, "_remedies", None)
             if isinstance(steps, dict):
-                out += list(steps.values())
+                out += [(r, True) for r in steps.values()]
         return out
 
     def _recycling(self, sites: Sequence[Site]) -> dict[str, str]:
-        """By site, the recycling remedy listening to this Doctor that may act there (its
-        findings say so, and advise no other)."""
-        out: dict[str, str] = {}
-        for fn in self._remedies_bound():
-            name, acts_at = getattr(fn, "name", None), getattr(fn, "acts_at", None)
-            if name in RECYCLERS and callable(acts_at):
-                out.update({s.name: str(name) for s in sites
-                            if s.name not in out and acts_at(s.name)})
-        return out
+        """By site, the recycling remedy listening to this Doctor that may act there, or
+        ``"treatment_plan"`` where a plan's recycle step may (its findings say so, and
+        advise no other)."""
+        return self._bound_at(sites, lambda r: r.name in RECYCLERS)
 
-    def _bound_at(self, sites: Sequence[Site], which: Callable[[Any], bool]) -> set[str]:
-        """The sites where a bound remedy (:meth:`_remedies_bound`, with a ``name`` and an
-        ``acts_at``) for which ``which(remedy)`` holds may act."""
-        return {s.name for fn in self._remedies_bound()
-                if isinstance(getattr(fn, "name", None), str)
-                and callable(acts_at := getattr(fn, "acts_at", None)) and which(fn)
-                for s in sites if acts_at(s.name)}
+    def _bound_at(self, sites: Sequence[Site], which: Callable[[Any], bool], *,
+                  planned: bool = True) -> dict[str, str]:
+        """By site, the bound remedy (:meth:`_remedies_bound`, with a ``name`` and an
+        ``acts_at``) for which ``which(remedy)`` holds that may act there, by its name, or
+        ``"treatment_plan"`` where a plan holds it (``planned=False``: not those); the
+        first bound wins."""
+        out: dict[str, str] = {}
+        for fn, held in self._remedies_bound():
+            if (held and not planned) or not isinstance(getattr(fn, "name", None), str) \
+                    or not callable(acts_at := getattr(fn, "acts_at", None)) or not which(fn):
+                continue
+            out.update({s.name: "treatment_plan" if held else fn.name for s in sites
+                        if s.name not in out and acts_at(s.name)})
+        return out
 
     def _fold(
         self, later: list[Callable[[], object]], sites: Sequence[Site],

@@ -407,8 +407,9 @@ def test_remedy_texts_name_the_remedies_of_the_users_loop(loop):
     found = diagnose(rows, units, config, param_grad_norms=[1.0, 1.0, 1.0, 100.0])
     assert {"dead", "lifetime_dead", "dormant", "exploding_gradient"} <= {f.kind for f in found}
     text = " ".join(f.remedy for f in found)
-    own = {n for n in REMEDY_NAMES[loop].values() if n}
-    others = {n for names in REMEDY_NAMES.values() for n in names.values() if n} - own
+    own = {n for k, n in REMEDY_NAMES[loop].items() if n and k != "plan"}  # (named when bound)
+    others = {n for names in REMEDY_NAMES.values() for n in names.values() if n} - own - {
+        REMEDY_NAMES[loop]["plan"]}
     assert _names_in(text, own) == own  # every remedy it has is named...
     assert not _names_in(text, others)  # ...and none of another loop's
     if REMEDY_NAMES[loop]["recycle"] is None:
@@ -921,10 +922,48 @@ def test_a_bound_swap_that_has_not_acted_is_said_not_advised(bound):
     found = findings_by(doc.records[-1])
     dead, life = found[("dead", "1")].remedy, found[("lifetime_dead", "1")].remedy
     here = bound in ("1", "plan")
-    assert ("the LeakyReLU swap bound here (ActivationSwapper) swaps this site" in dead) == here
+    assert ("the LeakyReLU swap bound here (ActivationSwapper) swaps this site" in dead) == (
+        bound == "1")
+    assert ("the treatment plan bound here (TreatmentPlan) swaps this site once its dead "
+            "fraction passes its swap step's threshold" in dead) == (bound == "plan")
     assert ("swap ReLU for LeakyReLU" in dead) == (not here)
-    assert ("bound here: it swaps past its threshold" in life) == here
+    assert ("bound here: it swaps past its threshold" in life) == (bound == "1")
+    assert ("TreatmentPlan, bound here, swaps past its swap step's threshold" in life) == (
+        bound == "plan")
     assert isinstance(model[1], nn.ReLU)  # it did not act (50% is not past 0.5)
+
+
+@pytest.mark.parametrize("dead", [False, True], ids=["dormant-only", "dead"])
+def test_a_plans_recycle_step_is_said_where_and_when_it_acts(dead):
+    """A bound TreatmentPlan holds a recycler acting at every site, but only once a site's
+    dead fraction passes its step's threshold: its dormant-only sites were told "dormant_reset
+    is bound to recycle this site's units", which never happened (a review). The plan is
+    named, with what sets it off."""
+    import relu_doctor
+    from relu_doctor.remedies import TreatmentPlan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+    with torch.no_grad():
+        model[0].weight[:6] *= 1e-4  # 6 of 16 units dormant, alive
+        model[0].bias[:6] = -100.0 if dead else 1e-4
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(64, 6)
+    with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=4, overhead_budget=None) as doc:
+        TreatmentPlan(model, optimizer=opt, steps=["recycle"]).bind(doc)
+        for _ in range(4):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    found = findings_by(doc.records[-1])
+    assert ("dead", "1") in found or not dead
+    text = found[("lifetime_dead" if dead else "dormant", "1")].remedy  # (dead: the swap's)
+    assert "is bound to recycle" not in text
+    assert ("The treatment plan bound here (TreatmentPlan) recycles this site's dead and "
+            "dormant units once its dead fraction stays past" in text) == dead
+    assert ("recycles a site's units once its dead fraction passes its recycle step's "
+            "threshold, not for dormant units alone" in text) == (not dead)
 
 
 @pytest.mark.parametrize("verdict", ["helped", "did not help", ""])

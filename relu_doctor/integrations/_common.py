@@ -206,8 +206,9 @@ class FindingWarner:
 
     def _already(self, f: Finding) -> str:
         """What the run already has on of what ``f``'s remedy advises."""
-        if "plan" in self.on:
-            return " (The treatment plan is on: it decides which remedy acts, and when.)"
+        if "plan" in self.on:  # (where the text names the plan's step, it says so itself)
+            return ("" if "treatment plan bound here" in f.remedy.lower() else
+                    " (The treatment plan is on: it decides which remedy acts, and when.)")
         named = [n for n in self.on if n in f.remedy]
         acting = [n.removesuffix("=True") for n in named
                   if (at := self.on[n]) is None or at(f.site)]

@@ -561,11 +561,16 @@ class TreatmentPlan(Remedy):
 
 
 def _most_dormant(units: pd.DataFrame, site: str, max_fraction: float, n: int) -> list[int]:
-    """The units of ``site`` below tau (ReDo's criterion: dormant, or dead with a score that
-    low; dead first, then by ReDo score), at most ``max_fraction`` of its ``n`` units."""
-    u = units[(units["site"] == site) & units["below_tau"].astype(bool)]
+    """The units of ``site`` to recycle once its dead fraction passed the step's threshold:
+    the dead ones whatever their ReDo score (a leaky family's units stuck negative score
+    above tau, and it is their deadness the step acts on), then those below tau (ReDo's
+    criterion) by score, at most ``max_fraction`` of its ``n`` units."""
+    u = units[units["site"] == site]
+    dead = u["dead"].astype(bool)
+    u = u[dead | u["below_tau"].astype(bool)].assign(_alive=~dead)
     if not len(u):
         return []
     limit = max(1, math.floor(max_fraction * n))
-    u = u.sort_values(["dormant_score", "unit"], na_position="first", kind="stable").head(limit)
+    u = u.sort_values(["_alive", "dormant_score", "unit"], na_position="first",
+                      kind="stable").head(limit)
     return sorted(int(i) for i in u["unit"])

@@ -47,6 +47,18 @@ class PlanStep:
             )
         number_in("min_gain", self.min_gain, 0.0, 1.0, low_open=False, high_open=True)
         nonnegative("tolerance", self.tolerance)
+        known = _OPTIONS.get(self.remedy)  # (continual_backprop's: its own arguments')
+        unknown = sorted(str(k) for k in self.options if known is not None and k not in known)
+        if unknown:
+            raise ReluDoctorError(
+                f"options: the plan's {self.remedy!r} step takes {sorted(known or ())}, got "
+                f"{unknown}: it would be ignored."
+            )
+
+
+#: the options each step's remedy takes in a plan (see PlanStep.options)
+_OPTIONS = {"clip": {"percentile"}, "lr": {"factor", "min_lr"}, "swap": {"slope", "threshold"},
+            "recycle": {"threshold", "max_fraction", "reset_adam_step"}}
 
 
 #: Gentlest first: clipping and the learning rate before surgery.

@@ -770,8 +770,9 @@ class MySwap(LeakyReluSwap):
      "the kind of site it treats, leave it out.)"),
     (lambda: MySwap(patience=100, include="net.1"),
      "(LeakyReluSwap is on in this run: it acts by its own rule, and says when it does.)"),
-    (lambda: ReluDoctorTreatment(check_init=False),
-     "(The treatment plan is on: it decides which remedy acts, and when.)"),
+    (lambda: ReluDoctorTreatment(check_init=False),  # (its step named, not "the plan is on")
+     "the treatment plan bound here (ReluDoctorTreatment) swaps this site once its dead "
+     "fraction passes its swap step's threshold."),
     (lambda: None, None),
 ])
 def test_a_finding_says_when_its_remedy_callback_is_on(tmp_path, remedy, said):
@@ -784,7 +785,7 @@ def test_a_finding_says_when_its_remedy_callback_is_on(tmp_path, remedy, said):
         trainer(tmp_path, callbacks, max_steps=2).fit(make_model(dead=8), loader())
     dead = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)
             and str(w.message).startswith("relu_doctor: dead at net.1 ")]
-    assert len(dead) == 1 and "LeakyReluSwap" in dead[0]
+    assert len(dead) == 1 and ("LeakyReluSwap" in dead[0]) == ("ReluDoctorTreatment" not in (said or ""))
     if said is None:
         assert "on in this run" not in dead[0] and "plan is on" not in dead[0]
     else:
