@@ -321,7 +321,9 @@ def diagnose(
         config: thresholds.
         step: the step the diagnosis is made at.
         param_grad_norms: history of the total parameter-gradient norm, oldest first.
-        first_rms: each site's activation RMS at its first log (growth over time).
+        first_rms: each site's activation RMS at its first log, this one's where it is its
+            first (growth over time, and whether a signal gone with depth was so from the
+            start); 0 where it was all dead then (no growth is measured from it).
         declined: by site, the remedies that left it alone (``declined`` events): their
             remedy texts advise them there no more, and say so.
         lifetime_steps: (steps collected, steps run) since monitoring began, this window's
@@ -841,10 +843,9 @@ def _growth_findings(
         deeper = [k for k in rms if rms[k][0] > order0 and rms[k][1] > 0]
         name0 = min(deeper, key=lambda k: rms[k][1]) if deeper else ""
         low = rms[name0][1] if deeper else math.nan
-        first_low = first_rms.get(name0)  # (known from a site's second log on, above 0)
-        first_shallow = first_rms.get(min(rms, key=lambda k: rms[k][0]))
-        from_start = (first_low is not None and first_shallow is not None
-                      and first_low * config.collapse_factor <= first_shallow)
+        first_low = first_rms.get(name0, 0.0)  # (0: all dead then, or not known)
+        first_shallow = first_rms.get(min(rms, key=lambda k: rms[k][0]), 0.0)
+        from_start = 0 < first_low and first_low * config.collapse_factor <= first_shallow
         if shallow > 0 and low * config.collapse_factor <= shallow and from_start:
             out.append(
                 Finding(

@@ -329,7 +329,9 @@ class IntervalReading:
         else:
             findings = diagnose(
                 site_rows, units, self.config, step=self.global_step,
-                param_grad_norms=norms, first_rms=self._first_rms,
+                # (at a site's first log, its RMS now is its first)
+                param_grad_norms=norms, first_rms={**self._first_rms_now(site_rows),
+                                                   **self._first_rms},
                 declined=self._declined, site_passes=passes,
                 unrecyclable={s.name: _SUMMED for s in sites if s.summed},
                 recycling=self._recycling(sites),
@@ -345,11 +347,8 @@ class IntervalReading:
             findings, new, events = self._tracker.update(findings, self.global_step, commit=False)
             if logged:
                 later.append(functools.partial(self._tracker.commit, findings))
-                for r in site_rows:
-                    rms = float(r.get("rms", math.nan))
-                    if math.isfinite(rms) and rms > 0:
-                        later.append(functools.partial(
-                            self._first_rms.setdefault, str(r["site"]), rms))
+                later.append(functools.partial(self._first_rms.update,
+                                               self._first_rms_now(site_rows)))
             later.append(functools.partial(self._take_skipped, close))
         record = IntervalRecord(
             step=self.global_step,
@@ -367,6 +366,12 @@ class IntervalReading:
         )
         self._fold(later, sites, summed, close=close, world=world, logged=logged)
         return record
+
+    def _first_rms_now(self, site_rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """The activation RMS of the sites logged for the first time (with one: a site that
+        saw nothing has none), 0 included (all dead then: see _growth_findings)."""
+        return {str(r["site"]): rms for r in site_rows if str(r["site"]) not in self._first_rms
+                and math.isfinite(rms := float(r.get("rms", math.nan)))}
 
     def _remedies_bound(self) -> list[tuple[Any, bool]]:
         """The listeners of this Doctor, and the remedies a treatment plan among them binds
