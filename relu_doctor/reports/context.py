@@ -419,17 +419,24 @@ def _learning_rates(interventions: Sequence[InterventionView], metrics: pd.DataF
                          ("learning rate", fmt_num(by_step[e.step]), after))
 
 
+#: the names a training loss goes by, the likeliest first (see _losses)
+_TRAINING_LOSS = ("loss", "train_loss", "train/loss", "train_loss_step", "training_loss",
+                  "train_loss_epoch")
+
+
 def _losses(interventions: Sequence[InterventionView], metrics: pd.DataFrame) -> None:
     """A judged intervention's training loss, its own window's and the one it was judged
     on, where it rose :data:`LOSS_ROSE` times or more: shown beside its verdict, which
     is on its target alone."""
     if metrics.empty:
         return
-    # the training loss: "loss" (doc.step's, the HF Trainer's, Keras'), else the first other
-    # name ending in "loss" that is no validation one (a LightningModule's "train_loss")
-    names = sorted(str(n) for n in pd.unique(metrics["name"]))
-    name = "loss" if "loss" in names else next(
-        (n for n in names if n.endswith("loss") and not n.startswith(("val", "test"))), None)
+    # the training loss by the names loops give it: doc.step's, the HF Trainer's and Keras'
+    # "loss", a LightningModule's "train_loss" (on_step and on_epoch: "train_loss_step");
+    # no guess among other names ending in "loss" (a VAE's "kl_loss", an "eval_loss")
+    names = set(pd.unique(metrics["name"]))
+    name = next((n for n in _TRAINING_LOSS if n in names), None)
+    if name is None:
+        return
     loss = metrics[metrics["name"] == name]
     by_step = {int(r.step): float(r.value) for r in loss.itertuples()}
     for e in interventions:

@@ -572,13 +572,15 @@ def test_a_recyclings_verdict_says_it_is_on_the_units_it_changed() -> None:
     assert text.count("helped") >= 2
 
 
-@pytest.mark.parametrize("name", ["loss", "train_loss"])
-def test_a_verdict_beside_a_training_loss_that_rose_says_so(name: str) -> None:
+@pytest.mark.parametrize("name, other", [("loss", "val_loss"), ("train_loss", "val_loss"),
+                                         ("train_loss", "kl_loss"), ("train/loss", "eval_loss")])
+def test_a_verdict_beside_a_training_loss_that_rose_says_so(name: str, other: str) -> None:
     """A plan's swap was judged "helped" on its dead fraction while the training loss rose
     from 0.84 to 3.24 (a Keras trial): the report showed "helped" alone. A judged change
     whose next window's loss is 1.5x its own or more says so, with the two losses; one whose
     loss fell does not. A LightningModule's "train_loss" is read where no "loss" is (never a
-    validation loss)."""
+    validation loss, nor another loss that sorts first: a VAE's "kl_loss", an "eval_loss",
+    which a review saw taken)."""
     events = []
     for rid, site, step, judged in (("w", "s", 72, 80), ("v", "t", 64, 72)):
         events += [
@@ -591,7 +593,7 @@ def test_a_verdict_beside_a_training_loss_that_rose_says_so(name: str) -> None:
         ]
     hist = pd.DataFrame([{"step": st, "site": site, "units": 4, "dead": 1, "dead_fraction": 0.25}
                          for st in (64, 72, 80) for site in ("s", "t")])
-    metrics = pd.DataFrame({"step": [64, 72, 80] * 2, "name": [name] * 3 + ["val_loss"] * 3,
+    metrics = pd.DataFrame({"step": [64, 72, 80] * 2, "name": [name] * 3 + [other] * 3,
                             "value": [1.07, 0.84, 3.24, 1.0, 9.0, 1.0]})
     run = Run(meta={"sites": [{"name": "s", "units": 4}, {"name": "t", "units": 4}]}, history=hist,
               units=pd.DataFrame(), layers=pd.DataFrame(), events=events, tables={"metrics": metrics})
