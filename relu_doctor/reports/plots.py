@@ -300,7 +300,7 @@ class HeatmapData:
         steps_per_col: how many logging steps each column aggregates.
         units: number of units of the site.
         dead_last: units with activation rate 0 at the last logged step.
-        named_rows: how many rows at the top hold one named unit each, each labelled.
+        named_rows: the rows that hold one named unit each, each labelled.
     """
 
     matrix: np.ndarray
@@ -310,7 +310,7 @@ class HeatmapData:
     steps_per_col: int
     units: int
     dead_last: int
-    named_rows: int = 0
+    named_rows: tuple[int, ...] = ()
 
 
 def _nanmean(a: np.ndarray, axis: int) -> np.ndarray:
@@ -379,14 +379,15 @@ def activity_matrix(
     else:
         row_labels = [str(u) for u in ids]
         per_row = 1
-        # the named units that lead the order (a finding's dead units, least active): a
-        # label each, where every other row of a tall site was labelled
-        keep = list(range(next((i for i, u in enumerate(ids) if u not in set(named)), n)))
+        # the named units (a finding's dead units): a label each, where every other row of
+        # a tall site was labelled; wherever the order puts them (a unit that died in the
+        # last window sorts among the living by its mean over the run)
+        keep = [i for i, u in enumerate(ids) if u in set(named)]
     per_col = 1
     if m.shape[1] > max_cols:
         m, col_groups, per_col = _bin_mean(m, max_cols, axis=1)
         steps = [steps[g[-1]] for g in col_groups]
-    named_rows = len(keep)
+    named_rows = tuple(range(len(keep))) if per_row > 1 else tuple(keep)
     return HeatmapData(m, steps, row_labels, per_row, per_col, n, dead_last, named_rows)
 
 
@@ -425,7 +426,7 @@ def activity_heatmap_figure(
     draw (this site's and the model-wide ones), where given."""
     rows, cols = data.matrix.shape
     # a row per named unit must stay a readable text line: such figures grow taller
-    per_line, cap = (0.125, 9.5) if data.named_rows > 16 else (0.085, 5.6)
+    per_line, cap = (0.125, 9.5) if len(data.named_rows) > 16 else (0.085, 5.6)
     height = min(cap, max(2.2, 1.3 + per_line * rows))
     with matplotlib.rc_context(_rc()):
         fig = Figure(figsize=(_WIDTH * 0.75, height), layout="constrained")
@@ -437,8 +438,9 @@ def activity_heatmap_figure(
             xticklabels=max(1, math.ceil(cols / 8)), yticklabels=max(1, math.ceil(rows / 40)),
         )
         if data.named_rows:  # every named unit labelled; the bins as space allows
-            every = max(1, math.ceil((rows - data.named_rows) / 12))
-            ticks = list(range(data.named_rows)) + list(range(data.named_rows, rows, every))
+            others = [i for i in range(rows) if i not in set(data.named_rows)]
+            every = max(1, math.ceil(len(others) / 12))
+            ticks = sorted({*data.named_rows, *others[::every]})
             ax.set_yticks([t + 0.5 for t in ticks])
             ax.set_yticklabels([data.row_labels[t] for t in ticks])
         ax.tick_params(axis="y", labelsize=6.5 if rows > 24 else 7, rotation=0)

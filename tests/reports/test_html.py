@@ -636,15 +636,20 @@ def test_the_evaluation_streams_findings_are_in_the_main_report(tmp_path: Path) 
     assert f"On the evaluation data (eval): [{first.severity}] {first.site}:" in said
 
 
-def test_every_dead_unit_a_finding_names_has_its_label_on_the_heatmap() -> None:
+@pytest.mark.parametrize("died", ["throughout", "in the last window"])
+def test_every_dead_unit_a_finding_names_has_its_label_on_the_heatmap(died: str) -> None:
     """A 64-unit site's heatmap labelled every other row: 9 of the 21 dead units its finding
-    named had no label (a report trial). The named units that lead the order (least active)
-    are labelled one each; the other rows as space allows."""
+    named had no label (a report trial). The named units are labelled one each, wherever
+    the order (least active over the run first) puts them: units that died in the last
+    window sort among the living (a review); the other rows as space allows."""
     dead = list(range(2, 64, 3))  # 21 units
-    rows = [{"site": "s", "unit": u, "step": st, "activation_rate": 0.0 if u in dead else 0.3 + u / 200}
-            for u in range(64) for st in (10, 20)]
+    rows = [{"site": "s", "unit": u, "step": st,
+             "activation_rate": (0.0 if died == "throughout" or st == 30 else 0.6) if u in dead
+             else 0.05 + u / 2000}
+            for u in range(64) for st in (10, 20, 30)]
     data = plots.activity_matrix(pd.DataFrame(rows), "s", named=dead)
-    assert data is not None and data.units_per_row == 1 and data.named_rows == 21
+    assert data is not None and data.units_per_row == 1 and len(data.named_rows) == 21
+    assert sorted(int(data.row_labels[i]) for i in data.named_rows) == dead
     fig = plots.activity_heatmap_figure(data, "s", "relu")
     labels = {t.get_text() for t in fig.axes[0].get_yticklabels()}
     assert {str(u) for u in dead} <= labels, sorted({str(u) for u in dead} - labels)
