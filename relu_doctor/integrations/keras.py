@@ -25,6 +25,7 @@ events attach, mark steps, pause, log) and *what* the sites are (Keras layers, s
 from __future__ import annotations
 
 import os
+import shlex
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -575,7 +576,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 warnings.warn(
                     f"relu_doctor: the report of {str(doc.run_dir)!r} could not be written "
                     f"({type(e).__name__}: {e}); its records are kept: `relu-doctor report "
-                    f"{doc.run_dir}` makes it.",
+                    f"{shlex.quote(str(doc.run_dir))} -o FILE.html` makes it where you choose.",
                     ReluDoctorWarning,
                     stacklevel=user_stacklevel(),
                 )

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from relu_doctor.diagnosis import REMEDY_NAMES, can_swap, severity_rank
+from relu_doctor.diagnosis import REMEDY_NAMES, can_swap, finding_order, severity_rank
 from relu_doctor.history import SEEN_FIELDS, WINDOW_COLUMNS, Run, load_run
 from relu_doctor.reports.findings import (
     MODEL_WIDE,
@@ -522,6 +523,8 @@ class EvalView:
     #: message)``, most severe first (the training findings above are the training data's)
     findings: list[tuple[str, str, str]] = field(default_factory=list)
     path: str = ""
+    #: the shell command that makes its own report (its path quoted where it must be)
+    command: str = ""
 
 
 def _evaluation(run: Run) -> EvalView | None:
@@ -536,10 +539,14 @@ def _evaluation(run: Run) -> EvalView | None:
     steps = sorted(int(s) for s in hist["step"].unique()) if not hist.empty else []
     last = hist[hist["step"] == steps[-1]] if steps else pd.DataFrame()
     passes = int(last["window_steps"].iloc[0]) if "window_steps" in last and len(last) else None
-    serious = [(f.severity, f.site, f.message) for f in ev.findings()
-               if f.severity in ("warning", "critical")]
+    # (most severe first, as the training findings: a run read from its events alone lists
+    # them as they began)
+    serious = [(f.severity, f.site, f.message) for f in sorted(
+        ev.findings(), key=lambda f: finding_order(f.severity, f.kind, f.site, f.evidence))
+        if f.severity in ("warning", "critical")]
+    path = str(run.path / name)
     return EvalView(name, steps, steps[-1] if steps else None, passes, _site_rows(ev, last, []),
-                    findings=serious, path=str(run.path / name))
+                    findings=serious, path=path, command=f"relu-doctor report {shlex.quote(path)}")
 
 
 def _logged_text(steps: Sequence[int], windows: pd.DataFrame | None, lost: bool = False) -> str:

@@ -114,7 +114,7 @@ def summary(
         sev, site, message = ev.findings[0]
         more = f" (and {len(ev.findings) - 1} more)" if len(ev.findings) > 1 else ""
         lines.append(f"  On the evaluation data ({ev.name}): [{sev}] {site}: {message}{more}; "
-                     f"relu-doctor report {ev.path}")
+                     f"{ev.command}")
     rows = ctx.sites
     if rows and not damaged:
         labels, width = _site_labels([r.site for r in rows[:max_sites]])

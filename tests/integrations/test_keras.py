@@ -4,6 +4,7 @@ hooks on the same layers counted in numpy (tests/integrations/brute.py)."""
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -1458,7 +1459,16 @@ def test_a_report_that_cannot_be_written_at_the_fits_end_is_said_not_raised(tmp_
 
     cb = ReluDoctorCallback(log_every_n_steps=2, run_dir=run_dir, report=True)
     x, y = _data(48)
-    with pytest.warns(ReluDoctorWarning, match="could not be written .* its records are kept"):
+    with pytest.warns(ReluDoctorWarning, match="could not be written .* its records are kept") as said:
         _mlp().fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb, Notes()])
     assert (run_dir / "report.html").read_text() == "someone's notes"
     assert relu_doctor.load_run(run_dir).last_step == 3
+    # the command it gives works (it named the same refused path: a review)
+    import shlex
+
+    from relu_doctor.cli import main
+
+    (command,) = [c for w in said if "could not be written" in str(w.message)
+                  for c in re.findall(r"`(relu-doctor report [^`]+)`", str(w.message))]
+    argv = [a.replace("FILE.html", str(tmp_path / "mine.html")) for a in shlex.split(command)]
+    assert main(argv[1:]) == 0 and (tmp_path / "mine.html").stat().st_size > 0

@@ -614,7 +614,7 @@ def test_the_evaluation_streams_findings_are_in_the_main_report(tmp_path: Path) 
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "my run"  # (the command quotes it: a review)
     with relu_doctor.watch(net, log_every_n_steps=2, overhead_budget=None, eval_stream=True,
                            run_dir=run_dir) as doc:
         for _ in range(4):
@@ -628,12 +628,14 @@ def test_the_evaluation_streams_findings_are_in_the_main_report(tmp_path: Path) 
     serious = [f for f in ev.findings() if f.severity in ("warning", "critical")]
     assert serious, ev.findings()
     text = " ".join(htmllib.unescape(re.sub(r"<[^>]+>", " ", render_report(relu_doctor.load_run(run_dir)))).split())
-    assert f"relu-doctor report {run_dir / 'eval'}" in text
+    assert f"relu-doctor report '{run_dir / 'eval'}'" in text
     for f in serious:
         assert " ".join(f.message.split()) in text
     said = summary(relu_doctor.load_run(run_dir))
     first = serious[0]
     assert f"On the evaluation data (eval): [{first.severity}] {first.site}:" in said
+    line = next(x for x in said.splitlines() if "On the evaluation data" in x)
+    assert line.endswith(f"relu-doctor report '{run_dir / 'eval'}'")
 
 
 @pytest.mark.parametrize("died", ["throughout", "in the last window"])
