@@ -180,6 +180,7 @@ class LRRescuer(Remedy):
         self.cooldown_left = 0
         self.prev_dead: dict[str, float] = {}
         self.rescues = 0
+        self._unpassed_said = False  # (a scheduler not passed: said once)
 
     def reason(self, record: RecordLike) -> tuple[str, dict[str, Any]] | None:
         """Why this record calls for a rescue (trigger name, evidence), or None. Updates the
@@ -211,6 +212,7 @@ class LRRescuer(Remedy):
             )
         changes = []
         for k, opt in enumerate(self.optimizers):
+            self._check_scheduled(opt)
             for c in scale_lr(opt, factor=self.factor, min_lr=self.min_lr, schedulers=self.schedulers):
                 changes.append({"optimizer": k, **c})
         moved = [c for c in changes if c["factor"] < 1.0]
@@ -228,6 +230,26 @@ class LRRescuer(Remedy):
             what = f"learning rate already at the floor {self.min_lr:g}; nothing changed ({reason})"
         self.rescues += 1
         return changes, what
+
+    def _check_scheduled(self, opt: torch.optim.Optimizer) -> None:
+        """Warn once where ``opt`` has an LR scheduler that was not passed (a scheduler sets
+        its param groups' ``initial_lr``): one recomputing the rate from its own base values
+        (LambdaLR, CyclicLR, SequentialLR's warmup) undoes the cut at its next step, a cosine
+        one fades it, and the record would say the rate was cut. (Those that keep it, StepLR
+        or OneCycleLR, whose values live in the groups, are not told apart: passing one is
+        the documented use anyway.)"""
+        if self._unpassed_said or not any("initial_lr" in g for g in opt.param_groups):
+            return
+        if any(getattr(s, "optimizer", None) is opt for s in flat_schedulers(self.schedulers)):
+            return
+        self._unpassed_said = True
+        self.warn(
+            f"relu_doctor: {self.name}: the optimizer {type(opt).__name__} has a learning-rate "
+            "scheduler (its param groups hold 'initial_lr') that was not given to the rescue. "
+            "One that recomputes the rate from its own base values (LambdaLR, CyclicLR, a "
+            "warmup) undoes the cut at its next step, and a cosine one fades it: pass it, "
+            "LRRescuer(opt, schedulers=[sched]) (TreatmentPlan(..., schedulers=[sched]))."
+        )
 
     def _event(
         self,

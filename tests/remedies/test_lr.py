@@ -305,3 +305,40 @@ def test_a_cosine_floor_is_scaled_only_when_every_group_was_cut_and_never_below_
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] >= 1e-4 - 1e-12
+
+
+@pytest.mark.parametrize("kind", ["lambda", "onecycle", "plateau", "none"])
+@pytest.mark.parametrize("passed", [False, True])
+def test_a_scheduler_not_given_to_the_rescue_is_said_once(kind: str, passed: bool) -> None:
+    """A LambdaLR warmup not passed to LRRescuer(schedulers=) undid each cut at its next
+    step, silently, while the record said the rate was halved (a schedulers trial). Where
+    the optimizer has a scheduler (its groups hold "initial_lr") that was not passed, one
+    warning says so (OneCycleLR, whose values the rescue scales in the groups, keeps the
+    cut, but is not told apart); a ReduceLROnPlateau, which keeps it, or none: no warning."""
+    import warnings
+
+    from relu_doctor.errors import ReluDoctorWarning
+
+    net = nn.Linear(4, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.4)
+    sched = {"lambda": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+             "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, 0.4, total_steps=100),
+             "plateau": lambda: torch.optim.lr_scheduler.ReduceLROnPlateau(opt),
+             "none": lambda: None}[kind]()
+    rescuer = LRRescuer(opt, schedulers=[sched] if passed and sched is not None else ())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            before = opt.param_groups[0]["lr"]
+            rescuer.rescue(step=1)
+            assert opt.param_groups[0]["lr"] == pytest.approx(before * 0.5)
+            opt.step()
+            if kind == "lambda":
+                sched.step()
+                undone = opt.param_groups[0]["lr"] >= before * 0.9  # (the phenomenon itself)
+                assert undone != passed
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    expected = kind in ("lambda", "onecycle") and not passed
+    assert len(said) == expected, said
+    if expected:
+        assert "was not given to the rescue" in said[0] and "schedulers=[sched]" in said[0]
