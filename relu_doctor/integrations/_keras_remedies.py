@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -622,8 +623,20 @@ def keras_plan(
         swap = plan.remedy("swap")
         assert isinstance(swap, ActivationSwapper)
         plan.use("swap", KerasActivationSwap(sites, slope=swap.slope, patience=1))
-    if "clip" in names and optimizer is not None and clips_already(optimizer) is None:
+    clips = clips_already(optimizer) if optimizer is not None else None
+    if "clip" in names and optimizer is not None and clips is None:
         clip = plan.remedy("clip")
         assert isinstance(clip, AutoClip)
         clipper = KerasAutoClip(model, optimizer, clip).attach()
+    elif "clip" in names and clips is not None and optimizer not in _SAID_IDLE_CLIP:
+        _SAID_IDLE_CLIP.add(optimizer)  # (once per optimizer: a fit per epoch plans again)
+        plan.warn(
+            f"relu_doctor: the Keras optimizer clips its gradients itself ({clips}="
+            f"{getattr(updating(optimizer), clips)}), so the treatment plan's clip step stays "
+            f"idle (both would clip); its other steps act. Compile with an optimizer without "
+            f"{clips} to let the plan clip when needed.")
     return plan, clipper
+
+
+#: the optimizers whose clipping left a plan's clip step idle, said (see keras_plan)
+_SAID_IDLE_CLIP: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -257,6 +257,7 @@ class ReluDoctorCallback(TrainerCallback):
         self._last: IntervalRecord | None = None
         self._warner = FindingWarner(None)
         self._clip: AutoClip | None = None
+        self._said_idle_clip = False  # the plan's clip step left idle beside max_grad_norm
         self._output_dir = "."
         self._stopped = False
 
@@ -339,7 +340,7 @@ class ReluDoctorCallback(TrainerCallback):
             f"saved with this callback, or {new}")
         doc.add_listener(self._on_record)
         self.doctor = doc
-        self._bind_remedies(model, opt, lr_scheduler, doc, saved)
+        self._bind_remedies(model, opt, lr_scheduler, doc, saved, float(args.max_grad_norm or 0))
         self._warner = FindingWarner(self.warn if is_zero else None,
                                      on=remedies_on(self.remedies))
         self._warner.load_state_dict((saved or {}).get("warned", ()))  # resumed: said before
@@ -376,7 +377,7 @@ class ReluDoctorCallback(TrainerCallback):
             cbs.insert(printer, _ConsoleTrim(self))
 
     def _bind_remedies(self, model: Any, opt: torch.optim.Optimizer, sched: Any, doc: Doctor,
-                       saved: Mapping[str, Any] | None) -> None:
+                       saved: Mapping[str, Any] | None, max_grad_norm: float) -> None:
         sched = getattr(sched, "scheduler", sched)  # accelerate's AcceleratedScheduler
         scheds = [sched] if isinstance(sched, torch.optim.lr_scheduler.LRScheduler) else []
         # The scheduler steps the optimizer it was made for (accelerate's wrapper, whose
@@ -411,6 +412,17 @@ class ReluDoctorCallback(TrainerCallback):
                 r.load_state_dict(states[name])
             r.bind(doc)
         self.remedies = rem
+        plan = rem.get("treatment_plan")
+        if isinstance(plan, TreatmentPlan) and max_grad_norm and any(
+                s.remedy == "clip" for s in plan.steps):
+            plan.remedy("clip").detach()  # (an AutoClip with no hook: the plan skips it)
+            if not self._said_idle_clip:  # (once: a fit per epoch binds again)
+                self._said_idle_clip = True
+                plan.warn(
+                    f"relu_doctor: the Trainer clips the gradient norm itself (max_grad_norm="
+                    f"{max_grad_norm:g}; 1.0 by default), so the treatment plan's clip step "
+                    "stays idle (both would clip); its other steps act. Pass "
+                    "TrainingArguments(max_grad_norm=0) to let the plan clip when needed.")
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         # The Trainer's max_steps is set from the epochs when not given, so the last step is

@@ -50,7 +50,8 @@ def test_the_plan_treats_a_dead_layer_and_judges_each_change(tmp_path: Path) -> 
     ref = Outputs({SITES[0]: act0}, {SITES[0]: -1},
                   keep=lambda: torch.is_grad_enabled() and model.training)
     cb = ReluDoctorCallback(log_every_n_steps=2, treatment=True)
-    trainer = _trainer(tmp_path, model, cb, Kill(at=2), max_steps=12)
+    # (the plan's clip step acts where the Trainer does not clip: see below)
+    trainer = _trainer(tmp_path, model, cb, Kill(at=2), max_steps=12, max_grad_norm=0)
     trainer.train()
     ref.remove()
     run_dir = tmp_path / "relu_doctor"
@@ -105,6 +106,30 @@ def test_the_plan_treats_a_dead_layer_and_judges_each_change(tmp_path: Path) -> 
     plan.remedy("lr").rescue(step=99, reason="test")
     trainer.lr_scheduler.step()
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr * 0.5)
+
+
+def test_beside_max_grad_norm_the_plans_clip_step_stays_idle_and_says_so(tmp_path: Path) -> None:
+    """With max_grad_norm (1.0 by default) the plan switched AutoClip on after the Trainer's
+    own clipping, silently, and recorded "the gradient norm before clipping" as the norm
+    already clipped (a schedulers trial). As beside Lightning's gradient_clip_val: its clip
+    step stays idle, said once, and its other steps act."""
+    import warnings
+
+    from relu_doctor.errors import ReluDoctorWarning
+
+    cb = ReluDoctorCallback(log_every_n_steps=2, treatment=True)
+    trainer = _trainer(tmp_path, _model(), cb, Kill(at=2), max_steps=12)
+    assert trainer.args.max_grad_norm == 1.0  # (the Trainer's default)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)
+            and "clip step stays idle" in str(w.message)]
+    assert len(said) == 1 and "max_grad_norm=1" in said[0] and "max_grad_norm=0" in said[0]
+    changes = _events(tmp_path / "relu_doctor", "intervention")
+    assert changes and not [e for e in changes if e["remedy"] == "adaptive_grad_clip"]
+    assert changes[0]["remedy"] == "lr_rescue"  # (the next step acted in its place)
+    assert not cb.remedies["treatment_plan"].remedy("clip")._handles  # no hook on the optimizer
 
 
 def test_a_healthy_run_with_the_plan_is_bit_identical(tmp_path: Path) -> None:

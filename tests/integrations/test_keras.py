@@ -1472,3 +1472,24 @@ def test_a_report_that_cannot_be_written_at_the_fits_end_is_said_not_raised(tmp_
                   for c in re.findall(r"`(relu-doctor report [^`]+)`", str(w.message))]
     argv = [a.replace("FILE.html", str(tmp_path / "mine.html")) for a in shlex.split(command)]
     assert main(argv[1:]) == 0 and (tmp_path / "mine.html").stat().st_size > 0
+
+
+def test_beside_clipnorm_the_plans_clip_step_stays_idle_and_says_so_once(tmp_path: Path) -> None:
+    """treatment=True beside an optimizer's clipnorm left the plan's clip step idle without a
+    word (it went straight to the rate cut: a schedulers trial), where Lightning says so: one
+    warning, once over several fits, and no clipping of the plan's."""
+    x, y = _data(64)
+    model = _mlp(lr=0.05)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, clipnorm=1.0),
+                  loss="categorical_crossentropy")
+    cb = ReluDoctorCallback(log_every_n_steps=4, run_dir=tmp_path / "run", treatment=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)
+            and "clip step stays idle" in str(w.message)]
+    assert len(said) == 1 and "clipnorm=1.0" in said[0], said
+    assert "_clip_gradients" not in vars(model.optimizer)  # (the plan's clipper would patch it)
+    assert not any(e["remedy"] == "adaptive_grad_clip"
+                   for e in relu_doctor.load_run(tmp_path / "run").interventions())
