@@ -387,6 +387,19 @@ class AutoClip(_Clipper):
         return b[~torch.isnan(b)]
 
 
+def clipped_at(norms: torch.Tensor, *, times: int = 3, rel: float = 1e-5) -> float | None:
+    """The norm a loop's own clipping holds the total gradient norm to, where ``norms`` (a
+    step's each) reached their maximum ``times`` times or more, each within ``rel`` of it
+    (``clip_grad_norm_(params, c)`` leaves a norm past ``c`` at ``c`` to within 1e-6 of it;
+    norms that training makes do not repeat so), else None."""
+    finite = norms[torch.isfinite(norms)]
+    if finite.numel() < times:
+        return None
+    top = float(finite.max())
+    at_top = int((finite >= top * (1.0 - rel)).sum())
+    return top if top > 0 and at_top >= times else None
+
+
 def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
     dims = None if x.dim() <= 1 else tuple(range(1, x.dim()))
     norm: torch.Tensor = torch.linalg.vector_norm(

@@ -363,7 +363,7 @@ class TreatmentPlan(Remedy):
                     )
 
     def _model_step(self, record: RecordLike) -> Intervention | None:
-        from relu_doctor.remedies.clipping import UNCLIPPED, AutoClip
+        from relu_doctor.remedies.clipping import UNCLIPPED, AutoClip, clipped_at
         from relu_doctor.remedies.lr import LRRescuer
 
         trigger = self._model_trigger(record)
@@ -379,6 +379,16 @@ class TreatmentPlan(Remedy):
             if isinstance(remedy, AutoClip):
                 if remedy.warmup_steps != _NEVER or not remedy._handles:
                     continue  # already on, or no optimizer to clip for
+                at = clipped_at(remedy.norm_history)
+                if at is not None:  # the loop clips itself: two clippers would both clip
+                    self.failed.add((step.remedy, MODEL))
+                    self.warn(
+                        f"TreatmentPlan: the gradient norm reached {at:.4g} and no more on "
+                        "several steps: the training loop clips it itself (clip_grad_norm_), "
+                        "before the plan sees the gradients. Its clip step stays idle (both "
+                        "would clip); its other steps act. Leave it out (steps=['lr', "
+                        "'recycle', 'swap']), or stop clipping to let the plan clip when needed.")
+                    continue
                 remedy.warmup_steps = 0
                 # an exploding gradient is judged on the norm before clipping: the one
                 # after it is the clipper's own doing

@@ -260,3 +260,48 @@ def test_dying_is_a_rise_of_2_points_exactly_too() -> None:
     difference of the second (22/100 - 20/100 = 0.01999...) was below 0.02."""
     assert _dying_cuts([0.20, 0.22, 0.24, 0.26]) == [2, 3, 4]  # cooldown 1: one per interval
     assert _dying_cuts([0.20, 0.21, 0.22, 0.215]) == []  # a point at a time: not dying
+
+
+@pytest.mark.parametrize("own_clip", [None, 2.0])
+def test_a_loop_that_clips_itself_leaves_the_plans_clip_step_idle_and_said(own_clip) -> None:
+    """A plain loop's clip_grad_norm_ beside a plan: the plan switched AutoClip on after it,
+    silently, and recorded the clipped norm as the norm before clipping (a schedulers
+    trial). Where the norms the plan's clipper records reach one maximum on several steps
+    (torch's clipping leaves them there), the clip step stays idle, said once."""
+    from relu_doctor.remedies.clipping import clipped_at
+
+    torch.manual_seed(0)
+    net = mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+    x, y = classification(0)
+    g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, log_every_n_steps=10, overhead_budget=None) as doc:
+            plan = TreatmentPlan(net, optimizer=opt).bind(doc)
+            for i in range(80):
+                idx = torch.randint(0, len(x), (64,), generator=g)
+                loss = F.cross_entropy(net(x[idx]), y[idx]) * (40 if i % 25 == 24 else 1)
+                loss.backward()
+                if own_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), own_clip)
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+            plan.detach()
+            ivs = doc.to_run().interventions()
+    said = [str(w.message) for w in caught if "clips it itself" in str(w.message)]
+    clipped = [e for e in ivs if e["remedy"] == "adaptive_grad_clip"]
+    if own_clip is None:  # the recipe sets the clip step off where nothing clips before it
+        assert clipped and not said
+        return
+    assert not clipped and len(said) == 1 and "reached 2 and no more" in said[0], said
+    # the rule on its own: torch's clipped norms found, unclipped ones not
+    norms = []
+    for k in range(20):
+        p = torch.nn.Parameter(torch.zeros(50))
+        p.grad = torch.randn(50, generator=g) * (k % 4 + 0.5)
+        torch.nn.utils.clip_grad_norm_([p], 3.0)
+        norms.append(float(torch.linalg.vector_norm(p.grad)))  # (what a clipper after it sees)
+    assert clipped_at(torch.tensor(norms)) == pytest.approx(3.0, rel=1e-5)
+    assert clipped_at(torch.rand(500, generator=g) * 10) is None
