@@ -767,8 +767,9 @@ def _above_tau(units: Mapping[str, torch.Tensor], flag: str) -> tuple[int, int]:
 
 
 def _bound_aside(names: Mapping[str, str | None], above: int, tau: float) -> str:
-    return (f" (The recycler bound here takes the units scoring below tau; {above} of these "
-            f"score above it: {_with_tau(names, tau)} takes them too.)")
+    return (f" (The recycler bound here, without tau=, takes only the units scoring below "
+            f"tau, and {above} of these score above it: given tau=, as "
+            f"{_with_tau(names, tau)}, it takes the dead units whatever their score.)")
 
 
 def _with_tau(names: Mapping[str, str | None], tau: float) -> str:
@@ -789,8 +790,9 @@ def _recycle_dead(units: Mapping[str, torch.Tensor], flag: str,
     if not above:
         return f"recycle {them} {_recycle(names)}"
     which = "these units'" if above == flagged else f"{above} of these units'"
-    return (f"recycle {them} (ReDo: {_with_tau(names, tau)}; by default it takes the units "
-            f"scoring below tau, and {which} negative outputs score above it)")
+    return (f"recycle {them} (ReDo: {_with_tau(names, tau)}, which takes the dead units "
+            f"whatever their score; without tau= it takes only the units scoring below tau, "
+            f"and {which} negative outputs score above it)")
 
 
 def _growth_findings(
@@ -845,7 +847,7 @@ def _growth_findings(
         low = rms[name0][1] if deeper else math.nan
         first_low = first_rms.get(name0, 0.0)  # (0: all dead then, or not known)
         first_shallow = first_rms.get(min(rms, key=lambda k: rms[k][0]), 0.0)
-        from_start = 0 < first_low and first_low * config.collapse_factor <= first_shallow
+        from_start = first_low > 0 and first_low * config.collapse_factor <= first_shallow
         if shallow > 0 and low * config.collapse_factor <= shallow and from_start:
             out.append(
                 Finding(

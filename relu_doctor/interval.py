@@ -57,6 +57,13 @@ _SUMMED = ("its units come from a sum with another branch (a residual or skip co
 _STEPS = "\0steps_collected"  # the window's collected steps, summed across processes
 _FIRST = "\0first\0"  # + a site's name: its first reading (SiteStats.first), until logged
 
+
+def _mixed(norm: str) -> str:
+    """Why recycling cannot treat a site whose input passed ``norm`` (Site.mixed)."""
+    return f"its input passes a {norm}, which normalises the units together: a fresh unit " \
+           "would shift the others"
+
+
 # A unit table at least this large is kept out of the malloc heap (see _record_memory).
 _OWN_MEMORY_BYTES = 1 << 20
 
@@ -333,7 +340,8 @@ class IntervalReading:
                 param_grad_norms=norms, first_rms={**self._first_rms_now(site_rows),
                                                    **self._first_rms},
                 declined=self._declined, site_passes=passes,
-                unrecyclable={s.name: _SUMMED for s in sites if s.summed},
+                unrecyclable={s.name: _SUMMED if s.summed else _mixed(s.mixed)
+                              for s in sites if s.summed or s.mixed},
                 recycling=self._recycling(sites),
                 # (a DormantRecycler without tau= takes units by their ReDo score alone)
                 recycling_by_score=self._bound_at(

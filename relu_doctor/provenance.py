@@ -80,6 +80,10 @@ class Origin:
         summed: the features went through a sum with another input of their shape since
             (a residual add): a unit there is not its producer's alone, so ReDo cannot
             recycle it (see :mod:`relu_doctor.remedies.unit_links`).
+        mixed: the norm, in words, the features went through since that normalises the
+            units together (a GroupNorm of several channels a group, a LayerNorm or RMSNorm
+            over them; ``""``: none): ReDo cannot recycle them either, a fresh unit shifting
+            the others.
     """
 
     dim: int
@@ -88,6 +92,7 @@ class Origin:
     moved: bool = False
     layer: str | None = None
     summed: bool = False
+    mixed: str = ""
 
     def rule(self, ndim: int) -> str:
         """The rule in words, e.g. ``"Linear `fc1` -> last dim"``."""
@@ -262,7 +267,8 @@ class ProvenanceTracker:
             if isinstance(out, torch.Tensor):
                 kept = self.origin(first)
                 if kept is not None and isinstance(first, torch.Tensor) and first.shape == out.shape:
-                    self._set(out, kept)
+                    mixed = kept.mixed or _mixing(name, args, kwargs, first, kept.dim)
+                    self._set(out, replace(kept, mixed=mixed) if mixed != kept.mixed else kept)
                 else:
                     owner = next((a for a in list(args[1:]) + list(kwargs.values())
                                   if self._weight(a) is not None), None)
@@ -328,6 +334,25 @@ class ProvenanceTracker:
             exact = [a for a in same if a.shape == o.shape]
             origin = self.origin((exact or same)[0])
             self._set(o, replace(origin, summed=True) if summed and origin else origin)
+
+
+def _mixing(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], x: torch.Tensor,
+            dim: int) -> str:
+    """The norm ``name`` of ``x`` in words where it normalises the units on ``dim`` together
+    (a GroupNorm of several channels a group, a LayerNorm or RMSNorm over that dim), else
+    ``""`` (BatchNorm, InstanceNorm, a GroupNorm of one channel a group: each unit its own)."""
+    if name == "group_norm":
+        groups = args[1] if len(args) > 1 else kwargs.get("num_groups")
+        if dim == 1 and x.dim() > 1 and isinstance(groups, int) and groups != x.shape[1]:
+            return f"GroupNorm ({groups} groups of {x.shape[1]} channels)"
+        return ""
+    if name in _NORM_LAST:
+        shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+        over = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
+        if dim >= x.dim() - over and x.shape[dim] > 1:
+            what = "LayerNorm" if name == "layer_norm" else "RMSNorm"
+            return f"{what} (over the last {over} dim{'s' if over > 1 else ''})"
+    return ""
 
 
 _NOT_LAYOUT: Any = object()

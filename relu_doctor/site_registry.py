@@ -197,6 +197,7 @@ class SiteRegistry:
             producer=(origin.layer if origin is not None
                       else kin.producer if kin is not None else None),
             summed=origin.summed if origin is not None else kin is not None and kin.summed,
+            mixed=origin.mixed if origin is not None else kin.mixed if kin is not None else "",
         )
         site.made_by = self._made_by(site)
         self._sites[key] = site
@@ -221,7 +222,7 @@ class SiteRegistry:
             site.unit_rule = site.unit_rule.removesuffix(_PROVISIONAL) + (
                 " (no producing layer found)")
             return
-        site.producer, site.summed = origin.layer, origin.summed
+        site.producer, site.summed, site.mixed = origin.layer, origin.summed, origin.mixed
         site.made_by = self._made_by(site)
         site.unit_rule = origin.rule(len(shape))
         if origin.dim != site.dim_for(len(shape)) or shape[origin.dim] != site.units:
@@ -489,6 +490,7 @@ def _description(site: Site) -> dict[str, Any]:
         "other_ranks": sorted(site.other_ranks),
         "producer": site.producer,
         **({"summed": True} if site.summed else {}),
+        **({"mixed": site.mixed} if site.mixed else {}),
     }
 
 
@@ -526,6 +528,7 @@ def _described(
         restored=True,
         producer=None if d.get("producer") is None else str(d["producer"]),
         summed=bool(d.get("summed", False)),
+        mixed=str(d.get("mixed") or ""),
     )
 
 

@@ -221,6 +221,9 @@ class Site:
     producer: str | None = None
     #: its input is a sum with another branch (a residual add): see provenance.Origin.summed
     summed: bool = False
+    #: the norm its input passed that normalises its units together (see
+    #: provenance.Origin.mixed; ``""``: none)
+    mixed: str = ""
     #: the module whose replacement makes this site anew (its producer, else the module at
     #: its path), weakly: see SiteRegistry._replaced
     made_by: Any = field(default=None, repr=False)

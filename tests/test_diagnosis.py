@@ -814,7 +814,8 @@ def test_a_leaky_familys_dead_units_are_advised_the_recycling_that_takes_them(fa
     for tau in (None, 0.1):
         bound = run(tau, recycle=True)
         said = findings_by(bound.records[-1])[("dead", "1")].remedy
-        assert ("score above it: DormantRecycler(tau=0.1) takes them too" in said) == (
+        assert ("score above it: given tau=, as DormantRecycler(tau=0.1), it takes the dead "
+                "units whatever their score" in said) == (
             tau is None and family != "leaky_relu")
         events = [e for e in bound.seen if e.get("remedy") == "dormant_reset"]
         recycled[tau] = sorted({u for e in events if e["site"] == "1" for u in e["details"]["units"]})
@@ -1003,5 +1004,5 @@ def test_a_bound_recycler_told_of_tau_only_where_it_acts(refused):
                      recycling={"s0": "dormant_reset"}, recycling_by_score={"s0"},
                      declined={"s0": ["dormant_reset"]} if refused else None)
     dead = next(f for f in found if f.kind == "dead").remedy
-    assert ("dormant_reset={'tau': 0.1} takes them too" in dead) == (not refused), dead
+    assert ("as dormant_reset={'tau': 0.1}, it takes the dead units" in dead) == (not refused), dead
     assert ("dormant_reset left this site alone" in dead) == refused, dead

@@ -881,22 +881,28 @@ def test_a_watched_model_pickles_mid_run() -> None:
 
 
 
-def test_a_resumed_doctor_knows_which_sites_take_a_residual_sum():
-    """Site.summed (its input a residual sum: no recycling advised there) is part of the
-    checkpoint's site description, as the producer is: a resumed Doctor, whose sites are
-    made from it, would advise ReDo there again."""
+@pytest.mark.parametrize("what", ["summed", "mixed"])
+def test_a_resumed_doctor_knows_which_sites_take_a_residual_sum(what: str):
+    """Site.summed (its input a residual sum: no recycling advised there) and Site.mixed (its
+    input a norm of its units together: nor there) are part of the checkpoint's site
+    description, as the producer is: a resumed Doctor, whose sites are made from it, would
+    advise ReDo there again."""
     torch.manual_seed(0)
-    model = zoo.ResNetish()
+    if what == "summed":
+        model, shape = zoo.ResNetish(), (2, 3, 6, 6)
+    else:
+        model, shape = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 8),
+                                     nn.ReLU()), (2, 4)
     with relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1) as doc:
         for _ in range(2):
-            model(torch.randn(2, 3, 6, 6)).sum().backward()
+            model(torch.randn(*shape)).sum().backward()
             doc.step()
         state = doc.state_dict()
-        summed = {s.name: s.summed for s in doc.sites}
-    assert sum(summed.values()) == 2
+        marked = {s.name: getattr(s, what) for s in doc.sites}
+    assert sum(map(bool, marked.values())) == (2 if what == "summed" else 1)
     with relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1) as resumed:
         resumed.load_state_dict(state)
-        assert {s.name: s.summed for s in resumed.sites} == summed
+        assert {s.name: getattr(s, what) for s in resumed.sites} == marked
 
 
 @pytest.mark.parametrize("when", ["before watch", "after watch"])

@@ -444,3 +444,59 @@ def test_sites_read_as_fed_by_a_sum_are_those_recycling_refuses_for_it(make, mar
         assert not s.summed or why is not None, s.name
         assert s.summed == (why is not None and "its input comes from a sum" in why), (s.name, why)
     assert sum(s.summed for s in sites) == marked
+
+
+class _NormedBlocks(nn.Module):
+    """A diffusion UNet's block (Conv -> GroupNorm of 4 channels a group -> SiLU), the same
+    with one channel a group (per-channel: recyclable), a Linear -> LayerNorm -> ReLU, an
+    F.group_norm call, and a transformer MLP whose LayerNorm comes before its producer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.gn1, self.act1 = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU()
+        self.conv2, self.gn2, self.act2 = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(8, 8), nn.ReLU()
+        self.conv3, self.act3 = nn.Conv2d(8, 8, 1), nn.ReLU()
+        self.fc1, self.ln1, self.act4 = nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU()
+        self.ln2, self.fc2, self.act5 = nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU()
+        self.fc3 = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act2(self.gn2(self.conv2(self.act1(self.gn1(self.conv1(x))))))
+        h = self.act3(F.group_norm(self.conv3(h), 4)).mean((2, 3))
+        h = self.act4(self.ln1(self.fc1(h)))
+        return self.fc3(self.act5(self.fc2(self.ln2(h))))
+
+
+def test_sites_read_as_fed_by_a_norm_of_units_together_are_those_recycling_refuses_for_it():
+    """A diffusion UNet's GroupNorm-fed SiLU sites were advised ReDo recycling, which refuses
+    them (a trial): the probe's reading of the forward pass (Site.mixed) agrees with the link
+    finder's own check, site by site, and their findings say recycling cannot treat them."""
+    import relu_doctor
+
+    torch.manual_seed(0)
+    model, x = _NormedBlocks(), torch.randn(4, 3, 6, 6)
+    with relu_doctor.watch(model, log_every_n_steps=1, overhead_budget=None,
+                           functional=True) as doc:
+        model(x).sum().backward()
+        doc.step()
+        sites = list(doc.sites)
+        texts: dict[str, list[str]] = {}
+        for f in doc.records[-1].findings:
+            texts.setdefault(f.site, []).append(f.remedy)
+    flow = record_dataflow(model, x)
+    mixed = {}
+    for s in sites:
+        try:
+            find_unit_links(model, site=s.key, dataflow=flow)
+            why = None
+        except ReluDoctorError as e:
+            why = str(e)
+        assert bool(s.mixed) == (why is not None and "normalises the units together" in why), (
+            s.name, s.mixed, why)
+        mixed[s.name] = s.mixed
+        if s.mixed:  # (none advises ReDo; those that would have say why not)
+            assert not any("ReDo" in t for t in texts.get(s.name, [])), texts[s.name]
+    said = f"Recycling cannot treat this site: its input passes a {mixed['act3']}"
+    assert any(said in t for t in texts["act3"]), texts["act3"]  # (its dormant units')
+    assert {k for k, v in mixed.items() if v} == {"act1", "act3", "act4"}, mixed
+    assert not mixed["act2"] and not mixed["act5"], mixed
