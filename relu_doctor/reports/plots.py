@@ -25,6 +25,7 @@ import base64
 import bisect
 import io
 import math
+import re
 import warnings
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -86,19 +87,24 @@ def mpl_label(name: str, width: int = 36) -> str:
 
 
 def _abbreviated(name: str, width: int) -> str:
-    """``name``'s dotted words shortened to their first letter from the left, the last
-    kept whole and indices kept, until it fits ``width`` (``encoder.stages.0.layers.1.act``:
-    ``e.s.0.layers.1.act``): a path's indices tell its sites apart, and a middle cut lost them.
+    """``name``'s dotted words shortened to their initials from the left (a snake_case
+    word's, one a part: ``down_blocks`` -> ``db``), the last kept whole and indices kept,
+    until it fits ``width`` (``encoder.stages.0.layers.1.act``: ``e.s.0.layers.1.act``): a
+    path's indices tell its sites apart, and a middle cut lost them.
 
     >>> _abbreviated("encoder.stages.0.layers.1.activation", 24)
     'e.s.0.l.1.activation'
+    >>> _abbreviated("stage_at_full_resolution.0.act1", 12), _abbreviated("stage_at_half_resolution.0.act1", 12)
+    ('safr.0.act1', 'sahr.0.act1')
     """
     words = name.split(".")
     for i in range(len(words) - 1):
         if len(".".join(words)) <= width:
             break
         if not words[i].isdigit() and len(words[i]) > 1 and words[i] != "…":
-            words[i] = words[i][0] if not words[i].startswith("…") else words[i][:2]
+            lead = "…" if words[i].startswith("…") else ""
+            parts = [p for p in re.split(r"[_\-]+", words[i].removeprefix("…")) if p]
+            words[i] = lead + "".join(p[0] for p in parts) if parts else words[i]
     return ".".join(words)
 
 
