@@ -394,21 +394,23 @@ class IntervalReading:
     def _recycling(self, sites: Sequence[Site]) -> dict[str, str]:
         """By site, the recycling remedy listening to this Doctor that may act there, or
         ``"treatment_plan"`` where a plan's recycle step may (its findings say so, and
-        advise no other)."""
-        return self._bound_at(sites, lambda r: r.name in RECYCLERS)
+        advise no other). A plan's Continual Backprop step goes by its own name: it acts by
+        its own rule, not past the recycle step's threshold."""
+        cbp = self._bound_at(sites, lambda r: r.name == "continual_backprop", held_as=None)
+        return {**cbp, **self._bound_at(sites, lambda r: r.name == "dormant_reset")}
 
     def _bound_at(self, sites: Sequence[Site], which: Callable[[Any], bool], *,
-                  planned: bool = True) -> dict[str, str]:
+                  planned: bool = True, held_as: str | None = "treatment_plan") -> dict[str, str]:
         """By site, the bound remedy (:meth:`_remedies_bound`, with a ``name`` and an
         ``acts_at``) for which ``which(remedy)`` holds that may act there, by its name, or
-        ``"treatment_plan"`` where a plan holds it (``planned=False``: not those); the
-        first bound wins."""
+        ``held_as`` where a plan holds it (None: its own name; ``planned=False``: not those);
+        the first bound wins."""
         out: dict[str, str] = {}
         for fn, held in self._remedies_bound():
             if (held and not planned) or not isinstance(getattr(fn, "name", None), str) \
                     or not callable(acts_at := getattr(fn, "acts_at", None)) or not which(fn):
                 continue
-            out.update({s.name: "treatment_plan" if held else fn.name for s in sites
+            out.update({s.name: held_as if held and held_as else fn.name for s in sites
                         if s.name not in out and acts_at(s.name)})
         return out
 

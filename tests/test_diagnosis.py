@@ -937,6 +937,30 @@ def test_a_bound_swap_that_has_not_acted_is_said_not_advised(bound):
     assert isinstance(model[1], nn.ReLU)  # it did not act (50% is not past 0.5)
 
 
+def test_a_plans_continual_backprop_step_is_said_by_its_own_name():
+    """A plan's continual_backprop step acts by its own rule, not past the recycle step's
+    threshold: its sites were told the plan recycles "once its dead fraction stays past its
+    recycle step's threshold" (a review)."""
+    import relu_doctor
+    from relu_doctor.remedies import PlanStep, TreatmentPlan
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    with torch.no_grad():
+        net[0].bias[:12] = -100.0  # 12 of 32 units dead at the first site
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with relu_doctor.watch(net, log_every_n_steps=5, optimizer=opt, overhead_budget=None) as doc:
+        TreatmentPlan(net, optimizer=opt, steps=[PlanStep("continual_backprop")]).bind(doc)
+        for _ in range(5):
+            net(torch.randn(16, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    texts = " ".join(f.remedy for f in doc.records[-1].findings if f.site == "1")
+    assert "(continual_backprop is bound to recycle this site's units" in texts, texts
+    assert "recycle step" not in texts and "treatment plan bound here" not in texts.lower()
+
+
 @pytest.mark.parametrize("dead", [False, True], ids=["dormant-only", "dead"])
 def test_a_plans_recycle_step_is_said_where_and_when_it_acts(dead):
     """A bound TreatmentPlan holds a recycler acting at every site, but only once a site's

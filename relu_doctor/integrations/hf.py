@@ -273,7 +273,7 @@ class ReluDoctorCallback(TrainerCallback):
                 "yourself before training)."
             )
         clip_opts = self._opts["autoclip"]
-        if clip_opts is not None and args.max_grad_norm:
+        if clip_opts is not None and _clips_at(args):
             raise ReluDoctorError(
                 f"autoclip: the Trainer clips the gradient norm itself (max_grad_norm="
                 f"{args.max_grad_norm}) before relu_doctor sees the gradients; AutoClip takes "
@@ -320,7 +320,7 @@ class ReluDoctorCallback(TrainerCallback):
             grad_scaler=_scaler(optimizer),
             run_dir=run_dir,
             config=replace(self.config, clipped_by=(  # (HF clips at 1.0 by default)
-                f"the Trainer's max_grad_norm={args.max_grad_norm:g}" if args.max_grad_norm
+                f"the Trainer's max_grad_norm={args.max_grad_norm:g}" if _clips_at(args)
                 else None)),
             all_reduce=_all_reduce if world > 1 else None,
             world_size=world,
@@ -340,7 +340,7 @@ class ReluDoctorCallback(TrainerCallback):
             f"saved with this callback, or {new}")
         doc.add_listener(self._on_record)
         self.doctor = doc
-        self._bind_remedies(model, opt, lr_scheduler, doc, saved, float(args.max_grad_norm or 0))
+        self._bind_remedies(model, opt, lr_scheduler, doc, saved, _clips_at(args))
         self._warner = FindingWarner(self.warn if is_zero else None,
                                      on=remedies_on(self.remedies))
         self._warner.load_state_dict((saved or {}).get("warned", ()))  # resumed: said before
@@ -551,6 +551,14 @@ class ReluDoctorCallback(TrainerCallback):
                 f"{sd.get('version')!r}, expected {_STATE_VERSION}."
             )
         return sd
+
+
+
+def _clips_at(args: Any) -> float:
+    """The gradient norm the Trainer clips at (its ``max_grad_norm``; 1.0 by default), or 0
+    where it does not clip (None, 0 or below: transformers clips only past 0)."""
+    value = getattr(args, "max_grad_norm", None)
+    return float(value) if isinstance(value, (int, float)) and value > 0 else 0.0
 
 
 def _ends_at(state: Any, step: int) -> bool:

@@ -10,6 +10,7 @@ clipper to the optimizer as a step pre-hook (``GradScaler.step`` unscales first)
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -291,6 +292,8 @@ class AutoClip(_Clipper):
         self._buf: torch.Tensor | None = None
         self._pos = 0
         self._seen = 0
+        #: the dtype of the gradients it last clipped (what the precision of their norms is)
+        self.grad_dtype = torch.float32
 
     def clip_(self, params: Iterable[torch.Tensor]) -> torch.Tensor:
         """Record this step's total gradient norm and clip to the percentile (in place).
@@ -308,7 +311,7 @@ class AutoClip(_Clipper):
         if not grads:
             return torch.tensor(0.0)
         self._check_whole(grads)
-        device = grads[0].device
+        device, self.grad_dtype = grads[0].device, grads[0].dtype
         total: torch.Tensor = _total_norm(grads, device)
         full = getattr(total, "full_tensor", None)
         if full is not None:  # DTensor shards: the whole gradient's norm, on every process
@@ -387,17 +390,25 @@ class AutoClip(_Clipper):
         return b[~torch.isnan(b)]
 
 
-def clipped_at(norms: torch.Tensor, *, times: int = 3, rel: float = 1e-5) -> float | None:
+def clipped_at(norms: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> float | None:
     """The norm a loop's own clipping holds the total gradient norm to, where ``norms`` (a
-    step's each) reached their maximum ``times`` times or more, each within ``rel`` of it
-    (``clip_grad_norm_(params, c)`` leaves a norm past ``c`` at ``c`` to within 1e-6 of it;
-    norms that training makes do not repeat so), else None."""
+    step's each, of gradients of ``dtype``) reached their maximum and no more on several
+    steps, else None. ``clip_grad_norm_(params, c)`` scales a gradient past ``c`` to
+    ``c * T / (T + 1e-6)``: in float32, within about 1e-6 of ``c`` (norms that training
+    makes do not repeat so: 3 steps there are enough); in half precision, within about twice
+    its epsilon, where norms that sit near their maximum are less rare (5 steps, and a
+    twentieth of them). A gradient whose norm is the same at every step (a collapsed
+    model's constant one) reads so too."""
     finite = norms[torch.isfinite(norms)]
+    half = torch.finfo(dtype).eps > 1e-6 if dtype.is_floating_point else False
+    times = max(5, math.ceil(0.05 * finite.numel())) if half else 3
     if finite.numel() < times:
         return None
     top = float(finite.max())
-    at_top = int((finite >= top * (1.0 - rel)).sum())
-    return top if top > 0 and at_top >= times else None
+    if not top > 0:
+        return None
+    rel = max(2 * torch.finfo(dtype).eps if half else 1e-5, 2e-6 / top)
+    return top if int((finite >= top * (1.0 - rel)).sum()) >= times else None
 
 
 def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
@@ -448,7 +459,7 @@ class AGC(_Clipper):
             return torch.tensor(0.0)
         grads = [p.grad for p in ps if p.grad is not None]
         self._check_whole(grads)
-        device = grads[0].device
+        device, self.grad_dtype = grads[0].device, grads[0].dtype
         total: torch.Tensor = _total_norm(grads, device)
         self._steps += 1
         self._note_norm(total)

@@ -212,9 +212,10 @@ class LRRescuer(Remedy):
             )
         changes = []
         for k, opt in enumerate(self.optimizers):
-            self._check_scheduled(opt)
-            for c in scale_lr(opt, factor=self.factor, min_lr=self.min_lr, schedulers=self.schedulers):
-                changes.append({"optimizer": k, **c})
+            cut = scale_lr(opt, factor=self.factor, min_lr=self.min_lr, schedulers=self.schedulers)
+            if any(c["factor"] < 1.0 for c in cut):  # (a rate at its floor: nothing to undo)
+                self._check_scheduled(opt)
+            changes += [{"optimizer": k, **c} for c in cut]
         moved = [c for c in changes if c["factor"] < 1.0]
         many = len(self.optimizers) > 1
 
@@ -232,20 +233,22 @@ class LRRescuer(Remedy):
         return changes, what
 
     def _check_scheduled(self, opt: torch.optim.Optimizer) -> None:
-        """Warn once where ``opt`` has an LR scheduler that was not passed (a scheduler sets
-        its param groups' ``initial_lr``): one recomputing the rate from its own base values
-        (LambdaLR, CyclicLR, SequentialLR's warmup) undoes the cut at its next step, a cosine
-        one fades it, and the record would say the rate was cut. (Those that keep it, StepLR
-        or OneCycleLR, whose values live in the groups, are not told apart: passing one is
-        the documented use anyway.)"""
-        if self._unpassed_said or not any("initial_lr" in g for g in opt.param_groups):
+        """Warn once where ``opt`` has an LR scheduler that was not passed (torch's
+        schedulers mark the optimizer's ``step`` they wrap: ``_wrapped_by_lr_sched``; not
+        the ``initial_lr`` they leave in its param groups, which a state loaded from a run
+        that had one keeps): one recomputing the rate from its own base values (LambdaLR,
+        CyclicLR, SequentialLR's warmup) undoes the cut at its next step, a cosine one fades
+        it, and the record would say the rate was cut. (Those that keep it, StepLR or
+        OneCycleLR, whose values live in the groups, are not told apart: passing one is the
+        documented use anyway. ReduceLROnPlateau marks nothing, and keeps it.)"""
+        if self._unpassed_said or not getattr(opt.step, "_wrapped_by_lr_sched", False):
             return
         if any(getattr(s, "optimizer", None) is opt for s in flat_schedulers(self.schedulers)):
             return
         self._unpassed_said = True
         self.warn(
             f"relu_doctor: {self.name}: the optimizer {type(opt).__name__} has a learning-rate "
-            "scheduler (its param groups hold 'initial_lr') that was not given to the rescue. "
+            "scheduler that was not given to the rescue. "
             "One that recomputes the rate from its own base values (LambdaLR, CyclicLR, a "
             "warmup) undoes the cut at its next step, and a cosine one fades it: pass it, "
             "LRRescuer(opt, schedulers=[sched]) (TreatmentPlan(..., schedulers=[sched]))."

@@ -178,6 +178,8 @@ class TreatmentPlan(Remedy):
         self.seed = positive_int("seed", seed, minimum=0)
         self.should_stop = False
         self.failed: set[tuple[str, str]] = set()
+        #: steps left idle, never tried: a clip step where the loop clips itself
+        self.idle: set[str] = set()
         self.interval = 0
         self._last_change: dict[str, int] = {}  # site -> interval of its last change
         self._prev_dead: dict[str, float] = {}
@@ -223,7 +225,7 @@ class TreatmentPlan(Remedy):
                 )
             return ContinualBackprop(
                 self.model, optimizers=self.optimizers or None, seed=self.seed,
-                **{k: v for k, v in o.items() if k != "threshold"},
+                **o,
             )
         except TypeError as e:
             raise ReluDoctorError(f"steps: options of {step.remedy!r}: {e}") from None
@@ -379,15 +381,19 @@ class TreatmentPlan(Remedy):
             if isinstance(remedy, AutoClip):
                 if remedy.warmup_steps != _NEVER or not remedy._handles:
                     continue  # already on, or no optimizer to clip for
-                at = clipped_at(remedy.norm_history)
+                if step.remedy in self.idle:
+                    continue
+                at = clipped_at(remedy.norm_history, dtype=remedy.grad_dtype)
                 if at is not None:  # the loop clips itself: two clippers would both clip
-                    self.failed.add((step.remedy, MODEL))
+                    self.idle.add(step.remedy)  # (not tried, nor failed: see _hopeless)
+                    others = [s.remedy for s in self.steps if s.remedy != step.remedy]
                     self.warn(
                         f"TreatmentPlan: the gradient norm reached {at:.4g} and no more on "
                         "several steps: the training loop clips it itself (clip_grad_norm_), "
                         "before the plan sees the gradients. Its clip step stays idle (both "
-                        "would clip); its other steps act. Leave it out (steps=['lr', "
-                        "'recycle', 'swap']), or stop clipping to let the plan clip when needed.")
+                        "would clip)" + (f"; its other steps act. Leave it out (steps="
+                                         f"{others}), or stop" if others else ". Stop")
+                        + " clipping to let the plan clip when needed.")
                     continue
                 remedy.warmup_steps = 0
                 # an exploding gradient is judged on the norm before clipping: the one
@@ -538,6 +544,7 @@ class TreatmentPlan(Remedy):
             **super().state_dict(),
             "interval": self.interval,
             "failed": sorted([list(f) for f in self.failed]),
+            "idle": sorted(self.idle),
             "last_change": dict(self._last_change),
             "prev_dead": dict(self._prev_dead),
             "prev_model_dead": self._prev_model_dead,
@@ -554,6 +561,7 @@ class TreatmentPlan(Remedy):
         super().load_state_dict(state)
         self.interval = int(state.get("interval", 0))
         self.failed = {(str(a), str(b)) for a, b in state.get("failed", [])}
+        self.idle = {str(s) for s in state.get("idle", [])}
         self._last_change = {str(k): int(v) for k, v in state.get("last_change", {}).items()}
         self._prev_dead = {str(k): float(v) for k, v in state.get("prev_dead", {}).items()}
         self._prev_model_dead = finite_or_none(state.get("prev_model_dead"))

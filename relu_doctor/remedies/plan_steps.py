@@ -54,6 +54,12 @@ class PlanStep:
                 f"options: the plan's {self.remedy!r} step takes {sorted(known or ())}, got "
                 f"{unknown}: it would be ignored."
             )
+        if self.remedy == "continual_backprop" and "threshold" in self.options:
+            raise ReluDoctorError(
+                "options: the plan's 'continual_backprop' step takes no threshold: it acts by "
+                "its own rule (replacement_rate, maturity) at every log; it would "
+                "be ignored."
+            )
 
 
 #: the options each step's remedy takes in a plan (see PlanStep.options)

@@ -108,25 +108,33 @@ def test_the_plan_treats_a_dead_layer_and_judges_each_change(tmp_path: Path) -> 
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr * 0.5)
 
 
-def test_beside_max_grad_norm_the_plans_clip_step_stays_idle_and_says_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize("max_grad_norm", [None, -1.0])
+def test_beside_max_grad_norm_the_plans_clip_step_stays_idle_and_says_so(
+    tmp_path: Path, max_grad_norm: float | None
+) -> None:
     """With max_grad_norm (1.0 by default) the plan switched AutoClip on after the Trainer's
     own clipping, silently, and recorded "the gradient norm before clipping" as the norm
     already clipped (a schedulers trial). As beside Lightning's gradient_clip_val: its clip
-    step stays idle, said once, and its other steps act."""
+    step stays idle, said once, and its other steps act. A max_grad_norm of 0 or below, with
+    which transformers does not clip, leaves the plan its clip step (a review)."""
     import warnings
 
     from relu_doctor.errors import ReluDoctorWarning
 
     cb = ReluDoctorCallback(log_every_n_steps=2, treatment=True)
-    trainer = _trainer(tmp_path, _model(), cb, Kill(at=2), max_steps=12)
-    assert trainer.args.max_grad_norm == 1.0  # (the Trainer's default)
+    kw = {} if max_grad_norm is None else {"max_grad_norm": max_grad_norm}
+    trainer = _trainer(tmp_path, _model(), cb, Kill(at=2), max_steps=12, **kw)
+    assert trainer.args.max_grad_norm == (1.0 if max_grad_norm is None else max_grad_norm)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
     said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)
             and "clip step stays idle" in str(w.message)]
-    assert len(said) == 1 and "max_grad_norm=1" in said[0] and "max_grad_norm=0" in said[0]
     changes = _events(tmp_path / "relu_doctor", "intervention")
+    if max_grad_norm is not None:  # (the Trainer does not clip: the plan's clipper does)
+        assert not said and changes[0]["remedy"] == "adaptive_grad_clip"
+        return
+    assert len(said) == 1 and "max_grad_norm=1" in said[0] and "max_grad_norm=0" in said[0]
     assert changes and not [e for e in changes if e["remedy"] == "adaptive_grad_clip"]
     assert changes[0]["remedy"] == "lr_rescue"  # (the next step acted in its place)
     assert not cb.remedies["treatment_plan"].remedy("clip")._handles  # no hook on the optimizer

@@ -307,14 +307,15 @@ def test_a_cosine_floor_is_scaled_only_when_every_group_was_cut_and_never_below_
     assert opt.param_groups[0]["lr"] >= 1e-4 - 1e-12
 
 
-@pytest.mark.parametrize("kind", ["lambda", "onecycle", "plateau", "none"])
+@pytest.mark.parametrize("kind", ["lambda", "onecycle", "plateau", "none", "loaded"])
 @pytest.mark.parametrize("passed", [False, True])
 def test_a_scheduler_not_given_to_the_rescue_is_said_once(kind: str, passed: bool) -> None:
     """A LambdaLR warmup not passed to LRRescuer(schedulers=) undid each cut at its next
     step, silently, while the record said the rate was halved (a schedulers trial). Where
     the optimizer has a scheduler (its groups hold "initial_lr") that was not passed, one
     warning says so (OneCycleLR, whose values the rescue scales in the groups, keeps the
-    cut, but is not told apart); a ReduceLROnPlateau, which keeps it, or none: no warning."""
+    cut, but is not told apart); a ReduceLROnPlateau, which keeps it, or none (an optimizer
+    whose state was saved beside one included): no warning."""
     import warnings
 
     from relu_doctor.errors import ReluDoctorWarning
@@ -324,7 +325,12 @@ def test_a_scheduler_not_given_to_the_rescue_is_said_once(kind: str, passed: boo
     sched = {"lambda": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
              "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, 0.4, total_steps=100),
              "plateau": lambda: torch.optim.lr_scheduler.ReduceLROnPlateau(opt),
-             "none": lambda: None}[kind]()
+             "none": lambda: None, "loaded": lambda: None}[kind]()
+    if kind == "loaded":  # a state saved beside a scheduler keeps its 'initial_lr' (a review)
+        had = torch.optim.SGD(net.parameters(), lr=0.4)
+        torch.optim.lr_scheduler.LambdaLR(had, lambda s: 1.0)
+        opt.load_state_dict(had.state_dict())
+        assert "initial_lr" in opt.param_groups[0]
     rescuer = LRRescuer(opt, schedulers=[sched] if passed and sched is not None else ())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -196,7 +196,9 @@ def test_a_plans_recycle_step_takes_a_leaky_sites_dead_units_whatever_their_scor
 def test_plan_arguments_are_checked() -> None:
     net = mlp()
     # an option a step's remedy does not take was dropped without a word (a review: the
-    # recycler-tau advice followed inside a plan)
+    # recycler-tau advice followed inside a plan; a threshold for continual_backprop)
+    with pytest.raises(ReluDoctorError, match=r"'continual_backprop' step takes no threshold"):
+        PlanStep("continual_backprop", options={"threshold": 0.9})
     with pytest.raises(ReluDoctorError, match=r"options: the plan's 'recycle' step takes "
                        r"\['max_fraction', 'reset_adam_step', 'threshold'\], got \['tau'\]"):
         PlanStep("recycle", options={"tau": 0.1})
@@ -296,6 +298,13 @@ def test_a_loop_that_clips_itself_leaves_the_plans_clip_step_idle_and_said(own_c
         assert clipped and not said
         return
     assert not clipped and len(said) == 1 and "reached 2 and no more" in said[0], said
+    # idle, not tried: a hopeless stop's evidence lists it neither as tried nor failed (a
+    # review), and the advice lists the steps the plan has
+    assert plan.idle == {"clip"} and not plan.failed and "clip" not in plan._tried
+    assert "steps=['lr', 'recycle', 'swap']" in said[0]
+    again = TreatmentPlan(net, optimizer=opt)
+    again.load_state_dict(plan.state_dict())
+    assert again.idle == {"clip"}
     # the rule on its own: torch's clipped norms found, unclipped ones not
     norms = []
     for k in range(20):
@@ -305,3 +314,16 @@ def test_a_loop_that_clips_itself_leaves_the_plans_clip_step_idle_and_said(own_c
         norms.append(float(torch.linalg.vector_norm(p.grad)))  # (what a clipper after it sees)
     assert clipped_at(torch.tensor(norms)) == pytest.approx(3.0, rel=1e-5)
     assert clipped_at(torch.rand(500, generator=g) * 10) is None
+    # half-precision gradients: their clipped norms scatter by about their epsilon (a
+    # review: a bf16 model's loop clipping at every step was not found)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = []
+        for k in range(40):
+            p = torch.nn.Parameter(torch.zeros(64, dtype=dtype))
+            p.grad = (torch.randn(64, generator=g) * 3).to(dtype)
+            torch.nn.utils.clip_grad_norm_([p], 1.0)
+            half.append(float(torch.linalg.vector_norm(p.grad.float())))
+        assert max(half) != min(half)  # (the scatter itself)
+        assert clipped_at(torch.tensor(half), dtype=dtype) == pytest.approx(1.0, rel=0.02)
+        assert clipped_at(torch.tensor(half)) is None  # (read as float32's, too strict)
+        assert clipped_at(torch.rand(500, generator=g) * 10, dtype=dtype) is None
