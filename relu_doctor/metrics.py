@@ -327,9 +327,17 @@ def metrics_of_stacked(
     if not lifetime_has_window:
         life += m
     seg = torch.repeat_interleave(torch.arange(k), torch.tensor(sizes, dtype=torch.long))
+    # the sites' columns are contiguous: numpy's reduceat sums each run (a tenth of the time
+    # of index_add_ along the last dim: a 256-site log spent 2 ms in it); a site of no unit
+    # has no run (reduceat would give it its neighbour's first column)
+    has = np.asarray(sizes) > 0
+    starts = (np.cumsum(sizes) - np.asarray(sizes, dtype=np.int64))[has]
 
     def per_site(x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(*x.shape[:-1], k, dtype=torch.float64).index_add_(-1, seg, x.double())
+        out = np.zeros((*x.shape[:-1], k))
+        if starts.size:
+            out[..., has] = np.add.reduceat(x.double().numpy(), starts, axis=-1)
+        return torch.from_numpy(out)
 
     seen_count = per_site(m[ROW["elements"]] > 0)
 
