@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from relu_doctor.diagnosis import RECYCLERS, Finding, diagnose
+from relu_doctor.diagnosis import Finding, diagnose
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.events import FindingEvent
 from relu_doctor.history import SEEN_FIELDS, IntervalRecord

@@ -412,13 +412,15 @@ class ReluDoctorCallback(TrainerCallback):
                 r.load_state_dict(states[name])
             r.bind(doc)
         self.remedies = rem
-        plan = rem.get("treatment_plan")
-        if isinstance(plan, TreatmentPlan) and max_grad_norm and any(
-                s.remedy == "clip" for s in plan.steps):
-            plan.remedy("clip").detach()  # (an AutoClip with no hook: the plan skips it)
+        held = rem.get("treatment_plan")
+        if isinstance(held, TreatmentPlan) and max_grad_norm and any(
+                s.remedy == "clip" for s in held.steps):
+            clip = held.remedy("clip")
+            assert isinstance(clip, AutoClip)
+            clip.detach()  # (an AutoClip with no hook: the plan skips it)
             if not self._said_idle_clip:  # (once: a fit per epoch binds again)
                 self._said_idle_clip = True
-                plan.warn(
+                held.warn(
                     f"relu_doctor: the Trainer clips the gradient norm itself (max_grad_norm="
                     f"{max_grad_norm:g}; 1.0 by default), so the treatment plan's clip step "
                     "stays idle (both would clip); its other steps act. Pass "

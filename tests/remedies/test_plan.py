@@ -318,7 +318,7 @@ def test_a_loop_that_clips_itself_leaves_the_plans_clip_step_idle_and_said(own_c
     # review: a bf16 model's loop clipping at every step was not found)
     for dtype in (torch.bfloat16, torch.float16):
         half = []
-        for k in range(40):
+        for _ in range(40):
             p = torch.nn.Parameter(torch.zeros(64, dtype=dtype))
             p.grad = (torch.randn(64, generator=g) * 3).to(dtype)
             torch.nn.utils.clip_grad_norm_([p], 1.0)

@@ -404,6 +404,19 @@ def test_hf_mobilenet_v2_with_tf_padding_recycles_its_expansions():
         assert links.consumers[0].path.endswith("conv_3x3.convolution")
 
 
+def _refusals(model: nn.Module, x: torch.Tensor, sites: list) -> dict[str, str | None]:
+    """By site, why the link finder refuses it (None: it links), on one recorded pass."""
+    flow = record_dataflow(model, x)
+    out: dict[str, str | None] = {}
+    for s in sites:
+        try:
+            find_unit_links(model, site=s.key, dataflow=flow)
+            out[s.name] = None
+        except ReluDoctorError as e:
+            out[s.name] = str(e)
+    return out
+
+
 def _hf_resnet():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
@@ -434,13 +447,9 @@ def test_sites_read_as_fed_by_a_sum_are_those_recycling_refuses_for_it(make, mar
         (out.logits if hasattr(out, "logits") else out).sum().backward()
         doc.step()
         sites = list(doc.sites)
-    flow = record_dataflow(model, x)
+    refused = _refusals(model, x, sites)
     for s in sites:
-        try:
-            find_unit_links(model, site=s.key, dataflow=flow)
-            why = None
-        except ReluDoctorError as e:
-            why = str(e)
+        why = refused[s.name]
         assert not s.summed or why is not None, s.name
         assert s.summed == (why is not None and "its input comes from a sum" in why), (s.name, why)
     assert sum(s.summed for s in sites) == marked
@@ -483,14 +492,10 @@ def test_sites_read_as_fed_by_a_norm_of_units_together_are_those_recycling_refus
         texts: dict[str, list[str]] = {}
         for f in doc.records[-1].findings:
             texts.setdefault(f.site, []).append(f.remedy)
-    flow = record_dataflow(model, x)
+    refused = _refusals(model, x, sites)
     mixed = {}
     for s in sites:
-        try:
-            find_unit_links(model, site=s.key, dataflow=flow)
-            why = None
-        except ReluDoctorError as e:
-            why = str(e)
+        why = refused[s.name]
         assert bool(s.mixed) == (why is not None and "normalises the units together" in why), (
             s.name, s.mixed, why)
         mixed[s.name] = s.mixed
