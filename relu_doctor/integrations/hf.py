@@ -175,8 +175,9 @@ class ReluDoctorCallback(TrainerCallback):
             Trainer's model, optimizer and scheduler instead of the single remedies above
             (refused beside them): True (the default plan), or a dict of its arguments
             (``steps``, ``cooldown``, ``stop_when_hopeless``...). Its clipper is a step
-            pre-hook of the optimizer: with ``max_grad_norm`` set it sees the gradients the
-            Trainer clipped. With ``stop_when_hopeless`` a hopeless run stops training
+            pre-hook of the optimizer, used only with ``max_grad_norm=0``: where the Trainer
+            clips (1.0 by default) the plan's clip step stays idle, said once (both would
+            clip). With ``stop_when_hopeless`` a hopeless run stops training
             (``control.should_training_stop``) after a ``stop`` intervention with its
             evidence.
 

@@ -147,7 +147,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             arguments (``steps``, ``cooldown``, ``stop_when_hopeless``...). Its learning-rate
             step scales the Keras optimizer's ``learning_rate``, its swap step changes the
             layer, its clipper clips inside the optimizer's ``apply`` (idle when the
-            optimizer has ``clipnorm``...). ReDo recycling and Continual Backprop re-initialise
+            optimizer has ``clipnorm``..., said once). ReDo recycling and Continual Backprop re-initialise
             torch modules and are refused. With ``stop_when_hopeless`` a hopeless run stops
             ``fit`` (``model.stop_training``) after a ``stop`` intervention with its evidence.
 

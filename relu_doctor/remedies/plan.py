@@ -15,7 +15,9 @@ and no way to tell which helped). A :class:`TreatmentPlan` runs them in order in
   not help is not repeated at that site (a clipper that did not help is switched off);
 * **do no harm**: every trigger is a clear symptom (a dead-unit surge, an exploding or
   non-finite gradient, a site whose dead fraction passes a threshold), so a healthy run sees no
-  change at all;
+  change at all; where the loop clips the gradients itself (``clip_grad_norm_``, found from
+  the norms the plan's clipper records; a framework's own clipping, told by its callback),
+  the clip step stays idle, said once, so that two clippers never both clip;
 * **hopeless runs** (opt-in): when most units are dead since monitoring began, or values
   are non-finite, after the plan's steps had their chance, :attr:`TreatmentPlan.should_stop`
   turns true and a ``stop`` event records the evidence.
