@@ -310,6 +310,12 @@ class TreatmentPlan(Remedy):
     def _model_trigger(self, record: RecordLike) -> tuple[str, str, dict[str, Any]] | None:
         """(reason, target metric, evidence) of a model-wide symptom, or None."""
         surge = dead_surge(self._dead, self._prev_dead, self.dead_jump, record)
+        # the model's dead fraction against the last reading, whichever trigger fires (one
+        # that returned first left it at an older one: "dying" then compared 3 logs apart)
+        now = prev = None
+        if self._dead is not None:
+            now = self.evidence.model_fraction
+            prev, self._prev_model_dead = self._prev_model_dead, now
         for kind in ("nonfinite", "exploding_gradient"):
             for f in record.findings:
                 if f.kind == kind:
@@ -319,8 +325,6 @@ class TreatmentPlan(Remedy):
             return "dead_surge", "dead_fraction", {**surge, **steps}
         if self._dead is None:
             return None  # sampled windows: the dead readings wait for more steps
-        now = self.evidence.model_fraction
-        prev, self._prev_model_dead = self._prev_model_dead, now
         # (1e-9: a rise of exactly 2 points, 22/100 - 20/100, is 0.01999...)
         if now is not None and prev is not None and now >= 0.1 and now - prev >= 0.02 - 1e-9:
             # still dying: the tutorials' first remedy is a lower learning rate

@@ -264,6 +264,20 @@ def test_dying_is_a_rise_of_2_points_exactly_too() -> None:
     assert _dying_cuts([0.20, 0.21, 0.22, 0.215]) == []  # a point at a time: not dying
 
 
+def test_dying_compares_the_last_two_readings_after_a_surge_too() -> None:
+    """A surge returned before the model's dead fraction was taken as the last reading:
+    the next "dying" compared against one three logs old (0.0 -> 0.44, where the last rise
+    was 1.6 points: an HF trial) and said so as its evidence."""
+    # a surge cut at 2, the next surge within its cooldown, then a rise of 1.5 points: no cut
+    assert _dying_cuts([0.0, 0.3, 0.55, 0.565]) == [2]
+    # the reading "dying" compares with is the last one, whatever fired at it
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    plan = TreatmentPlan(nn.Linear(1, 1), optimizer=opt, steps=("lr",), cooldown=1)
+    for i, f in enumerate([0.0, 0.3, 0.55, 0.565, 0.9], start=1):
+        plan(rec(10 * i, [site_row("a", f, units=1000)]))
+        assert plan._prev_model_dead == pytest.approx(f), i
+
+
 @pytest.mark.parametrize("own_clip", [None, 2.0])
 def test_a_loop_that_clips_itself_leaves_the_plans_clip_step_idle_and_said(own_clip) -> None:
     """A plain loop's clip_grad_norm_ beside a plan: the plan switched AutoClip on after it,
