@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -69,7 +70,7 @@ from relu_doctor._validate import glob_patterns, name_or_function, positive_int
 from relu_doctor._validate import unit_dims as check_unit_dims
 from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
 from relu_doctor.doctor import Doctor
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.history import IntervalRecord
 from relu_doctor.remedies import (
     ActivationSwapper,
@@ -460,10 +461,14 @@ class ReluDoctorCallback(TrainerCallback):
             # is log_every_n_steps (the default)
             doc.add_metrics(last, {"loss": logs["loss"]})
         added: dict[str, Any] = {}
-        if any(str(k).startswith("eval_") for k in logs) and last is not None:
+        if any(str(k).startswith("eval_") for k in logs):
             # the evaluation's metrics dict itself: EarlyStoppingCallback and
-            # metric_for_best_model="relu_doctor/health" read eval_relu_doctor/health there
-            added.update({f"eval_{k}": v for k, v in health_scalars(last).items()})
+            # metric_for_best_model="relu_doctor/health" read eval_relu_doctor/health there;
+            # before the first log, the open window's (the Trainer raised KeyError at an
+            # evaluation earlier than the first log: an HF trial)
+            read = last if last is not None else _open_window(doc)
+            if read is not None:
+                added.update({f"eval_{k}": v for k, v in health_scalars(read).items()})
         if doc.eval is not None and any(str(k).startswith("eval_") for k in logs):
             rec = doc.log_eval()  # one evaluation-stream window per evaluation
             if rec is not None:
@@ -555,6 +560,18 @@ class ReluDoctorCallback(TrainerCallback):
             )
         return sd
 
+
+
+def _open_window(doc: Doctor) -> IntervalRecord | None:
+    """The open window's record (:meth:`~relu_doctor.Doctor.current`), or None where it
+    cannot be read (said: an evaluation's metrics then go without relu_doctor's)."""
+    try:
+        return doc.current()
+    except Exception as e:
+        warnings.warn(f"relu_doctor: the open window could not be read for the evaluation's "
+                      f"metrics ({type(e).__name__}: {e}); they go without relu_doctor's.",
+                      ReluDoctorWarning, stacklevel=user_stacklevel())
+        return None
 
 
 def _clips_at(args: Any) -> float:

@@ -227,3 +227,29 @@ def test_plan_arguments_are_checked_before_training() -> None:
     other = LRRescuer(None)
     plan.use("lr", other)
     assert plan.remedy("lr") is other
+
+
+def test_an_evaluation_before_the_first_log_gets_the_open_windows_health(tmp_path: Path) -> None:
+    """metric_for_best_model="relu_doctor/health" with evaluations more often than the logs:
+    the first evaluation had no relu_doctor number, and the Trainer raised KeyError at step 2
+    (an HF trial). An evaluation before the first log reads the open window: its health is
+    the share of units not dead over the steps so far, from the test's own hooks."""
+    model = _model()
+    ref = Outputs({s: model.get_submodule(s) for s in SITES}, {s: -1 for s in SITES},
+                  keep=lambda: torch.is_grad_enabled() and model.training)
+    cb = ReluDoctorCallback(log_every_n_steps=4, overhead_budget=None)
+    seen = _Metrics()
+    trainer = _trainer(tmp_path, model, cb, Kill(at=1), seen, max_steps=8, eval_strategy="steps",
+                       eval_steps=2, metric_for_best_model="relu_doctor/health",
+                       greater_is_better=True, save_strategy="steps", save_steps=2,
+                       load_best_model_at_end=True)
+    trainer.train()
+    ref.remove()
+    assert trainer.state.global_step == 8 and len(seen.metrics) == 4
+    health = []
+    # at step 2 the open window (steps 1-2); at 4 and 6 the log of steps 1-4; at 8, of 5-8
+    for a, b in ((0, 2), (0, 4), (0, 4), (4, 8)):
+        (w,) = windows(ref.passes[a:b], b - a)
+        health.append(1 - sum(v["dead"] for v in w.values()) / sum(v["units"] for v in w.values()))
+    assert [m["eval_relu_doctor/health"] for m in seen.metrics] == pytest.approx(health)
+    assert health[3] < health[0]  # (layer 0 killed from step 2 on: the last window sees it)
