@@ -489,7 +489,48 @@ class ReluDoctorCallback(TrainerCallback):
         doc = self.doctor
         if doc is None:
             return
+        try:  # (training ended: what cannot be done is said, not raised)
+            self._undo_swaps_after(args, state)
+        except Exception as e:
+            warnings.warn(f"relu_doctor: the swaps made after the best checkpoint could not be "
+                          f"undone ({type(e).__name__}: {e}).", ReluDoctorWarning,
+                          stacklevel=user_stacklevel())
         flush_and_detach(doc, self._detach)
+
+    def _undo_swaps_after(self, args: Any, state: Any) -> None:
+        """``load_best_model_at_end`` loaded the best checkpoint's weights into the model the
+        training left, LeakyReLU swaps made after that checkpoint included: weights trained
+        with ReLU there, read through a LeakyReLU (an HF trial: logits off by 0.02, and the
+        reloaded checkpoint builds ReLU). Those swaps are undone, recorded and said once, so
+        that the model is the checkpoint's (the swaps saved with it stay)."""
+        best = getattr(state, "best_model_checkpoint", None)
+        plan = self.remedies.get("treatment_plan")
+        swapper = (plan.remedy("swap") if isinstance(plan, TreatmentPlan)
+                   and any(s.remedy == "swap" for s in plan.steps)
+                   else self.remedies.get("leaky_relu_swap"))
+        if not (getattr(args, "load_best_model_at_end", False) and best) or not isinstance(
+                swapper, ActivationSwapper) or not swapper.swaps:
+            return
+        path = Path(best, STATE_FILE)
+        saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
+        remedies = saved.get("remedies", {})
+        held = (remedies.get("treatment_plan", {}).get("remedies", {}).get("swap")
+                if isinstance(plan, TreatmentPlan) else remedies.get("leaky_relu_swap")) or {}
+        kept = {str(d.get("path")) for d in held.get("swaps", [])}
+        later = [p for p in swapper.swaps if p not in kept]
+        if not later or not saved:
+            if later:  # (a checkpoint without relu_doctor's state: which swaps it had is unknown)
+                swapper.warn(f"relu_doctor: load_best_model_at_end loaded {best!r}, which holds "
+                             "no relu_doctor state: the LeakyReLU swaps stay, and the checkpoint's "
+                             "weights may have been trained without some of them.")
+            return
+        for module_path in later:
+            swapper.restore(module_path, step=int(state.global_step))
+        swapper.warn(
+            f"relu_doctor: load_best_model_at_end loaded {best!r}, saved before the LeakyReLU "
+            f"swap of {', '.join(map(repr, later))}: its weights were trained with the old "
+            "activation there, so that swap is undone and the model is the checkpoint's "
+            "(recorded as a restore).")
 
     def _step_aside(self) -> None:
         self._detach()
