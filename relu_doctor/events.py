@@ -94,8 +94,9 @@ class InterventionResult:
         before: ``{target: value}`` before the intervention, which the verdict compares
             (so that a result read alone, as a live TensorBoard text, shows both).
         verdict: ``"helped"``, ``"did not help"`` or ``"unknown"`` on ``target``.
-        efficacy: for changes to units (recycling), the share of them still dead and still
-            below tau (ReDo score <= tau): ``{"units", "still_dead", "still_below_tau"}``.
+        efficacy: for changes to units (recycling), the share of them still dead, still
+            below tau (ReDo score <= tau) and still either, the quiet units a recycler
+            chooses: ``{"units", "still_dead", "still_below_tau", "still_quiet"}``.
     """
 
     ref: str

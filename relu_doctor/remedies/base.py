@@ -563,9 +563,9 @@ class Remedy:
             before, target = p.before, p.target
             efficacy = units_efficacy(record, p.site, p.units) if p.units else None
             if efficacy is not None and p.target == "below_tau_fraction":
-                # a change to some units is judged on those units: were they all below tau
-                # before, what share still is
-                before, value, target = 1.0, efficacy["still_below_tau"], "changed_units_below_tau"
+                # a change to some units is judged on those units: all dead or below tau
+                # before (what they were chosen by), what share still is
+                before, value, target = 1.0, efficacy["still_quiet"], "changed_units_quiet"
             out.append(
                 InterventionResult(
                     p.id, self.name, p.site, int(record.step), after,

@@ -179,8 +179,10 @@ def dead_surge(
 def units_efficacy(
     record: RecordLike, site: str, units: Sequence[int]
 ) -> dict[str, Any] | None:
-    """Of the ``units`` changed at ``site``, the share still dead and still below tau (ReDo
-    score <= tau, dead units included) in ``record``: how well a recycling took."""
+    """Of the ``units`` changed at ``site``, the share still dead, still below tau (ReDo
+    score <= tau, dead units included) and still either (``still_quiet``: what a recycler
+    chose them by, a leaky family's dead units scoring above tau too) in ``record``: how
+    well a recycling took."""
     table = record.unit_table
     if table is None or not len(table) or not units:
         return None
@@ -193,6 +195,8 @@ def units_efficacy(
         "units": n,
         "still_dead": float(chosen["dead"].astype(bool).sum()) / n,
         "still_below_tau": float(chosen["below_tau"].astype(bool).sum()) / n,
+        "still_quiet": float((chosen["dead"].astype(bool)
+                              | chosen["below_tau"].astype(bool)).sum()) / n,
     }
 
 

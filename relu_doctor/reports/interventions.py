@@ -25,7 +25,8 @@ CONTINUOUS_REMEDIES = frozenset({"adaptive_grad_clip"})
 _CHANGE_KEYS: tuple[tuple[str, str], ...] = (
     ("dead_fraction", "dead"),
     ("lifetime_dead_fraction", "never active"),
-    ("changed_units_below_tau", "changed units with ReDo score ≤ tau"),
+    ("changed_units_quiet", "changed units dead or with ReDo score ≤ tau"),
+    ("changed_units_below_tau", "changed units with ReDo score ≤ tau"),  # (older runs)
     ("below_tau_fraction", "ReDo score ≤ tau"),
     ("dormant_fraction", "dormant"),
     ("clip_fraction", "steps clipped"),
@@ -87,7 +88,7 @@ _DEFAULT_TARGETS = {
     "continual_backprop": "below_tau_fraction",
 }
 #: Shares shown as percentages besides the ``*_fraction`` metrics.
-_SHARES = frozenset({"changed_units_below_tau"})
+_SHARES = frozenset({"changed_units_quiet", "changed_units_below_tau"})
 #: Rows of before -> after shown per intervention: its target first.
 _MAX_CHANGES = 3
 #: What a clipper's report of its window shows first (it is not judged): the share of steps
@@ -123,7 +124,8 @@ def _changes(before: Mapping[str, Any], after: Mapping[str, Any], first: str | S
 def snapshots(ev: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """An intervention's metrics before and after, with the numbers it is judged on that its
     details carry: a clipper's share of steps clipped, and for a recycling the share of the
-    changed units below tau (all of them before, ``efficacy["still_below_tau"]`` after)."""
+    changed units dead or below tau (all of them before, ``efficacy["still_quiet"]`` after;
+    below tau in runs recorded before that)."""
     b_raw, a_raw = ev.get("before"), ev.get("after")
     before: dict[str, Any] = dict(b_raw) if isinstance(b_raw, Mapping) else {}
     after: dict[str, Any] = dict(a_raw) if isinstance(a_raw, Mapping) else {}
@@ -131,7 +133,10 @@ def snapshots(ev: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     if "clip_fraction" in clip:  # the clipper's own number: the share of steps it clipped
         before["clip_fraction"] = clip["clip_fraction"]
     efficacy = ev.get("efficacy")
-    if isinstance(efficacy, Mapping) and "still_below_tau" in efficacy:
+    if isinstance(efficacy, Mapping) and "still_quiet" in efficacy:
+        before["changed_units_quiet"] = 1.0
+        after["changed_units_quiet"] = efficacy["still_quiet"]
+    elif isinstance(efficacy, Mapping) and "still_below_tau" in efficacy:
         before["changed_units_below_tau"] = 1.0
         after["changed_units_below_tau"] = efficacy["still_below_tau"]
     return before, after

@@ -95,7 +95,7 @@ def test_sick_run_one_change_per_site_per_cooldown_and_no_repeat() -> None:
     # the verdict is the rule applied to the recorded before/after
     for e in judged:
         t = e["target"]
-        if t == "changed_units_below_tau":
+        if t == "changed_units_quiet":
             assert e["efficacy"]["units"] == len(e["details"]["units"])
             continue
         step = {"adaptive_grad_clip": "clip", "lr_rescue": "lr", "leaky_relu_swap": "swap"}[e["remedy"]]
@@ -179,18 +179,29 @@ def test_a_plans_recycle_step_takes_a_leaky_sites_dead_units_whatever_their_scor
     with relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None) as doc:
         plan = TreatmentPlan(net, optimizer=opt, patience=1, steps=[
             PlanStep("recycle", options={"threshold": 0.1, "max_fraction": 0.25})]).bind(doc)
-        for _ in range(8):
+        for _ in range(12):
             net(x).square().mean().backward()
             opt.step()
             opt.zero_grad()
             doc.step()
         plan.detach()
         first = doc.records[0].unit_table
+        tables = {r.step: r.unit_table for r in doc.records}
     own = first[first["site"] == "1"]
     assert sorted(own.loc[own["dead"].astype(bool), "unit"]) == stuck  # the test's own planting
     assert not own.loc[own["unit"].isin(stuck), "below_tau"].astype(bool).any()  # above tau
     done = [e for e in doc.to_run().interventions() if e["remedy"] == "dormant_reset"]
     assert done and set(stuck) <= set(done[0]["details"]["units"]), done
+    # judged on those units: all quiet (dead or below tau) when chosen, the share still so
+    # after; not "all below tau before" (a trial: "100% -> 0%", none had been)
+    e = done[0]
+    after = tables[e["after_step"]]
+    chosen = after[(after["site"] == "1") & after["unit"].isin(e["details"]["units"])]
+    quiet = (chosen["dead"].astype(bool) | chosen["below_tau"].astype(bool)).mean()
+    assert e["target"] == "changed_units_quiet"
+    assert e["efficacy"]["still_quiet"] == pytest.approx(quiet)
+    step = next(s for s in plan.steps if s.remedy == "recycle")
+    assert e["verdict"] == verdict(1.0, quiet, min_gain=step.min_gain, tolerance=step.tolerance)
 
 
 def test_plan_arguments_are_checked() -> None:

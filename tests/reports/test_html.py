@@ -545,17 +545,22 @@ def test_long_paths_that_share_a_prefix_keep_their_labels_apart_and_inside_the_f
     assert inside(plots.activity_heatmap_figure(data, sites[-1], "relu")) == []
 
 
-def test_a_recyclings_verdict_says_it_is_on_the_units_it_changed() -> None:
+@pytest.mark.parametrize("recorded", ["quiet", "below tau (older runs)"])
+def test_a_recyclings_verdict_says_it_is_on_the_units_it_changed(recorded: str) -> None:
     """A recycling is judged on the units it changed: "dead 0.0% -> 78.1% ... helped" read
     as a contradiction where the rest of the site died meanwhile (a report trial). Its
-    verdict says what it is on; a swap's, judged on the site, does not."""
+    verdict says what it is on; a swap's, judged on the site, does not. Its numbers are the
+    changed units' share dead or below tau (all of them when chosen); runs recorded before
+    that was judged show the share below tau."""
+    quiet = recorded == "quiet"
     events = [
         {"type": "intervention", "id": "r", "remedy": "dormant_reset", "site": "s", "step": 10,
          "what": "recycled 2 of 4 units", "before": {"dead_fraction": 0.0}, "after": None,
          "target": "below_tau_fraction"},
         {"type": "intervention_result", "ref": "r", "remedy": "dormant_reset", "site": "s",
          "step": 20, "after": {"dead_fraction": 0.75}, "verdict": "helped",
-         "target": "changed_units_below_tau", "efficacy": {"still_below_tau": 0.0}},
+         "target": "changed_units_quiet" if quiet else "changed_units_below_tau",
+         "efficacy": {"still_below_tau": 0.0, **({"still_quiet": 0.5} if quiet else {})}},
         {"type": "intervention", "id": "w", "remedy": "leaky_relu_swap", "site": "s", "step": 30,
          "what": "swapped", "before": {"dead_fraction": 0.75}, "after": None,
          "target": "dead_fraction"},
@@ -570,6 +575,9 @@ def test_a_recyclings_verdict_says_it_is_on_the_units_it_changed() -> None:
     text = htmllib.unescape(re.sub(r"<[^>]+>", " ", render_report(run)))
     assert text.count("helped (on the units it changed, not the whole site)") == 1, text
     assert text.count("helped") >= 2
+    said = " ".join(text.split())
+    assert ("changed units dead or with ReDo score ≤ tau 100.0% → 50.0%" in said) == quiet, said
+    assert ("changed units with ReDo score ≤ tau 100.0% → 0.0%" in said) == (not quiet)
 
 
 @pytest.mark.parametrize("name, other", [("loss", "val_loss"), ("train_loss", "val_loss"),
