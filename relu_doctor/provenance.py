@@ -344,7 +344,7 @@ def _mixing(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], x: torch.T
     if name == "group_norm":
         groups = args[1] if len(args) > 1 else kwargs.get("num_groups")
         if dim == 1 and x.dim() > 1 and isinstance(groups, int) and groups != x.shape[1]:
-            return f"GroupNorm ({groups} groups of {x.shape[1]} channels)"
+            return f"GroupNorm ({x.shape[1]} channels in {groups} groups)"
         return ""
     if name in _NORM_LAST:
         shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")

@@ -144,10 +144,11 @@ def snapshots(ev: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _shown_verdict(verdict: str, before: Any, after: Any) -> str:
     """The verdict as the report words it: a remedy judged on "no worse, within a
-    tolerance" that helped with its target a little higher reads "no worse", not "helped"
-    beside a number that rose."""
+    tolerance" that helped with its target unchanged or a little higher reads "no worse",
+    not "helped" beside a number that did not fall ("dead 56.2% -> 56.2%, helped": a
+    trial)."""
     numbers = isinstance(before, (int, float)) and isinstance(after, (int, float))
-    return "no worse (within tolerance)" if verdict == "helped" and numbers and after > before \
+    return "no worse (within tolerance)" if verdict == "helped" and numbers and after >= before \
         else verdict
 
 
