@@ -22,6 +22,7 @@ __all__ = [
     "flat_schedulers",
     "remove_param_group",
     "reset_state_slices",
+    "schedulers_of",
 ]
 
 #: Per-group lists a scheduler keeps (one entry per param group of its optimizer).
@@ -50,8 +51,14 @@ def flat_schedulers(schedulers: Iterable[Any]) -> list[Any]:
     return out
 
 
-def _schedulers_of(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any]) -> list[Any]:
-    return [s for s in flat_schedulers(schedulers) if getattr(s, "optimizer", None) is optimizer]
+def schedulers_of(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any]) -> list[Any]:
+    """The schedulers of ``optimizer``: made for it, or for a wrapper sharing its param
+    groups (accelerate's ``AcceleratedOptimizer`` under the HF Trainer: a PReLU swap's new
+    group left the scheduler's per-group lists short, and its next step raised)."""
+    groups = optimizer.param_groups
+    return [s for s in flat_schedulers(schedulers)
+            if (o := getattr(s, "optimizer", None)) is optimizer
+            or getattr(o, "param_groups", None) is groups]
 
 
 def add_param_group(
@@ -73,7 +80,7 @@ def add_param_group(
     n_before = len(optimizer.param_groups)
     optimizer.add_param_group(group)
     added = optimizer.param_groups[-1]
-    for sched in _schedulers_of(optimizer, schedulers):
+    for sched in schedulers_of(optimizer, schedulers):
         for attr in SCHEDULER_GROUP_LISTS:
             val = getattr(sched, attr, None)
             if isinstance(val, list) and len(val) == n_before:
@@ -97,7 +104,7 @@ def remove_param_group(
         for p in g["params"]:
             optimizer.state.pop(p, None)
         optimizer.param_groups.pop(i)
-        for sched in _schedulers_of(optimizer, schedulers):
+        for sched in schedulers_of(optimizer, schedulers):
             for attr in SCHEDULER_GROUP_LISTS:
                 val = getattr(sched, attr, None)
                 if isinstance(val, list) and len(val) == n_before:

@@ -18,7 +18,7 @@ from relu_doctor._validate import nonnegative, number_in, one_optimizer, positiv
 from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
-from relu_doctor.remedies._optim_state import flat_schedulers
+from relu_doctor.remedies._optim_state import schedulers_of
 from relu_doctor.remedies.base import (
     MODEL,
     Optimizers,
@@ -82,7 +82,7 @@ def scale_lr(
     one_optimizer("optimizer", optimizer)
     _factor(factor)
     nonnegative("min_lr", min_lr)
-    scheds = [s for s in flat_schedulers(schedulers) if getattr(s, "optimizer", None) is optimizer]
+    scheds = schedulers_of(optimizer, schedulers)
     out = []
     for i, g in enumerate(optimizer.param_groups):
         lr = float(g["lr"])
@@ -243,7 +243,7 @@ class LRRescuer(Remedy):
         documented use anyway. ReduceLROnPlateau marks nothing, and keeps it.)"""
         if self._unpassed_said or not getattr(opt.step, "_wrapped_by_lr_sched", False):
             return
-        if any(getattr(s, "optimizer", None) is opt for s in flat_schedulers(self.schedulers)):
+        if schedulers_of(opt, self.schedulers):
             return
         self._unpassed_said = True
         self.warn(
