@@ -398,6 +398,7 @@ def test_the_report_words_a_verdict_by_the_numbers_beside_it_and_says_a_new_find
     old = Finding("saturated", "s", "warning", "saturated", {}, "", step=10, began=5)
     for (before, after), said in (((0.234, 0.25), "no worse (within tolerance)"),
                                   ((0.25, 0.25), "no worse (within tolerance)"),  # (unchanged)
+                                  ((0.56214, 0.56211), "no worse (within tolerance)"),  # (shown alike)
                                   ((0.3, 0.25), "helped")):
         run = _Run(meta={"sites": [{"name": "s", "units": 4, "family": "relu"}]}, history=hist,
                    units=pd.DataFrame(), layers=pd.DataFrame(), events=events(before, after),
