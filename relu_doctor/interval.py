@@ -334,11 +334,10 @@ class IntervalReading:
             new: list[Finding] = []
             events: list[FindingEvent] = []
         else:
+            first_now = self._first_rms_now(site_rows)  # (at a site's first log: its first)
             findings = diagnose(
                 site_rows, units, self.config, step=self.global_step,
-                # (at a site's first log, its RMS now is its first)
-                param_grad_norms=norms, first_rms={**self._first_rms_now(site_rows),
-                                                   **self._first_rms},
+                param_grad_norms=norms, first_rms={**first_now, **self._first_rms},
                 declined=self._declined, site_passes=passes,
                 unrecyclable={s.name: _SUMMED if s.summed else _mixed(s.mixed)
                               for s in sites if s.summed or s.mixed},
@@ -355,8 +354,7 @@ class IntervalReading:
             findings, new, events = self._tracker.update(findings, self.global_step, commit=False)
             if logged:
                 later.append(functools.partial(self._tracker.commit, findings))
-                later.append(functools.partial(self._first_rms.update,
-                                               self._first_rms_now(site_rows)))
+                later.append(functools.partial(self._first_rms.update, first_now))
             later.append(functools.partial(self._take_skipped, close))
         record = IntervalRecord(
             step=self.global_step,
