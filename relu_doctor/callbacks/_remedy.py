@@ -26,6 +26,7 @@ adapts them. :class:`RemedyCallback` holds everything the four remedy callbacks 
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
@@ -36,7 +37,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from relu_doctor.doctor import Doctor
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.remedies import Remedy
 from relu_doctor.remedies.base import refuse_sharded
 
@@ -101,8 +102,9 @@ class RemedyCallback(Callback, Generic[R]):
 
     @staticmethod
     def _adopt(remedy: Q) -> Q:
-        """A controller as the callbacks run it: warnings from rank zero only."""
-        remedy.warn = rank_zero_warn
+        """A controller as the callbacks run it: warnings from rank zero only, as
+        ReluDoctorWarning (a filter on it missed them: they were UserWarnings)."""
+        remedy.warn = functools.partial(rank_zero_warn, category=ReluDoctorWarning)
         return remedy
 
     def _apply_pending(self) -> None:

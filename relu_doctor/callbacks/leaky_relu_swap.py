@@ -28,7 +28,7 @@ from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
 from relu_doctor.families import family_of
-from relu_doctor.remedies import ActivationSwapper, swap_activation
+from relu_doctor.remedies import ActivationSwapper, restore_activation, swap_activation
 
 __all__ = ["LeakyReluSwap"]
 
@@ -147,6 +147,24 @@ class LeakyReluSwap(RemedyCallback[ActivationSwapper]):
             self.remedy.optimizers = self._optimizers(trainer)
             self.remedy.schedulers = self._schedulers(trainer)
         super()._bind(trainer, doctor)
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        """The checkpoint's swaps re-applied; those in place that it does not hold (made after
+        it was saved: ``trainer.test(ckpt_path="best")`` loading an earlier checkpoint into
+        the model training left, whose weights trained with the old activation there) are
+        undone first, said once, so that the model is the checkpoint's."""
+        swapper = self.remedy
+        assert swapper is not None
+        kept = {str(d.get("path")) for d in state.get("swaps", [])}
+        later = [p for p in swapper.swaps if p not in kept]
+        for path in later:
+            restore_activation(swapper.model, record=swapper.swaps.pop(path),
+                               schedulers=swapper.schedulers)
+        if later:
+            swapper.warn(f"relu_doctor: LeakyReluSwap: the checkpoint loaded was saved before the "
+                         f"swap of {', '.join(map(repr, later))}: undone, so that the model is "
+                         "the checkpoint's (its weights trained with the old activation there).")
+        super()._restore(state)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hook()

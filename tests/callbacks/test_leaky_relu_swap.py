@@ -122,3 +122,66 @@ def test_a_module_named_like_a_site_is_swapped(tmp_path, name):
     assert list(swap.swaps) == [f"net.{name}"]
     (ev,) = interventions(mon, "leaky_relu_swap")
     assert ev["site"] == f"net.{name}" and ev["step"] == 4
+
+
+def test_a_checkpoint_saved_before_a_swap_loads_without_it(tmp_path):
+    """trainer.test(ckpt_path="best") loaded a checkpoint saved before a swap into the model
+    training left: its ReLU-trained weights read through a LeakyReLU, silently (as the HF
+    Trainer's load_best_model_at_end did). The swaps the checkpoint does not hold are undone,
+    said once: the model computes what the checkpoint's weights compute with ReLU."""
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from relu_doctor.errors import ReluDoctorWarning
+
+    class Net(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+
+        def training_step(self, batch, i):
+            if self.global_step == 4:  # 12 of 16 units die: swapped at a later log
+                with torch.no_grad():
+                    self.net[0].bias[:12] = -50.0
+            x, y = batch
+            return (self.net(x) - y).pow(2).mean()
+
+        def validation_step(self, batch, i):
+            self.log("score", -float(self.global_step))  # the best: the earliest
+
+        def test_step(self, batch, i):
+            return None
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+
+    def loader():
+        return torch.utils.data.DataLoader(data, batch_size=8)
+
+    model = Net()
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="score", mode="max", save_top_k=1)
+    trainer = L.Trainer(max_steps=16, val_check_interval=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=[
+                            ReluDoctor(log_every_n_steps=2, run_dir=tmp_path / "run"),
+                            LeakyReluSwap(threshold=0.5, patience=1), ck])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader(), loader())
+    assert isinstance(model.net[1], nn.LeakyReLU) and ck.best_model_path.endswith("step=2.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.test(model, loader(), ckpt_path="best")
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)
+            and "saved before the swap" in str(w.message)]
+    assert isinstance(model.net[1], nn.ReLU) and len(said) == 1, said
+    plain = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    weights = torch.load(ck.best_model_path, weights_only=False)["state_dict"]
+    plain.load_state_dict({k.removeprefix("net."): v for k, v in weights.items()})
+    x = torch.randn(8, 4)
+    assert torch.equal(model.net(x), plain(x))
