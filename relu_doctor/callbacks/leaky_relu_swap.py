@@ -28,7 +28,7 @@ from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
 from relu_doctor.families import family_of
-from relu_doctor.remedies import ActivationSwapper, restore_activation, swap_activation
+from relu_doctor.remedies import ActivationSwapper, swap_activation
 
 __all__ = ["LeakyReluSwap"]
 
@@ -155,15 +155,11 @@ class LeakyReluSwap(RemedyCallback[ActivationSwapper]):
         undone first, said once, so that the model is the checkpoint's."""
         swapper = self.remedy
         assert swapper is not None
-        kept = {str(d.get("path")) for d in state.get("swaps", [])}
-        later = [p for p in swapper.swaps if p not in kept]
-        for path in later:
-            restore_activation(swapper.model, record=swapper.swaps.pop(path),
-                               schedulers=swapper.schedulers)
-        if later:
+        if undone := swapper.restore(keep={str(d.get("path")) for d in state.get("swaps", [])}):
             swapper.warn(f"relu_doctor: LeakyReluSwap: the checkpoint loaded was saved before the "
-                         f"swap of {', '.join(map(repr, later))}: undone, so that the model is "
-                         "the checkpoint's (its weights trained with the old activation there).")
+                         f"swap of {', '.join(repr(e.site) for e in undone)}: undone, so that the "
+                         "model is the checkpoint's (its weights trained with the old activation "
+                         "there).")
         super()._restore(state)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

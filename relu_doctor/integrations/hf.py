@@ -516,21 +516,19 @@ class ReluDoctorCallback(TrainerCallback):
         remedies = saved.get("remedies", {})
         held = (remedies.get("treatment_plan", {}).get("remedies", {}).get("swap")
                 if isinstance(plan, TreatmentPlan) else remedies.get("leaky_relu_swap")) or {}
-        kept = {str(d.get("path")) for d in held.get("swaps", [])}
-        later = [p for p in swapper.swaps if p not in kept]
-        if not later or not saved:
-            if later:  # (a checkpoint without relu_doctor's state: which swaps it had is unknown)
-                swapper.warn(f"relu_doctor: load_best_model_at_end loaded {best!r}, which holds "
-                             "no relu_doctor state: the LeakyReLU swaps stay, and the checkpoint's "
-                             "weights may have been trained without some of them.")
+        if not saved:  # (a checkpoint without relu_doctor's state: which swaps it had is unknown)
+            swapper.warn(f"relu_doctor: load_best_model_at_end loaded {best!r}, which holds no "
+                         "relu_doctor state: the LeakyReLU swaps stay, and the checkpoint's "
+                         "weights may have been trained without some of them.")
             return
-        for module_path in later:
-            swapper.restore(module_path, step=int(state.global_step))
-        swapper.warn(
-            f"relu_doctor: load_best_model_at_end loaded {best!r}, saved before the LeakyReLU "
-            f"swap of {', '.join(map(repr, later))}: its weights were trained with the old "
-            "activation there, so that swap is undone and the model is the checkpoint's "
-            "(recorded as a restore).")
+        undone = swapper.restore(step=int(state.global_step),
+                                 keep={str(d.get("path")) for d in held.get("swaps", [])})
+        if undone:
+            swapper.warn(
+                f"relu_doctor: load_best_model_at_end loaded {best!r}, saved before the LeakyReLU "
+                f"swap of {', '.join(repr(e.site) for e in undone)}: its weights were trained "
+                "with the old activation there, so that swap is undone and the model is the "
+                "checkpoint's (recorded as a restore).")
 
     def _step_aside(self) -> None:
         self._detach()

@@ -414,10 +414,10 @@ class ActivationSwapper(Remedy):
         )
 
     def restore(
-        self, site: str | SiteKey | None = None, *, step: int | None = None
+        self, site: str | SiteKey | None = None, *, step: int | None = None, keep: Any = ()
     ) -> list[Intervention]:
-        """Undo the swap of ``site`` (a SiteKey, site name or module path), or of every swap;
-        return the interventions.
+        """Undo the swap of ``site`` (a SiteKey, site name or module path), or of every swap
+        but those at the module paths ``keep``; return the interventions.
 
         Each names the site(s) its swap named, at ``step`` (default: the bound Doctor's
         current step, else 0).
@@ -425,7 +425,7 @@ class ActivationSwapper(Remedy):
         if step is None:
             step = int(getattr(self.doctor, "global_step", 0) or 0)
         if site is None:
-            paths = list(reversed(self.swaps))
+            paths = [p for p in reversed(self.swaps) if p not in keep]
         else:
             key, name = self.resolve_site(site)
             if key.module_path not in self.swaps or key.op is not None:
