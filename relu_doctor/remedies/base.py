@@ -24,13 +24,12 @@ from __future__ import annotations
 import reprlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 import torch.nn as nn
 
-from relu_doctor._validate import finite_or_none, matches
+from relu_doctor._validate import matches
 from relu_doctor.diagnosis import Finding
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.events import Declined, Event, Intervention, InterventionResult
@@ -45,8 +44,9 @@ from relu_doctor.remedies.evidence import (
     dead_surge,
     model_snapshot,
     site_snapshot,
-    units_efficacy,
+    units_snapshot,
 )
+from relu_doctor.remedies.judging import MIN_GAIN, TARGETS, Pending
 from relu_doctor.sites import SiteKey, module_label
 
 __all__ = [
@@ -65,46 +65,11 @@ __all__ = [
     "refuse_sharded",
     "sharding_of",
     "site_snapshot",
-    "verdict",
+    "units_snapshot",
 ]
 
 #: The site of a model-wide intervention (clipping, learning rate).
 MODEL = "model"
-
-#: The metric each remedy's intervention is judged on, unless the caller names one (a
-#: treatment plan names the metric that triggered it).
-TARGETS = {
-    "adaptive_grad_clip": "unclipped_grad_norm",
-    "lr_rescue": "dead_fraction",
-    "leaky_relu_swap": "dead_fraction",
-    "dormant_reset": "below_tau_fraction",
-    "continual_backprop": "below_tau_fraction",
-}
-
-#: The relative fall of its target that a change must make to be judged "helped", where
-#: one counts (the plan's default steps for the swap and recycling have the same bar): a
-#: swap that took a site from 75% dead to 73% was "helped".
-MIN_GAIN = {"leaky_relu_swap": 0.25, "dormant_reset": 0.25}
-
-HELPED, NOT_HELPED, UNKNOWN = "helped", "did not help", "unknown"
-
-
-def verdict(
-    before: float | None, after: float | None, *, min_gain: float = 0.0, tolerance: float = 0.0
-) -> str:
-    """Whether a change helped its target (lower is better): ``"helped"`` when ``after <=
-    before * (1 - min_gain) + tolerance`` and, without a tolerance, ``after < before`` ("no
-    worse" needs a tolerance), else ``"did not help"``; ``"unknown"`` if either is None.
-
-    Example:
-        >>> verdict(0.5, 0.2, min_gain=0.25), verdict(0.5, 0.45, min_gain=0.25), verdict(0.3, 0.3)
-        ('helped', 'did not help', 'did not help')
-    """
-    if before is None or after is None:
-        return UNKNOWN
-    lower = after < before or tolerance > 0
-    return HELPED if lower and after <= before * (1.0 - min_gain) + tolerance else NOT_HELPED
-
 
 #: What an ``optimizer(s)`` argument takes: one optimizer, several, or none.
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
@@ -204,31 +169,6 @@ def key_label(key: SiteKey) -> str:
 
 
 # ---------------------------------------------------------------------- the protocol
-
-
-@dataclass(frozen=True)
-class Pending:
-    """An intervention waiting for its metrics after: its event ``id`` and ``site``; the
-    ``target`` metric it is judged on with its value ``before`` and the gain that counts as
-    help (``min_gain``, ``tolerance``: see :func:`verdict`); the ``units`` it changed (their
-    share still below tau one interval later is the change's efficacy)."""
-
-    id: str
-    site: str
-    target: str | None = None
-    before: float | None = None
-    min_gain: float = 0.0
-    tolerance: float = 0.0
-    units: tuple[int, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "site": self.site}
-        if self.target is not None:
-            out.update(target=self.target, before=self.before, min_gain=self.min_gain,
-                       tolerance=self.tolerance)
-        if self.units:
-            out["units"] = list(self.units)
-        return out
 
 
 R = TypeVar("R", bound="Remedy")
@@ -494,16 +434,7 @@ class Remedy:
         if self._in_call:
             self._made.append(ev)
         if measure_after:
-            target, gain, tol = self.judge
-            units = details.get("units")
-            self._pending.append(
-                Pending(
-                    ev.id, site, target,
-                    finite_or_none((before or {}).get(target)) if target else None,
-                    gain, tol,
-                    tuple(int(u) for u in units) if isinstance(units, list) else (),
-                )
-            )
+            self._pending.append(Pending.of(ev.id, site, self.judge, before, details.get("units")))
         return ev
 
     def model_snapshot(self, record: RecordLike) -> dict[str, Any]:
@@ -559,21 +490,7 @@ class Remedy:
             else:
                 row = record.site_row(p.site)
                 after = site_snapshot(row) if row is not None else None
-            value = finite_or_none((after or {}).get(p.target)) if p.target else None
-            before, target = p.before, p.target
-            efficacy = units_efficacy(record, p.site, p.units) if p.units else None
-            if efficacy is not None and p.target == "below_tau_fraction":
-                # a change to some units is judged on those units: all dead or below tau
-                # before (what they were chosen by), what share still is
-                before, value, target = 1.0, efficacy["still_quiet"], "changed_units_quiet"
-            out.append(
-                InterventionResult(
-                    p.id, self.name, p.site, int(record.step), after,
-                    target=target,
-                    verdict=verdict(before, value, min_gain=p.min_gain, tolerance=p.tolerance)
-                    if target else None,
-                    efficacy=efficacy,
-                    before={target: before} if target and before is not None else None))
+            out.append(p.result(self.name, record, after))
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -586,14 +503,7 @@ class Remedy:
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._pending = [
-            Pending(
-                str(p["id"]), str(p["site"]), p.get("target"), finite_or_none(p.get("before")),
-                float(p.get("min_gain", 0.0)), float(p.get("tolerance", 0.0)),
-                tuple(int(u) for u in p.get("units", ())),
-            )
-            for p in state.get("pending", [])
-        ]
+        self._pending = [Pending.from_dict(p) for p in state.get("pending", [])]
         self._n_events = int(state.get("n_events", 0))
         self.evidence.load_state_dict(state.get("evidence") or {})
         held = state.get("held")

@@ -38,8 +38,8 @@ from relu_doctor.remedies.base import (
     check_model,
     refuse_sharded,
     sharding_of,
-    site_snapshot,
 )
+from relu_doctor.remedies.evidence import units_snapshot
 from relu_doctor.remedies.recycle import WHOLE_ROWS, LinkedRemedy, recycle_units
 from relu_doctor.remedies.unit_links import Consumer, LinkCache, UnitLinks
 
@@ -247,7 +247,7 @@ class ContinualBackprop(LinkedRemedy):
             self.replaced[site] = self.replaced.get(site, 0) + len(idx)
             events.append(
                 self._intervention(
-                    site=site, step=record.step, before=site_snapshot(row),
+                    site=site, step=record.step, before=units_snapshot(record, row, idx),
                     what=f"continual backprop replaced {len(idx)} of {links.units} mature "
                     f"units with the lowest contribution utility in {what['producer']}"
                     f"{drawn_by(what)}",

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from relu_doctor.remedies.base import RecordLike
 
 __all__ = ["MIN_EVIDENCE_STEPS", "SNAPSHOT_KEYS", "DeadEvidence", "dead_surge", "model_snapshot",
-           "site_snapshot", "units_efficacy"]
+           "site_snapshot", "units_efficacy", "units_snapshot"]
 
 #: The site metrics an intervention records before and after.
 SNAPSHOT_KEYS = (
@@ -176,6 +176,20 @@ def dead_surge(
     return surge
 
 
+def _chosen(record: RecordLike, site: str, units: Sequence[int]) -> Any:
+    table = record.unit_table
+    if table is None or not len(table) or not units:
+        return None
+    u = table[table["site"] == site]
+    chosen = u[u["unit"].isin(list(units))]
+    return chosen if len(chosen) else None
+
+
+def _quiet(chosen: Any) -> float:
+    return float((chosen["dead"].astype(bool) | chosen["below_tau"].astype(bool)).sum()) / len(
+        chosen)
+
+
 def units_efficacy(
     record: RecordLike, site: str, units: Sequence[int]
 ) -> dict[str, Any] | None:
@@ -183,21 +197,29 @@ def units_efficacy(
     score <= tau, dead units included) and still either (``still_quiet``: what a recycler
     chose them by, a leaky family's dead units scoring above tau too) in ``record``: how
     well a recycling took."""
-    table = record.unit_table
-    if table is None or not len(table) or not units:
-        return None
-    u = table[table["site"] == site]
-    chosen = u[u["unit"].isin(list(units))]
-    if not len(chosen):
+    chosen = _chosen(record, site, units)
+    if chosen is None:
         return None
     n = len(chosen)
     return {
         "units": n,
         "still_dead": float(chosen["dead"].astype(bool).sum()) / n,
         "still_below_tau": float(chosen["below_tau"].astype(bool).sum()) / n,
-        "still_quiet": float((chosen["dead"].astype(bool)
-                              | chosen["below_tau"].astype(bool)).sum()) / n,
+        "still_quiet": _quiet(chosen),
     }
+
+
+def units_snapshot(
+    record: RecordLike, row: Mapping[str, Any], units: Sequence[int]
+) -> dict[str, float | None]:
+    """:func:`site_snapshot` of the site ``row`` of ``record`` where ``units`` of it are
+    about to change, with the share of them dead or below the Doctor's tau then
+    (``changed_units_quiet``; None where ``record`` has no unit table): what a recycling is
+    judged against one interval later. A recycler choosing by its own rule (its own tau,
+    continual backprop's utility) may change units that were not quiet."""
+    chosen = _chosen(record, str(row["site"]), units)
+    return {**site_snapshot(row),
+            "changed_units_quiet": None if chosen is None else _quiet(chosen)}
 
 
 def site_snapshot(row: Mapping[str, Any]) -> dict[str, float | None]:

@@ -51,7 +51,6 @@ from relu_doctor.events import Declined, Intervention, InterventionResult
 from relu_doctor.remedies._link_cache import skip_for_now
 from relu_doctor.remedies.base import (
     MODEL,
-    NOT_HELPED,
     DoctorLike,
     Optimizers,
     RecordLike,
@@ -60,7 +59,9 @@ from relu_doctor.remedies.base import (
     dead_surge,
     model_snapshot,
     site_snapshot,
+    units_snapshot,
 )
+from relu_doctor.remedies.judging import NOT_HELPED
 from relu_doctor.remedies.plan_steps import DEFAULT_STEPS, PLAN_REMEDIES, PlanStep, plan_steps
 from relu_doctor.remedies.unit_links import NotInPass
 from relu_doctor.sites import SiteKey
@@ -226,9 +227,7 @@ class TreatmentPlan(Remedy):
                     reset_adam_step=o.get("reset_adam_step", False),
                 )
             return ContinualBackprop(
-                self.model, optimizers=self.optimizers or None, seed=self.seed,
-                **o,
-            )
+                self.model, optimizers=self.optimizers or None, seed=self.seed, **o)
         except TypeError as e:
             raise ReluDoctorError(f"steps: options of {step.remedy!r}: {e}") from None
 
@@ -474,7 +473,7 @@ class TreatmentPlan(Remedy):
                             continue
                         self._judge(remedy, step, "below_tau_fraction")
                         ev = remedy.recycle(site, units=idx, step=record.step,
-                                            before=site_snapshot(row))
+                                            before=units_snapshot(record, row, idx))
                     elif isinstance(remedy, ContinualBackprop):
                         self._judge(remedy, step, "below_tau_fraction")
                         found = remedy.treat(_View(record, {site}))

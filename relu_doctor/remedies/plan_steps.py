@@ -9,7 +9,8 @@ from typing import Any
 
 from relu_doctor._validate import nonnegative, number_in
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.remedies.base import MIN_GAIN, MODEL
+from relu_doctor.remedies.base import MODEL
+from relu_doctor.remedies.judging import MIN_GAIN
 
 __all__ = ["DEFAULT_STEPS", "PLAN_REMEDIES", "PlanStep", "plan_steps"]
 

@@ -38,9 +38,8 @@ from relu_doctor.remedies.base import (
     check_model,
     refuse_sharded,
     sharding_of,
-    site_snapshot,
 )
-from relu_doctor.remedies.evidence import MIN_EVIDENCE_STEPS
+from relu_doctor.remedies.evidence import MIN_EVIDENCE_STEPS, units_snapshot
 from relu_doctor.remedies.unit_links import NotInPass, UnitLinks
 from relu_doctor.sites import SiteKey
 
@@ -478,7 +477,7 @@ class DormantRecycler(LinkedRemedy):
                 events.append(
                     self._recycle(
                         record.key(site), site, idx, step=record.step,
-                        before=site_snapshot(site_row),
+                        before=units_snapshot(record, site_row, idx),
                     )
                 )
             except ReluDoctorError as e:

@@ -125,8 +125,8 @@ def _changes(before: Mapping[str, Any], after: Mapping[str, Any], first: str | S
 def snapshots(ev: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """An intervention's metrics before and after, with the numbers it is judged on that its
     details carry: a clipper's share of steps clipped, and for a recycling the share of the
-    changed units dead or below tau (all of them before, ``efficacy["still_quiet"]`` after;
-    below tau in runs recorded before that)."""
+    changed units dead or below tau (its snapshot's share before, all of them in older runs;
+    ``efficacy["still_quiet"]`` after; below tau in runs recorded before that)."""
     b_raw, a_raw = ev.get("before"), ev.get("after")
     before: dict[str, Any] = dict(b_raw) if isinstance(b_raw, Mapping) else {}
     after: dict[str, Any] = dict(a_raw) if isinstance(a_raw, Mapping) else {}
@@ -135,7 +135,7 @@ def snapshots(ev: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         before["clip_fraction"] = clip["clip_fraction"]
     efficacy = ev.get("efficacy")
     if isinstance(efficacy, Mapping) and "still_quiet" in efficacy:
-        before["changed_units_quiet"] = 1.0
+        before.setdefault("changed_units_quiet", 1.0)  # (what runs recorded before judged)
         after["changed_units_quiet"] = efficacy["still_quiet"]
     elif isinstance(efficacy, Mapping) and "still_below_tau" in efficacy:
         before["changed_units_below_tau"] = 1.0

@@ -297,7 +297,7 @@ def test_a_plans_autoclip_is_judged_on_the_norm_before_clipping():
     shows the value it was judged against (it showed "?", which only the intervention held)."""
     from relu_doctor.events import is_judged
     from relu_doctor.remedies import TreatmentPlan
-    from relu_doctor.remedies.base import verdict
+    from relu_doctor.remedies.judging import verdict
     from relu_doctor.reports.tensorboard import events_markdown
 
     torch.manual_seed(0)

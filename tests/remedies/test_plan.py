@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import warnings
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 import relu_doctor
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies import DEFAULT_STEPS, PlanStep, TreatmentPlan
-from relu_doctor.remedies.base import verdict
+from relu_doctor.remedies.judging import verdict
 from tests.remedies.helpers import classification, mlp, rec, site_row
 
 
@@ -95,12 +96,11 @@ def test_sick_run_one_change_per_site_per_cooldown_and_no_repeat() -> None:
     # the verdict is the rule applied to the recorded before/after
     for e in judged:
         t = e["target"]
-        if t == "changed_units_quiet":
-            assert e["efficacy"]["units"] == len(e["details"]["units"])
-            continue
-        step = {"adaptive_grad_clip": "clip", "lr_rescue": "lr", "leaky_relu_swap": "swap"}[e["remedy"]]
+        step = {"adaptive_grad_clip": "clip", "lr_rescue": "lr", "leaky_relu_swap": "swap",
+                "dormant_reset": "recycle"}[e["remedy"]]
         spec = next(s for s in DEFAULT_STEPS if s.remedy == step)
-        assert e["verdict"] == verdict(e["before"][t], e["after"][t], min_gain=spec.min_gain,
+        after = e["after"][t] if t != "changed_units_quiet" else e["efficacy"]["still_quiet"]
+        assert e["verdict"] == verdict(e["before"][t], after, min_gain=spec.min_gain,
                                        tolerance=spec.tolerance)
 
 
@@ -192,16 +192,20 @@ def test_a_plans_recycle_step_takes_a_leaky_sites_dead_units_whatever_their_scor
     assert not own.loc[own["unit"].isin(stuck), "below_tau"].astype(bool).any()  # above tau
     done = [e for e in doc.to_run().interventions() if e["remedy"] == "dormant_reset"]
     assert done and set(stuck) <= set(done[0]["details"]["units"]), done
-    # judged on those units: all quiet (dead or below tau) when chosen, the share still so
-    # after; not "all below tau before" (a trial: "100% -> 0%", none had been)
+    # judged on those units: their share quiet (dead or below tau) when chosen, against the
+    # share still so after; not "all below tau before" (a trial: "100% -> 0%", none had been)
     e = done[0]
-    after = tables[e["after_step"]]
-    chosen = after[(after["site"] == "1") & after["unit"].isin(e["details"]["units"])]
-    quiet = (chosen["dead"].astype(bool) | chosen["below_tau"].astype(bool)).mean()
+
+    def quiet(table: pd.DataFrame) -> float:
+        chosen = table[(table["site"] == "1") & table["unit"].isin(e["details"]["units"])]
+        return float((chosen["dead"].astype(bool) | chosen["below_tau"].astype(bool)).mean())
+
+    before, after = quiet(tables[e["step"]]), quiet(tables[e["after_step"]])
     assert e["target"] == "changed_units_quiet"
-    assert e["efficacy"]["still_quiet"] == pytest.approx(quiet)
+    assert e["before"]["changed_units_quiet"] == pytest.approx(before)
+    assert e["efficacy"]["still_quiet"] == pytest.approx(after)
     step = next(s for s in plan.steps if s.remedy == "recycle")
-    assert e["verdict"] == verdict(1.0, quiet, min_gain=step.min_gain, tolerance=step.tolerance)
+    assert e["verdict"] == verdict(before, after, min_gain=step.min_gain, tolerance=step.tolerance)
 
 
 def test_plan_arguments_are_checked() -> None:

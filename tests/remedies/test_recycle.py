@@ -266,6 +266,63 @@ def test_a_dead_unit_with_a_large_score_is_recycled_only_under_an_own_tau():
         assert ev.details["units"] == want, tau
 
 
+def test_a_recycling_by_its_own_tau_is_judged_from_its_units_share_quiet_when_chosen():
+    """A recycler with its own tau changes units the Doctor's tau does not call quiet: it
+    was judged against "all of them dead or below tau before" (a made-up 100%), so a
+    recycling that left the same share quiet read "helped". Its before is now read from the
+    record it decided on."""
+    from relu_doctor.remedies.judging import verdict
+
+    torch.manual_seed(0)
+    rows = [site_row("1", 1 / 6, units=6)]
+    scores, dead = [0.05, 1.0, 0.0, 0.09, 2.0, 0.01], [False, False, True, False, False, False]
+    chosen_by = _units("1", scores, dead, tau=0.1)  # the recycler's own tau: 0, 2, 3, 5
+    doctors = _units("1", scores, dead, tau=0.02)  # the Doctor's tau: 2 (dead) and 5 quiet
+    net = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2))
+    r = DormantRecycler(net, tau=0.1, max_fraction=1.0, example_inputs=torch.randn(2, 3))
+    (ev,) = r(rec(10, rows, units=doctors))
+    units = ev.details["units"]
+    assert units == sorted(chosen_by.loc[chosen_by["dormant"] | chosen_by["dead"], "unit"])
+    own = doctors[doctors["unit"].isin(units)]
+    quiet_before = float((own["dead"] | own["below_tau"]).mean())
+    assert 0 < quiet_before < 1 and ev.before["changed_units_quiet"] == quiet_before
+    # one interval later, as many of them quiet as before: not helped
+    later = _units("1", [0.5, 1.0, 0.0, 0.5, 2.0, 0.01], dead, tau=0.02)
+    (res,) = [e for e in r(rec(20, rows, units=later)) if getattr(e, "ref", None) == ev.id]
+    after = later[later["unit"].isin(units)]
+    quiet_after = float((after["dead"] | after["below_tau"]).mean())
+    assert res.target == "changed_units_quiet" and res.before == {res.target: quiet_before}
+    assert res.verdict == verdict(quiet_before, quiet_after, min_gain=0.25) == "did not help"
+
+
+def test_a_recycling_of_units_none_of_which_was_quiet_is_not_judged_on_that_share():
+    """Continual backprop replaces the units of least utility, quiet or not: where none of
+    them was dead or below tau, their share so after cannot show whether it helped."""
+    from relu_doctor.remedies import ContinualBackprop
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        net[0].bias.fill_(1.0)  # every unit active on every sample: none quiet
+    x = torch.randn(32, 4)
+    with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+        ContinualBackprop(net, replacement_rate=0.25, maturity=0, decay=0.0).bind(doc)
+        for _ in range(2):
+            net(x).sum().backward()
+            doc.step()
+        tables = {r.step: r.unit_table for r in doc.records}
+        events = doc.to_run().events
+    ivs = [e for e in events if e["type"] == "intervention" and e["step"] == 1]
+    assert ivs, events
+    iv = ivs[0]
+    chosen = tables[1][(tables[1]["site"] == "1") & tables[1]["unit"].isin(iv["details"]["units"])]
+    assert not (chosen["dead"].astype(bool) | chosen["below_tau"].astype(bool)).any()
+    assert iv["before"]["changed_units_quiet"] == 0.0
+    (res,) = [e for e in events if e["type"] == "intervention_result" and e["ref"] == iv["id"]]
+    assert res.get("verdict") is None and res.get("target") is None
+    assert res["efficacy"]["units"] == len(iv["details"]["units"])
+
+
 @pytest.mark.parametrize("remedy", ["redo", "cbp"])
 def test_a_recycler_given_no_optimizer_resets_the_state_of_the_one_the_doctor_watches(remedy):
     """``DormantRecycler(model).bind(doc)`` with ``watch(optimizer=adam)`` left Adam's

@@ -1,0 +1,125 @@
+"""How a remedy's change is judged: the metric it targets, its value before, and the
+verdict one interval later (:class:`Pending` until then).
+
+A change to some units (a recycling) is judged on those units: the share of them dead or
+below the Doctor's tau (``changed_units_quiet``) when they were changed, from the record the
+remedy decided on, against the share still so one interval later. A recycler choosing by its
+own rule (its own tau, continual backprop's utility) may change units that were not quiet:
+where none was, there is nothing that share could show, and the change is not judged on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from relu_doctor._validate import finite_or_none
+from relu_doctor.events import InterventionResult
+from relu_doctor.remedies.evidence import units_efficacy
+
+__all__ = ["HELPED", "MIN_GAIN", "NOT_HELPED", "TARGETS", "UNITS_QUIET", "UNKNOWN", "Pending",
+           "verdict"]
+
+#: The metric each remedy's intervention is judged on, unless the caller names one (a
+#: treatment plan names the metric that triggered it).
+TARGETS = {
+    "adaptive_grad_clip": "unclipped_grad_norm",
+    "lr_rescue": "dead_fraction",
+    "leaky_relu_swap": "dead_fraction",
+    "dormant_reset": "below_tau_fraction",
+    "continual_backprop": "below_tau_fraction",
+}
+
+#: The relative fall of its target that a change must make to be judged "helped", where
+#: one counts (the plan's default steps for the swap and recycling have the same bar): a
+#: swap that took a site from 75% dead to 73% was "helped".
+MIN_GAIN = {"leaky_relu_swap": 0.25, "dormant_reset": 0.25}
+
+#: What a change to some units judged on ``below_tau_fraction`` is judged on instead.
+UNITS_QUIET = "changed_units_quiet"
+
+HELPED, NOT_HELPED, UNKNOWN = "helped", "did not help", "unknown"
+
+
+def verdict(
+    before: float | None, after: float | None, *, min_gain: float = 0.0, tolerance: float = 0.0
+) -> str:
+    """Whether a change helped its target (lower is better): ``"helped"`` when ``after <=
+    before * (1 - min_gain) + tolerance`` and, without a tolerance, ``after < before`` ("no
+    worse" needs a tolerance), else ``"did not help"``; ``"unknown"`` if either is None.
+
+    Example:
+        >>> verdict(0.5, 0.2, min_gain=0.25), verdict(0.5, 0.45, min_gain=0.25), verdict(0.3, 0.3)
+        ('helped', 'did not help', 'did not help')
+    """
+    if before is None or after is None:
+        return UNKNOWN
+    lower = after < before or tolerance > 0
+    return HELPED if lower and after <= before * (1.0 - min_gain) + tolerance else NOT_HELPED
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An intervention waiting for its metrics after: its event ``id`` and ``site``; the
+    ``target`` metric it is judged on with its value ``before`` and the gain that counts as
+    help (``min_gain``, ``tolerance``: see :func:`verdict`); the ``units`` it changed (their
+    share still dead or below tau one interval later is the change's efficacy)."""
+
+    id: str
+    site: str
+    target: str | None = None
+    before: float | None = None
+    min_gain: float = 0.0
+    tolerance: float = 0.0
+    units: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, id: str, site: str, judge: tuple[str | None, float, float],
+           before: Mapping[str, Any] | None, units: Any) -> Pending:
+        """The judgement an intervention awaits: on ``judge``'s metric (its name,
+        ``min_gain``, ``tolerance``) from the snapshot ``before``; a change to ``units``
+        judged on the site's ``below_tau_fraction`` is judged on those units."""
+        target, gain, tol = judge
+        changed = tuple(int(u) for u in units) if isinstance(units, Sequence) else ()
+        if changed and target == "below_tau_fraction":
+            target = UNITS_QUIET
+        value = finite_or_none((before or {}).get(target)) if target else None
+        return cls(id, site, target, value, gain, tol, changed)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "site": self.site}
+        if self.target is not None:
+            out.update(target=self.target, before=self.before, min_gain=self.min_gain,
+                       tolerance=self.tolerance)
+        if self.units:
+            out["units"] = list(self.units)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Pending:
+        return cls(str(d["id"]), str(d["site"]), d.get("target"), finite_or_none(d.get("before")),
+                   float(d.get("min_gain", 0.0)), float(d.get("tolerance", 0.0)),
+                   tuple(int(u) for u in d.get("units", ())))
+
+    def result(self, remedy: str, record: Any, after: dict[str, Any] | None
+               ) -> InterventionResult:
+        """The intervention's result in ``record``, one interval later (``after``: the
+        metrics it records there)."""
+        target, before = self.target, self.before
+        efficacy = units_efficacy(record, self.site, self.units) if self.units else None
+        if target == "below_tau_fraction" and self.units:  # (pending in an older checkpoint)
+            target, before = UNITS_QUIET, 1.0  # (what that run judged against)
+        if target == UNITS_QUIET:
+            value = efficacy["still_quiet"] if efficacy is not None else None
+            if before == 0.0:  # none of them quiet: nothing that share could show
+                target = None
+        else:
+            value = finite_or_none((after or {}).get(target)) if target else None
+        return InterventionResult(
+            self.id, remedy, self.site, int(record.step), after,
+            target=target,
+            verdict=verdict(before, value, min_gain=self.min_gain, tolerance=self.tolerance)
+            if target else None,
+            efficacy=efficacy,
+            before={target: before} if target and before is not None else None)
