@@ -137,6 +137,7 @@ class RunRecording:
         _declined: dict[str, set[str]]
         _unwritten: list[list[int]]
         _events_unwritten: list[dict[str, Any]]
+        _closed: bool
         _records: deque[IntervalRecord]
         _records_dropped: int
         _events: deque[dict[str, Any]]
@@ -156,7 +157,7 @@ class RunRecording:
             self._claimed_run_dir = True
         writer = RunWriter(self.run_dir, resume=self.resume or self._wrote_run_dir, claimed=True,
                            resume_advice=self.resume_advice)
-        self._writer, self._wrote_run_dir = writer, True
+        self._writer, self._wrote_run_dir, self._closed = writer, True, False
         if writer.previous_meta is not None and not self._previous_sites:
             self._take_previous_sites(writer.previous_meta)
         self._previous_unwritten = writer.previous_unwritten
@@ -355,6 +356,7 @@ class RunRecording:
             except Exception as e:
                 self._write_failed(e)
         writer, self._writer = self._writer, None
+        self._closed = self._wrote_run_dir
         if writer is not None:
             try:
                 if self._meta_dirty:
@@ -381,8 +383,25 @@ class RunRecording:
                 self._write_failed(e)
         elif self.is_writer and self.run_dir is not None:
             self._events_unwritten.append(ev)  # written with the next log that reaches disk
+            if self._closed:  # none comes: a remedy acting after training (a test's load)
+                self._write_events_after_close()
         for fn in self._event_listeners:
             fn(ev)
+
+    def _write_events_after_close(self) -> None:
+        """Append the events kept back to the closed run directory, through a writer opened
+        for them alone (an undo of a swap at ``trainer.test(ckpt_path=...)``, after ``fit``
+        closed the run: it was kept in memory only, and the run directory still said the
+        swap was in place)."""
+        assert self.run_dir is not None
+        try:
+            writer = RunWriter(self.run_dir, resume=True, claimed=True)
+            try:
+                self._append_events(writer, [])
+            finally:
+                writer.close()
+        except Exception as e:
+            self._write_failed(e)
 
     def _append_events(self, writer: RunWriter, events: list[dict[str, Any]]) -> None:
         """Append ``events`` after those a failed write kept back (at most 10,000 kept)."""

@@ -19,7 +19,7 @@ from relu_doctor.errors import ReluDoctorError
 from relu_doctor.families import family_of
 from relu_doctor.metrics import site_metrics, unit_metrics
 from relu_doctor.remedies import DormantRecycler
-from relu_doctor.remedies.swap import _check_swappable
+from relu_doctor.remedies._activation_surgery import _check_swappable
 from relu_doctor.reports.findings import FindingView, finding_view, recommend
 from relu_doctor.reports.interventions import InterventionView, intervention_view
 from relu_doctor.stats import FIELDS, ROW

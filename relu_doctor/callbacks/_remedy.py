@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
-from relu_doctor.remedies import Remedy
+from relu_doctor.remedies import ActivationSwapper, Remedy
 from relu_doctor.remedies.base import refuse_sharded
 
 __all__ = ["SHARDED_STRATEGIES", "RemedyCallback", "sharded_strategy"]
@@ -80,6 +80,7 @@ class RemedyCallback(Callback, Generic[R]):
         self._trainer: pl.Trainer | None = None
         self._bound: Doctor | None = None
         self._module: weakref.ref[pl.LightningModule] | None = None  # the last fit's
+        self._state_loaded = self._checked_load = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """A module other than the last fit's starts the controllers over (subclasses that
@@ -87,6 +88,7 @@ class RemedyCallback(Callback, Generic[R]):
         if self._module is not None and self._module() is not pl_module:
             self._start_over()
         self._module = weakref.ref(pl_module)
+        self._state_loaded = self._checked_load = False  # (a checkpoint's state comes next)
 
     def _start_over(self) -> None:
         """Forget the last model's run: subclasses whose controllers outlive a model (the
@@ -151,13 +153,46 @@ class RemedyCallback(Callback, Generic[R]):
         return self._save()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._state_loaded = True
         if not state_dict:
             return
         self._check_state(state_dict)
         self._pending_state = dict(state_dict)
         self._apply_pending()
 
+    def _swapper(self) -> ActivationSwapper | None:
+        """The swapper this callback runs, if any: its swaps are checked against the
+        checkpoint a stage loads (:meth:`_check_loaded`)."""
+        return None
+
+    def _check_loaded(self, trainer: pl.Trainer) -> None:
+        """At a stage's start, once: a checkpoint loaded without this callback's state
+        (``ModelCheckpoint(save_weights_only=True)``, a run without the callback) leaves the
+        swaps in place, whose weights it may not have been trained with: said, as the
+        Hugging Face callback says it (a review: nothing was said)."""
+        swapper = self._swapper()
+        if self._checked_load or not getattr(trainer, "ckpt_path", None) or swapper is None:
+            return
+        self._checked_load = True
+        if not self._state_loaded and swapper.swaps:
+            swapper.warn(f"relu_doctor: {type(self).__name__}: the checkpoint loaded "
+                         f"({trainer.ckpt_path!r}) holds no state of this callback: the swaps of "
+                         f"{', '.join(map(repr, swapper.swaps))} stay, and its weights may have been "
+                         "trained without some of them.")
+
     # ------------------------------------------------------------------ wiring
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_loaded(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_loaded(trainer)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_loaded(trainer)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_loaded(trainer)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._refuse_sharding(trainer)
         self._trainer = trainer

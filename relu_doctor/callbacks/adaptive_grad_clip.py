@@ -126,6 +126,7 @@ class AdaptiveGradClip(RemedyCallback[AutoClip | AGC]):
 
     # ------------------------------------------------------------------ lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         clip = getattr(trainer, "gradient_clip_val", None)
         if clip:  # (before anything is bound, as HF's max_grad_norm and Keras' clipnorm)
             how = getattr(trainer.gradient_clip_algorithm, "value", "norm")

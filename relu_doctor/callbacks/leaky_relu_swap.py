@@ -6,8 +6,9 @@ A thin adapter around :class:`relu_doctor.remedies.ActivationSwapper`.
 ``setup``                       build the swapper on the LightningModule; for PReLU, get ready
                                 to recreate checkpointed PReLU modules before the model's
                                 weights are loaded
-``load_state_dict``             re-apply the checkpoint's swaps to the model (the base keeps a
-                                state that comes before ``setup`` until the swapper exists)
+``load_state_dict``             re-apply the checkpoint's swaps to the model, undoing those in
+                                place that it does not hold (the base keeps a state that comes
+                                before ``setup`` until the swapper exists)
 ``on_fit_start``                PReLU: give re-applied slopes to the new optimizers (before
                                 their checkpointed state is loaded)
 ``on_train_start``              bind the swapper to the ReluDoctor monitor's Doctor, with the
@@ -101,6 +102,9 @@ class LeakyReluSwap(RemedyCallback[ActivationSwapper]):
     def state_key(self) -> str:
         return self._generate_state_key(kind=self.kind, include=self.include, exclude=self.exclude)
 
+    def _swapper(self) -> ActivationSwapper | None:
+        return self.remedy
+
     @property
     def swapper(self) -> ActivationSwapper | None:
         """The :class:`~relu_doctor.remedies.ActivationSwapper` (after ``setup``)."""
@@ -126,7 +130,13 @@ class LeakyReluSwap(RemedyCallback[ActivationSwapper]):
         self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any
     ) -> None:
         """Before a checkpoint's weights load: put a PReLU wherever the checkpoint has PReLU
-        slopes for what is a ReLU in this fresh model."""
+        slopes for what is a ReLU in this fresh model, and undo the PReLU swaps in place
+        where it has none (saved before them: ``trainer.test(ckpt_path="best")`` after
+        ``fit``), which a strict load refused as missing keys before the callbacks' state
+        came to undo them."""
+        if self.remedy is not None and self.remedy.swaps:
+            self.remedy.undo_unsaved({"swaps": [
+                {"path": p} for p in self.remedy.swaps if f"{prefix}{p}.weight" in state_dict]})
         for path, m in list(module.named_modules()):
             key = f"{prefix}{path}.weight"
             if not path or key not in state_dict or family_of(m) is None:
@@ -136,6 +146,7 @@ class LeakyReluSwap(RemedyCallback[ActivationSwapper]):
                 swap_activation(module, path=path, kind="prelu", slope=self.slope, num_parameters=n)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         self._remove_hook()
         if self.remedy is not None and self.kind == "prelu":
             self.remedy.add_param_groups(
@@ -147,20 +158,6 @@ class LeakyReluSwap(RemedyCallback[ActivationSwapper]):
             self.remedy.optimizers = self._optimizers(trainer)
             self.remedy.schedulers = self._schedulers(trainer)
         super()._bind(trainer, doctor)
-
-    def _restore(self, state: Mapping[str, Any]) -> None:
-        """The checkpoint's swaps re-applied; those in place that it does not hold (made after
-        it was saved: ``trainer.test(ckpt_path="best")`` loading an earlier checkpoint into
-        the model training left, whose weights trained with the old activation there) are
-        undone first, said once, so that the model is the checkpoint's."""
-        swapper = self.remedy
-        assert swapper is not None
-        if undone := swapper.restore(keep={str(d.get("path")) for d in state.get("swaps", [])}):
-            swapper.warn(f"relu_doctor: LeakyReluSwap: the checkpoint loaded was saved before the "
-                         f"swap of {', '.join(repr(e.site) for e in undone)}: undone, so that the "
-                         "model is the checkpoint's (its weights trained with the old activation "
-                         "there).")
-        super()._restore(state)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hook()

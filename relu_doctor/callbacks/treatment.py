@@ -23,7 +23,14 @@ from relu_doctor.callbacks._remedy import RemedyCallback
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.init_check import InitReport, check_init
-from relu_doctor.remedies import DEFAULT_STEPS, AutoClip, PlanStep, Remedy, TreatmentPlan
+from relu_doctor.remedies import (
+    DEFAULT_STEPS,
+    ActivationSwapper,
+    AutoClip,
+    PlanStep,
+    Remedy,
+    TreatmentPlan,
+)
 from relu_doctor.remedies.plan_steps import plan_steps
 
 __all__ = ["ReluDoctorTreatment"]
@@ -104,6 +111,13 @@ class ReluDoctorTreatment(RemedyCallback[TreatmentPlan]):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._refuse_sharding(trainer)
+
+    def _swapper(self) -> ActivationSwapper | None:
+        plan = self.remedy
+        if plan is None or not any(s.remedy == "swap" for s in plan.steps):
+            return None
+        swapper = plan.remedy("swap")
+        return swapper if isinstance(swapper, ActivationSwapper) else None
 
     def _bind(self, trainer: pl.Trainer, doctor: Doctor) -> None:
         if self.remedy is None or self.remedy.model is not trainer.lightning_module:

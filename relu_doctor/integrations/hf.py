@@ -410,6 +410,9 @@ class ReluDoctorCallback(TrainerCallback):
             rem["autoclip"] = self._clip
         states = (saved or {}).get("remedies", {})
         for name, r in rem.items():
+            last = self.remedies.get(name)  # another train() of this Trainer: go on from it
+            if type(last) is type(r) and getattr(last, "model", None) is model:
+                r.carry_from(last)  # (its swaps in place adopted: a checkpoint undoes them)
             if name in states:
                 r.load_state_dict(states[name])
             r.bind(doc)
@@ -521,14 +524,8 @@ class ReluDoctorCallback(TrainerCallback):
                          "relu_doctor state: the LeakyReLU swaps stay, and the checkpoint's "
                          "weights may have been trained without some of them.")
             return
-        undone = swapper.restore(step=int(state.global_step),
-                                 keep={str(d.get("path")) for d in held.get("swaps", [])})
-        if undone:
-            swapper.warn(
-                f"relu_doctor: load_best_model_at_end loaded {best!r}, saved before the LeakyReLU "
-                f"swap of {', '.join(repr(e.site) for e in undone)}: its weights were trained "
-                "with the old activation there, so that swap is undone and the model is the "
-                "checkpoint's (recorded as a restore).")
+        swapper.undo_unsaved(held, loaded=f"load_best_model_at_end loaded {best!r}, which",
+                             step=int(state.global_step))
 
     def _step_aside(self) -> None:
         self._detach()

@@ -124,17 +124,25 @@ def test_a_module_named_like_a_site_is_swapped(tmp_path, name):
     assert ev["site"] == f"net.{name}" and ev["step"] == 4
 
 
-def test_a_checkpoint_saved_before_a_swap_loads_without_it(tmp_path):
+@pytest.mark.parametrize(("callback", "kind"), [
+    ("LeakyReluSwap", "leaky_relu"), ("LeakyReluSwap", "prelu"),
+    ("ReluDoctorTreatment", "leaky_relu")])  # (the plan's swap step is LeakyReLU's)
+def test_a_checkpoint_saved_before_a_swap_loads_without_it(tmp_path, callback, kind):
     """trainer.test(ckpt_path="best") loaded a checkpoint saved before a swap into the model
     training left: its ReLU-trained weights read through a LeakyReLU, silently (as the HF
     Trainer's load_best_model_at_end did). The swaps the checkpoint does not hold are undone,
-    said once: the model computes what the checkpoint's weights compute with ReLU."""
+    said once: the model computes what the checkpoint's weights compute with ReLU. A review
+    found the treatment plan's swaps left in place, a PReLU swap's missing slopes raising in
+    the strict load before the callbacks' state came, and the undo written nowhere (the run
+    closed at the end of fit)."""
     import warnings
 
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from relu_doctor.callbacks import ReluDoctorTreatment
     from relu_doctor.errors import ReluDoctorWarning
+    from relu_doctor.remedies import PlanStep
 
     class Net(L.LightningModule):
         def __init__(self) -> None:
@@ -164,7 +172,73 @@ def test_a_checkpoint_saved_before_a_swap_loads_without_it(tmp_path):
         return torch.utils.data.DataLoader(data, batch_size=8)
 
     model = Net()
+    remedy = (LeakyReluSwap(threshold=0.5, patience=1, kind=kind) if callback == "LeakyReluSwap"
+              else ReluDoctorTreatment(steps=[PlanStep("swap")], check_init=False))
     ck = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="score", mode="max", save_top_k=1)
+    trainer = L.Trainer(max_steps=16, val_check_interval=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=[
+                            ReluDoctor(log_every_n_steps=2, run_dir=tmp_path / "run"), remedy, ck])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader(), loader())
+    swapped = nn.LeakyReLU if kind == "leaky_relu" else nn.PReLU
+    assert isinstance(model.net[1], swapped) and ck.best_model_path.endswith("step=2.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.test(model, loader(), ckpt_path="best")
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)
+            and "saved before the" in str(w.message)]
+    assert isinstance(model.net[1], nn.ReLU) and len(said) == 1, said
+    assert len(trainer.optimizers[0].param_groups) == 1  # a PReLU's slopes gone with it
+    plain = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    weights = torch.load(ck.best_model_path, weights_only=False)["state_dict"]
+    plain.load_state_dict({k.removeprefix("net."): v for k, v in weights.items()})
+    x = torch.randn(8, 4)
+    assert torch.equal(model.net(x), plain(x))
+    # the run directory says so: swapped, then restored
+    done = [e["what"].split(" ")[0] for e in relu_doctor.load_run(tmp_path / "run").events
+            if e.get("type") == "intervention" and e.get("site") == "net.1"]
+    assert done == ["replaced", "restored"], done
+
+
+def test_a_checkpoint_without_the_callbacks_state_leaves_the_swaps_said(tmp_path):
+    """A checkpoint saved with save_weights_only=True (or by a run without the callback)
+    holds no swap state: the swaps stay, and Lightning never calls the callback's
+    load_state_dict. Said once, as the HF callback says it (a review: nothing was said)."""
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from relu_doctor.errors import ReluDoctorWarning
+
+    class Net(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+
+        def training_step(self, batch, i):
+            if self.global_step == 4:
+                with torch.no_grad():
+                    self.net[0].bias[:12] = -50.0
+            x, y = batch
+            return (self.net(x) - y).pow(2).mean()
+
+        def validation_step(self, batch, i):
+            self.log("score", -float(self.global_step))
+
+        def test_step(self, batch, i):
+            return None
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    model = Net()
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="score", mode="max", save_top_k=1,
+                         save_weights_only=True)
     trainer = L.Trainer(max_steps=16, val_check_interval=2, logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, callbacks=[
@@ -172,16 +246,12 @@ def test_a_checkpoint_saved_before_a_swap_loads_without_it(tmp_path):
                             LeakyReluSwap(threshold=0.5, patience=1), ck])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(model, loader(), loader())
-    assert isinstance(model.net[1], nn.LeakyReLU) and ck.best_model_path.endswith("step=2.ckpt")
+        trainer.fit(model, loader, loader)
+    assert "callbacks" not in torch.load(ck.best_model_path, weights_only=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.test(model, loader(), ckpt_path="best")
-    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)
-            and "saved before the swap" in str(w.message)]
-    assert isinstance(model.net[1], nn.ReLU) and len(said) == 1, said
-    plain = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
-    weights = torch.load(ck.best_model_path, weights_only=False)["state_dict"]
-    plain.load_state_dict({k.removeprefix("net."): v for k, v in weights.items()})
-    x = torch.randn(8, 4)
-    assert torch.equal(model.net(x), plain(x))
+        trainer.test(model, loader, ckpt_path="best")
+        trainer.test(model, loader)  # no checkpoint loaded: nothing to say
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    assert len(said) == 1 and "holds no state of this callback" in said[0], said
+    assert "'net.1'" in said[0] and isinstance(model.net[1], nn.LeakyReLU)

@@ -298,3 +298,32 @@ def test_the_best_checkpoint_loaded_at_the_end_comes_without_the_swaps_made_afte
     x = torch.randint(0, 64, (4, 8))
     with torch.no_grad():
         assert torch.equal(model.eval()(input_ids=x).logits, ref(input_ids=x).logits)
+
+
+def test_another_train_resumed_from_before_a_swap_undoes_it(tmp_path: Path) -> None:
+    """A second train() of the same Trainer, resumed from a checkpoint saved before a swap,
+    built a new swapper that knew nothing of the swap in place: the checkpoint's
+    ReLU-trained weights went on training through a LeakyReLU, silently (a review). The new
+    swapper goes on from the last train()'s, so the checkpoint's state undoes the swap."""
+    import warnings
+
+    from relu_doctor.errors import ReluDoctorWarning
+
+    model = _model()
+    cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None, leaky_relu_swap={
+        "threshold": 0.5, "patience": 1, "slope": 0.3, "include": [SITES[0]]})
+    kill = Kill(at=2)
+    trainer = _trainer(tmp_path, model, cb, kill, max_steps=8, save_strategy="steps",
+                       save_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert type(model.get_submodule(SITES[0])).__name__ == "LeakyReLU"
+    kill.at = -1  # (nothing dies this time: the swap is not made again)
+    trainer.args.max_steps = 10
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)
+            and "saved before the LeakyReLU swap" in str(w.message)]
+    assert type(model.get_submodule(SITES[0])).__name__ == "ReLU" and len(said) == 1, said

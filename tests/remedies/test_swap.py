@@ -352,6 +352,18 @@ def test_restore_names_the_swaps_sites_at_the_doctors_step():
     assert [e.site for e in sw3.restore(step=7)] == ["relu"]
 
 
+def test_restore_keeps_the_paths_named_not_their_substrings():
+    """``keep="13"`` (one path, as a str) kept the swap at ``"1"`` too: ``"1" in "13"`` (a
+    review). A str is one path; the others are undone, each recorded."""
+    net = nn.Sequential(*[m for _ in range(7) for m in (nn.Linear(4, 4), nn.ReLU())])
+    sw = ActivationSwapper(net)
+    sw.swap("1")
+    sw.swap("13")
+    assert [e.site for e in sw.restore(keep="13")] == ["1"]
+    assert list(sw.swaps) == ["13"] and isinstance(net[1], nn.ReLU)
+    assert isinstance(net[13], nn.LeakyReLU)
+
+
 # ======================================================================= PReLU, one slope per unit
 
 
