@@ -411,7 +411,7 @@ class ReluDoctorCallback(TrainerCallback):
         states = (saved or {}).get("remedies", {})
         for name, r in rem.items():
             last = self.remedies.get(name)  # another train() of this Trainer: go on from it
-            if type(last) is type(r) and getattr(last, "model", None) is model:
+            if last is not None and type(last) is type(r) and getattr(last, "model", None) is model:
                 r.carry_from(last)  # (its swaps in place adopted: a checkpoint undoes them)
             if name in states:
                 r.load_state_dict(states[name])
