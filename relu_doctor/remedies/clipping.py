@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -30,6 +30,7 @@ from relu_doctor.events import Intervention
 from relu_doctor.remedies.base import (
     DTENSOR,
     MODEL,
+    DoctorLike,
     RecordLike,
     Remedy,
     model_snapshot,
@@ -38,6 +39,8 @@ from relu_doctor.remedies.base import (
 )
 
 __all__ = ["AGC", "AutoClip"]
+
+C = TypeVar("C", bound="_Clipper")
 
 
 def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -95,6 +98,15 @@ class _Clipper(Remedy):
         #: which of several optimizers it clips (its events say so, and their ids differ
         #: from the other clippers'); None for the only one
         self.optimizer_index: int | None = None
+        self._listening = False  # bound as a listener: it reports its windows itself
+        self._said_idle = False
+
+    def bind(self: C, doctor: DoctorLike, *, listen: bool = True) -> C:
+        """Record its clipping through ``doctor``, window by window: binding clips nothing;
+        :meth:`attach` it to the optimizer, or call :meth:`clip_` before each step."""
+        super().bind(doctor, listen=listen)
+        self._listening = listen
+        return self
 
     def attach(
         self,
@@ -226,6 +238,12 @@ class _Clipper(Remedy):
         change)."""
         stats = self.read()
         self.last = stats
+        if self._listening and not stats["steps"] and not self._handles and not self._said_idle:
+            self._said_idle = True  # (a trial: AutoClip(1).bind(doc) alone, nothing clipped)
+            self.warn(f"relu_doctor: {type(self).__name__} is bound but clipped no step of this "
+                      "logging window: binding only records its clipping. Attach it to the "
+                      f"optimizer ({type(self).__name__}(...).attach(opt).bind(doc)) or call "
+                      "its clip_(model.parameters()) before each optimizer step.")
         if not stats["clipped"]:
             return []
         i = self.optimizer_index

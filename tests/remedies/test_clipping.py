@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import relu_doctor
@@ -241,6 +242,41 @@ def test_clipping_records_model_wide_events_whatever_the_module_names(name):
     for e in ivs:
         assert e["before"]["unclipped_grad_norm"] == e["details"]["clip"]["grad_norm"] > 0
         assert e["before"]["dead_fraction"] is not None
+
+
+@pytest.mark.parametrize("how", ["bind", "attach", "clip_", "plan"])
+def test_a_clipper_bound_but_clipping_nothing_says_so_once(how):
+    """``AutoClip(1).bind(doc)``, as every other remedy is used, clipped nothing without a
+    word (a trial): binding records the clipping, attaching or clip_ does it. Said once,
+    where it clipped no step of a window; not where it clips, nor inside a plan (which
+    switches it on itself)."""
+    import warnings
+
+    from relu_doctor.remedies import TreatmentPlan
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, log_every_n_steps=2, overhead_budget=None) as doc:
+            if how == "plan":
+                TreatmentPlan(net, optimizer=opt).bind(doc)
+            else:
+                clip = AutoClip(1).bind(doc)
+                if how == "attach":
+                    clip.attach(opt)
+            for _ in range(6):
+                opt.zero_grad()
+                net(torch.randn(16, 4)).sum().backward()
+                if how == "clip_":
+                    clip.clip_(net.parameters())
+                opt.step()
+                doc.step()
+    said = [str(w.message) for w in caught if "clipped no step" in str(w.message)]
+    assert len(said) == (1 if how == "bind" else 0), said
+    if said:
+        assert ".attach(opt)" in said[0] and "clip_(" in said[0]
 
 
 def _reference_rms(norms: list[float]) -> float | None:
