@@ -7,6 +7,7 @@ they were.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -73,13 +74,30 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _fed(model: nn.Module, what: str, *args: Any, **kwargs: Any) -> Any:
+    """``model(*args, **kwargs)``, refused with the way out where its forward does not take
+    them (a GNN's ``forward(x, edge_index, batch)`` fed ``batch[0]`` raised a bare
+    TypeError: a trial)."""
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise ReluDoctorError(
+            f"dataloader: scan feeds the model {what}, which {type(model).__name__}.forward does "
+            f"not take ({e}); pass forward=lambda model, batch: model(...) to say how a batch "
+            "goes in (e.g. model(*batch[:3]))."
+        ) from None
+    except ValueError:  # (no signature to read: the call says)
+        pass
+    return model(*args, **kwargs)
+
+
 def _default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
-        return model(batch)
+        return _fed(model, "the batch", batch)
     if isinstance(batch, (list, tuple)) and batch:
-        return model(batch[0])
+        return _fed(model, "the batch's first element", batch[0])
     if isinstance(batch, Mapping):
-        return model(**batch)
+        return _fed(model, "the batch's keys as keyword arguments", **batch)
     raise ReluDoctorError(
         f"dataloader: cannot feed a batch of type {type(batch).__name__} to the model; yield "
         "tensors, (input, target) tuples or keyword dicts, or pass forward=lambda model, "

@@ -84,6 +84,31 @@ def test_scan_of_a_bare_tensor_is_one_batch() -> None:
     assert res.unit_table.equals(same.unit_table)
 
 
+def test_scan_of_batches_the_model_does_not_take_says_how_to_feed_them() -> None:
+    """A GNN's forward(x, edge_index, batch), fed the batch's first element by scan's default,
+    raised a bare TypeError (a trial): it names forward= now, and the model is left as it
+    was. A model that takes the batch is not refused."""
+
+    class ThreeInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x, edge_index, batch):  # type: ignore[no-untyped-def]
+            return torch.relu(self.lin(x))
+
+    model = ThreeInputs().train()
+    data = [(torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long), torch.zeros(5))]
+    with pytest.raises(ReluDoctorError, match=r"dataloader: scan feeds the model the batch's first "
+                       r"element, which ThreeInputs.forward does not take \(missing a required argument: "
+                       r"'edge_index'\); "
+                       r"pass forward=lambda model, batch"):
+        relu_doctor.scan(model, data)
+    assert model.training and not any(m._forward_hooks for m in model.modules())
+    res = relu_doctor.scan(model, data, forward=lambda m, b: m(*b[:3]))
+    assert res.site_table["samples"].tolist() == [5]
+
+
 def test_write_report_of_a_model_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ReluDoctorError, match=r"run_or_path: expected a run record .*got Sequential.*not from the model"):
         write_report(net(), tmp_path / "r.html")  # type: ignore[arg-type]
