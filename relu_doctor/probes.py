@@ -1130,8 +1130,8 @@ class Probe(SiteRegistry, HookOwner):
         warnings.warn(
             "relu_doctor: torch.compile is tracing the activation hooks of "
             f"{type(self.model).__name__}. Forward statistics are computed inside the compiled "
-            "graph; gradient statistics (grad_rms, grad_zero_rate) are collected in eager "
-            "mode only and are missing for compiled forward passes.",
+            "graph; gradient statistics (grad_rms, grad_zero_fraction; per unit grad_zero_rate) "
+            "are collected in eager mode only and are missing for compiled forward passes.",
             stacklevel=2,
         )
 

@@ -701,7 +701,7 @@ class Sampler:
             if not self._warned_logs and len(self._log_laps) >= 3:
                 self._warned_logs = True
                 how = (
-                    f"every {self.every} steps, the least the bound remedies need "
+                    f"{_every(self.every)}, the least the bound remedies need "
                     f"({self.per_window} per logging interval)" if self.per_window
                     else "once per logging interval"
                 )
@@ -731,16 +731,18 @@ class Sampler:
                 + (f" (a logging window of {self._window} steps holds fewer: they pool windows "
                    "until they have them)" if short else " per logging window")
                 + ", so statistics are collected "
-                + ("at every step" if self.every == 1 else f"every {self.every} steps")
+                + _every(self.every)
                 if self.per_window
                 else f"a collecting step costs {1 + hook / plain:.2g}x a plain one, and "
                 f"collecting once per {self.every} steps is the least it does"
             )
             how = ("Log less often (a larger log_every_n_steps) to collect more sparsely "
                    "within the budget." if self.per_window else self._advice(plain, need))
+            cost = (f"that costs about {collecting:.2%} of a step, and logging with the work "
+                    f"at every step {rest:.2%}: {collecting + rest:.2%}" if self._log_laps else
+                    f"that alone costs about {collecting:.2%} of a step (logging not timed yet)")
             warnings.warn(
-                f"relu_doctor: {why}; that costs about {collecting:.2%} of a step, and logging "
-                f"with the work at every step {rest:.2%}: {collecting + rest:.2%}, more than "
+                f"relu_doctor: {why}; {cost}, more than "
                 f"overhead_budget={self.overhead_budget:g}. {how}",
                 ReluDoctorWarning,
                 stacklevel=user_stacklevel(),
@@ -787,3 +789,8 @@ class Sampler:
         if hook is None or plain is None or plain <= 0.0:
             return None
         return hook / (self.every * plain) + (self._log_s() or 0.0) / plain
+
+
+def _every(n: int) -> str:
+    """How often statistics are collected, in words."""
+    return "at every step" if n == 1 else f"every {n} steps"
