@@ -225,6 +225,24 @@ def _recurrent_relu(model: nn.Module) -> str:
             "ReLU runs inside torch's recurrent kernel, where no hook sees it")
 
 
+def _unwatched(model: nn.Module) -> list[str]:
+    """What of ``model`` no hook can watch, in words (kept in the run's meta.json: the report
+    says it too)."""
+    out = []
+    if scripted := _scripted_roots(model):
+        out.append(f"{module_label(scripted[0])!r}"
+                   f"{f' (and {len(scripted) - 1} more)' if len(scripted) > 1 else ''} is a "
+                   "TorchScript module inside the model: its forward runs outside Python, so "
+                   "its activations are not watched. The rest of the model is.")
+    if recurrent := _recurrent_relu(model):
+        out.append(f"{recurrent}, so it is not watched. The rest of the model is.")
+    return out
+
+
+#: Models whose unwatched parts were said (once per model, whatever watches it again).
+_SAID_UNWATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 class Probe(SiteRegistry, HookOwner):
     """Hooks on a model's ReLU-family activations, recording into per-site accumulators.
 
@@ -350,6 +368,8 @@ class Probe(SiteRegistry, HookOwner):
         self._warned_spread = False
         self._bw_depth = 0
         self._attached = False
+        #: what of the model no hook can watch, in words (said once per model at attach)
+        self.unwatched: list[str] = []
         self._listeners: list[Callable[[], None]] = []
         self._detach_listeners: list[Callable[[], object]] = []  # see on_detach
         self._renewal_listeners: list[Callable[[str], object]] = []
@@ -419,22 +439,12 @@ class Probe(SiteRegistry, HookOwner):
         """Register the hooks. Raises :class:`ReluDoctorError` if there is nothing to watch."""
         if self._attached:
             return self
-        scripted = _scripted_roots(self.model)
-        if scripted and self.stream != "eval":  # (said once, by training's probe)
-            warnings.warn(
-                f"relu_doctor: {module_label(scripted[0])!r}"
-                f"{f' (and {len(scripted) - 1} more)' if len(scripted) > 1 else ''} is a "
-                "TorchScript module inside the model: its forward runs outside Python, so "
-                "its activations are not watched. The rest of the model is.",
-                ReluDoctorWarning,
-                stacklevel=user_stacklevel(),
-            )
-        if (recurrent := _recurrent_relu(self.model)) and self.stream != "eval":
-            warnings.warn(
-                f"relu_doctor: {recurrent}, so it is not watched. The rest of the model is.",
-                ReluDoctorWarning,
-                stacklevel=user_stacklevel(),
-            )
+        self.unwatched = _unwatched(self.model) if self.stream != "eval" else []
+        if self.unwatched and self.model not in _SAID_UNWATCHED:  # (once per model: an
+            _SAID_UNWATCHED.add(self.model)  # init check's Doctor said it again: a trial)
+            for text in self.unwatched:
+                warnings.warn(f"relu_doctor: {text}", ReluDoctorWarning,
+                              stacklevel=user_stacklevel())
         self._check_patterns()
         self._targets = self.targets()
         if not self._targets and self.require_modules:

@@ -451,6 +451,7 @@ class RunRecording:
                 **_processes(self.processes, self.all_reduce is not None),
             },
             **({"ended_by": self.ended_by} if self.ended_by else {}),
+            **({"unwatched": list(self.probe.unwatched)} if self.probe.unwatched else {}),
             **({"records_dropped": self._previous_dropped} if self._previous_dropped else {}),
             **({"lifetime_since": self._lifetime_since} if self._lifetime_since else {}),
         }

@@ -641,9 +641,12 @@ def test_a_torchscript_submodule_is_left_out_with_one_warning_and_the_rest_watch
 
 
 @pytest.mark.parametrize("cell", [False, True])
-def test_a_recurrent_layer_with_relu_is_said_to_be_unseen_and_the_rest_watched(cell):
+def test_a_recurrent_layer_with_relu_is_said_to_be_unseen_and_the_rest_watched(cell, tmp_path):
     """nn.RNN(nonlinearity='relu') runs its ReLU in torch's kernel: relu_doctor had said
-    nothing (and with no other activation, that the model 'ran no ReLU-family activation')."""
+    nothing (and with no other activation, that the model 'ran no ReLU-family activation').
+    Said once per model (a plan's init check watching it again said it twice), and kept in
+    the run: the report said nothing of it, and read "sites 1" as the whole model (a
+    trial)."""
     torch.manual_seed(0)
     rnn = nn.RNNCell(4, 8, nonlinearity="relu") if cell else nn.RNN(4, 8, nonlinearity="relu")
     model = nn.ModuleDict({"rnn": rnn, "tanh": nn.RNN(4, 8), "head": nn.Sequential(
@@ -657,15 +660,24 @@ def test_a_recurrent_layer_with_relu_is_said_to_be_unseen_and_the_rest_watched(c
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1) as doc:
+        with relu_doctor.watch(model, log_every_n_steps=2, every_n_steps=1,
+                               run_dir=tmp_path / "run") as doc:
+            relu_doctor.watch(model).detach()  # watched again: not said again
             for _ in range(2):
                 forward(torch.randn(5, 3, 4)).sum().backward()
                 doc.step()
     said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
     kind = "RNNCell" if cell else "RNN"
-    assert said == [f"relu_doctor: 'rnn' is an {kind} with nonlinearity='relu': its ReLU runs "
-                    "inside torch's recurrent kernel, where no hook sees it, so it is not "
-                    "watched. The rest of the model is."]  # the tanh one: nothing to say
+    text = (f"'rnn' is an {kind} with nonlinearity='relu': its ReLU runs inside torch's "
+            "recurrent kernel, where no hook sees it, so it is not watched. The rest of the "
+            "model is.")
+    assert said == [f"relu_doctor: {text}"]  # the tanh one: nothing to say
+    from relu_doctor.reports import render_report, summary
+
+    run = relu_doctor.load_run(tmp_path / "run")
+    assert run.meta["unwatched"] == [text]
+    assert f"Not watched:</strong> {text}".replace("'", "&#39;") in render_report(run)
+    assert f"Not watched: {text}" in summary(run)
     assert [s.name for s in doc.sites] == ["head.1"]
     assert doc.to_pandas().iloc[0]["dead"] == int(((torch.cat(outs) > 0).sum(0) == 0).sum())
 

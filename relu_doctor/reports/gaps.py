@@ -42,6 +42,8 @@ class Gaps:
         lost_tables: the tables the run wrote (``meta.json``'s ``tables``) whose folder is
             missing or cannot be listed, or with a part skipped: what they would show is
             lost (or partly), not unlogged.
+        unwatched: what of the model no hook could watch (an ``nn.RNN`` with
+            ``nonlinearity='relu'``, a TorchScript submodule), as said at ``watch``.
     """
 
     unwritten: list[tuple[int, int]] = field(default_factory=list)
@@ -51,9 +53,11 @@ class Gaps:
     lost_tables: list[str] = field(default_factory=list)
     ended_by: str = ""
     partly: list[int] = field(default_factory=list)
+    unwatched: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.unwritten or self.skipped or self.unclosed or self.ended_by)
+        return bool(self.unwritten or self.skipped or self.unclosed or self.ended_by
+                    or self.unwatched)
 
     @property
     def one_unwritten(self) -> bool:
@@ -99,5 +103,6 @@ def read_gaps(run: Run) -> Gaps:
         unclosed=run.writer_open,
         lost_tables=sorted(lost),
         ended_by=ended if isinstance(ended := run.meta.get("ended_by"), str) else "",
+        unwatched=[str(t) for t in run.meta.get("unwatched") or [] if isinstance(t, str)],
     )
 

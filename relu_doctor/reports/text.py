@@ -55,6 +55,7 @@ def _gap_lines(ctx: ReportContext, shown: int = 3) -> list[str]:
     if gaps.ended_by:
         lines.append(f"  Ended early: training stopped on {gaps.ended_by}; what it logged up "
                      "to then is shown")
+    lines += [f"  Not watched: {_clip(t, 200)}" for t in gaps.unwatched]
     if gaps.unwritten:
         cause = f" ({gaps.write_error})" if gaps.write_error else ""
         one = gaps.one_unwritten
