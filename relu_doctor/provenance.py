@@ -9,8 +9,8 @@ alone cannot say this: ``(N, C, L)`` from a Conv1d and ``(N, L, F)`` from a Line
 :class:`ProvenanceTracker` follows the tensors of one forward pass through a
 :class:`~torch.overrides.TorchFunctionMode` and gives each an :class:`Origin` (the producer,
 the dim holding its features, how many): producers are ``F.linear``, a ``matmul`` with a
-weight (a parameter, or a permute/cast of one), ``F.conv*``, ``F.embedding``; norms, dropout,
-elementwise ops (an add of a same-shape residual, a scalar mul, the activations themselves),
+weight (a parameter, or a permute/cast of one; on the left, ``W @ x``, its rows),
+``F.conv*``, ``F.embedding``; norms, dropout, elementwise ops (an add of a same-shape residual, a scalar mul, the activations themselves),
 pooling and slicing keep the feature axis; ``permute``/``transpose``/``movedim`` move it;
 ``reshape``/``view``/``flatten``/``squeeze``/``unsqueeze`` keep it where the axis stays whole;
 ``torch.cat`` along the feature axis makes a new one (DenseNet). A norm with no producer
@@ -244,11 +244,17 @@ class ProvenanceTracker:
                 self._set(out, self._made(out.dim() - 1, name, weight, "Linear", "features"))
             return
         if name in _MATMUL:
-            weight = args[2] if name in ("addmm", "baddbmm") and len(args) > 2 else (
-                args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
-            )
-            if isinstance(out, torch.Tensor) and self._weight(weight) is not None:
+            i = 1 if name in ("addmm", "baddbmm") else 0  # (their first argument: the bias)
+            left = args[i] if len(args) > i else kwargs.get("mat1", kwargs.get("batch1"))
+            weight = args[i + 1] if len(args) > i + 1 else kwargs.get(
+                "other", kwargs.get("mat2", kwargs.get("batch2")))
+            if not isinstance(out, torch.Tensor):
+                return
+            if self._weight(weight) is not None:  # x @ W: the last dim
                 self._set(out, self._made(out.dim() - 1, name, weight, "", "features"))
+            elif self._weight(left) is not None and out.dim() >= 2:  # W @ x: the rows (a trial:
+                # a GNN's relu(W @ x.T) of N nodes read as N units, calls dropped as N varied)
+                self._set(out, self._made(out.dim() - 2, name, left, "", "features"))
             return
         if name in _CONV:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")

@@ -270,6 +270,38 @@ def test_a_1d_call_skipped_leaves_the_same_call_on_batches_watched() -> None:
     assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
 
 
+class _FeaturesFirst(nn.Module):
+    """A GNN layer computed features-first: ``relu(W @ x.T)``, (16, N) for N nodes."""
+
+    def __init__(self, mm: str) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 8) * 0.3)
+        self.mm = mm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w @ x.T if self.mm == "matmul" else torch.mm(self.w, x.T)
+        return torch.relu(h)
+
+
+@pytest.mark.parametrize("mm", ["matmul", "mm"])
+def test_a_weight_on_the_left_of_a_matmul_makes_its_rows_the_units(mm: str) -> None:
+    """``relu(W @ x.T)`` of N nodes was read by the shape rule as N units, and every call
+    with another N left out (a trial: 1 of 10 calls counted, the table saying 10 steps).
+    A weight on the left makes the rows: 16 units, every call counted."""
+    torch.manual_seed(0)
+    model = _FeaturesFirst(mm)
+    batches = [torch.randn(n, 8) for n in (9, 5, 23, 16)]
+    doc, said = _run_recording_warnings(model, lambda doc: [
+        (model(x).sum().backward(), doc.step()) for x in batches])
+    assert not said, said
+    (site,) = doc.sites
+    assert (site.unit_dim, site.units) == (0, 16)
+    with torch.no_grad():
+        h = torch.cat([torch.relu(model.w @ x.T).T for x in batches])  # (sum N, 16)
+    total = site.stats.lifetime + site.stats.window
+    assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
+
+
 @pytest.mark.parametrize("conv", [False, True])
 def test_a_module_run_unbatched_and_batched_keeps_its_units(conv: bool) -> None:
     """A layer run on one sample and on batches (an RL policy, a ``(C, H, W)`` image) holds
