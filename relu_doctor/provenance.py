@@ -10,8 +10,8 @@ alone cannot say this: ``(N, C, L)`` from a Conv1d and ``(N, L, F)`` from a Line
 :class:`~torch.overrides.TorchFunctionMode` and gives each an :class:`Origin` (the producer,
 the dim holding its features, how many): producers are ``F.linear``, a ``matmul`` with a
 weight (a parameter, or a permute/cast of one; on the left, ``W @ x``, its rows),
-``F.conv*``, ``F.embedding``; norms, dropout, elementwise ops (an add of a same-shape residual, a scalar mul, the activations themselves),
-pooling and slicing keep the feature axis; ``permute``/``transpose``/``movedim`` move it;
+``F.conv*``, ``F.embedding``; norms, dropout, elementwise ops (an add of a same-shape
+residual, a scalar mul, the activations themselves), pooling and slicing keep the feature axis; ``permute``/``transpose``/``movedim`` move it;
 ``reshape``/``view``/``flatten``/``squeeze``/``unsqueeze`` keep it where the axis stays whole;
 ``torch.cat`` along the feature axis makes a new one (DenseNet). A norm with no producer
 before it (BatchNorm on the input) is the producer itself.
