@@ -512,13 +512,17 @@ def gradient_flow_figure(
             lpick = [s for s in pick if s in lsteps] or lsteps[-1:]
             lpal = dict(zip(lpick, sns.color_palette("flare", len(lpick)), strict=True))
             _by_depth(axes.pop(0), lay, "layer", "grad_norm", names, lpal, "s",
-                      "parameter gradient by layer", "gradient norm")
+                      "parameter gradient by layer", "gradient norm",
+                      # (their order is the model's, not the pass's: a Llama layer's norms
+                      # come after its MLP there, an LLM trial)
+                      xlabel="layers in the model's registration order")
     return fig
 
 
 def _by_depth(
     ax: Any, frame: pd.DataFrame, where: str, value: str, order: list[str],
     palette: dict[int, Any], marker: str, title: str, ylabel: str,
+    xlabel: str = "input side → output side",
 ) -> None:
     """One line per step in ``palette``: ``value`` at each place of ``order`` (column ``where``)."""
     labels = _labels(order, 30)
@@ -534,7 +538,7 @@ def _by_depth(
     _depth_axis(ax, [labels[s] for s in order])
     ax.set_title(title)
     ax.set_ylabel(f"{ylabel} ({_gradient_scale(ax, frame[value].astype(float))})")
-    ax.set_xlabel("input side → output side")
+    ax.set_xlabel(xlabel)
     ax.legend(frameon=False, fontsize=7)
 
 
