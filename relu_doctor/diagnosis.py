@@ -460,7 +460,7 @@ def diagnose(
                    f"({names['swap']}) or PReLU to learn the slope.") + also
                 if swappable
                 else f"Lower the learning rate (step or exponential decay){and_recycle}; check "
-                f"the initialisation and bias of the layer that feeds it ({unswappable}).{aside}"
+                f"the initialisation and bias of the layer that feeds it. {unswappable}{aside}"
             )
             out.append(
                 Finding(
@@ -730,18 +730,19 @@ def can_swap(family: str, leaky: bool, cap: float | None, op: str | None = None)
 def _why_not_swapped(family: str, leaky: bool, cap: float | None, op: str | None,
                      declined: Collection[str]) -> str:
     """Why a site that is not leaky is not advised the LeakyReLU swap (where
-    :func:`can_swap` says no, or the swap left it alone)."""
+    :func:`can_swap` says no, or the swap left it alone), as sentences of their own: said
+    inside another's clause, a trial read the swap's reasons as the feeding layer's."""
     if "leaky_relu_swap" in declined:
-        return "the LeakyReLU swap left this site alone"
+        return "The LeakyReLU swap left this site alone."
     if op is not None and can_swap(family, leaky, cap):
-        return ("a functional call, and the swap replaces activation modules: in your own "
-                "code, call F.leaky_relu there or make it an nn.ReLU module; in a library's "
-                "layer, pass a leaky activation where the layer takes one "
-                "(nn.TransformerEncoderLayer's activation=, a Hugging Face config's "
-                "hidden_act)")
+        return ("No LeakyReLU swap here: this is a functional call, and the swap replaces "
+                "activation modules. In your own code, call F.leaky_relu there or make it an "
+                "nn.ReLU module; in a library's layer, pass a leaky activation where the layer "
+                "takes one (nn.TransformerEncoderLayer's activation=, a Hugging Face config's "
+                "hidden_act).")
     capped = isinstance(cap, int | float) and family != "relu6"  # (relu6 says its cap)
     what = f"{family} capped at {cap:g}" if capped else family
-    return f"{what} cannot become a LeakyReLU without changing its outputs"
+    return f"No LeakyReLU swap here: {what} cannot become a LeakyReLU without changing its outputs."
 
 
 #: the remedies that recycle units (ReDo and its successor), by their names in events

@@ -385,12 +385,16 @@ def test_the_steps_since_monitoring_began_survive_a_resume() -> None:
 # ---------------------------------------------------------------------- remedy names per loop
 
 
-def _sick_site() -> tuple[list[dict], dict]:
-    """One site with 2 dead units (lifetime too) and 1 dormant unit of 8."""
+def _sick_site(born: bool = True) -> tuple[list[dict], dict]:
+    """One site with 2 dead units and 1 dormant unit of 8; the dead units never active
+    since monitoring began (``born``), or active before this window."""
     m = synthetic(1.0, units=8)
     m[[ROW["active"], ROW["sum"], ROW["sum_abs"], ROW["sum_sq"]], :2] = 0
     m[ROW["sum_abs"], 2] = 1e-4
-    u = unit_metrics(m, m, 0.1)
+    life = m.clone()
+    if not born:
+        life += synthetic(1.0, units=8)  # (an earlier window where every unit fired)
+    u = unit_metrics(m, life, 0.1)
     row = {"site": "s0", "family": "relu", "leaky": False, "cap": None, "order": 0,
            **site_metrics(m, u)}
     return [row], {"s0": u}
@@ -625,23 +629,31 @@ def test_within_a_severity_the_cause_and_the_largest_share_come_first():
 
 
 @pytest.mark.parametrize(("update", "said"), [
-    ({"cap": 3.0}, "(relu capped at 3 cannot become a LeakyReLU without changing its outputs)"),
+    ({"cap": 3.0}, "No LeakyReLU swap here: relu capped at 3 cannot become a LeakyReLU "
+                   "without changing its outputs."),
     # (the library case: a trial's nn.TransformerEncoderLayer, whose F.relu the user
     # cannot edit, and DistilBert's inline nn.ReLU()(x))
-    ({"op": "relu"}, "(a functional call, and the swap replaces activation modules: in your "
-                     "own code, call F.leaky_relu there or make it an nn.ReLU module; in a "
-                     "library's layer, pass a leaky activation where the layer takes one "
-                     "(nn.TransformerEncoderLayer's activation=, a Hugging Face config's "
-                     "hidden_act))"),
-])
-def test_a_capped_or_functional_relu_is_told_why_the_swap_is_not_advised(update, said):
+    ({"op": "relu"}, "No LeakyReLU swap here: this is a functional call, and the swap "
+                     "replaces activation modules. In your own code, call F.leaky_relu there "
+                     "or make it an nn.ReLU module; in a library's layer, pass a leaky "
+                     "activation where the layer takes one (nn.TransformerEncoderLayer's "
+                     "activation=, a Hugging Face config's hidden_act)."),
+], ids=["capped", "functional"])
+@pytest.mark.parametrize("born", [True, False], ids=["dead-since-start", "died"])
+def test_a_capped_or_functional_relu_is_told_why_the_swap_is_not_advised(update, said, born):
     """A ReLU with a cap (Keras' ReLU(max_value=3)) read "relu cannot become a LeakyReLU",
-    wrong as written; a functional F.relu was advised the swap, which replaces modules only."""
-    rows, units = _sick_site()
+    wrong as written; a functional F.relu was advised the swap, which replaces modules only.
+    Why the swap is not advised is a sentence of its own: a GNN trial read it in brackets
+    after "the layer that feeds it", as if it said something of that layer."""
+    rows, units = _sick_site(born)
     rows[0].update(update)
     assert not can_swap("relu", False, rows[0]["cap"], rows[0].get("op"))
     [dead] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "dead"]
-    assert dead.remedy.endswith(said + ".") and "ActivationSwapper" not in dead.remedy
+    assert dead.remedy.endswith(said) and "ActivationSwapper" not in dead.remedy
+    sentences = re.split(r"(?<=[.)])\s+(?=[A-Z(])", dead.remedy)
+    [feeding] = [s for s in sentences if "the layer that feeds it" in s]
+    assert not re.search(r"swap|LeakyReLU|functional|cannot become", feeding), feeding
+    assert any(s.startswith("No LeakyReLU swap here: ") for s in sentences)
 
 
 @pytest.mark.parametrize("declined", ["dormant_reset", "leaky_relu_swap"])
@@ -655,7 +667,7 @@ def test_a_remedy_that_left_a_site_alone_is_advised_there_no_more(declined):
     assert any(named in f.remedy for f in others)  # advised before it declined
     assert not [f for f in found if named in f.remedy]
     said = {"dormant_reset": "(dormant_reset left this site alone: see its warning.)",
-            "leaky_relu_swap": "(the LeakyReLU swap left this site alone)"}[declined]
+            "leaky_relu_swap": "The LeakyReLU swap left this site alone."}[declined]
     assert any(said in f.remedy for f in found)
 
 
