@@ -441,27 +441,46 @@ def diagnose(
                 asides[flag] = _bound_aside(names, above, config.tau)
         if row["dead"]:
             frac = float(row["dead_fraction"])
+            # Dead units none of which fired since monitoring began (at its first log, every
+            # dead unit: dead on its first step too) are what the initialisation or a bias
+            # made, not training: a lower learning rate cannot revive them, so their advice
+            # leads with the layer feeding them (a trial's units dead from a bias of -50, at
+            # SGD's lr 1e-4, were told to lower the learning rate first)
+            born = not _count(u, "dead", unless="lifetime_dead")
             # (the recycler given tau= where the dead units score above it: _recycle_dead)
-            and_recycle = (f" and {_recycle_dead(u, 'dead', names, config.tau)}"
-                           if recyclable else "")
+            recycle = (_recycle_dead(u, "dead", names, config.tau, "them" if born else "the units")
+                       if recyclable else "")
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
-            remedy = (
-                f"Lower the learning rate (step or exponential decay){and_recycle}; check the "
-                f"normalisation before this activation.{asides['dead']}"
-                if leaky
-                else "Lower the learning rate (step or exponential decay) and check the "
-                "initialisation and bias of the layer that feeds it; where the units stay "
-                + (f"dead, {plan} swaps this site once its dead fraction passes its swap "
-                   "step's threshold." if swapping.get(name) == "treatment_plan" else
-                   f"dead, the LeakyReLU swap bound here ({names['swap']}) swaps this site "
-                   "once its dead fraction passes the swap's threshold."
-                   if name in swapping else
-                   "dead, swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
-                   f"({names['swap']}) or PReLU to learn the slope.") + also
-                if swappable
-                else f"Lower the learning rate (step or exponential decay){and_recycle}; check "
-                f"the initialisation and bias of the layer that feeds it. {unswappable}{aside}"
-            )
+            feeds = "the initialisation and bias of the layer that feeds it"
+            lower = "Lower the learning rate (step or exponential decay)"
+            and_recycle = f" and {recycle}" if recycle else ""
+            since = ("these units have been stuck negative since monitoring began (from "
+                     "initialisation, where it began with the run), which a lower learning "
+                     "rate does not change" if leaky else
+                     "these units have not fired since monitoring began (from "
+                     "initialisation, where it began with the run), and a lower learning "
+                     "rate cannot revive them")
+            swap = (f"{plan} swaps this site once its dead fraction passes its swap step's "
+                    "threshold" if swapping.get(name) == "treatment_plan" else
+                    f"the LeakyReLU swap bound here ({names['swap']}) swaps this site once "
+                    "its dead fraction passes the swap's threshold" if name in swapping else
+                    "swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
+                    f"({names['swap']}) or PReLU to learn the slope")
+            if leaky:
+                remedy = (f"Check the normalisation before this activation and {feeds}: "
+                          f"{since}{'; ' + recycle if recycle else ''}." if born else
+                          f"{lower}{and_recycle}; check the normalisation before this "
+                          "activation.") + asides["dead"]
+            elif swappable:
+                remedy = (f"Check {feeds}: {since}. In this run, "
+                          f"{recycle + '; where they stay dead, ' if recycle else ''}{swap}."
+                          + asides["dead"] if born else
+                          f"{lower} and check {feeds}; where the units stay dead, {swap}."
+                          ) + also
+            else:
+                remedy = (f"Check {feeds}: {since}"
+                          f"{'. In this run, ' + recycle if recycle else ''}." if born else
+                          f"{lower}{and_recycle}; check {feeds}.") + f" {unswappable}{aside}"
             out.append(
                 Finding(
                     "dead", name,
@@ -754,17 +773,22 @@ def _recycle(names: Mapping[str, str | None], source: str = "ReDo") -> str:
     return f"({source}: {names['recycle']})"
 
 
+def _count(units: Mapping[str, torch.Tensor], flag: str, unless: str | None = None) -> int:
+    """How many units are flagged ``flag`` (and not ``unless``)."""
+    if isinstance(units, SiteUnits):  # (a log of hundreds of sites: no tensor op per site)
+        return units.count(flag, unless=unless)
+    hit = units[flag].bool()
+    return int((hit & ~units[unless].bool()).sum() if unless is not None else hit.sum())
+
+
 def _above_tau(units: Mapping[str, torch.Tensor], flag: str) -> tuple[int, int]:
     """``(above, flagged)``: how many units flagged ``flag`` score above tau (a leaky
     family's units stuck negative: their negative outputs count in the ReDo score), which a
     recycler choosing by score alone passes over, and how many are flagged."""
     if flag not in units or "below_tau" not in units:
         return 0, 0
-    if isinstance(units, SiteUnits):  # (a log of hundreds of sites: no tensor op per site)
-        above = units.count(flag, unless="below_tau")
-        return above, units.count(flag) if above else 0
-    flagged = units[flag].bool()
-    return int((flagged & ~units["below_tau"].bool()).sum()), int(flagged.sum())
+    above = _count(units, flag, unless="below_tau")
+    return above, _count(units, flag) if above else 0
 
 
 def _bound_aside(names: Mapping[str, str | None], above: int, tau: float) -> str:

@@ -656,6 +656,82 @@ def test_a_capped_or_functional_relu_is_told_why_the_swap_is_not_advised(update,
     assert any(s.startswith("No LeakyReLU swap here: ") for s in sentences)
 
 
+@pytest.mark.parametrize("feed", ["bias", "groupnorm"])
+def test_units_dead_since_the_start_are_sent_to_the_initialisation_not_the_learning_rate(
+        tmp_path, feed):
+    """A trial's layer dead from its initialisation (a bias of -50), at SGD's lr 1e-4, was
+    told "Lower the learning rate" first, and the report's "What to do first" said it too:
+    no learning rate revives units that never fired. Units dead since monitoring began
+    (read from the test's own hooks, every step since the first) are sent to the layer
+    that feeds them first, behind a GroupNorm's bias too; units that fired before and died
+    in the window are still told to lower the learning rate first."""
+    import relu_doctor
+    from relu_doctor.reports.text import summary
+
+    torch.manual_seed(0)
+    norm = [nn.GroupNorm(4, 16)] if feed == "groupnorm" else []
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), *norm, nn.ReLU(),
+                          nn.Linear(16, 3))
+    born = str(len(model) - 2)  # the second ReLU
+    with torch.no_grad():
+        model[len(model) - 3].bias[:8] = -50.0  # half its units dead from initialisation
+    fired: dict[str, list[torch.Tensor]] = {"1": [], born: []}  # per step, units active
+    for name in fired:
+        model.get_submodule(name).register_forward_hook(
+            lambda m, i, out, name=name: fired[name].append((out > 0).any(0)))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    with relu_doctor.watch(model, log_every_n_steps=3, overhead_budget=None, optimizer=opt,
+                           run_dir=tmp_path / "run") as doc:
+        for step in range(6):
+            if step == 3:  # units of '1' that fired in the first window die in the second
+                with torch.no_grad():
+                    model[0].bias[:4] = -50.0
+            loss = nn.functional.cross_entropy(model(torch.randn(32, 8)),
+                                               torch.randint(0, 3, (32,)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            doc.step()
+    found = findings_by(doc.records[-1])
+    for name, steps in fired.items():
+        dead = ~torch.stack(steps[3:]).any(0)  # the second window's dead units
+        since_start = ~torch.stack(steps).any(0)
+        assert dead.any()
+        f = found[("dead", name)]
+        assert f.evidence["dead_units"] == torch.nonzero(dead).flatten().tolist()
+        from_start = bool(since_start[dead].all())
+        assert from_start == (name == born)  # (the plants worked)
+        assert f.remedy.startswith("Check the initialisation and bias of the layer that feeds "
+                                   "it: these units have not fired since monitoring began"
+                                   ) == from_start, f.remedy
+        assert f.remedy.startswith("Lower the learning rate") != from_start, f.remedy
+        if from_start:  # (what can revive them in this run, after it)
+            assert "In this run, " in f.remedy and "ActivationSwapper" in f.remedy
+            assert ("recycle them (ReDo: DormantRecycler)" in f.remedy) == (feed == "bias")
+    worst = doc.records[-1].findings[0]  # (most severe first: what the summary says first)
+    assert (worst.kind, worst.site, worst.severity) == ("dead", born, "critical")
+    text = summary(relu_doctor.load_run(tmp_path / "run"))
+    assert f"What to do first ({born}): Check the initialisation and bias of the layer" in text
+
+
+@pytest.mark.parametrize("update", [{}, {"op": "relu"}, {"cap": 3.0},
+                                    {"family": "leaky_relu", "leaky": True}],
+                         ids=["relu", "functional", "capped", "leaky"])
+@pytest.mark.parametrize("born", [True, False], ids=["dead-since-start", "died"])
+def test_every_dead_finding_leads_with_the_feeding_layer_where_its_units_never_fired(
+        update, born):
+    """The same rule for every kind of site (the swap advised or not, a leaky family's
+    units stuck negative): dead units none of which fired since monitoring began are sent
+    to what feeds them first; dead units that fired before, to the learning rate."""
+    rows, units = _sick_site(born)
+    rows[0].update(update)
+    assert (units["s0"]["dead"] & ~units["s0"]["lifetime_dead"]).any() != born
+    [dead] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "dead"]
+    assert dead.remedy.startswith("Lower the learning rate") != born, dead.remedy
+    assert dead.remedy.startswith("Check the ") == born, dead.remedy
+    assert ("recycle them (ReDo: DormantRecycler)" in dead.remedy) == born  # (revives them)
+
+
 @pytest.mark.parametrize("declined", ["dormant_reset", "leaky_relu_swap"])
 def test_a_remedy_that_left_a_site_alone_is_advised_there_no_more(declined):
     """Once a remedy declined a site (ReDo at a residual sum, the swap at a shared module),

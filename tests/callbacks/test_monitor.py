@@ -770,9 +770,13 @@ class MySwap(LeakyReluSwap):
      "the kind of site it treats, leave it out.)"),
     (lambda: MySwap(patience=100, include="net.1"),
      "(LeakyReluSwap is on in this run: it acts by its own rule, and says when it does.)"),
-    (lambda: ReluDoctorTreatment(check_init=False),  # (its step named, not "the plan is on")
+    # (its step named, not "the plan is on"; the units dead since the start, its recycling
+    # too, which can revive them)
+    (lambda: ReluDoctorTreatment(check_init=False),
      "the treatment plan bound here (ReluDoctorTreatment) swaps this site once its dead "
-     "fraction passes its swap step's threshold."),
+     "fraction passes its swap step's threshold. (The treatment plan bound here "
+     "(ReluDoctorTreatment) recycles this site's dead and dormant units once its dead "
+     "fraction stays past its recycle step's threshold: see its interventions.)"),
     (lambda: None, None),
 ])
 def test_a_finding_says_when_its_remedy_callback_is_on(tmp_path, remedy, said):
