@@ -264,9 +264,10 @@ def _severity(frac: float, warn: float, crit: float) -> str:
 
 
 def _sampled(row: Mapping[str, Any], *, lifetime: tuple[int, int] | None = None,
-             what: str = "dead", passes: tuple[int, int] | None = None) -> str:
+             what: str = "dead", passes: tuple[int, int] | None = None, call: int = 0) -> str:
     """The window's sampling, where it collected fewer steps than it ran, or the site ran
-    in some of its recorded passes only (``passes``: those and all of them) ("" otherwise):
+    in some of its recorded passes only (``passes``: those and all of them; ``call``: the
+    site's call index, a later call of its activation in a pass where not 0) ("" otherwise):
     the fewer batches seen, the more units look ``what``. ``lifetime``: (steps collected,
     steps run) since monitoring began, said instead."""
     if lifetime is not None:
@@ -277,9 +278,13 @@ def _sampled(row: Mapping[str, Any], *, lifetime: tuple[int, int] | None = None,
                 "since monitoring began; a unit that fires rarely can be missed)")
     got, ran = row.get("steps_collected"), row.get("steps_run")
     if passes is not None:
+        # (a later call: a loop over a varying number of time steps makes them too)
+        why = (f"call #{call} of an activation called a varying number of times per pass, as "
+               "by a loop of varying length or a branch taken sometimes" if call else
+               "a branch taken sometimes")
         return (f"; this site ran in {passes[0]} of the window's {passes[1]} recorded passes "
-                f"through its module (a branch taken sometimes), and a unit is more likely to "
-                f"look {what} on fewer batches")
+                f"through its module ({why}), and a unit is more likely to look {what} on "
+                "fewer batches")
     if got is None or ran is None or got >= ran:
         return ""
     return (f"; statistics from {got} of the window's {ran} steps, and a unit is more likely "
@@ -311,6 +316,7 @@ def diagnose(
     recycling: Mapping[str, str] | None = None,
     recycling_by_score: Collection[str] = (),
     swapping: Mapping[str, str] | None = None,
+    call_index: Mapping[str, int] | None = None,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -349,8 +355,11 @@ def diagnose(
             are told how to have it take them.
         site_passes: by site, (recorded passes of the window that ran it, those that began
             at a module holding it), for the sites that ran in some only (a branch taken
-            sometimes): their dead and
+            sometimes, a later call in a loop of varying length): their dead and
             dormant findings say it, and their evidence holds both.
+        call_index: by site, its call index where not 0 (a later call of an activation
+            called several times in a pass: its module, or a functional op in its module's
+            forward), which ``site_passes`` says it is.
 
     Returns:
         Findings, most severe first.
@@ -380,6 +389,7 @@ def diagnose(
         u = units[name]
         fam = str(row["family"])
         passes = (site_passes or {}).get(name)
+        call = (call_index or {}).get(name, 0)
         leaky = bool(row.get("leaky"))
         seen = int(row["units_seen"])
         # Before the `seen` check: a site whose every output was NaN/Inf saw no finite
@@ -486,7 +496,7 @@ def diagnose(
                     "dead", name,
                     _severity(frac, config.dead_warning, config.dead_critical),
                     f"{row['dead']} of {seen} units ({frac:.1%}) {what} over the window "
-                    f"({fam}){_sampled(row, passes=passes)}.",
+                    f"({fam}){_sampled(row, passes=passes, call=call)}.",
                     {"dead": row["dead"], "units": seen, "dead_fraction": frac,
                      "dead_units": _units_list(u, "dead"), "family": fam, "leaky": leaky},
                     remedy, step,
@@ -528,7 +538,7 @@ def diagnose(
                     _severity(frac, config.dead_warning, config.dead_critical),
                     f"{n_dormant} of {seen} units ({frac:.1%}) dormant (ReDo score <= "
                     f"{config.tau}) but not dead"
-                    f"{_sampled(row, what='dead or dormant', passes=passes)}.",
+                    f"{_sampled(row, what='dead or dormant', passes=passes, call=call)}.",
                     {"dormant": n_dormant, "dormant_fraction": frac, "tau": config.tau,
                      "dormant_units": _units_list(u, "dormant")},
                     f"Recycle dormant units {_recycle(names, 'ReDo, Sokar et al. 2023')}: "

@@ -339,6 +339,7 @@ class IntervalReading:
                 site_rows, units, self.config, step=self.global_step,
                 param_grad_norms=norms, first_rms={**first_now, **self._first_rms},
                 declined=self._declined, site_passes=passes,
+                call_index={s.name: s.key.call_index for s in sites if s.key.call_index},
                 unrecyclable={s.name: _SUMMED if s.summed else _mixed(s.mixed)
                               for s in sites if s.summed or s.mixed},
                 recycling=self._recycling(sites),

@@ -848,6 +848,22 @@ def test_the_swap_advised_at_a_module_called_several_times_says_it_changes_every
         assert "A swap replaces" not in said["dead", site], site
 
 
+def test_a_later_call_run_on_fewer_passes_is_not_said_to_be_a_branch_only():
+    """A site that ran in some passes only is a branch taken sometimes where it is its
+    activation's first call; a later call (call_index > 0) is one a loop of varying length
+    reaches only when it is long, and is said so."""
+    rows, units = _sick_site()
+    rows = [{**rows[0], "site": name} for name in ("act#0", "act#3")]
+    found = diagnose(rows, {r["site"]: units["s0"] for r in rows}, DiagnosisConfig(),
+                     site_passes={"act#0": (4, 10), "act#3": (4, 10)}, call_index={"act#3": 3})
+    said = {(f.kind, f.site): f.message for f in found}
+    for kind in ("dead", "dormant"):
+        assert "passes through its module (a branch taken sometimes), " in said[kind, "act#0"]
+        assert ("passes through its module (call #3 of an activation called a varying number "
+                "of times per pass, as by a loop of varying length or a branch taken "
+                "sometimes), ") in said[kind, "act#3"]
+
+
 def test_units_of_a_leaky_family_never_active_are_not_called_wasted():
     """A GELU unit never positive still passes gradient: the HF text trial read "Units that
     never fired are wasted capacity" of units whose gradient RMS was like the live ones'."""

@@ -879,10 +879,62 @@ def test_a_site_run_on_some_passes_only_says_on_how_many_its_findings_rest(
             [dead] = [f for f in record.findings if f.kind == "dead" and f.site == name]
             assert (dead.evidence["site_passes"], dead.evidence["passes"]) == (n, total)
             assert f"this site ran in {n} of the window's {total} recorded passes through its " \
-                "module" in (
+                "module (a branch taken sometimes)" in (
                 dead.message)
             assert not any("site_passes" in f.evidence for f in record.findings
                            if f.site != name)
+
+
+@pytest.mark.filterwarnings("ignore:relu_doctor. 'act' ran 2 times in one recorded pass")
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_a_later_call_of_a_loop_of_varying_length_is_not_called_a_branch(
+    functional: bool,
+) -> None:
+    """A trial's RNN stepped one nn.ReLU over sequences of 2 to 8 steps: its sites act#2 to
+    act#7 ran on the longer sequences only, and their findings said "(a branch taken
+    sometimes)". A later call of an activation called a varying number of times per pass
+    says so; how many passes reached each call is counted by the test's own hook."""
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj, self.act = nn.Linear(4, 8), nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T, 4)
+            h = torch.zeros(())
+            for t in range(x.shape[1]):
+                z = self.proj(x[:, t])
+                h = h + (F.relu(z) if functional else self.act(z)).sum()
+            return h
+
+    torch.manual_seed(0)
+    model = Loop()
+    with torch.no_grad():
+        model.proj.bias[:3] = -50.0  # three dead units at every call
+    lengths = [2, 4, 3, 2, 4, 2]
+    calls: list[int] = []  # per pass, how many time steps it ran (the test's own count)
+    model.register_forward_pre_hook(lambda m, a: calls.append(0))
+    model.proj.register_forward_hook(lambda m, a, out: calls.__setitem__(-1, calls[-1] + 1))
+    with relu_doctor.watch(model, log_every_n_steps=len(lengths), overhead_budget=None) as doc:
+        for t in lengths:
+            model(torch.randn(5, t, 4)).backward()
+            record = doc.step()
+    assert record is not None and calls == lengths
+    dead = {f.site: f for f in record.findings if f.kind == "dead"}
+    names = {s.call_index: s.name for s in doc.sites}
+    assert sorted(names) == list(range(max(lengths)))
+    for k, name in names.items():
+        reached = sum(n > k for n in calls)
+        said = dead[name].message
+        if reached == len(calls):  # every pass: nothing said
+            assert "recorded passes" not in said, said
+            continue
+        assert (dead[name].evidence["site_passes"], dead[name].evidence["passes"]) == (
+            reached, len(calls))
+        assert (f"this site ran in {reached} of the window's {len(calls)} recorded passes "
+                f"through its module (call #{k} of an activation called a varying number of "
+                "times per pass, as by a loop of varying length or a branch taken sometimes)"
+                ) in said, said
 
 
 def test_networks_called_apart_are_each_measured_against_their_own_passes() -> None:
