@@ -663,7 +663,7 @@ def _gradient_findings(
                          f"gradient RMS falls to zero from {last[1]} to {first[1]}: no "
                          f"gradient reaches {first[1]}."),
                         ev,
-                        _dead_first(sites, config)
+                        _dead_first(sites, config, first[0], last[0])
                         + "ReLU keeps a constant gradient for active units, so vanishing points "
                         "at dead units or depth: add residual connections or BatchNorm, use He "
                         "initialisation, or SELU for self-normalising deep networks.",
@@ -723,17 +723,27 @@ def _on_frozen(f: Finding, layer: str) -> Finding:
     )
 
 
-def _dead_first(sites: Sequence[Mapping[str, Any]], config: DiagnosisConfig) -> str:
-    """Where a site is mostly dead, the first thing a vanishing gradient's remedy names: no
-    gradient flows back through dead units (residual connections and BatchNorm the model may
-    already have do not bring it back)."""
-    dead = [(int(r["order"]), str(r["site"]), float(r["dead_fraction"])) for r in sites
-            if float(r.get("dead_fraction", math.nan)) >= config.dead_critical
+def _dead_first(sites: Sequence[Mapping[str, Any]], config: DiagnosisConfig,
+                starved: int, output: int) -> str:
+    """Where a site between the ``starved`` one (by order, the input side's: excluded) and
+    the ``output`` side (included) is mostly dead, the first thing a vanishing gradient's
+    remedy names: no gradient flows back through dead units (residual connections and
+    BatchNorm the model may already have do not bring it back). The most dead of them is
+    named, the one nearest the output where they tie: a fully dead site passes no gradient
+    to any site before it, whatever the sites after it pass (a trial's 56% dead last site,
+    which passed gradient on, was named before the fully dead one behind it that stopped
+    it); of two fully dead ones, the gradient stops at the first it meets."""
+    dead = [(float(r["dead_fraction"]), int(r["order"]), str(r["site"])) for r in sites
+            if starved < int(r["order"]) <= output
+            and float(r.get("dead_fraction", math.nan)) >= config.dead_critical
             and not r.get("leaky")  # (a leaky unit passes its slope's gradient back)
             and not r.get("frozen")]  # (nothing to treat there while frozen: see _on_frozen)
     if not dead:
         return ""
-    _, site, frac = max(dead)  # the one nearest the output: it starves all before it
+    frac, _, site = max(dead)
+    if frac >= 1.0:
+        return (f"{site} has every unit dead, so no gradient flows back through it to the "
+                "sites before it: treat them first (see its finding). ")
     return (f"{site} has {frac:.0%} of its units dead, and no gradient flows back through "
             "dead units: treat them first (see its finding). ")
 

@@ -295,10 +295,76 @@ def test_a_vanishing_gradient_behind_a_dead_site_names_the_dead_units_first():
     assert f.remedy.startswith("ReLU keeps a constant gradient")
     rows[2]["dead_fraction"] = 1.0
     [f] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "vanishing_gradient"]
-    assert f.remedy.startswith("s2 has 100% of its units dead, and no gradient flows back")
+    assert f.remedy.startswith("s2 has every unit dead, so no gradient flows back through it")
+    rows[2]["dead_fraction"] = 0.6
+    [f] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "vanishing_gradient"]
+    assert f.remedy.startswith("s2 has 60% of its units dead, and no gradient flows back")
     rows[2]["leaky"] = True  # stuck negative, it still passes its slope's gradient back
     [f] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "vanishing_gradient"]
     assert f.remedy.startswith("ReLU keeps a constant gradient")
+
+
+@pytest.mark.parametrize(("dead", "named"), [
+    ({1: 1.0, 2: 0.6}, "s1"),  # the fully dead site stops it, not the last, partly dead one
+    ({1: 0.8, 2: 0.6}, "s1"),  # the most dead
+    ({1: 1.0, 2: 1.0}, "s2"),  # both fully dead: the gradient stops at the first it meets
+    ({0: 1.0}, None),  # the starved site's own dead units stop no gradient reaching it
+])
+def test_a_vanishing_gradient_names_the_dead_site_that_explains_it(dead, named):
+    """The most dead site between the starved one and the output side (the one nearest the
+    output where they tie) is named, not the one nearest the output of those >= 50% dead."""
+    rows, units = rows_for([0.0, 1.0, 1.0])
+    for order, frac in dead.items():
+        rows[order]["dead_fraction"] = frac
+    [f] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "vanishing_gradient"]
+    assert f.remedy.startswith(f"{named} has " if named else "ReLU keeps a constant"), f.remedy
+
+
+def test_a_vanishing_gradient_names_the_site_its_gradient_stops_at():
+    """A trial: Linear->ReLU '1' -> Linear(bias -50)->ReLU '3' (every unit dead) ->
+    Linear->ReLU '5' (about half dead) -> Linear, no gradient at '1'. The finding blamed
+    '5', which still passes gradient back; '3' stops it. Which site stops it is read from
+    the test's own hooks: the ReLU whose output gets a gradient and whose input gets none."""
+    import relu_doctor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[2].bias.fill_(-50.0)
+        model[4].bias[:9] = -50.0
+        model[4].bias[9:] = 1.0
+    into: dict[str, list[float]] = {"1": [], "3": [], "5": []}  # |dL/d(output)| summed
+    back: dict[str, list[float]] = {k: [] for k in into}  # |dL/d(input)| summed
+    active: dict[str, list[torch.Tensor]] = {k: [] for k in into}
+
+    def tap(name):
+        def hook(module, inputs, out):
+            active[name].append((out > 0).any(0))
+            out.register_hook(lambda g: into[name].append(float(g.abs().sum())))
+            inputs[0].register_hook(lambda g: back[name].append(float(g.abs().sum())))
+        return hook
+
+    for name in into:
+        model.get_submodule(name).register_forward_hook(tap(name))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with relu_doctor.watch(model, log_every_n_steps=4, overhead_budget=None) as doc:
+        for _ in range(4):
+            loss = nn.functional.cross_entropy(model(torch.randn(32, 8)),
+                                               torch.randint(0, 3, (32,)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            doc.step()
+    stops = [n for n in into if sum(into[n]) > 0 and sum(back[n]) == 0]
+    assert stops == ["3"]  # it gets a gradient and passes none back
+    dead = {n: 1.0 - float(torch.stack(a).any(0).double().mean()) for n, a in active.items()}
+    assert dead["5"] >= DiagnosisConfig().dead_critical  # (the site named before)
+    assert sum(back["5"]) > 0  # yet it passes gradient back
+    [f] = [f for f in doc.records[-1].findings if f.kind == "vanishing_gradient"]
+    assert f.evidence["input_side"] == "1" and f.evidence["input_grad_rms"] == 0.0
+    assert f.remedy.startswith(f"{stops[0]} has every unit dead, so no gradient flows back "
+                               "through it to the sites before it"), f.remedy
 
 
 def test_a_parameter_gradient_spike_is_an_exploding_gradient():
