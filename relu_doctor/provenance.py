@@ -208,6 +208,14 @@ class ProvenanceTracker:
             return None
         return got[1], got[2], got[3]
 
+    def _contracts_features(self, right: Any) -> bool:
+        """Whether ``W @ right`` sums over ``right``'s features, or ``right`` holds none
+        known (its origin unknown): what makes ``W``'s rows the features of the product."""
+        if not isinstance(right, torch.Tensor) or right.dim() < 2:
+            return False
+        got = self.origin(right)
+        return got is None or got.dim == right.dim() - 2
+
     def _made(self, dim: int, op: str, weight: Any, default: str, kind: str) -> Origin:
         """The origin of what ``op`` made from ``weight`` (its producer in words: the layer
         holding the weight, else ``default`` or the op)."""
@@ -252,8 +260,11 @@ class ProvenanceTracker:
                 return
             if self._weight(weight) is not None:  # x @ W: the last dim
                 self._set(out, self._made(out.dim() - 1, name, weight, "", "features"))
-            elif self._weight(left) is not None and out.dim() >= 2:  # W @ x: the rows (a trial:
-                # a GNN's relu(W @ x.T) of N nodes read as N units, calls dropped as N varied)
+            elif isinstance(left, nn.Parameter) and self._weight(left) is not None and (
+                    out.dim() >= 2 and self._contracts_features(weight)):  # W @ x: the rows (a
+                # trial: a GNN's relu(W @ x.T) of N nodes read as N units, calls dropped as N
+                # varied). Not where x holds features elsewhere: A_hat @ (x @ W), an adjacency
+                # or a learned mixing of the nodes, keeps x's (a review)
                 self._set(out, self._made(out.dim() - 2, name, left, "", "features"))
             return
         if name in _CONV:

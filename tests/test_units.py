@@ -302,6 +302,41 @@ def test_a_weight_on_the_left_of_a_matmul_makes_its_rows_the_units(mm: str) -> N
     assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
 
 
+class _Mixing(nn.Module):
+    """``relu(M @ lin(x))``: the nodes mixed by an adjacency buffer or a learned parameter,
+    the features those of ``lin``, on the last dim."""
+
+    def __init__(self, learned: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+        m = torch.rand(10, 10)
+        if learned:
+            self.m = nn.Parameter(m)
+        else:
+            self.register_buffer("m", m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.m @ self.lin(x))
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_a_weight_on_the_left_mixing_rows_of_features_keeps_their_units(learned: bool) -> None:
+    """A GCN's A_hat @ (x @ W), or a learned mixing of the nodes: the features are x @ W's
+    (4, the last dim), not the mixing's rows (a review of the rule above: the 10 nodes were
+    read as units)."""
+    torch.manual_seed(0)
+    model = _Mixing(learned)
+    batches = [torch.randn(10, 8) for _ in range(3)]
+    doc, said = _run_recording_warnings(model, lambda doc: [
+        (model(x).sum().backward(), doc.step()) for x in batches])
+    (site,) = doc.sites
+    assert (site.unit_dim, site.units) == (1, 4), said
+    with torch.no_grad():
+        h = torch.cat([model(x) for x in batches])
+    total = site.stats.lifetime + site.stats.window
+    assert total[FIELDS.index("active")].tolist() == (h > 0).sum(0).double().tolist()
+
+
 @pytest.mark.parametrize("conv", [False, True])
 def test_a_module_run_unbatched_and_batched_keeps_its_units(conv: bool) -> None:
     """A layer run on one sample and on batches (an RL policy, a ``(C, H, W)`` image) holds
