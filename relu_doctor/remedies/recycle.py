@@ -395,7 +395,22 @@ class DormantRecycler(LinkedRemedy):
         linked = self._finder.links_everywhere([(key, name)], doctor=self.doctor)[name]
         if isinstance(linked, str):
             raise (NotInPass if isinstance(linked, Later) else ReluDoctorError)(linked)
+        if before is None or "changed_units_quiet" not in before:
+            before = self._quiet_before(name, units, before)
         return self._recycle(key, name, units, step=step, before=before)
+
+    def _quiet_before(self, site: str, units: Sequence[int],
+                      before: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``before`` with the share of ``units`` dead or below tau, which the change is
+        judged against: from the bound Doctor's last record (with its site's metrics, where
+        ``before`` was not given), else all of them, the units a caller chose being its quiet
+        ones (a review: a direct call was judged no more, and the report read 100% before)."""
+        records = getattr(self.doctor, "records", None) or []
+        row = records[-1].site_row(site) if records else None
+        snap = units_snapshot(records[-1], row, units) if row is not None else {}
+        share = snap.get("changed_units_quiet")
+        return {**(snap if before is None else before),
+                "changed_units_quiet": 1.0 if share is None else share}
 
     def _recycle(
         self,

@@ -295,6 +295,33 @@ def test_a_recycling_by_its_own_tau_is_judged_from_its_units_share_quiet_when_ch
     assert res.verdict == verdict(quiet_before, quiet_after, min_gain=0.25) == "did not help"
 
 
+def test_a_direct_recycle_call_is_judged_from_the_doctors_last_record():
+    """``recycle(site, units=...)`` called directly (before=None) was judged no more after
+    the rule above, while the report read 100% before (a review). The share is read from
+    the bound Doctor's last record, with the site's metrics there."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        net[0].bias[:4] = -50.0  # units 0-3 dead
+        net[0].bias[4:] = 50.0  # the others always active
+    x = torch.randn(32, 4)
+    with relu_doctor.watch(net, log_every_n_steps=1) as doc:
+        r = DormantRecycler(net, every=1000).bind(doc)
+        net(x).sum().backward()
+        doc.step()
+        last = doc.records[-1].unit_table
+        ev = r.recycle("1", units=[0, 1, 2, 3, 4], step=1)
+        net(x).sum().backward()
+        doc.step()
+        events = doc.to_run().events
+    chosen = last[(last["site"] == "1") & last["unit"].isin([0, 1, 2, 3, 4])]
+    share = float((chosen["dead"].astype(bool) | chosen["below_tau"].astype(bool)).mean())
+    assert share == 0.8 and ev.before["changed_units_quiet"] == share
+    assert ev.before["dead_fraction"] == 0.5  # the site's metrics, from that record
+    (res,) = [e for e in events if e["type"] == "intervention_result"]
+    assert res["before"] == {"changed_units_quiet": share} and res["verdict"] is not None
+
+
 def test_a_recycling_of_units_none_of_which_was_quiet_is_not_judged_on_that_share():
     """Continual backprop replaces the units of least utility, quiet or not: where none of
     them was dead or below tau, their share so after cannot show whether it helped."""
