@@ -137,7 +137,9 @@ class RunRecording:
         _declined: dict[str, set[str]]
         _unwritten: list[list[int]]
         _events_unwritten: list[dict[str, Any]]
-        _closed: bool
+        _closed: str | None
+        _run_id: str | None
+        _said_after_close: bool
         _records: deque[IntervalRecord]
         _records_dropped: int
         _events: deque[dict[str, Any]]
@@ -157,7 +159,8 @@ class RunRecording:
             self._claimed_run_dir = True
         writer = RunWriter(self.run_dir, resume=self.resume or self._wrote_run_dir, claimed=True,
                            resume_advice=self.resume_advice)
-        self._writer, self._wrote_run_dir, self._closed = writer, True, False
+        self._writer, self._wrote_run_dir, self._closed = writer, True, None
+        self._run_id = writer.run_id
         if writer.previous_meta is not None and not self._previous_sites:
             self._take_previous_sites(writer.previous_meta)
         self._previous_unwritten = writer.previous_unwritten
@@ -356,7 +359,8 @@ class RunRecording:
             except Exception as e:
                 self._write_failed(e)
         writer, self._writer = self._writer, None
-        self._closed = self._wrote_run_dir
+        # the run this directory holds, which later events may go into (and no other)
+        self._closed = self._run_id if self._wrote_run_dir else None
         if writer is not None:
             try:
                 if self._meta_dirty:
@@ -392,16 +396,26 @@ class RunRecording:
         """Append the events kept back to the closed run directory, through a writer opened
         for them alone (an undo of a swap at ``trainer.test(ckpt_path=...)``, after ``fit``
         closed the run: it was kept in memory only, and the run directory still said the
-        swap was in place)."""
+        swap was in place). Only while the directory still holds this run: one removed is
+        not made again, and another run's is not written into (a review); said once."""
         assert self.run_dir is not None
         try:
+            meta = self.run_dir / "meta.json"
+            if not meta.is_file() or read_meta(self.run_dir).get("run_id") != self._closed:
+                raise RunDirError(f"{str(self.run_dir)!r} no longer holds this run "
+                                  f"({self._closed!r}): removed, or another run's since")
             writer = RunWriter(self.run_dir, resume=True, claimed=True)
             try:
                 self._append_events(writer, [])
             finally:
                 writer.close()
         except Exception as e:
-            self._write_failed(e)
+            if not self._said_after_close:
+                self._said_after_close = True
+                warnings.warn(f"relu_doctor: an event after the run closed ({e}) is not "
+                              "written to the run directory; it is kept in memory only.",
+                              ReluDoctorWarning,
+                              stacklevel=user_stacklevel())
 
     def _append_events(self, writer: RunWriter, events: list[dict[str, Any]]) -> None:
         """Append ``events`` after those a failed write kept back (at most 10,000 kept)."""

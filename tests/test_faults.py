@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn as nn
 
 import relu_doctor
 from relu_doctor import rundir
@@ -888,3 +889,50 @@ def test_a_failing_read_of_the_evaluation_stream_is_contained_and_counts_its_pas
     (rec,) = [r for r in doc.eval._records]
     assert rec.step == 10 and rec.steps_run == 4
     assert [row["elements"] for row in rec.site_rows] == [4 * 16 * 32, 4 * 16 * 32]
+
+
+@pytest.mark.parametrize("then", ["kept", "removed", "another run"])
+def test_an_event_after_the_run_closed_goes_into_that_run_only(tmp_path: Path, then: str) -> None:
+    """A remedy acting after the run closed (a swap undone at trainer.test's checkpoint
+    load) appends its event to the closed run's directory: only while it holds that run.
+    A removed directory was made again holding events alone, and another run's took the
+    old run's event (a review): said once, kept in memory."""
+    from relu_doctor.events import Intervention
+
+    run_dir = tmp_path / "run"
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        doc = relu_doctor.watch(net, log_every_n_steps=1, run_dir=run_dir)
+        for _ in range(2):
+            net(torch.randn(8, 4)).sum().backward()
+            doc.step()
+        doc.close()
+    if then != "kept":
+        shutil.rmtree(run_dir)
+    if then == "another run":
+        other = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with relu_doctor.watch(other, log_every_n_steps=1, run_dir=run_dir) as doc2:
+                other(torch.randn(8, 4)).sum().backward()
+                doc2.step()
+    told: list[str] = []
+    doc.add_event_listener(lambda e: told.append(e["what"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(2):
+            doc.record_event(Intervention("leaky_relu_swap", "1", 2, f"restored ReLU {i}",
+                                          id=f"leaky_relu_swap:1:{i}:restore"))
+    said = [str(w.message) for w in caught if "after the run closed" in str(w.message)]
+    assert told == ["restored ReLU 0", "restored ReLU 1"]  # recorded, whatever the disk
+    if then == "removed":
+        assert not run_dir.exists() and len(said) == 1, said
+        return
+    written = [json.loads(line)["what"] for line in (run_dir / "events.jsonl").read_text().splitlines()
+               if line.strip() and json.loads(line).get("type") == "intervention"]
+    if then == "kept":
+        assert written == ["restored ReLU 0", "restored ReLU 1"] and not said
+        assert relu_doctor.load_run(run_dir).meta["run_id"]  # still a run that loads
+    else:
+        assert written == [] and len(said) == 1, said
