@@ -41,6 +41,8 @@ from relu_doctor.remedies.base import (
 __all__ = ["AGC", "AutoClip"]
 
 C = TypeVar("C", bound="_Clipper")
+#: Logging windows a bound clipper may see without a step before it says it clips nothing.
+_IDLE_WINDOWS = 3
 
 
 def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -100,6 +102,7 @@ class _Clipper(Remedy):
         self.optimizer_index: int | None = None
         self._listening = False  # bound as a listener: it reports its windows itself
         self._said_idle = False
+        self._idle_windows = 0  # windows read since bind, while it never clipped a step
 
     def bind(self: C, doctor: DoctorLike, *, listen: bool = True) -> C:
         """Record its clipping through ``doctor``, window by window: binding clips nothing;
@@ -238,10 +241,15 @@ class _Clipper(Remedy):
         change)."""
         stats = self.read()
         self.last = stats
-        if self._listening and not stats["steps"] and not self._handles and not self._said_idle:
+        # never a step in its first windows (not one: an optimizer stepped less often than
+        # the logs, a GAN's, has windows without a step; a review)
+        self._idle_windows = -1 if stats["steps"] or self._idle_windows < 0 else (
+            self._idle_windows + 1)
+        if self._listening and self._idle_windows >= _IDLE_WINDOWS and not self._handles and (
+                not self._said_idle):
             self._said_idle = True  # (a trial: AutoClip(1).bind(doc) alone, nothing clipped)
-            self.warn(f"relu_doctor: {type(self).__name__} is bound but clipped no step of this "
-                      "logging window: binding only records its clipping. Attach it to the "
+            self.warn(f"relu_doctor: {type(self).__name__} is bound but clipped no step in "
+                      f"{_IDLE_WINDOWS} logging windows: binding only records its clipping. Attach it to the "
                       f"optimizer ({type(self).__name__}(...).attach(opt).bind(doc)) or call "
                       "its clip_(model.parameters()) before each optimizer step.")
         if not stats["clipped"]:
