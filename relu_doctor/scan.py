@@ -75,20 +75,24 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _fed(model: nn.Module, what: str, *args: Any, **kwargs: Any) -> Any:
-    """``model(*args, **kwargs)``, refused with the way out where its forward does not take
-    them (a GNN's ``forward(x, edge_index, batch)`` fed ``batch[0]`` raised a bare
-    TypeError: a trial)."""
+    """``model(*args, **kwargs)``; a TypeError where its forward does not take them is
+    refused with the way out (a GNN's ``forward(x, edge_index, batch)`` fed ``batch[0]``
+    raised a bare TypeError: a trial). Called first, the signature read only when it raised:
+    a pre-hook supplying an argument, or a decorated forward, runs as it would (a review)."""
     try:
-        inspect.signature(model.forward).bind(*args, **kwargs)
+        return model(*args, **kwargs)
     except TypeError as e:
-        raise ReluDoctorError(
-            f"dataloader: scan feeds the model {what}, which {type(model).__name__}.forward does "
-            f"not take ({e}); pass forward=lambda model, batch: model(...) to say how a batch "
-            "goes in (e.g. model(*batch[:3]))."
-        ) from None
-    except ValueError:  # (no signature to read: the call says)
-        pass
-    return model(*args, **kwargs)
+        try:
+            inspect.signature(model.forward).bind(*args, **kwargs)
+        except TypeError as unbound:
+            raise ReluDoctorError(
+                f"dataloader: scan feeds the model {what}, which {type(model).__name__}.forward "
+                f"does not take ({unbound}); pass forward=lambda model, batch: model(...) to say "
+                "how a batch goes in (e.g. model(*batch[:3]))."
+            ) from e
+        except ValueError:  # (no signature to read)
+            pass
+        raise
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:

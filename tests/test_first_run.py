@@ -107,6 +107,11 @@ def test_scan_of_batches_the_model_does_not_take_says_how_to_feed_them() -> None
     assert model.training and not any(m._forward_hooks for m in model.modules())
     res = relu_doctor.scan(model, data, forward=lambda m, b: m(*b[:3]))
     assert res.site_table["samples"].tolist() == [5]
+    # a pre-hook that supplies the rest: it runs as a direct call does (a review)
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: (args, {"edge_index": data[0][1], "batch": data[0][2]}),
+        with_kwargs=True)
+    assert relu_doctor.scan(model, data).site_table["samples"].tolist() == [5]
 
 
 def test_write_report_of_a_model_is_a_clear_error(tmp_path: Path) -> None:
