@@ -24,9 +24,13 @@ from relu_doctor.remedies._optim_state import add_param_group, remove_param_grou
 from relu_doctor.remedies.base import Optimizers, get_module, refuse_several, site_key_of
 from relu_doctor.sites import SiteKey, module_label
 
-__all__ = ["KIND_NAMES", "PRELU_ALONE", "SWAP_KINDS", "SwapRecord", "restore_activation", "swap_activation"]
+__all__ = ["KIND_NAMES", "PRELU_ALONE", "SWAPPED", "SWAP_KINDS", "SwapRecord", "restore_activation", "swap_activation"]
 
 SWAP_KINDS = ("leaky_relu", "prelu")
+#: The attribute of a module :func:`swap_activation` put in place: its swap's description
+#: (:meth:`SwapRecord.describe`), so that a swapper new to the model (a new Trainer's
+#: callback) knows it for a swap, which a checkpoint saved before it undoes.
+SWAPPED = "_relu_doctor_swap"
 #: What each kind puts in place, in words.
 KIND_NAMES = {"leaky_relu": "LeakyReLU", "prelu": "PReLU"}
 #: Why a PReLU swap needs one process (the other processes would not share its slopes).
@@ -195,7 +199,9 @@ def swap_activation(
     if params:
         for opt in opts:
             groups.append((opt, add_param_group(opt, params, schedulers=schedulers)))
-    return SwapRecord(where, paths, old, new, kind, float(slope), num_parameters, groups)
+    rec = SwapRecord(where, paths, old, new, kind, float(slope), num_parameters, groups)
+    new.__dict__[SWAPPED] = rec.describe()  # (a swapper that did not make it finds it by this)
+    return rec
 
 
 def restore_activation(

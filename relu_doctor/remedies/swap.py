@@ -35,6 +35,7 @@ from relu_doctor.remedies._activation_surgery import (
     KIND_NAMES,
     PRELU_ALONE,
     SWAP_KINDS,
+    SWAPPED,
     SwapRecord,
     _check_kind,
     _module_path,
@@ -361,7 +362,12 @@ class ActivationSwapper(Remedy):
         """Undo the swaps in place that ``state`` (this swapper's :meth:`state_dict` in a
         checkpoint) does not hold, said once and recorded as restores: ``loaded`` was saved
         before them, and its weights were trained with the old activation there (a best
-        checkpoint loaded into the model training left: logits off, silently)."""
+        checkpoint loaded into the model training left: logits off, silently). Swaps another
+        swapper made (a new Trainer's callback testing the model trained) count too."""
+        for path, m in self.model.named_modules():
+            desc = m.__dict__.get(SWAPPED)
+            if isinstance(desc, dict) and path not in self.swaps and desc.get("path") == path:
+                self.reapply(desc)
         undone = self.restore(step=step, keep=[str(d.get("path")) for d in state.get("swaps", [])])
         if undone:
             self.warn(f"relu_doctor: {loaded} was saved before the {KIND_NAMES[self.kind]} swap of "
