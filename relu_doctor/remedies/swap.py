@@ -134,6 +134,12 @@ class ActivationSwapper(Remedy):
         self._named: dict[str, tuple[str, list[str]]] = {}
         self.streaks: dict[str, int] = {}
         self._skipped: set[str] = set()
+        # Swaps made before it (another run's swapper, a new Trainer's callback): its own,
+        # so that its checkpoints hold them and a checkpoint saved before them undoes them
+        for path, m in self.model.named_modules():
+            desc = m.__dict__.get(SWAPPED)
+            if isinstance(desc, dict) and desc.get("path") == path:
+                self.reapply(desc)
 
     def _on_bind(self, doctor: DoctorLike) -> None:
         self.probe = doctor.probe
@@ -362,12 +368,9 @@ class ActivationSwapper(Remedy):
         """Undo the swaps in place that ``state`` (this swapper's :meth:`state_dict` in a
         checkpoint) does not hold, said once and recorded as restores: ``loaded`` was saved
         before them, and its weights were trained with the old activation there (a best
-        checkpoint loaded into the model training left: logits off, silently). Swaps another
-        swapper made (a new Trainer's callback testing the model trained) count too."""
-        for path, m in self.model.named_modules():
-            desc = m.__dict__.get(SWAPPED)
-            if isinstance(desc, dict) and path not in self.swaps and desc.get("path") == path:
-                self.reapply(desc)
+        checkpoint loaded into the model training left: logits off, silently). Swaps made
+        before this swapper was (a new Trainer's callback testing the model trained) are its
+        own from the start (their modules are marked)."""
         undone = self.restore(step=step, keep=[str(d.get("path")) for d in state.get("swaps", [])])
         if undone:
             self.warn(f"relu_doctor: {loaded} was saved before the {KIND_NAMES[self.kind]} swap of "

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import relu_doctor
-from relu_doctor.errors import ReluDoctorError
+from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
 from relu_doctor.remedies import ActivationSwapper, restore_activation, swap_activation
 from relu_doctor.sites import SiteKey
 from tests.remedies.helpers import (
@@ -350,6 +350,33 @@ def test_restore_names_the_swaps_sites_at_the_doctors_step():
     sw3 = ActivationSwapper(BasicBlock(4))
     sw3.load_state_dict(state)
     assert [e.site for e in sw3.restore(step=7)] == ["relu"]
+
+
+@pytest.mark.parametrize("copy", ["same", "deepcopy", "torch.load"])
+def test_a_swap_made_before_a_swapper_is_its_own_from_the_start(copy, tmp_path):
+    """A swapper built on a model swapped before (a later run's callback, an EMA copy, a
+    model saved whole and loaded) holds those swaps from the start: its checkpoints keep
+    them, and loading one leaves them (a review: its state listed none, so loading its own
+    checkpoint undid a LeakyReLU the weights had trained with). A state saved before a swap
+    still undoes it."""
+    import copy as copying
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    before = ActivationSwapper(net).state_dict()  # saved before the swap
+    ActivationSwapper(net).swap("1")
+    if copy == "deepcopy":
+        net = copying.deepcopy(net)
+    elif copy == "torch.load":
+        torch.save(net, tmp_path / "net.pt")
+        net = torch.load(tmp_path / "net.pt", weights_only=False)
+    later = ActivationSwapper(net)
+    saved = later.state_dict()
+    assert [d["path"] for d in saved["swaps"]] == ["1"]
+    ActivationSwapper(net).load_state_dict(saved)
+    assert isinstance(net[1], nn.LeakyReLU)
+    with pytest.warns(ReluDoctorWarning, match="saved before the LeakyReLU swap of '1'"):
+        ActivationSwapper(net).load_state_dict(before)
+    assert isinstance(net[1], nn.ReLU)
 
 
 def test_restore_keeps_the_paths_named_not_their_substrings():
