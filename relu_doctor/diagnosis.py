@@ -317,6 +317,7 @@ def diagnose(
     recycling_by_score: Collection[str] = (),
     swapping: Mapping[str, str] | None = None,
     call_index: Mapping[str, int] | None = None,
+    lifetime_restarted: bool = False,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -360,6 +361,9 @@ def diagnose(
         call_index: by site, its call index where not 0 (a later call of an activation
             called several times in a pass: its module, or a functional op in its module's
             forward), which ``site_passes`` says it is.
+        lifetime_restarted: the lifetime counts began after training did (a run resumed
+            without a checkpoint holding them): units dead in all of them may have fired
+            before, so they are not said to have never fired.
 
     Returns:
         Findings, most severe first.
@@ -456,7 +460,7 @@ def diagnose(
             # made, not training: a lower learning rate cannot revive them, so their advice
             # leads with the layer feeding them (a trial's units dead from a bias of -50, at
             # SGD's lr 1e-4, were told to lower the learning rate first)
-            born = not _count(u, "dead", unless="lifetime_dead")
+            born = not lifetime_restarted and not _count(u, "dead", unless="lifetime_dead")
             # (the recycler given tau= where the dead units score above it: _recycle_dead)
             recycle = (_recycle_dead(u, "dead", names, config.tau, "them" if born else "the units")
                        if recyclable else "")
@@ -498,7 +502,8 @@ def diagnose(
                     f"{row['dead']} of {seen} units ({frac:.1%}) {what} over the window "
                     f"({fam}){_sampled(row, passes=passes, call=call)}.",
                     {"dead": row["dead"], "units": seen, "dead_fraction": frac,
-                     "dead_units": _units_list(u, "dead"), "family": fam, "leaky": leaky},
+                     "dead_units": _units_list(u, "dead"), "family": fam, "leaky": leaky,
+                     "never_fired": born},
                     remedy, step,
                 )
             )

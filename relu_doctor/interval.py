@@ -197,6 +197,7 @@ class IntervalReading:
         _window_scheduled: int
         steps_run: int
         _lifetime_steps: tuple[int, int] | None
+        _lifetime_since: int | None
         _tracker: FindingTracker
         _grad_norm_history: deque[float]
         _first_rms: dict[str, float]
@@ -351,6 +352,7 @@ class IntervalReading:
                 lifetime_steps=None if self._lifetime_steps is None else (
                     self._lifetime_steps[0] + collected, self._lifetime_steps[1] + self.steps_run),
                 scaler_skipped=self._peek_skipped(),
+                lifetime_restarted=self._lifetime_since is not None,
             )
             findings, new, events = self._tracker.update(findings, self.global_step, commit=False)
             if logged:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -1200,3 +1201,73 @@ def test_a_bound_recycler_told_of_tau_only_where_it_acts(refused):
     dead = next(f for f in found if f.kind == "dead").remedy
     assert ("as dormant_reset={'tau': 0.1}, it takes the dead units" in dead) == (not refused), dead
     assert ("dormant_reset left this site alone" in dead) == refused, dead
+
+
+def test_units_dead_in_counts_that_restarted_are_not_said_to_have_never_fired(tmp_path):
+    """A run continued with resume=True and no checkpoint starts its lifetime counts again
+    (meta's lifetime_since): units that fired, then died before it, read as dead since
+    monitoring began, and were told they never fired and that no learning rate would
+    revive them (a review). The advice leads with the learning rate there, as in the run
+    that watched them die."""
+    import relu_doctor
+
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 16)
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    fired = torch.zeros(16, dtype=torch.bool)
+
+    def seen(m, a, out):
+        fired.__ior__((out > 0).flatten(0, -2).any(0))
+
+    model[1].register_forward_hook(seen)
+
+    def train(doc, n, kill_at=None):
+        for i in range(n):
+            if i == kill_at:
+                with torch.no_grad():
+                    lin.bias[:8] = -50.0  # (as a too-high learning rate's step would)
+            model(torch.randn(32, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with relu_doctor.watch(model, log_every_n_steps=5, optimizer=opt,
+                               run_dir=tmp_path / "run") as doc:
+            train(doc, 15, kill_at=7)
+        assert fired[:8].all()  # the test's own hooks: they fired before they died
+        with relu_doctor.watch(model, log_every_n_steps=5, optimizer=opt,
+                               run_dir=tmp_path / "run", resume=True) as doc:
+            train(doc, 5)
+    (dead,) = [f for f in doc.findings() if f.kind == "dead"]
+    assert dead.evidence["never_fired"] is False
+    assert dead.remedy.startswith("Lower the learning rate"), dead.remedy
+    assert relu_doctor.load_run(tmp_path / "run").meta["lifetime_since"] == 16
+
+
+@pytest.mark.parametrize("leaky", [False, True])
+def test_the_reports_advice_for_units_that_never_fired_leads_with_the_feeding_layer(leaky):
+    """The report rewrites a dead finding's advice for a leaky site, or where a remedy was
+    tried: it led with "lower the learning rate" (after a cut, "lower it further") where
+    the diagnosis said no learning rate revives units that never fired (a review). Its
+    evidence's never_fired (the diagnosis's own reading of its unit rows) says so."""
+    from relu_doctor.reports.findings import recommend
+
+    rows, units = _sick_site()
+    if leaky:
+        rows[0].update(family="leaky_relu", leaky=True)
+    for name in units:  # every dead unit dead since the start
+        units[name]["lifetime_dead"] = units[name]["dead"].clone()
+    found = diagnose(rows, units, DiagnosisConfig())
+    dead = next(f for f in found if f.kind == "dead")
+    assert dead.evidence["never_fired"] is True and "lifetime_dead" in {f.kind for f in found}
+    view = finding_view(dead)
+    if leaky:  # nothing tried: the diagnosis's words, which lead with the layer already
+        assert recommend(view, True, []) == dead.remedy
+    cut = InterventionView(step=2, after_step=4, site="s0", remedy="lr_rescue",
+                           what="lr x0.5", changes=[])
+    text = recommend(view, leaky, [cut])
+    assert text.split("Next: ")[-1].startswith("check the initialisation and bias"), text
+    assert "lower the learning rate" not in text

@@ -77,6 +77,9 @@ class FindingView:
     as_of: int | None = None
     #: where it goes among the findings, most severe first (diagnosis.finding_order)
     order: tuple[Any, ...] = ()
+    #: a dead finding whose dead units never fired since monitoring began (its evidence's
+    #: ``never_fired``): what the initialisation or a bias made, not training
+    never_fired: bool = False
 
 
 #: The advice a remedy's refusal ends with, for whoever configures it: not the report's
@@ -103,7 +106,7 @@ def finding_view(f: Finding) -> FindingView:
     evidence = [
         (k.replace("_", " "), fmt_value(k, v))
         for k, v in ev.items()
-        if k != unit_key and k not in ("family", "leaky")
+        if k != unit_key and k not in ("family", "leaky", "never_fired")
     ]
     return FindingView(
         kind=f.kind,
@@ -120,6 +123,7 @@ def finding_view(f: Finding) -> FindingView:
         if unit_key else "",
         evidence=evidence,
         order=finding_order(f.severity, f.kind, f.site, f.evidence),
+        never_fired=ev.get("never_fired") is True,
     )
 
 
@@ -205,11 +209,15 @@ def recommend(
                     "lower the learning rate further or add normalisation; consider stopping "
                     "early if the loss diverges.")
         return f.remedy
-    if not leaky and not tried and not declined:
+    if not tried and not declined and (not leaky or f.never_fired):
         return f.remedy  # diagnosis's own words fit a first treatment (and its reasons)
     steps = []
     cuts = sum(max(e.count, 1) for e in done if e.remedy == _LR)
-    if not cuts:  # (first: the gentlest, where a swap can send a run diverging)
+    if f.never_fired:  # (no learning rate revives units that never fired: a review)
+        steps.append("check the initialisation and bias of the layer that feeds it first: "
+                     "these units have not fired since monitoring began, and a lower "
+                     "learning rate cannot revive them")
+    elif not cuts:  # (first: the gentlest, where a swap can send a run diverging)
         steps.append(f"lower the learning rate (step or exponential decay; {names['lr']})")
     else:
         steps.append("lower the learning rate further or warm it up more slowly (it was "
@@ -235,8 +243,8 @@ def recommend(
         steps.append(f"go on recycling where units go quiet again ({', '.join(helped)} "
                      "helped here)")
     steps.append("check the normalisation before this activation (BatchNorm or LayerNorm, "
-                 "where there is none) and the initialisation and bias of the layer that "
-                 "feeds it")
+                 "where there is none)" + ("" if f.never_fired else " and the initialisation "
+                                           "and bias of the layer that feeds it"))
     already = "This site is already leaky, so a LeakyReLU swap is not the answer. " if leaky else ""
     if tried:
         already += "Already tried: " + ", ".join(sorted(tried)) + ". "
