@@ -124,6 +124,15 @@ def check_init(
     if record is None:
         return InitReport()
     producers = _module_producers(model)
+    # A parametrized weight is computed when read (spectral_norm's power iteration updates
+    # its buffers in training mode): read with the model's state kept, as the pass was (a
+    # trial: check_init moved a spectral-normed model's outputs)
+    with kept_state(model), torch.no_grad():
+        weights = {id(m): _gain(m) for m in model.modules()}
+
+    def gains(layer: nn.Module | None) -> float | None:
+        return None if layer is None else weights.get(id(layer))
+
     rows: list[dict[str, Any]] = []
     for row in record.site_rows:
         key = record.key(row["site"])
@@ -144,7 +153,7 @@ def check_init(
             "second_moment": rms * rms if math.isfinite(rms) else math.nan,
             "born_dead": len(dead),
             "born_dead_units": [int(i) for i in dead.iloc[:64]],
-            "_gain": _gain(layer),
+            "_gain": gains(layer),
         })
     return _report(rows, shrink)
 

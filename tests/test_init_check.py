@@ -185,6 +185,23 @@ def test_its_pass_changes_no_state_and_no_watch_records_it(reader: str) -> None:
         assert doc.eval is not None and doc.eval.probe.passes == 0
 
 
+def test_a_parametrized_weight_read_for_the_prediction_changes_no_state() -> None:
+    """Reading a spectral-normed layer's weight for the He prediction, after the pass, ran
+    its power iteration in training mode: its u and v buffers moved, and the model's
+    outputs with them (a trial). Read with the state kept, as the pass is."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(spectral_norm(nn.Linear(6, 8)), nn.ReLU(),
+                        spectral_norm(nn.Linear(8, 8)), nn.ReLU()).train()
+    x = torch.randn(16, 6)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    relu_doctor.check_init(net, x)
+    after = net.state_dict()
+    assert [k for k, v in before.items() if not torch.equal(v, after[k])] == []
+    assert net.training
+
+
 def test_a_buffer_the_module_replaces_is_put_back_too() -> None:
     """A running average written ``self.ema = 0.9 * self.ema + ...`` replaces its buffer
     instead of changing it: after check_init the module holds its own tensor, unchanged."""
