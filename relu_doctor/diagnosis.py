@@ -734,22 +734,24 @@ def _dead_first(sites: Sequence[Mapping[str, Any]], config: DiagnosisConfig,
     the ``output`` side (included) is mostly dead, the first thing a vanishing gradient's
     remedy names: no gradient flows back through dead units (residual connections and
     BatchNorm the model may already have do not bring it back). The most dead of them is
-    named, the one nearest the output where they tie: a fully dead site passes no gradient
-    to any site before it, whatever the sites after it pass (a trial's 56% dead last site,
-    which passed gradient on, was named before the fully dead one behind it that stopped
-    it); of two fully dead ones, the gradient stops at the first it meets."""
-    dead = [(float(r["dead_fraction"]), int(r["order"]), str(r["site"])) for r in sites
+    named (a trial's 56% dead last site, which passed gradient on, was named before the
+    fully dead one behind it that stopped it), frozen ones too (they stop it as well: a
+    review); where they tie, the one nearest the starved site, the likelier on its path
+    where the order holds parallel branches (a review: a fully dead site of another tower
+    was named)."""
+    dead = [(float(r["dead_fraction"]), -int(r["order"]), str(r["site"]), bool(r.get("frozen")))
+            for r in sites
             if starved < int(r["order"]) <= output
             and float(r.get("dead_fraction", math.nan)) >= config.dead_critical
-            and not r.get("leaky")  # (a leaky unit passes its slope's gradient back)
-            and not r.get("frozen")]  # (nothing to treat there while frozen: see _on_frozen)
+            and not r.get("leaky")]  # (a leaky unit passes its slope's gradient back)
     if not dead:
         return ""
-    frac, _, site = max(dead)
+    frac, _, site, frozen = max(dead)
+    where = f"{site} (frozen)" if frozen else site
     if frac >= 1.0:
-        return (f"{site} has every unit dead, so no gradient flows back through it to the "
-                "sites before it: treat them first (see its finding). ")
-    return (f"{site} has {frac:.0%} of its units dead, and no gradient flows back through "
+        return (f"{where} has every unit dead, so no gradient flows back through its units: "
+                "treat them first (see its finding). ")
+    return (f"{where} has {frac:.0%} of its units dead, and no gradient flows back through "
             "dead units: treat them first (see its finding). ")
 
 

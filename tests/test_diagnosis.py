@@ -296,7 +296,8 @@ def test_a_vanishing_gradient_behind_a_dead_site_names_the_dead_units_first():
     assert f.remedy.startswith("ReLU keeps a constant gradient")
     rows[2]["dead_fraction"] = 1.0
     [f] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "vanishing_gradient"]
-    assert f.remedy.startswith("s2 has every unit dead, so no gradient flows back through it")
+    assert f.remedy.startswith("s2 has every unit dead, so no gradient flows back through its "
+                               "units")
     rows[2]["dead_fraction"] = 0.6
     [f] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "vanishing_gradient"]
     assert f.remedy.startswith("s2 has 60% of its units dead, and no gradient flows back")
@@ -308,14 +309,20 @@ def test_a_vanishing_gradient_behind_a_dead_site_names_the_dead_units_first():
 @pytest.mark.parametrize(("dead", "named"), [
     ({1: 1.0, 2: 0.6}, "s1"),  # the fully dead site stops it, not the last, partly dead one
     ({1: 0.8, 2: 0.6}, "s1"),  # the most dead
-    ({1: 1.0, 2: 1.0}, "s2"),  # both fully dead: the gradient stops at the first it meets
+    # both fully dead: the one nearest the starved site, the likelier on its path where the
+    # order holds parallel branches (a review: another tower's site was named)
+    ({1: 1.0, 2: 1.0}, "s1"),
     ({0: 1.0}, None),  # the starved site's own dead units stop no gradient reaching it
+    ({1: (1.0, "frozen"), 2: 0.9}, "s1 (frozen)"),  # frozen, it stops it too (a review)
 ])
 def test_a_vanishing_gradient_names_the_dead_site_that_explains_it(dead, named):
     """The most dead site between the starved one and the output side (the one nearest the
-    output where they tie) is named, not the one nearest the output of those >= 50% dead."""
+    starved site where they tie) is named, not the one nearest the output of those >= 50%
+    dead."""
     rows, units = rows_for([0.0, 1.0, 1.0])
     for order, frac in dead.items():
+        if isinstance(frac, tuple):
+            frac, rows[order]["frozen"] = frac[0], True
         rows[order]["dead_fraction"] = frac
     [f] = [f for f in diagnose(rows, units, DiagnosisConfig()) if f.kind == "vanishing_gradient"]
     assert f.remedy.startswith(f"{named} has " if named else "ReLU keeps a constant"), f.remedy
@@ -365,7 +372,7 @@ def test_a_vanishing_gradient_names_the_site_its_gradient_stops_at():
     [f] = [f for f in doc.records[-1].findings if f.kind == "vanishing_gradient"]
     assert f.evidence["input_side"] == "1" and f.evidence["input_grad_rms"] == 0.0
     assert f.remedy.startswith(f"{stops[0]} has every unit dead, so no gradient flows back "
-                               "through it to the sites before it"), f.remedy
+                               "through its units"), f.remedy
 
 
 def test_a_parameter_gradient_spike_is_an_exploding_gradient():
