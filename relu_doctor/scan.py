@@ -82,6 +82,8 @@ def _fed(model: nn.Module, what: str, *args: Any, **kwargs: Any) -> Any:
     try:
         return model(*args, **kwargs)
     except TypeError as e:
+        if _ran_forward(model, e):  # raised inside it: the model's own error (a review)
+            raise
         try:
             inspect.signature(model.forward).bind(*args, **kwargs)
         except TypeError as unbound:
@@ -93,6 +95,18 @@ def _fed(model: nn.Module, what: str, *args: Any, **kwargs: Any) -> Any:
         except ValueError:  # (no signature to read)
             pass
         raise
+
+
+def _ran_forward(model: nn.Module, error: BaseException) -> bool:
+    """Whether ``error`` was raised from inside ``model``'s forward (a frame of its code in
+    the traceback), not by the call binding its arguments."""
+    code = getattr(inspect.unwrap(type(model).forward), "__code__", None)
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:

@@ -112,6 +112,18 @@ def test_scan_of_batches_the_model_does_not_take_says_how_to_feed_them() -> None
         lambda m, args, kwargs: (args, {"edge_index": data[0][1], "batch": data[0][2]}),
         with_kwargs=True)
     assert relu_doctor.scan(model, data).site_table["samples"].tolist() == [5]
+    # a TypeError raised inside forward is the model's own, said as it is (a review)
+
+    class Broken(ThreeInputs):
+        def forward(self, x, edge_index, batch):  # type: ignore[no-untyped-def]
+            return len(5)  # type: ignore[arg-type]
+
+    broken = Broken()
+    broken.register_forward_pre_hook(
+        lambda m, args, kwargs: (args, {"edge_index": data[0][1], "batch": data[0][2]}),
+        with_kwargs=True)
+    with pytest.raises(TypeError, match="has no len"):
+        relu_doctor.scan(broken, data)
 
 
 def test_write_report_of_a_model_is_a_clear_error(tmp_path: Path) -> None:
