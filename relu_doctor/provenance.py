@@ -142,6 +142,8 @@ class ProvenanceTracker:
         self._origins: dict[int, tuple[weakref.ref[torch.Tensor], Origin]] = {}
         #: id -> (ref, label, class, module path)
         self._weights: dict[int, tuple[Any, str, str | None, str | None]] = {}
+        #: the ids among them of parameters and their views and casts (not buffers)
+        self._params: set[int] = set()
 
     # ------------------------------------------------------------------ passes
     @property
@@ -156,6 +158,7 @@ class ProvenanceTracker:
         if self._active or torch.compiler.is_compiling():
             return
         self._weights = self._weight_labels()
+        self._params = {id(p) for p in self.model.parameters()}
         self._origins.clear()
         self._mode.__enter__()  # type: ignore[no-untyped-call]
         self._active = True
@@ -167,6 +170,7 @@ class ProvenanceTracker:
             self._active = False
         self._origins.clear()
         self._weights = {}
+        self._params = set()
 
     def _weight_labels(self) -> dict[int, tuple[Any, str, str | None, str | None]]:
         """``id(parameter or buffer) -> (ref, module path or key, module class or None, module
@@ -243,6 +247,10 @@ class ProvenanceTracker:
             w = self._weight(first)
             if w is not None:
                 self._weights[id(out)] = (weakref.ref(out), *w)
+                if id(first) in self._params:  # (W.t(), W.bfloat16(): still a parameter's)
+                    self._params.add(id(out))
+                else:
+                    self._params.discard(id(out))
                 return
         if not isinstance(out, (torch.Tensor, tuple, list)):
             return
@@ -260,7 +268,7 @@ class ProvenanceTracker:
                 return
             if self._weight(weight) is not None:  # x @ W: the last dim
                 self._set(out, self._made(out.dim() - 1, name, weight, "", "features"))
-            elif isinstance(left, nn.Parameter) and self._weight(left) is not None and (
+            elif self._weight(left) is not None and id(left) in self._params and (
                     out.dim() >= 2 and self._contracts_features(weight)):  # W @ x: the rows (a
                 # trial: a GNN's relu(W @ x.T) of N nodes read as N units, calls dropped as N
                 # varied). Not where x holds features elsewhere: A_hat @ (x @ W), an adjacency

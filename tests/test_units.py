@@ -279,11 +279,13 @@ class _FeaturesFirst(nn.Module):
         self.mm = mm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mm == "t()":  # a view of the parameter (a review: read as no parameter)
+            return torch.relu(self.w.T.t() @ x.T)
         h = self.w @ x.T if self.mm == "matmul" else torch.mm(self.w, x.T)
         return torch.relu(h)
 
 
-@pytest.mark.parametrize("mm", ["matmul", "mm"])
+@pytest.mark.parametrize("mm", ["matmul", "mm", "t()"])
 def test_a_weight_on_the_left_of_a_matmul_makes_its_rows_the_units(mm: str) -> None:
     """``relu(W @ x.T)`` of N nodes was read by the shape rule as N units, and every call
     with another N left out (a trial: 1 of 10 calls counted, the table saying 10 steps).
