@@ -182,6 +182,9 @@ def _chosen(record: RecordLike, site: str, units: Sequence[int]) -> Any:
         return None
     u = table[table["site"] == site]
     chosen = u[u["unit"].isin(list(units))]
+    if "activation_rate" in chosen:  # a unit not seen in the window (its rate NaN) is
+        # neither quiet nor not (a review: a site that did not run read 0% quiet)
+        chosen = chosen[chosen["activation_rate"].notna()]
     return chosen if len(chosen) else None
 
 

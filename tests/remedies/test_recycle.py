@@ -322,6 +322,44 @@ def test_a_direct_recycle_call_is_judged_from_the_doctors_last_record():
     assert res["before"] == {"changed_units_quiet": share} and res["verdict"] is not None
 
 
+def test_units_a_window_did_not_see_are_neither_quiet_nor_not():
+    """A direct recycle() of a branch that did not run in the last window read its units
+    as 0% quiet (unseen: neither dead nor below tau), so the change was not judged (a
+    review). Unseen units count for neither: the share falls back to all of them."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+            self.b = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+            self.out = nn.Linear(8, 1)
+            with torch.no_grad():
+                self.b[0].bias[:4] = -50.0
+
+        def forward(self, x, branch):
+            h = self.a(x)
+            return self.out(self.b(h) if branch else h)
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(32, 4)
+    with relu_doctor.watch(net, log_every_n_steps=1, overhead_budget=None) as doc:
+        r = DormantRecycler(net, every=1000).bind(doc)
+        for branch in (True, False):  # b runs in the first window, not in the second
+            net(x, branch).sum().backward()
+            doc.step()
+        last = doc.records[-1].unit_table
+        assert last.loc[last["site"] == "b.1", "activation_rate"].isna().all()  # unseen
+        with torch.no_grad():
+            net(x, True)  # (a pass that runs b: its links are read from one)
+        ev = r.recycle("b.1", units=[0, 1, 2, 3], step=2)
+        for _ in range(2):
+            net(x, True).sum().backward()
+            doc.step()
+        res = [e for e in doc.to_run().events if e["type"] == "intervention_result"]
+    assert ev.before["changed_units_quiet"] == 1.0
+    assert [e["verdict"] is not None for e in res] == [True]
+
+
 def test_a_recycling_of_units_none_of_which_was_quiet_is_not_judged_on_that_share():
     """Continual backprop replaces the units of least utility, quiet or not: where none of
     them was dead or below tau, their share so after cannot show whether it helped."""
