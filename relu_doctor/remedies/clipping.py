@@ -43,6 +43,8 @@ __all__ = ["AGC", "AutoClip"]
 C = TypeVar("C", bound="_Clipper")
 #: Logging windows a bound clipper may see without a step before it says it clips nothing.
 _IDLE_WINDOWS = 3
+#: ... and steps: a WGAN's generator, clipped every 5th step, logged every step (a review)
+_IDLE_STEPS = 20
 
 
 def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -103,12 +105,14 @@ class _Clipper(Remedy):
         self._listening = False  # bound as a listener: it reports its windows itself
         self._said_idle = False
         self._idle_windows = 0  # windows read since bind, while it never clipped a step
+        self._bound_at = 0  # the Doctor's step when it was bound
 
     def bind(self: C, doctor: DoctorLike, *, listen: bool = True) -> C:
         """Record its clipping through ``doctor``, window by window: binding clips nothing;
         :meth:`attach` it to the optimizer, or call :meth:`clip_` before each step."""
         super().bind(doctor, listen=listen)
         self._listening = listen
+        self._bound_at = int(getattr(doctor, "global_step", 0) or 0)
         return self
 
     def attach(
@@ -246,10 +250,11 @@ class _Clipper(Remedy):
         self._idle_windows = -1 if stats["steps"] or self._idle_windows < 0 else (
             self._idle_windows + 1)
         if self._listening and self._idle_windows >= _IDLE_WINDOWS and not self._handles and (
-                not self._said_idle):
+                int(record.step) - self._bound_at >= _IDLE_STEPS and not self._said_idle):
             self._said_idle = True  # (a trial: AutoClip(1).bind(doc) alone, nothing clipped)
             self.warn(f"relu_doctor: {type(self).__name__} is bound but clipped no step in "
-                      f"{_IDLE_WINDOWS} logging windows: binding only records its clipping. Attach it to the "
+                      f"{self._idle_windows} logging windows ({int(record.step) - self._bound_at} "
+                      "steps): binding only records its clipping. Attach it to the "
                       f"optimizer ({type(self).__name__}(...).attach(opt).bind(doc)) or call "
                       "its clip_(model.parameters()) before each optimizer step.")
         if not stats["clipped"]:

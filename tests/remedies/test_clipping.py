@@ -244,13 +244,14 @@ def test_clipping_records_model_wide_events_whatever_the_module_names(name):
         assert e["before"]["dead_fraction"] is not None
 
 
-@pytest.mark.parametrize("how", ["bind", "attach", "clip_", "clip_ every 4th", "plan"])
+@pytest.mark.parametrize("how", ["bind", "attach", "clip_", "clip_ every 4th",
+                                 "clip_ every 5th, a log every step", "plan"])
 def test_a_clipper_bound_but_clipping_nothing_says_so_once(how):
     """``AutoClip(1).bind(doc)``, as every other remedy is used, clipped nothing without a
     word (a trial): binding records the clipping, attaching or clip_ does it. Said once,
-    where it clipped no step in its first three windows; not where it clips, even less
-    often than the logs (a GAN's generator: a review), nor inside a plan (which switches
-    it on itself)."""
+    where it clipped no step in its first three windows and 20 steps; not where it clips,
+    even less often than the logs (a GAN's generator, a WGAN's logged every step: reviews),
+    nor inside a plan (which switches it on itself)."""
     import warnings
 
     from relu_doctor.remedies import TreatmentPlan
@@ -260,17 +261,19 @@ def test_a_clipper_bound_but_clipping_nothing_says_so_once(how):
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with relu_doctor.watch(net, log_every_n_steps=2, overhead_budget=None) as doc:
+        every = 1 if "a log every step" in how else 2
+        with relu_doctor.watch(net, log_every_n_steps=every, overhead_budget=None) as doc:
             if how == "plan":
                 TreatmentPlan(net, optimizer=opt).bind(doc)
             else:
                 clip = AutoClip(1).bind(doc)
                 if how == "attach":
                     clip.attach(opt)
-            for i in range(12):
+            for i in range(24):
                 opt.zero_grad()
                 net(torch.randn(16, 4)).sum().backward()
-                if how == "clip_" or (how == "clip_ every 4th" and i % 4 == 3):
+                if how == "clip_" or (how == "clip_ every 4th" and i % 4 == 3) or (
+                        how.startswith("clip_ every 5th") and i % 5 == 4):
                     clip.clip_(net.parameters())
                 opt.step()
                 doc.step()
