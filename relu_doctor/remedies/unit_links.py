@@ -271,8 +271,16 @@ def _producer(start: Value) -> tuple[Node, list[Node]]:
         n = v.node
         if n is None:
             raise Refuse("its input is an input of the model, not the output of a layer")
-        if n.name in _PRODUCERS and _weight(n) is not None and n.outputs[0] is v:
-            return n, chain[::-1]
+        if n.name in _PRODUCERS and n.outputs[0] is v:
+            if _weight(n) is not None:
+                return n, chain[::-1]
+            if n.name not in _TRANSPOSED:  # (addmm's "weight" may be an activation)
+                raise Refuse(  # (a trial's weight-normed TCN read "not from a Conv layer")
+                    f"its input comes from {n.describe()}, whose weight is computed in the "
+                    "forward, not a parameter of the model (a parametrization: weight_norm, "
+                    "spectral_norm, register_parametrization; or a weight made in forward): "
+                    "recycling re-initialises a parameter's rows, which it cannot do through that"
+                )
         if n.name in _NORMS and not _per_channel(n, v.shape):
             raise Refuse(
                 f"its input passes a {_mixing_norm(n)}: a fresh unit would shift the others"

@@ -360,6 +360,26 @@ def test_units_a_window_did_not_see_are_neither_quiet_nor_not():
     assert [e["verdict"] is not None for e in res] == [True]
 
 
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_a_parametrized_producer_is_refused_for_what_it_is(norm):
+    """A weight-normed TCN's conv was refused as "not from a Linear or Conv layer" (a
+    trial): its weight is computed in the forward, whose rows recycling cannot write. It
+    says so, and nothing changes."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    conv = getattr(parametrizations, norm)(nn.Conv1d(3, 8, 3, padding=1))
+    net = nn.Sequential(conv, nn.ReLU(), nn.Conv1d(8, 2, 1))
+    x = torch.randn(4, 3, 10)
+    r = DormantRecycler(net, example_inputs=x)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ReluDoctorError, match=r"its input comes from conv1d in 0\.forward, whose "
+                       r"weight is computed in the forward, not a parameter of the model \(a "
+                       r"parametrization"):
+        r.recycle("1", units=[0, 1])
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
 def test_a_recycling_of_units_none_of_which_was_quiet_is_not_judged_on_that_share():
     """Continual backprop replaces the units of least utility, quiet or not: where none of
     them was dead or below tau, their share so after cannot show whether it helped."""
