@@ -991,10 +991,14 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             f"forward passes of {type(self.model).__name__} up to step {self.global_step} "
             f"({modules} activation module{'s' if modules != 1 else ''} watched"
             f"{', functional calls captured' if self.functional else ''}), so nothing has "
-            f"been collected yet{held_instead(self.model)}. It goes on watching. If its "
-            "activations should have run, "
-            "check that they run in training passes (model.train(), gradients enabled) on "
-            "floating-point tensors, and that include/exclude select them.",
+            f"been collected yet{held_instead(self.model)}. It goes on watching. "
+            + (f"Its activations ran under torch.func transforms (vmap, grad: "
+               f"{self.probe.transformed_calls} calls), which are not watched: watch a model "
+               "called directly (one member of a vmap ensemble, say)."
+               if self.probe.transformed_calls else
+               "If its activations should have run, check that they run in training passes "
+               "(model.train(), gradients enabled) on floating-point tensors, and that "
+               "include/exclude select them."),
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),
         )

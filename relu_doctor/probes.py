@@ -370,6 +370,8 @@ class Probe(SiteRegistry, HookOwner):
         self._attached = False
         #: what of the model no hook can watch, in words (said once per model at attach)
         self.unwatched: list[str] = []
+        #: activation calls left out because torch.func transformed them (vmap, grad)
+        self.transformed_calls = 0
         self._listeners: list[Callable[[], None]] = []
         self._detach_listeners: list[Callable[[], object]] = []  # see on_detach
         self._renewal_listeners: list[Callable[[str], object]] = []
@@ -998,6 +1000,8 @@ class Probe(SiteRegistry, HookOwner):
             return
         t0 = time.perf_counter()
         if not _real(output):
+            if type(output) is torch.Tensor and _transformed(output):
+                self.transformed_calls += 1  # (said where a window saw nothing else)
             return
         key = self._keys.get((path, call_index, op))
         if key is None:  # a SiteKey costs 1 us to make and hash: made once per call

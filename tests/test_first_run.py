@@ -275,3 +275,24 @@ def test_relu_doctor_scan_is_the_function_however_its_module_was_imported_first(
         "assert relu_doctor.errors.__name__ == 'relu_doctor.errors'\n"
     )
     _runs_in_a_fresh_interpreter(code)
+
+
+def test_a_model_run_only_under_vmap_is_said_to_be_so_not_left_in_eval_mode() -> None:
+    """A vmap ensemble (torch.func.functional_call of the watched module under vmap): its
+    activations are torch.func's transformed tensors, which are not watched, and the
+    warning sent the user to model.train() (a trial). It says torch.func."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    members = [net() for _ in range(3)]
+    params, buffers = stack_module_state(members)
+    base = net()
+    x = torch.randn(8, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(base, log_every_n_steps=2, overhead_budget=None) as doc:
+            for _ in range(4):
+                vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers).sum().backward()
+                doc.step()
+    said = [str(w.message) for w in caught if "torch.func transforms" in str(w.message)]
+    assert len(said) == 1 and "model.train()" not in said[0], [str(w.message) for w in caught]
