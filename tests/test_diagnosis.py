@@ -328,6 +328,14 @@ def test_a_vanishing_gradient_names_the_dead_site_that_explains_it(dead, named):
     assert f.remedy.startswith(f"{named} has " if named else "ReLU keeps a constant"), f.remedy
 
 
+def _classify_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """One SGD step of ``model`` on a random 8-feature, 3-class batch."""
+    loss = nn.functional.cross_entropy(model(torch.randn(32, 8)), torch.randint(0, 3, (32,)))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def test_a_vanishing_gradient_names_the_site_its_gradient_stops_at():
     """A trial: Linear->ReLU '1' -> Linear(bias -50)->ReLU '3' (every unit dead) ->
     Linear->ReLU '5' (about half dead) -> Linear, no gradient at '1'. The finding blamed
@@ -358,11 +366,7 @@ def test_a_vanishing_gradient_names_the_site_its_gradient_stops_at():
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     with relu_doctor.watch(model, log_every_n_steps=4, overhead_budget=None) as doc:
         for _ in range(4):
-            loss = nn.functional.cross_entropy(model(torch.randn(32, 8)),
-                                               torch.randint(0, 3, (32,)))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            _classify_step(model, opt)
             doc.step()
     stops = [n for n in into if sum(into[n]) > 0 and sum(back[n]) == 0]
     assert stops == ["3"]  # it gets a gradient and passes none back
@@ -760,11 +764,7 @@ def test_units_dead_since_the_start_are_sent_to_the_initialisation_not_the_learn
             if step == 3:  # units of '1' that fired in the first window die in the second
                 with torch.no_grad():
                     model[0].bias[:4] = -50.0
-            loss = nn.functional.cross_entropy(model(torch.randn(32, 8)),
-                                               torch.randint(0, 3, (32,)))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            _classify_step(model, opt)
             doc.step()
     found = findings_by(doc.records[-1])
     for name, steps in fired.items():
