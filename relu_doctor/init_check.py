@@ -124,16 +124,8 @@ def check_init(
     if record is None:
         return InitReport()
     producers = _module_producers(model)
-    # A parametrized weight is computed when read (spectral_norm's power iteration updates
-    # its buffers in training mode): read with the model's state kept, as the pass was (a
-    # trial: check_init moved a spectral-normed model's outputs)
-    with kept_state(model), torch.no_grad():
-        weights = {id(m): _gain(m) for m in model.modules()}
-
-    def gains(layer: nn.Module | None) -> float | None:
-        return None if layer is None else weights.get(id(layer))
-
     rows: list[dict[str, Any]] = []
+    layers: list[nn.Module | None] = []
     for row in record.site_rows:
         key = record.key(row["site"])
         # Its producer: the layer the pass was followed to (functional calls too); a module
@@ -143,6 +135,7 @@ def check_init(
         found = site.producer if site is not None else None
         layer = (model.get_submodule(found) if found is not None
                  else producers.get(key.module_path) if key.op is None else None)
+        layers.append(layer)
         units = record.unit_table[record.unit_table["site"] == row["site"]]
         dead = units.loc[units["dead"].astype(bool), "unit"]
         rms = float(row["rms"])
@@ -153,8 +146,13 @@ def check_init(
             "second_moment": rms * rms if math.isfinite(rms) else math.nan,
             "born_dead": len(dead),
             "born_dead_units": [int(i) for i in dead.iloc[:64]],
-            "_gain": gains(layer),
         })
+    # The site producers' weights, read with the model's state kept, as the pass was: a
+    # parametrized weight is computed when read (spectral_norm's power iteration updates its
+    # buffers in training mode: a trial's check_init moved a spectral-normed model's outputs)
+    with kept_state(model), torch.no_grad():
+        for row, layer in zip(rows, layers, strict=True):
+            row["_gain"] = _gain(layer)
     return _report(rows, shrink)
 
 

@@ -200,6 +200,20 @@ def test_a_parametrized_weight_read_for_the_prediction_changes_no_state() -> Non
     after = net.state_dict()
     assert [k for k, v in before.items() if not torch.equal(v, after[k])] == []
     assert net.training
+    # only the sites' producers are read: a lazy head the batch never reaches stays unread
+    # (reading every module's weight raised on it: a review)
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+            self.head_b = nn.LazyLinear(3)  # task b's, not run here
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    assert [r["site"] for r in relu_doctor.check_init(TwoHeads(), torch.randn(8, 4)).sites] == [
+        "body.1"]
 
 
 def test_a_buffer_the_module_replaces_is_put_back_too() -> None:

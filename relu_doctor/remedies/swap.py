@@ -135,11 +135,15 @@ class ActivationSwapper(Remedy):
         self.streaks: dict[str, int] = {}
         self._skipped: set[str] = set()
         # Swaps made before it (another run's swapper, a new Trainer's callback): its own,
-        # so that its checkpoints hold them and a checkpoint saved before them undoes them
+        # so that its checkpoints hold them and a checkpoint saved before them undoes them;
+        # those of its kind at its sites only (another swapper's are not: a review)
         for path, m in self.model.named_modules():
             desc = m.__dict__.get(SWAPPED)
-            if isinstance(desc, dict) and desc.get("path") == path:
+            if isinstance(desc, dict) and desc.get("path") == path and (
+                    desc.get("kind") == self.kind and self.acts_at(module_label(path))):
                 self.reapply(desc)
+        if self.kind == "prelu" and self.swaps and self.optimizers:  # (their slopes trained)
+            self.add_param_groups(self.optimizers, schedulers=self.schedulers)
 
     def _on_bind(self, doctor: DoctorLike) -> None:
         self.probe = doctor.probe
@@ -383,9 +387,10 @@ class ActivationSwapper(Remedy):
         """Re-apply one swap described by :meth:`SwapRecord.describe` (on resume). A module
         already of the swapped kind at that path is adopted as is."""
         path = str(desc["path"])
-        if path in self.swaps:
-            return self.swaps[path]
         current = get_module(self.model, path, "state_dict")
+        if path in self.swaps and current is self.swaps[path].new:
+            return self.swaps[path]
+        self.swaps.pop(path, None)  # (its module replaced since: swapped again)
         kind = str(desc["kind"])
         expected = nn.LeakyReLU if kind == "leaky_relu" else nn.PReLU
         if isinstance(current, expected):

@@ -379,6 +379,29 @@ def test_a_swap_made_before_a_swapper_is_its_own_from_the_start(copy, tmp_path):
     assert isinstance(net[1], nn.ReLU)
 
 
+def test_a_swapper_takes_only_the_swaps_of_its_kind_at_its_sites():
+    """Two swappers on one model (LeakyReLU at '1', PReLU at '3'): a later run's pair took
+    every marked swap, each its own, and loading each one's own checkpoint undid the other's
+    (a review). A swapper takes the swaps of its kind at its sites; an adopted PReLU's
+    slopes get their param group in its optimizer, and leave with the swap."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    ActivationSwapper(net, include="1").swap("1")
+    ActivationSwapper(net, kind="prelu", include="3").swap("3")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    leaky = ActivationSwapper(net, include="1")
+    prelu = ActivationSwapper(net, kind="prelu", include="3", optimizer=opt)
+    assert (list(leaky.swaps), list(prelu.swaps)) == (["1"], ["3"])
+    assert ActivationSwapper(net, include="3").swaps == {}  # another kind there
+    slopes = {id(p) for p in net[3].parameters()}
+    assert sum(id(p) in slopes for g in opt.param_groups for p in g["params"]) == 1
+    for sw in (leaky, prelu):
+        sw.load_state_dict(sw.state_dict())
+    assert isinstance(net[1], nn.LeakyReLU) and isinstance(net[3], nn.PReLU)
+    prelu.restore()
+    assert isinstance(net[3], nn.ReLU) and isinstance(net[1], nn.LeakyReLU)
+    assert not any(id(p) in slopes for g in opt.param_groups for p in g["params"])
+
+
 def test_restore_keeps_the_paths_named_not_their_substrings():
     """``keep="13"`` (one path, as a str) kept the swap at ``"1"`` too: ``"1" in "13"`` (a
     review). A str is one path; the others are undone, each recorded."""
