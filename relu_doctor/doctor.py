@@ -679,6 +679,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 record = self._log(final=last, keep=False, contain=True)
             if not self._has_sites and self.all_reduce is None:
                 self._warn_none_ran()
+            self.probe.transformed_calls = 0  # (a window's own: said of the window they ran in)
         if release and (record is None or not record.final):  # a final one is held anew
             self._release_held()
         self.probe.collecting = self._collecting()
@@ -993,12 +994,12 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             f"{', functional calls captured' if self.functional else ''}), so nothing has "
             f"been collected yet{held_instead(self.model)}. It goes on watching. "
             + (f"Its activations ran under torch.func transforms (vmap, grad: "
-               f"{self.probe.transformed_calls} calls), which are not watched: watch a model "
-               "called directly (one member of a vmap ensemble, say)."
-               if self.probe.transformed_calls else
-               "If its activations should have run, check that they run in training passes "
-               "(model.train(), gradients enabled) on floating-point tensors, and that "
-               "include/exclude select them."),
+               f"{self.probe.transformed_calls} calls in this window), which are not watched: "
+               "watch a model called directly (one member of a vmap ensemble, say). "
+               if self.probe.transformed_calls else "")
+            + "If its activations should have run, check that they run in training passes "
+            "(model.train(), gradients enabled) on floating-point tensors, and that "
+            "include/exclude select them.",
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),
         )

@@ -515,15 +515,16 @@ class IntervalReading:
             "model's steps)? Call it once per step of this model's optimizer",
             "eval": "no evaluation pass (model.eval() or torch.no_grad()) ran in them",
         }.get(self.probe.stream, "no forward pass of the model ran in them")
-        if self.probe.transformed_calls:  # (a trial's vmap ensemble read "eval mode?")
-            which = (f"the model's activations ran under torch.func transforms (vmap, grad: "
-                     f"{self.probe.transformed_calls} calls so far), which are not watched: "
-                     "watch a model called directly (one member of a vmap ensemble, say)")
-        elif self.window_steps > 0:  # passes of its stream ran, with no watched activation
+        if self.window_steps > 0:  # passes of its stream ran, with no watched activation
             which = (f"{'training' if self.probe.stream == 'train' else 'its'} passes ran in "
                      f"{self.window_steps} of them, but no watched activation saw an element: "
                      "its batches were empty, or the model's activations were replaced (by "
                      "nn.Identity, say) or bypassed in its forward")
+        if self.probe.transformed_calls:  # (a trial's vmap ensemble read "eval mode?" alone)
+            which += (f". Its activations ran under torch.func transforms (vmap, grad: "
+                      f"{self.probe.transformed_calls} calls in this window), which are not "
+                      "watched: watch a model called directly (one member of a vmap "
+                      "ensemble, say)")
         warnings.warn(
             f"relu_doctor: the window ending at step {self.global_step} recorded nothing in "
             f"its {self._window_scheduled} collecting step(s): {which}. Its statistics are empty "

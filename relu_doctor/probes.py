@@ -370,7 +370,8 @@ class Probe(SiteRegistry, HookOwner):
         self._attached = False
         #: what of the model no hook can watch, in words (said once per model at attach)
         self.unwatched: list[str] = []
-        #: activation calls left out because torch.func transformed them (vmap, grad)
+        #: activation calls left out because torch.func transformed them (vmap, grad), in
+        #: the logging window (the Doctor starts it again at each log)
         self.transformed_calls = 0
         self._listeners: list[Callable[[], None]] = []
         self._detach_listeners: list[Callable[[], object]] = []  # see on_detach

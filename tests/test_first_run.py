@@ -294,5 +294,10 @@ def test_a_model_run_only_under_vmap_is_said_to_be_so_not_left_in_eval_mode() ->
             for _ in range(4):
                 vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers).sum().backward()
                 doc.step()
+            base.eval()  # then left in eval mode: that window ran no transform
+            for _ in range(2):
+                base(x)
+                doc.step()
     said = [str(w.message) for w in caught if "torch.func transforms" in str(w.message)]
-    assert len(said) == 1 and "model.train()" not in said[0], [str(w.message) for w in caught]
+    # its activations: one ReLU call a step (vmap batches the members), 2 steps to a window
+    assert len(said) == 1 and "vmap, grad: 2 calls in this window" in said[0], said
