@@ -105,14 +105,13 @@ class _Clipper(Remedy):
         self._listening = False  # bound as a listener: it reports its windows itself
         self._said_idle = False
         self._idle_windows = 0  # windows read since bind, while it never clipped a step
-        self._bound_at = 0  # the Doctor's step when it was bound
+        self._idle_steps = 0  # the steps of those windows (a resume's global step: a review)
 
     def bind(self: C, doctor: DoctorLike, *, listen: bool = True) -> C:
         """Record its clipping through ``doctor``, window by window: binding clips nothing;
         :meth:`attach` it to the optimizer, or call :meth:`clip_` before each step."""
         super().bind(doctor, listen=listen)
         self._listening = listen
-        self._bound_at = int(getattr(doctor, "global_step", 0) or 0)
         return self
 
     def attach(
@@ -249,12 +248,13 @@ class _Clipper(Remedy):
         # the logs, a GAN's, has windows without a step; a review)
         self._idle_windows = -1 if stats["steps"] or self._idle_windows < 0 else (
             self._idle_windows + 1)
+        self._idle_steps += int(getattr(record, "steps_run", 0) or 0)
         if self._listening and self._idle_windows >= _IDLE_WINDOWS and not self._handles and (
-                int(record.step) - self._bound_at >= _IDLE_STEPS and not self._said_idle):
+                self._idle_steps >= _IDLE_STEPS and not self._said_idle):
             self._said_idle = True  # (a trial: AutoClip(1).bind(doc) alone, nothing clipped)
             self.warn(f"relu_doctor: {type(self).__name__} is bound but clipped no step in "
-                      f"{self._idle_windows} logging windows ({int(record.step) - self._bound_at} "
-                      "steps): binding only records its clipping. Attach it to the "
+                      f"{self._idle_windows} logging windows ({self._idle_steps} steps): "
+                      "binding only records its clipping. Attach it to the "
                       f"optimizer ({type(self).__name__}(...).attach(opt).bind(doc)) or call "
                       "its clip_(model.parameters()) before each optimizer step.")
         if not stats["clipped"]:

@@ -245,7 +245,8 @@ def test_clipping_records_model_wide_events_whatever_the_module_names(name):
 
 
 @pytest.mark.parametrize("how", ["bind", "attach", "clip_", "clip_ every 4th",
-                                 "clip_ every 5th, a log every step", "plan"])
+                                 "clip_ every 5th, a log every step",
+                                 "clip_ every 5th, a log every step, resumed", "plan"])
 def test_a_clipper_bound_but_clipping_nothing_says_so_once(how):
     """``AutoClip(1).bind(doc)``, as every other remedy is used, clipped nothing without a
     word (a trial): binding records the clipping, attaching or clip_ does it. Said once,
@@ -269,6 +270,8 @@ def test_a_clipper_bound_but_clipping_nothing_says_so_once(how):
                 clip = AutoClip(1).bind(doc)
                 if how == "attach":
                     clip.attach(opt)
+                if how.endswith("resumed"):  # (as a checkpoint loaded after bind sets it)
+                    doc.global_step = 100
             for i in range(24):
                 opt.zero_grad()
                 net(torch.randn(16, 4)).sum().backward()
