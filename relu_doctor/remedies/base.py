@@ -490,7 +490,11 @@ class Remedy:
             else:
                 row = record.site_row(p.site)
                 after = site_snapshot(row) if row is not None else None
-            out.append(p.result(self.name, record, after))
+            result = p.result(self.name, record, after)
+            if result is None:  # its units unseen in this window: judged at a later one
+                self._pending.append(p.waited_once())
+            else:
+                out.append(result)
         return out
 
     # ------------------------------------------------------------------ checkpoints

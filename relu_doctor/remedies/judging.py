@@ -11,7 +11,7 @@ where none was, there is nothing that share could show, and the change is not ju
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from relu_doctor._validate import finite_or_none
@@ -40,6 +40,9 @@ MIN_GAIN = {"leaky_relu_swap": 0.25, "dormant_reset": 0.25}
 UNITS_QUIET = "changed_units_quiet"
 
 HELPED, NOT_HELPED, UNKNOWN = "helped", "did not help", "unknown"
+
+#: Windows a change to units waits for one where they run, before it is judged "unknown".
+WAIT_UNSEEN = 3
 
 
 def verdict(
@@ -73,6 +76,8 @@ class Pending:
     min_gain: float = 0.0
     tolerance: float = 0.0
     units: tuple[int, ...] = ()
+    #: windows passed over because none of its units ran there (a branch, an expert)
+    waited: int = 0
 
     @classmethod
     def of(cls, id: str, site: str, judge: tuple[str | None, float, float],
@@ -94,20 +99,31 @@ class Pending:
                        tolerance=self.tolerance)
         if self.units:
             out["units"] = list(self.units)
+        if self.waited:
+            out["waited"] = self.waited
         return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Pending:
         return cls(str(d["id"]), str(d["site"]), d.get("target"), finite_or_none(d.get("before")),
                    float(d.get("min_gain", 0.0)), float(d.get("tolerance", 0.0)),
-                   tuple(int(u) for u in d.get("units", ())))
+                   tuple(int(u) for u in d.get("units", ())), int(d.get("waited", 0)))
+
+    def waited_once(self) -> Pending:
+        """This judgement put off by one more window."""
+        return replace(self, waited=self.waited + 1)
 
     def result(self, remedy: str, record: Any, after: dict[str, Any] | None
-               ) -> InterventionResult:
+               ) -> InterventionResult | None:
         """The intervention's result in ``record``, one interval later (``after``: the
-        metrics it records there)."""
+        metrics it records there); None where a change to units none of which ran in that
+        window waits for a later one (at most :data:`WAIT_UNSEEN` windows: a branch or an
+        expert that did not run was judged "unknown" for good, a review)."""
         target, before = self.target, self.before
         efficacy = units_efficacy(record, self.site, self.units) if self.units else None
+        if efficacy is None and self.units and self.waited < WAIT_UNSEEN and target in (
+                UNITS_QUIET, "below_tau_fraction"):
+            return None
         if target == "below_tau_fraction" and self.units:  # (pending in an older checkpoint)
             target, before = UNITS_QUIET, 1.0  # (what that run judged against)
         if target == UNITS_QUIET:

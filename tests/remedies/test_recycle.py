@@ -325,7 +325,8 @@ def test_a_direct_recycle_call_is_judged_from_the_doctors_last_record():
 def test_units_a_window_did_not_see_are_neither_quiet_nor_not():
     """A direct recycle() of a branch that did not run in the last window read its units
     as 0% quiet (unseen: neither dead nor below tau), so the change was not judged (a
-    review). Unseen units count for neither: the share falls back to all of them."""
+    review). Unseen units count for neither: the share falls back to all of them, and a
+    window after that does not run them puts the judgement off to one that does."""
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -352,12 +353,14 @@ def test_units_a_window_did_not_see_are_neither_quiet_nor_not():
         with torch.no_grad():
             net(x, True)  # (a pass that runs b: its links are read from one)
         ev = r.recycle("b.1", units=[0, 1, 2, 3], step=2)
-        for _ in range(2):
-            net(x, True).sum().backward()
+        for branch in (False, True):  # not run in the window after: judged at the next
+            net(x, branch).sum().backward()
             doc.step()
         res = [e for e in doc.to_run().events if e["type"] == "intervention_result"]
     assert ev.before["changed_units_quiet"] == 1.0
-    assert [e["verdict"] is not None for e in res] == [True]
+    (judged,) = res  # (a review: it was "unknown" for good at the window that did not run)
+    assert judged["step"] == 4 and judged["verdict"] in ("helped", "did not help")
+    assert judged["efficacy"]["units"] == 4
 
 
 @pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
