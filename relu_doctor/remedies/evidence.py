@@ -74,6 +74,8 @@ class DeadEvidence:
         # A site fed by a frozen part (``frozen``: see Doctor's site rows) is no remedy's to
         # treat while it stays frozen, and its dead units say nothing of how training goes.
         frozen = {str(r["site"]) for r in record.site_rows if r.get("frozen")}
+        rare = _ran_rarely(record)  # (read as if not run in this window)
+        frozen |= rare
         rows = [r for r in record.site_rows
                 if r.get("units_seen") and str(r["site"]) not in frozen]
         collected = [r.get("steps_collected") for r in rows]
@@ -92,7 +94,8 @@ class DeadEvidence:
         if poolable:
             for site, group in units.groupby("site", sort=False):
                 if str(site) in frozen:
-                    self._pool.pop(str(site), None)
+                    if str(site) not in rare:  # (a rarely run site keeps its pool)
+                        self._pool.pop(str(site), None)
                     continue
                 rate = group["activation_rate"].to_numpy(dtype=float)
                 seen, active = ~np.isnan(rate), rate > 0  # NaN: not seen in the window
@@ -136,6 +139,19 @@ class DeadEvidence:
         if not self.pooled:
             return ""
         return f" (over {self.last_steps} collected steps of sampled windows, pooled)"
+
+
+def _ran_rarely(record: Any) -> set[str]:
+    """The sites the window's findings say ran in fewer than half of its recorded passes
+    (a branch taken sometimes, an expert the router starved): their dead fraction rests on
+    a few batches, and its rise is no surge (a trial: one expert starved for a window cut
+    the whole model's learning rate)."""
+    out = set()
+    for f in getattr(record, "findings", None) or ():
+        ran, of = f.evidence.get("site_passes"), f.evidence.get("passes")
+        if isinstance(ran, int) and isinstance(of, int) and 2 * ran < of:
+            out.add(f.site)
+    return out
 
 
 def dead_surge(

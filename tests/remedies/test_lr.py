@@ -348,3 +348,42 @@ def test_a_scheduler_not_given_to_the_rescue_is_said_once(kind: str, passed: boo
     assert len(said) == expected, said
     if expected:
         assert "was not given to the rescue" in said[0] and "schedulers=[sched]" in said[0]
+
+
+@pytest.mark.parametrize("every_pass", [True, False])
+def test_a_site_run_in_few_passes_of_a_window_sets_off_no_surge(every_pass):
+    """An expert the router starved ran in 1 of a window's 10 passes, its units dead on
+    that batch: a 'dead surge' cut the whole model's learning rate, judged 'helped' once it
+    got tokens again (an MoE trial). A site run in fewer than half of the window's passes
+    is read as not run there; run in every pass, the same death is a surge."""
+    import relu_doctor
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
+            self.expert = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+            self.out = nn.Linear(16, 1)
+
+        def forward(self, x, routed):
+            h = self.a(x)
+            return self.out(self.expert(h) if routed else h)
+
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with relu_doctor.watch(net, log_every_n_steps=10, overhead_budget=None) as doc:
+        LRRescuer(opt).bind(doc)
+        for step in range(30):
+            if step == 10:
+                with torch.no_grad():
+                    net.expert[0].bias.fill_(-50.0)  # its units die from here
+            routed = step < 10 or every_pass or step % 10 == 9
+            net(torch.randn(32, 4), routed).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    cut = [e for e in doc.to_run().interventions() if e["remedy"] == "lr_rescue"]
+    assert bool(cut) == every_pass, cut
+    assert (opt.param_groups[0]["lr"] < 0.1) == every_pass
