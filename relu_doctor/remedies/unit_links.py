@@ -276,10 +276,10 @@ def _producer(start: Value) -> tuple[Node, list[Node]]:
                 return n, chain[::-1]
             if n.name not in _TRANSPOSED:  # (addmm's "weight" may be an activation)
                 raise Refuse(  # (a trial's weight-normed TCN read "not from a Conv layer")
-                    f"its input comes from {n.describe()}, whose weight is computed in the "
-                    "forward, not a parameter of the model (a parametrization: weight_norm, "
-                    "spectral_norm, register_parametrization; or a weight made in forward): "
-                    "recycling re-initialises a parameter's rows, which it cannot do through that"
+                    f"its input comes from {n.describe()}, whose weight is not a parameter "
+                    "but made from one in the forward (a slice of a stacked experts' weight, a "
+                    "cast, or a parametrization: weight_norm, spectral_norm): recycling "
+                    "re-initialises a parameter's rows, which it cannot do through that"
                 )
         if n.name in _NORMS and not _per_channel(n, v.shape):
             raise Refuse(
