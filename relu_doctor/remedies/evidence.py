@@ -64,6 +64,8 @@ class DeadEvidence:
         self.steps = 0  # collected steps in the pool
         self.windows = 0  # logging windows in it
         self.model_fraction: float | None = None  # the last answer's, over every site
+        #: the sites of the last record that ran in fewer than half of its passes
+        self.rare: set[str] = set()
         self.pooled = False  # whether the last answer pooled several sampled windows
         self.last_steps: int | None = None  # collected steps it rested on (None: unsaid)
         self._pool: dict[str, tuple[Any, Any]] = {}  # site -> (seen, active) per unit
@@ -74,8 +76,7 @@ class DeadEvidence:
         # A site fed by a frozen part (``frozen``: see Doctor's site rows) is no remedy's to
         # treat while it stays frozen, and its dead units say nothing of how training goes.
         frozen = {str(r["site"]) for r in record.site_rows if r.get("frozen")}
-        rare = _ran_rarely(record)  # (read as if not run in this window)
-        frozen |= rare
+        self.rare = _ran_rarely(record)  # (left out of the model's fraction)
         rows = [r for r in record.site_rows
                 if r.get("units_seen") and str(r["site"]) not in frozen]
         collected = [r.get("steps_collected") for r in rows]
@@ -94,8 +95,7 @@ class DeadEvidence:
         if poolable:
             for site, group in units.groupby("site", sort=False):
                 if str(site) in frozen:
-                    if str(site) not in rare:  # (a rarely run site keeps its pool)
-                        self._pool.pop(str(site), None)
+                    self._pool.pop(str(site), None)
                     continue
                 rate = group["activation_rate"].to_numpy(dtype=float)
                 seen, active = ~np.isnan(rate), rate > 0  # NaN: not seen in the window
@@ -117,8 +117,11 @@ class DeadEvidence:
 
     def _answer(self, counts: Mapping[str, tuple[int, int]]) -> dict[str, float]:
         """Fractions of ``counts`` ((dead, seen) per site); sets :attr:`model_fraction`."""
-        seen = sum(n for _, n in counts.values())
-        self.model_fraction = sum(d for d, _ in counts.values()) / seen if seen else None
+        # (over the sites that ran in most of the window's passes: one expert starved of
+        # tokens, dead on its one batch, read as the model dying: an MoE trial)
+        kept = [c for site, c in counts.items() if site not in self.rare]
+        seen = sum(n for _, n in kept)
+        self.model_fraction = sum(d for d, _ in kept) / seen if seen else None
         return {site: d / n for site, (d, n) in counts.items()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -162,7 +165,9 @@ def dead_surge(
     pools) rose the most, by at least ``jump``, since ``prev`` (its previous reading), as
     evidence; None without one. Updates ``prev`` with ``dead``.
 
-    A site's first reading is compared with its dead fraction at first sight, which
+    A site that ran in fewer than half of the window's passes (:func:`_ran_rarely`) is
+    passed over. A site's first reading is compared with its dead fraction at first sight,
+    which
     ``record`` (the record ``dead`` was read from) gives in its
     :attr:`~relu_doctor.history.IntervalRecord.first_dead` (on the site's first call: at
     initialisation for the sites of the first step), kept in ``prev`` until then: units
@@ -178,8 +183,9 @@ def dead_surge(
     for site, frac in (getattr(record, "first_dead", None) or {}).items():
         prev[site] = frac  # (given once per site: again only for a site made anew)
     surge: dict[str, Any] | None = None
+    rare = _ran_rarely(record)  # (their rise rests on a few batches: no surge, no baseline)
     for site, frac in (dead or {}).items():
-        if not math.isfinite(frac):
+        if not math.isfinite(frac) or site in rare:
             continue
         before = prev.get(site)
         if before is None:  # no reading before this one: the baseline

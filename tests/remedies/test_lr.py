@@ -350,8 +350,9 @@ def test_a_scheduler_not_given_to_the_rescue_is_said_once(kind: str, passed: boo
         assert "was not given to the rescue" in said[0] and "schedulers=[sched]" in said[0]
 
 
+@pytest.mark.parametrize("by", ["LRRescuer", "TreatmentPlan"])
 @pytest.mark.parametrize("every_pass", [True, False])
-def test_a_site_run_in_few_passes_of_a_window_sets_off_no_surge(every_pass):
+def test_a_site_run_in_few_passes_of_a_window_sets_off_no_surge(every_pass, by):
     """An expert the router starved ran in 1 of a window's 10 passes, its units dead on
     that batch: a 'dead surge' cut the whole model's learning rate, judged 'helped' once it
     got tokens again (an MoE trial). A site run in fewer than half of the window's passes
@@ -374,7 +375,11 @@ def test_a_site_run_in_few_passes_of_a_window_sets_off_no_surge(every_pass):
     net = Net()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with relu_doctor.watch(net, log_every_n_steps=10, overhead_budget=None) as doc:
-        LRRescuer(opt).bind(doc)
+        if by == "LRRescuer":
+            LRRescuer(opt).bind(doc)
+        else:  # its model-wide triggers: a surge, the model's dead fraction rising
+            from relu_doctor.remedies import PlanStep, TreatmentPlan
+            TreatmentPlan(net, optimizer=opt, steps=[PlanStep("lr")]).bind(doc)
         for step in range(30):
             if step == 10:
                 with torch.no_grad():
@@ -384,6 +389,7 @@ def test_a_site_run_in_few_passes_of_a_window_sets_off_no_surge(every_pass):
             opt.step()
             opt.zero_grad()
             doc.step()
-    cut = [e for e in doc.to_run().interventions() if e["remedy"] == "lr_rescue"]
+    cut = [e for e in doc.to_run().interventions() if e["remedy"] == "lr_rescue"
+           and not e.get("details", {}).get("undo")]
     assert bool(cut) == every_pass, cut
     assert (opt.param_groups[0]["lr"] < 0.1) == every_pass
