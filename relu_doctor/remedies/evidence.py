@@ -64,8 +64,10 @@ class DeadEvidence:
         self.steps = 0  # collected steps in the pool
         self.windows = 0  # logging windows in it
         self.model_fraction: float | None = None  # the last answer's, over every site
-        #: the sites of the last record that ran in fewer than half of its passes
-        self.rare: set[str] = set()
+        #: whether the sites of that fraction differ from the answer's before (not compared)
+        self.sites_changed = True
+        self._model_sites: set[str] = set()
+        self._rare: set[str] = set()  # the record's sites run in few of its passes
         self.pooled = False  # whether the last answer pooled several sampled windows
         self.last_steps: int | None = None  # collected steps it rested on (None: unsaid)
         self._pool: dict[str, tuple[Any, Any]] = {}  # site -> (seen, active) per unit
@@ -76,7 +78,7 @@ class DeadEvidence:
         # A site fed by a frozen part (``frozen``: see Doctor's site rows) is no remedy's to
         # treat while it stays frozen, and its dead units say nothing of how training goes.
         frozen = {str(r["site"]) for r in record.site_rows if r.get("frozen")}
-        self.rare = _ran_rarely(record)  # (left out of the model's fraction)
+        self._rare = _ran_rarely(record)
         rows = [r for r in record.site_rows
                 if r.get("units_seen") and str(r["site"]) not in frozen]
         collected = [r.get("steps_collected") for r in rows]
@@ -118,23 +120,29 @@ class DeadEvidence:
     def _answer(self, counts: Mapping[str, tuple[int, int]]) -> dict[str, float]:
         """Fractions of ``counts`` ((dead, seen) per site); sets :attr:`model_fraction`."""
         # (over the sites that ran in most of the window's passes: one expert starved of
-        # tokens, dead on its one batch, read as the model dying: an MoE trial)
-        kept = [c for site, c in counts.items() if site not in self.rare]
-        seen = sum(n for _, n in kept)
-        self.model_fraction = sum(d for d, _ in kept) / seen if seen else None
+        # tokens, dead on its one batch, read as the model dying: an MoE trial; and said
+        # where those sites are not the last answer's, whose fraction it does not compare
+        # with: a branch run rarely every other window read as dying, a review)
+        kept = {site: c for site, c in counts.items() if site not in self._rare}
+        seen = sum(n for _, n in kept.values())
+        self.model_fraction = sum(d for d, _ in kept.values()) / seen if seen else None
+        self.sites_changed = set(kept) != self._model_sites
+        self._model_sites = set(kept)
         return {site: d / n for site, (d, n) in counts.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The pool that is filling (a resumed run goes on with it)."""
         return {"steps": self.steps, "windows": self.windows,
                 "pool": {k: [seen.tolist(), active.tolist()] for k, (seen, active) in
-                         self._pool.items()}}
+                         self._pool.items()},
+                "model_sites": sorted(self._model_sites)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.steps = int(state.get("steps", 0))
         self.windows = int(state.get("windows", 0))
         self._pool = {str(k): (np.asarray(v[0], dtype=bool), np.asarray(v[1], dtype=bool))
                       for k, v in dict(state.get("pool", {})).items()}
+        self._model_sites = {str(s) for s in state.get("model_sites", ())}
 
     def basis(self) -> str:
         """What the last answer rested on, in words, when it pooled sampled windows ("" when

@@ -314,7 +314,8 @@ class TreatmentPlan(Remedy):
         now = prev = None
         if self._dead is not None:
             now = self.evidence.model_fraction
-            prev, self._prev_model_dead = self._prev_model_dead, now
+            prev, self._prev_model_dead = (
+                None if self.evidence.sites_changed else self._prev_model_dead), now
         for kind in ("nonfinite", "exploding_gradient"):
             for f in record.findings:
                 if f.kind == kind:

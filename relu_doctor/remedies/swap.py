@@ -44,7 +44,7 @@ from relu_doctor.remedies._activation_surgery import (
     swap_activation,
 )
 from relu_doctor.remedies._frozen import frozen_input
-from relu_doctor.remedies._optim_state import add_param_group
+from relu_doctor.remedies._optim_state import add_param_group, remove_param_group
 from relu_doctor.remedies.base import (
     DoctorLike,
     Optimizers,
@@ -388,9 +388,17 @@ class ActivationSwapper(Remedy):
         already of the swapped kind at that path is adopted as is."""
         path = str(desc["path"])
         current = get_module(self.model, path, "state_dict")
-        if path in self.swaps and current is self.swaps[path].new:
-            return self.swaps[path]
-        self.swaps.pop(path, None)  # (its module replaced since: swapped again)
+        held = self.swaps.get(path)
+        if held is not None and current is held.new:
+            return held
+        if held is not None:  # its module replaced since: taken again as it is now
+            del self.swaps[path]
+            for opt, group in held.param_groups:
+                remove_param_group(opt, group, schedulers=self.schedulers)
+            if not isinstance(current, nn.ReLU | nn.LeakyReLU | nn.PReLU):  # (a review)
+                self.warn(f"relu_doctor: the swap at {module_label(path)!r} is dropped: its "
+                          f"module was replaced since by a {type(current).__name__}.")
+                return None
         kind = str(desc["kind"])
         expected = nn.LeakyReLU if kind == "leaky_relu" else nn.PReLU
         if isinstance(current, expected):

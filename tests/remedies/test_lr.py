@@ -393,3 +393,43 @@ def test_a_site_run_in_few_passes_of_a_window_sets_off_no_surge(every_pass, by):
            and not e.get("details", {}).get("undo")]
     assert bool(cut) == every_pass, cut
     assert (opt.param_groups[0]["lr"] < 0.1) == every_pass
+
+
+def test_a_branch_run_rarely_every_other_window_is_no_model_dying():
+    """A branch, half its units dead for good, ran in 2 of 10 passes every other window:
+    left out of the model's dead fraction there, the fraction rose at each window it came
+    back, and the plan read it as 'dying' (a review of the rule above). The model's fraction
+    is compared only over the same sites."""
+    import relu_doctor
+    from relu_doctor.remedies import PlanStep, TreatmentPlan
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
+            self.branch = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+            self.out = nn.Linear(16, 1)
+
+        def forward(self, x, taken):
+            h = self.a(x)
+            return self.out(self.branch(h) if taken else h)
+
+    net = Net()
+    with torch.no_grad():
+        net.a[0].bias.fill_(5.0)  # every unit of a alive
+        net.branch[0].weight.zero_()
+        net.branch[0].bias[:8] = -1.0  # half of the branch's dead, for good
+        net.branch[0].bias[8:] = 1.0
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+    with relu_doctor.watch(net, log_every_n_steps=10, overhead_budget=None) as doc:
+        TreatmentPlan(net, optimizer=opt, steps=[PlanStep("lr")]).bind(doc)
+        for step in range(60):
+            taken = (step // 10) % 2 == 0 or step % 10 < 2
+            net(torch.randn(32, 4), taken).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    assert not [e for e in doc.to_run().interventions() if e["remedy"] == "lr_rescue"]
+    assert opt.param_groups[0]["lr"] == 1e-4

@@ -402,6 +402,20 @@ def test_a_swapper_takes_only_the_swaps_of_its_kind_at_its_sites():
     assert not any(id(p) in slopes for g in opt.param_groups for p in g["params"])
 
 
+def test_a_swap_whose_module_was_replaced_since_is_dropped_not_raised():
+    """The user replaced a swapped module (by a GELU): loading the swapper's own state raised
+    half-way through (a review). The swap is dropped, said once."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    sw = ActivationSwapper(net)
+    sw.swap("1")
+    state = sw.state_dict()
+    net[1] = nn.GELU()
+    with pytest.warns(ReluDoctorWarning, match="the swap at '1' is dropped: its module was "
+                      "replaced since by a GELU"):
+        sw.load_state_dict(state)
+    assert sw.swaps == {} and isinstance(net[1], nn.GELU)
+
+
 def test_restore_keeps_the_paths_named_not_their_substrings():
     """``keep="13"`` (one path, as a str) kept the swap at ``"1"`` too: ``"1" in "13"`` (a
     review). A str is one path; the others are undone, each recorded."""
