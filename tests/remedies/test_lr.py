@@ -350,6 +350,21 @@ def test_a_scheduler_not_given_to_the_rescue_is_said_once(kind: str, passed: boo
         assert "was not given to the rescue" in said[0] and "schedulers=[sched]" in said[0]
 
 
+class _Branched(nn.Module):
+    """A layer ``a``, then a ``branch`` taken on the passes told so (an expert the router
+    picks, a branch taken sometimes), then the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
+        self.branch = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor, taken: bool) -> torch.Tensor:
+        h = self.a(x)
+        return self.out(self.branch(h) if taken else h)
+
+
 @pytest.mark.parametrize("by", ["LRRescuer", "TreatmentPlan"])
 @pytest.mark.parametrize("every_pass", [True, False])
 def test_a_site_run_in_few_passes_of_a_window_sets_off_no_surge(every_pass, by):
@@ -361,18 +376,7 @@ def test_a_site_run_in_few_passes_of_a_window_sets_off_no_surge(every_pass, by):
 
     torch.manual_seed(0)
 
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
-            self.expert = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
-            self.out = nn.Linear(16, 1)
-
-        def forward(self, x, routed):
-            h = self.a(x)
-            return self.out(self.expert(h) if routed else h)
-
-    net = Net()
+    net = _Branched()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with relu_doctor.watch(net, log_every_n_steps=10, overhead_budget=None) as doc:
         if by == "LRRescuer":
@@ -383,7 +387,7 @@ def test_a_site_run_in_few_passes_of_a_window_sets_off_no_surge(every_pass, by):
         for step in range(30):
             if step == 10:
                 with torch.no_grad():
-                    net.expert[0].bias.fill_(-50.0)  # its units die from here
+                    net.branch[0].bias.fill_(-50.0)  # its units die from here
             routed = step < 10 or every_pass or step % 10 == 9
             net(torch.randn(32, 4), routed).pow(2).mean().backward()
             opt.step()
@@ -405,18 +409,7 @@ def test_a_branch_run_rarely_every_other_window_is_no_model_dying():
 
     torch.manual_seed(0)
 
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
-            self.branch = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
-            self.out = nn.Linear(16, 1)
-
-        def forward(self, x, taken):
-            h = self.a(x)
-            return self.out(self.branch(h) if taken else h)
-
-    net = Net()
+    net = _Branched()
     with torch.no_grad():
         net.a[0].bias.fill_(5.0)  # every unit of a alive
         net.branch[0].weight.zero_()
