@@ -44,7 +44,7 @@ from relu_doctor.history import (
 )
 from relu_doctor.interval import IntervalReading, TableMemory
 from relu_doctor.optimizer_tap import OptimizerTap
-from relu_doctor.probes import Probe, uncompiled
+from relu_doctor.probes import Probe, transformed_text, uncompiled
 from relu_doctor.recording import RunRecording
 from relu_doctor.rundir import RESUME_ADVICE, RunWriter
 from relu_doctor.sampling import DEFAULT_BUDGET, Sampler, Stopwatch, check_rate, model_device
@@ -993,10 +993,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             f"({modules} activation module{'s' if modules != 1 else ''} watched"
             f"{', functional calls captured' if self.functional else ''}), so nothing has "
             f"been collected yet{held_instead(self.model)}. It goes on watching. "
-            + (f"Its activations ran under torch.func transforms (vmap, grad: "
-               f"{self.probe.transformed_calls} calls in this window), which are not watched: "
-               "watch a model called directly (one member of a vmap ensemble, say). "
-               if self.probe.transformed_calls else "")
+            + (transformed_text(self.probe.transformed_calls) + " ").lstrip()
             + "If its activations should have run, check that they run in training passes "
             "(model.train(), gradients enabled) on floating-point tensors, and that "
             "include/exclude select them.",

@@ -27,6 +27,7 @@ from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklev
 from relu_doctor.events import FindingEvent
 from relu_doctor.history import SEEN_FIELDS, IntervalRecord
 from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, metrics_of_stacked
+from relu_doctor.probes import transformed_text
 from relu_doctor.sampling import model_device
 from relu_doctor.sites import FrozenFeeds, Site
 from relu_doctor.stats import ROW, SiteStats, read_back
@@ -520,11 +521,8 @@ class IntervalReading:
                      f"{self.window_steps} of them, but no watched activation saw an element: "
                      "its batches were empty, or the model's activations were replaced (by "
                      "nn.Identity, say) or bypassed in its forward")
-        if self.probe.transformed_calls:  # (a trial's vmap ensemble read "eval mode?" alone)
-            which += (f". Its activations ran under torch.func transforms (vmap, grad: "
-                      f"{self.probe.transformed_calls} calls in this window), which are not "
-                      "watched: watch a model called directly (one member of a vmap "
-                      "ensemble, say)")
+        if said := transformed_text(self.probe.transformed_calls):
+            which += ". " + said.rstrip(".")
         warnings.warn(
             f"relu_doctor: the window ending at step {self.global_step} recorded nothing in "
             f"its {self._window_scheduled} collecting step(s): {which}. Its statistics are empty "

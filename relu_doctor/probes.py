@@ -225,6 +225,14 @@ def _recurrent_relu(model: nn.Module) -> str:
             "ReLU runs inside torch's recurrent kernel, where no hook sees it")
 
 
+def transformed_text(calls: int) -> str:
+    """A window's activation calls under torch.func transforms, in a sentence ("" for none):
+    a vmap ensemble read as a model left in eval mode (a trial)."""
+    return (f"Its activations ran under torch.func transforms (vmap, grad: {calls} calls in "
+            "this window), which are not watched: watch a model called directly (one member "
+            "of a vmap ensemble, say)." if calls else "")
+
+
 def _unwatched(model: nn.Module) -> list[str]:
     """What of ``model`` no hook can watch, in words (kept in the run's meta.json: the report
     says it too)."""
@@ -371,7 +379,7 @@ class Probe(SiteRegistry, HookOwner):
         #: what of the model no hook can watch, in words (said once per model at attach)
         self.unwatched: list[str] = []
         #: activation calls left out because torch.func transformed them (vmap, grad), in
-        #: the logging window (the Doctor starts it again at each log)
+        #: the logging window (the Doctor starts it again at each log; see transformed_text)
         self.transformed_calls = 0
         self._listeners: list[Callable[[], None]] = []
         self._detach_listeners: list[Callable[[], object]] = []  # see on_detach
