@@ -993,7 +993,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             f"({modules} activation module{'s' if modules != 1 else ''} watched"
             f"{', functional calls captured' if self.functional else ''}), so nothing has "
             f"been collected yet{held_instead(self.model)}. It goes on watching. "
-            + (transformed_text(self.probe.transformed_calls) + " ").lstrip()
+            + (f"{func} " if (func := transformed_text(self.probe.transformed_calls)) else "")
             + "If its activations should have run, check that they run in training passes "
             "(model.train(), gradients enabled) on floating-point tensors, and that "
             "include/exclude select them.",
