@@ -315,7 +315,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._unfolded = False  # site windows logged by a final log, not yet folded
         self._unwritten: list[list[int]] = []  # [first, last] steps that did not reach disk
         self._events_unwritten: list[dict[str, Any]] = []  # kept back by a failed write
-        self._closed: str | None = None  # the id of the run closed: events go in one by one
+        self._closed = False  # the run directory written and closed: events go in one by one
         self._said_after_close = False
         self._run_id: str | None = None  # the run the run directory holds, once opened
         self.tensorboard = bool(tensorboard)

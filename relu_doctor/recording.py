@@ -137,7 +137,7 @@ class RunRecording:
         _declined: dict[str, set[str]]
         _unwritten: list[list[int]]
         _events_unwritten: list[dict[str, Any]]
-        _closed: str | None
+        _closed: bool
         _run_id: str | None
         _said_after_close: bool
         _records: deque[IntervalRecord]
@@ -159,7 +159,7 @@ class RunRecording:
             self._claimed_run_dir = True
         writer = RunWriter(self.run_dir, resume=self.resume or self._wrote_run_dir, claimed=True,
                            resume_advice=self.resume_advice)
-        self._writer, self._wrote_run_dir, self._closed = writer, True, None
+        self._writer, self._wrote_run_dir, self._closed = writer, True, False
         self._run_id = writer.run_id
         if writer.previous_meta is not None and not self._previous_sites:
             self._take_previous_sites(writer.previous_meta)
@@ -359,8 +359,7 @@ class RunRecording:
             except Exception as e:
                 self._write_failed(e)
         writer, self._writer = self._writer, None
-        # the run this directory holds, which later events may go into (and no other)
-        self._closed = self._run_id if self._wrote_run_dir else None
+        self._closed = self._wrote_run_dir  # (later events go into its run, _run_id, alone)
         if writer is not None:
             try:
                 if self._meta_dirty:
@@ -401,9 +400,9 @@ class RunRecording:
         assert self.run_dir is not None
         try:
             meta = self.run_dir / "meta.json"
-            if not meta.is_file() or read_meta(self.run_dir).get("run_id") != self._closed:
+            if not meta.is_file() or read_meta(self.run_dir).get("run_id") != self._run_id:
                 raise RunDirError(f"{str(self.run_dir)!r} no longer holds this run "
-                                  f"({self._closed!r}): removed, or another run's since")
+                                  f"({self._run_id!r}): removed, or another run's since")
             writer = RunWriter(self.run_dir, resume=True, claimed=True)
             try:
                 self._append_events(writer, [])
