@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from relu_doctor._validate import number_in, positive_finite
+from relu_doctor.advice import REMEDY_NAMES, unit_remedies
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.families import FAMILIES
 from relu_doctor.metrics import SiteUnits
 
 __all__ = [
@@ -86,21 +86,6 @@ def _natural(site: str) -> tuple[tuple[int, int, str], ...]:
     """``site``'s name in natural order: its runs of digits compared as numbers."""
     return tuple((0, int(t), "") if t.isdigit() else (1, 0, t)
                  for t in re.split(r"(\d+)", site) if t)
-
-
-#: How each loop names the remedies a finding suggests: gradient clipping, a learning-rate
-#: rescue, the LeakyReLU swap and ReDo recycling (None: not offered there), and the
-#: treatment plan that coordinates them.
-REMEDY_NAMES: dict[str, dict[str, str | None]] = {
-    "watch": {"clip": "AutoClip", "lr": "LRRescuer", "swap": "ActivationSwapper",
-              "recycle": "DormantRecycler", "plan": "TreatmentPlan"},
-    "lightning": {"clip": "AdaptiveGradClip", "lr": "LRRescue", "swap": "LeakyReluSwap",
-                  "recycle": "DormantReset", "plan": "ReluDoctorTreatment"},
-    "keras": {"clip": "autoclip=True", "lr": "lr_rescue=True", "swap": "leaky_relu_swap=True",
-              "recycle": None, "plan": "treatment=True"},
-    "hf": {"clip": "autoclip=True", "lr": "lr_rescue=True", "swap": "leaky_relu_swap=True",
-           "recycle": "dormant_reset=True", "plan": "treatment=True"},
-}
 
 
 @dataclass(frozen=True)
@@ -416,85 +401,25 @@ def diagnose(
             )
         if not seen:
             continue
-        # Only a plain ReLU can become a LeakyReLU (the swap refuses a cap or negative
-        # outputs): advice for the others must not send the user to it.
-        op = row.get("op") if isinstance(row.get("op"), str) else None  # a functional call's
-        left = set((declined or {}).get(name, ()))  # remedies that left this site alone
-        swappable = can_swap(fam, leaky, row.get("cap"), op) and "leaky_relu_swap" not in left
-        unswappable = _why_not_swapped(fam, leaky, row.get("cap"), op, left)
+        # The remedy texts depend on what the site is and what is bound or was declined
+        # there, not on the window's numbers: made once, taken again (advice.unit_remedies)
         module = name.rpartition("#")[0]
-        others = [n for n in calls.get(module, ()) if n != name] if swappable else []
-        also = (f" A swap replaces the module {module!r}, so it changes its other "
-                f"call{'s' if len(others) > 1 else ''} too ({', '.join(others)})."
-                if others else "")
-        # ReDo where it can act; where it left the site alone, cannot act, or is not offered
-        # (Keras), said instead
-        why_not, refused = (unrecyclable or {}).get(name), sorted(left & set(RECYCLERS))
-        bound = (recycling or {}).get(name)
-        recyclable = (not refused and why_not is None and names["recycle"] is not None
-                      and bound is None)
-        # (a plan recycles a site only once its dead fraction passes its step's threshold)
-        plan = f"the treatment plan bound here ({names['plan']})"
-        planned = bound == "treatment_plan"
-        aside = (f" ({', '.join(refused)} left this site alone: see its warning.)" if refused
-                 else f" ({plan[0].upper()}{plan[1:]} recycles this site's dead and dormant "
-                 "units once its dead fraction stays past its recycle step's threshold: see "
-                 "its interventions.)" if planned and why_not is None
-                 else f" ({bound} is bound to recycle this site's units: see its "
-                 "interventions.)" if bound and why_not is None
-                 else f" (Recycling cannot treat this site: {why_not}.)" if why_not
-                 else " (ReDo recycling is not offered for Keras layers.)"
-                 if names["recycle"] is None else "")
-        # where the bound recycler takes units by score alone, the dead ones scoring above
-        # tau are told how to have it take them
-        by_score = (bound is not None and why_not is None and not refused
-                    and name in recycling_by_score)
-        asides = {"dead": aside, "lifetime_dead": aside}
-        for flag in asides if by_score else ():
-            if above := _above_tau(u, flag)[0]:
-                asides[flag] = _bound_aside(names, above, config.tau)
+        # Dead units none of which fired since monitoring began (at its first log, every
+        # dead unit: dead on its first step too) are what the initialisation or a bias made,
+        # not training: their advice leads with the layer feeding them
+        born = (bool(row["dead"]) and not lifetime_restarted
+                and not _count(u, "dead", unless="lifetime_dead"))
+        remedies = unit_remedies(
+            config.loop, config.tau, fam, leaky, row.get("cap"),
+            row.get("op") if isinstance(row.get("op"), str) else None,  # a functional call's
+            frozenset((declined or {}).get(name, ())), (unrecyclable or {}).get(name),
+            (recycling or {}).get(name), name in recycling_by_score, module,
+            tuple(n for n in calls.get(module, ()) if n != name), swapping.get(name), born,
+            _above_tau(u, "dead") if row["dead"] else (0, 0),
+            _above_tau(u, "lifetime_dead") if row["lifetime_dead"] else (0, 0))
         if row["dead"]:
             frac = float(row["dead_fraction"])
-            # Dead units none of which fired since monitoring began (at its first log, every
-            # dead unit: dead on its first step too) are what the initialisation or a bias
-            # made, not training: a lower learning rate cannot revive them, so their advice
-            # leads with the layer feeding them (a trial's units dead from a bias of -50, at
-            # SGD's lr 1e-4, were told to lower the learning rate first)
-            born = not lifetime_restarted and not _count(u, "dead", unless="lifetime_dead")
-            # (the recycler given tau= where the dead units score above it: _recycle_dead)
-            recycle = (_recycle_dead(u, "dead", names, config.tau, "them" if born else "the units")
-                       if recyclable else "")
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
-            feeds = "the initialisation and bias of the layer that feeds it"
-            lower = "Lower the learning rate (step or exponential decay)"
-            and_recycle = f" and {recycle}" if recycle else ""
-            since = ("these units have been stuck negative since monitoring began (from "
-                     "initialisation, where it began with the run), which a lower learning "
-                     "rate does not change" if leaky else
-                     "these units have not fired since monitoring began (from "
-                     "initialisation, where it began with the run), and a lower learning "
-                     "rate cannot revive them")
-            swap = (f"{plan} swaps this site once its dead fraction passes its swap step's "
-                    "threshold" if swapping.get(name) == "treatment_plan" else
-                    f"the LeakyReLU swap bound here ({names['swap']}) swaps this site once "
-                    "its dead fraction passes the swap's threshold" if name in swapping else
-                    "swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
-                    f"({names['swap']}) or PReLU to learn the slope")
-            if leaky:
-                remedy = (f"Check the normalisation before this activation and {feeds}: "
-                          f"{since}{'; ' + recycle if recycle else ''}." if born else
-                          f"{lower}{and_recycle}; check the normalisation before this "
-                          "activation.") + asides["dead"]
-            elif swappable:
-                remedy = (f"Check {feeds}: {since}. In this run, "
-                          f"{recycle + '; where they stay dead, ' if recycle else ''}{swap}."
-                          + asides["dead"] if born else
-                          f"{lower} and check {feeds}; where the units stay dead, {swap}."
-                          ) + also
-            else:
-                remedy = (f"Check {feeds}: {since}"
-                          f"{'. In this run, ' + recycle if recycle else ''}." if born else
-                          f"{lower}{and_recycle}; check {feeds}.") + f" {unswappable}{aside}"
             out.append(
                 Finding(
                     "dead", name,
@@ -504,7 +429,7 @@ def diagnose(
                     {"dead": row["dead"], "units": seen, "dead_fraction": frac,
                      "dead_units": _units_list(u, "dead"), "family": fam, "leaky": leaky,
                      "never_fired": born},
-                    remedy, step,
+                    remedies.dead, step,
                 )
             )
         if row["lifetime_dead"]:
@@ -516,21 +441,7 @@ def diagnose(
                     f"{row['lifetime_dead']} of {row['units']} units ({frac:.1%}) never active "
                     f"since monitoring began{_sampled(row, lifetime=lifetime_steps)}.",
                     {"lifetime_dead": row["lifetime_dead"], "lifetime_dead_fraction": frac},
-                    ("Units stuck negative since monitoring began still pass a small "
-                     "gradient but add little: " if leaky else
-                     "Units that never fired are wasted capacity: ")
-                    + " or ".join([*([_recycle_dead(u, "lifetime_dead", names, config.tau,
-                                                    "them")] if recyclable else []),
-                                   *([f"swap to LeakyReLU ({names['plan']}, bound here, "
-                                      "swaps past its swap step's threshold)"
-                                      if swapping.get(name) == "treatment_plan" else
-                                      f"swap to LeakyReLU ({names['swap']}"
-                                      + (", bound here: it swaps past its threshold)"
-                                         if name in swapping else ")")] if swappable
-                                     else [])]
-                                  or ["check the initialisation and bias of the layer that "
-                                      "feeds them"])
-                    + f".{asides['lifetime_dead']}{also}",
+                    remedies.lifetime_dead,
                     step,
                 )
             )
@@ -546,13 +457,7 @@ def diagnose(
                     f"{_sampled(row, what='dead or dormant', passes=passes, call=call)}.",
                     {"dormant": n_dormant, "dormant_fraction": frac, "tau": config.tau,
                      "dormant_units": _units_list(u, "dormant")},
-                    f"Recycle dormant units {_recycle(names, 'ReDo, Sokar et al. 2023')}: "
-                    "re-initialise their incoming weights and zero their outgoing weights."
-                    if recyclable else "Lower the learning rate, or check the normalisation "
-                    "before this activation." + (
-                        f" ({plan[0].upper()}{plan[1:]} recycles a site's units once its dead "
-                        "fraction passes its recycle step's threshold, not for dormant units "
-                        "alone.)" if planned and why_not is None and not refused else aside),
+                    remedies.dormant,
                     step,
                 )
             )
@@ -580,10 +485,7 @@ def diagnose(
                     "too_sparse", name, "warning",
                     f"sparsity {sp:.1%}: almost no output is active.",
                     {"sparsity": sp, "threshold": config.sparsity_max},
-                    "Some sparsity is ReLU's benefit; this much starves the next layer. "
-                    + ("Use LeakyReLU or ELU for smoother negative outputs, lower the learning "
-                       f"rate, or add BatchNorm before the activation.{also}" if swappable else
-                       "Lower the learning rate, or add BatchNorm before the activation."),
+                    remedies.too_sparse,
                     step,
                 )
             )
@@ -763,43 +665,6 @@ def _growth_remedy(names: Mapping[str, str | None]) -> str:
     )
 
 
-def can_swap(family: str, leaky: bool, cap: float | None, op: str | None = None) -> bool:
-    """Whether the LeakyReLU swap can treat a site of ``family``: its rule, a plain ReLU
-    module (not leaky, no cap, never negative: outputs for positive inputs unchanged), not a
-    functional call (``op``, which it cannot replace). A ``cap`` of None is the family's."""
-    fam = FAMILIES.get(family)
-    if fam is None or leaky or op is not None or not fam.nonnegative:
-        return False
-    return (cap if cap is not None else fam.cap_of(None)) is None
-
-
-def _why_not_swapped(family: str, leaky: bool, cap: float | None, op: str | None,
-                     declined: Collection[str]) -> str:
-    """Why a site that is not leaky is not advised the LeakyReLU swap (where
-    :func:`can_swap` says no, or the swap left it alone), as sentences of their own: said
-    inside another's clause, a trial read the swap's reasons as the feeding layer's."""
-    if "leaky_relu_swap" in declined:
-        return "The LeakyReLU swap left this site alone."
-    if op is not None and can_swap(family, leaky, cap):
-        return ("No LeakyReLU swap here: this is a functional call, and the swap replaces "
-                "activation modules. In your own code, call F.leaky_relu there or make it an "
-                "nn.ReLU module; in a library's layer, pass a leaky activation where the layer "
-                "takes one (nn.TransformerEncoderLayer's activation=, a Hugging Face config's "
-                "hidden_act).")
-    capped = isinstance(cap, int | float) and family != "relu6"  # (relu6 says its cap)
-    what = f"{family} capped at {cap:g}" if capped else family
-    return f"No LeakyReLU swap here: {what} cannot become a LeakyReLU without changing its outputs."
-
-
-#: the remedies that recycle units (ReDo and its successor), by their names in events
-RECYCLERS = ("dormant_reset", "continual_backprop")
-
-
-def _recycle(names: Mapping[str, str | None], source: str = "ReDo") -> str:
-    """ReDo recycling by the loop's name for it, in brackets (where the loop offers it)."""
-    return f"({source}: {names['recycle']})"
-
-
 def _count(units: Mapping[str, torch.Tensor], flag: str, unless: str | None = None) -> int:
     """How many units are flagged ``flag`` (and not ``unless``)."""
     if isinstance(units, SiteUnits):  # (a log of hundreds of sites: no tensor op per site)
@@ -816,35 +681,6 @@ def _above_tau(units: Mapping[str, torch.Tensor], flag: str) -> tuple[int, int]:
         return 0, 0
     above = _count(units, flag, unless="below_tau")
     return above, _count(units, flag) if above else 0
-
-
-def _bound_aside(names: Mapping[str, str | None], above: int, tau: float) -> str:
-    return (f" (The recycler bound here, without tau=, takes only the units scoring below "
-            f"tau, and {above} of these score above it: given tau=, as "
-            f"{_with_tau(names, tau)}, it takes the dead units whatever their score.)")
-
-
-def _with_tau(names: Mapping[str, str | None], tau: float) -> str:
-    """The loop's recycler given ``tau`` (``DormantRecycler(tau=0.1)``,
-    ``dormant_reset={'tau': 0.1}``)."""
-    name = str(names["recycle"])
-    return (name.replace("True", f"{{'tau': {tau}}}") if name.endswith("=True")
-            else f"{name}(tau={tau})")
-
-
-def _recycle_dead(units: Mapping[str, torch.Tensor], flag: str,
-                  names: Mapping[str, str | None], tau: float, them: str = "the units") -> str:
-    """"recycle the units (ReDo: ...)" for the units flagged ``flag``. Where some of them
-    score above tau (a leaky family's units stuck negative: their negative outputs count in
-    the ReDo score), the recycler's default choice, by score, passes those over: it takes
-    them given ``tau``, which adds the dead units whatever their score."""
-    above, flagged = _above_tau(units, flag)
-    if not above:
-        return f"recycle {them} {_recycle(names)}"
-    which = "these units'" if above == flagged else f"{above} of these units'"
-    return (f"recycle {them} (ReDo: {_with_tau(names, tau)}, which takes the dead units "
-            f"whatever their score; without tau= it takes only the units scoring below tau, "
-            f"and {which} negative outputs score above it)")
 
 
 def _growth_findings(

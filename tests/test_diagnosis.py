@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from relu_doctor.diagnosis import REMEDY_NAMES, DiagnosisConfig, can_swap, diagnose
+from relu_doctor.advice import REMEDY_NAMES, can_swap
+from relu_doctor.diagnosis import DiagnosisConfig, diagnose
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.families import family_of
 from relu_doctor.metrics import site_metrics, unit_metrics
@@ -476,6 +477,40 @@ def _sick_site(born: bool = True) -> tuple[list[dict], dict]:
     row = {"site": "s0", "family": "relu", "leaky": False, "cap": None, "order": 0,
            **site_metrics(m, u)}
     return [row], {"s0": u}
+
+
+_SITE_CONTEXTS = [  # (what diagnose is told of the site beside its numbers)
+    {}, {"declined": {"s0": ["dormant_reset"]}}, {"declined": {"s0": ["leaky_relu_swap"]}},
+    {"recycling": {"s0": "dormant_reset"}, "recycling_by_score": {"s0"}},
+    {"recycling": {"s0": "treatment_plan"}}, {"swapping": {"s0": "leaky_relu_swap"}},
+    {"swapping": {"s0": "treatment_plan"}}, {"unrecyclable": {"s0": "its input is a sum"}},
+    {"lifetime_restarted": True},
+]
+
+
+def test_a_sites_remedy_texts_follow_what_changed_log_to_log(monkeypatch):
+    """The remedy texts of a site's unit findings are made once and taken again while
+    nothing they depend on changes (advice.unit_remedies, cached): diagnosed in turn, log
+    after log, under every context and loop (and the site's units and family changed), each
+    log's texts are those made with nothing cached."""
+    from relu_doctor import advice, diagnosis
+
+    cached, made = diagnosis.unit_remedies, advice.unit_remedies.__wrapped__
+
+    cases = [(born, loop, fam, ctx) for born in (True, False) for loop in REMEDY_NAMES
+             for fam in ("relu", "leaky_relu", "relu6") for ctx in _SITE_CONTEXTS]
+    seen = set()
+    for born, loop, fam, ctx in [*cases, *cases[::-1]]:
+        rows, units = _sick_site(born)
+        rows[0]["family"], rows[0]["leaky"] = fam, fam == "leaky_relu"
+        rows[0]["cap"] = 6.0 if fam == "relu6" else None
+        config = DiagnosisConfig(loop=loop)
+        got = [(f.kind, f.remedy) for f in diagnose(rows, units, config, **ctx)]
+        monkeypatch.setattr(diagnosis, "unit_remedies", made)
+        assert got == [(f.kind, f.remedy) for f in diagnose(rows, units, config, **ctx)]
+        monkeypatch.setattr(diagnosis, "unit_remedies", cached)
+        seen.add(tuple(r for _, r in got))
+    assert len(seen) >= len(cases) // 3  # (the contexts change the texts)
 
 
 def _names_in(text: str, names: set[str]) -> set[str]:

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from relu_doctor.diagnosis import REMEDY_NAMES, can_swap, finding_order, severity_rank
+from relu_doctor.advice import REMEDY_NAMES, can_swap
+from relu_doctor.diagnosis import finding_order, severity_rank
 from relu_doctor.history import SEEN_FIELDS, WINDOW_COLUMNS, Run, load_run
 from relu_doctor.reports.findings import (
     MODEL_WIDE,
@@ -158,7 +159,7 @@ class SiteRow:
     site: str
     family: str
     leaky: bool
-    swappable: bool  # a plain ReLU, which the LeakyReLU swap can treat (diagnosis.can_swap)
+    swappable: bool  # a plain ReLU, which the LeakyReLU swap can treat (advice.can_swap)
     unit_rule: str
     unit_dim: int | None
     logged: bool

@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from relu_doctor.diagnosis import RECYCLERS, REMEDY_NAMES, Finding, finding_order
+from relu_doctor.advice import RECYCLERS, REMEDY_NAMES
+from relu_doctor.diagnosis import Finding, finding_order
 from relu_doctor.reports.formatting import UNIT_LISTS, fmt_value
 from relu_doctor.reports.interventions import LOSS_ROSE, InterventionView
 
@@ -193,10 +194,10 @@ def recommend(
 ) -> str:
     """The finding's remedy, rewritten for what this site already is and what was already
     done to it: no LeakyReLU for a leaky site, nor for one the swap cannot treat
-    (``swappable``: see :func:`~relu_doctor.diagnosis.can_swap`; by default, any site that
+    (``swappable``: see :func:`~relu_doctor.advice.can_swap`; by default, any site that
     is not leaky), no second try of a remedy that did not help, none that left this site
     alone (``declined``: ``{remedy: why}``, said instead); the remedies named as the run's
-    loop names them (``names``: of :data:`~relu_doctor.diagnosis.REMEDY_NAMES`)."""
+    loop names them (``names``: of :data:`~relu_doctor.advice.REMEDY_NAMES`)."""
     swappable = not leaky if swappable is None else swappable
     declined = declined or {}
     tried = {e.remedy for e in done}

@@ -39,10 +39,10 @@ def _relu_doctor_imports(path: Path) -> set[str]:
 
 
 def test_reports_import_the_run_record_only() -> None:
-    """reports/ reads history (and the value types it holds), never a model, hook or probe;
-    html and text do not import each other."""
+    """reports/ reads history (and the value types and remedy texts it holds), never a
+    model, hook or probe; html and text do not import each other."""
     allowed = {"relu_doctor.history", "relu_doctor.events", "relu_doctor.diagnosis",
-               "relu_doctor._validate", "relu_doctor.errors"}
+               "relu_doctor.advice", "relu_doctor._validate", "relu_doctor.errors"}
     files = sorted(REPORTS.glob("*.py"))
     assert {p.stem for p in files} >= {"context", "html", "text", "plots", "tensorboard"}
     for p in files:
