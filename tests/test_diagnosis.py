@@ -1207,24 +1207,37 @@ def test_a_plans_recycle_step_is_said_where_and_when_it_acts(dead):
             "threshold, not for dormant units alone" in text) == (not dead)
 
 
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+@pytest.mark.parametrize("rose", [0.0, 3.1], ids=["loss kept", "loss rose"])
 @pytest.mark.parametrize("verdict", ["helped", "did not help", ""])
-def test_a_recycling_that_helped_stays_among_the_next_steps(verdict):
+def test_a_recycling_that_helped_stays_among_the_next_steps(verdict, rose, optimizer):
     """A site recycled 3 times, each "helped", was advised "Already tried: dormant_reset.
     Next: lower the learning rate further..." with recycling left out (a report trial):
-    the remedy that worked is named as one to go on with; one that did not help, to stop."""
+    the remedy that worked is named as one to go on with; one that did not help, to stop.
+    One after which the training loss rose (LOSS_ROSE), whatever its verdict on its units,
+    is not gone on with (a trial's recyclings under Adam each raised the loss, 1.5-3x, and
+    were advised "go on recycling"): stop, or under Adam restart its step."""
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    opt = getattr(torch.optim, optimizer)(net.parameters(), lr=0.01)
+    net(torch.randn(16, 4)).pow(2).mean().backward()
+    opt.step()
     recycler = DormantRecycler(net, optimizers=opt, example_inputs=torch.randn(2, 4))
     ev = recycler.recycle("1", units=[0, 3], step=5).to_dict()
     view = intervention_view({**ev, "verdict": verdict, "target": "below_tau_fraction",
                               "after": {"below_tau_fraction": 0.1}})
+    view.loss_rose = rose if verdict else 0.0  # (only a judged one is compared: _losses)
     rows, units = _sick_site()
     dormant = finding_view(next(f for f in diagnose(rows, units, DiagnosisConfig())
                                 if f.kind == "dormant"))
-    text = recommend(dormant, False, [view])
+    text = recommend(dormant, False, [view, replace(view, step=9, loss_rose=0.0)])
+    rose = view.loss_rose > 0
     assert ("go on recycling where units go quiet again (dormant_reset helped here)"
-            in text) == (verdict == "helped"), text  # (not one not judged yet: review)
-    assert ("stop recycling here" in text) == (verdict == "did not help"), text
+            in text) == (verdict == "helped" and not rose), text  # (not one not judged yet)
+    assert ("stop recycling here" in text) == (verdict == "did not help" or rose), text
+    assert ("the training loss rose 1.5x or more after 1 of the 2 recyclings"
+            in text) == rose, text
+    assert ("reset_adam_step=True" in text) == (optimizer == "Adam" and (
+        verdict == "did not help" or rose)), text
 
 
 @pytest.mark.parametrize("refused", [False, True], ids=["bound", "bound-but-refused"])

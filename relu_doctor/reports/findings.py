@@ -184,6 +184,15 @@ def done_lines(done: Sequence[InterventionView]) -> list[str]:
     return lines
 
 
+def _times(done: Sequence[InterventionView]) -> str:
+    """After which of the recyclings of ``done`` the training loss rose: "it" for the only
+    one, "N of the M recyclings" otherwise."""
+    recyclings = [e for e in done if e.remedy in RECYCLERS]
+    rose = sum(max(e.count, 1) for e in recyclings if e.loss_rose)
+    total = sum(max(e.count, 1) for e in recyclings)
+    return "it" if total == 1 else f"{rose} of the {total} recyclings"
+
+
 def recommend(
     f: FindingView,
     leaky: bool,
@@ -232,13 +241,20 @@ def recommend(
             set(RECYCLERS) & declined.keys()):
         # (Keras offers no recycling)
         steps.append(f"recycle the units ({names['recycle']})")
-    elif recycled & failed:
-        adam = any(e.adam_step_kept for e in done if e.remedy in RECYCLERS and e.verdict == "did not help")
-        steps.append("stop recycling here (the recycled units went quiet again)" + (
+    elif bad := [e for e in done if e.remedy in RECYCLERS
+                 and (e.verdict == "did not help" or e.loss_rose)]:
+        # (a recycling judged "helped" on its units after which the training loss jumped
+        # was advised "go on recycling" in a trial where each one raised the loss under
+        # Adam, and reset_adam_step=True kept it down)
+        why = [*(["the recycled units went quiet again"] if recycled & failed else []),
+               *([f"the training loss rose {LOSS_ROSE}x or more after {_times(done)}"]
+                 if any(e.loss_rose for e in bad) else [])]
+        steps.append(f"stop recycling here ({'; '.join(why)})" + (
             ", or recycle with reset_adam_step=True: under Adam its recycled units' zeroed "
             "moments took the tensor's old bias correction, so their first updates were "
             "larger than a fresh Adam's (about 3x the learning rate at the default betas), "
-            "which can kill them again" if adam else ""))
+            "which can kill them again and jolt the loss"
+            if any(e.adam_step_kept for e in bad) else ""))
     elif helped := sorted({e.remedy for e in done if e.remedy in RECYCLERS and e.verdict == "helped"}):
         # (it helped: named among the steps, not dropped from them)
         steps.append(f"go on recycling where units go quiet again ({', '.join(helped)} "
