@@ -513,7 +513,9 @@ class IntervalReading:
             "train": "no training pass of the model (in train() mode, gradients enabled) ran "
             "in them. Left in eval mode after an evaluation? Call model.train() again. "
             "Called doc.step() on steps where the model does not train (a GAN's other "
-            "model's steps)? Call it once per step of this model's optimizer",
+            "model's steps)? Call it once per step of this model's optimizer. Watching a "
+            "model that never trains (a frozen teacher, a target network)? Watch it with "
+            "stream='eval', or 'all', and leave its mode as it is",
             "eval": "no evaluation pass (model.eval() or torch.no_grad()) ran in them",
         }.get(self.probe.stream, "no forward pass of the model ran in them")
         if self.window_steps > 0:  # passes of its stream ran, with no watched activation

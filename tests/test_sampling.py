@@ -1195,6 +1195,9 @@ def test_a_window_whose_collecting_steps_saw_no_pass_warns_once_and_judges_nothi
     assert len(said) == 1
     assert re.search(r"step 15 recorded nothing in its 5 collecting step\(s\): no training "
                      r"pass.*model\.train\(\)", said[0])
+    # (a model that never trains, a frozen teacher, is watched on its own stream: a trial was
+    # told only to call model.train(), which changes its BatchNorm and dropout)
+    assert "Watching a model that never trains" in said[0] and "stream='eval'" in said[0]
     assert [(r.step, r.judged) for r in doc.records] == [(5, True), (10, True), (15, False)]
     saved = relu_doctor.load_run(run)
     rows = saved.history[saved.history["site"] == "1"]
