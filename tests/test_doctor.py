@@ -1203,6 +1203,26 @@ def test_the_learning_rate_recorded_is_the_one_the_logged_step_used(sched_first)
     assert len({used[s] for s in (2, 4, 6, 7)}) == 4
 
 
+def test_the_rates_of_several_optimizers_are_named_by_optimizer_and_group():
+    """A DLRM's sparse embedding under SparseAdam and its MLP under Adam (two param groups):
+    each rate is recorded as lr/<optimizer>.<group>, the optimizers numbered in the order
+    optimizer=[...] lists them (the README's names, which a trial could not find)."""
+    torch.manual_seed(0)
+    emb, mlp = nn.Embedding(50, 8, sparse=True), zoo.mlp(d_in=8)
+    sparse = torch.optim.SparseAdam(emb.parameters(), lr=0.01)
+    dense = torch.optim.Adam([{"params": list(mlp.parameters())[:2], "lr": 0.002},
+                              {"params": list(mlp.parameters())[2:]}], lr=0.003)
+    model = nn.ModuleDict({"emb": emb, "mlp": mlp})
+    with relu_doctor.watch(model, optimizer=[sparse, dense], log_every_n_steps=2) as doc:
+        for _ in range(2):
+            mlp(emb(torch.randint(0, 50, (8,)))).square().mean().backward()
+            sparse.step(), dense.step()
+            sparse.zero_grad(), dense.zero_grad()
+            doc.step()
+    rates = {k: v for k, v in doc.records[-1].metrics.items() if k.startswith("lr")}
+    assert rates == {"lr/0.0": 0.01, "lr/1.0": 0.002, "lr/1.1": 0.003}
+
+
 class _OtherActivations(nn.Module):
     """Activations of no ReLU family only (LeViT's Hardswish, Mish), and a forward that may
     call torch.relu (the branch it never takes here): nothing is ever watched."""
