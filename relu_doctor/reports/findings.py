@@ -246,10 +246,10 @@ def recommend(
         # (a recycling judged "helped" on its units after which the training loss jumped
         # was advised "go on recycling" in a trial where each one raised the loss under
         # Adam, and reset_adam_step=True kept it down)
-        why = [*(["the recycled units went quiet again"] if recycled & failed else []),
+        reasons = [*(["the recycled units went quiet again"] if recycled & failed else []),
                *([f"the training loss rose {LOSS_ROSE}x or more after {_times(done)}"]
                  if any(e.loss_rose for e in bad) else [])]
-        steps.append(f"stop recycling here ({'; '.join(why)})" + (
+        steps.append(f"stop recycling here ({'; '.join(reasons)})" + (
             ", or recycle with reset_adam_step=True: under Adam its recycled units' zeroed "
             "moments took the tensor's old bias correction, so their first updates were "
             "larger than a fresh Adam's (about 3x the learning rate at the default betas), "
