@@ -14,7 +14,7 @@ import functools
 from collections.abc import Collection, Mapping
 from typing import NamedTuple
 
-from relu_doctor.families import FAMILIES
+from relu_doctor.families import FAMILIES, Family
 
 __all__ = ["RECYCLERS", "REMEDY_NAMES", "UnitRemedies", "can_swap", "unit_remedies"]
 
@@ -40,20 +40,23 @@ def can_swap(family: str, leaky: bool, cap: float | None, op: str | None = None)
     """Whether the LeakyReLU swap can treat a site of ``family``: its rule, a plain ReLU
     module (not leaky, no cap, never negative: outputs for positive inputs unchanged), not a
     functional call (``op``, which it cannot replace). A ``cap`` of None is the family's."""
-    fam = FAMILIES.get(family)
+    return _can_swap(FAMILIES.get(family), leaky, cap, op)
+
+
+def _can_swap(fam: Family | None, leaky: bool, cap: float | None, op: str | None) -> bool:
     if fam is None or leaky or op is not None or not fam.nonnegative:
         return False
     return (cap if cap is not None else fam.cap_of(None)) is None
 
 
-def why_not_swapped(family: str, leaky: bool, cap: float | None, op: str | None,
-                    declined: Collection[str]) -> str:
+def _why_not_swapped(family: str, registered: Family | None, leaky: bool, cap: float | None,
+                     op: str | None, declined: Collection[str]) -> str:
     """Why a site that is not leaky is not advised the LeakyReLU swap (where
     :func:`can_swap` says no, or the swap left it alone), as sentences of their own: said
     inside another's clause, a trial read the swap's reasons as the feeding layer's."""
     if "leaky_relu_swap" in declined:
         return "The LeakyReLU swap left this site alone."
-    if op is not None and can_swap(family, leaky, cap):
+    if op is not None and _can_swap(registered, leaky, cap, None):
         return ("No LeakyReLU swap here: this is a functional call, and the swap replaces "
                 "activation modules. In your own code, call F.leaky_relu there or make it an "
                 "nn.ReLU module; in a library's layer, pass a leaky activation where the layer "
@@ -108,11 +111,13 @@ class UnitRemedies(NamedTuple):
     too_sparse: str
 
 
-@functools.lru_cache(maxsize=4096)  # (bounded: a few entries a site)
+# (bounded; a site whose dead units score above tau takes an entry for each of their counts)
+@functools.lru_cache(maxsize=4096)
 def unit_remedies(
     loop: str,
     tau: float,
     family: str,
+    registered: Family | None,
     leaky: bool,
     cap: float | None,
     op: str | None,
@@ -134,6 +139,8 @@ def unit_remedies(
         tau: the dormant threshold a recycler is told to take.
         family, leaky, cap, op: the site's family, whether it is leaky, its cap, and a
             functional call's op (None: a module's).
+        registered: the family as registered (``FAMILIES[family]``), whose traits decide
+            the swap: in the key, since ``register_family`` may replace it.
         declined: the remedies that left this site alone (``declined`` events).
         unrecyclable: why ReDo cannot recycle its units, or None.
         recycler: the recycling remedy bound to act there (``treatment_plan`` for a plan's
@@ -149,8 +156,8 @@ def unit_remedies(
             units and of those never active (see :func:`_recycle_dead`).
     """
     names = REMEDY_NAMES[loop]
-    swappable = can_swap(family, leaky, cap, op) and "leaky_relu_swap" not in declined
-    unswappable = why_not_swapped(family, leaky, cap, op, declined)
+    swappable = _can_swap(registered, leaky, cap, op) and "leaky_relu_swap" not in declined
+    unswappable = _why_not_swapped(family, registered, leaky, cap, op, declined)
     others = other_calls if swappable else ()
     also = (f" A swap replaces the module {module!r}, so it changes its other "
             f"call{'s' if len(others) > 1 else ''} too ({', '.join(others)})."

@@ -20,6 +20,7 @@ import torch
 from relu_doctor._validate import number_in, positive_finite
 from relu_doctor.advice import REMEDY_NAMES, unit_remedies
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.families import FAMILIES
 from relu_doctor.metrics import SiteUnits
 
 __all__ = [
@@ -410,7 +411,7 @@ def diagnose(
         born = (bool(row["dead"]) and not lifetime_restarted
                 and not _count(u, "dead", unless="lifetime_dead"))
         remedies = unit_remedies(
-            config.loop, config.tau, fam, leaky, row.get("cap"),
+            config.loop, config.tau, fam, FAMILIES.get(fam), leaky, row.get("cap"),
             row.get("op") if isinstance(row.get("op"), str) else None,  # a functional call's
             frozenset((declined or {}).get(name, ())), (unrecyclable or {}).get(name),
             (recycling or {}).get(name), name in recycling_by_score, module,

@@ -184,13 +184,29 @@ def done_lines(done: Sequence[InterventionView]) -> list[str]:
     return lines
 
 
-def _times(done: Sequence[InterventionView]) -> str:
-    """After which of the recyclings of ``done`` the training loss rose: "it" for the only
-    one, "N of the M recyclings" otherwise."""
-    recyclings = [e for e in done if e.remedy in RECYCLERS]
-    rose = sum(max(e.count, 1) for e in recyclings if e.loss_rose)
-    total = sum(max(e.count, 1) for e in recyclings)
-    return "it" if total == 1 else f"{rose} of the {total} recyclings"
+def _judged_recyclings(done: Sequence[InterventionView]) -> list[InterventionView]:
+    return [e for e in done if e.remedy in RECYCLERS and e.verdict]
+
+
+def _bad_recyclings(done: Sequence[InterventionView]) -> list[InterventionView]:
+    """The recyclings of ``done`` that advise stopping: any that did not help, or those
+    the training loss rose after (``loss_rose``, known for judged ones) where it rose
+    after at least half of the judged recyclings (one rise among many that helped is said
+    beside them, not a reason to stop)."""
+    judged = _judged_recyclings(done)
+    rose = [e for e in judged if e.loss_rose]
+    if any(e.verdict == "did not help" for e in judged) or 2 * len(rose) >= len(judged) > 0:
+        return [e for e in judged if e.verdict == "did not help" or e.loss_rose]
+    return []
+
+
+def _rose_after(done: Sequence[InterventionView]) -> str:
+    """After which of the judged recyclings of ``done`` the training loss rose: "the
+    recycling" for the only one, "N of the M judged recyclings" otherwise."""
+    judged = _judged_recyclings(done)
+    if len(judged) == 1:
+        return "the recycling"
+    return f"{sum(1 for e in judged if e.loss_rose)} of the {len(judged)} judged recyclings"
 
 
 def recommend(
@@ -241,24 +257,27 @@ def recommend(
             set(RECYCLERS) & declined.keys()):
         # (Keras offers no recycling)
         steps.append(f"recycle the units ({names['recycle']})")
-    elif bad := [e for e in done if e.remedy in RECYCLERS
-                 and (e.verdict == "did not help" or e.loss_rose)]:
-        # (a recycling judged "helped" on its units after which the training loss jumped
-        # was advised "go on recycling" in a trial where each one raised the loss under
-        # Adam, and reset_adam_step=True kept it down)
+    elif bad := _bad_recyclings(done):
+        # (a trial's recyclings under Adam, each judged "helped" on its units, each raised
+        # the training loss 1.5-3x and were advised "go on recycling"; reset_adam_step=True
+        # kept the loss down)
+        rose = any(e.loss_rose for e in bad)
         reasons = [*(["the recycled units went quiet again"] if recycled & failed else []),
-               *([f"the training loss rose {LOSS_ROSE}x or more after {_times(done)}"]
-                 if any(e.loss_rose for e in bad) else [])]
+                   *([f"the training loss rose {LOSS_ROSE}x or more after {_rose_after(done)}"]
+                     if rose else [])]
+        adam = [e for e in bad if e.adam_step_kept]
         steps.append(f"stop recycling here ({'; '.join(reasons)})" + (
             ", or recycle with reset_adam_step=True: under Adam its recycled units' zeroed "
             "moments took the tensor's old bias correction, so their first updates were "
             "larger than a fresh Adam's (about 3x the learning rate at the default betas), "
-            "which can kill them again and jolt the loss"
-            if any(e.adam_step_kept for e in bad) else ""))
+            "which can kill them again" + (" and jolt the loss" if any(e.loss_rose for e in adam)
+                                           else "") if adam else ""))
     elif helped := sorted({e.remedy for e in done if e.remedy in RECYCLERS and e.verdict == "helped"}):
         # (it helped: named among the steps, not dropped from them)
         steps.append(f"go on recycling where units go quiet again ({', '.join(helped)} "
-                     "helped here)")
+                     "helped here" + (f"; the training loss rose {LOSS_ROSE}x or more after "
+                                      f"{_rose_after(done)}" if any(e.loss_rose for e in done
+                                                                    ) else "") + ")")
     steps.append("check the normalisation before this activation (BatchNorm or LayerNorm, "
                  "where there is none)" + ("" if f.never_fired else " and the initialisation "
                                            "and bias of the layer that feeds it"))
