@@ -1305,6 +1305,10 @@ def test_recyclings_the_training_loss_rose_after_are_not_gone_on_with(judged, ro
     assert ("the recycled units went quiet again" in text) == ("n" in judged), text
     assert ("reset_adam_step=True" in text) == (stop and optimizer == "Adam"), text
     assert ("and jolt the loss" in text) == (stop and optimizer == "Adam" and n_rose > 0), text
+    # another remedy's loss rise (a swap's, here) is not said as a recycling's
+    swap = replace(views[0], remedy="leaky_relu_swap", loss_rose=3.1)
+    text = recommend(_dormant_view(), False, [replace(v, loss_rose=0.0) for v in views] + [swap])
+    assert "the training loss rose" not in text, text
 
 
 @pytest.mark.parametrize("refused", [False, True], ids=["bound", "bound-but-refused"])

@@ -184,26 +184,20 @@ def done_lines(done: Sequence[InterventionView]) -> list[str]:
     return lines
 
 
-def _judged_recyclings(done: Sequence[InterventionView]) -> list[InterventionView]:
-    return [e for e in done if e.remedy in RECYCLERS and e.verdict]
-
-
-def _bad_recyclings(done: Sequence[InterventionView]) -> list[InterventionView]:
-    """The recyclings of ``done`` that advise stopping: any that did not help, or those
-    the training loss rose after (``loss_rose``, known for judged ones) where it rose
-    after at least half of the judged recyclings (one rise among many that helped is said
-    beside them, not a reason to stop)."""
-    judged = _judged_recyclings(done)
+def _bad_recyclings(judged: Sequence[InterventionView]) -> list[InterventionView]:
+    """The ``judged`` recyclings that advise stopping: any that did not help, or those the
+    training loss rose after (``loss_rose``, known for judged ones) where it rose after at
+    least half of them (one rise among many that helped is said beside them, not a reason
+    to stop)."""
     rose = [e for e in judged if e.loss_rose]
     if any(e.verdict == "did not help" for e in judged) or 2 * len(rose) >= len(judged) > 0:
         return [e for e in judged if e.verdict == "did not help" or e.loss_rose]
     return []
 
 
-def _rose_after(done: Sequence[InterventionView]) -> str:
-    """After which of the judged recyclings of ``done`` the training loss rose: "the
-    recycling" for the only one, "N of the M judged recyclings" otherwise."""
-    judged = _judged_recyclings(done)
+def _rose_after(judged: Sequence[InterventionView]) -> str:
+    """After which of the ``judged`` recyclings the training loss rose: "the recycling" for
+    the only one, "N of the M judged recyclings" otherwise."""
     if len(judged) == 1:
         return "the recycling"
     return f"{sum(1 for e in judged if e.loss_rose)} of the {len(judged)} judged recyclings"
@@ -252,19 +246,19 @@ def recommend(
         steps.append("swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
                      f"({names['swap']}) or PReLU")
     recycled = set(RECYCLERS) & tried
+    judged = [e for e in done if e.remedy in RECYCLERS and e.verdict]  # (their losses known)
     cannot = next((str(v) for label, v in f.evidence if label == "not recyclable"), None)
     if cannot is None and not recycled and names["recycle"] and not (
             set(RECYCLERS) & declined.keys()):
         # (Keras offers no recycling)
         steps.append(f"recycle the units ({names['recycle']})")
-    elif bad := _bad_recyclings(done):
+    elif bad := _bad_recyclings(judged):
         # (a trial's recyclings under Adam, each judged "helped" on its units, each raised
         # the training loss 1.5-3x and were advised "go on recycling"; reset_adam_step=True
         # kept the loss down)
-        rose = any(e.loss_rose for e in bad)
         reasons = [*(["the recycled units went quiet again"] if recycled & failed else []),
-                   *([f"the training loss rose {LOSS_ROSE}x or more after {_rose_after(done)}"]
-                     if rose else [])]
+                   *([f"the training loss rose {LOSS_ROSE}x or more after {_rose_after(judged)}"]
+                     if any(e.loss_rose for e in bad) else [])]
         adam = [e for e in bad if e.adam_step_kept]
         steps.append(f"stop recycling here ({'; '.join(reasons)})" + (
             ", or recycle with reset_adam_step=True: under Adam its recycled units' zeroed "
@@ -276,8 +270,8 @@ def recommend(
         # (it helped: named among the steps, not dropped from them)
         steps.append(f"go on recycling where units go quiet again ({', '.join(helped)} "
                      "helped here" + (f"; the training loss rose {LOSS_ROSE}x or more after "
-                                      f"{_rose_after(done)}" if any(e.loss_rose for e in done
-                                                                    ) else "") + ")")
+                                      f"{_rose_after(judged)}" if any(e.loss_rose for e in judged)
+                                      else "") + ")")
     steps.append("check the normalisation before this activation (BatchNorm or LayerNorm, "
                  "where there is none)" + ("" if f.never_fired else " and the initialisation "
                                            "and bias of the layer that feeds it"))
