@@ -67,7 +67,7 @@ def _why_not_swapped(family: str, registered: Family | None, leaky: bool, cap: f
     return f"No LeakyReLU swap here: {what} cannot become a LeakyReLU without changing its outputs."
 
 
-def recycle_source(names: Mapping[str, str | None], source: str = "ReDo") -> str:
+def _recycle_source(names: Mapping[str, str | None], source: str = "ReDo") -> str:
     """ReDo recycling by the loop's name for it, in brackets (where the loop offers it)."""
     return f"({source}: {names['recycle']})"
 
@@ -95,7 +95,7 @@ def _recycle_dead(above_tau: tuple[int, int], names: Mapping[str, str | None], t
     dead units whatever their score."""
     above, flagged = above_tau
     if not above:
-        return f"recycle {them} {recycle_source(names)}"
+        return f"recycle {them} {_recycle_source(names)}"
     which = "these units'" if above == flagged else f"{above} of these units'"
     return (f"recycle {them} (ReDo: {_with_tau(names, tau)}, which takes the dead units "
             f"whatever their score; without tau= it takes only the units scoring below tau, "
@@ -243,7 +243,7 @@ def unit_remedies(
     )
 
     dormant = (
-        f"Recycle dormant units {recycle_source(names, 'ReDo, Sokar et al. 2023')}: "
+        f"Recycle dormant units {_recycle_source(names, 'ReDo, Sokar et al. 2023')}: "
         "re-initialise their incoming weights and zero their outgoing weights."
         if recyclable else "Lower the learning rate, or check the normalisation "
         "before this activation." + (
