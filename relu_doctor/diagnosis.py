@@ -22,6 +22,7 @@ from relu_doctor.advice import REMEDY_NAMES, unit_remedies
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.families import FAMILIES
 from relu_doctor.metrics import SiteUnits
+from relu_doctor.sites import NO_GRADIENT
 
 __all__ = [
     "REMEDY_NAMES",
@@ -618,7 +619,21 @@ _UNIT_KINDS = ("dead", "lifetime_dead", "dormant", "too_sparse")
 def _on_frozen(f: Finding, layer: str) -> Finding:
     """``f`` at a site whose feeding ``layer`` and the block holding it do not train (a
     frozen backbone): no remedy of training reaches those units while they stay frozen, so
-    it is said as information, with the one thing that can change them."""
+    it is said as information, with the one thing that can change them. ``layer``
+    :data:`~relu_doctor.sites.NO_GRADIENT`: no gradient reached the site's calls at all."""
+    if layer == NO_GRADIENT:
+        return replace(
+            f, severity="info",
+            message=f"{f.message.rstrip('.')}; no gradient reached it (computed under "
+            "torch.no_grad(), or from weights and inputs of which none trains: a frozen "
+            "teacher, a target network).",
+            evidence={**f.evidence, "no_gradient": True},
+            remedy="Nothing to do while it is computed so: training cannot change these units "
+            "(a lower learning rate, a swap or recycling cannot reach them). If they should "
+            "learn, compute it with gradients (outside torch.no_grad(), its weights with "
+            "requires_grad=True, their optimizer updating them); leave them if this part is "
+            "meant to stay as it is.",
+        )
     return replace(
         f, severity="info",
         message=f"{f.message.rstrip('.')}; the layer feeding it, {layer!r}, does not train "

@@ -29,7 +29,7 @@ from relu_doctor.history import SEEN_FIELDS, IntervalRecord
 from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, metrics_of_stacked
 from relu_doctor.probes import transformed_text
 from relu_doctor.sampling import model_device
-from relu_doctor.sites import FrozenFeeds, Site
+from relu_doctor.sites import NO_GRADIENT, FrozenFeeds, Site
 from relu_doctor.stats import ROW, SiteStats, read_back
 
 if TYPE_CHECKING:
@@ -220,12 +220,16 @@ class IntervalReading:
         ) -> tuple[dict[str, torch.Tensor], int | None]: ...
 
     def _frozen_layers(self, sites: list[Site]) -> list[str | None]:
-        """The frozen layer feeding each of ``sites`` (see :attr:`Doctor.frozen_feed`), or
-        None."""
+        """The frozen layer feeding each of ``sites`` (see :attr:`Doctor.frozen_feed`), else
+        :data:`~relu_doctor.sites.NO_GRADIENT` where no gradient reached it in the open window
+        and no producing layer was found, else None."""
         if self.frozen_feed is not None:
-            return list(self.frozen_feed(sites))
-        return self._frozen_feeds.layers(
-            self.probe.model, [s.producer for s in sites], self.probe.generation)
+            layers = list(self.frozen_feed(sites))
+        else:
+            layers = self._frozen_feeds.layers(
+                self.probe.model, [s.producer for s in sites], self.probe.generation)
+        return [NO_GRADIENT if layer is None and s.producer is None and s.window_ungraded
+                and not s.window_graded else layer for s, layer in zip(sites, layers, strict=True)]
 
     def _read(self, close: bool, *, final: bool = False) -> IntervalRecord | None:
         """Sum, read back, derive, diagnose: the record of the open window (closing it when

@@ -351,6 +351,7 @@ class Probe(SiteRegistry, HookOwner):
         self._pass_open = False  # a pass has begun and not ended
         self._pass_in_graph = False  # the pass began while torch.compile traced
         self._pass_on = False  # ... and it is recorded
+        self._pass_graded = False  # ... with gradients on (see Site.window_ungraded)
         self._dirty = False  # a module was registered into the model since the last hooking
         self._members: set[nn.Module] = set()
         self._registration: RemovableHandle | None = None
@@ -657,6 +658,7 @@ class Probe(SiteRegistry, HookOwner):
         self._pass_open = True
         self._pass_on = on = self.takes_pass(training)
         self._pass_in_graph = _is_compiling()
+        self._pass_graded = torch.is_grad_enabled()
         if on and not torch.compiler.is_compiling():  # a guarded int would recompile
             self.passes += 1
             self._entries[at] = self._entries.get(at, 0) + 1
@@ -940,8 +942,14 @@ class Probe(SiteRegistry, HookOwner):
 
     def _tap_gradient(self, output: Any, site: Site, keep: torch.Tensor | None = None) -> None:
         """Tap ``output``'s gradient for ``site`` (of the real positions only, with ``keep``:
-        the mask of the pass that made it)."""
-        if self.gradients and isinstance(output, torch.Tensor) and output.requires_grad:
+        the mask of the pass that made it). Whether the call had a gradient to come is kept
+        for the window (:attr:`Site.window_graded`, :attr:`Site.window_ungraded`)."""
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            if self._pass_graded:  # (one under torch.no_grad() in a pass with gradients)
+                site.window_ungraded = True
+            return
+        site.window_graded = True
+        if self.gradients:
             node = output.grad_fn
             if node is not None:
                 hook = self._grad_hooks.get(site)
@@ -1102,6 +1110,7 @@ class Probe(SiteRegistry, HookOwner):
             self._say_padding_unread()
         for s in sites:
             s.window_passes = 0
+            s.window_graded = s.window_ungraded = False
         self._window_from = self.passes
         self._entries = {}
         self._masked_passes = 0

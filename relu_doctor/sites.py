@@ -19,9 +19,16 @@ import torch.nn as nn
 from relu_doctor.families import Family
 from relu_doctor.stats import SiteStats
 
-__all__ = ["ROOT_LABEL", "FrozenFeeds", "Site", "SiteKey", "display_names", "frozen_feed", "module_label"]
+__all__ = ["NO_GRADIENT", "ROOT_LABEL", "FrozenFeeds", "Site", "SiteKey", "display_names", "frozen_feed", "module_label"]
 
 ROOT_LABEL = "(root)"
+
+
+#: a site's ``frozen`` (in place of the frozen layer feeding it) where no gradient reached
+#: its calls in a window whose passes had gradients on, and no layer of the model was found
+#: making its input: a frozen teacher held outside the model called under ``torch.no_grad()``
+#: in its forward, a model of which nothing trains watched with ``stream="all"``
+NO_GRADIENT = "(no gradient)"
 
 
 def module_label(path: str) -> str:
@@ -30,13 +37,13 @@ def module_label(path: str) -> str:
 
 
 def _feed(model: nn.Module, producer: str | None) -> tuple[nn.Module, nn.Module] | None:
-    """(the layer at ``producer``, the block holding it), or None: no producer, a layer of
-    the root (its block is the whole model) or a module gone since."""
-    parent = (producer or "").rpartition(".")[0]
-    if not parent:
+    """(the layer at ``producer``, the block holding it), or None: no producer, or a module
+    gone since. A layer of the root is held by the whole model (frozen where nothing in it
+    trains: a frozen teacher watched on its own)."""
+    if producer is None:
         return None
     try:
-        return model.get_submodule(producer or ""), model.get_submodule(parent)
+        return model.get_submodule(producer), model.get_submodule(producer.rpartition(".")[0])
     except AttributeError:
         return None
 
@@ -231,6 +238,13 @@ class Site:
     #: last of them (the probe's pass count then)
     window_passes: int = field(default=0, repr=False)
     seen_pass: int = field(default=-1, repr=False)
+    #: whether a call of the open window made an output that gradients reach
+    #: (``requires_grad``), and whether one in a pass begun with gradients on made one that
+    #: none reaches (under ``torch.no_grad()``, or from nothing that trains): only the
+    #: second, and no producing layer of the model found, is a site computed without
+    #: gradient (:data:`NO_GRADIENT`)
+    window_graded: bool = field(default=False, repr=False)
+    window_ungraded: bool = field(default=False, repr=False)
 
     def dim_for(self, ndim: int) -> int:
         """The unit dim of a call whose output has ``ndim`` dims (negative: it has none).

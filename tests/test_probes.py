@@ -3,6 +3,7 @@ detaching leave the model exactly as it was (no hook left, same numbers bit for 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import warnings
@@ -438,6 +439,15 @@ def test_frozen_feeds_agree_with_the_rule_and_walk_each_block_once_a_log(monkeyp
     monkeypatch.setattr(nn.Module, "parameters", counted)
     assert FrozenFeeds().layers(model, producers, 0) == expected
     assert walks.count(model.frozen) == 1
+    # A model nothing of which trains (a frozen teacher watched on its own): its root's
+    # layers are frozen feeds too, the root's own parameters counted.
+    teacher = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).requires_grad_(False)
+    assert [frozen_feed(teacher, p) for p in ("0", "2", "", "1")] == [True, True, False, False]
+    walks.clear()
+    assert FrozenFeeds().layers(teacher, ["0", "2", "0"], 0) == ["0", "2", "0"]
+    assert walks.count(teacher) == 1
+    teacher[2].weight.requires_grad_(True)  # one weight trains: none is a frozen feed
+    assert FrozenFeeds().layers(teacher, ["0", "2"], 0) == [None, None]
 
 
 def test_an_image_size_change_is_normal():
@@ -683,6 +693,104 @@ def test_a_deep_copy_of_a_watched_model_is_not_watched() -> None:
         users = [h for h in relu._forward_hooks.values() if not hasattr(h, "__self__")]
         assert len(users) == 1 and list(twin.net[1]._forward_hooks.values()) == users
     twin(torch.randn(2, 4)).sum().backward()  # after detach: the copy runs as before
+
+
+class _Distilled(_WithGuest):
+    """A student whose forward runs a frozen teacher held outside its modules (the guest)
+    and, for a consistency target, its own net on a second view, both under
+    ``torch.no_grad()``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.net(x.flip(0)) + sum(g(x) for g in self.guest)
+        return (torch.nn.functional.relu(self.net(x)) - target).pow(2)
+
+
+def _dead_units(outputs: list[torch.Tensor]) -> int:
+    """The reference: units (last dim) that never fired in ``outputs``."""
+    return int((torch.cat(outputs).flatten(0, -2) > 0).sum(0).eq(0).sum())
+
+
+def test_a_site_no_gradient_reaches_is_told_so_and_left_alone(tmp_path) -> None:
+    """A trial's frozen teacher, held outside the model and called under torch.no_grad() in
+    its forward, was a site like any other: its dead units a critical finding advising
+    recycling and F.leaky_relu. No gradient reaches it, so no remedy of training can change
+    it: its row is frozen (NO_GRADIENT), its unit findings information saying so, and
+    recycling leaves it out. The model's own trainable net called under no_grad too (a
+    consistency target) is no such site: its units train through its other call."""
+    from relu_doctor.remedies import DormantRecycler
+    from relu_doctor.sites import NO_GRADIENT
+
+    torch.manual_seed(0)
+    model = _Distilled()
+    teacher = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6)).requires_grad_(False)
+    with torch.no_grad():
+        teacher[0].bias.fill_(-50.0)  # every unit dead: the reference below says so too
+    model.guest.append(teacher)
+    seen: list[torch.Tensor] = []
+    teacher[1].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with relu_doctor.watch(model, optimizer=opt, every_n_steps=1, overhead_budget=None,
+                           log_every_n_steps=4, run_dir=tmp_path) as doc, \
+            warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        events: list[dict[str, Any]] = []
+        doc.add_event_listener(events.append)
+        DormantRecycler(model, optimizers=opt).bind(doc)
+        for _ in range(8):
+            opt.zero_grad()
+            model(torch.randn(16, 4)).sum().backward()
+            opt.step()
+            doc.step()
+    frame = doc.to_pandas().set_index("site")
+    assert sorted(frame.index) == ["(root):relu#0", "Sequential#0:relu#0", "net.1#0", "net.1#1"]
+    assert frame.loc["Sequential#0:relu#0", "frozen"] == NO_GRADIENT
+    assert frame.loc["Sequential#0:relu#0", "dead"] == _dead_units(seen) == 8
+    assert frame.drop("Sequential#0:relu#0")["frozen"].isna().all()
+    about = [f for f in doc.findings() if f.site == "Sequential#0:relu#0"]
+    assert {f.kind for f in about} >= {"dead", "lifetime_dead"}
+    for f in about:
+        assert f.severity == "info" and f.evidence["no_gradient"] is True, f
+        assert "no gradient reached it" in f.message and "recycl" not in f.remedy.split(
+            "(")[0], f
+    assert not [e for e in events if "Sequential#0" in str(e)]  # (nor tried, nor declined)
+    assert not [w for w in said if "Sequential#0" in str(w.message)]
+    from relu_doctor.history import load_run
+    from relu_doctor.reports import build_context, summary
+    from relu_doctor.reports.html import render_context
+
+    ctx = build_context(load_run(tmp_path))
+    assert "frozen: no gradient reached it" in render_context(ctx)
+    assert "reached by no gradient; no remedy acts there): Sequential#0:relu#0" in summary(ctx)
+
+
+@pytest.mark.parametrize("stream", ["all", "eval"])
+def test_a_model_nothing_of_which_trains_is_frozen_throughout(stream: str) -> None:
+    """A trial watched a model of which nothing trains (a frozen teacher, on its own) with
+    stream="all": its dead units were critical findings advising recycling. Its layers are
+    the whole model's, and the whole model does not train: every site is a frozen feed
+    (stream="all" and "eval" alike: the rule reads the weights, not the passes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+    model.requires_grad_(False)
+    with torch.no_grad():
+        model[0].bias[:3] = -50.0
+    if stream == "eval":
+        model.eval()
+    seen: list[torch.Tensor] = []
+    model[1].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    with relu_doctor.watch(model, stream=stream, every_n_steps=1, overhead_budget=None,
+                           log_every_n_steps=4) as doc:
+        for _ in range(4):
+            with torch.no_grad() if stream == "eval" else contextlib.nullcontext():
+                model(torch.randn(16, 4))
+            doc.step()
+    frame = doc.to_pandas().set_index("site")
+    assert frame["frozen"].to_dict() == {"1": "0", "3": "2"}
+    assert frame.loc["1", "dead"] == _dead_units(seen) == 3
+    dead = [f for f in doc.findings() if f.kind == "dead"]
+    assert dead and all(f.severity == "info" and f.evidence["frozen_layer"] == "0"
+                        for f in dead)
 
 
 @pytest.mark.parametrize("grad", [True, False])

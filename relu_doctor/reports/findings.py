@@ -221,7 +221,7 @@ def recommend(
     declined = declined or {}
     tried = {e.remedy for e in done}
     failed = {e.remedy for e in done if e.verdict == "did not help"}
-    if any(label == "frozen layer" for label, _ in f.evidence):
+    if any(label in ("frozen layer", "no gradient") for label, _ in f.evidence):
         return f.remedy  # (no remedy of training reaches a frozen layer's units)
     if f.kind not in ("dead", "lifetime_dead", "too_sparse", "dormant"):
         if f.kind == "exploding_gradient" and {_CLIP, _LR} & tried:

@@ -132,6 +132,7 @@ def summary(
             lines.append(f"  ... {len(rows) - max_sites} more sites")
         frozen = [r.site for r in rows if r.frozen]
         if frozen:
-            lines.append(f"  Frozen (fed by layers that do not train; no remedy acts there): "
+            lines.append(f"  Frozen (fed by layers that do not train, or reached by no "
+                         "gradient; no remedy acts there): "
                          f"{_clip(', '.join(frozen), 100)}")
     return "\n".join(_plain(line) for line in lines)

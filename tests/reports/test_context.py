@@ -440,8 +440,8 @@ def test_a_frozen_site_is_marked_in_the_sites_table_and_the_summary(tmp_path: Pa
     assert {r.site: r.frozen for r in ctx.sites} == {"backbone.1": "backbone.0", "head.1": ""}
     html = render_context(ctx)
     assert html.count("frozen: fed by") == 1 and "frozen: fed by <code>backbone" in html
-    assert "Frozen (fed by layers that do not train; no remedy acts there): backbone.1" in (
-        summary(ctx))
+    assert ("Frozen (fed by layers that do not train, or reached by no gradient; no remedy "
+            "acts there): backbone.1") in summary(ctx)
     model.backbone.requires_grad_(True)
     fit(4, tmp_path / "trains")
     ctx = build_context(load_run(tmp_path / "trains"))
