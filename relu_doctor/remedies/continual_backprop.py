@@ -30,7 +30,7 @@ from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
 from relu_doctor.remedies._fresh import drawn_by, model_init
-from relu_doctor.remedies._link_cache import Later, skip_for_now
+from relu_doctor.remedies._link_cache import Later, LinkCache, skip_for_now
 from relu_doctor.remedies.adam_step import AdamStepRestart
 from relu_doctor.remedies.base import (
     Optimizers,
@@ -41,7 +41,7 @@ from relu_doctor.remedies.base import (
 )
 from relu_doctor.remedies.evidence import units_snapshot
 from relu_doctor.remedies.recycle import WHOLE_ROWS, LinkedRemedy, recycle_units
-from relu_doctor.remedies.unit_links import Consumer, LinkCache, UnitLinks
+from relu_doctor.remedies.unit_links import Consumer, UnitLinks
 
 __all__ = ["ContinualBackprop", "outgoing_magnitude"]
 
@@ -75,6 +75,8 @@ def _per_input(c: Consumer, a: torch.Tensor) -> torch.Tensor:
         return a.reshape(-1)
     if isinstance(c.module, nn.Linear) or a.dim() == 2:  # (out, in), or (in, out): in_dim 0
         return a.sum(1 - c.in_dim)
+    if c.in_dim == 0:  # a transposed convolution's (in, out/groups, *kernel)
+        return a.sum(dim=list(range(1, a.dim())))
     groups = int(getattr(c.module, "groups", 1))
     out_pg = a.shape[0] // groups
     others = [d for d in range(a.dim()) if d != 1]

@@ -68,8 +68,9 @@ def _zero_inputs(
     m: nn.Module, weight: torch.Tensor, cols: torch.Tensor, in_dim: int = 1
 ) -> SliceFn:
     """Zero the input columns (Linear; rows of a weight stored ``(in, out)``: ``in_dim`` 0)
-    or channels (conv, grouped or not) ``cols``."""
-    if isinstance(m, nn.Linear) or weight.dim() == 2:
+    or channels (conv, grouped or not; a transposed conv's, ``in_dim`` 0, all on its dim 0
+    whatever its groups) ``cols``."""
+    if isinstance(m, nn.Linear) or weight.dim() == 2 or in_dim == 0:
         return _zero_rows(cols, in_dim)
     groups = int(getattr(m, "groups", 1))
     in_pg = int(weight.shape[1])

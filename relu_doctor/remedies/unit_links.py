@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -63,7 +63,10 @@ class NotInPass(ReluDoctorError):
 class _NotRun(Refuse):
     pass
 
-_PRODUCERS = {"linear", "conv1d", "conv2d", "conv3d", "addmm"}
+#: Transposed convolutions (a DCGAN generator's, a U-Net decoder's): their weight is
+#: stored (in, out/groups, *kernel), their output channels on its dim 1.
+_CONV_T = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+_PRODUCERS = {"linear", "conv1d", "conv2d", "conv3d", "addmm", *_CONV_T}
 #: Producers whose weight is stored (in, out), features last: Hugging Face's ``Conv1D``
 #: (GPT-2's MLP), ``torch.addmm(bias, x, weight)``.
 _TRANSPOSED = {"addmm"}
@@ -71,7 +74,7 @@ _TRANSPOSED = {"addmm"}
 
 def _unit_dim(producer: str) -> int:
     """The dim of a producer's weight that holds its output features (the units)."""
-    return 1 if producer in _TRANSPOSED else 0
+    return 1 if producer in _TRANSPOSED or producer in _CONV_T else 0
 _MOVE = {
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "contiguous",
     "clone", "unsqueeze", "squeeze", "expand", "cat", "concat", "concatenate", "stack",
@@ -272,6 +275,12 @@ def _producer(start: Value) -> tuple[Node, list[Node]]:
         if n is None:
             raise Refuse("its input is an input of the model, not the output of a layer")
         if n.name in _PRODUCERS and n.outputs[0] is v:
+            if n.name in _CONV_T and n.arg(6, "groups") not in (None, 1):
+                raise Refuse(
+                    f"its input comes from {n.describe()}, a grouped transposed convolution: "
+                    "its output channels lie across the groups of its weight's dim 1, which "
+                    "recycling does not follow"
+                )
             if _weight(n) is not None:
                 return n, chain[::-1]
             if n.name not in _TRANSPOSED:  # (addmm's "weight" may be an activation)
@@ -583,17 +592,3 @@ def find_unit_links(
         w.name,
         dim,
     )
-
-
-if TYPE_CHECKING:
-    from relu_doctor.remedies._link_cache import LinkCache as LinkCache
-
-
-def __getattr__(name: str) -> Any:
-    """``LinkCache`` lives in :mod:`~relu_doctor.remedies._link_cache` (it imports this
-    module); importing it from here still works."""
-    if name == "LinkCache":
-        from relu_doctor.remedies._link_cache import LinkCache
-
-        return LinkCache
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -172,6 +172,64 @@ def test_recycle_into_a_depthwise_conv():
     _check_slices("expand", p1["block.0.weight"], p0["block.0.weight"], 0, [3], None)
 
 
+class _Generator(nn.Module):
+    """A DCGAN generator: transposed convolutions, BatchNorm, ReLU."""
+
+    def __init__(self, groups: int = 1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(6, 8, 4, 1, 0, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.ConvTranspose2d(8, 4, 4, 2, 1, groups=groups), nn.ReLU(),
+            nn.ConvTranspose2d(4, 1, 4, 2, 1), nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.view(len(z), -1, 1, 1))
+
+
+def test_recycle_a_transposed_convolutions_units():
+    """A trial's DCGAN generator: every site fed by a ConvTranspose2d was refused ("not
+    from a Linear or Conv layer") while the findings advised recycling there. Its units are
+    the weight's dim 1 now: those columns re-initialised (by the fan-in of each unit's
+    weights), the BatchNorm reset, the next transposed convolution's input rows (its
+    weight's dim 0) zeroed, Adam's moments of exactly those slices reset; the output in
+    eval mode is what it was (they were dead), and the site fed through a grouped one is
+    refused."""
+    torch.manual_seed(0)
+    net = _Generator()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    _train(net, opt, torch.randn(4, 6))
+    units = [1, 6]
+    with torch.no_grad():
+        net.net[1].bias[units] = -100.0  # dead: what they passed on was nothing
+    p0, b0, s0 = _snapshot(net, opt)
+    net.eval()
+    z = torch.randn(3, 6)
+    before = net(z)
+    recycle_units(find_unit_links(net, site="net.2", example_inputs=torch.randn(2, 6)),
+                  units=units, optimizers=opt, generator=torch.Generator().manual_seed(5))
+    p1, b1, s1 = _snapshot(net, opt)
+    w0 = p0["net.0.weight"]  # (in 6, out 8, 4, 4)
+    rows, _ = _expected_rows(5, 2, w0.movedim(1, 0), bias=False)
+    _check_slices("convT w", p1["net.0.weight"], w0, 1, units, rows.movedim(0, 1))
+    _check_slices("bn w", p1["net.1.weight"], p0["net.1.weight"], 0, units, 1.0)
+    _check_slices("bn mean", b1["net.1.running_mean"], b0["net.1.running_mean"], 0, units, 0.0)
+    _check_slices("next w", p1["net.3.weight"], p0["net.3.weight"], 0, units, 0.0)
+    for key in ("exp_avg", "exp_avg_sq"):
+        _check_slices("convT " + key, s1["net.0.weight"][key], s0["net.0.weight"][key], 1,
+                      units, 0.0)
+        _check_slices("next " + key, s1["net.3.weight"][key], s0["net.3.weight"][key], 0,
+                      units, 0.0)
+    for n in ("net.3.bias", "net.5.weight", "net.5.bias"):
+        assert torch.equal(p1[n], p0[n]), n
+    torch.testing.assert_close(net(z), before, rtol=0, atol=1e-6)
+    # the second transposed convolution's own units: its dim 1 (4 of them), a bias too
+    links = find_unit_links(net, site="net.4", example_inputs=torch.randn(2, 6))
+    assert links.units == 4 and links.producer_dim == 1
+    with pytest.raises(ReluDoctorError, match="grouped transposed convolution"):
+        find_unit_links(_Generator(groups=2), site="net.4", example_inputs=torch.randn(2, 6))
+
+
 def test_recycle_rejects_bad_units():
     links = find_unit_links(mlp(), site="1", example_inputs=torch.randn(2, 8))
     with pytest.raises(ReluDoctorError, match=r"units: indices must be in \[0, 64\)"):
