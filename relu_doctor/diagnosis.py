@@ -305,6 +305,7 @@ def diagnose(
     swapping: Mapping[str, str] | None = None,
     call_index: Mapping[str, int] | None = None,
     lifetime_restarted: bool = False,
+    parts: Mapping[str, str] | None = None,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -351,6 +352,11 @@ def diagnose(
         lifetime_restarted: the lifetime counts began after training did (a run resumed
             without a checkpoint holding them): units dead in all of them may have fired
             before, so they are not said to have never fired.
+        parts: by site, the part of the model its passes began at, where parts were
+            stepped apart (see :meth:`Probe.parts <relu_doctor.probes.Probe.parts>`): the
+            gradient's fall or growth from output side to input side is measured within each
+            part, not from one model's sites to another's (a GAN's discriminator, whose
+            passes ran first, is no input side of its generator).
 
     Returns:
         Findings, most severe first.
@@ -506,7 +512,7 @@ def diagnose(
                 step,
             )
         )
-    out.extend(_gradient_findings(sites, config, step, param_grad_norms))
+    out.extend(_gradient_findings(sites, config, step, param_grad_norms, parts or {}))
     out.extend(_growth_findings(sites, config, step, first_rms or {}))
     rows = {str(r["site"]): r for r in sites}
     out = [_on_frozen(f, layer) if f.kind in _UNIT_KINDS
@@ -530,24 +536,33 @@ def _gradient_findings(
     config: DiagnosisConfig,
     step: int,
     param_grad_norms: Sequence[float],
+    parts: Mapping[str, str],
 ) -> list[Finding]:
     out: list[Finding] = []
     names = REMEDY_NAMES[config.loop]
-    flow = [
-        (int(r["order"]), str(r["site"]), float(r["grad_rms"]))
-        for r in sites
-        if math.isfinite(float(r["grad_rms"]))
-    ]
-    flow.sort()
-    if flow and all(v == 0 for _, _, v in flow):
+    flows: dict[str, list[tuple[int, str, float]]] = {}
+    for r in sites:
+        if math.isfinite(float(r["grad_rms"])):
+            flows.setdefault(parts.get(str(r["site"]), ""), []).append(
+                (int(r["order"]), str(r["site"]), float(r["grad_rms"])))
+    for flow in flows.values():
+        flow.sort()
+    # (of models stepped apart, one whose gradients are all zero while another's are not)
+    silent = [p for p, fl in flows.items() if all(v == 0 for _, _, v in fl)]
+    if silent:
+        flow = flows[silent[0]] if len(silent) < len(flows) else sorted(
+            f for fl in flows.values() for f in fl)
+        where = f"any activation of {silent[0]!r}" if len(silent) < len(flows) else (
+            "any activation")
         out.append(
             Finding(
                 "vanishing_gradient", "model", "critical",
-                f"no gradient reached any activation over the window: gradient RMS is 0 at "
+                f"no gradient reached {where} over the window: gradient RMS is 0 at "
                 f"all {len(flow)} site(s) with gradient statistics, so nothing before them "
                 "learns.",
                 {"sites": len(flow), "input_side": flow[0][1], "output_side": flow[-1][1],
-                 "input_grad_rms": 0.0, "output_grad_rms": 0.0},
+                 "input_grad_rms": 0.0, "output_grad_rms": 0.0,
+                 **({"part": silent[0]} if len(silent) < len(flows) else {})},
                 "Check the loss and the output layer: an output saturated so that the loss "
                 "has no slope (probabilities clipped at 0 or 1, as Keras' crossentropy "
                 "clips them; a softmax or sigmoid given huge logits), or a loss computed from "
@@ -556,41 +571,47 @@ def _gradient_findings(
                 step,
             )
         )
-    elif len(flow) >= 2:
-        first, last = flow[0], flow[-1]
-        ev = {"input_side": first[1], "input_grad_rms": first[2],
-              "output_side": last[1], "output_grad_rms": last[2]}
-        if last[2] > 0:
-            ratio = first[2] / last[2]
-            ev["ratio"] = ratio
-            if ratio < config.vanishing_ratio:
-                out.append(
-                    Finding(
-                        "vanishing_gradient", "model", "warning",
-                        (f"gradient RMS falls {1 / ratio:.3g}x from {last[1]} to {first[1]}."
-                         if ratio > 0 else
-                         f"gradient RMS falls to zero from {last[1]} to {first[1]}: no "
-                         f"gradient reaches {first[1]}."),
-                        ev,
-                        _dead_first(sites, config, first[0], last[0])
-                        + "ReLU keeps a constant gradient for active units, so vanishing points "
-                        "at dead units or depth: add residual connections or BatchNorm, use He "
-                        "initialisation, or SELU for self-normalising deep networks.",
-                        step,
-                    )
+    # Each part's input side against its output side (its sites in the order they first
+    # ran); of several parts, the one whose gradient falls the most, and the one whose
+    # gradient grows the most.
+    ends = sorted((fl[0][2] / fl[-1][2], fl[0], fl[-1], part) for part, fl in flows.items()
+                  if len(fl) >= 2 and fl[-1][2] > 0)
+    said = [ends[0]] if ends and ends[0][0] < config.vanishing_ratio and not silent else []
+    said += [ends[-1]] if ends and ends[-1][0] > config.exploding_ratio else []
+    for ratio, first, last, part in said:
+        ev: dict[str, Any] = {"input_side": first[1], "input_grad_rms": first[2],
+                              "output_side": last[1], "output_grad_rms": last[2],
+                              "ratio": ratio}
+        if len(flows) > 1:
+            ev["part"] = part
+        if ratio < config.vanishing_ratio:
+            out.append(
+                Finding(
+                    "vanishing_gradient", "model", "warning",
+                    (f"gradient RMS falls {1 / ratio:.3g}x from {last[1]} to {first[1]}."
+                     if ratio > 0 else
+                     f"gradient RMS falls to zero from {last[1]} to {first[1]}: no "
+                     f"gradient reaches {first[1]}."),
+                    ev,
+                    _dead_first(sites, config, first[0], last[0])
+                    + "ReLU keeps a constant gradient for active units, so vanishing points "
+                    "at dead units or depth: add residual connections or BatchNorm, use He "
+                    "initialisation, or SELU for self-normalising deep networks.",
+                    step,
                 )
-            elif ratio > config.exploding_ratio:
-                out.append(
-                    Finding(
-                        "exploding_gradient", "model", "critical",
-                        f"gradient RMS grows {ratio:.3g}x from {last[1]} to {first[1]}.",
-                        ev,
-                        f"Lower the learning rate with a schedule ({names['lr']}, step or "
-                        f"exponential decay){_and_clip(names, config)}; watch loss and "
-                        "gradient magnitudes.",
-                        step,
-                    )
+            )
+        elif ratio > config.exploding_ratio:
+            out.append(
+                Finding(
+                    "exploding_gradient", "model", "critical",
+                    f"gradient RMS grows {ratio:.3g}x from {last[1]} to {first[1]}.",
+                    ev,
+                    f"Lower the learning rate with a schedule ({names['lr']}, step or "
+                    f"exponential decay){_and_clip(names, config)}; watch loss and "
+                    "gradient magnitudes.",
+                    step,
                 )
+            )
     hist = [h for h in param_grad_norms if math.isfinite(h)]
     if len(hist) >= 4:
         prev = sorted(hist[:-1])

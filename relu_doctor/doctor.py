@@ -128,8 +128,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             features)``) then counts its real positions only, forward and gradients (through
             the eager path, not the fused kernels; not under ``torch.compile``); any other
             site counts every position, said once. None (the default): every position.
-        stream: which forward passes this Doctor records: ``"train"`` (default; the root
-            model in training mode with gradients enabled), ``"eval"`` (the others) or
+        stream: which forward passes this Doctor records: ``"train"`` (default; gradients
+            enabled, begun at a module in training mode: the model, or a part of it called
+            on its own), ``"eval"`` (the others) or
             ``"all"`` (what :func:`~relu_doctor.scan` uses).
         keep_records: how many of the latest :class:`~relu_doctor.history.IntervalRecord`
             are kept in memory (``doc.records``; without a run directory also

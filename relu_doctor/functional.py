@@ -402,7 +402,7 @@ class FunctionalCapture(HookOwner):
                 if self.probe.stream == "eval":
                     return
             else:
-                if not self.probe.begin_pass(at=mine[0]):  # left out: the mode stays off
+                if not self.probe.begin_pass(at=mine[0], module=module):  # left out: the mode stays off
                     self._left_out += 1
                     return
                 resync = self._resync and not (

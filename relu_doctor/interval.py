@@ -221,13 +221,12 @@ class IntervalReading:
 
     def _frozen_layers(self, sites: list[Site]) -> list[str | None]:
         """The frozen layer feeding each of ``sites`` (see :attr:`Doctor.frozen_feed`), else
-        :data:`~relu_doctor.sites.NO_GRADIENT` where no gradient reached it in the open window
-        and no producing layer was found, else None."""
-        if self.frozen_feed is not None:
-            layers = list(self.frozen_feed(sites))
-        else:
-            layers = self._frozen_feeds.layers(
-                self.probe.model, [s.producer for s in sites], self.probe.generation)
+        (a torch model's) :data:`~relu_doctor.sites.NO_GRADIENT` where no gradient reached
+        it in the open window and no producing layer was found, else None."""
+        if self.frozen_feed is not None:  # (an integration's rule: Keras layers)
+            return list(self.frozen_feed(sites))
+        layers = self._frozen_feeds.layers(
+            self.probe.model, [s.producer for s in sites], self.probe.generation)
         return [NO_GRADIENT if layer is None and s.producer is None and s.window_ungraded
                 and not s.window_graded else layer for s, layer in zip(sites, layers, strict=True)]
 
@@ -345,6 +344,7 @@ class IntervalReading:
                 site_rows, units, self.config, step=self.global_step,
                 param_grad_norms=norms, first_rms={**first_now, **self._first_rms},
                 declined=self._declined, site_passes=passes,
+                parts=self.probe.parts(sites) if world == 1 else {},
                 call_index={s.name: s.key.call_index for s in sites if s.key.call_index},
                 unrecyclable={s.name: _SUMMED if s.summed else _mixed(s.mixed)
                               for s in sites if s.summed or s.mixed},

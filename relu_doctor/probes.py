@@ -18,8 +18,8 @@ recomputed forwards are never counted twice.
 
 Streams: whether a pass is recorded is decided once, when it starts (:meth:`Probe.begin_pass`,
 called by the probe's own hooks and by functional capture): a probe of the ``"train"`` stream
-(the default) takes the passes that run with the root model in training mode and gradients
-enabled, one of the ``"eval"`` stream the others (``model.eval()``, ``torch.no_grad()``,
+(the default) takes the passes that run with gradients enabled and begin at a module in
+training mode (the model, or a part of it called on its own: its own mode decides), one of the ``"eval"`` stream the others (``model.eval()``, ``torch.no_grad()``,
 ``torch.inference_mode()``), one of ``"all"`` every pass. ``paused`` leaves out every pass.
 The decision reads two Python flags: no host synchronisation.
 
@@ -267,8 +267,8 @@ class Probe(SiteRegistry, HookOwner):
             gradient statistics are divided by it, so they are those of the true gradients.
         require_modules: raise in :meth:`attach` when the model has no activation module
             to hook. False when functional capture may find the only sites.
-        stream: which forward passes are recorded: ``"train"`` (root model in training mode
-            and gradients enabled), ``"eval"`` (the others) or ``"all"``.
+        stream: which forward passes are recorded: ``"train"`` (gradients enabled, begun at
+            a module in training mode), ``"eval"`` (the others) or ``"all"``.
         stopwatch: gets the host seconds of every collecting hook (the overhead budget's
             measure); default: a new one.
 
@@ -375,6 +375,7 @@ class Probe(SiteRegistry, HookOwner):
         self._raised_before: BaseException | None = None  # (see _exit)
         self._recomputed = RecomputedCalls()  # calls recomputed in backward (checkpoints)
         self._warned_spread = False
+        self._warned_higher_order = False
         self._bw_depth = 0
         self._attached = False
         #: what of the model no hook can watch, in words (said once per model at attach)
@@ -617,8 +618,8 @@ class Probe(SiteRegistry, HookOwner):
 
     # ------------------------------------------------------------------ passes
     def is_training_pass(self) -> bool:
-        """Whether a pass starting now is a training pass: the root model in training mode
-        and gradients enabled (two Python flags, no host synchronisation)."""
+        """Whether a pass starting at the model itself now is a training pass: the model in
+        training mode and gradients enabled (two Python flags, no host synchronisation)."""
         return self.model.training and torch.is_grad_enabled()
 
     def takes_pass(self, training: bool | None = None) -> bool:
@@ -637,7 +638,8 @@ class Probe(SiteRegistry, HookOwner):
             training = self.is_training_pass()
         return training == (self.stream == "train")
 
-    def begin_pass(self, training: bool | None = None, at: str = "") -> bool:
+    def begin_pass(self, training: bool | None = None, at: str = "",
+                   module: nn.Module | None = None) -> bool:
         """Mark a forward pass's start (idempotent within a pass: the probe's hooks and
         functional capture both call it) and return whether it is recorded.
 
@@ -649,6 +651,10 @@ class Probe(SiteRegistry, HookOwner):
 
             at: the path of the module the pass begins at ("": not known), whose passes a
                 site inside it is measured against (:meth:`passes_seen`).
+            module: that module, whose mode decides whether the pass trains where
+                ``training`` is None (the model's own, or a part of it called on its own: a
+                GAN's generator sampled in eval mode, under a watch of both models, is not
+                training, whatever the mode of the model holding both).
 
         A model changed since it was hooked is re-hooked first (:meth:`refresh_if_changed`).
         """
@@ -656,6 +662,8 @@ class Probe(SiteRegistry, HookOwner):
             return self._pass_on
         self.refresh_if_changed()
         self._pass_open = True
+        if training is None and module is not None:
+            training = module.training and torch.is_grad_enabled()
         self._pass_on = on = self.takes_pass(training)
         self._pass_in_graph = _is_compiling()
         self._pass_graded = torch.is_grad_enabled()
@@ -733,7 +741,7 @@ class Probe(SiteRegistry, HookOwner):
             self._calls.clear()
             self._raised_before = sys.exc_info()[1]  # (a pass run while one is handled)
             gen = self.generation
-            self.begin_pass(at=self._path_of.get(module, ""))
+            self.begin_pass(at=self._path_of.get(module, ""), module=module)
             if self.generation != gen and module not in self._path_of:
                 return  # re-hooked: this module is no boundary now, no _exit will come
         self._depth += 1
@@ -924,6 +932,26 @@ class Probe(SiteRegistry, HookOwner):
             stacklevel=user_stacklevel(),
         )
 
+    def _say_higher_order(self) -> None:
+        """Once: a backward made with ``create_graph=True`` reached a watched activation (its
+        gradient requires grad), and its gradients were left out."""
+        if self._warned_higher_order:
+            return
+        self._warned_higher_order = True
+        warnings.warn(
+            "relu_doctor: a backward made with create_graph=True (a gradient penalty's "
+            "torch.autograd.grad, as WGAN-GP's and R1's; MAML's inner step; a Hessian-vector "
+            "product) reached watched activations: its gradients are of what it "
+            "differentiates, not of the training loss, and are left out of the gradient "
+            "statistics (grad_rms, grad_zero_fraction), here and later without another "
+            "warning. Compute such a penalty under `with doc.paused():` to leave its pass out "
+            "altogether (its forward statistics, and the zero gradients the loss's backward "
+            "gives it through the penalty). A training loss itself backpropagated with "
+            "create_graph=True (AdaHessian) gets no gradient statistics.",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
+
     def tap_recomputed(self, output: Any, key: SiteKey) -> None:
         """A call recomputed during backward by activation checkpointing (module hooks and
         functional capture alike).
@@ -1104,6 +1132,22 @@ class Probe(SiteRegistry, HookOwner):
                 out[s.name] = (s.window_passes, could)
         return out
 
+    def parts(self, sites: Sequence[Site]) -> dict[str, str]:
+        """``{site name: the module its passes began at}`` where the open window's passes
+        began at more than one module and none at the model itself: models stepped apart
+        under one watch (a GAN's generator and discriminator, each called on its own), whose
+        gradients flow through each apart (a site is in the outermost such module holding
+        it; one in none, as a module outside the model, is in ``""``). Empty otherwise."""
+        starts = sorted(self._entries)
+        if len(starts) < 2 or "" in starts:
+            return {}
+        out = {}
+        for s in sites:
+            path = s.key.module_path
+            out[s.name] = next((at for at in starts
+                                if path == at or path.startswith(at + ".")), "")
+        return out
+
     def close_passes(self, sites: Sequence[Site]) -> None:
         """The open window closed: its count of passes starts anew, every site's too."""
         if self.padding_mask is not None and self.passes > self._window_from:
@@ -1182,6 +1226,9 @@ class Probe(SiteRegistry, HookOwner):
             nonlocal prepared, made_for
             g = grad_outputs[0] if grad_outputs else None
             if g is None:
+                return
+            if g.requires_grad and not _is_compiling():
+                self._say_higher_order()  # (a backward made with create_graph=True)
                 return
             gi = grad_inputs[0] if grad_inputs and site.family.input_grad else None
             if not isinstance(gi, torch.Tensor):
