@@ -667,6 +667,8 @@ def build_context(run: Run) -> ReportContext:
                    and math.isfinite(v))
 
     units, dead = total("units"), total("dead")
+    stuck = sum(int(v) for r in sites if r.leaky  # (a leaky site's dead units fire negative)
+                and isinstance(v := r.raw.get("dead"), int | float) and math.isfinite(v))
     # dead and dormant are of the units seen in the window shown (a run whose weights went
     # NaN sees none: "not seen", not "0 dead")
     seen = (total("units_seen") if any(r.raw["units_seen"] is not None for r in sites)
@@ -679,7 +681,9 @@ def build_context(run: Run) -> ReportContext:
         ("sites", str(len(sites))),
         ("units", str(units)),
         ("dead now", now or f"{dead} ({fmt_pct(dead / seen) if seen else '—'})"
-         + (f" of {seen} seen" if seen < units else "")),
+         + (f" of {seen} seen" if seen < units else "")
+         + (f", {stuck} of them stuck negative at leaky sites (they still pass a small "
+            "gradient)" if stuck else "")),
         ("never active", "—" if lost else str(total("lifetime_dead")) + (
             f" since step {since} (the run was continued there without the Doctor's state: "
             "its counts began again)" if isinstance(since := run.meta.get("lifetime_since"), int)

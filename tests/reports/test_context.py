@@ -411,6 +411,34 @@ def test_the_report_words_a_verdict_by_the_numbers_beside_it_and_says_a_new_find
         assert "new at step 10" in html and "since step 5" in html
 
 
+def test_dead_now_says_how_many_of_the_dead_are_stuck_negative_at_leaky_sites(
+        tmp_path: Path) -> None:
+    """A GAN trial's summary said "dead now 78", adding a LeakyReLU discriminator's units
+    stuck negative (which still pass a gradient) to its ReLU generator's dead ones: the key
+    number says how many of them are a leaky site's, counted from the history's rows."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.LeakyReLU(0.1),
+                          nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].bias[:3] = -50.0
+        model[2].bias[:5] = -50.0
+    with relu_doctor.watch(model, log_every_n_steps=2, overhead_budget=None,
+                           run_dir=tmp_path) as doc:
+        for _ in range(2):
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            doc.step()
+    run = load_run(tmp_path)
+    last = run.history[run.history["step"] == run.last_step]
+    leaky, dead = int(last.loc[last["leaky"], "dead"].sum()), int(last["dead"].sum())
+    assert 5 <= leaky < dead  # (the biased units at least, and the ReLU site's)
+    assert dict(build_context(run).key_numbers)["dead now"] == (
+        f"{dead} ({fmt_pct(dead / 16)}), {leaky} of them stuck negative at leaky sites (they "
+        "still pass a small gradient)")
+
+
 def test_a_frozen_site_is_marked_in_the_sites_table_and_the_summary(tmp_path: Path) -> None:
     """A frozen backbone's sites were not told apart in the report's table (its gradients
     "-" with no reason, its dead units beside trainable ones): the row says which layer
