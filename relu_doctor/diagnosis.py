@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -305,7 +305,7 @@ def diagnose(
     swapping: Mapping[str, str] | None = None,
     call_index: Mapping[str, int] | None = None,
     lifetime_restarted: bool = False,
-    parts: Mapping[str, str] | None = None,
+    parts: Mapping[str, tuple[str, int]] | None = None,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -352,11 +352,12 @@ def diagnose(
         lifetime_restarted: the lifetime counts began after training did (a run resumed
             without a checkpoint holding them): units dead in all of them may have fired
             before, so they are not said to have never fired.
-        parts: by site, the part of the model its passes began at, where parts were
-            stepped apart (see :meth:`Probe.parts <relu_doctor.probes.Probe.parts>`): the
-            gradient's fall or growth from output side to input side is measured within each
-            part, not from one model's sites to another's (a GAN's discriminator, whose
-            passes ran first, is no input side of its generator).
+        parts: by site, (the flow it is in, its part's rank in that flow), where parts of
+            the model were stepped apart (see :meth:`Probe.parts
+            <relu_doctor.probes.Probe.parts>`): the gradient's fall or growth from output
+            side to input side is measured within each flow, its sites in the order their
+            parts feed each other, then the order they first ran (a GAN's discriminator,
+            whose passes may run first, is fed by its generator: no input side of it).
 
     Returns:
         Findings, most severe first.
@@ -536,15 +537,19 @@ def _gradient_findings(
     config: DiagnosisConfig,
     step: int,
     param_grad_norms: Sequence[float],
-    parts: Mapping[str, str],
+    parts: Mapping[str, tuple[str, int]],
 ) -> list[Finding]:
     out: list[Finding] = []
     names = REMEDY_NAMES[config.loop]
-    flows: dict[str, list[tuple[int, str, float]]] = {}
+
+    def place(r: Mapping[str, Any]) -> tuple[int, int]:  # input side first
+        return parts.get(str(r["site"]), ("", 0))[1], int(r["order"])
+
+    flows: dict[str, list[tuple[tuple[int, int], str, float]]] = {}
     for r in sites:
         if math.isfinite(float(r["grad_rms"])):
-            flows.setdefault(parts.get(str(r["site"]), ""), []).append(
-                (int(r["order"]), str(r["site"]), float(r["grad_rms"])))
+            flows.setdefault(parts.get(str(r["site"]), ("", 0))[0], []).append(
+                (place(r), str(r["site"]), float(r["grad_rms"])))
     for flow in flows.values():
         flow.sort()
     # (of models stepped apart, one whose gradients are all zero while another's are not)
@@ -593,7 +598,8 @@ def _gradient_findings(
                      f"gradient RMS falls to zero from {last[1]} to {first[1]}: no "
                      f"gradient reaches {first[1]}."),
                     ev,
-                    _dead_first(sites, config, first[0], last[0])
+                    _dead_first([r for r in sites if parts.get(str(r["site"]), ("", 0))[0]
+                                 == part], config, first[0], last[0], place)
                     + "ReLU keeps a constant gradient for active units, so vanishing points "
                     "at dead units or depth: add residual connections or BatchNorm, use He "
                     "initialisation, or SELU for self-normalising deep networks.",
@@ -668,9 +674,11 @@ def _on_frozen(f: Finding, layer: str) -> Finding:
 
 
 def _dead_first(sites: Sequence[Mapping[str, Any]], config: DiagnosisConfig,
-                starved: int, output: int) -> str:
-    """Where a site between the ``starved`` one (by order, the input side's: excluded) and
-    the ``output`` side (included) is mostly dead, the first thing a vanishing gradient's
+                starved: tuple[int, int], output: tuple[int, int],
+                place: Callable[[Mapping[str, Any]], tuple[int, int]]) -> str:
+    """Where a site between the ``starved`` one (by ``place``: its part's rank in the flow
+    between parts, then order; the input side's: excluded) and the ``output`` side
+    (included) is mostly dead, the first thing a vanishing gradient's
     remedy names: no gradient flows back through dead units (residual connections and
     BatchNorm the model may already have do not bring it back). The most dead of them is
     named (a trial's 56% dead last site, which passed gradient on, was named before the
@@ -678,9 +686,10 @@ def _dead_first(sites: Sequence[Mapping[str, Any]], config: DiagnosisConfig,
     review); where they tie, the one nearest the starved site, the likelier on its path
     where the order holds parallel branches (a review: a fully dead site of another tower
     was named)."""
-    dead = [(float(r["dead_fraction"]), -int(r["order"]), str(r["site"]), bool(r.get("frozen")))
+    dead = [(float(r["dead_fraction"]), tuple(-k for k in place(r)), str(r["site"]),
+             bool(r.get("frozen")))
             for r in sites
-            if starved < int(r["order"]) <= output
+            if starved < place(r) <= output
             and float(r.get("dead_fraction", math.nan)) >= config.dead_critical
             and not r.get("leaky")]  # (a leaky unit passes its slope's gradient back)
     if not dead:

@@ -402,7 +402,7 @@ class FunctionalCapture(HookOwner):
                 if self.probe.stream == "eval":
                     return
             else:
-                if not self.probe.begin_pass(at=mine[0], module=module):  # left out: the mode stays off
+                if not self.probe.begin_pass(at=mine[0], module=module, args=args):  # left out: the mode stays off
                     self._left_out += 1
                     return
                 resync = self._resync and not (
@@ -444,6 +444,7 @@ class FunctionalCapture(HookOwner):
             # Empty between passes: torch.compile sees one state at every start.
             self._calls.clear()
             self._foreign.clear()
+            self.probe.note_output(self._hooked[module][0][0], output)
             self.probe.end_pass()
             if not (self._trust_reading or self.probe._compiled
                     or torch.compiler.is_compiling()):

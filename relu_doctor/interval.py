@@ -29,7 +29,7 @@ from relu_doctor.history import SEEN_FIELDS, IntervalRecord
 from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, metrics_of_stacked
 from relu_doctor.probes import transformed_text
 from relu_doctor.sampling import model_device
-from relu_doctor.sites import NO_GRADIENT, FrozenFeeds, Site
+from relu_doctor.sites import NO_GRADIENT, FrozenFeeds, Site, module_label
 from relu_doctor.stats import ROW, SiteStats, read_back
 
 if TYPE_CHECKING:
@@ -227,8 +227,20 @@ class IntervalReading:
             return list(self.frozen_feed(sites))
         layers = self._frozen_feeds.layers(
             self.probe.model, [s.producer for s in sites], self.probe.generation)
+        if self.tap is not None and any(layers):
+            # A layer whose gradient the optimizer read in the window trained in it, frozen
+            # at the log or not (a GAN's critic, requires_grad turned off for the
+            # generator's step: the usual loop)
+            graded = self.tap.graded_layers()
+            layers = [None if layer is not None and module_label(layer) in graded else layer
+                      for layer in layers]
+        # A call of a module another of whose calls a gradient reached is no such site (its
+        # units train through that call: a consistency target under no_grad(), a second
+        # reentrant checkpoint segment whose gradient is pooled into the first's)
+        reached = {s.key.module_path for s in sites if s.window_graded}
         return [NO_GRADIENT if layer is None and s.producer is None and s.window_ungraded
-                and not s.window_graded else layer for s, layer in zip(sites, layers, strict=True)]
+                and not s.window_graded and s.key.module_path not in reached else layer
+                for s, layer in zip(sites, layers, strict=True)]
 
     def _read(self, close: bool, *, final: bool = False) -> IntervalRecord | None:
         """Sum, read back, derive, diagnose: the record of the open window (closing it when

@@ -475,6 +475,10 @@ class OptimizerTap:
         self.window_graded = frozenset(self._graded)
         return (self.grad_sq, self.steps, self.update_ratio)
 
+    def graded_layers(self) -> set[str]:
+        """The layers (module labels) a gradient was read for in the open window."""
+        return {self.layers[i] for i in self._graded}
+
     def reset(self) -> None:
         """Start a new window (after :meth:`read`; the tensors it gave are kept)."""
         self._opt_steps, self._carried_steps = {}, {}

@@ -346,6 +346,11 @@ class Probe(SiteRegistry, HookOwner):
         #: is judged against the passes of the modules holding it (a GAN's generator runs
         #: in its own passes, not in the discriminator's)
         self._entries: dict[str, int] = {}
+        #: each part's latest recorded output (weakly), and the window's (feeding, fed)
+        #: parts: a pass whose input was made from another part's output (see parts)
+        self._part_out: dict[str, weakref.ref[torch.Tensor]] = {}
+        self._part_edges: dict[tuple[str, str], None] = {}
+        self._pass_at: str | None = None  # where the latest recorded pass began
         self._path_of: dict[nn.Module, str] = {}  # the boundary modules' paths (hooked now)
         self.passes_known = True
         self._pass_open = False  # a pass has begun and not ended
@@ -376,6 +381,7 @@ class Probe(SiteRegistry, HookOwner):
         self._recomputed = RecomputedCalls()  # calls recomputed in backward (checkpoints)
         self._warned_spread = False
         self._warned_higher_order = False
+        self._warned_part_eval = False
         self._bw_depth = 0
         self._attached = False
         #: what of the model no hook can watch, in words (said once per model at attach)
@@ -639,7 +645,7 @@ class Probe(SiteRegistry, HookOwner):
         return training == (self.stream == "train")
 
     def begin_pass(self, training: bool | None = None, at: str = "",
-                   module: nn.Module | None = None) -> bool:
+                   module: nn.Module | None = None, args: Any = None) -> bool:
         """Mark a forward pass's start (idempotent within a pass: the probe's hooks and
         functional capture both call it) and return whether it is recorded.
 
@@ -655,6 +661,8 @@ class Probe(SiteRegistry, HookOwner):
                 ``training`` is None (the model's own, or a part of it called on its own: a
                 GAN's generator sampled in eval mode, under a watch of both models, is not
                 training, whatever the mode of the model holding both).
+            args: its positional arguments, followed back to another part's output (see
+                :meth:`parts`).
 
         A model changed since it was hooked is re-hooked first (:meth:`refresh_if_changed`).
         """
@@ -664,12 +672,21 @@ class Probe(SiteRegistry, HookOwner):
         self._pass_open = True
         if training is None and module is not None:
             training = module.training and torch.is_grad_enabled()
+            if (not module.training and module is not self.model and self.model.training
+                    and torch.is_grad_enabled() and self.stream == "train"
+                    and not self._warned_part_eval and self.collecting and not self.paused):
+                self._say_part_in_eval(at)
         self._pass_on = on = self.takes_pass(training)
         self._pass_in_graph = _is_compiling()
         self._pass_graded = torch.is_grad_enabled()
+        self._pass_at = None
         if on and not torch.compiler.is_compiling():  # a guarded int would recompile
             self.passes += 1
             self._entries[at] = self._entries.get(at, 0) + 1
+            self._pass_at = at
+            if args is not None and self._part_out:
+                with torch._C.DisableTorchFunction():  # (see note_output)
+                    self._link_part(at, args)
             if self._want_provenance:
                 self._provenance.start()  # before functional capture enters its mode
         return on
@@ -741,7 +758,7 @@ class Probe(SiteRegistry, HookOwner):
             self._calls.clear()
             self._raised_before = sys.exc_info()[1]  # (a pass run while one is handled)
             gen = self.generation
-            self.begin_pass(at=self._path_of.get(module, ""), module=module)
+            self.begin_pass(at=self._path_of.get(module, ""), module=module, args=args)
             if self.generation != gen and module not in self._path_of:
                 return  # re-hooked: this module is no boundary now, no _exit will come
         self._depth += 1
@@ -849,6 +866,7 @@ class Probe(SiteRegistry, HookOwner):
             # Empty between passes, so torch.compile sees the same state at every pass start
             # (a guard on these counters would otherwise recompile after the first pass).
             self._calls.clear()
+            self.note_output(self._path_of.get(module, ""), output)
             self.end_pass()
 
     def close_pass(self) -> None:
@@ -928,6 +946,22 @@ class Probe(SiteRegistry, HookOwner):
             "one of its sites and missing from the others. Forward statistics are right. "
             "use_reentrant=False, or an activation module of its own in each segment, keeps "
             "them apart.",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+    def _say_part_in_eval(self, at: str) -> None:
+        """Once: a pass begun at a part of the model in eval mode, gradients on, while the
+        model trains, was left out of the training stream."""
+        self._warned_part_eval = True
+        warnings.warn(
+            f"relu_doctor: a forward pass begun at {module_label(at)!r}, in eval mode with "
+            "gradients enabled, was left out of the training stream, here and later without "
+            "another warning: the mode of the module a pass begins at decides (a generator "
+            "sampled with G.eval() is no training pass). If it trains in eval mode (BatchNorm "
+            "frozen through .eval()), call the model as a whole, whose mode then decides, or "
+            "watch with stream='all'; if it is a sample or an evaluation, make it under "
+            "torch.no_grad(), which also spares the graph.",
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),
         )
@@ -1132,21 +1166,83 @@ class Probe(SiteRegistry, HookOwner):
                 out[s.name] = (s.window_passes, could)
         return out
 
-    def parts(self, sites: Sequence[Site]) -> dict[str, str]:
-        """``{site name: the module its passes began at}`` where the open window's passes
-        began at more than one module and none at the model itself: models stepped apart
-        under one watch (a GAN's generator and discriminator, each called on its own), whose
-        gradients flow through each apart (a site is in the outermost such module holding
-        it; one in none, as a module outside the model, is in ``""``). Empty otherwise."""
+    def parts(self, sites: Sequence[Site]) -> dict[str, tuple[str, int]]:
+        """``{site name: (its flow, its part's rank in that flow)}`` where the open window's
+        passes began at more than one module and none at the model itself: parts stepped
+        apart under one watch (a GAN's generator and discriminator, each called on its
+        own; a loop calling an encoder, then a decoder). A site's part is the outermost
+        such module holding it (``""``: none, as a module outside the model). Parts one of
+        whose passes was made from another's output are one flow, named after its first
+        part, each ranked after those feeding it (the generator before the discriminator,
+        whichever ran first); a part fed by none and feeding none is a flow of its own
+        (two models trained apart). Empty otherwise."""
         starts = sorted(self._entries)
         if len(starts) < 2 or "" in starts:
             return {}
+        edges = [(a, b) for a, b in self._part_edges if a in self._entries and b in self._entries]
+        rank = dict.fromkeys(starts, 0)
+        for _ in starts:  # (longest path from a part fed by none; a cycle stops growing)
+            grew = False
+            for a, b in edges:
+                if rank[b] <= rank[a] < len(starts):
+                    rank[b], grew = rank[a] + 1, True
+            if not grew:
+                break
+        flow = {at: at for at in starts}
+
+        def root(at: str) -> str:
+            while flow[at] != at:
+                at = flow[at]
+            return at
+
+        for a, b in edges:
+            ra, rb = root(a), root(b)
+            if ra != rb:
+                first = min(ra, rb, key=lambda p: (rank[p], p))
+                flow[ra] = flow[rb] = first
         out = {}
         for s in sites:
             path = s.key.module_path
-            out[s.name] = next((at for at in starts
-                                if path == at or path.startswith(at + ".")), "")
+            at = next((a for a in starts if path == a or path.startswith(a + ".")), "")
+            out[s.name] = (root(at), rank[at]) if at else ("", 0)
         return out
+
+    def note_output(self, at: str, output: Any) -> None:
+        """The output of the recorded pass begun at ``at`` that just ended (its first tensor
+        that gradients reach), kept weakly: a later pass begun elsewhere from it is fed by
+        this part (see :meth:`parts`)."""
+        if self._pass_at != at or torch.compiler.is_compiling():
+            return
+        t = _first_tensor(output)
+        with torch._C.DisableTorchFunction():  # (not seen by a mode that is on: .grad_fn)
+            if t is not None and t.grad_fn is not None:
+                self._part_out[at] = weakref.ref(t)
+
+    def _link_part(self, at: str, args: Any) -> None:
+        """Note which other parts' outputs the pass beginning at ``at`` was made from, its
+        inputs' autograd graphs followed back a few dozen nodes (a GAN's D(G(z)), an
+        augmentation between them, a loop calling a model's layers one by one)."""
+        outs = {}
+        for part, ref in self._part_out.items():
+            t = ref()
+            if part != at and t is not None and t.grad_fn is not None:
+                outs[id(t.grad_fn)] = (part, t.grad_fn)
+        if not outs:
+            return
+        items = args if isinstance(args, tuple | list) else (args,)
+        todo = [t.grad_fn for a in items if (t := _first_tensor(a)) is not None
+                and t.grad_fn is not None]
+        seen: set[int] = set()
+        while todo and len(seen) < _PART_WALK:
+            node = todo.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            hit = outs.get(id(node))
+            if hit is not None and hit[1] is node:
+                self._part_edges[hit[0], at] = None
+                continue
+            todo.extend(n for n, _ in node.next_functions if n is not None)
 
     def close_passes(self, sites: Sequence[Site]) -> None:
         """The open window closed: its count of passes starts anew, every site's too."""
@@ -1157,6 +1253,8 @@ class Probe(SiteRegistry, HookOwner):
             s.window_graded = s.window_ungraded = False
         self._window_from = self.passes
         self._entries = {}
+        self._part_edges = {}
+        self._part_out = {}
         self._masked_passes = 0
         self.passes_known = True
 
@@ -1265,6 +1363,21 @@ class Probe(SiteRegistry, HookOwner):
                 self.stopwatch.add(t0)
 
         return grad_hook
+
+
+#: autograd nodes followed back from a pass's inputs to another part's output (see
+#: Probe._link_part): a few augmentations between two models, not a whole model's graph
+_PART_WALK = 64
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    """``value`` if a tensor, else the first tensor of a tuple, list or dict of them (a
+    Hugging Face model's output), else None."""
+    if isinstance(value, torch.Tensor):
+        return value
+    items = value.values() if isinstance(value, dict) else (
+        value if isinstance(value, tuple | list) else ())
+    return next((v for v in items if isinstance(v, torch.Tensor)), None)
 
 
 def _times(n: int) -> str:

@@ -141,21 +141,80 @@ def _train_gan(pair: _Pair, steps: int, fake_no_grad: bool, sample_eval: bool = 
 
 
 @pytest.mark.parametrize("fake_no_grad", [False, True], ids=["detach", "no_grad"])
-def test_models_stepped_apart_have_their_gradients_compared_within_each(
+def test_models_stepped_apart_are_one_flow_in_the_order_they_feed_each_other(
         fake_no_grad: bool) -> None:
     """A trial's generator and discriminator under one watch were one chain of sites in the
     order they first ran: with the fake made under torch.no_grad(), the discriminator's
     sites came first, and a generator whose output layer starts small read as a gradient
-    growing 1e5x from the generator to the discriminator, a critical finding on which a
-    bound LRRescuer cut the discriminator's learning rate. The gradient's fall or growth
-    is measured within each model now: the same run reads the same either way."""
+    growing 1e6x from the generator to the discriminator, a critical finding on which a
+    bound LRRescuer cut the discriminator's learning rate. The generator feeds the
+    discriminator (D(G(z)) in its step): they are one flow, the generator's sites first,
+    whichever ran first; the same run reads the same either way: the gradient falls from
+    the discriminator's last site to the generator's first."""
     doc = _train_gan(_Pair(), 4, fake_no_grad, tiny_g_output=True)
     frame = doc.to_pandas().set_index("site")
-    g_rms, d_rms = frame.loc["G.3", "grad_rms"], frame.loc["D.1", "grad_rms"]
-    assert 0 < g_rms < 1e-4 * d_rms  # what a single chain compared
-    assert doc.parts_seen == {"G.1": "G", "G.3": "G", "D.1": "D", "D.3": "D"}
-    kinds = {f.kind for f in doc.findings() if f.site == "model"}
-    assert not kinds & {"vanishing_gradient", "exploding_gradient"}, doc.findings()
+    g_rms, d_rms = frame.loc["G.1", "grad_rms"], frame.loc["D.3", "grad_rms"]
+    assert 0 < g_rms < 1e-4 * d_rms
+    assert doc.parts_seen == {"G.1": ("G", 0), "G.3": ("G", 0), "D.1": ("G", 1),
+                              "D.3": ("G", 1)}
+    found = [f for f in doc.findings() if f.site == "model"
+             and f.kind in ("vanishing_gradient", "exploding_gradient")]
+    assert [(f.kind, f.evidence["input_side"], f.evidence["output_side"]) for f in found] == [
+        ("vanishing_gradient", "G.1", "D.3")]
+    assert found[0].evidence["ratio"] == pytest.approx(g_rms / d_rms)
+
+
+class _Chain(nn.Module):
+    """An encoder and a decoder whose gradient grows 1e4x towards the input (orthogonal
+    weights scaled 30x, slope 0.9), which a loop may call whole, part by part or layer by
+    layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+
+        def lin(scale: float) -> nn.Linear:
+            layer = nn.Linear(16, 16)
+            with torch.no_grad():
+                layer.weight.copy_(torch.linalg.qr(torch.randn(16, 16))[0] * scale)
+                layer.bias.zero_()
+            return layer
+
+        self.encoder = nn.Sequential(lin(1), nn.LeakyReLU(0.9), lin(30), nn.LeakyReLU(0.9))
+        self.decoder = nn.Sequential(lin(30), nn.LeakyReLU(0.9), lin(30), nn.LeakyReLU(0.9),
+                                     lin(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+@pytest.mark.parametrize("how", ["whole", "parts", "layers"])
+def test_one_chain_called_part_by_part_is_judged_whole(how: str) -> None:
+    """A review: a loop calling encoder then decoder (a LightningModule's training_step),
+    or the layers one by one, split into parts judged apart lost the exploding gradient
+    the model called whole shows. Each part's passes are made from the one before's
+    output: one flow, the same finding, of the same sites, whichever way it is called."""
+    m = _Chain()
+    with relu_doctor.watch(m, every_n_steps=1, overhead_budget=None,
+                           log_every_n_steps=2) as doc:
+        for _ in range(2):
+            x = torch.randn(8, 16) * 1e-3
+            if how == "whole":
+                y = m(x)
+            elif how == "parts":
+                y = m.decoder(m.encoder(x).flatten(1))  # (an op between them, too)
+            else:
+                y = x
+                for layer in [*m.encoder, *m.decoder]:
+                    y = layer(y)
+            y.sum().backward()
+            doc.step()
+    rms = doc.to_pandas().set_index("site")["grad_rms"]
+    found = [f for f in doc.findings() if f.kind == "exploding_gradient"]
+    assert [(f.evidence["input_side"], f.evidence["output_side"]) for f in found] == [
+        ("encoder.1", "decoder.3")]
+    assert found[0].evidence["ratio"] == pytest.approx(rms["encoder.1"] / rms["decoder.3"])
+    assert found[0].evidence["ratio"] > 1e4
 
 
 def test_a_model_watched_whole_is_one_part() -> None:
@@ -177,27 +236,35 @@ def test_a_model_watched_whole_is_one_part() -> None:
     # flat within each: nothing, however far apart
     (1e-6, 1e-6, None, "exploding_gradient"),
 ])
-def test_the_gradient_is_judged_within_each_part(g_in, g_out, kind, chained) -> None:
-    """The diagnosis given parts: the discriminator's sites first (order 0, 1), the
-    generator's after, 1e6x smaller: no model-wide comparison across them; a fall within
-    the generator, or a generator no gradient reaches, is said of the generator."""
+def test_the_gradient_is_judged_within_each_flow(g_in, g_out, kind, chained) -> None:
+    """The diagnosis given two models trained apart (two flows): the discriminator's sites
+    first (order 0, 1), the generator's after, 1e6x smaller: no comparison across them; a
+    fall within the generator, or a generator no gradient reaches, is said of the
+    generator. Given one flow of the two, the generator ranked first: the generator's
+    first site is its input side, whichever ran first."""
     rows, by_order = rows_for([1.0, 1.0, g_in, g_out])
     names = ["D.1", "D.3", "G.1", "G.3"]
     for r, name in zip(rows, names, strict=True):
         r["site"] = name
     units = {name: by_order[f"s{i}"] for i, name in enumerate(names)}
-    parts = {"D.1": "D", "D.3": "D", "G.1": "G", "G.3": "G"}
-    found = [f for f in diagnose(rows, units, DiagnosisConfig(), parts=parts)
-             if f.kind in ("vanishing_gradient", "exploding_gradient")]
+
+    def said(parts: dict[str, tuple[str, int]] | None) -> list[Any]:
+        return [f for f in diagnose(rows, units, DiagnosisConfig(), parts=parts)
+                if f.kind in ("vanishing_gradient", "exploding_gradient")]
+
+    found = said({"D.1": ("D", 0), "D.3": ("D", 0), "G.1": ("G", 0), "G.3": ("G", 0)})
     assert [f.kind for f in found] == ([kind] if kind else [])
     if kind:
         assert found[0].evidence["part"] == "G"
         assert found[0].evidence["input_side"] == "G.1"
         assert found[0].severity == ("critical" if g_out == 0 else "warning")
-    # One chain (no parts) reads the same rows from D's first site to G's last, as before.
-    assert [f.kind for f in diagnose(rows, units, DiagnosisConfig())
-            if f.kind in ("vanishing_gradient", "exploding_gradient")] == (
-        [chained] if chained else [])
+    # One chain in the order the sites first ran reads from D's first site to G's last.
+    assert [f.kind for f in said(None)] == ([chained] if chained else [])
+    # One flow, the generator feeding the discriminator: from G's first site to D's last.
+    joined = said({"G.1": ("G", 0), "G.3": ("G", 0), "D.1": ("G", 1), "D.3": ("G", 1)})
+    if g_in > 0:
+        assert [(f.kind, f.evidence["input_side"], f.evidence["output_side"], "part" in
+                 f.evidence) for f in joined] == [("vanishing_gradient", "G.1", "D.3", False)]
 
 
 def test_a_part_sampled_in_eval_mode_is_not_training() -> None:
@@ -205,9 +272,14 @@ def test_a_part_sampled_in_eval_mode_is_not_training() -> None:
     on was counted as training (the container, whose mode decided, stayed in training
     mode): its statistics moved with the samples. The mode of the module a pass begins at
     decides now, as a watch of the generator alone did: the counts equal a run without
-    the samples."""
-    plain = _train_gan(_Pair(), 3, True).to_pandas().set_index("site")
-    sampled = _train_gan(_Pair(), 3, True, sample_eval=True).to_pandas().set_index("site")
+    the samples, and the pass left out is said once."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        plain = _train_gan(_Pair(), 3, True).to_pandas().set_index("site")
+        assert not [w for w in said if "eval mode" in str(w.message)]
+        sampled = _train_gan(_Pair(), 3, True, sample_eval=True).to_pandas().set_index("site")
+    # said once: a part trained in eval mode, called on its own, is left out as well
+    assert len([w for w in said if "begun at 'G', in eval mode" in str(w.message)]) == 1
     assert plain.loc["G.1", "elements"] == 3 * 32 * 16  # the generator's step's pass alone
     for col in ("elements", "dead", "sparsity", "mean_abs", "grad_rms"):
         assert sampled[col].to_dict() == plain[col].to_dict(), col

@@ -764,6 +764,73 @@ def test_a_site_no_gradient_reaches_is_told_so_and_left_alone(tmp_path) -> None:
     assert "reached by no gradient; no remedy acts there): Sequential#0:relu#0" in summary(ctx)
 
 
+def test_a_layer_that_trained_in_the_window_is_no_frozen_feed() -> None:
+    """A review: a GAN's critic, watched on its own, its requires_grad turned off for the
+    generator's step (the usual loop) and so at every log, read as a model nothing of which
+    trains: its dead units information, no remedy. Whether a layer trained is what the
+    optimizer read a gradient for in the window; the dead count is the reference's."""
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+    critic = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    with torch.no_grad():
+        critic[0].bias[:10] = -100.0
+    seen: list[torch.Tensor] = []
+    critic[1].register_forward_hook(
+        lambda m, a, out: seen.append(out.detach().clone()) if torch.is_grad_enabled() else None)
+    opt_c, opt_g = (torch.optim.SGD(m.parameters(), lr=1e-3) for m in (critic, gen))
+    with relu_doctor.watch(critic, optimizer=opt_c, every_n_steps=1, overhead_budget=None,
+                           log_every_n_steps=2) as doc:
+        for _ in range(2):
+            critic.requires_grad_(True)
+            opt_c.zero_grad()
+            (critic(gen(torch.randn(16, 4)).detach()).mean()
+             - critic(torch.randn(16, 8)).mean()).backward()
+            opt_c.step()
+            critic.requires_grad_(False)  # frozen for the generator's step
+            opt_g.zero_grad()
+            (-critic(gen(torch.randn(16, 4))).mean()).backward()
+            opt_g.step()
+            doc.step()
+    row = doc.to_pandas().set_index("site").loc["1"]
+    assert row["frozen"] is None and row["dead"] == _dead_units(seen) >= 10
+    assert {f.severity for f in doc.findings() if f.kind == "dead"} == {"warning"}
+
+
+class _Shuffled(nn.Module):
+    """conv -> pixel_shuffle -> ReLU (no producer found through the shuffle), called on a
+    second view under no_grad() for a consistency target, then with gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.PixelShuffle(2),
+                                  nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.body(x.flip(0))
+        return (self.body(x) - target).pow(2).mean()
+
+
+def test_a_call_of_a_module_a_gradient_reached_in_another_call_is_not_frozen() -> None:
+    """A review: a consistency target computed under no_grad() by the model's own layers,
+    whose producer is not found (a pixel shuffle between), was frozen '(no gradient)',
+    though the same module's other call trains it (so a second reentrant checkpoint
+    segment, whose gradient is pooled into the first's)."""
+    torch.manual_seed(0)
+    model = _Shuffled()
+    with torch.no_grad():
+        model.body[0].bias[:4] = -100.0
+    with relu_doctor.watch(model, every_n_steps=1, overhead_budget=None,
+                           log_every_n_steps=2) as doc:
+        for _ in range(2):
+            model(torch.randn(4, 3, 8, 8)).backward()
+            doc.step()
+    frame = doc.to_pandas().set_index("site")
+    assert sorted(frame.index) == ["body.2#0", "body.2#1"]
+    assert frame["frozen"].isna().all()
+    assert all(f.severity != "info" for f in doc.findings() if f.kind == "dead")
+
+
 @pytest.mark.parametrize("stream", ["all", "eval"])
 def test_a_model_nothing_of_which_trains_is_frozen_throughout(stream: str) -> None:
     """A trial watched a model of which nothing trains (a frozen teacher, on its own) with

@@ -85,15 +85,20 @@ def _scratch(module: nn.Module, made: dict[int, nn.Module]) -> nn.Module:
     return s
 
 
-def _default(shape: torch.Size, units: int, bias: bool,
-             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """PyTorch's default of a Linear/Conv: Kaiming-uniform with ``a=sqrt(5)``, bias
-    ``U(+-1/sqrt(fan_in))``; ``units`` rows of ``shape[1:]``."""
+def _default(shape: torch.Size, units: int, bias: bool, gen: torch.Generator,
+             fan_in: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PyTorch's default of a Linear/Conv: Kaiming-uniform with ``a=sqrt(5)`` (weights in
+    ``U(+-1/sqrt(fan_in))``), bias ``U(+-1/sqrt(fan_in))``; ``units`` rows of ``shape[1:]``,
+    their fan-in ``fan_in`` where given (a transposed convolution's), else theirs."""
     fresh = torch.empty((units, *shape[1:]), dtype=torch.float32)
-    nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
+    if fan_in is None:
+        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
+        fan_in = math.prod(shape[1:])
+    else:
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        fresh.uniform_(-bound, bound, generator=gen)
     if not bias:
         return fresh, None
-    fan_in = math.prod(shape[1:])
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
     return fresh, torch.empty(units, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
 
@@ -135,7 +140,11 @@ def fresh_rows(
                 rows = w.detach().movedim(dim, 0)[idx]
                 name = getattr(init, "name", None) or type(getattr(init, "__self__", init)).__name__
                 return rows, (None if b is None else b.detach()[idx]), f"{name}'s own"
-    w_rows, b_rows = _default(rows_shape, idx.numel(), has_bias, gen)
+    # (a transposed convolution's default reads its fan-in from its weight as stored,
+    # (in, out/groups, *kernel): its dim 1 and kernel, which PyTorch's init takes it to be)
+    fan_in = (math.prod(weight.shape[1:])
+              if isinstance(producer, nn.modules.conv._ConvTransposeNd) else None)
+    w_rows, b_rows = _default(rows_shape, idx.numel(), has_bias, gen, fan_in)
     return w_rows, b_rows, DEFAULT
 
 

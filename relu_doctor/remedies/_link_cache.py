@@ -64,7 +64,7 @@ def record_latest(
     err: Exception | None = None
     for a, k in tries:
         try:
-            return record_dataflow(model, a, kwargs=k, call=call), None
+            return record_dataflow(model, a, kwargs=k, call=call, training=True), None
         except Exception as e:  # the user's forward on our inputs: anything
             err = e
     return (
@@ -267,7 +267,7 @@ class LinkCache:
             self._recording = True
             try:
                 flow: Dataflow | None = record_dataflow(
-                    self.model, call[1], kwargs=call[2], call=call[0])
+                    self.model, call[1], kwargs=call[2], call=call[0], training=True)
             except Exception:  # the user's forward on their own inputs again: anything
                 flow = None
             finally:

@@ -6,6 +6,7 @@ Used by :mod:`relu_doctor.remedies.unit_links`."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -104,3 +105,15 @@ def pool_labels(node: Node, lab: torch.Tensor, k: int) -> torch.Tensor:
     if not torch.equal(hi, lo):
         raise Refuse(f"{node.describe()} pools the units with other values")
     return broadcast(hi, node.outputs[0].shape)
+
+
+_POOL = re.compile(r"^(adaptive_)?(max|avg|lp)_pool([123])d$")
+
+
+def spatial_dims(n: Node, rank: int) -> int:
+    """The trailing dims ``n`` pools or resizes per channel of a ``rank``-dim input (0: none);
+    interpolation (``nn.Upsample``) is linear per channel and keeps zeros."""
+    pool = _POOL.match(n.name)
+    if pool:
+        return int(pool.group(3))
+    return rank - 2 if n.name == "interpolate" and rank > 2 else 0

@@ -265,12 +265,14 @@ def record_dataflow(
     *,
     kwargs: dict[str, Any] | None = None,
     call: nn.Module | None = None,
+    training: bool = False,
 ) -> Dataflow:
     """Run ``model`` once on ``example_inputs`` and record what it did.
 
-    The pass runs under ``torch.no_grad()`` in the model's current mode (training or eval);
-    afterwards its buffers and the random number generators are as they were, and no probe
-    (a ``watch`` on the model) records it.
+    The pass runs under ``torch.no_grad()`` in the model's current mode (training or eval),
+    or in training mode (``training``: every module's mode restored after); afterwards its
+    buffers and the random number generators are as they were, and no probe (a ``watch``
+    on the model) records it.
 
     Args:
         model: the model.
@@ -278,6 +280,9 @@ def record_dataflow(
         kwargs: keyword arguments of the call.
         call: the module to call (default: ``model``), a submodule of it: what a wrapper
             whose own ``forward`` is never called runs.
+        training: run it in training mode, as training runs the model (what only runs
+            there, a deep-supervision head, is part of the flow), whatever mode the model
+            is in now (a remedy deciding after a validation pass in eval mode).
 
     Returns:
         The :class:`Dataflow`.
@@ -291,7 +296,10 @@ def record_dataflow(
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     rec = _Recorder(model)
     handles = []
+    modes = {m: m.training for m in model.modules()} if training else {}
     try:
+        if training:
+            model.train()
         for mod in rec.flow.paths:
             handles.append(mod.register_forward_pre_hook(rec.pre, with_kwargs=True))
             handles.append(mod.register_forward_hook(rec.post, with_kwargs=True, always_call=True))
@@ -305,6 +313,8 @@ def record_dataflow(
     finally:
         for h in handles:
             h.remove()
+        for m, was in modes.items():
+            m.training = was
     rec.keep.clear()
     rec.version.clear()
     return rec.flow

@@ -24,7 +24,6 @@ another input. The site is a :class:`~relu_doctor.sites.SiteKey`, so any module 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +39,7 @@ from relu_doctor.remedies._unit_labels import (
     pool_labels,
     reduce_labels,
     replay,
+    spatial_dims,
 )
 from relu_doctor.remedies.base import get_module, key_label, site_key_of
 from relu_doctor.remedies.dataflow import (
@@ -93,7 +93,6 @@ _MUL = {"mul", "__mul__", "__rmul__", "__imul__", "multiply"}
 _DIV = {"div", "__truediv__", "__itruediv__", "true_divide", "divide"}
 _SUM = {"add", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "__isub__"}
 _REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "nanmean", "nansum"}
-_POOL = re.compile(r"^(adaptive_)?(max|avg|lp)_pool([123])d$")
 _NORMS = {"batch_norm", "group_norm", "layer_norm", "instance_norm", "rms_norm"}
 
 
@@ -296,7 +295,7 @@ def _producer(start: Value) -> tuple[Node, list[Node]]:
             )
         passes = (
             n.name in _MOVE | _CASTS | _DROPOUT
-            or bool(_POOL.match(n.name))
+            or bool(spatial_dims(n, len(v.shape)))
             or (n.name in _NORMS and _per_channel(n, v.shape))
         )
         tracked = [i for i in n.inputs if i.data is None]
@@ -354,8 +353,8 @@ def _walk(
                 )
         elif n.name in _MOVE:
             lab = replay(n, labels)[0]
-        elif _POOL.match(n.name):
-            lab = pool_labels(n, lab, int(_POOL.match(n.name).group(3)))  # type: ignore[union-attr]
+        elif spatial_dims(n, lab.dim()):
+            lab = pool_labels(n, lab, spatial_dims(n, lab.dim()))
         labels[n.outputs[0]] = lab
     # --- consumer side: every path, in execution order
     consumers: list[Consumer] = []
@@ -453,13 +452,13 @@ def _consume(
         return [torch.where((la == PAD) | (lb == PAD), PAD, torch.maximum(la, lb))]
     if name in _REDUCE and lx is not None and alone:
         return [reduce_labels(n, lx)]
-    pool = _POOL.match(name)
-    if pool and lx is not None and alone:
-        return [pool_labels(n, lx, int(pool.group(3)))]
+    if lx is not None and alone and spatial_dims(n, lx.dim()):
+        return [pool_labels(n, lx, spatial_dims(n, lx.dim()))]
     raise Refuse(
         f"its units reach {n.describe()}, which is not a Linear, Conv or per-channel norm and "
         "may mix them or change their zeros (recycling zeroes the recycled units' outgoing "
-        "weights and follows dropout, pooling, means, reshapes, concatenation and products to them)"
+        "weights and follows dropout, pooling, upsampling, means, reshapes, concatenation "
+        "and products to them)"
     )
 
 

@@ -178,7 +178,7 @@ class _Generator(nn.Module):
     def __init__(self, groups: int = 1) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(6, 8, 4, 1, 0, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.ConvTranspose2d(64, 8, 4, 1, 0, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
             nn.ConvTranspose2d(8, 4, 4, 2, 1, groups=groups), nn.ReLU(),
             nn.ConvTranspose2d(4, 1, 4, 2, 1), nn.Tanh(),
         )
@@ -190,28 +190,32 @@ class _Generator(nn.Module):
 def test_recycle_a_transposed_convolutions_units():
     """A trial's DCGAN generator: every site fed by a ConvTranspose2d was refused ("not
     from a Linear or Conv layer") while the findings advised recycling there. Its units are
-    the weight's dim 1 now: those columns re-initialised (by the fan-in of each unit's
-    weights), the BatchNorm reset, the next transposed convolution's input rows (its
+    the weight's dim 1 now: those columns re-initialised as PyTorch initialises the layer
+    (its fan-in read from the weight as stored: its dim 1 and kernel), the BatchNorm reset, the next transposed convolution's input rows (its
     weight's dim 0) zeroed, Adam's moments of exactly those slices reset; the output in
     eval mode is what it was (they were dead), and the site fed through a grouped one is
     refused."""
     torch.manual_seed(0)
     net = _Generator()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    _train(net, opt, torch.randn(4, 6))
+    _train(net, opt, torch.randn(4, 64))
     units = [1, 6]
     with torch.no_grad():
         net.net[1].bias[units] = -100.0  # dead: what they passed on was nothing
     p0, b0, s0 = _snapshot(net, opt)
     net.eval()
-    z = torch.randn(3, 6)
+    z = torch.randn(3, 64)
     before = net(z)
-    recycle_units(find_unit_links(net, site="net.2", example_inputs=torch.randn(2, 6)),
+    recycle_units(find_unit_links(net, site="net.2", example_inputs=torch.randn(2, 64)),
                   units=units, optimizers=opt, generator=torch.Generator().manual_seed(5))
     p1, b1, s1 = _snapshot(net, opt)
-    w0 = p0["net.0.weight"]  # (in 6, out 8, 4, 4)
-    rows, _ = _expected_rows(5, 2, w0.movedim(1, 0), bias=False)
-    _check_slices("convT w", p1["net.0.weight"], w0, 1, units, rows.movedim(0, 1))
+    w0 = p0["net.0.weight"]  # (in 64, out 8, 4, 4)
+    _check_slices("convT w", p1["net.0.weight"], w0, 1, units, None)
+    # PyTorch's own reading of the layer's fan-in (8 * 4 * 4, not the 64 * 4 * 4 inputs)
+    bound = 1 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(net.net[0].weight)[0])
+    fresh = p1["net.0.weight"][:, units]
+    assert fresh.abs().max() <= bound and fresh.abs().max() > 0.9 * bound
+    assert fresh.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
     _check_slices("bn w", p1["net.1.weight"], p0["net.1.weight"], 0, units, 1.0)
     _check_slices("bn mean", b1["net.1.running_mean"], b0["net.1.running_mean"], 0, units, 0.0)
     _check_slices("next w", p1["net.3.weight"], p0["net.3.weight"], 0, units, 0.0)
@@ -224,10 +228,69 @@ def test_recycle_a_transposed_convolutions_units():
         assert torch.equal(p1[n], p0[n]), n
     torch.testing.assert_close(net(z), before, rtol=0, atol=1e-6)
     # the second transposed convolution's own units: its dim 1 (4 of them), a bias too
-    links = find_unit_links(net, site="net.4", example_inputs=torch.randn(2, 6))
+    links = find_unit_links(net, site="net.4", example_inputs=torch.randn(2, 64))
     assert links.units == 4 and links.producer_dim == 1
     with pytest.raises(ReluDoctorError, match="grouped transposed convolution"):
-        find_unit_links(_Generator(groups=2), site="net.4", example_inputs=torch.randn(2, 6))
+        find_unit_links(_Generator(groups=2), site="net.4", example_inputs=torch.randn(2, 64))
+
+
+class _Upsampling(nn.Module):
+    """A segmentation decoder's end: Conv-BN-ReLU, bilinear upsampling, a 1x1 head; and a
+    deep-supervision head on the same units, run in training only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.head, self.aux = nn.Conv2d(8, 1, 1), nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.act(self.bn(self.conv(x)))
+        y = self.head(self.up(h))
+        return (y, self.aux(h)) if self.training else y
+
+
+def test_recycling_follows_upsampling_and_decides_on_a_training_pass_in_eval_mode():
+    """A U-Net trial: a site read by nn.Upsample(bilinear) then a conv was refused ("not a
+    Linear, Conv or per-channel norm"), though interpolation is linear per channel and keeps
+    zeros, as pooling, which recycling follows. And a recycler deciding after a validation
+    pass, the model left in eval mode, recorded its pass in eval mode: the
+    deep-supervision head, run in training only, was no consumer, its weights from the
+    recycled units kept, and the training loss's aux output changed. The pass is recorded
+    in training mode now (every module's mode restored after): both heads' weights from
+    the dead units are zeroed, and the training-mode outputs are what they were."""
+    torch.manual_seed(0)
+    net = _Upsampling()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    dead = [2, 5]
+    with torch.no_grad():
+        net.bn.bias[dead] = -100.0
+    x, val = torch.randn(4, 3, 6, 6), torch.randn(2, 3, 6, 6)
+    with relu_doctor.watch(net, optimizer=opt, every_n_steps=1, overhead_budget=None,
+                           log_every_n_steps=2) as doc, warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReluDoctorWarning)
+        recycler = DormantRecycler(net, max_fraction=1.0).bind(doc)
+        for step in range(2):
+            net.train()
+            y, aux = net(x)
+            opt.zero_grad()
+            (y.pow(2).mean() + aux.pow(2).mean()).backward()
+            opt.step()
+            net.eval()  # validation, then the log: the recycler decides in eval mode
+            with torch.no_grad():
+                net(val)
+            if step == 1:
+                before = [t.detach().clone() for t in net.train()(x)]
+                head0, aux0 = net.head.weight.detach().clone(), net.aux.weight.detach().clone()
+                net.eval()
+            doc.step()
+    assert recycler.recycled == {"act": 2}
+    assert not net.training  # (its mode as the user left it)
+    _check_slices("head", net.head.weight, head0, 1, dead, 0.0)
+    _check_slices("aux", net.aux.weight, aux0, 1, dead, 0.0)
+    after = net.train()(x)
+    for b, a in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_recycle_rejects_bad_units():
