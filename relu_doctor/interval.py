@@ -234,12 +234,15 @@ class IntervalReading:
             graded = self.tap.graded_layers()
             layers = [None if layer is not None and module_label(layer) in graded else layer
                       for layer in layers]
-        # A call of a module another of whose calls a gradient reached is no such site (its
-        # units train through that call: a consistency target under no_grad(), a second
-        # reentrant checkpoint segment whose gradient is pooled into the first's)
-        reached = {s.key.module_path for s in sites if s.window_graded}
+        # A call of an activation module another of whose calls a gradient reached is no
+        # such site (its units train through that call: a consistency target under
+        # no_grad(), a second reentrant checkpoint segment whose gradient is pooled into the
+        # first's)
+        # (a module's calls: a functional op's share their module's path, not their units)
+        reached = {s.key.module_path for s in sites if s.window_graded and s.key.op is None}
         return [NO_GRADIENT if layer is None and s.producer is None and s.window_ungraded
-                and not s.window_graded and s.key.module_path not in reached else layer
+                and not s.window_graded
+                and (s.key.op is not None or s.key.module_path not in reached) else layer
                 for s, layer in zip(sites, layers, strict=True)]
 
     def _read(self, close: bool, *, final: bool = False) -> IntervalRecord | None:

@@ -186,6 +186,7 @@ class OptimizerTap:
         #: per layer, the steps :meth:`read_and_reset` closed the window with
         self.window_layer_steps: list[int] = []
         self._graded: set[int] = set()  # layers a gradient was read for in the open window
+        self._trained: set[int] = set()  # ... while they required grad (see graded_layers)
         #: the layers a gradient was read for in the window :meth:`read_and_reset` closed
         #: (the others, frozen or in no optimizer, have no gradient norm: NaN, not 0)
         self.window_graded: frozenset[int] = frozenset()
@@ -291,6 +292,7 @@ class OptimizerTap:
         dict while its step iterates over it)."""
         self._before, self.grad_sq, self.steps, self._updates = {}, None, 0, {}
         self._graded, self._opt_steps, self._carried_steps = set(), {}, {}
+        self._trained = set()
         if self._failed:
             return
         self._failed = True
@@ -326,6 +328,9 @@ class OptimizerTap:
             return
         if len(self._graded) < len(self.layers):
             self._graded.update(layers)
+        if len(self._trained) < len(self.layers):  # (not a stale zero .grad of a frozen one)
+            self._trained.update(i for p, i in zip(params, layers, strict=True)
+                                 if p.requires_grad)
         device = grads[0].device  # type: ignore[union-attr]
         if self.grad_sq is None:
             self.grad_sq = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
@@ -465,6 +470,7 @@ class OptimizerTap:
                 self._carried_steps[index[name]] = int(counts[i])
                 if float(old[i]) > 0:
                     self._graded.add(index[name])
+                    self._trained.add(index[name])
         self.grad_sq = new
 
     def read(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
@@ -476,14 +482,16 @@ class OptimizerTap:
         return (self.grad_sq, self.steps, self.update_ratio)
 
     def graded_layers(self) -> set[str]:
-        """The layers (module labels) a gradient was read for in the open window."""
-        return {self.layers[i] for i in self._graded}
+        """The layers (module labels) a gradient was read for in the open window, at a step
+        where they required grad (a frozen layer's stale ``.grad``, zeroed with
+        ``set_to_none=False``, is not one)."""
+        return {self.layers[i] for i in self._trained}
 
     def reset(self) -> None:
         """Start a new window (after :meth:`read`; the tensors it gave are kept)."""
         self._opt_steps, self._carried_steps = {}, {}
         self.grad_sq = None if self.grad_sq is None else torch.zeros_like(self.grad_sq)
-        self._graded = set()
+        self._graded, self._trained = set(), set()
         self.steps = 0
         self._updates = {}
 

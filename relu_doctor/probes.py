@@ -72,6 +72,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.nn.modules.module import register_module_module_registration_hook
+from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
 from relu_doctor._hooks import HookOwner, Hooks, HookSet, compile_watch
@@ -346,10 +347,11 @@ class Probe(SiteRegistry, HookOwner):
         #: is judged against the passes of the modules holding it (a GAN's generator runs
         #: in its own passes, not in the discriminator's)
         self._entries: dict[str, int] = {}
-        #: each part's latest recorded output (weakly), and the window's (feeding, fed)
-        #: parts: a pass whose input was made from another part's output (see parts)
-        self._part_out: dict[str, weakref.ref[torch.Tensor]] = {}
+        #: the window's (feeding, fed) parts: a pass whose input was made from another
+        #: part's output (see parts; outputs are tagged on their autograd nodes), and
+        #: whether any part's output was tagged in it
         self._part_edges: dict[tuple[str, str], None] = {}
+        self._parts_tagged = False
         self._pass_at: str | None = None  # where the latest recorded pass began
         self._path_of: dict[nn.Module, str] = {}  # the boundary modules' paths (hooked now)
         self.passes_known = True
@@ -645,7 +647,8 @@ class Probe(SiteRegistry, HookOwner):
         return training == (self.stream == "train")
 
     def begin_pass(self, training: bool | None = None, at: str = "",
-                   module: nn.Module | None = None, args: Any = None) -> bool:
+                   module: nn.Module | None = None, args: Any = None,
+                   kwargs: Any = None) -> bool:
         """Mark a forward pass's start (idempotent within a pass: the probe's hooks and
         functional capture both call it) and return whether it is recorded.
 
@@ -661,8 +664,8 @@ class Probe(SiteRegistry, HookOwner):
                 ``training`` is None (the model's own, or a part of it called on its own: a
                 GAN's generator sampled in eval mode, under a watch of both models, is not
                 training, whatever the mode of the model holding both).
-            args: its positional arguments, followed back to another part's output (see
-                :meth:`parts`).
+            args: its positional arguments, ``kwargs`` its keyword ones, followed back to
+                another part's output (see :meth:`parts`).
 
         A model changed since it was hooked is re-hooked first (:meth:`refresh_if_changed`).
         """
@@ -674,8 +677,9 @@ class Probe(SiteRegistry, HookOwner):
             training = module.training and torch.is_grad_enabled()
             if (not module.training and module is not self.model and self.model.training
                     and torch.is_grad_enabled() and self.stream == "train"
-                    and not self._warned_part_eval and self.collecting and not self.paused):
-                self._say_part_in_eval(at)
+                    and not self._warned_part_eval and self.collecting and not self.paused
+                    and any(p.requires_grad for p in module.parameters())):
+                self._say_part_in_eval(at)  # (not a frozen loss network's: a perceptual loss)
         self._pass_on = on = self.takes_pass(training)
         self._pass_in_graph = _is_compiling()
         self._pass_graded = torch.is_grad_enabled()
@@ -684,9 +688,9 @@ class Probe(SiteRegistry, HookOwner):
             self.passes += 1
             self._entries[at] = self._entries.get(at, 0) + 1
             self._pass_at = at
-            if args is not None and self._part_out:
+            if self._parts_tagged and at and (args or kwargs):
                 with torch._C.DisableTorchFunction():  # (see note_output)
-                    self._link_part(at, args)
+                    self._link_part(at, (args, kwargs))
             if self._want_provenance:
                 self._provenance.start()  # before functional capture enters its mode
         return on
@@ -1179,27 +1183,33 @@ class Probe(SiteRegistry, HookOwner):
         starts = sorted(self._entries)
         if len(starts) < 2 or "" in starts:
             return {}
-        edges = [(a, b) for a, b in self._part_edges if a in self._entries and b in self._entries]
-        rank = dict.fromkeys(starts, 0)
-        for _ in starts:  # (longest path from a part fed by none; a cycle stops growing)
-            grew = False
-            for a, b in edges:
-                if rank[b] <= rank[a] < len(starts):
-                    rank[b], grew = rank[a] + 1, True
-            if not grew:
-                break
-        flow = {at: at for at in starts}
+        edges = {(a, b) for a, b in self._part_edges if a in self._entries and b in self._entries}
+        feeds: dict[str, set[str]] = {}
+        fed: dict[str, set[str]] = {}
+        for a, b in edges:
+            feeds.setdefault(a, set()).add(b)
+            fed.setdefault(b, set()).add(a)
+        # Joined along simple chains only: a part feeding two (a generator judged by two
+        # discriminators) or fed by two, or a cycle (CycleGAN), has no one output side, so
+        # each of those parts is judged on its own
+        nxt = {a: next(iter(bs)) for a, bs in feeds.items()
+               if len(bs) == 1 and len(fed.get(next(iter(bs)), ())) == 1}
+        flow, rank = {at: at for at in starts}, dict.fromkeys(starts, 0)
+        for head in starts:
+            if head in fed and len(fed[head]) == 1 and next(iter(fed[head])) in nxt:
+                continue  # (inside a chain: reached from its head)
+            at, k, chain = head, 0, {head}
+            while at in nxt and nxt[at] not in chain:
+                at, k = nxt[at], k + 1
+                chain.add(at)
+                flow[at], rank[at] = head, k
+            if at in nxt:  # a cycle: each part on its own
+                for p in chain:
+                    flow[p], rank[p] = p, 0
 
         def root(at: str) -> str:
-            while flow[at] != at:
-                at = flow[at]
-            return at
+            return flow[at]
 
-        for a, b in edges:
-            ra, rb = root(a), root(b)
-            if ra != rb:
-                first = min(ra, rb, key=lambda p: (rank[p], p))
-                flow[ra] = flow[rb] = first
         out = {}
         for s in sites:
             path = s.key.module_path
@@ -1208,39 +1218,34 @@ class Probe(SiteRegistry, HookOwner):
         return out
 
     def note_output(self, at: str, output: Any) -> None:
-        """The output of the recorded pass begun at ``at`` that just ended (its first tensor
-        that gradients reach), kept weakly: a later pass begun elsewhere from it is fed by
-        this part (see :meth:`parts`)."""
-        if self._pass_at != at or torch.compiler.is_compiling():
+        """Tag the autograd nodes of the output of the recorded pass begun at part ``at``
+        that just ended (every tensor gradients reach; the tags go with the graph): a later
+        pass begun at another part from them is fed by this one (see :meth:`parts`)."""
+        if self._pass_at != at or not at or torch.compiler.is_compiling():
             return
-        t = _first_tensor(output)
         with torch._C.DisableTorchFunction():  # (not seen by a mode that is on: .grad_fn)
-            if t is not None and t.grad_fn is not None:
-                self._part_out[at] = weakref.ref(t)
+            for t in tree_flatten(output)[0]:
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                    t.grad_fn.metadata[_PART_TAG] = at  # type: ignore[index]
+                    self._parts_tagged = True
 
-    def _link_part(self, at: str, args: Any) -> None:
-        """Note which other parts' outputs the pass beginning at ``at`` was made from, its
-        inputs' autograd graphs followed back a few dozen nodes (a GAN's D(G(z)), an
-        augmentation between them, a loop calling a model's layers one by one)."""
-        outs = {}
-        for part, ref in self._part_out.items():
-            t = ref()
-            if part != at and t is not None and t.grad_fn is not None:
-                outs[id(t.grad_fn)] = (part, t.grad_fn)
-        if not outs:
-            return
-        items = args if isinstance(args, tuple | list) else (args,)
-        todo = [t.grad_fn for a in items if (t := _first_tensor(a)) is not None
-                and t.grad_fn is not None]
+    def _link_part(self, at: str, inputs: Any) -> None:
+        """Note which other parts' tagged outputs the pass beginning at ``at`` was made
+        from, its inputs' autograd graphs followed back up to :data:`_PART_WALK` nodes, each
+        path to the first tagged node (a GAN's D(G(z)), an augmentation between them, a
+        loop calling a model's layers one by one)."""
+        todo = [t.grad_fn for t in tree_flatten(inputs)[0]
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None]
         seen: set[int] = set()
         while todo and len(seen) < _PART_WALK:
             node = todo.pop()
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            hit = outs.get(id(node))
-            if hit is not None and hit[1] is node:
-                self._part_edges[hit[0], at] = None
+            part = node.metadata.get(_PART_TAG)  # type: ignore[attr-defined]
+            if part is not None:
+                if part != at:
+                    self._part_edges[part, at] = None
                 continue
             todo.extend(n for n, _ in node.next_functions if n is not None)
 
@@ -1254,7 +1259,7 @@ class Probe(SiteRegistry, HookOwner):
         self._window_from = self.passes
         self._entries = {}
         self._part_edges = {}
-        self._part_out = {}
+        self._parts_tagged = False
         self._masked_passes = 0
         self.passes_known = True
 
@@ -1368,16 +1373,8 @@ class Probe(SiteRegistry, HookOwner):
 #: autograd nodes followed back from a pass's inputs to another part's output (see
 #: Probe._link_part): a few augmentations between two models, not a whole model's graph
 _PART_WALK = 64
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    """``value`` if a tensor, else the first tensor of a tuple, list or dict of them (a
-    Hugging Face model's output), else None."""
-    if isinstance(value, torch.Tensor):
-        return value
-    items = value.values() if isinstance(value, dict) else (
-        value if isinstance(value, tuple | list) else ())
-    return next((v for v in items if isinstance(v, torch.Tensor)), None)
+#: the key of a part's tag in its outputs' autograd nodes' metadata (see Probe.note_output)
+_PART_TAG = "relu_doctor_part"
 
 
 def _times(n: int) -> str:

@@ -283,3 +283,39 @@ def test_a_part_sampled_in_eval_mode_is_not_training() -> None:
     assert plain.loc["G.1", "elements"] == 3 * 32 * 16  # the generator's step's pass alone
     for col in ("elements", "dead", "sparsity", "mean_abs", "grad_rms"):
         assert sampled[col].to_dict() == plain[col].to_dict(), col
+
+
+def _mlp(n_in: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, 8), nn.ReLU(), nn.Linear(8, n_out))
+
+
+@pytest.mark.parametrize("between", ["direct", "affine", "cat"])
+def test_how_parts_feed_each_other_decides_their_flows(between: str) -> None:
+    """A review: parts were joined by the latest output of each, kept weakly, so an op
+    between them that did not keep it (G(z) * 0.5 + 0.5) lost the link; a part feeding two
+    (one generator, two discriminators) made one flow whose output side was whichever ran
+    last, and a cycle (CycleGAN's two generators) ranks that grew without end. Outputs
+    are tagged on their autograd nodes now; parts are joined along simple chains only,
+    each part of a fork or a cycle judged on its own."""
+    torch.manual_seed(0)
+    pair = nn.Module()
+    pair.G, pair.D, pair.E = _mlp(4, 2), _mlp(2, 1), _mlp(2, 1)
+    pair.A, pair.B = _mlp(2, 2), _mlp(2, 2)
+
+    def feed(g: torch.Tensor) -> torch.Tensor:
+        return {"direct": g, "affine": g * 0.5 + 0.5,
+                "cat": torch.cat([torch.randn(4, 2), g])}[between]
+
+    with relu_doctor.watch(pair, every_n_steps=1, overhead_budget=None) as doc:
+        pair.D(feed(pair.G(torch.randn(4, 4)))).sum().backward()  # a chain: G -> D
+        chain = doc.probe.parts(doc.sites)
+        pair.E(feed(pair.G(torch.randn(4, 4)))).sum().backward()  # a fork: G -> D, G -> E
+        fork = doc.probe.parts(doc.sites)
+        a2b = pair.B(feed(pair.A(torch.randn(4, 2))))  # a cycle: A -> B -> A
+        pair.A(a2b).sum().backward()
+        everything = doc.probe.parts(doc.sites)
+        doc.step()
+    assert chain == {"G.1": ("G", 0), "D.1": ("G", 1)}
+    assert fork == {"G.1": ("G", 0), "D.1": ("D", 0), "E.1": ("E", 0)}
+    assert {k: v for k, v in everything.items() if k in ("A.1", "B.1")} == {
+        "A.1": ("A", 0), "B.1": ("B", 0)}

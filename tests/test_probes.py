@@ -10,6 +10,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -829,6 +830,85 @@ def test_a_call_of_a_module_a_gradient_reached_in_another_call_is_not_frozen() -
     assert sorted(frame.index) == ["body.2#0", "body.2#1"]
     assert frame["frozen"].isna().all()
     assert all(f.severity != "info" for f in doc.findings() if f.kind == "dead")
+
+
+class _TwoTargets(nn.Module):
+    """The root's forward: F.relu of a trained layer, and, under no_grad(), F.relu of a
+    frozen target's pixel-shuffled output (no producer found): two calls of one op in one
+    module, different units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student = nn.Linear(4, 4)
+        self.target = nn.Conv2d(1, 4, 1).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.nn.functional.relu(self.student(x))
+        with torch.no_grad():
+            t = torch.nn.functional.relu(torch.nn.functional.pixel_shuffle(
+                self.target(x.view(-1, 1, 2, 2)), 2)).flatten(1)[:, :4]
+        return (s - t).pow(2).mean()
+
+
+def test_a_functional_call_beside_a_graded_one_of_its_module_is_still_no_gradient() -> None:
+    """A review of the rule that a call of a module another call of which got a gradient
+    is no '(no gradient)' site: a module's functional calls share its path, not their
+    units. Only an activation module's calls are pooled so."""
+    torch.manual_seed(0)
+    model = _TwoTargets()
+    with torch.no_grad():
+        model.target.bias.fill_(-100.0)
+    with relu_doctor.watch(model, every_n_steps=1, overhead_budget=None,
+                           log_every_n_steps=2) as doc:
+        for _ in range(2):
+            model(torch.randn(8, 4)).backward()
+            doc.step()
+    frame = doc.to_pandas().set_index("site")
+    assert pd.isna(frame.loc["(root):relu#0", "frozen"])
+    assert frame.loc["(root):relu#1", "frozen"] == "(no gradient)"
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_layer_frozen_mid_training_is_frozen_whatever_its_stale_gradient(
+        set_to_none: bool) -> None:
+    """A review: a backbone frozen after two steps, its gradients zeroed with
+    set_to_none=False, kept a zero .grad the optimizer read at every step, which counted
+    as having trained. Only a gradient read while the layer required grad counts."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    model.head = nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with relu_doctor.watch(model, optimizer=opt, every_n_steps=1, overhead_budget=None,
+                           log_every_n_steps=2) as doc:
+        for step in range(4):
+            if step == 2:
+                model.backbone.requires_grad_(False)
+            opt.zero_grad(set_to_none=set_to_none)
+            model.head(model.backbone(torch.randn(8, 4))).pow(2).mean().backward()
+            opt.step()
+            doc.step()
+    assert doc.to_pandas().set_index("site").loc["backbone.1", "frozen"] == "backbone.0"
+
+
+def test_a_frozen_network_in_eval_mode_computing_a_loss_is_not_warned_of() -> None:
+    """A review: a frozen feature network in eval mode, called with gradients on to
+    compute a perceptual loss (the generator needs them), was told to run under no_grad().
+    A part with nothing that trains is left out without a warning; one that trains in eval
+    mode is said once."""
+    model = nn.Module()
+    model.G = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    model.F = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, every_n_steps=1, overhead_budget=None) as doc:
+            for frozen in (True, False):
+                model.F.requires_grad_(not frozen).eval()
+                model.F(model.G(torch.randn(2, 4))).sum().backward()
+                doc.step()
+                told = [w for w in said if "in eval mode" in str(w.message)]
+                assert len(told) == (0 if frozen else 1)
+    assert [s.name for s in doc.sites] == ["G.1"]
 
 
 @pytest.mark.parametrize("stream", ["all", "eval"])

@@ -55,18 +55,24 @@ def _shrink(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | 
 
 
 def record_latest(
-    model: nn.Module, call: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    model: nn.Module, call: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+    *, shrink: bool = True,
 ) -> tuple[Dataflow | None, str | None]:
     """Record one pass of ``call`` (the model or the submodule its caller calls), on two
-    samples when the inputs are batched; or why it failed."""
-    small = _shrink(args, kwargs)
+    samples when the inputs are batched (``shrink``); or why it failed."""
+    small = _shrink(args, kwargs) if shrink else None
     tries = ([small] if small is not None else []) + [(args, kwargs)]
+    # In training mode where the model is not in it now (deciding after a validation pass):
+    # what only training runs (a deep-supervision head) is part of the flow; in its own
+    # mode where that fails (a BatchNorm given one sample)
+    modes = (True, False) if not call.training else (False,)
     err: Exception | None = None
     for a, k in tries:
-        try:
-            return record_dataflow(model, a, kwargs=k, call=call, training=True), None
-        except Exception as e:  # the user's forward on our inputs: anything
-            err = e
+        for training in modes:
+            try:
+                return record_dataflow(model, a, kwargs=k, call=call, training=training), None
+            except Exception as e:  # the user's forward on our inputs: anything
+                err = e
     return (
         None,
         f"the forward pass that finds producers and consumers failed ({type(err).__name__}: {err})",
@@ -266,10 +272,7 @@ class LinkCache:
         if self._retry is None or self._retry[0] is not call:
             self._recording = True
             try:
-                flow: Dataflow | None = record_dataflow(
-                    self.model, call[1], kwargs=call[2], call=call[0], training=True)
-            except Exception:  # the user's forward on their own inputs again: anything
-                flow = None
+                flow, _ = record_latest(self.model, call[0], call[1], call[2], shrink=False)
             finally:
                 self._recording = False
             self._retry = (call, flow)

@@ -293,6 +293,33 @@ def test_recycling_follows_upsampling_and_decides_on_a_training_pass_in_eval_mod
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_a_link_pass_that_fails_in_training_mode_is_made_in_the_models_own():
+    """A review: the link pass, recorded in training mode where the model is not in it
+    (deciding after a validation pass), failed on a BatchNorm given the validation's one
+    sample, and the failure was kept: recycling was off for the rest of the run. The pass
+    is made in the model's own mode where training mode fails."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+    with torch.no_grad():
+        net[1].bias[:2] = -100.0
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    with relu_doctor.watch(net, optimizer=opt, every_n_steps=1, overhead_budget=None,
+                           log_every_n_steps=2) as doc, warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReluDoctorWarning)
+        recycler = DormantRecycler(net).bind(doc)
+        for _ in range(2):
+            net.train()
+            opt.zero_grad()
+            net(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+            net.eval()
+            with torch.no_grad():
+                net(torch.randn(1, 4))  # a validation batch of one sample, the latest call
+            doc.step()
+    assert recycler.recycled == {"2": 2}
+    assert torch.equal(net[3].weight[:, :2], torch.zeros(1, 2))
+
+
 def test_recycle_rejects_bad_units():
     links = find_unit_links(mlp(), site="1", example_inputs=torch.randn(2, 8))
     with pytest.raises(ReluDoctorError, match=r"units: indices must be in \[0, 64\)"):
