@@ -219,10 +219,13 @@ class IntervalReading:
             self, named: Mapping[str, torch.Tensor], device: torch.device | None
         ) -> tuple[dict[str, torch.Tensor], int | None]: ...
 
-    def _frozen_layers(self, sites: list[Site]) -> list[str | None]:
+    def _frozen_layers(self, sites: list[Site],
+                       grad_sq: torch.Tensor | None = None) -> list[str | None]:
         """The frozen layer feeding each of ``sites`` (see :attr:`Doctor.frozen_feed`), else
         (a torch model's) :data:`~relu_doctor.sites.NO_GRADIENT` where no gradient reached
-        it in the open window and no producing layer was found, else None."""
+        it in the open window and no producing layer was found, else None. ``grad_sq``: the
+        optimizer tap's squared gradient norms of the window, read back (a layer with one
+        above 0 trained in it)."""
         if self.frozen_feed is not None:  # (an integration's rule: Keras layers)
             return list(self.frozen_feed(sites))
         layers = self._frozen_feeds.layers(
@@ -232,18 +235,22 @@ class IntervalReading:
             # at the log or not (a GAN's critic, requires_grad turned off for the
             # generator's step: the usual loop)
             graded = self.tap.graded_layers()
+            if grad_sq is not None:  # (requires_grad turned off before its step, say)
+                graded |= {self.tap.layers[i] for i in
+                           torch.nonzero(grad_sq > 0).flatten().tolist()
+                           if i < len(self.tap.layers)}
             layers = [None if layer is not None and module_label(layer) in graded else layer
                       for layer in layers]
-        # A call of an activation module another of whose calls a gradient reached is no
-        # such site (its units train through that call: a consistency target under
+        # A call of an activation module (or a module's op) another of whose calls a
+        # gradient reached is no such site (its units train through that call: a consistency target under
         # no_grad(), a second reentrant checkpoint segment whose gradient is pooled into the
         # first's)
-        # (a module's calls: a functional op's share their module's path, not their units)
-        reached = {s.key.module_path for s in sites if s.window_graded and s.key.op is None}
+        # (a module's functional calls of one op too: which of them share units, as a
+        # block called twice does, is not known, and a site said frozen that trains hides it)
+        reached = {(s.key.module_path, s.key.op) for s in sites if s.window_graded}
         return [NO_GRADIENT if layer is None and s.producer is None and s.window_ungraded
-                and not s.window_graded
-                and (s.key.op is not None or s.key.module_path not in reached) else layer
-                for s, layer in zip(sites, layers, strict=True)]
+                and not s.window_graded and (s.key.module_path, s.key.op) not in reached
+                else layer for s, layer in zip(sites, layers, strict=True)]
 
     def _read(self, close: bool, *, final: bool = False) -> IntervalRecord | None:
         """Sum, read back, derive, diagnose: the record of the open window (closing it when
@@ -316,7 +323,7 @@ class IntervalReading:
             host_window, host_life, [s.units for s in sites], self.config.tau,
             lifetime_has_window=False,  # read before the fold
         )
-        frozen = self._frozen_layers(sites)
+        frozen = self._frozen_layers(sites, host[2] if extra else None)
         for s, u, sm, fz in zip(sites, unit_list, metric_rows, frozen, strict=True):
             site_rows.append(
                 {

@@ -352,6 +352,7 @@ class Probe(SiteRegistry, HookOwner):
         #: whether any part's output was tagged in it
         self._part_edges: dict[tuple[str, str], None] = {}
         self._parts_tagged = False
+        self._part_tag = f"relu_doctor_part:{id(self)}"  # (this probe's: two watches apart)
         self._pass_at: str | None = None  # where the latest recorded pass began
         self._path_of: dict[nn.Module, str] = {}  # the boundary modules' paths (hooked now)
         self.passes_known = True
@@ -647,8 +648,7 @@ class Probe(SiteRegistry, HookOwner):
         return training == (self.stream == "train")
 
     def begin_pass(self, training: bool | None = None, at: str = "",
-                   module: nn.Module | None = None, args: Any = None,
-                   kwargs: Any = None) -> bool:
+                   module: nn.Module | None = None, args: Any = None) -> bool:
         """Mark a forward pass's start (idempotent within a pass: the probe's hooks and
         functional capture both call it) and return whether it is recorded.
 
@@ -664,8 +664,8 @@ class Probe(SiteRegistry, HookOwner):
                 ``training`` is None (the model's own, or a part of it called on its own: a
                 GAN's generator sampled in eval mode, under a watch of both models, is not
                 training, whatever the mode of the model holding both).
-            args: its positional arguments, ``kwargs`` its keyword ones, followed back to
-                another part's output (see :meth:`parts`).
+            args: its positional arguments, followed back to another part's output (see
+                :meth:`parts`; keyword arguments are not: the hooks do not take them).
 
         A model changed since it was hooked is re-hooked first (:meth:`refresh_if_changed`).
         """
@@ -688,9 +688,8 @@ class Probe(SiteRegistry, HookOwner):
             self.passes += 1
             self._entries[at] = self._entries.get(at, 0) + 1
             self._pass_at = at
-            if self._parts_tagged and at and (args or kwargs):
-                with torch._C.DisableTorchFunction():  # (see note_output)
-                    self._link_part(at, (args, kwargs))
+            if self._parts_tagged and at and args:
+                self._link_part(at, args)
             if self._want_provenance:
                 self._provenance.start()  # before functional capture enters its mode
         return on
@@ -1223,31 +1222,39 @@ class Probe(SiteRegistry, HookOwner):
         pass begun at another part from them is fed by this one (see :meth:`parts`)."""
         if self._pass_at != at or not at or torch.compiler.is_compiling():
             return
-        with torch._C.DisableTorchFunction():  # (not seen by a mode that is on: .grad_fn)
-            for t in tree_flatten(output)[0]:
-                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
-                    t.grad_fn.metadata[_PART_TAG] = at  # type: ignore[index]
-                    self._parts_tagged = True
+        try:
+            with torch._C.DisableTorchFunction():  # (not seen by a mode that is on: .grad_fn)
+                for t in tree_flatten(output)[0]:
+                    if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                        # (a node already tagged is another part's output, passed through)
+                        t.grad_fn.metadata.setdefault(self._part_tag, at)  # type: ignore[attr-defined]
+                        self._parts_tagged = True
+        except Exception:  # (never into the user's forward: the link is only missed)
+            pass
 
     def _link_part(self, at: str, inputs: Any) -> None:
         """Note which other parts' tagged outputs the pass beginning at ``at`` was made
         from, its inputs' autograd graphs followed back up to :data:`_PART_WALK` nodes, each
         path to the first tagged node (a GAN's D(G(z)), an augmentation between them, a
         loop calling a model's layers one by one)."""
-        todo = [t.grad_fn for t in tree_flatten(inputs)[0]
-                if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-        seen: set[int] = set()
-        while todo and len(seen) < _PART_WALK:
-            node = todo.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            part = node.metadata.get(_PART_TAG)  # type: ignore[attr-defined]
-            if part is not None:
-                if part != at:
-                    self._part_edges[part, at] = None
-                continue
-            todo.extend(n for n, _ in node.next_functions if n is not None)
+        try:
+            with torch._C.DisableTorchFunction():  # (see note_output)
+                todo = [t.grad_fn for t in tree_flatten(inputs)[0]
+                        if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+                seen: set[int] = set()
+                while todo and len(seen) < _PART_WALK:
+                    node = todo.pop()
+                    if id(node) in seen:
+                        continue
+                    seen.add(id(node))
+                    part = node.metadata.get(self._part_tag)  # type: ignore[attr-defined]
+                    if part is not None:
+                        if part != at:
+                            self._part_edges[part, at] = None
+                        continue
+                    todo.extend(n for n, _ in node.next_functions if n is not None)
+        except Exception:  # (never into the user's forward: the link is only missed)
+            pass
 
     def close_passes(self, sites: Sequence[Site]) -> None:
         """The open window closed: its count of passes starts anew, every site's too."""
@@ -1373,8 +1380,6 @@ class Probe(SiteRegistry, HookOwner):
 #: autograd nodes followed back from a pass's inputs to another part's output (see
 #: Probe._link_part): a few augmentations between two models, not a whole model's graph
 _PART_WALK = 64
-#: the key of a part's tag in its outputs' autograd nodes' metadata (see Probe.note_output)
-_PART_TAG = "relu_doctor_part"
 
 
 def _times(n: int) -> str:

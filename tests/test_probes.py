@@ -10,7 +10,6 @@ import warnings
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -832,40 +831,73 @@ def test_a_call_of_a_module_a_gradient_reached_in_another_call_is_not_frozen() -
     assert all(f.severity != "info" for f in doc.findings() if f.kind == "dead")
 
 
-class _TwoTargets(nn.Module):
-    """The root's forward: F.relu of a trained layer, and, under no_grad(), F.relu of a
-    frozen target's pixel-shuffled output (no producer found): two calls of one op in one
-    module, different units."""
+class _Shuffle(nn.Module):
+    """conv -> pixel_shuffle -> F.relu in its own forward (no producer found through it)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.student = nn.Linear(4, 4)
-        self.target = nn.Conv2d(1, 4, 1).requires_grad_(False)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = torch.nn.functional.relu(self.student(x))
-        with torch.no_grad():
-            t = torch.nn.functional.relu(torch.nn.functional.pixel_shuffle(
-                self.target(x.view(-1, 1, 2, 2)), 2)).flatten(1)[:, :4]
-        return (s - t).pow(2).mean()
+        return torch.nn.functional.relu(torch.nn.functional.pixel_shuffle(self.conv(x), 2))
 
 
-def test_a_functional_call_beside_a_graded_one_of_its_module_is_still_no_gradient() -> None:
-    """A review of the rule that a call of a module another call of which got a gradient
-    is no '(no gradient)' site: a module's functional calls share its path, not their
-    units. Only an activation module's calls are pooled so."""
+def test_a_modules_functional_calls_of_one_op_are_pooled_for_no_gradient() -> None:
+    """Reviews: a block whose forward calls F.relu, called twice in a pass (once under
+    no_grad() for a consistency target), gives two functional sites of the same units;
+    the no_grad() one was said '(no gradient)', though its units train through the
+    other call. A module's calls of one op are pooled so (two different F.relu calls in
+    one forward, one of them of a frozen target's, are then not told apart either: a
+    site said frozen that trains would hide it)."""
+    class Consistent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = _Shuffle()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                target = self.block(x.flip(0))
+            return (self.block(x) - target).pow(2).mean()
+
     torch.manual_seed(0)
-    model = _TwoTargets()
+    model = Consistent()
     with torch.no_grad():
-        model.target.bias.fill_(-100.0)
+        model.block.conv.bias[:4] = -100.0
     with relu_doctor.watch(model, every_n_steps=1, overhead_budget=None,
                            log_every_n_steps=2) as doc:
         for _ in range(2):
-            model(torch.randn(8, 4)).backward()
+            model(torch.randn(2, 3, 4, 4)).backward()
             doc.step()
     frame = doc.to_pandas().set_index("site")
-    assert pd.isna(frame.loc["(root):relu#0", "frozen"])
-    assert frame.loc["(root):relu#1", "frozen"] == "(no gradient)"
+    assert sorted(frame.index) == ["block:relu#0", "block:relu#1"]
+    assert frame["frozen"].isna().all()
+
+
+def test_a_layer_whose_requires_grad_was_off_at_its_step_but_trained_is_no_frozen_feed(
+) -> None:
+    """A review: a loop turning the critic's requires_grad off for the generator's
+    backward and stepping both optimizers at the end trains the critic (its weights move),
+    but its gradient was read while it did not require grad: it read as frozen. A layer
+    with a gradient above 0 in the window trained in it."""
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    critic = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt_c, opt_g = (torch.optim.SGD(m.parameters(), lr=1e-2) for m in (critic, gen))
+    with relu_doctor.watch(critic, optimizer=opt_c, every_n_steps=1, overhead_budget=None,
+                           log_every_n_steps=2) as doc:
+        for _ in range(2):
+            opt_c.zero_grad()
+            opt_g.zero_grad()
+            critic.requires_grad_(True)
+            critic(gen(torch.randn(8, 4)).detach()).mean().backward()
+            critic.requires_grad_(False)
+            (-critic(gen(torch.randn(8, 4))).mean()).backward()
+            before = critic[0].weight.detach().clone()
+            opt_c.step()  # (its requires_grad off now; it trains all the same)
+            opt_g.step()
+            assert not torch.equal(before, critic[0].weight)
+            doc.step()
+    assert doc.to_pandas().set_index("site").loc["1", "frozen"] is None
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])

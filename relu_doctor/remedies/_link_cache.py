@@ -63,16 +63,19 @@ def record_latest(
     small = _shrink(args, kwargs) if shrink else None
     tries = ([small] if small is not None else []) + [(args, kwargs)]
     # In training mode where the model is not in it now (deciding after a validation pass):
-    # what only training runs (a deep-supervision head) is part of the flow; in its own
-    # mode where that fails (a BatchNorm given one sample)
-    modes = (True, False) if not call.training else (False,)
+    # what only training runs (a deep-supervision head) is part of the flow
+    training = not call.training
     err: Exception | None = None
     for a, k in tries:
-        for training in modes:
-            try:
-                return record_dataflow(model, a, kwargs=k, call=call, training=training), None
-            except Exception as e:  # the user's forward on our inputs: anything
-                err = e
+        try:
+            return record_dataflow(model, a, kwargs=k, call=call, training=training), None
+        except Exception as e:  # the user's forward on our inputs: anything
+            err = e
+    if training:  # (not in its own mode: a head only training runs would not be seen)
+        raise NotInPass(
+            "the forward pass that finds producers and consumers, made in training mode on "
+            f"the inputs of the model's latest call (in eval mode), failed ({type(err).__name__}: "
+            f"{err}); looked for again at the next decision")
     return (
         None,
         f"the forward pass that finds producers and consumers failed ({type(err).__name__}: {err})",
@@ -219,7 +222,10 @@ class LinkCache:
                     "producer and consumers from; run one, or pass example_inputs=."
                 )
             self._outer = example[0]
-            self._flow, self._error = record_latest(self.model, *example)
+            try:
+                self._flow, self._error = record_latest(self.model, *example)
+            except NotInPass as e:  # skipped for now: a later call's inputs tried next time
+                raise NotInPass(f"site {name!r}: {e}") from None
             # Copies of two samples (a view would hold the batch); inputs that are not a batch
             # to cut down (a batch of two, a mask of another first dim) are not kept at all.
             small = _shrink(example[1], example[2])
@@ -273,6 +279,8 @@ class LinkCache:
             self._recording = True
             try:
                 flow, _ = record_latest(self.model, call[0], call[1], call[2], shrink=False)
+            except NotInPass:
+                flow = None
             finally:
                 self._recording = False
             self._retry = (call, flow)

@@ -293,31 +293,43 @@ def test_recycling_follows_upsampling_and_decides_on_a_training_pass_in_eval_mod
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-def test_a_link_pass_that_fails_in_training_mode_is_made_in_the_models_own():
+def test_a_link_pass_that_fails_in_training_mode_waits_for_one_that_does_not():
     """A review: the link pass, recorded in training mode where the model is not in it
     (deciding after a validation pass), failed on a BatchNorm given the validation's one
-    sample, and the failure was kept: recycling was off for the rest of the run. The pass
-    is made in the model's own mode where training mode fails."""
+    sample, and the failure was kept: recycling was off for the rest of the run. Made in
+    the model's own mode instead, it missed what only training runs (a deep-supervision
+    head: the training output changed). The site is skipped for now, said once, and
+    recycled at a later decision whose latest call the pass runs on."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+    net = _Upsampling()
     with torch.no_grad():
-        net[1].bias[:2] = -100.0
+        net.bn.bias[:2] = -100.0
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    x = torch.randn(4, 3, 6, 6)
     with relu_doctor.watch(net, optimizer=opt, every_n_steps=1, overhead_budget=None,
-                           log_every_n_steps=2) as doc, warnings.catch_warnings():
-        warnings.simplefilter("ignore", ReluDoctorWarning)
-        recycler = DormantRecycler(net).bind(doc)
-        for _ in range(2):
+                           log_every_n_steps=1) as doc, \
+            warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        recycler = DormantRecycler(net, max_fraction=1.0).bind(doc)
+        for step in range(3):
             net.train()
+            y, aux = net(x)
             opt.zero_grad()
-            net(torch.randn(8, 4)).pow(2).mean().backward()
+            (y.pow(2).mean() + aux.pow(2).mean()).backward()
             opt.step()
-            net.eval()
-            with torch.no_grad():
-                net(torch.randn(1, 4))  # a validation batch of one sample, the latest call
+            if step < 2:
+                net.eval()
+                with torch.no_grad():
+                    net(torch.randn(1, 3, 1, 1))  # a one-pixel validation: BN fails in training
+                assert recycler.recycled == {}
+            else:  # the latest call is training's now
+                before = [t.detach().clone() for t in net(x)]
             doc.step()
-    assert recycler.recycled == {"2": 2}
-    assert torch.equal(net[3].weight[:, :2], torch.zeros(1, 2))
+    assert recycler.recycled == {"act": 2}
+    assert len([w for w in said if "skipping site 'act' for now" in str(w.message)]) == 1
+    assert torch.equal(net.aux.weight[:, :2], torch.zeros(1, 2, 1, 1))
+    for b, a in zip(before, net.train()(x), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_recycle_rejects_bad_units():
