@@ -861,12 +861,12 @@ def test_a_failing_read_of_the_evaluation_stream_is_contained_and_counts_its_pas
     real = interval.IntervalReading._frozen_layers
     calls = [0]
 
-    def fails_once(self: Any, sites: Any) -> Any:
+    def fails_once(self: Any, sites: Any, *args: Any) -> Any:
         if self.probe.stream == "eval":
             calls[0] += 1
             if calls[0] == 1:
                 raise RuntimeError("stopped here")
-        return real(self, sites)
+        return real(self, sites, *args)
 
     monkeypatch.setattr(interval.IntervalReading, "_frozen_layers", fails_once)
     torch.manual_seed(0)
