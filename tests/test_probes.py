@@ -796,71 +796,48 @@ def test_a_layer_that_trained_in_the_window_is_no_frozen_feed() -> None:
     assert {f.severity for f in doc.findings() if f.kind == "dead"} == {"warning"}
 
 
-class _Shuffled(nn.Module):
-    """conv -> pixel_shuffle -> ReLU (no producer found through the shuffle), called on a
-    second view under no_grad() for a consistency target, then with gradients."""
+class _Shuffle(nn.Module):
+    """conv -> pixel_shuffle -> ReLU (no producer found through the shuffle): an
+    activation module, or F.relu in its own forward."""
 
-    def __init__(self) -> None:
+    def __init__(self, functional: bool) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.PixelShuffle(2),
-                                  nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1))
+        self.conv, self.functional = nn.Conv2d(3, 16, 3, padding=1), functional
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.pixel_shuffle(self.conv(x), 2)
+        return torch.nn.functional.relu(h) if self.functional else self.act(h)
+
+
+class _Consistent(nn.Module):
+    """The block called on a second view under no_grad() for a consistency target, then
+    with gradients: two calls of the same units in one pass."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.block = _Shuffle(functional)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            target = self.body(x.flip(0))
-        return (self.body(x) - target).pow(2).mean()
+            target = self.block(x.flip(0))
+        return (self.block(x) - target).pow(2).mean()
 
 
-def test_a_call_of_a_module_a_gradient_reached_in_another_call_is_not_frozen() -> None:
-    """A review: a consistency target computed under no_grad() by the model's own layers,
+@pytest.mark.parametrize(("functional", "names"), [
+    (False, ["block.act#0", "block.act#1"]), (True, ["block:relu#0", "block:relu#1"])],
+    ids=["module", "functional"])
+def test_a_call_another_call_of_which_got_a_gradient_is_not_frozen(
+        functional: bool, names: list[str]) -> None:
+    """Reviews: a consistency target computed under no_grad() by the model's own layers,
     whose producer is not found (a pixel shuffle between), was frozen '(no gradient)',
-    though the same module's other call trains it (so a second reentrant checkpoint
-    segment, whose gradient is pooled into the first's)."""
+    though the same units train through the other call (so a second reentrant checkpoint
+    segment, whose gradient is pooled into the first's): an activation module's calls are
+    pooled, and a module's functional calls of one op (two different F.relu calls in one
+    forward, one of a frozen target's, are then not told apart either: a site said frozen
+    that trains would hide it)."""
     torch.manual_seed(0)
-    model = _Shuffled()
-    with torch.no_grad():
-        model.body[0].bias[:4] = -100.0
-    with relu_doctor.watch(model, every_n_steps=1, overhead_budget=None,
-                           log_every_n_steps=2) as doc:
-        for _ in range(2):
-            model(torch.randn(4, 3, 8, 8)).backward()
-            doc.step()
-    frame = doc.to_pandas().set_index("site")
-    assert sorted(frame.index) == ["body.2#0", "body.2#1"]
-    assert frame["frozen"].isna().all()
-    assert all(f.severity != "info" for f in doc.findings() if f.kind == "dead")
-
-
-class _Shuffle(nn.Module):
-    """conv -> pixel_shuffle -> F.relu in its own forward (no producer found through it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 16, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.relu(torch.nn.functional.pixel_shuffle(self.conv(x), 2))
-
-
-def test_a_modules_functional_calls_of_one_op_are_pooled_for_no_gradient() -> None:
-    """Reviews: a block whose forward calls F.relu, called twice in a pass (once under
-    no_grad() for a consistency target), gives two functional sites of the same units;
-    the no_grad() one was said '(no gradient)', though its units train through the
-    other call. A module's calls of one op are pooled so (two different F.relu calls in
-    one forward, one of them of a frozen target's, are then not told apart either: a
-    site said frozen that trains would hide it)."""
-    class Consistent(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.block = _Shuffle()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                target = self.block(x.flip(0))
-            return (self.block(x) - target).pow(2).mean()
-
-    torch.manual_seed(0)
-    model = Consistent()
+    model = _Consistent(functional)
     with torch.no_grad():
         model.block.conv.bias[:4] = -100.0
     with relu_doctor.watch(model, every_n_steps=1, overhead_budget=None,
@@ -869,8 +846,9 @@ def test_a_modules_functional_calls_of_one_op_are_pooled_for_no_gradient() -> No
             model(torch.randn(2, 3, 4, 4)).backward()
             doc.step()
     frame = doc.to_pandas().set_index("site")
-    assert sorted(frame.index) == ["block:relu#0", "block:relu#1"]
+    assert sorted(frame.index) == names
     assert frame["frozen"].isna().all()
+    assert all(f.severity != "info" for f in doc.findings() if f.kind == "dead")
 
 
 def test_a_layer_whose_requires_grad_was_off_at_its_step_but_trained_is_no_frozen_feed(
