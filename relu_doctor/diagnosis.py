@@ -542,13 +542,16 @@ def _gradient_findings(
     out: list[Finding] = []
     names = REMEDY_NAMES[config.loop]
 
+    def part(r: Mapping[str, Any]) -> tuple[str, int]:  # (its flow, its part's rank there)
+        return parts.get(str(r["site"]), ("", 0))
+
     def place(r: Mapping[str, Any]) -> tuple[int, int]:  # input side first
-        return parts.get(str(r["site"]), ("", 0))[1], int(r["order"])
+        return part(r)[1], int(r["order"])
 
     flows: dict[str, list[tuple[tuple[int, int], str, float]]] = {}
     for r in sites:
         if math.isfinite(float(r["grad_rms"])):
-            flows.setdefault(parts.get(str(r["site"]), ("", 0))[0], []).append(
+            flows.setdefault(part(r)[0], []).append(
                 (place(r), str(r["site"]), float(r["grad_rms"])))
     for flow in flows.values():
         flow.sort()
@@ -576,19 +579,18 @@ def _gradient_findings(
                 step,
             )
         )
-    # Each part's input side against its output side (its sites in the order they first
-    # ran); of several parts, the one whose gradient falls the most, and the one whose
-    # gradient grows the most.
-    ends = sorted((fl[0][2] / fl[-1][2], fl[0], fl[-1], part) for part, fl in flows.items()
+    # Each flow's input side against its output side (by place); of several flows, the one
+    # whose gradient falls the most, and the one whose gradient grows the most.
+    ends = sorted((fl[0][2] / fl[-1][2], fl[0], fl[-1], name) for name, fl in flows.items()
                   if len(fl) >= 2 and fl[-1][2] > 0)
     said = [ends[0]] if ends and ends[0][0] < config.vanishing_ratio and not silent else []
     said += [ends[-1]] if ends and ends[-1][0] > config.exploding_ratio else []
-    for ratio, first, last, part in said:
+    for ratio, first, last, name in said:
         ev: dict[str, Any] = {"input_side": first[1], "input_grad_rms": first[2],
                               "output_side": last[1], "output_grad_rms": last[2],
                               "ratio": ratio}
         if len(flows) > 1:
-            ev["part"] = part
+            ev["part"] = name
         if ratio < config.vanishing_ratio:
             out.append(
                 Finding(
@@ -598,8 +600,8 @@ def _gradient_findings(
                      f"gradient RMS falls to zero from {last[1]} to {first[1]}: no "
                      f"gradient reaches {first[1]}."),
                     ev,
-                    _dead_first([r for r in sites if parts.get(str(r["site"]), ("", 0))[0]
-                                 == part], config, first[0], last[0], place)
+                    _dead_first([r for r in sites if part(r)[0] == name], config, first[0],
+                                last[0], place)
                     + "ReLU keeps a constant gradient for active units, so vanishing points "
                     "at dead units or depth: add residual connections or BatchNorm, use He "
                     "initialisation, or SELU for self-normalising deep networks.",

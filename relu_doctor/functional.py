@@ -402,7 +402,8 @@ class FunctionalCapture(HookOwner):
                 if self.probe.stream == "eval":
                     return
             else:
-                if not self.probe.begin_pass(at=mine[0], module=module, args=args):  # left out: the mode stays off
+                # (left out: the mode stays off)
+                if not self.probe.begin_pass(at=mine[0], module=module, args=args):
                     self._left_out += 1
                     return
                 resync = self._resync and not (

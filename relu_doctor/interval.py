@@ -234,19 +234,14 @@ class IntervalReading:
             # A layer whose gradient the optimizer read in the window trained in it, frozen
             # at the log or not (a GAN's critic, requires_grad turned off for the
             # generator's step: the usual loop)
-            graded = self.tap.graded_layers()
-            if grad_sq is not None:  # (requires_grad turned off before its step, say)
-                graded |= {self.tap.layers[i] for i in
-                           torch.nonzero(grad_sq > 0).flatten().tolist()
-                           if i < len(self.tap.layers)}
+            graded = self.tap.graded_layers(grad_sq)
             layers = [None if layer is not None and module_label(layer) in graded else layer
                       for layer in layers]
-        # A call of an activation module (or a module's op) another of whose calls a
-        # gradient reached is no such site (its units train through that call: a consistency target under
-        # no_grad(), a second reentrant checkpoint segment whose gradient is pooled into the
-        # first's)
-        # (a module's functional calls of one op too: which of them share units, as a
-        # block called twice does, is not known, and a site said frozen that trains hides it)
+        # A call of an activation module, or of a module's functional op, another call of
+        # which a gradient reached is no such site: its units may train through that call
+        # (a consistency target under no_grad(), a block called twice, a second reentrant
+        # checkpoint segment whose gradient is pooled into the first's), and a site said
+        # frozen that trains would hide it
         reached = {(s.key.module_path, s.key.op) for s in sites if s.window_graded}
         return [NO_GRADIENT if layer is None and s.producer is None and s.window_ungraded
                 and not s.window_graded and (s.key.module_path, s.key.op) not in reached

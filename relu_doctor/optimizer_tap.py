@@ -481,11 +481,16 @@ class OptimizerTap:
         self.window_graded = frozenset(self._graded)
         return (self.grad_sq, self.steps, self.update_ratio)
 
-    def graded_layers(self) -> set[str]:
-        """The layers (module labels) a gradient was read for in the open window, at a step
-        where they required grad (a frozen layer's stale ``.grad``, zeroed with
-        ``set_to_none=False``, is not one)."""
-        return {self.layers[i] for i in self._trained}
+    def graded_layers(self, grad_sq: torch.Tensor | None = None) -> set[str]:
+        """The layers (module labels) that trained in the open window: a gradient was read
+        for them at a step where they required grad (a frozen layer's stale ``.grad``,
+        zeroed with ``set_to_none=False``, is not one), or their squared gradient norm in
+        ``grad_sq`` (the window's, read back) is above 0 (``requires_grad`` turned off
+        before its step)."""
+        trained = set(self._trained)
+        if grad_sq is not None:
+            trained.update(torch.nonzero(grad_sq > 0).flatten().tolist())
+        return {self.layers[i] for i in trained}
 
     def reset(self) -> None:
         """Start a new window (after :meth:`read`; the tensors it gave are kept)."""

@@ -19,7 +19,8 @@ recomputed forwards are never counted twice.
 Streams: whether a pass is recorded is decided once, when it starts (:meth:`Probe.begin_pass`,
 called by the probe's own hooks and by functional capture): a probe of the ``"train"`` stream
 (the default) takes the passes that run with gradients enabled and begin at a module in
-training mode (the model, or a part of it called on its own: its own mode decides), one of the ``"eval"`` stream the others (``model.eval()``, ``torch.no_grad()``,
+training mode (the model, or a part of it called on its own: its own mode decides), one of
+the ``"eval"`` stream the others (``model.eval()``, ``torch.no_grad()``,
 ``torch.inference_mode()``), one of ``"all"`` every pass. ``paused`` leaves out every pass.
 The decision reads two Python flags: no host synchronisation.
 
@@ -1193,27 +1194,20 @@ class Probe(SiteRegistry, HookOwner):
         # each of those parts is judged on its own
         nxt = {a: next(iter(bs)) for a, bs in feeds.items()
                if len(bs) == 1 and len(fed.get(next(iter(bs)), ())) == 1}
+        # (a cycle's parts each have a feeder in nxt, so none heads a chain: each is its own)
         flow, rank = {at: at for at in starts}, dict.fromkeys(starts, 0)
         for head in starts:
             if head in fed and len(fed[head]) == 1 and next(iter(fed[head])) in nxt:
-                continue  # (inside a chain: reached from its head)
-            at, k, chain = head, 0, {head}
-            while at in nxt and nxt[at] not in chain:
+                continue  # (inside a chain or a cycle: not its head)
+            at, k = head, 0
+            while at in nxt and k < len(starts):
                 at, k = nxt[at], k + 1
-                chain.add(at)
                 flow[at], rank[at] = head, k
-            if at in nxt:  # a cycle: each part on its own
-                for p in chain:
-                    flow[p], rank[p] = p, 0
-
-        def root(at: str) -> str:
-            return flow[at]
-
         out = {}
         for s in sites:
             path = s.key.module_path
             at = next((a for a in starts if path == a or path.startswith(a + ".")), "")
-            out[s.name] = (root(at), rank[at]) if at else ("", 0)
+            out[s.name] = (flow[at], rank[at]) if at else ("", 0)
         return out
 
     def note_output(self, at: str, output: Any) -> None:
@@ -1227,7 +1221,8 @@ class Probe(SiteRegistry, HookOwner):
                 for t in tree_flatten(output)[0]:
                     if isinstance(t, torch.Tensor) and t.grad_fn is not None:
                         # (a node already tagged is another part's output, passed through)
-                        t.grad_fn.metadata.setdefault(self._part_tag, at)  # type: ignore[attr-defined]
+                        node: Any = t.grad_fn
+                        node.metadata.setdefault(self._part_tag, at)
                         self._parts_tagged = True
         except Exception:  # (never into the user's forward: the link is only missed)
             pass

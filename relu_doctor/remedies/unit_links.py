@@ -353,8 +353,8 @@ def _walk(
                 )
         elif n.name in _MOVE:
             lab = replay(n, labels)[0]
-        elif spatial_dims(n, lab.dim()):
-            lab = pool_labels(n, lab, spatial_dims(n, lab.dim()))
+        elif k := spatial_dims(n, lab.dim()):
+            lab = pool_labels(n, lab, k)
         labels[n.outputs[0]] = lab
     # --- consumer side: every path, in execution order
     consumers: list[Consumer] = []
@@ -452,8 +452,8 @@ def _consume(
         return [torch.where((la == PAD) | (lb == PAD), PAD, torch.maximum(la, lb))]
     if name in _REDUCE and lx is not None and alone:
         return [reduce_labels(n, lx)]
-    if lx is not None and alone and spatial_dims(n, lx.dim()):
-        return [pool_labels(n, lx, spatial_dims(n, lx.dim()))]
+    if lx is not None and alone and (k := spatial_dims(n, lx.dim())):
+        return [pool_labels(n, lx, k)]
     raise Refuse(
         f"its units reach {n.describe()}, which is not a Linear, Conv or per-channel norm and "
         "may mix them or change their zeros (recycling zeroes the recycled units' outgoing "
