@@ -306,6 +306,7 @@ def diagnose(
     call_index: Mapping[str, int] | None = None,
     lifetime_restarted: bool = False,
     parts: Mapping[str, tuple[str, int]] | None = None,
+    growth_base: Mapping[str, float] | None = None,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -318,7 +319,7 @@ def diagnose(
         param_grad_norms: history of the total parameter-gradient norm, oldest first.
         first_rms: each site's activation RMS at its first log, this one's where it is its
             first (growth over time, and whether a signal gone with depth was so from the
-            start); 0 where it was all dead then (no growth is measured from it).
+            start); 0 where it was all dead then.
         declined: by site, the remedies that left it alone (``declined`` events): their
             remedy texts advise them there no more, and say so.
         lifetime_steps: (steps collected, steps run) since monitoring began, this window's
@@ -352,6 +353,8 @@ def diagnose(
         lifetime_restarted: the lifetime counts began after training did (a run resumed
             without a checkpoint holding them): units dead in all of them may have fired
             before, so they are not said to have never fired.
+        growth_base: each site's activation RMS at its first log with most of its units
+            alive (None: ``first_rms``): growth over time is measured from it.
         parts: by site, (the flow it is in, its part's rank in that flow), where parts of
             the model were stepped apart (see :meth:`Probe.parts
             <relu_doctor.probes.Probe.parts>`): the gradient's fall or growth from output
@@ -514,7 +517,8 @@ def diagnose(
             )
         )
     out.extend(_gradient_findings(sites, config, step, param_grad_norms, parts or {}))
-    out.extend(_growth_findings(sites, config, step, first_rms or {}))
+    out.extend(_growth_findings(sites, config, step, first_rms or {},
+                                (first_rms or {}) if growth_base is None else growth_base))
     rows = {str(r["site"]): r for r in sites}
     out = [_on_frozen(f, layer) if f.kind in _UNIT_KINDS
            and isinstance(layer := rows.get(f.site, {}).get("frozen"), str) else f
@@ -736,9 +740,11 @@ def _growth_findings(
     config: DiagnosisConfig,
     step: int,
     first_rms: Mapping[str, float],
+    growth_base: Mapping[str, float],
 ) -> list[Finding]:
     """ReLU's missing upper bound: activation RMS grown ``growth_factor`` times over time (a
-    site against its first log) or across depth (the deepest site against the shallowest)."""
+    site against its growth base: its first log with most units alive) or across depth (the
+    deepest site against the shallowest)."""
     out: list[Finding] = []
     rms = {
         str(r["site"]): (int(r["order"]), float(r["rms"]))
@@ -746,13 +752,14 @@ def _growth_findings(
         if r.get("cap") is None and math.isfinite(float(r.get("rms", math.nan)))
     }
     for name, (_, now) in rms.items():
-        first = first_rms.get(name)
+        first = growth_base.get(name)
         if first is not None and first > 0 and now >= config.growth_factor * first:
             out.append(
                 Finding(
                     "activation_growth", name, "warning",
-                    f"activation RMS grew {now / first:.3g}x since the first log "
-                    f"({first:.3g} -> {now:.3g}).",
+                    f"activation RMS grew {now / first:.3g}x since the first log"
+                    f"{'' if first == first_rms.get(name) else ' with most of its units alive'}"
+                    f" ({first:.3g} -> {now:.3g}).",
                     {"rms": now, "first_rms": first, "factor": now / first, "over": "time"},
                     _growth_remedy(REMEDY_NAMES[config.loop]), step,
                 )

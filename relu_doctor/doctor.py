@@ -339,6 +339,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._tracker = FindingTracker()
         self._grad_norm_history: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
         self._first_rms: dict[str, float] = {}  # each site's activation RMS at its first log
+        # ... and at its first log with most of its units alive: growth is measured from it
+        self._growth_base: dict[str, float] = {}
         #: by site, the remedies that left it alone (declined events): not advised there
         self._declined: dict[str, set[str]] = {}
         # the unit tables' blocks: the latest records' (keep_records), and one more free
@@ -601,6 +603,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         """``site`` was made anew at another width (its layer replaced): its growth is
         measured from the new layer's first log, and its findings end and begin anew."""
         self._first_rms.pop(site, None)
+        self._growth_base.pop(site, None)
         self._tracker.restart(site)
 
     def step(
@@ -1071,9 +1074,10 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             "findings_restarted": sorted(self._tracker.restarted),
             "grad_norm_history": list(self._grad_norm_history),
             "declined": {site: sorted(r) for site, r in self._declined.items()},
-            # the growth baseline (each site's first RMS) and the remedy changes already
+            # the baselines (each site's first RMS, its growth base) and the remedy changes already
             # said: a resumed run judges growth and says each first change as one run would
             "first_rms": dict(self._first_rms),
+            "growth_base": dict(self._growth_base),
             "announced": sorted([remedy, site] for remedy, site in self._announced),
             "tap": self.tap.state_dict() if self.tap is not None else None,
             "eval": None if self.eval is None else self.eval.state_dict(reduce=reduce),
@@ -1115,6 +1119,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._declined = {str(site): {str(r) for r in rs}
                           for site, rs in (state.get("declined") or {}).items()}
         self._first_rms.update({str(k): float(v) for k, v in (state.get("first_rms") or {}).items()})
+        # (a checkpoint from before the growth base was saved: the first RMS, as it was then)
+        base = state.get("growth_base", state.get("first_rms")) or {}
+        self._growth_base.update({str(k): float(v) for k, v in base.items() if float(v) > 0})
         self._announced |= {(str(r), str(s)) for r, s in state.get("announced") or []}
         self._continue_after_checkpoint()
         if self.tap is not None and state.get("tap"):

@@ -67,6 +67,9 @@ def _mixed(norm: str) -> str:
 
 # A unit table at least this large is kept out of the malloc heap (see _record_memory).
 _OWN_MEMORY_BYTES = 1 << 20
+# growth over time is measured from a site's first log with under this fraction of its units
+# dead (see IntervalMixin._growth_base_now)
+GROWTH_BASE_DEAD = 0.5
 
 
 def _record_memory(nbytes: int) -> pa.Buffer | bytearray:
@@ -202,6 +205,7 @@ class IntervalReading:
         _tracker: FindingTracker
         _grad_norm_history: deque[float]
         _first_rms: dict[str, float]
+        _growth_base: dict[str, float]
         _declined: dict[str, set[str]]
         _listeners: list[Callable[[IntervalRecord], Any]]
         _warned_empty: bool
@@ -357,9 +361,11 @@ class IntervalReading:
             events: list[FindingEvent] = []
         else:
             first_now = self._first_rms_now(site_rows)  # (at a site's first log: its first)
+            base_now = self._growth_base_now(site_rows)
             findings = diagnose(
                 site_rows, units, self.config, step=self.global_step,
                 param_grad_norms=norms, first_rms={**first_now, **self._first_rms},
+                growth_base={**base_now, **self._growth_base},
                 declined=self._declined, site_passes=passes,
                 parts=self.probe.parts(sites) if world == 1 else {},
                 call_index={s.name: s.key.call_index for s in sites if s.key.call_index},
@@ -380,6 +386,7 @@ class IntervalReading:
             if logged:
                 later.append(functools.partial(self._tracker.commit, findings))
                 later.append(functools.partial(self._first_rms.update, first_now))
+                later.append(functools.partial(self._growth_base.update, base_now))
             later.append(functools.partial(self._take_skipped, close))
         record = IntervalRecord(
             step=self.global_step,
@@ -403,6 +410,16 @@ class IntervalReading:
         saw nothing has none), 0 included (all dead then: see _growth_findings)."""
         return {str(r["site"]): rms for r in site_rows if str(r["site"]) not in self._first_rms
                 and math.isfinite(rms := float(r.get("rms", math.nan)))}
+
+    def _growth_base_now(self, site_rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """The activation RMS of the sites with no growth baseline yet that have most of
+        their units alive in this window: growth over time is measured from it. A site mostly
+        dead at its first log has an RMS made of its few live units (0.007 at a U-Net's
+        nearly dead site), which its revival, by recycling or by training, would read as a
+        growth of 100x and more."""
+        return {str(r["site"]): rms for r in site_rows if str(r["site"]) not in self._growth_base
+                and float(r.get("dead_fraction", math.nan)) < GROWTH_BASE_DEAD
+                and math.isfinite(rms := float(r.get("rms", math.nan))) and rms > 0}
 
     def _remedies_bound(self) -> list[tuple[Any, bool]]:
         """The listeners of this Doctor, and the remedies a treatment plan among them binds

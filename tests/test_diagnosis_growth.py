@@ -100,3 +100,64 @@ def test_a_resumed_doctor_judges_growth_against_the_first_runs_baseline_and_says
     assert not [w for w in seen if "changed the training" in str(w.message)]
     grown = [f for f in records[-1].findings if f.kind == "activation_growth"]
     assert len(grown) == 1 and grown[0].evidence["first_rms"] == state["first_rms"]["1"]
+    assert state["growth_base"] == state["first_rms"]  # (a site alive at its first log)
+
+
+def test_growth_is_measured_from_the_first_log_with_most_units_alive() -> None:
+    """A site nearly dead at its first log (a U-Net's, RMS 0.007) has an RMS made of its few
+    live units: its revival read as a growth of 100x and more, and was advised BatchNorm it
+    already had. Growth is measured from its first log with most units alive; a site alive
+    at its first log keeps that one (the first test)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(64, 4)
+    alive = {k: v.clone() for k, v in net[0].state_dict().items()}
+    records: list = []
+    with relu_doctor.watch(net, log_every_n_steps=1, every_n_steps=1) as doc:
+        doc.add_listener(records.append)
+        for i, scale in enumerate((1.0, 1.0, 1000.0)):
+            with torch.no_grad():
+                if i == 0:  # six of eight units dead, the other two barely firing
+                    net[0].weight.mul_(1e-3)
+                    net[0].bias.copy_(torch.tensor([-9.0] * 6 + [1e-3] * 2))
+                else:
+                    net[0].load_state_dict(alive)
+            net(scale * x).sum().backward()
+            net.zero_grad()
+            doc.step()
+        state = doc.state_dict()
+    with torch.no_grad():
+        revived, grown_to = (float(torch.relu(net[0](s * x)).pow(2).mean().sqrt())
+                             for s in (1.0, 1000.0))
+    row0 = records[0].site_row("1")
+    assert row0["dead_fraction"] >= 0.5 and records[1].site_row("1")["dead_fraction"] < 0.5
+    # the revival alone would have read as growth from the first log: none is found
+    assert records[1].site_row("1")["rms"] >= 100 * row0["rms"] > 0
+    assert not [f for r in records[:2] for f in r.findings if f.kind == "activation_growth"]
+    assert state["first_rms"]["1"] == pytest.approx(row0["rms"])  # (the collapse's baseline)
+    assert state["growth_base"]["1"] == pytest.approx(revived, rel=1e-5)
+    grown = [f for f in records[2].findings if f.kind == "activation_growth"]
+    assert len(grown) == 1 and grown[0].evidence["first_rms"] == pytest.approx(revived, rel=1e-5)
+    assert grown[0].evidence["factor"] == pytest.approx(grown_to / revived, rel=1e-4)
+    assert "with most of its units alive" in grown[0].message
+
+
+def test_a_checkpoint_without_a_growth_base_measures_from_the_first_rms() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(32, 4)
+    with relu_doctor.watch(net, log_every_n_steps=1, every_n_steps=1) as first:
+        net(x).sum().backward()
+        first.step()
+        state = first.state_dict()
+    old = {k: v for k, v in state.items() if k != "growth_base"}
+    records: list = []
+    with relu_doctor.watch(net, log_every_n_steps=1, every_n_steps=1) as resumed:
+        resumed.load_state_dict(old)
+        resumed.add_listener(records.append)
+        net(1000 * x).sum().backward()
+        resumed.step()
+    grown = [f for f in records[-1].findings if f.kind == "activation_growth"]
+    assert len(grown) == 1 and grown[0].evidence["first_rms"] == state["first_rms"]["1"]
+    assert state["growth_base"] == state["first_rms"]  # (a site alive at its first log)
+    assert "alive" not in grown[0].message
