@@ -111,6 +111,20 @@ class UnitRemedies(NamedTuple):
     too_sparse: str
 
 
+def feeding(norm: str, it: str = "it") -> str:
+    """What decides whether a site's units fire, to be checked, in words: behind a norm of
+    each unit on its own (a Conv-BN-ReLU; ``norm`` in words as
+    :attr:`relu_doctor.sites.Site.norm`), which takes the layer's bias away, the norm's shift
+    against its scale (and "add BatchNorm" is advice already taken); else the
+    initialisation and bias of the layer that feeds ``it``."""
+    if norm.startswith("F."):  # (no module holds its weight: not named)
+        return f"the normalisation before {it}"
+    if norm:
+        return (f"the shift (bias) and scale (weight) of the {norm} before {it}, which decide "
+                "whether a unit fires")
+    return f"the initialisation and bias of the layer that feeds {it}"
+
+
 # (bounded; a site whose dead units score above tau takes an entry for each of their counts)
 @functools.lru_cache(maxsize=4096)
 def unit_remedies(
@@ -131,6 +145,7 @@ def unit_remedies(
     born: bool,
     dead_above_tau: tuple[int, int],
     lifetime_above_tau: tuple[int, int],
+    norm: str = "",
 ) -> UnitRemedies:
     """The remedy texts of a site's dead, lifetime-dead, dormant and too-sparse findings.
 
@@ -154,6 +169,8 @@ def unit_remedies(
         born: every unit dead in the window never fired since monitoring began.
         dead_above_tau, lifetime_above_tau: (units scoring above tau, units) of the dead
             units and of those never active (see :func:`_recycle_dead`).
+        norm: the norm of each unit on its own between the site and the layer that feeds
+            it, in words (``""``: none): see :func:`feeding`.
     """
     names = REMEDY_NAMES[loop]
     swappable = _can_swap(registered, leaky, cap, op) and "leaky_relu_swap" not in declined
@@ -193,7 +210,8 @@ def unit_remedies(
     # told to lower the learning rate first)
     recycle = (_recycle_dead(dead_above_tau, names, tau, "them" if born else "the units")
                if recyclable else "")
-    feeds = "the initialisation and bias of the layer that feeds it"
+    feeds = feeding(norm)
+    normalise = f"check {feeds}" if norm else "add BatchNorm before the activation"
     lower = "Lower the learning rate (step or exponential decay)"
     and_recycle = f" and {recycle}" if recycle else ""
     since = ("these units have been stuck negative since monitoring began (from "
@@ -209,10 +227,12 @@ def unit_remedies(
             "swap ReLU for LeakyReLU with a negative slope of 0.01 to 0.3 "
             f"({names['swap']}) or PReLU to learn the slope")
     if leaky:
-        dead = (f"Check the normalisation before this activation and {feeds}: "
+        check = feeds if norm else f"the normalisation before this activation and {feeds}"
+        dead = (f"Check {check}: "
                 f"{since}{'; ' + recycle if recycle else ''}." if born else
-                f"{lower}{and_recycle}; check the normalisation before this "
-                "activation.") + asides["dead"]
+                f"{lower}{and_recycle}; check "
+                f"{feeds if norm else 'the normalisation before this activation'}."
+                ) + asides["dead"]
     elif swappable:
         dead = (f"Check {feeds}: {since}. In this run, "
                 f"{recycle + '; where they stay dead, ' if recycle else ''}{swap}."
@@ -237,8 +257,7 @@ def unit_remedies(
                           + (", bound here: it swaps past its threshold)"
                              if swapper is not None else ")")] if swappable
                          else [])]
-                      or ["check the initialisation and bias of the layer that "
-                          "feeds them"])
+                      or [f"check {feeding(norm, 'them')}"])
         + f".{asides['lifetime_dead']}{also}"
     )
 
@@ -255,7 +274,7 @@ def unit_remedies(
     too_sparse = (
         "Some sparsity is ReLU's benefit; this much starves the next layer. "
         + ("Use LeakyReLU or ELU for smoother negative outputs, lower the learning "
-           f"rate, or add BatchNorm before the activation.{also}" if swappable else
-           "Lower the learning rate, or add BatchNorm before the activation.")
+           f"rate, or {normalise}.{also}" if swappable else
+           f"Lower the learning rate, or {normalise}.")
     )
     return UnitRemedies(dead, lifetime_dead, dormant, too_sparse)

@@ -307,6 +307,7 @@ def diagnose(
     lifetime_restarted: bool = False,
     parts: Mapping[str, tuple[str, int]] | None = None,
     growth_base: Mapping[str, float] | None = None,
+    norms: Mapping[str, str] | None = None,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -355,6 +356,8 @@ def diagnose(
             before, so they are not said to have never fired.
         growth_base: each site's activation RMS at its first log with most of its units
             alive (None: ``first_rms``): growth over time is measured from it.
+        norms: by site, the norm its input passed last since its producing layer, in words
+            (``Site.norm``): the advice for its dead units names it, not the layer's bias.
         parts: by site, (the flow it is in, its part's rank in that flow), where parts of
             the model were stepped apart (see :meth:`Probe.parts
             <relu_doctor.probes.Probe.parts>`): the gradient's fall or growth from output
@@ -428,7 +431,8 @@ def diagnose(
             (recycling or {}).get(name), name in recycling_by_score, module,
             tuple(n for n in calls.get(module, ()) if n != name), swapping.get(name), born,
             _above_tau(u, "dead") if row["dead"] else (0, 0),
-            _above_tau(u, "lifetime_dead") if row["lifetime_dead"] else (0, 0))
+            _above_tau(u, "lifetime_dead") if row["lifetime_dead"] else (0, 0),
+            (norms or {}).get(name, ""))
         if row["dead"]:
             frac = float(row["dead_fraction"])
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
@@ -530,6 +534,8 @@ def diagnose(
             f.evidence.setdefault("steps_run", of.get("steps_run"))
         if f.kind in _UNIT_KINDS and f.site in (unrecyclable or {}):
             f.evidence["not_recyclable"] = (unrecyclable or {})[f.site]
+        if f.kind in _UNIT_KINDS and f.site in (norms or {}):  # (the report's advice names it)
+            f.evidence["norm"] = (norms or {})[f.site]
         if f.site in (site_passes or {}):  # (the passes of the window that ran the site)
             f.evidence["site_passes"], f.evidence["passes"] = (site_passes or {})[f.site]
     out.sort(key=lambda f: finding_order(f.severity, f.kind, f.site, f.evidence))

@@ -371,6 +371,7 @@ class IntervalReading:
                 call_index={s.name: s.key.call_index for s in sites if s.key.call_index},
                 unrecyclable={s.name: _SUMMED if s.summed else _mixed(s.mixed)
                               for s in sites if s.summed or s.mixed},
+                norms={s.name: s.norm for s in sites if s.norm},
                 recycling=self._recycling(sites),
                 # (a DormantRecycler without tau= takes units by their ReDo score alone)
                 recycling_by_score=self._bound_at(

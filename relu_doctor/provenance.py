@@ -84,6 +84,12 @@ class Origin:
             units together (a GroupNorm of several channels a group, a LayerNorm or RMSNorm
             over them; ``""``: none): ReDo cannot recycle them either, a fresh unit shifting
             the others.
+        norm: the norm of each unit on its own (BatchNorm, InstanceNorm, a GroupNorm of
+            one channel a group) the features went through last since they were made, in
+            words (``"BatchNorm2d `down1.bn`"``; ``"F.batch_norm"`` where no module holds
+            its weight, or it has none; ``""``: none, or a norm of the units together came
+            after it): it takes each unit's mean away, so a unit dead behind it is its
+            shift's and scale's, not the layer's bias (a Conv-BN-ReLU's conv has none).
     """
 
     dim: int
@@ -93,6 +99,7 @@ class Origin:
     layer: str | None = None
     summed: bool = False
     mixed: str = ""
+    norm: str = ""
 
     def rule(self, ndim: int) -> str:
         """The rule in words, e.g. ``"Linear `fc1` -> last dim"``."""
@@ -291,15 +298,21 @@ class ProvenanceTracker:
         if name in _NORM_CHANNELS or name in _NORM_LAST:
             if isinstance(out, torch.Tensor):
                 kept = self.origin(first)
+                owner = next((a for a in list(args[1:]) + list(kwargs.values())
+                              if self._weight(a) is not None), None)
+                held = self._weight(owner)
+                norm = f"F.{name}" if held is None or held[1] is None else f"{held[1]} `{held[0]}`"
                 if kept is not None and isinstance(first, torch.Tensor) and first.shape == out.shape:
-                    mixed = kept.mixed or _mixing(name, args, kwargs, first, kept.dim)
-                    self._set(out, replace(kept, mixed=mixed) if mixed != kept.mixed else kept)
+                    mixing = _mixing(name, args, kwargs, first, kept.dim)
+                    self._set(out, replace(kept, mixed=kept.mixed or mixing,
+                                           norm="" if mixing or name in _NORM_LAST else norm))
                 else:
-                    owner = next((a for a in list(args[1:]) + list(kwargs.values())
-                                  if self._weight(a) is not None), None)
                     dim = out.dim() - 1 if name in _NORM_LAST else min(1, out.dim() - 1)
                     kind = "features" if name in _NORM_LAST else "channels"
-                    self._set(out, self._made(dim, name, owner, "", kind))
+                    own = (isinstance(first, torch.Tensor) and name in _NORM_CHANNELS
+                           and not _mixing(name, args, kwargs, first, dim))
+                    self._set(out, replace(self._made(dim, name, owner, "", kind),
+                                           norm=norm if own else ""))
             return
         if name in _CAT:
             self._see_cat(args, kwargs, out)

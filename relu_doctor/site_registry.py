@@ -198,6 +198,7 @@ class SiteRegistry:
                       else kin.producer if kin is not None else None),
             summed=origin.summed if origin is not None else kin is not None and kin.summed,
             mixed=origin.mixed if origin is not None else kin.mixed if kin is not None else "",
+            norm=origin.norm if origin is not None else kin.norm if kin is not None else "",
         )
         site.made_by = self._made_by(site)
         self._sites[key] = site
@@ -223,6 +224,7 @@ class SiteRegistry:
                 " (no producing layer found)")
             return
         site.producer, site.summed, site.mixed = origin.layer, origin.summed, origin.mixed
+        site.norm = origin.norm
         site.made_by = self._made_by(site)
         site.unit_rule = origin.rule(len(shape))
         if origin.dim != site.dim_for(len(shape)) or shape[origin.dim] != site.units:
@@ -491,6 +493,7 @@ def _description(site: Site) -> dict[str, Any]:
         "producer": site.producer,
         **({"summed": True} if site.summed else {}),
         **({"mixed": site.mixed} if site.mixed else {}),
+        **({"norm": site.norm} if site.norm else {}),
     }
 
 
@@ -529,6 +532,7 @@ def _described(
         producer=None if d.get("producer") is None else str(d["producer"]),
         summed=bool(d.get("summed", False)),
         mixed=str(d.get("mixed") or ""),
+        norm=str(d.get("norm") or ""),
     )
 
 

@@ -231,6 +231,9 @@ class Site:
     #: the norm its input passed that normalises its units together (see
     #: provenance.Origin.mixed; ``""``: none)
     mixed: str = ""
+    #: the last norm its input passed since its producer, in words (see
+    #: provenance.Origin.norm; ``""``: none)
+    norm: str = ""
     #: the module whose replacement makes this site anew (its producer, else the module at
     #: its path), weakly: see SiteRegistry._replaced
     made_by: Any = field(default=None, repr=False)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import relu_doctor
 from relu_doctor.advice import REMEDY_NAMES, can_swap
 from relu_doctor.diagnosis import DiagnosisConfig, diagnose
 from relu_doctor.errors import ReluDoctorError
@@ -1397,3 +1398,47 @@ def test_the_reports_advice_for_units_that_never_fired_leads_with_the_feeding_la
     text = recommend(view, leaky, [cut])
     assert text.split("Next: ")[-1].startswith("check the initialisation and bias"), text
     assert "lower the learning rate" not in text
+
+
+@pytest.mark.parametrize("leaky", [False, True])
+def test_the_advice_for_dead_units_behind_a_batchnorm_names_its_shift_not_the_convs_bias(
+        leaky: bool) -> None:
+    """A U-Net's Conv-BN-ReLU units, dead from the BatchNorm's shift, were told to check the
+    bias of a conv made with ``bias=False`` and, too sparse, to add the BatchNorm they had.
+    Behind a norm the advice names the norm (its shift against its scale), in the diagnosis
+    and in the report's rewrite after a remedy was tried; a conv feeding its activation
+    directly keeps the layer's bias."""
+    torch.manual_seed(0)
+    act = (lambda: nn.LeakyReLU(0.01)) if leaky else nn.ReLU
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), act(),
+                        nn.Conv2d(8, 8, 3), act(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 2))
+    with torch.no_grad():
+        net[1].bias[:7] = -20.0  # (the BatchNorm's shift: 7 of 8 channels never positive,
+        net[1].bias[7] = -1.5  # the eighth seldom: too sparse)
+        net[3].bias[:7] = -50.0
+    x = torch.randn(16, 3, 10, 10)
+    with relu_doctor.watch(net, log_every_n_steps=1, every_n_steps=1) as doc:
+        net(x).sum().backward()
+        doc.step()
+    with torch.no_grad():  # the reference: which units never fired, from the model itself
+        h1 = act()(net[1](net[0](x)))
+        h2 = act()(net[3](h1))
+    found = {(f.kind, f.site): f for f in doc.findings()}
+    assert found[("dead", "2")].evidence["dead"] == int(((h1 > 0).sum((0, 2, 3)) == 0).sum()) == 7
+    assert found[("dead", "4")].evidence["dead"] == int(((h2 > 0).sum((0, 2, 3)) == 0).sum())
+    behind_bn, direct = found[("dead", "2")], found[("dead", "4")]
+    assert behind_bn.evidence["norm"] == "BatchNorm2d `1`" and "norm" not in direct.evidence
+    assert "shift (bias) and scale (weight) of the BatchNorm2d `1`" in behind_bn.remedy
+    assert "bias of the layer that feeds" not in behind_bn.remedy
+    assert "bias of the layer that feeds" in direct.remedy and "BatchNorm" not in direct.remedy
+    assert found[("too_sparse", "2")].evidence["sparsity"] == pytest.approx(
+        float((h1 <= 0).double().mean()))
+    sparse = found[("too_sparse", "2")].remedy
+    assert "add BatchNorm" not in sparse and "BatchNorm2d `1`" in sparse
+    cut = InterventionView(step=1, after_step=1, site="2", remedy="lr_rescue",
+                           what="lr x0.5", changes=[])
+    text = recommend(finding_view(behind_bn), leaky, [cut])
+    assert "BatchNorm2d `1`" in text and "bias of the layer" not in text
+    assert "where there is none" not in text
+    assert "bias of the layer" in recommend(finding_view(direct), leaky, [cut])

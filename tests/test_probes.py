@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.optim.optimizer as optim_module
 from torch.nn.modules import module as module_module
 from torch.utils.checkpoint import checkpoint
@@ -1144,6 +1145,63 @@ def test_a_watched_model_pickles_mid_run() -> None:
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
 
+
+
+class _FunctionalNorm(nn.Module):
+    """A batch norm of running statistics held by no module (``F.batch_norm``, no weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.stats = (torch.zeros(8), torch.ones(8))  # (plain attributes: no buffer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(F.batch_norm(self.fc(x), *self.stats, training=False))
+
+
+@pytest.mark.filterwarnings("ignore:.*ended without a call to doc.step")
+@pytest.mark.parametrize("case", ["conv-bn-relu", "bn-dropout-relu", "bn-then-conv",
+                                  "norms-of-units-together", "groupnorm-of-one-channel-a-group",
+                                  "functional"])
+def test_a_site_knows_the_norm_its_input_passed_last(case: str) -> None:
+    """Site.norm: the norm of each unit on its own (which takes its mean away) between a
+    site and the layer that makes its units, named as the model holds it (its dead units'
+    advice names it, not that layer's bias: a U-Net's Conv-BN-ReLU was told to check a bias
+    its conv did not have). Not a norm of the units together (the layer's bias still counts
+    there), nor one a layer or such a norm came after. Checked against the models' own
+    structure."""
+    torch.manual_seed(0)
+    shape: tuple[int, ...] = (2, 3, 6, 6)
+    if case == "conv-bn-relu":
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        want = {"2": "BatchNorm2d `1`"}
+    elif case == "bn-dropout-relu":
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.1), nn.ReLU())
+        want = {"3": "BatchNorm2d `1`"}
+    elif case == "bn-then-conv":
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                              nn.ReLU())
+        want = {"2": "BatchNorm2d `1`", "4": ""}
+    elif case == "norms-of-units-together":  # (the layer's bias still counts: not named)
+        model, shape = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(),
+                                     nn.Unflatten(1, (8, 1)), nn.GroupNorm(2, 8), nn.ReLU(),
+                                     nn.Flatten(), nn.BatchNorm1d(8), nn.GroupNorm(2, 8),
+                                     nn.ReLU()), (2, 4)
+        want = {"2": "", "5": "", "9": ""}
+    elif case == "groupnorm-of-one-channel-a-group":
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(4, 4), nn.GELU(),
+                              nn.InstanceNorm2d(4, affine=True), nn.ReLU())
+        want = {"2": "GroupNorm `1`", "4": "InstanceNorm2d `3`"}
+    else:
+        model, shape, want = _FunctionalNorm(), (2, 4), {"(root):relu#0": "F.batch_norm"}
+    with relu_doctor.watch(model, log_every_n_steps=1, every_n_steps=1) as doc:
+        model(torch.randn(*shape)).sum().backward()
+        doc.step()
+        state = doc.state_dict()
+        assert {s.name: s.norm for s in doc.sites} == want
+    with relu_doctor.watch(model, log_every_n_steps=1, every_n_steps=1) as resumed:
+        resumed.load_state_dict(state)  # (part of the checkpoint's site description)
+        assert {s.name: s.norm for s in resumed.sites} == want
 
 
 @pytest.mark.parametrize("what", ["summed", "mixed"])

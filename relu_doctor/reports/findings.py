@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from relu_doctor.advice import RECYCLERS, REMEDY_NAMES
+from relu_doctor.advice import RECYCLERS, REMEDY_NAMES, feeding
 from relu_doctor.diagnosis import Finding, finding_order
 from relu_doctor.reports.formatting import UNIT_LISTS, fmt_value
 from relu_doctor.reports.interventions import LOSS_ROSE, InterventionView
@@ -233,8 +233,9 @@ def recommend(
         return f.remedy  # diagnosis's own words fit a first treatment (and its reasons)
     steps = []
     cuts = sum(max(e.count, 1) for e in done if e.remedy == _LR)
+    norm = next((str(v) for label, v in f.evidence if label == "norm"), "")
     if f.never_fired:  # (no learning rate revives units that never fired: a review)
-        steps.append("check the initialisation and bias of the layer that feeds it first: "
+        steps.append(f"check {feeding(norm)} first: "
                      "these units have not fired since monitoring began, and a lower "
                      "learning rate cannot revive them")
     elif not cuts:  # (first: the gentlest, where a swap can send a run diverging)
@@ -272,9 +273,12 @@ def recommend(
                      "helped here" + (f"; the training loss rose {LOSS_ROSE}x or more after "
                                       f"{_rose_after(judged)}" if any(e.loss_rose for e in judged)
                                       else "") + ")")
-    steps.append("check the normalisation before this activation (BatchNorm or LayerNorm, "
-                 "where there is none)" + ("" if f.never_fired else " and the initialisation "
-                                           "and bias of the layer that feeds it"))
+    if norm and not f.never_fired:  # (a norm is there: its shift and scale, not "add one")
+        steps.append(f"check {feeding(norm)}")
+    elif not norm:
+        steps.append("check the normalisation before this activation (BatchNorm or LayerNorm, "
+                     "where there is none)" + ("" if f.never_fired else " and the initialisation "
+                                               "and bias of the layer that feeds it"))
     already = "This site is already leaky, so a LeakyReLU swap is not the answer. " if leaky else ""
     if tried:
         already += "Already tried: " + ", ".join(sorted(tried)) + ". "
