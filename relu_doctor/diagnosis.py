@@ -681,7 +681,8 @@ def _on_frozen(f: Finding, layer: str) -> Finding:
         remedy="Nothing to do while it stays frozen: its units change only with the weights "
         "you froze (a lower learning rate, a swap or recycling cannot reach them). Unfreeze "
         "it (at a low learning rate) if these units should learn; leave them if the frozen "
-        "features serve.",
+        "features serve, or where this part follows the trained one (a target network, an "
+        "EMA copy).",
     )
 
 

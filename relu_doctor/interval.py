@@ -227,18 +227,19 @@ class IntervalReading:
                        grad_sq: torch.Tensor | None = None) -> list[str | None]:
         """The frozen layer feeding each of ``sites`` (see :attr:`Doctor.frozen_feed`), else
         (a torch model's) :data:`~relu_doctor.sites.NO_GRADIENT` where no gradient reached
-        it in the open window and no producing layer was found, else None. ``grad_sq``: the
+        it in the open window and no producing layer was found or the optimizer read none
+        for it, else None. ``grad_sq``: the
         optimizer tap's squared gradient norms of the window, read back (a layer with one
         above 0 trained in it)."""
         if self.frozen_feed is not None:  # (an integration's rule: Keras layers)
             return list(self.frozen_feed(sites))
         layers = self._frozen_feeds.layers(
             self.probe.model, [s.producer for s in sites], self.probe.generation)
-        if self.tap is not None and any(layers):
-            # A layer whose gradient the optimizer read in the window trained in it, frozen
-            # at the log or not (a GAN's critic, requires_grad turned off for the
-            # generator's step: the usual loop)
-            graded = self.tap.graded_layers(grad_sq)
+        # A layer whose gradient the optimizer read in the window trained in it, frozen at
+        # the log or not (a GAN's critic, requires_grad turned off for the generator's step:
+        # the usual loop); without an optimizer, not known
+        graded = self.tap.graded_layers(grad_sq) if self.tap is not None else None
+        if graded is not None and any(layers):
             layers = [None if layer is not None and module_label(layer) in graded else layer
                       for layer in layers]
         # A call of an activation module, or of a module's functional op, another call of
@@ -246,9 +247,17 @@ class IntervalReading:
         # (a consistency target under no_grad(), a block called twice, a second reentrant
         # checkpoint segment whose gradient is pooled into the first's), and a site said
         # frozen that trains would hide it
+        # A producing layer that trains (requires_grad) but got no gradient from the
+        # optimizer in the window does not make such a site trainable: an EMA target
+        # network left with requires_grad=True (swa_utils.AveragedModel leaves it so), run
+        # under no_grad() beside the online one, was told to recycle and swap, and the
+        # remedies did (a trial). Without an optimizer that is not known: only a site with
+        # no producing layer is marked.
         reached = {(s.key.module_path, s.key.op) for s in sites if s.window_graded}
-        return [NO_GRADIENT if layer is None and s.producer is None and s.window_ungraded
-                and not s.window_graded and (s.key.module_path, s.key.op) not in reached
+        return [NO_GRADIENT if layer is None and s.window_ungraded and not s.window_graded
+                and (s.key.module_path, s.key.op) not in reached
+                and (s.producer is None
+                     or (graded is not None and module_label(s.producer) not in graded))
                 else layer for s, layer in zip(sites, layers, strict=True)]
 
     def _read(self, close: bool, *, final: bool = False) -> IntervalRecord | None:
@@ -605,7 +614,11 @@ class IntervalReading:
         rec = self.current()
         if rec is None:
             return pd.DataFrame(columns=site_columns())
-        return pd.DataFrame(rec.site_rows)
+        df = pd.DataFrame(rec.site_rows)
+        for col in ("op", "frozen"):  # (None where not one, as in every row: not NaN beside
+            if col in df:             # another row's string)
+                df[col] = df[col].astype(object).where(df[col].notna(), None)
+        return df
 
     def unit_table(self, site: str) -> pd.DataFrame:
         """One row per unit of ``site``: activation rate, mean |h|, dormant score, dead...

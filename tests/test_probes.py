@@ -765,6 +765,78 @@ def test_a_site_no_gradient_reaches_is_told_so_and_left_alone(tmp_path) -> None:
     assert "reached by no gradient; no remedy acts there): Sequential#0:relu#0" in summary(ctx)
 
 
+class _Byol(nn.Module):
+    """An online net and its target, an EMA copy left with requires_grad=True (as
+    ``torch.optim.swa_utils.AveragedModel`` leaves it), run under no_grad() in one forward."""
+
+    def __init__(self, averaged: bool) -> None:
+        super().__init__()
+        self.online = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        if averaged:
+            self.target: nn.Module = torch.optim.swa_utils.AveragedModel(self.online)
+        else:
+            self.target = copy.deepcopy(self.online)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.target(x.flip(0))
+        return (self.online(x) - target).pow(2).mean()
+
+
+@pytest.mark.parametrize("averaged", [False, True], ids=["deepcopy", "AveragedModel"])
+def test_an_ema_target_left_with_requires_grad_is_told_no_gradient_and_left_alone(
+        averaged: bool) -> None:
+    """A trial's BYOL target, an EMA copy with requires_grad=True that no optimizer holds,
+    run under no_grad() beside the online net, had its dead units advised recycling and a
+    swap, and a bound DormantRecycler and ActivationSwapper acted on it (the online net
+    kept ReLU). Its producing layers got no gradient from the optimizer in the window:
+    '(no gradient)', information only, left alone. Without an optimizer that is not known,
+    and the site is judged as before. The dead counts are the reference hook's."""
+    from relu_doctor.remedies import ActivationSwapper, DormantRecycler
+    from relu_doctor.sites import NO_GRADIENT
+
+    torch.manual_seed(0)
+    model = _Byol(averaged)
+    first = model.target.module[0] if averaged else model.target[0]
+    act = model.target.module[1] if averaged else model.target[1]
+    with torch.no_grad():
+        first.bias[:10] = -50.0  # (10 of 16 target units dead)
+    name = "target.module.1" if averaged else "target.1"
+    seen: list[torch.Tensor] = []
+    act.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    weights = {k: v.clone() for k, v in model.target.state_dict().items()}
+    opt = torch.optim.SGD(model.online.parameters(), lr=1e-3)
+    for with_optimizer in (True, False):
+        seen.clear()
+        events: list[dict[str, Any]] = []
+        with relu_doctor.watch(model, optimizer=opt if with_optimizer else None,
+                               every_n_steps=1, overhead_budget=None,
+                               log_every_n_steps=2) as doc:
+            doc.add_event_listener(events.append)
+            if with_optimizer:
+                DormantRecycler(model, optimizers=opt).bind(doc)
+                ActivationSwapper(model, threshold=0.3, patience=1).bind(doc)
+            for _ in range(4):
+                opt.zero_grad()
+                model(torch.randn(16, 4)).backward()
+                opt.step()
+                doc.step()
+        frame = doc.to_pandas().set_index("site")
+        assert frame.loc[name, "dead"] == _dead_units(seen[-8:]) == 10  # (the last window's)
+        assert frame.loc["online.1", "frozen"] is None
+        dead = next(f for f in doc.findings() if f.kind == "dead" and f.site == name)
+        if with_optimizer:
+            assert frame.loc[name, "frozen"] == NO_GRADIENT
+            assert dead.severity == "info" and dead.evidence["no_gradient"] is True
+            assert not [e for e in events if name in str(e)]  # (nor tried, nor declined)
+            assert isinstance(act, nn.ReLU) and (model.target.module if averaged
+                                                  else model.target)[1] is act
+            assert all(torch.equal(v, weights[k]) for k, v in model.target.state_dict().items()
+                       if k != "n_averaged")
+        else:
+            assert frame.loc[name, "frozen"] is None and dead.severity != "info"
+
+
 def test_a_layer_that_trained_in_the_window_is_no_frozen_feed() -> None:
     """A review: a GAN's critic, watched on its own, its requires_grad turned off for the
     generator's step (the usual loop) and so at every log, read as a model nothing of which
