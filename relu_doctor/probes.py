@@ -355,6 +355,8 @@ class Probe(SiteRegistry, HookOwner):
         self._parts_tagged = False
         self._part_tag = f"relu_doctor_part:{id(self)}"  # (this probe's: two watches apart)
         self._pass_at: str | None = None  # where the latest recorded pass began
+        #: every module a recorded pass began at since attach, by path (see pass_starts)
+        self._starts: set[str] = set()
         self._path_of: dict[nn.Module, str] = {}  # the boundary modules' paths (hooked now)
         self.passes_known = True
         self._pass_open = False  # a pass has begun and not ended
@@ -689,6 +691,8 @@ class Probe(SiteRegistry, HookOwner):
             self.passes += 1
             self._entries[at] = self._entries.get(at, 0) + 1
             self._pass_at = at
+            if at not in self._starts:
+                self._starts.add(at)
             if self._parts_tagged and at and args:
                 self._link_part(at, args)
             if self._want_provenance:
@@ -1140,6 +1144,17 @@ class Probe(SiteRegistry, HookOwner):
             self._fail(site.key, "forward", e)
         self.stopwatch.add(t0)
         return True
+
+    @property
+    def latest_pass_at(self) -> str | None:
+        """The path of the module the latest pass began at where it was recorded (``""``:
+        the model, or not known), else None (the latest pass was not recorded)."""
+        return self._pass_at
+
+    def pass_starts(self) -> set[str]:
+        """The paths of the modules recorded passes began at since attach: the model
+        (``""``), or its parts called on their own (an encoder, then a projector)."""
+        return set(self._starts)
 
     def ran_now(self, key: SiteKey) -> int | None:
         """The number of the latest recorded pass (:attr:`passes`) where it ran the site

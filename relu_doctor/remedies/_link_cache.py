@@ -202,8 +202,8 @@ class LinkCache:
         self._missing: set[SiteKey] = set()
         self._pinned: dict[SiteKey, tuple[int, tuple[nn.Module, tuple[Any, ...], Any]]] = {}
         self._retry: tuple[object, Dataflow | None] | None = None
-        self._watch: Any = None
-        self._outer: nn.Module | None = None  # the module the first pass was recorded on
+        #: hooks on the modules recorded passes begin at, with their paths (_look_again)
+        self._watches: dict[nn.Module, tuple[Any, str]] = {}
         self._recording = False
         self._probe: Any = None  # the bound Doctor's (see watch_with)
         if example_inputs is not None:
@@ -221,7 +221,6 @@ class LinkCache:
                     f"site {name!r}: no forward pass of the model seen yet to read its "
                     "producer and consumers from; run one, or pass example_inputs=."
                 )
-            self._outer = example[0]
             try:
                 self._flow, self._error = record_latest(self.model, *example)
             except NotInPass as e:  # skipped for now: a later call's inputs tried next time
@@ -260,16 +259,14 @@ class LinkCache:
         """The links of a site the recorded pass did not run (a branch it did not take),
         from a pass recorded on the inputs of the latest training pass that ran it (whole:
         a branch the first two samples do not take is taken by others), kept from then on
-        by a hook on the module the first pass was called on, where the bound Doctor's
+        by hooks on the modules the bound Doctor's recorded passes begin at (the model, or
+        each part a loop calls on its own: a projector called apart from its encoder ran
+        in passes of its own, which a hook on the first pass's module never saw), where its
         probe says which sites a pass ran (:meth:`watch_with`). One pass per such inputs,
         shared by the sites they ran. Raises NotInPass while none was seen; a site found,
         or refused for good, is looked for no more, and once none is, nothing is kept."""
         self._missing.add(key)
-        if (self._watch is None and self._probe is not None and self._probe.attached
-                and self._outer is not None):
-            hooks = _PinHooks(_Pins(self))
-            self._watch = hooks.own_flags(
-                self._outer.register_forward_hook(hooks.post, with_kwargs=True))
+        self._pin_where_passes_begin()
         pinned = self._pinned.get(key)
         if pinned is None:
             raise NotInPass(f"site {name!r}: the recorded forward pass did not run it (a "
@@ -306,6 +303,22 @@ class LinkCache:
         self._found(key)
         return links
 
+    def _pin_where_passes_begin(self) -> None:
+        """A hook (see :meth:`_after`) on each module the bound Doctor's recorded passes
+        began at so far and not hooked yet."""
+        probe = self._probe
+        if probe is None or not probe.attached:
+            return
+        for path in sorted(probe.pass_starts()):
+            try:
+                module = probe.model.get_submodule(path)
+            except AttributeError:  # (no longer in the model)
+                continue
+            if module not in self._watches:
+                hooks = _PinHooks(_Pins(self))
+                self._watches[module] = (hooks.own_flags(
+                    module.register_forward_hook(hooks.post, with_kwargs=True)), path)
+
     def _found(self, key: SiteKey) -> None:
         self._missing.discard(key)
         self._pinned.pop(key, None)
@@ -322,20 +335,27 @@ class LinkCache:
         """Keep nothing for the sites looked for again (the hook, their inputs, the pass
         recorded on them): training ended, or none is missing. A later decision that
         looks for one again starts anew."""
-        if self._watch is not None:
-            self._watch.remove()
-            self._watch = None
+        for handle, _ in self._watches.values():
+            handle.remove()
+        self._watches = {}
         self._pinned.clear()
         self._retry = None
 
     def _after(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        """After a call of the module the first pass was recorded on: keep its inputs for
-        each missing site that this recorded pass ran (one object for all of them)."""
+        """After a call of a module passes begin at: keep its inputs for each missing site
+        that this call, a recorded pass begun there, ran (one object for all of them). A
+        call that was no recorded pass (the encoder alone under no_grad(), for an
+        evaluation) is passed over: the latest recorded pass, which ran the site, was
+        another module's, and its inputs replayed here would not run it (a trial's
+        projector was then refused for good, its branch said to be chosen by a flag)."""
         probe = self._probe
         if probe is None or self._recording:
             return
         if not probe.attached:  # (the Doctor is gone: keep nothing)
             self.release()
+            return
+        hooked = self._watches.get(module)
+        if hooked is None or probe.latest_pass_at != hooked[1]:
             return
         call = None
         for key in self._missing:

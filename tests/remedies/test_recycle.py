@@ -1180,7 +1180,69 @@ def test_a_branch_the_recorded_pass_did_not_take_is_recycled_once_a_pass_takes_i
     assert acted[0] == (at, "(root):relu#0"), acted
     assert bool((net.fc.bias[:4] > -1.0).all())  # re-initialised
     if make != "plan":  # found: nothing kept for it (no hook, no inputs)
-        assert remedy._finder._watch is None and not remedy._finder._pinned
+        assert not remedy._finder._watches and not remedy._finder._pinned
+
+
+class _TwoParts(nn.Module):
+    """An encoder and a projector the loop calls one after the other (SimCLR written as
+    ``model.projector(model.encoder(v))``), four of the projector's units dead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.projector = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        with torch.no_grad():
+            self.projector[0].bias[:4] = -50.0
+
+
+@pytest.mark.parametrize("evaluate", [False, True])
+def test_a_part_the_loop_calls_on_its_own_is_recycled(evaluate: bool) -> None:
+    """A trial's projector, called apart from its encoder, was never recycled: links are
+    read from a pass of the first module called (the encoder), and the hook that looks for
+    a missing site again sat on that module alone, so the projector's passes were never
+    seen; with the encoder also run alone under no_grad() for an evaluation, its inputs
+    were kept for the projector (the latest recorded pass had run it), replayed without
+    running it, and the projector refused for good, its branch said to be chosen by a flag.
+    Now the hooks sit where recorded passes begin, and keep a call's inputs only where the
+    call was such a pass: recycled at the second decision, the reference hook's dead units
+    among those re-initialised, their outgoing weights zeroed."""
+    torch.manual_seed(0)
+    net = _TwoParts()
+    fired = torch.zeros(16, dtype=torch.bool)
+
+    def seen(m: nn.Module, a: Any, out: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            fired.logical_or_(out.detach().gt(0).any(0))
+
+    net.projector[1].register_forward_hook(seen)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught, \
+            relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None,
+                              optimizer=opt) as doc:
+        warnings.simplefilter("always")
+        events = events_of(doc)
+        DormantRecycler(net, optimizers=opt).bind(doc)
+        for step in range(8):
+            net.projector(net.encoder(torch.randn(16, 8))).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 7:  # (the decision's: the window of steps 4-7)
+                dead = (~fired).nonzero().flatten().tolist()
+                bias = net.projector[0].bias.detach().clone()
+            if evaluate:
+                with torch.no_grad():
+                    net.encoder(torch.randn(16, 8))  # (the encoder alone: no training pass)
+            doc.step()
+    acted = [(e["step"], e["site"]) for e in events if e["type"] == "intervention"]
+    assert not [e for e in events if e["type"] == "declined"]
+    assert acted == [(8, "projector.1")], acted
+    assert dead == [0, 1, 2, 3]
+    changed = (net.projector[0].bias.detach() != bias).nonzero().flatten().tolist()
+    assert set(dead) <= set(changed) and len(changed) < 16  # (the dormant ones too: ReDo's)
+    assert not net.projector[2].weight.detach()[:, changed].any()  # (outgoing: zeroed)
+    said = [str(w.message) for w in caught if "projector.1" in str(w.message)
+            and "skipping" in str(w.message)]
+    assert len(said) == 1 and "did not run it" in said[0], said
 
 
 def test_a_branch_that_never_runs_again_leaves_nothing_kept_after_training():
@@ -1209,7 +1271,7 @@ def test_a_branch_that_never_runs_again_leaves_nothing_kept_after_training():
     del batch
     gc.collect()
     finder = recycler._finder
-    assert finder._watch is None and not finder._pinned and finder._retry is None
+    assert not finder._watches and not finder._pinned and finder._retry is None
     assert seen() is None and not net._forward_hooks
 
 
