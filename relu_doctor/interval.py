@@ -559,7 +559,10 @@ class IntervalReading:
         self._warned_empty = True
         which = {
             "train": "no training pass of the model (in train() mode, gradients enabled) ran "
-            "in them. Left in eval mode after an evaluation? Call model.train() again. "
+            "in them. Left in eval mode after an evaluation? Call .train() again on the "
+            "model, or on the part of it each pass begins at (the mode of the module a pass "
+            "begins at decides: an encoder in eval mode called through a method of a model "
+            "in train mode makes no training pass). "
             "Called doc.step() on steps where the model does not train (a GAN's other "
             "model's steps)? Call it once per step of this model's optimizer. Watching a "
             "model that never trains (a frozen teacher, a target network)? Watch it with "

@@ -1194,7 +1194,7 @@ def test_a_window_whose_collecting_steps_saw_no_pass_warns_once_and_judges_nothi
     doc, said = _train_changed_at(net, 15, 7, net.eval, run_dir=run)  # never train() again
     assert len(said) == 1
     assert re.search(r"step 15 recorded nothing in its 5 collecting step\(s\): no training "
-                     r"pass.*model\.train\(\)", said[0])
+                     r"pass.*\.train\(\) again on the model", said[0])
     # (a model that never trains, a frozen teacher, is watched on its own stream: a trial was
     # told only to call model.train(), which changes its BatchNorm and dropout)
     assert "Watching a model that never trains" in said[0] and "stream='eval'" in said[0]
