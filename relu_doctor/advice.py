@@ -86,7 +86,7 @@ def _with_tau(names: Mapping[str, str | None], tau: float) -> str:
             else f"{name}(tau={tau})")
 
 
-def _recycle_dead(above_tau: tuple[int, int], names: Mapping[str, str | None], tau: float,
+def recycle_dead(above_tau: tuple[int, int], names: Mapping[str, str | None], tau: float,
                   them: str = "the units") -> str:
     """"recycle the units (ReDo: ...)" for units of which ``above_tau`` = (how many score
     above tau, how many there are). Where some of them score above tau (a leaky family's
@@ -168,7 +168,7 @@ def unit_remedies(
             ``treatment_plan``), or None.
         born: every unit dead in the window never fired since monitoring began.
         dead_above_tau, lifetime_above_tau: (units scoring above tau, units) of the dead
-            units and of those never active (see :func:`_recycle_dead`).
+            units and of those never active (see :func:`recycle_dead`).
         norm: the norm of each unit on its own between the site and the layer that feeds
             it, in words (``""``: none): see :func:`feeding`.
     """
@@ -208,7 +208,7 @@ def unit_remedies(
     # training: a lower learning rate cannot revive them, so their advice leads with the
     # layer feeding them (a trial's units dead from a bias of -50, at SGD's lr 1e-4, were
     # told to lower the learning rate first)
-    recycle = (_recycle_dead(dead_above_tau, names, tau, "them" if born else "the units")
+    recycle = (recycle_dead(dead_above_tau, names, tau, "them" if born else "the units")
                if recyclable else "")
     feeds = feeding(norm)
     normalise = f"check {feeds}" if norm else "add BatchNorm before the activation"
@@ -248,7 +248,7 @@ def unit_remedies(
         ("Units stuck negative since monitoring began still pass a small "
          "gradient but add little: " if leaky else
          "Units that never fired are wasted capacity: ")
-        + " or ".join([*([_recycle_dead(lifetime_above_tau, names, tau, "them")]
+        + " or ".join([*([recycle_dead(lifetime_above_tau, names, tau, "them")]
                          if recyclable else []),
                        *([f"swap to LeakyReLU ({names['plan']}, bound here, "
                           "swaps past its swap step's threshold)"

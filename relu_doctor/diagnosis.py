@@ -424,13 +424,14 @@ def diagnose(
         # not training: their advice leads with the layer feeding them
         born = (bool(row["dead"]) and not lifetime_restarted
                 and not _count(u, "dead", unless="lifetime_dead"))
+        dead_above = _above_tau(u, "dead") if row["dead"] else (0, 0)
         remedies = unit_remedies(
             config.loop, config.tau, fam, FAMILIES.get(fam), leaky, row.get("cap"),
             row.get("op") if isinstance(row.get("op"), str) else None,  # a functional call's
             frozenset((declined or {}).get(name, ())), (unrecyclable or {}).get(name),
             (recycling or {}).get(name), name in recycling_by_score, module,
             tuple(n for n in calls.get(module, ()) if n != name), swapping.get(name), born,
-            _above_tau(u, "dead") if row["dead"] else (0, 0),
+            dead_above,
             _above_tau(u, "lifetime_dead") if row["lifetime_dead"] else (0, 0),
             (norms or {}).get(name, ""))
         if row["dead"]:
@@ -444,7 +445,10 @@ def diagnose(
                     f"({fam}){_sampled(row, passes=passes, call=call)}.",
                     {"dead": row["dead"], "units": seen, "dead_fraction": frac,
                      "dead_units": _units_list(u, "dead"), "family": fam, "leaky": leaky,
-                     "never_fired": born},
+                     "never_fired": born,
+                     # (dead units scoring above tau, of them: the report's advice gives the
+                     # recycler tau= for them, as the remedy here does)
+                     **({"above_tau": list(dead_above)} if dead_above[0] else {})},
                     remedies.dead, step,
                 )
             )

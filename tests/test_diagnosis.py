@@ -1442,3 +1442,39 @@ def test_the_advice_for_dead_units_behind_a_batchnorm_names_its_shift_not_the_co
     assert "BatchNorm2d `1`" in text and "bias of the layer" not in text
     assert "where there is none" not in text
     assert "bias of the layer" in recommend(finding_view(direct), leaky, [cut])
+
+
+def test_the_reports_advice_for_dead_gelu_units_scoring_above_tau_gives_the_recycler_tau(
+) -> None:
+    """A trial's dead GELU units (stuck negative: their outputs count in the ReDo score)
+    were advised ``dormant_reset=True`` by the report, which recycled 3 dormant units and
+    left the 52 dead ones; the diagnosis's own text gave ``tau=``. The dead finding's
+    evidence carries how many of its units score above tau (checked against the test's own
+    hook's scores), and the report's advice gives the recycler ``tau=`` for them."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 2))
+    outs: list[torch.Tensor] = []
+    net[1].register_forward_hook(lambda m, a, out: outs.append(out.detach().clone()))
+    with relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1) as doc:
+        for step in range(4):
+            if step == 2:  # six units die mid-run, stuck near GELU(-1)
+                with torch.no_grad():
+                    net[0].weight[:6].mul_(0.01)
+                    net[0].bias[:6] = -1.0
+            net(torch.randn(32, 8)).sum().backward()
+            doc.step()
+    h = torch.cat(outs[2:])  # the reference: the last window's outputs
+    dead = (h > 0).sum(0) == 0
+    score = h.abs().mean(0) / h.abs().mean()
+    above = int((dead & (score > DiagnosisConfig().tau)).sum())
+    f = next(f for f in doc.findings() if f.kind == "dead")
+    assert int(dead.sum()) == 6 and above > 0 and not f.evidence["never_fired"]
+    assert f.evidence["above_tau"] == [above, 6]
+    view = finding_view(f)
+    assert view.above_tau == (above, 6) and "above tau" not in dict(view.evidence)
+    for loop, given in (("hf", "dormant_reset={'tau': 0.3}"), ("watch", "DormantRecycler(tau=0.3)")):
+        text = recommend(view, True, [], REMEDY_NAMES[loop], tau=0.3)
+        assert given in text and "takes the dead units whatever their score" in text, text
+    plain = replace(view, above_tau=(0, 0))
+    assert "recycle the units (dormant_reset=True)" in recommend(plain, True, [],
+                                                                 REMEDY_NAMES["hf"])

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from relu_doctor.advice import RECYCLERS, REMEDY_NAMES, feeding
-from relu_doctor.diagnosis import Finding, finding_order
+from relu_doctor.advice import RECYCLERS, REMEDY_NAMES, feeding, recycle_dead
+from relu_doctor.diagnosis import DiagnosisConfig, Finding, finding_order
 from relu_doctor.reports.formatting import UNIT_LISTS, fmt_value
 from relu_doctor.reports.interventions import LOSS_ROSE, InterventionView
 
@@ -81,6 +81,10 @@ class FindingView:
     #: a dead finding whose dead units never fired since monitoring began (its evidence's
     #: ``never_fired``): what the initialisation or a bias made, not training
     never_fired: bool = False
+    #: of a dead finding's dead units, (those scoring above tau, all of them) where some do
+    #: (a leaky or GELU family's units stuck negative): a recycler without tau= passes
+    #: them over (its evidence's ``above_tau``)
+    above_tau: tuple[int, int] = (0, 0)
 
 
 #: The advice a remedy's refusal ends with, for whoever configures it: not the report's
@@ -107,8 +111,9 @@ def finding_view(f: Finding) -> FindingView:
     evidence = [
         (k.replace("_", " "), fmt_value(k, v))
         for k, v in ev.items()
-        if k != unit_key and k not in ("family", "leaky", "never_fired")
+        if k != unit_key and k not in ("family", "leaky", "never_fired", "above_tau")
     ]
+    above = ev.get("above_tau")
     return FindingView(
         kind=f.kind,
         kind_label=kind_label(f.kind),
@@ -125,6 +130,8 @@ def finding_view(f: Finding) -> FindingView:
         evidence=evidence,
         order=finding_order(f.severity, f.kind, f.site, f.evidence),
         never_fired=ev.get("never_fired") is True,
+        above_tau=(int(above[0]), int(above[1])) if isinstance(above, (list, tuple))
+        and len(above) == 2 else (0, 0),
     )
 
 
@@ -210,13 +217,15 @@ def recommend(
     names: Mapping[str, str | None] = REMEDY_NAMES["watch"],
     swappable: bool | None = None,
     declined: Mapping[str, str] | None = None,
+    tau: float | None = None,
 ) -> str:
     """The finding's remedy, rewritten for what this site already is and what was already
     done to it: no LeakyReLU for a leaky site, nor for one the swap cannot treat
     (``swappable``: see :func:`~relu_doctor.advice.can_swap`; by default, any site that
     is not leaky), no second try of a remedy that did not help, none that left this site
     alone (``declined``: ``{remedy: why}``, said instead); the remedies named as the run's
-    loop names them (``names``: of :data:`~relu_doctor.advice.REMEDY_NAMES`)."""
+    loop names them (``names``: of :data:`~relu_doctor.advice.REMEDY_NAMES`); the
+    recycler given the run's ``tau`` (None: the default's) where dead units score above it."""
     swappable = not leaky if swappable is None else swappable
     declined = declined or {}
     tried = {e.remedy for e in done}
@@ -251,8 +260,12 @@ def recommend(
     cannot = next((str(v) for label, v in f.evidence if label == "not recyclable"), None)
     if cannot is None and not recycled and names["recycle"] and not (
             set(RECYCLERS) & declined.keys()):
-        # (Keras offers no recycling)
-        steps.append(f"recycle the units ({names['recycle']})")
+        # (Keras offers no recycling; dead units scoring above tau, a GELU's, are passed
+        # over by a recycler without tau=: a trial's were advised dormant_reset=True, which
+        # recycled 3 dormant units and left 52 dead ones)
+        steps.append(recycle_dead(f.above_tau, names, DiagnosisConfig().tau if tau is None
+                                   else tau) if f.above_tau[0] else
+                     f"recycle the units ({names['recycle']})")
     elif bad := _bad_recyclings(judged):
         # (a trial's recyclings under Adam, each judged "helped" on its units, each raised
         # the training loss 1.5-3x and were advised "go on recycling"; reset_adam_step=True
