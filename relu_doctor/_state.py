@@ -30,7 +30,12 @@ def kept_state(model: nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for mod, name, b, saved in buffers:
-                b.copy_(saved)
+                try:
+                    if b.shape != saved.shape:  # resized in the pass: a QAT observer's
+                        b.resize_(saved.shape)  # per-channel min/max, empty until its first
+                    b.copy_(saved)
+                except Exception:  # (one that cannot be put back in place: its saved copy,
+                    b = saved      # and every other buffer still restored)
                 mod._buffers[name] = b
         torch.random.set_rng_state(cpu)
         if cuda is not None:
