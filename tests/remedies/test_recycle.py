@@ -1333,3 +1333,43 @@ def test_continual_backprop_ages_a_site_first_seen_late_from_then_on():
     # first read at the last log (found in a pass of its window): aged that window's 4 steps
     assert int(cbp.age["(root):relu#0"].max()) == 4
     assert not [e for e in events if e["type"] == "intervention" and e["site"] == "(root):relu#0"]
+
+
+@pytest.mark.parametrize("remedy", ["recycler", "cbp"])
+def test_units_pruned_for_good_are_not_grown_back(remedy: str) -> None:
+    """A trial's channels pruned with torch.nn.utils.prune and made permanent
+    (``prune.remove``) were grown back by the recycler at its first decision. Units whose
+    incoming weights are all exactly 0 are left alone, said once; a unit dead for another
+    reason (a bias of -50) beside them is still recycled."""
+    import torch.nn.utils.prune as prune
+
+    from relu_doctor.remedies.continual_backprop import ContinualBackprop
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    prune.ln_structured(net[0], "weight", amount=0.25, n=2, dim=0)
+    prune.remove(net[0], "weight")
+    pruned = (net[0].weight == 0).all(1).nonzero().flatten().tolist()
+    with torch.no_grad():
+        net[0].bias[pruned] = -1.0  # (dead, as pruned units behind a negative bias are)
+        alive = [u for u in range(16) if u not in pruned]
+        net[0].bias[alive[0]] = -50.0  # one dead unit that was not pruned
+    assert len(pruned) == 4
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught, \
+            relu_doctor.watch(net, log_every_n_steps=2, overhead_budget=None,
+                              optimizer=opt) as doc:
+        warnings.simplefilter("always")
+        if remedy == "recycler":
+            DormantRecycler(net, optimizers=opt).bind(doc)
+        else:
+            ContinualBackprop(net, optimizers=opt, maturity=1, replacement_rate=1.0).bind(doc)
+        for _ in range(6):
+            net(torch.randn(16, 8)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    assert bool((net[0].weight[pruned] == 0).all())  # (SGD gives them no gradient either)
+    assert float(net[0].bias[alive[0]]) > -1.0  # the other dead unit: recycled
+    said = [str(w.message) for w in caught if "pruned" in str(w.message)]
+    assert len(said) == 1 and "leaving 4 unit(s) of site '1' alone" in said[0], said
