@@ -364,6 +364,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._event_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._capture: Any = None
         self._meta_dirty = True
+        self._meta_unmasked = 0  # the sites a padding mask did not fit, in meta.json
         #: what stopped training early ("KeyboardInterrupt", "ValueError: ..."), said in the
         #: run directory's meta.json and the report (see note_exception); None otherwise
         self.ended_by: str | None = None

@@ -481,6 +481,8 @@ class IntervalReading:
             for s in sites:
                 s.stats.close_window(summed[s.name])
             self.probe.close_passes(sites)
+        if logged:
+            self.probe.say_unmasked()  # (at the last, partial window's log too)
         if logged and self.tap is not None:
             self.tap.reset()
 

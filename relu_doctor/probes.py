@@ -334,6 +334,12 @@ class Probe(SiteRegistry, HookOwner):
         self._masked_passes = 0
         self._clear_queued = False
         self._warned_mask: set[str] = set()  # what was said of the mask (once each)
+        #: sites that ran with a padding mask that does not fit them, by name: their output
+        #: shape and the mask's (counted unmasked); ``_masked``: sites a mask fitted; what
+        #: was said of the first (see _say_unmasked)
+        self.unmasked: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._masked: set[str] = set()
+        self._said_unmasked = 0
         #: what the collecting hooks' host seconds are added to (the Doctor's budget)
         self.stopwatch = stopwatch if stopwatch is not None else Stopwatch()
         self._collecting = True  # see the ``collecting`` property
@@ -814,15 +820,42 @@ class Probe(SiteRegistry, HookOwner):
                 self._mask_on[output.device] = (mask, moved)
             mask = moved
         keep = mask_for(output.shape, dim, mask)
-        if keep is None:
-            self._say_mask("shape", f"site {site.name!r} is not masked: its output "
-                           f"{tuple(output.shape)} does not begin with the padding mask's "
-                           f"shape {tuple(mask.shape)} ahead of its units (dim {dim}), so it "
-                           "counts every position, padding included (so does any other site "
-                           "shaped so)")
+        if keep is None:  # (said at the log, every such site named: say_unmasked)
+            if site.name not in self.unmasked:
+                self.unmasked[site.name] = (tuple(output.shape), tuple(mask.shape))
             return None
+        if site.name not in self._masked:
+            self._masked.add(site.name)
         self._queue_mask_clear()
         return keep
+
+    def say_unmasked(self) -> None:
+        """At a log: the sites that ran with a padding mask not fitting them
+        since the last said, all named (a Wav2Vec2's mask, one entry per audio sample,
+        fits no activation, which all run at the frame rate: a trial read the one site
+        named as the only one unmasked)."""
+        if len(self.unmasked) <= self._said_unmasked:
+            return
+        names = list(self.unmasked)
+        new = names[self._said_unmasked:]
+        self._said_unmasked = len(names)
+        out, mask = self.unmasked[new[0]]
+        listed = ", ".join(repr(n) for n in new[:8]) + (
+            f" and {len(new) - 8} more" if len(new) > 8 else "")
+        none = not (self._masked - set(names))
+        warnings.warn(
+            f"relu_doctor: padding_mask: {len(new)} site(s) ran with a padding mask that does "
+            f"not fit them, and count every position, padding included: {listed} (the "
+            f"first's output {out} does not begin with the mask's shape {mask} ahead of its "
+            "units). "
+            + ("No site is masked: the mask is of other positions than the activations' (a "
+               "Wav2Vec2's or Whisper's mask has one entry per audio sample or frame of the "
+               "input, its activations run at a lower rate): give padding_mask= a function of "
+               "(args, kwargs) that returns the mask at the activations' rate (see the "
+               "README's \"Positions\")." if none else
+               f"{len(self._masked - set(names))} other site(s) are masked.")
+            + " The run directory's meta.json lists them (unmasked_sites).",
+            ReluDoctorWarning, stacklevel=user_stacklevel())
 
     def _queue_mask_clear(self) -> None:
         """Forget the passes' masks when the backward now running (or the next one) ends:

@@ -127,6 +127,7 @@ class RunRecording:
         _saved_to: set[str]
         _write_error: str | None
         _meta_dirty: bool
+        _meta_unmasked: int
         _previous_sites: list[dict[str, Any]]
         _previous_unwritten: list[list[int]]
         _previous_dropped: int
@@ -306,6 +307,9 @@ class RunRecording:
     def _append_record(self, record: IntervalRecord, events: list[dict[str, Any]]) -> None:
         try:
             writer = self._ensure_writer()
+            if len(self.probe.unmasked) != self._meta_unmasked:
+                self._meta_unmasked = len(self.probe.unmasked)  # (new ones: meta.json names)
+                self._meta_dirty = True
             if self._meta_dirty:
                 self._write_meta()
             writer.append_table("history", record.step, record.site_rows)
@@ -465,6 +469,8 @@ class RunRecording:
             },
             **({"ended_by": self.ended_by} if self.ended_by else {}),
             **({"unwatched": list(self.probe.unwatched)} if self.probe.unwatched else {}),
+            # (sites a padding mask did not fit: they count padding too)
+            **({"unmasked_sites": sorted(self.probe.unmasked)} if self.probe.unmasked else {}),
             **({"records_dropped": self._previous_dropped} if self._previous_dropped else {}),
             **({"lifetime_since": self._lifetime_since} if self._lifetime_since else {}),
         }

@@ -147,8 +147,10 @@ def test_a_site_the_mask_does_not_fit_counts_every_position_said_once() -> None:
     net = Net()
     x = torch.randn(3, 4, 8)
     mask = torch.tensor([[1] * 8, [1] * 3 + [0] * 5, [1] * 6 + [0] * 2])
-    with pytest.warns(ReluDoctorWarning, match=r"site 'conv_act' is not masked: its output "
-                      r"\(3, 6, 8\) does not begin with the padding mask's shape \(3, 8\)") \
+    with pytest.warns(ReluDoctorWarning, match=r"1 site\(s\) ran with a padding mask that "
+                      r"does not fit them.*'conv_act' \(the first's output \(3, 6, 8\) does "
+                      r"not begin with the mask's shape \(3, 8\).*1 other site\(s\) are "
+                      r"masked") \
             as caught, relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=10,
                            padding_mask="attention_mask") as doc:
         for _ in range(2):
@@ -166,6 +168,49 @@ def test_a_site_the_mask_does_not_fit_counts_every_position_said_once() -> None:
     assert totals["lin_act"]["elements"].tolist() == [2 * real + 3 * 8] * 5
     want = 2 * (out[mask.bool()] > 0).sum(0) + (out > 0).sum((0, 1))
     assert totals["lin_act"]["active"].tolist() == want.tolist()
+
+
+def test_a_mask_of_the_inputs_rate_that_fits_no_site_names_them_all(tmp_path) -> None:
+    """A trial's Wav2Vec2 mask has one entry per audio sample, its activations run at the
+    frame rate: no site fits it, and the one warning named the first site only, read as
+    the only one unmasked (its transformer sites were unmasked too, silently). Every such
+    site is named, said at the log, the hint given where none is masked, and
+    meta.json lists them; their counts are every position's (the reference)."""
+
+    class Audio(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(1, 6, 4, stride=4)  # samples -> frames
+            self.conv_act = nn.GELU()
+            self.ff = nn.Linear(6, 6)
+            self.ff_act = nn.GELU()
+
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            h = self.conv_act(self.conv(x.unsqueeze(1))).transpose(1, 2)  # (B, frames, 6)
+            return self.ff_act(self.ff(h))
+
+    torch.manual_seed(0)
+    net = Audio()
+    x = torch.randn(3, 32)
+    mask = torch.ones(3, 32, dtype=torch.long)
+    mask[1, 20:] = 0
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=2, run_dir=run,
+                               padding_mask="attention_mask") as doc:
+            for _ in range(4):
+                net(x, attention_mask=mask).sum().backward()
+                doc.step()
+    said = [str(w.message) for w in caught if "padding mask" in str(w.message)]
+    assert len(said) == 1, said
+    assert "2 site(s)" in said[0] and "'conv_act', 'ff_act'" in said[0]
+    assert "No site is masked" in said[0] and "activations' rate" in said[0]
+    assert relu_doctor.load_run(run).meta["unmasked_sites"] == ["conv_act", "ff_act"]
+    h = net.ff_act(net.ff(net.conv_act(net.conv(x.unsqueeze(1))).transpose(1, 2))).detach()
+    totals = {s.name: _total(s) for s in doc.sites}
+    assert totals["ff_act"]["elements"].tolist() == [4 * 3 * 8] * 6  # every frame, 4 steps
+    assert totals["ff_act"]["active"].tolist() == (4 * (h > 0).sum((0, 1))).tolist()
 
 
 def test_a_mask_that_cannot_be_read_is_said_and_every_position_counts() -> None:
