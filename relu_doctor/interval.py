@@ -390,7 +390,10 @@ class IntervalReading:
                 lifetime_steps=None if self._lifetime_steps is None else (
                     self._lifetime_steps[0] + collected, self._lifetime_steps[1] + self.steps_run),
                 scaler_skipped=self._peek_skipped(),
-                lifetime_restarted=self._lifetime_since is not None,
+                # (an evaluation stream's lifetime began at its first evaluation, after
+                # training did: its units dead "since monitoring began" may have fired in
+                # training, a trial's at lr 0.03 did, and were not the initialisation's)
+                lifetime_restarted=self._lifetime_since is not None or self.probe.stream == "eval",
             )
             findings, new, events = self._tracker.update(findings, self.global_step, commit=False)
             if logged:

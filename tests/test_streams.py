@@ -389,3 +389,34 @@ def test_an_activation_module_made_in_forward_is_a_call_of_the_module_that_made_
     h = torch.cat(seen).numpy()
     np.testing.assert_array_equal(got["active"], (h > 0).sum(0))
     np.testing.assert_array_equal(got["elements"], np.full(4, len(h)))
+
+
+def test_evaluation_units_dead_since_its_first_evaluation_are_not_said_to_be_from_init():
+    """A trial's units fired in training and died there (lr 0.03) before the first
+    validation: the evaluation stream's findings said they "have not fired since monitoring
+    began (from initialisation)" and that no lower learning rate revives them, against the
+    training stream's own advice. The evaluation stream's lifetime began at its first
+    evaluation: its dead units are not said to be the initialisation's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
+    fired: list[torch.Tensor] = []
+    net[1].register_forward_hook(lambda m, a, out: fired.append((out > 0).any(0)))
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=2, eval_stream=True) as doc:
+        for i, x in enumerate(TRAIN):
+            if i == 2:  # units 0-3 die in training, after firing in the first window
+                with torch.no_grad():
+                    net[0].bias[:4] = -50.0
+            _train_step(net, x, doc)
+        net.eval()
+        with torch.no_grad():
+            for v in EVAL:
+                net(v)
+        doc.log_eval()
+    train_fired = torch.stack(fired[:2]).any(0)  # (the first window: training's passes)
+    assert bool(train_fired[:4].all())  # (the plant: they fired in training before)
+    dead = next(f for f in doc.eval.findings() if f.kind == "dead")
+    eval_dead = ~torch.stack(fired[len(TRAIN):]).any(0)
+    assert dead.evidence["dead_units"] == eval_dead.nonzero().flatten().tolist()
+    assert dead.evidence["never_fired"] is False
+    assert dead.remedy.startswith("Lower the learning rate") and "from initialisation" not in (
+        dead.remedy)
