@@ -597,6 +597,30 @@ def test_padding_mask_leaves_the_padding_of_the_trainers_batches_out(tmp_path: P
     assert cb.doctor.config.clipped_by == "the Trainer's max_grad_norm=1"
 
 
+@pytest.mark.parametrize("mask", ["attention_mask", None])
+def test_a_padding_mask_on_an_encoder_decoder_model_is_warned_of(tmp_path: Path,
+                                                                 mask: str | None) -> None:
+    """An audio trial's Whisper, its decoder padded to the encoder's length: the one mask
+    of a pass was laid on the encoder's sites and the decoder's alike, silently (the README
+    said "not for encoder-decoder models"). Said once at train(); not without a mask."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                num_heads=2, decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg)
+    data = [{"input_ids": torch.randint(1, 32, (8,)), "attention_mask": torch.ones(8).long(),
+             "labels": torch.randint(1, 32, (8,))} for _ in range(16)]
+    cb = ReluDoctorCallback(padding_mask=mask, every_n_steps=1)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, max_steps=2),
+                                   train_dataset=data, callbacks=[cb])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if "encoder-decoder" in str(w.message)]
+    assert len(said) == (1 if mask else 0), said
+    if mask:
+        assert "T5ForConditionalGeneration" in said[0] and "Leave padding_mask off" in said[0]
+
+
 class _Spy(transformers.TrainerCallback):  # type: ignore[misc]
     """The test's own update ratios at each optimizer step (tests.reference.UpdateSpy)."""
 
