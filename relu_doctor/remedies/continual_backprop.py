@@ -232,10 +232,9 @@ class ContinualBackprop(LinkedRemedy):
                     raise ReluDoctorError(found[site])
                 _, _, steps = self.update(record, site)
                 idx = self.choose(site, steps)
-                links = self._links_of(record, site) if idx else None
-                idx = self._unpruned(site, links, idx, "ContinualBackprop") if links else []
-                if not idx or links is None:
+                if not idx:
                     continue
+                links = self._links_of(record, site)
                 self.adam_step.apply_pending(self.model, self.optimizers)
                 what = recycle_units(links, units=idx, optimizers=self.optimizers,
                                      generator=self._generator(site, record.step),

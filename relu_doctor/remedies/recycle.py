@@ -234,18 +234,6 @@ def recycle_units(
     }
 
 
-def pruned_units(links: UnitLinks, units: Sequence[int]) -> set[int]:
-    """Those of ``units`` whose incoming weights in the producer are all exactly 0."""
-    w = _tensor(links.producer, links.producer_param)
-    if w is None or not units:
-        return set()
-    with torch.no_grad():
-        idx = torch.as_tensor(list(units), dtype=torch.long, device=w.device)
-        rows = w.detach().index_select(links.producer_dim, idx).movedim(links.producer_dim, 0)
-        zero = (rows.flatten(1) == 0).all(1).tolist()
-    return {int(u) for u, z in zip(units, zero, strict=True) if z}
-
-
 def adopt_optimizers(remedy: Any, doctor: Any) -> None:
     """A recycler given no optimizers takes the Doctor's (``watch(optimizer=...)``): the
     recycled units' optimizer state (Adam's moments, momentum) is reset then, not left to
@@ -281,23 +269,6 @@ class LinkedRemedy(Remedy):
         if getattr(record, "final", False):  # training ended: no inputs kept for later
             self._finder.release()
         return super().observe(record)
-
-    def _unpruned(self, site: str, links: UnitLinks, units: Sequence[int], what: str) -> list[int]:
-        """``units`` less those whose incoming weights are all exactly 0: pruned (channel
-        pruning made permanent with ``prune.remove``), which recycling would grow back (a
-        trial's 16 pruned channels were, at the first decision). Said once per site."""
-        pruned = pruned_units(links, units)
-        if pruned:
-            said: set[str] = self.__dict__.setdefault("_said_pruned", set())
-            if site not in said:
-                said.add(site)
-                self.warn(
-                    f"{what}: leaving {len(pruned)} unit(s) of site {site!r} alone, here and "
-                    f"later without another warning: their incoming weights in "
-                    f"{links.producer_path} are all exactly 0 (pruned), and recycling would "
-                    "grow them back. Exclude the site if it was pruned on purpose; re-initialise "
-                    "them yourself (recycle_units) if not.")
-        return [u for u in units if u not in pruned]
 
 
 class DormantRecycler(LinkedRemedy):
@@ -517,11 +488,8 @@ class DormantRecycler(LinkedRemedy):
                 skip_for_now(self._waiting, self.warn, "ReDo recycling", site, found)
                 continue
             try:
-                if not isinstance(found, UnitLinks):
-                    raise ReluDoctorError(found)
-                idx = self._unpruned(site, found, idx, "ReDo recycling")
-                if not idx:
-                    continue
+                if isinstance(links[site], str):
+                    raise ReluDoctorError(links[site])
                 events.append(
                     self._recycle(
                         record.key(site), site, idx, step=record.step,
