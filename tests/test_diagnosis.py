@@ -1440,6 +1440,8 @@ def test_the_advice_for_dead_units_behind_a_batchnorm_names_its_shift_not_the_co
                            what="lr x0.5", changes=[])
     text = recommend(finding_view(behind_bn), leaky, [cut])
     assert "BatchNorm2d `1`" in text and "bias of the layer" not in text
+    assert "Next: first check the shift (bias) and scale (weight) of the BatchNorm2d `1` " \
+           "before it, which decide whether a unit fires: these units have not fired" in text
     assert "where there is none" not in text
     assert "bias of the layer" in recommend(finding_view(direct), leaky, [cut])
 

@@ -244,9 +244,9 @@ def recommend(
     cuts = sum(max(e.count, 1) for e in done if e.remedy == _LR)
     norm = next((str(v) for label, v in f.evidence if label == "norm"), "")
     if f.never_fired:  # (no learning rate revives units that never fired: a review)
-        steps.append(f"check {feeding(norm)} first: "
-                     "these units have not fired since monitoring began, and a lower "
-                     "learning rate cannot revive them")
+        check = f"first check {feeding(norm)}" if norm else f"check {feeding(norm)} first"
+        steps.append(f"{check}: these units have not fired since monitoring began, and a "
+                     "lower learning rate cannot revive them")  # (not "... fires first")
     elif not cuts:  # (first: the gentlest, where a swap can send a run diverging)
         steps.append(f"lower the learning rate (step or exponential decay; {names['lr']})")
     else:
