@@ -16,6 +16,7 @@ import errno
 import os
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -545,6 +546,17 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 ReluDoctorWarning,
                 stacklevel=2,
             )
+
+    def close(self) -> None:
+        """End the watch, as leaving its ``with`` block does: where it still watches the
+        model (a watch made without ``with``, in a notebook), the last, partial window is
+        logged and every hook taken off first (a trial's ``close()`` left them counting, the
+        window unsaved); then the run directory is closed (its open segments compacted,
+        its lock released). Reading it back still works. Idempotent."""
+        if self.probe.attached and not self._exited:
+            self.__exit__(None, None, None)  # (which detaches, then comes back here)
+            return
+        super().close()
 
     def note_exception(self, exc: BaseException) -> None:
         """Training stopped on ``exc`` (a ``with watch(...)`` block's exception, a Lightning
@@ -1175,6 +1187,20 @@ def watch(model: nn.Module, **kwargs: Any) -> Doctor:
     """
     doc = Doctor(model, **kwargs)
     doc.expects_steps = True
+    others = [d for d in _WATCHING if d.probe.model is model and d.probe.attached]
+    if others:  # (a notebook cell run again: a trial's model ended up with three Doctors)
+        where = others[0].run_dir
+        warnings.warn(
+            f"relu_doctor: {type(model).__name__} is already watched by another Doctor, "
+            f"still attached ({'run_dir ' + repr(str(where)) if where else 'no run_dir'}): "
+            "both count every pass, each at its own cost. A cell run again? Call the other's "
+            "close() (or leave its with block) first.",
+            ReluDoctorWarning, stacklevel=2)
+    _WATCHING.add(doc)
     return doc.attach()
+
+
+#: the Doctors :func:`watch` made, while they live (see its warning)
+_WATCHING: weakref.WeakSet[Doctor] = weakref.WeakSet()
 
 

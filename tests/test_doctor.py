@@ -1291,3 +1291,53 @@ def test_a_doctor_that_read_no_window_gives_a_site_frame_with_the_usual_columns(
     empty, full = dt.to_pandas(), ds.to_pandas()
     assert empty.empty and len(full) == 1
     assert list(empty.columns) == list(full.columns)
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in model.modules())
+
+
+def test_close_ends_a_watch_made_without_with_as_leaving_the_block_does(tmp_path) -> None:
+    """A notebook trial ended a watch made without ``with`` by ``doc.close()``: every hook
+    stayed on the model and went on counting, and the last, partial window never reached the
+    run directory. close() ends it as the block's exit does; a second close() changes
+    nothing. The last window's count is the steps' own (5 steps of 32 samples, 16 units)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    doc = relu_doctor.watch(model, log_every_n_steps=10, optimizer=opt, run_dir=tmp_path / "r",
+                            overhead_budget=None)
+    assert _hook_count(model) > 0
+    for _ in range(25):
+        model(torch.randn(32, 8)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        doc.step()
+    doc.close()
+    assert _hook_count(model) == 0
+    assert sorted(relu_doctor.load_run(tmp_path / "r").history["step"].unique()) == [10, 20, 25]
+    passes = doc.probe.passes
+    model(torch.randn(32, 8)).sum().backward()  # (after the end: not counted)
+    doc.close()
+    assert doc.probe.passes == passes and _hook_count(model) == 0
+    assert doc.to_pandas()["elements"].tolist() == [5 * 32 * 16]
+
+
+def test_a_second_watch_of_a_model_still_watched_is_warned_of() -> None:
+    """A notebook cell run again stacked Doctors on one model (three, each counting every
+    pass at its own cost), silently. Said; not once the first is closed, nor for another
+    model."""
+    model, other = (nn.Sequential(nn.Linear(4, 8), nn.ReLU()) for _ in range(2))
+    first = relu_doctor.watch(model)
+    with pytest.warns(ReluDoctorWarning, match=r"Sequential is already watched by another "
+                      r"Doctor, still attached \(no run_dir\).*close\(\)"):
+        second = relu_doctor.watch(model)
+    second.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (each ends without a step: said so)
+        warnings.filterwarnings("error", message=".*already watched")
+        relu_doctor.watch(other).close()
+        first.close()
+        relu_doctor.watch(model).close()
+    assert _hook_count(model) == 0
