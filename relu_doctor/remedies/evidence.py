@@ -41,7 +41,8 @@ MIN_EVIDENCE_STEPS = 8
 
 class DeadEvidence:
     """Dead fractions per site that rest on enough collected steps, of the sites that what
-    feeds them is not frozen (a site row's ``frozen``).
+    feeds them is not frozen (a site row's ``frozen``) and whose outputs in the window were
+    all finite (a site row's ``nonfinite``).
 
     A unit reads dead when it was never active on what the window saw. On a window that
     collected 2 of its 50 steps, a unit active on 2% of inputs reads dead about half the time,
@@ -77,10 +78,14 @@ class DeadEvidence:
         None while a sampled pool is still filling."""
         # A site fed by a frozen part (``frozen``: see Doctor's site rows) is no remedy's to
         # treat while it stays frozen, and its dead units say nothing of how training goes.
-        frozen = {str(r["site"]) for r in record.site_rows if r.get("frozen")}
+        # Nor a site with NaN or Inf outputs in the window: they are not > 0, so its units
+        # read as dead there (a sweep trial's diverging run swapped a NaN-filled site and
+        # cut the learning rate for a dead surge; the nonfinite finding is what it is).
+        left_out = {str(r["site"]) for r in record.site_rows
+                    if r.get("frozen") or _positive(r.get("nonfinite"))}
         self._rare = _ran_rarely(record)
         rows = [r for r in record.site_rows
-                if r.get("units_seen") and str(r["site"]) not in frozen]
+                if r.get("units_seen") and str(r["site"]) not in left_out]
         collected = [r.get("steps_collected") for r in rows]
         ran = [r.get("steps_run") for r in rows]
         got = max((int(c) for c in collected if c is not None), default=None)
@@ -96,7 +101,7 @@ class DeadEvidence:
             return self._answer(counts)
         if poolable:
             for site, group in units.groupby("site", sort=False):
-                if str(site) in frozen:
+                if str(site) in left_out:
                     self._pool.pop(str(site), None)
                     continue
                 rate = group["activation_rate"].to_numpy(dtype=float)
@@ -150,6 +155,14 @@ class DeadEvidence:
         if not self.pooled:
             return ""
         return f" (over {self.last_steps} collected steps of sampled windows, pooled)"
+
+
+def _positive(value: Any) -> bool:
+    """Whether ``value`` is a number above 0 (NaN, None: not)."""
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _ran_rarely(record: Any) -> set[str]:

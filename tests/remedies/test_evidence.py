@@ -240,3 +240,51 @@ def test_a_site_with_no_reading_at_first_sight_takes_its_first_window_as_the_bas
     assert opt.param_groups[0]["lr"] == 0.1
     (ev,) = rescuer.decide(_sampled(20, [*born_dead, 5, 6, 7], got=10))
     assert ev.details["trigger"] == "dead_surge" and opt.param_groups[0]["lr"] == 0.05
+
+
+class _Towers(nn.Module):
+    """Two towers side by side, their outputs summed: a NaN in one reaches no site of the
+    other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.b = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+def test_a_site_with_non_finite_outputs_gives_no_dead_reading_and_is_not_swapped() -> None:
+    """A sweep trial's diverging run: NaN outputs are not > 0, so a NaN-filled site read
+    98% dead, the swap replaced its ReLU and LRRescuer cut the learning rate for a dead
+    surge. A site with non-finite outputs in the window gives no dead reading (its NaN
+    finding stands, its count checked against the test's own hook); a finite site beside
+    it still does, and is swapped."""
+    torch.manual_seed(0)
+    net = _Towers()
+    nans: list[int] = []
+    net.a[1].register_forward_hook(  # (units with a NaN output, per recorded pass)
+        lambda m, a, out: nans.append(int(out.isnan().any(0).sum()))
+        if torch.is_grad_enabled() else None)
+    events: list[dict[str, Any]] = []
+    with relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1) as doc:
+        doc.add_event_listener(events.append)
+        ActivationSwapper(net, threshold=0.3, patience=1).bind(doc)
+        evidence = DeadEvidence()
+        for step in range(4):
+            if step == 2:  # tower a diverges (its first layer's weights go NaN), tower b's
+                with torch.no_grad():  # units die
+                    net.a[0].weight[:6] = float("nan")
+                    net.b[0].bias[:6] = -50.0
+            net(torch.randn(16, 4)).sum().backward()
+            net.zero_grad()
+            doc.step()
+            if (step + 1) % 2 == 0:
+                dead = evidence.add(doc.records[-1])
+    row = doc.records[-1].site_row("a.1")
+    assert row["nonfinite"] == sum(nans[2:]) == 12  # (unit-steps: 6 units, 2 steps)
+    assert any(f.kind == "nonfinite" and f.site == "a.1" for f in doc.records[-1].findings)
+    assert dead is not None and "a.1" not in dead and dead["b.1"] == 6 / 8
+    swapped = [e["site"] for e in events if e["type"] == "intervention"]
+    assert swapped == ["b.1"] and isinstance(net.a[1], nn.ReLU)
