@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 import time
 import warnings
 import weakref
@@ -325,6 +326,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._optimizers = opts
         self._training = TrainingMetrics()  # loss, learning rates, user metrics
         self._exited = False
+        self._in_block = False  # inside a `with` block (see close)
         self.expects_steps = False  # watch() sets it: a block without step() then warns
         self.global_step = 0
         #: the step said ahead to be training's last (:meth:`expect_last_step`), else None
@@ -383,9 +385,11 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> Doctor:
-        """Register every hook (idempotent)."""
+        """Register every hook (idempotent); after the watch ended (its block left,
+        ``close()``), it watches again."""
         if self.probe.attached:
             return self
+        self._exited = False
         self._fold_logged_windows()
         self.probe.attach()
         self._check_held = True
@@ -506,6 +510,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
 
     def __enter__(self) -> Doctor:
         self._exited = False
+        self._in_block = True
         self._alone = False
         if self.ended_by is not None:  # entered again after an error: training goes on
             self.ended_by = None
@@ -515,17 +520,27 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         return self.attach()
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        # The last, partial window is logged on every exit, an exception's too. An exception
-        # raised on one process leaves the others elsewhere (in DDP's own all-reduce): a
-        # cross-process sum would meet theirs and abort both, hiding the user's traceback.
-        # That window is this process's own then, unjudged (see sum_across).
-        self._alone = exc_type is not None and self.all_reduce is not None
+        # An exception raised on one process leaves the others elsewhere (in DDP's own
+        # all-reduce): a cross-process sum would meet theirs and abort both, hiding the
+        # user's traceback. That window is this process's own then, unjudged (see
+        # sum_across).
+        self._in_block = False
+        error = exc[0] if exc and isinstance(exc[0], BaseException) else None
+        self._end(exc_type is not None, error, alone=exc_type is not None, depth=0)
+
+    def _end(self, raised: bool, error: BaseException | None, *, alone: bool,
+             depth: int) -> None:
+        """Log the last, partial window (an exception's too: ``raised``, ``error``), take
+        every hook off and close the run directory: the end of the watch. ``alone``: with
+        several processes, log this process's own window, with no collective (see
+        __exit__). ``depth``: the frames between the user's call and here, beyond one."""
+        self._alone = alone and self.all_reduce is not None
         if self.eval is not None:
             self.eval._alone = self._alone
-        if exc and isinstance(exc[0], BaseException):
-            self.note_exception(exc[0])
-        self._warn_stray_passes(exc_type is None)
-        self.log_final(keep_window=True, stacklevel=3)
+        if error is not None:
+            self.note_exception(error)
+        self._warn_stray_passes(not raised)
+        self.log_final(keep_window=True, stacklevel=3 + depth)
         if self.eval is not None and self.probe.attached:
             try:  # the evaluation window too
                 self.log_eval()
@@ -534,27 +549,32 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                     f"relu_doctor: the last evaluation window could not be logged: "
                     f"{type(e).__name__}: {e}",
                     ReluDoctorWarning,
-                    stacklevel=2,
+                    stacklevel=3 + depth,
                 )
         self.detach()
-        self.close()
+        super().close()
         self._exited = True
-        if self.expects_steps and exc_type is None and not self._step_called:
+        if self.expects_steps and not raised and not self._step_called:
             warnings.warn(
-                "relu_doctor: the watch block ended without a call to doc.step(), so nothing "
-                "was logged. Call doc.step() once per optimizer step inside the block.",
+                "relu_doctor: the watch ended without a call to doc.step(), so nothing "
+                "was logged. Call doc.step() once per optimizer step while it watches.",
                 ReluDoctorWarning,
-                stacklevel=2,
+                stacklevel=3 + depth,
             )
 
     def close(self) -> None:
-        """End the watch, as leaving its ``with`` block does: where it still watches the
-        model (a watch made without ``with``, in a notebook), the last, partial window is
+        """End the watch, as leaving its ``with`` block does: where a watch made without
+        ``with`` (in a notebook) still watches the model, the last, partial window is
         logged and every hook taken off first (a trial's ``close()`` left them counting, the
-        window unsaved); then the run directory is closed (its open segments compacted,
-        its lock released). Reading it back still works. Idempotent."""
-        if self.probe.attached and not self._exited:
-            self.__exit__(None, None, None)  # (which detaches, then comes back here)
+        window unsaved; an exception being handled, ``except: doc.close()``, is said as the
+        block's is); then the run directory is closed (its open segments compacted, its
+        lock released). With several processes that window is this process's own, logged
+        with no collective (a close on one rank alone cannot wait for the others). Inside
+        a ``with`` block it closes the run directory only. Reading it back still works.
+        Idempotent."""
+        if self.probe.attached and not self._exited and not self._in_block:
+            error = sys.exc_info()[1]
+            self._end(error is not None, error, alone=True, depth=1)
             return
         super().close()
 

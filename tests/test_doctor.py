@@ -666,7 +666,8 @@ def test_a_recurrent_layer_with_relu_is_said_to_be_unseen_and_the_rest_watched(c
             for _ in range(2):
                 forward(torch.randn(5, 3, 4)).sum().backward()
                 doc.step()
-    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)]
+    said = [str(w.message) for w in caught if issubclass(w.category, ReluDoctorWarning)
+            and "already watched" not in str(w.message)]  # (the second watch: said apart)
     kind = "RNNCell" if cell else "RNN"
     text = (f"'rnn' is an {kind} with nonlinearity='relu': its ReLU runs inside torch's "
             "recurrent kernel, where no hook sees it, so it is not watched. The rest of the "
@@ -1341,3 +1342,52 @@ def test_a_second_watch_of_a_model_still_watched_is_warned_of() -> None:
         first.close()
         relu_doctor.watch(model).close()
     assert _hook_count(model) == 0
+
+
+def test_close_in_an_except_says_the_error_and_inside_a_block_closes_the_directory_only(
+        tmp_path) -> None:
+    """Reviews of close() ending a watch: after a crash (``except: doc.close()``) the run
+    read as finished and was told it had no step; inside a ``with`` block (to release the
+    run directory) it ended monitoring and the next step() raised into training; attach()
+    after close() left step() raising; with several processes it ran collectives (one
+    rank closing alone would wait for the others for ever)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def train(doc: relu_doctor.Doctor, steps: int) -> None:
+        for _ in range(steps):
+            model(torch.randn(8, 4)).sum().backward()
+            doc.step()
+
+    doc = relu_doctor.watch(model, log_every_n_steps=2, run_dir=tmp_path / "a")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            train(doc, 3)
+            raise RuntimeError("boom")
+        except RuntimeError:
+            doc.close()
+    assert doc.ended_by == "RuntimeError: boom" and _hook_count(model) == 0
+    assert relu_doctor.load_run(tmp_path / "a").meta["ended_by"] == "RuntimeError: boom"
+    assert not [w for w in caught if "without a call" in str(w.message)]
+    doc.attach()  # watching again: its steps count
+    train(doc, 2)
+    assert doc.global_step == 5
+    doc.close()
+    with relu_doctor.watch(model, log_every_n_steps=2) as inner:
+        train(inner, 1)
+        inner.close()  # (inside the block: the run directory only)
+        train(inner, 1)
+        assert _hook_count(model) > 0 and inner.global_step == 2
+    calls: list[int] = []
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return t
+
+    many = relu_doctor.watch(model, log_every_n_steps=100, all_reduce=all_reduce,
+                             world_size=2, every_n_steps=1)
+    train(many, 1)
+    before = len(calls)
+    many.close()  # (this process's own window: no collective)
+    assert len(calls) == before and _hook_count(model) == 0

@@ -42,7 +42,7 @@ MIN_EVIDENCE_STEPS = 8
 class DeadEvidence:
     """Dead fractions per site that rest on enough collected steps, of the sites that what
     feeds them is not frozen (a site row's ``frozen``) and whose outputs in the window were
-    all finite (a site row's ``nonfinite``).
+    mostly finite (a site row's ``nonfinite``).
 
     A unit reads dead when it was never active on what the window saw. On a window that
     collected 2 of its 50 steps, a unit active on 2% of inputs reads dead about half the time,
@@ -78,16 +78,19 @@ class DeadEvidence:
         None while a sampled pool is still filling."""
         # A site fed by a frozen part (``frozen``: see Doctor's site rows) is no remedy's to
         # treat while it stays frozen, and its dead units say nothing of how training goes.
-        # Nor a site with NaN or Inf outputs in the window: they are not > 0, so its units
-        # read as dead there (a sweep trial's diverging run swapped a NaN-filled site and
-        # cut the learning rate for a dead surge; the nonfinite finding is what it is).
+        # Nor a site most of whose outputs in the window were NaN or Inf: its units read
+        # on the few finite steps left (a sweep trial's diverging run: 98% dead on one
+        # step of ten, a bound swap and a learning-rate cut for a dead surge followed; the
+        # nonfinite finding is what it is). A rare overflow keeps the site's reading.
         left_out = {str(r["site"]) for r in record.site_rows
-                    if r.get("frozen") or _positive(r.get("nonfinite"))}
+                    if r.get("frozen") or _mostly_nonfinite(r)}
         self._rare = _ran_rarely(record)
-        rows = [r for r in record.site_rows
-                if r.get("units_seen") and str(r["site"]) not in left_out]
-        collected = [r.get("steps_collected") for r in rows]
-        ran = [r.get("steps_run") for r in rows]
+        seen_rows = [r for r in record.site_rows if r.get("units_seen")]
+        rows = [r for r in seen_rows if str(r["site"]) not in left_out]
+        # (how the window was sampled, from every site that saw it: one whose sites are all
+        # left out is still a sampled window, which answers no pool that is filling)
+        collected = [r.get("steps_collected") for r in seen_rows]
+        ran = [r.get("steps_run") for r in seen_rows]
         got = max((int(c) for c in collected if c is not None), default=None)
         whole = got is None or any(
             c is not None and n is not None and int(c) >= int(n)
@@ -157,11 +160,15 @@ class DeadEvidence:
         return f" (over {self.last_steps} collected steps of sampled windows, pooled)"
 
 
-def _positive(value: Any) -> bool:
-    """Whether ``value`` is a number above 0 (NaN, None: not)."""
+def _mostly_nonfinite(row: Mapping[str, Any]) -> bool:
+    """Whether at least half the unit-steps of a site row's window were non-finite (its
+    ``nonfinite`` against ``units_seen`` times ``steps_collected``; any, where the steps
+    are not known)."""
     try:
-        return float(value) > 0
-    except (TypeError, ValueError):
+        bad = float(row.get("nonfinite") or 0)
+        steps = row.get("steps_collected")
+        return bad > 0 and (steps is None or 2 * bad >= float(row["units_seen"]) * float(steps))
+    except (TypeError, ValueError, KeyError):
         return False
 
 

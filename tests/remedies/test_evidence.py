@@ -288,3 +288,25 @@ def test_a_site_with_non_finite_outputs_gives_no_dead_reading_and_is_not_swapped
     assert dead is not None and "a.1" not in dead and dead["b.1"] == 6 / 8
     swapped = [e["site"] for e in events if e["type"] == "intervention"]
     assert swapped == ["b.1"] and isinstance(net.a[1], nn.ReLU)
+
+
+def test_a_window_whose_sites_are_all_left_out_answers_no_filling_pool() -> None:
+    """A review: a sampled window whose every site was mostly NaN (left out) read as a
+    whole window and answered the pool filling from 2 of its 8 steps, a dead reading of
+    sampling noise. It answers nothing; a rare Inf (one unit-step of a site's 20) keeps a
+    site's reading."""
+    units = pd.DataFrame({"site": ["b"] * 4, "unit": range(4),
+                          "activation_rate": [0.0, 0.0, 0.5, 0.5]})
+
+    def row(site: str, nonfinite: int) -> dict[str, Any]:
+        return {"site": site, "units": 4, "units_seen": 4, "dead": 2, "nonfinite": nonfinite,
+                "steps_collected": 2, "steps_run": 10}
+
+    evidence = DeadEvidence()
+    assert evidence.add(rec(10, [row("b", 0)], units=units)) is None  # (2 of 8 steps pooled)
+    assert evidence.add(rec(20, [row("b", 8)], units=units)) is None  # (all NaN: left out)
+    whole = {"steps_collected": 10, "steps_run": 10}
+    rare = DeadEvidence().add(rec(30, [{**row("b", 1), **whole}]))
+    assert rare == {"b": 0.5}
+    mostly = DeadEvidence().add(rec(40, [{**row("b", 20), **whole}]))
+    assert mostly == {}
