@@ -520,10 +520,6 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         return self.attach()
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        # An exception raised on one process leaves the others elsewhere (in DDP's own
-        # all-reduce): a cross-process sum would meet theirs and abort both, hiding the
-        # user's traceback. That window is this process's own then, unjudged (see
-        # sum_across).
         self._in_block = False
         error = exc[0] if exc and isinstance(exc[0], BaseException) else None
         self._end(exc_type is not None, error, alone=exc_type is not None, depth=0)
@@ -532,8 +528,11 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
              depth: int) -> None:
         """Log the last, partial window (an exception's too: ``raised``, ``error``), take
         every hook off and close the run directory: the end of the watch. ``alone``: with
-        several processes, log this process's own window, with no collective (see
-        __exit__). ``depth``: the frames between the user's call and here, beyond one."""
+        several processes, log this process's own window, unjudged, with no collective (see
+        sum_across): an exception raised on one process leaves the others elsewhere (in
+        DDP's own all-reduce), where a cross-process sum would meet theirs and abort both,
+        hiding the user's traceback. ``depth``: the frames between the user's call and
+        here, beyond one."""
         self._alone = alone and self.all_reduce is not None
         if self.eval is not None:
             self.eval._alone = self._alone
@@ -1107,8 +1106,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             "findings_restarted": sorted(self._tracker.restarted),
             "grad_norm_history": list(self._grad_norm_history),
             "declined": {site: sorted(r) for site, r in self._declined.items()},
-            # the baselines (each site's first RMS, its growth base) and the remedy changes already
-            # said: a resumed run judges growth and says each first change as one run would
+            # the baselines (each site's first RMS, its growth base) and the remedy changes
+            # already said: a resumed run judges growth and says each first change as one run
+            # would
             "first_rms": dict(self._first_rms),
             "growth_base": dict(self._growth_base),
             "announced": sorted([remedy, site] for remedy, site in self._announced),
@@ -1213,7 +1213,8 @@ def watch(model: nn.Module, **kwargs: Any) -> Doctor:
         warnings.warn(
             f"relu_doctor: {type(model).__name__} is already watched by another Doctor, "
             f"still attached ({'run_dir ' + repr(str(where)) if where else 'no run_dir'}): "
-            "both count every pass, each at its own cost. A cell run again? Call the other's "
+            "each counts what it watches of every pass, at its own cost. A cell run again? "
+            "Call the other's "
             "close() (or leave its with block) first.",
             ReluDoctorWarning, stacklevel=2)
     _WATCHING.add(doc)

@@ -228,9 +228,8 @@ class IntervalReading:
         """The frozen layer feeding each of ``sites`` (see :attr:`Doctor.frozen_feed`), else
         (a torch model's) :data:`~relu_doctor.sites.NO_GRADIENT` where no gradient reached
         it in the open window and no producing layer was found or the optimizer read none
-        for it, else None. ``grad_sq``: the
-        optimizer tap's squared gradient norms of the window, read back (a layer with one
-        above 0 trained in it)."""
+        for it, else None. ``grad_sq``: the optimizer tap's squared gradient norms of the
+        window, read back (a layer with one above 0 trained in it)."""
         if self.frozen_feed is not None:  # (an integration's rule: Keras layers)
             return list(self.frozen_feed(sites))
         layers = self._frozen_feeds.layers(
@@ -246,9 +245,9 @@ class IntervalReading:
         # which a gradient reached is no such site: its units may train through that call
         # (a consistency target under no_grad(), a block called twice, a second reentrant
         # checkpoint segment whose gradient is pooled into the first's), and a site said
-        # frozen that trains would hide it
-        # A producing layer that trains (requires_grad) but got no gradient from the
-        # optimizer in the window does not make such a site trainable: an EMA target
+        # frozen that trains would hide it. A producing layer that trains
+        # (requires_grad) but got no gradient from the optimizer in the window does not make
+        # such a site trainable: an EMA target
         # network left with requires_grad=True (swa_utils.AveragedModel leaves it so), run
         # under no_grad() beside the online one, was told to recycle and swap, and the
         # remedies did (a trial). Without an optimizer that is not known: only a site with

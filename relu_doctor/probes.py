@@ -335,8 +335,8 @@ class Probe(SiteRegistry, HookOwner):
         self._clear_queued = False
         self._warned_mask: set[str] = set()  # what was said of the mask (once each)
         #: sites that ran with a padding mask that does not fit them, by name: their output
-        #: shape and the mask's (counted unmasked); ``_masked``: sites a mask fitted; what
-        #: was said of the first (see _say_unmasked)
+        #: shape and the mask's (counted unmasked); ``_masked``: sites a mask fitted; how
+        #: many of the first were said (see say_unmasked)
         self.unmasked: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._masked: set[str] = set()
         self._said_unmasked = 0
@@ -697,8 +697,7 @@ class Probe(SiteRegistry, HookOwner):
             self.passes += 1
             self._entries[at] = self._entries.get(at, 0) + 1
             self._pass_at = at
-            if at not in self._starts:
-                self._starts.add(at)
+            self._starts.add(at)
             if self._parts_tagged and at and args:
                 self._link_part(at, args)
             if self._want_provenance:
@@ -824,16 +823,15 @@ class Probe(SiteRegistry, HookOwner):
             if site.name not in self.unmasked:
                 self.unmasked[site.name] = (tuple(output.shape), tuple(mask.shape))
             return None
-        if site.name not in self._masked:
-            self._masked.add(site.name)
+        self._masked.add(site.name)
         self._queue_mask_clear()
         return keep
 
     def say_unmasked(self) -> None:
-        """At a log: the sites that ran with a padding mask not fitting them
-        since the last said, all named (a Wav2Vec2's mask, one entry per audio sample,
-        fits no activation, which all run at the frame rate: a trial read the one site
-        named as the only one unmasked)."""
+        """At a log: the sites that ran with a padding mask not fitting them since the last
+        said, all named (a Wav2Vec2's mask, one entry per audio sample, fits no activation,
+        which all run at the frame rate: a trial read the one site named as the only one
+        unmasked)."""
         if len(self.unmasked) <= self._said_unmasked:
             return
         names = list(self.unmasked)
@@ -854,7 +852,7 @@ class Probe(SiteRegistry, HookOwner):
                "(args, kwargs) that returns the mask at the activations' rate (see the "
                "README's \"Positions\")." if none else
                f"{len(self._masked - set(names))} other site(s) are masked.")
-            + " The run directory's meta.json lists them (unmasked_sites).",
+            + " A run directory's meta.json lists them (unmasked_sites).",
             ReluDoctorWarning, stacklevel=user_stacklevel())
 
     def _queue_mask_clear(self) -> None:
