@@ -217,8 +217,14 @@ class Run:
         layers: one row per (step, layer): parameter-gradient norm, update-to-weight ratio.
         events: finding transitions and interventions, in order (their JSON form).
         path: where it was loaded from (None when built in memory).
-        last_findings: the findings of the last logged step (``findings.json``); None for
-            a format-1 directory, whose events hold them.
+        last_findings: the findings of the last logged step (``findings.json``, brought up
+            to that step from the events: see ``findings_step``); None for a format-1
+            directory, whose events hold them.
+        findings_step: the earlier step ``findings.json`` held the findings of, where the
+            run logged after it and was not closed (its writer rewrites the file at most
+            every few seconds, and at close): the findings that began, changed severity or
+            ended after it are the events', the others' numbers that step's. None when it
+            held the last log's.
         tables: other tables by name (``metrics``: step, name, value).
         problems: what could not be read back (damaged files or lines, skipped with a
             warning); a damaged unit part found when the units are read is added then.
@@ -249,6 +255,7 @@ class Run:
         history_lost: str = "",
         writer_open: str = "",
         writer_writing: bool = False,
+        findings_step: int | None = None,
     ) -> None:
         self.meta = meta
         self.history = history
@@ -263,6 +270,7 @@ class Run:
         self.history_lost = history_lost
         self.writer_open = writer_open
         self.writer_writing = writer_writing
+        self.findings_step = findings_step
 
     @property
     def units(self) -> pd.DataFrame:

@@ -30,7 +30,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from relu_doctor._validate import path as check_path
-from relu_doctor.diagnosis import Finding
+from relu_doctor.diagnosis import Finding, finding_order
 from relu_doctor.errors import ReluDoctorWarning, RunDirError, user_stacklevel
 from relu_doctor.events import FindingEvent, event_from_dict
 from relu_doctor.history import READABLE_VERSIONS, WINDOW_COLUMNS, Run, finding_from_dict
@@ -554,6 +554,33 @@ def _read_findings(path: Path, events: list[dict[str, Any]], problems: list[str]
     return _findings_from_events(events)
 
 
+def _brought_up(findings: list[Finding], events: list[dict[str, Any]]
+                ) -> tuple[list[Finding], int | None]:
+    """``findings.json``'s findings brought up to the last log, and the step they were of
+    (None where no event came after it). Its writer rewrites it at most every
+    ``FINDINGS_EVERY_S`` seconds while it holds findings (at once when it holds none, and at
+    close), and appends every finding that begins, changes severity or ends to
+    ``events.jsonl`` at each log: those after the step it holds are applied to it."""
+    if not findings:
+        return findings, None
+    held = max(f.step for f in findings)
+    later = [e for e in events if e.get("type") == "finding"
+             and isinstance(e.get("step"), int) and e["step"] > held]
+    if not later:
+        return findings, None
+    open_ = {(f.kind, f.site): f for f in findings}
+    for data in later:
+        ev = event_from_dict(data)
+        if isinstance(ev, FindingEvent):
+            if ev.status == "ended":
+                open_.pop((ev.finding.kind, ev.finding.site), None)
+            else:
+                open_[(ev.finding.kind, ev.finding.site)] = ev.finding
+    out = sorted(open_.values(), key=lambda f: finding_order(f.severity, f.kind, f.site,
+                                                              f.evidence))
+    return out, held
+
+
 def _findings_from_events(events: list[dict[str, Any]]) -> list[Finding]:
     """The findings open after the last event: each begun or changed, and not ended."""
     open_: dict[tuple[str, str], Finding] = {}
@@ -660,8 +687,10 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         meta["lost_tables"] = sorted(set(lost_tables))
     f_path = p / "findings.json"
     last_findings: list[Finding] | None = None
+    findings_step = None
     if f_path.is_file():
-        last_findings = _read_findings(f_path, events, problems)
+        last_findings, findings_step = _brought_up(
+            _read_findings(f_path, events, problems), events)
     elif meta.get("format_version") != 1:
         windows = frames.get("windows")
         if history.empty and lost == "" and (windows is None or windows.empty):
@@ -702,4 +731,5 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         history_lost=lost,
         writer_open=writer.why,
         writer_writing=writer.writing,
+        findings_step=findings_step,
     )

@@ -716,12 +716,14 @@ def test_history_rows_read_back_as_the_records_held_them(tmp_path, monkeypatch):
     assert len(list((tmp_path / "s" / "history").iterdir())) == 2
 
 
-def test_findings_json_is_rewritten_only_when_its_bytes_change(tmp_path):
+def test_findings_json_is_rewritten_only_when_its_bytes_change(tmp_path, monkeypatch):
     """findings.json is replaced atomically (a new file each time: a new inode) when its
     contents change, left as it is when they do not (no findings, log after log), and made
-    again when it went missing meanwhile."""
+    again when it went missing meanwhile. (No time between writes here: see the next test.)"""
+    from relu_doctor import rundir
     from relu_doctor.diagnosis import Finding
 
+    monkeypatch.setattr(rundir, "FINDINGS_EVERY_S", 0.0)
     w = RunWriter(tmp_path / "r")
     path = tmp_path / "r" / "findings.json"
 
@@ -738,6 +740,113 @@ def test_findings_json_is_rewritten_only_when_its_bytes_change(tmp_path):
     path.unlink()
     assert write([f])[1] == [f.to_dict()]
     w.close()
+
+
+def test_findings_json_holding_findings_is_rewritten_at_most_every_few_seconds(tmp_path, monkeypatch):
+    """A log of hundreds of findings wrote half a megabyte of JSON at every log. While the
+    file and the new findings both hold some, the new ones wait until FINDINGS_EVERY_S has
+    passed since the last write; they are written at once when either is empty or the file
+    went missing, at the next write after the interval, and at close."""
+    from relu_doctor import rundir
+    from relu_doctor.diagnosis import Finding
+
+    clock = [100.0]
+    monkeypatch.setattr(rundir.time, "monotonic", lambda: clock[0])
+    w = RunWriter(tmp_path / "r")
+    path = tmp_path / "r" / "findings.json"
+
+    def f(step, site="a"):
+        return Finding("dead", site, "warning", f"at {step}", {"dead": 1}, "Swap.", step, 1)
+
+    def held():
+        return [d["step"] for d in json.loads(path.read_text())]
+
+    w.write_findings([f(1)])
+    assert held() == [1]  # the first write: at once
+    clock[0] += rundir.FINDINGS_EVERY_S / 2
+    w.write_findings([f(2), f(2, "b")])
+    assert held() == [1]  # kept back
+    w.write_findings([])
+    assert held() == []  # none: at once (a reader never sees findings that ended)
+    w.write_findings([f(4)])
+    assert held() == [4]  # the first after none: at once
+    w.write_findings([f(5)])
+    assert held() == [4]
+    path.unlink()
+    w.write_findings([f(6)])
+    assert held() == [6]  # went missing: made again at once
+    w.write_findings([f(7)])
+    clock[0] += rundir.FINDINGS_EVERY_S
+    assert held() == [6]
+    w.write_findings([f(8)])
+    assert held() == [8]  # the interval passed
+    w.write_findings([f(9)])
+    assert held() == [8]
+    w.close()
+    assert held() == [9]  # close writes what was kept back
+
+
+_KILLED_SCRIPT = """
+import os, sys, torch, relu_doctor
+from relu_doctor import rundir
+from tests import zoo
+rundir.FINDINGS_EVERY_S = 3600.0  # nothing is rewritten after the first write but at exit
+torch.manual_seed(0)
+model = zoo.mlp()
+with torch.no_grad():
+    model[2].bias.fill_(-100.0)  # site "3" dead from the start: findings at the first log
+doc = relu_doctor.watch(model, log_every_n_steps=1, run_dir=sys.argv[1], overhead_budget=None)
+zoo.train(model, [torch.randn(8, 10) for _ in range(3)], doc=doc)
+with torch.no_grad():
+    model[0].bias.fill_(-100.0)  # site "1" dead too from step 4: findings that begin
+zoo.train(model, [torch.randn(8, 10) for _ in range(3)], doc=doc)
+sys.stdout.flush()
+if sys.argv[2] == "kill":
+    os._exit(0)  # no close, no atexit: as a process killed
+"""
+
+
+def test_a_killed_runs_findings_are_brought_up_to_its_last_log_from_the_events(tmp_path):
+    """A run killed while findings.json held an earlier log's findings (it is rewritten every
+    few seconds): the reader applies the finding events logged after it, so the findings
+    are the last log's (as those of the same run left to exit: its atexit hook writes them),
+    and the report says which numbers are of which step."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from relu_doctor.reports.context import build_context
+    from relu_doctor.reports.text import summary
+
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": repo, "PYTHONWARNINGS": "ignore"}
+    runs = {}
+    for mode in ("kill", "exit"):
+        r = subprocess.run([sys.executable, "-c", _KILLED_SCRIPT, str(tmp_path / mode), mode],
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runs[mode] = load_run(tmp_path / mode)
+    held = json.loads((tmp_path / "kill" / "findings.json").read_text())
+    assert {d["step"] for d in held} == {1} and "3" in {d["site"] for d in held}
+    assert "1" not in {d["site"] for d in held}
+    killed, exited = runs["kill"], runs["exit"]
+    assert killed.findings_step == 1 and exited.findings_step is None
+
+    def opened(run):
+        return sorted((f.kind, f.site, f.severity) for f in run.findings())
+
+    assert {"1", "3"} <= {f.site for f in exited.findings()}
+    assert {f.step for f in exited.findings()} == {6}
+    assert opened(killed) == opened(exited)
+    began = {f.step for f in killed.findings() if f.site == "1"}
+    assert began == {4}  # the events' evidence: of the log each began at
+    text = summary(build_context(killed))
+    assert "Findings: findings.json was last written at step 1" in text
+    assert "(evidence from step 4)" in text and "(evidence from step 1)" in text
+    assert "Findings:" not in summary(build_context(exited))
 
 
 def test_a_run_continued_after_an_event_line_cut_short_keeps_its_own_first_event(tmp_path):

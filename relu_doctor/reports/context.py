@@ -636,6 +636,8 @@ def build_context(run: Run) -> ReportContext:
     findings = [finding_view(f) for f in run.findings()]
     findings.sort(key=lambda f: f.order)
     findings_step = max((f.step for f in findings), default=last_step)
+    if run.findings_step is not None and last_step is not None:  # brought up to the last log
+        findings_step = last_step if findings_step is None else max(findings_step, last_step)
     # (findings rebuilt from events.jsonl hold the evidence of the log each began or last
     # changed at: said on each, not shown as the later step's)
     findings = [replace(f, as_of=f.step) if findings_step is not None and f.step < findings_step

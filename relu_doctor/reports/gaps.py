@@ -42,6 +42,10 @@ class Gaps:
         lost_tables: the tables the run wrote (``meta.json``'s ``tables``) whose folder is
             missing or cannot be listed, or with a part skipped: what they would show is
             lost (or partly), not unlogged.
+        findings_step: the step ``findings.json`` was last written at, where the run
+            logged after it and was not closed (:attr:`Run.findings_step`): which findings
+            are open, and how severe, is the last log's (from the events), the numbers of
+            those that did not change are that step's. None when they are the last log's.
         unwatched: what of the model no hook could watch (an ``nn.RNN`` with
             ``nonlinearity='relu'``, a TorchScript submodule), as said at ``watch``.
     """
@@ -54,10 +58,21 @@ class Gaps:
     ended_by: str = ""
     partly: list[int] = field(default_factory=list)
     unwatched: list[str] = field(default_factory=list)
+    findings_step: int | None = None
 
     def __bool__(self) -> bool:
         return bool(self.unwritten or self.skipped or self.unclosed or self.ended_by
-                    or self.unwatched)
+                    or self.unwatched or self.findings_step is not None)
+
+    @property
+    def findings_text(self) -> str:
+        """What ``findings_step`` means for the findings shown ("" when None)."""
+        if self.findings_step is None:
+            return ""
+        return (f"findings.json was last written at step {self.findings_step} (it is "
+                "rewritten every few seconds, and when the run closes); which findings are "
+                "open, and how severe, is the last log's, from events.jsonl, and the numbers "
+                f"of those unchanged since are step {self.findings_step}'s")
 
     @property
     def one_unwritten(self) -> bool:
@@ -104,5 +119,6 @@ def read_gaps(run: Run) -> Gaps:
         lost_tables=sorted(lost),
         ended_by=ended if isinstance(ended := run.meta.get("ended_by"), str) else "",
         unwatched=[str(t) for t in run.meta.get("unwatched") or [] if isinstance(t, str)],
+        findings_step=run.findings_step,
     )
 

@@ -52,6 +52,8 @@ def _gap_lines(ctx: ReportContext, shown: int = 3) -> list[str]:
     lines = []
     if gaps.unclosed:
         lines.append(f"  Not closed: {gaps.unclosed}")
+    if gaps.findings_text:
+        lines.append(f"  Findings: {gaps.findings_text}")
     if gaps.ended_by:
         lines.append(f"  Ended early: training stopped on {gaps.ended_by}; what it logged up "
                      "to then is shown")
