@@ -420,6 +420,9 @@ class ReluDoctorCallback(TrainerCallback):
         if o["autoclip"] is not None:
             self._clip = AutoClip(**o["autoclip"]).attach(opt)  # type: ignore[assignment]
             rem["autoclip"] = self._clip
+        for name in ("leaky_relu_swap", "dormant_reset"):  # (their refusals name the option)
+            if name in rem:
+                rem[name].options_name = name
         states = (saved or {}).get("remedies", {})
         for name, r in rem.items():
             last = self.remedies.get(name)  # another train() of this Trainer: go on from it

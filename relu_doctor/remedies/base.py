@@ -208,6 +208,9 @@ class Remedy:
     #: leaves alone; set by the remedies that act per site (:meth:`acts_at`)
     include: Sequence[str] = ()
     exclude: Sequence[str] = ()
+    #: the option it was made from, where not by its constructor (the Hugging Face
+    #: callback's ``dormant_reset={...}``): its refusals spell ``exclude`` in that form
+    options_name: str | None = None
 
     def __init__(self) -> None:
         self.doctor: DoctorLike | None = None
@@ -476,8 +479,10 @@ class Remedy:
     def decline(self, site: str, reason: str, step: int, what: str, where: str = "") -> None:
         """Leave ``site`` alone from now on for ``reason``: warned once (in ``what``'s name at
         ``where``, default the site), and recorded: the report advises it there no more."""
+        form = (f"{self.options_name}={{'exclude': [{site!r}]}}" if self.options_name
+                else f"exclude=[{site!r}]")
         self.warn(f"{what}: leaving {where or f'site {site!r}'} alone: {reason}".replace(
-            "Exclude this site.", f"It stays alone (exclude=[{site!r}] keeps it out from the start)."))
+            "Exclude this site.", f"It stays alone ({form} keeps it out from the start)."))
         if self.doctor is not None:
             self.doctor.record_event(Declined(self.name, site, step, reason))
 

@@ -253,6 +253,9 @@ def test_remedies_change_what_they_say_and_record_it(tmp_path: Path) -> None:
     swap = next(e for e in events if e["remedy"] == "leaky_relu_swap")
     assert swap["site"] == SITES[0]
     assert cb.remedies["autoclip"].norm_history.numel() == 6
+    # a refusal of a remedy made from an option would spell exclude in that option's form
+    assert [cb.remedies[n].options_name for n in ("leaky_relu_swap", "dormant_reset")] == [
+        "leaky_relu_swap", "dormant_reset"]
     # ReDo on the HF MLP: producer and consumer found from the model's own dataflow.
     redo = next(e for e in events if e["remedy"] == "dormant_reset")
     assert redo["site"] == SITES[1] and redo["details"]["units"]

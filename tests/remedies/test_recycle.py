@@ -659,10 +659,18 @@ def test_unlinkable_sites_are_skipped_with_one_warning_or_raise():
     with pytest.warns(ReluDoctorWarning, match="leaving site 'relu#1' alone.*input comes from a sum") as said:
         assert r(rec(10, rows, units=units, keys=keys)) == []
     assert said[0].filename == __file__  # at the caller's line, not inside relu_doctor
-    # how to keep it out, in the remedy's own argument (any loop's: dormant_reset={...} too)
+    # how to keep it out, in the remedy's own argument
     assert str(said[0].message).endswith(
         "It stays alone (exclude=['relu#1'] keeps it out from the start).")
     assert r(rec(20, rows, units=units, keys=keys)) == []  # no second warning, no event
+    # made from the Hugging Face callback's dormant_reset={...}: in that option's form
+    r3 = DormantRecycler(block)
+    r3.options_name = "dormant_reset"
+    block(torch.randn(2, 4, 5, 5))
+    with pytest.warns(ReluDoctorWarning, match="leaving site 'relu#1' alone") as said:
+        r3(rec(10, rows, units=units, keys=keys))
+    assert str(said[0].message).endswith(
+        "It stays alone (dormant_reset={'exclude': ['relu#1']} keeps it out from the start).")
     with pytest.raises(ReluDoctorError, match="site 'relu#1'"):
         DormantRecycler(block, on_unlinkable="raise", example_inputs=torch.randn(2, 4, 5, 5))(
             rec(10, rows, units=units, keys=keys)
