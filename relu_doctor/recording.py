@@ -260,6 +260,8 @@ class RunRecording:
         writer = self._writer
         if writer is not None:
             writer.abandon()  # the lock is kept: the next log retries with it
+            # (its finding events may be lost with it: the next findings are written at once)
+            writer.write_findings_next()
 
     def _ensure_writer(self) -> RunWriter:
         """The open writer: opened when there is none (at the first log, or after a failed
@@ -327,6 +329,8 @@ class RunRecording:
         except BaseException:  # Ctrl-C midway: the log is said unwritten (in part), and it
             self._note_unwritten(record.step)  # goes on up (the exit writes the meta)
             self._save_status()
+            if self._writer is not None:
+                self._writer.write_findings_next()
             raise
 
     def add_metrics(self, record: IntervalRecord, values: Mapping[str, Any]) -> None:
@@ -366,9 +370,11 @@ class RunRecording:
         self._closed = self._wrote_run_dir  # (later events go into its run, _run_id, alone)
         if writer is not None:
             try:
-                if self._meta_dirty:
-                    writer.write_meta(self._meta())
-                writer.close()
+                try:
+                    if self._meta_dirty:
+                        writer.write_meta(self._meta())
+                finally:  # (the findings kept back, the segments: whatever the meta did)
+                    writer.close()
             except Exception as e:
                 self._write_failed(e)
         if self._write_error is not None and self.run_dir is not None:
@@ -501,6 +507,11 @@ class RunRecording:
         if self._on_disk() and run_dir is not None and self._records and (
             (run_dir / "meta.json").is_file()
         ):
+            if self._writer is not None:  # (the last log's findings, if kept back)
+                try:
+                    self._writer.flush_findings()
+                except OSError as e:
+                    self._write_failed(e)
             return load_run(run_dir)
         records = list(self._records)
         events = list(self._events)

@@ -431,6 +431,8 @@ class RunWriter:
         self._segs: dict[str, _Segment] = {}
         self._findings: bytes | None = None  # what findings.json holds, as last written
         self._findings_at = 0.0  # when (time.monotonic())
+        self._findings_step = -1  # the latest step it holds findings of
+        self._pid = os.getpid()  # (a forked child's exit writes none of its parent's)
         self._pending: tuple[Finding, ...] | None = None  # findings not written yet
         self._meta: dict[str, Any] | None = None  # as last written (without what is added)
         #: the tables that hold rows (a run continued: those it held), listed in meta.json
@@ -572,10 +574,14 @@ class RunWriter:
 
     def write_findings(self, findings: Iterable[Finding]) -> None:
         """Replace ``findings.json`` (the findings of the last logged step) atomically; within
-        ``FINDINGS_EVERY_S`` of the last write, where neither it nor ``findings`` is empty,
-        they are kept for the next write (:meth:`flush_findings`, done at :meth:`close`)."""
+        ``FINDINGS_EVERY_S`` of the last write, where neither it nor ``findings`` is empty
+        and they are of a later step than it holds, they are kept for the next write
+        (:meth:`flush_findings`, done at :meth:`close`). A reader brings the file up from
+        the events after its step, so a second log at the step it holds (two evaluations
+        at one training step) is written at once."""
         held = tuple(findings)
         if (held and self._findings is not None and self._findings != b"[]\n"
+                and max(f.step for f in held) > self._findings_step
                 and time.monotonic() - self._findings_at < FINDINGS_EVERY_S
                 and (self.path / "findings.json").is_file()):  # (made again at once)
             self._pending = held
@@ -583,9 +589,15 @@ class RunWriter:
         self._pending = None
         self._replace_findings(held)
 
+    def write_findings_next(self) -> None:
+        """Write the next findings at once: a log failed to write, and the finding events
+        it held with it, which a reader of a file older than it could not apply."""
+        self._findings = None
+
     def flush_findings(self) -> None:
-        """Write the findings :meth:`write_findings` kept back, if any."""
-        if self._pending is not None:
+        """Write the findings :meth:`write_findings` kept back, if any (not in a forked
+        child: they are its parent's to write)."""
+        if self._pending is not None and os.getpid() == self._pid:
             held, self._pending = self._pending, None
             self._replace_findings(held)
 
@@ -596,6 +608,7 @@ class RunWriter:
         data = f"[\n{text}\n]\n".encode() if text else b"[]\n"
         path = self.path / "findings.json"
         self._findings_at = time.monotonic()
+        self._findings_step = max((f.step for f in findings), default=-1)
         if data == self._findings and path.is_file():  # (no findings, log after log)
             return
         # Replaced at every write: no fsync (a killed process still leaves the old or new).
@@ -691,7 +704,8 @@ def _exiting() -> None:
     as closed; what was written stays readable."""
     for w in list(_OPEN):
         with contextlib.suppress(Exception):  # what can be written is (a full disk: not)
-            w.flush_findings()
+            if w.in_place():  # (a directory removed meanwhile is not made again)
+                w.flush_findings()
         if w._finalizer.alive:
             args = w._finalizer.detach()
             if args is not None:

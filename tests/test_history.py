@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import warnings
 
@@ -782,8 +783,25 @@ def test_findings_json_holding_findings_is_rewritten_at_most_every_few_seconds(t
     assert held() == [8]  # the interval passed
     w.write_findings([f(9)])
     assert held() == [8]
+    w.write_findings([f(9, "c")])  # a second log at a step held back: kept back as well
+    assert held() == [8]
+    clock[0] += rundir.FINDINGS_EVERY_S
+    w.write_findings([f(10)])
+    w.write_findings([f(10, "d")])  # a second log at the step the file holds: at once (a
+    assert held() == [10] and json.loads(path.read_text())[0]["site"] == "d"  # reader
+    w.write_findings([f(11)])  # applies only the events after that step)
+    w.write_findings_next()  # (a log failed to write, and its events with it)
+    w.write_findings([f(12)])
+    assert held() == [12]
+    w.write_findings([f(13)])
+    assert held() == [12]
+    real = os.getpid()
+    monkeypatch.setattr(rundir.os, "getpid", lambda: real + 1)  # as in a forked child
+    w.flush_findings()
+    assert held() == [12]  # its parent's to write
+    monkeypatch.setattr(rundir.os, "getpid", lambda: real)
     w.close()
-    assert held() == [9]  # close writes what was kept back
+    assert held() == [13]  # close writes what was kept back
 
 
 _KILLED_SCRIPT = """
@@ -798,7 +816,8 @@ with torch.no_grad():
 doc = relu_doctor.watch(model, log_every_n_steps=1, run_dir=sys.argv[1], overhead_budget=None)
 zoo.train(model, [torch.randn(8, 10) for _ in range(3)], doc=doc)
 with torch.no_grad():
-    model[0].bias.fill_(-100.0)  # site "1" dead too from step 4: findings that begin
+    model[0].bias.fill_(-100.0)  # site "1" dead from step 4: findings that begin
+    model[2].bias.fill_(1.0)  # and site "3" fires on its bias alone: findings that end
 zoo.train(model, [torch.randn(8, 10) for _ in range(3)], doc=doc)
 sys.stdout.flush()
 if sys.argv[2] == "kill":
@@ -830,7 +849,7 @@ def test_a_killed_runs_findings_are_brought_up_to_its_last_log_from_the_events(t
             warnings.simplefilter("ignore")
             runs[mode] = load_run(tmp_path / mode)
     held = json.loads((tmp_path / "kill" / "findings.json").read_text())
-    assert {d["step"] for d in held} == {1} and "3" in {d["site"] for d in held}
+    assert {d["step"] for d in held} == {1} and ("dead", "3") in {(d["kind"], d["site"]) for d in held}
     assert "1" not in {d["site"] for d in held}
     killed, exited = runs["kill"], runs["exit"]
     assert killed.findings_step == 1 and exited.findings_step is None
@@ -838,15 +857,68 @@ def test_a_killed_runs_findings_are_brought_up_to_its_last_log_from_the_events(t
     def opened(run):
         return sorted((f.kind, f.site, f.severity) for f in run.findings())
 
-    assert {"1", "3"} <= {f.site for f in exited.findings()}
+    assert "1" in {f.site for f in exited.findings()}
+    assert ("dead", "3") not in {(f.kind, f.site) for f in exited.findings()}  # (ended)
     assert {f.step for f in exited.findings()} == {6}
     assert opened(killed) == opened(exited)
     began = {f.step for f in killed.findings() if f.site == "1"}
     assert began == {4}  # the events' evidence: of the log each began at
     text = summary(build_context(killed))
     assert "Findings: findings.json was last written at step 1" in text
-    assert "(evidence from step 4)" in text and "(evidence from step 1)" in text
+    assert "(evidence from step 4)" in text  # (the last log was step 6)
     assert "Findings:" not in summary(build_context(exited))
+
+
+def test_a_log_that_failed_to_write_has_the_next_findings_written_at_once(tmp_path, monkeypatch):
+    """A log whose write failed took its finding events with it: a findings.json older than
+    it could not be brought up past them, so the next log that writes writes its findings
+    at once (a review's full disk for a moment, then a kill)."""
+    from relu_doctor import rundir
+
+    monkeypatch.setattr(rundir, "FINDINGS_EVERY_S", 3600.0)
+    real = RunWriter.append_table
+    failing = {3}
+
+    def append(self, table, step, rows):
+        if step in failing and table == "units":
+            raise OSError(28, "No space left on device")
+        return real(self, table, step, rows)
+
+    monkeypatch.setattr(RunWriter, "append_table", append)
+    model = zoo.mlp()
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)
+    path = tmp_path / "r" / "findings.json"
+    steps = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with relu_doctor.watch(model, log_every_n_steps=1, run_dir=tmp_path / "r",
+                               overhead_budget=None) as doc:
+            for _ in range(5):
+                zoo.train(model, [torch.randn(8, 10)], doc=doc)
+                steps.append({d["step"] for d in json.loads(path.read_text())})
+    assert steps == [{1}, {1}, {1}, {4}, {4}]  # step 3 failed: step 4's written at once
+
+
+def test_a_copy_saved_or_read_during_training_has_the_last_logs_findings(tmp_path, monkeypatch):
+    """doc.save() and doc.to_run() while findings.json is kept back: the copy had the
+    numbers of the steps the findings began at, and said nothing (a review)."""
+    from relu_doctor import rundir
+
+    monkeypatch.setattr(rundir, "FINDINGS_EVERY_S", 3600.0)
+    model = zoo.mlp()
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)
+    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=tmp_path / "r",
+                           overhead_budget=None) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(4)], doc=doc)
+        want = sorted((f.kind, f.site, f.severity, f.step) for f in doc.records[-1].findings)
+        doc.save(tmp_path / "copy")
+        run = doc.to_run()
+    assert {w[3] for w in want} == {4}
+    for got in (load_run(tmp_path / "copy"), run):
+        assert got.findings_step is None
+        assert sorted((f.kind, f.site, f.severity, f.step) for f in got.findings()) == want
 
 
 def test_a_run_continued_after_an_event_line_cut_short_keeps_its_own_first_event(tmp_path):
