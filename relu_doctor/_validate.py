@@ -219,12 +219,15 @@ def name_or_function(name: str, value: object) -> Any:
 
 
 def optimizers(name: str, value: Any) -> list[Any]:
-    """None, one ``torch.optim.Optimizer`` or a list/tuple of them, as a list."""
+    """None, one ``torch.optim.Optimizer`` or a list/tuple of them, as a list; a wrapper
+    holding one (accelerate's ``AcceleratedOptimizer``) gives the optimizer it holds
+    (:func:`unwrapped_optimizer`)."""
     import torch  # local: this module is a leaf that the CLI may import without torch
 
     if value is None:
         return []
-    opts = list(value) if isinstance(value, (list, tuple)) else [value]
+    opts = [unwrapped_optimizer(o) for o in (list(value) if isinstance(value, (list, tuple))
+                                             else [value])]
     for i, o in enumerate(opts):
         if not isinstance(o, torch.optim.Optimizer):
             raise ReluDoctorError(
@@ -234,8 +237,29 @@ def optimizers(name: str, value: Any) -> list[Any]:
     return opts
 
 
+def unwrapped_optimizer(o: Any) -> Any:
+    """The torch optimizer that a wrapper of one holds (accelerate's ``AcceleratedOptimizer``
+    at ``.optimizer``; one at ``._optimizer`` too), or ``o`` itself: an optimizer with step
+    hooks of its own. accelerate's wrapper is an ``Optimizer`` that never ran its
+    ``__init__``, so it has no hooks to register (``register_step_pre_hook`` raised), and its
+    ``step`` calls the one it holds, whose hooks then run, at the steps that update (none at
+    a step that only accumulates gradients, nor at one a loss scaler skips)."""
+    import torch
+
+    for _ in range(4):  # (a wrapper of a wrapper)
+        if isinstance(o, torch.optim.Optimizer) and hasattr(o, "_optimizer_step_pre_hooks"):
+            return o
+        inner = next((x for a in ("optimizer", "_optimizer")
+                      if isinstance(x := getattr(o, a, None), torch.optim.Optimizer)), None)
+        if inner is None or inner is o:
+            return o
+        o = inner
+    return o
+
+
 def one_optimizer(name: str, value: object) -> Any:
-    """Exactly one ``torch.optim.Optimizer``."""
+    """Exactly one ``torch.optim.Optimizer`` (the one a wrapper holds: see
+    :func:`optimizers`)."""
     if value is None or isinstance(value, (list, tuple)):
         raise ReluDoctorError(
             f"{name}: expected a torch.optim.Optimizer, got {type(value).__name__}."

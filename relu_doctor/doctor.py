@@ -355,6 +355,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         #: sites are not torch modules (Keras) sets its own
         self.frozen_feed: Callable[[list[Site]], list[str | None]] | None = None
         self._warned_empty = False  # a window with collecting steps recorded nothing
+        #: (optimizer steps, collecting steps) of the logged windows, until said once that
+        #: doc.step() is called more often than the optimizer steps (see _check_step_calls)
+        self._step_calls: list[int] | None = [0, 0]
         self._warned_sites_differ = False  # the processes held different sites at a read
         self._agreed_sums: dict[str, AgreedSum] = {}  # (see sum_across)
         self._warned_no_site = False  # (see _warn_no_site_yet)

@@ -209,6 +209,7 @@ class IntervalReading:
         _declined: dict[str, set[str]]
         _listeners: list[Callable[[IntervalRecord], Any]]
         _warned_empty: bool
+        _step_calls: list[int] | None
         _unfolded: bool
         _last_judged: IntervalRecord | None
         _table_memory: TableMemory
@@ -269,6 +270,8 @@ class IntervalReading:
         )
         summed, world = self._sum_windows(sites, close=close, grad_sq=grad_sq)
         collected = self._steps_collected(summed, world)
+        if logged and self.tap is not None and self._step_calls is not None:
+            self._check_step_calls(self.tap)
         # What the read changes in the Doctor's state, done once its record is made (see
         # _fold): a read stopped midway (Ctrl-C, a bug) leaves the window whole for the next.
         later: list[Callable[[], object]] = []
@@ -487,6 +490,33 @@ class IntervalReading:
             self.probe.say_unmasked()  # (at the last, partial window's log too)
         if logged and self.tap is not None:
             self.tap.reset()
+
+    def _check_step_calls(self, tap: OptimizerTap) -> None:
+        """Say once that ``doc.step()`` is called more often than the optimizers it watches
+        step: a loop under gradient accumulation that calls it at every micro-batch (an
+        accelerate trial's, whose ``optimizer.step()`` is a no-op at the steps that only
+        accumulate) counts each call as a training step, and nothing said so. Judged on
+        the collecting steps of the logged windows (at each, the tap sees whether an
+        optimizer stepped), once at least 8 are seen: steps a loss scaler skipped count
+        as steps."""
+        seen = self._step_calls
+        assert seen is not None
+        seen[0] += min(tap.most_steps + self._peek_skipped(), self.window_steps)
+        seen[1] += self.window_steps
+        stepped, calls = seen
+        if calls < 8 or not 0 < 2 * stepped <= calls:
+            return
+        self._step_calls = None
+        warnings.warn(
+            f"relu_doctor: doc.step() was called at {calls} collecting steps, and the "
+            f"optimizer it watches stepped at {stepped} of them: each doc.step() counts as "
+            "one training step (windows, the sampling and the lifetime counts are in "
+            "calls, not updates), and windows without an update hold no per-layer "
+            "gradient rows. Call it once per optimizer step that updates: under gradient "
+            "accumulation, after the step at the end of each accumulation (with accelerate: "
+            "`if accelerator.sync_gradients: doc.step()`). Where that optimizer is not the "
+            "one training the watched model, pass that one as optimizer=.",
+            ReluDoctorWarning, stacklevel=user_stacklevel())
 
     def _sum_windows(
         self, sites: Sequence[Site], *, close: bool, grad_sq: torch.Tensor | None = None

@@ -473,6 +473,12 @@ class OptimizerTap:
                     self._trained.add(index[name])
         self.grad_sq = new
 
+    @property
+    def most_steps(self) -> int:
+        """The collecting steps of the open window at which the most stepped of the
+        optimizers stepped (what a checkpoint carried left out)."""
+        return max(self._opt_steps.values(), default=0)
+
     def read(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
         """``(grad_sq per layer, steps, update_ratio per layer)`` of the window (its steps
         per layer in :attr:`window_layer_steps`, its layers read in :attr:`window_graded`);

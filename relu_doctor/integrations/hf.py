@@ -66,7 +66,7 @@ except ImportError as e:
 import torch
 import torch.nn as nn
 
-from relu_doctor._validate import glob_patterns, name_or_function, positive_int
+from relu_doctor._validate import glob_patterns, name_or_function, positive_int, unwrapped_optimizer
 from relu_doctor._validate import unit_dims as check_unit_dims
 from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
 from relu_doctor.doctor import Doctor
@@ -91,8 +91,7 @@ _STATE_VERSION = 1
 
 def _inner(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer under accelerate's ``AcceleratedOptimizer`` wrapper."""
-    inner = getattr(optimizer, "optimizer", None)
-    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+    return unwrapped_optimizer(optimizer)  # type: ignore[no-any-return]
 
 
 def _scaler(optimizer: Any) -> Any:

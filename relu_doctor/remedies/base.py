@@ -265,12 +265,26 @@ class Remedy:
             )
         self._before_bind(doctor)  # (what may refuse it, before anything is bound)
         self.doctor = doctor
+        try:
+            self._on_bind(doctor)
+        except BaseException:  # bound to nothing: it never acts, as its caller is told
+            self._unbind()
+            raise
+        # Listening last: a plan whose clipper could not hook the optimizer it was given
+        # listened all the same, and went on recycling and cutting the learning rate
+        # with nothing recorded (an accelerate trial's bind that raised, caught).
         if listen:
             doctor.add_listener(self)
         if self.reads_dead:  # a dead reading on too few batches is noise (DeadEvidence)
             doctor.need_collected_per_window(MIN_EVIDENCE_STEPS)
-        self._on_bind(doctor)
         return self
+
+    def _unbind(self) -> None:
+        """Undo a :meth:`bind` whose :meth:`_on_bind` raised midway: a plan's remedies,
+        bound before its clipper failed to hook the optimizer, are bound to nothing too."""
+        self.doctor = None
+        for r in getattr(self, "_remedies", {}).values():
+            r._unbind()
 
     @property
     def reads_dead(self) -> bool:

@@ -123,7 +123,7 @@ class _Clipper(Remedy):
         """Clip in a step pre-hook of ``optimizer`` (GradScaler.step unscales before the
         optimizer's step runs, so clipping sees true gradients). ``params`` defaults to every
         parameter of the optimizer. Remove with :meth:`detach`."""
-        one_optimizer("optimizer", optimizer)
+        optimizer = one_optimizer("optimizer", optimizer)
         chosen = list(params) if params is not None else None
         every = chosen if chosen is not None else [p for g in optimizer.param_groups
                                                    for p in g["params"]]

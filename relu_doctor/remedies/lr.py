@@ -79,7 +79,7 @@ def scale_lr(
         >>> opt.step(); sched.step(); round(opt.param_groups[0]["lr"], 6)
         0.005
     """
-    one_optimizer("optimizer", optimizer)
+    optimizer = one_optimizer("optimizer", optimizer)
     _factor(factor)
     nonnegative("min_lr", min_lr)
     scheds = schedulers_of(optimizer, schedulers)

@@ -356,3 +356,45 @@ def test_a_loop_that_clips_itself_leaves_the_plans_clip_step_idle_and_said(own_c
         assert clipped_at(torch.tensor(half), dtype=dtype) == pytest.approx(1.0, rel=0.02)
         assert clipped_at(torch.tensor(half)) is None  # (read as float32's, too strict)
         assert clipped_at(torch.rand(500, generator=g) * 10, dtype=dtype) is None
+
+
+def test_a_bind_that_fails_midway_leaves_the_plan_bound_to_nothing(monkeypatch) -> None:
+    """A plan whose clipper could not hook the optimizer it was given (accelerate's wrapper,
+    before optimizers were unwrapped) raised from bind(), and listened all the same: it
+    went on recycling and cutting the learning rate, with nothing recorded. Now it is bound
+    to nothing, and a dying run it watched goes on exactly as without it."""
+    from relu_doctor.remedies.clipping import AutoClip
+
+    def broken(self, optimizer, **kw):
+        raise AttributeError("'Wrapper' object has no attribute '_optimizer_step_pre_hooks'")
+
+    runs = []
+    for with_plan in (False, True):
+        torch.manual_seed(0)
+        net = mlp()
+        with torch.no_grad():
+            net[2].bias.fill_(-5.0)  # site "3" mostly dead: a plan would act
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        x, y = classification(0, n=64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=2,
+                                   overhead_budget=None) as doc:
+                if with_plan:
+                    plan = TreatmentPlan(net, optimizer=opt)
+                    monkeypatch.setattr(AutoClip, "attach", broken)
+                    with pytest.raises(AttributeError, match="_optimizer_step_pre_hooks"):
+                        plan.bind(doc)
+                    monkeypatch.undo()
+                    assert plan.doctor is None and plan not in doc._listeners
+                    assert all(r.doctor is None for r in plan._remedies.values())
+                for _ in range(12):
+                    F.cross_entropy(net(x), y).backward()
+                    opt.step()
+                    opt.zero_grad()
+                    doc.step()
+            runs.append(([p.detach().clone() for p in net.parameters()], opt.param_groups[0]["lr"],
+                         [e for e in doc.to_run().events if e.get("type") == "intervention"]))
+    (plain, lr_plain, _), (planned, lr_planned, ivs) = runs
+    assert ivs == [] and lr_planned == lr_plain
+    assert all(torch.equal(a, b) for a, b in zip(plain, planned, strict=True))
