@@ -169,13 +169,12 @@ class OptimizerTap:
         self.pre_hook = pre_hook
         self.stopwatch = stopwatch if stopwatch is not None else Stopwatch()
         self.update_sample = int(update_sample)
-        owner: dict[int, str] = {}
-        for path, mod in model.named_modules():
-            for p in mod.parameters(recurse=False):
-                owner.setdefault(id(p), module_label(path))
-        self.layers: list[str] = sorted(set(owner.values()), key=list(owner.values()).index)
-        index = {name: i for i, name in enumerate(self.layers)}
-        self._layer_of = {pid: index[name] for pid, name in owner.items()}
+        self._model = model
+        #: the layers (module labels) by index: the model's at construction, in its order,
+        #: then those put in later (see :meth:`_remap`) in the order they were found
+        self.layers: list[str] = []
+        self._layer_of: dict[int, int] = {}
+        self._remap()
         self.grad_sq: torch.Tensor | None = None
         self.steps = 0
         #: per optimizer (by id), its steps whose gradients were read in the open window: a
@@ -239,12 +238,37 @@ class OptimizerTap:
     def _params(self, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
         return self._watched(opt)[0]
 
+    def _remap(self) -> None:
+        """Map the model's parameters as they are now to their layers: a layer put in since
+        (a block appended, a head added) gets the next index, a parameter no longer in the
+        model (the layer a wider one replaced, left in the optimizer) none. A growing model
+        had its new layers never measured, and a replaced one measured on the old copy."""
+        owner: dict[int, str] = {}
+        for path, mod in self._model.named_modules():
+            for p in mod.parameters(recurse=False):
+                owner.setdefault(id(p), module_label(path))
+        index = {name: i for i, name in enumerate(self.layers)}
+        for name in owner.values():
+            if name not in index:
+                index[name] = len(self.layers)
+                self.layers.append(name)
+        self._layer_of = {pid: index[name] for pid, name in owner.items()}
+        self._watched_cache = {}  # (each optimizer's remade at its next use)
+
+    def _fit(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-layer vector made before layers were added, padded with zeros to them."""
+        n = len(self.layers) - t.numel()
+        return t if n <= 0 else torch.cat([t, t.new_zeros(n)])
+
     def _watched(self, opt: torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[int]]:
         """``opt``'s parameters of this model and their layers, remade only when its param
-        groups change (a group added, a params list replaced or resized)."""
+        groups change (a group added, a params list replaced or resized), with the model's
+        layers mapped again then (:meth:`_remap`)."""
         key = [(id(g["params"]), len(g["params"])) for g in opt.param_groups]
         hit = self._watched_cache.get(id(opt))
         if hit is None or hit[0] != key:
+            if hit is not None:  # (at the first use, mapped at construction)
+                self._remap()
             params = [p for g in opt.param_groups for p in g["params"] if id(p) in self._layer_of]
             hit = self._watched_cache[id(opt)] = (key, params, [self._layer_of[id(p)] for p in params])
         return hit[1], hit[2]
@@ -334,6 +358,7 @@ class OptimizerTap:
         device = grads[0].device  # type: ignore[union-attr]
         if self.grad_sq is None:
             self.grad_sq = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        self.grad_sq = self._fit(self.grad_sq)
         self._opt_steps[id(opt)] = self._opt_steps.get(id(opt), 0) + 1
         if _kernels.sum_squares_into(self.grad_sq, grads, layers):  # type: ignore[arg-type]
             # CPU, plain tensors (never a sharded DTensor): one pass over each gradient
@@ -398,10 +423,10 @@ class OptimizerTap:
         if not self._updates:
             return None
         parts = list(self._updates.values())
-        d, w = parts[0][0], parts[0][1]
+        d, w = self._fit(parts[0][0]), self._fit(parts[0][1])
         read = set(parts[0][2])
         for d2, w2, r2 in parts[1:]:
-            d, w = d + d2, w + w2
+            d, w = d + self._fit(d2), w + self._fit(w2)
             read |= r2
         ratio = d.sqrt() / w.sqrt().clamp(min=1e-30)
         unread = tuple(i for i in range(len(self.layers)) if i not in read)
@@ -485,6 +510,8 @@ class OptimizerTap:
         it goes on until :meth:`reset` (a log stopped midway reads it again)."""
         self.window_layer_steps = self.layer_steps()
         self.window_graded = frozenset(self._graded)
+        if self.grad_sq is not None:
+            self.grad_sq = self._fit(self.grad_sq)
         return (self.grad_sq, self.steps, self.update_ratio)
 
     def graded_layers(self, grad_sq: torch.Tensor | None = None) -> set[str]:

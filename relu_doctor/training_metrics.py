@@ -30,6 +30,10 @@ class TrainingMetrics:
         #: the metrics passed in whose window mean the latest :meth:`read` found not finite
         #: (left out of its result): ``{name: mean}``
         self.nonfinite: dict[str, float] = {}
+        #: whether the first rates read were one alone (named ``lr``): that name stays the
+        #: first group's when groups are added later (a growing model's ``add_param_group``
+        #: split its curve into ``lr`` and ``lr/0``)
+        self._one_rate: bool | None = None
 
     def add(self, metrics: Mapping[str, torch.Tensor | float]) -> None:
         """Add ``{name: value}`` (numbers or one-element tensors) to the window."""
@@ -107,8 +111,11 @@ class TrainingMetrics:
             used = (used_lrs or {}).get(id(o))
             rates += [(i, j, lr) for j, lr in enumerate(used if used and len(used) == len(now)
                                                         else now)]
+        if rates and self._one_rate is None:
+            self._one_rate = len(rates) == 1
         for i, j, lr in rates:
-            name = "lr" if len(rates) == 1 else f"lr/{i}.{j}" if len(optimizers) > 1 else f"lr/{j}"
+            name = ("lr" if len(rates) == 1 or (self._one_rate and i == j == 0)
+                    else f"lr/{i}.{j}" if len(optimizers) > 1 else f"lr/{j}")
             out[name] = float(lr)
         for fn in self._sources:
             for name, value in fn().items():

@@ -475,3 +475,77 @@ def test_a_step_said_last_too_early_leaves_no_stale_update_ratio(said_at):
     else:
         for layer, want in ratios[-1].items():
             assert math.isclose(got[layer], want, rel_tol=1e-5)
+
+
+class _Growing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(6, 6), nn.ReLU())])
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def test_layers_put_in_after_watch_are_measured_and_a_replaced_one_is_the_new_copy() -> None:
+    """A block appended (its parameters in a param group added) was never measured, and a
+    layer replaced by a new one at the same path, the old one left in the optimizer, was
+    measured on the old copy (a growing-model trial). Each step's per-layer gradient norm
+    is checked against an optimizer pre-hook of the test's own, over the model's layers as
+    they are at that step."""
+    import warnings
+
+    import relu_doctor
+
+    torch.manual_seed(0)
+    net = _Growing()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    want: list[dict[str, float]] = []
+
+    def pre(o: torch.optim.Optimizer, *_: object) -> None:
+        sq: dict[str, float] = {}
+        for path, mod in net.named_modules():
+            for p in mod.parameters(recurse=False):
+                if p.grad is not None:
+                    sq[path] = sq.get(path, 0.0) + float(p.grad.double().square().sum())
+        want.append({k: v ** 0.5 for k, v in sq.items()})
+
+    opt.register_step_pre_hook(pre)
+    x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
+
+    def train(n: int) -> None:
+        for _ in range(n):
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=1,
+                               overhead_budget=None) as doc:
+            train(2)
+            new = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+            net.blocks.append(new)
+            opt.add_param_group({"params": list(new.parameters())})
+            train(2)
+            wider = nn.Linear(6, 6)  # at the same path; the old one stays in the optimizer
+            net.blocks[0][0] = wider
+            opt.add_param_group({"params": list(wider.parameters())})
+            train(2)
+    got = doc.to_run().layers.pivot(index="step", columns="layer", values="grad_norm")
+    assert list(got.index) == [1, 2, 3, 4, 5, 6] and len(want) == 6
+    assert "blocks.1.0" in got.columns
+    for step, norms in enumerate(want, start=1):
+        assert set(norms) <= set(got.columns)
+        for layer, norm in norms.items():
+            assert got.loc[step, layer] == pytest.approx(norm, rel=1e-6), (step, layer)
+        for layer in set(got.columns) - set(norms):  # (before it was put in: none)
+            assert got.loc[step, layer] != got.loc[step, layer]
+    # the first group's rate keeps its name when groups are added (its curve was split)
+    metrics = doc.to_run().tables["metrics"]
+    steps = {n: sorted(metrics.loc[metrics["name"] == n, "step"]) for n in ("lr", "lr/1", "lr/2")}
+    assert steps == {"lr": [1, 2, 3, 4, 5, 6], "lr/1": [3, 4, 5, 6], "lr/2": [5, 6]}
+    assert "lr/0" not in set(metrics["name"])
