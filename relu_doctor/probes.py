@@ -371,6 +371,11 @@ class Probe(SiteRegistry, HookOwner):
         self._pass_graded = False  # ... with gradients on (see Site.window_ungraded)
         self._dirty = False  # a module was registered into the model since the last hooking
         self._members: set[nn.Module] = set()
+        #: every module's path at the last hooking (a module found at another since moved:
+        #: see _restart_moved), and the containers whose module dicts say when one moved
+        self._paths: dict[nn.Module, str] = {}
+        self._containers: list[nn.Module] = []
+        self._layout: list[tuple[int, int]] = []
         self._registration: RemovableHandle | None = None
         self._compiled_slots = _CompiledSlots()
         self._warned_compiled = False
@@ -518,9 +523,47 @@ class Probe(SiteRegistry, HookOwner):
         self._handles = handles
         for h in handles:
             self.hooks.add(h)
-        self._members = set(self.model.modules())
+        paths = {m: p for p, m in self.model.named_modules()}
+        self._restart_moved(self._paths, paths)
+        self._paths = paths
+        self._members = set(paths)
+        self._containers = [m for m in boundary if m._modules] or [self.model]
+        self._layout = self._layout_now()
         self._dirty = False
         self.generation += 1
+
+    def _layout_now(self) -> list[tuple[int, int]]:
+        """The containers' module dicts (identity and size): ``ModuleList.insert`` and
+        ``del`` on a ``Sequential`` renumber modules without the registration hook torch
+        calls for a ``setattr``, so a block put in the middle went unwatched and the sites
+        after it kept names that were now other modules' (a growing-model trial)."""
+        return [(id(m._modules), len(m._modules)) for m in self._containers]
+
+    def _restart_moved(self, before: Mapping[nn.Module, str], after: Mapping[nn.Module, str]
+                       ) -> None:
+        """Make anew the sites at the paths a module left or came to since the last hooking
+        (renumbered: a block inserted or deleted before it): a path's statistics are of the
+        module now there, from this step; said once per change, naming them."""
+        moved = {m for m, p in after.items() if m in before and before[m] != p}
+        if not moved:
+            return
+        paths = {before[m] for m in moved} | {after[m] for m in moved}
+        renewed = [site for site in self._sites.values()
+                   if site.key.module_path in paths and site.shape]  # (one that ran)
+        for site in renewed:
+            self._anew(site, site.unit_dim, site.shape, site.stats.window.device)
+            site.made_by = self._made_by(site)
+        if renewed:
+            names = ", ".join(repr(s.name) for s in renewed[:6])
+            more = f" and {len(renewed) - 6} more" if len(renewed) > 6 else ""
+            warnings.warn(
+                f"relu_doctor: modules of the model moved to other paths (a module inserted "
+                "or deleted before them in a ModuleList or Sequential renumbers the ones "
+                f"after it): the sites {names}{more} now name other modules, or none. Their "
+                "statistics start anew from this step (what their windows had collected is "
+                "dropped; their lifetime counts are the modules' now there), and a module "
+                "that moved is watched under its new path.",
+                ReluDoctorWarning, stacklevel=user_stacklevel())
 
     def _on_register(self, module: nn.Module, name: str, submodule: Any) -> None:
         # torch's global hook: called for every module of the process, so only a set lookup.
@@ -531,7 +574,8 @@ class Probe(SiteRegistry, HookOwner):
         """Re-hook the model if a module was registered into it since it was last hooked
         (a remedy's swap, a ``setattr``); returns whether it did. Called at each pass start;
         a no-op inside a pass, while tracing, or while detached."""
-        if not (self._dirty and self._attached) or self._depth or torch.compiler.is_compiling():
+        if not self._attached or self._depth or torch.compiler.is_compiling() or not (
+                self._dirty or self._layout_now() != self._layout):
             return False
         self.hooks.remove(self._handles)
         self._targets = self.targets()

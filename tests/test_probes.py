@@ -1418,3 +1418,72 @@ def test_a_forward_returning_none_while_the_user_handles_an_exception_is_compare
 
     said, _ = _said_over_steps(model, 4, step)
     assert [m for m in said if "ran 2 times in one recorded pass and 1 in another" in m], said
+
+
+class _Blocks(nn.Module):
+    def __init__(self, n: int = 2, d: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.ReLU()) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x) + x
+        return x
+
+
+def _dead_by_path(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """(dead units, units) of every ReLU module on ``x``, by its path now: the reference."""
+    out: dict[str, tuple[int, int]] = {}
+    hooks = [m.register_forward_hook(
+        lambda m, a, y, p=p: out.__setitem__(p, (int((y <= 0).all(0).sum()), y.shape[1])))
+        for p, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+@pytest.mark.parametrize("change", ["insert", "delete"])
+def test_modules_renumbered_without_setattr_are_watched_under_their_paths_now(change: str) -> None:
+    """``ModuleList.insert`` and ``del`` on a ``Sequential`` renumber modules without torch's
+    registration hook: an inserted block went unwatched and the sites after it kept their
+    old names, reporting another module's numbers under them (a growing-model trial). Each
+    log's dead units per site are checked against forward hooks on the modules at their
+    paths then; the sites named anew are said, and their lifetime counts are the new
+    module's."""
+    torch.manual_seed(0)
+    model = _Blocks(3)
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        model.blocks[2][0].bias.fill_(-0.3)  # some dead units, unlike the others
+    got: list[dict[str, tuple[int, int]]] = []
+    want: list[dict[str, tuple[int, int]]] = []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=1, overhead_budget=None) as doc:
+            for step in range(6):
+                if step == 3:
+                    if change == "insert":
+                        dead = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+                        with torch.no_grad():
+                            dead[0].weight.zero_()
+                            dead[0].bias.fill_(-1.0)
+                        model.blocks.insert(1, dead)
+                    else:
+                        del model.blocks[0]
+                want.append(_dead_by_path(model, x))
+                model(x).sum().backward()
+                doc.step()
+                rows = doc.records[-1].site_rows
+                got.append({r["site"]: (int(r["dead"]), int(r["units_seen"]))
+                            for r in rows if r["units_seen"]})
+    assert got == want
+    said = [str(w.message) for w in seen if "moved to other paths" in str(w.message)]
+    assert len(said) == 1
+    if change == "insert":  # blocks.1 is the new one; blocks.1.1 and blocks.2.1 named anew
+        assert "'blocks.1.1'" in said[0] and "'blocks.2.1'" in said[0]
+        life = {r["site"]: r["lifetime_dead"] for r in doc.records[-1].site_rows}
+        assert life["blocks.1.1"] == 8  # never active since it came: all its units
+    else:
+        assert "'blocks.0.1'" in said[0] and "'blocks.1.1'" in said[0]
