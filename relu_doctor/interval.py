@@ -497,14 +497,15 @@ class IntervalReading:
         accelerate trial's, whose ``optimizer.step()`` is a no-op at the steps that only
         accumulate) counts each call as a training step, and nothing said so. Judged on
         the collecting steps of the logged windows (at each, the tap sees whether an
-        optimizer stepped), once at least 8 are seen: steps a loss scaler skipped count
-        as steps."""
+        optimizer stepped), once at least 16 are seen: steps a loss scaler skipped count as
+        steps (a GradScaler's first steps in fp16, given as ``grad_scaler=``; one not given
+        skips a few at most, well under half of 16)."""
         seen = self._step_calls
         assert seen is not None
         seen[0] += min(tap.most_steps + self._peek_skipped(), self.window_steps)
         seen[1] += self.window_steps
         stepped, calls = seen
-        if calls < 8 or not 0 < 2 * stepped <= calls:
+        if calls < 16 or not 0 < 2 * stepped <= calls:
             return
         self._step_calls = None
         warnings.warn(
@@ -515,7 +516,8 @@ class IntervalReading:
             "gradient rows. Call it once per optimizer step that updates: under gradient "
             "accumulation, after the step at the end of each accumulation (with accelerate: "
             "`if accelerator.sync_gradients: doc.step()`). Where that optimizer is not the "
-            "one training the watched model, pass that one as optimizer=.",
+            "one training the watched model, pass that one as optimizer=; where an fp16 "
+            "loss scaler skipped the steps, pass it as grad_scaler=.",
             ReluDoctorWarning, stacklevel=user_stacklevel())
 
     def _sum_windows(

@@ -4,6 +4,7 @@ agree with the float32 run, and fp16 overflow is counted (nonfinite), never a cr
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -296,3 +297,21 @@ def test_a_non_finite_output_keeps_the_gradients_it_spoils_critical_under_a_scal
     kinds = {(f.kind, f.site, f.severity) for f in rec.findings
              if f.kind in ("nonfinite", "loss_scale_overflow")}
     assert kinds == {("nonfinite", "1", "critical"), ("nonfinite", "3", "critical")}
+
+
+def test_steps_a_loss_scaler_skips_are_no_sign_of_step_called_too_often() -> None:
+    """doc.step() is said to be called more often than the optimizer steps where it stepped
+    at half the collecting steps or fewer (a loop calling it at every micro-batch); steps
+    the scaler given as grad_scaler= skipped count as steps: fp16 calibrating its scale
+    over most of the first 16 steps is no such loop."""
+    torch.manual_seed(0)
+    net = zoo.mlp(d_in=4, hidden=8)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=4, grad_scaler=scaler,
+                               overhead_budget=None) as doc:
+            _scaled_steps(doc, net, opt, scaler, range(20), set(range(11)))
+    assert scaler.get_scale() <= 2.0**10 / 2**11  # (11 skipped at least)
+    assert not [w for w in seen if "doc.step() was called" in str(w.message)]

@@ -95,9 +95,9 @@ def test_the_optimizer_inside_accelerates_wrapper_is_read_at_the_steps_that_upda
 
 
 def test_doc_step_at_every_micro_batch_is_said_once() -> None:
-    _, norms, doc, said = _run("every", micro=16, accumulation=4)
-    assert doc is not None and len(norms) == 4
+    _, norms, doc, said = _run("every", micro=32, accumulation=4)
+    assert doc is not None and len(norms) == 8
     calls = [m for m in said if "doc.step() was called" in m]
     assert len(calls) == 1
-    assert "called at 8 collecting steps, and the optimizer it watches stepped at 2" in calls[0]
+    assert "called at 16 collecting steps, and the optimizer it watches stepped at 4" in calls[0]
     assert "accelerator.sync_gradients" in calls[0]
