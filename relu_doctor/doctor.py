@@ -356,8 +356,10 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self.frozen_feed: Callable[[list[Site]], list[str | None]] | None = None
         self._warned_empty = False  # a window with collecting steps recorded nothing
         #: (optimizer steps, collecting steps) of the logged windows, until said once that
-        #: doc.step() is called more often than the optimizer steps (see _check_step_calls)
-        self._step_calls: list[int] | None = [0, 0]
+        #: (optimizer steps, collecting steps, collecting steps since the optimizer last
+        #: stepped, whether its stopping was said, whether calls too often were said) of
+        #: the logged windows (see _check_step_calls)
+        self._step_calls = [0, 0, 0, 0, 0]
         self._warned_sites_differ = False  # the processes held different sites at a read
         self._agreed_sums: dict[str, AgreedSum] = {}  # (see sum_across)
         self._warned_no_site = False  # (see _warn_no_site_yet)
@@ -1068,6 +1070,25 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         :meth:`step`, by the fixed rate or the overhead budget); each window's record
         counts the steps collected (``steps_collected``)."""
         return self.probe.collecting
+
+    def set_optimizer(self, optimizer: Any) -> None:
+        """Read the per-layer gradient norms, update ratios and learning rates from
+        ``optimizer`` (one, a list, or None: none) from now on, in place of those given
+        as ``optimizer=``: training went on with a new one (a second phase, a model grown
+        and its optimizer made again). The open window's per-layer sums so far are the old
+        one's. Remedies made with the old one keep it: make them anew."""
+        opts: list[torch.optim.Optimizer] = optimizers_arg("optimizer", optimizer)
+        old = self.tap
+        if old is not None:
+            old.detach()
+        self._optimizers = opts
+        self.tap = OptimizerTap(
+            self.model, opts, is_log_step=self._next_is_log_step, collecting=self._collecting,
+            pre_hook=old.pre_hook if old is not None else True, stopwatch=self.stopwatch,
+        ) if opts else None
+        if self.tap is not None and self.probe.attached:
+            self.tap.attach()
+        self._step_calls = [0, 0, 0, 0, 0]
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:

@@ -209,7 +209,7 @@ class IntervalReading:
         _declined: dict[str, set[str]]
         _listeners: list[Callable[[IntervalRecord], Any]]
         _warned_empty: bool
-        _step_calls: list[int] | None
+        _step_calls: list[int]
         _unfolded: bool
         _last_judged: IntervalRecord | None
         _table_memory: TableMemory
@@ -270,7 +270,7 @@ class IntervalReading:
         )
         summed, world = self._sum_windows(sites, close=close, grad_sq=grad_sq)
         collected = self._steps_collected(summed, world)
-        if logged and self.tap is not None and self._step_calls is not None:
+        if logged and self.tap is not None:
             self._check_step_calls(self.tap)
         # What the read changes in the Doctor's state, done once its record is made (see
         # _fold): a read stopped midway (Ctrl-C, a bug) leaves the window whole for the next.
@@ -502,12 +502,24 @@ class IntervalReading:
         skips a few at most, well under half of 16)."""
         seen = self._step_calls
         assert seen is not None
-        seen[0] += min(tap.most_steps + self._peek_skipped(), self.window_steps)
+        now = min(tap.most_steps + self._peek_skipped(), self.window_steps)
+        seen[0] += now
         seen[1] += self.window_steps
-        stepped, calls = seen
-        if calls < 16 or not 0 < 2 * stepped <= calls:
+        # (collecting steps since the optimizer last stepped, once it stepped at all)
+        seen[2] = 0 if now else seen[2] + self.window_steps if seen[0] else 0
+        stepped, calls, idle = seen[:3]
+        if idle >= 16 and seen[3] == 0:
+            seen[3] = 1
+            warnings.warn(
+                f"relu_doctor: the optimizer it watches ({tap.names()}) has not stepped in "
+                f"the last {idle} collecting steps, though it did before: is another one "
+                "training the model now? Give it with doc.set_optimizer(new_optimizer): "
+                "until then no per-layer gradient norm or update ratio is measured, and the "
+                "learning rates recorded are the old one's.",
+                ReluDoctorWarning, stacklevel=user_stacklevel())
+        if calls < 16 or not 0 < 2 * stepped <= calls or seen[4]:
             return
-        self._step_calls = None
+        seen[4] = 1
         warnings.warn(
             f"relu_doctor: doc.step() was called at {calls} collecting steps, and the "
             f"optimizer it watches stepped at {stepped} of them: each doc.step() counts as "

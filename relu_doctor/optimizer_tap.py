@@ -498,6 +498,10 @@ class OptimizerTap:
                     self._trained.add(index[name])
         self.grad_sq = new
 
+    def names(self) -> str:
+        """The optimizers' class names, for a message."""
+        return ", ".join(type(o).__name__ for o in self.optimizers)
+
     @property
     def most_steps(self) -> int:
         """The collecting steps of the open window at which the most stepped of the

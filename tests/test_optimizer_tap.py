@@ -549,3 +549,53 @@ def test_layers_put_in_after_watch_are_measured_and_a_replaced_one_is_the_new_co
     steps = {n: sorted(metrics.loc[metrics["name"] == n, "step"]) for n in ("lr", "lr/1", "lr/2")}
     assert steps == {"lr": [1, 2, 3, 4, 5, 6], "lr/1": [3, 4, 5, 6], "lr/2": [5, 6]}
     assert "lr/0" not in set(metrics["name"])
+
+
+def test_an_optimizer_made_anew_mid_run_is_said_and_taken_with_set_optimizer() -> None:
+    """Training went on with a new optimizer (a model grown, its optimizer made again): the
+    layer table was empty from then on and the learning rate recorded was the old one's,
+    with nothing said (a growing-model trial). Its stopping is said once, and
+    doc.set_optimizer() reads the new one: its gradient norms (against the test's own
+    pre-hook) and its learning rate."""
+    import warnings
+
+    import relu_doctor
+
+    torch.manual_seed(0)
+    net = _Growing()
+    x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
+    first = torch.optim.SGD(net.parameters(), lr=0.05)
+    second = torch.optim.SGD(net.parameters(), lr=0.02)
+    norms: list[float] = []
+    second.register_step_pre_hook(
+        lambda o, *_: norms.append(float(net.head.weight.grad.double().square().sum()
+                                         + net.head.bias.grad.double().square().sum()) ** 0.5))
+
+    def train(opt: torch.optim.Optimizer, n: int) -> None:
+        for _ in range(n):
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, optimizer=first, log_every_n_steps=2,
+                               overhead_budget=None) as doc:
+            train(first, 4)
+            train(second, 16)
+            said = [str(w.message) for w in seen if "has not stepped" in str(w.message)]
+            assert len(said) == 1 and "the last 16 collecting steps" in said[0]
+            assert "doc.set_optimizer" in said[0]
+            doc.set_optimizer(second)
+            norms.clear()
+            train(second, 4)
+    assert len([w for w in seen if "has not stepped" in str(w.message)]) == 1
+    run = doc.to_run()
+    head = run.layers[run.layers["layer"] == "head"].set_index("step")["grad_norm"]
+    assert head.loc[[22, 24]].notna().all() and not {6, 20} & set(head.index)  # (no update)
+    # (log every 2: each log's norm is the RMS of its two steps' norms)
+    want = [((norms[0] ** 2 + norms[1] ** 2) / 2) ** 0.5, ((norms[2] ** 2 + norms[3] ** 2) / 2) ** 0.5]
+    assert head.loc[[22, 24]].tolist() == pytest.approx(want, rel=1e-6)
+    lr = run.tables["metrics"].query("name == 'lr'").set_index("step")["value"]
+    assert lr.loc[4] == 0.05 and lr.loc[20] == 0.05 and lr.loc[24] == 0.02
