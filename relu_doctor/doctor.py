@@ -1075,8 +1075,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         """Read the per-layer gradient norms, update ratios and learning rates from
         ``optimizer`` (one, a list, or None: none) from now on, in place of those given
         as ``optimizer=``: training went on with a new one (a second phase, a model grown
-        and its optimizer made again). The open window's per-layer sums so far are the old
-        one's. Remedies made with the old one keep it: make them anew."""
+        and its optimizer made again). The open window's per-layer sums so far (the old
+        one's) are dropped. Remedies made with the old one keep it: make them anew."""
         opts: list[torch.optim.Optimizer] = optimizers_arg("optimizer", optimizer)
         old = self.tap
         if old is not None:
