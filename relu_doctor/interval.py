@@ -53,8 +53,9 @@ _GRAD_SQ = "\0grad_sq"
 SITE_KEYS = ("step", "site", "op", "family", "leaky", "cap", "order", "unit_dim", "unit_rule",
              "frozen", "window_steps", "steps_collected", "steps_run")
 # why recycling cannot treat a site whose input is a residual sum (Site.summed)
-_SUMMED = ("its units come from a sum with another branch (a residual or skip connection), "
-           "directly or through activations and norms: no one layer makes them")
+_SUMMED = ("its units come from a sum with another branch (a residual or skip connection, or "
+           "an adapter such as LoRA's beside its layer), directly or through activations and "
+           "norms: no one layer makes them")
 _STEPS = "\0steps_collected"  # the window's collected steps, summed across processes
 _FIRST = "\0first\0"  # + a site's name: its first reading (SiteStats.first), until logged
 

@@ -505,8 +505,9 @@ class OptimizerTap:
     @property
     def most_steps(self) -> int:
         """The collecting steps of the open window at which the most stepped of the
-        optimizers stepped (what a checkpoint carried left out)."""
-        return max(self._opt_steps.values(), default=0)
+        optimizers stepped, with those a checkpoint carried (a window resumed midway)."""
+        return (max(self._opt_steps.values(), default=0)
+                + max(self._carried_steps.values(), default=0))
 
     def read(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
         """``(grad_sq per layer, steps, update_ratio per layer)`` of the window (its steps

@@ -253,6 +253,18 @@ def _unwatched(model: nn.Module) -> list[str]:
 _SAID_UNWATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
+#: the path parts that wrapping a module after ``watch`` puts above it: activation
+#: checkpointing's wrapper, FSDP's, ``torch.compile``'s, DDP's and DataParallel's
+_WRAPPER_PARTS = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod",
+                            "module"})
+
+
+def _unwrapped_path(path: str) -> tuple[str, ...]:
+    """``path`` without the parts a wrapper put in: a module wrapped where it is has not
+    moved (``apply_activation_checkpointing`` after ``watch`` read as a renumbering)."""
+    return tuple(part for part in path.split(".") if part not in _WRAPPER_PARTS)
+
+
 class Probe(SiteRegistry, HookOwner):
     """Hooks on a model's ReLU-family activations, recording into per-site accumulators.
 
@@ -544,7 +556,8 @@ class Probe(SiteRegistry, HookOwner):
         """Make anew the sites at the paths a module left or came to since the last hooking
         (renumbered: a block inserted or deleted before it): a path's statistics are of the
         module now there, from this step; said once per change, naming them."""
-        moved = {m for m, p in after.items() if m in before and before[m] != p}
+        moved = {m for m, p in after.items()
+                 if m in before and _unwrapped_path(before[m]) != _unwrapped_path(p)}
         if not moved:
             return
         paths = {before[m] for m in moved} | {after[m] for m in moved}

@@ -599,3 +599,42 @@ def test_an_optimizer_made_anew_mid_run_is_said_and_taken_with_set_optimizer() -
     assert head.loc[[22, 24]].tolist() == pytest.approx(want, rel=1e-6)
     lr = run.tables["metrics"].query("name == 'lr'").set_index("step")["value"]
     assert lr.loc[4] == 0.05 and lr.loc[20] == 0.05 and lr.loc[24] == 0.02
+
+
+def test_a_window_resumed_midway_is_no_sign_of_step_called_too_often() -> None:
+    """A checkpoint taken mid-window carries its collecting steps and its optimizer steps:
+    the resumed window's steps before the checkpoint counted as calls without an update,
+    and a loop stepping once per doc.step() was told it called it too often (a review)."""
+    import warnings
+
+    import relu_doctor
+
+    def make() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+        return m, torch.optim.SGD(m.parameters(), lr=0.1)
+
+    def train(m: nn.Module, opt: torch.optim.Optimizer, doc: relu_doctor.Doctor, n: int) -> None:
+        for _ in range(n):
+            m(torch.randn(8, 10)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+
+    kw = {"log_every_n_steps": 20, "overhead_budget": None}
+    m, opt = make()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        doc = relu_doctor.watch(m, optimizer=opt, **kw)
+        train(m, opt, doc, 12)
+        state, weights, opt_state = doc.state_dict(), m.state_dict(), opt.state_dict()
+        doc.detach()
+        m2, opt2 = make()
+        m2.load_state_dict(weights)
+        opt2.load_state_dict(opt_state)
+        doc2 = relu_doctor.watch(m2, optimizer=opt2, **kw)
+        doc2.load_state_dict(state)
+        train(m2, opt2, doc2, 8)  # the window of 20 collecting steps closes here
+        assert doc2.records[-1].step == 20
+        doc2.close()
+    assert not [w for w in seen if "doc.step() was called" in str(w.message)]

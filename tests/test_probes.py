@@ -1487,3 +1487,24 @@ def test_modules_renumbered_without_setattr_are_watched_under_their_paths_now(ch
         assert life["blocks.1.1"] == 8  # never active since it came: all its units
     else:
         assert "'blocks.0.1'" in said[0] and "'blocks.1.1'" in said[0]
+
+
+def test_a_module_wrapped_where_it_is_has_not_moved() -> None:
+    """apply_activation_checkpointing after watch puts ``_checkpoint_wrapped_module`` into
+    each wrapped block's paths: read as a renumbering, its sites' windows were dropped and
+    a warning blamed an insert (a review). A wrapper's parts are no move."""
+    wrapper = pytest.importorskip("torch.distributed.algorithms._checkpoint.checkpoint_wrapper")
+    torch.manual_seed(0)
+    model = _Blocks(2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=10, overhead_budget=None) as doc:
+            for step in range(4):
+                if step == 2:
+                    wrapper.apply_activation_checkpointing(
+                        model, check_fn=lambda m: isinstance(m, nn.Sequential))
+                model(torch.randn(4, 8)).sum().backward()
+                doc.step()
+            kept = {s.name: int(s.stats.window[0].sum()) for s in doc.probe.sites()}
+    assert not [w for w in seen if "moved to other paths" in str(w.message)]
+    assert kept["blocks.0.1"] == kept["blocks.1.1"] == 2 * 4 * 8  # (its two steps' elements)

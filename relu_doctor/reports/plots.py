@@ -507,7 +507,11 @@ def gradient_flow_figure(
             _by_depth(axes.pop(0), g, "site", "grad_rms", _site_order(history), palette, "o",
                       "activation gradient by site", "RMS of dL/dh")
         if lay is not None and layers is not None:
-            names = [str(n) for n in pd.unique(layers["layer"])]
+            # the layers with a gradient norm at some log: a frozen one has none (a LoRA
+            # trial's 21 frozen base layers of 49 left blank slots and crowded the labels)
+            trained = set(lay["layer"].astype(str))
+            names = [str(n) for n in pd.unique(layers["layer"]) if str(n) in trained]
+            left = len(pd.unique(layers["layer"])) - len(names)
             lsteps = sorted(int(s) for s in lay["step"].unique())
             lpick = [s for s in pick if s in lsteps] or lsteps[-1:]
             lpal = dict(zip(lpick, sns.color_palette("flare", len(lpick)), strict=True))
@@ -515,7 +519,8 @@ def gradient_flow_figure(
                       "parameter gradient by layer", "gradient norm",
                       # (their order is the model's, not the pass's: a Llama layer's norms
                       # come after its MLP there, an LLM trial)
-                      xlabel="layers in the model's registration order")
+                      xlabel="layers in the model's registration order" + (
+                          f" ({left} with no gradient, frozen, left out)" if left else ""))
     return fig
 
 

@@ -663,3 +663,20 @@ def test_every_dead_unit_a_finding_names_has_its_label_on_the_heatmap(died: str)
     fig = plots.activity_heatmap_figure(data, "s", "relu")
     labels = {t.get_text() for t in fig.axes[0].get_yticklabels()}
     assert {str(u) for u in dead} <= labels, sorted({str(u) for u in dead} - labels)
+
+
+def test_the_parameter_gradient_panel_leaves_out_layers_with_no_gradient() -> None:
+    """Frozen layers have no gradient norm at any log (NaN): a LoRA trial's 21 frozen base
+    layers of 49 left blank slots on the axis and crowded its labels. They are left out,
+    and the axis says how many."""
+    hist = pd.DataFrame([{"step": s, "site": "a", "order": 0, "grad_rms": 0.1} for s in (2, 4)])
+    layers = pd.DataFrame([{"step": s, "layer": name,
+                            "grad_norm": float("nan") if name.endswith("base") else 0.5 + s}
+                           for s in (2, 4) for name in ("q.base", "q.lora_A", "v.base", "v.lora_B")])
+    fig = plots.gradient_flow_figure(hist, layers)
+    assert fig is not None
+    ax = fig.axes[1]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["q.lora_A", "v.lora_B"]
+    assert ax.get_xlabel().endswith("(2 with no gradient, frozen, left out)")
+    drawn = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert drawn == {"step 2": [2.5, 2.5], "step 4": [4.5, 4.5]}
