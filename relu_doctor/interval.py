@@ -60,6 +60,28 @@ _STEPS = "\0steps_collected"  # the window's collected steps, summed across proc
 _FIRST = "\0first\0"  # + a site's name: its first reading (SiteStats.first), until logged
 
 
+def _unrecyclable(sites: Sequence[Site]) -> dict[str, str]:
+    """Why recycling cannot treat a site, where the site itself tells: its input a sum
+    (Site.summed), a norm over units together (Site.mixed), or a layer that runs more than
+    once a pass, feeding each call of one activation (a tower called on two captions: the
+    findings advised recycling, which then refused every call, a trial)."""
+    calls: dict[tuple[str, str], list[str]] = {}
+    for s in sites:
+        if s.producer is not None and s.key.op is None:
+            calls.setdefault((s.key.module_path, s.producer), []).append(s.name)
+    out = {}
+    for s in sites:
+        if s.summed or s.mixed:
+            out[s.name] = _SUMMED if s.summed else _mixed(s.mixed)
+        elif s.producer is not None and len(twins := calls.get(
+                (s.key.module_path, s.producer), [])) > 1:
+            others = ", ".join(repr(n) for n in twins if n != s.name)
+            out[s.name] = (f"the layer feeding it, {module_label(s.producer)!r}, runs more than "
+                           f"once a pass (it feeds {others} too): re-initialising its rows would "
+                           "change its other outputs as well")
+    return out
+
+
 def _mixed(norm: str) -> str:
     """Why recycling cannot treat a site whose input passed ``norm`` (Site.mixed)."""
     return f"its input passes a {norm}, which normalises the units together: a fresh unit " \
@@ -381,8 +403,7 @@ class IntervalReading:
                 declined=self._declined, site_passes=passes,
                 parts=self.probe.parts(sites) if world == 1 else {},
                 call_index={s.name: s.key.call_index for s in sites if s.key.call_index},
-                unrecyclable={s.name: _SUMMED if s.summed else _mixed(s.mixed)
-                              for s in sites if s.summed or s.mixed},
+                unrecyclable=_unrecyclable(sites),
                 norms={s.name: s.norm for s in sites if s.norm},
                 recycling=self._recycling(sites),
                 # (a DormantRecycler without tau= takes units by their ReDo score alone)

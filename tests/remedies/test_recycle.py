@@ -1341,3 +1341,45 @@ def test_continual_backprop_ages_a_site_first_seen_late_from_then_on():
     # first read at the last log (found in a pass of its window): aged that window's 4 steps
     assert int(cbp.age["(root):relu#0"].max()) == 4
     assert not [e for e in events if e["type"] == "intervention" and e["site"] == "(root):relu#0"]
+
+
+class _CalledTwice(nn.Module):
+    """One projection head called on two inputs (a text tower on two captions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.out(self.proj(a)) + self.out(self.proj(b))
+
+
+def test_a_layer_run_twice_a_pass_is_advised_no_recycling_the_recycler_refuses() -> None:
+    """A head called twice a pass (sites proj.1#0 and #1, one Linear feeding both): the
+    findings advised recycling, which the recycler then refused at every call (a CLIP
+    trial). The findings now say why it cannot, as the recycler does."""
+    torch.manual_seed(0)
+    net = _CalledTwice()
+    with torch.no_grad():
+        net.proj[0].bias[:4] = -50.0  # four units dead in both calls
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=1,
+                               overhead_budget=None) as doc:
+            DormantRecycler(net, optimizers=opt).bind(doc)
+            for _ in range(2):
+                net(torch.randn(16, 6), torch.randn(16, 6)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+            first = [f for f in doc.records[0].findings if f.kind == "dead"]
+    assert {f.site for f in first} == {"proj.1#0", "proj.1#1"}
+    for f in first:
+        other = "proj.1#1" if f.site == "proj.1#0" else "proj.1#0"
+        assert (f"Recycling cannot treat this site: the layer feeding it, 'proj.0', runs more "
+                f"than once a pass (it feeds {other!r} too)") in f.remedy
+        assert "DormantRecycler" not in f.remedy
+    refused = [str(w.message) for w in seen if "leaving site 'proj.1#" in str(w.message)]
+    assert refused and all("is used 2 times per" in m for m in refused)
