@@ -30,12 +30,15 @@ from benchmarks.paired import own_clock
 
 
 def paired_log_ratio(
-    model: str, logs: int, log_every: int, threads: int, run_dir: str | None = None
+    model: str, logs: int, log_every: int, threads: int, run_dir: str | None = None,
+    before: list[float] | None = None,
 ) -> list[float]:
     """(watched logging step / the plain step before it) for ``logs`` logging steps, after
     two logs left out (the first makes the record's tables). The watched copy's budget is timed
 on its own steps (:func:`benchmarks.paired.own_clock`). ``run_dir``: each log is also written
-there (its tables, findings and TensorBoard events), as ``watch(run_dir=...)`` does."""
+there (its tables, findings and TensorBoard events), as ``watch(run_dir=...)`` does.
+``before``: given a list, the same ratio of each step before a logging step is appended
+to it (that step reads the window's update ratio: a copy of the parameters)."""
     import relu_doctor
 
     torch.set_num_threads(threads)
@@ -65,6 +68,8 @@ there (its tables, findings and TensorBoard events), as ``watch(run_dir=...)`` d
             t_watched = timed(watched, True)
             if (i + 1) % log_every == 0 and i >= 2 * log_every:
                 ratios.append(t_watched / t_plain)
+            elif before is not None and (i + 2) % log_every == 0 and i >= 2 * log_every:
+                before.append(t_watched / t_plain)
     finally:
         doc.detach()
     return ratios
@@ -81,13 +86,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.logs < 2 or args.log_every < 2:
         p.error(f"--logs and --log-every: expected at least 2, got {args.logs} and {args.log_every}")
+    before: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         r = paired_log_ratio(args.model, args.logs, args.log_every, args.threads,
-                             f"{tmp}/run" if args.run_dir else None)
+                             f"{tmp}/run" if args.run_dir else None, before)
     q1, med, q3 = statistics.quantiles(r, n=4)
+    b1, bmed, b3 = statistics.quantiles(before, n=4)
     where = ", written to a run directory" if args.run_dir else ""
     print(f"{args.model}: a logging step (default settings{where}) / a plain step: {med:.2f}x "
-          f"[{q1:.2f}-{q3:.2f}], {len(r)} logging steps, {args.threads} threads")
+          f"[{q1:.2f}-{q3:.2f}], {len(r)} logging steps, {args.threads} threads; the step "
+          f"before each: {bmed:.2f}x [{b1:.2f}-{b3:.2f}]")
     return 0
 
 

@@ -294,7 +294,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             OptimizerTap(
                 model,
                 opts,
-                is_log_step=self._next_is_log_step,
+                is_update_step=self._update_step,
                 collecting=self._collecting,
                 pre_hook=optimizer_pre_hook,
                 stopwatch=self.stopwatch,
@@ -360,6 +360,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         #: stepped, whether its stopping was said, whether calls too often were said) of
         #: the logged windows (see _check_step_calls)
         self._step_calls = [0, 0, 0, 0, 0]
+        self._collected_last = False  # whether the step before the one now taken collected
         self._warned_sites_differ = False  # the processes held different sites at a read
         self._agreed_sums: dict[str, AgreedSum] = {}  # (see sum_across)
         self._warned_no_site = False  # (see _warn_no_site_yet)
@@ -621,6 +622,24 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         return ((self.global_step + 1) % self.log_every_n_steps == 0
                 or self._last_ahead == self.global_step)
 
+    def _update_step(self) -> bool:
+        """Whether the next log reads the update ratio of the optimizer step now being
+        taken: the step before a logging step, so that the logging step pays for the log
+        alone (as a collecting step due there comes one step early: the copy of the
+        parameters and its pass cost the 256-site MLP's logging step ~9 ms of ~65); the
+        logging step itself where every step logs; and a step said ahead to be training's
+        last (:meth:`expect_last_step`) that ends a partial window (one that ends a whole
+        window was read at the step before, as where it is not said). Where the step before
+        a log collects, the logging step reads it, so that no step pays for two of the
+        three."""
+        every, step = self.log_every_n_steps, self.global_step
+        logs = (step + 1) % every == 0
+        if every == 1 or (self._last_ahead == step and not logs):
+            return True
+        if (step + 2) % every == 0:  # (one collecting, as one due at the log is: the log's)
+            return not self.probe.collecting
+        return logs and self._collected_last
+
     def expect_last_step(self) -> None:
         """Say, before its optimizer step, that the step now being taken is training's
         last. Its optimizer step then keeps the parameters' copy, as at a logging step, so
@@ -685,9 +704,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             last = flag("last", bool(last) if isinstance(last, np.bool_) else last)
         if self._last_ahead is not None and self._last_ahead < self.global_step:
             # training went on past the step said to be its last: that step's update ratio
-            # is no logging step's (unless this step copied anew, as a logging step)
+            # is not the one the next log reads (unless this step copied anew)
             self._last_ahead = None
-            if self.tap is not None and not self._next_is_log_step():
+            if self.tap is not None and not self._update_step():
                 self.tap.forget_update()
         last = last or self._last_ahead == self.global_step
         release = self._check_held  # training went on after a final record (_release_held)
@@ -723,6 +742,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             self.probe.transformed_calls = 0  # (a window's own: said of the window they ran in)
         if release and (record is None or not record.final):  # a final one is held anew
             self._release_held()
+        self._collected_last = self.probe.collecting  # (see _update_step)
         self.probe.collecting = self._collecting()
         if self.grad_scaler is not None:
             self._note_scale()
@@ -1083,7 +1103,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             old.detach()
         self._optimizers = opts
         self.tap = OptimizerTap(
-            self.model, opts, is_log_step=self._next_is_log_step, collecting=self._collecting,
+            self.model, opts, is_update_step=self._update_step, collecting=self._collecting,
             pre_hook=old.pre_hook if old is not None else True, stopwatch=self.stopwatch,
         ) if opts else None
         if self.tap is not None and self.probe.attached:

@@ -1,5 +1,6 @@
 """Per-layer parameter statistics read in optimizer step hooks: gradient norms (summed over
-the window's steps, on the device) and update-to-weight ratios at logging steps.
+the window's steps, on the device) and update-to-weight ratios, at one step of each window
+(the one before its logging step).
 
 Gradients are read when the optimizer is about to step: after the backward, after DDP's
 all-reduce and after AMP unscaling (``GradScaler.step`` and Lightning's precision plugins
@@ -124,13 +125,14 @@ class OptimizerTap:
 
     A pre-step hook adds each layer's squared gradient norm to an on-device accumulator (the
     optimizer sees gradients after AMP unscaling: ``GradScaler.step`` and Lightning's
-    precision plugins unscale first). On logging steps it also keeps a transient copy of the
+    precision plugins unscale first). At the step whose update the next log reads (the one
+    before it: see ``is_update_step``) it also keeps a transient copy of the
     parameters, so a post-step hook can measure the update-to-weight ratio
     ``||W_after - W_before|| / ||W_after||``; the copy is freed in that hook. It holds at
     most ``update_sample`` elements of each tensor: a larger tensor's norms are estimated
     from a strided sample of its elements (see :func:`_sample_plan`), scaled to the whole
     tensor, so the copy's memory is bounded whatever the model's size. The norms of every
-    optimizer stepped at the logging step are summed per layer; a layer none of them
+    optimizer stepped at that step are summed per layer; a layer none of them
     stepped has no ratio (NaN).
 
     A hook that fails (an optimizer or a gradient of a kind it cannot read) warns once and
@@ -140,7 +142,8 @@ class OptimizerTap:
     Args:
         model: the model whose parameters are grouped into layers (the module owning them).
         optimizers: the optimizers to hook.
-        is_log_step: returns True when the step now being taken will be logged.
+        is_update_step: returns True when the next log reads the update ratio of the step
+            now being taken (the Doctor's: the step before a logging step).
         collecting: returns True when the step now being taken collects statistics.
         pre_hook: read the gradients in the optimizer's step pre-hook. Pass False when the
             backward runs inside ``optimizer.step(closure)`` (Lightning, LBFGS): the pre-hook
@@ -157,14 +160,14 @@ class OptimizerTap:
         model: nn.Module,
         optimizers: Sequence[torch.optim.Optimizer],
         *,
-        is_log_step: Callable[[], bool],
+        is_update_step: Callable[[], bool],
         collecting: Callable[[], bool],
         pre_hook: bool = True,
         stopwatch: Stopwatch | None = None,
         update_sample: int = UPDATE_SAMPLE,
     ) -> None:
         self.optimizers: list[torch.optim.Optimizer] = optimizers_arg("optimizer", list(optimizers))
-        self.is_log_step = is_log_step
+        self.is_update_step = is_update_step
         self.collecting = collecting
         self.pre_hook = pre_hook
         self.stopwatch = stopwatch if stopwatch is not None else Stopwatch()
@@ -189,13 +192,13 @@ class OptimizerTap:
         #: the layers a gradient was read for in the window :meth:`read_and_reset` closed
         #: (the others, frozen or in no optimizer, have no gradient norm: NaN, not 0)
         self.window_graded: frozenset[int] = frozenset()
-        #: the logging step's parameters by optimizer, each with its (sampled) copy and the
+        #: the update step's parameters by optimizer, each with its (sampled) copy and the
         #: sample's (offset, stride)
         self._before: dict[int, list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
         #: per optimizer, the squared update and weight norms per layer at its latest logging
         #: step, and the layers it read
         self._updates: dict[int, tuple[torch.Tensor, torch.Tensor, frozenset[int]]] = {}
-        self._turn = 0  # logging steps whose parameters were copied (the sample's offset)
+        self._turn = 0  # update steps whose parameters were copied (the sample's offset)
         self._failed = False
         self._said_strangers = False  # an optimizer holding none of the model's parameters
         self._handles: list[RemovableHandle] = []
@@ -293,7 +296,7 @@ class OptimizerTap:
             return
         t0 = time.perf_counter()
         try:
-            if self.is_log_step():  # the update ratio is the logging step's, collecting or not
+            if self.is_update_step():  # (the update ratio's step, collecting or not)
                 self._copy_params(opt)
         except Exception as e:  # never raise into the user's optimizer step
             self._fail(e)
@@ -417,7 +420,7 @@ class OptimizerTap:
 
     @property
     def update_ratio(self) -> torch.Tensor | None:
-        """``||W_after - W_before|| / ||W_after||`` per layer at the latest logging step, the
+        """``||W_after - W_before|| / ||W_after||`` per layer at the latest update step, the
         norms summed over the optimizers stepped there; NaN for a layer none of them
         stepped; None before any."""
         if not self._updates:
@@ -436,7 +439,7 @@ class OptimizerTap:
 
     def forget_update(self) -> None:
         """Drop the update ratio measured (a step said to be training's last, after which
-        training went on): the next log's is NaN unless a logging step measures one."""
+        training went on): the next log's is NaN unless an update step measures one."""
         self._updates = {}
 
     def layer_steps(self) -> list[int]:

@@ -13,7 +13,7 @@ from tests.reference import step_beside
 
 def _tap(model: nn.Module) -> OptimizerTap:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return OptimizerTap(model, [opt], is_log_step=lambda: False, collecting=lambda: True).attach()
+    return OptimizerTap(model, [opt], is_update_step=lambda: False, collecting=lambda: True).attach()
 
 
 def _step(model: nn.Module, tap: OptimizerTap) -> None:
@@ -61,7 +61,7 @@ def test_update_ratio_and_gradient_norms_equal_a_float64_reference(fused, dtype)
         nn.Linear(5, 2, bias=False),
     ).to(dtype).to(memory_format=torch.channels_last)  # the conv weight channels-last
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    tap = OptimizerTap(model, [opt], is_log_step=lambda: True, collecting=lambda: True).attach()
+    tap = OptimizerTap(model, [opt], is_update_step=lambda: True, collecting=lambda: True).attach()
     x = torch.randn(8, 3, 6, 6, dtype=dtype)
     grad_sq = torch.zeros(len(tap.layers), dtype=torch.float64)
     layer_of = {id(p): tap.layers.index(name.rsplit(".", 1)[0])
@@ -98,7 +98,7 @@ def test_the_update_ratio_is_the_logging_steps_whether_or_not_it_collects():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    tap = OptimizerTap(model, [opt], is_log_step=lambda: True, collecting=lambda: False).attach()
+    tap = OptimizerTap(model, [opt], is_update_step=lambda: True, collecting=lambda: False).attach()
     model(torch.randn(4, 3)).sum().backward()
     before = [p.detach().double().clone() for p in model.parameters()]
     opt.step()
@@ -132,7 +132,7 @@ def _one_logged_step(model: nn.Module, cap: int, grads: dict[int, torch.Tensor],
     from relu_doctor import _kernels
 
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    tap = OptimizerTap(model, [opt], is_log_step=lambda: True, collecting=lambda: False,
+    tap = OptimizerTap(model, [opt], is_update_step=lambda: True, collecting=lambda: False,
                        update_sample=cap).attach()
     held: list[int] = []
     # registered after the tap's: runs after it took its copy
@@ -198,7 +198,7 @@ def test_the_sample_moves_at_each_log_so_an_update_to_one_row_reads_right_on_ave
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 500, bias=False))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    tap = OptimizerTap(model, [opt], is_log_step=lambda: True, collecting=lambda: False,
+    tap = OptimizerTap(model, [opt], is_update_step=lambda: True, collecting=lambda: False,
                        update_sample=2048).attach()
     g = torch.zeros(500, 64)
     g[3] = torch.randn(64)
@@ -223,7 +223,7 @@ def test_the_update_ratio_sums_every_optimizer_stepped_at_the_logging_step():
     model = nn.Sequential(nn.Linear(30, 30), nn.ReLU(), nn.Linear(30, 10), nn.ReLU(), nn.Linear(10, 2))
     o1 = torch.optim.SGD(model[0].parameters(), lr=0.05)
     o2 = torch.optim.Adam(model[2].parameters(), lr=1e-3)  # model[4]: in no optimizer
-    tap = OptimizerTap(model, [o1, o2], is_log_step=lambda: True, collecting=lambda: True).attach()
+    tap = OptimizerTap(model, [o1, o2], is_update_step=lambda: True, collecting=lambda: True).attach()
     model(torch.randn(16, 30)).square().mean().backward()
     before = {id(p): p.detach().double().clone() for p in model.parameters()}
     o1.step()
@@ -244,7 +244,7 @@ def test_sparse_gradients_are_read_as_their_coalesced_values():
     emb = nn.Embedding(100, 8, sparse=True)
     model = nn.Sequential(emb, nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    tap = OptimizerTap(model, [opt], is_log_step=lambda: True, collecting=lambda: True).attach()
+    tap = OptimizerTap(model, [opt], is_update_step=lambda: True, collecting=lambda: True).attach()
     tokens = torch.tensor([3, 5, 3, 7, 3])  # 3 repeats: its gradient rows add up
     model(tokens).square().mean().backward()
     assert emb.weight.grad.is_sparse
@@ -272,7 +272,7 @@ def test_a_failing_hook_warns_once_and_the_optimizer_steps_as_without_it(monkeyp
     plain.load_state_dict(model.state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
-    tap = OptimizerTap(model, [opt], is_log_step=lambda: True, collecting=lambda: True).attach()
+    tap = OptimizerTap(model, [opt], is_update_step=lambda: True, collecting=lambda: True).attach()
     monkeypatch.setattr(optimizer_tap, "_squared_norms", broken)
     monkeypatch.setattr(optimizer_tap._kernels, "sum_squares_into", lambda *a, **k: False)
     x = torch.randn(8, 3)
@@ -454,7 +454,8 @@ def test_the_last_partial_windows_update_ratio_is_read_when_its_step_is_said_ahe
     assert set(got.index) == {"0", "2"}
     for layer, want in ratios[-1].items():
         assert math.isclose(got[layer], want, rel_tol=1e-5) if said else math.isnan(got[layer])
-    # the logged windows before are unchanged: their logging steps' ratios (steps 3 and 6)
+    # the whole windows before: their logging steps' ratios (steps 3 and 6: the steps
+    # before them collect, as every step does here)
     for rec in doc.records[:-1]:
         ref = ratios[rec.step - 1]
         for layer, v in rec.layer_table.set_index("layer")["update_ratio"].items():
@@ -638,3 +639,39 @@ def test_a_window_resumed_midway_is_no_sign_of_step_called_too_often() -> None:
         assert doc2.records[-1].step == 20
         doc2.close()
     assert not [w for w in seen if "doc.step() was called" in str(w.message)]
+
+
+@pytest.mark.parametrize("every", [3, 2])
+def test_a_whole_windows_update_ratio_is_the_step_befores_where_that_step_collects_not(every):
+    """So that a logging step pays for the log alone, the update ratio of a whole window is
+    read at the step before its log (the copy of the parameters and its pass cost the
+    256-site benchmark MLP's logging step ~9 ms of ~65), and at the logging step where the
+    step before collects (no step pays for two of the three). Against the test's own step
+    hooks: collecting every ``every``-th step (0-based steps 0, 3, 6... or 0, 2, 4...),
+    logging every 3rd."""
+    import math
+
+    import relu_doctor
+    from tests.reference import UpdateSpy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    spy = UpdateSpy(model, opt)
+    x = torch.randn(16, 3)
+    with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=3,
+                           every_n_steps=every) as doc:
+        for _ in range(9):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    assert [r.step for r in doc.records] == [3, 6, 9]
+    for rec in doc.records:
+        before = rec.step - 2  # (0-based: the step before the log)
+        read = before if before % every else before + 1
+        for layer, v in rec.layer_table.set_index("layer")["update_ratio"].items():
+            assert math.isclose(v, spy.ratios[read][layer], rel_tol=1e-5), (rec.step, layer)
+    if every == 3:  # (steps 1, 4, 7 collect nothing: each log's ratio is the step's before)
+        assert all(not math.isclose(spy.ratios[r.step - 2]["0"], spy.ratios[r.step - 1]["0"])
+                   for r in doc.records)
