@@ -638,7 +638,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             return True
         if (step + 2) % every == 0:  # (one collecting, as one due at the log is: the log's)
             return not self.probe.collecting
-        return logs and self._collected_last
+        # at the log, where no step of its window read one (the step before collected, its
+        # optimizer did not step, a resume at it, an unscheduled log between them)
+        return logs and (self._collected_last or (self.tap is not None and self.tap.unread))
 
     def expect_last_step(self) -> None:
         """Say, before its optimizer step, that the step now being taken is training's
@@ -706,7 +708,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             # training went on past the step said to be its last: that step's update ratio
             # is not the one the next log reads (unless this step copied anew)
             self._last_ahead = None
-            if self.tap is not None and not self._update_step():
+            if (self.tap is not None and not self._update_step()
+                    and (self.global_step + 1) % self.log_every_n_steps):  # (a log reads it)
                 self.tap.forget_update()
         last = last or self._last_ahead == self.global_step
         release = self._check_held  # training went on after a final record (_release_held)
@@ -1108,7 +1111,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         ) if opts else None
         if self.tap is not None and self.probe.attached:
             self.tap.attach()
-        self._step_calls = [0, 0, 0, 0, 0]
+        # (the open window's steps so far are none of the new one's to step at)
+        self._step_calls = [0, -self.window_steps, 0, 0, 0]
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:

@@ -62,23 +62,22 @@ _FIRST = "\0first\0"  # + a site's name: its first reading (SiteStats.first), un
 
 def _unrecyclable(sites: Sequence[Site]) -> dict[str, str]:
     """Why recycling cannot treat a site, where the site itself tells: its input a sum
-    (Site.summed), a norm over units together (Site.mixed), or a layer that runs more than
-    once a pass, feeding each call of one activation (a tower called on two captions: the
-    findings advised recycling, which then refused every call, a trial)."""
-    calls: dict[tuple[str, str], list[str]] = {}
+    (Site.summed), a norm over units together (Site.mixed), or a layer feeding more than one
+    site (run more than once a pass, as a tower called on two captions, or its output used
+    twice: the findings advised recycling, which then refused every call, a trial)."""
+    fed: dict[str, list[str]] = {}
     for s in sites:
-        if s.producer is not None and s.key.op is None:
-            calls.setdefault((s.key.module_path, s.producer), []).append(s.name)
+        if s.producer is not None:
+            fed.setdefault(s.producer, []).append(s.name)
     out = {}
     for s in sites:
         if s.summed or s.mixed:
             out[s.name] = _SUMMED if s.summed else _mixed(s.mixed)
-        elif s.producer is not None and len(twins := calls.get(
-                (s.key.module_path, s.producer), [])) > 1:
+        elif s.producer is not None and len(twins := fed[s.producer]) > 1:
             others = ", ".join(repr(n) for n in twins if n != s.name)
-            out[s.name] = (f"the layer feeding it, {module_label(s.producer)!r}, runs more than "
-                           f"once a pass (it feeds {others} too): re-initialising its rows would "
-                           "change its other outputs as well")
+            out[s.name] = (f"the layer feeding it, {module_label(s.producer)!r}, also feeds "
+                           f"{others} (run more than once a pass, or its output used twice): "
+                           "re-initialising its rows would change what they get as well")
     return out
 
 
@@ -539,7 +538,8 @@ class IntervalReading:
                 "until then no per-layer gradient norm or update ratio is measured, and the "
                 "learning rates recorded are the old one's.",
                 ReluDoctorWarning, stacklevel=user_stacklevel())
-        if calls < 16 or not 0 < 2 * stepped <= calls or seen[4]:
+        # (judged where it stepped in this window: one that stopped is the warning above's)
+        if calls < 16 or not 0 < 2 * stepped <= calls or seen[4] or not now:
             return
         seen[4] = 1
         warnings.warn(

@@ -501,6 +501,11 @@ class OptimizerTap:
                     self._trained.add(index[name])
         self.grad_sq = new
 
+    @property
+    def unread(self) -> bool:
+        """Whether no update ratio was read since the last log."""
+        return not self._updates
+
     def names(self) -> str:
         """The optimizers' class names, for a message."""
         return ", ".join(type(o).__name__ for o in self.optimizers)

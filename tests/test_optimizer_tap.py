@@ -592,6 +592,8 @@ def test_an_optimizer_made_anew_mid_run_is_said_and_taken_with_set_optimizer() -
             norms.clear()
             train(second, 4)
     assert len([w for w in seen if "has not stepped" in str(w.message)]) == 1
+    # (set mid-window: its steps before are none of the new one's to step at, a review)
+    assert not [w for w in seen if "doc.step() was called" in str(w.message)]
     run = doc.to_run()
     head = run.layers[run.layers["layer"] == "head"].set_index("step")["grad_norm"]
     assert head.loc[[22, 24]].notna().all() and not {6, 20} & set(head.index)  # (no update)
@@ -675,3 +677,84 @@ def test_a_whole_windows_update_ratio_is_the_step_befores_where_that_step_collec
     if every == 3:  # (steps 1, 4, 7 collect nothing: each log's ratio is the step's before)
         assert all(not math.isclose(spy.ratios[r.step - 2]["0"], spy.ratios[r.step - 1]["0"])
                    for r in doc.records)
+
+
+@pytest.mark.parametrize("case", ["resumed at the step before", "said last then on", "skipped"])
+def test_a_log_whose_step_before_read_no_update_ratio_reads_its_own(case):
+    """The step before a log reads the window's update ratio; where none reached the log
+    (a resume at that step, a step said last there and training went on, its optimizer
+    step skipped), the logging step reads its own: the ratio was NaN (a review's fuzzing
+    of positions, logs and resumes). Against the test's own step hooks."""
+    import math
+
+    import relu_doctor
+    from tests.reference import UpdateSpy
+
+    kw = {"log_every_n_steps": 4, "every_n_steps": 3}
+
+    def make() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+        return m, torch.optim.SGD(m.parameters(), lr=0.05)
+
+    model, opt = make()
+    spy = UpdateSpy(model, opt)
+    x = torch.randn(16, 3)
+    doc = relu_doctor.watch(model, optimizer=opt, **kw)
+    stepped = []
+    for i in range(4):  # 0-based 0..3: the log at step 4 (0-based 3), its step before 2
+        model(x).square().mean().backward()
+        if case == "said last then on" and i == 2:
+            doc.expect_last_step()
+        if not (case == "skipped" and i == 2):
+            opt.step()
+            stepped.append(i)
+        opt.zero_grad()
+        doc.step()
+        if case == "resumed at the step before" and i == 2:
+            state, weights, opt_state = doc.state_dict(), model.state_dict(), opt.state_dict()
+            doc.detach()
+            model, opt = make()
+            model.load_state_dict(weights)
+            opt.load_state_dict(opt_state)
+            spy = UpdateSpy(model, opt)  # (its ratios from here: the logging step's)
+            doc = relu_doctor.watch(model, optimizer=opt, **kw)
+            doc.load_state_dict(state)
+    doc.close()
+    log = next(r for r in doc.records if r.step == 4)
+    got = log.layer_table.set_index("layer")["update_ratio"]
+    want = spy.ratios[-1]  # the last step's: the log's own
+    if case == "said last then on":
+        want = spy.ratios[2]  # the step before, read as the schedule reads it
+    for layer, v in got.items():
+        assert math.isclose(v, want[layer], rel_tol=1e-5), (case, layer, v)
+
+
+def test_an_optimizer_set_mid_window_is_no_sign_of_step_called_too_often() -> None:
+    """set_optimizer() mid-window: the new optimizer's steps were counted against the whole
+    window's, and a loop stepping once per doc.step() was told it called it too often."""
+    import warnings
+
+    import relu_doctor
+
+    torch.manual_seed(0)
+    net = _Growing()
+    x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
+    first = torch.optim.SGD(net.parameters(), lr=0.05)
+    second = torch.optim.SGD(net.parameters(), lr=0.02)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, optimizer=first, log_every_n_steps=20,
+                               overhead_budget=None) as doc:
+            for i in range(40):
+                if i == 12:
+                    doc.set_optimizer(second)
+                opt = first if i < 12 else second
+                nn.functional.cross_entropy(net(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+    said = [str(w.message) for w in seen if "doc.step() was called" in str(w.message)
+            or "has not stepped" in str(w.message)]
+    assert not said, said
+    assert [r.step for r in doc.records] == [20, 40]

@@ -1378,8 +1378,53 @@ def test_a_layer_run_twice_a_pass_is_advised_no_recycling_the_recycler_refuses()
     assert {f.site for f in first} == {"proj.1#0", "proj.1#1"}
     for f in first:
         other = "proj.1#1" if f.site == "proj.1#0" else "proj.1#0"
-        assert (f"Recycling cannot treat this site: the layer feeding it, 'proj.0', runs more "
-                f"than once a pass (it feeds {other!r} too)") in f.remedy
+        assert (f"Recycling cannot treat this site: the layer feeding it, 'proj.0', also "
+                f"feeds {other!r} (run more than once a pass") in f.remedy
         assert "DormantRecycler" not in f.remedy
     refused = [str(w.message) for w in seen if "leaving site 'proj.1#" in str(w.message)]
     assert refused and all("is used 2 times per" in m for m in refused)
+
+
+class _OneLayerTwoActivations(nn.Module):
+    """One Linear run on two inputs, each call into an activation of its own, or (``op``)
+    into F.relu."""
+
+    def __init__(self, op: bool) -> None:
+        super().__init__()
+        self.op = op
+        self.lin = nn.Linear(6, 8)
+        self.a, self.b = nn.ReLU(), nn.ReLU()
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.op:
+            return self.out(F.relu(self.lin(x)) + F.relu(self.lin(y)))
+        return self.out(self.a(self.lin(x)) + self.b(self.lin(y)))
+
+
+@pytest.mark.parametrize("op", [False, True], ids=["two modules", "functional"])
+def test_a_layer_feeding_two_sites_is_advised_no_recycling_the_recycler_refuses(op: bool) -> None:
+    """One layer run twice into two different activations (modules, or F.relu calls): the
+    findings said the bound recycler would recycle, which refused every time (a review)."""
+    torch.manual_seed(0)
+    net = _OneLayerTwoActivations(op)
+    with torch.no_grad():
+        net.lin.bias[:4] = -50.0
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=1, overhead_budget=None,
+                               functional=op) as doc:
+            DormantRecycler(net, optimizers=opt).bind(doc)
+            for _ in range(2):
+                net(torch.randn(16, 6), torch.randn(16, 6)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+            first = [f for f in doc.records[0].findings if f.kind == "dead"]
+    assert len(first) == 2
+    for f in first:
+        assert "Recycling cannot treat this site: the layer feeding it, 'lin', also feeds" in f.remedy
+        assert "is bound to recycle" not in f.remedy
+    refused = [str(w.message) for w in seen if "ReDo recycling: leaving site" in str(w.message)]
+    assert len(refused) == 2
