@@ -1355,6 +1355,24 @@ class _CalledTwice(nn.Module):
         return self.out(self.proj(a)) + self.out(self.proj(b))
 
 
+def _dead_findings_under_a_recycler(net: nn.Module, *, functional: bool = False
+                                    ) -> tuple[list[Any], list[warnings.WarningMessage]]:
+    """Two steps of ``net`` on two inputs (no update: lr 0), logged at each, a recycler
+    bound: the first log's dead findings, and the warnings."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=1, overhead_budget=None,
+                               functional=functional) as doc:
+            DormantRecycler(net, optimizers=opt).bind(doc)
+            for _ in range(2):
+                net(torch.randn(16, 6), torch.randn(16, 6)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+    return [f for f in doc.records[0].findings if f.kind == "dead"], seen
+
+
 def test_a_layer_run_twice_a_pass_is_advised_no_recycling_the_recycler_refuses() -> None:
     """A head called twice a pass (sites proj.1#0 and #1, one Linear feeding both): the
     findings advised recycling, which the recycler then refused at every call (a CLIP
@@ -1363,18 +1381,7 @@ def test_a_layer_run_twice_a_pass_is_advised_no_recycling_the_recycler_refuses()
     net = _CalledTwice()
     with torch.no_grad():
         net.proj[0].bias[:4] = -50.0  # four units dead in both calls
-    opt = torch.optim.SGD(net.parameters(), lr=0.0)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=1,
-                               overhead_budget=None) as doc:
-            DormantRecycler(net, optimizers=opt).bind(doc)
-            for _ in range(2):
-                net(torch.randn(16, 6), torch.randn(16, 6)).sum().backward()
-                opt.step()
-                opt.zero_grad()
-                doc.step()
-            first = [f for f in doc.records[0].findings if f.kind == "dead"]
+    first, seen = _dead_findings_under_a_recycler(net)
     assert {f.site for f in first} == {"proj.1#0", "proj.1#1"}
     for f in first:
         other = "proj.1#1" if f.site == "proj.1#0" else "proj.1#0"
@@ -1412,18 +1419,7 @@ def test_a_layer_feeding_two_sites_is_advised_no_recycling_the_recycler_refuses(
     net = _OneLayerTwoActivations(op)
     with torch.no_grad():
         net.lin.bias[:4] = -50.0
-    opt = torch.optim.SGD(net.parameters(), lr=0.0)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=1, overhead_budget=None,
-                               functional=op) as doc:
-            DormantRecycler(net, optimizers=opt).bind(doc)
-            for _ in range(2):
-                net(torch.randn(16, 6), torch.randn(16, 6)).sum().backward()
-                opt.step()
-                opt.zero_grad()
-                doc.step()
-            first = [f for f in doc.records[0].findings if f.kind == "dead"]
+    first, seen = _dead_findings_under_a_recycler(net, functional=op)
     assert len(first) == 2
     for f in first:
         assert "Recycling cannot treat this site: the layer feeding it, 'lin', also feeds" in f.remedy
