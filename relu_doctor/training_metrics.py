@@ -20,6 +20,10 @@ from relu_doctor.history import IntervalRecord
 __all__ = ["TrainingMetrics", "metrics_columns", "metrics_frame"]
 
 
+#: the key of :meth:`TrainingMetrics.state_dict` that holds how rates are named (no metric's)
+_RATE_NAMING = "\0rate naming"
+
+
 class TrainingMetrics:
     """The open window's training metrics: ``name -> [device sum or None, host sum, count]``,
     plus callables asked for more at each logging step."""
@@ -66,17 +70,23 @@ class TrainingMetrics:
     def state_dict(self) -> dict[str, Any]:
         """The open window's sums, for a checkpoint: a resumed window's means then cover
         its steps before the checkpoint too. Device tensors are cloned, not read."""
-        return {
+        state: dict[str, Any] = {
             name: {"tensor": None if a[0] is None else a[0].detach().clone(),
                    "number": a[1], "count": a[2]}
             for name, a in self._acc.items()
         }
+        if self._one_rate is not None:  # (how rates are named: a resumed run goes on so)
+            state[_RATE_NAMING] = {"one_rate": self._one_rate}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the open window's sums)."""
+        """Restore :meth:`state_dict` (the open window's sums, and how rates are named)."""
+        naming = state.get(_RATE_NAMING)
+        if isinstance(naming, Mapping) and isinstance(naming.get("one_rate"), bool):
+            self._one_rate = naming["one_rate"]
         self._acc = {
             str(name): [s.get("tensor"), float(s.get("number", 0.0)), int(s.get("count", 0))]
-            for name, s in state.items()
+            for name, s in state.items() if name != _RATE_NAMING
         }
 
     def add_source(self, fn: Callable[[], Mapping[str, Any]]) -> None:

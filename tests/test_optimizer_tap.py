@@ -758,3 +758,37 @@ def test_an_optimizer_set_mid_window_is_no_sign_of_step_called_too_often() -> No
             or "has not stepped" in str(w.message)]
     assert not said, said
     assert [r.step for r in doc.records] == [20, 40]
+
+
+def test_a_grown_models_first_rate_keeps_its_name_across_a_resume() -> None:
+    """The first group's rate keeps the name ``lr`` when groups are added; a checkpoint
+    carries that naming, so a resumed process (two groups from its start) does not split
+    the curve into ``lr/0`` (a review)."""
+    import relu_doctor
+
+    torch.manual_seed(0)
+    net = _Growing()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
+
+    def train(doc: relu_doctor.Doctor, n: int) -> None:
+        for _ in range(n):
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+
+    kw = {"log_every_n_steps": 2, "overhead_budget": None}
+    with relu_doctor.watch(net, optimizer=opt, **kw) as doc:
+        train(doc, 2)
+        new = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+        net.blocks.append(new)
+        opt.add_param_group({"params": list(new.parameters()), "lr": 0.01})
+        train(doc, 2)
+        state = doc.state_dict()
+    with relu_doctor.watch(net, optimizer=opt, **kw) as again:
+        again.load_state_dict(state)
+        train(again, 2)
+    names = {k for k in again.records[-1].metrics if k.startswith("lr")}
+    assert names == {"lr", "lr/1"}
+    assert again.records[-1].metrics["lr/1"] == 0.01
