@@ -290,18 +290,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 resume=resume, stream="eval", padding_mask=padding_mask,
             )
         opts: list[torch.optim.Optimizer] = optimizers_arg("optimizer", optimizer)
-        self.tap: OptimizerTap | None = (
-            OptimizerTap(
-                model,
-                opts,
-                is_update_step=self._update_step,
-                collecting=self._collecting,
-                pre_hook=optimizer_pre_hook,
-                stopwatch=self.stopwatch,
-            )
-            if opts
-            else None
-        )
+        self.tap = self._make_tap(opts, optimizer_pre_hook)
         self.all_reduce = all_reduce
         self.is_writer = is_writer
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -355,7 +344,6 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         #: sites are not torch modules (Keras) sets its own
         self.frozen_feed: Callable[[list[Site]], list[str | None]] | None = None
         self._warned_empty = False  # a window with collecting steps recorded nothing
-        #: (optimizer steps, collecting steps) of the logged windows, until said once that
         #: (optimizer steps, collecting steps, collecting steps since the optimizer last
         #: stepped, whether its stopping was said, whether calls too often were said) of
         #: the logged windows (see _check_step_calls)
@@ -1094,6 +1082,14 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         counts the steps collected (``steps_collected``)."""
         return self.probe.collecting
 
+    def _make_tap(self, opts: list[torch.optim.Optimizer], pre_hook: bool) -> OptimizerTap | None:
+        """The optimizer tap reading ``opts`` for this Doctor (None where there are none)."""
+        if not opts:
+            return None
+        return OptimizerTap(self.model, opts, is_update_step=self._update_step,
+                            collecting=self._collecting, pre_hook=pre_hook,
+                            stopwatch=self.stopwatch)
+
     def set_optimizer(self, optimizer: Any) -> None:
         """Read the per-layer gradient norms, update ratios and learning rates from
         ``optimizer`` (one, a list, or None: none) from now on, in place of those given
@@ -1105,10 +1101,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if old is not None:
             old.detach()
         self._optimizers = opts
-        self.tap = OptimizerTap(
-            self.model, opts, is_update_step=self._update_step, collecting=self._collecting,
-            pre_hook=old.pre_hook if old is not None else True, stopwatch=self.stopwatch,
-        ) if opts else None
+        self.tap = self._make_tap(opts, old.pre_hook if old is not None else True)
         if self.tap is not None and self.probe.attached:
             self.tap.attach()
         # (the open window's steps so far are none of the new one's to step at)

@@ -526,7 +526,6 @@ class IntervalReading:
         steps (a GradScaler's first steps in fp16, given as ``grad_scaler=``; one not given
         skips a few at most, well under half of 16)."""
         seen = self._step_calls
-        assert seen is not None
         now = min(tap.most_steps + self._peek_skipped(), self.window_steps)
         seen[0] += now
         seen[1] += self.window_steps

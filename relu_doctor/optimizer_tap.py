@@ -195,7 +195,7 @@ class OptimizerTap:
         #: the update step's parameters by optimizer, each with its (sampled) copy and the
         #: sample's (offset, stride)
         self._before: dict[int, list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
-        #: per optimizer, the squared update and weight norms per layer at its latest logging
+        #: per optimizer, the squared update and weight norms per layer at its latest update
         #: step, and the layers it read
         self._updates: dict[int, tuple[torch.Tensor, torch.Tensor, frozenset[int]]] = {}
         self._turn = 0  # update steps whose parameters were copied (the sample's offset)

@@ -568,22 +568,16 @@ def _brought_up(findings: list[Finding], events: list[dict[str, Any]]
              and isinstance(e.get("step"), int) and e["step"] > held]
     if not later:
         return findings, None
-    open_ = {(f.kind, f.site): f for f in findings}
-    for data in later:
-        ev = event_from_dict(data)
-        if isinstance(ev, FindingEvent):
-            if ev.status == "ended":
-                open_.pop((ev.finding.kind, ev.finding.site), None)
-            else:
-                open_[(ev.finding.kind, ev.finding.site)] = ev.finding
-    out = sorted(open_.values(), key=lambda f: finding_order(f.severity, f.kind, f.site,
-                                                              f.evidence))
+    out = sorted(_findings_from_events(later, findings),
+                 key=lambda f: finding_order(f.severity, f.kind, f.site, f.evidence))
     return out, held
 
 
-def _findings_from_events(events: list[dict[str, Any]]) -> list[Finding]:
-    """The findings open after the last event: each begun or changed, and not ended."""
-    open_: dict[tuple[str, str], Finding] = {}
+def _findings_from_events(events: list[dict[str, Any]],
+                          open_before: Iterable[Finding] = ()) -> list[Finding]:
+    """The findings open after the last event: each begun or changed, and not ended (of
+    ``open_before`` too, those open before the events)."""
+    open_ = {(f.kind, f.site): f for f in open_before}
     for data in events:
         ev = event_from_dict(data)
         if isinstance(ev, FindingEvent):

@@ -5,9 +5,11 @@ untreated."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
@@ -1132,6 +1134,19 @@ class _Branchy(nn.Module):
         return self.head(h)
 
 
+
+@contextlib.contextmanager
+def _watched_every_4(net: nn.Module, opt: torch.optim.Optimizer) -> Iterator[
+        tuple[relu_doctor.Doctor, list[dict[str, Any]], list[warnings.WarningMessage]]]:
+    """A watch of ``net`` logging every 4 steps, collecting every step: ``(the Doctor, its
+    events as recorded, every warning caught)``."""
+    with warnings.catch_warnings(record=True) as caught, \
+            relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None,
+                              optimizer=opt) as doc:
+        warnings.simplefilter("always")
+        yield doc, events_of(doc), caught
+
+
 @pytest.mark.parametrize(("make", "taken", "at"), [
     ("recycler", {1, 2, 9, 11}, 12), ("plan", {1, 2, 9, 11}, 12), ("cbp", {1, 2, 9, 11}, 12),
     # taken every 4th step, never at a log, chosen by the model's state (a flag): replaying
@@ -1154,11 +1169,7 @@ def test_a_branch_the_recorded_pass_did_not_take_is_recycled_once_a_pass_takes_i
         net.fc.bias[:4] = -50.0  # four dead units on the branch
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     # logs at steps 3, 7 and 11; the first decision reads a pass that did not take it
-    with warnings.catch_warnings(record=True) as caught, \
-            relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None,
-                              optimizer=opt) as doc:
-        warnings.simplefilter("always")
-        events = events_of(doc)
+    with _watched_every_4(net, opt) as (doc, events, caught):
         if make == "recycler":
             remedy: Any = DormantRecycler(net, optimizers=opt).bind(doc)
         elif make == "cbp":
@@ -1224,11 +1235,7 @@ def test_a_part_the_loop_calls_on_its_own_is_recycled(evaluate: bool) -> None:
 
     net.projector[1].register_forward_hook(seen)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    with warnings.catch_warnings(record=True) as caught, \
-            relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None,
-                              optimizer=opt) as doc:
-        warnings.simplefilter("always")
-        events = events_of(doc)
+    with _watched_every_4(net, opt) as (doc, events, caught):
         DormantRecycler(net, optimizers=opt).bind(doc)
         for step in range(8):
             net.projector(net.encoder(torch.randn(16, 8))).square().mean().backward()
