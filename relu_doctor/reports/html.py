@@ -45,10 +45,13 @@ def _figures(ctx: ReportContext) -> dict[str, Any]:
 
     series = ctx.series
     out: dict[str, Any] = {"dead": None, "dead_omitted": [], "heatmaps": [], "heatmaps_omitted": 0,
-                           "gradients": None, "training": None}
+                           "gradients": None, "training": None, "updates": None}
     fig = plots.training_curve_figure(series.metrics, series.marks)
     if fig is not None:
         out["training"] = plots.figure_to_data_uri(fig)
+    fig = plots.update_ratio_figure(series.layers, series.marks)  # (an optimizer's alone)
+    if fig is not None:
+        out["updates"] = plots.figure_to_data_uri(fig)
     if series.history.empty:
         return out
     fig = plots.dead_fraction_figure(series.history, series.marks)

@@ -48,6 +48,7 @@ __all__ = [
     "mpl_label",
     "pick_sites",
     "training_curve_figure",
+    "update_ratio_figure",
 ]
 
 #: Most sites drawn as separate lines in one chart; the rest are named in the caption.
@@ -524,6 +525,57 @@ def gradient_flow_figure(
     return fig
 
 
+#: The update ratio that rules of thumb call healthy (Karpathy's "about 1e-3"): drawn as a
+#: guide on the update ratio figure, not judged.
+UPDATE_RATIO_GUIDE = 1e-3
+
+
+def update_ratio_figure(layers: pd.DataFrame | None, marks: Sequence[int] = ()) -> Figure | None:
+    """The per-layer update ratio (``||W_after - W_before|| / ||W_after||`` at one optimizer
+    step of each window) against step, on a log scale: one line per layer that has a ratio
+    at some log, coloured by its place in the model (registration order: light on the
+    input side, dark on the output side), the rule of thumb's 1e-3 dashed, the
+    interventions numbered.
+
+    Returns None when no update ratio was recorded (no optimizer watched, or every window's
+    ratio unread).
+    """
+    if layers is None or layers.empty or not {"step", "layer", "update_ratio"} <= set(layers):
+        return None
+    u = layers[np.isfinite(layers["update_ratio"].astype(float))]
+    if u.empty:
+        return None
+    names = [str(n) for n in pd.unique(layers["layer"]) if str(n) in set(u["layer"].astype(str))]
+    left = len(pd.unique(layers["layer"])) - len(names)
+    legend = len(names) <= MAX_LINES  # else the first and the last named, the colours said
+    labels = _labels(names if legend else [names[0], names[-1]], 30)
+    colors = dict(zip(names, sns.color_palette("crest", len(names)), strict=True))
+    with matplotlib.rc_context(_rc()):
+        fig = Figure(figsize=(_WIDTH, 3.6), layout="constrained")
+        ax = fig.subplots()
+        for i, name in enumerate(names):
+            part = u[u["layer"].astype(str) == name].sort_values("step")
+            shown = legend or i in (0, len(names) - 1)
+            ax.plot(part["step"], part["update_ratio"].astype(float),
+                    marker="o" if len(part) <= 40 else None, markersize=3, linewidth=1.2,
+                    color=colors[name], label=mpl_label(labels[name], 30) if shown else None)
+        scale = _log_scale(ax, u["update_ratio"].astype(float), zero="no update")
+        ax.axhline(UPDATE_RATIO_GUIDE, color="0.5", linestyle=":", linewidth=1)
+        ax.annotate("1e-3", xy=(1.0, UPDATE_RATIO_GUIDE), xycoords=("axes fraction", "data"),
+                    xytext=(2, 0), textcoords="offset points", va="center", fontsize=7,
+                    color="0.4")
+        _draw_marks(ax, marks)
+        ax.set_title("update ratio by layer", pad=16)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"||ΔW|| / ||W|| ({scale})")
+        what = f"{len(names)} layers" + (f"\n({left} never updated, left out)" if left else "")
+        if not legend:
+            what += "\nlight: input side\ndark: output side"
+        ax.legend(frameon=False, fontsize=7, title=what, title_fontsize=7,
+                  loc="upper left", bbox_to_anchor=(1.04, 1.0))
+    return fig
+
+
 def _by_depth(
     ax: Any, frame: pd.DataFrame, where: str, value: str, order: list[str],
     palette: dict[int, Any], marker: str, title: str, ylabel: str,
@@ -542,15 +594,16 @@ def _by_depth(
                 color=color, label=f"step {step}")
     _depth_axis(ax, [labels[s] for s in order])
     ax.set_title(title)
-    ax.set_ylabel(f"{ylabel} ({_gradient_scale(ax, frame[value].astype(float))})")
+    ax.set_ylabel(f"{ylabel} ({_log_scale(ax, frame[value].astype(float))})")
     ax.set_xlabel(xlabel)
     ax.legend(frameon=False, fontsize=7)
 
 
-def _gradient_scale(ax: Any, values: pd.Series) -> str:
+def _log_scale(ax: Any, values: pd.Series, zero: str = "no gradient") -> str:
     """A log axis, one rule for every run so that two reports compare at a glance; where a
-    value is exactly 0 (no gradient came there), linear from 0 to the smallest positive
-    value and log above it, or linear when every value is 0. Returns the scale in words."""
+    value is exactly 0 (``zero``: no gradient came there, or no update), linear from 0 to
+    the smallest positive value and log above it, or linear when every value is 0. Returns
+    the scale in words."""
     positive = values[values > 0]
     if len(positive) == len(values):
         ax.set_yscale("log")
@@ -558,9 +611,9 @@ def _gradient_scale(ax: Any, values: pd.Series) -> str:
     if len(positive):
         ax.set_yscale("symlog", linthresh=float(positive.min()))
         ax.set_ylim(bottom=0)
-        return "log scale; 0: no gradient"
+        return f"log scale; 0: {zero}"
     ax.set_ylim(-0.05, 1.0)
-    return "all 0: no gradient"
+    return f"all 0: {zero}"
 
 
 def _depth_axis(ax: Any, labels: list[str]) -> None:

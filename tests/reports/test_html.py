@@ -680,3 +680,59 @@ def test_the_parameter_gradient_panel_leaves_out_layers_with_no_gradient() -> No
     assert ax.get_xlabel().endswith("(2 with no gradient, frozen, left out)")
     drawn = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
     assert drawn == {"step 2": [2.5, 2.5], "step 4": [4.5, 4.5]}
+
+
+def test_the_update_ratio_figure_draws_each_layers_recorded_ratios(dead_run: TrainedRun) -> None:
+    """The report had no update ratio (an accelerate trial looked for one): it now draws the
+    run's per-layer ratios against step, the values the run directory holds, and a run with
+    no optimizer watched has no such figure."""
+    run = load_run(dead_run.run_dir)
+    fig = plots.update_ratio_figure(run.layers)
+    assert fig is not None
+    ax = fig.axes[0]
+    drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+             for line in ax.get_lines() if not line.get_label().startswith("_")}
+    expected = {str(name): (list(part["step"]), list(part["update_ratio"]))
+                for name, part in run.layers.sort_values("step").groupby("layer", sort=False)}
+    assert drawn == expected and len(expected) == 3
+    assert ax.get_yscale() == "log" and "log scale" in ax.get_ylabel()
+    page = dead_run.report.read_text(encoding="utf-8")
+    assert 'alt="Update ratio of each layer' in section(page, "rd-gradients")
+
+
+def test_a_run_without_an_optimizer_has_no_update_ratio_figure(tmp_path: Path) -> None:
+    import torch
+    import torch.nn as nn
+
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    with relu_doctor.watch(net, log_every_n_steps=2, run_dir=tmp_path / "r") as doc:
+        for _ in range(4):
+            net(torch.randn(16, 4)).sum().backward()
+            doc.step()
+    run = load_run(tmp_path / "r")
+    assert len(run.history)
+    assert plots.update_ratio_figure(run.layers) is None
+    assert "Update ratio of each layer" not in render_report(run)
+
+
+def test_many_layers_are_coloured_by_depth_and_frozen_or_still_ones_are_said() -> None:
+    """Twenty layers: a legend of twenty names would hide the plot, so only the first and
+    the last are named and the legend says how the colours run; a layer with no ratio at
+    any log (frozen) is left out and counted, a ratio of exactly 0 (nothing moved) stays
+    on the axis."""
+    names = [f"block{i}.fc" for i in range(20)] + ["frozen"]
+    layers = pd.DataFrame([{"step": s, "layer": n,
+                            "update_ratio": float("nan") if n == "frozen"
+                            else 0.0 if (n == "block3.fc" and s == 20) else 1e-3 * (1 + i)}
+                           for s in (10, 20) for i, n in enumerate(names)])
+    fig = plots.update_ratio_figure(layers, [15])
+    assert fig is not None
+    ax = fig.axes[0]
+    named = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert named == ["block0.fc", "block19.fc"]
+    data = [line for line in ax.get_lines() if list(line.get_xdata()) == [10, 20]]
+    assert len(data) == 20 and [0.004, 0.0] in [list(line.get_ydata()) for line in data]
+    title = ax.get_legend().get_title().get_text()
+    assert title.startswith("20 layers\n(1 never updated, left out)") and "light: input side" in title
+    assert ax.get_yscale() == "symlog" and ax.get_ylabel().endswith("(log scale; 0: no update)")
+    assert plots.update_ratio_figure(layers[layers["layer"] == "frozen"]) is None
