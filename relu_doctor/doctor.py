@@ -185,6 +185,18 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             flag("functional", functional)
         callable_or_none("all_reduce", all_reduce)
         name_or_function("padding_mask", padding_mask)
+        if padding_mask is not None and stream == "train" and _encoder_decoder(model):
+            # (an audio trial's Whisper under the HF callback: the decoder's mask, padded to
+            # the encoder's length, was laid on the encoder's sites, silently; a T5 trial's
+            # plain loop then had no word of it at all)
+            warnings.warn(
+                "relu_doctor: padding_mask on an encoder-decoder model "
+                f"({type(model).__name__}): the one mask is laid on every site whose output "
+                "begins with its shape, the encoder's and the decoder's alike where their "
+                "lengths are equal, where it masks the other stack's positions wrongly "
+                "(one mask a pass: no stack of its own). Leave padding_mask off on such a "
+                "model, or make sure no other stack shares the mask's length.",
+                ReluDoctorWarning, stacklevel=user_stacklevel())
         self.log_every_n_steps = positive_int("log_every_n_steps", log_every_n_steps)
         every, budget = check_rate(every_n_steps, overhead_budget)
         if every != "auto" and every > self.log_every_n_steps:
@@ -278,7 +290,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._read_failed = False  # the last log's read failed, contained (see _log)
         self.eval: Doctor | None = None
         self._eval_name: str | None = _eval_name(eval_stream)
-        self._eval_passes = 0  # eval passes already logged
+        self._passes_logged = 0  # an evaluation stream's passes already logged
+        #: an evaluation stream's training Doctor (whose steps it is read at), else None
+        self._training_doctor: weakref.ref[Doctor] | None = None
         if self._eval_name is not None:
             self.eval = Doctor(
                 model, log_every_n_steps=log_every_n_steps, every_n_steps=1,  # every eval pass
@@ -289,6 +303,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 functional=functional, tensorboard=tensorboard, keep_records=keep_records,
                 resume=resume, stream="eval", padding_mask=padding_mask,
             )
+            self.eval._training_doctor = weakref.ref(self)
         opts: list[torch.optim.Optimizer] = optimizers_arg("optimizer", optimizer)
         self.tap = self._make_tap(opts, optimizer_pre_hook)
         self.all_reduce = all_reduce
@@ -940,7 +955,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         elif self._tb is not None:  # kept for its steps and metrics; nothing acts on it
             self._tb.write_record(record)
         if self.eval is not None and (
-            self.eval.probe.passes > self._eval_passes or self.all_reduce is not None
+            self.eval.probe.passes > self.eval._passes_logged or self.all_reduce is not None
         ):
             self._log_eval(contain=contain)  # the evaluation window closes with the training one
         return record
@@ -971,15 +986,26 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         """:meth:`log_eval`; ``contain``: see :meth:`_log` (the window's passes are then
         counted at the next log)."""
         ev = self.eval
-        if ev is None or (ev.probe.passes == self._eval_passes and self.all_reduce is None):
+        if ev is None or (ev.probe.passes == ev._passes_logged and self.all_reduce is None):
             return None
         ev.global_step = self.global_step
-        ev.window_steps = ev.steps_run = ev.probe.passes - self._eval_passes
+        ev.window_steps = ev.steps_run = ev.probe.passes - ev._passes_logged
         with ev.sampler.log_lap():
             record = ev._log(final=False, keep=False, contain=contain)
         if not ev._read_failed:  # (else they are read, and counted, at the next log)
-            self._eval_passes = ev.probe.passes
+            ev._passes_logged = ev.probe.passes
         return record
+
+    def _count_open_window(self) -> None:
+        """An evaluation stream's steps are its passes: its open window holds those since
+        its last log, which ``doc.eval.to_pandas()``/``current()`` read (a T5 trial's read
+        between logs found the last closed window, or nothing before the first). Not with
+        several processes: a read of an open window is a collective there, which a
+        process that ran no evaluation pass would not join."""
+        training = self._training_doctor() if self._training_doctor is not None else None
+        if training is not None and self.all_reduce is None:
+            self.global_step = training.global_step  # (the step its window is read at)
+            self.window_steps = self.steps_run = self.probe.passes - self._passes_logged
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[Doctor]:
@@ -1215,6 +1241,13 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             f"Doctor(sites={len(self.probe.sites())}, step={self.global_step}, "
             f"attached={self.probe.attached})"
         )
+
+
+def _encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` runs two stacks on sequences of their own lengths: a Hugging Face
+    encoder-decoder (T5, BART, Whisper...) or torch's ``nn.Transformer``."""
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "is_encoder_decoder", False)) or isinstance(model, nn.Transformer)
 
 
 def _eval_name(eval_stream: object) -> str | None:

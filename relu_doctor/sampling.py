@@ -757,9 +757,10 @@ class Sampler:
     def _spent_text(self, plain: float) -> str:
         """What logging and the Doctor's work at every step cost, apart (a warning's words)."""
         logs, every = self._split_log_s()
-        took = f"{plain * 1e3:.3g} ms" if plain < 1.0 else f"{plain:.3g} s"
-        return (f"logging costs {logs / plain:.1%} of a training step ({took}) "
-                f"and what the Doctor does at every step {every / plain:.1%} "
+        # (the times said apart: a T5 trial read one step's time as one log's)
+        return (f"logging costs {logs / plain:.1%} of a training step (one log takes "
+                f"{_seconds(logs * self._log_every)} every {self._log_every} steps; a step, "
+                f"{_seconds(plain)}) and what the Doctor does at every step {every / plain:.1%} "
                 f"({every * 1e6:.0f} us)")
 
     def _advice(self, plain: float, at_least: int = 0) -> str:
@@ -789,6 +790,11 @@ class Sampler:
         if hook is None or plain is None or plain <= 0.0:
             return None
         return hook / (self.every * plain) + (self._log_s() or 0.0) / plain
+
+
+def _seconds(s: float) -> str:
+    """A duration in words: ``17.7 ms``, ``1.2 s``."""
+    return f"{s * 1e3:.3g} ms" if s < 1.0 else f"{s:.3g} s"
 
 
 def _every(n: int) -> str:

@@ -313,7 +313,8 @@ def test_over_the_budget_the_warning_names_what_spends_it_and_what_would_help():
                                 every_step=lambda: every[0]))
     s.start()
     with pytest.warns(ReluDoctorWarning, match=r"logging costs 5\.0% of a training step "
-                      r"\(1 s\) and what the Doctor does at every step 0\.5% .* Log "
+                      r"\(one log takes 1 s every 20 steps; a step, 1 s\) and what the Doctor "
+                      r"does at every step 0\.5% .* Log "
                       r"every 100 steps or more") as rec:
         with_every_step(200, 0.005, 1.0)  # logs: 1 s every 20 steps; 5 ms at every step
     assert len(rec) == 1

@@ -182,6 +182,31 @@ def test_eval_stream_counts_exactly_the_evaluation_rows(tmp_path):
     assert json.loads((run_dir / "eval" / "meta.json").read_text())["stream"] == "eval"
 
 
+def test_the_open_evaluation_window_is_read_between_logs():
+    """A T5 trial read doc.eval.to_pandas() between logs: before the first log it was
+    empty, later it was the last closed window; the training Doctor's reads give the open
+    window. The evaluation stream's open window holds the passes since its last log, at
+    the training step it is read at, and its log is the same window."""
+    net = _net()
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=2, eval_stream=True) as doc:
+        for i, x in enumerate(TRAIN):
+            _train_step(net, x, doc)
+            if i in (0, 2):  # before the first log, and after it
+                net.eval()
+                with torch.no_grad():
+                    for v in EVAL[: i + 1]:
+                        net(v)
+                net.train()
+                want = _reference(net, EVAL[: i + 1])
+                row = doc.eval.to_pandas().set_index("site").loc["1"]
+                assert row["elements"] == want["elements"].sum() and row["window_steps"] == i + 1
+                assert row["dead"] == int((want["active"] == 0).sum())
+                rec = doc.eval.current()
+                assert rec is not None and rec.step == i + 1
+    logged = doc.eval.history().set_index("step")  # (closed with the training logs)
+    assert logged.loc[4, "elements"] == row["elements"] and logged.loc[4, "window_steps"] == 3
+
+
 def test_eval_stream_survives_a_checkpoint():
     net = _net()
     with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=100, eval_stream=True) as doc:

@@ -306,18 +306,6 @@ class ReluDoctorCallback(TrainerCallback):
         every = self.log_every_n_steps or (
             int(args.logging_steps) if args.logging_steps >= 1 else 50
         )
-        if self.padding_mask is not None and getattr(
-                getattr(model, "config", None), "is_encoder_decoder", False):
-            # (an audio trial's Whisper: the decoder's mask, padded to the encoder's length,
-            # was laid on the encoder's sites, silently)
-            warnings.warn(
-                "relu_doctor: padding_mask on an encoder-decoder model "
-                f"({type(model).__name__}): the one mask is laid on every site whose output "
-                "begins with its shape, the encoder's and the decoder's alike where their "
-                "lengths are equal, where it masks the other stack's positions wrongly "
-                "(one mask a pass: no stack of its own). Leave padding_mask off on such a "
-                "model, or make sure no other stack shares the mask's length.",
-                ReluDoctorWarning, stacklevel=user_stacklevel())
         doc = Doctor(
             model,
             log_every_n_steps=max(1, int(every)),

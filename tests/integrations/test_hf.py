@@ -624,6 +624,31 @@ def test_a_padding_mask_on_an_encoder_decoder_model_is_warned_of(tmp_path: Path,
         assert "T5ForConditionalGeneration" in said[0] and "Leave padding_mask off" in said[0]
 
 
+@pytest.mark.parametrize("kind", ["t5", "nn.Transformer", "bert"])
+def test_watch_warns_of_a_padding_mask_on_an_encoder_decoder_as_the_callback_does(kind: str
+                                                                                 ) -> None:
+    """A T5 trial's plain loop: watch(padding_mask=) on T5 said nothing, where the HF
+    callback warned. The Doctor says it, once (its evaluation stream's Doctor not again);
+    not on an encoder alone."""
+    if kind == "t5":
+        model: torch.nn.Module = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    elif kind == "bert":
+        model = transformers.BertModel(transformers.BertConfig(
+            vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, hidden_act="relu"))
+    else:
+        model = torch.nn.Transformer(d_model=16, nhead=2, num_encoder_layers=1,
+                                     num_decoder_layers=1, dim_feedforward=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        relu_doctor.watch(model, padding_mask="attention_mask", eval_stream=True).close()
+    said = [w for w in caught if "encoder-decoder" in str(w.message)]
+    assert len(said) == (0 if kind == "bert" else 1), [str(w.message) for w in said]
+    if said:
+        assert said[0].filename == __file__ and type(model).__name__ in str(said[0].message)
+
+
 class _Spy(transformers.TrainerCallback):  # type: ignore[misc]
     """The test's own update ratios at each optimizer step (tests.reference.UpdateSpy)."""
 
