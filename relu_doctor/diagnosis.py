@@ -823,17 +823,33 @@ def _growth_findings(
     return out
 
 
+def trained_rows(sites: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The site rows the model-wide numbers are of: the sites training moves, not those fed
+    by a frozen part (``frozen``: a distillation's teacher run in the student's forward,
+    whose dead units were read as the student's health, a trial's); every site where all
+    are frozen (a frozen model watched on its own: its numbers are all there is).
+
+    Example:
+        >>> [r["site"] for r in trained_rows([{"site": "t", "frozen": "t.fc"}, {"site": "s"}])]
+        ['s']
+    """
+    moving = [r for r in sites if not r.get("frozen")]
+    return moving if moving else list(sites)
+
+
 def run_health(sites: Sequence[Mapping[str, Any]], findings: Sequence[Finding]) -> dict[str, float]:
     """Run-level numbers for early stopping and checkpointing (higher ``health`` is better):
     unit-weighted ``dead_fraction``, ``dormant_fraction`` (active but below tau: dead units
-    are not dormant) and ``lifetime_dead_fraction`` over all sites, and ``health`` = the
-    share of units alive (not dead in the window), 0 when a non-finite value was seen.
+    are not dormant) and ``lifetime_dead_fraction`` over the sites that train
+    (:func:`trained_rows`), and ``health`` = the share of their units alive (not dead in
+    the window), 0 when a non-finite value was seen.
 
     Example:
         >>> run_health([{"units": 4, "units_seen": 4, "dead": 1, "dormant": 2,
         ...              "lifetime_dead": 0}], [])["health"]
         0.75
     """
+    sites = trained_rows(sites)
     seen = sum(int(r.get("units_seen") or 0) for r in sites)
     units = sum(int(r.get("units") or 0) for r in sites)
     if not seen:

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from relu_doctor._validate import finite_or_none, path_or_none
 from relu_doctor._validate import flag as flag
+from relu_doctor._validate import path_or_none
 from relu_doctor.diagnosis import SEVERITIES, Finding, run_health
 from relu_doctor.diagnosis import check_warn as check_warn
 from relu_doctor.doctor import Doctor
@@ -248,23 +248,12 @@ def remedies_on(remedies: Mapping[str, Any]) -> dict[str, Callable[[str], bool] 
 
 
 def summary_scalars(record: IntervalRecord, prefix: str = tb.PREFIX) -> dict[str, float]:
-    """Model-wide numbers of one record, unit-weighted over its sites: ``<prefix>/dead_fraction``,
+    """Model-wide numbers of one record, unit-weighted over the sites that train
+    (:func:`~relu_doctor.diagnosis.run_health`): ``<prefix>/dead_fraction``,
     ``<prefix>/dormant_fraction``, ``<prefix>/lifetime_dead_fraction`` (finite ones only)."""
-    rows = record.site_rows
-    seen = sum(int(r.get("units_seen") or 0) for r in rows)
-    out: dict[str, float] = {}
-    if not seen:
-        return out
-    for name, col in (
-        ("dead_fraction", "dead"),
-        ("dormant_fraction", "dormant"),
-        ("lifetime_dead_fraction", "lifetime_dead"),
-    ):
-        total = sum(int(r.get(col) or 0) for r in rows)
-        value = finite_or_none(total / seen)
-        if value is not None and math.isfinite(value):
-            out[f"{prefix}/{name}"] = value
-    return out
+    health = run_health(record.site_rows, record.findings)
+    return {f"{prefix}/{k}": float(v) for k, v in health.items()
+            if k != "health" and math.isfinite(v)}
 
 
 def health_scalars(record: IntervalRecord, prefix: str = tb.PREFIX) -> dict[str, float]:

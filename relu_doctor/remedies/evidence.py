@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from relu_doctor._validate import finite_or_none
+from relu_doctor.diagnosis import trained_rows
 
 if TYPE_CHECKING:
     from relu_doctor.remedies.base import RecordLike
@@ -286,10 +287,12 @@ def site_snapshot(row: Mapping[str, Any]) -> dict[str, float | None]:
 
 
 def model_snapshot(record: RecordLike) -> dict[str, Any]:
-    """Model-wide metrics of one record: unit-weighted dead and dormant fractions over all
-    sites, the total parameter-gradient norm (when an optimizer is tapped) and whether an
+    """Model-wide metrics of one record: unit-weighted dead and dormant fractions over the
+    sites that train (:func:`~relu_doctor.diagnosis.trained_rows`: a frozen teacher's dead
+    units shrank a student's change to a quarter of itself, a distillation trial), the
+    total parameter-gradient norm (when an optimizer is tapped) and whether an
     exploding-gradient finding is present."""
-    rows = record.site_rows
+    rows = trained_rows(record.site_rows)
     seen = sum(int(r.get("units_seen") or 0) for r in rows)
     dead = sum(int(r.get("dead") or 0) for r in rows)
     dormant = sum(int(r.get("dormant") or 0) for r in rows)

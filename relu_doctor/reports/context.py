@@ -245,7 +245,7 @@ class Verdict:
 def _verdict(
     findings: Sequence[FindingView], last_step: int | None, step: int | None,
     logged_step: int | None = None, stream: str = "train", history_lost: str = "",
-    writing: bool = False,
+    writing: bool = False, all_frozen: bool = False,
 ) -> Verdict:
     if last_step is None and history_lost:  # activations seen, their record unreadable
         serious = [f for f in findings if f.severity in ("critical", "warning")]
@@ -264,7 +264,9 @@ def _verdict(
         why = {
             "eval": "no evaluation pass (model.eval() or torch.no_grad()) was recorded",
             "train": "no training pass (the model in train() mode, gradients enabled) was "
-            "recorded. Was the model left in eval mode? Call model.train() before training",
+            "recorded. Was the model left in eval mode? If it trains, call model.train() "
+            "before training; if it never trains (a frozen teacher, a target network run "
+            "under torch.no_grad()), watch it with stream='eval' (or 'all')",
         }.get(stream, "no forward pass of the model was recorded")
         return Verdict(
             "empty",
@@ -292,6 +294,11 @@ def _verdict(
         detail = f"No dead, dormant or saturated units and no gradient problem at step {step}."
         if notes:
             detail = f"Nothing serious at step {step}; {notes} minor note{'s' * (notes != 1)} below."
+        if all_frozen:  # ("Healthy" beside "dead now 48.7%" read oddly: a distillation trial)
+            return Verdict("healthy", "Frozen: nothing here trains", (
+                f"Every site is fed by layers that do not train (step {step}): its dead and "
+                "dormant units cannot change while it stays frozen, and no remedy acts on "
+                "them; they are noted below as information, not problems."))
         return Verdict("healthy", "Healthy", detail)
     n_crit = sum(f.severity == "critical" for f in serious)
     n_warn = len(serious) - n_crit
@@ -667,16 +674,22 @@ def build_context(run: Run) -> ReportContext:
     for e in interventions:
         remedy_counts[e.remedy] = remedy_counts.get(e.remedy, 0) + 1
 
-    def total(key: str) -> int:  # (a site not seen in the window shown counts 0)
-        return sum(int(v) for r in sites if isinstance(v := r.raw.get(key), int | float)
+    # the sites that train, as the model-wide numbers (diagnosis.trained_rows): a frozen
+    # teacher's units were counted as a student's (a distillation trial)
+    counted = [r for r in sites if not r.frozen] or sites
+    aside = [r for r in sites if r.frozen] if len(counted) < len(sites) else []
+
+    def total(key: str, rows: Sequence[SiteRow] = counted) -> int:
+        # (a site not seen in the window shown counts 0)
+        return sum(int(v) for r in rows if isinstance(v := r.raw.get(key), int | float)
                    and math.isfinite(v))
 
     units, dead = total("units"), total("dead")
-    stuck = sum(int(v) for r in sites if r.leaky  # (a leaky site's dead units fire negative)
+    stuck = sum(int(v) for r in counted if r.leaky  # (a leaky site's dead units fire negative)
                 and isinstance(v := r.raw.get("dead"), int | float) and math.isfinite(v))
     # dead and dormant are of the units seen in the window shown (a run whose weights went
     # NaN sees none: "not seen", not "0 dead")
-    seen = (total("units_seen") if any(r.raw["units_seen"] is not None for r in sites)
+    seen = (total("units_seen") if any(r.raw["units_seen"] is not None for r in counted)
             else units)  # (a run written before units_seen was)
     lost = bool(run.history_lost) and last_step is None  # no count to sum: unknown, not 0
     now = "—" if lost else "not seen" if units and not seen else None
@@ -684,7 +697,10 @@ def build_context(run: Run) -> ReportContext:
     dropped = dropped if isinstance(dropped, int) and dropped > 0 else 0
     key_numbers = [
         ("sites", str(len(sites))),
-        ("units", str(units)),
+        ("units", str(units) + (
+            f" that train (and {total('units', aside)} at {len(aside)} "
+            f"site{'s' if len(aside) != 1 else ''} fed by a frozen part: not counted here)"
+            if aside else "")),
         ("dead now", now or f"{dead} ({fmt_pct(dead / seen) if seen else '—'})"
          + (f" of {seen} seen" if seen < units else "")
          + (f", {stuck} of them stuck negative at leaky sites (they still pass a small "
@@ -709,7 +725,8 @@ def build_context(run: Run) -> ReportContext:
     logged_step = int(windows["step"].max()) if windows is not None else None
     verdict = _verdict(
         findings, last_step, findings_step, logged_step, str(run.meta.get("stream", "train")),
-        run.history_lost, run.writer_writing,
+        run.history_lost, run.writer_writing, all_frozen=bool(sites) and not aside
+        and all(r.frozen for r in sites),
     )
     stale = ""
     if findings_step is not None and last_step is not None and findings_step < last_step:

@@ -476,6 +476,77 @@ def test_a_frozen_site_is_marked_in_the_sites_table_and_the_summary(tmp_path: Pa
     assert not any(r.frozen for r in ctx.sites) and "Frozen (" not in summary(ctx)
 
 
+@pytest.mark.parametrize("teacher_only", [False, True])
+def test_a_frozen_teachers_units_are_not_counted_in_the_model_wide_numbers(
+        tmp_path: Path, teacher_only: bool) -> None:
+    """A distillation trial: the frozen teacher, run under no_grad in the watched wrapper's
+    forward, is recorded (marked frozen), and its dead units were counted in the health the
+    Lightning monitor reports, the report's "dead now"/"never active" and the before/after a
+    remedy's change is judged on. Those are of the student's sites alone, against the
+    test's own hooks on them; a model all of whose sites are frozen keeps its own."""
+    import torch
+    import torch.nn as nn
+
+    from relu_doctor.diagnosis import run_health
+    from relu_doctor.integrations._common import summary_scalars
+    from relu_doctor.remedies.evidence import model_snapshot
+
+    torch.manual_seed(0)
+
+    class KD(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.teacher = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+            self.student = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 2))
+            self.teacher.requires_grad_(False).eval()
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                t = self.teacher(x)
+            return t, self.student(x) if not teacher_only else t
+
+    kd = KD()
+    with torch.no_grad():
+        kd.teacher[0].bias[:20] = -50.0  # 20 of the teacher's 32 units dead
+        kd.student[0].bias[:3] = -50.0  # 3 of the student's 12
+    seen: list[torch.Tensor] = []
+    kd.student[1].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    g = torch.Generator().manual_seed(1)
+    with relu_doctor.watch(kd, log_every_n_steps=4, overhead_budget=None,
+                           run_dir=tmp_path / "kd") as doc:
+        for _ in range(4):
+            x = torch.randn(16, 8, generator=g)
+            t, s = kd(x)
+            if not teacher_only:
+                (s - t).pow(2).mean().backward()
+            doc.step()
+    rec = doc.records[-1]
+    frozen = {r["site"]: r["frozen"] for r in rec.site_rows}
+    if teacher_only:
+        assert frozen == {"teacher.1": "teacher.0"}
+        want_dead, want_units = 20, 32  # (all frozen: its own numbers)
+    else:
+        assert frozen == {"teacher.1": "teacher.0", "student.1": None}
+        h = torch.cat(seen)
+        want_dead, want_units = int((h <= 0).all(0).sum()), h.shape[1]
+        assert want_dead == 3
+    health = run_health(rec.site_rows, rec.findings)
+    assert health["dead_fraction"] == want_dead / want_units
+    assert health["health"] == 1 - want_dead / want_units
+    assert health["lifetime_dead_fraction"] == want_dead / want_units
+    assert summary_scalars(rec)["relu_doctor/dead_fraction"] == want_dead / want_units
+    assert model_snapshot(rec)["dead_fraction"] == want_dead / want_units
+    ctx = build_context(load_run(tmp_path / "kd"))
+    numbers = dict(ctx.key_numbers)
+    # ("Healthy" beside "dead now 62.5%" read oddly where nothing trains)
+    assert (ctx.verdict.headline == "Frozen: nothing here trains") is teacher_only
+    assert numbers["dead now"].startswith(f"{want_dead} (")
+    assert numbers["never active"] == str(want_dead)
+    assert numbers["units"] == (str(want_units) if teacher_only else
+                                f"{want_units} that train (and 32 at 1 site fed by a frozen "
+                                "part: not counted here)")
+
+
 def test_a_site_not_run_in_the_window_shown_reads_not_seen(tmp_path: Path) -> None:
     """A branch taken only early: the table showed its last window as "dead 0, dormant 0"
     (a trial), where none of its units was seen; a site that ran reads its counts."""
