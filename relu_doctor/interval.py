@@ -64,20 +64,26 @@ def _unrecyclable(sites: Sequence[Site]) -> dict[str, str]:
     """Why recycling cannot treat a site, where the site itself tells: its input a sum
     (Site.summed), a norm over units together (Site.mixed), or a layer feeding more than one
     site (run more than once a pass, as a tower called on two captions, or its output used
-    twice: the findings advised recycling, which then refused every call, a trial)."""
-    # (the calls of one activation, module or functional op: two different activations
-    # fed by one layer are a chain as often, relu then a LeakyReLU, whose first site the
-    # recycler treats; a layer run into two activations of their own is not caught here)
-    fed: dict[tuple[str, str | None, str], list[str]] = {}
+    twice, into two activations: the findings advised recycling, which then refused every
+    call, a trial)."""
+    # (the sites that take the layer's output first: a chain's second site, relu then a
+    # LeakyReLU, is the first's consumer, and its first the recycler treats; where whether
+    # a site is a chain's is not known, a checkpoint of before it was kept, the calls of
+    # one activation, module or functional op)
+    def feed(s: Site) -> tuple[str, ...]:
+        assert s.producer is not None
+        return (s.producer,) if s.chained is not None else (s.key.module_path,
+                                                            str(s.key.op), s.producer)
+
+    fed: dict[tuple[str, ...], list[str]] = {}
     for s in sites:
-        if s.producer is not None:
-            fed.setdefault((s.key.module_path, s.key.op, s.producer), []).append(s.name)
+        if s.producer is not None and not s.chained:
+            fed.setdefault(feed(s), []).append(s.name)
     out = {}
     for s in sites:
         if s.summed or s.mixed:
             out[s.name] = _SUMMED if s.summed else _mixed(s.mixed)
-        elif s.producer is not None and len(
-                twins := fed[(s.key.module_path, s.key.op, s.producer)]) > 1:
+        elif s.producer is not None and not s.chained and len(twins := fed[feed(s)]) > 1:
             others = ", ".join(repr(n) for n in twins if n != s.name)
             out[s.name] = (f"the layer feeding it, {module_label(s.producer)!r}, also feeds "
                            f"{others} (run more than once a pass, or its output used twice): "

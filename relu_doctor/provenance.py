@@ -90,6 +90,10 @@ class Origin:
             its weight, or it has none; ``""``: none, or a norm of the units together came
             after it): it takes each unit's mean away, so a unit dead behind it is its
             shift's and scale's, not the layer's bias (a Conv-BN-ReLU's conv has none).
+        after_site: the features went through a watched activation since they were made
+            (:meth:`ProvenanceTracker.after_site`): a site of them is the second of a chain
+            (``F.relu`` then a LeakyReLU), not a second consumer of the layer beside the
+            first.
     """
 
     dim: int
@@ -100,6 +104,7 @@ class Origin:
     summed: bool = False
     mixed: str = ""
     norm: str = ""
+    after_site: bool = False
 
     def rule(self, ndim: int) -> str:
         """The rule in words, e.g. ``"Linear `fc1` -> last dim"``."""
@@ -206,6 +211,13 @@ class ProvenanceTracker:
         if got is None or got[0]() is not t:
             return None
         return got[1]
+
+    def after_site(self, t: Any) -> None:
+        """``t`` is the output of a watched activation (the probe calls this after reading
+        its origin): what is made from it carries :attr:`Origin.after_site`."""
+        origin = self.origin(t)
+        if origin is not None and not origin.after_site:
+            self._set(t, replace(origin, after_site=True))
 
     def _set(self, t: Any, origin: Origin | None) -> None:
         if origin is not None and isinstance(t, torch.Tensor) and 0 <= origin.dim < t.dim():

@@ -197,6 +197,8 @@ class SiteRegistry:
             producer=(origin.layer if origin is not None
                       else kin.producer if kin is not None else None),
             summed=origin.summed if origin is not None else kin is not None and kin.summed,
+            chained=(origin.after_site if origin is not None
+                     else kin.chained if kin is not None else None),
             mixed=origin.mixed if origin is not None else kin.mixed if kin is not None else "",
             norm=origin.norm if origin is not None else kin.norm if kin is not None else "",
         )
@@ -224,7 +226,7 @@ class SiteRegistry:
                 " (no producing layer found)")
             return
         site.producer, site.summed, site.mixed = origin.layer, origin.summed, origin.mixed
-        site.norm = origin.norm
+        site.norm, site.chained = origin.norm, origin.after_site
         site.made_by = self._made_by(site)
         site.unit_rule = origin.rule(len(shape))
         if origin.dim != site.dim_for(len(shape)) or shape[origin.dim] != site.units:
@@ -492,6 +494,7 @@ def _description(site: Site) -> dict[str, Any]:
         "other_ranks": sorted(site.other_ranks),
         "producer": site.producer,
         **({"summed": True} if site.summed else {}),
+        "chained": site.chained,
         **({"mixed": site.mixed} if site.mixed else {}),
         **({"norm": site.norm} if site.norm else {}),
     }
@@ -531,6 +534,7 @@ def _described(
         restored=True,
         producer=None if d.get("producer") is None else str(d["producer"]),
         summed=bool(d.get("summed", False)),
+        chained=None if d.get("chained") is None else bool(d["chained"]),
         mixed=str(d.get("mixed") or ""),
         norm=str(d.get("norm") or ""),
     )

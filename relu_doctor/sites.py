@@ -228,6 +228,10 @@ class Site:
     producer: str | None = None
     #: its input is a sum with another branch (a residual add): see provenance.Origin.summed
     summed: bool = False
+    #: its input came through another watched activation since its producer (the second
+    #: site of a chain: see provenance.Origin.after_site); None where not known (no origin
+    #: found, or a checkpoint written before it was kept)
+    chained: bool | None = None
     #: the norm its input passed that normalises its units together (see
     #: provenance.Origin.mixed; ``""``: none)
     mixed: str = ""

@@ -388,6 +388,43 @@ def test_a_resumed_doctor_knows_each_sites_producer_its_frozen_feed_and_a_replac
     assert any("now runs on 20 units (it had 12)" in str(w.message) for w in caught)
 
 
+@pytest.mark.parametrize("written", ["now", "before chained was kept"])
+def test_a_chains_second_site_is_told_from_a_second_consumer_and_a_checkpoint_keeps_it(
+        written: str) -> None:
+    """fc feeds F.relu, whose output a LeakyReLU takes (a chain), and a GELU of its own (a
+    second consumer). Only the sites that take the layer's output first group as its
+    consumers (the recycling advice: Site.chained); a checkpoint keeps which, and one of
+    before it was kept reads unknown (None)."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.leaky, self.gelu = nn.Linear(4, 6), nn.LeakyReLU(), nn.GELU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            return self.leaky(F.relu(h)) + self.gelu(h)
+
+    def sites(doc: relu_doctor.Doctor) -> dict[str, tuple[str | None, bool | None]]:
+        return {s.name: (s.producer, s.chained) for s in doc.sites}
+
+    torch.manual_seed(0)
+    net = Net()
+    with relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1) as doc:
+        for _ in range(2):
+            net(torch.randn(3, 4)).sum().backward()
+            doc.step()
+        state = doc.state_dict()
+    assert sites(doc) == {"(root):relu#0": ("fc", False), "leaky": ("fc", True),
+                          "gelu": ("fc", False)}
+    if written != "now":
+        for entry in state["sites"].values():
+            del entry["site"]["chained"]
+    with relu_doctor.watch(net, log_every_n_steps=2, every_n_steps=1) as resumed:
+        resumed.load_state_dict(state)
+        want = {n: (p, c if written == "now" else None) for n, (p, c) in sites(doc).items()}
+        assert sites(resumed) == want
+
+
 def test_a_layer_made_anew_before_a_checkpoint_begins_its_findings_anew_after_the_resume():
     """A checkpoint between a layer's replacement and the next log lost the restart of its
     findings: the resumed run said the new layer's units were dead since a step before it

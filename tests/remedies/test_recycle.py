@@ -1416,12 +1416,13 @@ class _OneLayerTwoActivations(nn.Module):
         return self.out(self.a(self.lin(x)) + self.b(self.lin(y)))
 
 
-@pytest.mark.parametrize("op", [True], ids=["functional"])
+@pytest.mark.parametrize("op", [True, False], ids=["functional", "modules"])
 def test_a_layer_feeding_two_sites_is_advised_no_recycling_the_recycler_refuses(op: bool) -> None:
-    """One layer run twice into F.relu (two calls of one op: sites #0 and #1): the findings
-    said the bound recycler would recycle, which refused every time (a review). (Two
-    activation modules of their own fed by one layer are not caught: two activations fed by
-    one layer are as often a chain, whose first site the recycler treats.)"""
+    """One layer run twice into F.relu (two calls of one op: sites #0 and #1), or into two
+    activation modules of their own: the findings said the bound recycler would recycle,
+    which refused every time (a review). Two activations fed by one layer in a chain (relu
+    then a LeakyReLU: the golden loop) are not this: the second takes the first's output,
+    and the first the recycler treats."""
     torch.manual_seed(0)
     net = _OneLayerTwoActivations(op)
     with torch.no_grad():
