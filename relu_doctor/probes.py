@@ -1063,8 +1063,8 @@ class Probe(SiteRegistry, HookOwner):
         )
 
     def _say_higher_order(self) -> None:
-        """Once: a backward made with ``create_graph=True`` reached a watched activation (its
-        gradient requires grad), and its gradients were left out."""
+        """Once: a backward made with ``create_graph=True`` reached a watched activation,
+        and its gradients were left out."""
         if self._warned_higher_order:
             return
         self._warned_higher_order = True
@@ -1442,8 +1442,12 @@ class Probe(SiteRegistry, HookOwner):
             g = grad_outputs[0] if grad_outputs else None
             if g is None:
                 return
-            if g.requires_grad and not _is_compiling():
-                self._say_higher_order()  # (a backward made with create_graph=True)
+            # A backward made with create_graph=True runs its hooks with grad mode on (the
+            # engine's), whether or not this gradient requires grad: a constant one does
+            # not (a frozen head's input gradient, ReLU's double backward's zeros: a PINN
+            # trial's second autograd.grad read as the loss's, grad_rms 56x off)
+            if torch.is_grad_enabled() and not _is_compiling():
+                self._say_higher_order()
                 return
             gi = grad_inputs[0] if grad_inputs and site.family.input_grad else None
             if not isinstance(gi, torch.Tensor):
