@@ -111,8 +111,11 @@ def functional_ops() -> dict[Callable[..., Any], tuple[Family, str]]:
 
 
 def _may_call_functional(module: nn.Module) -> bool:
-    """Whether ``module.forward`` may call a functional activation itself."""
+    """Whether ``module.forward`` may call a functional activation itself (not a
+    ``torch.compile`` wrapper's: its module's own forward is what runs)."""
     where = type(module).__module__
+    if where.startswith("torch._dynamo."):
+        return False
     return not where.startswith("torch.nn.modules.") or where == "torch.nn.modules.transformer"
 
 
@@ -216,6 +219,7 @@ class FunctionalCapture(HookOwner):
         self._trust_reading = False
         self._resync = False
         self._called_from: set[str] = set()
+        self._pausing = False  # told the probe to pause the mode in parts compiled apart
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> FunctionalCapture:
@@ -224,6 +228,9 @@ class FunctionalCapture(HookOwner):
             return self
         self._ops = functional_ops()
         self._attached = True
+        if not self._pausing:  # (once: a part compiled apart runs with the mode off)
+            self._pausing = True
+            self.probe.on_compiled_part(self._pause, self._set_mode)
         try:
             self._sync()
         except BaseException:
@@ -359,6 +366,12 @@ class FunctionalCapture(HookOwner):
         self.detach()
 
     # ------------------------------------------------------------------ module stack
+    def _pause(self) -> bool:
+        """Leave the mode while a part compiled apart runs (Probe.on_compiled_part)."""
+        was = self._mode_on
+        self._set_mode(False)
+        return was
+
     def _set_mode(self, on: bool) -> None:
         """Push or pop the mode. It is only popped from the top of the mode stack: a mode
         the user entered inside a forward keeps ours on until it is left (calls are still

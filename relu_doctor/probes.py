@@ -203,6 +203,12 @@ class _ProbeHooks(Hooks):
     def mask(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         self.owner._read_mask(module, args, kwargs)
 
+    def compiled_enter(self, module: nn.Module, args: Any) -> None:
+        self.owner._compiled_enter()
+
+    def compiled_exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.owner._compiled_exit()
+
 
 def uncompiled(model: Any) -> Any:
     """The module a ``torch.compile`` wrapper (``OptimizedModule``) compiles, else ``model``:
@@ -212,6 +218,11 @@ def uncompiled(model: Any) -> Any:
     if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
         return orig
     return model
+
+
+def _compile_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper (``OptimizedModule``)."""
+    return uncompiled(module) is not module
 
 
 def _recurrent_relu(model: nn.Module) -> str:
@@ -383,6 +394,10 @@ class Probe(SiteRegistry, HookOwner):
         self._pass_graded = False  # ... with gradients on (see Site.window_ungraded)
         self._dirty = False  # a module was registered into the model since the last hooking
         self._members: set[nn.Module] = set()
+        #: what _compiled_enter paused, for each part compiled apart running now, and
+        #: who else pauses there (on_compiled_part)
+        self._set_aside: list[list[tuple[Callable[[Any], object], object]]] = []
+        self._pausers: list[tuple[Callable[[], object], Callable[[Any], object]]] = []
         #: every module's path at the last hooking (a module found at another since moved:
         #: see _restart_moved), and the containers whose module dicts say when one moved
         self._paths: dict[nn.Module, str] = {}
@@ -529,6 +544,11 @@ class Probe(SiteRegistry, HookOwner):
             handles.append(mod.register_forward_hook(on.activation, prepend=True))
         for mod in boundary:
             handles.append(on.own_flags(mod.register_forward_hook(on.exit, always_call=True)))
+        for mod in self.model.modules():  # (parts compiled apart: see _compiled_enter)
+            if _compile_wrapper(mod):
+                handles += [mod.register_forward_pre_hook(on.compiled_enter),
+                            on.own_flags(mod.register_forward_hook(on.compiled_exit,
+                                                                   always_call=True))]
         if self.padding_mask is not None:  # (after the enter hooks: see _read_mask)
             handles += [on.own_flags(mod.register_forward_pre_hook(on.mask, with_kwargs=True))
                         for mod in (boundary or [self.model]) if mod not in self._targets]
@@ -538,7 +558,10 @@ class Probe(SiteRegistry, HookOwner):
         paths = {m: p for p, m in self.model.named_modules()}
         self._restart_moved(self._paths, paths)
         self._paths = paths
-        self._members = set(paths)
+        # (not a torch.compile wrapper of a part: Dynamo, tracing `module in members` in
+        # the part's hooks, found its module twice, the wrapper standing for it, and
+        # raised into the step, a trial; its hooks run eagerly, on the wrapper's call)
+        self._members = {m for m in paths if not _compile_wrapper(m)}
         self._containers = [m for m in boundary if m._modules] or [self.model]
         self._layout = self._layout_now()
         self._dirty = False
@@ -812,6 +835,28 @@ class Probe(SiteRegistry, HookOwner):
         return self._pass_on
 
     # ------------------------------------------------------------------ hooks
+    def on_compiled_part(self, pause: Callable[[], object],
+                         resume: Callable[[Any], object]) -> None:
+        """Call ``pause()`` where a part of the model compiled apart starts, and
+        ``resume(what pause returned)`` where it ends (functional capture's mode)."""
+        self._pausers.append((pause, resume))
+
+    def _compiled_enter(self) -> None:
+        """A part of the model compiled apart (``model.part = torch.compile(model.part)``)
+        starts, its wrapper's hook running eagerly: relu_doctor's torch-function modes
+        (producer tracking, functional capture) are left while it runs, as Dynamo could not
+        make its guards with them on the stack (a NameError raised into the step, a
+        trial); the hooks inside it are traced into its graph (the shape rule, no gradient
+        statistics: as in a model compiled after ``watch``)."""
+        if not _is_compiling():
+            pausers = [(self._provenance.pause, self._provenance.resume), *self._pausers]
+            self._set_aside.append([(resume, pause()) for pause, resume in pausers])
+
+    def _compiled_exit(self) -> None:
+        if not _is_compiling() and self._set_aside:
+            for resume, was in reversed(self._set_aside.pop()):
+                resume(was)
+
     def _enter(self, module: nn.Module, args: Any) -> None:
         if not self._collecting or module not in self._members:
             # A step that collects nothing records no pass, so the hooks return at once (the
@@ -1536,10 +1581,12 @@ def _within(path: str, roots: Sequence[str]) -> bool:
 
 
 def eager_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``model.named_modules()`` without TorchScript modules and what they hold: no hook can
-    be put on them (torch refuses it) or see inside them."""
+    """``model.named_modules()`` without TorchScript modules and what they hold (no hook can
+    be put on them, torch refuses it, or see inside them), nor the wrappers of parts
+    compiled apart (``torch.compile``: what they hold is kept; see Probe._compiled_enter)."""
     roots = _scripted_roots(model)
-    return [(path, mod) for path, mod in model.named_modules() if not _within(path, roots)]
+    return [(path, mod) for path, mod in model.named_modules()
+            if not _within(path, roots) and not _compile_wrapper(mod)]
 
 
 def _weak_method(method: Callable[..., None]) -> Callable[..., None]:

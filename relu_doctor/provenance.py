@@ -175,6 +175,22 @@ class ProvenanceTracker:
         self._mode.__enter__()  # type: ignore[no-untyped-call]
         self._active = True
 
+    def pause(self) -> bool:
+        """Leave the mode for a while, keeping what was followed (a part of the model
+        compiled apart runs: see Probe._compiled_enter); returns whether it was on, for
+        :meth:`resume`."""
+        if not self._active:
+            return False
+        _remove_mode(self._mode)
+        self._active = False
+        return True
+
+    def resume(self, was: bool) -> None:
+        """Enter the mode again where :meth:`pause` left it."""
+        if was and not self._active:
+            self._mode.__enter__()  # type: ignore[no-untyped-call]
+            self._active = True
+
     def stop(self) -> None:
         """The pass ended (or was abandoned): leave the mode, forget the pass's tensors."""
         if self._active:

@@ -537,3 +537,68 @@ def test_sites_first_seen_while_compiling_take_the_units_of_the_layer_registered
     _assert_forward_equal(eager, doc)
     if case not in ("cnn", "lenet_shared_relu"):  # the ones the shape rule got wrong: said how
         assert all("registered before it" in s.unit_rule for s in doc.sites), [s.unit_rule for s in doc.sites]
+
+
+class _Part(nn.Module):
+    """Conv-ReLU, then a functional relu of a Linear: module and functional sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+        self.fc = nn.Linear(4 * 6 * 6, 8)
+        with torch.no_grad():
+            self.conv.bias[:2] = -50.0  # two channels dead
+            self.fc.bias[:3] = -50.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(self.act(self.conv(x)).flatten(1)))
+
+
+class _Holder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.part, self.head = _Part(), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.part(x))
+
+
+@pytest.mark.parametrize("when", ["before watch", "after a step"])
+def test_a_part_compiled_apart_inside_an_eager_model_trains_and_is_counted(when: str) -> None:
+    """`model.part = torch.compile(model.part)` in a watched eager model raised into the
+    first compiled step (a trial): Dynamo, tracing the part's hooks, met the part twice in
+    the probe's module set (its wrapper standing for it), and with relu_doctor's
+    torch-function modes on the stack failed to make its guards. The part now runs with
+    the modes off and no wrapper among the modules hooks look up: it trains, its sites
+    (named under its wrapper, `part._orig_mod`) count what eager mode counts, with no
+    gradient statistics, as a model compiled after watch."""
+    torch.manual_seed(0)
+    model = _Holder()
+    xs = _inputs(4)
+    plain = copy.deepcopy(model)
+    with torch.no_grad():  # the reference: each site's output, the eager way
+        outs = [(plain.part.act(plain.part.conv(x)),
+                 torch.relu(plain.part.fc(plain.part.act(plain.part.conv(x)).flatten(1))))
+                for x in xs]
+    if when == "before watch":
+        model.part = torch.compile(model.part, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with relu_doctor.watch(model, log_every_n_steps=100, every_n_steps=1,
+                               overhead_budget=None) as doc:
+            for i, x in enumerate(xs):
+                if i == 1 and when == "after a step":
+                    model.part = torch.compile(model.part, backend="aot_eager")
+                model(x).pow(2).mean().backward()  # (no optimizer: the weights stay)
+                doc.step()
+    rows = doc.to_pandas().set_index("site")
+    counted = xs if when == "before watch" else xs[1:]
+    first = 0 if when == "before watch" else 1
+    conv = torch.cat([o[0] for o in outs[first:]])
+    fc = torch.cat([o[1] for o in outs[first:]])
+    act, fn = rows.loc["part._orig_mod.act"], rows.loc["part._orig_mod:relu#0"]
+    assert act["elements"] == conv.numel() and fn["elements"] == fc.numel() == 32 * len(counted)
+    assert act["dead"] == int((conv <= 0).all(dim=(0, 2, 3)).sum()) >= 2
+    assert fn["dead"] == int((fc <= 0).all(dim=0).sum()) >= 3
+    assert np.isnan(act["grad_rms"]) and np.isnan(fn["grad_rms"])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
