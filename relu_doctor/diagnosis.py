@@ -842,26 +842,31 @@ def run_health(sites: Sequence[Mapping[str, Any]], findings: Sequence[Finding]) 
     unit-weighted ``dead_fraction``, ``dormant_fraction`` (active but below tau: dead units
     are not dormant) and ``lifetime_dead_fraction`` over the sites that train
     (:func:`trained_rows`), and ``health`` = the share of their units alive (not dead in
-    the window), 0 when a non-finite value was seen.
+    the window), 0 when a non-finite value was seen there (or model-wide).
 
     Example:
         >>> run_health([{"units": 4, "units_seen": 4, "dead": 1, "dormant": 2,
         ...              "lifetime_dead": 0}], [])["health"]
         0.75
     """
+    aside = {str(r.get("site")) for r in sites}
     sites = trained_rows(sites)
+    aside -= {str(r.get("site")) for r in sites}
+    # (a non-finite value at a site left out, a frozen teacher's, is not this number's: a
+    # review found health 0 beside a dead fraction of 0; a model-wide one is)
+    broken = any(f.kind == "nonfinite" and f.site not in aside for f in findings)
     seen = sum(int(r.get("units_seen") or 0) for r in sites)
     units = sum(int(r.get("units") or 0) for r in sites)
     if not seen:
         nan = math.nan
         return {"dead_fraction": nan, "dormant_fraction": nan, "lifetime_dead_fraction": nan,
-                "health": 0.0 if any(f.kind == "nonfinite" for f in findings) else nan}
+                "health": 0.0 if broken else nan}
     dead = sum(int(r.get("dead") or 0) for r in sites) / seen
     out = {
         "dead_fraction": dead,
         "dormant_fraction": sum(int(r.get("dormant") or 0) for r in sites) / seen,
         "lifetime_dead_fraction": sum(int(r.get("lifetime_dead") or 0) for r in sites)
         / max(units, 1),
-        "health": 0.0 if any(f.kind == "nonfinite" for f in findings) else 1.0 - dead,
+        "health": 0.0 if broken else 1.0 - dead,
     }
     return out

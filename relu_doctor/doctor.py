@@ -174,6 +174,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         eval_stream: bool | str = False,
         stream: str = "train",
         padding_mask: str | Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None,
+        _inner_eval: bool = False,
     ) -> None:
         path_or_none("run_dir", run_dir)
         model = uncompiled(model)  # torch.compile(model)'s wrapper: the model it compiles
@@ -185,13 +186,13 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             flag("functional", functional)
         callable_or_none("all_reduce", all_reduce)
         name_or_function("padding_mask", padding_mask)
-        if padding_mask is not None and stream == "train" and _encoder_decoder(model):
+        if padding_mask is not None and not _inner_eval and (found := _encoder_decoder(model)):
             # (an audio trial's Whisper under the HF callback: the decoder's mask, padded to
             # the encoder's length, was laid on the encoder's sites, silently; a T5 trial's
             # plain loop then had no word of it at all)
             warnings.warn(
                 "relu_doctor: padding_mask on an encoder-decoder model "
-                f"({type(model).__name__}): the one mask is laid on every site whose output "
+                f"({found}): the one mask is laid on every site whose output "
                 "begins with its shape, the encoder's and the decoder's alike where their "
                 "lengths are equal, where it masks the other stack's positions wrongly "
                 "(one mask a pass: no stack of its own). Leave padding_mask off on such a "
@@ -301,7 +302,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 run_dir=None if run_dir is None else Path(run_dir) / self._eval_name,
                 all_reduce=all_reduce, world_size=world_size, is_writer=is_writer,
                 functional=functional, tensorboard=tensorboard, keep_records=keep_records,
-                resume=resume, stream="eval", padding_mask=padding_mask,
+                resume=resume, stream="eval", padding_mask=padding_mask, _inner_eval=True,
             )
             self.eval._training_doctor = weakref.ref(self)
         opts: list[torch.optim.Optimizer] = optimizers_arg("optimizer", optimizer)
@@ -996,16 +997,25 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             ev._passes_logged = ev.probe.passes
         return record
 
-    def _count_open_window(self) -> None:
+    def _count_open_window(self) -> Callable[[], None] | None:
         """An evaluation stream's steps are its passes: its open window holds those since
         its last log, which ``doc.eval.to_pandas()``/``current()`` read (a T5 trial's read
         between logs found the last closed window, or nothing before the first). Not with
         several processes: a read of an open window is a collective there, which a
-        process that ran no evaluation pass would not join."""
+        process that ran no evaluation pass would not join. The counts go back after the
+        read: kept, a checkpoint saved then resumed with a window not logged yet, and
+        dropped the evaluation record logged at that step (a review)."""
         training = self._training_doctor() if self._training_doctor is not None else None
-        if training is not None and self.all_reduce is None:
-            self.global_step = training.global_step  # (the step its window is read at)
-            self.window_steps = self.steps_run = self.probe.passes - self._passes_logged
+        if training is None or self.all_reduce is not None:
+            return None
+        was = self.global_step, self.window_steps, self.steps_run
+
+        def restore() -> None:
+            self.global_step, self.window_steps, self.steps_run = was
+
+        self.global_step = training.global_step  # (the step its window is read at)
+        self.window_steps = self.steps_run = self.probe.passes - self._passes_logged
+        return restore
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[Doctor]:
@@ -1243,11 +1253,16 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         )
 
 
-def _encoder_decoder(model: nn.Module) -> bool:
-    """Whether ``model`` runs two stacks on sequences of their own lengths: a Hugging Face
-    encoder-decoder (T5, BART, Whisper...) or torch's ``nn.Transformer``."""
-    config = getattr(model, "config", None)
-    return bool(getattr(config, "is_encoder_decoder", False)) or isinstance(model, nn.Transformer)
+def _encoder_decoder(model: nn.Module) -> str:
+    """The class of the part of ``model`` that runs two stacks on sequences of their own
+    lengths, a Hugging Face encoder-decoder (T5, BART, Whisper...) or torch's
+    ``nn.Transformer``, the model itself or held in it (a LightningModule's, a wrapper's:
+    a review); "" where none."""
+    for m in model.modules():
+        if bool(getattr(getattr(m, "config", None), "is_encoder_decoder", False)) or \
+                isinstance(m, nn.Transformer):
+            return type(m).__name__
+    return ""
 
 
 def _eval_name(eval_stream: object) -> str | None:

@@ -676,18 +676,24 @@ class IntervalReading:
         log; right after a log, or once training ended (a ``with`` block's exit,
         ``log_final``), it is the last judged record, read with no communication, so one
         process alone may call it then."""
-        self._count_open_window()
-        if (self.steps_run > 0 and not self._unfolded) or (self.all_reduce is None and (
-                self.probe.attached or self._last_judged is None)):
-            # Decided on the window summed across processes: every process makes the call.
-            read = self._read(close=False)
-            if read is not None and read.judged:
-                return read
-        return self._last_judged
+        restore = self._count_open_window()
+        try:
+            if (self.steps_run > 0 and not self._unfolded) or (self.all_reduce is None and (
+                    self.probe.attached or self._last_judged is None)):
+                # Decided on the window summed across processes: every process makes the call.
+                read = self._read(close=False)
+                if read is not None and read.judged:
+                    return read
+            return self._last_judged
+        finally:
+            if restore is not None:
+                restore()
 
-    def _count_open_window(self) -> None:
-        """Hook: bring the open window's step counts up to date before :meth:`current`
-        reads it (an evaluation stream's, whose steps are passes: see Doctor)."""
+    def _count_open_window(self) -> Callable[[], None] | None:
+        """Hook: bring the open window's step counts up to date for :meth:`current` to read
+        it (an evaluation stream's, whose steps are passes: see Doctor); returns what puts
+        them back after the read, or None."""
+        return None
 
     def findings(self) -> list[Finding]:
         """What is wrong now, most severe first (see :meth:`current`)."""

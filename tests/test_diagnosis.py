@@ -1480,3 +1480,23 @@ def test_the_reports_advice_for_dead_gelu_units_scoring_above_tau_gives_the_recy
     plain = replace(view, above_tau=(0, 0))
     assert "recycle the units (dormant_reset=True)" in recommend(plain, True, [],
                                                                  REMEDY_NAMES["hf"])
+
+
+def test_health_is_of_the_sites_that_train_non_finite_values_included():
+    """A frozen teacher's NaN zeroed the student's health beside its dead fraction of 0 (a
+    review): a non-finite finding at a site left out of the model-wide numbers is not
+    theirs; one at a site that trains, or model-wide, is."""
+    from relu_doctor.diagnosis import Finding, run_health
+
+    teacher = {"site": "teacher.1", "units": 8, "units_seen": 8, "dead": 8, "dormant": 0,
+               "lifetime_dead": 8, "frozen": "teacher.0"}
+    student = {"site": "student.1", "units": 4, "units_seen": 4, "dead": 1, "dormant": 0,
+               "lifetime_dead": 0, "frozen": None}
+
+    def nan_at(site: str) -> Finding:
+        return Finding("nonfinite", site, "critical", "NaN", {}, "", 10)
+
+    assert run_health([teacher, student], [nan_at("teacher.1")])["health"] == 0.75
+    assert run_health([teacher, student], [nan_at("student.1")])["health"] == 0.0
+    assert run_health([teacher, student], [nan_at("model")])["health"] == 0.0
+    assert run_health([teacher], [nan_at("teacher.1")])["health"] == 0.0  # (all frozen: its own)

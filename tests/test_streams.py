@@ -207,6 +207,42 @@ def test_the_open_evaluation_window_is_read_between_logs():
     assert logged.loc[4, "elements"] == row["elements"] and logged.loc[4, "window_steps"] == 3
 
 
+def test_a_read_of_the_open_evaluation_window_leaves_a_checkpoint_as_it_was(tmp_path):
+    """A review: doc.eval.to_pandas() between logs left the evaluation Doctor's step counts
+    at the open window's, a checkpoint saved then held them, and the resumed run cut the
+    evaluation record logged at that step from its run directory. The read puts them back."""
+    def fit(read: bool) -> tuple[dict[str, int], list[int], list[int]]:
+        net = _net()
+        run_dir = tmp_path / f"read-{read}"
+        doc = relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=2, eval_stream=True,
+                                run_dir=run_dir)
+        for x in TRAIN[:2]:
+            _train_step(net, x, doc)
+            net.eval()
+            with torch.no_grad():
+                net(EVAL[0])
+        net.eval()
+        with torch.no_grad():  # validation after the step-2 log, read before the next
+            for v in EVAL:
+                net(v)
+        if read:
+            assert doc.eval.to_pandas().set_index("site").loc["1", "window_steps"] == 4
+        state = doc.state_dict()
+        doc.detach()  # the run dies here: no final log (its locks gone with its process)
+        for lock in run_dir.rglob(".lock"):
+            lock.unlink()
+        before = relu_doctor.load_run(run_dir / "eval").history["step"].unique().tolist()
+        with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=2, eval_stream=True,
+                               run_dir=run_dir, resume=True) as resumed:
+            resumed.load_state_dict(state)
+            after = relu_doctor.load_run(run_dir / "eval").history["step"].unique().tolist()
+        counts = {k: state["eval"][k] for k in ("global_step", "window_steps", "steps_run")}
+        return counts, before, after
+
+    unread, read = fit(False), fit(True)
+    assert read == unread and read[1] == read[2] == [2]
+
+
 def test_eval_stream_survives_a_checkpoint():
     net = _net()
     with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=100, eval_stream=True) as doc:

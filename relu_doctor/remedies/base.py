@@ -41,6 +41,7 @@ from relu_doctor.remedies.evidence import (
     MIN_EVIDENCE_STEPS,
     SNAPSHOT_KEYS,
     DeadEvidence,
+    Snapshot,
     dead_surge,
     model_snapshot,
     site_snapshot,
@@ -454,10 +455,10 @@ class Remedy:
             self._pending.append(Pending.of(ev.id, site, self.judge, before, details.get("units")))
         return ev
 
-    def model_snapshot(self, record: RecordLike) -> dict[str, Any]:
-        """The model-wide metrics its changes are judged on (:func:`model_snapshot`; a
-        clipper adds the gradient norm it saw before clipping)."""
-        return model_snapshot(record)
+    def model_snapshot(self, record: RecordLike, sites: Sequence[str] | None = None) -> Snapshot:
+        """The model-wide metrics its changes are judged on (:func:`model_snapshot`, over
+        ``sites`` where given; a clipper adds the gradient norm it saw before clipping)."""
+        return model_snapshot(record, sites)
 
     def note(
         self,
@@ -504,8 +505,8 @@ class Remedy:
         pending, self._pending = self._pending, []
         out = []
         for p in pending:
-            if p.site == MODEL:
-                after: dict[str, Any] | None = self.model_snapshot(record)
+            if p.site == MODEL:  # (over the sites its before was of)
+                after: dict[str, Any] | None = self.model_snapshot(record, p.sites)
             else:
                 row = record.site_row(p.site)
                 after = site_snapshot(row) if row is not None else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -37,6 +37,7 @@ from relu_doctor.remedies.base import (
     refuse_sharded,
     sharding_of,
 )
+from relu_doctor.remedies.evidence import Snapshot
 
 __all__ = ["AGC", "AutoClip"]
 
@@ -234,10 +235,12 @@ class _Clipper(Remedy):
         self._steps = 0
         return out
 
-    def model_snapshot(self, record: RecordLike) -> dict[str, Any]:
+    def model_snapshot(self, record: RecordLike, sites: Sequence[str] | None = None) -> Snapshot:
         """The model-wide metrics, with the gradient norm before clipping of the window last
         read (:data:`UNCLIPPED`)."""
-        return {**model_snapshot(record), UNCLIPPED: self.last.get("grad_norm")}
+        out = model_snapshot(record, sites)
+        out[UNCLIPPED] = self.last.get("grad_norm")
+        return out
 
     def decide(self, record: RecordLike) -> list[Intervention]:
         """Report the window's clipping (not judged: it clipped step by step, no one-off

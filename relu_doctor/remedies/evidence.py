@@ -286,13 +286,23 @@ def site_snapshot(row: Mapping[str, Any]) -> dict[str, float | None]:
     return {k: finite_or_none(row.get(k)) for k in SNAPSHOT_KEYS}
 
 
-def model_snapshot(record: RecordLike) -> dict[str, Any]:
+class Snapshot(dict[str, Any]):
+    """A model-wide snapshot (:func:`model_snapshot`): its metrics, and in :attr:`sites` the
+    sites they were counted over, so that the window after a change is read over the same
+    ones (a backbone unfrozen between them would move every number, no unit changed: a
+    review). A plain dict where recorded (an intervention's ``before``)."""
+
+    sites: tuple[str, ...] = ()
+
+
+def model_snapshot(record: RecordLike, sites: Sequence[str] | None = None) -> Snapshot:
     """Model-wide metrics of one record: unit-weighted dead and dormant fractions over the
     sites that train (:func:`~relu_doctor.diagnosis.trained_rows`: a frozen teacher's dead
-    units shrank a student's change to a quarter of itself, a distillation trial), the
-    total parameter-gradient norm (when an optimizer is tapped) and whether an
-    exploding-gradient finding is present."""
-    rows = trained_rows(record.site_rows)
+    units shrank a student's change to a quarter of itself, a distillation trial), or over
+    ``sites`` (a change's before, read again after it), the total parameter-gradient norm
+    (when an optimizer is tapped) and whether an exploding-gradient finding is present."""
+    rows = (trained_rows(record.site_rows) if not sites
+            else [r for r in record.site_rows if str(r["site"]) in set(sites)])
     seen = sum(int(r.get("units_seen") or 0) for r in rows)
     dead = sum(int(r.get("dead") or 0) for r in rows)
     dormant = sum(int(r.get("dormant") or 0) for r in rows)
@@ -304,9 +314,11 @@ def model_snapshot(record: RecordLike) -> dict[str, Any]:
         graded = layers["graded"] if "graded" in layers else [True] * len(layers)
         vals = [float(v) for v, g in zip(layers["grad_norm"], graded, strict=True) if bool(g)]
         grad_norm = finite_or_none(math.sqrt(sum(v * v for v in vals))) if vals else None
-    return {
-        "dead_fraction": dead / seen if seen else None,
-        "dormant_fraction": dormant / seen if seen else None,
-        "grad_norm": grad_norm,
-        "exploding_gradient": any(f.kind == "exploding_gradient" for f in record.findings),
-    }
+    out = Snapshot(
+        dead_fraction=dead / seen if seen else None,
+        dormant_fraction=dormant / seen if seen else None,
+        grad_norm=grad_norm,
+        exploding_gradient=any(f.kind == "exploding_gradient" for f in record.findings),
+    )
+    out.sites = tuple(str(r["site"]) for r in rows)
+    return out

@@ -78,6 +78,9 @@ class Pending:
     units: tuple[int, ...] = ()
     #: windows passed over because none of its units ran there (a branch, an expert)
     waited: int = 0
+    #: a model-wide change's: the sites its before was counted over (evidence.Snapshot),
+    #: which its after is read over too
+    sites: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, id: str, site: str, judge: tuple[str | None, float, float],
@@ -90,7 +93,8 @@ class Pending:
         if changed and target == "below_tau_fraction":
             target = UNITS_QUIET
         value = finite_or_none((before or {}).get(target)) if target else None
-        return cls(id, site, target, value, gain, tol, changed)
+        return cls(id, site, target, value, gain, tol, changed,
+                   sites=tuple(getattr(before, "sites", ())))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "site": self.site}
@@ -101,13 +105,16 @@ class Pending:
             out["units"] = list(self.units)
         if self.waited:
             out["waited"] = self.waited
+        if self.sites:
+            out["sites"] = list(self.sites)
         return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Pending:
         return cls(str(d["id"]), str(d["site"]), d.get("target"), finite_or_none(d.get("before")),
                    float(d.get("min_gain", 0.0)), float(d.get("tolerance", 0.0)),
-                   tuple(int(u) for u in d.get("units", ())), int(d.get("waited", 0)))
+                   tuple(int(u) for u in d.get("units", ())), int(d.get("waited", 0)),
+                   tuple(str(s) for s in d.get("sites", ())))
 
     def waited_once(self) -> Pending:
         """This judgement put off by one more window."""

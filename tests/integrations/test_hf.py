@@ -460,6 +460,10 @@ def test_the_training_curve_holds_the_trainers_loss_at_each_log(tmp_path: Path) 
     for r in cb.doctor.records:
         if r.step in ours:
             assert ours[r.step] == pytest.approx({**summary_scalars(r), **health_scalars(r)})
+            seen = sum(int(row["units_seen"]) for row in r.site_rows)  # (nothing frozen here)
+            dead = sum(int(row["dead"]) for row in r.site_rows)
+            assert ours[r.step]["relu_doctor/health"] == pytest.approx(1 - dead / seen)
+            assert ours[r.step]["relu_doctor/dead_fraction"] == pytest.approx(dead / seen)
             assert len(ours[r.step]) < len(record_scalars(r, tb.DEFAULT_METRICS))
     ea = EventAccumulator(str(cb.doctor.run_dir))
     ea.Reload()
@@ -624,13 +628,15 @@ def test_a_padding_mask_on_an_encoder_decoder_model_is_warned_of(tmp_path: Path,
         assert "T5ForConditionalGeneration" in said[0] and "Leave padding_mask off" in said[0]
 
 
-@pytest.mark.parametrize("kind", ["t5", "nn.Transformer", "bert"])
+@pytest.mark.parametrize("kind", ["t5", "nn.Transformer", "bert", "held t5", "t5, stream all"])
 def test_watch_warns_of_a_padding_mask_on_an_encoder_decoder_as_the_callback_does(kind: str
                                                                                  ) -> None:
     """A T5 trial's plain loop: watch(padding_mask=) on T5 said nothing, where the HF
-    callback warned. The Doctor says it, once (its evaluation stream's Doctor not again);
-    not on an encoder alone."""
-    if kind == "t5":
+    callback warned. The Doctor says it, once (its evaluation stream's Doctor not again),
+    of a model that holds one too (a wrapper, a LightningModule: a review) and on any
+    stream; not on an encoder alone."""
+    stream = "all" if kind.endswith("stream all") else "train"
+    if kind.startswith(("t5", "held")):
         model: torch.nn.Module = transformers.T5ForConditionalGeneration(transformers.T5Config(
             vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
     elif kind == "bert":
@@ -640,13 +646,17 @@ def test_watch_warns_of_a_padding_mask_on_an_encoder_decoder_as_the_callback_doe
     else:
         model = torch.nn.Transformer(d_model=16, nhead=2, num_encoder_layers=1,
                                      num_decoder_layers=1, dim_feedforward=32)
+    named = type(model).__name__
+    if kind.startswith("held"):
+        model = torch.nn.ModuleDict({"seq2seq": model})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        relu_doctor.watch(model, padding_mask="attention_mask", eval_stream=True).close()
+        relu_doctor.watch(model, padding_mask="attention_mask", eval_stream=stream == "train",
+                          stream=stream).close()
     said = [w for w in caught if "encoder-decoder" in str(w.message)]
     assert len(said) == (0 if kind == "bert" else 1), [str(w.message) for w in said]
     if said:
-        assert said[0].filename == __file__ and type(model).__name__ in str(said[0].message)
+        assert said[0].filename == __file__ and f"({named})" in str(said[0].message)
 
 
 class _Spy(transformers.TrainerCallback):  # type: ignore[misc]

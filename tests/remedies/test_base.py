@@ -145,6 +145,30 @@ def test_model_snapshot_weights_by_units_and_sums_layer_norms():
     assert model_snapshot(record)["grad_norm"] is None
 
 
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_model_wide_change_is_judged_over_the_sites_its_before_was_of(resumed: bool) -> None:
+    """The model-wide numbers are of the sites that train (a frozen teacher's left out): a
+    backbone unfrozen between a change and its next window joined them, moving every number
+    though no unit changed (a review). The window after is read over the sites the before
+    was, through a checkpoint too."""
+    frozen_backbone = {**site_row("backbone", 0.75, units=32), "frozen": "backbone.0"}
+    head = site_row("head", 0.5, units=8)
+    marker = Marker()
+    made = marker(rec(4, [frozen_backbone, head], findings=[EXPLODING]))
+    model_change = next(e for e in made if isinstance(e, Intervention) and e.site == "model")
+    assert model_change.before is not None and model_change.before["dead_fraction"] == 0.5
+    if resumed:
+        again = Marker()
+        again.load_state_dict(copy.deepcopy(marker.state_dict()))
+        marker = again
+    unfrozen = {**frozen_backbone, "frozen": None}  # 24 of 32 still dead
+    after = rec(8, [unfrozen, site_row("head", 0.25, units=8)])
+    results = [e for e in marker(after) if isinstance(e, InterventionResult)]
+    judged = next(r for r in results if r.ref == model_change.id)
+    assert judged.after is not None and judged.after["dead_fraction"] == 0.25  # the head's
+    assert model_snapshot(after)["dead_fraction"] == (24 + 2) / 40  # (both train now)
+
+
 # ======================================================================= the protocol
 
 
