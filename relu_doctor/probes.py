@@ -1182,17 +1182,18 @@ class Probe(SiteRegistry, HookOwner):
         ``op=None``, a functional call the op's name (``"relu"``), ``path`` then being the
         module whose ``forward`` made the call.
         """
-        self._record(output, path, call_index, family, module, op)
+        prepared = None if self._mask is not None else self._prepared.get((path, call_index, op))
+        if not (prepared is not None and prepared[0] is family
+                and prepared[3] is prepared[2].stats
+                and self._record_prepared(output, prepared[1], prepared[2])):
+            self._record(output, path, call_index, family, module, op)
         if self._provenance.tracking:  # (after its own origin was read: see Site.chained)
             self._provenance.after_site(output)
 
     def _record(self, output: Any, path: str, call_index: int, family: Family,
                 module: nn.Module | None, op: str | None) -> None:
-        """:meth:`record`."""
-        prepared = None if self._mask is not None else self._prepared.get((path, call_index, op))
-        if prepared is not None and prepared[0] is family and prepared[3] is prepared[2].stats \
-                and self._record_prepared(output, prepared[1], prepared[2]):
-            return
+        """:meth:`record` of a call the kernel call prepared at the previous one does not
+        fit."""
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return
         if torch.compiler.is_compiling():
