@@ -337,8 +337,12 @@ def test_healthy_run(tmp_path: Path) -> None:
             net(torch.randn(256, 4)).sum().backward()
             doc.step()
     assert not [f for f in doc.findings() if f.severity != "info"]
-    page = render_report(load_run(tmp_path / "h"))
+    run = load_run(tmp_path / "h")
+    page = render_report(run)
     assert "rd-verdict-healthy" in page
+    # no optimizer watched: no update ratio, and no figure of it
+    assert plots.update_ratio_figure(run.layers) is None
+    assert "Update ratio of each layer" not in page
 
 
 def test_site_without_rows_is_listed(tmp_path: Path) -> None:
@@ -698,21 +702,6 @@ def test_the_update_ratio_figure_draws_each_layers_recorded_ratios(dead_run: Tra
     assert ax.get_yscale() == "log" and "log scale" in ax.get_ylabel()
     page = dead_run.report.read_text(encoding="utf-8")
     assert 'alt="Update ratio of each layer' in section(page, "rd-gradients")
-
-
-def test_a_run_without_an_optimizer_has_no_update_ratio_figure(tmp_path: Path) -> None:
-    import torch
-    import torch.nn as nn
-
-    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
-    with relu_doctor.watch(net, log_every_n_steps=2, run_dir=tmp_path / "r") as doc:
-        for _ in range(4):
-            net(torch.randn(16, 4)).sum().backward()
-            doc.step()
-    run = load_run(tmp_path / "r")
-    assert len(run.history)
-    assert plots.update_ratio_figure(run.layers) is None
-    assert "Update ratio of each layer" not in render_report(run)
 
 
 def test_many_layers_are_coloured_by_depth_and_frozen_or_still_ones_are_said() -> None:
