@@ -824,10 +824,12 @@ def _growth_findings(
 
 
 def trained_rows(sites: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The site rows the model-wide numbers are of: the sites training moves, not those fed
-    by a frozen part (``frozen``: a distillation's teacher run in the student's forward,
-    whose dead units were read as the student's health, a trial's); every site where all
-    are frozen (a frozen model watched on its own: its numbers are all there is).
+    """The site rows a remedy's model-wide before/after and the report's key numbers are of:
+    the sites training moves, not those fed by a frozen part (``frozen``: a distillation's
+    teacher run in the student's forward, whose dead units diluted a student's change to a
+    quarter of itself, a trial's); every site where all are frozen (a frozen model watched
+    on its own: its numbers are all there is). Not :func:`run_health`'s, whose numbers are
+    a time series that must compare across a freeze or an unfreezing.
 
     Example:
         >>> [r["site"] for r in trained_rows([{"site": "t", "frozen": "t.fc"}, {"site": "s"}])]
@@ -840,21 +842,21 @@ def trained_rows(sites: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 def run_health(sites: Sequence[Mapping[str, Any]], findings: Sequence[Finding]) -> dict[str, float]:
     """Run-level numbers for early stopping and checkpointing (higher ``health`` is better):
     unit-weighted ``dead_fraction``, ``dormant_fraction`` (active but below tau: dead units
-    are not dormant) and ``lifetime_dead_fraction`` over the sites that train
-    (:func:`trained_rows`), and ``health`` = the share of their units alive (not dead in
-    the window), 0 when a non-finite value was seen there (or model-wide).
+    are not dormant) and ``lifetime_dead_fraction`` over every site, frozen ones included,
+    and ``health`` = the share of units alive (not dead in the window), 0 when a non-finite
+    value was seen. Every site, so that the numbers compare from one log to the next
+    across a freeze or an unfreezing: counted over the sites that train, a backbone
+    unfrozen mid-run joined them with its dead units, health fell with no unit changed,
+    and EarlyStopping and ModelCheckpoint on it kept the frozen phase's model (a trial).
+    A frozen teacher's units are a constant there; watch the student alone
+    (``include=``) for its own.
 
     Example:
         >>> run_health([{"units": 4, "units_seen": 4, "dead": 1, "dormant": 2,
         ...              "lifetime_dead": 0}], [])["health"]
         0.75
     """
-    aside = {str(r.get("site")) for r in sites}
-    sites = trained_rows(sites)
-    aside -= {str(r.get("site")) for r in sites}
-    # (a non-finite value at a site left out, a frozen teacher's, is not this number's: a
-    # review found health 0 beside a dead fraction of 0; a model-wide one is)
-    broken = any(f.kind == "nonfinite" and f.site not in aside for f in findings)
+    broken = any(f.kind == "nonfinite" for f in findings)
     seen = sum(int(r.get("units_seen") or 0) for r in sites)
     units = sum(int(r.get("units") or 0) for r in sites)
     if not seen:

@@ -1482,21 +1482,19 @@ def test_the_reports_advice_for_dead_gelu_units_scoring_above_tau_gives_the_recy
                                                                  REMEDY_NAMES["hf"])
 
 
-def test_health_is_of_the_sites_that_train_non_finite_values_included():
-    """A frozen teacher's NaN zeroed the student's health beside its dead fraction of 0 (a
-    review): a non-finite finding at a site left out of the model-wide numbers is not
-    theirs; one at a site that trains, or model-wide, is."""
+def test_health_counts_every_site_frozen_ones_included():
+    """A fine-tuning trial: counted over the sites that train, health fell when a backbone
+    was unfrozen (its dead units joining), with no unit changed, and EarlyStopping and
+    ModelCheckpoint on it kept the frozen phase's model. It counts every site, so the
+    number compares across the unfreezing."""
     from relu_doctor.diagnosis import Finding, run_health
 
-    teacher = {"site": "teacher.1", "units": 8, "units_seen": 8, "dead": 8, "dormant": 0,
-               "lifetime_dead": 8, "frozen": "teacher.0"}
-    student = {"site": "student.1", "units": 4, "units_seen": 4, "dead": 1, "dormant": 0,
-               "lifetime_dead": 0, "frozen": None}
+    def rows(frozen: bool) -> list[dict]:
+        return [{"site": "backbone.1", "units": 8, "units_seen": 8, "dead": 2, "dormant": 0,
+                 "lifetime_dead": 2, "frozen": "backbone.0" if frozen else None},
+                {"site": "head.1", "units": 4, "units_seen": 4, "dead": 1, "dormant": 0,
+                 "lifetime_dead": 0, "frozen": None}]
 
-    def nan_at(site: str) -> Finding:
-        return Finding("nonfinite", site, "critical", "NaN", {}, "", 10)
-
-    assert run_health([teacher, student], [nan_at("teacher.1")])["health"] == 0.75
-    assert run_health([teacher, student], [nan_at("student.1")])["health"] == 0.0
-    assert run_health([teacher, student], [nan_at("model")])["health"] == 0.0
-    assert run_health([teacher], [nan_at("teacher.1")])["health"] == 0.0  # (all frozen: its own)
+    assert run_health(rows(True), [])["health"] == run_health(rows(False), [])["health"] == 0.75
+    nan = Finding("nonfinite", "backbone.1", "critical", "NaN", {}, "", 10)
+    assert run_health(rows(True), [nan])["health"] == 0.0

@@ -248,7 +248,7 @@ def remedies_on(remedies: Mapping[str, Any]) -> dict[str, Callable[[str], bool] 
 
 
 def summary_scalars(record: IntervalRecord, prefix: str = tb.PREFIX) -> dict[str, float]:
-    """Model-wide numbers of one record, unit-weighted over the sites that train
+    """Model-wide numbers of one record, unit-weighted over every site
     (:func:`~relu_doctor.diagnosis.run_health`): ``<prefix>/dead_fraction``,
     ``<prefix>/dormant_fraction``, ``<prefix>/lifetime_dead_fraction`` (finite ones only)."""
     health = run_health(record.site_rows, record.findings)
