@@ -396,7 +396,8 @@ class Probe(SiteRegistry, HookOwner):
         self._members: set[nn.Module] = set()
         #: what _compiled_enter paused, for each part compiled apart running now, and
         #: who else pauses there (on_compiled_part)
-        self._set_aside: list[list[tuple[Callable[[Any], object], object]]] = []
+        self._set_aside: list[list[tuple[Callable[[], object], Callable[[Any], object],
+                                         object]]] = []
         self._pausers: list[tuple[Callable[[], object], Callable[[Any], object]]] = []
         #: every module's path at the last hooking (a module found at another since moved:
         #: see _restart_moved), and the containers whose module dicts say when one moved
@@ -629,7 +630,10 @@ class Probe(SiteRegistry, HookOwner):
             parts = path.split(".") if path else []
             for i in range(len(parts) + 1):
                 keep.add(".".join(parts[:i]))
-        return {m: p for p, m in self.model.named_modules() if p in keep}
+        # (not a torch.compile wrapper of a part: Dynamo, tracing the hooks of a part that
+        # starts a pass itself, met its module twice in this map: see _members)
+        return {m: p for p, m in self.model.named_modules()
+                if p in keep and not _compile_wrapper(m)}
 
     def detach(self) -> None:
         """Remove every hook (idempotent). The model is left exactly as it was."""
@@ -850,11 +854,18 @@ class Probe(SiteRegistry, HookOwner):
         statistics: as in a model compiled after ``watch``)."""
         if not _is_compiling():
             pausers = [(self._provenance.pause, self._provenance.resume), *self._pausers]
-            self._set_aside.append([(resume, pause()) for pause, resume in pausers])
+            self._set_aside.append([(pause, resume, pause()) for pause, resume in pausers])
 
     def _compiled_exit(self) -> None:
+        """The part ended: what it left on is left (functional capture's hooks traced in it
+        enter its mode), then each mode is put back as it was, in the order they were on
+        (producer tracking under functional capture: a review found functional sites after
+        the part without their producer, the modes put back the other way round)."""
         if not _is_compiling() and self._set_aside:
-            for resume, was in reversed(self._set_aside.pop()):
+            paused = self._set_aside.pop()
+            for pause, _resume, _was in reversed(paused):
+                pause()
+            for _pause, resume, was in paused:
                 resume(was)
 
     def _enter(self, module: nn.Module, args: Any) -> None:

@@ -602,3 +602,46 @@ def test_a_part_compiled_apart_inside_an_eager_model_trains_and_is_counted(when:
     assert fn["dead"] == int((fc <= 0).all(dim=0).sum()) >= 3
     assert np.isnan(act["grad_rms"]) and np.isnan(fn["grad_rms"])
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class _After(nn.Module):
+    """A part, then a functional relu of a Conv1d whose units are on dim 1 (the shape rule
+    would take the last dim), then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.part = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+        self.conv = nn.Conv1d(6, 5, 1)
+        self.head = nn.Conv1d(5, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(self.part(x).transpose(1, 2))))
+
+
+def test_around_a_part_compiled_apart_producers_links_and_direct_calls_hold() -> None:
+    """A review of the fix above: the part called on its own (a GAN's G) still raised (its
+    wrapper was among the hooks' boundary modules); a functional site after the part lost
+    its producer and took the shape rule's units (the modes put back in the wrong order);
+    and no site of the model could be linked for recycling (the dataflow pass ran the part
+    compiled, under its mode)."""
+    from relu_doctor.remedies import find_unit_links
+
+    torch.manual_seed(0)
+    model = _After()
+    model.part = torch.compile(model.part, backend="aot_eager")
+    g = torch.Generator().manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with relu_doctor.watch(model, log_every_n_steps=100, every_n_steps=1,
+                               overhead_budget=None) as doc:
+            for _ in range(2):
+                model(torch.randn(4, 7, 6, generator=g)).pow(2).mean().backward()
+                model.part(torch.randn(4, 7, 6, generator=g)).sum().backward()  # on its own
+                doc.step()
+            site = doc.probe.site("(root):relu#0")
+            links = find_unit_links(model, site=doc.site_key("(root):relu#0"),
+                                    example_inputs=torch.randn(4, 7, 6, generator=g))
+    assert (site.producer, site.unit_dim, site.units) == ("conv", 1, 5)
+    assert links.producer_path == "conv" and [c.path for c in links.consumers] == ["head"]
+    part = doc.to_pandas().set_index("site").loc["part._orig_mod.1"]
+    assert part["elements"] == 2 * 2 * 4 * 7 * 6  # both calls of each step, as eager counts

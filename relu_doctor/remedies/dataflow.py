@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 from relu_doctor._state import kept_state
 from relu_doctor.families import family_of
 from relu_doctor.functional import functional_ops
-from relu_doctor.probes import private_passes
+from relu_doctor.probes import private_passes, uncompiled
 
 __all__ = [
     "Dataflow",
@@ -171,6 +171,8 @@ class _Recorder(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []  # every tensor seen stays alive: ids stay unique
         self.params: dict[int, Param] = {}
         for path, mod in model.named_modules():
+            if uncompiled(mod) is not mod:  # (a torch.compile wrapper: its module is named)
+                continue
             self.flow.paths.setdefault(mod, path)
             for name, t in list(mod.named_parameters(recurse=False)) + list(
                 mod.named_buffers(recurse=False)
@@ -303,7 +305,10 @@ def record_dataflow(
         for mod in rec.flow.paths:
             handles.append(mod.register_forward_pre_hook(rec.pre, with_kwargs=True))
             handles.append(mod.register_forward_hook(rec.post, with_kwargs=True, always_call=True))
-        with kept_state(model), private_passes(), torch.no_grad(), rec:
+        # (a part compiled apart runs eagerly: Dynamo, tracing it under this mode and the
+        # hooks, raised, and every site of the model went unlinked, a review)
+        with kept_state(model), private_passes(), torch.no_grad(), \
+                torch.compiler.set_stance("force_eager"), rec:
             out = (call or model)(*args, **(kwargs or {}))
         for t in _flat(out, None):
             if isinstance(t, torch.Tensor):

@@ -43,6 +43,10 @@ History of the fixture:
    as a stand-alone clipper does: the treated demo gains one event, AutoClip's report of
    steps 21-30 (10 of 10 steps clipped). Checked before re-making: without that event every
    event, row and finding is as before.
+7. Re-made when a chain's second site (the plain loop's LeakyReLU, which takes
+   ``(root):relu#0``'s output) came to say why recycling cannot treat it (the recycler
+   refuses it): its dead finding's evidence gains ``not_recyclable``. Checked before
+   re-making: that key is the one difference (floats to 1e-7).
 """
 
 from __future__ import annotations
