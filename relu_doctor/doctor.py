@@ -12,6 +12,7 @@ remedies).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import os
 import sys
@@ -174,7 +175,6 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         eval_stream: bool | str = False,
         stream: str = "train",
         padding_mask: str | Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None,
-        _inner_eval: bool = False,
     ) -> None:
         path_or_none("run_dir", run_dir)
         model = uncompiled(model)  # torch.compile(model)'s wrapper: the model it compiles
@@ -186,7 +186,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             flag("functional", functional)
         callable_or_none("all_reduce", all_reduce)
         name_or_function("padding_mask", padding_mask)
-        if padding_mask is not None and not _inner_eval and (found := _encoder_decoder(model)):
+        if padding_mask is not None and not _MAKING_EVAL_STREAM.get() and (
+                found := _encoder_decoder(model)):
             # (an audio trial's Whisper under the HF callback: the decoder's mask, padded to
             # the encoder's length, was laid on the encoder's sites, silently; a T5 trial's
             # plain loop then had no word of it at all)
@@ -295,15 +296,19 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         #: an evaluation stream's training Doctor (whose steps it is read at), else None
         self._training_doctor: weakref.ref[Doctor] | None = None
         if self._eval_name is not None:
-            self.eval = Doctor(
-                model, log_every_n_steps=log_every_n_steps, every_n_steps=1,  # every eval pass
-                include=include, exclude=exclude,
-                unit_dims=unit_dims, gradients=False, config=self.config,
-                run_dir=None if run_dir is None else Path(run_dir) / self._eval_name,
-                all_reduce=all_reduce, world_size=world_size, is_writer=is_writer,
-                functional=functional, tensorboard=tensorboard, keep_records=keep_records,
-                resume=resume, stream="eval", padding_mask=padding_mask, _inner_eval=True,
-            )
+            making = _MAKING_EVAL_STREAM.set(True)  # (its warnings are this Doctor's, said)
+            try:
+                self.eval = Doctor(
+                    model, log_every_n_steps=log_every_n_steps, every_n_steps=1,  # every eval pass
+                    include=include, exclude=exclude,
+                    unit_dims=unit_dims, gradients=False, config=self.config,
+                    run_dir=None if run_dir is None else Path(run_dir) / self._eval_name,
+                    all_reduce=all_reduce, world_size=world_size, is_writer=is_writer,
+                    functional=functional, tensorboard=tensorboard, keep_records=keep_records,
+                    resume=resume, stream="eval", padding_mask=padding_mask,
+                )
+            finally:
+                _MAKING_EVAL_STREAM.reset(making)
             self.eval._training_doctor = weakref.ref(self)
         opts: list[torch.optim.Optimizer] = optimizers_arg("optimizer", optimizer)
         self.tap = self._make_tap(opts, optimizer_pre_hook)
@@ -1251,6 +1256,12 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             f"Doctor(sites={len(self.probe.sites())}, step={self.global_step}, "
             f"attached={self.probe.attached})"
         )
+
+
+#: set while a Doctor makes its evaluation stream's Doctor (eval_stream=): what the
+#: training Doctor said of its arguments is not said again
+_MAKING_EVAL_STREAM: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "relu_doctor_making_eval_stream", default=False)
 
 
 def _encoder_decoder(model: nn.Module) -> str:
