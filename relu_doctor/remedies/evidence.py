@@ -66,6 +66,7 @@ class DeadEvidence:
         self.steps = 0  # collected steps in the pool
         self.windows = 0  # logging windows in it
         self.model_fraction: float | None = None  # the last answer's, over every site
+        self.model_units = 0  # the units seen that it is of
         #: whether the sites of that fraction differ from the answer's before (not compared)
         self.sites_changed = True
         self._model_sites: set[str] = set()
@@ -135,6 +136,7 @@ class DeadEvidence:
         kept = {site: c for site, c in counts.items() if site not in self._rare}
         seen = sum(n for _, n in kept.values())
         self.model_fraction = sum(d for d, _ in kept.values()) / seen if seen else None
+        self.model_units = seen
         self.sites_changed = set(kept) != self._model_sites
         self._model_sites = set(kept)
         return {site: d / n for site, (d, n) in counts.items()}

@@ -325,8 +325,11 @@ class TreatmentPlan(Remedy):
             return "dead_surge", "dead_fraction", {**surge, **steps}
         if self._dead is None:
             return None  # sampled windows: the dead readings wait for more steps
-        # (1e-9: a rise of exactly 2 points, 22/100 - 20/100, is 0.01999...)
-        if now is not None and prev is not None and now >= 0.1 and now - prev >= 0.02 - 1e-9:
+        # (1e-9: a rise of exactly 2 points, 22/100 - 20/100, is 0.01999...; and 2 units at
+        # least: one unit of a 32-unit head, 3 points, switched clipping on for good, a
+        # fine-tuning trial)
+        rise = max(0.02, 2 / self.evidence.model_units) if self.evidence.model_units else 0.02
+        if now is not None and prev is not None and now >= 0.1 and now - prev >= rise - 1e-9:
             # still dying: the tutorials' first remedy is a lower learning rate
             return "dying", "dead_fraction", {
                 "dead_fraction_before": prev, "dead_fraction": now, **steps}

@@ -255,16 +255,16 @@ def test_state_dict_round_trip() -> None:
     assert other._streak == plan._streak == {("recycle", "1"): 1}
 
 
-def _dying_cuts(fractions: list[float]) -> list[int]:
+def _dying_cuts(fractions: list[float], units: int = 100) -> list[int]:
     """The intervals (1-based) at which a plan of the learning-rate step alone cut the rate,
-    fed records of one site of 100 units with these dead fractions (no gradient finding, no
-    site's surge: "dying" is the one trigger left)."""
+    fed records of one site of ``units`` units with these dead fractions (no gradient
+    finding, no site's surge: "dying" is the one trigger left)."""
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     plan = TreatmentPlan(nn.Linear(1, 1), optimizer=opt, steps=("lr",), cooldown=1)
     cuts = []
     for i, f in enumerate(fractions, start=1):
         lr = opt.param_groups[0]["lr"]
-        plan(rec(10 * i, [site_row("a", f, units=100)]))
+        plan(rec(10 * i, [site_row("a", f, units=units)]))
         if opt.param_groups[0]["lr"] < lr:
             cuts.append(i)
     return cuts
@@ -277,6 +277,13 @@ def test_dying_is_a_rise_of_2_points_exactly_too() -> None:
     difference of the second (22/100 - 20/100 = 0.01999...) was below 0.02."""
     assert _dying_cuts([0.20, 0.22, 0.24, 0.26]) == [2, 3, 4]  # cooldown 1: one per interval
     assert _dying_cuts([0.20, 0.21, 0.22, 0.215]) == []  # a point at a time: not dying
+
+
+def test_dying_is_two_units_at_least() -> None:
+    """One unit of a 32-unit head (6 -> 7 dead, 3 points) read as dying, and the plan
+    switched clipping on for the rest of a fine-tuning trial's run. Two units at least."""
+    assert _dying_cuts([6 / 32, 7 / 32, 8 / 32], units=32) == []
+    assert _dying_cuts([6 / 32, 8 / 32, 10 / 32], units=32) == [2, 3]
 
 
 def test_dying_compares_the_last_two_readings_after_a_surge_too() -> None:
