@@ -49,7 +49,10 @@ class InitReport:
             ``he_ratio`` (that over the first site's: 1.0 all the way down under He
             initialisation), ``predicted_ratio`` (He et al.'s recursion with the producing
             layer's actual weight variance, None where no producer was found),
-            ``born_dead`` (units never active on the batch) and ``born_dead_units``.
+            ``born_dead`` (units never active on the batch), ``born_dead_units`` and
+            ``frozen`` (its layer has weights, none of which trains: a pretrained part,
+            whose born-dead units are said as information, and no depth finding is made
+            through it).
         findings: ``born_dead``, ``init_shrinks``/``init_grows`` findings with remedies.
     """
 
@@ -146,6 +149,11 @@ def check_init(
             "second_moment": rms * rms if math.isfinite(rms) else math.nan,
             "born_dead": len(dead),
             "born_dead_units": [int(i) for i in dead.iloc[:64]],
+            # its layer has weights none of which trains (a frozen pretrained backbone: its
+            # units are its pretraining's, not an initialisation's; a fine-tuning trial was
+            # told to use He initialisation there)
+            "frozen": layer is not None and any(True for _ in layer.parameters())
+            and not any(p.requires_grad for p in layer.parameters()),
         })
     # The site producers' weights, read with the model's state kept, as the pass was: a
     # parametrized weight is computed when read (spectral_norm's power iteration updates its
@@ -181,7 +189,22 @@ def _report(rows: list[dict[str, Any]], shrink: float) -> InitReport:
         r["he_ratio"] = r["second_moment"] / first if first > 0 else float("nan")
         r["predicted_ratio"] = predicted
         report.sites.append(r)
-        if r["born_dead"]:
+        if r["born_dead"] and r["frozen"]:
+            frac = r["born_dead"] / r["units"]
+            report.findings.append(
+                Finding(
+                    "born_dead", r["site"], "info",
+                    f"{r['born_dead']} of {r['units']} units ({frac:.1%}) never active on the "
+                    "first batch; its layer does not train (requires_grad=False: frozen, "
+                    "pretrained?), so these are its weights' as given, not an "
+                    "initialisation's.",
+                    {"born_dead": r["born_dead"], "units": r["units"],
+                     "born_dead_units": r["born_dead_units"], "frozen": True},
+                    "Nothing to do at initialisation; while the layer stays frozen these units "
+                    "stay as they are. Unfreezing it lets training move them.",
+                )
+            )
+        elif r["born_dead"]:
             frac = r["born_dead"] / r["units"]
             report.findings.append(
                 Finding(
@@ -202,7 +225,8 @@ def _report(rows: list[dict[str, Any]], shrink: float) -> InitReport:
             )
     last = report.sites[-1]
     ratio = last["he_ratio"]
-    if len(report.sites) >= 2 and (ratio < shrink or ratio > 1 / shrink):
+    frozen = any(r["frozen"] for r in report.sites)  # (its moments are a pretraining's)
+    if len(report.sites) >= 2 and (ratio < shrink or ratio > 1 / shrink) and not frozen:
         kind = "init_shrinks" if ratio < shrink else "init_grows"
         report.findings.append(
             Finding(

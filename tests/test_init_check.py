@@ -88,6 +88,27 @@ def test_negative_bias_is_born_dead_with_the_tutorials_remedies() -> None:
     assert "born dead" in str(report)
 
 
+def test_a_frozen_pretrained_part_is_told_no_initialisation_advice() -> None:
+    """A fine-tuning trial's frozen backbone: its dead units were "born dead" with advice to
+    use He initialisation, and its depth "shrinks 15.7x ... use He initialisation". A layer
+    none of whose weights trains is said as information, and no depth finding goes
+    through it; once it trains, the advice is back."""
+    x = torch.randn(512, 16, generator=torch.Generator().manual_seed(2))
+    net = _mlp(20, 256, he=False)  # (it shrinks: see above)
+    with torch.no_grad():
+        net[0].bias[:8] = -50.0  # 8 units born dead at the first site
+    trains = relu_doctor.check_init(net, x)
+    assert {"born_dead", "init_shrinks"} <= {f.kind for f in trains.findings}
+    net.requires_grad_(False)
+    frozen = relu_doctor.check_init(net, x)
+    born = [f for f in frozen.findings if f.kind == "born_dead"]
+    assert born and all(f.severity == "info" and "does not train" in f.message
+                        and "He" not in f.remedy for f in born)
+    assert [f.site for f in born] == [f.site for f in trains.findings if f.kind == "born_dead"]
+    assert "init_shrinks" not in {f.kind for f in frozen.findings} and frozen.ok
+    assert all(r["frozen"] for r in frozen.sites) and not any(r["frozen"] for r in trains.sites)
+
+
 def test_a_layer_with_he_initialisation_is_not_told_to_use_it() -> None:
     """Born-dead units behind a He-initialised layer were told "use He initialisation";
     it says the layer has it, and what is left to check."""
