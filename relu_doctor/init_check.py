@@ -33,6 +33,7 @@ from relu_doctor.diagnosis import Finding
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.probes import private_passes
+from relu_doctor.sites import frozen_feed
 
 __all__ = ["InitReport", "check_init"]
 
@@ -50,9 +51,9 @@ class InitReport:
             initialisation), ``predicted_ratio`` (He et al.'s recursion with the producing
             layer's actual weight variance, None where no producer was found),
             ``born_dead`` (units never active on the batch), ``born_dead_units`` and
-            ``frozen`` (its layer has weights, none of which trains: a pretrained part,
-            whose born-dead units are said as information, and no depth finding is made
-            through it).
+            ``frozen`` (what feeds it is frozen, by the Doctor's rule, ``frozen_feed``: a
+            pretrained part, whose born-dead units are said as information; the depth
+            finding is of the sites after the last frozen one).
         findings: ``born_dead``, ``init_shrinks``/``init_grows`` findings with remedies.
     """
 
@@ -127,6 +128,7 @@ def check_init(
     if record is None:
         return InitReport()
     producers = _module_producers(model)
+    paths = {m: p for p, m in model.named_modules()}
     rows: list[dict[str, Any]] = []
     layers: list[nn.Module | None] = []
     for row in record.site_rows:
@@ -149,11 +151,12 @@ def check_init(
             "second_moment": rms * rms if math.isfinite(rms) else math.nan,
             "born_dead": len(dead),
             "born_dead_units": [int(i) for i in dead.iloc[:64]],
-            # its layer has weights none of which trains (a frozen pretrained backbone: its
-            # units are its pretraining's, not an initialisation's; a fine-tuning trial was
-            # told to use He initialisation there)
-            "frozen": layer is not None and any(True for _ in layer.parameters())
-            and not any(p.requires_grad for p in layer.parameters()),
+            # what feeds it is frozen, by the Doctor's rule (sites.frozen_feed: a frozen
+            # pretrained backbone, whose units are its pretraining's, not an
+            # initialisation's: a fine-tuning trial was told to use He initialisation
+            # there; not a frozen base layer beside a trainable adapter, a review)
+            "frozen": frozen_feed(model, found if found is not None
+                                  else paths.get(layer) if layer is not None else None),
         })
     # The site producers' weights, read with the model's state kept, as the pass was: a
     # parametrized weight is computed when read (spectral_norm's power iteration updates its
@@ -223,19 +226,23 @@ def _report(rows: list[dict[str, Any]], shrink: float) -> InitReport:
                     "BatchNorm before the activation centres it.",
                 )
             )
+    # over the depth after the last frozen site (a frozen part's moments are its
+    # pretraining's: a review found one frozen stem hid the shrink of the 12 layers after it)
+    after = max((i + 1 for i, r in enumerate(report.sites) if r["frozen"]), default=0)
+    chain = report.sites[after:]
     last = report.sites[-1]
-    ratio = last["he_ratio"]
-    frozen = any(r["frozen"] for r in report.sites)  # (its moments are a pretraining's)
-    if len(report.sites) >= 2 and (ratio < shrink or ratio > 1 / shrink) and not frozen:
+    base = chain[0]["second_moment"] if chain else math.nan
+    ratio = last["second_moment"] / base if chain and base > 0 else math.nan
+    if len(chain) >= 2 and (ratio < shrink or ratio > 1 / shrink):
         kind = "init_shrinks" if ratio < shrink else "init_grows"
         report.findings.append(
             Finding(
                 kind, last["site"], "warning",
                 f"the activation second moment {_change(ratio)} from "
-                f"{report.sites[0]['site']} to this site over depth; He initialisation keeps "
+                f"{chain[0]['site']} to this site over depth; He initialisation keeps "
                 "it constant.",
                 {"he_ratio": ratio, "predicted_ratio": last["predicted_ratio"],
-                 "depth": len(report.sites)},
+                 "depth": len(chain)},
                 "Use He initialisation (nn.init.kaiming_normal_(w, nonlinearity='relu'), "
                 "zero biases), or normalisation (BatchNorm/LayerNorm) before the activations; "
                 "for deep networks add residual connections.",

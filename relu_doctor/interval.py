@@ -84,9 +84,9 @@ def _unrecyclable(sites: Sequence[Site]) -> dict[str, str]:
         if s.summed or s.mixed:
             out[s.name] = _SUMMED if s.summed else _mixed(s.mixed)
         elif s.chained and s.producer is not None:  # (the recycler refuses it: a review)
-            first = ", ".join(repr(n) for n in fed.get(feed(s), [])) or "another activation"
-            out[s.name] = (f"its input comes through {first}, the chain's first site, not "
-                           "from a layer: recycling treats the units there")
+            out[s.name] = ("its input comes through another watched activation (it is a "
+                           "chain's later site), not from a layer: recycling treats a chain "
+                           "at its first site, where it can")
         elif s.producer is not None and not s.chained and len(twins := fed[feed(s)]) > 1:
             others = ", ".join(repr(n) for n in twins if n != s.name)
             out[s.name] = (f"the layer feeding it, {module_label(s.producer)!r}, also feeds "

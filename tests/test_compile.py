@@ -645,3 +645,30 @@ def test_around_a_part_compiled_apart_producers_links_and_direct_calls_hold() ->
     assert links.producer_path == "conv" and [c.path for c in links.consumers] == ["head"]
     part = doc.to_pandas().set_index("site").loc["part._orig_mod.1"]
     assert part["elements"] == 2 * 2 * 4 * 7 * 6  # both calls of each step, as eager counts
+
+
+def test_a_recycler_bound_to_a_model_with_a_part_compiled_apart_treats_it() -> None:
+    """A review: a DormantRecycler bound with no example_inputs hooks every module to keep
+    the inputs of a pass (InputTap), and with the part's wrapper among them Dynamo raised
+    into the first step, as in the probe's module set. The part's dead units are recycled,
+    through its compiled wrapper, and its output is the eager module's."""
+    from relu_doctor.remedies import DormantRecycler
+
+    torch.manual_seed(0)
+    model = _Holder()
+    model.part = torch.compile(model.part, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    xs = _inputs(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=2, every_n_steps=1,
+                               overhead_budget=None) as doc:
+            recycler = DormantRecycler(model, optimizers=opt).bind(doc)
+            for x in xs:
+                opt.zero_grad()
+                model(x).pow(2).mean().backward()
+                opt.step()
+                doc.step()
+    assert recycler.recycled.get("part._orig_mod.act", 0) >= 2
+    with torch.no_grad():
+        assert torch.allclose(model.part(xs[0]), model.part._orig_mod(xs[0]))

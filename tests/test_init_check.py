@@ -109,6 +109,39 @@ def test_a_frozen_pretrained_part_is_told_no_initialisation_advice() -> None:
     assert all(r["frozen"] for r in frozen.sites) and not any(r["frozen"] for r in trains.sites)
 
 
+def test_after_a_frozen_stem_the_depth_is_measured_and_an_adapter_unfreezes() -> None:
+    """A review: one frozen stem hid the shrink of the trainable layers after it (the depth
+    finding is of the sites after the last frozen one now); and a frozen base layer beside
+    a trainable adapter (LoRA) was called frozen, though the adapter moves its units (the
+    Doctor's rule, sites.frozen_feed, says it is not)."""
+    x = torch.randn(512, 16, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Linear(16, 256), nn.ReLU()).requires_grad_(False)  # a block
+    net = nn.Sequential(stem, *[m for _ in range(19) for m in (nn.Linear(256, 256), nn.ReLU())])
+    report = relu_doctor.check_init(net, x)
+    shrink = next(f for f in report.findings if f.kind == "init_shrinks")
+    second = report.sites[1]
+    assert report.sites[0]["frozen"] and not second["frozen"]
+    assert f"from {second['site']} to this site" in shrink.message
+    assert shrink.evidence["he_ratio"] == pytest.approx(
+        report.sites[-1]["second_moment"] / second["second_moment"])
+
+    class Adapted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base_layer = nn.Linear(16, 8).requires_grad_(False)
+            self.lora_A, self.lora_B = nn.Linear(16, 2, bias=False), nn.Linear(2, 8, bias=False)
+            with torch.no_grad():
+                self.base_layer.bias[:4] = -50.0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+    lora = nn.Sequential(Adapted(), nn.ReLU())
+    born = next(f for f in relu_doctor.check_init(lora, x).findings if f.kind == "born_dead")
+    assert "does not train" not in born.message and born.evidence["born_dead"] == 4
+
+
 def test_a_layer_with_he_initialisation_is_not_told_to_use_it() -> None:
     """Born-dead units behind a He-initialised layer were told "use He initialisation";
     it says the layer has it, and what is left to check."""

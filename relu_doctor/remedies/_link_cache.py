@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from relu_doctor._hooks import HookOwner, Hooks
 from relu_doctor.errors import ReluDoctorError
+from relu_doctor.probes import uncompiled
 from relu_doctor.remedies.dataflow import Dataflow, record_dataflow
 from relu_doctor.remedies.unit_links import NotInPass, UnitLinks, find_unit_links
 from relu_doctor.sampling import model_device
@@ -108,9 +109,13 @@ class InputTap(HookOwner):
         self.outermost: nn.Module | None = None  # found by the first call that returned
         self.handles = []
         self._on = _TapHooks(self)  # the callables in the modules' hook dicts
-        self.modules = set(model.modules())  # a copy's modules carry these hooks too
+        # (a copy's modules carry these hooks too; not a torch.compile wrapper of a part:
+        # Dynamo, tracing these hooks inside the part, met its module twice here and raised
+        # into the step, a review, as it did in the probe's module set)
+        hooked = [m for m in model.modules() if uncompiled(m) is m]
+        self.modules = set(hooked)
         on = self._on
-        for m in model.modules():
+        for m in hooked:
             self.handles.append(on.own_flags(m.register_forward_pre_hook(on.pre, with_kwargs=True)))
             self.handles.append(on.own_flags(m.register_forward_hook(on.post, always_call=True)))
         self.pruned = False

@@ -65,7 +65,8 @@ class DeadEvidence:
         self.min_steps = min_steps
         self.steps = 0  # collected steps in the pool
         self.windows = 0  # logging windows in it
-        self.model_fraction: float | None = None  # the last answer's, over every site
+        #: the last answer's, over the sites not left out (frozen, mostly non-finite, rare)
+        self.model_fraction: float | None = None
         self.model_units = 0  # the units seen that it is of
         #: whether the sites of that fraction differ from the answer's before (not compared)
         self.sites_changed = True

@@ -317,18 +317,15 @@ class TreatmentPlan(Remedy):
             prev, self._prev_model_dead = (
                 None if self.evidence.sites_changed else self._prev_model_dead), now
         for kind in ("nonfinite", "exploding_gradient"):
-            for f in record.findings:
-                if f.kind == kind:
-                    return kind, "grad_norm", {"finding": f.message, "site": f.site}
+            for f in (f for f in record.findings if f.kind == kind):
+                return kind, "grad_norm", {"finding": f.message, "site": f.site}
         steps = {"steps_collected": self.evidence.last_steps}
         if surge is not None:
             return "dead_surge", "dead_fraction", {**surge, **steps}
         if self._dead is None:
             return None  # sampled windows: the dead readings wait for more steps
-        # (1e-9: a rise of exactly 2 points, 22/100 - 20/100, is 0.01999...; and 2 units at
-        # least: one unit of a 32-unit head, 3 points, switched clipping on for good, a
-        # fine-tuning trial)
-        rise = max(0.02, 2 / self.evidence.model_units) if self.evidence.model_units else 0.02
+        # (1e-9: 22/100 - 20/100 is 0.01999...; 2 units at least: a trial's 1 of 32, 3 points)
+        rise = max(0.02, 2 / (self.evidence.model_units or 100))
         if now is not None and prev is not None and now >= 0.1 and now - prev >= rise - 1e-9:
             # still dying: the tutorials' first remedy is a lower learning rate
             return "dying", "dead_fraction", {

@@ -674,8 +674,9 @@ def build_context(run: Run) -> ReportContext:
     for e in interventions:
         remedy_counts[e.remedy] = remedy_counts.get(e.remedy, 0) + 1
 
-    # the sites that train, as the model-wide numbers (diagnosis.trained_rows): a frozen
-    # teacher's units were counted as a student's (a distillation trial)
+    # the sites that train, as a remedy's model-wide before/after (diagnosis.trained_rows;
+    # not the logged health, a time series of every site): a frozen teacher's units were
+    # counted as a student's (a distillation trial)
     counted = [r for r in sites if not r.frozen] or sites
     aside = [r for r in sites if r.frozen] if len(counted) < len(sites) else []
 
