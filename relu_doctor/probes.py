@@ -220,7 +220,7 @@ def uncompiled(model: Any) -> Any:
     return model
 
 
-def _compile_wrapper(module: nn.Module) -> bool:
+def is_compile_wrapper(module: nn.Module) -> bool:
     """Whether ``module`` is a ``torch.compile`` wrapper (``OptimizedModule``)."""
     return uncompiled(module) is not module
 
@@ -546,7 +546,7 @@ class Probe(SiteRegistry, HookOwner):
         for mod in boundary:
             handles.append(on.own_flags(mod.register_forward_hook(on.exit, always_call=True)))
         for mod in self.model.modules():  # (parts compiled apart: see _compiled_enter)
-            if _compile_wrapper(mod):
+            if is_compile_wrapper(mod):
                 handles += [mod.register_forward_pre_hook(on.compiled_enter),
                             on.own_flags(mod.register_forward_hook(on.compiled_exit,
                                                                    always_call=True))]
@@ -562,7 +562,7 @@ class Probe(SiteRegistry, HookOwner):
         # (not a torch.compile wrapper of a part: Dynamo, tracing `module in members` in
         # the part's hooks, found its module twice, the wrapper standing for it, and
         # raised into the step, a trial; its hooks run eagerly, on the wrapper's call)
-        self._members = {m for m in paths if not _compile_wrapper(m)}
+        self._members = {m for m in paths if not is_compile_wrapper(m)}
         self._containers = [m for m in boundary if m._modules] or [self.model]
         self._layout = self._layout_now()
         self._dirty = False
@@ -633,7 +633,7 @@ class Probe(SiteRegistry, HookOwner):
         # (not a torch.compile wrapper of a part: Dynamo, tracing the hooks of a part that
         # starts a pass itself, met its module twice in this map: see _members)
         return {m: p for p, m in self.model.named_modules()
-                if p in keep and not _compile_wrapper(m)}
+                if p in keep and not is_compile_wrapper(m)}
 
     def detach(self) -> None:
         """Remove every hook (idempotent). The model is left exactly as it was."""
@@ -1598,7 +1598,7 @@ def eager_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     compiled apart (``torch.compile``: what they hold is kept; see Probe._compiled_enter)."""
     roots = _scripted_roots(model)
     return [(path, mod) for path, mod in model.named_modules()
-            if not _within(path, roots) and not _compile_wrapper(mod)]
+            if not _within(path, roots) and not is_compile_wrapper(mod)]
 
 
 def _weak_method(method: Callable[..., None]) -> Callable[..., None]:

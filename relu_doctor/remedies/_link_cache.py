@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from relu_doctor._hooks import HookOwner, Hooks
 from relu_doctor.errors import ReluDoctorError
-from relu_doctor.probes import uncompiled
+from relu_doctor.probes import is_compile_wrapper
 from relu_doctor.remedies.dataflow import Dataflow, record_dataflow
 from relu_doctor.remedies.unit_links import NotInPass, UnitLinks, find_unit_links
 from relu_doctor.sampling import model_device
@@ -112,7 +112,7 @@ class InputTap(HookOwner):
         # (a copy's modules carry these hooks too; not a torch.compile wrapper of a part:
         # Dynamo, tracing these hooks inside the part, met its module twice here and raised
         # into the step, a review, as it did in the probe's module set)
-        hooked = [m for m in model.modules() if uncompiled(m) is m]
+        hooked = [m for m in model.modules() if not is_compile_wrapper(m)]
         self.modules = set(hooked)
         on = self._on
         for m in hooked:

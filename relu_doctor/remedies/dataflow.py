@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 from relu_doctor._state import kept_state
 from relu_doctor.families import family_of
 from relu_doctor.functional import functional_ops
-from relu_doctor.probes import private_passes, uncompiled
+from relu_doctor.probes import is_compile_wrapper, private_passes
 
 __all__ = [
     "Dataflow",
@@ -171,7 +171,7 @@ class _Recorder(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []  # every tensor seen stays alive: ids stay unique
         self.params: dict[int, Param] = {}
         for path, mod in model.named_modules():
-            if uncompiled(mod) is not mod:  # (a torch.compile wrapper: its module is named)
+            if is_compile_wrapper(mod):  # (its module is named: a part compiled apart)
                 continue
             self.flow.paths.setdefault(mod, path)
             for name, t in list(mod.named_parameters(recurse=False)) + list(
