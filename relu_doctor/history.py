@@ -70,11 +70,17 @@ LogRecord = IntervalRecord  # the name before 0.2; kept as an alias
 SEEN_FIELDS: tuple[str, ...] = ("elements", "nonfinite", "grad_nonfinite")
 
 
+def _frozen_finding(f: Finding) -> bool:
+    """Whether ``f`` is of a frozen site (diagnosis' ``frozen_layer``/``no_gradient``)."""
+    return "frozen_layer" in f.evidence or "no_gradient" in f.evidence
+
+
 class FindingTracker:
     """Which findings began, changed severity or ended between logging steps.
 
     A finding is identified by ``(kind, site)``; its ``began`` step is the first step of
-    the unbroken run of logs it has been present in.
+    the unbroken run of logs it has been present in, as a frozen site's or not (a part
+    unfrozen ends its frozen findings, and those of its training begin).
     """
 
     def __init__(self) -> None:
@@ -109,6 +115,12 @@ class FindingTracker:
         for f in findings:
             key = (f.kind, f.site)
             prev = self._open.get(key) if f.site not in restarted else None
+            if prev is not None and _frozen_finding(prev) != _frozen_finding(f):
+                # (a part unfrozen, or frozen: what training does there is another matter,
+                # whose finding begins now; a fine-tuning trial's backbone read "warning
+                # since step 10", frozen information until step 40)
+                events.append(FindingEvent("ended", prev, step))
+                prev = None
             g = f.since(prev.began if prev is not None else f.step)
             now[key] = g
             out.append(g)

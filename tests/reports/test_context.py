@@ -476,6 +476,38 @@ def test_a_frozen_site_is_marked_in_the_sites_table_and_the_summary(tmp_path: Pa
     assert not any(r.frozen for r in ctx.sites) and "Frozen (" not in summary(ctx)
 
 
+def test_a_part_unfrozen_ends_its_frozen_findings_and_begins_its_training_ones(
+        tmp_path: Path) -> None:
+    """A fine-tuning trial: the backbone's dead finding read "warning since step 2" after
+    the unfreezing at step 4, though it had been frozen information until then. A frozen
+    site's finding and a training one are apart: the first ends, the second begins, at the
+    first log after the unfreezing, in the run directory and in what the report says."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU()).requires_grad_(False)
+    model.head = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model.backbone[0].bias[:8] = -50.0
+    with relu_doctor.watch(model, log_every_n_steps=2, overhead_budget=None,
+                           run_dir=tmp_path / "ft") as doc:
+        for step in range(1, 9):
+            if step == 5:
+                model.backbone.requires_grad_(True)
+            model.head(model.backbone(torch.randn(8, 8))).pow(2).mean().backward()
+            doc.step()
+    run = load_run(tmp_path / "ft")
+    dead = [(e.status, e.step, e.finding.severity) for e in run.finding_events()
+            if e.finding.kind == "dead" and e.finding.site == "backbone.1"]
+    assert dead == [("began", 2, "info"), ("ended", 6, "info"), ("began", 6, "critical")]
+    now = next(f for f in doc.findings() if f.kind == "dead" and f.site == "backbone.1")
+    assert now.began == 6 and now.severity == "critical"
+    shown = [f for f in build_context(run).findings if f.site == "backbone.1"]
+    assert shown and all(f.began == 6 for f in shown if f.kind in ("dead", "lifetime_dead"))
+
+
 @pytest.mark.parametrize("teacher_only", [False, True])
 def test_a_frozen_teachers_units_are_not_counted_in_the_model_wide_numbers(
         tmp_path: Path, teacher_only: bool) -> None:
