@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -439,15 +440,10 @@ def test_dead_now_says_how_many_of_the_dead_are_stuck_negative_at_leaky_sites(
         "still pass a small gradient)")
 
 
-def test_a_frozen_site_is_marked_in_the_sites_table_and_the_summary(tmp_path: Path) -> None:
-    """A frozen backbone's sites were not told apart in the report's table (its gradients
-    "-" with no reason, its dead units beside trainable ones): the row says which layer
-    feeds it frozen, the terminal summary lists the frozen sites, and a site that trains is
-    not marked; once unfrozen, the row shown is not marked either."""
+def _frozen_backbone_model() -> Any:
+    """A frozen backbone (8 of its 16 units dead) and a head that trains."""
     import torch
     import torch.nn as nn
-
-    from relu_doctor.reports.html import render_context
 
     torch.manual_seed(0)
     model = nn.Module()
@@ -455,6 +451,19 @@ def test_a_frozen_site_is_marked_in_the_sites_table_and_the_summary(tmp_path: Pa
     model.head = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
     with torch.no_grad():
         model.backbone[0].bias[:8] = -50.0
+    return model
+
+
+def test_a_frozen_site_is_marked_in_the_sites_table_and_the_summary(tmp_path: Path) -> None:
+    """A frozen backbone's sites were not told apart in the report's table (its gradients
+    "-" with no reason, its dead units beside trainable ones): the row says which layer
+    feeds it frozen, the terminal summary lists the frozen sites, and a site that trains is
+    not marked; once unfrozen, the row shown is not marked either."""
+    import torch
+
+    from relu_doctor.reports.html import render_context
+
+    model = _frozen_backbone_model()
 
     def fit(steps: int, run_dir: Path) -> None:
         with relu_doctor.watch(model, log_every_n_steps=2, overhead_budget=None,
@@ -483,14 +492,8 @@ def test_a_part_unfrozen_ends_its_frozen_findings_and_begins_its_training_ones(
     site's finding and a training one are apart: the first ends, the second begins, at the
     first log after the unfreezing, in the run directory and in what the report says."""
     import torch
-    import torch.nn as nn
 
-    torch.manual_seed(0)
-    model = nn.Module()
-    model.backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU()).requires_grad_(False)
-    model.head = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
-    with torch.no_grad():
-        model.backbone[0].bias[:8] = -50.0
+    model = _frozen_backbone_model()
     with relu_doctor.watch(model, log_every_n_steps=2, overhead_budget=None,
                            run_dir=tmp_path / "ft") as doc:
         for step in range(1, 9):
