@@ -87,7 +87,7 @@ def _unrecyclable(sites: Sequence[Site]) -> dict[str, str]:
             out[s.name] = ("its input comes through another watched activation (it is a "
                            "chain's later site), not from a layer: recycling treats a chain "
                            "at its first site, where it can")
-        elif s.producer is not None and not s.chained and len(twins := fed[feed(s)]) > 1:
+        elif s.producer is not None and len(twins := fed[feed(s)]) > 1:
             others = ", ".join(repr(n) for n in twins if n != s.name)
             out[s.name] = (f"the layer feeding it, {module_label(s.producer)!r}, also feeds "
                            f"{others} (run more than once a pass, or its output used twice): "

@@ -304,8 +304,9 @@ def model_snapshot(record: RecordLike, sites: Sequence[str] | None = None) -> Sn
     units shrank a student's change to a quarter of itself, a distillation trial), or over
     ``sites`` (a change's before, read again after it), the total parameter-gradient norm
     (when an optimizer is tapped) and whether an exploding-gradient finding is present."""
-    rows = (trained_rows(record.site_rows) if not sites
-            else [r for r in record.site_rows if str(r["site"]) in set(sites)])
+    kept = set(sites or ())
+    rows = (trained_rows(record.site_rows) if not kept
+            else [r for r in record.site_rows if str(r["site"]) in kept])
     seen = sum(int(r.get("units_seen") or 0) for r in rows)
     dead = sum(int(r.get("dead") or 0) for r in rows)
     dormant = sum(int(r.get("dormant") or 0) for r in rows)

@@ -317,7 +317,7 @@ class TreatmentPlan(Remedy):
             prev, self._prev_model_dead = (
                 None if self.evidence.sites_changed else self._prev_model_dead), now
         for kind in ("nonfinite", "exploding_gradient"):
-            for f in (f for f in record.findings if f.kind == kind):
+            if (f := next((f for f in record.findings if f.kind == kind), None)) is not None:
                 return kind, "grad_norm", {"finding": f.message, "site": f.site}
         steps = {"steps_collected": self.evidence.last_steps}
         if surge is not None:
