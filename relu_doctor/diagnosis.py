@@ -33,6 +33,7 @@ __all__ = [
     "check_warn",
     "diagnose",
     "diagnosis_config",
+    "fed_frozen",
     "run_health",
     "severity_rank",
 ]
@@ -821,6 +822,18 @@ def _growth_findings(
                 )
             )
     return out
+
+
+def fed_frozen(frozen: object) -> bool:
+    """Whether a site row's ``frozen`` names a frozen layer feeding it, not merely that no
+    gradient reached it in the window (:data:`~relu_doctor.sites.NO_GRADIENT`: a task head
+    some windows skip is no frozen part).
+
+    Example:
+        >>> [fed_frozen(v) for v in ("backbone.0", NO_GRADIENT, None, float("nan"))]
+        [True, False, False, False]
+    """
+    return isinstance(frozen, str) and bool(frozen) and frozen != NO_GRADIENT
 
 
 def trained_rows(sites: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 import shlex
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from relu_doctor.advice import REMEDY_NAMES, can_swap
-from relu_doctor.diagnosis import finding_order, severity_rank
+from relu_doctor.diagnosis import fed_frozen, finding_order, severity_rank
 from relu_doctor.history import SEEN_FIELDS, WINDOW_COLUMNS, Run, load_run
 from relu_doctor.reports.findings import (
     MODEL_WIDE,
@@ -66,9 +67,11 @@ __all__ = [
     "HEATMAP_ROWS",
     "MAX_HEATMAPS",
     "MAX_OPEN_FINDINGS",
+    "MAX_PHASES",
     "VOCABULARY",
     "EvalView",
     "FindingView",
+    "FrozenChange",
     "Gaps",
     "InterventionView",
     "ReportContext",
@@ -80,6 +83,7 @@ __all__ = [
     "fmt_int",
     "fmt_num",
     "fmt_pct",
+    "frozen_changes",
 ]
 
 #: Most per-unit heatmaps drawn; sites with findings and the most dead units come first.
@@ -350,6 +354,72 @@ class Series:
     #: per drawn site, the steps of ``marks`` its heatmap draws: its own interventions and
     #: the model-wide ones
     site_marks: dict[str, list[int]] = field(default_factory=dict)
+    #: where a frozen part began training, or a training one was frozen (a fine-tuning
+    #: run's unfreezing): :func:`frozen_changes`, drawn dotted over the time charts
+    phases: list[FrozenChange] = field(default_factory=list)
+
+
+#: at most this many changes of what is frozen are drawn (more: a flapping rule, not phases)
+MAX_PHASES = 4
+
+
+@dataclass(frozen=True)
+class FrozenChange:
+    """A change of which sites are fed by a frozen part, between two logs.
+
+    Attributes:
+        step: the earlier log's step (the window the change was made in begins there: a
+            part unfrozen at an epoch's start, at a log, is drawn where it was made).
+        seen: the later log's step, the first whose window saw the change.
+        unfrozen: sites frozen at ``step``'s log that trained in ``seen``'s window.
+        frozen: sites that trained at ``step``'s log and were frozen in ``seen``'s window.
+    """
+
+    step: int
+    seen: int
+    unfrozen: int
+    frozen: int
+
+    @property
+    def label(self) -> str:
+        """The figure's short label: "unfrozen", "frozen" or "unfrozen/frozen"."""
+        return "/".join(w for w, n in (("unfrozen", self.unfrozen), ("frozen", self.frozen)) if n)
+
+    @property
+    def text(self) -> str:
+        """The caption's words, e.g. "step 40: 12 sites began training"."""
+        said = [f"{n} site{'s' if n != 1 else ''} {what}" for n, what in
+                ((self.unfrozen, "began training"), (self.frozen, "froze")) if n]
+        return f"after step {self.step}: {' and '.join(said)}"
+
+
+def frozen_changes(history: pd.DataFrame, steps: Sequence[int]) -> list[FrozenChange]:
+    """Where the set of sites fed by a frozen layer changed between consecutive ``steps``
+    (the logs whose windows saw anything), over the sites logged at both; a site marked
+    only as getting no gradient is not counted (a task head some windows skip would flap).
+
+    Example:
+        >>> h = pd.DataFrame({"step": [10, 10, 20, 20, 30, 30], "site": list("ababab"),
+        ...                   "frozen": ["fc", "fc", "fc", "fc", None, "fc"]})
+        >>> [(c.step, c.seen, c.unfrozen, c.frozen) for c in frozen_changes(h, [10, 20, 30])]
+        [(20, 30, 1, 0)]
+    """
+    if history.empty or "frozen" not in history or len(steps) < 2:
+        return []
+    keep = history[history["step"].isin(steps)]
+    fz = keep["frozen"].map(fed_frozen)
+    by_step = {int(step): dict(zip(part["site"].astype(str), fz[part.index], strict=True))
+               for step, part in keep.groupby("step")}
+    out: list[FrozenChange] = []
+    order = [s for s in steps if s in by_step]
+    for before, after in itertools.pairwise(order):
+        a, b = by_step[before], by_step[after]
+        both = a.keys() & b.keys()
+        unfrozen = sum(1 for s in both if a[s] and not b[s])
+        frozen = sum(1 for s in both if b[s] and not a[s])
+        if unfrozen or frozen:
+            out.append(FrozenChange(before, after, unfrozen, frozen))
+    return out
 
 
 def _heatmap_sites(run: Run, findings: Sequence[FindingView]) -> tuple[list[str], int]:
@@ -757,6 +827,7 @@ def build_context(run: Run) -> ReportContext:
         heatmap_steps=heatmap_steps,
         site_marks={site: sorted({e.step for e in interventions if not e.continuous
                                   and e.site in (site, MODEL_WIDE)}) for site in heatmaps},
+        phases=frozen_changes(hist, judged),
     )
     model = run.meta.get("model")
     config = run.meta.get("config") or {}
@@ -781,6 +852,8 @@ def build_context(run: Run) -> ReportContext:
         "interventions": len(timeline(interventions)),
         "intervention_events": len(interventions),
         "metrics": sorted(str(n) for n in pd.unique(series.metrics["name"])),
+        "frozen_changes": [{"step": c.step, "seen": c.seen, "unfrozen": c.unfrozen,
+                            "frozen": c.frozen} for c in series.phases],
         "unwritten": [list(r) for r in gaps.unwritten],
         "skipped": len(gaps.skipped),
     }

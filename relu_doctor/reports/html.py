@@ -32,7 +32,13 @@ import markupsafe
 from relu_doctor._validate import path_or_none
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.history import Run, atomic_write_bytes
-from relu_doctor.reports.context import ReportContext, as_run, build_context
+from relu_doctor.reports.context import (
+    MAX_PHASES,
+    FrozenChange,
+    ReportContext,
+    as_run,
+    build_context,
+)
 
 __all__ = ["render_context", "render_report", "write_report"]
 
@@ -45,16 +51,20 @@ def _figures(ctx: ReportContext) -> dict[str, Any]:
 
     series = ctx.series
     out: dict[str, Any] = {"dead": None, "dead_omitted": [], "heatmaps": [], "heatmaps_omitted": 0,
-                           "gradients": None, "training": None, "updates": None}
-    fig = plots.training_curve_figure(series.metrics, series.marks)
+                           "gradients": None, "training": None, "updates": None,
+                           "phases": ""}
+    phases = ([(c.step, c.label) for c in series.phases]
+              if len(series.phases) <= MAX_PHASES else [])  # (more: a rule flapping, said)
+    out["phases"] = _phases_caption(series.phases)
+    fig = plots.training_curve_figure(series.metrics, series.marks, phases)
     if fig is not None:
         out["training"] = plots.figure_to_data_uri(fig)
-    fig = plots.update_ratio_figure(series.layers, series.marks)  # (an optimizer's alone)
+    fig = plots.update_ratio_figure(series.layers, series.marks, phases)  # (an optimizer's)
     if fig is not None:
         out["updates"] = plots.figure_to_data_uri(fig)
     if series.history.empty:
         return out
-    fig = plots.dead_fraction_figure(series.history, series.marks)
+    fig = plots.dead_fraction_figure(series.history, series.marks, phases=phases)
     if fig is not None:
         out["dead"] = plots.figure_to_data_uri(fig)
         out["dead_omitted"] = plots.pick_sites(series.history)[1]
@@ -98,6 +108,17 @@ def _figures(ctx: ReportContext) -> dict[str, Any]:
     if fig is not None:
         out["gradients"] = plots.figure_to_data_uri(fig)
     return out
+
+
+def _phases_caption(changes: list[FrozenChange]) -> str:
+    """The figures' words for the changes of what is frozen (empty where none)."""
+    if not changes:
+        return ""
+    if len(changes) > MAX_PHASES:
+        return (f"The sites fed by a frozen part changed at {len(changes)} logs, not drawn "
+                f"(the first {changes[0].text}).")
+    return ("Dotted blue lines: a frozen part began training, or a training one was frozen, in "
+            "the window after the line (" + "; ".join(c.text for c in changes) + ").")
 
 
 # ---------------------------------------------------------------------- rendering

@@ -188,13 +188,26 @@ def _draw_marks(ax: Any, marks: Sequence[int], *, label: bool = True) -> None:
         _dashed(ax, float(step), str(i) if label else None, color="0.3", fontsize=8, zorder=1)
 
 
-def training_curve_figure(metrics: pd.DataFrame, marks: Sequence[int] = ()) -> Figure | None:
+def _draw_phases(ax: Any, phases: Sequence[tuple[int, str]]) -> None:
+    """Changes of what is frozen (a part unfrozen) as dotted vertical lines, each labelled at
+    the foot of the axes (the interventions' numbers are at the top)."""
+    for step, label in phases:
+        ax.axvline(float(step), color="tab:blue", linestyle=":", linewidth=1.3, zorder=1)
+        ax.annotate(label, xy=(float(step), 0.0), xycoords=("data", "axes fraction"),
+                    xytext=(3, 3), textcoords="offset points", rotation=90, ha="left",
+                    va="bottom", fontsize=7, color="tab:blue",
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5, "alpha": 0.8})
+
+
+def training_curve_figure(metrics: pd.DataFrame, marks: Sequence[int] = (),
+                          phases: Sequence[tuple[int, str]] = ()) -> Figure | None:
     """The training curve: one panel per training metric (``loss`` first, learning rates
     together on a log scale), against step, with the interventions numbered.
 
     Args:
         metrics: long format, columns ``step``, ``name``, ``value``.
         marks: steps of the interventions (dashed, numbered lines).
+        phases: (step, label) of changes of what is frozen (dotted, labelled lines).
 
     Returns:
         The figure, or None when no metric was recorded.
@@ -229,6 +242,7 @@ def training_curve_figure(metrics: pd.DataFrame, marks: Sequence[int] = ()) -> F
             ax.set_xlabel("step")
             ax.set_ylabel(mpl_label(title, 24))
             _draw_marks(ax, marks)
+            _draw_phases(ax, phases)
         for ax in axes[len(panels):]:
             ax.set_visible(False)
     return fig
@@ -239,6 +253,7 @@ def dead_fraction_figure(
     marks: Sequence[int] = (),
     *,
     max_lines: int = MAX_LINES,
+    phases: Sequence[tuple[int, str]] = (),
 ) -> Figure | None:
     """Dead fraction (over each logging window), sparsity and the share of units ReDo calls
     dormant (score <= tau, dead ones included: what it recycles, and the dormant-neuron
@@ -249,6 +264,7 @@ def dead_fraction_figure(
             ``below_tau_fraction`` where known.
         marks: steps drawn as dashed vertical lines (interventions).
         max_lines: most sites drawn; the sites with the highest peak dead fraction win.
+        phases: (step, label) of changes of what is frozen (dotted, labelled lines).
 
     Returns:
         The figure, or None when ``history`` is empty. :func:`pick_sites` tells which sites
@@ -282,6 +298,7 @@ def dead_fraction_figure(
             ax.set_title(title, pad=16)
             ax.set_ylabel("fraction of outputs" if col == "sparsity" else "fraction of units")
             _draw_marks(ax, marks)
+            _draw_phases(ax, phases)
         if len(shown) > 0 and axes[-1].get_legend() is not None:
             leg = axes[-1].get_legend()
             handles, texts = list(leg.legend_handles), [t.get_text() for t in leg.get_texts()]
@@ -530,12 +547,13 @@ def gradient_flow_figure(
 UPDATE_RATIO_GUIDE = 1e-3
 
 
-def update_ratio_figure(layers: pd.DataFrame | None, marks: Sequence[int] = ()) -> Figure | None:
+def update_ratio_figure(layers: pd.DataFrame | None, marks: Sequence[int] = (),
+                        phases: Sequence[tuple[int, str]] = ()) -> Figure | None:
     """The per-layer update ratio (``||W_after - W_before|| / ||W_after||`` at one optimizer
     step of each window) against step, on a log scale: one line per layer that has a ratio
     at some log, coloured by its place in the model (registration order: light on the
     input side, dark on the output side), the rule of thumb's 1e-3 dashed, the
-    interventions numbered.
+    interventions numbered, changes of what is frozen dotted (``phases``: (step, label)).
 
     Returns None when no update ratio was recorded (no optimizer watched, or every window's
     ratio unread).
@@ -565,6 +583,7 @@ def update_ratio_figure(layers: pd.DataFrame | None, marks: Sequence[int] = ()) 
                     xytext=(2, 0), textcoords="offset points", va="center", fontsize=7,
                     color="0.4")
         _draw_marks(ax, marks)
+        _draw_phases(ax, phases)
         ax.set_title("update ratio by layer", pad=16)
         ax.set_xlabel("step")
         ax.set_ylabel(f"||ΔW|| / ||W|| ({scale})")

@@ -4,6 +4,7 @@ rebuilt from events), and the reports' imports running one way."""
 from __future__ import annotations
 
 import ast
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import relu_doctor
 from relu_doctor.history import Run, load_run
 from relu_doctor.reports.context import (
     CONTINUOUS_REMEDIES,
+    FrozenChange,
     build_context,
     fmt_int,
     fmt_num,
@@ -494,21 +496,42 @@ def test_a_part_unfrozen_ends_its_frozen_findings_and_begins_its_training_ones(
     import torch
 
     model = _frozen_backbone_model()
-    with relu_doctor.watch(model, log_every_n_steps=2, overhead_budget=None,
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with relu_doctor.watch(model, log_every_n_steps=2, overhead_budget=None, optimizer=opt,
                            run_dir=tmp_path / "ft") as doc:
         for step in range(1, 9):
             if step == 5:
                 model.backbone.requires_grad_(True)
-            model.head(model.backbone(torch.randn(8, 8))).pow(2).mean().backward()
-            doc.step()
+            loss = model.head(model.backbone(torch.randn(8, 8))).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            doc.step(loss=loss.detach())
     run = load_run(tmp_path / "ft")
     dead = [(e.status, e.step, e.finding.severity) for e in run.finding_events()
             if e.finding.kind == "dead" and e.finding.site == "backbone.1"]
     assert dead == [("began", 2, "info"), ("ended", 6, "info"), ("began", 6, "critical")]
     now = next(f for f in doc.findings() if f.kind == "dead" and f.site == "backbone.1")
     assert now.began == 6 and now.severity == "critical"
-    shown = [f for f in build_context(run).findings if f.site == "backbone.1"]
+    ctx = build_context(run)
+    shown = [f for f in ctx.findings if f.site == "backbone.1"]
     assert shown and all(f.began == 6 for f in shown if f.kind in ("dead", "lifetime_dead"))
+    # The plots mark the unfreezing (nothing did): in the window after step 4's log, seen at 6
+    assert ctx.series.phases == [FrozenChange(step=4, seen=6, unfrozen=1, frozen=0)]
+    from relu_doctor.reports import plots
+    from relu_doctor.reports.html import render_context
+
+    fig = plots.dead_fraction_figure(ctx.series.history, phases=[(4, "unfrozen")])
+    assert fig is not None
+    for ax in fig.axes:
+        dotted = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
+        assert [tuple(ln.get_xdata()) for ln in dotted] == [(4.0, 4.0)]
+        assert "unfrozen" in [t.get_text() for t in ax.texts]
+    html = render_context(ctx)
+    # (the training curve, the dead fraction and the update ratio: each drawn, each said)
+    assert html.count("after step 4: 1 site began training") == 3
+    data = json.loads(html.split('id="relu-doctor-data">')[1].split("</script>")[0])
+    assert data["frozen_changes"] == [{"step": 4, "seen": 6, "unfrozen": 1, "frozen": 0}]
 
 
 @pytest.mark.parametrize("teacher_only", [False, True])
