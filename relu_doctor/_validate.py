@@ -239,7 +239,8 @@ def optimizers(name: str, value: Any) -> list[Any]:
 
 def unwrapped_optimizer(o: Any) -> Any:
     """The torch optimizer that a wrapper of one holds (accelerate's ``AcceleratedOptimizer``
-    at ``.optimizer``; one at ``._optimizer`` too), or ``o`` itself: an optimizer with step
+    at ``.optimizer``, Opacus's ``DPOptimizer`` at ``.original_optimizer``; one at
+    ``._optimizer`` too), or ``o`` itself: an optimizer with step
     hooks of its own. accelerate's wrapper is an ``Optimizer`` that never ran its
     ``__init__``, so it has no hooks to register (``register_step_pre_hook`` raised), and its
     ``step`` calls the one it holds, whose hooks then run, at the steps that update (none at
@@ -249,7 +250,7 @@ def unwrapped_optimizer(o: Any) -> Any:
     for _ in range(4):  # (a wrapper of a wrapper)
         if isinstance(o, torch.optim.Optimizer) and hasattr(o, "_optimizer_step_pre_hooks"):
             return o
-        inner = next((x for a in ("optimizer", "_optimizer")
+        inner = next((x for a in ("optimizer", "_optimizer", "original_optimizer")
                       if isinstance(x := getattr(o, a, None), torch.optim.Optimizer)), None)
         if inner is None or inner is o:
             return o

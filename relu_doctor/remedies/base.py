@@ -36,6 +36,7 @@ from relu_doctor.events import Declined, Event, Intervention, InterventionResult
 from relu_doctor.families import family_of
 from relu_doctor.probes import Probe, uncompiled
 from relu_doctor.remedies._held import record_from_state, record_state
+from relu_doctor.remedies._privacy import PRIVATE, private_by
 from relu_doctor.remedies._sharding import DTENSOR, refuse_several, refuse_sharded, sharding_of
 from relu_doctor.remedies.evidence import (
     MIN_EVIDENCE_STEPS,
@@ -264,6 +265,10 @@ class Remedy:
                 "README's 'Distributed' section). Where each process trains a model of its "
                 "own, this is as meant."
             )
+        if (private := self._private(doctor)) is not None:
+            raise ReluDoctorError(
+                f"model: {type(self).__name__} cannot treat a model trained with "
+                f"differential privacy, got {private}: {PRIVATE}.")
         self._before_bind(doctor)  # (what may refuse it, before anything is bound)
         self.doctor = doctor
         try:
@@ -334,6 +339,12 @@ class Remedy:
     def _decide(self, record: RecordLike) -> list[Intervention]:
         if self._stepped_aside:
             return []
+        if (private := self._private()) is not None:  # (made private after the bind)
+            self._stepped_aside = True
+            self.warn(f"relu_doctor: the {self.name} remedy makes no changes from step "
+                      f"{record.step}: the model is now trained with differential privacy "
+                      f"({private}). {PRIVATE}. Monitoring and training go on.")
+            return []
         self._in_call, self._made = True, []
         try:
             return self.decide(record)
@@ -343,6 +354,12 @@ class Remedy:
             return self._step_aside(record, exc)  # aside, what it made before it recorded
         finally:
             self._in_call, self._made = False, []
+
+    def _private(self, doctor: DoctorLike | None = None) -> str | None:
+        """:func:`private_by` of the models it acts on (its own, the Doctor's)."""
+        models = (getattr(self, "model", None), getattr(doctor or self.doctor, "model", None))
+        return next((p for m in models if isinstance(m, nn.Module)
+                     and (p := private_by(m)) is not None), None)
 
     def _step_aside(self, record: RecordLike, e: Exception) -> list[Any]:  # those it made
         if not self._stepped_aside:
