@@ -118,6 +118,10 @@ _tracing_state = torch._C._get_tracing_state
 # per-sample values with no storage of its own, not the model's training pass.
 _transformed = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor",
                        lambda t: False)
+# Whether such a transform runs now: a pass under it (jacrev of a functional_call, a
+# vmap'd per-sample gradient) records no site, so it is not counted among the window's
+# passes either (a site then read "ran in 4 of the window's 8 passes": a trial)
+_transforming = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 _current_node = torch._C._current_autograd_node
@@ -777,7 +781,9 @@ class Probe(SiteRegistry, HookOwner):
         self._pass_in_graph = _is_compiling()
         self._pass_graded = torch.is_grad_enabled()
         self._pass_at = None
-        if on and not torch.compiler.is_compiling():  # a guarded int would recompile
+        # (not while compiling: a guarded int would recompile; nor under a torch.func
+        # transform, whose pass records no site: see _transforming)
+        if on and not torch.compiler.is_compiling() and not _transforming():
             self.passes += 1
             self._entries[at] = self._entries.get(at, 0) + 1
             self._pass_at = at

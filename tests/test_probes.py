@@ -596,10 +596,12 @@ def test_torch_func_transformed_passes_are_ignored_and_the_site_goes_on(function
     """Per-sample gradients (``vmap(grad(functional_call(...)))``) inside a watch: the
     transformed pass has no storage to read. The forward hook failed on it, and the site
     was dropped for the run: the ordinary passes after it went uncounted. Now those
-    passes are what the watch holds, as in a run without the per-sample gradients."""
+    passes are what the watch holds, as in a run without the per-sample gradients. Nor
+    are the transformed passes counted among the window's: a site then read "ran in 4 of
+    the window's 8 recorded passes (a branch taken sometimes)" (a trial)."""
     from torch.func import functional_call, grad, vmap
 
-    def run(per_sample: bool) -> tuple[list[float], list[warnings.WarningMessage]]:
+    def run(per_sample: bool) -> tuple[list[float], int, list[warnings.WarningMessage]]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
         if functional:
@@ -618,11 +620,12 @@ def test_torch_func_transformed_passes_are_ignored_and_the_site_goes_on(function
                         per({k: v.detach() for k, v in params.items()}, x)
                     doc.step()
         [site] = doc.sites
-        return (site.stats.lifetime + site.stats.window)[0].tolist(), list(got)
+        return (site.stats.lifetime + site.stats.window)[0].tolist(), doc.probe.passes, list(got)
 
-    want, _ = run(False)
-    got, caught = run(True)
+    want, want_passes, _ = run(False)
+    got, passes, caught = run(True)
     assert got == want and sum(want) > 0
+    assert passes == want_passes == 4
     assert not [w for w in caught if issubclass(w.category, ReluDoctorWarning)]
 
 
