@@ -10,7 +10,7 @@ raised on at its next step (a trial). Monitoring alone changes nothing and stays
 
 from __future__ import annotations
 
-from typing import Any
+import functools
 
 from torch import nn
 
@@ -26,19 +26,18 @@ PRIVATE = (
 )
 
 
-def _from_opacus(fn: Any) -> bool:
-    fn = getattr(fn, "func", fn)  # (a functools.partial's function)
-    owner = getattr(fn, "__self__", None)
-    where = getattr(fn, "__module__", None) or getattr(type(owner), "__module__", "") or ""
-    return str(where).split(".")[0] == "opacus"
+@functools.cache
+def _wraps_privately(cls: type) -> bool:
+    """Whether ``cls`` is Opacus's ``GradSampleModule`` (or another of its wrappers)."""
+    return any(c.__name__ == "AbstractGradSampleModule" for c in cls.__mro__)
 
 
 def private_by(model: nn.Module | None) -> str | None:
     """What trains ``model`` with differential privacy, in words, or None: an Opacus
-    ``GradSampleModule`` around or inside it, or Opacus's per-sample-gradient hooks on its
-    modules (a model watched before ``make_private`` wrapped it). Nothing is imported to
-    tell. Opacus's expanded-weights mode puts no hook on the model it wraps: only its
-    wrapper is found.
+    ``GradSampleModule`` (any of its modes) around it, or the per-sample-gradient fields
+    Opacus puts on the trainable parameters of the model it wraps (``grad_sample``: a model
+    watched before ``make_private`` wrapped it, in any mode). Nothing is
+    imported to tell, and it costs two lookups (it runs at every log a remedy decides at).
 
     Example:
         >>> private_by(nn.Linear(2, 2)) is None
@@ -46,11 +45,9 @@ def private_by(model: nn.Module | None) -> str | None:
     """
     if model is None:
         return None
-    for m in model.modules():
-        if any(c.__name__ == "AbstractGradSampleModule" for c in type(m).__mro__):
-            return f"Opacus ({type(m).__name__})"
-        for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
-                      m._backward_pre_hooks):
-            if any(_from_opacus(h) for h in hooks.values()):
-                return "Opacus (its per-sample-gradient hooks on the model's layers)"
+    if _wraps_privately(type(model)):
+        return f"Opacus ({type(model).__name__})"
+    p = next((p for p in model.parameters() if p.requires_grad), None)
+    if p is not None and hasattr(p, "grad_sample") and hasattr(p, "_forward_counter"):
+        return "Opacus (per-sample gradients on its parameters)"
     return None

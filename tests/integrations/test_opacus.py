@@ -23,7 +23,7 @@ from relu_doctor.remedies import ActivationSwapper, DormantRecycler, TreatmentPl
 opacus = pytest.importorskip("opacus")
 
 
-def _private(seed: int = 0, wrap: bool = True):
+def _private(seed: int = 0, wrap: bool = True, mode: str = "hooks"):
     """A small ReLU network made private (Poisson sampling off: the batches are fixed)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
@@ -37,7 +37,7 @@ def _private(seed: int = 0, wrap: bool = True):
         return model, opt, loader
     gm, dp_opt, loader = opacus.PrivacyEngine().make_private(
         module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
-        max_grad_norm=1.0, poisson_sampling=False)
+        max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode)
     return gm, dp_opt, loader
 
 
@@ -84,17 +84,22 @@ def test_a_private_run_watched_trains_as_unwatched_and_its_dp_optimizer_is_taken
     assert layer["grad_norm"] == pytest.approx((sum(stepped) / len(stepped)) ** 0.5, rel=1e-5)
 
 
-@pytest.mark.parametrize("remedy", ["recycle", "plan", "prelu"])
-def test_no_remedy_binds_to_a_private_model(remedy: str) -> None:
+@pytest.mark.parametrize(("remedy", "mode", "inner"), [
+    ("recycle", "hooks", False), ("plan", "hooks", False), ("prelu", "hooks", False),
+    ("recycle", "hooks", True), ("recycle", "ew", True)])
+def test_no_remedy_binds_to_a_private_model(remedy: str, mode: str, inner: bool) -> None:
     """A remedy decides from statistics of the raw data: bound to a private model it is
-    refused before training, saying why (the PReLU swap raised at Opacus's next step)."""
-    gm, dp_opt, loader = _private()
-    with relu_doctor.watch(gm, optimizer=dp_opt, overhead_budget=None) as doc:
-        make = {"recycle": lambda: DormantRecycler(gm, optimizers=dp_opt),
-                "plan": lambda: TreatmentPlan(gm, optimizer=dp_opt),
-                "prelu": lambda: ActivationSwapper(gm, kind="prelu", optimizer=dp_opt)}[remedy]
-        with pytest.raises(ReluDoctorError, match=r"^model: .* differential privacy, got "
-                           r"Opacus \(GradSampleModule\): .*epsilon"):
+    refused before training, saying why (the PReLU swap raised at Opacus's next step); the
+    model inside the wrapper too, in hooks and expanded-weights modes."""
+    gm, dp_opt, loader = _private(mode=mode)
+    model = gm._module if inner else gm
+    with relu_doctor.watch(model, optimizer=dp_opt, overhead_budget=None) as doc:
+        make = {"recycle": lambda: DormantRecycler(model, optimizers=dp_opt),
+                "plan": lambda: TreatmentPlan(model, optimizer=dp_opt),
+                "prelu": lambda: ActivationSwapper(model, kind="prelu", optimizer=dp_opt)}[remedy]
+        what = "per-sample gradients on its parameters" if inner else "GradSampleModule"
+        with pytest.raises(ReluDoctorError, match=rf"^model: .* differential privacy, got "
+                           rf"Opacus \({what}\): .*epsilon"):
             make().bind(doc)
         _train(gm, dp_opt, loader, doc, steps=2)  # training goes on, watched
     assert len(doc.records) == 1
