@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from relu_doctor._dead_pool import DeadPool
 from relu_doctor._hooks import HookOwner
 from relu_doctor._validate import (
     callable_or_none,
@@ -352,6 +353,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._tracker = FindingTracker()
         self._grad_norm_history: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
         self._first_rms: dict[str, float] = {}  # each site's activation RMS at its first log
+        self._dead_pool = DeadPool()  # the last sampled windows' activity (see _dead_pool)
         # ... and at its first log with most of its units alive: growth is measured from it
         self._growth_base: dict[str, float] = {}
         #: by site, the remedies that left it alone (declined events): not advised there

@@ -25,6 +25,7 @@ import torch
 from relu_doctor.stats import ROW
 
 __all__ = [
+    "JUDGED_ROWS",
     "UNIT_COLUMNS",
     "layer_metrics",
     "metrics_of_stacked",
@@ -32,6 +33,10 @@ __all__ = [
     "stacked_metrics",
     "unit_metrics",
 ]
+
+#: The window sums a unit is judged on (seen, dead, its ReDo score): a sampled window's are
+#: read with those of the windows before it (:mod:`relu_doctor._dead_pool`).
+JUDGED_ROWS: tuple[str, ...] = ("elements", "active", "sum_abs")
 
 # Per-unit metrics written to the run record's unit table, in order.
 UNIT_COLUMNS: tuple[str, ...] = (
@@ -87,21 +92,30 @@ def _units(
     life: torch.Tensor,
     tau: float,
     score_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    pooled: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The :func:`unit_metrics` dict of host float64 sums ``m`` (window) and ``life``
-    (lifetime); ``score_of(mean_abs, seen)`` gives the ReDo score (it averages per site)."""
+    (lifetime); ``score_of(mean_abs, seen)`` gives the ReDo score (it averages per site).
+    ``pooled``: the :data:`JUDGED_ROWS` of the sampled windows this one is read with (see
+    :mod:`relu_doctor._dead_pool`), added to the window's where a unit is judged (``seen``,
+    ``dead``, the score, ``below_tau``, ``dormant``); the rates and means stay the window's."""
     r = {name: m[i] for name, i in ROW.items()}
     n = r["elements"]
-    seen = n > 0
     ratio = _ratio
     mean_abs = ratio(r["sum_abs"], n)
-    score = score_of(mean_abs, seen)
     active = r["active"]
+    if pooled is None:
+        seen, score = n > 0, score_of(mean_abs, n > 0)
+    else:
+        n_all = n + pooled[0]
+        seen = n_all > 0
+        score = score_of(ratio(r["sum_abs"] + pooled[2], n_all), seen)
+        active = active + pooled[1]
     dead = seen & (active == 0)
     below_tau = seen & (score <= tau)
     return {
         "seen": seen,
-        "activation_rate": ratio(active, n),
+        "activation_rate": ratio(r["active"], n),
         "mean": ratio(r["sum"], n),
         "mean_abs": mean_abs,
         "rms": ratio(r["sum_sq"], n).sqrt(),
@@ -110,7 +124,7 @@ def _units(
         "dead": dead,
         "dormant": below_tau & ~dead,
         "below_tau": below_tau,
-        "fully_saturated": seen & (r["saturated"] == n),
+        "fully_saturated": (n > 0) & (r["saturated"] == n),
         "lifetime_dead": (life[ROW["elements"]] > 0) & (life[ROW["active"]] == 0),
         "grad_rms": ratio(r["grad_sq"], r["grad_elements"]).sqrt(),
         "grad_zero_rate": ratio(r["grad_zero"], r["grad_in_elements"]),
@@ -316,11 +330,13 @@ def metrics_of_stacked(
     tau: float,
     *,
     lifetime_has_window: bool = True,
+    pooled: torch.Tensor | None = None,
 ) -> tuple[list[SiteUnits], list[dict[str, Any]]]:
     """:func:`stacked_metrics` of sites whose windows and lifetimes are already side by
     side: ``m`` and ``life`` are ``(len(FIELDS), sum(sizes))`` host float64 matrices, the
     sites' columns in order (``life`` is added to in place when ``lifetime_has_window`` is
-    False)."""
+    False). ``pooled``: ``(len(JUDGED_ROWS), sum(sizes))``, the sampled windows' that this
+    one is read with where its units are judged (:mod:`relu_doctor._dead_pool`)."""
     if not sizes:
         return [], []
     k = len(sizes)
@@ -339,14 +355,14 @@ def metrics_of_stacked(
             out[..., has] = np.add.reduceat(x.double().numpy(), starts, axis=-1)
         return torch.from_numpy(out)
 
-    seen_count = per_site(m[ROW["elements"]] > 0)
+    seen_count = per_site(m[ROW["elements"]] + (0 if pooled is None else pooled[0]) > 0)
 
     def score_of(mean_abs: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         nan = torch.full_like(mean_abs, float("nan"))
         avg = (per_site(torch.where(seen, mean_abs, 0.0)) / seen_count)[seg]  # NaN: none seen
         return torch.where(avg > 0, torch.where(seen, mean_abs / avg, nan), torch.where(seen, 0.0, nan))
 
-    u = _units(m, life, tau, score_of)
+    u = _units(m, life, tau, score_of, pooled)
     ends = torch.tensor(sizes).cumsum(0).tolist()
     bounds = list(zip([0, *ends[:-1]], ends, strict=True))
     shared: dict[str, np.ndarray[Any, Any]] = {}
