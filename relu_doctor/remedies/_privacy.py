@@ -10,8 +10,6 @@ raised on at its next step (a trial). Monitoring alone changes nothing and stays
 
 from __future__ import annotations
 
-import functools
-
 from torch import nn
 
 __all__ = ["PRIVATE", "private_by"]
@@ -26,7 +24,6 @@ PRIVATE = (
 )
 
 
-@functools.cache
 def _wraps_privately(cls: type) -> bool:
     """Whether ``cls`` is Opacus's ``GradSampleModule`` (or another of its wrappers)."""
     return any(c.__name__ == "AbstractGradSampleModule" for c in cls.__mro__)
