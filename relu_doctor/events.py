@@ -97,6 +97,10 @@ class InterventionResult:
         efficacy: for changes to units (recycling), the share of them still dead, still
             below tau (ReDo score <= tau) and still either, the quiet units a recycler
             chooses: ``{"units", "still_dead", "still_below_tau", "still_quiet"}``.
+        loss_rose: where the training loss of the window judged was at least
+            :data:`~relu_doctor.remedies.judging.LOSS_HARM` times that of the window the
+            change was made at, how many times (``inf``: no longer finite, None in its JSON
+            form); the verdict is then "did not help", whatever the target did.
     """
 
     ref: str
@@ -108,6 +112,7 @@ class InterventionResult:
     verdict: str | None = None
     efficacy: dict[str, Any] | None = None
     before: dict[str, Any] | None = None
+    loss_rose: float | None = None
 
     type: Literal["intervention_result"] = "intervention_result"
 
@@ -195,6 +200,7 @@ def event_from_dict(data: object) -> Event:
                 str(data["ref"]), str(data.get("remedy", "")), str(data.get("site", "")), step,
                 data.get("after"), target=data.get("target"), verdict=data.get("verdict"),
                 efficacy=data.get("efficacy"), before=data.get("before"),
+                loss_rose=data.get("loss_rose"),
             )
     except (KeyError, TypeError) as e:
         raise ValueError(f"a {kind} event is missing or mistypes a field: {e}") from None

@@ -102,6 +102,7 @@ class KerasActivationSwap(Remedy):
     """
 
     name = "leaky_relu_swap"
+    guards_loss = True  # (surgery: judged on the training loss too)
 
     def __init__(
         self,
@@ -183,14 +184,28 @@ class KerasActivationSwap(Remedy):
                                kind="leaky_relu", slope=self.slope, attr=rec.attr)
         )
 
-    def restore(self) -> list[str]:
-        """Undo every swap; return the paths restored."""
-        done = []
-        for path, rec in list(self.swaps.items()):
+    def restore(self, site: str | SiteKey | None = None, *, step: int | None = None) -> list[str]:
+        """Undo the swap of ``site`` (a site name, SiteKey or layer path; recorded as an
+        intervention, at ``step``: default the bound Doctor's), or every swap; return the
+        paths restored."""
+        if site is None:
+            paths = list(self.swaps)
+        else:
+            key, name = self.resolve_site(site)
+            if key.module_path not in self.swaps:
+                raise ReluDoctorError(
+                    f"site: {name!r} was not swapped; swapped layers: {sorted(self.swaps)}.")
+            paths = [key.module_path]
+        for path in paths:
+            rec = self.swaps.pop(path)
             setattr(rec.site.layer, rec.attr, rec.old)
-            del self.swaps[path]
-            done.append(path)
-        return done
+            if site is not None:
+                self._record(self._intervention(
+                    site=name, step=int(step if step is not None else
+                                        getattr(self.doctor, "global_step", 0) or 0),
+                    what=f"restored ReLU of Keras layer {path}", before=None,
+                    id_suffix=":restore", measure_after=False, undo=True))
+        return paths
 
     reads_dead = True
 

@@ -48,7 +48,7 @@ from relu_doctor.remedies.evidence import (
     site_snapshot,
     units_snapshot,
 )
-from relu_doctor.remedies.judging import MIN_GAIN, TARGETS, Pending
+from relu_doctor.remedies.judging import MIN_GAIN, TARGETS, Pending, loss_of
 from relu_doctor.sites import SiteKey, module_label
 
 __all__ = [
@@ -206,6 +206,11 @@ class Remedy:
     on_shards: str | None = None
     #: whether it decides from the Doctor's records (per process unless summed across them)
     reads_records: ClassVar[bool] = True
+    #: whether its changes are also judged on the training loss (a change after which the
+    #: loss rose :data:`~relu_doctor.remedies.judging.LOSS_HARM` times "did not help"):
+    #: surgery's, which can jolt a run; not a learning-rate cut's or clipping's, which only
+    #: calm it (a diverging run's loss rising after a cut is not the cut's doing)
+    guards_loss: ClassVar[bool] = False
     #: glob patterns of the site names it may act at (none: every site), and of those it
     #: leaves alone; set by the remedies that act per site (:meth:`acts_at`)
     include: Sequence[str] = ()
@@ -223,6 +228,7 @@ class Remedy:
         self._in_call = False
         self._stepped_aside = False  # a bug in observe or decide: it decides no more
         self._made: list[Intervention] = []  # made in the decide running now
+        self._loss_seen: float | None = None  # the training loss of the last record read
         self._held: RecordLike | None = None  # a final record: decided if training goes on
         #: what the next intervention is judged on (a plan sets it before acting): metric
         #: name, ``min_gain`` and ``tolerance`` of :func:`verdict`
@@ -469,7 +475,8 @@ class Remedy:
         if self._in_call:
             self._made.append(ev)
         if measure_after:
-            self._pending.append(Pending.of(ev.id, site, self.judge, before, details.get("units")))
+            self._pending.append(Pending.of(ev.id, site, self.judge, before, details.get("units"),
+                                            loss=self._loss_seen if self.guards_loss else None))
         return ev
 
     def model_snapshot(self, record: RecordLike, sites: Sequence[str] | None = None) -> Snapshot:
@@ -519,6 +526,7 @@ class Remedy:
             self.doctor.record_event(Declined(self.name, site, step, reason))
 
     def _results(self, record: RecordLike) -> list[InterventionResult]:
+        self._loss_seen = loss_of(record)  # (the window the changes made now are made at)
         pending, self._pending = self._pending, []
         out = []
         for p in pending:

@@ -18,8 +18,8 @@ from relu_doctor._validate import finite_or_none
 from relu_doctor.events import InterventionResult
 from relu_doctor.remedies.evidence import units_efficacy
 
-__all__ = ["HELPED", "MIN_GAIN", "NOT_HELPED", "TARGETS", "UNITS_QUIET", "UNKNOWN", "Pending",
-           "verdict"]
+__all__ = ["HELPED", "LOSS_HARM", "MIN_GAIN", "NOT_HELPED", "TARGETS", "UNITS_QUIET", "UNKNOWN",
+           "Pending", "loss_of", "verdict"]
 
 #: The metric each remedy's intervention is judged on, unless the caller names one (a
 #: treatment plan names the metric that triggered it).
@@ -43,6 +43,23 @@ HELPED, NOT_HELPED, UNKNOWN = "helped", "did not help", "unknown"
 
 #: Windows a change to units waits for one where they run, before it is judged "unknown".
 WAIT_UNSEEN = 3
+
+#: A change after which the window's mean training loss is this many times that of the
+#: window it was made at, or no longer finite, did not help, whatever its target did: a
+#: trial's recycling read "helped" (its units revived) as the loss went from 4e7 to 7e16,
+#: and a swap after it took the run to NaN where the untreated run recovered.
+LOSS_HARM = 2.0
+
+
+def loss_of(record: Any) -> float | None:
+    """The record's window mean of the training loss (``Doctor.step(loss=...)``), NaN and
+    Inf included (a loss gone non-finite is what :data:`LOSS_HARM` looks for), or None
+    where none was given."""
+    value = (getattr(record, "metrics", None) or {}).get("loss")
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def verdict(
@@ -81,10 +98,12 @@ class Pending:
     #: a model-wide change's: the sites its before was counted over (evidence.Snapshot),
     #: which its after is read over too
     sites: tuple[str, ...] = ()
+    #: the training loss of the window it was made at (finite and above 0; else None)
+    loss: float | None = None
 
     @classmethod
     def of(cls, id: str, site: str, judge: tuple[str | None, float, float],
-           before: Mapping[str, Any] | None, units: Any) -> Pending:
+           before: Mapping[str, Any] | None, units: Any, loss: float | None = None) -> Pending:
         """The judgement an intervention awaits: on ``judge``'s metric (its name,
         ``min_gain``, ``tolerance``) from the snapshot ``before``; a change to ``units``
         judged on the site's ``below_tau_fraction`` is judged on those units."""
@@ -94,7 +113,8 @@ class Pending:
             target = UNITS_QUIET
         value = finite_or_none((before or {}).get(target)) if target else None
         return cls(id, site, target, value, gain, tol, changed,
-                   sites=tuple(getattr(before, "sites", ())))
+                   sites=tuple(getattr(before, "sites", ())),
+                   loss=loss if loss is not None and 0.0 < loss < float("inf") else None)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "site": self.site}
@@ -107,6 +127,8 @@ class Pending:
             out["waited"] = self.waited
         if self.sites:
             out["sites"] = list(self.sites)
+        if self.loss is not None:
+            out["loss"] = self.loss
         return out
 
     @classmethod
@@ -114,7 +136,7 @@ class Pending:
         return cls(str(d["id"]), str(d["site"]), d.get("target"), finite_or_none(d.get("before")),
                    float(d.get("min_gain", 0.0)), float(d.get("tolerance", 0.0)),
                    tuple(int(u) for u in d.get("units", ())), int(d.get("waited", 0)),
-                   tuple(str(s) for s in d.get("sites", ())))
+                   tuple(str(s) for s in d.get("sites", ())), finite_or_none(d.get("loss")))
 
     def waited_once(self) -> Pending:
         """This judgement put off by one more window."""
@@ -139,10 +161,23 @@ class Pending:
                 target = None
         else:
             value = finite_or_none((after or {}).get(target)) if target else None
+        judged = (verdict(before, value, min_gain=self.min_gain, tolerance=self.tolerance)
+                  if target else None)
+        rose = self.loss_rose(record)
         return InterventionResult(
             self.id, remedy, self.site, int(record.step), after,
             target=target,
-            verdict=verdict(before, value, min_gain=self.min_gain, tolerance=self.tolerance)
-            if target else None,
+            verdict=NOT_HELPED if rose is not None else judged,
             efficacy=efficacy,
-            before={target: before} if target and before is not None else None)
+            before={target: before} if target and before is not None else None,
+            loss_rose=rose)
+
+    def loss_rose(self, record: Any) -> float | None:
+        """How many times the training loss of ``record``'s window is that of the window
+        the change was made at, where it is :data:`LOSS_HARM` times or more (``inf``: no
+        longer finite); None where it is not, or either is unknown."""
+        after = loss_of(record)
+        if self.loss is None or after is None:
+            return None
+        ratio = after / self.loss if after == after and abs(after) != float("inf") else float("inf")
+        return ratio if ratio >= LOSS_HARM else None

@@ -37,11 +37,9 @@ Example (a plain loop):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, cast
 
-import pandas as pd
 import torch.nn as nn
 
 from relu_doctor._validate import finite_or_none, number_in, positive_int
@@ -49,6 +47,7 @@ from relu_doctor._validate import optimizers as check_optimizers
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Declined, Intervention, InterventionResult
 from relu_doctor.remedies._link_cache import skip_for_now
+from relu_doctor.remedies._plan_reading import View, most_dormant
 from relu_doctor.remedies.base import (
     MODEL,
     DoctorLike,
@@ -64,7 +63,6 @@ from relu_doctor.remedies.base import (
 from relu_doctor.remedies.judging import NOT_HELPED
 from relu_doctor.remedies.plan_steps import DEFAULT_STEPS, PLAN_REMEDIES, PlanStep, plan_steps
 from relu_doctor.remedies.unit_links import NotInPass
-from relu_doctor.sites import SiteKey
 
 __all__ = ["DEFAULT_STEPS", "PLAN_REMEDIES", "PlanStep", "TreatmentPlan"]
 
@@ -84,41 +82,6 @@ class _Rescues(Protocol):
 class _Swaps(Protocol):
     def swap(self, site: str, *, step: int, before: Mapping[str, Any] | None,
              reason: str) -> Intervention: ...
-
-
-class _View:
-    """A record restricted to some sites (what a remedy may act on this interval)."""
-
-    def __init__(self, record: RecordLike, sites: set[str]) -> None:
-        self._r = record
-        self._sites = sites
-
-    @property
-    def step(self) -> int:
-        return self._r.step
-
-    @property
-    def site_rows(self) -> list[dict[str, Any]]:
-        return [r for r in self._r.site_rows if str(r["site"]) in self._sites]
-
-    @property
-    def unit_table(self) -> Any:
-        t = self._r.unit_table
-        return t if t is None or not len(t) else t[t["site"].isin(list(self._sites))]
-
-    @property
-    def layer_table(self) -> Any:
-        return self._r.layer_table
-
-    @property
-    def findings(self) -> list[Any]:
-        return [f for f in self._r.findings if f.site in self._sites or f.site == MODEL]
-
-    def site_row(self, name: str) -> dict[str, Any] | None:
-        return self._r.site_row(name) if name in self._sites else None
-
-    def key(self, name: str) -> SiteKey:
-        return self._r.key(name)
 
 
 class TreatmentPlan(Remedy):
@@ -183,6 +146,11 @@ class TreatmentPlan(Remedy):
         self.failed: set[tuple[str, str]] = set()
         #: steps left idle, never tried: a clip step where the loop clips itself
         self.idle: set[str] = set()
+        #: surgery steps after a change of which the training loss rose (LOSS_HARM): the
+        #: run is in a regime where changing units jolts it, and no surgery is made again
+        #: in it (a swap so judged is undone)
+        self.harmful: set[str] = set()
+        self._spent: set[str] = set()  # model-wide steps tried on non-finite values (once)
         self.interval = 0
         self._last_change: dict[str, int] = {}  # site -> interval of its last change
         self._prev_dead: dict[str, float] = {}
@@ -363,12 +331,31 @@ class TreatmentPlan(Remedy):
                 if where is None or res.verdict != NOT_HELPED:
                     continue
                 self.failed.add(where)
+                if res.loss_rose is not None and PLAN_REMEDIES[where[0]] != MODEL:
+                    self._harmed(remedy, where, res.loss_rose, record.step)
                 if isinstance(remedy, AutoClip) and remedy.warmup_steps != _NEVER:
                     remedy.warmup_steps = _NEVER
                     remedy.note(
                         site=MODEL, step=record.step, before=None, measure_after=False,
                         what=f"switched AutoClip off again: it did not help ({res.target})",
                     )
+
+    def _harmed(self, remedy: Remedy, where: tuple[str, str], rose: float, step: int) -> None:
+        """A surgery step after which the loss rose: no surgery again; a swap is undone (a
+        trial's recycling took the loss from 4e7 to 7e16, then a swap to NaN where the run
+        untreated recovered; in Keras, a swap's 1e4x rise was followed by another swap)."""
+        self.harmful.add(where[0])
+        undone = ""
+        if where[0] == "swap" and callable(undo := getattr(remedy, "restore", None)):
+            try:
+                undo(where[1], step=step)
+                undone = "; the swap is undone"
+            except ReluDoctorError as e:  # (restored already, or renamed since)
+                undone = f"; the swap could not be undone ({e})"
+        self.warn(f"TreatmentPlan: the training loss rose "
+                  f"{'to a non-finite value' if rose == float('inf') else f'{rose:.1f}x'} after "
+                  f"its {where[0]} step at {where[1]!r} (step {step}): no surgery step "
+                  f"(recycling, the swap) is used again in this run{undone}.")
 
     def _model_step(self, record: RecordLike) -> Intervention | None:
         from relu_doctor.remedies.clipping import UNCLIPPED, AutoClip, clipped_at
@@ -380,8 +367,9 @@ class TreatmentPlan(Remedy):
         reason, target, evidence = trigger
         before = model_snapshot(record)
         for step in self.steps:
-            if PLAN_REMEDIES[step.remedy] != MODEL or (step.remedy, MODEL) in self.failed:
-                continue
+            if PLAN_REMEDIES[step.remedy] != MODEL or (step.remedy, MODEL) in self.failed or (
+                    reason == "nonfinite" and step.remedy in self._spent):
+                continue  # (a step tried on NaN once: a trial's run cut its rate 11 times)
             remedy = self._remedies[step.remedy]
             self._judge(remedy, step, target)
             if isinstance(remedy, AutoClip):
@@ -428,6 +416,8 @@ class TreatmentPlan(Remedy):
             self._ledger[ev.id] = (step.remedy, MODEL)
             self._tried.add(step.remedy)
             self._last_change[MODEL] = self.interval
+            if reason == "nonfinite":
+                self._spent.add(step.remedy)
             return ev
         return None
 
@@ -446,7 +436,8 @@ class TreatmentPlan(Remedy):
             # sampled windows: the dead readings wait for more steps (no reading)
             dead = None if self._dead is None else finite_or_none(self._dead.get(site))
             for step in self.steps:
-                if PLAN_REMEDIES[step.remedy] == MODEL or (step.remedy, site) in self.failed:
+                if PLAN_REMEDIES[step.remedy] == MODEL or (step.remedy, site) in self.failed or (
+                        self.harmful):
                     continue
                 remedy = self._remedies[step.remedy]
                 threshold = float(step.options.get("threshold", 0.1))
@@ -469,7 +460,7 @@ class TreatmentPlan(Remedy):
                             step, site, dead is not None and dead >= threshold
                         ):
                             continue
-                        idx = _most_dormant(units, site, remedy.max_fraction, int(row["units"]))
+                        idx = most_dormant(units, site, remedy.max_fraction, int(row["units"]))
                         if not idx:
                             continue
                         self._judge(remedy, step, "below_tau_fraction")
@@ -477,7 +468,7 @@ class TreatmentPlan(Remedy):
                                             before=units_snapshot(record, row, idx))
                     elif isinstance(remedy, ContinualBackprop):
                         self._judge(remedy, step, "below_tau_fraction")
-                        found = remedy.treat(_View(record, {site}))
+                        found = remedy.treat(View(record, {site}))
                         ev = found[0] if found else None
                 except NotInPass as e:  # (a branch the pass did not take: tried again)
                     skip_for_now(self._waiting, self.warn, f"TreatmentPlan: {remedy.name}",
@@ -551,6 +542,8 @@ class TreatmentPlan(Remedy):
             "interval": self.interval,
             "failed": sorted([list(f) for f in self.failed]),
             "idle": sorted(self.idle),
+            "harmful": sorted(self.harmful),
+            "spent": sorted(self._spent),
             "last_change": dict(self._last_change),
             "prev_dead": dict(self._prev_dead),
             "prev_model_dead": self._prev_model_dead,
@@ -568,6 +561,8 @@ class TreatmentPlan(Remedy):
         self.interval = int(state.get("interval", 0))
         self.failed = {(str(a), str(b)) for a, b in state.get("failed", [])}
         self.idle = {str(s) for s in state.get("idle", [])}
+        self.harmful = {str(s) for s in state.get("harmful", [])}
+        self._spent = {str(s) for s in state.get("spent", [])}
         self._last_change = {str(k): int(v) for k, v in state.get("last_change", {}).items()}
         self._prev_dead = {str(k): float(v) for k, v in state.get("prev_dead", {}).items()}
         self._prev_model_dead = finite_or_none(state.get("prev_model_dead"))
@@ -582,19 +577,3 @@ class TreatmentPlan(Remedy):
             r = self._remedies.get(k)
             if r is not None and hasattr(r, "warmup_steps"):
                 r.warmup_steps = 0 if on else _NEVER
-
-
-def _most_dormant(units: pd.DataFrame, site: str, max_fraction: float, n: int) -> list[int]:
-    """The units of ``site`` to recycle once its dead fraction passed the step's threshold:
-    the dead ones whatever their ReDo score (a leaky family's units stuck negative score
-    above tau, and it is their deadness the step acts on), then those below tau (ReDo's
-    criterion) by score, at most ``max_fraction`` of its ``n`` units."""
-    u = units[units["site"] == site]
-    dead = u["dead"].astype(bool)
-    u = u[dead | u["below_tau"].astype(bool)].assign(_alive=~dead)
-    if not len(u):
-        return []
-    limit = max(1, math.floor(max_fraction * n))
-    u = u.sort_values(["_alive", "dormant_score", "unit"], na_position="first",
-                      kind="stable").head(limit)
-    return sorted(int(i) for i in u["unit"])

@@ -252,6 +252,7 @@ class LinkedRemedy(Remedy):
     and its links' cache watching the Doctor's probe for sites a pass did not run, letting
     go of what it kept for them at training's last log (see :class:`LinkCache`)."""
 
+    guards_loss = True  # (surgery: judged on the training loss too)
     model: nn.Module
     optimizers: list[torch.optim.Optimizer]
     adam_step: AdamStepRestart

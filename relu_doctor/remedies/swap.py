@@ -95,6 +95,7 @@ class ActivationSwapper(Remedy):
     """
 
     name = "leaky_relu_swap"
+    guards_loss = True  # (surgery: judged on the training loss too)
     reads_dead = True
 
     def __init__(

@@ -5,6 +5,7 @@ the opt-in stop of a hopeless run."""
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 
 import pandas as pd
@@ -405,3 +406,75 @@ def test_a_bind_that_fails_midway_leaves_the_plan_bound_to_nothing(monkeypatch) 
     (plain, lr_plain, _), (planned, lr_planned, ivs) = runs
     assert ivs == [] and lr_planned == lr_plain
     assert all(torch.equal(a, b) for a, b in zip(plain, planned, strict=True))
+
+
+def test_a_change_after_which_the_loss_rose_did_not_help_whatever_its_target() -> None:
+    """A change is judged on its target, and a surgery's also on the training loss: where
+    the loss of the window judged is LOSS_HARM times that of the window it was made at, or
+    no longer finite, it did not help (a trial's recycling read "helped", its units revived,
+    as the loss went from 4e7 to 7e16)."""
+    import dataclasses
+
+    from relu_doctor.remedies.judging import LOSS_HARM, Pending
+
+    p = Pending.of("id", "s", ("dead_fraction", 0.25, 0.0), {"dead_fraction": 0.5}, None,
+                   loss=1.0)
+    after = rec(10, [site_row("s", 0.1)])
+
+    def judged(loss: float | None) -> tuple[str | None, float | None]:
+        r = p.result("leaky_relu_swap", dataclasses.replace(
+            after, metrics={} if loss is None else {"loss": loss}), {"dead_fraction": 0.1})
+        assert r is not None
+        return r.verdict, r.loss_rose
+
+    assert judged(LOSS_HARM * 0.99) == ("helped", None)  # (0.5 -> 0.1 dead: its target)
+    assert judged(None) == ("helped", None)  # no loss given: its target alone
+    assert judged(2.5) == ("did not help", 2.5)
+    assert judged(float("nan")) == ("did not help", float("inf"))
+    # made at a window with no finite loss: nothing to compare
+    assert Pending.of("id", "s", ("dead_fraction", 0.0, 0.0), None, None, loss=float("nan")).loss is None
+    assert Pending.from_dict(p.to_dict()) == p  # (a checkpoint keeps it)
+
+
+def test_after_surgery_that_jolted_the_loss_the_plan_makes_no_more_surgery() -> None:
+    """A regression on unscaled targets (a trial's, y ~ 200 +- 90, SGD): the untreated run
+    recovers; the plan's recycling of a dead site sent the loss from 4e7 to 7e16 within two
+    steps and was judged "helped", then its swap took the run to NaN. The recycling is now
+    judged "did not help" for the loss it made rise, said once, and no surgery follows it;
+    the learning-rate cut, tried on the non-finite values after, is tried once."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.003)
+    g = torch.Generator().manual_seed(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=25,
+                               overhead_budget=None) as doc:
+            plan = TreatmentPlan(net, optimizer=opt).bind(doc)
+            for _ in range(400):
+                x = torch.randn(64, 8, generator=g)
+                y = 200 + 80 * x[:, 0] + 30 * x[:, 1] ** 2 + 5 * torch.randn(64, generator=g)
+                loss = (net(x).squeeze(-1) - y).pow(2).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step(loss=loss.detach())
+    events = doc.to_run().events
+    made = {e["id"]: e for e in events if e.get("type") == "intervention"}
+    results = [e for e in events if e.get("type") == "intervention_result"]
+    surgery = [e for e in made.values() if e["remedy"] in ("dormant_reset", "leaky_relu_swap")]
+    assert surgery, "the trial's recycling is made"
+    first = next(r for r in results if r["ref"] == surgery[0]["id"])
+    m = doc.to_run().metrics
+    m = m[m["name"] == "loss"]
+    loss = dict(zip(m["step"], m["value"], strict=True))
+    rose = loss[first["step"]] / loss[surgery[0]["step"]]
+    assert rose >= 2 and first["verdict"] == "did not help"
+    assert first["loss_rose"] == pytest.approx(rose) or not math.isfinite(rose)
+    assert len(surgery) == 1 and plan.harmful == {surgery[0]["remedy"].replace(
+        "dormant_reset", "recycle").replace("leaky_relu_swap", "swap")}
+    said = [str(w.message) for w in caught if "no surgery step" in str(w.message)]
+    assert len(said) == 1 and f"(step {first['step']})" in said[0]
+    cuts = [e for e in made.values() if e["remedy"] == "lr_rescue"
+            and (e.get("details") or {}).get("trigger") == "nonfinite"]
+    assert len(cuts) == 1
