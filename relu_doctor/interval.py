@@ -670,12 +670,18 @@ class IntervalReading:
         if self._warned_empty or self.probe.paused or self.probe.failed_sites():
             return  # (a failed site said so in its own warning)
         self._warned_empty = True
+        # (a model in train() mode now was likely not called at all: a trial watched one
+        # member of a vmap ensemble, which vmap never calls, and was told of eval mode)
+        mode = ("It is in train() mode: was the watched module itself called (not a copy of "
+                "it, another member of an ensemble, or only under torch.func's vmap)? "
+                if self.probe.model.training else
+                "Left in eval mode after an evaluation? Call .train() again on the "
+                "model, or on the part of it each pass begins at (the mode of the module a "
+                "pass begins at decides: an encoder in eval mode called through a method of "
+                "a model in train mode makes no training pass). ")
         which = {
             "train": "no training pass of the model (in train() mode, gradients enabled) ran "
-            "in them. Left in eval mode after an evaluation? Call .train() again on the "
-            "model, or on the part of it each pass begins at (the mode of the module a pass "
-            "begins at decides: an encoder in eval mode called through a method of a model "
-            "in train mode makes no training pass). "
+            f"in them. {mode}"
             "Called doc.step() on steps where the model does not train (a GAN's other "
             "model's steps)? Call it once per step of this model's optimizer. Watching a "
             "model that never trains (a frozen teacher, a target network)? Watch it with "

@@ -1721,3 +1721,22 @@ def test_never_active_on_the_first_few_sampled_steps_is_information() -> None:
     assert [s for s, _, _ in lifetime] == [50, 100, 150, 200]  # (2, 4, 6, 8 steps collected)
     assert [sev for _, sev, _ in lifetime[:3]] == ["info"] * 3
     assert lifetime[3][1] == _graded(lifetime[3][2]) and lifetime[0][2] >= lifetime[3][2]
+
+
+def test_a_watched_model_in_train_mode_that_no_pass_ran_is_not_told_of_eval_mode() -> None:
+    """A trial, told by the torch.func warning to watch one member of a vmap ensemble,
+    watched a member that vmap never calls: the next warning blamed eval mode, though the
+    model was in train() mode. It asks whether the watched module itself was called."""
+    import copy
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    twin = copy.deepcopy(net)  # what the loop trains
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, log_every_n_steps=2, overhead_budget=None) as doc:
+            for _ in range(2):
+                twin(torch.randn(8, 4)).sum().backward()
+                doc.step()
+    said = [str(w.message) for w in caught if "recorded nothing" in str(w.message)]
+    assert len(said) == 1 and "It is in train() mode: was the watched module itself called" in said[0]
+    assert "Left in eval mode" not in said[0]
