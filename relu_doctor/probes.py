@@ -246,8 +246,10 @@ def transformed_text(calls: int) -> str:
     """A window's activation calls under torch.func transforms, in a sentence ("" for none):
     a vmap ensemble read as a model left in eval mode (a trial)."""
     return (f"Its activations ran under torch.func transforms (vmap, grad: {calls} calls in "
-            "this window), which are not watched: watch a model called directly (one member "
-            "of a vmap ensemble, say)." if calls else "")
+            "this window), which are not watched: only passes of the model called directly "
+            "are (a vmap ensemble's stacked members are no module that passes run through: "
+            "watching one of the modules they were stacked from watches nothing)." if calls
+            else "")
 
 
 def _unwatched(model: nn.Module) -> list[str]:
