@@ -188,6 +188,11 @@ def _draw_marks(ax: Any, marks: Sequence[int], *, label: bool = True) -> None:
         _dashed(ax, float(step), str(i) if label else None, color="0.3", fontsize=8, zorder=1)
 
 
+#: A training metric whose largest value is this many times its smallest (all above 0) is
+#: drawn on a log scale.
+WIDE_RANGE = 100.0
+
+
 def _draw_phases(ax: Any, phases: Sequence[tuple[int, str]]) -> None:
     """Changes of what is frozen (a part unfrozen) as dotted vertical lines, each labelled at
     the foot of the axes (the interventions' numbers are at the top)."""
@@ -202,7 +207,8 @@ def _draw_phases(ax: Any, phases: Sequence[tuple[int, str]]) -> None:
 def training_curve_figure(metrics: pd.DataFrame, marks: Sequence[int] = (),
                           phases: Sequence[tuple[int, str]] = ()) -> Figure | None:
     """The training curve: one panel per training metric (``loss`` first, learning rates
-    together on a log scale), against step, with the interventions numbered.
+    together on a log scale, as any metric above 0 spanning :data:`WIDE_RANGE` or more),
+    against step, with the interventions numbered.
 
     Args:
         metrics: long format, columns ``step``, ``name``, ``value``.
@@ -233,11 +239,15 @@ def training_curve_figure(metrics: pd.DataFrame, marks: Sequence[int] = (),
                 part = m[m["name"] == n].sort_values("step")
                 ax.plot(part["step"], part["value"].astype(float), marker="o" if len(part) <= 40 else None,
                         markersize=3, linewidth=1.6, label=mpl_label(n, 20))
+            values = m.loc[m["name"].isin(series), "value"].astype(float)
             if title == "learning rate":
-                if (m.loc[m["name"].isin(series), "value"].astype(float) > 0).all():
+                if (values > 0).all():
                     ax.set_yscale("log")  # not with a rate of 0 (a schedule's end): no point lost
                 if len(series) > 1:
                     ax.legend(frameon=False, fontsize=7)
+            elif (values > 0).all() and values.max() >= WIDE_RANGE * values.min():
+                # (a loss from 4e6 to 8e3 drew flat at 0 after the first window: a trial's)
+                ax.set_yscale("log")
             ax.set_title(mpl_label(title, 40), pad=16)
             ax.set_xlabel("step")
             ax.set_ylabel(mpl_label(title, 24))

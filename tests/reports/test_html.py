@@ -175,6 +175,18 @@ def test_the_learning_rate_panel_keeps_a_rate_of_zero(last_lr: float) -> None:
     assert ax.get_yscale() == ("linear" if last_lr == 0 else "log")
 
 
+@pytest.mark.parametrize(("values", "scale"), [([4e6, 5e4, 8e3], "log"), ([2.0, 1.5, 0.05], "linear"),
+                                               ([4e6, 0.0, 8e3], "linear")])
+def test_a_loss_over_decades_is_drawn_on_a_log_scale(values: list[float], scale: str) -> None:
+    """A regression's loss from 4e6 to 8e3 drew flat at 0 after the first window (a trial):
+    a metric above 0 whose largest is 100 times its smallest is drawn on a log axis; one
+    with a 0, or a narrower range, on a linear one."""
+    metrics = pd.DataFrame({"step": [1, 2, 3], "name": "loss", "value": values})
+    fig = plots.training_curve_figure(metrics)
+    assert fig is not None
+    assert fig.axes[0].get_yscale() == scale
+
+
 def test_small_layers_keep_one_row_per_unit() -> None:
     units = pd.DataFrame({"step": [1, 1, 1, 2, 2, 2], "site": "s", "unit": [0, 1, 2] * 2,
                           "activation_rate": [0.5, 0.0, 0.9, 0.4, 0.0, 1.0]})
