@@ -940,6 +940,9 @@ class Probe(SiteRegistry, HookOwner):
                 self._mask_on[output.device] = (mask, moved)
             mask = moved
         keep = mask_for(output.shape, dim, mask)
+        if (keep is None and mask.dim() > 1 and output.dim() == 2 and dim == 1
+                and output.shape[0] == mask.shape[0]):
+            return None  # one row a sample (a pooled head): no padding position to leave out
         if keep is None:  # (said at the log, every such site named: say_unmasked)
             if site.name not in self.unmasked:
                 self.unmasked[site.name] = (tuple(output.shape), tuple(mask.shape))

@@ -170,6 +170,41 @@ def test_a_site_the_mask_does_not_fit_counts_every_position_said_once() -> None:
     assert totals["lin_act"]["active"].tolist() == want.tolist()
 
 
+def test_a_pooled_head_one_row_a_sample_is_no_site_the_mask_misses() -> None:
+    """A sequence encoder pooled to one row a sample, then a ReLU head: the head's
+    ``(batch, units)`` output holds no padding position, and it was named among the sites
+    the mask did not fit, at every run (a trial). It counts each sample, and nothing is
+    said; the sequence site is masked."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Linear(4, 6)
+            self.enc_act = nn.ReLU()
+            self.head = nn.Linear(6, 5)
+            self.head_act = nn.ReLU()
+
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            h = self.enc_act(self.enc(x))  # (B, L, 6)
+            m = attention_mask.unsqueeze(-1).float()
+            return self.head_act(self.head((h * m).sum(1) / m.sum(1)))  # (B, 5)
+
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(3, 8, 4)
+    mask = torch.tensor([[1] * 8, [1] * 3 + [0] * 5, [1] * 6 + [0] * 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=10,
+                               padding_mask="attention_mask") as doc:
+            net(x, attention_mask=mask).sum().backward()
+            doc.step()
+    assert not [w for w in caught if "padding mask" in str(w.message)]
+    totals = {s.name: _total(s) for s in doc.sites}
+    assert totals["head_act"]["elements"].tolist() == [3] * 5
+    assert totals["enc_act"]["elements"].tolist() == [int(mask.sum())] * 6
+
+
 def test_a_mask_of_the_inputs_rate_that_fits_no_site_names_them_all(tmp_path) -> None:
     """A trial's Wav2Vec2 mask has one entry per audio sample, its activations run at the
     frame rate: no site fits it, and the one warning named the first site only, read as
