@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from relu_doctor._dead_pool import MIN_DEAD_STEPS
+from relu_doctor._silence import ALPHA
 from relu_doctor._validate import number_in, positive_finite
 from relu_doctor.advice import REMEDY_NAMES, unit_remedies
 from relu_doctor.errors import ReluDoctorError
@@ -38,6 +38,12 @@ __all__ = [
     "run_health",
     "severity_rank",
 ]
+
+#: "Never active since monitoring began" on fewer collected steps than this, in a sampled
+#: run's first windows, is information: a unit firing on 1% of inputs is silent on a batch
+#: of 64 half the time (a trial's autoencoder read 80% of its latents never active at its
+#: first log, on one collected step).
+MIN_LIFETIME_STEPS = 8
 
 SEVERITIES = ("info", "warning", "critical")
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
@@ -276,32 +282,14 @@ def _sampled(row: Mapping[str, Any], *, lifetime: tuple[int, int] | None = None,
                 "fewer batches")
     if got is None or ran is None or got >= ran:
         return ""
-    pooled, span = row.get("dead_steps_collected"), row.get("dead_steps_run")
-    if pooled is not None and span is not None and pooled > got:
-        # (its units judged with the sampled windows before it: see relu_doctor._dead_pool)
-        return (f", judged over the last {pooled} collected steps of {span} (this window "
-                f"collected {got} of its {ran} steps, and the windows before it are pooled in)"
-                + (f"; a unit is more likely to look {what} on so few batches"
-                   if thin_dead(row) else ""))
+    if what == "dead":  # (judged unit by unit on its own rate: see relu_doctor._silence)
+        unsure = int(row.get("inconclusive") or 0)
+        return (f"; statistics from {got} of the window's {ran} steps: a silent unit is dead "
+                f"where a live one, at its rate when it last fired, is so long silent "
+                f"with a chance under {ALPHA:.0%}" + (f" ({unsure} more were silent too "
+                                                      "briefly to tell)" if unsure else ""))
     return (f"; statistics from {got} of the window's {ran} steps, and a unit is more likely "
             f"to look {what} on fewer batches")
-
-
-def thin_dead(row: Mapping[str, Any]) -> bool:
-    """Whether a site row's dead units rest on too few collected steps to grade: fewer than
-    the window ran and than :data:`~relu_doctor._dead_pool.MIN_DEAD_STEPS`, with the
-    sampled windows before it pooled in (the first windows of a sampled run, before the
-    pool fills). Their finding is then ``info``. A window that collected every step it ran
-    is what "dead over the window" means, however short.
-
-    Example:
-        >>> thin_dead({"dead_steps_collected": 2, "steps_run": 50})
-        True
-        >>> thin_dead({"dead_steps_collected": 4, "steps_run": 4})  # every step of 4
-        False
-    """
-    got, ran = row.get("dead_steps_collected"), row.get("steps_run")
-    return got is not None and ran is not None and int(got) < min(int(ran), MIN_DEAD_STEPS)
 
 
 def _and_clip(names: Mapping[str, str | None], config: DiagnosisConfig) -> str:
@@ -466,19 +454,15 @@ def diagnose(
             out.append(
                 Finding(
                     "dead", name,
-                    "info" if thin_dead(row) else
                     _severity(frac, config.dead_warning, config.dead_critical),
                     f"{row['dead']} of {seen} units ({frac:.1%}) {what} over the window "
                     f"({fam}){_sampled(row, passes=passes, call=call)}.",
                     {"dead": row["dead"], "units": seen, "dead_fraction": frac,
                      "dead_units": _units_list(u, "dead"), "family": fam, "leaky": leaky,
                      "never_fired": born,
-                     # (a sampled window's, read with the windows before it: the steps
-                     # collected and run its dead units rest on)
-                     **({"dead_steps": [int(row["dead_steps_collected"]),
-                                        int(row["dead_steps_run"])]}
-                        if row.get("dead_steps_collected") is not None
-                        and row["dead_steps_collected"] != row.get("steps_collected") else {}),
+                     # (a sampled window's silent units too briefly silent to call dead)
+                     **({"inconclusive": int(row["inconclusive"])}
+                        if row.get("inconclusive") else {}),
                      # (dead units scoring above tau, of them: the report's advice gives the
                      # recycler tau= for them, as the remedy here does)
                      **({"above_tau": list(dead_above)} if dead_above[0] else {})},
@@ -492,7 +476,7 @@ def diagnose(
                     "lifetime_dead", name,
                     # (on fewer than 8 steps of a sampled run's first windows: not graded)
                     "info" if lifetime_steps is not None
-                    and lifetime_steps[0] < min(lifetime_steps[1], MIN_DEAD_STEPS) else
+                    and lifetime_steps[0] < min(lifetime_steps[1], MIN_LIFETIME_STEPS) else
                     _severity(frac, config.dead_warning, config.dead_critical),
                     f"{row['lifetime_dead']} of {row['units']} units ({frac:.1%}) never active "
                     f"since monitoring began{_sampled(row, lifetime=lifetime_steps)}.",

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from relu_doctor._dead_pool import DeadPool
 from relu_doctor._hooks import HookOwner
+from relu_doctor._silence import Silence
 from relu_doctor._validate import (
     callable_or_none,
     flag,
@@ -353,7 +353,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._tracker = FindingTracker()
         self._grad_norm_history: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
         self._first_rms: dict[str, float] = {}  # each site's activation RMS at its first log
-        self._dead_pool = DeadPool()  # the last sampled windows' activity (see _dead_pool)
+        self._silence = Silence()  # each unit's last rate and silence since (see _silence)
         # ... and at its first log with most of its units alive: growth is measured from it
         self._growth_base: dict[str, float] = {}
         #: by site, the remedies that left it alone (declined events): not advised there
@@ -674,6 +674,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._first_rms.pop(site, None)
         self._growth_base.pop(site, None)
         self._tracker.restart(site)
+        self._silence.forget(site)
 
     def step(
         self, loss: torch.Tensor | float | None = None, *, last: bool = False
@@ -1195,6 +1196,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             # would
             "first_rms": dict(self._first_rms),
             "growth_base": dict(self._growth_base),
+            # each unit's rate and silence since, which a sampled window's dead are judged on
+            "silence": self._silence.state_dict(),
             "announced": sorted([remedy, site] for remedy, site in self._announced),
             "tap": self.tap.state_dict() if self.tap is not None else None,
             "eval": None if self.eval is None else self.eval.state_dict(reduce=reduce),
@@ -1239,6 +1242,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         # (a checkpoint from before the growth base was saved: the first RMS, as it was then)
         base = state.get("growth_base", state.get("first_rms")) or {}
         self._growth_base.update({str(k): float(v) for k, v in base.items() if float(v) > 0})
+        self._silence.load_state_dict(state.get("silence"))
         self._announced |= {(str(r), str(s)) for r, s in state.get("announced") or []}
         self._continue_after_checkpoint()
         if self.tap is not None and state.get("tap"):

@@ -22,12 +22,12 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from relu_doctor._dead_pool import DeadPool
+from relu_doctor._silence import Silence
 from relu_doctor.diagnosis import Finding, diagnose
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.events import FindingEvent
 from relu_doctor.history import SEEN_FIELDS, IntervalRecord
-from relu_doctor.metrics import JUDGED_ROWS, UNIT_COLUMNS, layer_metrics, metrics_of_stacked
+from relu_doctor.metrics import UNIT_COLUMNS, layer_metrics, metrics_of_stacked
 from relu_doctor.probes import transformed_text
 from relu_doctor.sampling import model_device
 from relu_doctor.sites import NO_GRADIENT, FrozenFeeds, Site, module_label
@@ -52,8 +52,7 @@ __all__ = ["IntervalReading", "TableMemory"]
 _GRAD_SQ = "\0grad_sq"
 #: The keys every site row starts with, in order (its metrics follow: see :func:`site_columns`)
 SITE_KEYS = ("step", "site", "op", "family", "leaky", "cap", "order", "unit_dim", "unit_rule",
-             "frozen", "window_steps", "steps_collected", "steps_run", "dead_steps_collected",
-             "dead_steps_run")
+             "frozen", "window_steps", "steps_collected", "steps_run")
 # why recycling cannot treat a site whose input is a residual sum (Site.summed)
 _SUMMED = ("its units come from a sum with another branch (a residual or skip connection, or "
            "an adapter such as LoRA's beside its layer), directly or through activations and "
@@ -243,7 +242,7 @@ class IntervalReading:
         _tracker: FindingTracker
         _grad_norm_history: deque[float]
         _first_rms: dict[str, float]
-        _dead_pool: DeadPool
+        _silence: Silence
         _growth_base: dict[str, float]
         _declined: dict[str, set[str]]
         _listeners: list[Callable[[IntervalRecord], Any]]
@@ -367,13 +366,13 @@ class IntervalReading:
                 later.append(functools.partial(self._grad_norm_history.append, total))
         site_rows: list[dict[str, Any]] = []
         units: dict[str, Mapping[str, torch.Tensor]] = {}
-        pooled, dead_steps = self._pool_dead(later, sites, host_window, collected,
-                                             logged=logged and judged)
+        unsure = self._silent_units(later, sites, host_window, collected,
+                                    logged=logged and judged)
         # Every site at once: one tensor op per metric, not a loop of them per site.
         unit_list, metric_rows = metrics_of_stacked(
             host_window, host_life, [s.units for s in sites], self.config.tau,
             lifetime_has_window=False,  # read before the fold
-            pooled=pooled,
+            inconclusive=unsure,
         )
         frozen = self._frozen_layers(sites, host[2] if extra else None)
         for s, u, sm, fz in zip(sites, unit_list, metric_rows, frozen, strict=True):
@@ -393,10 +392,6 @@ class IntervalReading:
                     "window_steps": collected,
                     "steps_collected": collected,
                     "steps_run": self.steps_run,
-                    # the steps its dead units are read over (a sampled window's pooled
-                    # with the windows before it: see _dead_pool)
-                    "dead_steps_collected": dead_steps[0],
-                    "dead_steps_run": dead_steps[1],
                     **sm,
                 }
             )
@@ -465,25 +460,22 @@ class IntervalReading:
         self._fold(later, sites, summed, close=close, world=world, logged=logged)
         return record
 
-    def _pool_dead(self, later: list[Callable[[], object]], sites: Sequence[Site],
-                   host_window: torch.Tensor, collected: int, *, logged: bool
-                   ) -> tuple[torch.Tensor | None, tuple[int, int]]:
-        """The judged sums of the sampled windows this one is read with (None: read alone)
-        and the steps (collected, run) its units' judgement rests on (see
-        :mod:`_dead_pool`); ``logged``: a judged window closing, whose sums the pool then
-        takes (in ``later``: a read stopped midway changes nothing)."""
-        pool, run = self._dead_pool, self.steps_run
-        pooled: torch.Tensor | None = None
-        steps = (collected, run)
-        if pool.pooling(collected, run):
-            sums, *rest = pool.before([(s.name, s.units) for s in sites], collected, run)
-            pooled, steps = torch.from_numpy(sums), (rest[0], rest[1])
-        if logged and collected > 0:  # (a window of every step too: one after it may pool)
-            mine = host_window[[ROW[f] for f in JUDGED_ROWS]].numpy()
-            ends = np.cumsum([s.units for s in sites])
-            later.append(functools.partial(pool.push, collected, run, {
-                s.name: mine[:, e - s.units:e] for s, e in zip(sites, ends, strict=True)}))
-        return pooled, steps
+    def _silent_units(self, later: list[Callable[[], object]], sites: Sequence[Site],
+                      host_window: torch.Tensor, collected: int, *, logged: bool
+                      ) -> torch.Tensor | None:
+        """The silent units of a sampled window too briefly silent to call dead (None: a
+        window of every step it ran, judged by the definition); ``logged``: a judged window
+        closing, whose elements and activity the units' pasts then take (in ``later``: a
+        read stopped midway changes nothing). See :mod:`relu_doctor._silence`."""
+        elements = host_window[ROW["elements"]].numpy().copy()
+        active = host_window[ROW["active"]].numpy().copy()
+        layout = [(s.name, s.units) for s in sites]
+        unsure = None
+        if 0 < collected < self.steps_run:
+            unsure = torch.from_numpy(self._silence.inconclusive(layout, elements, active))
+        if logged:
+            later.append(functools.partial(self._silence.update, layout, elements, active))
+        return unsure
 
     def _first_rms_now(self, site_rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """The activation RMS of the sites logged for the first time (with one: a site that

@@ -25,7 +25,6 @@ import torch
 from relu_doctor.stats import ROW
 
 __all__ = [
-    "JUDGED_ROWS",
     "UNIT_COLUMNS",
     "layer_metrics",
     "metrics_of_stacked",
@@ -33,10 +32,6 @@ __all__ = [
     "stacked_metrics",
     "unit_metrics",
 ]
-
-#: The window sums a unit is judged on (seen, dead, its ReDo score): a sampled window's are
-#: read with those of the windows before it (:mod:`relu_doctor._dead_pool`).
-JUDGED_ROWS: tuple[str, ...] = ("elements", "active", "sum_abs")
 
 # Per-unit metrics written to the run record's unit table, in order.
 UNIT_COLUMNS: tuple[str, ...] = (
@@ -92,30 +87,27 @@ def _units(
     life: torch.Tensor,
     tau: float,
     score_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    pooled: torch.Tensor | None = None,
+    inconclusive: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The :func:`unit_metrics` dict of host float64 sums ``m`` (window) and ``life``
     (lifetime); ``score_of(mean_abs, seen)`` gives the ReDo score (it averages per site).
-    ``pooled``: the :data:`JUDGED_ROWS` of the sampled windows this one is read with (see
-    :mod:`relu_doctor._dead_pool`), added to the window's where a unit is judged (``seen``,
-    ``dead``, the score, ``below_tau``, ``dormant``); the rates and means stay the window's."""
+    ``inconclusive``: the units of a sampled window whose silence is too short to call them
+    dead (:mod:`relu_doctor._silence`): neither dead nor below tau."""
     r = {name: m[i] for name, i in ROW.items()}
     n = r["elements"]
+    seen = n > 0
     ratio = _ratio
     mean_abs = ratio(r["sum_abs"], n)
+    score = score_of(mean_abs, seen)
     active = r["active"]
-    if pooled is None:
-        seen, score = n > 0, score_of(mean_abs, n > 0)
-    else:
-        n_all = n + pooled[0]
-        seen = n_all > 0
-        score = score_of(ratio(r["sum_abs"] + pooled[2], n_all), seen)
-        active = active + pooled[1]
     dead = seen & (active == 0)
     below_tau = seen & (score <= tau)
+    if inconclusive is not None:
+        dead &= ~inconclusive
+        below_tau &= ~inconclusive
     return {
         "seen": seen,
-        "activation_rate": ratio(r["active"], n),
+        "activation_rate": ratio(active, n),
         "mean": ratio(r["sum"], n),
         "mean_abs": mean_abs,
         "rms": ratio(r["sum_sq"], n).sqrt(),
@@ -124,7 +116,7 @@ def _units(
         "dead": dead,
         "dormant": below_tau & ~dead,
         "below_tau": below_tau,
-        "fully_saturated": (n > 0) & (r["saturated"] == n),
+        "fully_saturated": seen & (r["saturated"] == n),
         "lifetime_dead": (life[ROW["elements"]] > 0) & (life[ROW["active"]] == 0),
         "grad_rms": ratio(r["grad_sq"], r["grad_elements"]).sqrt(),
         "grad_zero_rate": ratio(r["grad_zero"], r["grad_in_elements"]),
@@ -330,13 +322,14 @@ def metrics_of_stacked(
     tau: float,
     *,
     lifetime_has_window: bool = True,
-    pooled: torch.Tensor | None = None,
+    inconclusive: torch.Tensor | None = None,
 ) -> tuple[list[SiteUnits], list[dict[str, Any]]]:
     """:func:`stacked_metrics` of sites whose windows and lifetimes are already side by
     side: ``m`` and ``life`` are ``(len(FIELDS), sum(sizes))`` host float64 matrices, the
     sites' columns in order (``life`` is added to in place when ``lifetime_has_window`` is
-    False). ``pooled``: ``(len(JUDGED_ROWS), sum(sizes))``, the sampled windows' that this
-    one is read with where its units are judged (:mod:`relu_doctor._dead_pool`)."""
+    False). ``inconclusive``: a boolean per column, the silent units of a sampled window
+    not judged dead (:mod:`relu_doctor._silence`), counted in each row's
+    ``inconclusive``."""
     if not sizes:
         return [], []
     k = len(sizes)
@@ -355,27 +348,28 @@ def metrics_of_stacked(
             out[..., has] = np.add.reduceat(x.double().numpy(), starts, axis=-1)
         return torch.from_numpy(out)
 
-    seen_count = per_site(m[ROW["elements"]] + (0 if pooled is None else pooled[0]) > 0)
+    seen_count = per_site(m[ROW["elements"]] > 0)
 
     def score_of(mean_abs: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         nan = torch.full_like(mean_abs, float("nan"))
         avg = (per_site(torch.where(seen, mean_abs, 0.0)) / seen_count)[seg]  # NaN: none seen
         return torch.where(avg > 0, torch.where(seen, mean_abs / avg, nan), torch.where(seen, 0.0, nan))
 
-    u = _units(m, life, tau, score_of, pooled)
+    u = _units(m, life, tau, score_of, inconclusive)
     ends = torch.tensor(sizes).cumsum(0).tolist()
     bounds = list(zip([0, *ends[:-1]], ends, strict=True))
     shared: dict[str, np.ndarray[Any, Any]] = {}
     units = [SiteUnits(u, a, b, shared) for a, b in bounds]
     sums = per_site(m).T.tolist()  # (k, len(FIELDS)): one read of every per-site sum
     flags = ("dead", "dormant", "below_tau", "fully_saturated", "lifetime_dead")
-    counts = per_site(torch.stack([u[f] for f in flags])).T.tolist()
+    unsure = inconclusive if inconclusive is not None else torch.zeros_like(u["dead"])
+    counts = per_site(torch.stack([*(u[f] for f in flags), unsure])).T.tolist()
     seen_list = seen_count.tolist()
     rows: list[dict[str, Any]] = []
     nanf = float("nan")
     for i in range(k):
         w = sums[i]
-        dead, dormant, below, full, life_dead = counts[i]
+        dead, dormant, below, full, life_dead, unsure_n = counts[i]
         n_units, sn = sizes[i], int(seen_list[i])
         el, act = w[ROW["elements"]], w[ROW["active"]]
         gel, gin = w[ROW["grad_elements"]], w[ROW["grad_in_elements"]]
@@ -386,6 +380,8 @@ def metrics_of_stacked(
                 "elements": el,
                 "dead": int(dead),
                 "dead_fraction": dead / sn if sn else nanf,
+                # silent units of a sampled window with too few outputs to call dead
+                "inconclusive": int(unsure_n),
                 "lifetime_dead": int(life_dead),
                 "lifetime_dead_fraction": life_dead / n_units if n_units else nanf,
                 "dormant": int(dormant),
