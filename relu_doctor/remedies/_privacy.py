@@ -24,17 +24,25 @@ PRIVATE = (
 )
 
 
+_KNOWN: dict[type, bool] = {}  # each module class's answer (a walk at every log: cheap)
+
+
 def _wraps_privately(cls: type) -> bool:
     """Whether ``cls`` is Opacus's ``GradSampleModule`` (or another of its wrappers)."""
-    return any(c.__name__ == "AbstractGradSampleModule" for c in cls.__mro__)
+    known = _KNOWN.get(cls)
+    if known is None:
+        known = _KNOWN[cls] = any(c.__name__ == "AbstractGradSampleModule" for c in cls.__mro__)
+    return known
 
 
-def private_by(model: nn.Module | None) -> str | None:
+def private_by(model: nn.Module | None, *, deep: bool = True) -> str | None:
     """What trains ``model`` with differential privacy, in words, or None: an Opacus
     ``GradSampleModule`` (any of its modes) around it, or the per-sample-gradient fields
     Opacus puts on the trainable parameters of the model it wraps (``grad_sample``: a model
-    watched before ``make_private`` wrapped it, in any mode). Nothing is
-    imported to tell, and it costs two lookups (it runs at every log a remedy decides at).
+    watched before ``make_private`` wrapped it, in any mode). Nothing is imported to
+    tell. ``deep``: look for a wrapper among every module (one held after a trainable
+    module of the model's own: 3 ms on 2800 modules, at a bind); else at the root only,
+    with the parameters' fields (at every log a remedy decides at: microseconds).
 
     Example:
         >>> private_by(nn.Linear(2, 2)) is None
@@ -42,8 +50,9 @@ def private_by(model: nn.Module | None) -> str | None:
     """
     if model is None:
         return None
-    if _wraps_privately(type(model)):
-        return f"Opacus ({type(model).__name__})"
+    for m in model.modules() if deep else (model,):
+        if _wraps_privately(type(m)):
+            return f"Opacus ({type(m).__name__})"
     p = next((p for p in model.parameters() if p.requires_grad), None)
     if p is not None and hasattr(p, "grad_sample") and hasattr(p, "_forward_counter"):
         return "Opacus (per-sample gradients on its parameters)"

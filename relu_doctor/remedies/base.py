@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 import torch
 import torch.nn as nn
 
-from relu_doctor._validate import matches
+from relu_doctor._validate import finite_or_none, matches
 from relu_doctor.diagnosis import Finding
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.events import Declined, Event, Intervention, InterventionResult
@@ -347,6 +347,8 @@ class Remedy:
             return []
         if (private := self._private()) is not None:  # (made private after the bind)
             self._stepped_aside = True
+            if callable(detach := getattr(self, "detach", None)):
+                detach()  # (a clipper's optimizer hook clipped on, silently: a review)
             self.warn(f"relu_doctor: the {self.name} remedy makes no changes from step "
                       f"{record.step}: the model is now trained with differential privacy "
                       f"({private}). {PRIVATE}. Monitoring and training go on.")
@@ -362,10 +364,11 @@ class Remedy:
             self._in_call, self._made = False, []
 
     def _private(self, doctor: DoctorLike | None = None) -> str | None:
-        """:func:`private_by` of the models it acts on (its own, the Doctor's)."""
+        """:func:`private_by` of the models it acts on (its own, the Doctor's): every module
+        at a bind (``doctor`` given), the root and the parameters at a decision."""
         models = (getattr(self, "model", None), getattr(doctor or self.doctor, "model", None))
         return next((p for m in models if isinstance(m, nn.Module)
-                     and (p := private_by(m)) is not None), None)
+                     and (p := private_by(m, deep=doctor is not None)) is not None), None)
 
     def _step_aside(self, record: RecordLike, e: Exception) -> list[Any]:  # those it made
         if not self._stepped_aside:
@@ -544,7 +547,10 @@ class Remedy:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        out = {"pending": [p.to_dict() for p in self._pending], "n_events": self._n_events}
+        out: dict[str, Any] = {"pending": [p.to_dict() for p in self._pending],
+                               "n_events": self._n_events}
+        if self._loss_seen is not None:  # (a held record's changes are made on it)
+            out["loss_seen"] = self._loss_seen
         if self.reads_dead:  # the pool filling: a resumed run goes on with it
             out["evidence"] = self.evidence.state_dict()
         if self._held is not None:  # decided on when the resumed run starts
@@ -554,6 +560,7 @@ class Remedy:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._pending = [Pending.from_dict(p) for p in state.get("pending", [])]
         self._n_events = int(state.get("n_events", 0))
+        self._loss_seen = finite_or_none(state.get("loss_seen"))
         self.evidence.load_state_dict(state.get("evidence") or {})
         held = state.get("held")
         self._hold(record_from_state(held) if held else None)

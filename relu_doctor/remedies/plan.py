@@ -332,7 +332,7 @@ class TreatmentPlan(Remedy):
                     continue
                 self.failed.add(where)
                 if res.loss_rose is not None and PLAN_REMEDIES[where[0]] != MODEL:
-                    self._harmed(remedy, where, res.loss_rose, record.step)
+                    self._harmed(remedy, where, res.loss_rose, record)
                 if isinstance(remedy, AutoClip) and remedy.warmup_steps != _NEVER:
                     remedy.warmup_steps = _NEVER
                     remedy.note(
@@ -340,21 +340,27 @@ class TreatmentPlan(Remedy):
                         what=f"switched AutoClip off again: it did not help ({res.target})",
                     )
 
-    def _harmed(self, remedy: Remedy, where: tuple[str, str], rose: float, step: int) -> None:
+    def _harmed(self, remedy: Remedy, where: tuple[str, str], rose: float,
+                record: RecordLike) -> None:
         """A surgery step after which the loss rose: no surgery again; a swap is undone (a
         trial's recycling took the loss from 4e7 to 7e16, then a swap to NaN where the run
-        untreated recovered; in Keras, a swap's 1e4x rise was followed by another swap)."""
+        untreated recovered; in Keras, a swap's 1e4x rise was followed by another swap),
+        not on a final record: training has ended, and the model stays as it trained."""
         self.harmful.add(where[0])
         undone = ""
-        if where[0] == "swap" and callable(undo := getattr(remedy, "restore", None)):
+        undo = getattr(remedy, "restore", None)
+        if where[0] == "swap" and callable(undo) and not getattr(record, "final", False):
             try:
-                undo(where[1], step=step)
+                try:
+                    undo(where[1], step=record.step)
+                except TypeError:  # (a controller of use() whose restore takes a site only)
+                    undo(where[1])
                 undone = "; the swap is undone"
-            except ReluDoctorError as e:  # (restored already, or renamed since)
-                undone = f"; the swap could not be undone ({e})"
+            except Exception as e:  # (restored already, renamed since, a controller's bug)
+                undone = f"; the swap could not be undone ({type(e).__name__}: {e})"
         self.warn(f"TreatmentPlan: the training loss rose "
-                  f"{'to a non-finite value' if rose == float('inf') else f'{rose:.1f}x'} after "
-                  f"its {where[0]} step at {where[1]!r} (step {step}): no surgery step "
+                  f"{'to a non-finite value' if rose == float('inf') else f'{rose:.3g}x'} after "
+                  f"its {where[0]} step at {where[1]!r} (step {record.step}): no surgery step "
                   f"(recycling, the swap) is used again in this run{undone}.")
 
     def _model_step(self, record: RecordLike) -> Intervention | None:

@@ -470,6 +470,44 @@ def test_the_training_curve_holds_the_trainers_loss_at_each_log(tmp_path: Path) 
     assert {e.step: e.value for e in ea.Scalars("train/loss")} == pytest.approx(logged)
 
 
+class _LossAtLog(transformers.TrainerCallback):  # type: ignore[misc]
+    """After ours in the list: at each of our logs, whether the record held the loss when
+    made (before the Trainer's on_log, which is when the remedies judged)."""
+
+    def __init__(self, cb: ReluDoctorCallback) -> None:
+        self.cb, self.seen = cb, {}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        last = self.cb._last
+        if last is not None and last.step == state.global_step:
+            from relu_doctor.remedies.judging import loss_of
+
+            self.seen[last.step] = (last.window_loss, loss_of(last))
+
+
+def test_each_record_holds_the_loss_when_made_for_the_remedies(tmp_path: Path) -> None:
+    """The Trainer logs its loss only after our log: the remedies, which judge a change on
+    the training loss too, never saw it (a review). The callback takes each training pass's
+    ``loss`` from the model's output: the record holds the window's mean as
+    ``window_loss`` when made, which the remedies read (the training curve keeps the
+    Trainer's own figure: with gradient accumulation this Trainer sums its micro-batches'
+    losses). Checked against the losses of the model's training passes taken here."""
+    cb = ReluDoctorCallback(log_every_n_steps=2)
+    spy = _LossAtLog(cb)
+    model = _model()
+    taken: list[float] = []
+    model.register_forward_hook(
+        lambda m, a, out: taken.append(float(out.loss)) if m.training and torch.is_grad_enabled() else None)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=2),
+                                   train_dataset=_data(), callbacks=[cb, spy])
+    trainer.train()
+    want = {2 * (i + 1): sum(taken[4 * i:4 * i + 4]) / 4 for i in range(3)}  # (2 steps x 2)
+    assert sorted(spy.seen) == [2, 4, 6]
+    assert {k: v[0] for k, v in spy.seen.items()} == pytest.approx(want, rel=1e-6)
+    assert {k: v[1] for k, v in spy.seen.items()} == pytest.approx(want, rel=1e-6)
+    assert cb._loss_hook is None  # (taken off at the end)
+
+
 class _Step(transformers.TrainerCallback):  # type: ignore[misc]
     """A hand-written loop hook: the standalone ``watch`` stepped at each optimizer step."""
 

@@ -123,3 +123,34 @@ def test_a_remedy_bound_before_the_model_was_made_private_steps_aside() -> None:
     assert len(said) == 1 and "dormant_reset remedy makes no changes from step 2" in said[0]
     assert not doc.to_run().interventions()
     assert recycler._stepped_aside
+
+
+def test_a_clipper_bound_before_the_model_was_made_private_stops_clipping() -> None:
+    """AutoClip, bound to the plain model: after make_private it said it made no more
+    changes, and its optimizer hook went on clipping the noised gradient by a history of
+    raw norms (a review). Its hook is taken off: the steps after its next log train as
+    without it."""
+    from relu_doctor.remedies import AutoClip
+
+    model, opt, loader = _private(wrap=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=2,
+                               overhead_budget=None) as doc:
+            clip = AutoClip(percentile=1).bind(doc)
+            clip.attach(opt)
+            gm, dp_opt, loader = opacus.PrivacyEngine().make_private(
+                module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
+                max_grad_norm=1.0, poisson_sampling=False)
+            _train(gm, dp_opt, loader, doc, steps=3)  # (a log at step 2: it steps aside)
+            assert clip._stepped_aside and not clip._handles
+            hooks = opt._optimizer_step_pre_hooks.values()  # (the monitor's own stays)
+            assert all(getattr(h, "__self__", None) is not clip for h in hooks)
+
+
+def test_a_model_holding_a_private_model_after_a_layer_of_its_own_is_refused() -> None:
+    gm, dp_opt, _ = _private()
+    outer = nn.Sequential(nn.Linear(10, 10), gm)
+    with (relu_doctor.watch(outer, optimizer=dp_opt, overhead_budget=None) as doc,
+          pytest.raises(ReluDoctorError, match=r"Opacus \(GradSampleModule\)")):
+        DormantRecycler(outer, optimizers=dp_opt).bind(doc)

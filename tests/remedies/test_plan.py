@@ -478,3 +478,56 @@ def test_after_surgery_that_jolted_the_loss_the_plan_makes_no_more_surgery() -> 
     cuts = [e for e in made.values() if e["remedy"] == "lr_rescue"
             and (e.get("details") or {}).get("trigger") == "nonfinite"]
     assert len(cuts) == 1
+
+
+@pytest.mark.parametrize(("after", "controller", "last"), [
+    (float("nan"), "default", False), (10.0, "site_only", False), (10.0, "default", True)])
+def test_a_swap_after_which_the_loss_rose_is_undone(after: float, controller: str,
+                                                    last: bool) -> None:
+    """The loop's loss is 1.0 until the plan's swap, then ``after``: a loss gone NaN is a
+    rise too (the record keeps it apart from its finite metrics: the guard never saw it, a
+    review), the swap is undone, by a controller whose restore takes no step too; on a
+    final record (training's last step) it is judged but left in place."""
+    from relu_doctor.remedies import ActivationSwapper
+
+    class SiteOnly(ActivationSwapper):
+        def restore(self, site=None):  # type: ignore[override]
+            return super().restore(site)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 1))
+    with torch.no_grad():
+        net[0].bias[:40] = -50.0
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    plan = TreatmentPlan(net, optimizer=opt, cooldown=1, patience=1,
+                         steps=(PlanStep("swap", options={"threshold": 0.3}),))
+    if controller == "site_only":
+        plan.use("swap", SiteOnly(net, threshold=0.3, patience=1, optimizer=opt))
+    steps = 10 if last else 20
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, overhead_budget=None, optimizer=opt, log_every_n_steps=5) as doc:
+            plan.bind(doc)
+            for i in range(1, steps + 1):
+                opt.zero_grad()
+                net(torch.randn(32, 4)).pow(2).mean().backward()
+                opt.step()
+                swapped = isinstance(net[1], nn.LeakyReLU) or i > 5
+                doc.step(loss=after if swapped else 1.0, last=i == steps)
+    results = [e for e in doc.to_run().events if e.get("type") == "intervention_result"]
+    assert results and results[0]["verdict"] == "did not help"
+    assert plan.harmful == {"swap"} and not plan._stepped_aside
+    assert isinstance(net[1], nn.LeakyReLU if last else nn.ReLU)
+    said = [str(w.message) for w in caught if "no surgery step" in str(w.message)]
+    assert len(said) == 1 and ("the swap is undone" in said[0]) != last
+    assert ("to a non-finite value" in said[0]) == (after != after)
+
+
+def test_the_loss_a_change_is_made_at_is_kept_in_checkpoints() -> None:
+    from relu_doctor.remedies import ActivationSwapper
+
+    sw = ActivationSwapper(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    sw._loss_seen = 0.25
+    again = ActivationSwapper(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    again.load_state_dict(sw.state_dict())
+    assert again._loss_seen == 0.25
