@@ -10,32 +10,38 @@ batch of 32 half the time.
 Pooling the windows before (a unit active in any is not dead) undercounts instead where it
 matters most, a run dying: a trial's layer read 0 dead for seven logs while 27-38 of its 64
 units were, the pool reaching back to the healthy first window. So each unit is judged on
-its own evidence: in a sampled window, a silent unit is dead where a live unit at its rate
-when it last fired would be silent on every output it has had since (this window's and the
-silent windows' before) with a chance under :data:`ALPHA`; a unit never seen to fire is
-dead when silent, as the definition says. A silent unit with too few outputs for its rate
-is neither dead nor dormant there (``inconclusive`` in the site row). The rate is a moving
-one, of the outputs seen over the last :data:`HALF_LIFE` or so (each window's weight halves
-with every ``HALF_LIFE`` outputs after it), so that it follows a code growing sparser (a
-sparse autoencoder's latents, from 5% to 1%) and rests on enough outputs for an online
-learner's one-sample windows; it is frozen where the unit falls silent, so that a long
-silence is judged against the rate the unit had alive. A layer that dies is dead at its
-first silent window (a rate of 30% on 32 outputs: 1e-5); a unit that fired at 50% is dead
-after 7 silent outputs.
+its own evidence: in a sampled window, a silent unit is dead where the chance that a live
+unit with its past would be silent on every output it has had since it last fired (this
+window's and the silent windows' before) is under :data:`ALPHA`. The chance is the
+beta-binomial one: its firing rate uncertain, Beta(1 + active, 1 + silent) over the
+outputs it had up to the last window it fired in, so that a rate read on a few outputs
+weighs little (one output, fired: two thirds, not a certainty; a review's batch-1 layer
+read 30 of 64 dead where none was), and a unit never seen to fire is dead after 100 silent
+outputs. The past is a moving one (each window's weight halves with every
+:data:`HALF_LIFE` outputs after it), so that it follows a code growing sparser, and it is
+frozen when the unit falls silent, so that a long silence is judged against the unit
+alive. A layer that dies at a rate of 30% on 256 outputs is dead at its first silent
+window of 32 outputs.
 
-The state is four numbers per unit (the moving sums of its outputs and active outputs, its
-rate when it last fired, its outputs since), made from every logged window (one vectorised
-update where the sites are those of the last log), kept in checkpoints, forgotten for a
-site made anew (another module under its name) and for every site where a remedy changed
-the model (a recycled unit's past says nothing of it).
+Outputs of one sample are counted as independent (a convolution's pixels, a sequence's
+tokens), though they move together: at batch 1 a channel silent on one image reads dead (a
+review: 2-6 of 32 where none was). Sampled runs at batch 1 should collect every step.
+
+The state is five numbers per unit (the moving sums of its outputs and active outputs, the
+two as they were when it last fired, its outputs since), made from every logged window
+(one vectorised update where the sites are those of the last log), kept in checkpoints and
+forgotten for a site made anew (another module under its name); a remedy's change keeps it
+(forgetting every unit at each change made a recycler recycle at every log: a review).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = ["ALPHA", "HALF_LIFE", "Silence"]
 
@@ -44,19 +50,19 @@ __all__ = ["ALPHA", "HALF_LIFE", "Silence"]
 ALPHA = 0.01
 #: The outputs after which a window's weight in a unit's moving rate has halved.
 HALF_LIFE = 1024.0
-_FIELDS = ("ema_elements", "ema_active", "rate", "silent")
+_FIELDS = ("ema_elements", "ema_active", "fired_elements", "fired_active", "silent")
 
 
 class Silence:
-    """Per site and unit: the moving sums of its outputs and active outputs, its rate when
-    it last fired (NaN: never seen to fire) and the outputs it has had since, all silent.
-    Kept flat (``state``, one row per field of :data:`_FIELDS`), in the order of the sites of
-    the last update (``layout``), so that a log of the same sites reads and updates it in a
-    few array operations.
+    """Per site and unit: the moving sums of its outputs and active outputs, those sums as
+    they were when it last fired, and the outputs it has had since, all silent. Kept flat
+    (``state``, one row per field of :data:`_FIELDS`), in the order of the sites of the last
+    update (``layout``), so that a log of the same sites reads and updates it in a few array
+    operations.
 
     Example:
         >>> s = Silence()
-        >>> s.update([("a", 2)], np.array([10.0, 10.0]), np.array([3.0, 0.0]))
+        >>> s.update([("a", 2)], np.array([100.0, 100.0]), np.array([30.0, 0.0]))
         >>> s.inconclusive([("a", 2)], np.array([32.0, 32.0]), np.array([0.0, 0.0])).tolist()
         [False, False]
         >>> s.inconclusive([("a", 2)], np.array([2.0, 2.0]), np.array([0.0, 0.0])).tolist()
@@ -65,20 +71,14 @@ class Silence:
 
     def __init__(self) -> None:
         self.layout: tuple[tuple[str, int], ...] = ()
-        self.state: np.ndarray = self._empty(0)
-
-    @staticmethod
-    def _empty(n: int) -> np.ndarray:
-        out = np.zeros((len(_FIELDS), n))
-        out[2] = np.nan  # (no rate: never seen to fire)
-        return out
+        self.state: np.ndarray = np.zeros((len(_FIELDS), 0))
 
     def _aligned(self, sites: Sequence[tuple[str, int]]) -> np.ndarray:
         """The state laid out as ``sites`` (a unit not known: no past)."""
         sites = tuple(sites)
         if sites == self.layout:
             return self.state
-        out = self._empty(sum(n for _, n in sites))
+        out = np.zeros((len(_FIELDS), sum(n for _, n in sites)))
         known, at = {}, 0
         for name, n in self.layout:
             known[name] = (at, n)
@@ -95,13 +95,15 @@ class Silence:
                      active: np.ndarray) -> np.ndarray:
         """Of the units of ``sites`` ((name, units), their columns in order), those silent in
         a sampled window (``elements`` seen, ``active`` of them, per unit) that cannot be
-        called dead: a live unit at its rate when it last fired would be silent on its
-        outputs since with a chance of :data:`ALPHA` or more."""
+        called dead: a live unit with its past would be silent on its outputs since it last
+        fired with a chance of :data:`ALPHA` or more (beta-binomial: see the module)."""
         state = self._aligned(sites)
-        rate, since = state[2], state[3] + elements
-        with np.errstate(invalid="ignore", divide="ignore"):
-            chance = np.exp(since * np.log1p(-np.minimum(rate, 1.0)))
-        out: np.ndarray = (elements > 0) & (active == 0) & ~np.isnan(rate) & (chance >= ALPHA)
+        a = torch.from_numpy(1.0 + state[3])  # Beta(1 + active, 1 + silent) at its last firing
+        b = torch.from_numpy(1.0 + np.maximum(state[2] - state[3], 0.0))
+        m = torch.from_numpy(state[4] + elements)
+        log_chance = (torch.lgamma(b + m) - torch.lgamma(b)
+                      + torch.lgamma(a + b) - torch.lgamma(a + b + m)).numpy()
+        out: np.ndarray = (elements > 0) & (active == 0) & (log_chance >= math.log(ALPHA))
         return out
 
     def update(self, sites: Sequence[tuple[str, int]], elements: np.ndarray,
@@ -113,9 +115,9 @@ class Silence:
         new[0] = old[0] * keep + elements
         new[1] = old[1] * keep + active
         fired = active > 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            new[2] = np.where(fired, new[1] / new[0], old[2])
-        new[3] = np.where(fired, 0.0, old[3] + elements)
+        new[2] = np.where(fired, new[0], old[2])
+        new[3] = np.where(fired, new[1], old[3])
+        new[4] = np.where(fired, 0.0, old[4] + elements)
         self.state, self.layout = new, tuple(sites)
 
     def forget(self, site: str) -> None:
@@ -123,20 +125,20 @@ class Silence:
         at = 0
         for name, n in self.layout:
             if name == site:
-                self.state[:, at:at + n] = self._empty(n)
+                self.state[:, at:at + n] = 0.0
             at += n
 
     def clear(self) -> None:
-        """Forget every unit's past (the model changed)."""
-        self.layout, self.state = (), self._empty(0)
+        """Forget every unit's past."""
+        self.layout, self.state = (), np.zeros((len(_FIELDS), 0))
 
     def state_dict(self) -> dict[str, Any]:
         return {"layout": [list(x) for x in self.layout],
                 **{f: self.state[i].tolist() for i, f in enumerate(_FIELDS)}}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
-        """Restore :meth:`state_dict` (None or empty: a checkpoint from before it was kept:
-        the units' pasts are learned again from the next log)."""
+        """Restore :meth:`state_dict` (None, empty, or of another form: a checkpoint from
+        before it was kept, and the units' pasts are learned again from the next log)."""
         self.clear()
         if not state:
             return
@@ -144,4 +146,4 @@ class Silence:
         rows = [np.asarray(state.get(f, []), dtype=np.float64) for f in _FIELDS]
         total = sum(n for _, n in layout)
         if all(len(r) == total for r in rows):
-            self.layout, self.state = layout, np.stack(rows) if rows else self._empty(0)
+            self.layout, self.state = layout, np.stack(rows)

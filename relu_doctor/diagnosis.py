@@ -285,9 +285,9 @@ def _sampled(row: Mapping[str, Any], *, lifetime: tuple[int, int] | None = None,
     if what == "dead":  # (judged unit by unit on its own rate: see relu_doctor._silence)
         unsure = int(row.get("inconclusive") or 0)
         return (f"; statistics from {got} of the window's {ran} steps: a silent unit is dead "
-                f"where a live one, at its rate when it last fired, is so long silent "
-                f"with a chance under {ALPHA:.0%}" + (f" ({unsure} more were silent too "
-                                                      "briefly to tell)" if unsure else ""))
+                f"where a live one with its past would be so long silent with a chance under "
+                f"{ALPHA:.0%}" + (f" ({unsure} more were silent too briefly to tell)"
+                                  if unsure else ""))
     return (f"; statistics from {got} of the window's {ran} steps, and a unit is more likely "
             f"to look {what} on fewer batches")
 

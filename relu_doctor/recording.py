@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
     import torch.nn as nn
 
-    from relu_doctor._silence import Silence
     from relu_doctor.diagnosis import DiagnosisConfig
     from relu_doctor.doctor import Doctor
     from relu_doctor.probes import Probe
@@ -137,7 +136,6 @@ class RunRecording:
         ended_by: str | None
         resume_advice: str
         _declined: dict[str, set[str]]
-        _silence: Silence
         _unwritten: list[list[int]]
         _events_unwritten: list[dict[str, Any]]
         _closed: bool
@@ -389,10 +387,8 @@ class RunRecording:
         self._events.append(ev)
         if ev.get("type") == "declined":  # (the next diagnoses advise it there no more)
             self._declined.setdefault(str(ev.get("site")), set()).add(str(ev.get("remedy")))
-        if ev.get("type") == "intervention":
-            self._silence.clear()  # (what the units did before says nothing of after)
-            if self.is_writer:
-                self._announce(ev)
+        if ev.get("type") == "intervention" and self.is_writer:
+            self._announce(ev)
         if self._writer is not None:
             try:
                 self._append_events(self._writer, [ev])

@@ -430,7 +430,7 @@ def test_a_dead_finding_says_how_many_steps_it_rests_on(run_watched, every):
     dead = findings_by(record)[("dead", "1")]
     # a sampled window's silent units are judged each on its own rate (relu_doctor._silence)
     sampled = ("statistics from 2 of the window's 4 steps: a silent unit is dead where a live "
-               "one, at its rate when it last fired, is so long silent with a chance under 1%")
+               "one with its past would be so long silent with a chance under 1%")
     assert (sampled in dead.message) == (every == 2), dead.message
     assert (dead.evidence["steps_collected"], dead.evidence["steps_run"]) == (4 // every, 4)
     # "never active since monitoring began" rests on the steps collected since then (both

@@ -1643,15 +1643,16 @@ def _rare_units(seed: int = 0) -> nn.Sequential:
     return net
 
 
-def test_a_sampled_windows_silent_units_are_dead_where_their_rate_makes_it_unlikely() -> None:
+def test_a_sampled_windows_silent_units_are_dead_where_their_past_makes_it_unlikely() -> None:
     """Silent on the few steps a sampled window collects, units read dead that every step
     collected would not (an online learner at batch 1 read 20 of 32 dead where none was: a
     trial). Pooling the windows before undercounted a dying run instead. Each silent unit of
-    a sampled window is dead where a live unit at its moving rate when it last fired would
-    be silent on its outputs since with a chance under 1%; never seen to fire, it is dead;
-    otherwise it is inconclusive, neither dead nor below tau. Checked against a reference
-    made here from a hook of the test's own at the steps the Doctor collected; a remedy's
-    change forgets every unit's past."""
+    a sampled window is dead where a live unit with its past (Beta(1 + active, 1 + silent)
+    over its moving outputs when it last fired) would be silent on its outputs since with a
+    chance under 1%; else it is inconclusive, neither dead nor below tau. Checked against a
+    reference made here, with math.lgamma, from a hook of the test's own at the steps the
+    Doctor collected; a remedy's change keeps the pasts (forgetting them made a recycler
+    recycle at every log: a review)."""
     from relu_doctor._silence import ALPHA, HALF_LIFE
     from relu_doctor.events import Intervention
 
@@ -1673,40 +1674,40 @@ def test_a_sampled_windows_silent_units_are_dead_where_their_rate_makes_it_unlik
             doc.step()
     handle.remove()
 
-    def fresh() -> tuple[torch.Tensor, ...]:  # the reference's past: moving sums, rate, since
-        return (torch.zeros(64, dtype=torch.float64), torch.zeros(64, dtype=torch.float64),
-                torch.full((64,), float("nan"), dtype=torch.float64),
-                torch.zeros(64, dtype=torch.float64))
+    def silent_chance(fired_n: float, fired_a: float, m: float) -> float:  # beta-binomial
+        a, b = 1.0 + fired_a, 1.0 + max(fired_n - fired_a, 0.0)
+        return math.exp(math.lgamma(b + m) - math.lgamma(b) + math.lgamma(a + b)
+                        - math.lgamma(a + b + m))
 
-    ema_n, ema_a, rate, since = fresh()
+    ema_n, ema_a, fired_n, fired_a, since = ([0.0] * 64 for _ in range(5))
     rows = [next(r for r in rec.site_rows if r["site"] == "1") for rec in doc.records]
-    some_unsure = some_dead_by_rate = False
+    kinds: set[str] = set()
     for w, row in enumerate(rows):
-        act = sum(a for x, a, _, _ in seen if x == w)
+        act = sum(a for x, a, _, _ in seen if x == w).tolist()
         n = float(sum(k for x, _, _, k in seen if x == w))
         abs_sum = sum(s for x, _, s, _ in seen if x == w)
-        silent = act == 0
-        chance = torch.exp((since + n) * torch.log1p(-rate.clamp(max=1.0)))
-        unsure = silent & ~rate.isnan() & (chance >= ALPHA)
-        dead = silent & ~unsure
-        some_unsure |= bool(unsure.any())
-        some_dead_by_rate |= bool((dead & ~rate.isnan()).any())
-        score = (abs_sum / n) / (abs_sum / n).mean()
-        below = (score <= doc.config.tau) & ~unsure
+        unsure = [act[u] == 0 and silent_chance(fired_n[u], fired_a[u], since[u] + n) >= ALPHA
+                  for u in range(64)]
+        dead = [act[u] == 0 and not unsure[u] for u in range(64)]
+        kinds |= {"inconclusive"} if any(unsure) else set()
+        kinds |= {"dead after firing"} if any(d and fired_a[u] > 0 for u, d in enumerate(dead)) else set()
+        kinds |= {"never fired"} if any(d and fired_a[u] == 0 for u, d in enumerate(dead)) else set()
+        score = ((abs_sum / n) / (abs_sum / n).mean()).tolist()
+        below = [score[u] <= doc.config.tau and not unsure[u] for u in range(64)]
         assert (row["steps_collected"], row["steps_run"]) == (5, 50)
         assert (row["dead"], row["inconclusive"], row["below_tau"]) == (
-            int(dead.sum()), int(unsure.sum()), int(below.sum())), (w, row)
-        assert row["dormant"] == int((below & ~dead).sum())
-        if w == 2:  # (the change at step 150 comes after this window's log)
-            ema_n, ema_a, rate, since = fresh()
-            continue
+            sum(dead), sum(unsure), sum(below)), (w, row)
+        assert row["dormant"] == sum(b and not d for b, d in zip(below, dead, strict=True))
         keep = 0.5 ** (n / HALF_LIFE)
-        ema_n, ema_a = ema_n * keep + n, ema_a * keep + act
-        rate = torch.where(act > 0, ema_a / ema_n, rate)
-        since = torch.where(act > 0, 0.0, since + n)
-    assert some_unsure and some_dead_by_rate  # (both sides of the rule are checked)
+        for u in range(64):
+            ema_n[u], ema_a[u] = ema_n[u] * keep + n, ema_a[u] * keep + act[u]
+            if act[u] > 0:
+                fired_n[u], fired_a[u], since[u] = ema_n[u], ema_a[u], 0.0
+            else:
+                since[u] += n
+    assert kinds == {"inconclusive", "dead after firing", "never fired"}, kinds
     dead_finding = next(f for f in doc.records[1].findings if f.kind == "dead")
-    assert "a silent unit is dead where a live one, at its rate when it last fired" in dead_finding.message
+    assert "a silent unit is dead where a live one with its past would be" in dead_finding.message
 
 
 def test_units_that_die_in_a_sampled_run_read_dead_at_their_first_silent_window() -> None:
@@ -1786,7 +1787,7 @@ def test_each_units_rate_is_kept_in_checkpoints_and_forgotten_for_a_site_made_an
         run(doc, 100)
         state = doc.state_dict()
         kept = doc._silence.state.copy()
-        assert not np.isnan(kept[2]).all()  # (rates known)
+        assert kept[3].any()  # (pasts known)
         run(doc, 100)
         doc.load_state_dict(state)  # (rolled back, as a loop resuming in place does)
         assert np.array_equal(doc._silence.state, kept, equal_nan=True)
@@ -1795,4 +1796,4 @@ def test_each_units_rate_is_kept_in_checkpoints_and_forgotten_for_a_site_made_an
         assert fresh._silence.layout == (("1", 64),)
         assert np.array_equal(fresh._silence.state, kept, equal_nan=True)
         fresh._renewed("1")
-        assert np.isnan(fresh._silence.state[2]).all() and not fresh._silence.state[3].any()
+        assert not fresh._silence.state.any()
