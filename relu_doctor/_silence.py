@@ -16,8 +16,10 @@ window's and the silent windows' before) is under :data:`ALPHA`. The chance is t
 beta-binomial one: its firing rate uncertain, Beta(1 + active, 1 + silent) over the
 outputs it had up to the last window it fired in, so that a rate read on a few outputs
 weighs little (one output, fired: two thirds, not a certainty; a review's batch-1 layer
-read 30 of 64 dead where none was), and a unit never seen to fire is dead after 100 silent
-outputs. The past is a moving one (each window's weight halves with every
+read 30 of 64 dead where none was). A unit never seen to fire has no rate of its own: its
+layer's mean rate in the window stands for it (a layer silent on the window whole: dead),
+so that a unit dead from its initialisation beside live ones is dead at once. The past is
+a moving one (each window's weight halves with every
 :data:`HALF_LIFE` outputs after it), so that it follows a code growing sparser, and it is
 frozen when the unit falls silent, so that a long silence is judged against the unit
 alive. A layer that dies at a rate of 30% on 256 outputs is dead at its first silent
@@ -103,6 +105,18 @@ class Silence:
         m = torch.from_numpy(state[4] + elements)
         log_chance = (torch.lgamma(b + m) - torch.lgamma(b)
                       + torch.lgamma(a + b) - torch.lgamma(a + b + m)).numpy()
+        # A unit never seen to fire has no rate of its own: its layer's in this window is
+        # taken (silent at that rate so long, or its whole layer silent: dead)
+        sizes = np.asarray([n for _, n in sites])
+        starts = (np.cumsum(sizes) - sizes)[sizes > 0]
+        site_rate = np.zeros(len(sizes))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            site_rate[sizes > 0] = (np.add.reduceat(active, starts)
+                                    / np.add.reduceat(elements, starts))
+        rate = np.nan_to_num(np.repeat(site_rate, sizes))
+        with np.errstate(divide="ignore"):
+            never = np.where(rate > 0, m.numpy() * np.log1p(-np.minimum(rate, 1.0)), -np.inf)
+        log_chance = np.where(state[3] > 0, log_chance, never)
         out: np.ndarray = (elements > 0) & (active == 0) & (log_chance >= math.log(ALPHA))
         return out
 

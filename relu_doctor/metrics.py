@@ -154,6 +154,7 @@ def site_metrics(window: torch.Tensor, units: dict[str, torch.Tensor]) -> dict[s
         "elements": n,
         "dead": int(units["dead"].sum()),
         "dead_fraction": float(units["dead"].sum()) / seen if seen else nan,
+        "inconclusive": 0,  # (one site's window read alone: judged by the definition)
         "lifetime_dead": int(life_dead.sum()),
         "lifetime_dead_fraction": float(life_dead.sum()) / n_units if n_units else nan,
         "dormant": int(units["dormant"].sum()),
