@@ -105,6 +105,7 @@ SITE_METRICS: tuple[str, ...] = (
     "elements",
     "dead",
     "dead_fraction",
+    "inconclusive",
     "lifetime_dead",
     "lifetime_dead_fraction",
     "dormant",
