@@ -99,12 +99,20 @@ class Silence:
         a sampled window (``elements`` seen, ``active`` of them, per unit) that cannot be
         called dead: a live unit with its past would be silent on its outputs since it last
         fired with a chance of :data:`ALPHA` or more (beta-binomial: see the module)."""
-        state = self._aligned(sites)
-        a = torch.from_numpy(1.0 + state[3])  # Beta(1 + active, 1 + silent) at its last firing
-        b = torch.from_numpy(1.0 + np.maximum(state[2] - state[3], 0.0))
-        m = torch.from_numpy(state[4] + elements)
-        log_chance = (torch.lgamma(b + m) - torch.lgamma(b)
-                      + torch.lgamma(a + b) - torch.lgamma(a + b + m)).numpy()
+        out: np.ndarray = np.zeros(len(elements), dtype=bool)
+        idx = np.flatnonzero((elements > 0) & (active == 0))  # the silent ones (a log's few)
+        if not idx.size:
+            return out
+        state = self._aligned(sites)[:, idx]
+        m = state[4] + elements[idx]
+        log_chance = np.empty(len(idx))
+        seen = state[3] > 0  # fired before: Beta(1 + active, 1 + silent) at its last firing
+        if seen.any():
+            a = torch.from_numpy(1.0 + state[3][seen])
+            b = torch.from_numpy(1.0 + np.maximum(state[2][seen] - state[3][seen], 0.0))
+            mt = torch.from_numpy(m[seen])
+            log_chance[seen] = (torch.lgamma(b + mt) - torch.lgamma(b)
+                                + torch.lgamma(a + b) - torch.lgamma(a + b + mt)).numpy()
         # A unit never seen to fire has no rate of its own: its layer's in this window is
         # taken (silent at that rate so long, or its whole layer silent: dead)
         sizes = np.asarray([n for _, n in sites])
@@ -113,26 +121,29 @@ class Silence:
         with np.errstate(invalid="ignore", divide="ignore"):
             site_rate[sizes > 0] = (np.add.reduceat(active, starts)
                                     / np.add.reduceat(elements, starts))
-        rate = np.nan_to_num(np.repeat(site_rate, sizes))
+        rate = np.nan_to_num(np.repeat(site_rate, sizes)[idx])
         with np.errstate(divide="ignore"):
-            never = np.where(rate > 0, m.numpy() * np.log1p(-np.minimum(rate, 1.0)), -np.inf)
-        log_chance = np.where(state[3] > 0, log_chance, never)
-        out: np.ndarray = (elements > 0) & (active == 0) & (log_chance >= math.log(ALPHA))
+            never = np.where(rate > 0, m * np.log1p(-np.minimum(rate, 1.0)), -np.inf)
+        log_chance = np.where(seen, log_chance, never)
+        out[idx] = log_chance >= math.log(ALPHA)
         return out
 
     def update(self, sites: Sequence[tuple[str, int]], elements: np.ndarray,
                active: np.ndarray) -> None:
-        """Take a logged window's elements and active elements per unit of ``sites``."""
-        old = self._aligned(sites)
-        keep = np.power(0.5, elements / HALF_LIFE)  # (the window's outputs age the past)
-        new = np.empty_like(old)
-        new[0] = old[0] * keep + elements
-        new[1] = old[1] * keep + active
+        """Take a logged window's elements and active elements per unit of ``sites`` (in
+        place where the sites are the last update's: a few array operations a log)."""
+        st = self._aligned(sites)
+        keep = np.exp2(elements * (-1.0 / HALF_LIFE))  # (the window's outputs age the past)
+        st[0] *= keep
+        st[0] += elements
+        st[1] *= keep
+        st[1] += active
         fired = active > 0
-        new[2] = np.where(fired, new[0], old[2])
-        new[3] = np.where(fired, new[1], old[3])
-        new[4] = np.where(fired, 0.0, old[4] + elements)
-        self.state, self.layout = new, tuple(sites)
+        np.copyto(st[2], st[0], where=fired)
+        np.copyto(st[3], st[1], where=fired)
+        st[4] += elements
+        st[4][fired] = 0.0
+        self.state, self.layout = st, tuple(sites)
 
     def forget(self, site: str) -> None:
         """Forget one site's units (made anew: another module under its name)."""
