@@ -353,7 +353,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._tracker = FindingTracker()
         self._grad_norm_history: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
         self._first_rms: dict[str, float] = {}  # each site's activation RMS at its first log
-        self._silence = Silence()  # each unit's last rate and silence since (see _silence)
+        self._silence = Silence()  # each unit's past, for sampled windows (see _silence)
         # ... and at its first log with most of its units alive: growth is measured from it
         self._growth_base: dict[str, float] = {}
         #: by site, the remedies that left it alone (declined events): not advised there
@@ -1197,7 +1197,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             # would
             "first_rms": dict(self._first_rms),
             "growth_base": dict(self._growth_base),
-            # each unit's rate and silence since, which a sampled window's dead are judged on
+            # each unit's past, which a sampled window's silent units are judged on
             "silence": self._silence.state_dict(),
             "announced": sorted([remedy, site] for remedy, site in self._announced),
             "tap": self.tap.state_dict() if self.tap is not None else None,
