@@ -937,7 +937,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         record.metrics = self._training.read(
             self._optimizers, self.tap.used_lrs if self.tap is not None else None
         )
-        record.nonfinite_metrics = dict(self._training.nonfinite)
+        record.window_loss = self._training.loss  # (an integration may set its own after)
         for name, value in self._training.nonfinite.items():
             if name not in self._warned_nonfinite:
                 self._warned_nonfinite.add(name)

@@ -16,31 +16,14 @@ from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import FindingEvent
 from relu_doctor.sites import SiteKey
 
-__all__ = ["TRAINING_LOSS", "WINDOW_COLUMNS", "IntervalRecord", "training_loss", "window_columns",
-           "windows_frame"]
+__all__ = ["TRAINING_LOSS", "WINDOW_COLUMNS", "IntervalRecord", "window_columns", "windows_frame"]
 
 #: The names a training loss goes by among a record's metrics, the first present taken: the
 #: ``loss`` of ``Doctor.step(loss=...)``, Keras' and the HF Trainer's; what Lightning users
-#: log (the report's training curve and a remedy's loss guard read the same one).
+#: log (the report reads it beside each intervention's verdict).
 TRAINING_LOSS = ("loss", "train_loss", "train/loss", "train_loss_step", "training_loss",
                  "train_loss_epoch")
 
-
-def training_loss(metrics: dict[str, float], nonfinite: dict[str, float] | None = None
-                  ) -> float | None:
-    """The window's training loss among ``metrics`` (or among the ``nonfinite`` means left
-    out of them: NaN or Inf), by :data:`TRAINING_LOSS`'s first name present; None where none
-    is.
-
-    Example:
-        >>> training_loss({"lr": 0.1, "train_loss": 0.5}), training_loss({}, {"loss": float("inf")})
-        (0.5, inf)
-    """
-    for name in TRAINING_LOSS:
-        for table in (metrics, nonfinite or {}):
-            if name in table:
-                return float(table[name])
-    return None
 
 #: The columns of a run's ``windows`` table (:func:`windows_frame`).
 WINDOW_COLUMNS = ("step", "steps_run", "steps_collected", "judged")
@@ -65,14 +48,12 @@ class IntervalRecord:
         metrics: training metrics of the interval by name (``loss``: the mean of the values
             passed to ``Doctor.step(loss=...)``; ``lr``: the learning rate at the logging
             step; whatever was given to ``Doctor.log_metrics``), for the run's ``metrics``
-            table; finite means only.
-        nonfinite_metrics: those whose window mean was NaN or infinite (left out of
-            ``metrics``, warned once): a loss gone non-finite, which a remedy's change is
-            judged on (:data:`~relu_doctor.remedies.judging.LOSS_HARM`).
-        window_loss: the mean loss of the window's training passes, where an integration
-            measures it apart from the metrics (the HF callback, from the model output's
+            table; finite values only (one NaN or infinite is left out, warned once).
+        window_loss: the window's mean training loss, NaN included: the mean of
+            ``Doctor.step(loss=...)``'s (or of a ``loss`` given to ``log_metrics``: Keras'),
+            or an integration's measure (the HF callback's, from the model output's
             ``loss``: the Trainer logs its own after the remedies judged); what a remedy's
-            change is judged on, before the metrics' loss.
+            change is judged on. None where the window has none.
         final: logged at or after training's last optimizer step (``Doctor.step(last=True)``,
             ``Doctor.log_final()``, a ``with`` block's exit): remedies judge earlier
             interventions on it and hold it, changing nothing; if training goes on they
@@ -108,7 +89,6 @@ class IntervalRecord:
     finding_events: list[FindingEvent] = field(default_factory=list)
     keys: dict[str, SiteKey] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
-    nonfinite_metrics: dict[str, float] = field(default_factory=dict)
     window_loss: float | None = None
     final: bool = False
     judged: bool = True

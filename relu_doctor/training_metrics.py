@@ -34,6 +34,7 @@ class TrainingMetrics:
         #: the metrics passed in whose window mean the latest :meth:`read` found not finite
         #: (left out of its result): ``{name: mean}``
         self.nonfinite: dict[str, float] = {}
+        self.loss: float | None = None
         #: whether the first rates read were one alone (named ``lr``): that name stays the
         #: first group's when groups are added later (a growing model's ``add_param_group``
         #: split its curve into ``lr`` and ``lr/0``)
@@ -114,7 +115,9 @@ class TrainingMetrics:
             )
             for (name, a), s in zip(acc.items(), sums.tolist(), strict=True):
                 out[name] = (s + a[1]) / a[2]
-        self.nonfinite = {k: v for k, v in out.items() if not math.isfinite(v)}
+        #: the window's mean loss, where the steps gave one (``Doctor.step(loss=...)``, or a
+        #: ``loss`` in ``log_metrics``: Keras'), NaN included; None otherwise
+        self.loss = out.get("loss")
         rates = []
         for i, o in enumerate(optimizers):
             now = [g["lr"] for g in o.param_groups]
@@ -133,6 +136,9 @@ class TrainingMetrics:
                     out.setdefault(str(name), float(value))
                 except (TypeError, ValueError, RuntimeError):
                     continue
+        # (a source's too: Lightning's train_loss gone NaN, which a remedy's change is judged
+        # on, was dropped unsaid: a smoke run's loss guard saw no loss)
+        self.nonfinite = {k: v for k, v in out.items() if not math.isfinite(v)}
         return {k: v for k, v in out.items() if math.isfinite(v)}
 
 

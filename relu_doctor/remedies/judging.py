@@ -16,7 +16,6 @@ from typing import Any
 
 from relu_doctor._validate import finite_or_none
 from relu_doctor.events import InterventionResult
-from relu_doctor.record import training_loss
 from relu_doctor.remedies.evidence import units_efficacy
 
 __all__ = ["HELPED", "LOSS_HARM", "MIN_GAIN", "NOT_HELPED", "TARGETS", "UNITS_QUIET", "UNKNOWN",
@@ -53,16 +52,14 @@ LOSS_HARM = 2.0
 
 
 def loss_of(record: Any) -> float | None:
-    """The record's window mean of the training loss (an integration's ``window_loss``, else
-    ``Doctor.step(loss=...)``'s or what the loop logged as one:
-    :data:`~relu_doctor.record.TRAINING_LOSS`), NaN and Inf included (a
-    loss gone non-finite, which the record keeps apart from its metrics, is what
-    :data:`LOSS_HARM` looks for), or None where none was given."""
-    measured = getattr(record, "window_loss", None)  # (an integration's: see IntervalRecord)
-    if measured is not None:
-        return float(measured)
-    return training_loss(getattr(record, "metrics", None) or {},
-                         getattr(record, "nonfinite_metrics", None))
+    """The record's window mean of the training loss (``window_loss``: the mean of
+    ``Doctor.step(loss=...)``'s, or an integration's measure), NaN and Inf included (a loss
+    gone non-finite is what :data:`LOSS_HARM` looks for), or None where the window has none.
+    A loop's logged metric read at the log step (Lightning's ``train_loss``) is one step's
+    value, too noisy for a 2x bar (a smoke run's read 1086 then 4878 with nothing changed):
+    not taken."""
+    value = getattr(record, "window_loss", None)
+    return None if value is None else float(value)
 
 
 def verdict(

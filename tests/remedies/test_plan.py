@@ -422,8 +422,8 @@ def test_a_change_after_which_the_loss_rose_did_not_help_whatever_its_target() -
     after = rec(10, [site_row("s", 0.1)])
 
     def judged(loss: float | None) -> tuple[str | None, float | None]:
-        r = p.result("leaky_relu_swap", dataclasses.replace(
-            after, metrics={} if loss is None else {"loss": loss}), {"dead_fraction": 0.1})
+        r = p.result("leaky_relu_swap", dataclasses.replace(after, window_loss=loss),
+                     {"dead_fraction": 0.1})
         assert r is not None
         return r.verdict, r.loss_rose
 
@@ -485,8 +485,8 @@ def test_after_surgery_that_jolted_the_loss_the_plan_makes_no_more_surgery() -> 
 def test_a_swap_after_which_the_loss_rose_is_undone(after: float, controller: str,
                                                     last: bool) -> None:
     """The loop's loss is 1.0 until the plan's swap, then ``after``: a loss gone NaN is a
-    rise too (the record keeps it apart from its finite metrics: the guard never saw it, a
-    review), the swap is undone, by a controller whose restore takes no step too; on a
+    rise too (the record's window_loss keeps it, where its metrics leave it out: the guard
+    never saw it, a review), the swap is undone, by a controller whose restore takes no step too; on a
     final record (training's last step) it is judged but left in place."""
     from relu_doctor.remedies import ActivationSwapper
 
@@ -531,3 +531,26 @@ def test_the_loss_a_change_is_made_at_is_kept_in_checkpoints() -> None:
     again = ActivationSwapper(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
     again.load_state_dict(sw.state_dict())
     assert again._loss_seen == 0.25
+
+
+def test_the_loss_a_change_is_judged_on_is_a_window_mean_only() -> None:
+    """A record's window_loss is the mean of the steps' losses (doc.step(loss=...), or a
+    loss given to log_metrics at each step, as Keras' callback does), NaN included; a value
+    a source reads at the log (Lightning's train_loss: one step's) is not taken: one step's
+    loss read 1086, then 4878, with nothing changed, and a 2x bar would call that harm."""
+    from relu_doctor.remedies.judging import loss_of
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, log_every_n_steps=2, overhead_budget=None) as doc:
+            doc.add_metric_source(lambda: {"train_loss": 5.0 if doc.global_step < 6 else float("nan")})
+            for i, how in enumerate(["step", "step", "metrics", "metrics", "none", "none"]):
+                net(torch.randn(4, 4)).sum().backward()
+                if how == "metrics":
+                    doc.log_metrics({"loss": float(i)})
+                doc.step(loss=float(i) if how == "step" else None)
+    assert [loss_of(r) for r in doc.records] == [0.5, 2.5, None]
+    assert [r.metrics.get("train_loss") for r in doc.records] == [5.0, 5.0, None]
+    said = [str(w.message) for w in caught if "'train_loss'" in str(w.message)]
+    assert len(said) == 1  # (a source's NaN is said, as a step's loss is)
