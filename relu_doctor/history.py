@@ -26,7 +26,7 @@ from relu_doctor.events import (
     InterventionResult,
     event_from_dict,
 )
-from relu_doctor.record import TRAINING_LOSS, WINDOW_COLUMNS, IntervalRecord
+from relu_doctor.record import WINDOW_COLUMNS, IntervalRecord
 
 if TYPE_CHECKING:  # importable from here at run time through __getattr__ (no import cycle)
     from relu_doctor.rundir import RunWriter, atomic_write_bytes, load_run, read_table
@@ -35,7 +35,6 @@ __all__ = [
     "FORMAT_VERSION",
     "READABLE_VERSIONS",
     "SEEN_FIELDS",
-    "TRAINING_LOSS",
     "WINDOW_COLUMNS",
     "Event",
     "FindingEvent",

@@ -16,13 +16,7 @@ from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import FindingEvent
 from relu_doctor.sites import SiteKey
 
-__all__ = ["TRAINING_LOSS", "WINDOW_COLUMNS", "IntervalRecord", "window_columns", "windows_frame"]
-
-#: The names a training loss goes by among a record's metrics, the first present taken: the
-#: ``loss`` of ``Doctor.step(loss=...)``, Keras' and the HF Trainer's; what Lightning users
-#: log (the report reads it beside each intervention's verdict).
-TRAINING_LOSS = ("loss", "train_loss", "train/loss", "train_loss_step", "training_loss",
-                 "train_loss_epoch")
+__all__ = ["WINDOW_COLUMNS", "IntervalRecord", "window_columns", "windows_frame"]
 
 
 #: The columns of a run's ``windows`` table (:func:`windows_frame`).

@@ -136,8 +136,7 @@ class TrainingMetrics:
                     out.setdefault(str(name), float(value))
                 except (TypeError, ValueError, RuntimeError):
                     continue
-        # (a source's too: Lightning's train_loss gone NaN, which a remedy's change is judged
-        # on, was dropped unsaid: a smoke run's loss guard saw no loss)
+        # (a source's too: Lightning's train_loss gone NaN was dropped unsaid)
         self.nonfinite = {k: v for k, v in out.items() if not math.isfinite(v)}
         return {k: v for k, v in out.items() if math.isfinite(v)}
 

@@ -24,7 +24,7 @@ PRIVATE = (
 )
 
 
-_KNOWN: dict[type, bool] = {}  # each module class's answer (a walk at every log: cheap)
+_KNOWN: dict[type, bool] = {}  # each module class's answer (a bind walks every module)
 
 
 def _wraps_privately(cls: type) -> bool:

@@ -10,6 +10,7 @@ where none was, there is nothing that share could show, and the change is not ju
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -179,5 +180,5 @@ class Pending:
         after = loss_of(record)
         if self.loss is None or after is None:
             return None
-        ratio = after / self.loss if after == after and abs(after) != float("inf") else float("inf")
+        ratio = after / self.loss if math.isfinite(after) else math.inf
         return ratio if ratio >= LOSS_HARM else None

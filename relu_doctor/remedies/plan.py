@@ -331,7 +331,7 @@ class TreatmentPlan(Remedy):
                 if where is None or res.verdict != NOT_HELPED:
                     continue
                 self.failed.add(where)
-                if res.loss_rose is not None and PLAN_REMEDIES[where[0]] != MODEL:
+                if res.loss_rose is not None:  # (surgery's alone: Remedy.guards_loss)
                     self._harmed(remedy, where, res.loss_rose, record)
                 if isinstance(remedy, AutoClip) and remedy.warmup_steps != _NEVER:
                     remedy.warmup_steps = _NEVER

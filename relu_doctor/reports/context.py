@@ -36,7 +36,7 @@ import pandas as pd
 
 from relu_doctor.advice import REMEDY_NAMES, can_swap
 from relu_doctor.diagnosis import fed_frozen, finding_order, severity_rank
-from relu_doctor.history import SEEN_FIELDS, TRAINING_LOSS, WINDOW_COLUMNS, Run, load_run
+from relu_doctor.history import SEEN_FIELDS, WINDOW_COLUMNS, Run, load_run
 from relu_doctor.reports.findings import (
     MODEL_WIDE,
     VOCABULARY,
@@ -500,6 +500,8 @@ def _learning_rates(interventions: Sequence[InterventionView], metrics: pd.DataF
 
 
 #: the names a training loss goes by, the likeliest first (see _losses)
+_TRAINING_LOSS = ("loss", "train_loss", "train/loss", "train_loss_step", "training_loss",
+                  "train_loss_epoch")
 
 
 def _losses(interventions: Sequence[InterventionView], metrics: pd.DataFrame) -> None:
@@ -513,7 +515,7 @@ def _losses(interventions: Sequence[InterventionView], metrics: pd.DataFrame) ->
     # "loss", a LightningModule's "train_loss" (on_step and on_epoch: "train_loss_step");
     # no guess among other names ending in "loss" (a VAE's "kl_loss", an "eval_loss")
     names = set(pd.unique(metrics["name"]))
-    name = next((n for n in TRAINING_LOSS if n in names), None)
+    name = next((n for n in _TRAINING_LOSS if n in names), None)
     if name is None:
         return
     loss = metrics[metrics["name"] == name]
