@@ -54,7 +54,7 @@ from relu_doctor.rundir import RESUME_ADVICE, RunWriter
 from relu_doctor.sampling import DEFAULT_BUDGET, Sampler, Stopwatch, check_rate, model_device
 from relu_doctor.sites import FrozenFeeds, Site, SiteKey
 from relu_doctor.stats import AgreedSum, group_size, reduce_sum
-from relu_doctor.training_metrics import TrainingMetrics
+from relu_doctor.training_metrics import TrainingMetrics, WindowLoss
 
 __all__ = ["Doctor", "IntervalRecord", "LogRecord", "watch"]
 
@@ -336,6 +336,10 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._tb: Any = None
         self._optimizers = opts
         self._training = TrainingMetrics()  # loss, learning rates, user metrics
+        #: an integration's own measure of the training loss between logs (add to it), the
+        #: records' ``window_loss`` in place of the mean of the steps' ``loss`` where it
+        #: took any (see :meth:`_window_loss`)
+        self.window_loss = WindowLoss()
         self._exited = False
         self._in_block = False  # inside a `with` block (see close)
         self.expects_steps = False  # watch() sets it: a block without step() then warns
@@ -820,6 +824,28 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._meta_dirty = True
         self._check_previous_sites()  # (a new site: is it the continued run's?)
 
+    def _window_loss(self) -> float | None:
+        """The window's mean training loss, which the remedies' loss guard reads: an
+        integration's measure (:attr:`window_loss`) where it took one, else the mean of
+        the steps' ``loss`` (``step(loss=...)``, ``log_metrics``), NaN kept; None where
+        there is neither, and for an evaluation stream. With several processes, the mean
+        over all of them (one small collective at every training log, on every process):
+        each process's own would let the remedies judge a change apart on each, and the
+        copies of the model part."""
+        if self._training_doctor is not None:
+            return None
+        total, count = self.window_loss.take()
+        if not count:
+            total, count = self._training.loss_sum()
+        if self.all_reduce is not None and not self._alone:
+            dev = model_device(self.model) or torch.device("cpu")
+            pair = torch.stack([
+                torch.as_tensor(total, dtype=torch.float32, device=dev).reshape(()),
+                torch.tensor(float(count), device=dev)])
+            total, summed = self.reduce_sum([pair])[0].tolist()
+            count = round(summed)
+        return float(total) / count if count else None
+
     def reduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``tensors`` summed across processes in one collective call (``all_reduce``); the
         same tensors where there is one process. The one cross-process sum of the library."""
@@ -926,6 +952,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             self._warn_log_failed(e)
             return None
         self.sampler.at_log(self.reduce_sum)  # after the read-back: the clock's events are done
+        window_loss = self._window_loss()  # (here: every process reaches it, as at_log)
         self._unfolded = keep and record is not None
         if not self._unfolded:
             self._reset_window_counts()
@@ -937,7 +964,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         record.metrics = self._training.read(
             self._optimizers, self.tap.used_lrs if self.tap is not None else None
         )
-        record.window_loss = self._training.loss  # (an integration may set its own after)
+        record.window_loss = window_loss
         for name, value in self._training.nonfinite.items():
             if name not in self._warned_nonfinite:
                 self._warned_nonfinite.add(name)

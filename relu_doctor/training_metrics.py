@@ -17,7 +17,7 @@ from relu_doctor._validate import is_number
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.history import IntervalRecord
 
-__all__ = ["TrainingMetrics", "metrics_columns", "metrics_frame"]
+__all__ = ["TrainingMetrics", "WindowLoss", "metrics_columns", "metrics_frame"]
 
 
 #: the key of :meth:`TrainingMetrics.state_dict` that holds how rates are named (no metric's)
@@ -34,7 +34,6 @@ class TrainingMetrics:
         #: the metrics passed in whose window mean the latest :meth:`read` found not finite
         #: (left out of its result): ``{name: mean}``
         self.nonfinite: dict[str, float] = {}
-        self.loss: float | None = None
         #: whether the first rates read were one alone (named ``lr``): that name stays the
         #: first group's when groups are added later (a growing model's ``add_param_group``
         #: split its curve into ``lr`` and ``lr/0``)
@@ -90,6 +89,15 @@ class TrainingMetrics:
             for name, s in state.items() if name != _RATE_NAMING
         }
 
+    def loss_sum(self) -> tuple[torch.Tensor | float, int]:
+        """The open window's sum of ``loss`` values (``Doctor.step(loss=...)``'s, or a
+        ``loss`` in :meth:`add`) and their count, read without closing the window: a device
+        sum stays on its device. ``(0.0, 0)`` where the window has none."""
+        acc = self._acc.get("loss")
+        if acc is None:
+            return 0.0, 0
+        return (acc[1] if acc[0] is None else acc[0] + acc[1]), acc[2]
+
     def add_source(self, fn: Callable[[], Mapping[str, Any]]) -> None:
         """Call ``fn()`` at each logging step for more metrics ``{name: value}``."""
         self._sources.append(fn)
@@ -115,9 +123,6 @@ class TrainingMetrics:
             )
             for (name, a), s in zip(acc.items(), sums.tolist(), strict=True):
                 out[name] = (s + a[1]) / a[2]
-        #: the window's mean loss, where the steps gave one (``Doctor.step(loss=...)``, or a
-        #: ``loss`` in ``log_metrics``: Keras'), NaN included; None otherwise
-        self.loss = out.get("loss")
         rates = []
         for i, o in enumerate(optimizers):
             now = [g["lr"] for g in o.param_groups]
@@ -139,6 +144,43 @@ class TrainingMetrics:
         # (a source's too: Lightning's train_loss gone NaN was dropped unsaid)
         self.nonfinite = {k: v for k, v in out.items() if not math.isfinite(v)}
         return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+class WindowLoss:
+    """An integration's own measure of a window's training loss, for the remedies' loss
+    guard (:attr:`~relu_doctor.history.IntervalRecord.window_loss`), where the loop gives
+    the Doctor no mean of its steps' losses: the HF Trainer logs its loss after our log,
+    Lightning's logged ``train_loss`` is one step's value, Keras reports a running mean
+    since the epoch began. Summed on the loss's device between logs (no host sync), taken
+    at the log; NaN kept (a diverged window is what the guard looks for)."""
+
+    def __init__(self) -> None:
+        self._total: torch.Tensor | float | None = None
+        self._count = 0
+
+    def clear(self) -> None:
+        self._total, self._count = None, 0
+
+    def add(self, value: torch.Tensor | float, count: int = 1) -> None:
+        """Add the sum ``value`` of ``count`` passes' losses (a one-element tensor or a
+        number)."""
+        total = self._total
+        if isinstance(value, torch.Tensor):
+            value = value.detach().reshape(()).float()
+            if isinstance(total, torch.Tensor):
+                value = total + value.to(total.device)
+            elif total is not None:
+                value = value + total
+        else:
+            value = float(value) + (0.0 if total is None else total)
+        self._total, self._count = value, self._count + count
+
+    def take(self) -> tuple[torch.Tensor | float, int]:
+        """``(sum, count)`` since the last call (``(0.0, 0)`` where nothing was added), the
+        next window started."""
+        total, count = self._total, self._count
+        self.clear()
+        return (0.0 if total is None else total), count
 
 
 def metrics_columns(record: IntervalRecord) -> dict[str, list[Any]]:

@@ -15,6 +15,7 @@ each unit's positive outputs, summed across processes by the test's own ``all_re
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -258,6 +259,32 @@ def _evaluating(rank: int) -> dict:
                      for r in doc.eval.records]}
 
 
+def _loss_of(rank: int, step: int) -> float:
+    """The loss process ``rank`` gives at ``step`` (NaN on process 1 at step 3 alone)."""
+    return math.nan if (rank, step) == (1, 3) else float(10 * rank + step)
+
+
+def _losses(rank: int) -> dict:
+    """Each process gives its own losses, through ``step(loss=...)`` in the first run and
+    through an integration's measure (``window_loss``) in the second: the window losses the
+    remedies' guard reads."""
+    out = {}
+    for name in ("step", "integration"):
+        model = Experts()
+        with relu_doctor.watch(model, log_every_n_steps=LOG_EVERY, every_n_steps=1,
+                               all_reduce=all_reduce, world_size=WORLD) as doc:
+            for step in range(1, STEPS + 1):
+                model(torch.randn(BATCH, 8), [0, 1]).pow(2).mean().backward()
+                loss = torch.tensor(_loss_of(rank, step))
+                if name == "step":
+                    doc.step(loss=loss)
+                else:
+                    doc.window_loss.add(loss)
+                    doc.step()
+        out[name] = [(r.step, r.window_loss) for r in doc.records]
+    return out
+
+
 def _unsummed(rank: int, run_dir: str) -> dict:
     """``watch`` without ``all_reduce=`` while the 2 processes run: what it says, and what
     binding a remedy does."""
@@ -310,6 +337,7 @@ def _worker(rank: int, store: str, out: str) -> None:
         results = {name: _run(rank, name) for name in SCENARIOS}
         results["raising"] = _raising(rank)
         results["evaluating"] = _evaluating(rank)
+        results["losses"] = _losses(rank)
         for remedy in ("recycler", "cbp", "plan"):
             results[remedy] = _recycling(rank, remedy)
         results["unsummed"] = _unsummed(rank, out)
@@ -412,6 +440,25 @@ def test_every_process_states_the_same_collected_steps_the_mean_of_theirs(runs):
         _check_window(first, first["summed"])  # process 0's 2 steps and process 1's 1
         assert first["steps_collected"] == (1, {1})  # (2 + 1) // 2
         assert second["steps_collected"] == (2, {2})
+
+
+@spawned
+def test_every_process_reads_the_window_loss_of_them_all(runs):
+    """The loss guard's window loss is the mean over every process's steps, NaN where one
+    process's is: each process's own would let the remedies judge a change apart on each,
+    and the copies of the model part."""
+    for name in ("step", "integration"):
+        expected = []
+        for end in range(LOG_EVERY, STEPS + 1, LOG_EVERY):
+            values = [_loss_of(r, s) for r in range(WORLD) for s in range(end - LOG_EVERY + 1,
+                                                                             end + 1)]
+            expected.append((end, sum(values) / len(values)))
+        assert any(math.isnan(v) for _, v in expected)
+        for rank in range(WORLD):
+            got = runs[rank]["losses"][name]
+            assert [s for s, _ in got] == [s for s, _ in expected]
+            for (_, g), (_, e) in zip(got, expected, strict=True):
+                assert (math.isnan(g) and math.isnan(e)) or g == pytest.approx(e, rel=1e-6)
 
 
 @spawned

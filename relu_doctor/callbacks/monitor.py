@@ -348,9 +348,12 @@ class ReluDoctor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if self.doctor is None or self._aside:
+            return
+        self._take_loss(trainer, pl_module, outputs)
         # One step per optimizer step: with gradient accumulation the global step moves once
         # every k batches. Python ints only: no host synchronisation between logging steps.
-        if self.doctor is None or self._aside or trainer.global_step == self._last_global_step:
+        if trainer.global_step == self._last_global_step:
             return
         self._last_global_step = trainer.global_step
         missing = self.doctor.missing_activations()
@@ -365,6 +368,21 @@ class ReluDoctor(Callback):
             return
         # logs through the listeners when an interval closes
         self.doctor.step(last=_fit_ends_here(trainer, batch_idx))
+
+    def _take_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                   outputs: Any) -> None:
+        """Add the batch's loss to the window's (:attr:`Doctor.window_loss`, which the
+        remedies' loss guard reads): what ``training_step`` returned (a device tensor, not
+        read here), times the accumulation Lightning divided it by. What it logs
+        (``train_loss``) reaches the record as one step's value, too noisy for the guard's
+        2x bar."""
+        try:
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1 and self.doctor is not None:
+                k = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+                self.doctor.window_loss.add(loss * k if k != 1 else loss)
+        except Exception:  # (an odd output: no loss taken, the guard off for it)
+            return
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         doc = self.doctor

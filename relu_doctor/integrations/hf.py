@@ -261,10 +261,9 @@ class ReluDoctorCallback(TrainerCallback):
         self._said_idle_clip = False  # the plan's clip step left idle beside max_grad_norm
         self._output_dir = "."
         self._stopped = False
-        # the window's sum and count of its training passes' losses (the model output's
-        # ``loss``), each record's window_loss: the Trainer logs its own only after our
-        # log, once the remedies judged without it (a review: their loss guard never ran)
-        self._losses: list[Any] = [None, 0]
+        # takes the training passes' losses (the model output's ``loss``) for each record's
+        # window_loss: the Trainer logs its own only after our log, once the remedies
+        # judged without it (a review: their loss guard never ran)
         self._loss_hook: Any = None
 
     def _take_loss(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -272,10 +271,8 @@ class ReluDoctorCallback(TrainerCallback):
             loss = output.get("loss") if isinstance(output, Mapping) else getattr(
                 output, "loss", None)
             if (isinstance(loss, torch.Tensor) and loss.numel() == 1 and module.training
-                    and torch.is_grad_enabled()):
-                total, n = self._losses
-                v = loss.detach().reshape(()).float()
-                self._losses = [v if total is None else total + v, n + 1]
+                    and torch.is_grad_enabled() and self.doctor is not None):
+                self.doctor.window_loss.add(loss)
         except Exception:  # (never into the user's forward: no loss taken)
             return
 
@@ -358,7 +355,6 @@ class ReluDoctorCallback(TrainerCallback):
             f"saved with this callback, or {new}")
         doc.add_listener(self._on_record)
         self.doctor = doc
-        self._losses = [None, 0]
         self._loss_hook = model.register_forward_hook(self._take_loss)
         self._bind_remedies(model, opt, lr_scheduler, doc, saved, _clips_at(args))
         self._warner = FindingWarner(self.warn if is_zero else None,
@@ -556,7 +552,6 @@ class ReluDoctorCallback(TrainerCallback):
         if self._loss_hook is not None:
             self._loss_hook.remove()
             self._loss_hook = None
-        self._losses = [None, 0]
         if self._clip is not None:
             self._clip.detach()
             self._clip = None
@@ -567,9 +562,6 @@ class ReluDoctorCallback(TrainerCallback):
             self.doctor.detach()
 
     def _on_record(self, record: IntervalRecord) -> None:
-        (total, n), self._losses = self._losses, [None, 0]
-        if n:  # (a listener before the remedies': they judge on it; one read, at the log)
-            record.window_loss = float(total) / n
         self._last = record
         self._warner(record)
         scalars = record_scalars(record, self.metrics)

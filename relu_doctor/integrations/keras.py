@@ -231,6 +231,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._in_batch = False  # between this callback's train batch begin and end
         self._inference_in_batch = 0  # passes with gradients in a train batch, training=False
         self._training_passes = 0  # passes taken as training ones, collecting or not
+        # (epoch, batch, Keras' running mean of the loss) at the last batch: see _take_loss
+        self._loss_mark: tuple[int, int, float] | None = None
 
     # ------------------------------------------------------------------ fit lifecycle
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -338,6 +340,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             raise
         self._accumulate = int(getattr(updating(opt), "gradient_accumulation_steps", None) or 1)
         self._batches = 0
+        self._loss_mark = None
         # Its learning rate, read for logging steps only; a MultiOptimizer has none (its
         # sub-optimizers each have theirs): no rate recorded, training untouched.
         self._opt = opt if opt is not None and not several(opt) else None
@@ -494,6 +497,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._batches += 1
         if logs:  # the training curve: what Keras reports for the batch (loss, metrics)
             self.doctor.log_metrics({k: v for k, v in logs.items() if _is_number(v)})
+            self._take_loss(batch, logs.get("loss"))
         if self._batches % self._accumulate == 0:  # one step per optimizer step
             if self._inference_in_batch and not self._training_passes:
                 warnings.warn(
@@ -512,6 +516,23 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             plan = self.plan
             if plan is not None and plan.should_stop:
                 self.model.stop_training = True  # the plan's stop event holds the evidence
+
+    def _take_loss(self, batch: int, mean: Any) -> None:
+        """Add the batches since the last call to the window's loss (the remedies' loss
+        guard reads its mean: :attr:`Doctor.window_loss`). Keras reports the
+        loss's running mean since the epoch began (``mean`` after ``batch + 1`` batches),
+        which would dilute a late jolt in a window mean (a 10x jump at batch 28 of 40 read
+        1.86x): the batches' own sum is the difference of two running totals. Batches are
+        weighted alike (Keras weights them by size: an epoch's last, smaller batch reads
+        nearer the mean before it)."""
+        if not _is_number(mean) or self.doctor is None:
+            return
+        mean = float(mean)
+        mark, self._loss_mark = self._loss_mark, (self._epoch, batch, mean)
+        if mark is not None and mark[0] == self._epoch and batch > mark[1]:
+            self.doctor.window_loss.add(mean * (batch + 1) - mark[2] * (mark[1] + 1), batch - mark[1])
+        else:  # the epoch's first call: its batches are those of the running mean
+            self.doctor.window_loss.add(mean * (batch + 1), batch + 1)
 
     def _warn_scalar_site(self, site: KerasSite) -> None:
         if site.path in self._said_scalar:

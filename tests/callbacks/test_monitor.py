@@ -1188,3 +1188,39 @@ def test_the_fits_last_partial_window_has_its_update_ratio(tmp_path, stop):
         assert set(got.index) == set(LAYERS) == set(want)
         for layer in LAYERS:
             assert math.isclose(got[layer], want[layer], rel_tol=1e-5), (rec.step, layer)
+
+
+class _LossTaking(TinyNet):
+    """TinyNet recording each training batch's loss as ``training_step`` returns it (as a
+    dict, with another output beside it)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.taken: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.taken.append(loss.item())
+        self.log("train_loss", loss)
+        return {"loss": loss, "other": loss * 0}
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_each_record_holds_the_windows_mean_training_step_loss(tmp_path, accumulate):
+    """The remedies' loss guard reads ``window_loss``, the mean of ``training_step``'s loss
+    over the window's batches (Lightning divides what it hands back by the accumulation:
+    multiplied back); what the module logs reaches the record as one step's value, too
+    noisy for the guard (a smoke run's read 1086, then 4878), and is not it. Checked
+    against the losses the module computed."""
+    torch.manual_seed(0)
+    model = _LossTaking()
+    cb = ReluDoctor(log_every_n_steps=2, every_n_steps=1)
+    trainer(tmp_path, [cb], max_steps=6, accumulate_grad_batches=accumulate).fit(
+        model, loader())
+    per = 2 * accumulate  # batches in a window
+    records = cb.doctor.records
+    assert [r.step for r in records] == [2, 4, 6]
+    for i, r in enumerate(records):
+        want = sum(model.taken[i * per:(i + 1) * per]) / per
+        assert r.window_loss == pytest.approx(want, rel=1e-6)
+        assert r.window_loss != pytest.approx(r.metrics["train_loss"], rel=1e-3)

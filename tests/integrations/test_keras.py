@@ -1493,3 +1493,41 @@ def test_beside_clipnorm_the_plans_clip_step_stays_idle_and_says_so_once(tmp_pat
     assert "_clip_gradients" not in vars(model.optimizer)  # (the plan's clipper would patch it)
     assert not any(e["remedy"] == "adaptive_grad_clip"
                    for e in relu_doctor.load_run(tmp_path / "run").interventions())
+
+
+class _BatchLosses(keras.callbacks.Callback):  # type: ignore[misc]
+    """Each training batch's loss, computed before its update (no dropout: the training
+    pass computes the same), from the batch that fit takes unshuffled."""
+
+    def __init__(self, x: Any, y: Any, size: int) -> None:
+        super().__init__()
+        self.x, self.y, self.size, self.losses = x, y, size, []
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        part = slice(batch * self.size, (batch + 1) * self.size)
+        with torch.no_grad():
+            p = self.model(self.x[part], training=False)
+            loss = keras.losses.categorical_crossentropy(self.y[part], p)
+        self.losses.append(float(torch.as_tensor(loss).mean()))
+
+
+def test_each_record_holds_the_windows_mean_batch_loss_not_keras_running_mean(
+    tmp_path: Path,
+) -> None:
+    """Keras reports the loss's running mean since the epoch began: a window mean of it
+    diluted a late jolt (a 10x jump at batch 28 of 40 read 1.86x in a review), so the
+    remedies' loss guard missed it. ``window_loss`` is the mean of the window's own
+    batches' losses, windows across an epoch's end included, checked against each batch's
+    loss computed here; the training curve keeps what Keras reports."""
+    model = _mlp(lr=0.05)
+    x, y = _data(64)
+    ref = _BatchLosses(x, y, 16)  # 4 batches an epoch
+    cb = ReluDoctorCallback(log_every_n_steps=3, overhead_budget=None, run_dir=tmp_path / "run")
+    model.fit(x, y, epochs=3, batch_size=16, shuffle=False, verbose=0, callbacks=[ref, cb])
+    assert cb.doctor is not None
+    records = cb.doctor.records
+    assert [r.step for r in records] == [3, 6, 9, 12]
+    for r in records:
+        want = np.mean(ref.losses[r.step - 3:r.step])
+        assert r.window_loss == pytest.approx(want, rel=1e-5)
+    assert records[0].window_loss != pytest.approx(records[0].metrics["loss"], rel=1e-4)
