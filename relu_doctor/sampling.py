@@ -477,6 +477,9 @@ class Sampler:
         self._logs = 0
         self._since_log = 0
         self._warned_logs = False
+        #: the logging interval the last warning advised: a later one advises no fewer steps
+        #: (a run was told "log every 200" and then "every 500" as its measures moved)
+        self._advised_every = 0
 
     def need_per_window(self, n: int, window: int) -> None:
         """Collect at least ``n`` of every ``window`` steps under the budget: the longest
@@ -778,7 +781,8 @@ class Sampler:
         # logs taking at most half of what the work at every step leaves
         want = math.ceil(per_log / (room / 2 * plain)) if per_log > 0 else self._log_every
         want = max(want, at_least)  # (and as sparse as collecting once a window needs)
-        return (f"Log every {_round_up(want)} steps or more (log_every_n_steps) to stay "
+        self._advised_every = max(self._advised_every, _round_up(want))
+        return (f"Log every {self._advised_every} steps or more (log_every_n_steps) to stay "
                 "within the budget, or pass overhead_budget=None to collect every step "
                 "regardless.")
 

@@ -319,6 +319,10 @@ def test_over_the_budget_the_warning_names_what_spends_it_and_what_would_help():
                       r"every 100 steps or more") as rec:
         with_every_step(200, 0.005, 1.0)  # logs: 1 s every 20 steps; 5 ms at every step
     assert len(rec) == 1
+    # logs cheaper later: what a later warning advises is not fewer steps than this one's
+    # (a run was told "log every 200" and then "every 500")
+    with_every_step(400, 0.005, 0.05)
+    assert "Log every 100 steps or more" in s._advice(1.0)
     fake, every[0] = FakeTime(), 0.0
     s = Sampler(max_every=20, every_n_steps=None, overhead_budget=0.03,
                 clock=HostClock(now=lambda: fake.t, spent=lambda: fake.stats,
