@@ -11,6 +11,7 @@ back and says what is wrong with a line that is not an event.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -25,6 +26,7 @@ __all__ = [
     "InterventionResult",
     "event_from_dict",
     "is_judged",
+    "loss_ratio",
     "optimizer_of",
 ]
 
@@ -99,8 +101,8 @@ class InterventionResult:
             chooses: ``{"units", "still_dead", "still_below_tau", "still_quiet"}``.
         loss_rose: where the training loss of the window judged was at least
             :data:`~relu_doctor.remedies.judging.LOSS_HARM` times that of the window the
-            change was made at, how many times (``inf``: no longer finite, None in its JSON
-            form); the verdict is then "did not help", whatever the target did.
+            change was made at, how many times (``inf``: no longer finite, ``"inf"`` in
+            its JSON form); the verdict is then "did not help", whatever the target did.
     """
 
     ref: str
@@ -117,7 +119,10 @@ class InterventionResult:
     type: Literal["intervention_result"] = "intervention_result"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.loss_rose is not None and not math.isfinite(self.loss_rose):
+            data["loss_rose"] = "inf"  # (JSON has no inf, and null reads as "did not rise")
+        return data
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,21 @@ def optimizer_of(event: Mapping[str, Any]) -> int | None:
     details = event.get("details")
     part = details.get("optimizer") if isinstance(details, Mapping) else None
     return part if type(part) is int else None
+
+
+def loss_ratio(value: object) -> float | None:
+    """An intervention result's ``loss_rose`` as read from its JSON form (``"inf"``: the
+    loss was no longer finite); None where it is absent or not a number.
+
+    Example:
+        >>> loss_ratio(3.5), loss_ratio("inf"), loss_ratio(None), loss_ratio("x")
+        (3.5, inf, None, None)
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    return math.inf if value == "inf" else None
 
 
 def is_judged(event: Mapping[str, Any]) -> bool:
@@ -200,7 +220,7 @@ def event_from_dict(data: object) -> Event:
                 str(data["ref"]), str(data.get("remedy", "")), str(data.get("site", "")), step,
                 data.get("after"), target=data.get("target"), verdict=data.get("verdict"),
                 efficacy=data.get("efficacy"), before=data.get("before"),
-                loss_rose=data.get("loss_rose"),
+                loss_rose=loss_ratio(data.get("loss_rose")),
             )
     except (KeyError, TypeError) as e:
         raise ValueError(f"a {kind} event is missing or mistypes a field: {e}") from None

@@ -478,7 +478,7 @@ def merge_interventions(events: Iterable[Mapping[str, Any]]) -> list[dict[str, A
         elif e.get("type") == "intervention_result" and e.get("ref") in by_id:
             target = by_id[e["ref"]]
             target["after"] = e.get("after")
-            for k in ("target", "verdict", "efficacy"):  # how it went (treatment plans)
+            for k in ("target", "verdict", "efficacy", "loss_rose"):  # how it went
                 if e.get(k) is not None:
                     target[k] = e[k]
             if "after_step" in e or "step" in e:

@@ -506,9 +506,10 @@ _TRAINING_LOSS = ("loss", "train_loss", "train/loss", "train_loss_step", "traini
 
 def _losses(interventions: Sequence[InterventionView], metrics: pd.DataFrame) -> None:
     """A judged intervention's training loss, its own window's and the one it was judged
-    on, where it rose :data:`LOSS_ROSE` times or more: shown beside its verdict (which a
-    surgery's rise of 2x, ``LOSS_HARM``, made "did not help" as it was judged; the logged
-    metric read here may differ from the loss it was judged on, an integration's own)."""
+    on, where it rose :data:`LOSS_ROSE` times or more: shown beside its verdict. Where the
+    remedy's loss guard judged it (a surgery's rise of 2x, ``LOSS_HARM``: its result's
+    ``loss_rose``), the guard's ratio is kept, the logged curve's values shown beside it
+    (the loss the guard read may be an integration's own measure, not this metric)."""
     if metrics.empty:
         return
     # the training loss by the names loops give it: doc.step's, the HF Trainer's and Keras'
@@ -524,6 +525,10 @@ def _losses(interventions: Sequence[InterventionView], metrics: pd.DataFrame) ->
         if not e.verdict or e.after_step is None:
             continue
         before, after = by_step.get(e.step), by_step.get(e.after_step)
+        if e.loss_guarded:  # (judged on its own loss: the curve's values shown beside it)
+            if before is not None and after is not None:
+                e.changes.append(("training loss", fmt_num(before), fmt_num(after)))
+            continue
         if before is None or after is None or not before > 0 or not math.isfinite(after):
             continue
         if after >= LOSS_ROSE * before:

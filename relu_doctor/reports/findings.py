@@ -174,8 +174,7 @@ def done_lines(done: Sequence[InterventionView]) -> list[str]:
         if len(evs) == 1 and evs[0].count <= 1:
             e = evs[0]
             change = "; ".join(f"{k} {b} → {a}" for k, b, a in e.changes[:1])
-            verdict = (f", {e.verdict}" if e.verdict else "") + (
-                f", but the training loss rose {e.loss_rose:.1f}x after it" if e.loss_rose else "")
+            verdict = (f", {e.verdict}" if e.verdict else "") + e.loss_text
             lines.append(f"{remedy} at step {e.step}{': ' + change if change else ''}{verdict}")
             continue
         n = sum(max(e.count, 1) for e in evs)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from relu_doctor.events import is_judged, optimizer_of
+from relu_doctor.events import is_judged, loss_ratio, optimizer_of
 from relu_doctor.reports.formatting import fmt_num, fmt_pct
 
 __all__ = ["CLIP_FIRST", "CONTINUOUS_REMEDIES", "InterventionView", "intervention_view",
@@ -71,8 +71,26 @@ class InterventionView:
     #: ``reset_adam_step``): their first updates larger than a fresh Adam's
     adam_step_kept: bool = False
     #: how many times the training loss rose from its step's window to the window it was
-    #: judged on, where it rose :data:`LOSS_ROSE` times or more (0: it did not, or unknown)
+    #: judged on (``inf``: no longer finite): where the remedy's loss guard judged on it
+    #: (``loss_guarded``), the ratio it judged; else where the logged loss rose
+    #: :data:`LOSS_ROSE` times or more (0: it did not, or unknown)
     loss_rose: float = 0.0
+    #: the verdict is the remedy's loss guard's (the intervention result's ``loss_rose``):
+    #: "did not help" for the loss it made rise, whatever its target did
+    loss_guarded: bool = False
+
+    @property
+    def loss_text(self) -> str:
+        """What the training loss did after the change, as the verdict's tail ("" where it
+        did not rise): the guard's reason, or a rise beside another verdict."""
+        if not self.loss_rose:
+            return ""
+        rose = ("was no longer finite" if math.isinf(self.loss_rose)
+                else f"rose {self.loss_rose:.1f}x")
+        if self.loss_guarded:
+            return f": the training loss {rose} after it"
+        joint = ", and" if self.verdict == "did not help" else ", but"
+        return f"{joint} the training loss {rose} after it"
 
 
 #: A judged intervention whose window after it held a training loss this many times that of
@@ -180,6 +198,8 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
         after_raw=after,
         continuous=continuous,
         adam_step_kept=_adam_step_kept(ev),
+        loss_rose=loss_ratio(ev.get("loss_rose")) or 0.0,
+        loss_guarded=loss_ratio(ev.get("loss_rose")) is not None,
     )
 
 

@@ -737,3 +737,39 @@ def test_many_layers_are_coloured_by_depth_and_frozen_or_still_ones_are_said() -
     assert title.startswith("20 layers\n(1 never updated, left out)") and "light: input side" in title
     assert ax.get_yscale() == "symlog" and ax.get_ylabel().endswith("(log scale; 0: no update)")
     assert plots.update_ratio_figure(layers[layers["layer"] == "frozen"]) is None
+
+
+def test_a_verdict_of_the_loss_guard_is_said_with_the_ratio_it_judged() -> None:
+    """A surgery the plan's loss guard judged "did not help" (its window's loss 2x its own
+    or more, or no longer finite: the result's ``loss_rose``) was said as the report's own
+    reading of the logged curve, at its own 1.5x bar: silent where the curve (Lightning's
+    one-step ``train_loss``, Keras' running mean) rose less than the loss the guard read,
+    and "infx" could not be written. The report says the guard's ratio and reason, the
+    curve's values beside it; an ``inf`` crosses the events' JSON as ``"inf"``."""
+    from relu_doctor.events import InterventionResult, event_from_dict
+
+    events = []
+    for rid, site, rose in (("w", "s", 7.0), ("v", "t", math.inf)):
+        result = InterventionResult(rid, "dormant_reset", site, 80, {"below_tau_fraction": 0.1},
+                                    target="below_tau_fraction", verdict="did not help",
+                                    before={"below_tau_fraction": 0.5}, loss_rose=rose)
+        as_json = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+        assert event_from_dict(as_json).loss_rose == rose  # type: ignore[union-attr]
+        events += [
+            {"type": "intervention", "id": rid, "remedy": "dormant_reset", "site": site,
+             "step": 72, "what": "recycled", "before": {"below_tau_fraction": 0.5},
+             "after": None, "target": "below_tau_fraction"},
+            as_json,
+        ]
+    hist = pd.DataFrame([{"step": st, "site": site, "units": 4, "dead": 1, "dead_fraction": 0.25}
+                         for st in (72, 80) for site in ("s", "t")])
+    metrics = pd.DataFrame({"step": [72, 80], "name": ["loss"] * 2, "value": [1.0, 1.2]})
+    run = Run(meta={"sites": [{"name": "s", "units": 4}, {"name": "t", "units": 4}]}, history=hist,
+              units=pd.DataFrame(), layers=pd.DataFrame(), events=events, tables={"metrics": metrics})
+    views = {e.site: e for e in build_context(run).interventions}
+    assert views["s"].loss_rose == 7.0 and views["t"].loss_rose == math.inf
+    assert views["s"].loss_guarded and views["t"].loss_guarded
+    text = " ".join(htmllib.unescape(re.sub(r"<[^>]+>", " ", render_report(run))).split())
+    assert "the training loss rose 7.0x after it" in text, text
+    assert "the training loss was no longer finite after it" in text
+    assert "training loss 1 → 1.2" in text and "infx" not in text
