@@ -354,6 +354,7 @@ class IntervalReading:
             later.append(stated)
         # the gradient-norm history with this window's, which the diagnosis reads
         norms = collections.deque(self._grad_norm_history, self._grad_norm_history.maxlen)
+        norm_steps: int | None = None  # the collected steps this window's norm rests on
         if extra and self.tap is not None and layer_steps > 0 and judged:  # (else no rows)
             rows, total = layer_metrics(
                 self.tap.layers, host[2], self.tap.window_layer_steps, world or 1,
@@ -363,6 +364,7 @@ class IntervalReading:
             layer_rows = [{"step": self.global_step, **r} for r in rows]
             if logged:  # (bounded: the latest logs only)
                 norms.append(total)
+                norm_steps = layer_steps
                 later.append(functools.partial(self._grad_norm_history.append, total))
         site_rows: list[dict[str, Any]] = []
         units: dict[str, Mapping[str, torch.Tensor]] = {}
@@ -416,7 +418,7 @@ class IntervalReading:
             base_now = self._growth_base_now(site_rows)
             findings = diagnose(
                 site_rows, units, self.config, step=self.global_step,
-                param_grad_norms=norms, first_rms={**first_now, **self._first_rms},
+                param_grad_norms=norms, grad_norm_steps=norm_steps, first_rms={**first_now, **self._first_rms},
                 growth_base={**base_now, **self._growth_base},
                 declined=self._declined, site_passes=passes,
                 parts=self.probe.parts(sites) if world == 1 else {},

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 import relu_doctor
 from relu_doctor.advice import REMEDY_NAMES, can_swap
-from relu_doctor.diagnosis import DiagnosisConfig, diagnose
+from relu_doctor.diagnosis import MIN_SPIKE_STEPS, DiagnosisConfig, diagnose
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.families import family_of
 from relu_doctor.metrics import site_metrics, unit_metrics
@@ -381,6 +381,28 @@ def test_a_vanishing_gradient_names_the_site_its_gradient_stops_at():
                                "through its units"), f.remedy
 
 
+@pytest.mark.parametrize("steps, norms, severity", [
+    (None, [1.0, 1.1, 0.9, 1.0, 15.0], "critical"),  # (unknown: as before)
+    (MIN_SPIKE_STEPS, [1.0, 1.1, 0.9, 1.0, 15.0], "critical"),
+    (1, [1.0, 1.1, 0.9, 1.0, 15.0], "warning"),
+    (MIN_SPIKE_STEPS - 1, [1.0, 1.1, 0.9, 1.0, 15.0], "warning"),
+    (1, [1.0, 1.1, 0.9, 1.0, 14.0, 15.0], "critical"),  # the window before read so too
+    (1, [1.0, 1.1, 0.9, 1.0, 2.0, 15.0], "warning"),
+])
+def test_a_gradient_spike_read_on_few_steps_once_is_a_warning(steps, norms, severity):
+    """A DQN's last window, 4 steps right after its target network's sync with 1 of them
+    collected, read a critical exploding gradient (12.4x the median) where every step of the
+    same window read 6.4x (an RL trial): one step's norm is a transient as often as not. A
+    spike on fewer than MIN_SPIKE_STEPS collected steps is a warning that says so, critical
+    where the window before spiked too."""
+    rows, units = rows_for([1.0, 1.0])
+    found = [f for f in diagnose(rows, units, DiagnosisConfig(), param_grad_norms=norms,
+                                 grad_norm_steps=steps) if f.kind == "exploding_gradient"]
+    assert [f.severity for f in found] == [severity]
+    assert ("collected: one window's transient" in found[0].message) == (severity == "warning")
+    assert found[0].evidence.get("steps") == steps
+
+
 def test_a_parameter_gradient_spike_is_an_exploding_gradient():
     rows, units = rows_for([1.0, 1.0])
     config = DiagnosisConfig()
@@ -438,6 +460,22 @@ def test_a_dead_finding_says_how_many_steps_it_rests_on(run_watched, every):
     lifetime = findings_by(record)[("lifetime_dead", "1")].message
     assert ("(on the steps collected, not every step: 4 of the 8 steps since monitoring "
             "began" in lifetime) == (every == 2), lifetime
+
+
+def test_a_sampled_dormant_finding_says_its_count_can_read_low() -> None:
+    """"A unit is more likely to look dormant on fewer batches" said the opposite of what a
+    DQN trial measured: on one batch of 250, its layer read 56 below tau where every step
+    read 84 (a rarely firing unit is silent, then inconclusive and not counted, or fires
+    above its mean). The sampled dormant finding says its count can read low, and how many
+    silent units it left out."""
+    from relu_doctor.diagnosis import _sampled
+
+    text = _sampled({"steps_collected": 1, "steps_run": 250, "inconclusive": 3},
+                    what="dead or dormant")
+    assert "statistics from 1 of the window's 250 steps" in text
+    assert "the count can read low (3 silent units not counted)" in text
+    assert "more likely" not in text
+    assert _sampled({"steps_collected": 250, "steps_run": 250}, what="dead or dormant") == ""
 
 
 def test_the_steps_since_monitoring_began_survive_a_resume() -> None:
