@@ -266,8 +266,9 @@ def _sampled(row: Mapping[str, Any], *, lifetime: tuple[int, int] | None = None,
     """The window's sampling, where it collected fewer steps than it ran, or the site ran
     in some of its recorded passes only (``passes``: those and all of them; ``call``: the
     site's call index, a later call of its activation in a pass where not 0) ("" otherwise):
-    the fewer batches seen, the more units look ``what``. ``lifetime``: (steps collected,
-    steps run) since monitoring began, said instead."""
+    on fewer batches, more units look dead, and a dormant count can read low (a rarely
+    firing unit reads silent or above its mean). ``lifetime``: (steps collected, steps
+    run) since monitoring began, said instead."""
     if lifetime is not None:
         total, since = lifetime
         if since <= 0 or total >= since:
@@ -281,8 +282,9 @@ def _sampled(row: Mapping[str, Any], *, lifetime: tuple[int, int] | None = None,
                "by a loop of varying length or a branch taken sometimes" if call else
                "a branch taken sometimes")
         return (f"; this site ran in {passes[0]} of the window's {passes[1]} recorded passes "
-                f"through its module ({why}), and a unit is more likely to look {what} on "
-                "fewer batches")
+                f"through its module ({why}), and "
+                + ("a unit is more likely to look dead on fewer batches" if what == "dead"
+                   else "on fewer batches a unit's mean is less certain"))
     if got is None or ran is None or got >= ran:
         return ""
     if what == "dead":  # (judged unit by unit on its own rate: see relu_doctor._silence)
@@ -695,6 +697,13 @@ def _gradient_findings(
                 )
             )
     return out
+
+
+def acted_on(f: Finding) -> bool:
+    """Whether the remedies act on ``f``: all but a gradient spike read once on few
+    collected steps (a warning, :data:`MIN_SPIKE_STEPS`: a DQN's transient right after
+    its target sync would have cut its learning rate)."""
+    return f.kind != "exploding_gradient" or f.severity == "critical"
 
 
 def _median(values: Sequence[float]) -> float:

@@ -824,17 +824,20 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._meta_dirty = True
         self._check_previous_sites()  # (a new site: is it the continued run's?)
 
-    def _window_loss(self) -> float | None:
+    def _window_loss(self, *, keep: bool = False) -> float | None:
         """The window's mean training loss, which the remedies' loss guard reads: an
         integration's measure (:attr:`window_loss`) where it took one, else the mean of
         the steps' ``loss`` (``step(loss=...)``, ``log_metrics``), NaN kept; None where
         there is neither, and for an evaluation stream. With several processes, the mean
         over all of them (one small collective at every training log, on every process):
         each process's own would let the remedies judge a change apart on each, and the
-        copies of the model part."""
+        copies of the model part. ``keep``: the window is not logged (its record is None):
+        an integration's measure stays for the next log, as the steps' ``loss`` does."""
         if self._training_doctor is not None:
             return None
         total, count = self.window_loss.take()
+        if keep and count:
+            self.window_loss.add(total, count)
         if not count:
             total, count = self._training.loss_sum()
         if self.all_reduce is not None and not self._alone:
@@ -952,7 +955,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             self._warn_log_failed(e)
             return None
         self.sampler.at_log(self.reduce_sum)  # after the read-back: the clock's events are done
-        window_loss = self._window_loss()  # (here: every process reaches it, as at_log)
+        # (here: every process reaches it, as at_log; a window not logged keeps its loss)
+        window_loss = self._window_loss(keep=record is None)
         self._unfolded = keep and record is not None
         if not self._unfolded:
             self._reset_window_counts()

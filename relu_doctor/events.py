@@ -27,6 +27,7 @@ __all__ = [
     "event_from_dict",
     "is_judged",
     "loss_ratio",
+    "loss_rose_text",
     "optimizer_of",
 ]
 
@@ -177,6 +178,17 @@ def loss_ratio(value: object) -> float | None:
     if isinstance(value, (int, float)):
         return float(value)
     return math.inf if value == "inf" else None
+
+
+def loss_rose_text(rose: float) -> str:
+    """What the training loss did after a change the loss guard judged, in words.
+
+    Example:
+        >>> loss_rose_text(7.04), loss_rose_text(math.inf)
+        ('the training loss rose 7.0x after it', 'the training loss was no longer finite after it')
+    """
+    did = "was no longer finite" if math.isinf(rose) else f"rose {rose:.1f}x"
+    return f"the training loss {did} after it"
 
 
 def is_judged(event: Mapping[str, Any]) -> bool:

@@ -25,6 +25,7 @@ from relu_doctor.events import (
     Intervention,
     InterventionResult,
     event_from_dict,
+    loss_ratio,
 )
 from relu_doctor.record import WINDOW_COLUMNS, IntervalRecord
 
@@ -478,9 +479,11 @@ def merge_interventions(events: Iterable[Mapping[str, Any]]) -> list[dict[str, A
         elif e.get("type") == "intervention_result" and e.get("ref") in by_id:
             target = by_id[e["ref"]]
             target["after"] = e.get("after")
-            for k in ("target", "verdict", "efficacy", "loss_rose"):  # how it went
+            for k in ("target", "verdict", "efficacy"):  # how it went (treatment plans)
                 if e.get(k) is not None:
                     target[k] = e[k]
+            if (rose := loss_ratio(e.get("loss_rose"))) is not None:  # (JSON's "inf": inf)
+                target["loss_rose"] = rose
             if "after_step" in e or "step" in e:
                 target["after_step"] = e.get("after_step", e.get("step"))
     return out

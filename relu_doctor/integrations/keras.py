@@ -231,8 +231,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._in_batch = False  # between this callback's train batch begin and end
         self._inference_in_batch = 0  # passes with gradients in a train batch, training=False
         self._training_passes = 0  # passes taken as training ones, collecting or not
-        # (epoch, batch, Keras' running mean of the loss) at the last batch: see _take_loss
-        self._loss_mark: tuple[int, int, float] | None = None
+        # Keras' loss tracker (sum, count) as the batch began: see _take_loss
+        self._loss_at: tuple[float, float] | None = None
 
     # ------------------------------------------------------------------ fit lifecycle
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -340,7 +340,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             raise
         self._accumulate = int(getattr(updating(opt), "gradient_accumulation_steps", None) or 1)
         self._batches = 0
-        self._loss_mark = None
+        self._loss_at = None
         # Its learning rate, read for logging steps only; a MultiOptimizer has none (its
         # sub-optimizers each have theirs): no rate recorded, training untouched.
         self._opt = opt if opt is not None and not several(opt) else None
@@ -459,6 +459,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._in_batch = True
         doc = self.doctor
+        if doc is not None and not self._stopped:
+            self._loss_at = _tracked_loss(self.model)
         if doc is None or self._stopped or (self._batches + 1) % self._accumulate:
             return  # (a batch that steps no optimizer)
         if self._last_step(batch):
@@ -497,7 +499,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._batches += 1
         if logs:  # the training curve: what Keras reports for the batch (loss, metrics)
             self.doctor.log_metrics({k: v for k, v in logs.items() if _is_number(v)})
-            self._take_loss(batch, logs.get("loss"))
+        self._take_loss()
         if self._batches % self._accumulate == 0:  # one step per optimizer step
             if self._inference_in_batch and not self._training_passes:
                 warnings.warn(
@@ -517,22 +519,21 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             if plan is not None and plan.should_stop:
                 self.model.stop_training = True  # the plan's stop event holds the evidence
 
-    def _take_loss(self, batch: int, mean: Any) -> None:
-        """Add the batches since the last call to the window's loss (the remedies' loss
-        guard reads its mean: :attr:`Doctor.window_loss`). Keras reports the
-        loss's running mean since the epoch began (``mean`` after ``batch + 1`` batches),
-        which would dilute a late jolt in a window mean (a 10x jump at batch 28 of 40 read
-        1.86x): the batches' own sum is the difference of two running totals. Batches are
-        weighted alike (Keras weights them by size: an epoch's last, smaller batch reads
-        nearer the mean before it)."""
-        if not _is_number(mean) or self.doctor is None:
+    def _take_loss(self) -> None:
+        """Add the batch's loss to the window's (:attr:`Doctor.window_loss`, which the
+        remedies' loss guard reads): what the batch added to Keras' loss tracker, read at
+        its begin and end. Keras reports the tracker's running mean since the epoch began,
+        whose window mean diluted a late jolt (a 10x jump at batch 28 of 40 read 1.86x);
+        differencing those means went wrong where ``logs["loss"]`` is something else (a
+        custom ``train_step``'s own loss; an ``evaluate`` mid-epoch, which resets the
+        tracker: a review's 2.8x made up, and negative losses). A ``train_step`` that
+        leaves the tracker alone adds nothing here: the guard then reads the window mean
+        of ``logs["loss"]``."""
+        at, self._loss_at = self._loss_at, None
+        now = _tracked_loss(self.model) if at is not None else None
+        if at is None or now is None or self.doctor is None or not now[1] > at[1]:
             return
-        mean = float(mean)
-        mark, self._loss_mark = self._loss_mark, (self._epoch, batch, mean)
-        if mark is not None and mark[0] == self._epoch and batch > mark[1]:
-            self.doctor.window_loss.add(mean * (batch + 1) - mark[2] * (mark[1] + 1), batch - mark[1])
-        else:  # the epoch's first call: its batches are those of the running mean
-            self.doctor.window_loss.add(mean * (batch + 1), batch + 1)
+        self.doctor.window_loss.add((now[0] - at[0]) / (now[1] - at[1]))
 
     def _warn_scalar_site(self, site: KerasSite) -> None:
         if site.path in self._said_scalar:
@@ -621,6 +622,18 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
     def _on_record(self, record: IntervalRecord) -> None:
         self._fresh = record
         self.warner(record)
+
+
+def _tracked_loss(model: Any) -> tuple[float, float] | None:
+    """Keras' loss tracker of ``model`` (the ``Mean`` its ``train_step`` adds each batch's
+    loss to, weighted by the batch's size), as (sum, count) read on the host; None where
+    it has none. (Keras reads its logs back at every batch: the device is idle by then.)"""
+    tracker = getattr(model, "_loss_tracker", None)
+    try:
+        total, count = tracker.total, tracker.count  # type: ignore[union-attr]
+        return float(getattr(total, "value", total)), float(getattr(count, "value", count))
+    except Exception:  # (another Keras, a custom model without one: no loss taken)
+        return None
 
 
 def _clipped_by(model: Any) -> str | None:

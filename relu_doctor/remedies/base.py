@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import reprlib
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
@@ -118,6 +119,10 @@ class DoctorLike(Protocol):
     def record_event(self, event: Event) -> None: ...
 
     def site_key(self, name: str) -> SiteKey: ...
+
+
+#: the Doctors told that a surgery was made with its loss guard off
+_TOLD_UNGUARDED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _warn(message: str) -> None:  # (a ReluDoctorWarning, at the user's line)
@@ -480,7 +485,23 @@ class Remedy:
         if measure_after:
             self._pending.append(Pending.of(ev.id, site, self.judge, before, details.get("units"),
                                             loss=self._loss_seen if self.guards_loss else None))
+            if self.guards_loss and self._loss_seen is None and self.doctor is not None:
+                self._say_unguarded(self.doctor)
         return ev
+
+    def _say_unguarded(self, doctor: DoctorLike) -> None:
+        """Say once per Doctor that a surgery it will judge is made with no training loss
+        to judge it on: the loss guard is off (a review: a LightningModule in manual
+        optimisation returning nothing had it off unsaid)."""
+        if doctor in _TOLD_UNGUARDED:
+            return
+        _TOLD_UNGUARDED.add(doctor)
+        self.warn(
+            f"relu_doctor: {self.name} changes the model with no training loss to judge the "
+            "change on, so its loss guard (a change after which the window's loss doubles "
+            "did not help) is off. Give the loss: doc.step(loss=loss) in a plain loop; "
+            "under Lightning, return it from training_step (in manual optimisation too); "
+            "the HF Trainer's model output's loss and Keras' loss tracker are taken.")
 
     def model_snapshot(self, record: RecordLike, sites: Sequence[str] | None = None) -> Snapshot:
         """The model-wide metrics its changes are judged on (:func:`model_snapshot`, over

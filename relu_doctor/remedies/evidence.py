@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from relu_doctor._validate import finite_or_none
-from relu_doctor.diagnosis import trained_rows
+from relu_doctor.diagnosis import acted_on, trained_rows
 
 if TYPE_CHECKING:
     from relu_doctor.remedies.base import RecordLike
@@ -322,7 +322,8 @@ def model_snapshot(record: RecordLike, sites: Sequence[str] | None = None) -> Sn
         dead_fraction=dead / seen if seen else None,
         dormant_fraction=dormant / seen if seen else None,
         grad_norm=grad_norm,
-        exploding_gradient=any(f.kind == "exploding_gradient" for f in record.findings),
+        exploding_gradient=any(f.kind == "exploding_gradient" and acted_on(f)
+                               for f in record.findings),
     )
     out.sites = tuple(str(r["site"]) for r in rows)
     return out

@@ -16,6 +16,7 @@ import torch
 
 from relu_doctor._validate import nonnegative, number_in, one_optimizer, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
+from relu_doctor.diagnosis import acted_on
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Intervention
 from relu_doctor.remedies._optim_state import schedulers_of
@@ -188,7 +189,7 @@ class LRRescuer(Remedy):
         found: tuple[str, dict[str, Any]] | None = None
         if "exploding_gradient" in self.triggers:
             for f in record.findings:
-                if f.kind == "exploding_gradient":
+                if f.kind == "exploding_gradient" and acted_on(f):
                     found = ("exploding_gradient", {"finding": f.message, **f.evidence})
                     break
         if found is None and "nonfinite" in self.triggers:

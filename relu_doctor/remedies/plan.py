@@ -44,6 +44,7 @@ import torch.nn as nn
 
 from relu_doctor._validate import finite_or_none, number_in, positive_int
 from relu_doctor._validate import optimizers as check_optimizers
+from relu_doctor.diagnosis import acted_on
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import Declined, Intervention, InterventionResult
 from relu_doctor.remedies._link_cache import skip_for_now
@@ -285,7 +286,8 @@ class TreatmentPlan(Remedy):
             prev, self._prev_model_dead = (
                 None if self.evidence.sites_changed else self._prev_model_dead), now
         for kind in ("nonfinite", "exploding_gradient"):
-            if (f := next((f for f in record.findings if f.kind == kind), None)) is not None:
+            if (f := next((f for f in record.findings if f.kind == kind and acted_on(f)),
+                          None)) is not None:
                 return kind, "grad_norm", {"finding": f.message, "site": f.site}
         steps = {"steps_collected": self.evidence.last_steps}
         if surge is not None:

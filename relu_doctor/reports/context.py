@@ -525,9 +525,10 @@ def _losses(interventions: Sequence[InterventionView], metrics: pd.DataFrame) ->
         if not e.verdict or e.after_step is None:
             continue
         before, after = by_step.get(e.step), by_step.get(e.after_step)
-        if e.loss_guarded:  # (judged on its own loss: the curve's values shown beside it)
+        if e.loss_guarded:  # (judged on its own loss: the logged curve's values beside it,
+            # named as logged, since the loss the guard read may differ: a review)
             if before is not None and after is not None:
-                e.changes.append(("training loss", fmt_num(before), fmt_num(after)))
+                e.changes.append((f"logged {name}", fmt_num(before), fmt_num(after)))
             continue
         if before is None or after is None or not before > 0 or not math.isfinite(after):
             continue

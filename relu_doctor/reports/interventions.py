@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from relu_doctor.events import is_judged, loss_ratio, optimizer_of
+from relu_doctor.events import is_judged, loss_ratio, loss_rose_text, optimizer_of
 from relu_doctor.reports.formatting import fmt_num, fmt_pct
 
 __all__ = ["CLIP_FIRST", "CONTINUOUS_REMEDIES", "InterventionView", "intervention_view",
@@ -85,12 +85,10 @@ class InterventionView:
         did not rise): the guard's reason, or a rise beside another verdict."""
         if not self.loss_rose:
             return ""
-        rose = ("was no longer finite" if math.isinf(self.loss_rose)
-                else f"rose {self.loss_rose:.1f}x")
         if self.loss_guarded:
-            return f": the training loss {rose} after it"
+            return f": {loss_rose_text(self.loss_rose)}"
         joint = ", and" if self.verdict == "did not help" else ", but"
-        return f"{joint} the training loss {rose} after it"
+        return f"{joint} {loss_rose_text(self.loss_rose)}"
 
 
 #: A judged intervention whose window after it held a training loss this many times that of

@@ -59,7 +59,7 @@ import numpy as np
 import pandas as pd
 
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
-from relu_doctor.events import is_judged
+from relu_doctor.events import is_judged, loss_ratio, loss_rose_text
 from relu_doctor.reports.interventions import CLIP_FIRST, snapshots
 
 if TYPE_CHECKING:
@@ -349,6 +349,8 @@ def _change(ev: Mapping[str, Any]) -> str:
         parts.append(f"{k} {b} → {a}")
     verdict = ev.get("verdict")
     text = "; ".join(parts)
+    if (rose := loss_ratio(ev.get("loss_rose"))) is not None and isinstance(verdict, str):
+        verdict = f"{verdict}: {loss_rose_text(rose)}"  # (the loss guard's)
     return f"{text} ({verdict})" if isinstance(verdict, str) and verdict else text
 
 

@@ -152,8 +152,9 @@ def test_a_checkpoint_saved_before_a_swap_loads_without_it(tmp_path, callback, k
 
         def training_step(self, batch, i):
             if self.global_step == 4:  # 12 of 16 units die: swapped at a later log
-                with torch.no_grad():
-                    self.net[0].bias[:12] = -50.0
+                with torch.no_grad():  # (their outputs unread: the swap leaves the loss
+                    self.net[0].bias[:12] = -50.0  # as it was, which the loss guard reads)
+                    self.net[2].weight[:, :12] = 0.0
             x, y = batch
             return (self.net(x) - y).pow(2).mean()
 

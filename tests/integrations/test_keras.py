@@ -1511,22 +1511,40 @@ class _BatchLosses(keras.callbacks.Callback):  # type: ignore[misc]
         self.losses.append(float(torch.as_tensor(loss).mean()))
 
 
+class _EvaluateMidEpoch(keras.callbacks.Callback):  # type: ignore[misc]
+    """A user's callback that evaluates the model after the third batch of each epoch:
+    Keras resets its loss tracker and fills it with the evaluation's losses."""
+
+    def __init__(self, x: Any, y: Any) -> None:
+        super().__init__()
+        self.x, self.y = x, y
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if batch == 2:
+            self.model.evaluate(self.x[:24], self.y[:24], verbose=0)
+
+
+@pytest.mark.parametrize("evaluate", [False, True])
 def test_each_record_holds_the_windows_mean_batch_loss_not_keras_running_mean(
-    tmp_path: Path,
+    tmp_path: Path, evaluate: bool
 ) -> None:
     """Keras reports the loss's running mean since the epoch began: a window mean of it
     diluted a late jolt (a 10x jump at batch 28 of 40 read 1.86x in a review), so the
-    remedies' loss guard missed it. ``window_loss`` is the mean of the window's own
-    batches' losses, windows across an epoch's end included, checked against each batch's
-    loss computed here; the training curve keeps what Keras reports."""
+    remedies' loss guard missed it; differencing the running means made losses up where
+    an ``evaluate`` mid-epoch reset Keras' tracker (a review). ``window_loss`` is the mean
+    of the window's own batches' losses, an epoch's smaller last batch and windows across
+    an epoch's end included, checked against each batch's loss computed here; the training
+    curve keeps what Keras reports."""
     model = _mlp(lr=0.05)
-    x, y = _data(64)
-    ref = _BatchLosses(x, y, 16)  # 4 batches an epoch
+    x, y = _data(72)
+    ref = _BatchLosses(x, y, 16)  # 5 batches an epoch, the last of 8
     cb = ReluDoctorCallback(log_every_n_steps=3, overhead_budget=None, run_dir=tmp_path / "run")
-    model.fit(x, y, epochs=3, batch_size=16, shuffle=False, verbose=0, callbacks=[ref, cb])
+    extra = [_EvaluateMidEpoch(x, y)] if evaluate else []
+    model.fit(x, y, epochs=3, batch_size=16, shuffle=False, verbose=0,
+              callbacks=[ref, cb, *extra])
     assert cb.doctor is not None
     records = cb.doctor.records
-    assert [r.step for r in records] == [3, 6, 9, 12]
+    assert [r.step for r in records] == [3, 6, 9, 12, 15]
     for r in records:
         want = np.mean(ref.losses[r.step - 3:r.step])
         assert r.window_loss == pytest.approx(want, rel=1e-5)

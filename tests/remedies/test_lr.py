@@ -123,6 +123,31 @@ def test_rescuer_arguments_are_validated():
         LRRescuer().rescue()
 
 
+def test_a_spike_read_once_on_few_steps_triggers_no_remedy():
+    """A gradient spike read once on fewer than MIN_SPIKE_STEPS collected steps is a
+    warning (a DQN's transient right after its target sync, see the diagnosis): the learning
+    rate rescuer and the plan do not act on it, and a change is not judged against it; the
+    same spike read as critical triggers both."""
+    from dataclasses import replace as with_
+
+    from relu_doctor.remedies import TreatmentPlan
+    from relu_doctor.remedies.evidence import model_snapshot
+
+    transient = with_(EXPLODING, severity="warning")
+    quiet = [site_row("a", 0.0)]
+    for finding, acts in ((transient, False), (EXPLODING, True)):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.8)
+        r = LRRescuer(opt, factor=0.5)
+        r(rec(10, quiet))
+        assert bool(r(rec(20, quiet, findings=[finding]))) == acts
+        assert (opt.param_groups[0]["lr"] == 0.4) == acts
+        assert model_snapshot(rec(20, quiet, findings=[finding]))["exploding_gradient"] == acts
+        net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        plan = TreatmentPlan(net, optimizer=torch.optim.SGD(net.parameters(), lr=0.8))
+        trigger = plan._model_trigger(rec(20, quiet, findings=[finding]))
+        assert (trigger is not None and trigger[0] == "exploding_gradient") == acts
+
+
 def test_rescuer_triggers_cooldown_and_state():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.8)
     r = LRRescuer(opt, factor=0.5, cooldown=2, min_lr=0.09)

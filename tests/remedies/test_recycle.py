@@ -1434,3 +1434,36 @@ def test_a_layer_feeding_two_sites_is_advised_no_recycling_the_recycler_refuses(
         assert "is bound to recycle" not in f.remedy
     refused = [str(w.message) for w in seen if "ReDo recycling: leaving site" in str(w.message)]
     assert len(refused) == 2
+
+
+@pytest.mark.parametrize("with_loss", [False, True])
+def test_a_recycling_with_no_training_loss_says_once_that_its_loss_guard_is_off(with_loss):
+    """Surgery is judged on the training loss too (a change after which it doubles did not
+    help), but only where a loss reaches relu_doctor: a LightningModule in manual
+    optimisation that returned nothing had the guard off unsaid (a review). Said once per
+    Doctor, however many recyclings; not said where the steps give their loss."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                        nn.Linear(16, 1))
+    with torch.no_grad():  # 6 units of each site dead from the start: two recyclings
+        net[0].bias[:6] = -20.0
+        net[2].bias[:6] = -20.0
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=2,
+                               overhead_budget=None) as doc:
+            rec = DormantRecycler(net, optimizers=opt).bind(doc)
+            for _ in range(8):
+                loss = net(torch.randn(32, 6)).pow(2).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step(loss=loss.detach() if with_loss else None)
+    recycled = [e for e in doc.to_run().events if e.get("type") == "intervention"
+                and e.get("remedy") == rec.name]
+    assert len(recycled) >= 2
+    said = [str(w.message) for w in caught if "its loss guard" in str(w.message)]
+    assert len(said) == (0 if with_loss else 1), said
+    if said:
+        assert "doc.step(loss=loss)" in said[0] and "return it from training_step" in said[0]

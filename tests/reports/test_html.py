@@ -772,4 +772,4 @@ def test_a_verdict_of_the_loss_guard_is_said_with_the_ratio_it_judged() -> None:
     text = " ".join(htmllib.unescape(re.sub(r"<[^>]+>", " ", render_report(run))).split())
     assert "the training loss rose 7.0x after it" in text, text
     assert "the training loss was no longer finite after it" in text
-    assert "training loss 1 → 1.2" in text and "infx" not in text
+    assert "logged loss 1 → 1.2" in text and "infx" not in text
