@@ -39,6 +39,13 @@ __all__ = [
 ]
 
 
+#: Calls that read their first tensor's shape, dtype and device only, not its values.
+_SHAPE_ONLY = frozenset({
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+    "randint_like", "new_zeros", "new_ones", "new_empty", "new_full",
+})
+
+
 @dataclass(eq=False)
 class Value:
     """One version of one tensor of the pass.
@@ -229,9 +236,14 @@ class _Recorder(TorchFunctionMode):
             return out  # x.shape, x.dim(): no data flows
         wargs = tuple(self._wrap(a) for a in args)
         wkwargs = {k: self._wrap(v) for k, v in kwargs.items()}
-        inputs = [v for v in _flat(wargs, wkwargs) if isinstance(v, Value)]
+        name = op_name(func)
+        # (a tensor made in another's shape reads none of its values: GNN code's buffers,
+        # torch.zeros_like(h), had h's units refused as "reaching zeros_like")
+        read = (wargs[1:], {k: v for k, v in wkwargs.items() if k != "input"}) if (
+            name in _SHAPE_ONLY) else (wargs, wkwargs)
+        inputs = [v for v in _flat(*read) if isinstance(v, Value)]
         owner = self.stack[-1][1] if self.stack else ""
-        node = Node(len(self.flow.nodes), func, op_name(func), owner, wargs, wkwargs, inputs)
+        node = Node(len(self.flow.nodes), func, name, owner, wargs, wkwargs, inputs)
         self.flow.nodes.append(node)
         for v in inputs:
             if node not in v.users:

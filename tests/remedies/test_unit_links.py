@@ -146,3 +146,37 @@ def test_per_unit_sums_a_consumers_inputs_by_unit():
     # relu0's units reach the transition's BatchNorm: channels 0-7 of 16
     t = find_unit_links(net, site="relu0", dataflow=flow).consumers[-1]
     assert t.path == "transition.norm" and t.unit_of_inputs(16).tolist() == [*range(8)] + [-1] * 8
+
+
+class _ShapeOnly(torch.nn.Module):
+    """A buffer made in the activation's shape (GNN code's scatter targets): it reads no
+    value of the units; ``kind`` how it is made. ``"scaled"`` reads them (a control)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.l1, self.l2 = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.l1(x))
+        buf = {"zeros_like": lambda: torch.zeros_like(h),
+               "new_zeros": lambda: h.new_zeros(h.shape),
+               "full_like": lambda: torch.full_like(h, 2.0),
+               "scaled": lambda: h * 0.5}[self.kind]()
+        return self.l2(h) + buf.sum()
+
+
+@pytest.mark.parametrize("kind", ["zeros_like", "new_zeros", "full_like", "scaled"])
+def test_a_tensor_made_in_the_units_shape_does_not_read_them(kind):
+    """``torch.zeros_like(h)`` reads h's shape only: a GNN trial's sites were refused as
+    "its units reach zeros_like". Their links are l1 to l2, as without the buffer; a buffer
+    computed from h's values still refuses them."""
+    site = SiteKey(module_path="", call_index=0, op="relu")
+    if kind == "scaled":
+        with pytest.raises(ReluDoctorError, match="relu -> mul -> sum"):
+            find_unit_links(_ShapeOnly(kind), site=site, example_inputs=torch.randn(3, 4))
+        return
+    links = find_unit_links(_ShapeOnly(kind), site=site, example_inputs=torch.randn(3, 4))
+    described = links.describe()
+    assert described["producer"] == "l1"
+    assert [c["path"] for c in described["consumers"]] == ["l2"]
