@@ -319,8 +319,17 @@ def _compact(stream: Path) -> bool:
         raise
     finally:
         pa.default_memory_pool().release_unused()
-    stream.unlink()
+    if chunks.torn:  # (kept as it was: damage mid-file, not a torn tail, loses more)
+        os.replace(stream, damaged_copy(stream))
+    else:
+        stream.unlink()
     return chunks.torn
+
+
+def damaged_copy(stream: Path) -> Path:
+    """Where a stream cut short is kept as it was once compacted: beside its Parquet
+    file, under a name no reader takes for a part (``seg-000001.arrows.damaged``)."""
+    return stream.with_name(stream.name + ".damaged")
 
 
 def fresh_dir(base: Path) -> Path:
@@ -466,7 +475,8 @@ class RunWriter:
         self.previous_unwritten: list[list[int]] = (
             _read_unwritten(self._status) if self.previous_meta is not None else [])
         if self.previous_meta is not None:
-            self.previous_unwritten += [[s, s] for s in _cut_short(p, torn)]
+            lost = _cut_short(p, torn)  # (one range: a stream loses all past its damage)
+            self.previous_unwritten += [[lost[0], lost[-1]]] if lost else []
         # events.jsonl's last line cut short (a process killed mid-write, a run continued in
         # a copy): ended at the first append, so that readers skip that one line, not the
         # first event appended with it (this writer's own appends end whole or are cut back)
@@ -727,14 +737,24 @@ def _cut_short(p: Path, torn: list[Path]) -> list[int]:
     for part in torn:
         table = part.parent.name
         kept = max(held.get(table) or {0})
-        latest = max((x for t, xs in held.items() if t != table for x in xs), default=0)
-        gone = latest if latest > kept else None
-        if gone is not None:
-            lost.add(gone)
+        # the logs the other tables hold past the last this one kept: all of them for a
+        # table written at every log (it held each before: damaged mid-file, a resume
+        # compacting it said "step 150 lost" where 15 of its 30 logs were), the latest for
+        # one written at some logs (metrics: its writer died writing its latest log)
+        others = {x for t, xs in held.items() if t != table for x in xs}
+        past = sorted(x for x in others if x > kept)
+        before = {x for x in others if x <= kept}
+        every_log = len(before) > 1 and before <= (held.get(table) or set())
+        gone = past if every_log else past[-1:]
+        lost.update(gone)
+        said = ("" if not gone else f"its rows of step {gone[0]} are lost" if len(gone) == 1
+                else f"its rows of {len(gone)} logs, steps {gone[0]} to {gone[-1]}, are lost")
         warn_problem(None, f"relu_doctor: {str(part)!r} was cut short (its writer stopped "
-                     "mid-write): its complete logs are kept"
-                     + (f"; its rows of step {gone} are lost, and the report lists that log "
-                        "as written in part." if gone is not None else "."))
+                     "mid-write, or the file was damaged): its complete logs "
+                     f"{'up to step ' + str(kept) + ' ' if kept else ''}are kept"
+                     + (f"; {said}, and the report lists them as written in part" if gone
+                        else "")
+                     + f"; the file as it was is kept as {damaged_copy(part).name!r}.")
     return sorted(lost)
 
 

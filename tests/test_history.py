@@ -579,8 +579,10 @@ def test_a_long_stream_is_compacted_whole_and_a_torn_one_up_to_its_last_batch(tm
             RunWriter(tmp_path / "rTrue", resume=True).close()  # compacts what it finds
         else:
             w.close()
-        (part,) = (tmp_path / f"r{torn}" / "metrics").iterdir()
-        assert part.suffix == ".parquet" and pq.ParquetFile(part).num_row_groups == 1
+        (part,) = (tmp_path / f"r{torn}" / "metrics").glob("seg-*.parquet")
+        assert pq.ParquetFile(part).num_row_groups == 1
+        kept = sorted(p.name for p in (tmp_path / f"r{torn}" / "metrics").iterdir())
+        assert kept == [*(["seg-000001.arrows.damaged"] if torn else []), part.name]
         want = pd.concat(frames[:-1] if torn else frames)
         assert_same_table(read_table(tmp_path / f"r{torn}", "metrics"), want)
 
@@ -976,6 +978,43 @@ def test_a_log_cut_short_in_a_stream_stays_said_after_the_run_is_continued(tmp_p
     assert sorted(set(run.history["step"])) == [1, 2, 4, 5]
     gaps = read_gaps(run)
     assert gaps.unwritten == [(3, 3)] and gaps.partly == [3]
+
+
+def test_a_stream_damaged_mid_file_is_kept_and_its_lost_logs_said_when_continued(tmp_path):
+    """A stream of a run never closed, damaged in its middle (a bad copy, a failing disk):
+    continuing the run compacted it to the logs before the damage, deleted it, and said
+    only its last log lost (15 of 30 were: an operations trial). Every log the other tables
+    hold past the last kept is said lost and listed as written in part, and the stream is
+    kept as it was beside its Parquet file."""
+    from relu_doctor.reports.gaps import read_gaps
+    from relu_doctor.rundir import damaged_copy
+
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    doc = relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir)
+    doc.__enter__()
+    zoo.train(model, [torch.randn(8, 10) for _ in range(6)], doc=doc)
+    (stream,) = (run_dir / "history").glob("seg-*.arrows")  # open: as a killed writer left it
+    data = bytearray(stream.read_bytes())
+    doc.__exit__(None, None, None)
+    for part in (run_dir / "history").glob("seg-*.parquet"):
+        part.unlink()
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)  # garbled mid-file
+    stream.write_bytes(bytes(data))
+    kept = sorted(set(load_run(run_dir).history["step"]))
+    assert kept and kept[-1] < 5
+    lost = list(range(kept[-1] + 1, 7))
+    with pytest.warns(ReluDoctorWarning, match=rf"complete logs up to step {kept[-1]} are kept; "
+                      rf"its rows of {len(lost)} logs, steps {lost[0]} to 6, are lost") as said, \
+            relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc:
+        zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
+    assert len([w for w in said if "cut short" in str(w.message)]) == 1
+    assert damaged_copy(stream).read_bytes() == bytes(data)  # kept as it was
+    run = load_run(run_dir)
+    assert sorted(set(run.history["step"])) == [*kept, 7, 8]
+    gaps = read_gaps(run)
+    assert gaps.unwritten == [(lost[0], 6)] and gaps.partly == lost
 
 
 def test_a_run_continued_without_the_doctors_state_says_its_lifetime_counts_began_again(tmp_path):
