@@ -968,8 +968,8 @@ class Probe(SiteRegistry, HookOwner):
         warnings.warn(
             f"relu_doctor: padding_mask: {len(new)} site(s) ran with a padding mask that does "
             f"not fit them, and count every position, padding included: {listed} (the "
-            f"first's output {out} does not begin with the mask's shape {mask} ahead of its "
-            "units). "
+            f"first's output {out}, its unit dim left out, does not begin with the mask's "
+            f"shape {mask}). "
             + ("No site is masked: the mask is of other positions than the activations' (a "
                "Wav2Vec2's or Whisper's mask has one entry per audio sample or frame of the "
                "input, its activations run at a lower rate): give padding_mask= a function of "

@@ -320,15 +320,17 @@ class SiteRegistry:
             "sample through a layer (a Linear run unbatched)"
             if traced
             else "that no layer relu_doctor follows made: one value per sample (a hinge or a "
-            "margin computed in forward) or one sample through a layer it cannot follow (a "
-            "GRUCell, a matmul with a parameter)"
+            "margin computed in forward, a score per graph edge) or one sample through a "
+            "layer it cannot follow (a GRUCell, a matmul with a parameter)"
         )
         warnings.warn(
             f"relu_doctor: {name!r} runs on a 1-D tensor {made}. Its entries are not taken "
             "for units, so its 1-D calls are not watched until the same call runs on "
-            f"batches. To watch it with each entry as "
-            f"a unit, pass unit_dims={{{label!r}: -1}} (the last dim: the features of its "
-            "batched calls too).",
+            "batches. One value per sample: keep a unit dim of 1 (x.unsqueeze(-1), a "
+            "(samples, 1) tensor) to watch it as one unit. One sample's features, the same "
+            f"count at every call: pass unit_dims={{{label!r}: -1}} to take each entry as a "
+            "unit (not where their count varies, as a batch's edges do: each count would be "
+            "another site's).",
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),
         )

@@ -407,12 +407,27 @@ def grad_rows(
 def mask_for(shape: Sequence[int], unit_dim: int, mask: torch.Tensor) -> torch.Tensor | None:
     """``mask`` (True at the real positions, e.g. an attention mask ``(batch, seq)``) shaped
     to broadcast over an activation of ``shape`` whose units are dim ``unit_dim``, or None
-    where it does not apply: the activation's shape must begin with the mask's, ahead of its
-    units (``(batch, seq, features)`` does, a convolution's ``(batch, channels, seq)`` not)."""
+    where it does not apply: the activation's shape, its unit dim left out, must begin with
+    the mask's (``(batch, seq, features)`` does, and a convolution's ``(batch, channels,
+    seq)``, its units among the mask's dims: a point cloud's padded points, a trial).
+
+    Example:
+        >>> m = torch.ones(2, 5, dtype=torch.bool)
+        >>> [tuple(k.shape) if k is not None else None
+        ...  for k in (mask_for((2, 5, 8), 2, m), mask_for((2, 8, 5), 1, m),
+        ...            mask_for((2, 8, 4), 1, m), mask_for((2, 8), 1, m))]
+        [(2, 5, 1), (2, 1, 5), None, None]
+    """
     k = mask.dim()
-    if k == 0 or unit_dim < k or tuple(shape[:k]) != tuple(mask.shape):
+    if k == 0:
         return None
-    return mask.reshape(*mask.shape, *([1] * (len(shape) - k)))
+    if unit_dim >= k and tuple(shape[:k]) == tuple(mask.shape):
+        return mask.reshape(*mask.shape, *([1] * (len(shape) - k)))
+    rest = (*shape[:unit_dim], *shape[unit_dim + 1:])
+    if unit_dim < k and tuple(rest[:k]) == tuple(mask.shape):
+        return mask.reshape(*mask.shape[:unit_dim], 1, *mask.shape[unit_dim:],
+                            *([1] * (len(shape) - k - 1)))
+    return None
 
 
 def _positions(out: torch.Tensor, unit_dim: int, keep: torch.Tensor) -> tuple[int, torch.Tensor]:

@@ -126,45 +126,56 @@ def test_the_gradients_of_a_checkpointed_forward_are_those_of_its_passs_real_pos
 
 
 def test_a_site_the_mask_does_not_fit_counts_every_position_said_once() -> None:
-    """A convolution's ``(batch, channels, length)`` output does not begin with the mask's
-    ``(batch, length)``: that site counts every position (said once), the sequence site
-    beside it its real positions. A pass whose call holds no mask counts every position."""
+    """A convolution's ``(batch, channels, length)`` output is masked along its length (its
+    shape, the unit dim left out, is the mask's ``(batch, length)``: a point cloud trial's
+    padded points were counted, and the warning blamed the mask's rate); a strided one's
+    ``(batch, channels, length / 2)`` fits no mask and counts every position (said once),
+    the sequence site beside them its real positions. A pass whose call holds no mask
+    counts every position."""
 
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Conv1d(4, 6, 3, padding=1)
             self.conv_act = nn.ReLU()
+            self.down = nn.Conv1d(6, 6, 2, stride=2)
+            self.down_act = nn.ReLU()
             self.lin = nn.Linear(6, 5)
             self.lin_act = nn.ReLU()
 
         def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None
                     ) -> torch.Tensor:
             h = self.conv_act(self.conv(x))  # (B, 6, L)
-            return self.lin_act(self.lin(h.transpose(1, 2)))  # (B, L, 5)
+            d = self.down_act(self.down(h))  # (B, 6, L / 2)
+            return self.lin_act(self.lin(h.transpose(1, 2))).sum() + d.sum()  # (B, L, 5)
 
     torch.manual_seed(0)
     net = Net()
     x = torch.randn(3, 4, 8)
     mask = torch.tensor([[1] * 8, [1] * 3 + [0] * 5, [1] * 6 + [0] * 2])
     with pytest.warns(ReluDoctorWarning, match=r"1 site\(s\) ran with a padding mask that "
-                      r"does not fit them.*'conv_act' \(the first's output \(3, 6, 8\) does "
-                      r"not begin with the mask's shape \(3, 8\).*1 other site\(s\) are "
+                      r"does not fit them.*'down_act' \(the first's output \(3, 6, 4\), its unit "
+                      r"dim left out, does not begin with the mask's shape \(3, 8\).*2 other site\(s\) are "
                       r"masked") \
             as caught, relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=10,
                            padding_mask="attention_mask") as doc:
         for _ in range(2):
-            net(x, attention_mask=mask).sum().backward()
+            net(x, attention_mask=mask).backward()
             doc.step()
-        net(x).sum().backward()  # no mask: every position
+        net(x).backward()  # no mask: every position
         doc.step()
     assert sum("padding mask" in str(w.message) for w in caught) == 1
     totals = {s.name: _total(s) for s in doc.sites}
-    h = torch.relu(net.conv(x)).detach()
-    assert totals["conv_act"]["elements"].tolist() == [3 * 3 * 8] * 6
-    assert totals["conv_act"]["active"].tolist() == (3 * (h > 0).sum((0, 2))).tolist()
-    out = torch.relu(net.lin(h.transpose(1, 2))).detach()
     real = int(mask.sum())
+    h = torch.relu(net.conv(x)).detach()
+    assert totals["conv_act"]["elements"].tolist() == [2 * real + 3 * 8] * 6
+    want = 2 * ((h > 0) & mask.bool()[:, None, :]).sum((0, 2)) + (h > 0).sum((0, 2))
+    assert totals["conv_act"]["active"].tolist() == want.tolist()
+    assert totals["conv_act"]["grad_elements"].tolist() == [2 * real + 3 * 8] * 6
+    d = torch.relu(net.down(h)).detach()
+    assert totals["down_act"]["elements"].tolist() == [3 * 3 * 4] * 6
+    assert totals["down_act"]["active"].tolist() == (3 * (d > 0).sum((0, 2))).tolist()
+    out = torch.relu(net.lin(h.transpose(1, 2))).detach()
     assert totals["lin_act"]["elements"].tolist() == [2 * real + 3 * 8] * 5
     want = 2 * (out[mask.bool()] > 0).sum(0) + (out > 0).sum((0, 1))
     assert totals["lin_act"]["active"].tolist() == want.tolist()

@@ -172,6 +172,9 @@ def test_a_1d_output_no_layer_made_is_no_site(unbatched: bool) -> None:
     doc, said = _run_recording_warnings(model, run)  # and no "ran no activation" error
     assert len(said) == 2, said
     assert "'(root):relu#0' runs on a 1-D tensor" in said[0] and "unit_dims=" in said[0]
+    # (a GNN trial followed unit_dims for a score per edge: each batch's edge count another
+    # unit count; a per-sample value is kept as one unit by a unit dim of 1)
+    assert "x.unsqueeze(-1)" in said[0] and "as a batch's edges do" in said[0]
     assert "'clamp' runs on a 1-D tensor" in said[1]
     sites = {s.name: s for s in doc.sites}
     if not unbatched:
