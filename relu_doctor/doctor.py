@@ -399,6 +399,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._previous_dropped = 0  # its logs a Doctor without run_dir= no longer held (same)
         #: the step the lifetime counts began at, where a run was continued without them
         self._lifetime_since: int | None = None
+        #: the last step of the run continued with no state loaded since (said at the log)
+        self._unloaded_resume: int | None = None
         self._warned_other_model = False
         self.probe.on_new_site(self._mark_meta_dirty)
         # a layer replaced at another width: the new one's growth and findings are its own
@@ -944,6 +946,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         raises, as a process that skipped the others' collective calls would hang them; a
         :class:`ReluDoctorError`, a usage error, and what listeners raise, always do.)"""
         self._read_failed = False
+        if self._unloaded_resume is not None:
+            self._say_unloaded_resume()
         try:
             record = self._read(close=not keep, final=keep)
         except ReluDoctorError:
@@ -1000,6 +1004,23 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         ):
             self._log_eval(contain=contain)  # the evaluation window closes with the training one
         return record
+
+    def _say_unloaded_resume(self) -> None:
+        """At the first log of a run continued with ``resume=True`` and no state loaded:
+        its steps went on after the last log, which a loop restarted at an earlier
+        checkpoint does not (an operations trial's run, back at step 150, was logged from
+        171: 20 steps ahead, every finding begun again, with no word)."""
+        last, self._unloaded_resume = self._unloaded_resume or 0, None
+        warnings.warn(
+            f"relu_doctor: this run continues the one in {str(self.run_dir)!r} after its last "
+            f"log (step {last}) with no Doctor state loaded: its steps go on from {last + 1} "
+            "and its lifetime counts began again there. Where training resumed from a "
+            "checkpoint, load the Doctor's state saved with it (doc.load_state_dict(state) "
+            "after watch): the steps then follow the checkpoint's, and the logs past it are "
+            "written again.",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _warn_log_failed(self, error: Exception) -> None:
         kind = type(error).__name__
@@ -1245,6 +1266,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         """
         self.global_step = int(state["global_step"])
         self.window_steps = int(state["window_steps"])
+        self._unloaded_resume = None
         self._last_ahead = None  # (said of a step of the run before the checkpoint)
         since = state.get("lifetime_since")  # where the counts it restores began
         if since != self._lifetime_since:

@@ -132,6 +132,7 @@ class RunRecording:
         _previous_unwritten: list[list[int]]
         _previous_dropped: int
         _lifetime_since: int | None
+        _unloaded_resume: int | None
         _warned_other_model: bool
         ended_by: str | None
         resume_advice: str
@@ -176,6 +177,7 @@ class RunRecording:
             # counts starting again (load_state_dict, if called next, restores them)
             self.global_step = writer.last_step
             self._lifetime_since = writer.last_step + 1
+            self._unloaded_resume = writer.last_step  # (said at the first log, if still so)
             self.probe.collecting = self._collecting()
         self._continue_after_checkpoint()  # (its unwritten logs carried, later rows dropped)
         self._write_meta()

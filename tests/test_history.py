@@ -284,6 +284,7 @@ def test_a_continued_run_keeps_the_sites_it_has_not_run_again_and_another_model_
     model.forward = lambda x: model[1](model[0](x))  # type: ignore[method-assign]
     with warnings.catch_warnings():
         warnings.simplefilter("error", ReluDoctorWarning)
+        warnings.filterwarnings("ignore", ".*no Doctor state loaded", ReluDoctorWarning)
         with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc:
             for _ in range(2):
                 model(torch.randn(8, 10)).sum().backward()
@@ -314,6 +315,7 @@ def test_a_swap_in_a_continued_run_is_no_other_model(tmp_path):
         zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ReluDoctorWarning)
+        warnings.filterwarnings("ignore", ".*no Doctor state loaded", ReluDoctorWarning)
         with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc:
             zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
             swap_activation(model, path="1")
@@ -1030,9 +1032,14 @@ def test_a_run_continued_without_the_doctors_state_says_its_lifetime_counts_bega
         zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
         first = doc.state_dict()
     assert "lifetime_since" not in load_run(run_dir).meta
-    with relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc:
+    # said once, at the first log (an operations trial's loop, back at an earlier
+    # checkpoint, was logged 20 steps ahead with no word)
+    with pytest.warns(ReluDoctorWarning, match=r"after its last log \(step 2\) with no Doctor "
+                      r"state loaded: its steps go on from 3") as said, \
+            relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir, resume=True) as doc:
         zoo.train(model, [torch.randn(8, 10) for _ in range(2)], doc=doc)
         second = doc.state_dict()
+    assert sum("no Doctor state loaded" in str(w.message) for w in said) == 1
     run = load_run(run_dir)
     assert run.meta["lifetime_since"] == 3
     never = dict(build_context(run).key_numbers)["never active"]
