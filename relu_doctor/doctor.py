@@ -437,7 +437,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 if self.tensorboard and self._tb is None:
                     from relu_doctor.reports.tensorboard import RunTensorBoard, run_log_dir
 
-                    self._tb = RunTensorBoard(run_log_dir(self.run_dir))
+                    self._tb = RunTensorBoard(
+                        run_log_dir(self.run_dir),
+                        continued=self._writer is not None and self._writer.last_step is not None)
                     self.add_listener(self._tb.write_record)
                     self.add_event_listener(self._tb.write_event)
             if self.eval is not None:

@@ -156,10 +156,14 @@ class SafeSummaryWriter(SummaryWriter):
 
     Args:
         log_dir: where the event file goes.
+        purge_step: a continued run's first step: TensorBoard hides the steps from it on
+            that earlier event files of the run hold (a run resumed from a checkpoint older
+            than its last log logs them again: the curves doubled back, an operations
+            trial); torch's ``purge_step``.
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str]) -> None:
-        super().__init__(log_dir=str(log_dir))
+    def __init__(self, log_dir: str | os.PathLike[str], purge_step: int | None = None) -> None:
+        super().__init__(log_dir=str(log_dir), purge_step=purge_step)
 
     def _get_file_writer(self) -> FileWriter:
         """The event file's writer (torch's method, over an :class:`EventFile`)."""
@@ -169,4 +173,11 @@ class SafeSummaryWriter(SummaryWriter):
             # torch declares both None (they are set here and cleared by close()).
             self.file_writer = writer  # type: ignore[assignment]
             self.all_writers = {self.log_dir: writer}  # type: ignore[assignment]
+            if self.purge_step is not None:  # (as torch's own _get_file_writer does)
+                from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+                writer.add_event(Event(step=self.purge_step, file_version="brain.Event:2"))
+                writer.add_event(Event(step=self.purge_step,
+                                       session_log=SessionLog(status=SessionLog.START)))
+                self.purge_step = None
         return writer

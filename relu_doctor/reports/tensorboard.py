@@ -621,14 +621,16 @@ def run_log_dir(run_dir: str | os.PathLike[str]) -> Path:
     return Path(run_dir)
 
 
-def open_writer(log_dir: str | os.PathLike[str]) -> SummaryWriterLike:
+def open_writer(
+    log_dir: str | os.PathLike[str], purge_step: int | None = None
+) -> SummaryWriterLike:
     """A ``torch.utils.tensorboard.SummaryWriter`` writing to ``log_dir`` in the calling
     thread: a failing write (a full disk...) warns once, naming the cause and the file, and
     is retried at later flushes; it is never raised, in this thread or another
-    (:class:`relu_doctor.reports.eventfile.SafeSummaryWriter`)."""
+    (:class:`relu_doctor.reports.eventfile.SafeSummaryWriter`; ``purge_step``: there)."""
     from relu_doctor.reports.eventfile import SafeSummaryWriter
 
-    writer: SummaryWriterLike = SafeSummaryWriter(log_dir)
+    writer: SummaryWriterLike = SafeSummaryWriter(log_dir, purge_step=purge_step)
     return writer
 
 
@@ -715,13 +717,18 @@ class RunTensorBoard:
     Args:
         log_dir: where the event files go (:func:`run_log_dir` of the run directory).
         metrics: site metrics written as scalars.
+        continued: the run continues one whose event files are there: the first record's
+            window begins a new session, TensorBoard hiding their steps from there on
+            (logged again: a resume from an older checkpoint).
     """
 
     def __init__(
-        self, log_dir: str | os.PathLike[str], *, metrics: Sequence[str] = DEFAULT_METRICS
+        self, log_dir: str | os.PathLike[str], *, metrics: Sequence[str] = DEFAULT_METRICS,
+        continued: bool = False,
     ) -> None:
         self.log_dir = Path(log_dir)
         self.metrics = tuple(metrics)
+        self.continued = continued
         self._writer: SummaryWriterLike | None = None
         self._failed = False
         self._findings = FindingsText()
@@ -739,15 +746,17 @@ class RunTensorBoard:
         """Write one :class:`~relu_doctor.history.IntervalRecord`."""
         self._guard(self._write_record, record)
 
-    def _opened(self) -> SummaryWriterLike:
+    def _opened(self, purge_step: int | None = None) -> SummaryWriterLike:
         """The writer, opened at first use."""
         if self._writer is None:
-            self._writer = open_writer(self.log_dir)
+            self._writer = open_writer(self.log_dir, purge_step=purge_step)
         return self._writer
 
     def _write_record(self, record: Any) -> None:
         first = self._writer is None
-        writer = self._opened()
+        steps = int(getattr(record, "steps_run", 0) or 0)
+        writer = self._opened(
+            max(record.step - steps + 1, 1) if first and self.continued and steps else None)
         if first:
             write_layout(writer, custom_scalars_layout(
                 self.metrics, capped=has_cap(record.site_rows)))

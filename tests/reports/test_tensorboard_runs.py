@@ -91,3 +91,38 @@ def test_the_demo_prints_a_logdir_whose_runs_are_untreated_and_treated(
         # the run directory's statistics and the demo's own scalars are one run
         assert {"relu_doctor/dead_fraction/relu1", "demo/test_accuracy"} <= tags, name
         assert tb.run_log_dir(out / name) == out / name
+
+
+def test_a_run_resumed_from_an_older_checkpoint_shows_each_step_once(tmp_path: Path) -> None:
+    """A run resumed from a checkpoint older than its last log logs those steps again: the
+    run directory's tables keep one of each, but TensorBoard read the killed process's
+    event file too, and its curves doubled back over steps 6-8 (an operations trial). The
+    continued run's event file begins a session at its first step (torch's ``purge_step``),
+    which hides the older file's later steps: each step once, the continued run's values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    run_dir = tmp_path / "run"
+
+    def train(doc: Any, steps: int, lr: float) -> None:
+        g = torch.Generator().manual_seed(int(lr * 100))
+        for _ in range(steps):
+            x = torch.randn(16, 4, generator=g)
+            F.cross_entropy(net(x) * lr, torch.randint(0, 2, (16,), generator=g)).backward()
+            doc.step(loss=torch.tensor(lr))
+
+    with relu_doctor.watch(net, log_every_n_steps=2, run_dir=run_dir) as doc:
+        train(doc, 4, 0.1)
+        state = doc.state_dict()  # a checkpoint at step 4
+        train(doc, 4, 0.2)  # steps 5-8, logged, then lost to a kill
+    with relu_doctor.watch(net, log_every_n_steps=2, run_dir=run_dir, resume=True) as doc:
+        doc.load_state_dict(state)
+        train(doc, 6, 0.3)  # steps 5-10
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    tag = next(t for t in ea.Tags()["scalars"] if t.endswith("loss"))
+    seen = [(e.step, round(e.value, 6)) for e in ea.Scalars(tag)]
+    assert [s for s, _ in seen] == [2, 4, 6, 8, 10], seen
+    assert dict(seen) == {2: 0.1, 4: 0.1, 6: 0.3, 8: 0.3, 10: 0.3}
