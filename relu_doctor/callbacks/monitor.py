@@ -253,6 +253,17 @@ class ReluDoctor(Callback):
                 run_dir = self._saved_run_dir(
                     trainer, Path(state["logger_run_dir"]), run_dir,
                     int(state["doctor"].get("global_step") or 0))
+            elif not (state and state.get("doctor")):
+                # a logger's folder that holds a run already (Lightning gave two jobs
+                # launched at once one version_0: an operations trial's second fit raised
+                # where it would have trained): this fit's record goes beside it
+                free = Path(trainer.strategy.broadcast(str(fresh_dir(run_dir)), src=0))
+                if free != run_dir:
+                    _warn_on_rank_zero(
+                        f"relu_doctor: {str(run_dir)!r} holds another run (another job given "
+                        "the same logger folder, or an earlier fit of another module): this "
+                        f"fit's record goes to {str(free)!r}.")
+                run_dir = free
         else:
             # Not "<root>/relu_doctor": run from a source checkout, that is the package.
             # A checkpoint continues its own directory (an older one, without the name, the

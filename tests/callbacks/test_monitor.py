@@ -1224,3 +1224,28 @@ def test_each_record_holds_the_windows_mean_training_step_loss(tmp_path, accumul
         want = sum(model.taken[i * per:(i + 1) * per]) / per
         assert r.window_loss == pytest.approx(want, rel=1e-6)
         assert r.window_loss != pytest.approx(r.metrics["train_loss"], rel=1e-3)
+
+
+def test_a_logger_folder_holding_a_run_gets_the_fits_record_beside_it(tmp_path):
+    """Two jobs launched at once were given the same logger folder (Lightning's
+    ``version_0``): the second's fit raised at its start, refused the folder's
+    ``relu_doctor`` run directory, where without relu_doctor it trained (an operations
+    trial). A folder the user did not name that holds a run sends the fit's record to the
+    first free ``relu_doctor_1``..., said once; the first run stays whole."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    records = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        cb = ReluDoctor(log_every_n_steps=2)
+        logger = TensorBoardLogger(tmp_path, name="exp", version=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(tmp_path, [cb], max_steps=4, logger=logger).fit(make_model(seed), loader())
+        said = [str(w.message) for w in caught if "holds another run" in str(w.message)]
+        assert len(said) == seed, said
+        records.append(cb.doctor.run_dir)
+    base = tmp_path / "exp" / "version_0"
+    assert records == [base / "relu_doctor", base / "relu_doctor_1"]
+    for run_dir in records:
+        assert sorted(set(load_run(run_dir).history["step"])) == [2, 4]
