@@ -128,10 +128,11 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             keyword argument of the model's forward that holds the mask (``"attention_mask"``
             for Hugging Face models: nonzero at the real positions), or a function of the
             forward's ``(args, kwargs)`` returning it; read at each pass's outermost call. A
-            site whose output, its unit dim left out, begins with the mask's shape (``(batch,
-            seq, features)``, ``(batch, channels, seq)``) then counts its real positions only, forward and gradients (through
-            the eager path, not the fused kernels; not under ``torch.compile``); any other
-            site counts every position, said once. None (the default): every position.
+            site whose output, its unit dim left out, begins with the mask's shape
+            (``(batch, seq, features)``, ``(batch, channels, seq)``) then counts its real
+            positions only, forward and gradients (through the eager path, not the fused
+            kernels; not under ``torch.compile``); any other site counts every position,
+            said once. None (the default): every position.
         stream: which forward passes this Doctor records: ``"train"`` (default; gradients
             enabled, begun at a module in training mode: the model, or a part of it called
             on its own), ``"eval"`` (the others) or
