@@ -418,7 +418,8 @@ class IntervalReading:
             base_now = self._growth_base_now(site_rows)
             findings = diagnose(
                 site_rows, units, self.config, step=self.global_step,
-                param_grad_norms=norms, grad_norm_steps=norm_steps, first_rms={**first_now, **self._first_rms},
+                param_grad_norms=norms, grad_norm_steps=norm_steps,
+                first_rms={**first_now, **self._first_rms},
                 growth_base={**base_now, **self._growth_base},
                 declined=self._declined, site_passes=passes,
                 parts=self.probe.parts(sites) if world == 1 else {},

@@ -155,8 +155,8 @@ def test_a_site_the_mask_does_not_fit_counts_every_position_said_once() -> None:
     mask = torch.tensor([[1] * 8, [1] * 3 + [0] * 5, [1] * 6 + [0] * 2])
     with pytest.warns(ReluDoctorWarning, match=r"1 site\(s\) ran with a padding mask that "
                       r"does not fit them.*'down_act' \(the first's output \(3, 6, 4\), its unit "
-                      r"dim left out, does not begin with the mask's shape \(3, 8\).*2 other site\(s\) are "
-                      r"masked") \
+                      r"dim left out, does not begin with the mask's shape \(3, 8\).*2 other "
+                      r"site\(s\) are masked") \
             as caught, relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=10,
                            padding_mask="attention_mask") as doc:
         for _ in range(2):
