@@ -110,15 +110,22 @@ def test_a_park_after_the_first_makes_no_new_objects_and_keeps_the_users_order()
     # they are empty, and tracks them again when they are filled; they are not new
     holders = {id(m.__dict__[k]) for m in mods for k in ("_forward_hooks", "_forward_pre_hooks")}
     holders |= {id(ref().taken) for ref in _ledgers.values()} | {id(_whole_dicts)}
-    gc.collect()
-    seen = set(map(id, gc.get_objects())) | holders
-    hs.park()
-    new = []
-    for o in gc.get_objects():  # (a loop: a comprehension makes objects of its own)
-        if id(o) not in seen and o is not seen and o is not new:
-            new.append(o)
-    hs.unpark()
-    assert len(new) <= 1, new  # the parked sets' weak reference to this one
+    # (up to three tries: a thread another test left running, a TensorBoard writer's
+    # flush, can make objects of its own meanwhile; a park that made some would every time)
+    tries = []
+    for _ in range(3):
+        gc.collect()
+        seen = set(map(id, gc.get_objects())) | holders
+        hs.park()
+        new = []
+        for o in gc.get_objects():  # (a loop: a comprehension makes objects of its own)
+            if id(o) not in seen and o is not seen and o is not new and o is not tries:
+                new.append(o)
+        hs.unpark()
+        tries.append(new)
+        if len(new) <= 1:
+            break
+    assert len(tries[-1]) <= 1, tries  # the parked sets' weak reference to this one
 
     m, x = mods[0], torch.randn(3)
     m.register_forward_hook(_hook(log, "user-prepended"), prepend=True)
