@@ -501,7 +501,8 @@ class Remedy:
             "change on, so its loss guard (a change after which the window's loss doubles "
             "did not help) is off. Give the loss: doc.step(loss=loss) in a plain loop; "
             "under Lightning, return it from training_step (in manual optimisation too); "
-            "the HF Trainer's model output's loss and Keras' loss tracker are taken.")
+            "the HF Trainer's model output's loss is taken (none from a custom compute_loss "
+            "or return_dict=False's tuples), and Keras' loss tracker.")
 
     def model_snapshot(self, record: RecordLike, sites: Sequence[str] | None = None) -> Snapshot:
         """The model-wide metrics its changes are judged on (:func:`model_snapshot`, over
