@@ -158,9 +158,6 @@ class WindowLoss:
         self._total: torch.Tensor | float | None = None
         self._count = 0
 
-    def clear(self) -> None:
-        self._total, self._count = None, 0
-
     def add(self, value: torch.Tensor | float, count: int = 1) -> None:
         """Add the sum ``value`` of ``count`` passes' losses (a one-element tensor or a
         number)."""
@@ -179,7 +176,7 @@ class WindowLoss:
         """``(sum, count)`` since the last call (``(0.0, 0)`` where nothing was added), the
         next window started."""
         total, count = self._total, self._count
-        self.clear()
+        self._total, self._count = None, 0
         return (0.0 if total is None else total), count
 
 

@@ -178,6 +178,7 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
     after_step = ev.get("after_step")
     step = int(ev.get("step", 0))
     continuous = remedy in CONTINUOUS_REMEDIES and bool(clip)
+    rose = loss_ratio(ev.get("loss_rose"))  # (the loss guard's, where it judged)
     return InterventionView(
         step=step,
         after_step=int(after_step) if isinstance(after_step, int) else None,
@@ -196,8 +197,8 @@ def intervention_view(ev: Mapping[str, Any]) -> InterventionView:
         after_raw=after,
         continuous=continuous,
         adam_step_kept=_adam_step_kept(ev),
-        loss_rose=loss_ratio(ev.get("loss_rose")) or 0.0,
-        loss_guarded=loss_ratio(ev.get("loss_rose")) is not None,
+        loss_rose=rose or 0.0,
+        loss_guarded=rose is not None,
     )
 
 
