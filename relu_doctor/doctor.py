@@ -845,14 +845,20 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             self.window_loss.add(total, count)
         if not count:
             total, count = self._training.loss_sum()
-        if self.all_reduce is not None and not self._alone:
-            dev = model_device(self.model) or torch.device("cpu")
-            pair = torch.stack([
-                torch.as_tensor(total, dtype=torch.float32, device=dev).reshape(()),
-                torch.tensor(float(count), device=dev)])
-            total, summed = self.reduce_sum([pair])[0].tolist()
-            count = round(summed)
+        total, count = self._loss_across(total, count)
         return float(total) / count if count else None
+
+    def _loss_across(self, total: torch.Tensor | float, count: int) -> tuple[torch.Tensor | float, int]:
+        """A sum of losses and their count, summed across processes (one collective, which
+        every process must reach; a host read of the count); as they are with one process."""
+        if self.all_reduce is None or self._alone:
+            return total, count
+        dev = model_device(self.model) or torch.device("cpu")
+        pair = torch.stack([
+            torch.as_tensor(total, dtype=torch.float32, device=dev).reshape(()),
+            torch.tensor(float(count), device=dev)])
+        summed = self.reduce_sum([pair])[0]
+        return summed[0], round(float(summed[1]))
 
     def reduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``tensors`` summed across processes in one collective call (``all_reduce``); the
@@ -1231,6 +1237,12 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                  for t, st in sites.items()}, device, purpose="checkpoint",
             )
             sites = {t: {**st, "window": summed[t]} for t, st in sites.items()}
+        # an integration's loss for the guard, summed over the open window's batches
+        window_loss = self.window_loss.state_dict()
+        if reduce and self._training_doctor is None:  # (an evaluation stream reads none)
+            total, count = self._loss_across(
+                0.0 if window_loss["total"] is None else window_loss["total"], window_loss["count"])
+            window_loss = {"total": total if count else None, "count": count}
         return {
             "global_step": self.global_step,
             "window_steps": self.window_steps,
@@ -1241,6 +1253,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             # (read back: a sync, as a checkpoint makes; every process skips the same steps)
             "scaler_skipped": self._peek_skipped(),
             "training_metrics": self._training.state_dict(),
+            "window_loss": window_loss,
             "sites": sites,
             "findings_open": self._tracker.state_dict(),
             # sites made anew since the last log: their findings begin anew at the next
@@ -1287,6 +1300,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._scaler_skipped = torch.tensor(skipped, dtype=torch.int64) if skipped else None
         if windows:  # (the sums are this process's: the one that carries the windows)
             self._training.load_state_dict(state.get("training_metrics", {}))
+            self.window_loss.load_state_dict(state.get("window_loss"))
+        else:
+            self.window_loss.load_state_dict(None)
         self._passes_at_step = self.probe.passes
         self._tracker.load_state_dict(state.get("findings_open", state.get("began", [])),
                                       restarted=state.get("findings_restarted") or ())

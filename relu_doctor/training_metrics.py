@@ -164,13 +164,27 @@ class WindowLoss:
         total = self._total
         if isinstance(value, torch.Tensor):
             value = value.detach().reshape(()).float()
-            if isinstance(total, torch.Tensor):
-                value = total + value.to(total.device)
+            if isinstance(total, torch.Tensor):  # (a restored sum follows the losses' device)
+                value = total.to(value.device) + value
             elif total is not None:
                 value = value + total
         else:
             value = float(value) + (0.0 if total is None else total)
         self._total, self._count = value, self._count + count
+
+    def state_dict(self) -> dict[str, Any]:
+        """The open window's sum and count, for a checkpoint (a device sum cloned, not
+        read): a window resumed mid-way then covers its batches before the checkpoint."""
+        total = self._total
+        return {"total": total.detach().clone() if isinstance(total, torch.Tensor) else total,
+                "count": self._count}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Restore :meth:`state_dict` (None, from a checkpoint before it was saved: an empty
+        window)."""
+        total = None if not state else state.get("total")
+        self._total = total if isinstance(total, torch.Tensor) or total is None else float(total)
+        self._count = int(state.get("count", 0)) if state and total is not None else 0
 
     def take(self) -> tuple[torch.Tensor | float, int]:
         """``(sum, count)`` since the last call (``(0.0, 0)`` where nothing was added), the

@@ -266,22 +266,33 @@ def _loss_of(rank: int, step: int) -> float:
 
 def _losses(rank: int) -> dict:
     """Each process gives its own losses, through ``step(loss=...)`` in the first run and
-    through an integration's measure (``window_loss``) in the second: the window losses the
-    remedies' guard reads."""
+    through an integration's measure (``window_loss``) in the second and third: the window
+    losses the remedies' guard reads. The third is checkpointed after its first step (in
+    its first window), as Lightning and the HF Trainer save (``reduce=True``), and resumed
+    by a new Doctor (process 0 carries the windows)."""
     out = {}
-    for name in ("step", "integration"):
+    for name in ("step", "integration", "resumed"):
         model = Experts()
-        with relu_doctor.watch(model, log_every_n_steps=LOG_EVERY, every_n_steps=1,
-                               all_reduce=all_reduce, world_size=WORLD) as doc:
-            for step in range(1, STEPS + 1):
-                model(torch.randn(BATCH, 8), [0, 1]).pow(2).mean().backward()
-                loss = torch.tensor(_loss_of(rank, step))
-                if name == "step":
-                    doc.step(loss=loss)
-                else:
-                    doc.window_loss.add(loss)
-                    doc.step()
-        out[name] = [(r.step, r.window_loss) for r in doc.records]
+        watch = dict(log_every_n_steps=LOG_EVERY, every_n_steps=1, all_reduce=all_reduce,
+                     world_size=WORLD)
+        doc = relu_doctor.watch(model, **watch)
+        records = []
+        for step in range(1, STEPS + 1):
+            model(torch.randn(BATCH, 8), [0, 1]).pow(2).mean().backward()
+            loss = torch.tensor(_loss_of(rank, step))
+            if name == "step":
+                doc.step(loss=loss)
+            else:
+                doc.window_loss.add(loss)
+                doc.step()
+            if name == "resumed" and step == 1:
+                state = doc.state_dict(reduce=True)
+                records += doc.records  # (not the window close() logs: the run goes on)
+                doc.close()
+                doc = relu_doctor.watch(model, **watch)
+                doc.load_state_dict(state, windows=rank == 0)
+        doc.close()
+        out[name] = [(r.step, r.window_loss) for r in records + doc.records]
     return out
 
 
@@ -447,7 +458,7 @@ def test_every_process_reads_the_window_loss_of_them_all(runs):
     """The loss guard's window loss is the mean over every process's steps, NaN where one
     process's is: each process's own would let the remedies judge a change apart on each,
     and the copies of the model part."""
-    for name in ("step", "integration"):
+    for name in ("step", "integration", "resumed"):
         expected = []
         for end in range(LOG_EVERY, STEPS + 1, LOG_EVERY):
             values = [_loss_of(r, s) for r in range(WORLD) for s in range(end - LOG_EVERY + 1,

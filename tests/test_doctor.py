@@ -914,9 +914,10 @@ def test_state_dict_reduce_sums_open_windows_once_and_windows_false_starts_them_
         plain = doc.state_dict()
         summed = doc.state_dict(reduce=True)
         # One collective for every site's window, after the fixed-size one that checks the
-        # processes hold the same sites.
-        assert len(calls) == 2
+        # processes hold the same sites; then the window loss's sum and count.
+        assert len(calls) == 3
         assert calls[1] == sum(st["window"].numel() for st in plain["sites"].values())
+        assert calls[2] == 2
     for token, site in plain["sites"].items():
         assert torch.equal(summed["sites"][token]["window"], site["window"] * 2)
         assert torch.equal(summed["sites"][token]["lifetime"], site["lifetime"])
@@ -1153,6 +1154,24 @@ def test_a_checkpoint_loaded_without_windows_restores_no_training_metric_sums():
         resumed.load_state_dict(state, windows=windows)
         resumed.log_metrics({"loss": 4.0})
         assert resumed._training.read([])["loss"] == want
+        resumed.detach()
+
+
+@pytest.mark.parametrize("total", [2.0, torch.tensor(2.0)], ids=["number", "tensor"])
+def test_a_checkpoint_carries_an_integrations_open_window_loss(total):
+    """The loss an integration adds for the remedies' guard (Lightning's, Keras', the HF
+    Trainer's) is in the checkpoint: a window resumed mid-way reads its batches before the
+    checkpoint too, where it read those after it alone. windows=False starts it empty."""
+    model = _TwoWays()
+    with relu_doctor.watch(model, log_every_n_steps=100) as doc:
+        doc.window_loss.add(total)
+        state = doc.state_dict()
+    assert doc.window_loss.take() == (total, 1)  # (saving leaves the window as it was)
+    for windows, want in ((True, 3.0), (False, 4.0)):  # the mean of (2, 4), or of (4) alone
+        resumed = relu_doctor.watch(_TwoWays(), log_every_n_steps=100)
+        resumed.load_state_dict(state, windows=windows)
+        resumed.window_loss.add(torch.tensor(4.0))
+        assert resumed._window_loss() == want
         resumed.detach()
 
 
