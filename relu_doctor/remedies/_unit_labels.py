@@ -117,3 +117,95 @@ def spatial_dims(n: Node, rank: int) -> int:
     if pool:
         return int(pool.group(3))
     return rank - 2 if n.name == "interpolate" and rank > 2 else 0
+
+
+def _extremes(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lab`` with a pad's zeros (:data:`PAD`) as -inf and as +inf: the operands of an amax
+    and an amin that leave them out."""
+    real = lab != PAD
+    return torch.where(real, lab, -math.inf), torch.where(real, lab, math.inf)
+
+
+def _pure(node: Node, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """The labels of an output whose elements each gathered the labels between ``lo`` and
+    ``hi`` (-inf and +inf: only a pad's zeros): refuse where one gathered two."""
+    none = torch.isinf(hi) & (hi < 0)
+    if bool((~none & (hi != lo)).any()):
+        raise Refuse(f"{node.describe()} adds the units to each other or to values from "
+                     "elsewhere (a target that held other values, a residual)")
+    return torch.where(none, PAD, hi)
+
+
+def sum_labels(node: Node, labels: dict[Value, torch.Tensor]) -> torch.Tensor:
+    """An elementwise sum (``a + b``, ``a - b``) whose operands carry the same unit at every
+    element (a GIN layer's ``(1 + eps) * x + aggregate(x)``): each element still holds one
+    unit. Refused where a unit meets another, or a value from elsewhere (a residual)."""
+    a, b = node.arg(0, "input"), node.arg(1, "other")
+    shape = node.outputs[0].shape if node.outputs else ()
+    if not (isinstance(a, Value) and isinstance(b, Value)):
+        raise Refuse(
+            f"its units also reach {node.describe()}, which adds a constant or a parameter to "
+            "them: a dead unit's zeros would not stay zero")
+    la, lb = (broadcast(labels_for(labels, v), shape) for v in (a, b))
+    (ha, la_), (hb, lb_) = _extremes(la), _extremes(lb)
+    try:
+        return _pure(node, torch.maximum(ha, hb), torch.minimum(la_, lb_))
+    except Refuse:
+        raise Refuse(
+            f"its units also reach {node.describe()}, a sum with another branch (a residual or "
+            "skip connection): a recycled unit's new value would pass through it unweighted"
+        ) from None
+
+
+#: Calls that make a tensor of zeros: a scatter into one adds nothing else to the units.
+ZEROS = frozenset({"zeros", "zeros_like", "new_zeros"})
+#: Scatters and index reductions (a GNN's message aggregation): each element of the output
+#: gathers the source's elements that the index sends there (and its own, ``include_self``).
+SCATTERS = frozenset({"index_add", "index_reduce", "scatter_add", "scatter_reduce", "scatter"})
+
+
+def scatter_labels(node: Node, labels: dict[Value, torch.Tensor]) -> torch.Tensor:
+    """The labels of a scatter's output, replayed with amax and amin on the labels: each
+    element must gather one unit (a pad's zeros and a target made of zeros gather none).
+    Refused where it gathers two, or a unit and a value from elsewhere (a target that holds
+    other values: a residual)."""
+    name = node.name
+    target, dim, index = node.arg(0, "input"), node.arg(1, "dim"), node.arg(2, "index")
+    src = node.arg(3, "source" if name.startswith("index") else "src")
+    if not (isinstance(dim, int) and isinstance(index, Value) and index.data is not None
+            and isinstance(src, Value)):
+        raise Refuse(f"cannot follow the units through {node.describe()}")
+    overwrite = name == "scatter" and node.arg(4, "reduce") is None
+    keep = bool(node.kwargs.get("include_self", True)) and not overwrite
+    if isinstance(target, Value) and target not in labels and target.node is not None and (
+            target.node.name in ZEROS):
+        t = torch.full(target.shape, PAD)  # (its zeros add nothing to a unit)
+    else:
+        t = labels_for(labels, target)
+    (th, tl), (sh, sl) = _extremes(t), _extremes(labels_for(labels, src))
+    idx = index.data.cpu()
+    if name.startswith("index"):  # (as a scatter: source element i of dim goes to idx[i])
+        along = [1] * sh.dim()
+        along[dim] = -1
+        idx = idx.reshape(along).expand(sh.shape)
+    hi = th.scatter_reduce(dim, idx, sh, "amax", include_self=keep)
+    lo = tl.scatter_reduce(dim, idx, sl, "amin", include_self=keep)
+    return _pure(node, hi, lo)
+
+
+#: Matrix products: ``a @ h`` sums h's rows, weighted by a matrix that carries no unit (a
+#: graph's adjacency, sparse or dense; attention weights), and keeps its columns apart.
+MATMULS = frozenset({"matmul", "__matmul__", "mm", "bmm", "_sparse_mm", "spmm"})
+
+
+def matmul_labels(node: Node, labels: dict[Value, torch.Tensor]) -> torch.Tensor:
+    """The labels of ``a @ h`` where the units are in ``h`` alone and each column of ``h``
+    carries one unit: its output's columns carry them. Refused where ``a`` carries units or
+    a column of ``h`` holds two (the product would sum them)."""
+    a, h = node.arg(0, "input"), node.arg(1, "other", node.kwargs.get("mat2"))
+    lh = labels.get(h) if isinstance(h, Value) else None
+    if lh is None or lh.dim() < 2 or (isinstance(a, Value) and a in labels):
+        raise Refuse(f"{node.describe()} sums the units with each other or with other values")
+    hi, lo = _extremes(lh)
+    out = _pure(node, hi.amax(-2, keepdim=True), lo.amin(-2, keepdim=True))
+    return broadcast(out, node.outputs[0].shape)

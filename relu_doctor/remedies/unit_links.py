@@ -12,7 +12,9 @@ it needs both ends, found in a :class:`~relu_doctor.remedies.dataflow.Dataflow`:
   tensor's elements labelled with the unit they carry, through what keeps a dead unit's zeros
   zero and its units apart: dropout, pooling, spatial means, reshape/flatten/permute/
   transpose, slicing, channel concatenation (a unit maps to a slice of the consumer's
-  inputs), products with other tensors (a gate, a layer scale). Each path must end in a
+  inputs), products with other tensors (a gate, a layer scale), and what gathers one unit
+  into each element: a graph's message aggregation (a scatter into zeros, an adjacency
+  product ``adj @ h``) and a sum of a unit with itself (GIN's). Each path must end in a
   Linear/ConvNd input (those columns are zeroed) or an affine per-channel norm (that
   channel's scale is zeroed and its shift kept, so it still outputs what a dead unit gave).
 
@@ -32,14 +34,19 @@ import torch.nn as nn
 
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies._unit_labels import (
+    MATMULS,
     PAD,
+    SCATTERS,
     Refuse,
     broadcast,
     channel_map,
+    matmul_labels,
     pool_labels,
     reduce_labels,
     replay,
+    scatter_labels,
     spatial_dims,
+    sum_labels,
 )
 from relu_doctor.remedies.base import get_module, key_label, site_key_of
 from relu_doctor.remedies.dataflow import (
@@ -428,10 +435,11 @@ def _consume(
         consumers.append(_consumer(owner, m, "norm"))
         return []
     if name in _SUM:
-        raise Refuse(
-            f"its units also reach {n.describe()}, a sum with another branch (a residual or "
-            "skip connection): a recycled unit's new value would pass through it unweighted"
-        )
+        return [sum_labels(n, labels)]
+    if name in SCATTERS:
+        return [scatter_labels(n, labels)]
+    if name in MATMULS:
+        return [matmul_labels(n, labels)]
     if name in _MOVE:
         return replay(n, labels)
     if name in _CASTS:

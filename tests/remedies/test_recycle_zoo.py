@@ -6,6 +6,7 @@ training mode), or refused with the path that blocks it named."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -505,3 +506,91 @@ def test_sites_read_as_fed_by_a_norm_of_units_together_are_those_recycling_refus
     assert any(said in t for t in texts["act3"]), texts["act3"]  # (its dormant units')
     assert {k for k, v in mixed.items() if v} == {"act1", "act3", "act4"}, mixed
     assert not mixed["act2"] and not mixed["act5"], mixed
+
+
+class _MessagePassing(nn.Module):
+    """A graph network's layer as PyG and DGL write it by hand: ``h = relu(lin1(x))``, its
+    messages aggregated over the edges (``kind``), then ``lin2`` and a head. Every
+    aggregation keeps a unit's messages in its own feature column."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.lin1, self.lin2, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, edges: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.lin1(x))
+        src, dst = edges
+        per_edge = dst.unsqueeze(1).expand(-1, h.shape[1])
+        agg = {
+            "index_add": lambda: torch.zeros_like(h).index_add_(0, dst, h[src]),
+            "scatter_mean": lambda: h.new_zeros(h.shape).scatter_reduce_(
+                0, per_edge, h[src], "mean", include_self=False),
+            "scatter_amax": lambda: torch.zeros(h.shape).scatter_reduce(
+                0, per_edge, h[src], "amax"),
+            "scatter_add": lambda: torch.zeros_like(h).scatter_add(0, per_edge, h[src]),
+            "sparse_mm": lambda: torch.sparse.mm(adj, h),
+            "dense_mm": lambda: adj.to_dense() @ h,
+            # GIN: (1 + eps) * x + sum of the neighbours' x, each column one unit
+            "gin": lambda: 1.5 * h + torch.index_add(torch.zeros_like(h), 0, dst, h[src]),
+        }[self.kind]()
+        return self.head(torch.relu(self.lin2(agg)))
+
+
+def _graph() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    edges = torch.tensor([[0, 1, 2, 3, 4, 0, 2], [1, 2, 3, 4, 0, 2, 2]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's note on sparse invariant checks)
+        adj = torch.sparse_coo_tensor(edges, torch.rand(edges.shape[1]), (5, 5)).coalesce()
+    return torch.randn(5, 4), edges, adj
+
+
+@pytest.mark.parametrize("kind", ["index_add", "scatter_mean", "scatter_amax", "scatter_add",
+                                  "sparse_mm", "dense_mm", "gin"])
+def test_graph_aggregations_recycle_their_units(kind):
+    """A unit's messages gathered into a tensor of zeros (``index_add_``, ``scatter_reduce``,
+    ``scatter_add``), through an adjacency product (``torch.sparse.mm``, ``adj @ h``), or
+    summed with themselves (GIN) reach ``lin2``'s column of that unit alone: both sites are
+    recycled, the output unchanged (a GNN trial: they were refused as "its units reach
+    index_add")."""
+    done, refused = survey(_MessagePassing(kind), _graph())
+    assert not refused, refused
+    first = done["(root):relu#0"].describe()
+    assert (first["producer"], [c["path"] for c in first["consumers"]]) == ("lin1", ["lin2"])
+
+
+class _Gathered(nn.Module):
+    """Aggregations that do mix a unit with other values: into a target that holds the
+    layer's input (a residual), two units into one column, the units as the weights of a
+    product (``h @ w``, contracting them)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.lin1, self.lin2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, edges: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.lin1(x))
+        src, dst = edges
+        agg = {
+            "residual": lambda: self.lin1(x).index_add(0, dst, h[src]),
+            "two_units": lambda: torch.zeros_like(h).index_add_(1, torch.tensor([0, 0, 2, 3, 4, 5, 6, 7]), h),
+            "contracted": lambda: h.t() @ torch.ones(5, 8),
+            "other_sum": lambda: h + x.repeat(1, 2),
+        }[self.kind]()
+        return self.lin2(agg)
+
+
+@pytest.mark.parametrize(("kind", "blocked"), [
+    ("residual", "index_add in (root).forward adds the units to each other or to values from"),
+    ("two_units", "index_add in (root).forward adds the units to each other"),
+    ("contracted", "matmul in (root).forward sums the units"),
+    ("other_sum", "a sum with another branch"),
+])
+def test_aggregations_that_mix_a_unit_with_other_values_are_refused(kind, blocked):
+    """A recycled unit's new value would reach the output unweighted through these: refused,
+    the op named."""
+    done, refused = survey(_Gathered(kind), _graph())
+    assert list(refused) == ["(root):relu#0"] and not done
+    assert blocked in refused["(root):relu#0"], refused
