@@ -347,6 +347,9 @@ class Probe(SiteRegistry, HookOwner):
         # Why an integration's unit_dims pattern chose its dim, for the site's unit_rule
         # (the Keras callback: each layer's data format); a user's override has none.
         self.unit_rules: dict[str, str] = {}
+        # and the norm of each unit on its own before the activation, for the site's norm
+        # (the Keras callback's BatchNormalization, which no pass of torch's is read for)
+        self.unit_norms: dict[str, str] = {}
         self.gradients = gradients
         self.grad_scale = grad_scale
         self.require_modules = require_modules

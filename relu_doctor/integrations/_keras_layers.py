@@ -174,6 +174,14 @@ class KerasSite:
         return f"Keras {kind} layer `{self.path}` ({_producer_dim(self.layer)[1]})"
 
     @property
+    def norm(self) -> str:
+        """The BatchNormalization that normalises each of its units on its own just before
+        it, in words (``""``: none; as :attr:`relu_doctor.sites.Site.norm`: the advice names
+        its shift and scale, not "add BatchNorm"). A Dense's or Conv's own activation has
+        none between the layer and it."""
+        return "" if self.by_activation else _producer_dim(self.layer)[2]
+
+    @property
     def pattern(self) -> str:
         """A glob pattern matching exactly this site's path (for ``unit_dims``)."""
         return glob.escape(self.path)
@@ -289,12 +297,13 @@ def _input_op(layer: Any) -> Any:
     return getattr(parents[0], "operation", None) if parents else None
 
 
-def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str]:
-    """An activation layer's unit dim and why: that of the layer that made its input in
-    the model's graph (a convolution's ``data_format``, a BatchNormalization's ``axis``, a
-    Dense's last dim), followed back through up to ``hops`` layers that keep the axes
-    (dropout, an activation, an elementwise merge: not a Permute or a Reshape); else the
-    channel axis of Keras' ``image_data_format()``."""
+def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str, str]:
+    """An activation layer's unit dim, why, and the norm of each unit on its own its input
+    passed last (``""``: none): that of the layer that made its input in the model's graph
+    (a convolution's ``data_format``, a BatchNormalization's ``axis``, a Dense's last dim),
+    followed back through up to ``hops`` layers that keep the axes (dropout, an activation,
+    an elementwise merge: not a Permute or a Reshape); else the channel axis of Keras'
+    ``image_data_format()``."""
     op = layer
     for _ in range(hops):
         op = _input_op(op)
@@ -303,15 +312,15 @@ def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str]:
         name = f"{type(op).__name__} `{op.name}`"
         fmt = getattr(op, "data_format", None)
         if isinstance(op, (*_CONVS, *_POOLS)) and fmt in ("channels_first", "channels_last"):
-            return (1 if fmt == "channels_first" else -1), f"after {name}, {fmt}"
+            return (1 if fmt == "channels_first" else -1), f"after {name}, {fmt}", ""
         if isinstance(op, keras.layers.BatchNormalization) and op.axis in (1, -1):
-            return op.axis, f"after {name}, axis {op.axis}"
+            return op.axis, f"after {name}, axis {op.axis}", name
         if isinstance(op, _ACTIVATED):
-            return -1, f"after {name}: its features (last dim)"
+            return -1, f"after {name}: its features (last dim)", ""
         if not isinstance(op, _SAME_AXES):  # a Permute, a Reshape, an RNN: not followed
             break
     fmt = keras.config.image_data_format()
-    return (1 if fmt == "channels_first" else -1), f"image_data_format {fmt}"
+    return (1 if fmt == "channels_first" else -1), f"image_data_format {fmt}", ""
 
 
 #: The layers with an anonymous activation already said, by model (each ``fit`` looks again)

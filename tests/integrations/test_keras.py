@@ -202,6 +202,35 @@ def test_conv_channels_last_units_are_filters(tmp_path: Path) -> None:
         assert row["activation_rate"] == pytest.approx(want[site]["activation_rate"], rel=1e-9)
 
 
+def test_dead_units_behind_a_batchnormalization_are_told_to_check_its_shift(tmp_path: Path) -> None:
+    """A ReLU layer right after a BatchNormalization whose shift (beta) keeps units below 0
+    was told to "add BatchNorm before the activation" (a trial: Keras sites had no norm,
+    read only from torch's pass). Its advice names that BatchNormalization's shift and
+    scale now, as a PyTorch Conv-BN-ReLU's does; a Dense's own activation has none."""
+    keras.utils.set_random_seed(0)
+    i = keras.Input((6, 6, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same", name="conv")(i)
+    bn = keras.layers.BatchNormalization(name="bn")
+    h = keras.layers.ReLU(name="act")(bn(h))
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    h = keras.layers.Dense(4, activation="relu", name="fc")(h)
+    model = keras.Model(i, keras.layers.Dense(2)(h))
+    model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
+    bn.beta.assign(np.array([-50.0, -50.0, 0.0, 0.0], dtype="float32"))  # units 0, 1 dead
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6, 6, 3)).astype("float32")
+    y = rng.normal(size=(16, 2)).astype("float32")
+    cb = ReluDoctorCallback(log_every_n_steps=2, every_n_steps=1, run_dir=tmp_path / "run")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False, callbacks=[cb])
+    assert cb.doctor is not None
+    assert (cb.doctor.probe.site("act").norm, cb.doctor.probe.site("fc").norm) == (
+        "BatchNormalization `bn`", "")
+    [dead] = [f for f in cb.doctor.records[-1].findings if (f.kind, f.site) == ("dead", "act")]
+    assert dead.evidence["dead"] == 2 and dead.evidence["norm"] == "BatchNormalization `bn`"
+    assert "the shift (bias) and scale (weight) of the BatchNormalization `bn`" in dead.remedy
+    assert "add BatchNorm" not in dead.remedy
+
+
 def test_an_activation_layer_takes_the_units_of_the_layer_that_made_its_input(
         tmp_path: Path) -> None:
     """A ReLU layer after a channels_first Conv2D (through a BatchNormalization on axis 1)
