@@ -331,6 +331,7 @@ def diagnose(
     parts: Mapping[str, tuple[str, int]] | None = None,
     growth_base: Mapping[str, float] | None = None,
     norms: Mapping[str, str] | None = None,
+    positions: Mapping[str, int] | None = None,
 ) -> list[Finding]:
     """Findings for one window.
 
@@ -390,6 +391,11 @@ def diagnose(
             side to input side is measured within each flow, its sites in the order their
             parts feed each other, then the order they first ran (a GAN's discriminator,
             whose passes may run first, is fed by its generator: no input side of it).
+        positions: by site, the positions of a sample each unit has (a convolution's H*W, a
+            sequence's tokens; 1 where absent): the gradient's fall or growth is measured
+            per unit and sample (RMS times the root of the positions), which an average over
+            positions (global pooling before a classifier's Dense layer) does not make fall
+            with the image's size, as it does the RMS per element.
 
     Returns:
         Findings, most severe first.
@@ -557,7 +563,7 @@ def diagnose(
             )
         )
     out.extend(_gradient_findings(sites, config, step, param_grad_norms, parts or {},
-                                  grad_norm_steps))
+                                  grad_norm_steps, positions or {}))
     out.extend(_growth_findings(sites, config, step, first_rms or {},
                                 (first_rms or {}) if growth_base is None else growth_base))
     rows = {str(r["site"]): r for r in sites}
@@ -586,9 +592,11 @@ def _gradient_findings(
     param_grad_norms: Sequence[float],
     parts: Mapping[str, tuple[str, int]],
     grad_norm_steps: int | None = None,
+    positions: Mapping[str, int] | None = None,
 ) -> list[Finding]:
     out: list[Finding] = []
     names = REMEDY_NAMES[config.loop]
+    positions = positions or {}
 
     def part(r: Mapping[str, Any]) -> tuple[str, int]:  # (its flow, its part's rank there)
         return parts.get(str(r["site"]), ("", 0))
@@ -596,11 +604,19 @@ def _gradient_findings(
     def place(r: Mapping[str, Any]) -> tuple[int, int]:  # input side first
         return part(r)[1], int(r["order"])
 
+    def per_sample(r: Mapping[str, Any]) -> float:
+        # A unit's gradient over one sample's positions (its RMS per element times their
+        # root). Per element, a Keras trial's healthy CNN read a fall of 2.36e3x from its
+        # Dense site to its first conv at 64x64, 9.66e3x at 128x128 (x4 a doubling of the
+        # side): the global average pooling between them divides each position's gradient
+        # by their count. Per unit and sample it falls by the root of that, and not at all
+        # behind a flatten (whose next layer's initialisation scales by the root).
+        return float(r["grad_rms"]) * math.sqrt(max(1, positions.get(str(r["site"]), 1)))
+
     flows: dict[str, list[tuple[tuple[int, int], str, float]]] = {}
     for r in sites:
         if math.isfinite(float(r["grad_rms"])):
-            flows.setdefault(part(r)[0], []).append(
-                (place(r), str(r["site"]), float(r["grad_rms"])))
+            flows.setdefault(part(r)[0], []).append((place(r), str(r["site"]), per_sample(r)))
     for flow in flows.values():
         flow.sort()
     # (of models stepped apart, one whose gradients are all zero while another's are not)
@@ -633,17 +649,26 @@ def _gradient_findings(
                   if len(fl) >= 2 and fl[-1][2] > 0)
     said = [ends[0]] if ends and ends[0][0] < config.vanishing_ratio and not silent else []
     said += [ends[-1]] if ends and ends[-1][0] > config.exploding_ratio else []
+    rms = {str(r["site"]): float(r["grad_rms"]) for r in sites}
     for ratio, first, last, name in said:
-        ev: dict[str, Any] = {"input_side": first[1], "input_grad_rms": first[2],
-                              "output_side": last[1], "output_grad_rms": last[2],
+        ev: dict[str, Any] = {"input_side": first[1], "input_grad_rms": rms[first[1]],
+                              "output_side": last[1], "output_grad_rms": rms[last[1]],
                               "ratio": ratio}
         if len(flows) > 1:
             ev["part"] = name
+        at = {s: max(1, positions.get(s, 1)) for s in (first[1], last[1])}
+        per = ""
+        if at[first[1]] != at[last[1]]:
+            ev["positions"] = at
+            raw = rms[first[1]] / rms[last[1]]
+            per = (f", per unit and sample ({first[1]} has {at[first[1]]} positions a "
+                   f"sample, {last[1]} {at[last[1]]}; per element its RMS "
+                   + (f"falls {1 / raw:.3g}x)" if raw < 1 else f"grows {raw:.3g}x)"))
         if ratio < config.vanishing_ratio:
             out.append(
                 Finding(
                     "vanishing_gradient", "model", "warning",
-                    (f"gradient RMS falls {1 / ratio:.3g}x from {last[1]} to {first[1]}."
+                    (f"gradient RMS falls {1 / ratio:.3g}x from {last[1]} to {first[1]}{per}."
                      if ratio > 0 else
                      f"gradient RMS falls to zero from {last[1]} to {first[1]}: no "
                      f"gradient reaches {first[1]}."),
@@ -660,7 +685,7 @@ def _gradient_findings(
             out.append(
                 Finding(
                     "exploding_gradient", "model", "critical",
-                    f"gradient RMS grows {ratio:.3g}x from {last[1]} to {first[1]}.",
+                    f"gradient RMS grows {ratio:.3g}x from {last[1]} to {first[1]}{per}.",
                     ev,
                     f"Lower the learning rate with a schedule ({names['lr']}, step or "
                     f"exponential decay){_and_clip(names, config)}; watch loss and "

@@ -82,7 +82,11 @@ def _unrecyclable(sites: Sequence[Site]) -> dict[str, str]:
             fed.setdefault(feed(s), []).append(s.name)
     out = {}
     for s in sites:
-        if s.summed or s.mixed:
+        if s.experts:
+            out[s.name] = (f"each of its units is that unit of all {s.experts} experts of "
+                           f"{module_label(s.producer or '')!r}, run in one grouped call: no "
+                           "one layer's rows make it")
+        elif s.summed or s.mixed:
             out[s.name] = _SUMMED if s.summed else _mixed(s.mixed)
         elif s.chained and s.producer is not None:  # (the recycler refuses it: a review)
             out[s.name] = ("its input comes through another watched activation (it is a "
@@ -426,6 +430,7 @@ class IntervalReading:
                 call_index={s.name: s.key.call_index for s in sites if s.key.call_index},
                 unrecyclable=_unrecyclable(sites),
                 norms={s.name: s.norm for s in sites if s.norm},
+                positions={s.name: s.positions for s in sites},
                 recycling=self._recycling(sites),
                 # (a DormantRecycler without tau= takes units by their ReDo score alone)
                 recycling_by_score=self._bound_at(

@@ -466,6 +466,7 @@ class Probe(SiteRegistry, HookOwner):
         self._prepared: dict[
             tuple[str, int, str | None], tuple[Family, Prepared, Site, SiteStats]] = {}
         self._warned_units: set[SiteKey] = set()
+        self._warned_experts = False  # (a site of pooled experts: said once)
 
     # ------------------------------------------------------------------ selection
     def selected(self, path: str) -> bool:

@@ -53,6 +53,9 @@ _RESHAPE = {
 _TRANSPOSE = {"transpose", "swapaxes", "swapdims", "transpose_"}
 _MOVEDIM = {"movedim", "moveaxis"}
 _CAT = {"cat", "concat", "concatenate"}
+#: Grouped matmuls: ``x @ W[e]`` for the rows of each expert ``e`` of a stacked weight
+#: ``(experts, in, out)`` (torch's, and transformers' fallback op).
+_GROUPED_MM = {"_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
 # Ops that mix or regroup axes: their output keeps no input's feature axis.
 _MIXING = _MATMUL | {
     "einsum", "tensordot", "kron", "outer", "pixel_shuffle", "pixel_unshuffle", "unfold",
@@ -94,6 +97,10 @@ class Origin:
             (:meth:`ProvenanceTracker.after_site`): a site of them is the second of a chain
             (``F.relu`` then a LeakyReLU), not a second consumer of the layer beside the
             first.
+        experts: the number of experts whose features these are, pooled (0: none): made by
+            one grouped call of a mixture of experts' stacked weight (``(experts, in, out)``:
+            transformers' ``grouped_mm`` and ``batched_mm`` experts), each row by the expert
+            it was routed to, so feature ``j`` is feature ``j`` of every expert.
     """
 
     dim: int
@@ -105,13 +112,15 @@ class Origin:
     mixed: str = ""
     norm: str = ""
     after_site: bool = False
+    experts: int = 0
 
     def rule(self, ndim: int) -> str:
         """The rule in words, e.g. ``"Linear `fc1` -> last dim"``."""
         where = "last dim" if self.dim == ndim - 1 and ndim > 1 else f"dim {self.dim}"
         if self.moved:
             where = f"{self.kind} moved to {where}"
-        return f"{self.producer} -> {where}"
+        pooled = f" (its {self.experts} experts' units pooled)" if self.experts else ""
+        return f"{self.producer} -> {where}{pooled}"
 
 
 def _remove_mode(mode: TorchFunctionMode) -> None:
@@ -156,6 +165,9 @@ class ProvenanceTracker:
         self._weights: dict[int, tuple[Any, str, str | None, str | None]] = {}
         #: the ids among them of parameters and their views and casts (not buffers)
         self._params: set[int] = set()
+        #: of those, a stacked experts' weight gathered by each row's expert (``W[ids]``):
+        #: id -> the number of experts
+        self._gathered: dict[int, int] = {}
 
     # ------------------------------------------------------------------ passes
     @property
@@ -171,6 +183,7 @@ class ProvenanceTracker:
             return
         self._weights = self._weight_labels()
         self._params = {id(p) for p in self.model.parameters()}
+        self._gathered = {}
         self._origins.clear()
         self._mode.__enter__()  # type: ignore[no-untyped-call]
         self._active = True
@@ -198,6 +211,7 @@ class ProvenanceTracker:
             self._active = False
         self._origins.clear()
         self._weights = {}
+        self._gathered = {}
         self._params = set()
 
     def _weight_labels(self) -> dict[int, tuple[Any, str, str | None, str | None]]:
@@ -276,12 +290,40 @@ class ProvenanceTracker:
             with contextlib.suppress(Exception):
                 self._see(name, args, kwargs, out)
 
+    def _pooled(self, made: Origin, weight: Any) -> Origin:
+        """``made`` by a call of ``weight``: where it is a stacked experts' weight, gathered
+        by each row's expert (``batched_mm``) or whole (a grouped matmul), with the
+        experts pooled."""
+        n = self._gathered.get(id(weight), 0)
+        return replace(made, experts=n) if n else made
+
     def _see(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         first = args[0] if args else kwargs.get("input")
+        if (name == "__getitem__" and isinstance(out, torch.Tensor) and out.dim() == 3
+                and isinstance(first, torch.Tensor) and first.dim() == 3
+                and id(first) in self._params and (w := self._weight(first)) is not None
+                and len(args) > 1 and isinstance(args[1], torch.Tensor)
+                and not args[1].is_floating_point() and args[1].dim() == 1):
+            # a stacked experts' weight gathered by each row's expert: W[expert_ids]
+            self._weights[id(out)] = (weakref.ref(out), *w)
+            self._params.add(id(out))
+            self._gathered[id(out)] = int(first.shape[0])
+            return
+        if name in _GROUPED_MM and isinstance(out, torch.Tensor):
+            weight = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("mat_b"))
+            if isinstance(weight, torch.Tensor) and weight.dim() == 3 and (
+                    self._weight(weight) is not None):
+                made = self._made(out.dim() - 1, name, weight, "", "features")
+                self._set(out, replace(made, experts=int(weight.shape[0])))
+            return
         if name in _WEIGHT_VIEWS and isinstance(out, torch.Tensor):
             w = self._weight(first)
             if w is not None:
                 self._weights[id(out)] = (weakref.ref(out), *w)
+                if id(first) in self._gathered:  # (its rows still each row's expert's)
+                    self._gathered[id(out)] = self._gathered[id(first)]
+                else:
+                    self._gathered.pop(id(out), None)
                 if id(first) in self._params:  # (W.t(), W.bfloat16(): still a parameter's)
                     self._params.add(id(out))
                 else:
@@ -302,13 +344,15 @@ class ProvenanceTracker:
             if not isinstance(out, torch.Tensor):
                 return
             if self._weight(weight) is not None:  # x @ W: the last dim
-                self._set(out, self._made(out.dim() - 1, name, weight, "", "features"))
+                self._set(out, self._pooled(
+                    self._made(out.dim() - 1, name, weight, "", "features"), weight))
             elif self._weight(left) is not None and id(left) in self._params and (
                     out.dim() >= 2 and self._contracts_features(weight)):  # W @ x: the rows (a
                 # trial: a GNN's relu(W @ x.T) of N nodes read as N units, calls dropped as N
                 # varied). Not where x holds features elsewhere: A_hat @ (x @ W), an adjacency
                 # or a learned mixing of the nodes, keeps x's (a review)
-                self._set(out, self._made(out.dim() - 2, name, left, "", "features"))
+                self._set(out, self._pooled(
+                    self._made(out.dim() - 2, name, left, "", "features"), left))
             return
         if name in _CONV:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")

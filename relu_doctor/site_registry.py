@@ -60,6 +60,7 @@ class SiteRegistry:
         _not_units: set[SiteKey]
         _want_provenance: bool
         _warned_units: set[SiteKey]
+        _warned_experts: bool
         _tracked_passes: int
         _targets: dict[nn.Module, tuple[str, Family]]
         _failed: set[SiteKey]
@@ -204,10 +205,14 @@ class SiteRegistry:
             mixed=origin.mixed if origin is not None else kin.mixed if kin is not None else "",
             norm=(origin.norm if origin is not None else kin.norm if kin is not None
                   else given_norm),
+            experts=origin.experts if origin is not None else kin.experts if kin is not None else 0,
         )
         site.made_by = self._made_by(site)
         self._sites[key] = site
         self._rename()
+        if site.experts and not self._warned_experts:
+            self._warned_experts = True
+            self._warn_experts(site)
         pending = self._pending.pop(key.token(), None)
         if pending is not None:
             _restore(site, pending)
@@ -229,7 +234,7 @@ class SiteRegistry:
                 " (no producing layer found)")
             return
         site.producer, site.summed, site.mixed = origin.layer, origin.summed, origin.mixed
-        site.norm, site.chained = origin.norm, origin.after_site
+        site.norm, site.chained, site.experts = origin.norm, origin.after_site, origin.experts
         site.made_by = self._made_by(site)
         site.unit_rule = origin.rule(len(shape))
         if origin.dim != site.dim_for(len(shape)) or shape[origin.dim] != site.units:
@@ -304,6 +309,22 @@ class SiteRegistry:
                     best is None or k.call_index > best.key.call_index):
                 best = site
         return best
+
+    def _warn_experts(self, site: Site) -> None:
+        """Once a probe: a site pools the units of a mixture's experts (a Hugging Face
+        trial: Mixtral's default ``grouped_mm`` experts, one expert made dead while tokens
+        were routed to it, read "dead 0")."""
+        warnings.warn(
+            f"relu_doctor: {site.name!r} runs the {site.experts} experts of "
+            f"{module_label(site.producer or '')!r} in one grouped call, and so may other "
+            "sites: its unit j is unit j of every expert together, so the counts pool the "
+            "experts (an expert whose units never fire reads alive where another's fire) and "
+            "recycling cannot treat it. To watch each expert apart, run them one by one: a "
+            "Hugging Face model loaded with experts_implementation=\"eager\" (each expert's "
+            "call is then a site). Training goes on; the site is watched as it is.",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _warn_scalar(self, key: SiteKey) -> None:
         warnings.warn(
@@ -502,6 +523,7 @@ def _description(site: Site) -> dict[str, Any]:
         "chained": site.chained,
         **({"mixed": site.mixed} if site.mixed else {}),
         **({"norm": site.norm} if site.norm else {}),
+        **({"experts": site.experts} if site.experts else {}),
     }
 
 
@@ -542,6 +564,7 @@ def _described(
         chained=None if d.get("chained") is None else bool(d["chained"]),
         mixed=str(d.get("mixed") or ""),
         norm=str(d.get("norm") or ""),
+        experts=int(d.get("experts") or 0),
     )
 
 

@@ -10,6 +10,7 @@ key, so a module called ``enc:act`` or ``a#1`` is as good as any other.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,6 +239,9 @@ class Site:
     #: the last norm its input passed since its producer, in words (see
     #: provenance.Origin.norm; ``""``: none)
     norm: str = ""
+    #: the number of experts its units pool (see provenance.Origin.experts; 0: none):
+    #: unit ``j`` is unit ``j`` of each of a mixture's experts, run in one grouped call
+    experts: int = 0
     #: the module whose replacement makes this site anew (its producer, else the module at
     #: its path), weakly: see SiteRegistry._replaced
     made_by: Any = field(default=None, repr=False)
@@ -267,6 +271,16 @@ class Site:
         if ndim == first or not self.from_end:
             return self.unit_dim
         return self.unit_dim - first + ndim
+
+    @property
+    def positions(self) -> int:
+        """The positions of a sample each unit has in the first call's output: a
+        convolution's H*W, a sequence's tokens, 1 for a Linear's ``(N, F)`` (the batch is
+        dim 0, unless the units are)."""
+        n = math.prod(self.shape) // max(1, self.units)
+        if len(self.shape) >= 2 and self.unit_dim != 0 and self.shape[0]:
+            n //= self.shape[0]
+        return max(1, n)
 
     @property
     def module_path(self) -> str:

@@ -289,6 +289,60 @@ def test_a_vanishing_gradient_states_the_ratio_or_that_none_arrives(first):
         assert f.message == f"gradient RMS falls {want:.3g}x from s2 to s0."
 
 
+@pytest.mark.parametrize(("first", "kind"), [(1e-4, None), (1e-7, "vanishing_gradient"),
+                                             (10.0, None), (1e5, "exploding_gradient")])
+def test_gradient_flow_is_judged_per_unit_and_sample(first, kind):
+    """A site of 4096 positions a sample (a 64x64 map) against one of 1 (a Dense layer after
+    global pooling): their gradients are compared per unit and sample, the RMS per element
+    times the root of the positions, so a fall of 1e4x per element (what the pooling's
+    division by 4096 makes) is 156x per sample, no finding; 1e7x still is one, said with
+    both ratios and the positions."""
+    rows, units = rows_for([first, 1.0, 1.0])
+    positions = {"s0": 4096, "s1": 16, "s2": 1}
+    found = diagnose(rows, units, DiagnosisConfig(), positions=positions)
+    flow = [f for f in found if f.kind in ("vanishing_gradient", "exploding_gradient")]
+    assert [f.kind for f in flow] == ([kind] if kind else [])
+    if kind:
+        per_sample = rows[0]["grad_rms"] * 64 / rows[2]["grad_rms"]
+        assert flow[0].evidence["ratio"] == pytest.approx(per_sample)
+        assert flow[0].evidence["positions"] == {"s0": 4096, "s2": 1}
+        assert flow[0].evidence["input_grad_rms"] == rows[0]["grad_rms"]  # (per element)
+        verb, by = (("falls", 1 / per_sample) if kind == "vanishing_gradient"
+                    else ("grows", per_sample))
+        raw = rows[0]["grad_rms"] / rows[2]["grad_rms"]
+        assert flow[0].message == (
+            f"gradient RMS {verb} {by:.3g}x from s2 to s0, per unit and sample (s0 has 4096 "
+            f"positions a sample, s2 1; per element its RMS {verb} "
+            f"{(1 / raw if raw < 1 else raw):.3g}x).")
+
+
+def test_a_healthy_cnn_with_global_pooling_reads_no_vanishing_gradient():
+    """A Keras trial's healthy CNN (two convs, global average pooling, a Dense ReLU) read a
+    vanishing gradient at 64x64 images and larger, 4x more at each doubling of the side: the
+    pooling divides each position's gradient by the positions. Judged per unit and sample,
+    here at 128x128 where per element the fall passes 1e3x: no finding."""
+    import relu_doctor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    for m in model:
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    with relu_doctor.watch(model, log_every_n_steps=1, overhead_budget=None) as doc:
+        x = torch.randn(4, 3, 128, 128)
+        torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+        doc.step()
+    rows = {r["site"]: r for r in doc.records[-1].site_rows}
+    per_element = rows["1"]["grad_rms"] / rows["7"]["grad_rms"]
+    assert per_element < DiagnosisConfig().vanishing_ratio  # (what it was judged on)
+    assert [s.positions for s in doc.sites] == [128 * 128, 128 * 128, 1]
+    assert not [f for f in doc.records[-1].findings if f.kind == "vanishing_gradient"]
+
+
 def test_a_vanishing_gradient_behind_a_dead_site_names_the_dead_units_first():
     """A ResNet whose last ReLU was all dead was told to add residual connections and
     BatchNorm, which it had: the gradient vanished at the dead units. Their site comes

@@ -233,3 +233,42 @@ def test_real_models_compiled_from_the_first_call_count_the_units_eager_does(nam
         fwd = {k: v for k, v in _total(site).items() if not k.startswith("grad")}
         want = {k: v for k, v in ref.expected_stats(capture, case.dim).items() if k in fwd}
         ref.assert_stats_match(fwd, want, site.name, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm", "eager"])
+def test_a_mixtures_experts_run_in_one_grouped_call_are_said_to_be_pooled(impl: str) -> None:
+    """transformers' default experts (``grouped_mm``, and ``batched_mm``) run every expert's
+    rows through one activation call: its unit j is unit j of each expert. A Hugging Face
+    trial made one expert dead, routed tokens to it, and read "dead 0", the unit rule naming
+    the embedding and recycling refused "from a sum". The site now names the experts it
+    pools, one warning says how to watch them apart, and recycling's reason says why. Run
+    one by one (``eager``), each expert's call is its own site, with nothing said."""
+    from relu_doctor.interval import _unrecyclable
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+        num_local_experts=4, num_experts_per_tok=2)
+    cfg._experts_implementation = impl
+    model = transformers.MixtralForCausalLM(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=1, every_n_steps=1) as doc:
+            ids = torch.randint(0, 50, (2, 8))
+            model(input_ids=ids, labels=ids).loss.backward()
+            doc.step()
+    said = [str(w.message) for w in caught if "grouped call" in str(w.message)]
+    sites = list(doc.sites)
+    experts = [s for s in sites if ".mlp.experts.act_fn" in s.name]
+    if impl == "eager":
+        assert not said and len(experts) >= 2 and not any(s.experts for s in sites)
+        return
+    assert [s.name for s in experts] == [f"model.layers.{i}.mlp.experts.act_fn" for i in (0, 1)]
+    assert len(said) == 1 and "'model.layers.0.mlp.experts.act_fn' runs the 4 experts" in said[0]
+    assert 'experts_implementation="eager"' in said[0]
+    for i, s in enumerate(experts):
+        assert (s.experts, s.producer) == (4, f"model.layers.{i}.mlp.experts")
+        assert s.unit_rule == (f"MixtralExperts `model.layers.{i}.mlp.experts` -> last dim "
+                               "(its 4 experts' units pooled)")
+        assert _unrecyclable(sites)[s.name].startswith("each of its units is that unit of all 4")
