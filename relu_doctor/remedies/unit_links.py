@@ -12,9 +12,8 @@ it needs both ends, found in a :class:`~relu_doctor.remedies.dataflow.Dataflow`:
   tensor's elements labelled with the unit they carry, through what keeps a dead unit's zeros
   zero and its units apart: dropout, pooling, spatial means, reshape/flatten/permute/
   transpose, slicing, channel concatenation (a unit maps to a slice of the consumer's
-  inputs), products with other tensors (a gate, a layer scale), and what gathers one unit
-  into each element: a graph's message aggregation (a scatter into zeros, an adjacency
-  product ``adj @ h``) and a sum of a unit with itself (GIN's). Each path must end in a
+  inputs), products with other tensors (a gate, a layer scale), what gathers one unit into
+  each element (a graph's scatters into zeros, ``adj @ h``, GIN's ``h + agg(h)``). Each path must end in a
   Linear/ConvNd input (those columns are zeroed) or an affine per-channel norm (that
   channel's scale is zeroed and its shift kept, so it still outputs what a dead unit gave).
 
