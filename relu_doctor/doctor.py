@@ -40,7 +40,7 @@ from relu_doctor._validate import (
 from relu_doctor._validate import optimizers as optimizers_arg
 from relu_doctor.diagnosis import REMEDY_NAMES, DiagnosisConfig, diagnosis_config
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError, user_stacklevel
-from relu_doctor.families import held_instead
+from relu_doctor.families import family_of, held_instead, relu_like_unwatched
 from relu_doctor.history import (
     FindingTracker,
     IntervalRecord,
@@ -451,7 +451,24 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self.sampler.start(model_device(self.model))
         self.probe.collecting = self._collecting()
         self._note_scale()
+        self._say_relu_like()
         return self
+
+    def _say_relu_like(self) -> None:
+        """Once per model: the ReLU-like activations of no family it holds are not watched
+        (a Keras trial's MobileNetV3 ran 19 hard swishes beside its ReLUs, said nowhere)."""
+        if self._training_doctor is not None or self.model in _TOLD_RELU_LIKE:
+            return
+        found = relu_like_unwatched(self.model)
+        if not found or not any(family_of(m) is not None for m in self.model.modules()):
+            return  # (where it holds no family's module, the message that none ran names them)
+        _TOLD_RELU_LIKE.add(self.model)
+        listed = ", ".join(f"{k} x{n}" for k, n in sorted(found.items()))
+        warnings.warn(
+            f"relu_doctor: the model also runs {listed}: ReLU-like, but of no activation "
+            "family relu_doctor counts, so those are not watched (the ReLU-family sites "
+            "are). relu_doctor.register_family can add one.",
+            ReluDoctorWarning, stacklevel=user_stacklevel())
 
     def _loss_scale(self, *, initial: bool = False) -> torch.Tensor | None:
         """The loss scaler's scale (its device tensor), where one scales the loss; with
@@ -1336,6 +1353,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             f"attached={self.probe.attached})"
         )
 
+
+#: the models told that they hold ReLU-like activations of no family (Doctor._say_relu_like)
+_TOLD_RELU_LIKE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 #: set while a Doctor makes its evaluation stream's Doctor (eval_stream=): what the
 #: training Doctor said of its arguments is not said again

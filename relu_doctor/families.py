@@ -232,6 +232,20 @@ def other_activations(model: nn.Module) -> dict[str, int]:
     return found
 
 
+#: Activations of no family that are ReLU-like (zero, or near it, for inputs below a point,
+#: the identity above: MobileNetV3's and LeViT's hard swish, YOLO's Mish), by module class
+#: and by Keras activation name: a model that runs them beside watched sites is told once
+#: that they are not watched.
+RELU_LIKE = frozenset({"Hardswish", "Mish", "HardSwish", "hard_silu", "hard_swish", "mish"})
+
+
+def relu_like_unwatched(model: nn.Module) -> dict[str, int]:
+    """The model's ReLU-like activation modules of no family (:data:`RELU_LIKE`), by class,
+    as :func:`other_activations` names them."""
+    return {name: n for name, n in other_activations(model).items()
+            if name.removeprefix("nn.") in RELU_LIKE}
+
+
 def held_instead(model: nn.Module) -> str:
     """Words for a message that nothing was watched: the activations ``model`` holds of no
     family (``" (it holds nn.Hardswish x12, nn.Mish x1: of no ReLU family)"``), or ``""``."""

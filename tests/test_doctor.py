@@ -1175,6 +1175,27 @@ def test_a_checkpoint_carries_an_integrations_open_window_loss(total):
         resumed.detach()
 
 
+def test_relu_like_activations_of_no_family_are_said_not_watched_once_per_model():
+    """A MobileNetV3's hard swishes beside its ReLUs were watched nowhere and said nowhere
+    (a Keras trial; torch's ``nn.Hardswish`` alike): said once per model, at its first
+    watch; Sigmoid (no ReLU-like activation) not named; a model without them says nothing."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8),
+                                torch.nn.Hardswish(), torch.nn.Mish(), torch.nn.Hardswish(),
+                                torch.nn.Linear(8, 1), torch.nn.Sigmoid())
+    for m, want in ((model, 1), (model, 0), (zoo.mlp(), 0)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with relu_doctor.watch(m, log_every_n_steps=1) as doc:
+                m(torch.randn(2, 4 if m is model else 10)).sum().backward()
+                doc.step()
+        said = [str(w.message) for w in caught if "ReLU-like" in str(w.message)]
+        assert len(said) == want
+        if want:
+            assert said[0].startswith("relu_doctor: the model also runs nn.Hardswish x2, "
+                                      "nn.Mish x1: ReLU-like, but of no activation family")
+            assert [s.name for s in doc.sites] == ["1"]
+
+
 def test_two_sites_never_share_a_display_name():
     """A module registered as 'x:relu#0' beside the first F.relu call of module 'x': two
     sites, two names, each unit table its own."""

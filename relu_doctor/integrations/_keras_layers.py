@@ -34,7 +34,7 @@ from typing import Any
 import keras
 
 from relu_doctor.errors import ReluDoctorWarning, user_stacklevel
-from relu_doctor.families import FAMILIES, Family
+from relu_doctor.families import FAMILIES, RELU_LIKE, Family
 
 __all__ = ["KerasSite", "activation_family", "find_sites", "walk_layers"]
 
@@ -325,6 +325,8 @@ def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str, str]:
 
 #: The layers with an anonymous activation already said, by model (each ``fit`` looks again)
 _SAID_ANONYMOUS: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+#: per model, the layers of a ReLU-like activation of no family already said (once)
+_SAID_RELU_LIKE: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 #: per model, the recurrent layers whose ReLU-family cell activation was said (once)
 _SAID_RECURRENT: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
@@ -334,7 +336,7 @@ def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
     applies include/exclude). A Dense/Conv or an ``Activation`` layer whose activation is an
     anonymous function (a lambda, a ``functools.partial``), which may be a ReLU that cannot
     be told apart, is said once per model, not watched."""
-    out, anonymous, recurrent = [], [], []
+    out, anonymous, recurrent, relu_like = [], [], [], []
     wrappers: dict[int, Any] = {}  # the layer a TimeDistributed runs -> the wrapper
     for path, layer in walk_layers(model):
         if isinstance(layer, keras.layers.TimeDistributed):
@@ -350,6 +352,8 @@ def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
         if fam is None and callable(fn) and not isinstance(fn, keras.layers.Layer) and (
                 getattr(fn, "__name__", "<lambda>") == "<lambda>") and selected(path):
             anonymous.append(path)
+        if fam is None and getattr(fn, "__name__", None) in RELU_LIKE and selected(path):
+            relu_like.append(path)  # (MobileNetV3's hard swish: said, not watched)
         if fam is None or not selected(path):
             continue
         wrapper = wrappers.get(id(layer))
@@ -360,6 +364,10 @@ def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
         f"the recurrent layer{'s' * many} {names} run{'s' * (not many)} a ReLU-family "
         f"activation inside {'their cells' if many else 'its cell'}, at each time step, where "
         "no layer's output shows it: not watched (the layers around it are)."))
+    _say_once(_SAID_RELU_LIKE, model, relu_like, lambda names, many: (
+        f"Keras layer{'s' * many} {names} run{'s' * (not many)} a ReLU-like activation (hard "
+        "swish, mish) of no family relu_doctor counts: not watched (the ReLU-family layers "
+        "are)."))
     _say_once(_SAID_ANONYMOUS, model, anonymous, lambda names, many: (
         f"Keras layer{'s' * many} {names} {'have' if many else 'has'} an anonymous activation "
         "(a lambda or a functools.partial), which relu_doctor cannot tell from any other "

@@ -166,6 +166,35 @@ def test_an_anonymous_activation_is_said_not_watched(tmp_path: Path, anonymous: 
     assert cb.doctor is not None and [s.name for s in cb.doctor.sites] == ["named"]
 
 
+def test_a_relu_like_activation_of_no_family_is_said_not_watched(tmp_path: Path) -> None:
+    """MobileNetV3's hard swishes (``Activation("hard_silu")``, a Conv2D's
+    ``activation="hard_silu"``) beside its ReLUs were left out without a word (a trial):
+    said once per model, the ReLU layers watched; sigmoid and softmax, no ReLU-like
+    activation, are not named."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6, 6, 3)),
+                              keras.layers.Conv2D(4, 3, activation="hard_silu", name="hs_conv"),
+                              keras.layers.Activation("relu", name="act"),
+                              keras.layers.Activation("hard_silu", name="hs"),
+                              keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(3, activation="sigmoid", name="gate")])
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6, 6, 3)).astype("float32")
+    y = rng.normal(size=(16, 3)).astype("float32")
+    cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None, run_dir=tmp_path / "run",
+                            warn=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # a second fit says nothing new
+            model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    said = [str(w.message) for w in caught if "ReLU-like" in str(w.message)]
+    assert said == ["relu_doctor: Keras layers 'hs_conv', 'hs' run a ReLU-like activation "
+                    "(hard swish, mish) of no family relu_doctor counts: not watched (the "
+                    "ReLU-family layers are)."]
+    assert cb.doctor is not None and [s.name for s in cb.doctor.sites] == ["act"]
+
+
 def test_conv_channels_last_units_are_filters(tmp_path: Path) -> None:
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
