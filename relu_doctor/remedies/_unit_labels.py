@@ -136,6 +136,13 @@ def _pure(node: Node, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     return torch.where(none, PAD, hi)
 
 
+def _carried(labels: dict[Value, torch.Tensor], v: Value, shape: tuple[int, ...]) -> torch.Tensor:
+    """The units ``v`` carries, in ``shape``: 0 (none) for a tensor that carries none, whatever
+    its values (an integer tensor's are data, not labels)."""
+    got = labels.get(v)
+    return broadcast(got if got is not None else torch.zeros(v.shape), shape)
+
+
 def sum_labels(node: Node, labels: dict[Value, torch.Tensor]) -> torch.Tensor:
     """An elementwise sum (``a + b``, ``a - b``) whose operands carry the same unit at every
     element (a GIN layer's ``(1 + eps) * x + aggregate(x)``): each element still holds one
@@ -146,15 +153,32 @@ def sum_labels(node: Node, labels: dict[Value, torch.Tensor]) -> torch.Tensor:
         raise Refuse(
             f"its units also reach {node.describe()}, which adds a constant or a parameter to "
             "them: a dead unit's zeros would not stay zero")
-    la, lb = (broadcast(labels_for(labels, v), shape) for v in (a, b))
-    (ha, la_), (hb, lb_) = _extremes(la), _extremes(lb)
+    (ha, la), (hb, lb) = _extremes(_carried(labels, a, shape)), _extremes(_carried(labels, b, shape))
     try:
-        return _pure(node, torch.maximum(ha, hb), torch.minimum(la_, lb_))
+        return _pure(node, torch.maximum(ha, hb), torch.minimum(la, lb))
     except Refuse:
         raise Refuse(
             f"its units also reach {node.describe()}, a sum with another branch (a residual or "
             "skip connection): a recycled unit's new value would pass through it unweighted"
         ) from None
+
+
+def setitem_labels(node: Node, labels: dict[Value, torch.Tensor]) -> torch.Tensor:
+    """``t[index] = value``: the elements written carry what ``value`` carries (none where it
+    is a number or a tensor of no unit: the zeros of ``h[pad] = 0`` are a pad's, which mix
+    with nothing), the others what ``t`` did."""
+    target, index, value = node.arg(0, "self"), node.arg(1, "key"), node.arg(2, "value")
+    if not isinstance(target, Value):
+        raise Refuse(f"cannot follow the units through {node.describe()}")
+    out = _carried(labels, target, target.shape).clone()
+    key = labels_for(labels, index)  # (index tensors: their data)
+    if isinstance(value, Value):
+        out[key] = labels[value] if value in labels else torch.zeros(value.shape)
+    elif isinstance(value, int | float | bool):
+        out[key] = PAD if value == 0 else 0.0
+    else:
+        raise Refuse(f"cannot follow the units through {node.describe()}")
+    return out
 
 
 #: Calls that make a tensor of zeros: a scatter into one adds nothing else to the units.
@@ -164,25 +188,30 @@ ZEROS = frozenset({"zeros", "zeros_like", "new_zeros"})
 SCATTERS = frozenset({"index_add", "index_reduce", "scatter_add", "scatter_reduce", "scatter"})
 
 
+def _zeros_only(target: Any, node: Node) -> bool:
+    """Whether ``target`` holds the zeros it was made with when ``node`` reads it: made by
+    :data:`ZEROS` and read by nothing before (a slice or view of it written, ``buf[:, :4] = x``,
+    ``buf.view(-1).add_(1)``, reads it first; a write to it makes a new version)."""
+    return (isinstance(target, Value) and target.node is not None
+            and target.node.name in ZEROS and target.users == [node])
+
+
 def scatter_labels(node: Node, labels: dict[Value, torch.Tensor]) -> torch.Tensor:
     """The labels of a scatter's output, replayed with amax and amin on the labels: each
-    element must gather one unit (a pad's zeros and a target made of zeros gather none).
+    element must gather one unit (a pad's zeros and a target of zeros alone gather none).
     Refused where it gathers two, or a unit and a value from elsewhere (a target that holds
-    other values: a residual)."""
+    other values: a residual, features written into it first)."""
     name = node.name
     target, dim, index = node.arg(0, "input"), node.arg(1, "dim"), node.arg(2, "index")
     src = node.arg(3, "source" if name.startswith("index") else "src")
     if not (isinstance(dim, int) and isinstance(index, Value) and index.data is not None
-            and isinstance(src, Value)):
+            and isinstance(src, Value) and isinstance(target, Value)):
         raise Refuse(f"cannot follow the units through {node.describe()}")
     overwrite = name == "scatter" and node.arg(4, "reduce") is None
-    keep = bool(node.kwargs.get("include_self", True)) and not overwrite
-    if isinstance(target, Value) and target not in labels and target.node is not None and (
-            target.node.name in ZEROS):
-        t = torch.full(target.shape, PAD)  # (its zeros add nothing to a unit)
-    else:
-        t = labels_for(labels, target)
-    (th, tl), (sh, sl) = _extremes(t), _extremes(labels_for(labels, src))
+    keep = bool(node.arg(5, "include_self", True)) and not overwrite
+    t = (torch.full(target.shape, PAD) if _zeros_only(target, node)  # (adds nothing to a unit)
+         else _carried(labels, target, target.shape))
+    (th, tl), (sh, sl) = _extremes(t), _extremes(_carried(labels, src, src.shape))
     idx = index.data.cpu()
     if name.startswith("index"):  # (as a scatter: source element i of dim goes to idx[i])
         along = [1] * sh.dim()
@@ -200,12 +229,28 @@ MATMULS = frozenset({"matmul", "__matmul__", "mm", "bmm", "_sparse_mm", "spmm"})
 
 def matmul_labels(node: Node, labels: dict[Value, torch.Tensor]) -> torch.Tensor:
     """The labels of ``a @ h`` where the units are in ``h`` alone and each column of ``h``
-    carries one unit: its output's columns carry them. Refused where ``a`` carries units or
-    a column of ``h`` holds two (the product would sum them)."""
+    carries one unit: its output's columns carry them (``a`` 1-D, attention pooling over a
+    graph's nodes: one row). Refused where ``a`` carries units (``h @ W``, a product with a
+    parameter, which recycling does not follow: an ``nn.Linear`` it does) or a column of
+    ``h`` holds two (the product would sum them)."""
     a, h = node.arg(0, "input"), node.arg(1, "other", node.kwargs.get("mat2"))
+    if isinstance(a, Value) and a in labels:
+        w = "a parameter" if isinstance(h, Param) else "another tensor"
+        raise Refuse(f"its units reach {node.describe()}, a product with {w} that sums them "
+                     "(recycling zeroes the inputs of an nn.Linear, not of a matmul)")
     lh = labels.get(h) if isinstance(h, Value) else None
-    if lh is None or lh.dim() < 2 or (isinstance(a, Value) and a in labels):
+    out_shape = node.outputs[0].shape if node.outputs else ()
+    if lh is None or lh.dim() < 2 or not out_shape:
         raise Refuse(f"{node.describe()} sums the units with each other or with other values")
     hi, lo = _extremes(lh)
     out = _pure(node, hi.amax(-2, keepdim=True), lo.amin(-2, keepdim=True))
-    return broadcast(out, node.outputs[0].shape)
+    if len(out_shape) == lh.dim() - 1:  # (a 1-D a: the row dim gone)
+        out = out.squeeze(-2)
+    return broadcast(out, out_shape)
+
+
+#: The calls whose output's labels a function of their own works out (see each), by name.
+FOLLOWED: dict[str, Any] = {
+    **dict.fromkeys(SCATTERS, scatter_labels), **dict.fromkeys(MATMULS, matmul_labels),
+    "__setitem__": setitem_labels,
+}

@@ -232,6 +232,8 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         outs = [t for t in _flat(out, None) if isinstance(t, torch.Tensor)]
+        if not outs and op_name(func) == "__setitem__" and args and isinstance(args[0], torch.Tensor):
+            outs = [args[0]]  # t[i] = v: a new version of t, which reads v (and t)
         if not outs:
             return out  # x.shape, x.dim(): no data flows
         wargs = tuple(self._wrap(a) for a in args)

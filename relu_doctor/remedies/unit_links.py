@@ -33,17 +33,14 @@ import torch.nn as nn
 
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.remedies._unit_labels import (
-    MATMULS,
+    FOLLOWED,
     PAD,
-    SCATTERS,
     Refuse,
     broadcast,
     channel_map,
-    matmul_labels,
     pool_labels,
     reduce_labels,
     replay,
-    scatter_labels,
     spatial_dims,
     sum_labels,
 )
@@ -435,10 +432,8 @@ def _consume(
         return []
     if name in _SUM:
         return [sum_labels(n, labels)]
-    if name in SCATTERS:
-        return [scatter_labels(n, labels)]
-    if name in MATMULS:
-        return [matmul_labels(n, labels)]
+    if name in FOLLOWED:  # (scatters, matrix products, writes into a slice)
+        return [FOLLOWED[name](n, labels)]
     if name in _MOVE:
         return replay(n, labels)
     if name in _CASTS:

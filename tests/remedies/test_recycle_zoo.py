@@ -533,8 +533,19 @@ class _MessagePassing(nn.Module):
             "dense_mm": lambda: adj.to_dense() @ h,
             # GIN: (1 + eps) * x + sum of the neighbours' x, each column one unit
             "gin": lambda: 1.5 * h + torch.index_add(torch.zeros_like(h), 0, dst, h[src]),
+            # attention pooling over the nodes (a 1-D weight), then back to every node
+            "pooled": lambda: (torch.softmax(x[:, 0], 0) @ h).expand_as(h),
+            "written": lambda: _written(h),
         }[self.kind]()
         return self.head(torch.relu(self.lin2(agg)))
+
+
+def _written(h: torch.Tensor) -> torch.Tensor:
+    """The units written into a buffer, columns permuted, then a padded node's row zeroed."""
+    buf = torch.zeros(h.shape)
+    buf[:, [1, 0, *range(2, h.shape[1])]] = h
+    buf[4] = 0.0
+    return buf
 
 
 def _graph() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -547,7 +558,7 @@ def _graph() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", ["index_add", "scatter_mean", "scatter_amax", "scatter_add",
-                                  "sparse_mm", "dense_mm", "gin"])
+                                  "sparse_mm", "dense_mm", "gin", "pooled", "written"])
 def test_graph_aggregations_recycle_their_units(kind):
     """A unit's messages gathered into a tensor of zeros (``index_add_``, ``scatter_reduce``,
     ``scatter_add``), through an adjacency product (``torch.sparse.mm``, ``adj @ h``), or
@@ -578,15 +589,35 @@ class _Gathered(nn.Module):
             "two_units": lambda: torch.zeros_like(h).index_add_(1, torch.tensor([0, 0, 2, 3, 4, 5, 6, 7]), h),
             "contracted": lambda: h.t() @ torch.ones(5, 8),
             "other_sum": lambda: h + x.repeat(1, 2),
+            "int_sum": lambda: h + torch.arange(1, 9),  # (its values are no unit's labels)
+            "written_first": lambda: _written_first(h, x, dst, src),
+            "viewed_first": lambda: _viewed_first(h, dst, src),
         }[self.kind]()
         return self.lin2(agg)
+
+
+def _written_first(h: torch.Tensor, x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """A root node's own features written into the zeros before the messages (a review)."""
+    agg = torch.zeros_like(h)
+    agg[:, :4] = x
+    return agg.index_add_(0, dst, h[src])
+
+
+def _viewed_first(h: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """The zeros changed through a view of them before the messages (a review)."""
+    agg = torch.zeros_like(h)
+    agg.view(-1).add_(1.0)
+    return agg.index_add_(0, dst, h[src])
 
 
 @pytest.mark.parametrize(("kind", "blocked"), [
     ("residual", "index_add in (root).forward adds the units to each other or to values from"),
     ("two_units", "index_add in (root).forward adds the units to each other"),
-    ("contracted", "matmul in (root).forward sums the units"),
+    ("contracted", "matmul in (root).forward, a product with another tensor that sums them"),
     ("other_sum", "a sum with another branch"),
+    ("int_sum", "a sum with another branch"),
+    ("written_first", "index_add in (root).forward adds the units to each other or to values"),
+    ("viewed_first", "index_add in (root).forward adds the units to each other or to values"),
 ])
 def test_aggregations_that_mix_a_unit_with_other_values_are_refused(kind, blocked):
     """A recycled unit's new value would reach the output unweighted through these: refused,
