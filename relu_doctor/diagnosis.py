@@ -604,19 +604,10 @@ def _gradient_findings(
     def place(r: Mapping[str, Any]) -> tuple[int, int]:  # input side first
         return part(r)[1], int(r["order"])
 
-    def per_sample(r: Mapping[str, Any]) -> float:
-        # A unit's gradient over one sample's positions (its RMS per element times their
-        # root). Per element, a Keras trial's healthy CNN read a fall of 2.36e3x from its
-        # Dense site to its first conv at 64x64, 9.66e3x at 128x128 (x4 a doubling of the
-        # side): the global average pooling between them divides each position's gradient
-        # by their count. Per unit and sample it falls by the root of that, and not at all
-        # behind a flatten (whose next layer's initialisation scales by the root).
-        return float(r["grad_rms"]) * math.sqrt(max(1, positions.get(str(r["site"]), 1)))
-
     flows: dict[str, list[tuple[tuple[int, int], str, float]]] = {}
     for r in sites:
         if math.isfinite(float(r["grad_rms"])):
-            flows.setdefault(part(r)[0], []).append((place(r), str(r["site"]), per_sample(r)))
+            flows.setdefault(part(r)[0], []).append((place(r), str(r["site"]), float(r["grad_rms"])))
     for flow in flows.values():
         flow.sort()
     # (of models stepped apart, one whose gradients are all zero while another's are not)
@@ -643,32 +634,50 @@ def _gradient_findings(
                 step,
             )
         )
-    # Each flow's input side against its output side (by place); of several flows, the one
-    # whose gradient falls the most, and the one whose gradient grows the most.
-    ends = sorted((fl[0][2] / fl[-1][2], fl[0], fl[-1], name) for name, fl in flows.items()
-                  if len(fl) >= 2 and fl[-1][2] > 0)
-    said = [ends[0]] if ends and ends[0][0] < config.vanishing_ratio and not silent else []
-    said += [ends[-1]] if ends and ends[-1][0] > config.exploding_ratio else []
-    rms = {str(r["site"]): float(r["grad_rms"]) for r in sites}
-    for ratio, first, last, name in said:
-        ev: dict[str, Any] = {"input_side": first[1], "input_grad_rms": rms[first[1]],
-                              "output_side": last[1], "output_grad_rms": rms[last[1]],
+    # Each flow's input side against its output side (by place), per element and per unit
+    # and sample (the RMS times the root of a sample's positions: a convolution's H*W). A
+    # Keras trial's healthy CNN read a fall of 2.36e3x per element from its Dense site to its
+    # first conv at 64x64, 9.66e3x at 128x128: the global average pooling between them
+    # divides each position's gradient by their count; per unit and sample, 37x and 75x. A
+    # generator's read the mirror image (a review): 68x per element from its 128x128 output
+    # to its first Linear, 8.7e3x per sample. So a finding needs both to pass: the positions
+    # can explain a fall or a growth away, never make one. Of several flows, the one whose
+    # gradient falls the most, and the one whose gradient grows the most.
+    ends = []
+    for name, fl in flows.items():
+        if len(fl) < 2 or fl[-1][2] <= 0:
+            continue
+        raw = fl[0][2] / fl[-1][2]
+        at = {s: max(1, positions.get(s, 1)) for s in (fl[0][1], fl[-1][1])}
+        sample = raw * math.sqrt(at[fl[0][1]] / at[fl[-1][1]])
+        ends.append((max(raw, sample), min(raw, sample), raw, sample, at, fl[0], fl[-1], name))
+    falls = min(ends, key=lambda e: e[0], default=None)
+    grows = max(ends, key=lambda e: e[1], default=None)
+    said = [(falls[0], *falls[2:])] if (
+        falls and falls[0] < config.vanishing_ratio and not silent) else []
+    said += [(grows[1], *grows[2:])] if grows and grows[1] > config.exploding_ratio else []
+    for ratio, raw, sample, at, first, last, name in said:
+        ev: dict[str, Any] = {"input_side": first[1], "input_grad_rms": first[2],
+                              "output_side": last[1], "output_grad_rms": last[2],
                               "ratio": ratio}
         if len(flows) > 1:
             ev["part"] = name
-        at = {s: max(1, positions.get(s, 1)) for s in (first[1], last[1])}
-        per = ""
+        def by(r: float) -> str:  # (r > 0)
+            return f"{1 / r if r < 1 else r:.3g}x"
+
+        verb = "falls" if ratio < 1 else "grows"
+        change, where = (f"{verb} {by(ratio)}" if ratio > 0 else ""), ""
         if at[first[1]] != at[last[1]]:
-            ev["positions"] = at
-            raw = rms[first[1]] / rms[last[1]]
-            per = (f", per unit and sample ({first[1]} has {at[first[1]]} positions a "
-                   f"sample, {last[1]} {at[last[1]]}; per element its RMS "
-                   + (f"falls {1 / raw:.3g}x)" if raw < 1 else f"grows {raw:.3g}x)"))
+            ev.update(positions=at, element_ratio=raw, sample_ratio=sample)
+            if ratio > 0:
+                change = f"{verb} {by(raw)} per element and {by(sample)} per unit and sample"
+            where = (f" ({first[1]} has {at[first[1]]} positions a sample, {last[1]} "
+                     f"{at[last[1]]})")
         if ratio < config.vanishing_ratio:
             out.append(
                 Finding(
                     "vanishing_gradient", "model", "warning",
-                    (f"gradient RMS falls {1 / ratio:.3g}x from {last[1]} to {first[1]}{per}."
+                    (f"gradient RMS {change} from {last[1]} to {first[1]}{where}."
                      if ratio > 0 else
                      f"gradient RMS falls to zero from {last[1]} to {first[1]}: no "
                      f"gradient reaches {first[1]}."),
@@ -685,7 +694,7 @@ def _gradient_findings(
             out.append(
                 Finding(
                     "exploding_gradient", "model", "critical",
-                    f"gradient RMS grows {ratio:.3g}x from {last[1]} to {first[1]}{per}.",
+                    f"gradient RMS {change} from {last[1]} to {first[1]}{where}.",
                     ev,
                     f"Lower the learning rate with a schedule ({names['lr']}, step or "
                     f"exponential decay){_and_clip(names, config)}; watch loss and "

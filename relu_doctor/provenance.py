@@ -56,6 +56,10 @@ _CAT = {"cat", "concat", "concatenate"}
 #: Grouped matmuls: ``x @ W[e]`` for the rows of each expert ``e`` of a stacked weight
 #: ``(experts, in, out)`` (torch's, and transformers' fallback op).
 _GROUPED_MM = {"_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
+#: Ops that add rows together: after them, features made by several experts' weights are
+#: one neuron's (an R-GCN's relations summed over a node's edges), not pooled experts'.
+_ROW_SUMS = {"index_add", "scatter_add", "scatter_reduce", "index_reduce", "index_put",
+             "segment_reduce"}
 # Ops that mix or regroup axes: their output keeps no input's feature axis.
 _MIXING = _MATMUL | {
     "einsum", "tensordot", "kron", "outer", "pixel_shuffle", "pixel_unshuffle", "unfold",
@@ -443,6 +447,8 @@ class ProvenanceTracker:
                 continue
             exact = [a for a in same if a.shape == o.shape]
             origin = self.origin((exact or same)[0])
+            if origin is not None and origin.experts and name.rstrip("_") in _ROW_SUMS:
+                origin = replace(origin, experts=0)  # (rows of several experts summed)
             self._set(o, replace(origin, summed=True) if summed and origin else origin)
 
 

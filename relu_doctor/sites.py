@@ -275,8 +275,9 @@ class Site:
     @property
     def positions(self) -> int:
         """The positions of a sample each unit has in the first call's output: a
-        convolution's H*W, a sequence's tokens, 1 for a Linear's ``(N, F)`` (the batch is
-        dim 0, unless the units are)."""
+        convolution's H*W, a sequence's tokens, 1 for a Linear's ``(N, F)``. The batch is
+        taken as dim 0, unless the units are: a sequence-first ``(L, N, F)`` reads N (it is
+        the gradient findings' correction alone, which can only take a finding away)."""
         n = math.prod(self.shape) // max(1, self.units)
         if len(self.shape) >= 2 and self.unit_dim != 0 and self.shape[0]:
             n //= self.shape[0]

@@ -289,31 +289,42 @@ def test_a_vanishing_gradient_states_the_ratio_or_that_none_arrives(first):
         assert f.message == f"gradient RMS falls {want:.3g}x from s2 to s0."
 
 
-@pytest.mark.parametrize(("first", "kind"), [(1e-4, None), (1e-7, "vanishing_gradient"),
-                                             (10.0, None), (1e5, "exploding_gradient")])
-def test_gradient_flow_is_judged_per_unit_and_sample(first, kind):
-    """A site of 4096 positions a sample (a 64x64 map) against one of 1 (a Dense layer after
-    global pooling): their gradients are compared per unit and sample, the RMS per element
-    times the root of the positions, so a fall of 1e4x per element (what the pooling's
-    division by 4096 makes) is 156x per sample, no finding; 1e7x still is one, said with
-    both ratios and the positions."""
+@pytest.mark.parametrize(("input_side", "first", "kind"), [
+    (4096, 1e-4, None), (4096, 1e-7, "vanishing_gradient"), (4096, 1e7, "exploding_gradient"),
+    (1, 1e4, None), (1, 1e-7, "vanishing_gradient"), (1, 1e7, "exploding_gradient"),
+], ids=["encoder-pooled", "encoder-falls", "encoder-grows", "generator-upsampled",
+        "generator-falls", "generator-grows"])
+def test_gradient_flow_findings_need_the_change_per_element_and_per_unit_and_sample(
+        input_side, first, kind):
+    """A site of 4096 positions a sample (a 64x64 map) against one of 1 (a Dense layer): a
+    finding needs the change to pass per element and per unit and sample (the RMS times the
+    root of the positions). A CNN's global average pooling divides each position's gradient
+    by the positions (a fall of 1e4x per element, 156x per sample: no finding); a
+    generator's reads the mirror image (the input side has 1 position a sample). A change
+    of 1e7x is one either way, said with both ratios and the positions."""
     rows, units = rows_for([first, 1.0, 1.0])
-    positions = {"s0": 4096, "s1": 16, "s2": 1}
+    positions = {"s0": input_side, "s1": 16, "s2": 4097 - input_side}
     found = diagnose(rows, units, DiagnosisConfig(), positions=positions)
     flow = [f for f in found if f.kind in ("vanishing_gradient", "exploding_gradient")]
     assert [f.kind for f in flow] == ([kind] if kind else [])
-    if kind:
-        per_sample = rows[0]["grad_rms"] * 64 / rows[2]["grad_rms"]
-        assert flow[0].evidence["ratio"] == pytest.approx(per_sample)
-        assert flow[0].evidence["positions"] == {"s0": 4096, "s2": 1}
-        assert flow[0].evidence["input_grad_rms"] == rows[0]["grad_rms"]  # (per element)
-        verb, by = (("falls", 1 / per_sample) if kind == "vanishing_gradient"
-                    else ("grows", per_sample))
-        raw = rows[0]["grad_rms"] / rows[2]["grad_rms"]
-        assert flow[0].message == (
-            f"gradient RMS {verb} {by:.3g}x from s2 to s0, per unit and sample (s0 has 4096 "
-            f"positions a sample, s2 1; per element its RMS {verb} "
-            f"{(1 / raw if raw < 1 else raw):.3g}x).")
+    if not kind:
+        return
+    raw = rows[0]["grad_rms"] / rows[2]["grad_rms"]
+    sample = raw * math.sqrt(input_side / (4097 - input_side))
+    ev = flow[0].evidence
+    assert (ev["element_ratio"], ev["sample_ratio"]) == (pytest.approx(raw), pytest.approx(sample))
+    judged = max(raw, sample) if kind == "vanishing_gradient" else min(raw, sample)
+    assert ev["ratio"] == pytest.approx(judged)
+    assert ev["positions"] == {"s0": input_side, "s2": 4097 - input_side}
+    assert ev["input_grad_rms"] == rows[0]["grad_rms"]  # (per element)
+    verb = "falls" if kind == "vanishing_gradient" else "grows"
+
+    def by(r: float) -> str:
+        return f"{1 / r if r < 1 else r:.3g}x"
+
+    assert flow[0].message == (
+        f"gradient RMS {verb} {by(raw)} per element and {by(sample)} per unit and sample "
+        f"from s2 to s0 (s0 has {input_side} positions a sample, s2 {4097 - input_side}).")
 
 
 def test_a_healthy_cnn_with_global_pooling_reads_no_vanishing_gradient():

@@ -272,3 +272,31 @@ def test_a_mixtures_experts_run_in_one_grouped_call_are_said_to_be_pooled(impl: 
         assert s.unit_rule == (f"MixtralExperts `model.layers.{i}.mlp.experts` -> last dim "
                                "(its 4 experts' units pooled)")
         assert _unrecyclable(sites)[s.name].startswith("each of its units is that unit of all 4")
+
+
+def test_relation_weights_gathered_per_edge_then_summed_are_no_pooled_experts() -> None:
+    """An R-GCN gathers a relation's weight per edge (``W[edge_type]``, as transformers'
+    ``batched_mm`` gathers an expert's per token) and then sums the edges into their nodes:
+    a unit after the sum is one neuron, not experts pooled (a review: it was said to be)."""
+
+    class RGCN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 8, 16) * 0.3)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x, src, dst, kind):
+            msg = torch.bmm(x[src].unsqueeze(1), self.w[kind]).squeeze(1)
+            return self.head(torch.relu(torch.zeros(x.shape[0], 16).index_add(0, dst, msg)))
+
+    torch.manual_seed(0)
+    model = RGCN()
+    edges = torch.randint(0, 6, (3, 20)) % torch.tensor([[6], [6], [3]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(model, log_every_n_steps=1) as doc:
+            model(torch.randn(6, 8), *edges).sum().backward()
+            doc.step()
+    [site] = doc.sites
+    assert (site.experts, site.units) == (0, 16)
+    assert not [w for w in caught if "grouped call" in str(w.message)]
