@@ -466,13 +466,17 @@ def diagnose(
             dead_above,
             _above_tau(u, "lifetime_dead") if row["lifetime_dead"] else (0, 0),
             (norms or {}).get(name, ""))
+        # A leaky family's units stuck negative still pass a gradient (GELU's 0.01-0.1, a
+        # LeakyReLU's slope) and can come back: a warning at most, where a ReLU's dead units
+        # pass none (two trials read a ConvNeXt's and a Wav2Vec2's stuck GELUs as critical)
+        crit = math.inf if leaky else config.dead_critical
         if row["dead"]:
             frac = float(row["dead_fraction"])
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
             out.append(
                 Finding(
                     "dead", name,
-                    _severity(frac, config.dead_warning, config.dead_critical),
+                    _severity(frac, config.dead_warning, crit),
                     f"{row['dead']} of {seen} units ({frac:.1%}) {what} over the window "
                     f"({fam}){_sampled(row, passes=passes, call=call)}.",
                     {"dead": row["dead"], "units": seen, "dead_fraction": frac,
@@ -495,7 +499,7 @@ def diagnose(
                     # (on fewer than 8 steps of a sampled run's first windows: not graded)
                     "info" if lifetime_steps is not None
                     and lifetime_steps[0] < min(lifetime_steps[1], MIN_LIFETIME_STEPS) else
-                    _severity(frac, config.dead_warning, config.dead_critical),
+                    _severity(frac, config.dead_warning, crit),
                     f"{row['lifetime_dead']} of {row['units']} units ({frac:.1%}) never active "
                     f"since monitoring began{_sampled(row, lifetime=lifetime_steps)}.",
                     {"lifetime_dead": row["lifetime_dead"], "lifetime_dead_fraction": frac},

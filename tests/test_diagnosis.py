@@ -327,6 +327,27 @@ def test_gradient_flow_findings_need_the_change_per_element_and_per_unit_and_sam
         f"from s2 to s0 (s0 has {input_side} positions a sample, s2 {4097 - input_side}).")
 
 
+@pytest.mark.parametrize(("act", "severity"), [(torch.nn.ReLU, "critical"),
+                                               (torch.nn.GELU, "warning"),
+                                               (torch.nn.SiLU, "warning")])
+def test_a_leaky_familys_units_stuck_negative_are_a_warning_at_most(act, severity):
+    """Every unit of a layer held below 0: a ReLU's pass no gradient (critical); a GELU's or
+    SiLU's stuck negative still pass one and can come back (a warning: two trials read a
+    ConvNeXt's and a Wav2Vec2's stuck GELUs as critical, told to lower the rate)."""
+    import relu_doctor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), act(), torch.nn.Linear(8, 1))
+    with torch.no_grad():
+        model[0].bias.fill_(-20.0)
+    with relu_doctor.watch(model, log_every_n_steps=1, overhead_budget=None) as doc:
+        model(torch.randn(16, 4)).sum().backward()
+        doc.step()
+    found = {f.kind: f for f in doc.records[-1].findings if f.site == "1"}
+    assert found["dead"].evidence["dead_fraction"] == 1.0
+    assert (found["dead"].severity, found["lifetime_dead"].severity) == (severity, severity)
+
+
 def test_a_healthy_cnn_with_global_pooling_reads_no_vanishing_gradient():
     """A Keras trial's healthy CNN (two convs, global average pooling, a Dense ReLU) read a
     vanishing gradient at 64x64 images and larger, 4x more at each doubling of the side: the
