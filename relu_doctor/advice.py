@@ -72,34 +72,27 @@ def _recycle_source(names: Mapping[str, str | None], source: str = "ReDo") -> st
     return f"({source}: {names['recycle']})"
 
 
-def _bound_aside(names: Mapping[str, str | None], above: int, tau: float) -> str:
-    return (f" (The recycler bound here, without tau=, takes only the units scoring below "
-            f"tau, and {above} of these score above it: given tau=, as "
-            f"{_with_tau(names, tau)}, it takes the dead units whatever their score.)")
-
-
-def _with_tau(names: Mapping[str, str | None], tau: float) -> str:
-    """The loop's recycler given ``tau`` (``DormantRecycler(tau=0.1)``,
-    ``dormant_reset={'tau': 0.1}``)."""
-    name = str(names["recycle"])
-    return (name.replace("True", f"{{'tau': {tau}}}") if name.endswith("=True")
-            else f"{name}(tau={tau})")
+def _bound_aside(above: int) -> str:
+    return (f" (The recycler bound here takes only the units scoring at most tau, and {above} "
+            "of these score above it: their negative outputs, which recycling them would "
+            "take from the network.)")
 
 
 def recycle_dead(above_tau: tuple[int, int], names: Mapping[str, str | None], tau: float,
                   them: str = "the units") -> str:
     """"recycle the units (ReDo: ...)" for units of which ``above_tau`` = (how many score
-    above tau, how many there are). Where some of them score above tau (a leaky family's
-    units stuck negative: their negative outputs count in the ReDo score), the recycler's
-    default choice, by score, passes those over: it takes them given ``tau``, which adds the
-    dead units whatever their score."""
+    above tau, how many there are). Units scoring above tau (a leaky family's stuck
+    negative: their negative outputs count in the ReDo score) are recycled by no recycler:
+    zeroing their outgoing weights would take those outputs from the network (a GNN trial:
+    outputs moved by 10-13); "" where all of them do, else the others are advised."""
     above, flagged = above_tau
     if not above:
         return f"recycle {them} {_recycle_source(names)}"
-    which = "these units'" if above == flagged else f"{above} of these units'"
-    return (f"recycle {them} (ReDo: {_with_tau(names, tau)}, which takes the dead units "
-            f"whatever their score; without tau= it takes only the units scoring below tau, "
-            f"and {which} negative outputs score above it)")
+    if above == flagged:
+        return ""
+    return (f"recycle those of {them} scoring at most tau {_recycle_source(names)}: the "
+            f"other {above}'s negative outputs score above it, and recycling them would take "
+            "those outputs from the network")
 
 
 class UnitRemedies(NamedTuple):
@@ -138,7 +131,6 @@ def unit_remedies(
     declined: frozenset[str],
     unrecyclable: str | None,
     recycler: str | None,
-    by_score: bool,
     module: str,
     other_calls: tuple[str, ...],
     swapper: str | None,
@@ -160,7 +152,6 @@ def unit_remedies(
         unrecyclable: why ReDo cannot recycle its units, or None.
         recycler: the recycling remedy bound to act there (``treatment_plan`` for a plan's
             recycle step), or None.
-        by_score: that recycler takes units by ReDo score alone (no ``tau``).
         module: the site's module (its name before ``#``).
         other_calls: the other sites of that module (its other calls in a pass), which a swap
             changes too.
@@ -198,8 +189,8 @@ def unit_remedies(
              if names["recycle"] is None else "")
     # where the bound recycler takes units by score alone, the dead ones scoring above
     # tau are told how to have it take them
-    scored = by_score and recycler is not None and unrecyclable is None and not refused
-    asides = {flag: _bound_aside(names, above_tau[0], tau) if scored and above_tau[0] else aside
+    scored = recycler is not None and unrecyclable is None and not refused
+    asides = {flag: _bound_aside(above_tau[0]) if scored and above_tau[0] else aside
               for flag, above_tau in (("dead", dead_above_tau),
                                       ("lifetime_dead", lifetime_above_tau))}
 
@@ -248,8 +239,9 @@ def unit_remedies(
         ("Units stuck negative since monitoring began still pass a small "
          "gradient but add little: " if leaky else
          "Units that never fired are wasted capacity: ")
-        + " or ".join([*([recycle_dead(lifetime_above_tau, names, tau, "them")]
-                         if recyclable else []),
+        + " or ".join([*([again] if recyclable and (
+                           again := recycle_dead(lifetime_above_tau, names, tau, "them"))
+                         else []),
                        *([f"swap to LeakyReLU ({names['plan']}, bound here, "
                           "swaps past its swap step's threshold)"
                           if swapper == "treatment_plan" else

@@ -324,7 +324,6 @@ def diagnose(
     site_passes: Mapping[str, tuple[int, int]] | None = None,
     unrecyclable: Mapping[str, str] | None = None,
     recycling: Mapping[str, str] | None = None,
-    recycling_by_score: Collection[str] = (),
     swapping: Mapping[str, str] | None = None,
     call_index: Mapping[str, int] | None = None,
     lifetime_restarted: bool = False,
@@ -368,9 +367,6 @@ def diagnose(
         swapping: by site, the bound LeakyReLU swap that acts there (``leaky_relu_swap``,
             or ``treatment_plan`` for a plan's swap step): their texts say it swaps them past
             its threshold, instead of advising one.
-        recycling_by_score: the sites of ``recycling`` whose recycler takes units by ReDo
-            score alone (``DormantRecycler`` without ``tau``): dead units scoring above tau
-            are told how to have it take them.
         site_passes: by site, (recorded passes of the window that ran it, those that began
             at a module holding it), for the sites that ran in some only (a branch taken
             sometimes, a later call in a loop of varying length): their dead and
@@ -461,7 +457,7 @@ def diagnose(
             config.loop, config.tau, fam, FAMILIES.get(fam), leaky, row.get("cap"),
             row.get("op") if isinstance(row.get("op"), str) else None,  # a functional call's
             frozenset((declined or {}).get(name, ())), (unrecyclable or {}).get(name),
-            (recycling or {}).get(name), name in recycling_by_score, module,
+            (recycling or {}).get(name), module,
             tuple(n for n in calls.get(module, ()) if n != name), swapping.get(name), born,
             dead_above,
             _above_tau(u, "lifetime_dead") if row["lifetime_dead"] else (0, 0),

@@ -432,10 +432,6 @@ class IntervalReading:
                 norms={s.name: s.norm for s in sites if s.norm},
                 positions={s.name: s.positions for s in sites},
                 recycling=self._recycling(sites),
-                # (a DormantRecycler without tau= takes units by their ReDo score alone)
-                recycling_by_score=self._bound_at(
-                    sites, lambda r: r.name == "dormant_reset" and getattr(r, "tau", 0) is None,
-                    planned=False),  # (a plan's recycle step takes the dead units too)
                 swapping=self._bound_at(sites, lambda r: r.name == "leaky_relu_swap"),
                 lifetime_steps=None if self._lifetime_steps is None else (
                     self._lifetime_steps[0] + collected, self._lifetime_steps[1] + self.steps_run),
@@ -520,14 +516,13 @@ class IntervalReading:
         return {**cbp, **self._bound_at(sites, lambda r: r.name == "dormant_reset")}
 
     def _bound_at(self, sites: Sequence[Site], which: Callable[[Any], bool], *,
-                  planned: bool = True, held_as: str | None = "treatment_plan") -> dict[str, str]:
+                  held_as: str | None = "treatment_plan") -> dict[str, str]:
         """By site, the bound remedy (:meth:`_remedies_bound`, with a ``name`` and an
         ``acts_at``) for which ``which(remedy)`` holds that may act there, by its name, or
-        ``held_as`` where a plan holds it (None: its own name; ``planned=False``: not those);
-        the first bound wins."""
+        ``held_as`` where a plan holds it (None: its own name); the first bound wins."""
         out: dict[str, str] = {}
         for fn, held in self._remedies_bound():
-            if (held and not planned) or not isinstance(getattr(fn, "name", None), str) \
+            if not isinstance(getattr(fn, "name", None), str) \
                     or not callable(acts_at := getattr(fn, "acts_at", None)) or not which(fn):
                 continue
             out.update({s.name: held_as if held and held_as else fn.name for s in sites

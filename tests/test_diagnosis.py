@@ -608,7 +608,7 @@ def _sick_site(born: bool = True) -> tuple[list[dict], dict]:
 
 _SITE_CONTEXTS = [  # (what diagnose is told of the site beside its numbers)
     {}, {"declined": {"s0": ["dormant_reset"]}}, {"declined": {"s0": ["leaky_relu_swap"]}},
-    {"recycling": {"s0": "dormant_reset"}, "recycling_by_score": {"s0"}},
+    {"recycling": {"s0": "dormant_reset"}},
     {"recycling": {"s0": "treatment_plan"}}, {"swapping": {"s0": "leaky_relu_swap"}},
     {"swapping": {"s0": "treatment_plan"}}, {"unrecyclable": {"s0": "its input is a sum"}},
     {"lifetime_restarted": True},
@@ -670,7 +670,9 @@ def test_a_sites_remedy_texts_follow_what_changed_log_to_log(monkeypatch):
         assert got == texts(rows, units, config, ctx, nonneg)
         monkeypatch.setattr(diagnosis, "unit_remedies", cached)
         seen.add(tuple(r for *_, r in got))
-    assert len(seen) >= len(cases) // 6  # (what changes changes the texts)
+    # (what changes changes the texts; tau does no more where the units score above it,
+    # which no recycler is told to take now)
+    assert len(seen) >= len(cases) // 8
 
 
 def _names_in(text: str, names: set[str]) -> set[str]:
@@ -1146,11 +1148,12 @@ def test_units_of_a_leaky_family_never_active_are_not_called_wasted():
 
 
 @pytest.mark.parametrize("family", ["elu", "leaky_relu", "elu_mixed"])
-def test_a_leaky_familys_dead_units_are_advised_the_recycling_that_takes_them(family):
+def test_a_leaky_familys_dead_units_are_recycled_and_advised_only_below_tau(family):
     """A unit of a leaky family stuck negative keeps a ReDo score of its negative outputs:
-    ELU's, near -1, score above tau, and the recycler's default choice (by score) passes
-    them over, so the advice names ``tau=``, with which it takes them; a LeakyReLU's, near
-    -0.01, score below tau (at -0.1 they would not), and the default is advised. Checked against what a bound
+    ELU's, near -1, score above tau, and recycling them would take those outputs from the
+    network (a GNN trial: outputs moved by 10-13), so no recycler takes them, with its own
+    ``tau`` or without, and the advice says recycling for none of them; a LeakyReLU's, near
+    -0.01, score below tau and are recycled and advised. Checked against what a bound
     recycler does with each setting."""
     import relu_doctor
     from relu_doctor.remedies import DormantRecycler
@@ -1183,26 +1186,20 @@ def test_a_leaky_familys_dead_units_are_advised_the_recycling_that_takes_them(fa
     doc = run()
     dead = findings_by(doc.records[-1])[("dead", "1")]
     assert dead.evidence["dead_units"] == stuck
-    recycled = {}
+    below = {"elu": [], "leaky_relu": stuck, "elu_mixed": [9]}[family]  # (scoring under tau)
     for tau in (None, 0.1):
         bound = run(tau, recycle=True)
         said = findings_by(bound.records[-1])[("dead", "1")].remedy
-        assert ("score above it: given tau=, as DormantRecycler(tau=0.1), it takes the dead "
-                "units whatever their score" in said) == (
-            tau is None and family != "leaky_relu")
+        above = len(stuck) - len(below)
+        assert (f"takes only the units scoring at most tau, and {above} of these score above "
+                "it" in said) == bool(above)
         events = [e for e in bound.seen if e.get("remedy") == "dormant_reset"]
-        recycled[tau] = sorted({u for e in events if e["site"] == "1" for u in e["details"]["units"]})
-    takes_by_default = set(stuck) <= set(recycled[None])
-    assert set(stuck) <= set(recycled[0.1])
-    assert takes_by_default == (family == "leaky_relu")
-    assert recycled[None] == ([9] if family == "elu_mixed" else recycled[None])
-    assert ("DormantRecycler(tau=0.1)" in dead.remedy) == (not takes_by_default)
-    assert "(ReDo: DormantRecycler" in dead.remedy
-    assert ("1 of these units'" in dead.remedy) == (family == "elu_mixed")
-    if not takes_by_default:  # each loop's own spelling of the option
-        for loop, said in (("lightning", "DormantReset(tau=0.1)"), ("hf", "dormant_reset={'tau': 0.1}")):
-            found = findings_by(run(loop=loop).records[-1])
-            assert said in found[("dead", "1")].remedy and said in found[("lifetime_dead", "1")].remedy
+        recycled = {u for e in events if e["site"] == "1" for u in e["details"]["units"]}
+        assert recycled & set(stuck) == set(below), tau
+    assert ("recycle" in dead.remedy) == bool(below)
+    assert ("(ReDo: DormantRecycler" in dead.remedy) == bool(below)
+    assert ("scoring at most tau (ReDo: DormantRecycler): the other 1's negative outputs "
+            "score above it" in dead.remedy) == (family == "elu_mixed")
 
 
 @pytest.mark.parametrize("scale", [1e-9, 1.0], ids=["collapsed", "default-init"])
@@ -1439,20 +1436,22 @@ def test_recyclings_the_training_loss_rose_after_are_not_gone_on_with(judged, ro
 
 
 @pytest.mark.parametrize("refused", [False, True], ids=["bound", "bound-but-refused"])
-def test_a_bound_recycler_told_of_tau_only_where_it_acts(refused):
-    """Where a recycler choosing by score is bound and the dead units score above tau, the
-    text tells how to have it take them, in the loop's spelling; where it left the site
-    alone (a gated input it cannot link), that is said instead (review: "give it tau=" at a
-    site it had refused)."""
+def test_a_bound_recycler_says_it_leaves_units_above_tau_only_where_it_acts(refused):
+    """Where a recycler is bound and the dead units score above tau (stuck far negative),
+    the text says it leaves them, their outputs being what recycling would take away;
+    where it left the site alone (a gated input it cannot link), that is said instead
+    (review: a reason given at a site it had refused)."""
     rows, units = _sick_site()
     rows = [{**rows[0], "family": "leaky_relu", "leaky": True}]
     u = {k: v.clone() for k, v in units["s0"].items()}
     u["below_tau"][:2] = False  # the two dead units score above tau (stuck far negative)
     found = diagnose(rows, {"s0": u}, DiagnosisConfig(loop="hf"),
-                     recycling={"s0": "dormant_reset"}, recycling_by_score={"s0"},
+                     recycling={"s0": "dormant_reset"},
                      declined={"s0": ["dormant_reset"]} if refused else None)
     dead = next(f for f in found if f.kind == "dead").remedy
-    assert ("as dormant_reset={'tau': 0.1}, it takes the dead units" in dead) == (not refused), dead
+    assert ("takes only the units scoring at most tau, and 2 of these score above it: their "
+            "negative outputs, which recycling them would take from the network" in dead
+            ) == (not refused), dead
     assert ("dormant_reset left this site alone" in dead) == refused, dead
 
 
@@ -1572,13 +1571,14 @@ def test_the_advice_for_dead_units_behind_a_batchnorm_names_its_shift_not_the_co
     assert "bias of the layer" in recommend(finding_view(direct), leaky, [cut])
 
 
-def test_the_reports_advice_for_dead_gelu_units_scoring_above_tau_gives_the_recycler_tau(
+def test_the_reports_advice_for_dead_gelu_units_scoring_above_tau_recycles_none_of_them(
 ) -> None:
     """A trial's dead GELU units (stuck negative: their outputs count in the ReDo score)
     were advised ``dormant_reset=True`` by the report, which recycled 3 dormant units and
-    left the 52 dead ones; the diagnosis's own text gave ``tau=``. The dead finding's
-    evidence carries how many of its units score above tau (checked against the test's own
-    hook's scores), and the report's advice gives the recycler ``tau=`` for them."""
+    left the 52 dead ones. The dead finding's evidence carries how many of its units score
+    above tau (checked against the test's own hook's scores); recycling them would take
+    their outputs from the network (a GNN trial), so the report advises recycling only for
+    those below tau, and none where all score above it."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 2))
     outs: list[torch.Tensor] = []
@@ -1600,9 +1600,14 @@ def test_the_reports_advice_for_dead_gelu_units_scoring_above_tau_gives_the_recy
     assert f.evidence["above_tau"] == [above, 6]
     view = finding_view(f)
     assert view.above_tau == (above, 6) and "above tau" not in dict(view.evidence)
-    for loop, given in (("hf", "dormant_reset={'tau': 0.3}"), ("watch", "DormantRecycler(tau=0.3)")):
+    for loop in ("hf", "watch"):
         text = recommend(view, True, [], REMEDY_NAMES[loop], tau=0.3)
-        assert given in text and "takes the dead units whatever their score" in text, text
+        recycler = str(REMEDY_NAMES[loop]["recycle"])
+        if above == 6:
+            assert "recycle" not in text and recycler not in text, text
+        else:
+            assert (f"recycle those of the units scoring at most tau (ReDo: {recycler}): the other "
+                    f"{above}'s negative outputs score above it") in text, text
     plain = replace(view, above_tau=(0, 0))
     assert "recycle the units (dormant_reset=True)" in recommend(plain, True, [],
                                                                  REMEDY_NAMES["hf"])

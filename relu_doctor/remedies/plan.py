@@ -468,7 +468,7 @@ class TreatmentPlan(Remedy):
                             step, site, dead is not None and dead >= threshold
                         ):
                             continue
-                        idx = most_dormant(units, site, remedy.max_fraction, int(row["units"]))
+                        idx = most_dormant(units, row, remedy.max_fraction)
                         if not idx:
                             continue
                         self._judge(remedy, step, "below_tau_fraction")

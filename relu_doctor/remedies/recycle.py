@@ -26,6 +26,7 @@ from relu_doctor.remedies._fresh import Init, drawn_by, fresh_rows, model_init
 from relu_doctor.remedies._frozen import refuse_frozen
 from relu_doctor.remedies._link_cache import Later, LinkCache, skip_for_now
 from relu_doctor.remedies._optim_state import SliceFn, reset_state_slices
+from relu_doctor.remedies._plan_reading import dead_give_zero
 from relu_doctor.remedies.adam_step import (
     AdamStepRestart,
     check_adam_step_optimizers,
@@ -277,7 +278,8 @@ class DormantRecycler(LinkedRemedy):
 
     The units are those the record marks below tau (ReDo score <= the doctor's tau: dormant
     units and the dead units whose score is that low), or those with ``dormant_score <= tau``
-    and the dead ones when ``tau`` is given.
+    when ``tau`` is given, and the dead ones of a family whose dead units output 0 (ReLU,
+    ReLU6: recycling them changes no output).
 
     Args:
         model: the model (site paths are relative to it).
@@ -470,7 +472,9 @@ class DormantRecycler(LinkedRemedy):
             if self.tau is None:
                 mask = u["below_tau"].astype(bool)
             else:
-                mask = (u["dormant_score"] <= self.tau) | u["dead"].astype(bool)
+                mask = u["dormant_score"] <= self.tau
+                if dead_give_zero(row):  # (elsewhere a dead unit gives the network a value)
+                    mask = mask | u["dead"].astype(bool)
             chosen = u[mask.to_numpy()]
             if not len(chosen):
                 continue

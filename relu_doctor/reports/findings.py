@@ -259,12 +259,13 @@ def recommend(
     cannot = next((str(v) for label, v in f.evidence if label == "not recyclable"), None)
     if cannot is None and not recycled and names["recycle"] and not (
             set(RECYCLERS) & declined.keys()):
-        # (Keras offers no recycling; dead units scoring above tau, a GELU's, are passed
-        # over by a recycler without tau=: a trial's were advised dormant_reset=True, which
-        # recycled 3 dormant units and left 52 dead ones)
-        steps.append(recycle_dead(f.above_tau, names, DiagnosisConfig().tau if tau is None
-                                   else tau) if f.above_tau[0] else
-                     f"recycle the units ({names['recycle']})")
+        # (Keras offers no recycling; dead units scoring above tau, a GELU's, are recycled
+        # by none: a trial's were advised dormant_reset=True, which recycled 3 dormant units
+        # and left 52 dead ones, and recycling them would take their outputs away)
+        again = (recycle_dead(f.above_tau, names, DiagnosisConfig().tau if tau is None
+                              else tau) if f.above_tau[0] else
+                 f"recycle the units ({names['recycle']})")
+        steps.extend([again] if again else [])
     elif bad := _bad_recyclings(judged):
         # (a trial's recyclings under Adam, each judged "helped" on its units, each raised
         # the training loss 1.5-3x and were advised "go on recycling"; reset_adam_step=True

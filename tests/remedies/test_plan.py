@@ -163,36 +163,55 @@ def test_hopeless_run_stops_with_evidence() -> None:
     assert stop[0]["details"]["judged"] is False
 
 
-def test_a_plans_recycle_step_takes_a_leaky_sites_dead_units_whatever_their_score() -> None:
-    """ELU units stuck negative (their outputs near -1) score above tau, so the plan's
-    recycle step, choosing the units below tau, passed them over while acting on the dead
-    fraction they made (a review): it takes the dead ones first."""
+@pytest.mark.parametrize("family", ["elu", "hardtanh", "relu"])
+def test_a_plans_recycle_step_takes_dead_units_whatever_their_score_only_where_they_output_zero(
+        family) -> None:
+    """Units held dead by a bias of -50: a ReLU's output 0 and score 0; an ELU's or a
+    Hardtanh's output -1 and score above tau. The plan's recycle step took the dead ones
+    whatever their score, and zeroing an ELU's or Hardtanh's outgoing weights took their -1
+    from the network (a GNN trial: outputs moved by 10-13, a sum over a node's edges
+    multiplying it by the degree). It takes them where they output 0, and the output is
+    unchanged by the recycling; elsewhere only the units below tau (ReDo's criterion)."""
     from tests import zoo
 
     torch.manual_seed(0)
-    net = zoo.family_model("elu")
+    net = zoo.family_model(family)
     stuck = [2, 9]
     with torch.no_grad():
         net[0].weight[stuck] = 0.0
         net[0].bias[stuck] = -50.0
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     x = torch.randn(64, 6)
-    with relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None) as doc:
+    outputs = []
+    with relu_doctor.watch(net, log_every_n_steps=4, overhead_budget=None) as doc, \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         plan = TreatmentPlan(net, optimizer=opt, patience=1, steps=[
             PlanStep("recycle", options={"threshold": 0.1, "max_fraction": 0.25})]).bind(doc)
         for _ in range(12):
             net(x).square().mean().backward()
             opt.step()
             opt.zero_grad()
+            with torch.no_grad():
+                before = net(x)
             doc.step()
+            with torch.no_grad():
+                outputs.append(float((net(x) - before).abs().max()))
         plan.detach()
         first = doc.records[0].unit_table
         tables = {r.step: r.unit_table for r in doc.records}
+    assert not [w for w in caught if "failed" in str(w.message)]  # (an empty choice crashed it)
     own = first[first["site"] == "1"]
     assert sorted(own.loc[own["dead"].astype(bool), "unit"]) == stuck  # the test's own planting
-    assert not own.loc[own["unit"].isin(stuck), "below_tau"].astype(bool).any()  # above tau
+    above = not own.loc[own["unit"].isin(stuck), "below_tau"].astype(bool).any()
+    assert above == (family != "relu")
     done = [e for e in doc.to_run().interventions() if e["remedy"] == "dormant_reset"]
-    assert done and set(stuck) <= set(done[0]["details"]["units"]), done
+    taken = {u for e in done for u in e["details"]["units"]}
+    if family != "relu":
+        assert not set(stuck) & taken, done
+        return
+    assert done and set(stuck) <= taken, done
+    assert max(outputs) == 0.0  # (dead units giving 0: nothing taken from the network)
     # judged on those units: their share quiet (dead or below tau) when chosen, against the
     # share still so after; not "all below tau before" (a trial: "100% -> 0%", none had been)
     e = done[0]

@@ -413,16 +413,20 @@ def test_recycler_picks_the_most_dormant_units_up_to_max_fraction_every_n_interv
     assert ev.details["units"] == [0, 2, 5]
 
 
-def test_a_dead_unit_with_a_large_score_is_recycled_only_under_an_own_tau():
+@pytest.mark.parametrize(("family", "act"), [("leaky_relu", nn.LeakyReLU), ("relu", nn.ReLU)])
+def test_a_dead_unit_with_a_large_score_is_recycled_only_where_dead_units_output_zero(
+        family, act):
     """ReDo's criterion is the score (the record's ``below_tau``): a leaky site's unit stuck
-    negative is dead but can have a large mean |h|; the record's flag leaves it alone, an own
-    ``tau`` takes the dead units too."""
+    negative is dead but can have a large mean |h|, which recycling it takes from the
+    network (a GNN trial: outputs moved by 10-13). The record's flag leaves it alone, and so
+    does an own ``tau`` there; where dead units output 0 (ReLU), an own ``tau`` takes the
+    dead units too."""
     units = _units("1", [3.0, 0.05, 1.0, 1.0, 1.0, 1.0], [True] + [False] * 5)
     assert units["below_tau"].tolist() == [False, True, False, False, False, False]
     assert not units["dormant"][0] and units["dormant"][1]
-    rows = [site_row("1", 1 / 6, units=6)]
-    for tau, want in ((None, [1]), (0.1, [0, 1])):
-        net = nn.Sequential(nn.Linear(3, 6), nn.LeakyReLU(0.1), nn.Linear(6, 2))
+    rows = [{**site_row("1", 1 / 6, units=6, leaky=family != "relu"), "family": family}]
+    for tau, want in ((None, [1]), (0.1, [1] if family != "relu" else [0, 1])):
+        net = nn.Sequential(nn.Linear(3, 6), act(), nn.Linear(6, 2))
         (ev,) = DormantRecycler(net, tau=tau, example_inputs=torch.randn(2, 3))(
             rec(10, rows, units=units))
         assert ev.details["units"] == want, tau
