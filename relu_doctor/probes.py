@@ -369,7 +369,7 @@ class Probe(SiteRegistry, HookOwner):
         #: sites that ran with a padding mask that does not fit them, by name: their output
         #: shape and the mask's (counted unmasked); ``_masked``: sites a mask fitted; how
         #: many of the first were said (see say_unmasked)
-        self.unmasked: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.unmasked: dict[SiteKey, tuple[Site, tuple[int, ...], tuple[int, ...]]] = {}
         self._masked: set[str] = set()
         self._said_unmasked = 0
         #: what the collecting hooks' host seconds are added to (the Doctor's budget)
@@ -948,12 +948,17 @@ class Probe(SiteRegistry, HookOwner):
                 and output.shape[0] == mask.shape[0]):
             return None  # one row a sample (a pooled head): no padding position to leave out
         if keep is None:  # (said at the log, every such site named: say_unmasked)
-            if site.name not in self.unmasked:
-                self.unmasked[site.name] = (tuple(output.shape), tuple(mask.shape))
+            if site.key not in self.unmasked:  # (named when said: a site renamed meanwhile)
+                self.unmasked[site.key] = (site, tuple(output.shape), tuple(mask.shape))
             return None
         self._masked.add(site.name)
         self._queue_mask_clear()
         return keep
+
+    def unmasked_names(self) -> list[str]:
+        """The sites that ran with a padding mask not fitting them, by their names now, in
+        the order first seen (a site renamed since, ``act`` to ``act#0``, by its new one)."""
+        return [site.name for site, _, _ in self.unmasked.values()]
 
     def say_unmasked(self) -> None:
         """At a log: the sites that ran with a padding mask not fitting them since the last
@@ -962,10 +967,10 @@ class Probe(SiteRegistry, HookOwner):
         unmasked)."""
         if len(self.unmasked) <= self._said_unmasked:
             return
-        names = list(self.unmasked)
+        names = self.unmasked_names()
         new = names[self._said_unmasked:]
+        _, out, mask = list(self.unmasked.values())[self._said_unmasked]
         self._said_unmasked = len(names)
-        out, mask = self.unmasked[new[0]]
         listed = ", ".join(repr(n) for n in new[:8]) + (
             f" and {len(new) - 8} more" if len(new) > 8 else "")
         none = not (self._masked - set(names))
@@ -978,8 +983,10 @@ class Probe(SiteRegistry, HookOwner):
                "Wav2Vec2's or Whisper's mask has one entry per audio sample or frame of the "
                "input, its activations run at a lower rate): give padding_mask= a function of "
                "(args, kwargs) that returns the mask at the activations' rate (see the "
-               "README's \"Positions\")." if none else
-               f"{len(self._masked - set(names))} other site(s) are masked.")
+               "README's \"Positions\"). A mixture of experts' routed token rows fit no "
+               "mask." if none else
+               f"{len(self._masked - set(names))} other site(s) are masked (a mixture of "
+            "experts' routed token rows fit no mask).")
             + " A run directory's meta.json lists them (unmasked_sites).",
             ReluDoctorWarning, stacklevel=user_stacklevel())
 

@@ -478,7 +478,8 @@ class RunRecording:
             **({"ended_by": self.ended_by} if self.ended_by else {}),
             **({"unwatched": list(self.probe.unwatched)} if self.probe.unwatched else {}),
             # (sites a padding mask did not fit: they count padding too)
-            **({"unmasked_sites": sorted(self.probe.unmasked)} if self.probe.unmasked else {}),
+            **({"unmasked_sites": sorted(self.probe.unmasked_names())}
+               if self.probe.unmasked else {}),
             **({"records_dropped": self._previous_dropped} if self._previous_dropped else {}),
             **({"lifetime_since": self._lifetime_since} if self._lifetime_since else {}),
         }

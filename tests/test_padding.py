@@ -181,6 +181,46 @@ def test_a_site_the_mask_does_not_fit_counts_every_position_said_once() -> None:
     assert totals["lin_act"]["active"].tolist() == want.tolist()
 
 
+def test_flattened_token_rows_are_masked_and_routed_rows_named_as_they_are_now() -> None:
+    """A mixture of experts' block runs its tokens flattened, ``(batch * seq, features)``
+    (Qwen-MoE's shared expert), and its experts on routed rows: an MoE trial saw no site
+    masked, and the unmasked sites named as they were first called (``experts``, which a
+    second call in the pass renamed ``experts#0``). Flattened rows take the flattened mask
+    (counts checked against the test's own); routed rows are said, by their names now."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared, self.shared_act = nn.Linear(4, 6), nn.ReLU()
+            self.expert, self.experts = nn.Linear(4, 6), nn.ReLU()
+
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1])  # (B * S, 4)
+            out = self.shared_act(self.shared(flat)).sum()
+            for rows in (flat[::3], flat[1::3]):  # two experts' routed rows, one module
+                out = out + self.experts(self.expert(rows)).sum()
+            return out
+
+    torch.manual_seed(0)
+    net = Block()
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1] * 5, [1] * 2 + [0] * 3])
+    with warnings.catch_warnings(record=True) as caught, relu_doctor.watch(
+            net, every_n_steps=1, log_every_n_steps=1, padding_mask="attention_mask") as doc:
+        warnings.simplefilter("always")
+        net(x, attention_mask=mask).backward()
+        doc.step()
+    said = [str(w.message) for w in caught if "padding mask that does not fit" in str(w.message)]
+    assert len(said) == 1 and "'experts#0', 'experts#1'" in said[0] and "'experts'," not in said[0]
+    assert "routed token rows fit no mask" in said[0]
+    totals = {s.name: _total(s) for s in doc.sites}
+    h = torch.relu(net.shared(x.reshape(-1, 4))).detach()
+    keep = mask.reshape(-1).bool()
+    assert totals["shared_act"]["elements"].tolist() == [int(keep.sum())] * 6
+    assert totals["shared_act"]["active"].tolist() == (h[keep] > 0).sum(0).tolist()
+
+
 def test_a_pooled_head_one_row_a_sample_is_no_site_the_mask_misses() -> None:
     """A sequence encoder pooled to one row a sample, then a ReLU head: the head's
     ``(batch, units)`` output holds no padding position, and it was named among the sites
