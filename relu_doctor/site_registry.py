@@ -213,6 +213,9 @@ class SiteRegistry:
         if site.experts and not self._warned_experts:
             self._warned_experts = True
             self._warn_experts(site)
+        elif key.call_index == 1 and not self._warned_experts and self._experts_of(key):
+            self._warned_experts = True
+            self._warn_expert_calls(key)
         pending = self._pending.pop(key.token(), None)
         if pending is not None:
             _restore(site, pending)
@@ -322,6 +325,30 @@ class SiteRegistry:
             "recycling cannot treat it. To watch each expert apart, run them one by one: a "
             "Hugging Face model loaded with experts_implementation=\"eager\" (each expert's "
             "call is then a site). Training goes on; the site is watched as it is.",
+            ReluDoctorWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+    def _experts_of(self, key: SiteKey) -> bool:
+        """Whether the module running ``key`` is a mixture's experts' activation (its parent
+        holds ``num_experts``, as transformers' experts do), run once an expert called."""
+        parent = key.module_path.rpartition(".")[0]
+        try:
+            return isinstance(getattr(self.model.get_submodule(parent), "num_experts", None), int)
+        except AttributeError:
+            return False
+
+    def _warn_expert_calls(self, key: SiteKey) -> None:
+        """Once a probe: a mixture's experts run one by one through one activation module (an
+        MoE trial: a dead expert read under another's site, or recovered when the router
+        skipped an expert before it)."""
+        warnings.warn(
+            f"relu_doctor: {module_label(key.module_path)!r} runs once for each expert that "
+            "got tokens in a pass, and so may other layers' experts: its site #k is the k-th "
+            "such expert in the pass, not expert k, and is another expert in a pass where an "
+            "expert before it got no token (an expert never picked has no site). Read a dead "
+            "#k with the router's choices in mind. Training goes on; the sites are watched as "
+            "they are.",
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),
         )
