@@ -1171,7 +1171,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             + (f"{func} " if (func := transformed_text(self.probe.transformed_calls)) else "")
             + "If its activations should have run, check that they run in training passes "
             "(model.train(), gradients enabled) on floating-point tensors, and that "
-            "include/exclude select them.",
+            "include/exclude select them; an activation computed inline (GPT-OSS's "
+            "gate * torch.sigmoid(gate * alpha), x * torch.sigmoid(x)) calls no activation "
+            "a hook can see.",
             ReluDoctorWarning,
             stacklevel=user_stacklevel(),
         )

@@ -1308,6 +1308,8 @@ def test_a_model_whose_activations_are_of_no_family_is_told_which_it_holds(funct
     assert "(it holds nn.Hardswish x2, nn.Mish x1: of no ReLU family)" in said[0]
     assert "Softmax" not in said[0]
     assert ("nothing has been collected yet" in said[0]) is functional
+    # (an MoE trial's GPT-OSS computes its SwiGLU inline: nothing called, nothing watched)
+    assert ("an activation computed inline" in said[0]) is functional
 
 
 def test_a_doctor_that_read_no_window_gives_a_site_frame_with_the_usual_columns() -> None:
