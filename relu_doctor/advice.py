@@ -72,10 +72,10 @@ def _recycle_source(names: Mapping[str, str | None], source: str = "ReDo") -> st
     return f"({source}: {names['recycle']})"
 
 
-def _bound_aside(above: int) -> str:
-    return (f" (The recycler bound here takes only the units scoring at most tau, and {above} "
-            "of these score above it: their negative outputs, which recycling them would "
-            "take from the network.)")
+def _bound_aside(above: int, planned: bool) -> str:
+    who = "The treatment plan bound here recycles" if planned else "The recycler bound here takes"
+    return (f" ({who} only the units scoring at most tau, and {above} of these score above "
+            "it: recycling them would take their negative outputs from the network.)")
 
 
 def recycle_dead(above_tau: tuple[int, int], names: Mapping[str, str | None], tau: float,
@@ -90,9 +90,9 @@ def recycle_dead(above_tau: tuple[int, int], names: Mapping[str, str | None], ta
         return f"recycle {them} {_recycle_source(names)}"
     if above == flagged:
         return ""
-    return (f"recycle those of {them} scoring at most tau {_recycle_source(names)}: the "
-            f"other {above}'s negative outputs score above it, and recycling them would take "
-            "those outputs from the network")
+    return (f"recycle those of {them} scoring at most tau {_recycle_source(names)}: {above} "
+            "of them score above it, and recycling those would take their negative outputs "
+            "from the network")
 
 
 class UnitRemedies(NamedTuple):
@@ -178,19 +178,21 @@ def unit_remedies(
     # (a plan recycles a site only once its dead fraction passes its step's threshold)
     plan = f"the treatment plan bound here ({names['plan']})"
     planned = recycler == "treatment_plan"
+    # (dead units are recycled whatever their score only where they output 0: ReLU, ReLU6)
+    which = ("dead and dormant units" if registered is not None and registered.nonnegative
+             else "units scoring at most tau, dead or dormant,")
     aside = (f" ({', '.join(refused)} left this site alone: see its warning.)" if refused
-             else f" ({plan[0].upper()}{plan[1:]} recycles this site's dead and dormant "
-             "units once its dead fraction stays past its recycle step's threshold: see "
-             "its interventions.)" if planned and unrecyclable is None
+             else f" ({plan[0].upper()}{plan[1:]} recycles this site's {which} once its "
+             "dead fraction stays past its recycle step's threshold: see its "
+             "interventions.)" if planned and unrecyclable is None
              else f" ({recycler} is bound to recycle this site's units: see its "
              "interventions.)" if recycler and unrecyclable is None
              else f" (Recycling cannot treat this site: {unrecyclable}.)" if unrecyclable
              else " (ReDo recycling is not offered for Keras layers.)"
              if names["recycle"] is None else "")
-    # where the bound recycler takes units by score alone, the dead ones scoring above
-    # tau are told how to have it take them
+    # where a bound recycler leaves the dead units scoring above tau, that is said
     scored = recycler is not None and unrecyclable is None and not refused
-    asides = {flag: _bound_aside(above_tau[0]) if scored and above_tau[0] else aside
+    asides = {flag: _bound_aside(above_tau[0], planned) if scored and above_tau[0] else aside
               for flag, above_tau in (("dead", dead_above_tau),
                                       ("lifetime_dead", lifetime_above_tau))}
 
@@ -233,7 +235,7 @@ def unit_remedies(
     else:
         dead = (f"Check {feeds}: {since}"
                 f"{'. In this run, ' + recycle if recycle else ''}." if born else
-                f"{lower}{and_recycle}; check {feeds}.") + f" {unswappable}{aside}"
+                f"{lower}{and_recycle}; check {feeds}.") + f" {unswappable}{asides['dead']}"
 
     lifetime_dead = (
         ("Units stuck negative since monitoring began still pass a small "

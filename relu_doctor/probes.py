@@ -370,7 +370,7 @@ class Probe(SiteRegistry, HookOwner):
         #: shape and the mask's (counted unmasked); ``_masked``: sites a mask fitted; how
         #: many of the first were said (see say_unmasked)
         self.unmasked: dict[SiteKey, tuple[Site, tuple[int, ...], tuple[int, ...]]] = {}
-        self._masked: set[str] = set()
+        self._masked: set[SiteKey] = set()
         self._said_unmasked = 0
         #: what the collecting hooks' host seconds are added to (the Doctor's budget)
         self.stopwatch = stopwatch if stopwatch is not None else Stopwatch()
@@ -467,6 +467,7 @@ class Probe(SiteRegistry, HookOwner):
             tuple[str, int, str | None], tuple[Family, Prepared, Site, SiteStats]] = {}
         self._warned_units: set[SiteKey] = set()
         self._warned_experts = False  # (a site of pooled experts: said once)
+        self._warned_expert_calls = False  # (experts run one by one: said once)
 
     # ------------------------------------------------------------------ selection
     def selected(self, path: str) -> bool:
@@ -951,7 +952,7 @@ class Probe(SiteRegistry, HookOwner):
             if site.key not in self.unmasked:  # (named when said: a site renamed meanwhile)
                 self.unmasked[site.key] = (site, tuple(output.shape), tuple(mask.shape))
             return None
-        self._masked.add(site.name)
+        self._masked.add(site.key)
         self._queue_mask_clear()
         return keep
 
@@ -973,7 +974,13 @@ class Probe(SiteRegistry, HookOwner):
         self._said_unmasked = len(names)
         listed = ", ".join(repr(n) for n in new[:8]) + (
             f" and {len(new) - 8} more" if len(new) > 8 else "")
-        none = not (self._masked - set(names))
+        masked = len(self._masked - set(self.unmasked))
+        # (a mixture's routed rows fit no mask: said where the model runs one)
+        routed = (" A mixture of experts' routed token rows fit no mask, nor do its tokens "
+                  "flattened, (batch * seq, features): give padding_mask= a function returning "
+                  "the mask flattened, kwargs['attention_mask'].reshape(-1), where the rows are "
+                  "the tokens in order." if self._warned_experts or self._warned_expert_calls
+                  else "")
         warnings.warn(
             f"relu_doctor: padding_mask: {len(new)} site(s) ran with a padding mask that does "
             f"not fit them, and count every position, padding included: {listed} (the "
@@ -983,11 +990,9 @@ class Probe(SiteRegistry, HookOwner):
                "Wav2Vec2's or Whisper's mask has one entry per audio sample or frame of the "
                "input, its activations run at a lower rate): give padding_mask= a function of "
                "(args, kwargs) that returns the mask at the activations' rate (see the "
-               "README's \"Positions\"). A mixture of experts' routed token rows fit no "
-               "mask." if none else
-               f"{len(self._masked - set(names))} other site(s) are masked (a mixture of "
-            "experts' routed token rows fit no mask).")
-            + " A run directory's meta.json lists them (unmasked_sites).",
+               "README's \"Positions\")." if not masked else
+               f"{masked} other site(s) are masked.")
+            + routed + " A run directory's meta.json lists them (unmasked_sites).",
             ReluDoctorWarning, stacklevel=user_stacklevel())
 
     def _queue_mask_clear(self) -> None:

@@ -61,6 +61,7 @@ class SiteRegistry:
         _want_provenance: bool
         _warned_units: set[SiteKey]
         _warned_experts: bool
+        _warned_expert_calls: bool
         _tracked_passes: int
         _targets: dict[nn.Module, tuple[str, Family]]
         _failed: set[SiteKey]
@@ -213,8 +214,8 @@ class SiteRegistry:
         if site.experts and not self._warned_experts:
             self._warned_experts = True
             self._warn_experts(site)
-        elif key.call_index == 1 and not self._warned_experts and self._experts_of(key):
-            self._warned_experts = True
+        elif key.call_index == 1 and not self._warned_expert_calls and self._experts_of(key):
+            self._warned_expert_calls = True
             self._warn_expert_calls(key)
         pending = self._pending.pop(key.token(), None)
         if pending is not None:
@@ -330,13 +331,19 @@ class SiteRegistry:
         )
 
     def _experts_of(self, key: SiteKey) -> bool:
-        """Whether the module running ``key`` is a mixture's experts' activation (its parent
-        holds ``num_experts``, as transformers' experts do), run once an expert called."""
-        parent = key.module_path.rpartition(".")[0]
+        """Whether the activation module of ``key`` is a mixture's experts' ``act_fn``, run
+        once an expert called: its parent holds ``num_experts`` and the experts' stacked
+        weights (3-D parameters), as transformers' experts do (a review: a model merely
+        holding ``num_experts`` and calling a ReLU twice was told so)."""
+        if key.op is not None or not key.module_path:
+            return False
+        parent_path, _, name = key.module_path.rpartition(".")
         try:
-            return isinstance(getattr(self.model.get_submodule(parent), "num_experts", None), int)
+            parent = self.model.get_submodule(parent_path)
         except AttributeError:
             return False
+        return (name == "act_fn" and isinstance(getattr(parent, "num_experts", None), int)
+                and any(p.dim() == 3 for p in parent.parameters(recurse=False)))
 
     def _warn_expert_calls(self, key: SiteKey) -> None:
         """Once a probe: a mixture's experts run one by one through one activation module (an

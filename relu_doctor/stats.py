@@ -415,16 +415,12 @@ def mask_for(shape: Sequence[int], unit_dim: int, mask: torch.Tensor) -> torch.T
         >>> m = torch.ones(2, 5, dtype=torch.bool)
         >>> [tuple(k.shape) if k is not None else None
         ...  for k in (mask_for((2, 5, 8), 2, m), mask_for((2, 8, 5), 1, m),
-        ...            mask_for((2, 8, 4), 1, m), mask_for((2, 8), 1, m), mask_for((10, 8), 1, m))]
-        [(2, 5, 1), (2, 1, 5), None, None, (10, 1)]
+        ...            mask_for((2, 8, 4), 1, m), mask_for((2, 8), 1, m))]
+        [(2, 5, 1), (2, 1, 5), None, None]
     """
     k = mask.dim()
     if k == 0:
         return None
-    if len(shape) == 2 and unit_dim == 1 and k > 1 and shape[0] == mask.numel():
-        # (batch * seq, features): the tokens flattened in order, as a mixture of experts'
-        # shared expert or a Qwen-MoE block runs them (an MoE trial: never masked)
-        return mask.reshape(-1, 1)
     if unit_dim >= k and tuple(shape[:k]) == tuple(mask.shape):
         return mask.reshape(*mask.shape, *([1] * (len(shape) - k)))
     rest = (*shape[:unit_dim], *shape[unit_dim + 1:])

@@ -1198,8 +1198,9 @@ def test_a_leaky_familys_dead_units_are_recycled_and_advised_only_below_tau(fami
         assert recycled & set(stuck) == set(below), tau
     assert ("recycle" in dead.remedy) == bool(below)
     assert ("(ReDo: DormantRecycler" in dead.remedy) == bool(below)
-    assert ("scoring at most tau (ReDo: DormantRecycler): the other 1's negative outputs "
-            "score above it" in dead.remedy) == (family == "elu_mixed")
+    assert ("scoring at most tau (ReDo: DormantRecycler): 1 of them score above it, and "
+            "recycling those would take their negative outputs" in dead.remedy) == (
+        family == "elu_mixed")
 
 
 @pytest.mark.parametrize("scale", [1e-9, 1.0], ids=["collapsed", "default-init"])
@@ -1449,10 +1450,38 @@ def test_a_bound_recycler_says_it_leaves_units_above_tau_only_where_it_acts(refu
                      recycling={"s0": "dormant_reset"},
                      declined={"s0": ["dormant_reset"]} if refused else None)
     dead = next(f for f in found if f.kind == "dead").remedy
-    assert ("takes only the units scoring at most tau, and 2 of these score above it: their "
-            "negative outputs, which recycling them would take from the network" in dead
+    assert ("takes only the units scoring at most tau, and 2 of these score above it: "
+            "recycling them would take their negative outputs from the network" in dead
             ) == (not refused), dead
     assert ("dormant_reset left this site alone" in dead) == refused, dead
+
+
+@pytest.mark.parametrize("family", ["hardtanh", "relu"])
+def test_a_bound_recycler_or_plan_is_said_to_take_what_it_takes(family):
+    """A Hardtanh's dead units output -1 and score above tau: no recycler takes them. Its
+    dead finding said "dormant_reset is bound to recycle this site's units", and a plan's
+    "recycles this site's dead and dormant units" (a review), where its lifetime finding
+    said the recycler leaves them. Both say what is taken now; a ReLU's, whose dead units
+    output 0, are taken whatever their score."""
+    rows, units = _sick_site()
+    rows = [{**rows[0], "family": family, "leaky": False}]
+    u = {k: v.clone() for k, v in units["s0"].items()}
+    if family == "hardtanh":
+        u["below_tau"][:2] = False  # the two dead units score above tau (stuck at -1)
+    for recycling, said in (
+            ("dormant_reset", "The recycler bound here takes only the units scoring at most "
+                              "tau, and 2 of these score above it"),
+            ("treatment_plan", "The treatment plan bound here recycles only the units scoring "
+                               "at most tau, and 2 of these score above it")):
+        found = diagnose(rows, {"s0": u}, DiagnosisConfig(), recycling={"s0": recycling})
+        texts = {f.kind: f.remedy for f in found}
+        for kind in ("dead", "lifetime_dead"):
+            assert (said in texts[kind]) == (family == "hardtanh"), (kind, texts[kind])
+    plan = diagnose(rows, units, DiagnosisConfig(), recycling={"s0": "treatment_plan"})
+    dead = next(f for f in plan if f.kind == "dead").remedy
+    assert ("recycles this site's dead and dormant units once" in dead) == (family == "relu")
+    assert ("recycles this site's units scoring at most tau, dead or dormant, once" in dead
+            ) == (family == "hardtanh")
 
 
 def test_units_dead_in_counts_that_restarted_are_not_said_to_have_never_fired(tmp_path):
@@ -1606,8 +1635,8 @@ def test_the_reports_advice_for_dead_gelu_units_scoring_above_tau_recycles_none_
         if above == 6:
             assert "recycle" not in text and recycler not in text, text
         else:
-            assert (f"recycle those of the units scoring at most tau (ReDo: {recycler}): the other "
-                    f"{above}'s negative outputs score above it") in text, text
+            assert (f"recycle those of the units scoring at most tau (ReDo: {recycler}): "
+                    f"{above} of them score above it") in text, text
     plain = replace(view, above_tau=(0, 0))
     assert "recycle the units (dormant_reset=True)" in recommend(plain, True, [],
                                                                  REMEDY_NAMES["hf"])

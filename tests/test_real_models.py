@@ -306,3 +306,26 @@ def test_relation_weights_gathered_per_edge_then_summed_are_no_pooled_experts() 
     [site] = doc.sites
     assert (site.experts, site.units) == (0, 16)
     assert not [w for w in caught if "grouped call" in str(w.message)]
+
+
+def test_a_module_holding_num_experts_that_calls_an_activation_twice_is_no_mixture() -> None:
+    """The eager experts' warning ("#k is the k-th expert that got tokens") was given to
+    any model holding ``num_experts`` that called a ReLU twice, or F.relu in a child (a
+    review): it needs an ``act_fn`` of a module holding the experts' stacked weights."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_experts = 4
+            self.fc, self.act_fn = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.act_fn(self.fc(self.act_fn(x))) + torch.relu(self.fc(x))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(Twice(), log_every_n_steps=1) as doc:
+            doc.model(torch.randn(3, 4)).sum().backward()
+            doc.step()
+    assert len(doc.sites) == 3
+    assert not [w for w in caught if "got tokens" in str(w.message)]
