@@ -452,7 +452,11 @@ def diagnose(
         # not training: their advice leads with the layer feeding them
         born = (bool(row["dead"]) and not lifetime_restarted
                 and not _count(u, "dead", unless="lifetime_dead"))
-        dead_above = _above_tau(u, "dead") if row["dead"] else (0, 0)
+        # (dead units scoring above tau, which no recycler takes: none where dead units
+        # output 0, taken whatever their score; a sampled window's silent ReLU units were
+        # counted so, and told of negative outputs they do not have: a review)
+        zero = (registered := FAMILIES.get(fam)) is not None and registered.nonnegative
+        dead_above = _above_tau(u, "dead") if row["dead"] and not zero else (0, 0)
         remedies = unit_remedies(
             config.loop, config.tau, fam, FAMILIES.get(fam), leaky, row.get("cap"),
             row.get("op") if isinstance(row.get("op"), str) else None,  # a functional call's
@@ -460,7 +464,7 @@ def diagnose(
             (recycling or {}).get(name), module,
             tuple(n for n in calls.get(module, ()) if n != name), swapping.get(name), born,
             dead_above,
-            _above_tau(u, "lifetime_dead") if row["lifetime_dead"] else (0, 0),
+            _above_tau(u, "lifetime_dead") if row["lifetime_dead"] and not zero else (0, 0),
             (norms or {}).get(name, ""))
         # A leaky family's units stuck negative still pass a gradient (GELU's 0.01-0.1, a
         # LeakyReLU's slope) and can come back: a warning at most, where a ReLU's dead units

@@ -671,8 +671,9 @@ def test_a_sites_remedy_texts_follow_what_changed_log_to_log(monkeypatch):
         monkeypatch.setattr(diagnosis, "unit_remedies", cached)
         seen.add(tuple(r for *_, r in got))
     # (what changes changes the texts; tau does no more where the units score above it,
-    # which no recycler is told to take now)
-    assert len(seen) >= len(cases) // 8
+    # which no recycler is told to take now, nor does a score above tau at a family whose
+    # dead units output 0, taken whatever their score: 'mine' registered never negative)
+    assert len(seen) >= len(cases) // 9
 
 
 def _names_in(text: str, names: set[str]) -> set[str]:
@@ -1462,12 +1463,13 @@ def test_a_bound_recycler_or_plan_is_said_to_take_what_it_takes(family):
     dead finding said "dormant_reset is bound to recycle this site's units", and a plan's
     "recycles this site's dead and dormant units" (a review), where its lifetime finding
     said the recycler leaves them. Both say what is taken now; a ReLU's, whose dead units
-    output 0, are taken whatever their score."""
+    output 0, are taken whatever their score, and none is said to score above tau."""
     rows, units = _sick_site()
     rows = [{**rows[0], "family": family, "leaky": False}]
     u = {k: v.clone() for k, v in units["s0"].items()}
-    if family == "hardtanh":
-        u["below_tau"][:2] = False  # the two dead units score above tau (stuck at -1)
+    # the two dead units not below tau: a Hardtanh's stuck at -1; a ReLU's, as a sampled
+    # window's silent units read (a review: told of negative outputs they do not have)
+    u["below_tau"][:2] = False
     for recycling, said in (
             ("dormant_reset", "The recycler bound here takes only the units scoring at most "
                               "tau, and 2 of these score above it"),
