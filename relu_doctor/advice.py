@@ -78,7 +78,7 @@ def _bound_aside(above: int, planned: bool) -> str:
             "it: recycling them would take their negative outputs from the network.)")
 
 
-def recycle_dead(above_tau: tuple[int, int], names: Mapping[str, str | None], tau: float,
+def recycle_dead(above_tau: tuple[int, int], names: Mapping[str, str | None],
                   them: str = "the units") -> str:
     """"recycle the units (ReDo: ...)" for units of which ``above_tau`` = (how many score
     above tau, how many there are). Units scoring above tau (a leaky family's stuck
@@ -122,7 +122,6 @@ def feeding(norm: str, it: str = "it") -> str:
 @functools.lru_cache(maxsize=4096)
 def unit_remedies(
     loop: str,
-    tau: float,
     family: str,
     registered: Family | None,
     leaky: bool,
@@ -143,7 +142,6 @@ def unit_remedies(
 
     Args:
         loop: whose names the texts give (:data:`REMEDY_NAMES`).
-        tau: the dormant threshold a recycler is told to take.
         family, leaky, cap, op: the site's family, whether it is leaky, its cap, and a
             functional call's op (None: a module's).
         registered: the family as registered (``FAMILIES[family]``), whose traits decide
@@ -201,7 +199,7 @@ def unit_remedies(
     # training: a lower learning rate cannot revive them, so their advice leads with the
     # layer feeding them (a trial's units dead from a bias of -50, at SGD's lr 1e-4, were
     # told to lower the learning rate first)
-    recycle = (recycle_dead(dead_above_tau, names, tau, "them" if born else "the units")
+    recycle = (recycle_dead(dead_above_tau, names, "them" if born else "the units")
                if recyclable else "")
     feeds = feeding(norm)
     normalise = f"check {feeds}" if norm else "add BatchNorm before the activation"
@@ -242,7 +240,7 @@ def unit_remedies(
          "gradient but add little: " if leaky else
          "Units that never fired are wasted capacity: ")
         + " or ".join([*([again] if recyclable and (
-                           again := recycle_dead(lifetime_above_tau, names, tau, "them"))
+                           again := recycle_dead(lifetime_above_tau, names, "them"))
                          else []),
                        *([f"swap to LeakyReLU ({names['plan']}, bound here, "
                           "swaps past its swap step's threshold)"

@@ -458,7 +458,7 @@ def diagnose(
         zero = (registered := FAMILIES.get(fam)) is not None and registered.nonnegative
         dead_above = _above_tau(u, "dead") if row["dead"] and not zero else (0, 0)
         remedies = unit_remedies(
-            config.loop, config.tau, fam, FAMILIES.get(fam), leaky, row.get("cap"),
+            config.loop, fam, registered, leaky, row.get("cap"),
             row.get("op") if isinstance(row.get("op"), str) else None,  # a functional call's
             frozenset((declined or {}).get(name, ())), (unrecyclable or {}).get(name),
             (recycling or {}).get(name), module,

@@ -1632,7 +1632,7 @@ def test_the_reports_advice_for_dead_gelu_units_scoring_above_tau_recycles_none_
     view = finding_view(f)
     assert view.above_tau == (above, 6) and "above tau" not in dict(view.evidence)
     for loop in ("hf", "watch"):
-        text = recommend(view, True, [], REMEDY_NAMES[loop], tau=0.3)
+        text = recommend(view, True, [], REMEDY_NAMES[loop])
         recycler = str(REMEDY_NAMES[loop]["recycle"])
         if above == 6:
             assert "recycle" not in text and recycler not in text, text

@@ -64,10 +64,9 @@ def channel_map(lab: torch.Tensor, dim: int, what: str) -> torch.Tensor:
     """Per index of ``dim``: the unit it carries (-1: none), or refuse when mixed (a pad's
     zeros, :data:`PAD`, mix with nothing)."""
     moved = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
-    real = moved != PAD
-    hi = torch.where(real, moved, -math.inf).amax(1)
-    lo = torch.where(real, moved, math.inf).amin(1)
-    has = real.any(1)
+    hi, lo = _extremes(moved)
+    hi, lo = hi.amax(1), lo.amin(1)
+    has = (moved != PAD).any(1)
     if bool((has & (hi != lo)).any()):
         raise Refuse(f"{what} reads the units mixed with other values on one input")
     return torch.where(has, hi, 0.0).long() - 1
@@ -80,10 +79,9 @@ def broadcast(lab: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def _fold(lab: torch.Tensor, dim: Any, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The largest and smallest labels over ``dim`` (None: all), a pad's zeros (:data:`PAD`)
     left out: they add nothing to a sum, a mean or a pool of one unit. All pad: PAD."""
-    real = lab != PAD
     kw: dict[str, Any] = {} if dim is None else {"dim": dim, "keepdim": keep}
-    hi = torch.where(real, lab, -math.inf).amax(**kw)
-    lo = torch.where(real, lab, math.inf).amin(**kw)
+    hi, lo = _extremes(lab)
+    hi, lo = hi.amax(**kw), lo.amin(**kw)
     none = torch.isinf(hi)
     return torch.where(none, PAD, hi), torch.where(none, PAD, lo)
 
@@ -126,13 +124,14 @@ def _extremes(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(real, lab, -math.inf), torch.where(real, lab, math.inf)
 
 
-def _pure(node: Node, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+def _pure(node: Node, hi: torch.Tensor, lo: torch.Tensor, why: str | None = None) -> torch.Tensor:
     """The labels of an output whose elements each gathered the labels between ``lo`` and
-    ``hi`` (-inf and +inf: only a pad's zeros): refuse where one gathered two."""
+    ``hi`` (-inf and +inf: only a pad's zeros): refuse where one gathered two (``why``: the
+    refusal's words, else a gathering op's)."""
     none = torch.isinf(hi) & (hi < 0)
     if bool((~none & (hi != lo)).any()):
-        raise Refuse(f"{node.describe()} adds the units to each other or to values from "
-                     "elsewhere (a target that held other values, a residual)")
+        raise Refuse(why or f"{node.describe()} adds the units to each other or to values "
+                     "from elsewhere (a target that held other values, a residual)")
     return torch.where(none, PAD, hi)
 
 
@@ -154,13 +153,9 @@ def sum_labels(node: Node, labels: dict[Value, torch.Tensor]) -> torch.Tensor:
             f"its units also reach {node.describe()}, which adds a constant or a parameter to "
             "them: a dead unit's zeros would not stay zero")
     (ha, la), (hb, lb) = _extremes(_carried(labels, a, shape)), _extremes(_carried(labels, b, shape))
-    try:
-        return _pure(node, torch.maximum(ha, hb), torch.minimum(la, lb))
-    except Refuse:
-        raise Refuse(
-            f"its units also reach {node.describe()}, a sum with another branch (a residual or "
-            "skip connection): a recycled unit's new value would pass through it unweighted"
-        ) from None
+    return _pure(node, torch.maximum(ha, hb), torch.minimum(la, lb), why=(
+        f"its units also reach {node.describe()}, a sum with another branch (a residual or "
+        "skip connection): a recycled unit's new value would pass through it unweighted"))
 
 
 def setitem_labels(node: Node, labels: dict[Value, torch.Tensor]) -> torch.Tensor:

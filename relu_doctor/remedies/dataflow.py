@@ -232,13 +232,13 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         outs = [t for t in _flat(out, None) if isinstance(t, torch.Tensor)]
-        if not outs and op_name(func) == "__setitem__" and args and isinstance(args[0], torch.Tensor):
+        name = op_name(func)
+        if not outs and name == "__setitem__" and args and isinstance(args[0], torch.Tensor):
             outs = [args[0]]  # t[i] = v: a new version of t, which reads v (and t)
         if not outs:
             return out  # x.shape, x.dim(): no data flows
         wargs = tuple(self._wrap(a) for a in args)
         wkwargs = {k: self._wrap(v) for k, v in kwargs.items()}
-        name = op_name(func)
         # (a tensor made in another's shape reads none of its values: GNN code's buffers,
         # torch.zeros_like(h), had h's units refused as "reaching zeros_like")
         read = (wargs[1:], {k: v for k, v in wkwargs.items() if k != "input"}) if (

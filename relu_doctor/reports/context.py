@@ -133,7 +133,6 @@ def _treat_findings(
     anchors: Mapping[str, str],
     loop: object = "watch",
     declined: Mapping[str, Mapping[str, str]] | None = None,
-    tau: float | None = None,
 ) -> list[FindingView]:
     """Findings merged, linked to their site's figure, with the remedy adjusted to what was
     already done (families from meta.json, interventions from the events) or declined there
@@ -152,7 +151,7 @@ def _treat_findings(
         out.append(replace(f, anchor=anchor, done=done_lines(done),
                            remedy=recommend(f, leaky.get(f.site, False), done, names,
                                             swappable.get(f.site),
-                                            (declined or {}).get(f.site, {}), tau)))
+                                            (declined or {}).get(f.site, {}))))
     return out
 
 
@@ -739,9 +738,7 @@ def build_context(run: Run) -> ReportContext:
     anchors = {r.site: (f"rd-fig-{r.anchor[len('rd-site-'):]}" if r.site in heatmaps else r.anchor)
                for r in sites}
     loop = (run.meta.get("config") or {}).get("loop", "watch")
-    tau = (run.meta.get("config") or {}).get("tau")
-    findings = _treat_findings(findings, sites, interventions, anchors, loop, run.declined(),
-                               tau if isinstance(tau, (int, float)) else None)
+    findings = _treat_findings(findings, sites, interventions, anchors, loop, run.declined())
     named: dict[str, list[int]] = {}
     for f in findings:
         if f.site in heatmaps:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relu_doctor.advice import RECYCLERS, REMEDY_NAMES, feeding, recycle_dead
-from relu_doctor.diagnosis import DiagnosisConfig, Finding, finding_order
+from relu_doctor.diagnosis import Finding, finding_order
 from relu_doctor.reports.formatting import UNIT_LISTS, fmt_value
 from relu_doctor.reports.interventions import LOSS_ROSE, InterventionView
 
@@ -82,8 +82,8 @@ class FindingView:
     #: ``never_fired``): what the initialisation or a bias made, not training
     never_fired: bool = False
     #: of a dead finding's dead units, (those scoring above tau, all of them) where some do
-    #: (a leaky or GELU family's units stuck negative): a recycler without tau= passes
-    #: them over (its evidence's ``above_tau``)
+    #: (a leaky or GELU family's units stuck negative): no recycler takes those (its
+    #: evidence's ``above_tau``)
     above_tau: tuple[int, int] = (0, 0)
 
 
@@ -216,15 +216,14 @@ def recommend(
     names: Mapping[str, str | None] = REMEDY_NAMES["watch"],
     swappable: bool | None = None,
     declined: Mapping[str, str] | None = None,
-    tau: float | None = None,
 ) -> str:
     """The finding's remedy, rewritten for what this site already is and what was already
     done to it: no LeakyReLU for a leaky site, nor for one the swap cannot treat
     (``swappable``: see :func:`~relu_doctor.advice.can_swap`; by default, any site that
     is not leaky), no second try of a remedy that did not help, none that left this site
     alone (``declined``: ``{remedy: why}``, said instead); the remedies named as the run's
-    loop names them (``names``: of :data:`~relu_doctor.advice.REMEDY_NAMES`); the
-    recycler given the run's ``tau`` (None: the default's) where dead units score above it."""
+    loop names them (``names``: of :data:`~relu_doctor.advice.REMEDY_NAMES`); recycling
+    advised only for the dead units scoring at most tau where some score above it."""
     swappable = not leaky if swappable is None else swappable
     declined = declined or {}
     tried = {e.remedy for e in done}
@@ -262,8 +261,7 @@ def recommend(
         # (Keras offers no recycling; dead units scoring above tau, a GELU's, are recycled
         # by none: a trial's were advised dormant_reset=True, which recycled 3 dormant units
         # and left 52 dead ones, and recycling them would take their outputs away)
-        again = (recycle_dead(f.above_tau, names, DiagnosisConfig().tau if tau is None
-                              else tau) if f.above_tau[0] else
+        again = (recycle_dead(f.above_tau, names) if f.above_tau[0] else
                  f"recycle the units ({names['recycle']})")
         steps.extend([again] if again else [])
     elif bad := _bad_recyclings(judged):
