@@ -279,6 +279,14 @@ _SAME_AXES = tuple(
         "Rescaling", "Identity",
     ) if hasattr(keras.layers, n)
 )
+#: Layers whose output has its features in the last dim whatever the image data format:
+#: recurrent layers (a ConvLSTM's data_format says otherwise), embeddings, attention.
+_FEATURES_LAST = tuple(
+    getattr(keras.layers, n) for n in (
+        "RNN", "Embedding", "MultiHeadAttention", "GroupQueryAttention", "Attention",
+        "AdditiveAttention",
+    ) if hasattr(keras.layers, n)
+)
 #: Spatial layers that keep the channel axis where their data_format puts it.
 _POOLS = tuple(
     getattr(keras.layers, n) for n in (
@@ -317,7 +325,15 @@ def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str, str]:
             return op.axis, f"after {name}, axis {op.axis}", name
         if isinstance(op, _ACTIVATED):
             return -1, f"after {name}: its features (last dim)", ""
-        if not isinstance(op, _SAME_AXES):  # a Permute, a Reshape, an RNN: not followed
+        if isinstance(op, keras.layers.Bidirectional):
+            op = op.forward_layer  # (its two directions' features concatenated, or merged)
+        if isinstance(op, _FEATURES_LAST) and getattr(op, "data_format", None) != "channels_first":
+            # (an LSTM's output is (N, T, F) whatever image_data_format says: a ReLU after it
+            # read its time steps as units, a trial's; a ConvLSTM's says its own)
+            return -1, f"after {name}: its features (last dim)", ""
+        if isinstance(op, keras.layers.RNN) and getattr(op, "data_format", None) == "channels_first":
+            return (2 if op.return_sequences else 1), f"after {name}, channels_first", ""
+        if not isinstance(op, _SAME_AXES):  # a Permute, a Reshape: not followed
             break
     fmt = keras.config.image_data_format()
     return (1 if fmt == "channels_first" else -1), f"image_data_format {fmt}", ""
@@ -362,8 +378,10 @@ def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
                              by_act, wrapper))
     _say_once(_SAID_RECURRENT, model, recurrent, lambda names, many: (
         f"the recurrent layer{'s' * many} {names} run{'s' * (not many)} a ReLU-family "
-        f"activation inside {'their cells' if many else 'its cell'}, at each time step, where "
-        "no layer's output shows it: not watched (the layers around it are)."))
+        f"activation inside {'their cells' if many else 'its cell'}, at each time step: not "
+        "watched (the layers around it are). A SimpleRNN's output is that activation's at the "
+        "steps it returns, but the gradient reaching it there is not its units' (the steps "
+        "after each pass theirs back through the cell)."))
     _say_once(_SAID_RELU_LIKE, model, relu_like, lambda names, many: (
         f"Keras layer{'s' * many} {names} run{'s' * (not many)} a ReLU-like activation (hard "
         "swish, mish) of no family relu_doctor counts: not watched (the ReLU-family layers "

@@ -313,6 +313,52 @@ def test_an_activation_layer_takes_the_units_of_the_layer_that_made_its_input(
     assert row["activation_rate"] == pytest.approx(want["activation_rate"], rel=1e-9)
 
 
+@pytest.mark.parametrize("recurrent", ["lstm", "bidirectional", "convlstm"])
+def test_an_activation_layer_after_a_recurrent_layer_takes_its_features_whatever_the_image_format(
+        tmp_path: Path, recurrent: str) -> None:
+    """With image_data_format "channels_first" (a CNN user's keras.json), a ReLU layer after
+    an LSTM took dim 1 of its (N, T, F) output: its 10 time steps as units, not its 8
+    features (a trial). A recurrent layer's output has its features last; a ConvLSTM's where
+    its own data_format puts them (after the time axis)."""
+    keras.utils.set_random_seed(0)
+    keras.config.set_image_data_format("channels_first")
+    try:
+        _fit_a_relu_after_a_recurrent_layer(tmp_path, recurrent)
+    finally:
+        keras.config.set_image_data_format("channels_last")
+
+
+def _fit_a_relu_after_a_recurrent_layer(tmp_path: Path, recurrent: str) -> None:
+    if recurrent == "convlstm":
+        i = keras.Input((10, 3, 6))  # (T, C, W): channels_first, taken from the config
+        h = keras.layers.ConvLSTM1D(8, 3, return_sequences=True, name="rnn")(i)
+        dim = 2
+    else:
+        i = keras.Input((10, 4))
+        rnn = keras.layers.LSTM(4 if recurrent == "bidirectional" else 8,
+                                return_sequences=True, name="rnn")
+        h = (keras.layers.Bidirectional(rnn, name="bi") if recurrent == "bidirectional"
+             else rnn)(i)
+        dim = -1
+    h = keras.layers.ReLU(name="act")(h)
+    model = keras.Model(i, keras.layers.Dense(2)(keras.layers.Flatten()(h)))
+    model.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, *i.shape[1:])).astype("float32")
+    y = rng.normal(size=(16, 2)).astype("float32")
+    ref = Outputs({"act": model.get_layer("act")}, {"act": dim}, keep=lambda: torch.is_grad_enabled())
+    cb = ReluDoctorCallback(log_every_n_steps=2, every_n_steps=1, run_dir=tmp_path / "run")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False, callbacks=[cb])
+    ref.remove()
+    assert cb.doctor is not None
+    act = cb.doctor.probe.site("act")
+    assert (act.units, act.unit_dim) == (8, 2), act.unit_rule  # (N, T, F) and (N, T, C, W)
+    want = windows(ref.passes, 2)[0]["act"]
+    row = cb.doctor.history().query("site == 'act'").iloc[-1]
+    assert row["units"] == want["units"] == 8 and row["dead"] == want["dead"]
+    assert row["activation_rate"] == pytest.approx(want["activation_rate"], rel=1e-9)
+
+
 def test_a_layer_run_by_time_distributed_is_recorded_from_its_wrapper(tmp_path: Path) -> None:
     """TimeDistributed calls its layer's ``call``, not the layer: the Dense's hook never
     fired, and its site was listed but never recorded, silently. It is recorded from the
