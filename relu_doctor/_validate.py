@@ -244,14 +244,21 @@ def unwrapped_optimizer(o: Any) -> Any:
     hooks of its own. accelerate's wrapper is an ``Optimizer`` that never ran its
     ``__init__``, so it has no hooks to register (``register_step_pre_hook`` raised), and its
     ``step`` calls the one it holds, whose hooks then run, at the steps that update (none at
-    a step that only accumulates gradients, nor at one a loss scaler skips)."""
+    a step that only accumulates gradients, nor at one a loss scaler skips). Lightning
+    Fabric's ``_FabricOptimizer`` is an ``Optimizer`` sharing the dict of the one it holds: a
+    hook registered on it lands in that one's hooks and runs with that one, so that one is
+    the optimizer (keyed by the wrapper, each layer's gradient norm was never divided by its
+    steps, read the root of the window's steps too large, and the learning rate logged was
+    the scheduler's next: a trial)."""
     import torch
 
     for _ in range(4):  # (a wrapper of a wrapper)
-        if isinstance(o, torch.optim.Optimizer) and hasattr(o, "_optimizer_step_pre_hooks"):
-            return o
         inner = next((x for a in ("optimizer", "_optimizer", "original_optimizer")
                       if isinstance(x := getattr(o, a, None), torch.optim.Optimizer)), None)
+        hooks = getattr(o, "_optimizer_step_pre_hooks", None)
+        if isinstance(o, torch.optim.Optimizer) and hooks is not None and (
+                inner is None or getattr(inner, "_optimizer_step_pre_hooks", None) is not hooks):
+            return o
         if inner is None or inner is o:
             return o
         o = inner

@@ -48,7 +48,7 @@ from relu_doctor.history import (
 )
 from relu_doctor.interval import IntervalReading, TableMemory
 from relu_doctor.optimizer_tap import OptimizerTap
-from relu_doctor.probes import Probe, transformed_text, uncompiled
+from relu_doctor.probes import Probe, transformed_text, unwrapped
 from relu_doctor.recording import RunRecording
 from relu_doctor.rundir import RESUME_ADVICE, RunWriter
 from relu_doctor.sampling import DEFAULT_BUDGET, Sampler, Stopwatch, check_rate, model_device
@@ -179,7 +179,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         padding_mask: str | Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None,
     ) -> None:
         path_or_none("run_dir", run_dir)
-        model = uncompiled(model)  # torch.compile(model)'s wrapper: the model it compiles
+        model = unwrapped(model)  # torch.compile's or Fabric's wrapper: the model it wraps
         for name, value in (("gradients", gradients), ("is_writer", is_writer),
                             ("optimizer_pre_hook", optimizer_pre_hook),
                             ("tensorboard", tensorboard), ("resume", resume)):

@@ -224,6 +224,23 @@ def uncompiled(model: Any) -> Any:
     return model
 
 
+def unwrapped(model: Any) -> Any:
+    """The module that ``watch`` and the remedies watch and treat for ``model``: the module a
+    ``torch.compile`` wrapper compiles (see :func:`uncompiled`), the one Lightning Fabric's
+    ``fabric.setup`` wrapped (``_FabricModule``: its paths read ``_forward_module.*`` on one
+    device and ``_forward_module.module.*`` under DDP, so one model's runs did not compare,
+    and a plan given the model itself found none of the Doctor's sites: a trial), through
+    wrappers of wrappers; else ``model``."""
+    for _ in range(4):
+        inner = uncompiled(model)
+        if inner is model and type(model).__name__ == "_FabricModule":
+            inner = getattr(model, "_original_module", model)
+        if inner is model or not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
 def is_compile_wrapper(module: nn.Module) -> bool:
     """Whether ``module`` is a ``torch.compile`` wrapper (``OptimizedModule``)."""
     return uncompiled(module) is not module

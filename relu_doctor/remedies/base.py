@@ -35,7 +35,7 @@ from relu_doctor.diagnosis import Finding
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.events import Declined, Event, Intervention, InterventionResult
 from relu_doctor.families import family_of
-from relu_doctor.probes import Probe, uncompiled
+from relu_doctor.probes import Probe, unwrapped
 from relu_doctor.remedies._held import record_from_state, record_state
 from relu_doctor.remedies._privacy import PRIVATE, private_by
 from relu_doctor.remedies._sharding import DTENSOR, refuse_several, refuse_sharded, sharding_of
@@ -135,10 +135,11 @@ def _warn(message: str) -> None:  # (a ReluDoctorWarning, at the user's line)
 def check_model(value: object) -> nn.Module:
     """The ``model`` argument of a remedy: a ``torch.nn.Module``; a ``torch.compile`` wrapper
     stands for the module it compiles, as in ``watch`` (its hooks, on the wrapper, ran
-    inside Dynamo's trace and raised there, and its paths read ``_orig_mod.*``)."""
+    inside Dynamo's trace and raised there, and its paths read ``_orig_mod.*``), and
+    Fabric's for the module it wraps (:func:`~relu_doctor.probes.unwrapped`)."""
     if not isinstance(value, nn.Module):
         raise ReluDoctorError(f"model: expected a torch.nn.Module, got {type(value).__name__}.")
-    return cast(nn.Module, uncompiled(value))
+    return cast(nn.Module, unwrapped(value))
 
 
 def get_module(model: nn.Module, path: str, arg: str) -> nn.Module:
