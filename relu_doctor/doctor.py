@@ -445,6 +445,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                     self.add_event_listener(self._tb.write_event)
             if self.eval is not None:
                 self.eval.attach()
+            self._tell_listeners("watch_attached")
         except BaseException:
             self.detach()
             raise
@@ -530,6 +531,16 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self.sampler.stop()
         if self.eval is not None:
             self.eval.detach()
+        self._tell_listeners("watch_detached")
+
+    def _tell_listeners(self, name: str) -> None:
+        """Call each listener's ``name`` method where it has one: a treatment plan takes its
+        clipper's optimizer hook off when the watch ends and puts it back when it watches
+        again (a plan's clipper stayed on the optimizer after the block, which had "removed
+        every hook": a trial)."""
+        for fn in list(self._listeners):
+            if callable(method := getattr(fn, name, None)):
+                method()
 
     def _fold_logged_windows(self) -> None:
         """Fold the windows of a final log (see :meth:`log`) into the lifetime counts."""

@@ -281,6 +281,15 @@ class Remedy:
             raise ReluDoctorError(
                 f"model: {type(self).__name__} cannot treat a model trained with "
                 f"differential privacy, got {private}: {PRIVATE}.")
+        treats, watched = getattr(self, "model", None), getattr(doctor, "model", None)
+        if isinstance(treats, nn.Module) and isinstance(watched, nn.Module) and treats is not watched:
+            # (its site paths are the Doctor's model's: another model's found none of them and
+            # was said only at the first change, or, a copy of it, would be changed in its
+            # stead: a Fabric trial's plan given the model that setup wrapped)
+            raise ReluDoctorError(
+                f"model: {type(self).__name__} treats a {type(treats).__name__} that is not the "
+                f"model the Doctor watches (a {type(watched).__name__}); give both the same "
+                "model (an EMA copy, a teacher, or DDP's wrapper around it is another).")
         self._before_bind(doctor)  # (what may refuse it, before anything is bound)
         self.doctor = doctor
         try:

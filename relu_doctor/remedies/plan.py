@@ -147,6 +147,7 @@ class TreatmentPlan(Remedy):
         self.failed: set[tuple[str, str]] = set()
         #: steps left idle, never tried: a clip step where the loop clips itself
         self.idle: set[str] = set()
+        self._rehook = False  # the watch's end took the clipper's hook off
         #: surgery steps after a change of which the training loss rose (LOSS_HARM): the
         #: run is in a regime where changing units jolts it, and no surgery is made again
         #: in it (a swap so judged is undone)
@@ -245,22 +246,34 @@ class TreatmentPlan(Remedy):
                 r.__dict__["_adopted"] = False
 
     def _on_bind(self, doctor: DoctorLike) -> None:
-        from relu_doctor.remedies.clipping import AutoClip
-
         for r in self._remedies.values():
             r.warn = self.warn
             r.bind(doctor, listen=False)
-            if isinstance(r, AutoClip) and self.optimizers:
-                r.detach()  # bound again: one hook, on the optimizer in use
-                r.attach(self.optimizers[0])
+        self._rehook = True
+        self.watch_attached()
+
+    def _clippers(self) -> list[Any]:
+        from relu_doctor.remedies.clipping import AutoClip
+        return [r for r in self._remedies.values() if isinstance(r, AutoClip)]
 
     def detach(self) -> None:
         """Remove the clipper's optimizer hook (idempotent)."""
-        from relu_doctor.remedies.clipping import AutoClip
+        for r in self._clippers():
+            r.detach()
 
-        for r in self._remedies.values():
-            if isinstance(r, AutoClip):
-                r.detach()
+    def watch_detached(self) -> None:
+        """The bound Doctor's watch ended: the clipper's hook goes with the watch's (it stayed
+        after the block that "removed every hook": a Fabric trial), back with them after."""
+        self._rehook = self._rehook or any(r._handles for r in self._clippers())
+        self.detach()
+
+    def watch_attached(self) -> None:
+        """Hook the clipper on the optimizer in use, one hook, at bind and where the bound
+        Doctor's watch ended with it on (:meth:`watch_detached`) and watches again."""
+        for r in self._clippers() if self._rehook and self.optimizers else []:
+            r.detach()
+            r.attach(self.optimizers[0])
+        self._rehook = False
 
     def describe(self) -> list[dict[str, Any]]:
         """The plan as data: its steps in order, with their scope and what counts as help."""

@@ -557,3 +557,20 @@ def test_bind_refuses_what_is_not_a_doctor(make, value) -> None:
         remedy.bind(value)
     assert type(value).__name__ in str(info.value) and "watch(model" in str(info.value)
     assert remedy.doctor is None  # nothing half-bound
+
+
+@pytest.mark.parametrize("kind", ["TreatmentPlan", "DormantRecycler", "ActivationSwapper", "ContinualBackprop"])
+def test_a_remedy_given_another_model_than_the_doctors_is_refused_at_bind(kind: str) -> None:
+    """A plan given another model than the Doctor watches bound silently and found none of
+    its sites at its first change (a Fabric trial); given a copy (an EMA model), it would
+    change the copy in the model's stead. bind() refuses it, naming both; the Doctor's own
+    model binds."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    make = getattr(remedies, kind)
+    with relu_doctor.watch(net, optimizer=opt) as doc:
+        with pytest.raises(ReluDoctorError, match=r"^model: .* not the model the Doctor watches"):
+            make(copy.deepcopy(net)).bind(doc)
+        assert make(net).bind(doc).doctor is doc
+        doc.step()

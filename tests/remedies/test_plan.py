@@ -385,6 +385,40 @@ def test_a_loop_that_clips_itself_leaves_the_plans_clip_step_idle_and_said(own_c
         assert clipped_at(torch.rand(500, generator=g) * 10, dtype=dtype) is None
 
 
+def test_the_plans_clipper_leaves_the_optimizer_when_the_watch_ends_and_comes_back_with_it() -> None:
+    """The block "removed every hook", but the plan's clipper stayed in the optimizer's step
+    pre-hooks after it (a Fabric trial). It goes with the watch, its gradients left as the
+    optimizer made them, and comes back, one hook, when the Doctor watches again."""
+    torch.manual_seed(0)
+    net = mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = dict(opt._optimizer_step_pre_hooks), dict(opt._optimizer_step_post_hooks)
+    x, y = classification(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=5) as doc:
+            plan = TreatmentPlan(net, optimizer=opt).bind(doc)
+            clip = plan._remedies["clip"]
+            assert len(clip._handles) == 1 and len(opt._optimizer_step_pre_hooks) > len(before[0])
+            for _ in range(5):
+                F.cross_entropy(net(x[:64]), y[:64]).backward()
+                opt.step()
+                opt.zero_grad()
+                doc.step()
+        assert (dict(opt._optimizer_step_pre_hooks), dict(opt._optimizer_step_post_hooks)) == before
+        assert not clip._handles
+        # after the block, a step's gradients reach the optimizer unclipped
+        F.cross_entropy(net(x[:64]) * 1e3, y[:64]).backward()
+        grads = [p.grad.clone() for p in net.parameters()]
+        opt.step()
+        assert all(torch.equal(g, p.grad) for g, p in zip(grads, net.parameters(), strict=True))
+        opt.zero_grad()
+        doc.attach()  # watching again: the clipper too
+        assert len(clip._handles) == 1
+        doc.close()
+        assert not clip._handles
+
+
 def test_a_bind_that_fails_midway_leaves_the_plan_bound_to_nothing(monkeypatch) -> None:
     """A plan whose clipper could not hook the optimizer it was given (accelerate's wrapper,
     before optimizers were unwrapped) raised from bind(), and listened all the same: it
