@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from relu_doctor.diagnosis import Finding
+from relu_doctor.diagnosis import Finding, run_health
 from relu_doctor.errors import ReluDoctorError
 from relu_doctor.events import FindingEvent
 from relu_doctor.sites import SiteKey
@@ -90,6 +90,23 @@ class IntervalRecord:
     steps_collected: int = 0
     first_dead: dict[str, float] = field(default_factory=dict)
     overhead: float | None = None
+
+    @property
+    def health(self) -> dict[str, float]:
+        """The run-level numbers of this log (:func:`~relu_doctor.diagnosis.run_health`):
+        ``health`` (the share of units alive, 0 where a non-finite value was seen),
+        ``dead_fraction``, ``dormant_fraction``, ``lifetime_dead_fraction``; what the
+        integrations log as ``relu_doctor/health``... and a plain loop reads here (a
+        hyperparameter search's pruning signal: ``doc.records[-1].health``).
+
+        Example:
+            >>> import pandas as pd
+            >>> r = IntervalRecord(10, [{"units": 4, "units_seen": 4, "dead": 1, "dormant": 0,
+            ...                          "lifetime_dead": 0}], pd.DataFrame(), pd.DataFrame(), [])
+            >>> r.health["health"], r.health["dead_fraction"]
+            (0.75, 0.25)
+        """
+        return run_health(self.site_rows, self.findings)
 
     def site_row(self, name: str) -> dict[str, Any] | None:
         """The row of the site called ``name``, or None."""

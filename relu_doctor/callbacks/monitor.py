@@ -53,7 +53,6 @@ from relu_doctor.diagnosis import (
     DiagnosisConfig,
     check_warn,
     diagnosis_config,
-    run_health,
 )
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, RunDirError
@@ -580,7 +579,7 @@ class ReluDoctor(Callback):
         if trainer is not None:
             # where EarlyStopping and ModelCheckpoint look: monitor="relu_doctor/health"
             # (higher is better) or "relu_doctor/dead_fraction"; the same on every rank
-            health = run_health(record.site_rows, record.findings)
+            health = record.health
             trainer.callback_metrics.update(
                 {f"{tb.PREFIX}/{k}": torch.tensor(v) for k, v in health.items()}
             )

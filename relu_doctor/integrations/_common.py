@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from relu_doctor._validate import flag as flag
 from relu_doctor._validate import path_or_none
-from relu_doctor.diagnosis import SEVERITIES, Finding, run_health
+from relu_doctor.diagnosis import SEVERITIES, Finding
 from relu_doctor.diagnosis import check_warn as check_warn
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
@@ -251,7 +251,7 @@ def summary_scalars(record: IntervalRecord, prefix: str = tb.PREFIX) -> dict[str
     """Model-wide numbers of one record, unit-weighted over every site
     (:func:`~relu_doctor.diagnosis.run_health`): ``<prefix>/dead_fraction``,
     ``<prefix>/dormant_fraction``, ``<prefix>/lifetime_dead_fraction`` (finite ones only)."""
-    health = run_health(record.site_rows, record.findings)
+    health = record.health
     return {f"{prefix}/{k}": float(v) for k, v in health.items()
             if k != "health" and math.isfinite(v)}
 
@@ -261,7 +261,7 @@ def health_scalars(record: IntervalRecord, prefix: str = tb.PREFIX) -> dict[str,
     checkpointing (``<prefix>/health``, higher is better; ``<prefix>/dead_fraction``...):
     :func:`~relu_doctor.diagnosis.run_health`, as the Lightning monitor puts them in
     ``trainer.callback_metrics`` (finite ones only)."""
-    health = run_health(record.site_rows, record.findings)
+    health = record.health
     return {f"{prefix}/{k}": float(v) for k, v in health.items() if math.isfinite(v)}
 
 
