@@ -323,7 +323,11 @@ def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str, str]:
             return (1 if fmt == "channels_first" else -1), f"after {name}, {fmt}", ""
         if isinstance(op, keras.layers.BatchNormalization) and op.axis in (1, -1):
             return op.axis, f"after {name}, axis {op.axis}", name
-        if isinstance(op, _ACTIVATED):
+        inner = op.layer if isinstance(op, keras.layers.TimeDistributed) else op
+        fmt = getattr(inner, "data_format", None)
+        if isinstance(inner, _CONVS) and fmt == "channels_first" and inner is not op:
+            return 2, f"after {name}, channels_first after its time axis", ""  # (N, T, C, ...)
+        if isinstance(inner, _ACTIVATED):  # (a TimeDistributed Dense's too: a trial's review)
             return -1, f"after {name}: its features (last dim)", ""
         if isinstance(op, keras.layers.Bidirectional):
             op = op.forward_layer  # (its two directions' features concatenated, or merged)

@@ -313,13 +313,15 @@ def test_an_activation_layer_takes_the_units_of_the_layer_that_made_its_input(
     assert row["activation_rate"] == pytest.approx(want["activation_rate"], rel=1e-9)
 
 
-@pytest.mark.parametrize("recurrent", ["lstm", "bidirectional", "convlstm"])
+@pytest.mark.parametrize("recurrent", ["lstm", "bidirectional", "convlstm", "time_dense",
+                                       "time_conv"])
 def test_an_activation_layer_after_a_recurrent_layer_takes_its_features_whatever_the_image_format(
         tmp_path: Path, recurrent: str) -> None:
     """With image_data_format "channels_first" (a CNN user's keras.json), a ReLU layer after
     an LSTM took dim 1 of its (N, T, F) output: its 10 time steps as units, not its 8
     features (a trial). A recurrent layer's output has its features last; a ConvLSTM's where
-    its own data_format puts them (after the time axis)."""
+    its own data_format puts them (after the time axis); a TimeDistributed layer's, its
+    layer's after the time axis."""
     keras.utils.set_random_seed(0)
     keras.config.set_image_data_format("channels_first")
     try:
@@ -333,6 +335,14 @@ def _fit_a_relu_after_a_recurrent_layer(tmp_path: Path, recurrent: str) -> None:
         i = keras.Input((10, 3, 6))  # (T, C, W): channels_first, taken from the config
         h = keras.layers.ConvLSTM1D(8, 3, return_sequences=True, name="rnn")(i)
         dim = 2
+    elif recurrent == "time_conv":  # (a review: a TimeDistributed layer was not followed)
+        i = keras.Input((10, 3, 6))
+        h = keras.layers.TimeDistributed(keras.layers.Conv1D(8, 3, name="conv"), name="td")(i)
+        dim = 2
+    elif recurrent == "time_dense":
+        i = keras.Input((10, 4))
+        h = keras.layers.TimeDistributed(keras.layers.Dense(8, name="fc"), name="td")(i)
+        dim = -1
     else:
         i = keras.Input((10, 4))
         rnn = keras.layers.LSTM(4 if recurrent == "bidirectional" else 8,
