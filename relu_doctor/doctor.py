@@ -540,7 +540,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         every hook": a trial)."""
         for fn in list(self._listeners):
             if callable(method := getattr(fn, name, None)):
-                method()
+                method(self)  # (a plan bound since to another Doctor leaves it be)
 
     def _fold_logged_windows(self) -> None:
         """Fold the windows of a final log (see :meth:`log`) into the lifetime counts."""

@@ -99,6 +99,8 @@ class _Clipper(Remedy):
         #: with a finite, nonzero one (float64, on the gradients' device)
         self._norms: torch.Tensor | None = None
         self._handles: list[Any] = []
+        #: the optimizer and the ``params`` (None: all of its) of the last :meth:`attach`
+        self.attached_to: tuple[torch.optim.Optimizer, list[torch.Tensor] | None] | None = None
         self.last: dict[str, Any] = {}  # the numbers of the last closed window
         #: which of several optimizers it clips (its events say so, and their ids differ
         #: from the other clippers'); None for the only one
@@ -149,7 +151,8 @@ class _Clipper(Remedy):
                 )
 
         self._handles.append(optimizer.register_step_pre_hook(pre))
-        return self
+        self.attached_to = (optimizer, chosen)  # (what a plan hooks it on again: see its
+        return self                             # watch_attached)
 
     def detach(self) -> None:
         """Remove the hooks :meth:`attach` registered (idempotent)."""

@@ -147,7 +147,7 @@ class TreatmentPlan(Remedy):
         self.failed: set[tuple[str, str]] = set()
         #: steps left idle, never tried: a clip step where the loop clips itself
         self.idle: set[str] = set()
-        self._rehook = False  # the watch's end took the clipper's hook off
+        self._rehook: Any = None  # the clipper's (optimizer, params) the watch's end took off
         #: surgery steps after a change of which the training loss rose (LOSS_HARM): the
         #: run is in a regime where changing units jolts it, and no surgery is made again
         #: in it (a swap so judged is undone)
@@ -249,31 +249,30 @@ class TreatmentPlan(Remedy):
         for r in self._remedies.values():
             r.warn = self.warn
             r.bind(doctor, listen=False)
-        self._rehook = True
-        self.watch_attached()
-
-    def _clippers(self) -> list[Any]:
-        from relu_doctor.remedies.clipping import AutoClip
-        return [r for r in self._remedies.values() if isinstance(r, AutoClip)]
+        if (clip := self._remedies.get("clip")) is not None and self.optimizers:
+            clip.detach()  # type: ignore[attr-defined]  # (one hook, on the optimizer in use)
+            clip.attach(self.optimizers[0])  # type: ignore[attr-defined]
 
     def detach(self) -> None:
-        """Remove the clipper's optimizer hook (idempotent)."""
-        for r in self._clippers():
-            r.detach()
+        """Remove the clipper's optimizer hook (idempotent), for good."""
+        self._rehook = None
+        if (clip := self._remedies.get("clip")) is not None:
+            clip.detach()  # type: ignore[attr-defined]
 
-    def watch_detached(self) -> None:
-        """The bound Doctor's watch ended: the clipper's hook goes with the watch's (it stayed
-        after the block that "removed every hook": a Fabric trial), back with them after."""
-        self._rehook = self._rehook or any(r._handles for r in self._clippers())
-        self.detach()
+    def watch_detached(self, doctor: Any) -> None:
+        """Its Doctor's watch ended: the clipper's hook goes with the watch's (a Fabric trial)."""
+        clip: Any = self._remedies.get("clip")
+        if doctor is self.doctor and clip is not None and clip._handles:  # (not a former one's)
+            self._rehook = clip.attached_to  # (its optimizer and params)
+            clip.detach()
 
-    def watch_attached(self) -> None:
-        """Hook the clipper on the optimizer in use, one hook, at bind and where the bound
-        Doctor's watch ended with it on (:meth:`watch_detached`) and watches again."""
-        for r in self._clippers() if self._rehook and self.optimizers else []:
-            r.detach()
-            r.attach(self.optimizers[0])
-        self._rehook = False
+    def watch_attached(self, doctor: Any) -> None:
+        """Its Doctor watches again: the clipper's hook back where the watch's end took it."""
+        clip: Any = self._remedies.get("clip")
+        if doctor is self.doctor and clip is not None and self._rehook is not None:
+            clip.detach()
+            clip.attach(self._rehook[0], params=self._rehook[1])
+            self._rehook = None
 
     def describe(self) -> list[dict[str, Any]]:
         """The plan as data: its steps in order, with their scope and what counts as help."""

@@ -413,9 +413,34 @@ def test_the_plans_clipper_leaves_the_optimizer_when_the_watch_ends_and_comes_ba
         opt.step()
         assert all(torch.equal(g, p.grad) for g, p in zip(grads, net.parameters(), strict=True))
         opt.zero_grad()
-        doc.attach()  # watching again: the clipper too
-        assert len(clip._handles) == 1
+        doc.attach()  # watching again: the clipper too, on what it was hooked on
+        assert len(clip._handles) == 1 and clip.attached_to == (opt, None)
         doc.close()
+        assert not clip._handles
+        # (a review) hooked with params=[] (the Lightning callback clips itself), it comes
+        # back so; taken off by the user, it stays off
+        doc.attach()
+        clip.detach()
+        clip.attach(opt, params=[])
+        doc.close()
+        doc.attach()
+        assert len(clip._handles) == 1 and clip.attached_to == (opt, [])
+        plan.detach()
+        doc.close()
+        doc.attach()
+        assert not clip._handles
+        doc.close()
+        # a Doctor the plan was bound to before leaves it be: the plan bound to another,
+        # the old one's detach (idempotent) or attach does not touch its clipper
+        with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=5) as doc2:
+            plan.bind(doc2)
+            assert len(clip._handles) == 1
+            doc.detach()
+            assert len(clip._handles) == 1
+            doc.attach()
+            doc.detach()
+            assert len(clip._handles) == 1
+            doc2.step()
         assert not clip._handles
 
 
