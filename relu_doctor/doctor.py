@@ -1300,16 +1300,27 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             "announced": sorted([remedy, site] for remedy, site in self._announced),
             "tap": self.tap.state_dict() if self.tap is not None else None,
             "eval": None if self.eval is None else self.eval.state_dict(reduce=reduce),
+            # (a load chooses which process restores the open window: see load_state_dict)
+            "processes": self.processes,
+            "rank": _rank(),
+            "reduced": bool(reduce and self.all_reduce is not None),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any], *, windows: bool = True) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], *, windows: bool | None = None) -> None:
         """Restore from :meth:`state_dict`. Sites not yet seen are restored on first call.
 
         Args:
             state: from :meth:`state_dict`.
-            windows: restore the open windows too. Pass False on every process but one when
-                the state was saved with ``reduce=True`` (that one carries the sums).
+            windows: restore the open windows too. Default: where the state was saved by one
+                of several processes with ``reduce=True`` (its windows the sums of all), by
+                process zero alone; else by every process. A state of several processes
+                saved without ``reduce=True`` holds the saving process's part of the open
+                window alone, which every process restores (said once): the window after
+                the resume counts that part once a process (a Fabric trial's
+                ``fabric.save(..., {"relu_doctor": doc})``, every process's state_dict
+                unreduced and process zero's kept).
         """
+        windows = self._restored_windows(state) if windows is None else bool(windows)
         self.global_step = int(state["global_step"])
         self.window_steps = int(state["window_steps"])
         self._unloaded_resume = None
@@ -1360,11 +1371,36 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if self.eval is not None and state.get("eval"):
             self.eval.load_state_dict(state["eval"], windows=windows)
 
+    def _restored_windows(self, state: Mapping[str, Any]) -> bool:
+        """Whether this process restores a state's open windows (see :meth:`load_state_dict`)."""
+        saved_by = int(state.get("processes") or 1)
+        if saved_by <= 1 or self.processes <= 1:
+            return True
+        if state.get("reduced"):
+            return _rank() == 0
+        if int(state.get("rank") or 0) != _rank() and state.get("window_steps"):
+            warnings.warn(  # (each process that restores another's part says so)
+                f"relu_doctor: the checkpoint's open window ({state['window_steps']} steps) "
+                f"holds process {int(state.get('rank') or 0)}'s statistics alone, of "
+                f"{saved_by} (saved by state_dict() without reduce=True), and process "
+                f"{_rank()} restores them as its own: the window closing after the resume "
+                "counts that part more than once and the others' not. For an exact resume, "
+                "save doc.state_dict(reduce=True), called on every process (the README's "
+                "'Distributed' section).",
+                ReluDoctorWarning, stacklevel=user_stacklevel())
+        return True
+
     def __repr__(self) -> str:
         return (
             f"Doctor(sites={len(self.probe.sites())}, step={self.global_step}, "
             f"attached={self.probe.attached})"
         )
+
+
+def _rank() -> int:
+    """This process's rank in the running process group (0 where none runs)."""
+    dist = torch.distributed
+    return int(dist.get_rank()) if dist.is_available() and dist.is_initialized() else 0
 
 
 #: the models told that they hold ReLU-like activations of no family (Doctor._say_relu_like)

@@ -269,9 +269,11 @@ def _losses(rank: int) -> dict:
     through an integration's measure (``window_loss``) in the second and third: the window
     losses the remedies' guard reads. The third is checkpointed after its first step (in
     its first window), as Lightning and the HF Trainer save (``reduce=True``), and resumed
-    by a new Doctor (process 0 carries the windows)."""
-    out = {}
-    for name in ("step", "integration", "resumed"):
+    by a new Doctor (process 0 carries the windows, by default: a load of a reduced state).
+    The fourth saves each process's state unreduced and gives process 0's to both, as
+    ``fabric.save`` does (a Fabric trial): process 1 says it restores another's part."""
+    out: dict = {}
+    for name in ("step", "integration", "resumed", "unreduced"):
         model = Experts()
         watch = dict(log_every_n_steps=LOG_EVERY, every_n_steps=1, all_reduce=all_reduce,
                      world_size=WORLD)
@@ -285,12 +287,19 @@ def _losses(rank: int) -> dict:
             else:
                 doc.window_loss.add(loss)
                 doc.step()
-            if name == "resumed" and step == 1:
-                state = doc.state_dict(reduce=True)
+            if name in ("resumed", "unreduced") and step == 1:
+                state = doc.state_dict(reduce=name == "resumed")
+                if name == "unreduced":  # (process 0's, as the one file saved)
+                    shared = [state]
+                    dist.broadcast_object_list(shared, src=0)
+                    state = shared[0]
                 records += doc.records  # (not the window close() logs: the run goes on)
                 doc.close()
                 doc = relu_doctor.watch(model, **watch)
-                doc.load_state_dict(state, windows=rank == 0)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    doc.load_state_dict(state)
+                out[f"{name}_said"] = [str(w.message) for w in caught]
         doc.close()
         out[name] = [(r.step, r.window_loss) for r in records + doc.records]
     return out
@@ -470,6 +479,10 @@ def test_every_process_reads_the_window_loss_of_them_all(runs):
             assert [s for s, _ in got] == [s for s, _ in expected]
             for (_, g), (_, e) in zip(got, expected, strict=True):
                 assert (math.isnan(g) and math.isnan(e)) or g == pytest.approx(e, rel=1e-6)
+    assert [runs[r]["losses"]["resumed_said"] for r in range(WORLD)] == [[], []]
+    assert runs[0]["losses"]["unreduced_said"] == []
+    [said] = runs[1]["losses"]["unreduced_said"]
+    assert "holds process 0's statistics alone, of 2" in said and "reduce=True" in said
 
 
 @spawned
