@@ -48,7 +48,7 @@ from relu_doctor.history import (
 )
 from relu_doctor.interval import IntervalReading, TableMemory
 from relu_doctor.optimizer_tap import OptimizerTap
-from relu_doctor.probes import Probe, transformed_text, unwrapped
+from relu_doctor.probes import Probe, transformed_text, unwrapped, wrapper_scaler
 from relu_doctor.recording import RunRecording
 from relu_doctor.rundir import RESUME_ADVICE, RunWriter
 from relu_doctor.sampling import DEFAULT_BUDGET, Sampler, Stopwatch, check_rate, model_device
@@ -98,7 +98,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         optimizer: optimizer(s) whose step hooks give per-layer gradient norms and
             update-to-weight ratios.
         grad_scaler: a ``torch.amp.GradScaler`` whose scale is divided out of the gradient
-            statistics (fp16 AMP); not needed for bf16.
+            statistics (fp16 AMP); not needed for bf16. Default: the one of what
+            ``fabric.setup`` returned, where ``model`` is that and its precision has one.
         run_dir: write a run directory here as training goes, TensorBoard event files
             included (in ``run_dir`` itself: ``tensorboard --logdir`` its parent names the
             run after it).
@@ -179,6 +180,8 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         padding_mask: str | Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None,
     ) -> None:
         path_or_none("run_dir", run_dir)
+        if grad_scaler is None:  # (Fabric's, under 16-mixed)
+            grad_scaler = wrapper_scaler(model)
         model = unwrapped(model)  # torch.compile's or Fabric's wrapper: the model it wraps
         for name, value in (("gradients", gradients), ("is_writer", is_writer),
                             ("optimizer_pre_hook", optimizer_pre_hook),

@@ -241,6 +241,17 @@ def unwrapped(model: Any) -> Any:
     return model
 
 
+def wrapper_scaler(model: Any) -> Any:
+    """The loss scaler of the wrapper ``model`` is, where it has one in use: Lightning Fabric's
+    ``_FabricModule`` under ``16-mixed`` (its precision plugin's ``GradScaler``; not found,
+    a Fabric trial's gradient statistics read 65536 times the gradient's); else None."""
+    if type(model).__name__ != "_FabricModule":
+        return None
+    scaler: Any = getattr(getattr(getattr(model, "_strategy", None), "precision", None),
+                          "scaler", None)
+    return scaler if callable(getattr(scaler, "is_enabled", None)) and scaler.is_enabled() else None
+
+
 def is_compile_wrapper(module: nn.Module) -> bool:
     """Whether ``module`` is a ``torch.compile`` wrapper (``OptimizedModule``)."""
     return uncompiled(module) is not module

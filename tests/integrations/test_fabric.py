@@ -137,3 +137,43 @@ def test_a_plan_given_the_model_itself_binds_to_a_doctor_watching_fabrics_wrappe
     assert plan.model is doc.model is raw
     assert TreatmentPlan(model, optimizer=opt).model is raw
     doc.detach()
+
+
+def test_fabrics_loss_scaler_is_divided_out_of_the_gradient_statistics() -> None:
+    """Under Fabric's ``16-mixed`` (its precision plugin's GradScaler) the gradient statistics
+    read the scale times the gradient (65536x: a trial); the scaler of what ``setup``
+    returned is now found. The test's own: each ReLU output's gradient divided by the scale
+    of that backward."""
+    from lightning.fabric.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    fabric = fabric_mod.Fabric(accelerator="cpu", devices=1,
+                               plugins=MixedPrecision("16-mixed", "cpu", scaler=scaler))
+    torch.manual_seed(0)
+    raw = zoo.mlp()
+    model, opt = fabric.setup(raw, torch.optim.SGD(raw.parameters(), lr=0.01))
+    squares, count = 0.0, 0
+
+    def keep(_: nn.Module, __: Any, out: torch.Tensor) -> None:
+        scale = float(scaler.get_scale())
+
+        def grad(g: torch.Tensor) -> None:
+            nonlocal squares, count
+            squares += float((g.double() / scale).square().sum())
+            count += g.numel()
+        out.register_hook(grad)
+
+    handle = raw[1].register_forward_hook(keep)
+    gen = torch.Generator().manual_seed(1)
+    with relu_doctor.watch(model, optimizer=opt, log_every_n_steps=LOG, every_n_steps=1,
+                           overhead_budget=None) as doc:
+        assert doc.grad_scaler is scaler
+        for _ in range(LOG):
+            x, y = torch.randn(8, 10, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            fabric.backward(nn.functional.cross_entropy(model(x), y))
+            opt.step()
+            opt.zero_grad()
+            doc.step()
+    handle.remove()
+    row = doc.to_pandas().set_index("site").loc["1"]
+    assert row["grad_rms"] == pytest.approx(math.sqrt(squares / count), rel=1e-4)
