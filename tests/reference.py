@@ -310,3 +310,27 @@ class UpdateSpy:
             d[layer] = d.get(layer, 0.0) + float((now - self._before[id(p)]).square().sum())
             w[layer] = w.get(layer, 0.0) + float(now.square().sum())
         self.ratios.append({k: math.sqrt(d[k]) / math.sqrt(w[k]) for k in d})
+
+
+class StepNorms:
+    """An optimizer step pre-hook of the test's own: at each step, each layer's gradient norm
+    (the parameters' squares summed by owning module, float64) and the first group's rate.
+
+    Attributes:
+        norms: one ``{layer path: norm}`` per step.
+        rates: the learning rate each step used.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.owners = {id(p): name.rpartition(".")[0] for name, p in model.named_parameters()}
+        self.norms: list[dict[str, float]] = []
+        self.rates: list[float] = []
+        self.handle = optimizer.register_step_pre_hook(self._pre)
+
+    def _pre(self, opt: torch.optim.Optimizer, *_: object) -> None:
+        sq: dict[str, float] = defaultdict(float)
+        for g in opt.param_groups:
+            for p in g["params"]:
+                sq[self.owners[id(p)]] += float(p.grad.double().square().sum())
+        self.norms.append({k: math.sqrt(v) for k, v in sq.items()})
+        self.rates.append(opt.param_groups[0]["lr"])

@@ -6,7 +6,6 @@ against an optimizer pre-hook of the test's own), training is unchanged, and a l
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator
 
@@ -19,6 +18,7 @@ accelerate = pytest.importorskip("accelerate")
 import relu_doctor  # noqa: E402
 from relu_doctor.errors import ReluDoctorWarning  # noqa: E402
 from tests import zoo  # noqa: E402
+from tests.reference import StepNorms  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -45,17 +45,7 @@ def _run(watch: str | None, micro: int = 8, accumulation: int = 2, seed: int = 0
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model, opt = acc.prepare(model, opt)
     assert type(opt).__name__ == "AcceleratedOptimizer"
-    norms: list[dict[str, float]] = []
-    owners = {id(p): name.rpartition(".")[0] for name, p in model.named_parameters()}
-
-    def pre(o: torch.optim.Optimizer, *_: object) -> None:
-        sq: dict[str, float] = {}
-        for g in o.param_groups:
-            for p in g["params"]:
-                sq[owners[id(p)]] = sq.get(owners[id(p)], 0.0) + float(p.grad.double().square().sum())
-        norms.append({k: math.sqrt(v) for k, v in sq.items()})
-
-    opt.optimizer.register_step_pre_hook(pre)
+    norms = StepNorms(model, opt.optimizer).norms
     gen = torch.Generator().manual_seed(seed + 1)
     batches = [(torch.randn(8, 10, generator=gen), torch.randint(0, 3, (8,), generator=gen))
                for _ in range(micro)]

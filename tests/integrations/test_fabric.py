@@ -20,6 +20,7 @@ fabric_mod = pytest.importorskip("lightning.fabric")
 import relu_doctor  # noqa: E402
 from relu_doctor.errors import ReluDoctorWarning  # noqa: E402
 from tests import zoo  # noqa: E402
+from tests.reference import StepNorms  # noqa: E402
 
 STEPS, LOG = 10, 5
 
@@ -35,19 +36,7 @@ def _run(watch: bool, wrapped: bool = True) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(raw_opt, lambda s: 0.5 ** s)
     model, opt = fabric.setup(raw, raw_opt)
     assert type(model).__name__ == "_FabricModule" and type(opt).__name__.startswith("Fabric")
-    owners = {id(p): name.rpartition(".")[0] for name, p in raw.named_parameters()}
-    norms: list[dict[str, float]] = []
-    rates: list[float] = []
-
-    def pre(o: torch.optim.Optimizer, *_: object) -> None:
-        sq: dict[str, float] = {}
-        for g in o.param_groups:
-            for p in g["params"]:
-                sq[owners[id(p)]] = sq.get(owners[id(p)], 0.0) + float(p.grad.double().square().sum())
-        norms.append({k: math.sqrt(v) for k, v in sq.items()})
-        rates.append(o.param_groups[0]["lr"])
-
-    handle = raw_opt.register_step_pre_hook(pre)
+    own = StepNorms(raw, raw_opt)
     gen = torch.Generator().manual_seed(1)
     doc = None
     with warnings.catch_warnings(record=True) as seen:
@@ -65,8 +54,8 @@ def _run(watch: bool, wrapped: bool = True) -> dict[str, Any]:
                 doc.step()
         if doc is not None:
             doc.close()
-    handle.remove()
-    return {"model": raw, "wrapper": model, "doc": doc, "norms": norms, "rates": rates,
+    own.handle.remove()
+    return {"model": raw, "wrapper": model, "doc": doc, "norms": own.norms, "rates": own.rates,
             "said": [str(w.message) for w in seen if issubclass(w.category, ReluDoctorWarning)]}
 
 
