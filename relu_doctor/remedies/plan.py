@@ -403,7 +403,8 @@ class TreatmentPlan(Remedy):
                     others = [s.remedy for s in self.steps if s.remedy != step.remedy]
                     self.warn(
                         f"TreatmentPlan: the gradient norm reached {at:.4g} and no more on "
-                        "several steps: the training loop clips it itself (clip_grad_norm_), "
+                        "several steps: the training loop clips it itself (clip_grad_norm_, "
+                        "fabric.clip_gradients, accelerator.clip_grad_norm_), "
                         "before the plan sees the gradients. Its clip step stays idle (both "
                         "would clip)" + (f"; its other steps act. Leave it out (steps="
                                          f"{others}), or stop" if others else ". Stop")
