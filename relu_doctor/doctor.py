@@ -1314,14 +1314,14 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
 
         Args:
             state: from :meth:`state_dict`.
-            windows: restore the open windows too. Default: where the state was saved by one
-                of several processes with ``reduce=True`` (its windows the sums of all), by
-                process zero alone; else by every process. A state of several processes
-                saved without ``reduce=True`` holds the saving process's part of the open
-                window alone, which every process restores (said once): the window after
-                the resume counts that part once a process (a Fabric trial's
-                ``fabric.save(..., {"relu_doctor": doc})``, every process's state_dict
-                unreduced and process zero's kept).
+            windows: restore the open windows too. Default: where several processes load a
+                state whose windows are whole (saved with ``reduce=True``, the sums of all,
+                or by a single process), by process zero alone; else by every process. A
+                state of several processes saved without ``reduce=True`` holds the saving
+                process's part of the open window alone, which every process restores (said
+                once): the window after the resume counts that part once a process (a Fabric
+                trial's ``fabric.save(..., {"relu_doctor": doc})``, every process's
+                ``state_dict()`` unreduced and process zero's kept).
         """
         windows = self._restored_windows(state) if windows is None else bool(windows)
         self.global_step = int(state["global_step"])
@@ -1377,9 +1377,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
     def _restored_windows(self, state: Mapping[str, Any]) -> bool:
         """Whether this process restores a state's open windows (see :meth:`load_state_dict`)."""
         saved_by = int(state.get("processes") or 1)
-        if saved_by <= 1 or self.processes <= 1:
+        if self.processes <= 1:
             return True
-        if state.get("reduced"):
+        if saved_by <= 1 or state.get("reduced"):  # (the whole window: one process holds it)
             return _rank() == 0
         if int(state.get("rank") or 0) != _rank() and state.get("window_steps"):
             warnings.warn(  # (each process that restores another's part says so)

@@ -300,6 +300,11 @@ def _losses(rank: int) -> dict:
                     warnings.simplefilter("always")
                     doc.load_state_dict(state)
                 out[f"{name}_said"] = [str(w.message) for w in caught]
+                if name == "unreduced":  # a single process's state: its window is whole
+                    single = relu_doctor.watch(Experts(), **watch)
+                    single.load_state_dict({**state, "processes": 1})
+                    out["single_window_losses"] = single.window_loss.state_dict()["count"]
+                    single.detach()
         doc.close()
         out[name] = [(r.step, r.window_loss) for r in records + doc.records]
     return out
@@ -481,6 +486,8 @@ def test_every_process_reads_the_window_loss_of_them_all(runs):
                 assert (math.isnan(g) and math.isnan(e)) or g == pytest.approx(e, rel=1e-6)
     assert [runs[r]["losses"]["resumed_said"] for r in range(WORLD)] == [[], []]
     assert runs[0]["losses"]["unreduced_said"] == []
+    # a single process's state loaded by two: process zero restores its window, alone
+    assert [runs[r]["losses"]["single_window_losses"] for r in range(WORLD)] == [1, 0]
     [said] = runs[1]["losses"]["unreduced_said"]
     assert "holds process 0's statistics alone, of 2" in said and "reduce=True" in said
 
