@@ -249,8 +249,9 @@ class TreatmentPlan(Remedy):
         for r in self._remedies.values():
             r.warn = self.warn
             r.bind(doctor, listen=False)
+        self._rehook = None  # (an earlier Doctor's: hooked anew, on the optimizer in use)
         if (clip := self._remedies.get("clip")) is not None and self.optimizers:
-            clip.detach()  # type: ignore[attr-defined]  # (one hook, on the optimizer in use)
+            clip.detach()  # type: ignore[attr-defined]
             clip.attach(self.optimizers[0])  # type: ignore[attr-defined]
 
     def detach(self) -> None:
@@ -541,16 +542,14 @@ class TreatmentPlan(Remedy):
             evidence = self._hopeless(record)
             if evidence is not None:
                 self.should_stop = True
-                out.append(
-                    self._intervention(
-                        site=MODEL, step=record.step, before=model_snapshot(record),
-                        measure_after=False, action="stop", evidence=evidence,
-                        what="stopped training: the run is hopeless ("
-                        + (f"{evidence['lifetime_dead_fraction']:.0%} of units never active"
-                           if not evidence["nonfinite"] else "non-finite values")
-                        + ") after the plan's remedies had their chance",
-                    )
-                )
+                out.append(self._intervention(
+                    site=MODEL, step=record.step, before=model_snapshot(record),
+                    measure_after=False, action="stop", evidence=evidence,
+                    what="stopped training: the run is hopeless ("
+                    + (f"{evidence['lifetime_dead_fraction']:.0%} of units never active"
+                       if not evidence["nonfinite"] else "non-finite values")
+                    + ") after the plan's remedies had their chance",
+                ))
                 return out
         self._model_step(record)
         self._site_steps(record)

@@ -442,6 +442,15 @@ def test_the_plans_clipper_leaves_the_optimizer_when_the_watch_ends_and_comes_ba
             assert len(clip._handles) == 1
             doc2.step()
         assert not clip._handles
+        # (a review) what an earlier Doctor's end took off is not put back by a later one:
+        # bound to a new Doctor before its watch starts, the clipper is on its optimizer
+        opt3 = torch.optim.SGD(net.parameters(), lr=0.1)
+        plan.use_optimizers(opt3)
+        doc3 = relu_doctor.Doctor(net, optimizer=opt3)
+        plan.bind(doc3)
+        with doc3:
+            assert clip.attached_to[0] is opt3 and len(clip._handles) == 1
+            doc3.step()
 
 
 def test_a_bind_that_fails_midway_leaves_the_plan_bound_to_nothing(monkeypatch) -> None:
