@@ -308,39 +308,49 @@ def _input_op(layer: Any) -> Any:
 def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str, str]:
     """An activation layer's unit dim, why, and the norm of each unit on its own its input
     passed last (``""``: none): that of the layer that made its input in the model's graph
-    (a convolution's ``data_format``, a BatchNormalization's ``axis``, a Dense's last dim),
-    followed back through up to ``hops`` layers that keep the axes (dropout, an activation,
-    an elementwise merge: not a Permute or a Reshape); else the channel axis of Keras'
-    ``image_data_format()``."""
+    (a convolution's ``data_format``, a BatchNormalization's ``axis``, a Dense's, a recurrent
+    layer's, an embedding's or attention's last dim; a TimeDistributed layer's, after the
+    time axis), followed back through up to ``hops`` layers that keep the axes (dropout, an
+    activation, an elementwise merge: not a Permute or a Reshape); else the channel axis of
+    Keras' ``image_data_format()``."""
     op = layer
     for _ in range(hops):
         op = _input_op(op)
         if op is None:
             break
         name = f"{type(op).__name__} `{op.name}`"
-        fmt = getattr(op, "data_format", None)
-        if isinstance(op, (*_CONVS, *_POOLS)) and fmt in ("channels_first", "channels_last"):
-            return (1 if fmt == "channels_first" else -1), f"after {name}, {fmt}", ""
-        if isinstance(op, keras.layers.BatchNormalization) and op.axis in (1, -1):
-            return op.axis, f"after {name}, axis {op.axis}", name
         inner = op.layer if isinstance(op, keras.layers.TimeDistributed) else op
-        fmt = getattr(inner, "data_format", None)
-        if isinstance(inner, _CONVS) and fmt == "channels_first" and inner is not op:
-            return 2, f"after {name}, channels_first after its time axis", ""  # (N, T, C, ...)
-        if isinstance(inner, _ACTIVATED):  # (a TimeDistributed Dense's too: a trial's review)
-            return -1, f"after {name}: its features (last dim)", ""
-        if isinstance(op, keras.layers.Bidirectional):
-            op = op.forward_layer  # (its two directions' features concatenated, or merged)
-        if isinstance(op, _FEATURES_LAST) and getattr(op, "data_format", None) != "channels_first":
-            # (an LSTM's output is (N, T, F) whatever image_data_format says: a ReLU after it
-            # read its time steps as units, a trial's; a ConvLSTM's says its own)
-            return -1, f"after {name}: its features (last dim)", ""
-        if isinstance(op, keras.layers.RNN) and getattr(op, "data_format", None) == "channels_first":
-            return (2 if op.return_sequences else 1), f"after {name}, channels_first", ""
-        if not isinstance(op, _SAME_AXES):  # a Permute, a Reshape: not followed
+        own = _own_dim(inner, name)
+        if own is not None:  # (a TimeDistributed layer's output has the time axis at 1)
+            dim, why, norm = own
+            if inner is not op:
+                return (dim + 1 if dim >= 0 else dim), f"{why}, after its time axis", norm
+            return own
+        if not isinstance(inner, _SAME_AXES):  # a Permute, a Reshape: not followed
             break
     fmt = keras.config.image_data_format()
     return (1 if fmt == "channels_first" else -1), f"image_data_format {fmt}", ""
+
+
+def _own_dim(op: Any, name: str) -> tuple[int, str, str] | None:
+    """The dim holding the features of ``op``'s output by its own kind (see
+    :func:`_producer_dim`), or None where it has none of its own."""
+    if isinstance(op, keras.layers.Bidirectional):
+        op = op.forward_layer  # (its two directions' features concatenated, or merged)
+    fmt = getattr(op, "data_format", None)
+    if isinstance(op, (*_CONVS, *_POOLS)) and fmt in ("channels_first", "channels_last"):
+        return (1 if fmt == "channels_first" else -1), f"after {name}, {fmt}", ""
+    if isinstance(op, keras.layers.BatchNormalization) and isinstance(op.axis, int):
+        return op.axis, f"after {name}, axis {op.axis}", name
+    if isinstance(op, _ACTIVATED):
+        return -1, f"after {name}: its features (last dim)", ""
+    if isinstance(op, keras.layers.RNN) and fmt == "channels_first":  # (a ConvLSTM's)
+        return (2 if op.return_sequences else 1), f"after {name}, channels_first", ""
+    if isinstance(op, _FEATURES_LAST):
+        # (an LSTM's output is (N, T, F) whatever image_data_format says: a ReLU after it
+        # read its time steps as units, a trial's)
+        return -1, f"after {name}: its features (last dim)", ""
+    return None
 
 
 #: The layers with an anonymous activation already said, by model (each ``fit`` looks again)

@@ -314,7 +314,7 @@ def test_an_activation_layer_takes_the_units_of_the_layer_that_made_its_input(
 
 
 @pytest.mark.parametrize("recurrent", ["lstm", "bidirectional", "convlstm", "time_dense",
-                                       "time_conv"])
+                                       "time_conv", "time_conv_bn"])
 def test_an_activation_layer_after_a_recurrent_layer_takes_its_features_whatever_the_image_format(
         tmp_path: Path, recurrent: str) -> None:
     """With image_data_format "channels_first" (a CNN user's keras.json), a ReLU layer after
@@ -335,9 +335,11 @@ def _fit_a_relu_after_a_recurrent_layer(tmp_path: Path, recurrent: str) -> None:
         i = keras.Input((10, 3, 6))  # (T, C, W): channels_first, taken from the config
         h = keras.layers.ConvLSTM1D(8, 3, return_sequences=True, name="rnn")(i)
         dim = 2
-    elif recurrent == "time_conv":  # (a review: a TimeDistributed layer was not followed)
-        i = keras.Input((10, 3, 6))
+    elif recurrent.startswith("time_conv"):  # (a review: a TimeDistributed layer was not
+        i = keras.Input((10, 3, 6))         # followed, nor a BatchNormalization in one)
         h = keras.layers.TimeDistributed(keras.layers.Conv1D(8, 3, name="conv"), name="td")(i)
+        if recurrent == "time_conv_bn":
+            h = keras.layers.TimeDistributed(keras.layers.BatchNormalization(axis=1))(h)
         dim = 2
     elif recurrent == "time_dense":
         i = keras.Input((10, 4))
