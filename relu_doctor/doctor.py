@@ -1376,9 +1376,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
 
     def _restored_windows(self, state: Mapping[str, Any]) -> bool:
         """Whether this process restores a state's open windows (see :meth:`load_state_dict`)."""
-        saved_by = int(state.get("processes") or 1)
-        if self.processes <= 1:
-            return True
+        if self.processes <= 1 or "processes" not in state:
+            return True  # (a state from before they were recorded: as then)
+        saved_by = int(state["processes"] or 1)
         if saved_by <= 1 or state.get("reduced"):  # (the whole window: one process holds it)
             return _rank() == 0
         if int(state.get("rank") or 0) != _rank() and state.get("window_steps"):

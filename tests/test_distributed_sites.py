@@ -305,6 +305,12 @@ def _losses(rank: int) -> dict:
                     single.load_state_dict({**state, "processes": 1})
                     out["single_window_losses"] = single.window_loss.state_dict()["count"]
                     single.detach()
+                    # a state from before the processes were recorded: restored as then
+                    older = relu_doctor.watch(Experts(), **watch)
+                    older.load_state_dict({k: v for k, v in state.items()
+                                           if k not in ("processes", "rank", "reduced")})
+                    out["older_window_losses"] = older.window_loss.state_dict()["count"]
+                    older.detach()
         doc.close()
         out[name] = [(r.step, r.window_loss) for r in records + doc.records]
     return out
@@ -488,6 +494,7 @@ def test_every_process_reads_the_window_loss_of_them_all(runs):
     assert runs[0]["losses"]["unreduced_said"] == []
     # a single process's state loaded by two: process zero restores its window, alone
     assert [runs[r]["losses"]["single_window_losses"] for r in range(WORLD)] == [1, 0]
+    assert [runs[r]["losses"]["older_window_losses"] for r in range(WORLD)] == [1, 1]
     [said] = runs[1]["losses"]["unreduced_said"]
     assert "holds process 0's statistics alone, of 2" in said and "reduce=True" in said
 
