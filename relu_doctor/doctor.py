@@ -53,7 +53,7 @@ from relu_doctor.recording import RunRecording
 from relu_doctor.rundir import RESUME_ADVICE, RunWriter
 from relu_doctor.sampling import DEFAULT_BUDGET, Sampler, Stopwatch, check_rate, model_device
 from relu_doctor.sites import FrozenFeeds, Site, SiteKey
-from relu_doctor.stats import AgreedSum, group_size, reduce_sum
+from relu_doctor.stats import AgreedSum, group_rank, group_size, reduce_sum
 from relu_doctor.training_metrics import TrainingMetrics, WindowLoss
 
 __all__ = ["Doctor", "IntervalRecord", "LogRecord", "watch"]
@@ -1305,7 +1305,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             "eval": None if self.eval is None else self.eval.state_dict(reduce=reduce),
             # (a load chooses which process restores the open window: see load_state_dict)
             "processes": self.processes,
-            "rank": _rank(),
+            "rank": group_rank(),
             "reduced": bool(reduce and self.all_reduce is not None),
         }
 
@@ -1378,15 +1378,15 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         """Whether this process restores a state's open windows (see :meth:`load_state_dict`)."""
         if self.processes <= 1 or "processes" not in state:
             return True  # (a state from before they were recorded: as then)
-        saved_by = int(state["processes"] or 1)
+        saved_by, saver, rank = int(state["processes"] or 1), int(state.get("rank") or 0), group_rank()
         if saved_by <= 1 or state.get("reduced"):  # (the whole window: one process holds it)
-            return _rank() == 0
-        if int(state.get("rank") or 0) != _rank() and state.get("window_steps"):
+            return rank == 0
+        if saver != rank and state.get("window_steps"):
             warnings.warn(  # (each process that restores another's part says so)
                 f"relu_doctor: the checkpoint's open window ({state['window_steps']} steps) "
-                f"holds process {int(state.get('rank') or 0)}'s statistics alone, of "
-                f"{saved_by} (saved by state_dict() without reduce=True), and process "
-                f"{_rank()} restores them as its own: the window closing after the resume "
+                f"holds process {saver}'s statistics alone, of {saved_by} (saved by "
+                f"state_dict() without reduce=True), and process {rank} restores them as its "
+                "own: the window closing after the resume "
                 "counts that part more than once and the others' not. For an exact resume, "
                 "save doc.state_dict(reduce=True), called on every process (the README's "
                 "'Distributed' section).",
@@ -1398,12 +1398,6 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             f"Doctor(sites={len(self.probe.sites())}, step={self.global_step}, "
             f"attached={self.probe.attached})"
         )
-
-
-def _rank() -> int:
-    """This process's rank in the running process group (0 where none runs)."""
-    dist = torch.distributed
-    return int(dist.get_rank()) if dist.is_available() and dist.is_initialized() else 0
 
 
 #: the models told that they hold ReLU-like activations of no family (Doctor._say_relu_like)

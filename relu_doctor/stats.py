@@ -689,6 +689,13 @@ def group_size() -> int:
     return 1
 
 
+def group_rank() -> int:
+    """This process's rank in the running ``torch.distributed`` process group (0 when none
+    runs)."""
+    dist = torch.distributed
+    return int(dist.get_rank()) if dist.is_available() and dist.is_initialized() else 0
+
+
 def reduce_sum(
     tensors: Sequence[torch.Tensor], all_reduce: Callable[[torch.Tensor], torch.Tensor]
 ) -> list[torch.Tensor]:

@@ -147,7 +147,7 @@ class TreatmentPlan(Remedy):
         self.failed: set[tuple[str, str]] = set()
         #: steps left idle, never tried: a clip step where the loop clips itself
         self.idle: set[str] = set()
-        self._rehook: Any = None  # the clipper's (optimizer, params) the watch's end took off
+        self._rehook = False  # the watch's end took the clipper's hook off (see watch_attached)
         #: surgery steps after a change of which the training loss rose (LOSS_HARM): the
         #: run is in a regime where changing units jolts it, and no surgery is made again
         #: in it (a swap so judged is undone)
@@ -249,14 +249,14 @@ class TreatmentPlan(Remedy):
         for r in self._remedies.values():
             r.warn = self.warn
             r.bind(doctor, listen=False)
-        self._rehook = None  # (an earlier Doctor's: hooked anew, on the optimizer in use)
+        self._rehook = False  # (an earlier Doctor's: hooked anew, on the optimizer in use)
         if (clip := self._remedies.get("clip")) is not None and self.optimizers:
             clip.detach()  # type: ignore[attr-defined]
             clip.attach(self.optimizers[0])  # type: ignore[attr-defined]
 
     def detach(self) -> None:
         """Remove the clipper's optimizer hook (idempotent), for good."""
-        self._rehook = None
+        self._rehook = False
         if (clip := self._remedies.get("clip")) is not None:
             clip.detach()  # type: ignore[attr-defined]
 
@@ -264,16 +264,17 @@ class TreatmentPlan(Remedy):
         """Its Doctor's watch ended: the clipper's hook goes with the watch's (a Fabric trial)."""
         clip: Any = self._remedies.get("clip")
         if doctor is self.doctor and clip is not None and clip._handles:  # (not a former one's)
-            self._rehook = clip.attached_to  # (its optimizer and params)
+            self._rehook = True  # (on what it was: its attached_to)
             clip.detach()
 
     def watch_attached(self, doctor: Any) -> None:
         """Its Doctor watches again: the clipper's hook back where the watch's end took it."""
         clip: Any = self._remedies.get("clip")
-        if doctor is self.doctor and clip is not None and self._rehook is not None:
+        if doctor is self.doctor and clip is not None and self._rehook:
+            optimizer, params = clip.attached_to
             clip.detach()
-            clip.attach(self._rehook[0], params=self._rehook[1])
-            self._rehook = None
+            clip.attach(optimizer, params=params)
+            self._rehook = False
 
     def describe(self) -> list[dict[str, Any]]:
         """The plan as data: its steps in order, with their scope and what counts as help."""
