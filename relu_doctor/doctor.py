@@ -1303,6 +1303,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             "announced": sorted([remedy, site] for remedy, site in self._announced),
             "tap": self.tap.state_dict() if self.tap is not None else None,
             "eval": None if self.eval is None else self.eval.state_dict(reduce=reduce),
+            # an evaluation stream's passes in its open window (its steps are its passes)
+            "passes_open": self.probe.passes - self._passes_logged
+            if self._training_doctor is not None else 0,
             # (a load chooses which process restores the open window: see load_state_dict)
             "processes": self.processes,
             "rank": group_rank(),
@@ -1332,8 +1335,13 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         if since != self._lifetime_since:
             self._lifetime_since = since if isinstance(since, int) else None
             self._meta_dirty = True
+        # the open window's steps: an evaluation stream's are its passes, counted apart
+        evaluation = self._training_doctor is not None
+        open_steps = int(state.get("passes_open") or 0) if evaluation else self.window_steps
         # the open window's passes before the checkpoint are not in it (see passes_seen)
-        self.probe.passes_known = self.window_steps == 0
+        self.probe.passes_known = open_steps == 0
+        if evaluation:  # (restored, they are logged with the passes that follow)
+            self._passes_logged = self.probe.passes - (open_steps if windows else 0)
         # (a checkpoint from before steps_run was saved: every step of it collected)
         self.steps_run = int(state.get("steps_run", self.window_steps))
         self._window_scheduled = int(state.get("window_scheduled", self.window_steps))

@@ -258,6 +258,35 @@ def test_eval_stream_survives_a_checkpoint():
     other.detach()
 
 
+@pytest.mark.parametrize("after", [True, False], ids=["pass-after-resume", "none-after"])
+def test_a_resumed_evaluation_window_is_logged_whole_at_its_step(after):
+    """A checkpoint saved with evaluation passes not logged yet: the resumed run logged the
+    window at the next training log with the passes since the resume as its steps (its
+    counts held all of them), or, with no evaluation pass since, lost it."""
+    net = _net()
+    doc = relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=2, eval_stream=True)
+    _train_step(net, TRAIN[0], doc)
+    net.eval()
+    with torch.no_grad():
+        net(EVAL[0])
+        net(EVAL[1])
+    state = doc.state_dict()
+    doc.detach()
+    passes = EVAL[:3] if after else EVAL[:2]
+    want = _reference(net, passes)
+    with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=2,
+                           eval_stream=True) as resumed:
+        resumed.load_state_dict(state)
+        if after:
+            with torch.no_grad():
+                net(EVAL[2])
+        _train_step(net, TRAIN[1], resumed)  # the log at step 2 closes the evaluation window
+        logged = resumed.eval.history().set_index("site").loc["1"]
+    assert int(logged["step"]) == 2 and int(logged["window_steps"]) == len(passes)
+    assert logged["elements"] == want["elements"].sum()
+    assert logged["dead"] == int((want["active"] == 0).sum())
+
+
 class _FunctionalBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
