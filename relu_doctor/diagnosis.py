@@ -457,28 +457,38 @@ def diagnose(
         # counted so, and told of negative outputs they do not have: a review)
         zero = (registered := FAMILIES.get(fam)) is not None and registered.nonnegative
         dead_above = _above_tau(u, "dead") if row["dead"] and not zero else (0, 0)
+        life_above = _above_tau(u, "lifetime_dead") if row["lifetime_dead"] and not zero else (0, 0)
         remedies = unit_remedies(
             config.loop, fam, registered, leaky, row.get("cap"),
             row.get("op") if isinstance(row.get("op"), str) else None,  # a functional call's
             frozenset((declined or {}).get(name, ())), (unrecyclable or {}).get(name),
             (recycling or {}).get(name), module,
             tuple(n for n in calls.get(module, ()) if n != name), swapping.get(name), born,
-            dead_above,
-            _above_tau(u, "lifetime_dead") if row["lifetime_dead"] and not zero else (0, 0),
+            dead_above, life_above,
             (norms or {}).get(name, ""))
         # A leaky family's units stuck negative still pass a gradient (GELU's 0.01-0.1, a
         # LeakyReLU's slope) and can come back: a warning at most, where a ReLU's dead units
         # pass none (two trials read a ConvNeXt's and a Wav2Vec2's stuck GELUs as critical)
         crit = math.inf if leaky else config.dead_critical
+        fires = leaky and int(row["dead"]) < seen  # (some unit fired: see the dead grade)
         if row["dead"]:
             frac = float(row["dead_fraction"])
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
+            # ... and graded on those scoring at most tau: one scoring above, beside units
+            # that fire, passes on a share of its layer's signal (a U-Net trial's healthy
+            # GELU feed-forward, a quarter of its units at about GELU(-1), made a warning at
+            # every log). Where none fires, the score, relative to the layer's mean, says
+            # nothing (every unit at SiLU(-20) scores 1). Lifetime dead alike.
+            above = dead_above[0] if fires else 0
+            graded = frac - above / seen
+            working = (f"; {above} of them score above tau (their outputs a share of the "
+                       "layer's, passed on with a gradient)" if above else "")
             out.append(
                 Finding(
                     "dead", name,
-                    _severity(frac, config.dead_warning, crit),
+                    _severity(graded, config.dead_warning, crit),
                     f"{row['dead']} of {seen} units ({frac:.1%}) {what} over the window "
-                    f"({fam}){_sampled(row, passes=passes, call=call)}.",
+                    f"({fam}){_sampled(row, passes=passes, call=call)}{working}.",
                     {"dead": row["dead"], "units": seen, "dead_fraction": frac,
                      "dead_units": _units_list(u, "dead"), "family": fam, "leaky": leaky,
                      "never_fired": born,
@@ -499,7 +509,8 @@ def diagnose(
                     # (on fewer than 8 steps of a sampled run's first windows: not graded)
                     "info" if lifetime_steps is not None
                     and lifetime_steps[0] < min(lifetime_steps[1], MIN_LIFETIME_STEPS) else
-                    _severity(frac, config.dead_warning, crit),
+                    _severity(frac - (life_above[0] / int(row["units"]) if fires else 0.0),
+                              config.dead_warning, crit),
                     f"{row['lifetime_dead']} of {row['units']} units ({frac:.1%}) never active "
                     f"since monitoring began{_sampled(row, lifetime=lifetime_steps)}.",
                     {"lifetime_dead": row["lifetime_dead"], "lifetime_dead_fraction": frac},

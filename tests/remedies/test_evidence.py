@@ -311,3 +311,58 @@ def test_a_window_whose_sites_are_all_left_out_answers_no_filling_pool() -> None
     assert rare == {"b": 0.5}
     mostly = DeadEvidence().add(rec(40, [{**row("b", 20), **whole}]))
     assert mostly == {}
+
+
+@pytest.mark.parametrize(("act", "stuck", "bias"), [
+    (nn.GELU, 16, -1.0), (nn.GELU, 16, -30.0), (nn.SiLU, 32, -30.0)],
+    ids=["half-working", "half-silent", "all-silent"])
+@pytest.mark.parametrize("every", [1, 5], ids=["every-step", "sampled"])
+def test_a_leaky_unit_stuck_negative_is_dead_evidence_only_where_it_scores_at_most_tau(
+        act: type[nn.Module], stuck: int, bias: float, every: int) -> None:
+    """A U-Net trial: a healthy GELU feed-forward had a quarter of its units stuck negative
+    (GELU at about -1: outputs a sizable share of the layer's, a gradient passed), read as a
+    dead surge, and the plan halved the learning rate. Such a unit is working: the dead
+    reading a remedy acts on counts a leaky family's dead units only where their ReDo score
+    is at most tau (their outputs near 0: GELU at -30), as recycling takes them, where some
+    unit fires: with none firing the score, relative to the layer's mean, says nothing
+    (every unit at SiLU(-30) scores 1), and all count. Checked against this test's own hook:
+    never > 0 over the collected steps, and score (mean |h| over the layer's mean of those)
+    at most tau where some unit was > 0."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), act(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=1e-9)  # (the weights stay where the test puts them)
+    outs: list[torch.Tensor] = []
+    answers: list[dict[str, float]] = []
+    evidence = DeadEvidence()
+    with relu_doctor.watch(net, optimizer=opt, log_every_n_steps=10, every_n_steps=every) as doc:
+        LRRescuer(opt, triggers=("dead_surge",), cooldown=0, min_lr=0.0).bind(doc)
+        tau = doc.config.tau
+        grab = net[1].register_forward_hook(
+            lambda m, a, o: outs.append(o.detach().double()) if doc.probe.collecting else None)
+        for step in range(1, 91):  # (sampled: 2 steps a window, answers pooled over 4)
+            if step == 41:  # half the units stuck negative from the fifth window on
+                with torch.no_grad():
+                    net[0].weight[:stuck] *= 0.01
+                    net[0].bias[:stuck] = bias
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+            record = doc.step()
+            if record is not None:
+                answer = evidence.add(record)
+                if answer is not None:
+                    h = torch.cat(outs)
+                    outs.clear()
+                    mean_abs = h.abs().mean(0)
+                    dead = (h > 0).sum(0) == 0
+                    quiet = dead & (mean_abs / mean_abs.mean() <= tau) if not dead.all() else dead
+                    assert answer["1"] == pytest.approx(float(quiet.double().mean()))
+                    answers.append(answer)
+        grab.remove()
+    stuck = answers[-1]["1"]
+    cut = opt.param_groups[0]["lr"] < 1e-9
+    if bias == -1.0:
+        assert stuck == 0.0 and not cut
+    else:
+        assert stuck >= 0.5 and cut
