@@ -430,6 +430,7 @@ class IntervalReading:
                 call_index={s.name: s.key.call_index for s in sites if s.key.call_index},
                 unrecyclable=_unrecyclable(sites),
                 norms={s.name: s.norm for s in sites if s.norm},
+                normalised={s.name for s in sites if s.norm or s.mixed},
                 positions={s.name: s.positions for s in sites},
                 recycling=self._recycling(sites),
                 swapping=self._bound_at(sites, lambda r: r.name == "leaky_relu_swap"),

@@ -59,6 +59,46 @@ def test_growth_across_depth_and_none_below_the_factor() -> None:
     assert not [f for f in high[0].findings if f.kind == "activation_growth"]
 
 
+@pytest.mark.parametrize("norm", ["BatchNorm1d", "LayerNorm"])
+def test_growth_across_depth_is_not_read_up_to_a_site_behind_a_norm(norm: str) -> None:
+    """An HF trial: a SegFormer's MixFFN GELUs, initialised small, read 228x below its decode
+    head's BatchNorm -> ReLU at initialisation, a warning whose remedy ("normalise before the
+    activation") was taken already. A norm sets the scale of the site after it: the deepest
+    site behind none is compared with the shallowest (RMS by hand here), and grows no finding
+    where it did not grow; the same stack without the norm still finds it."""
+    def net(with_norm: bool) -> nn.Sequential:
+        torch.manual_seed(0)
+        layers = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                               nn.Linear(8, 8), getattr(nn, norm)(8) if with_norm
+                               else nn.Identity(), nn.ReLU(), nn.Linear(8, 2))
+        with torch.no_grad():
+            layers[0].weight.mul_(1e-3)  # (the shallowest site small, as a residual branch's)
+            layers[0].bias.zero_()
+            layers[2].bias.zero_()
+            layers[4].weight.mul_(1e3)
+        return layers
+
+    x = torch.randn(32, 4)
+    for with_norm in (True, False):
+        model = net(with_norm)
+        with torch.no_grad():
+            h1 = torch.relu(model[0](x))
+            h3 = torch.relu(model[2](h1))
+            h6 = torch.relu(model[5](model[4](h3)))
+        by_hand = {"1": h1, "3": h3, "6": h6}
+        recs = _watch(model, [x])
+        rms = {r["site"]: r["rms"] for r in recs[0].site_rows}
+        for site, h in by_hand.items():
+            assert rms[site] == pytest.approx(float(h.pow(2).mean().sqrt()), rel=1e-5)
+        depth = [f for f in recs[0].findings
+                 if f.kind == "activation_growth" and f.evidence["over"] == "depth"]
+        assert rms["6"] / rms["1"] >= 100  # (the norm's output: about 1, the first site's not)
+        if with_norm:
+            assert rms["3"] / rms["1"] < 100 and not depth
+        else:
+            assert [f.site for f in depth] == ["6"]
+
+
 def test_run_health_counts_units_by_hand() -> None:
     rows = [{"units": 10, "units_seen": 10, "dead": 3, "dormant": 5, "lifetime_dead": 1},
             {"units": 30, "units_seen": 30, "dead": 1, "dormant": 2, "lifetime_dead": 2}]
