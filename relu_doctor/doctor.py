@@ -1276,6 +1276,14 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             total, count = self._loss_across(
                 0.0 if window_loss["total"] is None else window_loss["total"], window_loss["count"])
             window_loss = {"total": total if count else None, "count": count}
+        # an evaluation stream's passes in its open window (its steps are its passes),
+        # summed with its windows (a review: a 2-process resume logged half of them)
+        passes_open = (self.probe.passes - self._passes_logged
+                       if self._training_doctor is not None else 0)
+        if reduce and self._training_doctor is not None:
+            passes_open = round(float(self.reduce_sum([torch.tensor(
+                float(passes_open), dtype=torch.float64,
+                device=model_device(self.model) or torch.device("cpu"))])[0]))
         return {
             "global_step": self.global_step,
             "window_steps": self.window_steps,
@@ -1303,9 +1311,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             "announced": sorted([remedy, site] for remedy, site in self._announced),
             "tap": self.tap.state_dict() if self.tap is not None else None,
             "eval": None if self.eval is None else self.eval.state_dict(reduce=reduce),
-            # an evaluation stream's passes in its open window (its steps are its passes)
-            "passes_open": self.probe.passes - self._passes_logged
-            if self._training_doctor is not None else 0,
+            "passes_open": passes_open,
             # (a load chooses which process restores the open window: see load_state_dict)
             "processes": self.processes,
             "rank": group_rank(),

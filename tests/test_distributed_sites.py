@@ -259,6 +259,41 @@ def _evaluating(rank: int) -> dict:
                      for r in doc.eval.records]}
 
 
+def _eval_resumed(rank: int) -> dict:
+    """``eval_stream=True``; both processes evaluate 2 passes after step 1, and the second
+    run checkpoints then (``reduce=True``; process 0's state given to both, as Lightning
+    and the HF Trainer keep one file) and resumes in new Doctors: the evaluation window the
+    step-2 log closes, uninterrupted and resumed."""
+    out: dict = {}
+    for name in ("straight", "resumed"):
+        model = Experts()
+        g = torch.Generator().manual_seed(20 + rank)
+        watch = dict(log_every_n_steps=LOG_EVERY, every_n_steps=1, all_reduce=all_reduce,
+                     world_size=WORLD, eval_stream=True)
+        doc = relu_doctor.watch(model, **watch)
+        model(torch.randn(BATCH, 8, generator=g), [0, 1]).pow(2).mean().backward()
+        doc.step()
+        model.eval()
+        with torch.no_grad():
+            for _ in range(2):
+                model(torch.randn(BATCH, 8, generator=g), [0, 1])
+        model.train()
+        if name == "resumed":
+            shared = [doc.state_dict(reduce=True)]
+            dist.broadcast_object_list(shared, src=0)
+            doc.detach()
+            doc = relu_doctor.watch(model, **watch)
+            doc.load_state_dict(shared[0])
+        model(torch.randn(BATCH, 8, generator=g), [0, 1]).pow(2).mean().backward()
+        doc.step()
+        assert doc.eval is not None
+        out[name] = [(r.step, r.steps_collected, {row["site"]: row["elements"]
+                                                  for row in r.site_rows})
+                     for r in doc.eval.records]
+        doc.detach()
+    return out
+
+
 def _loss_of(rank: int, step: int) -> float:
     """The loss process ``rank`` gives at ``step`` (NaN on process 1 at step 3 alone)."""
     return math.nan if (rank, step) == (1, 3) else float(10 * rank + step)
@@ -368,6 +403,7 @@ def _worker(rank: int, store: str, out: str) -> None:
         results = {name: _run(rank, name) for name in SCENARIOS}
         results["raising"] = _raising(rank)
         results["evaluating"] = _evaluating(rank)
+        results["eval_resumed"] = _eval_resumed(rank)
         results["losses"] = _losses(rank)
         for remedy in ("recycler", "cbp", "plan"):
             results[remedy] = _recycling(rank, remedy)
@@ -548,6 +584,21 @@ def test_evaluating_on_rank_zero_alone_with_an_eval_stream_goes_on(runs):
         (2, False, {"e0.1": per_pass, "e1.1": per_pass}),
         (4, False, {"e0.1": 2 * per_pass, "e1.1": 2 * per_pass}),
     ]
+
+
+@spawned
+def test_a_resumed_evaluation_window_of_every_process_is_logged_whole(runs):
+    """A review: the open evaluation window's passes were the saving process's alone in a
+    reduced state, so the resumed window (its elements whole) read half its steps. Its
+    steps, as each process's, are the mean of the processes' passes: 2 here. Process 0
+    carries the restored window; process 1, which ran no evaluation pass since, takes part
+    in the sum and keeps no record of it, as a process that evaluated nothing does."""
+    per_pass = BATCH * WIDTH
+    want = [(2, 2, {"e0.1": 2 * WORLD * per_pass, "e1.1": 2 * WORLD * per_pass})]
+    for rank in range(WORLD):
+        assert runs[rank]["eval_resumed"]["straight"] == want
+    assert runs[0]["eval_resumed"]["resumed"] == want
+    assert runs[1]["eval_resumed"]["resumed"] == []
 
 
 @spawned
