@@ -485,8 +485,7 @@ def diagnose(
             # nothing (every unit at SiLU(-20) scores 1). Lifetime dead alike.
             above = dead_above[0] if fires else 0
             graded = frac - above / seen
-            working = (f"; {above} of them score above tau (their outputs a share of the "
-                       "layer's, passed on with a gradient)" if above else "")
+            working = _scored_above(above)
             out.append(
                 Finding(
                     "dead", name,
@@ -507,6 +506,7 @@ def diagnose(
             )
         if row["lifetime_dead"]:
             frac = float(row["lifetime_dead_fraction"])
+            life_working = _scored_above(life_above[0] if fires else 0)
             out.append(
                 Finding(
                     "lifetime_dead", name,
@@ -516,7 +516,8 @@ def diagnose(
                     _severity(frac - (life_above[0] / int(row["units"]) if fires else 0.0),
                               config.dead_warning, crit),
                     f"{row['lifetime_dead']} of {row['units']} units ({frac:.1%}) never active "
-                    f"since monitoring began{_sampled(row, lifetime=lifetime_steps)}.",
+                    f"since monitoring began{_sampled(row, lifetime=lifetime_steps)}"
+                    f"{life_working}.",
                     {"lifetime_dead": row["lifetime_dead"], "lifetime_dead_fraction": frac},
                     remedies.lifetime_dead,
                     step,
@@ -849,6 +850,13 @@ def _count(units: Mapping[str, torch.Tensor], flag: str, unless: str | None = No
         return units.count(flag, unless=unless)
     hit = units[flag].bool()
     return int((hit & ~units[unless].bool()).sum() if unless is not None else hit.sum())
+
+
+def _scored_above(above: int) -> str:
+    """What a leaky site's dead finding says of its ``above`` stuck units scoring above tau,
+    which its grade leaves out ("" for none)."""
+    return (f"; {above} of them score above tau (their outputs, negative, a sizable share of "
+            "the layer's mean |h|, and a gradient passed: not graded)" if above else "")
 
 
 def _above_tau(units: Mapping[str, torch.Tensor], flag: str) -> tuple[int, int]:

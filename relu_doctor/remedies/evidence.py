@@ -127,8 +127,10 @@ class DeadEvidence:
                     continue
                 rate = group["activation_rate"].to_numpy(dtype=float)
                 seen, active = ~np.isnan(rate), rate > 0  # NaN: not seen in the window
-                if str(site) in leaky and scored and active.any():  # (working, as above)
-                    active |= seen & ~group["below_tau"].to_numpy(dtype=bool)
+                if str(site) in leaky and scored and active.any():  # (working, as above;
+                    # dead: a unit silent too briefly to tell is not scored, a review)
+                    active |= (seen & group["dead"].to_numpy(dtype=bool)
+                               & ~group["below_tau"].to_numpy(dtype=bool))
                 old = self._pool.get(str(site))
                 if old is not None and len(old[0]) == len(seen):
                     seen, active = old[0] | seen, old[1] | active

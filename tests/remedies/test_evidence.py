@@ -366,3 +366,39 @@ def test_a_leaky_unit_stuck_negative_is_dead_evidence_only_where_it_scores_at_mo
         assert stuck == 0.0 and not cut
     else:
         assert stuck >= 0.5 and cut
+
+
+def test_leaky_units_silent_too_briefly_to_call_dead_are_not_read_as_working() -> None:
+    """A review: sampled windows (2 collected steps each, pooled over 4) of a GELU layer
+    whose units 0-15 fire rarely, then from step 41 never (GELU(-30): outputs 0). Silent
+    units too briefly silent to call dead in one window have no below_tau flag, and were
+    read as working for the whole pool: the pool after they stopped read 0 dead. Each
+    answer is checked against this test's own hook over the pooled collected steps."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 1))
+    with torch.no_grad():
+        net[0].weight[:16] = 0.0
+        net[0].weight[:16, 0] = 1.0
+        net[0].bias[:16] = -1.9  # (fires where x0 > 1.9: about 3% of inputs)
+    outs: list[torch.Tensor] = []
+    answers = []
+    evidence = DeadEvidence()
+    with relu_doctor.watch(net, log_every_n_steps=10, every_n_steps=5) as doc:
+        tau = doc.config.tau
+        net[1].register_forward_hook(
+            lambda m, a, o: outs.append(o.detach().double()) if doc.probe.collecting else None)
+        for step in range(1, 121):
+            if step == 41:
+                with torch.no_grad():
+                    net[0].bias[:16] = -30.0
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
+            net(x).pow(2).mean().backward()
+            record = doc.step()
+            if record is not None and (answer := evidence.add(record)) is not None:
+                h = torch.cat(outs)
+                outs.clear()
+                dead = (h > 0).sum(0) == 0
+                quiet = dead & (h.abs().mean(0) / h.abs().mean(0).mean() <= tau)
+                assert answer["1"] == pytest.approx(float(quiet.double().mean()))
+                answers.append((record.step, answer["1"]))
+    assert [s for s, _ in answers] == [40, 80, 120] and answers[1][1] == answers[2][1] == 0.5
