@@ -405,6 +405,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self._lifetime_since: int | None = None
         #: the last step of the run continued with no state loaded since (said at the log)
         self._unloaded_resume: int | None = None
+        #: an evaluation stream's: the training step of the checkpoint its state came from
+        #: (its own step is its last log's, 0 before the first: see _kept_step)
+        self._resumed_at: int | None = None
         self._warned_other_model = False
         self.probe.on_new_site(self._mark_meta_dirty)
         # a layer replaced at another width: the new one's growth and findings are its own
@@ -1386,6 +1389,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self.probe.load_site_state(sites, functional=self.functional)
         self.probe.collecting = self._collecting()
         if self.eval is not None and state.get("eval"):
+            self.eval._resumed_at = self.global_step
             self.eval.load_state_dict(state["eval"], windows=windows)
 
     def _restored_windows(self, state: Mapping[str, Any]) -> bool:

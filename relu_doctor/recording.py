@@ -133,6 +133,7 @@ class RunRecording:
         _previous_dropped: int
         _lifetime_since: int | None
         _unloaded_resume: int | None
+        _resumed_at: int | None
         _warned_other_model: bool
         ended_by: str | None
         resume_advice: str
@@ -172,9 +173,10 @@ class RunRecording:
         self._previous_dropped = dropped if isinstance(dropped, int) and dropped > 0 else 0
         since = (writer.previous_meta or {}).get("lifetime_since")
         self._lifetime_since = since if isinstance(since, int) else None
-        if writer.last_step is not None and self.global_step == 0:
+        if writer.last_step is not None and self.global_step == 0 and self._resumed_at is None:
             # resume=True without a checkpoint: go on after its last log, the lifetime
-            # counts starting again (load_state_dict, if called next, restores them)
+            # counts starting again (load_state_dict, if called next, restores them; an
+            # evaluation stream's state saved before its first log holds step 0: loaded)
             self.global_step = writer.last_step
             self._lifetime_since = writer.last_step + 1
             self._unloaded_resume = writer.last_step  # (said at the first log, if still so)
@@ -235,7 +237,7 @@ class RunRecording:
         checkpoint, or a partial log of the window the checkpoint keeps open, which is
         logged again when it closes): the resumed run's record equals an uninterrupted one."""
         writer = self._writer
-        keep = self.global_step - (1 if self.steps_run > 0 else 0)
+        keep = self._kept_step()
         self._carry_unwritten(keep)
         if writer is None or writer.last_step is None or writer.last_step <= keep:
             return
@@ -244,6 +246,16 @@ class RunRecording:
             self._write_meta()  # (the tables it lists: those left with rows)
         except OSError as e:
             self._write_failed(e)
+
+    def _kept_step(self) -> int:
+        """The last step whose log a resumed run keeps: the restored step, less one where
+        the checkpoint kept its window open (logged again when it closes). An evaluation
+        stream's: the training checkpoint's step. Its own is its last log's, and the
+        evaluation run after the checkpoint at that step (Lightning's, at a batch's end)
+        is not run again on resume: its log was dropped, for good (a Lightning trial)."""
+        if self._resumed_at is not None:
+            return self._resumed_at
+        return self.global_step - (1 if self.steps_run > 0 else 0)
 
     def _write_failed(self, error: BaseException) -> None:
         """Warn once (cause and path); the writer is dropped and re-opened at a later log."""

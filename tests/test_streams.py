@@ -9,6 +9,7 @@ test drove (numpy, float64), on the passes of the stream in question only.
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -241,6 +242,57 @@ def test_a_read_of_the_open_evaluation_window_leaves_a_checkpoint_as_it_was(tmp_
 
     unread, read = fit(False), fit(True)
     assert read == unread and read[1] == read[2] == [2]
+
+
+@pytest.mark.parametrize("evaluated_before", [True, False])
+def test_an_evaluation_logged_after_the_checkpoint_at_its_step_is_kept_on_resume(
+        tmp_path, evaluated_before):
+    """A Lightning trial: a checkpoint saved at a batch's end, then the validation at that
+    step, logged, then the process died. Lightning does not run that validation again on
+    resume, and the evaluation stream's own step (its last log's) dropped its log for good;
+    where no validation came before the checkpoint (its step 0), the resume was also taken
+    for one with no state loaded: said so, and its lifetime counts began again. The log at
+    the checkpoint's step is kept, as it was logged."""
+    run_dir = tmp_path / "run"
+    net = _net()
+    watch = dict(every_n_steps=1, log_every_n_steps=2, eval_stream=True, run_dir=run_dir)
+    doc = relu_doctor.watch(net, **watch)
+
+    def evaluate() -> None:
+        net.eval()
+        with torch.no_grad():
+            net(EVAL[0])
+        net.train()
+        doc.log_eval()
+
+    _train_step(net, TRAIN[0], doc)
+    _train_step(net, TRAIN[1], doc)
+    if evaluated_before:
+        evaluate()  # (logged at step 2)
+    _train_step(net, TRAIN[2], doc)
+    _train_step(net, TRAIN[3], doc)
+    state = doc.state_dict()  # the checkpoint at step 4's end, then its validation
+    evaluate()
+    doc.detach()  # the run dies here (its locks gone with its process)
+    for lock in run_dir.rglob(".lock"):
+        lock.unlink()
+    logged = sorted(relu_doctor.load_run(run_dir / "eval").history["step"].unique().tolist())
+    assert logged == ([2, 4] if evaluated_before else [4])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, **watch, resume=True) as resumed:
+            resumed.load_state_dict(state)
+            for x in TRAIN[:2]:
+                _train_step(net, x, resumed)
+            net.eval()
+            with torch.no_grad():
+                net(EVAL[1])
+            net.train()
+    after = relu_doctor.load_run(run_dir / "eval")
+    assert sorted(after.history["step"].unique().tolist()) == [*logged, 6]
+    assert not [w for w in caught if "no Doctor state" in str(w.message)]
+    meta = json.loads((run_dir / "eval" / "meta.json").read_text())
+    assert meta.get("lifetime_since") is None
 
 
 def test_eval_stream_survives_a_checkpoint():
