@@ -134,6 +134,8 @@ class RunRecording:
         _lifetime_since: int | None
         _unloaded_resume: int | None
         _resumed_at: int | None
+        _check_kept: bool
+        _replace_at: int | None
         _warned_other_model: bool
         ended_by: str | None
         resume_advice: str
@@ -182,6 +184,7 @@ class RunRecording:
             self._unloaded_resume = writer.last_step  # (said at the first log, if still so)
             self.probe.collecting = self._collecting()
         self._continue_after_checkpoint()  # (its unwritten logs carried, later rows dropped)
+        self._check_kept_log()
         self._write_meta()
 
     def _carry_unwritten(self, since: int) -> None:
@@ -246,6 +249,23 @@ class RunRecording:
             self._write_meta()  # (the tables it lists: those left with rows)
         except OSError as e:
             self._write_failed(e)
+
+    def _check_kept_log(self) -> None:
+        """Once, after a checkpoint's load, with the writer open: an evaluation stream's log
+        at the training checkpoint's step that came after the checkpoint (its own step,
+        restored, is earlier) holds the window the checkpoint kept open, which is then not
+        restored as open (a review: a checkpoint taken mid-evaluation logged those passes
+        again at the next log, a window that never was). A log of the resumed run at that
+        step replaces it (a plain loop that evaluates again at the step it resumes from:
+        its rows were there twice)."""
+        writer, at = self._writer, self._resumed_at
+        if not self._check_kept or writer is None or at is None:
+            return
+        self._check_kept = False
+        if writer.last_step == at and self.global_step < at:
+            self.probe.clear_windows()
+            self._passes_logged = self.probe.passes
+            self._replace_at = at
 
     def _kept_step(self) -> int:
         """The last step whose log a resumed run keeps: the restored step, less one where
@@ -323,6 +343,10 @@ class RunRecording:
     def _append_record(self, record: IntervalRecord, events: list[dict[str, Any]]) -> None:
         try:
             writer = self._ensure_writer()
+            if self._replace_at is not None:  # (see _check_kept_log)
+                at, self._replace_at = self._replace_at, None
+                if record.step == at:
+                    writer.truncate_after(at - 1)
             if len(self.probe.unmasked) != self._meta_unmasked:
                 self._meta_unmasked = len(self.probe.unmasked)  # (new ones: meta.json names)
                 self._meta_dirty = True

@@ -522,6 +522,14 @@ class SiteRegistry:
             if site.restored and ran is not None and site.stats.window.device != ran:
                 site.stats.to(ran)
 
+    def clear_windows(self) -> None:
+        """Empty every site's open window, restored ones not seen since included (a
+        checkpoint's open window that a log kept in the run directory already holds)."""
+        for site in self._sites.values():
+            site.stats.window.zero_()
+        self._pending = {t: {**st, "window": torch.zeros_like(st["window"])}
+                         for t, st in self._pending.items()}
+
     def pending_windows(self) -> dict[str, torch.Tensor]:
         """The open windows of the restored sites not seen since (:meth:`load_site_state`),
         by token (a name that means the same on every process)."""

@@ -244,55 +244,76 @@ def test_a_read_of_the_open_evaluation_window_leaves_a_checkpoint_as_it_was(tmp_
     assert read == unread and read[1] == read[2] == [2]
 
 
-@pytest.mark.parametrize("evaluated_before", [True, False])
-def test_an_evaluation_logged_after_the_checkpoint_at_its_step_is_kept_on_resume(
-        tmp_path, evaluated_before):
-    """A Lightning trial: a checkpoint saved at a batch's end, then the validation at that
-    step, logged, then the process died. Lightning does not run that validation again on
-    resume, and the evaluation stream's own step (its last log's) dropped its log for good;
-    where no validation came before the checkpoint (its step 0), the resume was also taken
-    for one with no state loaded: said so, and its lifetime counts began again. The log at
-    the checkpoint's step is kept, as it was logged."""
-    run_dir = tmp_path / "run"
-    net = _net()
-    watch = dict(every_n_steps=1, log_every_n_steps=2, eval_stream=True, run_dir=run_dir)
-    doc = relu_doctor.watch(net, **watch)
-
-    def evaluate() -> None:
-        net.eval()
-        with torch.no_grad():
-            net(EVAL[0])
-        net.train()
+def _evaluate(net: nn.Module, doc: relu_doctor.Doctor, batches: list[torch.Tensor], *,
+              log: bool = True) -> None:
+    net.eval()
+    with torch.no_grad():
+        for v in batches:
+            net(v)
+    net.train()
+    if log:
         doc.log_eval()
 
-    _train_step(net, TRAIN[0], doc)
-    _train_step(net, TRAIN[1], doc)
-    if evaluated_before:
-        evaluate()  # (logged at step 2)
-    _train_step(net, TRAIN[2], doc)
-    _train_step(net, TRAIN[3], doc)
-    state = doc.state_dict()  # the checkpoint at step 4's end, then its validation
-    evaluate()
-    doc.detach()  # the run dies here (its locks gone with its process)
-    for lock in run_dir.rglob(".lock"):
-        lock.unlink()
-    logged = sorted(relu_doctor.load_run(run_dir / "eval").history["step"].unique().tolist())
-    assert logged == ([2, 4] if evaluated_before else [4])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with relu_doctor.watch(net, **watch, resume=True) as resumed:
-            resumed.load_state_dict(state)
-            for x in TRAIN[:2]:
-                _train_step(net, x, resumed)
-            net.eval()
-            with torch.no_grad():
-                net(EVAL[1])
-            net.train()
-    after = relu_doctor.load_run(run_dir / "eval")
-    assert sorted(after.history["step"].unique().tolist()) == [*logged, 6]
-    assert not [w for w in caught if "no Doctor state" in str(w.message)]
-    meta = json.loads((run_dir / "eval" / "meta.json").read_text())
-    assert meta.get("lifetime_since") is None
+
+@pytest.mark.parametrize("order", ["lightning", "lightning-first", "again", "mid"])
+def test_an_evaluation_logged_at_the_checkpoints_step_is_logged_once_on_resume(tmp_path, order):
+    """A checkpoint at a step's end, then the evaluation at that step, logged, then the
+    process dies; the run resumes from the checkpoint in the same run directory.
+
+    - ``lightning``: the resume does not run that evaluation again (Lightning, after a
+      batch-end checkpoint). The evaluation stream kept its logs up to its own step, its
+      last log's, and dropped that one for good (a Lightning trial).
+    - ``lightning-first``: the same with no evaluation before the checkpoint (its step 0):
+      taken for a resume with no state loaded, said so, its lifetime counts begun again.
+    - ``again``: a plain loop that evaluates at the step it resumes from: that log is
+      replaced, not written twice (a review).
+    - ``mid``: the checkpoint taken mid-evaluation: the log after it holds the passes the
+      checkpoint kept open, which were logged again at the next log (a review).
+
+    Each resumed record equals the uninterrupted run's: every evaluation log's step, passes
+    and per-unit counts."""
+    died: list[relu_doctor.Doctor] = []
+
+    def run(name: str, die: bool) -> relu_doctor.RunRecord:
+        run_dir = tmp_path / name
+        net = _net()
+        watch = dict(every_n_steps=1, log_every_n_steps=2, eval_stream=True, run_dir=run_dir)
+        doc = relu_doctor.watch(net, **watch)
+        for x in TRAIN[:2]:
+            _train_step(net, x, doc)
+        if order != "lightning-first":
+            _evaluate(net, doc, EVAL[:1])  # (logged at step 2)
+        for x in TRAIN[2:]:
+            _train_step(net, x, doc)
+        if order == "mid":
+            _evaluate(net, doc, EVAL[:1], log=False)
+        state = doc.state_dict()  # the checkpoint at step 4's end
+        _evaluate(net, doc, EVAL[1:])
+        if die:
+            doc.detach()  # the run dies here (its locks gone with its process)
+            died.append(doc)  # (kept: collected, it would take the resumed run's locks)
+            for lock in run_dir.rglob(".lock"):
+                lock.unlink()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                doc = relu_doctor.watch(net, **watch, resume=True)
+                doc.load_state_dict(state)
+                if order == "again":
+                    _evaluate(net, doc, EVAL[1:])
+            assert not [w for w in caught if "no Doctor state" in str(w.message)]
+        for x in TRAIN[:2]:
+            _train_step(net, x, doc)
+        _evaluate(net, doc, EVAL[:2], log=False)  # (logged with the last window, at 6)
+        doc.close()
+        return relu_doctor.load_run(run_dir / "eval")
+
+    straight, resumed = run("straight", False), run("resumed", True)
+    cols = ["step", "site", "window_steps", "elements", "dead", "lifetime_dead"]
+    assert resumed.history[cols].equals(straight.history[cols])
+    assert resumed.units.drop(columns=["lifetime_dead"]).equals(
+        straight.units.drop(columns=["lifetime_dead"]))
+    first = [2] if order != "lightning-first" else []
+    assert straight.history["step"].tolist() == [*first, 4, 6]
 
 
 def test_eval_stream_survives_a_checkpoint():
