@@ -408,7 +408,6 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         #: an evaluation stream's: the training step of the checkpoint its state came from
         #: (its own step is its last log's, 0 before the first: see _kept_step)
         self._resumed_at: int | None = None
-        self._check_kept = False  # ... whose kept log is yet to be checked (_check_kept_log)
         self._replace_at: int | None = None  # ... a kept log a log at its step replaces
         self._warned_other_model = False
         self.probe.on_new_site(self._mark_meta_dirty)
@@ -1391,9 +1390,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
         self.probe.load_site_state(sites, functional=self.functional)
         self.probe.collecting = self._collecting()
         if self.eval is not None and state.get("eval"):
-            self.eval._resumed_at, self.eval._check_kept = self.global_step, True
+            self.eval._resumed_at = self.global_step
             self.eval.load_state_dict(state["eval"], windows=windows)
-            self.eval._check_kept_log()  # (its writer open: else when it opens)
+            self.eval._check_kept_log()
 
     def _restored_windows(self, state: Mapping[str, Any]) -> bool:
         """Whether this process restores a state's open windows (see :meth:`load_state_dict`)."""

@@ -36,7 +36,7 @@ from relu_doctor.events import Event, is_judged, optimizer_of
 from relu_doctor.history import FORMAT_VERSION, IntervalRecord, Run, event_dict
 from relu_doctor.record import window_columns, windows_frame
 from relu_doctor.rundir import RunWriter, check_claimable, load_run, read_table
-from relu_doctor.runread import read_meta
+from relu_doctor.runread import logged_at, read_meta
 from relu_doctor.training_metrics import metrics_columns, metrics_frame
 
 if TYPE_CHECKING:
@@ -134,7 +134,6 @@ class RunRecording:
         _lifetime_since: int | None
         _unloaded_resume: int | None
         _resumed_at: int | None
-        _check_kept: bool
         _replace_at: int | None
         _warned_other_model: bool
         ended_by: str | None
@@ -184,7 +183,6 @@ class RunRecording:
             self._unloaded_resume = writer.last_step  # (said at the first log, if still so)
             self.probe.collecting = self._collecting()
         self._continue_after_checkpoint()  # (its unwritten logs carried, later rows dropped)
-        self._check_kept_log()
         self._write_meta()
 
     def _carry_unwritten(self, since: int) -> None:
@@ -251,18 +249,24 @@ class RunRecording:
             self._write_failed(e)
 
     def _check_kept_log(self) -> None:
-        """Once, after a checkpoint's load, with the writer open: an evaluation stream's log
-        at the training checkpoint's step that came after the checkpoint (its own step,
-        restored, is earlier) holds the window the checkpoint kept open, which is then not
-        restored as open (a review: a checkpoint taken mid-evaluation logged those passes
-        again at the next log, a window that never was). A log of the resumed run at that
-        step replaces it (a plain loop that evaluates again at the step it resumes from:
-        its rows were there twice)."""
-        writer, at = self._writer, self._resumed_at
-        if not self._check_kept or writer is None or at is None:
+        """At an evaluation stream's load: its log at the training checkpoint's step, where
+        its own restored step is earlier, came after the checkpoint and holds the window the
+        checkpoint kept open, which is then not restored as open (a review: a checkpoint
+        taken mid-evaluation logged those passes again at the next log, a window that never
+        was). A log of the resumed run at that step replaces it (a plain loop that evaluates
+        again at the step it resumes from: its rows were there twice). The run directory is
+        read here, whether or not this process writes it or its writer is open yet (one that
+        opened later, at a log, cleared the passes run since: a review)."""
+        at = self._resumed_at
+        if at is None or self.run_dir is None or self.global_step >= at:
             return
-        self._check_kept = False
-        if writer.last_step == at and self.global_step < at:
+        writer = self._writer
+        try:  # (an open writer has dropped the logs after it: its last is that step's)
+            kept = (writer.last_step == at if writer is not None
+                    else self.run_dir.is_dir() and logged_at(self.run_dir, at))
+        except Exception:  # (a damaged directory: its log, if any, is not taken as kept)
+            kept = False
+        if kept:
             self.probe.clear_windows()
             self._passes_logged = self.probe.passes
             self._replace_at = at

@@ -278,9 +278,17 @@ LOGGED_TABLES = ("windows", "history", "metrics")
 
 def last_step(p: Path) -> int | None:
     """The last step logged in run directory ``p`` (None: none yet)."""
-    steps = [read_table(p, t, problems=[]) for t in LOGGED_TABLES]
-    found = [int(s["step"].max()) for s in steps if not s.empty]
+    found = [int(s.max()) for s in _logged_steps(p) if not s.empty]
     return max(found) if found else None
+
+
+def logged_at(p: Path, step: int) -> bool:
+    """Whether run directory ``p`` holds a log at ``step``."""
+    return any(bool((s == step).any()) for s in _logged_steps(p))
+
+
+def _logged_steps(p: Path) -> list[pd.Series]:
+    return [read_table(p, t, problems=[])["step"] for t in LOGGED_TABLES]
 
 
 def _check_part(schema: pa.Schema, required: tuple[str, ...]) -> str | None:

@@ -255,8 +255,10 @@ def _evaluate(net: nn.Module, doc: relu_doctor.Doctor, batches: list[torch.Tenso
         doc.log_eval()
 
 
+@pytest.mark.parametrize("full_disk", [False, True], ids=["", "full-disk"])
 @pytest.mark.parametrize("order", ["lightning", "lightning-first", "again", "mid"])
-def test_an_evaluation_logged_at_the_checkpoints_step_is_logged_once_on_resume(tmp_path, order):
+def test_an_evaluation_logged_at_the_checkpoints_step_is_logged_once_on_resume(
+        tmp_path, monkeypatch, order, full_disk):
     """A checkpoint at a step's end, then the evaluation at that step, logged, then the
     process dies; the run resumes from the checkpoint in the same run directory.
 
@@ -271,7 +273,18 @@ def test_an_evaluation_logged_at_the_checkpoints_step_is_logged_once_on_resume(t
       checkpoint kept open, which were logged again at the next log (a review).
 
     Each resumed record equals the uninterrupted run's: every evaluation log's step, passes
-    and per-unit counts."""
+    and per-unit counts. ``full-disk``: the evaluation stream's writer cannot open at the
+    resume, and opens at its first log (its kept log was not looked at then: a review)."""
+    from relu_doctor import rundir
+
+    opened = rundir.RunWriter.__init__
+
+    def full(self, path, *args, **kwargs):  # (the resume's first open of the eval writer)
+        if path.name == "eval":
+            monkeypatch.setattr(rundir.RunWriter, "__init__", opened)
+            raise OSError(28, "No space left on device")
+        opened(self, path, *args, **kwargs)
+
     died: list[relu_doctor.Doctor] = []
 
     def run(name: str, die: bool) -> relu_doctor.RunRecord:
@@ -294,6 +307,8 @@ def test_an_evaluation_logged_at_the_checkpoints_step_is_logged_once_on_resume(t
             died.append(doc)  # (kept: collected, it would take the resumed run's locks)
             for lock in run_dir.rglob(".lock"):
                 lock.unlink()
+            if full_disk:
+                monkeypatch.setattr(rundir.RunWriter, "__init__", full)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 doc = relu_doctor.watch(net, **watch, resume=True)
@@ -301,6 +316,7 @@ def test_an_evaluation_logged_at_the_checkpoints_step_is_logged_once_on_resume(t
                 if order == "again":
                     _evaluate(net, doc, EVAL[1:])
             assert not [w for w in caught if "no Doctor state" in str(w.message)]
+            assert [w for w in caught if "No space" in str(w.message)] or not full_disk
         for x in TRAIN[:2]:
             _train_step(net, x, doc)
         _evaluate(net, doc, EVAL[:2], log=False)  # (logged with the last window, at 6)
