@@ -378,6 +378,8 @@ class Probe(SiteRegistry, HookOwner):
         # and the norm of each unit on its own before the activation, for the site's norm
         # (the Keras callback's BatchNormalization, which no pass of torch's is read for)
         self.unit_norms: dict[str, str] = {}
+        # and the norm of its units together (a Keras LayerNormalization: the site's mixed)
+        self.unit_mixed: dict[str, str] = {}
         self.gradients = gradients
         self.grad_scale = grad_scale
         self.require_modules = require_modules

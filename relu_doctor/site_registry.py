@@ -46,6 +46,7 @@ class SiteRegistry:
         unit_dims: dict[str, int]
         unit_rules: dict[str, str]
         unit_norms: dict[str, str]
+        unit_mixed: dict[str, str]
         _sites: dict[SiteKey, Site]
         _names: dict[str, Site]
         _listeners: list[Callable[[], None]]
@@ -123,11 +124,12 @@ class SiteRegistry:
         if len(shape) == 1 and key in self._not_units:
             return None  # (said once; a later call of another rank may make the site)
         label = module_label(key.module_path)
-        override, why, given_norm = None, None, ""
+        override, why, given_norm, given_mixed = None, None, "", ""
         for pat, dim in self.unit_dims.items():
             if fnmatch.fnmatchcase(label, pat):
                 override, why = dim, self.unit_rules.get(pat)
                 given_norm = self.unit_norms.get(pat, "")
+                given_mixed = self.unit_mixed.get(pat, "")
         # A site first seen in an eager part of a compiled pass (after a graph break: the
         # pass began in the graph, where no producer tracking starts, so none ever would)
         # takes the shape rule, as one first seen while compiling does.
@@ -203,7 +205,8 @@ class SiteRegistry:
             summed=origin.summed if origin is not None else kin is not None and kin.summed,
             chained=(origin.after_site if origin is not None
                      else kin.chained if kin is not None else None),
-            mixed=origin.mixed if origin is not None else kin.mixed if kin is not None else "",
+            mixed=(origin.mixed if origin is not None else kin.mixed if kin is not None
+                   else given_mixed),
             norm=(origin.norm if origin is not None else kin.norm if kin is not None
                   else given_norm),
             experts=origin.experts if origin is not None else kin.experts if kin is not None else 0,

@@ -182,6 +182,13 @@ class KerasSite:
         return "" if self.by_activation else _producer_dim(self.layer)[2]
 
     @property
+    def mixed(self) -> str:
+        """The norm of its units together its input passed since the layer that made it, in
+        words (a LayerNormalization, a GroupNormalization; ``""``: none; as
+        :attr:`relu_doctor.sites.Site.mixed`): its scale is that norm's."""
+        return "" if self.by_activation else _mixing_norm(self.layer)
+
+    @property
     def pattern(self) -> str:
         """A glob pattern matching exactly this site's path (for ``unit_dims``)."""
         return glob.escape(self.path)
@@ -330,6 +337,32 @@ def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str, str]:
             break
     fmt = keras.config.image_data_format()
     return (1 if fmt == "channels_first" else -1), f"image_data_format {fmt}", ""
+
+
+#: Norms of a layer's units together, walked through back to a producer (_SAME_AXES).
+_MIXING_NORMS = tuple(
+    getattr(keras.layers, n) for n in (
+        "LayerNormalization", "GroupNormalization", "UnitNormalization",
+    ) if hasattr(keras.layers, n)
+)
+
+
+def _mixing_norm(layer: Any, hops: int = 4) -> str:
+    """The last norm of the units together (:data:`_MIXING_NORMS`) an activation layer's
+    input passed since the layer that made it, walked back as :func:`_producer_dim` does, in
+    words (``""``: none)."""
+    op = layer
+    for _ in range(hops):
+        op = _input_op(op)
+        if op is None:
+            return ""
+        name = f"{type(op).__name__} `{op.name}`"
+        if isinstance(op, _MIXING_NORMS):
+            return name
+        inner = op.layer if isinstance(op, keras.layers.TimeDistributed) else op
+        if _own_dim(inner, name) is not None or not isinstance(inner, _SAME_AXES):
+            return ""
+    return ""
 
 
 def _own_dim(op: Any, name: str) -> tuple[int, str, str] | None:

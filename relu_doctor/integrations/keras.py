@@ -331,6 +331,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                         {s.pattern: s.unit_rule for s in self.sites.values()})
                     d.probe.unit_norms.update(
                         {s.pattern: s.norm for s in self.sites.values() if s.norm})
+                    d.probe.unit_mixed.update(
+                        {s.pattern: s.mixed for s in self.sites.values() if s.mixed})
             self._hook(model)
             self._bind_remedies(model, doc)
         except BaseException:  # no hook left on the model, the run directory closed; a

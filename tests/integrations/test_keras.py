@@ -231,6 +231,44 @@ def test_conv_channels_last_units_are_filters(tmp_path: Path) -> None:
         assert row["activation_rate"] == pytest.approx(want[site]["activation_rate"], rel=1e-9)
 
 
+@pytest.mark.parametrize("norm", ["none", "BatchNormalization", "LayerNormalization",
+                                  "GroupNormalization"])
+def test_growth_over_depth_is_not_read_up_to_a_keras_site_behind_a_norm(
+        tmp_path: Path, norm: str) -> None:
+    """A Keras trial: growth over depth stopped at a site behind a BatchNormalization, but
+    not behind a LayerNormalization, which Keras sites did not record (a transformer's
+    false warning, as a PyTorch SegFormer's was). A small first site, a huge layer, then
+    the norm (or none) before the deepest ReLU: its RMS, read by hand, is 100x the first's
+    either way, and the finding comes without a norm alone."""
+    keras.utils.set_random_seed(0)
+    i = keras.Input((16,))
+    h = keras.layers.Dense(32, activation="gelu", name="small",
+                           kernel_initializer=keras.initializers.RandomNormal(stddev=1e-4))(i)
+    h = keras.layers.Dense(32, name="big",
+                           kernel_initializer=keras.initializers.RandomNormal(stddev=50.0))(h)
+    if norm != "none":
+        h = getattr(keras.layers, norm)(name="norm", **(
+            {"groups": 4} if norm == "GroupNormalization" else {}))(h)
+    deep = keras.layers.Activation("relu", name="deep")(h)
+    model = keras.Model(i, keras.layers.Dense(1)(deep))
+    model.compile(optimizer=keras.optimizers.SGD(1e-9), loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 16)).astype("float32")
+    cb = ReluDoctorCallback(log_every_n_steps=1, every_n_steps=1, run_dir=tmp_path / "run")
+    model.fit(x, rng.normal(size=(32, 1)).astype("float32"), epochs=1, batch_size=32,
+              verbose=0, shuffle=False, callbacks=[cb])
+    assert cb.doctor is not None
+    record = cb.doctor.records[0]
+    rms = {r["site"]: r["rms"] for r in record.site_rows}
+    outs = keras.Model(i, [model.get_layer("small").output, deep])(x, training=True)
+    by_hand = [float(np.sqrt(np.mean(np.square(keras.ops.convert_to_numpy(o))))) for o in outs]
+    assert [rms["small"], rms["deep"]] == pytest.approx(by_hand, rel=1e-3)  # (float32 sums)
+    assert rms["deep"] / rms["small"] >= 100
+    depth = [f.site for f in record.findings
+             if f.kind == "activation_growth" and f.evidence["over"] == "depth"]
+    assert depth == (["deep"] if norm == "none" else [])
+
+
 def test_dead_units_behind_a_batchnormalization_are_told_to_check_its_shift(tmp_path: Path) -> None:
     """A ReLU layer right after a BatchNormalization whose shift (beta) keeps units below 0
     was told to "add BatchNorm before the activation" (a trial: Keras sites had no norm,
