@@ -474,16 +474,18 @@ def diagnose(
         # LeakyReLU's slope) and can come back: a warning at most, where a ReLU's dead units
         # pass none (two trials read a ConvNeXt's and a Wav2Vec2's stuck GELUs as critical)
         crit = math.inf if leaky else config.dead_critical
-        fires = leaky and int(row["dead"]) < seen  # (some unit fired: see the dead grade)
+        scored = leaky and int(row["dead"]) < MOSTLY_STUCK * seen  # (see the dead grade)
         if row["dead"]:
             frac = float(row["dead_fraction"])
             what = "stuck in the negative regime" if leaky else "dead (no activation)"
             # ... and graded on those scoring at most tau: one scoring above, beside units
             # that fire, passes on a share of its layer's signal (a U-Net trial's healthy
             # GELU feed-forward, a quarter of its units at about GELU(-1), made a warning at
-            # every log). Where none fires, the score, relative to the layer's mean, says
-            # nothing (every unit at SiLU(-20) scores 1). Lifetime dead alike.
-            above = dead_above[0] if fires else 0
+            # every log). Where most are stuck (MOSTLY_STUCK), the score, relative to the
+            # layer's mean, is mostly theirs and says nothing (every unit at SiLU(-20) scores
+            # 1; an HF trial's GPT-2 MLP, 127 of 128 units held at about GELU(-1), scored 1.0
+            # and read info). Lifetime dead alike.
+            above = dead_above[0] if scored else 0
             graded = frac - above / seen
             working = _scored_above(above)
             out.append(
@@ -506,14 +508,14 @@ def diagnose(
             )
         if row["lifetime_dead"]:
             frac = float(row["lifetime_dead_fraction"])
-            life_working = _scored_above(life_above[0] if fires else 0)
+            life_working = _scored_above(life_above[0] if scored else 0)
             out.append(
                 Finding(
                     "lifetime_dead", name,
                     # (on fewer than 8 steps of a sampled run's first windows: not graded)
                     "info" if lifetime_steps is not None
                     and lifetime_steps[0] < min(lifetime_steps[1], MIN_LIFETIME_STEPS) else
-                    _severity(frac - (life_above[0] / int(row["units"]) if fires else 0.0),
+                    _severity(frac - (life_above[0] / int(row["units"]) if scored else 0.0),
                               config.dead_warning, crit),
                     f"{row['lifetime_dead']} of {row['units']} units ({frac:.1%}) never active "
                     f"since monitoring began{_sampled(row, lifetime=lifetime_steps)}"
@@ -852,11 +854,18 @@ def _count(units: Mapping[str, torch.Tensor], flag: str, unless: str | None = No
     return int((hit & ~units[unless].bool()).sum() if unless is not None else hit.sum())
 
 
+#: A leaky site's stuck units scoring above tau are left out of its dead grade, and out of
+#: the remedies' dead readings, only where fewer than this share of its units are stuck:
+#: where more are, the layer's mean |h| the score is taken against is mostly theirs.
+MOSTLY_STUCK = 0.5
+
+
 def _scored_above(above: int) -> str:
     """What a leaky site's dead finding says of its ``above`` stuck units scoring above tau,
     which its grade leaves out ("" for none)."""
-    return (f"; {above} of them score above tau (their outputs, negative, a sizable share of "
-            "the layer's mean |h|, and a gradient passed: not graded)" if above else "")
+    return (f"; {above} of them score{'s' * (above == 1)} above tau (their outputs, negative, "
+            "a sizable share of the layer's mean |h|, and a gradient passed: not graded)"
+            if above else "")
 
 
 def _above_tau(units: Mapping[str, torch.Tensor], flag: str) -> tuple[int, int]:

@@ -348,20 +348,23 @@ def test_a_leaky_familys_units_stuck_negative_are_a_warning_at_most(act, severit
     assert (found["dead"].severity, found["lifetime_dead"].severity) == (severity, severity)
 
 
-@pytest.mark.parametrize("bias", [-1.0, -30.0])
-def test_a_leaky_units_stuck_negative_beside_units_that_fire_are_graded_on_their_score(bias):
+@pytest.mark.parametrize(("stuck", "bias"), [(6, -1.0), (6, -30.0), (12, -1.0)])
+def test_a_leaky_units_stuck_negative_beside_units_that_fire_are_graded_on_their_score(
+        stuck, bias):
     """A U-Net trial: a quarter of a healthy GELU feed-forward's units held at about GELU(-1)
     (outputs a sizable share of the layer's, a gradient passed) made a warning at every log.
     Those scoring above tau, beside units that fire, are said and left out of the grade; at
-    GELU(-30) (outputs 0) they are what the warning is for. Counted against this test's own
-    hook: never > 0, and mean |h| over the layer's mean of those above tau."""
+    GELU(-30) (outputs 0) they are what the warning is for; and where half or more of the
+    units are stuck, the score's mean is mostly theirs (an HF trial's GPT-2 MLP, 127 of 128
+    units at GELU(-1), scored 1.0 and read info): all count. Counted against this test's
+    own hook: never > 0, and mean |h| over the layer's mean of those above tau."""
     import relu_doctor
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
     with torch.no_grad():
-        model[0].weight[:8] *= 0.01
-        model[0].bias[:8] = bias
+        model[0].weight[:stuck] *= 0.01
+        model[0].bias[:stuck] = bias
     outs = []
     model[1].register_forward_hook(lambda m, a, o: outs.append(o.detach().double()))
     with relu_doctor.watch(model, log_every_n_steps=1, overhead_budget=None) as doc:
@@ -372,13 +375,15 @@ def test_a_leaky_units_stuck_negative_beside_units_that_fire_are_graded_on_their
     score = h.abs().mean(0) / h.abs().mean(0).mean()
     above = int((dead & (score > doc.config.tau)).sum())
     found = {f.kind: f for f in doc.records[-1].findings if f.site == "1"}
-    assert found["dead"].evidence["dead"] == int(dead.sum()) == 8
-    assert found["lifetime_dead"].evidence["lifetime_dead"] == 8  # (the first log: all)
-    grade = "info" if bias == -1.0 else "warning"
+    assert found["dead"].evidence["dead"] == int(dead.sum()) == stuck
+    assert found["lifetime_dead"].evidence["lifetime_dead"] == stuck  # (the first log: all)
+    excused = above if int(dead.sum()) < 0.5 * len(dead) else 0
+    assert above == (stuck if bias == -1.0 else 0)
+    grade = "info" if (stuck - excused) / 16 < doc.config.dead_warning else "warning"
+    assert grade == ("info" if (stuck, bias) == (6, -1.0) else "warning")
     assert (found["dead"].severity, found["lifetime_dead"].severity) == (grade, grade)
-    assert above == (8 if bias == -1.0 else 0)
     for kind in ("dead", "lifetime_dead"):  # (each says why it is graded so)
-        assert ("8 of them score above tau" in found[kind].message) == (bias == -1.0)
+        assert (f"{excused} of them score above tau" in found[kind].message) == bool(excused)
 
 
 def test_a_healthy_cnn_with_global_pooling_reads_no_vanishing_gradient():

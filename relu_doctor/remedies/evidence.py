@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from relu_doctor._validate import finite_or_none
-from relu_doctor.diagnosis import acted_on, trained_rows
+from relu_doctor.diagnosis import MOSTLY_STUCK, acted_on, trained_rows
 
 if TYPE_CHECKING:
     from relu_doctor.remedies.base import RecordLike
@@ -54,9 +54,9 @@ class DeadEvidence:
     not say how they were sampled.
 
     A leaky family's dead unit (stuck negative: GELU, SiLU, ELU, LeakyReLU) counts only where
-    its ReDo score is at most tau, as recycling takes it: one scoring above, where some unit
-    of the site fires, passes on a share of its layer's signal and a gradient (a working
-    unit, not a dead one).
+    its ReDo score is at most tau, as recycling takes it: one scoring above, where fewer than
+    half the site's units are stuck (:data:`~relu_doctor.diagnosis.MOSTLY_STUCK`), passes on
+    a share of its layer's signal and a gradient (a working unit, not a dead one).
 
     Example:
         >>> class R:
@@ -110,8 +110,9 @@ class DeadEvidence:
         # output a sizable share of its layer's, and a gradient) beside units that fire is
         # working, not dead: a U-Net trial's healthy GELU feed-forward, 25-36 of 128 units
         # so, median score 0.7, read as a surge, and the plan halved the learning rate (the
-        # loss ended 26% worse). Where none fires, the score, relative to the layer's mean,
-        # says nothing (every unit at SiLU(-20) scores 1): all count.
+        # loss ended 26% worse). Where most are stuck, the score, relative to the layer's
+        # mean, is mostly theirs and says nothing (every unit at SiLU(-20) scores 1): all
+        # count.
         working = _leaky_working(record, units)
         if not self._pool and (whole or not poolable):
             self.pooled, self.last_steps = False, got
@@ -127,8 +128,9 @@ class DeadEvidence:
                     continue
                 rate = group["activation_rate"].to_numpy(dtype=float)
                 seen, active = ~np.isnan(rate), rate > 0  # NaN: not seen in the window
-                if str(site) in leaky and scored and active.any():  # (working, as above;
-                    # dead: a unit silent too briefly to tell is not scored, a review)
+                few = int((seen & ~active).sum()) < MOSTLY_STUCK * int(seen.sum())
+                if str(site) in leaky and scored and few:  # (working, as above; dead: a unit
+                    # silent too briefly to tell is not scored, a review)
                     active |= (seen & group["dead"].to_numpy(dtype=bool)
                                & ~group["below_tau"].to_numpy(dtype=bool))
                 old = self._pool.get(str(site))
@@ -198,8 +200,9 @@ def _mostly_nonfinite(row: Mapping[str, Any]) -> bool:
 def _leaky_working(record: Any, units: Any) -> dict[str, int]:
     """By leaky site of ``record``'s rows, its dead units scoring above tau in ``units`` (its
     unit table): stuck negative, and working (see :meth:`DeadEvidence.add`)."""
-    leaky = {str(r["site"]) for r in record.site_rows  # (where some unit fires: see add)
-             if r.get("leaky") and 0 < int(r.get("dead") or 0) < int(r.get("units_seen") or 0)}
+    leaky = {str(r["site"]) for r in record.site_rows  # (where few are stuck: see add)
+             if r.get("leaky")
+             and 0 < int(r.get("dead") or 0) < MOSTLY_STUCK * int(r.get("units_seen") or 0)}
     if not leaky or units is None or not {"site", "dead", "below_tau"} <= set(units.columns):
         return {}
     u = units[units["site"].isin(leaky)]

@@ -313,21 +313,22 @@ def test_a_window_whose_sites_are_all_left_out_answers_no_filling_pool() -> None
     assert mostly == {}
 
 
-@pytest.mark.parametrize(("act", "stuck", "bias"), [
-    (nn.GELU, 16, -1.0), (nn.GELU, 16, -30.0), (nn.SiLU, 32, -30.0)],
-    ids=["half-working", "half-silent", "all-silent"])
+@pytest.mark.parametrize(("act", "stuck_units", "bias"), [
+    (nn.GELU, 12, -1.0), (nn.GELU, 12, -30.0), (nn.GELU, 24, -1.0), (nn.SiLU, 32, -30.0)],
+    ids=["some-working", "some-silent", "most-working", "all-silent"])
 @pytest.mark.parametrize("every", [1, 5], ids=["every-step", "sampled"])
 def test_a_leaky_unit_stuck_negative_is_dead_evidence_only_where_it_scores_at_most_tau(
-        act: type[nn.Module], stuck: int, bias: float, every: int) -> None:
+        act: type[nn.Module], stuck_units: int, bias: float, every: int) -> None:
     """A U-Net trial: a healthy GELU feed-forward had a quarter of its units stuck negative
     (GELU at about -1: outputs a sizable share of the layer's, a gradient passed), read as a
     dead surge, and the plan halved the learning rate. Such a unit is working: the dead
     reading a remedy acts on counts a leaky family's dead units only where their ReDo score
-    is at most tau (their outputs near 0: GELU at -30), as recycling takes them, where some
-    unit fires: with none firing the score, relative to the layer's mean, says nothing
-    (every unit at SiLU(-30) scores 1), and all count. Checked against this test's own hook:
-    never > 0 over the collected steps, and score (mean |h| over the layer's mean of those)
-    at most tau where some unit was > 0."""
+    is at most tau (their outputs near 0: GELU at -30), as recycling takes them, where fewer
+    than half the units are stuck: with more, the score, relative to the layer's mean, is
+    mostly theirs and says nothing (an HF trial's GPT-2 MLP, 127 of 128 units at GELU(-1),
+    scored 1.0; every unit at SiLU(-30) scores 1), and all count. Checked against this
+    test's own hook: never > 0 over the collected steps, and score (mean |h| over the
+    layer's mean of those) at most tau where fewer than half were never > 0."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 32), act(), nn.Linear(32, 1))
     opt = torch.optim.SGD(net.parameters(), lr=1e-9)  # (the weights stay where the test puts them)
@@ -342,8 +343,8 @@ def test_a_leaky_unit_stuck_negative_is_dead_evidence_only_where_it_scores_at_mo
         for step in range(1, 91):  # (sampled: 2 steps a window, answers pooled over 4)
             if step == 41:  # half the units stuck negative from the fifth window on
                 with torch.no_grad():
-                    net[0].weight[:stuck] *= 0.01
-                    net[0].bias[:stuck] = bias
+                    net[0].weight[:stuck_units] *= 0.01
+                    net[0].bias[:stuck_units] = bias
             x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
             opt.zero_grad()
             net(x).pow(2).mean().backward()
@@ -356,16 +357,17 @@ def test_a_leaky_unit_stuck_negative_is_dead_evidence_only_where_it_scores_at_mo
                     outs.clear()
                     mean_abs = h.abs().mean(0)
                     dead = (h > 0).sum(0) == 0
-                    quiet = dead & (mean_abs / mean_abs.mean() <= tau) if not dead.all() else dead
+                    few = int(dead.sum()) < 0.5 * len(dead)
+                    quiet = dead & (mean_abs / mean_abs.mean() <= tau) if few else dead
                     assert answer["1"] == pytest.approx(float(quiet.double().mean()))
                     answers.append(answer)
         grab.remove()
-    stuck = answers[-1]["1"]
+    reading = answers[-1]["1"]
     cut = opt.param_groups[0]["lr"] < 1e-9
-    if bias == -1.0:
-        assert stuck == 0.0 and not cut
+    if bias == -1.0 and stuck_units < 16:
+        assert reading == 0.0 and not cut
     else:
-        assert stuck >= 0.5 and cut
+        assert reading >= 12 / 32 and cut
 
 
 def test_leaky_units_silent_too_briefly_to_call_dead_are_not_read_as_working() -> None:
