@@ -186,7 +186,7 @@ class KerasSite:
         """The norm of its units together its input passed since the layer that made it, in
         words (a LayerNormalization, a GroupNormalization; ``""``: none; as
         :attr:`relu_doctor.sites.Site.mixed`): its scale is that norm's."""
-        return "" if self.by_activation else _mixing_norm(self.layer)
+        return "" if self.by_activation else _producer_dim(self.layer)[3]
 
     @property
     def pattern(self) -> str:
@@ -312,57 +312,42 @@ def _input_op(layer: Any) -> Any:
     return getattr(parents[0], "operation", None) if parents else None
 
 
-def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str, str]:
-    """An activation layer's unit dim, why, and the norm of each unit on its own its input
-    passed last (``""``: none): that of the layer that made its input in the model's graph
+def _producer_dim(layer: Any, hops: int = 4) -> tuple[int, str, str, str]:
+    """An activation layer's unit dim, why, the norm of each unit on its own its input
+    passed last, and the norm of its units together (:data:`_MIXING_NORMS`) it passed last
+    since (``""``: none): the dim of the layer that made its input in the model's graph
     (a convolution's ``data_format``, a BatchNormalization's ``axis``, a Dense's, a recurrent
     layer's, an embedding's or attention's last dim; a TimeDistributed layer's, after the
     time axis), followed back through up to ``hops`` layers that keep the axes (dropout, an
     activation, an elementwise merge: not a Permute or a Reshape); else the channel axis of
     Keras' ``image_data_format()``."""
-    op = layer
+    op, mixed = layer, ""
     for _ in range(hops):
         op = _input_op(op)
         if op is None:
             break
         name = f"{type(op).__name__} `{op.name}`"
+        if isinstance(op, _MIXING_NORMS) and not mixed:
+            mixed = name
         inner = op.layer if isinstance(op, keras.layers.TimeDistributed) else op
         own = _own_dim(inner, name)
         if own is not None:  # (a TimeDistributed layer's output has the time axis at 1)
             dim, why, norm = own
             if inner is not op:
-                return (dim + 1 if dim >= 0 else dim), f"{why}, after its time axis", norm
-            return own
+                dim, why = (dim + 1 if dim >= 0 else dim), f"{why}, after its time axis"
+            return dim, why, norm, mixed
         if not isinstance(inner, _SAME_AXES):  # a Permute, a Reshape: not followed
             break
     fmt = keras.config.image_data_format()
-    return (1 if fmt == "channels_first" else -1), f"image_data_format {fmt}", ""
+    return (1 if fmt == "channels_first" else -1), f"image_data_format {fmt}", "", mixed
 
 
-#: Norms of a layer's units together, walked through back to a producer (_SAME_AXES).
+#: Norms of a layer's units together (in _SAME_AXES: walked through back to a producer).
 _MIXING_NORMS = tuple(
     getattr(keras.layers, n) for n in (
         "LayerNormalization", "GroupNormalization", "UnitNormalization",
     ) if hasattr(keras.layers, n)
 )
-
-
-def _mixing_norm(layer: Any, hops: int = 4) -> str:
-    """The last norm of the units together (:data:`_MIXING_NORMS`) an activation layer's
-    input passed since the layer that made it, walked back as :func:`_producer_dim` does, in
-    words (``""``: none)."""
-    op = layer
-    for _ in range(hops):
-        op = _input_op(op)
-        if op is None:
-            return ""
-        name = f"{type(op).__name__} `{op.name}`"
-        if isinstance(op, _MIXING_NORMS):
-            return name
-        inner = op.layer if isinstance(op, keras.layers.TimeDistributed) else op
-        if _own_dim(inner, name) is not None or not isinstance(inner, _SAME_AXES):
-            return ""
-    return ""
 
 
 def _own_dim(op: Any, name: str) -> tuple[int, str, str] | None:
