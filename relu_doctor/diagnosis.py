@@ -485,7 +485,7 @@ def diagnose(
             # layer's mean, is mostly theirs and says nothing (every unit at SiLU(-20) scores
             # 1; an HF trial's GPT-2 MLP, 127 of 128 units held at about GELU(-1), scored 1.0
             # and read info). Lifetime dead alike.
-            above = dead_above[0] if scored else 0
+            above = stuck_working(row)
             graded = frac - above / seen
             working = _scored_above(above)
             out.append(
@@ -860,6 +860,27 @@ def _count(units: Mapping[str, torch.Tensor], flag: str, unless: str | None = No
 MOSTLY_STUCK = 0.5
 
 
+def stuck_working(row: Mapping[str, Any]) -> int:
+    """How many of a site's dead units (its ``row``) work: a leaky family's stuck negative
+    units scoring above tau (``dead_above_tau``: their outputs a sizable share of the
+    layer's mean |h|, and a gradient passed), where fewer than :data:`MOSTLY_STUCK` of its
+    units are stuck. What the dead grade, :func:`run_health` and the remedies' dead readings
+    leave out of the units lost. 0 for a row without the count (a run written before it).
+
+    Example:
+        >>> stuck_working({"leaky": True, "dead": 3, "units_seen": 16, "dead_above_tau": 2})
+        2
+        >>> stuck_working({"leaky": True, "dead": 8, "units_seen": 16, "dead_above_tau": 2})
+        0
+    """
+    try:
+        dead, seen = int(row.get("dead") or 0), int(row.get("units_seen") or 0)
+        return (int(row.get("dead_above_tau") or 0)
+                if row.get("leaky") and dead < MOSTLY_STUCK * seen else 0)
+    except (TypeError, ValueError):  # (a damaged row: nothing excused)
+        return 0
+
+
 def _scored_above(above: int) -> str:
     """What a leaky site's dead finding says of its ``above`` stuck units scoring above tau,
     which its grade leaves out ("" for none)."""
@@ -993,9 +1014,11 @@ def run_health(sites: Sequence[Mapping[str, Any]], findings: Sequence[Finding]) 
     """Run-level numbers for early stopping and checkpointing (higher ``health`` is better):
     unit-weighted ``dead_fraction``, ``dormant_fraction`` (active but below tau: dead units
     are not dormant) and ``lifetime_dead_fraction`` over every site, frozen ones included,
-    and ``health`` = the share of units alive (not dead in the window), 0 when a non-finite
-    value was seen. Every site, so that the numbers compare from one log to the next
-    across a freeze or an unfreezing: counted over the sites that train, a backbone
+    and ``health`` = the share of units alive (not dead in the window, or stuck negative and
+    working: :func:`stuck_working`, as the dead grade reads them; a U-Net trial's healthy
+    GELU feed-forward read 0.75), 0 when a non-finite value was seen. Every site, so that
+    the numbers compare from one log to the next across a freeze or an unfreezing: counted
+    over the sites that train, a backbone
     unfrozen mid-run joined them with its dead units, health fell with no unit changed,
     and EarlyStopping and ModelCheckpoint on it kept the frozen phase's model (a trial).
     A frozen teacher's units are a constant there; watch the student alone
@@ -1013,12 +1036,12 @@ def run_health(sites: Sequence[Mapping[str, Any]], findings: Sequence[Finding]) 
         nan = math.nan
         return {"dead_fraction": nan, "dormant_fraction": nan, "lifetime_dead_fraction": nan,
                 "health": 0.0 if broken else nan}
-    dead = sum(int(r.get("dead") or 0) for r in sites) / seen
+    dead = sum(int(r.get("dead") or 0) for r in sites)
     out = {
-        "dead_fraction": dead,
+        "dead_fraction": dead / seen,
         "dormant_fraction": sum(int(r.get("dormant") or 0) for r in sites) / seen,
         "lifetime_dead_fraction": sum(int(r.get("lifetime_dead") or 0) for r in sites)
         / max(units, 1),
-        "health": 0.0 if broken else 1.0 - dead,
+        "health": 0.0 if broken else 1.0 - (dead - sum(map(stuck_working, sites))) / seen,
     }
     return out

@@ -135,7 +135,8 @@ def site_metrics(window: torch.Tensor, units: dict[str, torch.Tensor]) -> dict[s
     Returns:
         A flat dict: ``units``, ``units_seen``, ``elements``, ``dead``, ``dead_fraction``,
         ``lifetime_dead``, ``lifetime_dead_fraction``, ``dormant``, ``dormant_fraction``,
-        ``below_tau``, ``below_tau_fraction``, ``sparsity``, ``activation_rate``, ``mean_abs``, ``rms``, ``saturated_fraction``,
+        ``below_tau``, ``below_tau_fraction``, ``dead_above_tau``, ``sparsity``,
+        ``activation_rate``, ``mean_abs``, ``rms``, ``saturated_fraction``,
         ``fully_saturated``, ``grad_rms``, ``grad_zero_fraction``, ``nonfinite``,
         ``grad_nonfinite`` (NaN where nothing was seen).
     """
@@ -161,6 +162,7 @@ def site_metrics(window: torch.Tensor, units: dict[str, torch.Tensor]) -> dict[s
         "dormant_fraction": float(units["dormant"].sum()) / seen if seen else nan,
         "below_tau": int(units["below_tau"].sum()),
         "below_tau_fraction": float(units["below_tau"].sum()) / seen if seen else nan,
+        "dead_above_tau": int((units["dead"] & ~units["below_tau"]).sum()),
         "sparsity": 1.0 - active / n if n else nan,
         "activation_rate": active / n if n else nan,
         "mean_abs": float(w[ROW["sum_abs"]].sum()) / n if n else nan,
@@ -364,13 +366,14 @@ def metrics_of_stacked(
     sums = per_site(m).T.tolist()  # (k, len(FIELDS)): one read of every per-site sum
     flags = ("dead", "dormant", "below_tau", "fully_saturated", "lifetime_dead")
     unsure = inconclusive if inconclusive is not None else torch.zeros_like(u["dead"])
-    counts = per_site(torch.stack([*(u[f] for f in flags), unsure])).T.tolist()
+    counts = per_site(torch.stack([*(u[f] for f in flags), unsure,
+                                   u["dead"] & ~u["below_tau"]])).T.tolist()
     seen_list = seen_count.tolist()
     rows: list[dict[str, Any]] = []
     nanf = float("nan")
     for i in range(k):
         w = sums[i]
-        dead, dormant, below, full, life_dead, unsure_n = counts[i]
+        dead, dormant, below, full, life_dead, unsure_n, dead_above = counts[i]
         n_units, sn = sizes[i], int(seen_list[i])
         el, act = w[ROW["elements"]], w[ROW["active"]]
         gel, gin = w[ROW["grad_elements"]], w[ROW["grad_in_elements"]]
@@ -389,6 +392,9 @@ def metrics_of_stacked(
                 "dormant_fraction": dormant / sn if sn else nanf,
                 "below_tau": int(below),
                 "below_tau_fraction": below / sn if sn else nanf,
+                # dead units scoring above tau: a leaky family's stuck negative, their
+                # outputs a share of the layer's mean |h| (see diagnosis.stuck_working)
+                "dead_above_tau": int(dead_above),
                 "sparsity": 1.0 - act / el if el else nanf,
                 "activation_rate": act / el if el else nanf,
                 "mean_abs": w[ROW["sum_abs"]] / el if el else nanf,

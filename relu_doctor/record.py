@@ -94,7 +94,8 @@ class IntervalRecord:
     @property
     def health(self) -> dict[str, float]:
         """The run-level numbers of this log (:func:`~relu_doctor.diagnosis.run_health`):
-        ``health`` (the share of units alive, 0 where a non-finite value was seen),
+        ``health`` (the share of units alive, a leaky family's working stuck units among
+        them, 0 where a non-finite value was seen),
         ``dead_fraction``, ``dormant_fraction``, ``lifetime_dead_fraction``; what the
         integrations log as ``relu_doctor/health``... and a plain loop reads here (a
         hyperparameter search's pruning signal: ``doc.records[-1].health``).

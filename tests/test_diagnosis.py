@@ -384,6 +384,13 @@ def test_a_leaky_units_stuck_negative_beside_units_that_fire_are_graded_on_their
     assert (found["dead"].severity, found["lifetime_dead"].severity) == (grade, grade)
     for kind in ("dead", "lifetime_dead"):  # (each says why it is graded so)
         assert (f"{excused} of them score above tau" in found[kind].message) == bool(excused)
+    # ... and health, the pruning and early-stopping signal, counts them alive as the grade
+    # does (it read 0.625 for the U-Net-like layer the findings called healthy); the
+    # site's dead fraction stays the definition's
+    rec = doc.records[-1]
+    assert rec.site_row("1")["dead_above_tau"] == above
+    assert rec.health["dead_fraction"] == stuck / 16
+    assert rec.health["health"] == 1 - (stuck - excused) / 16
 
 
 def test_a_healthy_cnn_with_global_pooling_reads_no_vanishing_gradient():

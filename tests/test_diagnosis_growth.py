@@ -108,6 +108,14 @@ def test_run_health_counts_units_by_hand() -> None:
     bad = run_health(rows, [Finding("nonfinite", "1", "critical", "NaN")])
     assert bad["health"] == 0.0
     assert math.isnan(run_health([], [])["health"])
+    # a leaky site's stuck units scoring above tau work (diagnosis.stuck_working): alive in
+    # health, where fewer than half its units are stuck; dead in dead_fraction always
+    gelu = {"units": 10, "units_seen": 10, "dead": 4, "dormant": 0, "lifetime_dead": 0,
+            "leaky": True, "dead_above_tau": 3}
+    assert run_health([gelu], []) == {"dead_fraction": 0.4, "dormant_fraction": 0.0,
+                                      "lifetime_dead_fraction": 0.0, "health": 1 - 1 / 10}
+    assert run_health([{**gelu, "dead": 5}], [])["health"] == 0.5  # (half stuck: all count)
+    assert run_health([{**gelu, "leaky": False}], [])["health"] == 0.6  # (a Hardtanh's)
 
 
 def test_a_resumed_doctor_judges_growth_against_the_first_runs_baseline_and_says_no_change_twice(

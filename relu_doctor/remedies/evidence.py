@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from relu_doctor._validate import finite_or_none
-from relu_doctor.diagnosis import MOSTLY_STUCK, acted_on, trained_rows
+from relu_doctor.diagnosis import MOSTLY_STUCK, acted_on, stuck_working, trained_rows
 
 if TYPE_CHECKING:
     from relu_doctor.remedies.base import RecordLike
@@ -112,11 +112,10 @@ class DeadEvidence:
         # so, median score 0.7, read as a surge, and the plan halved the learning rate (the
         # loss ended 26% worse). Where most are stuck, the score, relative to the layer's
         # mean, is mostly theirs and says nothing (every unit at SiLU(-20) scores 1): all
-        # count.
-        working = _leaky_working(record, units)
+        # count (diagnosis.stuck_working).
         if not self._pool and (whole or not poolable):
             self.pooled, self.last_steps = False, got
-            counts = {str(r["site"]): (int(r.get("dead") or 0) - working.get(str(r["site"]), 0),
+            counts = {str(r["site"]): (int(r.get("dead") or 0) - stuck_working(r),
                                        int(r["units_seen"])) for r in rows}
             return self._answer(counts)
         if poolable:
@@ -195,19 +194,6 @@ def _mostly_nonfinite(row: Mapping[str, Any]) -> bool:
         return bad > 0 and (steps is None or 2 * bad >= float(row["units_seen"]) * float(steps))
     except (TypeError, ValueError, KeyError):
         return False
-
-
-def _leaky_working(record: Any, units: Any) -> dict[str, int]:
-    """By leaky site of ``record``'s rows, its dead units scoring above tau in ``units`` (its
-    unit table): stuck negative, and working (see :meth:`DeadEvidence.add`)."""
-    leaky = {str(r["site"]) for r in record.site_rows  # (where few are stuck: see add)
-             if r.get("leaky")
-             and 0 < int(r.get("dead") or 0) < MOSTLY_STUCK * int(r.get("units_seen") or 0)}
-    if not leaky or units is None or not {"site", "dead", "below_tau"} <= set(units.columns):
-        return {}
-    u = units[units["site"].isin(leaky)]
-    above = u[u["dead"].astype(bool) & ~u["below_tau"].astype(bool)]
-    return {str(k): int(v) for k, v in above.groupby("site").size().items()}
 
 
 def _ran_rarely(record: Any) -> set[str]:
