@@ -191,6 +191,15 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             flag("functional", functional)
         callable_or_none("all_reduce", all_reduce)
         name_or_function("padding_mask", padding_mask)
+        if isinstance(padding_mask, str) and padding_mask.endswith("key_padding_mask"):
+            # (a sequence trial's nn.TransformerEncoder: its src_key_padding_mask, True at the
+            # padding, counted the padding alone, silently)
+            raise ReluDoctorError(
+                f"padding_mask: {padding_mask!r} is, by PyTorch's convention (nn.Transformer, "
+                "nn.MultiheadAttention), True (or -inf) at the padding, where padding_mask "
+                "wants the mask nonzero at the real positions, as 'attention_mask' is: give "
+                f"padding_mask=lambda args, kwargs: kwargs[{padding_mask!r}] == 0 (0 at the "
+                "real positions in either form of that mask).")
         if padding_mask is not None and not _MAKING_EVAL_STREAM.get() and (
                 found := _encoder_decoder(model)):
             # (an audio trial's Whisper under the HF callback: the decoder's mask, padded to

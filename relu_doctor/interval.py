@@ -689,6 +689,9 @@ class IntervalReading:
                      f"{self.window_steps} of them, but no watched activation saw an element: "
                      "its batches were empty, or the model's activations were replaced (by "
                      "nn.Identity, say) or bypassed in its forward")
+            if self.probe.padding_mask is not None:  # (a mask the wrong way round: all out)
+                which += (", or the padding mask (padding_mask=) left every position out: it "
+                          "must be nonzero at the real positions, zero at the padding")
         if said := transformed_text(self.probe.transformed_calls):
             which += ". " + said.rstrip(".")
         warnings.warn(

@@ -446,3 +446,67 @@ def test_a_mask_never_given_is_said_once() -> None:
             doc.step()
     assert sum("no recorded pass" in str(w.message) for w in caught) == 1
     assert _grad_elements(doc) == 3 * 15
+
+
+class _Encoder(nn.Module):
+    """PyTorch's own encoder, called with its own mask (True at the padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor) -> torch.Tensor:
+        return self.enc(x, src_key_padding_mask=src_key_padding_mask)
+
+
+@pytest.mark.parametrize("form", ["bool", "additive"])
+def test_pytorchs_key_padding_mask_is_refused_by_name_and_the_advice_given_counts_real_tokens(
+        form: str) -> None:
+    """A sequence trial: padding_mask="src_key_padding_mask" (True at the padding, where
+    padding_mask wants nonzero at the real positions) was taken without a word and counted
+    the padding alone (11 positions for 9 real tokens; a batch without padding, none). It
+    is refused, and the function the error gives counts the real tokens of either form of
+    PyTorch's mask (bool, or float with -inf at the padding), against this test's own
+    hook on the encoder's linear1."""
+    torch.manual_seed(0)
+    net = _Encoder()
+    with pytest.raises(ReluDoctorError, match=r"padding_mask: 'src_key_padding_mask' is, by "
+                       r"PyTorch's convention .* give padding_mask=lambda args, kwargs: "
+                       r"kwargs\['src_key_padding_mask'\] == 0"):
+        relu_doctor.watch(net, padding_mask="src_key_padding_mask")
+    lengths = torch.tensor([5, 2, 1, 1])
+    pad = torch.arange(5)[None, :] >= lengths[:, None]  # True at the padding
+    given = pad if form == "bool" else torch.zeros(4, 5).masked_fill(pad, float("-inf"))
+    x = torch.randn(4, 5, 8)
+    hidden = []
+    net.enc.layers[0].linear1.register_forward_hook(lambda m, a, o: hidden.append(o.detach()))
+    with relu_doctor.watch(net, every_n_steps=1, overhead_budget=None,
+                           padding_mask=lambda args, kwargs: kwargs["src_key_padding_mask"] == 0
+                           ) as doc:
+        net(x, src_key_padding_mask=given).sum().backward()
+        doc.step()
+    (site,) = doc.sites
+    h = torch.relu(hidden[0])[~pad]  # the real tokens' rows, by this test's own hook
+    assert h.shape[0] == 9
+    t = _total(site)
+    assert t["elements"].tolist() == [9.0] * 16
+    assert t["active"].tolist() == (h > 0).sum(0).tolist()
+
+
+def test_a_window_the_mask_left_empty_says_the_mask_may_be_the_wrong_way_round() -> None:
+    """The mask of a window with no padding, given the wrong way round (zero at the real
+    positions), leaves every position out: the warning said the batches were empty or the
+    activations replaced, and nothing of the mask (a sequence trial)."""
+    torch.manual_seed(0)
+    net = _Block()
+    x = torch.randn(3, 5, 4)
+    with pytest.warns(ReluDoctorWarning, match=r"recorded nothing .* or the padding mask "
+                      r"\(padding_mask=\) left every position out: it must be nonzero at the "
+                      r"real positions"), relu_doctor.watch(
+            net, every_n_steps=1, log_every_n_steps=1, overhead_budget=None,
+            padding_mask="attention_mask") as doc:
+        net(x, attention_mask=torch.zeros(3, 5)).sum().backward()
+        doc.step()
+    (site,) = doc.sites
+    assert _total(site)["elements"].tolist() == [0.0] * site.units
