@@ -22,7 +22,7 @@ from relu_doctor.families import FAMILIES, Family
 from relu_doctor.provenance import registered_producer
 from relu_doctor.sampling import model_device
 from relu_doctor.sites import Site, SiteKey, display_names, module_label
-from relu_doctor.stats import SiteStats, resolve_unit_dim
+from relu_doctor.stats import SiteStats, mask_for, resolve_unit_dim
 
 if TYPE_CHECKING:
     from relu_doctor.provenance import ProvenanceTracker
@@ -67,10 +67,26 @@ class SiteRegistry:
         _targets: dict[nn.Module, tuple[str, Family]]
         _failed: set[SiteKey]
         _pass_in_graph: bool
+        _mask: torch.Tensor | None
 
         def targets(self) -> dict[nn.Module, tuple[str, Family]]: ...
 
         def selected(self, path: str) -> bool: ...
+
+    def _by_mask(self, shape: tuple[int, ...], dim: int, rule: str) -> tuple[int, str]:
+        """The shape rule's ``(dim, rule)`` for an output no layer is known to have made, or,
+        where the pass's padding mask fits it with exactly one other dim left out and not
+        with that one, that dim: the mask's dims are positions, not units. A sequence
+        trial's ``F.relu`` on ``(N, C, T)`` features with its ``(N, T)`` mask read the time
+        steps as units, and, T varying, dropped every batch of another length."""
+        mask = self._mask
+        if mask is None or len(shape) < 3 or mask_for(shape, dim, mask) is not None:
+            return dim, rule
+        fits = [d for d in range(1, len(shape)) if mask_for(shape, d, mask) is not None]
+        if len(fits) != 1:
+            return dim, rule
+        return fits[0], (f"dim {fits[0]}, the padding mask {tuple(mask.shape)} fitting the "
+                         "other dims")
 
     def _site(
         self,
@@ -180,8 +196,10 @@ class SiteRegistry:
                                                 shape)) is not None):
             unit_dim, rule = guess  # (no pass followed: the layer registered before it)
         elif provisional:
+            unit_dim, rule = self._by_mask(shape, unit_dim, rule)
             rule += _PROVISIONAL
         elif follow and kin is None:
+            unit_dim, rule = self._by_mask(shape, unit_dim, rule)
             rule += " (no producing layer found)"
         if not shape[unit_dim]:  # no units: an empty layer, or a dim torch.compile let vary
             return None

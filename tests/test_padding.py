@@ -510,3 +510,42 @@ def test_a_window_the_mask_left_empty_says_the_mask_may_be_the_wrong_way_round()
         doc.step()
     (site,) = doc.sites
     assert _total(site)["elements"].tolist() == [0.0] * site.units
+
+
+class _Features(nn.Module):
+    """ReLU on (batch, channels, time) features that no layer made (a spectrogram's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.relu(x)
+        return self.head((h * attention_mask[:, None]).sum(-1))
+
+
+def test_an_output_no_layer_made_takes_the_dim_the_padding_mask_does_not_cover_as_units():
+    """A sequence trial: F.relu on (4, 6, T) features with a (4, T) mask read the T time
+    steps as units (the shape rule's last dim), unmasked, and, T varying, dropped every
+    batch of another length (0 units seen). The mask's dims are positions: the 6 channels
+    are the units, each batch's real positions counted, against this test's own count."""
+    torch.manual_seed(0)
+    net = _Features()
+    active, real = torch.zeros(6), 0
+    with relu_doctor.watch(net, every_n_steps=1, overhead_budget=None,
+                           padding_mask="attention_mask") as doc:
+        for t in (20, 33, 17):
+            x = torch.randn(4, 6, t)
+            lengths = torch.randint(1, t + 1, (4,))
+            m = (torch.arange(t)[None, :] < lengths[:, None]).long()
+            net(x, attention_mask=m).sum().backward()
+            doc.step()
+            keep = m.bool()[:, None, :].expand(-1, 6, -1)  # (this test's own: channels x real)
+            active += ((x > 0) & keep).sum((0, 2))
+            real += int(m.sum())
+    (site,) = doc.sites
+    assert (site.unit_dim, site.units) == (1, 6)
+    assert "padding mask (4, 20)" in site.unit_rule
+    t = _total(site)
+    assert t["elements"].tolist() == [float(real)] * 6
+    assert t["active"].tolist() == active.tolist()
