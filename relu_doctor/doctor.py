@@ -1133,7 +1133,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[Doctor]:
-        """Leave out every forward pass run inside the block, from both streams.
+        """Leave out every forward pass run inside the block, from both streams, and every
+        activation called in it inside a pass (a forward hook of yours computing
+        ``F.relu`` of a layer's output: a sequence trial's was a site of its own).
 
         Evaluation passes (eval mode, no grad) are left out of the training stream without
         it; use this for anything else (a probe pass, a metric computed in training mode).

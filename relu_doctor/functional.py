@@ -479,8 +479,8 @@ class FunctionalCapture(HookOwner):
     ) -> None:
         bw = in_backward()
         stack = self._bw_stack if bw else self._stack
-        if not stack or not self.probe.collecting:
-            return
+        if not stack or not self.probe.collecting or self.probe.paused:  # (paused in a
+            return  # pass: a forward hook of the user's, computing F.relu of its own)
         path, calls_functional = stack[-1]
         if not calls_functional:  # e.g. nn.ReLU.forward calling F.relu: its hook records it
             return

@@ -1138,7 +1138,7 @@ class Probe(SiteRegistry, HookOwner):
                 except Exception as e:
                     self._fail(key, "recomputed forward", e)
             return
-        if not self._pass_on:
+        if not self._pass_on or self.paused:  # (paused inside a pass: a hook of yours)
             return
         idx = self.next_call_index(module)
         self.record(output, path=path, call_index=idx, family=fam, module=module)

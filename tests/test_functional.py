@@ -513,3 +513,31 @@ def test_transformer_and_bert_are_watched_by_default() -> None:
     # Hugging Face's GELUActivation is known by name: a module site, not its F.gelu call
     assert rows == {f"encoder.layer.{i}.intermediate.intermediate_act_fn": 2 * 6 * 12
                     for i in range(2)}
+
+
+def test_an_activation_a_forward_hook_of_yours_calls_under_paused_is_no_site() -> None:
+    """A sequence trial: a forward hook of its own on an encoder's linear1, computing
+    F.relu of its output as a reference, was recorded as a second site of the layer
+    (``relu#1``, the same numbers), with no way to leave it out: ``paused()`` held only
+    at a pass's start. Inside it now, the hook's call is no site, and the layer's own
+    counts are the test's."""
+    from relu_doctor.stats import FIELDS
+
+    torch.manual_seed(0)
+    enc = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1,
+        enable_nested_tensor=False)
+    seen: list[torch.Tensor] = []
+    x = torch.randn(4, 5, 8)
+    with relu_doctor.watch(enc, every_n_steps=1, overhead_budget=None) as doc:
+        def hook(m: torch.nn.Module, a: object, o: torch.Tensor) -> None:
+            with doc.paused():
+                seen.append(F.relu(o.detach()))
+        handle = enc.layers[0].linear1.register_forward_hook(hook)
+        enc(x).sum().backward()
+        doc.step()
+        handle.remove()
+    assert [s.name for s in doc.sites] == ["layers.0:relu#0"]
+    window = doc.sites[0].stats.window + doc.sites[0].stats.lifetime
+    assert window[FIELDS.index("active")].tolist() == (seen[0] > 0).sum((0, 1)).tolist()
+    assert window[FIELDS.index("elements")].tolist() == [20.0] * 16
