@@ -17,6 +17,7 @@ import torch.nn as nn
 
 import relu_doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning
+from relu_doctor.reports import write_report
 from relu_doctor.stats import (
     FIELDS,
     forward_rows,
@@ -298,6 +299,9 @@ def test_a_mask_of_the_inputs_rate_that_fits_no_site_names_them_all(tmp_path) ->
     assert len(said) == 1, said
     assert "2 site(s)" in said[0] and "'conv_act', 'ff_act'" in said[0]
     assert "No site is masked" in said[0] and "activations' rate" in said[0]
+    html = write_report(run).read_text()  # (the report names them too)
+    assert "padding counted at" in html
+    assert "2 sites the mask does not fit: conv_act, ff_act" in html
     assert relu_doctor.load_run(run).meta["unmasked_sites"] == ["conv_act", "ff_act"]
     h = net.ff_act(net.ff(net.conv_act(net.conv(x.unsqueeze(1))).transpose(1, 2))).detach()
     totals = {s.name: _total(s) for s in doc.sites}

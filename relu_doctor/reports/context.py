@@ -474,6 +474,12 @@ def _environment(run: Run) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
         (str(k).replace("_", " "), v if isinstance(v, str) else fmt_value(str(k), v))
         for k, v in (meta.get("config") or {}).items()
     ]
+    unmasked = meta.get("unmasked_sites")
+    if isinstance(unmasked, list) and unmasked:  # (named in meta.json and a warning only:
+        # a sequence trial's report named the mask, and not the sites it missed)
+        config.append(("padding counted at", f"{len(unmasked)} site"
+                       f"{'s' * (len(unmasked) != 1)} the mask does not fit: "
+                       + ", ".join(map(str, unmasked))))
     return env, config
 
 
