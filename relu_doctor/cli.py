@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -155,6 +155,24 @@ def _quiet_broken_pipe() -> int:
     return EXIT_PIPE
 
 
+def _progress(prog: str) -> Callable[[str], None] | None:
+    """On a terminal, a function that shows one line of progress on stderr, each replacing
+    the last ("" clears it), as git does; None elsewhere (a pipe, a log, a test: stderr
+    holds warnings and errors only). A report of many sites takes tens of seconds (a
+    trial's 120 sites x 400 logs: 29 s with nothing said)."""
+    try:
+        if not sys.stderr.isatty():
+            return None
+    except (AttributeError, ValueError):  # (a stderr replaced, or closed)
+        return None
+
+    def say(text: str) -> None:
+        line = f"{prog}: {text}..." if text else ""
+        print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+
+    return say
+
+
 def _printable(text: str) -> str:
     """``text`` without terminal control characters (a run directory is untrusted input)."""
     return "".join(c if c.isprintable() or c == "\n" else "?" for c in text)
@@ -169,6 +187,9 @@ def _report(args: argparse.Namespace, prog: str) -> int:
         return _fail(prog, "RUN_DIR: got an empty path ''; name a run directory (for the "
                      "current one, '.').")
     run_dir = Path(args.run_dir)
+    say = _progress(prog) if not args.quiet else None
+    if say is not None:
+        say(f"reading {_printable(str(run_dir))}")
     try:
         run = load_run(run_dir)
     except ReluDoctorError as e:
@@ -178,7 +199,10 @@ def _report(args: argparse.Namespace, prog: str) -> int:
     out = args.output if args.output is not None else run_dir / "report.html"  # ("dir/" kept)
     report = Report(run)
     try:
-        path = report.save(out)
+        if say is not None:
+            say("reading its tables")
+            report.context  # noqa: B018 (built here, so that the line above is what is slow)
+        path = report.save(out, progress=say)
     except OSError as e:
         elsewhere = (" Write it elsewhere with -o PATH (a read-only copy of a run, say)."
                      if args.output is None else "")
@@ -188,6 +212,9 @@ def _report(args: argparse.Namespace, prog: str) -> int:
         return _fail(prog, f"cannot write the report to {str(out)!r}: {why}.{elsewhere}")
     except ReluDoctorError as e:
         return _fail(prog, str(e).replace("path: ", "--output: ", 1))
+    finally:
+        if say is not None:
+            say("")
     if args.quiet:
         print(path)
         return 0
@@ -282,9 +309,12 @@ def _where_lines(out: Path, runs: Any) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``relu-doctor``; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if getattr(args, "func", None) is None:
-        parser.error("a command is required: demo or report")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}" if extra else
+                     "a command is required: demo or report")
+    if extra:  # (the command's own words: argparse said "relu-doctor: error" of them)
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     check: Any = args.check
     if check is not None:
         from relu_doctor.errors import ReluDoctorError

@@ -209,7 +209,14 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     (["demo", "--threads", "-2"], ["--threads: expected", ">= 1", "got -2"]),
     (["demo", "--lr", "-1"], ["--lr: expected a positive", "got -1.0"]),
     (["demo", "--lr", "nan"], ["--lr: expected a positive", "got nan"]),
-    (["demo", "--frobnicate"], ["unrecognized arguments"]),
+    # an unknown option of a command is the command's, its help named (a report trial:
+    # "relu-doctor: error: unrecognized arguments: --bogus (see 'relu-doctor --help')")
+    (["demo", "--frobnicate"], ["relu-doctor demo: error: unrecognized arguments: "
+                                "--frobnicate (see 'relu-doctor demo --help')"]),
+    (["report", "--bogus", "run"], ["relu-doctor report: error: unrecognized arguments: "
+                                    "--bogus (see 'relu-doctor report --help')"]),
+    (["report", "run1", "run2"], ["relu-doctor report: error: unrecognized arguments: run2"]),
+    (["--bogus"], ["relu-doctor: error: unrecognized arguments: --bogus"]),
 ])
 def test_argument_errors(
     argv: list[str], needles: list[str], capsys: pytest.CaptureFixture[str]
@@ -318,7 +325,7 @@ def test_report_writes_html_and_prints_a_summary(tmp_path: Path, capsys: pytest.
     error = one_line_error(capsys.readouterr().err)
     assert "cannot write the report" in error and "-o PATH" not in error  # (-o was given)
     # a run directory it may not write into (a read-only copy): told how to write elsewhere
-    def denied(self: object, path: object) -> None:
+    def denied(self: object, path: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
     with pytest.MonkeyPatch.context() as mp:
@@ -427,3 +434,34 @@ def test_output_never_overwrites_another_runs_records_or_a_file_not_a_report(
     kept = (runs / "c" / "report.html").read_bytes()
     assert main(["report", str(runs / "a"), "-o", str(link), "-q"]) == 0  # the link replaced
     assert (runs / "c" / "report.html").read_bytes() == kept and not link.is_symlink()
+
+
+def test_report_shows_its_progress_on_a_terminal_alone(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report trial: a report of 120 sites x 400 logs took 29 s with nothing said. On a
+    terminal, stderr shows one line of progress, each replacing the last, the last cleared,
+    a line a figure; elsewhere (a pipe, a log) stderr holds warnings and errors alone."""
+    import io
+
+    from tests.reports.conftest import dead_unit_model, train
+
+    run_dir = tmp_path / "run"
+    train(dead_unit_model(), run_dir, steps=6, log_every=3, report=False)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert main(["report", str(run_dir)]) == 0
+    lines = sys.stderr.getvalue().split("\r\033[K")
+    sites = len(load_run(run_dir).history["site"].unique())  # (a heatmap a site, here)
+    drawn = [line for line in lines if "drawing figure" in line]
+    assert lines[1] == f"relu-doctor report: reading {run_dir}..."
+    assert drawn == [f"relu-doctor report: drawing figure {i} of {4 + sites}..."
+                     for i in range(1, 5 + sites)]
+    assert lines[-1] == ""  # (cleared before the summary)
+    monkeypatch.undo()
+    assert main(["report", str(run_dir), "-q"]) == 0
+    assert capsys.readouterr().err == ""

@@ -19,8 +19,10 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+from collections.abc import Callable
 from dataclasses import fields
 from functools import cache
 from pathlib import Path
@@ -46,29 +48,40 @@ __all__ = ["render_context", "render_report", "write_report"]
 # ---------------------------------------------------------------------- figures
 
 
-def _figures(ctx: ReportContext) -> dict[str, Any]:
+def _figures(ctx: ReportContext, progress: Callable[[str], object] | None = None
+             ) -> dict[str, Any]:
     from relu_doctor.reports import plots
 
     series = ctx.series
+    total, drawn = 4 + len(series.heatmap_sites), itertools.count(1)
+
+    def step() -> None:  # (a report of many sites draws for tens of seconds: a trial)
+        if progress is not None:
+            progress(f"drawing figure {next(drawn)} of {total}")
+
     out: dict[str, Any] = {"dead": None, "dead_omitted": [], "heatmaps": [], "heatmaps_omitted": 0,
                            "gradients": None, "training": None, "updates": None,
                            "phases": ""}
     phases = ([(c.step, c.label) for c in series.phases]
               if len(series.phases) <= MAX_PHASES else [])  # (more: a rule flapping, said)
     out["phases"] = _phases_caption(series.phases)
+    step()
     fig = plots.training_curve_figure(series.metrics, series.marks, phases)
     if fig is not None:
         out["training"] = plots.figure_to_data_uri(fig)
+    step()
     fig = plots.update_ratio_figure(series.layers, series.marks, phases)  # (an optimizer's)
     if fig is not None:
         out["updates"] = plots.figure_to_data_uri(fig)
     if series.history.empty:
         return out
+    step()
     fig = plots.dead_fraction_figure(series.history, series.marks, phases=phases)
     if fig is not None:
         out["dead"] = plots.figure_to_data_uri(fig)
         out["dead_omitted"] = plots.pick_sites(series.history)[1]
     for name in series.heatmap_sites:
+        step()
         data = plots.activity_matrix(series.units, name, named=series.named_units.get(name, ()))
         if data is None:
             continue
@@ -104,6 +117,7 @@ def _figures(ctx: ReportContext) -> dict[str, Any]:
             }
         )
     out["heatmaps_omitted"] = series.heatmaps_omitted
+    step()
     fig = plots.gradient_flow_figure(series.history, series.layers)
     if fig is not None:
         out["gradients"] = plots.figure_to_data_uri(fig)
@@ -143,17 +157,20 @@ def _breakable(name: str) -> markupsafe.Markup:
     return markupsafe.Markup("<wbr>").join(p for p in parts if p)
 
 
-def render_context(ctx: ReportContext, *, standalone: bool = True) -> str:
+def render_context(ctx: ReportContext, *, standalone: bool = True,
+                   progress: Callable[[str], object] | None = None) -> str:
     """A report context laid out as HTML.
 
     Args:
         ctx: the report as plain data (:func:`~relu_doctor.reports.context.build_context`).
         standalone: a whole document (True) or a fragment with scoped styles for
             embedding (notebooks).
+        progress: called with a line saying what is being drawn ("drawing figure 3 of
+            16"), before each figure; None: nothing said.
     """
     values = {f.name: getattr(ctx, f.name) for f in fields(ctx)}
     template = _environment_jinja().get_template("report.html")
-    return template.render(**values, figures=_figures(ctx), standalone=standalone)
+    return template.render(**values, figures=_figures(ctx, progress), standalone=standalone)
 
 
 def render_report(run: Run, *, standalone: bool = True) -> str:

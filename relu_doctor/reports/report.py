@@ -10,6 +10,7 @@ Example (the last expression of a notebook cell shows the report inline)::
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from relu_doctor._validate import path_or_none
@@ -41,10 +42,11 @@ class Report:
             self._context = build_context(self.run)
         return self._context
 
-    def html(self) -> str:
-        """The whole standalone document."""
+    def html(self, *, progress: Callable[[str], object] | None = None) -> str:
+        """The whole standalone document; ``progress`` is called with a line before each
+        figure is drawn ("drawing figure 3 of 16": a report of many sites takes a while)."""
         if self._html is None:
-            self._html = render_context(self.context)
+            self._html = render_context(self.context, progress=progress)
         return self._html
 
     def _repr_html_(self) -> str:
@@ -52,11 +54,13 @@ class Report:
             self._fragment = render_context(self.context, standalone=False)
         return self._fragment
 
-    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
-        """Write the standalone document (default ``<run directory>/report.html``)."""
+    def save(self, path: str | os.PathLike[str] | None = None, *,
+             progress: Callable[[str], object] | None = None) -> Path:
+        """Write the standalone document (default ``<run directory>/report.html``);
+        ``progress`` as in :meth:`html`."""
         path_or_none("path", path)
         out = report_path(self.run, path, "path")
-        atomic_write_bytes(out, self.html().encode("utf-8"))
+        atomic_write_bytes(out, self.html(progress=progress).encode("utf-8"))
         return out
 
     def summary(self) -> str:
