@@ -184,6 +184,25 @@ class StreamChunks:
         self.schema = schema if columns is None else pa.schema([schema.field(c) for c in columns])
         self.where, self.columns = where, columns
         self.torn = False
+        self._source = source
+        self.read_to = self._tell()  # the end of the last complete batch (-1: unknown)
+
+    def _tell(self) -> int:
+        try:
+            return int(self._source.tell())
+        except (AttributeError, OSError, ValueError):
+            return -1
+
+    def where_torn(self) -> str:
+        """Where a torn stream stopped, in words: " at byte 3120 of its 9576" ("" where the
+        file cannot say): a tail cut short stops a batch from its end, damage inside the
+        file (a trial's flipped bytes a third in, read as "cut short") well before it."""
+        try:  # (an Arrow file says its size; a Python one, its descriptor's)
+            size = (int(self._source.size()) if hasattr(self._source, "size")
+                    else os.fstat(self._source.fileno()).st_size)
+        except (AttributeError, OSError, ValueError, pa.ArrowException):
+            return ""
+        return f" at byte {self.read_to} of its {size}" if self.read_to >= 0 else ""
 
     def _fold(self, batches: list[pa.RecordBatch]) -> pa.Table:
         table = pa.Table.from_batches(batches, self.reader.schema)
@@ -205,6 +224,7 @@ class StreamChunks:
                 self.torn = True
                 break
             rows += batches[-1].num_rows
+            self.read_to = self._tell()
             if len(batches) >= FOLD_BATCHES or rows >= FOLD_ROWS:
                 yield self._fold(batches)
                 batches, rows = [], 0
@@ -312,20 +332,22 @@ def _part_schema(part: Path) -> pa.Schema:
 def _read_part(
     part: Path, columns: list[str] | None, where: pc.Expression | None,
     dictionary: frozenset[str] = frozenset(),
-) -> tuple[pa.Table, bool]:
+) -> tuple[pa.Table, str | None]:
     """The rows of one part that match ``where`` (pushed down to the Parquet row groups; a
-    stream is filtered as it is read), in ``columns``, and whether a stream was cut short
-    (it is read up to its last complete batch). The ``dictionary`` columns of a Parquet part
-    are read dictionary-encoded, as stored."""
+    stream is filtered as it is read), in ``columns``, and, where a stream was cut short
+    (it is read up to its last complete batch), where (:meth:`StreamChunks.where_torn`),
+    else None. The ``dictionary`` columns of a Parquet part are read dictionary-encoded, as
+    stored."""
     if part.suffix == ".parquet":
         fmt = ds.ParquetFileFormat(
             read_options=ds.ParquetReadOptions(dictionary_columns=set(dictionary or ())),
             default_fragment_scan_options=_VERIFIED)
-        return ds.dataset(part, format=fmt).to_table(columns=columns, filter=where), False
+        return ds.dataset(part, format=fmt).to_table(columns=columns, filter=where), None
     with pa.OSFile(str(part)) as source:
         chunks = StreamChunks(source, where=where, columns=columns)
         tables = list(chunks)
-    return (pa.concat_tables(tables) if tables else chunks.schema.empty_table()), chunks.torn
+        torn = chunks.where_torn() if chunks.torn else None
+    return (pa.concat_tables(tables) if tables else chunks.schema.empty_table()), torn
 
 
 #: Parquet pages are written with a CRC (``rundir``) and checked when read: bytes changed
@@ -393,10 +415,11 @@ class TableParts:
             self.parts.remove((part, schema))
             self._skip(part, f"it cannot be read ({' '.join(str(e).split())[:200]})")
             return None
-        if torn and part not in self._torn:
+        if torn is not None and part not in self._torn:
             self._torn.add(part)
-            warn_problem(self.problems, f"relu_doctor: {str(part)!r} was cut short; read up to "
-                         "its last complete record batch.")
+            warn_problem(self.problems, f"relu_doctor: {str(part)!r} was cut short, or is "
+                         f"damaged,{torn}; read up to its last complete record batch before "
+                         "that.")
         return data
 
     def read(

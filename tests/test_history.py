@@ -204,6 +204,34 @@ def test_a_run_cut_short_still_loads(tmp_path):
     assert stream.name in text and "cut short" in text and "events.jsonl" in text
     assert len(run.problems) == 2
     doc.detach()
+
+
+@pytest.mark.parametrize("where", ["tail", "middle"])
+def test_a_damaged_stream_says_where_it_stopped_being_read(tmp_path, where):
+    """A report trial's stream with bytes flipped a third in, its length whole, was said to
+    be "cut short". The warning says the byte it was read to, of the file's size: a
+    batch's length from the end for a torn tail, well before it for damage inside."""
+    import re
+
+    run_dir = tmp_path / "run"
+    model = zoo.mlp()
+    doc = relu_doctor.watch(model, log_every_n_steps=1, run_dir=run_dir)
+    zoo.train(model, [torch.randn(8, 10) for _ in range(6)], doc=doc)
+    (stream,) = (run_dir / "history").glob("seg-*.arrows")  # still open: not compacted
+    data = bytearray(stream.read_bytes())
+    if where == "tail":
+        data = data[:-40]
+    else:
+        data[len(data) // 3:len(data) // 3 + 64] = b"\xff" * 64
+    stream.write_bytes(bytes(data))
+    with pytest.warns(ReluDoctorWarning, match="was cut short, or is damaged, at byte") as said:
+        load_run(run_dir)
+    (text,) = [str(w.message) for w in said if stream.name in str(w.message)]
+    at, size = map(int, re.search(r"at byte (\d+) of its (\d+);", text).groups())
+    assert size == len(data)
+    batch = len(data) // 6  # (about one log's batch: six logs)
+    assert (size - batch < at < size) if where == "tail" else (at <= len(data) // 3)
+    doc.detach()
     doc.close()
 
 
