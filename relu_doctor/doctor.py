@@ -198,8 +198,9 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
                 f"padding_mask: {padding_mask!r} is, by PyTorch's convention (nn.Transformer, "
                 "nn.MultiheadAttention), True (or -inf) at the padding, where padding_mask "
                 "wants the mask nonzero at the real positions, as 'attention_mask' is: give "
-                f"padding_mask=lambda args, kwargs: kwargs[{padding_mask!r}] == 0 (0 at the "
-                "real positions in either form of that mask).")
+                f"padding_mask=lambda args, kwargs: None if kwargs.get({padding_mask!r}) is "
+                f"None else kwargs[{padding_mask!r}] == 0 (0 at the real positions in either "
+                "form of that mask; None where a call has none).")
         if padding_mask is not None and not _MAKING_EVAL_STREAM.get() and (
                 found := _encoder_decoder(model)):
             # (an audio trial's Whisper under the HF callback: the decoder's mask, padded to

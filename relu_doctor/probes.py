@@ -836,6 +836,9 @@ class Probe(SiteRegistry, HookOwner):
         model (its layers called by another model sharing them), are not recorded."""
         self._pass_open = False
         self._pass_on = False
+        # (its mask is its own: a part called on its own after it, with none, took it and
+        # laid it on its outputs, a review; the backward's are kept apart, _pass_masks)
+        self._mask = None
         if not torch.compiler.is_compiling() and self._provenance.tracking:
             self._provenance.stop()
             # A pass that died half-way (called from an always_call hook while the exception
@@ -1126,6 +1129,8 @@ class Probe(SiteRegistry, HookOwner):
         if target is None:  # a module not of the model (see _enter)
             return
         path, fam = target
+        if self.paused:  # (inside a pass: a hook of yours; recomputed too, in a backward)
+            return
         if in_backward():
             if self.stream == "eval":
                 return
@@ -1138,7 +1143,7 @@ class Probe(SiteRegistry, HookOwner):
                 except Exception as e:
                     self._fail(key, "recomputed forward", e)
             return
-        if not self._pass_on or self.paused:  # (paused inside a pass: a hook of yours)
+        if not self._pass_on:
             return
         idx = self.next_call_index(module)
         self.record(output, path=path, call_index=idx, family=fam, module=module)

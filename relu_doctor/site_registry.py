@@ -75,18 +75,19 @@ class SiteRegistry:
 
     def _by_mask(self, shape: tuple[int, ...], dim: int, rule: str) -> tuple[int, str]:
         """The shape rule's ``(dim, rule)`` for an output no layer is known to have made, or,
-        where the pass's padding mask fits it with exactly one other dim left out and not
-        with that one, that dim: the mask's dims are positions, not units. A sequence
-        trial's ``F.relu`` on ``(N, C, T)`` features with its ``(N, T)`` mask read the time
-        steps as units, and, T varying, dropped every batch of another length."""
+        where the pass's padding mask does not fit it with that dim left out and fits it
+        with another left out, that one (the last of several: features last): the mask's
+        dims are positions, not units. A sequence trial's ``F.relu`` on ``(N, C, T)``
+        features with its ``(N, T)`` mask read the time steps as units, and, T varying,
+        dropped every batch of another length."""
         mask = self._mask
         if mask is None or len(shape) < 3 or mask_for(shape, dim, mask) is not None:
             return dim, rule
         fits = [d for d in range(1, len(shape)) if mask_for(shape, d, mask) is not None]
-        if len(fits) != 1:
+        if not fits:
             return dim, rule
-        return fits[0], (f"dim {fits[0]}, the padding mask {tuple(mask.shape)} fitting the "
-                         "other dims")
+        return fits[-1], (f"dim {fits[-1]}, the padding mask {tuple(mask.shape)} fitting the "
+                          "other dims")
 
     def _site(
         self,

@@ -541,3 +541,44 @@ def test_an_activation_a_forward_hook_of_yours_calls_under_paused_is_no_site() -
     window = doc.sites[0].stats.window + doc.sites[0].stats.lifetime
     assert window[FIELDS.index("active")].tolist() == (seen[0] > 0).sum((0, 1)).tolist()
     assert window[FIELDS.index("elements")].tolist() == [20.0] * 16
+
+
+class _TwiceChecked(nn.Module):
+    """One ReLU module called twice in a reentrant checkpoint segment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+        self.act = nn.ReLU()
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.b(self.act(self.a(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.utils.checkpoint.checkpoint(self.segment, x, use_reentrant=True))
+
+
+def test_a_watched_module_a_hook_of_yours_calls_under_paused_is_left_out_recomputed_too(
+) -> None:
+    """A review: a forward hook of yours calling the watched ReLU module itself under
+    paused() was left out of the forward, but its recomputation in a reentrant checkpoint's
+    backward took a recomputed call index: act#0's gradients went to act#1, act#0 had
+    none. With the hook, every site reads as without it."""
+    def run(hooked: bool) -> dict[str, list[float]]:
+        torch.manual_seed(0)
+        net = _TwiceChecked()
+        x = torch.randn(16, 8, requires_grad=True)  # (reentrant: else no recomputation)
+        with relu_doctor.watch(net, every_n_steps=1, overhead_budget=None) as doc:
+            if hooked:
+                def hook(m: nn.Module, a: object, o: torch.Tensor) -> None:
+                    with doc.paused():
+                        net.act(o * 3.0)  # (a reference of yours, through the module)
+                net.a.register_forward_hook(hook)
+            net(x).sum().backward()
+            doc.step()
+        return {s.name: (s.stats.window + s.stats.lifetime).flatten().tolist()
+                for s in doc.sites}
+
+    plain = run(False)
+    assert sorted(plain) == ["act#0", "act#1"]
+    assert run(True) == plain

@@ -475,27 +475,35 @@ def test_pytorchs_key_padding_mask_is_refused_by_name_and_the_advice_given_count
     hook on the encoder's linear1."""
     torch.manual_seed(0)
     net = _Encoder()
+    name = "src_key_padding_mask"
     with pytest.raises(ReluDoctorError, match=r"padding_mask: 'src_key_padding_mask' is, by "
-                       r"PyTorch's convention .* give padding_mask=lambda args, kwargs: "
+                       r"PyTorch's convention .* give padding_mask=lambda args, kwargs: None "
+                       r"if kwargs.get\('src_key_padding_mask'\) is None else "
                        r"kwargs\['src_key_padding_mask'\] == 0"):
-        relu_doctor.watch(net, padding_mask="src_key_padding_mask")
+        relu_doctor.watch(net, padding_mask=name)
     lengths = torch.tensor([5, 2, 1, 1])
     pad = torch.arange(5)[None, :] >= lengths[:, None]  # True at the padding
     given = pad if form == "bool" else torch.zeros(4, 5).masked_fill(pad, float("-inf"))
     x = torch.randn(4, 5, 8)
     hidden = []
     net.enc.layers[0].linear1.register_forward_hook(lambda m, a, o: hidden.append(o.detach()))
-    with relu_doctor.watch(net, every_n_steps=1, overhead_budget=None,
-                           padding_mask=lambda args, kwargs: kwargs["src_key_padding_mask"] == 0
-                           ) as doc:
-        net(x, src_key_padding_mask=given).sum().backward()
-        doc.step()
+    def advised(args: Any, kwargs: dict[str, Any]) -> Any:  # (the error's, word for word)
+        return None if kwargs.get(name) is None else kwargs[name] == 0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReluDoctorWarning)  # (a call without it: said nothing)
+        with relu_doctor.watch(net, every_n_steps=1, overhead_budget=None,
+                               padding_mask=advised) as doc:
+            net(x, src_key_padding_mask=given).sum().backward()
+            net.enc(x)  # (a part called on its own, with no mask: counts every position)
+            doc.step()
     (site,) = doc.sites
     h = torch.relu(hidden[0])[~pad]  # the real tokens' rows, by this test's own hook
+    whole = torch.relu(hidden[1]).reshape(-1, 16)  # the part's call: every position
     assert h.shape[0] == 9
     t = _total(site)
-    assert t["elements"].tolist() == [9.0] * 16
-    assert t["active"].tolist() == (h > 0).sum(0).tolist()
+    assert t["elements"].tolist() == [9.0 + 20.0] * 16
+    assert t["active"].tolist() == ((h > 0).sum(0) + (whole > 0).sum(0)).tolist()
 
 
 def test_a_window_the_mask_left_empty_says_the_mask_may_be_the_wrong_way_round() -> None:
