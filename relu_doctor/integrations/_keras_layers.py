@@ -36,7 +36,8 @@ import keras
 from relu_doctor.errors import ReluDoctorWarning, user_stacklevel
 from relu_doctor.families import FAMILIES, RELU_LIKE, Family
 
-__all__ = ["KerasSite", "activation_family", "find_sites", "walk_layers"]
+__all__ = ["KerasSite", "UnseenCalls", "activation_family", "find_sites", "say_unseen",
+           "walk_layers"]
 
 #: Keras activation function names -> relu_doctor family names.
 _ACTIVATIONS = {
@@ -377,6 +378,8 @@ _SAID_ANONYMOUS: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDicti
 _SAID_RELU_LIKE: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 #: per model, the recurrent layers whose ReLU-family cell activation was said (once)
 _SAID_RECURRENT: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+#: by model: the layers whose own call() ran a ReLU-family function that was said
+_SAID_UNSEEN: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
 def find_sites(model: Any, selected: Callable[[str], bool]) -> list[KerasSite]:
@@ -439,3 +442,88 @@ def _say_once(said_by_model: weakref.WeakKeyDictionary[Any, set[str]], model: An
                  + (f" (and {len(paths) - 4} more)" if len(paths) > 4 else ""))
         warnings.warn(f"relu_doctor: {text(names, len(paths) > 1)}", ReluDoctorWarning,
                       stacklevel=user_stacklevel())
+
+
+class UnseenCalls:
+    """The ReLU-family functions a layer's ``call()`` runs itself where no site holds them
+    (``keras.ops.relu(x)`` in a custom layer, or in a subclassed model's own ``call()``),
+    found in one training pass: a torch-function mode sees each torch call, and a stack of
+    the layers running says whose ``call()`` made it (a layer watched as a site, or one
+    with an ``activation`` of its own, runs its own: not counted here). Such calls are not
+    watched (functional capture is off for Keras: see the README), and were missed without
+    a word; :meth:`stop` returns them by the layer that made them (``""``: the model's own
+    ``call()``), and never raises into the forward (a failure finds nothing)."""
+
+    def __init__(self, model: Any, sites: Mapping[str, KerasSite]) -> None:
+        self.model = model
+        self._own = {id(layer) for s in sites.values() for layer in s.hooked}
+        self.found: dict[str, list[str]] = {}
+        self._stack: list[str | None] = []
+        self._handles: list[Any] = []
+        self._mode: Any = None
+
+    def start(self) -> None:
+        from relu_doctor._observing_mode import ObservingMode
+        from relu_doctor.functional import functional_ops
+
+        ops = functional_ops()
+        def enter(label: str | None) -> Callable[[Any, Any], None]:
+            def hook(layer: Any, args: Any) -> None:  # (a hook's value would replace args)
+                self._stack.append(label)
+            return hook
+
+        def leave(layer: Any, args: Any, output: Any) -> None:  # (None: the output stays)
+            if self._stack:
+                self._stack.pop()
+
+        try:
+            for path, layer in walk_layers(self.model):
+                mine = id(layer) in self._own or hasattr(layer, "activation")
+                self._handles.append(layer.register_forward_pre_hook(
+                    enter(None if mine else path)))
+                self._handles.append(layer.register_forward_hook(leave, always_call=True))
+
+            def observe(func: Any, args: Any, kwargs: Any, out: Any) -> None:
+                spec = ops.get(func)
+                where = self._stack[-1] if self._stack else ""
+                if spec is not None and where is not None:
+                    calls = self.found.setdefault(where, [])
+                    if spec[1] not in calls:
+                        calls.append(spec[1])
+
+            self._mode = ObservingMode(observe)
+            self._mode.__enter__()
+        except Exception:  # (nothing found rather than a forward broken)
+            self.stop()
+
+    @property
+    def searching(self) -> bool:
+        """Whether the search runs (started, not stopped)."""
+        return self._mode is not None
+
+    def stop(self) -> dict[str, list[str]]:
+        """Ends the search (the mode left, the hooks removed); what it found."""
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            try:
+                mode.__exit__(None, None, None)
+            except Exception:  # (another mode entered meanwhile and not left: found nothing)
+                self.found = {}
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._stack.clear()
+        return self.found
+
+
+def say_unseen(model: Any, found: Mapping[str, Sequence[str]]) -> None:
+    """Once per model and layer: the ReLU-family functions :class:`UnseenCalls` found run
+    in a layer's ``call()``, which nothing watches."""
+    where = {path or f"{model.name} (its own call())": ops for path, ops in found.items()}
+    ops = sorted({op for calls in where.values() for op in calls})
+    _say_once(_SAID_UNSEEN, model, list(where), lambda names, many: (
+        f"{', '.join(ops)} called as a function (keras.ops.{ops[0]}(x)) in the call() of "
+        f"{'layers' if many else 'layer'} {names} is not watched: relu_doctor watches Keras "
+        "layers, not the functions a layer's call() runs itself, so those units are in no "
+        "statistic, finding or remedy. Make it a layer (keras.layers.ReLU(), "
+        "keras.layers.Activation('gelu')) or a layer's activation='relu' to watch it."))

@@ -61,7 +61,13 @@ from relu_doctor.diagnosis import DiagnosisConfig, diagnosis_config
 from relu_doctor.doctor import Doctor
 from relu_doctor.errors import ReluDoctorError, ReluDoctorWarning, user_stacklevel
 from relu_doctor.history import IntervalRecord
-from relu_doctor.integrations._keras_layers import FrozenLayers, KerasSite, find_sites
+from relu_doctor.integrations._keras_layers import (
+    FrozenLayers,
+    KerasSite,
+    UnseenCalls,
+    find_sites,
+    say_unseen,
+)
 from relu_doctor.integrations._keras_remedies import (
     KerasActivationSwap,
     KerasAutoClip,
@@ -231,6 +237,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._in_batch = False  # between this callback's train batch begin and end
         self._inference_in_batch = 0  # passes with gradients in a train batch, training=False
         self._training_passes = 0  # passes taken as training ones, collecting or not
+        self._unseen: UnseenCalls | None = None  # this fit's search (see UnseenCalls)
         # Keras' loss tracker (sum, count) as the batch began: see _take_loss
         self._loss_at: tuple[float, float] | None = None
 
@@ -251,6 +258,7 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._detach()
         self._stopped = False
         self._failed = set()
+        self._unseen = None  # (searched again in this fit's first recorded training pass)
         self.sites = {
             s.path: s
             for s in find_sites(model, lambda p: matches(p, self.include, self.exclude))
@@ -370,10 +378,19 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             self._training_passes += training
             for p in probes:
                 p.begin_pass(training)
+            if self._unseen is None and training and probes[0].recording:
+                # (one recorded training pass: its ReLU-family functions that no site holds)
+                self._unseen = UnseenCalls(model, self.sites)
+                self._unseen.start()
 
         def end(module: Any, args: Any, output: Any) -> None:
             for p in probes:
                 p.end_pass()
+            unseen = self._unseen
+            if unseen is not None and unseen.searching:
+                found = unseen.stop()
+                if found:
+                    say_unseen(model, found)
 
         self._handles.append(model.register_forward_pre_hook(begin, with_kwargs=True))
         self._handles.append(model.register_forward_hook(end, always_call=True))
@@ -608,6 +625,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 )
 
     def _detach(self) -> None:
+        if self._unseen is not None and self._unseen.searching:  # (a pass that never ended)
+            self._unseen.stop()
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()

@@ -539,6 +539,68 @@ def test_a_dense_inside_a_custom_layer_is_a_site(tmp_path: Path) -> None:
             assert row["activation_rate"] == pytest.approx(w["activation_rate"]), name
 
 
+def test_an_activation_a_layers_call_runs_as_a_function_is_said_not_watched(
+        tmp_path: Path) -> None:
+    """``keras.ops.relu(x)`` in a custom layer's ``call()`` (or a subclassed model's own) is
+    not watched (functional capture is off for Keras): it was missed without a word, its
+    units in no statistic. Said once per model and layer, naming the layers and the
+    functions, found in the first recorded training pass; a Dense's own activation, a
+    watched activation layer and the Keras internals are not named; the weights are those
+    of a fit without the callback."""
+    class Block(keras.layers.Layer):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.dense = keras.layers.Dense(8)
+            self.act = keras.layers.ReLU(name="act")
+
+        def call(self, x: Any) -> Any:
+            return self.act(keras.ops.relu(self.dense(x)))
+
+    class Net(keras.Model):
+        def __init__(self) -> None:
+            super().__init__(name="net")
+            self.first = keras.layers.Dense(8, activation="relu", name="first")
+            self.block = Block(name="block")
+            self.head = keras.layers.Dense(3)
+
+        def call(self, x: Any) -> Any:
+            return self.head(keras.ops.gelu(self.block(self.first(x))))
+
+    x, y = _data(32)
+
+    def fit(callbacks: list[Any]) -> Any:
+        keras.utils.set_random_seed(0)
+        model = Net()
+        model(x[:1])
+        model.compile(optimizer="sgd", loss="mse")
+        for _ in range(2):  # (a second fit says nothing new)
+            model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=callbacks)
+        return model
+
+    cb = ReluDoctorCallback(log_every_n_steps=2, overhead_budget=None, run_dir=tmp_path / "run")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watched = fit([cb])
+    said = [str(w.message) for w in caught if "called as a function" in str(w.message)]
+    assert said == [
+        "relu_doctor: gelu, relu called as a function (keras.ops.gelu(x)) in the call() of "
+        "layers 'block', 'net (its own call())' is not watched: relu_doctor watches Keras "
+        "layers, not the functions a layer's call() runs itself, so those units are in no "
+        "statistic, finding or remedy. Make it a layer (keras.layers.ReLU(), "
+        "keras.layers.Activation('gelu')) or a layer's activation='relu' to watch it."]
+    assert sorted(cb.sites) == ["block/act", "first"]
+    plain = fit([])
+    for a, b in zip(watched.weights, plain.weights, strict=True):
+        assert np.array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    # every watched layer's activation its own: nothing said
+    model = _mlp()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(*_data(32), epochs=1, batch_size=16, verbose=0,
+                  callbacks=[ReluDoctorCallback(overhead_budget=None, run_dir=tmp_path / "r2")])
+    assert not [w for w in caught if "called as a function" in str(w.message)]
+
+
 def test_its_own_unit_dims_raise_no_pattern_warning(tmp_path: Path) -> None:
     # The callback gives the Doctor one unit dim per Keras layer path; those paths are not
     # torch module paths, and a check of them against named_modules() warned on every fit.
