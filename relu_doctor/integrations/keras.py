@@ -378,7 +378,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             self._training_passes += training
             for p in probes:
                 p.begin_pass(training)
-            if self._unseen is None and training and probes[0].recording:
+            if (self._unseen is None and training and probes[0].recording
+                    and not torch.compiler.is_compiling()):  # (jit_compile=True: no mode)
                 # (one recorded training pass: its ReLU-family functions that no site holds)
                 self._unseen = UnseenCalls(model, self.sites)
                 self._unseen.start()
