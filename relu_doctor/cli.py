@@ -190,12 +190,18 @@ def _report(args: argparse.Namespace, prog: str) -> int:
     say = _progress(prog) if not args.quiet else None
     if say is not None:
         say(f"reading {_printable(str(run_dir))}")
+
+    def fail(message: str) -> int:  # (the progress line cleared first: not run together)
+        if say is not None:
+            say("")
+        return _fail(prog, message)
+
     try:
         run = load_run(run_dir)
     except ReluDoctorError as e:
         inside = _run_dirs_inside(run_dir) if run_dir.is_dir() else []
         hint = f" It holds run directories: {', '.join(inside)}." if inside else ""
-        return _fail(prog, f"{e}{hint}")
+        return fail(f"{e}{hint}")
     out = args.output if args.output is not None else run_dir / "report.html"  # ("dir/" kept)
     report = Report(run)
     try:
@@ -209,9 +215,9 @@ def _report(args: argparse.Namespace, prog: str) -> int:
         blocker = next((str(a) for a in Path(out).parents if a.exists() and not a.is_dir()),
                        None)  # (mkdir says "File exists" of a file in the path)
         why = f"{blocker!r} is a file, not a directory" if blocker else e.strerror or e
-        return _fail(prog, f"cannot write the report to {str(out)!r}: {why}.{elsewhere}")
+        return fail(f"cannot write the report to {str(out)!r}: {why}.{elsewhere}")
     except ReluDoctorError as e:
-        return _fail(prog, str(e).replace("path: ", "--output: ", 1))
+        return fail(str(e).replace("path: ", "--output: ", 1))
     finally:
         if say is not None:
             say("")
@@ -313,8 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}" if extra else
                      "a command is required: demo or report")
-    if extra:  # (the command's own words: argparse said "relu-doctor: error" of them)
-        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # (after the command word, the command's: argparse said "relu-doctor: error")
+        words = list(sys.argv[1:] if argv is None else argv)
+        before = words[:words.index(args.command)] if args.command in words else []
+        (parser if any(e in before for e in extra) else args.parser).error(
+            f"unrecognized arguments: {' '.join(extra)}")
     check: Any = args.check
     if check is not None:
         from relu_doctor.errors import ReluDoctorError

@@ -48,7 +48,7 @@ from relu_doctor.history import (
 )
 from relu_doctor.interval import IntervalReading, TableMemory
 from relu_doctor.optimizer_tap import OptimizerTap
-from relu_doctor.probes import Probe, transformed_text, unwrapped, wrapper_scaler
+from relu_doctor.probes import Probe, in_backward, transformed_text, unwrapped, wrapper_scaler
 from relu_doctor.recording import RunRecording
 from relu_doctor.rundir import RESUME_ADVICE, RunWriter
 from relu_doctor.sampling import DEFAULT_BUDGET, Sampler, Stopwatch, check_rate, model_device
@@ -1140,6 +1140,7 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
 
         Evaluation passes (eval mode, no grad) are left out of the training stream without
         it; use this for anything else (a probe pass, a metric computed in training mode).
+        A backward run inside it keeps the gradients of the forward it differentiates.
 
         Example:
             >>> import torch, torch.nn as nn, relu_doctor
@@ -1153,14 +1154,15 @@ class Doctor(IntervalReading, RunRecording, HookOwner):
             [128.0]
         """
         probes = [self.probe] + ([self.eval.probe] if self.eval is not None else [])
-        before = [p.paused for p in probes]
+        before = [(p.paused, p.paused_in_backward) for p in probes]
+        backward = in_backward()  # (a hook of yours run again by a checkpoint's backward)
         for p in probes:
-            p.paused = True
+            p.paused, p.paused_in_backward = True, backward or p.paused_in_backward
         try:
             yield self
         finally:
-            for p, was in zip(probes, before, strict=True):
-                p.paused = was
+            for p, (was, was_backward) in zip(probes, before, strict=True):
+                p.paused, p.paused_in_backward = was, was_backward
 
     def _warn_no_site_yet(self, missing: str) -> None:
         """With several processes, a pass that ran no activation on this one is not an

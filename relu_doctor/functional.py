@@ -479,8 +479,9 @@ class FunctionalCapture(HookOwner):
     ) -> None:
         bw = in_backward()
         stack = self._bw_stack if bw else self._stack
-        if not stack or not self.probe.collecting or self.probe.paused:  # (paused in a
-            return  # pass: a forward hook of the user's, computing F.relu of its own)
+        if not stack or not self.probe.collecting or (
+                self.probe.paused and (not bw or self.probe.paused_in_backward)):
+            return  # (paused in a pass: a forward hook of yours computing F.relu itself)
         path, calls_functional = stack[-1]
         if not calls_functional:  # e.g. nn.ReLU.forward calling F.relu: its hook records it
             return

@@ -407,6 +407,10 @@ class Probe(SiteRegistry, HookOwner):
         self._collecting = True  # see the ``collecting`` property
         #: leave every pass out (``Doctor.paused()``)
         self.paused = False
+        #: whether that pause began in a backward (a hook of yours that a reentrant
+        #: checkpoint's recomputation runs again): then its recomputed calls are left out;
+        #: a backward run inside a pause keeps the gradients of what its forward recorded
+        self.paused_in_backward = False
         #: forward passes recorded so far (counted at their start; Python int, no sync)
         self.passes = 0
         # the passes when the open window began, and whether each site's count of the
@@ -1129,11 +1133,9 @@ class Probe(SiteRegistry, HookOwner):
         if target is None:  # a module not of the model (see _enter)
             return
         path, fam = target
-        if self.paused:  # (inside a pass: a hook of yours; recomputed too, in a backward)
-            return
         if in_backward():
-            if self.stream == "eval":
-                return
+            if self.stream == "eval" or (self.paused and self.paused_in_backward):
+                return  # (the second: a hook of yours paused, run again by a checkpoint)
             key = SiteKey(path, self._recomputed.next_index(module))
             if self._recomputed.spread is not None:
                 self.warn_spread(module_label(path))
@@ -1143,7 +1145,7 @@ class Probe(SiteRegistry, HookOwner):
                 except Exception as e:
                     self._fail(key, "recomputed forward", e)
             return
-        if not self._pass_on:
+        if not self._pass_on or self.paused:  # (paused inside a pass: a hook of yours)
             return
         idx = self.next_call_index(module)
         self.record(output, path=path, call_index=idx, family=fam, module=module)

@@ -217,6 +217,8 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
                                     "--bogus (see 'relu-doctor report --help')"]),
     (["report", "run1", "run2"], ["relu-doctor report: error: unrecognized arguments: run2"]),
     (["--bogus"], ["relu-doctor: error: unrecognized arguments: --bogus"]),
+    # (before the command word: not the command's, whose own option it may be, a review)
+    (["--quiet", "report", "run"], ["relu-doctor: error: unrecognized arguments: --quiet"]),
 ])
 def test_argument_errors(
     argv: list[str], needles: list[str], capsys: pytest.CaptureFixture[str]
@@ -462,6 +464,11 @@ def test_report_shows_its_progress_on_a_terminal_alone(
     assert drawn == [f"relu-doctor report: drawing figure {i} of {4 + sites}..."
                      for i in range(1, 5 + sites)]
     assert lines[-1] == ""  # (cleared before the summary)
+    # an error clears the line first (a review: "reading nonexist...relu-doctor report: error")
+    sys.stderr.truncate(0)
+    sys.stderr.seek(0)
+    assert main(["report", str(tmp_path / "nonexist")]) == 2
+    assert sys.stderr.getvalue().split("\r\033[K")[-1].startswith("relu-doctor report: error:")
     monkeypatch.undo()
     assert main(["report", str(run_dir), "-q"]) == 0
     assert capsys.readouterr().err == ""

@@ -582,3 +582,15 @@ def test_a_watched_module_a_hook_of_yours_calls_under_paused_is_left_out_recompu
     plain = run(False)
     assert sorted(plain) == ["act#0", "act#1"]
     assert run(True) == plain
+    # a backward run inside a pause keeps the gradients its forward recorded, recomputed
+    # ones too (a review: the checkpointed sites lost theirs, the others kept them)
+    torch.manual_seed(0)
+    net = _TwiceChecked()
+    x = torch.randn(16, 8, requires_grad=True)
+    with relu_doctor.watch(net, every_n_steps=1, overhead_budget=None) as doc:
+        loss = net(x).sum()
+        with doc.paused():
+            loss.backward()
+        doc.step()
+    assert {s.name: (s.stats.window + s.stats.lifetime).flatten().tolist()
+            for s in doc.sites} == plain

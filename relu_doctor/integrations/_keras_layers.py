@@ -444,6 +444,16 @@ def _say_once(said_by_model: weakref.WeakKeyDictionary[Any, set[str]], model: An
                       stacklevel=user_stacklevel())
 
 
+def _runs_its_activation(layer: Any) -> bool:
+    """Whether a ReLU-family function ``layer`` runs is its activation, a site or said
+    apart (left out by include/exclude, anonymous, in a recurrent cell): an activation
+    layer, a layer with an ``activation`` (Dense, Conv, an RNN's), a wrapper running its
+    layer's ``call()`` (``TimeDistributed``, ``Bidirectional``: no hook of the inner layer
+    fires, so its calls are the wrapper's)."""
+    return (_layer_family(layer) is not None or hasattr(layer, "activation")
+            or isinstance(layer, keras.layers.Wrapper))
+
+
 class UnseenCalls:
     """The ReLU-family functions a layer's ``call()`` runs itself where no site holds them
     (``keras.ops.relu(x)`` in a custom layer, or in a subclassed model's own ``call()``),
@@ -478,7 +488,7 @@ class UnseenCalls:
 
         try:
             for path, layer in walk_layers(self.model):
-                mine = id(layer) in self._own or hasattr(layer, "activation")
+                mine = id(layer) in self._own or _runs_its_activation(layer)
                 self._handles.append(layer.register_forward_pre_hook(
                     enter(None if mine else path)))
                 self._handles.append(layer.register_forward_hook(leave, always_call=True))
@@ -519,7 +529,8 @@ class UnseenCalls:
 def say_unseen(model: Any, found: Mapping[str, Sequence[str]]) -> None:
     """Once per model and layer: the ReLU-family functions :class:`UnseenCalls` found run
     in a layer's ``call()``, which nothing watches."""
-    where = {path or f"{model.name} (its own call())": ops for path, ops in found.items()}
+    where = {path or f"{model.name} (the model itself: its call(), or its graph)": ops
+             for path, ops in found.items()}
     ops = sorted({op for calls in where.values() for op in calls})
     _say_once(_SAID_UNSEEN, model, list(where), lambda names, many: (
         f"{', '.join(ops)} called as a function (keras.ops.{ops[0]}(x)) in the call() of "
