@@ -112,6 +112,7 @@ SITE_METRICS: tuple[str, ...] = (
     "dormant_fraction",
     "below_tau",
     "below_tau_fraction",
+    "dead_above_tau",
     "sparsity",
     "activation_rate",
     "mean_abs",
@@ -154,6 +155,9 @@ DEFINITIONS = (
     "layer's mean) at or below tau (dead units are not dormant) |\n"
     "| below tau | `below_tau_fraction` | ReDo score at or below tau, dead units included: "
     "the units ReDo recycles (the recycling remedies are judged on it) |\n"
+    "| dead above tau | `dead_above_tau` | dead units scoring above tau: a leaky family's "
+    "units stuck negative whose outputs are a share of the layer's (working, where fewer "
+    "than half are stuck) |\n"
     "| sparsity | `sparsity` | fraction of outputs not active |"
 )
 _HIST = "unit_activation_rate"
