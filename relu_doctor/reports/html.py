@@ -53,7 +53,8 @@ def _figures(ctx: ReportContext, progress: Callable[[str], object] | None = None
     from relu_doctor.reports import plots
 
     series = ctx.series
-    total, drawn = 4 + len(series.heatmap_sites), itertools.count(1)
+    total = 2 if series.history.empty else 4 + len(series.heatmap_sites)  # (none: 2 drawn)
+    drawn = itertools.count(1)
 
     def step() -> None:  # (a report of many sites draws for tens of seconds: a trial)
         if progress is not None:
