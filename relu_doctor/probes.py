@@ -982,9 +982,13 @@ class Probe(SiteRegistry, HookOwner):
                 self._mask_on[output.device] = (mask, moved)
             mask = moved
         keep = mask_for(output.shape, dim, mask)
-        if (keep is None and mask.dim() > 1 and output.dim() == 2 and dim == 1
-                and output.shape[0] == mask.shape[0]):
-            return None  # one row a sample (a pooled head): no padding position to leave out
+        if (keep is None and mask.dim() > 1 and output.dim() >= 2 and dim > 0
+                and output.shape[0] == mask.shape[0]
+                and all(n == 1 for i, n in enumerate(output.shape) if i not in (0, dim))):
+            # one row a sample, (batch, units) or (batch, 1, units): a pooled head; a cached
+            # decode step of generate(), whose one position is the newest token (an HF
+            # trial's was named as counting padding, and the mask as of another rate)
+            return None
         if keep is None:  # (said at the log, every such site named: say_unmasked)
             if site.key not in self.unmasked:  # (named when said: a site renamed meanwhile)
                 self.unmasked[site.key] = (site, tuple(output.shape), tuple(mask.shape))
@@ -1012,6 +1016,7 @@ class Probe(SiteRegistry, HookOwner):
         listed = ", ".join(repr(n) for n in new[:8]) + (
             f" and {len(new) - 8} more" if len(new) > 8 else "")
         masked = len(self._masked - set(self.unmasked))
+        partly = len(self._masked & set(self.unmasked))  # (masked where the mask fits)
         # (a mixture's routed rows fit no mask: said where the model runs one)
         routed = (" A mixture of experts' routed token rows fit no mask, nor do its tokens "
                   "flattened, (batch * seq, features): give padding_mask= a function returning "
@@ -1027,8 +1032,10 @@ class Probe(SiteRegistry, HookOwner):
                "Wav2Vec2's or Whisper's mask has one entry per audio sample or frame of the "
                "input, its activations run at a lower rate): give padding_mask= a function of "
                "(args, kwargs) that returns the mask at the activations' rate (see the "
-               "README's \"Positions\")." if not masked else
-               f"{masked} other site(s) are masked.")
+               "README's \"Positions\")." if not masked and not partly else
+               f"{masked} other site(s) are masked"
+               + (f"; {partly} of those named are masked at the passes the mask fits."
+                  if partly else "."))
             + routed + " A run directory's meta.json lists them (unmasked_sites).",
             ReluDoctorWarning, stacklevel=user_stacklevel())
 

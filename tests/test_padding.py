@@ -263,6 +263,46 @@ def test_a_pooled_head_one_row_a_sample_is_no_site_the_mask_misses() -> None:
     assert totals["enc_act"]["elements"].tolist() == [int(mask.sum())] * 6
 
 
+def test_a_cached_decode_steps_one_position_is_no_site_the_mask_misses() -> None:
+    """An HF trial's generate() under eval_stream=True: after the prompt's pass, masked,
+    each cached decode step runs (batch, 1, units) with the mask grown to (batch, L + k);
+    it was named as counting padding, and the mask as of another rate ("No site is
+    masked"), the prompt's pass masked. Its one position is the newest token: counted,
+    nothing said; and a site that does miss the mask at some passes says that it is masked
+    at the others."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.act = nn.Linear(4, 6), nn.ReLU()
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.act(self.lin(x))
+
+    torch.manual_seed(0)
+    net = Net()
+    prompt = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # left padded
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relu_doctor.watch(net, every_n_steps=1, log_every_n_steps=10,
+                               padding_mask=lambda a, k: k["mask"]) as doc:
+            net(torch.randn(2, 5, 4), mask=prompt).sum().backward()
+            for k in range(1, 4):  # (the decode steps: the mask grows by one each)
+                grown = torch.cat([prompt, torch.ones(2, k, dtype=torch.long)], 1)
+                net(torch.randn(2, 1, 4), mask=grown).sum().backward()
+            doc.step()
+    assert not [w for w in caught if "padding mask" in str(w.message)]
+    (site,) = doc.sites
+    assert _total(site)["elements"].tolist() == [float(prompt.sum()) + 2 * 3] * 6
+    # (batch, 2, units) with that mask does not fit: named, and masked at the other passes
+    with pytest.warns(ReluDoctorWarning, match=r"1 site\(s\) ran with a padding mask that does "
+                      r"not fit them.* 0 other site\(s\) are masked; 1 of those named are "
+                      r"masked at the passes the mask fits"), relu_doctor.watch(
+            net, every_n_steps=1, log_every_n_steps=1, padding_mask=lambda a, k: k["mask"]) as doc:
+        net(torch.randn(2, 5, 4), mask=prompt).sum().backward()
+        net(torch.randn(2, 2, 4), mask=torch.ones(2, 7)).sum().backward()
+        doc.step()
+
+
 def test_a_mask_of_the_inputs_rate_that_fits_no_site_names_them_all(tmp_path) -> None:
     """A trial's Wav2Vec2 mask has one entry per audio sample, its activations run at the
     frame rate: no site fits it, and the one warning named the first site only, read as
