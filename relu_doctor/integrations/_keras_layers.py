@@ -527,14 +527,24 @@ class UnseenCalls:
 
 
 def say_unseen(model: Any, found: Mapping[str, Sequence[str]]) -> None:
-    """Once per model and layer: the ReLU-family functions :class:`UnseenCalls` found run
-    in a layer's ``call()``, which nothing watches."""
-    where = {path or f"{model.name} (the model itself: its call(), or its graph)": ops
-             for path, ops in found.items()}
-    ops = sorted({op for calls in where.values() for op in calls})
-    _say_once(_SAID_UNSEEN, model, list(where), lambda names, many: (
-        f"{', '.join(ops)} called as a function (keras.ops.{ops[0]}(x)) in the call() of "
-        f"{'layers' if many else 'layer'} {names} is not watched: relu_doctor watches Keras "
-        "layers, not the functions a layer's call() runs itself, so those units are in no "
-        "statistic, finding or remedy. Make it a layer (keras.layers.ReLU(), "
-        "keras.layers.Activation('gelu')) or a layer's activation='relu' to watch it."))
+    """Once per model, layer and function: the ReLU-family functions :class:`UnseenCalls`
+    found run in a layer's ``call()``, which nothing watches, each layer with its own (a
+    Keras trial read one list of functions beside one of layers, and could not tell which
+    ran where)."""
+    said = _SAID_UNSEEN.setdefault(model, set())
+    new = {path: [op for op in ops if f"{path}:{op}" not in said] for path, ops in found.items()}
+    new = {path: ops for path, ops in new.items() if ops}
+    if not new:
+        return
+    said.update(f"{path}:{op}" for path, ops in new.items() for op in ops)
+    where = "; ".join(
+        f"{path!r}: {', '.join(ops)}" if path else
+        f"the model {model.name!r} itself (its call(), or its graph): {', '.join(ops)}"
+        for path, ops in new.items())
+    warnings.warn(
+        f"relu_doctor: ReLU-family functions called in a layer's call() (keras.ops.relu(x), "
+        f"keras.activations.gelu(x)) are not watched, and these ran: {where}. relu_doctor "
+        "watches Keras layers, not the functions a layer's call() runs itself, so those units "
+        "are in no statistic, finding or remedy. Make each a layer (keras.layers.ReLU(), "
+        "LeakyReLU(), ELU(), Activation('gelu')) or a layer's activation= to watch it.",
+        ReluDoctorWarning, stacklevel=user_stacklevel())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -159,7 +160,9 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
     Attributes:
         doctor: the :class:`~relu_doctor.Doctor` (None before the first fit).
-        sites: the watched :class:`~relu_doctor.integrations._keras_layers.KerasSite` by path.
+        sites: the watched :class:`~relu_doctor.integrations._keras_layers.KerasSite` by path:
+            the layers hooked, each a site of ``doctor.sites`` once it runs (a layer held
+            as an attribute that ``call()`` never runs is hooked, and is no site).
         remedies: the remedies in use, by name (the plan: ``"treatment_plan"``).
 
     Example::
@@ -370,9 +373,10 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
             # train_step's self(x)), inside a train batch of fit. Not the torch module's mode:
             # a predict() from a callback leaves it in eval until the next epoch.
             said = kwargs.get("training")
-            training = torch.is_grad_enabled() and (
-                said is True or (said is None and self._in_batch)
-            )
+            # (inside this callback's train batch only: after a fit that raised, with the
+            # hooks still on, a fit without the callback ran training=True passes, and a
+            # Keras trial's next log held 30 of them)
+            training = torch.is_grad_enabled() and self._in_batch and said is not False
             if said is False and self._in_batch and torch.is_grad_enabled():
                 self._inference_in_batch += 1  # (a call() whose training defaults to False)
             self._training_passes += training
@@ -385,6 +389,8 @@ class ReluDoctorCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 self._unseen.start()
 
         def end(module: Any, args: Any, output: Any) -> None:
+            if sys.exc_info()[0] is not None:  # (always_call: the pass raised, so its fit
+                self._in_batch = False  # ends unless its train_step catches it: no batch)
             for p in probes:
                 p.end_pass()
             unseen = self._unseen
