@@ -73,8 +73,14 @@ def test_a_run_still_being_written_says_so(tmp_path: Path) -> None:
         run = load_run(tmp_path / "run")
         assert run.writer_open == "this process is still writing it"
         assert "Not closed: this process is still writing it" in summary(run)
-        assert "this process is still writing it" in _gap_section(render_report(run))
+        section = _gap_section(render_report(run))
+        assert "this process is still writing it" in section
+        # (its streams are unchecked: a report trial's flipped bytes read as numbers)
+        assert "Arrow streams the writer appends to, which carry no checksum" in section
+        assert list((tmp_path / "run" / "history").glob("seg-*.arrows"))
     assert load_run(tmp_path / "run").writer_open == ""
+    assert not list((tmp_path / "run" / "history").glob("seg-*.arrows"))  # (compacted)
+    assert "no checksum" not in render_report(load_run(tmp_path / "run"))
 
 
 def test_steps_never_written_are_named_in_the_html_and_the_summary(tmp_path, monkeypatch, capsys):
