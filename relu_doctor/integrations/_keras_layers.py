@@ -378,7 +378,7 @@ _SAID_ANONYMOUS: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDicti
 _SAID_RELU_LIKE: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 #: per model, the recurrent layers whose ReLU-family cell activation was said (once)
 _SAID_RECURRENT: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
-#: by model: the layers whose own call() ran a ReLU-family function that was said
+#: per model, the ``"layer:function"`` pairs said to run in a layer's own call() (once)
 _SAID_UNSEEN: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 

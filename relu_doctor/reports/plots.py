@@ -573,9 +573,10 @@ def update_ratio_figure(layers: pd.DataFrame | None, marks: Sequence[int] = (),
     u = layers[np.isfinite(layers["update_ratio"].astype(float))]
     if u.empty:
         return None
-    has = set(u["layer"].astype(str))  # (once: in the comprehension, a set per layer was
-    # made of every row's, 15 s of a 120-layer report's 29: a report trial)
-    names = [str(n) for n in pd.unique(layers["layer"]) if str(n) in has]
+    # each layer's rows, grouped once (a set of every row's, made per layer, and a mask of
+    # every row per layer took 15 s of a 120-layer report's 29: a report trial)
+    parts = {str(k): g for k, g in u.groupby(u["layer"].astype(str), sort=False)}
+    names = [str(n) for n in pd.unique(layers["layer"]) if str(n) in parts]
     left = len(pd.unique(layers["layer"])) - len(names)
     legend = len(names) <= MAX_LINES  # else the first and the last named, the colours said
     labels = _labels(names if legend else [names[0], names[-1]], 30)
@@ -583,7 +584,6 @@ def update_ratio_figure(layers: pd.DataFrame | None, marks: Sequence[int] = (),
     with matplotlib.rc_context(_rc()):
         fig = Figure(figsize=(_WIDTH, 3.6), layout="constrained")
         ax = fig.subplots()
-        parts = {str(k): g for k, g in u.groupby(u["layer"].astype(str), sort=False)}
         for i, name in enumerate(names):
             part = parts[name].sort_values("step")
             shown = legend or i in (0, len(names) - 1)
